@@ -1,0 +1,110 @@
+"""Paged attention in plain torch: the reference every other backend is tested against, and the CPU path.
+
+The arithmetic (scores, softmax, weighted sum) runs in float64 and is cast back at the end. That
+makes each query's output independent of what else is in the step: padding a softmax or a matmul
+to another length changes the float64 rounding by ~1e-16, far below what float32 can show, so a
+prompt gets the same bits alone or packed with fifty others. The GEMMs of the model are kept
+batch-invariant by the runner (it pads every step to a row count the CPU BLAS treats uniformly).
+
+Causal rule: the query at position p sees keys 0..p of its own sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .metadata import AttentionMetadata
+
+# Bound on elements of a float64 score tensor built at once (about 256 MiB).
+_MAX_SCORE_ELEMENTS = 32 * 2**20
+
+
+def write_kv(
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # same
+    key: torch.Tensor,  # [num_rows, num_kv_heads, head_dim]
+    value: torch.Tensor,  # same
+    slot_mapping: torch.Tensor,  # [num_rows] int64, -1 = skip
+) -> None:
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[valid].to(key_cache.dtype)
+    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[valid].to(value_cache.dtype)
+
+
+def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[num_seqs, num_blocks * block_size, num_kv_heads, head_dim] from the first num_blocks table entries."""
+    pages = cache[block_tables[:, :num_blocks].long()]  # [num_seqs, num_blocks, block_size, kvh, d]
+    return pages.flatten(1, 2)
+
+
+def _attend(
+    query: torch.Tensor,  # [num_seqs, num_queries, num_heads, head_dim] float64
+    key: torch.Tensor,  # [num_seqs, num_keys, num_kv_heads, head_dim] float64
+    value: torch.Tensor,  # same
+    allowed: torch.Tensor,  # [num_seqs, num_queries, num_keys] bool
+    scale: float,
+) -> torch.Tensor:  # [num_seqs, num_queries, num_heads, head_dim] float64
+    num_seqs, num_queries, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    group = num_heads // num_kv_heads
+    # Query head h reads kv head h // group (transformers' repeat_kv order).
+    q = query.view(num_seqs, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(num_seqs, num_kv_heads, group * num_queries, head_dim)
+    k = key.permute(0, 2, 3, 1)  # [s, kvh, d, keys]
+    v = value.permute(0, 2, 1, 3)  # [s, kvh, keys, d]
+    scores = torch.matmul(q, k) * scale  # [s, kvh, group * queries, keys]
+    scores = scores.view(num_seqs, num_kv_heads, group, num_queries, -1)
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(num_seqs, num_kv_heads, group * num_queries, -1)
+    out = torch.matmul(probs, v)  # [s, kvh, group * queries, d]
+    out = out.view(num_seqs, num_kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(num_seqs, num_queries, num_heads, head_dim)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_rows, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], this step's K already written
+    value_cache: torch.Tensor,  # same
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_rows, num_heads, head_dim], zeros on padding rows
+    out = torch.zeros_like(query)
+    block_size = meta.block_size
+    seq_lens = meta.seq_lens.tolist()
+    starts = meta.query_start_loc.tolist()
+    num_heads, head_dim = query.shape[1], query.shape[2]
+
+    # Decodes: one query each, batched, in slices that bound the gathered keys.
+    nd = meta.num_decodes
+    if nd:
+        max_len = max(seq_lens[:nd])
+        per_seq = max_len * num_heads * head_dim
+        step = max(1, _MAX_SCORE_ELEMENTS // per_seq)
+        for lo in range(0, nd, step):
+            hi = min(nd, lo + step)
+            lens = meta.seq_lens[lo:hi].long()
+            num_blocks = -(-int(lens.max()) // block_size)
+            k = _gather_pages(key_cache, meta.block_tables[lo:hi], num_blocks).double()
+            v = _gather_pages(value_cache, meta.block_tables[lo:hi], num_blocks).double()
+            positions = torch.arange(k.shape[1], device=query.device)
+            allowed = (positions[None, :] < lens[:, None])[:, None, :]  # [s, 1, keys]
+            q = query[starts[lo] : starts[hi]].double()[:, None]  # [s, 1, h, d]
+            out[starts[lo] : starts[hi]] = _attend(q, k, v, allowed, scale)[:, 0].to(out.dtype)
+
+    # Prefill chunks: one sequence at a time, queries sliced to bound the score tensor.
+    for i in range(nd, meta.num_seqs):
+        row0, row1, seq_len = starts[i], starts[i + 1], seq_lens[i]
+        num_queries = row1 - row0
+        num_blocks = -(-seq_len // block_size)
+        k = _gather_pages(key_cache, meta.block_tables[i : i + 1], num_blocks).double()
+        v = _gather_pages(value_cache, meta.block_tables[i : i + 1], num_blocks).double()
+        key_pos = torch.arange(k.shape[1], device=query.device)
+        step = max(1, _MAX_SCORE_ELEMENTS // (num_heads * k.shape[1]))
+        for q0 in range(0, num_queries, step):
+            q1 = min(num_queries, q0 + step)
+            query_pos = seq_len - num_queries + torch.arange(q0, q1, device=query.device)
+            allowed = (key_pos[None, :] <= query_pos[:, None])[None]  # [1, queries, keys]
+            q = query[row0 + q0 : row0 + q1].double()[None]
+            out[row0 + q0 : row0 + q1] = _attend(q, k, v, allowed, scale)[0].to(out.dtype)
+    return out

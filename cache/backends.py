@@ -1,0 +1,62 @@
+"""Choosing the attention kernels: flash-attn when importable (GPU), then Triton (GPU), then torch.
+
+Every backend exposes the same two calls as `attention_torch`:
+    write_kv(key_cache, value_cache, key, value, slot_mapping) -> None
+    paged_attention(query, key_cache, value_cache, meta, scale) -> out
+so one test compares any of them with the reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
+_MODULES = {"torch": "attention_torch", "triton": "attention_triton", "flash-attn": "attention_flash"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name and cannot run here."""
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    write_kv: Callable[..., None]
+    paged_attention: Callable[..., torch.Tensor]
+
+
+def _load(name: str) -> AttentionBackend:
+    module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
+    return AttentionBackend(name, module.write_kv, module.paged_attention)
+
+
+def _why_unavailable(name: str, device: torch.device) -> str | None:
+    if name == "torch":
+        return None
+    if device.type != "cuda":
+        return f"the {name} backend needs a CUDA device, the model runs on {device.type}"
+    package = "flash_attn" if name == "flash-attn" else "triton"
+    if importlib.util.find_spec(package) is None:
+        return f"the {name} backend needs the '{package}' package, which is not installed"
+    return None
+
+
+def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """`auto` takes the first of flash-attn, triton, torch that can run on `device`."""
+    device = torch.device(device)
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if name != "auto":
+        reason = _why_unavailable(name, device)
+        if reason:
+            raise BackendUnavailableError(reason)
+        return _load(name)
+    for candidate in ("flash-attn", "triton", "torch"):
+        if _why_unavailable(candidate, device) is None:
+            return _load(candidate)
+    raise AssertionError("the torch backend is always available")

@@ -1,0 +1,37 @@
+"""What one forward step tells the attention kernels about its packed tokens.
+
+The step's tokens are laid end to end, sequence after sequence, decodes first:
+
+    rows:  | s0 | s1 | s2 | s3 s3 s3 s3 | s4 s4 | pad pad ... |
+             decodes (1 row each)   prefill chunks     padding (slot -1, attends to nothing)
+
+Sequence i owns rows query_start_loc[i]:query_start_loc[i+1]. Its last row sits at position
+seq_lens[i] - 1: the chunk's tokens are the newest ones of a context of seq_lens[i] tokens, whose
+earlier tokens are already in the pages named by block_tables[i].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query rows
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step (cached + new)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    slot_mapping: torch.Tensor  # [num_rows] int64, page slot of each row's K/V; -1 = write nothing
+    num_decodes: int  # the first num_decodes sequences have exactly one query row each
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_decode_rows(self) -> int:
+        return self.num_decodes

@@ -1,0 +1,3 @@
+from kvbatch.runner.cli import app
+
+app(prog_name="kvbatch")
