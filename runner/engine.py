@@ -1,0 +1,286 @@
+"""The engine: one model, one KV pool, any number of `generate` calls.
+
+Each step is three calls: the scheduler picks tokens, the model runner computes them, the engine
+samples and retires finished sequences. A step that raises does not lose its batch: every
+sequence in it is recomputed in a step of its own, and only one that fails alone gets an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from kvbatch.cache.backends import select_backend
+from kvbatch.cache.block_pool import BlockPool
+from kvbatch.cache.budget import GIB, PoolSize, blocks_from_bytes
+from kvbatch.cache.kv_cache import KVCache, KVCacheSpec
+
+from .model_loader import LoadedModel, load_model
+from .model_runner import ModelRunner, prepare_inputs
+from .pool_sizing import profile_gpu_pool
+from .request import Completion, GenerationRequest, GenerationResult
+from .sampling import SamplingRow, sample
+from .scheduler import Policy, Scheduler, SchedulerConfig, SchedulerOutput
+from .sequence import Sequence
+from .stopping import StopChecker
+
+logger = logging.getLogger(__name__)
+
+# A sequence that has been in this many failed steps gets an error even if it never failed alone.
+MAX_ISOLATIONS = 3
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "default"  # "default", a local folder, a .gguf file, or a cached hub name
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: float32 on cpu, bfloat16 on cuda
+    block_size: int = 16  # tokens per KV page
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # tokens per step; None: 4096 on cpu, 8192 on cuda
+    kv_cache_gib: float = 2.0  # pool size on the cpu
+    gpu_memory_utilization: float = 0.9  # share of the GPU that weights, activations and pages may use
+    num_blocks_override: int | None = None  # exact pool size, for tests and benchmarks
+    policy: Policy = "optimistic"
+    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
+    max_model_len: int | None = None  # None: the model's own context
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    allow_download: bool = False
+    cuda_graphs: bool = True
+    seed: int | None = None  # base of the seeds given to unseeded requests; None: random
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_failed_steps: int = 0
+    num_preemptions: int = 0
+    peak_kv_usage: float = 0.0
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_requests: int = 0
+    num_errors: int = 0
+
+
+@dataclass(eq=False)
+class _RequestState:
+    request: GenerationRequest
+    seqs: list[Sequence] = field(default_factory=list)
+    num_unfinished: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.loaded = loaded or load_model(
+            config.model, config.device, config.dtype, config.max_model_len,
+            config.trust_remote_code, config.allow_pickle, config.allow_download,
+        )  # fmt: skip
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.device = self.loaded.device
+        self.max_model_len = self.loaded.max_model_len
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 4096)
+        self.backend = select_backend(config.attention_backend, self.device)
+        text_config = self.model.config.get_text_config()
+        num_heads = text_config.num_attention_heads
+        self.kv_spec = KVCacheSpec(
+            num_layers=text_config.num_hidden_layers,
+            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
+            block_size=config.block_size,
+            dtype=self.loaded.dtype,
+        )
+        self.pool_size = self._size_pool()
+        self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
+        self.pool = BlockPool(self.pool_size.num_blocks)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.backend)
+        self.stop_checker = StopChecker(self.tokenizer, self.loaded.eos_token_ids)
+        self.stats = EngineStats()
+        self._seed_base = config.seed if config.seed is not None else int.from_bytes(os.urandom(7), "little")
+        self._next_seq_id = 0
+        logger.info(
+            "engine ready: %s on %s (%s), attention %s, KV pool %s, context %d tokens",
+            self.loaded.source, self.device, self.loaded.dtype, self.backend.name,
+            self.pool_size.describe(), self.max_model_len,
+        )  # fmt: skip
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> Engine:
+        return cls(config, loaded)
+
+    def _size_pool(self) -> PoolSize:
+        spec = self.kv_spec
+        if self.config.num_blocks_override:
+            n = self.config.num_blocks_override
+            return PoolSize(n, spec.block_size, n * spec.bytes_per_block)
+        if self.device.type == "cuda":
+            return profile_gpu_pool(self, self.config.gpu_memory_utilization)
+        return blocks_from_bytes(spec, int(self.config.kv_cache_gib * GIB))
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The longest sequence (prompt + output) that can ever run: the context, or the pool if smaller."""
+        return min(self.max_model_len, self.pool_size.num_tokens)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def _never_fits(self, request: GenerationRequest) -> str | None:
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            return "the prompt is empty (0 tokens)"
+        if num_prompt >= self.capacity_tokens:
+            limit = "the model's context" if self.max_model_len <= self.pool_size.num_tokens else "the KV pool"
+            return (
+                f"the prompt has {num_prompt} tokens; at most {self.capacity_tokens - 1} fit, leaving room for one "
+                f"new token ({limit}: {self.capacity_tokens} tokens; context {self.max_model_len}, "
+                f"KV pool {self.pool_size.num_tokens})"
+            )
+        vocab = self.model.config.get_text_config().vocab_size
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            return f"the prompt holds token ids outside the vocabulary of {vocab}: {bad[:5]}"
+        return None
+
+    def _add(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
+        state = _RequestState(request)
+        params = request.sampling
+        max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
+        request_seed = params.seed if params.seed is not None else self._seed_base + self._next_seq_id
+        for i in range(params.n):
+            seq = Sequence(self._next_seq_id, request, i, max_new, seed=request_seed * 1_000_003 + i, group=state)
+            self._next_seq_id += 1
+            state.seqs.append(seq)
+            scheduler.add(seq)
+        state.num_unfinished = params.n
+        self.stats.num_requests += 1
+        return state
+
+    def _error_result(self, request: GenerationRequest, message: str) -> GenerationResult:
+        self.stats.num_errors += 1
+        return GenerationResult(request.request_id, len(request.prompt_token_ids), [], error=message)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
+        """Run requests through the pool, yielding each result as it finishes (not in input order).
+
+        Requests are pulled lazily, keeping a bounded window of waiting work, so an unbounded
+        stream runs in bounded memory. Closing the generator early frees every page it held.
+        """
+        scheduler = Scheduler(
+            SchedulerConfig(self.config.max_num_seqs, self.max_num_batched_tokens, self.config.block_size,
+                            self.config.policy),
+            self.pool,
+        )  # fmt: skip
+        source = iter(requests)
+        exhausted = False
+        lookahead = 2 * self.config.max_num_seqs
+        try:
+            while True:
+                while not exhausted and len(scheduler.waiting) < lookahead:
+                    request = next(source, None)
+                    if request is None:
+                        exhausted = True
+                        break
+                    reason = self._never_fits(request)
+                    if reason:
+                        yield self._error_result(request, reason)
+                    else:
+                        self._add(scheduler, request)
+                if not scheduler.has_work():
+                    if exhausted:
+                        break
+                    continue
+                yield from self._step(scheduler)
+        finally:
+            scheduler.abort_all()
+
+    def _step(self, scheduler: Scheduler) -> list[GenerationResult]:
+        out = scheduler.schedule()
+        assert out.scheduled, (
+            f"nothing scheduled with {len(scheduler.running)} running, {len(scheduler.waiting)} waiting, "
+            f"{self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
+        )
+        self.stats.num_steps += 1
+        self.stats.num_preemptions += len(out.preempted)
+        self.stats.peak_kv_usage = max(self.stats.peak_kv_usage, self.pool.usage())
+        sampling_items = [item for item in out.scheduled if item.samples]
+        try:
+            inputs = prepare_inputs(out.scheduled, self.config.block_size, self.device)
+            logits = self.runner.forward(inputs)
+            rows = [
+                SamplingRow(item.seq.request.sampling, item.seq.seed, item.seq.all_token_ids,
+                            len(item.seq.output_token_ids))
+                for item in sampling_items
+            ]  # fmt: skip
+            tokens, logprobs = sample(logits, rows)
+        except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
+            return self._recover(scheduler, out, exc)
+        scheduler.advance(out)
+        results = []
+        for i, item in enumerate(sampling_items):
+            seq = item.seq
+            seq.output_token_ids.append(tokens[i])
+            if logprobs is not None and seq.request.sampling.logprobs:
+                seq.output_logprobs.append(logprobs[i])
+            self.stats.num_output_tokens += 1
+            reason = self.stop_checker.check(seq)
+            if reason:
+                seq.finish_reason = reason
+                result = self._retire(scheduler, seq)
+                if result:
+                    results.append(result)
+        return results
+
+    def _retire(self, scheduler: Scheduler, seq: Sequence) -> GenerationResult | None:
+        scheduler.finish(seq)
+        state: _RequestState = seq.group
+        state.num_unfinished -= 1
+        if state.num_unfinished:
+            return None
+        completions = [
+            Completion(
+                text=self.stop_checker.text(s),
+                token_ids=list(s.output_token_ids),
+                finish_reason=s.finish_reason or "length",
+                logprobs=list(s.output_logprobs) if s.request.sampling.logprobs else None,
+            )
+            for s in state.seqs
+        ]
+        self.stats.num_prompt_tokens += len(state.request.prompt_token_ids)
+        return GenerationResult(
+            state.request.request_id,
+            len(state.request.prompt_token_ids),
+            completions,
+            num_preemptions=sum(s.num_preemptions for s in state.seqs),
+        )
+
+    def _recover(self, scheduler: Scheduler, out: SchedulerOutput, exc: Exception) -> list[GenerationResult]:
+        self.stats.num_failed_steps += 1
+        seqs = [item.seq for item in out.scheduled]
+        culprits = seqs if len(seqs) == 1 else [s for s in seqs if s.num_isolations >= MAX_ISOLATIONS]
+        logger.warning(
+            "a step of %d sequences failed (%s: %s); %s",
+            len(seqs), type(exc).__name__, exc,
+            "failing the request that ran alone" if len(seqs) == 1 else "rerunning each sequence alone",
+        )  # fmt: skip
+        results = []
+        for seq in culprits:
+            state: _RequestState = seq.group
+            if state.num_unfinished == 0:
+                continue
+            for sibling in state.seqs:
+                if sibling.finish_reason is None:
+                    sibling.finish_reason = "error"
+                    scheduler.finish(sibling)
+            state.num_unfinished = 0
+            message = f"generation failed: {type(exc).__name__}: {exc}"
+            results.append(self._error_result(state.request, message))
+        scheduler.requeue_isolated([s for s in seqs if s.finish_reason is None])
+        return results

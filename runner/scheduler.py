@@ -1,0 +1,225 @@
+"""The scheduler: which sequences run this step, and how many of their tokens.
+
+It never calls the model. `schedule()` returns a `SchedulerOutput`; the engine runs it and calls
+`advance()` with what happened. Admission is decided from the blocks actually free, every step:
+
+    running (oldest first)                         waiting (preempted first, then longest first)
+    +-----------------------------+                +------------------------------------------+
+    | each gets its next tokens:  |   token budget | admitted while the budget lasts, a seq    |
+    | 1 for a decode, a chunk for | -------------> | slot is free and its blocks fit:          |
+    | an unfinished prefill       |   left over    |   reserve:    blocks(prompt + max_new)    |
+    | growing pages as needed;    |                |   optimistic: blocks(this chunk), keeping |
+    | no room -> preempt newest   |                |               a watermark for decodes     |
+    +-----------------------------+                +------------------------------------------+
+
+Under `reserve` a sequence holds every block it can ever need, so it is never preempted. Under
+`optimistic` pages grow with the tokens; when the pool runs dry the most recently admitted sequence
+is preempted (pages freed, recomputed later). The oldest running sequence can always proceed,
+because every admitted sequence fits the pool alone (`max_new_tokens` is capped at admission), so
+the loop never deadlocks and never asks the pool for more than it has.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kvbatch.cache.block_pool import BlockPool
+from kvbatch.cache.block_table import num_blocks_for
+
+from .sequence import Sequence, SeqStatus
+
+Policy = Literal["reserve", "optimistic"]
+POLICIES = ("reserve", "optimistic")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    policy: Policy = "optimistic"
+    # Optimistic admission leaves this share of the pool free so running decodes can grow
+    # without an immediate preemption.
+    watermark: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown admission policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_seqs ({self.max_num_seqs}) and max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}) must be >= 1"
+            )
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the sequence, so its last row yields the next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]  # single-token (decode) rows first, then prefill chunks
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+def _waiting_key(seq: Sequence) -> tuple[int, int, int]:
+    # Isolated work first (it gets a step of its own), then preempted work (it was admitted before),
+    # then the longest: long requests get room while the pool is emptiest, and neighbours in the
+    # queue have similar lengths.
+    rank = 0 if seq.isolate else 1 if seq.num_preemptions else 2
+    return (rank, -seq.num_tokens, seq.seq_id)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.waiting: list[Sequence] = []  # sorted by _waiting_key
+        self.running: list[Sequence] = []  # admission order
+        self.num_preemptions = 0
+        self._watermark_blocks = max(1, int(pool.num_blocks * config.watermark))
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_waiting_key)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        out = SchedulerOutput(scheduled=[])
+
+        isolated = next((s for s in self.running if s.isolate), None)
+        if isolated is None and self.waiting and self.waiting[0].isolate:
+            isolated = self.waiting.pop(0)
+            while not self._admit(isolated, min(isolated.num_tokens_to_compute, budget), keep_watermark=False):
+                # It fits the pool alone, so freeing the others always ends.
+                assert self.running, f"seq {isolated.seq_id} does not fit an empty pool of {self.pool.num_blocks} blocks"
+                victim = self.running[-1]
+                self.preempt(victim)
+                out.preempted.append(victim)
+            isolated.status = SeqStatus.RUNNING
+            self.running.append(isolated)
+        if isolated is not None:
+            num_new = min(isolated.num_tokens_to_compute, budget)
+            self._grow(isolated, num_new, out, protect=True)
+            out.scheduled.append(ScheduledSeq(isolated, num_new))
+            return out
+
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_tokens_to_compute, budget)
+            if not self._grow(seq, num_new, out):
+                continue
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+        # No admission after a preemption: the pool just proved too small for what runs.
+        while self.waiting and budget > 0 and not out.preempted:
+            seq = self.waiting[0]
+            if seq.isolate or len(self.running) >= self.config.max_num_seqs:
+                break  # an isolated sequence gets a step of its own next time
+            num_new = min(seq.num_tokens_to_compute, budget)
+            if not self._admit(seq, num_new, keep_watermark=bool(self.running)):
+                break
+            self.waiting.pop(0)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        return out
+
+    def _admit(self, seq: Sequence, num_new: int, keep_watermark: bool) -> bool:
+        if self.config.policy == "reserve":
+            need = num_blocks_for(seq.max_num_tokens, self.config.block_size) - len(seq.block_ids)
+            reserve = 0
+        else:
+            need = num_blocks_for(seq.num_computed_tokens + num_new, self.config.block_size) - len(seq.block_ids)
+            reserve = self._watermark_blocks if keep_watermark else 0
+        if need + reserve > self.pool.num_free_blocks:
+            return False
+        block_ids = self.pool.allocate(need)
+        assert block_ids is not None, f"pool refused {need} blocks with {self.pool.num_free_blocks} free"
+        seq.block_ids.extend(block_ids)
+        return True
+
+    def _grow(self, seq: Sequence, num_new: int, out: SchedulerOutput, protect: bool = False) -> bool:
+        """Give `seq` pages for `num_new` more tokens, preempting the newest sequences if needed.
+        False when `seq` itself had to be preempted; with `protect`, the others go first."""
+        need = num_blocks_for(seq.num_computed_tokens + num_new, self.config.block_size) - len(seq.block_ids)
+        while need > self.pool.num_free_blocks:
+            others = [s for s in self.running if s is not seq]
+            victim = others[-1] if protect and others else self.running[-1]
+            self.preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            block_ids = self.pool.allocate(need)
+            assert block_ids is not None, f"pool refused {need} blocks with {self.pool.num_free_blocks} free"
+            seq.block_ids.extend(block_ids)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free the sequence's pages and queue it to be recomputed from its first token."""
+        self.running.remove(seq)
+        self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """Record that the step ran: the scheduled tokens are now in the pages."""
+        for item in out.scheduled:
+            if item.samples:
+                item.seq.isolate = False  # its whole context ran alone without failing: not the culprit
+            item.seq.num_computed_tokens += item.num_new_tokens
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.status = SeqStatus.FINISHED
+
+    def requeue_isolated(self, seqs: list[Sequence]) -> None:
+        """After a failed step: each of its sequences loses its pages and will run alone."""
+        for seq in seqs:
+            if seq.status is SeqStatus.RUNNING:
+                self.running.remove(seq)
+                self.pool.free(seq.block_ids)
+                seq.block_ids = []
+                seq.num_computed_tokens = 0
+                seq.isolate = True
+                seq.num_isolations += 1
+                self.add(seq)
+
+    def abort_all(self) -> list[Sequence]:
+        """Drop every sequence (the caller stopped consuming results); the pool is whole again."""
+        dropped = self.running + self.waiting
+        for seq in dropped:
+            self.finish(seq)
+        return dropped

@@ -1,0 +1,82 @@
+"""A sequence: one sample of one request as the scheduler sees it.
+
+A request with n samples becomes n sequences. Token accounting:
+
+    token_ids = prompt + output          num_tokens = len(token_ids)
+    [0, num_computed_tokens)             K/V already in the sequence's pages
+    [num_computed_tokens, num_tokens)    still to run through the model; the logits of the last
+                                         of them give the next output token
+
+A decode step has exactly one token left to compute: the token sampled in the step before.
+Preemption frees the pages and sets num_computed_tokens back to 0, so the sequence recomputes
+prompt and output so far as one prefill when it is admitted again.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .request import FinishReason, GenerationRequest
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: GenerationRequest
+    sample_index: int
+    max_new_tokens: int  # the request's limit, capped so the sequence always fits the context and the pool
+    seed: int
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    num_preemptions: int = 0
+    # After a failed step, each of its sequences runs alone once, so a row that breaks the model
+    # is found and failed without taking its batch-mates with it.
+    isolate: bool = False
+    num_isolations: int = 0
+    finish_reason: FinishReason | None = None
+    group: Any = None  # the engine's state of the request this sample belongs to
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_token_ids)
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def max_num_tokens(self) -> int:
+        """Prompt plus the most output this sequence may produce: what `reserve` admission holds."""
+        return self.num_prompt_tokens + self.max_new_tokens
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        prompt = self.request.prompt_token_ids
+        num_prompt = len(prompt)
+        if end <= num_prompt:
+            return prompt[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return prompt[start:] + self.output_token_ids[: end - num_prompt]
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids + self.output_token_ids

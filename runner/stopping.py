@@ -1,0 +1,41 @@
+"""When a sequence is done, and what its text is.
+
+A sequence stops on an EOS or stop token id (kept in token_ids, left out of the text), on a stop
+string (the text is cut before it), or at its token limit. Stop strings are looked for in the
+decoded tail only, so the check costs the same at token 10 and token 10,000.
+"""
+
+from __future__ import annotations
+
+from .request import FinishReason
+from .sequence import Sequence
+
+
+class StopChecker:
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+
+    def check(self, seq: Sequence) -> FinishReason | None:
+        params = seq.request.sampling
+        last = seq.output_token_ids[-1]
+        if (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids:
+            return "stop"
+        if params.stop and self._stop_string_found(seq):
+            return "stop"
+        if len(seq.output_token_ids) >= seq.max_new_tokens:
+            return "length"
+        return None
+
+    def _stop_string_found(self, seq: Sequence) -> bool:
+        longest = max(len(s) for s in seq.request.sampling.stop)
+        # A token carries at least one byte and a character at most four, so this many tokens
+        # cover any stop string that ends in the newest token.
+        tail = seq.output_token_ids[-(4 * longest + 4) :]
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        return any(s in text for s in seq.request.sampling.stop)
+
+    def text(self, seq: Sequence) -> str:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in seq.request.sampling.stop) if i >= 0]
+        return text[: min(cuts)] if cuts else text
