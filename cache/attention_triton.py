@@ -11,8 +11,8 @@ tiles, so each K/V tile is loaded once per kv head, not once per query head:
     G = num_heads // num_kv_heads padded to a power of two; padded heads load zeros and are never stored.
 
 Decode (the first meta.num_decodes sequences, one row each) runs flash-decoding: each (sequence, kv head)
-cuts its context into NUM_SPLITS equal runs of tiles, computed on the device from seq_lens, so the grid
-(num_decodes, num_kv_heads, NUM_SPLITS) depends only on shapes and python ints that do not change between
+cuts its context into num_splits equal runs of tiles, computed on the device from seq_lens, so the grid
+(num_decodes, num_kv_heads, num_splits) depends only on shapes and python ints that do not change between
 CUDA-graph replays. Each split writes a normalised partial output and its log-sum-exp; a reduce kernel
 merges them. With one split the decode kernel writes the output directly.
 
@@ -48,8 +48,10 @@ def _write_kv_kernel(
     slot = tl.load(slot_ptr + row).to(tl.int64)
     heads = tl.arange(0, BLOCK_HEADS)
     d = tl.arange(0, BLOCK_D)
-    # A -1 slot (padding row) masks every load and store instead of returning early.
-    mask = (heads < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :] & (slot >= 0)
+    # A -1 slot (padding row) masks every load and store instead of returning early. The slot is broadcast to
+    # a vector first: the CPU interpreter rejects a mask built from a scalar bool.
+    heads_ok = (heads < NUM_KV_HEADS) & ((slot + 0 * heads) >= 0)
+    mask = heads_ok[:, None] & (d < HEAD_DIM)[None, :]
     dst = (slot // PAGE) * stride_c_block + (slot % PAGE) * stride_c_token + heads[:, None] * stride_c_head + d[None, :]
     k = tl.load(key_ptr + row * stride_k_row + heads[:, None] * stride_k_head + d[None, :], mask=mask)
     v = tl.load(value_ptr + row * stride_v_row + heads[:, None] * stride_v_head + d[None, :], mask=mask)
@@ -155,11 +157,11 @@ def _prefill_kernel(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
-    qk_scale,
+    qk_scale, num_splits,
     stride_q_row, stride_q_head, stride_o_row, stride_o_head,
     stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)  # decodes come first, one row each, so sequence i owns row i
@@ -167,7 +169,7 @@ def _decode_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
@@ -192,33 +194,32 @@ def _decode_kernel(
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split leaves zeros, not NaN
     mask = head_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if DIRECT:  # a single split: no partials, no reduce
         tl.store(out_ptr + row * stride_o_row + head[:, None] * stride_o_head + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        part = (row * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_H] index into [decodes, heads, splits]
+        part = (row * NUM_HEADS + head) * num_splits + split  # [BLOCK_H] index into [decodes, heads, splits]
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=mask)
         tl.store(part_lse_ptr + part, lse, mask=head_mask)
 
 
 @triton.jit
 def _reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_o_row, stride_o_head,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_o_row, stride_o_head,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    base = (row * NUM_HEADS + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    base = (row * NUM_HEADS + head) * num_splits
+    lse = tl.load(part_lse_ptr + base + s, mask=s < num_splits, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): weights 0, output 0
     w = tl.exp2(lse - m)
     parts = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+                    mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     denom = tl.sum(w, 0)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + row * stride_o_row + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty),
@@ -310,18 +311,17 @@ def _decode(query, key_cache, value_cache, meta, scale, out, num_splits: int | N
         part_out = part_lse = out  # unused: the kernel writes out directly
     _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
         query, key_cache, value_cache, out, part_out, part_lse, meta.block_tables, meta.seq_lens,
-        scale * _LOG2E,
+        scale * _LOG2E, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=block_d, PAGE=meta.block_size, NUM_SPLITS=num_splits,
+        BLOCK_D=block_d, PAGE=meta.block_size, DIRECT=num_splits == 1,
         **_kernel_dtype_args(query, key_cache), **_decode_config(head_dim, query.device),
     )
     if num_splits > 1:
         _reduce_kernel[(num_decodes, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
         )
 
 
@@ -332,7 +332,7 @@ def _prefill(query, key_cache, value_cache, meta, scale, out) -> None:
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
-    config = _prefill_config(head_dim, query.device)
+    config = dict(_prefill_config(head_dim, query.device))
     block_m = max(config.pop("BLOCK_M"), group_p)
     block_q = block_m // group_p
     grid = (triton.cdiv(meta.max_query_len, block_q), num_prefills, num_kv_heads)

@@ -1,0 +1,235 @@
+"""GPU check of the Triton attention kernels: correctness against the torch reference, then speed.
+
+Prints one JSON object per line:
+    device        the GPU, SM count, versions
+    copy          device-to-device copy bandwidth (bytes read + written, the convention of performance-anchors.md)
+    correct       Triton vs the float64 torch reference at realistic shapes (bf16/fp16, contexts up to 32k)
+    decode        decode attention, replayed from a CUDA graph: GB/s of K/V bytes read, % of copy bandwidth
+    decode_sweep  (--sweep) tile/stage and split-count variants of the same cases
+    prefill       prefill attention TFLOP/s (causal FLOPs actually needed), fresh prompts and cached prefixes
+    prefill_sweep (--sweep) tile variants
+
+Run on the GPU machine from the repo root: `python scripts/kernel_check.py [--sweep]` (about 2-4 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+try:
+    from kvbatch.cache import attention_torch, attention_triton
+    from kvbatch.cache.metadata import AttentionMetadata
+except ImportError:  # a checkout that was not pip-installed: map kvbatch.cache onto cache/ by hand
+    ROOT = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location(
+        "kvbatch.cache", ROOT / "cache" / "__init__.py", submodule_search_locations=[str(ROOT / "cache")]
+    )
+    sys.modules["kvbatch.cache"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["kvbatch.cache"])
+    from kvbatch.cache import attention_torch, attention_triton
+    from kvbatch.cache.metadata import AttentionMetadata
+
+# (num_heads, num_kv_heads, head_dim) of the engine's three model shapes.
+SHAPES = {"llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}
+DEVICE = "cuda"  # a module constant so a CPU smoke test can swap it
+DECODE_CASES = [(1024, 256), (8192, 64), (32768, 16), (32768, 4)]  # (context tokens, batch)
+
+
+def emit(kind: str, **fields) -> None:
+    print(json.dumps({"kind": kind, **fields}), flush=True)
+
+
+def make_step(seqs, shape, block_size, dtype, num_pad_rows=0, seed=0):
+    """seqs: [(num_cached, num_new)], decodes (num_new == 1) first. Random pages, shuffled block tables."""
+    num_heads, num_kv_heads, head_dim = shape
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    blocks_per_seq = [triton.cdiv(c + n, block_size) for c, n in seqs]
+    num_blocks = sum(blocks_per_seq) + 8
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, generator=gen, device=DEVICE, dtype=dtype)
+    value_cache = torch.randn(cache_shape, generator=gen, device=DEVICE, dtype=dtype)
+    perm = torch.randperm(num_blocks, generator=gen, device=DEVICE).int()
+    width = max(blocks_per_seq)
+    tables = torch.zeros(len(seqs), width, dtype=torch.int32, device=DEVICE)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = perm[used : used + n]
+        used += n
+    q_lens = [n for _, n in seqs]
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    num_rows = starts[-1] + num_pad_rows
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor([c + n for c, n in seqs], dtype=torch.int32, device=DEVICE),
+        block_tables=tables,
+        slot_mapping=torch.full((num_rows,), -1, dtype=torch.long, device=DEVICE),
+        num_decodes=next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens)),  # the leading one-row seqs
+        max_query_len=max(q_lens),
+        max_seq_len=max(c + n for c, n in seqs),
+        block_size=block_size,
+    )
+    query = torch.randn(num_rows, num_heads, head_dim, generator=gen, device=DEVICE, dtype=dtype)
+    return query, key_cache, value_cache, meta
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(2**30, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=200, return_mode="median")
+    gbps = 2 * src.numel() / ms / 1e6
+    emit("copy", bytes=src.numel(), ms=round(ms, 4), gb_per_s_read_plus_write=round(gbps, 1))
+    return gbps
+
+
+def check_correctness() -> bool:
+    long_mix = [(32767, 1), (20000, 1), (8191, 1), (1023, 1), (5, 1), (0, 1), (0, 3000), (2048, 1024), (30000, 700)]
+    cases = [
+        ("llama-1b", 16, torch.bfloat16, long_mix),
+        ("llama-8b", 16, torch.bfloat16, long_mix),
+        ("qwen3-0.6b", 64, torch.bfloat16, long_mix),
+        ("llama-8b", 16, torch.float16, [(4000, 1), (100, 1), (0, 2048), (1500, 500)]),
+        ("llama-8b", 16, torch.bfloat16, [(32767, 1)] * 4),  # small batch, long context: split-KV
+        ("llama-1b", 32, torch.bfloat16, [(n, 1) for n in range(1, 2000, 37)]),  # 55 decodes, ragged
+    ]
+    all_ok = True
+    for i, (name, block_size, dtype, seqs) in enumerate(cases):
+        step = make_step(seqs, SHAPES[name], block_size, dtype, num_pad_rows=3 if i < 3 else 0, seed=i)
+        query, kc, vc, meta = step
+        scale = query.shape[-1] ** -0.5
+        got = attention_triton.paged_attention(query, kc, vc, meta, scale).float()
+        want = attention_torch.paged_attention(query, kc, vc, meta, scale).float()
+        err = (got - want).abs()
+        ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2)) and bool(torch.isfinite(got).all())
+        all_ok &= ok
+        emit("correct", shape=name, block_size=block_size, dtype=str(dtype).removeprefix("torch."),
+             num_decodes=meta.num_decodes, num_seqs=meta.num_seqs, max_seq_len=meta.max_seq_len,
+             max_abs_err=float(err.max()), mean_abs_err=float(err.mean()), ok=ok)
+        del step, query, kc, vc, got, want, err
+        torch.cuda.empty_cache()
+    return all_ok
+
+
+def time_decode(step, scale: float) -> float:
+    """Median ms of one paged_attention call, replayed from a CUDA graph as the engine will run it."""
+    query, kc, vc, meta = step
+    attention_triton.paged_attention(query, kc, vc, meta, scale)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attention_triton.paged_attention(query, kc, vc, meta, scale)
+    return do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+
+
+def decode_bandwidth(copy_gbps: float, sweep: bool) -> None:
+    for name in ("llama-8b", "llama-1b"):
+        num_heads, num_kv_heads, head_dim = SHAPES[name]
+        for context, batch in DECODE_CASES:
+            step = make_step([(context - 1, 1)] * batch, SHAPES[name], 16, torch.bfloat16)
+            kv_bytes = batch * context * num_kv_heads * head_dim * 2 * 2  # K and V, bf16
+            splits = attention_triton._decode_num_splits(
+                batch, num_kv_heads, step[3].block_tables.shape[1] * 16, step[0].device)
+            ms = time_decode(step, head_dim**-0.5)
+            gbps = kv_bytes / ms / 1e6
+            emit("decode", shape=name, context=context, batch=batch, num_splits=splits, ms=round(ms, 4),
+                 kv_gb_per_s=round(gbps, 1), pct_of_copy=round(100 * gbps / copy_gbps, 1))
+            if sweep and batch != 4 and (name == "llama-8b" or context == 1024):
+                decode_sweep(step, name, context, batch, kv_bytes, head_dim)
+            del step
+            torch.cuda.empty_cache()
+
+
+def decode_sweep(step, name, context, batch, kv_bytes, head_dim) -> None:
+    default_config, default_splits = attention_triton._decode_config, attention_triton._decode_num_splits
+    reference = attention_triton.paged_attention(*step, head_dim**-0.5)
+    variants = [({"BLOCK_N": n, "num_warps": w, "num_stages": s}, None)
+                for n, w, s in [(32, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 3), (128, 8, 3), (16, 4, 4)]]
+    variants += [(None, s) for s in (1, 2, 4, 8, 16)]
+    for config, splits in variants:
+        try:
+            if config is not None:
+                attention_triton._decode_config = lambda hd, dev, c=config: dict(c)
+            if splits is not None:
+                attention_triton._decode_num_splits = lambda *args, s=splits: s
+            diff = float((attention_triton.paged_attention(*step, head_dim**-0.5) - reference).abs().max())
+            ms = time_decode(step, head_dim**-0.5)
+            emit("decode_sweep", shape=name, context=context, batch=batch, config=config, num_splits=splits,
+                 ms=round(ms, 4), kv_gb_per_s=round(kv_bytes / ms / 1e6, 1), max_diff_vs_default=diff)
+        except Exception as error:  # a variant that does not fit (shared memory) is reported, not fatal
+            emit("decode_sweep", shape=name, context=context, config=config, num_splits=splits,
+                 error=f"{type(error).__name__}: {str(error)[:200]}")
+        finally:
+            attention_triton._decode_config, attention_triton._decode_num_splits = default_config, default_splits
+
+
+def prefill_flops(seqs, num_heads: int, head_dim: int) -> float:
+    # Query i of a chunk with c cached tokens sees c + i + 1 keys; QK^T and PV cost 2 FLOPs per multiply-add each.
+    keys = sum(n * c + n * (n + 1) // 2 for c, n in seqs)
+    return 4.0 * num_heads * head_dim * keys
+
+
+def prefill_speed(sweep: bool) -> None:
+    cases = [("fresh 4x4096", [(0, 4096)] * 4), ("prefix 8x(6144 cached + 2048)", [(6144, 2048)] * 8),
+             ("fresh 32x512", [(0, 512)] * 32)]
+    for name in ("llama-8b", "llama-1b"):
+        num_heads, _, head_dim = SHAPES[name]
+        for label, seqs in cases:
+            step = make_step(seqs, SHAPES[name], 16, torch.bfloat16)
+            fn = lambda: attention_triton.paged_attention(*step, head_dim**-0.5)  # noqa: E731
+            ms = do_bench(fn, warmup=10, rep=100, return_mode="median")
+            flops = prefill_flops(seqs, num_heads, head_dim)
+            emit("prefill", shape=name, case=label, ms=round(ms, 4), tflop_per_s=round(flops / ms / 1e9, 1))
+            if sweep and label.startswith("fresh 4"):
+                prefill_sweep(step, name, fn, flops, head_dim)
+            del step
+            torch.cuda.empty_cache()
+
+
+def prefill_sweep(step, name, fn, flops, head_dim) -> None:
+    default_config = attention_triton._prefill_config
+    reference = fn()
+    for m, n, w, s in [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2),
+                       (64, 32, 4, 4), (128, 64, 8, 4)]:
+        config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+        try:
+            attention_triton._prefill_config = lambda hd, dev, c=config: dict(c)
+            diff = float((fn() - reference).abs().max())
+            ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
+            emit("prefill_sweep", shape=name, config=config, ms=round(ms, 4),
+                 tflop_per_s=round(flops / ms / 1e9, 1), max_diff_vs_default=diff)
+        except Exception as error:
+            emit("prefill_sweep", shape=name, config=config, error=f"{type(error).__name__}: {str(error)[:200]}")
+        finally:
+            attention_triton._prefill_config = default_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time tile and split variants")
+    args = parser.parse_args()
+    start = time.time()
+    props = torch.cuda.get_device_properties(0)
+    emit("device", name=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+         triton=triton.__version__, memory_gib=round(props.total_memory / 2**30, 1))
+    copy_gbps = copy_bandwidth()
+    ok = check_correctness()
+    decode_bandwidth(copy_gbps, args.sweep)
+    prefill_speed(args.sweep)
+    emit("done", all_correct=ok, seconds=round(time.time() - start, 1))
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The Triton kernels against the float64 torch reference.
+
+On a machine without CUDA the kernels run in Triton's CPU interpreter on tiny shapes (CI); with CUDA the same
+tests run compiled, on realistic shapes, plus a CUDA-graph capture of the decode path.
+"""
+
+import os
+import random
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Triton reads TRITON_INTERPRET when each @triton.jit runs, that is when the kernel module is imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from kvbatch.cache import attention_torch  # noqa: E402
+from kvbatch.cache import attention_triton  # noqa: E402
+from kvbatch.cache.block_table import num_blocks_for, slots_for  # noqa: E402
+from kvbatch.cache.metadata import AttentionMetadata  # noqa: E402
+
+if not CUDA and not isinstance(attention_triton._write_kv_kernel, InterpretedFunction):
+    # Another module imported the kernels before the variable was set: decorate them again, interpreted.
+    attention_triton = importlib.reload(attention_triton)
+
+DEVICE = "cuda" if CUDA else "cpu"
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def make_step(seqs, *, block_size, num_heads, num_kv_heads, head_dim, dtype, num_decodes, num_pad_rows=0, seed=0):
+    """seqs: list of (num_cached, num_new), decodes first. Pages are shuffled; unused slots hold large garbage,
+    so a kernel that reads past a sequence's end shows it. The new tokens' K/V go in through the Triton write_kv."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    num_blocks = sum(num_blocks_for(c + n, block_size) for c, n in seqs) + 3
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = (30 * torch.randn(shape, generator=gen)).to(dtype).to(DEVICE)
+    value_cache = (30 * torch.randn(shape, generator=gen)).to(dtype).to(DEVICE)
+    tables, slots, starts, lens, new_k, new_v = [], [], [0], [], [], []
+    for num_cached, num_new in seqs:
+        total = num_cached + num_new
+        blocks = [free.pop() for _ in range(num_blocks_for(total, block_size))]
+        k = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+        v = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+        prefix = torch.tensor(slots_for(blocks, 0, num_cached, block_size), dtype=torch.long, device=DEVICE)
+        attention_torch.write_kv(key_cache, value_cache, k[:num_cached], v[:num_cached], prefix)
+        tables.append(blocks)
+        slots += slots_for(blocks, num_cached, total, block_size)
+        starts.append(starts[-1] + num_new)
+        lens.append(total)
+        new_k.append(k[num_cached:])
+        new_v.append(v[num_cached:])
+    num_rows = starts[-1] + num_pad_rows
+    width = max(map(len, tables)) + 1  # one spare column, as a static-width table would have
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE),
+        slot_mapping=torch.tensor(slots + [-1] * num_pad_rows, dtype=torch.long, device=DEVICE),
+        num_decodes=num_decodes,
+        max_query_len=max(n for _, n in seqs),
+        max_seq_len=max(lens),
+        block_size=block_size,
+    )
+    pad = torch.randn(num_pad_rows, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    attention_triton.write_kv(key_cache, value_cache, torch.cat(new_k + [pad]), torch.cat(new_v + [pad]),
+                              meta.slot_mapping)
+    query = torch.randn(num_rows, num_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    return query, key_cache, value_cache, meta
+
+
+def check(query, key_cache, value_cache, meta, scale=None):
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    got = attention_triton.paged_attention(query, key_cache, value_cache, meta, scale)
+    want = attention_torch.paged_attention(query, key_cache, value_cache, meta, scale)
+    tol = TOLERANCE[query.dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_reference(dtype):
+    block_size, num_kv_heads, head_dim = 4, 3, 8
+    key_cache = torch.randn(10, block_size, num_kv_heads, head_dim).to(dtype).to(DEVICE)
+    value_cache = torch.randn_like(key_cache)
+    # key and value as views of a fused projection: row stride > num_kv_heads * head_dim.
+    # Same dtype as the cache, as in the engine (the interpreter rounds fp32 -> bf16 differently from torch).
+    kv = torch.randn(6, 2, num_kv_heads, head_dim).to(dtype).to(DEVICE)
+    key, value = kv[:, 0], kv[:, 1]
+    slots = torch.tensor([5, -1, 39, 0, -1, 17], dtype=torch.long, device=DEVICE)
+    want_k, want_v = key_cache.clone(), value_cache.clone()
+    attention_torch.write_kv(want_k, want_v, key, value, slots)
+    attention_triton.write_kv(key_cache, value_cache, key, value, slots)
+    assert torch.equal(key_cache, want_k)
+    assert torch.equal(value_cache, want_v)
+
+
+# (block_size, num_heads, num_kv_heads, head_dim): MHA, GQA 2 and 4, a group of 3 (SmolLM2-135M has 9/3).
+CPU_SHAPES = [(16, 4, 2, 16), (4, 4, 1, 8), (8, 6, 2, 32), (32, 4, 4, 16)]
+CUDA_SHAPES = [(16, 32, 8, 64), (16, 16, 8, 128), (32, 9, 3, 64), (64, 32, 8, 128), (16, 8, 8, 128)]
+
+
+@pytest.mark.parametrize("shape", CUDA_SHAPES if CUDA else CPU_SHAPES, ids=str)
+def test_mixed_step_matches_reference(shape):
+    block_size, num_heads, num_kv_heads, head_dim = shape
+    if CUDA:
+        seqs = [(700, 1), (3000, 1), (0, 1), (31, 1), (0, 517), (1200, 300), (64, 1), (17, 2000)]
+        num_decodes = 4
+    else:
+        seqs = [(37, 1), (2, 1), (0, 1), (0, 19), (21, 9), (5, 1)]
+        num_decodes = 3
+    step = make_step(seqs, block_size=block_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                     head_dim=head_dim, dtype=torch.float32, num_decodes=num_decodes, num_pad_rows=3, seed=1)
+    out = check(*step)
+    assert torch.equal(out[-3:], torch.zeros_like(out[-3:]))  # padding rows
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_random_chunk_boundaries(block_size):
+    # Many prefill chunks at random offsets, so chunk starts fall on every position relative to the key tiles
+    # (the causal mask is skipped for tiles wholly below a program's first query).
+    rng = random.Random(block_size)
+    limit = 3000 if CUDA else 40
+    seqs = [(rng.randrange(limit), 1) for _ in range(3)]
+    seqs += [(rng.randrange(limit), rng.randrange(1, limit)) for _ in range(16 if CUDA else 10)]
+    step = make_step(seqs, block_size=block_size, num_heads=4, num_kv_heads=2, head_dim=64 if CUDA else 16,
+                     dtype=torch.float32, num_decodes=3, seed=block_size)
+    check(*step)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    if CUDA:
+        seqs, num_decodes, shape = [(4000, 1), (100, 1), (300, 800), (0, 1000)], 2, (16, 32, 8, 128)
+    else:
+        seqs, num_decodes, shape = [(40, 1), (10, 1), (12, 20)], 2, (8, 4, 2, 16)
+    block_size, num_heads, num_kv_heads, head_dim = shape
+    step = make_step(seqs, block_size=block_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                     head_dim=head_dim, dtype=dtype, num_decodes=num_decodes, seed=2)
+    out = check(*step)
+    assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_split_kv(monkeypatch, num_splits):
+    # Contexts shorter than a split's share leave some splits empty; the reduce must ignore them.
+    seqs = [(n, 1) for n in ([5000, 33, 1, 2047, 160] if CUDA else [70, 3, 0, 41])]
+    monkeypatch.setattr(attention_triton, "_decode_num_splits", lambda *args: num_splits)
+    step = make_step(seqs, block_size=16, num_heads=8, num_kv_heads=2, head_dim=64 if CUDA else 16,
+                     dtype=torch.float32, num_decodes=len(seqs), seed=3)
+    check(*step)
+
+
+def test_decode_of_an_empty_context_is_zero():
+    # A padded decode slot with seq_len 0 (say, a CUDA-graph bucket's filler) must come out zero, not NaN.
+    query, kc, vc, meta = make_step([(9, 1), (3, 1)], block_size=4, num_heads=2, num_kv_heads=1, head_dim=16,
+                                    dtype=torch.float32, num_decodes=2, seed=4)
+    meta.seq_lens[1] = 0
+    for splits in (1, 4):
+        out = torch.full_like(query, float("nan"))
+        attention_triton._decode(query, kc, vc, meta, 0.25, out, num_splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert torch.isfinite(out).all()
+
+
+def test_query_with_strided_rows():
+    # q sliced out of a fused qkv projection: rows are strided, heads and head_dim are not.
+    query, kc, vc, meta = make_step([(12, 1), (0, 7), (5, 6)], block_size=4, num_heads=4, num_kv_heads=2,
+                                    head_dim=16, dtype=torch.float32, num_decodes=1, seed=5)
+    fused = torch.cat([query, torch.randn_like(query)], dim=1)
+    check(fused[:, :4], kc, vc, meta)
+
+
+def test_decode_path_never_syncs(monkeypatch):
+    # The engine captures decode in CUDA graphs: nothing may read a tensor's value back to the host.
+    query, kc, vc, meta = make_step([(30, 1), (7, 1)], block_size=8, num_heads=4, num_kv_heads=2, head_dim=16,
+                                    dtype=torch.float32, num_decodes=2, seed=6)
+    want = attention_torch.paged_attention(query, kc, vc, meta, 0.25)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the decode path")
+
+    if CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = attention_triton.paged_attention(query, kc, vc, meta, 0.25)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    else:
+        for name in ("item", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+        got = attention_triton.paged_attention(query, kc, vc, meta, 0.25)
+        monkeypatch.undo()
+    torch.testing.assert_close(got, want.float(), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU; the CPU run checks the no-sync rule instead")
+def test_decode_replays_in_a_cuda_graph():
+    seqs = [(n, 1) for n in (100, 2000, 7, 900)]
+    query, kc, vc, meta = make_step(seqs, block_size=16, num_heads=32, num_kv_heads=8, head_dim=128,
+                                    dtype=torch.bfloat16, num_decodes=4, seed=7)
+    attention_triton.paged_attention(query, kc, vc, meta, 0.1)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention_triton.paged_attention(query, kc, vc, meta, 0.1)
+    # New contexts, written into the captured buffers in place, as the engine does between replays.
+    meta.seq_lens.copy_(torch.tensor([900, 3, 2000, 100], dtype=torch.int32))
+    meta.block_tables.copy_(meta.block_tables.flip(0).clone())  # capacities 912, 16, 2016, 112 tokens
+    query.copy_(torch.randn_like(query))
+    graph.replay()
+    want = attention_torch.paged_attention(query, kc, vc, meta, 0.1)
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
