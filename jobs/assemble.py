@@ -1,0 +1,110 @@
+"""The final output file from committed parts: input order, each row once, in the requested format.
+
+Parts are Arrow IPC files, memory-mapped, so joining them and reordering costs one int64 per row plus one
+output chunk at a time, whatever the output's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .atomic import atomic_file
+from .errors import JobError
+from .openai_format import output_line
+
+log = logging.getLogger(__name__)
+CHUNK_ROWS = 8192
+
+
+def read_parts(paths: list[Path]) -> pa.Table:
+    tables = [pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in paths]
+    return unify(tables)
+
+
+def unify(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate parts whose inferred input-column types may differ (a null-only part, int vs float...)."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    # Truly conflicting types (text in one part, numbers in another): keep such columns as JSON text.
+    names = tables[0].column_names
+    conflicting = [n for n in names if len({str(t.schema.field(n).type) for t in tables if t.schema.field(n).type != pa.null()}) > 1]
+    log.warning("columns %s have different types in different rows; they are written as JSON text", conflicting)
+    fixed = []
+    for t in tables:
+        for name in conflicting:
+            values = [None if v is None else v if isinstance(v, str) else json.dumps(v) for v in t.column(name).to_pylist()]
+            t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        fixed.append(t)
+    return pa.concat_tables(fixed, promote_options="permissive")
+
+
+def input_order(table: pa.Table, num_rows: int) -> np.ndarray:
+    """Indexes into `table` that list rows 0..num_rows-1 once each; raise if any row is missing."""
+    rows = table.column("row").to_numpy()
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    keep = np.ones(len(order), dtype=bool)
+    keep[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    if not keep.all():
+        # The manifest makes this unreachable; if it ever happens, the first commit of a row wins.
+        log.warning("%d duplicate rows in the parts were dropped", int((~keep).sum()))
+        order, sorted_rows = order[keep], sorted_rows[keep]
+    expected = np.arange(num_rows)
+    if len(sorted_rows) != num_rows or not np.array_equal(sorted_rows, expected):
+        missing = np.setdiff1d(expected, sorted_rows)
+        raise JobError(f"{len(missing)} input rows have no result (first: {missing[:10].tolist()}); rerun the job to finish them")
+    return order
+
+
+def write_output(table: pa.Table, order: np.ndarray, path: Path, fmt: str, metadata: dict[bytes, bytes], *, model: str = "", id_column: str | None = None) -> int:
+    """Write `table` reordered by `order` to `path` atomically; return the bytes written."""
+    schema = table.schema.with_metadata(metadata)
+    with atomic_file(path) as f:
+        if fmt == "arrow":
+            with pa.ipc.new_file(f, schema) as writer:
+                for chunk in _chunks(table, order):
+                    writer.write_table(chunk.replace_schema_metadata(metadata))
+        elif fmt == "parquet":
+            with pq.ParquetWriter(f, schema) as writer:
+                for chunk in _chunks(table, order):
+                    writer.write_table(chunk.replace_schema_metadata(metadata))
+        elif fmt in ("jsonl", "openai"):
+            _write_jsonl(f, table, order, fmt, model, id_column)
+        else:
+            raise ValueError(f"unknown output format {fmt!r}")
+        size = f.tell()
+    return size
+
+
+def _chunks(table: pa.Table, order: np.ndarray):
+    if len(order) == 0:
+        yield table.slice(0, 0)
+    for start in range(0, len(order), CHUNK_ROWS):
+        yield table.take(pa.array(order[start : start + CHUNK_ROWS]))
+
+
+def _write_jsonl(f: BinaryIO, table: pa.Table, order: np.ndarray, fmt: str, model: str, id_column: str | None) -> None:
+    created = int(time.time())
+    for chunk in _chunks(table, order):
+        for record in chunk.to_pylist():
+            line: dict[str, Any] = output_line(record, model, created, id_column or "custom_id") if fmt == "openai" else record
+            f.write(json.dumps(line, ensure_ascii=False, default=str).encode())
+            f.write(b"\n")
+
+
+def count_by(table: pa.Table, column: str) -> dict[str, int]:
+    if column not in table.column_names or table.num_rows == 0:
+        return {}
+    counts = pc.value_counts(table.column(column)).to_pylist()
+    return {str(c["values"]): int(c["counts"]) for c in counts if c["values"] is not None}

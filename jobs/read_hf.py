@@ -1,0 +1,73 @@
+"""Hugging Face `datasets` input: a `save_to_disk` folder, or a dataset name found in the local HF cache.
+
+`datasets` is an optional dependency (`pip install kvbatch[datasets]`). Names resolve offline only: a job never
+starts a download (README "Security and safety"). Rows stream from the memory-mapped Arrow files in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import InputError, SpecError
+from .rows import Row
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise InputError("reading a Hugging Face dataset needs the `datasets` package: pip install 'kvbatch[datasets]'") from None
+    return datasets
+
+
+def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_rows: int):
+    from .readers import Reader
+
+    datasets = _import_datasets()
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise InputError(f"{path} is not a dataset saved with save_to_disk: {exc}") from None
+    else:
+        loaded = _load_cached(datasets, name, split)
+    dataset = _pick_split(datasets, loaded, split, name)
+    available = list(dataset.column_names)
+    wanted = [c for c in dict.fromkeys(columns) if c in available]
+
+    def rows() -> Iterator[Row]:
+        index = 0
+        for batch in dataset.select_columns(wanted).with_format("arrow").iter(batch_size=batch_rows):
+            for data in batch.to_pylist():
+                yield Row(index, data)
+                index += 1
+
+    return Reader(rows(), len(dataset), available, dataset.features.arrow_schema)
+
+
+def _load_cached(datasets, name: str, split: str | None):
+    # Offline for this call only: a name must already be in the local cache.
+    previous = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError...)
+        raise InputError(
+            f"input {name!r} is neither a local file or folder nor a dataset in the local Hugging Face cache "
+            f"(kvbatch never downloads inputs): {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = previous
+
+
+def _pick_split(datasets, loaded, split: str | None, name: str):
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None:
+            if len(loaded) == 1:
+                return next(iter(loaded.values()))
+            raise SpecError(f"{name} has splits {', '.join(loaded)}; choose one with input.split", field="input.split")
+        if split not in loaded:
+            raise SpecError(f"{name} has no split {split!r} (splits: {', '.join(loaded)})", field="input.split")
+        return loaded[split]
+    return loaded

@@ -1,0 +1,131 @@
+"""JSONL and OpenAI Batch input, line by line, in bounded memory.
+
+Each line is read with a byte limit: a longer line is skipped to its end and becomes an error row, so one
+hostile multi-gigabyte line costs no memory. Blank lines are not rows. Row indexes count rows, messages name
+the 1-based line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .errors import InputError
+from .rows import BAD_JSON, BAD_REQUEST, INVALID_UTF8, LINE_TOO_LONG, NOT_AN_OBJECT, Row, RowError
+
+_CHUNK_BYTES = 1 << 20
+OPENAI_ENDPOINT = "/v1/chat/completions"
+# body fields of an OpenAI chat completion request that map onto our sampling; others are ignored with a warning
+OPENAI_SAMPLING = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+    "n": "n",
+    "logprobs": "logprobs",
+}
+
+
+def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
+    from .readers import Reader  # readers imports this module lazily; keep the cycle one-way at import time
+
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"input not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot open {path}: {exc}") from None
+    num_rows = count_rows(path)
+    rows = _rows(handle, max_line_bytes)
+    if openai:
+        rows = (openai_row(row) for row in rows)
+    return Reader(rows, num_rows, None)
+
+
+def count_rows(path: Path) -> int:
+    """Non-blank lines, counted in 1 MiB chunks (fast, bounded memory), for the progress bar's total."""
+    count = 0
+    pending = False  # the current line has a non-blank byte
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            lines = chunk.split(b"\n")
+            for i, piece in enumerate(lines):
+                pending = pending or bool(piece.strip())
+                if i < len(lines) - 1:  # a newline ends this line
+                    count += pending
+                    pending = False
+    return count + pending
+
+
+def _rows(handle: BinaryIO, max_line_bytes: int) -> Iterator[Row]:
+    index = 0
+    line_no = 0
+    with handle:
+        while True:
+            raw = handle.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            line_no += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                _skip_to_newline(handle)
+                yield Row(index, None, RowError(LINE_TOO_LONG, f"row {index} (line {line_no}): line is over max_line_bytes ({max_line_bytes} bytes); raise input.max_line_bytes to read it"), line_no)
+                index += 1
+                continue
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first object
+            if not raw.strip():
+                continue
+            yield parse_line(raw, index, line_no)
+            index += 1
+
+
+def _skip_to_newline(handle: BinaryIO) -> None:
+    while chunk := handle.readline(_CHUNK_BYTES):
+        if chunk.endswith(b"\n"):
+            return
+
+
+def parse_line(raw: bytes, index: int, line_no: int) -> Row:
+    where = f"row {index} (line {line_no})"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Row(index, None, RowError(INVALID_UTF8, f"{where}: invalid UTF-8 at byte {exc.start}: {raw[exc.start:exc.start + 4]!r}"), line_no)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON at column {exc.colno}: {exc.msg}"), line_no)
+    except RecursionError:
+        return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON: nested too deeply"), line_no)
+    if not isinstance(value, dict):
+        return Row(index, None, RowError(NOT_AN_OBJECT, f"{where}: expected a JSON object, got {type(value).__name__}"), line_no)
+    return Row(index, value, None, line_no)
+
+
+def openai_row(row: Row) -> Row:
+    """An OpenAI Batch request line -> a row with `custom_id`, `messages` and per-row sampling overrides."""
+    if row.error is not None or row.data is None:
+        return row
+    data = row.data
+    custom_id = data.get("custom_id")
+    keep = {"custom_id": custom_id if isinstance(custom_id, str) else None, "messages": None}
+    bad = Row(row.index, keep, None, row.line)
+    if not isinstance(custom_id, str) or not custom_id:
+        return bad.failed(BAD_REQUEST, "an OpenAI Batch request needs a non-empty string `custom_id`")
+    url = data.get("url", OPENAI_ENDPOINT)
+    if url != OPENAI_ENDPOINT:
+        return bad.failed(BAD_REQUEST, f"url {url!r} is not supported (only {OPENAI_ENDPOINT})")
+    body = data.get("body")
+    if not isinstance(body, dict):
+        return bad.failed(BAD_REQUEST, "an OpenAI Batch request needs a `body` object")
+    overrides: dict[str, Any] = {}
+    for key, ours in OPENAI_SAMPLING.items():
+        if body.get(key) is not None:
+            overrides[ours] = body[key]
+    if isinstance(overrides.get("stop"), str):
+        overrides["stop"] = [overrides["stop"]]
+    return Row(row.index, {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}, None, row.line, overrides)

@@ -1,0 +1,100 @@
+"""One output row, and the Arrow schema of the output table.
+
+Columns, in order: row, the id column, kept input columns, text, finish_reason, [finish_reasons], error,
+error_kind, prompt_tokens, output_tokens, [logprobs]. With n > 1 samples (or OpenAI output) `text` is a list of
+strings, one per sample, and `finish_reasons` lists each sample's reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from .rows import RowError
+
+
+@dataclass(frozen=True)
+class RowResult:
+    row: int
+    id: Any = None
+    kept: dict[str, Any] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)  # one per sample; empty for an error row
+    finish_reasons: list[str] = field(default_factory=list)
+    error: RowError | None = None
+    prompt_tokens: int | None = None  # None when the row never got as far as tokenizing
+    output_tokens: int = 0
+    logprobs: list[list[float]] | None = None  # per sample, per token
+
+    @property
+    def finish_reason(self) -> str:
+        if self.error is not None:
+            return "error"
+        return self.finish_reasons[0] if self.finish_reasons else "error"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which columns an output has; fixed per job so every part has the same shape."""
+
+    id_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    multi: bool = False  # text is list<string>
+    logprobs: bool = False
+    input_types: dict[str, pa.DataType] = field(default_factory=dict)  # known types of id/kept columns
+
+    def fixed_fields(self) -> list[pa.Field]:
+        text_type = pa.list_(pa.string()) if self.multi else pa.string()
+        fields = [pa.field("text", text_type), pa.field("finish_reason", pa.string())]
+        if self.multi:
+            fields.append(pa.field("finish_reasons", pa.list_(pa.string())))
+        fields += [
+            pa.field("error", pa.string()),
+            pa.field("error_kind", pa.string()),
+            pa.field("prompt_tokens", pa.int64()),
+            pa.field("output_tokens", pa.int64()),
+        ]
+        if self.logprobs:
+            lp = pa.list_(pa.list_(pa.float32())) if self.multi else pa.list_(pa.float32())
+            fields.append(pa.field("logprobs", lp))
+        return fields
+
+    def data_columns(self) -> list[str]:
+        return ([self.id_column] if self.id_column else []) + list(self.keep_columns)
+
+    def to_table(self, results: list[RowResult]) -> pa.Table:
+        columns: dict[str, pa.Array] = {"row": pa.array([r.row for r in results], pa.int64())}
+        for name in self.data_columns():
+            values = [r.id if name == self.id_column else r.kept.get(name) for r in results]
+            columns[name] = _array(values, self.input_types.get(name))
+        text = [r.texts if self.multi else (r.texts[0] if r.texts else None) for r in results]
+        if self.multi:
+            text = [t if t else None for t in text]
+        values: dict[str, list[Any]] = {
+            "text": text,
+            "finish_reason": [r.finish_reason for r in results],
+            "finish_reasons": [r.finish_reasons or None for r in results],
+            "error": [r.error.message if r.error else None for r in results],
+            "error_kind": [r.error.kind if r.error else None for r in results],
+            "prompt_tokens": [r.prompt_tokens for r in results],
+            "output_tokens": [r.output_tokens for r in results],
+            "logprobs": [(r.logprobs if self.multi else r.logprobs[0]) if r.logprobs else None for r in results],
+        }
+        for f in self.fixed_fields():
+            columns[f.name] = pa.array(values[f.name], f.type)
+        return pa.table(columns)
+
+
+def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
+    """Input values as Arrow: the input's own type when known, else inferred; mixed types fall back to JSON text."""
+    if known is not None:
+        try:
+            return pa.array(values, known)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            pass
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, default=str) for v in values], pa.string())

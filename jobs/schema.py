@@ -1,0 +1,107 @@
+"""Build frozen dataclasses from `Node` trees, checking every field against the dataclass's type hints.
+
+Declarative on purpose: spec.py only lists fields, types, defaults and bounds (`field(metadata=...)`);
+this module turns a wrong field into one SpecError that names it, its line, and (for typos) the nearest name.
+
+Supported field types: str, int, float, bool, Literal[...], X | None, tuple[X, ...], nested dataclasses.
+Field metadata: `min`, `max` (inclusive), `gt` (exclusive lower bound), `nonempty` (for strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union
+
+from .yaml_nodes import Node
+
+
+def build(cls: type, node: Node) -> Any:
+    """Instantiate dataclass `cls` from a mapping node; raise SpecError on the first wrong field."""
+    if not isinstance(node.value, dict):
+        raise node.error(f"expected a mapping of fields, got {_kind(node.value)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")}
+    for key, sub in node.value.items():
+        if key not in fields:
+            raise sub.error(_unknown_message(key, list(fields)))
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in node.value:
+            kwargs[name] = _coerce(hints[name], node.value[name], f.metadata)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise node.error(f"missing required field '{name}'")
+    return cls(**kwargs)
+
+
+def _unknown_message(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known fields: {', '.join(sorted(known))})"
+    return f"unknown field{hint}"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _coerce(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    value = node.value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, node, meta)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, node)
+    if origin is Literal:
+        if value not in args:
+            raise node.error(f"must be one of {', '.join(map(repr, args))}, got {_kind(value)}")
+        return value
+    if origin is tuple:
+        items = value if isinstance(value, list) else None
+        if items is None:
+            # A single value where a list is expected is a common shorthand (`stop: "###"`).
+            items = [node] if value is not None and not isinstance(value, dict) else None
+            if items is None:
+                raise node.error(f"expected a list, got {_kind(value)}")
+        return tuple(_coerce(args[0], item, meta) for item in items)
+    return _check_scalar(hint, node, meta)
+
+
+def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
+    value = node.value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise node.error(f"expected true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise node.error(f"expected an integer, got {_kind(value)}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise node.error(f"expected a number, got {_kind(value)}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise node.error(f"expected a string, got {_kind(value)}")
+        if meta.get("nonempty") and not value.strip():
+            raise node.error("must not be empty")
+    else:
+        raise TypeError(f"schema.py does not support field type {hint!r} (field {node.path})")
+    if "min" in meta and value < meta["min"]:
+        raise node.error(f"must be >= {meta['min']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise node.error(f"must be <= {meta['max']}, got {value}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise node.error(f"must be > {meta['gt']}, got {value}")
+    return value

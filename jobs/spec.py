@@ -1,0 +1,337 @@
+"""What a job is: frozen dataclasses loaded from a YAML job file (or built by `kvbatch generate`).
+
+Precedence: command-line overrides > the job's own fields > the file's `defaults:` > the defaults below.
+Every field is documented in README.md ("Job file schema"); keep the two in step.
+Computed values (resolved paths, output format) are returned by functions here, never written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import SpecError
+from .schema import build
+from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
+
+MIB = 2**20
+OUTPUT_EXTENSIONS = {".arrow": "arrow", ".parquet": "parquet", ".jsonl": "jsonl"}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    path: str = field(metadata={"nonempty": True})
+    format: Literal["auto", "jsonl", "parquet", "hf", "openai"] = "auto"
+    split: str | None = None  # datasets: which split of a DatasetDict
+    limit: int | None = field(default=None, metadata={"min": 0})  # read at most this many rows
+    max_line_bytes: int = field(default=8 * MIB, metadata={"min": 1})  # JSONL: longer lines become error rows
+    batch_rows: int = field(default=1024, metadata={"min": 1})  # Parquet/datasets rows per record batch
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    column: str | None = None  # one user message per row (the default is column "prompt")
+    messages_column: str | None = None  # a list of {role, content} per row
+    template: str | None = None  # "Summarise: {text}" with {column} placeholders
+    system: str | None = None  # an optional system message before the row's messages
+    chat_template: bool = True  # false: raw text, no chat template
+    allow_special_tokens: bool = False  # true: text in rows may become control tokens (unsafe with untrusted data)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    max_new_tokens: int = field(default=256, metadata={"min": 1})
+    temperature: float = field(default=0.0, metadata={"min": 0})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1})
+    top_k: int = field(default=0, metadata={"min": 0})
+    min_p: float = field(default=0.0, metadata={"min": 0, "max": 1})
+    repetition_penalty: float = field(default=1.0, metadata={"gt": 0})
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=(), metadata={"nonempty": True})
+    stop_token_ids: tuple[int, ...] = field(default=(), metadata={"min": 0})
+    n: int = field(default=1, metadata={"min": 1})
+    logprobs: bool = False
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    path: str | None = None  # relative to output_dir; default "<job name>.arrow"
+    format: Literal["auto", "arrow", "parquet", "jsonl", "openai"] = "auto"
+    mode: Literal["resume", "overwrite", "error"] = "resume"  # what to do when the output already exists
+    part_rows: int = field(default=1024, metadata={"min": 1})  # rows per committed part
+    part_seconds: float = field(default=60.0, metadata={"gt": 0})  # commit a part at least this often
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Engine settings; None leaves the engine's own default (see runner/engine.py EngineConfig)."""
+
+    device: str | None = None
+    dtype: str | None = None
+    block_size: int | None = field(default=None, metadata={"min": 1})
+    max_num_seqs: int | None = field(default=None, metadata={"min": 1})
+    max_num_batched_tokens: int | None = field(default=None, metadata={"min": 1})
+    kv_cache_gib: float | None = field(default=None, metadata={"gt": 0})
+    gpu_memory_utilization: float | None = field(default=None, metadata={"gt": 0, "max": 1})
+    num_blocks_override: int | None = field(default=None, metadata={"min": 1})
+    policy: Literal["optimistic", "reserve"] | None = None
+    attention_backend: Literal["auto", "torch", "triton", "flash-attn"] | None = None
+    max_model_len: int | None = field(default=None, metadata={"min": 1})
+    trust_remote_code: bool | None = None  # run Python code shipped with the model (unsafe with untrusted models)
+    allow_pickle: bool | None = None  # load pickled .bin/.pt weights (unsafe with untrusted models)
+    allow_download: bool | None = None  # fetch a model name missing from the local cache from the hub
+    cuda_graphs: bool | None = None
+    seed: int | None = None  # base seed for requests without sampling.seed
+
+    def settings(self) -> dict[str, Any]:
+        """Only the fields that were set, for EngineConfig(**settings)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str = field(metadata={"nonempty": True})
+    model: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct
+    input: InputSpec = field(default=None)  # type: ignore[assignment]  # required, checked in validate()
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    id_column: str | None = None  # copied to the output; must be unique (duplicates become error rows)
+    keep_columns: tuple[str, ...] = ()  # input columns copied to the output
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    output_dir: str = "out"  # outputs stay inside it; relative to the job file's folder
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    sort_window: int = field(default=1024, metadata={"min": 1})  # rows sorted by length within this window; 1 = off
+    base_dir: str = field(default=".", metadata={"internal": True})  # the job file's folder (set by the loader)
+
+
+@dataclass(frozen=True)
+class JobsFile:
+    path: str
+    jobs: tuple[JobSpec, ...]
+
+    def select(self, names: list[str] | None) -> list[JobSpec]:
+        if not names:
+            return list(self.jobs)
+        known = {j.name: j for j in self.jobs}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise SpecError(f"no job named {', '.join(map(repr, missing))} in {self.path} (jobs: {', '.join(known)})", field="--job")
+        return [known[n] for n in names]
+
+
+def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) -> JobsFile:
+    """Read and check a job file. `overrides` (dotted keys -> values) apply to every job, over the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"job file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read job file {path}: {exc}") from None
+    root = load_yaml(text, str(path))
+    if not isinstance(root.value, dict):
+        raise root.error("a job file is a mapping with `jobs:` (and optionally `defaults:`)")
+    for key, node in root.value.items():
+        if key not in ("defaults", "jobs"):
+            raise node.error("unknown top-level field (expected 'defaults' and 'jobs')")
+    jobs_node = root.value.get("jobs")
+    if jobs_node is None or not isinstance(jobs_node.value, list) or not jobs_node.value:
+        raise (jobs_node or root).error("`jobs:` must be a non-empty list of jobs")
+    defaults = root.value.get("defaults", Node({}, "defaults", None, str(path)))
+    if not isinstance(defaults.value, dict):
+        raise defaults.error("`defaults:` must be a mapping of job fields")
+    if "name" in defaults.value:
+        raise defaults.value["name"].error("a default cannot set the job name")
+    override_node = overrides_to_node(overrides or {})
+    jobs = []
+    for job_node in jobs_node.value:
+        if not isinstance(job_node.value, dict):
+            raise job_node.error("each job must be a mapping with at least `name` and `input`")
+        merged = merge(merge(defaults, job_node), override_node)
+        jobs.append(job_from_node(merged, base_dir=str(path.resolve().parent)))
+    names = [j.name for j in jobs]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise jobs_node.value[i].value["name"].error(f"duplicate job name {name!r}")
+    return JobsFile(str(path), tuple(jobs))
+
+
+def overrides_to_node(overrides: dict[str, Any]) -> Node:
+    """{"sampling.temperature": 0.5} -> a nested Node tree, each value attributed to the command line."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        keys = dotted.split(".")
+        target = nested
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+    return from_plain(nested, "", "command line")
+
+
+def job_from_node(node: Node, base_dir: str) -> JobSpec:
+    job = build(JobSpec, node)
+    job = dataclasses.replace(job, base_dir=base_dir)
+    validate(job, node)
+    return job
+
+
+def job_from_dict(data: dict[str, Any], base_dir: str = ".") -> JobSpec:
+    """Build a job from plain values (kvbatch generate, tests); errors name the field, without a line."""
+    return job_from_node(from_plain(data, "", "command line"), base_dir)
+
+
+def validate(job: JobSpec, node: Node) -> None:
+    """Checks that involve more than one field."""
+
+    def at(*keys: str) -> Node:
+        current = node
+        for key in keys:
+            if not isinstance(current.value, dict) or key not in current.value:
+                return current
+            current = current.value[key]
+        return current
+
+    if not _SAFE_NAME.match(job.name):
+        raise at("name").error("job names use letters, digits, '_', '.', '-' (it names the default output file)")
+    if job.input is None:
+        raise node.error("missing required field 'input'")
+    chosen = [k for k in ("column", "messages_column", "template") if getattr(job.prompt, k) is not None]
+    if len(chosen) > 1:
+        raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")
+    if job.prompt.template is not None:
+        template_columns(job.prompt.template, at("prompt", "template"))
+    if job.output.path is not None:
+        ext = Path(job.output.path).suffix
+        if job.output.format == "auto" and ext not in OUTPUT_EXTENSIONS:
+            raise at("output", "path").error(f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet or .jsonl, or set output.format")
+    if job.output.format == "openai" and input_format(job) != "openai":
+        raise at("output", "format").error("the OpenAI Batch output format needs an OpenAI Batch input (input.format: openai)")
+    if job.id_column is not None and job.id_column in job.keep_columns:
+        raise at("keep_columns").error(f"{job.id_column!r} is already the id column")
+    for col in job.keep_columns:
+        if col in RESERVED_COLUMNS:
+            raise at("keep_columns").error(f"{col!r} is an output column name; rename it in the input")
+
+
+RESERVED_COLUMNS = ("row", "text", "finish_reason", "finish_reasons", "error", "error_kind", "prompt_tokens", "output_tokens", "logprobs")
+
+
+def template_columns(template: str, node: Node | None = None) -> list[str]:
+    """The column names a prompt template uses. Only plain `{column}` fields: no attributes, indexes or formats."""
+    columns = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise (node.error(f"bad template: {exc}") if node else SpecError(f"bad template: {exc}", field="prompt.template")) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name or any(c in name for c in ".[]") or spec or conversion:
+            message = f"template fields are plain {{column}} names, got {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            raise node.error(message) if node else SpecError(message, field="prompt.template")
+        columns.append(name)
+    if not columns:
+        message = "a template needs at least one {column} placeholder"
+        raise node.error(message) if node else SpecError(message, field="prompt.template")
+    return columns
+
+
+def input_format(job: JobSpec) -> str:
+    """The input format, with `auto` decided from the path."""
+    if job.input.format != "auto":
+        return job.input.format
+    path = input_path(job)
+    if path.suffix == ".parquet":
+        return "parquet"
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if path.is_dir():
+        return "hf"
+    if path.suffix:
+        raise SpecError(f"cannot tell the input format of {path.name!r}; set input.format", field="input.format")
+    return "hf"  # a bare name: a dataset in the local Hugging Face cache
+
+
+def input_path(job: JobSpec) -> Path:
+    path = Path(job.input.path).expanduser()
+    candidate = path if path.is_absolute() else Path(job.base_dir) / path
+    # A bare dataset name ("user/dataset") that is not a local path stays as written for the HF reader.
+    return candidate
+
+
+def output_format(job: JobSpec) -> str:
+    if job.output.format != "auto":
+        return job.output.format
+    if job.output.path is None:
+        return "jsonl" if input_format(job) == "openai" else "arrow"
+    fmt = OUTPUT_EXTENSIONS[Path(job.output.path).suffix]
+    return "openai" if fmt == "jsonl" and input_format(job) == "openai" else fmt
+
+
+def output_dir(job: JobSpec) -> Path:
+    path = Path(job.output_dir).expanduser()
+    return path if path.is_absolute() else Path(job.base_dir) / path
+
+
+def output_path(job: JobSpec) -> Path:
+    """The output file, confined to output_dir: no absolute paths, no `..`, no symlink that leads out."""
+    ext = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}[output_format(job)]
+    relative = Path(job.output.path) if job.output.path is not None else Path(job.name + ext)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise SpecError(f"output.path {str(relative)!r} must be a relative path inside output_dir ({job.output_dir}); set output_dir to write elsewhere", field="output.path")
+    root = output_dir(job).resolve()
+    target = (root / relative).resolve()  # follows symlinks, so a link out of output_dir is caught too
+    if target != root and root not in target.parents:
+        raise SpecError(f"output.path {str(relative)!r} resolves to {target}, outside output_dir {root}", field="output.path")
+    return target
+
+
+# Fields whose change makes earlier results invalid for a resumed run (engine settings only change speed).
+_RESULT_FIELDS = ("model", "input", "prompt", "id_column", "keep_columns", "sampling")
+
+
+def result_fingerprint(job: JobSpec) -> dict[str, Any]:
+    """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
+    data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS}
+    data["output_format"] = output_format(job)
+    return data
+
+
+def spec_hash(job: JobSpec) -> str:
+    canonical = json.dumps(result_fingerprint(job), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two fingerprints: ["sampling.temperature: 0.0 -> 0.7"]."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = child_path(prefix, key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.extend(describe_changes(a, b, name))
+        elif a != b:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return changes
+
+
+def spec_dict(job: JobSpec) -> dict[str, Any]:
+    return _jsonable(job)
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

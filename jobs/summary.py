@@ -1,0 +1,54 @@
+"""The end-of-job summary: printed, and written as JSON beside the output (`NAME.summary.json`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_json
+
+
+@dataclass
+class Summary:
+    job: str
+    output: str
+    status: str = "done"  # done | already complete | interrupted | failed
+    rows: int = 0  # rows in the output (all runs)
+    rows_ok: int = 0
+    rows_error: int = 0
+    rows_this_run: int = 0  # rows finished by this run (the rest were resumed from earlier runs)
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0  # this run
+    output_tokens: int = 0  # this run
+    elapsed_s: float = 0.0
+    output_tokens_per_s: float = 0.0
+    peak_kv_usage: float = 0.0  # 0..1 share of KV blocks held at the busiest moment
+    preemptions: int = 0
+    output_bytes: int = 0
+    model: str = ""
+    spec_hash: str = ""
+    kvbatch_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    def format(self) -> str:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
+        return "\n".join(
+            [
+                f"job {self.job}: {self.status} -> {self.output}",
+                f"  rows        {self.rows} ({self.rows_ok} ok, {self.rows_error} errors; {self.rows_this_run} this run)",
+                f"  tokens      {self.prompt_tokens} prompt, {self.output_tokens} output in {self.elapsed_s:.1f} s ({self.output_tokens_per_s:.1f} output tok/s)",
+                f"  KV cache    peak {self.peak_kv_usage:.0%} of blocks, {self.preemptions} preemptions",
+                f"  errors      {errors}",
+            ]
+        )
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_name(output.name + ".summary.json")

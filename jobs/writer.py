@@ -1,0 +1,231 @@
+"""OutputWriter: results stream in (any order), are committed in parts, and become one file in input order.
+
+    out/answers.arrow                      the final file (written last, atomically)
+    out/.answers.arrow.kvbatch/lock        flock: one run per output
+    out/.answers.arrow.kvbatch/manifest.json
+    out/.answers.arrow.kvbatch/part-000000.arrow, part-000001.arrow, ...
+
+A part is committed every `part_rows` results or `part_seconds`, whichever comes first, and on any exit,
+so a crash loses at most the rows in flight. Modes when the output or its parts already exist:
+resume (default: skip finished rows; refuse if the job's results-deciding spec changed), overwrite, error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from .assemble import count_by, input_order, read_parts, write_output
+from .atomic import INCOMPLETE, atomic_file, fsync_dir
+from .errors import OutputError
+from .lock import OutputLock
+from .manifest import Manifest, PartEntry, to_ranges
+from .records import Layout, RowResult
+from .spec import describe_changes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What the final file holds (all rows, including those finished by earlier runs)."""
+
+    num_rows: int
+    num_bytes: int
+    finish_reasons: dict[str, int]
+    error_kinds: dict[str, int]
+
+
+def work_dir(output: Path) -> Path:
+    return output.with_name(f".{output.name}.kvbatch")
+
+
+class OutputWriter:
+    def __init__(
+        self,
+        output: Path,
+        fmt: str,
+        layout: Layout,
+        manifest: Manifest,
+        *,
+        mode: str = "resume",
+        part_rows: int = 1024,
+        part_seconds: float = 60.0,
+        metadata: dict[str, str] | None = None,
+        model: str = "",
+        wait_for_lock: bool = False,
+    ) -> None:
+        self.output = output
+        self.fmt = fmt
+        self.layout = layout
+        self.mode = mode
+        self.part_rows = part_rows
+        self.part_seconds = part_seconds
+        self.metadata = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
+        self.model = model
+        self.wait_for_lock = wait_for_lock
+        self.dir = work_dir(output)
+        self.manifest_path = self.dir / "manifest.json"
+        self.manifest = manifest
+        self.already_complete = False
+        self._buffer: list[RowResult] = []
+        self._last_commit = time.monotonic()
+        self._lock = OutputLock(self.dir / "lock")
+        self._done: set[int] = set()
+
+    # -- opening: lock, then decide what existing files mean ---------------------------------------------
+    def open(self) -> "OutputWriter":
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder {self.dir.parent}: {exc}") from None
+        self._lock.acquire(wait=self.wait_for_lock)
+        try:
+            self._adopt_existing()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def _adopt_existing(self) -> None:
+        previous = self._load_manifest()
+        if self.mode == "error" and (self.output.exists() or (previous and previous.parts)):
+            raise OutputError(f"{self.output} (or its unfinished parts) already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
+        if self.mode == "overwrite" or previous is None:
+            if previous is None and self.output.exists() and self.mode == "resume":
+                raise OutputError(f"{self.output} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it")
+            self._clear_parts()
+        else:
+            if previous.spec_hash != self.manifest.spec_hash:
+                changes = describe_changes(previous.fingerprint, self.manifest.fingerprint)
+                raise OutputError(
+                    f"{self.output} was written by a different job spec ({'; '.join(changes) or 'spec changed'}); "
+                    "set output.mode: overwrite to start again"
+                )
+            if previous.complete and self.output.exists():
+                self.already_complete = True
+                self.manifest.parts, self.manifest.complete = previous.parts, True
+            elif previous.complete:
+                log.info("%s was removed after it was finished; running the job again", self.output)
+                self._clear_parts()
+            else:
+                self.manifest.parts = [p for p in previous.parts if self._part_ok(p)]
+            self.manifest.num_rows = previous.num_rows
+        self._remove_strays()
+        self._done = self.manifest.done_rows()
+        self.manifest.save(self.manifest_path)
+
+    def _load_manifest(self) -> Manifest | None:
+        if not self.manifest_path.exists():
+            return None
+        try:
+            return Manifest.load(self.manifest_path)
+        except (ValueError, KeyError, TypeError) as exc:
+            if self.mode == "overwrite":
+                return None
+            raise OutputError(f"cannot read {self.manifest_path}: {exc}; set output.mode: overwrite to start again") from None
+
+    def _part_ok(self, part: PartEntry) -> bool:
+        path = self.dir / part.file
+        try:
+            num_rows = pa.ipc.open_file(pa.memory_map(str(path))).read_all().num_rows
+        except (OSError, pa.ArrowException):
+            num_rows = -1
+        if num_rows != part.num_rows:
+            log.warning("part %s is missing or damaged; its %d rows will be done again", path, part.num_rows)
+            return False
+        return True
+
+    def _clear_parts(self) -> None:
+        for path in self.dir.glob("part-*"):
+            path.unlink()
+        self.manifest.parts = []
+
+    def _remove_strays(self) -> None:
+        named = {p.file for p in self.manifest.parts}
+        for path in self.dir.iterdir():
+            if path.name.endswith(INCOMPLETE) or (path.name.startswith("part-") and path.name not in named):
+                path.unlink()
+        stray = self.output.with_name(self.output.name + INCOMPLETE)
+        with contextlib.suppress(FileNotFoundError):
+            stray.unlink()
+
+    # -- streaming --------------------------------------------------------------------------------------
+    @property
+    def done_rows(self) -> set[int]:
+        """Input rows already committed by an earlier run (skip them)."""
+        return self._done
+
+    def add(self, result: RowResult) -> None:
+        if result.row in self._done:
+            raise ValueError(f"row {result.row} was already written")  # a bug in the caller, never data
+        self._done.add(result.row)
+        self._buffer.append(result)
+        if len(self._buffer) >= self.part_rows or time.monotonic() - self._last_commit >= self.part_seconds:
+            self.commit_part()
+
+    def commit_part(self) -> None:
+        """Write buffered results as one part, durably, then name it in the manifest."""
+        self._last_commit = time.monotonic()
+        if not self._buffer:
+            return
+        results, self._buffer = sorted(self._buffer, key=lambda r: r.row), []
+        number = max((int(p.file[5:11]) for p in self.manifest.parts), default=-1) + 1
+        name = f"part-{number:06d}.arrow"
+        table = self.layout.to_table(results)
+        with atomic_file(self.dir / name) as f:
+            with pa.ipc.new_file(f, table.schema) as ipc:
+                ipc.write_table(table)
+        self.manifest.parts.append(PartEntry(name, len(results), to_ranges(r.row for r in results)))
+        self.manifest.save(self.manifest_path)
+
+    # -- closing ----------------------------------------------------------------------------------------
+    def finalize(self, num_rows: int) -> WriteReport:
+        """Commit what is left, write the final file in input order, drop the parts."""
+        self.commit_part()
+        self.manifest.num_rows = num_rows
+        table = read_parts([self.dir / p.file for p in self.manifest.parts]) if self.manifest.parts else self.layout.to_table([])
+        order = input_order(table, num_rows)
+        num_bytes = write_output(table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column)
+        self.manifest.complete = True
+        self.manifest.save(self.manifest_path)
+        # The final file holds every row now; parts are only needed until here.
+        for part in self.manifest.parts:
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / part.file).unlink()
+        fsync_dir(self.dir)
+        return WriteReport(num_rows, num_bytes, count_by(table, "finish_reason"), count_by(table, "error_kind"))
+
+    def close(self) -> None:
+        """Commit any finished rows still buffered (also after an error) and release the lock."""
+        try:
+            if not self.manifest.complete:
+                self.commit_part()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "OutputWriter":
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def remove_output(output: Path) -> None:
+    """Delete an output and its work folder (tests, `mode: overwrite` callers that want a clean slate)."""
+    with contextlib.suppress(FileNotFoundError):
+        output.unlink()
+    shutil.rmtree(work_dir(output), ignore_errors=True)
+
+
+def metadata_strings(data: dict[str, Any]) -> dict[str, str]:
+    import json
+
+    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for k, v in data.items()}

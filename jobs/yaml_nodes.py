@@ -1,0 +1,116 @@
+"""Load YAML into a tree of `Node`s that remember their line, so spec errors can name `file:line: field`.
+
+Only the safe subset: we compose with `yaml.SafeLoader` (no Python tags, no object construction) and build
+scalars with its constructor. Duplicate mapping keys are an error here, where `yaml.safe_load` would silently keep
+the last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .errors import SpecError
+
+
+@dataclass(frozen=True)
+class Node:
+    """A YAML value with where it came from. `value` is a scalar, a dict[str, Node] or a list[Node]."""
+
+    value: Any
+    path: str  # dotted field path, e.g. "jobs[0].sampling.temperature"
+    line: int | None = None  # 1-based; None for values from the command line
+    source: str | None = None  # the file name, or "command line"
+
+    @property
+    def where(self) -> str | None:
+        if self.source and self.line:
+            return f"{self.source}:{self.line}"
+        return self.source
+
+    def error(self, message: str) -> SpecError:
+        return SpecError(message, field=self.path, where=self.where)
+
+    def plain(self) -> Any:
+        """The value without line information (what yaml.safe_load would have returned)."""
+        if isinstance(self.value, dict):
+            return {k: v.plain() for k, v in self.value.items()}
+        if isinstance(self.value, list):
+            return [v.plain() for v in self.value]
+        return self.value
+
+
+def child_path(parent: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
+
+
+def load_yaml(text: str, source: str) -> Node:
+    """Parse YAML text into Nodes. Syntax errors become SpecError with the line."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"{source}:{mark.line + 1}" if mark else source
+        raise SpecError(f"YAML syntax error: {exc.problem or exc}", where=line) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"YAML error: {exc}", where=source) from None
+    finally:
+        loader.dispose()
+    if root is None:
+        return Node({}, "", 1, source)
+    return _convert(root, "", source, yaml.SafeLoader(""))
+
+
+def _convert(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoader) -> Node:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise SpecError("YAML merge keys (<<) are not supported; use `defaults:`", field=path, where=f"{source}:{line}")
+            key = _scalar(key_node, path, source, constructor)
+            if not isinstance(key, str):
+                raise SpecError(f"field names must be strings, got {key!r}", field=path, where=f"{source}:{key_node.start_mark.line + 1}")
+            sub = child_path(path, key)
+            if key in out:
+                raise SpecError(f"duplicate field (first at line {out[key].line})", field=sub, where=f"{source}:{key_node.start_mark.line + 1}")
+            out[key] = _convert(value_node, sub, source, constructor)
+        return Node(out, path, line, source)
+    if isinstance(node, yaml.SequenceNode):
+        items = [_convert(item, child_path(path, i), source, constructor) for i, item in enumerate(node.value)]
+        return Node(items, path, line, source)
+    return Node(_scalar(node, path, source, constructor), path, line, source)
+
+
+def _scalar(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoader) -> Any:
+    if not isinstance(node, yaml.ScalarNode):
+        raise SpecError("a mapping key must be a plain value", field=path, where=f"{source}:{node.start_mark.line + 1}")
+    try:
+        return constructor.construct_object(node, deep=True)
+    except yaml.constructor.ConstructorError as exc:
+        # Unknown tags (e.g. !!python/object) land here: the safe loader refuses to build them.
+        raise SpecError(f"unsupported YAML value: {exc.problem}", field=path, where=f"{source}:{node.start_mark.line + 1}") from None
+
+
+def from_plain(value: Any, path: str, source: str | None = None) -> Node:
+    """Wrap a plain value (command-line overrides) as Nodes without lines."""
+    if isinstance(value, dict):
+        return Node({k: from_plain(v, child_path(path, k), source) for k, v in value.items()}, path, None, source)
+    if isinstance(value, (list, tuple)):
+        return Node([from_plain(v, child_path(path, i), source) for i, v in enumerate(value)], path, None, source)
+    return Node(value, path, None, source)
+
+
+def merge(base: Node, override: Node) -> Node:
+    """Deep-merge two mappings: `override` wins field by field; each value keeps the line where it was written."""
+    if isinstance(base.value, dict) and isinstance(override.value, dict):
+        merged = dict(base.value)
+        for key, node in override.value.items():
+            merged[key] = merge(merged[key], node) if key in merged else node
+        return Node(merged, override.path, override.line, override.source)
+    return override

@@ -1,0 +1,293 @@
+"""Run a job: reader -> prompts -> tokens -> engine -> writer, with progress and a summary.
+
+    rows ──build_prompt──> Prompt ──PromptTokenizer──> ids ──sort_window──> engine.generate ──> OutputWriter
+      │ bad row               │ bad value                  │ (bad rows go straight to the writer as error rows)
+      └───────────────────────┴────────────────────────────┘
+
+Every input row becomes exactly one output row: a result, or an error row that says why. Finished rows are
+committed in parts as they arrive, so an interrupted or failed job keeps them and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvbatch import __version__
+from kvbatch.jobs import rows as kinds
+from kvbatch.jobs.errors import InterruptedJob, JobError
+from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.packing import sort_window
+from kvbatch.jobs.prompts import build_prompt, prompt_columns, prompt_spec
+from kvbatch.jobs.readers import open_reader
+from kvbatch.jobs.records import Layout, RowResult
+from kvbatch.jobs.rows import Row, RowError
+from kvbatch.jobs.spec import JobSpec, input_format, output_format, output_path, result_fingerprint, spec_dict, spec_hash
+from kvbatch.jobs.summary import Summary, summary_path
+from kvbatch.jobs.writer import OutputWriter, metadata_strings
+
+from .progress import JobProgress
+from .request import GenerationRequest, GenerationResult, SamplingParams
+from .signals import StopFlag
+from .tokenize import PromptTokenizer
+
+log = logging.getLogger(__name__)
+EngineFactory = Callable[[str, dict[str, Any]], Any]  # (model, EngineConfig fields) -> engine
+
+
+def default_engine_factory(model: str, settings: dict[str, Any]) -> Any:
+    from .engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(model=model, **settings))
+
+
+class EngineCache:
+    """One engine per (model, engine settings), shared by the jobs of a run: the model loads once."""
+
+    def __init__(self, factory: EngineFactory = default_engine_factory) -> None:
+        self.factory = factory
+        self._engines: dict[tuple, Any] = {}
+
+    def get(self, job: JobSpec) -> tuple[Any, bool]:
+        """(engine, created_now)."""
+        settings = job.engine.settings()
+        key = (job.model, tuple(sorted(settings.items())))
+        if key in self._engines:
+            return self._engines[key], False
+        log.info("loading model %s", job.model)
+        self._engines[key] = self.factory(job.model, settings)
+        return self._engines[key], True
+
+
+@dataclass
+class _Pending:
+    row: Row
+    id: Any
+    kept: dict[str, Any]
+
+
+def classify_engine_error(message: str) -> str:
+    # The engine's messages: "the prompt is empty ...", "the prompt has N tokens; at most M fit ...".
+    if "prompt has" in message and "fit" in message:
+        return kinds.PROMPT_TOO_LONG
+    if "prompt is empty" in message:
+        return kinds.EMPTY_PROMPT
+    return kinds.ENGINE
+
+
+def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
+    fmt = output_format(job)
+    openai = input_format(job) == "openai"
+    multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
+    return Layout(
+        id_column="custom_id" if openai else job.id_column,
+        keep_columns=job.keep_columns,
+        multi=multi,
+        logprobs=job.sampling.logprobs or fmt == "openai",
+        input_types=input_types,
+    )
+
+
+def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wait_for_lock: bool = False) -> Summary:
+    stop = stop or StopFlag()
+    started = time.monotonic()
+    out = output_path(job)
+    fmt = output_format(job)
+    pspec = prompt_spec(job)
+    layout = layout_for(job, {})
+    needed = [*prompt_columns(pspec), *layout.data_columns()]
+    reader = open_reader(job, needed)  # fails early (before loading a model) on a missing input or column
+    if reader.schema is not None:
+        types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
+        layout = dataclasses.replace(layout, input_types=types)
+    manifest = Manifest(job.name, spec_hash(job), result_fingerprint(job), out.name, fmt)
+    writer = OutputWriter(out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
+                          part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
+    summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
+    with writer:
+        if writer.already_complete:
+            log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
+            return _previous_summary(out, summary)
+        engine, fresh = engines.get(job)
+        writer.metadata = {k.encode(): v.encode() for k, v in _metadata(job, engine).items()}
+        stats_before = _engine_counters(engine)
+        done = len(writer.done_rows)
+        progress = JobProgress(job.name, reader.num_rows, engine, initial=done)
+        feed = _Feed(job, pspec, writer, PromptTokenizer(engine.tokenizer, pspec.allow_special_tokens, pspec.chat_template), stop, progress)
+        try:
+            requests = sort_window(feed.requests(iter(reader)), job.sort_window, key=lambda r: len(r.prompt_token_ids))
+            for result in engine.generate(feed.admit(requests)):
+                feed.finish(result)
+        except Exception as exc:
+            raise JobError(f"job {job.name}: the engine failed ({type(exc).__name__}: {exc}); finished rows are saved, rerun to resume") from exc
+        finally:
+            progress.close()
+        lost = [i for i in feed.submitted if i in feed.pending]
+        for index in lost:  # the engine never answered: still exactly one row each
+            feed.write_error(feed.pending.pop(index).row, RowError(kinds.ENGINE, f"row {index}: the engine returned no result"))
+        if stop.stopped:
+            writer.commit_part()
+            raise InterruptedJob(f"job {job.name}: stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, rerun to resume")
+        report = writer.finalize(feed.num_rows)
+    counters = _engine_counters(engine)
+    summary.rows = report.num_rows
+    summary.rows_error = report.finish_reasons.get("error", 0)
+    summary.rows_ok = report.num_rows - summary.rows_error
+    summary.rows_this_run = feed.num_finished
+    summary.finish_reasons, summary.errors_by_kind = report.finish_reasons, report.error_kinds
+    summary.prompt_tokens = counters["prompt"] - stats_before["prompt"]
+    summary.output_tokens = feed.output_tokens
+    summary.elapsed_s = round(time.monotonic() - started, 3)
+    summary.output_tokens_per_s = round(summary.output_tokens / max(summary.elapsed_s, 1e-9), 2)
+    peak = progress.peak_kv_usage if not fresh else max(progress.peak_kv_usage, counters["peak"])
+    summary.peak_kv_usage = round(peak, 4)
+    summary.preemptions = counters["preemptions"] - stats_before["preemptions"]
+    summary.output_bytes = report.num_bytes
+    summary.write(summary_path(out))
+    return summary
+
+
+class _Feed:
+    """Turns rows into engine requests (writing bad rows straight out), and engine results into output rows."""
+
+    def __init__(self, job: JobSpec, pspec, writer: OutputWriter, tokenizer: PromptTokenizer, stop: StopFlag, progress: JobProgress) -> None:
+        self.job, self.pspec, self.writer, self.tokenizer, self.stop, self.progress = job, pspec, writer, tokenizer, stop, progress
+        self.layout = writer.layout
+        self.base_sampling = _sampling_dict(job)
+        self.base_params = SamplingParams(**self.base_sampling)
+        self.pending: dict[int, _Pending] = {}
+        self.submitted: set[int] = set()
+        self.seen_ids: dict[Any, int] = {}
+        self.num_rows = 0
+        self.num_finished = 0
+        self.output_tokens = 0
+
+    def requests(self, rows: Iterator[Row]) -> Iterator[GenerationRequest]:
+        for row in rows:
+            self.num_rows = row.index + 1
+            if self.stop.stopped:
+                return
+            if row.index in self.writer.done_rows:
+                continue  # finished by an earlier run
+            request = self._request(row)
+            if request is not None:
+                yield request
+
+    def admit(self, requests: Iterator[GenerationRequest]) -> Iterator[GenerationRequest]:
+        for request in requests:
+            if self.stop.stopped:
+                return  # tokenized but never admitted: not written, so a rerun does them
+            self.submitted.add(request.request_id)
+            yield request
+
+    def _request(self, row: Row) -> GenerationRequest | None:
+        data = row.data or {}
+        id_value = data.get(self.layout.id_column) if self.layout.id_column else None
+        kept = {c: data.get(c) for c in self.layout.keep_columns}
+        pending = _Pending(row, id_value, kept)
+        if row.error is not None:
+            return self._fail(pending, row.error)
+        if self.layout.id_column:
+            if id_value is None:
+                return self._fail(pending, RowError(kinds.MISSING_COLUMN, f"{row.where}: id column {self.layout.id_column!r} is missing or null"))
+            key = json.dumps(id_value, sort_keys=True, default=str)
+            if key in self.seen_ids:
+                return self._fail(pending, RowError(kinds.DUPLICATE_ID, f"{row.where}: duplicate id {id_value!r} (first at row {self.seen_ids[key]})"))
+            self.seen_ids[key] = row.index
+        prompt = build_prompt(row, self.pspec)
+        if isinstance(prompt, RowError):
+            return self._fail(pending, prompt)
+        ids = self.tokenizer.encode(prompt)
+        if isinstance(ids, RowError):
+            return self._fail(pending, RowError(ids.kind, f"{row.where}: {ids.message}"))
+        params = self.base_params
+        if row.sampling:
+            try:
+                params = SamplingParams(**{**self.base_sampling, **_listy(row.sampling)})
+            except (ValueError, TypeError) as exc:
+                return self._fail(pending, RowError(kinds.BAD_REQUEST, f"{row.where}: bad sampling parameters: {exc}"))
+        self.pending[row.index] = pending
+        return GenerationRequest(row.index, ids, params)
+
+    def _fail(self, pending: _Pending, error: RowError) -> None:
+        self.write_error(pending.row, error, pending)
+        return None
+
+    def write_error(self, row: Row, error: RowError, pending: _Pending | None = None) -> None:
+        self.writer.add(RowResult(row.index, pending.id if pending else None, pending.kept if pending else {}, error=error))
+        self.num_finished += 1
+        self.progress.update(0, error=True)
+
+    def finish(self, result: GenerationResult) -> None:
+        pending = self.pending.pop(result.request_id)
+        error = None
+        if result.error:
+            error = RowError(classify_engine_error(result.error), f"{pending.row.where}: {result.error}")
+        completions = result.completions if not error else []
+        logprobs = [c.logprobs or [] for c in completions] if self.layout.logprobs and any(c.logprobs for c in completions) else None
+        self.writer.add(
+            RowResult(
+                row=pending.row.index,
+                id=pending.id,
+                kept=pending.kept,
+                texts=[c.text for c in completions],
+                finish_reasons=[c.finish_reason for c in completions],
+                error=error,
+                prompt_tokens=result.num_prompt_tokens,
+                output_tokens=result.num_output_tokens,
+                logprobs=logprobs,
+            )
+        )
+        self.num_finished += 1
+        self.output_tokens += result.num_output_tokens
+        self.progress.update(result.num_output_tokens, error=error is not None)
+
+
+def _sampling_dict(job: JobSpec) -> dict[str, Any]:
+    return dataclasses.asdict(job.sampling)
+
+
+def _listy(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+
+
+def _engine_counters(engine: Any) -> dict[str, float]:
+    stats = getattr(engine, "stats", None)
+    return {
+        "prompt": getattr(stats, "num_prompt_tokens", 0),
+        "preemptions": getattr(stats, "num_preemptions", 0),
+        "peak": getattr(stats, "peak_kv_usage", 0.0),
+    }
+
+
+def _metadata(job: JobSpec, engine: Any) -> dict[str, str]:
+    loaded = getattr(engine, "loaded", None)
+    warnings = [w for w, on in (("trust_remote_code", job.engine.trust_remote_code), ("allow_pickle", job.engine.allow_pickle)) if on]
+    pool = getattr(engine, "pool_size", None)
+    return metadata_strings(
+        {
+            "kvbatch.version": __version__,
+            "kvbatch.job": spec_dict(job),
+            "kvbatch.spec_hash": spec_hash(job),
+            "kvbatch.model": getattr(loaded, "source", None) or job.model,
+            "kvbatch.sampling": dataclasses.asdict(job.sampling),
+            "kvbatch.engine": {**job.engine.settings(), "pool": pool.describe() if pool is not None else None},
+            "kvbatch.unsafe": warnings,
+        }
+    )
+
+
+def _previous_summary(out: Path, summary: Summary) -> Summary:
+    path = summary_path(out)
+    if path.exists():
+        data = json.loads(path.read_text())
+        summary = Summary(**{k: v for k, v in data.items() if k in Summary.__dataclass_fields__})
+    summary.status = "already complete"
+    summary.rows_this_run = 0
+    return summary

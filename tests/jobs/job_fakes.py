@@ -1,0 +1,132 @@
+"""A fake engine and tokenizer with the real ones' interface, for testing the job glue without a model.
+
+FakeTokenizer: one id per character (ord), special tokens parsed unless split_special_tokens, a tiny
+ChatML-like template. FakeEngine: pulls requests lazily, answers out of order, echoes the prompt length,
+and refuses prompts over its context with the real engine's message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbatch.runner.request import Completion, GenerationRequest, GenerationResult
+
+SPECIALS = {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 0}
+
+
+class FakeTokenizer:
+    chat_template = "fake"
+
+    def __init__(self, chat_template: bool = True) -> None:
+        if not chat_template:
+            self.chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        ids: list[int] = []
+        i = 0
+        while i < len(text):
+            for special, sid in SPECIALS.items():
+                if not split_special_tokens and text.startswith(special, i):
+                    ids.append(sid)
+                    i += len(special)
+                    break
+            else:
+                ids.append(1000 + ord(text[i]))
+                i += 1
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        inverse = {v: k for k, v in SPECIALS.items()}
+        return "".join(inverse.get(i, chr(i - 1000)) if i in inverse or i >= 1000 else "?" for i in ids)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+@dataclass
+class FakePool:
+    num_blocks: int = 100
+    num_free_blocks: int = 100
+
+    def usage(self) -> float:
+        return 1 - self.num_free_blocks / self.num_blocks
+
+
+@dataclass
+class FakeStats:
+    num_preemptions: int = 0
+    peak_kv_usage: float = 0.25
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class FakePoolSize:
+    num_blocks: int = 100
+    block_size: int = 16
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def describe(self) -> str:
+        return f"{self.num_blocks} blocks of {self.block_size} tokens = {self.num_tokens} tokens"
+
+
+class FakeEngine:
+    def __init__(self, max_model_len: int = 200, chat_template: bool = True, fail_after: int | None = None) -> None:
+        self.tokenizer = FakeTokenizer(chat_template)
+        self.max_model_len = max_model_len
+        self.pool = FakePool()
+        self.pool_size = FakePoolSize()
+        self.stats = FakeStats()
+        self.fail_after = fail_after  # raise after yielding this many results (an engine crash)
+        self.requests: list[GenerationRequest] = []
+        self.config = None
+
+    def generate(self, requests: Any):
+        window: list[GenerationRequest] = []
+        yielded = 0
+        for request in requests:
+            self.requests.append(request)
+            window.append(request)
+            if len(window) == 3:  # answer in a different order than asked, like the real engine
+                for r in reversed(window):
+                    if self.fail_after is not None and yielded >= self.fail_after:
+                        raise RuntimeError("simulated engine crash")
+                    yield self._answer(r)
+                    yielded += 1
+                window = []
+        for r in reversed(window):
+            yield self._answer(r)
+
+    def _answer(self, request: GenerationRequest) -> GenerationResult:
+        n = len(request.prompt_token_ids)
+        self.stats.num_prompt_tokens += n
+        if n >= self.max_model_len:
+            message = f"the prompt has {n} tokens; at most {self.max_model_len - 1} fit, leaving room for one new token"
+            return GenerationResult(request.request_id, n, [], error=message)
+        completions = []
+        for i in range(request.sampling.n):
+            text = f"echo {n}" + (f" #{i}" if request.sampling.n > 1 else "")
+            ids = list(range(min(request.sampling.max_new_tokens, 3)))
+            logprobs = [-0.5] * len(ids) if request.sampling.logprobs else None
+            reason = "length" if request.sampling.max_new_tokens <= 3 else "stop"
+            completions.append(Completion(text, ids, reason, logprobs))
+        self.stats.num_output_tokens += sum(len(c.token_ids) for c in completions)
+        return GenerationResult(request.request_id, n, completions)
+
+
+def fake_factory(**kwargs: Any):
+    engines: list[FakeEngine] = []
+
+    def factory(model: str, settings: dict[str, Any]) -> FakeEngine:
+        engine = FakeEngine(**kwargs)
+        engine.config = (model, settings)
+        engines.append(engine)
+        return engine
+
+    factory.engines = engines  # type: ignore[attr-defined]
+    return factory
