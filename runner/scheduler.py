@@ -22,6 +22,7 @@ the loop never deadlocks and never asks the pool for more than it has.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -90,7 +91,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by _waiting_key
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
-        self._watermark_blocks = max(1, int(pool.num_blocks * config.watermark))
+        self._watermark_blocks = math.ceil(pool.num_blocks * config.watermark)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING

@@ -1,0 +1,170 @@
+"""Engine behaviour around the edges: requests that can never fit, failing steps, stop rules, reuse."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_exact_vs_generate import random_prompts
+from tiny_models import EOS_ID, tiny_loaded
+
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.request import GenerationRequest, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_loaded("llama", seed=5)
+
+
+def make_engine(loaded, **overrides) -> Engine:
+    config = dict(block_size=4, num_blocks_override=64, max_num_batched_tokens=64)
+    config.update(overrides)
+    return Engine.from_loaded(loaded, EngineConfig(**config))
+
+
+def by_id(results) -> dict:
+    return {r.request_id: r for r in results}
+
+
+def test_requests_that_can_never_fit_fail_alone_with_numbers(loaded) -> None:
+    engine = make_engine(loaded, num_blocks_override=20)  # 80 tokens of pool; context 512
+    prompts = {"ok": [5, 6, 7], "empty": [], "too-long": list(range(2, 92)), "bad-id": [5, 99999], "ok2": [9] * 30}
+    results = by_id(engine.generate(GenerationRequest(k, p, SamplingParams(max_new_tokens=8)) for k, p in prompts.items()))
+    assert results.keys() == prompts.keys()
+    assert results["empty"].error == "the prompt is empty (0 tokens)"
+    assert "the prompt has 90 tokens; at most 79 fit" in results["too-long"].error
+    assert "KV pool" in results["too-long"].error
+    assert "outside the vocabulary of 512" in results["bad-id"].error
+    for key in ("ok", "ok2"):
+        assert results[key].error is None and len(results[key].completions[0].token_ids) >= 1
+    assert engine.pool.num_free_blocks == 20
+
+
+def test_output_is_capped_at_the_pool_and_the_context(loaded) -> None:
+    engine = make_engine(loaded, num_blocks_override=8)  # 32 tokens
+    [result] = engine.generate([GenerationRequest(0, [5] * 28, SamplingParams(max_new_tokens=100, ignore_eos=True))])
+    assert result.finish_reason == "length" and len(result.completions[0].token_ids) == 4
+
+
+class Poisoned(torch.nn.Module):
+    """Wraps a model so any step containing token `poison` raises, as a broken kernel or a bad row might."""
+
+    def __init__(self, model, poison: int):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+        self.poison = poison
+
+    def forward(self, input_ids, **kwargs):
+        if (input_ids == self.poison).any():
+            raise RuntimeError("poisoned row")
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_a_failing_row_is_isolated_and_its_batch_mates_finish(loaded) -> None:
+    clean = make_engine(loaded)
+    prompts = dict(enumerate(random_prompts(12, 2, 20, seed=3)))
+    params = SamplingParams(max_new_tokens=10)
+    want = by_id(clean.generate(GenerationRequest(k, p, params) for k, p in prompts.items()))
+    seen = {t for p in prompts.values() for t in p} | {t for r in want.values() for t in r.completions[0].token_ids}
+    poison = min(set(range(2, 512)) - seen)
+    prompts["bad"] = [5, 6, poison, 7]
+
+    engine = make_engine(loaded)
+    engine.runner.model = Poisoned(loaded.model, poison)
+    got = by_id(engine.generate(GenerationRequest(k, p, params) for k, p in prompts.items()))
+    assert got["bad"].finish_reason == "error"
+    assert got["bad"].error == "generation failed: RuntimeError: poisoned row"
+    for key, result in want.items():
+        assert got[key].completions[0].token_ids == result.completions[0].token_ids
+    assert engine.stats.num_failed_steps >= 2
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_stop_strings_token_ids_and_eos(loaded) -> None:
+    engine = make_engine(loaded)
+    prompt = [17, 4, 99, 23]
+    [free] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))])
+    tokens = free.completions[0].token_ids
+    words = free.text.split()
+    assert len(words) == 12
+    stop = words[3]
+    [by_string] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12, stop=(stop,)))])
+    assert by_string.finish_reason == "stop" and by_string.text == free.text[: free.text.find(stop)]
+    assert by_string.completions[0].token_ids == tokens[: len(by_string.completions[0].token_ids)]
+    [by_id_] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12,
+                                                                            stop_token_ids=(tokens[2],)))])
+    assert by_id_.completions[0].token_ids == tokens[:3] and by_id_.finish_reason == "stop"
+    # EOS is kept in the token ids and left out of the text.
+    [eos] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12,
+                                                                         stop_token_ids=(EOS_ID,)))])
+    assert eos.completions[0].token_ids[-1] == EOS_ID or eos.finish_reason == "length"
+
+
+def test_seeded_sampling_is_batch_invariant_and_n_samples_differ(loaded) -> None:
+    engine = make_engine(loaded)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=42, n=3, logprobs=True)
+    prompt = [8, 9, 10, 11]
+    [alone] = engine.generate([GenerationRequest("x", prompt, params)])
+    crowd = [GenerationRequest(i, p, SamplingParams(max_new_tokens=10, temperature=0.7, seed=i))
+             for i, p in enumerate(random_prompts(20, 1, 30, seed=9))]
+    together = by_id(engine.generate(crowd[:10] + [GenerationRequest("x", prompt, params)] + crowd[10:]))["x"]
+    assert [c.token_ids for c in alone.completions] == [c.token_ids for c in together.completions]
+    assert len({tuple(c.token_ids) for c in alone.completions}) == 3
+    assert all(len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs) for c in alone.completions)
+
+
+def test_top_k_one_and_tiny_min_p_equal_greedy(loaded) -> None:
+    engine = make_engine(loaded)
+    prompt = [30, 31, 32]
+    [greedy] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=8))])
+    for params in (SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=1),
+                   SamplingParams(max_new_tokens=8, temperature=0.8, min_p=0.999, seed=2),
+                   SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3)):
+        [sampled] = engine.generate([GenerationRequest(0, prompt, params)])
+        assert sampled.completions[0].token_ids == greedy.completions[0].token_ids, params
+
+
+def test_repetition_penalty_changes_greedy_choices(loaded) -> None:
+    engine = make_engine(loaded)
+    prompt = [40] * 6
+    [plain] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))])
+    [penal] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=20, ignore_eos=True,
+                                                                           repetition_penalty=5.0))])
+    plain_ids, penal_ids = plain.completions[0].token_ids, penal.completions[0].token_ids
+    assert len(set(penal_ids)) >= len(set(plain_ids)) and penal_ids != plain_ids
+
+
+def test_closing_the_stream_early_frees_the_pool(loaded) -> None:
+    engine = make_engine(loaded)
+    stream = engine.generate(GenerationRequest(i, p, SamplingParams(max_new_tokens=30))
+                             for i, p in enumerate(random_prompts(20, 5, 20, seed=4)))
+    next(stream)
+    assert engine.pool.num_free_blocks < engine.pool.num_blocks
+    stream.close()
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+    engine.pool.check_invariants()
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    policy=st.sampled_from(["reserve", "optimistic"]),
+    num_blocks=st.integers(12, 48),
+    lengths=st.lists(st.tuples(st.integers(0, 50), st.integers(1, 10)), min_size=1, max_size=10),
+)
+def test_random_request_streams_all_finish_and_drain(loaded, policy, num_blocks, lengths) -> None:
+    engine = make_engine(loaded, policy=policy, num_blocks_override=num_blocks, max_num_batched_tokens=24)
+    requests = [GenerationRequest(i, [2 + (i + j) % 500 for j in range(n)], SamplingParams(max_new_tokens=m))
+                for i, (n, m) in enumerate(lengths)]
+    results = by_id(engine.generate(requests))
+    assert sorted(results) == list(range(len(requests)))
+    for request in requests:
+        result = results[request.request_id]
+        n = len(request.prompt_token_ids)
+        if n == 0 or n >= num_blocks * 4:
+            assert result.finish_reason == "error"
+        else:
+            assert result.error is None
+            assert 1 <= len(result.completions[0].token_ids) <= request.sampling.max_new_tokens
+    assert engine.pool.num_free_blocks == num_blocks
+    engine.pool.check_invariants()
