@@ -291,3 +291,41 @@ def _previous_summary(out: Path, summary: Summary) -> Summary:
     summary.status = "already complete"
     summary.rows_this_run = 0
     return summary
+
+
+@dataclass
+class JobOutcome:
+    job: str
+    summary: Summary | None = None
+    error: Exception | None = None
+
+
+def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: EngineFactory = default_engine_factory) -> list[JobOutcome]:
+    """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all."""
+    from kvbatch.jobs.errors import SpecError
+
+    from .signals import graceful_stop
+
+    engines = EngineCache(engine_factory)
+    outcomes = []
+    with graceful_stop() as stop:
+        for job in jobs:
+            try:
+                outcomes.append(JobOutcome(job.name, run_job(job, engines, stop, wait_for_lock)))
+            except InterruptedJob as exc:
+                outcomes.append(JobOutcome(job.name, error=exc))
+                break
+            except (JobError, SpecError) as exc:
+                log.error("job %s failed: %s", job.name, exc)
+                outcomes.append(JobOutcome(job.name, error=exc))
+            except Exception as exc:  # model loading and budget errors come from the engine's own modules
+                if not _is_user_facing(exc):
+                    raise
+                log.error("job %s failed: %s", job.name, exc)
+                outcomes.append(JobOutcome(job.name, error=exc))
+    return outcomes
+
+
+def _is_user_facing(exc: Exception) -> bool:
+    """Errors whose message tells the user what to change (as opposed to bugs, which keep their traceback)."""
+    return type(exc).__name__ in ("ModelLoadError", "DefaultModelError", "KVBudgetError")

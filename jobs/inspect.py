@@ -1,0 +1,90 @@
+"""`kvbatch inspect`: what an output file holds: schema, counts by finish reason and error kind, sample rows."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError
+
+
+@dataclass
+class OutputReport:
+    path: str
+    format: str
+    num_rows: int = 0
+    schema: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    finish_reasons: Counter = field(default_factory=Counter)
+    error_kinds: Counter = field(default_factory=Counter)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def format_text(self) -> str:
+        lines = [f"{self.path}: {self.format}, {self.num_rows} rows"]
+        if self.schema:
+            lines += ["schema:", *("  " + s for s in self.schema.splitlines())]
+        for key in ("kvbatch.version", "kvbatch.model", "kvbatch.spec_hash", "kvbatch.sampling"):
+            if key in self.metadata:
+                lines.append(f"{key}: {self.metadata[key]}")
+        lines.append("finish reasons: " + (", ".join(f"{k} {v}" for k, v in self.finish_reasons.most_common()) or "none"))
+        lines.append("error kinds: " + (", ".join(f"{k} {v}" for k, v in self.error_kinds.most_common()) or "none"))
+        lines.append("sample rows:")
+        lines += ["  " + json.dumps(s, ensure_ascii=False, default=str)[:400] for s in self.samples]
+        return "\n".join(lines)
+
+
+def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
+    if not path.exists():
+        raise InputError(f"no such output: {path}")
+    suffix = path.suffix
+    try:
+        if suffix == ".arrow":
+            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+            return _from_table(path, "arrow", table, num_samples)
+        if suffix == ".parquet":
+            return _from_table(path, "parquet", pq.read_table(path), num_samples)
+        if suffix == ".jsonl":
+            return _from_jsonl(path, num_samples)
+    except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    raise InputError(f"cannot tell the format of {path.name}; kvbatch writes .arrow, .parquet and .jsonl")
+
+
+def _from_table(path: Path, fmt: str, table: pa.Table, num_samples: int) -> OutputReport:
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    report = OutputReport(str(path), fmt, table.num_rows, table.schema.remove_metadata().to_string(), meta)
+    for name, counter in (("finish_reason", report.finish_reasons), ("error_kind", report.error_kinds)):
+        if name in table.column_names:
+            counter.update(v for v in table.column(name).to_pylist() if v is not None)
+    report.samples = table.slice(0, num_samples).to_pylist()
+    return report
+
+
+def _from_jsonl(path: Path, num_samples: int) -> OutputReport:
+    report = OutputReport(str(path), "jsonl")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            report.num_rows += 1
+            if "response" in record and "custom_id" in record:  # an OpenAI Batch output line
+                report.format = "openai"
+                if record.get("error"):
+                    report.finish_reasons["error"] += 1
+                    report.error_kinds[record["error"].get("code", "error")] += 1
+                else:
+                    report.finish_reasons[record["response"]["body"]["choices"][0]["finish_reason"]] += 1
+            else:
+                report.finish_reasons[record.get("finish_reason")] += 1
+                if record.get("error_kind"):
+                    report.error_kinds[record["error_kind"]] += 1
+            if len(report.samples) < num_samples:
+                report.samples.append(record)
+    return report

@@ -1,0 +1,222 @@
+"""The `kvbatch` command line: thin commands that build job specs and hand them on.
+
+Exit codes (README "Exit codes"): 0 the jobs ran (row errors are counted in the summary), 1 a job failed,
+2 bad usage or configuration, 3 interrupted by a signal (rerun to resume), 4 another run holds the output.
+Every exception becomes a message and an exit code in `_exit_code`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+from kvbatch import __version__
+from kvbatch.jobs.errors import InterruptedJob, JobError, OutputLockedError, SpecError
+from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
+
+from .job import EngineCache, JobOutcome, run_jobs
+
+OK, FAILED, USAGE, INTERRUPTED, LOCKED = 0, 1, 2, 3, 4
+
+app = typer.Typer(
+    name="kvbatch",
+    help="Offline batch generation for LLMs: YAML jobs over Parquet, JSONL, datasets and OpenAI Batch files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Options shared by several commands.
+JobsArg = Annotated[Path, typer.Argument(help="The YAML job file.", show_default=False)]
+JobOpt = Annotated[Optional[list[str]], typer.Option("--job", "-j", help="Run only this job (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a job field for every job: --set sampling.temperature=0.7 (repeatable).")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Model: a local folder, a .gguf file or a cached hub name; default: the embedded SmolLM2-135M-Instruct.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+LimitOpt = Annotated[Optional[int], typer.Option(min=0, help="Read at most this many input rows.")]
+ModeOpt = Annotated[Optional[str], typer.Option(help="When the output exists: resume (default), overwrite or error.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait for another run on the same output to finish instead of exiting with code 4.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine and job details.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvbatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """kvbatch: offline batch generation over a paged KV cache."""
+
+
+@app.command()
+def run(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
+        limit: LimitOpt = None, mode: ModeOpt = None, wait: WaitOpt = False, verbose: VerboseOpt = False) -> None:  # fmt: skip
+    """Run the jobs of a YAML job file (see examples/jobs.yaml)."""
+    _logging(verbose)
+    with _errors():
+        overrides = {**_parse_sets(set_ or []), "model": model, "engine.device": device, "input.limit": limit, "output.mode": mode}
+        specs = load_jobs_file(jobs_file, overrides).select(job)
+        _finish(run_jobs(specs, wait_for_lock=wait))
+
+
+@app.command()
+def generate(
+    input: Annotated[str, typer.Argument(help="Input: .jsonl, .parquet, a datasets folder, or an OpenAI Batch .jsonl (with --input-format openai).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file (.arrow, .parquet or .jsonl).", show_default=False)],
+    model: ModelOpt = None,
+    prompt_column: Annotated[Optional[str], typer.Option(help="Column sent as one user message (default: prompt).")] = None,
+    messages_column: Annotated[Optional[str], typer.Option(help="Column holding a list of {role, content} messages.")] = None,
+    template: Annotated[Optional[str], typer.Option(help="Prompt template with {column} placeholders.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Send raw text, without the model's chat template.")] = False,
+    id_column: Annotated[Optional[str], typer.Option(help="Column copied to the output as the row's id.")] = None,
+    keep_column: Annotated[Optional[list[str]], typer.Option(help="Input column copied to the output (repeatable).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens to generate per row [default: 256].")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0.0, help="0 = greedy [default: 0].")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass [default: 1].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    limit: LimitOpt = None,
+    format: Annotated[Optional[str], typer.Option("--format", help="arrow, parquet, jsonl or openai [default: from the output's extension].")] = None,
+    input_format: Annotated[Optional[str], typer.Option(help="auto, jsonl, parquet, hf or openai [default: auto].")] = None,
+    device: DeviceOpt = None,
+    mode: ModeOpt = None,
+    wait: WaitOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run one job without a YAML file."""
+    _logging(verbose)
+    with _errors():
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".") or "generate"
+        data = {
+            "name": name,
+            "model": model,
+            "input": {"path": input, "format": input_format, "limit": limit},
+            "prompt": {"column": prompt_column, "messages_column": messages_column, "template": template, "system": system,
+                       "chat_template": False if no_chat_template else None},  # fmt: skip
+            "id_column": id_column,
+            "keep_columns": keep_column,
+            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+            "output": {"path": output.name, "format": format, "mode": mode},
+            "output_dir": str(output.parent),
+            "engine": {"device": device},
+        }
+        spec = job_from_dict(_drop_none(data), base_dir=os.getcwd())
+        _finish(run_jobs([spec], wait_for_lock=wait))
+
+
+@app.command()
+def plan(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
+         limit: LimitOpt = None, verbose: VerboseOpt = False) -> None:  # fmt: skip
+    """Without generating: token lengths, KV capacity, rows that fit at once, rows that will fail and why."""
+    from .plan import plan_job
+
+    _logging(verbose)
+    with _errors():
+        overrides = {**_parse_sets(set_ or []), "model": model, "engine.device": device, "input.limit": limit}
+        specs = load_jobs_file(jobs_file, overrides).select(job)
+        engines = EngineCache()
+        for spec in specs:
+            typer.echo(plan_job(spec, engines).format())
+
+
+@app.command()
+def inspect(
+    output: Annotated[Path, typer.Argument(help="An output file written by kvbatch.", show_default=False)],
+    rows: Annotated[int, typer.Option(min=0, help="How many sample rows to show.")] = 3,
+) -> None:
+    """Show an output's schema, counts by finish reason and error kind, and a few rows."""
+    from kvbatch.jobs.inspect import inspect_output
+
+    with _errors():
+        typer.echo(inspect_output(output, rows).format_text())
+
+
+# `kvbatch bench` belongs to the engine team: runner/bench.py, when present, exposes register(app: typer.Typer).
+if importlib.util.find_spec("kvbatch.runner.bench") is not None:
+    from . import bench as _bench
+
+    _bench.register(app)
+
+
+# ---- the one place where outcomes and exceptions become messages and exit codes -------------------------
+
+
+def _finish(outcomes: list[JobOutcome]) -> None:
+    codes = [OK]
+    for outcome in outcomes:
+        if outcome.summary is not None:
+            typer.echo(outcome.summary.format())
+        else:
+            assert outcome.error is not None, "an outcome has a summary or an error"
+            typer.echo(f"kvbatch: job {outcome.job} failed: {outcome.error}", err=True)
+            codes.append(_exit_code(outcome.error))
+    if max(codes) != OK:
+        raise typer.Exit(INTERRUPTED if INTERRUPTED in codes else max(codes))
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, SpecError):
+        return USAGE
+    if isinstance(exc, (InterruptedJob, KeyboardInterrupt)):
+        return INTERRUPTED
+    if isinstance(exc, OutputLockedError):
+        return LOCKED
+    if type(exc).__name__ == "KVBudgetError":  # the KV pool cannot hold a block: a configuration problem
+        return USAGE
+    return FAILED
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (JobError, SpecError, KeyboardInterrupt) as exc:
+        message = str(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted; committed rows are kept, rerun to resume"
+        typer.echo(f"kvbatch: error: {message}", err=True)
+        raise typer.Exit(_exit_code(exc)) from None
+    except Exception as exc:
+        if type(exc).__name__ not in ("ModelLoadError", "DefaultModelError", "KVBudgetError"):
+            raise  # a bug: keep the traceback
+        typer.echo(f"kvbatch: error: {exc}", err=True)
+        raise typer.Exit(_exit_code(exc)) from None
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"expected KEY=VALUE, got {item!r}", field="--set")
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"cannot read the value of {key}: {exc}", field="--set") from None
+    return overrides
+
+
+def _drop_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        cleaned = {k: _drop_none(v) for k, v in data.items() if v is not None}
+        return {k: v for k, v in cleaned.items() if v != {}}
+    return data
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+__all__ = ["app", "JobSpec"]

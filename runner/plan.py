@@ -1,0 +1,100 @@
+"""`kvbatch plan`: what a job will do, without generating.
+
+Tokenizes every row (streaming) with the engine's tokenizer and sizes the KV pool, then reports token-length
+statistics, the pool in tokens and blocks, how many typical rows fit at once, and which rows will fail and why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvbatch.jobs import rows as kinds
+from kvbatch.jobs.prompts import build_prompt, prompt_columns, prompt_spec
+from kvbatch.jobs.readers import open_reader
+from kvbatch.jobs.rows import RowError
+from kvbatch.jobs.spec import JobSpec, input_format
+
+from .job import EngineCache
+from .tokenize import PromptTokenizer
+
+MAX_LISTED_FAILURES = 20
+
+
+@dataclass
+class JobPlan:
+    job: str
+    num_rows: int = 0
+    prompt_tokens: dict[str, float] = field(default_factory=dict)  # min, mean, p50, p90, max
+    max_new_tokens: int = 0
+    block_size: int = 0
+    num_blocks: int = 0
+    pool_tokens: int = 0
+    max_model_len: int = 0
+    max_num_seqs: int | None = None
+    rows_at_once: int = 0  # typical rows (p50 prompt + max_new_tokens) held in the pool together
+    failures: Counter = field(default_factory=Counter)
+    failure_examples: list[str] = field(default_factory=list)
+    truncated: int = 0  # rows whose prompt + max_new_tokens passes the context: they will stop at "length"
+
+    def format(self) -> str:
+        t = self.prompt_tokens
+        lines = [f"job {self.job}: {self.num_rows} rows"]
+        if t:
+            lines.append(f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 {t['p90']:.0f}, max {t['max']:.0f}; up to {self.max_new_tokens} new tokens each")
+        lines.append(f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; context {self.max_model_len} tokens")
+        lines.append(f"  at once         about {self.rows_at_once} typical rows (p50 prompt + max_new_tokens){f', max_num_seqs {self.max_num_seqs}' if self.max_num_seqs else ''}")
+        if self.truncated:
+            lines.append(f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop at 'length'")
+        if self.failures:
+            lines.append(f"  will fail       {sum(self.failures.values())} rows: " + ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items())))
+            lines += [f"    {m}" for m in self.failure_examples]
+        else:
+            lines.append("  will fail       none")
+        return "\n".join(lines)
+
+
+def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
+    pspec = prompt_spec(job)
+    id_columns = ["custom_id"] if input_format(job) == "openai" else ([job.id_column] if job.id_column else [])
+    reader = open_reader(job, [*prompt_columns(pspec), *id_columns])
+    engine, _ = engines.get(job)
+    tokenizer = PromptTokenizer(engine.tokenizer, pspec.allow_special_tokens, pspec.chat_template)
+    pool = engine.pool_size
+    capacity = min(engine.max_model_len, pool.num_tokens)
+    plan = JobPlan(job.name, max_new_tokens=job.sampling.max_new_tokens, block_size=pool.block_size,
+                   num_blocks=pool.num_blocks, pool_tokens=pool.num_tokens, max_model_len=engine.max_model_len,
+                   max_num_seqs=getattr(getattr(engine, "config", None), "max_num_seqs", None))  # fmt: skip
+    lengths: list[int] = []
+    for row in reader:
+        plan.num_rows += 1
+        error = row.error
+        if error is None:
+            prompt = build_prompt(row, pspec)
+            ids: Any = prompt if isinstance(prompt, RowError) else tokenizer.encode(prompt)
+            if isinstance(ids, RowError):
+                error = ids
+            elif not ids:
+                error = RowError(kinds.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
+            elif len(ids) >= capacity:
+                error = RowError(kinds.PROMPT_TOO_LONG, f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit ({capacity} tokens of context/pool)")
+            else:
+                lengths.append(len(ids))
+                plan.truncated += len(ids) + job.sampling.max_new_tokens > capacity
+        if error is not None:
+            plan.failures[error.kind] += 1
+            if len(plan.failure_examples) < MAX_LISTED_FAILURES:
+                plan.failure_examples.append(error.message)
+    if lengths:
+        a = np.array(lengths)
+        plan.prompt_tokens = {"min": a.min(), "mean": a.mean(), "p50": np.percentile(a, 50), "p90": np.percentile(a, 90), "max": a.max()}
+        typical = min(capacity, int(plan.prompt_tokens["p50"]) + job.sampling.max_new_tokens)
+        blocks_per_row = max(1, math.ceil(typical / pool.block_size))
+        plan.rows_at_once = pool.num_blocks // blocks_per_row
+        if plan.max_num_seqs:
+            plan.rows_at_once = min(plan.rows_at_once, plan.max_num_seqs)
+    return plan
