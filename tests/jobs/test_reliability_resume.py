@@ -1,0 +1,173 @@
+"""Resume: a rerun skips finished rows, the final file is in input order with each row once, and a rerun whose
+results-deciding spec changed is refused (unless output.mode is overwrite); mode error refuses an existing output.
+
+Runs in process with the fake engine: fast, and the engine's requests show exactly which rows a run asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from job_fakes import fake_factory
+from reliability_helpers import read_output, write_jsonl
+
+from kvbatch.jobs.errors import JobError, OutputError
+from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.spec import job_from_dict
+from kvbatch.jobs.writer import work_dir
+from kvbatch.runner.job import run_jobs
+
+NUM_ROWS = 30
+
+
+def make_job(tmp: Path, **changes) -> dict:
+    data = {
+        "name": "resume",
+        "input": {"path": "in.jsonl"},
+        "id_column": "id",
+        "sampling": {"max_new_tokens": 3},
+        "output": {"path": "out.jsonl", "part_rows": 4},
+        "sort_window": 8,
+    }
+    for dotted, value in changes.items():
+        target = data
+        keys = dotted.split("__")
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+    return data
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": "x" * (i + 1), "topic": f"t{i}"} for i in range(NUM_ROWS)])
+    return tmp_path
+
+
+def run(folder: Path, factory=None, **changes):
+    factory = factory or fake_factory()
+    spec = job_from_dict(make_job(folder, **changes), base_dir=str(folder))
+    return run_jobs([spec], engine_factory=factory)[0], factory
+
+
+def crash_after(folder: Path, num_results: int, **changes) -> set[int]:
+    """Run until the engine crashes after `num_results` results; return the rows the manifest says are done."""
+    outcome, _ = run(folder, fake_factory(fail_after=num_results), **changes)
+    assert isinstance(outcome.error, JobError) and "rerun to resume" in str(outcome.error)
+    manifest = Manifest.load(work_dir(folder / "out" / "out.jsonl") / "manifest.json")
+    return manifest.done_rows()
+
+
+def assert_complete(path: Path, num_rows: int = NUM_ROWS) -> list[dict]:
+    rows = read_output(path)
+    assert [r["row"] for r in rows] == list(range(num_rows)), "input order, each row exactly once"
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(num_rows)]
+    return rows
+
+
+def test_rerun_skips_finished_rows_and_assembles_in_input_order(folder: Path, tmp_path_factory) -> None:
+    reference_folder = tmp_path_factory.mktemp("reference")
+    (reference_folder / "in.jsonl").write_bytes((folder / "in.jsonl").read_bytes())
+    run(reference_folder)
+    done = crash_after(folder, 10)
+    assert len(done) >= 10  # every result that arrived before the crash is committed (the buffer too)
+    assert not (folder / "out" / "out.jsonl").exists()
+
+    outcome, factory = run(folder)
+    asked = {r.request_id for r in factory.engines[0].requests}
+    assert asked == set(range(NUM_ROWS)) - done, "the rerun asks only for rows the first run did not finish"
+    assert outcome.summary.rows == NUM_ROWS and outcome.summary.rows_this_run == NUM_ROWS - len(done)
+    rows = assert_complete(folder / "out" / "out.jsonl")
+    assert rows == read_output(reference_folder / "out" / "out.jsonl"), "the same rows as an uninterrupted run"
+    assert not list(work_dir(folder / "out" / "out.jsonl").glob("part-*")), "parts are removed once the output is whole"
+
+
+def test_several_interrupted_runs_still_give_each_row_once(folder: Path) -> None:
+    for crash_at in (3, 5, 4):
+        crash_after(folder, crash_at)
+    outcome, _ = run(folder)
+    assert outcome.error is None
+    rows = assert_complete(folder / "out" / "out.jsonl")
+    assert len({r["row"] for r in rows}) == NUM_ROWS
+
+
+def test_complete_output_is_not_redone(folder: Path) -> None:
+    run(folder)
+    before = (folder / "out" / "out.jsonl").read_bytes()
+    outcome, factory = run(folder)
+    assert outcome.summary.status == "already complete" and outcome.summary.rows_this_run == 0
+    assert factory.engines == [], "no model is loaded for a finished job"
+    assert (folder / "out" / "out.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"model": "other-model"}, "model: 'default' -> 'other-model'"),
+        ({"sampling__temperature": 0.7}, "sampling.temperature: 0.0 -> 0.7"),
+        ({"prompt__template": "Topic: {topic}"}, "prompt.template: None -> 'Topic: {topic}'"),
+        ({"input__path": "other.jsonl"}, "input.path: 'in.jsonl' -> 'other.jsonl'"),
+    ],
+)
+def test_changed_spec_is_refused_naming_the_change(folder: Path, change: dict, named: str) -> None:
+    write_jsonl(folder / "other.jsonl", [{"id": "a", "prompt": "b"}])
+    crash_after(folder, 6)
+    outcome, factory = run(folder, **change)
+    assert isinstance(outcome.error, OutputError)
+    assert named in str(outcome.error) and "output.mode: overwrite" in str(outcome.error)
+    assert factory.engines == [], "refused before loading a model"
+
+
+def test_changed_spec_of_a_finished_output_is_refused_too(folder: Path) -> None:
+    run(folder)
+    outcome, _ = run(folder, sampling__max_new_tokens=9)
+    assert isinstance(outcome.error, OutputError) and "sampling.max_new_tokens: 3 -> 9" in str(outcome.error)
+
+
+def test_overwrite_forces_a_fresh_run_after_a_spec_change(folder: Path) -> None:
+    crash_after(folder, 6)
+    outcome, factory = run(folder, sampling__temperature=0.7, output__mode="overwrite")
+    assert outcome.error is None
+    assert {r.request_id for r in factory.engines[0].requests} == set(range(NUM_ROWS)), "nothing is reused"
+    assert_complete(folder / "out" / "out.jsonl")
+    manifest = Manifest.load(work_dir(folder / "out" / "out.jsonl") / "manifest.json")
+    assert manifest.fingerprint["sampling"]["temperature"] == 0.7
+
+
+def test_engine_settings_do_not_block_a_resume(folder: Path) -> None:
+    crash_after(folder, 6)
+    outcome, _ = run(folder, engine__max_num_seqs=7)  # speed only: the results stay valid
+    assert outcome.error is None
+    assert_complete(folder / "out" / "out.jsonl")
+
+
+def test_mode_error_refuses_an_existing_output(folder: Path) -> None:
+    run(folder)
+    outcome, factory = run(folder, output__mode="error")
+    assert isinstance(outcome.error, OutputError) and "output.mode is 'error'" in str(outcome.error)
+    assert factory.engines == []
+
+
+def test_mode_error_refuses_unfinished_parts(folder: Path) -> None:
+    crash_after(folder, 6)
+    outcome, _ = run(folder, output__mode="error")
+    assert isinstance(outcome.error, OutputError) and "unfinished parts" in str(outcome.error)
+
+
+def test_a_foreign_file_at_the_output_path_is_never_overwritten(folder: Path) -> None:
+    (folder / "out").mkdir()
+    (folder / "out" / "out.jsonl").write_text("somebody else's results\n")
+    outcome, _ = run(folder)
+    assert isinstance(outcome.error, OutputError) and "no kvbatch manifest" in str(outcome.error)
+    assert (folder / "out" / "out.jsonl").read_text() == "somebody else's results\n"
+
+
+def test_damaged_part_is_redone_not_trusted(folder: Path) -> None:
+    done = crash_after(folder, 10)
+    parts = sorted(work_dir(folder / "out" / "out.jsonl").glob("part-*.arrow"))
+    parts[0].write_bytes(b"garbage")  # e.g. a disk that lost a block
+    outcome, factory = run(folder)
+    asked = {r.request_id for r in factory.engines[0].requests}
+    assert asked > set(range(NUM_ROWS)) - done, "the damaged part's rows are asked again"
+    assert_complete(folder / "out" / "out.jsonl")
