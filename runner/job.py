@@ -131,7 +131,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         lost = [i for i in feed.submitted if i in feed.pending]
         for index in lost:  # the engine never answered: still exactly one row each
             feed.write_error(feed.pending.pop(index).row, RowError(kinds.ENGINE, f"row {index}: the engine returned no result"))
-        if stop.stopped:
+        if stop.stopped and not (feed.exhausted and not feed.pending):  # rows left: a rerun does them
             writer.commit_part()
             raise InterruptedJob(f"job {job.name}: stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, rerun to resume")
         report = writer.finalize(feed.num_rows)
@@ -167,6 +167,7 @@ class _Feed:
         self.num_rows = 0
         self.num_finished = 0
         self.output_tokens = 0
+        self.exhausted = False  # the input was read to its end (a signal did not cut it short)
 
     def requests(self, rows: Iterator[Row]) -> Iterator[GenerationRequest]:
         for row in rows:
@@ -178,6 +179,7 @@ class _Feed:
             request = self._request(row)
             if request is not None:
                 yield request
+        self.exhausted = not self.stop.stopped
 
     def admit(self, requests: Iterator[GenerationRequest]) -> Iterator[GenerationRequest]:
         for request in requests:
@@ -310,6 +312,9 @@ def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: E
     outcomes = []
     with graceful_stop() as stop:
         for job in jobs:
+            if stop.stopped:  # a signal during an earlier job: start nothing new (no model load for nothing)
+                outcomes.append(JobOutcome(job.name, error=InterruptedJob(f"job {job.name}: not started, stopped by {stop.signal_name}; rerun to run it")))
+                break
             try:
                 outcomes.append(JobOutcome(job.name, run_job(job, engines, stop, wait_for_lock)))
             except InterruptedJob as exc:

@@ -1,0 +1,141 @@
+"""Signals: SIGTERM, SIGINT and SIGUSR1 stop admission, let rows in flight finish, commit, and exit with code 3;
+a second signal (or the end of the grace period) stops at once without damaging committed parts.
+
+The fake engine sends the signals to this very process at chosen results, so each test is exact and fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from job_fakes import FakeEngine
+from reliability_helpers import read_output, write_jsonl
+from typer.testing import CliRunner
+
+from kvbatch.jobs.errors import InterruptedJob
+from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.spec import job_from_dict
+from kvbatch.jobs.writer import work_dir
+from kvbatch.runner import cli
+from kvbatch.runner.job import run_jobs
+from kvbatch.runner.signals import StopNow
+
+NUM_ROWS = 40
+
+
+class SignallingEngine(FakeEngine):
+    """Sends `signals[k]` to this process right after yielding result number k; `stall` stops yielding after the
+    first signal, like a long generation that does not finish within the grace period."""
+
+    def __init__(self, signals: dict[int, signal.Signals], stall: bool = False) -> None:
+        super().__init__()
+        self.signals = signals
+        self.stall = stall
+        self.yielded = 0
+
+    def generate(self, requests):
+        for result in super().generate(requests):
+            yield result
+            self.yielded += 1
+            if self.yielded in self.signals:
+                os.kill(os.getpid(), self.signals[self.yielded])
+                if self.stall:
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline:
+                        time.sleep(0.01)
+
+
+def factory_for(engine: FakeEngine):
+    def factory(model, settings):
+        return engine
+
+    return factory
+
+
+@pytest.fixture
+def job(tmp_path: Path):
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(NUM_ROWS)])
+    data = {"name": "sig", "input": {"path": "in.jsonl"}, "output": {"path": "out.arrow", "part_rows": 3}, "sort_window": 1}
+    return job_from_dict(data, base_dir=str(tmp_path))
+
+
+def committed(tmp_path: Path) -> tuple[Manifest, set[int]]:
+    """The manifest, and the rows its parts really hold (each part opened and read in full)."""
+    folder = work_dir(tmp_path / "out" / "out.arrow")
+    manifest = Manifest.load(folder / "manifest.json")
+    rows: set[int] = set()
+    for part in manifest.parts:
+        table = pa.ipc.open_file(pa.memory_map(str(folder / part.file))).read_all()
+        assert table.num_rows == part.num_rows
+        rows |= set(table.column("row").to_pylist())
+    assert rows == manifest.done_rows()
+    return manifest, rows
+
+
+def finish_and_check(job, tmp_path: Path) -> None:
+    engine = FakeEngine()
+    outcome = run_jobs([job], engine_factory=factory_for(engine))[0]
+    assert outcome.error is None, outcome.error
+    rows = read_output(tmp_path / "out" / "out.arrow")
+    assert [r["row"] for r in rows] == list(range(NUM_ROWS))
+    assert all(r["error"] is None for r in rows)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_first_signal_stops_admission_finishes_in_flight_and_commits(job, tmp_path: Path, sig: signal.Signals) -> None:
+    before = signal.getsignal(sig)
+    engine = SignallingEngine({5: sig})
+    outcome = run_jobs([job], engine_factory=factory_for(engine))[0]
+    assert isinstance(outcome.error, InterruptedJob)
+    assert f"stopped by {sig.name}" in str(outcome.error) and "rerun to resume" in str(outcome.error)
+    asked = {r.request_id for r in engine.requests}
+    assert len(asked) < NUM_ROWS, "admission stopped"
+    _, rows = committed(tmp_path)
+    assert rows == asked, "every admitted row finished and was committed; nothing else"
+    assert signal.getsignal(sig) is before, "the previous handler is back"
+    finish_and_check(job, tmp_path)
+
+
+def test_second_signal_stops_at_once_and_keeps_committed_parts_whole(job, tmp_path: Path) -> None:
+    engine = SignallingEngine({4: signal.SIGTERM, 5: signal.SIGTERM})
+    with pytest.raises(StopNow):
+        run_jobs([job], engine_factory=factory_for(engine))
+    manifest, rows = committed(tmp_path)
+    assert 5 <= len(rows) < NUM_ROWS and not manifest.complete
+    assert not list(work_dir(tmp_path / "out" / "out.arrow").glob("*.incomplete"))
+    finish_and_check(job, tmp_path)
+
+
+def test_grace_period_drops_rows_in_flight(job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVBATCH_STOP_GRACE_S", "0.2")
+    engine = SignallingEngine({6: signal.SIGTERM}, stall=True)
+    with pytest.raises(StopNow, match="grace period after SIGTERM ended"):
+        run_jobs([job], engine_factory=factory_for(engine))
+    _, rows = committed(tmp_path)
+    assert len(rows) == 6, "the results that arrived are committed; the stalled rows are left for the rerun"
+    finish_and_check(job, tmp_path)
+
+
+def test_a_signal_between_jobs_starts_no_further_job(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(6)])
+    jobs = [job_from_dict({"name": f"j{i}", "input": {"path": "in.jsonl"}}, base_dir=str(tmp_path)) for i in range(2)]
+    engine = SignallingEngine({6: signal.SIGTERM})  # the last row of job 0
+    outcomes = run_jobs(jobs, engine_factory=factory_for(engine))
+    assert outcomes[0].error is None and outcomes[0].summary.rows == 6
+    assert isinstance(outcomes[1].error, InterruptedJob) and "not started" in str(outcomes[1].error)
+
+
+@pytest.mark.parametrize("signals", [{5: signal.SIGTERM}, {4: signal.SIGUSR1, 5: signal.SIGINT}], ids=["once", "twice"])
+def test_cli_exits_with_code_3_for_a_requeue(job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signals) -> None:
+    jobs_file = tmp_path / "jobs.yaml"
+    jobs_file.write_text("jobs:\n  - name: sig\n    input: {path: in.jsonl}\n    output: {path: out.arrow, part_rows: 3}\n")
+    engine = SignallingEngine(signals)
+    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock: run_jobs(specs, wait_for_lock, factory_for(engine)))
+    result = CliRunner().invoke(cli.app, ["run", str(jobs_file)])
+    assert result.exit_code == cli.INTERRUPTED == 3, result.output
+    assert "rerun to resume" in result.output
