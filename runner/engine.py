@@ -53,6 +53,7 @@ class EngineConfig:
     allow_download: bool = False
     cuda_graphs: bool = True
     seed: int | None = None  # base of the seeds given to unseeded requests; None: random
+    prefix_cache: bool = True  # reuse the K/V of full blocks shared with earlier prompts (and samples)
 
 
 @dataclass
@@ -65,6 +66,14 @@ class EngineStats:
     num_output_tokens: int = 0
     num_requests: int = 0
     num_errors: int = 0
+    # Prefix cache: tokens admissions had to prefill (prompt, plus output so far after a preemption),
+    # and how many of those the cache held.
+    num_queried_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.num_cached_prompt_tokens / self.num_queried_prompt_tokens if self.num_queried_prompt_tokens else 0.0
 
 
 @dataclass(eq=False)
@@ -175,7 +184,7 @@ class Engine:
         """
         scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.max_num_batched_tokens, self.config.block_size,
-                            self.config.policy),
+                            self.config.policy, prefix_cache=self.config.prefix_cache),
             self.pool,
         )  # fmt: skip
         source = iter(requests)
@@ -209,6 +218,8 @@ class Engine:
         )
         self.stats.num_steps += 1
         self.stats.num_preemptions += len(out.preempted)
+        self.stats.num_queried_prompt_tokens += out.num_queried_tokens
+        self.stats.num_cached_prompt_tokens += out.num_cached_tokens
         self.stats.peak_kv_usage = max(self.stats.peak_kv_usage, self.pool.usage())
         sampling_items = [item for item in out.scheduled if item.samples]
         try:

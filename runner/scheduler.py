@@ -17,6 +17,17 @@ Under `reserve` a sequence holds every block it can ever need, so it is never pr
 is preempted (pages freed, recomputed later). The oldest running sequence can always proceed,
 because every admitted sequence fits the pool alone (`max_new_tokens` is capped at admission), so
 the loop never deadlocks and never asks the pool for more than it has.
+
+Prefix cache: every full block a step computes is registered under its chained hash when the step is
+scheduled (the step writes a layer's K/V for all its rows before any row attends, so a sequence admitted
+later in the same step may already read them); a failed step's registrations are withdrawn. Admission
+looks up the longest cached prefix of the sequence's tokens, takes those blocks (a holder more each),
+and starts the prefill after them:
+
+    token_ids   | h0 | h1 | h2 | h3 |..partial..|     h0..h2 cached -> block_ids = [hit, hit, hit, new...]
+                  shared, never written            num_computed_tokens = 3 * block_size
+
+Cached blocks nobody holds count as free for admission; taking one of them as a hit uses up a free block.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from typing import Literal
 
 from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import num_blocks_for
+from kvbatch.cache.prefix_cache import max_cached_blocks
 
 from .sequence import Sequence, SeqStatus
 
@@ -44,6 +56,7 @@ class SchedulerConfig:
     # Optimistic admission leaves this share of the pool free so running decodes can grow
     # without an immediate preemption.
     watermark: float = 0.01
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -70,6 +83,10 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]  # single-token (decode) rows first, then prefill chunks
     preempted: list[Sequence] = field(default_factory=list)
+    # Prefix-cache lookups of the sequences admitted this step: tokens they had to compute before the
+    # lookup, and how many of those the cache held.
+    num_queried_tokens: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def num_batched_tokens(self) -> int:
@@ -92,6 +109,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
         self._watermark_blocks = math.ceil(pool.num_blocks * config.watermark)
+        # Blocks registered by the step scheduled last, until `advance` confirms their K/V was written.
+        self._registered_this_step: list[int] = []
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -101,13 +120,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        assert not self._registered_this_step, (
+            f"schedule() called again before advance() or requeue_isolated(): "
+            f"{len(self._registered_this_step)} blocks of the last step are unconfirmed"
+        )
         budget = self.config.max_num_batched_tokens
         out = SchedulerOutput(scheduled=[])
 
         isolated = next((s for s in self.running if s.isolate), None)
         if isolated is None and self.waiting and self.waiting[0].isolate:
             isolated = self.waiting.pop(0)
-            while not self._admit(isolated, min(isolated.num_tokens_to_compute, budget), keep_watermark=False):
+            while not self._admit(isolated, budget, out, keep_watermark=False):
                 # It fits the pool alone, so freeing the others always ends.
                 assert self.running, f"seq {isolated.seq_id} does not fit an empty pool of {self.pool.num_blocks} blocks"
                 victim = self.running[-1]
@@ -118,7 +141,7 @@ class Scheduler:
         if isolated is not None:
             num_new = min(isolated.num_tokens_to_compute, budget)
             self._grow(isolated, num_new, out, protect=True)
-            out.scheduled.append(ScheduledSeq(isolated, num_new))
+            self._schedule(isolated, num_new, out)
             return out
 
         for seq in list(self.running):
@@ -129,7 +152,7 @@ class Scheduler:
             num_new = min(seq.num_tokens_to_compute, budget)
             if not self._grow(seq, num_new, out):
                 continue
-            out.scheduled.append(ScheduledSeq(seq, num_new))
+            self._schedule(seq, num_new, out)
             budget -= num_new
 
         # No admission after a preemption: the pool just proved too small for what runs.
@@ -137,31 +160,70 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.isolate or len(self.running) >= self.config.max_num_seqs:
                 break  # an isolated sequence gets a step of its own next time
-            num_new = min(seq.num_tokens_to_compute, budget)
-            if not self._admit(seq, num_new, keep_watermark=bool(self.running)):
+            num_new = self._admit(seq, budget, out, keep_watermark=bool(self.running))
+            if not num_new:
                 break
             self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
+            self._schedule(seq, num_new, out)
             budget -= num_new
 
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
         return out
 
-    def _admit(self, seq: Sequence, num_new: int, keep_watermark: bool) -> bool:
+    def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput, keep_watermark: bool) -> int:
+        """Give a waiting sequence its cached prefix and pages for its first chunk. Returns the chunk's
+        tokens (at most `budget`), or 0 when the pool has no room (then nothing changed)."""
+        assert not seq.block_ids and seq.num_computed_tokens == 0, (
+            f"seq {seq.seq_id} is waiting with {len(seq.block_ids)} blocks, {seq.num_computed_tokens} tokens computed"
+        )
+        block_size = self.config.block_size
+        hits = self._cached_prefix(seq)
+        num_cached = len(hits) * block_size
+        num_new = min(seq.num_tokens - num_cached, budget)
         if self.config.policy == "reserve":
-            need = num_blocks_for(seq.max_num_tokens, self.config.block_size) - len(seq.block_ids)
+            need = num_blocks_for(seq.max_num_tokens, block_size) - len(hits)
             reserve = 0
         else:
-            need = num_blocks_for(seq.num_computed_tokens + num_new, self.config.block_size) - len(seq.block_ids)
+            need = num_blocks_for(num_cached + num_new, block_size) - len(hits)
             reserve = self._watermark_blocks if keep_watermark else 0
-        if need + reserve > self.pool.num_free_blocks:
-            return False
+        # Hits nobody holds are counted among the free blocks; taking them uses those up.
+        if need + self.pool.num_unreferenced(hits) + reserve > self.pool.num_free_blocks:
+            return 0
+        self.pool.take_cached(hits)  # before allocating, so allocation cannot evict them
         block_ids = self.pool.allocate(need)
         assert block_ids is not None, f"pool refused {need} blocks with {self.pool.num_free_blocks} free"
-        seq.block_ids.extend(block_ids)
-        return True
+        seq.block_ids = hits + block_ids
+        seq.num_computed_tokens = num_cached
+        seq.num_registered_blocks = len(hits)
+        if self.config.prefix_cache:
+            out.num_queried_tokens += seq.num_tokens
+            out.num_cached_tokens += num_cached
+        return num_new
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks of the longest cached prefix of the sequence's tokens, leaving at least its last token."""
+        if not self.config.prefix_cache:
+            return []
+        num_blocks = max_cached_blocks(seq.num_tokens, self.config.block_size)
+        return self.pool.match_prefix(seq.full_block_hashes(num_blocks * self.config.block_size, self.config.block_size))
+
+    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
+        """Put the chunk in the step and register the blocks it fills."""
+        out.scheduled.append(ScheduledSeq(seq, num_new))
+        if not self.config.prefix_cache:
+            return
+        block_size = self.config.block_size
+        num_tokens = seq.num_computed_tokens + num_new
+        num_full = num_tokens // block_size
+        if num_full <= seq.num_registered_blocks:
+            return
+        hashes = seq.full_block_hashes(num_tokens, block_size)
+        for i in range(seq.num_registered_blocks, num_full):
+            if self.pool.register(seq.block_ids[i], hashes[i]):
+                self._registered_this_step.append(seq.block_ids[i])
+        seq.num_registered_blocks = num_full
 
     def _grow(self, seq: Sequence, num_new: int, out: SchedulerOutput, protect: bool = False) -> bool:
         """Give `seq` pages for `num_new` more tokens, preempting the newest sequences if needed.
@@ -180,11 +242,16 @@ class Scheduler:
             seq.block_ids.extend(block_ids)
         return True
 
-    def preempt(self, seq: Sequence) -> None:
-        """Free the sequence's pages and queue it to be recomputed from its first token."""
-        self.running.remove(seq)
+    def _release(self, seq: Sequence) -> None:
+        """Drop the sequence's hold on its pages; their cached blocks stay findable until evicted."""
         self.pool.free(seq.block_ids)
         seq.block_ids = []
+        seq.num_registered_blocks = 0
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free the sequence's pages and queue it to be recomputed (after its cached prefix, if any)."""
+        self.running.remove(seq)
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -192,6 +259,7 @@ class Scheduler:
 
     def advance(self, out: SchedulerOutput) -> None:
         """Record that the step ran: the scheduled tokens are now in the pages."""
+        self._registered_this_step = []
         for item in out.scheduled:
             if item.samples:
                 item.seq.isolate = False  # its whole context ran alone without failing: not the culprit
@@ -202,17 +270,17 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
-        self.pool.free(seq.block_ids)
-        seq.block_ids = []
+        self._release(seq)
         seq.status = SeqStatus.FINISHED
 
     def requeue_isolated(self, seqs: list[Sequence]) -> None:
-        """After a failed step: each of its sequences loses its pages and will run alone."""
+        """After a failed step: each of its sequences loses its pages and will run alone. The blocks the
+        step registered are withdrawn from the prefix cache: their K/V may be half written."""
+        self._withdraw_step()
         for seq in seqs:
             if seq.status is SeqStatus.RUNNING:
                 self.running.remove(seq)
-                self.pool.free(seq.block_ids)
-                seq.block_ids = []
+                self._release(seq)
                 seq.num_computed_tokens = 0
                 seq.isolate = True
                 seq.num_isolations += 1
@@ -220,7 +288,12 @@ class Scheduler:
 
     def abort_all(self) -> list[Sequence]:
         """Drop every sequence (the caller stopped consuming results); the pool is whole again."""
+        self._withdraw_step()  # the last step may not have run
         dropped = self.running + self.waiting
         for seq in dropped:
             self.finish(seq)
         return dropped
+
+    def _withdraw_step(self) -> None:
+        self.pool.uncache(self._registered_this_step)
+        self._registered_this_step = []

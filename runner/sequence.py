@@ -9,7 +9,11 @@ A request with n samples becomes n sequences. Token accounting:
 
 A decode step has exactly one token left to compute: the token sampled in the step before.
 Preemption frees the pages and sets num_computed_tokens back to 0, so the sequence recomputes
-prompt and output so far as one prefill when it is admitted again.
+prompt and output so far as one prefill when it is admitted again. With the prefix cache, admission
+(first or again) starts num_computed_tokens after the longest cached prefix instead.
+
+    block_hashes            prefix-cache hashes of the full blocks of token_ids seen so far
+    num_registered_blocks   leading block_ids already offered to the prefix cache
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvbatch.cache.prefix_cache import BlockHash, extend_block_hashes
 
 from .request import FinishReason, GenerationRequest
 
@@ -38,6 +44,8 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_registered_blocks: int = 0
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
     # After a failed step, each of its sequences runs alone once, so a row that breaks the model
@@ -80,3 +88,11 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.request.prompt_token_ids + self.output_token_ids
+
+    def full_block_hashes(self, num_tokens: int, block_size: int) -> list[BlockHash]:
+        """Hashes of the full blocks among the first `num_tokens` tokens (computed once, then kept:
+        a sequence's tokens never change)."""
+        num_full = num_tokens // block_size
+        if len(self.block_hashes) < num_full:
+            extend_block_hashes(self.block_hashes, self.token_ids(0, num_full * block_size), block_size)
+        return self.block_hashes[:num_full]

@@ -12,7 +12,9 @@ from kvbatch.runner.sequence import Sequence, SeqStatus
 
 
 def make_seq(seq_id: int, num_prompt: int, max_new: int) -> Sequence:
-    request = GenerationRequest(seq_id, list(range(2, 2 + num_prompt)), SamplingParams(max_new_tokens=max_new))
+    """Prompts of different sequences share no block (their first tokens differ)."""
+    prompt = [1000 + seq_id] + list(range(2, 1 + num_prompt))
+    request = GenerationRequest(seq_id, prompt, SamplingParams(max_new_tokens=max_new))
     return Sequence(seq_id, request, 0, max_new, seed=seq_id)
 
 

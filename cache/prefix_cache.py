@@ -1,0 +1,85 @@
+"""Prefix-cache keys: a full block of tokens is named by a hash chained over everything before it.
+
+    tokens:  t0 ... t15 | t16 ... t31 | t32 ... t40      (block_size 16)
+    hash:    h0         | h1          | (partial block: never cached)
+    h0 = H(ROOT, extra_key, t0..t15)    h1 = H(h0, extra_key, t16..t31)
+
+Two blocks get the same hash only when their tokens and every token before them agree, so a hash
+names the K/V a block holds. `extra_key` holds anything else that changes the K/V of the same
+tokens (a LoRA adapter id, say); b"" for the base model. The hash is a 128-bit BLAKE2b: stable
+across processes, and a collision (which would hand one prompt another's K/V) is out of reach.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+
+BlockHash = bytes
+
+_ROOT = b"kvbatch-prefix-v1"
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_key: bytes = b"") -> BlockHash:
+    """The hash of one full block, chained to the hash of the block before it (None for the first)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent if parent is not None else _ROOT)
+    h.update(len(extra_key).to_bytes(4, "little"))
+    h.update(extra_key)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+def extend_block_hashes(
+    hashes: list[BlockHash], token_ids: Sequence[int], block_size: int, extra_key: bytes = b""
+) -> list[BlockHash]:
+    """Append to `hashes` (the hashes of the first len(hashes) blocks of `token_ids`) those of the
+    remaining full blocks of `token_ids`; returns `hashes`."""
+    num_full = len(token_ids) // block_size
+    for i in range(len(hashes), num_full):
+        parent = hashes[i - 1] if i else None
+        hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_key))
+    return hashes
+
+
+def max_cached_blocks(num_tokens: int, block_size: int) -> int:
+    """Most leading blocks a prefill of `num_tokens` may take from the cache: the last token is always
+    computed, since its logits give the next token, and it must not be written into a shared block."""
+    return (num_tokens - 1) // block_size if num_tokens else 0
+
+
+class ReuseEstimate:
+    """What `kvbatch plan` expects the cache to save: prompts fed in order through an LRU of block hashes
+    as large as the pool, counting the leading full blocks found. An estimate: the engine also frees and
+    reorders, and holds running sequences' blocks that this ignores."""
+
+    def __init__(self, block_size: int, capacity_blocks: int) -> None:
+        if block_size < 1 or capacity_blocks < 1:
+            raise ValueError(f"block_size ({block_size}) and capacity_blocks ({capacity_blocks}) must be >= 1")
+        self.block_size = block_size
+        self.capacity_blocks = capacity_blocks
+        self.num_prompt_tokens = 0
+        self.num_reused_tokens = 0
+        self._lru: OrderedDict[BlockHash, None] = OrderedDict()
+
+    def add(self, token_ids: Sequence[int]) -> int:
+        """Account one prompt; returns the tokens of it the cache would have held."""
+        hashes = extend_block_hashes([], token_ids, self.block_size)
+        limit = max_cached_blocks(len(token_ids), self.block_size)
+        num_hits = 0
+        while num_hits < min(limit, len(hashes)) and hashes[num_hits] in self._lru:
+            num_hits += 1
+        for h in reversed(hashes):  # as the pool frees them: a prompt's tail is evicted before its head
+            self._lru[h] = None
+            self._lru.move_to_end(h)
+        while len(self._lru) > self.capacity_blocks:
+            self._lru.popitem(last=False)
+        self.num_prompt_tokens += len(token_ids)
+        self.num_reused_tokens += num_hits * self.block_size
+        return num_hits * self.block_size
+
+    @property
+    def reuse_rate(self) -> float:
+        return self.num_reused_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
