@@ -96,7 +96,7 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
     except UnicodeDecodeError as exc:
         return Row(index, None, RowError(INVALID_UTF8, f"{where}: invalid UTF-8 at byte {exc.start}: {raw[exc.start:exc.start + 4]!r}"), line_no)
     try:
-        value = json.loads(text)
+        value = json.loads(text.rstrip("\r\n"))  # without the newline, an unclosed object's column is on this line
     except json.JSONDecodeError as exc:
         return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON at column {exc.colno}: {exc.msg}"), line_no)
     except RecursionError:

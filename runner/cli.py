@@ -45,6 +45,10 @@ LimitOpt = Annotated[Optional[int], typer.Option(min=0, help="Read at most this 
 ModeOpt = Annotated[Optional[str], typer.Option(help="When the output exists: resume (default), overwrite or error.")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait for another run on the same output to finish instead of exiting with code 4.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine and job details.")]
+ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="Run shard I/N only (rows with index % N == I) into NAME.shard-IIII-of-NNNN.EXT; inside a Slurm array taken from SLURM_ARRAY_TASK_ID/COUNT; 'off' to disable.")]
+DataParallelOpt = Annotated[Optional[int], typer.Option("--data-parallel", min=1, help="Engine processes on this node, one per GPU (or per --tensor-parallel GPUs; N processes on the CPU), on disjoint shards, merged at the end.")]
+TensorParallelOpt = Annotated[Optional[int], typer.Option("--tensor-parallel", min=1, help="Processes (GPUs) per engine: attention heads and MLP split across them.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Run through Ray Data on this Ray cluster (auto: the running one; local: start one here).")]
 
 
 def _version(value: bool) -> None:
@@ -62,11 +66,15 @@ def main(
 
 @app.command()
 def run(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
-        limit: LimitOpt = None, mode: ModeOpt = None, wait: WaitOpt = False, verbose: VerboseOpt = False) -> None:  # fmt: skip
+        limit: LimitOpt = None, mode: ModeOpt = None, wait: WaitOpt = False, verbose: VerboseOpt = False,
+        shard: ShardOpt = None, data_parallel: DataParallelOpt = None, tensor_parallel: TensorParallelOpt = None,
+        ray_address: RayAddressOpt = None) -> None:  # fmt: skip
     """Run the jobs of a YAML job file (see examples/jobs.yaml)."""
     _logging(verbose)
+    _quiet_model_loading(verbose)
     with _errors():
-        overrides = {**_parse_sets(set_ or []), "model": model, "engine.device": device, "input.limit": limit, "output.mode": mode}
+        overrides = {**_parse_sets(set_ or []), "model": model, "engine.device": device, "input.limit": limit, "output.mode": mode,
+                     **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address)}  # fmt: skip
         specs = load_jobs_file(jobs_file, overrides).select(job)
         _finish(run_jobs(specs, wait_for_lock=wait))
 
@@ -83,20 +91,25 @@ def generate(
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Send raw text, without the model's chat template.")] = False,
     id_column: Annotated[Optional[str], typer.Option(help="Column copied to the output as the row's id.")] = None,
     keep_column: Annotated[Optional[list[str]], typer.Option(help="Input column copied to the output (repeatable).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens to generate per row [default: 256].")] = None,
-    temperature: Annotated[Optional[float], typer.Option(min=0.0, help="0 = greedy [default: 0].")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass [default: 1].")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens to generate per row (default: 256).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0.0, help="0 = greedy (default: 0).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (default: 1).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
     limit: LimitOpt = None,
-    format: Annotated[Optional[str], typer.Option("--format", help="arrow, parquet, jsonl or openai [default: from the output's extension].")] = None,
-    input_format: Annotated[Optional[str], typer.Option(help="auto, jsonl, parquet, hf or openai [default: auto].")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", help="arrow, parquet, jsonl or openai (default: from the output's extension).")] = None,
+    input_format: Annotated[Optional[str], typer.Option(help="auto, jsonl, parquet, hf or openai (default: auto).")] = None,
     device: DeviceOpt = None,
     mode: ModeOpt = None,
     wait: WaitOpt = False,
     verbose: VerboseOpt = False,
+    shard: ShardOpt = None,
+    data_parallel: DataParallelOpt = None,
+    tensor_parallel: TensorParallelOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Run one job without a YAML file."""
     _logging(verbose)
+    _quiet_model_loading(verbose)
     with _errors():
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".") or "generate"
         data = {
@@ -112,6 +125,9 @@ def generate(
             "output_dir": str(output.parent),
             "engine": {"device": device},
         }
+        scale = _scale_overrides(shard, data_parallel, tensor_parallel, ray_address)
+        data["runner"] = scale.pop("runner")
+        data["parallel"] = {key.partition(".")[2]: value for key, value in scale.items()}
         spec = job_from_dict(_drop_none(data), base_dir=os.getcwd())
         _finish(run_jobs([spec], wait_for_lock=wait))
 
@@ -123,6 +139,7 @@ def plan(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: Mod
     from .plan import plan_job
 
     _logging(verbose)
+    _quiet_model_loading(verbose)
     with _errors():
         overrides = {**_parse_sets(set_ or []), "model": model, "engine.device": device, "input.limit": limit}
         specs = load_jobs_file(jobs_file, overrides).select(job)
@@ -141,6 +158,29 @@ def inspect(
 
     with _errors():
         typer.echo(inspect_output(output, rows).format_text())
+
+
+@app.command()
+def merge(
+    target: Annotated[Path, typer.Argument(help="The output to write (out/answers.arrow), or a YAML job file: merge each job's output.", show_default=False)],
+    shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard outputs; default: the NAME.shard-IIII-of-NNNN.EXT files beside the output.", show_default=False)] = None,
+    job: JobOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output even if another job spec wrote it.")] = False,
+) -> None:
+    """Join finished shard outputs into one output in input order; refuses, with a list, if rows are missing or twice."""
+    from kvbatch.jobs.merge import merge_shards
+    from kvbatch.jobs.spec import output_path
+
+    with _errors():
+        if target.suffix in (".yaml", ".yml"):
+            if shards:
+                raise SpecError("give shard files only when merging into one output file, not with a job file", field="SHARDS")
+            outputs = [output_path(spec) for spec in load_jobs_file(target).select(job)]
+        else:
+            outputs = [target]
+        for output in outputs:
+            report = merge_shards(output, shards or None, overwrite=overwrite)
+            typer.echo(f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} bytes")
 
 
 # `kvbatch bench` belongs to the engine team: runner/bench.py, when present, exposes register(app: typer.Typer).
@@ -195,6 +235,17 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(_exit_code(exc)) from None
 
 
+def _scale_overrides(shard: str | None, data_parallel: int | None, tensor_parallel: int | None, ray_address: str | None) -> dict[str, Any]:
+    """The scaling options as job-field overrides; without --shard, a Slurm array task runs its own shard."""
+    from kvbatch.jobs.shard import shard_from_env
+
+    if shard is None:
+        from_env = shard_from_env(os.environ)
+        shard = str(from_env) if from_env is not None else None
+    return {"parallel.shard": shard, "parallel.data": data_parallel, "parallel.tensor": tensor_parallel,
+            "parallel.ray_address": ray_address, "runner": "ray" if ray_address else None}  # fmt: skip
+
+
 def _parse_sets(items: list[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in items:
@@ -217,6 +268,15 @@ def _drop_none(data: Any) -> Any:
 
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _quiet_model_loading(verbose: bool) -> None:
+    """Keep transformers' per-tensor "Loading weights" bar out of the job's own progress bar (shown with -v)."""
+    if verbose:
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 __all__ = ["app", "JobSpec"]
