@@ -79,7 +79,10 @@ def _convert(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoad
             sub = child_path(path, key)
             if key in out:
                 raise SpecError(f"duplicate field (first at line {out[key].line})", field=sub, where=f"{source}:{key_node.start_mark.line + 1}")
-            out[key] = _convert(value_node, sub, source, constructor)
+            # A field's line is its key's line: for a block value (`sampling:` then indented fields) the value
+            # starts on the next line, but the user wrote the field where the key is.
+            value = _convert(value_node, sub, source, constructor)
+            out[key] = Node(value.value, value.path, key_node.start_mark.line + 1, value.source)
         return Node(out, path, line, source)
     if isinstance(node, yaml.SequenceNode):
         items = [_convert(item, child_path(path, i), source, constructor) for i, item in enumerate(node.value)]
@@ -107,10 +110,15 @@ def from_plain(value: Any, path: str, source: str | None = None) -> Node:
 
 
 def merge(base: Node, override: Node) -> Node:
-    """Deep-merge two mappings: `override` wins field by field; each value keeps the line where it was written."""
+    """Deep-merge two mappings: `override` wins field by field; each value keeps the line where it was written.
+
+    The merged mapping itself is named after the side written in a file (the job over `defaults:`; the job, not
+    the command line), so an error about the whole mapping ("missing required field") points at the job.
+    """
     if isinstance(base.value, dict) and isinstance(override.value, dict):
         merged = dict(base.value)
         for key, node in override.value.items():
             merged[key] = merge(merged[key], node) if key in merged else node
-        return Node(merged, override.path, override.line, override.source)
+        named = override if override.line is not None or base.line is None else base
+        return Node(merged, named.path, named.line, named.source)
     return override

@@ -1,0 +1,221 @@
+"""Job files: every field, precedence (command line > job > defaults: > built-in), and errors naming field and line."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kvbatch.jobs.errors import SpecError
+from kvbatch.jobs.spec import (
+    EngineSpec,
+    InputSpec,
+    JobSpec,
+    OutputSpec,
+    PromptSpec,
+    SamplingSpec,
+    input_format,
+    job_from_dict,
+    load_jobs_file,
+    output_format,
+    output_path,
+)
+
+EVERY_FIELD = """\
+defaults:
+  model: default
+  sampling:
+    max_new_tokens: 64
+jobs:
+  - name: full
+    model: /models/tiny
+    input:
+      path: data/in.jsonl
+      format: jsonl
+      split: train
+      limit: 10
+      max_line_bytes: 4096
+      batch_rows: 8
+    prompt:
+      column: question
+      system: Be brief.
+      chat_template: false
+      allow_special_tokens: true
+    id_column: id
+    keep_columns: [topic, level]
+    sampling:
+      max_new_tokens: 12
+      temperature: 0.5
+      top_p: 0.9
+      top_k: 40
+      min_p: 0.05
+      repetition_penalty: 1.1
+      seed: 7
+      stop: ["###", "END"]
+      stop_token_ids: [2, 3]
+      n: 2
+      logprobs: true
+      ignore_eos: true
+    output:
+      path: results/full.parquet
+      format: auto
+      mode: overwrite
+      part_rows: 100
+      part_seconds: 5
+    output_dir: out
+    engine:
+      device: cpu
+      dtype: float32
+      block_size: 32
+      max_num_seqs: 4
+      max_num_batched_tokens: 256
+      kv_cache_gib: 0.5
+      gpu_memory_utilization: 0.8
+      num_blocks_override: 64
+      policy: reserve
+      attention_backend: torch
+      max_model_len: 1024
+      trust_remote_code: false
+      allow_pickle: false
+      allow_download: false
+      cuda_graphs: false
+      seed: 3
+    sort_window: 16
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "jobs.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def load_one(tmp_path: Path, text: str, overrides: dict | None = None) -> JobSpec:
+    (job,) = load_jobs_file(write(tmp_path, text), overrides).jobs
+    return job
+
+
+def spec_error(tmp_path: Path, text: str, overrides: dict | None = None) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        load_jobs_file(write(tmp_path, text), overrides)
+    return info.value
+
+
+def test_every_field_is_read(tmp_path: Path) -> None:
+    job = load_one(tmp_path, EVERY_FIELD)
+    assert job == JobSpec(
+        name="full",
+        model="/models/tiny",
+        input=InputSpec("data/in.jsonl", "jsonl", "train", 10, 4096, 8),
+        prompt=PromptSpec(column="question", system="Be brief.", chat_template=False, allow_special_tokens=True),
+        id_column="id",
+        keep_columns=("topic", "level"),
+        sampling=SamplingSpec(12, 0.5, 0.9, 40, 0.05, 1.1, 7, ("###", "END"), (2, 3), 2, True, True),
+        output=OutputSpec("results/full.parquet", "auto", "overwrite", 100, 5.0),
+        output_dir="out",
+        engine=EngineSpec("cpu", "float32", 32, 4, 256, 0.5, 0.8, 64, "reserve", "torch", 1024, False, False, False, False, 3),
+        sort_window=16,
+        base_dir=str(tmp_path.resolve()),
+    )
+    assert output_format(job) == "parquet"
+    assert output_path(job) == tmp_path.resolve() / "out" / "results" / "full.parquet"
+    assert job.engine.settings()["num_blocks_override"] == 64
+
+
+def test_built_in_defaults(tmp_path: Path) -> None:
+    job = load_one(tmp_path, "jobs:\n  - name: a\n    input: {path: in.parquet}\n")
+    assert (job.model, job.prompt, job.sampling, job.output, job.engine) == ("default", PromptSpec(), SamplingSpec(), OutputSpec(), EngineSpec())
+    assert (job.input.format, job.input.limit, job.id_column, job.keep_columns, job.output_dir, job.sort_window) == ("auto", None, None, (), "out", 1024)
+    assert input_format(job) == "parquet" and output_format(job) == "arrow"
+    assert output_path(job).name == "a.arrow"
+    assert job.engine.settings() == {}
+
+
+def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
+    text = """\
+    defaults:
+      model: from-defaults
+      sampling: {max_new_tokens: 10, temperature: 0.3, top_k: 5}
+    jobs:
+      - name: a
+        input: {path: in.jsonl}
+        sampling: {temperature: 0.6}
+      - name: b
+        input: {path: in.jsonl}
+        model: from-job
+    """
+    a, b = load_jobs_file(write(tmp_path, text), {"sampling.top_k": 9, "model": None}).jobs
+    # a: temperature from the job, max_new_tokens from defaults, top_k from the command line, the rest built in
+    assert (a.model, a.sampling.max_new_tokens, a.sampling.temperature, a.sampling.top_k, a.sampling.top_p) == ("from-defaults", 10, 0.6, 9, 1.0)
+    assert (b.model, b.sampling.temperature, b.sampling.top_k) == ("from-job", 0.3, 9)
+    (c,) = load_jobs_file(write(tmp_path, text), {"model": "from-cli"}).select(["b"])
+    assert c.model == "from-cli"
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "field", "words"),
+    [
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      temprature: 0.5\n", ":5", "jobs[0].sampling.temprature", "did you mean 'temperature'"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    max_tokens: 5\n", ":4", "jobs[0].max_tokens", "unknown field"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    smapling:\n      temperature: 0.5\n", ":4", "jobs[0].smapling", "did you mean 'sampling'"),
+        ("defaults:\n  sampling: {max_new_token: 5}\njobs:\n  - name: a\n    input: {path: x.jsonl}\n", ":2", "defaults.sampling.max_new_token", "did you mean 'max_new_tokens'"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      max_new_tokens: lots\n", ":5", "jobs[0].sampling.max_new_tokens", "expected an integer, got str 'lots'"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {temperature: -1}\n", ":4", "jobs[0].sampling.temperature", "must be >= 0"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {chat_template: maybe}\n", ":4", "jobs[0].prompt.chat_template", "expected true or false"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {format: csv}\n", ":4", "jobs[0].output.format", "must be one of"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    keep_columns: {a: 1}\n", ":4", "jobs[0].keep_columns", "expected a list"),
+        ("jobs:\n  - name: a\n", ":2", "jobs[0]", "missing required field 'input'"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n  - name: a\n    input: {path: y.jsonl}\n", ":4", "jobs[1].name", "duplicate job name"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {column: q, template: '{q}'}\n", ":4", "jobs[0].prompt", "set only one of"),
+        ("jobs:\n  - name: a b\n    input: {path: x.jsonl}\n", ":2", "jobs[0].name", "job names use letters"),
+        ("job:\n  - name: a\n", ":1", "job", "unknown top-level field"),
+    ],
+)
+def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, field: str, words: str) -> None:
+    error = spec_error(tmp_path, text)
+    assert error.field == field
+    assert error.where == f"{tmp_path / 'jobs.yaml'}{where}"
+    assert words in error.message
+    assert str(error).startswith(f"{error.where}: {field}: ")
+
+
+def test_bad_yaml_syntax_names_the_line(tmp_path: Path) -> None:
+    error = spec_error(tmp_path, "jobs:\n  - name: a\n    input: {path: x.jsonl\n    sampling: 3\n")
+    assert "YAML syntax error" in error.message
+    assert error.where is not None and error.where.startswith(str(tmp_path / "jobs.yaml") + ":")
+    assert int(error.where.rsplit(":", 1)[1]) in (3, 4, 5)
+
+
+def test_duplicate_key_and_python_tags_are_refused(tmp_path: Path) -> None:
+    dup = spec_error(tmp_path, "jobs:\n  - name: a\n    name: b\n    input: {path: x.jsonl}\n")
+    assert (dup.field, dup.where.rsplit(":", 1)[1]) == ("jobs[0].name", "3") and "duplicate field (first at line 2)" in dup.message
+    tag = spec_error(tmp_path, "jobs:\n  - name: !!python/object:os.system a\n    input: {path: x.jsonl}\n")
+    assert "unsupported YAML value" in tag.message
+
+
+def test_command_line_override_errors_name_the_field_without_a_line(tmp_path: Path) -> None:
+    error = spec_error(tmp_path, "jobs:\n  - name: a\n    input: {path: x.jsonl}\n", {"sampling.temperature": "hot"})
+    assert (error.field, error.where) == ("sampling.temperature", "command line")  # as typed in --set
+    assert "expected a number" in error.message
+
+
+def test_job_from_dict_and_select(tmp_path: Path) -> None:
+    job = job_from_dict({"name": "g", "input": {"path": "in.jsonl"}, "sampling": {"n": 2}}, base_dir=str(tmp_path))
+    assert job.sampling == dataclasses.replace(SamplingSpec(), n=2) and job.base_dir == str(tmp_path)
+    jobs = load_jobs_file(write(tmp_path, "jobs:\n  - {name: a, input: {path: x.jsonl}}\n  - {name: b, input: {path: x.jsonl}}\n"))
+    assert [j.name for j in jobs.select(["b"])] == ["b"] and [j.name for j in jobs.select(None)] == ["a", "b"]
+    with pytest.raises(SpecError, match="no job named 'c'.*jobs: a, b"):
+        jobs.select(["c"])
+
+
+def test_output_must_stay_inside_output_dir(tmp_path: Path) -> None:
+    job = job_from_dict({"name": "a", "input": {"path": "x.jsonl"}, "output": {"path": "../escape.arrow"}}, str(tmp_path))
+    with pytest.raises(SpecError, match="inside output_dir"):
+        output_path(job)
+
+
+def test_missing_job_file_is_a_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="job file not found"):
+        load_jobs_file(tmp_path / "nope.yaml")
