@@ -1,0 +1,138 @@
+"""Readers: Parquet in record batches, JSONL streamed with bad lines as error rows, datasets folders, OpenAI Batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kvbatch.jobs import rows as kinds
+from kvbatch.jobs.errors import InputError, SpecError
+from kvbatch.jobs.readers import open_reader
+from kvbatch.jobs.spec import job_from_dict
+
+
+def job_for(tmp_path: Path, path: str, **input_fields):
+    return job_from_dict({"name": "t", "input": {"path": path, **input_fields}}, base_dir=str(tmp_path))
+
+
+def write_parquet(path: Path, num_rows: int, row_group_size: int = 4) -> Path:
+    table = pa.table({"id": list(range(num_rows)), "prompt": [f"question {i}" for i in range(num_rows)], "unused": ["x" * 10] * num_rows})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_streams_record_batches_of_the_needed_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_parquet(tmp_path / "in.parquet", 10)
+    calls = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        for batch in real(self, *args, **kwargs):
+            calls.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    reader = open_reader(job_for(tmp_path, "in.parquet", batch_rows=3), ["prompt", "id"])
+    assert (reader.num_rows, reader.columns) == (10, ["id", "prompt", "unused"])
+    rows = iter(reader)
+    first = next(rows)
+    assert (first.index, first.data) == (0, {"id": 0, "prompt": "question 0"})  # only the columns the job uses
+    assert calls == [{"batch_size": 3, "columns": ["prompt", "id"]}, 3]  # one batch read so far, not the file
+    rest = list(rows)
+    assert [r.index for r in rest] == list(range(1, 10))
+    assert calls[1:] == [3, 3, 3, 1]
+
+
+def test_missing_column_fails_before_reading_naming_the_column(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "in.parquet", 2)
+    with pytest.raises(SpecError) as info:
+        open_reader(job_for(tmp_path, "in.parquet"), ["question"])
+    assert "column 'question' not in in.parquet (its columns: id, prompt, unused)" in str(info.value)
+    assert info.value.field == "input"
+
+
+def test_missing_or_unreadable_files_are_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="input not found"):
+        open_reader(job_for(tmp_path, "nope.parquet"), ["prompt"])
+    with pytest.raises(InputError, match="input not found"):
+        open_reader(job_for(tmp_path, "nope.jsonl"), ["prompt"])
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="cannot read Parquet file"):
+        open_reader(job_for(tmp_path, "bad.parquet"), ["prompt"])
+
+
+def test_jsonl_bad_lines_become_error_rows_naming_the_line(tmp_path: Path) -> None:
+    lines = [
+        b'\xef\xbb\xbf{"prompt": "first"}',  # a byte-order mark is not data
+        b"",  # blank lines are not rows
+        b'{"prompt": "unclosed"',
+        b"[1, 2]",
+        b'{"prompt": "caf\xe9"}',  # Latin-1, not UTF-8
+        b'{"prompt": "' + b"a" * 200 + b'"}',
+        b'{"prompt": "last"}',
+    ]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines))  # no newline after the last line
+    reader = open_reader(job_for(tmp_path, "in.jsonl", max_line_bytes=100), ["prompt"])
+    assert reader.num_rows == 6 and reader.columns is None
+    rows = list(reader)
+    assert [(r.index, r.line) for r in rows] == [(0, 1), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7)]
+    assert rows[0].data == {"prompt": "first"} and rows[0].error is None
+    assert (rows[1].error.kind, rows[1].error.message) == (kinds.BAD_JSON, "row 1 (line 3): invalid JSON at column 22: Expecting ',' delimiter")
+    assert (rows[2].error.kind, rows[2].error.message) == (kinds.NOT_AN_OBJECT, "row 2 (line 4): expected a JSON object, got list")
+    assert rows[3].error.kind == kinds.INVALID_UTF8 and rows[3].error.message.startswith("row 3 (line 5): invalid UTF-8 at byte 15")
+    assert rows[4].error.kind == kinds.LINE_TOO_LONG and "row 4 (line 6)" in rows[4].error.message and "max_line_bytes (100 bytes)" in rows[4].error.message
+    assert rows[5].data == {"prompt": "last"} and rows[5].error is None
+
+
+def test_jsonl_limit(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
+    reader = open_reader(job_for(tmp_path, "in.jsonl", limit=2), ["prompt"])
+    assert reader.num_rows == 2 and [r.data["prompt"] for r in reader] == ["p0", "p1"]
+
+
+def test_datasets_save_to_disk_folder(tmp_path: Path) -> None:
+    datasets.Dataset.from_dict({"q": ["a", "b", "c"], "n": [1, 2, 3]}).save_to_disk(str(tmp_path / "ds"))
+    reader = open_reader(job_for(tmp_path, "ds", batch_rows=2), ["q"])
+    assert reader.num_rows == 3 and reader.columns == ["q", "n"]
+    assert [(r.index, r.data) for r in reader] == [(0, {"q": "a"}), (1, {"q": "b"}), (2, {"q": "c"})]
+    with pytest.raises(SpecError, match="column 'prompt' not in ds"):
+        open_reader(job_for(tmp_path, "ds"), ["prompt"])
+
+
+def test_datasets_dict_folder_needs_a_split(tmp_path: Path) -> None:
+    splits = {name: datasets.Dataset.from_dict({"prompt": [name]}) for name in ("train", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(SpecError, match="has splits train, test; choose one with input.split"):
+        open_reader(job_for(tmp_path, "dd"), ["prompt"])
+    reader = open_reader(job_for(tmp_path, "dd", split="test"), ["prompt"])
+    assert [r.data for r in reader] == [{"prompt": "test"}]
+
+
+def test_a_name_outside_the_local_cache_is_never_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="kvbatch never downloads inputs"):
+        open_reader(job_for(tmp_path, "no-such-user/no-such-dataset"), ["prompt"])
+
+
+def test_openai_batch_input(tmp_path: Path) -> None:
+    requests = [
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0.2, "stop": "END", "seed": 1}},
+        {"custom_id": "b", "url": "/v1/embeddings", "body": {"input": "x"}},
+        {"url": "/v1/chat/completions", "body": {"messages": []}},
+        {"custom_id": "d", "body": "not an object"},
+    ]  # fmt: skip
+    (tmp_path / "batch.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    rows = list(open_reader(job_for(tmp_path, "batch.jsonl", format="openai"), ["messages", "custom_id"]))
+    assert rows[0].data == {"custom_id": "a", "messages": [{"role": "user", "content": "hi"}], "model": "m"}
+    assert rows[0].sampling == {"max_new_tokens": 5, "temperature": 0.2, "stop": ["END"], "seed": 1}
+    assert rows[1].error.kind == kinds.BAD_REQUEST and "url '/v1/embeddings' is not supported" in rows[1].error.message
+    assert rows[1].data["custom_id"] == "b"  # kept, so the error line still names the request
+    assert rows[2].error.message == "row 2 (line 3): an OpenAI Batch request needs a non-empty string `custom_id`"
+    assert "needs a `body` object" in rows[3].error.message
