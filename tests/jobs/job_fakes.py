@@ -38,7 +38,7 @@ class FakeTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         inverse = {v: k for k, v in SPECIALS.items()}
-        return "".join(inverse.get(i, chr(i - 1000)) if i in inverse or i >= 1000 else "?" for i in ids)
+        return "".join(inverse[i] if i in inverse else chr(i - 1000) if i >= 1000 else "?" for i in ids)
 
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
