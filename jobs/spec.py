@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from .errors import SpecError
 from .schema import build
+from .shard import parse_shard
 from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
 
 MIB = 2**20
@@ -97,6 +98,20 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class ParallelSpec:
+    """How a job is spread over processes and machines (README "Scaling out"). It never changes the results,
+    so it is not part of the spec hash: shards and parallel runs of one job resume and merge with each other."""
+
+    shard: str | None = None  # "I/N": only rows with index % N == I (jobs/shard.py); Slurm array tasks set it
+    data: int = field(default=1, metadata={"min": 1})  # engine processes on this node, fed disjoint shards, merged
+    tensor: int = field(default=1, metadata={"min": 1})  # processes (GPUs) per engine, heads and MLP split across them
+    ray_address: str | None = None  # runner ray: the cluster for ray.init(address=...); None: the running or a local Ray
+    ray_actors: int = field(default=1, metadata={"min": 1})  # engines in the Ray actor pool
+    ray_gpus_per_actor: float = field(default=0.0, metadata={"min": 0})  # 0 on CPU-only clusters
+    ray_batch_rows: int = field(default=256, metadata={"min": 1})  # rows per map_batches call
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str = field(metadata={"nonempty": True})
     model: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct
@@ -109,6 +124,8 @@ class JobSpec:
     output_dir: str = "out"  # outputs stay inside it; relative to the job file's folder
     engine: EngineSpec = field(default_factory=EngineSpec)
     sort_window: int = field(default=1024, metadata={"min": 1})  # rows sorted by length within this window; 1 = off
+    runner: Literal["local", "ray"] = "local"  # ray: through Ray Data on a Ray cluster (parallel.ray_*)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
     base_dir: str = field(default=".", metadata={"internal": True})  # the job file's folder (set by the loader)
 
 
@@ -221,6 +238,13 @@ def validate(job: JobSpec, node: Node) -> None:
     for col in job.keep_columns:
         if col in RESERVED_COLUMNS:
             raise at("keep_columns").error(f"{col!r} is an output column name; rename it in the input")
+    if job.parallel.shard is not None:
+        try:
+            parse_shard(job.parallel.shard)
+        except SpecError as exc:
+            raise at("parallel", "shard").error(exc.message) from None
+    if job.runner == "ray" and (job.parallel.data > 1 or job.parallel.tensor > 1):
+        raise at("runner").error("with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor")
 
 
 RESERVED_COLUMNS = ("row", "text", "finish_reason", "finish_reasons", "error", "error_kind", "prompt_tokens", "output_tokens", "logprobs")

@@ -28,6 +28,8 @@ from kvbatch.jobs.prompts import build_prompt, prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.rows import Row, RowError
+from kvbatch.jobs.shard import Shard
+from kvbatch.jobs.shard_output import job_shard, writer_for
 from kvbatch.jobs.spec import JobSpec, input_format, output_format, output_path, result_fingerprint, spec_dict, spec_hash
 from kvbatch.jobs.summary import Summary, summary_path
 from kvbatch.jobs.writer import OutputWriter, metadata_strings
@@ -44,6 +46,11 @@ EngineFactory = Callable[[str, dict[str, Any]], Any]  # (model, EngineConfig fie
 def default_engine_factory(model: str, settings: dict[str, Any]) -> Any:
     from .engine import Engine, EngineConfig
 
+    tensor_parallel = settings.pop("tensor_parallel", 1)
+    if tensor_parallel > 1:
+        from .tensor_parallel import start_tensor_parallel
+
+        return start_tensor_parallel(model, settings, tensor_parallel)
     return Engine(EngineConfig(model=model, **settings))
 
 
@@ -57,11 +64,13 @@ class EngineCache:
     def get(self, job: JobSpec) -> tuple[Any, bool]:
         """(engine, created_now)."""
         settings = job.engine.settings()
+        if job.parallel.tensor > 1:
+            settings["tensor_parallel"] = job.parallel.tensor
         key = (job.model, tuple(sorted(settings.items())))
         if key in self._engines:
             return self._engines[key], False
         log.info("loading model %s", job.model)
-        self._engines[key] = self.factory(job.model, settings)
+        self._engines[key] = self.factory(job.model, dict(settings))
         return self._engines[key], True
 
 
@@ -97,7 +106,8 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
 def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wait_for_lock: bool = False) -> Summary:
     stop = stop or StopFlag()
     started = time.monotonic()
-    out = output_path(job)
+    shard = job_shard(job.parallel.shard)  # None: the whole input
+    out = output_path(job) if shard is None else shard.output_path(output_path(job))
     fmt = output_format(job)
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
@@ -107,7 +117,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
         layout = dataclasses.replace(layout, input_types=types)
     manifest = Manifest(job.name, spec_hash(job), result_fingerprint(job), out.name, fmt)
-    writer = OutputWriter(out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
+    writer = writer_for(shard, out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
                           part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
     summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
     with writer:
@@ -118,8 +128,9 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         writer.metadata = {k.encode(): v.encode() for k, v in _metadata(job, engine).items()}
         stats_before = _engine_counters(engine)
         done = len(writer.done_rows)
-        progress = JobProgress(job.name, reader.num_rows, engine, initial=done)
-        feed = _Feed(job, pspec, writer, PromptTokenizer(engine.tokenizer, pspec.allow_special_tokens, pspec.chat_template), stop, progress)
+        total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
+        progress = JobProgress(job.name, total, engine, initial=done)
+        feed = _Feed(job, pspec, writer, PromptTokenizer(engine.tokenizer, pspec.allow_special_tokens, pspec.chat_template), stop, progress, shard)
         try:
             requests = sort_window(feed.requests(iter(reader)), job.sort_window, key=lambda r: len(r.prompt_token_ids))
             for result in engine.generate(feed.admit(requests)):
@@ -156,7 +167,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
 class _Feed:
     """Turns rows into engine requests (writing bad rows straight out), and engine results into output rows."""
 
-    def __init__(self, job: JobSpec, pspec, writer: OutputWriter, tokenizer: PromptTokenizer, stop: StopFlag, progress: JobProgress) -> None:
+    def __init__(self, job: JobSpec, pspec, writer: OutputWriter, tokenizer: PromptTokenizer, stop: StopFlag, progress: JobProgress, shard: Shard | None = None) -> None:
         self.job, self.pspec, self.writer, self.tokenizer, self.stop, self.progress = job, pspec, writer, tokenizer, stop, progress
         self.layout = writer.layout
         self.base_sampling = _sampling_dict(job)
@@ -168,12 +179,16 @@ class _Feed:
         self.num_finished = 0
         self.output_tokens = 0
         self.exhausted = False  # the input was read to its end (a signal did not cut it short)
+        self.shard = shard  # only its rows are run; num_rows still counts the whole input
 
     def requests(self, rows: Iterator[Row]) -> Iterator[GenerationRequest]:
         for row in rows:
             self.num_rows = row.index + 1
             if self.stop.stopped:
                 return
+            if self.shard is not None and not self.shard.owns(row.index):
+                self._note_id(row)  # another shard runs it, but a later duplicate of its id is an error here too
+                continue
             if row.index in self.writer.done_rows:
                 continue  # finished by an earlier run
             request = self._request(row)
@@ -216,6 +231,12 @@ class _Feed:
                 return self._fail(pending, RowError(kinds.BAD_REQUEST, f"{row.where}: bad sampling parameters: {exc}"))
         self.pending[row.index] = pending
         return GenerationRequest(row.index, ids, params)
+
+    def _note_id(self, row: Row) -> None:
+        """Remember a row's id exactly as _request would, without running the row."""
+        value = (row.data or {}).get(self.layout.id_column) if self.layout.id_column and row.error is None else None
+        if value is not None:
+            self.seen_ids.setdefault(json.dumps(value, sort_keys=True, default=str), row.index)
 
     def _fail(self, pending: _Pending, error: RowError) -> None:
         self.write_error(pending.row, error, pending)
@@ -316,7 +337,7 @@ def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: E
                 outcomes.append(JobOutcome(job.name, error=InterruptedJob(f"job {job.name}: not started, stopped by {stop.signal_name}; rerun to run it")))
                 break
             try:
-                outcomes.append(JobOutcome(job.name, run_job(job, engines, stop, wait_for_lock)))
+                outcomes.append(JobOutcome(job.name, _job_runner(job)(job, engines, stop, wait_for_lock)))
             except InterruptedJob as exc:
                 outcomes.append(JobOutcome(job.name, error=exc))
                 break
@@ -329,6 +350,19 @@ def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: E
                 log.error("job %s failed: %s", job.name, exc)
                 outcomes.append(JobOutcome(job.name, error=exc))
     return outcomes
+
+
+def _job_runner(job: JobSpec) -> Callable[..., Summary]:
+    """run_job, or the runner that spreads the job over a Ray cluster or over processes (README "Scaling out")."""
+    if job.runner == "ray":
+        from .ray_data import run_job_ray
+
+        return run_job_ray
+    if job.parallel.data > 1:
+        from .data_parallel import run_data_parallel
+
+        return run_data_parallel
+    return run_job
 
 
 def _is_user_facing(exc: Exception) -> bool:

@@ -1,0 +1,228 @@
+"""`kvbatch merge`: finished shard outputs -> one output in input order, or a refusal that lists what is wrong.
+
+    out/answers.shard-0000-of-0004.arrow ┐
+    out/answers.shard-0001-of-0004.arrow ├──> out/answers.arrow   (rows 0..N-1, each once)
+    out/answers.shard-0002-of-0004.arrow │
+    out/answers.shard-0003-of-0004.arrow ┘
+
+Each shard must be complete (its manifest says so) and written by the same job spec (same spec hash), and
+must hold exactly its own rows (row % N == I). Anything else (a shard file missing, unfinished, from another
+spec, a row missing or present twice) stops the merge with the list, before anything is written.
+The merged output gets a manifest marked complete, so rerunning the unsharded job finds it done.
+A merge can also target one shard (data parallel inside a Slurm shard): its sources are that shard's splits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .assemble import count_by, unify, write_output
+from .atomic import atomic_file
+from .errors import JobError
+from .lock import OutputLock
+from .manifest import Manifest
+from .shard import Shard, split_shard_name
+from .writer import work_dir
+
+log = logging.getLogger(__name__)
+WHOLE = Shard(0, 1)
+
+
+class MergeError(JobError):
+    """The shards do not add up to the output (exit code 1); the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    output: Path
+    num_rows: int  # rows in the merged output
+    num_bytes: int
+    num_shards: int
+    finish_reasons: dict[str, int]
+    error_kinds: dict[str, int]
+
+
+@dataclass
+class _Source:
+    path: Path
+    shard: Shard
+    manifest: Manifest
+
+
+def find_shards(output: Path) -> list[Path]:
+    """Shard outputs beside `output` (out/answers.arrow -> out/answers.shard-*-of-*.arrow), finished or not, sorted."""
+    pattern = f"{output.stem}.shard-*-of-*{output.suffix}"
+    finished = set(output.parent.glob(pattern))
+    started = {d.with_name(d.name[1 : -len(".kvbatch")]) for d in output.parent.glob(f".{pattern}.kvbatch")}  # see work_dir
+    found = [p for p in finished | started if split_shard_name(p)]
+    return sorted(found, key=lambda p: split_shard_name(p)[1])  # type: ignore[index]
+
+
+def merge_shards(output: Path, shards: list[Path] | None = None, *, target: Shard = WHOLE, overwrite: bool = False) -> MergeReport:
+    """Merge shard outputs into `output` (the rows of `target`: the whole input by default)."""
+    paths = sorted(shards) if shards else find_shards(output)
+    if not paths:
+        raise MergeError(f"no shard outputs found beside {output} (expected {output.stem}.shard-IIII-of-NNNN{output.suffix})")
+    sources, problems = _open_sources(paths, target)
+    if problems:
+        raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
+    first = sources[0].manifest
+    num_input_rows = first.num_rows or 0
+    with OutputLock(_prepare(output, first, overwrite) / "lock"):
+        if first.format in ("jsonl", "openai"):
+            num_bytes, counts = _merge_lines(sources, output, target, num_input_rows)
+        else:
+            num_bytes, counts = _merge_tables(sources, output, target, num_input_rows)
+        merged = Manifest(first.job, first.spec_hash, first.fingerprint, output.name, first.format, [], True, num_input_rows)
+        merged.save(work_dir(output) / "manifest.json")
+    log.info("merged %d shards into %s (%d rows)", len(sources), output, target.num_rows(num_input_rows))
+    return MergeReport(output, target.num_rows(num_input_rows), num_bytes, len(sources), *counts)
+
+
+def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list[str]]:
+    """Read every shard's manifest; return them with the list of everything that stops the merge."""
+    problems: list[str] = []
+    sources: list[_Source] = []
+    named_shards: list[Shard] = []
+    for path in paths:
+        named = split_shard_name(path)
+        if named is None:
+            problems.append(f"{path.name}: not a shard output name (NAME.shard-IIII-of-NNNN.EXT)")
+            continue
+        named_shards.append(named[1])
+        manifest_path = work_dir(path) / "manifest.json"
+        try:
+            manifest = Manifest.load(manifest_path)
+        except FileNotFoundError:
+            problems.append(f"{path.name}: no kvbatch manifest at {manifest_path} (was it written by kvbatch?)")
+            continue
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{path.name}: unreadable manifest ({exc})")
+            continue
+        if not manifest.complete or not path.exists():
+            problems.append(f"{path.name}: unfinished ({len(manifest.done_rows())} rows committed); rerun shard {named[1]} to finish it")
+            continue
+        sources.append(_Source(path, named[1], manifest))
+    if named_shards:
+        problems += _check_cover(named_shards, target, next(p for p in paths if split_shard_name(p)))
+    if not sources:
+        return sources, problems
+    first = sources[0]
+    for s in sources[1:]:
+        if s.manifest.spec_hash != first.manifest.spec_hash:
+            problems.append(f"{s.path.name}: written by another job spec than {first.path.name} (spec hash {s.manifest.spec_hash} != {first.manifest.spec_hash})")
+        if s.manifest.num_rows != first.manifest.num_rows:
+            problems.append(f"{s.path.name}: saw {s.manifest.num_rows} input rows, {first.path.name} saw {first.manifest.num_rows} (did the input change?)")
+        if s.manifest.format != first.manifest.format:
+            problems.append(f"{s.path.name}: format {s.manifest.format}, {first.path.name}: {first.manifest.format}")
+    return sources, problems
+
+
+def _check_cover(shards: list[Shard], target: Shard, example: Path) -> list[str]:
+    """The shards must be exactly the splits of `target`: all of them, each once."""
+    counts = {s.count for s in shards}
+    if len(counts) > 1:
+        return [f"shards of different counts ({', '.join(map(str, sorted(counts)))}); merge one run's shards at a time"]
+    count = counts.pop()
+    if count % target.count:
+        return [f"shards of {count} cannot make up shard {target}"]
+    expected = {s.index for s in target.split(count // target.count)}
+    have = [s.index for s in shards]
+    problems = [f"shard {i}/{count} is given twice" for i in sorted({i for i in have if have.count(i) > 1})]
+    problems += [f"shard {i}/{count} does not belong to shard {target}" for i in sorted(set(have) - expected)]
+    base = split_shard_name(example)[0]  # type: ignore[index]
+    problems += [f"missing: {Shard(i, count).output_path(base).name} (shard {i}/{count})" for i in sorted(expected - set(have))]
+    return problems
+
+
+def _prepare(output: Path, first: Manifest, overwrite: bool) -> Path:
+    """Refuse to replace an output that another job wrote; return the output's work folder."""
+    folder = work_dir(output)
+    manifest_path = folder / "manifest.json"
+    if output.exists() and not overwrite:
+        previous = Manifest.load(manifest_path) if manifest_path.exists() else None
+        if previous is None or previous.spec_hash != first.spec_hash:
+            raise MergeError(f"{output} exists and was not written by this job's spec; remove it or merge with --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _read_table(path: Path, fmt: str) -> pa.Table:
+    if fmt == "parquet":
+        return pq.read_table(path)
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def _row_problems(name: str, rows: np.ndarray, expected: range) -> list[str]:
+    want = np.arange(expected.start, expected.stop, expected.step)
+    if np.array_equal(rows, want):
+        return []
+    values, counts = np.unique(rows, return_counts=True)
+    missing = np.setdiff1d(want, values)
+    duplicated = values[counts > 1]
+    foreign = np.setdiff1d(values, want)
+    problems = []
+    for label, found in (("missing", missing), ("duplicated", duplicated), ("not of this shard", foreign)):
+        if len(found):
+            problems.append(f"{name}: {len(found)} rows {label}: {found[:20].tolist()}{' ...' if len(found) > 20 else ''}")
+    return problems or [f"{name}: rows are not in input order"]
+
+
+def _merge_tables(sources: list[_Source], output: Path, target: Shard, num_input_rows: int) -> tuple[int, tuple]:
+    tables, problems = [], []
+    for s in sources:
+        table = _read_table(s.path, s.manifest.format)
+        problems += _row_problems(s.path.name, table.column("row").to_numpy(), s.shard.rows(num_input_rows))
+        tables.append(table)
+    if problems:
+        raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
+    table = unify(tables)
+    order = np.argsort(table.column("row").to_numpy(), kind="stable")
+    metadata = dict(tables[0].schema.metadata or {})
+    num_bytes = write_output(table, order, output, sources[0].manifest.format, metadata)
+    return num_bytes, (count_by(table, "finish_reason"), count_by(table, "error_kind"))
+
+
+def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_rows: int) -> tuple[int, tuple]:
+    """JSONL outputs: row r is the next line of the shard that owns r, so the files are interleaved, streaming."""
+    problems = []
+    for s in sources:
+        with open(s.path, "rb") as f:
+            num_lines = sum(1 for _ in f)
+        if num_lines != s.shard.num_rows(num_input_rows):
+            problems.append(f"{s.path.name}: {num_lines} lines, expected {s.shard.num_rows(num_input_rows)} (rows of shard {s.shard})")
+    if problems:
+        raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
+    count = sources[0].shard.count
+    files = {s.shard.index: open(s.path, "rb") for s in sources}
+    reasons: dict[str, int] = {}
+    try:
+        with atomic_file(output) as out:
+            for row in target.rows(num_input_rows):
+                line = files[row % count].readline()
+                _check_line(line, row, sources[0].manifest.format, reasons)
+                out.write(line)
+            num_bytes = out.tell()
+    finally:
+        for f in files.values():
+            f.close()
+    return num_bytes, (reasons, {})
+
+
+def _check_line(line: bytes, row: int, fmt: str, reasons: dict[str, int]) -> None:
+    record = json.loads(line)
+    if fmt == "jsonl":
+        if record.get("row") != row:
+            raise MergeError(f"expected row {row}, found row {record.get('row')}: a shard file was edited after it was written")
+        reason = record.get("finish_reason")
+    else:
+        reason = "error" if record.get("error") else "done"
+    reasons[str(reason)] = reasons.get(str(reason), 0) + 1
+

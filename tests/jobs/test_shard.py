@@ -1,0 +1,161 @@
+"""Shards without a model: the partition, Slurm's variables, names, the shard writer, and merge's refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from kvbatch.jobs.errors import JobError, SpecError
+from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.merge import MergeError, find_shards, merge_shards
+from kvbatch.jobs.records import Layout, RowResult
+from kvbatch.jobs.shard import Shard, parse_shard, shard_from_env, split_shard_name
+from kvbatch.jobs.shard_output import ShardWriter
+from kvbatch.jobs.writer import work_dir
+
+
+def test_every_row_has_exactly_one_shard_and_splits_compose():
+    shards = [Shard(i, 4) for i in range(4)]
+    for row in range(50):
+        assert [s.index for s in shards if s.owns(row)] == [row % 4]
+    assert sum(s.num_rows(50) for s in shards) == 50
+    assert [s.num_rows(10) for s in shards] == [3, 3, 2, 2]
+    # shard 1/4 cut 3 ways: together exactly the rows of shard 1/4
+    parts = Shard(1, 4).split(3)
+    assert parts == [Shard(1, 12), Shard(5, 12), Shard(9, 12)]
+    assert sorted(r for p in parts for r in p.rows(100)) == list(Shard(1, 4).rows(100))
+
+
+def test_parse_shard():
+    assert parse_shard("3/4") == Shard(3, 4)
+    assert parse_shard(" 0 / 1 ") == Shard(0, 1)
+    assert parse_shard("off") is None
+    for bad in ("4/4", "1/0", "a/b", "-1/3", "3"):
+        with pytest.raises(SpecError, match="--shard"):
+            parse_shard(bad)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, None),
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}, Shard(2, 4)),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "4", "SLURM_ARRAY_TASK_COUNT": "4"}, Shard(2, 4)),
+        ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_STEP": "2"}, Shard(2, 4)),
+    ],
+)
+def test_shard_from_slurm(env, expected):
+    assert shard_from_env(env) == expected
+
+
+def test_uneven_slurm_arrays_ask_for_an_explicit_shard():
+    gaps = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_COUNT": "3"}
+    with pytest.raises(SpecError, match="pass --shard I/N explicitly"):
+        shard_from_env(gaps)
+
+
+def test_names_round_trip():
+    out = Path("out/answers.arrow")
+    named = Shard(3, 4).output_path(out)
+    assert named.name == "answers.shard-0003-of-0004.arrow"
+    assert split_shard_name(named) == (out, Shard(3, 4))
+    assert split_shard_name(out) is None
+
+
+# ---- shard outputs written by ShardWriter, then merged ---------------------------------------------------
+
+LAYOUT = Layout(id_column="id")
+NUM_ROWS = 10
+
+
+def _write_shard(out: Path, shard: Shard, num_rows: int = NUM_ROWS, fmt: str = "arrow", spec_hash: str = "h1", skip: int | None = None) -> Path:
+    path = shard.output_path(out)
+    manifest = Manifest("job", spec_hash, {"model": "m"}, path.name, fmt)
+    with ShardWriter(path, fmt, LAYOUT, manifest, shard=shard, part_rows=2) as writer:
+        for row in reversed(shard.rows(num_rows)):  # any order in; input order out
+            if row != skip:
+                writer.add(RowResult(row, id=f"id{row}", texts=[f"text {row}"], finish_reasons=["stop"], prompt_tokens=row, output_tokens=1))
+        if skip is None:
+            writer.finalize(num_rows)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "jsonl", "parquet"])
+def test_merge_joins_shards_in_input_order(tmp_path, fmt):
+    out = tmp_path / f"answers.{fmt}"
+    for i in (2, 0, 3, 1):
+        _write_shard(out, Shard(i, 4), fmt=fmt)
+    assert [split_shard_name(p)[1].index for p in find_shards(out)] == [0, 1, 2, 3]
+    report = merge_shards(out)
+    assert (report.num_rows, report.num_shards) == (NUM_ROWS, 4)
+    if fmt == "jsonl":
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(out).to_pylist()
+    else:
+        records = pa.ipc.open_file(out).read_all().to_pylist()
+    assert [r["row"] for r in records] == list(range(NUM_ROWS))
+    assert [r["text"] for r in records] == [f"text {i}" for i in range(NUM_ROWS)]
+    # the merged output is a finished output of the same spec: a plain rerun would find it done
+    merged = Manifest.load(work_dir(out) / "manifest.json")
+    assert (merged.complete, merged.spec_hash, merged.num_rows) == (True, "h1", NUM_ROWS)
+
+
+def test_shard_writer_refuses_a_shard_with_rows_missing(tmp_path):
+    path = Shard(1, 3).output_path(tmp_path / "a.arrow")
+    with pytest.raises(JobError, match=r"shard 1/3: 1 of its rows have no result \(first: \[4\]\)"):
+        with ShardWriter(path, "arrow", LAYOUT, Manifest("job", "h", {}, path.name, "arrow"), shard=Shard(1, 3)) as writer:
+            for row in (1, 7):
+                writer.add(RowResult(row, id=row, texts=["x"], finish_reasons=["stop"]))
+            writer.finalize(9)
+
+
+def test_merge_lists_missing_unfinished_and_foreign_shards(tmp_path):
+    out = tmp_path / "answers.arrow"
+    _write_shard(out, Shard(0, 4))
+    _write_shard(out, Shard(1, 4), spec_hash="other")
+    _write_shard(out, Shard(2, 4), skip=6)  # interrupted: never finalized
+    with pytest.raises(MergeError) as info:
+        merge_shards(out)
+    message = str(info.value)
+    assert "answers.shard-0001-of-0004.arrow: written by another job spec" in message
+    assert "answers.shard-0002-of-0004.arrow: unfinished (1 rows committed); rerun shard 2/4" in message
+    assert "missing: answers.shard-0003-of-0004.arrow (shard 3/4)" in message
+    assert not out.exists()
+
+
+def test_merge_lists_duplicated_and_missing_rows(tmp_path):
+    out = tmp_path / "answers.arrow"
+    paths = [_write_shard(out, Shard(i, 2)) for i in range(2)]
+    table = pa.ipc.open_file(paths[0]).read_all()  # rows 0 2 4 6 8 -> 0 2 2 6 8: 2 twice, 4 gone
+    rows = table.column("row").to_pylist()
+    rows[2] = 2
+    table = table.set_column(0, "row", pa.array(rows, pa.int64()))
+    with pa.ipc.new_file(paths[0], table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(MergeError) as info:
+        merge_shards(out)
+    assert "answers.shard-0000-of-0002.arrow: 1 rows missing: [4]" in str(info.value)
+    assert "answers.shard-0000-of-0002.arrow: 1 rows duplicated: [2]" in str(info.value)
+    assert not out.exists()
+
+
+def test_merge_refuses_mixed_counts_and_someone_elses_output(tmp_path):
+    out = tmp_path / "answers.arrow"
+    _write_shard(out, Shard(0, 2))
+    _write_shard(out, Shard(1, 3))
+    with pytest.raises(MergeError, match="shards of different counts"):
+        merge_shards(out)
+    out2 = tmp_path / "b.arrow"
+    for i in range(2):
+        _write_shard(out2, Shard(i, 2))
+    out2.write_text("not ours")
+    with pytest.raises(MergeError, match="was not written by this job's spec"):
+        merge_shards(out2)
+    merge_shards(out2, overwrite=True)
+    assert pa.ipc.open_file(out2).read_all().num_rows == NUM_ROWS

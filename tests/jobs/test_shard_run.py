@@ -1,0 +1,35 @@
+"""A job run as 4 shards on the CPU and merged equals the same job run whole, row for row (tiny model, greedy)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from kvbatch.jobs.merge import merge_shards
+from kvbatch.jobs.spec import output_path
+from kvbatch.runner.job import run_jobs
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input  # noqa: E402
+
+
+def test_four_shards_merged_equal_one_process(tmp_path):
+    write_input(tmp_path / "in.jsonl")
+    whole = tiny_job(tmp_path, "whole")
+    [outcome] = run_jobs([whole], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    expected = rows_of(output_path(whole))
+    assert [r["error_kind"] for r in expected if r["error_kind"]] == ["bad_json", "duplicate_id"]
+
+    sharded = tiny_job(tmp_path)
+    for i in range(4):
+        [outcome] = run_jobs([dataclasses.replace(sharded, parallel=dataclasses.replace(sharded.parallel, shard=f"{i}/4"))], engine_factory=tiny_engine)
+        assert outcome.error is None, outcome.error
+        assert outcome.summary.rows == len(range(i, 13, 4))
+    out = output_path(sharded)
+    assert not out.exists()
+    assert [r["row"] for r in rows_of(out.with_name("answers.shard-0001-of-0004.arrow"))] == [1, 5, 9]
+    report = merge_shards(out)
+    assert report.num_rows == 13
+    assert rows_of(out) == expected

@@ -1,0 +1,69 @@
+"""`--data-parallel 2` on the CPU: two engine processes on disjoint shards, merged, equal to one process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kvbatch.jobs.spec import output_path
+from kvbatch.jobs.writer import work_dir
+from kvbatch.runner import cli
+from kvbatch.runner.job import run_jobs
+from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
+
+
+def test_data_parallel_two_processes_equal_one(tmp_path):
+    write_input(tmp_path / "in.jsonl")
+    whole = tiny_job(tmp_path, "whole")
+    [single] = run_jobs([whole], engine_factory=tiny_engine)
+    assert single.error is None, single.error
+
+    job = tiny_job(tmp_path, data=2)
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    out = output_path(job)
+    assert rows_of(out) == rows_of(output_path(whole))
+    summary = outcome.summary
+    assert (summary.rows, summary.rows_error, summary.rows_this_run) == (13, 2, 13)
+    assert summary.output_tokens == single.summary.output_tokens
+    assert json.loads(out.with_name("answers.arrow.summary.json").read_text())["rows"] == 13
+    left = sorted(p.name for p in out.parent.iterdir() if "answers" in p.name)  # the shard outputs are gone
+    assert left == [".answers.arrow.kvbatch", "answers.arrow", "answers.arrow.summary.json"]
+
+    [again] = run_jobs([job], engine_factory=tiny_engine)  # finished: nothing is started again
+    assert again.summary.status == "already complete" and again.summary.rows_this_run == 0
+    assert work_dir(out).is_dir()
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock=False: calls.append(specs) or [])
+    return calls
+
+
+def test_cli_scaling_options_reach_the_spec(tmp_path, captured, monkeypatch):
+    (tmp_path / "jobs.yaml").write_text("jobs:\n  - name: a\n    input: {path: in.jsonl}\n")
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--shard", "1/4", "--data-parallel", "2", "--tensor-parallel", "2"])
+    assert result.exit_code == 0, result.output
+    parallel = captured[-1][0].parallel
+    assert (parallel.shard, parallel.data, parallel.tensor, captured[-1][0].runner) == ("1/4", 2, 2, "local")
+
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    result = runner.invoke(cli.app, ["generate", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.arrow"), "--ray-address", "auto"])
+    assert result.exit_code == 0, result.output
+    spec = captured[-1][0]
+    assert (spec.parallel.shard, spec.runner, spec.parallel.ray_address) == ("3/4", "ray", "auto")
+
+    result = runner.invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--shard", "4/4"])
+    assert result.exit_code == 2 and "need 0 <= I < N" in result.output
+
+
+def test_cli_merge_refuses_with_the_list(tmp_path):
+    result = CliRunner().invoke(cli.app, ["merge", str(tmp_path / "answers.arrow")])
+    assert result.exit_code == 1
+    assert "no shard outputs found beside" in result.output
