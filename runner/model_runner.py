@@ -101,10 +101,16 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.backend = backend
         self.device = next(model.parameters()).device
+        self.graphs = None  # a DecodeGraphs once captured (runner/cuda_graphs.py): pure-decode steps replay it
 
-    @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the sampling rows: [num_sampling, vocab_size] float32."""
+        if self.graphs is not None and self.graphs.fits(inputs):
+            return self.graphs.forward(inputs)
+        return self.forward_eager(inputs)
+
+    @torch.inference_mode()
+    def forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         step = StepContext(inputs.meta, self.kv_cache, self.backend)
         out = self.model(
             input_ids=inputs.input_ids,

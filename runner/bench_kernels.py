@@ -9,36 +9,21 @@ Prints one JSON object per line:
     prefill       prefill attention TFLOP/s (causal FLOPs actually needed), fresh prompts and cached prefixes
     prefill_sweep (--sweep) tile variants
 
-Run on the GPU machine from the repo root: `python scripts/kernel_check.py [--sweep]` (about 2-4 minutes).
+Run on the GPU machine: `kvbatch bench kernels [--sweep]` (about 2-4 minutes).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-try:
-    from kvbatch.cache import attention_torch, attention_triton
-    from kvbatch.cache.metadata import AttentionMetadata
-except ImportError:  # a checkout that was not pip-installed: map kvbatch.cache onto cache/ by hand
-    ROOT = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location(
-        "kvbatch.cache", ROOT / "cache" / "__init__.py", submodule_search_locations=[str(ROOT / "cache")]
-    )
-    sys.modules["kvbatch.cache"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["kvbatch.cache"])
-    from kvbatch.cache import attention_torch, attention_triton
-    from kvbatch.cache.metadata import AttentionMetadata
+from kvbatch.cache import attention_torch, attention_triton
+from kvbatch.cache.metadata import AttentionMetadata
 
 # (num_heads, num_kv_heads, head_dim) of the engine's three model shapes.
 SHAPES = {"llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}
@@ -214,22 +199,15 @@ def prefill_sweep(step, name, fn, flops, head_dim) -> None:
             attention_triton._prefill_config = default_config
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also time tile and split variants")
-    args = parser.parse_args()
+def run_kernel_check(sweep: bool = False) -> bool:
+    """Every check and timing above, in order; True when every correctness case passed."""
     start = time.time()
     props = torch.cuda.get_device_properties(0)
     emit("device", name=props.name, sms=props.multi_processor_count, torch=torch.__version__,
          triton=triton.__version__, memory_gib=round(props.total_memory / 2**30, 1))
     copy_gbps = copy_bandwidth()
     ok = check_correctness()
-    decode_bandwidth(copy_gbps, args.sweep)
-    prefill_speed(args.sweep)
+    decode_bandwidth(copy_gbps, sweep)
+    prefill_speed(sweep)
     emit("done", all_correct=ok, seconds=round(time.time() - start, 1))
-    if not ok:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
+    return ok

@@ -1,0 +1,156 @@
+"""`kvbatch bench`: throughput on random models of real shapes, the peers beside it, kernels, and GPU-vs-reference.
+
+Results print as one JSON object per line (and go to --json), so BENCHMARKS.md can quote them with the
+command that made them. Nothing here asserts a speed: the figures are read, not tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+
+from .bench_bound import workload_bound
+from .bench_models import SHAPES, num_params, random_model
+from .bench_workloads import Workload, make_workload
+from .engine import Engine, EngineConfig
+
+bench_app = typer.Typer(help="Benchmarks on random models of real shapes (see BENCHMARKS.md).", no_args_is_help=True)
+
+ShapeOpt = Annotated[str, typer.Option(help=f"Model shape: {', '.join(SHAPES)}.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Append the result lines to this file.")]
+
+
+def _emit(record: dict[str, Any], json_path: Path | None) -> None:
+    line = json.dumps(record)
+    typer.echo(line)
+    if json_path is not None:
+        with open(json_path, "a") as f:
+            f.write(line + "\n")
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_engine(engine: Engine, workload: Workload) -> dict[str, Any]:
+    """Time one pass of the workload through the engine; counts come from the results, not the workload."""
+    before = dataclasses.replace(engine.stats)
+    _sync(engine.device)
+    started = time.perf_counter()
+    out_tokens = errors = 0
+    for result in engine.generate(workload.requests):
+        out_tokens += result.num_output_tokens
+        errors += result.error is not None
+    _sync(engine.device)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": round(seconds, 3),
+        "rows": len(workload.requests),
+        "errors": errors,
+        "in_tokens": workload.num_prompt_tokens,
+        "out_tokens": out_tokens,
+        "out_tok_s": round(out_tokens / seconds, 1),
+        "total_tok_s": round((workload.num_prompt_tokens + out_tokens) / seconds, 1),
+        "steps": engine.stats.num_steps - before.num_steps,
+        "preemptions": engine.stats.num_preemptions - before.num_preemptions,
+        "peak_kv_usage": round(engine.stats.peak_kv_usage, 3),
+    }
+
+
+def _warm_up(engine: Engine, workload: Workload) -> None:
+    """Compile the kernels and capture the graphs outside the timed run: a few short rows of every kind."""
+    small = Workload("warm-up", [dataclasses.replace(r, request_id=("warm", i)) for i, r in enumerate(workload.requests[:8])])
+    run_engine(engine, small)
+
+
+@bench_app.command()
+def throughput(
+    shape: ShapeOpt = "llama-1b",
+    workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (runner/bench_workloads.py).")] = "a",
+    num_prompts: Annotated[Optional[int], typer.Option(min=1, help="Override the workload's prompt count.")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="'hf': also run transformers generate (padded batches) and generate_batch.")] = None,
+    hf_batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the padded generate peer.")] = 64,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16, float32.")] = "auto",
+    max_num_seqs: Annotated[int, typer.Option(min=1)] = 512,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(min=1)] = None,
+    kv_pool_tokens: Annotated[Optional[int], typer.Option(min=1, help="Cap the KV pool at this many tokens (workload c).")] = None,
+    policy: Annotated[str, typer.Option(help="optimistic or reserve.")] = "optimistic",
+    attention_backend: Annotated[str, typer.Option(help="auto, triton, torch, flash-attn.")] = "auto",
+    cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps from CUDA graphs.")] = True,
+    prefix_cache: Annotated[Optional[bool], typer.Option(help="Shared-prefix caching on or off (engine default when unset).")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Output and total tokens/s of kvbatch on a workload, the share of the roofline, and the peers with --compare hf."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    needed = make_workload(workload, SHAPES[shape]["vocab_size"], num_prompts).max_seq_len
+    loaded = random_model(shape, device, dtype, max_model_len=max(4096, needed))
+    work = make_workload(workload, loaded.model.config.vocab_size, num_prompts)
+    block_size = 16
+    settings: dict[str, Any] = dict(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, policy=policy,
+        attention_backend=attention_backend, cuda_graphs=cuda_graphs, block_size=block_size,
+        num_blocks_override=-(-kv_pool_tokens // block_size) if kv_pool_tokens else None,
+    )  # fmt: skip
+    if prefix_cache is not None:
+        settings["prefix_cache"] = prefix_cache
+    started = time.perf_counter()
+    engine = Engine.from_loaded(loaded, EngineConfig(**settings))
+    _warm_up(engine, work)
+    setup_s = time.perf_counter() - started
+    base = {"shape": shape, "params": num_params(loaded.model), "workload": work.describe(), "device": _device_name(engine.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."), "torch": torch.__version__}  # fmt: skip
+    result = run_engine(engine, work)
+    record = {**base, "runner": "kvbatch", "attention": engine.backend.name, "cuda_graphs": engine.uses_cuda_graphs,
+              "kv_pool": engine.pool_size.describe(), "setup_s": round(setup_s, 1), **result}  # fmt: skip
+    bound = workload_bound(loaded.model, loaded.dtype, work, engine.device)
+    if bound is not None:
+        record.update(bound_s=round(bound.seconds, 3), share_of_bound=round(bound.seconds / result["seconds"], 3))
+    _emit(record, json_path)
+    if compare == "hf":
+        engine.close()
+        _compare_hf(loaded.model, work, hf_batch_size, base, result, json_path)
+
+
+def _compare_hf(model, work: Workload, batch_size: int, base: dict, ours: dict, json_path: Path | None) -> None:
+    from .bench_hf import hf_generate_batch, hf_generate_padded
+
+    for name, run in (("hf-generate-padded", lambda: hf_generate_padded(model, work, batch_size)),
+                      ("hf-generate_batch", lambda: hf_generate_batch(model, work))):  # fmt: skip
+        try:
+            seconds, out_tokens = run()
+        except Exception as exc:  # noqa: BLE001 - a peer that breaks is reported, the other figures stand
+            _emit({**base, "runner": name, "error": f"{type(exc).__name__}: {exc}"[:500]}, json_path)
+            continue
+        out_tok_s = out_tokens / seconds
+        _emit({**base, "runner": name, "batch": batch_size if "padded" in name else None, "seconds": round(seconds, 2),
+               "out_tokens": out_tokens, "out_tok_s": round(out_tok_s, 1),
+               "total_tok_s": round((work.num_prompt_tokens + out_tokens) / seconds, 1),
+               "kvbatch_speedup": round(ours["out_tok_s"] / out_tok_s, 2)}, json_path)  # fmt: skip
+
+
+@bench_app.command()
+def kernels(sweep: Annotated[bool, typer.Option(help="Also time tile and split variants.")] = False) -> None:
+    """Triton kernels on the GPU: correctness against the torch reference, decode GB/s at 1k-32k, prefill TFLOP/s."""
+    from .bench_kernels import run_kernel_check
+
+    ok = run_kernel_check(sweep)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
