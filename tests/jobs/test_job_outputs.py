@@ -1,0 +1,187 @@
+"""A whole job over the fake engine: one output row per input row, in input order, in every format, with metadata
+and a summary JSON beside the output. The fake engine answers out of order and reports the prompt's token count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from job_fakes import FakeTokenizer, fake_factory
+from openai.types import BatchError
+from openai.types.chat import ChatCompletion
+
+from kvbatch import __version__
+from kvbatch.jobs.spec import job_from_dict
+from kvbatch.runner.job import EngineCache, run_job, run_jobs
+
+TOKENIZER = FakeTokenizer()
+COLUMNS = ["row", "id", "topic", "text", "finish_reason", "error", "error_kind", "prompt_tokens", "output_tokens"]
+
+
+def chat_tokens(*messages: tuple[str, str]) -> int:
+    text = "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in messages) + "<|im_start|>assistant\n"
+    return len(TOKENIZER.encode(text))
+
+
+def write_lines(path: Path, lines: list[Any]) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def run(tmp_path: Path, **fields: Any):
+    factory = fake_factory(max_model_len=fields.pop("max_model_len", 200))
+    job = job_from_dict({"name": "j", "output_dir": "out", **fields}, base_dir=str(tmp_path))
+    summary = run_job(job, EngineCache(factory))
+    return summary, factory.engines[0] if factory.engines else None
+
+
+def read_arrow(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+LINES = [
+    {"id": "a", "topic": "t1", "prompt": "a much longer question than the others"},
+    {"id": "b", "topic": "t2", "prompt": "short"},
+    '{"id": "c", "prompt": "broken"',
+    {"id": "d", "topic": "t1", "prompt": ""},
+    {"id": "e", "topic": "t2", "prompt": 17},
+    {"id": "f", "topic": "t1", "prompt": "x" * 300},
+    {"id": "b", "topic": "t3", "prompt": "duplicate id"},
+    {"id": "g", "topic": "t2", "prompt": "medium question"},
+]
+
+
+def test_one_row_per_input_row_in_input_order(tmp_path: Path) -> None:
+    write_lines(tmp_path / "in.jsonl", LINES)
+    summary, engine = run(tmp_path, input={"path": "in.jsonl"}, id_column="id", keep_columns=["topic"], sort_window=8)
+    table = read_arrow(tmp_path / "out" / "j.arrow")
+    assert table.column_names == COLUMNS
+    got = table.to_pylist()
+    assert [r["row"] for r in got] == list(range(8))
+    assert [r["id"] for r in got] == ["a", "b", None, "d", "e", "f", "b", "g"]
+    assert [r["finish_reason"] for r in got] == ["stop", "stop", "error", "error", "error", "error", "error", "stop"]
+    assert [r["error_kind"] for r in got] == [None, None, "bad_json", "empty_prompt", "wrong_type", "prompt_too_long", "duplicate_id", None]
+    for r, line in zip(got, LINES):
+        if r["finish_reason"] == "stop":
+            n = chat_tokens(("user", line["prompt"]))
+            assert (r["text"], r["prompt_tokens"], r["output_tokens"], r["error"]) == (f"echo {n}", n, 3, None)
+            assert r["topic"] == line["topic"]
+    assert got[2]["error"].startswith("row 2 (line 3): invalid JSON")
+    assert got[5]["error"].startswith(f"row 5 (line 6): the prompt has {chat_tokens(('user', 'x' * 300))} tokens; at most 199 fit")
+    assert got[6]["error"] == "row 6 (line 7): duplicate id 'b' (first at row 1)"
+    # The engine was asked shortest first within the sort window; the file is still in input order.
+    asked = [r.request_id for r in engine.requests]
+    assert asked == [1, 7, 0, 5]
+    assert (summary.rows, summary.rows_ok, summary.rows_error) == (8, 3, 5)
+    assert summary.errors_by_kind == {"bad_json": 1, "empty_prompt": 1, "wrong_type": 1, "prompt_too_long": 1, "duplicate_id": 1}
+
+
+def test_schema_metadata_names_job_model_sampling_and_version(tmp_path: Path) -> None:
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    run(tmp_path, input={"path": "in.jsonl"}, model="some-model", sampling={"max_new_tokens": 7, "temperature": 0.5, "seed": 3})
+    meta = {k.decode(): v.decode() for k, v in read_arrow(tmp_path / "out" / "j.arrow").schema.metadata.items()}
+    assert meta["kvbatch.version"] == __version__
+    assert meta["kvbatch.model"] == "some-model"
+    sampling = json.loads(meta["kvbatch.sampling"])
+    assert (sampling["max_new_tokens"], sampling["temperature"], sampling["seed"]) == (7, 0.5, 3)
+    job = json.loads(meta["kvbatch.job"])
+    assert (job["name"], job["input"]["path"], job["model"]) == ("j", "in.jsonl", "some-model")
+    assert json.loads(meta["kvbatch.engine"])["pool"] == "100 blocks of 16 tokens = 1600 tokens"
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
+def test_formats_hold_the_same_rows(tmp_path: Path, fmt: str) -> None:
+    write_lines(tmp_path / "in.jsonl", [{"k": i, "prompt": f"question {'x' * i}"} for i in range(5)] + ["not json"])
+    summary, _ = run(tmp_path, input={"path": "in.jsonl"}, id_column="k", output={"path": f"res.{fmt}"})
+    path = tmp_path / "out" / f"res.{fmt}"
+    if fmt == "arrow":
+        rows, meta = read_arrow(path).to_pylist(), read_arrow(path).schema.metadata
+    elif fmt == "parquet":
+        table = pq.read_table(path)
+        rows, meta = table.to_pylist(), table.schema.metadata
+    else:
+        rows, meta = [json.loads(line) for line in path.read_text().splitlines()], None
+    assert [r["row"] for r in rows] == list(range(6)) and [r["k"] for r in rows] == [0, 1, 2, 3, 4, None]
+    assert [r["text"] for r in rows[:5]] == [f"echo {chat_tokens(('user', f'question {chr(120) * i}'))}" for i in range(5)]
+    assert rows[5]["error_kind"] == "bad_json"
+    assert meta is None or b"kvbatch.job" in meta
+    side = json.loads((tmp_path / "out" / f"res.{fmt}.summary.json").read_text())
+    assert side == summary.to_dict()
+    assert (side["rows"], side["rows_ok"], side["rows_error"], side["finish_reasons"]) == (6, 5, 1, {"stop": 5, "error": 1})
+    assert side["output_tokens"] == 15 and side["status"] == "done" and side["output_bytes"] == path.stat().st_size
+
+
+def test_parquet_input_keeps_column_types(tmp_path: Path) -> None:
+    table = pa.table({"rid": pa.array([10, 11], pa.int64()), "stars": pa.array([5, 2], pa.int8()), "product": ["kettle", "lamp"], "review": ["good", "bad"]})
+    pq.write_table(table, tmp_path / "in.parquet")
+    run(tmp_path, input={"path": "in.parquet"}, prompt={"template": "{product}: {review}"}, id_column="rid", keep_columns=["stars"])
+    out = read_arrow(tmp_path / "out" / "j.arrow")
+    assert out.schema.field("rid").type == pa.int64() and out.schema.field("stars").type == pa.int8()
+    assert out.column("text").to_pylist() == [f"echo {chat_tokens(('user', 'kettle: good'))}", f"echo {chat_tokens(('user', 'lamp: bad'))}"]
+
+
+def test_n_samples_and_logprobs(tmp_path: Path) -> None:
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}, {"prompt": None}])
+    run(tmp_path, input={"path": "in.jsonl"}, sampling={"n": 2, "logprobs": True})
+    out = read_arrow(tmp_path / "out" / "j.arrow")
+    assert out.schema.field("text").type == pa.list_(pa.string())
+    first, second = out.to_pylist()
+    n = chat_tokens(("user", "hi"))
+    assert first["text"] == [f"echo {n} #0", f"echo {n} #1"] and first["finish_reasons"] == ["stop", "stop"]
+    assert first["logprobs"] == [[-0.5] * 3, [-0.5] * 3] and first["output_tokens"] == 6
+    assert (second["text"], second["finish_reason"], second["error_kind"]) == (None, "error", "empty_prompt")
+
+
+def test_openai_batch_in_openai_batch_out(tmp_path: Path) -> None:
+    def request(custom_id: str, content: Any, **body: Any) -> dict:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [{"role": "user", "content": content}], **body}}
+
+    write_lines(tmp_path / "batch.jsonl", [request("r1", "hello", max_tokens=2), request("r2", "hi", n=2), request("r3", ""), request("r4", "bye", temperature=-1)])
+    summary, engine = run(tmp_path, input={"path": "batch.jsonl", "format": "openai"}, output={"path": "answers.jsonl"})
+    lines = [json.loads(x) for x in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["r1", "r2", "r3", "r4"]
+    first = ChatCompletion.model_validate(lines[0]["response"]["body"])
+    n = chat_tokens(("user", "hello"))
+    assert (first.choices[0].message.content, first.choices[0].finish_reason) == (f"echo {n}", "length")  # max_tokens 2
+    assert (first.usage.prompt_tokens, first.usage.completion_tokens) == (n, 2)
+    second = ChatCompletion.model_validate(lines[1]["response"]["body"])
+    assert [c.index for c in second.choices] == [0, 1] and second.choices[1].message.content.endswith("#1")
+    for line, code in ((lines[2], "empty_prompt"), (lines[3], "bad_request")):
+        assert line["response"] is None
+        error = BatchError.model_validate(line["error"])
+        assert error.code == code and error.message.startswith(f"row {lines.index(line)} (line {lines.index(line) + 1})")
+    assert {r.request_id: r.sampling.max_new_tokens for r in engine.requests}[0] == 2
+    assert summary.rows == 4 and summary.errors_by_kind == {"empty_prompt": 1, "bad_request": 1}
+
+
+def test_jobs_share_one_engine_per_model(tmp_path: Path) -> None:
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    jobs = [job_from_dict({"name": n, "input": {"path": "in.jsonl"}, "model": m}, base_dir=str(tmp_path)) for n, m in (("a", "m1"), ("b", "m1"), ("c", "m2"))]
+    factory = fake_factory()
+    outcomes = run_jobs(jobs, engine_factory=factory)
+    assert [(o.job, o.error, o.summary.rows) for o in outcomes] == [("a", None, 1), ("b", None, 1), ("c", None, 1)]
+    assert [e.config for e in factory.engines] == [("m1", {}), ("m2", {})]
+
+
+def test_a_failed_job_is_reported_and_the_next_one_runs(tmp_path: Path) -> None:
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    jobs = [job_from_dict({"name": n, "input": {"path": p}}, base_dir=str(tmp_path)) for n, p in (("missing", "nope.jsonl"), ("ok", "in.jsonl"))]
+    outcomes = run_jobs(jobs, engine_factory=fake_factory())
+    assert "input not found" in str(outcomes[0].error) and outcomes[0].summary is None
+    assert outcomes[1].error is None and outcomes[1].summary.rows == 1
+
+
+def test_an_engine_crash_keeps_finished_rows_and_fails_the_job(tmp_path: Path) -> None:
+    write_lines(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(7)])
+    job = job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "output": {"part_rows": 1}}, base_dir=str(tmp_path))
+    factory = fake_factory(fail_after=3)
+    outcome, = run_jobs([job], engine_factory=factory)
+    assert "the engine failed (RuntimeError: simulated engine crash); finished rows are saved, rerun to resume" in str(outcome.error)
+    rerun, = run_jobs([job], engine_factory=fake_factory())
+    assert rerun.summary.rows == 7 and rerun.summary.rows_this_run == 4
+    assert [r["row"] for r in read_arrow(tmp_path / "out" / "j.arrow").to_pylist()] == list(range(7))
