@@ -297,7 +297,7 @@ def output_format(job: JobSpec) -> str:
     if job.output.format != "auto":
         return job.output.format
     if job.output.path is None:
-        return "jsonl" if input_format(job) == "openai" else "arrow"
+        return "openai" if input_format(job) == "openai" else "arrow"  # OpenAI Batch in, OpenAI Batch out
     fmt = OUTPUT_EXTENSIONS[Path(job.output.path).suffix]
     return "openai" if fmt == "jsonl" and input_format(job) == "openai" else fmt
 
