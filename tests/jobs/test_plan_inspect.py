@@ -1,0 +1,102 @@
+"""`kvbatch plan` (lengths, pool, rows at once, rows that will fail) and `kvbatch inspect` (what an output holds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from job_fakes import FakeTokenizer, fake_factory
+
+from kvbatch.jobs.errors import InputError
+from kvbatch.jobs.inspect import inspect_output
+from kvbatch.jobs.spec import job_from_dict
+from kvbatch.runner.job import EngineCache, run_job
+from kvbatch.runner.plan import plan_job
+
+TOKENIZER = FakeTokenizer()
+
+
+def chat_tokens(text: str) -> int:
+    return len(TOKENIZER.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"))
+
+
+def write_input(tmp_path: Path) -> list[str]:
+    prompts = ["a" * 10, "b" * 20, "c" * 30, "d" * 40]
+    lines = [json.dumps({"prompt": p}) for p in prompts] + ['{"prompt": ', json.dumps({"prompt": "e" * 400}), json.dumps({"other": 1})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    return prompts
+
+
+def job(tmp_path: Path, **fields):
+    return job_from_dict({"name": "p", "input": {"path": "in.jsonl"}, **fields}, base_dir=str(tmp_path))
+
+
+def test_plan_reports_lengths_pool_capacity_and_failures(tmp_path: Path) -> None:
+    prompts = write_input(tmp_path)
+    plan = plan_job(job(tmp_path, sampling={"max_new_tokens": 40}), EngineCache(fake_factory(max_model_len=200)))
+    lengths = [chat_tokens(p) for p in prompts]
+    assert plan.num_rows == 7
+    assert (plan.prompt_tokens["min"], plan.prompt_tokens["max"], plan.prompt_tokens["mean"]) == (min(lengths), max(lengths), sum(lengths) / 4)
+    assert (plan.num_blocks, plan.block_size, plan.pool_tokens, plan.max_model_len) == (100, 16, 1600, 200)
+    p50 = int(plan.prompt_tokens["p50"])
+    assert plan.rows_at_once == 100 // -(-(p50 + 40) // 16)  # blocks per typical row, rounded up
+    assert dict(plan.failures) == {"bad_json": 1, "prompt_too_long": 1, "missing_column": 1}
+    assert plan.failure_examples[1] == f"row 5 (line 6): the prompt has {chat_tokens('e' * 400)} tokens; at most 199 fit (200 tokens of context/pool)"
+    assert plan.truncated == sum(n + 40 > 200 for n in lengths)
+    text = plan.format()
+    assert text.splitlines()[0] == "job p: 7 rows"
+    assert f"min {min(lengths)}," in text and "up to 40 new tokens each" in text
+    assert "KV pool         100 blocks of 16 tokens = 1600 tokens; context 200 tokens" in text
+    assert "will fail       3 rows: bad_json 1, missing_column 1, prompt_too_long 1" in text
+    assert "row 6 (line 7): column 'prompt' is missing" in text
+
+
+def test_plan_of_a_clean_input_says_none_will_fail(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    text = plan_job(job(tmp_path), EngineCache(fake_factory())).format()
+    assert text.endswith("will fail       none")
+
+
+def test_inspect_counts_reasons_and_kinds_and_shows_samples(tmp_path: Path) -> None:
+    write_input(tmp_path)
+    run_job(job(tmp_path), EngineCache(fake_factory(max_model_len=200)))
+    report = inspect_output(tmp_path / "out" / "p.arrow", num_samples=2)
+    assert (report.format, report.num_rows) == ("arrow", 7)
+    assert dict(report.finish_reasons) == {"stop": 4, "error": 3}
+    assert dict(report.error_kinds) == {"bad_json": 1, "prompt_too_long": 1, "missing_column": 1}
+    assert [s["row"] for s in report.samples] == [0, 1]
+    text = report.format_text()
+    lines = text.splitlines()
+    assert lines[0] == f"{tmp_path / 'out' / 'p.arrow'}: arrow, 7 rows"
+    assert "  text: string" in lines and "  finish_reason: string" in lines
+    assert "kvbatch.model: default" in lines
+    assert "finish reasons: stop 4, error 3" in lines
+    assert lines[lines.index("sample rows:") + 1].startswith('  {"row": 0, "text": "echo')
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_inspect_parquet_and_jsonl(tmp_path: Path, fmt: str) -> None:
+    write_input(tmp_path)
+    run_job(job(tmp_path, output={"path": f"p.{fmt}"}), EngineCache(fake_factory(max_model_len=200)))
+    report = inspect_output(tmp_path / "out" / f"p.{fmt}", num_samples=1)
+    assert (report.format, report.num_rows, report.finish_reasons["error"], len(report.samples)) == (fmt, 7, 3, 1)
+
+
+def test_inspect_openai_output(tmp_path: Path) -> None:
+    request = {"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}]}}
+    (tmp_path / "in.jsonl").write_text(json.dumps(request) + "\n" + json.dumps({**request, "custom_id": ""}) + "\n")
+    run_job(job(tmp_path, input={"path": "in.jsonl", "format": "openai"}), EngineCache(fake_factory()))
+    report = inspect_output(tmp_path / "out" / "p.jsonl")
+    assert (report.format, report.num_rows, dict(report.finish_reasons), dict(report.error_kinds)) == ("openai", 2, {"stop": 1, "error": 1}, {"bad_request": 1})
+
+
+def test_inspect_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such output"):
+        inspect_output(tmp_path / "nope.arrow")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="cannot tell the format of x.csv"):
+        inspect_output(tmp_path / "x.csv")
+    (tmp_path / "bad.arrow").write_bytes(b"not arrow")
+    with pytest.raises(InputError, match="cannot read"):
+        inspect_output(tmp_path / "bad.arrow")
