@@ -1,0 +1,206 @@
+"""The CLI: each command builds the exact spec expected and hands it on; outcomes become exit codes in one place.
+
+run_jobs is patched (no model), except in the last tests where the fake engine stands in for the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kvbatch import __version__
+from kvbatch.jobs.errors import InterruptedJob, JobError, OutputLockedError
+from kvbatch.jobs.spec import job_from_dict, load_jobs_file
+from kvbatch.jobs.summary import Summary
+from kvbatch.runner import cli
+from kvbatch.jobs.lock import OutputLock
+from kvbatch.jobs.writer import work_dir
+from kvbatch.runner.job import EngineCache, JobOutcome
+from kvbatch.runner.job import run_jobs as real_run_jobs
+
+sys.path.insert(0, str(Path(__file__).parent / "jobs"))
+from job_fakes import fake_factory  # noqa: E402
+
+RUNNER = CliRunner()
+JOBS = """\
+defaults:
+  sampling: {max_new_tokens: 16}
+jobs:
+  - name: first
+    input: {path: in.jsonl}
+  - name: second
+    input: {path: in.jsonl}
+    sampling: {temperature: 0.5}
+"""
+
+
+class Recorder:
+    """Stands in for run_jobs: records what it was given and returns the outcomes it was told to."""
+
+    def __init__(self, outcomes: list[JobOutcome] | None = None) -> None:
+        self.calls: list[tuple[list, bool]] = []
+        self.outcomes = outcomes
+
+    def __call__(self, specs, wait_for_lock=False):
+        self.calls.append((list(specs), wait_for_lock))
+        return self.outcomes if self.outcomes is not None else [JobOutcome(s.name, Summary(s.name, f"out/{s.name}.arrow", rows=1, rows_ok=1)) for s in specs]
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)  # a Slurm array would turn into a shard override
+    rec = Recorder()
+    monkeypatch.setattr(cli, "run_jobs", rec)
+    return rec
+
+
+def jobs_file(tmp_path: Path, text: str = JOBS) -> Path:
+    path = tmp_path / "jobs.yaml"
+    path.write_text(text)
+    return path
+
+
+def invoke(*args: str):
+    return RUNNER.invoke(cli.app, [str(a) for a in args])
+
+
+def test_version_and_help() -> None:
+    result = invoke("--version")
+    assert (result.exit_code, result.stdout) == (0, f"kvbatch {__version__}\n")
+    for command in ([], ["run"], ["generate"], ["plan"], ["inspect"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0 and "Usage: kvbatch" in result.stdout
+
+
+def test_run_passes_the_loaded_specs_with_command_line_overrides(tmp_path: Path, recorder: Recorder) -> None:
+    path = jobs_file(tmp_path)
+    result = invoke("run", path, "--job", "second", "--set", "sampling.top_k=5", "--set", "sampling.stop=[END]",
+                    "--model", "/m", "--device", "cpu", "--limit", "3", "--mode", "overwrite", "--wait")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    overrides = {"sampling.top_k": 5, "sampling.stop": ["END"], "model": "/m", "engine.device": "cpu", "input.limit": 3, "output.mode": "overwrite"}
+    assert recorder.calls == [(load_jobs_file(path, overrides).select(["second"]), True)]
+    spec = recorder.calls[0][0][0]
+    assert (spec.sampling.temperature, spec.sampling.max_new_tokens, spec.sampling.top_k, spec.sampling.stop) == (0.5, 16, 5, ("END",))
+    assert "job second: done -> out/second.arrow" in result.stdout
+
+
+def test_run_without_options_runs_every_job_as_written(tmp_path: Path, recorder: Recorder) -> None:
+    path = jobs_file(tmp_path)
+    assert invoke("run", path).exit_code == 0
+    assert recorder.calls == [(list(load_jobs_file(path).jobs), False)]
+
+
+def test_generate_builds_one_job(tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke("generate", "data/in.parquet", "-o", "results/my answers.parquet", "--model", "/m", "--template", "Q: {q}",
+                    "--system", "S", "--no-chat-template", "--id-column", "id", "--keep-column", "a", "--keep-column", "b",
+                    "--max-new-tokens", "9", "--temperature", "0.7", "--top-p", "0.9", "--seed", "4", "--limit", "2",
+                    "--input-format", "parquet", "--device", "cpu", "--mode", "error")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    expected = job_from_dict(
+        {
+            "name": "my_answers",
+            "model": "/m",
+            "input": {"path": "data/in.parquet", "format": "parquet", "limit": 2},
+            "prompt": {"template": "Q: {q}", "system": "S", "chat_template": False},
+            "id_column": "id",
+            "keep_columns": ["a", "b"],
+            "sampling": {"max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9, "seed": 4},
+            "output": {"path": "my answers.parquet", "mode": "error"},
+            "output_dir": "results",
+            "engine": {"device": "cpu"},
+        },
+        base_dir=str(tmp_path),
+    )
+    assert recorder.calls == [([expected], False)]
+
+
+def test_generate_defaults(tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert invoke("generate", "in.jsonl", "-o", "out.arrow").exit_code == 0
+    expected = job_from_dict({"name": "out", "input": {"path": "in.jsonl"}, "output": {"path": "out.arrow"}, "output_dir": "."}, base_dir=str(tmp_path))
+    assert recorder.calls == [([expected], False)]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (JOBS.replace("temperature: 0.5", "temprature: 0.5"), "jobs.yaml:8: jobs[1].sampling.temprature: unknown field (did you mean 'temperature'?)"),
+        (JOBS.replace("{max_new_tokens: 16}", "{max_new_tokens: many}"), "jobs.yaml:2: defaults.sampling.max_new_tokens: expected an integer, got str 'many'"),
+        (JOBS.replace("input: {path: in.jsonl}\n  - name", "input: {path: in.jsonl\n  - name"), "YAML syntax error"),
+    ],
+)
+def test_bad_configuration_exits_2_naming_field_and_line(tmp_path: Path, recorder: Recorder, text: str, message: str) -> None:
+    result = invoke("run", jobs_file(tmp_path, text))
+    assert result.exit_code == 2
+    assert message in result.stderr and result.stderr.startswith("kvbatch: error: ")
+    assert recorder.calls == []
+
+
+def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> None:
+    path = jobs_file(tmp_path)
+    for args, message in (
+        (["--set", "nonsense"], "--set: expected KEY=VALUE, got 'nonsense'"),
+        (["--set", "sampling.temperature=hot"], "command line: sampling.temperature: expected a number"),
+        (["--job", "third"], "no job named 'third'"),
+        (["--mode", "sometimes"], "output.mode: must be one of"),
+    ):
+        result = invoke("run", path, *args)
+        assert (result.exit_code, message in result.stderr) == (2, True), (args, result.stderr)
+    assert invoke("run", tmp_path / "missing.yaml").exit_code == 2
+    assert invoke("generate", "in.jsonl").exit_code == 2  # click's own usage error: no --output
+    assert recorder.calls == []
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (JobError("job a: the engine failed"), 1),
+        (InterruptedJob("job a: stopped by SIGTERM"), 3),
+        (OutputLockedError("out/a.arrow is locked by pid 12"), 4),
+    ],
+)
+def test_job_outcomes_become_exit_codes(tmp_path: Path, recorder: Recorder, error: Exception, code: int) -> None:
+    recorder.outcomes = [JobOutcome("ok", Summary("ok", "out/ok.arrow")), JobOutcome("a", error=error)]
+    result = invoke("run", jobs_file(tmp_path))
+    assert result.exit_code == code
+    assert f"kvbatch: job a failed: {error}" in result.stderr and "job ok: done" in result.stdout
+
+
+def test_interrupt_wins_over_a_failure(tmp_path: Path, recorder: Recorder) -> None:
+    recorder.outcomes = [JobOutcome("a", error=JobError("x")), JobOutcome("b", error=InterruptedJob("y"))]
+    assert invoke("run", jobs_file(tmp_path)).exit_code == 3
+
+
+def test_plan_and_inspect_print_their_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"prompt": ""}) + "\n")
+    monkeypatch.setattr(cli, "EngineCache", lambda: EngineCache(fake_factory()))
+    result = invoke("plan", jobs_file(tmp_path), "--job", "first")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("job first: 2 rows\n") and "will fail       1 rows: empty_prompt 1" in result.stdout
+    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=fake_factory()))
+    assert invoke("run", jobs_file(tmp_path), "--job", "first").exit_code == 0
+    output = tmp_path / "out" / "first.arrow"
+    result = invoke("inspect", output, "--rows", "1")
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"{output}: arrow, 2 rows\n") and "finish reasons: stop 1, error 1" in result.stdout
+    missing = invoke("inspect", tmp_path / "none.arrow")
+    assert missing.exit_code == 1 and "no such output" in missing.stderr
+
+
+def test_a_second_run_on_a_locked_output_exits_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=fake_factory()))
+    output = tmp_path / "out" / "first.arrow"
+    work_dir(output).mkdir(parents=True)
+    # flock locks belong to an open file, so a second open in this process conflicts like another process would.
+    with OutputLock(work_dir(output) / "lock"):
+        result = invoke("run", jobs_file(tmp_path), "--job", "first")
+    assert result.exit_code == 4, result.output
+    assert f"another kvbatch run (pid {os.getpid()}) is writing this output" in result.stderr and "--wait" in result.stderr
+    assert invoke("run", jobs_file(tmp_path), "--job", "first").exit_code == 0  # free again
