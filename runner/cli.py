@@ -71,6 +71,7 @@ def run(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: Mode
         ray_address: RayAddressOpt = None) -> None:  # fmt: skip
     """Run the jobs of a YAML job file (see examples/jobs.yaml)."""
     _logging(verbose)
+    _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
         overrides = {**_parse_sets(set_ or []), "model": model, "engine.device": device, "input.limit": limit, "output.mode": mode,
@@ -109,6 +110,7 @@ def generate(
 ) -> None:
     """Run one job without a YAML file."""
     _logging(verbose)
+    _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".") or "generate"
@@ -233,6 +235,15 @@ def _errors() -> Iterator[None]:
             raise  # a bug: keep the traceback
         typer.echo(f"kvbatch: error: {exc}", err=True)
         raise typer.Exit(_exit_code(exc)) from None
+
+
+def _serve_if_torchrun_worker() -> None:
+    """Under `torchrun --nproc-per-node N kvbatch run ... --tensor-parallel N`, ranks > 0 serve rank 0's engine."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        from .tensor_parallel import serve_from_env
+
+        serve_from_env()
+        raise typer.Exit(OK)
 
 
 def _scale_overrides(shard: str | None, data_parallel: int | None, tensor_parallel: int | None, ray_address: str | None) -> dict[str, Any]:

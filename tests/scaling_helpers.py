@@ -58,3 +58,8 @@ def tiny_job(tmp_path: Path, name: str = "answers", runner: str = "local", **par
 
 def rows_of(path: Path) -> list[dict]:
     return pa.ipc.open_file(path).read_all().to_pylist()
+
+
+def tiny_tp_loader(model: str, settings: dict, device) -> object:
+    """tensor_parallel.Loader for the same tiny Llama (seeded: every rank builds the same weights)."""
+    return tiny_loaded("llama")

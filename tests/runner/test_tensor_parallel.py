@@ -1,0 +1,54 @@
+"""Tensor parallel on the CPU (gloo, 2 processes): the same greedy rows as one process, and clear refusals."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvbatch.jobs.spec import output_path
+from kvbatch.runner import tensor_parallel
+from kvbatch.runner.job import run_jobs
+from kvbatch.runner.tp_shard import TensorParallelError, check_divisible
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from scaling_helpers import rows_of, tiny_engine, tiny_job, tiny_tp_loader, write_input  # noqa: E402
+from tiny_models import CONFIGS  # noqa: E402
+
+
+def test_split_must_divide_heads_kv_heads_and_mlp():
+    check_divisible(CONFIGS["llama"](), 2)  # 4 heads, 2 KV heads, 128 intermediate
+    with pytest.raises(TensorParallelError, match="KV heads 2 not divisible by 4"):
+        check_divisible(CONFIGS["llama"](), 4)
+
+
+class RecordingFactory(tensor_parallel.TensorParallelFactory):
+    def __init__(self, loader) -> None:
+        super().__init__(loader)
+        self.engines: list = []
+
+    def __call__(self, model, settings):
+        self.engines.append(super().__call__(model, settings))
+        return self.engines[-1]
+
+
+def test_tensor_parallel_two_ranks_equal_one_process(tmp_path):
+    write_input(tmp_path / "in.jsonl")
+    whole = tiny_job(tmp_path, "whole")
+    [single] = run_jobs([whole], engine_factory=tiny_engine)
+    assert single.error is None, single.error
+    job = tiny_job(tmp_path, tensor=2)
+    try:
+        factory = RecordingFactory(tiny_tp_loader)
+        [outcome] = run_jobs([job], engine_factory=factory)
+        assert outcome.error is None, outcome.error
+        world = tensor_parallel._WORLD
+        assert world is not None and world.size == 2 and [p.is_alive() for p in world.procs] == [True]
+        [engine] = factory.engines  # rank 0 holds half the heads, and pages for half the KV heads
+        assert (engine.kv_spec.num_kv_heads, engine.model.config.num_attention_heads) == (1, 2)
+        assert engine.model.model.layers[0].mlp.down_proj.weight.shape == (64, 64)
+    finally:
+        tensor_parallel.shutdown()
+    assert rows_of(output_path(job)) == rows_of(output_path(whole))
+    assert outcome.summary.output_tokens == single.summary.output_tokens
