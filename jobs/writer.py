@@ -180,11 +180,20 @@ class OutputWriter:
         number = max((int(p.file[5:11]) for p in self.manifest.parts), default=-1) + 1
         name = f"part-{number:06d}.arrow"
         table = self.layout.to_table(results)
-        with atomic_file(self.dir / name) as f:
-            with pa.ipc.new_file(f, table.schema) as ipc:
-                ipc.write_table(table)
-        self.manifest.parts.append(PartEntry(name, len(results), to_ranges(r.row for r in results)))
-        self.manifest.save(self.manifest_path)
+        entry = PartEntry(name, len(results), to_ranges(r.row for r in results))
+        try:
+            with atomic_file(self.dir / name) as f:
+                with pa.ipc.new_file(f, table.schema) as ipc:
+                    ipc.write_table(table)
+            self.manifest.parts.append(entry)
+            self.manifest.save(self.manifest_path)
+        except OSError as exc:  # disk full, quota, a folder gone: the rows of this part are done again next run
+            if entry in self.manifest.parts:
+                self.manifest.parts.remove(entry)
+            raise OutputError(
+                f"cannot commit finished rows to {self.dir}: {exc.strerror or exc}; rows committed before are kept, "
+                "fix this (free space?) and rerun to resume"
+            ) from exc
 
     # -- closing ----------------------------------------------------------------------------------------
     def finalize(self, num_rows: int) -> WriteReport:
@@ -193,7 +202,10 @@ class OutputWriter:
         self.manifest.num_rows = num_rows
         table = read_parts([self.dir / p.file for p in self.manifest.parts]) if self.manifest.parts else self.layout.to_table([])
         order = input_order(table, num_rows)
-        num_bytes = write_output(table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column)
+        try:
+            num_bytes = write_output(table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}; every row is committed in parts, fix this (free space?) and rerun to write it") from exc
         self.manifest.complete = True
         self.manifest.save(self.manifest_path)
         # The final file holds every row now; parts are only needed until here.
@@ -203,19 +215,26 @@ class OutputWriter:
         fsync_dir(self.dir)
         return WriteReport(num_rows, num_bytes, count_by(table, "finish_reason"), count_by(table, "error_kind"))
 
-    def close(self) -> None:
-        """Commit any finished rows still buffered (also after an error) and release the lock."""
+    def close(self, failing: BaseException | None = None) -> None:
+        """Commit any finished rows still buffered (also after an error) and release the lock.
+
+        `failing`: the error that is already ending the run; a failed commit is then logged, not raised over it.
+        """
         try:
             if not self.manifest.complete:
                 self.commit_part()
+        except OutputError as exc:
+            if failing is None:
+                raise
+            log.error("%s (while stopping because of: %s)", exc, failing)
         finally:
             self._lock.release()
 
     def __enter__(self) -> "OutputWriter":
         return self.open()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        self.close(exc)
 
 
 def remove_output(output: Path) -> None:

@@ -135,6 +135,8 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
             requests = sort_window(feed.requests(iter(reader)), job.sort_window, key=lambda r: len(r.prompt_token_ids))
             for result in engine.generate(feed.admit(requests)):
                 feed.finish(result)
+        except JobError:
+            raise  # the writer's own errors (disk full...) already say what happened
         except Exception as exc:
             raise JobError(f"job {job.name}: the engine failed ({type(exc).__name__}: {exc}); finished rows are saved, rerun to resume") from exc
         finally:

@@ -1,0 +1,178 @@
+"""The bad-input catalogue (README "Bad input"): each entry produces its documented message, and where the problem
+is one row, that row becomes an error row while every other row completes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from job_fakes import fake_factory
+from reliability_helpers import read_output
+
+from kvbatch.jobs import atomic
+from kvbatch.jobs.errors import InputError, OutputError, SpecError
+from kvbatch.jobs.spec import job_from_dict, load_jobs_file
+from kvbatch.runner.job import run_jobs
+
+
+def run(tmp_path: Path, factory=None, **fields):
+    data = {"name": "bad", "input": {"path": "in.jsonl"}, "output": {"path": "out.jsonl", "part_rows": 2}, **fields}
+    spec = job_from_dict(data, base_dir=str(tmp_path))
+    return run_jobs([spec], engine_factory=factory or fake_factory(max_model_len=60))[0]
+
+
+GOOD = b'{"id": 1, "prompt": "hello"}'
+LINES = [
+    GOOD,
+    b'{"id": 2, "prompt": "unterminated}',  # malformed JSON
+    b'{"id": 3, "prompt": "caf\xe9"}',  # Latin-1 byte, not UTF-8
+    b'{"id": 4, "text": "renamed column"}',  # missing column
+    b'{"id": 5, "prompt": 42}',  # wrong type
+    b'{"id": 6, "prompt": ""}',  # empty prompt
+    b'{"id": 7, "prompt": "   \\n\\t "}',  # whitespace prompt
+    b'{"id": 8, "prompt": "' + b"long " * 20 + b'"}',  # over the (fake) context of 60 tokens
+    b'{"id": 1, "prompt": "same id as the first row"}',  # duplicate id
+    b'["not", "an", "object"]',
+    b'{"id": 11, "prompt": null}',
+    b'{"id": 12, "prompt": "fine too"}',
+]
+EXPECTED = {  # row -> (error_kind, message)
+    1: ("bad_json", "row 1 (line 2): invalid JSON at column 21: Unterminated string starting at"),
+    2: ("invalid_utf8", "row 2 (line 3): invalid UTF-8 at byte 24: b'\\xe9\"}\\n'"),
+    3: ("missing_column", "row 3 (line 4): column 'prompt' is missing"),
+    4: ("wrong_type", "row 4 (line 5): column 'prompt' is an integer, expected a string"),
+    5: ("empty_prompt", "row 5 (line 6): column 'prompt' is empty"),
+    6: ("empty_prompt", "row 6 (line 7): column 'prompt' is only whitespace"),
+    7: ("prompt_too_long", "row 7 (line 8): the prompt has 119 tokens; at most 59 fit"),
+    8: ("duplicate_id", "row 8 (line 9): duplicate id 1 (first at row 0)"),
+    9: ("not_an_object", "row 9 (line 10): expected a JSON object, got list"),
+    10: ("empty_prompt", "row 10 (line 11): column 'prompt' is null"),
+}
+
+
+def test_bad_rows_become_error_rows_and_the_rest_completes(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(LINES) + b"\n")
+    outcome = run(tmp_path, id_column="id")
+    assert outcome.error is None
+    rows = read_output(tmp_path / "out" / "out.jsonl")
+    assert [r["row"] for r in rows] == list(range(len(LINES)))
+    for row in rows:
+        if row["row"] in EXPECTED:
+            kind, message = EXPECTED[row["row"]]
+            assert row["error_kind"] == kind and row["error"].startswith(message), row
+            assert row["finish_reason"] == "error" and row["text"] is None
+        else:
+            assert row["error"] is None and row["text"].startswith("echo"), row
+    assert outcome.summary.rows_ok == 3 and outcome.summary.rows_error == len(EXPECTED)
+    assert outcome.summary.errors_by_kind["empty_prompt"] == 3
+
+
+def test_line_over_max_line_bytes_is_an_error_row_without_reading_it_whole(tmp_path: Path) -> None:
+    huge = b'{"prompt": "' + b"x" * (4 * 2**20) + b'"}'
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join([GOOD, huge, GOOD]) + b"\n")
+    outcome = run(tmp_path, input={"path": "in.jsonl", "max_line_bytes": 4096})
+    rows = read_output(tmp_path / "out" / "out.jsonl")
+    assert outcome.error is None and [r["error_kind"] for r in rows] == [None, "line_too_long", None]
+    assert rows[1]["error"] == "row 1 (line 2): line is over max_line_bytes (4096 bytes); raise input.max_line_bytes to read it"
+
+
+def test_renamed_column_in_parquet_fails_before_loading_a_model(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"question": ["a", "b"]}), tmp_path / "in.parquet")
+    factory = fake_factory()
+    outcome = run(tmp_path, factory, input={"path": "in.parquet"})
+    assert isinstance(outcome.error, SpecError)
+    assert str(outcome.error) == "input: column 'prompt' not in in.parquet (its columns: question)"
+    assert factory.engines == []
+
+
+def test_wrong_type_in_parquet_is_an_error_row(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "in.parquet")
+    outcome = run(tmp_path, input={"path": "in.parquet"})
+    rows = read_output(tmp_path / "out" / "out.jsonl")
+    assert outcome.error is None
+    assert [r["error"] for r in rows] == ["row 0: column 'prompt' is an integer, expected a string", "row 1: column 'prompt' is an integer, expected a string"]
+
+
+def test_empty_dataset_gives_an_empty_output(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text("\n\n")
+    outcome = run(tmp_path)
+    assert outcome.error is None and outcome.summary.rows == 0
+    assert (tmp_path / "out" / "out.jsonl").read_text() == ""
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    outcome = run(tmp_path)
+    assert isinstance(outcome.error, InputError)
+    assert str(outcome.error) == f"input not found: {tmp_path / 'in.jsonl'}"
+
+
+def test_unreadable_input(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").mkdir()  # a folder where a file should be (permissions do not stop root)
+    outcome = run(tmp_path)
+    assert isinstance(outcome.error, InputError)
+    assert str(outcome.error).startswith(f"cannot open {tmp_path / 'in.jsonl'}: [Errno 21] Is a directory")
+
+
+def test_output_folder_not_writable(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    outcome = run(tmp_path)
+    assert isinstance(outcome.error, OutputError)
+    assert str(outcome.error).startswith(f"cannot create the output folder {tmp_path / 'out'}: [Errno 20] Not a directory")
+
+
+def test_disk_full_stops_the_job_keeps_committed_rows_and_a_rerun_finishes(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(12)))
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_full(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) > 5:  # the disk fills up after a few commits
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync_until_full)
+    outcome = run(tmp_path)
+    assert isinstance(outcome.error, OutputError)
+    assert "No space left on device" in str(outcome.error) and "rerun to resume" in str(outcome.error)
+    assert not list((tmp_path / "out").glob(".out.jsonl.kvbatch/*.incomplete"))
+    monkeypatch.setattr(atomic.os, "fsync", real_fsync)
+    outcome = run(tmp_path)
+    assert outcome.error is None and 0 < outcome.summary.rows_this_run < 12
+    assert [r["row"] for r in read_output(tmp_path / "out" / "out.jsonl")] == list(range(12))
+
+
+def test_model_path_missing(tmp_path: Path) -> None:
+    from kvbatch.runner.job import default_engine_factory
+
+    (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
+    outcome = run(tmp_path, default_engine_factory, model=str(tmp_path / "no-such-model"))
+    assert type(outcome.error).__name__ == "ModelLoadError"
+    assert str(outcome.error) == f"model folder {tmp_path / 'no-such-model'} does not exist"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl\n", "jobs.yaml:4: YAML syntax error: expected ',' or '}', but got '<stream end>'"),
+        ("jobs:\n  - name: a\n\tinput: x\n", "jobs.yaml:3: YAML syntax error: found character '\\t' that cannot start any token"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      temprature: 0.5\n",
+         "jobs.yaml:5: jobs[0].sampling.temprature: unknown field (did you mean 'temperature'?"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {max_new_tokens: many}\n",
+         "jobs.yaml:4: jobs[0].sampling.max_new_tokens: expected an integer, got str 'many'"),
+        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {mode: replace}\n",
+         "jobs.yaml:4: jobs[0].output.mode: must be one of 'resume', 'overwrite', 'error', got str 'replace'"),
+        ("jobs:\n  - name: a\n", "jobs.yaml:2: jobs[0]: missing required field 'input'"),
+    ],
+    ids=["unclosed-flow", "tab", "unknown-field", "wrong-type", "bad-choice", "missing-field"],
+)
+def test_yaml_errors_name_file_line_and_field(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "jobs.yaml").write_text(text)
+    with pytest.raises(SpecError) as caught:
+        load_jobs_file(tmp_path / "jobs.yaml")
+    assert str(caught.value).replace(str(tmp_path) + "/", "").startswith(message), str(caught.value)
