@@ -68,7 +68,7 @@ def test_bad_rows_become_error_rows_and_the_rest_completes(tmp_path: Path) -> No
             assert row["finish_reason"] == "error" and row["text"] is None
         else:
             assert row["error"] is None and row["text"].startswith("echo"), row
-    assert outcome.summary.rows_ok == 3 and outcome.summary.rows_error == len(EXPECTED)
+    assert outcome.summary.rows_ok == 2 and outcome.summary.rows_error == len(EXPECTED)
     assert outcome.summary.errors_by_kind["empty_prompt"] == 3
 
 
