@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -161,6 +162,9 @@ def _child(conn: Connection, job: JobSpec, factory: Any, event: Any, threads: in
         result: Any = run_job(job, EngineCache(factory), _ParentStop(event), wait_for_lock)
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent, which decides
         result = exc
+    finally:
+        if "kvbatch.runner.tensor_parallel" in sys.modules:  # this child's own tensor-parallel workers
+            sys.modules["kvbatch.runner.tensor_parallel"].shutdown()
     try:
         conn.send(result)
     except Exception as exc:  # noqa: BLE001 - an exception that does not pickle

@@ -6,8 +6,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from kvbatch.jobs.merge import merge_shards
+from typer.testing import CliRunner
+
 from kvbatch.jobs.spec import output_path
+from kvbatch.runner.cli import app
 from kvbatch.runner.job import run_jobs
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -30,6 +32,7 @@ def test_four_shards_merged_equal_one_process(tmp_path):
     out = output_path(sharded)
     assert not out.exists()
     assert [r["row"] for r in rows_of(out.with_name("answers.shard-0001-of-0004.arrow"))] == [1, 5, 9]
-    report = merge_shards(out)
-    assert report.num_rows == 13
+    result = CliRunner().invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "merged 4 shards" in result.output and ": 13 rows" in result.output
     assert rows_of(out) == expected

@@ -52,3 +52,15 @@ def test_tensor_parallel_two_ranks_equal_one_process(tmp_path):
         tensor_parallel.shutdown()
     assert rows_of(output_path(job)) == rows_of(output_path(whole))
     assert outcome.summary.output_tokens == single.summary.output_tokens
+
+
+def test_data_parallel_of_tensor_parallel_engines(tmp_path):
+    """2 x TP2 on the CPU: two data-parallel processes, each the rank 0 of its own two-rank engine."""
+    write_input(tmp_path / "in.jsonl")
+    whole = tiny_job(tmp_path, "whole")
+    [single] = run_jobs([whole], engine_factory=tiny_engine)
+    job = tiny_job(tmp_path, data=2, tensor=2)
+    [outcome] = run_jobs([job], engine_factory=tensor_parallel.TensorParallelFactory(tiny_tp_loader))
+    assert outcome.error is None, outcome.error
+    assert rows_of(output_path(job)) == rows_of(output_path(whole))
+    assert tensor_parallel._WORLD is None  # the engines lived in the children
