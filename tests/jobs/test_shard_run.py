@@ -36,3 +36,5 @@ def test_four_shards_merged_equal_one_process(tmp_path):
     assert result.exit_code == 0, result.output
     assert "merged 4 shards" in result.output and ": 13 rows" in result.output
     assert rows_of(out) == expected
+    [again] = run_jobs([sharded], engine_factory=tiny_engine)  # the same job unsharded: the merge finished it
+    assert again.summary.status == "already complete"
