@@ -91,6 +91,7 @@ class EngineSpec:
     allow_download: bool | None = None  # fetch a model name missing from the local cache from the hub
     cuda_graphs: bool | None = None
     seed: int | None = None  # base seed for requests without sampling.seed
+    prefix_cache: bool | None = None  # reuse the K/V of prompt prefixes shared between rows (on by default)
 
     def settings(self) -> dict[str, Any]:
         """Only the fields that were set, for EngineConfig(**settings)."""

@@ -26,6 +26,8 @@ class Summary:
     output_tokens_per_s: float = 0.0
     peak_kv_usage: float = 0.0  # 0..1 share of KV blocks held at the busiest moment
     preemptions: int = 0
+    cached_prompt_tokens: int = 0  # this run: prompt tokens whose K/V came from the prefix cache
+    prefix_cache_hit_rate: float = 0.0  # 0..1 share of the prompt tokens looked up that the cache held
     output_bytes: int = 0
     model: str = ""
     spec_hash: str = ""
@@ -44,7 +46,8 @@ class Summary:
                 f"job {self.job}: {self.status} -> {self.output}",
                 f"  rows        {self.rows} ({self.rows_ok} ok, {self.rows_error} errors; {self.rows_this_run} this run)",
                 f"  tokens      {self.prompt_tokens} prompt, {self.output_tokens} output in {self.elapsed_s:.1f} s ({self.output_tokens_per_s:.1f} output tok/s)",
-                f"  KV cache    peak {self.peak_kv_usage:.0%} of blocks, {self.preemptions} preemptions",
+                f"  KV cache    peak {self.peak_kv_usage:.0%} of blocks, {self.preemptions} preemptions, "
+                f"prefix cache hit {self.prefix_cache_hit_rate:.0%} ({self.cached_prompt_tokens} prompt tokens reused)",
                 f"  errors      {errors}",
             ]
         )

@@ -132,7 +132,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         progress = JobProgress(job.name, total, engine, initial=done)
         feed = _Feed(job, pspec, writer, PromptTokenizer(engine.tokenizer, pspec.allow_special_tokens, pspec.chat_template), stop, progress, shard)
         try:
-            requests = sort_window(feed.requests(iter(reader)), job.sort_window, key=lambda r: len(r.prompt_token_ids))
+            requests = _sorted_requests(feed.requests(iter(reader)), job.sort_window, engine)
             for result in engine.generate(feed.admit(requests)):
                 feed.finish(result)
         except JobError:
@@ -161,6 +161,9 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     peak = progress.peak_kv_usage if not fresh else max(progress.peak_kv_usage, counters["peak"])
     summary.peak_kv_usage = round(peak, 4)
     summary.preemptions = counters["preemptions"] - stats_before["preemptions"]
+    summary.cached_prompt_tokens = int(counters["cached"] - stats_before["cached"])
+    queried = counters["queried"] - stats_before["queried"]
+    summary.prefix_cache_hit_rate = round(summary.cached_prompt_tokens / queried, 4) if queried else 0.0
     summary.output_bytes = report.num_bytes
     summary.write(summary_path(out))
     return summary
@@ -288,7 +291,18 @@ def _engine_counters(engine: Any) -> dict[str, float]:
         "prompt": getattr(stats, "num_prompt_tokens", 0),
         "preemptions": getattr(stats, "num_preemptions", 0),
         "peak": getattr(stats, "peak_kv_usage", 0.0),
+        "queried": getattr(stats, "num_queried_prompt_tokens", 0),
+        "cached": getattr(stats, "num_cached_prompt_tokens", 0),
     }
+
+
+def _sorted_requests(requests: Iterator[GenerationRequest], window: int, engine: Any) -> Iterator[GenerationRequest]:
+    """Length-sorted within the window; with the engine's prefix cache on, rows sharing a prefix kept together."""
+    config = getattr(engine, "config", None)
+    grouped = getattr(config, "prefix_cache", False)
+    return sort_window(requests, window, key=lambda r: len(r.prompt_token_ids),
+                       tokens=(lambda r: r.prompt_token_ids) if grouped else None,
+                       block_size=getattr(config, "block_size", 16))  # fmt: skip
 
 
 def _metadata(job: JobSpec, engine: Any) -> dict[str, str]:

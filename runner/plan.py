@@ -1,7 +1,8 @@
 """`kvbatch plan`: what a job will do, without generating.
 
 Tokenizes every row (streaming) with the engine's tokenizer and sizes the KV pool, then reports token-length
-statistics, the pool in tokens and blocks, how many typical rows fit at once, and which rows will fail and why.
+statistics, the pool in tokens and blocks, how many typical rows fit at once, how many prompt tokens the prefix
+cache can be expected to reuse, and which rows will fail and why.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from kvbatch.cache.prefix_cache import ReuseEstimate
 from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.prompts import build_prompt, prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
@@ -40,6 +42,9 @@ class JobPlan:
     failures: Counter = field(default_factory=Counter)
     failure_examples: list[str] = field(default_factory=list)
     truncated: int = 0  # rows whose prompt + max_new_tokens passes the context: they will stop at "length"
+    prefix_cache: bool = False
+    reused_prompt_tokens: int = 0  # expected from the prefix cache (full-block prefix hits, pool-sized LRU)
+    num_prompt_tokens: int = 0  # of the rows that will run
 
     def format(self) -> str:
         t = self.prompt_tokens
@@ -48,6 +53,11 @@ class JobPlan:
             lines.append(f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 {t['p90']:.0f}, max {t['max']:.0f}; up to {self.max_new_tokens} new tokens each")
         lines.append(f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; context {self.max_model_len} tokens")
         lines.append(f"  at once         about {self.rows_at_once} typical rows (p50 prompt + max_new_tokens){f', max_num_seqs {self.max_num_seqs}' if self.max_num_seqs else ''}")
+        if self.prefix_cache:
+            share = self.reused_prompt_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
+            lines.append(f"  prefix cache    about {self.reused_prompt_tokens} of {self.num_prompt_tokens} prompt tokens ({share:.0%}) reused from shared prefixes")
+        else:
+            lines.append("  prefix cache    off")
         if self.truncated:
             lines.append(f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop at 'length'")
         if self.failures:
@@ -70,6 +80,9 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                    num_blocks=pool.num_blocks, pool_tokens=pool.num_tokens, max_model_len=engine.max_model_len,
                    max_num_seqs=getattr(getattr(engine, "config", None), "max_num_seqs", None))  # fmt: skip
     lengths: list[int] = []
+    config = getattr(engine, "config", None)
+    plan.prefix_cache = bool(getattr(config, "prefix_cache", False))
+    reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
     for row in reader:
         plan.num_rows += 1
         error = row.error
@@ -84,11 +97,16 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                 error = RowError(kinds.PROMPT_TOO_LONG, f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit ({capacity} tokens of context/pool)")
             else:
                 lengths.append(len(ids))
+                if reuse is not None:
+                    reuse.add(ids)
                 plan.truncated += len(ids) + job.sampling.max_new_tokens > capacity
         if error is not None:
             plan.failures[error.kind] += 1
             if len(plan.failure_examples) < MAX_LISTED_FAILURES:
                 plan.failure_examples.append(error.message)
+    if reuse is not None:
+        plan.reused_prompt_tokens = reuse.num_reused_tokens
+    plan.num_prompt_tokens = sum(lengths)
     if lengths:
         a = np.array(lengths)
         plan.prompt_tokens = {"min": a.min(), "mean": a.mean(), "p50": np.percentile(a, 50), "p90": np.percentile(a, 90), "max": a.max()}

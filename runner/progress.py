@@ -1,4 +1,4 @@
-"""The progress bar of a job: rows done of total, output tokens/s, KV-cache use, errors."""
+"""The progress bar of a job: rows done of total, output tokens/s, KV-cache use, prefix-cache hit rate, errors."""
 
 from __future__ import annotations
 
@@ -15,11 +15,21 @@ class JobProgress:
         self.output_tokens = 0
         self.errors = 0
         self.peak_kv_usage = 0.0
+        self._prefix_before = self._prefix_counters()
         self.bar = tqdm(total=total, initial=initial, desc=name, unit="row", dynamic_ncols=True, mininterval=0.5)
 
     def kv_usage(self) -> float:
         pool = getattr(self.engine, "pool", None)
         return pool.usage() if pool is not None else 0.0
+
+    def _prefix_counters(self) -> tuple[int, int]:
+        stats = getattr(self.engine, "stats", None)  # the engine outlives the job: its counters start elsewhere
+        return getattr(stats, "num_queried_prompt_tokens", 0), getattr(stats, "num_cached_prompt_tokens", 0)
+
+    def prefix_hit_rate(self) -> float | None:
+        """Share of this job's looked-up prompt tokens the prefix cache held; None while nothing was looked up."""
+        queried, cached = (now - before for now, before in zip(self._prefix_counters(), self._prefix_before))
+        return cached / queried if queried else None
 
     def update(self, output_tokens: int, error: bool) -> None:
         self.output_tokens += output_tokens
@@ -28,7 +38,9 @@ class JobProgress:
         self.peak_kv_usage = max(self.peak_kv_usage, usage)
         self.bar.update(1)
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.output_tokens / elapsed:.1f} tok/s, KV {usage:.0%}, {self.errors} errors", refresh=False)
+        hit_rate = self.prefix_hit_rate()
+        prefix = f", prefix hit {hit_rate:.0%}" if hit_rate is not None else ""
+        self.bar.set_postfix_str(f"{self.output_tokens / elapsed:.1f} tok/s, KV {usage:.0%}{prefix}, {self.errors} errors", refresh=False)
 
     def close(self) -> None:
         self.bar.close()
