@@ -8,7 +8,12 @@ when the job asks for them.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +68,80 @@ def _source_kwargs(name: str, allow_download: bool) -> tuple[str, dict]:
         return str(path), {}
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model folder {path} does not exist")
-    # A hub name: the local cache first; the hub only when allowed.
-    return name, {"local_files_only": not allow_download}
+    # A hub name: the local cache first; the hub only when allowed (see _download_allowed).
+    return name, {"local_files_only": True}
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_folder_safety(folder: Path, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Refuse, before transformers runs anything, a folder that needs pickled weights or its own code."""
+    if not allow_pickle and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise ModelLoadError(
+                f"{folder} has only pickled weights ({', '.join(pickled)}), and loading a pickle can run code hidden in it; "
+                "convert them to safetensors, or set engine.allow_pickle: true if you trust where the model came from"
+            )
+    if not trust_remote_code:
+        for config_name in ("config.json", "tokenizer_config.json"):
+            try:
+                auto_map = json.loads((folder / config_name).read_text()).get("auto_map")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if auto_map:
+                raise ModelLoadError(
+                    f"{folder} ships its own Python code (auto_map in {config_name}), which kvbatch does not run by default; "
+                    "set engine.trust_remote_code: true only if you trust where the model came from"
+                )
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them once, at import)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the hub cannot be reached (None if it answers), found in seconds: huggingface_hub itself retries
+    an unreachable host with back-off for about a minute before giving up."""
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"{endpoint} cannot be reached ({exc})"
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """No network while loading from the local cache: huggingface_hub otherwise contacts the hub even for
+    local_files_only loads (an agent-detection registry fetched once per process, with a 3 s timeout)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _download_allowed(name: str, allow_download: bool) -> None:
+    """Raise unless a model missing from the local cache may be, and can be, downloaded now."""
+    if not allow_download:
+        raise ModelLoadError(
+            f"model {name!r} is not a local folder and not in the local Hugging Face cache, and downloads are off; "
+            "pass a local folder, or set engine.allow_download: true on a machine that can reach the hub"
+        )
+    if offline():
+        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it")
+    reason = hub_unreachable()
+    if reason:
+        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache and cannot be downloaded: {reason}")
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
@@ -108,11 +185,14 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, kwargs = _source_kwargs(name, allow_download)
+    if Path(source).is_dir():
+        check_folder_safety(Path(source), allow_pickle or "gguf_file" in kwargs, trust_remote_code)
     if trust_remote_code:
         logger.warning("trust_remote_code is on: %s may run its own Python code", name)
     if allow_pickle:
         logger.warning("pickled weights are allowed: loading %s may run code hidden in its weight files", name)
-    try:
+
+    def load(kwargs: dict) -> tuple:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -122,10 +202,25 @@ def load_model(
             use_safetensors=None if allow_pickle or "gguf_file" in kwargs else True,
             **kwargs,
         )
+        return tokenizer, model
+
+    try:
+        try:
+            with hub_offline():  # the local cache or folder first, without touching the network
+                tokenizer, model = load(kwargs)
+        except OSError:
+            if not kwargs.get("local_files_only"):
+                raise
+            _download_allowed(name, allow_download)  # not in the cache: download only if allowed and possible
+            logger.warning("downloading %s from the Hugging Face hub", name)
+            tokenizer, model = load({**kwargs, "local_files_only": False})
     except OSError as exc:
-        hint = " (not in the local Hugging Face cache, and downloads are off)" if kwargs.get("local_files_only") else ""
-        raise ModelLoadError(f"cannot load model {name!r}{hint}: {exc}") from exc
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     except (ValueError, KeyError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(f"model {name!r} ships its own Python code; set engine.trust_remote_code: true only if you trust it") from exc
+        if "safetensors" in str(exc) and not allow_pickle:
+            raise ModelLoadError(f"model {name!r} has no safetensors weights; set engine.allow_pickle: true to load pickled ones if you trust it") from exc
         raise ModelLoadError(f"cannot load model {name!r} with kvbatch's paged attention: {exc}") from exc
     model.to(torch_device).eval()
     return LoadedModel(

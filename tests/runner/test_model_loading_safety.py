@@ -1,0 +1,144 @@
+"""Models load safely: safetensors by default; pickled weights and a model's own Python code only when the job says so,
+with a warning in the log and in the output's metadata; a hub name missing from the local cache fails fast with a
+clear message and never touches the network here (socket connections are made to fail).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from tiny_models import tiny_model, word_tokenizer
+
+from kvbatch.jobs.spec import job_from_dict
+from kvbatch.runner import model_loader
+from kvbatch.runner.job import run_jobs
+from kvbatch.runner.model_loader import ModelLoadError, load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+from reliability_helpers import write_jsonl  # noqa: E402
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every attempt to open a connection or resolve a name is recorded and fails at once."""
+    attempts: list = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+@pytest.fixture(scope="module")
+def pickled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pickled")
+    model = tiny_model("llama", 0, attn="sdpa")
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def remote_code_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("remote_code")
+    tiny_model("llama", 0, attn="sdpa").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_marker.MarkerConfig", "AutoModelForCausalLM": "modeling_marker.MarkerModel"}
+    config["model_type"] = "marker_llama"
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = folder / "CODE_RAN"
+    (folder / "configuration_marker.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig\n\nclass MarkerConfig(LlamaConfig):\n    model_type = 'marker_llama'\n"
+    )
+    (folder / "modeling_marker.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_marker import MarkerConfig\n\n"
+        "class MarkerModel(LlamaForCausalLM):\n    config_class = MarkerConfig\n"
+    )
+    return folder
+
+
+def test_pickled_weights_are_refused_by_default(pickled_folder: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"has only pickled weights \(pytorch_model.bin\).*set engine.allow_pickle: true"):
+        load_model(str(pickled_folder), device="cpu")
+
+
+def test_pickled_weights_load_when_allowed_with_a_warning_in_log_and_metadata(pickled_folder: Path, tmp_path: Path, caplog) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "w5 w6"}, {"prompt": "w7"}])
+    spec = job_from_dict(
+        {"name": "p", "model": str(pickled_folder), "input": {"path": "in.jsonl"}, "sampling": {"max_new_tokens": 2},
+         "engine": {"device": "cpu", "allow_pickle": True, "num_blocks_override": 16}},  # fmt: skip
+        base_dir=str(tmp_path),
+    )
+    with caplog.at_level(logging.WARNING):
+        outcome = run_jobs([spec])[0]
+    assert outcome.error is None, outcome.error
+    assert "pickled weights are allowed" in caplog.text
+    metadata = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / "p.arrow"))).schema.metadata
+    assert json.loads(metadata[b"kvbatch.unsafe"]) == ["allow_pickle"]
+
+
+def test_remote_code_is_refused_by_default_and_never_runs(remote_code_folder: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"ships its own Python code \(auto_map in config.json\).*engine.trust_remote_code: true"):
+        load_model(str(remote_code_folder), device="cpu")
+    assert not (remote_code_folder / "CODE_RAN").exists()
+
+
+def test_remote_code_runs_only_when_trusted_with_a_warning(remote_code_folder: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(str(remote_code_folder), device="cpu", trust_remote_code=True)
+    assert type(loaded.model).__name__ == "MarkerModel" and (remote_code_folder / "CODE_RAN").exists()
+    assert "trust_remote_code is on" in caplog.text
+
+
+def test_safe_defaults_leave_no_unsafe_metadata(tmp_path: Path) -> None:
+    from job_fakes import fake_factory
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    outcome = run_jobs([job_from_dict({"name": "s", "input": {"path": "in.jsonl"}}, base_dir=str(tmp_path))], engine_factory=fake_factory())[0]
+    assert outcome.error is None
+    metadata = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / "s.arrow"))).schema.metadata
+    assert json.loads(metadata[b"kvbatch.unsafe"]) == []
+
+
+def test_hub_name_not_in_cache_fails_fast_without_network(no_network: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache, and downloads are off"):
+        load_model("someorg/not-a-model", device="cpu")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1 forbids downloading it"):
+        load_model("someorg/not-a-model", device="cpu", allow_download=True)
+    assert no_network == [], "no connection was even tried"
+
+
+def test_download_allowed_but_hub_unreachable_fails_fast(no_network: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(ModelLoadError, match=r"cannot be downloaded: https://huggingface.co cannot be reached \(network disabled in tests\)"):
+        load_model("someorg/not-a-model", device="cpu", allow_download=True)
+    assert len(no_network) == 1, "one quick probe, no retries"
+
+
+def test_offline_reads_the_environment_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert model_loader.offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert not model_loader.offline()
+
+
+def test_missing_model_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=f"model folder {tmp_path / 'nope'} does not exist"):
+        load_model(str(tmp_path / "nope"), device="cpu")
