@@ -20,16 +20,28 @@ from collections.abc import Sequence
 BlockHash = bytes
 
 _ROOT = b"kvbatch-prefix-v1"
+_TOKEN_BYTES = array("q").itemsize  # token ids as int64
 
 
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_key: bytes = b"") -> BlockHash:
     """The hash of one full block, chained to the hash of the block before it (None for the first)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent if parent is not None else _ROOT)
-    h.update(len(extra_key).to_bytes(4, "little"))
-    h.update(extra_key)
-    h.update(array("q", token_ids).tobytes())
-    return h.digest()
+    return chain_hashes(parent, token_ids, len(token_ids), extra_key)[0]
+
+
+def chain_hashes(
+    parent: BlockHash | None, token_ids: Sequence[int], block_size: int, extra_key: bytes = b""
+) -> list[BlockHash]:
+    """Hashes of the full blocks of `token_ids`, which follow the block hashed `parent` (None: they start
+    the sequence). A trailing partial block gets none."""
+    header = len(extra_key).to_bytes(4, "little") + extra_key
+    data = array("q", token_ids).tobytes()  # one conversion for all blocks: this runs for every prompt token
+    block_bytes = block_size * _TOKEN_BYTES
+    hashes = []
+    digest = parent if parent is not None else _ROOT
+    for start in range(0, len(token_ids) // block_size * block_bytes, block_bytes):
+        digest = hashlib.blake2b(digest + header + data[start : start + block_bytes], digest_size=16).digest()
+        hashes.append(digest)
+    return hashes
 
 
 def extend_block_hashes(
@@ -37,10 +49,8 @@ def extend_block_hashes(
 ) -> list[BlockHash]:
     """Append to `hashes` (the hashes of the first len(hashes) blocks of `token_ids`) those of the
     remaining full blocks of `token_ids`; returns `hashes`."""
-    num_full = len(token_ids) // block_size
-    for i in range(len(hashes), num_full):
-        parent = hashes[i - 1] if i else None
-        hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_key))
+    start = len(hashes) * block_size
+    hashes += chain_hashes(hashes[-1] if hashes else None, token_ids[start:], block_size, extra_key)
     return hashes
 
 

@@ -22,7 +22,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbatch.cache.prefix_cache import BlockHash, extend_block_hashes
+from kvbatch.cache.prefix_cache import BlockHash, chain_hashes
 
 from .request import FinishReason, GenerationRequest
 
@@ -93,6 +93,9 @@ class Sequence:
         """Hashes of the full blocks among the first `num_tokens` tokens (computed once, then kept:
         a sequence's tokens never change)."""
         num_full = num_tokens // block_size
-        if len(self.block_hashes) < num_full:
-            extend_block_hashes(self.block_hashes, self.token_ids(0, num_full * block_size), block_size)
+        num_hashed = len(self.block_hashes)
+        if num_hashed < num_full:
+            parent = self.block_hashes[-1] if num_hashed else None
+            new_tokens = self.token_ids(num_hashed * block_size, num_full * block_size)
+            self.block_hashes += chain_hashes(parent, new_tokens, block_size)
         return self.block_hashes[:num_full]
