@@ -63,11 +63,22 @@ def load_yaml(text: str, source: str) -> Node:
         loader.dispose()
     if root is None:
         return Node({}, "", 1, source)
-    return _convert(root, "", source, yaml.SafeLoader(""))
+    return _convert(root, "", source, yaml.SafeLoader(""), [MAX_VALUES])
 
 
-def _convert(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoader) -> Node:
+MAX_VALUES = 100_000  # values a job file may expand to: aliases (&a / *a) could otherwise nest to billions
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+def _convert(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoader, budget: list[int]) -> Node:
     line = node.start_mark.line + 1
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise SpecError(f"the job file expands to more than {MAX_VALUES} values (nested YAML aliases?)", field=path, where=f"{source}:{line}")
+    if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
+        # The safe loader would build nothing from `!!python/object/apply:... [..]` either, but a tag that is
+        # silently dropped hides what the author meant: job files hold plain values only.
+        raise SpecError(f"unsupported YAML tag {node.tag!r}; job files hold plain values only", field=path, where=f"{source}:{line}")
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Node] = {}
         for key_node, value_node in node.value:
@@ -81,11 +92,11 @@ def _convert(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoad
                 raise SpecError(f"duplicate field (first at line {out[key].line})", field=sub, where=f"{source}:{key_node.start_mark.line + 1}")
             # A field's line is its key's line: for a block value (`sampling:` then indented fields) the value
             # starts on the next line, but the user wrote the field where the key is.
-            value = _convert(value_node, sub, source, constructor)
+            value = _convert(value_node, sub, source, constructor, budget)
             out[key] = Node(value.value, value.path, key_node.start_mark.line + 1, value.source)
         return Node(out, path, line, source)
     if isinstance(node, yaml.SequenceNode):
-        items = [_convert(item, child_path(path, i), source, constructor) for i, item in enumerate(node.value)]
+        items = [_convert(item, child_path(path, i), source, constructor, budget) for i, item in enumerate(node.value)]
         return Node(items, path, line, source)
     return Node(_scalar(node, path, source, constructor), path, line, source)
 

@@ -1,0 +1,67 @@
+"""Configs load safely: no Python tags (nothing is ever constructed or run), no custom tags silently dropped, no
+alias bombs, and unknown or misspelt fields are errors naming the field and the line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvbatch.jobs.errors import SpecError
+from kvbatch.jobs.spec import load_jobs_file
+from kvbatch.runner.cli import _parse_sets
+
+JOB = "jobs:\n  - name: a\n    input: {path: x.jsonl}\n"
+
+
+def load_error(tmp_path: Path, text: str) -> str:
+    (tmp_path / "jobs.yaml").write_text(text)
+    with pytest.raises(SpecError) as caught:
+        load_jobs_file(tmp_path / "jobs.yaml")
+    return str(caught.value).replace(f"{tmp_path}/", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (JOB + "    model: !!python/object/apply:os.system ['touch {marker}']\n",
+         "jobs.yaml:4: jobs[0].model: unsupported YAML tag 'tag:yaml.org,2002:python/object/apply:os.system'; job files hold plain values only"),
+        ("jobs:\n  - name: !!python/name:os.system\n    input: {path: x.jsonl}\n",
+         "jobs.yaml:2: jobs[0].name: unsupported YAML value: could not determine a constructor for the tag 'tag:yaml.org,2002:python/name:os.system'"),
+        (JOB + "    prompt: !!python/object/new:builtins.dict {}\n",
+         "jobs.yaml:4: jobs[0].prompt: unsupported YAML tag 'tag:yaml.org,2002:python/object/new:builtins.dict'"),
+        (JOB + "    sampling: !custom {temperature: 0.5}\n", "jobs.yaml:4: jobs[0].sampling: unsupported YAML tag '!custom'"),
+    ],
+    ids=["object-apply", "python-name", "object-new", "custom-tag"],
+)
+def test_tags_are_refused_and_nothing_runs(tmp_path: Path, text: str, message: str) -> None:
+    marker = tmp_path / "ran"
+    assert load_error(tmp_path, text.replace("{marker}", str(marker))).startswith(message)
+    assert not marker.exists()
+
+
+def test_alias_bomb_is_refused(tmp_path: Path) -> None:
+    layers = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):  # 10**9 values if expanded
+        layers.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    text = "\n".join(layers) + "\n" + JOB
+    assert "the job file expands to more than 100000 values (nested YAML aliases?)" in load_error(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("    engine:\n      trust_remote: true\n", "jobs.yaml:5: jobs[0].engine.trust_remote: unknown field (did you mean 'trust_remote_code'?"),
+        ("    prompt:\n      allow_special_token: true\n", "jobs.yaml:5: jobs[0].prompt.allow_special_token: unknown field (did you mean 'allow_special_tokens'?"),
+        ("    outptu: {path: y.arrow}\n", "jobs.yaml:4: jobs[0].outptu: unknown field (did you mean 'output'?"),
+    ],
+)
+def test_unknown_fields_name_field_and_line(tmp_path: Path, extra: str, message: str) -> None:
+    assert load_error(tmp_path, JOB + extra).startswith(message)
+
+
+def test_command_line_values_use_the_safe_loader_too() -> None:
+    with pytest.raises(SpecError, match="cannot read the value of model"):
+        _parse_sets(["model=!!python/object/apply:os.system ['true']"])
+    assert _parse_sets(["sampling.temperature=0.5"]) == {"sampling.temperature": 0.5}
