@@ -20,8 +20,12 @@ INCOMPLETE = ".incomplete"
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """Open `path.incomplete` for binary writing; on a clean exit fsync it and rename it to `path`."""
     tmp = path.with_name(path.name + INCOMPLETE)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a stale temporary, or a link planted where it will be: never write through it
+    # O_EXCL: created by us, right now; a link or file that appeared since the unlink makes this fail instead.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -82,6 +82,8 @@ class OutputWriter:
 
     # -- opening: lock, then decide what existing files mean ---------------------------------------------
     def open(self) -> "OutputWriter":
+        if self.dir.is_symlink():  # parts would land wherever it points, outside output_dir
+            raise OutputError(f"{self.dir} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

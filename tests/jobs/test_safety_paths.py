@@ -1,0 +1,119 @@
+"""Outputs stay where they belong: output paths, job names, links planted in the output folder, and ids from the data
+(id_column, OpenAI custom_id) never make kvbatch write outside output_dir, nor write through a link.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from job_fakes import fake_factory
+from reliability_helpers import read_output, write_jsonl
+
+from kvbatch.jobs.atomic import atomic_file
+from kvbatch.jobs.errors import OutputError, SpecError
+from kvbatch.jobs.spec import job_from_dict
+from kvbatch.runner.job import run_jobs
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    """(job folder with in.jsonl and out/, a folder outside it holding a file that must never change)."""
+    job, outside = tmp_path / "job", tmp_path / "outside"
+    (job / "out").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    write_jsonl(job / "in.jsonl", [{"prompt": "hello"}])
+    return job, outside
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def run(job_folder: Path, **fields):
+    spec = job_from_dict({"name": "safe", "input": {"path": "in.jsonl"}, **fields}, base_dir=str(job_folder))
+    return run_jobs([spec], engine_factory=fake_factory())[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("../escape.arrow", "output.path: output.path '../escape.arrow' must be a relative path inside output_dir (out)"),
+        ("sub/../../escape.arrow", "output.path: output.path 'sub/../../escape.arrow' must be a relative path inside output_dir"),
+        ("/tmp/escape.arrow", "output.path: output.path '/tmp/escape.arrow' must be a relative path inside output_dir"),
+    ],
+)
+def test_output_path_cannot_leave_output_dir(folders, path: str, message: str) -> None:
+    job, outside = folders
+    outcome = run(job, output={"path": path})
+    assert isinstance(outcome.error, SpecError) and str(outcome.error).startswith(message)
+    assert not (job / "escape.arrow").exists() and not Path("/tmp/escape.arrow").exists()
+
+
+def test_a_link_out_of_output_dir_is_refused(folders) -> None:
+    job, outside = folders
+    (job / "out" / "link").symlink_to(outside, target_is_directory=True)
+    outcome = run(job, output={"path": "link/x.arrow"})
+    assert isinstance(outcome.error, SpecError) and f"resolves to {outside / 'x.arrow'}, outside output_dir" in str(outcome.error)
+    (job / "out" / "x.arrow").symlink_to(outside / "precious.txt")
+    outcome = run(job, output={"path": "x.arrow"})
+    assert isinstance(outcome.error, SpecError) and "outside output_dir" in str(outcome.error)
+    assert tree(outside) == {"precious.txt": b"keep me"}
+
+
+def test_a_linked_work_folder_is_refused(folders) -> None:
+    job, outside = folders
+    (job / "out" / ".safe.arrow.kvbatch").symlink_to(outside, target_is_directory=True)
+    outcome = run(job)
+    assert isinstance(outcome.error, OutputError) and "is a symbolic link" in str(outcome.error)
+    assert tree(outside) == {"precious.txt": b"keep me"}
+
+
+def test_a_link_planted_at_the_lock_is_never_opened(folders) -> None:
+    job, outside = folders
+    (job / "out" / ".safe.arrow.kvbatch").mkdir()
+    (job / "out" / ".safe.arrow.kvbatch" / "lock").symlink_to(outside / "precious.txt")
+    outcome = run(job)
+    assert isinstance(outcome.error, OutputError) and "cannot open the lock file" in str(outcome.error)
+    assert tree(outside) == {"precious.txt": b"keep me"}
+
+
+def test_a_link_planted_at_a_temporary_name_is_not_written_through(folders) -> None:
+    job, outside = folders
+    (job / "out" / "safe.arrow.incomplete").symlink_to(outside / "precious.txt")
+    outcome = run(job)
+    assert outcome.error is None and len(read_output(job / "out" / "safe.arrow")) == 1
+    target = job / "out" / "note.txt"
+    target.with_name("note.txt.incomplete").symlink_to(outside / "precious.txt")
+    with atomic_file(target) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new" and not target.is_symlink()
+    assert tree(outside) == {"precious.txt": b"keep me"}
+
+
+def test_job_names_cannot_carry_paths(folders) -> None:
+    job, _ = folders
+    with pytest.raises(SpecError, match="job names use letters, digits"):
+        job_from_dict({"name": "../evil", "input": {"path": "in.jsonl"}}, base_dir=str(job))
+
+
+HOSTILE_IDS = ["../../outside/pwned", "/etc/passwd", "a/../../b", "..", "con\\..\\x", "x\x00y"]
+
+
+def test_ids_never_become_paths(folders) -> None:
+    job, outside = folders
+    before = tree(job.parent)
+    write_jsonl(job / "in.jsonl", [{"id": i, "prompt": "hi"} for i in HOSTILE_IDS])
+    outcome = run(job, id_column="id", output={"path": "ids.jsonl"})
+    assert outcome.error is None
+    assert [r["id"] for r in read_output(job / "out" / "ids.jsonl")] == HOSTILE_IDS
+    openai = [{"custom_id": i, "body": {"messages": [{"role": "user", "content": "hi"}]}} for i in HOSTILE_IDS]
+    write_jsonl(job / "batch.jsonl", openai)
+    spec = job_from_dict({"name": "batch", "input": {"path": "batch.jsonl", "format": "openai"}}, base_dir=str(job))
+    assert run_jobs([spec], engine_factory=fake_factory())[0].error is None
+    assert [json.loads(line)["custom_id"] for line in (job / "out" / "batch.jsonl").read_text().splitlines()] == HOSTILE_IDS
+    new_files = set(tree(job.parent)) - set(before)
+    assert all(name.startswith("job/out/") or name in ("job/batch.jsonl",) for name in new_files), new_files
+    assert tree(outside) == {"precious.txt": b"keep me"}
