@@ -1,0 +1,119 @@
+"""Overlapping runs: while one `kvbatch run` writes an output, a second one on the same output exits at once with
+code 4 and a clear message (or waits, with --wait); the first completes with every row exactly once; a kill -9
+leaves no stale lock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from job_fakes import fake_factory
+from reliability_helpers import cli_env, kvbatch_command, read_output, save_tiny_model, word_prompts, write_job_file, write_jsonl
+from typer.testing import CliRunner
+
+from kvbatch.jobs.errors import OutputLockedError
+from kvbatch.jobs.lock import OutputLock
+from kvbatch.jobs.spec import load_jobs_file
+from kvbatch.jobs.writer import work_dir
+from kvbatch.runner import cli
+from kvbatch.runner.job import run_jobs
+
+NUM_ROWS = 24
+
+
+@pytest.fixture(scope="module")
+def job_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("lock")
+    save_tiny_model(folder / "tiny")
+    write_jsonl(folder / "in.jsonl", [{"prompt": p} for p in word_prompts(NUM_ROWS, seed=2)])
+    write_job_file(
+        folder / "jobs.yaml",
+        name="locked",
+        model=str(folder / "tiny"),
+        input={"path": "in.jsonl"},
+        sampling={"max_new_tokens": 4},
+        output={"path": "out.arrow", "part_rows": 4},
+        engine={"device": "cpu", "max_num_seqs": 2, "num_blocks_override": 64, "block_size": 4},
+    )
+    return folder
+
+
+def start(folder: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(kvbatch_command("run", "jobs.yaml", *args), cwd=folder, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def wait_for_lock(lock: Path, process: subprocess.Popen) -> None:
+    """Until `process` holds the lock (it writes its pid into the lock file after flock)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if lock.exists() and lock.read_text().strip() == str(process.pid):
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    raise AssertionError("the run never took the lock")
+
+
+def test_second_run_is_refused_with_code_4_and_the_first_completes(job_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output = job_folder / "out" / "out.arrow"
+    lock = work_dir(output) / "lock"
+    first = start(job_folder)
+    try:
+        wait_for_lock(lock, first)
+        # Pause the first run while it holds the lock, so that it is surely still running whatever the machine's
+        # speed: a stopped process keeps its lock like a busy one.
+        first.send_signal(signal.SIGSTOP)
+        waiting = start(job_folder, "--wait")
+        second = subprocess.run(kvbatch_command("run", "jobs.yaml"), cwd=job_folder, env=cli_env(), capture_output=True, text=True, timeout=60)
+        assert second.returncode == cli.LOCKED == 4, second.stderr
+        message = f"another kvbatch run (pid {first.pid}) is writing this output (lock {lock}); wait for it, or pass --wait"
+        assert message in second.stderr
+
+        # The same through the job API and the CLI in this process (flock is per open file, so it conflicts here too).
+        specs = load_jobs_file(job_folder / "jobs.yaml").select(None)
+        outcome = run_jobs(specs, engine_factory=fake_factory())[0]
+        assert isinstance(outcome.error, OutputLockedError) and message in str(outcome.error)
+        result = CliRunner().invoke(cli.app, ["run", str(job_folder / "jobs.yaml")])
+        assert result.exit_code == 4 and message in result.output
+
+        assert waiting.poll() is None, "--wait waits"
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=120) == 0, first.communicate()
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, err
+        assert "already complete" in out, "--wait waited for the first run, then found the job done"
+    finally:
+        for process in (first, locals().get("waiting")):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    rows = read_output(output)
+    assert [r["row"] for r in rows] == list(range(NUM_ROWS)) and all(r["error"] is None for r in rows)
+
+
+def test_kill_9_leaves_no_stale_lock(tmp_path: Path) -> None:
+    # A process that takes the output lock the way `kvbatch run` does (the chaos test kills real runs with -9 and
+    # reruns them; this one looks at the lock alone, without a model to load).
+    lock = tmp_path / "lock"
+    holder = "import sys, time\nfrom kvbatch.jobs.lock import OutputLock\nOutputLock(__import__('pathlib').Path(sys.argv[1])).acquire()\ntime.sleep(600)\n"
+    process = subprocess.Popen([sys.executable, "-c", holder, str(lock)], env=cli_env())
+    try:
+        wait_for_lock(lock, process)
+        with pytest.raises(OutputLockedError, match=f"another kvbatch run \\(pid {process.pid}\\)"):
+            OutputLock(lock).acquire()
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert lock.read_text().strip() == str(process.pid), "the lock file stays, naming the dead run; only the kernel's lock matters"
+    fresh = OutputLock(lock)
+    fresh.acquire()  # at once, without --wait: there is never a stale lock to clean by hand
+    fresh.release()
