@@ -94,6 +94,8 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
         return previous
     if job.output.mode == "error" and out.exists():
         raise OutputError(f"{out} already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
+    if stop.stopped:  # a signal during an earlier job: start no processes for nothing
+        raise InterruptedJob(f"job {job.name}: not started, stopped by {stop.signal_name}; rerun to run it")
     shards = target.split(ways)
     devices = assign_devices(job, ways, job.parallel.tensor)
     threads = max(1, (os.cpu_count() or 1) // ways)

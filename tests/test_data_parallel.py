@@ -2,32 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from kvbatch.jobs.errors import InterruptedJob
 from kvbatch.jobs.spec import output_path
 from kvbatch.jobs.writer import work_dir
 from kvbatch.runner import cli
-from kvbatch.runner.job import run_jobs
+from kvbatch.runner.data_parallel import run_data_parallel
+from kvbatch.runner.job import EngineCache, run_jobs
+from kvbatch.runner.signals import StopFlag
 from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 
 
 def test_data_parallel_two_processes_equal_one(tmp_path):
+    """Stopped before it starts: interrupted, nothing written. A shard finished earlier (a lone --shard 0/2 run)
+    is resumed, not redone. The merged output equals one process's, and a rerun finds it complete."""
     write_input(tmp_path / "in.jsonl")
     whole = tiny_job(tmp_path, "whole")
     [single] = run_jobs([whole], engine_factory=tiny_engine)
     assert single.error is None, single.error
-
     job = tiny_job(tmp_path, data=2)
+    out = output_path(job)
+
+    stopped = StopFlag()
+    stopped.stop("SIGTERM")
+    with pytest.raises(InterruptedJob, match="stopped by SIGTERM; rerun to run it"):
+        run_data_parallel(job, EngineCache(tiny_engine), stopped)
+    assert not out.exists()
+    [first] = run_jobs([dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, data=1, shard="0/2"))], engine_factory=tiny_engine)
+    assert first.summary.rows == 7
+
     [outcome] = run_jobs([job], engine_factory=tiny_engine)
     assert outcome.error is None, outcome.error
-    out = output_path(job)
     assert rows_of(out) == rows_of(output_path(whole))
     summary = outcome.summary
-    assert (summary.rows, summary.rows_error, summary.rows_this_run) == (13, 2, 13)
-    assert summary.output_tokens == single.summary.output_tokens
+    assert (summary.rows, summary.rows_error, summary.rows_this_run) == (13, 2, 6)  # shard 1/2's rows only
     assert json.loads(out.with_name("answers.arrow.summary.json").read_text())["rows"] == 13
     left = sorted(p.name for p in out.parent.iterdir() if "answers" in p.name)  # the shard outputs are gone
     assert left == [".answers.arrow.kvbatch", "answers.arrow", "answers.arrow.summary.json"]
@@ -67,3 +81,33 @@ def test_cli_merge_refuses_with_the_list(tmp_path):
     result = CliRunner().invoke(cli.app, ["merge", str(tmp_path / "answers.arrow")])
     assert result.exit_code == 1
     assert "no shard outputs found beside" in result.output
+
+
+
+def test_children_stop_when_the_parent_says_or_is_gone(monkeypatch):
+    import multiprocessing
+
+    from kvbatch.runner import data_parallel
+
+    event = multiprocessing.get_context("spawn").Event()
+    flag = data_parallel._ParentStop(event)
+    assert not flag.stopped
+    event.set()
+    assert flag.stopped and flag.signal_name == "the data-parallel parent"
+    orphan = data_parallel._ParentStop(multiprocessing.get_context("spawn").Event())
+    monkeypatch.setattr(data_parallel.os, "getppid", lambda: orphan.parent + 1)  # re-parented: the parent died
+    assert orphan.stopped
+
+
+def test_combined_error_keeps_the_exit_code_kind():
+    from kvbatch.jobs.errors import JobError, OutputLockedError
+    from kvbatch.jobs.shard import Shard
+    from kvbatch.runner.data_parallel import _combined_error
+
+    job = tiny_job(Path("."))
+    locked = _combined_error(job, [(Shard(0, 2), OutputLockedError("a")), (Shard(1, 2), OutputLockedError("b"))])
+    assert isinstance(locked, OutputLockedError) and "shard 0/2: a; shard 1/2: b" in str(locked)
+    mixed = _combined_error(job, [(Shard(0, 2), OutputLockedError("a")), (Shard(1, 2), InterruptedJob("b"))])
+    assert isinstance(mixed, InterruptedJob)
+    other = _combined_error(job, [(Shard(0, 2), OutputLockedError("a")), (Shard(1, 2), ValueError("b"))])
+    assert type(other) is JobError
