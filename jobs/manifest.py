@@ -8,6 +8,7 @@ are simply done again, never twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,3 +77,24 @@ def to_ranges(indexes: Iterable[int]) -> list[list[int]]:
         else:
             ranges.append([i, i + 1])
     return ranges
+
+
+INPUT_KEY = "input_file"  # the fingerprint's entry for the input file's identity
+_SAMPLE_BYTES = 1 << 20
+
+
+def input_identity(path: Path) -> dict[str, Any]:
+    """{"input_file": size and hashes of its first and last MiB} for an input file; {} for folders and datasets.
+
+    Stored in the manifest's fingerprint so that a rerun over an edited input (rows added, removed or changed:
+    row indexes would then pair old results with new rows) is refused. Cheap by design: an edit in the middle of a
+    large file that keeps its size goes unseen.
+    """
+    if not path.is_file():
+        return {}
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(_SAMPLE_BYTES)).hexdigest()[:16]
+        f.seek(max(size - _SAMPLE_BYTES, 0))
+        tail = hashlib.sha256(f.read(_SAMPLE_BYTES)).hexdigest()[:16]
+    return {INPUT_KEY: {"bytes": size, "head_sha256": head, "tail_sha256": tail}}

@@ -26,7 +26,7 @@ from .assemble import count_by, input_order, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
 from .errors import OutputError
 from .lock import OutputLock
-from .manifest import Manifest, PartEntry, to_ranges
+from .manifest import INPUT_KEY, Manifest, PartEntry, to_ranges
 from .records import Layout, RowResult
 from .spec import describe_changes
 
@@ -105,10 +105,12 @@ class OutputWriter:
                 raise OutputError(f"{self.output} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it")
             self._clear_parts()
         else:
-            if previous.spec_hash != self.manifest.spec_hash:
+            old_input, new_input = previous.fingerprint.get(INPUT_KEY), self.manifest.fingerprint.get(INPUT_KEY)
+            input_changed = old_input is not None and new_input is not None and old_input != new_input
+            if previous.spec_hash != self.manifest.spec_hash or input_changed:
                 changes = describe_changes(previous.fingerprint, self.manifest.fingerprint)
                 raise OutputError(
-                    f"{self.output} was written by a different job spec ({'; '.join(changes) or 'spec changed'}); "
+                    f"{self.output} was written by a different job spec or input ({'; '.join(changes) or 'spec changed'}); "
                     "set output.mode: overwrite to start again"
                 )
             if previous.complete and self.output.exists():

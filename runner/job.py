@@ -22,7 +22,7 @@ from typing import Any
 from kvbatch import __version__
 from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.errors import InterruptedJob, JobError
-from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.manifest import Manifest, input_identity
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.prompts import build_prompt, prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
@@ -30,7 +30,7 @@ from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
-from kvbatch.jobs.spec import JobSpec, input_format, output_format, output_path, result_fingerprint, spec_dict, spec_hash
+from kvbatch.jobs.spec import JobSpec, input_format, input_path, output_format, output_path, result_fingerprint, spec_dict, spec_hash
 from kvbatch.jobs.summary import Summary, summary_path
 from kvbatch.jobs.writer import OutputWriter, metadata_strings
 
@@ -116,7 +116,8 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     if reader.schema is not None:
         types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
         layout = dataclasses.replace(layout, input_types=types)
-    manifest = Manifest(job.name, spec_hash(job), result_fingerprint(job), out.name, fmt)
+    fingerprint = {**result_fingerprint(job), **input_identity(input_path(job))}  # an edited input is refused too
+    manifest = Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)
     writer = writer_for(shard, out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
                           part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
     summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)

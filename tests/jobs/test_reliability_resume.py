@@ -171,3 +171,14 @@ def test_damaged_part_is_redone_not_trusted(folder: Path) -> None:
     asked = {r.request_id for r in factory.engines[0].requests}
     assert asked > set(range(NUM_ROWS)) - done, "the damaged part's rows are asked again"
     assert_complete(folder / "out" / "out.jsonl")
+
+
+def test_edited_input_is_refused(folder: Path) -> None:
+    crash_after(folder, 6)
+    with open(folder / "in.jsonl", "a") as f:
+        f.write('{"id": "new", "prompt": "a row added after the first run"}\n')
+    outcome, _ = run(folder)
+    assert isinstance(outcome.error, OutputError)
+    assert "different job spec or input (input_file.bytes:" in str(outcome.error)
+    outcome, _ = run(folder, output__mode="overwrite")
+    assert outcome.error is None and outcome.summary.rows == NUM_ROWS + 1
