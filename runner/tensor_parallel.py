@@ -67,6 +67,7 @@ class _World:
     loader: Loader
     procs: list[Any] = field(default_factory=list)  # spawned workers; empty under torchrun
     next_engine_id: int = 0
+    num_threads_before: int | None = None  # rank 0's torch threads before the ranks shared the cores
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +117,7 @@ def _start_world(size: int, use_cuda: bool, loader: Loader) -> _World:
             proc.start()
             world.procs.append(proc)
         if not use_cuda:
+            world.num_threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)  # the ranks share the cores
         dist.init_process_group(backend, init_method=init_method, rank=0, world_size=size)
     if use_cuda:
@@ -141,6 +143,8 @@ def shutdown() -> None:
                 proc.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if world.num_threads_before is not None:
+            torch.set_num_threads(world.num_threads_before)
 
 
 def start_tensor_parallel(model: str, settings: dict[str, Any], size: int, loader: Loader = load_on_cpu) -> Engine:

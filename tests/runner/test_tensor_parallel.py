@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvbatch.jobs.spec import output_path
 from kvbatch.runner import tensor_parallel
@@ -39,6 +40,7 @@ def test_tensor_parallel_two_ranks_equal_one_process(tmp_path):
     [single] = run_jobs([whole], engine_factory=tiny_engine)
     assert single.error is None, single.error
     job = tiny_job(tmp_path, tensor=2)
+    threads = torch.get_num_threads()
     try:
         factory = RecordingFactory(tiny_tp_loader)
         [outcome] = run_jobs([job], engine_factory=factory)
@@ -50,6 +52,7 @@ def test_tensor_parallel_two_ranks_equal_one_process(tmp_path):
         assert engine.model.model.layers[0].mlp.down_proj.weight.shape == (64, 64)
     finally:
         tensor_parallel.shutdown()
+    assert tensor_parallel._WORLD is None and torch.get_num_threads() == threads  # the test process is as it was
     assert rows_of(output_path(job)) == rows_of(output_path(whole))
     assert outcome.summary.output_tokens == single.summary.output_tokens
 
