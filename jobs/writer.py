@@ -98,6 +98,8 @@ class OutputWriter:
 
     def _adopt_existing(self) -> None:
         previous = self._load_manifest()
+        if previous is not None and not previous.parts and not previous.complete:
+            previous = None  # a run that committed nothing (its model failed to load, say): nothing to protect
         if self.mode == "error" and (self.output.exists() or (previous and previous.parts)):
             raise OutputError(f"{self.output} (or its unfinished parts) already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
         if self.mode == "overwrite" or previous is None:

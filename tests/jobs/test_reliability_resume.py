@@ -182,3 +182,13 @@ def test_edited_input_is_refused(folder: Path) -> None:
     assert "different job spec or input (input_file.bytes:" in str(outcome.error)
     outcome, _ = run(folder, output__mode="overwrite")
     assert outcome.error is None and outcome.summary.rows == NUM_ROWS + 1
+
+
+def test_a_run_that_committed_nothing_does_not_pin_the_spec(folder: Path) -> None:
+    from kvbatch.runner.job import default_engine_factory
+
+    outcome, _ = run(folder, default_engine_factory, model=str(folder / "no-such-model"))
+    assert type(outcome.error).__name__ == "ModelLoadError"
+    outcome, _ = run(folder, model="the-right-model")  # the fixed spec runs; nothing was committed to protect
+    assert outcome.error is None
+    assert_complete(folder / "out" / "out.jsonl")
