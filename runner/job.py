@@ -127,6 +127,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
             return _previous_summary(out, summary)
         engine, fresh = engines.get(job)
         writer.metadata = {k.encode(): v.encode() for k, v in _metadata(job, engine).items()}
+        writer.model = model_name(job.model)  # OpenAI Batch output names the model, as the API does
         stats_before = _engine_counters(engine)
         done = len(writer.done_rows)
         total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
@@ -304,6 +305,18 @@ def _sorted_requests(requests: Iterator[GenerationRequest], window: int, engine:
     return sort_window(requests, window, key=lambda r: len(r.prompt_token_ids),
                        tokens=(lambda r: r.prompt_token_ids) if grouped else None,
                        block_size=getattr(config, "block_size", 16))  # fmt: skip
+
+
+def model_name(model: str) -> str:
+    """A short model name for outputs: the default model's name, a folder's or .gguf file's name, or a hub name."""
+    if model == "default":
+        from .default_model import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name if path.exists() else model
 
 
 def _metadata(job: JobSpec, engine: Any) -> dict[str, str]:

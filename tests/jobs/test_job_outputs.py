@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletion
 
 from kvbatch import __version__
 from kvbatch.jobs.spec import job_from_dict
-from kvbatch.runner.job import EngineCache, run_job, run_jobs
+from kvbatch.runner.job import EngineCache, model_name, run_job, run_jobs
 
 TOKENIZER = FakeTokenizer()
 COLUMNS = ["row", "id", "topic", "text", "finish_reason", "error", "error_kind", "prompt_tokens", "output_tokens"]
@@ -149,6 +149,7 @@ def test_openai_batch_in_openai_batch_out(tmp_path: Path) -> None:
     n = chat_tokens(("user", "hello"))
     assert (first.choices[0].message.content, first.choices[0].finish_reason) == (f"echo {n}", "length")  # max_tokens 2
     assert (first.usage.prompt_tokens, first.usage.completion_tokens) == (n, 2)
+    assert first.model == "SmolLM2-135M-Instruct"  # the job's model is `default`: outputs name what it is
     second = ChatCompletion.model_validate(lines[1]["response"]["body"])
     assert [c.index for c in second.choices] == [0, 1] and second.choices[1].message.content.endswith("#1")
     for line, code in ((lines[2], "empty_prompt"), (lines[3], "bad_request")):
@@ -185,3 +186,12 @@ def test_an_engine_crash_keeps_finished_rows_and_fails_the_job(tmp_path: Path) -
     rerun, = run_jobs([job], engine_factory=fake_factory())
     assert rerun.summary.rows == 7 and rerun.summary.rows_this_run == 4
     assert [r["row"] for r in read_arrow(tmp_path / "out" / "j.arrow").to_pylist()] == list(range(7))
+
+
+def test_model_names_in_outputs(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    assert model_name("default") == "SmolLM2-135M-Instruct"
+    assert model_name(str(tmp_path / "m.gguf")) == "m"
+    assert model_name(str(tmp_path / "folder")) == "folder"
+    assert model_name("org/name") == "org/name"
