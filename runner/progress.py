@@ -16,6 +16,7 @@ class JobProgress:
         self.errors = 0
         self.peak_kv_usage = 0.0
         self._prefix_before = self._prefix_counters()
+        self._tokens_before = self._engine_output_tokens()
         self.bar = tqdm(total=total, initial=initial, desc=name, unit="row", dynamic_ncols=True, mininterval=0.5)
 
     def kv_usage(self) -> float:
@@ -25,6 +26,16 @@ class JobProgress:
     def _prefix_counters(self) -> tuple[int, int]:
         stats = getattr(self.engine, "stats", None)  # the engine outlives the job: its counters start elsewhere
         return getattr(stats, "num_queried_prompt_tokens", 0), getattr(stats, "num_cached_prompt_tokens", 0)
+
+    def _engine_output_tokens(self) -> int | None:
+        return getattr(getattr(self.engine, "stats", None), "num_output_tokens", None)
+
+    def tokens_per_s(self) -> float:
+        """Output tokens/s since the job started: every token the engine made, in finished rows or not, so the rate
+        does not read 0 while long rows are still generating."""
+        now = self._engine_output_tokens()
+        tokens = now - self._tokens_before if now is not None and self._tokens_before is not None else self.output_tokens
+        return tokens / max(time.monotonic() - self.start, 1e-9)
 
     def prefix_hit_rate(self) -> float | None:
         """Share of this job's looked-up prompt tokens the prefix cache held; None while nothing was looked up."""
@@ -37,10 +48,9 @@ class JobProgress:
         usage = self.kv_usage()
         self.peak_kv_usage = max(self.peak_kv_usage, usage)
         self.bar.update(1)
-        elapsed = max(time.monotonic() - self.start, 1e-9)
         hit_rate = self.prefix_hit_rate()
         prefix = f", prefix hit {hit_rate:.0%}" if hit_rate is not None else ""
-        self.bar.set_postfix_str(f"{self.output_tokens / elapsed:.1f} tok/s, KV {usage:.0%}{prefix}, {self.errors} errors", refresh=False)
+        self.bar.set_postfix_str(f"{self.tokens_per_s():.1f} tok/s, KV {usage:.0%}{prefix}, {self.errors} errors", refresh=False)
 
     def close(self) -> None:
         self.bar.close()
