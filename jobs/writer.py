@@ -98,11 +98,11 @@ class OutputWriter:
 
     def _adopt_existing(self) -> None:
         previous = self._load_manifest()
-        if previous is not None and not previous.parts and not previous.complete:
-            previous = None  # a run that committed nothing (its model failed to load, say): nothing to protect
+        # A run that committed nothing (its model failed to load, say) left nothing to protect: any spec may start.
+        nothing_committed = previous is not None and not previous.parts and not previous.complete
         if self.mode == "error" and (self.output.exists() or (previous and previous.parts)):
             raise OutputError(f"{self.output} (or its unfinished parts) already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
-        if self.mode == "overwrite" or previous is None:
+        if self.mode == "overwrite" or previous is None or nothing_committed:
             if previous is None and self.output.exists() and self.mode == "resume":
                 raise OutputError(f"{self.output} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it")
             self._clear_parts()

@@ -192,3 +192,12 @@ def test_a_run_that_committed_nothing_does_not_pin_the_spec(folder: Path) -> Non
     outcome, _ = run(folder, model="the-right-model")  # the fixed spec runs; nothing was committed to protect
     assert outcome.error is None
     assert_complete(folder / "out" / "out.jsonl")
+
+
+def test_an_overwrite_stopped_before_its_first_commit_resumes_over_the_old_output(folder: Path) -> None:
+    run(folder)
+    outcome, _ = run(folder, fake_factory(fail_after=0), sampling__temperature=0.5, output__mode="overwrite")
+    assert isinstance(outcome.error, JobError)  # nothing committed; the old output is still there
+    outcome, _ = run(folder, sampling__temperature=0.5)
+    assert outcome.error is None and outcome.summary.rows_this_run == NUM_ROWS
+    assert_complete(folder / "out" / "out.jsonl")
