@@ -167,6 +167,8 @@ def build_rank_engine(model: str, settings: dict[str, Any], loader: Loader, rank
     """This rank's engine: its share of the layers on its device, and a pool of the size every rank can hold."""
     loaded = loader(model, settings, device)
     shard_model(loaded.model, rank, size)
+    if next(loaded.model.parameters()).is_meta:  # a random benchmark model (tp_random.py): only this rank's share is made
+        loader.materialize(loaded.model, device, rank, size)  # type: ignore[attr-defined]
     loaded.model.to(device)
     loaded = dataclasses.replace(loaded, device=device)
     config = EngineConfig(model=model, **{**settings, "device": str(device), "cuda_graphs": False})

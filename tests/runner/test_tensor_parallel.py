@@ -67,3 +67,26 @@ def test_data_parallel_of_tensor_parallel_engines(tmp_path):
     assert outcome.error is None, outcome.error
     assert rows_of(output_path(job)) == rows_of(output_path(whole))
     assert tensor_parallel._WORLD is None  # the engines lived in the children
+
+
+def test_random_shards_are_slices_of_the_whole_random_model():
+    """Benchmark models are made per rank on the meta device, yet hold exactly their share of the whole model."""
+    from kvbatch.runner.tp_random import RandomLoader
+    from kvbatch.runner.tp_shard import shard_model
+
+    loader, cpu = RandomLoader(std=0.05, seed=3), torch.device("cpu")
+    whole = loader("random:tiny", {"dtype": "float32"}, cpu).model
+    loader.materialize(whole, cpu, 0, 1)
+    layer = whole.model.layers[1]
+    for rank in range(2):
+        part = loader("random:tiny", {"dtype": "float32"}, cpu).model
+        shard_model(part, rank, 2)
+        loader.materialize(part, cpu, rank, 2)
+        mine = part.model.layers[1]
+        assert torch.equal(mine.self_attn.k_proj.weight, layer.self_attn.k_proj.weight.chunk(2, dim=0)[rank])
+        assert torch.equal(mine.self_attn.o_proj.weight, layer.self_attn.o_proj.weight.chunk(2, dim=1)[rank])
+        assert torch.equal(mine.mlp.up_proj.weight, layer.mlp.up_proj.weight.chunk(2, dim=0)[rank])
+        assert torch.equal(mine.mlp.down_proj.weight, layer.mlp.down_proj.weight.chunk(2, dim=1)[rank])
+        assert torch.equal(part.model.embed_tokens.weight, whole.model.embed_tokens.weight)
+        assert torch.equal(part.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq)
+        assert torch.equal(mine.input_layernorm.weight, torch.ones(128))
