@@ -62,6 +62,10 @@ def input_order(table: pa.Table, num_rows: int) -> np.ndarray:
         order, sorted_rows = order[keep], sorted_rows[keep]
     expected = np.arange(num_rows)
     if len(sorted_rows) != num_rows or not np.array_equal(sorted_rows, expected):
+        extra = sorted_rows[(sorted_rows < 0) | (sorted_rows >= num_rows)]
+        if len(extra):  # results for rows the input no longer has: it shrank since they were committed
+            raise JobError(f"{len(extra)} results are for rows beyond the input's {num_rows} rows (first: {extra[:10].tolist()}); "
+                           "the input changed since they were written: rerun with output.mode: overwrite")  # fmt: skip
         missing = np.setdiff1d(expected, sorted_rows)
         raise JobError(f"{len(missing)} input rows have no result (first: {missing[:10].tolist()}); rerun the job to finish them")
     return order

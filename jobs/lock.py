@@ -7,10 +7,13 @@ hand; the lock file itself stays and is harmless.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from .errors import OutputError, OutputLockedError
+
+log = logging.getLogger(__name__)
 
 
 class OutputLock:
@@ -24,13 +27,18 @@ class OutputLock:
         except OSError as exc:
             raise OutputError(f"cannot open the lock file {self.path}: {exc.strerror or exc}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise OutputLockedError(
+                        f"another kvbatch run{self._holder()} is writing this output (lock {self.path}); wait for it, or pass --wait"
+                    ) from None
+                log.warning("another kvbatch run%s is writing this output; waiting for it (lock %s)", self._holder(), self.path)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a signal still stops the wait (see runner/signals.py)
+        except BaseException:
             os.close(fd)
-            holder = self._holder()
-            raise OutputLockedError(
-                f"another kvbatch run{holder} is writing this output (lock {self.path}); wait for it, or pass --wait"
-            ) from None
+            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

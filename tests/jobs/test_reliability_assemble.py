@@ -1,0 +1,49 @@
+"""Assembling the final file from parts: input order, each row once, and a clear error when rows are missing or
+belong to rows the input no longer has. Parts and outputs are written in memory-sized temp files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from kvbatch.jobs.assemble import input_order, read_parts, write_output
+from kvbatch.jobs.errors import JobError
+from kvbatch.jobs.manifest import to_ranges
+
+
+def table(rows: list[int]) -> pa.Table:
+    return pa.table({"row": pa.array(rows, pa.int64()), "text": [f"t{r}" for r in rows]})
+
+
+def test_parts_in_any_order_become_input_order(tmp_path: Path) -> None:
+    paths = []
+    for i, rows in enumerate([[4, 0], [2], [1, 3, 5]]):
+        paths.append(tmp_path / f"part-{i}.arrow")
+        with pa.ipc.new_file(paths[-1], table(rows).schema) as w:
+            w.write_table(table(rows))
+    joined = read_parts(paths)
+    order = input_order(joined, 6)
+    size = write_output(joined, order, tmp_path / "out.arrow", "arrow", {b"k": b"v"})
+    out = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out.arrow"))).read_all()
+    assert out.column("row").to_pylist() == list(range(6)) and out.column("text").to_pylist() == [f"t{r}" for r in range(6)]
+    assert out.schema.metadata == {b"k": b"v"} and size == (tmp_path / "out.arrow").stat().st_size
+
+
+def test_a_row_committed_twice_is_kept_once() -> None:
+    assert table([0, 1, 1, 2]).take(pa.array(input_order(table([0, 1, 1, 2]), 3))).column("row").to_pylist() == [0, 1, 2]
+
+
+def test_missing_rows_are_named() -> None:
+    with pytest.raises(JobError, match=r"2 input rows have no result \(first: \[1, 3\]\); rerun the job to finish them"):
+        input_order(table([0, 2]), 4)
+
+
+def test_rows_beyond_the_input_are_named() -> None:
+    with pytest.raises(JobError, match=r"1 results are for rows beyond the input's 2 rows \(first: \[5\]\)"):
+        input_order(table([0, 1, 5]), 2)
+
+
+def test_ranges() -> None:
+    assert to_ranges([5, 0, 1, 2, 6, 9]) == [[0, 3], [5, 7], [9, 10]] and to_ranges([]) == []
