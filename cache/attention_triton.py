@@ -341,6 +341,9 @@ def _prefill(query, key_cache, value_cache, meta, scale, out) -> None:
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
     config = dict(_prefill_config(head_dim, query.device))
+    if key_cache.element_size() == 4 and head_dim > 64 and "num_stages" in config:
+        # fp32 tiles of 128-wide heads need 262 KB of shared memory at 3 stages; an H100/H200 SM has 228 KB.
+        config["num_stages"] = min(config["num_stages"], 2)
     block_m = max(config.pop("BLOCK_M"), group_p)
     block_q = block_m // group_p
     grid = (triton.cdiv(meta.max_query_len, block_q), num_prefills, num_kv_heads)

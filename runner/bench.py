@@ -83,6 +83,7 @@ def throughput(
     num_prompts: Annotated[Optional[int], typer.Option(min=1, help="Override the workload's prompt count.")] = None,
     compare: Annotated[Optional[str], typer.Option(help="'hf': also run transformers generate (padded batches) and generate_batch.")] = None,
     hf_batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the padded generate peer.")] = 64,
+    hf_num_prompts: Annotated[Optional[int], typer.Option(min=1, help="Run the peers on the first N prompts only (their tok/s barely depends on N; saves device time).")] = None,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16, float32.")] = "auto",
     max_num_seqs: Annotated[int, typer.Option(min=1)] = 512,
@@ -92,6 +93,8 @@ def throughput(
     attention_backend: Annotated[str, typer.Option(help="auto, triton, torch, flash-attn.")] = "auto",
     cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps from CUDA graphs.")] = True,
     prefix_cache: Annotated[Optional[bool], typer.Option(help="Shared-prefix caching on or off (engine default when unset).")] = None,
+    profile: Annotated[bool, typer.Option(help="Run under torch.profiler and print where the time goes.")] = False,
+    timing: Annotated[bool, typer.Option(help="Time each engine phase (synchronising around each; slower overall).")] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Output and total tokens/s of kvbatch on a workload, the share of the roofline, and the peers with --compare hf."""
@@ -113,7 +116,13 @@ def throughput(
     setup_s = time.perf_counter() - started
     base = {"shape": shape, "params": num_params(loaded.model), "workload": work.describe(), "device": _device_name(engine.device),
             "dtype": str(loaded.dtype).removeprefix("torch."), "torch": torch.__version__}  # fmt: skip
+    if profile:
+        _profile(engine, work)
+        return
+    engine.timer.enabled = timing
     result = run_engine(engine, work)
+    if timing:
+        result["phases"] = engine.timer.report()
     record = {**base, "runner": "kvbatch", "attention": engine.backend.name, "cuda_graphs": engine.uses_cuda_graphs,
               "kv_pool": engine.pool_size.describe(), "setup_s": round(setup_s, 1), **result}  # fmt: skip
     bound = workload_bound(loaded.model, loaded.dtype, work, engine.device)
@@ -122,7 +131,25 @@ def throughput(
     _emit(record, json_path)
     if compare == "hf":
         engine.close()
-        _compare_hf(loaded.model, work, hf_batch_size, base, result, json_path)
+        peer_work = Workload(work.name, work.requests[:hf_num_prompts]) if hf_num_prompts else work
+        _compare_hf(loaded.model, peer_work, hf_batch_size, {**base, "workload": peer_work.describe()}, result, json_path)
+
+
+def _profile(engine: Engine, work: Workload) -> None:
+    """The engine's own ranges (schedule, prepare_inputs, forward, sample) and the top kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        result = run_engine(engine, work)
+    typer.echo(json.dumps({"profiled_run": result}))
+    events = prof.key_averages()
+    ranges = [e for e in events if e.key.startswith("kvbatch.")]
+    for e in sorted(ranges, key=lambda e: -e.cpu_time_total):
+        typer.echo(f"{e.key:28s} calls {e.count:6d}  host {e.cpu_time_total / 1e3:9.1f} ms")
+    sort_by = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    typer.echo(events.table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
 
 
 def _compare_hf(model, work: Workload, batch_size: int, base: dict, ours: dict, json_path: Path | None) -> None:
@@ -150,6 +177,26 @@ def kernels(sweep: Annotated[bool, typer.Option(help="Also time tile and split v
     ok = run_kernel_check(sweep)
     if not ok:
         raise typer.Exit(1)
+
+
+@bench_app.command()
+def check(
+    shape: ShapeOpt = "llama-1b",
+    attention_backend: Annotated[str, typer.Option(help="The kernels to hold against the torch reference.")] = "triton",
+    num_prompts: Annotated[int, typer.Option(min=1)] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    init_std: Annotated[Optional[float], typer.Option(help="Weight init std (random weights give flat logits; larger is sharper).")] = None,
+    dtype: Annotated[str, typer.Option()] = "auto",
+    json_path: JsonOpt = None,
+) -> None:
+    """Greedy token streams of the GPU kernels against the torch reference path, on one random model."""
+    from .bench_check import compare_streams
+
+    loaded = random_model(shape, "auto", dtype, max_model_len=4096, init_std=init_std)
+    result = compare_streams(loaded, attention_backend, num_prompts, max_new_tokens)
+    _emit({"check": shape, "backend": attention_backend, "dtype": str(loaded.dtype).removeprefix("torch."), "init_std": init_std,
+           "device": _device_name(loaded.device), "prompts": result.num_prompts, "identical_streams": result.num_identical,
+           "max_new_tokens": max_new_tokens, "divergences": result.divergences}, json_path)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

@@ -48,7 +48,9 @@ def model_config(shape: str, max_model_len: int):
     return config_class(max_position_embeddings=max_model_len, **fields)
 
 
-def random_model(shape: str, device: str = "auto", dtype: str = "auto", max_model_len: int = 16384, seed: int = 0) -> LoadedModel:
+def random_model(
+    shape: str, device: str = "auto", dtype: str = "auto", max_model_len: int = 16384, seed: int = 0, init_std: float | None = None
+) -> LoadedModel:
     """A model of `shape` with random weights, loaded for kvbatch's paged attention."""
     from transformers import AutoModelForCausalLM
 
@@ -56,6 +58,8 @@ def random_model(shape: str, device: str = "auto", dtype: str = "auto", max_mode
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     config = model_config(shape, max_model_len)
+    if init_std is not None:
+        config.initializer_range = init_std
     torch.manual_seed(seed)
     with torch.device(torch_device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attention_hook.ATTN_IMPLEMENTATION)

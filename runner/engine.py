@@ -16,16 +16,18 @@ import torch
 
 from kvbatch.cache.backends import select_backend
 from kvbatch.cache.block_pool import BlockPool
+from kvbatch.cache.block_table import num_blocks_for
 from kvbatch.cache.budget import GIB, PoolSize, blocks_from_bytes
 from kvbatch.cache.kv_cache import KVCache, KVCacheSpec
 
 from .model_loader import LoadedModel, load_model
-from .model_runner import ModelRunner, prepare_inputs
+from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import profile_gpu_pool
 from .request import Completion, GenerationRequest, GenerationResult
 from .sampling import SamplingRow, sample
 from .scheduler import Policy, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
+from .step_timing import StepTimer
 from .stopping import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -109,8 +111,11 @@ class Engine:
         self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
         self.pool = BlockPool(self.pool_size.num_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend)
+        if self.config.cuda_graphs and self.device.type == "cuda" and self.backend.name != "torch":
+            self._capture_graphs()
         self.stop_checker = StopChecker(self.tokenizer, self.loaded.eos_token_ids)
         self.stats = EngineStats()
+        self.timer = StepTimer(self.device)  # `timer.enabled = True` for a per-phase breakdown
         self._seed_base = config.seed if config.seed is not None else int.from_bytes(os.urandom(7), "little")
         self._next_seq_id = 0
         logger.info(
@@ -131,6 +136,29 @@ class Engine:
         if self.device.type == "cuda":
             return profile_gpu_pool(self, self.config.gpu_memory_utilization)
         return blocks_from_bytes(spec, int(self.config.kv_cache_gib * GIB))
+
+    def _capture_graphs(self) -> None:
+        from .cuda_graphs import DecodeGraphs
+
+        max_blocks_per_seq = num_blocks_for(self.max_model_len, self.config.block_size)
+        graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks_per_seq, self.config.block_size, MIN_ROWS)
+        try:
+            graphs.capture()
+        except Exception as exc:  # noqa: BLE001 - eager steps give the same tokens, only slower
+            logger.warning("decode CUDA graphs could not be captured (%s: %s); running eagerly", type(exc).__name__, exc)
+            return
+        self.runner.graphs = graphs
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.runner.graphs is not None
+
+    def close(self) -> None:
+        """Give the KV pages and graphs back to the device; the engine cannot generate afterwards."""
+        self.runner.graphs = None
+        self.runner.kv_cache = self.kv_cache = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def capacity_tokens(self) -> int:
@@ -211,7 +239,8 @@ class Engine:
             scheduler.abort_all()
 
     def _step(self, scheduler: Scheduler) -> list[GenerationResult]:
-        out = scheduler.schedule()
+        with self.timer.phase("schedule"):
+            out = scheduler.schedule()
         assert out.scheduled, (
             f"nothing scheduled with {len(scheduler.running)} running, {len(scheduler.waiting)} waiting, "
             f"{self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
@@ -223,17 +252,26 @@ class Engine:
         self.stats.peak_kv_usage = max(self.stats.peak_kv_usage, self.pool.usage())
         sampling_items = [item for item in out.scheduled if item.samples]
         try:
-            inputs = prepare_inputs(out.scheduled, self.config.block_size, self.device)
-            logits = self.runner.forward(inputs)
+            with self.timer.phase("prepare_inputs"):
+                inputs = prepare_inputs(out.scheduled, self.config.block_size, self.device, self.runner.staging)
+            with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
+                logits = self.runner.forward(inputs)
             rows = [
-                SamplingRow(item.seq.request.sampling, item.seq.seed, item.seq.all_token_ids,
+                SamplingRow(item.seq.request.sampling, item.seq.seed,
+                            item.seq.all_token_ids if item.seq.request.sampling.repetition_penalty != 1.0 else [],
                             len(item.seq.output_token_ids))
                 for item in sampling_items
             ]  # fmt: skip
-            tokens, logprobs = sample(logits, rows)
+            with self.timer.phase("sample"):
+                tokens, logprobs = sample(logits, rows)
         except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
             return self._recover(scheduler, out, exc)
-        scheduler.advance(out)
+        with self.timer.phase("postprocess"):
+            scheduler.advance(out)
+            return self._postprocess(scheduler, sampling_items, tokens, logprobs)
+
+    def _postprocess(self, scheduler: Scheduler, sampling_items: list, tokens: list[int], logprobs: list[float] | None) -> list[GenerationResult]:
+        """Append each sampled token, check its stop conditions, retire what finished."""
         results = []
         for i, item in enumerate(sampling_items):
             seq = item.seq

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvbatch.cache.backends import AttentionBackend
-from kvbatch.cache.block_table import slots_for
 from kvbatch.cache.kv_cache import KVCache
 from kvbatch.cache.metadata import AttentionMetadata
 
@@ -40,56 +40,105 @@ def _padded(n: int) -> int:
     return max(n, MIN_ROWS)
 
 
-def prepare_inputs(scheduled: list[ScheduledSeq], block_size: int, device: torch.device) -> StepInputs:
-    """Lay the step's tokens end to end, decodes first (the scheduler already ordered them)."""
-    token_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    query_start_loc = [0]
-    seq_lens: list[int] = []
-    logits_rows: list[int] = []
-    num_decodes = 0
-    for item in scheduled:
-        seq, start = item.seq, item.seq.num_computed_tokens
-        end = start + item.num_new_tokens
-        token_ids += seq.token_ids(start, end)
-        positions += range(start, end)
-        slots += slots_for(seq.block_ids, start, end, block_size)
-        query_start_loc.append(len(token_ids))
-        seq_lens.append(end)
-        if item.num_new_tokens == 1 and num_decodes == len(seq_lens) - 1:
-            num_decodes += 1
-        if item.samples:
-            logits_rows.append(len(token_ids) - 1)
-    num_rows = len(token_ids)
-    pad = _padded(num_rows) - num_rows
-    token_ids += [0] * pad
-    positions += [0] * pad
-    slots += [-1] * pad
-    num_sampling = len(logits_rows)
-    logits_rows += [0] * (_padded(num_sampling) - num_sampling)
+class HostStaging:
+    """Pinned host buffers reused from step to step, so the step's two uploads run asynchronously.
+
+    A copy from pageable memory makes the host wait for the device; from pinned memory it is queued.
+    Before refilling a buffer, the event of the last upload is waited on (normally long done).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pinned: list[torch.Tensor] = []
+        self._uploaded: torch.cuda.Event | None = None
+
+    def upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        if self.device.type != "cuda":
+            return [torch.from_numpy(a).to(self.device) for a in arrays]
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        out = []
+        for i, array in enumerate(arrays):
+            if i == len(self._pinned):
+                self._pinned.append(torch.empty(0, dtype=torch.int64).pin_memory())
+            if self._pinned[i].numel() * 8 < array.nbytes:
+                self._pinned[i] = torch.empty(max(array.nbytes // 8 + 1, 2 * self._pinned[i].numel()), dtype=torch.int64).pin_memory()
+            staged = self._pinned[i].view(torch.uint8)[: array.nbytes]
+            staged.numpy()[:] = array.view(np.uint8)
+            out.append(staged.to(self.device, non_blocking=True).view(torch.from_numpy(array[:0]).dtype))
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
+        return out
+
+
+def prepare_inputs(
+    scheduled: list[ScheduledSeq], block_size: int, device: torch.device, staging: HostStaging | None = None
+) -> StepInputs:
+    """Lay the step's tokens end to end, decodes first (the scheduler already ordered them).
+
+    Built in two host arrays (int64 rows, int32 per-sequence data) and copied to the device in two
+    transfers: per-step host work is O(tokens) numpy, not O(tokens) small tensors.
+    """
+    num_seqs = len(scheduled)
+    counts = np.fromiter((item.num_new_tokens for item in scheduled), np.int64, num_seqs)
+    num_rows = int(counts.sum())
+    num_rows_padded = _padded(num_rows)
+    # int64 rows: token ids | positions | slots | logits rows
+    rows = np.zeros(3 * num_rows_padded + _padded(num_seqs), np.int64)
+    token_ids = rows[:num_rows_padded]
+    positions = rows[num_rows_padded : 2 * num_rows_padded]
+    slots = rows[2 * num_rows_padded : 3 * num_rows_padded]
+    logits_rows = rows[3 * num_rows_padded :]
+    slots[num_rows:] = -1  # padding rows write nothing
 
     width = max(len(item.seq.block_ids) for item in scheduled)
-    tables = [item.seq.block_ids + [0] * (width - len(item.seq.block_ids)) for item in scheduled]
+    # int32 per sequence: query_start_loc (num_seqs + 1) | seq_lens | block tables
+    per_seq = np.zeros(2 * num_seqs + 1 + num_seqs * width, np.int32)
+    query_start_loc = per_seq[: num_seqs + 1]
+    seq_lens = per_seq[num_seqs + 1 : 2 * num_seqs + 1]
+    tables = per_seq[2 * num_seqs + 1 :].reshape(num_seqs, width)
 
-    def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-        # Built on the host, copied once: no per-token device traffic.
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+    row = num_sampling = num_decodes = 0
+    for i, item in enumerate(scheduled):
+        seq, count = item.seq, item.num_new_tokens
+        start = seq.num_computed_tokens
+        end = start + count
+        blocks = seq.block_ids
+        if end > len(blocks) * block_size:
+            raise ValueError(f"sequence {seq.seq_id} computes tokens up to {end} but holds {len(blocks)} blocks of {block_size}")
+        tables[i, : len(blocks)] = blocks
+        if count == 1:
+            token_ids[row] = seq.token_ids(start, end)[0]
+            positions[row] = start
+            slots[row] = blocks[start // block_size] * block_size + start % block_size
+            if num_decodes == i:
+                num_decodes += 1
+        else:
+            token_ids[row : row + count] = seq.token_ids(start, end)
+            pos = np.arange(start, end)
+            positions[row : row + count] = pos
+            slots[row : row + count] = tables[i, pos // block_size].astype(np.int64) * block_size + pos % block_size
+        row += count
+        query_start_loc[i + 1] = row
+        seq_lens[i] = end
+        if end == seq.num_tokens:  # the chunk reaches the end: its last row samples
+            logits_rows[num_sampling] = row - 1
+            num_sampling += 1
+    rows_dev, per_seq_dev = (staging or HostStaging(device)).upload(rows, per_seq)
     meta = AttentionMetadata(
-        query_start_loc=tensor(query_start_loc, torch.int32),
-        seq_lens=tensor(seq_lens, torch.int32),
-        block_tables=tensor(tables, torch.int32),
-        slot_mapping=tensor(slots, torch.int64),
+        query_start_loc=per_seq_dev[: num_seqs + 1],
+        seq_lens=per_seq_dev[num_seqs + 1 : 2 * num_seqs + 1],
+        block_tables=per_seq_dev[2 * num_seqs + 1 :].view(num_seqs, width),
+        slot_mapping=rows_dev[2 * num_rows_padded : 3 * num_rows_padded],
         num_decodes=num_decodes,
-        max_query_len=max(item.num_new_tokens for item in scheduled),
-        max_seq_len=max(seq_lens),
+        max_query_len=int(counts.max()),
+        max_seq_len=int(seq_lens.max()),
         block_size=block_size,
     )
     return StepInputs(
-        input_ids=tensor(token_ids, torch.int64)[None],
-        positions=tensor(positions, torch.int64)[None],
-        logits_rows=tensor(logits_rows, torch.int64),
+        input_ids=rows_dev[:num_rows_padded][None],
+        positions=rows_dev[num_rows_padded : 2 * num_rows_padded][None],
+        logits_rows=rows_dev[3 * num_rows_padded : 3 * num_rows_padded + _padded(num_sampling)],
         num_sampling=num_sampling,
         meta=meta,
     )
@@ -101,11 +150,16 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.backend = backend
         self.device = next(model.parameters()).device
+        self.staging = HostStaging(self.device)
         self.graphs = None  # a DecodeGraphs once captured (runner/cuda_graphs.py): pure-decode steps replay it
+
+    def replays(self, inputs: StepInputs) -> bool:
+        """Whether this step runs from a captured CUDA graph."""
+        return self.graphs is not None and self.graphs.fits(inputs)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the sampling rows: [num_sampling, vocab_size] float32."""
-        if self.graphs is not None and self.graphs.fits(inputs):
+        if self.replays(inputs):
             return self.graphs.forward(inputs)
         return self.forward_eager(inputs)
 

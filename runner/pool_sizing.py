@@ -8,6 +8,7 @@ pages (the equation is in kvbatch.cache.budget).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
@@ -28,26 +29,34 @@ logger = logging.getLogger(__name__)
 
 def profile_gpu_pool(engine: Engine, gpu_memory_utilization: float) -> PoolSize:
     device = engine.device
-    num_tokens = min(engine.max_num_batched_tokens, engine.max_model_len)
+    # The largest step: max_num_batched_tokens tokens, as sequences of at most the context each.
+    num_tokens = engine.max_num_batched_tokens
+    seq_len = min(num_tokens, engine.max_model_len)
+    lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
     block_size = engine.kv_spec.block_size
-    num_blocks = num_blocks_for(num_tokens, block_size)
-    scratch = KVCache(engine.kv_spec, num_blocks, device)
+    blocks_per_seq = num_blocks_for(seq_len, block_size)
+    scratch = KVCache(engine.kv_spec, blocks_per_seq * len(lens), device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     num_logits = min(engine.config.max_num_seqs, num_tokens)
+    tables = torch.arange(blocks_per_seq * len(lens), dtype=torch.int32, device=device).view(len(lens), blocks_per_seq)
+    starts = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lens])
+    slots = torch.cat([tables[i].long().repeat_interleave(block_size)[:n] * block_size + torch.arange(n, device=device) % block_size
+                       for i, n in enumerate(lens)])  # fmt: skip
     meta = AttentionMetadata(
-        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=device),
+        query_start_loc=starts,
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=tables,
+        slot_mapping=slots,
         num_decodes=0,
-        max_query_len=num_tokens,
-        max_seq_len=num_tokens,
+        max_query_len=seq_len,
+        max_seq_len=seq_len,
         block_size=block_size,
     )
     inputs = StepInputs(
         input_ids=torch.zeros(1, num_tokens, dtype=torch.int64, device=device),
-        positions=torch.arange(num_tokens, device=device)[None],
+        positions=positions[None],
         logits_rows=torch.arange(num_tokens - num_logits, num_tokens, device=device),
         num_sampling=num_logits,
         meta=meta,
