@@ -30,6 +30,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from .signals import SIGNALS
 from .tp_shard import shard_model
 
 log = logging.getLogger(__name__)
+CONTROL_TIMEOUT = timedelta(days=7)  # a worker waits for rank 0's next message as long as rank 0 runs
 Loader = Callable[[str, dict[str, Any], torch.device], LoadedModel]  # (model, engine settings, rank's device)
 
 
@@ -67,6 +69,7 @@ class _World:
     loader: Loader
     procs: list[Any] = field(default_factory=list)  # spawned workers; empty under torchrun
     next_engine_id: int = 0
+    control: Any = None  # the gloo group that carries rank 0's messages (tp_comm.py)
     num_threads_before: int | None = None  # rank 0's torch threads before the ranks shared the cores
 
     @property
@@ -122,8 +125,14 @@ def _start_world(size: int, use_cuda: bool, loader: Loader) -> _World:
         dist.init_process_group(backend, init_method=init_method, rank=0, world_size=size)
     if use_cuda:
         torch.cuda.set_device(world.device)
+    world.control = _control_group()
     atexit.register(shutdown)
     return world
+
+
+def _control_group() -> dist.ProcessGroup:
+    """Every rank calls this once, right after joining: the group rank 0's messages travel on (tp_comm.py)."""
+    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
 def shutdown() -> None:
@@ -134,7 +143,7 @@ def shutdown() -> None:
         return
     try:
         if all(p.is_alive() for p in world.procs):
-            tp_comm.send_command(tp_comm.EXIT, 0, world.device)
+            tp_comm.send_command(tp_comm.EXIT, 0, world.control)
         for proc in world.procs:
             proc.join(timeout=30)
     finally:
@@ -158,7 +167,7 @@ def start_tensor_parallel(model: str, settings: dict[str, Any], size: int, loade
         raise ValueError(f"one run uses one tensor-parallel layout; already {world.size} ranks on {'cuda' if world.use_cuda else 'cpu'}")
     world.check_alive()
     engine_id, world.next_engine_id = world.next_engine_id, world.next_engine_id + 1
-    tp_comm.send_command(tp_comm.LOAD, engine_id, world.device, (model, settings))
+    tp_comm.send_command(tp_comm.LOAD, engine_id, world.control, (model, settings))
     engine = build_rank_engine(model, settings, world.loader, 0, size, world.device)
     return TensorParallelEngine(engine, engine_id, world)
 
@@ -192,7 +201,7 @@ class _BroadcastingRunner(ModelRunner):
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         self.world.check_alive()
-        tp_comm.send_step(self.engine_id, inputs)
+        tp_comm.send_step(self.engine_id, inputs, self.world.control)
         return super().forward(inputs)
 
 
@@ -206,7 +215,7 @@ class TensorParallelEngine(Engine):
 
     def close(self) -> None:
         if _WORLD is self.world and all(p.is_alive() for p in self.world.procs):
-            tp_comm.send_command(tp_comm.CLOSE, self.engine_id, self.world.device)
+            tp_comm.send_command(tp_comm.CLOSE, self.engine_id, self.world.control)
         parent_close = getattr(Engine, "close", None)
         if parent_close is not None:
             parent_close(self)
@@ -223,7 +232,7 @@ def _worker_main(rank: int, size: int, init_method: str, loader: Loader, use_cud
     if use_cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank, world_size=size)
-    serve(rank, size, device, loader)
+    serve(rank, size, device, loader, _control_group())
 
 
 def serve_from_env(loader: Loader = load_on_cpu) -> None:
@@ -234,18 +243,18 @@ def serve_from_env(loader: Loader = load_on_cpu) -> None:
     if use_cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
-    serve(rank, size, device, loader)
+    serve(rank, size, device, loader, _control_group())
 
 
-def serve(rank: int, size: int, device: torch.device, loader: Loader) -> None:
+def serve(rank: int, size: int, device: torch.device, loader: Loader, control: dist.ProcessGroup) -> None:
     engines: dict[int, Engine] = {}
     try:
         while True:
-            command, engine_id, header = tp_comm.receive(device)
+            command, engine_id, header = tp_comm.receive(control)
             if command == tp_comm.STEP:
-                engines[engine_id].runner.forward(tp_comm.receive_step(header, device))
+                engines[engine_id].runner.forward(tp_comm.receive_step(header, device, control))
             elif command == tp_comm.LOAD:
-                model, settings = tp_comm.receive_object(device)
+                model, settings = tp_comm.receive_object(control)
                 engines[engine_id] = build_rank_engine(model, settings, loader, rank, size, device)
             elif command == tp_comm.CLOSE:
                 engines.pop(engine_id, None)
