@@ -94,7 +94,7 @@ def shard_from_env(env: Mapping[str, str]) -> Shard | None:
     if rest or declared != count or not 0 <= index < count:
         raise SpecError(
             f"Slurm array task {task} (min {low}, step {step}, {declared} tasks) is not a position in an evenly "
-            "spaced array such as --array=0-3; pass --shard I/N explicitly",
+            "spaced array such as --array=0-3; pass --shard I/N explicitly (or --shard off)",
             field="--shard",
         )
     return Shard(index, count)
