@@ -23,6 +23,7 @@ Softmax runs in base 2 (exp2) with fp32 statistics and fp32 accumulators for eve
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -378,3 +379,33 @@ def paged_attention(
     if meta.num_seqs > meta.num_decodes:
         _prefill(query, key_cache, value_cache, meta, scale, out)
     return out
+
+
+def warm_up(
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], read only
+    value_cache: torch.Tensor,  # same
+    num_heads: int,
+    dtype: torch.dtype,  # the queries' dtype
+) -> None:
+    """Compile every kernel variant a run can meet (one per decode split count, DIRECT or not), so none
+    compiles mid-run: a compile takes about a second, and mixed steps pick their split count from shapes."""
+    block_size, head_dim = key_cache.shape[1], key_cache.shape[3]
+    device = key_cache.device
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([1], dtype=torch.int32, device=device),
+        block_tables=torch.zeros(1, 1, dtype=torch.int32, device=device),
+        slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
+        num_decodes=1,
+        max_query_len=1,
+        max_seq_len=1,
+        block_size=block_size,
+    )
+    query = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    out = torch.empty_like(query)
+    splits = 1
+    while splits <= _MAX_SPLITS:
+        _decode(query, key_cache, value_cache, meta, 1.0, out, num_splits=splits)
+        splits *= 2
+    prefill = dataclasses.replace(meta, num_decodes=0)
+    _prefill(query, key_cache, value_cache, prefill, 1.0, out)

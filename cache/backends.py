@@ -28,11 +28,12 @@ class AttentionBackend:
     name: str
     write_kv: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
+    warm_up: Callable[..., None] | None = None  # (key_cache, value_cache, num_heads, dtype): compile kernels now
 
 
 def _load(name: str) -> AttentionBackend:
     module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
-    return AttentionBackend(name, module.write_kv, module.paged_attention)
+    return AttentionBackend(name, module.write_kv, module.paged_attention, getattr(module, "warm_up", None))
 
 
 def _why_unavailable(name: str, device: torch.device) -> str | None:

@@ -148,8 +148,9 @@ def _profile(engine: Engine, work: Workload) -> None:
     ranges = [e for e in events if e.key.startswith("kvbatch.")]
     for e in sorted(ranges, key=lambda e: -e.cpu_time_total):
         typer.echo(f"{e.key:28s} calls {e.count:6d}  host {e.cpu_time_total / 1e3:9.1f} ms")
-    sort_by = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
-    typer.echo(events.table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
+    typer.echo(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    if engine.device.type == "cuda":
+        typer.echo(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
 def _compare_hf(model, work: Workload, batch_size: int, base: dict, ours: dict, json_path: Path | None) -> None:

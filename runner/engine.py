@@ -43,7 +43,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on cpu, bfloat16 on cuda
     block_size: int = 16  # tokens per KV page
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # tokens per step; None: 4096 on cpu, 8192 on cuda
+    max_num_batched_tokens: int | None = None  # tokens per step; None: 4096 on cpu, 16384 on cuda
     kv_cache_gib: float = 2.0  # pool size on the cpu
     gpu_memory_utilization: float = 0.9  # share of the GPU that weights, activations and pages may use
     num_blocks_override: int | None = None  # exact pool size, for tests and benchmarks
@@ -96,7 +96,7 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
         self.max_model_len = self.loaded.max_model_len
-        self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 4096)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.backend = select_backend(config.attention_backend, self.device)
         text_config = self.model.config.get_text_config()
         num_heads = text_config.num_attention_heads
@@ -111,6 +111,8 @@ class Engine:
         self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
         self.pool = BlockPool(self.pool_size.num_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend)
+        if self.backend.warm_up is not None:
+            self.backend.warm_up(self.kv_cache.key[0], self.kv_cache.value[0], num_heads, self.loaded.dtype)
         if self.config.cuda_graphs and self.device.type == "cuda" and self.backend.name != "torch":
             self._capture_graphs()
         self.stop_checker = StopChecker(self.tokenizer, self.loaded.eos_token_ids)
