@@ -48,7 +48,7 @@ def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
             return _from_table(path, "arrow", table, num_samples)
         if suffix == ".parquet":
-            return _from_table(path, "parquet", pq.read_table(path), num_samples)
+            return _from_parquet(path, num_samples)
         if suffix == ".jsonl":
             return _from_jsonl(path, num_samples)
     except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:
@@ -63,6 +63,24 @@ def _from_table(path: Path, fmt: str, table: pa.Table, num_samples: int) -> Outp
         if name in table.column_names:
             counter.update(v for v in table.column(name).to_pylist() if v is not None)
     report.samples = table.slice(0, num_samples).to_pylist()
+    return report
+
+
+def _from_parquet(path: Path, num_samples: int) -> OutputReport:
+    """Only the two count columns and the first rows are read: an output can be larger than memory."""
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    report = OutputReport(str(path), "parquet", parquet.metadata.num_rows, schema.remove_metadata().to_string(), meta)
+    counted = [c for c in ("finish_reason", "error_kind") if c in schema.names]
+    counters = {"finish_reason": report.finish_reasons, "error_kind": report.error_kinds}
+    if counted:
+        for batch in parquet.iter_batches(columns=counted):
+            for name in counted:
+                counters[name].update(v for v in batch.column(name).to_pylist() if v is not None)
+    if num_samples:
+        first = next(parquet.iter_batches(batch_size=num_samples), None)
+        report.samples = first.to_pylist() if first is not None else []
     return report
 
 

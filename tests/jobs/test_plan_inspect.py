@@ -81,6 +81,10 @@ def test_inspect_parquet_and_jsonl(tmp_path: Path, fmt: str) -> None:
     run_job(job(tmp_path, output={"path": f"p.{fmt}"}), EngineCache(fake_factory(max_model_len=200)))
     report = inspect_output(tmp_path / "out" / f"p.{fmt}", num_samples=1)
     assert (report.format, report.num_rows, report.finish_reasons["error"], len(report.samples)) == (fmt, 7, 3, 1)
+    assert report.samples[0]["row"] == 0 and report.samples[0]["text"].startswith("echo")
+    assert dict(report.error_kinds) == {"bad_json": 1, "prompt_too_long": 1, "missing_column": 1}
+    if fmt == "parquet":
+        assert "  finish_reason: string" in report.format_text() and report.metadata["kvbatch.model"] == "default"
 
 
 def test_inspect_openai_output(tmp_path: Path) -> None:
