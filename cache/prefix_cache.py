@@ -44,16 +44,6 @@ def chain_hashes(
     return hashes
 
 
-def extend_block_hashes(
-    hashes: list[BlockHash], token_ids: Sequence[int], block_size: int, extra_key: bytes = b""
-) -> list[BlockHash]:
-    """Append to `hashes` (the hashes of the first len(hashes) blocks of `token_ids`) those of the
-    remaining full blocks of `token_ids`; returns `hashes`."""
-    start = len(hashes) * block_size
-    hashes += chain_hashes(hashes[-1] if hashes else None, token_ids[start:], block_size, extra_key)
-    return hashes
-
-
 def max_cached_blocks(num_tokens: int, block_size: int) -> int:
     """Most leading blocks a prefill of `num_tokens` may take from the cache: the last token is always
     computed, since its logits give the next token, and it must not be written into a shared block."""
@@ -76,7 +66,7 @@ class ReuseEstimate:
 
     def add(self, token_ids: Sequence[int]) -> int:
         """Account one prompt; returns the tokens of it the cache would have held."""
-        hashes = extend_block_hashes([], token_ids, self.block_size)
+        hashes = chain_hashes(None, token_ids, self.block_size)
         limit = max_cached_blocks(len(token_ids), self.block_size)
         num_hits = 0
         while num_hits < min(limit, len(hashes)) and hashes[num_hits] in self._lru:
@@ -89,7 +79,3 @@ class ReuseEstimate:
         self.num_prompt_tokens += len(token_ids)
         self.num_reused_tokens += num_hits * self.block_size
         return num_hits * self.block_size
-
-    @property
-    def reuse_rate(self) -> float:
-        return self.num_reused_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0

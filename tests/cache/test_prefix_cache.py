@@ -5,18 +5,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbatch.cache.block_pool import BlockPool
-from kvbatch.cache.prefix_cache import ReuseEstimate, extend_block_hashes, hash_block, max_cached_blocks
+from kvbatch.cache.prefix_cache import ReuseEstimate, chain_hashes, hash_block, max_cached_blocks
 
 
 def test_hashes_chain_over_everything_before_the_block() -> None:
-    a = extend_block_hashes([], [1, 2, 3, 4, 5, 6, 7, 8, 9], block_size=4)
-    b = extend_block_hashes([], [9, 9, 9, 9, 5, 6, 7, 8], block_size=4)
+    a = chain_hashes(None, [1, 2, 3, 4, 5, 6, 7, 8, 9], block_size=4)
+    b = chain_hashes(None, [9, 9, 9, 9, 5, 6, 7, 8], block_size=4)
     assert len(a) == 2 and len(b) == 2  # the partial block gets no hash
     assert a[1] != b[1], "same block tokens after a different prefix must hash differently"
     assert a[0] == hash_block(None, [1, 2, 3, 4]) and a[1] == hash_block(a[0], [5, 6, 7, 8])
     assert hash_block(None, [1, 2, 3, 4], extra_key=b"lora-7") != a[0]
-    grown = extend_block_hashes(a[:1], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], block_size=4)
-    assert grown == extend_block_hashes([], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], block_size=4)
+    assert a + chain_hashes(a[1], [9, 10, 11, 12], block_size=4) == chain_hashes(None, list(range(1, 13)), 4)
     assert len(hash_block(None, [1])) == 16
 
 
@@ -26,7 +25,7 @@ def test_the_last_token_is_never_taken_from_the_cache() -> None:
 
 def test_hit_eviction_and_lru_order_exact_ids() -> None:
     pool = BlockPool(4)
-    h = extend_block_hashes([], list(range(12)), block_size=4)  # three chained blocks
+    h = chain_hashes(None, list(range(12)), block_size=4)  # three chained blocks
     seq = pool.allocate(3)
     assert seq == [0, 1, 2]
     assert [pool.register(b, hb) for b, hb in zip(seq, h)] == [True, True, True]
