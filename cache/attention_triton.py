@@ -99,7 +99,7 @@ def _attend_tile(
 
 
 # Integers that change from step to step are not specialised on (=1, multiple of 16): one compile serves all.
-@triton.jit(do_not_specialize=["first_seq"])
+@triton.jit(do_not_specialize=["first_seq", "stride_q_head", "stride_o_head", "stride_bt_seq"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     qk_scale, first_seq,
@@ -156,7 +156,7 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "stride_q_head", "stride_o_head", "stride_bt_seq"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
     qk_scale, num_splits,
@@ -262,6 +262,17 @@ def _prefill_config(head_dim: int, device: torch.device) -> dict[str, int]:
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if head_dim > 64 else 4, "num_stages": 3}
 
 
+def _fp32_tiles(config: dict[str, int], key_cache: torch.Tensor) -> dict[str, int]:
+    """Smaller tiles for fp32 pages on a GPU: at the bf16 sizes a 128-wide head needs 262 KB of shared memory
+    (an H100/H200 SM has 228 KB). fp32 on a GPU is a checking path, not a fast one."""
+    if key_cache.element_size() == 4 and "num_stages" in config:
+        config["num_stages"] = min(config["num_stages"], 2)
+        config["BLOCK_N"] = min(config["BLOCK_N"], 32)
+        if "BLOCK_M" in config:
+            config["BLOCK_M"] = min(config["BLOCK_M"], 64)
+    return config
+
+
 def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, block_size: int) -> None:
     if key_cache.shape != value_cache.shape or key_cache.stride() != value_cache.stride():
         raise ValueError(f"key and value caches differ: {tuple(key_cache.shape)} {key_cache.stride()} vs "
@@ -325,7 +336,7 @@ def _decode(query, key_cache, value_cache, meta, scale, out, num_splits: int | N
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, PAGE=meta.block_size, DIRECT=num_splits == 1,
-        **_kernel_dtype_args(query, key_cache), **_decode_config(head_dim, query.device),
+        **_kernel_dtype_args(query, key_cache), **_fp32_tiles(dict(_decode_config(head_dim, query.device)), key_cache),
     )
     if num_splits > 1:
         _reduce_kernel[(num_decodes, num_heads)](
@@ -341,10 +352,7 @@ def _prefill(query, key_cache, value_cache, meta, scale, out) -> None:
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
-    config = dict(_prefill_config(head_dim, query.device))
-    if key_cache.element_size() == 4 and head_dim > 64 and "num_stages" in config:
-        # fp32 tiles of 128-wide heads need 262 KB of shared memory at 3 stages; an H100/H200 SM has 228 KB.
-        config["num_stages"] = min(config["num_stages"], 2)
+    config = _fp32_tiles(dict(_prefill_config(head_dim, query.device)), key_cache)
     block_m = max(config.pop("BLOCK_M"), group_p)
     block_q = block_m // group_p
     grid = (triton.cdiv(meta.max_query_len, block_q), num_prefills, num_kv_heads)

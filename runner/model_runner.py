@@ -84,19 +84,19 @@ def prepare_inputs(
     num_rows = int(counts.sum())
     num_rows_padded = _padded(num_rows)
     # int64 rows: token ids | positions | slots | logits rows
-    rows = np.zeros(3 * num_rows_padded + _padded(num_seqs), np.int64)
-    token_ids = rows[:num_rows_padded]
-    positions = rows[num_rows_padded : 2 * num_rows_padded]
-    slots = rows[2 * num_rows_padded : 3 * num_rows_padded]
-    logits_rows = rows[3 * num_rows_padded :]
+    rows, (ids_at, pos_at, slots_at, logits_at) = _aligned(np.int64, num_rows_padded, num_rows_padded, num_rows_padded, _padded(num_seqs))
+    token_ids = rows[ids_at : ids_at + num_rows_padded]
+    positions = rows[pos_at : pos_at + num_rows_padded]
+    slots = rows[slots_at : slots_at + num_rows_padded]
+    logits_rows = rows[logits_at : logits_at + _padded(num_seqs)]
     slots[num_rows:] = -1  # padding rows write nothing
 
     width = max(len(item.seq.block_ids) for item in scheduled)
     # int32 per sequence: query_start_loc (num_seqs + 1) | seq_lens | block tables
-    per_seq = np.zeros(2 * num_seqs + 1 + num_seqs * width, np.int32)
-    query_start_loc = per_seq[: num_seqs + 1]
-    seq_lens = per_seq[num_seqs + 1 : 2 * num_seqs + 1]
-    tables = per_seq[2 * num_seqs + 1 :].reshape(num_seqs, width)
+    per_seq, (starts_at, lens_at, tables_at) = _aligned(np.int32, num_seqs + 1, num_seqs, num_seqs * width)
+    query_start_loc = per_seq[starts_at : starts_at + num_seqs + 1]
+    seq_lens = per_seq[lens_at : lens_at + num_seqs]
+    tables = per_seq[tables_at : tables_at + num_seqs * width].reshape(num_seqs, width)
 
     row = num_sampling = num_decodes = 0
     for i, item in enumerate(scheduled):
@@ -126,22 +126,33 @@ def prepare_inputs(
             num_sampling += 1
     rows_dev, per_seq_dev = (staging or HostStaging(device)).upload(rows, per_seq)
     meta = AttentionMetadata(
-        query_start_loc=per_seq_dev[: num_seqs + 1],
-        seq_lens=per_seq_dev[num_seqs + 1 : 2 * num_seqs + 1],
-        block_tables=per_seq_dev[2 * num_seqs + 1 :].view(num_seqs, width),
-        slot_mapping=rows_dev[2 * num_rows_padded : 3 * num_rows_padded],
+        query_start_loc=per_seq_dev[starts_at : starts_at + num_seqs + 1],
+        seq_lens=per_seq_dev[lens_at : lens_at + num_seqs],
+        block_tables=per_seq_dev[tables_at : tables_at + num_seqs * width].view(num_seqs, width),
+        slot_mapping=rows_dev[slots_at : slots_at + num_rows_padded],
         num_decodes=num_decodes,
         max_query_len=int(counts.max()),
         max_seq_len=int(seq_lens.max()),
         block_size=block_size,
     )
     return StepInputs(
-        input_ids=rows_dev[:num_rows_padded][None],
-        positions=rows_dev[num_rows_padded : 2 * num_rows_padded][None],
-        logits_rows=rows_dev[3 * num_rows_padded : 3 * num_rows_padded + _padded(num_sampling)],
+        input_ids=rows_dev[ids_at : ids_at + num_rows_padded][None],
+        positions=rows_dev[pos_at : pos_at + num_rows_padded][None],
+        logits_rows=rows_dev[logits_at : logits_at + _padded(num_sampling)],
         num_sampling=num_sampling,
         meta=meta,
     )
+
+
+def _aligned(dtype: type, *lengths: int) -> tuple[np.ndarray, list[int]]:
+    """One zeroed array holding sub-arrays of `lengths`, each starting on a 16-byte boundary: Triton
+    specialises kernels on pointer alignment, so unaligned views would compile extra variants mid-run."""
+    per_16_bytes = 16 // np.dtype(dtype).itemsize
+    starts, total = [], 0
+    for length in lengths:
+        starts.append(total)
+        total += -(-length // per_16_bytes) * per_16_bytes
+    return np.zeros(total, dtype), starts
 
 
 class ModelRunner:
