@@ -36,7 +36,7 @@ def _load(name: str) -> AttentionBackend:
     return AttentionBackend(name, module.write_kv, module.paged_attention, getattr(module, "warm_up", None))
 
 
-def _why_unavailable(name: str, device: torch.device) -> str | None:
+def _why_unavailable(name: str, device: torch.device, block_size: int) -> str | None:
     if name == "torch":
         return None
     if device.type != "cuda":
@@ -44,20 +44,25 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
     package = "flash_attn" if name == "flash-attn" else "triton"
     if importlib.util.find_spec(package) is None:
         return f"the {name} backend needs the '{package}' package, which is not installed"
+    if name == "flash-attn":
+        from .attention_flash import PAGE_MULTIPLE, supports_block_size
+
+        if not supports_block_size(block_size):
+            return f"flash-attn's paged kernels need block_size a multiple of {PAGE_MULTIPLE}, the engine's is {block_size}"
     return None
 
 
-def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """`auto` takes the first of flash-attn, triton, torch that can run on `device`."""
+def select_backend(name: str, device: torch.device | str, block_size: int = 16) -> AttentionBackend:
+    """`auto` takes the first of flash-attn, triton, torch that can run on `device` with pages of `block_size`."""
     device = torch.device(device)
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name != "auto":
-        reason = _why_unavailable(name, device)
+        reason = _why_unavailable(name, device, block_size)
         if reason:
             raise BackendUnavailableError(reason)
         return _load(name)
     for candidate in ("flash-attn", "triton", "torch"):
-        if _why_unavailable(candidate, device) is None:
+        if _why_unavailable(candidate, device, block_size) is None:
             return _load(candidate)
     raise AssertionError("the torch backend is always available")

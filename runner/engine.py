@@ -97,7 +97,7 @@ class Engine:
         self.device = self.loaded.device
         self.max_model_len = self.loaded.max_model_len
         self.max_num_batched_tokens = config.max_num_batched_tokens or (16384 if self.device.type == "cuda" else 4096)
-        self.backend = select_backend(config.attention_backend, self.device)
+        self.backend = select_backend(config.attention_backend, self.device, config.block_size)
         text_config = self.model.config.get_text_config()
         num_heads = text_config.num_attention_heads
         self.kv_spec = KVCacheSpec(

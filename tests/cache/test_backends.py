@@ -1,0 +1,41 @@
+"""Choosing the attention backend: automatic order, forced choices, and flash-attn's page-size rule."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvbatch.cache import backends
+from kvbatch.cache.backends import BackendUnavailableError, select_backend
+
+
+def test_cpu_gets_the_torch_reference():
+    assert select_backend("auto", "cpu").name == "torch"
+
+
+def test_forcing_a_gpu_backend_on_the_cpu_says_why():
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA device"):
+        select_backend("triton", "cpu")
+
+
+def test_unknown_name_is_refused():
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        select_backend("xformers", "cpu")
+
+
+@pytest.fixture
+def gpu_packages_present(monkeypatch):
+    """Pretend flash-attn and triton are importable (the checks run before anything is imported from them)."""
+    real = importlib.util.find_spec
+    fake = lambda name, *args: object() if name in ("flash_attn", "triton") else real(name, *args)  # noqa: E731
+    monkeypatch.setattr(backends.importlib.util, "find_spec", fake)
+
+
+def test_auto_passes_over_flash_attn_when_pages_are_too_small(gpu_packages_present):
+    # flash-attn reads pages of multiples of 256 tokens only; with 16-token pages every step would fail.
+    assert select_backend("auto", torch.device("cuda"), block_size=16).name == "triton"
+
+
+def test_forcing_flash_attn_with_small_pages_names_the_rule(gpu_packages_present):
+    with pytest.raises(BackendUnavailableError, match="multiple of 256, the engine's is 16"):
+        select_backend("flash-attn", torch.device("cuda"), block_size=16)
