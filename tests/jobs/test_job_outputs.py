@@ -11,12 +11,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from job_fakes import FakeTokenizer, fake_factory
+from job_fakes import FakeEngine, FakeTokenizer, fake_factory
 from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 
 from kvbatch import __version__
 from kvbatch.jobs.spec import job_from_dict
+from kvbatch.runner import job as job_module
 from kvbatch.runner.job import EngineCache, model_name, run_job, run_jobs
 
 TOKENIZER = FakeTokenizer()
@@ -195,3 +196,40 @@ def test_model_names_in_outputs(tmp_path: Path) -> None:
     assert model_name(str(tmp_path / "m.gguf")) == "m"
     assert model_name(str(tmp_path / "folder")) == "folder"
     assert model_name("org/name") == "org/name"
+
+
+def test_rows_stream_through_a_bounded_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are read, tokenized and sorted only one sort window ahead of the engine: memory stays bounded."""
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "q" * (i % 7 + 1)} for i in range(100)])
+    rows_read = [0]
+    real_open = job_module.open_reader
+
+    def counting_open(job, needed):
+        reader = real_open(job, needed)
+        inner = reader.rows
+
+        def rows():
+            for row in inner:
+                rows_read[0] += 1
+                yield row
+
+        reader.rows = rows()
+        return reader
+
+    read_when_asked: list[int] = []
+
+    class Probe(FakeEngine):
+        def generate(self, requests):
+            def probed():
+                for request in requests:
+                    read_when_asked.append(rows_read[0])
+                    yield request
+
+            yield from super().generate(probed())
+
+    monkeypatch.setattr(job_module, "open_reader", counting_open)
+    job = job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "sort_window": 8}, base_dir=str(tmp_path))
+    summary = run_job(job, EngineCache(lambda model, settings: Probe()))
+    assert summary.rows == 100 and len(read_when_asked) == 100
+    assert max(read - i for i, read in enumerate(read_when_asked)) <= 8  # never more than one window ahead
+    assert read_when_asked[0] == 8  # the first window is read, sorted, and handed over before row 9 is read
