@@ -60,7 +60,7 @@ def wait_for_lock(lock: Path, process: subprocess.Popen) -> None:
     raise AssertionError("the run never took the lock")
 
 
-def test_second_run_is_refused_with_code_4_and_the_first_completes(job_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_run_is_refused_with_code_4_and_the_first_completes(job_folder: Path, tmp_path: Path) -> None:
     output = job_folder / "out" / "out.arrow"
     lock = work_dir(output) / "lock"
     first = start(job_folder)
@@ -69,7 +69,10 @@ def test_second_run_is_refused_with_code_4_and_the_first_completes(job_folder: P
         # Pause the first run while it holds the lock, so that it is surely still running whatever the machine's
         # speed: a stopped process keeps its lock like a busy one.
         first.send_signal(signal.SIGSTOP)
-        waiting = start(job_folder, "--wait")
+        waiting_log = tmp_path / "waiting.log"
+        with open(waiting_log, "w") as log:
+            waiting = subprocess.Popen(kvbatch_command("run", "jobs.yaml", "--wait"), cwd=job_folder, env=cli_env(),
+                                       stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
         second = subprocess.run(kvbatch_command("run", "jobs.yaml"), cwd=job_folder, env=cli_env(), capture_output=True, text=True, timeout=60)
         assert second.returncode == cli.LOCKED == 4, second.stderr
         message = f"another kvbatch run (pid {first.pid}) is writing this output (lock {lock}); wait for it, or pass --wait"
@@ -82,11 +85,15 @@ def test_second_run_is_refused_with_code_4_and_the_first_completes(job_folder: P
         result = CliRunner().invoke(cli.app, ["run", str(job_folder / "jobs.yaml")])
         assert result.exit_code == 4 and message in result.output
 
-        assert waiting.poll() is None, "--wait waits"
+        deadline = time.monotonic() + 60
+        while "waiting for it" not in waiting_log.read_text() and time.monotonic() < deadline:
+            assert waiting.poll() is None, waiting_log.read_text()
+            time.sleep(0.02)
+        assert f"another kvbatch run (pid {first.pid}) is writing this output; waiting for it" in waiting_log.read_text()
         first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=120) == 0, first.communicate()
-        out, err = waiting.communicate(timeout=60)
-        assert waiting.returncode == 0, err
+        out, _ = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, waiting_log.read_text()
         assert "already complete" in out, "--wait waited for the first run, then found the job done"
     finally:
         for process in (first, locals().get("waiting")):
