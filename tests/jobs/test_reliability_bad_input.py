@@ -118,6 +118,13 @@ def test_unreadable_input(tmp_path: Path) -> None:
     assert str(outcome.error).startswith(f"cannot open {tmp_path / 'in.jsonl'}: [Errno 21] Is a directory")
 
 
+def test_damaged_parquet(tmp_path: Path) -> None:
+    (tmp_path / "in.parquet").write_bytes(b"PAR1 this is not a Parquet file")
+    outcome = run(tmp_path, input={"path": "in.parquet"})
+    assert isinstance(outcome.error, InputError)
+    assert str(outcome.error).startswith(f"cannot read Parquet file {tmp_path / 'in.parquet'}: Parquet magic bytes not found in footer")
+
+
 def test_output_folder_not_writable(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
     (tmp_path / "out").write_text("a file where the output folder should be")
