@@ -13,13 +13,17 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import torch
+from typing import TYPE_CHECKING
+
 import typer
 
-from .bench_bound import workload_bound
-from .bench_models import SHAPES, num_params, random_model
+from .bench_shapes import SHAPES
 from .bench_workloads import Workload, make_workload
-from .engine import Engine, EngineConfig
+
+if TYPE_CHECKING:  # torch, transformers and the engine load when a bench command runs, not with the CLI
+    import torch
+
+    from .engine import Engine
 
 bench_app = typer.Typer(help="Benchmarks on random models of real shapes (see BENCHMARKS.md).", no_args_is_help=True)
 
@@ -37,10 +41,14 @@ def _emit(record: dict[str, Any], json_path: Path | None) -> None:
 
 
 def _device_name(device: torch.device) -> str:
+    import torch
+
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -98,6 +106,12 @@ def throughput(
     json_path: JsonOpt = None,
 ) -> None:
     """Output and total tokens/s of kvbatch on a workload, the share of the roofline, and the peers with --compare hf."""
+    import torch
+
+    from .bench_bound import workload_bound
+    from .bench_models import num_params, random_model
+    from .engine import Engine, EngineConfig
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     needed = make_workload(workload, SHAPES[shape]["vocab_size"], num_prompts).max_seq_len
     loaded = random_model(shape, device, dtype, max_model_len=max(4096, needed))
@@ -192,6 +206,7 @@ def check(
 ) -> None:
     """Greedy token streams of the GPU kernels against the torch reference path, on one random model."""
     from .bench_check import compare_streams
+    from .bench_models import random_model
 
     loaded = random_model(shape, "auto", dtype, max_model_len=4096, init_std=init_std)
     result = compare_streams(loaded, attention_backend, num_prompts, max_new_tokens)

@@ -193,7 +193,10 @@ def load_model(
         logger.warning("pickled weights are allowed: loading %s may run code hidden in its weight files", name)
 
     def load(kwargs: dict) -> tuple:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        # No clean-up of spaces around punctuation: the text is what the model generated (and BPE ignores it anyway).
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, clean_up_tokenization_spaces=False, **kwargs
+        )
         model = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=torch_dtype,
