@@ -50,8 +50,9 @@ def pickled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def remote_code_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A fresh folder per test: its code, once imported, stays imported, so each test needs code never seen before.
     folder = tmp_path_factory.mktemp("remote_code")
     tiny_model("llama", 0, attn="sdpa").save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
@@ -76,19 +77,29 @@ def test_pickled_weights_are_refused_by_default(pickled_folder: Path) -> None:
         load_model(str(pickled_folder), device="cpu")
 
 
-def test_pickled_weights_load_when_allowed_with_a_warning_in_log_and_metadata(pickled_folder: Path, tmp_path: Path, caplog) -> None:
+def run_unsafe_job(model: Path, option: str, tmp_path: Path, caplog) -> list[str]:
+    """Run a two-row job on `model` with the engine option `option` on; return kvbatch.unsafe from the output."""
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": "w5 w6"}, {"prompt": "w7"}])
     spec = job_from_dict(
-        {"name": "p", "model": str(pickled_folder), "input": {"path": "in.jsonl"}, "sampling": {"max_new_tokens": 2},
-         "engine": {"device": "cpu", "allow_pickle": True, "num_blocks_override": 16}},  # fmt: skip
+        {"name": "p", "model": str(model), "input": {"path": "in.jsonl"}, "sampling": {"max_new_tokens": 2},
+         "engine": {"device": "cpu", option: True, "num_blocks_override": 16}},  # fmt: skip
         base_dir=str(tmp_path),
     )
     with caplog.at_level(logging.WARNING):
         outcome = run_jobs([spec])[0]
     assert outcome.error is None, outcome.error
-    assert "pickled weights are allowed" in caplog.text
     metadata = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / "p.arrow"))).schema.metadata
-    assert json.loads(metadata[b"kvbatch.unsafe"]) == ["allow_pickle"]
+    return json.loads(metadata[b"kvbatch.unsafe"])
+
+
+def test_pickled_weights_load_when_allowed_with_a_warning_in_log_and_metadata(pickled_folder: Path, tmp_path: Path, caplog) -> None:
+    assert run_unsafe_job(pickled_folder, "allow_pickle", tmp_path, caplog) == ["allow_pickle"]
+    assert "pickled weights are allowed" in caplog.text
+
+
+def test_trusted_remote_code_is_recorded_in_log_and_metadata(remote_code_folder: Path, tmp_path: Path, caplog) -> None:
+    assert run_unsafe_job(remote_code_folder, "trust_remote_code", tmp_path, caplog) == ["trust_remote_code"]
+    assert "trust_remote_code is on" in caplog.text
 
 
 def test_remote_code_is_refused_by_default_and_never_runs(remote_code_folder: Path) -> None:
