@@ -2,6 +2,7 @@
 
     python scripts/soak.py                    # 10,000 prompts, a tiny random Llama, report every 1,000 rows
     nice python scripts/soak.py --rows 2000   # a quicker look
+    python scripts/soak.py --job 2>/dev/null  # the whole job path: JSONL reader, tokenizer, engine, writer
 
 Every `--every` rows it prints resident memory (RSS), the KV pool's free blocks and the throughput of that slice;
 at the end it checks that the pool is whole again (every block free, invariants hold) and that the output holds
@@ -12,6 +13,7 @@ decaying from slice to slice. Not part of the test suite (about a minute on one 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import resource
 import sys
@@ -19,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -77,50 +80,99 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--job", action="store_true", help="run the rows as a kvbatch job (JSONL in, Arrow out)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     engine = Engine.from_loaded(tiny_llama(args.seed), EngineConfig(device="cpu", num_blocks_override=args.num_blocks,
                                                                     max_num_seqs=args.max_num_seqs, seed=args.seed))  # fmt: skip
+    if args.job:
+        return soak_job(engine, args)
     pool = engine.pool
     folder = Path(tempfile.mkdtemp(prefix="kvbatch-soak-"))
     output = folder / "soak.arrow"
     writer = OutputWriter(output, "arrow", Layout(), Manifest("soak", "-", {}, output.name, "arrow"), part_rows=1000)
     print(f"soak: {args.rows} rows, pool {pool.num_blocks} blocks, max_num_seqs {args.max_num_seqs}, "
           f"{args.threads} thread(s), output {output}", flush=True)  # fmt: skip
-    print(f"{'rows':>7} {'RSS MiB':>8} {'free blocks':>11} {'rows/s':>7} {'out tok/s':>9} {'errors':>6}", flush=True)
-
-    start = slice_start = time.monotonic()
-    slice_tokens = errors = done = 0
-    rss = [rss_mib()]
+    reporter = Reporter(pool, args.every)
+    errors = 0
     with writer:
         for result in engine.generate(requests(args.rows, args.seed)):
             errors += result.error is not None
-            slice_tokens += result.num_output_tokens
             writer.add(RowResult(result.request_id, texts=[c.text for c in result.completions],
                                  finish_reasons=[c.finish_reason for c in result.completions],
                                  prompt_tokens=result.num_prompt_tokens, output_tokens=result.num_output_tokens))  # fmt: skip
-            done += 1
-            if done % args.every == 0 or done == args.rows:
-                elapsed = time.monotonic() - slice_start
-                rss.append(rss_mib())
-                rows_in_slice = done % args.every or args.every
-                print(f"{done:>7} {rss[-1]:>8.1f} {pool.num_free_blocks:>11} {rows_in_slice / elapsed:>7.1f} "
-                      f"{slice_tokens / elapsed:>9.1f} {errors:>6}", flush=True)  # fmt: skip
-                slice_start, slice_tokens = time.monotonic(), 0
+            reporter.count(result.num_output_tokens, last=reporter.done + 1 == args.rows)
         report = writer.finalize(args.rows)
-
-    import pyarrow as pa
 
     rows = pa.ipc.open_file(pa.memory_map(str(output))).read_all().column("row").to_pylist()
     pool.check_invariants()
     whole = pool.num_free_blocks == pool.num_blocks
     in_order = rows == list(range(args.rows))
-    print(f"done: {done} rows in {time.monotonic() - start:.1f} s; pool {pool.num_free_blocks}/{pool.num_blocks} blocks free "
-          f"({'whole' if whole else 'LEAK'}); output {report.num_rows} rows, {report.num_bytes} bytes, "
-          f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {rss[1]:.1f} MiB, last {rss[-1]:.1f} MiB, "
-          f"growth after warm-up {rss[-1] - rss[min(2, len(rss) - 1)]:+.1f} MiB", flush=True)  # fmt: skip
+    rss = reporter.rss
+    print(f"done: {reporter.done} rows ({errors} errors) in {time.monotonic() - reporter.start:.1f} s; pool {pool.num_free_blocks}/{pool.num_blocks} "
+          f"blocks free ({'whole' if whole else 'LEAK'}); output {report.num_rows} rows, {report.num_bytes} bytes, "
+          f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB, "
+          f"growth after warm-up (from the 2nd report) {rss[-1] - rss[min(1, len(rss) - 1)]:+.1f} MiB", flush=True)  # fmt: skip
     return 0 if whole and in_order and errors == 0 else 1
+
+
+class Reporter:
+    """Prints one line per `every` results: RSS, free blocks, rows/s and output tokens/s of that slice."""
+
+    def __init__(self, pool, every: int) -> None:
+        self.pool, self.every = pool, every
+        self.done = self.tokens = 0
+        self.start = self.slice_start = time.monotonic()
+        self.rss: list[float] = []
+        print(f"{'rows':>7} {'RSS MiB':>8} {'free blocks':>11} {'rows/s':>7} {'out tok/s':>9}", flush=True)
+
+    def count(self, num_output_tokens: int, last: bool = False) -> None:
+        self.done += 1
+        self.tokens += num_output_tokens
+        if self.done % self.every == 0 or last:
+            elapsed = time.monotonic() - self.slice_start
+            self.rss.append(rss_mib())
+            rows = self.done % self.every or self.every
+            print(f"{self.done:>7} {self.rss[-1]:>8.1f} {self.pool.num_free_blocks:>11} {rows / elapsed:>7.1f} {self.tokens / elapsed:>9.1f}", flush=True)
+            self.slice_start, self.tokens = time.monotonic(), 0
+
+
+def soak_job(engine: Engine, args: argparse.Namespace) -> int:
+    """The same rows as a job: the reader, prompt building, tokenizer, engine and crash-safe writer all soak."""
+    from kvbatch.jobs.spec import job_from_dict
+    from kvbatch.runner.job import run_jobs
+
+    folder = Path(tempfile.mkdtemp(prefix="kvbatch-soak-job-"))
+    with open(folder / "in.jsonl", "w") as f:
+        for request in requests(args.rows, args.seed):
+            f.write(json.dumps({"id": request.request_id, "prompt": " ".join(f"w{t}" for t in request.prompt_token_ids)}) + "\n")
+    reporter = Reporter(engine.pool, args.every)
+    generate = engine.generate
+
+    def counted(stream):
+        for result in generate(stream):
+            reporter.count(result.num_output_tokens, last=reporter.done + 1 == args.rows)
+            yield result
+
+    engine.generate = counted  # type: ignore[method-assign]
+    spec = job_from_dict({"name": "soak", "input": {"path": "in.jsonl"}, "id_column": "id", "prompt": {"chat_template": False},
+                          "sampling": {"max_new_tokens": 16}, "output": {"path": "soak.arrow"}}, base_dir=str(folder))  # fmt: skip
+    print(f"soak (job): {args.rows} rows, pool {engine.pool.num_blocks} blocks, output {folder / 'out' / 'soak.arrow'}", flush=True)
+    outcome = run_jobs([spec], engine_factory=lambda model, settings: engine)[0]
+    if outcome.error is not None:
+        print(f"job failed: {outcome.error}")
+        return 1
+    rows = pa.ipc.open_file(pa.memory_map(str(folder / "out" / "soak.arrow"))).read_all().column("row").to_pylist()
+    engine.pool.check_invariants()
+    whole = engine.pool.num_free_blocks == engine.pool.num_blocks
+    in_order = rows == list(range(args.rows))
+    print(f"done: {outcome.summary.rows} rows ({outcome.summary.rows_error} errors) in {time.monotonic() - reporter.start:.1f} s; "
+          f"pool {engine.pool.num_free_blocks}/{engine.pool.num_blocks} blocks free ({'whole' if whole else 'LEAK'}); "
+          f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {reporter.rss[0]:.1f} MiB, "
+          f"last {reporter.rss[-1]:.1f} MiB, growth after warm-up (from the 2nd report) "
+          f"{reporter.rss[-1] - reporter.rss[min(1, len(reporter.rss) - 1)]:+.1f} MiB", flush=True)  # fmt: skip
+    return 0 if whole and in_order and outcome.summary.rows_error == 0 else 1
 
 
 if __name__ == "__main__":
