@@ -126,7 +126,10 @@ class OutputWriter:
             self.manifest.num_rows = previous.num_rows
         self._remove_strays()
         self._done = self.manifest.done_rows()
-        self.manifest.save(self.manifest_path)
+        try:
+            self.manifest.save(self.manifest_path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.manifest_path}: {exc.strerror or exc}") from exc
 
     def _load_manifest(self) -> Manifest | None:
         if not self.manifest_path.exists():
@@ -210,10 +213,11 @@ class OutputWriter:
         order = input_order(table, num_rows)
         try:
             num_bytes = write_output(table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column)
+            self.manifest.complete = True
+            self.manifest.save(self.manifest_path)
         except OSError as exc:
+            self.manifest.complete = False
             raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}; every row is committed in parts, fix this (free space?) and rerun to write it") from exc
-        self.manifest.complete = True
-        self.manifest.save(self.manifest_path)
         # The final file holds every row now; parts are only needed until here.
         for part in self.manifest.parts:
             with contextlib.suppress(FileNotFoundError):

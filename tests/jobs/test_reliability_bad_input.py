@@ -154,6 +154,24 @@ def test_disk_full_stops_the_job_keeps_committed_rows_and_a_rerun_finishes(tmp_p
     assert [r["row"] for r in read_output(tmp_path / "out" / "out.jsonl")] == list(range(12))
 
 
+def test_disk_full_at_the_final_write_keeps_every_part(tmp_path: Path, monkeypatch) -> None:
+    from kvbatch.jobs import writer
+
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(6)))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "write_output", full)
+        outcome = run(tmp_path)
+    assert isinstance(outcome.error, OutputError)
+    assert str(outcome.error).endswith("No space left on device; every row is committed in parts, fix this (free space?) and rerun to write it")
+    outcome = run(tmp_path)
+    assert outcome.error is None and outcome.summary.rows_this_run == 0, "nothing is generated again"
+    assert [r["row"] for r in read_output(tmp_path / "out" / "out.jsonl")] == list(range(6))
+
+
 def test_model_path_missing(tmp_path: Path) -> None:
     from kvbatch.runner.job import default_engine_factory
 
