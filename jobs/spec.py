@@ -92,10 +92,14 @@ class EngineSpec:
     cuda_graphs: bool | None = None
     seed: int | None = None  # base seed for requests without sampling.seed
     prefix_cache: bool | None = None  # reuse the K/V of prompt prefixes shared between rows (on by default)
+    offline: bool | None = None  # true: never download, whatever allow_download says (as HF_HUB_OFFLINE=1)
 
     def settings(self) -> dict[str, Any]:
-        """Only the fields that were set, for EngineConfig(**settings)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """Only the fields that were set, for EngineConfig(**settings); `offline` becomes allow_download=False."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if settings.pop("offline", False):
+            settings["allow_download"] = False
+        return settings
 
 
 @dataclass(frozen=True)

@@ -219,3 +219,11 @@ def test_output_must_stay_inside_output_dir(tmp_path: Path) -> None:
 def test_missing_job_file_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="job file not found"):
         load_jobs_file(tmp_path / "nope.yaml")
+
+
+def test_offline_forbids_downloads_whatever_allow_download_says():
+    from kvbatch.jobs.spec import EngineSpec
+
+    assert EngineSpec(offline=True, allow_download=True).settings() == {"allow_download": False}
+    assert EngineSpec(allow_download=True).settings() == {"allow_download": True}
+    assert "offline" not in EngineSpec(offline=False).settings()
