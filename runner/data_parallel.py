@@ -10,8 +10,11 @@ ordinary single-device engine. On the CPU the children share the cores. Shard ou
 outputs: an interrupted run, run again, resumes every shard. Inside a Slurm shard I/N the children run the
 splits of that shard and the merge writes the shard's own output.
 
-Signals: children ignore SIGINT/SIGTERM/SIGUSR1; the parent, which gets them (from the terminal or Slurm),
-tells every child to stop through an Event, once. A second signal kills the children (committed parts stay).
+Signals: children ignore SIGINT and SIGUSR1 (a terminal's Ctrl-C, Slurm's --signal); the parent, which gets them,
+tells every child through an Event, once: no new rows, finish those in flight, commit. When the parent stops at
+once (a second signal, or the grace period over) it sends the children SIGTERM, which stops a child at once too:
+rows in flight are dropped, finished rows committed. SIGTERM from elsewhere (scancel, Slurm's time limit) does
+the same to each process it reaches.
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ from kvbatch.jobs.spec import JobSpec, output_path, spec_hash
 from kvbatch.jobs.summary import Summary, summary_path
 from kvbatch.jobs.writer import remove_output, work_dir
 
-from .signals import SIGNALS, StopFlag
+from .signals import SIGNALS, StopFlag, StopNow
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
+KILL_AFTER_S = 30.0  # after SIGTERM, a child that has not committed and exited by then is killed
 
 
 class _ParentStop(StopFlag):
@@ -146,7 +150,11 @@ def _run_children(jobs: list[JobSpec], devices: list[str | None], threads: int, 
             proc.join()
         return results
     finally:
-        for proc in procs:  # a second signal or an error here: committed parts stay, the rest is redone
+        for proc in procs:  # the parent stops at once (second signal, error): so do the children, committing
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=KILL_AFTER_S)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -154,7 +162,8 @@ def _run_children(jobs: list[JobSpec], devices: list[str | None], threads: int, 
 
 def _child(conn: Connection, job: JobSpec, factory: Any, event: Any, threads: int, wait_for_lock: bool) -> None:
     for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)  # the parent decides when to stop
+        signal.signal(sig, signal.SIG_IGN)  # the parent decides when to stop ...
+    signal.signal(signal.SIGTERM, _stop_now)  # ... except at once
     import torch
 
     from .job import EngineCache, run_job
@@ -172,6 +181,10 @@ def _child(conn: Connection, job: JobSpec, factory: Any, event: Any, threads: in
     except Exception as exc:  # noqa: BLE001 - an exception that does not pickle
         conn.send(JobError(f"{type(result).__name__}: {result} ({exc})"))
     conn.close()
+
+
+def _stop_now(signum: int, frame: object) -> None:
+    raise StopNow(signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
