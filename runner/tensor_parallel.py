@@ -70,11 +70,16 @@ class _World:
     procs: list[Any] = field(default_factory=list)  # spawned workers; empty under torchrun
     next_engine_id: int = 0
     control: Any = None  # the gloo group that carries rank 0's messages (tp_comm.py)
+    in_step: bool = False  # a step was sent and rank 0's own share has not returned (an interrupt may land here)
     num_threads_before: int | None = None  # rank 0's torch threads before the ranks shared the cores
 
     @property
     def device(self) -> torch.device:
         return rank_device(0, self.use_cuda)
+
+    def can_talk(self) -> bool:
+        """True when the workers are waiting for a message: alive, and not inside a step rank 0 left."""
+        return not self.in_step and all(p.is_alive() for p in self.procs)
 
     def check_alive(self) -> None:
         dead = [p for p in self.procs if not p.is_alive()]
@@ -142,10 +147,12 @@ def shutdown() -> None:
     if world is None:
         return
     try:
-        if all(p.is_alive() for p in world.procs):
+        if world.can_talk():
             tp_comm.send_command(tp_comm.EXIT, 0, world.control)
-        for proc in world.procs:
-            proc.join(timeout=30)
+            for proc in world.procs:
+                proc.join(timeout=30)
+        # else: stuck in a step that rank 0 abandoned (a second signal): spawned workers are killed below;
+        # under torchrun, rank 0's exit makes torchrun stop the others.
     finally:
         for proc in world.procs:
             if proc.is_alive():
@@ -201,8 +208,11 @@ class _BroadcastingRunner(ModelRunner):
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         self.world.check_alive()
+        self.world.in_step = True
         tp_comm.send_step(self.engine_id, inputs, self.world.control)
-        return super().forward(inputs)
+        logits = super().forward(inputs)
+        self.world.in_step = False
+        return logits
 
 
 class TensorParallelEngine(Engine):
@@ -214,7 +224,7 @@ class TensorParallelEngine(Engine):
         self.engine_id, self.world = engine_id, world
 
     def close(self) -> None:
-        if _WORLD is self.world and all(p.is_alive() for p in self.world.procs):
+        if _WORLD is self.world and self.world.can_talk():
             tp_comm.send_command(tp_comm.CLOSE, self.engine_id, self.world.control)
         parent_close = getattr(Engine, "close", None)
         if parent_close is not None:
