@@ -106,8 +106,11 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
         except (ValueError, KeyError, TypeError) as exc:
             problems.append(f"{path.name}: unreadable manifest ({exc})")
             continue
-        if not manifest.complete or not path.exists():
+        if not manifest.complete:
             problems.append(f"{path.name}: unfinished ({len(manifest.done_rows())} rows committed); rerun shard {named[1]} to finish it")
+            continue
+        if not path.exists():
+            problems.append(f"{path.name}: finished once, but the file is gone; rerun shard {named[1]} to write it again")
             continue
         sources.append(_Source(path, named[1], manifest))
     if named_shards:
