@@ -159,3 +159,11 @@ def test_merge_refuses_mixed_counts_and_someone_elses_output(tmp_path):
         merge_shards(out2)
     merge_shards(out2, overwrite=True)
     assert pa.ipc.open_file(out2).read_all().num_rows == NUM_ROWS
+
+
+def test_merge_names_a_finished_shard_whose_file_is_gone(tmp_path):
+    out = tmp_path / "answers.arrow"
+    paths = [_write_shard(out, Shard(i, 2)) for i in range(2)]
+    paths[1].unlink()
+    with pytest.raises(MergeError, match=r"answers.shard-0001-of-0002.arrow: finished once, but the file is gone; rerun shard 1/2"):
+        merge_shards(out)
