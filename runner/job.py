@@ -197,7 +197,8 @@ class _Feed:
                 self._note_id(row)  # another shard runs it, but a later duplicate of its id is an error here too
                 continue
             if row.index in self.writer.done_rows:
-                continue  # finished by an earlier run
+                self._note_id(row)  # finished by an earlier run; a later duplicate of its id is still an error
+                continue
             request = self._request(row)
             if request is not None:
                 yield request

@@ -201,3 +201,14 @@ def test_an_overwrite_stopped_before_its_first_commit_resumes_over_the_old_outpu
     outcome, _ = run(folder, sampling__temperature=0.5)
     assert outcome.error is None and outcome.summary.rows_this_run == NUM_ROWS
     assert_complete(folder / "out" / "out.jsonl")
+
+
+def test_a_duplicate_of_an_id_finished_in_an_earlier_run_is_still_refused(folder: Path) -> None:
+    rows = [{"id": f"r{i}", "prompt": "x" * (i + 1), "topic": f"t{i}"} for i in range(NUM_ROWS)]
+    write_jsonl(folder / "in.jsonl", rows + [{"id": "r0", "prompt": "again", "topic": "dup"}])
+    done = crash_after(folder, 10)
+    assert 0 in done and NUM_ROWS not in done, "the first run finished r0 but never reached its duplicate"
+    outcome, _ = run(folder)
+    assert outcome.error is None
+    last = read_output(folder / "out" / "out.jsonl")[NUM_ROWS]
+    assert last["finish_reason"] == "error" and "duplicate id 'r0' (first at row 0)" in last["error"]
