@@ -373,12 +373,12 @@ def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: E
                 outcomes.append(JobOutcome(job.name, error=exc))
                 break
             except (JobError, SpecError) as exc:
-                log.error("job %s failed: %s", job.name, exc)
+                log.info("job %s failed: %s", job.name, exc)  # the outcome carries it; the CLI prints it once
                 outcomes.append(JobOutcome(job.name, error=exc))
             except Exception as exc:  # model loading and budget errors come from the engine's own modules
                 if not _is_user_facing(exc):
                     raise
-                log.error("job %s failed: %s", job.name, exc)
+                log.info("job %s failed: %s", job.name, exc)
                 outcomes.append(JobOutcome(job.name, error=exc))
     return outcomes
 
