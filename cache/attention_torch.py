@@ -1,6 +1,7 @@
 """Paged attention in plain torch: the reference every other backend is tested against, and the CPU path.
 
-The arithmetic (scores, softmax, weighted sum) runs in float64 and is cast back at the end. That
+The arithmetic (scores, softmax, weighted sum) runs in float64 and is cast back at the end (on the CPU the
+engine keeps float32 models' pages in float64, so no conversion is needed per step). That
 makes each query's output independent of what else is in the step: padding a softmax or a matmul
 to another length changes the float64 rounding by ~1e-16, far below what float32 can show, so a
 prompt gets the same bits alone or packed with fifty others. The GEMMs of the model are kept
@@ -40,7 +41,7 @@ def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: i
 
 def _attend(
     query: torch.Tensor,  # [num_seqs, num_queries, num_heads, head_dim] float64
-    key: torch.Tensor,  # [num_seqs, num_keys, num_kv_heads, head_dim] float64
+    key: torch.Tensor,  # [num_seqs, num_keys, num_kv_heads, head_dim], any float dtype (float64 spares a copy)
     value: torch.Tensor,  # same
     allowed: torch.Tensor,  # [num_seqs, num_queries, num_keys] bool
     scale: float,
@@ -48,18 +49,20 @@ def _attend(
     num_seqs, num_queries, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     group = num_heads // num_kv_heads
-    # Query head h reads kv head h // group (transformers' repeat_kv order).
-    q = query.view(num_seqs, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    q = q.reshape(num_seqs, num_kv_heads, group * num_queries, head_dim)
-    k = key.permute(0, 2, 3, 1)  # [s, kvh, d, keys]
-    v = value.permute(0, 2, 1, 3)  # [s, kvh, keys, d]
-    scores = torch.matmul(q, k) * scale  # [s, kvh, group * queries, keys]
-    scores = scores.view(num_seqs, num_kv_heads, group, num_queries, -1)
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(num_seqs, num_kv_heads, group * num_queries, -1)
-    out = torch.matmul(probs, v)  # [s, kvh, group * queries, d]
-    out = out.view(num_seqs, num_kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(num_seqs, num_queries, num_heads, head_dim)
+    out = torch.empty(num_seqs, num_queries, num_heads, head_dim, dtype=torch.float64, device=query.device)
+    hidden = ~allowed[:, None]  # [s, 1, queries, keys]
+    # One kv head at a time: its keys are a strided [s, keys, d] view of the gathered pages, which bmm reads
+    # in place (no transposed copy of every key). Query head h reads kv head h // group (transformers' order).
+    for kv in range(num_kv_heads):
+        heads = slice(kv * group, (kv + 1) * group)
+        q = query[:, :, heads].transpose(1, 2).reshape(num_seqs, group * num_queries, head_dim)
+        k = key[:, :, kv].to(torch.float64)  # [s, keys, d]
+        v = value[:, :, kv].to(torch.float64)
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale).view(num_seqs, group, num_queries, -1)
+        scores.masked_fill_(hidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(num_seqs, group * num_queries, -1)
+        out[:, :, heads] = torch.bmm(probs, v).view(num_seqs, group, num_queries, head_dim).transpose(1, 2)
+    return out
 
 
 def paged_attention(
@@ -85,8 +88,8 @@ def paged_attention(
             hi = min(nd, lo + step)
             lens = meta.seq_lens[lo:hi].long()
             num_blocks = -(-int(lens.max()) // block_size)
-            k = _gather_pages(key_cache, meta.block_tables[lo:hi], num_blocks).double()
-            v = _gather_pages(value_cache, meta.block_tables[lo:hi], num_blocks).double()
+            k = _gather_pages(key_cache, meta.block_tables[lo:hi], num_blocks)
+            v = _gather_pages(value_cache, meta.block_tables[lo:hi], num_blocks)
             positions = torch.arange(k.shape[1], device=query.device)
             allowed = (positions[None, :] < lens[:, None])[:, None, :]  # [s, 1, keys]
             q = query[starts[lo] : starts[hi]].double()[:, None]  # [s, 1, h, d]
@@ -97,8 +100,8 @@ def paged_attention(
         row0, row1, seq_len = starts[i], starts[i + 1], seq_lens[i]
         num_queries = row1 - row0
         num_blocks = -(-seq_len // block_size)
-        k = _gather_pages(key_cache, meta.block_tables[i : i + 1], num_blocks).double()
-        v = _gather_pages(value_cache, meta.block_tables[i : i + 1], num_blocks).double()
+        k = _gather_pages(key_cache, meta.block_tables[i : i + 1], num_blocks)
+        v = _gather_pages(value_cache, meta.block_tables[i : i + 1], num_blocks)
         key_pos = torch.arange(k.shape[1], device=query.device)
         step = max(1, _MAX_SCORE_ELEMENTS // (num_heads * k.shape[1]))
         for q0 in range(0, num_queries, step):

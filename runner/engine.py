@@ -105,7 +105,9 @@ class Engine:
             num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
             head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
             block_size=config.block_size,
-            dtype=self.loaded.dtype,
+            # The torch reference attention computes in float64: float32 models keep their pages in float64
+            # (twice the bytes), which spares converting every cached key and value at every step.
+            dtype=torch.float64 if self.backend.name == "torch" and self.loaded.dtype == torch.float32 else self.loaded.dtype,
         )
         self.pool_size = self._size_pool()
         self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
