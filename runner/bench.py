@@ -32,7 +32,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Append the result lines to this file.")]
 
 
-def _emit(record: dict[str, Any], json_path: Path | None) -> None:
+def emit_record(record: dict[str, Any], json_path: Path | None) -> None:
     line = json.dumps(record)
     typer.echo(line)
     if json_path is not None:
@@ -142,7 +142,7 @@ def throughput(
     bound = workload_bound(loaded.model, loaded.dtype, work, engine.device)
     if bound is not None:
         record.update(bound_s=round(bound.seconds, 3), share_of_bound=round(bound.seconds / result["seconds"], 3))
-    _emit(record, json_path)
+    emit_record(record, json_path)
     if compare == "hf":
         engine.close()
         peer_work = Workload(work.name, work.requests[:hf_num_prompts]) if hf_num_prompts else work
@@ -175,10 +175,10 @@ def _compare_hf(model, work: Workload, batch_size: int, base: dict, ours: dict, 
         try:
             seconds, out_tokens = run()
         except Exception as exc:  # noqa: BLE001 - a peer that breaks is reported, the other figures stand
-            _emit({**base, "runner": name, "error": f"{type(exc).__name__}: {exc}"[:500]}, json_path)
+            emit_record({**base, "runner": name, "error": f"{type(exc).__name__}: {exc}"[:500]}, json_path)
             continue
         out_tok_s = out_tokens / seconds
-        _emit({**base, "runner": name, "batch": batch_size if "padded" in name else None, "seconds": round(seconds, 2),
+        emit_record({**base, "runner": name, "batch": batch_size if "padded" in name else None, "seconds": round(seconds, 2),
                "out_tokens": out_tokens, "out_tok_s": round(out_tok_s, 1),
                "total_tok_s": round((work.num_prompt_tokens + out_tokens) / seconds, 1),
                "kvbatch_speedup": round(ours["out_tok_s"] / out_tok_s, 2)}, json_path)  # fmt: skip
@@ -210,10 +210,7 @@ def check(
 
     loaded = random_model(shape, "auto", dtype, max_model_len=4096, init_std=init_std)
     result = compare_streams(loaded, attention_backend, num_prompts, max_new_tokens)
-    _emit({"check": shape, "backend": attention_backend, "dtype": str(loaded.dtype).removeprefix("torch."), "init_std": init_std,
+    emit_record({"check": shape, "backend": attention_backend, "dtype": str(loaded.dtype).removeprefix("torch."), "init_std": init_std,
            "device": _device_name(loaded.device), "prompts": result.num_prompts, "identical_streams": result.num_identical,
            "max_new_tokens": max_new_tokens, "divergences": result.divergences}, json_path)  # fmt: skip
 
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(bench_app, name="bench")

@@ -15,7 +15,6 @@ Run on the GPU machine: `kvbatch bench kernels [--sweep]` (about 2-4 minutes).
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import torch

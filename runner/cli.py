@@ -8,7 +8,6 @@ Every exception becomes a message and an exit code in `_exit_code`, nowhere else
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ from kvbatch import __version__
 from kvbatch.jobs.errors import InterruptedJob, JobError, OutputLockedError, SpecError
 from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
 
+from .bench import bench_app
 from .job import EngineCache, JobOutcome, run_jobs
 
 OK, FAILED, USAGE, INTERRUPTED, LOCKED = 0, 1, 2, 3, 4
@@ -185,11 +185,7 @@ def merge(
             typer.echo(f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} bytes")
 
 
-# `kvbatch bench` belongs to the engine team: runner/bench.py, when present, exposes register(app: typer.Typer).
-if importlib.util.find_spec("kvbatch.runner.bench") is not None:
-    from . import bench as _bench
-
-    _bench.register(app)
+app.add_typer(bench_app, name="bench")  # runner/bench.py: its commands import torch only when they run
 
 
 # ---- the one place where outcomes and exceptions become messages and exit codes -------------------------

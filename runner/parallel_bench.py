@@ -15,7 +15,6 @@ Results print as one JSON object per line (and append to --json), like `kvbatch 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ import torch
 import typer
 
 from . import tensor_parallel
+from .bench import emit_record
 from .bench_workloads import Workload, make_workload
 from .engine import Engine, EngineConfig
 from .model_loader import resolve_device
@@ -35,14 +35,6 @@ from .tp_random import RandomLoader
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 ShapeOpt = Annotated[str, typer.Option(help="A bench_models shape: tiny, llama-1b, llama-8b, llama-70b, ...")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Append the result lines to this file.")]
-
-
-def _emit(record: dict[str, Any], json_path: Path | None) -> None:
-    line = json.dumps(record)
-    typer.echo(line)
-    if json_path is not None:
-        with open(json_path, "a") as f:
-            f.write(line + "\n")
 
 
 def _settings(dtype: str, max_model_len: int, max_num_seqs: int, device: str) -> dict[str, Any]:
@@ -106,7 +98,7 @@ def check(
         tensor_parallel.shutdown()
     diverge = {rid: next((i for i, (a, b) in enumerate(zip(expected[rid], got[rid])) if a != b), None) for rid in expected}
     different = {rid: at for rid, at in diverge.items() if at is not None or len(expected[rid]) != len(got[rid])}
-    _emit({"check": "tensor_parallel", "shape": shape, "tensor_parallel": tensor_parallel_size, "dtype": dtype, "init_std": init_std,
+    emit_record({"check": "tensor_parallel", "shape": shape, "tensor_parallel": tensor_parallel_size, "dtype": dtype, "init_std": init_std,
            "rows": len(expected), "rows_identical": len(expected) - len(different), "tokens_per_row": max_new_tokens,
            "first_divergence": sorted(different.values(), key=lambda v: -1 if v is None else v)[:10]}, json_path)  # fmt: skip
 
@@ -145,7 +137,7 @@ def throughput(
         proc.join()
     seconds = max(r["seconds"] for r in results)
     out_tokens = sum(r["out_tokens"] for r in results)
-    _emit({"shape": shape, "workload": work.describe(), "data_parallel": data_parallel_size, "tensor_parallel": tensor_parallel_size,
+    emit_record({"shape": shape, "workload": work.describe(), "data_parallel": data_parallel_size, "tensor_parallel": tensor_parallel_size,
            "gpus": data_parallel_size * tensor_parallel_size if torch.cuda.is_available() else 0, "dtype": results[0]["dtype"],
            "device": results[0]["device"], "seconds": round(seconds, 3), "out_tokens": out_tokens, "out_tok_s": round(out_tokens / seconds, 1),
            "total_tok_s": round((work.num_prompt_tokens + out_tokens) / seconds, 1), "setup_s": max(r["setup_s"] for r in results)}, json_path)  # fmt: skip
