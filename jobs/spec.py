@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import json
 import re
 import string
@@ -202,9 +203,21 @@ def overrides_to_node(overrides: dict[str, Any]) -> Node:
 
 def job_from_node(node: Node, base_dir: str) -> JobSpec:
     job = build(JobSpec, node)
-    job = dataclasses.replace(job, base_dir=base_dir)
+    job = dataclasses.replace(job, base_dir=base_dir, model=_model_location(job.model, base_dir))
     validate(job, node)
     return job
+
+
+def _model_location(model: str, base_dir: str) -> str:
+    """A model given as a relative path is relative to the job file's folder, like every path in the file.
+    `default` and hub names ("org/name") that are no folder there stay as written."""
+    if model == "default":
+        return model
+    path = Path(model).expanduser()
+    candidate = path if path.is_absolute() else Path(base_dir) / path
+    if path.is_absolute() or model.startswith(("./", "../", "~")) or candidate.exists():
+        return os.path.normpath(candidate)
+    return model
 
 
 def job_from_dict(data: dict[str, Any], base_dir: str = ".") -> JobSpec:

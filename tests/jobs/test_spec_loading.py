@@ -227,3 +227,19 @@ def test_offline_forbids_downloads_whatever_allow_download_says():
     assert EngineSpec(offline=True, allow_download=True).settings() == {"allow_download": False}
     assert EngineSpec(allow_download=True).settings() == {"allow_download": True}
     assert "offline" not in EngineSpec(offline=False).settings()
+
+
+def test_a_relative_model_path_is_relative_to_the_job_file(tmp_path):
+    from kvbatch.jobs.spec import load_jobs_file
+
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "jobs" / "j.yaml").write_text(
+        "jobs:\n"
+        "  - {name: a, model: ../models/tiny, input: {path: in.jsonl}}\n"
+        "  - {name: b, model: someorg/some-model, input: {path: in.jsonl}}\n"
+        "  - {name: c, input: {path: in.jsonl}}\n"
+    )
+    a, b, c = load_jobs_file(tmp_path / "jobs" / "j.yaml").jobs
+    assert a.model == str(tmp_path / "models" / "tiny")  # wherever kvbatch is started from
+    assert b.model == "someorg/some-model" and c.model == "default"
