@@ -35,8 +35,10 @@ def write_kv(
 
 def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """[num_seqs, num_blocks * block_size, num_kv_heads, head_dim] from the first num_blocks table entries."""
-    pages = cache[block_tables[:, :num_blocks].long()]  # [num_seqs, num_blocks, block_size, kvh, d]
-    return pages.flatten(1, 2)
+    table = block_tables[:, :num_blocks]
+    # index_select copies whole pages (about a quarter faster here than advanced indexing)
+    pages = cache.index_select(0, table.reshape(-1))  # [num_seqs * num_blocks, block_size, kvh, d]
+    return pages.view(table.shape[0], num_blocks * cache.shape[1], *cache.shape[2:])
 
 
 def _attend(
