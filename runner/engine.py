@@ -214,6 +214,8 @@ class Engine:
         Requests are pulled lazily, keeping a bounded window of waiting work, so an unbounded
         stream runs in bounded memory. Closing the generator early frees every page it held.
         """
+        if self.kv_cache is None:
+            raise RuntimeError("this engine was closed (Engine.close gave its KV pages back); make a new one")
         scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.max_num_batched_tokens, self.config.block_size,
                             self.config.policy, prefix_cache=self.config.prefix_cache),

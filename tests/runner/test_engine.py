@@ -168,3 +168,10 @@ def test_random_request_streams_all_finish_and_drain(loaded, policy, num_blocks,
             assert 1 <= len(result.completions[0].token_ids) <= request.sampling.max_new_tokens
     assert engine.pool.num_free_blocks == num_blocks
     engine.pool.check_invariants()
+
+
+def test_a_closed_engine_says_so(loaded) -> None:
+    engine = make_engine(loaded)
+    engine.close()
+    with pytest.raises(RuntimeError, match="engine was closed"):
+        next(engine.generate([GenerationRequest(0, [5, 6, 7])]))
