@@ -116,8 +116,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     if reader.schema is not None:
         types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
         layout = dataclasses.replace(layout, input_types=types)
-    fingerprint = {**result_fingerprint(job), **input_identity(input_path(job))}  # an edited input is refused too
-    manifest = Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)
+    manifest = job_manifest(job, out, fmt)
     writer = writer_for(shard, out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
                           part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
     summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
@@ -169,6 +168,13 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     summary.output_bytes = report.num_bytes
     summary.write(summary_path(out))
     return summary
+
+
+def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:
+    """The manifest an output of `job` carries: what a resume must match, the input file's identity included
+    (so an edited input is refused too)."""
+    fingerprint = {**result_fingerprint(job), **input_identity(input_path(job))}
+    return Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)
 
 
 class _Feed:

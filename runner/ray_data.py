@@ -30,16 +30,15 @@ import pyarrow as pa
 from kvbatch import __version__
 from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.errors import InterruptedJob, JobError
-from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.shard_output import job_shard, writer_for
-from kvbatch.jobs.spec import JobSpec, job_from_dict, output_format, output_path, result_fingerprint, spec_hash
+from kvbatch.jobs.spec import JobSpec, job_from_dict, output_format, output_path
 from kvbatch.jobs.summary import Summary, summary_path
 
-from .job import EngineFactory, _Feed, _metadata, _previous_summary, default_engine_factory, layout_for
+from .job import EngineFactory, _Feed, _metadata, _previous_summary, default_engine_factory, job_manifest, layout_for
 from .progress import JobProgress
 from .signals import StopFlag
 from .tokenize import PromptTokenizer
@@ -167,7 +166,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
     reader = open_reader(job, [*prompt_columns(pspec), *layout.data_columns()])
     if reader.schema is not None:
         layout = dataclasses.replace(layout, input_types={n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names})
-    manifest = Manifest(job.name, spec_hash(job), result_fingerprint(job), out.name, fmt)
+    manifest = job_manifest(job, out, fmt)
     writer = writer_for(shard, out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
                         part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
     summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
