@@ -106,20 +106,8 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
 def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wait_for_lock: bool = False) -> Summary:
     stop = stop or StopFlag()
     started = time.monotonic()
-    shard = job_shard(job.parallel.shard)  # None: the whole input
-    out = output_path(job) if shard is None else shard.output_path(output_path(job))
-    fmt = output_format(job)
-    pspec = prompt_spec(job)
-    layout = layout_for(job, {})
-    needed = [*prompt_columns(pspec), *layout.data_columns()]
-    reader = open_reader(job, needed)  # fails early (before loading a model) on a missing input or column
-    if reader.schema is not None:
-        types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
-        layout = dataclasses.replace(layout, input_types=types)
-    manifest = job_manifest(job, out, fmt)
-    writer = writer_for(shard, out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
-                          part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
-    summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
+    io = open_job(job, wait_for_lock)
+    shard, out, pspec, reader, writer, summary = io.shard, io.out, io.pspec, io.reader, io.writer, io.summary
     with writer:
         if writer.already_complete:
             log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
@@ -168,6 +156,37 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     summary.output_bytes = report.num_bytes
     summary.write(summary_path(out))
     return summary
+
+
+@dataclass
+class JobIO:
+    """What a run of a job reads and writes, opened before any model loads (so a missing input fails fast)."""
+
+    shard: Shard | None  # None: the whole input
+    out: Path
+    pspec: Any  # the job's PromptSpec
+    layout: Layout
+    reader: Any  # a jobs.readers reader
+    writer: OutputWriter
+    summary: Summary
+
+
+def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
+    """Reader, output layout, manifest, writer and summary of a job: shared by local and Ray runs."""
+    shard = job_shard(job.parallel.shard)
+    out = output_path(job) if shard is None else shard.output_path(output_path(job))
+    fmt = output_format(job)
+    pspec = prompt_spec(job)
+    layout = layout_for(job, {})
+    reader = open_reader(job, [*prompt_columns(pspec), *layout.data_columns()])  # fails early on a missing input or column
+    if reader.schema is not None:
+        types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
+        layout = dataclasses.replace(layout, input_types=types)
+    manifest = job_manifest(job, out, fmt)
+    writer = writer_for(shard, out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
+                        part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
+    summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
+    return JobIO(shard, out, pspec, layout, reader, writer, summary)
 
 
 def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:

@@ -27,18 +27,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from kvbatch import __version__
 from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.errors import InterruptedJob, JobError
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
-from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError
-from kvbatch.jobs.shard_output import job_shard, writer_for
-from kvbatch.jobs.spec import JobSpec, job_from_dict, output_format, output_path
+from kvbatch.jobs.spec import JobSpec, job_from_dict
 from kvbatch.jobs.summary import Summary, summary_path
 
-from .job import EngineFactory, _Feed, _metadata, _previous_summary, default_engine_factory, job_manifest, layout_for
+from .job import EngineFactory, _Feed, _metadata, _previous_summary, default_engine_factory, layout_for, open_job
 from .progress import JobProgress
 from .signals import StopFlag
 from .tokenize import PromptTokenizer
@@ -158,18 +155,8 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
     import ray
 
     started = time.monotonic()
-    shard = job_shard(job.parallel.shard)
-    out = output_path(job) if shard is None else shard.output_path(output_path(job))
-    fmt = output_format(job)
-    pspec = prompt_spec(job)
-    layout = layout_for(job, {})
-    reader = open_reader(job, [*prompt_columns(pspec), *layout.data_columns()])
-    if reader.schema is not None:
-        layout = dataclasses.replace(layout, input_types={n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names})
-    manifest = job_manifest(job, out, fmt)
-    writer = writer_for(shard, out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
-                        part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
-    summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
+    io = open_job(job, wait_for_lock)
+    shard, out, pspec, layout, reader, writer, summary = io.shard, io.out, io.pspec, io.layout, io.reader, io.writer, io.summary
     with writer:
         if writer.already_complete:
             return _previous_summary(out, summary)
