@@ -22,18 +22,16 @@ from typing import Any
 from kvbatch import __version__
 from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.errors import InterruptedJob, JobError
-from kvbatch.jobs.manifest import Manifest, input_identity
 from kvbatch.jobs.packing import sort_window
-from kvbatch.jobs.prompts import build_prompt, prompt_columns, prompt_spec
-from kvbatch.jobs.readers import open_reader
-from kvbatch.jobs.records import Layout, RowResult
+from kvbatch.jobs.prompts import build_prompt
+from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.shard import Shard
-from kvbatch.jobs.shard_output import job_shard, writer_for
-from kvbatch.jobs.spec import JobSpec, input_format, input_path, output_format, output_path, result_fingerprint, spec_dict, spec_hash
+from kvbatch.jobs.spec import JobSpec, spec_dict, spec_hash
 from kvbatch.jobs.summary import Summary, summary_path
 from kvbatch.jobs.writer import OutputWriter, metadata_strings
 
+from .job_io import open_job
 from .progress import JobProgress
 from .request import GenerationRequest, GenerationResult, SamplingParams
 from .signals import StopFlag
@@ -90,19 +88,6 @@ def classify_engine_error(message: str) -> str:
     return kinds.ENGINE
 
 
-def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
-    fmt = output_format(job)
-    openai = input_format(job) == "openai"
-    multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
-    return Layout(
-        id_column="custom_id" if openai else job.id_column,
-        keep_columns=job.keep_columns,
-        multi=multi,
-        logprobs=job.sampling.logprobs or fmt == "openai",
-        input_types=input_types,
-    )
-
-
 def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wait_for_lock: bool = False) -> Summary:
     stop = stop or StopFlag()
     started = time.monotonic()
@@ -156,44 +141,6 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     summary.output_bytes = report.num_bytes
     summary.write(summary_path(out))
     return summary
-
-
-@dataclass
-class JobIO:
-    """What a run of a job reads and writes, opened before any model loads (so a missing input fails fast)."""
-
-    shard: Shard | None  # None: the whole input
-    out: Path
-    pspec: Any  # the job's PromptSpec
-    layout: Layout
-    reader: Any  # a jobs.readers reader
-    writer: OutputWriter
-    summary: Summary
-
-
-def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
-    """Reader, output layout, manifest, writer and summary of a job: shared by local and Ray runs."""
-    shard = job_shard(job.parallel.shard)
-    out = output_path(job) if shard is None else shard.output_path(output_path(job))
-    fmt = output_format(job)
-    pspec = prompt_spec(job)
-    layout = layout_for(job, {})
-    reader = open_reader(job, [*prompt_columns(pspec), *layout.data_columns()])  # fails early on a missing input or column
-    if reader.schema is not None:
-        types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
-        layout = dataclasses.replace(layout, input_types=types)
-    manifest = job_manifest(job, out, fmt)
-    writer = writer_for(shard, out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
-                        part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
-    summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
-    return JobIO(shard, out, pspec, layout, reader, writer, summary)
-
-
-def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:
-    """The manifest an output of `job` carries: what a resume must match, the input file's identity included
-    (so an edited input is refused too)."""
-    fingerprint = {**result_fingerprint(job), **input_identity(input_path(job))}
-    return Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)
 
 
 class _Feed:

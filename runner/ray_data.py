@@ -35,7 +35,8 @@ from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.spec import JobSpec, job_from_dict
 from kvbatch.jobs.summary import Summary, summary_path
 
-from .job import EngineFactory, _Feed, _metadata, _previous_summary, default_engine_factory, layout_for, open_job
+from .job import EngineFactory, _Feed, _metadata, _previous_summary, default_engine_factory
+from .job_io import layout_for, open_job
 from .progress import JobProgress
 from .signals import StopFlag
 from .tokenize import PromptTokenizer

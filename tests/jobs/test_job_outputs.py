@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletion
 
 from kvbatch import __version__
 from kvbatch.jobs.spec import job_from_dict
-from kvbatch.runner import job as job_module
+from kvbatch.runner import job_io as job_io_module  # where a job opens its reader
 from kvbatch.runner.job import EngineCache, model_name, run_job, run_jobs
 
 TOKENIZER = FakeTokenizer()
@@ -202,7 +202,7 @@ def test_rows_stream_through_a_bounded_window(tmp_path: Path, monkeypatch: pytes
     """Rows are read, tokenized and sorted only one sort window ahead of the engine: memory stays bounded."""
     write_lines(tmp_path / "in.jsonl", [{"prompt": "q" * (i % 7 + 1)} for i in range(100)])
     rows_read = [0]
-    real_open = job_module.open_reader
+    real_open = job_io_module.open_reader
 
     def counting_open(job, needed):
         reader = real_open(job, needed)
@@ -227,7 +227,7 @@ def test_rows_stream_through_a_bounded_window(tmp_path: Path, monkeypatch: pytes
 
             yield from super().generate(probed())
 
-    monkeypatch.setattr(job_module, "open_reader", counting_open)
+    monkeypatch.setattr(job_io_module, "open_reader", counting_open)
     job = job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "sort_window": 8}, base_dir=str(tmp_path))
     summary = run_job(job, EngineCache(lambda model, settings: Probe()))
     assert summary.rows == 100 and len(read_when_asked) == 100
