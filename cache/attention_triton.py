@@ -19,6 +19,10 @@ merges them. With one split the decode kernel writes the output directly.
 Output rows that belong to no sequence come out zero: a pure-decode step (every row a decode) lets the
 kernel write every row, any other step starts from a zeroed output. A decode with seq_len 0 gives zeros.
 Softmax runs in base 2 (exp2) with fp32 statistics and fp32 accumulators for every input dtype.
+
+The kernels live in attention_triton_write (KV write), attention_triton_tile (the shared online-softmax
+step), attention_triton_prefill and attention_triton_decode (decode + split reduce); this module picks
+their launch parameters and holds the public calls and warm_up.
 """
 
 from __future__ import annotations
@@ -28,204 +32,15 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 
+from .attention_triton_decode import _decode_kernel, _reduce_kernel
+from .attention_triton_prefill import _prefill_kernel
+from .attention_triton_write import _write_kv_kernel
 from .metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it buys
-
-
-@triton.jit
-def _write_kv_kernel(
-    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr,
-    stride_k_row, stride_k_head, stride_v_row, stride_v_head,
-    stride_c_block, stride_c_token, stride_c_head,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + row).to(tl.int64)
-    heads = tl.arange(0, BLOCK_HEADS)
-    d = tl.arange(0, BLOCK_D)
-    # A -1 slot (padding row) masks every load and store instead of returning early. The slot is broadcast to
-    # a vector first: the CPU interpreter rejects a mask built from a scalar bool.
-    heads_ok = (heads < NUM_KV_HEADS) & ((slot + 0 * heads) >= 0)
-    mask = heads_ok[:, None] & (d < HEAD_DIM)[None, :]
-    dst = (slot // PAGE) * stride_c_block + (slot % PAGE) * stride_c_token + heads[:, None] * stride_c_head + d[None, :]
-    k = tl.load(key_ptr + row * stride_k_row + heads[:, None] * stride_k_head + d[None, :], mask=mask)
-    v = tl.load(value_ptr + row * stride_v_row + heads[:, None] * stride_v_head + d[None, :], mask=mask)
-    tl.store(key_cache_ptr + dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # The CPU interpreter mis-multiplies bf16 tiles, so it gets fp32 operands (UPCAST is never set on a GPU).
-    if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=PRECISION)
-    return c
-
-
-@triton.jit
-def _attend_tile(
-    q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos, qk_scale,
-    kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-    CAUSAL: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One online-softmax step over keys n0..n0+BLOCK_N-1. q: [ROWS, BLOCK_D]; acc: [ROWS, BLOCK_D] fp32."""
-    keys = n0 + tl.arange(0, BLOCK_N)
-    key_mask = keys < seq_len
-    block = tl.load(table_ptr + keys // PAGE, mask=key_mask, other=0).to(tl.int64)
-    offs = block * stride_c_block + (keys % PAGE) * stride_c_token + kv_head_offset
-    kv_mask = key_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-    s = _mma(q, tl.trans(k), UPCAST, PRECISION) * qk_scale  # [ROWS, BLOCK_N], log2 units
-    if CAUSAL:
-        s = tl.where(key_mask[None, :] & (keys[None, :] <= row_pos[:, None]), s, float("-inf"))
-    else:
-        s = tl.where(key_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST, PRECISION)
-    return acc, m_new, l_i
-
-
-# Integers that change from step to step are not specialised on (=1, multiple of 16): one compile serves all.
-@triton.jit(do_not_specialize=["first_seq", "stride_q_head", "stride_o_head", "stride_bt_seq"])
-def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-    qk_scale, first_seq,
-    stride_q_row, stride_q_head, stride_o_row, stride_o_head,
-    stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P  # query tokens per program
-    q_block = tl.program_id(0)
-    seq = first_seq + tl.program_id(1)
-    kv_head = tl.program_id(2)
-    row_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - row_start
-    seq_len = tl.load(seq_lens_ptr + seq)
-    first_pos = seq_len - q_len  # position of the chunk's first query; keys before it are the cached prefix
-
-    r = tl.arange(0, BLOCK_M)
-    token = q_block * BLOCK_Q + r // GROUP_P
-    group_idx = r % GROUP_P
-    row_mask = (token < q_len) & (group_idx < GROUP)
-    head = kv_head * GROUP + group_idx
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    rows = (row_start + token).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_q_row + head[:, None] * stride_q_head + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-    row_pos = first_pos + token
-
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite, so an all-masked tile gives alpha = 1, not NaN
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-    kv_head_offset = kv_head.to(tl.int64) * stride_c_head
-
-    # Programs past the chunk's end get an empty key range and store nothing.
-    lo_pos = first_pos + q_block * BLOCK_Q
-    hi_pos = tl.minimum(lo_pos + BLOCK_Q, seq_len)  # one past the last key any row here may see
-    hi_pos = tl.where(q_block * BLOCK_Q < q_len, hi_pos, 0)
-    # Keys below the first row's position are visible to every row: no causal mask needed there.
-    full_end = tl.minimum((lo_pos + 1) // BLOCK_N * BLOCK_N, hi_pos // BLOCK_N * BLOCK_N)
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos,
-                                     qk_scale, kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-                                     False, PAGE, BLOCK_N, UPCAST, PRECISION)
-    for n0 in range(full_end, hi_pos, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos,
-                                     qk_scale, kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-                                     True, PAGE, BLOCK_N, UPCAST, PRECISION)
-
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_o_row + head[:, None] * stride_o_head + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit(do_not_specialize=["num_splits", "stride_q_head", "stride_o_head", "stride_bt_seq"])
-def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
-    qk_scale, num_splits,
-    stride_q_row, stride_q_head, stride_o_row, stride_o_head,
-    stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    seq = tl.program_id(0)  # decodes come first, one row each, so sequence i owns row i
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-
-    h = tl.arange(0, BLOCK_H)
-    head_mask = h < GROUP
-    head = kv_head * GROUP + h
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    row = seq.to(tl.int64)
-    q = tl.load(q_ptr + row * stride_q_row + head[:, None] * stride_q_head + d[None, :],
-                mask=head_mask[:, None] & d_mask[None, :], other=0.0)
-
-    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    table_ptr = block_tables_ptr + row * stride_bt_seq
-    kv_head_offset = kv_head.to(tl.int64) * stride_c_head
-    for tile in range(tile_lo, tile_hi):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, tile * BLOCK_N, seq_len,
-                                     h, qk_scale, kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-                                     False, PAGE, BLOCK_N, UPCAST, PRECISION)
-
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split leaves zeros, not NaN
-    mask = head_mask[:, None] & d_mask[None, :]
-    if DIRECT:  # a single split: no partials, no reduce
-        tl.store(out_ptr + row * stride_o_row + head[:, None] * stride_o_head + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        part = (row * NUM_HEADS + head) * num_splits + split  # [BLOCK_H] index into [decodes, heads, splits]
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=mask)
-        tl.store(part_lse_ptr + part, lse, mask=head_mask)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_o_row, stride_o_head,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    base = (row * NUM_HEADS + head) * num_splits
-    lse = tl.load(part_lse_ptr + base + s, mask=s < num_splits, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): weights 0, output 0
-    w = tl.exp2(lse - m)
-    parts = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    denom = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + row * stride_o_row + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < HEAD_DIM)
 
 
 @functools.lru_cache(maxsize=None)

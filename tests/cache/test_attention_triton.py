@@ -25,7 +25,11 @@ from kvbatch.cache.block_table import num_blocks_for, slots_for  # noqa: E402
 from kvbatch.cache.metadata import AttentionMetadata  # noqa: E402
 
 if not CUDA and not isinstance(attention_triton._write_kv_kernel, InterpretedFunction):
-    # Another module imported the kernels before the variable was set: decorate them again, interpreted.
+    # Another module imported the kernels before the variable was set: decorate them again, interpreted,
+    # the shared tile first, then the kernels that call it, then the module that launches them.
+    for _name in ("attention_triton_tile", "attention_triton_write", "attention_triton_prefill",
+                  "attention_triton_decode"):
+        importlib.reload(importlib.import_module(f"kvbatch.cache.{_name}"))
     attention_triton = importlib.reload(attention_triton)
 
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,0 +1,85 @@
+"""The Triton split-KV decode kernel and the reduce kernel that merges its splits (flash-decoding).
+
+Each (sequence, kv head) cuts its context into num_splits equal runs of tiles; each split writes a
+normalised partial output and its log-sum-exp into [num_decodes, num_heads, num_splits] buffers, and the
+reduce kernel merges them. With one split (DIRECT) the decode kernel writes the output itself.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .attention_triton_tile import _attend_tile
+
+
+@triton.jit(do_not_specialize=["num_splits", "stride_q_head", "stride_o_head", "stride_bt_seq"])
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
+    qk_scale, num_splits,
+    stride_q_row, stride_q_head, stride_o_row, stride_o_head,
+    stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)  # decodes come first, one row each, so sequence i owns row i
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    h = tl.arange(0, BLOCK_H)
+    head_mask = h < GROUP
+    head = kv_head * GROUP + h
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    row = seq.to(tl.int64)
+    q = tl.load(q_ptr + row * stride_q_row + head[:, None] * stride_q_head + d[None, :],
+                mask=head_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    table_ptr = block_tables_ptr + row * stride_bt_seq
+    kv_head_offset = kv_head.to(tl.int64) * stride_c_head
+    for tile in range(tile_lo, tile_hi):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, tile * BLOCK_N, seq_len,
+                                     h, qk_scale, kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
+                                     False, PAGE, BLOCK_N, UPCAST, PRECISION)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split leaves zeros, not NaN
+    mask = head_mask[:, None] & d_mask[None, :]
+    if DIRECT:  # a single split: no partials, no reduce
+        tl.store(out_ptr + row * stride_o_row + head[:, None] * stride_o_head + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        part = (row * NUM_HEADS + head) * num_splits + split  # [BLOCK_H] index into [decodes, heads, splits]
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=mask)
+        tl.store(part_lse_ptr + part, lse, mask=head_mask)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_o_row, stride_o_head,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    base = (row * NUM_HEADS + head) * num_splits
+    lse = tl.load(part_lse_ptr + base + s, mask=s < num_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): weights 0, output 0
+    w = tl.exp2(lse - m)
+    parts = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    denom = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + row * stride_o_row + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)

@@ -1,0 +1,29 @@
+"""The Triton kernel that writes this step's K/V rows into their pages (see `attention_triton.write_kv`)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr,
+    stride_k_row, stride_k_head, stride_v_row, stride_v_head,
+    stride_c_block, stride_c_token, stride_c_head,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    heads = tl.arange(0, BLOCK_HEADS)
+    d = tl.arange(0, BLOCK_D)
+    # A -1 slot (padding row) masks every load and store instead of returning early. The slot is broadcast to
+    # a vector first: the CPU interpreter rejects a mask built from a scalar bool.
+    heads_ok = (heads < NUM_KV_HEADS) & ((slot + 0 * heads) >= 0)
+    mask = heads_ok[:, None] & (d < HEAD_DIM)[None, :]
+    dst = (slot // PAGE) * stride_c_block + (slot % PAGE) * stride_c_token + heads[:, None] * stride_c_head + d[None, :]
+    k = tl.load(key_ptr + row * stride_k_row + heads[:, None] * stride_k_head + d[None, :], mask=mask)
+    v = tl.load(value_ptr + row * stride_v_row + heads[:, None] * stride_v_head + d[None, :], mask=mask)
+    tl.store(key_cache_ptr + dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
