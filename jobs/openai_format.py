@@ -5,6 +5,15 @@
 
 A row that failed has `"response": null` and `"error": {"code": …, "message": …}`. tests/jobs check these
 lines against the `openai` package's own pydantic types (ChatCompletion, BatchError).
+
+A request whose body asked for `"logprobs": true` gets, per choice, the chosen tokens' log-probabilities:
+
+    "logprobs": {"content": [{"token": " Paris", "logprob": -0.12, "bytes": [32, 80, 97, 114, 105, 115],
+                              "top_logprobs": []}, ...], "refusal": null}
+
+`bytes` are the token's exact UTF-8 bytes (a token holding part of a character shows it as U+FFFD in `token`);
+special tokens such as the end-of-turn token the model stopped on are left out, as they are from the text.
+No alternatives are computed, so `top_logprobs` is always empty (the reader refuses `top_logprobs` > 0).
 """
 
 from __future__ import annotations
@@ -23,12 +32,14 @@ def output_line(record: dict[str, Any], model: str, created: int, id_column: str
         return line
     texts = record["text"] if isinstance(record["text"], list) else [record["text"]]
     reasons = record.get("finish_reasons") or [record["finish_reason"]] * len(texts)
+    logprobs = _per_sample(record.get("logprobs"), len(texts))
+    token_bytes = _per_sample(record.get("token_bytes"), len(texts))
     choices = [
         {
             "index": i,
             "message": {"role": "assistant", "content": text, "refusal": None},
             "finish_reason": reason,
-            "logprobs": None,
+            "logprobs": _choice_logprobs(logprobs[i], token_bytes[i]),
         }
         for i, (text, reason) in enumerate(zip(texts, reasons))
     ]
@@ -45,3 +56,26 @@ def output_line(record: dict[str, Any], model: str, created: int, id_column: str
     line["response"] = {"status_code": 200, "request_id": digest, "body": body}
     line["error"] = None
     return line
+
+
+def _per_sample(values: list | None, num_samples: int) -> list[list | None]:
+    """A record's per-sample lists (a single sample's list when the output is not multi-sample)."""
+    if values is None:
+        return [None] * num_samples
+    if num_samples == 1 and (not values or not isinstance(values[0], list)):
+        return [values]
+    return list(values) + [None] * (num_samples - len(values))
+
+
+def _choice_logprobs(logprobs: list[float] | None, token_bytes: list[bytes | None] | None) -> dict[str, Any] | None:
+    """OpenAI's ChoiceLogprobs for one sample; None when the request did not ask for logprobs."""
+    if logprobs is None:
+        return None
+    content = []
+    for i, logprob in enumerate(logprobs):
+        # Parts written before tokens were recorded have logprobs only: the token is then unknown, not skipped.
+        raw = token_bytes[i] if token_bytes is not None and i < len(token_bytes) else b""
+        if raw is None:
+            continue  # a special token: not part of the text
+        content.append({"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw), "top_logprobs": []})
+    return {"content": content, "refusal": None}

@@ -17,7 +17,7 @@ from .rows import BAD_JSON, BAD_REQUEST, INVALID_UTF8, LINE_TOO_LONG, NOT_AN_OBJ
 
 _CHUNK_BYTES = 1 << 20
 OPENAI_ENDPOINT = "/v1/chat/completions"
-# body fields of an OpenAI chat completion request that map onto our sampling; others are ignored with a warning
+# body fields of an OpenAI chat completion request that map onto our sampling; others are ignored
 OPENAI_SAMPLING = {
     "max_tokens": "max_new_tokens",
     "max_completion_tokens": "max_new_tokens",
@@ -122,6 +122,9 @@ def openai_row(row: Row) -> Row:
     body = data.get("body")
     if not isinstance(body, dict):
         return bad.failed(BAD_REQUEST, "an OpenAI Batch request needs a `body` object")
+    problem = _logprobs_problem(body)
+    if problem:
+        return bad.failed(BAD_REQUEST, problem)
     overrides: dict[str, Any] = {}
     for key, ours in OPENAI_SAMPLING.items():
         if body.get(key) is not None:
@@ -129,3 +132,17 @@ def openai_row(row: Row) -> Row:
     if isinstance(overrides.get("stop"), str):
         overrides["stop"] = [overrides["stop"]]
     return Row(row.index, {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}, None, row.line, overrides)
+
+
+def _logprobs_problem(body: dict[str, Any]) -> str | None:
+    """Why a body's logprobs settings cannot be honoured, or None. Only the chosen tokens' logprobs exist, so a
+    request for alternatives fails loudly rather than coming back with empty `top_logprobs`."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        return f"logprobs must be true or false, got {logprobs!r}"
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+        return f"top_logprobs must be a non-negative integer, got {top!r}"
+    if top:
+        return (f"top_logprobs {top} is not supported: kvbatch returns each chosen token's logprob only "
+                "(with empty top_logprobs); leave top_logprobs out or set it to 0")
+    return None

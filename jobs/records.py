@@ -1,8 +1,10 @@
 """One output row, and the Arrow schema of the output table.
 
 Columns, in order: row, the id column, kept input columns, text, finish_reason, [finish_reasons], error,
-error_kind, prompt_tokens, output_tokens, [logprobs]. With n > 1 samples (or OpenAI output) `text` is a list of
-strings, one per sample, and `finish_reasons` lists each sample's reason.
+error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes]. With n > 1 samples (or OpenAI output) `text`
+is a list of strings, one per sample, and `finish_reasons` lists each sample's reason. `token_bytes` (OpenAI output
+only) holds each generated token's bytes beside its logprob, null for a special token the text leaves out: the
+tokenizer is gone by the time the OpenAI lines are assembled from the parts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class RowResult:
     prompt_tokens: int | None = None  # None when the row never got as far as tokenizing
     output_tokens: int = 0
     logprobs: list[list[float]] | None = None  # per sample, per token
+    token_bytes: list[list[bytes | None]] | None = None  # per sample, per token, beside logprobs; None = special token
 
     @property
     def finish_reason(self) -> str:
@@ -43,6 +46,7 @@ class Layout:
     keep_columns: tuple[str, ...] = ()
     multi: bool = False  # text is list<string>
     logprobs: bool = False
+    token_bytes: bool = False  # OpenAI output: the tokens that go with the logprobs
     input_types: dict[str, pa.DataType] = field(default_factory=dict)  # known types of id/kept columns
 
     def fixed_fields(self) -> list[pa.Field]:
@@ -59,6 +63,9 @@ class Layout:
         if self.logprobs:
             lp = pa.list_(pa.list_(pa.float32())) if self.multi else pa.list_(pa.float32())
             fields.append(pa.field("logprobs", lp))
+        if self.token_bytes:
+            tb = pa.list_(pa.list_(pa.binary())) if self.multi else pa.list_(pa.binary())
+            fields.append(pa.field("token_bytes", tb))
         return fields
 
     def data_columns(self) -> list[str]:
@@ -81,6 +88,7 @@ class Layout:
             "prompt_tokens": [r.prompt_tokens for r in results],
             "output_tokens": [r.output_tokens for r in results],
             "logprobs": [(r.logprobs if self.multi else r.logprobs[0]) if r.logprobs else None for r in results],
+            "token_bytes": [(r.token_bytes if self.multi else r.token_bytes[0]) if r.token_bytes else None for r in results],
         }
         for f in self.fixed_fields():
             columns[f.name] = pa.array(values[f.name], f.type)

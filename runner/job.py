@@ -35,6 +35,7 @@ from .job_io import open_job
 from .progress import JobProgress
 from .request import GenerationRequest, GenerationResult, SamplingParams
 from .signals import StopFlag
+from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class _Feed:
     def __init__(self, job: JobSpec, pspec, writer: OutputWriter, tokenizer: PromptTokenizer, stop: StopFlag, progress: JobProgress, shard: Shard | None = None) -> None:
         self.job, self.pspec, self.writer, self.tokenizer, self.stop, self.progress = job, pspec, writer, tokenizer, stop, progress
         self.layout = writer.layout
+        self.token_bytes = TokenBytes(tokenizer.tokenizer) if self.layout.token_bytes else None
         self.base_sampling = _sampling_dict(job)
         self.base_params = SamplingParams(**self.base_sampling)
         self.pending: dict[int, _Pending] = {}
@@ -234,6 +236,7 @@ class _Feed:
             error = RowError(classify_engine_error(result.error), f"{pending.row.where}: {result.error}")
         completions = result.completions if not error else []
         logprobs = [c.logprobs or [] for c in completions] if self.layout.logprobs and any(c.logprobs for c in completions) else None
+        token_bytes = [self.token_bytes(c.token_ids) if c.logprobs else [] for c in completions] if logprobs and self.token_bytes else None
         self.writer.add(
             RowResult(
                 row=pending.row.index,
@@ -245,6 +248,7 @@ class _Feed:
                 prompt_tokens=result.num_prompt_tokens,
                 output_tokens=result.num_output_tokens,
                 logprobs=logprobs,
+                token_bytes=token_bytes,
             )
         )
         self.num_finished += 1

@@ -31,6 +31,7 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         keep_columns=job.keep_columns,
         multi=multi,
         logprobs=job.sampling.logprobs or fmt == "openai",
+        token_bytes=fmt == "openai",  # OpenAI's logprobs name each token; the lines are assembled without a tokenizer
         input_types=input_types,
     )
 

@@ -55,6 +55,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("prompt_tokens", pa.int64()),
         pa.field("output_tokens", pa.int64()),
         pa.field("logprobs", pa.list_(pa.list_(pa.float32()))),
+        pa.field("token_bytes", pa.list_(pa.list_(pa.binary()))),  # OpenAI output only: each token beside its logprob
     ]
 )
 
@@ -134,6 +135,7 @@ def _result_table(results: list[RowResult]) -> pa.Table:
         "prompt_tokens": [r.prompt_tokens for r in results],
         "output_tokens": [r.output_tokens for r in results],
         "logprobs": [r.logprobs for r in results],
+        "token_bytes": [r.token_bytes for r in results],
     }
     return pa.table(columns, schema=RESULT_SCHEMA)
 
@@ -255,7 +257,7 @@ class _Sender:
         error = RowError(record["error_kind"], record["error"]) if record["error_kind"] else None
         self.writer.add(RowResult(record["row"], id_value, kept, texts=record["texts"] or [], finish_reasons=record["finish_reasons"] or [],
                                   error=error, prompt_tokens=record["prompt_tokens"], output_tokens=record["output_tokens"],
-                                  logprobs=record["logprobs"]))  # fmt: skip
+                                  logprobs=record["logprobs"], token_bytes=record["token_bytes"]))  # fmt: skip
         counts["rows"] += 1
         counts["output"] += record["output_tokens"] or 0
         counts["prompt"] += (record["prompt_tokens"] or 0) if error is None else 0

@@ -36,8 +36,10 @@ class FakeTokenizer:
                 i += 1
         return ids
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         inverse = {v: k for k, v in SPECIALS.items()}
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in inverse]
         return "".join(inverse[i] if i in inverse else chr(i - 1000) if i >= 1000 else "?" for i in ids)
 
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = False) -> str:

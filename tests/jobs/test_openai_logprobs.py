@@ -1,0 +1,142 @@
+"""Per-token logprobs in OpenAI Batch output: asked for by `"logprobs": true`, shaped as OpenAI's ChoiceLogprobs,
+with exact token bytes (runner/token_bytes.py) and the stop token left out, as it is from the text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from job_fakes import SPECIALS, FakeEngine
+from openai.types import BatchError
+from openai.types.chat import ChatCompletion
+
+from kvbatch.jobs.spec import job_from_dict
+from kvbatch.runner.job import EngineCache, run_job
+from kvbatch.runner.request import Completion, GenerationRequest, GenerationResult
+from kvbatch.runner.token_bytes import TokenBytes
+
+ANSWER = "Olá 😀"  # multi-byte characters: their bytes must come back exactly
+EOS = SPECIALS["<|im_end|>"]
+
+
+class SpellingEngine(FakeEngine):
+    """Answers ANSWER one character per token (the fake tokenizer's ids), then the EOS token."""
+
+    def _answer(self, request: GenerationRequest) -> GenerationResult:
+        ids = self.tokenizer.encode(ANSWER) + [EOS]
+        completions = []
+        for sample in range(request.sampling.n):
+            logprobs = [-0.25 * (k + 1) - sample for k in range(len(ids))] if request.sampling.logprobs else None
+            completions.append(Completion(ANSWER, ids, "stop", logprobs))
+        return GenerationResult(request.request_id, len(request.prompt_token_ids), completions)
+
+
+def request(custom_id: str, **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}}  # fmt: skip
+
+
+def run_openai(tmp_path: Path, lines: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], FakeEngine]:
+    (tmp_path / "batch.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    engines: list[FakeEngine] = []
+
+    def factory(model: str, settings: dict[str, Any]) -> FakeEngine:
+        engines.append(SpellingEngine())
+        return engines[-1]
+
+    job = job_from_dict({"name": "j", "output_dir": "out", "input": {"path": "batch.jsonl", "format": "openai"}}, base_dir=str(tmp_path))
+    run_job(job, EngineCache(factory))
+    out = (tmp_path / "out" / "j.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in out], engines[0]
+
+
+def test_logprobs_true_gives_openai_token_logprobs_and_false_gives_null(tmp_path: Path) -> None:
+    lines, engine = run_openai(tmp_path, [request("with", logprobs=True, top_logprobs=0), request("without"),
+                                          request("two", logprobs=True, n=2), request("off", logprobs=False)])  # fmt: skip
+    asked = {r.request_id: r.sampling.logprobs for r in engine.requests}
+    assert asked == {0: True, 1: False, 2: True, 3: False}
+
+    first = ChatCompletion.model_validate(lines[0]["response"]["body"]).choices[0]
+    content = first.logprobs.content
+    assert [t.token for t in content] == list(ANSWER)  # the EOS the model stopped on is left out, as from the text
+    assert b"".join(bytes(t.bytes) for t in content) == ANSWER.encode()
+    assert content[-1].bytes == list("😀".encode())
+    assert [t.logprob for t in content] == [-0.25 * (k + 1) for k in range(len(ANSWER))]
+    assert all(t.top_logprobs == [] for t in content)
+    assert lines[0]["response"]["body"]["choices"][0]["logprobs"]["refusal"] is None
+
+    for line in (lines[1], lines[3]):
+        assert line["response"]["body"]["choices"][0]["logprobs"] is None
+
+    two = ChatCompletion.model_validate(lines[2]["response"]["body"]).choices
+    assert [c.logprobs.content[0].logprob for c in two] == [-0.25, -1.25]  # each sample its own
+
+
+def test_unsupported_logprobs_requests_fail_their_row(tmp_path: Path) -> None:
+    lines, engine = run_openai(tmp_path, [request("top", logprobs=True, top_logprobs=3), request("legacy", logprobs=5),
+                                          request("ok", logprobs=True)])  # fmt: skip
+    for line, words in ((lines[0], "top_logprobs 3 is not supported"), (lines[1], "logprobs must be true or false, got 5")):
+        error = BatchError.model_validate(line["error"])
+        assert error.code == "bad_request" and words in error.message and line["response"] is None
+    assert [r.request_id for r in engine.requests] == [2]
+    assert lines[2]["response"]["body"]["choices"][0]["logprobs"]["content"]
+
+
+def test_ray_actors_send_the_token_bytes_to_the_driver(tmp_path: Path) -> None:
+    # GenerateBatch is what each Ray actor runs; its table is all the driver gets, so the tokens must be in it.
+    import pyarrow as pa
+
+    from kvbatch.runner.ray_data import RESULT_SCHEMA, GenerateBatch
+
+    job = {"name": "j", "input": {"path": str(tmp_path / "batch.jsonl"), "format": "openai"}}
+    generate = GenerateBatch(job, engine_factory=lambda model, settings: SpellingEngine())
+    messages = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    batch = pa.table({"row": [0, 1], "data": [messages] * 2, "line": [1, 2], "sampling": [json.dumps({"logprobs": True}), "{}"]})
+    out = generate(batch).select(RESULT_SCHEMA.names).to_pylist()
+    assert out[0]["token_bytes"] == [[c.encode() for c in ANSWER] + [None]]  # the EOS is kept, marked special
+    assert len(out[0]["logprobs"][0]) == len(ANSWER) + 1
+    assert out[1]["token_bytes"] is None and out[1]["logprobs"] is None
+
+
+def byte_level_tokenizer():
+    """A tiny GPT-2-style byte-level BPE, trained here: an emoji it never saw splits into single-byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator(["hello world, the café is open", "hello again world"] * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def test_token_bytes_of_a_byte_level_bpe_are_exact() -> None:
+    tokenizer = byte_level_tokenizer()
+    text = "hello café 😀 world"
+    ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
+    got = TokenBytes(tokenizer)(ids)
+    assert got[-1] is None  # special: not part of the text
+    assert b"".join(got[:-1]) == text.encode()
+    emoji = [b for b in got if b and b[0] >= 0x80 and len(b) == 1]
+    assert emoji == [bytes([b]) for b in "😀".encode()]  # each half-character token has its own byte, not U+FFFD's
+
+
+class SentencePieceLike:
+    """Llama-2-style decoding: a word decoded alone loses its leading space; bytes are <0xNN> fallback pieces."""
+
+    pieces = {5: "▁hello", 6: "<0xE2>", 7: "ok", 2: "</s>"}
+
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return self.pieces[token_id]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        (token_id,) = ids
+        if token_id == 2:
+            return "" if skip_special_tokens else "</s>"
+        return {5: "hello", 6: "\ufffd", 7: "ok"}[token_id]
+
+
+def test_token_bytes_of_sentencepiece_pieces() -> None:
+    assert TokenBytes(SentencePieceLike())([5, 6, 7, 2]) == [b" hello", b"\xe2", b"ok", None]
