@@ -137,7 +137,10 @@ def generate(
 @app.command()
 def plan(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
          limit: LimitOpt = None, verbose: VerboseOpt = False) -> None:  # fmt: skip
-    """Without generating: token lengths, KV capacity, rows that fit at once, rows that will fail and why."""
+    """Without generating: token lengths, KV capacity, rows that fit at once, rows that will fail and why.
+
+    On the CPU only the model's config and tokenizer are read, not its weights. On a GPU (and with tensor parallelism) the model is loaded, because the KV pool is sized by profiling a forward pass of it.
+    """
     from .plan import plan_job
 
     _logging(verbose)

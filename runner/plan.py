@@ -1,8 +1,9 @@
 """`kvbatch plan`: what a job will do, without generating.
 
-Tokenizes every row (streaming) with the engine's tokenizer and sizes the KV pool, then reports token-length
-statistics, the pool in tokens and blocks, how many typical rows fit at once, how many prompt tokens the prefix
-cache can be expected to reuse, and which rows will fail and why.
+Tokenizes every row (streaming) with the model's tokenizer and sizes the KV pool as a run would, then reports
+token-length statistics, the pool in tokens and blocks, how many typical rows fit at once, how many prompt tokens
+the prefix cache can be expected to reuse, and which rows will fail and why. On the CPU no weights are loaded
+(plan_sizing.py); on a GPU the model loads, because the pool is sized by profiling it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.spec import JobSpec, input_format
 
 from .job import EngineCache
+from .plan_sizing import model_sizing
 from .tokenize import PromptTokenizer
 
 MAX_LISTED_FAILURES = 20
@@ -72,16 +74,15 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     pspec = prompt_spec(job)
     id_columns = ["custom_id"] if input_format(job) == "openai" else ([job.id_column] if job.id_column else [])
     reader = open_reader(job, [*prompt_columns(pspec), *id_columns])
-    engine, _ = engines.get(job)
-    tokenizer = PromptTokenizer(engine.tokenizer, pspec.allow_special_tokens, pspec.chat_template)
-    pool = engine.pool_size
-    capacity = min(engine.max_model_len, pool.num_tokens)
+    sizing = model_sizing(job, engines)
+    tokenizer = PromptTokenizer(sizing.tokenizer, pspec.allow_special_tokens, pspec.chat_template)
+    pool = sizing.pool
+    capacity = min(sizing.max_model_len, pool.num_tokens)
     plan = JobPlan(job.name, max_new_tokens=job.sampling.max_new_tokens, block_size=pool.block_size,
-                   num_blocks=pool.num_blocks, pool_tokens=pool.num_tokens, max_model_len=engine.max_model_len,
-                   max_num_seqs=getattr(getattr(engine, "config", None), "max_num_seqs", None))  # fmt: skip
+                   num_blocks=pool.num_blocks, pool_tokens=pool.num_tokens, max_model_len=sizing.max_model_len,
+                   max_num_seqs=sizing.max_num_seqs)  # fmt: skip
     lengths: list[int] = []
-    config = getattr(engine, "config", None)
-    plan.prefix_cache = bool(getattr(config, "prefix_cache", False))
+    plan.prefix_cache = sizing.prefix_cache
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
     for row in reader:
         plan.num_rows += 1

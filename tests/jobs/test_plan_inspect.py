@@ -58,6 +58,36 @@ def test_plan_of_a_clean_input_says_none_will_fail(tmp_path: Path) -> None:
     assert text.endswith("will fail       none")
 
 
+def test_plan_on_the_cpu_reads_no_weights_and_matches_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reliability_helpers import save_tiny_model, word_prompts
+    from transformers import AutoModelForCausalLM
+
+    from kvbatch.runner import engine as engine_module
+    from kvbatch.runner import model_loader
+    from kvbatch.runner.engine import Engine, EngineConfig
+
+    folder = save_tiny_model(tmp_path / "model")
+    prompts = word_prompts(6) + [" ".join(["w7"] * 600)]  # the last one is longer than the 512-token context
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    settings = {"device": "cpu", "kv_cache_gib": 0.001, "block_size": 8, "max_num_seqs": 5}
+    spec = job(tmp_path, model=str(folder), engine=settings, sampling={"max_new_tokens": 30})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("plan loaded the weights")
+
+    with monkeypatch.context() as patched:
+        for module in (model_loader, engine_module):
+            patched.setattr(module, "load_model", refuse)
+        patched.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+        weightless = plan_job(spec, EngineCache())
+
+    engine = Engine(EngineConfig(model=str(folder), **settings))  # what a run builds: its numbers must be the plan's
+    with_engine = plan_job(spec, EngineCache(lambda model, settings: engine))
+    assert (weightless.num_blocks, weightless.block_size, weightless.max_model_len) == (engine.pool_size.num_blocks, 8, 512)
+    assert weightless == with_engine
+    assert (weightless.failures, weightless.max_num_seqs, weightless.prefix_cache) == ({"prompt_too_long": 1}, 5, True)
+
+
 def test_inspect_counts_reasons_and_kinds_and_shows_samples(tmp_path: Path) -> None:
     write_input(tmp_path)
     run_job(job(tmp_path), EngineCache(fake_factory(max_model_len=200)))
