@@ -16,12 +16,19 @@ cuts its context into num_splits equal runs of tiles, computed on the device fro
 CUDA-graph replays. Each split writes a normalised partial output and its log-sum-exp; a reduce kernel
 merges them. With one split the decode kernel writes the output directly.
 
+Cascade decode (meta.shared_prefix_len = L set, see metadata): keys [0, L), in pages every decode shares, go
+to the cascade kernel, whose tiles stack (decode, query head) rows of many sequences so each shared K/V tile
+is read once per kv head rather than once per sequence; it writes num_prefix_splits extra partial slots, the
+decode kernel covers keys [L, seq_len) in the first num_splits slots, and the reduce merges them all. Grids
+and python ints come from shapes only, so the same launches replay in a CUDA graph for any L, L == 0 too.
+
 Output rows that belong to no sequence come out zero: a pure-decode step (every row a decode) lets the
 kernel write every row, any other step starts from a zeroed output. A decode with seq_len 0 gives zeros.
 Softmax runs in base 2 (exp2) with fp32 statistics and fp32 accumulators for every input dtype.
 
 The kernels live in attention_triton_write (KV write), attention_triton_tile (the shared online-softmax
-step), attention_triton_prefill and attention_triton_decode (decode + split reduce); this module picks
+step), attention_triton_prefill, attention_triton_decode (decode + split reduce) and
+attention_triton_cascade (the shared prefix); this module picks
 their launch parameters and holds the public calls and warm_up.
 """
 
@@ -33,6 +40,7 @@ import functools
 import torch
 import triton
 
+from .attention_triton_cascade import _cascade_kernel
 from .attention_triton_decode import _decode_kernel, _reduce_kernel
 from .attention_triton_prefill import _prefill_kernel
 from .attention_triton_write import _write_kv_kernel
@@ -41,6 +49,7 @@ from .metadata import AttentionMetadata
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it buys
+_MIN_TOKENS_PER_PREFIX_SPLIT = 128  # two 64-key tiles: a cascade program's fixed cost is a BLOCK_M-row q tile
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,6 +72,24 @@ def _decode_num_splits(num_decodes: int, num_kv_heads: int, max_context_tokens: 
         return 1
     splits = triton.next_power_of_2(triton.cdiv(target, max(programs, 1)))
     return max(1, min(splits, _MAX_SPLITS, triton.cdiv(max_context_tokens, _MIN_TOKENS_PER_SPLIT)))
+
+
+def _cascade_num_splits(num_programs: int, max_context_tokens: int, device: torch.device) -> int:
+    """Prefix splits for the cascade kernel, from shapes only (graph-safe). num_programs: its
+    (row tile, kv head) programs. Each is a 128-row tile doing prefill-sized dots, so two per SM fill the GPU
+    (shared memory holds 2-3 of them); at 512 llama decodes (16 row tiles x 8 kv heads) that is 4 splits,
+    at 32 decodes 32. An empty split costs a q-tile load and a partial write."""
+    target = 2 * _num_sms(device)
+    if num_programs >= target:
+        return 1
+    splits = triton.next_power_of_2(triton.cdiv(target, max(num_programs, 1)))
+    return max(1, min(splits, _MAX_SPLITS, triton.cdiv(max_context_tokens, _MIN_TOKENS_PER_PREFIX_SPLIT)))
+
+
+def _cascade_config(head_dim: int, device: torch.device) -> dict[str, int]:
+    if device.type != "cuda":
+        return {"BLOCK_M": 16, "BLOCK_N": 16}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if head_dim > 64 else 4, "num_stages": 3}
 
 
 def _decode_config(head_dim: int, device: torch.device) -> dict[str, int]:
@@ -98,6 +125,13 @@ def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, block_size:
         raise ValueError("the cache's head_dim axis must be contiguous")
 
 
+def _check_prefix_len(prefix_len: torch.Tensor, device: torch.device) -> None:
+    # Python-side checks only (no sync). Another dtype would also compile a new kernel variant mid-run.
+    if prefix_len.dtype != torch.int32 or prefix_len.numel() != 1 or prefix_len.device != device:
+        raise ValueError(f"shared_prefix_len must be a one-element int32 tensor on {device}, got "
+                         f"{prefix_len.dtype} {tuple(prefix_len.shape)} on {prefix_len.device}")
+
+
 def _kernel_dtype_args(query: torch.Tensor, key_cache: torch.Tensor) -> dict[str, object]:
     # fp32 on a GPU: tf32x3 (three tf32 products, about fp32 accuracy) rather than plain tf32 (~1e-3 error) or
     # "ieee", whose FMA loops take minutes to compile at these tile sizes. bf16/fp16 ignore the setting.
@@ -129,34 +163,56 @@ def write_kv(
     )
 
 
-def _decode(query, key_cache, value_cache, meta, scale, out, num_splits: int | None = None) -> None:
+def _decode(query, key_cache, value_cache, meta, scale, out, num_splits: int | None = None,
+            prefix_splits: int | None = None) -> None:
     """Writes rows 0..num_decodes-1 of out. Reads only shapes and python ints: safe to capture in a CUDA graph."""
     num_decodes = meta.num_decodes
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
+    max_context_tokens = meta.block_tables.shape[1] * meta.block_size
     if num_splits is None:
-        max_context_tokens = meta.block_tables.shape[1] * meta.block_size
         num_splits = _decode_num_splits(num_decodes, num_kv_heads, max_context_tokens, query.device)
+    cascade = meta.shared_prefix_len is not None
+    if cascade:
+        _check_prefix_len(meta.shared_prefix_len, query.device)
+        group_p = triton.next_power_of_2(group)
+        cascade_config = _fp32_tiles(dict(_cascade_config(head_dim, query.device)), key_cache)
+        block_m = max(cascade_config.pop("BLOCK_M"), group_p)
+        row_tiles = triton.cdiv(num_decodes * group_p, block_m)
+        if prefix_splits is None:
+            prefix_splits = _cascade_num_splits(row_tiles * num_kv_heads, max_context_tokens, query.device)
+    num_slots = num_splits + (prefix_splits if cascade else 0)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if num_splits > 1:
-        part_out = torch.empty(num_decodes, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
-        part_lse = torch.empty(num_decodes, num_heads, num_splits, dtype=torch.float32, device=query.device)
-    else:
+    direct = num_slots == 1
+    if direct:
         part_out = part_lse = out  # unused: the kernel writes out directly
+    else:
+        part_out = torch.empty(num_decodes, num_heads, num_slots, head_dim, dtype=torch.float32, device=query.device)
+        part_lse = torch.empty(num_decodes, num_heads, num_slots, dtype=torch.float32, device=query.device)
+    dtype_args = _kernel_dtype_args(query, key_cache)
+    prefix_len = meta.shared_prefix_len if cascade else meta.seq_lens  # a pointer the kernel never reads if not
     _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, out, part_out, part_lse, meta.block_tables, meta.seq_lens,
-        scale * _LOG2E, num_splits,
+        query, key_cache, value_cache, out, part_out, part_lse, meta.block_tables, meta.seq_lens, prefix_len,
+        scale * _LOG2E, num_splits, num_slots,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=block_d, PAGE=meta.block_size, DIRECT=num_splits == 1,
-        **_kernel_dtype_args(query, key_cache), **_fp32_tiles(dict(_decode_config(head_dim, query.device)), key_cache),
+        BLOCK_D=block_d, PAGE=meta.block_size, DIRECT=direct, CASCADE=cascade,
+        **dtype_args, **_fp32_tiles(dict(_decode_config(head_dim, query.device)), key_cache),
     )
-    if num_splits > 1:
+    if cascade:
+        _cascade_kernel[(row_tiles, num_kv_heads, prefix_splits)](
+            query, key_cache, value_cache, part_out, part_lse, meta.block_tables, meta.seq_lens, prefix_len,
+            scale * _LOG2E, num_decodes, prefix_splits, num_splits, num_slots,
+            query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            NUM_HEADS=num_heads, GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            PAGE=meta.block_size, BLOCK_M=block_m, **dtype_args, **cascade_config,
+        )
+    if not direct:
         _reduce_kernel[(num_decodes, num_heads)](
-            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            part_out, part_lse, out, num_slots, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_slots),
         )
 
 
@@ -210,8 +266,9 @@ def warm_up(
     num_heads: int,
     dtype: torch.dtype,  # the queries' dtype
 ) -> None:
-    """Compile every kernel variant a run can meet (one per decode split count, DIRECT or not), so none
-    compiles mid-run: a compile takes about a second, and mixed steps pick their split count from shapes."""
+    """Compile every kernel variant a run can meet (one per decode split count, DIRECT or not, and the
+    cascade's kernels with every reduce width its extra slots reach), so none compiles mid-run: a compile
+    takes about a second, and mixed steps pick their split counts from shapes."""
     block_size, head_dim = key_cache.shape[1], key_cache.shape[3]
     device = key_cache.device
     meta = AttentionMetadata(
@@ -226,9 +283,12 @@ def warm_up(
     )
     query = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
     out = torch.empty_like(query)
+    cascade = dataclasses.replace(meta, shared_prefix_len=torch.zeros(1, dtype=torch.int32, device=device))
     splits = 1
     while splits <= _MAX_SPLITS:
         _decode(query, key_cache, value_cache, meta, 1.0, out, num_splits=splits)
+        # num_splits + prefix_splits slots reach every power-of-two reduce width up to 2 * _MAX_SPLITS
+        _decode(query, key_cache, value_cache, cascade, 1.0, out, num_splits=splits, prefix_splits=splits)
         splits *= 2
     prefill = dataclasses.replace(meta, num_decodes=0)
     _prefill(query, key_cache, value_cache, prefill, 1.0, out)

@@ -3,6 +3,10 @@
 Each (sequence, kv head) cuts its context into num_splits equal runs of tiles; each split writes a
 normalised partial output and its log-sum-exp into [num_decodes, num_heads, num_splits] buffers, and the
 reduce kernel merges them. With one split (DIRECT) the decode kernel writes the output itself.
+
+Cascade (CASCADE, see attention_triton_cascade): the decode kernel covers keys [L, seq_len) only, L read on
+the device, and writes slots 0..num_splits-1 of [num_decodes, num_heads, num_slots] buffers whose other slots
+hold the shared-prefix kernel's partials; the reduce merges all num_slots.
 """
 
 from __future__ import annotations
@@ -13,21 +17,25 @@ import triton.language as tl
 from .attention_triton_tile import _attend_tile
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_q_head", "stride_o_head", "stride_bt_seq"])
+@triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_q_head", "stride_o_head", "stride_bt_seq"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
-    qk_scale, num_splits,
+    prefix_len_ptr, qk_scale, num_splits, num_slots,
     stride_q_row, stride_q_head, stride_o_row, stride_o_head,
     stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CASCADE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)  # decodes come first, one row each, so sequence i owns row i
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    if CASCADE:  # keys below L are the shared prefix, attended by the cascade kernel
+        key_lo = tl.load(prefix_len_ptr)
+    else:
+        key_lo = 0
+    num_tiles = tl.cdiv(tl.maximum(seq_len - key_lo, 0), BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
@@ -47,9 +55,9 @@ def _decode_kernel(
     table_ptr = block_tables_ptr + row * stride_bt_seq
     kv_head_offset = kv_head.to(tl.int64) * stride_c_head
     for tile in range(tile_lo, tile_hi):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, tile * BLOCK_N, seq_len,
-                                     h, qk_scale, kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-                                     False, PAGE, BLOCK_N, UPCAST, PRECISION)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, key_lo + tile * BLOCK_N,
+                                     seq_len, h, qk_scale, kv_head_offset, stride_c_block, stride_c_token, d,
+                                     d_mask, False, PAGE, BLOCK_N, UPCAST, PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split leaves zeros, not NaN
     mask = head_mask[:, None] & d_mask[None, :]
@@ -58,7 +66,7 @@ def _decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        part = (row * NUM_HEADS + head) * num_splits + split  # [BLOCK_H] index into [decodes, heads, splits]
+        part = (row * NUM_HEADS + head) * num_slots + split  # [BLOCK_H] index into [decodes, heads, slots]
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=mask)
         tl.store(part_lse_ptr + part, lse, mask=head_mask)
 

@@ -8,6 +8,13 @@ The step's tokens are laid end to end, sequence after sequence, decodes first:
 Sequence i owns rows query_start_loc[i]:query_start_loc[i+1]. Its last row sits at position
 seq_lens[i] - 1: the chunk's tokens are the newest ones of a context of seq_lens[i] tokens, whose
 earlier tokens are already in the pages named by block_tables[i].
+
+shared_prefix_len (optional, Triton decode only): L, a multiple of block_size, such that every decode
+sequence i < num_decodes reads its first L keys from the same pages as decode 0
+(block_tables[i, :L // block_size] == block_tables[0, :L // block_size]) and keeps at least its newest token
+outside them (L <= seq_lens[i] - 1). The Triton decode then reads those pages once per kv head for all
+decodes ("cascade"). A device tensor, not an int, so a captured CUDA graph replays with each step's L.
+Decodes with L >= seq_lens[i] (a graph bucket's seq_len-0 filler) come out zero. Other backends ignore it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    shared_prefix_len: torch.Tensor | None = None  # [1] int32 on the step's device; None: no cascade
 
     @property
     def num_seqs(self) -> int:

@@ -28,7 +28,7 @@ if not CUDA and not isinstance(attention_triton._write_kv_kernel, InterpretedFun
     # Another module imported the kernels before the variable was set: decorate them again, interpreted,
     # the shared tile first, then the kernels that call it, then the module that launches them.
     for _name in ("attention_triton_tile", "attention_triton_write", "attention_triton_prefill",
-                  "attention_triton_decode"):
+                  "attention_triton_decode", "attention_triton_cascade"):
         importlib.reload(importlib.import_module(f"kvbatch.cache.{_name}"))
     attention_triton = importlib.reload(attention_triton)
 
