@@ -49,8 +49,10 @@ def _cascade_kernel(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     rows = seq.to(tl.int64)
+    # An empty split (L == 0, or more splits than tiles) loads no q and stores only lse = -inf.
+    q_rows = row_mask & (seq < tl.where(tile_lo < tile_hi, num_decodes, 0))
     q = tl.load(q_ptr + rows[:, None] * stride_q_row + head[:, None] * stride_q_head + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=q_rows[:, None] & d_mask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -62,11 +64,13 @@ def _cascade_kernel(
                                      d_mask, False, PAGE, BLOCK_N, UPCAST, PRECISION)
 
     # A decode whose context does not reach past the prefix (a graph bucket's seq_len-0 filler) takes nothing
-    # from it: weight 0 in the reduce, so it comes out zero as the plain decode would make it.
+    # from it: weight 0 in the reduce, so it comes out zero as the plain decode would make it. Slots with
+    # lse = -inf are never read by the reduce, so their outputs are not stored.
     seq_len = tl.load(seq_lens_ptr + seq, mask=seq < num_decodes, other=0)
     used = (l_i > 0) & (seq_len > prefix_len)
-    out = tl.where(used[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(used, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     part = (rows * NUM_HEADS + head) * num_slots + first_slot + split  # [BLOCK_M] into [decodes, heads, slots]
-    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out,
+             mask=(row_mask & used)[:, None] & d_mask[None, :])
     tl.store(part_lse_ptr + part, lse, mask=row_mask)

@@ -85,8 +85,11 @@ def _reduce_kernel(
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): weights 0, output 0
     w = tl.exp2(lse - m)
+    # An empty split (lse -inf) may leave its output slot unwritten (the cascade kernel's do): never read it,
+    # as 0 * garbage can be NaN.
+    used = (s < num_splits) & (lse > float("-inf"))
     parts = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+                    mask=used[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     denom = tl.sum(w, 0)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + row * stride_o_row + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty),

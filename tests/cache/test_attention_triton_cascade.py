@@ -19,6 +19,18 @@ CPU_SHAPES = [(8, 4, 2, 16), (4, 2, 2, 16), (16, 8, 2, 16), (8, 6, 2, 32)]
 CUDA_SHAPES = [(16, 32, 8, 64), (16, 32, 8, 128), (16, 16, 16, 64), (32, 9, 3, 64), (16, 16, 2, 128)]
 
 
+@pytest.fixture
+def nan_buffers(monkeypatch):
+    """Fresh float buffers (the split partials) start as NaN: a slot the reduce reads unwritten shows."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
 def decode_seqs(num_decodes, prefix_len, max_own, seed):
     # Each decode: the shared prefix, 0..max_own-1 cached tokens of its own, then its new token.
     rng = random.Random(seed)
@@ -72,7 +84,7 @@ def test_cascade_matches_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("num_splits,prefix_splits", [(1, 1), (1, 4), (3, 2), (2, 5)])
-def test_cascade_with_splits(monkeypatch, num_splits, prefix_splits):
+def test_cascade_with_splits(monkeypatch, nan_buffers, num_splits, prefix_splits):
     # More prefix splits than prefix tiles leave some empty (lse -inf); the reduce must ignore them.
     monkeypatch.setattr(attention_triton, "_decode_num_splits", lambda *args: num_splits)
     monkeypatch.setattr(attention_triton, "_cascade_num_splits", lambda *args: prefix_splits)
@@ -84,7 +96,7 @@ def test_cascade_with_splits(monkeypatch, num_splits, prefix_splits):
     check_cascade(*step, num_blocks)
 
 
-def test_zero_prefix_len_reads_nothing_shared():
+def test_zero_prefix_len_reads_nothing_shared(nan_buffers):
     # L = 0 with the tensor set: every key comes from the decode's own pages, as without the cascade.
     seqs = decode_seqs(5, 0, 30, seed=14)
     query, kc, vc, meta = make_step(seqs, block_size=4, num_heads=4, num_kv_heads=2, head_dim=16,
