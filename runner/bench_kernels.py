@@ -6,6 +6,9 @@ Prints one JSON object per line:
     correct       Triton vs the float64 torch reference at realistic shapes (bf16/fp16, contexts up to 32k)
     decode        decode attention, replayed from a CUDA graph: GB/s of K/V bytes read, % of copy bandwidth
     decode_sweep  (--sweep) tile/stage and split-count variants of the same cases
+    cascade       decodes sharing a cached 2,000-token prefix, with and without shared_prefix_len: ms per call
+                  (CUDA graph), effective GB/s (every decode's K/V bytes / time), error vs the torch reference
+    cascade_sweep (--sweep) prefix-split counts and tile variants of the cascade kernel
     prefill       prefill attention TFLOP/s (causal FLOPs actually needed), fresh prompts and cached prefixes
     prefill_sweep (--sweep) tile variants
 
@@ -14,6 +17,7 @@ Run on the GPU machine: `kvbatch bench kernels [--sweep]` (about 2-4 minutes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -157,6 +161,94 @@ def decode_sweep(step, name, context, batch, kv_bytes, head_dim) -> None:
             attention_triton._decode_config, attention_triton._decode_num_splits = default_config, default_splits
 
 
+CASCADE_PREFIX = 2000  # shared tokens (a multiple of the block size 16)
+CASCADE_CASES = [512, 32]  # decodes per step
+
+
+def shared_prefix_step(shape, num_decodes: int, dtype, seed: int):
+    """num_decodes decodes whose first CASCADE_PREFIX tokens sit in the same pages, then 100-228 tokens of
+    their own (the newest one this step's). Returns the step with shared_prefix_len set."""
+    gen = torch.Generator().manual_seed(seed)
+    own = torch.randint(100, 229, (num_decodes,), generator=gen).tolist()
+    step = make_step([(CASCADE_PREFIX + n - 1, 1) for n in own], shape, 16, dtype, seed=seed)
+    meta = step[3]
+    shared_blocks = CASCADE_PREFIX // 16
+    meta.block_tables[:, :shared_blocks] = meta.block_tables[0, :shared_blocks].clone()
+    meta.shared_prefix_len = torch.tensor([CASCADE_PREFIX], dtype=torch.int32, device=DEVICE)
+    return step
+
+
+def cascade_speed(copy_gbps: float, sweep: bool) -> bool:
+    all_ok = True
+    for name in ("llama-1b", "llama-8b"):
+        num_heads, num_kv_heads, head_dim = SHAPES[name]
+        for num_decodes in CASCADE_CASES:
+            step = shared_prefix_step(SHAPES[name], num_decodes, torch.bfloat16, seed=num_decodes)
+            query, kc, vc, meta = step
+            scale = head_dim**-0.5
+            token_bytes = num_kv_heads * head_dim * 2 * 2  # K and V, bf16
+            context_tokens = int(meta.seq_lens.sum())
+            kv_bytes = context_tokens * token_bytes  # what every decode attends over
+            unique_bytes = (context_tokens - (num_decodes - 1) * CASCADE_PREFIX) * token_bytes  # shared pages once
+            want = attention_torch.paged_attention(query, kc, vc, meta, scale).float()
+            plain = dataclasses.replace(meta, shared_prefix_len=None)
+            row = {"shape": name, "num_decodes": num_decodes, "shared_prefix": CASCADE_PREFIX,
+                   "mean_context": round(float(meta.seq_lens.float().mean()), 1)}
+            for label, variant in (("plain", plain), ("cascade", meta)):
+                got = attention_triton.paged_attention(query, kc, vc, variant, scale).float()
+                err = float((got - want).abs().max())
+                ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2)) and bool(torch.isfinite(got).all())
+                all_ok &= ok
+                ms = time_decode((query, kc, vc, variant), scale)
+                gbps = kv_bytes / ms / 1e6
+                row[label] = {"ms": round(ms, 4), "effective_kv_gb_per_s": round(gbps, 1),
+                              "pct_of_copy": round(100 * gbps / copy_gbps, 1),
+                              "unique_kv_gb_per_s": round(unique_bytes / ms / 1e6, 1),
+                              "max_abs_err": err, "ok": ok}
+            row["num_splits"] = attention_triton._decode_num_splits(
+                num_decodes, num_kv_heads, meta.block_tables.shape[1] * 16, query.device)
+            row["num_prefix_splits"] = cascade_splits(num_decodes, SHAPES[name], meta, query.device)
+            row["speedup"] = round(row["plain"]["ms"] / row["cascade"]["ms"], 2)
+            emit("cascade", **row)
+            if sweep:
+                cascade_sweep(step, name, num_decodes, scale)
+            del step, query, kc, vc, meta, plain, want, got
+            torch.cuda.empty_cache()
+    return all_ok
+
+
+def cascade_splits(num_decodes: int, shape, meta, device) -> int:
+    num_heads, num_kv_heads, head_dim = shape
+    group_p = triton.next_power_of_2(num_heads // num_kv_heads)
+    block_m = max(attention_triton._cascade_config(head_dim, device)["BLOCK_M"], group_p)
+    programs = triton.cdiv(num_decodes * group_p, block_m) * num_kv_heads
+    return attention_triton._cascade_num_splits(programs, meta.block_tables.shape[1] * meta.block_size, device)
+
+
+def cascade_sweep(step, name, num_decodes, scale) -> None:
+    default_config, default_splits = attention_triton._cascade_config, attention_triton._cascade_num_splits
+    reference = attention_triton.paged_attention(*step, scale)
+    variants = [({"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}, None)
+                for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+                                   (128, 128, 8, 2), (64, 128, 4, 3), (256, 64, 8, 2)]]
+    variants += [(None, s) for s in (1, 2, 4, 8, 16, 32)]
+    for config, splits in variants:
+        try:
+            if config is not None:
+                attention_triton._cascade_config = lambda hd, dev, c=config: dict(c)
+            if splits is not None:
+                attention_triton._cascade_num_splits = lambda *args, s=splits: s
+            diff = float((attention_triton.paged_attention(*step, scale) - reference).abs().max())
+            ms = time_decode(step, scale)
+            emit("cascade_sweep", shape=name, num_decodes=num_decodes, config=config, num_prefix_splits=splits,
+                 ms=round(ms, 4), max_diff_vs_default=diff)
+        except Exception as error:  # a variant that does not fit (shared memory) is reported, not fatal
+            emit("cascade_sweep", shape=name, num_decodes=num_decodes, config=config, num_prefix_splits=splits,
+                 error=f"{type(error).__name__}: {str(error)[:200]}")
+        finally:
+            attention_triton._cascade_config, attention_triton._cascade_num_splits = default_config, default_splits
+
+
 def prefill_flops(seqs, num_heads: int, head_dim: int) -> float:
     # Query i of a chunk with c cached tokens sees c + i + 1 keys; QK^T and PV cost 2 FLOPs per multiply-add each.
     keys = sum(n * c + n * (n + 1) // 2 for c, n in seqs)
@@ -207,6 +299,7 @@ def run_kernel_check(sweep: bool = False) -> bool:
     copy_gbps = copy_bandwidth()
     ok = check_correctness()
     decode_bandwidth(copy_gbps, sweep)
+    ok &= cascade_speed(copy_gbps, sweep)
     prefill_speed(sweep)
     emit("done", all_correct=ok, seconds=round(time.time() - start, 1))
     return ok
