@@ -28,8 +28,8 @@ Softmax runs in base 2 (exp2) with fp32 statistics and fp32 accumulators for eve
 
 The kernels live in attention_triton_write (KV write), attention_triton_tile (the shared online-softmax
 step), attention_triton_prefill, attention_triton_decode (decode + split reduce) and
-attention_triton_cascade (the shared prefix); this module picks
-their launch parameters and holds the public calls and warm_up.
+attention_triton_cascade (the shared prefix); this module picks their launch parameters and holds the
+public calls and warm_up.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def _cascade_num_splits(num_programs: int, max_context_tokens: int, device: torc
     """Prefix splits for the cascade kernel, from shapes only (graph-safe). num_programs: its
     (row tile, kv head) programs. Each is a 128-row tile doing prefill-sized dots, so two per SM fill the GPU
     (shared memory holds 2-3 of them); at 512 llama decodes (16 row tiles x 8 kv heads) that is 4 splits,
-    at 32 decodes 32. An empty split costs a q-tile load and a partial write."""
+    at 32 decodes 32, capped at one per 128 tokens the table can hold (18 for 2,228). L is unknown here
+    (graph-safe), so a short prefix leaves splits empty: an empty one only stores its lse = -inf."""
     target = 2 * _num_sms(device)
     if num_programs >= target:
         return 1

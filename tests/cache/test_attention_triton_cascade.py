@@ -200,11 +200,16 @@ def test_warm_up_compiles_every_cascade_variant():
     attention_triton.warm_up(kc, vc, 32, torch.bfloat16)
     kernels = (attention_triton._decode_kernel, attention_triton._cascade_kernel, attention_triton._reduce_kernel)
     device = torch.cuda.current_device()
-    compiled = [len(kernel.device_caches[device][0]) for kernel in kernels]
+
+    def num_compiled(kernel):  # Triton >= 3.2 keeps (kernel cache, ...) per device; older ones a dict
+        caches = getattr(kernel, "device_caches", None)
+        return len(caches[device][0]) if caches is not None else len(kernel.cache[device])
+
+    compiled = [num_compiled(kernel) for kernel in kernels]
     for num_decodes, num_blocks in ((1, 1), (2, 2), (3, 0), (3, 2)):
         step = copy.copy(meta)
         step.seq_lens, step.block_tables = meta.seq_lens[:num_decodes], meta.block_tables[:num_decodes]
         step.query_start_loc, step.num_decodes = meta.query_start_loc[: num_decodes + 1], num_decodes
         _, shared = share_prefix(step, num_blocks)
         attention_triton.paged_attention(query[:num_decodes], kc, vc, shared, 0.1)
-    assert [len(kernel.device_caches[device][0]) for kernel in kernels] == compiled
+    assert [num_compiled(kernel) for kernel in kernels] == compiled
