@@ -93,6 +93,7 @@ class EngineSpec:
     cuda_graphs: bool | None = None
     seed: int | None = None  # base seed for requests without sampling.seed
     prefix_cache: bool | None = None  # reuse the K/V of prompt prefixes shared between rows (on by default)
+    async_scheduling: bool | None = None  # plan the next step while the GPU runs this one (on for cuda)
     offline: bool | None = None  # true: never download, whatever allow_download says (as HF_HUB_OFFLINE=1)
 
     def settings(self) -> dict[str, Any]:

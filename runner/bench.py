@@ -73,6 +73,8 @@ def run_engine(engine: Engine, workload: Workload) -> dict[str, Any]:
         "out_tok_s": round(out_tokens / seconds, 1),
         "total_tok_s": round((workload.num_prompt_tokens + out_tokens) / seconds, 1),
         "steps": engine.stats.num_steps - before.num_steps,
+        "steps_ahead": engine.stats.num_steps_ahead - before.num_steps_ahead,
+        "spare_tokens": engine.stats.num_spare_tokens - before.num_spare_tokens,
         "preemptions": engine.stats.num_preemptions - before.num_preemptions,
         "peak_kv_usage": round(engine.stats.peak_kv_usage, 3),
         "prefix_hit_rate": round(cached / queried, 3) if queried else None,
@@ -103,6 +105,7 @@ def throughput(
     attention_backend: Annotated[str, typer.Option(help="auto, triton, torch, flash-attn.")] = "auto",
     cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps from CUDA graphs.")] = True,
     prefix_cache: Annotated[Optional[bool], typer.Option(help="Shared-prefix caching on or off (engine default when unset).")] = None,
+    async_scheduling: Annotated[Optional[bool], typer.Option(help="Plan the next step while the device runs this one (engine default when unset: on for cuda).")] = None,
     profile: Annotated[bool, typer.Option(help="Run under torch.profiler and print where the time goes.")] = False,
     timing: Annotated[bool, typer.Option(help="Time each engine phase (synchronising around each; slower overall).")] = False,
     json_path: JsonOpt = None,
@@ -126,6 +129,8 @@ def throughput(
     )  # fmt: skip
     if prefix_cache is not None:
         settings["prefix_cache"] = prefix_cache
+    if async_scheduling is not None:
+        settings["async_scheduling"] = async_scheduling
     started = time.perf_counter()
     engine = Engine.from_loaded(loaded, EngineConfig(**settings))
     _warm_up(engine, workload, loaded.model.config.vocab_size)

@@ -3,6 +3,16 @@
 Each step is three calls: the scheduler picks tokens, the model runner computes them, the engine
 samples and retires finished sequences. A step that raises does not lose its batch: every
 sequence in it is recomputed in a step of its own, and only one that fails alone gets an error.
+
+Async scheduling (on by default on a GPU): the host plans and launches step N+1 before it waits for
+step N's tokens, so scheduling, building inputs and bookkeeping overlap the GPU's work instead of
+leaving it idle between steps:
+
+    host:  plan N+1 | launch N+1 | wait N, append, retire | plan N+2 | launch N+2 | wait N+1 ...
+    GPU:   .... step N .........|........ step N+1 ..................|...... step N+2 ......
+
+Step N+1's inputs that are step N's tokens are copied on the device (see Sequence.num_pending). The
+scheduler plans ahead only for the steady state of decodes; anything else drains first.
 """
 
 from __future__ import annotations
@@ -24,8 +34,8 @@ from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import profile_gpu_pool
 from .request import Completion, GenerationRequest, GenerationResult
-from .sampling import SamplingRow, sample
-from .scheduler import Policy, Scheduler, SchedulerConfig, SchedulerOutput
+from .sampling import SampledTokens, SamplingRow, sample_on_device
+from .scheduler import Policy, ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
 from .step_timing import StepTimer
 from .stopping import StopChecker
@@ -56,11 +66,14 @@ class EngineConfig:
     cuda_graphs: bool = True
     seed: int | None = None  # base of the seeds given to unseeded requests; None: random
     prefix_cache: bool = True  # reuse the K/V of full blocks shared with earlier prompts (and samples)
+    async_scheduling: bool | None = None  # plan the next step while the device runs this one; None: on for cuda
 
 
 @dataclass
 class EngineStats:
     num_steps: int = 0
+    num_steps_ahead: int = 0  # planned while the step before was in flight (async scheduling)
+    num_spare_tokens: int = 0  # decoded ahead for a sequence that had stopped on the step before, dropped
     num_failed_steps: int = 0
     num_preemptions: int = 0
     peak_kv_usage: float = 0.0
@@ -76,6 +89,15 @@ class EngineStats:
     @property
     def prefix_hit_rate(self) -> float:
         return self.num_cached_prompt_tokens / self.num_queried_prompt_tokens if self.num_queried_prompt_tokens else 0.0
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A launched step whose tokens the host has not seen yet."""
+
+    out: SchedulerOutput
+    sampling_items: list[ScheduledSeq]
+    sampled: SampledTokens
 
 
 @dataclass(eq=False)
@@ -122,6 +144,7 @@ class Engine:
         self.timer = StepTimer(self.device)  # `timer.enabled = True` for a per-phase breakdown
         self._seed_base = config.seed if config.seed is not None else int.from_bytes(os.urandom(7), "little")
         self._next_seq_id = 0
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         logger.info(
             "engine ready: %s on %s (%s), attention %s, KV pool %s, context %d tokens",
             self.loaded.source, self.device, self.loaded.dtype, self.backend.name,
@@ -224,6 +247,7 @@ class Engine:
         source = iter(requests)
         exhausted = False
         lookahead = 2 * self.config.max_num_seqs
+        in_flight: _InFlight | None = None
         try:
             while True:
                 while not exhausted and len(scheduler.waiting) < lookahead:
@@ -236,21 +260,30 @@ class Engine:
                         yield self._error_result(request, reason)
                     else:
                         self._add(scheduler, request)
-                if not scheduler.has_work():
+                if in_flight is None and not scheduler.has_work():
                     if exhausted:
                         break
                     continue
-                yield from self._step(scheduler)
+                results, in_flight = self._step(scheduler, in_flight)
+                yield from results
         finally:
             scheduler.abort_all()
 
-    def _step(self, scheduler: Scheduler) -> list[GenerationResult]:
-        with self.timer.phase("schedule"):
-            out = scheduler.schedule()
-        assert out.scheduled, (
-            f"nothing scheduled with {len(scheduler.running)} running, {len(scheduler.waiting)} waiting, "
-            f"{self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
-        )
+    def _step(self, scheduler: Scheduler, in_flight: _InFlight | None) -> tuple[list[GenerationResult], _InFlight | None]:
+        """Launch the next step (planned ahead when one is in flight, else after draining it)."""
+        if in_flight is None:
+            with self.timer.phase("schedule"):
+                out = scheduler.schedule()
+            assert out.scheduled, (
+                f"nothing scheduled with {len(scheduler.running)} running, {len(scheduler.waiting)} waiting, "
+                f"{self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
+            )
+        else:
+            with self.timer.phase("schedule"):
+                out = scheduler.schedule_ahead()
+            if out is None:
+                return self._drain(scheduler, in_flight)[0], None
+            self.stats.num_steps_ahead += 1
         self.stats.num_steps += 1
         self.stats.num_preemptions += len(out.preempted)
         self.stats.num_queried_prompt_tokens += out.num_queried_tokens
@@ -260,27 +293,53 @@ class Engine:
         try:
             with self.timer.phase("prepare_inputs"):
                 inputs = prepare_inputs(out.scheduled, self.config.block_size, self.device, self.runner.staging)
+                inputs.fill_pending(in_flight.sampled.tokens if in_flight else None)
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
                 logits = self.runner.forward(inputs)
             rows = [
                 SamplingRow(item.seq.request.sampling, item.seq.seed,
                             item.seq.all_token_ids if item.seq.request.sampling.repetition_penalty != 1.0 else [],
-                            len(item.seq.output_token_ids))
+                            len(item.seq.output_token_ids) + item.seq.num_pending)
                 for item in sampling_items
             ]  # fmt: skip
             with self.timer.phase("sample"):
-                tokens, logprobs = sample(logits, rows)
+                sampled = sample_on_device(logits, rows).start_download()
         except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
-            return self._recover(scheduler, out, exc)
+            results = self._drain(scheduler, in_flight)[0] if in_flight else []
+            return results + self._recover(scheduler, [item.seq for item in out.scheduled], exc), None
+        scheduler.advance(out)
+        for i, item in enumerate(sampling_items):
+            item.seq.num_pending += 1
+            item.seq.pending_index = i
+        launched = _InFlight(out, sampling_items, sampled)
+        if in_flight is not None:  # the device runs `launched` while the host takes in the step before
+            results, ok = self._drain(scheduler, in_flight, launched)
+            return results, launched if ok else None
+        if self.async_scheduling:
+            return [], launched
+        return self._drain(scheduler, launched)[0], None
+
+    def _drain(self, scheduler: Scheduler, step: _InFlight, next_step: _InFlight | None = None) -> tuple[list[GenerationResult], bool]:
+        """Take in a launched step's tokens. If the device fails while we wait, the step (and `next_step`,
+        launched after it and reading its tokens) is recomputed like a step that raised; then False."""
+        try:
+            with self.timer.phase("wait_tokens"):
+                tokens, logprobs = step.sampled.to_host()
+        except Exception as exc:  # noqa: BLE001 - as a step that raised
+            lost = [item.seq for s in (step, next_step) if s is not None for item in s.out.scheduled]
+            return self._recover(scheduler, list(dict.fromkeys(lost)), exc), False
         with self.timer.phase("postprocess"):
-            scheduler.advance(out)
-            return self._postprocess(scheduler, sampling_items, tokens, logprobs)
+            return self._postprocess(scheduler, step.sampling_items, tokens, logprobs), True
 
     def _postprocess(self, scheduler: Scheduler, sampling_items: list, tokens: list[int], logprobs: list[float] | None) -> list[GenerationResult]:
         """Append each sampled token, check its stop conditions, retire what finished."""
         results = []
         for i, item in enumerate(sampling_items):
             seq = item.seq
+            if seq.finish_reason is not None:  # stopped on the step before: a decode planned ahead, dropped
+                self.stats.num_spare_tokens += 1
+                continue
+            seq.num_pending -= 1
             seq.output_token_ids.append(tokens[i])
             if logprobs is not None and seq.request.sampling.logprobs:
                 seq.output_logprobs.append(logprobs[i])
@@ -316,9 +375,8 @@ class Engine:
             num_preemptions=sum(s.num_preemptions for s in state.seqs),
         )
 
-    def _recover(self, scheduler: Scheduler, out: SchedulerOutput, exc: Exception) -> list[GenerationResult]:
+    def _recover(self, scheduler: Scheduler, seqs: list[Sequence], exc: Exception) -> list[GenerationResult]:
         self.stats.num_failed_steps += 1
-        seqs = [item.seq for item in out.scheduled]
         culprits = seqs if len(seqs) == 1 else [s for s in seqs if s.num_isolations >= MAX_ISOLATIONS]
         logger.warning(
             "a step of %d sequences failed (%s: %s); %s",

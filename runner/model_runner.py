@@ -34,6 +34,16 @@ class StepInputs:
     logits_rows: torch.Tensor  # [num_logits_rows] int64, rows whose logits are kept (padded)
     num_sampling: int  # the first num_sampling entries of logits_rows are real
     meta: AttentionMetadata
+    # Rows whose token is still pending (async scheduling): input_ids[0, pending_rows[i]] is filled on the
+    # device from row pending_from[i] of the step in flight's sampled tokens.
+    pending_rows: torch.Tensor | None = None
+    pending_from: torch.Tensor | None = None
+
+    def fill_pending(self, sampled: torch.Tensor | None) -> None:
+        if self.pending_rows is None:
+            return
+        assert sampled is not None, "a step reads pending tokens but no step is in flight"
+        self.input_ids[0].index_copy_(0, self.pending_rows, sampled.index_select(0, self.pending_from))
 
 
 def _padded(n: int) -> int:
@@ -41,33 +51,38 @@ def _padded(n: int) -> int:
 
 
 class HostStaging:
-    """Pinned host buffers reused from step to step, so the step's two uploads run asynchronously.
+    """Pinned host buffers reused from step to step, so the step's uploads run asynchronously.
 
     A copy from pageable memory makes the host wait for the device; from pinned memory it is queued.
-    Before refilling a buffer, the event of the last upload is waited on (normally long done).
+    Two sets of buffers alternate: with async scheduling a step is built while the one before it may
+    still be waiting to upload, and a set is refilled only once its last upload has run (its event).
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pinned: list[torch.Tensor] = []
-        self._uploaded: torch.cuda.Event | None = None
+        self._sets: list[list[torch.Tensor]] = [[], []]
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
 
     def upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         if self.device.type != "cuda":
             return [torch.from_numpy(a).to(self.device) for a in arrays]
-        if self._uploaded is not None:
-            self._uploaded.synchronize()
+        turn = self._turn
+        self._turn ^= 1
+        if self._uploaded[turn] is not None:
+            self._uploaded[turn].synchronize()
+        pinned = self._sets[turn]
         out = []
         for i, array in enumerate(arrays):
-            if i == len(self._pinned):
-                self._pinned.append(torch.empty(0, dtype=torch.int64).pin_memory())
-            if self._pinned[i].numel() * 8 < array.nbytes:
-                self._pinned[i] = torch.empty(max(array.nbytes // 8 + 1, 2 * self._pinned[i].numel()), dtype=torch.int64).pin_memory()
-            staged = self._pinned[i].view(torch.uint8)[: array.nbytes]
+            if i == len(pinned):
+                pinned.append(torch.empty(0, dtype=torch.int64).pin_memory())
+            if pinned[i].numel() * 8 < array.nbytes:
+                pinned[i] = torch.empty(max(array.nbytes // 8 + 1, 2 * pinned[i].numel()), dtype=torch.int64).pin_memory()
+            staged = pinned[i].view(torch.uint8)[: array.nbytes]
             staged.numpy()[:] = array.view(np.uint8)
             out.append(staged.to(self.device, non_blocking=True).view(torch.from_numpy(array[:0]).dtype))
-        self._uploaded = torch.cuda.Event()
-        self._uploaded.record()
+        self._uploaded[turn] = torch.cuda.Event()
+        self._uploaded[turn].record()
         return out
 
 
@@ -98,6 +113,8 @@ def prepare_inputs(
     seq_lens = per_seq[lens_at : lens_at + num_seqs]
     tables = per_seq[tables_at : tables_at + num_seqs * width].reshape(num_seqs, width)
 
+    pending_rows: list[int] = []
+    pending_from: list[int] = []
     row = num_sampling = num_decodes = 0
     for i, item in enumerate(scheduled):
         seq, count = item.seq, item.num_new_tokens
@@ -108,7 +125,11 @@ def prepare_inputs(
             raise ValueError(f"sequence {seq.seq_id} computes tokens up to {end} but holds {len(blocks)} blocks of {block_size}")
         tables[i, : len(blocks)] = blocks
         if count == 1:
-            token_ids[row] = seq.token_ids(start, end)[0]
+            if start < seq.num_known_tokens:
+                token_ids[row] = seq.token_ids(start, end)[0]
+            else:  # sampled by the step in flight: filled in on the device
+                pending_rows.append(row)
+                pending_from.append(seq.pending_index)
             positions[row] = start
             slots[row] = blocks[start // block_size] * block_size + start % block_size
             if num_decodes == i:
@@ -124,7 +145,11 @@ def prepare_inputs(
         if end == seq.num_tokens:  # the chunk reaches the end: its last row samples
             logits_rows[num_sampling] = row - 1
             num_sampling += 1
-    rows_dev, per_seq_dev = (staging or HostStaging(device)).upload(rows, per_seq)
+    arrays = [rows, per_seq]
+    if pending_rows:
+        arrays.append(np.array(pending_rows + pending_from, dtype=np.int64))
+    uploaded = (staging or HostStaging(device)).upload(*arrays)
+    rows_dev, per_seq_dev = uploaded[0], uploaded[1]
     meta = AttentionMetadata(
         query_start_loc=per_seq_dev[starts_at : starts_at + num_seqs + 1],
         seq_lens=per_seq_dev[lens_at : lens_at + num_seqs],
@@ -141,6 +166,8 @@ def prepare_inputs(
         logits_rows=rows_dev[logits_at : logits_at + _padded(num_sampling)],
         num_sampling=num_sampling,
         meta=meta,
+        pending_rows=uploaded[2][: len(pending_rows)] if pending_rows else None,
+        pending_from=uploaded[2][len(pending_rows) :] if pending_rows else None,
     )
 
 

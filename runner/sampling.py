@@ -45,12 +45,21 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
     return (bits.float() + 0.5) / float(1 << 24)
 
 
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row parameter tensor, uploaded without waiting for the device: from pageable memory a
+    copy would wait for every queued kernel, undoing the overlap of async scheduling."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for i, row in enumerate(rows):
         penalty = row.params.repetition_penalty
         if penalty == 1.0 or not row.history:
             continue
-        ids = torch.tensor(sorted(set(row.history)), device=logits.device)
+        ids = _on_device(sorted(set(row.history)), torch.int64, logits.device)
         values = logits[i, ids]
         logits[i, ids] = torch.where(values > 0, values / penalty, values * penalty)
 
@@ -58,43 +67,82 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> 
 def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p on sampling rows; returns probabilities [rows, vocab]."""
     device = logits.device
-    temperature = torch.tensor([r.params.temperature for r in rows], device=device)[:, None]
+    temperature = _on_device([r.params.temperature for r in rows], torch.float32, device)[:, None]
     probs = torch.softmax(logits / temperature, dim=-1)
     needs_sort = any(r.params.top_k or r.params.top_p < 1.0 for r in rows)
     if needs_sort:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(probs.shape[-1], device=device)[None, :]
-        top_k = torch.tensor([r.params.top_k or probs.shape[-1] for r in rows], device=device)[:, None]
-        top_p = torch.tensor([r.params.top_p for r in rows], device=device)[:, None]
+        top_k = _on_device([r.params.top_k or probs.shape[-1] for r in rows], torch.int64, device)[:, None]
+        top_p = _on_device([r.params.top_p for r in rows], torch.float32, device)[:, None]
         # Keep a token while the mass before it is under top_p: the most likely token always stays.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         keep_sorted = (rank < top_k) & (mass_before < top_p)
         keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
         probs = probs * keep
-    min_p = torch.tensor([r.params.min_p for r in rows], device=device)[:, None]
-    if bool((min_p > 0).any()):
+    if any(r.params.min_p > 0 for r in rows):
+        min_p = _on_device([r.params.min_p for r in rows], torch.float32, device)[:, None]
         probs = torch.where(probs >= min_p * probs.max(dim=-1, keepdim=True).values, probs, 0.0)
     return probs
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[float] | None]:
-    """logits: [num_rows, vocab_size] float32. Returns the chosen token ids and, if any row asked,
-    their log-probabilities under the unmodified model distribution."""
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)  # torch's host cache reuses these
+    return host.copy_(tensor, non_blocking=True)
+
+
+@dataclass
+class SampledTokens:
+    """A step's chosen tokens, on the device, and their way to the host.
+
+    `start_download` queues the copy to pinned host memory behind the step's kernels and returns at once;
+    `to_host` waits for it. Between the two the host is free to plan and launch the next step.
+    """
+
+    tokens: torch.Tensor  # [num_rows] int64
+    logprobs: torch.Tensor | None  # [num_rows] float32, when a row asked for them
+    _host: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def start_download(self) -> SampledTokens:
+        if self.tokens.device.type == "cuda":
+            # Into pinned memory the copy is queued behind the step; into pageable memory it would be waited for.
+            logprobs = _pinned_copy(self.logprobs) if self.logprobs is not None else None
+            self._host = (_pinned_copy(self.tokens), logprobs)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        return self
+
+    def to_host(self) -> tuple[list[int], list[float] | None]:
+        tokens, logprobs = self.tokens, self.logprobs
+        if self._ready is not None and self._host is not None:
+            self._ready.synchronize()
+            tokens, logprobs = self._host
+        return tokens.tolist(), logprobs.tolist() if logprobs is not None else None
+
+
+def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+    """logits: [num_rows, vocab_size] float32. The chosen token ids and, if any row asked, their
+    log-probabilities under the unmodified model distribution; nothing waits for the device."""
     logprobs_wanted = any(r.params.logprobs for r in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprobs_wanted else None
-    logits = logits.clone()
-    _apply_repetition_penalty(logits, rows)
+    if any(r.params.repetition_penalty != 1.0 for r in rows):
+        logits = logits.clone()
+        _apply_repetition_penalty(logits, rows)
     tokens = logits.argmax(dim=-1)
     sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampling:
         sub_rows = [rows[i] for i in sampling]
-        index = torch.tensor(sampling, device=logits.device)
+        index = _on_device(sampling, torch.int64, logits.device)
         probs = _filter(logits[index], sub_rows)
-        seeds = torch.tensor([r.seed & _MASK_63 for r in sub_rows], device=logits.device)
-        positions = torch.tensor([r.position for r in sub_rows], device=logits.device)
+        seeds = _on_device([r.seed & _MASK_63 for r in sub_rows], torch.int64, logits.device)
+        positions = _on_device([r.position for r in sub_rows], torch.int64, logits.device)
         race = probs / -torch.log(uniform_noise(seeds, positions, probs.shape[-1]))
         tokens[index] = race.argmax(dim=-1)
-    chosen = tokens.tolist()
-    if raw_logprobs is None:
-        return chosen, None
-    return chosen, raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    chosen_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0] if raw_logprobs is not None else None
+    return SampledTokens(tokens, chosen_logprobs)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[float] | None]:
+    """`sample_on_device`, then wait for the tokens on the host."""
+    return sample_on_device(logits, rows).to_host()

@@ -28,6 +28,13 @@ and starts the prefill after them:
                   shared, never written            num_computed_tokens = 3 * block_size
 
 Cached blocks nobody holds count as free for admission; taking one of them as a hit uses up a free block.
+
+Async scheduling: `schedule_ahead()` plans the next step while the last one still runs on the device,
+before the host has its tokens. It only ever plans the steady state, one decode per running sequence
+(the pending token as input); anything that needs the tokens on the host first (admission, a prefill
+chunk, a preemption, a repetition penalty) makes it decline, and the engine drains and calls
+`schedule()`. A decode planned ahead for a sequence that then turns out to have stopped is wasted, never
+wrong: its token is dropped and its pages freed.
 """
 
 from __future__ import annotations
@@ -124,6 +131,7 @@ class Scheduler:
             f"schedule() called again before advance() or requeue_isolated(): "
             f"{len(self._registered_this_step)} blocks of the last step are unconfirmed"
         )
+        assert not any(s.num_pending for s in self.running), "schedule() with tokens still pending: drain first"
         budget = self.config.max_num_batched_tokens
         out = SchedulerOutput(scheduled=[])
 
@@ -170,6 +178,37 @@ class Scheduler:
             budget -= num_new
 
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        return out
+
+    def schedule_ahead(self) -> SchedulerOutput | None:
+        """The next step while the last still runs: one decode per running sequence, reading the token that
+        step is sampling for it. None when the next step needs those tokens on the host first.
+
+        A sequence whose pending token is its last by length is left out (its end is known); one that
+        stops on a token gets a spare decode, dropped when its stop is seen. No blocks are registered in
+        the prefix cache here (their tokens are not known yet); the next `schedule()` catches up.
+        """
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return None  # room to admit: that needs schedule()
+        block_size = self.config.block_size
+        continuing: list[Sequence] = []
+        need = 0
+        for seq in self.running:
+            if seq.num_pending != 1 or seq.num_tokens_to_compute != 1 or seq.isolate:
+                return None  # a prefill chunk still to run, or a sequence that must run alone
+            if seq.request.sampling.repetition_penalty != 1.0:
+                return None  # the penalty reads the output so far, pending token included
+            if seq.num_tokens - seq.num_prompt_tokens >= seq.max_new_tokens:
+                continue
+            need += num_blocks_for(seq.num_tokens, block_size) - len(seq.block_ids)
+            continuing.append(seq)
+        if not continuing or len(continuing) > self.config.max_num_batched_tokens or need > self.pool.num_free_blocks:
+            return None
+        out = SchedulerOutput(scheduled=[])
+        for seq in continuing:
+            grown = self._grow(seq, 1, out)
+            assert grown and not out.preempted, f"seq {seq.seq_id} could not grow with {self.pool.num_free_blocks} blocks free"
+            out.scheduled.append(ScheduledSeq(seq, 1))
         return out
 
     def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput, keep_watermark: bool) -> int:
@@ -282,6 +321,7 @@ class Scheduler:
                 self.running.remove(seq)
                 self._release(seq)
                 seq.num_computed_tokens = 0
+                seq.num_pending = 0  # a failed step's tokens never reach the host; they are recomputed
                 seq.isolate = True
                 seq.num_isolations += 1
                 self.add(seq)

@@ -14,6 +14,11 @@ prompt and output so far as one prefill when it is admitted again. With the pref
 
     block_hashes            prefix-cache hashes of the full blocks of token_ids seen so far
     num_registered_blocks   leading block_ids already offered to the prefix cache
+
+With async scheduling the engine launches the next step before the host has seen the tokens of the
+one in flight. Those tokens are pending: counted in num_tokens (their positions are taken), not yet in
+output_token_ids; a step that computes one reads it on the device from the step that sampled it
+(row pending_index of that step's sampled tokens).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending: int = 0  # sampled on the device, not yet appended to output_token_ids
+    pending_index: int = -1  # the newest pending token's row in its step's sampled tokens
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_registered_blocks: int = 0
     status: SeqStatus = SeqStatus.WAITING
@@ -65,6 +72,11 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens the host holds: prompt and appended output (num_tokens less the pending ones)."""
         return self.num_prompt_tokens + len(self.output_token_ids)
 
     @property
@@ -77,6 +89,7 @@ class Sequence:
         return self.num_prompt_tokens + self.max_new_tokens
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        assert end <= self.num_known_tokens, f"seq {self.seq_id}: tokens up to {end} asked, {self.num_known_tokens} known"
         prompt = self.request.prompt_token_ids
         num_prompt = len(prompt)
         if end <= num_prompt:

@@ -1,0 +1,152 @@
+"""Async scheduling (the next step planned and launched before the host has the last one's tokens) gives
+exactly what the synchronous loop gives: same tokens, stop reasons and log-probabilities, under stops
+that waste a planned decode, sampling, preemption, the prefix cache and failing steps.
+
+On the CPU nothing overlaps, but every path of the pipeline runs: pending tokens, inputs filled from the
+step in flight, spare decodes dropped, the fallback to draining."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_exact_vs_generate import random_prompts
+from tiny_models import tiny_loaded
+
+from kvbatch.runner import sampling
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.request import GenerationRequest, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_loaded("llama", seed=11)
+
+
+def make_engine(loaded, async_scheduling: bool, **overrides) -> Engine:
+    config = dict(block_size=4, num_blocks_override=96, max_num_batched_tokens=48, max_num_seqs=4, seed=3)
+    config.update(overrides)
+    return Engine.from_loaded(loaded, EngineConfig(async_scheduling=async_scheduling, **config))
+
+
+def outcome(engine: Engine, requests: list[GenerationRequest]) -> dict:
+    return {
+        r.request_id: (r.error, [(c.token_ids, c.finish_reason, c.logprobs) for c in r.completions])
+        for r in engine.generate(requests)
+    }
+
+
+def first_tokens(loaded, prompts: list[list[int]], n: int) -> list[list[int]]:
+    engine = make_engine(loaded, False)
+    got = outcome(engine, [GenerationRequest(i, p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for i, p in enumerate(prompts)])
+    return [got[i][1][0][0] for i in range(len(prompts))]
+
+
+def mixed_requests(loaded, seed: int) -> list[GenerationRequest]:
+    """Greedy rows, rows that stop on a token they will produce (so a decode was planned past their end),
+    seeded samples with n > 1, log-probabilities, and a repetition penalty (which makes the loop drain)."""
+    prompts = random_prompts(14, 1, 30, seed=seed)
+    early = first_tokens(loaded, prompts, 12)
+    requests = []
+    for i, prompt in enumerate(prompts):
+        kind = i % 5
+        if kind == 0:
+            params = SamplingParams(max_new_tokens=6 + i, ignore_eos=True)
+        elif kind == 1:
+            params = SamplingParams(max_new_tokens=20, ignore_eos=True, stop_token_ids=(early[i][4 + i % 5],))
+        elif kind == 2:
+            params = SamplingParams(max_new_tokens=9, temperature=0.9, top_p=0.9, n=3, seed=i, ignore_eos=True)
+        elif kind == 3:
+            params = SamplingParams(max_new_tokens=7, logprobs=True, ignore_eos=True)
+        else:
+            params = SamplingParams(max_new_tokens=8, repetition_penalty=1.3, ignore_eos=True)
+        requests.append(GenerationRequest(i, prompt, params))
+    return requests
+
+
+def test_async_gives_what_the_synchronous_loop_gives(loaded) -> None:
+    requests = mixed_requests(loaded, seed=21)
+    want = outcome(make_engine(loaded, False), requests)
+    engine = make_engine(loaded, True)
+    got = outcome(engine, requests)
+    assert got == want
+    assert engine.stats.num_steps_ahead > 0
+    assert engine.stats.num_output_tokens == sum(len(c[0]) for _, completions in got.values() for c in completions)
+    assert engine.stats.num_spare_tokens > 0  # rows stopping on a token had a decode planned past their end
+    stopped = [want[r.request_id][1][0] for r in requests if r.sampling.stop_token_ids]
+    assert all(reason == "stop" and len(tokens) < 20 for tokens, reason, _ in stopped)
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks  # spare decodes' pages came back
+
+
+def test_async_under_preemption_with_shared_prefixes(loaded) -> None:
+    system = random_prompts(1, 10, 10, seed=4)[0]
+    prompts = [system + p for p in random_prompts(8, 2, 10, seed=5)]
+    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
+    tight = dict(num_blocks_override=14, max_num_seqs=6)  # 56 tokens for six sequences of up to 36: preemption
+    want = outcome(make_engine(loaded, False, prefix_cache=False, **tight), requests)
+    engine = make_engine(loaded, True, **tight)
+    assert outcome(engine, requests) == want
+    assert engine.stats.num_preemptions > 0 and engine.stats.num_steps_ahead > 0
+    assert engine.stats.num_cached_prompt_tokens > 0
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), max_num_seqs=st.integers(1, 6), budget=st.integers(6, 40))
+def test_async_equals_sync_on_random_workloads(loaded, seed: int, max_num_seqs: int, budget: int) -> None:
+    prompts = random_prompts(7, 1, 20, seed=seed)
+    requests = [
+        GenerationRequest(i, p, SamplingParams(max_new_tokens=3 + (seed + i) % 9, ignore_eos=True, stop_token_ids=(7 + i,)))
+        for i, p in enumerate(prompts)
+    ]
+    shape = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    assert outcome(make_engine(loaded, True, **shape), requests) == outcome(make_engine(loaded, False, **shape), requests)
+
+
+class FailsOnce(torch.nn.Module):
+    """Raises on its `fail_at`-th forward call, as a step that breaks while another is in flight would."""
+
+    def __init__(self, model, fail_at: int):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("step broke")
+        return self.inner(**kwargs)
+
+
+def _greedy_requests() -> list[GenerationRequest]:
+    prompts = random_prompts(6, 2, 16, seed=8)
+    return [GenerationRequest(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
+
+
+def test_a_step_that_raises_while_another_is_in_flight_loses_nothing(loaded) -> None:
+    requests = _greedy_requests()
+    want = outcome(make_engine(loaded, False), requests)
+    engine = make_engine(loaded, True)
+    engine.runner.model = FailsOnce(loaded.model, fail_at=8)  # well into the decodes planned ahead
+    assert outcome(engine, requests) == want
+    assert engine.stats.num_failed_steps == 1 and engine.stats.num_errors == 0
+    assert engine.stats.num_spare_tokens == 0  # length limits are known ahead: nothing is decoded past them
+
+
+def test_a_failure_while_waiting_for_tokens_recomputes_both_steps(loaded, monkeypatch) -> None:
+    requests = _greedy_requests()
+    want = outcome(make_engine(loaded, False), requests)
+    real = sampling.SampledTokens.to_host
+    calls = {"n": 0}
+
+    def to_host(self):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise RuntimeError("device fault")
+        return real(self)
+
+    monkeypatch.setattr(sampling.SampledTokens, "to_host", to_host)
+    engine = make_engine(loaded, True)
+    assert outcome(engine, requests) == want
+    assert engine.stats.num_failed_steps == 1 and engine.stats.num_steps_ahead > 0
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
