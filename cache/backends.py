@@ -29,11 +29,12 @@ class AttentionBackend:
     write_kv: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
     warm_up: Callable[..., None] | None = None  # (key_cache, value_cache, num_heads, dtype): compile kernels now
+    cascade: bool = False  # reads AttentionMetadata.shared_prefix_len (the others attend to the whole context anyway)
 
 
 def _load(name: str) -> AttentionBackend:
     module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
-    return AttentionBackend(name, module.write_kv, module.paged_attention, getattr(module, "warm_up", None))
+    return AttentionBackend(name, module.write_kv, module.paged_attention, getattr(module, "warm_up", None), name == "triton")
 
 
 def _why_unavailable(name: str, device: torch.device, block_size: int) -> str | None:

@@ -16,6 +16,10 @@ page. Only pure-decode steps replay: prefill shapes vary too much to capture.
     block_tables    [B, max_blocks] int32      seqs 0..n-1, columns 0..w-1 (stale columns are never read)
     query_start_loc [B + 1] int32              fixed: 0..B
     logits_rows     [B] int64                  fixed: 0..B-1
+    shared_prefix   [1] int32                  the cascade graphs' shared prefix length
+
+With the prefix cache on, a second set of graphs runs the cascade decode (cache/attention_triton_cascade.py)
+for steps whose decodes share a cached prefix; the plain set skips its extra launches when they do not.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ class _Graph:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, min_rows: int) -> None:
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, min_rows: int,
+                 cascade: bool = False) -> None:
         self.runner = runner
+        self.cascade = cascade
         self.block_size = block_size
         self.buckets = bucket_sizes(max_num_seqs, min_rows)
         device, largest = runner.device, self.buckets[-1]
@@ -60,10 +66,11 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(largest, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.logits_rows = torch.arange(largest, dtype=torch.int64, device=device)
-        self.graphs: dict[int, _Graph] = {}
+        self.shared_prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool = None
 
-    def _inputs(self, size: int) -> StepInputs:
+    def _inputs(self, size: int, cascade: bool) -> StepInputs:
         meta = AttentionMetadata(
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
@@ -73,6 +80,7 @@ class DecodeGraphs:
             max_query_len=1,
             max_seq_len=self.block_tables.shape[1] * self.block_size,
             block_size=self.block_size,
+            shared_prefix_len=self.shared_prefix_len if cascade else None,
         )
         return StepInputs(self.input_ids[:, :size], self.positions[:, :size], self.logits_rows[:size], size, meta)
 
@@ -81,17 +89,18 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
-            for size in reversed(self.buckets):
-                inputs = self._inputs(size)
-                self.runner.forward_eager(inputs)  # warm-up outside the graph: kernels compile, workspaces allocate
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                    logits = self.runner.forward_eager(inputs)
-                self._pool = graph.pool()
-                self.graphs[size] = _Graph(graph, logits)
+            for cascade in (False, True) if self.cascade else (False,):
+                for size in reversed(self.buckets):
+                    inputs = self._inputs(size, cascade)
+                    self.runner.forward_eager(inputs)  # warm-up outside the graph: kernels compile, workspaces allocate
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                        logits = self.runner.forward_eager(inputs)
+                    self._pool = graph.pool()
+                    self.graphs[size, cascade] = _Graph(graph, logits)
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         torch.cuda.synchronize(self.runner.device)
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        logger.info("captured decode CUDA graphs for batch sizes %s%s", self.buckets, " (plain and cascade)" if self.cascade else "")
 
     def fits(self, inputs: StepInputs) -> bool:
         meta = inputs.meta
@@ -112,7 +121,10 @@ class DecodeGraphs:
         self.slot_mapping[:num_rows].copy_(meta.slot_mapping)
         self.seq_lens[:num_seqs].copy_(meta.seq_lens)
         self.block_tables[:num_seqs, :width].copy_(meta.block_tables)
-        entry = self.graphs[size]
+        cascade = meta.shared_prefix_len is not None and self.cascade
+        if cascade:
+            self.shared_prefix_len.copy_(meta.shared_prefix_len)
+        entry = self.graphs[size, cascade]
         entry.graph.replay()
         # Decode i is row i, so the first num_sampling rows are the sampling rows in order.
         return entry.logits[: inputs.num_sampling]

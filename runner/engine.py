@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 # A sequence that has been in this many failed steps gets an error even if it never failed alone.
 MAX_ISOLATIONS = 3
+# Below this many shared tokens, reading the prefix once per sequence costs less than the cascade's extra launches.
+CASCADE_MIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class Engine:
         self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
         self.pool = BlockPool(self.pool_size.num_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend)
+        # Decodes sharing this many cached prefix tokens read them once, together (the cascade decode).
+        self.cascade_min_tokens = CASCADE_MIN_TOKENS if self.backend.cascade and config.prefix_cache else 0
         if self.backend.warm_up is not None:
             self.backend.warm_up(self.kv_cache.key[0], self.kv_cache.value[0], num_heads, self.loaded.dtype)
         if self.config.cuda_graphs and self.device.type == "cuda" and self.backend.name != "torch":
@@ -168,7 +172,8 @@ class Engine:
         from .cuda_graphs import DecodeGraphs
 
         max_blocks_per_seq = num_blocks_for(self.max_model_len, self.config.block_size)
-        graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks_per_seq, self.config.block_size, MIN_ROWS)
+        graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks_per_seq, self.config.block_size, MIN_ROWS,
+                              cascade=bool(self.cascade_min_tokens))
         try:
             graphs.capture()
         except Exception as exc:  # noqa: BLE001 - eager steps give the same tokens, only slower
@@ -292,7 +297,8 @@ class Engine:
         sampling_items = [item for item in out.scheduled if item.samples]
         try:
             with self.timer.phase("prepare_inputs"):
-                inputs = prepare_inputs(out.scheduled, self.config.block_size, self.device, self.runner.staging)
+                inputs = prepare_inputs(out.scheduled, self.config.block_size, self.device, self.runner.staging,
+                                        self.cascade_min_tokens)
                 inputs.fill_pending(in_flight.sampled.tokens if in_flight else None)
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
                 logits = self.runner.forward(inputs)

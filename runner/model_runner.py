@@ -86,13 +86,27 @@ class HostStaging:
         return out
 
 
+def shared_prefix_tokens(tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> int:
+    """Leading tokens whose pages every row of `tables` shares (the decodes of a step), leaving each its newest
+    token: the cascade decode reads those pages once for all of them. Whole blocks only; 0 if none."""
+    if len(tables) < 2:
+        return 0
+    same = (tables[1:] == tables[0]).all(axis=0)
+    num_blocks = int(same.argmin()) if not same.all() else len(same)
+    return min(num_blocks, int(seq_lens.min() - 1) // block_size) * block_size
+
+
 def prepare_inputs(
-    scheduled: list[ScheduledSeq], block_size: int, device: torch.device, staging: HostStaging | None = None
+    scheduled: list[ScheduledSeq], block_size: int, device: torch.device, staging: HostStaging | None = None,
+    cascade_min_tokens: int = 0,
 ) -> StepInputs:
     """Lay the step's tokens end to end, decodes first (the scheduler already ordered them).
 
     Built in two host arrays (int64 rows, int32 per-sequence data) and copied to the device in two
     transfers: per-step host work is O(tokens) numpy, not O(tokens) small tensors.
+
+    With cascade_min_tokens > 0, decodes sharing at least that many leading tokens' pages (a cached system
+    prompt) get meta.shared_prefix_len, so the attention reads those pages once for all of them.
     """
     num_seqs = len(scheduled)
     counts = np.fromiter((item.num_new_tokens for item in scheduled), np.int64, num_seqs)
@@ -107,8 +121,8 @@ def prepare_inputs(
     slots[num_rows:] = -1  # padding rows write nothing
 
     width = max(len(item.seq.block_ids) for item in scheduled)
-    # int32 per sequence: query_start_loc (num_seqs + 1) | seq_lens | block tables
-    per_seq, (starts_at, lens_at, tables_at) = _aligned(np.int32, num_seqs + 1, num_seqs, num_seqs * width)
+    # int32 per sequence: query_start_loc (num_seqs + 1) | seq_lens | block tables | shared prefix length
+    per_seq, (starts_at, lens_at, tables_at, shared_at) = _aligned(np.int32, num_seqs + 1, num_seqs, num_seqs * width, 1)
     query_start_loc = per_seq[starts_at : starts_at + num_seqs + 1]
     seq_lens = per_seq[lens_at : lens_at + num_seqs]
     tables = per_seq[tables_at : tables_at + num_seqs * width].reshape(num_seqs, width)
@@ -145,6 +159,11 @@ def prepare_inputs(
         if end == seq.num_tokens:  # the chunk reaches the end: its last row samples
             logits_rows[num_sampling] = row - 1
             num_sampling += 1
+    shared = 0
+    if cascade_min_tokens and num_decodes >= 2:
+        shared = shared_prefix_tokens(tables[:num_decodes], seq_lens[:num_decodes], block_size)
+        shared = shared if shared >= cascade_min_tokens else 0
+        per_seq[shared_at] = shared
     arrays = [rows, per_seq]
     if pending_rows:
         arrays.append(np.array(pending_rows + pending_from, dtype=np.int64))
@@ -159,6 +178,7 @@ def prepare_inputs(
         max_query_len=int(counts.max()),
         max_seq_len=int(seq_lens.max()),
         block_size=block_size,
+        shared_prefix_len=per_seq_dev[shared_at : shared_at + 1] if shared else None,
     )
     return StepInputs(
         input_ids=rows_dev[ids_at : ids_at + num_rows_padded][None],
