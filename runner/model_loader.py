@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import attention_hook
+from .cpu_linear import use_onednn_linears
 from .default_model import default_model_path
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,8 @@ def load_model(
             raise ModelLoadError(f"model {name!r} has no safetensors weights; set engine.allow_pickle: true to load pickled ones if you trust it") from exc
         raise ModelLoadError(f"cannot load model {name!r} with kvbatch's paged attention: {exc}") from exc
     model.to(torch_device).eval()
+    if torch_device.type == "cpu" and torch_dtype == torch.float32:
+        use_onednn_linears(model)  # AVX-512 GEMMs on any x86 CPU (MKL uses them only on Intel's)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
