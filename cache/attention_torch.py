@@ -1,7 +1,7 @@
 """Paged attention in plain torch: the reference every other backend is tested against, and the CPU path.
 
-The arithmetic (scores, softmax, weighted sum) runs in float64 and is cast back at the end (on the CPU the
-engine keeps float32 models' pages in float64, so no conversion is needed per step). That
+The arithmetic (scores, softmax, weighted sum) runs in float64, in torch's fused attention, and is cast back
+at the end (on the CPU the engine keeps float32 models' pages in float64, so no conversion is needed per step). That
 makes each query's output independent of what else is in the step: padding a softmax or a matmul
 to another length changes the float64 rounding by ~1e-16, far below what float32 can show, so a
 prompt gets the same bits alone or packed with fifty others. The GEMMs of the model are kept
@@ -13,10 +13,12 @@ Causal rule: the query at position p sees keys 0..p of its own sequence.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .metadata import AttentionMetadata
 
-# Bound on elements of a float64 score tensor built at once (about 256 MiB).
+# Bound on elements of a float64 score tensor built at once (about 256 MiB; torch builds it where its fused
+# CPU kernel does not run, e.g. float64 on CUDA), and on the gathered keys of a decode slice.
 _MAX_SCORE_ELEMENTS = 32 * 2**20
 
 
@@ -42,29 +44,19 @@ def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: i
 
 
 def _attend(
-    query: torch.Tensor,  # [num_seqs, num_queries, num_heads, head_dim] float64
-    key: torch.Tensor,  # [num_seqs, num_keys, num_kv_heads, head_dim], any float dtype (float64 spares a copy)
+    query: torch.Tensor,  # [num_seqs, num_heads, num_queries, head_dim] float64
+    key: torch.Tensor,  # [num_seqs, num_keys, num_kv_heads, head_dim] gathered pages, any float dtype (float64 spares a copy)
     value: torch.Tensor,  # same
-    allowed: torch.Tensor,  # [num_seqs, num_queries, num_keys] bool
+    allowed: torch.Tensor,  # [num_seqs, 1, num_queries or 1, num_keys] bool
     scale: float,
-) -> torch.Tensor:  # [num_seqs, num_queries, num_heads, head_dim] float64
-    num_seqs, num_queries, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
-    group = num_heads // num_kv_heads
-    out = torch.empty(num_seqs, num_queries, num_heads, head_dim, dtype=torch.float64, device=query.device)
-    hidden = ~allowed[:, None]  # [s, 1, queries, keys]
-    # One kv head at a time: its keys are a strided [s, keys, d] view of the gathered pages, which bmm reads
-    # in place (no transposed copy of every key). Query head h reads kv head h // group (transformers' order).
-    for kv in range(num_kv_heads):
-        heads = slice(kv * group, (kv + 1) * group)
-        q = query[:, :, heads].transpose(1, 2).reshape(num_seqs, group * num_queries, head_dim)
-        k = key[:, :, kv].to(torch.float64)  # [s, keys, d]
-        v = value[:, :, kv].to(torch.float64)
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale).view(num_seqs, group, num_queries, -1)
-        scores.masked_fill_(hidden, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).view(num_seqs, group * num_queries, -1)
-        out[:, :, heads] = torch.bmm(probs, v).view(num_seqs, group, num_queries, head_dim).transpose(1, 2)
-    return out
+) -> torch.Tensor:  # [num_seqs, num_heads, num_queries, head_dim] float64
+    # torch's fused attention reads each kv head's keys in place (strided views of the gathered pages) and keeps
+    # query head h on kv head h // group (transformers' order). On the CPU it is one C++ loop over sequences and
+    # heads, in float64 throughout; elsewhere float64 falls back to the plain softmax(QK^T)V arithmetic.
+    return F.scaled_dot_product_attention(
+        query, key.to(torch.float64).transpose(1, 2), value.to(torch.float64).transpose(1, 2), attn_mask=allowed, scale=scale,
+        enable_gqa=query.shape[1] != key.shape[2],
+    )  # fmt: skip
 
 
 def paged_attention(
@@ -93,9 +85,9 @@ def paged_attention(
             k = _gather_pages(key_cache, meta.block_tables[lo:hi], num_blocks)
             v = _gather_pages(value_cache, meta.block_tables[lo:hi], num_blocks)
             positions = torch.arange(k.shape[1], device=query.device)
-            allowed = (positions[None, :] < lens[:, None])[:, None, :]  # [s, 1, keys]
-            q = query[starts[lo] : starts[hi]].double()[:, None]  # [s, 1, h, d]
-            out[starts[lo] : starts[hi]] = _attend(q, k, v, allowed, scale)[:, 0].to(out.dtype)
+            allowed = (positions[None, :] < lens[:, None])[:, None, None, :]  # [s, 1, 1, keys]
+            q = query[starts[lo] : starts[hi]].double()[:, :, None]  # [s, h, 1, d]
+            out[starts[lo] : starts[hi]] = _attend(q, k, v, allowed, scale)[:, :, 0].to(out.dtype)
 
     # Prefill chunks: one sequence at a time, queries sliced to bound the score tensor.
     for i in range(nd, meta.num_seqs):
@@ -109,7 +101,7 @@ def paged_attention(
         for q0 in range(0, num_queries, step):
             q1 = min(num_queries, q0 + step)
             query_pos = seq_len - num_queries + torch.arange(q0, q1, device=query.device)
-            allowed = (key_pos[None, :] <= query_pos[:, None])[None]  # [1, queries, keys]
-            q = query[row0 + q0 : row0 + q1].double()[None]
-            out[row0 + q0 : row0 + q1] = _attend(q, k, v, allowed, scale)[0].to(out.dtype)
+            allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]  # [1, 1, queries, keys]
+            q = query[row0 + q0 : row0 + q1].double().transpose(0, 1)[None]  # [1, h, queries, d]
+            out[row0 + q0 : row0 + q1] = _attend(q, k, v, allowed, scale)[0].transpose(0, 1).to(out.dtype)
     return out
