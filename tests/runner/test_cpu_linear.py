@@ -40,6 +40,26 @@ def test_a_row_has_the_same_bits_at_any_batch_size(bias: bool) -> None:
         assert torch.equal(layer(x[5]), full[5])  # a bare vector
 
 
+def test_packed_weights_give_the_plain_bits_and_follow_weight_changes() -> None:
+    packed, plain = converted(64, 96, bias=True), converted(64, 96, bias=True)
+    plain.pack_weight = False
+    x = torch.randn(20, 64)
+    with torch.inference_mode():
+        assert torch.equal(packed(x), plain(x))
+        packed.weight.mul_(2.0)  # changed in place: packed again at the next call
+        assert torch.allclose(packed(x) - packed.bias, 2 * (plain(x) - plain.bias), rtol=1e-5, atol=1e-5)
+    packed.weight = torch.nn.Parameter(torch.zeros(96, 64))  # replaced (as tensor parallel does)
+    with torch.inference_mode():
+        assert torch.equal(packed(x), packed.bias.expand(20, -1))
+
+
+def test_weights_are_packed_only_under_the_limit() -> None:
+    small, large = torch.nn.Linear(8, 8), torch.nn.Linear(64, 64)
+    use_onednn_linears(torch.nn.Sequential(small), pack_limit_bytes=8 * 8 * 4)
+    use_onednn_linears(torch.nn.Sequential(large), pack_limit_bytes=8 * 8 * 4)
+    assert small.pack_weight and not large.pack_weight
+
+
 def test_training_and_other_dtypes_use_torchs_linear() -> None:
     layer = converted(32, 48, bias=True)
     x = torch.randn(4, 32, requires_grad=True)
