@@ -1,0 +1,52 @@
+"""What an engine is built with (EngineConfig) and what it counts while it runs (EngineStats)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .scheduler import Policy
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "default"  # "default", a local folder, a .gguf file, or a cached hub name
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: float32 on cpu, bfloat16 on cuda
+    block_size: int = 16  # tokens per KV page
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # tokens per step; None: 4096 on cpu, 16384 on cuda
+    kv_cache_gib: float = 2.0  # pool size on the cpu
+    gpu_memory_utilization: float = 0.9  # share of the GPU that weights, activations and pages may use
+    num_blocks_override: int | None = None  # exact pool size, for tests and benchmarks
+    policy: Policy = "optimistic"
+    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
+    max_model_len: int | None = None  # None: the model's own context
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    allow_download: bool = False
+    cuda_graphs: bool = True
+    seed: int | None = None  # base of the seeds given to unseeded requests; None: random
+    prefix_cache: bool = True  # reuse the K/V of full blocks shared with earlier prompts (and samples)
+    async_scheduling: bool | None = None  # plan the next step while the device runs this one; None: on for cuda
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_steps_ahead: int = 0  # planned while the step before was in flight (async scheduling)
+    num_spare_tokens: int = 0  # decoded ahead for a sequence that had stopped on the step before, dropped
+    num_failed_steps: int = 0
+    num_preemptions: int = 0
+    peak_kv_usage: float = 0.0
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_requests: int = 0
+    num_errors: int = 0
+    # Prefix cache: tokens admissions had to prefill (prompt, plus output so far after a preemption),
+    # and how many of those the cache held.
+    num_queried_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.num_cached_prompt_tokens / self.num_queried_prompt_tokens if self.num_queried_prompt_tokens else 0.0
