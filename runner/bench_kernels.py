@@ -138,27 +138,34 @@ def decode_bandwidth(copy_gbps: float, sweep: bool) -> None:
             torch.cuda.empty_cache()
 
 
-def decode_sweep(step, name, context, batch, kv_bytes, head_dim) -> None:
-    default_config, default_splits = attention_triton._decode_config, attention_triton._decode_num_splits
-    reference = attention_triton.paged_attention(*step, head_dim**-0.5)
-    variants = [({"BLOCK_N": n, "num_warps": w, "num_stages": s}, None)
-                for n, w, s in [(32, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 3), (128, 8, 3), (16, 4, 4)]]
-    variants += [(None, s) for s in (1, 2, 4, 8, 16)]
-    for config, splits in variants:
+def sweep_variants(kind: str, step, scale: float, config_attr: str, splits_attr: str, configs: list[dict],
+                   split_counts: list[int], splits_key: str, kv_bytes: float | None = None, **labels) -> None:
+    """Time each launch-parameter variant of one kernel (a tile config, or a split count) against its default,
+    emitting one line each; the defaults are restored whatever happens."""
+    defaults = getattr(attention_triton, config_attr), getattr(attention_triton, splits_attr)
+    reference = attention_triton.paged_attention(*step, scale)
+    for config, splits in [(c, None) for c in configs] + [(None, n) for n in split_counts]:
         try:
             if config is not None:
-                attention_triton._decode_config = lambda hd, dev, c=config: dict(c)
+                setattr(attention_triton, config_attr, lambda hd, dev, c=config: dict(c))
             if splits is not None:
-                attention_triton._decode_num_splits = lambda *args, s=splits: s
-            diff = float((attention_triton.paged_attention(*step, head_dim**-0.5) - reference).abs().max())
-            ms = time_decode(step, head_dim**-0.5)
-            emit("decode_sweep", shape=name, context=context, batch=batch, config=config, num_splits=splits,
-                 ms=round(ms, 4), kv_gb_per_s=round(kv_bytes / ms / 1e6, 1), max_diff_vs_default=diff)
+                setattr(attention_triton, splits_attr, lambda *args, n=splits: n)
+            diff = float((attention_triton.paged_attention(*step, scale) - reference).abs().max())
+            ms = time_decode(step, scale)
+            rate = {"kv_gb_per_s": round(kv_bytes / ms / 1e6, 1)} if kv_bytes else {}
+            emit(kind, **labels, config=config, **{splits_key: splits}, ms=round(ms, 4), **rate, max_diff_vs_default=diff)
         except Exception as error:  # a variant that does not fit (shared memory) is reported, not fatal
-            emit("decode_sweep", shape=name, context=context, config=config, num_splits=splits,
-                 error=f"{type(error).__name__}: {str(error)[:200]}")
+            emit(kind, **labels, config=config, **{splits_key: splits}, error=f"{type(error).__name__}: {str(error)[:200]}")
         finally:
-            attention_triton._decode_config, attention_triton._decode_num_splits = default_config, default_splits
+            setattr(attention_triton, config_attr, defaults[0])
+            setattr(attention_triton, splits_attr, defaults[1])
+
+
+def decode_sweep(step, name, context, batch, kv_bytes, head_dim) -> None:
+    configs = [{"BLOCK_N": n, "num_warps": w, "num_stages": s}
+               for n, w, s in [(32, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 3), (128, 8, 3), (16, 4, 4)]]
+    sweep_variants("decode_sweep", step, head_dim**-0.5, "_decode_config", "_decode_num_splits", configs,
+                   [1, 2, 4, 8, 16], "num_splits", kv_bytes, shape=name, context=context, batch=batch)
 
 
 CASCADE_PREFIX = 2000  # shared tokens (a multiple of the block size 16)
@@ -226,27 +233,11 @@ def cascade_splits(num_decodes: int, shape, meta, device) -> int:
 
 
 def cascade_sweep(step, name, num_decodes, scale) -> None:
-    default_config, default_splits = attention_triton._cascade_config, attention_triton._cascade_num_splits
-    reference = attention_triton.paged_attention(*step, scale)
-    variants = [({"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}, None)
-                for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
-                                   (128, 128, 8, 2), (64, 128, 4, 3), (256, 64, 8, 2)]]
-    variants += [(None, s) for s in (1, 2, 4, 8, 16, 32)]
-    for config, splits in variants:
-        try:
-            if config is not None:
-                attention_triton._cascade_config = lambda hd, dev, c=config: dict(c)
-            if splits is not None:
-                attention_triton._cascade_num_splits = lambda *args, s=splits: s
-            diff = float((attention_triton.paged_attention(*step, scale) - reference).abs().max())
-            ms = time_decode(step, scale)
-            emit("cascade_sweep", shape=name, num_decodes=num_decodes, config=config, num_prefix_splits=splits,
-                 ms=round(ms, 4), max_diff_vs_default=diff)
-        except Exception as error:  # a variant that does not fit (shared memory) is reported, not fatal
-            emit("cascade_sweep", shape=name, num_decodes=num_decodes, config=config, num_prefix_splits=splits,
-                 error=f"{type(error).__name__}: {str(error)[:200]}")
-        finally:
-            attention_triton._cascade_config, attention_triton._cascade_num_splits = default_config, default_splits
+    configs = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+               for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+                                  (128, 128, 8, 2), (64, 128, 4, 3), (256, 64, 8, 2)]]
+    sweep_variants("cascade_sweep", step, scale, "_cascade_config", "_cascade_num_splits", configs,
+                   [1, 2, 4, 8, 16, 32], "num_prefix_splits", shape=name, num_decodes=num_decodes)
 
 
 def prefill_flops(seqs, num_heads: int, head_dim: int) -> float:

@@ -182,11 +182,8 @@ def test_query_with_strided_rows():
     check(fused[:, :4], kc, vc, meta)
 
 
-def test_decode_path_never_syncs(monkeypatch):
-    # The engine captures decode in CUDA graphs: nothing may read a tensor's value back to the host.
-    query, kc, vc, meta = make_step([(30, 1), (7, 1)], block_size=8, num_heads=4, num_kv_heads=2, head_dim=16,
-                                    dtype=torch.float32, num_decodes=2, seed=6)
-    want = attention_torch.paged_attention(query, kc, vc, meta, 0.25)
+def without_host_sync(monkeypatch, run):
+    """run() with every read of a tensor's value back to the host made an error (on a GPU: sync debug mode)."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("host sync in the decode path")
@@ -194,14 +191,23 @@ def test_decode_path_never_syncs(monkeypatch):
     if CUDA:
         torch.cuda.set_sync_debug_mode("error")
         try:
-            got = attention_triton.paged_attention(query, kc, vc, meta, 0.25)
+            return run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    else:
-        for name in ("item", "tolist"):
-            monkeypatch.setattr(torch.Tensor, name, refuse)
-        got = attention_triton.paged_attention(query, kc, vc, meta, 0.25)
+    for name in ("item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    try:
+        return run()
+    finally:
         monkeypatch.undo()
+
+
+def test_decode_path_never_syncs(monkeypatch):
+    # The engine captures decode in CUDA graphs: nothing may read a tensor's value back to the host.
+    query, kc, vc, meta = make_step([(30, 1), (7, 1)], block_size=8, num_heads=4, num_kv_heads=2, head_dim=16,
+                                    dtype=torch.float32, num_decodes=2, seed=6)
+    want = attention_torch.paged_attention(query, kc, vc, meta, 0.25)
+    got = without_host_sync(monkeypatch, lambda: attention_triton.paged_attention(query, kc, vc, meta, 0.25))
     torch.testing.assert_close(got, want.float(), rtol=2e-4, atol=2e-4)
 
 

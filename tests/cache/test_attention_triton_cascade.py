@@ -12,7 +12,8 @@ import random
 
 import pytest
 import torch
-from test_attention_triton import CUDA, DEVICE, TOLERANCE, attention_torch, attention_triton, make_step
+from test_attention_triton import (CUDA, DEVICE, TOLERANCE, attention_torch, attention_triton, make_step,
+                                   without_host_sync)
 
 # (block_size, num_heads, num_kv_heads, head_dim): GQA groups 2, 1, 4 and 3 (SmolLM2-135M has 9/3).
 CPU_SHAPES = [(8, 4, 2, 16), (4, 2, 2, 16), (16, 8, 2, 16), (8, 6, 2, 32)]
@@ -146,21 +147,7 @@ def test_cascade_never_syncs(monkeypatch):
                                     head_dim=16, dtype=torch.float32, num_decodes=4, seed=21)
     _, shared = share_prefix(meta, 2)
     want = attention_torch.paged_attention(query, kc, vc, shared, 0.25)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("host sync in the cascade decode path")
-
-    if CUDA:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            got = attention_triton.paged_attention(query, kc, vc, shared, 0.25)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    else:
-        for name in ("item", "tolist"):
-            monkeypatch.setattr(torch.Tensor, name, refuse)
-        got = attention_triton.paged_attention(query, kc, vc, shared, 0.25)
-        monkeypatch.undo()
+    got = without_host_sync(monkeypatch, lambda: attention_triton.paged_attention(query, kc, vc, shared, 0.25))
     torch.testing.assert_close(got, want.float(), rtol=2e-4, atol=2e-4)
 
 

@@ -42,3 +42,23 @@ def test_check_compares_streams_against_the_reference():
     assert result.exit_code == 0, result.output
     (record,) = _records(result.output)
     assert record["prompts"] == 3 and record["identical_streams"] == 3 and record["divergences"] == []
+
+
+def test_kernel_sweeps_report_every_variant_and_restore_the_defaults(monkeypatch, capsys):
+    """`kvbatch bench kernels --sweep` on interpreted kernels: one line per variant, each variant's output equal to
+    the default's, and the launch parameters put back (the timing is stubbed: speed is not what this checks)."""
+    import torch
+
+    from kvbatch.cache import attention_triton
+    from kvbatch.runner import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_kernels, "time_decode", lambda step, scale: 1.0)
+    step = bench_kernels.make_step([(20, 1), (9, 1)], (4, 2, 16), 8, torch.float32)
+    defaults = (attention_triton._decode_config, attention_triton._decode_num_splits)
+    bench_kernels.decode_sweep(step, "tiny", 20, 2, 1e6, 16)
+    assert (attention_triton._decode_config, attention_triton._decode_num_splits) == defaults
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["kind"] for line in lines] == ["decode_sweep"] * 11
+    assert [line["num_splits"] for line in lines[6:]] == [1, 2, 4, 8, 16]
+    assert all(line["max_diff_vs_default"] < 1e-4 and line["kv_gb_per_s"] == 1.0 for line in lines)
