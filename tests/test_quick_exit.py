@@ -1,0 +1,56 @@
+"""The console command's quick exit: the command's exit status, its output and the exit handlers all survive."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import atexit, sys, threading, time
+    import typer
+    from kvbatch.runner.quick_exit import QuickExitTyper
+
+    app = QuickExitTyper(add_completion=False)
+    atexit.register(lambda: print("exit handler ran", flush=False))
+
+    class Teardown:  # its __del__ runs when the interpreter clears module globals at a normal exit
+        def __del__(self):
+            print(" teardown")
+
+    marker = Teardown()
+
+    @app.command()
+    def main(code: int, thread: bool = False) -> None:
+        if thread:  # a non-daemon thread still running: the interpreter's own exit waits for it
+            threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished"))).start()
+        sys.stdout.write("unflushed output")
+        raise typer.Exit(code)
+
+    app()
+    """
+)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_status_output_and_exit_handlers_survive(code: int) -> None:
+    done = run(str(code))
+    assert done.returncode == code, done.stderr
+    assert done.stdout == "unflushed outputexit handler ran\n"  # and no interpreter teardown
+
+
+def test_a_running_thread_gets_a_normal_exit() -> None:
+    done = run("4", "--thread")
+    assert done.returncode == 4, done.stderr
+    assert "thread finished" in done.stdout and "exit handler ran" in done.stdout and "teardown" in done.stdout
+
+
+def test_usage_errors_keep_their_status() -> None:
+    assert run("not-a-number").returncode == 2
