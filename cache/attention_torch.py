@@ -30,9 +30,10 @@ def write_kv(
     slot_mapping: torch.Tensor,  # [num_rows] int64, -1 = skip
 ) -> None:
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[valid].to(key_cache.dtype)
-    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[valid].to(value_cache.dtype)
+    if not bool(valid.all()):  # padding rows (slot -1) write nothing
+        slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
 
 
 def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
