@@ -24,11 +24,11 @@ from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
 
 from .bench import bench_app
 from .job import EngineCache, JobOutcome, run_jobs
-from .quick_exit import QuickExitTyper
+from .console import ConsoleTyper
 
 OK, FAILED, USAGE, INTERRUPTED, LOCKED = 0, 1, 2, 3, 4
 
-app = QuickExitTyper(  # the console command skips interpreter teardown at exit (about a second on the CPU)
+app = ConsoleTyper(  # the console process: allocator tuned for a batch job, no interpreter teardown at exit
     name="kvbatch",
     help="Offline batch generation for LLMs: YAML jobs over Parquet, JSONL, datasets and OpenAI Batch files.",
     no_args_is_help=True,

@@ -1,7 +1,10 @@
-"""The console command's quick exit: the command's exit status, its output and the exit handlers all survive."""
+"""The console process: its quick exit keeps the command's exit status, its output and the exit handlers; the
+allocator tuning applies on glibc."""
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -12,9 +15,9 @@ SCRIPT = textwrap.dedent(
     """
     import atexit, sys, threading, time
     import typer
-    from kvbatch.runner.quick_exit import QuickExitTyper
+    from kvbatch.runner.console import ConsoleTyper
 
-    app = QuickExitTyper(add_completion=False)
+    app = ConsoleTyper(add_completion=False)
     atexit.register(lambda: print("exit handler ran", flush=False))
 
     class Teardown:  # its __del__ runs when the interpreter clears module globals at a normal exit
@@ -54,3 +57,17 @@ def test_a_running_thread_gets_a_normal_exit() -> None:
 
 def test_usage_errors_keep_their_status() -> None:
     assert run("not-a-number").returncode == 2
+
+
+def tuned(env_extra: dict[str, str]) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env_extra
+    code = "from kvbatch.runner.console import tune_malloc; print(tune_malloc())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_allocator_is_tuned_unless_the_user_set_malloc_variables() -> None:
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert tuned({}) == "True"  # in a subprocess: the test process keeps its own allocator
+    assert tuned({"MALLOC_ARENA_MAX": "2"}) == "False"
