@@ -7,9 +7,10 @@ took 2.3-2.5 s, 1.9-2.1 s with the tuning). The console process keeps up to 1 Gi
 
 2. Leaving without tearing the interpreter down. After a job, a normal interpreter exit unloads every module
 of torch and transformers and frees every tensor one by one: about a second on the CPU machine, after the
-output is already written. The console command therefore runs the exit handlers (logging, tqdm, Ray, weakref finalizers: everything registered
-with atexit), flushes stdout and stderr, and ends the process with os._exit. It does so only when no
-non-daemon thread is still running (a normal exit would wait for it); otherwise it exits normally.
+output is already written. The console command therefore runs the exit handlers (logging, tqdm, Ray, weakref
+finalizers: everything registered with atexit), flushes stdout and stderr, and ends the process with os._exit.
+It does so only when no non-daemon thread is still running (a normal exit would wait for it); otherwise it
+exits normally.
 
 Only the console entry point goes through here: Typer's test runner calls the command itself, not the
 app object, so tests keep the default allocator and exit as usual.
