@@ -182,14 +182,13 @@ class Scheduler:
 
     def schedule_ahead(self) -> SchedulerOutput | None:
         """The next step while the last still runs: one decode per running sequence, reading the token that
-        step is sampling for it. None when the next step needs those tokens on the host first.
+        step is sampling for it. None when the next step needs those tokens on the host first, or when
+        the head of the queue could be admitted now (waiting rows that do not fit the pool do not stop it).
 
         A sequence whose pending token is its last by length is left out (its end is known); one that
         stops on a token gets a spare decode, dropped when its stop is seen. No blocks are registered in
         the prefix cache here (their tokens are not known yet); the next `schedule()` catches up.
         """
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
-            return None  # room to admit: that needs schedule()
         block_size = self.config.block_size
         continuing: list[Sequence] = []
         need = 0
@@ -204,6 +203,8 @@ class Scheduler:
             continuing.append(seq)
         if not continuing or len(continuing) > self.config.max_num_batched_tokens or need > self.pool.num_free_blocks:
             return None
+        if self._could_admit(budget=self.config.max_num_batched_tokens - len(continuing), blocks_spoken_for=need):
+            return None  # admission needs schedule()
         out = SchedulerOutput(scheduled=[])
         for seq in continuing:
             grown = self._grow(seq, 1, out)
@@ -211,12 +212,36 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, 1))
         return out
 
+    def _could_admit(self, budget: int, blocks_spoken_for: int) -> bool:
+        """Whether schedule() would admit the head of the queue now (so planning ahead would delay it)."""
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs or budget <= 0:
+            return False
+        head = self.waiting[0]
+        return head.isolate or self._admission(head, budget, bool(self.running), blocks_spoken_for)[3] <= 0
+
     def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput, keep_watermark: bool) -> int:
         """Give a waiting sequence its cached prefix and pages for its first chunk. Returns the chunk's
         tokens (at most `budget`), or 0 when the pool has no room (then nothing changed)."""
         assert not seq.block_ids and seq.num_computed_tokens == 0, (
             f"seq {seq.seq_id} is waiting with {len(seq.block_ids)} blocks, {seq.num_computed_tokens} tokens computed"
         )
+        hits, num_new, need, short = self._admission(seq, budget, keep_watermark)
+        if short > 0:
+            return 0
+        self.pool.take_cached(hits)  # before allocating, so allocation cannot evict them
+        block_ids = self.pool.allocate(need)
+        assert block_ids is not None, f"pool refused {need} blocks with {self.pool.num_free_blocks} free"
+        seq.block_ids = hits + block_ids
+        seq.num_computed_tokens = len(hits) * self.config.block_size
+        seq.num_registered_blocks = len(hits)
+        if self.config.prefix_cache:
+            out.num_queried_tokens += seq.num_tokens
+            out.num_cached_tokens += seq.num_computed_tokens
+        return num_new
+
+    def _admission(self, seq: Sequence, budget: int, keep_watermark: bool, blocks_spoken_for: int = 0) -> tuple[list[int], int, int, int]:
+        """What admitting `seq` now would take: (cached prefix blocks, first chunk's tokens, new blocks, blocks
+        short). Short > 0: the pool, less `blocks_spoken_for`, cannot hold it. Changes nothing."""
         block_size = self.config.block_size
         hits = self._cached_prefix(seq)
         num_cached = len(hits) * block_size
@@ -228,18 +253,8 @@ class Scheduler:
             need = num_blocks_for(num_cached + num_new, block_size) - len(hits)
             reserve = self._watermark_blocks if keep_watermark else 0
         # Hits nobody holds are counted among the free blocks; taking them uses those up.
-        if need + self.pool.num_unreferenced(hits) + reserve > self.pool.num_free_blocks:
-            return 0
-        self.pool.take_cached(hits)  # before allocating, so allocation cannot evict them
-        block_ids = self.pool.allocate(need)
-        assert block_ids is not None, f"pool refused {need} blocks with {self.pool.num_free_blocks} free"
-        seq.block_ids = hits + block_ids
-        seq.num_computed_tokens = num_cached
-        seq.num_registered_blocks = len(hits)
-        if self.config.prefix_cache:
-            out.num_queried_tokens += seq.num_tokens
-            out.num_cached_tokens += num_cached
-        return num_new
+        short = need + self.pool.num_unreferenced(hits) + reserve + blocks_spoken_for - self.pool.num_free_blocks
+        return hits, num_new, need, short
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks of the longest cached prefix of the sequence's tokens, leaving at least its last token."""

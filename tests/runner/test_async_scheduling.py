@@ -15,6 +15,7 @@ from tiny_models import tiny_loaded
 from kvbatch.runner import sampling
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +151,28 @@ def test_a_failure_while_waiting_for_tokens_recomputes_both_steps(loaded, monkey
     assert outcome(engine, requests) == want
     assert engine.stats.num_failed_steps == 1 and engine.stats.num_steps_ahead > 0
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("policy", ["reserve", "optimistic"])
+def test_rows_waiting_for_room_do_not_stop_planning_ahead(loaded, monkeypatch, policy) -> None:
+    """A queue whose head does not fit the pool cannot be admitted, so the running rows keep decoding ahead;
+    the head is admitted as soon as pages come back, and every row gets the synchronous loop's tokens."""
+    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=10, ignore_eos=True))
+                for i, p in enumerate(random_prompts(6, 12, 16, seed=9))]
+    tight = dict(num_blocks_override=16, max_num_seqs=6, policy=policy)  # 64 tokens: two or three rows at a time
+    sync = make_engine(loaded, False, **tight)
+    want = outcome(sync, requests)
+    ahead_while_waiting = []
+    real = Scheduler.schedule_ahead
+
+    def spy(self):
+        out = real(self)
+        if out is not None and self.waiting:
+            ahead_while_waiting.append(len(self.waiting))
+        return out
+
+    monkeypatch.setattr(Scheduler, "schedule_ahead", spy)
+    engine = make_engine(loaded, True, **tight)
+    assert outcome(engine, requests) == want
+    assert ahead_while_waiting
+    assert engine.stats.num_steps <= sync.stats.num_steps  # planning ahead never held an admission back
