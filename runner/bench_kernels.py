@@ -18,6 +18,7 @@ Run on the GPU machine: `kvbatch bench kernels [--sweep]` (about 2-4 minutes).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 
@@ -253,7 +254,7 @@ def prefill_speed(sweep: bool) -> None:
         num_heads, _, head_dim = SHAPES[name]
         for label, seqs in cases:
             step = make_step(seqs, SHAPES[name], 16, torch.bfloat16)
-            fn = lambda: attention_triton.paged_attention(*step, head_dim**-0.5)  # noqa: E731
+            fn = functools.partial(attention_triton.paged_attention, *step, head_dim**-0.5)
             ms = do_bench(fn, warmup=10, rep=100, return_mode="median")
             flops = prefill_flops(seqs, num_heads, head_dim)
             emit("prefill", shape=name, case=label, ms=round(ms, 4), tflop_per_s=round(flops / ms / 1e9, 1))

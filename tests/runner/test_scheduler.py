@@ -1,6 +1,5 @@
 """The scheduler driven without a model: exact decisions on tiny pools, then hypothesis over random streams."""
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
