@@ -103,7 +103,8 @@ def prepare_inputs(
     """Lay the step's tokens end to end, decodes first (the scheduler already ordered them).
 
     Built in two host arrays (int64 rows, int32 per-sequence data) and copied to the device in two
-    transfers: per-step host work is O(tokens) numpy, not O(tokens) small tensors.
+    transfers (a third, small one when tokens are pending): per-step host work is O(tokens) numpy, not
+    O(tokens) small tensors.
 
     With cascade_min_tokens > 0, decodes sharing at least that many leading tokens' pages (a cached system
     prompt) get meta.shared_prefix_len, so the attention reads those pages once for all of them.
