@@ -27,8 +27,8 @@ import torch
 from kvbatch.cache.backends import select_backend
 from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import num_blocks_for
-from kvbatch.cache.budget import GIB, PoolSize, blocks_from_bytes
-from kvbatch.cache.kv_cache import KVCache, KVCacheSpec
+from kvbatch.cache.budget import PoolSize
+from kvbatch.cache.kv_cache import KVCache
 
 from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
@@ -36,6 +36,7 @@ from .pool_sizing import profile_gpu_pool
 from .request import Completion, GenerationRequest, GenerationResult
 from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .engine_config import EngineConfig, EngineStats
+from .kv_sizing import fixed_pool_size, kv_cache_spec
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
 from .step_timing import StepTimer
@@ -78,17 +79,8 @@ class Engine:
         self.max_model_len = self.loaded.max_model_len
         self.max_num_batched_tokens = config.max_num_batched_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.backend = select_backend(config.attention_backend, self.device, config.block_size)
-        text_config = self.model.config.get_text_config()
-        num_heads = text_config.num_attention_heads
-        self.kv_spec = KVCacheSpec(
-            num_layers=text_config.num_hidden_layers,
-            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
-            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
-            block_size=config.block_size,
-            # The torch reference attention computes in float64: float32 models keep their pages in float64
-            # (twice the bytes), which spares converting every cached key and value at every step.
-            dtype=torch.float64 if self.backend.name == "torch" and self.loaded.dtype == torch.float32 else self.loaded.dtype,
-        )
+        num_heads = self.model.config.get_text_config().num_attention_heads
+        self.kv_spec = kv_cache_spec(self.model.config, config.block_size, self.backend.name, self.loaded.dtype)
         self.pool_size = self._size_pool()
         self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
         self.pool = BlockPool(self.pool_size.num_blocks)
@@ -116,13 +108,9 @@ class Engine:
         return cls(config, loaded)
 
     def _size_pool(self) -> PoolSize:
-        spec = self.kv_spec
-        if self.config.num_blocks_override:
-            n = self.config.num_blocks_override
-            return PoolSize(n, spec.block_size, n * spec.bytes_per_block)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.config.num_blocks_override:
             return profile_gpu_pool(self, self.config.gpu_memory_utilization)
-        return blocks_from_bytes(spec, int(self.config.kv_cache_gib * GIB))
+        return fixed_pool_size(self.kv_spec, self.config)
 
     def _capture_graphs(self) -> None:
         from .cuda_graphs import DecodeGraphs

@@ -57,7 +57,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def _source_kwargs(name: str, allow_download: bool) -> tuple[str, dict]:
+def source_kwargs(name: str, allow_download: bool) -> tuple[str, dict]:
     if name == "default":
         return str(default_model_path()), {}
     path = Path(name).expanduser()
@@ -69,7 +69,7 @@ def _source_kwargs(name: str, allow_download: bool) -> tuple[str, dict]:
         return str(path), {}
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model folder {path} does not exist")
-    # A hub name: the local cache first; the hub only when allowed (see _download_allowed).
+    # A hub name: the local cache first; the hub only when allowed (see download_allowed).
     return name, {"local_files_only": True}
 
 
@@ -131,7 +131,7 @@ def hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = before
 
 
-def _download_allowed(name: str, allow_download: bool) -> None:
+def download_allowed(name: str, allow_download: bool) -> None:
     """Raise unless a model missing from the local cache may be, and can be, downloaded now."""
     if not allow_download:
         raise ModelLoadError(
@@ -157,7 +157,7 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _context_length(config, requested: int | None) -> int:
+def context_length(config, requested: int | None) -> int:
     native = getattr(config, "max_position_embeddings", None) or 2048
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < native:
@@ -185,7 +185,7 @@ def load_model(
     attention_hook.register()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    source, kwargs = _source_kwargs(name, allow_download)
+    source, kwargs = source_kwargs(name, allow_download)
     if Path(source).is_dir():
         check_folder_safety(Path(source), allow_pickle or "gguf_file" in kwargs, trust_remote_code)
     if trust_remote_code:
@@ -215,7 +215,7 @@ def load_model(
         except OSError:
             if not kwargs.get("local_files_only"):
                 raise
-            _download_allowed(name, allow_download)  # not in the cache: download only if allowed and possible
+            download_allowed(name, allow_download)  # not in the cache: download only if allowed and possible
             logger.warning("downloading %s from the Hugging Face hub", name)
             tokenizer, model = load({**kwargs, "local_files_only": False})
     except OSError as exc:
@@ -234,7 +234,7 @@ def load_model(
         tokenizer=tokenizer,
         source=name if name != "default" else f"default ({source})",
         eos_token_ids=_eos_ids(model, tokenizer),
-        max_model_len=_context_length(model.config, max_model_len),
+        max_model_len=context_length(model.config, max_model_len),
         device=torch_device,
         dtype=torch_dtype,
     )

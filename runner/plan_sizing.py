@@ -13,18 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kvbatch.cache.backends import select_backend
-from kvbatch.cache.budget import GIB, PoolSize, blocks_from_bytes
-from kvbatch.cache.kv_cache import KVCacheSpec
+from kvbatch.cache.budget import PoolSize
 from kvbatch.jobs.spec import JobSpec
 
 from .engine import EngineConfig
+from .kv_sizing import fixed_pool_size, kv_cache_spec
 from .job import EngineCache, default_engine_factory
 
 # The loader's own steps, so a plan finds a model exactly where a run would, with the same safety checks.
-from .model_loader import ModelLoadError, _context_length, _download_allowed, _source_kwargs, check_folder_safety, hub_offline, resolve_device, resolve_dtype
+from .model_loader import ModelLoadError, context_length, download_allowed, source_kwargs, check_folder_safety, hub_offline, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +64,15 @@ def sizing_without_weights(config: EngineConfig) -> ModelSizing:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     backend = select_backend(config.attention_backend, device, config.block_size)
-    text_config = model_config.get_text_config()
-    num_heads = text_config.num_attention_heads
-    spec = KVCacheSpec(
-        num_layers=text_config.num_hidden_layers,
-        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
-        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
-        block_size=config.block_size,
-        # As the Engine: the torch reference keeps float32 models' pages in float64.
-        dtype=torch.float64 if backend.name == "torch" and dtype == torch.float32 else dtype,
-    )
-    if config.num_blocks_override:
-        n = config.num_blocks_override
-        pool = PoolSize(n, spec.block_size, n * spec.bytes_per_block)
-    else:
-        pool = blocks_from_bytes(spec, int(config.kv_cache_gib * GIB))
-    return ModelSizing(tokenizer, pool, _context_length(model_config, config.max_model_len), config.max_num_seqs, config.prefix_cache)
+    pool = fixed_pool_size(kv_cache_spec(model_config, config.block_size, backend.name, dtype), config)
+    return ModelSizing(tokenizer, pool, context_length(model_config, config.max_model_len), config.max_num_seqs, config.prefix_cache)
 
 
 def load_tokenizer_and_config(config: EngineConfig) -> tuple[Any, Any]:
     """load_model's tokenizer and model config, found the same way (local first, download only if allowed)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    source, kwargs = _source_kwargs(config.model, config.allow_download)
+    source, kwargs = source_kwargs(config.model, config.allow_download)
     if Path(source).is_dir():
         check_folder_safety(Path(source), config.allow_pickle or "gguf_file" in kwargs, config.trust_remote_code)
 
@@ -103,7 +87,7 @@ def load_tokenizer_and_config(config: EngineConfig) -> tuple[Any, Any]:
         except OSError:
             if not kwargs.get("local_files_only"):
                 raise
-            _download_allowed(config.model, config.allow_download)
+            download_allowed(config.model, config.allow_download)
             log.warning("downloading %s's config and tokenizer from the Hugging Face hub", config.model)
             return load({**kwargs, "local_files_only": False})
     except OSError as exc:

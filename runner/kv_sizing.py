@@ -1,0 +1,37 @@
+"""The KV pages a model needs and, where no GPU profiling is involved, how many of them a pool gets.
+
+Shared by the engine and by `kvbatch plan`, which sizes a CPU pool from the config files alone: both must
+arrive at the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbatch.cache.budget import GIB, PoolSize, blocks_from_bytes
+from kvbatch.cache.kv_cache import KVCacheSpec
+
+from .engine_config import EngineConfig
+
+
+def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype: torch.dtype) -> KVCacheSpec:
+    """Pages for `model_config` (a transformers config). The torch reference attention computes in float64, so
+    float32 models keep their pages in float64 there (twice the bytes): no cached key or value is converted at
+    every step."""
+    text_config = model_config.get_text_config()
+    num_heads = text_config.num_attention_heads
+    return KVCacheSpec(
+        num_layers=text_config.num_hidden_layers,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
+        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
+        block_size=block_size,
+        dtype=torch.float64 if backend_name == "torch" and model_dtype == torch.float32 else model_dtype,
+    )
+
+
+def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig) -> PoolSize:
+    """An exact `num_blocks_override`, or the CPU pool of `kv_cache_gib`. (A GPU pool comes from profiling.)"""
+    if config.num_blocks_override:
+        n = config.num_blocks_override
+        return PoolSize(n, spec.block_size, n * spec.bytes_per_block)
+    return blocks_from_bytes(spec, int(config.kv_cache_gib * GIB))
