@@ -106,6 +106,7 @@ def throughput(
     cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps from CUDA graphs.")] = True,
     prefix_cache: Annotated[Optional[bool], typer.Option(help="Shared-prefix caching on or off (engine default when unset).")] = None,
     async_scheduling: Annotated[Optional[bool], typer.Option(help="Plan the next step while the device runs this one (engine default when unset: on for cuda).")] = None,
+    fused_layers: Annotated[Optional[bool], typer.Option(help="Fused Llama-family layers on or off (engine default when unset: on for cuda).")] = None,
     profile: Annotated[bool, typer.Option(help="Run under torch.profiler and print where the time goes.")] = False,
     timing: Annotated[bool, typer.Option(help="Time each engine phase (synchronising around each; slower overall).")] = False,
     json_path: JsonOpt = None,
@@ -131,6 +132,8 @@ def throughput(
         settings["prefix_cache"] = prefix_cache
     if async_scheduling is not None:
         settings["async_scheduling"] = async_scheduling
+    if fused_layers is not None:
+        settings["fused_layers"] = fused_layers
     started = time.perf_counter()
     engine = Engine.from_loaded(loaded, EngineConfig(**settings))
     _warm_up(engine, workload, loaded.model.config.vocab_size)
@@ -144,7 +147,7 @@ def throughput(
     result = run_engine(engine, work)
     if timing:
         result["phases"] = engine.timer.report()
-    record = {**base, "runner": "kvbatch", "attention": engine.backend.name, "cuda_graphs": engine.uses_cuda_graphs,
+    record = {**base, "runner": "kvbatch", "attention": engine.backend.name, "cuda_graphs": engine.uses_cuda_graphs, "fused_layers": engine.fused is not None,
               "kv_pool": engine.pool_size.describe(), "setup_s": round(setup_s, 1), **result}  # fmt: skip
     bound = workload_bound(loaded.model, loaded.dtype, work, engine.device)
     if bound is not None:

@@ -1,7 +1,8 @@
 """GPU kernels against the torch reference path on the same random model: greedy token streams, side by side.
 
-Both engines load the same weights; the reference runs kvbatch's float64 torch attention eagerly, the
-other the Triton (or flash-attn) kernels with CUDA graphs. In bf16 a greedy stream can flip where the
+Both engines load the same weights; the reference runs transformers' own layers with kvbatch's float64 torch
+attention, eagerly, the other the fused layers (where the model has them) and the Triton (or flash-attn) kernels
+with CUDA graphs. In bf16 a greedy stream can flip where the
 top two tokens are within rounding of each other; at each first divergence the report gives both
 runs' log-probabilities of their chosen tokens, so a near tie (a gap of a few hundredths) is visible.
 """
@@ -36,7 +37,8 @@ def _run(engine: Engine, requests: list[GenerationRequest]) -> dict:
 
 def compare_streams(loaded: LoadedModel, backend: str, num_prompts: int, max_new_tokens: int, seed: int = 0) -> StreamComparison:
     requests = _requests(loaded.model.config.vocab_size, num_prompts, max_new_tokens, seed)
-    reference = Engine.from_loaded(loaded, EngineConfig(attention_backend="torch", cuda_graphs=False, num_blocks_override=4096, prefix_cache=False))
+    reference = Engine.from_loaded(loaded, EngineConfig(attention_backend="torch", cuda_graphs=False, num_blocks_override=4096, prefix_cache=False,
+                                                           fused_layers=False))
     expected = _run(reference, requests)
     reference.close()
     engine = Engine.from_loaded(loaded, EngineConfig(attention_backend=backend, num_blocks_override=4096, max_num_seqs=64, prefix_cache=False))

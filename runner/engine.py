@@ -36,6 +36,7 @@ from .pool_sizing import profile_gpu_pool
 from .request import Completion, GenerationRequest, GenerationResult
 from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .engine_config import EngineConfig, EngineStats
+from .fused_forward import fused_decoder_for
 from .kv_sizing import fixed_pool_size, kv_cache_spec
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
@@ -81,10 +82,11 @@ class Engine:
         self.backend = select_backend(config.attention_backend, self.device, config.block_size)
         num_heads = self.model.config.get_text_config().num_attention_heads
         self.kv_spec = kv_cache_spec(self.model.config, config.block_size, self.backend.name, self.loaded.dtype)
+        self.fused = fused_decoder_for(self.model, config.fused_layers, self.device)
         self.pool_size = self._size_pool()
         self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
         self.pool = BlockPool(self.pool_size.num_blocks)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.backend)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.fused)
         # Decodes sharing this many cached prefix tokens read them once, together (the cascade decode).
         self.cascade_min_tokens = CASCADE_MIN_TOKENS if self.backend.cascade and config.prefix_cache else 0
         if self.backend.warm_up is not None:

@@ -28,6 +28,7 @@ class EngineConfig:
     seed: int | None = None  # base of the seeds given to unseeded requests; None: random
     prefix_cache: bool = True  # reuse the K/V of full blocks shared with earlier prompts (and samples)
     async_scheduling: bool | None = None  # plan the next step while the device runs this one; None: on for cuda
+    fused_layers: bool | None = None  # Llama-family layers with fused kernels (runner/fused_forward.py); None: on for cuda
 
 
 @dataclass

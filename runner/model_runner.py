@@ -22,6 +22,7 @@ from kvbatch.cache.kv_cache import KVCache
 from kvbatch.cache.metadata import AttentionMetadata
 
 from .attention_hook import StepContext
+from .fused_forward import FusedDecoder
 from .scheduler import ScheduledSeq
 
 MIN_ROWS = 16
@@ -204,10 +205,11 @@ def _aligned(dtype: type, *lengths: int) -> tuple[np.ndarray, list[int]]:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend, fused: FusedDecoder | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
+        self.fused = fused  # runs the decoder layers with fused kernels instead of transformers' (runner/fused_forward.py)
         self.device = next(model.parameters()).device
         self.staging = HostStaging(self.device)
         self.graphs = None  # a DecodeGraphs once captured (runner/cuda_graphs.py): pure-decode steps replay it
@@ -225,6 +227,9 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         step = StepContext(inputs.meta, self.kv_cache, self.backend)
+        if self.fused is not None:
+            hidden = self.fused.forward(inputs.input_ids, inputs.positions, step)
+            return self.model.lm_head(hidden[inputs.logits_rows])[: inputs.num_sampling].float()
         out = self.model(
             input_ids=inputs.input_ids,
             position_ids=inputs.positions,

@@ -61,7 +61,7 @@ def profile_gpu_pool(engine: Engine, gpu_memory_utilization: float) -> PoolSize:
         num_sampling=num_logits,
         meta=meta,
     )
-    logits = ModelRunner(engine.model, scratch, engine.backend).forward(inputs)
+    logits = ModelRunner(engine.model, scratch, engine.backend, engine.fused).forward(inputs)
     # Sampling makes a few [rows, vocab] float32 tensors; count two more copies of the logits.
     extra = 2 * logits.numel() * 4
     torch.cuda.synchronize(device)

@@ -1,0 +1,197 @@
+"""The decoder of Llama-family models (Llama, Mistral, Qwen2, Qwen3) run with fused weights and kernels.
+
+transformers' layers spend a third of a GPU prefill step and a quarter of a decode step in small elementwise
+kernels and in thin GEMMs (k_proj and v_proj of a 512-row decode run at 49 TFLOP/s). This forward runs the same
+modules' weights in fewer, larger launches:
+
+    per layer:  add_rms_norm -> qkv GEMM -> rope (+ Qwen3 q/k norm) -> paged attention -> o_proj
+                add_rms_norm -> gate_up GEMM -> silu_mul -> down_proj
+    (the residual add of each block is fused into the next norm, as vLLM does)
+
+q/k/v and gate/up become one GEMM each: their weights are concatenated once, and the modules' own weights are
+re-pointed at slices of the concatenation, so memory does not grow and transformers' modules still read the
+same parameters. Embeddings, rotary tables (any rope scaling), o_proj, down_proj and lm_head are the modules
+themselves. The kernels round where transformers' code rounds (runner/fused_kernels.py), so logits equal the
+unfused model's up to float32 summation order and cuBLAS's choice of GEMM kernel.
+
+On by default where Triton compiles (CUDA) and the architecture is one of the above; the CPU keeps
+transformers' layers, whose greedy tokens the tests hold equal to `model.generate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention_hook import StepContext
+
+logger = logging.getLogger(__name__)
+
+FUSABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+class FusedLayersError(ValueError):
+    """fused_layers was asked for a model or device it cannot run on."""
+
+
+@dataclass
+class _Norm:
+    weight: torch.Tensor
+    eps: float
+
+
+@dataclass
+class _Layer:
+    index: int
+    input_norm: _Norm
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # [2, head_dim]: Qwen3's q_norm and k_norm weights
+    qk_norm_eps: float
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    o_proj: nn.Module
+    post_norm: _Norm
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down_proj: nn.Module
+
+
+def _norm(module: nn.Module) -> _Norm:
+    return _Norm(module.weight, float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))))
+
+
+def _is_rms_norm(module: nn.Module | None) -> bool:
+    return module is not None and type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def unfusable_reason(model: nn.Module) -> str | None:
+    """Why this model cannot run the fused decoder, or None if it can."""
+    config = model.config
+    if getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(sorted(FUSABLE_MODEL_TYPES))}"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {getattr(config, 'hidden_act', None)!r} is not silu"
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, name) for name in ("embed_tokens", "rotary_emb", "norm", "layers")) or not hasattr(model, "lm_head"):
+        return "the model does not have the embed_tokens / rotary_emb / layers / norm / lm_head layout"
+    if not _is_rms_norm(base.norm):
+        return "the final norm is not an RMSNorm"
+    for layer in base.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")] + [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+        if any(type(linear) is not nn.Linear for linear in linears):
+            return "q/k/v or gate/up projections are not plain nn.Linear layers (quantized or replaced)"
+        if not all(hasattr(m, n) for m, n in ((attn, "o_proj"), (attn, "scaling"), (mlp, "down_proj"))):
+            return "a layer lacks o_proj, scaling or down_proj"
+        if not (_is_rms_norm(getattr(layer, "input_layernorm", None)) and _is_rms_norm(getattr(layer, "post_attention_layernorm", None))):
+            return "a layer's norms are not RMSNorm"
+        if (getattr(attn, "q_norm", None) is None) != (getattr(attn, "k_norm", None) is None):
+            return "a layer has only one of q_norm and k_norm"
+        if len({linear.bias is None for linear in linears[:3]}) != 1 or len({linear.bias is None for linear in linears[3:]}) != 1:
+            return "q/k/v (or gate/up) disagree on having a bias"
+    return None
+
+
+def _concatenate(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) holding the linears' rows in order; each linear's parameters become views into it."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    bias = torch.cat([linear.bias.detach() for linear in linears]) if linears[0].bias is not None else None
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
+
+
+def _layer(index: int, layer: nn.Module) -> _Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    head_dim = attn.head_dim
+    num_q_heads = attn.q_proj.weight.shape[0] // head_dim  # from the weights: a tensor-parallel shard holds fewer heads
+    num_kv_heads = attn.k_proj.weight.shape[0] // head_dim
+    qkv_weight, qkv_bias = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up_weight, gate_up_bias = _concatenate([mlp.gate_proj, mlp.up_proj])
+    qk_norm, qk_eps = None, 1e-6
+    if getattr(attn, "q_norm", None) is not None:
+        qk_norm = torch.stack([attn.q_norm.weight.detach(), attn.k_norm.weight.detach()]).contiguous()
+        qk_eps = _norm(attn.q_norm).eps
+    return _Layer(
+        index=getattr(attn, "layer_idx", index), input_norm=_norm(layer.input_layernorm), qkv_weight=qkv_weight,
+        qkv_bias=qkv_bias, qk_norm=qk_norm, qk_norm_eps=qk_eps, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, scaling=float(attn.scaling), o_proj=attn.o_proj, post_norm=_norm(layer.post_attention_layernorm),
+        gate_up_weight=gate_up_weight, gate_up_bias=gate_up_bias, down_proj=mlp.down_proj,
+    )  # fmt: skip
+
+
+class FusedDecoder:
+    """The model's decoder stack, run from its own weights with fused kernels: hidden states in, last norm out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = unfusable_reason(model)
+        if reason is not None:
+            raise FusedLayersError(f"fused_layers cannot run this model: {reason}; set fused_layers: false")
+        try:
+            from . import fused_kernels  # Triton is an optional dependency: imported only where it runs
+        except ImportError as exc:
+            raise FusedLayersError(f"fused_layers needs Triton ({exc}); pip install 'kvbatch[triton]' or set fused_layers: false") from exc
+        self.kernels = fused_kernels
+        self.model = model
+        self.base = model.model
+        with torch.no_grad():
+            self.layers = [_layer(i, layer) for i, layer in enumerate(self.base.layers)]
+        self.final_norm = _norm(self.base.norm)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext) -> torch.Tensor:
+        """input_ids, positions: [1, rows]; returns the final-normed hidden states [rows, hidden]."""
+        embeds = self.base.embed_tokens(input_ids)
+        cos, sin = self.base.rotary_emb(embeds, positions)
+        cos, sin = cos[0], sin[0]
+        hidden, residual = embeds[0], None
+        k = self.kernels
+        for layer in self.layers:
+            x, residual = k.add_rms_norm(hidden, residual, layer.input_norm.weight, layer.input_norm.eps)
+            hidden = self._attention(layer, x, cos, sin, step)
+            x, residual = k.add_rms_norm(hidden, residual, layer.post_norm.weight, layer.post_norm.eps)
+            hidden = layer.down_proj(k.silu_mul(F.linear(x, layer.gate_up_weight, layer.gate_up_bias)))
+        return k.add_rms_norm(hidden, residual, self.final_norm.weight, self.final_norm.eps)[0]
+
+    def _attention(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
+        rows, hq, hkv, d = x.shape[0], layer.num_q_heads, layer.num_kv_heads, layer.head_dim
+        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+        self.kernels.rope_(qkv, cos, sin, hq, hkv, d, layer.qk_norm, layer.qk_norm_eps)
+        q = qkv[:, : hq * d].view(rows, hq, d)
+        k = qkv[:, hq * d : (hq + hkv) * d].view(rows, hkv, d)
+        v = qkv[:, (hq + hkv) * d :].view(rows, hkv, d)
+        key_cache, value_cache = step.kv_cache.key[layer.index], step.kv_cache.value[layer.index]
+        step.backend.write_kv(key_cache, value_cache, k, v, step.meta.slot_mapping)
+        out = step.backend.paged_attention(q, key_cache, value_cache, step.meta, layer.scaling)
+        return layer.o_proj(out.reshape(rows, hq * d))
+
+
+def fused_decoder_for(model: nn.Module, setting: bool | None, device: torch.device) -> FusedDecoder | None:
+    """The fused decoder if `setting` asks for it (True) or allows it (None: where Triton compiles, for a
+    supported architecture); None to run transformers' own layers."""
+    if setting is False:
+        return None
+    reason = unfusable_reason(model)
+    if setting is None:
+        if reason is None and device.type != "cuda":
+            reason = "not on a CUDA device"
+        if reason is not None:
+            logger.info("transformers' own layers run this model (fused layers: %s)", reason)
+            return None
+    elif reason is not None:
+        raise FusedLayersError(f"fused_layers cannot run this model: {reason}; set fused_layers: false")
+    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FusedLayersError(f"fused_layers needs a CUDA device (its kernels are Triton); this engine runs on {device}")
+    return FusedDecoder(model)
