@@ -94,9 +94,18 @@ def _cascade_config(head_dim: int, device: torch.device) -> dict[str, int]:
 
 
 def _decode_config(head_dim: int, device: torch.device) -> dict[str, int]:
+    """KV_PACK: kv heads per program (see attention_triton_decode), two for heads of 64 dims or fewer."""
+    pack = 2 if head_dim <= 64 else 1
     if device.type != "cuda":
-        return {"BLOCK_N": 16}  # interpreter: tiny tiles keep masked work small
-    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_N": 16, "KV_PACK": pack}  # interpreter: tiny tiles keep masked work small
+    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "KV_PACK": pack}
+
+
+def _kv_pack(config: dict[str, int], num_kv_heads: int, head_dim: int, key_cache: torch.Tensor) -> int:
+    """The config's KV_PACK where the packed heads are one contiguous run per key, else 1."""
+    pack = config.pop("KV_PACK", 1)
+    fits = num_kv_heads % pack == 0 and head_dim & (head_dim - 1) == 0 and key_cache.stride(2) == head_dim
+    return pack if fits else 1
 
 
 def _prefill_config(head_dim: int, device: torch.device) -> dict[str, int]:
@@ -172,8 +181,10 @@ def _decode(query, key_cache, value_cache, meta, scale, out, num_splits: int | N
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     max_context_tokens = meta.block_tables.shape[1] * meta.block_size
+    decode_config = _fp32_tiles(dict(_decode_config(head_dim, query.device)), key_cache)
+    pack = _kv_pack(decode_config, num_kv_heads, head_dim, key_cache)
     if num_splits is None:
-        num_splits = _decode_num_splits(num_decodes, num_kv_heads, max_context_tokens, query.device)
+        num_splits = _decode_num_splits(num_decodes, num_kv_heads // pack, max_context_tokens, query.device)
     cascade = meta.shared_prefix_len is not None
     if cascade:
         _check_prefix_len(meta.shared_prefix_len, query.device)
@@ -193,14 +204,14 @@ def _decode(query, key_cache, value_cache, meta, scale, out, num_splits: int | N
         part_lse = torch.empty(num_decodes, num_heads, num_slots, dtype=torch.float32, device=query.device)
     dtype_args = _kernel_dtype_args(query, key_cache)
     prefix_len = meta.shared_prefix_len if cascade else meta.seq_lens  # a pointer the kernel never reads if not
-    _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
+    _decode_kernel[(num_decodes, num_kv_heads // pack, num_splits)](
         query, key_cache, value_cache, out, part_out, part_lse, meta.block_tables, meta.seq_lens, prefix_len,
         scale * _LOG2E, num_splits, num_slots,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=block_d, PAGE=meta.block_size, DIRECT=direct, CASCADE=cascade,
-        **dtype_args, **_fp32_tiles(dict(_decode_config(head_dim, query.device)), key_cache),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group * pack)), HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim * pack)), PAGE=meta.block_size, DIRECT=direct, CASCADE=cascade,
+        KV_PACK=pack, **dtype_args, **decode_config,
     )
     if cascade:
         _cascade_kernel[(row_tiles, num_kv_heads, prefix_splits)](

@@ -7,6 +7,16 @@ reduce kernel merges them. With one split (DIRECT) the decode kernel writes the 
 Cascade (CASCADE, see attention_triton_cascade): the decode kernel covers keys [L, seq_len) only, L read on
 the device, and writes slots 0..num_splits-1 of [num_decodes, num_heads, num_slots] buffers whose other slots
 hold the shared-prefix kernel's partials; the reduce merges all num_slots.
+
+Packed kv heads (KV_PACK > 1, for heads of 64 or fewer dims): a program takes KV_PACK neighbouring kv heads, so
+each key's read is KV_PACK * head_dim contiguous values (256 bytes for two bf16 heads of 64) instead of one
+128-byte run every num_kv_heads * head_dim values; 128-byte runs left a llama-1b decode at 66-82% of the copy
+bandwidth where 256-byte ones (llama-8b) reached 96-100%. The tile's columns then span the KV_PACK heads, and
+each query row keeps its own head's columns (zeros elsewhere), so one Q K^T gives every row its own head's
+scores; of the P V product each row stores only its own head's columns.
+
+    rows (query heads):  r = 0 .. KV_PACK * GROUP - 1, kv head kv0 + r // GROUP
+    columns:             c = 0 .. KV_PACK * HEAD_DIM - 1, kv head kv0 + c // HEAD_DIM, dim c % HEAD_DIM
 """
 
 from __future__ import annotations
@@ -25,10 +35,10 @@ def _decode_kernel(
     stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-    CASCADE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CASCADE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, KV_PACK: tl.constexpr,
 ):
     seq = tl.program_id(0)  # decodes come first, one row each, so sequence i owns row i
-    kv_head = tl.program_id(1)
+    kv_pack = tl.program_id(1)  # kv heads kv_pack * KV_PACK ..
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     if CASCADE:  # keys below L are the shared prefix, attended by the cascade kernel
@@ -41,33 +51,34 @@ def _decode_kernel(
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     h = tl.arange(0, BLOCK_H)
-    head_mask = h < GROUP
-    head = kv_head * GROUP + h
+    head_mask = h < GROUP * KV_PACK
+    head = kv_pack * (GROUP * KV_PACK) + h  # the packed kv heads' query heads are consecutive
     d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
+    d_mask = d < HEAD_DIM * KV_PACK
+    dd = d % HEAD_DIM
+    # Each row's own head's columns (with KV_PACK 1: every column below HEAD_DIM)
+    mask = head_mask[:, None] & d_mask[None, :] & ((d // HEAD_DIM)[None, :] == (h // GROUP)[:, None])
     row = seq.to(tl.int64)
-    q = tl.load(q_ptr + row * stride_q_row + head[:, None] * stride_q_head + d[None, :],
-                mask=head_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(q_ptr + row * stride_q_row + head[:, None] * stride_q_head + dd[None, :], mask=mask, other=0.0)
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     table_ptr = block_tables_ptr + row * stride_bt_seq
-    kv_head_offset = kv_head.to(tl.int64) * stride_c_head
+    kv_head_offset = (kv_pack * KV_PACK).to(tl.int64) * stride_c_head  # packed heads: stride_c_head == HEAD_DIM
     for tile in range(tile_lo, tile_hi):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, key_lo + tile * BLOCK_N,
                                      seq_len, h, qk_scale, kv_head_offset, stride_c_block, stride_c_token, d,
                                      d_mask, False, PAGE, BLOCK_N, UPCAST, PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split leaves zeros, not NaN
-    mask = head_mask[:, None] & d_mask[None, :]
     if DIRECT:  # a single split: no partials, no reduce
-        tl.store(out_ptr + row * stride_o_row + head[:, None] * stride_o_head + d[None, :],
+        tl.store(out_ptr + row * stride_o_row + head[:, None] * stride_o_head + dd[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         part = (row * NUM_HEADS + head) * num_slots + split  # [BLOCK_H] index into [decodes, heads, slots]
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=mask)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dd[None, :], out, mask=mask)
         tl.store(part_lse_ptr + part, lse, mask=head_mask)
 
 
