@@ -48,7 +48,7 @@ def bucket_sizes(max_num_seqs: int, min_rows: int) -> list[int]:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # [B, vocab] float32, written by every replay
+    logits: torch.Tensor  # [B, vocab] in the model's dtype, written by every replay
 
 
 class DecodeGraphs:
@@ -107,7 +107,7 @@ class DecodeGraphs:
         return meta.num_decodes == meta.num_seqs and inputs.input_ids.shape[1] <= self.buckets[-1] and bool(self.graphs)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits of the sampling rows, [num_sampling, vocab] float32 (a view into the graph's output)."""
+        """Logits of the sampling rows, [num_sampling, vocab] (a view into the graph's output)."""
         meta = inputs.meta
         num_rows, num_seqs = inputs.input_ids.shape[1], meta.num_seqs
         size = next(b for b in self.buckets if b >= num_rows)

@@ -219,7 +219,7 @@ class ModelRunner:
         return self.graphs is not None and self.graphs.fits(inputs)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits of the sampling rows: [num_sampling, vocab_size] float32."""
+        """Logits of the sampling rows: [num_sampling, vocab_size], in the model's dtype."""
         if self.replays(inputs):
             return self.graphs.forward(inputs)
         return self.forward_eager(inputs)
@@ -229,7 +229,7 @@ class ModelRunner:
         step = StepContext(inputs.meta, self.kv_cache, self.backend)
         if self.fused is not None:
             hidden = self.fused.forward(inputs.input_ids, inputs.positions, step)
-            return self.model.lm_head(hidden[inputs.logits_rows])[: inputs.num_sampling].float()
+            return self.model.lm_head(hidden[inputs.logits_rows])[: inputs.num_sampling]
         out = self.model(
             input_ids=inputs.input_ids,
             position_ids=inputs.positions,
@@ -237,4 +237,4 @@ class ModelRunner:
             logits_to_keep=inputs.logits_rows,
             kvbatch_step=step,
         )
-        return out.logits[0, : inputs.num_sampling].float()
+        return out.logits[0, : inputs.num_sampling]

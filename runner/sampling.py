@@ -122,9 +122,15 @@ class SampledTokens:
 
 
 def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
-    """logits: [num_rows, vocab_size] float32. The chosen token ids and, if any row asked, their
-    log-probabilities under the unmodified model distribution; nothing waits for the device."""
+    """logits: [num_rows, vocab_size] in the model's dtype. The chosen token ids and, if any row asked, their
+    log-probabilities under the unmodified model distribution; nothing waits for the device.
+
+    An all-greedy step takes the argmax of the logits as they come (a float32 copy would hold the same values,
+    so the same tokens): at 512 rows of a 128k vocabulary the copy alone cost 0.2 ms of a 5.6 ms decode step.
+    Log-probabilities, penalties and sampling work in float32."""
     logprobs_wanted = any(r.params.logprobs for r in rows)
+    if logprobs_wanted or not all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in rows):
+        logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprobs_wanted else None
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         logits = logits.clone()

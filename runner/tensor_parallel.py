@@ -203,7 +203,7 @@ class _BroadcastingRunner(ModelRunner):
     """Rank 0's runner: every step goes to the workers first, then through rank 0's own share."""
 
     def __init__(self, base: ModelRunner, engine_id: int, world: _World) -> None:
-        super().__init__(base.model, base.kv_cache, base.backend)
+        super().__init__(base.model, base.kv_cache, base.backend, base.fused)
         self.engine_id, self.world = engine_id, world
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
