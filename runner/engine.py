@@ -17,6 +17,8 @@ scheduler plans ahead only for the steady state of decodes; anything else drains
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -67,6 +69,22 @@ class _RequestState:
     num_unfinished: int = 0
 
 
+_gc_unfreeze_at_exit = False
+
+
+def _freeze_gc() -> None:
+    """Put every object alive now (torch, transformers, the model: about 450,000 of them) out of the cyclic
+    collector's reach. A full collection walks them all: on the H200 host, 210-260 ms with the GPU idle, in two
+    of four runs of workload a (2.73-3.03 s against 2.49-2.54 s without); frozen, the same collections took 5-15 ms.
+    Objects made later (requests, sequences) are collected as usual."""
+    global _gc_unfreeze_at_exit
+    gc.collect()
+    gc.freeze()
+    if not _gc_unfreeze_at_exit:  # the interpreter's last collection must still free them: native bindings
+        atexit.register(gc.unfreeze)  # (triton's nanobind) report frozen objects as leaks at exit
+        _gc_unfreeze_at_exit = True
+
+
 class Engine:
     def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None) -> None:
         self.config = config
@@ -99,6 +117,7 @@ class Engine:
         self._seed_base = config.seed if config.seed is not None else int.from_bytes(os.urandom(7), "little")
         self._next_seq_id = 0
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        _freeze_gc()
         logger.info(
             "engine ready: %s on %s (%s), attention %s, KV pool %s, context %d tokens",
             self.loaded.source, self.device, self.loaded.dtype, self.backend.name,

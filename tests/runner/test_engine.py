@@ -175,3 +175,23 @@ def test_a_closed_engine_says_so(loaded) -> None:
     engine.close()
     with pytest.raises(RuntimeError, match="engine was closed"):
         next(engine.generate([GenerationRequest(0, [5, 6, 7])]))
+
+
+def test_the_engine_freezes_what_exists_at_setup_and_collects_what_comes_later(loaded) -> None:
+    """A full cyclic collection over torch and transformers took 210-260 ms mid-run on the GPU host: the engine
+    freezes the objects alive at setup; garbage made afterwards is still collected."""
+    import gc
+    import weakref
+
+    Engine.from_loaded(loaded, EngineConfig(num_blocks_override=8))
+    assert gc.get_freeze_count() > 10_000
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.self = cycle
+    ref = weakref.ref(cycle)
+    del cycle
+    gc.collect()
+    assert ref() is None
