@@ -163,8 +163,8 @@ def sweep_variants(kind: str, step, scale: float, config_attr: str, splits_attr:
 
 
 def decode_sweep(step, name, context, batch, kv_bytes, head_dim) -> None:
-    configs = [{"BLOCK_N": n, "num_warps": w, "num_stages": s}
-               for n, w, s in [(32, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 3), (128, 8, 3), (16, 4, 4)]]
+    variants = [(64, 4, 3, 1), (32, 4, 3, 2), (64, 4, 2, 2), (64, 4, 4, 2), (128, 4, 3, 2), (64, 8, 3, 2), (32, 4, 4, 4), (64, 8, 3, 4)]
+    configs = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "KV_PACK": p} for n, w, s, p in variants]
     sweep_variants("decode_sweep", step, head_dim**-0.5, "_decode_config", "_decode_num_splits", configs,
                    [1, 2, 4, 8, 16], "num_splits", kv_bytes, shape=name, context=context, batch=batch)
 

@@ -59,6 +59,6 @@ def test_kernel_sweeps_report_every_variant_and_restore_the_defaults(monkeypatch
     bench_kernels.decode_sweep(step, "tiny", 20, 2, 1e6, 16)
     assert (attention_triton._decode_config, attention_triton._decode_num_splits) == defaults
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["kind"] for line in lines] == ["decode_sweep"] * 11
-    assert [line["num_splits"] for line in lines[6:]] == [1, 2, 4, 8, 16]
+    assert [line["kind"] for line in lines] == ["decode_sweep"] * 13
+    assert [line["num_splits"] for line in lines[8:]] == [1, 2, 4, 8, 16]
     assert all(line["max_diff_vs_default"] < 1e-4 and line["kv_gb_per_s"] == 1.0 for line in lines)
