@@ -12,7 +12,8 @@ leaving it idle between steps:
     GPU:   .... step N .........|........ step N+1 ..................|...... step N+2 ......
 
 Step N+1's inputs that are step N's tokens are copied on the device (see Sequence.num_pending). The
-scheduler plans ahead only for the steady state of decodes; anything else drains first.
+scheduler plans decodes, prompt chunks and admissions ahead; a step that would preempt, or a sequence that
+must run alone or reads its own output (a repetition penalty), drains first.
 """
 
 from __future__ import annotations

@@ -30,10 +30,11 @@ and starts the prefill after them:
 Cached blocks nobody holds count as free for admission; taking one of them as a hit uses up a free block.
 
 Async scheduling: `schedule_ahead()` plans the next step while the last one still runs on the device,
-before the host has its tokens. It only ever plans the steady state, one decode per running sequence
-(the pending token as input); anything that needs the tokens on the host first (admission, a prefill
-chunk, a preemption, a repetition penalty) makes it decline, and the engine drains and calls
-`schedule()`. A decode planned ahead for a sequence that then turns out to have stopped is wasted, never
+before the host has its tokens. Decodes read their pending token on the device; prefill chunks and admissions
+read only prompt tokens, which the host holds, so it plans those too. Anything that needs the tokens on the
+host first (a preemption, a sequence that must run alone, a repetition penalty) makes it decline, and the
+engine drains and calls `schedule()`. Blocks holding a pending token are registered in the prefix cache by a
+later step. A decode planned ahead for a sequence that then turns out to have stopped is wasted, never
 wrong: its token is dropped and its pages freed.
 """
 
@@ -164,7 +165,14 @@ class Scheduler:
             budget -= num_new
 
         # No admission after a preemption: the pool just proved too small for what runs.
-        while self.waiting and budget > 0 and not out.preempted:
+        if not out.preempted:
+            self._admit_waiting(budget, out)
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        return out
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        """Admit from the head of the queue while the budget lasts, a slot is free and the blocks fit."""
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seq.isolate or len(self.running) >= self.config.max_num_seqs:
                 break  # an isolated sequence gets a step of its own next time
@@ -177,47 +185,44 @@ class Scheduler:
             self._schedule(seq, num_new, out)
             budget -= num_new
 
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
-        return out
-
     def schedule_ahead(self) -> SchedulerOutput | None:
-        """The next step while the last still runs: one decode per running sequence, reading the token that
-        step is sampling for it. None when the next step needs those tokens on the host first, or when
-        the head of the queue could be admitted now (waiting rows that do not fit the pool do not stop it).
+        """The next step while the last still runs: what `schedule()` would plan once the host has the
+        tokens that step is sampling, when no preemption is needed. Running sequences come first (a decode
+        reading its pending token, or the next chunk of a prompt), then admissions. None when the step
+        would preempt, or a sequence must run alone or reads its output so far (a repetition penalty).
 
         A sequence whose pending token is its last by length is left out (its end is known); one that
-        stops on a token gets a spare decode, dropped when its stop is seen. No blocks are registered in
-        the prefix cache here (their tokens are not known yet); the next `schedule()` catches up.
+        stops on a token gets a spare decode, dropped when its stop is seen.
         """
+        if self.waiting and self.waiting[0].isolate:
+            return None
         block_size = self.config.block_size
-        continuing: list[Sequence] = []
+        budget = self.config.max_num_batched_tokens
+        plan: list[tuple[Sequence, int]] = []
         need = 0
         for seq in self.running:
-            if seq.num_pending != 1 or seq.num_tokens_to_compute != 1 or seq.isolate:
-                return None  # a prefill chunk still to run, or a sequence that must run alone
-            if seq.request.sampling.repetition_penalty != 1.0:
-                return None  # the penalty reads the output so far, pending token included
-            if seq.num_tokens - seq.num_prompt_tokens >= seq.max_new_tokens:
+            if seq.isolate or seq.num_pending > 1 or seq.request.sampling.repetition_penalty != 1.0:
+                return None  # a sequence that must run alone, or one whose penalty reads its pending token
+            if seq.num_pending and seq.num_tokens - seq.num_prompt_tokens >= seq.max_new_tokens:
                 continue
-            need += num_blocks_for(seq.num_tokens, block_size) - len(seq.block_ids)
-            continuing.append(seq)
-        if not continuing or len(continuing) > self.config.max_num_batched_tokens or need > self.pool.num_free_blocks:
-            return None
-        if self._could_admit(budget=self.config.max_num_batched_tokens - len(continuing), blocks_spoken_for=need):
-            return None  # admission needs schedule()
+            if budget == 0:
+                break
+            num_new = min(seq.num_tokens_to_compute, budget)
+            need += num_blocks_for(seq.num_computed_tokens + num_new, block_size) - len(seq.block_ids)
+            plan.append((seq, num_new))
+            budget -= num_new
+        if need > self.pool.num_free_blocks:
+            return None  # schedule() preempts, once the tokens in flight are in
         out = SchedulerOutput(scheduled=[])
-        for seq in continuing:
-            grown = self._grow(seq, 1, out)
+        for seq, num_new in plan:
+            grown = self._grow(seq, num_new, out)
             assert grown and not out.preempted, f"seq {seq.seq_id} could not grow with {self.pool.num_free_blocks} blocks free"
-            out.scheduled.append(ScheduledSeq(seq, 1))
+            self._schedule(seq, num_new, out, register=not seq.num_pending)
+        self._admit_waiting(budget, out)
+        if not out.scheduled:
+            return None
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
         return out
-
-    def _could_admit(self, budget: int, blocks_spoken_for: int) -> bool:
-        """Whether schedule() would admit the head of the queue now (so planning ahead would delay it)."""
-        if not self.waiting or len(self.running) >= self.config.max_num_seqs or budget <= 0:
-            return False
-        head = self.waiting[0]
-        return head.isolate or self._admission(head, budget, bool(self.running), blocks_spoken_for)[3] <= 0
 
     def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput, keep_watermark: bool) -> int:
         """Give a waiting sequence its cached prefix and pages for its first chunk. Returns the chunk's
@@ -239,9 +244,9 @@ class Scheduler:
             out.num_cached_tokens += seq.num_computed_tokens
         return num_new
 
-    def _admission(self, seq: Sequence, budget: int, keep_watermark: bool, blocks_spoken_for: int = 0) -> tuple[list[int], int, int, int]:
+    def _admission(self, seq: Sequence, budget: int, keep_watermark: bool) -> tuple[list[int], int, int, int]:
         """What admitting `seq` now would take: (cached prefix blocks, first chunk's tokens, new blocks, blocks
-        short). Short > 0: the pool, less `blocks_spoken_for`, cannot hold it. Changes nothing."""
+        short). Short > 0: the pool cannot hold it. Changes nothing."""
         block_size = self.config.block_size
         hits = self._cached_prefix(seq)
         num_cached = len(hits) * block_size
@@ -253,7 +258,7 @@ class Scheduler:
             need = num_blocks_for(num_cached + num_new, block_size) - len(hits)
             reserve = self._watermark_blocks if keep_watermark else 0
         # Hits nobody holds are counted among the free blocks; taking them uses those up.
-        short = need + self.pool.num_unreferenced(hits) + reserve + blocks_spoken_for - self.pool.num_free_blocks
+        short = need + self.pool.num_unreferenced(hits) + reserve - self.pool.num_free_blocks
         return hits, num_new, need, short
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
@@ -263,10 +268,10 @@ class Scheduler:
         num_blocks = max_cached_blocks(seq.num_tokens, self.config.block_size)
         return self.pool.match_prefix(seq.full_block_hashes(num_blocks * self.config.block_size, self.config.block_size))
 
-    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
-        """Put the chunk in the step and register the blocks it fills."""
+    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput, register: bool = True) -> None:
+        """Put the chunk in the step and register the blocks it fills (unless a token in them is still pending)."""
         out.scheduled.append(ScheduledSeq(seq, num_new))
-        if not self.config.prefix_cache:
+        if not self.config.prefix_cache or not register:
             return
         block_size = self.config.block_size
         num_tokens = seq.num_computed_tokens + num_new

@@ -176,3 +176,27 @@ def test_rows_waiting_for_room_do_not_stop_planning_ahead(loaded, monkeypatch, p
     assert outcome(engine, requests) == want
     assert ahead_while_waiting
     assert engine.stats.num_steps <= sync.stats.num_steps  # planning ahead never held an admission back
+
+
+def test_prefill_chunks_and_admissions_are_planned_ahead(loaded, monkeypatch):
+    """Prompts longer than a step's budget and more rows than slots: chunks and admissions read only prompt
+    tokens, so they are planned while the step before runs, and the tokens equal the synchronous loop's."""
+    prompts = random_prompts(10, 20, 60, seed=9)
+    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=True)) for i, p in enumerate(prompts)]
+    want = outcome(make_engine(loaded, False), requests)
+    planned = []
+    real = Scheduler.schedule_ahead
+
+    def spy(self):
+        out = real(self)
+        if out is not None:
+            planned.append(out)
+        return out
+
+    monkeypatch.setattr(Scheduler, "schedule_ahead", spy)
+    engine = make_engine(loaded, True)
+    assert outcome(engine, requests) == want
+    assert any(item.num_new_tokens > 1 for out in planned for item in out.scheduled)  # prefill chunks
+    assert any(out.num_queried_tokens for out in planned)  # admissions (their prefix-cache lookups)
+    assert any(len({item.num_new_tokens > 1 for item in out.scheduled}) == 2 for out in planned)  # decodes beside chunks
+    assert engine.stats.num_steps_ahead >= engine.stats.num_steps - 3
