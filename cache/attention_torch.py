@@ -83,19 +83,23 @@ def paged_attention(
     # Decodes: one query each, batched, in slices that bound the gathered keys.
     nd = meta.num_decodes
     if nd:
-        max_len = max(seq_lens[:nd])
+        max_len = max(max(seq_lens[:nd]), 1)
         per_seq = max_len * num_heads * head_dim
         step = max(1, _MAX_SCORE_ELEMENTS // per_seq)
         for lo in range(0, nd, step):
             hi = min(nd, lo + step)
             lens = meta.seq_lens[lo:hi].long()
+            if int(lens.max()) == 0:
+                continue  # no context at all: zeros, as the Triton kernels give
             num_blocks = -(-int(lens.max()) // block_size)
             k = _gather_pages(key_cache, meta.block_tables[lo:hi], num_blocks)
             v = _gather_pages(value_cache, meta.block_tables[lo:hi], num_blocks)
             positions = torch.arange(k.shape[1], device=query.device)
             allowed = (positions[None, :] < lens[:, None])[:, None, None, :]  # [s, 1, 1, keys]
             q = query[starts[lo] : starts[hi]].double()[:, :, None]  # [s, h, 1, d]
-            out[starts[lo] : starts[hi]] = _attend(q, k, v, allowed, scale)[:, :, 0].to(out.dtype)
+            attended = _attend(q, k, v, allowed, scale)[:, :, 0]
+            # A decode with an empty context attends to nothing: zeros (a softmax over no keys is NaN).
+            out[starts[lo] : starts[hi]] = attended.masked_fill((lens == 0)[:, None, None], 0.0).to(out.dtype)
 
     # Prefill chunks: one sequence at a time, queries sliced to bound the score tensor.
     for i in range(nd, meta.num_seqs):

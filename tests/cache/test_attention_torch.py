@@ -109,3 +109,19 @@ def test_a_query_gets_the_same_bits_alone_and_in_a_crowd():
     )
     alone = paged_attention(q[1:2], kc, vc, alone_meta, scale=0.25)
     assert torch.equal(alone, together[1:2])
+
+
+def test_decode_of_an_empty_context_is_zero():
+    """A decode slot with seq_len 0 (a CUDA-graph bucket's filler) comes out zero, as the Triton kernels give,
+    and leaves the other decodes' outputs alone; so does a slice of decodes that are all empty."""
+    seqs = [(9, 1), (3, 1), (6, 1)]
+    kc, vc, meta, q, nk, nv, _, _ = build_step(seqs, 4, 32, 1, 8, 2, seed=5)
+    meta.num_decodes = 3
+    write_kv(kc, vc, nk, nv, meta.slot_mapping)
+    want = paged_attention(q, kc, vc, meta, scale=0.3)
+    meta.seq_lens[1] = 0
+    got = paged_attention(q, kc, vc, meta, scale=0.3)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    meta.seq_lens[:] = 0
+    assert torch.equal(paged_attention(q, kc, vc, meta, scale=0.3), torch.zeros_like(q))
