@@ -103,7 +103,7 @@ def _greedy(loaded, fused: bool, prompts: list[list[int]], **config) -> dict:
     return {r.request_id: r.completions[0] for r in engine.generate(requests)}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_engine_tokens_equal_transformers_layers(arch):
     """Packed prefill chunks, decodes, preemption-free batches of several rows: the fused decoder gives the
     unfused engine's greedy tokens, and log-probabilities equal to float32 summation order."""

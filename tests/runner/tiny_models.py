@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 from kvbatch.runner import attention_hook
 from kvbatch.runner.model_loader import LoadedModel
@@ -25,6 +25,7 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),
     "qwen2": lambda: Qwen2Config(**_COMMON),
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=32),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
 }
 
 
