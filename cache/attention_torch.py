@@ -89,9 +89,10 @@ def paged_attention(
         for lo in range(0, nd, step):
             hi = min(nd, lo + step)
             lens = meta.seq_lens[lo:hi].long()
-            if int(lens.max()) == 0:
+            longest = int(lens.max())
+            if longest == 0:
                 continue  # no context at all: zeros, as the Triton kernels give
-            num_blocks = -(-int(lens.max()) // block_size)
+            num_blocks = -(-longest // block_size)
             k = _gather_pages(key_cache, meta.block_tables[lo:hi], num_blocks)
             v = _gather_pages(value_cache, meta.block_tables[lo:hi], num_blocks)
             positions = torch.arange(k.shape[1], device=query.device)

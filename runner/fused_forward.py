@@ -1,8 +1,8 @@
 """The decoder of Llama-family models (Llama, Mistral, Qwen2, Qwen3) run with fused weights and kernels.
 
-transformers' layers spend a third of a GPU prefill step and a quarter of a decode step in small elementwise
-kernels and in thin GEMMs (k_proj and v_proj of a 512-row decode run at 49 TFLOP/s). This forward runs the same
-modules' weights in fewer, larger launches:
+On the H200, llama-1b's layers as transformers runs them spent 31 of a 16k-token prefill step's 79 ms and 1.9 of a
+512-row decode step's 7.3 ms in small elementwise kernels, and k_proj/v_proj of that decode ran at 49 TFLOP/s.
+This forward runs the same modules' weights in fewer, larger launches:
 
     per layer:  add_rms_norm -> qkv GEMM -> rope (+ Qwen3 q/k norm) -> paged attention -> o_proj
                 add_rms_norm -> gate_up GEMM -> silu_mul -> down_proj
