@@ -107,6 +107,7 @@ def throughput(
     prefix_cache: Annotated[Optional[bool], typer.Option(help="Shared-prefix caching on or off (engine default when unset).")] = None,
     async_scheduling: Annotated[Optional[bool], typer.Option(help="Plan the next step while the device runs this one (engine default when unset: on for cuda).")] = None,
     fused_layers: Annotated[Optional[bool], typer.Option(help="Fused Llama-family layers on or off (engine default when unset: on for cuda).")] = None,
+    float32_logits: Annotated[Optional[bool], typer.Option(help="float32 lm_head output for a bf16/fp16 model (engine default when unset: on for cuda).")] = None,
     profile: Annotated[bool, typer.Option(help="Run under torch.profiler and print where the time goes.")] = False,
     timing: Annotated[bool, typer.Option(help="Time each engine phase (synchronising around each; slower overall).")] = False,
     json_path: JsonOpt = None,
@@ -134,6 +135,8 @@ def throughput(
         settings["async_scheduling"] = async_scheduling
     if fused_layers is not None:
         settings["fused_layers"] = fused_layers
+    if float32_logits is not None:
+        settings["float32_logits"] = float32_logits
     started = time.perf_counter()
     engine = Engine.from_loaded(loaded, EngineConfig(**settings))
     _warm_up(engine, workload, loaded.model.config.vocab_size)
@@ -148,7 +151,7 @@ def throughput(
     if timing:
         result["phases"] = engine.timer.report()
     record = {**base, "runner": "kvbatch", "attention": engine.backend.name, "cuda_graphs": engine.uses_cuda_graphs, "fused_layers": engine.fused is not None,
-              "kv_pool": engine.pool_size.describe(), "setup_s": round(setup_s, 1), **result}  # fmt: skip
+              "float32_logits": engine.float32_logits, "kv_pool": engine.pool_size.describe(), "setup_s": round(setup_s, 1), **result}  # fmt: skip
     bound = workload_bound(loaded.model, loaded.dtype, work, engine.device)
     if bound is not None:
         record.update(bound_s=round(bound.seconds, 3), share_of_bound=round(bound.seconds / result["seconds"], 3))
@@ -212,6 +215,7 @@ def check(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     init_std: Annotated[Optional[float], typer.Option(help="Weight init std (random weights give flat logits; larger is sharper).")] = None,
     dtype: Annotated[str, typer.Option()] = "auto",
+    float32_logits: Annotated[Optional[bool], typer.Option(help="float32 lm_head output in both runs (engine default when unset: on for cuda).")] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Greedy token streams of the GPU kernels against the torch reference path, on one random model."""
@@ -219,8 +223,9 @@ def check(
     from .bench_models import random_model
 
     loaded = random_model(shape, "auto", dtype, max_model_len=4096, init_std=init_std)
-    result = compare_streams(loaded, attention_backend, num_prompts, max_new_tokens)
+    result = compare_streams(loaded, attention_backend, num_prompts, max_new_tokens, float32_logits=float32_logits)
     emit_record({"check": shape, "backend": attention_backend, "dtype": str(loaded.dtype).removeprefix("torch."), "init_std": init_std,
+           "float32_logits": result.float32_logits,
            "device": _device_name(loaded.device), "prompts": result.num_prompts, "identical_streams": result.num_identical,
            "max_new_tokens": max_new_tokens, "divergences": result.divergences}, json_path)  # fmt: skip
 

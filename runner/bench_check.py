@@ -5,6 +5,7 @@ attention, eagerly, the other the fused layers (where the model has them) and th
 with CUDA graphs. In bf16 a greedy stream can flip where the
 top two tokens are within rounding of each other; at each first divergence the report gives both
 runs' log-probabilities of their chosen tokens, so a near tie (a gap of a few hundredths) is visible.
+Both runs take the same float32_logits setting: with bf16 logits, ties are made by the logits' own rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .request import GenerationRequest, SamplingParams
 class StreamComparison:
     num_prompts: int
     num_identical: int
+    float32_logits: bool  # both runs' logits came out of the lm_head GEMM in float32
     divergences: list[dict]  # first divergence of each differing stream
 
 
@@ -35,15 +37,18 @@ def _run(engine: Engine, requests: list[GenerationRequest]) -> dict:
     return {r.request_id: r.completions[0] for r in engine.generate(requests)}
 
 
-def compare_streams(loaded: LoadedModel, backend: str, num_prompts: int, max_new_tokens: int, seed: int = 0) -> StreamComparison:
+def compare_streams(loaded: LoadedModel, backend: str, num_prompts: int, max_new_tokens: int, seed: int = 0,
+                    float32_logits: bool | None = None) -> StreamComparison:
     requests = _requests(loaded.model.config.vocab_size, num_prompts, max_new_tokens, seed)
     reference = Engine.from_loaded(loaded, EngineConfig(attention_backend="torch", cuda_graphs=False, num_blocks_override=4096, prefix_cache=False,
-                                                           fused_layers=False))
+                                                           fused_layers=False, float32_logits=float32_logits))
     expected = _run(reference, requests)
     reference.close()
-    engine = Engine.from_loaded(loaded, EngineConfig(attention_backend=backend, num_blocks_override=4096, max_num_seqs=64, prefix_cache=False))
+    engine = Engine.from_loaded(loaded, EngineConfig(attention_backend=backend, num_blocks_override=4096, max_num_seqs=64, prefix_cache=False,
+                                                     float32_logits=float32_logits))
     got = _run(engine, requests)
     engine.close()
+    assert reference.float32_logits == engine.float32_logits
     divergences = []
     for request in requests:
         a, b = expected[request.request_id], got[request.request_id]
@@ -51,4 +56,4 @@ def compare_streams(loaded: LoadedModel, backend: str, num_prompts: int, max_new
         if first is not None:
             divergences.append({"prompt": request.request_id, "prompt_tokens": len(request.prompt_token_ids), "position": first,
                                 "reference_logprob": round(a.logprobs[first], 4), "kernel_logprob": round(b.logprobs[first], 4)})  # fmt: skip
-    return StreamComparison(num_prompts, num_prompts - len(divergences), divergences)
+    return StreamComparison(num_prompts, num_prompts - len(divergences), engine.float32_logits, divergences)

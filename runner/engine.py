@@ -39,6 +39,7 @@ from .pool_sizing import profile_gpu_pool
 from .request import Completion, GenerationRequest, GenerationResult
 from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .engine_config import EngineConfig, EngineStats
+from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
 from .kv_sizing import fixed_pool_size, kv_cache_spec
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
@@ -102,6 +103,7 @@ class Engine:
         num_heads = self.model.config.get_text_config().num_attention_heads
         self.kv_spec = kv_cache_spec(self.model.config, config.block_size, self.backend.name, self.loaded.dtype)
         self.fused = fused_decoder_for(self.model, config.fused_layers, self.device)
+        self.float32_logits = use_float32_logits(self.model, config.float32_logits, self.device)
         self.pool_size = self._size_pool()
         self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
         self.pool = BlockPool(self.pool_size.num_blocks)

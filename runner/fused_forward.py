@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvbatch.cache.metadata import AttentionMetadata
+
 from .attention_hook import StepContext
 
 logger = logging.getLogger(__name__)
@@ -151,21 +153,32 @@ class FusedDecoder:
             self.layers = [_layer(i, layer) for i, layer in enumerate(self.base.layers)]
         self.final_norm = _norm(self.base.norm)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext) -> torch.Tensor:
-        """input_ids, positions: [1, rows]; returns the final-normed hidden states [rows, hidden]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext, keep_rows: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [1, rows]; returns the final-normed hidden states of `keep_rows` [len(keep_rows), hidden].
+
+        Only the kept rows (those that sample) need the last layer past its K/V: in a prefill step the last
+        layer's attention, o_proj and MLP run for them alone (see `_sampling_meta`)."""
         embeds = self.base.embed_tokens(input_ids)
         cos, sin = self.base.rotary_emb(embeds, positions)
         cos, sin = cos[0], sin[0]
         hidden, residual = embeds[0], None
         k = self.kernels
-        for layer in self.layers:
+        prune = keep_rows.shape[0] < hidden.shape[0]  # shapes only: every tensor-parallel rank decides alike
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             x, residual = k.add_rms_norm(hidden, residual, layer.input_norm.weight, layer.input_norm.eps)
-            hidden = self._attention(layer, x, cos, sin, step)
+            if prune and i == last:
+                hidden = self._attention(layer, x, cos, sin, step, keep_rows)
+                residual = residual.index_select(0, keep_rows)
+            else:
+                hidden = self._attention(layer, x, cos, sin, step)
             x, residual = k.add_rms_norm(hidden, residual, layer.post_norm.weight, layer.post_norm.eps)
             hidden = layer.down_proj(k.silu_mul(F.linear(x, layer.gate_up_weight, layer.gate_up_bias)))
-        return k.add_rms_norm(hidden, residual, self.final_norm.weight, self.final_norm.eps)[0]
+        out = k.add_rms_norm(hidden, residual, self.final_norm.weight, self.final_norm.eps)[0]
+        return out if prune else out.index_select(0, keep_rows)
 
-    def _attention(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
+    def _attention(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext,
+                   keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         rows, hq, hkv, d = x.shape[0], layer.num_q_heads, layer.num_kv_heads, layer.head_dim
         qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
         self.kernels.rope_(qkv, cos, sin, hq, hkv, d, layer.qk_norm, layer.qk_norm_eps)
@@ -173,9 +186,32 @@ class FusedDecoder:
         k = qkv[:, hq * d : (hq + hkv) * d].view(rows, hkv, d)
         v = qkv[:, (hq + hkv) * d :].view(rows, hkv, d)
         key_cache, value_cache = step.kv_cache.key[layer.index], step.kv_cache.value[layer.index]
-        step.backend.write_kv(key_cache, value_cache, k, v, step.meta.slot_mapping)
-        out = step.backend.paged_attention(q, key_cache, value_cache, step.meta, layer.scaling)
+        step.backend.write_kv(key_cache, value_cache, k, v, step.meta.slot_mapping)  # every row's K/V: later steps read them
+        meta = step.meta
+        if keep_rows is not None:
+            q, meta = q.index_select(0, keep_rows), _sampling_meta(step.meta, keep_rows)
+            rows = q.shape[0]
+        out = step.backend.paged_attention(q, key_cache, value_cache, meta, layer.scaling)
         return layer.o_proj(out.reshape(rows, hq * d))
+
+
+def _sampling_meta(meta: AttentionMetadata, keep_rows: torch.Tensor) -> AttentionMetadata:
+    """The step's attention seen from `keep_rows` alone, each the last row of its sequence: one query per
+    sequence at the end of its context, i.e. a pure decode over those sequences. Built on the device from the
+    step's own tensors (no host sync). A padding entry of keep_rows (row 0) repeats its sequence; its output
+    is dropped."""
+    seq_of_row = torch.searchsorted(meta.query_start_loc[1:], keep_rows.to(meta.query_start_loc.dtype), right=True)
+    n = keep_rows.shape[0]
+    return AttentionMetadata(
+        query_start_loc=torch.arange(n + 1, dtype=meta.query_start_loc.dtype, device=keep_rows.device),
+        seq_lens=meta.seq_lens.index_select(0, seq_of_row),
+        block_tables=meta.block_tables.index_select(0, seq_of_row),
+        slot_mapping=meta.slot_mapping[:0],
+        num_decodes=n,
+        max_query_len=1,
+        max_seq_len=meta.max_seq_len,
+        block_size=meta.block_size,
+    )
 
 
 def fused_decoder_for(model: nn.Module, setting: bool | None, device: torch.device) -> FusedDecoder | None:

@@ -219,7 +219,8 @@ class ModelRunner:
         return self.graphs is not None and self.graphs.fits(inputs)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits of the sampling rows: [num_sampling, vocab_size], in the model's dtype."""
+        """Logits of the sampling rows: [num_sampling, vocab_size], in the model's dtype (float32 under
+        runner/float32_logits.py's head)."""
         if self.replays(inputs):
             return self.graphs.forward(inputs)
         return self.forward_eager(inputs)
@@ -228,8 +229,8 @@ class ModelRunner:
     def forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         step = StepContext(inputs.meta, self.kv_cache, self.backend)
         if self.fused is not None:
-            hidden = self.fused.forward(inputs.input_ids, inputs.positions, step)
-            return self.model.lm_head(hidden[inputs.logits_rows])[: inputs.num_sampling]
+            hidden = self.fused.forward(inputs.input_ids, inputs.positions, step, inputs.logits_rows)
+            return self.model.lm_head(hidden)[: inputs.num_sampling]
         out = self.model(
             input_ids=inputs.input_ids,
             position_ids=inputs.positions,

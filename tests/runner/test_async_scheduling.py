@@ -5,6 +5,9 @@ that waste a planned decode, sampling, preemption, the prefix cache and failing 
 On the CPU nothing overlaps, but every path of the pipeline runs: pending tokens, inputs filled from the
 step in flight, spare decodes dropped, the fallback to draining."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -76,6 +79,22 @@ def test_async_gives_what_the_synchronous_loop_gives(loaded) -> None:
     stopped = [want[r.request_id][1][0] for r in requests if r.sampling.stop_token_ids]
     assert all(reason == "stop" and len(tokens) < 20 for tokens, reason, _ in stopped)
     assert engine.pool.num_free_blocks == engine.pool.num_blocks  # spare decodes' pages came back
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device runs ahead of the host only on CUDA")
+def test_async_gives_what_the_synchronous_loop_gives_on_the_gpu(loaded) -> None:
+    """Where the overlap is real: CUDA graphs, fused layers, Triton kernels, steps launched before the host has
+    the tokens of the one before, prompt chunks and admissions planned ahead. Same kernels on the same schedule,
+    so the outcome is bit for bit the synchronous loop's."""
+    gpu = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to("cuda"), device=torch.device("cuda"))
+    requests = mixed_requests(loaded, seed=21)
+    want = outcome(make_engine(gpu, False), requests)
+    engine = make_engine(gpu, True)
+    assert engine.uses_cuda_graphs and engine.fused is not None
+    got = outcome(engine, requests)
+    assert got == want
+    assert engine.stats.num_steps_ahead > 0 and engine.stats.num_spare_tokens > 0
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
 def test_async_under_preemption_with_shared_prefixes(loaded) -> None:

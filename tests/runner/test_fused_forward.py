@@ -156,3 +156,45 @@ def test_unfusable_layers_are_named():
     model = tiny_model("llama")
     model.config.hidden_act = "gelu"
     assert "gelu" in unfusable_reason(model)
+
+
+def test_sampling_meta_maps_kept_rows_to_their_sequences():
+    """The last layer's pruned attention: each kept row (the last row of a sequence; a padding entry is row 0)
+    becomes a one-query decode of its own sequence's whole context."""
+    from kvbatch.cache.metadata import AttentionMetadata
+    from kvbatch.runner.fused_forward import _sampling_meta
+
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, 1, 2, 7, 10], dtype=torch.int32),  # 2 decodes, chunks of 5 and 3 rows
+        seq_lens=torch.tensor([9, 4, 12, 3], dtype=torch.int32),
+        block_tables=torch.tensor([[1, 2, 3], [4, 0, 0], [5, 6, 7], [8, 0, 0]], dtype=torch.int32),
+        slot_mapping=torch.arange(10), num_decodes=2, max_query_len=5, max_seq_len=12, block_size=4,
+    )  # fmt: skip
+    keep = torch.tensor([0, 1, 9, 0])  # the third sequence's chunk does not reach its end; one padding entry
+    got = _sampling_meta(meta, keep)
+    assert got.num_decodes == got.num_seqs == 4 and got.max_query_len == 1
+    assert got.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    assert got.seq_lens.tolist() == [9, 4, 3, 9]
+    assert got.block_tables.tolist() == [[1, 2, 3], [4, 0, 0], [8, 0, 0], [1, 2, 3]]
+
+
+def test_last_layer_runs_for_the_sampling_rows_only(monkeypatch):
+    """Prefill steps compute the last layer past its K/V for the rows that sample, and the tokens stay those of
+    transformers' layers (which run every row)."""
+    from kvbatch.runner import fused_forward
+
+    pruned_rows = []
+    original = fused_forward._sampling_meta
+
+    def spy(meta, keep_rows):
+        pruned_rows.append((int(meta.query_start_loc[-1]), keep_rows.shape[0]))
+        return original(meta, keep_rows)
+
+    monkeypatch.setattr(fused_forward, "_sampling_meta", spy)
+    prompts = random_prompts(6, 20, 30, seed=8)
+    want = _greedy(tiny_loaded("llama", seed=4), False, prompts)
+    got = _greedy(tiny_loaded("llama", seed=4), True, prompts)
+    assert pruned_rows and all(kept < rows for rows, kept in pruned_rows)
+    for i in range(len(prompts)):
+        assert got[i].token_ids == want[i].token_ids
+        assert max(abs(a - b) for a, b in zip(got[i].logprobs, want[i].logprobs)) < 1e-4
