@@ -95,7 +95,7 @@ class EngineSpec:
     prefix_cache: bool | None = None  # reuse the K/V of prompt prefixes shared between rows (on by default)
     async_scheduling: bool | None = None  # plan the next step while the GPU runs this one (on for cuda)
     fused_layers: bool | None = None  # Llama-family layers with fused kernels (on for cuda where supported)
-    float32_logits: bool | None = None  # a bf16/fp16 model's logits in float32 (on for cuda)
+    float32_logits: bool | None = None  # a bf16/fp16 model's logits in float32, on a GPU (off by default)
     offline: bool | None = None  # true: never download, whatever allow_download says (as HF_HUB_OFFLINE=1)
 
     def settings(self) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def throughput(
     prefix_cache: Annotated[Optional[bool], typer.Option(help="Shared-prefix caching on or off (engine default when unset).")] = None,
     async_scheduling: Annotated[Optional[bool], typer.Option(help="Plan the next step while the device runs this one (engine default when unset: on for cuda).")] = None,
     fused_layers: Annotated[Optional[bool], typer.Option(help="Fused Llama-family layers on or off (engine default when unset: on for cuda).")] = None,
-    float32_logits: Annotated[Optional[bool], typer.Option(help="float32 lm_head output for a bf16/fp16 model (engine default when unset: on for cuda).")] = None,
+    float32_logits: Annotated[Optional[bool], typer.Option(help="float32 lm_head output for a bf16/fp16 model (engine default when unset: off).")] = None,
     profile: Annotated[bool, typer.Option(help="Run under torch.profiler and print where the time goes.")] = False,
     timing: Annotated[bool, typer.Option(help="Time each engine phase (synchronising around each; slower overall).")] = False,
     json_path: JsonOpt = None,
@@ -215,7 +215,7 @@ def check(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     init_std: Annotated[Optional[float], typer.Option(help="Weight init std (random weights give flat logits; larger is sharper).")] = None,
     dtype: Annotated[str, typer.Option()] = "auto",
-    float32_logits: Annotated[Optional[bool], typer.Option(help="float32 lm_head output in both runs (engine default when unset: on for cuda).")] = None,
+    float32_logits: Annotated[Optional[bool], typer.Option(help="float32 lm_head output in both runs (off when unset).")] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Greedy token streams of the GPU kernels against the torch reference path, on one random model."""
@@ -227,5 +227,6 @@ def check(
     emit_record({"check": shape, "backend": attention_backend, "dtype": str(loaded.dtype).removeprefix("torch."), "init_std": init_std,
            "float32_logits": result.float32_logits,
            "device": _device_name(loaded.device), "prompts": result.num_prompts, "identical_streams": result.num_identical,
+           "reference_vs_itself_identical": result.num_identical_floor,
            "max_new_tokens": max_new_tokens, "divergences": result.divergences}, json_path)  # fmt: skip
 

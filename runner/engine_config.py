@@ -29,7 +29,7 @@ class EngineConfig:
     prefix_cache: bool = True  # reuse the K/V of full blocks shared with earlier prompts (and samples)
     async_scheduling: bool | None = None  # plan the next step while the device runs this one; None: on for cuda
     fused_layers: bool | None = None  # Llama-family layers with fused kernels (runner/fused_forward.py); None: on for cuda
-    float32_logits: bool | None = None  # a bf16/fp16 model's lm_head writes float32 (runner/float32_logits.py); None: where it can
+    float32_logits: bool = False  # a bf16/fp16 model's lm_head writes float32 (runner/float32_logits.py), on CUDA
 
 
 @dataclass

@@ -4,7 +4,10 @@ transformers rounds a bf16 model's logits to bf16 before anything reads them. Ne
 is 1/32 of a nat (1/8 near 30), so logprobs come out quantised, and a greedy argmax over 100k+ logits often
 meets two tokens rounded to the same value: which one wins then rests on the last bit of the hidden state.
 The GEMM's accumulator is float32 anyway; keeping it costs one wider write of the logits (on the H200, llama-1b,
-512 decodes: 262 instead of 131 MB a step) and no extra multiply. Sampling reads float32 either way.
+512 decodes: 262 instead of 131 MB a step) and a wider read for the argmax: workload (a) took 2.56 s against 2.50.
+Off by default; for jobs that keep logprobs (evals, labelling) it removes their bf16 quantisation.
+It did not make bf16 greedy streams on random weights agree more often with the torch reference (BENCHMARKS.md):
+there the hidden states' own rounding differences decide the near-ties.
 
 Only where torch's mm has a float32 output for half inputs (CUDA); a float32 model already has them.
 """
@@ -48,22 +51,21 @@ def _why_not(model: nn.Module, device: torch.device) -> str | None:
     return None
 
 
-def use_float32_logits(model: nn.Module, setting: bool | None, device: torch.device) -> bool:
-    """Swap the model's lm_head for a Float32LogitsHead if `setting` allows it (None: wherever it can run; True:
-    warn where it cannot; False: keep the model's own). Returns whether the logits are now float32 GEMM outputs."""
+def use_float32_logits(model: nn.Module, setting: bool, device: torch.device) -> bool:
+    """With `setting`, swap the model's lm_head for a Float32LogitsHead (a warning says why where it cannot);
+    without, keep (or restore) the model's own. Returns whether the logits are float32 GEMM outputs."""
     head = getattr(model, "lm_head", None)
     if isinstance(head, Float32LogitsHead):  # an earlier engine on the same loaded model swapped it
-        if setting is not False:
+        if setting:
             return True
         model.lm_head = head = head.head
-    if setting is False:
-        return False
+    if not setting:
+        return isinstance(head, nn.Linear) and head.weight.dtype == torch.float32
     if isinstance(head, nn.Linear) and head.weight.dtype == torch.float32:
         return True
     reason = _why_not(model, device)
     if reason is not None:
-        log = logger.warning if setting else logger.debug
-        log("logits stay in the model's dtype: %s", reason)
+        logger.warning("float32_logits: logits stay in the model's dtype: %s", reason)
         return False
     model.lm_head = Float32LogitsHead(model.lm_head)
     return True
