@@ -198,3 +198,15 @@ def test_last_layer_runs_for_the_sampling_rows_only(monkeypatch):
     for i in range(len(prompts)):
         assert got[i].token_ids == want[i].token_ids
         assert max(abs(a - b) for a, b in zip(got[i].logprobs, want[i].logprobs)) < 1e-4
+
+
+def test_pruned_rows_are_padded_to_few_shapes():
+    """On CUDA the pruned layer's rows are padded (with row 0) to a multiple of 64, at most the step's rows, so
+    its GEMMs meet a handful of shapes."""
+    from kvbatch.runner.fused_forward import _bucketed
+
+    keep = torch.tensor([3, 9, 17])
+    assert _bucketed(keep, 1000).tolist() == [3, 9, 17] + [0] * 61
+    assert _bucketed(keep, 40).tolist() == [3, 9, 17] + [0] * 37
+    full = torch.arange(64)
+    assert _bucketed(full, 1000) is full
