@@ -50,8 +50,6 @@ _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it buys
 _MIN_TOKENS_PER_PREFIX_SPLIT = 128  # two 64-key tiles: a cascade program's fixed cost is a BLOCK_M-row q tile
-# Whether P V takes P in float32 (tf32x3) rather than rounded to the pages' bf16/fp16, per kernel family.
-PV_FP32 = {"decode": False, "prefill": False}
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,16 +89,16 @@ def _cascade_num_splits(num_programs: int, max_context_tokens: int, device: torc
 
 def _cascade_config(head_dim: int, device: torch.device) -> dict[str, int]:
     if device.type != "cuda":
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "PV_FP32": PV_FP32["decode"]}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if head_dim > 64 else 4, "num_stages": 3, "PV_FP32": PV_FP32["decode"]}
+        return {"BLOCK_M": 16, "BLOCK_N": 16}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if head_dim > 64 else 4, "num_stages": 3}
 
 
 def _decode_config(head_dim: int, device: torch.device) -> dict[str, int]:
     """KV_PACK: kv heads per program (see attention_triton_decode), two for heads of 64 dims or fewer."""
     pack = 2 if head_dim <= 64 else 1
     if device.type != "cuda":
-        return {"BLOCK_N": 16, "KV_PACK": pack, "PV_FP32": PV_FP32["decode"]}  # interpreter: tiny tiles keep masked work small
-    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "KV_PACK": pack, "PV_FP32": PV_FP32["decode"]}
+        return {"BLOCK_N": 16, "KV_PACK": pack}  # interpreter: tiny tiles keep masked work small
+    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "KV_PACK": pack}
 
 
 def _kv_pack(config: dict[str, int], num_kv_heads: int, head_dim: int, key_cache: torch.Tensor) -> int:
@@ -112,8 +110,8 @@ def _kv_pack(config: dict[str, int], num_kv_heads: int, head_dim: int, key_cache
 
 def _prefill_config(head_dim: int, device: torch.device) -> dict[str, int]:
     if device.type != "cuda":
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "PV_FP32": PV_FP32["prefill"]}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if head_dim > 64 else 4, "num_stages": 3, "PV_FP32": PV_FP32["prefill"]}
+        return {"BLOCK_M": 16, "BLOCK_N": 16}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if head_dim > 64 else 4, "num_stages": 3}
 
 
 def _fp32_tiles(config: dict[str, int], key_cache: torch.Tensor) -> dict[str, int]:

@@ -30,7 +30,7 @@ def _cascade_kernel(
     stride_q_row, stride_q_head, stride_c_block, stride_c_token, stride_c_head,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, PV_FP32: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     m_block = tl.program_id(0)  # fastest: neighbouring programs read the same K/V tiles (L2 reuse)
     kv_head = tl.program_id(1)
@@ -61,7 +61,7 @@ def _cascade_kernel(
     for tile in range(tile_lo, tile_hi):  # the shared pages, through block_tables row 0
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_tables_ptr, tile * BLOCK_N,
                                      prefix_len, r, qk_scale, kv_head_offset, stride_c_block, stride_c_token, d,
-                                     d_mask, False, PAGE, BLOCK_N, UPCAST, PRECISION, PV_FP32)
+                                     d_mask, False, PAGE, BLOCK_N, UPCAST, PRECISION)
 
     # A decode whose context does not reach past the prefix (a graph bucket's seq_len-0 filler) takes nothing
     # from it: weight 0 in the reduce, so it comes out zero as the plain decode would make it. Slots with

@@ -35,7 +35,7 @@ def _decode_kernel(
     stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-    CASCADE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PV_FP32: tl.constexpr, KV_PACK: tl.constexpr,
+    CASCADE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, KV_PACK: tl.constexpr,
 ):
     seq = tl.program_id(0)  # decodes come first, one row each, so sequence i owns row i
     kv_pack = tl.program_id(1)  # kv heads kv_pack * KV_PACK ..
@@ -69,7 +69,7 @@ def _decode_kernel(
     for tile in range(tile_lo, tile_hi):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, key_lo + tile * BLOCK_N,
                                      seq_len, h, qk_scale, kv_head_offset, stride_c_block, stride_c_token, d,
-                                     d_mask, False, PAGE, BLOCK_N, UPCAST, PRECISION, PV_FP32)
+                                     d_mask, False, PAGE, BLOCK_N, UPCAST, PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split leaves zeros, not NaN
     if DIRECT:  # a single split: no partials, no reduce

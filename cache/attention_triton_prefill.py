@@ -21,7 +21,7 @@ def _prefill_kernel(
     stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, PV_FP32: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P  # query tokens per program
     q_block = tl.program_id(0)
@@ -59,11 +59,11 @@ def _prefill_kernel(
     for n0 in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos,
                                      qk_scale, kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-                                     False, PAGE, BLOCK_N, UPCAST, PRECISION, PV_FP32)
+                                     False, PAGE, BLOCK_N, UPCAST, PRECISION)
     for n0 in range(full_end, hi_pos, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos,
                                      qk_scale, kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-                                     True, PAGE, BLOCK_N, UPCAST, PRECISION, PV_FP32)
+                                     True, PAGE, BLOCK_N, UPCAST, PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_o_row + head[:, None] * stride_o_head + d[None, :],

@@ -26,7 +26,7 @@ def _attend_tile(
     q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos, qk_scale,
     kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
     CAUSAL: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, PV_FP32: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One online-softmax step over keys n0..n0+BLOCK_N-1. q: [ROWS, BLOCK_D]; acc: [ROWS, BLOCK_D] fp32."""
     keys = n0 + tl.arange(0, BLOCK_N)
@@ -45,9 +45,5 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    if PV_FP32:  # P stays float32 (tf32x3: about fp32 accuracy) where bf16 P would cost a rounding per weight
-        pv = tl.dot(p, v.to(tl.float32), input_precision="tf32x3" if not UPCAST else "ieee")
-    else:
-        pv = _mma(p.to(v.dtype), v, UPCAST, PRECISION)
-    acc = acc * alpha[:, None] + pv
+    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST, PRECISION)
     return acc, m_new, l_i

@@ -228,5 +228,6 @@ def check(
            "float32_logits": result.float32_logits,
            "device": _device_name(loaded.device), "prompts": result.num_prompts, "identical_streams": result.num_identical,
            "reference_vs_itself_identical": result.num_identical_floor,
+           "transformers_generate_vs_reference_identical": result.num_identical_transformers,
            "max_new_tokens": max_new_tokens, "divergences": result.divergences}, json_path)  # fmt: skip
 

@@ -14,6 +14,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
+from .bench_hf import hf_greedy_tokens
 from .engine import Engine, EngineConfig
 from .model_loader import LoadedModel
 from .request import GenerationRequest, SamplingParams
@@ -24,6 +25,7 @@ class StreamComparison:
     num_prompts: int
     num_identical: int  # the kernels' streams equal to the reference's
     num_identical_floor: int  # the reference's streams equal to its own, run in other batches
+    num_identical_transformers: int  # transformers' generate (SDPA attention, its own layers) equal to the reference
     float32_logits: bool  # every run's logits came out of the lm_head GEMM in float32
     divergences: list[dict]  # first divergence of each stream of the kernels that differs from the reference
 
@@ -49,13 +51,15 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
 
 def compare_streams(loaded: LoadedModel, backend: str, num_prompts: int, max_new_tokens: int, seed: int = 0,
                     float32_logits: bool | None = None) -> StreamComparison:
-    """The kernels' greedy streams against the reference's, and the reference against itself in other batches
-    (a step of 5 sequences instead of all): how often bf16 rounding alone, with the same code, flips a stream."""
+    """The kernels' greedy streams against the reference's; for scale, the reference against itself in other
+    batches (steps of 5 sequences) and transformers' own `generate` (SDPA attention) against the reference:
+    how often another correct bf16 computation of the same model flips a stream."""
     requests = _requests(loaded.model.config.vocab_size, num_prompts, max_new_tokens, seed)
     reference = EngineConfig(attention_backend="torch", cuda_graphs=False, num_blocks_override=4096, prefix_cache=False,
                              fused_layers=False, float32_logits=bool(float32_logits))  # fmt: skip
     expected, f32_reference = _run(loaded, reference, requests)
     floor, _ = _run(loaded, dataclasses.replace(reference, max_num_seqs=5), requests)
+    transformers = hf_greedy_tokens(loaded.model, [r.prompt_token_ids for r in requests], max_new_tokens)
     kernels = EngineConfig(attention_backend=backend, num_blocks_override=4096, max_num_seqs=64, prefix_cache=False,
                            float32_logits=bool(float32_logits))  # fmt: skip
     got, f32_kernels = _run(loaded, kernels, requests)
@@ -68,4 +72,5 @@ def compare_streams(loaded: LoadedModel, backend: str, num_prompts: int, max_new
             divergences.append({"prompt": request.request_id, "prompt_tokens": len(request.prompt_token_ids), "position": first,
                                 "reference_logprob": round(a.logprobs[first], 4), "kernel_logprob": round(b.logprobs[first], 4)})  # fmt: skip
     same_floor = sum(_first_divergence(expected[r.request_id].token_ids, floor[r.request_id].token_ids) is None for r in requests)
-    return StreamComparison(num_prompts, num_prompts - len(divergences), same_floor, f32_kernels, divergences)
+    same_transformers = sum(_first_divergence(expected[r.request_id].token_ids, transformers[i]) is None for i, r in enumerate(requests))
+    return StreamComparison(num_prompts, num_prompts - len(divergences), same_floor, same_transformers, f32_kernels, divergences)

@@ -62,6 +62,22 @@ def hf_generate_padded(model: torch.nn.Module, workload: Workload, batch_size: i
     return time.perf_counter() - started, counted
 
 
+def hf_greedy_tokens(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy continuation from model.generate, one prompt at a time (no padding)."""
+    device = next(model.parameters()).device
+    config = _generation_config(model, max_new_tokens)
+
+    def run() -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            with torch.inference_mode():
+                tokens = model.generate(input_ids=torch.tensor([prompt], device=device), generation_config=config)
+            out.append(tokens[0, len(prompt) :].tolist())
+        return out
+
+    return _with_sdpa(model, run)
+
+
 def hf_generate_batch(model: torch.nn.Module, workload: Workload) -> tuple[float, int]:
     """(seconds, output tokens) of model.generate_batch, transformers' continuous batching."""
     device = next(model.parameters()).device

@@ -164,9 +164,9 @@ class FusedDecoder:
         cos, sin = cos[0], sin[0]
         hidden, residual = embeds[0], None
         k = self.kernels
-        prune = keep_rows.shape[0] < hidden.shape[0]  # shapes only: every tensor-parallel rank decides alike
-        if prune and keep_rows.is_cuda:
+        if keep_rows.is_cuda:
             keep_rows = _bucketed(keep_rows, hidden.shape[0])
+        prune = keep_rows.shape[0] < hidden.shape[0]  # shapes only: every tensor-parallel rank decides alike
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, residual = k.add_rms_norm(hidden, residual, layer.input_norm.weight, layer.input_norm.eps)
@@ -203,6 +203,8 @@ def _bucketed(keep_rows: torch.Tensor, num_rows: int, bucket: int = 64) -> torch
     meet a few row counts, not a new one each step. A new shape costs cuBLAS a heuristic query and, the first
     time, a kernel load: 2-40 ms of host time in which the GPU ran dry (H200 trace, llama-1b prefill steps)."""
     n = keep_rows.shape[0]
+    if n >= num_rows:  # a pure decode step (a CUDA graph's too): nothing to prune, nothing to pad
+        return keep_rows
     padded = min(-(-n // bucket) * bucket, num_rows)
     return torch.cat([keep_rows, keep_rows.new_zeros(padded - n)]) if padded > n else keep_rows
 

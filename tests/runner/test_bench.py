@@ -43,6 +43,7 @@ def test_check_compares_streams_against_the_reference():
     (record,) = _records(result.output)
     assert record["prompts"] == 3 and record["identical_streams"] == 3 and record["divergences"] == []
     assert record["reference_vs_itself_identical"] == 3 and record["float32_logits"] is True  # a float32 model
+    assert record["transformers_generate_vs_reference_identical"] == 3  # float32 on the CPU: exact
 
 
 def test_kernel_sweeps_report_every_variant_and_restore_the_defaults(monkeypatch, capsys):

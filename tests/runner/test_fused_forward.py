@@ -95,8 +95,8 @@ def test_silu_mul_matches_transformers(dtype):
 def _greedy(loaded, fused: bool, prompts: list[list[int]], **config) -> dict:
     if CUDA:  # compiled kernels instead of the interpreter
         loaded = dataclasses.replace(loaded, model=loaded.model.to(DEVICE), device=torch.device(DEVICE))
-    engine = Engine.from_loaded(loaded, EngineConfig(fused_layers=fused, block_size=4, num_blocks_override=128, max_num_seqs=4,
-                                                     max_num_batched_tokens=40, **config))  # fmt: skip
+    config = dict(block_size=4, num_blocks_override=128, max_num_seqs=4, max_num_batched_tokens=40) | config
+    engine = Engine.from_loaded(loaded, EngineConfig(fused_layers=fused, **config))
     assert (engine.fused is not None) == fused
     params = SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=True)
     requests = [GenerationRequest(i, p, params) for i, p in enumerate(prompts)]
@@ -192,8 +192,10 @@ def test_last_layer_runs_for_the_sampling_rows_only(monkeypatch):
 
     monkeypatch.setattr(fused_forward, "_sampling_meta", spy)
     prompts = random_prompts(6, 20, 30, seed=8)
-    want = _greedy(tiny_loaded("llama", seed=4), False, prompts)
-    got = _greedy(tiny_loaded("llama", seed=4), True, prompts)
+    # Steps of up to 100 rows: on CUDA the kept rows are padded to 64, so smaller steps would not prune.
+    config = dict(max_num_batched_tokens=100, num_blocks_override=256)
+    want = _greedy(tiny_loaded("llama", seed=4), False, prompts, **config)
+    got = _greedy(tiny_loaded("llama", seed=4), True, prompts, **config)
     assert pruned_rows and all(kept < rows for rows, kept in pruned_rows)
     for i in range(len(prompts)):
         assert got[i].token_ids == want[i].token_ids
@@ -210,3 +212,5 @@ def test_pruned_rows_are_padded_to_few_shapes():
     assert _bucketed(keep, 40).tolist() == [3, 9, 17] + [0] * 37
     full = torch.arange(64)
     assert _bucketed(full, 1000) is full
+    every = torch.arange(30)
+    assert _bucketed(every, 30) is every  # a pure decode step: not padded
