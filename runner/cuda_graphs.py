@@ -48,7 +48,7 @@ def bucket_sizes(max_num_seqs: int, min_rows: int) -> list[int]:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # [B, vocab] in the model's dtype, written by every replay
+    logits: torch.Tensor  # [B, vocab] as the runner returns them (model dtype, or float32), written by every replay
 
 
 class DecodeGraphs:

@@ -33,15 +33,15 @@ from kvbatch.cache.block_table import num_blocks_for
 from kvbatch.cache.budget import PoolSize
 from kvbatch.cache.kv_cache import KVCache
 
+from .engine_config import EngineConfig, EngineStats
+from .float32_logits import use_float32_logits
+from .fused_forward import fused_decoder_for
+from .kv_sizing import fixed_pool_size, kv_cache_spec
 from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import profile_gpu_pool
 from .request import Completion, GenerationRequest, GenerationResult
 from .sampling import SampledTokens, SamplingRow, sample_on_device
-from .engine_config import EngineConfig, EngineStats
-from .float32_logits import use_float32_logits
-from .fused_forward import fused_decoder_for
-from .kv_sizing import fixed_pool_size, kv_cache_spec
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
 from .step_timing import StepTimer

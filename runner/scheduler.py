@@ -230,23 +230,6 @@ class Scheduler:
         assert not seq.block_ids and seq.num_computed_tokens == 0, (
             f"seq {seq.seq_id} is waiting with {len(seq.block_ids)} blocks, {seq.num_computed_tokens} tokens computed"
         )
-        hits, num_new, need, short = self._admission(seq, budget, keep_watermark)
-        if short > 0:
-            return 0
-        self.pool.take_cached(hits)  # before allocating, so allocation cannot evict them
-        block_ids = self.pool.allocate(need)
-        assert block_ids is not None, f"pool refused {need} blocks with {self.pool.num_free_blocks} free"
-        seq.block_ids = hits + block_ids
-        seq.num_computed_tokens = len(hits) * self.config.block_size
-        seq.num_registered_blocks = len(hits)
-        if self.config.prefix_cache:
-            out.num_queried_tokens += seq.num_tokens
-            out.num_cached_tokens += seq.num_computed_tokens
-        return num_new
-
-    def _admission(self, seq: Sequence, budget: int, keep_watermark: bool) -> tuple[list[int], int, int, int]:
-        """What admitting `seq` now would take: (cached prefix blocks, first chunk's tokens, new blocks, blocks
-        short). Short > 0: the pool cannot hold it. Changes nothing."""
         block_size = self.config.block_size
         hits = self._cached_prefix(seq)
         num_cached = len(hits) * block_size
@@ -258,8 +241,18 @@ class Scheduler:
             need = num_blocks_for(num_cached + num_new, block_size) - len(hits)
             reserve = self._watermark_blocks if keep_watermark else 0
         # Hits nobody holds are counted among the free blocks; taking them uses those up.
-        short = need + self.pool.num_unreferenced(hits) + reserve - self.pool.num_free_blocks
-        return hits, num_new, need, short
+        if need + self.pool.num_unreferenced(hits) + reserve > self.pool.num_free_blocks:
+            return 0
+        self.pool.take_cached(hits)  # before allocating, so allocation cannot evict them
+        block_ids = self.pool.allocate(need)
+        assert block_ids is not None, f"pool refused {need} blocks with {self.pool.num_free_blocks} free"
+        seq.block_ids = hits + block_ids
+        seq.num_computed_tokens = num_cached
+        seq.num_registered_blocks = len(hits)
+        if self.config.prefix_cache:
+            out.num_queried_tokens += seq.num_tokens
+            out.num_cached_tokens += num_cached
+        return num_new
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks of the longest cached prefix of the sequence's tokens, leaving at least its last token."""
