@@ -1,4 +1,5 @@
-"""The Triton kernel that writes this step's K/V rows into their pages (see `attention_triton.write_kv`)."""
+"""The Triton kernels that write outside the attention proper: this step's K/V rows into their pages (see
+`attention_triton.write_kv`), and zeros into the output's padding rows."""
 
 from __future__ import annotations
 
@@ -27,3 +28,17 @@ def _write_kv_kernel(
     v = tl.load(value_ptr + row * stride_v_row + heads[:, None] * stride_v_head + d[None, :], mask=mask)
     tl.store(key_cache_ptr + dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _zero_rows_kernel(out_ptr, first_row_ptr, num_rows, row_numel, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Zeros rows first_row.. of out [num_rows, row_numel], first_row read on the device (no host sync): the
+    padding rows no sequence owns. A program whose rows all lie below first_row stores nothing."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    first_row = tl.load(first_row_ptr)
+    rows_mask = (rows >= first_row) & (rows < num_rows)
+    zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=out_ptr.dtype.element_ty)
+    for c0 in range(0, row_numel, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = rows_mask[:, None] & (cols < row_numel)[None, :]
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * row_numel + cols[None, :], zeros, mask=mask)
