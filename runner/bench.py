@@ -210,24 +210,35 @@ def kernels(sweep: Annotated[bool, typer.Option(help="Also time tile and split v
 @bench_app.command()
 def check(
     shape: ShapeOpt = "llama-1b",
+    model: Annotated[Optional[str], typer.Option(help="A real model (a folder, a .gguf file or 'default') instead of a random shape; its prompts come from --prompts.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="JSONL with a 'prompt' field, sent through the real model's chat template.")] = None,
     attention_backend: Annotated[str, typer.Option(help="The kernels to hold against the torch reference.")] = "triton",
     num_prompts: Annotated[int, typer.Option(min=1)] = 32,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     init_std: Annotated[Optional[float], typer.Option(help="Weight init std (random weights give flat logits; larger is sharper).")] = None,
     dtype: Annotated[str, typer.Option()] = "auto",
     float32_logits: Annotated[Optional[bool], typer.Option(help="float32 lm_head output in both runs (off when unset).")] = None,
+    fused_layers: Annotated[Optional[bool], typer.Option(help="The kernels' run with fused layers on or off (engine default when unset: on for cuda).")] = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """Greedy token streams of the GPU kernels against the torch reference path, on one random model."""
-    from .bench_check import compare_streams
+    """Greedy token streams of the GPU kernels against the torch reference path, on one model."""
+    from .bench_check import chat_prompts, compare_streams, random_prompts
     from .bench_models import random_model
+    from .model_loader import load_model
 
-    loaded = random_model(shape, "auto", dtype, max_model_len=4096, init_std=init_std)
-    result = compare_streams(loaded, attention_backend, num_prompts, max_new_tokens, float32_logits=float32_logits)
-    emit_record({"check": shape, "backend": attention_backend, "dtype": str(loaded.dtype).removeprefix("torch."), "init_std": init_std,
-           "float32_logits": result.float32_logits,
+    if (model is None) != (prompts is None):
+        raise typer.BadParameter("--model and --prompts go together: a real model needs real prompts")
+    if model is not None:
+        loaded = load_model(model, "auto", dtype, max_model_len=4096)
+        token_ids = chat_prompts(loaded.tokenizer, prompts, num_prompts)
+    else:
+        loaded = random_model(shape, "auto", dtype, max_model_len=4096, init_std=init_std)
+        token_ids = random_prompts(loaded.model.config.vocab_size, num_prompts)
+    result = compare_streams(loaded, attention_backend, token_ids, max_new_tokens, float32_logits=float32_logits,
+                             fused_layers=fused_layers)
+    emit_record({"check": model or shape, "backend": attention_backend, "dtype": str(loaded.dtype).removeprefix("torch."),
+           "init_std": init_std, "float32_logits": result.float32_logits, "fused_layers": result.fused_layers,
            "device": _device_name(loaded.device), "prompts": result.num_prompts, "identical_streams": result.num_identical,
            "reference_vs_itself_identical": result.num_identical_floor,
            "transformers_generate_vs_reference_identical": result.num_identical_transformers,
            "max_new_tokens": max_new_tokens, "divergences": result.divergences}, json_path)  # fmt: skip
-

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from kvbatch.runner.bench_workloads import make_workload
@@ -43,7 +45,44 @@ def test_check_compares_streams_against_the_reference():
     (record,) = _records(result.output)
     assert record["prompts"] == 3 and record["identical_streams"] == 3 and record["divergences"] == []
     assert record["reference_vs_itself_identical"] == 3 and record["float32_logits"] is True  # a float32 model
+    assert record["fused_layers"] is False  # the engine default on the CPU
     assert record["transformers_generate_vs_reference_identical"] == 3  # float32 on the CPU: exact
+
+
+def test_check_runs_the_kernels_with_fused_layers_when_asked():
+    result = CliRunner().invoke(app, ["bench", "check", "--shape", "tiny", "--attention-backend", "torch", "--fused-layers",
+                                      "--num-prompts", "2", "--max-new-tokens", "4", "--dtype", "float32"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (record,) = _records(result.output)
+    assert record["fused_layers"] is True and record["prompts"] == 2
+
+
+@pytest.mark.slow
+def test_check_on_the_real_model_reads_chat_prompts(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name a primary colour."}\n\n{"prompt": "What is 2 + 2?"}\n{"prompt": "unused"}\n')
+    out = tmp_path / "check.jsonl"  # the output also holds transformers' loading bar
+    result = CliRunner().invoke(app, ["bench", "check", "--model", "default", "--prompts", str(prompts), "--num-prompts", "2",
+                                      "--attention-backend", "torch", "--max-new-tokens", "5", "--dtype", "float32",
+                                      "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (record,) = _records(out.read_text())
+    assert record["check"] == "default" and record["prompts"] == 2 and record["identical_streams"] == 2
+    assert record["transformers_generate_vs_reference_identical"] == 2 and record["divergences"] == []
+
+
+def test_check_wants_prompts_with_a_real_model():
+    result = CliRunner().invoke(app, ["bench", "check", "--model", "default"])
+    assert result.exit_code != 0 and "--prompts" in result.output
+
+
+def test_chat_prompts_name_the_bad_line(tmp_path):
+    from kvbatch.runner.bench_check import chat_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        chat_prompts(None, path, 5)
 
 
 def test_kernel_sweeps_report_every_variant_and_restore_the_defaults(monkeypatch, capsys):
