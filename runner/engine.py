@@ -266,7 +266,7 @@ class Engine:
         try:
             with self.timer.phase("prepare_inputs"):
                 inputs = prepare_inputs(out.scheduled, self.config.block_size, self.device, self.runner.staging,
-                                        self.cascade_min_tokens)
+                                        self.cascade_min_tokens, self.runner.host_tables)
                 inputs.fill_pending(in_flight.sampled.tokens if in_flight else None)
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
                 logits = self.runner.forward(inputs)

@@ -23,6 +23,7 @@ from kvbatch.cache.metadata import AttentionMetadata
 
 from .attention_hook import StepContext
 from .fused_forward import FusedDecoder
+from .host_tables import HostBlockTables
 from .scheduler import ScheduledSeq
 
 MIN_ROWS = 16
@@ -99,7 +100,7 @@ def shared_prefix_tokens(tables: np.ndarray, seq_lens: np.ndarray, block_size: i
 
 def prepare_inputs(
     scheduled: list[ScheduledSeq], block_size: int, device: torch.device, staging: HostStaging | None = None,
-    cascade_min_tokens: int = 0,
+    cascade_min_tokens: int = 0, host_tables: HostBlockTables | None = None,
 ) -> StepInputs:
     """Lay the step's tokens end to end, decodes first (the scheduler already ordered them).
 
@@ -131,8 +132,14 @@ def prepare_inputs(
 
     pending_rows: list[int] = []
     pending_from: list[int] = []
-    row = num_sampling = num_decodes = 0
-    for i, item in enumerate(scheduled):
+    one_row = counts == 1
+    num_decodes = num_seqs if one_row.all() else int(one_row.argmin())  # the leading one-row sequences
+    num_sampling = _fill_decodes(scheduled[:num_decodes], block_size, token_ids, positions, slots, tables,
+                                 query_start_loc, seq_lens, logits_rows, pending_rows, pending_from,
+                                 host_tables or HostBlockTables())
+    row = num_decodes
+    for i in range(num_decodes, num_seqs):
+        item = scheduled[i]
         seq, count = item.seq, item.num_new_tokens
         start = seq.num_computed_tokens
         end = start + count
@@ -148,8 +155,6 @@ def prepare_inputs(
                 pending_from.append(seq.pending_index)
             positions[row] = start
             slots[row] = blocks[start // block_size] * block_size + start % block_size
-            if num_decodes == i:
-                num_decodes += 1
         else:
             token_ids[row : row + count] = seq.token_ids(start, end)
             pos = np.arange(start, end)
@@ -193,6 +198,42 @@ def prepare_inputs(
     )
 
 
+def _fill_decodes(
+    items: list[ScheduledSeq], block_size: int, token_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+    tables: np.ndarray, query_start_loc: np.ndarray, seq_lens: np.ndarray, logits_rows: np.ndarray,
+    pending_rows: list[int], pending_from: list[int], host_tables: HostBlockTables,
+) -> int:
+    """Rows 0..len(items)-1 of `prepare_inputs`' arrays for the step's leading one-row sequences (decodes, row i
+    sequence i), column by column in numpy rather than one Python body per row: this loop is most of the host's
+    work in a step of 512 decodes. Returns how many of them sample (their rows lead logits_rows)."""
+    n = len(items)
+    if n == 0:
+        return 0
+    seqs = [item.seq for item in items]
+    starts = np.fromiter((seq.num_computed_tokens for seq in seqs), np.int64, n)
+    num_blocks = np.fromiter((len(seq.block_ids) for seq in seqs), np.int64, n)
+    short = np.flatnonzero(starts >= num_blocks * block_size)
+    if len(short):
+        seq = seqs[short[0]]
+        raise ValueError(f"sequence {seq.seq_id} computes tokens up to {seq.num_computed_tokens + 1} but holds {len(seq.block_ids)} blocks of {block_size}")
+    host_tables.fill(seqs, tables[:n])
+    rows = np.arange(n)
+    positions[:n] = starts
+    slots[:n] = tables[rows, starts // block_size].astype(np.int64) * block_size + starts % block_size
+    known = np.fromiter((seq.num_known_tokens for seq in seqs), np.int64, n)
+    for i in np.flatnonzero(starts < known).tolist():
+        token_ids[i] = seqs[i].token_ids(int(starts[i]), int(starts[i]) + 1)[0]
+    pending = np.flatnonzero(starts >= known).tolist()  # sampled by the step in flight: filled in on the device
+    pending_rows.extend(pending)
+    pending_from.extend(seqs[i].pending_index for i in pending)
+    query_start_loc[1 : n + 1] = rows + 1
+    seq_lens[:n] = starts + 1
+    totals = np.fromiter((seq.num_tokens for seq in seqs), np.int64, n)
+    sampling = np.flatnonzero(starts + 1 == totals)  # the chunk reaches the end: its row samples
+    logits_rows[: len(sampling)] = sampling
+    return len(sampling)
+
+
 def _aligned(dtype: type, *lengths: int) -> tuple[np.ndarray, list[int]]:
     """One zeroed array holding sub-arrays of `lengths`, each starting on a 16-byte boundary: Triton
     specialises kernels on pointer alignment, so unaligned views would compile extra variants mid-run."""
@@ -212,6 +253,7 @@ class ModelRunner:
         self.fused = fused  # runs the decoder layers with fused kernels instead of transformers' (runner/fused_forward.py)
         self.device = next(model.parameters()).device
         self.staging = HostStaging(self.device)
+        self.host_tables = HostBlockTables()  # the decodes' block tables, kept between steps
         self.graphs = None  # a DecodeGraphs once captured (runner/cuda_graphs.py): pure-decode steps replay it
 
     def replays(self, inputs: StepInputs) -> bool:

@@ -198,7 +198,7 @@ class Scheduler:
             return None
         block_size = self.config.block_size
         budget = self.config.max_num_batched_tokens
-        plan: list[tuple[Sequence, int]] = []
+        plan: list[tuple[Sequence, int, int]] = []  # (sequence, tokens, blocks it needs)
         need = 0
         for seq in self.running:
             if seq.isolate or seq.num_pending > 1 or seq.request.sampling.repetition_penalty != 1.0:
@@ -208,15 +208,18 @@ class Scheduler:
             if budget == 0:
                 break
             num_new = min(seq.num_tokens_to_compute, budget)
-            need += num_blocks_for(seq.num_computed_tokens + num_new, block_size) - len(seq.block_ids)
-            plan.append((seq, num_new))
+            seq_need = max(num_blocks_for(seq.num_computed_tokens + num_new, block_size) - len(seq.block_ids), 0)
+            need += seq_need
+            plan.append((seq, num_new, seq_need))
             budget -= num_new
         if need > self.pool.num_free_blocks:
             return None  # schedule() preempts, once the tokens in flight are in
         out = SchedulerOutput(scheduled=[])
-        for seq, num_new in plan:
-            grown = self._grow(seq, num_new, out)
-            assert grown and not out.preempted, f"seq {seq.seq_id} could not grow with {self.pool.num_free_blocks} blocks free"
+        for seq, num_new, seq_need in plan:  # `_grow` without its preemption: the blocks were counted above
+            if seq_need > 0:
+                block_ids = self.pool.allocate(seq_need)
+                assert block_ids is not None, f"seq {seq.seq_id} could not grow with {self.pool.num_free_blocks} blocks free"
+                seq.block_ids.extend(block_ids)
             self._schedule(seq, num_new, out, register=not seq.num_pending)
         self._admit_waiting(budget, out)
         if not out.scheduled:

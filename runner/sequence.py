@@ -47,7 +47,7 @@ class Sequence:
     seed: int
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # grows by appending, else replaced whole (runner/host_tables.py)
     num_computed_tokens: int = 0
     num_pending: int = 0  # sampled on the device, not yet appended to output_token_ids
     pending_index: int = -1  # the newest pending token's row in its step's sampled tokens
@@ -61,14 +61,15 @@ class Sequence:
     num_isolations: int = 0
     finish_reason: FinishReason | None = None
     group: Any = None  # the engine's state of the request this sample belongs to
+    # A plain attribute, not a property: the host reads it a few thousand times a step.
+    num_prompt_tokens: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.request.prompt_token_ids)
 
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.request.prompt_token_ids
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.request.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
