@@ -203,11 +203,12 @@ class Scheduler:
         for seq in self.running:
             if seq.isolate or seq.num_pending > 1 or seq.request.sampling.repetition_penalty != 1.0:
                 return None  # a sequence that must run alone, or one whose penalty reads its pending token
-            if seq.num_pending and seq.num_tokens - seq.num_prompt_tokens >= seq.max_new_tokens:
+            num_tokens = seq.num_tokens
+            if seq.num_pending and num_tokens - seq.num_prompt_tokens >= seq.max_new_tokens:
                 continue
             if budget == 0:
                 break
-            num_new = min(seq.num_tokens_to_compute, budget)
+            num_new = min(num_tokens - seq.num_computed_tokens, budget)
             seq_need = max(num_blocks_for(seq.num_computed_tokens + num_new, block_size) - len(seq.block_ids), 0)
             need += seq_need
             plan.append((seq, num_new, seq_need))
@@ -316,7 +317,7 @@ class Scheduler:
         """Record that the step ran: the scheduled tokens are now in the pages."""
         self._registered_this_step = []
         for item in out.scheduled:
-            if item.samples:
+            if item.seq.isolate and item.samples:
                 item.seq.isolate = False  # its whole context ran alone without failing: not the culprit
             item.seq.num_computed_tokens += item.num_new_tokens
 
