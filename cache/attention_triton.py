@@ -49,6 +49,7 @@ from .metadata import AttentionMetadata
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it buys
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, where the decode puts its sequences
 _MIN_TOKENS_PER_PREFIX_SPLIT = 128  # two 64-key tiles: a cascade program's fixed cost is a BLOCK_M-row q tile
 
 
@@ -180,6 +181,8 @@ def _decode(query, key_cache, value_cache, meta, scale, out, num_splits: int | N
             prefix_splits: int | None = None) -> None:
     """Writes rows 0..num_decodes-1 of out. Reads only shapes and python ints: safe to capture in a CUDA graph."""
     num_decodes = meta.num_decodes
+    if num_decodes > _MAX_GRID_Y:
+        raise ValueError(f"{num_decodes} decodes in one step; the Triton decode takes at most {_MAX_GRID_Y} (lower max_num_seqs)")
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
