@@ -78,6 +78,8 @@ def run_engine(engine: Engine, workload: Workload) -> dict[str, Any]:
         "preemptions": engine.stats.num_preemptions - before.num_preemptions,
         "peak_kv_usage": round(engine.stats.peak_kv_usage, 3),
         "prefix_hit_rate": round(cached / queried, 3) if queried else None,
+        # Low on a GPU: the host, not the device, set the pace (the device sat idle between steps).
+        "host_wait_share": round((engine.stats.host_wait_s - before.host_wait_s) / seconds, 3),
     }
 
 

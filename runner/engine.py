@@ -22,6 +22,7 @@ import atexit
 import gc
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -297,8 +298,10 @@ class Engine:
         """Take in a launched step's tokens. If the device fails while we wait, the step (and `next_step`,
         launched after it and reading its tokens) is recomputed like a step that raised; then False."""
         try:
+            waited = time.perf_counter()
             with self.timer.phase("wait_tokens"):
                 tokens, logprobs = step.sampled.to_host()
+            self.stats.host_wait_s += time.perf_counter() - waited
         except Exception as exc:  # noqa: BLE001 - as a step that raised
             lost = [item.seq for s in (step, next_step) if s is not None for item in s.out.scheduled]
             return self._recover(scheduler, list(dict.fromkeys(lost)), exc), False

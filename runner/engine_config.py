@@ -48,6 +48,9 @@ class EngineStats:
     # and how many of those the cache held.
     num_queried_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
+    # Seconds the host waited for a step's sampled tokens. With async scheduling a run the device bounds spends
+    # most of its time here; one the host bounds (the device idle between steps) almost none.
+    host_wait_s: float = 0.0
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -26,6 +26,7 @@ def test_throughput_counts_every_requested_token(tmp_path):
     assert record["in_tokens"] == make_workload("chat", 1024, 6).num_prompt_tokens
     assert {"schedule", "prepare_inputs", "forward_eager", "sample", "postprocess"} <= set(record["phases"])
     assert "bound_s" not in record  # no roofline for a CPU
+    assert 0 <= record["host_wait_share"] < 1
 
 
 def test_capped_pool_finishes_every_row_with_preemptions(tmp_path):

@@ -195,3 +195,22 @@ def test_the_engine_freezes_what_exists_at_setup_and_collects_what_comes_later(l
     del cycle
     gc.collect()
     assert ref() is None
+
+
+def test_the_host_counts_the_time_it_waits_for_tokens(loaded, monkeypatch) -> None:
+    """stats.host_wait_s (bench's host_wait_share): the time spent in a step's to_host, each step counted."""
+    import time
+
+    from kvbatch.runner import sampling
+
+    real = sampling.SampledTokens.to_host
+
+    def slow(self):
+        time.sleep(0.01)
+        return real(self)
+
+    monkeypatch.setattr(sampling.SampledTokens, "to_host", slow)
+    engine = make_engine(loaded)
+    requests = [GenerationRequest(i, [5, 6, 7, 8], SamplingParams(max_new_tokens=3, ignore_eos=True)) for i in range(2)]
+    assert all(r.error is None for r in engine.generate(requests))
+    assert engine.stats.num_steps >= 3 and engine.stats.host_wait_s >= 0.01 * engine.stats.num_steps
