@@ -79,7 +79,7 @@ class EngineSpec:
     device: str | None = None
     dtype: str | None = None
     block_size: int | None = field(default=None, metadata={"min": 1})
-    max_num_seqs: int | None = field(default=None, metadata={"min": 1, "max": 65535})  # a CUDA grid axis holds 65,535
+    max_num_seqs: int | None = field(default=None, metadata={"min": 1})
     max_num_batched_tokens: int | None = field(default=None, metadata={"min": 1})
     kv_cache_gib: float | None = field(default=None, metadata={"gt": 0})
     gpu_memory_utilization: float | None = field(default=None, metadata={"gt": 0, "max": 1})

@@ -100,7 +100,7 @@ def throughput(
     hf_num_prompts: Annotated[Optional[int], typer.Option(min=1, help="Run the peers on the first N prompts only (their tok/s barely depends on N; saves device time).")] = None,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16, float32.")] = "auto",
-    max_num_seqs: Annotated[int, typer.Option(min=1, max=65535)] = 512,
+    max_num_seqs: Annotated[int, typer.Option(min=1)] = 512,
     max_num_batched_tokens: Annotated[Optional[int], typer.Option(min=1)] = None,
     kv_pool_tokens: Annotated[Optional[int], typer.Option(min=1, help="Cap the KV pool at this many tokens (workload c).")] = None,
     policy: Annotated[str, typer.Option(help="optimistic or reserve.")] = "optimistic",

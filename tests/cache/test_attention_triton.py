@@ -227,15 +227,3 @@ def test_decode_replays_in_a_cuda_graph():
     graph.replay()
     want = attention_torch.paged_attention(query, kc, vc, meta, 0.1)
     torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
-
-
-def test_more_decodes_than_a_grid_axis_holds_is_refused_by_name():
-    n = attention_triton._MAX_GRID_Y + 1
-    meta = AttentionMetadata(
-        query_start_loc=torch.arange(n + 1, dtype=torch.int32), seq_lens=torch.ones(n, dtype=torch.int32),
-        block_tables=torch.zeros(n, 1, dtype=torch.int32), slot_mapping=torch.full((n,), -1, dtype=torch.int64),
-        num_decodes=n, max_query_len=1, max_seq_len=1, block_size=16,
-    )  # fmt: skip
-    cache = torch.zeros(1, 16, 1, 16)
-    with pytest.raises(ValueError, match="lower max_num_seqs"):
-        attention_triton.paged_attention(torch.zeros(n, 1, 16), cache, cache, meta, 1.0)

@@ -163,7 +163,6 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
         ("defaults:\n  sampling: {max_new_token: 5}\njobs:\n  - name: a\n    input: {path: x.jsonl}\n", ":2", "defaults.sampling.max_new_token", "did you mean 'max_new_tokens'"),
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      max_new_tokens: lots\n", ":5", "jobs[0].sampling.max_new_tokens", "expected an integer, got str 'lots'"),
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {temperature: -1}\n", ":4", "jobs[0].sampling.temperature", "must be >= 0"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    engine: {max_num_seqs: 70000}\n", ":4", "jobs[0].engine.max_num_seqs", "must be <= 65535"),
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {chat_template: maybe}\n", ":4", "jobs[0].prompt.chat_template", "expected true or false"),
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {format: csv}\n", ":4", "jobs[0].output.format", "must be one of"),
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    keep_columns: {a: 1}\n", ":4", "jobs[0].keep_columns", "expected a list"),
