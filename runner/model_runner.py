@@ -228,7 +228,7 @@ def _fill_decodes(
     pending_from.extend(seqs[i].pending_index for i in pending)
     query_start_loc[1 : n + 1] = rows + 1
     seq_lens[:n] = starts + 1
-    totals = np.fromiter((seq.num_tokens for seq in seqs), np.int64, n)
+    totals = known + np.fromiter((seq.num_pending for seq in seqs), np.int64, n)  # num_tokens
     sampling = np.flatnonzero(starts + 1 == totals)  # the chunk reaches the end: its row samples
     logits_rows[: len(sampling)] = sampling
     return len(sampling)

@@ -217,10 +217,7 @@ class Scheduler:
             return None  # schedule() preempts, once the tokens in flight are in
         out = SchedulerOutput(scheduled=[])
         for seq, num_new, seq_need in plan:  # `_grow` without its preemption: the blocks were counted above
-            if seq_need > 0:
-                block_ids = self.pool.allocate(seq_need)
-                assert block_ids is not None, f"seq {seq.seq_id} could not grow with {self.pool.num_free_blocks} blocks free"
-                seq.block_ids.extend(block_ids)
+            self._allocate(seq, seq_need)
             self._schedule(seq, num_new, out, register=not seq.num_pending)
         self._admit_waiting(budget, out)
         if not out.scheduled:
@@ -292,11 +289,15 @@ class Scheduler:
             out.preempted.append(victim)
             if victim is seq:
                 return False
+        self._allocate(seq, need)
+        return True
+
+    def _allocate(self, seq: Sequence, need: int) -> None:
+        """Append `need` new blocks to the sequence's pages (nothing if need <= 0); the caller made sure they fit."""
         if need > 0:
             block_ids = self.pool.allocate(need)
-            assert block_ids is not None, f"pool refused {need} blocks with {self.pool.num_free_blocks} free"
+            assert block_ids is not None, f"seq {seq.seq_id}: pool refused {need} blocks with {self.pool.num_free_blocks} free"
             seq.block_ids.extend(block_ids)
-        return True
 
     def _release(self, seq: Sequence) -> None:
         """Drop the sequence's hold on its pages; their cached blocks stay findable until evicted."""
