@@ -75,6 +75,18 @@ class _RequestState:
 _gc_unfreeze_at_exit = False
 
 
+def _sampling_rows(items: list[ScheduledSeq]) -> list[SamplingRow] | None:
+    """What sampling needs of each sampling row; None when every row takes the plain argmax (the usual
+    greedy batch job), which needs nothing per row."""
+    if all(item.seq.plain_greedy for item in items):
+        return None
+    return [
+        SamplingRow(item.seq.request.sampling, item.seq.seed, item.seq.all_token_ids if item.seq.penalised else [],
+                    len(item.seq.output_token_ids) + item.seq.num_pending)
+        for item in items
+    ]  # fmt: skip
+
+
 def _freeze_gc() -> None:
     """Put every object alive now (torch, transformers, the model: about 450,000 of them) out of the cyclic
     collector's reach. A full collection walks them all: on the H200 host, 210-260 ms with the GPU idle, in two
@@ -271,14 +283,8 @@ class Engine:
                 inputs.fill_pending(in_flight.sampled.tokens if in_flight else None)
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
                 logits = self.runner.forward(inputs)
-            rows = [
-                SamplingRow(item.seq.request.sampling, item.seq.seed,
-                            item.seq.all_token_ids if item.seq.request.sampling.repetition_penalty != 1.0 else [],
-                            len(item.seq.output_token_ids) + item.seq.num_pending)
-                for item in sampling_items
-            ]  # fmt: skip
             with self.timer.phase("sample"):
-                sampled = sample_on_device(logits, rows).start_download()
+                sampled = sample_on_device(logits, _sampling_rows(sampling_items)).start_download()
         except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
             results = self._drain(scheduler, in_flight)[0] if in_flight else []
             return results + self._recover(scheduler, [item.seq for item in out.scheduled], exc), None
@@ -311,22 +317,28 @@ class Engine:
     def _postprocess(self, scheduler: Scheduler, sampling_items: list, tokens: list[int], logprobs: list[float] | None) -> list[GenerationResult]:
         """Append each sampled token, check its stop conditions, retire what finished."""
         results = []
+        eos = self.stop_checker.eos_token_ids
+        num_spare = 0
         for i, item in enumerate(sampling_items):
             seq = item.seq
             if seq.finish_reason is not None:  # stopped on the step before: a decode planned ahead, dropped
-                self.stats.num_spare_tokens += 1
+                num_spare += 1
                 continue
             seq.num_pending -= 1
-            seq.output_token_ids.append(tokens[i])
+            token = tokens[i]
+            seq.output_token_ids.append(token)
             if logprobs is not None and seq.request.sampling.logprobs:
                 seq.output_logprobs.append(logprobs[i])
-            self.stats.num_output_tokens += 1
-            reason = self.stop_checker.check(seq)
-            if reason:
-                seq.finish_reason = reason
-                result = self._retire(scheduler, seq)
-                if result:
-                    results.append(result)
+            # Most rows of most steps go on: only a row that may stop pays for the full check.
+            if seq.custom_stops or token in eos or len(seq.output_token_ids) >= seq.max_new_tokens:
+                reason = self.stop_checker.check(seq)
+                if reason:
+                    seq.finish_reason = reason
+                    result = self._retire(scheduler, seq)
+                    if result:
+                        results.append(result)
+        self.stats.num_spare_tokens += num_spare
+        self.stats.num_output_tokens += len(sampling_items) - num_spare
         return results
 
     def _retire(self, scheduler: Scheduler, seq: Sequence) -> GenerationResult | None:

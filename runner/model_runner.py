@@ -220,7 +220,7 @@ def _fill_decodes(
     rows = np.arange(n)
     positions[:n] = starts
     slots[:n] = tables[rows, starts // block_size].astype(np.int64) * block_size + starts % block_size
-    known = np.fromiter((seq.num_known_tokens for seq in seqs), np.int64, n)
+    known = np.fromiter((seq.num_prompt_tokens + len(seq.output_token_ids) for seq in seqs), np.int64, n)  # num_known_tokens
     for i in np.flatnonzero(starts < known).tolist():
         token_ids[i] = seqs[i].token_ids(int(starts[i]), int(starts[i]) + 1)[0]
     pending = np.flatnonzero(starts >= known).tolist()  # sampled by the step in flight: filled in on the device

@@ -121,13 +121,16 @@ class SampledTokens:
         return tokens.tolist(), logprobs.tolist() if logprobs is not None else None
 
 
-def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow] | None) -> SampledTokens:
     """logits: [num_rows, vocab_size] in the model's dtype. The chosen token ids and, if any row asked, their
-    log-probabilities under the unmodified model distribution; nothing waits for the device.
+    log-probabilities under the unmodified model distribution; nothing waits for the device. rows=None: every
+    row is greedy and wants no log-probability (the caller knew without building the rows).
 
     An all-greedy step takes the argmax of the logits as they come (a float32 copy would hold the same values,
     so the same tokens): at 512 rows of a 128k vocabulary the copy alone cost 0.2 ms of a 5.6 ms decode step.
     Log-probabilities, penalties and sampling work in float32."""
+    if rows is None:
+        return SampledTokens(logits.argmax(dim=-1), None)
     logprobs_wanted = any(r.params.logprobs for r in rows)
     penalised = any(r.params.repetition_penalty != 1.0 for r in rows)
     sampling = [i for i, r in enumerate(rows) if not r.params.greedy]

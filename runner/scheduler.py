@@ -76,15 +76,11 @@ class SchedulerConfig:
             )
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the end of the sequence, so its last row yields the next token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    samples: bool  # the chunk reaches the end of the sequence, so its last row yields the next token
 
 
 @dataclass
@@ -198,27 +194,38 @@ class Scheduler:
             return None
         block_size = self.config.block_size
         budget = self.config.max_num_batched_tokens
-        plan: list[tuple[Sequence, int, int]] = []  # (sequence, tokens, blocks it needs)
+        # (sequence, tokens, blocks it needs, whether it samples). The host runs this loop for every row of
+        # every step, ahead of the device, so it reads plain attributes and no properties.
+        plan: list[tuple[Sequence, int, int, bool]] = []
         need = 0
         for seq in self.running:
-            if seq.isolate or seq.num_pending > 1 or seq.request.sampling.repetition_penalty != 1.0:
+            pending = seq.num_pending
+            if seq.isolate or pending > 1 or seq.penalised:
                 return None  # a sequence that must run alone, or one whose penalty reads its pending token
-            num_tokens = seq.num_tokens
-            if seq.num_pending and num_tokens - seq.num_prompt_tokens >= seq.max_new_tokens:
+            num_output = len(seq.output_token_ids) + pending
+            if pending and num_output >= seq.max_new_tokens:
                 continue
             if budget == 0:
                 break
-            num_new = min(num_tokens - seq.num_computed_tokens, budget)
-            seq_need = max(num_blocks_for(seq.num_computed_tokens + num_new, block_size) - len(seq.block_ids), 0)
-            need += seq_need
-            plan.append((seq, num_new, seq_need))
+            num_tokens = seq.num_prompt_tokens + num_output
+            computed = seq.num_computed_tokens
+            num_new = num_tokens - computed if num_tokens - computed < budget else budget
+            seq_need = -(-(computed + num_new) // block_size) - len(seq.block_ids)
+            if seq_need > 0:
+                need += seq_need
+            plan.append((seq, num_new, seq_need, computed + num_new == num_tokens))
             budget -= num_new
         if need > self.pool.num_free_blocks:
             return None  # schedule() preempts, once the tokens in flight are in
         out = SchedulerOutput(scheduled=[])
-        for seq, num_new, seq_need in plan:  # `_grow` without its preemption: the blocks were counted above
-            self._allocate(seq, seq_need)
-            self._schedule(seq, num_new, out, register=not seq.num_pending)
+        scheduled = out.scheduled
+        for seq, num_new, seq_need, samples in plan:  # `_grow` without its preemption: the blocks were counted above
+            if seq_need > 0:
+                self._allocate(seq, seq_need)
+            if seq.num_pending:  # a decode: its newest block holds the pending token, so nothing to register
+                scheduled.append(ScheduledSeq(seq, num_new, samples))
+            else:
+                self._schedule(seq, num_new, out, samples=samples)
         self._admit_waiting(budget, out)
         if not out.scheduled:
             return None
@@ -262,13 +269,13 @@ class Scheduler:
         num_blocks = max_cached_blocks(seq.num_tokens, self.config.block_size)
         return self.pool.match_prefix(seq.full_block_hashes(num_blocks * self.config.block_size, self.config.block_size))
 
-    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput, register: bool = True) -> None:
+    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput, register: bool = True, samples: bool | None = None) -> None:
         """Put the chunk in the step and register the blocks it fills (unless a token in them is still pending)."""
-        out.scheduled.append(ScheduledSeq(seq, num_new))
-        if not self.config.prefix_cache or not register:
+        num_tokens = seq.num_computed_tokens + num_new
+        out.scheduled.append(ScheduledSeq(seq, num_new, num_tokens == seq.num_tokens if samples is None else samples))
+        if not register or not self.config.prefix_cache:
             return
         block_size = self.config.block_size
-        num_tokens = seq.num_computed_tokens + num_new
         num_full = num_tokens // block_size
         if num_full <= seq.num_registered_blocks:
             return

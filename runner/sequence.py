@@ -61,11 +61,18 @@ class Sequence:
     num_isolations: int = 0
     finish_reason: FinishReason | None = None
     group: Any = None  # the engine's state of the request this sample belongs to
-    # A plain attribute, not a property: the host reads it a few thousand times a step.
+    # Plain attributes, not properties: the host reads them for every row of every step.
     num_prompt_tokens: int = field(init=False, repr=False)
+    penalised: bool = field(init=False, repr=False)  # a repetition penalty reads the tokens so far
+    plain_greedy: bool = field(init=False, repr=False)  # argmax alone: no sampling, penalty or log-probs
+    custom_stops: bool = field(init=False, repr=False)  # stop strings or stop token ids beyond EOS
 
     def __post_init__(self) -> None:
+        params = self.request.sampling
         self.num_prompt_tokens = len(self.request.prompt_token_ids)
+        self.penalised = params.repetition_penalty != 1.0
+        self.plain_greedy = params.greedy and not self.penalised and not params.logprobs
+        self.custom_stops = bool(params.stop or params.stop_token_ids)
 
     @property
     def prompt_token_ids(self) -> list[int]:

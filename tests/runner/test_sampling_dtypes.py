@@ -42,3 +42,10 @@ def test_bf16_logits_give_the_float32_results(params):
     if all(p.greedy for p in params):
         assert got_tokens[1] == 7
         assert got_tokens == logits.float().argmax(-1).tolist()
+
+
+def test_rows_none_is_the_plain_greedy_step():
+    """The engine passes rows=None when every row is greedy and wants no log-probability; it must give what the
+    rows themselves would have given."""
+    logits = _logits()
+    assert sample_on_device(logits, None).to_host() == sample_on_device(logits, _rows([SamplingParams()] * 6)).to_host()
