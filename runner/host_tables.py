@@ -29,8 +29,9 @@ class HostBlockTables:
         self._lens = np.zeros(0, np.int64)
         self._refs: list[list[int] | None] = []
 
-    def fill(self, seqs: list[Sequence], out: np.ndarray) -> None:
-        """Write the block tables of `seqs` into out [len(seqs), width], zero-padded on the right."""
+    def fill(self, seqs: list[Sequence], out: np.ndarray) -> np.ndarray:
+        """Write the block tables of `seqs` into out [len(seqs), width], zero-padded on the right. Returns each
+        sequence's block count, which the caller needs too."""
         num_rows, width = out.shape
         if num_rows > self._table.shape[0] or width > self._table.shape[1]:
             rows = max(num_rows, 2 * self._table.shape[0])
@@ -64,3 +65,4 @@ class HostBlockTables:
         self._lens[:num_rows] = lens
         self._refs[:num_rows] = lists
         out[:] = table[:num_rows, :width]
+        return lens

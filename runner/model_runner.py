@@ -211,12 +211,11 @@ def _fill_decodes(
         return 0
     seqs = [item.seq for item in items]
     starts = np.fromiter((seq.num_computed_tokens for seq in seqs), np.int64, n)
-    num_blocks = np.fromiter((len(seq.block_ids) for seq in seqs), np.int64, n)
+    num_blocks = host_tables.fill(seqs, tables[:n])
     short = np.flatnonzero(starts >= num_blocks * block_size)
     if len(short):
         seq = seqs[short[0]]
         raise ValueError(f"sequence {seq.seq_id} computes tokens up to {seq.num_computed_tokens + 1} but holds {len(seq.block_ids)} blocks of {block_size}")
-    host_tables.fill(seqs, tables[:n])
     rows = np.arange(n)
     positions[:n] = starts
     slots[:n] = tables[rows, starts // block_size].astype(np.int64) * block_size + starts % block_size

@@ -55,8 +55,9 @@ def test_kept_tables_equal_fresh_ones(steps, num_start):
             continue
         width = max(len(s.block_ids) for s in seqs) + 1  # a wider step (a prefill's longer table) pads with zeros
         out = np.full((len(seqs), width), -7, np.int32)
-        tables.fill(seqs, out)
+        counts = tables.fill(seqs, out)
         np.testing.assert_array_equal(out, fresh(seqs, width))
+        assert counts.tolist() == [len(s.block_ids) for s in seqs]
 
 
 def test_a_row_built_from_a_longer_list_is_cleared_to_the_right():
