@@ -260,7 +260,7 @@ def _zero_padding_rows(out: torch.Tensor, meta: AttentionMetadata) -> None:
         return
     block_r = 16
     _zero_rows_kernel[(triton.cdiv(num_rows, block_r),)](
-        out, meta.query_start_loc[meta.num_seqs :], num_rows, row_numel,
+        out, meta.query_start_loc, meta.num_seqs, num_rows, row_numel,
         BLOCK_R=block_r, BLOCK_C=min(triton.next_power_of_2(row_numel), 1024),
     )
 

@@ -30,12 +30,14 @@ def _write_kv_kernel(
     tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _zero_rows_kernel(out_ptr, first_row_ptr, num_rows, row_numel, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Zeros rows first_row.. of out [num_rows, row_numel], first_row read on the device (no host sync): the
-    padding rows no sequence owns. A program whose rows all lie below first_row stores nothing."""
+# num_seqs and num_rows change from step to step; specialising on them (or on a pointer offset by num_seqs,
+# whose 16-byte alignment then changes) would compile new variants in the middle of a run.
+@triton.jit(do_not_specialize=["num_seqs", "num_rows"])
+def _zero_rows_kernel(out_ptr, query_start_ptr, num_seqs, num_rows, row_numel, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Zeros rows first_row.. of out [num_rows, row_numel], first_row = query_start[num_seqs] read on the device
+    (no host sync): the padding rows no sequence owns. A program whose rows all lie below first_row stores nothing."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    first_row = tl.load(first_row_ptr)
+    first_row = tl.load(query_start_ptr + num_seqs)
     rows_mask = (rows >= first_row) & (rows < num_rows)
     zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=out_ptr.dtype.element_ty)
     for c0 in range(0, row_numel, BLOCK_C):

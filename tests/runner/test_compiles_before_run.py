@@ -1,0 +1,55 @@
+"""On a GPU every Triton kernel variant a run meets is compiled while the engine starts, none mid-run.
+
+Triton compiles a new variant for each new specialisation of a kernel's arguments (an integer that is 1 or a
+multiple of 16, a pointer's 16-byte alignment). A compile in the middle of a run stalls the device for 0.1-1 s
+(one took 115 ms of the first step of a bench run on the H200), so the engine's start-up (its warm-up, graph
+capture and pool profiling) must meet them all. The steps here vary what changes between steps: the number of
+sequences (each residue mod 4, which moves pointers into the per-sequence arrays), decodes mixed with prefill
+chunks, chunked long prompts, sampling and log-probabilities.
+
+GPU only: in the CPU interpreter nothing is compiled, so there is nothing to check there.
+"""
+
+import pytest
+import torch
+
+from kvbatch.runner.bench_models import random_model
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.request import GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles kernels only on a GPU")
+
+
+@pytest.mark.parametrize("profile_pool", [True, False])
+def test_no_kernel_compiles_after_the_engine_starts(profile_pool):
+    import triton
+
+    loaded = random_model("tiny", "cuda", "bfloat16", max_model_len=2048)
+    config = dict(max_num_seqs=64, max_num_batched_tokens=512, block_size=16)
+    if not profile_pool:  # a fixed pool skips the profiling pass: its largest step compiles nothing then
+        config["num_blocks_override"] = 2048
+    engine = Engine.from_loaded(loaded, EngineConfig(**config))
+    compiled: list[str] = []
+    previous = triton.knobs.runtime.jit_post_compile_hook
+    triton.knobs.runtime.jit_post_compile_hook = lambda *args, **kwargs: compiled.append(str(kwargs.get("repr", args))[:300])
+    try:
+        gen = torch.Generator().manual_seed(0)
+
+        def prompt(n: int) -> list[int]:
+            return torch.randint(3, loaded.model.config.vocab_size, (n,), generator=gen).tolist()
+
+        greedy = SamplingParams(max_new_tokens=9, ignore_eos=True)
+        sampled = SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.9, logprobs=True, ignore_eos=True, seed=1)
+        lengths = [1, 2, 5, 16, 17, 33, 100, 250, 700, 31, 64, 3, 129, 8, 9, 47, 15]
+        for num_requests in (1, 2, 3, 4, 5, 7, 17):
+            requests = [
+                GenerationRequest((num_requests, i), prompt(lengths[(i + num_requests) % len(lengths)]), sampled if i % 3 == 2 else greedy)
+                for i in range(num_requests)
+            ]
+            results = list(engine.generate(requests))
+            assert len(results) == num_requests and all(r.error is None for r in results)
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = previous
+        engine.close()
+    assert engine.stats.num_steps > 30
+    assert compiled == [], f"{len(compiled)} kernel variant(s) compiled mid-run: {compiled}"
