@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -96,6 +97,8 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
             raise node.error(f"expected a string, got {_kind(value)}")
         if meta.get("nonempty") and not value.strip():
             raise node.error("must not be empty")
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+            raise node.error(f"must be {meta['pattern_help']}, got {value!r}")
     else:
         raise TypeError(f"schema.py does not support field type {hint!r} (field {node.path})")
     if "min" in meta and value < meta["min"]:

@@ -76,8 +76,8 @@ class OutputSpec:
 class EngineSpec:
     """Engine settings; None leaves the engine's own default (see runner/engine.py EngineConfig)."""
 
-    device: str | None = None
-    dtype: str | None = None
+    device: str | None = field(default=None, metadata={"pattern": r"auto|cpu|cuda(:\d+)?", "pattern_help": "auto, cpu, cuda or cuda:N"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] | None = None
     block_size: int | None = field(default=None, metadata={"min": 1})
     max_num_seqs: int | None = field(default=None, metadata={"min": 1})
     max_num_batched_tokens: int | None = field(default=None, metadata={"min": 1})
@@ -240,7 +240,7 @@ def validate(job: JobSpec, node: Node) -> None:
         return current
 
     if not _SAFE_NAME.match(job.name):
-        raise at("name").error("job names use letters, digits, '_', '.', '-' (it names the default output file)")
+        raise at("name").error("job names use letters, digits, '_', '.', '-' and start with a letter, digit or '_' (it names the default output file)")
     if job.input is None:
         raise node.error("missing required field 'input'")
     chosen = [k for k in ("column", "messages_column", "template") if getattr(job.prompt, k) is not None]

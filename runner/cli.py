@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-import yaml
 
 from kvbatch import __version__
 from kvbatch.jobs.errors import InterruptedJob, JobError, OutputLockedError, SpecError
 from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
+from kvbatch.jobs.yaml_nodes import load_yaml
 
 from .bench import bench_app
-from .job import EngineCache, JobOutcome, run_jobs
+from .job import EngineCache, JobOutcome, is_user_facing, run_jobs
 from .console import ConsoleTyper
 
 OK, FAILED, USAGE, INTERRUPTED, LOCKED = 0, 1, 2, 3, 4
@@ -231,7 +231,7 @@ def _errors() -> Iterator[None]:
         typer.echo(f"kvbatch: error: {message}", err=True)
         raise typer.Exit(_exit_code(exc)) from None
     except Exception as exc:
-        if type(exc).__name__ not in ("ModelLoadError", "DefaultModelError", "KVBudgetError"):
+        if not is_user_facing(exc):
             raise  # a bug: keep the traceback
         typer.echo(f"kvbatch: error: {exc}", err=True)
         raise typer.Exit(_exit_code(exc)) from None
@@ -263,10 +263,8 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise SpecError(f"expected KEY=VALUE, got {item!r}", field="--set")
-        try:
-            overrides[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise SpecError(f"cannot read the value of {key}: {exc}", field="--set") from None
+        # The job file's own loader: duplicate keys, tags and merge keys are refused here as they are there.
+        overrides[key.strip()] = load_yaml(raw, f"--set {key.strip()}").plain() if raw.strip() else None
     return overrides
 
 

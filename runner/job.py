@@ -352,7 +352,7 @@ def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: E
                 log.info("job %s failed: %s", job.name, exc)  # the outcome carries it; the CLI prints it once
                 outcomes.append(JobOutcome(job.name, error=exc))
             except Exception as exc:  # model loading and budget errors come from the engine's own modules
-                if not _is_user_facing(exc):
+                if not is_user_facing(exc):
                     raise
                 log.info("job %s failed: %s", job.name, exc)
                 outcomes.append(JobOutcome(job.name, error=exc))
@@ -372,6 +372,10 @@ def _job_runner(job: JobSpec) -> Callable[..., Summary]:
     return run_job
 
 
-def _is_user_facing(exc: Exception) -> bool:
-    """Errors whose message tells the user what to change (as opposed to bugs, which keep their traceback)."""
-    return type(exc).__name__ in ("ModelLoadError", "DefaultModelError", "KVBudgetError")
+# Errors whose message tells the user what to change (a bug keeps its traceback): the model, the machine (no
+# CUDA, a kernel backend missing) or the KV budget. Matched by class name, so the job glue imports no engine module.
+USER_FACING_ERRORS = ("ModelLoadError", "DefaultModelError", "KVBudgetError", "BackendUnavailableError", "FusedLayersError")
+
+
+def is_user_facing(exc: BaseException) -> bool:
+    return any(cls.__name__ in USER_FACING_ERRORS for cls in type(exc).__mro__)

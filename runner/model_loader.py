@@ -44,7 +44,17 @@ class LoadedModel:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"engine.device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"engine.device is {device!r}, but torch {torch.__version__} sees no CUDA GPU here; "
+                                 "use device auto or cpu, or install a CUDA build of torch")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"engine.device is {device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -53,7 +63,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
     return names[dtype]
 
 

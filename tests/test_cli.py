@@ -149,6 +149,10 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
         (["--set", "sampling.temperature=hot"], "command line: sampling.temperature: expected a number"),
         (["--job", "third"], "no job named 'third'"),
         (["--mode", "sometimes"], "output.mode: must be one of"),
+        (["--device", "gpu"], "command line: engine.device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        (["--set", "engine.dtype=float8"], "engine.dtype: must be one of 'auto', 'float32'"),
+        (["--set", "sampling={top_k: 1, top_k: 2}"], "--set sampling:1: top_k: duplicate field"),
+        (["--set", "sampling=!!python/object:os.system {}"], "unsupported YAML tag"),
     ):
         result = invoke("run", path, *args)
         assert (result.exit_code, message in result.stderr) == (2, True), (args, result.stderr)

@@ -181,6 +181,19 @@ def test_model_path_missing(tmp_path: Path) -> None:
     assert str(outcome.error) == f"model folder {tmp_path / 'no-such-model'} does not exist"
 
 
+def test_a_device_this_machine_lacks_fails_the_job_not_the_run(tmp_path: Path) -> None:
+    from kvbatch.cache.backends import BackendUnavailableError
+    from kvbatch.runner.job import default_engine_factory, is_user_facing
+
+    (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
+    outcome = run(tmp_path, default_engine_factory, model="default", engine={"device": "cuda:99"})  # no weights loaded
+    assert type(outcome.error).__name__ == "ModelLoadError"
+    assert str(outcome.error).startswith("engine.device is 'cuda:99', but ")
+    # A kernel backend the machine cannot run is the user's to change too: a failed job, not a traceback.
+    assert is_user_facing(BackendUnavailableError("the triton backend needs a CUDA device, the model runs on cpu"))
+    assert not is_user_facing(ValueError("a bug"))
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
