@@ -63,6 +63,7 @@ class _InFlight:
     out: SchedulerOutput
     sampling_items: list[ScheduledSeq]
     sampled: SampledTokens
+    registered: list[int]  # blocks it registered in the prefix cache: withdrawn if reading its tokens fails
 
 
 @dataclass(eq=False)
@@ -288,11 +289,11 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
             results = self._drain(scheduler, in_flight)[0] if in_flight else []
             return results + self._recover(scheduler, [item.seq for item in out.scheduled], exc), None
-        scheduler.advance(out)
+        registered = scheduler.advance(out)
         for i, item in enumerate(sampling_items):
             item.seq.num_pending += 1
             item.seq.pending_index = i
-        launched = _InFlight(out, sampling_items, sampled)
+        launched = _InFlight(out, sampling_items, sampled, registered)
         if in_flight is not None:  # the device runs `launched` while the host takes in the step before
             results, ok = self._drain(scheduler, in_flight, launched)
             return results, launched if ok else None
@@ -309,8 +310,10 @@ class Engine:
                 tokens, logprobs = step.sampled.to_host()
             self.stats.host_wait_s += time.perf_counter() - waited
         except Exception as exc:  # noqa: BLE001 - as a step that raised
-            lost = [item.seq for s in (step, next_step) if s is not None for item in s.out.scheduled]
-            return self._recover(scheduler, list(dict.fromkeys(lost)), exc), False
+            steps = [s for s in (step, next_step) if s is not None]
+            lost = [item.seq for s in steps for item in s.out.scheduled]
+            registered = [block for s in steps for block in s.registered]
+            return self._recover(scheduler, list(dict.fromkeys(lost)), exc, registered), False
         with self.timer.phase("postprocess"):
             return self._postprocess(scheduler, step.sampling_items, tokens, logprobs), True
 
@@ -364,7 +367,7 @@ class Engine:
             num_preemptions=sum(s.num_preemptions for s in state.seqs),
         )
 
-    def _recover(self, scheduler: Scheduler, seqs: list[Sequence], exc: Exception) -> list[GenerationResult]:
+    def _recover(self, scheduler: Scheduler, seqs: list[Sequence], exc: Exception, registered: list[int] | None = None) -> list[GenerationResult]:
         self.stats.num_failed_steps += 1
         culprits = seqs if len(seqs) == 1 else [s for s in seqs if s.num_isolations >= MAX_ISOLATIONS]
         logger.warning(
@@ -384,5 +387,5 @@ class Engine:
             state.num_unfinished = 0
             message = f"generation failed: {type(exc).__name__}: {exc}"
             results.append(self._error_result(state.request, message))
-        scheduler.requeue_isolated([s for s in seqs if s.finish_reason is None])
+        scheduler.requeue_isolated([s for s in seqs if s.finish_reason is None], registered or ())
         return results

@@ -43,6 +43,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Literal
 
 from kvbatch.cache.block_pool import BlockPool
@@ -321,13 +322,16 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq)
 
-    def advance(self, out: SchedulerOutput) -> None:
-        """Record that the step ran: the scheduled tokens are now in the pages."""
-        self._registered_this_step = []
+    def advance(self, out: SchedulerOutput) -> list[int]:
+        """Record that the step ran: the scheduled tokens are now in the pages. Returns the blocks the step
+        registered in the prefix cache: a device error may show only when its tokens are read, and then the
+        caller withdraws them (`requeue_isolated(..., registered)`)."""
+        registered, self._registered_this_step = self._registered_this_step, []
         for item in out.scheduled:
             if item.seq.isolate and item.samples:
                 item.seq.isolate = False  # its whole context ran alone without failing: not the culprit
             item.seq.num_computed_tokens += item.num_new_tokens
+        return registered
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is SeqStatus.RUNNING:
@@ -337,10 +341,11 @@ class Scheduler:
         self._release(seq)
         seq.status = SeqStatus.FINISHED
 
-    def requeue_isolated(self, seqs: list[Sequence]) -> None:
+    def requeue_isolated(self, seqs: list[Sequence], registered: Iterable[int] = ()) -> None:
         """After a failed step: each of its sequences loses its pages and will run alone. The blocks the
-        step registered are withdrawn from the prefix cache: their K/V may be half written."""
-        self._withdraw_step()
+        step registered (and `registered`, those of launched steps that failed when read) are withdrawn from the
+        prefix cache: their K/V may be half written."""
+        self._withdraw_step(registered)
         for seq in seqs:
             if seq.status is SeqStatus.RUNNING:
                 self.running.remove(seq)
@@ -359,6 +364,6 @@ class Scheduler:
             self.finish(seq)
         return dropped
 
-    def _withdraw_step(self) -> None:
-        self.pool.uncache(self._registered_this_step)
+    def _withdraw_step(self, registered: Iterable[int] = ()) -> None:
+        self.pool.uncache([*self._registered_this_step, *registered])
         self._registered_this_step = []

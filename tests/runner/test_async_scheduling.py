@@ -172,6 +172,44 @@ def test_a_failure_while_waiting_for_tokens_recomputes_both_steps(loaded, monkey
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
+def test_a_step_that_fails_when_read_withdraws_the_prefix_blocks_it_registered(loaded, monkeypatch) -> None:
+    """A device fault shows only when the step's tokens are read, after the step's prefix blocks were registered.
+    Here the first step writes garbage K/V and reading its tokens fails: the row that shares its prefix must
+    not reuse those blocks, so it gets the tokens it gets alone."""
+    system = random_prompts(1, 18, 18, seed=21)[0]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    first, second = GenerationRequest("a", system + [7, 6, 5], params), GenerationRequest("b", system + [9, 8], params)
+    settings = dict(num_blocks_override=64, max_num_batched_tokens=64, max_num_seqs=1)
+    [alone] = make_engine(loaded, True, **settings).generate([second])
+    engine = make_engine(loaded, True, **settings)
+    forward, calls = engine.runner.forward, {"forward": 0, "read": 0}
+
+    def garbage_first_step(inputs):
+        calls["forward"] += 1
+        logits = forward(inputs)
+        if calls["forward"] == 1:
+            slots = inputs.meta.slot_mapping[inputs.meta.slot_mapping >= 0]
+            for pages in engine.kv_cache.key + engine.kv_cache.value:
+                pages.view(-1, *pages.shape[2:])[slots] = 1e3
+        return logits
+
+    real = sampling.SampledTokens.to_host
+
+    def first_read_fails(self):
+        calls["read"] += 1
+        if calls["read"] == 1:
+            raise RuntimeError("device fault")
+        return real(self)
+
+    engine.runner.forward = garbage_first_step
+    monkeypatch.setattr(sampling.SampledTokens, "to_host", first_read_fails)
+    got = {r.request_id: r for r in engine.generate([first, second])}
+    assert got["a"].error == "generation failed: RuntimeError: device fault"  # it ran alone when the fault came
+    assert got["b"].error is None
+    assert got["b"].completions[0].token_ids == alone.completions[0].token_ids
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
 @pytest.mark.parametrize("policy", ["reserve", "optimistic"])
 def test_rows_waiting_for_room_do_not_stop_planning_ahead(loaded, monkeypatch, policy) -> None:
     """A queue whose head does not fit the pool cannot be admitted, so the running rows keep decoding ahead;
