@@ -1,7 +1,8 @@
 """Choosing the next token of each sampling row, batched.
 
-Order, as in transformers: repetition penalty, then (sampling rows only) temperature, top-k,
-top-p, min-p, then a draw. Greedy rows take the argmax of the penalised logits.
+Order, as in transformers: repetition penalty, then (sampling rows only) temperature, top-k (ties with
+the k-th kept), top-p (on what top-k left), min-p, then a draw. Greedy rows (temperature 0, or below 1e-5)
+take the argmax of the penalised logits.
 
 The draw is batch-invariant: instead of a stateful generator, each row's noise is a hash of
 (seed, output position, token id), so a seeded request samples the same tokens whatever else is
@@ -72,12 +73,15 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     needs_sort = any(r.params.top_k or r.params.top_p < 1.0 for r in rows)
     if needs_sort:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        rank = torch.arange(probs.shape[-1], device=device)[None, :]
         top_k = _on_device([r.params.top_k or probs.shape[-1] for r in rows], torch.int64, device)[:, None]
         top_p = _on_device([r.params.top_p for r in rows], torch.float32, device)[:, None]
-        # Keep a token while the mass before it is under top_p: the most likely token always stays.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep_sorted = (rank < top_k) & (mass_before < top_p)
+        # Top-k keeps every token as likely as the k-th (ties with it too, as transformers does); top-p then
+        # measures its mass on what top-k left, renormalised, keeping a token while the mass before it is under
+        # top_p (so the most likely token always stays).
+        keep_sorted = sorted_probs >= sorted_probs.gather(1, top_k - 1)
+        left = sorted_probs * keep_sorted
+        left = left / left.sum(dim=-1, keepdim=True)
+        keep_sorted &= (left.cumsum(dim=-1) - left) < top_p
         keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
         probs = probs * keep
     if any(r.params.min_p > 0 for r in rows):
