@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import hashlib
 import logging
 import os
 import time
@@ -86,6 +87,12 @@ def _sampling_rows(items: list[ScheduledSeq]) -> list[SamplingRow] | None:
                     len(item.seq.output_token_ids) + item.seq.num_pending)
         for item in items
     ]  # fmt: skip
+
+
+def _stable_hash(request_id: object) -> int:
+    """56 bits from the request id, the same in every process (unlike hash()): an unseeded row of a job (its id
+    is its input row) samples the same tokens in a resumed, sharded or data-parallel run as in one run."""
+    return int.from_bytes(hashlib.blake2b(repr(request_id).encode(), digest_size=7).digest(), "little")
 
 
 def _freeze_gc() -> None:
@@ -202,7 +209,7 @@ class Engine:
         state = _RequestState(request)
         params = request.sampling
         max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
-        request_seed = params.seed if params.seed is not None else self._seed_base + self._next_seq_id
+        request_seed = params.seed if params.seed is not None else self._seed_base ^ _stable_hash(request.request_id)
         for i in range(params.n):
             seq = Sequence(self._next_seq_id, request, i, max_new, seed=request_seed * 1_000_003 + i, group=state)
             self._next_seq_id += 1

@@ -1,7 +1,8 @@
 """When a sequence is done, and what its text is.
 
-A sequence stops on an EOS or stop token id (kept in token_ids, left out of the text), on a stop
-string (the text is cut before it), or at its token limit. Stop strings are looked for in the
+A sequence stops on an EOS or stop token id (kept in token_ids; in the text only if it is not a special
+token, as the text is decoded without special tokens), on a stop string (the text is cut before it), or at
+its token limit. Stop strings are looked for in the
 decoded tail only, so the check costs the same at token 10 and token 10,000.
 """
 

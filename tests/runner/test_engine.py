@@ -114,6 +114,18 @@ def test_seeded_sampling_is_batch_invariant_and_n_samples_differ(loaded) -> None
     assert all(len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs) for c in alone.completions)
 
 
+def test_an_unseeded_row_samples_by_its_id_not_by_what_ran_before(loaded) -> None:
+    """engine.seed fixed and no sampling.seed: a row (a job's id is its input row) draws the same tokens whether
+    it runs after others (one run) or first (a resumed or sharded run), and two rows draw differently."""
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    prompt = [8, 9, 10, 11]
+    others = [GenerationRequest(i, p, params) for i, p in enumerate(random_prompts(5, 2, 9, seed=2))]
+    one_run = by_id(make_engine(loaded, seed=7).generate(others + [GenerationRequest(17, prompt, params)]))
+    resumed = by_id(make_engine(loaded, seed=7).generate([GenerationRequest(17, prompt, params), GenerationRequest(18, prompt, params)]))
+    assert one_run[17].completions[0].token_ids == resumed[17].completions[0].token_ids
+    assert resumed[17].completions[0].token_ids != resumed[18].completions[0].token_ids
+
+
 def test_top_k_one_and_tiny_min_p_equal_greedy(loaded) -> None:
     engine = make_engine(loaded)
     prompt = [30, 31, 32]
