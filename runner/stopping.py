@@ -1,8 +1,8 @@
 """When a sequence is done, and what its text is.
 
 A sequence stops on an EOS or stop token id (kept in token_ids; in the text only if it is not a special
-token, as the text is decoded without special tokens), on a stop string (the text is cut before it), or at
-its token limit. Stop strings are looked for in the
+token, as the text is decoded without special tokens), on a stop string (the text is cut before it; a stop
+string that is a special token is matched by its id), or at its token limit. Stop strings are looked for in the
 decoded tail only, so the check costs the same at token 10 and token 10,000.
 """
 
@@ -16,17 +16,30 @@ class StopChecker:
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...]) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
+        self._hidden_stop_ids: dict[tuple[str, ...], frozenset[int]] = {}
 
     def check(self, seq: Sequence) -> FinishReason | None:
         params = seq.request.sampling
         last = seq.output_token_ids[-1]
         if (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids:
             return "stop"
+        if params.stop and last in self._stop_strings_as_ids(params.stop):
+            return "stop"
         if params.stop and self._stop_string_found(seq):
             return "stop"
         if len(seq.output_token_ids) >= seq.max_new_tokens:
             return "length"
         return None
+
+    def _stop_strings_as_ids(self, stop: tuple[str, ...]) -> frozenset[int]:
+        """The ids of stop strings that are special tokens (`<|im_start|>`): the text is decoded without them,
+        so the string would never be found in it; such a stop is matched by its token instead."""
+        ids = self._hidden_stop_ids.get(stop)
+        if ids is None:
+            added = self.tokenizer.get_added_vocab() if hasattr(self.tokenizer, "get_added_vocab") else {}
+            ids = frozenset(added[s] for s in stop if s in added and not self.tokenizer.decode([added[s]], skip_special_tokens=True))
+            self._hidden_stop_ids[stop] = ids
+        return ids
 
     def _stop_string_found(self, seq: Sequence) -> bool:
         longest = max(len(s) for s in seq.request.sampling.stop)

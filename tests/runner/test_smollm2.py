@@ -50,3 +50,16 @@ def test_greedy_equals_generate_on_chat_prompts(engine: Engine) -> None:
     assert not mismatches, mismatches
     assert "Paris" in got[0].text
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+@pytest.mark.slow
+def test_a_stop_string_that_is_a_special_token_stops(engine: Engine) -> None:
+    """The text is decoded without special tokens, so `<|im_end|>` is never in it; as a stop string it is
+    matched by its token. With EOS ignored the row then stops where the model ends its turn, as with EOS on."""
+    prompt = chat_ids(engine.tokenizer, QUESTIONS[0])
+    [with_eos] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=MAX_NEW_TOKENS))])
+    end_of_turn = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert with_eos.finish_reason == "stop" and with_eos.completions[0].token_ids[-1] == end_of_turn
+    params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True, stop=("<|im_end|>",))
+    [by_stop] = engine.generate([GenerationRequest(1, prompt, params)])
+    assert (by_stop.finish_reason, by_stop.completions[0].token_ids, by_stop.text) == ("stop", with_eos.completions[0].token_ids, with_eos.text)
