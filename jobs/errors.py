@@ -1,10 +1,13 @@
 """The typed errors of the job layer; the CLI maps each to a message and an exit code in one place.
 
 Per-row problems are not exceptions: they become `RowError`s on result rows (see rows.py) and the job goes on.
-These exceptions are for things that stop a whole job or a whole command.
+These exceptions are for things that stop a whole job or a whole command; `shown_path` is how their messages
+show a path.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class JobError(Exception):
@@ -42,3 +45,13 @@ class OutputLockedError(OutputError):
 
 class InterruptedJob(JobError):
     """A signal stopped the job after committing what was finished (exit code 3: rerun to resume)."""
+
+
+def shown_path(path: Path | str) -> str:
+    """A path as messages show it: relative to the working folder when it lies inside it (as it was most likely
+    typed, e.g. examples/out/questions.arrow), else absolute."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
+from .errors import shown_path
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Summary:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
         return "\n".join(
             [
-                f"job {self.job}: {self.status} -> {self.output}",
+                f"job {self.job}: {self.status} -> {shown_path(self.output)}",
                 f"  rows        {self.rows} ({self.rows_ok} ok, {self.rows_error} errors; {self.rows_this_run} this run)",
                 f"  tokens      {self.prompt_tokens} prompt, {self.output_tokens} output in {self.elapsed_s:.1f} s ({self.output_tokens_per_s:.1f} output tok/s)",
                 f"  KV cache    peak {self.peak_kv_usage:.0%} of blocks, {self.preemptions} preemptions, "

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from .assemble import count_by, input_order, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
-from .errors import OutputError
+from .errors import OutputError, shown_path
 from .lock import OutputLock
 from .manifest import INPUT_KEY, Manifest, PartEntry, to_ranges
 from .records import Layout, RowResult
@@ -101,10 +101,10 @@ class OutputWriter:
         # A run that committed nothing (its model failed to load, say) left nothing to protect: any spec may start.
         nothing_committed = previous is not None and not previous.parts and not previous.complete
         if self.mode == "error" and (self.output.exists() or (previous and previous.parts)):
-            raise OutputError(f"{self.output} (or its unfinished parts) already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
+            raise OutputError(f"{shown_path(self.output)} (or its unfinished parts) already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
         if self.mode == "overwrite" or previous is None or nothing_committed:
             if previous is None and self.output.exists() and self.mode == "resume":
-                raise OutputError(f"{self.output} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it")
+                raise OutputError(f"{shown_path(self.output)} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it")
             self._clear_parts()
         else:
             old_input, new_input = previous.fingerprint.get(INPUT_KEY), self.manifest.fingerprint.get(INPUT_KEY)
@@ -112,7 +112,7 @@ class OutputWriter:
             if previous.spec_hash != self.manifest.spec_hash or input_changed:
                 changes = describe_changes(previous.fingerprint, self.manifest.fingerprint)
                 raise OutputError(
-                    f"{self.output} was written by a different job spec or input ({'; '.join(changes) or 'spec changed'}); "
+                    f"{shown_path(self.output)} was written by a different job spec or input ({'; '.join(changes) or 'spec changed'}); "
                     "set output.mode: overwrite to start again"
                 )
             if previous.complete and self.output.exists():
@@ -217,7 +217,7 @@ class OutputWriter:
             self.manifest.save(self.manifest_path)
         except OSError as exc:
             self.manifest.complete = False
-            raise OutputError(f"cannot write {self.output}: {exc.strerror or exc}; every row is committed in parts, fix this (free space?) and rerun to write it") from exc
+            raise OutputError(f"cannot write {shown_path(self.output)}: {exc.strerror or exc}; every row is committed in parts, fix this (free space?) and rerun to write it") from exc
         # The final file holds every row now; parts are only needed until here.
         for part in self.manifest.parts:
             with contextlib.suppress(FileNotFoundError):

@@ -50,7 +50,7 @@ class JobPlan:
 
     def format(self) -> str:
         t = self.prompt_tokens
-        lines = [f"job {self.job}: {self.num_rows} rows"]
+        lines = [f"job {self.job}: {self.num_rows} row{'' if self.num_rows == 1 else 's'}"]
         if t:
             lines.append(f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 {t['p90']:.0f}, max {t['max']:.0f}; up to {self.max_new_tokens} new tokens each")
         lines.append(f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; context {self.max_model_len} tokens")

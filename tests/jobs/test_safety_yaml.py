@@ -62,6 +62,8 @@ def test_unknown_fields_name_field_and_line(tmp_path: Path, extra: str, message:
 
 
 def test_command_line_values_use_the_safe_loader_too() -> None:
-    with pytest.raises(SpecError, match="cannot read the value of model"):
+    with pytest.raises(SpecError, match=r"--set model:1: unsupported YAML tag .*python/object/apply:os.system.*plain values only"):
         _parse_sets(["model=!!python/object/apply:os.system ['true']"])
+    with pytest.raises(SpecError, match="--set sampling:1: top_k: duplicate field"):
+        _parse_sets(["sampling={top_k: 1, top_k: 2}"])
     assert _parse_sets(["sampling.temperature=0.5"]) == {"sampling.temperature": 0.5}
