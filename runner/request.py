@@ -29,6 +29,16 @@ class SamplingParams:
     logprobs: bool = False  # log-probability of each chosen token under the model
 
     def __post_init__(self) -> None:
+        # Per-row overrides (an OpenAI Batch body) arrive as parsed JSON: a wrong type is refused here, as that
+        # row's error, rather than failing inside the engine for the whole batch.
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if name in ("stop", "stop_token_ids"):
+                ok = isinstance(value, tuple) and all(_is(kind, v) for v in value)
+            else:
+                ok = (value is None and name == "seed") or _is(kind, value)
+            if not ok:
+                raise TypeError(f"{name} must be {_KIND_NAMES[kind]}{' (a list of them)' if name in ('stop', 'stop_token_ids') else ''}, got {value!r}")
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -46,6 +56,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+_FIELD_TYPES = {
+    "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
+    "repetition_penalty": float, "seed": int, "stop": str, "stop_token_ids": int, "ignore_eos": bool, "n": int,
+    "logprobs": bool,
+}  # fmt: skip
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _is(kind: type, value: object) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # True is an int to Python, not to a request
+        return False
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 @dataclass(frozen=True)

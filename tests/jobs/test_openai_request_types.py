@@ -1,0 +1,26 @@
+"""An OpenAI Batch line whose body has a wrongly typed sampling field fails that line (`bad_request`, naming the
+field); the other lines of the batch run. Such a value used to reach the engine and fail the whole job."""
+
+from __future__ import annotations
+
+import pytest
+from openai.types import BatchError
+from test_openai_logprobs import request, run_openai
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"seed": "x", "temperature": 0.5}, "seed must be an integer, got 'x'"),
+        ({"stop": [5]}, "stop must be a string (a list of them), got (5,)"),
+        ({"n": 1.5}, "n must be an integer, got 1.5"),
+        ({"max_tokens": "2"}, "max_new_tokens must be an integer, got '2'"),
+        ({"temperature": True}, "temperature must be a number, got True"),
+    ],
+)
+def test_a_wrongly_typed_body_field_fails_its_line_only(tmp_path, body, words) -> None:
+    lines, engine = run_openai(tmp_path, [request("ok1"), request("bad", **body), request("ok2")])
+    error = BatchError.model_validate(lines[1]["error"])
+    assert error.code == "bad_request" and words in error.message and lines[1]["response"] is None
+    assert [r.request_id for r in engine.requests] == [0, 2]
+    assert all(lines[i]["response"]["body"]["choices"] for i in (0, 2))
