@@ -8,6 +8,7 @@ the 1-based line.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,6 +17,9 @@ from .errors import InputError
 from .rows import BAD_JSON, BAD_REQUEST, INVALID_UTF8, LINE_TOO_LONG, NOT_AN_OBJECT, Row, RowError
 
 _CHUNK_BYTES = 1 << 20
+# JSON may escape half of a UTF-16 surrogate pair on its own ("\udc80"): json.loads accepts it, but no output
+# format can hold the string it makes, so such a line is an invalid_utf8 row rather than a crash at write time.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 OPENAI_ENDPOINT = "/v1/chat/completions"
 # body fields of an OpenAI chat completion request that map onto our sampling; others are ignored
 OPENAI_SAMPLING = {
@@ -103,6 +107,12 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
         return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON: nested too deeply"), line_no)
     if not isinstance(value, dict):
         return Row(index, None, RowError(NOT_AN_OBJECT, f"{where}: expected a JSON object, got {type(value).__name__}"), line_no)
+    if _SURROGATE_ESCAPE.search(raw):  # rare, so only such lines pay for the check
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            lone = exc.object[exc.start : exc.end].encode("utf-16-be", "surrogatepass").hex()
+            return Row(index, None, RowError(INVALID_UTF8, f"{where}: a string holds a lone surrogate (\\u{lone}), which is not text"), line_no)
     return Row(index, value, None, line_no)
 
 

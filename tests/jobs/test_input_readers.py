@@ -90,6 +90,15 @@ def test_jsonl_bad_lines_become_error_rows_naming_the_line(tmp_path: Path) -> No
     assert rows[5].data == {"prompt": "last"} and rows[5].error is None
 
 
+def test_jsonl_lone_surrogate_escapes_become_error_rows(tmp_path: Path) -> None:
+    """JSON may escape half a surrogate pair ("\\udc80"): json.loads accepts it, no output format can hold it."""
+    lines = [rb'{"id": "a\udc80", "prompt": "x"}', rb'{"prompt": "pair \ud83d\ude00"}', rb'{"prompt": "literal \\udc80"}']
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    rows = list(open_reader(job_for(tmp_path, "in.jsonl"), ["prompt"]))
+    assert (rows[0].error.kind, rows[0].error.message) == (kinds.INVALID_UTF8, "row 0 (line 1): a string holds a lone surrogate (\\udc80), which is not text")
+    assert rows[1].data == {"prompt": "pair \N{GRINNING FACE}"} and rows[2].data == {"prompt": "literal \\udc80"}
+
+
 def test_jsonl_limit(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
     reader = open_reader(job_for(tmp_path, "in.jsonl", limit=2), ["prompt"])
