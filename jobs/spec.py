@@ -254,6 +254,8 @@ def validate(job: JobSpec, node: Node) -> None:
             raise at("output", "path").error(f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet or .jsonl, or set output.format")
     if job.output.format == "openai" and input_format(job) != "openai":
         raise at("output", "format").error("the OpenAI Batch output format needs an OpenAI Batch input (input.format: openai)")
+    if job.id_column is not None and job.id_column in RESERVED_COLUMNS:
+        raise at("id_column").error(f"{job.id_column!r} is an output column name; rename it in the input")
     if job.id_column is not None and job.id_column in job.keep_columns:
         raise at("keep_columns").error(f"{job.id_column!r} is already the id column")
     for col in job.keep_columns:
