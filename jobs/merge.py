@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 WHOLE = Shard(0, 1)
 
 
+_SUFFIX = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}
+
+
 class MergeError(JobError):
     """The shards do not add up to the output (exit code 1); the message lists every problem found."""
 
@@ -74,6 +77,9 @@ def merge_shards(output: Path, shards: list[Path] | None = None, *, target: Shar
     if problems:
         raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
     first = sources[0].manifest
+    suffix = _SUFFIX[first.format]
+    if output.suffix != suffix:  # merge copies the shards' format; a .parquet name on Arrow bytes would mislead
+        raise MergeError(f"cannot merge into {output}: the shards are {first.format} files, so the target must end in {suffix}")
     num_input_rows = first.num_rows or 0
     with OutputLock(_prepare(output, first, overwrite) / "lock"):
         if first.format in ("jsonl", "openai"):

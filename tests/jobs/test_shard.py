@@ -167,3 +167,13 @@ def test_merge_names_a_finished_shard_whose_file_is_gone(tmp_path):
     paths[1].unlink()
     with pytest.raises(MergeError, match=r"answers.shard-0001-of-0002.arrow: finished once, but the file is gone; rerun shard 1/2"):
         merge_shards(out)
+
+
+def test_merge_refuses_a_target_named_for_another_format(tmp_path):
+    """merge copies the shards' format: Arrow bytes in a .parquet file would mislead every reader."""
+    out = tmp_path / "answers.arrow"
+    shards = [_write_shard(out, Shard(i, 2)) for i in range(2)]
+    with pytest.raises(MergeError, match=r"the shards are arrow files, so the target must end in \.arrow"):
+        merge_shards(tmp_path / "answers.parquet", shards)
+    assert not (tmp_path / "answers.parquet").exists()
+    assert merge_shards(out, shards).num_rows == NUM_ROWS
