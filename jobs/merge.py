@@ -29,6 +29,7 @@ from .errors import JobError
 from .lock import OutputLock
 from .manifest import Manifest
 from .shard import Shard, split_shard_name
+from .summary import Summary, summary_path
 from .writer import work_dir
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,27 @@ def merge_shards(output: Path, shards: list[Path] | None = None, *, target: Shar
             num_bytes, counts = _merge_tables(sources, output, target, num_input_rows)
         merged = Manifest(first.job, first.spec_hash, first.fingerprint, output.name, first.format, [], True, num_input_rows)
         merged.save(work_dir(output) / "manifest.json")
-    log.info("merged %d shards into %s (%d rows)", len(sources), output, target.num_rows(num_input_rows))
-    return MergeReport(output, target.num_rows(num_input_rows), num_bytes, len(sources), *counts)
+        report = MergeReport(output, target.num_rows(num_input_rows), num_bytes, len(sources), *counts)
+        _merged_summary(report, first, sources).write(summary_path(output))
+    log.info("merged %d shards into %s (%d rows)", len(sources), output, report.num_rows)
+    return report
+
+
+def _merged_summary(report: MergeReport, first: Manifest, sources: list[_Source]) -> Summary:
+    """The output's summary, as a run of the whole job would leave it (a rerun reports it as already complete):
+    the rows counted in the merged file, the tokens and preemptions added up from the shards' own summaries."""
+    num_errors = sum(report.error_kinds.values())
+    summary = Summary(first.job, str(report.output), rows=report.num_rows, rows_ok=report.num_rows - num_errors, rows_error=num_errors,
+                      finish_reasons=report.finish_reasons, errors_by_kind=report.error_kinds, output_bytes=report.num_bytes,
+                      spec_hash=first.spec_hash)  # fmt: skip
+    for source in sources:
+        path = summary_path(source.path)
+        shard = json.loads(path.read_text()) if path.exists() else {}
+        for name in ("prompt_tokens", "output_tokens", "preemptions", "cached_prompt_tokens"):
+            setattr(summary, name, getattr(summary, name) + int(shard.get(name, 0)))
+        summary.model = summary.model or shard.get("model", "")
+        summary.kvbatch_version = summary.kvbatch_version or shard.get("kvbatch_version", "")
+    return summary
 
 
 def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list[str]]:

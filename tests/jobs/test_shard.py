@@ -14,6 +14,7 @@ from kvbatch.jobs.merge import MergeError, find_shards, merge_shards
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.shard import Shard, parse_shard, shard_from_env, split_shard_name
 from kvbatch.jobs.shard_output import ShardWriter
+from kvbatch.jobs.summary import summary_path
 from kvbatch.jobs.writer import work_dir
 
 
@@ -104,6 +105,8 @@ def test_merge_joins_shards_in_input_order(tmp_path, fmt):
     # the merged output is a finished output of the same spec: a plain rerun would find it done
     merged = Manifest.load(work_dir(out) / "manifest.json")
     assert (merged.complete, merged.spec_hash, merged.num_rows) == (True, "h1", NUM_ROWS)
+    summary = json.loads(summary_path(out).read_text())  # what that rerun prints
+    assert (summary["rows"], summary["rows_ok"], summary["finish_reasons"], summary["spec_hash"]) == (NUM_ROWS, NUM_ROWS, {"stop": NUM_ROWS}, "h1")
 
 
 def test_shard_writer_refuses_a_shard_with_rows_missing(tmp_path):
