@@ -9,10 +9,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import OutputError, OutputLockedError
+from .errors import InterruptedJob, OutputError, OutputLockedError
 
+_POLL_S = 0.2  # how often a waiting run retries the lock (and looks for a signal)
 log = logging.getLogger(__name__)
 
 
@@ -21,7 +24,10 @@ class OutputLock:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self, wait: bool = False) -> None:
+    def acquire(self, wait: bool = False, stop_waiting: Callable[[], bool] | None = None) -> None:
+        """Take the lock, or raise OutputLockedError; with `wait`, wait for the holder to finish. `stop_waiting`
+        (a signal arrived) ends the wait with InterruptedJob: the signal handler only sets a flag, so a plain
+        blocking flock would sleep through it."""
         try:  # O_NOFOLLOW: a link planted at the lock's name must not make us open (and truncate) its target
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
@@ -35,13 +41,24 @@ class OutputLock:
                         f"another kvbatch run{self._holder()} is writing this output (lock {self.path}); wait for it, or pass --wait"
                     ) from None
                 log.warning("another kvbatch run%s is writing this output; waiting for it (lock %s)", self._holder(), self.path)
-                fcntl.flock(fd, fcntl.LOCK_EX)  # a signal still stops the wait (see runner/signals.py)
+                self._wait(fd, stop_waiting or (lambda: False))
         except BaseException:
             os.close(fd)
             raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def _wait(self, fd: int, stop_waiting: Callable[[], bool]) -> None:
+        while True:
+            if stop_waiting():
+                raise InterruptedJob(f"stopped while waiting for another run's lock on this output ({self.path}); nothing was written")
+            time.sleep(_POLL_S)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                continue
 
     def _holder(self) -> str:
         try:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class OutputWriter:
         self.metadata = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
         self.model = model
         self.wait_for_lock = wait_for_lock
+        self.stop_waiting: Callable[[], bool] | None = None  # set by the run: a signal ends a wait for the lock
         self.dir = work_dir(output)
         self.manifest_path = self.dir / "manifest.json"
         self.manifest = manifest
@@ -88,7 +90,7 @@ class OutputWriter:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create the output folder {self.dir.parent}: {exc}") from None
-        self._lock.acquire(wait=self.wait_for_lock)
+        self._lock.acquire(wait=self.wait_for_lock, stop_waiting=self.stop_waiting)
         try:
             self._adopt_existing()
         except BaseException:

@@ -93,6 +93,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     stop = stop or StopFlag()
     started = time.monotonic()
     io = open_job(job, wait_for_lock)
+    io.writer.stop_waiting = lambda: stop.stopped
     shard, out, pspec, reader, writer, summary = io.shard, io.out, io.pspec, io.reader, io.writer, io.summary
     with writer:
         if writer.already_complete:

@@ -124,3 +124,24 @@ def test_kill_9_leaves_no_stale_lock(tmp_path: Path) -> None:
     fresh = OutputLock(lock)
     fresh.acquire()  # at once, without --wait: there is never a stale lock to clean by hand
     fresh.release()
+
+
+def test_a_signal_ends_a_wait_for_the_lock(tmp_path: Path) -> None:
+    """`--wait` waits for the holder, but a signal (its handler only sets a flag) must end the wait, not be slept
+    through; when the holder lets go without one, the waiter takes the lock."""
+    import threading
+
+    from kvbatch.jobs.errors import InterruptedJob
+
+    lock = tmp_path / "lock"
+    holder = OutputLock(lock)
+    holder.acquire()
+    checks = []
+    with pytest.raises(InterruptedJob, match="stopped while waiting for another run's lock"):
+        OutputLock(lock).acquire(wait=True, stop_waiting=lambda: checks.append(1) or len(checks) > 2)
+    assert len(checks) == 3  # it looked for the signal while it waited
+    threading.Timer(0.3, holder.release).start()
+    waiter = OutputLock(lock)
+    waiter.acquire(wait=True, stop_waiting=lambda: False)
+    assert lock.read_text().strip() == str(os.getpid())
+    waiter.release()
