@@ -20,6 +20,7 @@ EMPTY_PROMPT = "empty_prompt"
 DUPLICATE_ID = "duplicate_id"
 BAD_REQUEST = "bad_request"  # an OpenAI Batch line without what a request needs
 PROMPT_TOO_LONG = "prompt_too_long"
+TOKENIZE = "tokenize"  # the tokenizer or chat template raised on this row's prompt
 ENGINE = "engine"
 
 

@@ -97,6 +97,11 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
             raise node.error(f"expected a string, got {_kind(value)}")
         if meta.get("nonempty") and not value.strip():
             raise node.error("must not be empty")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # "\ud800" in YAML, or bytes that were not UTF-8 on the command line
+                raise node.error(f"holds {value[exc.start:exc.end]!r} at character {exc.start}: not text (a lone surrogate, or bytes that were not UTF-8)") from None
         if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
             raise node.error(f"must be {meta['pattern_help']}, got {value!r}")
     else:

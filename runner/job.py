@@ -200,10 +200,14 @@ class _Feed:
             if key in self.seen_ids:
                 return self._fail(pending, RowError(kinds.DUPLICATE_ID, f"{row.where}: duplicate id {id_value!r} (first at row {self.seen_ids[key]})"))
             self.seen_ids[key] = row.index
-        prompt = build_prompt(row, self.pspec)
-        if isinstance(prompt, RowError):
-            return self._fail(pending, prompt)
-        ids = self.tokenizer.encode(prompt)
+        try:
+            prompt = build_prompt(row, self.pspec)
+            if isinstance(prompt, RowError):
+                return self._fail(pending, prompt)
+            ids = self.tokenizer.encode(prompt)
+        except Exception as exc:  # noqa: BLE001 - a tokenizer or template that chokes on one row fails that row only
+            log.warning("%s: the prompt could not be built or tokenized", row.where, exc_info=True)
+            return self._fail(pending, RowError(kinds.TOKENIZE, f"{row.where}: the prompt could not be built or tokenized ({type(exc).__name__}: {exc})"))
         if isinstance(ids, RowError):
             return self._fail(pending, RowError(ids.kind, f"{row.where}: {ids.message}"))
         params = self.base_params

@@ -181,6 +181,25 @@ def test_model_path_missing(tmp_path: Path) -> None:
     assert str(outcome.error) == f"model folder {tmp_path / 'no-such-model'} does not exist"
 
 
+def test_a_prompt_the_tokenizer_raises_on_fails_that_row_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvbatch.runner.tokenize import PromptTokenizer
+
+    real = PromptTokenizer.encode
+
+    def encode(self, prompt):
+        if "poison" in str(prompt):
+            raise TypeError("the tokenizer cannot take this")
+        return real(self, prompt)
+
+    monkeypatch.setattr(PromptTokenizer, "encode", encode)
+    (tmp_path / "in.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "poison"}\n{"prompt": "also fine"}\n')
+    outcome = run(tmp_path)
+    assert outcome.error is None and outcome.summary.errors_by_kind == {"tokenize": 1}
+    rows = read_output(tmp_path / "out" / "out.jsonl")
+    assert [r["error_kind"] for r in rows] == [None, "tokenize", None]
+    assert rows[1]["error"] == "row 1 (line 2): the prompt could not be built or tokenized (TypeError: the tokenizer cannot take this)"
+
+
 def test_a_device_this_machine_lacks_fails_the_job_not_the_run(tmp_path: Path) -> None:
     from kvbatch.cache.backends import BackendUnavailableError
     from kvbatch.runner.job import default_engine_factory, is_user_facing

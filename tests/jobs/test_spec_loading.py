@@ -169,6 +169,8 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    id_column: row\n", ":4", "jobs[0].id_column", "'row' is an output column name"),
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    engine: {device: gpu}\n", ":4", "jobs[0].engine.device", "must be auto, cpu, cuda or cuda:N"),
         ("jobs:\n  - name: .a\n    input: {path: x.jsonl}\n", ":2", "jobs[0].name", "start with a letter, digit or '_'"),
+        ('jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {system: "be \\ud800 brief"}\n', ":4", "jobs[0].prompt.system",
+         "holds '\\ud800' at character 3: not text (a lone surrogate"),
         ("jobs:\n  - name: a\n", ":2", "jobs[0]", "missing required field 'input'"),
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n  - name: a\n    input: {path: y.jsonl}\n", ":4", "jobs[1].name", "duplicate job name"),
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {column: q, template: '{q}'}\n", ":4", "jobs[0].prompt", "set only one of"),
