@@ -102,8 +102,12 @@ class OutputWriter:
         previous = self._load_manifest()
         # A run that committed nothing (its model failed to load, say) left nothing to protect: any spec may start.
         nothing_committed = previous is not None and not previous.parts and not previous.complete
-        if self.mode == "error" and (self.output.exists() or (previous and previous.parts)):
-            raise OutputError(f"{shown_path(self.output)} (or its unfinished parts) already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
+        if self.mode == "error" and self.output.exists():
+            raise OutputError(f"{shown_path(self.output)} already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
+        if self.mode == "error" and previous and previous.parts:
+            what = "finished once (the output file was removed since)" if previous.complete else "has unfinished parts"
+            raise OutputError(f"{shown_path(self.output)} {what}, recorded in {shown_path(self.dir)}, and output.mode is 'error'; "
+                              "remove that folder or choose mode resume/overwrite")  # fmt: skip
         if self.mode == "overwrite" or previous is None or nothing_committed:
             if previous is None and self.output.exists() and self.mode == "resume":
                 raise OutputError(f"{shown_path(self.output)} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it")

@@ -149,6 +149,14 @@ def test_mode_error_refuses_an_existing_output(folder: Path) -> None:
     assert factory.engines == []
 
 
+def test_mode_error_after_the_output_was_removed_says_so(folder: Path) -> None:
+    run(folder)
+    (folder / "out" / "out.jsonl").unlink()
+    outcome, _ = run(folder, output__mode="error")
+    assert isinstance(outcome.error, OutputError)
+    assert str(outcome.error).startswith(f"{folder / 'out' / 'out.jsonl'} finished once (the output file was removed since), recorded in ")
+
+
 def test_mode_error_refuses_unfinished_parts(folder: Path) -> None:
     crash_after(folder, 6)
     outcome, _ = run(folder, output__mode="error")
