@@ -51,7 +51,7 @@ def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
             return _from_parquet(path, num_samples)
         if suffix == ".jsonl":
             return _from_jsonl(path, num_samples)
-    except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:
+    except (OSError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     raise InputError(f"cannot tell the format of {path.name}; kvbatch writes .arrow, .parquet and .jsonl")
 
@@ -87,22 +87,30 @@ def _from_parquet(path: Path, num_samples: int) -> OutputReport:
 def _from_jsonl(path: Path, num_samples: int) -> OutputReport:
     report = OutputReport(str(path), "jsonl")
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             record = json.loads(line)
-            report.num_rows += 1
-            if "response" in record and "custom_id" in record:  # an OpenAI Batch output line
-                report.format = "openai"
-                if record.get("error"):
-                    report.finish_reasons["error"] += 1
-                    report.error_kinds[record["error"].get("code", "error")] += 1
-                else:
-                    report.finish_reasons[record["response"]["body"]["choices"][0]["finish_reason"]] += 1
-            else:
-                report.finish_reasons[record.get("finish_reason")] += 1
-                if record.get("error_kind"):
-                    report.error_kinds[record["error_kind"]] += 1
+            try:
+                _count_record(report, record)
+            except (AttributeError, KeyError, IndexError, TypeError):
+                raise InputError(f"cannot read {path}: line {line_no} is not a kvbatch output row") from None
             if len(report.samples) < num_samples:
                 report.samples.append(record)
     return report
+
+
+def _count_record(report: OutputReport, record: dict) -> None:
+    """Count one line of a kvbatch JSONL or OpenAI Batch output; a KeyError or TypeError: not such a line."""
+    report.num_rows += 1
+    if "response" in record and "custom_id" in record:  # an OpenAI Batch output line
+        report.format = "openai"
+        if record.get("error"):
+            report.finish_reasons["error"] += 1
+            report.error_kinds[record["error"].get("code", "error")] += 1
+        else:
+            report.finish_reasons[record["response"]["body"]["choices"][0]["finish_reason"]] += 1
+    else:
+        report.finish_reasons[record["finish_reason"]] += 1  # every kvbatch row has the field (null on errors)
+        if record.get("error_kind"):
+            report.error_kinds[record["error_kind"]] += 1

@@ -134,3 +134,12 @@ def test_inspect_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     (tmp_path / "bad.arrow").write_bytes(b"not arrow")
     with pytest.raises(InputError, match="cannot read"):
         inspect_output(tmp_path / "bad.arrow")
+    for name, content, words in (
+        ("list.jsonl", b"[1, 2]\n", "line 1 is not a kvbatch output row"),
+        ("foreign.jsonl", b'{"a": 1}\n', "line 1 is not a kvbatch output row"),
+        ("openai.jsonl", b'{"custom_id": "x", "response": null, "error": null}\n', "line 1 is not a kvbatch output row"),
+        ("latin1.jsonl", b'{"row": "caf\xe9"}\n', "codec can't decode byte 0xe9"),
+    ):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(InputError, match=words):
+            inspect_output(tmp_path / name)
