@@ -264,7 +264,10 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise SpecError(f"expected KEY=VALUE, got {item!r}", field="--set")
         # The job file's own loader: duplicate keys, tags and merge keys are refused here as they are there.
-        overrides[key.strip()] = load_yaml(raw, f"--set {key.strip()}").plain() if raw.strip() else None
+        value = load_yaml(raw, f"--set {key.strip()}").plain() if raw.strip() else None
+        if value is None:  # a field left out takes its default; an empty override would silently do nothing
+            raise SpecError(f"--set {item!r} gives no value; leave the field out to keep its default", field="--set")
+        overrides[key.strip()] = value
     return overrides
 
 

@@ -153,6 +153,8 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
         (["--set", "engine.dtype=float8"], "engine.dtype: must be one of 'auto', 'float32'"),
         (["--set", "sampling={top_k: 1, top_k: 2}"], "--set sampling:1: top_k: duplicate field"),
         (["--set", "sampling=!!python/object:os.system {}"], "unsupported YAML tag"),
+        (["--set", "sampling.no_such_field="], "--set: --set 'sampling.no_such_field=' gives no value"),
+        (["--set", "sampling.seed=null"], "gives no value; leave the field out to keep its default"),
     ):
         result = invoke("run", path, *args)
         assert (result.exit_code, message in result.stderr) == (2, True), (args, result.stderr)

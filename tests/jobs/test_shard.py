@@ -56,6 +56,8 @@ def test_uneven_slurm_arrays_ask_for_an_explicit_shard():
     gaps = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_COUNT": "3"}
     with pytest.raises(SpecError, match="pass --shard I/N explicitly"):
         shard_from_env(gaps)
+    with pytest.raises(SpecError, match="SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT .* is not; pass --shard I/N"):
+        shard_from_env({"SLURM_ARRAY_TASK_ID": "1"})
 
 
 def test_names_round_trip():
