@@ -100,6 +100,7 @@ def generate(
     limit: LimitOpt = None,
     format: Annotated[Optional[str], typer.Option("--format", help="arrow, parquet, jsonl or openai (default: from the output's extension).")] = None,
     input_format: Annotated[Optional[str], typer.Option(help="auto, jsonl, parquet, hf or openai (default: auto).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="The split of a datasets input that has several (input.split).")] = None,
     device: DeviceOpt = None,
     mode: ModeOpt = None,
     wait: WaitOpt = False,
@@ -118,7 +119,7 @@ def generate(
         data = {
             "name": name,
             "model": model,
-            "input": {"path": input, "format": input_format, "limit": limit},
+            "input": {"path": input, "format": input_format, "limit": limit, "split": split},
             "prompt": {"column": prompt_column, "messages_column": messages_column, "template": template, "system": system,
                        "chat_template": False if no_chat_template else None},  # fmt: skip
             "id_column": id_column,

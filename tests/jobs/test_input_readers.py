@@ -121,6 +121,10 @@ def test_datasets_dict_folder_needs_a_split(tmp_path: Path) -> None:
         open_reader(job_for(tmp_path, "dd"), ["prompt"])
     reader = open_reader(job_for(tmp_path, "dd", split="test"), ["prompt"])
     assert [r.data for r in reader] == [{"prompt": "test"}]
+    datasets.Dataset.from_dict({"prompt": ["train"]}, split="train").save_to_disk(str(tmp_path / "one"))  # it knows its split
+    with pytest.raises(SpecError, match="is one dataset \\(split 'train'\\), not split 'test'; leave input.split out"):
+        open_reader(job_for(tmp_path, "one", split="test"), ["prompt"])
+    assert [r.data for r in open_reader(job_for(tmp_path, "one", split="train"), ["prompt"])] == [{"prompt": "train"}]
 
 
 def test_a_name_outside_the_local_cache_is_never_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
