@@ -106,7 +106,8 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
     except RecursionError:
         return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON: nested too deeply"), line_no)
     if not isinstance(value, dict):
-        return Row(index, None, RowError(NOT_AN_OBJECT, f"{where}: expected a JSON object, got {type(value).__name__}"), line_no)
+        got = "null" if value is None else type(value).__name__
+        return Row(index, None, RowError(NOT_AN_OBJECT, f"{where}: expected a JSON object, got {got}"), line_no)
     if _SURROGATE_ESCAPE.search(raw):  # rare, so only such lines pay for the check
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")

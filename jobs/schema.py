@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -89,8 +90,8 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise node.error(f"expected an integer, got {_kind(value)}")
     elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise node.error(f"expected a number, got {_kind(value)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise node.error(f"expected a finite number, got {_kind(value)}")
         value = float(value)
     elif hint is str:
         if not isinstance(value, str):

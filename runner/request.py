@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Hashable, Literal
 
@@ -63,7 +64,7 @@ _FIELD_TYPES = {
     "repetition_penalty": float, "seed": int, "stop": str, "stop_token_ids": int, "ignore_eos": bool, "n": int,
     "logprobs": bool,
 }  # fmt: skip
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
 
 
 def _is(kind: type, value: object) -> bool:
@@ -71,7 +72,9 @@ def _is(kind: type, value: object) -> bool:
         return isinstance(value, bool)
     if isinstance(value, bool):  # True is an int to Python, not to a request
         return False
-    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    if kind is float:  # JSON and YAML can spell Infinity and NaN, which no sampling setting means
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
 
 
 @dataclass(frozen=True)

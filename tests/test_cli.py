@@ -146,7 +146,7 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
     path = jobs_file(tmp_path)
     for args, message in (
         (["--set", "nonsense"], "--set: expected KEY=VALUE, got 'nonsense'"),
-        (["--set", "sampling.temperature=hot"], "command line: sampling.temperature: expected a number"),
+        (["--set", "sampling.temperature=hot"], "command line: sampling.temperature: expected a finite number"),
         (["--job", "third"], "no job named 'third'"),
         (["--mode", "sometimes"], "output.mode: must be one of"),
         (["--device", "gpu"], "command line: engine.device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),

@@ -15,7 +15,8 @@ from test_openai_logprobs import request, run_openai
         ({"stop": [5]}, "stop must be a string (a list of them), got (5,)"),
         ({"n": 1.5}, "n must be an integer, got 1.5"),
         ({"max_tokens": "2"}, "max_new_tokens must be an integer, got '2'"),
-        ({"temperature": True}, "temperature must be a number, got True"),
+        ({"temperature": True}, "temperature must be a finite number, got True"),
+        ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
     ],
 )
 def test_a_wrongly_typed_body_field_fails_its_line_only(tmp_path, body, words) -> None:
