@@ -240,7 +240,8 @@ def validate(job: JobSpec, node: Node) -> None:
         return current
 
     if not _SAFE_NAME.match(job.name):
-        raise at("name").error("job names use letters, digits, '_', '.', '-' and start with a letter, digit or '_' (it names the default output file)")
+        raise at("name").error("job names use letters, digits, '_', '.', '-' and start with a letter, digit or '_' "
+                               "(it names the default output file)")
     if job.input is None:
         raise node.error("missing required field 'input'")
     chosen = [k for k in ("column", "messages_column", "template") if getattr(job.prompt, k) is not None]

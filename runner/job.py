@@ -207,7 +207,8 @@ class _Feed:
             ids = self.tokenizer.encode(prompt)
         except Exception as exc:  # noqa: BLE001 - a tokenizer or template that chokes on one row fails that row only
             log.warning("%s: the prompt could not be built or tokenized", row.where, exc_info=True)
-            return self._fail(pending, RowError(kinds.TOKENIZE, f"{row.where}: the prompt could not be built or tokenized ({type(exc).__name__}: {exc})"))
+            message = f"{row.where}: the prompt could not be built or tokenized ({type(exc).__name__}: {exc})"
+            return self._fail(pending, RowError(kinds.TOKENIZE, message))
         if isinstance(ids, RowError):
             return self._fail(pending, RowError(ids.kind, f"{row.where}: {ids.message}"))
         params = self.base_params
