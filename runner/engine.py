@@ -200,9 +200,9 @@ class Engine:
                 f"KV pool {self.pool_size.num_tokens})"
             )
         vocab = self.model.config.get_text_config().vocab_size
-        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            return f"the prompt holds token ids outside the vocabulary of {vocab}: {bad[:5]}"
+        ids = request.prompt_token_ids
+        if min(ids) < 0 or max(ids) >= vocab:  # two C passes; the list below only for a prompt that has such ids
+            return f"the prompt holds token ids outside the vocabulary of {vocab}: {[t for t in ids if not 0 <= t < vocab][:5]}"
         return None
 
     def _add(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
