@@ -138,7 +138,6 @@ class Engine:
         self.stop_checker = StopChecker(self.tokenizer, self.loaded.eos_token_ids)
         self.stats = EngineStats()
         self.timer = StepTimer(self.device)  # `timer.enabled = True` for a per-phase breakdown
-        self._seed_base = config.seed if config.seed is not None else int.from_bytes(os.urandom(7), "little")
         self._next_seq_id = 0
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         _freeze_gc()
@@ -205,11 +204,11 @@ class Engine:
             return f"the prompt holds token ids outside the vocabulary of {vocab}: {[t for t in ids if not 0 <= t < vocab][:5]}"
         return None
 
-    def _add(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
+    def _add(self, scheduler: Scheduler, request: GenerationRequest, seed_base: int) -> _RequestState:
         state = _RequestState(request)
         params = request.sampling
         max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
-        request_seed = params.seed if params.seed is not None else self._seed_base ^ _stable_hash(request.request_id)
+        request_seed = params.seed if params.seed is not None else seed_base ^ _stable_hash(request.request_id)
         for i in range(params.n):
             seq = Sequence(self._next_seq_id, request, i, max_new, seed=request_seed * 1_000_003 + i, group=state)
             self._next_seq_id += 1
@@ -239,6 +238,8 @@ class Engine:
             self.pool,
         )  # fmt: skip
         source = iter(requests)
+        # engine.seed makes unseeded rows reproducible by id; without it each call (job) draws a fresh base
+        seed_base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(7), "little")
         exhausted = False
         lookahead = 2 * self.config.max_num_seqs
         in_flight: _InFlight | None = None
@@ -253,7 +254,7 @@ class Engine:
                     if reason:
                         yield self._error_result(request, reason)
                     else:
-                        self._add(scheduler, request)
+                        self._add(scheduler, request, seed_base)
                 if in_flight is None and not scheduler.has_work():
                     if exhausted:
                         break

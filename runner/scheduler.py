@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kvbatch.cache.block_pool import BlockPool

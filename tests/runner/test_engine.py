@@ -124,6 +124,9 @@ def test_an_unseeded_row_samples_by_its_id_not_by_what_ran_before(loaded) -> Non
     resumed = by_id(make_engine(loaded, seed=7).generate([GenerationRequest(17, prompt, params), GenerationRequest(18, prompt, params)]))
     assert one_run[17].completions[0].token_ids == resumed[17].completions[0].token_ids
     assert resumed[17].completions[0].token_ids != resumed[18].completions[0].token_ids
+    unseeded = make_engine(loaded)  # no engine.seed: two calls (two jobs, say) on one engine sample apart
+    first, second = ([r.completions[0].token_ids for r in unseeded.generate([GenerationRequest(17, prompt, params)])] for _ in range(2))
+    assert first != second
 
 
 def test_top_k_one_and_tiny_min_p_equal_greedy(loaded) -> None:
