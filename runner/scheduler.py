@@ -270,11 +270,12 @@ class Scheduler:
         num_blocks = max_cached_blocks(seq.num_tokens, self.config.block_size)
         return self.pool.match_prefix(seq.full_block_hashes(num_blocks * self.config.block_size, self.config.block_size))
 
-    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput, register: bool = True, samples: bool | None = None) -> None:
-        """Put the chunk in the step and register the blocks it fills (unless a token in them is still pending)."""
+    def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput, samples: bool | None = None) -> None:
+        """Put the chunk in the step and register the blocks it fills. A decode with its token still pending
+        never comes here (schedule_ahead appends it directly): its newest block is not full of known tokens."""
         num_tokens = seq.num_computed_tokens + num_new
         out.scheduled.append(ScheduledSeq(seq, num_new, num_tokens == seq.num_tokens if samples is None else samples))
-        if not register or not self.config.prefix_cache:
+        if not self.config.prefix_cache:
             return
         block_size = self.config.block_size
         num_full = num_tokens // block_size
