@@ -1,8 +1,10 @@
-"""The flash-attn package (FlashAttention-2) as a paged-attention backend. NEVER RUN HERE.
+"""The flash-attn package (FlashAttention-2) as a paged-attention backend. NEVER RUN AGAINST THE LIBRARY.
 
-flash-attn is installed neither on the development machines nor on the project's GPU, so this module has not
-been executed against the library: it is written from flash-attn 2's documented API and kept small. The
-import of `flash_attn` is lazy, so importing this module works anywhere; only a call needs the package.
+flash-attn is installed neither on the development machines nor on the project's GPU, so this module is written
+from flash-attn 2's documented API and kept small. Its calls are tested against tests/cache/flash_attn_double.py,
+a float64 stand-in written from that same contract, which checks what kvbatch passes (lengths, tables, row
+offsets, padding) but not the library's own kernels. The import of `flash_attn` is lazy, so importing this
+module works anywhere; only a call needs the package.
 
 Page-size rule: flash-attn 2 reads a paged cache (`block_table=...`) only when each page holds a multiple of
 256 tokens; csrc/flash_attn/flash_api.cpp checks `page_block_size % 256 == 0` in both mha_varlen_fwd and
