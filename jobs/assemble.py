@@ -6,7 +6,6 @@ output chunk at a time, whatever the output's size.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import json_text
 from .atomic import atomic_file
 from .errors import JobError
 from .openai_format import output_line
@@ -43,7 +43,7 @@ def unify(tables: list[pa.Table]) -> pa.Table:
     fixed = []
     for t in tables:
         for name in conflicting:
-            values = [None if v is None else v if isinstance(v, str) else json.dumps(v) for v in t.column(name).to_pylist()]
+            values = [None if v is None else v if isinstance(v, str) else json_text.dumps(v) for v in t.column(name).to_pylist()]
             t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, pa.string()))
         fixed.append(t)
     return pa.concat_tables(fixed, promote_options="permissive")
@@ -103,7 +103,7 @@ def _write_jsonl(f: BinaryIO, table: pa.Table, order: np.ndarray, fmt: str, mode
     for chunk in _chunks(table, order):
         for record in chunk.to_pylist():
             line: dict[str, Any] = output_line(record, model, created, id_column or "custom_id") if fmt == "openai" else record
-            f.write(json.dumps(line, ensure_ascii=False, default=str).encode())
+            f.write(json_text.dumps(line, ensure_ascii=False, default=str).encode())
             f.write(b"\n")
 
 

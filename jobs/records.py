@@ -9,12 +9,12 @@ tokenizer is gone by the time the OpenAI lines are assembled from the parts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
+from . import json_text
 from .rows import RowError
 
 
@@ -105,4 +105,4 @@ def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, default=str) for v in values], pa.string())
+        return pa.array([None if v is None else v if isinstance(v, str) else json_text.dumps(v, default=str) for v in values], pa.string())

@@ -117,6 +117,27 @@ def test_formats_hold_the_same_rows(tmp_path: Path, fmt: str) -> None:
     assert side["output_tokens"] == 15 and side["status"] == "done" and side["output_bytes"] == path.stat().st_size
 
 
+def _strict_json(line: str) -> Any:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_jsonl_output_writes_non_finite_floats_as_null(tmp_path: Path) -> None:
+    # Bare NaN / Infinity (what Python's json writes) break jq, JavaScript and Spark readers.
+    table = pa.table({"score": [1.5, float("nan"), float("inf")], "nested": [[0.5], [float("-inf")], None], "prompt": ["a", "b", "c"]})
+    pq.write_table(table, tmp_path / "in.parquet")
+    for fmt in ("jsonl", "arrow"):
+        run(tmp_path, input={"path": "in.parquet"}, keep_columns=["score", "nested"], output={"path": f"res.{fmt}"})
+    lines = (tmp_path / "out" / "res.jsonl").read_text().splitlines()
+    rows = [_strict_json(line) for line in lines]
+    assert [r["score"] for r in rows] == [1.5, None, None] and [r["nested"] for r in rows] == [[0.5], [None], None]
+    assert all(r["error"] is None for r in rows)
+    kept = read_arrow(tmp_path / "out" / "res.arrow").column("score").to_pylist()  # Arrow keeps the floats
+    assert kept[0] == 1.5 and kept[1] != kept[1] and kept[2] == float("inf")
+
+
 def test_parquet_input_keeps_column_types(tmp_path: Path) -> None:
     table = pa.table({"rid": pa.array([10, 11], pa.int64()), "stars": pa.array([5, 2], pa.int8()), "product": ["kettle", "lamp"], "review": ["good", "bad"]})
     pq.write_table(table, tmp_path / "in.parquet")
