@@ -25,8 +25,9 @@ from kvbatch.jobs.yaml_nodes import load_yaml
 from .bench import bench_app
 from .job import EngineCache, JobOutcome, is_user_facing, run_jobs
 from .console import ConsoleTyper
+from .signals import INTERRUPTED_EXIT_CODE
 
-OK, FAILED, USAGE, INTERRUPTED, LOCKED = 0, 1, 2, 3, 4
+OK, FAILED, USAGE, INTERRUPTED, LOCKED = 0, 1, 2, INTERRUPTED_EXIT_CODE, 4
 
 app = ConsoleTyper(  # the console process: allocator tuned for a batch job, no interpreter teardown at exit
     name="kvbatch",

@@ -99,7 +99,8 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         if writer.already_complete:
             log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
             return _previous_summary(out, summary)
-        engine, fresh = engines.get(job)
+        with stop.while_loading():
+            engine, fresh = engines.get(job)
         writer.metadata = {k.encode(): v.encode() for k, v in _metadata(job, engine).items()}
         writer.model = model_name(job.model)  # OpenAI Batch output names the model, as the API does
         stats_before = _engine_counters(engine)

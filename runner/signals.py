@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
 GRACE_ENV = "KVBATCH_STOP_GRACE_S"
 DEFAULT_GRACE_S = 60.0
+INTERRUPTED_EXIT_CODE = 3
 
 
 class StopNow(KeyboardInterrupt):
@@ -35,6 +37,18 @@ class StopNow(KeyboardInterrupt):
 class StopFlag:
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.loading = False
+
+    @contextlib.contextmanager
+    def while_loading(self) -> Iterator[None]:
+        """Mark a model load: stopping at once then exits the process (exit 3). Nothing of the job is in flight
+        yet, and a StopNow raised in the middle of transformers' loading can land in an object's __del__, where
+        Python prints it and drops it, and the load would go on for as long as it takes."""
+        self.loading = True
+        try:
+            yield
+        finally:
+            self.loading = False
 
     @property
     def stopped(self) -> bool:
@@ -42,6 +56,14 @@ class StopFlag:
 
     def stop(self, name: str) -> None:
         self.signal_name = name
+
+
+def _exit_now() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED_EXIT_CODE)  # the OS releases the output lock; committed parts are already whole on disk
 
 
 def grace_seconds() -> float:
@@ -69,6 +91,9 @@ def graceful_stop(grace_s: float | None = None) -> Iterator[StopFlag]:
     def on_signal(signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         if flag.stopped:
+            if flag.loading:
+                log.warning("second signal (%s) while loading the model: exiting now; committed rows are kept", name)
+                _exit_now()
             log.warning("second signal (%s): stopping now; rows in flight are dropped, committed rows are kept", name)
             raise StopNow(name)
         if grace > 0:
@@ -83,6 +108,8 @@ def graceful_stop(grace_s: float | None = None) -> Iterator[StopFlag]:
         if flag.stopped:
             log.warning("the grace period of %.0f s after %s is over: stopping now; rows in flight are dropped",
                         grace, flag.signal_name)  # fmt: skip
+            if flag.loading:
+                _exit_now()
             raise StopNow(f"grace period after {flag.signal_name} ended")
 
     previous = {s: signal.signal(s, on_signal) for s in SIGNALS}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -139,3 +141,28 @@ def test_cli_exits_with_code_3_for_a_requeue(job, tmp_path: Path, monkeypatch: p
     result = CliRunner().invoke(cli.app, ["run", str(jobs_file)])
     assert result.exit_code == cli.INTERRUPTED == 3, result.output
     assert "rerun to resume" in result.output
+
+
+LOAD_SCRIPT = """
+import os, signal, time
+from kvbatch.runner.signals import graceful_stop
+
+class Finalizer:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # its handler runs in here, where Python prints and drops what it raises
+        sum(range(1000))
+
+with graceful_stop() as stop, stop.while_loading():
+    os.kill(os.getpid(), signal.SIGTERM)
+    Finalizer()  # freed at once, as transformers frees objects while it loads
+    time.sleep(30)  # the rest of a long model load
+print("the load went on")
+"""
+
+
+def test_a_second_signal_during_a_model_load_exits_at_once() -> None:
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT], capture_output=True, text=True, timeout=25)
+    assert proc.returncode == 3, proc.stderr
+    assert "while loading the model: exiting now" in proc.stderr and "the load went on" not in proc.stdout
+    assert time.monotonic() - started < 20
