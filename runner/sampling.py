@@ -77,11 +77,12 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         top_p = _on_device([r.params.top_p for r in rows], torch.float32, device)[:, None]
         # Top-k keeps every token as likely as the k-th (ties with it too, as transformers does); top-p then
         # measures its mass on what top-k left, renormalised, keeping a token while the mass before it is under
-        # top_p (so the most likely token always stays).
+        # top_p (so the most likely token always stays). top_p 1 keeps all: a float32 cumsum can reach 1.0
+        # before the tail, which would cut tokens of probability ~1e-8.
         keep_sorted = sorted_probs >= sorted_probs.gather(1, top_k - 1)
         left = sorted_probs * keep_sorted
         left = left / left.sum(dim=-1, keepdim=True)
-        keep_sorted &= (left.cumsum(dim=-1) - left) < top_p
+        keep_sorted &= ((left.cumsum(dim=-1) - left) < top_p) | (top_p >= 1.0)
         keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
         probs = probs * keep
     if any(r.params.min_p > 0 for r in rows):

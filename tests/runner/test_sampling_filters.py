@@ -64,6 +64,14 @@ def test_top_p_measures_the_mass_top_k_left() -> None:
     assert (kvbatch_probs(logits, params) > 0).tolist() == [True, False, False]
 
 
+def test_top_k_alone_keeps_the_tail_of_its_k_tokens() -> None:
+    """Found by the property above (seed 36): with top_p 1 and a peaked distribution, the float32 cumulative mass
+    reached 1.0 before the last three of the 12 tokens (probabilities 5e-9 to 2e-8), and top-p cut them."""
+    logits = 2 * torch.randn(16, generator=torch.Generator().manual_seed(36))
+    params = SamplingParams(temperature=0.3, top_k=12)
+    assert int((kvbatch_probs(logits, params) > 0).sum()) == int((transformers_probs(logits, params) > 0).sum()) == 12
+
+
 @pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-45])
 def test_a_vanishing_temperature_is_greedy(temperature) -> None:
     """logits / 1e-45 overflows float32 (softmax of an all-inf row is NaN, whose argmax is token 0)."""
