@@ -133,6 +133,25 @@ def test_a_name_outside_the_local_cache_is_never_downloaded(tmp_path: Path, monk
         open_reader(job_for(tmp_path, "no-such-user/no-such-dataset"), ["prompt"])
 
 
+def test_a_dataset_name_in_the_local_cache_is_read_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What an earlier online load_dataset("me/toy") leaves in the cache: a prepared Arrow dataset under
+    # <cache>/me___toy/<config>/<version>/<hash>. Made here from a local Parquet file, then renamed into place.
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "n": [1, 2, 3]}), tmp_path / "toy.parquet")
+    datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "toy.parquet")}, cache_dir=str(cache))
+    (prepared,) = [p.parent for p in (cache / "parquet").glob("*/*/*/dataset_info.json")]
+    target = cache / "me___toy" / "default" / "0.0.0" / prepared.name
+    target.parent.mkdir(parents=True)
+    prepared.rename(target)
+    for f in target.glob("parquet-*.arrow"):
+        f.rename(target / f.name.replace("parquet-", "toy-"))
+    offline = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
+    reader = open_reader(job_for(tmp_path, "me/toy"), ["prompt"])
+    assert reader.num_rows == 3 and [r.data for r in reader] == [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    assert (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE) == offline  # offline for that call only
+
+
 def test_openai_batch_input(tmp_path: Path) -> None:
     requests = [
         {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",

@@ -50,6 +50,39 @@ def test_check_compares_streams_against_the_reference():
     assert record["transformers_generate_vs_reference_identical"] == 3  # float32 on the CPU: exact
 
 
+def test_check_reports_the_streams_that_differ(monkeypatch):
+    """On the CPU both sides of the check run the torch reference, so the test above cannot see a divergence: here
+    the kernels' run and transformers' are made to differ at known tokens, and the report must name them."""
+    from kvbatch.runner import bench_check
+    from tiny_models import tiny_loaded
+
+    real_run, real_hf = bench_check._run, bench_check.hf_greedy_tokens
+
+    def run(loaded, config, requests):
+        completions, f32, fused = real_run(loaded, config, requests)
+        if config.max_num_seqs == 64:  # the kernels' run (the reference runs with the default and with 5)
+            stream = completions[1]
+            stream.token_ids[2] += 1
+            stream.logprobs[2] = -9.0
+        return completions, f32, fused
+
+    def hf(model, prompts, max_new_tokens):
+        streams = real_hf(model, prompts, max_new_tokens)
+        streams[0][0] += 1
+        streams[2][5] += 1
+        return streams
+
+    monkeypatch.setattr(bench_check, "_run", run)
+    monkeypatch.setattr(bench_check, "hf_greedy_tokens", hf)
+    loaded = tiny_loaded("llama")
+    prompts = bench_check.random_prompts(loaded.model.config.vocab_size, 3)
+    result = bench_check.compare_streams(loaded, "torch", prompts, 6)
+    assert (result.num_prompts, result.num_identical, result.num_identical_floor, result.num_identical_transformers) == (3, 2, 3, 1)
+    (divergence,) = result.divergences
+    assert divergence["prompt"] == 1 and divergence["position"] == 2 and divergence["kernel_logprob"] == -9.0
+    assert divergence["prompt_tokens"] == len(prompts[1]) and divergence["reference_logprob"] != -9.0
+
+
 def test_check_runs_the_kernels_with_fused_layers_when_asked():
     result = CliRunner().invoke(app, ["bench", "check", "--shape", "tiny", "--attention-backend", "torch", "--fused-layers",
                                       "--num-prompts", "2", "--max-new-tokens", "4", "--dtype", "float32"])  # fmt: skip

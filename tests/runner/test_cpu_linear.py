@@ -16,7 +16,16 @@ from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import load_model
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
-pytestmark = pytest.mark.skipif(not cpu_linear.onednn_usable(), reason="this torch is built without oneDNN")
+# The build decides (not onednn_usable(), the code under test): a torch with oneDNN must take this path.
+TORCH_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+pytestmark = pytest.mark.skipif(not TORCH_HAS_ONEDNN, reason="this torch is built without oneDNN")
+
+
+def test_a_torch_with_onednn_uses_it_unless_turned_off(monkeypatch):
+    monkeypatch.delenv(cpu_linear.ENV_VAR, raising=False)
+    assert cpu_linear.onednn_usable()
+    monkeypatch.setenv(cpu_linear.ENV_VAR, "aten")
+    assert not cpu_linear.onednn_usable()
 
 
 def converted(in_features: int, out_features: int, bias: bool) -> torch.nn.Linear:

@@ -95,10 +95,23 @@ def test_stop_strings_token_ids_and_eos(loaded) -> None:
     [by_id_] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12,
                                                                             stop_token_ids=(tokens[2],)))])
     assert by_id_.completions[0].token_ids == tokens[:3] and by_id_.finish_reason == "stop"
-    # EOS is kept in the token ids and left out of the text.
-    [eos] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12,
-                                                                         stop_token_ids=(EOS_ID,)))])
-    assert eos.completions[0].token_ids[-1] == EOS_ID or eos.finish_reason == "length"
+
+
+def test_eos_stops_is_kept_in_the_ids_and_left_out_of_the_text() -> None:
+    loaded = tiny_loaded("llama", seed=5)
+    prompt = [17, 4, 99, 23]
+    [free] = make_engine(loaded).generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))])
+    tokens, words = free.completions[0].token_ids, free.text.split()
+    assert EOS_ID not in tokens
+    # Make EOS likely: its output row becomes a later token's, slightly larger, so it wins within a few steps.
+    head = loaded.model.get_output_embeddings().weight
+    assert head.data_ptr() != loaded.model.get_input_embeddings().weight.data_ptr()  # untied: prompts read the same
+    with torch.no_grad():
+        head[EOS_ID] = head[tokens[3]] * 1.05
+    [eos] = make_engine(loaded).generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12))])
+    ids = eos.completions[0].token_ids
+    assert 1 < len(ids) <= 4 and ids == tokens[: len(ids) - 1] + [EOS_ID] and eos.finish_reason == "stop"
+    assert eos.text == " ".join(words[: len(ids) - 1])  # every word before EOS, and nothing for EOS itself
 
 
 def test_seeded_sampling_is_batch_invariant_and_n_samples_differ(loaded) -> None:
@@ -159,6 +172,17 @@ def test_closing_the_stream_early_frees_the_pool(loaded) -> None:
     stream.close()
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
     engine.pool.check_invariants()
+
+
+def test_a_prompt_fits_while_one_token_of_room_is_left(loaded) -> None:
+    # The boundary the property test below rarely reaches: a pool of 12 blocks of 4 holds 48 tokens.
+    engine = make_engine(loaded, num_blocks_override=12)
+    requests = [GenerationRequest(n, [2 + j for j in range(n)], SamplingParams(max_new_tokens=5)) for n in (47, 48)]
+    results = by_id(engine.generate(requests))
+    assert results[47].error is None and len(results[47].completions[0].token_ids) == 1
+    assert results[47].finish_reason == "length"
+    assert results[48].finish_reason == "error" and "at most 47 fit" in results[48].error
+    assert engine.pool.num_free_blocks == 12
 
 
 @settings(max_examples=8, deadline=None)
