@@ -2,7 +2,7 @@
 
 Each step is three calls: the scheduler picks tokens, the model runner computes them, the engine
 samples and retires finished sequences. A step that raises does not lose its batch: every
-sequence in it is recomputed in a step of its own, and only one that fails alone gets an error.
+sequence in it is recomputed in a step of its own, and only one that fails alone, twice, gets an error.
 
 Async scheduling (on by default on a GPU): the host plans and launches step N+1 before it waits for
 step N's tokens, so scheduling, building inputs and bookkeeping overlap the GPU's work instead of
@@ -18,8 +18,6 @@ must run alone or reads its own output (a repetition penalty), drains first.
 
 from __future__ import annotations
 
-import atexit
-import gc
 import hashlib
 import logging
 import os
@@ -38,6 +36,7 @@ from kvbatch.cache.kv_cache import KVCache
 from .engine_config import EngineConfig, EngineStats
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
+from .gc_freeze import freeze_gc
 from .kv_sizing import fixed_pool_size, kv_cache_spec
 from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
@@ -51,8 +50,8 @@ from .stopping import StopChecker
 
 logger = logging.getLogger(__name__)
 
-# A sequence that has been in this many failed steps gets an error even if it never failed alone.
-MAX_ISOLATIONS = 3
+# A sequence that fails this many times running alone gets an error (once could be a transient fault, an OOM).
+FAILURES_ALONE_TO_ERROR = 2
 # Below this many shared tokens, reading the prefix once per sequence costs less than the cascade's extra launches.
 CASCADE_MIN_TOKENS = 256
 
@@ -74,9 +73,6 @@ class _RequestState:
     num_unfinished: int = 0
 
 
-_gc_unfreeze_at_exit = False
-
-
 def _sampling_rows(items: list[ScheduledSeq]) -> list[SamplingRow] | None:
     """What sampling needs of each sampling row; None when every row takes the plain argmax (the usual
     greedy batch job), which needs nothing per row."""
@@ -93,19 +89,6 @@ def _stable_hash(request_id: object) -> int:
     """56 bits from the request id, the same in every process (unlike hash()): an unseeded row of a job (its id
     is its input row) samples the same tokens in a resumed, sharded or data-parallel run as in one run."""
     return int.from_bytes(hashlib.blake2b(repr(request_id).encode(), digest_size=7).digest(), "little")
-
-
-def _freeze_gc() -> None:
-    """Put every object alive now (torch, transformers, the model: about 450,000 of them) out of the cyclic
-    collector's reach. A full collection walks them all: on the H200 host, 210-260 ms with the GPU idle, in two
-    of four runs of workload a (2.73-3.03 s against 2.49-2.54 s without); frozen, the same collections took 5-15 ms.
-    Objects made later (requests, sequences) are collected as usual."""
-    global _gc_unfreeze_at_exit
-    gc.collect()
-    gc.freeze()
-    if not _gc_unfreeze_at_exit:  # the interpreter's last collection must still free them: native bindings
-        atexit.register(gc.unfreeze)  # (triton's nanobind) report frozen objects as leaks at exit
-        _gc_unfreeze_at_exit = True
 
 
 class Engine:
@@ -140,7 +123,7 @@ class Engine:
         self.timer = StepTimer(self.device)  # `timer.enabled = True` for a per-phase breakdown
         self._next_seq_id = 0
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
-        _freeze_gc()
+        freeze_gc()
         logger.info(
             "engine ready: %s on %s (%s), attention %s, KV pool %s, context %d tokens",
             self.loaded.source, self.device, self.loaded.dtype, self.backend.name,
@@ -377,11 +360,15 @@ class Engine:
 
     def _recover(self, scheduler: Scheduler, seqs: list[Sequence], exc: Exception, registered: list[int] | None = None) -> list[GenerationResult]:
         self.stats.num_failed_steps += 1
-        culprits = seqs if len(seqs) == 1 else [s for s in seqs if s.num_isolations >= MAX_ISOLATIONS]
+        if len(seqs) == 1:
+            seqs[0].num_failures_alone += 1
+        # Only a sequence that fails alone, and did so before, gets an error.
+        culprits = [s for s in seqs if s.num_failures_alone >= FAILURES_ALONE_TO_ERROR] if len(seqs) == 1 else []
         logger.warning(
             "a step of %d sequences failed (%s: %s); %s",
             len(seqs), type(exc).__name__, exc,
-            "failing the request that ran alone" if len(seqs) == 1 else "rerunning each sequence alone",
+            "rerunning each sequence alone" if len(seqs) > 1 else
+            "failing the request, which failed alone again" if culprits else "rerunning it alone once more",
         )  # fmt: skip
         results = []
         for seq in culprits:

@@ -54,6 +54,9 @@ from .sequence import Sequence, SeqStatus
 
 Policy = Literal["reserve", "optimistic"]
 POLICIES = ("reserve", "optimistic")
+# A sequence that has been in this many failed steps runs alone from then on: it still gets an error only if it
+# fails alone, and a failure that only a batch triggers cannot send it round failing and recomputing forever.
+MAX_ISOLATIONS = 3
 
 
 @dataclass(frozen=True)
@@ -329,7 +332,7 @@ class Scheduler:
         caller withdraws them (`requeue_isolated(..., registered)`)."""
         registered, self._registered_this_step = self._registered_this_step, []
         for item in out.scheduled:
-            if item.seq.isolate and item.samples:
+            if item.seq.isolate and item.samples and item.seq.num_isolations < MAX_ISOLATIONS:
                 item.seq.isolate = False  # its whole context ran alone without failing: not the culprit
             item.seq.num_computed_tokens += item.num_new_tokens
         return registered

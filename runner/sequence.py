@@ -56,9 +56,10 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
     # After a failed step, each of its sequences runs alone once, so a row that breaks the model
-    # is found and failed without taking its batch-mates with it.
+    # is found and failed without taking its batch-mates with it (after MAX_ISOLATIONS failed steps: alone to the end).
     isolate: bool = False
     num_isolations: int = 0
+    num_failures_alone: int = 0  # the engine fails the row at FAILURES_ALONE_TO_ERROR (a fault may be transient)
     finish_reason: FinishReason | None = None
     group: Any = None  # the engine's state of the request this sample belongs to
     # Plain attributes, not properties: the host reads them for every row of every step.

@@ -181,6 +181,7 @@ def test_a_step_that_fails_when_read_withdraws_the_prefix_blocks_it_registered(l
     first, second = GenerationRequest("a", system + [7, 6, 5], params), GenerationRequest("b", system + [9, 8], params)
     settings = dict(num_blocks_override=64, max_num_batched_tokens=64, max_num_seqs=1)
     [alone] = make_engine(loaded, True, **settings).generate([second])
+    [first_alone] = make_engine(loaded, True, **settings).generate([first])
     engine = make_engine(loaded, True, **settings)
     forward, calls = engine.runner.forward, {"forward": 0, "read": 0}
 
@@ -204,7 +205,8 @@ def test_a_step_that_fails_when_read_withdraws_the_prefix_blocks_it_registered(l
     engine.runner.forward = garbage_first_step
     monkeypatch.setattr(sampling.SampledTokens, "to_host", first_read_fails)
     got = {r.request_id: r for r in engine.generate([first, second])}
-    assert got["a"].error == "generation failed: RuntimeError: device fault"  # it ran alone when the fault came
+    # It ran alone when the fault came: rerun alone once more (the fault may be transient), it recovers.
+    assert got["a"].error is None and got["a"].completions[0].token_ids == first_alone.completions[0].token_ids
     assert got["b"].error is None
     assert got["b"].completions[0].token_ids == alone.completions[0].token_ids
     assert engine.pool.num_free_blocks == engine.pool.num_blocks

@@ -8,6 +8,7 @@ from test_exact_vs_generate import random_prompts
 from tiny_models import EOS_ID, tiny_loaded
 
 from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.scheduler import MAX_ISOLATIONS
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 
@@ -78,6 +79,51 @@ def test_a_failing_row_is_isolated_and_its_batch_mates_finish(loaded) -> None:
     for key, result in want.items():
         assert got[key].completions[0].token_ids == result.completions[0].token_ids
     assert engine.stats.num_failed_steps >= 2
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def _tokens(results) -> dict:
+    return {key: r.completions[0].token_ids for key, r in results.items()}
+
+
+def test_transient_step_failures_cost_no_row(loaded) -> None:
+    """Four sporadic faults (an OOM, say) over a long run: every row was in several failed steps, some of them alone
+    at the time, and each still finishes with its clean tokens (a row fails only if it fails alone twice)."""
+    requests = [GenerationRequest(i, [5 + i, 6, 7, 8 + i], SamplingParams(max_new_tokens=60, ignore_eos=True)) for i in range(6)]
+    want = by_id(make_engine(loaded, num_blocks_override=128).generate(requests))
+    engine = make_engine(loaded, num_blocks_override=128)
+    forward, calls = engine.runner.forward, [0]
+
+    def flaky(inputs):
+        calls[0] += 1
+        if calls[0] in (10, 30, 50, 70):
+            raise RuntimeError("CUDA out of memory (transient)")
+        return forward(inputs)
+
+    engine.runner.forward = flaky
+    got = by_id(engine.generate(requests))
+    assert engine.stats.num_failed_steps == 4 and all(r.error is None for r in got.values())
+    assert _tokens(got) == _tokens(want)
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_a_failure_only_batches_trigger_ends_with_every_row_running_alone(loaded) -> None:
+    """Every step of two or more sequences fails (a batch-size-dependent fault): rows are rerun alone, and after
+    MAX_ISOLATIONS failed steps each runs alone to its end, so the run finishes, with the clean tokens."""
+    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(random_prompts(4, 3, 12, seed=8))]
+    want = by_id(make_engine(loaded).generate(requests))
+    engine = make_engine(loaded)
+    forward = engine.runner.forward
+
+    def fails_batched(inputs):
+        if inputs.meta.num_seqs > 1:
+            raise RuntimeError("fails in a batch")
+        return forward(inputs)
+
+    engine.runner.forward = fails_batched
+    got = by_id(engine.generate(requests))
+    assert all(r.error is None for r in got.values()) and _tokens(got) == _tokens(want)
+    assert engine.stats.num_failed_steps >= MAX_ISOLATIONS
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
