@@ -1,4 +1,4 @@
-"""The engine: one model, one KV pool, any number of `generate` calls.
+"""The engine: one model, one KV pool, any number of `generate` calls, one at a time.
 
 Each step is three calls: the scheduler picks tokens, the model runner computes them, the engine
 samples and retires finished sequences. A step that raises does not lose its batch: every
@@ -122,6 +122,7 @@ class Engine:
         self.stats = EngineStats()
         self.timer = StepTimer(self.device)  # `timer.enabled = True` for a per-phase breakdown
         self._next_seq_id = 0
+        self._generating = False
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         freeze_gc()
         logger.info(
@@ -215,6 +216,8 @@ class Engine:
         """
         if self.kv_cache is None:
             raise RuntimeError("this engine was closed (Engine.close gave its KV pages back); make a new one")
+        if self._generating:  # two schedulers over one pool cannot preempt each other's rows
+            raise RuntimeError("this engine is running another generate() call; finish or close that one first")
         scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.max_num_batched_tokens, self.config.block_size,
                             self.config.policy, prefix_cache=self.config.prefix_cache),
@@ -226,6 +229,7 @@ class Engine:
         exhausted = False
         lookahead = 2 * self.config.max_num_seqs
         in_flight: _InFlight | None = None
+        self._generating = True
         try:
             while True:
                 while not exhausted and len(scheduler.waiting) < lookahead:
@@ -245,7 +249,9 @@ class Engine:
                 results, in_flight = self._step(scheduler, in_flight)
                 yield from results
         finally:
-            scheduler.abort_all()
+            # A step still in flight may yet fail on the device: its prefix blocks are never confirmed.
+            scheduler.abort_all(in_flight.registered if in_flight is not None else ())
+            self._generating = False
 
     def _step(self, scheduler: Scheduler, in_flight: _InFlight | None) -> tuple[list[GenerationResult], _InFlight | None]:
         """Launch the next step (planned ahead when one is in flight, else after draining it)."""

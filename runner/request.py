@@ -83,6 +83,10 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_token_ids, list):  # a tuple or numpy array: `prompt + output` must concatenate
+            object.__setattr__(self, "prompt_token_ids", [int(t) for t in self.prompt_token_ids])
+
 
 @dataclass(frozen=True)
 class Completion:

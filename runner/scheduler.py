@@ -360,9 +360,10 @@ class Scheduler:
                 seq.num_isolations += 1
                 self.add(seq)
 
-    def abort_all(self) -> list[Sequence]:
-        """Drop every sequence (the caller stopped consuming results); the pool is whole again."""
-        self._withdraw_step()  # the last step may not have run
+    def abort_all(self, registered: Iterable[int] = ()) -> list[Sequence]:
+        """Drop every sequence (the caller stopped consuming results); the pool is whole again. `registered`:
+        prefix blocks of a launched step whose tokens were never read, withdrawn like the last step's."""
+        self._withdraw_step(registered)  # the last step may not have run
         dropped = self.running + self.waiting
         for seq in dropped:
             self.finish(seq)

@@ -259,3 +259,23 @@ def test_prefill_chunks_and_admissions_are_planned_ahead(loaded, monkeypatch):
     assert any(out.num_queried_tokens for out in planned)  # admissions (their prefix-cache lookups)
     assert any(len({item.num_new_tokens > 1 for item in out.scheduled}) == 2 for out in planned)  # decodes beside chunks
     assert engine.stats.num_steps_ahead >= engine.stats.num_steps - 3
+
+
+def test_closing_generate_with_a_step_in_flight_withdraws_its_prefix_blocks(loaded) -> None:
+    """The step launched last was never read, so a device fault in it would never show: the prefix blocks it
+    registered are withdrawn when the caller closes generate(), like those of a step that failed when read."""
+    engine = make_engine(loaded, True, max_num_batched_tokens=5)
+    shared = list(range(10, 30))  # five full blocks, registered a block a step
+    requests = [GenerationRequest("long", shared + [99], SamplingParams(max_new_tokens=5, ignore_eos=True))]
+    requests += [GenerationRequest(i, [100 + 5 * i + j for j in range(5)] + [7], SamplingParams(max_new_tokens=1)) for i in range(12)]
+    stream = engine.generate(requests)
+    for _ in stream:
+        in_flight = stream.gi_frame.f_locals["in_flight"]
+        if in_flight is not None and in_flight.registered:
+            break
+    unread = list(in_flight.registered)
+    assert unread and all(engine.pool._hash_of_block.get(b) is not None for b in unread)
+    stream.close()
+    assert not any(b in engine.pool._hash_of_block for b in unread)
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+    engine.pool.check_invariants()

@@ -255,6 +255,38 @@ def test_random_request_streams_all_finish_and_drain(loaded, policy, num_blocks,
     engine.pool.check_invariants()
 
 
+def test_one_generate_call_at_a_time(loaded) -> None:
+    engine = make_engine(loaded)
+    requests = [GenerationRequest(i, [5 + i, 6, 7], SamplingParams(max_new_tokens=4)) for i in range(3)]
+    first = engine.generate(requests)
+    next(first)
+    with pytest.raises(RuntimeError, match="running another generate\\(\\) call; finish or close that one first"):
+        next(engine.generate(requests))
+    first.close()
+    assert sorted(by_id(engine.generate(requests))) == [0, 1, 2]
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("field, value", [("block_size", 0), ("block_size", -4), ("num_blocks_override", 0),
+                                          ("max_num_batched_tokens", 0), ("max_num_seqs", 0), ("kv_cache_gib", 0.0),
+                                          ("gpu_memory_utilization", 1.5), ("policy", "bogus"), ("max_model_len", 2.5)])
+def test_engine_config_refuses_values_no_engine_can_run(field, value) -> None:
+    with pytest.raises(ValueError, match=f"EngineConfig.{field} must be"):
+        EngineConfig(**{field: value})
+
+
+def test_a_prompt_given_as_a_tuple_or_array_runs_through_a_preemption(loaded) -> None:
+    import numpy as np
+
+    prompts = [random_prompts(1, 9, 9, seed=s)[0] for s in (1, 2)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    want = by_id(make_engine(loaded).generate([GenerationRequest(i, p, params) for i, p in enumerate(prompts)]))
+    engine = make_engine(loaded, num_blocks_override=7)  # 28 tokens: two rows of 21 preempt each other
+    got = by_id(engine.generate([GenerationRequest(0, tuple(prompts[0]), params), GenerationRequest(1, np.array(prompts[1]), params)]))
+    assert engine.stats.num_preemptions > 0
+    assert {k: r.completions[0].token_ids for k, r in got.items()} == {k: r.completions[0].token_ids for k, r in want.items()}
+
+
 def test_a_closed_engine_says_so(loaded) -> None:
     engine = make_engine(loaded)
     engine.close()
