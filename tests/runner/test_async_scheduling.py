@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from test_exact_vs_generate import random_prompts
 from tiny_models import tiny_loaded
 
+from kvbatch.cache import backends
+from kvbatch.runner import engine as engine_module
 from kvbatch.runner import sampling
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
@@ -279,3 +281,20 @@ def test_closing_generate_with_a_step_in_flight_withdraws_its_prefix_blocks(load
     assert not any(b in engine.pool._hash_of_block for b in unread)
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
     engine.pool.check_invariants()
+
+
+def test_async_with_the_triton_kernels_and_fused_layers_gives_the_reference_tokens(loaded, monkeypatch) -> None:
+    """The GPU's configuration (Triton attention, fused layers, async scheduling) run on the CPU in Triton's
+    interpreter, against the synchronous torch reference with transformers' layers."""
+    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=True))
+                for i, p in enumerate(random_prompts(4, 3, 14, seed=12))]
+    want = outcome(make_engine(loaded, False, fused_layers=False), requests)
+    monkeypatch.setattr(engine_module, "select_backend", lambda *args: backends._load("triton"))
+    engine = make_engine(loaded, True, fused_layers=True)
+    assert engine.backend.name == "triton" and engine.fused is not None and engine.async_scheduling
+    got = outcome(engine, requests)
+    assert {k: v[1][0][0] for k, v in got.items()} == {k: v[1][0][0] for k, v in want.items()}  # the tokens
+    for key, (error, [(_, reason, logprobs)]) in got.items():
+        assert error is None and reason == "length"
+        torch.testing.assert_close(logprobs, want[key][1][0][2], rtol=1e-4, atol=1e-4)
+    assert engine.stats.num_steps_ahead > 0
