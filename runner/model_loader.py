@@ -86,6 +86,16 @@ def source_kwargs(name: str, allow_download: bool) -> tuple[str, dict]:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def cached_snapshot(name: str) -> Path | None:
+    """The local cache's folder for hub name `name` (what an earlier download left), or None if it has none."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: transformers gives the error then
+        return None
+
+
 def check_folder_safety(folder: Path, allow_pickle: bool, trust_remote_code: bool) -> None:
     """Refuse, before transformers runs anything, a folder that needs pickled weights or its own code."""
     if not allow_pickle and not any(folder.glob("*.safetensors")):
@@ -196,8 +206,10 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, kwargs = source_kwargs(name, allow_download)
-    if Path(source).is_dir():
-        check_folder_safety(Path(source), allow_pickle or "gguf_file" in kwargs, trust_remote_code)
+    # A hub name already in the cache is held to the same rules as a folder, before transformers reads it.
+    folder = Path(source) if Path(source).is_dir() else cached_snapshot(source) if kwargs.get("local_files_only") else None
+    if folder is not None:
+        check_folder_safety(folder, allow_pickle or "gguf_file" in kwargs, trust_remote_code)
     if trust_remote_code:
         logger.warning("trust_remote_code is on: %s may run its own Python code", name)
     if allow_pickle:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -153,3 +155,39 @@ def test_offline_reads_the_environment_now(monkeypatch: pytest.MonkeyPatch) -> N
 def test_missing_model_folder(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=f"model folder {tmp_path / 'nope'} does not exist"):
         load_model(str(tmp_path / "nope"), device="cpu")
+
+
+LOAD_BY_NAME = """
+from kvbatch.runner.model_loader import ModelLoadError, load_model
+loaded = load_model("me/tiny", device="cpu")
+print("LOADED", loaded.source, loaded.model.config.num_hidden_layers, loaded.tokenizer.encode("w5 w6"))
+try:
+    load_model("me/pickled", device="cpu")
+except ModelLoadError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_a_hub_name_loads_from_the_local_cache_and_keeps_the_safety_rules(tmp_path: Path) -> None:
+    # The layout an earlier download leaves: <hub cache>/models--ORG--NAME/{refs/main, snapshots/<commit>/}. A
+    # subprocess, because huggingface_hub reads HF_HUB_CACHE when it is imported.
+    commit = "0" * 40
+    for name in ("tiny", "pickled"):
+        repo = tmp_path / "hub" / f"models--me--{name}"
+        snapshot = repo / "snapshots" / commit
+        model = tiny_model("llama")
+        if name == "pickled":  # transformers 5 writes safetensors only
+            snapshot.mkdir(parents=True)
+            model.config.save_pretrained(snapshot)
+            torch.save(model.state_dict(), snapshot / "pytorch_model.bin")
+        else:
+            model.save_pretrained(snapshot)
+        word_tokenizer().save_pretrained(snapshot)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_BY_NAME], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED me/tiny 2 [5, 6]" in proc.stdout
+    assert "models--me--pickled/snapshots/" in proc.stdout  # named as the folder it is, not "not in the cache"
+    assert "has only pickled weights (pytorch_model.bin)" in proc.stdout and "engine.allow_pickle: true" in proc.stdout
