@@ -176,7 +176,7 @@ class Engine:
         if num_prompt == 0:
             return "the prompt is empty (0 tokens)"
         if num_prompt >= self.capacity_tokens:
-            limit = "the model's context" if self.max_model_len <= self.pool_size.num_tokens else "the KV pool"
+            limit = "the context" if self.max_model_len <= self.pool_size.num_tokens else "the KV pool"
             return (
                 f"the prompt has {num_prompt} tokens; at most {self.capacity_tokens - 1} fit, leaving room for one "
                 f"new token ({limit}: {self.capacity_tokens} tokens; context {self.max_model_len}, "
