@@ -363,6 +363,11 @@ def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: E
                     raise
                 log.info("job %s failed: %s", job.name, exc)
                 outcomes.append(JobOutcome(job.name, error=exc))
+            except BaseException as exc:  # a tensor-parallel rank lost (by name: no engine import): no job can run
+                if type(exc).__name__ != "TensorParallelLost":
+                    raise
+                outcomes.append(JobOutcome(job.name, error=exc))
+                break
     return outcomes
 
 

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
+from queue import Empty
 from typing import Annotated, Any, Optional
 
 import torch
@@ -132,7 +133,7 @@ def throughput(
         threads = max(1, (os.cpu_count() or 1) // data_parallel_size)
         procs.append(ctx.Process(target=_run_share, args=(shape, settings, tensor_parallel_size, share, barrier, queue, env, threads)))
         procs[-1].start()
-    results = [queue.get() for _ in procs]
+    results = _collect(queue, procs, barrier)
     for proc in procs:
         proc.join()
     seconds = max(r["seconds"] for r in results)
@@ -141,6 +142,25 @@ def throughput(
            "gpus": data_parallel_size * tensor_parallel_size if torch.cuda.is_available() else 0, "dtype": results[0]["dtype"],
            "device": results[0]["device"], "seconds": round(seconds, 3), "out_tokens": out_tokens, "out_tok_s": round(out_tokens / seconds, 1),
            "total_tok_s": round((work.num_prompt_tokens + out_tokens) / seconds, 1), "setup_s": max(r["setup_s"] for r in results)}, json_path)  # fmt: skip
+
+
+def _collect(queue: Any, procs: list[Any], barrier: Any) -> list[dict]:
+    """Each process's result; if one dies first (an OOM, a bad option), stop the others and say which, instead of
+    waiting on the queue (and the healthy ones at the barrier) for ever."""
+    results: list[dict] = []
+    while len(results) < len(procs):
+        try:
+            results.append(queue.get(timeout=2.0))
+        except Empty:
+            failed = [p for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                barrier.abort()
+                for proc in procs:
+                    proc.join(timeout=10)
+                    if proc.is_alive():
+                        proc.kill()
+                raise SystemExit(f"parallel_bench: process {failed[0].name} exited with code {failed[0].exitcode} (its error is above)")
+    return results
 
 
 def _run_share(shape: str, settings: dict, tp: int, work: Workload, barrier: Any, queue: Any, env: dict[str, str], threads: int) -> None:

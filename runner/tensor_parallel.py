@@ -210,7 +210,14 @@ class _BroadcastingRunner(ModelRunner):
         self.world.check_alive()
         self.world.in_step = True
         tp_comm.send_step(self.engine_id, inputs, self.world.control)
-        logits = super().forward(inputs)
+        try:
+            logits = super().forward(inputs)
+        except Exception as exc:
+            # The workers run this step and wait in its collectives: the engine's usual retry (each row alone)
+            # would pair its all-reduces with theirs, a hang or wrong tokens. in_step stays set, so shutdown
+            # kills the workers rather than talk to them.
+            raise TensorParallelLost(f"a tensor-parallel step failed on rank 0 ({type(exc).__name__}: {exc}); "
+                                     "the ranks are out of step, so the run stops: finished rows are kept, rerun to resume") from exc
         self.world.in_step = False
         return logits
 

@@ -57,6 +57,38 @@ def test_tensor_parallel_two_ranks_equal_one_process(tmp_path):
     assert outcome.summary.output_tokens == single.summary.output_tokens
 
 
+def test_a_step_failing_on_rank_0_only_stops_the_run_and_a_rerun_resumes(tmp_path, monkeypatch):
+    """The worker already ran the step and waits in its collectives, so rank 0 may not retry it (its all-reduces
+    would pair with the worker's): the run stops with TensorParallelLost, finished rows stay, a rerun completes."""
+    from kvbatch.runner.model_runner import ModelRunner
+
+    write_input(tmp_path / "in.jsonl")
+    whole = tiny_job(tmp_path, "whole")
+    run_jobs([whole], engine_factory=tiny_engine)
+    real, calls = ModelRunner.forward_eager, [0]
+
+    def fails_once(self, inputs):  # in this process (rank 0) only: the spawned worker imports the original
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("simulated CUDA out of memory on rank 0")
+        return real(self, inputs)
+
+    monkeypatch.setattr(ModelRunner, "forward_eager", fails_once)
+    job = tiny_job(tmp_path, tensor=2)
+    try:
+        [outcome] = run_jobs([job], engine_factory=tensor_parallel.TensorParallelFactory(tiny_tp_loader))
+    finally:
+        tensor_parallel.shutdown()
+    assert type(outcome.error).__name__ == "TensorParallelLost"
+    assert "failed on rank 0 (RuntimeError: simulated CUDA out of memory on rank 0)" in str(outcome.error)
+    monkeypatch.setattr(ModelRunner, "forward_eager", real)
+    try:
+        [again] = run_jobs([job], engine_factory=tensor_parallel.TensorParallelFactory(tiny_tp_loader))
+    finally:
+        tensor_parallel.shutdown()
+    assert again.error is None and rows_of(output_path(job)) == rows_of(output_path(whole))
+
+
 def test_data_parallel_of_tensor_parallel_engines(tmp_path):
     """2 x TP2 on the CPU: two data-parallel processes, each the rank 0 of its own two-rank engine."""
     write_input(tmp_path / "in.jsonl")

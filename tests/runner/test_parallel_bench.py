@@ -1,0 +1,42 @@
+"""`python -m kvbatch.runner.parallel_bench` on the CPU (gloo) with the tiny shape: the commands the multi-GPU
+machine will run, checked here first."""
+
+import json
+
+from typer.testing import CliRunner
+
+from kvbatch.runner import tensor_parallel
+from kvbatch.runner.parallel_bench import app
+
+
+def _records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_check_finds_tensor_parallel_rows_identical(tmp_path):
+    out = tmp_path / "p.jsonl"
+    try:
+        result = CliRunner().invoke(app, ["check", "--shape", "tiny", "--tensor-parallel", "2", "--num-prompts", "3",
+                                          "--max-new-tokens", "4", "--device", "cpu", "--json", str(out)])  # fmt: skip
+    finally:
+        tensor_parallel.shutdown()
+    assert result.exit_code == 0, result.output
+    (record,) = _records(out.read_text())
+    assert (record["rows"], record["rows_identical"], record["tensor_parallel"]) == (3, 3, 2)
+
+
+def test_throughput_of_two_data_parallel_processes_counts_every_token(tmp_path):
+    out = tmp_path / "p.jsonl"
+    result = CliRunner().invoke(app, ["throughput", "--shape", "tiny", "--workload", "chat", "--num-prompts", "4",
+                                      "--data-parallel", "2", "--device", "cpu", "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (record,) = _records(out.read_text())
+    assert (record["data_parallel"], record["out_tokens"], record["device"]) == (2, 4 * 64, "cpu")
+
+
+def test_a_process_that_fails_stops_the_run_instead_of_hanging():
+    # Before, the parent waited on the queue for ever and the healthy process at the barrier.
+    result = CliRunner().invoke(app, ["throughput", "--shape", "tiny", "--workload", "chat", "--num-prompts", "4",
+                                      "--data-parallel", "2", "--dtype", "foo", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code != 0
+    assert "exited with code 1" in str(result.exception) or "exited with code 1" in result.output
