@@ -386,7 +386,8 @@ def _job_runner(job: JobSpec) -> Callable[..., Summary]:
 
 # Errors whose message tells the user what to change (a bug keeps its traceback): the model, the machine (no
 # CUDA, a kernel backend missing) or the KV budget. Matched by class name, so the job glue imports no engine module.
-USER_FACING_ERRORS = ("ModelLoadError", "DefaultModelError", "KVBudgetError", "BackendUnavailableError", "FusedLayersError")
+USER_FACING_ERRORS = ("ModelLoadError", "DefaultModelError", "KVBudgetError", "BackendUnavailableError", "FusedLayersError",
+                      "TensorParallelError")
 
 
 def is_user_facing(exc: BaseException) -> bool:

@@ -181,12 +181,21 @@ def start_tensor_parallel(model: str, settings: dict[str, Any], size: int, loade
 
 def build_rank_engine(model: str, settings: dict[str, Any], loader: Loader, rank: int, size: int, device: torch.device) -> Engine:
     """This rank's engine: its share of the layers on its device, and a pool of the size every rank can hold."""
+    return _rank_engine(model, settings, _load_share(model, settings, loader, rank, size, device), device)
+
+
+def _load_share(model: str, settings: dict[str, Any], loader: Loader, rank: int, size: int, device: torch.device) -> LoadedModel:
+    """This rank's share of the layers on its device. No collective runs here, so an error here (a missing model,
+    heads that do not split) is met by every rank alike, before any of them waits for the others."""
     loaded = loader(model, settings, device)
     shard_model(loaded.model, rank, size)
     if next(loaded.model.parameters()).is_meta:  # a random benchmark model (tp_random.py): only this rank's share is made
         loader.materialize(loaded.model, device, rank, size)  # type: ignore[attr-defined]
     loaded.model.to(device)
-    loaded = dataclasses.replace(loaded, device=device)
+    return dataclasses.replace(loaded, device=device)
+
+
+def _rank_engine(model: str, settings: dict[str, Any], loaded: LoadedModel, device: torch.device) -> Engine:
     config = EngineConfig(model=model, **{**settings, "device": str(device), "cuda_graphs": False})
     engine = Engine(config, loaded)  # on a GPU the pool is profiled: every rank runs that step together
     agreed = torch.tensor([engine.pool_size.num_blocks], device=device)
@@ -272,7 +281,12 @@ def serve(rank: int, size: int, device: torch.device, loader: Loader, control: d
                 engines[engine_id].runner.forward(tp_comm.receive_step(header, device, control))
             elif command == tp_comm.LOAD:
                 model, settings = tp_comm.receive_object(control)
-                engines[engine_id] = build_rank_engine(model, settings, loader, rank, size, device)
+                try:
+                    loaded = _load_share(model, settings, loader, rank, size, device)
+                except Exception as exc:  # noqa: BLE001 - rank 0 meets the same error and reports it as the job's
+                    log.warning("rank %d: cannot load %s (%s: %s); waiting for the next job", rank, model, type(exc).__name__, exc)
+                    continue
+                engines[engine_id] = _rank_engine(model, settings, loaded, device)
             elif command == tp_comm.CLOSE:
                 engines.pop(engine_id, None)
             elif command == tp_comm.EXIT:

@@ -63,3 +63,12 @@ def rows_of(path: Path) -> list[dict]:
 def tiny_tp_loader(model: str, settings: dict, device) -> object:
     """tensor_parallel.Loader for the same tiny Llama (seeded: every rank builds the same weights)."""
     return tiny_loaded("llama")
+
+
+def tiny_tp_loader_or_missing(model: str, settings: dict, device) -> object:
+    """tiny_tp_loader, except that model "missing-model" fails on every rank, as a real loader's would."""
+    if model == "missing-model":
+        from kvbatch.runner.model_loader import ModelLoadError
+
+        raise ModelLoadError(f"cannot load model {model!r}: not found")
+    return tiny_tp_loader(model, settings, device)

@@ -14,7 +14,7 @@ from kvbatch.runner.job import run_jobs
 from kvbatch.runner.tp_shard import TensorParallelError, check_divisible
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from scaling_helpers import rows_of, tiny_engine, tiny_job, tiny_tp_loader, write_input  # noqa: E402
+from scaling_helpers import rows_of, tiny_engine, tiny_job, tiny_tp_loader, tiny_tp_loader_or_missing, write_input  # noqa: E402
 from tiny_models import CONFIGS  # noqa: E402
 
 
@@ -87,6 +87,23 @@ def test_a_step_failing_on_rank_0_only_stops_the_run_and_a_rerun_resumes(tmp_pat
     finally:
         tensor_parallel.shutdown()
     assert again.error is None and rows_of(output_path(job)) == rows_of(output_path(whole))
+
+
+def test_a_model_that_cannot_load_fails_its_job_and_the_next_job_runs(tmp_path):
+    """Every rank meets the same load error before any collective: the worker keeps serving, rank 0 reports it."""
+    import dataclasses
+
+    write_input(tmp_path / "in.jsonl")
+    whole = tiny_job(tmp_path, "whole")
+    run_jobs([whole], engine_factory=tiny_engine)
+    bad = dataclasses.replace(tiny_job(tmp_path, "bad", tensor=2), model="missing-model")
+    good = tiny_job(tmp_path, "good", tensor=2)
+    try:
+        failed, ok = run_jobs([bad, good], engine_factory=tensor_parallel.TensorParallelFactory(tiny_tp_loader_or_missing))
+    finally:
+        tensor_parallel.shutdown()
+    assert "cannot load model 'missing-model'" in str(failed.error)
+    assert ok.error is None and rows_of(output_path(good)) == rows_of(output_path(whole))
 
 
 def test_data_parallel_of_tensor_parallel_engines(tmp_path):
