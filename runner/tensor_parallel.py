@@ -42,7 +42,7 @@ from .engine import Engine, EngineConfig
 from .model_loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from .model_runner import ModelRunner, StepInputs
 from .signals import SIGNALS
-from .tp_shard import shard_model
+from .tp_shard import TensorParallelError, shard_model
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT = timedelta(days=7)  # a worker waits for rank 0's next message as long as rank 0 runs
@@ -110,6 +110,9 @@ def _free_port() -> int:
 
 
 def _start_world(size: int, use_cuda: bool, loader: Loader) -> _World:
+    if use_cuda and size > torch.cuda.device_count():  # rank r runs on cuda:r; NCCL refuses two ranks on one GPU
+        raise TensorParallelError(f"--tensor-parallel {size} needs {size} GPUs; this process sees {torch.cuda.device_count()} "
+                                  "(CUDA_VISIBLE_DEVICES)")
     world = _World(size, use_cuda, loader)
     backend = "nccl" if use_cuda else "gloo"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the other ranks run serve_from_env()

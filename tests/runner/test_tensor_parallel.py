@@ -106,6 +106,13 @@ def test_a_model_that_cannot_load_fails_its_job_and_the_next_job_runs(tmp_path):
     assert ok.error is None and rows_of(output_path(good)) == rows_of(output_path(whole))
 
 
+def test_more_ranks_than_visible_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(TensorParallelError, match="--tensor-parallel 4 needs 4 GPUs; this process sees 2"):
+        tensor_parallel._start_world(4, True, tiny_tp_loader)
+    assert tensor_parallel._WORLD is None
+
+
 def test_data_parallel_of_tensor_parallel_engines(tmp_path):
     """2 x TP2 on the CPU: two data-parallel processes, each the rank 0 of its own two-rank engine."""
     write_input(tmp_path / "in.jsonl")
