@@ -105,6 +105,8 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
         return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON at column {exc.colno}: {exc.msg}"), line_no)
     except RecursionError:
         return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON: nested too deeply"), line_no)
+    except ValueError as exc:  # an integer of over 4,300 digits (Python's int-from-text limit)
+        return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON: {exc}"), line_no)
     if not isinstance(value, dict):
         got = "null" if value is None else type(value).__name__
         return Row(index, None, RowError(NOT_AN_OBJECT, f"{where}: expected a JSON object, got {got}"), line_no)

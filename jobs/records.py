@@ -95,14 +95,32 @@ class Layout:
         return pa.table(columns)
 
 
+# Deeper nesting than this is refused by Arrow IPC (64) or by pyarrow's Parquet reader (about 50), so it is
+# kept as JSON text like mixed types.
+MAX_NESTING = 32
+
+
 def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
-    """Input values as Arrow: the input's own type when known, else inferred; mixed types fall back to JSON text."""
-    if known is not None:
+    """Input values as Arrow: the input's own type when known, else inferred; values no output format can hold
+    as they are (mixed types, empty objects, very deep nesting) fall back to JSON text."""
+    for kind in ([known] if known is not None else []) + [None]:
         try:
-            return pa.array(values, known)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
-            pass
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        return pa.array([None if v is None else v if isinstance(v, str) else json_text.dumps(v, default=str) for v in values], pa.string())
+            array = pa.array(values, kind)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            continue
+        if writable(array.type):
+            return array
+    return pa.array([None if v is None else v if isinstance(v, str) else json_text.dumps(v, default=str) for v in values], pa.string())
+
+
+def writable(kind: pa.DataType, depth: int = 0) -> bool:
+    """Whether every output format can hold this type: Parquet has no struct without fields ({} in JSON)."""
+    if depth > MAX_NESTING:
+        return False
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(writable(kind.field(i).type, depth + 1) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return writable(kind.value_type, depth + 1)
+    if pa.types.is_map(kind):
+        return writable(kind.key_type, depth + 1) and writable(kind.item_type, depth + 1)
+    return True

@@ -191,10 +191,11 @@ class OutputWriter:
         self._last_commit = time.monotonic()
         if not self._buffer:
             return
-        results, self._buffer = sorted(self._buffer, key=lambda r: r.row), []
+        results = sorted(self._buffer, key=lambda r: r.row)
         number = max((int(p.file[5:11]) for p in self.manifest.parts), default=-1) + 1
         name = f"part-{number:06d}.arrow"
         table = self.layout.to_table(results)
+        self._buffer = []
         entry = PartEntry(name, len(results), to_ranges(r.row for r in results))
         try:
             with atomic_file(self.dir / name) as f:

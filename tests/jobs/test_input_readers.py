@@ -99,6 +99,15 @@ def test_jsonl_lone_surrogate_escapes_become_error_rows(tmp_path: Path) -> None:
     assert rows[1].data == {"prompt": "pair \N{GRINNING FACE}"} and rows[2].data == {"prompt": "literal \\udc80"}
 
 
+def test_jsonl_integer_over_python_limit_is_an_error_row(tmp_path: Path) -> None:
+    """json.loads raises ValueError (not JSONDecodeError) for integers of over 4,300 digits."""
+    lines = [b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}", b'{"prompt": "b"}']
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    rows = list(open_reader(job_for(tmp_path, "in.jsonl"), ["prompt"]))
+    assert rows[0].error.kind == kinds.BAD_JSON and rows[0].error.message.startswith("row 0 (line 1): invalid JSON: Exceeds the limit")
+    assert rows[1].data == {"prompt": "b"} and rows[1].error is None
+
+
 def test_jsonl_limit(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
     reader = open_reader(job_for(tmp_path, "in.jsonl", limit=2), ["prompt"])

@@ -138,6 +138,18 @@ def test_jsonl_output_writes_non_finite_floats_as_null(tmp_path: Path) -> None:
     assert kept[0] == 1.5 and kept[1] != kept[1] and kept[2] == float("inf")
 
 
+def test_kept_values_no_format_holds_become_json_text(tmp_path: Path) -> None:
+    # Parquet has no struct without fields ({}), and Arrow IPC refuses nesting of 64 levels or more.
+    deep = json.loads("[" * 70 + "1" + "]" * 70)
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "a", "meta": {}, "k": None}, {"prompt": "b", "meta": {}, "k": deep}])
+    for fmt in ("parquet", "arrow"):
+        summary, _ = run(tmp_path, input={"path": "in.jsonl"}, keep_columns=["meta", "k"], output={"path": f"res.{fmt}"})
+        assert summary.rows_ok == 2
+    rows = pq.read_table(tmp_path / "out" / "res.parquet").to_pylist()
+    assert [r["meta"] for r in rows] == ["{}", "{}"] and rows[0]["k"] is None and json.loads(rows[1]["k"]) == deep
+    assert read_arrow(tmp_path / "out" / "res.arrow").to_pylist() == rows
+
+
 def test_parquet_input_keeps_column_types(tmp_path: Path) -> None:
     table = pa.table({"rid": pa.array([10, 11], pa.int64()), "stars": pa.array([5, 2], pa.int8()), "product": ["kettle", "lamp"], "review": ["good", "bad"]})
     pq.write_table(table, tmp_path / "in.parquet")
