@@ -6,11 +6,9 @@ starts a download (README "Security and safety"). Rows stream from the memory-ma
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError, SpecError
-from .rows import Row
 
 
 def _import_datasets():
@@ -22,28 +20,22 @@ def _import_datasets():
 
 
 def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_rows: int):
-    from .readers import Reader
+    from .readers import Reader, rows_of_batches
 
     datasets = _import_datasets()
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as exc:
-            raise InputError(f"{path} is not a dataset saved with save_to_disk: {exc}") from None
+        except (OSError, ValueError) as exc:  # OSError: a truncated or damaged Arrow file in the folder
+            raise InputError(f"{path} is not a dataset saved with save_to_disk, or is damaged: {exc}") from None
     else:
         loaded = _load_cached(datasets, name, split)
     dataset = _pick_split(datasets, loaded, split, name)
     available = list(dataset.column_names)
     wanted = [c for c in dict.fromkeys(columns) if c in available]
 
-    def rows() -> Iterator[Row]:
-        index = 0
-        for batch in dataset.select_columns(wanted).with_format("arrow").iter(batch_size=batch_rows):
-            for data in batch.to_pylist():
-                yield Row(index, data)
-                index += 1
-
-    return Reader(rows(), len(dataset), available, dataset.features.arrow_schema)
+    batches = iter(dataset.select_columns(wanted).with_format("arrow").iter(batch_size=batch_rows))
+    return Reader(rows_of_batches(batches, path.name), len(dataset), available, dataset.features.arrow_schema)
 
 
 def _load_cached(datasets, name: str, split: str | None):

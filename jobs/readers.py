@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError, SpecError
-from .rows import Row
+from .rows import INVALID_UTF8, WRONG_TYPE, Row, RowError
 from .spec import JobSpec, input_format, input_path
 
 
@@ -77,12 +77,37 @@ def open_parquet(path: Path, columns: list[str], batch_rows: int) -> Reader:
     available = parquet.schema_arrow.names
     wanted = [c for c in dict.fromkeys(columns) if c in available]
 
-    def rows() -> Iterator[Row]:
-        index = 0
-        # Bounded memory: one record batch of `batch_rows` rows at a time, only the columns the job uses.
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
-            for data in batch.to_pylist():
-                yield Row(index, data)
-                index += 1
+    # Bounded memory: one record batch of `batch_rows` rows at a time, only the columns the job uses.
+    batches = parquet.iter_batches(batch_size=batch_rows, columns=wanted)
+    return Reader(rows_of_batches(batches, path.name), parquet.metadata.num_rows, available, parquet.schema_arrow)
 
-    return Reader(rows(), parquet.metadata.num_rows, available, parquet.schema_arrow)
+
+def rows_of_batches(batches: Iterator[pa.RecordBatch | pa.Table], name: str) -> Iterator[Row]:
+    """Rows from Arrow batches. A value Python cannot hold (a string column's invalid UTF-8) fails its row alone;
+    a batch that cannot be read at all (a damaged page) ends the input with an InputError naming the row."""
+    index = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"cannot read {name} from row {index} on ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+        try:
+            rows = batch.to_pylist()
+        except (ValueError, pa.ArrowException):  # UnicodeDecodeError is a ValueError
+            rows = [_one_row(batch, i, index + i) for i in range(batch.num_rows)]
+        for data in rows:
+            yield data if isinstance(data, Row) else Row(index, data)
+            index += 1
+
+
+def _one_row(batch: pa.RecordBatch | pa.Table, i: int, index: int) -> Row | dict:
+    data = {}
+    for name in batch.column_names:
+        try:
+            data[name] = batch.column(name)[i].as_py()
+        except (ValueError, pa.ArrowException) as exc:
+            kind = INVALID_UTF8 if isinstance(exc, UnicodeDecodeError) else WRONG_TYPE
+            return Row(index, None, RowError(kind, f"row {index}: column {name!r} cannot be read: {exc}"))
+    return data

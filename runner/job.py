@@ -21,7 +21,7 @@ from typing import Any
 
 from kvbatch import __version__
 from kvbatch.jobs import rows as kinds
-from kvbatch.jobs.errors import InterruptedJob, JobError
+from kvbatch.jobs.errors import InputError, InterruptedJob, JobError
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.prompts import build_prompt
 from kvbatch.jobs.records import RowResult
@@ -108,8 +108,9 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
         progress = JobProgress(job.name, total, engine, initial=done)
         feed = _Feed(job, pspec, writer, PromptTokenizer(engine.tokenizer, pspec.allow_special_tokens, pspec.chat_template), stop, progress, shard)
+        unreadable: list[InputError] = []  # the input failed part way: finish the rows read before it, then fail
         try:
-            requests = _sorted_requests(feed.requests(iter(reader)), job.sort_window, engine)
+            requests = _sorted_requests(feed.requests(_until_unreadable(reader, unreadable)), job.sort_window, engine)
             for result in engine.generate(feed.admit(requests)):
                 feed.finish(result)
         except JobError:
@@ -121,6 +122,10 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         lost = [i for i in feed.submitted if i in feed.pending]
         for index in lost:  # the engine never answered: still exactly one row each
             feed.write_error(feed.pending.pop(index).row, RowError(kinds.ENGINE, f"row {index}: the engine returned no result"))
+        if unreadable:
+            writer.commit_part()
+            raise InputError(f"job {job.name}: {unreadable[0]}; the {len(writer.done_rows)} rows before it are committed, "
+                             "repair or replace the file to go further")
         if stop.stopped and not (feed.exhausted and not feed.pending):  # rows left: a rerun does them
             writer.commit_part()
             raise InterruptedJob(f"job {job.name}: stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, rerun to resume")
@@ -328,6 +333,13 @@ def _previous_summary(out: Path, summary: Summary) -> Summary:
     summary.status = "already complete"
     summary.rows_this_run = 0
     return summary
+
+
+def _until_unreadable(rows: Iterator[Row], errors: list[InputError]) -> Iterator[Row]:
+    try:
+        yield from rows
+    except InputError as exc:
+        errors.append(exc)
 
 
 @dataclass

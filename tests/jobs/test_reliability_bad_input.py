@@ -125,6 +125,33 @@ def test_damaged_parquet(tmp_path: Path) -> None:
     assert str(outcome.error).startswith(f"cannot read Parquet file {tmp_path / 'in.parquet'}: Parquet magic bytes not found in footer")
 
 
+def test_invalid_utf8_in_a_parquet_string_column_is_an_error_row(tmp_path: Path) -> None:
+    # Other writers can store bytes that are not UTF-8 in a string column; reading the batch whole raises.
+    prompts = pa.array([b"good one", b"bad \xe9 value", b"good two"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet")
+    outcome = run(tmp_path, input={"path": "in.parquet"})
+    rows = read_output(tmp_path / "out" / "out.jsonl")
+    assert outcome.error is None and [r["error_kind"] for r in rows] == [None, "invalid_utf8", None]
+    assert rows[1]["error"].startswith("row 1: column 'prompt' cannot be read: 'utf-8' codec can't decode byte 0xe9")
+
+
+def test_parquet_damaged_part_way_keeps_the_rows_before_and_names_the_row(tmp_path: Path) -> None:
+    table = pa.table({"prompt": [f"prompt {i} " + "x" * 50 for i in range(40)]})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=10, use_dictionary=False)
+    data = bytearray((tmp_path / "in.parquet").read_bytes())
+    start = pq.ParquetFile(tmp_path / "in.parquet").metadata.row_group(3).column(0).data_page_offset
+    data[start + 20 : start + 200] = b"\xab" * 180  # the last row group's page
+    (tmp_path / "in.parquet").write_bytes(bytes(data))
+    for _ in range(2):  # a rerun meets the same page and says the same
+        outcome = run(tmp_path, input={"path": "in.parquet", "batch_rows": 10})
+        assert isinstance(outcome.error, InputError)
+        assert str(outcome.error).startswith("job bad: cannot read in.parquet from row 30 on (OSError: ")
+        assert str(outcome.error).endswith("; the 30 rows before it are committed, repair or replace the file to go further")
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=10, use_dictionary=False)
+    outcome = run(tmp_path, input={"path": "in.parquet"}, output={"path": "out.jsonl", "mode": "overwrite"})
+    assert outcome.error is None and len(read_output(tmp_path / "out" / "out.jsonl")) == 40
+
+
 def test_output_folder_not_writable(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
     (tmp_path / "out").write_text("a file where the output folder should be")
