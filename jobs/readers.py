@@ -65,6 +65,9 @@ def check_columns(available: list[str], needed: list[str], path: Path) -> None:
             f"column {', '.join(map(repr, missing))} not in {path.name} (its columns: {', '.join(available)})",
             field="input",
         )
+    repeated = [c for c in dict.fromkeys(needed) if available.count(c) > 1]
+    if repeated:  # Parquet allows two columns of one name; which one a row means is then unclear
+        raise SpecError(f"column {', '.join(map(repr, repeated))} appears more than once in {path.name}", field="input")
 
 
 def open_parquet(path: Path, columns: list[str], batch_rows: int) -> Reader:

@@ -371,10 +371,15 @@ def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: E
                 log.info("job %s failed: %s", job.name, exc)  # the outcome carries it; the CLI prints it once
                 outcomes.append(JobOutcome(job.name, error=exc))
             except Exception as exc:  # model loading and budget errors come from the engine's own modules
-                if not is_user_facing(exc):
-                    raise
-                log.info("job %s failed: %s", job.name, exc)
-                outcomes.append(JobOutcome(job.name, error=exc))
+                if is_user_facing(exc):
+                    log.info("job %s failed: %s", job.name, exc)
+                    outcomes.append(JobOutcome(job.name, error=exc))
+                    continue
+                # A bug: its traceback goes to the log, and the jobs after this one still run.
+                log.exception("job %s failed on an unexpected error", job.name)
+                error = JobError(f"job {job.name}: unexpected {type(exc).__name__}: {exc} (a bug, traceback logged above); "
+                                 "committed rows are kept, rerun to resume")
+                outcomes.append(JobOutcome(job.name, error=error))
             except BaseException as exc:  # a tensor-parallel rank lost (by name: no engine import): no job can run
                 if type(exc).__name__ != "TensorParallelLost":
                     raise

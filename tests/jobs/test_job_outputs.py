@@ -211,6 +211,23 @@ def test_a_failed_job_is_reported_and_the_next_one_runs(tmp_path: Path) -> None:
     assert outcomes[1].error is None and outcomes[1].summary.rows == 1
 
 
+def test_an_unexpected_error_fails_its_job_with_a_logged_traceback_and_the_next_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    jobs = [job_from_dict({"name": n, "input": {"path": "in.jsonl"}, "output": {"path": f"{n}.jsonl"}}, base_dir=str(tmp_path)) for n in ("a", "b")]
+    real = job_io_module.open_reader
+
+    def broken_for_a(job, columns):
+        if job.name == "a":
+            raise KeyError("a bug")
+        return real(job, columns)
+
+    monkeypatch.setattr(job_io_module, "open_reader", broken_for_a)
+    outcomes = run_jobs(jobs, engine_factory=fake_factory())
+    assert str(outcomes[0].error).startswith("job a: unexpected KeyError: 'a bug' (a bug, traceback logged above)")
+    assert outcomes[1].error is None and outcomes[1].summary.rows == 1
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+
+
 def test_an_engine_crash_keeps_finished_rows_and_fails_the_job(tmp_path: Path) -> None:
     write_lines(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(7)])
     job = job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "output": {"part_rows": 1}}, base_dir=str(tmp_path))

@@ -90,6 +90,14 @@ def test_renamed_column_in_parquet_fails_before_loading_a_model(tmp_path: Path) 
     assert factory.engines == []
 
 
+def test_a_used_column_twice_in_parquet_fails_naming_it(tmp_path: Path) -> None:
+    table = pa.Table.from_arrays([pa.array(["a", "b"]), pa.array(["c", "d"]), pa.array([1, 2])], names=["prompt", "prompt", "id"])
+    pq.write_table(table, tmp_path / "in.parquet")
+    outcome = run(tmp_path, input={"path": "in.parquet"}, id_column="id")
+    assert isinstance(outcome.error, SpecError)
+    assert str(outcome.error) == "input: column 'prompt' appears more than once in in.parquet"
+
+
 def test_wrong_type_in_parquet_is_an_error_row(tmp_path: Path) -> None:
     pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "in.parquet")
     outcome = run(tmp_path, input={"path": "in.parquet"})
