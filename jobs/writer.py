@@ -186,6 +186,11 @@ class OutputWriter:
         if len(self._buffer) >= self.part_rows or time.monotonic() - self._last_commit >= self.part_seconds:
             self.commit_part()
 
+    def tick(self) -> None:
+        """Commit buffered rows once part_seconds have passed, also while no new row finishes."""
+        if self._buffer and time.monotonic() - self._last_commit >= self.part_seconds:
+            self.commit_part()
+
     def commit_part(self) -> None:
         """Write buffered results as one part, durably, then name it in the manifest."""
         self._last_commit = time.monotonic()

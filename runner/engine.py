@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -208,11 +208,12 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
+    def generate(self, requests: Iterable[GenerationRequest], on_step: Callable[[], None] | None = None) -> Iterator[GenerationResult]:
         """Run requests through the pool, yielding each result as it finishes (not in input order).
 
         Requests are pulled lazily, keeping a bounded window of waiting work, so an unbounded
         stream runs in bounded memory. Closing the generator early frees every page it held.
+        `on_step` runs after every step, also when no result finished (a caller's timed commits).
         """
         if self.kv_cache is None:
             raise RuntimeError("this engine was closed (Engine.close gave its KV pages back); make a new one")
@@ -248,6 +249,8 @@ class Engine:
                     continue
                 results, in_flight = self._step(scheduler, in_flight)
                 yield from results
+                if on_step is not None:
+                    on_step()
         finally:
             # A step still in flight may yet fail on the device: its prefix blocks are never confirmed.
             scheduler.abort_all(in_flight.registered if in_flight is not None else ())

@@ -111,7 +111,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         unreadable: list[InputError] = []  # the input failed part way: finish the rows read before it, then fail
         try:
             requests = _sorted_requests(feed.requests(_until_unreadable(reader, unreadable)), job.sort_window, engine)
-            for result in engine.generate(feed.admit(requests)):
+            for result in engine.generate(feed.admit(requests), on_step=writer.tick):
                 feed.finish(result)
         except JobError:
             raise  # the writer's own errors (disk full...) already say what happened

@@ -88,12 +88,14 @@ class FakeEngine:
         self.requests: list[GenerationRequest] = []
         self.config = None
 
-    def generate(self, requests: Any):
+    def generate(self, requests: Any, on_step: Any = None):
         window: list[GenerationRequest] = []
         yielded = 0
         for request in requests:
             self.requests.append(request)
             window.append(request)
+            if on_step is not None:  # a step per request taken in
+                on_step()
             if len(window) == 3:  # answer in a different order than asked, like the real engine
                 for r in reversed(window):
                     if self.fail_after is not None and yielded >= self.fail_after:

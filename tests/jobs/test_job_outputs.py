@@ -269,13 +269,13 @@ def test_rows_stream_through_a_bounded_window(tmp_path: Path, monkeypatch: pytes
     read_when_asked: list[int] = []
 
     class Probe(FakeEngine):
-        def generate(self, requests):
+        def generate(self, requests, on_step=None):
             def probed():
                 for request in requests:
                     read_when_asked.append(rows_read[0])
                     yield request
 
-            yield from super().generate(probed())
+            yield from super().generate(probed(), on_step)
 
     monkeypatch.setattr(job_io_module, "open_reader", counting_open)
     job = job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "sort_window": 8}, base_dir=str(tmp_path))

@@ -6,6 +6,7 @@ Runs in process with the fake engine: fast, and the engine's requests show exact
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,28 @@ def test_overwrite_forces_a_fresh_run_after_a_spec_change(folder: Path) -> None:
     assert_complete(folder / "out" / "out.jsonl")
     manifest = Manifest.load(work_dir(folder / "out" / "out.jsonl") / "manifest.json")
     assert manifest.fingerprint["sampling"]["temperature"] == 0.7
+
+
+def test_part_seconds_commits_while_no_row_finishes(folder: Path) -> None:
+    """Rows that finished stay committed while a long row runs on: a kill then loses only the rows in flight."""
+    from job_fakes import FakeEngine
+
+    committed_during_the_long_row: list[set[int]] = []
+
+    class LongLastRow(FakeEngine):
+        def generate(self, requests, on_step=None):
+            taken = list(requests)
+            for request in taken[:-1]:
+                yield self._answer(request)
+            time.sleep(0.2)  # the last row's long generation: steps pass, no row finishes
+            on_step()
+            committed_during_the_long_row.append(Manifest.load(work_dir(folder / "out" / "out.jsonl") / "manifest.json").done_rows())
+            yield self._answer(taken[-1])
+
+    outcome, _ = run(folder, lambda model, settings: LongLastRow(), output__part_rows=1000, output__part_seconds=0.1)
+    assert outcome.error is None
+    assert len(committed_during_the_long_row[0]) == NUM_ROWS - 1
+    assert_complete(folder / "out" / "out.jsonl")
 
 
 def test_engine_settings_do_not_block_a_resume(folder: Path) -> None:

@@ -40,8 +40,8 @@ class SignallingEngine(FakeEngine):
         self.stall = stall
         self.yielded = 0
 
-    def generate(self, requests):
-        for result in super().generate(requests):
+    def generate(self, requests, on_step=None):
+        for result in super().generate(requests, on_step):
             yield result
             self.yielded += 1
             if self.yielded in self.signals:
