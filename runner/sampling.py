@@ -42,8 +42,10 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
     """[rows, vocab] float32 strictly inside (0, 1), a pure function of (seed, position, token id)."""
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     key = _mix(_mix(seeds * 2654435761 + positions)[:, None] + token[None, :])
-    bits = (key >> 40) & ((1 << 24) - 1)  # 24 random bits
-    return (bits.float() + 0.5) / float(1 << 24)
+    # 23 bits: (bits + 0.5) then needs 24 significant bits, exact in float32. With 24, the top value rounded
+    # to 1.0, whose -log is 0, and a filtered-out token (probability 0) won the race as 0 / 0 = NaN.
+    bits = (key >> 41) & ((1 << 23) - 1)
+    return (bits.float() + 0.5) / float(1 << 23)
 
 
 def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -73,7 +75,8 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     needs_sort = any(r.params.top_k or r.params.top_p < 1.0 for r in rows)
     if needs_sort:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        top_k = _on_device([r.params.top_k or probs.shape[-1] for r in rows], torch.int64, device)[:, None]
+        vocab = probs.shape[-1]  # a top_k over the vocabulary keeps it all, as in transformers
+        top_k = _on_device([min(r.params.top_k or vocab, vocab) for r in rows], torch.int64, device)[:, None]
         top_p = _on_device([r.params.top_p for r in rows], torch.float32, device)[:, None]
         # Top-k keeps every token as likely as the k-th (ties with it too, as transformers does); top-p then
         # measures its mass on what top-k left, renormalised, keeping a token while the mass before it is under
@@ -154,6 +157,7 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow] | None) -> Sa
         seeds = _on_device([r.seed & _MASK_63 for r in sub_rows], torch.int64, logits.device)
         positions = _on_device([r.position for r in sub_rows], torch.int64, logits.device)
         race = probs / -torch.log(uniform_noise(seeds, positions, probs.shape[-1]))
+        race = torch.where(probs > 0, race, -1.0)  # a removed token never wins, whatever the noise
         tokens[index] = race.argmax(dim=-1)
     chosen_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0] if raw_logprobs is not None else None
     return SampledTokens(tokens, chosen_logprobs)
