@@ -1,6 +1,9 @@
 """Prompts -> token ids, keeping text from rows out of control tokens.
 
-The chat template is rendered around placeholders, so we know which characters the template wrote and which
+Messages with no text that reads as an added token (`<|im_end|>`, the EOS string...) are rendered by the chat
+template and tokenized whole, exactly as transformers' `apply_chat_template(tokenize=True)` does: BPE merges
+across the template's text and the data's (a message starting with blank lines or spaces). A row whose text holds
+such a token is rendered around placeholders instead, so we know which characters the template wrote and which
 came from the data:
 
     messages ──render with placeholders──> "<|im_start|>user\\n" [P0] "<|im_end|>\\n<|im_start|>assistant\\n"
@@ -37,6 +40,8 @@ class PromptTokenizer:
         self._marker = f"KVBATCH{secrets.token_hex(8)}"
         self._placeholder = re.compile(rf"{self._marker}_(\d+)_")
         self._template_ids = lru_cache(maxsize=4096)(self._encode_template_piece)
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._control_texts = sorted({str(t) for t in added.values() if str(t)} | set(getattr(tokenizer, "all_special_tokens", [])))
 
     def encode(self, prompt: Prompt) -> list[int] | RowError:
         if prompt.text is not None:
@@ -44,10 +49,14 @@ class PromptTokenizer:
         assert prompt.messages is not None, "a Prompt has messages or text"
         if not self.use_chat_template:
             return self._encode_text("\n\n".join(m["content"] for m in prompt.messages))
-        if self.allow_special_tokens:
+        if self.allow_special_tokens or self._plain(prompt.messages):
             rendered = self._render(prompt.messages)
             return list(self.tokenizer.encode(rendered, add_special_tokens=False))
         return self._encode_messages(prompt.messages)
+
+    def _plain(self, messages: list[dict[str, str]]) -> bool:
+        """No message holds an added token's text (a tokenizer that lists none is never trusted to be plain)."""
+        return bool(self._control_texts) and not any(t in m["content"] for m in messages for t in self._control_texts)
 
     def _encode_text(self, text: str) -> list[int]:
         # add_special_tokens adds what the tokenizer always adds (a BOS, for some models), never parses the data.

@@ -17,6 +17,7 @@ SPECIALS = {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 0}
 
 class FakeTokenizer:
     chat_template = "fake"
+    all_special_tokens = list(SPECIALS)
 
     def __init__(self, chat_template: bool = True) -> None:
         if not chat_template:
