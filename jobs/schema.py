@@ -98,6 +98,8 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
             raise node.error(f"expected a string, got {_kind(value)}")
         if meta.get("nonempty") and not value.strip():
             raise node.error("must not be empty")
+        if meta.get("no_empty_string") and not value:  # whitespace is fine: "\n" is a common stop string
+            raise node.error("must not be an empty string")
         if not value.isascii():
             try:
                 value.encode("utf-8")

@@ -56,7 +56,7 @@ class SamplingSpec:
     min_p: float = field(default=0.0, metadata={"min": 0, "max": 1})
     repetition_penalty: float = field(default=1.0, metadata={"gt": 0})
     seed: int | None = None
-    stop: tuple[str, ...] = field(default=(), metadata={"nonempty": True})
+    stop: tuple[str, ...] = field(default=(), metadata={"no_empty_string": True})
     stop_token_ids: tuple[int, ...] = field(default=(), metadata={"min": 0})
     n: int = field(default=1, metadata={"min": 1})
     logprobs: bool = False

@@ -176,6 +176,7 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
         ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {column: q, template: '{q}'}\n", ":4", "jobs[0].prompt", "set only one of"),
         ("jobs:\n  - name: a b\n    input: {path: x.jsonl}\n", ":2", "jobs[0].name", "job names use letters"),
         ("job:\n  - name: a\n", ":1", "job", "unknown top-level field"),
+        ('jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {stop: ["###", ""]}\n', ":4", "jobs[0].sampling.stop[1]", "must not be an empty string"),
     ],
 )
 def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, field: str, words: str) -> None:
@@ -184,6 +185,12 @@ def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, f
     assert error.where == f"{tmp_path / 'jobs.yaml'}{where}"
     assert words in error.message
     assert str(error).startswith(f"{error.where}: {field}: ")
+
+
+def test_whitespace_stop_strings_are_accepted(tmp_path: Path) -> None:
+    text = 'jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {stop: ["\\n\\n", " ", "\\n"]}\n'
+    (job,) = load_jobs_file(write(tmp_path, text)).jobs
+    assert job.sampling.stop == ("\n\n", " ", "\n")
 
 
 def test_bad_yaml_syntax_names_the_line(tmp_path: Path) -> None:
