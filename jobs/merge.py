@@ -14,6 +14,7 @@ A merge can also target one shard (data parallel inside a Slurm shard): its sour
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ class _Source:
 
 def find_shards(output: Path) -> list[Path]:
     """Shard outputs beside `output` (out/answers.arrow -> out/answers.shard-*-of-*.arrow), finished or not, sorted."""
-    pattern = f"{output.stem}.shard-*-of-*{output.suffix}"
+    pattern = f"{glob.escape(output.stem)}.shard-*-of-*{glob.escape(output.suffix)}"
     finished = set(output.parent.glob(pattern))
     started = {d.with_name(d.name[1 : -len(".kvbatch")]) for d in output.parent.glob(f".{pattern}.kvbatch")}  # see work_dir
     found = [p for p in finished | started if split_shard_name(p)]
@@ -232,26 +233,32 @@ def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_
     count = sources[0].shard.count
     files = {s.shard.index: open(s.path, "rb") for s in sources}
     reasons: dict[str, int] = {}
+    kinds: dict[str, int] = {}
     try:
         with atomic_file(output) as out:
             for row in target.rows(num_input_rows):
                 line = files[row % count].readline()
-                _check_line(line, row, sources[0].manifest.format, reasons)
+                _check_line(line, row, sources[0].manifest.format, reasons, kinds)
                 out.write(line)
             num_bytes = out.tell()
     finally:
         for f in files.values():
             f.close()
-    return num_bytes, (reasons, {})
+    return num_bytes, (reasons, kinds)
 
 
-def _check_line(line: bytes, row: int, fmt: str, reasons: dict[str, int]) -> None:
+def _check_line(line: bytes, row: int, fmt: str, reasons: dict[str, int], kinds: dict[str, int]) -> None:
+    """Count the line's finish reason and error kind, as a run's summary counts them from its table."""
     record = json.loads(line)
     if fmt == "jsonl":
         if record.get("row") != row:
             raise MergeError(f"expected row {row}, found row {record.get('row')}: a shard file was edited after it was written")
-        reason = record.get("finish_reason")
+        reason, kind = record.get("finish_reason"), record.get("error_kind")
+    elif record.get("error"):  # OpenAI Batch: {"error": {"code": <error kind>, ...}}
+        reason, kind = "error", record["error"].get("code")
     else:
-        reason = "error" if record.get("error") else "done"
+        reason, kind = record["response"]["body"]["choices"][0]["finish_reason"], None
     reasons[str(reason)] = reasons.get(str(reason), 0) + 1
+    if kind is not None:
+        kinds[str(kind)] = kinds.get(str(kind), 0) + 1
 

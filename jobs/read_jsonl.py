@@ -21,6 +21,7 @@ _CHUNK_BYTES = 1 << 20
 # format can hold the string it makes, so such a line is an invalid_utf8 row rather than a crash at write time.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 OPENAI_ENDPOINT = "/v1/chat/completions"
+OPENAI_MAX_N = 128
 # body fields of an OpenAI chat completion request that map onto our sampling; others are ignored
 OPENAI_SAMPLING = {
     "max_tokens": "max_new_tokens",
@@ -144,6 +145,9 @@ def openai_row(row: Row) -> Row:
             overrides[ours] = body[key]
     if isinstance(overrides.get("stop"), str):
         overrides["stop"] = [overrides["stop"]]
+    n = overrides.get("n")
+    if isinstance(n, int) and n > OPENAI_MAX_N:  # one line must not stall the whole job
+        return bad.failed(BAD_REQUEST, f"n {n} is over {OPENAI_MAX_N}, the most the OpenAI API accepts")
     return Row(row.index, {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}, None, row.line, overrides)
 
 

@@ -341,6 +341,8 @@ def output_path(job: JobSpec) -> Path:
     target = (root / relative).resolve()  # follows symlinks, so a link out of output_dir is caught too
     if target != root and root not in target.parents:
         raise SpecError(f"output.path {str(relative)!r} resolves to {target}, outside output_dir {root}", field="output.path")
+    if input_format(job) != "hf" and target == input_path(job).resolve():  # `overwrite` would replace the input
+        raise SpecError(f"output.path {str(relative)!r} is the input file {target}; write the output elsewhere", field="output.path")
     return target
 
 

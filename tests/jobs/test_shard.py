@@ -12,6 +12,7 @@ from kvbatch.jobs.errors import JobError, SpecError
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.merge import MergeError, find_shards, merge_shards
 from kvbatch.jobs.records import Layout, RowResult
+from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.shard import Shard, parse_shard, shard_from_env, split_shard_name
 from kvbatch.jobs.shard_output import ShardWriter
 from kvbatch.jobs.summary import summary_path
@@ -72,6 +73,7 @@ def test_names_round_trip():
 
 LAYOUT = Layout(id_column="id")
 NUM_ROWS = 10
+ERROR_ROW = 7
 
 
 def _write_shard(out: Path, shard: Shard, num_rows: int = NUM_ROWS, fmt: str = "arrow", spec_hash: str = "h1", skip: int | None = None) -> Path:
@@ -79,7 +81,9 @@ def _write_shard(out: Path, shard: Shard, num_rows: int = NUM_ROWS, fmt: str = "
     manifest = Manifest("job", spec_hash, {"model": "m"}, path.name, fmt)
     with ShardWriter(path, fmt, LAYOUT, manifest, shard=shard, part_rows=2) as writer:
         for row in reversed(shard.rows(num_rows)):  # any order in; input order out
-            if row != skip:
+            if row == ERROR_ROW:
+                writer.add(RowResult(row, id=f"id{row}", error=RowError("bad_json", f"row {row}: invalid JSON")))
+            elif row != skip:
                 writer.add(RowResult(row, id=f"id{row}", texts=[f"text {row}"], finish_reasons=["stop"], prompt_tokens=row, output_tokens=1))
         if skip is None:
             writer.finalize(num_rows)
@@ -88,7 +92,7 @@ def _write_shard(out: Path, shard: Shard, num_rows: int = NUM_ROWS, fmt: str = "
 
 @pytest.mark.parametrize("fmt", ["arrow", "jsonl", "parquet"])
 def test_merge_joins_shards_in_input_order(tmp_path, fmt):
-    out = tmp_path / f"answers.{fmt}"
+    out = tmp_path / f"answers[v1].{fmt}"  # glob's brackets in the name are plain characters
     for i in (2, 0, 3, 1):
         _write_shard(out, Shard(i, 4), fmt=fmt)
     assert [split_shard_name(p)[1].index for p in find_shards(out)] == [0, 1, 2, 3]
@@ -103,12 +107,13 @@ def test_merge_joins_shards_in_input_order(tmp_path, fmt):
     else:
         records = pa.ipc.open_file(out).read_all().to_pylist()
     assert [r["row"] for r in records] == list(range(NUM_ROWS))
-    assert [r["text"] for r in records] == [f"text {i}" for i in range(NUM_ROWS)]
+    assert [r["text"] for r in records] == [None if i == ERROR_ROW else f"text {i}" for i in range(NUM_ROWS)]
     # the merged output is a finished output of the same spec: a plain rerun would find it done
     merged = Manifest.load(work_dir(out) / "manifest.json")
     assert (merged.complete, merged.spec_hash, merged.num_rows) == (True, "h1", NUM_ROWS)
     summary = json.loads(summary_path(out).read_text())  # what that rerun prints
-    assert (summary["rows"], summary["rows_ok"], summary["finish_reasons"], summary["spec_hash"]) == (NUM_ROWS, NUM_ROWS, {"stop": NUM_ROWS}, "h1")
+    assert (summary["rows"], summary["rows_ok"], summary["rows_error"], summary["spec_hash"]) == (NUM_ROWS, NUM_ROWS - 1, 1, "h1")
+    assert (summary["finish_reasons"], summary["errors_by_kind"]) == ({"stop": NUM_ROWS - 1, "error": 1}, {"bad_json": 1})
 
 
 def test_shard_writer_refuses_a_shard_with_rows_missing(tmp_path):

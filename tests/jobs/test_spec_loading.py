@@ -228,6 +228,13 @@ def test_output_must_stay_inside_output_dir(tmp_path: Path) -> None:
         output_path(job)
 
 
+def test_output_cannot_be_the_input(tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").write_text('{"prompt": "a"}\n')
+    job = job_from_dict({"name": "j", "input": {"path": "data.jsonl"}, "output_dir": ".", "output": {"path": "data.jsonl", "mode": "overwrite"}}, base_dir=str(tmp_path))
+    with pytest.raises(SpecError, match="output.path 'data.jsonl' is the input file .*data.jsonl; write the output elsewhere"):
+        output_path(job)
+
+
 def test_missing_job_file_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="job file not found"):
         load_jobs_file(tmp_path / "nope.yaml")
