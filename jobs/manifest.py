@@ -84,12 +84,16 @@ _SAMPLE_BYTES = 1 << 20
 
 
 def input_identity(path: Path) -> dict[str, Any]:
-    """{"input_file": size and hashes of its first and last MiB} for an input file; {} for folders and datasets.
+    """{"input_file": size and hashes of its first and last MiB} for an input file; for a `datasets` folder, a
+    hash of its files' names and sizes and of its state.json files (which hold each split's fingerprint); {} for
+    a dataset named from the HF cache.
 
     Stored in the manifest's fingerprint so that a rerun over an edited input (rows added, removed or changed:
     row indexes would then pair old results with new rows) is refused. Cheap by design: an edit in the middle of a
     large file that keeps its size goes unseen.
     """
+    if path.is_dir():
+        return {INPUT_KEY: _folder_identity(path)}
     if not path.is_file():
         return {}
     size = path.stat().st_size
@@ -98,3 +102,13 @@ def input_identity(path: Path) -> dict[str, Any]:
         f.seek(max(size - _SAMPLE_BYTES, 0))
         tail = hashlib.sha256(f.read(_SAMPLE_BYTES)).hexdigest()[:16]
     return {INPUT_KEY: {"bytes": size, "head_sha256": head, "tail_sha256": tail}}
+
+
+def _folder_identity(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(f"{file.relative_to(path)}\0{file.stat().st_size}\0".encode())
+        if file.name == "state.json":
+            digest.update(file.read_bytes())
+    return {"files": len(files), "sha256": digest.hexdigest()[:16]}

@@ -28,7 +28,7 @@ from .assemble import count_by, unify, write_output
 from .atomic import atomic_file
 from .errors import JobError
 from .lock import OutputLock
-from .manifest import Manifest
+from .manifest import INPUT_KEY, Manifest
 from .shard import Shard, split_shard_name
 from .summary import Summary, summary_path
 from .writer import work_dir
@@ -148,6 +148,8 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
     for s in sources[1:]:
         if s.manifest.spec_hash != first.manifest.spec_hash:
             problems.append(f"{s.path.name}: written by another job spec than {first.path.name} (spec hash {s.manifest.spec_hash} != {first.manifest.spec_hash})")
+        if s.manifest.fingerprint.get(INPUT_KEY) != first.manifest.fingerprint.get(INPUT_KEY):
+            problems.append(f"{s.path.name}: read another input than {first.path.name} (the input changed between their runs)")
         if s.manifest.num_rows != first.manifest.num_rows:
             problems.append(f"{s.path.name}: saw {s.manifest.num_rows} input rows, {first.path.name} saw {first.manifest.num_rows} (did the input change?)")
         if s.manifest.format != first.manifest.format:

@@ -346,14 +346,20 @@ def output_path(job: JobSpec) -> Path:
     return target
 
 
-# Fields whose change makes earlier results invalid for a resumed run (engine settings only change speed).
+# Fields whose change makes earlier results invalid for a resumed run. Of the engine's settings, these change
+# results by design (the others change speed, and in bf16 at most the rounding): the weights' dtype, the seed of
+# unseeded rows, the context (which rows fit, how far they may run), float32 logits.
 _RESULT_FIELDS = ("model", "input", "prompt", "id_column", "keep_columns", "sampling")
+_RESULT_ENGINE_FIELDS = ("dtype", "seed", "max_model_len", "float32_logits")
 
 
 def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
     data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS}
     data["output_format"] = output_format(job)
+    engine = {k: getattr(job.engine, k) for k in _RESULT_ENGINE_FIELDS if getattr(job.engine, k) is not None}
+    if engine:  # left out when unset, so outputs of earlier versions keep their hash
+        data["engine"] = engine
     return data
 
 

@@ -113,14 +113,9 @@ class OutputWriter:
                 raise OutputError(f"{shown_path(self.output)} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it")
             self._clear_parts()
         else:
-            old_input, new_input = previous.fingerprint.get(INPUT_KEY), self.manifest.fingerprint.get(INPUT_KEY)
-            input_changed = old_input is not None and new_input is not None and old_input != new_input
-            if previous.spec_hash != self.manifest.spec_hash or input_changed:
-                changes = describe_changes(previous.fingerprint, self.manifest.fingerprint)
-                raise OutputError(
-                    f"{shown_path(self.output)} was written by a different job spec or input ({'; '.join(changes) or 'spec changed'}); "
-                    "set output.mode: overwrite to start again"
-                )
+            refusal = resume_refusal(self.output, previous, self.manifest)
+            if refusal:
+                raise OutputError(refusal)
             if previous.complete and self.output.exists():
                 self.already_complete = True
                 self.manifest.parts, self.manifest.complete = previous.parts, True
@@ -257,6 +252,17 @@ class OutputWriter:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         self.close(exc)
+
+
+def resume_refusal(output: Path, previous: Manifest, current: Manifest) -> str | None:
+    """Why rows committed under `previous` cannot be resumed by the job of `current` (None: they can)."""
+    old_input, new_input = previous.fingerprint.get(INPUT_KEY), current.fingerprint.get(INPUT_KEY)
+    input_changed = old_input is not None and new_input is not None and old_input != new_input
+    if previous.spec_hash == current.spec_hash and not input_changed:
+        return None
+    changes = describe_changes(previous.fingerprint, current.fingerprint)
+    return (f"{shown_path(output)} was written by a different job spec or input ({'; '.join(changes) or 'spec changed'}); "
+            "set output.mode: overwrite to start again")
 
 
 def remove_output(output: Path) -> None:

@@ -37,10 +37,11 @@ from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.merge import merge_shards
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard
-from kvbatch.jobs.spec import JobSpec, output_path, spec_hash
+from kvbatch.jobs.spec import JobSpec, output_format, output_path
 from kvbatch.jobs.summary import Summary, summary_path
-from kvbatch.jobs.writer import remove_output, work_dir
+from kvbatch.jobs.writer import remove_output, resume_refusal, work_dir
 
+from .job_io import job_manifest
 from .signals import SIGNALS, StopFlag, StopNow
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,11 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
     target = outer or Shard(0, 1)
     base = output_path(job)
     out = base if outer is None else outer.output_path(base)
-    previous = _complete_summary(job, out)
-    if previous is not None and job.output.mode == "resume":
-        log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
-        return previous
+    if job.output.mode == "resume":
+        previous = _complete_summary(job, out)  # raises, before any process starts, if another spec wrote `out`
+        if previous is not None:
+            log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
+            return previous
     if job.output.mode == "error" and out.exists():
         raise OutputError(f"{out} already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
     if stop.stopped:  # a signal during an earlier job: start no processes for nothing
@@ -218,13 +220,18 @@ def _combined_error(job: JobSpec, failures: list[tuple[Shard, BaseException]]) -
 
 
 def _complete_summary(job: JobSpec, out: Path) -> Summary | None:
-    """The summary of an earlier complete run of this spec into `out`, or None."""
+    """The summary of an earlier complete run of this spec and input into `out`, or None. Rows another spec or
+    input committed there are refused now, as a single process would, not after every shard has run."""
     manifest_path = work_dir(out) / "manifest.json"
     try:
         manifest = Manifest.load(manifest_path)
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
-    if not (manifest.complete and out.exists() and manifest.spec_hash == spec_hash(job)):
+    if manifest.parts or manifest.complete:
+        refusal = resume_refusal(out, manifest, job_manifest(job, out, output_format(job)))
+        if refusal:
+            raise OutputError(refusal)
+    if not (manifest.complete and out.exists()):
         return None
     summary = Summary(job.name, str(out), status="already complete", model=job.model, spec_hash=manifest.spec_hash)
     with contextlib.suppress(FileNotFoundError, ValueError, TypeError):

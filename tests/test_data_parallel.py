@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from kvbatch.jobs.errors import InterruptedJob
+from kvbatch.jobs.errors import InterruptedJob, OutputError
 from kvbatch.jobs.spec import output_path
 from kvbatch.jobs.writer import work_dir
 from kvbatch.runner import cli
@@ -49,6 +49,16 @@ def test_data_parallel_two_processes_equal_one(tmp_path):
     [again] = run_jobs([job], engine_factory=tiny_engine)  # finished: nothing is started again
     assert again.summary.status == "already complete" and again.summary.rows_this_run == 0
     assert work_dir(out).is_dir()
+
+    # Another spec, or an edited input, is refused before any process starts, as one process would refuse it.
+    changed = dataclasses.replace(job, sampling=dataclasses.replace(job.sampling, max_new_tokens=3))
+    [refused] = run_jobs([changed], engine_factory=tiny_engine)
+    assert isinstance(refused.error, OutputError) and "(sampling.max_new_tokens: 6 -> 3)" in str(refused.error)
+    with open(tmp_path / "in.jsonl", "a") as f:
+        f.write('{"id": "late", "prompt": "a row added after the run"}\n')
+    [edited] = run_jobs([job], engine_factory=tiny_engine)
+    assert isinstance(edited.error, OutputError) and "input_file.bytes" in str(edited.error)
+    assert not list(out.parent.glob("*.shard-*"))
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -121,6 +122,18 @@ def test_datasets_save_to_disk_folder(tmp_path: Path) -> None:
     assert [(r.index, r.data) for r in reader] == [(0, {"q": "a"}), (1, {"q": "b"}), (2, {"q": "c"})]
     with pytest.raises(SpecError, match="column 'prompt' not in ds"):
         open_reader(job_for(tmp_path, "ds"), ["prompt"])
+
+
+def test_a_datasets_folder_has_an_identity_that_an_edit_changes(tmp_path: Path) -> None:
+    """So that a resume over an edited dataset folder is refused, as over an edited file."""
+    from kvbatch.jobs.manifest import input_identity
+
+    datasets.Dataset.from_dict({"prompt": ["a", "b"]}).save_to_disk(str(tmp_path / "ds"))
+    before = input_identity(tmp_path / "ds")
+    assert before == input_identity(tmp_path / "ds") and before["input_file"]["files"] >= 3
+    shutil.rmtree(tmp_path / "ds")
+    datasets.Dataset.from_dict({"prompt": ["a", "c"]}).save_to_disk(str(tmp_path / "ds"))  # same sizes, new fingerprint
+    assert input_identity(tmp_path / "ds") != before
 
 
 def test_datasets_dict_folder_needs_a_split(tmp_path: Path) -> None:

@@ -109,6 +109,8 @@ def test_complete_output_is_not_redone(folder: Path) -> None:
         ({"sampling__temperature": 0.7}, "sampling.temperature: 0.0 -> 0.7"),
         ({"prompt__template": "Topic: {topic}"}, "prompt.template: None -> 'Topic: {topic}'"),
         ({"input__path": "other.jsonl"}, "input.path: 'in.jsonl' -> 'other.jsonl'"),
+        ({"engine__dtype": "bfloat16"}, "engine: None -> {'dtype': 'bfloat16'}"),
+        ({"engine__seed": 3}, "engine: None -> {'seed': 3}"),
     ],
 )
 def test_changed_spec_is_refused_naming_the_change(folder: Path, change: dict, named: str) -> None:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from kvbatch.jobs.errors import JobError, SpecError
-from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.manifest import INPUT_KEY, Manifest
 from kvbatch.jobs.merge import MergeError, find_shards, merge_shards
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.rows import RowError
@@ -76,9 +76,10 @@ NUM_ROWS = 10
 ERROR_ROW = 7
 
 
-def _write_shard(out: Path, shard: Shard, num_rows: int = NUM_ROWS, fmt: str = "arrow", spec_hash: str = "h1", skip: int | None = None) -> Path:
+def _write_shard(out: Path, shard: Shard, num_rows: int = NUM_ROWS, fmt: str = "arrow", spec_hash: str = "h1", skip: int | None = None,
+                 input_sha: str = "aa") -> Path:  # fmt: skip
     path = shard.output_path(out)
-    manifest = Manifest("job", spec_hash, {"model": "m"}, path.name, fmt)
+    manifest = Manifest("job", spec_hash, {"model": "m", INPUT_KEY: {"bytes": 10, "head_sha256": input_sha}}, path.name, fmt)
     with ShardWriter(path, fmt, LAYOUT, manifest, shard=shard, part_rows=2) as writer:
         for row in reversed(shard.rows(num_rows)):  # any order in; input order out
             if row == ERROR_ROW:
@@ -169,6 +170,14 @@ def test_merge_refuses_mixed_counts_and_someone_elses_output(tmp_path):
         merge_shards(out2)
     merge_shards(out2, overwrite=True)
     assert pa.ipc.open_file(out2).read_all().num_rows == NUM_ROWS
+
+
+def test_merge_refuses_shards_run_over_different_inputs(tmp_path):
+    out = tmp_path / "answers.arrow"
+    _write_shard(out, Shard(0, 2))
+    _write_shard(out, Shard(1, 2), input_sha="bb")  # the file was edited between the two shards' runs
+    with pytest.raises(MergeError, match="answers.shard-0001-of-0002.arrow: read another input than answers.shard-0000-of-0002.arrow"):
+        merge_shards(out)
 
 
 def test_merge_names_a_finished_shard_whose_file_is_gone(tmp_path):
