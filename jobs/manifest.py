@@ -1,21 +1,28 @@
 """The manifest: which committed part holds which input rows, and which job spec produced them.
 
-It lives in the output's work folder (`.NAME.kvbatch/manifest.json` beside the output) and is rewritten
-atomically after each part is renamed into place, so it only ever names whole parts. A part file that the
-manifest does not name (a crash between the two renames) is ignored and removed on the next run; its rows
-are simply done again, never twice.
+It lives in the output's work folder (`.NAME.kvbatch/manifest.json` beside the output), in two files:
+
+    manifest.json   the job, its spec and the parts known when it was written (written atomically)
+    parts.jsonl     one line per part committed since, appended and fsynced after the part is renamed into place
+
+so a commit costs one short line, not a rewrite of every earlier part's rows (which made a job of millions of
+rows quadratic). Writing manifest.json again folds the journal in and removes it. Either way the manifest only
+ever names whole parts: a part file it does not name (a crash between the rename and the append) is removed on
+the next run and its rows are done again, never twice; a line cut short by a crash is not a part.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json
+from .atomic import fsync_dir, write_json
 
 VERSION = 1
 
@@ -58,6 +65,21 @@ class Manifest:
             "num_rows": self.num_rows,
         }
         write_json(path, data)
+        with contextlib.suppress(FileNotFoundError):  # folded into the file just written
+            journal_path(path).unlink()
+
+    def append_part(self, path: Path, part: PartEntry) -> None:
+        """Name one more committed part, durably, without rewriting the others."""
+        journal = journal_path(path)
+        created = not journal.exists()
+        line = json.dumps({"file": part.file, "num_rows": part.num_rows, "rows": part.rows}, separators=(",", ":"))
+        with open(journal, "ab") as f:
+            f.write(line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            fsync_dir(path.parent)
+        self.parts.append(part)
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":
@@ -65,7 +87,32 @@ class Manifest:
         if data.get("version") != VERSION:
             raise ValueError(f"manifest version {data.get('version')} is not {VERSION}")
         parts = [PartEntry(p["file"], p["num_rows"], p["rows"]) for p in data["parts"]]
+        known = {p.file for p in parts}
+        for entry in _journal_entries(journal_path(path)):
+            if entry["file"] not in known:
+                parts.append(PartEntry(entry["file"], entry["num_rows"], entry["rows"]))
+                known.add(entry["file"])
         return cls(data["job"], data["spec_hash"], data["fingerprint"], data["output"], data["format"], parts, data["complete"], data.get("num_rows"))
+
+
+def journal_path(manifest_path: Path) -> Path:
+    return manifest_path.with_name("parts.jsonl")
+
+
+def _journal_entries(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # the line a crash cut short (the last one): its part is not committed
+            continue
+        if isinstance(entry, dict) and {"file", "num_rows", "rows"} <= entry.keys():
+            entries.append(entry)
+    return entries
 
 
 def to_ranges(indexes: Iterable[int]) -> list[list[int]]:

@@ -181,6 +181,10 @@ class OutputWriter:
         if len(self._buffer) >= self.part_rows or time.monotonic() - self._last_commit >= self.part_seconds:
             self.commit_part()
 
+    def _next_part_number(self) -> int:
+        # The manifest's parts are in commit order, so the last one has the highest number.
+        return int(self.manifest.parts[-1].file[5:11]) + 1 if self.manifest.parts else 0
+
     def tick(self) -> None:
         """Commit buffered rows once part_seconds have passed, also while no new row finishes."""
         if self._buffer and time.monotonic() - self._last_commit >= self.part_seconds:
@@ -192,7 +196,7 @@ class OutputWriter:
         if not self._buffer:
             return
         results = sorted(self._buffer, key=lambda r: r.row)
-        number = max((int(p.file[5:11]) for p in self.manifest.parts), default=-1) + 1
+        number = self._next_part_number()
         name = f"part-{number:06d}.arrow"
         table = self.layout.to_table(results)
         self._buffer = []
@@ -201,8 +205,7 @@ class OutputWriter:
             with atomic_file(self.dir / name) as f:
                 with pa.ipc.new_file(f, table.schema) as ipc:
                     ipc.write_table(table)
-            self.manifest.parts.append(entry)
-            self.manifest.save(self.manifest_path)
+            self.manifest.append_part(self.manifest_path, entry)
         except OSError as exc:  # disk full, quota, a folder gone: the rows of this part are done again next run
             if entry in self.manifest.parts:
                 self.manifest.parts.remove(entry)

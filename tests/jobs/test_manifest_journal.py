@@ -1,0 +1,39 @@
+"""The manifest's journal: a commit appends one line instead of rewriting every earlier part's rows (which made
+jobs of millions of rows quadratic); a line cut short by a crash names no part; a full save folds the journal in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvbatch.jobs.manifest import Manifest, PartEntry, journal_path
+
+
+def test_commits_append_without_rewriting_and_a_cut_line_is_no_part(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.json"
+    manifest = Manifest("job", "h1", {"model": "m"}, "out.arrow", "arrow")
+    manifest.save(path)
+    header = path.read_bytes()
+    manifest.append_part(path, PartEntry("part-000000.arrow", 2, [[0, 2]]))
+    manifest.append_part(path, PartEntry("part-000001.arrow", 1, [[5, 6]]))
+    assert path.read_bytes() == header
+    with open(journal_path(path), "ab") as f:
+        f.write(b'{"file":"part-000002.arrow","num_rows":3,"ro')  # the machine died mid-append
+    loaded = Manifest.load(path)
+    assert [p.file for p in loaded.parts] == ["part-000000.arrow", "part-000001.arrow"]
+    assert loaded.done_rows() == {0, 1, 5}
+
+    loaded.save(path)  # what the next run does first: one file again
+    assert not journal_path(path).exists()
+    assert Manifest.load(path).parts == loaded.parts
+
+
+def test_a_part_in_both_files_counts_once(tmp_path: Path) -> None:
+    """A crash after a save that folded the journal in, but before the journal was removed."""
+    path = tmp_path / "manifest.json"
+    manifest = Manifest("job", "h1", {}, "out.arrow", "arrow")
+    manifest.save(path)
+    manifest.append_part(path, PartEntry("part-000000.arrow", 2, [[0, 2]]))
+    journal = journal_path(path).read_bytes()
+    manifest.save(path)
+    journal_path(path).write_bytes(journal)
+    assert [p.file for p in Manifest.load(path).parts] == ["part-000000.arrow"]
