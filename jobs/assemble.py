@@ -36,9 +36,10 @@ def unify(tables: list[pa.Table]) -> pa.Table:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         pass
-    # Truly conflicting types (text in one part, numbers in another): keep such columns as JSON text.
+    # Truly conflicting types (text in one part, numbers in another): keep such columns as JSON text. Only those:
+    # a column that promotion can join (int in one part, float in another) keeps its type, whatever the others do.
     names = tables[0].column_names
-    conflicting = [n for n in names if len({str(t.schema.field(n).type) for t in tables if t.schema.field(n).type != pa.null()}) > 1]
+    conflicting = [n for n in names if not _joinable([t.select([n]) for t in tables])]
     log.warning("columns %s have different types in different rows; they are written as JSON text", conflicting)
     fixed = []
     for t in tables:
@@ -47,6 +48,14 @@ def unify(tables: list[pa.Table]) -> pa.Table:
             t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, pa.string()))
         fixed.append(t)
     return pa.concat_tables(fixed, promote_options="permissive")
+
+
+def _joinable(tables: list[pa.Table]) -> bool:
+    try:
+        pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    return True
 
 
 def input_order(table: pa.Table, num_rows: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from kvbatch.jobs.assemble import input_order, read_parts, write_output
+from kvbatch.jobs.assemble import input_order, read_parts, unify, write_output
 from kvbatch.jobs.errors import JobError
 from kvbatch.jobs.manifest import to_ranges
 
@@ -47,3 +47,12 @@ def test_rows_beyond_the_input_are_named() -> None:
 
 def test_ranges() -> None:
     assert to_ranges([5, 0, 1, 2, 6, 9]) == [[0, 3], [5, 7], [9, 10]] and to_ranges([]) == []
+
+
+def test_only_truly_conflicting_columns_become_json_text() -> None:
+    """`a` (int in one part, float in the other) keeps a number type, as one part holding both rows would; `b`
+    (a number, then text) becomes JSON text in both cases. Types never depend on where parts were cut."""
+    parts = [pa.table({"row": [0], "a": [1], "b": [1]}), pa.table({"row": [1], "a": [2.5], "b": ["x"]})]
+    joined = unify(parts)
+    assert joined.schema.field("a").type == pa.float64() and joined.column("a").to_pylist() == [1.0, 2.5]
+    assert joined.schema.field("b").type == pa.string() and joined.column("b").to_pylist() == ["1", "x"]
