@@ -6,6 +6,7 @@ always has one row per input row, and the summary can count errors by kind.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,3 +49,24 @@ class Row:
 
     def failed(self, kind: str, message: str) -> "Row":
         return Row(self.index, self.data, RowError(kind, f"{self.where}: {message}"), self.line, self.sampling)
+
+
+class SeenIds:
+    """The id column's values so far: the first row with an id owns it, a later one is a `duplicate_id` error.
+    Rows that could not be read own nothing. One check for a run, its shards, resumes and `plan`."""
+
+    def __init__(self, column: str | None) -> None:
+        self.column = column
+        self.first: dict[str, int] = {}
+
+    def error(self, row: Row) -> RowError | None:
+        """The row's id problem (missing or duplicate), its id noted either way; None when fine or unchecked."""
+        if self.column is None or row.error is not None:
+            return None
+        value = (row.data or {}).get(self.column)
+        if value is None:
+            return RowError(MISSING_COLUMN, f"{row.where}: id column {self.column!r} is missing or null")
+        first = self.first.setdefault(json.dumps(value, sort_keys=True, default=str), row.index)
+        if first != row.index:
+            return RowError(DUPLICATE_ID, f"{row.where}: duplicate id {value!r} (first at row {first})")
+        return None

@@ -25,7 +25,7 @@ from kvbatch.jobs.errors import InputError, InterruptedJob, JobError
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.prompts import build_prompt
 from kvbatch.jobs.records import RowResult
-from kvbatch.jobs.rows import Row, RowError
+from kvbatch.jobs.rows import Row, RowError, SeenIds
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.spec import JobSpec, spec_dict, spec_hash
 from kvbatch.jobs.summary import Summary, summary_path
@@ -162,7 +162,7 @@ class _Feed:
         self.base_params = SamplingParams(**self.base_sampling)
         self.pending: dict[int, _Pending] = {}
         self.submitted: set[int] = set()
-        self.seen_ids: dict[Any, int] = {}
+        self.ids = SeenIds(self.layout.id_column)
         self.num_rows = 0
         self.num_finished = 0
         self.output_tokens = 0
@@ -199,13 +199,9 @@ class _Feed:
         pending = _Pending(row, id_value, kept)
         if row.error is not None:
             return self._fail(pending, row.error)
-        if self.layout.id_column:
-            if id_value is None:
-                return self._fail(pending, RowError(kinds.MISSING_COLUMN, f"{row.where}: id column {self.layout.id_column!r} is missing or null"))
-            key = json.dumps(id_value, sort_keys=True, default=str)
-            if key in self.seen_ids:
-                return self._fail(pending, RowError(kinds.DUPLICATE_ID, f"{row.where}: duplicate id {id_value!r} (first at row {self.seen_ids[key]})"))
-            self.seen_ids[key] = row.index
+        id_error = self.ids.error(row)
+        if id_error is not None:
+            return self._fail(pending, id_error)
         try:
             prompt = build_prompt(row, self.pspec)
             if isinstance(prompt, RowError):
@@ -228,9 +224,7 @@ class _Feed:
 
     def _note_id(self, row: Row) -> None:
         """Remember a row's id exactly as _request would, without running the row."""
-        value = (row.data or {}).get(self.layout.id_column) if self.layout.id_column and row.error is None else None
-        if value is not None:
-            self.seen_ids.setdefault(json.dumps(value, sort_keys=True, default=str), row.index)
+        self.ids.error(row)
 
     def _fail(self, pending: _Pending, error: RowError) -> None:
         self.write_error(pending.row, error, pending)

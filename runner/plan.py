@@ -19,10 +19,11 @@ from kvbatch.cache.prefix_cache import ReuseEstimate
 from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.prompts import build_prompt, prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
-from kvbatch.jobs.rows import RowError
-from kvbatch.jobs.spec import JobSpec, input_format
+from kvbatch.jobs.rows import RowError, SeenIds
+from kvbatch.jobs.spec import JobSpec
 
 from .job import EngineCache
+from .job_io import layout_for
 from .plan_sizing import model_sizing
 from .tokenize import PromptTokenizer
 
@@ -72,8 +73,9 @@ class JobPlan:
 
 def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     pspec = prompt_spec(job)
-    id_columns = ["custom_id"] if input_format(job) == "openai" else ([job.id_column] if job.id_column else [])
-    reader = open_reader(job, [*prompt_columns(pspec), *id_columns])
+    layout = layout_for(job, {})
+    reader = open_reader(job, [*prompt_columns(pspec), *layout.data_columns()])  # the columns a run reads
+    seen_ids = SeenIds(layout.id_column)
     sizing = model_sizing(job, engines)
     tokenizer = PromptTokenizer(sizing.tokenizer, pspec.allow_special_tokens, pspec.chat_template)
     pool = sizing.pool
@@ -86,7 +88,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
     for row in reader:
         plan.num_rows += 1
-        error = row.error
+        error = row.error or seen_ids.error(row)
         if error is None:
             prompt = build_prompt(row, pspec)
             ids: Any = prompt if isinstance(prompt, RowError) else tokenizer.encode(prompt)

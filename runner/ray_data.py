@@ -31,7 +31,7 @@ from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.errors import InterruptedJob, JobError
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.records import RowResult
-from kvbatch.jobs.rows import Row, RowError
+from kvbatch.jobs.rows import Row, RowError, SeenIds
 from kvbatch.jobs.spec import JobSpec, job_from_dict
 from kvbatch.jobs.summary import Summary, summary_path
 
@@ -215,7 +215,7 @@ class _Sender:
     def __init__(self, job: JobSpec, pspec, layout, writer, shard) -> None:
         self.job, self.layout, self.writer, self.shard = job, layout, writer, shard
         self.columns = prompt_columns(pspec)
-        self.seen_ids: dict[str, int] = {}
+        self.ids = SeenIds(layout.id_column)
         self.pending: dict[int, tuple[Any, dict[str, Any]]] = {}  # row -> (id, kept columns)
         self.num_rows = 0
         self.num_written = 0
@@ -227,14 +227,10 @@ class _Sender:
             data = row.data or {}
             id_value = data.get(self.layout.id_column) if self.layout.id_column else None
             kept = {c: data.get(c) for c in self.layout.keep_columns}
-            duplicate_of = self._check_id(row, id_value)
+            id_error = self.ids.error(row)  # every row's id is noted, also of rows this run skips
             if (self.shard is not None and not self.shard.owns(row.index)) or row.index in self.writer.done_rows:
                 continue
-            error = row.error
-            if error is None and self.layout.id_column and id_value is None:
-                error = RowError(kinds.MISSING_COLUMN, f"{row.where}: id column {self.layout.id_column!r} is missing or null")
-            if error is None and duplicate_of is not None:
-                error = RowError(kinds.DUPLICATE_ID, f"{row.where}: duplicate id {id_value!r} (first at row {duplicate_of})")
+            error = row.error or id_error
             if error is not None:
                 self.writer.add(RowResult(row.index, id_value, kept, error=error))
                 self.num_written += 1
@@ -243,14 +239,6 @@ class _Sender:
             prompt_data = {c: data.get(c) for c in self.columns if c in data}
             items.append({"row": row.index, "data": json.dumps(prompt_data, default=str), "line": row.line if row.line is not None else -1, "sampling": json.dumps(row.sampling)})
         return items
-
-    def _check_id(self, row: Row, id_value: Any) -> int | None:
-        """As _Feed: the first row with an id owns it; later ones are duplicates. Unreadable rows own nothing."""
-        if row.error is not None or id_value is None:
-            return None
-        key = json.dumps(id_value, sort_keys=True, default=str)
-        first = self.seen_ids.setdefault(key, row.index)
-        return first if first != row.index else None
 
     def finish(self, record: dict[str, Any], counts: dict[str, int]) -> None:
         id_value, kept = self.pending.pop(record["row"])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from job_fakes import FakeTokenizer, fake_factory
 
-from kvbatch.jobs.errors import InputError
+from kvbatch.jobs.errors import InputError, SpecError
 from kvbatch.jobs.inspect import inspect_output
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.runner.job import EngineCache, run_job
@@ -50,6 +52,15 @@ def test_plan_reports_lengths_pool_capacity_and_failures(tmp_path: Path) -> None
     assert "KV pool         100 blocks of 16 tokens = 1600 tokens; context 200 tokens" in text
     assert "will fail       3 rows: bad_json 1, missing_column 1, prompt_too_long 1" in text
     assert "row 6 (line 7): column 'prompt' is missing" in text
+
+
+def test_plan_predicts_duplicate_ids_and_missing_kept_columns_as_run_does(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i % 2, "prompt": "hello"}) + "\n" for i in range(3)))
+    plan = plan_job(job(tmp_path, id_column="id"), EngineCache(fake_factory()))
+    assert dict(plan.failures) == {"duplicate_id": 1} and plan.failure_examples == ["row 2 (line 3): duplicate id 0 (first at row 0)"]
+    pq.write_table(pa.table({"prompt": ["a"], "id": [1]}), tmp_path / "in.parquet")
+    with pytest.raises(SpecError, match="column 'nope' not in in.parquet"):  # as `run` refuses it
+        plan_job(job(tmp_path, input={"path": "in.parquet"}, keep_columns=["nope"]), EngineCache(fake_factory()))
 
 
 def test_plan_of_a_clean_input_says_none_will_fail(tmp_path: Path) -> None:
