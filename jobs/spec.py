@@ -206,7 +206,15 @@ def overrides_to_node(overrides: dict[str, Any]) -> Node:
 
 def job_from_node(node: Node, base_dir: str) -> JobSpec:
     job = build(JobSpec, node)
-    job = dataclasses.replace(job, base_dir=base_dir, model=_model_location(job.model, base_dir))
+    model = _model_location(job.model, base_dir)
+    given = node.value.get("model") if isinstance(node.value, dict) else None
+    in_file = given is not None and given.line is not None  # a --model on the command line is the caller's own
+    if in_file and model == job.model and Path(model).exists() and Path(base_dir).resolve() != Path.cwd():
+        # Not beside the job file, but a folder of that name where kvbatch was started: a rerun from elsewhere
+        # would load another model under the same spec. Say which is meant.
+        raise given.error(f"model {model!r} is no folder beside the job file ({Path(base_dir) / model}) but is one in the "
+                          "working folder; write its path relative to the job file, or an absolute one")
+    job = dataclasses.replace(job, base_dir=base_dir, model=model)
     validate(job, node)
     return job
 

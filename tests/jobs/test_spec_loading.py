@@ -262,3 +262,16 @@ def test_a_relative_model_path_is_relative_to_the_job_file(tmp_path):
     a, b, c = load_jobs_file(tmp_path / "jobs" / "j.yaml").jobs
     assert a.model == str(tmp_path / "models" / "tiny")  # wherever kvbatch is started from
     assert b.model == "someorg/some-model" and c.model == "default"
+
+
+
+def test_a_model_folder_only_in_the_working_folder_is_refused(tmp_path, monkeypatch):
+    """From another folder, the same job file would load another model (or none) under the same spec."""
+    from kvbatch.jobs.spec import load_jobs_file
+
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "mdl").mkdir()
+    (tmp_path / "jobs" / "j.yaml").write_text("jobs:\n  - {name: a, model: mdl, input: {path: in.jsonl}}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match="model 'mdl' is no folder beside the job file .* but is one in the working folder"):
+        load_jobs_file(tmp_path / "jobs" / "j.yaml")
