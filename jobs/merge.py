@@ -30,7 +30,7 @@ from .errors import JobError
 from .lock import OutputLock
 from .manifest import INPUT_KEY, Manifest
 from .shard import Shard, split_shard_name
-from .summary import Summary, summary_path
+from .summary import Summary, add_prefix_counters, summary_path
 from .writer import work_dir
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,16 @@ def _merged_summary(report: MergeReport, first: Manifest, sources: list[_Source]
     summary = Summary(first.job, str(report.output), rows=report.num_rows, rows_ok=report.num_rows - num_errors, rows_error=num_errors,
                       finish_reasons=report.finish_reasons, errors_by_kind=report.error_kinds, output_bytes=report.num_bytes,
                       spec_hash=first.spec_hash)  # fmt: skip
+    shards = []
     for source in sources:
         path = summary_path(source.path)
         shard = json.loads(path.read_text()) if path.exists() else {}
-        for name in ("prompt_tokens", "output_tokens", "preemptions", "cached_prompt_tokens"):
+        for name in ("prompt_tokens", "output_tokens", "preemptions"):
             setattr(summary, name, getattr(summary, name) + int(shard.get(name, 0)))
         summary.model = summary.model or shard.get("model", "")
         summary.kvbatch_version = summary.kvbatch_version or shard.get("kvbatch_version", "")
+        shards.append(shard)
+    add_prefix_counters(summary, shards)
     return summary
 
 

@@ -29,6 +29,7 @@ class Summary:
     preemptions: int = 0
     cached_prompt_tokens: int = 0  # this run: prompt tokens whose K/V came from the prefix cache
     prefix_cache_hit_rate: float = 0.0  # 0..1 share of the prompt tokens looked up that the cache held
+    queried_prompt_tokens: int = 0  # this run: prompt tokens looked up in the prefix cache (the rate's denominator)
     output_bytes: int = 0
     model: str = ""
     spec_hash: str = ""
@@ -56,3 +57,12 @@ class Summary:
 
 def summary_path(output: Path) -> Path:
     return output.with_name(output.name + ".summary.json")
+
+
+def add_prefix_counters(total: Summary, parts: list[dict]) -> None:
+    """Sum the shards' prefix-cache counters into `total` and recompute its hit rate from them."""
+    for part in parts:
+        total.cached_prompt_tokens += int(part.get("cached_prompt_tokens", 0))
+        total.queried_prompt_tokens += int(part.get("queried_prompt_tokens", 0))
+    queried = total.queried_prompt_tokens
+    total.prefix_cache_hit_rate = round(total.cached_prompt_tokens / queried, 4) if queried else 0.0

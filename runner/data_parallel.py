@@ -38,7 +38,7 @@ from kvbatch.jobs.merge import merge_shards
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard
 from kvbatch.jobs.spec import JobSpec, output_format, output_path
-from kvbatch.jobs.summary import Summary, summary_path
+from kvbatch.jobs.summary import Summary, add_prefix_counters, summary_path
 from kvbatch.jobs.writer import remove_output, resume_refusal, work_dir
 
 from .job_io import job_manifest
@@ -251,6 +251,7 @@ def _sum_summaries(job: JobSpec, out: Path, parts: list[Summary], started: float
             for key, value in getattr(part, name).items():
                 counts[key] = counts.get(key, 0) + value
         total.peak_kv_usage = max(total.peak_kv_usage, part.peak_kv_usage)
+    add_prefix_counters(total, [dataclasses.asdict(part) for part in parts])
     total.elapsed_s = round(time.monotonic() - started, 3)
     total.output_tokens_per_s = round(total.output_tokens / max(total.elapsed_s, 1e-9), 2)
     return total

@@ -145,6 +145,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     summary.preemptions = counters["preemptions"] - stats_before["preemptions"]
     summary.cached_prompt_tokens = int(counters["cached"] - stats_before["cached"])
     queried = counters["queried"] - stats_before["queried"]
+    summary.queried_prompt_tokens = int(queried)
     summary.prefix_cache_hit_rate = round(summary.cached_prompt_tokens / queried, 4) if queried else 0.0
     summary.output_bytes = report.num_bytes
     summary.write(summary_path(out))

@@ -42,6 +42,8 @@ def test_data_parallel_two_processes_equal_one(tmp_path):
     assert rows_of(out) == rows_of(output_path(whole))
     summary = outcome.summary
     assert (summary.rows, summary.rows_error, summary.rows_this_run) == (13, 2, 6)  # shard 1/2's rows only
+    assert summary.queried_prompt_tokens > 0  # the children's prefix-cache counters are added up, not dropped
+    assert summary.prefix_cache_hit_rate == round(summary.cached_prompt_tokens / summary.queried_prompt_tokens, 4)
     assert json.loads(out.with_name("answers.arrow.summary.json").read_text())["rows"] == 13
     left = sorted(p.name for p in out.parent.iterdir() if "answers" in p.name)  # the shard outputs are gone
     assert left == [".answers.arrow.kvbatch", "answers.arrow", "answers.arrow.summary.json"]
