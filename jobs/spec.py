@@ -209,7 +209,8 @@ def job_from_node(node: Node, base_dir: str) -> JobSpec:
     model = _model_location(job.model, base_dir)
     given = node.value.get("model") if isinstance(node.value, dict) else None
     in_file = given is not None and given.line is not None  # a --model on the command line is the caller's own
-    if in_file and model == job.model and Path(model).exists() and Path(base_dir).resolve() != Path.cwd():
+    bare = model == job.model and not Path(model).expanduser().is_absolute()  # not found beside the job file
+    if in_file and bare and Path(model).exists() and Path(base_dir).resolve() != Path.cwd():
         # Not beside the job file, but a folder of that name where kvbatch was started: a rerun from elsewhere
         # would load another model under the same spec. Say which is meant.
         raise given.error(f"model {model!r} is no folder beside the job file ({Path(base_dir) / model}) but is one in the "
@@ -277,6 +278,11 @@ def validate(job: JobSpec, node: Node) -> None:
             raise at("parallel", "shard").error(exc.message) from None
     if job.runner == "ray" and (job.parallel.data > 1 or job.parallel.tensor > 1):
         raise at("runner").error("with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor")
+    if job.output.path is not None:  # caught here, it names the file and line
+        try:
+            output_path(job)
+        except SpecError as exc:
+            raise at(*(exc.field or "output.path").split(".")).error(exc.message) from None
 
 
 RESERVED_COLUMNS = ("row", "text", "finish_reason", "finish_reasons", "error", "error_kind", "prompt_tokens", "output_tokens", "logprobs")

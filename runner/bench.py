@@ -202,8 +202,13 @@ def _compare_hf(model, work: Workload, batch_size: int, base: dict, ours: dict, 
 @bench_app.command()
 def kernels(sweep: Annotated[bool, typer.Option(help="Also time tile and split variants.")] = False) -> None:
     """Triton kernels on the GPU: correctness against the torch reference, decode GB/s at 1k-32k, prefill TFLOP/s."""
+    import torch
+
     from .bench_kernels import run_kernel_check
 
+    if not torch.cuda.is_available():
+        typer.echo("kvbatch: error: bench kernels times the Triton kernels on a CUDA GPU, and none is visible", err=True)
+        raise typer.Exit(1)
     ok = run_kernel_check(sweep)
     if not ok:
         raise typer.Exit(1)
@@ -236,8 +241,14 @@ def check(
     else:
         loaded = random_model(shape, "auto", dtype, max_model_len=4096, init_std=init_std)
         token_ids = random_prompts(loaded.model.config.vocab_size, num_prompts)
-    result = compare_streams(loaded, attention_backend, token_ids, max_new_tokens, float32_logits=float32_logits,
-                             fused_layers=fused_layers)
+    try:
+        result = compare_streams(loaded, attention_backend, token_ids, max_new_tokens, float32_logits=float32_logits,
+                                 fused_layers=fused_layers)
+    except Exception as exc:
+        if type(exc).__name__ != "BackendUnavailableError":  # the backend cannot run here (triton without a GPU)
+            raise
+        typer.echo(f"kvbatch: error: {exc}", err=True)
+        raise typer.Exit(1) from None
     emit_record({"check": model or shape, "backend": attention_backend, "dtype": str(loaded.dtype).removeprefix("torch."),
            "init_std": init_std, "float32_logits": result.float32_logits, "fused_layers": result.fused_layers,
            "device": _device_name(loaded.device), "prompts": result.num_prompts, "identical_streams": result.num_identical,

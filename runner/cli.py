@@ -172,7 +172,7 @@ def inspect(
 def merge(
     target: Annotated[Path, typer.Argument(help="The output to write (out/answers.arrow), or a YAML job file: merge each job's output.", show_default=False)],
     shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard outputs; default: the NAME.shard-IIII-of-NNNN.EXT files beside the output.", show_default=False)] = None,
-    job: JobOpt = None,
+    job: Annotated[Optional[list[str]], typer.Option("--job", "-j", help="With a job file: merge only this job's output (repeatable).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output even if another job spec wrote it.")] = False,
 ) -> None:
     """Join finished shard outputs into one output in input order; refuses, with a list, if rows are missing or twice."""

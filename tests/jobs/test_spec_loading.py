@@ -223,16 +223,16 @@ def test_job_from_dict_and_select(tmp_path: Path) -> None:
 
 
 def test_output_must_stay_inside_output_dir(tmp_path: Path) -> None:
-    job = job_from_dict({"name": "a", "input": {"path": "x.jsonl"}, "output": {"path": "../escape.arrow"}}, str(tmp_path))
     with pytest.raises(SpecError, match="inside output_dir"):
-        output_path(job)
+        job_from_dict({"name": "a", "input": {"path": "x.jsonl"}, "output": {"path": "../escape.arrow"}}, str(tmp_path))
+    error = spec_error(tmp_path, "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output:\n      path: ../escape.arrow\n")
+    assert (error.where, error.field) == (f"{tmp_path / 'jobs.yaml'}:5", "jobs[0].output.path")
 
 
 def test_output_cannot_be_the_input(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_text('{"prompt": "a"}\n')
-    job = job_from_dict({"name": "j", "input": {"path": "data.jsonl"}, "output_dir": ".", "output": {"path": "data.jsonl", "mode": "overwrite"}}, base_dir=str(tmp_path))
     with pytest.raises(SpecError, match="output.path 'data.jsonl' is the input file .*data.jsonl; write the output elsewhere"):
-        output_path(job)
+        job_from_dict({"name": "j", "input": {"path": "data.jsonl"}, "output_dir": ".", "output": {"path": "data.jsonl", "mode": "overwrite"}}, base_dir=str(tmp_path))
 
 
 def test_missing_job_file_is_a_spec_error(tmp_path: Path) -> None:
