@@ -52,12 +52,44 @@ def default_model_path() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if (target / _DONE_MARKER).exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the marker
-        if not (target / _DONE_MARKER).exists():
-            _convert(gguf_path(), target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the marker
+            if not (target / _DONE_MARKER).exists():
+                _remove_stale_staging(target)
+                _convert(gguf_path(), target)
+    except OSError as exc:  # a cache folder that cannot be made or written, a full disk
+        raise DefaultModelError(f"cannot convert the default model into {target}: {exc}; set KVBATCH_CACHE to a "
+                                "writable folder with about 600 MB free") from exc
     return target
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Staging folders of conversions that were killed (their process is gone); called under the lock."""
+    for staging in target.parent.glob(f"{target.name}.tmp-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Files as the umask allows: transformers writes some through a private temporary file (0600), which in a
+    cache shared by a team left the others a converted model they could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _convert(source: Path, target: Path) -> None:
@@ -82,8 +114,14 @@ def _convert(source: Path, target: Path) -> None:
     tokenizer.model_max_length = model.config.max_position_embeddings
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / _DONE_MARKER).write_text(f"converted from {source.name}\n")
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _DONE_MARKER).write_text(f"converted from {source.name}\n")
+        _readable_by_all(staging)
+    except Exception as exc:  # safetensors reports a full disk as its own SafetensorError
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DefaultModelError(f"cannot write the converted default model to {staging}: {exc}; set KVBATCH_CACHE to "
+                                "a writable folder with about 600 MB free") from exc
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)

@@ -30,7 +30,7 @@ import torch
 from kvbatch.cache.backends import select_backend
 from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import num_blocks_for
-from kvbatch.cache.budget import PoolSize
+from kvbatch.cache.budget import KVBudgetError, PoolSize
 from kvbatch.cache.kv_cache import KVCache
 
 from .engine_config import EngineConfig, EngineStats
@@ -101,7 +101,8 @@ class Engine:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
-        self.max_model_len = self.loaded.max_model_len
+        # A preloaded model keeps its loader's context unless the config asks for less.
+        self.max_model_len = min(self.loaded.max_model_len, config.max_model_len or self.loaded.max_model_len)
         self.max_num_batched_tokens = config.max_num_batched_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.backend = select_backend(config.attention_backend, self.device, config.block_size)
         num_heads = self.model.config.get_text_config().num_attention_heads
@@ -109,7 +110,11 @@ class Engine:
         self.fused = fused_decoder_for(self.model, config.fused_layers, self.device)
         self.float32_logits = use_float32_logits(self.model, config.float32_logits, self.device)
         self.pool_size = self._size_pool()
-        self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
+        try:
+            self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:  # e.g. a kv_cache_gib the host cannot give
+            raise KVBudgetError(f"cannot allocate the KV pool ({self.pool_size.describe()}) on {self.device}: "
+                                f"{str(exc).splitlines()[0]}; lower engine.kv_cache_gib or gpu_memory_utilization") from exc
         self.pool = BlockPool(self.pool_size.num_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.fused)
         # Decodes sharing this many cached prefix tokens read them once, together (the cascade decode).

@@ -6,9 +6,11 @@ arrive at the same numbers.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from kvbatch.cache.budget import GIB, PoolSize, blocks_from_bytes
+from kvbatch.cache.budget import GIB, KVBudgetError, PoolSize, blocks_from_bytes
 from kvbatch.cache.kv_cache import KVCacheSpec
 
 from .engine_config import EngineConfig
@@ -34,4 +36,15 @@ def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig) -> PoolSize:
     if config.num_blocks_override:
         n = config.num_blocks_override
         return PoolSize(n, spec.block_size, n * spec.bytes_per_block)
+    memory = _physical_memory()
+    if memory and config.kv_cache_gib * GIB > memory:  # it would fail to allocate, or be killed for memory later
+        raise KVBudgetError(f"engine.kv_cache_gib {config.kv_cache_gib:g} is more than this machine's {memory / GIB:.1f} GiB "
+                            "of memory; lower it (the weights need room too)")
     return blocks_from_bytes(spec, int(config.kv_cache_gib * GIB))
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on every system
+        return None

@@ -177,6 +177,23 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
+_UNSUPPORTED = ("model {name!r} cannot run on kvbatch's paged attention: {why}. kvbatch runs the models whose attention goes "
+                "through transformers' attention interface (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi, GPT-2, OPT, GPT-NeoX, "
+                "StarCoder2, OLMo 2, ...)")
+_DEFAULT_HINT = "; remove the converted default model's folder (see KVBATCH_CACHE) and it is converted again"
+
+
+def _check_weights(name: str, info: dict) -> None:
+    """Refuse a checkpoint with weights missing or of the wrong shape: transformers would fill them at random, and
+    every run (and every resume) would generate from other random weights."""
+    missing = list(info.get("missing_keys") or [])
+    mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        listed = ", ".join((missing + mismatched)[:5]) + (" ..." if len(missing) + len(mismatched) > 5 else "")
+        raise ModelLoadError(f"model {name!r} lacks weights its config needs, or has them in another shape ({listed}); "
+                             "transformers would fill them at random")
+
+
 def context_length(config, requested: int | None) -> int:
     native = getattr(config, "max_position_embeddings", None) or 2048
     window = getattr(config, "sliding_window", None)
@@ -187,6 +204,9 @@ def context_length(config, requested: int | None) -> int:
     if requested is None:
         return native
     if requested > native:
+        if window and native == window:
+            raise ModelLoadError(f"max_model_len {requested} exceeds {native} tokens, the model's sliding window: kvbatch "
+                                 "attends to the whole context in every layer, so past the window it would differ from the model")
         raise ModelLoadError(f"max_model_len {requested} exceeds the model's context of {native} tokens")
     return requested
 
@@ -200,6 +220,7 @@ def load_model(
     allow_pickle: bool = False,
     allow_download: bool = False,
 ) -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     attention_hook.register()
@@ -220,14 +241,16 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, clean_up_tokenization_spaces=False, **kwargs
         )
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=torch_dtype,
             attn_implementation=attention_hook.ATTN_IMPLEMENTATION,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle or "gguf_file" in kwargs else True,
+            output_loading_info=True,
             **kwargs,
         )
+        _check_weights(name, info)
         return tokenizer, model
 
     try:
@@ -247,7 +270,18 @@ def load_model(
             raise ModelLoadError(f"model {name!r} ships its own Python code; set engine.trust_remote_code: true only if you trust it") from exc
         if "safetensors" in str(exc) and not allow_pickle:
             raise ModelLoadError(f"model {name!r} has no safetensors weights; set engine.allow_pickle: true to load pickled ones if you trust it") from exc
+        if isinstance(exc, KeyError) and attention_hook.ATTN_IMPLEMENTATION in str(exc):
+            raise ModelLoadError(_UNSUPPORTED.format(name=name, why="its attention cannot be replaced")) from exc
         raise ModelLoadError(f"cannot load model {name!r} with kvbatch's paged attention: {exc}") from exc
+    except ModelLoadError:
+        raise
+    except (RuntimeError, SafetensorError) as exc:  # a truncated weights file, a tensor of the wrong shape
+        raise ModelLoadError(f"cannot load model {name!r}: its weights are damaged or do not fit its config "
+                             f"({type(exc).__name__}: {exc}){_DEFAULT_HINT if name == 'default' else ''}") from exc
+    if not getattr(model, "_supports_attention_backend", False):
+        # BLOOM, XGLM, MPT, CodeGen, StableLM, Mamba...: attention (or none) in their own code, which would ignore the
+        # paged cache (wrong text, or every row an error) instead of failing here.
+        raise ModelLoadError(_UNSUPPORTED.format(name=name, why=f"{model.config.model_type} does not send its attention through that interface"))
     model.to(torch_device).eval()
     if torch_device.type == "cpu" and torch_dtype == torch.float32:
         use_onednn_linears(model)  # AVX-512 GEMMs on any x86 CPU (MKL uses them only on Intel's)

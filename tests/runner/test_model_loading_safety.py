@@ -191,3 +191,54 @@ def test_a_hub_name_loads_from_the_local_cache_and_keeps_the_safety_rules(tmp_pa
     assert "LOADED me/tiny 2 [5, 6]" in proc.stdout
     assert "models--me--pickled/snapshots/" in proc.stdout  # named as the folder it is, not "not in the cache"
     assert "has only pickled weights (pytorch_model.bin)" in proc.stdout and "engine.allow_pickle: true" in proc.stdout
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    tiny_model("llama", 0, attn="sdpa").save_pretrained(tmp_path / "tiny")
+    word_tokenizer().save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_a_checkpoint_missing_a_weight_is_refused(tiny_folder: Path) -> None:
+    """transformers would fill it at random, and every run (every resume) would generate from other weights."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tiny_folder / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, tiny_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="lacks weights its config needs, or has them in another shape \\(model.layers.1.mlp.down_proj.weight\\)"):
+        load_model(str(tiny_folder), "cpu")
+
+
+def test_a_truncated_weights_file_is_named(tiny_folder: Path) -> None:
+    data = (tiny_folder / "model.safetensors").read_bytes()
+    (tiny_folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="its weights are damaged or do not fit its config"):
+        load_model(str(tiny_folder), "cpu")
+
+
+def test_an_architecture_that_computes_its_own_attention_is_refused(tmp_path: Path) -> None:
+    """BLOOM ignores the attention interface: it would run, ignoring the paged cache, and write wrong text."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(vocab_size=word_tokenizer().vocab_size, hidden_size=32, n_layer=2, n_head=2)
+    BloomForCausalLM(config).save_pretrained(tmp_path / "bloom")
+    word_tokenizer().save_pretrained(tmp_path / "bloom")
+    with pytest.raises(ModelLoadError, match="cannot run on kvbatch's paged attention: bloom does not send its attention"):
+        load_model(str(tmp_path / "bloom"), "cpu")
+
+
+def test_a_kv_pool_over_the_machines_memory_is_refused_before_allocating(tiny_folder: Path) -> None:
+    from kvbatch.cache.budget import KVBudgetError
+    from kvbatch.runner.engine import Engine, EngineConfig
+
+    with pytest.raises(KVBudgetError, match="engine.kv_cache_gib 100000 is more than this machine's .* GiB of memory"):
+        Engine(EngineConfig(model=str(tiny_folder), device="cpu", kv_cache_gib=100_000))
+
+
+def test_a_preloaded_model_keeps_a_smaller_max_model_len(tiny_folder: Path) -> None:
+    from kvbatch.runner.engine import Engine, EngineConfig
+
+    loaded = load_model(str(tiny_folder), "cpu")
+    assert Engine.from_loaded(loaded, EngineConfig(max_model_len=40, num_blocks_override=64)).max_model_len == 40

@@ -1,0 +1,45 @@
+"""The default model's cache as Slurm arrays and shared team caches meet it: a cache folder that cannot be made is a
+message naming KVBATCH_CACHE; a killed conversion's staging folder is removed by the next one; converted files are
+readable by everyone the umask allows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvbatch.runner import default_model
+from kvbatch.runner.default_model import DefaultModelError, default_model_path
+
+
+def test_a_cache_folder_that_cannot_be_made_names_kvbatch_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("KVBATCH_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(DefaultModelError, match="cannot convert the default model into .*; set KVBATCH_CACHE to a writable folder"):
+        default_model_path()
+
+
+def test_staging_folders_of_dead_conversions_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale, live = target.with_name(f"{target.name}.tmp-{dead}"), target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half written")
+    default_model._remove_stale_staging(target)
+    assert not stale.exists() and live.exists()
+
+
+def test_converted_files_follow_the_umask(tmp_path: Path) -> None:
+    private = tmp_path / "model.safetensors"
+    private.write_bytes(b"weights")
+    private.chmod(0o600)  # what transformers' temporary-file-then-rename leaves
+    umask = os.umask(0o022)
+    try:
+        default_model._readable_by_all(tmp_path)
+    finally:
+        os.umask(umask)
+    assert private.stat().st_mode & 0o777 == 0o644
