@@ -17,6 +17,7 @@ class StopChecker:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self._hidden_stop_ids: dict[tuple[str, ...], frozenset[int]] = {}
+        self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
 
     def check(self, seq: Sequence) -> FinishReason | None:
         params = seq.request.sampling
@@ -43,9 +44,18 @@ class StopChecker:
 
     def _stop_string_found(self, seq: Sequence) -> bool:
         longest = max(len(s) for s in seq.request.sampling.stop)
-        # A token carries at least one byte and a character at most four, so this many tokens
-        # cover any stop string that ends in the newest token.
-        tail = seq.output_token_ids[-(4 * longest + 4) :]
+        # A token carries at least one byte and a character at most four, so this many tokens cover any stop
+        # string that ends in the newest token; special tokens carry none in the text, so they are not counted.
+        need = 4 * longest + 4
+        tail = seq.output_token_ids[-need:]
+        if not self._special_ids.isdisjoint(tail):  # rare (ignore_eos runs on past end-of-turn tokens)
+            tail = []
+            for token in reversed(seq.output_token_ids):
+                if token not in self._special_ids:
+                    tail.append(token)
+                    if len(tail) == need:
+                        break
+            tail.reverse()
         text = self.tokenizer.decode(tail, skip_special_tokens=True)
         return any(s in text for s in seq.request.sampling.stop)
 

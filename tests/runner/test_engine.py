@@ -160,6 +160,23 @@ def test_eos_stops_is_kept_in_the_ids_and_left_out_of_the_text() -> None:
     assert eos.text == " ".join(words[: len(ids) - 1])  # every word before EOS, and nothing for EOS itself
 
 
+def test_a_stop_string_split_by_many_special_tokens_still_stops() -> None:
+    """Special tokens add nothing to the text, so the tail the check decodes must not count them (ignore_eos runs
+    on past end-of-turn tokens): the row stops, as its cut text says, rather than running on to 'length'."""
+    from tiny_models import word_tokenizer
+
+    from kvbatch.runner.sequence import Sequence
+    from kvbatch.runner.stopping import StopChecker
+
+    checker = StopChecker(word_tokenizer(), (EOS_ID,))
+    seq = Sequence(0, GenerationRequest(0, [5], SamplingParams(max_new_tokens=100, stop=("w5 w6",), ignore_eos=True)), 0, 100, seed=0)
+    reasons = []
+    for token in [5] + [EOS_ID] * 30 + [6]:
+        seq.output_token_ids.append(token)
+        reasons.append(checker.check(seq))
+    assert reasons == [None] * 31 + ["stop"] and checker.text(seq) == ""
+
+
 def test_seeded_sampling_is_batch_invariant_and_n_samples_differ(loaded) -> None:
     engine = make_engine(loaded)
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=42, n=3, logprobs=True)
