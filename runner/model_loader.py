@@ -272,7 +272,7 @@ def load_model(
             raise ModelLoadError(f"model {name!r} has no safetensors weights; set engine.allow_pickle: true to load pickled ones if you trust it") from exc
         if isinstance(exc, KeyError) and attention_hook.ATTN_IMPLEMENTATION in str(exc):
             raise ModelLoadError(_UNSUPPORTED.format(name=name, why="its attention cannot be replaced")) from exc
-        raise ModelLoadError(f"cannot load model {name!r} with kvbatch's paged attention: {exc}") from exc
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     except ModelLoadError:
         raise
     except (RuntimeError, SafetensorError) as exc:  # a truncated weights file, a tensor of the wrong shape
