@@ -76,8 +76,8 @@ def run(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: Mode
     _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
-        overrides = {**_parse_sets(set_ or []), "model": model, "engine.device": device, "input.limit": limit, "output.mode": mode,
-                     **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address)}  # fmt: skip
+        overrides = _with_options(set_, {"model": model, "engine.device": device, "input.limit": limit, "output.mode": mode,
+                                         **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address)})  # fmt: skip
         specs = load_jobs_file(jobs_file, overrides).select(job)
         _finish(run_jobs(specs, wait_for_lock=wait))
 
@@ -149,7 +149,7 @@ def plan(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: Mod
     _logging(verbose)
     _quiet_model_loading(verbose)
     with _errors():
-        overrides = {**_parse_sets(set_ or []), "model": model, "engine.device": device, "input.limit": limit}
+        overrides = _with_options(set_, {"model": model, "engine.device": device, "input.limit": limit})
         specs = load_jobs_file(jobs_file, overrides).select(job)
         engines = EngineCache()
         for spec in specs:
@@ -237,6 +237,11 @@ def _errors() -> Iterator[None]:
             raise  # a bug: keep the traceback
         typer.echo(f"kvbatch: error: {exc}", err=True)
         raise typer.Exit(_exit_code(exc)) from None
+
+
+def _with_options(sets: list[str] | None, options: dict[str, Any]) -> dict[str, Any]:
+    """`--set` values, overridden by the options given; an option left out leaves its --set value standing."""
+    return {**_parse_sets(sets or []), **{k: v for k, v in options.items() if v is not None}}
 
 
 def _serve_if_torchrun_worker() -> None:

@@ -89,6 +89,18 @@ def test_cli_scaling_options_reach_the_spec(tmp_path, captured, monkeypatch):
     assert result.exit_code == 2 and "need 0 <= I < N" in result.output
 
 
+def test_set_reaches_fields_that_also_have_options(tmp_path, captured):
+    """An option left out must not undo a --set of the same field (it did: input.limit, output.mode, model...)."""
+    (tmp_path / "jobs.yaml").write_text("jobs:\n  - name: a\n    input: {path: in.jsonl}\n")
+    sets = ["input.limit=7", "output.mode=overwrite", "engine.device=cpu", "parallel.data=2", "model=some/model"]
+    result = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    spec = captured[-1][0]
+    assert (spec.input.limit, spec.output.mode, spec.engine.device, spec.parallel.data, spec.model) == (7, "overwrite", "cpu", 2, "some/model")
+    result = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--set", "input.limit=7", "--limit", "3"])
+    assert captured[-1][0].input.limit == 3  # the option wins over --set
+
+
 def test_cli_merge_refuses_with_the_list(tmp_path):
     result = CliRunner().invoke(cli.app, ["merge", str(tmp_path / "answers.arrow")])
     assert result.exit_code == 1
