@@ -98,19 +98,27 @@ def rows_of_batches(batches: Iterator[pa.RecordBatch | pa.Table], name: str) -> 
             raise InputError(f"cannot read {name} from row {index} on ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
         try:
             rows = batch.to_pylist()
-        except (ValueError, pa.ArrowException):  # UnicodeDecodeError is a ValueError
+        except _UNHOLDABLE:
             rows = [_one_row(batch, i, index + i) for i in range(batch.num_rows)]
         for data in rows:
             yield data if isinstance(data, Row) else Row(index, data)
             index += 1
 
 
+# Values Python cannot hold: invalid UTF-8 (UnicodeDecodeError is a ValueError), a date past year 9999 or an int64
+# sentinel in a timestamp (OverflowError).
+_UNHOLDABLE = (ValueError, OverflowError, pa.ArrowException)
+
+
 def _one_row(batch: pa.RecordBatch | pa.Table, i: int, index: int) -> Row | dict:
-    data = {}
+    """The row's values; a row with one that cannot be read is an error row that keeps the others (its id)."""
+    data: dict = {}
+    error = None
     for name in batch.column_names:
         try:
             data[name] = batch.column(name)[i].as_py()
-        except (ValueError, pa.ArrowException) as exc:
-            kind = INVALID_UTF8 if isinstance(exc, UnicodeDecodeError) else WRONG_TYPE
-            return Row(index, None, RowError(kind, f"row {index}: column {name!r} cannot be read: {exc}"))
-    return data
+        except _UNHOLDABLE as exc:
+            if error is None:
+                kind = INVALID_UTF8 if isinstance(exc, UnicodeDecodeError) else WRONG_TYPE
+                error = RowError(kind, f"row {index}: column {name!r} cannot be read: {exc}")
+    return data if error is None else Row(index, data, error)

@@ -133,14 +133,17 @@ def test_damaged_parquet(tmp_path: Path) -> None:
     assert str(outcome.error).startswith(f"cannot read Parquet file {tmp_path / 'in.parquet'}: Parquet magic bytes not found in footer")
 
 
-def test_invalid_utf8_in_a_parquet_string_column_is_an_error_row(tmp_path: Path) -> None:
-    # Other writers can store bytes that are not UTF-8 in a string column; reading the batch whole raises.
-    prompts = pa.array([b"good one", b"bad \xe9 value", b"good two"], pa.binary()).view(pa.string())
-    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet")
-    outcome = run(tmp_path, input={"path": "in.parquet"})
+def test_parquet_values_python_cannot_hold_fail_their_rows_only(tmp_path: Path) -> None:
+    # Other writers can store bytes that are not UTF-8 in a string column, or an int64 sentinel in a timestamp
+    # (past year 9999: OverflowError); reading the batch whole raises. The row keeps the values it can hold.
+    prompts = pa.array([b"good one", b"bad \xe9 value", b"good two", b"good three"], pa.binary()).view(pa.string())
+    seen = pa.array([0, 0, 0, 2**63 - 1], pa.int64()).cast(pa.timestamp("us"))
+    pq.write_table(pa.table({"id": [10, 11, 12, 13], "prompt": prompts, "seen": seen}), tmp_path / "in.parquet")
+    outcome = run(tmp_path, input={"path": "in.parquet"}, id_column="id", keep_columns=["seen"])
     rows = read_output(tmp_path / "out" / "out.jsonl")
-    assert outcome.error is None and [r["error_kind"] for r in rows] == [None, "invalid_utf8", None]
+    assert outcome.error is None and [r["error_kind"] for r in rows] == [None, "invalid_utf8", None, "wrong_type"]
     assert rows[1]["error"].startswith("row 1: column 'prompt' cannot be read: 'utf-8' codec can't decode byte 0xe9")
+    assert rows[3]["error"].startswith("row 3: column 'seen' cannot be read:") and [r["id"] for r in rows] == [10, 11, 12, 13]
 
 
 def test_parquet_damaged_part_way_keeps_the_rows_before_and_names_the_row(tmp_path: Path) -> None:
