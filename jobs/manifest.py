@@ -24,7 +24,9 @@ from typing import Any
 
 from .atomic import fsync_dir, write_json
 
-VERSION = 1
+# 2: the parts journal, and engine settings that change results in the spec hash. Version 1 is still read.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -48,13 +50,14 @@ class Manifest:
     parts: list[PartEntry] = field(default_factory=list)
     complete: bool = False
     num_rows: int | None = None  # the input's row count, known once the input was read to its end
+    version: int = VERSION  # of the kvbatch that wrote it (set by load)
 
     def done_rows(self) -> set[int]:
         return {i for part in self.parts for i in part.row_indexes()}
 
     def save(self, path: Path) -> None:
         data = {
-            "version": VERSION,
+            "version": self.version,
             "job": self.job,
             "spec_hash": self.spec_hash,
             "fingerprint": self.fingerprint,
@@ -84,15 +87,16 @@ class Manifest:
     @classmethod
     def load(cls, path: Path) -> "Manifest":
         data = json.loads(path.read_text())
-        if data.get("version") != VERSION:
-            raise ValueError(f"manifest version {data.get('version')} is not {VERSION}")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"manifest version {data.get('version')} is not one of {READABLE_VERSIONS}")
         parts = [PartEntry(p["file"], p["num_rows"], p["rows"]) for p in data["parts"]]
         known = {p.file for p in parts}
         for entry in _journal_entries(journal_path(path)):
             if entry["file"] not in known:
                 parts.append(PartEntry(entry["file"], entry["num_rows"], entry["rows"]))
                 known.add(entry["file"])
-        return cls(data["job"], data["spec_hash"], data["fingerprint"], data["output"], data["format"], parts, data["complete"], data.get("num_rows"))
+        return cls(data["job"], data["spec_hash"], data["fingerprint"], data["output"], data["format"], parts, data["complete"],
+                   data.get("num_rows"), data["version"])
 
 
 def journal_path(manifest_path: Path) -> Path:
@@ -130,17 +134,17 @@ INPUT_KEY = "input_file"  # the fingerprint's entry for the input file's identit
 _SAMPLE_BYTES = 1 << 20
 
 
-def input_identity(path: Path) -> dict[str, Any]:
+def input_identity(path: Path, split: str | None = None) -> dict[str, Any]:
     """{"input_file": size and hashes of its first and last MiB} for an input file; for a `datasets` folder, a
-    hash of its files' names and sizes and of its state.json files (which hold each split's fingerprint); {} for
-    a dataset named from the HF cache.
+    hash of the state.json of the split read (all splits without one: each holds its split's fingerprint and data
+    file names) and of those data files' sizes; {} for a dataset named from the HF cache.
 
     Stored in the manifest's fingerprint so that a rerun over an edited input (rows added, removed or changed:
     row indexes would then pair old results with new rows) is refused. Cheap by design: an edit in the middle of a
     large file that keeps its size goes unseen.
     """
     if path.is_dir():
-        return {INPUT_KEY: _folder_identity(path)}
+        return {INPUT_KEY: _folder_identity(path, split)}
     if not path.is_file():
         return {}
     size = path.stat().st_size
@@ -151,11 +155,20 @@ def input_identity(path: Path) -> dict[str, Any]:
     return {INPUT_KEY: {"bytes": size, "head_sha256": head, "tail_sha256": tail}}
 
 
-def _folder_identity(path: Path) -> dict[str, Any]:
+def _folder_identity(path: Path, split: str | None) -> dict[str, Any]:
+    # Not every file: `datasets` writes cache-*.arrow files into a folder that a map or filter ran on.
+    root = path / split if split and (path / split / "state.json").is_file() else path
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(f"{file.relative_to(path)}\0{file.stat().st_size}\0".encode())
-        if file.name == "state.json":
-            digest.update(file.read_bytes())
-    return {"files": len(files), "sha256": digest.hexdigest()[:16]}
+    num_files = 0
+    for state in sorted(root.rglob("state.json")):
+        text = state.read_bytes()
+        digest.update(f"{state.relative_to(path)}\0".encode() + text)
+        try:
+            data_files = [entry["filename"] for entry in json.loads(text).get("_data_files", [])]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            data_files = []
+        for name in data_files:
+            file = state.parent / name
+            digest.update(f"{name}\0{file.stat().st_size if file.exists() else -1}\0".encode())
+            num_files += 1
+    return {"files": num_files, "sha256": digest.hexdigest()[:16]}

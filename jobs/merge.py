@@ -88,7 +88,8 @@ def merge_shards(output: Path, shards: list[Path] | None = None, *, target: Shar
             num_bytes, counts = _merge_lines(sources, output, target, num_input_rows)
         else:
             num_bytes, counts = _merge_tables(sources, output, target, num_input_rows)
-        merged = Manifest(first.job, first.spec_hash, first.fingerprint, output.name, first.format, [], True, num_input_rows)
+        merged = Manifest(first.job, first.spec_hash, first.fingerprint, output.name, first.format, [], True, num_input_rows,
+                          first.version)  # a spec hash of the version the shards ran
         merged.save(work_dir(output) / "manifest.json")
         report = MergeReport(output, target.num_rows(num_input_rows), num_bytes, len(sources), *counts)
         _merged_summary(report, first, sources).write(summary_path(output))

@@ -371,15 +371,32 @@ def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
     data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS}
     data["output_format"] = output_format(job)
-    engine = {k: getattr(job.engine, k) for k in _RESULT_ENGINE_FIELDS if getattr(job.engine, k) is not None}
-    if engine:  # left out when unset, so outputs of earlier versions keep their hash
+    engine = {k: _result_value(k, getattr(job.engine, k)) for k in _RESULT_ENGINE_FIELDS}
+    engine = {k: v for k, v in engine.items() if v is not None}
+    if engine:  # left out when these are defaults, so such outputs keep the hash earlier versions gave them
         data["engine"] = engine
     return data
 
 
-def spec_hash(job: JobSpec) -> str:
-    canonical = json.dumps(result_fingerprint(job), sort_keys=True, separators=(",", ":"))
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "auto": None}
+
+
+def _result_value(name: str, value: Any) -> Any:
+    """One spelling per meaning: fp32 is float32, auto and false are what leaving the field out means."""
+    if name == "dtype":
+        return _DTYPE_NAMES.get(value, value)
+    if name == "float32_logits":
+        return value or None
+    return value
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def spec_hash(job: JobSpec) -> str:
+    return fingerprint_hash(result_fingerprint(job))
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -29,7 +29,7 @@ from .errors import OutputError, shown_path
 from .lock import OutputLock
 from .manifest import INPUT_KEY, Manifest, PartEntry, to_ranges
 from .records import Layout, RowResult
-from .spec import describe_changes
+from .spec import describe_changes, fingerprint_hash
 
 log = logging.getLogger(__name__)
 
@@ -261,11 +261,19 @@ def resume_refusal(output: Path, previous: Manifest, current: Manifest) -> str |
     """Why rows committed under `previous` cannot be resumed by the job of `current` (None: they can)."""
     old_input, new_input = previous.fingerprint.get(INPUT_KEY), current.fingerprint.get(INPUT_KEY)
     input_changed = old_input is not None and new_input is not None and old_input != new_input
-    if previous.spec_hash == current.spec_hash and not input_changed:
+    if not input_changed and previous.spec_hash in (current.spec_hash, _hash_before_engine_fields(previous, current)):
         return None
     changes = describe_changes(previous.fingerprint, current.fingerprint)
     return (f"{shown_path(output)} was written by a different job spec or input ({'; '.join(changes) or 'spec changed'}); "
             "set output.mode: overwrite to start again")
+
+
+def _hash_before_engine_fields(previous: Manifest, current: Manifest) -> str | None:
+    """The current spec's hash as versions before the engine's result fields (dtype, seed...) gave it, for an
+    output such a version wrote (manifest version 1): its results were made under this same job file."""
+    if previous.version >= 2 or "engine" not in current.fingerprint:
+        return None
+    return fingerprint_hash({k: v for k, v in current.fingerprint.items() if k not in ("engine", INPUT_KEY)})
 
 
 def remove_output(output: Path) -> None:

@@ -70,5 +70,5 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
 def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:
     """The manifest an output of `job` carries: what a resume must match, the input file's identity included
     (so an edited input is refused too)."""
-    fingerprint = {**result_fingerprint(job), **input_identity(input_path(job))}
+    fingerprint = {**result_fingerprint(job), **input_identity(input_path(job), job.input.split)}
     return Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)

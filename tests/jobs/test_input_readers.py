@@ -130,10 +130,18 @@ def test_a_datasets_folder_has_an_identity_that_an_edit_changes(tmp_path: Path) 
 
     datasets.Dataset.from_dict({"prompt": ["a", "b"]}).save_to_disk(str(tmp_path / "ds"))
     before = input_identity(tmp_path / "ds")
-    assert before == input_identity(tmp_path / "ds") and before["input_file"]["files"] >= 3
+    assert before == input_identity(tmp_path / "ds") and before["input_file"]["files"] == 1
+    datasets.load_from_disk(str(tmp_path / "ds")).filter(lambda row: row["prompt"] == "a")  # writes cache-*.arrow there
+    assert input_identity(tmp_path / "ds") == before
     shutil.rmtree(tmp_path / "ds")
     datasets.Dataset.from_dict({"prompt": ["a", "c"]}).save_to_disk(str(tmp_path / "ds"))  # same sizes, new fingerprint
     assert input_identity(tmp_path / "ds") != before
+
+    splits = {name: datasets.Dataset.from_dict({"prompt": [name]}) for name in ("train", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    train = input_identity(tmp_path / "dd", "train")
+    datasets.Dataset.from_dict({"prompt": ["other"]}).save_to_disk(str(tmp_path / "dd" / "test"))  # only the other split
+    assert input_identity(tmp_path / "dd", "train") == train
 
 
 def test_datasets_dict_folder_needs_a_split(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from reliability_helpers import read_output, write_jsonl
 
 from kvbatch.jobs.errors import JobError, OutputError
 from kvbatch.jobs.manifest import Manifest
-from kvbatch.jobs.spec import job_from_dict
+from kvbatch.jobs.spec import fingerprint_hash, job_from_dict
 from kvbatch.jobs.writer import work_dir
 from kvbatch.runner.job import run_jobs
 
@@ -165,6 +165,30 @@ def test_engine_settings_do_not_block_a_resume(folder: Path) -> None:
     outcome, _ = run(folder, engine__max_num_seqs=7)  # speed only: the results stay valid
     assert outcome.error is None
     assert_complete(folder / "out" / "out.jsonl")
+
+
+def test_spellings_of_one_setting_and_outputs_of_earlier_versions_resume(folder: Path) -> None:
+    import json
+
+    crash_after(folder, 6, engine__dtype="fp32", engine__float32_logits=False)
+    outcome, _ = run(folder, engine__dtype="float32")  # the same dtype; float32_logits false is its default
+    assert outcome.error is None
+    assert_complete(folder / "out" / "out.jsonl")
+
+    # An unfinished output of a version whose spec hash left the engine's result fields out.
+    other = folder / "earlier"
+    other.mkdir()
+    (other / "in.jsonl").write_bytes((folder / "in.jsonl").read_bytes())
+    crash_after(other, 6, engine__dtype="float32")
+    manifest_path = work_dir(other / "out" / "out.jsonl") / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    del data["fingerprint"]["engine"]
+    data["version"] = 1
+    data["spec_hash"] = fingerprint_hash({k: v for k, v in data["fingerprint"].items() if k != "input_file"})
+    manifest_path.write_text(json.dumps(data))
+    outcome, _ = run(other, engine__dtype="float32")
+    assert outcome.error is None and outcome.summary.rows_this_run == NUM_ROWS - 6
+    assert_complete(other / "out" / "out.jsonl")
 
 
 def test_mode_error_refuses_an_existing_output(folder: Path) -> None:
