@@ -82,6 +82,8 @@ def input_order(table: pa.Table, num_rows: int) -> np.ndarray:
 
 def write_output(table: pa.Table, order: np.ndarray, path: Path, fmt: str, metadata: dict[bytes, bytes], *, model: str = "", id_column: str | None = None) -> int:
     """Write `table` reordered by `order` to `path` atomically; return the bytes written."""
+    if fmt == "parquet":
+        table = _parquet_safe(table)
     schema = table.schema.with_metadata(metadata)
     with atomic_file(path) as f:
         if fmt == "arrow":
@@ -98,6 +100,25 @@ def write_output(table: pa.Table, order: np.ndarray, path: Path, fmt: str, metad
             raise ValueError(f"unknown output format {fmt!r}")
         size = f.tell()
     return size
+
+
+def _parquet_safe(table: pa.Table) -> pa.Table:
+    """Parquet has no struct without fields: a kept column holding {} is written there as JSON text ("{}")."""
+    for i, field in enumerate(table.schema):
+        if _has_empty_struct(field.type):
+            values = [None if v is None else json_text.dumps(v) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, field.name, pa.array(values, pa.string()))
+    return table
+
+
+def _has_empty_struct(kind: pa.DataType) -> bool:
+    if pa.types.is_struct(kind):
+        return kind.num_fields == 0 or any(_has_empty_struct(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _has_empty_struct(kind.value_type)
+    if pa.types.is_map(kind):
+        return _has_empty_struct(kind.key_type) or _has_empty_struct(kind.item_type)
+    return False
 
 
 def _chunks(table: pa.Table, order: np.ndarray):

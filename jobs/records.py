@@ -96,13 +96,14 @@ class Layout:
 
 
 # Deeper nesting than this is refused by Arrow IPC (64) or by pyarrow's Parquet reader (about 50), so it is
-# kept as JSON text like mixed types.
+# kept as JSON text like mixed types. (An empty object, {}, which Parquet alone cannot hold, is turned into text
+# only there: assemble._parquet_safe.)
 MAX_NESTING = 32
 
 
 def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
-    """Input values as Arrow: the input's own type when known, else inferred; values no output format can hold
-    as they are (mixed types, empty objects, very deep nesting) fall back to JSON text."""
+    """Input values as Arrow: the input's own type when known, else inferred; values the parts cannot hold as they
+    are (mixed types, very deep nesting) fall back to JSON text."""
     for kind in ([known] if known is not None else []) + [None]:
         try:
             array = pa.array(values, kind)
@@ -114,11 +115,11 @@ def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
 
 
 def writable(kind: pa.DataType, depth: int = 0) -> bool:
-    """Whether every output format can hold this type: Parquet has no struct without fields ({} in JSON)."""
+    """Whether the type nests no deeper than MAX_NESTING."""
     if depth > MAX_NESTING:
         return False
     if pa.types.is_struct(kind):
-        return kind.num_fields > 0 and all(writable(kind.field(i).type, depth + 1) for i in range(kind.num_fields))
+        return all(writable(kind.field(i).type, depth + 1) for i in range(kind.num_fields))
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         return writable(kind.value_type, depth + 1)
     if pa.types.is_map(kind):

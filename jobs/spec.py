@@ -209,7 +209,8 @@ def job_from_node(node: Node, base_dir: str) -> JobSpec:
     model = _model_location(job.model, base_dir)
     given = node.value.get("model") if isinstance(node.value, dict) else None
     in_file = given is not None and given.line is not None  # a --model on the command line is the caller's own
-    bare = model == job.model and not Path(model).expanduser().is_absolute()  # not found beside the job file
+    # not found beside the job file ("default" always names the embedded model)
+    bare = model == job.model and model != "default" and not Path(model).expanduser().is_absolute()
     if in_file and bare and Path(model).exists() and Path(base_dir).resolve() != Path.cwd():
         # Not beside the job file, but a folder of that name where kvbatch was started: a rerun from elsewhere
         # would load another model under the same spec. Say which is meant.

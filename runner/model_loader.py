@@ -197,14 +197,15 @@ def _check_weights(name: str, info: dict) -> None:
 def context_length(config, requested: int | None) -> int:
     native = getattr(config, "max_position_embeddings", None) or 2048
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < native:
+    capped = bool(window and getattr(config, "use_sliding_window", True) and window < native)
+    if capped:
         # kvbatch attends to the whole context; past the window the model would differ from its training.
         logger.info("capping the context at the model's sliding window of %d tokens", window)
         native = window
     if requested is None:
         return native
     if requested > native:
-        if window and native == window:
+        if capped:
             raise ModelLoadError(f"max_model_len {requested} exceeds {native} tokens, the model's sliding window: kvbatch "
                                  "attends to the whole context in every layer, so past the window it would differ from the model")
         raise ModelLoadError(f"max_model_len {requested} exceeds the model's context of {native} tokens")
@@ -275,7 +276,11 @@ def load_model(
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     except ModelLoadError:
         raise
+    except MemoryError as exc:
+        raise ModelLoadError(f"not enough memory to load model {name!r}") from exc
     except (RuntimeError, SafetensorError) as exc:  # a truncated weights file, a tensor of the wrong shape
+        if "allocate memory" in str(exc):  # "unable to mmap ...: Cannot allocate memory", DefaultCPUAllocator
+            raise ModelLoadError(f"not enough memory to load model {name!r}: {str(exc).splitlines()[0]}") from exc
         raise ModelLoadError(f"cannot load model {name!r}: its weights are damaged or do not fit its config "
                              f"({type(exc).__name__}: {exc}){_DEFAULT_HINT if name == 'default' else ''}") from exc
     if not getattr(model, "_supports_attention_backend", False):

@@ -275,3 +275,6 @@ def test_a_model_folder_only_in_the_working_folder_is_refused(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SpecError, match="model 'mdl' is no folder beside the job file .* but is one in the working folder"):
         load_jobs_file(tmp_path / "jobs" / "j.yaml")
+    (tmp_path / "default").mkdir()  # `default` always names the embedded model
+    (tmp_path / "jobs" / "d.yaml").write_text("jobs:\n  - {name: a, model: default, input: {path: in.jsonl}}\n")
+    assert load_jobs_file(tmp_path / "jobs" / "d.yaml").jobs[0].model == "default"
