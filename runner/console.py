@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import signal
 import sys
 import threading
 from typing import Any
@@ -35,11 +36,28 @@ _MALLOPT = ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**30), (_M_TOP
 class ConsoleTyper(typer.Typer):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tune_malloc()
+        exit_on_early_signals()
         try:
             return super().__call__(*args, **kwargs)
         except SystemExit as exc:
             quick_exit(exc)
             raise
+
+
+def exit_on_early_signals() -> None:
+    """SIGTERM or SIGUSR1 while kvbatch starts (torch and transformers import for a second or more) ends it with
+    exit code 3, as a signal during a job does, not 143 or 138: a Slurm script requeues on 3, and nothing has run.
+    A job's own handlers (signals.graceful_stop) take over once it starts."""
+    from .signals import INTERRUPTED_EXIT_CODE
+
+    def stop(signum: int, frame: object) -> None:
+        sys.stderr.write(f"kvbatch: stopped by {signal.Signals(signum).name} while starting; rerun to run it\n")
+        sys.stderr.flush()
+        os._exit(INTERRUPTED_EXIT_CODE)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, stop)
 
 
 def tune_malloc() -> bool:

@@ -71,3 +71,19 @@ def test_the_allocator_is_tuned_unless_the_user_set_malloc_variables() -> None:
         pytest.skip("not glibc")
     assert tuned({}) == "True"  # in a subprocess: the test process keeps its own allocator
     assert tuned({"MALLOC_ARENA_MAX": "2"}) == "False"
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_while_starting_exits_3(name: str) -> None:
+    """Before a job installs its handlers (while torch imports), Slurm's signal must still mean 'rerun': code 3."""
+    code = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from kvbatch.runner.console import exit_on_early_signals
+        exit_on_early_signals()
+        os.kill(os.getpid(), signal.{name})
+        time.sleep(10)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and f"stopped by {name} while starting; rerun to run it" in done.stderr
