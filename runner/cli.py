@@ -217,7 +217,7 @@ def _exit_code(exc: BaseException) -> int:
         return INTERRUPTED
     if isinstance(exc, OutputLockedError):
         return LOCKED
-    if type(exc).__name__ == "KVBudgetError":  # the KV pool cannot hold a block: a configuration problem
+    if type(exc).__name__ in ("KVBudgetError", "ContextLengthError"):  # the pool or the context: configuration
         return USAGE
     return FAILED
 

@@ -30,6 +30,10 @@ class ModelLoadError(RuntimeError):
     """The model or tokenizer cannot be loaded; the message says what to change."""
 
 
+class ContextLengthError(ModelLoadError):
+    """engine.max_model_len asks for more context than the model has: a configuration problem (exit code 2)."""
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -206,9 +210,9 @@ def context_length(config, requested: int | None) -> int:
         return native
     if requested > native:
         if capped:
-            raise ModelLoadError(f"max_model_len {requested} exceeds {native} tokens, the model's sliding window: kvbatch "
+            raise ContextLengthError(f"max_model_len {requested} exceeds {native} tokens, the model's sliding window: kvbatch "
                                  "attends to the whole context in every layer, so past the window it would differ from the model")
-        raise ModelLoadError(f"max_model_len {requested} exceeds the model's context of {native} tokens")
+        raise ContextLengthError(f"max_model_len {requested} exceeds the model's context of {native} tokens")
     return requested
 
 
