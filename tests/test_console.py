@@ -86,4 +86,4 @@ def test_a_signal_while_starting_exits_3(name: str) -> None:
         """
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 3 and f"stopped by {name} while starting; rerun to run it" in done.stderr
+    assert done.returncode == 3 and f"stopped by {name} before any job ran; rerun to run it" in done.stderr
