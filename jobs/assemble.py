@@ -20,6 +20,7 @@ from . import json_text
 from .atomic import atomic_file
 from .errors import JobError
 from .openai_format import output_line
+from .records import nested_types
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 8192
@@ -112,13 +113,7 @@ def _parquet_safe(table: pa.Table) -> pa.Table:
 
 
 def _has_empty_struct(kind: pa.DataType) -> bool:
-    if pa.types.is_struct(kind):
-        return kind.num_fields == 0 or any(_has_empty_struct(kind.field(i).type) for i in range(kind.num_fields))
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        return _has_empty_struct(kind.value_type)
-    if pa.types.is_map(kind):
-        return _has_empty_struct(kind.key_type) or _has_empty_struct(kind.item_type)
-    return False
+    return any(pa.types.is_struct(t) and t.num_fields == 0 for t, _ in nested_types(kind))
 
 
 def _chunks(table: pa.Table, order: np.ndarray):

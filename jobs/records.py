@@ -9,6 +9,7 @@ tokenizer is gone by the time the OpenAI lines are assembled from the parts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,19 +110,24 @@ def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
             array = pa.array(values, kind)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
             continue
-        if writable(array.type):
+        if max(depth for _, depth in nested_types(array.type)) <= MAX_NESTING:
             return array
     return pa.array([None if v is None else v if isinstance(v, str) else json_text.dumps(v, default=str) for v in values], pa.string())
 
 
-def writable(kind: pa.DataType, depth: int = 0) -> bool:
-    """Whether the type nests no deeper than MAX_NESTING."""
+def nested_types(kind: pa.DataType, depth: int = 0) -> Iterator[tuple[pa.DataType, int]]:
+    """The type and every type nested in it (struct fields, list values, map keys and items), with their depth;
+    not below MAX_NESTING + 1, where a value is held as JSON text anyway."""
+    yield kind, depth
     if depth > MAX_NESTING:
-        return False
+        return
     if pa.types.is_struct(kind):
-        return all(writable(kind.field(i).type, depth + 1) for i in range(kind.num_fields))
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        return writable(kind.value_type, depth + 1)
-    if pa.types.is_map(kind):
-        return writable(kind.key_type, depth + 1) and writable(kind.item_type, depth + 1)
-    return True
+        children = [kind.field(i).type for i in range(kind.num_fields)]
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        children = [kind.value_type]
+    elif pa.types.is_map(kind):
+        children = [kind.key_type, kind.item_type]
+    else:
+        children = []
+    for child in children:
+        yield from nested_types(child, depth + 1)

@@ -60,7 +60,7 @@ def summary_path(output: Path) -> Path:
 
 
 def add_prefix_counters(total: Summary, parts: list[dict]) -> None:
-    """Sum the shards' prefix-cache counters into `total` and recompute its hit rate from them."""
+    """Add prefix-cache counters (an engine's, or shards' summaries) into `total` and compute its hit rate from them."""
     for part in parts:
         total.cached_prompt_tokens += int(part.get("cached_prompt_tokens", 0))
         total.queried_prompt_tokens += int(part.get("queried_prompt_tokens", 0))

@@ -28,7 +28,7 @@ from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError, SeenIds
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.spec import JobSpec, spec_dict, spec_hash
-from kvbatch.jobs.summary import Summary, summary_path
+from kvbatch.jobs.summary import Summary, add_prefix_counters, summary_path
 from kvbatch.jobs.writer import OutputWriter, metadata_strings
 
 from .job_io import open_job
@@ -143,10 +143,8 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     peak = progress.peak_kv_usage if not fresh else max(progress.peak_kv_usage, counters["peak"])
     summary.peak_kv_usage = round(peak, 4)
     summary.preemptions = counters["preemptions"] - stats_before["preemptions"]
-    summary.cached_prompt_tokens = int(counters["cached"] - stats_before["cached"])
-    queried = counters["queried"] - stats_before["queried"]
-    summary.queried_prompt_tokens = int(queried)
-    summary.prefix_cache_hit_rate = round(summary.cached_prompt_tokens / queried, 4) if queried else 0.0
+    add_prefix_counters(summary, [{"cached_prompt_tokens": counters["cached"] - stats_before["cached"],
+                                   "queried_prompt_tokens": counters["queried"] - stats_before["queried"]}])
     summary.output_bytes = report.num_bytes
     summary.write(summary_path(out))
     return summary

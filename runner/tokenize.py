@@ -41,7 +41,9 @@ class PromptTokenizer:
         self._placeholder = re.compile(rf"{self._marker}_(\d+)_")
         self._template_ids = lru_cache(maxsize=4096)(self._encode_template_piece)
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        self._control_texts = sorted({str(t) for t in added.values() if str(t)} | set(getattr(tokenizer, "all_special_tokens", [])))
+        control = sorted({str(t) for t in added.values() if str(t)} | set(getattr(tokenizer, "all_special_tokens", [])))
+        # One scan of a message finds any of them (Llama 3 has 256 added tokens).
+        self._control_text = re.compile("|".join(map(re.escape, control))) if control else None
 
     def encode(self, prompt: Prompt) -> list[int] | RowError:
         if prompt.text is not None:
@@ -56,7 +58,7 @@ class PromptTokenizer:
 
     def _plain(self, messages: list[dict[str, str]]) -> bool:
         """No message holds an added token's text (a tokenizer that lists none is never trusted to be plain)."""
-        return bool(self._control_texts) and not any(t in m["content"] for m in messages for t in self._control_texts)
+        return self._control_text is not None and not any(self._control_text.search(m["content"]) for m in messages)
 
     def _encode_text(self, text: str) -> list[int]:
         # add_special_tokens adds what the tokenizer always adds (a BOS, for some models), never parses the data.
