@@ -80,9 +80,13 @@ def paged_attention(
     out = torch.zeros_like(query)
     if num_decodes:
         decoded = flash_attn.flash_attn_with_kvcache(
-            query[:num_decodes].unsqueeze(1), key_cache, value_cache,  # q: [num_decodes, 1, num_heads, head_dim]
-            cache_seqlens=meta.seq_lens[:num_decodes], block_table=meta.block_tables[:num_decodes],
-            softmax_scale=scale, causal=True,
+            query[:num_decodes].unsqueeze(1),
+            key_cache,
+            value_cache,  # q: [num_decodes, 1, num_heads, head_dim]
+            cache_seqlens=meta.seq_lens[:num_decodes],
+            block_table=meta.block_tables[:num_decodes],
+            softmax_scale=scale,
+            causal=True,
         )
         out[:num_decodes] = decoded.squeeze(1)
     if meta.num_seqs > num_decodes:
@@ -90,8 +94,15 @@ def paged_attention(
         cu_seqlens_q = meta.query_start_loc[num_decodes:] - num_decodes  # [num_prefills + 1] int32
         cu_seqlens_k = F.pad(meta.seq_lens[num_decodes:].cumsum(0, dtype=torch.int32), (1, 0))
         prefilled = flash_attn.flash_attn_varlen_func(
-            query[num_decodes:], key_cache, value_cache, cu_seqlens_q, cu_seqlens_k,
-            meta.max_query_len, meta.max_seq_len, softmax_scale=scale, causal=True,
+            query[num_decodes:],
+            key_cache,
+            value_cache,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            meta.max_query_len,
+            meta.max_seq_len,
+            softmax_scale=scale,
+            causal=True,
             block_table=meta.block_tables[num_decodes:],
         )
         rows = torch.arange(num_decodes, query.shape[0], device=query.device)

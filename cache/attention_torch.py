@@ -64,7 +64,9 @@ def _attend(
         grouped = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
         out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=allowed, scale=scale)
         return out.view(num_seqs, num_heads, 1, head_dim)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=num_heads != num_kv_heads)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed, scale=scale, enable_gqa=num_heads != num_kv_heads
+    )
 
 
 def paged_attention(

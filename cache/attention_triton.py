@@ -52,7 +52,7 @@ _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the par
 _MIN_TOKENS_PER_PREFIX_SPLIT = 128  # two 64-key tiles: a cascade program's fixed cost is a BLOCK_M-row q tile
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: small, so CPU tests reach the split-KV path with tiny batches
@@ -130,8 +130,10 @@ def _fp32_tiles(config: dict[str, int], key_cache: torch.Tensor) -> dict[str, in
 
 def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, block_size: int) -> None:
     if key_cache.shape != value_cache.shape or key_cache.stride() != value_cache.stride():
-        raise ValueError(f"key and value caches differ: {tuple(key_cache.shape)} {key_cache.stride()} vs "
-                         f"{tuple(value_cache.shape)} {value_cache.stride()}")
+        raise ValueError(
+            f"key and value caches differ: {tuple(key_cache.shape)} {key_cache.stride()} vs "
+            f"{tuple(value_cache.shape)} {value_cache.stride()}"
+        )
     if key_cache.shape[1] != block_size:
         raise ValueError(f"cache pages hold {key_cache.shape[1]} tokens, metadata says block_size {block_size}")
     if key_cache.stride(-1) != 1:
@@ -141,8 +143,10 @@ def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, block_size:
 def _check_prefix_len(prefix_len: torch.Tensor, device: torch.device) -> None:
     # Python-side checks only (no sync). Another dtype would also compile a new kernel variant mid-run.
     if prefix_len.dtype != torch.int32 or prefix_len.numel() != 1 or prefix_len.device != device:
-        raise ValueError(f"shared_prefix_len must be a one-element int32 tensor on {device}, got "
-                         f"{prefix_len.dtype} {tuple(prefix_len.shape)} on {prefix_len.device}")
+        raise ValueError(
+            f"shared_prefix_len must be a one-element int32 tensor on {device}, got "
+            f"{prefix_len.dtype} {tuple(prefix_len.shape)} on {prefix_len.device}"
+        )
 
 
 def _kernel_dtype_args(query: torch.Tensor, key_cache: torch.Tensor) -> dict[str, object]:
@@ -168,16 +172,29 @@ def write_kv(
     if num_rows == 0:
         return
     _write_kv_kernel[(num_rows,)](
-        key, value, key_cache, value_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=key_cache.shape[1],
-        BLOCK_HEADS=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        PAGE=key_cache.shape[1],
+        BLOCK_HEADS=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
     )
 
 
-def _decode(query, key_cache, value_cache, meta, scale, out, num_splits: int | None = None,
-            prefix_splits: int | None = None) -> None:
+def _decode(
+    query, key_cache, value_cache, meta, scale, out, num_splits: int | None = None, prefix_splits: int | None = None
+) -> None:
     """Writes rows 0..num_decodes-1 of out. Reads only shapes and python ints: safe to capture in a CUDA graph."""
     num_decodes = meta.num_decodes
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -208,26 +225,80 @@ def _decode(query, key_cache, value_cache, meta, scale, out, num_splits: int | N
     dtype_args = _kernel_dtype_args(query, key_cache)
     prefix_len = meta.shared_prefix_len if cascade else meta.seq_lens  # a pointer the kernel never reads if not
     _decode_kernel[(num_decodes * (num_kv_heads // pack), num_splits)](
-        query, key_cache, value_cache, out, part_out, part_lse, meta.block_tables, meta.seq_lens, prefix_len,
-        scale * _LOG2E, num_splits, num_slots,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group * pack)), HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim * pack)), PAGE=meta.block_size, DIRECT=direct, CASCADE=cascade,
-        KV_PACK=pack, **dtype_args, **decode_config,
+        query,
+        key_cache,
+        value_cache,
+        out,
+        part_out,
+        part_lse,
+        meta.block_tables,
+        meta.seq_lens,
+        prefix_len,
+        scale * _LOG2E,
+        num_splits,
+        num_slots,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        meta.block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group * pack)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim * pack)),
+        PAGE=meta.block_size,
+        DIRECT=direct,
+        CASCADE=cascade,
+        KV_PACK=pack,
+        **dtype_args,
+        **decode_config,
     )
     if cascade:
         _cascade_kernel[(row_tiles, num_kv_heads, prefix_splits)](
-            query, key_cache, value_cache, part_out, part_lse, meta.block_tables, meta.seq_lens, prefix_len,
-            scale * _LOG2E, num_decodes, prefix_splits, num_splits, num_slots,
-            query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-            NUM_HEADS=num_heads, GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            PAGE=meta.block_size, BLOCK_M=block_m, **dtype_args, **cascade_config,
+            query,
+            key_cache,
+            value_cache,
+            part_out,
+            part_lse,
+            meta.block_tables,
+            meta.seq_lens,
+            prefix_len,
+            scale * _LOG2E,
+            num_decodes,
+            prefix_splits,
+            num_splits,
+            num_slots,
+            query.stride(0),
+            query.stride(1),
+            key_cache.stride(0),
+            key_cache.stride(1),
+            key_cache.stride(2),
+            NUM_HEADS=num_heads,
+            GROUP=group,
+            GROUP_P=group_p,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            PAGE=meta.block_size,
+            BLOCK_M=block_m,
+            **dtype_args,
+            **cascade_config,
         )
     if not direct:
         _reduce_kernel[(num_decodes, num_heads)](
-            part_out, part_lse, out, num_slots, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_slots),
+            part_out,
+            part_lse,
+            out,
+            num_slots,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(num_slots),
         )
 
 
@@ -243,12 +314,31 @@ def _prefill(query, key_cache, value_cache, meta, scale, out) -> None:
     block_q = block_m // group_p
     grid = (triton.cdiv(meta.max_query_len, block_q), num_prefills, num_kv_heads)
     _prefill_kernel[grid](
-        query, key_cache, value_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        scale * _LOG2E, meta.num_decodes,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), meta.block_tables.stride(0),
-        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PAGE=meta.block_size, BLOCK_M=block_m, **_kernel_dtype_args(query, key_cache), **config,
+        query,
+        key_cache,
+        value_cache,
+        out,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        scale * _LOG2E,
+        meta.num_decodes,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        meta.block_tables.stride(0),
+        GROUP=group,
+        GROUP_P=group_p,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=meta.block_size,
+        BLOCK_M=block_m,
+        **_kernel_dtype_args(query, key_cache),
+        **config,
     )
 
 
@@ -260,8 +350,13 @@ def _zero_padding_rows(out: torch.Tensor, meta: AttentionMetadata) -> None:
         return
     block_r = 16
     _zero_rows_kernel[(triton.cdiv(num_rows, block_r),)](
-        out, meta.query_start_loc, meta.num_seqs, num_rows, row_numel,
-        BLOCK_R=block_r, BLOCK_C=min(triton.next_power_of_2(row_numel), 1024),
+        out,
+        meta.query_start_loc,
+        meta.num_seqs,
+        num_rows,
+        row_numel,
+        BLOCK_R=block_r,
+        BLOCK_C=min(triton.next_power_of_2(row_numel), 1024),
     )
 
 

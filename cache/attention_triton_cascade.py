@@ -25,12 +25,34 @@ from .attention_triton_tile import _attend_tile
 # Integers that change from step to step are not specialised on (=1, multiple of 16): one compile serves all.
 @triton.jit(do_not_specialize=["num_decodes", "num_prefix_splits", "first_slot", "num_slots", "stride_q_head"])
 def _cascade_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr, prefix_len_ptr,
-    qk_scale, num_decodes, num_prefix_splits, first_slot, num_slots,
-    stride_q_row, stride_q_head, stride_c_block, stride_c_token, stride_c_head,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    prefix_len_ptr,
+    qk_scale,
+    num_decodes,
+    num_prefix_splits,
+    first_slot,
+    num_slots,
+    stride_q_row,
+    stride_q_head,
+    stride_c_block,
+    stride_c_token,
+    stride_c_head,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     m_block = tl.program_id(0)  # fastest: neighbouring programs read the same K/V tiles (L2 reuse)
     kv_head = tl.program_id(1)
@@ -51,17 +73,40 @@ def _cascade_kernel(
     rows = seq.to(tl.int64)
     # An empty split (L == 0, or more splits than tiles) loads no q and stores only lse = -inf.
     q_rows = row_mask & (seq < tl.where(tile_lo < tile_hi, num_decodes, 0))
-    q = tl.load(q_ptr + rows[:, None] * stride_q_row + head[:, None] * stride_q_head + d[None, :],
-                mask=q_rows[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_q_row + head[:, None] * stride_q_head + d[None, :],
+        mask=q_rows[:, None] & d_mask[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_head_offset = kv_head.to(tl.int64) * stride_c_head
     for tile in range(tile_lo, tile_hi):  # the shared pages, through block_tables row 0
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_tables_ptr, tile * BLOCK_N,
-                                     prefix_len, r, qk_scale, kv_head_offset, stride_c_block, stride_c_token, d,
-                                     d_mask, False, PAGE, BLOCK_N, UPCAST, PRECISION)
+        acc, m_i, l_i = _attend_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr,
+            tile * BLOCK_N,
+            prefix_len,
+            r,
+            qk_scale,
+            kv_head_offset,
+            stride_c_block,
+            stride_c_token,
+            d,
+            d_mask,
+            False,
+            PAGE,
+            BLOCK_N,
+            UPCAST,
+            PRECISION,
+        )
 
     # A decode whose context does not reach past the prefix (a graph bucket's seq_len-0 filler) takes nothing
     # from it: weight 0 in the reduce, so it comes out zero as the plain decode would make it. Slots with
@@ -71,6 +116,7 @@ def _cascade_kernel(
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(used, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     part = (rows * NUM_HEADS + head) * num_slots + first_slot + split  # [BLOCK_M] into [decodes, heads, slots]
-    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out,
-             mask=(row_mask & used)[:, None] & d_mask[None, :])
+    tl.store(
+        part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=(row_mask & used)[:, None] & d_mask[None, :]
+    )
     tl.store(part_lse_ptr + part, lse, mask=row_mask)

@@ -29,13 +29,38 @@ from .attention_triton_tile import _attend_tile
 
 @triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_q_head", "stride_o_head", "stride_bt_seq"])
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
-    prefix_len_ptr, qk_scale, num_splits, num_slots,
-    stride_q_row, stride_q_head, stride_o_row, stride_o_head,
-    stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-    CASCADE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, KV_PACK: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    prefix_len_ptr,
+    qk_scale,
+    num_splits,
+    num_slots,
+    stride_q_row,
+    stride_q_head,
+    stride_o_row,
+    stride_o_head,
+    stride_c_block,
+    stride_c_token,
+    stride_c_head,
+    stride_bt_seq,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr,
+    CASCADE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    KV_PACK: tl.constexpr,
 ):
     # One grid axis for (sequence, kv-head pack), packs fastest: a sequence's programs launch side by side and read
     # its pages together (1-2% faster than sequence-major on the H200 at 512 decodes), and the first axis holds
@@ -71,14 +96,37 @@ def _decode_kernel(
     table_ptr = block_tables_ptr + row * stride_bt_seq
     kv_head_offset = (kv_pack * KV_PACK).to(tl.int64) * stride_c_head  # packed heads: stride_c_head == HEAD_DIM
     for tile in range(tile_lo, tile_hi):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, key_lo + tile * BLOCK_N,
-                                     seq_len, h, qk_scale, kv_head_offset, stride_c_block, stride_c_token, d,
-                                     d_mask, False, PAGE, BLOCK_N, UPCAST, PRECISION)
+        acc, m_i, l_i = _attend_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_cache_ptr,
+            v_cache_ptr,
+            table_ptr,
+            key_lo + tile * BLOCK_N,
+            seq_len,
+            h,
+            qk_scale,
+            kv_head_offset,
+            stride_c_block,
+            stride_c_token,
+            d,
+            d_mask,
+            False,
+            PAGE,
+            BLOCK_N,
+            UPCAST,
+            PRECISION,
+        )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split leaves zeros, not NaN
     if DIRECT:  # a single split: no partials, no reduce
-        tl.store(out_ptr + row * stride_o_row + head[:, None] * stride_o_head + dd[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            out_ptr + row * stride_o_row + head[:, None] * stride_o_head + dd[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
     else:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         part = (row * NUM_HEADS + head) * num_slots + split  # [BLOCK_H] index into [decodes, heads, slots]
@@ -88,8 +136,16 @@ def _decode_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_o_row, stride_o_head,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_o_row,
+    stride_o_head,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -103,9 +159,13 @@ def _reduce_kernel(
     # An empty split (lse -inf) may leave its output slot unwritten (the cascade kernel's do): never read it,
     # as 0 * garbage can be NaN.
     used = (s < num_splits) & (lse > float("-inf"))
-    parts = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
-                    mask=used[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    parts = tl.load(
+        part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
+        mask=used[:, None] & (d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
     denom = tl.sum(w, 0)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + row * stride_o_row + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < HEAD_DIM)
+    tl.store(
+        out_ptr + row * stride_o_row + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM
+    )

@@ -15,13 +15,32 @@ from .attention_triton_tile import _attend_tile
 # Integers that change from step to step are not specialised on (=1, multiple of 16): one compile serves all.
 @triton.jit(do_not_specialize=["first_seq", "stride_q_head", "stride_o_head", "stride_bt_seq"])
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-    qk_scale, first_seq,
-    stride_q_row, stride_q_head, stride_o_row, stride_o_head,
-    stride_c_block, stride_c_token, stride_c_head, stride_bt_seq,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_ptr,
+    qk_scale,
+    first_seq,
+    stride_q_row,
+    stride_q_head,
+    stride_o_row,
+    stride_o_head,
+    stride_c_block,
+    stride_c_token,
+    stride_c_head,
+    stride_bt_seq,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P  # query tokens per program
     q_block = tl.program_id(0)
@@ -40,8 +59,11 @@ def _prefill_kernel(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     rows = (row_start + token).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_q_row + head[:, None] * stride_q_head + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_q_row + head[:, None] * stride_q_head + d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     row_pos = first_pos + token
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite, so an all-masked tile gives alpha = 1, not NaN
@@ -57,14 +79,57 @@ def _prefill_kernel(
     # Keys below the first row's position are visible to every row: no causal mask needed there.
     full_end = tl.minimum((lo_pos + 1) // BLOCK_N * BLOCK_N, hi_pos // BLOCK_N * BLOCK_N)
     for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos,
-                                     qk_scale, kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-                                     False, PAGE, BLOCK_N, UPCAST, PRECISION)
+        acc, m_i, l_i = _attend_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_cache_ptr,
+            v_cache_ptr,
+            table_ptr,
+            n0,
+            seq_len,
+            row_pos,
+            qk_scale,
+            kv_head_offset,
+            stride_c_block,
+            stride_c_token,
+            d,
+            d_mask,
+            False,
+            PAGE,
+            BLOCK_N,
+            UPCAST,
+            PRECISION,
+        )
     for n0 in range(full_end, hi_pos, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos,
-                                     qk_scale, kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-                                     True, PAGE, BLOCK_N, UPCAST, PRECISION)
+        acc, m_i, l_i = _attend_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_cache_ptr,
+            v_cache_ptr,
+            table_ptr,
+            n0,
+            seq_len,
+            row_pos,
+            qk_scale,
+            kv_head_offset,
+            stride_c_block,
+            stride_c_token,
+            d,
+            d_mask,
+            True,
+            PAGE,
+            BLOCK_N,
+            UPCAST,
+            PRECISION,
+        )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_o_row + head[:, None] * stride_o_head + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * stride_o_row + head[:, None] * stride_o_head + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )

@@ -23,10 +23,27 @@ def _mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _attend_tile(
-    q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos, qk_scale,
-    kv_head_offset, stride_c_block, stride_c_token, d, d_mask,
-    CAUSAL: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    q,
+    acc,
+    m_i,
+    l_i,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,
+    n0,
+    seq_len,
+    row_pos,
+    qk_scale,
+    kv_head_offset,
+    stride_c_block,
+    stride_c_token,
+    d,
+    d_mask,
+    CAUSAL: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One online-softmax step over keys n0..n0+BLOCK_N-1. q: [ROWS, BLOCK_D]; acc: [ROWS, BLOCK_D] fp32."""
     keys = n0 + tl.arange(0, BLOCK_N)

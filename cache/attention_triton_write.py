@@ -9,11 +9,23 @@ import triton.language as tl
 
 @triton.jit
 def _write_kv_kernel(
-    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr,
-    stride_k_row, stride_k_head, stride_v_row, stride_v_head,
-    stride_c_block, stride_c_token, stride_c_head,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+    key_ptr,
+    value_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_ptr,
+    stride_k_row,
+    stride_k_head,
+    stride_v_row,
+    stride_v_head,
+    stride_c_block,
+    stride_c_token,
+    stride_c_head,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + row).to(tl.int64)
@@ -33,7 +45,9 @@ def _write_kv_kernel(
 # num_seqs and num_rows change from step to step; specialising on them (or on a pointer offset by num_seqs,
 # whose 16-byte alignment then changes) would compile new variants in the middle of a run.
 @triton.jit(do_not_specialize=["num_seqs", "num_rows"])
-def _zero_rows_kernel(out_ptr, query_start_ptr, num_seqs, num_rows, row_numel, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _zero_rows_kernel(
+    out_ptr, query_start_ptr, num_seqs, num_rows, row_numel, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """Zeros rows first_row.. of out [num_rows, row_numel], first_row = query_start[num_seqs] read on the device
     (no host sync): the padding rows no sequence owns. A program whose rows all lie below first_row stores nothing."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

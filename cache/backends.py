@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -34,7 +34,9 @@ class AttentionBackend:
 
 def _load(name: str) -> AttentionBackend:
     module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
-    return AttentionBackend(name, module.write_kv, module.paged_attention, getattr(module, "warm_up", None), name == "triton")
+    return AttentionBackend(
+        name, module.write_kv, module.paged_attention, getattr(module, "warm_up", None), name == "triton"
+    )
 
 
 def _why_unavailable(name: str, device: torch.device, block_size: int) -> str | None:

@@ -45,7 +45,10 @@ def unify(tables: list[pa.Table]) -> pa.Table:
     fixed = []
     for t in tables:
         for name in conflicting:
-            values = [None if v is None else v if isinstance(v, str) else json_text.dumps(v) for v in t.column(name).to_pylist()]
+            values = [
+                None if v is None else v if isinstance(v, str) else json_text.dumps(v)
+                for v in t.column(name).to_pylist()
+            ]
             t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, pa.string()))
         fixed.append(t)
     return pa.concat_tables(fixed, promote_options="permissive")
@@ -74,14 +77,27 @@ def input_order(table: pa.Table, num_rows: int) -> np.ndarray:
     if len(sorted_rows) != num_rows or not np.array_equal(sorted_rows, expected):
         extra = sorted_rows[(sorted_rows < 0) | (sorted_rows >= num_rows)]
         if len(extra):  # results for rows the input no longer has: it shrank since they were committed
-            raise JobError(f"{len(extra)} results are for rows beyond the input's {num_rows} rows (first: {extra[:10].tolist()}); "
-                           "the input changed since they were written: rerun with output.mode: overwrite")  # fmt: skip
+            raise JobError(
+                f"{len(extra)} results are for rows beyond the input's {num_rows} rows (first: {extra[:10].tolist()}); "
+                "the input changed since they were written: rerun with output.mode: overwrite"
+            )
         missing = np.setdiff1d(expected, sorted_rows)
-        raise JobError(f"{len(missing)} input rows have no result (first: {missing[:10].tolist()}); rerun the job to finish them")
+        raise JobError(
+            f"{len(missing)} input rows have no result (first: {missing[:10].tolist()}); rerun the job to finish them"
+        )
     return order
 
 
-def write_output(table: pa.Table, order: np.ndarray, path: Path, fmt: str, metadata: dict[bytes, bytes], *, model: str = "", id_column: str | None = None) -> int:
+def write_output(
+    table: pa.Table,
+    order: np.ndarray,
+    path: Path,
+    fmt: str,
+    metadata: dict[bytes, bytes],
+    *,
+    model: str = "",
+    id_column: str | None = None,
+) -> int:
     """Write `table` reordered by `order` to `path` atomically; return the bytes written."""
     if fmt == "parquet":
         table = _parquet_safe(table)
@@ -127,7 +143,9 @@ def _write_jsonl(f: BinaryIO, table: pa.Table, order: np.ndarray, fmt: str, mode
     created = int(time.time())
     for chunk in _chunks(table, order):
         for record in chunk.to_pylist():
-            line: dict[str, Any] = output_line(record, model, created, id_column or "custom_id") if fmt == "openai" else record
+            line: dict[str, Any] = (
+                output_line(record, model, created, id_column or "custom_id") if fmt == "openai" else record
+            )
             f.write(json_text.dumps(line, ensure_ascii=False, default=str).encode())
             f.write(b"\n")
 

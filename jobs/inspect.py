@@ -32,7 +32,9 @@ class OutputReport:
         for key in ("kvbatch.version", "kvbatch.model", "kvbatch.spec_hash", "kvbatch.sampling"):
             if key in self.metadata:
                 lines.append(f"{key}: {self.metadata[key]}")
-        lines.append("finish reasons: " + (", ".join(f"{k} {v}" for k, v in self.finish_reasons.most_common()) or "none"))
+        lines.append(
+            "finish reasons: " + (", ".join(f"{k} {v}" for k, v in self.finish_reasons.most_common()) or "none")
+        )
         lines.append("error kinds: " + (", ".join(f"{k} {v}" for k, v in self.error_kinds.most_common()) or "none"))
         lines.append("sample rows:")
         lines += ["  " + json.dumps(s, ensure_ascii=False, default=str)[:400] for s in self.samples]

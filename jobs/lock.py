@@ -40,7 +40,9 @@ class OutputLock:
                     raise OutputLockedError(
                         f"another kvbatch run{self._holder()} is writing this output (lock {self.path}); wait for it, or pass --wait"
                     ) from None
-                log.warning("another kvbatch run%s is writing this output; waiting for it (lock %s)", self._holder(), self.path)
+                log.warning(
+                    "another kvbatch run%s is writing this output; waiting for it (lock %s)", self._holder(), self.path
+                )
                 self._wait(fd, stop_waiting or (lambda: False))
         except BaseException:
             os.close(fd)
@@ -52,7 +54,9 @@ class OutputLock:
     def _wait(self, fd: int, stop_waiting: Callable[[], bool]) -> None:
         while True:
             if stop_waiting():
-                raise InterruptedJob(f"stopped while waiting for another run's lock on this output ({self.path}); nothing was written")
+                raise InterruptedJob(
+                    f"stopped while waiting for another run's lock on this output ({self.path}); nothing was written"
+                )
             time.sleep(_POLL_S)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,7 +77,7 @@ class OutputLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.acquire()
         return self
 

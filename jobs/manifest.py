@@ -85,7 +85,7 @@ class Manifest:
         self.parts.append(part)
 
     @classmethod
-    def load(cls, path: Path) -> "Manifest":
+    def load(cls, path: Path) -> Manifest:
         data = json.loads(path.read_text())
         if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"manifest version {data.get('version')} is not one of {READABLE_VERSIONS}")
@@ -95,8 +95,17 @@ class Manifest:
             if entry["file"] not in known:
                 parts.append(PartEntry(entry["file"], entry["num_rows"], entry["rows"]))
                 known.add(entry["file"])
-        return cls(data["job"], data["spec_hash"], data["fingerprint"], data["output"], data["format"], parts, data["complete"],
-                   data.get("num_rows"), data["version"])
+        return cls(
+            data["job"],
+            data["spec_hash"],
+            data["fingerprint"],
+            data["output"],
+            data["format"],
+            parts,
+            data["complete"],
+            data.get("num_rows"),
+            data["version"],
+        )
 
 
 def journal_path(manifest_path: Path) -> Path:

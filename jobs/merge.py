@@ -65,31 +65,48 @@ def find_shards(output: Path) -> list[Path]:
     """Shard outputs beside `output` (out/answers.arrow -> out/answers.shard-*-of-*.arrow), finished or not, sorted."""
     pattern = f"{glob.escape(output.stem)}.shard-*-of-*{glob.escape(output.suffix)}"
     finished = set(output.parent.glob(pattern))
-    started = {d.with_name(d.name[1 : -len(".kvbatch")]) for d in output.parent.glob(f".{pattern}.kvbatch")}  # see work_dir
+    started = {
+        d.with_name(d.name[1 : -len(".kvbatch")]) for d in output.parent.glob(f".{pattern}.kvbatch")
+    }  # see work_dir
     found = [p for p in finished | started if split_shard_name(p)]
     return sorted(found, key=lambda p: split_shard_name(p)[1])  # type: ignore[index]
 
 
-def merge_shards(output: Path, shards: list[Path] | None = None, *, target: Shard = WHOLE, overwrite: bool = False) -> MergeReport:
+def merge_shards(
+    output: Path, shards: list[Path] | None = None, *, target: Shard = WHOLE, overwrite: bool = False
+) -> MergeReport:
     """Merge shard outputs into `output` (the rows of `target`: the whole input by default)."""
     paths = sorted(shards) if shards else find_shards(output)
     if not paths:
-        raise MergeError(f"no shard outputs found beside {output} (expected {output.stem}.shard-IIII-of-NNNN{output.suffix})")
+        raise MergeError(
+            f"no shard outputs found beside {output} (expected {output.stem}.shard-IIII-of-NNNN{output.suffix})"
+        )
     sources, problems = _open_sources(paths, target)
     if problems:
         raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
     first = sources[0].manifest
     suffix = _SUFFIX[first.format]
     if output.suffix != suffix:  # merge copies the shards' format; a .parquet name on Arrow bytes would mislead
-        raise MergeError(f"cannot merge into {output}: the shards are {first.format} files, so the target must end in {suffix}")
+        raise MergeError(
+            f"cannot merge into {output}: the shards are {first.format} files, so the target must end in {suffix}"
+        )
     num_input_rows = first.num_rows or 0
     with OutputLock(_prepare(output, first, overwrite) / "lock"):
         if first.format in ("jsonl", "openai"):
             num_bytes, counts = _merge_lines(sources, output, target, num_input_rows)
         else:
             num_bytes, counts = _merge_tables(sources, output, target, num_input_rows)
-        merged = Manifest(first.job, first.spec_hash, first.fingerprint, output.name, first.format, [], True, num_input_rows,
-                          first.version)  # a spec hash of the version the shards ran
+        merged = Manifest(
+            first.job,
+            first.spec_hash,
+            first.fingerprint,
+            output.name,
+            first.format,
+            [],
+            True,
+            num_input_rows,
+            first.version,
+        )  # a spec hash of the version the shards ran
         merged.save(work_dir(output) / "manifest.json")
         report = MergeReport(output, target.num_rows(num_input_rows), num_bytes, len(sources), *counts)
         _merged_summary(report, first, sources).write(summary_path(output))
@@ -101,9 +118,17 @@ def _merged_summary(report: MergeReport, first: Manifest, sources: list[_Source]
     """The output's summary, as a run of the whole job would leave it (a rerun reports it as already complete):
     the rows counted in the merged file, the tokens and preemptions added up from the shards' own summaries."""
     num_errors = sum(report.error_kinds.values())
-    summary = Summary(first.job, str(report.output), rows=report.num_rows, rows_ok=report.num_rows - num_errors, rows_error=num_errors,
-                      finish_reasons=report.finish_reasons, errors_by_kind=report.error_kinds, output_bytes=report.num_bytes,
-                      spec_hash=first.spec_hash)  # fmt: skip
+    summary = Summary(
+        first.job,
+        str(report.output),
+        rows=report.num_rows,
+        rows_ok=report.num_rows - num_errors,
+        rows_error=num_errors,
+        finish_reasons=report.finish_reasons,
+        errors_by_kind=report.error_kinds,
+        output_bytes=report.num_bytes,
+        spec_hash=first.spec_hash,
+    )
     shards = []
     for source in sources:
         path = summary_path(source.path)
@@ -138,10 +163,14 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
             problems.append(f"{path.name}: unreadable manifest ({exc})")
             continue
         if not manifest.complete:
-            problems.append(f"{path.name}: unfinished ({len(manifest.done_rows())} rows committed); rerun shard {named[1]} to finish it")
+            problems.append(
+                f"{path.name}: unfinished ({len(manifest.done_rows())} rows committed); rerun shard {named[1]} to finish it"
+            )
             continue
         if not path.exists():
-            problems.append(f"{path.name}: finished once, but the file is gone; rerun shard {named[1]} to write it again")
+            problems.append(
+                f"{path.name}: finished once, but the file is gone; rerun shard {named[1]} to write it again"
+            )
             continue
         sources.append(_Source(path, named[1], manifest))
     if named_shards:
@@ -151,11 +180,17 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
     first = sources[0]
     for s in sources[1:]:
         if s.manifest.spec_hash != first.manifest.spec_hash:
-            problems.append(f"{s.path.name}: written by another job spec than {first.path.name} (spec hash {s.manifest.spec_hash} != {first.manifest.spec_hash})")
+            problems.append(
+                f"{s.path.name}: written by another job spec than {first.path.name} (spec hash {s.manifest.spec_hash} != {first.manifest.spec_hash})"
+            )
         if s.manifest.fingerprint.get(INPUT_KEY) != first.manifest.fingerprint.get(INPUT_KEY):
-            problems.append(f"{s.path.name}: read another input than {first.path.name} (the input changed between their runs)")
+            problems.append(
+                f"{s.path.name}: read another input than {first.path.name} (the input changed between their runs)"
+            )
         if s.manifest.num_rows != first.manifest.num_rows:
-            problems.append(f"{s.path.name}: saw {s.manifest.num_rows} input rows, {first.path.name} saw {first.manifest.num_rows} (did the input change?)")
+            problems.append(
+                f"{s.path.name}: saw {s.manifest.num_rows} input rows, {first.path.name} saw {first.manifest.num_rows} (did the input change?)"
+            )
         if s.manifest.format != first.manifest.format:
             problems.append(f"{s.path.name}: format {s.manifest.format}, {first.path.name}: {first.manifest.format}")
     return sources, problems
@@ -174,7 +209,9 @@ def _check_cover(shards: list[Shard], target: Shard, example: Path) -> list[str]
     problems = [f"shard {i}/{count} is given twice" for i in sorted({i for i in have if have.count(i) > 1})]
     problems += [f"shard {i}/{count} does not belong to shard {target}" for i in sorted(set(have) - expected)]
     base = split_shard_name(example)[0]  # type: ignore[index]
-    problems += [f"missing: {Shard(i, count).output_path(base).name} (shard {i}/{count})" for i in sorted(expected - set(have))]
+    problems += [
+        f"missing: {Shard(i, count).output_path(base).name} (shard {i}/{count})" for i in sorted(expected - set(have))
+    ]
     return problems
 
 
@@ -185,7 +222,9 @@ def _prepare(output: Path, first: Manifest, overwrite: bool) -> Path:
     if output.exists() and not overwrite:
         previous = Manifest.load(manifest_path) if manifest_path.exists() else None
         if previous is None or previous.spec_hash != first.spec_hash:
-            raise MergeError(f"{output} exists and was not written by this job's spec; remove it or merge with --overwrite")
+            raise MergeError(
+                f"{output} exists and was not written by this job's spec; remove it or merge with --overwrite"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -207,7 +246,9 @@ def _row_problems(name: str, rows: np.ndarray, expected: range) -> list[str]:
     problems = []
     for label, found in (("missing", missing), ("duplicated", duplicated), ("not of this shard", foreign)):
         if len(found):
-            problems.append(f"{name}: {len(found)} rows {label}: {found[:20].tolist()}{' ...' if len(found) > 20 else ''}")
+            problems.append(
+                f"{name}: {len(found)} rows {label}: {found[:20].tolist()}{' ...' if len(found) > 20 else ''}"
+            )
     return problems or [f"{name}: rows are not in input order"]
 
 
@@ -233,7 +274,9 @@ def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_
         with open(s.path, "rb") as f:
             num_lines = sum(1 for _ in f)
         if num_lines != s.shard.num_rows(num_input_rows):
-            problems.append(f"{s.path.name}: {num_lines} lines, expected {s.shard.num_rows(num_input_rows)} (rows of shard {s.shard})")
+            problems.append(
+                f"{s.path.name}: {num_lines} lines, expected {s.shard.num_rows(num_input_rows)} (rows of shard {s.shard})"
+            )
     if problems:
         raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
     count = sources[0].shard.count
@@ -258,7 +301,9 @@ def _check_line(line: bytes, row: int, fmt: str, reasons: dict[str, int], kinds:
     record = json.loads(line)
     if fmt == "jsonl":
         if record.get("row") != row:
-            raise MergeError(f"expected row {row}, found row {record.get('row')}: a shard file was edited after it was written")
+            raise MergeError(
+                f"expected row {row}, found row {record.get('row')}: a shard file was edited after it was written"
+            )
         reason, kind = record.get("finish_reason"), record.get("error_kind")
     elif record.get("error"):  # OpenAI Batch: {"error": {"code": <error kind>, ...}}
         reason, kind = "error", record["error"].get("code")
@@ -267,4 +312,3 @@ def _check_line(line: bytes, row: int, fmt: str, reasons: dict[str, int], kinds:
     reasons[str(reason)] = reasons.get(str(reason), 0) + 1
     if kind is not None:
         kinds[str(kind)] = kinds.get(str(kind), 0) + 1
-

@@ -51,7 +51,11 @@ def output_line(record: dict[str, Any], model: str, created: int, id_column: str
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens, "total_tokens": prompt_tokens + output_tokens},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": output_tokens,
+            "total_tokens": prompt_tokens + output_tokens,
+        },
     }
     line["response"] = {"status_code": 200, "request_id": digest, "body": body}
     line["error"] = None
@@ -77,5 +81,7 @@ def _choice_logprobs(logprobs: list[float] | None, token_bytes: list[bytes | Non
         raw = token_bytes[i] if token_bytes is not None and i < len(token_bytes) else b""
         if raw is None:
             continue  # a special token: not part of the text
-        content.append({"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw), "top_logprobs": []})
+        content.append(
+            {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw), "top_logprobs": []}
+        )
     return {"content": content, "refusal": None}

@@ -49,8 +49,9 @@ def sort_window(
     yield from _ordered(buffer, key, tokens, block_size)
 
 
-def _ordered(buffer: list[T], key: Callable[[T], int], tokens: Callable[[T], Sequence[int]] | None,
-             block_size: int) -> list[T]:
+def _ordered(
+    buffer: list[T], key: Callable[[T], int], tokens: Callable[[T], Sequence[int]] | None, block_size: int
+) -> list[T]:
     if tokens is None:
         return sorted(buffer, key=key)
     chains = [prefix_chain(tokens(item), block_size) for item in buffer]

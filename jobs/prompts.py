@@ -27,9 +27,16 @@ def prompt_spec(job: JobSpec) -> PromptSpec:
     """The prompt settings with the defaults decided: OpenAI inputs use their messages, else column "prompt"."""
     p = job.prompt
     if input_format(job) == "openai":
-        return PromptSpec(messages_column="messages", system=p.system, chat_template=p.chat_template, allow_special_tokens=p.allow_special_tokens)
+        return PromptSpec(
+            messages_column="messages",
+            system=p.system,
+            chat_template=p.chat_template,
+            allow_special_tokens=p.allow_special_tokens,
+        )
     if p.column is None and p.messages_column is None and p.template is None:
-        return PromptSpec(column="prompt", system=p.system, chat_template=p.chat_template, allow_special_tokens=p.allow_special_tokens)
+        return PromptSpec(
+            column="prompt", system=p.system, chat_template=p.chat_template, allow_special_tokens=p.allow_special_tokens
+        )
     return p
 
 
@@ -79,7 +86,9 @@ def _text_column(row: Row, data: dict[str, Any], column: str) -> str | RowError:
     if not isinstance(value, str):
         return _error(row, WRONG_TYPE, f"column {column!r} is {_type_name(value)}, expected a string")
     if not value.strip():
-        return _error(row, EMPTY_PROMPT, f"column {column!r} is empty" if not value else f"column {column!r} is only whitespace")
+        return _error(
+            row, EMPTY_PROMPT, f"column {column!r} is empty" if not value else f"column {column!r} is only whitespace"
+        )
     return value
 
 
@@ -92,7 +101,11 @@ def _render_template(row: Row, data: dict[str, Any], template: str) -> str | Row
         if value is None:
             return _error(row, EMPTY_PROMPT, f"column {column!r} (used by the template) is null")
         if isinstance(value, (dict, list)):
-            return _error(row, WRONG_TYPE, f"column {column!r} (used by the template) is {_type_name(value)}, expected text or a number")
+            return _error(
+                row,
+                WRONG_TYPE,
+                f"column {column!r} (used by the template) is {_type_name(value)}, expected text or a number",
+            )
         values[column] = str(value)
     # Values are inserted once, by name: a value that itself contains "{x}" is not expanded again.
     text = template.format_map(values)
@@ -108,7 +121,9 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
     if value is None:
         return _error(row, EMPTY_PROMPT, f"column {column!r} is null")
     if not isinstance(value, list):
-        return _error(row, WRONG_TYPE, f"column {column!r} is {_type_name(value)}, expected a list of {{role, content}} messages")
+        return _error(
+            row, WRONG_TYPE, f"column {column!r} is {_type_name(value)}, expected a list of {{role, content}} messages"
+        )
     if not value:
         return _error(row, EMPTY_PROMPT, f"column {column!r} is an empty list")
     messages = []
@@ -121,7 +136,11 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
             return _error(row, WRONG_TYPE, f"{at}.role is {role!r}, expected one of {', '.join(ROLES)}")
         content = _content_text(message.get("content"))
         if content is None:
-            return _error(row, WRONG_TYPE, f"{at}.content is {_type_name(message.get('content'))}, expected a string or a list of text parts")
+            return _error(
+                row,
+                WRONG_TYPE,
+                f"{at}.content is {_type_name(message.get('content'))}, expected a string or a list of text parts",
+            )
         messages.append({"role": role, "content": content})
     if not any(m["content"].strip() for m in messages if m["role"] != "system"):
         return _error(row, EMPTY_PROMPT, f"column {column!r} has no non-empty message besides the system prompt")
@@ -132,11 +151,22 @@ def _content_text(content: Any) -> str | None:
     """A message's text: a string, or OpenAI-style parts [{"type": "text", "text": ...}] joined; None if neither."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and content and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+    if (
+        isinstance(content, list)
+        and content
+        and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
+    ):
         return "".join(p["text"] for p in content)
     return None
 
 
 def _type_name(value: Any) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "an object"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "an object",
+    }
     return names.get(type(value), type(value).__name__) if value is not None else "null"

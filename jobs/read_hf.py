@@ -15,7 +15,9 @@ def _import_datasets():
     try:
         import datasets
     except ImportError:
-        raise InputError("reading a Hugging Face dataset needs the `datasets` package: pip install 'kvbatch[datasets]'") from None
+        raise InputError(
+            "reading a Hugging Face dataset needs the `datasets` package: pip install 'kvbatch[datasets]'"
+        ) from None
     return datasets
 
 
@@ -58,11 +60,17 @@ def _pick_split(datasets, loaded, split: str | None, name: str):
         if split is None:
             if len(loaded) == 1:
                 return next(iter(loaded.values()))
-            raise SpecError(f"{name} has splits {', '.join(loaded)}; choose one with input.split (--split on the command line)", field="input.split")
+            raise SpecError(
+                f"{name} has splits {', '.join(loaded)}; choose one with input.split (--split on the command line)",
+                field="input.split",
+            )
         if split not in loaded:
             raise SpecError(f"{name} has no split {split!r} (splits: {', '.join(loaded)})", field="input.split")
         return loaded[split]
     own = getattr(loaded, "split", None)  # a saved Dataset may still know which split it was
     if split is not None and own is not None and str(own) != split:
-        raise SpecError(f"{name} is one dataset (split {str(own)!r}), not split {split!r}; leave input.split out", field="input.split")
+        raise SpecError(
+            f"{name} is one dataset (split {str(own)!r}), not split {split!r}; leave input.split out",
+            field="input.split",
+        )
     return loaded

@@ -77,7 +77,15 @@ def _rows(handle: BinaryIO, max_line_bytes: int) -> Iterator[Row]:
             line_no += 1
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
                 _skip_to_newline(handle)
-                yield Row(index, None, RowError(LINE_TOO_LONG, f"row {index} (line {line_no}): line is over max_line_bytes ({max_line_bytes} bytes); raise input.max_line_bytes to read it"), line_no)
+                yield Row(
+                    index,
+                    None,
+                    RowError(
+                        LINE_TOO_LONG,
+                        f"row {index} (line {line_no}): line is over max_line_bytes ({max_line_bytes} bytes); raise input.max_line_bytes to read it",
+                    ),
+                    line_no,
+                )
                 index += 1
                 continue
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -99,7 +107,12 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return Row(index, None, RowError(INVALID_UTF8, f"{where}: invalid UTF-8 at byte {exc.start}: {raw[exc.start:exc.start + 4]!r}"), line_no)
+        return Row(
+            index,
+            None,
+            RowError(INVALID_UTF8, f"{where}: invalid UTF-8 at byte {exc.start}: {raw[exc.start : exc.start + 4]!r}"),
+            line_no,
+        )
     try:
         value = json.loads(text.rstrip("\r\n"))  # without the newline, an unclosed object's column is on this line
     except json.JSONDecodeError as exc:
@@ -116,7 +129,12 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
             lone = exc.object[exc.start : exc.end].encode("utf-16-be", "surrogatepass").hex()
-            return Row(index, None, RowError(INVALID_UTF8, f"{where}: a string holds a lone surrogate (\\u{lone}), which is not text"), line_no)
+            return Row(
+                index,
+                None,
+                RowError(INVALID_UTF8, f"{where}: a string holds a lone surrogate (\\u{lone}), which is not text"),
+                line_no,
+            )
     return Row(index, value, None, line_no)
 
 
@@ -148,7 +166,13 @@ def openai_row(row: Row) -> Row:
     n = overrides.get("n")
     if isinstance(n, int) and n > OPENAI_MAX_N:  # one line must not stall the whole job
         return bad.failed(BAD_REQUEST, f"n {n} is over {OPENAI_MAX_N}, the most the OpenAI API accepts")
-    return Row(row.index, {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}, None, row.line, overrides)
+    return Row(
+        row.index,
+        {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")},
+        None,
+        row.line,
+        overrides,
+    )
 
 
 def _logprobs_problem(body: dict[str, Any]) -> str | None:
@@ -160,6 +184,8 @@ def _logprobs_problem(body: dict[str, Any]) -> str | None:
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
         return f"top_logprobs must be a non-negative integer, got {top!r}"
     if top:
-        return (f"top_logprobs {top} is not supported: kvbatch returns each chosen token's logprob only "
-                "(with empty top_logprobs); leave top_logprobs out or set it to 0")
+        return (
+            f"top_logprobs {top} is not supported: kvbatch returns each chosen token's logprob only "
+            "(with empty top_logprobs); leave top_logprobs out or set it to 0"
+        )
     return None

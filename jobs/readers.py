@@ -95,7 +95,9 @@ def rows_of_batches(batches: Iterator[pa.RecordBatch | pa.Table], name: str) -> 
         except StopIteration:
             return
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"cannot read {name} from row {index} on ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+            raise InputError(
+                f"cannot read {name} from row {index} on ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            ) from None
         try:
             rows = batch.to_pylist()
         except _UNHOLDABLE:

@@ -89,7 +89,9 @@ class Layout:
             "prompt_tokens": [r.prompt_tokens for r in results],
             "output_tokens": [r.output_tokens for r in results],
             "logprobs": [(r.logprobs if self.multi else r.logprobs[0]) if r.logprobs else None for r in results],
-            "token_bytes": [(r.token_bytes if self.multi else r.token_bytes[0]) if r.token_bytes else None for r in results],
+            "token_bytes": [
+                (r.token_bytes if self.multi else r.token_bytes[0]) if r.token_bytes else None for r in results
+            ],
         }
         for f in self.fixed_fields():
             columns[f.name] = pa.array(values[f.name], f.type)
@@ -112,7 +114,10 @@ def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
             continue
         if max(depth for _, depth in nested_types(array.type)) <= MAX_NESTING:
             return array
-    return pa.array([None if v is None else v if isinstance(v, str) else json_text.dumps(v, default=str) for v in values], pa.string())
+    return pa.array(
+        [None if v is None else v if isinstance(v, str) else json_text.dumps(v, default=str) for v in values],
+        pa.string(),
+    )
 
 
 def nested_types(kind: pa.DataType, depth: int = 0) -> Iterator[tuple[pa.DataType, int]]:

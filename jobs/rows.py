@@ -47,7 +47,7 @@ class Row:
         """How messages name this row: "row 3 (line 5)" or "row 3"."""
         return f"row {self.index} (line {self.line})" if self.line is not None else f"row {self.index}"
 
-    def failed(self, kind: str, message: str) -> "Row":
+    def failed(self, kind: str, message: str) -> Row:
         return Row(self.index, self.data, RowError(kind, f"{self.where}: {message}"), self.line, self.sampling)
 
 

@@ -105,7 +105,9 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:  # "\ud800" in YAML, or bytes that were not UTF-8 on the command line
                 bad = value[exc.start : exc.end]
-                raise node.error(f"holds {bad!r} at character {exc.start}: not text (a lone surrogate, or bytes that were not UTF-8)") from None
+                raise node.error(
+                    f"holds {bad!r} at character {exc.start}: not text (a lone surrogate, or bytes that were not UTF-8)"
+                ) from None
         if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
             raise node.error(f"must be {meta['pattern_help']}, got {value!r}")
     else:

@@ -58,7 +58,7 @@ class Shard:
 
 
 def parse_shard(text: str, field: str = "--shard") -> Shard | None:
-    """"3/4" -> Shard(3, 4); "off" -> None."""
+    """ "3/4" -> Shard(3, 4); "off" -> None."""
     if text.strip().lower() in ("off", "none"):
         return None
     match = _SHARD.match(text)
@@ -89,7 +89,10 @@ def shard_from_env(env: Mapping[str, str]) -> Shard | None:
             count = int(env["SLURM_ARRAY_TASK_COUNT"])
         declared = int(env.get("SLURM_ARRAY_TASK_COUNT", str(count)))
     except KeyError as exc:
-        raise SpecError(f"SLURM_ARRAY_TASK_ID is set but {exc.args[0]} (or SLURM_ARRAY_TASK_MAX) is not; pass --shard I/N", field="--shard") from None
+        raise SpecError(
+            f"SLURM_ARRAY_TASK_ID is set but {exc.args[0]} (or SLURM_ARRAY_TASK_MAX) is not; pass --shard I/N",
+            field="--shard",
+        ) from None
     except ValueError as exc:
         raise SpecError(f"cannot read the Slurm array variables: {exc}; pass --shard I/N", field="--shard") from None
     index, rest = divmod(task - low, step)

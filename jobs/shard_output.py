@@ -44,16 +44,24 @@ class ShardWriter(OutputWriter):
         """As OutputWriter.finalize, with the shard's rows as the rows to expect. `num_rows` counts the whole input."""
         self.commit_part()
         self.manifest.num_rows = num_rows
-        table = read_parts([self.dir / p.file for p in self.manifest.parts]) if self.manifest.parts else self.layout.to_table([])
+        table = (
+            read_parts([self.dir / p.file for p in self.manifest.parts])
+            if self.manifest.parts
+            else self.layout.to_table([])
+        )
         order = shard_order(table, self.shard, num_rows)
-        num_bytes = write_output(table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column)
+        num_bytes = write_output(
+            table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column
+        )
         self.manifest.complete = True
         self.manifest.save(self.manifest_path)
         for part in self.manifest.parts:
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / part.file).unlink()
         fsync_dir(self.dir)
-        return WriteReport(self.shard.num_rows(num_rows), num_bytes, count_by(table, "finish_reason"), count_by(table, "error_kind"))
+        return WriteReport(
+            self.shard.num_rows(num_rows), num_bytes, count_by(table, "finish_reason"), count_by(table, "error_kind")
+        )
 
 
 def job_shard(shard_text: str | None) -> Shard | None:

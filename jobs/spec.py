@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import json
+import os
 import re
 import string
 from dataclasses import dataclass, field
@@ -76,7 +76,9 @@ class OutputSpec:
 class EngineSpec:
     """Engine settings; None leaves the engine's own default (see runner/engine.py EngineConfig)."""
 
-    device: str | None = field(default=None, metadata={"pattern": r"auto|cpu|cuda(:\d+)?", "pattern_help": "auto, cpu, cuda or cuda:N"})
+    device: str | None = field(
+        default=None, metadata={"pattern": r"auto|cpu|cuda(:\d+)?", "pattern_help": "auto, cpu, cuda or cuda:N"}
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] | None = None
     block_size: int | None = field(default=None, metadata={"min": 1})
     max_num_seqs: int | None = field(default=None, metadata={"min": 1})
@@ -114,7 +116,9 @@ class ParallelSpec:
     shard: str | None = None  # "I/N": only rows with index % N == I (jobs/shard.py); Slurm array tasks set it
     data: int = field(default=1, metadata={"min": 1})  # engine processes on this node, fed disjoint shards, merged
     tensor: int = field(default=1, metadata={"min": 1})  # processes (GPUs) per engine, heads and MLP split across them
-    ray_address: str | None = None  # runner ray: the cluster for ray.init(address=...); None: the running or a local Ray
+    ray_address: str | None = (
+        None  # runner ray: the cluster for ray.init(address=...); None: the running or a local Ray
+    )
     ray_actors: int = field(default=1, metadata={"min": 1})  # engines in the Ray actor pool
     ray_gpus_per_actor: float = field(default=0.0, metadata={"min": 0})  # 0 on CPU-only clusters
     ray_batch_rows: int = field(default=256, metadata={"min": 1})  # rows per map_batches call
@@ -149,7 +153,9 @@ class JobsFile:
         known = {j.name: j for j in self.jobs}
         missing = [n for n in names if n not in known]
         if missing:
-            raise SpecError(f"no job named {', '.join(map(repr, missing))} in {self.path} (jobs: {', '.join(known)})", field="--job")
+            raise SpecError(
+                f"no job named {', '.join(map(repr, missing))} in {self.path} (jobs: {', '.join(known)})", field="--job"
+            )
         return [known[n] for n in names]
 
 
@@ -214,8 +220,10 @@ def job_from_node(node: Node, base_dir: str) -> JobSpec:
     if in_file and bare and Path(model).exists() and Path(base_dir).resolve() != Path.cwd():
         # Not beside the job file, but a folder of that name where kvbatch was started: a rerun from elsewhere
         # would load another model under the same spec. Say which is meant.
-        raise given.error(f"model {model!r} is no folder beside the job file ({Path(base_dir) / model}) but is one in the "
-                          "working folder; write its path relative to the job file, or an absolute one")
+        raise given.error(
+            f"model {model!r} is no folder beside the job file ({Path(base_dir) / model}) but is one in the "
+            "working folder; write its path relative to the job file, or an absolute one"
+        )
     job = dataclasses.replace(job, base_dir=base_dir, model=model)
     validate(job, node)
     return job
@@ -250,8 +258,10 @@ def validate(job: JobSpec, node: Node) -> None:
         return current
 
     if not _SAFE_NAME.match(job.name):
-        raise at("name").error("job names use letters, digits, '_', '.', '-' and start with a letter, digit or '_' "
-                               "(it names the default output file)")
+        raise at("name").error(
+            "job names use letters, digits, '_', '.', '-' and start with a letter, digit or '_' "
+            "(it names the default output file)"
+        )
     if job.input is None:
         raise node.error("missing required field 'input'")
     chosen = [k for k in ("column", "messages_column", "template") if getattr(job.prompt, k) is not None]
@@ -262,9 +272,13 @@ def validate(job: JobSpec, node: Node) -> None:
     if job.output.path is not None:
         ext = Path(job.output.path).suffix
         if job.output.format == "auto" and ext not in OUTPUT_EXTENSIONS:
-            raise at("output", "path").error(f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet or .jsonl, or set output.format")
+            raise at("output", "path").error(
+                f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet or .jsonl, or set output.format"
+            )
     if job.output.format == "openai" and input_format(job) != "openai":
-        raise at("output", "format").error("the OpenAI Batch output format needs an OpenAI Batch input (input.format: openai)")
+        raise at("output", "format").error(
+            "the OpenAI Batch output format needs an OpenAI Batch input (input.format: openai)"
+        )
     if job.id_column is not None and job.id_column in RESERVED_COLUMNS:
         raise at("id_column").error(f"{job.id_column!r} is an output column name; rename it in the input")
     if job.id_column is not None and job.id_column in job.keep_columns:
@@ -278,7 +292,9 @@ def validate(job: JobSpec, node: Node) -> None:
         except SpecError as exc:
             raise at("parallel", "shard").error(exc.message) from None
     if job.runner == "ray" and (job.parallel.data > 1 or job.parallel.tensor > 1):
-        raise at("runner").error("with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor")
+        raise at("runner").error(
+            "with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor"
+        )
     if job.output.path is not None:  # caught here, it names the file and line
         try:
             output_path(job)
@@ -286,7 +302,17 @@ def validate(job: JobSpec, node: Node) -> None:
             raise at(*(exc.field or "output.path").split(".")).error(exc.message) from None
 
 
-RESERVED_COLUMNS = ("row", "text", "finish_reason", "finish_reasons", "error", "error_kind", "prompt_tokens", "output_tokens", "logprobs")
+RESERVED_COLUMNS = (
+    "row",
+    "text",
+    "finish_reason",
+    "finish_reasons",
+    "error",
+    "error_kind",
+    "prompt_tokens",
+    "output_tokens",
+    "logprobs",
+)
 
 
 def template_columns(template: str, node: Node | None = None) -> list[str]:
@@ -295,7 +321,9 @@ def template_columns(template: str, node: Node | None = None) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise (node.error(f"bad template: {exc}") if node else SpecError(f"bad template: {exc}", field="prompt.template")) from None
+        raise (
+            node.error(f"bad template: {exc}") if node else SpecError(f"bad template: {exc}", field="prompt.template")
+        ) from None
     for _, name, spec, conversion in parsed:
         if name is None:
             continue
@@ -351,13 +379,20 @@ def output_path(job: JobSpec) -> Path:
     ext = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}[output_format(job)]
     relative = Path(job.output.path) if job.output.path is not None else Path(job.name + ext)
     if relative.is_absolute() or ".." in relative.parts:
-        raise SpecError(f"output.path {str(relative)!r} must be a relative path inside output_dir ({job.output_dir}); set output_dir to write elsewhere", field="output.path")
+        raise SpecError(
+            f"output.path {str(relative)!r} must be a relative path inside output_dir ({job.output_dir}); set output_dir to write elsewhere",
+            field="output.path",
+        )
     root = output_dir(job).resolve()
     target = (root / relative).resolve()  # follows symlinks, so a link out of output_dir is caught too
     if target != root and root not in target.parents:
-        raise SpecError(f"output.path {str(relative)!r} resolves to {target}, outside output_dir {root}", field="output.path")
+        raise SpecError(
+            f"output.path {str(relative)!r} resolves to {target}, outside output_dir {root}", field="output.path"
+        )
     if input_format(job) != "hf" and target == input_path(job).resolve():  # `overwrite` would replace the input
-        raise SpecError(f"output.path {str(relative)!r} is the input file {target}; write the output elsewhere", field="output.path")
+        raise SpecError(
+            f"output.path {str(relative)!r} is the input file {target}; write the output elsewhere", field="output.path"
+        )
     return target
 
 

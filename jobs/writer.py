@@ -83,9 +83,11 @@ class OutputWriter:
         self._done: set[int] = set()
 
     # -- opening: lock, then decide what existing files mean ---------------------------------------------
-    def open(self) -> "OutputWriter":
+    def open(self) -> OutputWriter:
         if self.dir.is_symlink():  # parts would land wherever it points, outside output_dir
-            raise OutputError(f"{self.dir} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link")
+            raise OutputError(
+                f"{self.dir} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link"
+            )
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -103,14 +105,20 @@ class OutputWriter:
         # A run that committed nothing (its model failed to load, say) left nothing to protect: any spec may start.
         nothing_committed = previous is not None and not previous.parts and not previous.complete
         if self.mode == "error" and self.output.exists():
-            raise OutputError(f"{shown_path(self.output)} already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
+            raise OutputError(
+                f"{shown_path(self.output)} already exists and output.mode is 'error'; remove it or choose mode resume/overwrite"
+            )
         if self.mode == "error" and previous and previous.parts:
             what = "finished once (the output file was removed since)" if previous.complete else "has unfinished parts"
-            raise OutputError(f"{shown_path(self.output)} {what}, recorded in {shown_path(self.dir)}, and output.mode is 'error'; "
-                              "remove that folder or choose mode resume/overwrite")  # fmt: skip
+            raise OutputError(
+                f"{shown_path(self.output)} {what}, recorded in {shown_path(self.dir)}, and output.mode is 'error'; "
+                "remove that folder or choose mode resume/overwrite"
+            )
         if self.mode == "overwrite" or previous is None or nothing_committed:
             if previous is None and self.output.exists() and self.mode == "resume":
-                raise OutputError(f"{shown_path(self.output)} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it")
+                raise OutputError(
+                    f"{shown_path(self.output)} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it"
+                )
             self._clear_parts()
         else:
             refusal = resume_refusal(self.output, previous, self.manifest)
@@ -140,7 +148,9 @@ class OutputWriter:
         except (ValueError, KeyError, TypeError) as exc:
             if self.mode == "overwrite":
                 return None
-            raise OutputError(f"cannot read {self.manifest_path}: {exc}; set output.mode: overwrite to start again") from None
+            raise OutputError(
+                f"cannot read {self.manifest_path}: {exc}; set output.mode: overwrite to start again"
+            ) from None
 
     def _part_ok(self, part: PartEntry) -> bool:
         path = self.dir / part.file
@@ -219,15 +229,23 @@ class OutputWriter:
         """Commit what is left, write the final file in input order, drop the parts."""
         self.commit_part()
         self.manifest.num_rows = num_rows
-        table = read_parts([self.dir / p.file for p in self.manifest.parts]) if self.manifest.parts else self.layout.to_table([])
+        table = (
+            read_parts([self.dir / p.file for p in self.manifest.parts])
+            if self.manifest.parts
+            else self.layout.to_table([])
+        )
         order = input_order(table, num_rows)
         try:
-            num_bytes = write_output(table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column)
+            num_bytes = write_output(
+                table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column
+            )
             self.manifest.complete = True
             self.manifest.save(self.manifest_path)
         except OSError as exc:
             self.manifest.complete = False
-            raise OutputError(f"cannot write {shown_path(self.output)}: {exc.strerror or exc}; every row is committed in parts, fix this (free space?) and rerun to write it") from exc
+            raise OutputError(
+                f"cannot write {shown_path(self.output)}: {exc.strerror or exc}; every row is committed in parts, fix this (free space?) and rerun to write it"
+            ) from exc
         # The final file holds every row now; parts are only needed until here.
         for part in self.manifest.parts:
             with contextlib.suppress(FileNotFoundError):
@@ -250,7 +268,7 @@ class OutputWriter:
         finally:
             self._lock.release()
 
-    def __enter__(self) -> "OutputWriter":
+    def __enter__(self) -> OutputWriter:
         return self.open()
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
@@ -264,8 +282,10 @@ def resume_refusal(output: Path, previous: Manifest, current: Manifest) -> str |
     if not input_changed and previous.spec_hash in (current.spec_hash, _hash_before_engine_fields(previous, current)):
         return None
     changes = describe_changes(previous.fingerprint, current.fingerprint)
-    return (f"{shown_path(output)} was written by a different job spec or input ({'; '.join(changes) or 'spec changed'}); "
-            "set output.mode: overwrite to start again")
+    return (
+        f"{shown_path(output)} was written by a different job spec or input ({'; '.join(changes) or 'spec changed'}); "
+        "set output.mode: overwrite to start again"
+    )
 
 
 def _hash_before_engine_fields(previous: Manifest, current: Manifest) -> str | None:

@@ -74,22 +74,38 @@ def _convert(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoad
     line = node.start_mark.line + 1
     budget[0] -= 1
     if budget[0] < 0:
-        raise SpecError(f"the job file expands to more than {MAX_VALUES} values (nested YAML aliases?)", field=path, where=f"{source}:{line}")
+        raise SpecError(
+            f"the job file expands to more than {MAX_VALUES} values (nested YAML aliases?)",
+            field=path,
+            where=f"{source}:{line}",
+        )
     if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
         # The safe loader would build nothing from `!!python/object/apply:... [..]` either, but a tag that is
         # silently dropped hides what the author meant: job files hold plain values only.
-        raise SpecError(f"unsupported YAML tag {node.tag!r}; job files hold plain values only", field=path, where=f"{source}:{line}")
+        raise SpecError(
+            f"unsupported YAML tag {node.tag!r}; job files hold plain values only", field=path, where=f"{source}:{line}"
+        )
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Node] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise SpecError("YAML merge keys (<<) are not supported; use `defaults:`", field=path, where=f"{source}:{line}")
+                raise SpecError(
+                    "YAML merge keys (<<) are not supported; use `defaults:`", field=path, where=f"{source}:{line}"
+                )
             key = _scalar(key_node, path, source, constructor)
             if not isinstance(key, str):
-                raise SpecError(f"field names must be strings, got {key!r}", field=path, where=f"{source}:{key_node.start_mark.line + 1}")
+                raise SpecError(
+                    f"field names must be strings, got {key!r}",
+                    field=path,
+                    where=f"{source}:{key_node.start_mark.line + 1}",
+                )
             sub = child_path(path, key)
             if key in out:
-                raise SpecError(f"duplicate field (first at line {out[key].line})", field=sub, where=f"{source}:{key_node.start_mark.line + 1}")
+                raise SpecError(
+                    f"duplicate field (first at line {out[key].line})",
+                    field=sub,
+                    where=f"{source}:{key_node.start_mark.line + 1}",
+                )
             # A field's line is its key's line: for a block value (`sampling:` then indented fields) the value
             # starts on the next line, but the user wrote the field where the key is.
             value = _convert(value_node, sub, source, constructor, budget)
@@ -108,7 +124,9 @@ def _scalar(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoade
         return constructor.construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:
         # Unknown tags (e.g. !!python/object) land here: the safe loader refuses to build them.
-        raise SpecError(f"unsupported YAML value: {exc.problem}", field=path, where=f"{source}:{node.start_mark.line + 1}") from None
+        raise SpecError(
+            f"unsupported YAML value: {exc.problem}", field=path, where=f"{source}:{node.start_mark.line + 1}"
+        ) from None
 
 
 def from_plain(value: Any, path: str, source: str | None = None) -> Node:

@@ -41,7 +41,9 @@ def device_peaks(device: torch.device) -> tuple[str, float, float] | None:
     return None
 
 
-def workload_bound(model: torch.nn.Module, dtype: torch.dtype, workload: Workload, device: torch.device) -> Bound | None:
+def workload_bound(
+    model: torch.nn.Module, dtype: torch.dtype, workload: Workload, device: torch.device
+) -> Bound | None:
     peaks = device_peaks(device)
     if peaks is None:
         return None

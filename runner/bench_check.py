@@ -53,11 +53,17 @@ def chat_prompts(tokenizer, path: Path, num_prompts: int) -> list[list[int]]:
                 try:
                     texts.append(str(json.loads(line)["prompt"]))
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path} line {line_no}: expected a JSON object with a 'prompt' field ({exc})") from exc
+                    raise ValueError(
+                        f"{path} line {line_no}: expected a JSON object with a 'prompt' field ({exc})"
+                    ) from exc
     if not texts:
         raise ValueError(f"{path} holds no prompts")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for text in texts]  # fmt: skip
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for text in texts
+    ]
 
 
 def _requests(prompts: list[list[int]], max_new_tokens: int) -> list[GenerationRequest]:
@@ -80,20 +86,38 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
-def compare_streams(loaded: LoadedModel, backend: str, prompts: list[list[int]], max_new_tokens: int,
-                    float32_logits: bool | None = None, fused_layers: bool | None = None) -> StreamComparison:
+def compare_streams(
+    loaded: LoadedModel,
+    backend: str,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    float32_logits: bool | None = None,
+    fused_layers: bool | None = None,
+) -> StreamComparison:
     """The kernels' greedy streams against the reference's; for scale, the reference against itself in other
     batches (steps of 5 sequences) and transformers' own `generate` (SDPA attention) against the reference:
     how often another correct bf16 computation of the same model flips a stream."""
     requests = _requests(prompts, max_new_tokens)
     num_prompts = len(requests)
-    reference = EngineConfig(attention_backend="torch", cuda_graphs=False, num_blocks_override=4096, prefix_cache=False,
-                             fused_layers=False, float32_logits=bool(float32_logits))  # fmt: skip
+    reference = EngineConfig(
+        attention_backend="torch",
+        cuda_graphs=False,
+        num_blocks_override=4096,
+        prefix_cache=False,
+        fused_layers=False,
+        float32_logits=bool(float32_logits),
+    )
     expected, f32_reference, _ = _run(loaded, reference, requests)
     floor, _, _ = _run(loaded, dataclasses.replace(reference, max_num_seqs=5), requests)
     transformers = hf_greedy_tokens(loaded.model, [r.prompt_token_ids for r in requests], max_new_tokens)
-    kernels = EngineConfig(attention_backend=backend, num_blocks_override=4096, max_num_seqs=64, prefix_cache=False,
-                           float32_logits=bool(float32_logits), fused_layers=fused_layers)  # fmt: skip
+    kernels = EngineConfig(
+        attention_backend=backend,
+        num_blocks_override=4096,
+        max_num_seqs=64,
+        prefix_cache=False,
+        float32_logits=bool(float32_logits),
+        fused_layers=fused_layers,
+    )
     got, f32_kernels, fused = _run(loaded, kernels, requests)
     assert f32_reference == f32_kernels
     divergences = []
@@ -101,9 +125,21 @@ def compare_streams(loaded: LoadedModel, backend: str, prompts: list[list[int]],
         a, b = expected[request.request_id], got[request.request_id]
         first = _first_divergence(a.token_ids, b.token_ids)
         if first is not None:
-            divergences.append({"prompt": request.request_id, "prompt_tokens": len(request.prompt_token_ids), "position": first,
-                                "reference_logprob": round(a.logprobs[first], 4), "kernel_logprob": round(b.logprobs[first], 4)})  # fmt: skip
-    same_floor = sum(_first_divergence(expected[r.request_id].token_ids, floor[r.request_id].token_ids) is None for r in requests)
-    same_transformers = sum(_first_divergence(expected[r.request_id].token_ids, transformers[i]) is None for i, r in enumerate(requests))
-    return StreamComparison(num_prompts, num_prompts - len(divergences), same_floor, same_transformers, f32_kernels,
-                            fused, divergences)
+            divergences.append(
+                {
+                    "prompt": request.request_id,
+                    "prompt_tokens": len(request.prompt_token_ids),
+                    "position": first,
+                    "reference_logprob": round(a.logprobs[first], 4),
+                    "kernel_logprob": round(b.logprobs[first], 4),
+                }
+            )
+    same_floor = sum(
+        _first_divergence(expected[r.request_id].token_ids, floor[r.request_id].token_ids) is None for r in requests
+    )
+    same_transformers = sum(
+        _first_divergence(expected[r.request_id].token_ids, transformers[i]) is None for i, r in enumerate(requests)
+    )
+    return StreamComparison(
+        num_prompts, num_prompts - len(divergences), same_floor, same_transformers, f32_kernels, fused, divergences
+    )

@@ -24,8 +24,13 @@ def _generation_config(model: torch.nn.Module, max_new_tokens: int):
     from transformers import GenerationConfig
 
     impossible_eos = model.config.get_text_config().vocab_size - 1  # prompts never hold it; min_new_tokens masks it
-    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=impossible_eos, pad_token_id=0)  # fmt: skip
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=impossible_eos,
+        pad_token_id=0,
+    )
 
 
 def _with_sdpa(model: torch.nn.Module, run: Callable[[], int]) -> int:
@@ -46,8 +51,12 @@ def hf_generate_padded(model: torch.nn.Module, workload: Workload, batch_size: i
         for i in range(0, len(requests), batch_size):
             chunk = requests[i : i + batch_size]
             width = max(len(r.prompt_token_ids) for r in chunk)
-            ids = torch.tensor([[0] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids for r in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(r.prompt_token_ids)) + [1] * len(r.prompt_token_ids) for r in chunk], device=device)
+            ids = torch.tensor(
+                [[0] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids for r in chunk], device=device
+            )
+            mask = torch.tensor(
+                [[0] * (width - len(r.prompt_token_ids)) + [1] * len(r.prompt_token_ids) for r in chunk], device=device
+            )
             config = _generation_config(model, max(r.sampling.max_new_tokens for r in chunk))
             with torch.inference_mode():
                 model.generate(input_ids=ids, attention_mask=mask, generation_config=config)

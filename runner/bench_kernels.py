@@ -103,9 +103,18 @@ def check_correctness() -> bool:
         err = (got - want).abs()
         ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2)) and bool(torch.isfinite(got).all())
         all_ok &= ok
-        emit("correct", shape=name, block_size=block_size, dtype=str(dtype).removeprefix("torch."),
-             num_decodes=meta.num_decodes, num_seqs=meta.num_seqs, max_seq_len=meta.max_seq_len,
-             max_abs_err=float(err.max()), mean_abs_err=float(err.mean()), ok=ok)
+        emit(
+            "correct",
+            shape=name,
+            block_size=block_size,
+            dtype=str(dtype).removeprefix("torch."),
+            num_decodes=meta.num_decodes,
+            num_seqs=meta.num_seqs,
+            max_seq_len=meta.max_seq_len,
+            max_abs_err=float(err.max()),
+            mean_abs_err=float(err.mean()),
+            ok=ok,
+        )
         del step, query, kc, vc, got, want, err
         torch.cuda.empty_cache()
     return all_ok
@@ -128,19 +137,38 @@ def decode_bandwidth(copy_gbps: float, sweep: bool) -> None:
             step = make_step([(context - 1, 1)] * batch, SHAPES[name], 16, torch.bfloat16)
             kv_bytes = batch * context * num_kv_heads * head_dim * 2 * 2  # K and V, bf16
             splits = attention_triton._decode_num_splits(
-                batch, num_kv_heads, step[3].block_tables.shape[1] * 16, step[0].device)
+                batch, num_kv_heads, step[3].block_tables.shape[1] * 16, step[0].device
+            )
             ms = time_decode(step, head_dim**-0.5)
             gbps = kv_bytes / ms / 1e6
-            emit("decode", shape=name, context=context, batch=batch, num_splits=splits, ms=round(ms, 4),
-                 kv_gb_per_s=round(gbps, 1), pct_of_copy=round(100 * gbps / copy_gbps, 1))
+            emit(
+                "decode",
+                shape=name,
+                context=context,
+                batch=batch,
+                num_splits=splits,
+                ms=round(ms, 4),
+                kv_gb_per_s=round(gbps, 1),
+                pct_of_copy=round(100 * gbps / copy_gbps, 1),
+            )
             if sweep and batch != 4 and (name == "llama-8b" or context == 1024):
                 decode_sweep(step, name, context, batch, kv_bytes, head_dim)
             del step
             torch.cuda.empty_cache()
 
 
-def sweep_variants(kind: str, step, scale: float, config_attr: str, splits_attr: str, configs: list[dict],
-                   split_counts: list[int], splits_key: str, kv_bytes: float | None = None, **labels) -> None:
+def sweep_variants(
+    kind: str,
+    step,
+    scale: float,
+    config_attr: str,
+    splits_attr: str,
+    configs: list[dict],
+    split_counts: list[int],
+    splits_key: str,
+    kv_bytes: float | None = None,
+    **labels,
+) -> None:
     """Time each launch-parameter variant of one kernel (a tile config, or a split count) against its default,
     emitting one line each; the defaults are restored whatever happens."""
     defaults = getattr(attention_triton, config_attr), getattr(attention_triton, splits_attr)
@@ -154,19 +182,48 @@ def sweep_variants(kind: str, step, scale: float, config_attr: str, splits_attr:
             diff = float((attention_triton.paged_attention(*step, scale) - reference).abs().max())
             ms = time_decode(step, scale)
             rate = {"kv_gb_per_s": round(kv_bytes / ms / 1e6, 1)} if kv_bytes else {}
-            emit(kind, **labels, config=config, **{splits_key: splits}, ms=round(ms, 4), **rate, max_diff_vs_default=diff)
+            emit(
+                kind, **labels, config=config, **{splits_key: splits}, ms=round(ms, 4), **rate, max_diff_vs_default=diff
+            )
         except Exception as error:  # a variant that does not fit (shared memory) is reported, not fatal
-            emit(kind, **labels, config=config, **{splits_key: splits}, error=f"{type(error).__name__}: {str(error)[:200]}")
+            emit(
+                kind,
+                **labels,
+                config=config,
+                **{splits_key: splits},
+                error=f"{type(error).__name__}: {str(error)[:200]}",
+            )
         finally:
             setattr(attention_triton, config_attr, defaults[0])
             setattr(attention_triton, splits_attr, defaults[1])
 
 
 def decode_sweep(step, name, context, batch, kv_bytes, head_dim) -> None:
-    variants = [(64, 4, 3, 1), (32, 4, 3, 2), (64, 4, 2, 2), (64, 4, 4, 2), (128, 4, 3, 2), (64, 8, 3, 2), (32, 4, 4, 4), (64, 8, 3, 4)]
+    variants = [
+        (64, 4, 3, 1),
+        (32, 4, 3, 2),
+        (64, 4, 2, 2),
+        (64, 4, 4, 2),
+        (128, 4, 3, 2),
+        (64, 8, 3, 2),
+        (32, 4, 4, 4),
+        (64, 8, 3, 4),
+    ]
     configs = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "KV_PACK": p} for n, w, s, p in variants]
-    sweep_variants("decode_sweep", step, head_dim**-0.5, "_decode_config", "_decode_num_splits", configs,
-                   [1, 2, 4, 8, 16], "num_splits", kv_bytes, shape=name, context=context, batch=batch)
+    sweep_variants(
+        "decode_sweep",
+        step,
+        head_dim**-0.5,
+        "_decode_config",
+        "_decode_num_splits",
+        configs,
+        [1, 2, 4, 8, 16],
+        "num_splits",
+        kv_bytes,
+        shape=name,
+        context=context,
+        batch=batch,
+    )
 
 
 CASCADE_PREFIX = 2000  # shared tokens (a multiple of the block size 16)
@@ -200,8 +257,12 @@ def cascade_speed(copy_gbps: float, sweep: bool) -> bool:
             unique_bytes = (context_tokens - (num_decodes - 1) * CASCADE_PREFIX) * token_bytes  # shared pages once
             want = attention_torch.paged_attention(query, kc, vc, meta, scale).float()
             plain = dataclasses.replace(meta, shared_prefix_len=None)
-            row = {"shape": name, "num_decodes": num_decodes, "shared_prefix": CASCADE_PREFIX,
-                   "mean_context": round(float(meta.seq_lens.float().mean()), 1)}
+            row = {
+                "shape": name,
+                "num_decodes": num_decodes,
+                "shared_prefix": CASCADE_PREFIX,
+                "mean_context": round(float(meta.seq_lens.float().mean()), 1),
+            }
             for label, variant in (("plain", plain), ("cascade", meta)):
                 got = attention_triton.paged_attention(query, kc, vc, variant, scale).float()
                 err = float((got - want).abs().max())
@@ -209,12 +270,17 @@ def cascade_speed(copy_gbps: float, sweep: bool) -> bool:
                 all_ok &= ok
                 ms = time_decode((query, kc, vc, variant), scale)
                 gbps = kv_bytes / ms / 1e6
-                row[label] = {"ms": round(ms, 4), "effective_kv_gb_per_s": round(gbps, 1),
-                              "pct_of_copy": round(100 * gbps / copy_gbps, 1),
-                              "unique_kv_gb_per_s": round(unique_bytes / ms / 1e6, 1),
-                              "max_abs_err": err, "ok": ok}
+                row[label] = {
+                    "ms": round(ms, 4),
+                    "effective_kv_gb_per_s": round(gbps, 1),
+                    "pct_of_copy": round(100 * gbps / copy_gbps, 1),
+                    "unique_kv_gb_per_s": round(unique_bytes / ms / 1e6, 1),
+                    "max_abs_err": err,
+                    "ok": ok,
+                }
             row["num_splits"] = attention_triton._decode_num_splits(
-                num_decodes, num_kv_heads, meta.block_tables.shape[1] * 16, query.device)
+                num_decodes, num_kv_heads, meta.block_tables.shape[1] * 16, query.device
+            )
             row["num_prefix_splits"] = cascade_splits(num_decodes, SHAPES[name], meta, query.device)
             row["speedup"] = round(row["plain"]["ms"] / row["cascade"]["ms"], 2)
             emit("cascade", **row)
@@ -234,11 +300,30 @@ def cascade_splits(num_decodes: int, shape, meta, device) -> int:
 
 
 def cascade_sweep(step, name, num_decodes, scale) -> None:
-    configs = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-               for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3),
-                                  (128, 128, 8, 2), (64, 128, 4, 3), (256, 64, 8, 2)]]
-    sweep_variants("cascade_sweep", step, scale, "_cascade_config", "_cascade_num_splits", configs,
-                   [1, 2, 4, 8, 16, 32], "num_prefix_splits", shape=name, num_decodes=num_decodes)
+    configs = [
+        {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+        for m, n, w, s in [
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (64, 64, 4, 3),
+            (128, 32, 4, 3),
+            (128, 128, 8, 2),
+            (64, 128, 4, 3),
+            (256, 64, 8, 2),
+        ]
+    ]
+    sweep_variants(
+        "cascade_sweep",
+        step,
+        scale,
+        "_cascade_config",
+        "_cascade_num_splits",
+        configs,
+        [1, 2, 4, 8, 16, 32],
+        "num_prefix_splits",
+        shape=name,
+        num_decodes=num_decodes,
+    )
 
 
 def prefill_flops(seqs, num_heads: int, head_dim: int) -> float:
@@ -248,8 +333,11 @@ def prefill_flops(seqs, num_heads: int, head_dim: int) -> float:
 
 
 def prefill_speed(sweep: bool) -> None:
-    cases = [("fresh 4x4096", [(0, 4096)] * 4), ("prefix 8x(6144 cached + 2048)", [(6144, 2048)] * 8),
-             ("fresh 32x512", [(0, 512)] * 32)]
+    cases = [
+        ("fresh 4x4096", [(0, 4096)] * 4),
+        ("prefix 8x(6144 cached + 2048)", [(6144, 2048)] * 8),
+        ("fresh 32x512", [(0, 512)] * 32),
+    ]
     for name in ("llama-8b", "llama-1b"):
         num_heads, _, head_dim = SHAPES[name]
         for label, seqs in cases:
@@ -267,15 +355,28 @@ def prefill_speed(sweep: bool) -> None:
 def prefill_sweep(step, name, fn, flops, head_dim) -> None:
     default_config = attention_triton._prefill_config
     reference = fn()
-    for m, n, w, s in [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2),
-                       (64, 32, 4, 4), (128, 64, 8, 4)]:
+    for m, n, w, s in [
+        (128, 64, 4, 3),
+        (128, 128, 8, 3),
+        (64, 64, 4, 3),
+        (128, 32, 4, 3),
+        (128, 64, 8, 2),
+        (64, 32, 4, 4),
+        (128, 64, 8, 4),
+    ]:
         config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
         try:
             attention_triton._prefill_config = lambda hd, dev, c=config: dict(c)
             diff = float((fn() - reference).abs().max())
             ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
-            emit("prefill_sweep", shape=name, config=config, ms=round(ms, 4),
-                 tflop_per_s=round(flops / ms / 1e9, 1), max_diff_vs_default=diff)
+            emit(
+                "prefill_sweep",
+                shape=name,
+                config=config,
+                ms=round(ms, 4),
+                tflop_per_s=round(flops / ms / 1e9, 1),
+                max_diff_vs_default=diff,
+            )
         except Exception as error:
             emit("prefill_sweep", shape=name, config=config, error=f"{type(error).__name__}: {str(error)[:200]}")
         finally:
@@ -286,8 +387,14 @@ def run_kernel_check(sweep: bool = False) -> bool:
     """Every check and timing above, in order; True when every correctness case passed."""
     start = time.time()
     props = torch.cuda.get_device_properties(0)
-    emit("device", name=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-         triton=triton.__version__, memory_gib=round(props.total_memory / 2**30, 1))
+    emit(
+        "device",
+        name=props.name,
+        sms=props.multi_processor_count,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        memory_gib=round(props.total_memory / 2**30, 1),
+    )
     copy_gbps = copy_bandwidth()
     ok = check_correctness()
     decode_bandwidth(copy_gbps, sweep)

@@ -12,6 +12,7 @@ from . import attention_hook
 from .bench_shapes import SHAPES
 from .model_loader import LoadedModel, resolve_device, resolve_dtype
 
+
 class IdsOnlyTokenizer:
     """Enough of a tokenizer for the engine: no EOS, no text."""
 
@@ -33,7 +34,12 @@ def model_config(shape: str, max_model_len: int):
 
 
 def random_model(
-    shape: str, device: str = "auto", dtype: str = "auto", max_model_len: int = 16384, seed: int = 0, init_std: float | None = None
+    shape: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_model_len: int = 16384,
+    seed: int = 0,
+    init_std: float | None = None,
 ) -> LoadedModel:
     """A model of `shape` with random weights, loaded for kvbatch's paged attention."""
     from transformers import AutoModelForCausalLM
@@ -46,7 +52,9 @@ def random_model(
         config.initializer_range = init_std
     torch.manual_seed(seed)
     with torch.device(torch_device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attention_hook.ATTN_IMPLEMENTATION)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype, attn_implementation=attention_hook.ATTN_IMPLEMENTATION
+        )
     model.eval()
     return LoadedModel(model, IdsOnlyTokenizer(), f"random {shape}", (), max_model_len, torch_device, torch_dtype)
 

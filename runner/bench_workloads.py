@@ -1,11 +1,11 @@
 """The benchmark workloads: random token prompts with fixed output lengths (EOS off).
 
-    a       512 prompts of 100-1024 tokens, 256 output tokens each (the reference workload)
-    b       256 prompts, input and output lengths each 100-1024 (nano-vllm's published workload)
-    c       64 prompts of ~8,000 tokens, 1,024 output tokens each (the LoRAX case; run it with a pool
-            smaller than their sum, so admission and preemption are exercised)
-    prefix  2,000 prompts: one shared 2,000-token system prompt + 100-token questions, 128 output tokens
-    chat    128 prompts of 20-60 tokens, 64 output tokens (short chat rows, the CPU case)
+a       512 prompts of 100-1024 tokens, 256 output tokens each (the reference workload)
+b       256 prompts, input and output lengths each 100-1024 (nano-vllm's published workload)
+c       64 prompts of ~8,000 tokens, 1,024 output tokens each (the LoRAX case; run it with a pool
+        smaller than their sum, so admission and preemption are exercised)
+prefix  2,000 prompts: one shared 2,000-token system prompt + 100-token questions, 128 output tokens
+chat    128 prompts of 20-60 tokens, 64 output tokens (short chat rows, the CPU case)
 """
 
 from __future__ import annotations

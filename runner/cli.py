@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -23,8 +23,8 @@ from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
 from kvbatch.jobs.yaml_nodes import load_yaml
 
 from .bench import bench_app
-from .job import EngineCache, JobOutcome, is_user_facing, run_jobs
 from .console import ConsoleTyper
+from .job import EngineCache, JobOutcome, is_user_facing, run_jobs
 from .signals import INTERRUPTED_EXIT_CODE
 
 OK, FAILED, USAGE, INTERRUPTED, LOCKED = 0, 1, 2, INTERRUPTED_EXIT_CODE, 4
@@ -39,18 +39,52 @@ app = ConsoleTyper(  # the console process: allocator tuned for a batch job, no 
 
 # Options shared by several commands.
 JobsArg = Annotated[Path, typer.Argument(help="The YAML job file.", show_default=False)]
-JobOpt = Annotated[Optional[list[str]], typer.Option("--job", "-j", help="Run only this job (repeatable).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a job field for every job: --set sampling.temperature=0.7 (repeatable).")]
-ModelOpt = Annotated[Optional[str], typer.Option(help="Model: a local folder, a .gguf file or a cached hub name; default: the embedded SmolLM2-135M-Instruct.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
-LimitOpt = Annotated[Optional[int], typer.Option(min=0, help="Read at most this many input rows.")]
-ModeOpt = Annotated[Optional[str], typer.Option(help="When the output exists: resume (default), overwrite or error.")]
-WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait for another run on the same output to finish instead of exiting with code 4.")]
+JobOpt = Annotated[list[str] | None, typer.Option("--job", "-j", help="Run only this job (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a job field for every job: --set sampling.temperature=0.7 (repeatable)."),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Model: a local folder, a .gguf file or a cached hub name; default: the embedded SmolLM2-135M-Instruct."
+    ),
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+LimitOpt = Annotated[int | None, typer.Option(min=0, help="Read at most this many input rows.")]
+ModeOpt = Annotated[str | None, typer.Option(help="When the output exists: resume (default), overwrite or error.")]
+WaitOpt = Annotated[
+    bool,
+    typer.Option("--wait", help="Wait for another run on the same output to finish instead of exiting with code 4."),
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine and job details.")]
-ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="Run shard I/N only (rows with index % N == I) into NAME.shard-IIII-of-NNNN.EXT; inside a Slurm array taken from SLURM_ARRAY_TASK_ID/COUNT; 'off' to disable.")]
-DataParallelOpt = Annotated[Optional[int], typer.Option("--data-parallel", min=1, help="Engine processes on this node, one per GPU (or per --tensor-parallel GPUs; N processes on the CPU), on disjoint shards, merged at the end.")]
-TensorParallelOpt = Annotated[Optional[int], typer.Option("--tensor-parallel", min=1, help="Processes (GPUs) per engine: attention heads and MLP split across them.")]
-RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Run through Ray Data on this Ray cluster (auto: the running one; local: start one here).")]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="Run shard I/N only (rows with index % N == I) into NAME.shard-IIII-of-NNNN.EXT; inside a Slurm array taken from SLURM_ARRAY_TASK_ID/COUNT; 'off' to disable.",
+    ),
+]
+DataParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--data-parallel",
+        min=1,
+        help="Engine processes on this node, one per GPU (or per --tensor-parallel GPUs; N processes on the CPU), on disjoint shards, merged at the end.",
+    ),
+]
+TensorParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--tensor-parallel", min=1, help="Processes (GPUs) per engine: attention heads and MLP split across them."
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="Run through Ray Data on this Ray cluster (auto: the running one; local: start one here)."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -61,47 +95,93 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """kvbatch: offline batch generation over a paged KV cache."""
 
 
 @app.command()
-def run(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
-        limit: LimitOpt = None, mode: ModeOpt = None, wait: WaitOpt = False, verbose: VerboseOpt = False,
-        shard: ShardOpt = None, data_parallel: DataParallelOpt = None, tensor_parallel: TensorParallelOpt = None,
-        ray_address: RayAddressOpt = None) -> None:  # fmt: skip
+def run(
+    jobs_file: JobsArg,
+    job: JobOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    limit: LimitOpt = None,
+    mode: ModeOpt = None,
+    wait: WaitOpt = False,
+    verbose: VerboseOpt = False,
+    shard: ShardOpt = None,
+    data_parallel: DataParallelOpt = None,
+    tensor_parallel: TensorParallelOpt = None,
+    ray_address: RayAddressOpt = None,
+) -> None:
     """Run the jobs of a YAML job file (see examples/jobs.yaml)."""
     _logging(verbose)
     _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
-        overrides = _with_options(set_, {"model": model, "engine.device": device, "input.limit": limit, "output.mode": mode,
-                                         **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address)})  # fmt: skip
+        overrides = _with_options(
+            set_,
+            {
+                "model": model,
+                "engine.device": device,
+                "input.limit": limit,
+                "output.mode": mode,
+                **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address),
+            },
+        )
         specs = load_jobs_file(jobs_file, overrides).select(job)
         _finish(run_jobs(specs, wait_for_lock=wait))
 
 
 @app.command()
 def generate(
-    input: Annotated[str, typer.Argument(help="Input: .jsonl, .parquet, a datasets folder, or an OpenAI Batch .jsonl (with --input-format openai).", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output file (.arrow, .parquet or .jsonl).", show_default=False)],
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="Input: .jsonl, .parquet, a datasets folder, or an OpenAI Batch .jsonl (with --input-format openai).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output file (.arrow, .parquet or .jsonl).", show_default=False)
+    ],
     model: ModelOpt = None,
-    prompt_column: Annotated[Optional[str], typer.Option(help="Column sent as one user message (default: prompt).")] = None,
-    messages_column: Annotated[Optional[str], typer.Option(help="Column holding a list of {role, content} messages.")] = None,
-    template: Annotated[Optional[str], typer.Option(help="Prompt template with {column} placeholders.")] = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
-    no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Send raw text, without the model's chat template.")] = False,
-    id_column: Annotated[Optional[str], typer.Option(help="Column copied to the output as the row's id.")] = None,
-    keep_column: Annotated[Optional[list[str]], typer.Option(help="Input column copied to the output (repeatable).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens to generate per row (default: 256).")] = None,
-    temperature: Annotated[Optional[float], typer.Option(min=0.0, help="0 = greedy (default: 0).")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (default: 1).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    prompt_column: Annotated[
+        str | None, typer.Option(help="Column sent as one user message (default: prompt).")
+    ] = None,
+    messages_column: Annotated[
+        str | None, typer.Option(help="Column holding a list of {role, content} messages.")
+    ] = None,
+    template: Annotated[str | None, typer.Option(help="Prompt template with {column} placeholders.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    no_chat_template: Annotated[
+        bool, typer.Option("--no-chat-template", help="Send raw text, without the model's chat template.")
+    ] = False,
+    id_column: Annotated[str | None, typer.Option(help="Column copied to the output as the row's id.")] = None,
+    keep_column: Annotated[
+        list[str] | None, typer.Option(help="Input column copied to the output (repeatable).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Most tokens to generate per row (default: 256).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 = greedy (default: 0).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (default: 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     limit: LimitOpt = None,
-    format: Annotated[Optional[str], typer.Option("--format", help="arrow, parquet, jsonl or openai (default: from the output's extension).")] = None,
-    input_format: Annotated[Optional[str], typer.Option(help="auto, jsonl, parquet, hf or openai (default: auto).")] = None,
-    split: Annotated[Optional[str], typer.Option(help="The split of a datasets input that has several (input.split).")] = None,
+    format: Annotated[
+        str | None,
+        typer.Option("--format", help="arrow, parquet, jsonl or openai (default: from the output's extension)."),
+    ] = None,
+    input_format: Annotated[
+        str | None, typer.Option(help="auto, jsonl, parquet, hf or openai (default: auto).")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="The split of a datasets input that has several (input.split).")
+    ] = None,
     device: DeviceOpt = None,
     mode: ModeOpt = None,
     wait: WaitOpt = False,
@@ -121,8 +201,13 @@ def generate(
             "name": name,
             "model": model,
             "input": {"path": input, "format": input_format, "limit": limit, "split": split},
-            "prompt": {"column": prompt_column, "messages_column": messages_column, "template": template, "system": system,
-                       "chat_template": False if no_chat_template else None},  # fmt: skip
+            "prompt": {
+                "column": prompt_column,
+                "messages_column": messages_column,
+                "template": template,
+                "system": system,
+                "chat_template": False if no_chat_template else None,
+            },
             "id_column": id_column,
             "keep_columns": keep_column,
             "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
@@ -138,8 +223,15 @@ def generate(
 
 
 @app.command()
-def plan(jobs_file: JobsArg, job: JobOpt = None, set_: SetOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
-         limit: LimitOpt = None, verbose: VerboseOpt = False) -> None:  # fmt: skip
+def plan(
+    jobs_file: JobsArg,
+    job: JobOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    limit: LimitOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
     """Without generating: token lengths, KV capacity, rows that fit at once, rows that will fail and why.
 
     On the CPU only the model's config and tokenizer are read, not its weights. On a GPU (and with tensor parallelism) the model is loaded, because the KV pool is sized by profiling a forward pass of it.
@@ -170,10 +262,26 @@ def inspect(
 
 @app.command()
 def merge(
-    target: Annotated[Path, typer.Argument(help="The output to write (out/answers.arrow), or a YAML job file: merge each job's output.", show_default=False)],
-    shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard outputs; default: the NAME.shard-IIII-of-NNNN.EXT files beside the output.", show_default=False)] = None,
-    job: Annotated[Optional[list[str]], typer.Option("--job", "-j", help="With a job file: merge only this job's output (repeatable).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output even if another job spec wrote it.")] = False,
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="The output to write (out/answers.arrow), or a YAML job file: merge each job's output.",
+            show_default=False,
+        ),
+    ],
+    shards: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Shard outputs; default: the NAME.shard-IIII-of-NNNN.EXT files beside the output.", show_default=False
+        ),
+    ] = None,
+    job: Annotated[
+        list[str] | None,
+        typer.Option("--job", "-j", help="With a job file: merge only this job's output (repeatable)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the output even if another job spec wrote it.")
+    ] = False,
 ) -> None:
     """Join finished shard outputs into one output in input order; refuses, with a list, if rows are missing or twice."""
     from kvbatch.jobs.merge import merge_shards
@@ -182,13 +290,17 @@ def merge(
     with _errors():
         if target.suffix in (".yaml", ".yml"):
             if shards:
-                raise SpecError("give shard files only when merging into one output file, not with a job file", field="SHARDS")
+                raise SpecError(
+                    "give shard files only when merging into one output file, not with a job file", field="SHARDS"
+                )
             outputs = [output_path(spec) for spec in load_jobs_file(target).select(job)]
         else:
             outputs = [target]
         for output in outputs:
             report = merge_shards(output, shards or None, overwrite=overwrite)
-            typer.echo(f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} bytes")
+            typer.echo(
+                f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} bytes"
+            )
 
 
 app.add_typer(bench_app, name="bench")  # runner/bench.py: its commands import torch only when they run
@@ -229,7 +341,11 @@ def _errors() -> Iterator[None]:
     except typer.Exit:
         raise
     except (JobError, SpecError, KeyboardInterrupt) as exc:
-        message = str(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted; committed rows are kept, rerun to resume"
+        message = (
+            str(exc)
+            if not isinstance(exc, KeyboardInterrupt)
+            else "interrupted; committed rows are kept, rerun to resume"
+        )
         typer.echo(f"kvbatch: error: {message}", err=True)
         raise typer.Exit(_exit_code(exc)) from None
     except Exception as exc:
@@ -253,15 +369,22 @@ def _serve_if_torchrun_worker() -> None:
         raise typer.Exit(OK)
 
 
-def _scale_overrides(shard: str | None, data_parallel: int | None, tensor_parallel: int | None, ray_address: str | None) -> dict[str, Any]:
+def _scale_overrides(
+    shard: str | None, data_parallel: int | None, tensor_parallel: int | None, ray_address: str | None
+) -> dict[str, Any]:
     """The scaling options as job-field overrides; without --shard, a Slurm array task runs its own shard."""
     from kvbatch.jobs.shard import shard_from_env
 
     if shard is None:
         from_env = shard_from_env(os.environ)
         shard = str(from_env) if from_env is not None else None
-    return {"parallel.shard": shard, "parallel.data": data_parallel, "parallel.tensor": tensor_parallel,
-            "parallel.ray_address": ray_address, "runner": "ray" if ray_address else None}  # fmt: skip
+    return {
+        "parallel.shard": shard,
+        "parallel.data": data_parallel,
+        "parallel.tensor": tensor_parallel,
+        "parallel.ray_address": ray_address,
+        "runner": "ray" if ray_address else None,
+    }
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -286,7 +409,9 @@ def _drop_none(data: Any) -> Any:
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _quiet_model_loading(verbose: bool) -> None:

@@ -40,7 +40,11 @@ class OneDNNLinear(torch.nn.Linear):
     pack_weight = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
-        if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and self.weight.requires_grad):
+        if (
+            x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and self.weight.requires_grad)
+        ):
             return F.linear(x, self.weight, self.bias)
         weight = self._packed_weight() if self.pack_weight else self.weight
         rows = x.numel() // max(1, x.shape[-1])
@@ -77,10 +81,13 @@ def use_onednn_linears(model: torch.nn.Module, pack_limit_bytes: int = PACK_LIMI
     if not onednn_usable():
         return 0
     layers = [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-    ]  # fmt: skip
-    pack = hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and sum(m.weight.nbytes for m in layers) <= pack_limit_bytes
+    ]
+    pack = (
+        hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and sum(m.weight.nbytes for m in layers) <= pack_limit_bytes
+    )
     for module in layers:
         module.__class__ = OneDNNLinear
         module.pack_weight = pack

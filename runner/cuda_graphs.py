@@ -52,8 +52,15 @@ class _Graph:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, min_rows: int,
-                 cascade: bool = False) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        min_rows: int,
+        cascade: bool = False,
+    ) -> None:
         self.runner = runner
         self.cascade = cascade
         self.block_size = block_size
@@ -100,7 +107,11 @@ class DecodeGraphs:
                     self.graphs[size, cascade] = _Graph(graph, logits)
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         torch.cuda.synchronize(self.runner.device)
-        logger.info("captured decode CUDA graphs for batch sizes %s%s", self.buckets, " (plain and cascade)" if self.cascade else "")
+        logger.info(
+            "captured decode CUDA graphs for batch sizes %s%s",
+            self.buckets,
+            " (plain and cascade)" if self.cascade else "",
+        )
 
     def fits(self, inputs: StepInputs) -> bool:
         meta = inputs.meta
@@ -113,7 +124,9 @@ class DecodeGraphs:
         size = next(b for b in self.buckets if b >= num_rows)
         width = meta.block_tables.shape[1]
         if width > self.block_tables.shape[1]:
-            raise ValueError(f"a sequence holds {width} blocks; the graphs were captured for {self.block_tables.shape[1]}")
+            raise ValueError(
+                f"a sequence holds {width} blocks; the graphs were captured for {self.block_tables.shape[1]}"
+            )
         self.slot_mapping.fill_(-1)
         self.seq_lens.zero_()
         self.input_ids[:, :num_rows].copy_(inputs.input_ids)

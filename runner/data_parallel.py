@@ -76,12 +76,22 @@ def assign_devices(job: JobSpec, num_children: int, tensor_parallel: int) -> lis
             raise SpecError(f"engine.device is {device!r} but no GPU is visible", field="engine.device")
         return [None] * num_children
     if device not in ("auto", "cuda"):
-        raise SpecError(f"with --data-parallel each process takes its own GPUs; set engine.device to auto or cuda, not {device!r}", field="engine.device")
+        raise SpecError(
+            f"with --data-parallel each process takes its own GPUs; set engine.device to auto or cuda, not {device!r}",
+            field="engine.device",
+        )
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    gpus = (
+        [g.strip() for g in visible.split(",") if g.strip()]
+        if visible
+        else [str(i) for i in range(torch.cuda.device_count())]
+    )
     needed = num_children * tensor_parallel
     if needed > len(gpus):
-        raise SpecError(f"{num_children} processes x {tensor_parallel} GPUs need {needed} GPUs; {len(gpus)} are visible ({','.join(gpus)})", field="parallel.data")
+        raise SpecError(
+            f"{num_children} processes x {tensor_parallel} GPUs need {needed} GPUs; {len(gpus)} are visible ({','.join(gpus)})",
+            field="parallel.data",
+        )
     return [",".join(gpus[i * tensor_parallel : (i + 1) * tensor_parallel]) for i in range(num_children)]
 
 
@@ -105,12 +115,16 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
     shards = target.split(ways)
     devices = assign_devices(job, ways, job.parallel.tensor)
     threads = max(1, (os.cpu_count() or 1) // ways)
-    children = [dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, data=1, shard=str(s))) for s in shards]
+    children = [
+        dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, data=1, shard=str(s))) for s in shards
+    ]
     results = _run_children(children, devices, threads, engines.factory, stop, wait_for_lock)
     failures = [(s, r) for s, r in zip(shards, results) if isinstance(r, BaseException)]
     if failures:
         raise _combined_error(job, failures)
-    report = merge_shards(out, [s.output_path(base) for s in shards], target=target, overwrite=job.output.mode == "overwrite")
+    report = merge_shards(
+        out, [s.output_path(base) for s in shards], target=target, overwrite=job.output.mode == "overwrite"
+    )
     for s in shards:  # merged: the shard outputs were only a means
         remove_output(s.output_path(base))
         with contextlib.suppress(FileNotFoundError):
@@ -121,7 +135,9 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
     return summary
 
 
-def _run_children(jobs: list[JobSpec], devices: list[str | None], threads: int, factory: Any, stop: StopFlag, wait_for_lock: bool) -> list[Any]:
+def _run_children(
+    jobs: list[JobSpec], devices: list[str | None], threads: int, factory: Any, stop: StopFlag, wait_for_lock: bool
+) -> list[Any]:
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA is never inherited half-initialised
     event = ctx.Event()
     procs, conns = [], []
@@ -129,7 +145,11 @@ def _run_children(jobs: list[JobSpec], devices: list[str | None], threads: int, 
         for child_job, gpus in zip(jobs, devices):
             receiver, sender = ctx.Pipe(duplex=False)
             with _environ(CUDA_VISIBLE_DEVICES=gpus):
-                proc = ctx.Process(target=_child, args=(sender, child_job, factory, event, threads, wait_for_lock), name=f"kvbatch-dp-{child_job.parallel.shard}")
+                proc = ctx.Process(
+                    target=_child,
+                    args=(sender, child_job, factory, event, threads, wait_for_lock),
+                    name=f"kvbatch-dp-{child_job.parallel.shard}",
+                )
                 proc.start()
             sender.close()
             procs.append(proc)
@@ -146,7 +166,9 @@ def _run_children(jobs: list[JobSpec], devices: list[str | None], threads: int, 
                     results[i] = conn.recv()
                 except EOFError:
                     procs[i].join()
-                    results[i] = JobError(f"data-parallel process {i} died (exit code {procs[i].exitcode}) before reporting; rerun to resume")
+                    results[i] = JobError(
+                        f"data-parallel process {i} died (exit code {procs[i].exitcode}) before reporting; rerun to resume"
+                    )
                 del pending[i]
         for proc in procs:
             proc.join()
@@ -209,7 +231,9 @@ def _combined_error(job: JobSpec, failures: list[tuple[Shard, BaseException]]) -
     """One exception for the CLI's exit code: interrupted beats the rest; one kind of failure keeps its type."""
     lines = "; ".join(f"shard {s}: {exc}" for s, exc in failures)
     if any(isinstance(exc, (InterruptedJob, KeyboardInterrupt)) for _, exc in failures):
-        return InterruptedJob(f"job {job.name}: stopped; finished rows of every shard are saved, rerun to resume ({lines})")
+        return InterruptedJob(
+            f"job {job.name}: stopped; finished rows of every shard are saved, rerun to resume ({lines})"
+        )
     if len(failures) == 1:
         return failures[0][1]
     kinds = {type(exc) for _, exc in failures}
@@ -242,7 +266,9 @@ def _complete_summary(job: JobSpec, out: Path) -> Summary | None:
 
 
 def _sum_summaries(job: JobSpec, out: Path, parts: list[Summary], started: float) -> Summary:
-    total = Summary(job.name, str(out), model=job.model, spec_hash=parts[0].spec_hash, kvbatch_version=parts[0].kvbatch_version)
+    total = Summary(
+        job.name, str(out), model=job.model, spec_hash=parts[0].spec_hash, kvbatch_version=parts[0].kvbatch_version
+    )
     for part in parts:
         for name in ("rows", "rows_ok", "rows_error", "rows_this_run", "prompt_tokens", "output_tokens", "preemptions"):
             setattr(total, name, getattr(total, name) + getattr(part, name))

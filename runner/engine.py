@@ -22,8 +22,8 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -79,10 +79,14 @@ def _sampling_rows(items: list[ScheduledSeq]) -> list[SamplingRow] | None:
     if all(item.seq.plain_greedy for item in items):
         return None
     return [
-        SamplingRow(item.seq.request.sampling, item.seq.seed, item.seq.all_token_ids if item.seq.penalised else [],
-                    len(item.seq.output_token_ids) + item.seq.num_pending)
+        SamplingRow(
+            item.seq.request.sampling,
+            item.seq.seed,
+            item.seq.all_token_ids if item.seq.penalised else [],
+            len(item.seq.output_token_ids) + item.seq.num_pending,
+        )
         for item in items
-    ]  # fmt: skip
+    ]
 
 
 def _stable_hash(request_id: object) -> int:
@@ -95,9 +99,14 @@ class Engine:
     def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.loaded = loaded or load_model(
-            config.model, config.device, config.dtype, config.max_model_len,
-            config.trust_remote_code, config.allow_pickle, config.allow_download,
-        )  # fmt: skip
+            config.model,
+            config.device,
+            config.dtype,
+            config.max_model_len,
+            config.trust_remote_code,
+            config.allow_pickle,
+            config.allow_download,
+        )
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
@@ -113,8 +122,10 @@ class Engine:
         try:
             self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
         except RuntimeError as exc:  # torch.OutOfMemoryError among them; or a kv_cache_gib the host cannot give
-            raise KVBudgetError(f"cannot allocate the KV pool ({self.pool_size.describe()}) on {self.device}: "
-                                f"{str(exc).splitlines()[0]}; lower engine.kv_cache_gib or gpu_memory_utilization") from exc
+            raise KVBudgetError(
+                f"cannot allocate the KV pool ({self.pool_size.describe()}) on {self.device}: "
+                f"{str(exc).splitlines()[0]}; lower engine.kv_cache_gib or gpu_memory_utilization"
+            ) from exc
         self.pool = BlockPool(self.pool_size.num_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.fused)
         # Decodes sharing this many cached prefix tokens read them once, together (the cascade decode).
@@ -128,13 +139,19 @@ class Engine:
         self.timer = StepTimer(self.device)  # `timer.enabled = True` for a per-phase breakdown
         self._next_seq_id = 0
         self._generating = False
-        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        self.async_scheduling = (
+            config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        )
         freeze_gc()
         logger.info(
             "engine ready: %s on %s (%s), attention %s, KV pool %s, context %d tokens",
-            self.loaded.source, self.device, self.loaded.dtype, self.backend.name,
-            self.pool_size.describe(), self.max_model_len,
-        )  # fmt: skip
+            self.loaded.source,
+            self.device,
+            self.loaded.dtype,
+            self.backend.name,
+            self.pool_size.describe(),
+            self.max_model_len,
+        )
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> Engine:
@@ -149,12 +166,20 @@ class Engine:
         from .cuda_graphs import DecodeGraphs
 
         max_blocks_per_seq = num_blocks_for(self.max_model_len, self.config.block_size)
-        graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks_per_seq, self.config.block_size, MIN_ROWS,
-                              cascade=bool(self.cascade_min_tokens))
+        graphs = DecodeGraphs(
+            self.runner,
+            self.config.max_num_seqs,
+            max_blocks_per_seq,
+            self.config.block_size,
+            MIN_ROWS,
+            cascade=bool(self.cascade_min_tokens),
+        )
         try:
             graphs.capture()
         except Exception as exc:  # noqa: BLE001 - eager steps give the same tokens, only slower
-            logger.warning("decode CUDA graphs could not be captured (%s: %s); running eagerly", type(exc).__name__, exc)
+            logger.warning(
+                "decode CUDA graphs could not be captured (%s: %s); running eagerly", type(exc).__name__, exc
+            )
             return
         self.runner.graphs = graphs
 
@@ -213,7 +238,9 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def generate(self, requests: Iterable[GenerationRequest], on_step: Callable[[], None] | None = None) -> Iterator[GenerationResult]:
+    def generate(
+        self, requests: Iterable[GenerationRequest], on_step: Callable[[], None] | None = None
+    ) -> Iterator[GenerationResult]:
         """Run requests through the pool, yielding each result as it finishes (not in input order).
 
         Requests are pulled lazily, keeping a bounded window of waiting work, so an unbounded
@@ -225,10 +252,15 @@ class Engine:
         if self._generating:  # two schedulers over one pool cannot preempt each other's rows
             raise RuntimeError("this engine is running another generate() call; finish or close that one first")
         scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.max_num_batched_tokens, self.config.block_size,
-                            self.config.policy, prefix_cache=self.config.prefix_cache),
+            SchedulerConfig(
+                self.config.max_num_seqs,
+                self.max_num_batched_tokens,
+                self.config.block_size,
+                self.config.policy,
+                prefix_cache=self.config.prefix_cache,
+            ),
             self.pool,
-        )  # fmt: skip
+        )
         source = iter(requests)
         # engine.seed makes unseeded rows reproducible by id; without it each call (job) draws a fresh base
         seed_base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(7), "little")
@@ -261,7 +293,9 @@ class Engine:
             scheduler.abort_all(in_flight.registered if in_flight is not None else ())
             self._generating = False
 
-    def _step(self, scheduler: Scheduler, in_flight: _InFlight | None) -> tuple[list[GenerationResult], _InFlight | None]:
+    def _step(
+        self, scheduler: Scheduler, in_flight: _InFlight | None
+    ) -> tuple[list[GenerationResult], _InFlight | None]:
         """Launch the next step (planned ahead when one is in flight, else after draining it)."""
         if in_flight is None:
             with self.timer.phase("schedule"):
@@ -284,8 +318,14 @@ class Engine:
         sampling_items = [item for item in out.scheduled if item.samples]
         try:
             with self.timer.phase("prepare_inputs"):
-                inputs = prepare_inputs(out.scheduled, self.config.block_size, self.device, self.runner.staging,
-                                        self.cascade_min_tokens, self.runner.host_tables)
+                inputs = prepare_inputs(
+                    out.scheduled,
+                    self.config.block_size,
+                    self.device,
+                    self.runner.staging,
+                    self.cascade_min_tokens,
+                    self.runner.host_tables,
+                )
                 inputs.fill_pending(in_flight.sampled.tokens if in_flight else None)
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
                 logits = self.runner.forward(inputs)
@@ -306,7 +346,9 @@ class Engine:
             return [], launched
         return self._drain(scheduler, launched)[0], None
 
-    def _drain(self, scheduler: Scheduler, step: _InFlight, next_step: _InFlight | None = None) -> tuple[list[GenerationResult], bool]:
+    def _drain(
+        self, scheduler: Scheduler, step: _InFlight, next_step: _InFlight | None = None
+    ) -> tuple[list[GenerationResult], bool]:
         """Take in a launched step's tokens. If the device fails while we wait, the step (and `next_step`,
         launched after it and reading its tokens) is recomputed like a step that raised; then False."""
         try:
@@ -322,7 +364,9 @@ class Engine:
         with self.timer.phase("postprocess"):
             return self._postprocess(scheduler, step.sampling_items, tokens, logprobs), True
 
-    def _postprocess(self, scheduler: Scheduler, sampling_items: list, tokens: list[int], logprobs: list[float] | None) -> list[GenerationResult]:
+    def _postprocess(
+        self, scheduler: Scheduler, sampling_items: list, tokens: list[int], logprobs: list[float] | None
+    ) -> list[GenerationResult]:
         """Append each sampled token, check its stop conditions, retire what finished."""
         results = []
         eos = self.stop_checker.eos_token_ids
@@ -372,7 +416,9 @@ class Engine:
             num_preemptions=sum(s.num_preemptions for s in state.seqs),
         )
 
-    def _recover(self, scheduler: Scheduler, seqs: list[Sequence], exc: Exception, registered: list[int] | None = None) -> list[GenerationResult]:
+    def _recover(
+        self, scheduler: Scheduler, seqs: list[Sequence], exc: Exception, registered: list[int] | None = None
+    ) -> list[GenerationResult]:
         self.stats.num_failed_steps += 1
         if len(seqs) == 1:
             seqs[0].num_failures_alone += 1
@@ -380,10 +426,15 @@ class Engine:
         culprits = [s for s in seqs if s.num_failures_alone >= FAILURES_ALONE_TO_ERROR] if len(seqs) == 1 else []
         logger.warning(
             "a step of %d sequences failed (%s: %s); %s",
-            len(seqs), type(exc).__name__, exc,
-            "rerunning each sequence alone" if len(seqs) > 1 else
-            "failing the request, which failed alone again" if culprits else "rerunning it alone once more",
-        )  # fmt: skip
+            len(seqs),
+            type(exc).__name__,
+            exc,
+            "rerunning each sequence alone"
+            if len(seqs) > 1
+            else "failing the request, which failed alone again"
+            if culprits
+            else "rerunning it alone once more",
+        )
         results = []
         for seq in culprits:
             state: _RequestState = seq.group

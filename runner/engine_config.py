@@ -28,21 +28,29 @@ class EngineConfig:
     seed: int | None = None  # base of the seeds given to unseeded requests; None: random
     prefix_cache: bool = True  # reuse the K/V of full blocks shared with earlier prompts (and samples)
     async_scheduling: bool | None = None  # plan the next step while the device runs this one; None: on for cuda
-    fused_layers: bool | None = None  # Llama-family layers with fused kernels (runner/fused_forward.py); None: on for cuda
+    fused_layers: bool | None = (
+        None  # Llama-family layers with fused kernels (runner/fused_forward.py); None: on for cuda
+    )
     float32_logits: bool = False  # a bf16/fp16 model's lm_head writes float32 (runner/float32_logits.py), on CUDA
 
     def __post_init__(self) -> None:
         # A job's YAML is checked when it loads; this holds code that builds an EngineConfig itself to the same rules.
-        at_least_one = {"block_size": self.block_size, "max_num_seqs": self.max_num_seqs,
-                        "max_num_batched_tokens": self.max_num_batched_tokens,
-                        "num_blocks_override": self.num_blocks_override, "max_model_len": self.max_model_len}  # fmt: skip
+        at_least_one = {
+            "block_size": self.block_size,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "num_blocks_override": self.num_blocks_override,
+            "max_model_len": self.max_model_len,
+        }
         for name, value in at_least_one.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be a whole number >= 1, got {value!r}")
         if not self.kv_cache_gib > 0:
             raise ValueError(f"EngineConfig.kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+            raise ValueError(
+                f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
         if self.policy not in POLICIES:
             raise ValueError(f"EngineConfig.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
 

@@ -75,33 +75,51 @@ def _norm(module: nn.Module) -> _Norm:
 
 
 def _is_rms_norm(module: nn.Module | None) -> bool:
-    return module is not None and type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
+    return (
+        module is not None
+        and type(module).__name__.endswith("RMSNorm")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+    )
 
 
 def unfusable_reason(model: nn.Module) -> str | None:
     """Why this model cannot run the fused decoder, or None if it can."""
     config = model.config
     if getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES:
-        return f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(sorted(FUSABLE_MODEL_TYPES))}"
+        return (
+            f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(sorted(FUSABLE_MODEL_TYPES))}"
+        )
     if getattr(config, "hidden_act", None) != "silu":
         return f"activation {getattr(config, 'hidden_act', None)!r} is not silu"
     base = getattr(model, "model", None)
-    if base is None or not all(hasattr(base, name) for name in ("embed_tokens", "rotary_emb", "norm", "layers")) or not hasattr(model, "lm_head"):
+    if (
+        base is None
+        or not all(hasattr(base, name) for name in ("embed_tokens", "rotary_emb", "norm", "layers"))
+        or not hasattr(model, "lm_head")
+    ):
         return "the model does not have the embed_tokens / rotary_emb / layers / norm / lm_head layout"
     if not _is_rms_norm(base.norm):
         return "the final norm is not an RMSNorm"
     for layer in base.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")] + [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")] + [
+            getattr(mlp, n, None) for n in ("gate_proj", "up_proj")
+        ]
         if any(type(linear) is not nn.Linear for linear in linears):
             return "q/k/v or gate/up projections are not plain nn.Linear layers (quantized or replaced)"
         if not all(hasattr(m, n) for m, n in ((attn, "o_proj"), (attn, "scaling"), (mlp, "down_proj"))):
             return "a layer lacks o_proj, scaling or down_proj"
-        if not (_is_rms_norm(getattr(layer, "input_layernorm", None)) and _is_rms_norm(getattr(layer, "post_attention_layernorm", None))):
+        if not (
+            _is_rms_norm(getattr(layer, "input_layernorm", None))
+            and _is_rms_norm(getattr(layer, "post_attention_layernorm", None))
+        ):
             return "a layer's norms are not RMSNorm"
         if (getattr(attn, "q_norm", None) is None) != (getattr(attn, "k_norm", None) is None):
             return "a layer has only one of q_norm and k_norm"
-        if len({linear.bias is None for linear in linears[:3]}) != 1 or len({linear.bias is None for linear in linears[3:]}) != 1:
+        if (
+            len({linear.bias is None for linear in linears[:3]}) != 1
+            or len({linear.bias is None for linear in linears[3:]}) != 1
+        ):
             return "q/k/v (or gate/up) disagree on having a bias"
     return None
 
@@ -132,11 +150,22 @@ def _layer(index: int, layer: nn.Module) -> _Layer:
         qk_norm = torch.stack([attn.q_norm.weight.detach(), attn.k_norm.weight.detach()]).contiguous()
         qk_eps = _norm(attn.q_norm).eps
     return _Layer(
-        index=getattr(attn, "layer_idx", index), input_norm=_norm(layer.input_layernorm), qkv_weight=qkv_weight,
-        qkv_bias=qkv_bias, qk_norm=qk_norm, qk_norm_eps=qk_eps, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, scaling=float(attn.scaling), o_proj=attn.o_proj, post_norm=_norm(layer.post_attention_layernorm),
-        gate_up_weight=gate_up_weight, gate_up_bias=gate_up_bias, down_proj=mlp.down_proj,
-    )  # fmt: skip
+        index=getattr(attn, "layer_idx", index),
+        input_norm=_norm(layer.input_layernorm),
+        qkv_weight=qkv_weight,
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        qk_norm_eps=qk_eps,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        scaling=float(attn.scaling),
+        o_proj=attn.o_proj,
+        post_norm=_norm(layer.post_attention_layernorm),
+        gate_up_weight=gate_up_weight,
+        gate_up_bias=gate_up_bias,
+        down_proj=mlp.down_proj,
+    )
 
 
 class FusedDecoder:
@@ -149,7 +178,9 @@ class FusedDecoder:
         try:
             from . import fused_kernels  # Triton is an optional dependency: imported only where it runs
         except ImportError as exc:
-            raise FusedLayersError(f"fused_layers needs Triton ({exc}); pip install 'kvbatch[triton]' or set fused_layers: false") from exc
+            raise FusedLayersError(
+                f"fused_layers needs Triton ({exc}); pip install 'kvbatch[triton]' or set fused_layers: false"
+            ) from exc
         self.kernels = fused_kernels
         self.model = model
         self.base = model.model
@@ -157,7 +188,9 @@ class FusedDecoder:
             self.layers = [_layer(i, layer) for i, layer in enumerate(self.base.layers)]
         self.final_norm = _norm(self.base.norm)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext, keep_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext, keep_rows: torch.Tensor
+    ) -> torch.Tensor:
         """input_ids, positions: [1, rows]; returns the final-normed hidden states of `keep_rows`, first in
         their order (on CUDA a few padding rows may follow).
 
@@ -184,8 +217,15 @@ class FusedDecoder:
         out = k.add_rms_norm(hidden, residual, self.final_norm.weight, self.final_norm.eps)[0]
         return out if prune else out.index_select(0, keep_rows)
 
-    def _attention(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext,
-                   keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _attention(
+        self,
+        layer: _Layer,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        step: StepContext,
+        keep_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         rows, hq, hkv, d = x.shape[0], layer.num_q_heads, layer.num_kv_heads, layer.head_dim
         qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
         self.kernels.rope_(qkv, cos, sin, hq, hkv, d, layer.qk_norm, layer.qk_norm_eps)
@@ -193,7 +233,9 @@ class FusedDecoder:
         k = qkv[:, hq * d : (hq + hkv) * d].view(rows, hkv, d)
         v = qkv[:, (hq + hkv) * d :].view(rows, hkv, d)
         key_cache, value_cache = step.kv_cache.key[layer.index], step.kv_cache.value[layer.index]
-        step.backend.write_kv(key_cache, value_cache, k, v, step.meta.slot_mapping)  # every row's K/V: later steps read them
+        step.backend.write_kv(
+            key_cache, value_cache, k, v, step.meta.slot_mapping
+        )  # every row's K/V: later steps read them
         meta = step.meta
         if keep_rows is not None:
             q, meta = q.index_select(0, keep_rows), _sampling_meta(step.meta, keep_rows)
@@ -247,5 +289,7 @@ def fused_decoder_for(model: nn.Module, setting: bool | None, device: torch.devi
     elif reason is not None:
         raise FusedLayersError(f"fused_layers cannot run this model: {reason}; set fused_layers: false")
     elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise FusedLayersError(f"fused_layers needs a CUDA device (its kernels are Triton); this engine runs on {device}")
+        raise FusedLayersError(
+            f"fused_layers needs a CUDA device (its kernels are Triton); this engine runs on {device}"
+        )
     return FusedDecoder(model)

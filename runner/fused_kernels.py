@@ -22,8 +22,17 @@ import triton.language as tl
 
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r, n, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    residual_out_ptr,
+    stride_x,
+    stride_r,
+    n,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -42,8 +51,19 @@ def _add_rms_norm_kernel(
 
 @triton.jit
 def _rope_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, qk_norm_ptr, stride_row, stride_cos, num_q_heads, num_heads, eps,
-    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    qk_norm_ptr,
+    stride_row,
+    stride_cos,
+    num_q_heads,
+    num_heads,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     """A [BLOCK_HEADS, half] tile of one row's heads (q heads, then k heads: side by side at the row's start);
     a program per head was 30x slower, its 64 values too little work for a launch slot."""
@@ -60,7 +80,9 @@ def _rope_kernel(
     if HAS_NORM:
         variance = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM
         inv = tl.rsqrt(variance + eps)[:, None]
-        w_at = qk_norm_ptr + (heads >= num_q_heads).to(tl.int32)[:, None] * HEAD_DIM + d[None, :]  # row 0: q_norm, 1: k_norm
+        w_at = (
+            qk_norm_ptr + (heads >= num_q_heads).to(tl.int32)[:, None] * HEAD_DIM + d[None, :]
+        )  # row 0: q_norm, 1: k_norm
         w1 = tl.load(w_at, mask=mask, other=0.0).to(tl.float32)
         w2 = tl.load(w_at + half, mask=mask, other=0.0).to(tl.float32)
         x1 = ((x1 * inv).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
@@ -94,7 +116,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * weight, x + residual); without a residual, (rms_norm(x) * weight, x)."""
     shape, n = x.shape, x.shape[-1]
     x2 = _rows(x)
@@ -107,14 +131,32 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         new_residual = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n)
     _add_rms_norm_kernel[(rows,)](
-        x2, r2, weight, out, new_residual, x2.stride(0), r2.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 16),
-    )  # fmt: skip
+        x2,
+        r2,
+        weight,
+        out,
+        new_residual,
+        x2.stride(0),
+        r2.stride(0),
+        n,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=min(max(block // 256, 1), 16),
+    )
     return out.view(shape), new_residual.view(shape)
 
 
-def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
-          qk_norm: torch.Tensor | None = None, eps: float = 1e-6) -> None:
+def rope_(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    qk_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
     """Rotate the q and k heads of qkv [rows, (num_q_heads + 2 num_kv_heads) * head_dim] in place, by the
     cos/sin rows [rows, head_dim] of their positions; first RMS-norm each head if qk_norm [2, head_dim] (the
     q_norm and k_norm weights) is given."""
@@ -124,9 +166,21 @@ def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_q_heads: 
     block_half = triton.next_power_of_2(head_dim // 2)
     block_heads = min(triton.next_power_of_2(num_heads), max(1, 2048 // block_half))
     _rope_kernel[(rows, triton.cdiv(num_heads, block_heads))](
-        qkv, cos, sin, qk_norm if has_norm else cos, qkv.stride(0), cos.stride(0), num_q_heads, num_heads, eps,
-        HEAD_DIM=head_dim, HAS_NORM=has_norm, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half, num_warps=4,
-    )  # fmt: skip
+        qkv,
+        cos,
+        sin,
+        qk_norm if has_norm else cos,
+        qkv.stride(0),
+        cos.stride(0),
+        num_q_heads,
+        num_heads,
+        eps,
+        HEAD_DIM=head_dim,
+        HAS_NORM=has_norm,
+        BLOCK_HEADS=block_heads,
+        BLOCK_HALF=block_half,
+        num_warps=4,
+    )
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,15 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         done = len(writer.done_rows)
         total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
         progress = JobProgress(job.name, total, engine, initial=done)
-        feed = _Feed(job, pspec, writer, PromptTokenizer(engine.tokenizer, pspec.allow_special_tokens, pspec.chat_template), stop, progress, shard)
+        feed = _Feed(
+            job,
+            pspec,
+            writer,
+            PromptTokenizer(engine.tokenizer, pspec.allow_special_tokens, pspec.chat_template),
+            stop,
+            progress,
+            shard,
+        )
         unreadable: list[InputError] = []  # the input failed part way: finish the rows read before it, then fail
         try:
             requests = _sorted_requests(feed.requests(_until_unreadable(reader, unreadable)), job.sort_window, engine)
@@ -116,19 +124,27 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         except JobError:
             raise  # the writer's own errors (disk full...) already say what happened
         except Exception as exc:
-            raise JobError(f"job {job.name}: the engine failed ({type(exc).__name__}: {exc}); finished rows are saved, rerun to resume") from exc
+            raise JobError(
+                f"job {job.name}: the engine failed ({type(exc).__name__}: {exc}); finished rows are saved, rerun to resume"
+            ) from exc
         finally:
             progress.close()
         lost = [i for i in feed.submitted if i in feed.pending]
         for index in lost:  # the engine never answered: still exactly one row each
-            feed.write_error(feed.pending.pop(index).row, RowError(kinds.ENGINE, f"row {index}: the engine returned no result"))
+            feed.write_error(
+                feed.pending.pop(index).row, RowError(kinds.ENGINE, f"row {index}: the engine returned no result")
+            )
         if unreadable:
             writer.commit_part()
-            raise InputError(f"job {job.name}: {unreadable[0]}; the {len(writer.done_rows)} rows before it are committed, "
-                             "repair or replace the file to go further")
+            raise InputError(
+                f"job {job.name}: {unreadable[0]}; the {len(writer.done_rows)} rows before it are committed, "
+                "repair or replace the file to go further"
+            )
         if stop.stopped and not (feed.exhausted and not feed.pending):  # rows left: a rerun does them
             writer.commit_part()
-            raise InterruptedJob(f"job {job.name}: stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, rerun to resume")
+            raise InterruptedJob(
+                f"job {job.name}: stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, rerun to resume"
+            )
         report = writer.finalize(feed.num_rows)
     counters = _engine_counters(engine)
     summary.rows = report.num_rows
@@ -143,8 +159,15 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
     peak = progress.peak_kv_usage if not fresh else max(progress.peak_kv_usage, counters["peak"])
     summary.peak_kv_usage = round(peak, 4)
     summary.preemptions = counters["preemptions"] - stats_before["preemptions"]
-    add_prefix_counters(summary, [{"cached_prompt_tokens": counters["cached"] - stats_before["cached"],
-                                   "queried_prompt_tokens": counters["queried"] - stats_before["queried"]}])
+    add_prefix_counters(
+        summary,
+        [
+            {
+                "cached_prompt_tokens": counters["cached"] - stats_before["cached"],
+                "queried_prompt_tokens": counters["queried"] - stats_before["queried"],
+            }
+        ],
+    )
     summary.output_bytes = report.num_bytes
     summary.write(summary_path(out))
     return summary
@@ -153,8 +176,24 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
 class _Feed:
     """Turns rows into engine requests (writing bad rows straight out), and engine results into output rows."""
 
-    def __init__(self, job: JobSpec, pspec, writer: OutputWriter, tokenizer: PromptTokenizer, stop: StopFlag, progress: JobProgress, shard: Shard | None = None) -> None:
-        self.job, self.pspec, self.writer, self.tokenizer, self.stop, self.progress = job, pspec, writer, tokenizer, stop, progress
+    def __init__(
+        self,
+        job: JobSpec,
+        pspec,
+        writer: OutputWriter,
+        tokenizer: PromptTokenizer,
+        stop: StopFlag,
+        progress: JobProgress,
+        shard: Shard | None = None,
+    ) -> None:
+        self.job, self.pspec, self.writer, self.tokenizer, self.stop, self.progress = (
+            job,
+            pspec,
+            writer,
+            tokenizer,
+            stop,
+            progress,
+        )
         self.layout = writer.layout
         self.token_bytes = TokenBytes(tokenizer.tokenizer) if self.layout.token_bytes else None
         self.base_sampling = _sampling_dict(job)
@@ -230,7 +269,9 @@ class _Feed:
         return None
 
     def write_error(self, row: Row, error: RowError, pending: _Pending | None = None) -> None:
-        self.writer.add(RowResult(row.index, pending.id if pending else None, pending.kept if pending else {}, error=error))
+        self.writer.add(
+            RowResult(row.index, pending.id if pending else None, pending.kept if pending else {}, error=error)
+        )
         self.num_finished += 1
         self.progress.update(0, error=True)
 
@@ -240,8 +281,16 @@ class _Feed:
         if result.error:
             error = RowError(classify_engine_error(result.error), f"{pending.row.where}: {result.error}")
         completions = result.completions if not error else []
-        logprobs = [c.logprobs or [] for c in completions] if self.layout.logprobs and any(c.logprobs for c in completions) else None
-        token_bytes = [self.token_bytes(c.token_ids) if c.logprobs else [] for c in completions] if logprobs and self.token_bytes else None
+        logprobs = (
+            [c.logprobs or [] for c in completions]
+            if self.layout.logprobs and any(c.logprobs for c in completions)
+            else None
+        )
+        token_bytes = (
+            [self.token_bytes(c.token_ids) if c.logprobs else [] for c in completions]
+            if logprobs and self.token_bytes
+            else None
+        )
         self.writer.add(
             RowResult(
                 row=pending.row.index,
@@ -284,9 +333,13 @@ def _sorted_requests(requests: Iterator[GenerationRequest], window: int, engine:
     """Length-sorted within the window; with the engine's prefix cache on, rows sharing a prefix kept together."""
     config = getattr(engine, "config", None)
     grouped = getattr(config, "prefix_cache", False)
-    return sort_window(requests, window, key=lambda r: len(r.prompt_token_ids),
-                       tokens=(lambda r: r.prompt_token_ids) if grouped else None,
-                       block_size=getattr(config, "block_size", 16))  # fmt: skip
+    return sort_window(
+        requests,
+        window,
+        key=lambda r: len(r.prompt_token_ids),
+        tokens=(lambda r: r.prompt_token_ids) if grouped else None,
+        block_size=getattr(config, "block_size", 16),
+    )
 
 
 def model_name(model: str) -> str:
@@ -303,7 +356,11 @@ def model_name(model: str) -> str:
 
 def _metadata(job: JobSpec, engine: Any) -> dict[str, str]:
     loaded = getattr(engine, "loaded", None)
-    warnings = [w for w, on in (("trust_remote_code", job.engine.trust_remote_code), ("allow_pickle", job.engine.allow_pickle)) if on]
+    warnings = [
+        w
+        for w, on in (("trust_remote_code", job.engine.trust_remote_code), ("allow_pickle", job.engine.allow_pickle))
+        if on
+    ]
     pool = getattr(engine, "pool_size", None)
     return metadata_strings(
         {
@@ -342,7 +399,9 @@ class JobOutcome:
     error: Exception | None = None
 
 
-def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: EngineFactory = default_engine_factory) -> list[JobOutcome]:
+def run_jobs(
+    jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: EngineFactory = default_engine_factory
+) -> list[JobOutcome]:
     """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all."""
     from kvbatch.jobs.errors import SpecError
 
@@ -353,7 +412,14 @@ def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: E
     with graceful_stop() as stop:
         for job in jobs:
             if stop.stopped:  # a signal during an earlier job: start nothing new (no model load for nothing)
-                outcomes.append(JobOutcome(job.name, error=InterruptedJob(f"job {job.name}: not started, stopped by {stop.signal_name}; rerun to run it")))
+                outcomes.append(
+                    JobOutcome(
+                        job.name,
+                        error=InterruptedJob(
+                            f"job {job.name}: not started, stopped by {stop.signal_name}; rerun to run it"
+                        ),
+                    )
+                )
                 break
             try:
                 outcomes.append(JobOutcome(job.name, _job_runner(job)(job, engines, stop, wait_for_lock)))
@@ -370,8 +436,10 @@ def run_jobs(jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: E
                     continue
                 # A bug: its traceback goes to the log, and the jobs after this one still run.
                 log.exception("job %s failed on an unexpected error", job.name)
-                error = JobError(f"job {job.name}: unexpected {type(exc).__name__}: {exc} (a bug, traceback logged above); "
-                                 "committed rows are kept, rerun to resume")
+                error = JobError(
+                    f"job {job.name}: unexpected {type(exc).__name__}: {exc} (a bug, traceback logged above); "
+                    "committed rows are kept, rerun to resume"
+                )
                 outcomes.append(JobOutcome(job.name, error=error))
             except BaseException as exc:  # a tensor-parallel rank lost (by name: no engine import): no job can run
                 if type(exc).__name__ != "TensorParallelLost":
@@ -396,8 +464,14 @@ def _job_runner(job: JobSpec) -> Callable[..., Summary]:
 
 # Errors whose message tells the user what to change (a bug keeps its traceback): the model, the machine (no
 # CUDA, a kernel backend missing) or the KV budget. Matched by class name, so the job glue imports no engine module.
-USER_FACING_ERRORS = ("ModelLoadError", "DefaultModelError", "KVBudgetError", "BackendUnavailableError", "FusedLayersError",
-                      "TensorParallelError")
+USER_FACING_ERRORS = (
+    "ModelLoadError",
+    "DefaultModelError",
+    "KVBudgetError",
+    "BackendUnavailableError",
+    "FusedLayersError",
+    "TensorParallelError",
+)
 
 
 def is_user_facing(exc: BaseException) -> bool:

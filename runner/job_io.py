@@ -17,7 +17,15 @@ from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
-from kvbatch.jobs.spec import JobSpec, input_format, input_path, output_format, output_path, result_fingerprint, spec_hash
+from kvbatch.jobs.spec import (
+    JobSpec,
+    input_format,
+    input_path,
+    output_format,
+    output_path,
+    result_fingerprint,
+    spec_hash,
+)
 from kvbatch.jobs.summary import Summary
 from kvbatch.jobs.writer import OutputWriter
 
@@ -56,13 +64,25 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     fmt = output_format(job)
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
-    reader = open_reader(job, [*prompt_columns(pspec), *layout.data_columns()])  # fails early on a missing input or column
+    reader = open_reader(
+        job, [*prompt_columns(pspec), *layout.data_columns()]
+    )  # fails early on a missing input or column
     if reader.schema is not None:
         types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
         layout = dataclasses.replace(layout, input_types=types)
     manifest = job_manifest(job, out, fmt)
-    writer = writer_for(shard, out, fmt, layout, manifest, mode=job.output.mode, part_rows=job.output.part_rows,
-                        part_seconds=job.output.part_seconds, model=job.model, wait_for_lock=wait_for_lock)  # fmt: skip
+    writer = writer_for(
+        shard,
+        out,
+        fmt,
+        layout,
+        manifest,
+        mode=job.output.mode,
+        part_rows=job.output.part_rows,
+        part_seconds=job.output.part_seconds,
+        model=job.model,
+        wait_for_lock=wait_for_lock,
+    )
     summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
     return JobIO(shard, out, pspec, layout, reader, writer, summary)
 

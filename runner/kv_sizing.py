@@ -38,8 +38,10 @@ def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig) -> PoolSize:
         return PoolSize(n, spec.block_size, n * spec.bytes_per_block)
     memory = _physical_memory()
     if memory and config.kv_cache_gib * GIB > memory:  # it would fail to allocate, or be killed for memory later
-        raise KVBudgetError(f"engine.kv_cache_gib {config.kv_cache_gib:g} is more than this machine's {memory / GIB:.1f} GiB "
-                            "of memory; lower it (the weights need room too)")
+        raise KVBudgetError(
+            f"engine.kv_cache_gib {config.kv_cache_gib:g} is more than this machine's {memory / GIB:.1f} GiB "
+            "of memory; lower it (the weights need room too)"
+        )
     return blocks_from_bytes(spec, int(config.kv_cache_gib * GIB))
 
 

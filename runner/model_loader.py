@@ -54,18 +54,28 @@ def resolve_device(device: str) -> torch.device:
         raise ModelLoadError(f"engine.device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ModelLoadError(f"engine.device is {device!r}, but torch {torch.__version__} sees no CUDA GPU here; "
-                                 "use device auto or cpu, or install a CUDA build of torch")
+            raise ModelLoadError(
+                f"engine.device is {device!r}, but torch {torch.__version__} sees no CUDA GPU here; "
+                "use device auto or cpu, or install a CUDA build of torch"
+            )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ModelLoadError(f"engine.device is {device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise ModelLoadError(
+                f"engine.device is {device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
     return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
     return names[dtype]
@@ -124,7 +134,10 @@ def check_folder_safety(folder: Path, allow_pickle: bool, trust_remote_code: boo
 
 def offline() -> bool:
     """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them once, at import)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def hub_unreachable(timeout_s: float = 5.0) -> str | None:
@@ -135,7 +148,9 @@ def hub_unreachable(timeout_s: float = 5.0) -> str | None:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     url = urlparse(endpoint)
     try:
-        with socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s):
+        with socket.create_connection(
+            (url.hostname or "", url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s
+        ):
             return None
     except OSError as exc:
         return f"{endpoint} cannot be reached ({exc})"
@@ -163,10 +178,14 @@ def download_allowed(name: str, allow_download: bool) -> None:
             "pass a local folder, or set engine.allow_download: true on a machine that can reach the hub"
         )
     if offline():
-        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it")
+        raise ModelLoadError(
+            f"model {name!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+        )
     reason = hub_unreachable()
     if reason:
-        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache and cannot be downloaded: {reason}")
+        raise ModelLoadError(
+            f"model {name!r} is not in the local Hugging Face cache and cannot be downloaded: {reason}"
+        )
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
@@ -181,9 +200,11 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
-_UNSUPPORTED = ("model {name!r} cannot run on kvbatch's paged attention: {why}. kvbatch runs the models whose attention goes "
-                "through transformers' attention interface (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi, GPT-2, OPT, GPT-NeoX, "
-                "StarCoder2, OLMo 2, ...)")
+_UNSUPPORTED = (
+    "model {name!r} cannot run on kvbatch's paged attention: {why}. kvbatch runs the models whose attention goes "
+    "through transformers' attention interface (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi, GPT-2, OPT, GPT-NeoX, "
+    "StarCoder2, OLMo 2, ...)"
+)
 _DEFAULT_HINT = "; remove the converted default model's folder (see KVBATCH_CACHE) and it is converted again"
 
 
@@ -194,8 +215,10 @@ def _check_weights(name: str, info: dict) -> None:
     mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or []]
     if missing or mismatched:
         listed = ", ".join((missing + mismatched)[:5]) + (" ..." if len(missing) + len(mismatched) > 5 else "")
-        raise ModelLoadError(f"model {name!r} lacks weights its config needs, or has them in another shape ({listed}); "
-                             "transformers would fill them at random")
+        raise ModelLoadError(
+            f"model {name!r} lacks weights its config needs, or has them in another shape ({listed}); "
+            "transformers would fill them at random"
+        )
 
 
 def context_length(config, requested: int | None) -> int:
@@ -210,8 +233,10 @@ def context_length(config, requested: int | None) -> int:
         return native
     if requested > native:
         if capped:
-            raise ContextLengthError(f"max_model_len {requested} exceeds {native} tokens, the model's sliding window: kvbatch "
-                                 "attends to the whole context in every layer, so past the window it would differ from the model")
+            raise ContextLengthError(
+                f"max_model_len {requested} exceeds {native} tokens, the model's sliding window: kvbatch "
+                "attends to the whole context in every layer, so past the window it would differ from the model"
+            )
         raise ContextLengthError(f"max_model_len {requested} exceeds the model's context of {native} tokens")
     return requested
 
@@ -233,7 +258,9 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, kwargs = source_kwargs(name, allow_download)
     # A hub name already in the cache is held to the same rules as a folder, before transformers reads it.
-    folder = Path(source) if Path(source).is_dir() else cached_snapshot(source) if kwargs.get("local_files_only") else None
+    folder = (
+        Path(source) if Path(source).is_dir() else cached_snapshot(source) if kwargs.get("local_files_only") else None
+    )
     if folder is not None:
         check_folder_safety(folder, allow_pickle or "gguf_file" in kwargs, trust_remote_code)
     if trust_remote_code:
@@ -272,9 +299,13 @@ def load_model(
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     except (ValueError, KeyError) as exc:
         if "trust_remote_code" in str(exc):
-            raise ModelLoadError(f"model {name!r} ships its own Python code; set engine.trust_remote_code: true only if you trust it") from exc
+            raise ModelLoadError(
+                f"model {name!r} ships its own Python code; set engine.trust_remote_code: true only if you trust it"
+            ) from exc
         if "safetensors" in str(exc) and not allow_pickle:
-            raise ModelLoadError(f"model {name!r} has no safetensors weights; set engine.allow_pickle: true to load pickled ones if you trust it") from exc
+            raise ModelLoadError(
+                f"model {name!r} has no safetensors weights; set engine.allow_pickle: true to load pickled ones if you trust it"
+            ) from exc
         if isinstance(exc, KeyError) and attention_hook.ATTN_IMPLEMENTATION in str(exc):
             raise ModelLoadError(_UNSUPPORTED.format(name=name, why="its attention cannot be replaced")) from exc
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
@@ -285,12 +316,18 @@ def load_model(
     except (RuntimeError, SafetensorError) as exc:  # a truncated weights file, a tensor of the wrong shape
         if "allocate memory" in str(exc):  # "unable to mmap ...: Cannot allocate memory", DefaultCPUAllocator
             raise ModelLoadError(f"not enough memory to load model {name!r}: {str(exc).splitlines()[0]}") from exc
-        raise ModelLoadError(f"cannot load model {name!r}: its weights are damaged or do not fit its config "
-                             f"({type(exc).__name__}: {exc}){_DEFAULT_HINT if name == 'default' else ''}") from exc
+        raise ModelLoadError(
+            f"cannot load model {name!r}: its weights are damaged or do not fit its config "
+            f"({type(exc).__name__}: {exc}){_DEFAULT_HINT if name == 'default' else ''}"
+        ) from exc
     if not getattr(model, "_supports_attention_backend", False):
         # BLOOM, XGLM, MPT, CodeGen, StableLM, Mamba...: attention (or none) in their own code, which would ignore the
         # paged cache (wrong text, or every row an error) instead of failing here.
-        raise ModelLoadError(_UNSUPPORTED.format(name=name, why=f"{model.config.model_type} does not send its attention through that interface"))
+        raise ModelLoadError(
+            _UNSUPPORTED.format(
+                name=name, why=f"{model.config.model_type} does not send its attention through that interface"
+            )
+        )
     model.to(torch_device).eval()
     if torch_device.type == "cpu" and torch_dtype == torch.float32:
         use_onednn_linears(model)  # AVX-512 GEMMs on any x86 CPU (MKL uses them only on Intel's)

@@ -79,7 +79,9 @@ class HostStaging:
             if i == len(pinned):
                 pinned.append(torch.empty(0, dtype=torch.int64).pin_memory())
             if pinned[i].numel() * 8 < array.nbytes:
-                pinned[i] = torch.empty(max(array.nbytes // 8 + 1, 2 * pinned[i].numel()), dtype=torch.int64).pin_memory()
+                pinned[i] = torch.empty(
+                    max(array.nbytes // 8 + 1, 2 * pinned[i].numel()), dtype=torch.int64
+                ).pin_memory()
             staged = pinned[i].view(torch.uint8)[: array.nbytes]
             staged.numpy()[:] = array.view(np.uint8)
             out.append(staged.to(self.device, non_blocking=True).view(torch.from_numpy(array[:0]).dtype))
@@ -99,8 +101,12 @@ def shared_prefix_tokens(tables: np.ndarray, seq_lens: np.ndarray, block_size: i
 
 
 def prepare_inputs(
-    scheduled: list[ScheduledSeq], block_size: int, device: torch.device, staging: HostStaging | None = None,
-    cascade_min_tokens: int = 0, host_tables: HostBlockTables | None = None,
+    scheduled: list[ScheduledSeq],
+    block_size: int,
+    device: torch.device,
+    staging: HostStaging | None = None,
+    cascade_min_tokens: int = 0,
+    host_tables: HostBlockTables | None = None,
 ) -> StepInputs:
     """Lay the step's tokens end to end, decodes first (the scheduler already ordered them).
 
@@ -116,7 +122,9 @@ def prepare_inputs(
     num_rows = int(counts.sum())
     num_rows_padded = _padded(num_rows)
     # int64 rows: token ids | positions | slots | logits rows
-    rows, (ids_at, pos_at, slots_at, logits_at) = _aligned(np.int64, num_rows_padded, num_rows_padded, num_rows_padded, _padded(num_seqs))
+    rows, (ids_at, pos_at, slots_at, logits_at) = _aligned(
+        np.int64, num_rows_padded, num_rows_padded, num_rows_padded, _padded(num_seqs)
+    )
     token_ids = rows[ids_at : ids_at + num_rows_padded]
     positions = rows[pos_at : pos_at + num_rows_padded]
     slots = rows[slots_at : slots_at + num_rows_padded]
@@ -125,7 +133,9 @@ def prepare_inputs(
 
     width = max(len(item.seq.block_ids) for item in scheduled)
     # int32 per sequence: query_start_loc (num_seqs + 1) | seq_lens | block tables | shared prefix length
-    per_seq, (starts_at, lens_at, tables_at, shared_at) = _aligned(np.int32, num_seqs + 1, num_seqs, num_seqs * width, 1)
+    per_seq, (starts_at, lens_at, tables_at, shared_at) = _aligned(
+        np.int32, num_seqs + 1, num_seqs, num_seqs * width, 1
+    )
     query_start_loc = per_seq[starts_at : starts_at + num_seqs + 1]
     seq_lens = per_seq[lens_at : lens_at + num_seqs]
     tables = per_seq[tables_at : tables_at + num_seqs * width].reshape(num_seqs, width)
@@ -134,9 +144,20 @@ def prepare_inputs(
     pending_from: list[int] = []
     one_row = counts == 1
     num_decodes = num_seqs if one_row.all() else int(one_row.argmin())  # the leading one-row sequences
-    num_sampling = _fill_decodes(scheduled[:num_decodes], block_size, token_ids, positions, slots, tables,
-                                 query_start_loc, seq_lens, logits_rows, pending_rows, pending_from,
-                                 host_tables or HostBlockTables())
+    num_sampling = _fill_decodes(
+        scheduled[:num_decodes],
+        block_size,
+        token_ids,
+        positions,
+        slots,
+        tables,
+        query_start_loc,
+        seq_lens,
+        logits_rows,
+        pending_rows,
+        pending_from,
+        host_tables or HostBlockTables(),
+    )
     row = num_decodes
     for i in range(num_decodes, num_seqs):
         item = scheduled[i]
@@ -145,7 +166,9 @@ def prepare_inputs(
         end = start + count
         blocks = seq.block_ids
         if end > len(blocks) * block_size:
-            raise ValueError(f"sequence {seq.seq_id} computes tokens up to {end} but holds {len(blocks)} blocks of {block_size}")
+            raise ValueError(
+                f"sequence {seq.seq_id} computes tokens up to {end} but holds {len(blocks)} blocks of {block_size}"
+            )
         tables[i, : len(blocks)] = blocks
         if count == 1:
             if start < seq.num_known_tokens:
@@ -199,9 +222,18 @@ def prepare_inputs(
 
 
 def _fill_decodes(
-    items: list[ScheduledSeq], block_size: int, token_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
-    tables: np.ndarray, query_start_loc: np.ndarray, seq_lens: np.ndarray, logits_rows: np.ndarray,
-    pending_rows: list[int], pending_from: list[int], host_tables: HostBlockTables,
+    items: list[ScheduledSeq],
+    block_size: int,
+    token_ids: np.ndarray,
+    positions: np.ndarray,
+    slots: np.ndarray,
+    tables: np.ndarray,
+    query_start_loc: np.ndarray,
+    seq_lens: np.ndarray,
+    logits_rows: np.ndarray,
+    pending_rows: list[int],
+    pending_from: list[int],
+    host_tables: HostBlockTables,
 ) -> int:
     """Rows 0..len(items)-1 of `prepare_inputs`' arrays for the step's leading one-row sequences (decodes, row i
     sequence i), column by column in numpy rather than one Python body per row: this loop is most of the host's
@@ -215,11 +247,15 @@ def _fill_decodes(
     short = np.flatnonzero(starts >= num_blocks * block_size)
     if len(short):
         seq = seqs[short[0]]
-        raise ValueError(f"sequence {seq.seq_id} computes tokens up to {seq.num_computed_tokens + 1} but holds {len(seq.block_ids)} blocks of {block_size}")
+        raise ValueError(
+            f"sequence {seq.seq_id} computes tokens up to {seq.num_computed_tokens + 1} but holds {len(seq.block_ids)} blocks of {block_size}"
+        )
     rows = np.arange(n)
     positions[:n] = starts
     slots[:n] = tables[rows, starts // block_size].astype(np.int64) * block_size + starts % block_size
-    known = np.fromiter((seq.num_prompt_tokens + len(seq.output_token_ids) for seq in seqs), np.int64, n)  # num_known_tokens
+    known = np.fromiter(
+        (seq.num_prompt_tokens + len(seq.output_token_ids) for seq in seqs), np.int64, n
+    )  # num_known_tokens
     for i in np.flatnonzero(starts < known).tolist():
         token_ids[i] = seqs[i].token_ids(int(starts[i]), int(starts[i]) + 1)[0]
     pending = np.flatnonzero(starts >= known).tolist()  # sampled by the step in flight: filled in on the device
@@ -245,11 +281,15 @@ def _aligned(dtype: type, *lengths: int) -> tuple[np.ndarray, list[int]]:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend, fused: FusedDecoder | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend, fused: FusedDecoder | None = None
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
-        self.fused = fused  # runs the decoder layers with fused kernels instead of transformers' (runner/fused_forward.py)
+        self.fused = (
+            fused  # runs the decoder layers with fused kernels instead of transformers' (runner/fused_forward.py)
+        )
         self.device = next(model.parameters()).device
         self.staging = HostStaging(self.device)
         self.host_tables = HostBlockTables()  # the decodes' block tables, kept between steps

@@ -21,7 +21,7 @@ import os
 import time
 from pathlib import Path
 from queue import Empty
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -33,13 +33,21 @@ from .engine import Engine, EngineConfig
 from .model_loader import resolve_device
 from .tp_random import RandomLoader
 
-app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
 ShapeOpt = Annotated[str, typer.Option(help="A bench_models shape: tiny, llama-1b, llama-8b, llama-70b, ...")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Append the result lines to this file.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Append the result lines to this file.")]
 
 
 def _settings(dtype: str, max_model_len: int, max_num_seqs: int, device: str) -> dict[str, Any]:
-    return {"dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs, "device": device, "cuda_graphs": False}
+    return {
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "device": device,
+        "cuda_graphs": False,
+    }
 
 
 def _engine(shape: str, settings: dict[str, Any], tp: int, loader: RandomLoader) -> Engine:
@@ -76,7 +84,9 @@ def check(
     num_prompts: Annotated[int, typer.Option(min=1)] = 32,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     dtype: Annotated[str, typer.Option(help="float32 gives the fewest near-ties between logits.")] = "float32",
-    init_std: Annotated[float, typer.Option(help="Weight std: larger means more peaked logits, fewer near-ties.")] = 0.05,
+    init_std: Annotated[
+        float, typer.Option(help="Weight std: larger means more peaked logits, fewer near-ties.")
+    ] = 0.05,
     device: Annotated[str, typer.Option()] = "auto",
     json_path: JsonOpt = None,
 ) -> None:
@@ -87,8 +97,17 @@ def check(
     settings = _settings(dtype, 4096, num_prompts, device)
     single = _engine(shape, settings, 1, loader)
     vocab = single.model.config.vocab_size
-    work = Workload(work.name, [dataclasses.replace(r, prompt_token_ids=[t % vocab for t in r.prompt_token_ids],
-                                                    sampling=dataclasses.replace(r.sampling, max_new_tokens=max_new_tokens)) for r in work.requests])  # fmt: skip
+    work = Workload(
+        work.name,
+        [
+            dataclasses.replace(
+                r,
+                prompt_token_ids=[t % vocab for t in r.prompt_token_ids],
+                sampling=dataclasses.replace(r.sampling, max_new_tokens=max_new_tokens),
+            )
+            for r in work.requests
+        ],
+    )
     expected, _ = _generate(single, work)
     _close(single)
     del single
@@ -97,18 +116,31 @@ def check(
         got, _ = _generate(engine, work)
     finally:
         tensor_parallel.shutdown()
-    diverge = {rid: next((i for i, (a, b) in enumerate(zip(expected[rid], got[rid])) if a != b), None) for rid in expected}
+    diverge = {
+        rid: next((i for i, (a, b) in enumerate(zip(expected[rid], got[rid])) if a != b), None) for rid in expected
+    }
     different = {rid: at for rid, at in diverge.items() if at is not None or len(expected[rid]) != len(got[rid])}
-    emit_record({"check": "tensor_parallel", "shape": shape, "tensor_parallel": tensor_parallel_size, "dtype": dtype, "init_std": init_std,
-           "rows": len(expected), "rows_identical": len(expected) - len(different), "tokens_per_row": max_new_tokens,
-           "first_divergence": sorted(different.values(), key=lambda v: -1 if v is None else v)[:10]}, json_path)  # fmt: skip
+    emit_record(
+        {
+            "check": "tensor_parallel",
+            "shape": shape,
+            "tensor_parallel": tensor_parallel_size,
+            "dtype": dtype,
+            "init_std": init_std,
+            "rows": len(expected),
+            "rows_identical": len(expected) - len(different),
+            "tokens_per_row": max_new_tokens,
+            "first_divergence": sorted(different.values(), key=lambda v: -1 if v is None else v)[:10],
+        },
+        json_path,
+    )
 
 
 @app.command()
 def throughput(
     shape: ShapeOpt = "llama-8b",
     workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (runner/bench_workloads.py).")] = "a",
-    num_prompts: Annotated[Optional[int], typer.Option(min=1)] = None,
+    num_prompts: Annotated[int | None, typer.Option(min=1)] = None,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel", min=1)] = 1,
     data_parallel_size: Annotated[int, typer.Option("--data-parallel", min=1)] = 1,
     dtype: Annotated[str, typer.Option()] = "auto",
@@ -128,20 +160,41 @@ def throughput(
     procs = []
     for i in range(data_parallel_size):
         share = Workload(work.name, work.requests[i::data_parallel_size])
-        visible = ",".join(gpus[i * tensor_parallel_size : (i + 1) * tensor_parallel_size]) if torch.cuda.is_available() else ""
+        visible = (
+            ",".join(gpus[i * tensor_parallel_size : (i + 1) * tensor_parallel_size])
+            if torch.cuda.is_available()
+            else ""
+        )
         env = {"CUDA_VISIBLE_DEVICES": visible} if visible else {}
         threads = max(1, (os.cpu_count() or 1) // data_parallel_size)
-        procs.append(ctx.Process(target=_run_share, args=(shape, settings, tensor_parallel_size, share, barrier, queue, env, threads)))
+        procs.append(
+            ctx.Process(
+                target=_run_share, args=(shape, settings, tensor_parallel_size, share, barrier, queue, env, threads)
+            )
+        )
         procs[-1].start()
     results = _collect(queue, procs, barrier)
     for proc in procs:
         proc.join()
     seconds = max(r["seconds"] for r in results)
     out_tokens = sum(r["out_tokens"] for r in results)
-    emit_record({"shape": shape, "workload": work.describe(), "data_parallel": data_parallel_size, "tensor_parallel": tensor_parallel_size,
-           "gpus": data_parallel_size * tensor_parallel_size if torch.cuda.is_available() else 0, "dtype": results[0]["dtype"],
-           "device": results[0]["device"], "seconds": round(seconds, 3), "out_tokens": out_tokens, "out_tok_s": round(out_tokens / seconds, 1),
-           "total_tok_s": round((work.num_prompt_tokens + out_tokens) / seconds, 1), "setup_s": max(r["setup_s"] for r in results)}, json_path)  # fmt: skip
+    emit_record(
+        {
+            "shape": shape,
+            "workload": work.describe(),
+            "data_parallel": data_parallel_size,
+            "tensor_parallel": tensor_parallel_size,
+            "gpus": data_parallel_size * tensor_parallel_size if torch.cuda.is_available() else 0,
+            "dtype": results[0]["dtype"],
+            "device": results[0]["device"],
+            "seconds": round(seconds, 3),
+            "out_tokens": out_tokens,
+            "out_tok_s": round(out_tokens / seconds, 1),
+            "total_tok_s": round((work.num_prompt_tokens + out_tokens) / seconds, 1),
+            "setup_s": max(r["setup_s"] for r in results),
+        },
+        json_path,
+    )
 
 
 def _collect(queue: Any, procs: list[Any], barrier: Any) -> list[dict]:
@@ -159,22 +212,35 @@ def _collect(queue: Any, procs: list[Any], barrier: Any) -> list[dict]:
                     proc.join(timeout=10)
                     if proc.is_alive():
                         proc.kill()
-                raise SystemExit(f"parallel_bench: process {failed[0].name} exited with code {failed[0].exitcode} (its error is above)")
+                raise SystemExit(
+                    f"parallel_bench: process {failed[0].name} exited with code {failed[0].exitcode} (its error is above)"
+                ) from None
     return results
 
 
-def _run_share(shape: str, settings: dict, tp: int, work: Workload, barrier: Any, queue: Any, env: dict[str, str], threads: int) -> None:
+def _run_share(
+    shape: str, settings: dict, tp: int, work: Workload, barrier: Any, queue: Any, env: dict[str, str], threads: int
+) -> None:
     os.environ.update(env)  # before CUDA starts in this fresh process
     torch.set_num_threads(threads)  # CPU runs: the processes share the cores
     started = time.perf_counter()
     engine = _engine(shape, settings, tp, RandomLoader())
-    warm = Workload("warm-up", [dataclasses.replace(r, request_id=("warm", i)) for i, r in enumerate(work.requests[:4])])
+    warm = Workload(
+        "warm-up", [dataclasses.replace(r, request_id=("warm", i)) for i, r in enumerate(work.requests[:4])]
+    )
     _generate(engine, warm)
     setup_s = time.perf_counter() - started
     barrier.wait()  # every process starts generating at the same moment
     tokens, seconds = _generate(engine, work)
-    queue.put({"seconds": seconds, "out_tokens": sum(len(t) for t in tokens.values()), "setup_s": round(setup_s, 1),
-               "dtype": str(engine.loaded.dtype).removeprefix("torch."), "device": str(engine.device)})  # fmt: skip
+    queue.put(
+        {
+            "seconds": seconds,
+            "out_tokens": sum(len(t) for t in tokens.values()),
+            "setup_s": round(setup_s, 1),
+            "dtype": str(engine.loaded.dtype).removeprefix("torch."),
+            "device": str(engine.device),
+        }
+    )
     tensor_parallel.shutdown()
 
 

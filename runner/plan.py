@@ -53,18 +53,31 @@ class JobPlan:
         t = self.prompt_tokens
         lines = [f"job {self.job}: {self.num_rows} row{'' if self.num_rows == 1 else 's'}"]
         if t:
-            lines.append(f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 {t['p90']:.0f}, max {t['max']:.0f}; up to {self.max_new_tokens} new tokens each")
-        lines.append(f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; context {self.max_model_len} tokens")
-        lines.append(f"  at once         about {self.rows_at_once} typical rows (p50 prompt + max_new_tokens){f', max_num_seqs {self.max_num_seqs}' if self.max_num_seqs else ''}")
+            lines.append(
+                f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 {t['p90']:.0f}, max {t['max']:.0f}; up to {self.max_new_tokens} new tokens each"
+            )
+        lines.append(
+            f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; context {self.max_model_len} tokens"
+        )
+        lines.append(
+            f"  at once         about {self.rows_at_once} typical rows (p50 prompt + max_new_tokens){f', max_num_seqs {self.max_num_seqs}' if self.max_num_seqs else ''}"
+        )
         if self.prefix_cache:
             share = self.reused_prompt_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
-            lines.append(f"  prefix cache    about {self.reused_prompt_tokens} of {self.num_prompt_tokens} prompt tokens ({share:.0%}) reused from shared prefixes")
+            lines.append(
+                f"  prefix cache    about {self.reused_prompt_tokens} of {self.num_prompt_tokens} prompt tokens ({share:.0%}) reused from shared prefixes"
+            )
         else:
             lines.append("  prefix cache    off")
         if self.truncated:
-            lines.append(f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop at 'length'")
+            lines.append(
+                f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop at 'length'"
+            )
         if self.failures:
-            lines.append(f"  will fail       {sum(self.failures.values())} rows: " + ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items())))
+            lines.append(
+                f"  will fail       {sum(self.failures.values())} rows: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items()))
+            )
             lines += [f"    {m}" for m in self.failure_examples]
         else:
             lines.append("  will fail       none")
@@ -80,9 +93,15 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     tokenizer = PromptTokenizer(sizing.tokenizer, pspec.allow_special_tokens, pspec.chat_template)
     pool = sizing.pool
     capacity = min(sizing.max_model_len, pool.num_tokens)
-    plan = JobPlan(job.name, max_new_tokens=job.sampling.max_new_tokens, block_size=pool.block_size,
-                   num_blocks=pool.num_blocks, pool_tokens=pool.num_tokens, max_model_len=sizing.max_model_len,
-                   max_num_seqs=sizing.max_num_seqs)  # fmt: skip
+    plan = JobPlan(
+        job.name,
+        max_new_tokens=job.sampling.max_new_tokens,
+        block_size=pool.block_size,
+        num_blocks=pool.num_blocks,
+        pool_tokens=pool.num_tokens,
+        max_model_len=sizing.max_model_len,
+        max_num_seqs=sizing.max_num_seqs,
+    )
     lengths: list[int] = []
     plan.prefix_cache = sizing.prefix_cache
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
@@ -97,7 +116,10 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
             elif not ids:
                 error = RowError(kinds.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
             elif len(ids) >= capacity:
-                error = RowError(kinds.PROMPT_TOO_LONG, f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit ({capacity} tokens of context/pool)")
+                error = RowError(
+                    kinds.PROMPT_TOO_LONG,
+                    f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit ({capacity} tokens of context/pool)",
+                )
             else:
                 lengths.append(len(ids))
                 if reuse is not None:
@@ -112,7 +134,13 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     plan.num_prompt_tokens = sum(lengths)
     if lengths:
         a = np.array(lengths)
-        plan.prompt_tokens = {"min": a.min(), "mean": a.mean(), "p50": np.percentile(a, 50), "p90": np.percentile(a, 90), "max": a.max()}
+        plan.prompt_tokens = {
+            "min": a.min(),
+            "mean": a.mean(),
+            "p50": np.percentile(a, 50),
+            "p90": np.percentile(a, 90),
+            "max": a.max(),
+        }
         typical = min(capacity, int(plan.prompt_tokens["p50"]) + job.sampling.max_new_tokens)
         blocks_per_row = max(1, math.ceil(typical / pool.block_size))
         plan.rows_at_once = pool.num_blocks // blocks_per_row

@@ -18,11 +18,20 @@ from kvbatch.cache.budget import PoolSize
 from kvbatch.jobs.spec import JobSpec
 
 from .engine import EngineConfig
-from .kv_sizing import fixed_pool_size, kv_cache_spec
 from .job import EngineCache, default_engine_factory
+from .kv_sizing import fixed_pool_size, kv_cache_spec
 
 # The loader's own steps, so a plan finds a model exactly where a run would, with the same safety checks.
-from .model_loader import ModelLoadError, context_length, download_allowed, source_kwargs, check_folder_safety, hub_offline, resolve_device, resolve_dtype
+from .model_loader import (
+    ModelLoadError,
+    check_folder_safety,
+    context_length,
+    download_allowed,
+    hub_offline,
+    resolve_device,
+    resolve_dtype,
+    source_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +53,13 @@ def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
     log.info("plan loads the model: %s", reason)
     engine, _ = engines.get(job)
     config = getattr(engine, "config", None)
-    return ModelSizing(engine.tokenizer, engine.pool_size, engine.max_model_len,
-                       getattr(config, "max_num_seqs", None), bool(getattr(config, "prefix_cache", False)))  # fmt: skip
+    return ModelSizing(
+        engine.tokenizer,
+        engine.pool_size,
+        engine.max_model_len,
+        getattr(config, "max_num_seqs", None),
+        bool(getattr(config, "prefix_cache", False)),
+    )
 
 
 def _why_weights_needed(job: JobSpec, engines: EngineCache) -> str | None:
@@ -65,7 +79,9 @@ def sizing_without_weights(config: EngineConfig) -> ModelSizing:
     dtype = resolve_dtype(config.dtype, device)
     backend = select_backend(config.attention_backend, device, config.block_size)
     pool = fixed_pool_size(kv_cache_spec(model_config, config.block_size, backend.name, dtype), config)
-    return ModelSizing(tokenizer, pool, context_length(model_config, config.max_model_len), config.max_num_seqs, config.prefix_cache)
+    return ModelSizing(
+        tokenizer, pool, context_length(model_config, config.max_model_len), config.max_num_seqs, config.prefix_cache
+    )
 
 
 def load_tokenizer_and_config(config: EngineConfig) -> tuple[Any, Any]:
@@ -77,7 +93,9 @@ def load_tokenizer_and_config(config: EngineConfig) -> tuple[Any, Any]:
         check_folder_safety(Path(source), config.allow_pickle or "gguf_file" in kwargs, config.trust_remote_code)
 
     def load(kwargs: dict) -> tuple[Any, Any]:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, clean_up_tokenization_spaces=False, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=config.trust_remote_code, clean_up_tokenization_spaces=False, **kwargs
+        )
         return tokenizer, AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **kwargs)
 
     try:
@@ -94,5 +112,7 @@ def load_tokenizer_and_config(config: EngineConfig) -> tuple[Any, Any]:
         raise ModelLoadError(f"cannot load model {config.model!r}: {exc}") from exc
     except (ValueError, KeyError) as exc:
         if "trust_remote_code" in str(exc):
-            raise ModelLoadError(f"model {config.model!r} ships its own Python code; set engine.trust_remote_code: true only if you trust it") from exc
+            raise ModelLoadError(
+                f"model {config.model!r} ships its own Python code; set engine.trust_remote_code: true only if you trust it"
+            ) from exc
         raise ModelLoadError(f"cannot read model {config.model!r}'s config or tokenizer: {exc}") from exc

@@ -42,8 +42,13 @@ def profile_gpu_pool(engine: Engine, gpu_memory_utilization: float) -> PoolSize:
     tables = torch.arange(blocks_per_seq * len(lens), dtype=torch.int32, device=device).view(len(lens), blocks_per_seq)
     starts = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lens])
-    slots = torch.cat([tables[i].long().repeat_interleave(block_size)[:n] * block_size + torch.arange(n, device=device) % block_size
-                       for i, n in enumerate(lens)])  # fmt: skip
+    slots = torch.cat(
+        [
+            tables[i].long().repeat_interleave(block_size)[:n] * block_size
+            + torch.arange(n, device=device) % block_size
+            for i, n in enumerate(lens)
+        ]
+    )
     meta = AttentionMetadata(
         query_start_loc=starts,
         seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
@@ -72,6 +77,9 @@ def profile_gpu_pool(engine: Engine, gpu_memory_utilization: float) -> PoolSize:
     pool = blocks_from_bytes(engine.kv_spec, gpu_kv_bytes(total, peak, gpu_memory_utilization))
     logger.info(
         "GPU pool: %.1f GiB total, %.1f GiB peak for weights and a %d-token step, %s",
-        total / 2**30, peak / 2**30, num_tokens, pool.describe(),
-    )  # fmt: skip
+        total / 2**30,
+        peak / 2**30,
+        num_tokens,
+        pool.describe(),
+    )
     return pool

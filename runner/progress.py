@@ -34,7 +34,9 @@ class JobProgress:
         """Output tokens/s since the job started: every token the engine made, in finished rows or not, so the rate
         does not read 0 while long rows are still generating."""
         now = self._engine_output_tokens()
-        tokens = now - self._tokens_before if now is not None and self._tokens_before is not None else self.output_tokens
+        tokens = (
+            now - self._tokens_before if now is not None and self._tokens_before is not None else self.output_tokens
+        )
         return tokens / max(time.monotonic() - self.start, 1e-9)
 
     def prefix_hit_rate(self) -> float | None:
@@ -50,7 +52,9 @@ class JobProgress:
         self.bar.update(1)
         hit_rate = self.prefix_hit_rate()
         prefix = f", prefix hit {hit_rate:.0%}" if hit_rate is not None else ""
-        self.bar.set_postfix_str(f"{self.tokens_per_s():.1f} tok/s, KV {usage:.0%}{prefix}, {self.errors} errors", refresh=False)
+        self.bar.set_postfix_str(
+            f"{self.tokens_per_s():.1f} tok/s, KV {usage:.0%}{prefix}, {self.errors} errors", refresh=False
+        )
 
     def close(self) -> None:
         self.bar.close()

@@ -89,7 +89,9 @@ class GenerateBatch:
         self.job = job if isinstance(job, JobSpec) else job_from_dict(job)
         self.engine = engine_factory(self.job.model, self.job.engine.settings())
         self.pspec = prompt_spec(self.job)
-        self.tokenizer = PromptTokenizer(self.engine.tokenizer, self.pspec.allow_special_tokens, self.pspec.chat_template)
+        self.tokenizer = PromptTokenizer(
+            self.engine.tokenizer, self.pspec.allow_special_tokens, self.pspec.chat_template
+        )
         self.layout = dataclasses.replace(layout_for(self.job, {}), id_column=None, keep_columns=())
         self._next_row = 0  # rows named by position when the batch has no `row` column
 
@@ -113,7 +115,15 @@ class GenerateBatch:
             indexes = list(range(self._next_row, self._next_row + len(records)))
             self._next_row += len(records)
         if "data" in table.column_names and "line" in table.column_names:  # sent by run_job_ray
-            return [Row(i, json.loads(r["data"]), line=r["line"] if r["line"] >= 0 else None, sampling=json.loads(r["sampling"])) for i, r in zip(indexes, records)]
+            return [
+                Row(
+                    i,
+                    json.loads(r["data"]),
+                    line=r["line"] if r["line"] >= 0 else None,
+                    sampling=json.loads(r["sampling"]),
+                )
+                for i, r in zip(indexes, records)
+            ]
         return [Row(i, r) for i, r in zip(indexes, records)]
 
 
@@ -159,7 +169,15 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
 
     started = time.monotonic()
     io = open_job(job, wait_for_lock)
-    shard, out, pspec, layout, reader, writer, summary = io.shard, io.out, io.pspec, io.layout, io.reader, io.writer, io.summary
+    shard, out, pspec, layout, reader, writer, summary = (
+        io.shard,
+        io.out,
+        io.pspec,
+        io.layout,
+        io.reader,
+        io.writer,
+        io.summary,
+    )
     with writer:
         if writer.already_complete:
             return _previous_summary(out, summary)
@@ -186,15 +204,25 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
                     if stop.stopped:
                         break
             except Exception as exc:
-                raise JobError(f"job {job.name}: the Ray run failed ({type(exc).__name__}: {exc}); finished rows are saved, rerun to resume") from exc
+                raise JobError(
+                    f"job {job.name}: the Ray run failed ({type(exc).__name__}: {exc}); finished rows are saved, rerun to resume"
+                ) from exc
             finally:
                 progress.close()
         if stop.stopped:
             writer.commit_part()
-            raise InterruptedJob(f"job {job.name}: stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, rerun to resume")
+            raise InterruptedJob(
+                f"job {job.name}: stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, rerun to resume"
+            )
         lost = sorted(sent.pending)
         for index in lost:
-            writer.add(RowResult(index, *sent.pending.pop(index), error=RowError(kinds.ENGINE, f"row {index}: the Ray run returned no result")))
+            writer.add(
+                RowResult(
+                    index,
+                    *sent.pending.pop(index),
+                    error=RowError(kinds.ENGINE, f"row {index}: the Ray run returned no result"),
+                )
+            )
         report = writer.finalize(sent.num_rows)
     summary.rows = report.num_rows
     summary.rows_error = report.finish_reasons.get("error", 0)
@@ -237,15 +265,33 @@ class _Sender:
                 continue
             self.pending[row.index] = (id_value, kept)
             prompt_data = {c: data.get(c) for c in self.columns if c in data}
-            items.append({"row": row.index, "data": json.dumps(prompt_data, default=str), "line": row.line if row.line is not None else -1, "sampling": json.dumps(row.sampling)})
+            items.append(
+                {
+                    "row": row.index,
+                    "data": json.dumps(prompt_data, default=str),
+                    "line": row.line if row.line is not None else -1,
+                    "sampling": json.dumps(row.sampling),
+                }
+            )
         return items
 
     def finish(self, record: dict[str, Any], counts: dict[str, int]) -> None:
         id_value, kept = self.pending.pop(record["row"])
         error = RowError(record["error_kind"], record["error"]) if record["error_kind"] else None
-        self.writer.add(RowResult(record["row"], id_value, kept, texts=record["texts"] or [], finish_reasons=record["finish_reasons"] or [],
-                                  error=error, prompt_tokens=record["prompt_tokens"], output_tokens=record["output_tokens"],
-                                  logprobs=record["logprobs"], token_bytes=record["token_bytes"]))  # fmt: skip
+        self.writer.add(
+            RowResult(
+                record["row"],
+                id_value,
+                kept,
+                texts=record["texts"] or [],
+                finish_reasons=record["finish_reasons"] or [],
+                error=error,
+                prompt_tokens=record["prompt_tokens"],
+                output_tokens=record["output_tokens"],
+                logprobs=record["logprobs"],
+                token_bytes=record["token_bytes"],
+            )
+        )
         counts["rows"] += 1
         counts["output"] += record["output_tokens"] or 0
         counts["prompt"] += (record["prompt_tokens"] or 0) if error is None else 0

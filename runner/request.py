@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable, Literal
+from typing import Literal
 
 FinishReason = Literal["stop", "length", "error"]
 
@@ -39,7 +40,9 @@ class SamplingParams:
             else:
                 ok = (value is None and name == "seed") or _is(kind, value)
             if not ok:
-                raise TypeError(f"{name} must be {_KIND_NAMES[kind]}{' (a list of them)' if name in ('stop', 'stop_token_ids') else ''}, got {value!r}")
+                raise TypeError(
+                    f"{name} must be {_KIND_NAMES[kind]}{' (a list of them)' if name in ('stop', 'stop_token_ids') else ''}, got {value!r}"
+                )
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -60,10 +63,19 @@ class SamplingParams:
 
 
 _FIELD_TYPES = {
-    "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
-    "repetition_penalty": float, "seed": int, "stop": str, "stop_token_ids": int, "ignore_eos": bool, "n": int,
+    "max_new_tokens": int,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "min_p": float,
+    "repetition_penalty": float,
+    "seed": int,
+    "stop": str,
+    "stop_token_ids": int,
+    "ignore_eos": bool,
+    "n": int,
     "logprobs": bool,
-}  # fmt: skip
+}
 _KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
 
 

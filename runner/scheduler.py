@@ -50,7 +50,7 @@ from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import num_blocks_for
 from kvbatch.cache.prefix_cache import max_cached_blocks
 
-from .sequence import Sequence, SeqStatus
+from .sequence import SeqStatus, Sequence
 
 Policy = Literal["reserve", "optimistic"]
 POLICIES = ("reserve", "optimistic")
@@ -141,7 +141,9 @@ class Scheduler:
             isolated = self.waiting.pop(0)
             while not self._admit(isolated, budget, out, keep_watermark=False):
                 # It fits the pool alone, so freeing the others always ends.
-                assert self.running, f"seq {isolated.seq_id} does not fit an empty pool of {self.pool.num_blocks} blocks"
+                assert self.running, (
+                    f"seq {isolated.seq_id} does not fit an empty pool of {self.pool.num_blocks} blocks"
+                )
                 victim = self.running[-1]
                 self.preempt(victim)
                 out.preempted.append(victim)
@@ -271,7 +273,9 @@ class Scheduler:
         if not self.config.prefix_cache:
             return []
         num_blocks = max_cached_blocks(seq.num_tokens, self.config.block_size)
-        return self.pool.match_prefix(seq.full_block_hashes(num_blocks * self.config.block_size, self.config.block_size))
+        return self.pool.match_prefix(
+            seq.full_block_hashes(num_blocks * self.config.block_size, self.config.block_size)
+        )
 
     def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput, samples: bool | None = None) -> None:
         """Put the chunk in the step and register the blocks it fills. A decode with its token still pending
@@ -308,7 +312,9 @@ class Scheduler:
         """Append `need` new blocks to the sequence's pages (nothing if need <= 0); the caller made sure they fit."""
         if need > 0:
             block_ids = self.pool.allocate(need)
-            assert block_ids is not None, f"seq {seq.seq_id}: pool refused {need} blocks with {self.pool.num_free_blocks} free"
+            assert block_ids is not None, (
+                f"seq {seq.seq_id}: pool refused {need} blocks with {self.pool.num_free_blocks} free"
+            )
             seq.block_ids.extend(block_ids)
 
     def _release(self, seq: Sequence) -> None:

@@ -47,7 +47,9 @@ class Sequence:
     seed: int
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)  # grows by appending, else replaced whole (runner/host_tables.py)
+    block_ids: list[int] = field(
+        default_factory=list
+    )  # grows by appending, else replaced whole (runner/host_tables.py)
     num_computed_tokens: int = 0
     num_pending: int = 0  # sampled on the device, not yet appended to output_token_ids
     pending_index: int = -1  # the newest pending token's row in its step's sampled tokens
@@ -98,7 +100,9 @@ class Sequence:
         return self.num_prompt_tokens + self.max_new_tokens
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        assert end <= self.num_known_tokens, f"seq {self.seq_id}: tokens up to {end} asked, {self.num_known_tokens} known"
+        assert end <= self.num_known_tokens, (
+            f"seq {self.seq_id}: tokens up to {end} asked, {self.num_known_tokens} known"
+        )
         prompt = self.request.prompt_token_ids
         num_prompt = len(prompt)
         if end <= num_prompt:

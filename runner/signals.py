@@ -97,8 +97,12 @@ def graceful_stop(grace_s: float | None = None) -> Iterator[StopFlag]:
             log.warning("second signal (%s): stopping now; rows in flight are dropped, committed rows are kept", name)
             raise StopNow(name)
         if grace > 0:
-            log.warning("%s: no new rows are admitted; finishing the rows in flight for up to %.0f s, then committing "
-                        "(signal again to stop at once)", name, grace)  # fmt: skip
+            log.warning(
+                "%s: no new rows are admitted; finishing the rows in flight for up to %.0f s, then committing "
+                "(signal again to stop at once)",
+                name,
+                grace,
+            )
             signal.setitimer(signal.ITIMER_REAL, grace)
         else:
             log.warning("%s: no new rows are admitted; finishing the rows in flight, then committing", name)
@@ -106,8 +110,11 @@ def graceful_stop(grace_s: float | None = None) -> Iterator[StopFlag]:
 
     def on_alarm(signum: int, frame: object) -> None:
         if flag.stopped:
-            log.warning("the grace period of %.0f s after %s is over: stopping now; rows in flight are dropped",
-                        grace, flag.signal_name)  # fmt: skip
+            log.warning(
+                "the grace period of %.0f s after %s is over: stopping now; rows in flight are dropped",
+                grace,
+                flag.signal_name,
+            )
             if flag.loading:
                 _exit_now()
             raise StopNow(f"grace period after {flag.signal_name} ended")

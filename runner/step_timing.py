@@ -40,5 +40,11 @@ class StepTimer:
             self.calls[name] += 1
 
     def report(self) -> dict[str, dict[str, float]]:
-        return {name: {"seconds": round(s, 3), "calls": self.calls[name], "ms_per_call": round(1e3 * s / max(self.calls[name], 1), 3)}
-                for name, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])}  # fmt: skip
+        return {
+            name: {
+                "seconds": round(s, 3),
+                "calls": self.calls[name],
+                "ms_per_call": round(1e3 * s / max(self.calls[name], 1), 3),
+            }
+            for name, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        }

@@ -38,7 +38,9 @@ class StopChecker:
         ids = self._hidden_stop_ids.get(stop)
         if ids is None:
             added = self.tokenizer.get_added_vocab() if hasattr(self.tokenizer, "get_added_vocab") else {}
-            ids = frozenset(added[s] for s in stop if s in added and not self.tokenizer.decode([added[s]], skip_special_tokens=True))
+            ids = frozenset(
+                added[s] for s in stop if s in added and not self.tokenizer.decode([added[s]], skip_special_tokens=True)
+            )
             self._hidden_stop_ids[stop] = ids
         return ids
 

@@ -57,9 +57,15 @@ class TensorParallelLost(BaseException):
 def load_on_cpu(model: str, settings: dict[str, Any], device: torch.device) -> LoadedModel:
     """The default Loader: the whole checkpoint on the CPU, in the dtype `device` will run."""
     dtype = resolve_dtype(settings.get("dtype", "auto"), device)
-    return load_model(model, "cpu", str(dtype).removeprefix("torch."), settings.get("max_model_len"),
-                      settings.get("trust_remote_code", False), settings.get("allow_pickle", False),
-                      settings.get("allow_download", False))  # fmt: skip
+    return load_model(
+        model,
+        "cpu",
+        str(dtype).removeprefix("torch."),
+        settings.get("max_model_len"),
+        settings.get("trust_remote_code", False),
+        settings.get("allow_pickle", False),
+        settings.get("allow_download", False),
+    )
 
 
 @dataclass
@@ -84,7 +90,9 @@ class _World:
     def check_alive(self) -> None:
         dead = [p for p in self.procs if not p.is_alive()]
         if dead:
-            raise TensorParallelLost(f"tensor-parallel worker {dead[0].name} exited with code {dead[0].exitcode}; rerun to resume")
+            raise TensorParallelLost(
+                f"tensor-parallel worker {dead[0].name} exited with code {dead[0].exitcode}; rerun to resume"
+            )
 
 
 _WORLD: _World | None = None
@@ -99,7 +107,9 @@ def _uses_cuda(settings: dict[str, Any]) -> bool:
     if device == "cpu":
         return False
     if device not in ("auto", "cuda"):
-        raise ValueError(f"with tensor parallel, rank r uses cuda:r; set engine.device to auto, cuda or cpu, not {device!r}")
+        raise ValueError(
+            f"with tensor parallel, rank r uses cuda:r; set engine.device to auto, cuda or cpu, not {device!r}"
+        )
     return torch.cuda.is_available()
 
 
@@ -111,20 +121,29 @@ def _free_port() -> int:
 
 def _start_world(size: int, use_cuda: bool, loader: Loader) -> _World:
     if use_cuda and size > torch.cuda.device_count():  # rank r runs on cuda:r; NCCL refuses two ranks on one GPU
-        raise TensorParallelError(f"--tensor-parallel {size} needs {size} GPUs; this process sees {torch.cuda.device_count()} "
-                                  "(CUDA_VISIBLE_DEVICES)")
+        raise TensorParallelError(
+            f"--tensor-parallel {size} needs {size} GPUs; this process sees {torch.cuda.device_count()} "
+            "(CUDA_VISIBLE_DEVICES)"
+        )
     world = _World(size, use_cuda, loader)
     backend = "nccl" if use_cuda else "gloo"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the other ranks run serve_from_env()
         if int(os.environ["WORLD_SIZE"]) != size:
-            raise ValueError(f"--tensor-parallel {size} under torchrun with {os.environ['WORLD_SIZE']} processes; make them equal")
+            raise ValueError(
+                f"--tensor-parallel {size} under torchrun with {os.environ['WORLD_SIZE']} processes; make them equal"
+            )
         dist.init_process_group(backend, init_method="env://")
     else:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // size)
         for rank in range(1, size):
-            proc = ctx.Process(target=_worker_main, args=(rank, size, init_method, loader, use_cuda, threads), name=f"kvbatch-tp{rank}", daemon=True)
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(rank, size, init_method, loader, use_cuda, threads),
+                name=f"kvbatch-tp{rank}",
+                daemon=True,
+            )
             proc.start()
             world.procs.append(proc)
         if not use_cuda:
@@ -174,7 +193,9 @@ def start_tensor_parallel(model: str, settings: dict[str, Any], size: int, loade
         _WORLD = _start_world(size, use_cuda, loader)
     world = _WORLD
     if (world.size, world.use_cuda, world.loader) != (size, use_cuda, loader):
-        raise ValueError(f"one run uses one tensor-parallel layout; already {world.size} ranks on {'cuda' if world.use_cuda else 'cpu'}")
+        raise ValueError(
+            f"one run uses one tensor-parallel layout; already {world.size} ranks on {'cuda' if world.use_cuda else 'cpu'}"
+        )
     world.check_alive()
     engine_id, world.next_engine_id = world.next_engine_id, world.next_engine_id + 1
     tp_comm.send_command(tp_comm.LOAD, engine_id, world.control, (model, settings))
@@ -182,17 +203,23 @@ def start_tensor_parallel(model: str, settings: dict[str, Any], size: int, loade
     return TensorParallelEngine(engine, engine_id, world)
 
 
-def build_rank_engine(model: str, settings: dict[str, Any], loader: Loader, rank: int, size: int, device: torch.device) -> Engine:
+def build_rank_engine(
+    model: str, settings: dict[str, Any], loader: Loader, rank: int, size: int, device: torch.device
+) -> Engine:
     """This rank's engine: its share of the layers on its device, and a pool of the size every rank can hold."""
     return _rank_engine(model, settings, _load_share(model, settings, loader, rank, size, device), device)
 
 
-def _load_share(model: str, settings: dict[str, Any], loader: Loader, rank: int, size: int, device: torch.device) -> LoadedModel:
+def _load_share(
+    model: str, settings: dict[str, Any], loader: Loader, rank: int, size: int, device: torch.device
+) -> LoadedModel:
     """This rank's share of the layers on its device. No collective runs here, so an error here (a missing model,
     heads that do not split) is met by every rank alike, before any of them waits for the others."""
     loaded = loader(model, settings, device)
     shard_model(loaded.model, rank, size)
-    if next(loaded.model.parameters()).is_meta:  # a random benchmark model (tp_random.py): only this rank's share is made
+    if next(
+        loaded.model.parameters()
+    ).is_meta:  # a random benchmark model (tp_random.py): only this rank's share is made
         loader.materialize(loaded.model, device, rank, size)  # type: ignore[attr-defined]
     loaded.model.to(device)
     return dataclasses.replace(loaded, device=device)
@@ -228,8 +255,10 @@ class _BroadcastingRunner(ModelRunner):
             # The workers run this step and wait in its collectives: the engine's usual retry (each row alone)
             # would pair its all-reduces with theirs, a hang or wrong tokens. in_step stays set, so shutdown
             # kills the workers rather than talk to them.
-            raise TensorParallelLost(f"a tensor-parallel step failed on rank 0 ({type(exc).__name__}: {exc}); "
-                                     "the ranks are out of step, so the run stops: finished rows are kept, rerun to resume") from exc
+            raise TensorParallelLost(
+                f"a tensor-parallel step failed on rank 0 ({type(exc).__name__}: {exc}); "
+                "the ranks are out of step, so the run stops: finished rows are kept, rerun to resume"
+            ) from exc
         self.world.in_step = False
         return logits
 
@@ -287,7 +316,13 @@ def serve(rank: int, size: int, device: torch.device, loader: Loader, control: d
                 try:
                     loaded = _load_share(model, settings, loader, rank, size, device)
                 except Exception as exc:  # noqa: BLE001 - rank 0 meets the same error and reports it as the job's
-                    log.warning("rank %d: cannot load %s (%s: %s); waiting for the next job", rank, model, type(exc).__name__, exc)
+                    log.warning(
+                        "rank %d: cannot load %s (%s: %s); waiting for the next job",
+                        rank,
+                        model,
+                        type(exc).__name__,
+                        exc,
+                    )
                     continue
                 engines[engine_id] = _rank_engine(model, settings, loaded, device)
             elif command == tp_comm.CLOSE:
@@ -310,5 +345,8 @@ class TensorParallelFactory:
         settings = dict(settings)
         size = settings.pop("tensor_parallel", 1)
         if size == 1:
-            return Engine(EngineConfig(model=model, **settings), self.loader(model, settings, resolve_device(settings.get("device", "auto"))))
+            return Engine(
+                EngineConfig(model=model, **settings),
+                self.loader(model, settings, resolve_device(settings.get("device", "auto"))),
+            )
         return start_tensor_parallel(model, settings, size, self.loader)

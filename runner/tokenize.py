@@ -35,7 +35,9 @@ class PromptTokenizer:
         self.allow_special_tokens = allow_special_tokens
         self.use_chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
         if chat_template and not self.use_chat_template:
-            log.warning("the model's tokenizer has no chat template: prompts are sent as raw text (messages joined by blank lines)")
+            log.warning(
+                "the model's tokenizer has no chat template: prompts are sent as raw text (messages joined by blank lines)"
+            )
         # A fresh random marker per tokenizer: data cannot guess it to forge a piece boundary.
         self._marker = f"KVBATCH{secrets.token_hex(8)}"
         self._placeholder = re.compile(rf"{self._marker}_(\d+)_")
@@ -62,7 +64,9 @@ class PromptTokenizer:
 
     def _encode_text(self, text: str) -> list[int]:
         # add_special_tokens adds what the tokenizer always adds (a BOS, for some models), never parses the data.
-        return list(self.tokenizer.encode(text, add_special_tokens=True, split_special_tokens=not self.allow_special_tokens))
+        return list(
+            self.tokenizer.encode(text, add_special_tokens=True, split_special_tokens=not self.allow_special_tokens)
+        )
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -73,10 +77,16 @@ class PromptTokenizer:
         pieces = self._placeholder.split(rendered)  # [template, index, template, index, ..., template]
         indexes = [int(i) for i in pieces[1::2]]
         if indexes != list(range(len(messages))):
-            return RowError(TEMPLATE, f"the chat template did not place each message once (got message order {indexes}); set prompt.allow_special_tokens to render it whole")
+            return RowError(
+                TEMPLATE,
+                f"the chat template did not place each message once (got message order {indexes}); set prompt.allow_special_tokens to render it whole",
+            )
         contents = self._contents_as_rendered(messages, pieces)
         if contents is None:
-            return RowError(TEMPLATE, "the chat template changes message text in a way kvbatch cannot follow; set prompt.allow_special_tokens to render it whole")
+            return RowError(
+                TEMPLATE,
+                "the chat template changes message text in a way kvbatch cannot follow; set prompt.allow_special_tokens to render it whole",
+            )
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if i % 2 == 0:

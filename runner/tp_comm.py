@@ -58,20 +58,40 @@ def send_step(engine_id: int, inputs: StepInputs, control: dist.ProcessGroup) ->
     num_rows = inputs.input_ids.shape[1]
     num_seqs, width = meta.block_tables.shape
     header = torch.tensor(
-        [STEP, engine_id, num_rows, inputs.logits_rows.shape[0], inputs.num_sampling, num_seqs, width,
-         meta.num_decodes, meta.max_query_len, meta.max_seq_len, meta.block_size],
+        [
+            STEP,
+            engine_id,
+            num_rows,
+            inputs.logits_rows.shape[0],
+            inputs.num_sampling,
+            num_seqs,
+            width,
+            meta.num_decodes,
+            meta.max_query_len,
+            meta.max_seq_len,
+            meta.block_size,
+        ],
         dtype=torch.int64,
-    )  # fmt: skip
+    )
     payload = torch.cat(
-        [inputs.input_ids[0], inputs.positions[0], inputs.logits_rows, meta.query_start_loc.long(), meta.seq_lens.long(),
-         meta.block_tables.long().flatten(), meta.slot_mapping.long()]
-    ).cpu()  # fmt: skip
+        [
+            inputs.input_ids[0],
+            inputs.positions[0],
+            inputs.logits_rows,
+            meta.query_start_loc.long(),
+            meta.seq_lens.long(),
+            meta.block_tables.long().flatten(),
+            meta.slot_mapping.long(),
+        ]
+    ).cpu()
     dist.broadcast(header, src=0, group=control)
     dist.broadcast(payload, src=0, group=control)
 
 
 def receive_step(header: torch.Tensor, device: torch.device, control: dist.ProcessGroup) -> StepInputs:
-    num_rows, num_logits, num_sampling, num_seqs, width, num_decodes, max_query_len, max_seq_len, block_size = (int(v) for v in header[2:].tolist())
+    num_rows, num_logits, num_sampling, num_seqs, width, num_decodes, max_query_len, max_seq_len, block_size = (
+        int(v) for v in header[2:].tolist()
+    )
     sizes = [num_rows, num_rows, num_logits, num_seqs + 1, num_seqs, num_seqs * width, num_rows]
     payload = torch.empty(sum(sizes), dtype=torch.int64)
     dist.broadcast(payload, src=0, group=control)
@@ -87,4 +107,6 @@ def receive_step(header: torch.Tensor, device: torch.device, control: dist.Proce
         max_seq_len=max_seq_len,
         block_size=block_size,
     )
-    return StepInputs(ids[None].contiguous(), positions[None].contiguous(), logits_rows.contiguous(), num_sampling, meta)
+    return StepInputs(
+        ids[None].contiguous(), positions[None].contiguous(), logits_rows.contiguous(), num_sampling, meta
+    )

@@ -33,12 +33,16 @@ def random_meta_model(shape: str, max_model_len: int, dtype: torch.dtype) -> tor
 
     attention_hook.register()
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config(shape, max_model_len), dtype=dtype, attn_implementation=attention_hook.ATTN_IMPLEMENTATION)
+        model = AutoModelForCausalLM.from_config(
+            model_config(shape, max_model_len), dtype=dtype, attn_implementation=attention_hook.ATTN_IMPLEMENTATION
+        )
     return model.eval()
 
 
 @torch.no_grad()
-def materialize_random(model: torch.nn.Module, device: torch.device, rank: int, world: int, std: float = 0.02, seed: int = 0) -> None:
+def materialize_random(
+    model: torch.nn.Module, device: torch.device, rank: int, world: int, std: float = 0.02, seed: int = 0
+) -> None:
     """Give a meta model (already cut by tp_shard for `rank` of `world`) its share of the seeded weights."""
     model.to_empty(device=device)
     for name, param in model.named_parameters():

@@ -45,7 +45,9 @@ class RowParallelLinear(nn.Module):
 
 def _column(linear: nn.Linear, rank: int, world: int) -> nn.Linear:
     rows = linear.out_features // world
-    piece = nn.Linear(linear.in_features, rows, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
+    piece = nn.Linear(
+        linear.in_features, rows, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
+    )
     with torch.no_grad():
         piece.weight.copy_(linear.weight[rank * rows : (rank + 1) * rows])
         if linear.bias is not None:
@@ -64,9 +66,15 @@ def check_divisible(text_config, world: int) -> None:
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     intermediate = text_config.intermediate_size
-    bad = [f"{name} {value}" for name, value in (("attention heads", heads), ("KV heads", kv_heads), ("intermediate size", intermediate)) if value % world]
+    bad = [
+        f"{name} {value}"
+        for name, value in (("attention heads", heads), ("KV heads", kv_heads), ("intermediate size", intermediate))
+        if value % world
+    ]
     if bad:
-        raise TensorParallelError(f"cannot split the model {world} ways: {', '.join(bad)} not divisible by {world}; choose a tensor-parallel size that divides them")
+        raise TensorParallelError(
+            f"cannot split the model {world} ways: {', '.join(bad)} not divisible by {world}; choose a tensor-parallel size that divides them"
+        )
 
 
 def shard_model(model: nn.Module, rank: int, world: int, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -75,13 +83,17 @@ def shard_model(model: nn.Module, rank: int, world: int, group: dist.ProcessGrou
     check_divisible(text_config, world)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
-        raise TensorParallelError(f"{type(model).__name__}: no model.layers; tensor parallel supports Llama-style decoders")
+        raise TensorParallelError(
+            f"{type(model).__name__}: no model.layers; tensor parallel supports Llama-style decoders"
+        )
     for i, layer in enumerate(layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         names = [(attn, n) for n in (*ATTENTION_COLUMNS, "o_proj")] + [(mlp, n) for n in (*MLP_COLUMNS, "down_proj")]
         missing = [n for owner, n in names if not isinstance(getattr(owner, n, None), nn.Linear)]
         if missing:
-            raise TensorParallelError(f"layer {i} of {type(model).__name__} has no plain Linear {', '.join(missing)}; tensor parallel supports Llama-style decoders")
+            raise TensorParallelError(
+                f"layer {i} of {type(model).__name__} has no plain Linear {', '.join(missing)}; tensor parallel supports Llama-style decoders"
+            )
         for name in ATTENTION_COLUMNS:
             setattr(attn, name, _column(getattr(attn, name), rank, world))
         attn.o_proj = _row(attn.o_proj, rank, world, group)
@@ -89,7 +101,9 @@ def shard_model(model: nn.Module, rank: int, world: int, group: dist.ProcessGrou
             setattr(mlp, name, _column(getattr(mlp, name), rank, world))
         mlp.down_proj = _row(mlp.down_proj, rank, world, group)
     heads = text_config.num_attention_heads
-    text_config.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads  # before heads change
+    text_config.head_dim = (
+        getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    )  # before heads change
     text_config.num_key_value_heads = (getattr(text_config, "num_key_value_heads", None) or heads) // world
     text_config.num_attention_heads = heads // world
     return model

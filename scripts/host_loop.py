@@ -27,14 +27,18 @@ from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 def requests(rng: random.Random, n: int, max_new_tokens: int) -> list[GenerationRequest]:
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
-    return [GenerationRequest(i, [rng.randrange(10, 1000) for _ in range(rng.randint(100, 1024))], params) for i in range(n)]
+    return [
+        GenerationRequest(i, [rng.randrange(10, 1000) for _ in range(rng.randint(100, 1024))], params) for i in range(n)
+    ]
 
 
 def main() -> None:
     torch.set_num_threads(1)
     loaded = random_model("tiny", "cpu", "float32", max_model_len=4096)
-    engine = Engine.from_loaded(loaded, EngineConfig(max_num_seqs=512, max_num_batched_tokens=16384, num_blocks_override=40000,
-                                                     async_scheduling=True))  # fmt: skip
+    engine = Engine.from_loaded(
+        loaded,
+        EngineConfig(max_num_seqs=512, max_num_batched_tokens=16384, num_blocks_override=40000, async_scheduling=True),
+    )
     logits = torch.zeros(1024, loaded.model.config.vocab_size)
     engine.runner.forward = lambda inputs: logits[: inputs.logits_rows.shape[0]]
     rng = random.Random(0)

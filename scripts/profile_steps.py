@@ -37,9 +37,16 @@ def make_step(engine: Engine, q_lens: list[int], seq_lens: list[int], rng: np.ra
     def dev(a: np.ndarray, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype)
 
-    meta = AttentionMetadata(dev(starts), dev(np.array(seq_lens)), dev(tables), dev(slots, torch.int64),
-                             num_decodes=sum(q == 1 for q in q_lens), max_query_len=max(q_lens),
-                             max_seq_len=max(seq_lens), block_size=BLOCK_SIZE)  # fmt: skip
+    meta = AttentionMetadata(
+        dev(starts),
+        dev(np.array(seq_lens)),
+        dev(tables),
+        dev(slots, torch.int64),
+        num_decodes=sum(q == 1 for q in q_lens),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        block_size=BLOCK_SIZE,
+    )
     ids = torch.randint(0, engine.model.config.vocab_size, (1, int(starts[-1])), device=device)
     return StepInputs(ids, dev(positions, torch.int64)[None], dev(starts[1:] - 1, torch.int64), n, meta)
 
@@ -75,10 +82,15 @@ def main(shape: str) -> None:
         print(f"decode, CUDA graph: {ms_per_call(graph.replay):.3f} ms")
         print(f"prefill of {len(lens)} prompts: {ms_per_call(lambda: runner.forward_eager(prefill), 5):.3f} ms")
         hidden, inter = loaded.model.config.hidden_size, loaded.model.config.intermediate_size
-        for m, k, n in [(16384, hidden, 2 * inter), (16384, inter, hidden), (512, hidden, 2 * inter), (512, hidden, hidden)]:
+        for m, k, n in [
+            (16384, hidden, 2 * inter),
+            (16384, inter, hidden),
+            (512, hidden, 2 * inter),
+            (512, hidden, hidden),
+        ]:
             a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            ms = ms_per_call(lambda: torch.nn.functional.linear(a, b))
+            ms = ms_per_call(lambda a=a, b=b: torch.nn.functional.linear(a, b))
             print(f"GEMM {m}x{k}x{n}: {ms:.3f} ms, {2 * m * k * n / ms / 1e9:.0f} TFLOP/s")
         for name, step, n in (("decode", decode, 5), ("prefill", prefill, 3)):
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -42,10 +42,22 @@ def tiny_llama(seed: int) -> LoadedModel:
     """A random 2-layer Llama and a word-level tokenizer ("w17" is id 17), built in memory: nothing is downloaded."""
     attention_hook.register()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
-                         eos_token_id=EOS_ID, pad_token_id=0, initializer_range=0.2)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_hook.ATTN_IMPLEMENTATION, dtype=torch.float32).eval()
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=EOS_ID,
+        pad_token_id=0,
+        initializer_range=0.2,
+    )
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation=attention_hook.ATTN_IMPLEMENTATION, dtype=torch.float32
+    ).eval()
     vocab = {f"w{i}": i for i in range(2, VOCAB_SIZE)} | {"<s>": 0, "</s>": EOS_ID}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -59,7 +71,9 @@ def requests(num_rows: int, seed: int):
     for row in range(num_rows):
         prompt = [rng.randrange(2, VOCAB_SIZE) for _ in range(rng.randrange(2, 17))]
         sampled = rng.random() < 1 / 3
-        params = SamplingParams(max_new_tokens=rng.randrange(4, 25), temperature=0.8 if sampled else 0.0, seed=row if sampled else None)
+        params = SamplingParams(
+            max_new_tokens=rng.randrange(4, 25), temperature=0.8 if sampled else 0.0, seed=row if sampled else None
+        )
         yield GenerationRequest(row, prompt, params)
 
 
@@ -84,24 +98,35 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    engine = Engine.from_loaded(tiny_llama(args.seed), EngineConfig(device="cpu", num_blocks_override=args.num_blocks,
-                                                                    max_num_seqs=args.max_num_seqs, seed=args.seed))  # fmt: skip
+    engine = Engine.from_loaded(
+        tiny_llama(args.seed),
+        EngineConfig(device="cpu", num_blocks_override=args.num_blocks, max_num_seqs=args.max_num_seqs, seed=args.seed),
+    )
     if args.job:
         return soak_job(engine, args)
     pool = engine.pool
     folder = Path(tempfile.mkdtemp(prefix="kvbatch-soak-"))
     output = folder / "soak.arrow"
     writer = OutputWriter(output, "arrow", Layout(), Manifest("soak", "-", {}, output.name, "arrow"), part_rows=1000)
-    print(f"soak: {args.rows} rows, pool {pool.num_blocks} blocks, max_num_seqs {args.max_num_seqs}, "
-          f"{args.threads} thread(s), output {output}", flush=True)  # fmt: skip
+    print(
+        f"soak: {args.rows} rows, pool {pool.num_blocks} blocks, max_num_seqs {args.max_num_seqs}, "
+        f"{args.threads} thread(s), output {output}",
+        flush=True,
+    )
     reporter = Reporter(pool, args.every)
     errors = 0
     with writer:
         for result in engine.generate(requests(args.rows, args.seed)):
             errors += result.error is not None
-            writer.add(RowResult(result.request_id, texts=[c.text for c in result.completions],
-                                 finish_reasons=[c.finish_reason for c in result.completions],
-                                 prompt_tokens=result.num_prompt_tokens, output_tokens=result.num_output_tokens))  # fmt: skip
+            writer.add(
+                RowResult(
+                    result.request_id,
+                    texts=[c.text for c in result.completions],
+                    finish_reasons=[c.finish_reason for c in result.completions],
+                    prompt_tokens=result.num_prompt_tokens,
+                    output_tokens=result.num_output_tokens,
+                )
+            )
             reporter.count(result.num_output_tokens, last=reporter.done + 1 == args.rows)
         report = writer.finalize(args.rows)
 
@@ -110,10 +135,13 @@ def main() -> int:
     whole = pool.num_free_blocks == pool.num_blocks
     in_order = rows == list(range(args.rows))
     rss = reporter.rss
-    print(f"done: {reporter.done} rows ({errors} errors) in {time.monotonic() - reporter.start:.1f} s; pool {pool.num_free_blocks}/{pool.num_blocks} "
-          f"blocks free ({'whole' if whole else 'LEAK'}); output {report.num_rows} rows, {report.num_bytes} bytes, "
-          f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB, "
-          f"growth after warm-up (from the 2nd report) {rss[-1] - rss[min(1, len(rss) - 1)]:+.1f} MiB", flush=True)  # fmt: skip
+    print(
+        f"done: {reporter.done} rows ({errors} errors) in {time.monotonic() - reporter.start:.1f} s; pool {pool.num_free_blocks}/{pool.num_blocks} "
+        f"blocks free ({'whole' if whole else 'LEAK'}); output {report.num_rows} rows, {report.num_bytes} bytes, "
+        f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB, "
+        f"growth after warm-up (from the 2nd report) {rss[-1] - rss[min(1, len(rss) - 1)]:+.1f} MiB",
+        flush=True,
+    )
     return 0 if whole and in_order and errors == 0 else 1
 
 
@@ -134,7 +162,10 @@ class Reporter:
             elapsed = time.monotonic() - self.slice_start
             self.rss.append(rss_mib())
             rows = self.done % self.every or self.every
-            print(f"{self.done:>7} {self.rss[-1]:>8.1f} {self.pool.num_free_blocks:>11} {rows / elapsed:>7.1f} {self.tokens / elapsed:>9.1f}", flush=True)
+            print(
+                f"{self.done:>7} {self.rss[-1]:>8.1f} {self.pool.num_free_blocks:>11} {rows / elapsed:>7.1f} {self.tokens / elapsed:>9.1f}",
+                flush=True,
+            )
             self.slice_start, self.tokens = time.monotonic(), 0
 
 
@@ -146,7 +177,10 @@ def soak_job(engine: Engine, args: argparse.Namespace) -> int:
     folder = Path(tempfile.mkdtemp(prefix="kvbatch-soak-job-"))
     with open(folder / "in.jsonl", "w") as f:
         for request in requests(args.rows, args.seed):
-            f.write(json.dumps({"id": request.request_id, "prompt": " ".join(f"w{t}" for t in request.prompt_token_ids)}) + "\n")
+            f.write(
+                json.dumps({"id": request.request_id, "prompt": " ".join(f"w{t}" for t in request.prompt_token_ids)})
+                + "\n"
+            )
     reporter = Reporter(engine.pool, args.every)
     generate = engine.generate
 
@@ -156,9 +190,21 @@ def soak_job(engine: Engine, args: argparse.Namespace) -> int:
             yield result
 
     engine.generate = counted  # type: ignore[method-assign]
-    spec = job_from_dict({"name": "soak", "input": {"path": "in.jsonl"}, "id_column": "id", "prompt": {"chat_template": False},
-                          "sampling": {"max_new_tokens": 16}, "output": {"path": "soak.arrow"}}, base_dir=str(folder))  # fmt: skip
-    print(f"soak (job): {args.rows} rows, pool {engine.pool.num_blocks} blocks, output {folder / 'out' / 'soak.arrow'}", flush=True)
+    spec = job_from_dict(
+        {
+            "name": "soak",
+            "input": {"path": "in.jsonl"},
+            "id_column": "id",
+            "prompt": {"chat_template": False},
+            "sampling": {"max_new_tokens": 16},
+            "output": {"path": "soak.arrow"},
+        },
+        base_dir=str(folder),
+    )
+    print(
+        f"soak (job): {args.rows} rows, pool {engine.pool.num_blocks} blocks, output {folder / 'out' / 'soak.arrow'}",
+        flush=True,
+    )
     outcome = run_jobs([spec], engine_factory=lambda model, settings: engine)[0]
     if outcome.error is not None:
         print(f"job failed: {outcome.error}")
@@ -167,11 +213,14 @@ def soak_job(engine: Engine, args: argparse.Namespace) -> int:
     engine.pool.check_invariants()
     whole = engine.pool.num_free_blocks == engine.pool.num_blocks
     in_order = rows == list(range(args.rows))
-    print(f"done: {outcome.summary.rows} rows ({outcome.summary.rows_error} errors) in {time.monotonic() - reporter.start:.1f} s; "
-          f"pool {engine.pool.num_free_blocks}/{engine.pool.num_blocks} blocks free ({'whole' if whole else 'LEAK'}); "
-          f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {reporter.rss[0]:.1f} MiB, "
-          f"last {reporter.rss[-1]:.1f} MiB, growth after warm-up (from the 2nd report) "
-          f"{reporter.rss[-1] - reporter.rss[min(1, len(reporter.rss) - 1)]:+.1f} MiB", flush=True)  # fmt: skip
+    print(
+        f"done: {outcome.summary.rows} rows ({outcome.summary.rows_error} errors) in {time.monotonic() - reporter.start:.1f} s; "
+        f"pool {engine.pool.num_free_blocks}/{engine.pool.num_blocks} blocks free ({'whole' if whole else 'LEAK'}); "
+        f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {reporter.rss[0]:.1f} MiB, "
+        f"last {reporter.rss[-1]:.1f} MiB, growth after warm-up (from the 2nd report) "
+        f"{reporter.rss[-1] - reporter.rss[min(1, len(reporter.rss) - 1)]:+.1f} MiB",
+        flush=True,
+    )
     return 0 if whole and in_order and outcome.summary.rows_error == 0 else 1
 
 

@@ -29,7 +29,9 @@ from kvbatch.runner.engine import Engine, EngineConfig
 
 def gpu_gaps(events: list[dict], min_gap_us: float = 200.0) -> tuple[float, float, list[tuple[float, float]]]:
     """(span, busy, gaps) of the trace's kernels, copies and memsets, in microseconds; gaps as (length, start)."""
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    spans = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    )
     busy, end, gaps = 0.0, None, []
     for start, stop in spans:
         if end is None or start > end:
@@ -75,8 +77,10 @@ def main() -> None:
             with open(path, "rb") as f, gzip.open(args.out, "wb") as g:
                 shutil.copyfileobj(f, g)
     print(f"kernel span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {100 * (1 - busy / span):.1f}%")
-    print(f"gaps over 0.2 ms: {len(gaps)}, {sum(g for g, _ in gaps) / 1e3:.1f} ms in all; largest (ms, at ms):",
-          [(round(g / 1e3, 2), round(t / 1e3, 1)) for g, t in gaps[:20]])
+    print(
+        f"gaps over 0.2 ms: {len(gaps)}, {sum(g for g, _ in gaps) / 1e3:.1f} ms in all; largest (ms, at ms):",
+        [(round(g / 1e3, 2), round(t / 1e3, 1)) for g, t in gaps[:20]],
+    )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from kvbatch import __version__
 from kvbatch.jobs.errors import InterruptedJob, JobError, OutputLockedError
+from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.spec import job_from_dict, load_jobs_file
 from kvbatch.jobs.summary import Summary
-from kvbatch.runner import cli
-from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.writer import work_dir
+from kvbatch.runner import cli
 from kvbatch.runner.job import EngineCache, JobOutcome
 from kvbatch.runner.job import run_jobs as real_run_jobs
 
@@ -48,7 +48,11 @@ class Recorder:
 
     def __call__(self, specs, wait_for_lock=False):
         self.calls.append((list(specs), wait_for_lock))
-        return self.outcomes if self.outcomes is not None else [JobOutcome(s.name, Summary(s.name, f"out/{s.name}.arrow", rows=1, rows_ok=1)) for s in specs]
+        return (
+            self.outcomes
+            if self.outcomes is not None
+            else [JobOutcome(s.name, Summary(s.name, f"out/{s.name}.arrow", rows=1, rows_ok=1)) for s in specs]
+        )
 
 
 @pytest.fixture
@@ -79,13 +83,42 @@ def test_version_and_help() -> None:
 
 def test_run_passes_the_loaded_specs_with_command_line_overrides(tmp_path: Path, recorder: Recorder) -> None:
     path = jobs_file(tmp_path)
-    result = invoke("run", path, "--job", "second", "--set", "sampling.top_k=5", "--set", "sampling.stop=[END]",
-                    "--model", "/m", "--device", "cpu", "--limit", "3", "--mode", "overwrite", "--wait")  # fmt: skip
+    result = invoke(
+        "run",
+        path,
+        "--job",
+        "second",
+        "--set",
+        "sampling.top_k=5",
+        "--set",
+        "sampling.stop=[END]",
+        "--model",
+        "/m",
+        "--device",
+        "cpu",
+        "--limit",
+        "3",
+        "--mode",
+        "overwrite",
+        "--wait",
+    )
     assert result.exit_code == 0, result.output
-    overrides = {"sampling.top_k": 5, "sampling.stop": ["END"], "model": "/m", "engine.device": "cpu", "input.limit": 3, "output.mode": "overwrite"}
+    overrides = {
+        "sampling.top_k": 5,
+        "sampling.stop": ["END"],
+        "model": "/m",
+        "engine.device": "cpu",
+        "input.limit": 3,
+        "output.mode": "overwrite",
+    }
     assert recorder.calls == [(load_jobs_file(path, overrides).select(["second"]), True)]
     spec = recorder.calls[0][0][0]
-    assert (spec.sampling.temperature, spec.sampling.max_new_tokens, spec.sampling.top_k, spec.sampling.stop) == (0.5, 16, 5, ("END",))
+    assert (spec.sampling.temperature, spec.sampling.max_new_tokens, spec.sampling.top_k, spec.sampling.stop) == (
+        0.5,
+        16,
+        5,
+        ("END",),
+    )
     assert "job second: done -> out/second.arrow" in result.stdout
 
 
@@ -97,10 +130,41 @@ def test_run_without_options_runs_every_job_as_written(tmp_path: Path, recorder:
 
 def test_generate_builds_one_job(tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    result = invoke("generate", "data/in.parquet", "-o", "results/my answers.parquet", "--model", "/m", "--template", "Q: {q}",
-                    "--system", "S", "--no-chat-template", "--id-column", "id", "--keep-column", "a", "--keep-column", "b",
-                    "--max-new-tokens", "9", "--temperature", "0.7", "--top-p", "0.9", "--seed", "4", "--limit", "2",
-                    "--input-format", "parquet", "--device", "cpu", "--mode", "error")  # fmt: skip
+    result = invoke(
+        "generate",
+        "data/in.parquet",
+        "-o",
+        "results/my answers.parquet",
+        "--model",
+        "/m",
+        "--template",
+        "Q: {q}",
+        "--system",
+        "S",
+        "--no-chat-template",
+        "--id-column",
+        "id",
+        "--keep-column",
+        "a",
+        "--keep-column",
+        "b",
+        "--max-new-tokens",
+        "9",
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "4",
+        "--limit",
+        "2",
+        "--input-format",
+        "parquet",
+        "--device",
+        "cpu",
+        "--mode",
+        "error",
+    )
     assert result.exit_code == 0, result.output
     expected = job_from_dict(
         {
@@ -123,19 +187,30 @@ def test_generate_builds_one_job(tmp_path: Path, recorder: Recorder, monkeypatch
 def test_generate_defaults(tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert invoke("generate", "in.jsonl", "-o", "out.arrow").exit_code == 0
-    expected = job_from_dict({"name": "out", "input": {"path": "in.jsonl"}, "output": {"path": "out.arrow"}, "output_dir": "."}, base_dir=str(tmp_path))
+    expected = job_from_dict(
+        {"name": "out", "input": {"path": "in.jsonl"}, "output": {"path": "out.arrow"}, "output_dir": "."},
+        base_dir=str(tmp_path),
+    )
     assert recorder.calls == [([expected], False)]
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (JOBS.replace("temperature: 0.5", "temprature: 0.5"), "jobs.yaml:8: jobs[1].sampling.temprature: unknown field (did you mean 'temperature'?)"),
-        (JOBS.replace("{max_new_tokens: 16}", "{max_new_tokens: many}"), "jobs.yaml:2: defaults.sampling.max_new_tokens: expected an integer, got str 'many'"),
+        (
+            JOBS.replace("temperature: 0.5", "temprature: 0.5"),
+            "jobs.yaml:8: jobs[1].sampling.temprature: unknown field (did you mean 'temperature'?)",
+        ),
+        (
+            JOBS.replace("{max_new_tokens: 16}", "{max_new_tokens: many}"),
+            "jobs.yaml:2: defaults.sampling.max_new_tokens: expected an integer, got str 'many'",
+        ),
         (JOBS.replace("input: {path: in.jsonl}\n  - name", "input: {path: in.jsonl\n  - name"), "YAML syntax error"),
     ],
 )
-def test_bad_configuration_exits_2_naming_field_and_line(tmp_path: Path, recorder: Recorder, text: str, message: str) -> None:
+def test_bad_configuration_exits_2_naming_field_and_line(
+    tmp_path: Path, recorder: Recorder, text: str, message: str
+) -> None:
     result = invoke("run", jobs_file(tmp_path, text))
     assert result.exit_code == 2
     assert message in result.stderr and result.stderr.startswith("kvbatch: error: ")
@@ -189,7 +264,11 @@ def test_plan_and_inspect_print_their_reports(tmp_path: Path, monkeypatch: pytes
     result = invoke("plan", jobs_file(tmp_path), "--job", "first")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("job first: 2 rows\n") and "will fail       1 rows: empty_prompt 1" in result.stdout
-    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=fake_factory()))
+    monkeypatch.setattr(
+        cli,
+        "run_jobs",
+        lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=fake_factory()),
+    )
     assert invoke("run", jobs_file(tmp_path), "--job", "first").exit_code == 0
     output = tmp_path / "out" / "first.arrow"
     result = invoke("inspect", output, "--rows", "1")
@@ -201,12 +280,18 @@ def test_plan_and_inspect_print_their_reports(tmp_path: Path, monkeypatch: pytes
 
 def test_a_second_run_on_a_locked_output_exits_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
-    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=fake_factory()))
+    monkeypatch.setattr(
+        cli,
+        "run_jobs",
+        lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=fake_factory()),
+    )
     output = tmp_path / "out" / "first.arrow"
     work_dir(output).mkdir(parents=True)
     # flock locks belong to an open file, so a second open in this process conflicts like another process would.
     with OutputLock(work_dir(output) / "lock"):
         result = invoke("run", jobs_file(tmp_path), "--job", "first")
     assert result.exit_code == 4, result.output
-    assert f"another kvbatch run (pid {os.getpid()}) is writing this output" in result.stderr and "--wait" in result.stderr
+    assert (
+        f"another kvbatch run (pid {os.getpid()}) is writing this output" in result.stderr and "--wait" in result.stderr
+    )
     assert invoke("run", jobs_file(tmp_path), "--job", "first").exit_code == 0  # free again

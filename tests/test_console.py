@@ -62,7 +62,9 @@ def test_usage_errors_keep_their_status() -> None:
 def tuned(env_extra: dict[str, str]) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env_extra
     code = "from kvbatch.runner.console import tune_malloc; print(tune_malloc())"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True
+    ).stdout.strip()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

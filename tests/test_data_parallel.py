@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 from typer.testing import CliRunner
 
 from kvbatch.jobs.errors import InterruptedJob, OutputError
@@ -16,7 +17,6 @@ from kvbatch.runner import cli
 from kvbatch.runner.data_parallel import run_data_parallel
 from kvbatch.runner.job import EngineCache, run_jobs
 from kvbatch.runner.signals import StopFlag
-from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 
 
 def test_data_parallel_two_processes_equal_one(tmp_path):
@@ -34,7 +34,10 @@ def test_data_parallel_two_processes_equal_one(tmp_path):
     with pytest.raises(InterruptedJob, match="stopped by SIGTERM; rerun to run it"):
         run_data_parallel(job, EngineCache(tiny_engine), stopped)
     assert not out.exists()
-    [first] = run_jobs([dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, data=1, shard="0/2"))], engine_factory=tiny_engine)
+    [first] = run_jobs(
+        [dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, data=1, shard="0/2"))],
+        engine_factory=tiny_engine,
+    )
     assert first.summary.rows == 7
 
     [outcome] = run_jobs([job], engine_factory=tiny_engine)
@@ -73,14 +76,19 @@ def captured(monkeypatch):
 def test_cli_scaling_options_reach_the_spec(tmp_path, captured, monkeypatch):
     (tmp_path / "jobs.yaml").write_text("jobs:\n  - name: a\n    input: {path: in.jsonl}\n")
     runner = CliRunner()
-    result = runner.invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--shard", "1/4", "--data-parallel", "2", "--tensor-parallel", "2"])
+    result = runner.invoke(
+        cli.app,
+        ["run", str(tmp_path / "jobs.yaml"), "--shard", "1/4", "--data-parallel", "2", "--tensor-parallel", "2"],
+    )
     assert result.exit_code == 0, result.output
     parallel = captured[-1][0].parallel
     assert (parallel.shard, parallel.data, parallel.tensor, captured[-1][0].runner) == ("1/4", 2, 2, "local")
 
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
-    result = runner.invoke(cli.app, ["generate", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.arrow"), "--ray-address", "auto"])
+    result = runner.invoke(
+        cli.app, ["generate", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.arrow"), "--ray-address", "auto"]
+    )
     assert result.exit_code == 0, result.output
     spec = captured[-1][0]
     assert (spec.parallel.shard, spec.runner, spec.parallel.ray_address) == ("3/4", "ray", "auto")
@@ -96,7 +104,13 @@ def test_set_reaches_fields_that_also_have_options(tmp_path, captured):
     result = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), *[a for s in sets for a in ("--set", s)]])
     assert result.exit_code == 0, result.output
     spec = captured[-1][0]
-    assert (spec.input.limit, spec.output.mode, spec.engine.device, spec.parallel.data, spec.model) == (7, "overwrite", "cpu", 2, "some/model")
+    assert (spec.input.limit, spec.output.mode, spec.engine.device, spec.parallel.data, spec.model) == (
+        7,
+        "overwrite",
+        "cpu",
+        2,
+        "some/model",
+    )
     result = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--set", "input.limit=7", "--limit", "3"])
     assert captured[-1][0].input.limit == 3  # the option wins over --set
 
@@ -105,7 +119,6 @@ def test_cli_merge_refuses_with_the_list(tmp_path):
     result = CliRunner().invoke(cli.app, ["merge", str(tmp_path / "answers.arrow")])
     assert result.exit_code == 1
     assert "no shard outputs found beside" in result.output
-
 
 
 def test_children_stop_when_the_parent_says_or_is_gone(monkeypatch):

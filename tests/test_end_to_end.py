@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent / "runner"))
 from tiny_models import tiny_loaded  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
+)
 MAX_NEW_TOKENS = 12
 
 
@@ -57,11 +59,18 @@ def test_job_texts_equal_the_engines_own_greedy_output(tmp_path: Path, chat_temp
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     engine_fields = {"device": "cpu", "block_size": 4, "num_blocks_override": 24, "max_num_batched_tokens": 32}
     job = job_from_dict(
-        {"name": "e2e", "model": "tiny", "input": {"path": "in.jsonl"}, "id_column": "id", "sort_window": 4,
-         "prompt": {"chat_template": chat_template is not None}, "sampling": {"max_new_tokens": MAX_NEW_TOKENS},
-         "engine": engine_fields},
+        {
+            "name": "e2e",
+            "model": "tiny",
+            "input": {"path": "in.jsonl"},
+            "id_column": "id",
+            "sort_window": 4,
+            "prompt": {"chat_template": chat_template is not None},
+            "sampling": {"max_new_tokens": MAX_NEW_TOKENS},
+            "engine": engine_fields,
+        },
         base_dir=str(tmp_path),
-    )  # fmt: skip
+    )
     factory = tiny_engine_factory(chat_template)
     summary = run_job(job, EngineCache(factory))
     (engine,) = factory.engines
@@ -79,10 +88,16 @@ def test_job_texts_equal_the_engines_own_greedy_output(tmp_path: Path, chat_temp
         if chat_template is None:
             ids = tokenizer.encode(prompt, add_special_tokens=True)
         else:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         (direct,) = engine.generate([GenerationRequest(i, ids, params)])
         assert (row["text"], row["finish_reason"], row["prompt_tokens"], row["output_tokens"]) == (
-            direct.text, direct.finish_reason, len(ids), direct.num_output_tokens), f"row {row['id']}"  # fmt: skip
+            direct.text,
+            direct.finish_reason,
+            len(ids),
+            direct.num_output_tokens,
+        ), f"row {row['id']}"
         assert row["error"] is None
     assert summary.rows == 11 and summary.rows_error == 1 and summary.errors_by_kind == {"prompt_too_long": 1}
     assert summary.output_tokens == sum(r["output_tokens"] for r in got)
@@ -94,7 +109,14 @@ def test_the_worked_example_with_the_default_model(tmp_path: Path) -> None:
     """`kvbatch run examples/jobs.yaml` as the README shows it, writing to a temporary folder, with shorter answers
     (16 tokens instead of 48 and 32; the OpenAI requests keep their own max_tokens) to keep CI quick."""
     out = tmp_path / "out"
-    args = ["run", str(REPO / "examples" / "jobs.yaml"), "--set", f"output_dir={out}", "--set", "sampling.max_new_tokens=16"]
+    args = [
+        "run",
+        str(REPO / "examples" / "jobs.yaml"),
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "sampling.max_new_tokens=16",
+    ]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     assert "job questions: done" in result.stdout and "errors      bad_json 1, empty_prompt 1" in result.stdout
@@ -102,7 +124,17 @@ def test_the_worked_example_with_the_default_model(tmp_path: Path) -> None:
     questions = pa.ipc.open_file(str(out / "questions.arrow")).read_all()
     source = (REPO / "examples" / "data" / "questions.jsonl").read_text().splitlines()
     assert questions.num_rows == len(source) == 24
-    assert questions.column_names == ["row", "id", "topic", "text", "finish_reason", "error", "error_kind", "prompt_tokens", "output_tokens"]
+    assert questions.column_names == [
+        "row",
+        "id",
+        "topic",
+        "text",
+        "finish_reason",
+        "error",
+        "error_kind",
+        "prompt_tokens",
+        "output_tokens",
+    ]
     rows = questions.to_pylist()
     assert [r["row"] for r in rows] == list(range(24))
     assert [r["id"] for r in rows if r["id"]] == [json.loads(line)["id"] for line in source if line.endswith("}")]
@@ -110,7 +142,9 @@ def test_the_worked_example_with_the_default_model(tmp_path: Path) -> None:
     assert "paris" in rows[0]["text"].lower()  # greedy: "What is the capital of France?"
     assert all(r["text"] and 0 < r["output_tokens"] <= 16 for r in rows if r["finish_reason"] != "error")
     assert json.loads(questions.schema.metadata[b"kvbatch.job"])["name"] == "questions"
-    loaded = datasets.load_dataset("arrow", data_files=str(out / "questions.arrow"), split="train", cache_dir=str(tmp_path / "hf"))
+    loaded = datasets.load_dataset(
+        "arrow", data_files=str(out / "questions.arrow"), split="train", cache_dir=str(tmp_path / "hf")
+    )
     assert loaded.num_rows == 24 and loaded[0]["id"] == "q01"
 
     reviews = pq.read_table(out / "reviews.parquet")
@@ -121,4 +155,8 @@ def test_the_worked_example_with_the_default_model(tmp_path: Path) -> None:
         body = ChatCompletion.model_validate(line["response"]["body"])
         assert body.model == "SmolLM2-135M-Instruct" and body.choices[0].message.content
     summary = json.loads((out / "questions.arrow.summary.json").read_text())
-    assert (summary["rows"], summary["rows_error"], summary["errors_by_kind"]) == (24, 2, {"bad_json": 1, "empty_prompt": 1})
+    assert (summary["rows"], summary["rows_error"], summary["errors_by_kind"]) == (
+        24,
+        2,
+        {"bad_json": 1, "empty_prompt": 1},
+    )

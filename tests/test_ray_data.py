@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 
 from kvbatch.jobs.spec import output_path
 from kvbatch.runner.job import run_jobs
-from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 
 ray = pytest.importorskip("ray")  # the `ray` extra (in `test`); skipped only where Ray is not installed
 TESTS = Path(__file__).parent
@@ -33,7 +33,11 @@ def test_ray_runner_equals_one_process(tmp_path, local_ray):
     [outcome] = run_jobs([job], engine_factory=tiny_engine)
     assert outcome.error is None, outcome.error
     assert rows_of(output_path(job)) == rows_of(output_path(whole))
-    assert (outcome.summary.rows, outcome.summary.rows_error, outcome.summary.output_tokens) == (13, 2, single.summary.output_tokens)
+    assert (outcome.summary.rows, outcome.summary.rows_error, outcome.summary.output_tokens) == (
+        13,
+        2,
+        single.summary.output_tokens,
+    )
 
     # the callable class on its own, over any dataset with a prompt column
     from kvbatch.runner.ray_data import GenerateBatch
@@ -41,7 +45,11 @@ def test_ray_runner_equals_one_process(tmp_path, local_ray):
     expected = {r["row"]: r["text"] for r in rows_of(output_path(whole)) if r["text"] is not None}
     prompts = [{"row": r, "prompt": p} for r, p in _prompts(tmp_path / "in.jsonl").items() if r in expected]
     ds = ray.data.from_items(prompts).map_batches(
-        GenerateBatch, fn_constructor_kwargs={"job": whole, "engine_factory": tiny_engine}, batch_format="pyarrow", batch_size=4, concurrency=1
+        GenerateBatch,
+        fn_constructor_kwargs={"job": whole, "engine_factory": tiny_engine},
+        batch_format="pyarrow",
+        batch_size=4,
+        concurrency=1,
     )
     got = {r["row"]: r["text"] for r in ds.take_all()}
     assert got == expected

@@ -23,7 +23,9 @@ def _check(condition: bool, message: str) -> None:
         raise RuntimeError(message)  # what TORCH_CHECK raises
 
 
-def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> None:
+def _check_paged(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None
+) -> None:
     _check(block_table is not None, "this double implements the paged path only (block_table=...)")
     _check(q.dtype in (torch.float16, torch.bfloat16), "FlashAttention only support fp16 and bf16 data type")
     _check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, "query and key must have the same dtype")
@@ -46,8 +48,15 @@ def _lengths(name: str, t: torch.Tensor, size: int) -> list[int]:
     return t.tolist()
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, seqlen_k: int,
-            scale: float, causal: bool) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    seqlen_k: int,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
     """q: [seqlen_q, heads, d] -> [seqlen_q, heads, d] in q's dtype; the sequence's keys are its first seqlen_k
     page slots. Causal: query i of seqlen_q sees keys j <= i + seqlen_k - seqlen_q (bottom-right aligned); a
     query that sees no key gives zeros."""
@@ -62,7 +71,10 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table
     seqlen_q = q.shape[0]
     visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
     if causal:
-        visible = torch.arange(seqlen_k, device=q.device)[None, :] <= torch.arange(seqlen_q, device=q.device)[:, None] + seqlen_k - seqlen_q
+        visible = (
+            torch.arange(seqlen_k, device=q.device)[None, :]
+            <= torch.arange(seqlen_q, device=q.device)[:, None] + seqlen_k - seqlen_q
+        )
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     return torch.einsum("hqk,khd->qhd", weights, v).to(q.dtype)
 
@@ -72,13 +84,33 @@ def _unsupported(**options: object) -> None:
     _check(not used, f"this double does not implement {', '.join(used)}")
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
     """q: (total_q, nheads, headdim); k, v: (num_blocks, page_block_size, nheads_k, headdim) with block_table
     (batch, max_num_blocks_per_seq). Returns (total_q, nheads, headdim)."""
-    _unsupported(dropout_p=dropout_p, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                 return_attn_probs=return_attn_probs)
+    _unsupported(
+        dropout_p=dropout_p,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        return_attn_probs=return_attn_probs,
+    )
     _check_paged(q, k, v, block_table)
     batch = cu_seqlens_k.numel() - 1
     _check(batch > 0, "batch size must be positive")
@@ -93,20 +125,47 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         # The kernel sizes its grid and tiles from these; longer sequences would be cut short, not refused.
         _check(0 <= seqlen_q <= max_seqlen_q and 0 <= seqlen_k <= max_seqlen_k, f"sequence {b} exceeds max_seqlen")
         if seqlen_q:
-            out[starts_q[b] : starts_q[b + 1]] = _attend(q[starts_q[b] : starts_q[b + 1]], k, v, block_table[b],
-                                                         seqlen_k, scale, causal)
+            out[starts_q[b] : starts_q[b + 1]] = _attend(
+                q[starts_q[b] : starts_q[b + 1]], k, v, block_table[b], seqlen_k, scale, causal
+            )
     return out
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
-                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+):
     """q: (batch, seqlen, nheads, headdim); the caches paged as above; cache_seqlens (batch,) int32: each
     sequence's keys. Returns (batch, seqlen, nheads, headdim)."""
-    _unsupported(k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
-                 cache_leftpad=cache_leftpad, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                 return_softmax_lse=return_softmax_lse)
+    _unsupported(
+        k=k,
+        v=v,
+        rotary_cos=rotary_cos,
+        rotary_sin=rotary_sin,
+        cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        return_softmax_lse=return_softmax_lse,
+    )
     _check(q.dim() == 4, "q must be (batch_size, seqlen_q, num_heads, head_size)")
     _check_paged(q, k_cache, v_cache, block_table)
     batch = q.shape[0]
@@ -115,4 +174,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     lengths = _lengths("cache_seqlens", cache_seqlens, batch)
     _check(tuple(block_table.shape[:1]) == (batch,), "block_table must have shape (batch_size, max_num_blocks_per_seq)")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return torch.stack([_attend(q[b], k_cache, v_cache, block_table[b], lengths[b], scale, causal) for b in range(batch)])
+    return torch.stack(
+        [_attend(q[b], k_cache, v_cache, block_table[b], lengths[b], scale, causal) for b in range(batch)]
+    )

@@ -123,15 +123,31 @@ def test_backend_matches_the_torch_reference(flash_attn, name):
 
 def _shifted(meta: AttentionMetadata) -> AttentionMetadata:
     """Every sequence one key longer: its last query then sees a key it must not (the next slot's garbage)."""
-    return AttentionMetadata(meta.query_start_loc, meta.seq_lens + 1, meta.block_tables, meta.slot_mapping,
-                             meta.num_decodes, meta.max_query_len, meta.max_seq_len + 1, meta.block_size)
+    return AttentionMetadata(
+        meta.query_start_loc,
+        meta.seq_lens + 1,
+        meta.block_tables,
+        meta.slot_mapping,
+        meta.num_decodes,
+        meta.max_query_len,
+        meta.max_seq_len + 1,
+        meta.block_size,
+    )
 
 
 def test_the_double_refuses_what_flash_attn_refuses(flash_attn):
     query, key_cache, value_cache, meta = _step([(20, 1)], 1)
     with pytest.raises(RuntimeError, match="fp16 and bf16"):
         attention_flash.paged_attention(query.float(), key_cache.float(), value_cache.float(), meta, 1.0)
-    bad = AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables.long(), meta.slot_mapping,
-                            meta.num_decodes, meta.max_query_len, meta.max_seq_len, meta.block_size)
+    bad = AttentionMetadata(
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables.long(),
+        meta.slot_mapping,
+        meta.num_decodes,
+        meta.max_query_len,
+        meta.max_seq_len,
+        meta.block_size,
+    )
     with pytest.raises(RuntimeError, match="block_table must have dtype torch.int32"):
         attention_flash.paged_attention(query, key_cache, value_cache, bad, 1.0)

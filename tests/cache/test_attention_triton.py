@@ -19,16 +19,23 @@ import importlib  # noqa: E402
 import pytest  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from kvbatch.cache import attention_torch  # noqa: E402
-from kvbatch.cache import attention_triton  # noqa: E402
+from kvbatch.cache import (  # noqa: E402
+    attention_torch,
+    attention_triton,
+)
 from kvbatch.cache.block_table import num_blocks_for, slots_for  # noqa: E402
 from kvbatch.cache.metadata import AttentionMetadata  # noqa: E402
 
 if not CUDA and not isinstance(attention_triton._write_kv_kernel, InterpretedFunction):
     # Another module imported the kernels before the variable was set: decorate them again, interpreted,
     # the shared tile first, then the kernels that call it, then the module that launches them.
-    for _name in ("attention_triton_tile", "attention_triton_write", "attention_triton_prefill",
-                  "attention_triton_decode", "attention_triton_cascade"):
+    for _name in (
+        "attention_triton_tile",
+        "attention_triton_write",
+        "attention_triton_prefill",
+        "attention_triton_decode",
+        "attention_triton_cascade",
+    ):
         importlib.reload(importlib.import_module(f"kvbatch.cache.{_name}"))
     attention_triton = importlib.reload(attention_triton)
 
@@ -74,8 +81,9 @@ def make_step(seqs, *, block_size, num_heads, num_kv_heads, head_dim, dtype, num
         block_size=block_size,
     )
     pad = torch.randn(num_pad_rows, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    attention_triton.write_kv(key_cache, value_cache, torch.cat(new_k + [pad]), torch.cat(new_v + [pad]),
-                              meta.slot_mapping)
+    attention_triton.write_kv(
+        key_cache, value_cache, torch.cat(new_k + [pad]), torch.cat(new_v + [pad]), meta.slot_mapping
+    )
     query = torch.randn(num_rows, num_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
     return query, key_cache, value_cache, meta
 
@@ -120,8 +128,17 @@ def test_mixed_step_matches_reference(shape):
     else:
         seqs = [(37, 1), (2, 1), (0, 1), (0, 19), (21, 9), (5, 1)]
         num_decodes = 3
-    step = make_step(seqs, block_size=block_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                     head_dim=head_dim, dtype=torch.float32, num_decodes=num_decodes, num_pad_rows=3, seed=1)
+    step = make_step(
+        seqs,
+        block_size=block_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=torch.float32,
+        num_decodes=num_decodes,
+        num_pad_rows=3,
+        seed=1,
+    )
     out = check(*step)
     assert torch.equal(out[-3:], torch.zeros_like(out[-3:]))  # padding rows
 
@@ -134,8 +151,16 @@ def test_random_chunk_boundaries(block_size):
     limit = 3000 if CUDA else 40
     seqs = [(rng.randrange(limit), 1) for _ in range(3)]
     seqs += [(rng.randrange(limit), rng.randrange(1, limit)) for _ in range(16 if CUDA else 10)]
-    step = make_step(seqs, block_size=block_size, num_heads=4, num_kv_heads=2, head_dim=64 if CUDA else 16,
-                     dtype=torch.float32, num_decodes=3, seed=block_size)
+    step = make_step(
+        seqs,
+        block_size=block_size,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64 if CUDA else 16,
+        dtype=torch.float32,
+        num_decodes=3,
+        seed=block_size,
+    )
     check(*step)
 
 
@@ -146,8 +171,16 @@ def test_half_precision(dtype):
     else:
         seqs, num_decodes, shape = [(40, 1), (10, 1), (12, 20)], 2, (8, 4, 2, 16)
     block_size, num_heads, num_kv_heads, head_dim = shape
-    step = make_step(seqs, block_size=block_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                     head_dim=head_dim, dtype=dtype, num_decodes=num_decodes, seed=2)
+    step = make_step(
+        seqs,
+        block_size=block_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        num_decodes=num_decodes,
+        seed=2,
+    )
     out = check(*step)
     assert out.dtype == dtype
 
@@ -157,15 +190,31 @@ def test_decode_split_kv(monkeypatch, num_splits):
     # Contexts shorter than a split's share leave some splits empty; the reduce must ignore them.
     seqs = [(n, 1) for n in ([5000, 33, 1, 2047, 160] if CUDA else [70, 3, 0, 41])]
     monkeypatch.setattr(attention_triton, "_decode_num_splits", lambda *args: num_splits)
-    step = make_step(seqs, block_size=16, num_heads=8, num_kv_heads=2, head_dim=64 if CUDA else 16,
-                     dtype=torch.float32, num_decodes=len(seqs), seed=3)
+    step = make_step(
+        seqs,
+        block_size=16,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64 if CUDA else 16,
+        dtype=torch.float32,
+        num_decodes=len(seqs),
+        seed=3,
+    )
     check(*step)
 
 
 def test_decode_of_an_empty_context_is_zero():
     # A padded decode slot with seq_len 0 (say, a CUDA-graph bucket's filler) must come out zero, not NaN.
-    query, kc, vc, meta = make_step([(9, 1), (3, 1)], block_size=4, num_heads=2, num_kv_heads=1, head_dim=16,
-                                    dtype=torch.float32, num_decodes=2, seed=4)
+    query, kc, vc, meta = make_step(
+        [(9, 1), (3, 1)],
+        block_size=4,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        dtype=torch.float32,
+        num_decodes=2,
+        seed=4,
+    )
     meta.seq_lens[1] = 0
     for splits in (1, 4):
         out = torch.full_like(query, float("nan"))
@@ -176,8 +225,16 @@ def test_decode_of_an_empty_context_is_zero():
 
 def test_query_with_strided_rows():
     # q sliced out of a fused qkv projection: rows are strided, heads and head_dim are not.
-    query, kc, vc, meta = make_step([(12, 1), (0, 7), (5, 6)], block_size=4, num_heads=4, num_kv_heads=2,
-                                    head_dim=16, dtype=torch.float32, num_decodes=1, seed=5)
+    query, kc, vc, meta = make_step(
+        [(12, 1), (0, 7), (5, 6)],
+        block_size=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        dtype=torch.float32,
+        num_decodes=1,
+        seed=5,
+    )
     fused = torch.cat([query, torch.randn_like(query)], dim=1)
     check(fused[:, :4], kc, vc, meta)
 
@@ -204,8 +261,16 @@ def without_host_sync(monkeypatch, run):
 
 def test_decode_path_never_syncs(monkeypatch):
     # The engine captures decode in CUDA graphs: nothing may read a tensor's value back to the host.
-    query, kc, vc, meta = make_step([(30, 1), (7, 1)], block_size=8, num_heads=4, num_kv_heads=2, head_dim=16,
-                                    dtype=torch.float32, num_decodes=2, seed=6)
+    query, kc, vc, meta = make_step(
+        [(30, 1), (7, 1)],
+        block_size=8,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        dtype=torch.float32,
+        num_decodes=2,
+        seed=6,
+    )
     want = attention_torch.paged_attention(query, kc, vc, meta, 0.25)
     got = without_host_sync(monkeypatch, lambda: attention_triton.paged_attention(query, kc, vc, meta, 0.25))
     torch.testing.assert_close(got, want.float(), rtol=2e-4, atol=2e-4)
@@ -214,8 +279,9 @@ def test_decode_path_never_syncs(monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU; the CPU run checks the no-sync rule instead")
 def test_decode_replays_in_a_cuda_graph():
     seqs = [(n, 1) for n in (100, 2000, 7, 900)]
-    query, kc, vc, meta = make_step(seqs, block_size=16, num_heads=32, num_kv_heads=8, head_dim=128,
-                                    dtype=torch.bfloat16, num_decodes=4, seed=7)
+    query, kc, vc, meta = make_step(
+        seqs, block_size=16, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, num_decodes=4, seed=7
+    )
     attention_triton.paged_attention(query, kc, vc, meta, 0.1)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -12,8 +12,15 @@ import random
 
 import pytest
 import torch
-from test_attention_triton import (CUDA, DEVICE, TOLERANCE, attention_torch, attention_triton, make_step,
-                                   without_host_sync)
+from test_attention_triton import (
+    CUDA,
+    DEVICE,
+    TOLERANCE,
+    attention_torch,
+    attention_triton,
+    make_step,
+    without_host_sync,
+)
 
 # (block_size, num_heads, num_kv_heads, head_dim): GQA groups 2, 1, 4 and 3 (SmolLM2-135M has 9/3).
 CPU_SHAPES = [(8, 4, 2, 16), (4, 2, 2, 16), (16, 8, 2, 16), (8, 6, 2, 32)]
@@ -69,7 +76,9 @@ def check_cascade(query, kc, vc, meta, num_blocks, scale=None):
         own = attention_torch.paged_attention(query, kc, vc, unshared, scale).float()
         nd = meta.num_decodes
         gap = float((own[1:nd] - want[1:nd]).abs().max())
-        assert gap > 20 * max(worst, 1e-5), f"the shared pages change the decodes by only {gap} (error {worst}): the test proves nothing"
+        assert gap > 20 * max(worst, 1e-5), (
+            f"the shared pages change the decodes by only {gap} (error {worst}): the test proves nothing"
+        )
     return got
 
 
@@ -82,8 +91,16 @@ def test_cascade_matches_reference(shape, dtype):
     else:
         num_blocks, num_decodes, max_own = 3, 7, 2 * block_size + 3
     seqs = decode_seqs(num_decodes, num_blocks * block_size, max_own, seed=10)
-    step = make_step(seqs, block_size=block_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                     head_dim=head_dim, dtype=dtype, num_decodes=num_decodes, seed=11)
+    step = make_step(
+        seqs,
+        block_size=block_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        num_decodes=num_decodes,
+        seed=11,
+    )
     out = check_cascade(*step, num_blocks)
     assert out.dtype == dtype
 
@@ -96,16 +113,25 @@ def test_cascade_with_splits(monkeypatch, nan_buffers, num_splits, prefix_splits
     block_size = 16 if CUDA else 8
     num_blocks = 120 if CUDA else 4
     seqs = decode_seqs(40 if CUDA else 5, num_blocks * block_size, 500 if CUDA else 40, seed=12)
-    step = make_step(seqs, block_size=block_size, num_heads=8, num_kv_heads=2, head_dim=64 if CUDA else 16,
-                     dtype=torch.float32, num_decodes=len(seqs), seed=13)
+    step = make_step(
+        seqs,
+        block_size=block_size,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64 if CUDA else 16,
+        dtype=torch.float32,
+        num_decodes=len(seqs),
+        seed=13,
+    )
     check_cascade(*step, num_blocks)
 
 
 def test_zero_prefix_len_reads_nothing_shared(nan_buffers):
     # L = 0 with the tensor set: every key comes from the decode's own pages, as without the cascade.
     seqs = decode_seqs(5, 0, 30, seed=14)
-    query, kc, vc, meta = make_step(seqs, block_size=4, num_heads=4, num_kv_heads=2, head_dim=16,
-                                    dtype=torch.float32, num_decodes=5, seed=15)
+    query, kc, vc, meta = make_step(
+        seqs, block_size=4, num_heads=4, num_kv_heads=2, head_dim=16, dtype=torch.float32, num_decodes=5, seed=15
+    )
     unshared, _ = share_prefix(meta, 0)
     want = attention_torch.paged_attention(query, kc, vc, meta, 0.25).float()
     for splits in (1, 3):
@@ -120,8 +146,17 @@ def test_mixed_step_with_cascade():
     prefix_len = num_blocks * block_size
     seqs = decode_seqs(6, prefix_len, 3 * block_size, seed=16)
     seqs += [(prefix_len, 9), (0, 3 * block_size + 1), (7, 5)]
-    step = make_step(seqs, block_size=block_size, num_heads=6, num_kv_heads=2, head_dim=64 if CUDA else 16,
-                     dtype=torch.float32, num_decodes=6, num_pad_rows=2, seed=17)
+    step = make_step(
+        seqs,
+        block_size=block_size,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=64 if CUDA else 16,
+        dtype=torch.float32,
+        num_decodes=6,
+        num_pad_rows=2,
+        seed=17,
+    )
     out = check_cascade(*step, num_blocks)
     assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))  # padding rows
 
@@ -129,8 +164,16 @@ def test_mixed_step_with_cascade():
 def test_filler_decode_past_the_prefix_is_zero():
     # A CUDA-graph bucket's filler decode (seq_len 0, a stale table row) must come out zero, not NaN, and
     # must not take the shared prefix.
-    query, kc, vc, meta = make_step(decode_seqs(3, 8, 5, seed=18), block_size=4, num_heads=4, num_kv_heads=2,
-                                    head_dim=16, dtype=torch.float32, num_decodes=3, seed=19)
+    query, kc, vc, meta = make_step(
+        decode_seqs(3, 8, 5, seed=18),
+        block_size=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        dtype=torch.float32,
+        num_decodes=3,
+        seed=19,
+    )
     _, shared = share_prefix(meta, 2)
     shared.seq_lens = meta.seq_lens.clone()
     shared.seq_lens[2] = 0
@@ -143,8 +186,16 @@ def test_filler_decode_past_the_prefix_is_zero():
 
 
 def test_cascade_never_syncs(monkeypatch):
-    query, kc, vc, meta = make_step(decode_seqs(4, 16, 9, seed=20), block_size=8, num_heads=4, num_kv_heads=2,
-                                    head_dim=16, dtype=torch.float32, num_decodes=4, seed=21)
+    query, kc, vc, meta = make_step(
+        decode_seqs(4, 16, 9, seed=20),
+        block_size=8,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        dtype=torch.float32,
+        num_decodes=4,
+        seed=21,
+    )
     _, shared = share_prefix(meta, 2)
     want = attention_torch.paged_attention(query, kc, vc, shared, 0.25)
     got = without_host_sync(monkeypatch, lambda: attention_triton.paged_attention(query, kc, vc, shared, 0.25))
@@ -152,8 +203,9 @@ def test_cascade_never_syncs(monkeypatch):
 
 
 def test_prefix_len_must_be_one_int32_on_the_device():
-    query, kc, vc, meta = make_step([(9, 1)], block_size=4, num_heads=2, num_kv_heads=1, head_dim=16,
-                                    dtype=torch.float32, num_decodes=1, seed=22)
+    query, kc, vc, meta = make_step(
+        [(9, 1)], block_size=4, num_heads=2, num_kv_heads=1, head_dim=16, dtype=torch.float32, num_decodes=1, seed=22
+    )
     meta.shared_prefix_len = torch.tensor([8], dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="one-element int32"):
         attention_triton.paged_attention(query, kc, vc, meta, 0.25)
@@ -163,8 +215,9 @@ def test_prefix_len_must_be_one_int32_on_the_device():
 def test_cascade_replays_in_a_cuda_graph():
     # Captured once, replayed with new contexts and a new L (0 included), as the engine does between steps.
     seqs = decode_seqs(64, 1024, 300, seed=23)
-    query, kc, vc, meta = make_step(seqs, block_size=16, num_heads=32, num_kv_heads=8, head_dim=64,
-                                    dtype=torch.bfloat16, num_decodes=64, seed=24)
+    query, kc, vc, meta = make_step(
+        seqs, block_size=16, num_heads=32, num_kv_heads=8, head_dim=64, dtype=torch.bfloat16, num_decodes=64, seed=24
+    )
     own_tables, own_lens = meta.block_tables.clone(), meta.seq_lens.clone()
     _, meta = share_prefix(meta, 64)
     attention_triton.paged_attention(query, kc, vc, meta, 0.1)  # compile outside the capture
@@ -186,8 +239,16 @@ def test_cascade_replays_in_a_cuda_graph():
 @pytest.mark.skipif(not CUDA, reason="the interpreter compiles nothing")
 def test_warm_up_compiles_every_cascade_variant():
     # A compile mid-run costs about a second: after warm_up no batch size, split count or L may add one.
-    query, kc, vc, meta = make_step(decode_seqs(3, 32, 20, seed=25), block_size=16, num_heads=32, num_kv_heads=8,
-                                    head_dim=64, dtype=torch.bfloat16, num_decodes=3, seed=26)
+    query, kc, vc, meta = make_step(
+        decode_seqs(3, 32, 20, seed=25),
+        block_size=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        dtype=torch.bfloat16,
+        num_decodes=3,
+        seed=26,
+    )
     attention_triton.warm_up(kc, vc, 32, torch.bfloat16)
     kernels = (attention_triton._decode_kernel, attention_triton._cascade_kernel, attention_triton._reduce_kernel)
     device = torch.cuda.current_device()

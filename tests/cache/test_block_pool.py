@@ -48,8 +48,9 @@ def test_slot_math() -> None:
         slots_for([7, 2, 9], 0, 13, 4)
 
 
-ops = st.lists(st.tuples(st.sampled_from(["alloc", "share", "free"]), st.integers(0, 6), st.integers(0, 10**6)),
-               max_size=80)
+ops = st.lists(
+    st.tuples(st.sampled_from(["alloc", "share", "free"]), st.integers(0, 6), st.integers(0, 10**6)), max_size=80
+)
 
 
 @settings(max_examples=200, deadline=None)

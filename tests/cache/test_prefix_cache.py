@@ -97,7 +97,9 @@ def test_reuse_estimate_counts_leading_full_block_hits() -> None:
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["alloc", "register", "hit", "free", "uncache"]), st.integers(0, 5), st.integers(0, 10**6)),
+    st.tuples(
+        st.sampled_from(["alloc", "register", "hit", "free", "uncache"]), st.integers(0, 5), st.integers(0, 10**6)
+    ),
     max_size=80,
 )
 

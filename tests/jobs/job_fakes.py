@@ -43,7 +43,9 @@ class FakeTokenizer:
             ids = [i for i in ids if i not in inverse]
         return "".join(inverse[i] if i in inverse else chr(i - 1000) if i >= 1000 else "?" for i in ids)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = False
+    ) -> str:
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 

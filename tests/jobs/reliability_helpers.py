@@ -62,8 +62,16 @@ def kvbatch_command(*args: str) -> list[str]:
 
 def cli_env() -> dict[str, str]:
     # Never reach a hub from a test; keep thread counts small on the shared 2-core CI box.
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(kvbatch_command(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        kvbatch_command(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )

@@ -22,7 +22,13 @@ def job_for(tmp_path: Path, path: str, **input_fields):
 
 
 def write_parquet(path: Path, num_rows: int, row_group_size: int = 4) -> Path:
-    table = pa.table({"id": list(range(num_rows)), "prompt": [f"question {i}" for i in range(num_rows)], "unused": ["x" * 10] * num_rows})
+    table = pa.table(
+        {
+            "id": list(range(num_rows)),
+            "prompt": [f"question {i}" for i in range(num_rows)],
+            "unused": ["x" * 10] * num_rows,
+        }
+    )
     pq.write_table(table, path, row_group_size=row_group_size)
     return path
 
@@ -84,19 +90,38 @@ def test_jsonl_bad_lines_become_error_rows_naming_the_line(tmp_path: Path) -> No
     rows = list(reader)
     assert [(r.index, r.line) for r in rows] == [(0, 1), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7)]
     assert rows[0].data == {"prompt": "first"} and rows[0].error is None
-    assert (rows[1].error.kind, rows[1].error.message) == (kinds.BAD_JSON, "row 1 (line 3): invalid JSON at column 22: Expecting ',' delimiter")
-    assert (rows[2].error.kind, rows[2].error.message) == (kinds.NOT_AN_OBJECT, "row 2 (line 4): expected a JSON object, got list")
-    assert rows[3].error.kind == kinds.INVALID_UTF8 and rows[3].error.message.startswith("row 3 (line 5): invalid UTF-8 at byte 15")
-    assert rows[4].error.kind == kinds.LINE_TOO_LONG and "row 4 (line 6)" in rows[4].error.message and "max_line_bytes (100 bytes)" in rows[4].error.message
+    assert (rows[1].error.kind, rows[1].error.message) == (
+        kinds.BAD_JSON,
+        "row 1 (line 3): invalid JSON at column 22: Expecting ',' delimiter",
+    )
+    assert (rows[2].error.kind, rows[2].error.message) == (
+        kinds.NOT_AN_OBJECT,
+        "row 2 (line 4): expected a JSON object, got list",
+    )
+    assert rows[3].error.kind == kinds.INVALID_UTF8 and rows[3].error.message.startswith(
+        "row 3 (line 5): invalid UTF-8 at byte 15"
+    )
+    assert (
+        rows[4].error.kind == kinds.LINE_TOO_LONG
+        and "row 4 (line 6)" in rows[4].error.message
+        and "max_line_bytes (100 bytes)" in rows[4].error.message
+    )
     assert rows[5].data == {"prompt": "last"} and rows[5].error is None
 
 
 def test_jsonl_lone_surrogate_escapes_become_error_rows(tmp_path: Path) -> None:
     """JSON may escape half a surrogate pair ("\\udc80"): json.loads accepts it, no output format can hold it."""
-    lines = [rb'{"id": "a\udc80", "prompt": "x"}', rb'{"prompt": "pair \ud83d\ude00"}', rb'{"prompt": "literal \\udc80"}']
+    lines = [
+        rb'{"id": "a\udc80", "prompt": "x"}',
+        rb'{"prompt": "pair \ud83d\ude00"}',
+        rb'{"prompt": "literal \\udc80"}',
+    ]
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     rows = list(open_reader(job_for(tmp_path, "in.jsonl"), ["prompt"]))
-    assert (rows[0].error.kind, rows[0].error.message) == (kinds.INVALID_UTF8, "row 0 (line 1): a string holds a lone surrogate (\\udc80), which is not text")
+    assert (rows[0].error.kind, rows[0].error.message) == (
+        kinds.INVALID_UTF8,
+        "row 0 (line 1): a string holds a lone surrogate (\\udc80), which is not text",
+    )
     assert rows[1].data == {"prompt": "pair \N{GRINNING FACE}"} and rows[2].data == {"prompt": "literal \\udc80"}
 
 
@@ -105,7 +130,9 @@ def test_jsonl_integer_over_python_limit_is_an_error_row(tmp_path: Path) -> None
     lines = [b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}", b'{"prompt": "b"}']
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     rows = list(open_reader(job_for(tmp_path, "in.jsonl"), ["prompt"]))
-    assert rows[0].error.kind == kinds.BAD_JSON and rows[0].error.message.startswith("row 0 (line 1): invalid JSON: Exceeds the limit")
+    assert rows[0].error.kind == kinds.BAD_JSON and rows[0].error.message.startswith(
+        "row 0 (line 1): invalid JSON: Exceeds the limit"
+    )
     assert rows[1].data == {"prompt": "b"} and rows[1].error is None
 
 
@@ -140,7 +167,9 @@ def test_a_datasets_folder_has_an_identity_that_an_edit_changes(tmp_path: Path) 
     splits = {name: datasets.Dataset.from_dict({"prompt": [name]}) for name in ("train", "test")}
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
     train = input_identity(tmp_path / "dd", "train")
-    datasets.Dataset.from_dict({"prompt": ["other"]}).save_to_disk(str(tmp_path / "dd" / "test"))  # only the other split
+    datasets.Dataset.from_dict({"prompt": ["other"]}).save_to_disk(
+        str(tmp_path / "dd" / "test")
+    )  # only the other split
     assert input_identity(tmp_path / "dd", "train") == train
 
 
@@ -151,7 +180,9 @@ def test_datasets_dict_folder_needs_a_split(tmp_path: Path) -> None:
         open_reader(job_for(tmp_path, "dd"), ["prompt"])
     reader = open_reader(job_for(tmp_path, "dd", split="test"), ["prompt"])
     assert [r.data for r in reader] == [{"prompt": "test"}]
-    datasets.Dataset.from_dict({"prompt": ["train"]}, split="train").save_to_disk(str(tmp_path / "one"))  # it knows its split
+    datasets.Dataset.from_dict({"prompt": ["train"]}, split="train").save_to_disk(
+        str(tmp_path / "one")
+    )  # it knows its split
     with pytest.raises(SpecError, match="is one dataset \\(split 'train'\\), not split 'test'; leave input.split out"):
         open_reader(job_for(tmp_path, "one", split="test"), ["prompt"])
     assert [r.data for r in open_reader(job_for(tmp_path, "one", split="train"), ["prompt"])] == [{"prompt": "train"}]
@@ -179,17 +210,31 @@ def test_a_dataset_name_in_the_local_cache_is_read_offline(tmp_path: Path, monke
     offline = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
     reader = open_reader(job_for(tmp_path, "me/toy"), ["prompt"])
     assert reader.num_rows == 3 and [r.data for r in reader] == [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
-    assert (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE) == offline  # offline for that call only
+    assert (
+        datasets.config.HF_HUB_OFFLINE,
+        datasets.config.HF_DATASETS_OFFLINE,
+    ) == offline  # offline for that call only
 
 
 def test_openai_batch_input(tmp_path: Path) -> None:
     requests = [
-        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0.2, "stop": "END", "seed": 1}},
+        {
+            "custom_id": "a",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 5,
+                "temperature": 0.2,
+                "stop": "END",
+                "seed": 1,
+            },
+        },
         {"custom_id": "b", "url": "/v1/embeddings", "body": {"input": "x"}},
         {"url": "/v1/chat/completions", "body": {"messages": []}},
         {"custom_id": "d", "body": "not an object"},
-    ]  # fmt: skip
+    ]
     (tmp_path / "batch.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     rows = list(open_reader(job_for(tmp_path, "batch.jsonl", format="openai"), ["messages", "custom_id"]))
     assert rows[0].data == {"custom_id": "a", "messages": [{"role": "user", "content": "hi"}], "model": "m"}

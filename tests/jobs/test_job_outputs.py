@@ -66,25 +66,47 @@ def test_one_row_per_input_row_in_input_order(tmp_path: Path) -> None:
     assert [r["row"] for r in got] == list(range(8))
     assert [r["id"] for r in got] == ["a", "b", None, "d", "e", "f", "b", "g"]
     assert [r["finish_reason"] for r in got] == ["stop", "stop", "error", "error", "error", "error", "error", "stop"]
-    assert [r["error_kind"] for r in got] == [None, None, "bad_json", "empty_prompt", "wrong_type", "prompt_too_long", "duplicate_id", None]
+    assert [r["error_kind"] for r in got] == [
+        None,
+        None,
+        "bad_json",
+        "empty_prompt",
+        "wrong_type",
+        "prompt_too_long",
+        "duplicate_id",
+        None,
+    ]
     for r, line in zip(got, LINES):
         if r["finish_reason"] == "stop":
             n = chat_tokens(("user", line["prompt"]))
             assert (r["text"], r["prompt_tokens"], r["output_tokens"], r["error"]) == (f"echo {n}", n, 3, None)
             assert r["topic"] == line["topic"]
     assert got[2]["error"].startswith("row 2 (line 3): invalid JSON")
-    assert got[5]["error"].startswith(f"row 5 (line 6): the prompt has {chat_tokens(('user', 'x' * 300))} tokens; at most 199 fit")
+    assert got[5]["error"].startswith(
+        f"row 5 (line 6): the prompt has {chat_tokens(('user', 'x' * 300))} tokens; at most 199 fit"
+    )
     assert got[6]["error"] == "row 6 (line 7): duplicate id 'b' (first at row 1)"
     # The engine was asked shortest first within the sort window; the file is still in input order.
     asked = [r.request_id for r in engine.requests]
     assert asked == [1, 7, 0, 5]
     assert (summary.rows, summary.rows_ok, summary.rows_error) == (8, 3, 5)
-    assert summary.errors_by_kind == {"bad_json": 1, "empty_prompt": 1, "wrong_type": 1, "prompt_too_long": 1, "duplicate_id": 1}
+    assert summary.errors_by_kind == {
+        "bad_json": 1,
+        "empty_prompt": 1,
+        "wrong_type": 1,
+        "prompt_too_long": 1,
+        "duplicate_id": 1,
+    }
 
 
 def test_schema_metadata_names_job_model_sampling_and_version(tmp_path: Path) -> None:
     write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
-    run(tmp_path, input={"path": "in.jsonl"}, model="some-model", sampling={"max_new_tokens": 7, "temperature": 0.5, "seed": 3})
+    run(
+        tmp_path,
+        input={"path": "in.jsonl"},
+        model="some-model",
+        sampling={"max_new_tokens": 7, "temperature": 0.5, "seed": 3},
+    )
     meta = {k.decode(): v.decode() for k, v in read_arrow(tmp_path / "out" / "j.arrow").schema.metadata.items()}
     assert meta["kvbatch.version"] == __version__
     assert meta["kvbatch.model"] == "some-model"
@@ -108,12 +130,19 @@ def test_formats_hold_the_same_rows(tmp_path: Path, fmt: str) -> None:
     else:
         rows, meta = [json.loads(line) for line in path.read_text().splitlines()], None
     assert [r["row"] for r in rows] == list(range(6)) and [r["k"] for r in rows] == [0, 1, 2, 3, 4, None]
-    assert [r["text"] for r in rows[:5]] == [f"echo {chat_tokens(('user', f'question {chr(120) * i}'))}" for i in range(5)]
+    assert [r["text"] for r in rows[:5]] == [
+        f"echo {chat_tokens(('user', f'question {chr(120) * i}'))}" for i in range(5)
+    ]
     assert rows[5]["error_kind"] == "bad_json"
     assert meta is None or b"kvbatch.job" in meta
     side = json.loads((tmp_path / "out" / f"res.{fmt}.summary.json").read_text())
     assert side == summary.to_dict()
-    assert (side["rows"], side["rows_ok"], side["rows_error"], side["finish_reasons"]) == (6, 5, 1, {"stop": 5, "error": 1})
+    assert (side["rows"], side["rows_ok"], side["rows_error"], side["finish_reasons"]) == (
+        6,
+        5,
+        1,
+        {"stop": 5, "error": 1},
+    )
     assert side["output_tokens"] == 15 and side["status"] == "done" and side["output_bytes"] == path.stat().st_size
 
 
@@ -126,7 +155,13 @@ def _strict_json(line: str) -> Any:
 
 def test_jsonl_output_writes_non_finite_floats_as_null(tmp_path: Path) -> None:
     # Bare NaN / Infinity (what Python's json writes) break jq, JavaScript and Spark readers.
-    table = pa.table({"score": [1.5, float("nan"), float("inf")], "nested": [[0.5], [float("-inf")], None], "prompt": ["a", "b", "c"]})
+    table = pa.table(
+        {
+            "score": [1.5, float("nan"), float("inf")],
+            "nested": [[0.5], [float("-inf")], None],
+            "prompt": ["a", "b", "c"],
+        }
+    )
     pq.write_table(table, tmp_path / "in.parquet")
     for fmt in ("jsonl", "arrow"):
         run(tmp_path, input={"path": "in.parquet"}, keep_columns=["score", "nested"], output={"path": f"res.{fmt}"})
@@ -143,7 +178,9 @@ def test_kept_values_no_format_holds_become_json_text(tmp_path: Path) -> None:
     deep = json.loads("[" * 70 + "1" + "]" * 70)
     write_lines(tmp_path / "in.jsonl", [{"prompt": "a", "meta": {}, "k": None}, {"prompt": "b", "meta": {}, "k": deep}])
     for fmt in ("parquet", "arrow"):
-        summary, _ = run(tmp_path, input={"path": "in.jsonl"}, keep_columns=["meta", "k"], output={"path": f"res.{fmt}"})
+        summary, _ = run(
+            tmp_path, input={"path": "in.jsonl"}, keep_columns=["meta", "k"], output={"path": f"res.{fmt}"}
+        )
         assert summary.rows_ok == 2
     rows = pq.read_table(tmp_path / "out" / "res.parquet").to_pylist()
     assert [r["meta"] for r in rows] == ["{}", "{}"] and rows[0]["k"] is None and json.loads(rows[1]["k"]) == deep
@@ -152,12 +189,28 @@ def test_kept_values_no_format_holds_become_json_text(tmp_path: Path) -> None:
 
 
 def test_parquet_input_keeps_column_types(tmp_path: Path) -> None:
-    table = pa.table({"rid": pa.array([10, 11], pa.int64()), "stars": pa.array([5, 2], pa.int8()), "product": ["kettle", "lamp"], "review": ["good", "bad"]})
+    table = pa.table(
+        {
+            "rid": pa.array([10, 11], pa.int64()),
+            "stars": pa.array([5, 2], pa.int8()),
+            "product": ["kettle", "lamp"],
+            "review": ["good", "bad"],
+        }
+    )
     pq.write_table(table, tmp_path / "in.parquet")
-    run(tmp_path, input={"path": "in.parquet"}, prompt={"template": "{product}: {review}"}, id_column="rid", keep_columns=["stars"])
+    run(
+        tmp_path,
+        input={"path": "in.parquet"},
+        prompt={"template": "{product}: {review}"},
+        id_column="rid",
+        keep_columns=["stars"],
+    )
     out = read_arrow(tmp_path / "out" / "j.arrow")
     assert out.schema.field("rid").type == pa.int64() and out.schema.field("stars").type == pa.int8()
-    assert out.column("text").to_pylist() == [f"echo {chat_tokens(('user', 'kettle: good'))}", f"echo {chat_tokens(('user', 'lamp: bad'))}"]
+    assert out.column("text").to_pylist() == [
+        f"echo {chat_tokens(('user', 'kettle: good'))}",
+        f"echo {chat_tokens(('user', 'lamp: bad'))}",
+    ]
 
 
 def test_n_samples_and_logprobs(tmp_path: Path) -> None:
@@ -174,9 +227,22 @@ def test_n_samples_and_logprobs(tmp_path: Path) -> None:
 
 def test_openai_batch_in_openai_batch_out(tmp_path: Path) -> None:
     def request(custom_id: str, content: Any, **body: Any) -> dict:
-        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [{"role": "user", "content": content}], **body}}
+        return {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": content}], **body},
+        }
 
-    write_lines(tmp_path / "batch.jsonl", [request("r1", "hello", max_tokens=2), request("r2", "hi", n=2), request("r3", ""), request("r4", "bye", temperature=-1)])
+    write_lines(
+        tmp_path / "batch.jsonl",
+        [
+            request("r1", "hello", max_tokens=2),
+            request("r2", "hi", n=2),
+            request("r3", ""),
+            request("r4", "bye", temperature=-1),
+        ],
+    )
     summary, engine = run(tmp_path, input={"path": "batch.jsonl", "format": "openai"}, output={"path": "answers.jsonl"})
     lines = [json.loads(x) for x in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
     assert [x["custom_id"] for x in lines] == ["r1", "r2", "r3", "r4"]
@@ -190,14 +256,19 @@ def test_openai_batch_in_openai_batch_out(tmp_path: Path) -> None:
     for line, code in ((lines[2], "empty_prompt"), (lines[3], "bad_request")):
         assert line["response"] is None
         error = BatchError.model_validate(line["error"])
-        assert error.code == code and error.message.startswith(f"row {lines.index(line)} (line {lines.index(line) + 1})")
+        assert error.code == code and error.message.startswith(
+            f"row {lines.index(line)} (line {lines.index(line) + 1})"
+        )
     assert {r.request_id: r.sampling.max_new_tokens for r in engine.requests}[0] == 2
     assert summary.rows == 4 and summary.errors_by_kind == {"empty_prompt": 1, "bad_request": 1}
 
 
 def test_jobs_share_one_engine_per_model(tmp_path: Path) -> None:
     write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
-    jobs = [job_from_dict({"name": n, "input": {"path": "in.jsonl"}, "model": m}, base_dir=str(tmp_path)) for n, m in (("a", "m1"), ("b", "m1"), ("c", "m2"))]
+    jobs = [
+        job_from_dict({"name": n, "input": {"path": "in.jsonl"}, "model": m}, base_dir=str(tmp_path))
+        for n, m in (("a", "m1"), ("b", "m1"), ("c", "m2"))
+    ]
     factory = fake_factory()
     outcomes = run_jobs(jobs, engine_factory=factory)
     assert [(o.job, o.error, o.summary.rows) for o in outcomes] == [("a", None, 1), ("b", None, 1), ("c", None, 1)]
@@ -206,15 +277,25 @@ def test_jobs_share_one_engine_per_model(tmp_path: Path) -> None:
 
 def test_a_failed_job_is_reported_and_the_next_one_runs(tmp_path: Path) -> None:
     write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
-    jobs = [job_from_dict({"name": n, "input": {"path": p}}, base_dir=str(tmp_path)) for n, p in (("missing", "nope.jsonl"), ("ok", "in.jsonl"))]
+    jobs = [
+        job_from_dict({"name": n, "input": {"path": p}}, base_dir=str(tmp_path))
+        for n, p in (("missing", "nope.jsonl"), ("ok", "in.jsonl"))
+    ]
     outcomes = run_jobs(jobs, engine_factory=fake_factory())
     assert "input not found" in str(outcomes[0].error) and outcomes[0].summary is None
     assert outcomes[1].error is None and outcomes[1].summary.rows == 1
 
 
-def test_an_unexpected_error_fails_its_job_with_a_logged_traceback_and_the_next_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_unexpected_error_fails_its_job_with_a_logged_traceback_and_the_next_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
-    jobs = [job_from_dict({"name": n, "input": {"path": "in.jsonl"}, "output": {"path": f"{n}.jsonl"}}, base_dir=str(tmp_path)) for n in ("a", "b")]
+    jobs = [
+        job_from_dict(
+            {"name": n, "input": {"path": "in.jsonl"}, "output": {"path": f"{n}.jsonl"}}, base_dir=str(tmp_path)
+        )
+        for n in ("a", "b")
+    ]
     real = job_io_module.open_reader
 
     def broken_for_a(job, columns):
@@ -231,11 +312,15 @@ def test_an_unexpected_error_fails_its_job_with_a_logged_traceback_and_the_next_
 
 def test_an_engine_crash_keeps_finished_rows_and_fails_the_job(tmp_path: Path) -> None:
     write_lines(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(7)])
-    job = job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "output": {"part_rows": 1}}, base_dir=str(tmp_path))
+    job = job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "output": {"part_rows": 1}}, base_dir=str(tmp_path)
+    )
     factory = fake_factory(fail_after=3)
-    outcome, = run_jobs([job], engine_factory=factory)
-    assert "the engine failed (RuntimeError: simulated engine crash); finished rows are saved, rerun to resume" in str(outcome.error)
-    rerun, = run_jobs([job], engine_factory=fake_factory())
+    (outcome,) = run_jobs([job], engine_factory=factory)
+    assert "the engine failed (RuntimeError: simulated engine crash); finished rows are saved, rerun to resume" in str(
+        outcome.error
+    )
+    (rerun,) = run_jobs([job], engine_factory=fake_factory())
     assert rerun.summary.rows == 7 and rerun.summary.rows_this_run == 4
     assert [r["row"] for r in read_arrow(tmp_path / "out" / "j.arrow").to_pylist()] == list(range(7))
 

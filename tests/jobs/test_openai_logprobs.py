@@ -33,8 +33,12 @@ class SpellingEngine(FakeEngine):
 
 
 def request(custom_id: str, **body: Any) -> dict[str, Any]:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}}  # fmt: skip
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body},
+    }
 
 
 def run_openai(tmp_path: Path, lines: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], FakeEngine]:
@@ -45,15 +49,24 @@ def run_openai(tmp_path: Path, lines: list[dict[str, Any]]) -> tuple[list[dict[s
         engines.append(SpellingEngine())
         return engines[-1]
 
-    job = job_from_dict({"name": "j", "output_dir": "out", "input": {"path": "batch.jsonl", "format": "openai"}}, base_dir=str(tmp_path))
+    job = job_from_dict(
+        {"name": "j", "output_dir": "out", "input": {"path": "batch.jsonl", "format": "openai"}}, base_dir=str(tmp_path)
+    )
     run_job(job, EngineCache(factory))
     out = (tmp_path / "out" / "j.jsonl").read_text().splitlines()
     return [json.loads(x) for x in out], engines[0]
 
 
 def test_logprobs_true_gives_openai_token_logprobs_and_false_gives_null(tmp_path: Path) -> None:
-    lines, engine = run_openai(tmp_path, [request("with", logprobs=True, top_logprobs=0), request("without"),
-                                          request("two", logprobs=True, n=2), request("off", logprobs=False)])  # fmt: skip
+    lines, engine = run_openai(
+        tmp_path,
+        [
+            request("with", logprobs=True, top_logprobs=0),
+            request("without"),
+            request("two", logprobs=True, n=2),
+            request("off", logprobs=False),
+        ],
+    )
     asked = {r.request_id: r.sampling.logprobs for r in engine.requests}
     assert asked == {0: True, 1: False, 2: True, 3: False}
 
@@ -74,9 +87,14 @@ def test_logprobs_true_gives_openai_token_logprobs_and_false_gives_null(tmp_path
 
 
 def test_unsupported_logprobs_requests_fail_their_row(tmp_path: Path) -> None:
-    lines, engine = run_openai(tmp_path, [request("top", logprobs=True, top_logprobs=3), request("legacy", logprobs=5),
-                                          request("ok", logprobs=True)])  # fmt: skip
-    for line, words in ((lines[0], "top_logprobs 3 is not supported"), (lines[1], "logprobs must be true or false, got 5")):
+    lines, engine = run_openai(
+        tmp_path,
+        [request("top", logprobs=True, top_logprobs=3), request("legacy", logprobs=5), request("ok", logprobs=True)],
+    )
+    for line, words in (
+        (lines[0], "top_logprobs 3 is not supported"),
+        (lines[1], "logprobs must be true or false, got 5"),
+    ):
         error = BatchError.model_validate(line["error"])
         assert error.code == "bad_request" and words in error.message and line["response"] is None
     assert [r.request_id for r in engine.requests] == [2]
@@ -92,7 +110,9 @@ def test_ray_actors_send_the_token_bytes_to_the_driver(tmp_path: Path) -> None:
     job = {"name": "j", "input": {"path": str(tmp_path / "batch.jsonl"), "format": "openai"}}
     generate = GenerateBatch(job, engine_factory=lambda model, settings: SpellingEngine())
     messages = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
-    batch = pa.table({"row": [0, 1], "data": [messages] * 2, "line": [1, 2], "sampling": [json.dumps({"logprobs": True}), "{}"]})
+    batch = pa.table(
+        {"row": [0, 1], "data": [messages] * 2, "line": [1, 2], "sampling": [json.dumps({"logprobs": True}), "{}"]}
+    )
     out = generate(batch).select(RESULT_SCHEMA.names).to_pylist()
     assert out[0]["token_bytes"] == [[c.encode() for c in ANSWER] + [None]]  # the EOS is kept, marked special
     assert len(out[0]["logprobs"][0]) == len(ANSWER) + 1
@@ -107,7 +127,12 @@ def byte_level_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<eos>"],
+        show_progress=False,
+    )
     tok.train_from_iterator(["hello world, the café is open", "hello again world"] * 5, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 

@@ -25,7 +25,11 @@ def chat_tokens(text: str) -> int:
 
 def write_input(tmp_path: Path) -> list[str]:
     prompts = ["a" * 10, "b" * 20, "c" * 30, "d" * 40]
-    lines = [json.dumps({"prompt": p}) for p in prompts] + ['{"prompt": ', json.dumps({"prompt": "e" * 400}), json.dumps({"other": 1})]
+    lines = [json.dumps({"prompt": p}) for p in prompts] + [
+        '{"prompt": ',
+        json.dumps({"prompt": "e" * 400}),
+        json.dumps({"other": 1}),
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     return prompts
 
@@ -39,12 +43,19 @@ def test_plan_reports_lengths_pool_capacity_and_failures(tmp_path: Path) -> None
     plan = plan_job(job(tmp_path, sampling={"max_new_tokens": 40}), EngineCache(fake_factory(max_model_len=200)))
     lengths = [chat_tokens(p) for p in prompts]
     assert plan.num_rows == 7
-    assert (plan.prompt_tokens["min"], plan.prompt_tokens["max"], plan.prompt_tokens["mean"]) == (min(lengths), max(lengths), sum(lengths) / 4)
+    assert (plan.prompt_tokens["min"], plan.prompt_tokens["max"], plan.prompt_tokens["mean"]) == (
+        min(lengths),
+        max(lengths),
+        sum(lengths) / 4,
+    )
     assert (plan.num_blocks, plan.block_size, plan.pool_tokens, plan.max_model_len) == (100, 16, 1600, 200)
     p50 = int(plan.prompt_tokens["p50"])
     assert plan.rows_at_once == 100 // -(-(p50 + 40) // 16)  # blocks per typical row, rounded up
     assert dict(plan.failures) == {"bad_json": 1, "prompt_too_long": 1, "missing_column": 1}
-    assert plan.failure_examples[1] == f"row 5 (line 6): the prompt has {chat_tokens('e' * 400)} tokens; at most 199 fit (200 tokens of context/pool)"
+    assert (
+        plan.failure_examples[1]
+        == f"row 5 (line 6): the prompt has {chat_tokens('e' * 400)} tokens; at most 199 fit (200 tokens of context/pool)"
+    )
     assert plan.truncated == sum(n + 40 > 200 for n in lengths)
     text = plan.format()
     assert text.splitlines()[0] == "job p: 7 rows"
@@ -57,7 +68,9 @@ def test_plan_reports_lengths_pool_capacity_and_failures(tmp_path: Path) -> None
 def test_plan_predicts_duplicate_ids_and_missing_kept_columns_as_run_does(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i % 2, "prompt": "hello"}) + "\n" for i in range(3)))
     plan = plan_job(job(tmp_path, id_column="id"), EngineCache(fake_factory()))
-    assert dict(plan.failures) == {"duplicate_id": 1} and plan.failure_examples == ["row 2 (line 3): duplicate id 0 (first at row 0)"]
+    assert dict(plan.failures) == {"duplicate_id": 1} and plan.failure_examples == [
+        "row 2 (line 3): duplicate id 0 (first at row 0)"
+    ]
     pq.write_table(pa.table({"prompt": ["a"], "id": [1]}), tmp_path / "in.parquet")
     with pytest.raises(SpecError, match="column 'nope' not in in.parquet"):  # as `run` refuses it
         plan_job(job(tmp_path, input={"path": "in.parquet"}, keep_columns=["nope"]), EngineCache(fake_factory()))
@@ -69,7 +82,9 @@ def test_plan_of_a_clean_input_says_none_will_fail(tmp_path: Path) -> None:
     assert text.endswith("will fail       none")
 
 
-def test_plan_on_the_cpu_reads_no_weights_and_matches_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plan_on_the_cpu_reads_no_weights_and_matches_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from reliability_helpers import save_tiny_model, word_prompts
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +109,11 @@ def test_plan_on_the_cpu_reads_no_weights_and_matches_the_engine(tmp_path: Path,
 
     engine = Engine(EngineConfig(model=str(folder), **settings))  # what a run builds: its numbers must be the plan's
     with_engine = plan_job(spec, EngineCache(lambda model, settings: engine))
-    assert (weightless.num_blocks, weightless.block_size, weightless.max_model_len) == (engine.pool_size.num_blocks, 8, 512)
+    assert (weightless.num_blocks, weightless.block_size, weightless.max_model_len) == (
+        engine.pool_size.num_blocks,
+        8,
+        512,
+    )
     assert weightless == with_engine
     assert (weightless.failures, weightless.max_num_seqs, weightless.prefix_cache) == ({"prompt_too_long": 1}, 5, True)
 
@@ -133,7 +152,12 @@ def test_inspect_openai_output(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps(request) + "\n" + json.dumps({**request, "custom_id": ""}) + "\n")
     run_job(job(tmp_path, input={"path": "in.jsonl", "format": "openai"}), EngineCache(fake_factory()))
     report = inspect_output(tmp_path / "out" / "p.jsonl")
-    assert (report.format, report.num_rows, dict(report.finish_reasons), dict(report.error_kinds)) == ("openai", 2, {"stop": 1, "error": 1}, {"bad_request": 1})
+    assert (report.format, report.num_rows, dict(report.finish_reasons), dict(report.error_kinds)) == (
+        "openai",
+        2,
+        {"stop": 1, "error": 1},
+        {"bad_request": 1},
+    )
 
 
 def test_inspect_refuses_what_it_cannot_read(tmp_path: Path) -> None:
@@ -148,7 +172,11 @@ def test_inspect_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     for name, content, words in (
         ("list.jsonl", b"[1, 2]\n", "line 1 is not a kvbatch output row"),
         ("foreign.jsonl", b'{"a": 1}\n', "line 1 is not a kvbatch output row"),
-        ("openai.jsonl", b'{"custom_id": "x", "response": null, "error": null}\n', "line 1 is not a kvbatch output row"),
+        (
+            "openai.jsonl",
+            b'{"custom_id": "x", "response": null, "error": null}\n',
+            "line 1 is not a kvbatch output row",
+        ),
         ("latin1.jsonl", b'{"row": "caf\xe9"}\n', "codec can't decode byte 0xe9"),
     ):
         (tmp_path / name).write_bytes(content)

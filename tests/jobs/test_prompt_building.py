@@ -51,7 +51,9 @@ def test_chat_template_false_sends_raw_text_with_the_system_prompt_first() -> No
 def test_system_prompt_is_a_system_message() -> None:
     prompt = build_prompt(row(prompt="Hello"), PromptSpec(column="prompt", system="Be brief."))
     assert prompt.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-    assert PromptTokenizer(TOKENIZER).encode(prompt) == TOKENIZER.encode(chat([("system", "Be brief."), ("user", "Hello")]))
+    assert PromptTokenizer(TOKENIZER).encode(prompt) == TOKENIZER.encode(
+        chat([("system", "Be brief."), ("user", "Hello")])
+    )
 
 
 def test_messages_column_with_text_parts_and_the_rows_own_system_message() -> None:
@@ -84,20 +86,57 @@ def test_template_over_columns() -> None:
         (PromptSpec(column="prompt"), {"prompt": None}, kinds.EMPTY_PROMPT, "column 'prompt' is null"),
         (PromptSpec(column="prompt"), {"prompt": ""}, kinds.EMPTY_PROMPT, "column 'prompt' is empty"),
         (PromptSpec(column="prompt"), {"prompt": " \n"}, kinds.EMPTY_PROMPT, "column 'prompt' is only whitespace"),
-        (PromptSpec(column="prompt"), {"prompt": 42}, kinds.WRONG_TYPE, "column 'prompt' is an integer, expected a string"),
-        (PromptSpec(column="prompt"), {"prompt": ["a"]}, kinds.WRONG_TYPE, "column 'prompt' is a list, expected a string"),
-        (PromptSpec(template="{a} {b}"), {"a": "x"}, kinds.MISSING_COLUMN, "column 'b' (used by the template) is missing"),
+        (
+            PromptSpec(column="prompt"),
+            {"prompt": 42},
+            kinds.WRONG_TYPE,
+            "column 'prompt' is an integer, expected a string",
+        ),
+        (
+            PromptSpec(column="prompt"),
+            {"prompt": ["a"]},
+            kinds.WRONG_TYPE,
+            "column 'prompt' is a list, expected a string",
+        ),
+        (
+            PromptSpec(template="{a} {b}"),
+            {"a": "x"},
+            kinds.MISSING_COLUMN,
+            "column 'b' (used by the template) is missing",
+        ),
         (PromptSpec(template="{a}"), {"a": None}, kinds.EMPTY_PROMPT, "column 'a' (used by the template) is null"),
-        (PromptSpec(template="{a}"), {"a": {"k": 1}}, kinds.WRONG_TYPE, "column 'a' (used by the template) is an object"),
+        (
+            PromptSpec(template="{a}"),
+            {"a": {"k": 1}},
+            kinds.WRONG_TYPE,
+            "column 'a' (used by the template) is an object",
+        ),
         (PromptSpec(template="{a}"), {"a": "  "}, kinds.EMPTY_PROMPT, "the template renders to empty text"),
         (PromptSpec(messages_column="m"), {"m": "hi"}, kinds.WRONG_TYPE, "column 'm' is a string, expected a list"),
         (PromptSpec(messages_column="m"), {"m": []}, kinds.EMPTY_PROMPT, "column 'm' is an empty list"),
-        (PromptSpec(messages_column="m"), {"m": [{"role": "wizard", "content": "x"}]}, kinds.WRONG_TYPE, "m[0].role is 'wizard'"),
-        (PromptSpec(messages_column="m"), {"m": [{"role": "user", "content": 5}]}, kinds.WRONG_TYPE, "m[0].content is an integer"),
-        (PromptSpec(messages_column="m"), {"m": [{"role": "system", "content": "s"}, {"role": "user", "content": ""}]}, kinds.EMPTY_PROMPT, "no non-empty message"),
+        (
+            PromptSpec(messages_column="m"),
+            {"m": [{"role": "wizard", "content": "x"}]},
+            kinds.WRONG_TYPE,
+            "m[0].role is 'wizard'",
+        ),
+        (
+            PromptSpec(messages_column="m"),
+            {"m": [{"role": "user", "content": 5}]},
+            kinds.WRONG_TYPE,
+            "m[0].content is an integer",
+        ),
+        (
+            PromptSpec(messages_column="m"),
+            {"m": [{"role": "system", "content": "s"}, {"role": "user", "content": ""}]},
+            kinds.EMPTY_PROMPT,
+            "no non-empty message",
+        ),
     ],
 )
-def test_bad_values_become_row_errors_naming_row_and_column(spec: PromptSpec, data: dict, kind: str, message: str) -> None:
+def test_bad_values_become_row_errors_naming_row_and_column(
+    spec: PromptSpec, data: dict, kind: str, message: str
+) -> None:
     error = build_prompt(row(**data), spec)
     assert isinstance(error, RowError) and error.kind == kind
     assert error.message.startswith("row 4 (line 7): ") and message in error.message

@@ -27,16 +27,24 @@ def test_parts_in_any_order_become_input_order(tmp_path: Path) -> None:
     order = input_order(joined, 6)
     size = write_output(joined, order, tmp_path / "out.arrow", "arrow", {b"k": b"v"})
     out = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out.arrow"))).read_all()
-    assert out.column("row").to_pylist() == list(range(6)) and out.column("text").to_pylist() == [f"t{r}" for r in range(6)]
+    assert out.column("row").to_pylist() == list(range(6)) and out.column("text").to_pylist() == [
+        f"t{r}" for r in range(6)
+    ]
     assert out.schema.metadata == {b"k": b"v"} and size == (tmp_path / "out.arrow").stat().st_size
 
 
 def test_a_row_committed_twice_is_kept_once() -> None:
-    assert table([0, 1, 1, 2]).take(pa.array(input_order(table([0, 1, 1, 2]), 3))).column("row").to_pylist() == [0, 1, 2]
+    assert table([0, 1, 1, 2]).take(pa.array(input_order(table([0, 1, 1, 2]), 3))).column("row").to_pylist() == [
+        0,
+        1,
+        2,
+    ]
 
 
 def test_missing_rows_are_named() -> None:
-    with pytest.raises(JobError, match=r"2 input rows have no result \(first: \[1, 3\]\); rerun the job to finish them"):
+    with pytest.raises(
+        JobError, match=r"2 input rows have no result \(first: \[1, 3\]\); rerun the job to finish them"
+    ):
         input_order(table([0, 2]), 4)
 
 

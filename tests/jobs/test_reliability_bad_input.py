@@ -78,7 +78,10 @@ def test_line_over_max_line_bytes_is_an_error_row_without_reading_it_whole(tmp_p
     outcome = run(tmp_path, input={"path": "in.jsonl", "max_line_bytes": 4096})
     rows = read_output(tmp_path / "out" / "out.jsonl")
     assert outcome.error is None and [r["error_kind"] for r in rows] == [None, "line_too_long", None]
-    assert rows[1]["error"] == "row 1 (line 2): line is over max_line_bytes (4096 bytes); raise input.max_line_bytes to read it"
+    assert (
+        rows[1]["error"]
+        == "row 1 (line 2): line is over max_line_bytes (4096 bytes); raise input.max_line_bytes to read it"
+    )
 
 
 def test_renamed_column_in_parquet_fails_before_loading_a_model(tmp_path: Path) -> None:
@@ -91,7 +94,9 @@ def test_renamed_column_in_parquet_fails_before_loading_a_model(tmp_path: Path) 
 
 
 def test_a_used_column_twice_in_parquet_fails_naming_it(tmp_path: Path) -> None:
-    table = pa.Table.from_arrays([pa.array(["a", "b"]), pa.array(["c", "d"]), pa.array([1, 2])], names=["prompt", "prompt", "id"])
+    table = pa.Table.from_arrays(
+        [pa.array(["a", "b"]), pa.array(["c", "d"]), pa.array([1, 2])], names=["prompt", "prompt", "id"]
+    )
     pq.write_table(table, tmp_path / "in.parquet")
     outcome = run(tmp_path, input={"path": "in.parquet"}, id_column="id")
     assert isinstance(outcome.error, SpecError)
@@ -103,7 +108,10 @@ def test_wrong_type_in_parquet_is_an_error_row(tmp_path: Path) -> None:
     outcome = run(tmp_path, input={"path": "in.parquet"})
     rows = read_output(tmp_path / "out" / "out.jsonl")
     assert outcome.error is None
-    assert [r["error"] for r in rows] == ["row 0: column 'prompt' is an integer, expected a string", "row 1: column 'prompt' is an integer, expected a string"]
+    assert [r["error"] for r in rows] == [
+        "row 0: column 'prompt' is an integer, expected a string",
+        "row 1: column 'prompt' is an integer, expected a string",
+    ]
 
 
 def test_empty_dataset_gives_an_empty_output(tmp_path: Path) -> None:
@@ -130,7 +138,9 @@ def test_damaged_parquet(tmp_path: Path) -> None:
     (tmp_path / "in.parquet").write_bytes(b"PAR1 this is not a Parquet file")
     outcome = run(tmp_path, input={"path": "in.parquet"})
     assert isinstance(outcome.error, InputError)
-    assert str(outcome.error).startswith(f"cannot read Parquet file {tmp_path / 'in.parquet'}: Parquet magic bytes not found in footer")
+    assert str(outcome.error).startswith(
+        f"cannot read Parquet file {tmp_path / 'in.parquet'}: Parquet magic bytes not found in footer"
+    )
 
 
 def test_parquet_values_python_cannot_hold_fail_their_rows_only(tmp_path: Path) -> None:
@@ -143,7 +153,12 @@ def test_parquet_values_python_cannot_hold_fail_their_rows_only(tmp_path: Path) 
     rows = read_output(tmp_path / "out" / "out.jsonl")
     assert outcome.error is None and [r["error_kind"] for r in rows] == [None, "invalid_utf8", None, "wrong_type"]
     assert rows[1]["error"].startswith("row 1: column 'prompt' cannot be read: 'utf-8' codec can't decode byte 0xe9")
-    assert rows[3]["error"].startswith("row 3: column 'seen' cannot be read:") and [r["id"] for r in rows] == [10, 11, 12, 13]
+    assert rows[3]["error"].startswith("row 3: column 'seen' cannot be read:") and [r["id"] for r in rows] == [
+        10,
+        11,
+        12,
+        13,
+    ]
 
 
 def test_parquet_damaged_part_way_keeps_the_rows_before_and_names_the_row(tmp_path: Path) -> None:
@@ -157,7 +172,9 @@ def test_parquet_damaged_part_way_keeps_the_rows_before_and_names_the_row(tmp_pa
         outcome = run(tmp_path, input={"path": "in.parquet", "batch_rows": 10})
         assert isinstance(outcome.error, InputError)
         assert str(outcome.error).startswith("job bad: cannot read in.parquet from row 30 on (OSError: ")
-        assert str(outcome.error).endswith("; the 30 rows before it are committed, repair or replace the file to go further")
+        assert str(outcome.error).endswith(
+            "; the 30 rows before it are committed, repair or replace the file to go further"
+        )
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=10, use_dictionary=False)
     outcome = run(tmp_path, input={"path": "in.parquet"}, output={"path": "out.jsonl", "mode": "overwrite"})
     assert outcome.error is None and len(read_output(tmp_path / "out" / "out.jsonl")) == 40
@@ -168,7 +185,9 @@ def test_output_folder_not_writable(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("a file where the output folder should be")
     outcome = run(tmp_path)
     assert isinstance(outcome.error, OutputError)
-    assert str(outcome.error).startswith(f"cannot create the output folder {tmp_path / 'out'}: [Errno 20] Not a directory")
+    assert str(outcome.error).startswith(
+        f"cannot create the output folder {tmp_path / 'out'}: [Errno 20] Not a directory"
+    )
 
 
 def test_disk_full_stops_the_job_keeps_committed_rows_and_a_rerun_finishes(tmp_path: Path, monkeypatch) -> None:
@@ -204,7 +223,9 @@ def test_disk_full_at_the_final_write_keeps_every_part(tmp_path: Path, monkeypat
         patch.setattr(writer, "write_output", full)
         outcome = run(tmp_path)
     assert isinstance(outcome.error, OutputError)
-    assert str(outcome.error).endswith("No space left on device; every row is committed in parts, fix this (free space?) and rerun to write it")
+    assert str(outcome.error).endswith(
+        "No space left on device; every row is committed in parts, fix this (free space?) and rerun to write it"
+    )
     outcome = run(tmp_path)
     assert outcome.error is None and outcome.summary.rows_this_run == 0, "nothing is generated again"
     assert [r["row"] for r in read_output(tmp_path / "out" / "out.jsonl")] == list(range(6))
@@ -235,7 +256,10 @@ def test_a_prompt_the_tokenizer_raises_on_fails_that_row_only(tmp_path: Path, mo
     assert outcome.error is None and outcome.summary.errors_by_kind == {"tokenize": 1}
     rows = read_output(tmp_path / "out" / "out.jsonl")
     assert [r["error_kind"] for r in rows] == [None, "tokenize", None]
-    assert rows[1]["error"] == "row 1 (line 2): the prompt could not be built or tokenized (TypeError: the tokenizer cannot take this)"
+    assert (
+        rows[1]["error"]
+        == "row 1 (line 2): the prompt could not be built or tokenized (TypeError: the tokenizer cannot take this)"
+    )
 
 
 def test_a_device_this_machine_lacks_fails_the_job_not_the_run(tmp_path: Path) -> None:
@@ -254,14 +278,26 @@ def test_a_device_this_machine_lacks_fails_the_job_not_the_run(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl\n", "jobs.yaml:4: YAML syntax error: expected ',' or '}', but got '<stream end>'"),
-        ("jobs:\n  - name: a\n\tinput: x\n", "jobs.yaml:3: YAML syntax error: found character '\\t' that cannot start any token"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      temprature: 0.5\n",
-         "jobs.yaml:5: jobs[0].sampling.temprature: unknown field (did you mean 'temperature'?"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {max_new_tokens: many}\n",
-         "jobs.yaml:4: jobs[0].sampling.max_new_tokens: expected an integer, got str 'many'"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {mode: replace}\n",
-         "jobs.yaml:4: jobs[0].output.mode: must be one of 'resume', 'overwrite', 'error', got str 'replace'"),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl\n",
+            "jobs.yaml:4: YAML syntax error: expected ',' or '}', but got '<stream end>'",
+        ),
+        (
+            "jobs:\n  - name: a\n\tinput: x\n",
+            "jobs.yaml:3: YAML syntax error: found character '\\t' that cannot start any token",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      temprature: 0.5\n",
+            "jobs.yaml:5: jobs[0].sampling.temprature: unknown field (did you mean 'temperature'?",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {max_new_tokens: many}\n",
+            "jobs.yaml:4: jobs[0].sampling.max_new_tokens: expected an integer, got str 'many'",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {mode: replace}\n",
+            "jobs.yaml:4: jobs[0].output.mode: must be one of 'resume', 'overwrite', 'error', got str 'replace'",
+        ),
         ("jobs:\n  - name: a\n", "jobs.yaml:2: jobs[0]: missing required field 'input'"),
     ],
     ids=["unclosed-flow", "tab", "unknown-field", "wrong-type", "bad-choice", "missing-field"],

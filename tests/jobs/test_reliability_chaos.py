@@ -14,7 +14,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from reliability_helpers import cli_env, kvbatch_command, read_output, run_cli, save_tiny_model, word_prompts, write_job_file, write_jsonl
+from reliability_helpers import (
+    cli_env,
+    kvbatch_command,
+    read_output,
+    run_cli,
+    save_tiny_model,
+    word_prompts,
+    write_job_file,
+    write_jsonl,
+)
 
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.spec import load_jobs_file
@@ -31,7 +40,9 @@ EARLY_KILLS = (1, 6)  # which kills may land anywhere from start-up on; the othe
 def job_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("chaos")
     save_tiny_model(folder / "tiny")
-    write_jsonl(folder / "in.jsonl", [{"id": f"q{i}", "prompt": p} for i, p in enumerate(word_prompts(NUM_ROWS, seed=1))])
+    write_jsonl(
+        folder / "in.jsonl", [{"id": f"q{i}", "prompt": p} for i, p in enumerate(word_prompts(NUM_ROWS, seed=1))]
+    )
     write_job_file(
         folder / "jobs.yaml",
         name="chaos",
@@ -44,7 +55,9 @@ def job_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         engine={"device": "cpu", "max_num_seqs": 2, "num_blocks_override": 64, "block_size": 4},
         sort_window=1,
     )
-    (folder / "jobs.yaml").write_text((folder / "jobs.yaml").read_text().replace("model: tiny", f"model: {folder / 'tiny'}"))
+    (folder / "jobs.yaml").write_text(
+        (folder / "jobs.yaml").read_text().replace("model: tiny", f"model: {folder / 'tiny'}")
+    )
     return folder
 
 
@@ -73,7 +86,9 @@ def kill_once(folder: Path, sig: signal.Signals, early: bool, rng: random.Random
     output = folder / "out" / "out.arrow"
     before = len(committed_rows(output))
     with open(log_file, "ab") as log:
-        process = subprocess.Popen(kvbatch_command("run", "jobs.yaml"), cwd=folder, env=cli_env(), stdout=log, stderr=log)
+        process = subprocess.Popen(
+            kvbatch_command("run", "jobs.yaml"), cwd=folder, env=cli_env(), stdout=log, stderr=log
+        )
         try:
             deadline = time.monotonic() + (rng.uniform(0.3, 4.0) if early else 600)
             while process.poll() is None and time.monotonic() < deadline and len(_manifest_rows(output)) <= before:
@@ -103,7 +118,9 @@ def test_killed_runs_resume_to_the_uninterrupted_output(job_folder: Path, tmp_pa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = run_jobs(load_jobs_file(job_folder / "jobs.yaml", {"output_dir": str(tmp_path / "ref")}).select(None))[0]
+        reference = run_jobs(
+            load_jobs_file(job_folder / "jobs.yaml", {"output_dir": str(tmp_path / "ref")}).select(None)
+        )[0]
     finally:
         torch.set_num_threads(threads)
     assert reference.error is None, reference.error

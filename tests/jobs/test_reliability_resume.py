@@ -42,7 +42,9 @@ def make_job(tmp: Path, **changes) -> dict:
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": "x" * (i + 1), "topic": f"t{i}"} for i in range(NUM_ROWS)])
+    write_jsonl(
+        tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": "x" * (i + 1), "topic": f"t{i}"} for i in range(NUM_ROWS)]
+    )
     return tmp_path
 
 
@@ -151,7 +153,9 @@ def test_part_seconds_commits_while_no_row_finishes(folder: Path) -> None:
                 yield self._answer(request)
             time.sleep(0.2)  # the last row's long generation: steps pass, no row finishes
             on_step()
-            committed_during_the_long_row.append(Manifest.load(work_dir(folder / "out" / "out.jsonl") / "manifest.json").done_rows())
+            committed_during_the_long_row.append(
+                Manifest.load(work_dir(folder / "out" / "out.jsonl") / "manifest.json").done_rows()
+            )
             yield self._answer(taken[-1])
 
     outcome, _ = run(folder, lambda model, settings: LongLastRow(), output__part_rows=1000, output__part_seconds=0.1)
@@ -203,7 +207,9 @@ def test_mode_error_after_the_output_was_removed_says_so(folder: Path) -> None:
     (folder / "out" / "out.jsonl").unlink()
     outcome, _ = run(folder, output__mode="error")
     assert isinstance(outcome.error, OutputError)
-    assert str(outcome.error).startswith(f"{folder / 'out' / 'out.jsonl'} finished once (the output file was removed since), recorded in ")
+    assert str(outcome.error).startswith(
+        f"{folder / 'out' / 'out.jsonl'} finished once (the output file was removed since), recorded in "
+    )
 
 
 def test_mode_error_refuses_unfinished_parts(folder: Path) -> None:

@@ -62,7 +62,12 @@ def factory_for(engine: FakeEngine):
 @pytest.fixture
 def job(tmp_path: Path):
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(NUM_ROWS)])
-    data = {"name": "sig", "input": {"path": "in.jsonl"}, "output": {"path": "out.arrow", "part_rows": 3}, "sort_window": 1}
+    data = {
+        "name": "sig",
+        "input": {"path": "in.jsonl"},
+        "output": {"path": "out.arrow", "part_rows": 3},
+        "sort_window": 1,
+    }
     return job_from_dict(data, base_dir=str(tmp_path))
 
 
@@ -135,9 +140,13 @@ def test_a_signal_between_jobs_starts_no_further_job(tmp_path: Path) -> None:
 @pytest.mark.parametrize("signals", [{5: signal.SIGTERM}, {4: signal.SIGUSR1, 5: signal.SIGINT}], ids=["once", "twice"])
 def test_cli_exits_with_code_3_for_a_requeue(job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signals) -> None:
     jobs_file = tmp_path / "jobs.yaml"
-    jobs_file.write_text("jobs:\n  - name: sig\n    input: {path: in.jsonl}\n    output: {path: out.arrow, part_rows: 3}\n")
+    jobs_file.write_text(
+        "jobs:\n  - name: sig\n    input: {path: in.jsonl}\n    output: {path: out.arrow, part_rows: 3}\n"
+    )
     engine = SignallingEngine(signals)
-    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock=False, **_: run_jobs(specs, wait_for_lock, factory_for(engine)))
+    monkeypatch.setattr(
+        cli, "run_jobs", lambda specs, wait_for_lock=False, **_: run_jobs(specs, wait_for_lock, factory_for(engine))
+    )
     result = CliRunner().invoke(cli.app, ["run", str(jobs_file)])
     assert result.exit_code == cli.INTERRUPTED == 3, result.output
     assert "rerun to resume" in result.output

@@ -39,7 +39,9 @@ def test_the_default_line_limit_is_megabytes() -> None:
 
 
 def test_parquet_is_read_in_record_batches(tmp_path: Path, monkeypatch) -> None:
-    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(1000)], "unused": list(range(1000))}), tmp_path / "in.parquet")
+    pq.write_table(
+        pa.table({"prompt": [f"p{i}" for i in range(1000)], "unused": list(range(1000))}), tmp_path / "in.parquet"
+    )
     asked: list[dict] = []
     real = pq.ParquetFile.iter_batches
 

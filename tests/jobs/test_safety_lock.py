@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 from job_fakes import fake_factory
-from reliability_helpers import cli_env, kvbatch_command, read_output, save_tiny_model, word_prompts, write_job_file, write_jsonl
+from reliability_helpers import (
+    cli_env,
+    kvbatch_command,
+    read_output,
+    save_tiny_model,
+    word_prompts,
+    write_job_file,
+    write_jsonl,
+)
 from typer.testing import CliRunner
 
 from kvbatch.jobs.errors import OutputLockedError
@@ -45,8 +53,14 @@ def job_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start(folder: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(kvbatch_command("run", "jobs.yaml", *args), cwd=folder, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        kvbatch_command("run", "jobs.yaml", *args),
+        cwd=folder,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_lock(lock: Path, process: subprocess.Popen) -> None:
@@ -71,11 +85,26 @@ def test_second_run_is_refused_with_code_4_and_the_first_completes(job_folder: P
         first.send_signal(signal.SIGSTOP)
         waiting_log = tmp_path / "waiting.log"
         with open(waiting_log, "w") as log:
-            waiting = subprocess.Popen(kvbatch_command("run", "jobs.yaml", "--wait"), cwd=job_folder, env=cli_env(),
-                                       stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
-        second = subprocess.run(kvbatch_command("run", "jobs.yaml"), cwd=job_folder, env=cli_env(), capture_output=True, text=True, timeout=60)
+            waiting = subprocess.Popen(
+                kvbatch_command("run", "jobs.yaml", "--wait"),
+                cwd=job_folder,
+                env=cli_env(),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        second = subprocess.run(
+            kvbatch_command("run", "jobs.yaml"),
+            cwd=job_folder,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == cli.LOCKED == 4, second.stderr
-        message = f"another kvbatch run (pid {first.pid}) is writing this output (lock {lock}); wait for it, or pass --wait"
+        message = (
+            f"another kvbatch run (pid {first.pid}) is writing this output (lock {lock}); wait for it, or pass --wait"
+        )
         assert message in second.stderr
 
         # The same through the job API and the CLI in this process (flock is per open file, so it conflicts here too).
@@ -89,7 +118,9 @@ def test_second_run_is_refused_with_code_4_and_the_first_completes(job_folder: P
         while "waiting for it" not in waiting_log.read_text() and time.monotonic() < deadline:
             assert waiting.poll() is None, waiting_log.read_text()
             time.sleep(0.02)
-        assert f"another kvbatch run (pid {first.pid}) is writing this output; waiting for it" in waiting_log.read_text()
+        assert (
+            f"another kvbatch run (pid {first.pid}) is writing this output; waiting for it" in waiting_log.read_text()
+        )
         first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=120) == 0, first.communicate()
         out, _ = waiting.communicate(timeout=60)
@@ -120,7 +151,9 @@ def test_kill_9_leaves_no_stale_lock(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert lock.read_text().strip() == str(process.pid), "the lock file stays, naming the dead run; only the kernel's lock matters"
+    assert lock.read_text().strip() == str(process.pid), (
+        "the lock file stays, naming the dead run; only the kernel's lock matters"
+    )
     fresh = OutputLock(lock)
     fresh.acquire()  # at once, without --wait: there is never a stale lock to clean by hand
     fresh.release()

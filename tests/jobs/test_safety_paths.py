@@ -29,7 +29,11 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def run(job_folder: Path, **fields):
@@ -40,8 +44,14 @@ def run(job_folder: Path, **fields):
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        ("../escape.arrow", "output.path: output.path '../escape.arrow' must be a relative path inside output_dir (out)"),
-        ("sub/../../escape.arrow", "output.path: output.path 'sub/../../escape.arrow' must be a relative path inside output_dir"),
+        (
+            "../escape.arrow",
+            "output.path: output.path '../escape.arrow' must be a relative path inside output_dir (out)",
+        ),
+        (
+            "sub/../../escape.arrow",
+            "output.path: output.path 'sub/../../escape.arrow' must be a relative path inside output_dir",
+        ),
         ("/tmp/escape.arrow", "output.path: output.path '/tmp/escape.arrow' must be a relative path inside output_dir"),
     ],
 )
@@ -114,7 +124,9 @@ def test_ids_never_become_paths(folders) -> None:
     write_jsonl(job / "batch.jsonl", openai)
     spec = job_from_dict({"name": "batch", "input": {"path": "batch.jsonl", "format": "openai"}}, base_dir=str(job))
     assert run_jobs([spec], engine_factory=fake_factory())[0].error is None
-    assert [json.loads(line)["custom_id"] for line in (job / "out" / "batch.jsonl").read_text().splitlines()] == HOSTILE_IDS
+    assert [
+        json.loads(line)["custom_id"] for line in (job / "out" / "batch.jsonl").read_text().splitlines()
+    ] == HOSTILE_IDS
     new_files = set(tree(job.parent)) - set(before)
     assert all(name.startswith("job/out/") or name in ("job/batch.jsonl",) for name in new_files), new_files
     assert tree(outside) == {"precious.txt": b"keep me"}

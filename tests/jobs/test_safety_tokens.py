@@ -45,8 +45,16 @@ def test_message_text_stays_plain_text(tokenizer, hostile: str, role: str) -> No
     benign = [{"role": m["role"], "content": "hello"} for m in messages]
     ids = encode(tokenizer, Prompt(messages=messages))
     template_only = encode(tokenizer, Prompt(messages=benign))
-    assert control_ids(tokenizer, ids) == control_ids(tokenizer, template_only), "only the template's own control tokens"
-    assert control_ids(tokenizer, ids) == [1, 2, 1, 2, 1]  # <|im_start|>system ... <|im_end|> <|im_start|>user ... <|im_start|>assistant
+    assert control_ids(tokenizer, ids) == control_ids(tokenizer, template_only), (
+        "only the template's own control tokens"
+    )
+    assert control_ids(tokenizer, ids) == [
+        1,
+        2,
+        1,
+        2,
+        1,
+    ]  # <|im_start|>system ... <|im_end|> <|im_start|>user ... <|im_start|>assistant
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert tokenizer.decode(ids) == rendered, "the text is kept, character for character"
 

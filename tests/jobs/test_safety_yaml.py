@@ -25,13 +25,22 @@ def load_error(tmp_path: Path, text: str) -> str:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (JOB + "    model: !!python/object/apply:os.system ['touch {marker}']\n",
-         "jobs.yaml:4: jobs[0].model: unsupported YAML tag 'tag:yaml.org,2002:python/object/apply:os.system'; job files hold plain values only"),
-        ("jobs:\n  - name: !!python/name:os.system\n    input: {path: x.jsonl}\n",
-         "jobs.yaml:2: jobs[0].name: unsupported YAML value: could not determine a constructor for the tag 'tag:yaml.org,2002:python/name:os.system'"),
-        (JOB + "    prompt: !!python/object/new:builtins.dict {}\n",
-         "jobs.yaml:4: jobs[0].prompt: unsupported YAML tag 'tag:yaml.org,2002:python/object/new:builtins.dict'"),
-        (JOB + "    sampling: !custom {temperature: 0.5}\n", "jobs.yaml:4: jobs[0].sampling: unsupported YAML tag '!custom'"),
+        (
+            JOB + "    model: !!python/object/apply:os.system ['touch {marker}']\n",
+            "jobs.yaml:4: jobs[0].model: unsupported YAML tag 'tag:yaml.org,2002:python/object/apply:os.system'; job files hold plain values only",
+        ),
+        (
+            "jobs:\n  - name: !!python/name:os.system\n    input: {path: x.jsonl}\n",
+            "jobs.yaml:2: jobs[0].name: unsupported YAML value: could not determine a constructor for the tag 'tag:yaml.org,2002:python/name:os.system'",
+        ),
+        (
+            JOB + "    prompt: !!python/object/new:builtins.dict {}\n",
+            "jobs.yaml:4: jobs[0].prompt: unsupported YAML tag 'tag:yaml.org,2002:python/object/new:builtins.dict'",
+        ),
+        (
+            JOB + "    sampling: !custom {temperature: 0.5}\n",
+            "jobs.yaml:4: jobs[0].sampling: unsupported YAML tag '!custom'",
+        ),
     ],
     ids=["object-apply", "python-name", "object-new", "custom-tag"],
 )
@@ -52,8 +61,14 @@ def test_alias_bomb_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ("    engine:\n      trust_remote: true\n", "jobs.yaml:5: jobs[0].engine.trust_remote: unknown field (did you mean 'trust_remote_code'?"),
-        ("    prompt:\n      allow_special_token: true\n", "jobs.yaml:5: jobs[0].prompt.allow_special_token: unknown field (did you mean 'allow_special_tokens'?"),
+        (
+            "    engine:\n      trust_remote: true\n",
+            "jobs.yaml:5: jobs[0].engine.trust_remote: unknown field (did you mean 'trust_remote_code'?",
+        ),
+        (
+            "    prompt:\n      allow_special_token: true\n",
+            "jobs.yaml:5: jobs[0].prompt.allow_special_token: unknown field (did you mean 'allow_special_tokens'?",
+        ),
         ("    outptu: {path: y.arrow}\n", "jobs.yaml:4: jobs[0].outptu: unknown field (did you mean 'output'?"),
     ],
 )
@@ -62,7 +77,9 @@ def test_unknown_fields_name_field_and_line(tmp_path: Path, extra: str, message:
 
 
 def test_command_line_values_use_the_safe_loader_too() -> None:
-    with pytest.raises(SpecError, match=r"--set model:1: unsupported YAML tag .*python/object/apply:os.system.*plain values only"):
+    with pytest.raises(
+        SpecError, match=r"--set model:1: unsupported YAML tag .*python/object/apply:os.system.*plain values only"
+    ):
         _parse_sets(["model=!!python/object/apply:os.system ['true']"])
     with pytest.raises(SpecError, match="--set sampling:1: top_k: duplicate field"):
         _parse_sets(["sampling={top_k: 1, top_k: 2}"])

@@ -45,8 +45,24 @@ def test_parse_shard():
     [
         ({}, None),
         ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}, Shard(2, 4)),
-        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "4", "SLURM_ARRAY_TASK_COUNT": "4"}, Shard(2, 4)),
-        ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_STEP": "2"}, Shard(2, 4)),
+        (
+            {
+                "SLURM_ARRAY_TASK_ID": "3",
+                "SLURM_ARRAY_TASK_MIN": "1",
+                "SLURM_ARRAY_TASK_MAX": "4",
+                "SLURM_ARRAY_TASK_COUNT": "4",
+            },
+            Shard(2, 4),
+        ),
+        (
+            {
+                "SLURM_ARRAY_TASK_ID": "5",
+                "SLURM_ARRAY_TASK_MIN": "1",
+                "SLURM_ARRAY_TASK_MAX": "7",
+                "SLURM_ARRAY_TASK_STEP": "2",
+            },
+            Shard(2, 4),
+        ),
     ],
 )
 def test_shard_from_slurm(env, expected):
@@ -54,10 +70,17 @@ def test_shard_from_slurm(env, expected):
 
 
 def test_uneven_slurm_arrays_ask_for_an_explicit_shard():
-    gaps = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_COUNT": "3"}
+    gaps = {
+        "SLURM_ARRAY_TASK_ID": "7",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_MAX": "7",
+        "SLURM_ARRAY_TASK_COUNT": "3",
+    }
     with pytest.raises(SpecError, match="pass --shard I/N explicitly"):
         shard_from_env(gaps)
-    with pytest.raises(SpecError, match="SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT .* is not; pass --shard I/N"):
+    with pytest.raises(
+        SpecError, match="SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT .* is not; pass --shard I/N"
+    ):
         shard_from_env({"SLURM_ARRAY_TASK_ID": "1"})
 
 
@@ -76,16 +99,34 @@ NUM_ROWS = 10
 ERROR_ROW = 7
 
 
-def _write_shard(out: Path, shard: Shard, num_rows: int = NUM_ROWS, fmt: str = "arrow", spec_hash: str = "h1", skip: int | None = None,
-                 input_sha: str = "aa") -> Path:  # fmt: skip
+def _write_shard(
+    out: Path,
+    shard: Shard,
+    num_rows: int = NUM_ROWS,
+    fmt: str = "arrow",
+    spec_hash: str = "h1",
+    skip: int | None = None,
+    input_sha: str = "aa",
+) -> Path:
     path = shard.output_path(out)
-    manifest = Manifest("job", spec_hash, {"model": "m", INPUT_KEY: {"bytes": 10, "head_sha256": input_sha}}, path.name, fmt)
+    manifest = Manifest(
+        "job", spec_hash, {"model": "m", INPUT_KEY: {"bytes": 10, "head_sha256": input_sha}}, path.name, fmt
+    )
     with ShardWriter(path, fmt, LAYOUT, manifest, shard=shard, part_rows=2) as writer:
         for row in reversed(shard.rows(num_rows)):  # any order in; input order out
             if row == ERROR_ROW:
                 writer.add(RowResult(row, id=f"id{row}", error=RowError("bad_json", f"row {row}: invalid JSON")))
             elif row != skip:
-                writer.add(RowResult(row, id=f"id{row}", texts=[f"text {row}"], finish_reasons=["stop"], prompt_tokens=row, output_tokens=1))
+                writer.add(
+                    RowResult(
+                        row,
+                        id=f"id{row}",
+                        texts=[f"text {row}"],
+                        finish_reasons=["stop"],
+                        prompt_tokens=row,
+                        output_tokens=1,
+                    )
+                )
         if skip is None:
             writer.finalize(num_rows)
     return path
@@ -113,14 +154,24 @@ def test_merge_joins_shards_in_input_order(tmp_path, fmt):
     merged = Manifest.load(work_dir(out) / "manifest.json")
     assert (merged.complete, merged.spec_hash, merged.num_rows) == (True, "h1", NUM_ROWS)
     summary = json.loads(summary_path(out).read_text())  # what that rerun prints
-    assert (summary["rows"], summary["rows_ok"], summary["rows_error"], summary["spec_hash"]) == (NUM_ROWS, NUM_ROWS - 1, 1, "h1")
-    assert (summary["finish_reasons"], summary["errors_by_kind"]) == ({"stop": NUM_ROWS - 1, "error": 1}, {"bad_json": 1})
+    assert (summary["rows"], summary["rows_ok"], summary["rows_error"], summary["spec_hash"]) == (
+        NUM_ROWS,
+        NUM_ROWS - 1,
+        1,
+        "h1",
+    )
+    assert (summary["finish_reasons"], summary["errors_by_kind"]) == (
+        {"stop": NUM_ROWS - 1, "error": 1},
+        {"bad_json": 1},
+    )
 
 
 def test_shard_writer_refuses_a_shard_with_rows_missing(tmp_path):
     path = Shard(1, 3).output_path(tmp_path / "a.arrow")
     with pytest.raises(JobError, match=r"shard 1/3: 1 of its rows have no result \(first: \[4\]\)"):
-        with ShardWriter(path, "arrow", LAYOUT, Manifest("job", "h", {}, path.name, "arrow"), shard=Shard(1, 3)) as writer:
+        with ShardWriter(
+            path, "arrow", LAYOUT, Manifest("job", "h", {}, path.name, "arrow"), shard=Shard(1, 3)
+        ) as writer:
             for row in (1, 7):
                 writer.add(RowResult(row, id=row, texts=["x"], finish_reasons=["stop"]))
             writer.finalize(9)
@@ -176,7 +227,9 @@ def test_merge_refuses_shards_run_over_different_inputs(tmp_path):
     out = tmp_path / "answers.arrow"
     _write_shard(out, Shard(0, 2))
     _write_shard(out, Shard(1, 2), input_sha="bb")  # the file was edited between the two shards' runs
-    with pytest.raises(MergeError, match="answers.shard-0001-of-0002.arrow: read another input than answers.shard-0000-of-0002.arrow"):
+    with pytest.raises(
+        MergeError, match="answers.shard-0001-of-0002.arrow: read another input than answers.shard-0000-of-0002.arrow"
+    ):
         merge_shards(out)
 
 
@@ -184,7 +237,9 @@ def test_merge_names_a_finished_shard_whose_file_is_gone(tmp_path):
     out = tmp_path / "answers.arrow"
     paths = [_write_shard(out, Shard(i, 2)) for i in range(2)]
     paths[1].unlink()
-    with pytest.raises(MergeError, match=r"answers.shard-0001-of-0002.arrow: finished once, but the file is gone; rerun shard 1/2"):
+    with pytest.raises(
+        MergeError, match=r"answers.shard-0001-of-0002.arrow: finished once, but the file is gone; rerun shard 1/2"
+    ):
         merge_shards(out)
 
 

@@ -26,7 +26,10 @@ def test_four_shards_merged_equal_one_process(tmp_path):
 
     sharded = tiny_job(tmp_path)
     for i in range(4):
-        [outcome] = run_jobs([dataclasses.replace(sharded, parallel=dataclasses.replace(sharded.parallel, shard=f"{i}/4"))], engine_factory=tiny_engine)
+        [outcome] = run_jobs(
+            [dataclasses.replace(sharded, parallel=dataclasses.replace(sharded.parallel, shard=f"{i}/4"))],
+            engine_factory=tiny_engine,
+        )
         assert outcome.error is None, outcome.error
         assert outcome.summary.rows == len(range(i, 13, 4))
     out = output_path(sharded)

@@ -115,7 +115,9 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         sampling=SamplingSpec(12, 0.5, 0.9, 40, 0.05, 1.1, 7, ("###", "END"), (2, 3), 2, True, True),
         output=OutputSpec("results/full.parquet", "auto", "overwrite", 100, 5.0),
         output_dir="out",
-        engine=EngineSpec("cpu", "float32", 32, 4, 256, 0.5, 0.8, 64, "reserve", "torch", 1024, False, False, False, False, 3),
+        engine=EngineSpec(
+            "cpu", "float32", 32, 4, 256, 0.5, 0.8, 64, "reserve", "torch", 1024, False, False, False, False, 3
+        ),
         sort_window=16,
         base_dir=str(tmp_path.resolve()),
     )
@@ -126,8 +128,21 @@ def test_every_field_is_read(tmp_path: Path) -> None:
 
 def test_built_in_defaults(tmp_path: Path) -> None:
     job = load_one(tmp_path, "jobs:\n  - name: a\n    input: {path: in.parquet}\n")
-    assert (job.model, job.prompt, job.sampling, job.output, job.engine) == ("default", PromptSpec(), SamplingSpec(), OutputSpec(), EngineSpec())
-    assert (job.input.format, job.input.limit, job.id_column, job.keep_columns, job.output_dir, job.sort_window) == ("auto", None, None, (), "out", 1024)
+    assert (job.model, job.prompt, job.sampling, job.output, job.engine) == (
+        "default",
+        PromptSpec(),
+        SamplingSpec(),
+        OutputSpec(),
+        EngineSpec(),
+    )
+    assert (job.input.format, job.input.limit, job.id_column, job.keep_columns, job.output_dir, job.sort_window) == (
+        "auto",
+        None,
+        None,
+        (),
+        "out",
+        1024,
+    )
     assert input_format(job) == "parquet" and output_format(job) == "arrow"
     assert output_path(job).name == "a.arrow"
     assert job.engine.settings() == {}
@@ -148,7 +163,13 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
     """
     a, b = load_jobs_file(write(tmp_path, text), {"sampling.top_k": 9, "model": None}).jobs
     # a: temperature from the job, max_new_tokens from defaults, top_k from the command line, the rest built in
-    assert (a.model, a.sampling.max_new_tokens, a.sampling.temperature, a.sampling.top_k, a.sampling.top_p) == ("from-defaults", 10, 0.6, 9, 1.0)
+    assert (a.model, a.sampling.max_new_tokens, a.sampling.temperature, a.sampling.top_k, a.sampling.top_p) == (
+        "from-defaults",
+        10,
+        0.6,
+        9,
+        1.0,
+    )
     assert (b.model, b.sampling.temperature, b.sampling.top_k) == ("from-job", 0.3, 9)
     (c,) = load_jobs_file(write(tmp_path, text), {"model": "from-cli"}).select(["b"])
     assert c.model == "from-cli"
@@ -157,26 +178,105 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "where", "field", "words"),
     [
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      temprature: 0.5\n", ":5", "jobs[0].sampling.temprature", "did you mean 'temperature'"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    max_tokens: 5\n", ":4", "jobs[0].max_tokens", "unknown field"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    smapling:\n      temperature: 0.5\n", ":4", "jobs[0].smapling", "did you mean 'sampling'"),
-        ("defaults:\n  sampling: {max_new_token: 5}\njobs:\n  - name: a\n    input: {path: x.jsonl}\n", ":2", "defaults.sampling.max_new_token", "did you mean 'max_new_tokens'"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      max_new_tokens: lots\n", ":5", "jobs[0].sampling.max_new_tokens", "expected an integer, got str 'lots'"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {temperature: -1}\n", ":4", "jobs[0].sampling.temperature", "must be >= 0"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {chat_template: maybe}\n", ":4", "jobs[0].prompt.chat_template", "expected true or false"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {format: csv}\n", ":4", "jobs[0].output.format", "must be one of"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    keep_columns: {a: 1}\n", ":4", "jobs[0].keep_columns", "expected a list"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    id_column: row\n", ":4", "jobs[0].id_column", "'row' is an output column name"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    engine: {device: gpu}\n", ":4", "jobs[0].engine.device", "must be auto, cpu, cuda or cuda:N"),
-        ("jobs:\n  - name: .a\n    input: {path: x.jsonl}\n", ":2", "jobs[0].name", "start with a letter, digit or '_'"),
-        ('jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {system: "be \\ud800 brief"}\n', ":4", "jobs[0].prompt.system",
-         "holds '\\ud800' at character 3: not text (a lone surrogate"),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      temprature: 0.5\n",
+            ":5",
+            "jobs[0].sampling.temprature",
+            "did you mean 'temperature'",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    max_tokens: 5\n",
+            ":4",
+            "jobs[0].max_tokens",
+            "unknown field",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    smapling:\n      temperature: 0.5\n",
+            ":4",
+            "jobs[0].smapling",
+            "did you mean 'sampling'",
+        ),
+        (
+            "defaults:\n  sampling: {max_new_token: 5}\njobs:\n  - name: a\n    input: {path: x.jsonl}\n",
+            ":2",
+            "defaults.sampling.max_new_token",
+            "did you mean 'max_new_tokens'",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling:\n      max_new_tokens: lots\n",
+            ":5",
+            "jobs[0].sampling.max_new_tokens",
+            "expected an integer, got str 'lots'",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {temperature: -1}\n",
+            ":4",
+            "jobs[0].sampling.temperature",
+            "must be >= 0",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {chat_template: maybe}\n",
+            ":4",
+            "jobs[0].prompt.chat_template",
+            "expected true or false",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {format: csv}\n",
+            ":4",
+            "jobs[0].output.format",
+            "must be one of",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    keep_columns: {a: 1}\n",
+            ":4",
+            "jobs[0].keep_columns",
+            "expected a list",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    id_column: row\n",
+            ":4",
+            "jobs[0].id_column",
+            "'row' is an output column name",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    engine: {device: gpu}\n",
+            ":4",
+            "jobs[0].engine.device",
+            "must be auto, cpu, cuda or cuda:N",
+        ),
+        (
+            "jobs:\n  - name: .a\n    input: {path: x.jsonl}\n",
+            ":2",
+            "jobs[0].name",
+            "start with a letter, digit or '_'",
+        ),
+        (
+            'jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {system: "be \\ud800 brief"}\n',
+            ":4",
+            "jobs[0].prompt.system",
+            "holds '\\ud800' at character 3: not text (a lone surrogate",
+        ),
         ("jobs:\n  - name: a\n", ":2", "jobs[0]", "missing required field 'input'"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n  - name: a\n    input: {path: y.jsonl}\n", ":4", "jobs[1].name", "duplicate job name"),
-        ("jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {column: q, template: '{q}'}\n", ":4", "jobs[0].prompt", "set only one of"),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n  - name: a\n    input: {path: y.jsonl}\n",
+            ":4",
+            "jobs[1].name",
+            "duplicate job name",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {column: q, template: '{q}'}\n",
+            ":4",
+            "jobs[0].prompt",
+            "set only one of",
+        ),
         ("jobs:\n  - name: a b\n    input: {path: x.jsonl}\n", ":2", "jobs[0].name", "job names use letters"),
         ("job:\n  - name: a\n", ":1", "job", "unknown top-level field"),
-        ('jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {stop: ["###", ""]}\n', ":4", "jobs[0].sampling.stop[1]", "must not be an empty string"),
+        (
+            'jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {stop: ["###", ""]}\n',
+            ":4",
+            "jobs[0].sampling.stop[1]",
+            "must not be an empty string",
+        ),
     ],
 )
 def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, field: str, words: str) -> None:
@@ -202,7 +302,10 @@ def test_bad_yaml_syntax_names_the_line(tmp_path: Path) -> None:
 
 def test_duplicate_key_and_python_tags_are_refused(tmp_path: Path) -> None:
     dup = spec_error(tmp_path, "jobs:\n  - name: a\n    name: b\n    input: {path: x.jsonl}\n")
-    assert (dup.field, dup.where.rsplit(":", 1)[1]) == ("jobs[0].name", "3") and "duplicate field (first at line 2)" in dup.message
+    assert (dup.field, dup.where.rsplit(":", 1)[1]) == (
+        "jobs[0].name",
+        "3",
+    ) and "duplicate field (first at line 2)" in dup.message
     tag = spec_error(tmp_path, "jobs:\n  - name: !!python/object:os.system a\n    input: {path: x.jsonl}\n")
     assert "unsupported YAML value" in tag.message
 
@@ -216,7 +319,9 @@ def test_command_line_override_errors_name_the_field_without_a_line(tmp_path: Pa
 def test_job_from_dict_and_select(tmp_path: Path) -> None:
     job = job_from_dict({"name": "g", "input": {"path": "in.jsonl"}, "sampling": {"n": 2}}, base_dir=str(tmp_path))
     assert job.sampling == dataclasses.replace(SamplingSpec(), n=2) and job.base_dir == str(tmp_path)
-    jobs = load_jobs_file(write(tmp_path, "jobs:\n  - {name: a, input: {path: x.jsonl}}\n  - {name: b, input: {path: x.jsonl}}\n"))
+    jobs = load_jobs_file(
+        write(tmp_path, "jobs:\n  - {name: a, input: {path: x.jsonl}}\n  - {name: b, input: {path: x.jsonl}}\n")
+    )
     assert [j.name for j in jobs.select(["b"])] == ["b"] and [j.name for j in jobs.select(None)] == ["a", "b"]
     with pytest.raises(SpecError, match="no job named 'c'.*jobs: a, b"):
         jobs.select(["c"])
@@ -225,14 +330,26 @@ def test_job_from_dict_and_select(tmp_path: Path) -> None:
 def test_output_must_stay_inside_output_dir(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="inside output_dir"):
         job_from_dict({"name": "a", "input": {"path": "x.jsonl"}, "output": {"path": "../escape.arrow"}}, str(tmp_path))
-    error = spec_error(tmp_path, "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output:\n      path: ../escape.arrow\n")
+    error = spec_error(
+        tmp_path, "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output:\n      path: ../escape.arrow\n"
+    )
     assert (error.where, error.field) == (f"{tmp_path / 'jobs.yaml'}:5", "jobs[0].output.path")
 
 
 def test_output_cannot_be_the_input(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_text('{"prompt": "a"}\n')
-    with pytest.raises(SpecError, match="output.path 'data.jsonl' is the input file .*data.jsonl; write the output elsewhere"):
-        job_from_dict({"name": "j", "input": {"path": "data.jsonl"}, "output_dir": ".", "output": {"path": "data.jsonl", "mode": "overwrite"}}, base_dir=str(tmp_path))
+    with pytest.raises(
+        SpecError, match="output.path 'data.jsonl' is the input file .*data.jsonl; write the output elsewhere"
+    ):
+        job_from_dict(
+            {
+                "name": "j",
+                "input": {"path": "data.jsonl"},
+                "output_dir": ".",
+                "output": {"path": "data.jsonl", "mode": "overwrite"},
+            },
+            base_dir=str(tmp_path),
+        )
 
 
 def test_missing_job_file_is_a_spec_error(tmp_path: Path) -> None:
@@ -264,7 +381,6 @@ def test_a_relative_model_path_is_relative_to_the_job_file(tmp_path):
     assert b.model == "someorg/some-model" and c.model == "default"
 
 
-
 def test_a_model_folder_only_in_the_working_folder_is_refused(tmp_path, monkeypatch):
     """From another folder, the same job file would load another model (or none) under the same spec."""
     from kvbatch.jobs.spec import load_jobs_file
@@ -273,7 +389,9 @@ def test_a_model_folder_only_in_the_working_folder_is_refused(tmp_path, monkeypa
     (tmp_path / "mdl").mkdir()
     (tmp_path / "jobs" / "j.yaml").write_text("jobs:\n  - {name: a, model: mdl, input: {path: in.jsonl}}\n")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SpecError, match="model 'mdl' is no folder beside the job file .* but is one in the working folder"):
+    with pytest.raises(
+        SpecError, match="model 'mdl' is no folder beside the job file .* but is one in the working folder"
+    ):
         load_jobs_file(tmp_path / "jobs" / "j.yaml")
     (tmp_path / "default").mkdir()  # `default` always names the embedded model
     (tmp_path / "jobs" / "d.yaml").write_text("jobs:\n  - {name: a, model: default, input: {path: in.jsonl}}\n")

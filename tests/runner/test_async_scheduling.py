@@ -43,7 +43,10 @@ def outcome(engine: Engine, requests: list[GenerationRequest]) -> dict:
 
 def first_tokens(loaded, prompts: list[list[int]], n: int) -> list[list[int]]:
     engine = make_engine(loaded, False)
-    got = outcome(engine, [GenerationRequest(i, p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for i, p in enumerate(prompts)])
+    got = outcome(
+        engine,
+        [GenerationRequest(i, p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for i, p in enumerate(prompts)],
+    )
     return [got[i][1][0][0] for i in range(len(prompts))]
 
 
@@ -102,7 +105,9 @@ def test_async_gives_what_the_synchronous_loop_gives_on_the_gpu(loaded) -> None:
 def test_async_under_preemption_with_shared_prefixes(loaded) -> None:
     system = random_prompts(1, 10, 10, seed=4)[0]
     prompts = [system + p for p in random_prompts(8, 2, 10, seed=5)]
-    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
+    requests = [
+        GenerationRequest(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)
+    ]
     tight = dict(num_blocks_override=14, max_num_seqs=6)  # 56 tokens for six sequences of up to 36: preemption
     want = outcome(make_engine(loaded, False, prefix_cache=False, **tight), requests)
     engine = make_engine(loaded, True, **tight)
@@ -116,11 +121,15 @@ def test_async_under_preemption_with_shared_prefixes(loaded) -> None:
 def test_async_equals_sync_on_random_workloads(loaded, seed: int, max_num_seqs: int, budget: int) -> None:
     prompts = random_prompts(7, 1, 20, seed=seed)
     requests = [
-        GenerationRequest(i, p, SamplingParams(max_new_tokens=3 + (seed + i) % 9, ignore_eos=True, stop_token_ids=(7 + i,)))
+        GenerationRequest(
+            i, p, SamplingParams(max_new_tokens=3 + (seed + i) % 9, ignore_eos=True, stop_token_ids=(7 + i,))
+        )
         for i, p in enumerate(prompts)
     ]
     shape = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
-    assert outcome(make_engine(loaded, True, **shape), requests) == outcome(make_engine(loaded, False, **shape), requests)
+    assert outcome(make_engine(loaded, True, **shape), requests) == outcome(
+        make_engine(loaded, False, **shape), requests
+    )
 
 
 class FailsOnce(torch.nn.Module):
@@ -218,8 +227,10 @@ def test_a_step_that_fails_when_read_withdraws_the_prefix_blocks_it_registered(l
 def test_rows_waiting_for_room_do_not_stop_planning_ahead(loaded, monkeypatch, policy) -> None:
     """A queue whose head does not fit the pool cannot be admitted, so the running rows keep decoding ahead;
     the head is admitted as soon as pages come back, and every row gets the synchronous loop's tokens."""
-    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=10, ignore_eos=True))
-                for i, p in enumerate(random_prompts(6, 12, 16, seed=9))]
+    requests = [
+        GenerationRequest(i, p, SamplingParams(max_new_tokens=10, ignore_eos=True))
+        for i, p in enumerate(random_prompts(6, 12, 16, seed=9))
+    ]
     tight = dict(num_blocks_override=16, max_num_seqs=6, policy=policy)  # 64 tokens: two or three rows at a time
     sync = make_engine(loaded, False, **tight)
     want = outcome(sync, requests)
@@ -243,7 +254,10 @@ def test_prefill_chunks_and_admissions_are_planned_ahead(loaded, monkeypatch):
     """Prompts longer than a step's budget and more rows than slots: chunks and admissions read only prompt
     tokens, so they are planned while the step before runs, and the tokens equal the synchronous loop's."""
     prompts = random_prompts(10, 20, 60, seed=9)
-    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=True)) for i, p in enumerate(prompts)]
+    requests = [
+        GenerationRequest(i, p, SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=True))
+        for i, p in enumerate(prompts)
+    ]
     want = outcome(make_engine(loaded, False), requests)
     planned = []
     real = Scheduler.schedule_ahead
@@ -259,7 +273,9 @@ def test_prefill_chunks_and_admissions_are_planned_ahead(loaded, monkeypatch):
     assert outcome(engine, requests) == want
     assert any(item.num_new_tokens > 1 for out in planned for item in out.scheduled)  # prefill chunks
     assert any(out.num_queried_tokens for out in planned)  # admissions (their prefix-cache lookups)
-    assert any(len({item.num_new_tokens > 1 for item in out.scheduled}) == 2 for out in planned)  # decodes beside chunks
+    assert any(
+        len({item.num_new_tokens > 1 for item in out.scheduled}) == 2 for out in planned
+    )  # decodes beside chunks
     assert engine.stats.num_steps_ahead >= engine.stats.num_steps - 3
 
 
@@ -269,7 +285,10 @@ def test_closing_generate_with_a_step_in_flight_withdraws_its_prefix_blocks(load
     engine = make_engine(loaded, True, max_num_batched_tokens=5)
     shared = list(range(10, 30))  # five full blocks, registered a block a step
     requests = [GenerationRequest("long", shared + [99], SamplingParams(max_new_tokens=5, ignore_eos=True))]
-    requests += [GenerationRequest(i, [100 + 5 * i + j for j in range(5)] + [7], SamplingParams(max_new_tokens=1)) for i in range(12)]
+    requests += [
+        GenerationRequest(i, [100 + 5 * i + j for j in range(5)] + [7], SamplingParams(max_new_tokens=1))
+        for i in range(12)
+    ]
     stream = engine.generate(requests)
     for _ in stream:
         in_flight = stream.gi_frame.f_locals["in_flight"]
@@ -283,13 +302,18 @@ def test_closing_generate_with_a_step_in_flight_withdraws_its_prefix_blocks(load
     engine.pool.check_invariants()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form, in Triton's interpreter; on a GPU the test above, "
-                    "test_async_gives_what_the_synchronous_loop_gives_on_the_gpu, runs the compiled kernels")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the CPU form, in Triton's interpreter; on a GPU the test above, "
+    "test_async_gives_what_the_synchronous_loop_gives_on_the_gpu, runs the compiled kernels",
+)
 def test_async_with_the_triton_kernels_and_fused_layers_gives_the_reference_tokens(loaded, monkeypatch) -> None:
     """The GPU's configuration (Triton attention, fused layers, async scheduling) run on the CPU in Triton's
     interpreter, against the synchronous torch reference with transformers' layers."""
-    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=True))
-                for i, p in enumerate(random_prompts(4, 3, 14, seed=12))]
+    requests = [
+        GenerationRequest(i, p, SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=True))
+        for i, p in enumerate(random_prompts(4, 3, 14, seed=12))
+    ]
     want = outcome(make_engine(loaded, False, fused_layers=False), requests)
     monkeypatch.setattr(engine_module, "select_backend", lambda *args: backends._load("triton"))
     engine = make_engine(loaded, True, fused_layers=True)

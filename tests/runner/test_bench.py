@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from typer.testing import CliRunner
 
 from kvbatch.runner.bench_workloads import make_workload
@@ -16,8 +15,24 @@ def _records(output: str) -> list[dict]:
 
 def test_throughput_counts_every_requested_token(tmp_path):
     out = tmp_path / "bench.jsonl"
-    result = CliRunner().invoke(app, ["bench", "throughput", "--shape", "tiny", "--workload", "chat", "--num-prompts", "6",
-                                      "--device", "cpu", "--timing", "--json", str(out)])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "throughput",
+            "--shape",
+            "tiny",
+            "--workload",
+            "chat",
+            "--num-prompts",
+            "6",
+            "--device",
+            "cpu",
+            "--timing",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     (record,) = _records(out.read_text())
     assert record["runner"] == "kvbatch" and record["device"] == "cpu" and record["attention"] == "torch"
@@ -31,8 +46,25 @@ def test_throughput_counts_every_requested_token(tmp_path):
 
 def test_capped_pool_finishes_every_row_with_preemptions(tmp_path):
     # The LoRAX case in small: rows whose sum is far beyond the pool all finish, by preemption, with no error.
-    result = CliRunner().invoke(app, ["bench", "throughput", "--shape", "tiny", "--workload", "chat", "--num-prompts", "6",
-                                      "--device", "cpu", "--kv-pool-tokens", "256", "--max-num-seqs", "6"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "throughput",
+            "--shape",
+            "tiny",
+            "--workload",
+            "chat",
+            "--num-prompts",
+            "6",
+            "--device",
+            "cpu",
+            "--kv-pool-tokens",
+            "256",
+            "--max-num-seqs",
+            "6",
+        ],
+    )
     assert result.exit_code == 0, result.output
     (record,) = _records(result.output)
     assert record["errors"] == 0 and record["out_tokens"] == 6 * 64
@@ -40,8 +72,23 @@ def test_capped_pool_finishes_every_row_with_preemptions(tmp_path):
 
 
 def test_check_compares_streams_against_the_reference():
-    result = CliRunner().invoke(app, ["bench", "check", "--shape", "tiny", "--attention-backend", "torch",
-                                      "--num-prompts", "3", "--max-new-tokens", "6", "--dtype", "float32"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "check",
+            "--shape",
+            "tiny",
+            "--attention-backend",
+            "torch",
+            "--num-prompts",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--dtype",
+            "float32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     (record,) = _records(result.output)
     assert record["prompts"] == 3 and record["identical_streams"] == 3 and record["divergences"] == []
@@ -53,8 +100,9 @@ def test_check_compares_streams_against_the_reference():
 def test_check_reports_the_streams_that_differ(monkeypatch):
     """On the CPU both sides of the check run the torch reference, so the test above cannot see a divergence: here
     the kernels' run and transformers' are made to differ at known tokens, and the report must name them."""
-    from kvbatch.runner import bench_check
     from tiny_models import tiny_loaded
+
+    from kvbatch.runner import bench_check
 
     real_run, real_hf = bench_check._run, bench_check.hf_greedy_tokens
 
@@ -77,15 +125,36 @@ def test_check_reports_the_streams_that_differ(monkeypatch):
     loaded = tiny_loaded("llama")
     prompts = bench_check.random_prompts(loaded.model.config.vocab_size, 3)
     result = bench_check.compare_streams(loaded, "torch", prompts, 6)
-    assert (result.num_prompts, result.num_identical, result.num_identical_floor, result.num_identical_transformers) == (3, 2, 3, 1)
+    assert (
+        result.num_prompts,
+        result.num_identical,
+        result.num_identical_floor,
+        result.num_identical_transformers,
+    ) == (3, 2, 3, 1)
     (divergence,) = result.divergences
     assert divergence["prompt"] == 1 and divergence["position"] == 2 and divergence["kernel_logprob"] == -9.0
     assert divergence["prompt_tokens"] == len(prompts[1]) and divergence["reference_logprob"] != -9.0
 
 
 def test_check_runs_the_kernels_with_fused_layers_when_asked():
-    result = CliRunner().invoke(app, ["bench", "check", "--shape", "tiny", "--attention-backend", "torch", "--fused-layers",
-                                      "--num-prompts", "2", "--max-new-tokens", "4", "--dtype", "float32"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "check",
+            "--shape",
+            "tiny",
+            "--attention-backend",
+            "torch",
+            "--fused-layers",
+            "--num-prompts",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--dtype",
+            "float32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     (record,) = _records(result.output)
     assert record["fused_layers"] is True and record["prompts"] == 2
@@ -96,9 +165,27 @@ def test_check_on_the_real_model_reads_chat_prompts(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Name a primary colour."}\n\n{"prompt": "What is 2 + 2?"}\n{"prompt": "unused"}\n')
     out = tmp_path / "check.jsonl"  # the output also holds transformers' loading bar
-    result = CliRunner().invoke(app, ["bench", "check", "--model", "default", "--prompts", str(prompts), "--num-prompts", "2",
-                                      "--attention-backend", "torch", "--max-new-tokens", "5", "--dtype", "float32",
-                                      "--json", str(out)])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "check",
+            "--model",
+            "default",
+            "--prompts",
+            str(prompts),
+            "--num-prompts",
+            "2",
+            "--attention-backend",
+            "torch",
+            "--max-new-tokens",
+            "5",
+            "--dtype",
+            "float32",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     (record,) = _records(out.read_text())
     assert record["check"] == "default" and record["prompts"] == 2 and record["identical_streams"] == 2

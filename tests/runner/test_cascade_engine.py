@@ -32,11 +32,16 @@ def loaded():
 def _requests() -> list[GenerationRequest]:
     system = random_prompts(1, 24, 24, seed=6)[0]
     questions = random_prompts(6, 2, 9, seed=7)
-    return [GenerationRequest(i, system + q, SamplingParams(max_new_tokens=5, ignore_eos=True)) for i, q in enumerate(questions)]
+    return [
+        GenerationRequest(i, system + q, SamplingParams(max_new_tokens=5, ignore_eos=True))
+        for i, q in enumerate(questions)
+    ]
 
 
 def test_cascade_in_the_engine_gives_the_reference_tokens(loaded, monkeypatch) -> None:
-    reference = Engine.from_loaded(loaded, EngineConfig(block_size=4, num_blocks_override=64, attention_backend="torch"))
+    reference = Engine.from_loaded(
+        loaded, EngineConfig(block_size=4, num_blocks_override=64, attention_backend="torch")
+    )
     want = {r.request_id: r.completions[0].token_ids for r in reference.generate(_requests())}
 
     # The Triton backend on the CPU (interpreted), and a threshold the tiny prompts reach.

@@ -31,7 +31,9 @@ def test_no_kernel_compiles_after_the_engine_starts(profile_pool):
     engine = Engine.from_loaded(loaded, EngineConfig(**config))
     compiled: list[str] = []
     previous = triton.knobs.runtime.jit_post_compile_hook
-    triton.knobs.runtime.jit_post_compile_hook = lambda *args, **kwargs: compiled.append(str(kwargs.get("repr", args))[:300])
+    triton.knobs.runtime.jit_post_compile_hook = lambda *args, **kwargs: compiled.append(
+        str(kwargs.get("repr", args))[:300]
+    )
     try:
         gen = torch.Generator().manual_seed(0)
 
@@ -43,7 +45,11 @@ def test_no_kernel_compiles_after_the_engine_starts(profile_pool):
         lengths = [1, 2, 5, 16, 17, 33, 100, 250, 700, 31, 64, 3, 129, 8, 9, 47, 15]
         for num_requests in (1, 2, 3, 4, 5, 7, 17):
             requests = [
-                GenerationRequest((num_requests, i), prompt(lengths[(i + num_requests) % len(lengths)]), sampled if i % 3 == 2 else greedy)
+                GenerationRequest(
+                    (num_requests, i),
+                    prompt(lengths[(i + num_requests) % len(lengths)]),
+                    sampled if i % 3 == 2 else greedy,
+                )
                 for i in range(num_requests)
             ]
             results = list(engine.generate(requests))

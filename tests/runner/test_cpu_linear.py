@@ -86,11 +86,16 @@ def test_greedy_equals_generate_and_packing_keeps_bits() -> None:
     prompts = random_prompts(12, 1, 60, seed=21)
     params = SamplingParams(max_new_tokens=20, logprobs=True)
     engine = Engine.from_loaded(loaded, EngineConfig(block_size=4, num_blocks_override=256, max_num_batched_tokens=64))
-    packed = {r.request_id: r.completions[0] for r in engine.generate(GenerationRequest(i, p, params) for i, p in enumerate(prompts))}
+    packed = {
+        r.request_id: r.completions[0]
+        for r in engine.generate(GenerationRequest(i, p, params) for i, p in enumerate(prompts))
+    }
     reference = hf_reference("llama", seed=5)  # torch's own linear
     for i in (0, 5, 11):
         alone = next(iter(engine.generate([GenerationRequest(i, prompts[i], params)]))).completions[0]
-        assert (alone.token_ids, alone.logprobs) == (packed[i].token_ids, packed[i].logprobs), f"prompt {i} alone differs"
+        assert (alone.token_ids, alone.logprobs) == (packed[i].token_ids, packed[i].logprobs), (
+            f"prompt {i} alone differs"
+        )
     for i, prompt in enumerate(prompts):
         assert packed[i].token_ids == hf_greedy(reference, prompt, 20), f"prompt {i} diverged from generate"
 

@@ -15,16 +15,22 @@ from kvbatch.runner import default_model
 from kvbatch.runner.default_model import DefaultModelError, default_model_path
 
 
-def test_a_cache_folder_that_cannot_be_made_names_kvbatch_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cache_folder_that_cannot_be_made_names_kvbatch_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "file").write_text("a file where the cache folder should be")
     monkeypatch.setenv("KVBATCH_CACHE", str(tmp_path / "file" / "cache"))
-    with pytest.raises(DefaultModelError, match="cannot convert the default model into .*; set KVBATCH_CACHE to a writable folder"):
+    with pytest.raises(
+        DefaultModelError, match="cannot convert the default model into .*; set KVBATCH_CACHE to a writable folder"
+    ):
         default_model_path()
 
 
 def test_staging_folders_of_dead_conversions_are_removed(tmp_path: Path) -> None:
     target = tmp_path / "models" / "SmolLM2-135M-Instruct"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale, live = target.with_name(f"{target.name}.tmp-{dead}"), target.with_name(f"{target.name}.tmp-{os.getpid()}")
     for folder in (stale, live):
         folder.mkdir(parents=True)

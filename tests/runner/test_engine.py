@@ -8,8 +8,8 @@ from test_exact_vs_generate import random_prompts
 from tiny_models import EOS_ID, tiny_loaded
 
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.scheduler import MAX_ISOLATIONS
 from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.scheduler import MAX_ISOLATIONS
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,9 @@ def by_id(results) -> dict:
 def test_requests_that_can_never_fit_fail_alone_with_numbers(loaded) -> None:
     engine = make_engine(loaded, num_blocks_override=20)  # 80 tokens of pool; context 512
     prompts = {"ok": [5, 6, 7], "empty": [], "too-long": list(range(2, 92)), "bad-id": [5, 99999], "ok2": [9] * 30}
-    results = by_id(engine.generate(GenerationRequest(k, p, SamplingParams(max_new_tokens=8)) for k, p in prompts.items()))
+    results = by_id(
+        engine.generate(GenerationRequest(k, p, SamplingParams(max_new_tokens=8)) for k, p in prompts.items())
+    )
     assert results.keys() == prompts.keys()
     assert results["empty"].error == "the prompt is empty (0 tokens)"
     assert "the prompt has 90 tokens; at most 79 fit" in results["too-long"].error
@@ -89,7 +91,9 @@ def _tokens(results) -> dict:
 def test_transient_step_failures_cost_no_row(loaded) -> None:
     """Four sporadic faults (an OOM, say) over a long run: every row was in several failed steps, some of them alone
     at the time, and each still finishes with its clean tokens (a row fails only if it fails alone twice)."""
-    requests = [GenerationRequest(i, [5 + i, 6, 7, 8 + i], SamplingParams(max_new_tokens=60, ignore_eos=True)) for i in range(6)]
+    requests = [
+        GenerationRequest(i, [5 + i, 6, 7, 8 + i], SamplingParams(max_new_tokens=60, ignore_eos=True)) for i in range(6)
+    ]
     want = by_id(make_engine(loaded, num_blocks_override=128).generate(requests))
     engine = make_engine(loaded, num_blocks_override=128)
     forward, calls = engine.runner.forward, [0]
@@ -110,7 +114,10 @@ def test_transient_step_failures_cost_no_row(loaded) -> None:
 def test_a_failure_only_batches_trigger_ends_with_every_row_running_alone(loaded) -> None:
     """Every step of two or more sequences fails (a batch-size-dependent fault): rows are rerun alone, and after
     MAX_ISOLATIONS failed steps each runs alone to its end, so the run finishes, with the clean tokens."""
-    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(random_prompts(4, 3, 12, seed=8))]
+    requests = [
+        GenerationRequest(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        for i, p in enumerate(random_prompts(4, 3, 12, seed=8))
+    ]
     want = by_id(make_engine(loaded).generate(requests))
     engine = make_engine(loaded)
     forward = engine.runner.forward
@@ -138,15 +145,18 @@ def test_stop_strings_token_ids_and_eos(loaded) -> None:
     [by_string] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12, stop=(stop,)))])
     assert by_string.finish_reason == "stop" and by_string.text == free.text[: free.text.find(stop)]
     assert by_string.completions[0].token_ids == tokens[: len(by_string.completions[0].token_ids)]
-    [by_id_] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12,
-                                                                            stop_token_ids=(tokens[2],)))])
+    [by_id_] = engine.generate(
+        [GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12, stop_token_ids=(tokens[2],)))]
+    )
     assert by_id_.completions[0].token_ids == tokens[:3] and by_id_.finish_reason == "stop"
 
 
 def test_eos_stops_is_kept_in_the_ids_and_left_out_of_the_text() -> None:
     loaded = tiny_loaded("llama", seed=5)
     prompt = [17, 4, 99, 23]
-    [free] = make_engine(loaded).generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))])
+    [free] = make_engine(loaded).generate(
+        [GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))]
+    )
     tokens, words = free.completions[0].token_ids, free.text.split()
     assert EOS_ID not in tokens
     # Make EOS likely: its output row becomes a later token's, slightly larger, so it wins within a few steps.
@@ -169,7 +179,13 @@ def test_a_stop_string_split_by_many_special_tokens_still_stops() -> None:
     from kvbatch.runner.stopping import StopChecker
 
     checker = StopChecker(word_tokenizer(), (EOS_ID,))
-    seq = Sequence(0, GenerationRequest(0, [5], SamplingParams(max_new_tokens=100, stop=("w5 w6",), ignore_eos=True)), 0, 100, seed=0)
+    seq = Sequence(
+        0,
+        GenerationRequest(0, [5], SamplingParams(max_new_tokens=100, stop=("w5 w6",), ignore_eos=True)),
+        0,
+        100,
+        seed=0,
+    )
     reasons = []
     for token in [5] + [EOS_ID] * 30 + [6]:
         seq.output_token_ids.append(token)
@@ -182,8 +198,10 @@ def test_seeded_sampling_is_batch_invariant_and_n_samples_differ(loaded) -> None
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=42, n=3, logprobs=True)
     prompt = [8, 9, 10, 11]
     [alone] = engine.generate([GenerationRequest("x", prompt, params)])
-    crowd = [GenerationRequest(i, p, SamplingParams(max_new_tokens=10, temperature=0.7, seed=i))
-             for i, p in enumerate(random_prompts(20, 1, 30, seed=9))]
+    crowd = [
+        GenerationRequest(i, p, SamplingParams(max_new_tokens=10, temperature=0.7, seed=i))
+        for i, p in enumerate(random_prompts(20, 1, 30, seed=9))
+    ]
     together = by_id(engine.generate(crowd[:10] + [GenerationRequest("x", prompt, params)] + crowd[10:]))["x"]
     assert [c.token_ids for c in alone.completions] == [c.token_ids for c in together.completions]
     assert len({tuple(c.token_ids) for c in alone.completions}) == 3
@@ -197,11 +215,18 @@ def test_an_unseeded_row_samples_by_its_id_not_by_what_ran_before(loaded) -> Non
     prompt = [8, 9, 10, 11]
     others = [GenerationRequest(i, p, params) for i, p in enumerate(random_prompts(5, 2, 9, seed=2))]
     one_run = by_id(make_engine(loaded, seed=7).generate(others + [GenerationRequest(17, prompt, params)]))
-    resumed = by_id(make_engine(loaded, seed=7).generate([GenerationRequest(17, prompt, params), GenerationRequest(18, prompt, params)]))
+    resumed = by_id(
+        make_engine(loaded, seed=7).generate(
+            [GenerationRequest(17, prompt, params), GenerationRequest(18, prompt, params)]
+        )
+    )
     assert one_run[17].completions[0].token_ids == resumed[17].completions[0].token_ids
     assert resumed[17].completions[0].token_ids != resumed[18].completions[0].token_ids
     unseeded = make_engine(loaded)  # no engine.seed: two calls (two jobs, say) on one engine sample apart
-    first, second = ([r.completions[0].token_ids for r in unseeded.generate([GenerationRequest(17, prompt, params)])] for _ in range(2))
+    first, second = (
+        [r.completions[0].token_ids for r in unseeded.generate([GenerationRequest(17, prompt, params)])]
+        for _ in range(2)
+    )
     assert first != second
 
 
@@ -209,9 +234,11 @@ def test_top_k_one_and_tiny_min_p_equal_greedy(loaded) -> None:
     engine = make_engine(loaded)
     prompt = [30, 31, 32]
     [greedy] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=8))])
-    for params in (SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=1),
-                   SamplingParams(max_new_tokens=8, temperature=0.8, min_p=0.999, seed=2),
-                   SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3)):
+    for params in (
+        SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=1),
+        SamplingParams(max_new_tokens=8, temperature=0.8, min_p=0.999, seed=2),
+        SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3),
+    ):
         [sampled] = engine.generate([GenerationRequest(0, prompt, params)])
         assert sampled.completions[0].token_ids == greedy.completions[0].token_ids, params
 
@@ -220,16 +247,19 @@ def test_repetition_penalty_changes_greedy_choices(loaded) -> None:
     engine = make_engine(loaded)
     prompt = [40] * 6
     [plain] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))])
-    [penal] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=20, ignore_eos=True,
-                                                                           repetition_penalty=5.0))])
+    [penal] = engine.generate(
+        [GenerationRequest(0, prompt, SamplingParams(max_new_tokens=20, ignore_eos=True, repetition_penalty=5.0))]
+    )
     plain_ids, penal_ids = plain.completions[0].token_ids, penal.completions[0].token_ids
     assert len(set(penal_ids)) >= len(set(plain_ids)) and penal_ids != plain_ids
 
 
 def test_closing_the_stream_early_frees_the_pool(loaded) -> None:
     engine = make_engine(loaded)
-    stream = engine.generate(GenerationRequest(i, p, SamplingParams(max_new_tokens=30))
-                             for i, p in enumerate(random_prompts(20, 5, 20, seed=4)))
+    stream = engine.generate(
+        GenerationRequest(i, p, SamplingParams(max_new_tokens=30))
+        for i, p in enumerate(random_prompts(20, 5, 20, seed=4))
+    )
     next(stream)
     assert engine.pool.num_free_blocks < engine.pool.num_blocks
     stream.close()
@@ -256,8 +286,10 @@ def test_a_prompt_fits_while_one_token_of_room_is_left(loaded) -> None:
 )
 def test_random_request_streams_all_finish_and_drain(loaded, policy, num_blocks, lengths) -> None:
     engine = make_engine(loaded, policy=policy, num_blocks_override=num_blocks, max_num_batched_tokens=24)
-    requests = [GenerationRequest(i, [2 + (i + j) % 500 for j in range(n)], SamplingParams(max_new_tokens=m))
-                for i, (n, m) in enumerate(lengths)]
+    requests = [
+        GenerationRequest(i, [2 + (i + j) % 500 for j in range(n)], SamplingParams(max_new_tokens=m))
+        for i, (n, m) in enumerate(lengths)
+    ]
     results = by_id(engine.generate(requests))
     assert sorted(results) == list(range(len(requests)))
     for request in requests:
@@ -284,9 +316,20 @@ def test_one_generate_call_at_a_time(loaded) -> None:
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
-@pytest.mark.parametrize("field, value", [("block_size", 0), ("block_size", -4), ("num_blocks_override", 0),
-                                          ("max_num_batched_tokens", 0), ("max_num_seqs", 0), ("kv_cache_gib", 0.0),
-                                          ("gpu_memory_utilization", 1.5), ("policy", "bogus"), ("max_model_len", 2.5)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("block_size", 0),
+        ("block_size", -4),
+        ("num_blocks_override", 0),
+        ("max_num_batched_tokens", 0),
+        ("max_num_seqs", 0),
+        ("kv_cache_gib", 0.0),
+        ("gpu_memory_utilization", 1.5),
+        ("policy", "bogus"),
+        ("max_model_len", 2.5),
+    ],
+)
 def test_engine_config_refuses_values_no_engine_can_run(field, value) -> None:
     with pytest.raises(ValueError, match=f"EngineConfig.{field} must be"):
         EngineConfig(**{field: value})
@@ -299,9 +342,15 @@ def test_a_prompt_given_as_a_tuple_or_array_runs_through_a_preemption(loaded) ->
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     want = by_id(make_engine(loaded).generate([GenerationRequest(i, p, params) for i, p in enumerate(prompts)]))
     engine = make_engine(loaded, num_blocks_override=7)  # 28 tokens: two rows of 21 preempt each other
-    got = by_id(engine.generate([GenerationRequest(0, tuple(prompts[0]), params), GenerationRequest(1, np.array(prompts[1]), params)]))
+    got = by_id(
+        engine.generate(
+            [GenerationRequest(0, tuple(prompts[0]), params), GenerationRequest(1, np.array(prompts[1]), params)]
+        )
+    )
     assert engine.stats.num_preemptions > 0
-    assert {k: r.completions[0].token_ids for k, r in got.items()} == {k: r.completions[0].token_ids for k, r in want.items()}
+    assert {k: r.completions[0].token_ids for k, r in got.items()} == {
+        k: r.completions[0].token_ids for k, r in want.items()
+    }
 
 
 def test_a_closed_engine_says_so(loaded) -> None:

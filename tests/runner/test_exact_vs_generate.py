@@ -17,9 +17,13 @@ def random_prompts(count: int, lo: int, hi: int, seed: int) -> list[list[int]]:
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     out = model.generate(
-        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS_ID, pad_token_id=0,
-    )  # fmt: skip
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=EOS_ID,
+        pad_token_id=0,
+    )
     return out[0, len(prompt) :].tolist()
 
 

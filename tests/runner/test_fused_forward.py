@@ -67,7 +67,10 @@ def test_rope_matches_transformers(dtype, qk_norm, hq, hkv, head_dim):  # 256: t
     k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(rows, hkv, head_dim)
     weights = None
     if qk_norm:
-        q_norm, k_norm = Qwen3RMSNorm(head_dim, eps=1e-6).to(DEVICE, dtype), Qwen3RMSNorm(head_dim, eps=1e-6).to(DEVICE, dtype)
+        q_norm, k_norm = (
+            Qwen3RMSNorm(head_dim, eps=1e-6).to(DEVICE, dtype),
+            Qwen3RMSNorm(head_dim, eps=1e-6).to(DEVICE, dtype),
+        )
         with torch.no_grad():
             q_norm.weight.copy_(torch.randn(head_dim, generator=gen))
             k_norm.weight.copy_(torch.randn(head_dim, generator=gen))
@@ -79,7 +82,9 @@ def test_rope_matches_transformers(dtype, qk_norm, hq, hkv, head_dim):  # 256: t
     fused_kernels.rope_(qkv, cos, sin, hq, hkv, head_dim, weights, 1e-6)
     scale = max(q.abs().max().item(), k.abs().max().item())
     close(qkv[:, : hq * head_dim].view(rows, hq, head_dim), want_q[0].transpose(0, 1), dtype, scale)
-    close(qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(rows, hkv, head_dim), want_k[0].transpose(0, 1), dtype, scale)
+    close(
+        qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(rows, hkv, head_dim), want_k[0].transpose(0, 1), dtype, scale
+    )
     assert torch.equal(qkv[:, (hq + hkv) * head_dim :], v_before)  # v is not rotated
 
 
@@ -168,8 +173,12 @@ def test_sampling_meta_maps_kept_rows_to_their_sequences():
         query_start_loc=torch.tensor([0, 1, 2, 7, 10], dtype=torch.int32),  # 2 decodes, chunks of 5 and 3 rows
         seq_lens=torch.tensor([9, 4, 12, 3], dtype=torch.int32),
         block_tables=torch.tensor([[1, 2, 3], [4, 0, 0], [5, 6, 7], [8, 0, 0]], dtype=torch.int32),
-        slot_mapping=torch.arange(10), num_decodes=2, max_query_len=5, max_seq_len=12, block_size=4,
-    )  # fmt: skip
+        slot_mapping=torch.arange(10),
+        num_decodes=2,
+        max_query_len=5,
+        max_seq_len=12,
+        block_size=4,
+    )
     keep = torch.tensor([0, 1, 9, 0])  # the third sequence's chunk does not reach its end; one padding entry
     got = _sampling_meta(meta, keep)
     assert got.num_decodes == got.num_seqs == 4 and got.max_query_len == 1

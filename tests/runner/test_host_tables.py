@@ -24,8 +24,10 @@ def new_seq(seq_id: int, num_blocks: int, first_block: int) -> Sequence:
 
 
 # One change to the running set between two steps: (kind, which sequence, how many blocks)
-changes = st.lists(st.tuples(st.sampled_from(["grow", "replace", "swap", "leave", "arrive"]), st.integers(0, 50), st.integers(1, 6)),
-                   max_size=12)  # fmt: skip
+changes = st.lists(
+    st.tuples(st.sampled_from(["grow", "replace", "swap", "leave", "arrive"]), st.integers(0, 50), st.integers(1, 6)),
+    max_size=12,
+)
 
 
 @settings(max_examples=150, deadline=None)

@@ -20,8 +20,15 @@ from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 def long_context_model() -> LoadedModel:
     # The tiny Llama with a 16k context (rotary positions need no table; only the limit changes).
-    return LoadedModel(tiny_model("llama", seed=3), word_tokenizer(), "tiny-llama-16k", (EOS_ID,), 16384,
-                       torch.device("cpu"), torch.float32)  # fmt: skip
+    return LoadedModel(
+        tiny_model("llama", seed=3),
+        word_tokenizer(),
+        "tiny-llama-16k",
+        (EOS_ID,),
+        16384,
+        torch.device("cpu"),
+        torch.float32,
+    )
 
 
 def prompt(rng: random.Random, num_tokens: int) -> list[int]:
@@ -34,8 +41,10 @@ def test_near_8k_prompts_against_a_pool_smaller_than_their_sum() -> None:
     requests = [GenerationRequest(i, prompt(rng, rng.randint(7900, 8096)), params) for i in range(3)]
     requests.append(GenerationRequest("too-long", prompt(rng, 12000), params))  # more than the whole pool
     pool_tokens = 11000  # one request (~9,100 tokens) fits at a time; the three need ~27,300
-    engine = Engine.from_loaded(long_context_model(), EngineConfig(block_size=16, num_blocks_override=pool_tokens // 16,
-                                                                   max_num_batched_tokens=4096))  # fmt: skip
+    engine = Engine.from_loaded(
+        long_context_model(),
+        EngineConfig(block_size=16, num_blocks_override=pool_tokens // 16, max_num_batched_tokens=4096),
+    )
     results = {r.request_id: r for r in engine.generate(requests)}
 
     assert set(results) == {0, 1, 2, "too-long"}
@@ -52,9 +61,12 @@ def test_near_8k_prompts_against_a_pool_smaller_than_their_sum() -> None:
 def test_200_concurrent_short_prompts_equal_their_runs_alone() -> None:
     rng = random.Random(1)
     loaded = dataclasses.replace(long_context_model(), max_model_len=512)
-    requests = [GenerationRequest(i, prompt(rng, rng.randint(24, 36)), SamplingParams(max_new_tokens=12)) for i in range(200)]
-    engine = Engine.from_loaded(loaded, EngineConfig(block_size=16, num_blocks_override=2048, max_num_seqs=256,
-                                                     max_num_batched_tokens=16384))  # fmt: skip
+    requests = [
+        GenerationRequest(i, prompt(rng, rng.randint(24, 36)), SamplingParams(max_new_tokens=12)) for i in range(200)
+    ]
+    engine = Engine.from_loaded(
+        loaded, EngineConfig(block_size=16, num_blocks_override=2048, max_num_seqs=256, max_num_batched_tokens=16384)
+    )
     together = {r.request_id: r for r in engine.generate(requests)}
     assert engine.stats.num_steps <= 13, "all 200 prefill in one step, then decode together"
 

@@ -59,7 +59,10 @@ def remote_code_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_model("llama", 0, attn="sdpa").save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_marker.MarkerConfig", "AutoModelForCausalLM": "modeling_marker.MarkerModel"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_marker.MarkerConfig",
+        "AutoModelForCausalLM": "modeling_marker.MarkerModel",
+    }
     config["model_type"] = "marker_llama"
     (folder / "config.json").write_text(json.dumps(config))
     marker = folder / "CODE_RAN"
@@ -75,7 +78,9 @@ def remote_code_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pickled_weights_are_refused_by_default(pickled_folder: Path) -> None:
-    with pytest.raises(ModelLoadError, match=r"has only pickled weights \(pytorch_model.bin\).*set engine.allow_pickle: true"):
+    with pytest.raises(
+        ModelLoadError, match=r"has only pickled weights \(pytorch_model.bin\).*set engine.allow_pickle: true"
+    ):
         load_model(str(pickled_folder), device="cpu")
 
 
@@ -83,8 +88,13 @@ def run_unsafe_job(model: Path, option: str, tmp_path: Path, caplog) -> list[str
     """Run a two-row job on `model` with the engine option `option` on; return kvbatch.unsafe from the output."""
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": "w5 w6"}, {"prompt": "w7"}])
     spec = job_from_dict(
-        {"name": "p", "model": str(model), "input": {"path": "in.jsonl"}, "sampling": {"max_new_tokens": 2},
-         "engine": {"device": "cpu", option: True, "num_blocks_override": 16}},  # fmt: skip
+        {
+            "name": "p",
+            "model": str(model),
+            "input": {"path": "in.jsonl"},
+            "sampling": {"max_new_tokens": 2},
+            "engine": {"device": "cpu", option: True, "num_blocks_override": 16},
+        },
         base_dir=str(tmp_path),
     )
     with caplog.at_level(logging.WARNING):
@@ -94,7 +104,9 @@ def run_unsafe_job(model: Path, option: str, tmp_path: Path, caplog) -> list[str
     return json.loads(metadata[b"kvbatch.unsafe"])
 
 
-def test_pickled_weights_load_when_allowed_with_a_warning_in_log_and_metadata(pickled_folder: Path, tmp_path: Path, caplog) -> None:
+def test_pickled_weights_load_when_allowed_with_a_warning_in_log_and_metadata(
+    pickled_folder: Path, tmp_path: Path, caplog
+) -> None:
     assert run_unsafe_job(pickled_folder, "allow_pickle", tmp_path, caplog) == ["allow_pickle"]
     assert "pickled weights are allowed" in caplog.text
 
@@ -105,7 +117,9 @@ def test_trusted_remote_code_is_recorded_in_log_and_metadata(remote_code_folder:
 
 
 def test_remote_code_is_refused_by_default_and_never_runs(remote_code_folder: Path) -> None:
-    with pytest.raises(ModelLoadError, match=r"ships its own Python code \(auto_map in config.json\).*engine.trust_remote_code: true"):
+    with pytest.raises(
+        ModelLoadError, match=r"ships its own Python code \(auto_map in config.json\).*engine.trust_remote_code: true"
+    ):
         load_model(str(remote_code_folder), device="cpu")
     assert not (remote_code_folder / "CODE_RAN").exists()
 
@@ -121,7 +135,10 @@ def test_safe_defaults_leave_no_unsafe_metadata(tmp_path: Path) -> None:
     from job_fakes import fake_factory
 
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
-    outcome = run_jobs([job_from_dict({"name": "s", "input": {"path": "in.jsonl"}}, base_dir=str(tmp_path))], engine_factory=fake_factory())[0]
+    outcome = run_jobs(
+        [job_from_dict({"name": "s", "input": {"path": "in.jsonl"}}, base_dir=str(tmp_path))],
+        engine_factory=fake_factory(),
+    )[0]
     assert outcome.error is None
     metadata = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / "s.arrow"))).schema.metadata
     assert json.loads(metadata[b"kvbatch.unsafe"]) == []
@@ -139,7 +156,10 @@ def test_hub_name_not_in_cache_fails_fast_without_network(no_network: list, monk
 def test_download_allowed_but_hub_unreachable_fails_fast(no_network: list, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    with pytest.raises(ModelLoadError, match=r"cannot be downloaded: https://huggingface.co cannot be reached \(network disabled in tests\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"cannot be downloaded: https://huggingface.co cannot be reached \(network disabled in tests\)",
+    ):
         load_model("someorg/not-a-model", device="cpu", allow_download=True)
     assert len(no_network) == 1, "one quick probe, no retries"
 
@@ -207,7 +227,10 @@ def test_a_checkpoint_missing_a_weight_is_refused(tiny_folder: Path) -> None:
     weights = load_file(tiny_folder / "model.safetensors")
     del weights["model.layers.1.mlp.down_proj.weight"]
     save_file(weights, tiny_folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match="lacks weights its config needs, or has them in another shape \\(model.layers.1.mlp.down_proj.weight\\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match="lacks weights its config needs, or has them in another shape \\(model.layers.1.mlp.down_proj.weight\\)",
+    ):
         load_model(str(tiny_folder), "cpu")
 
 
@@ -225,7 +248,9 @@ def test_an_architecture_that_computes_its_own_attention_is_refused(tmp_path: Pa
     config = BloomConfig(vocab_size=word_tokenizer().vocab_size, hidden_size=32, n_layer=2, n_head=2)
     BloomForCausalLM(config).save_pretrained(tmp_path / "bloom")
     word_tokenizer().save_pretrained(tmp_path / "bloom")
-    with pytest.raises(ModelLoadError, match="cannot run on kvbatch's paged attention: bloom does not send its attention"):
+    with pytest.raises(
+        ModelLoadError, match="cannot run on kvbatch's paged attention: bloom does not send its attention"
+    ):
         load_model(str(tmp_path / "bloom"), "cpu")
 
 
@@ -250,6 +275,8 @@ def test_a_context_over_the_models_is_a_configuration_error_exit_2() -> None:
     from kvbatch.runner.cli import _exit_code
     from kvbatch.runner.model_loader import ContextLengthError, context_length
 
-    with pytest.raises(ContextLengthError, match="max_model_len 4096 exceeds the model's context of 2048 tokens") as raised:
+    with pytest.raises(
+        ContextLengthError, match="max_model_len 4096 exceeds the model's context of 2048 tokens"
+    ) as raised:
         context_length(SimpleNamespace(max_position_embeddings=2048), 4096)
     assert _exit_code(raised.value) == 2

@@ -16,8 +16,24 @@ def _records(text: str) -> list[dict]:
 def test_check_finds_tensor_parallel_rows_identical(tmp_path):
     out = tmp_path / "p.jsonl"
     try:
-        result = CliRunner().invoke(app, ["check", "--shape", "tiny", "--tensor-parallel", "2", "--num-prompts", "3",
-                                          "--max-new-tokens", "4", "--device", "cpu", "--json", str(out)])  # fmt: skip
+        result = CliRunner().invoke(
+            app,
+            [
+                "check",
+                "--shape",
+                "tiny",
+                "--tensor-parallel",
+                "2",
+                "--num-prompts",
+                "3",
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+                "--json",
+                str(out),
+            ],
+        )
     finally:
         tensor_parallel.shutdown()
     assert result.exit_code == 0, result.output
@@ -27,8 +43,24 @@ def test_check_finds_tensor_parallel_rows_identical(tmp_path):
 
 def test_throughput_of_two_data_parallel_processes_counts_every_token(tmp_path):
     out = tmp_path / "p.jsonl"
-    result = CliRunner().invoke(app, ["throughput", "--shape", "tiny", "--workload", "chat", "--num-prompts", "4",
-                                      "--data-parallel", "2", "--device", "cpu", "--json", str(out)])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "throughput",
+            "--shape",
+            "tiny",
+            "--workload",
+            "chat",
+            "--num-prompts",
+            "4",
+            "--data-parallel",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     (record,) = _records(out.read_text())
     assert (record["data_parallel"], record["out_tokens"], record["device"]) == (2, 4 * 64, "cpu")
@@ -36,7 +68,23 @@ def test_throughput_of_two_data_parallel_processes_counts_every_token(tmp_path):
 
 def test_a_process_that_fails_stops_the_run_instead_of_hanging():
     # Before, the parent waited on the queue for ever and the healthy process at the barrier.
-    result = CliRunner().invoke(app, ["throughput", "--shape", "tiny", "--workload", "chat", "--num-prompts", "4",
-                                      "--data-parallel", "2", "--dtype", "foo", "--device", "cpu"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "throughput",
+            "--shape",
+            "tiny",
+            "--workload",
+            "chat",
+            "--num-prompts",
+            "4",
+            "--data-parallel",
+            "2",
+            "--dtype",
+            "foo",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code != 0
     assert "exited with code 1" in str(result.exception) or "exited with code 1" in result.output

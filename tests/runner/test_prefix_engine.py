@@ -39,8 +39,10 @@ def shared_prefix_requests(count: int, seed: int) -> list[GenerationRequest]:
     # Crossed rows: the first block of one system prompt, then the later blocks of another. Only the first
     # block may be a hit; the later ones hold other K/V after a different first block.
     crossed = systems[1][:BLOCK_SIZE] + systems[0][BLOCK_SIZE:20]
-    requests += [GenerationRequest(f"crossed{i}", crossed + [2 + i], SamplingParams(max_new_tokens=10, logprobs=True))
-                 for i in range(2)]
+    requests += [
+        GenerationRequest(f"crossed{i}", crossed + [2 + i], SamplingParams(max_new_tokens=10, logprobs=True))
+        for i in range(2)
+    ]
     return requests
 
 
@@ -55,8 +57,9 @@ def outputs(engine: Engine, requests: list[GenerationRequest]) -> dict:
     "policy,num_blocks,expect_preemption",
     [("optimistic", 512, False), ("optimistic", 48, True), ("reserve", 48, False)],
 )
-def test_outputs_and_logprobs_are_identical_with_the_cache_on_and_off(loaded, policy, num_blocks,
-                                                                      expect_preemption) -> None:
+def test_outputs_and_logprobs_are_identical_with_the_cache_on_and_off(
+    loaded, policy, num_blocks, expect_preemption
+) -> None:
     requests = shared_prefix_requests(30, seed=1)
     want = outputs(make_engine(loaded, False, policy=policy, num_blocks_override=num_blocks), requests)
     engine = make_engine(loaded, True, policy=policy, num_blocks_override=num_blocks)

@@ -35,19 +35,28 @@ def test_rows_sharing_a_prefix_are_kept_together_and_length_sorted_inside() -> N
 
 
 @settings(max_examples=60, deadline=None)
-@given(prompts=st.lists(st.lists(st.integers(0, 3), max_size=10), max_size=30), window=st.integers(1, 9),
-       grouped=st.booleans())
+@given(
+    prompts=st.lists(st.lists(st.integers(0, 3), max_size=10), max_size=30),
+    window=st.integers(1, 9),
+    grouped=st.booleans(),
+)
 def test_every_row_comes_out_once_and_windows_stay_apart(prompts, window, grouped) -> None:
     ids = list(range(len(prompts)))
-    out = list(sort_window(ids, window, key=lambda i: len(prompts[i]),
-                           tokens=(lambda i: prompts[i]) if grouped else None, block_size=2))  # fmt: skip
+    out = list(
+        sort_window(
+            ids, window, key=lambda i: len(prompts[i]), tokens=(lambda i: prompts[i]) if grouped else None, block_size=2
+        )
+    )
     assert sorted(out) == ids
     for start in range(0, len(ids), window):
         assert sorted(out[start : start + window]) == ids[start : start + window]
     if grouped and window > 1:  # no two rows share a full block: exactly the plain length sort
         unique = [[100 + i] + p for i, p in enumerate(prompts)]
         plain = list(sort_window(ids, window, key=lambda i: len(unique[i])))
-        assert list(sort_window(ids, window, key=lambda i: len(unique[i]), tokens=lambda i: unique[i], block_size=2)) == plain
+        assert (
+            list(sort_window(ids, window, key=lambda i: len(unique[i]), tokens=lambda i: unique[i], block_size=2))
+            == plain
+        )
 
 
 def tiny_factory():
@@ -65,18 +74,33 @@ def tiny_factory():
 def write_rows(tmp_path: Path, num_rows: int) -> None:
     rng = random.Random(5)
     system = " ".join(f"w{rng.randrange(2, 500)}" for _ in range(12))  # 12 one-token words: 3 blocks of 4
-    rows = [{"id": i, "prompt": system + " " + " ".join(f"w{rng.randrange(2, 500)}" for _ in range(rng.randint(1, 9)))}
-            for i in range(num_rows)]
+    rows = [
+        {"id": i, "prompt": system + " " + " ".join(f"w{rng.randrange(2, 500)}" for _ in range(rng.randint(1, 9)))}
+        for i in range(num_rows)
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def make_job(tmp_path: Path, name: str, **engine):
     return job_from_dict(
-        {"name": name, "model": "tiny", "input": {"path": "in.jsonl"}, "id_column": "id", "sort_window": 16,
-         "prompt": {"chat_template": False}, "sampling": {"max_new_tokens": 6},
-         "engine": {"device": "cpu", "block_size": 4, "num_blocks_override": 64, "max_num_batched_tokens": 48, **engine}},
+        {
+            "name": name,
+            "model": "tiny",
+            "input": {"path": "in.jsonl"},
+            "id_column": "id",
+            "sort_window": 16,
+            "prompt": {"chat_template": False},
+            "sampling": {"max_new_tokens": 6},
+            "engine": {
+                "device": "cpu",
+                "block_size": 4,
+                "num_blocks_override": 64,
+                "max_num_batched_tokens": 48,
+                **engine,
+            },
+        },
         base_dir=str(tmp_path),
-    )  # fmt: skip
+    )
 
 
 def read_texts(path: Path) -> dict:
@@ -98,8 +122,14 @@ def test_a_job_reuses_the_shared_prefix_and_reports_it(tmp_path: Path) -> None:
     assert read_texts(tmp_path / "out" / "on.arrow") == read_texts(tmp_path / "out" / "off.arrow")
     assert on.cached_prompt_tokens >= 11 * 12 and 0.5 < on.prefix_cache_hit_rate < 1
     assert (off.cached_prompt_tokens, off.prefix_cache_hit_rate) == (0, 0.0)
-    assert f"prefix cache hit {on.prefix_cache_hit_rate:.0%} ({on.cached_prompt_tokens} prompt tokens reused)" in on.format()
-    assert json.loads((tmp_path / "out" / "on.arrow.summary.json").read_text())["cached_prompt_tokens"] == on.cached_prompt_tokens
+    assert (
+        f"prefix cache hit {on.prefix_cache_hit_rate:.0%} ({on.cached_prompt_tokens} prompt tokens reused)"
+        in on.format()
+    )
+    assert (
+        json.loads((tmp_path / "out" / "on.arrow.summary.json").read_text())["cached_prompt_tokens"]
+        == on.cached_prompt_tokens
+    )
 
 
 def test_the_progress_bar_shows_this_jobs_hit_rate() -> None:

@@ -8,7 +8,7 @@ from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import slots_for
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 from kvbatch.runner.scheduler import Scheduler, SchedulerConfig
-from kvbatch.runner.sequence import Sequence, SeqStatus
+from kvbatch.runner.sequence import SeqStatus, Sequence
 
 SYSTEM = [100, 101, 102, 103, 104, 105, 106, 107]  # two blocks of 4
 
@@ -18,8 +18,9 @@ def make_seq(seq_id: int, prompt: list[int], max_new: int = 4, request: Generati
     return Sequence(seq_id, request, 0, max_new, seed=seq_id)
 
 
-def make_scheduler(num_blocks: int, block_size: int = 4, budget: int = 100, policy: str = "optimistic",
-                   prefix_cache: bool = True) -> tuple[Scheduler, BlockPool]:
+def make_scheduler(
+    num_blocks: int, block_size: int = 4, budget: int = 100, policy: str = "optimistic", prefix_cache: bool = True
+) -> tuple[Scheduler, BlockPool]:
     pool = BlockPool(num_blocks)
     config = SchedulerConfig(8, budget, block_size, policy, watermark=0.0, prefix_cache=prefix_cache)
     return Scheduler(config, pool), pool
@@ -183,12 +184,14 @@ tokens = st.lists(st.integers(2, 6), max_size=12)
     prefixes=st.lists(tokens, min_size=1, max_size=3),
     requests=st.lists(
         st.tuples(st.integers(0, 2), tokens.filter(bool), st.integers(1, 8), st.integers(1, 3), st.integers(0, 30)),
-        min_size=1, max_size=14,
+        min_size=1,
+        max_size=14,
     ),
     failed_steps=st.sets(st.integers(0, 40), max_size=3),
 )
-def test_random_shared_prefix_streams_read_only_their_own_kv(policy, block_size, num_blocks, budget, max_num_seqs,
-                                                             prefixes, requests, failed_steps) -> None:
+def test_random_shared_prefix_streams_read_only_their_own_kv(
+    policy, block_size, num_blocks, budget, max_num_seqs, prefixes, requests, failed_steps
+) -> None:
     """A simulated KV store holds, for every slot, the context its writer had: a sequence must read exactly
     its own context at every position, whoever computed it. Also: a written block has one holder, pool
     references match the running sequences, the pool checks out after every step and is whole at the end."""
@@ -236,7 +239,9 @@ def test_random_shared_prefix_streams_read_only_their_own_kv(policy, block_size,
                 assert writers.setdefault(b, seq.seq_id) == seq.seq_id, f"block {b} written by two sequences"
                 # Shared only if this very step fills it (it was registered when scheduled): a sequence
                 # admitted in the same step reads it after the write, and nobody writes it again.
-                assert pool.ref_count(b) == 1 or end >= (i + 1) * block_size, f"seq {seq.seq_id} writes shared block {b}"
+                assert pool.ref_count(b) == 1 or end >= (i + 1) * block_size, (
+                    f"seq {seq.seq_id} writes shared block {b}"
+                )
         failed = num_steps in failed_steps
         for item in out.scheduled:  # every row's K/V is written before any row attends
             seq, start = item.seq, item.seq.num_computed_tokens
@@ -262,8 +267,10 @@ def test_random_shared_prefix_streams_read_only_their_own_kv(policy, block_size,
                     scheduler.finish(seq)
         pool.check_invariants()
         num_steps += 1
-    event(f"prefix hits: {num_cached_tokens > 0}, preemptions: {scheduler.num_preemptions > 0}, "
-          f"evictions: {pool.num_evictions > 0}")
+    event(
+        f"prefix hits: {num_cached_tokens > 0}, preemptions: {scheduler.num_preemptions > 0}, "
+        f"evictions: {pool.num_evictions > 0}"
+    )
     assert not scheduler.has_work() and not arrivals, "the scheduler did not drain"
     assert all(s.status is SeqStatus.FINISHED and len(s.output_token_ids) == s.max_new_tokens for s in seqs)
     assert pool.num_free_blocks == num_blocks and pool.num_used_blocks == 0

@@ -25,8 +25,14 @@ def _rows(params: list[SamplingParams]) -> list[SamplingRow]:
     [
         [SamplingParams()] * 6,  # all greedy: no float32 copy is made
         [SamplingParams(logprobs=True)] * 3 + [SamplingParams()] * 3,
-        [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(), SamplingParams(temperature=1.2, top_k=5),
-         SamplingParams(repetition_penalty=1.3), SamplingParams(min_p=0.1, temperature=0.7), SamplingParams(logprobs=True)],
+        [
+            SamplingParams(temperature=0.8, top_p=0.9),
+            SamplingParams(),
+            SamplingParams(temperature=1.2, top_k=5),
+            SamplingParams(repetition_penalty=1.3),
+            SamplingParams(min_p=0.1, temperature=0.7),
+            SamplingParams(logprobs=True),
+        ],
     ],
     ids=["greedy", "logprobs", "mixed"],
 )

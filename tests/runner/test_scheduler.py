@@ -7,7 +7,7 @@ from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import num_blocks_for
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 from kvbatch.runner.scheduler import Scheduler, SchedulerConfig
-from kvbatch.runner.sequence import Sequence, SeqStatus
+from kvbatch.runner.sequence import SeqStatus, Sequence
 
 
 def make_seq(seq_id: int, num_prompt: int, max_new: int) -> Sequence:
@@ -78,8 +78,9 @@ def test_optimistic_preempts_the_newest_when_the_pool_runs_dry() -> None:
     max_num_seqs=st.integers(1, 8),
     requests=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20)), min_size=1, max_size=25),
 )
-def test_random_streams_finish_and_return_every_block(policy, block_size, num_blocks, budget, max_num_seqs,
-                                                      requests) -> None:
+def test_random_streams_finish_and_return_every_block(
+    policy, block_size, num_blocks, budget, max_num_seqs, requests
+) -> None:
     pool = BlockPool(num_blocks)
     capacity = num_blocks * block_size
     scheduler = Scheduler(SchedulerConfig(max_num_seqs, budget, block_size, policy), pool)

@@ -9,14 +9,27 @@ from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence.",
-    "List three prime numbers.", "What does a compiler do?", "Give me a synonym for happy.",
-    "How many legs does a spider have?", "Translate 'good morning' into Spanish.", "What is 12 times 7?",
-    "Name a famous painter.", "Why is the sky blue?", "Suggest a name for a cat.",
-    "What is the boiling point of water in Celsius?", "Describe a rainbow to a child.",
-    "What is machine learning?", "Write one sentence about autumn.", "Who wrote Romeo and Juliet?",
-    "What is the largest planet in our solar system?", "Give a tip for staying focused.",
-    "What is the opposite of cold?", "Summarise the plot of Cinderella in one line.",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+    "What does a compiler do?",
+    "Give me a synonym for happy.",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Name a famous painter.",
+    "Why is the sky blue?",
+    "Suggest a name for a cat.",
+    "What is the boiling point of water in Celsius?",
+    "Describe a rainbow to a child.",
+    "What is machine learning?",
+    "Write one sentence about autumn.",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in our solar system?",
+    "Give a tip for staying focused.",
+    "What is the opposite of cold?",
+    "Summarise the plot of Cinderella in one line.",
     "What language is spoken in Brazil?",
 ]
 MAX_NEW_TOKENS = 40
@@ -28,8 +41,9 @@ def engine() -> Engine:
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 @pytest.mark.slow
@@ -37,14 +51,21 @@ def test_greedy_equals_generate_on_chat_prompts(engine: Engine) -> None:
     prompts = [chat_ids(engine.tokenizer, q) for q in QUESTIONS]
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
     got = {r.request_id: r for r in engine.generate(GenerationRequest(i, p, params) for i, p in enumerate(prompts))}
-    reference = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32,
-                                                     attn_implementation="sdpa").eval()
+    reference = AutoModelForCausalLM.from_pretrained(
+        default_model_path(), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     eos = list(engine.loaded.eos_token_ids)
     mismatches = []
     for i, prompt in enumerate(prompts):
-        out = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
-        want = out[0, len(prompt):].tolist()
+        out = reference.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos[0],
+        )
+        want = out[0, len(prompt) :].tolist()
         if got[i].completions[0].token_ids != want:
             mismatches.append((i, got[i].completions[0].token_ids, want))
     assert not mismatches, mismatches
@@ -62,4 +83,8 @@ def test_a_stop_string_that_is_a_special_token_stops(engine: Engine) -> None:
     assert with_eos.finish_reason == "stop" and with_eos.completions[0].token_ids[-1] == end_of_turn
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True, stop=("<|im_end|>",))
     [by_stop] = engine.generate([GenerationRequest(1, prompt, params)])
-    assert (by_stop.finish_reason, by_stop.completions[0].token_ids, by_stop.text) == ("stop", with_eos.completions[0].token_ids, with_eos.text)
+    assert (by_stop.finish_reason, by_stop.completions[0].token_ids, by_stop.text) == (
+        "stop",
+        with_eos.completions[0].token_ids,
+        with_eos.text,
+    )

@@ -99,7 +99,9 @@ def test_a_model_that_cannot_load_fails_its_job_and_the_next_job_runs(tmp_path):
     bad = dataclasses.replace(tiny_job(tmp_path, "bad", tensor=2), model="missing-model")
     good = tiny_job(tmp_path, "good", tensor=2)
     try:
-        failed, ok = run_jobs([bad, good], engine_factory=tensor_parallel.TensorParallelFactory(tiny_tp_loader_or_missing))
+        failed, ok = run_jobs(
+            [bad, good], engine_factory=tensor_parallel.TensorParallelFactory(tiny_tp_loader_or_missing)
+        )
     finally:
         tensor_parallel.shutdown()
     assert "cannot load model 'missing-model'" in str(failed.error)
