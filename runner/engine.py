@@ -32,8 +32,8 @@ from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import num_blocks_for
 from kvbatch.cache.budget import KVBudgetError, PoolSize
 from kvbatch.cache.kv_cache import KVCache
+from kvbatch.runner.config import EngineConfig, EngineStats
 
-from .engine_config import EngineConfig, EngineStats
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
 from .gc_freeze import freeze_gc

@@ -12,8 +12,7 @@ import torch
 
 from kvbatch.cache.budget import GIB, KVBudgetError, PoolSize, blocks_from_bytes
 from kvbatch.cache.kv_cache import KVCacheSpec
-
-from .engine_config import EngineConfig
+from kvbatch.runner.config import EngineConfig
 
 
 def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype: torch.dtype) -> KVCacheSpec:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from kvbatch.runner.bench_models import random_model
+from kvbatch.bench.models import random_model
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 

@@ -171,8 +171,8 @@ class Reporter:
 
 def soak_job(engine: Engine, args: argparse.Namespace) -> int:
     """The same rows as a job: the reader, prompt building, tokenizer, engine and crash-safe writer all soak."""
+    from kvbatch.jobs.run import run_jobs
     from kvbatch.jobs.spec import job_from_dict
-    from kvbatch.runner.job import run_jobs
 
     folder = Path(tempfile.mkdtemp(prefix="kvbatch-soak-job-"))
     with open(folder / "in.jsonl", "w") as f:

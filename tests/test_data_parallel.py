@@ -10,13 +10,13 @@ import pytest
 from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 from typer.testing import CliRunner
 
+from kvbatch import cli
+from kvbatch.jobs.data_parallel import run_data_parallel
 from kvbatch.jobs.errors import InterruptedJob, OutputError
+from kvbatch.jobs.run import EngineCache, run_jobs
+from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import output_path
 from kvbatch.jobs.writer import work_dir
-from kvbatch.runner import cli
-from kvbatch.runner.data_parallel import run_data_parallel
-from kvbatch.runner.job import EngineCache, run_jobs
-from kvbatch.runner.signals import StopFlag
 
 
 def test_data_parallel_two_processes_equal_one(tmp_path):
@@ -124,7 +124,7 @@ def test_cli_merge_refuses_with_the_list(tmp_path):
 def test_children_stop_when_the_parent_says_or_is_gone(monkeypatch):
     import multiprocessing
 
-    from kvbatch.runner import data_parallel
+    from kvbatch.jobs import data_parallel
 
     event = multiprocessing.get_context("spawn").Event()
     flag = data_parallel._ParentStop(event)
@@ -137,9 +137,9 @@ def test_children_stop_when_the_parent_says_or_is_gone(monkeypatch):
 
 
 def test_combined_error_keeps_the_exit_code_kind():
+    from kvbatch.jobs.data_parallel import _combined_error
     from kvbatch.jobs.errors import JobError, OutputLockedError
     from kvbatch.jobs.shard import Shard
-    from kvbatch.runner.data_parallel import _combined_error
 
     job = tiny_job(Path("."))
     locked = _combined_error(job, [(Shard(0, 2), OutputLockedError("a")), (Shard(1, 2), OutputLockedError("b"))])

@@ -15,10 +15,10 @@ import pytest
 from openai.types.chat import ChatCompletion
 from typer.testing import CliRunner
 
+from kvbatch import cli
+from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
-from kvbatch.runner import cli
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.job import EngineCache, run_job
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent / "runner"))

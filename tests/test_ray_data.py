@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 
+from kvbatch.jobs.run import run_jobs
 from kvbatch.jobs.spec import output_path
-from kvbatch.runner.job import run_jobs
 
 ray = pytest.importorskip("ray")  # the `ray` extra (in `test`); skipped only where Ray is not installed
 TESTS = Path(__file__).parent
@@ -40,7 +40,7 @@ def test_ray_runner_equals_one_process(tmp_path, local_ray):
     )
 
     # the callable class on its own, over any dataset with a prompt column
-    from kvbatch.runner.ray_data import GenerateBatch
+    from kvbatch.jobs.ray_data import GenerateBatch
 
     expected = {r["row"]: r["text"] for r in rows_of(output_path(whole)) if r["text"] is not None}
     prompts = [{"row": r, "prompt": p} for r, p in _prompts(tmp_path / "in.jsonl").items() if r in expected]

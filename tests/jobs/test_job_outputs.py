@@ -16,9 +16,9 @@ from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 
 from kvbatch import __version__
+from kvbatch.jobs.run import EngineCache, model_name, run_job, run_jobs
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.runner import job_io as job_io_module  # where a job opens its reader
-from kvbatch.runner.job import EngineCache, model_name, run_job, run_jobs
 
 TOKENIZER = FakeTokenizer()
 COLUMNS = ["row", "id", "topic", "text", "finish_reason", "error", "error_kind", "prompt_tokens", "output_tokens"]

@@ -7,8 +7,8 @@ import io
 import pytest
 from job_fakes import FakeEngine
 
-from kvbatch.runner import progress as progress_module
-from kvbatch.runner.progress import JobProgress
+from kvbatch.jobs import progress as progress_module
+from kvbatch.jobs.progress import JobProgress
 
 
 def test_the_bar_shows_rows_tokens_kv_use_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.prompts import Prompt, build_prompt, prompt_columns, prompt_spec
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.spec import PromptSpec, job_from_dict
-from kvbatch.runner.tokenize import PromptTokenizer
+from kvbatch.jobs.tokenize import PromptTokenizer
 
 TOKENIZER = FakeTokenizer()
 

@@ -16,8 +16,8 @@ from reliability_helpers import read_output
 
 from kvbatch.jobs import atomic
 from kvbatch.jobs.errors import InputError, OutputError, SpecError
+from kvbatch.jobs.run import run_jobs
 from kvbatch.jobs.spec import job_from_dict, load_jobs_file
-from kvbatch.runner.job import run_jobs
 
 
 def run(tmp_path: Path, factory=None, **fields):
@@ -232,7 +232,7 @@ def test_disk_full_at_the_final_write_keeps_every_part(tmp_path: Path, monkeypat
 
 
 def test_model_path_missing(tmp_path: Path) -> None:
-    from kvbatch.runner.job import default_engine_factory
+    from kvbatch.jobs.run import default_engine_factory
 
     (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
     outcome = run(tmp_path, default_engine_factory, model=str(tmp_path / "no-such-model"))
@@ -241,7 +241,7 @@ def test_model_path_missing(tmp_path: Path) -> None:
 
 
 def test_a_prompt_the_tokenizer_raises_on_fails_that_row_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvbatch.runner.tokenize import PromptTokenizer
+    from kvbatch.jobs.tokenize import PromptTokenizer
 
     real = PromptTokenizer.encode
 
@@ -264,7 +264,7 @@ def test_a_prompt_the_tokenizer_raises_on_fails_that_row_only(tmp_path: Path, mo
 
 def test_a_device_this_machine_lacks_fails_the_job_not_the_run(tmp_path: Path) -> None:
     from kvbatch.cache.backends import BackendUnavailableError
-    from kvbatch.runner.job import default_engine_factory, is_user_facing
+    from kvbatch.jobs.run import default_engine_factory, is_user_facing
 
     (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
     outcome = run(tmp_path, default_engine_factory, model="default", engine={"device": "cuda:99"})  # no weights loaded

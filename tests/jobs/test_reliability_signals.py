@@ -19,13 +19,13 @@ from job_fakes import FakeEngine
 from reliability_helpers import read_output, write_jsonl
 from typer.testing import CliRunner
 
+from kvbatch import cli
 from kvbatch.jobs.errors import InterruptedJob
 from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.run import run_jobs
+from kvbatch.jobs.signals import StopNow
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.jobs.writer import work_dir
-from kvbatch.runner import cli
-from kvbatch.runner.job import run_jobs
-from kvbatch.runner.signals import StopNow
 
 NUM_ROWS = 40
 
@@ -154,7 +154,7 @@ def test_cli_exits_with_code_3_for_a_requeue(job, tmp_path: Path, monkeypatch: p
 
 LOAD_SCRIPT = """
 import os, signal, time
-from kvbatch.runner.signals import graceful_stop
+from kvbatch.jobs.signals import graceful_stop
 
 class Finalizer:
     def __del__(self):

@@ -25,12 +25,12 @@ from reliability_helpers import (
 )
 from typer.testing import CliRunner
 
+from kvbatch import cli
 from kvbatch.jobs.errors import OutputLockedError
 from kvbatch.jobs.lock import OutputLock
+from kvbatch.jobs.run import run_jobs
 from kvbatch.jobs.spec import load_jobs_file
 from kvbatch.jobs.writer import work_dir
-from kvbatch.runner import cli
-from kvbatch.runner.job import run_jobs
 
 NUM_ROWS = 24
 

@@ -13,8 +13,8 @@ from reliability_helpers import read_output, write_jsonl
 
 from kvbatch.jobs.atomic import atomic_file
 from kvbatch.jobs.errors import OutputError, SpecError
+from kvbatch.jobs.run import run_jobs
 from kvbatch.jobs.spec import job_from_dict
-from kvbatch.runner.job import run_jobs
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from kvbatch.cli import app
+from kvbatch.jobs.run import run_jobs
 from kvbatch.jobs.spec import output_path
-from kvbatch.runner.cli import app
-from kvbatch.runner.job import run_jobs
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input  # noqa: E402

@@ -13,7 +13,7 @@ GPU only: in the CPU interpreter nothing is compiled, so there is nothing to che
 import pytest
 import torch
 
-from kvbatch.runner.bench_models import random_model
+from kvbatch.bench.models import random_model
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 

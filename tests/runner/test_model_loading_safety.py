@@ -18,9 +18,9 @@ import pytest
 import torch
 from tiny_models import tiny_model, word_tokenizer
 
+from kvbatch.jobs.run import run_jobs
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.runner import model_loader
-from kvbatch.runner.job import run_jobs
 from kvbatch.runner.model_loader import ModelLoadError, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -272,7 +272,7 @@ def test_a_preloaded_model_keeps_a_smaller_max_model_len(tiny_folder: Path) -> N
 def test_a_context_over_the_models_is_a_configuration_error_exit_2() -> None:
     from types import SimpleNamespace
 
-    from kvbatch.runner.cli import _exit_code
+    from kvbatch.cli import _exit_code
     from kvbatch.runner.model_loader import ContextLengthError, context_length
 
     with pytest.raises(

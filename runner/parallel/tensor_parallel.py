@@ -37,12 +37,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import tp_comm
-from .engine import Engine, EngineConfig
-from .model_loader import LoadedModel, load_model, resolve_device, resolve_dtype
-from .model_runner import ModelRunner, StepInputs
-from .signals import SIGNALS
-from .tp_shard import TensorParallelError, shard_model
+from kvbatch.jobs.signals import SIGNALS
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.model_loader import LoadedModel, load_model, resolve_device, resolve_dtype
+from kvbatch.runner.model_runner import ModelRunner, StepInputs
+from kvbatch.runner.parallel import comm as tp_comm
+from kvbatch.runner.parallel.shard import TensorParallelError, shard_model
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT = timedelta(days=7)  # a worker waits for rank 0's next message as long as rank 0 runs

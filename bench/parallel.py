@@ -1,10 +1,10 @@
 """Tensor- and data-parallel checks and throughput on random models of real shapes (issue: several GPUs).
 
-    python -m kvbatch.runner.parallel_bench check --shape llama-8b --tensor-parallel 2
+    python -m kvbatch.bench.parallel check --shape llama-8b --tensor-parallel 2
         greedy token ids of one GPU vs N ranks, same seeded weights (tp_random.py): rows identical, first divergence
-    python -m kvbatch.runner.parallel_bench throughput --shape llama-8b --workload a [--tensor-parallel 2] [--data-parallel 2]
+    python -m kvbatch.bench.parallel throughput --shape llama-8b --workload a [--tensor-parallel 2] [--data-parallel 2]
         tokens/s of one layout; run it once per layout (1 GPU, TP2, DP2, ...) and compare
-    python -m kvbatch.runner.parallel_bench throughput --shape llama-70b --tensor-parallel 8
+    python -m kvbatch.bench.parallel throughput --shape llama-70b --tensor-parallel 8
 
 Data parallel here splits the workload's requests i % N over N processes that each see their own GPUs and
 start together after loading; the figure is all output tokens over the slowest process's time.
@@ -26,12 +26,12 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from . import tensor_parallel
-from .bench import emit_record
-from .bench_workloads import Workload, make_workload
-from .engine import Engine, EngineConfig
-from .model_loader import resolve_device
-from .tp_random import RandomLoader
+from kvbatch.bench.cli import emit_record
+from kvbatch.bench.random_weights import RandomLoader
+from kvbatch.bench.workloads import Workload, make_workload
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.model_loader import resolve_device
+from kvbatch.runner.parallel import tensor_parallel
 
 app = typer.Typer(
     help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
@@ -150,7 +150,7 @@ def throughput(
 ) -> None:
     """Output and total tokens/s of one layout (data-parallel processes x tensor-parallel ranks)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .bench_models import SHAPES
+    from kvbatch.bench.models import SHAPES
 
     work = make_workload(workload, SHAPES[shape]["vocab_size"], num_prompts)
     settings = _settings(dtype, max(4096, work.max_seq_len), max_num_seqs, device)

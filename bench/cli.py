@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .bench_shapes import SHAPES
-from .bench_workloads import Workload, make_workload
+from kvbatch.bench.shapes import SHAPES
+from kvbatch.bench.workloads import Workload, make_workload
 
 if TYPE_CHECKING:  # torch, transformers and the engine load when a bench command runs, not with the CLI
     import torch
 
-    from .engine import Engine
+    from kvbatch.runner.engine import Engine
 
 bench_app = typer.Typer(help="Benchmarks on random models of real shapes (see BENCHMARKS.md).", no_args_is_help=True)
 
@@ -144,9 +144,9 @@ def throughput(
     """Output and total tokens/s of kvbatch on a workload, the share of the roofline, and the peers with --compare hf."""
     import torch
 
-    from .bench_bound import workload_bound
-    from .bench_models import num_params, random_model
-    from .engine import Engine, EngineConfig
+    from kvbatch.bench.bound import workload_bound
+    from kvbatch.bench.models import num_params, random_model
+    from kvbatch.runner.engine import Engine, EngineConfig
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     needed = make_workload(workload, SHAPES[shape]["vocab_size"], num_prompts).max_seq_len
@@ -231,7 +231,7 @@ def _profile(engine: Engine, work: Workload) -> None:
 
 
 def _compare_hf(model, work: Workload, batch_size: int, base: dict, ours: dict, json_path: Path | None) -> None:
-    from .bench_hf import hf_generate_batch, hf_generate_padded
+    from kvbatch.bench.peers import hf_generate_batch, hf_generate_padded
 
     for name, run in (
         ("hf-generate-padded", lambda: hf_generate_padded(model, work, batch_size)),
@@ -263,7 +263,7 @@ def kernels(sweep: Annotated[bool, typer.Option(help="Also time tile and split v
     """Triton kernels on the GPU: correctness against the torch reference, decode GB/s at 1k-32k, prefill TFLOP/s."""
     import torch
 
-    from .bench_kernels import run_kernel_check
+    from kvbatch.bench.kernels import run_kernel_check
 
     if not torch.cuda.is_available():
         typer.echo(
@@ -304,9 +304,9 @@ def check(
     json_path: JsonOpt = None,
 ) -> None:
     """Greedy token streams of the GPU kernels against the torch reference path, on one model."""
-    from .bench_check import chat_prompts, compare_streams, random_prompts
-    from .bench_models import random_model
-    from .model_loader import load_model
+    from kvbatch.bench.check import chat_prompts, compare_streams, random_prompts
+    from kvbatch.bench.models import random_model
+    from kvbatch.runner.model_loader import load_model
 
     if (model is None) != (prompts is None):
         raise typer.BadParameter("--model and --prompts go together: a real model needs real prompts")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -22,32 +22,31 @@ from typing import Any
 from kvbatch import __version__
 from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.errors import InputError, InterruptedJob, JobError
+from kvbatch.jobs.job_io import open_job
 from kvbatch.jobs.packing import sort_window
+from kvbatch.jobs.progress import JobProgress
 from kvbatch.jobs.prompts import build_prompt
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError, SeenIds
 from kvbatch.jobs.shard import Shard
+from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import JobSpec, spec_dict, spec_hash
 from kvbatch.jobs.summary import Summary, add_prefix_counters, summary_path
+from kvbatch.jobs.token_bytes import TokenBytes
+from kvbatch.jobs.tokenize import PromptTokenizer
 from kvbatch.jobs.writer import OutputWriter, metadata_strings
-
-from .job_io import open_job
-from .progress import JobProgress
-from .request import GenerationRequest, GenerationResult, SamplingParams
-from .signals import StopFlag
-from .token_bytes import TokenBytes
-from .tokenize import PromptTokenizer
+from kvbatch.runner.request import GenerationRequest, GenerationResult, SamplingParams
 
 log = logging.getLogger(__name__)
 EngineFactory = Callable[[str, dict[str, Any]], Any]  # (model, EngineConfig fields) -> engine
 
 
 def default_engine_factory(model: str, settings: dict[str, Any]) -> Any:
-    from .engine import Engine, EngineConfig
+    from kvbatch.runner.engine import Engine, EngineConfig
 
     tensor_parallel = settings.pop("tensor_parallel", 1)
     if tensor_parallel > 1:
-        from .tensor_parallel import start_tensor_parallel
+        from kvbatch.runner.parallel.tensor_parallel import start_tensor_parallel
 
         return start_tensor_parallel(model, settings, tensor_parallel)
     return Engine(EngineConfig(model=model, **settings))
@@ -345,7 +344,7 @@ def _sorted_requests(requests: Iterator[GenerationRequest], window: int, engine:
 def model_name(model: str) -> str:
     """A short model name for outputs: the default model's name, a folder's or .gguf file's name, or a hub name."""
     if model == "default":
-        from .default_model import DEFAULT_MODEL_NAME
+        from kvbatch.runner.default_model import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
     path = Path(model).expanduser()
@@ -404,8 +403,7 @@ def run_jobs(
 ) -> list[JobOutcome]:
     """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all."""
     from kvbatch.jobs.errors import SpecError
-
-    from .signals import graceful_stop
+    from kvbatch.jobs.signals import graceful_stop
 
     engines = EngineCache(engine_factory)
     outcomes = []
@@ -452,11 +450,11 @@ def run_jobs(
 def _job_runner(job: JobSpec) -> Callable[..., Summary]:
     """run_job, or the runner that spreads the job over a Ray cluster or over processes (README "Scaling out")."""
     if job.runner == "ray":
-        from .ray_data import run_job_ray
+        from kvbatch.jobs.ray_data import run_job_ray
 
         return run_job_ray
     if job.parallel.data > 1:
-        from .data_parallel import run_data_parallel
+        from kvbatch.jobs.data_parallel import run_data_parallel
 
         return run_data_parallel
     return run_job

@@ -18,14 +18,13 @@ from typing import Annotated, Any
 import typer
 
 from kvbatch import __version__
+from kvbatch.bench.cli import bench_app
+from kvbatch.console import ConsoleTyper
 from kvbatch.jobs.errors import InterruptedJob, JobError, OutputLockedError, SpecError
+from kvbatch.jobs.run import EngineCache, JobOutcome, is_user_facing, run_jobs
+from kvbatch.jobs.signals import INTERRUPTED_EXIT_CODE
 from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
 from kvbatch.jobs.yaml_nodes import load_yaml
-
-from .bench import bench_app
-from .console import ConsoleTyper
-from .job import EngineCache, JobOutcome, is_user_facing, run_jobs
-from .signals import INTERRUPTED_EXIT_CODE
 
 OK, FAILED, USAGE, INTERRUPTED, LOCKED = 0, 1, 2, INTERRUPTED_EXIT_CODE, 4
 
@@ -236,7 +235,7 @@ def plan(
 
     On the CPU only the model's config and tokenizer are read, not its weights. On a GPU (and with tensor parallelism) the model is loaded, because the KV pool is sized by profiling a forward pass of it.
     """
-    from .plan import plan_job
+    from kvbatch.jobs.plan import plan_job
 
     _logging(verbose)
     _quiet_model_loading(verbose)
@@ -363,7 +362,7 @@ def _with_options(sets: list[str] | None, options: dict[str, Any]) -> dict[str, 
 def _serve_if_torchrun_worker() -> None:
     """Under `torchrun --nproc-per-node N kvbatch run ... --tensor-parallel N`, ranks > 0 serve rank 0's engine."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
-        from .tensor_parallel import serve_from_env
+        from kvbatch.runner.parallel.tensor_parallel import serve_from_env
 
         serve_from_env()
         raise typer.Exit(OK)

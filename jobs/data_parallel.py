@@ -33,16 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch.jobs.errors import InterruptedJob, JobError, OutputError, SpecError
+from kvbatch.jobs.job_io import job_manifest
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.merge import merge_shards
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard
+from kvbatch.jobs.signals import SIGNALS, StopFlag, StopNow
 from kvbatch.jobs.spec import JobSpec, output_format, output_path
 from kvbatch.jobs.summary import Summary, add_prefix_counters, summary_path
 from kvbatch.jobs.writer import remove_output, resume_refusal, work_dir
-
-from .job_io import job_manifest
-from .signals import SIGNALS, StopFlag, StopNow
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -190,7 +189,7 @@ def _child(conn: Connection, job: JobSpec, factory: Any, event: Any, threads: in
     signal.signal(signal.SIGTERM, _stop_now)  # ... except at once
     import torch
 
-    from .job import EngineCache, run_job
+    from kvbatch.jobs.run import EngineCache, run_job
 
     torch.set_num_threads(threads)
     try:
@@ -198,8 +197,8 @@ def _child(conn: Connection, job: JobSpec, factory: Any, event: Any, threads: in
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent, which decides
         result = exc
     finally:
-        if "kvbatch.runner.tensor_parallel" in sys.modules:  # this child's own tensor-parallel workers
-            sys.modules["kvbatch.runner.tensor_parallel"].shutdown()
+        if "kvbatch.runner.parallel.tensor_parallel" in sys.modules:  # this child's own tensor-parallel workers
+            sys.modules["kvbatch.runner.parallel.tensor_parallel"].shutdown()
     try:
         conn.send(result)
     except Exception as exc:  # noqa: BLE001 - an exception that does not pickle

@@ -15,14 +15,13 @@ from typing import Any
 
 from kvbatch.cache.backends import select_backend
 from kvbatch.cache.budget import PoolSize
+from kvbatch.jobs.run import EngineCache, default_engine_factory
 from kvbatch.jobs.spec import JobSpec
-
-from .engine import EngineConfig
-from .job import EngineCache, default_engine_factory
-from .kv_sizing import fixed_pool_size, kv_cache_spec
+from kvbatch.runner.engine import EngineConfig
+from kvbatch.runner.kv_sizing import fixed_pool_size, kv_cache_spec
 
 # The loader's own steps, so a plan finds a model exactly where a run would, with the same safety checks.
-from .model_loader import (
+from kvbatch.runner.model_loader import (
     ModelLoadError,
     check_folder_safety,
     context_length,

@@ -20,10 +20,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench_hf import hf_greedy_tokens
-from .engine import Engine, EngineConfig
-from .model_loader import LoadedModel
-from .request import GenerationRequest, SamplingParams
+from kvbatch.bench.peers import hf_greedy_tokens
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.model_loader import LoadedModel
+from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .bench_workloads import Workload
+from kvbatch.bench.workloads import Workload
 
 
 def _sync(device: torch.device) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench_workloads import Workload
+from kvbatch.bench.workloads import Workload
 
 # Dense bf16 tensor-core peaks and HBM bandwidth from the vendors' data sheets (SXM parts).
 DEVICE_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}

@@ -29,17 +29,16 @@ import pyarrow as pa
 
 from kvbatch.jobs import rows as kinds
 from kvbatch.jobs.errors import InterruptedJob, JobError
+from kvbatch.jobs.job_io import layout_for, open_job
+from kvbatch.jobs.progress import JobProgress
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError, SeenIds
+from kvbatch.jobs.run import EngineFactory, _Feed, _metadata, _previous_summary, default_engine_factory
+from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import JobSpec, job_from_dict
 from kvbatch.jobs.summary import Summary, summary_path
-
-from .job import EngineFactory, _Feed, _metadata, _previous_summary, default_engine_factory
-from .job_io import layout_for, open_job
-from .progress import JobProgress
-from .signals import StopFlag
-from .tokenize import PromptTokenizer
+from kvbatch.jobs.tokenize import PromptTokenizer
 
 log = logging.getLogger(__name__)
 

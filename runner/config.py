@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .scheduler import POLICIES, Policy
+from kvbatch.runner.scheduler import POLICIES, Policy
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ import torch
 import torch.distributed as dist
 
 from kvbatch.cache.metadata import AttentionMetadata
-
-from .model_runner import StepInputs
+from kvbatch.runner.model_runner import StepInputs
 
 STEP, LOAD, CLOSE, EXIT = 1, 2, 3, 4
 HEADER_LEN = 11

@@ -13,8 +13,8 @@ import zlib
 
 import torch
 
-from .model_loader import LoadedModel
-from .tp_shard import ATTENTION_COLUMNS, MLP_COLUMNS
+from kvbatch.runner.model_loader import LoadedModel
+from kvbatch.runner.parallel.shard import ATTENTION_COLUMNS, MLP_COLUMNS
 
 _COLUMN = tuple(f"{n}.{p}" for n in (*ATTENTION_COLUMNS, *MLP_COLUMNS) for p in ("weight", "bias"))  # split on dim 0
 _ROW = ("o_proj.weight", "down_proj.weight")  # split on dim 1
@@ -28,8 +28,8 @@ def random_meta_model(shape: str, max_model_len: int, dtype: torch.dtype) -> tor
     """A model of a bench shape (bench_models.SHAPES) on the meta device: structure only."""
     from transformers import AutoModelForCausalLM
 
-    from . import attention_hook
-    from .bench_models import model_config
+    from kvbatch.bench.models import model_config
+    from kvbatch.runner import attention_hook
 
     attention_hook.register()
     with torch.device("meta"):
@@ -80,8 +80,8 @@ class RandomLoader:
         return hash((self.std, self.seed))
 
     def __call__(self, model: str, settings: dict, device: torch.device) -> LoadedModel:
-        from .bench_models import IdsOnlyTokenizer
-        from .model_loader import resolve_dtype
+        from kvbatch.bench.models import IdsOnlyTokenizer
+        from kvbatch.runner.model_loader import resolve_dtype
 
         shape = model.removeprefix("random:")
         dtype = resolve_dtype(settings.get("dtype", "auto"), device)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from . import attention_hook
-from .bench_shapes import SHAPES
-from .model_loader import LoadedModel, resolve_device, resolve_dtype
+from kvbatch.bench.shapes import SHAPES
+from kvbatch.runner import attention_hook
+from kvbatch.runner.model_loader import LoadedModel, resolve_device, resolve_dtype
 
 
 class IdsOnlyTokenizer:

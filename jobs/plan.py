@@ -17,15 +17,14 @@ import numpy as np
 
 from kvbatch.cache.prefix_cache import ReuseEstimate
 from kvbatch.jobs import rows as kinds
+from kvbatch.jobs.job_io import layout_for
+from kvbatch.jobs.plan_sizing import model_sizing
 from kvbatch.jobs.prompts import build_prompt, prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.rows import RowError, SeenIds
+from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.spec import JobSpec
-
-from .job import EngineCache
-from .job_io import layout_for
-from .plan_sizing import model_sizing
-from .tokenize import PromptTokenizer
+from kvbatch.jobs.tokenize import PromptTokenizer
 
 MAX_LISTED_FAILURES = 20
 
