@@ -20,11 +20,12 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from kvbatch.errors import ExitCode
+
 log = logging.getLogger(__name__)
 SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
 GRACE_ENV = "KVBATCH_STOP_GRACE_S"
 DEFAULT_GRACE_S = 60.0
-INTERRUPTED_EXIT_CODE = 3
 
 
 class StopNow(KeyboardInterrupt):
@@ -63,7 +64,7 @@ def _exit_now() -> None:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(INTERRUPTED_EXIT_CODE)  # the OS releases the output lock; committed parts are already whole on disk
+    os._exit(ExitCode.INTERRUPTED)  # the OS releases the output lock; committed parts are already whole on disk
 
 
 def grace_seconds() -> float:

@@ -22,11 +22,11 @@ import secrets
 from functools import lru_cache
 from typing import Any
 
+from kvbatch.errors import ErrorKind
 from kvbatch.jobs.prompts import Prompt
 from kvbatch.jobs.rows import RowError
 
 log = logging.getLogger(__name__)
-TEMPLATE = "chat_template"  # row error kind when a template mangles message text
 
 
 class PromptTokenizer:
@@ -78,13 +78,13 @@ class PromptTokenizer:
         indexes = [int(i) for i in pieces[1::2]]
         if indexes != list(range(len(messages))):
             return RowError(
-                TEMPLATE,
+                ErrorKind.CHAT_TEMPLATE,
                 f"the chat template did not place each message once (got message order {indexes}); set prompt.allow_special_tokens to render it whole",
             )
         contents = self._contents_as_rendered(messages, pieces)
         if contents is None:
             return RowError(
-                TEMPLATE,
+                ErrorKind.CHAT_TEMPLATE,
                 "the chat template changes message text in a way kvbatch cannot follow; set prompt.allow_special_tokens to render it whole",
             )
         ids: list[int] = []

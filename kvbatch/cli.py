@@ -20,13 +20,13 @@ import typer
 from kvbatch import __version__
 from kvbatch.bench.cli import bench_app
 from kvbatch.console import ConsoleTyper
-from kvbatch.jobs.errors import InterruptedJob, JobError, OutputLockedError, SpecError
-from kvbatch.jobs.run import EngineCache, JobOutcome, is_user_facing, run_jobs
-from kvbatch.jobs.signals import INTERRUPTED_EXIT_CODE
+from kvbatch.errors import ExitCode, KvbatchError, SpecError, exit_code_of
+from kvbatch.jobs.run import EngineCache
+from kvbatch.jobs.runners import JobOutcome, run_jobs
 from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
 from kvbatch.jobs.yaml_nodes import load_yaml
 
-OK, FAILED, USAGE, INTERRUPTED, LOCKED = 0, 1, 2, INTERRUPTED_EXIT_CODE, 4
+OK, INTERRUPTED = ExitCode.OK, ExitCode.INTERRUPTED
 
 app = ConsoleTyper(  # the console process: allocator tuned for a batch job, no interpreter teardown at exit
     name="kvbatch",
@@ -316,21 +316,9 @@ def _finish(outcomes: list[JobOutcome]) -> None:
         else:
             assert outcome.error is not None, "an outcome has a summary or an error"
             typer.echo(f"kvbatch: job {outcome.job} failed: {outcome.error}", err=True)
-            codes.append(_exit_code(outcome.error))
+            codes.append(exit_code_of(outcome.error))
     if max(codes) != OK:
         raise typer.Exit(INTERRUPTED if INTERRUPTED in codes else max(codes))
-
-
-def _exit_code(exc: BaseException) -> int:
-    if isinstance(exc, SpecError):
-        return USAGE
-    if isinstance(exc, (InterruptedJob, KeyboardInterrupt)):
-        return INTERRUPTED
-    if isinstance(exc, OutputLockedError):
-        return LOCKED
-    if type(exc).__name__ in ("KVBudgetError", "ContextLengthError"):  # the pool or the context: configuration
-        return USAGE
-    return FAILED
 
 
 @contextlib.contextmanager
@@ -339,19 +327,10 @@ def _errors() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except (JobError, SpecError, KeyboardInterrupt) as exc:
-        message = (
-            str(exc)
-            if not isinstance(exc, KeyboardInterrupt)
-            else "interrupted; committed rows are kept, rerun to resume"
-        )
+    except (KvbatchError, KeyboardInterrupt) as exc:  # anything else is a bug: it keeps its traceback
+        message = str(exc) if isinstance(exc, KvbatchError) else "interrupted; committed rows are kept, rerun to resume"
         typer.echo(f"kvbatch: error: {message}", err=True)
-        raise typer.Exit(_exit_code(exc)) from None
-    except Exception as exc:
-        if not is_user_facing(exc):
-            raise  # a bug: keep the traceback
-        typer.echo(f"kvbatch: error: {exc}", err=True)
-        raise typer.Exit(_exit_code(exc)) from None
+        raise typer.Exit(exit_code_of(exc)) from None
 
 
 def _with_options(sets: list[str] | None, options: dict[str, Any]) -> dict[str, Any]:

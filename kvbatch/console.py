@@ -48,12 +48,12 @@ def exit_on_early_signals() -> None:
     """SIGTERM or SIGUSR1 while kvbatch starts (torch and transformers import for a second or more), or during a
     command that runs no job (bench), ends it with exit code 3, as a signal during a job does, not 143 or 138: a
     Slurm script requeues on 3. A job's own handlers (signals.graceful_stop) take over once it starts."""
-    from kvbatch.jobs.signals import INTERRUPTED_EXIT_CODE
+    from kvbatch.errors import ExitCode
 
     def stop(signum: int, frame: object) -> None:
         sys.stderr.write(f"kvbatch: stopped by {signal.Signals(signum).name} before any job ran; rerun to run it\n")
         sys.stderr.flush()
-        os._exit(INTERRUPTED_EXIT_CODE)
+        os._exit(ExitCode.INTERRUPTED)
 
     for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
         if sig is not None:

@@ -20,12 +20,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from kvbatch.errors import TensorParallelError
+
 ATTENTION_COLUMNS = ("q_proj", "k_proj", "v_proj")
 MLP_COLUMNS = ("gate_proj", "up_proj")
-
-
-class TensorParallelError(ValueError):
-    """The model cannot be split this many ways; the message names the sizes."""
 
 
 class RowParallelLinear(nn.Module):

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kvbatch.jobs.signals import SIGNALS
+from kvbatch.errors import TensorParallelLost
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from kvbatch.runner.model_runner import ModelRunner, StepInputs
@@ -47,11 +47,6 @@ from kvbatch.runner.parallel.shard import TensorParallelError, shard_model
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT = timedelta(days=7)  # a worker waits for rank 0's next message as long as rank 0 runs
 Loader = Callable[[str, dict[str, Any], torch.device], LoadedModel]  # (model, engine settings, rank's device)
-
-
-class TensorParallelLost(BaseException):
-    """A worker rank is gone: no step can run any more. BaseException so that no step's recovery turns the
-    remaining rows into error rows; committed rows stay, and a rerun resumes."""
 
 
 def load_on_cpu(model: str, settings: dict[str, Any], device: torch.device) -> LoadedModel:
@@ -283,7 +278,7 @@ class TensorParallelEngine(Engine):
 
 
 def _worker_main(rank: int, size: int, init_method: str, loader: Loader, use_cuda: bool, threads: int) -> None:
-    for sig in SIGNALS:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)  # rank 0 decides when to stop, and tells us
     torch.set_num_threads(threads)
     device = rank_device(rank, use_cuda)

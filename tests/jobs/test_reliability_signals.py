@@ -20,9 +20,9 @@ from reliability_helpers import read_output, write_jsonl
 from typer.testing import CliRunner
 
 from kvbatch import cli
-from kvbatch.jobs.errors import InterruptedJob
+from kvbatch.errors import ExitCode, InterruptedJob
 from kvbatch.jobs.manifest import Manifest
-from kvbatch.jobs.run import run_jobs
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.signals import StopNow
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.jobs.writer import work_dir
@@ -148,7 +148,7 @@ def test_cli_exits_with_code_3_for_a_requeue(job, tmp_path: Path, monkeypatch: p
         cli, "run_jobs", lambda specs, wait_for_lock=False, **_: run_jobs(specs, wait_for_lock, factory_for(engine))
     )
     result = CliRunner().invoke(cli.app, ["run", str(jobs_file)])
-    assert result.exit_code == cli.INTERRUPTED == 3, result.output
+    assert result.exit_code == ExitCode.INTERRUPTED == 3, result.output
     assert "rerun to resume" in result.output
 
 
