@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbatch.bench.peers import hf_greedy_tokens
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 
 @dataclass(frozen=True)

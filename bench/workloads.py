@@ -13,7 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.config import SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from kvbatch.bench.models import random_model
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles kernels only on a GPU")
 

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from scaling_helpers import rows_of, tiny_engine, tiny_job, tiny_tp_loader, tiny_tp_loader_or_missing, write_input  # noqa: E402
+from tiny_models import CONFIGS  # noqa: E402
 
-from kvbatch.jobs.run import run_jobs
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import output_path
 from kvbatch.runner.parallel import tensor_parallel
 from kvbatch.runner.parallel.shard import TensorParallelError, check_divisible
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from scaling_helpers import rows_of, tiny_engine, tiny_job, tiny_tp_loader, tiny_tp_loader_or_missing, write_input  # noqa: E402
-from tiny_models import CONFIGS  # noqa: E402
 
 
 def test_split_must_divide_heads_kv_heads_and_mlp():
