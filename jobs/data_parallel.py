@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import multiprocessing
 import os
@@ -32,7 +31,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from kvbatch.jobs.errors import InterruptedJob, JobError, OutputError, SpecError
+from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError
 from kvbatch.jobs.job_io import job_manifest
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.merge import merge_shards
@@ -40,7 +39,7 @@ from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard
 from kvbatch.jobs.signals import SIGNALS, StopFlag, StopNow
 from kvbatch.jobs.spec import JobSpec, output_format, output_path
-from kvbatch.jobs.summary import Summary, add_prefix_counters, summary_path
+from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
 from kvbatch.jobs.writer import remove_output, resume_refusal, work_dir
 
 log = logging.getLogger(__name__)
@@ -128,8 +127,11 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
         remove_output(s.output_path(base))
         with contextlib.suppress(FileNotFoundError):
             summary_path(s.output_path(base)).unlink()
-    summary = _sum_summaries(job, out, results, started)  # type: ignore[arg-type]
-    summary.output_bytes = report.num_bytes
+    counts = sum((RunCounts.of(part) for part in results), RunCounts())
+    first: Summary = results[0]
+    about = {"model": job.model, "spec_hash": first.spec_hash, "kvbatch_version": first.kvbatch_version}
+    load_s = max(part.load_s for part in results)  # the processes load side by side
+    summary = build_summary(job.name, out, report, counts, time.monotonic() - started, load_s, **about)
     summary.write(summary_path(out))
     return summary
 
@@ -256,27 +258,8 @@ def _complete_summary(job: JobSpec, out: Path) -> Summary | None:
             raise OutputError(refusal)
     if not (manifest.complete and out.exists()):
         return None
-    summary = Summary(job.name, str(out), status="already complete", model=job.model, spec_hash=manifest.spec_hash)
-    with contextlib.suppress(FileNotFoundError, ValueError, TypeError):
-        data = json.loads(summary_path(out).read_text())
-        summary = Summary(**{k: v for k, v in data.items() if k in Summary.__dataclass_fields__})
-        summary.status, summary.rows_this_run = "already complete", 0
-    return summary
-
-
-def _sum_summaries(job: JobSpec, out: Path, parts: list[Summary], started: float) -> Summary:
-    total = Summary(
-        job.name, str(out), model=job.model, spec_hash=parts[0].spec_hash, kvbatch_version=parts[0].kvbatch_version
-    )
-    for part in parts:
-        for name in ("rows", "rows_ok", "rows_error", "rows_this_run", "prompt_tokens", "output_tokens", "preemptions"):
-            setattr(total, name, getattr(total, name) + getattr(part, name))
-        for name in ("finish_reasons", "errors_by_kind"):
-            counts = getattr(total, name)
-            for key, value in getattr(part, name).items():
-                counts[key] = counts.get(key, 0) + value
-        total.peak_kv_usage = max(total.peak_kv_usage, part.peak_kv_usage)
-    add_prefix_counters(total, [dataclasses.asdict(part) for part in parts])
-    total.elapsed_s = round(time.monotonic() - started, 3)
-    total.output_tokens_per_s = round(total.output_tokens / max(total.elapsed_s, 1e-9), 2)
-    return total
+    fallback = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash)
+    try:
+        return already_complete(out, fallback)
+    except (ValueError, TypeError):  # a damaged summary file: the output itself is complete
+        return already_complete(out.with_name(out.name + ".missing"), fallback)

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbatch import __version__
-from kvbatch.jobs.manifest import Manifest, input_identity
+from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout
@@ -83,7 +82,9 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
         model=job.model,
         wait_for_lock=wait_for_lock,
     )
-    summary = Summary(job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=__version__)
+    summary = Summary(
+        job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=KVBATCH_VERSION
+    )
     return JobIO(shard, out, pspec, layout, reader, writer, summary)
 
 

@@ -11,20 +11,21 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from kvbatch.cache.prefix_cache import ReuseEstimate
-from kvbatch.jobs import rows as kinds
+from kvbatch.errors import ErrorKind
 from kvbatch.jobs.job_io import layout_for
+from kvbatch.jobs.pipeline import RowPipeline
 from kvbatch.jobs.plan_sizing import model_sizing
-from kvbatch.jobs.prompts import build_prompt, prompt_columns, prompt_spec
+from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
-from kvbatch.jobs.rows import RowError, SeenIds
+from kvbatch.jobs.records import RowResult
+from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.spec import JobSpec
-from kvbatch.jobs.tokenize import PromptTokenizer
+from kvbatch.runner.request import GenerationRequest
 
 MAX_LISTED_FAILURES = 20
 
@@ -40,6 +41,7 @@ class JobPlan:
     pool_tokens: int = 0
     max_model_len: int = 0
     max_num_seqs: int | None = None
+    samples_per_row: int = 1  # sampling.n: each row holds n sequences
     rows_at_once: int = 0  # typical rows (p50 prompt + max_new_tokens) held in the pool together
     failures: Counter = field(default_factory=Counter)
     failure_examples: list[str] = field(default_factory=list)
@@ -59,7 +61,10 @@ class JobPlan:
             f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; context {self.max_model_len} tokens"
         )
         lines.append(
-            f"  at once         about {self.rows_at_once} typical rows (p50 prompt + max_new_tokens){f', max_num_seqs {self.max_num_seqs}' if self.max_num_seqs else ''}"
+            f"  at once         about {self.rows_at_once} typical rows (p50 prompt + max_new_tokens"
+            + (f", {self.samples_per_row} samples each" if self.samples_per_row > 1 else "")
+            + ")"
+            + (f", max_num_seqs {self.max_num_seqs}" if self.max_num_seqs else "")
         )
         if self.prefix_cache:
             share = self.reused_prompt_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
@@ -87,9 +92,8 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
     reader = open_reader(job, [*prompt_columns(pspec), *layout.data_columns()])  # the columns a run reads
-    seen_ids = SeenIds(layout.id_column)
     sizing = model_sizing(job, engines)
-    tokenizer = PromptTokenizer(sizing.tokenizer, pspec.allow_special_tokens, pspec.chat_template)
+    pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool
     capacity = min(sizing.max_model_len, pool.num_tokens)
     plan = JobPlan(
@@ -100,30 +104,31 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         pool_tokens=pool.num_tokens,
         max_model_len=sizing.max_model_len,
         max_num_seqs=sizing.max_num_seqs,
+        samples_per_row=job.sampling.n,
     )
     lengths: list[int] = []
     plan.prefix_cache = sizing.prefix_cache
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
     for row in reader:
         plan.num_rows += 1
-        error = row.error or seen_ids.error(row)
-        if error is None:
-            prompt = build_prompt(row, pspec)
-            ids: Any = prompt if isinstance(prompt, RowError) else tokenizer.encode(prompt)
-            if isinstance(ids, RowError):
-                error = ids
-            elif not ids:
-                error = RowError(kinds.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
+        request = pipeline.request(row)
+        error = request.error if isinstance(request, RowResult) else None
+        if isinstance(request, GenerationRequest):
+            pipeline.discard(request)
+            ids = request.prompt_token_ids
+            if not ids:
+                error = RowError(ErrorKind.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
             elif len(ids) >= capacity:
                 error = RowError(
-                    kinds.PROMPT_TOO_LONG,
-                    f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit ({capacity} tokens of context/pool)",
+                    ErrorKind.PROMPT_TOO_LONG,
+                    f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit "
+                    f"({capacity} tokens of context/pool)",
                 )
             else:
                 lengths.append(len(ids))
                 if reuse is not None:
                     reuse.add(ids)
-                plan.truncated += len(ids) + job.sampling.max_new_tokens > capacity
+                plan.truncated += len(ids) + request.sampling.max_new_tokens > capacity
         if error is not None:
             plan.failures[error.kind] += 1
             if len(plan.failure_examples) < MAX_LISTED_FAILURES:
@@ -140,9 +145,14 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
             "p90": np.percentile(a, 90),
             "max": a.max(),
         }
-        typical = min(capacity, int(plan.prompt_tokens["p50"]) + job.sampling.max_new_tokens)
-        blocks_per_row = max(1, math.ceil(typical / pool.block_size))
+        # A row of n samples holds its prompt's blocks once (shared by the prefix cache, or copied per sample
+        # without it) and n outputs: count what the samples hold apart.
+        prompt = int(plan.prompt_tokens["p50"])
+        new = job.sampling.max_new_tokens
+        shared = plan.prefix_cache and job.sampling.n > 1
+        row_tokens = (prompt + new * job.sampling.n) if shared else (prompt + new) * job.sampling.n
+        blocks_per_row = max(1, math.ceil(min(capacity * job.sampling.n, row_tokens) / pool.block_size))
         plan.rows_at_once = pool.num_blocks // blocks_per_row
         if plan.max_num_seqs:
-            plan.rows_at_once = min(plan.rows_at_once, plan.max_num_seqs)
+            plan.rows_at_once = min(plan.rows_at_once, max(1, plan.max_num_seqs // job.sampling.n))
     return plan

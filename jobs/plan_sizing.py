@@ -18,7 +18,6 @@ from kvbatch.cache.budget import PoolSize
 from kvbatch.jobs.run import EngineCache, default_engine_factory
 from kvbatch.jobs.spec import JobSpec
 from kvbatch.runner.engine import EngineConfig
-from kvbatch.runner.kv_sizing import fixed_pool_size, kv_cache_spec
 
 # The loader's own steps, so a plan finds a model exactly where a run would, with the same safety checks.
 from kvbatch.runner.model_loader import (
@@ -31,6 +30,7 @@ from kvbatch.runner.model_loader import (
     resolve_dtype,
     source_kwargs,
 )
+from kvbatch.runner.pool_sizing import fixed_pool_size, kv_cache_spec
 
 log = logging.getLogger(__name__)
 

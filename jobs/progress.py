@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from tqdm import tqdm
 
+from kvbatch.runner.request import GenerationEngine
+
 
 class JobProgress:
-    def __init__(self, name: str, total: int | None, engine: Any, initial: int = 0) -> None:
+    def __init__(self, name: str, total: int | None, engine: GenerationEngine | None, initial: int = 0) -> None:
         self.engine = engine
         self.start = time.monotonic()
         self.output_tokens = 0
@@ -20,15 +21,16 @@ class JobProgress:
         self.bar = tqdm(total=total, initial=initial, desc=name, unit="row", dynamic_ncols=True, mininterval=0.5)
 
     def kv_usage(self) -> float:
-        pool = getattr(self.engine, "pool", None)
-        return pool.usage() if pool is not None else 0.0
+        return self.engine.kv_usage() if self.engine is not None else 0.0
 
     def _prefix_counters(self) -> tuple[int, int]:
-        stats = getattr(self.engine, "stats", None)  # the engine outlives the job: its counters start elsewhere
-        return getattr(stats, "num_queried_prompt_tokens", 0), getattr(stats, "num_cached_prompt_tokens", 0)
+        if self.engine is None:  # a Ray run's engines are in its actors
+            return 0, 0
+        stats = self.engine.stats  # the engine outlives the job: its counters start elsewhere
+        return stats.num_queried_prompt_tokens, stats.num_cached_prompt_tokens
 
     def _engine_output_tokens(self) -> int | None:
-        return getattr(getattr(self.engine, "stats", None), "num_output_tokens", None)
+        return self.engine.stats.num_output_tokens if self.engine is not None else None
 
     def tokens_per_s(self) -> float:
         """Output tokens/s since the job started: every token the engine made, in finished rows or not, so the rate

@@ -27,18 +27,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from kvbatch.jobs import rows as kinds
-from kvbatch.jobs.errors import InterruptedJob, JobError
+from kvbatch.errors import ErrorKind, InterruptedJob, JobError
 from kvbatch.jobs.job_io import layout_for, open_job
+from kvbatch.jobs.pipeline import RowPipeline
 from kvbatch.jobs.progress import JobProgress
-from kvbatch.jobs.prompts import prompt_columns, prompt_spec
+from kvbatch.jobs.prompts import prompt_columns
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError, SeenIds
-from kvbatch.jobs.run import EngineFactory, _Feed, _metadata, _previous_summary, default_engine_factory
+from kvbatch.jobs.run import EngineFactory, default_engine_factory, job_metadata
 from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import JobSpec, job_from_dict
-from kvbatch.jobs.summary import Summary, summary_path
-from kvbatch.jobs.tokenize import PromptTokenizer
+from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +58,6 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
-class _Collector:
-    """Stands in for the OutputWriter inside an actor: _Feed's results are collected, not written."""
-
-    def __init__(self, layout) -> None:
-        self.layout = layout
-        self.done_rows: set[int] = set()
-        self.results: list[RowResult] = []
-
-    def add(self, result: RowResult) -> None:
-        self.results.append(result)
-
-
-class _NoProgress:
-    def update(self, output_tokens: int, error: bool) -> None:
-        pass
-
-
 class GenerateBatch:
     """A callable class for `ray.data.Dataset.map_batches`: each actor loads one engine and keeps it.
 
@@ -87,21 +69,24 @@ class GenerateBatch:
     def __init__(self, job: JobSpec | dict[str, Any], engine_factory: EngineFactory = default_engine_factory) -> None:
         self.job = job if isinstance(job, JobSpec) else job_from_dict(job)
         self.engine = engine_factory(self.job.model, self.job.engine.settings())
-        self.pspec = prompt_spec(self.job)
-        self.tokenizer = PromptTokenizer(
-            self.engine.tokenizer, self.pspec.allow_special_tokens, self.pspec.chat_template
-        )
-        self.layout = dataclasses.replace(layout_for(self.job, {}), id_column=None, keep_columns=())
+        # ids and kept columns stay with the driver, which checks ids over the whole input
+        layout = dataclasses.replace(layout_for(self.job, {}), id_column=None, keep_columns=())
+        self.pipeline = RowPipeline(self.job, self.engine.tokenizer, layout)
         self._next_row = 0  # rows named by position when the batch has no `row` column
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
         rows = self._rows(table)
-        sink = _Collector(self.layout)
-        feed = _Feed(self.job, self.pspec, sink, self.tokenizer, StopFlag(), _NoProgress())  # type: ignore[arg-type]
-        for result in self.engine.generate(feed.admit(feed.requests(iter(rows)))):
-            feed.finish(result)
-        by_row = {r.row: r for r in sink.results}
+        by_row: dict[int, RowResult] = {}
+        requests = []
+        for row in rows:
+            request = self.pipeline.request(row)
+            if isinstance(request, RowResult):
+                by_row[row.index] = request
+            else:
+                requests.append(request)
+        for result in self.engine.generate(requests):
+            by_row[result.request_id] = self.pipeline.result(result)
         results = _result_table([by_row[row.index] for row in rows])
         passed = table.drop_columns([c for c in RESULT_SCHEMA.names if c in table.column_names])
         return results if passed.num_columns == 0 else _join(passed, results)
@@ -179,8 +164,8 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
     )
     with writer:
         if writer.already_complete:
-            return _previous_summary(out, summary)
-        writer.metadata = {k.encode(): v.encode() for k, v in _metadata(job, None).items()}
+            return already_complete(out, summary)
+        writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, None).items()}
         sent = _Sender(job, pspec, layout, writer, shard)
         items = sent.items(iter(reader))
         progress = JobProgress(job.name, len(items), None)
@@ -219,25 +204,19 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
                 RowResult(
                     index,
                     *sent.pending.pop(index),
-                    error=RowError(kinds.ENGINE, f"row {index}: the Ray run returned no result"),
+                    error=RowError(ErrorKind.ENGINE, f"row {index}: the Ray run returned no result"),
                 )
             )
         report = writer.finalize(sent.num_rows)
-    summary.rows = report.num_rows
-    summary.rows_error = report.finish_reasons.get("error", 0)
-    summary.rows_ok = report.num_rows - summary.rows_error
-    summary.rows_this_run = counts["rows"] + sent.num_written
-    summary.finish_reasons, summary.errors_by_kind = report.finish_reasons, report.error_kinds
-    summary.prompt_tokens, summary.output_tokens = counts["prompt"], counts["output"]
-    summary.elapsed_s = round(time.monotonic() - started, 3)
-    summary.output_tokens_per_s = round(summary.output_tokens / max(summary.elapsed_s, 1e-9), 2)
-    summary.output_bytes = report.num_bytes
+    run = RunCounts(counts["rows"] + sent.num_written, counts["prompt"], counts["output"])
+    about = {"model": summary.model, "spec_hash": summary.spec_hash, "kvbatch_version": summary.kvbatch_version}
+    summary = build_summary(job.name, out, report, run, time.monotonic() - started, **about)
     summary.write(summary_path(out))
     return summary
 
 
 class _Sender:
-    """The driver's share of _Feed: what needs the whole input (duplicate ids, resume, bad rows)."""
+    """The driver's share of a run: what needs the whole input (duplicate ids, resume, bad rows)."""
 
     def __init__(self, job: JobSpec, pspec, layout, writer, shard) -> None:
         self.job, self.layout, self.writer, self.shard = job, layout, writer, shard

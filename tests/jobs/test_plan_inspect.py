@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from job_fakes import FakeTokenizer, fake_factory
 
-from kvbatch.jobs.errors import InputError, SpecError
+from kvbatch.errors import InputError, SpecError
 from kvbatch.jobs.inspect import inspect_output
 from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.run import EngineCache, run_job

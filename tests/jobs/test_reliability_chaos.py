@@ -26,7 +26,7 @@ from reliability_helpers import (
 )
 
 from kvbatch.jobs.manifest import Manifest
-from kvbatch.jobs.run import run_jobs
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import load_jobs_file
 from kvbatch.jobs.writer import work_dir
 

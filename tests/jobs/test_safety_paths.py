@@ -11,9 +11,9 @@ import pytest
 from job_fakes import fake_factory
 from reliability_helpers import read_output, write_jsonl
 
+from kvbatch.errors import OutputError, SpecError
 from kvbatch.jobs.atomic import atomic_file
-from kvbatch.jobs.errors import OutputError, SpecError
-from kvbatch.jobs.run import run_jobs
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
 
 

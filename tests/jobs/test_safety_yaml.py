@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvbatch.cli import _parse_sets
-from kvbatch.jobs.errors import SpecError
+from kvbatch.errors import SpecError
 from kvbatch.jobs.spec import load_jobs_file
 
 JOB = "jobs:\n  - name: a\n    input: {path: x.jsonl}\n"
