@@ -3,23 +3,22 @@ and GenerateBatch used directly with map_batches. One Ray start for the module: 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 
-from kvbatch.jobs.run import run_jobs
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import output_path
 
 ray = pytest.importorskip("ray")  # the `ray` extra (in `test`); skipped only where Ray is not installed
-TESTS = Path(__file__).parent
+HELPERS = Path(__file__).parents[1] / "helpers"
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    path = os.pathsep.join([str(TESTS), str(TESTS / "runner")])  # so actors import scaling_helpers
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    env = {"PYTHONPATH": str(HELPERS)}  # so actors import scaling_helpers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield
     ray.shutdown()
 

@@ -1,8 +1,9 @@
 """A fake engine and tokenizer with the real ones' interface, for testing the job glue without a model.
 
 FakeTokenizer: one id per character (ord), special tokens parsed unless split_special_tokens, a tiny
-ChatML-like template. FakeEngine: pulls requests lazily, answers out of order, echoes the prompt length,
-and refuses prompts over its context with the real engine's message.
+ChatML-like template. FakeEngine implements runner.request.GenerationEngine, as the real engine does: it pulls
+requests lazily, answers out of order, echoes the prompt length, and refuses prompts over its context as the real
+engine does (kind prompt_too_long).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvbatch.runner.request import Completion, GenerationRequest, GenerationResult
+from kvbatch.errors import ErrorKind
+from kvbatch.runner.config import EngineConfig
+from kvbatch.runner.request import Completion, EngineStats, GenerationRequest, GenerationResult
 
 SPECIALS = {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 0}
 
@@ -51,23 +54,6 @@ class FakeTokenizer:
 
 
 @dataclass
-class FakePool:
-    num_blocks: int = 100
-    num_free_blocks: int = 100
-
-    def usage(self) -> float:
-        return 1 - self.num_free_blocks / self.num_blocks
-
-
-@dataclass
-class FakeStats:
-    num_preemptions: int = 0
-    peak_kv_usage: float = 0.25
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-
-
-@dataclass
 class FakePoolSize:
     num_blocks: int = 100
     block_size: int = 16
@@ -84,12 +70,20 @@ class FakeEngine:
     def __init__(self, max_model_len: int = 200, chat_template: bool = True, fail_after: int | None = None) -> None:
         self.tokenizer = FakeTokenizer(chat_template)
         self.max_model_len = max_model_len
-        self.pool = FakePool()
         self.pool_size = FakePoolSize()
-        self.stats = FakeStats()
+        self.kv_in_use = 0.0  # what kv_usage() reports
+        self.stats = EngineStats(peak_kv_usage=0.25)
         self.fail_after = fail_after  # raise after yielding this many results (an engine crash)
         self.requests: list[GenerationRequest] = []
-        self.config = None
+        self.config = EngineConfig()
+        self.built_with: tuple[str, dict[str, Any]] | None = None  # the factory's (model, settings)
+
+    @property
+    def source(self) -> str:
+        return self.config.model
+
+    def kv_usage(self) -> float:
+        return self.kv_in_use
 
     def generate(self, requests: Any, on_step: Any = None):
         window: list[GenerationRequest] = []
@@ -114,7 +108,7 @@ class FakeEngine:
         self.stats.num_prompt_tokens += n
         if n >= self.max_model_len:
             message = f"the prompt has {n} tokens; at most {self.max_model_len - 1} fit, leaving room for one new token"
-            return GenerationResult(request.request_id, n, [], error=message)
+            return GenerationResult(request.request_id, n, [], error=message, error_kind=ErrorKind.PROMPT_TOO_LONG)
         completions = []
         for i in range(request.sampling.n):
             text = f"echo {n}" + (f" #{i}" if request.sampling.n > 1 else "")
@@ -131,7 +125,8 @@ def fake_factory(**kwargs: Any):
 
     def factory(model: str, settings: dict[str, Any]) -> FakeEngine:
         engine = FakeEngine(**kwargs)
-        engine.config = (model, settings)
+        engine.built_with = (model, settings)
+        engine.config = EngineConfig(model=model)
         engines.append(engine)
         return engine
 

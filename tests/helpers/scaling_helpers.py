@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pyarrow as pa
+from tiny_models import tiny_loaded
 
 from kvbatch.jobs.spec import JobSpec, job_from_dict
 from kvbatch.runner.engine import Engine, EngineConfig
-
-TESTS = Path(__file__).parent
-sys.path.insert(0, str(TESTS / "runner"))
-from tiny_models import tiny_loaded  # noqa: E402
 
 
 def tiny_engine(model: str, settings: dict) -> Engine:

@@ -11,9 +11,10 @@ from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 from typer.testing import CliRunner
 
 from kvbatch import cli
+from kvbatch.errors import InterruptedJob, OutputError
 from kvbatch.jobs.data_parallel import run_data_parallel
-from kvbatch.jobs.errors import InterruptedJob, OutputError
-from kvbatch.jobs.run import EngineCache, run_jobs
+from kvbatch.jobs.run import EngineCache
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import output_path
 from kvbatch.jobs.writer import work_dir
@@ -137,8 +138,8 @@ def test_children_stop_when_the_parent_says_or_is_gone(monkeypatch):
 
 
 def test_combined_error_keeps_the_exit_code_kind():
+    from kvbatch.errors import JobError, OutputLockedError
     from kvbatch.jobs.data_parallel import _combined_error
-    from kvbatch.jobs.errors import JobError, OutputLockedError
     from kvbatch.jobs.shard import Shard
 
     job = tiny_job(Path("."))

@@ -22,8 +22,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
 def save_tiny_model(folder: Path, seed: int = 0) -> Path:
-    sys.path.insert(0, str(REPO / "tests" / "runner"))
-    from tiny_models import tiny_model, word_tokenizer  # noqa: E402  (tests/runner is not a package)
+    from tiny_models import tiny_model, word_tokenizer
 
     model = tiny_model("llama", seed, attn="sdpa")
     model.save_pretrained(folder)
