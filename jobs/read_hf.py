@@ -42,7 +42,7 @@ def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_
 
 
 def _load_cached(datasets, name: str, split: str | None):
-    # Offline for this call only: a name must already be in the local cache.
+    # Offline for this lookup only: a name must already be in the local cache.
     previous = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     try:
