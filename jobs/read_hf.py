@@ -1,7 +1,7 @@
 """Hugging Face `datasets` input: a `save_to_disk` folder, or a dataset name found in the local HF cache.
 
 `datasets` is an optional dependency (`pip install kvbatch[datasets]`). Names resolve offline only: a job never
-starts a download (README "Security and safety"). Rows stream from the memory-mapped Arrow files in batches.
+starts a download (docs/security.md). Rows stream from the memory-mapped Arrow files in batches.
 """
 
 from __future__ import annotations
