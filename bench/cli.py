@@ -1,6 +1,6 @@
 """`kvbatch bench`: throughput on random models of real shapes, the peers beside it, kernels, and GPU-vs-reference.
 
-Results print as one JSON object per line (and go to --json), so BENCHMARKS.md can quote them with the
+Results print as one JSON object per line (and go to --json), so docs/benchmarks.md can quote them with the
 command that made them. Nothing here asserts a speed: the figures are read, not tested.
 """
 
@@ -26,7 +26,9 @@ if TYPE_CHECKING:  # torch, transformers and the engine load when a bench comman
 
     from kvbatch.runner.engine import Engine
 
-bench_app = typer.Typer(help="Benchmarks on random models of real shapes (see BENCHMARKS.md).", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks on random models of real shapes (see docs/benchmarks.md).", no_args_is_help=True
+)
 
 ShapeOpt = Annotated[str, typer.Option(help=f"Model shape: {', '.join(SHAPES)}.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
@@ -128,7 +130,7 @@ def _warm_up(engine: Engine, workload: str, vocab_size: int) -> None:
 @bench_app.command()
 def throughput(
     shape: ShapeOpt = "llama-1b",
-    workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (runner/bench_workloads.py).")] = "a",
+    workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (bench/workloads.py).")] = "a",
     num_prompts: Annotated[int | None, typer.Option(min=1, help="Override the workload's prompt count.")] = None,
     compare: Annotated[
         str | None, typer.Option(help="'hf': also run transformers generate (padded batches) and generate_batch.")

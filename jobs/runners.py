@@ -69,7 +69,7 @@ def run_jobs(
 
 
 def _job_runner(job: JobSpec) -> Callable[..., Summary]:
-    """run_job, or the runner that spreads the job over a Ray cluster or over processes (README "Scaling out")."""
+    """run_job, or the runner that spreads the job over a Ray cluster or over processes (docs/scaling.md)."""
     if job.runner == "ray":
         return run_job_ray
     if job.parallel.data > 1:

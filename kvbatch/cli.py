@@ -1,6 +1,6 @@
 """The `kvbatch` command line: thin commands that build job specs and hand them on.
 
-Exit codes (README "Exit codes"): 0 the jobs ran (row errors are counted in the summary), 1 a job failed,
+Exit codes (docs/reliability.md): 0 the jobs ran (row errors are counted in the summary), 1 a job failed,
 2 bad usage or configuration, 3 interrupted by a signal (rerun to resume), 4 another run holds the output.
 Every exception becomes a message and an exit code in `_exit_code`, nowhere else.
 """
@@ -302,7 +302,7 @@ def merge(
             )
 
 
-app.add_typer(bench_app, name="bench")  # runner/bench.py: its commands import torch only when they run
+app.add_typer(bench_app, name="bench")  # bench/cli.py: its commands import torch only when they run
 
 
 # ---- the one place where outcomes and exceptions become messages and exit codes -------------------------

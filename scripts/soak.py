@@ -7,7 +7,7 @@
 Every `--every` rows it prints resident memory (RSS), the KV pool's free blocks and the throughput of that slice;
 at the end it checks that the pool is whole again (every block free, invariants hold) and that the output holds
 each row once, in input order. What to look for: RSS flat after warm-up, the pool full at the end, rows/s not
-decaying from slice to slice. Not part of the test suite (about a minute on one CPU core); figures go to BENCHMARKS.md.
+decaying from slice to slice. Not part of the test suite (about a minute on one CPU core); figures go to docs/benchmarks.md.
 """
 
 from __future__ import annotations

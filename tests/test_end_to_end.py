@@ -1,5 +1,5 @@
 """Whole jobs through the real engine: a tiny random Llama on a small pool, then (once) the real default model
-on examples/jobs.yaml, the README's worked example.
+on examples/jobs.yaml, the worked example `make example` runs.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_job_texts_equal_the_engines_own_greedy_output(tmp_path: Path, chat_temp
 
 @pytest.mark.slow
 def test_the_worked_example_with_the_default_model(tmp_path: Path) -> None:
-    """`kvbatch run examples/jobs.yaml` as the README shows it, writing to a temporary folder, with shorter answers
+    """`kvbatch run examples/jobs.yaml` as `make example` runs it, writing to a temporary folder, with shorter answers
     (16 tokens instead of 48 and 32; the OpenAI requests keep their own max_tokens) to keep CI quick."""
     out = tmp_path / "out"
     args = [

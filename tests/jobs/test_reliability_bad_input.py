@@ -1,4 +1,4 @@
-"""The bad-input catalogue (README "Bad input"): each entry produces its documented message, and where the problem
+"""The bad-input catalogue (docs/bad-input.md): each entry produces its documented message, and where the problem
 is one row, that row becomes an error row while every other row completes.
 """
 
