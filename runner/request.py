@@ -7,6 +7,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .structured_outputs import StructuredOutputs
+
 FinishReason = Literal["stop", "length", "error"]
 
 
@@ -29,8 +31,12 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1  # samples per prompt
     logprobs: bool = False  # log-probability of each chosen token under the model
+    # A constraint on the output (runner/structured.py); a mapping such as {"json": schema} is accepted.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:  # raises ConstraintError (a ValueError) on a malformed one
+            object.__setattr__(self, "structured_outputs", StructuredOutputs.from_value(self.structured_outputs))
         # Per-row overrides (an OpenAI Batch body) arrive as parsed JSON: a wrong type is refused here, as that
         # row's error, rather than failing inside the engine for the whole batch.
         for name, kind in _FIELD_TYPES.items():
