@@ -47,6 +47,19 @@ MAX_CACHED_GRAMMARS = 4096
 # with `stop` and still fails validation, so it is refused up front. (`oneOf` falls back to `anyOf` semantics
 # when its branches are not provably disjoint; `allOf` of several schemas is not merged.)
 _UNENFORCED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "oneOf")
+# Keywords of one JSON type that xgrammar enforces only beside an explicit "type" (or an enum, const, ...).
+_NEEDS_TYPE = (
+    "pattern",
+    "minLength",
+    "maxLength",
+    "format",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+)
+_TYPED_BY = ("type", "enum", "const", "$ref", "anyOf", "allOf")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
 _SUBSCHEMAS = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties", "not")
@@ -65,6 +78,16 @@ def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
         return f"unsupported JSON Schema keyword 'uniqueItems' at {path}"
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         return f"unsupported JSON Schema keyword 'allOf' with {len(schema['allOf'])} schemas at {path}"
+    if not any(k in schema for k in _TYPED_BY):
+        typed = next((k for k in _NEEDS_TYPE if k in schema), None)
+        if typed:  # xgrammar lets any value through where the type is not given
+            return f'keyword {typed!r} at {path} needs a "type" beside it'
+    required = schema.get("required")
+    if isinstance(required, list):
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        missing = [name for name in required if name not in properties]
+        if missing:  # xgrammar enforces only the required fields it has a schema for
+            return f"required field {missing[0]!r} at {path} is not among its properties"
     children: list[tuple[str, Any]] = []
     for key in _SUBSCHEMA_MAPS:
         if isinstance(schema.get(key), dict):
@@ -179,9 +202,9 @@ class StepMask:
 
         self.rows = [i for i, item in enumerate(items) if item.seq.matcher is not None]
         self.vocab_size = vocab_size
-        bitmask = xgr.allocate_token_bitmask(len(items), vocab_size)
-        if device.type == "cuda":
-            bitmask = bitmask.pin_memory()
+        # Only the constrained rows are filled and applied, so the others need no initialising.
+        shape = xgr.get_bitmask_shape(len(items), vocab_size)
+        bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
         xgr.BatchGrammarMatcher(max_threads=1).batch_fill_next_token_bitmask(
             [items[i].seq.matcher for i in self.rows], bitmask, self.rows
         )

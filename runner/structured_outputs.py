@@ -2,8 +2,8 @@
 
 The names are vLLM's `structured_outputs`: exactly one of `json` (a JSON Schema), `regex`, `choice` (a list of
 strings), `grammar` (EBNF/GBNF) or `json_object` (any JSON object). The value is frozen and hashable, so rows
-that share a constraint share one compiled grammar (runner/structured.py). A schema is kept as canonical JSON
-text (sorted keys), so two spellings of one schema are one constraint.
+that share a constraint share one compiled grammar (runner/structured.py). A schema is kept as compact JSON
+text in its own key order: the order of `properties` is the order the fields are generated in.
 
 Whether the constraint compiles is only known to the grammar library; what is checked here is its shape.
 """
@@ -24,7 +24,7 @@ class ConstraintError(ValueError):
 
 @dataclass(frozen=True)
 class StructuredOutputs:
-    json: str | None = None  # a JSON Schema as canonical JSON text (from_value turns a mapping into it)
+    json: str | None = None  # a JSON Schema as JSON text (from_value turns a mapping into it)
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None  # EBNF, in the GBNF dialect (`root ::= ...`)
@@ -98,7 +98,7 @@ class StructuredOutputs:
 
 
 def schema_text(schema: Any) -> str:
-    """A JSON Schema (a mapping, a bool, or JSON text of one) as canonical JSON text."""
+    """A JSON Schema (a mapping, a bool, or JSON text of one) as compact JSON text, keys in their order."""
     if isinstance(schema, str):
         try:
             schema = json_module.loads(schema)
@@ -107,6 +107,6 @@ def schema_text(schema: Any) -> str:
     if not isinstance(schema, (Mapping, bool)):
         raise ConstraintError(f"a JSON schema is an object, got {type(schema).__name__}")
     try:
-        return json_module.dumps(schema, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        return json_module.dumps(schema, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise ConstraintError(f"the JSON schema cannot be written as JSON: {exc}") from None

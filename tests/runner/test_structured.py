@@ -135,7 +135,9 @@ def outcome(engine: Engine, requests) -> dict:
 
 
 def test_constraint_shape_is_checked() -> None:
-    assert StructuredOutputs.from_value({"json": {"b": 1, "a": 2}}) == StructuredOutputs(json='{"a": 2, "b": 1}')
+    # the key order is kept: properties are generated in the schema's order
+    assert StructuredOutputs.from_value({"json": {"b": 1, "a": 2}}) == StructuredOutputs(json='{"b":1,"a":2}')
+    assert StructuredOutputs.from_value({"json": '{"b": 1, "a": 2}'}) == StructuredOutputs(json='{"b":1,"a":2}')
     assert StructuredOutputs.from_value({"choice": ["x"]}).choice == ("x",)
     with pytest.raises(ConstraintError, match="exactly one"):
         StructuredOutputs(regex="a", grammar="root ::= 'a'")
@@ -148,6 +150,12 @@ def test_constraint_shape_is_checked() -> None:
     assert unsupported_keyword({"properties": {"not": {"type": "string"}}}) is None  # a property named "not"
     assert "'not' at #/properties/x" in unsupported_keyword({"properties": {"x": {"not": {"type": "string"}}}})
     assert "uniqueItems" in unsupported_keyword({"items": {"type": "array", "uniqueItems": True}})
+    # xgrammar lets anything through for these, so they are refused rather than left unenforced
+    assert "'pattern' at #/properties/zip needs a \"type\"" in unsupported_keyword(
+        {"type": "object", "properties": {"zip": {"pattern": "^[0-9]{5}$"}}}
+    )
+    assert "required field 'b'" in unsupported_keyword({"type": "object", "properties": {"a": {}}, "required": ["b"]})
+    assert unsupported_keyword({"type": "string", "pattern": "^[0-9]{5}$"}) is None
 
 
 @pytest.mark.parametrize("policy", ["reserve", "optimistic"])
