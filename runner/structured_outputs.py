@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json as json_module
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -22,13 +22,19 @@ class ConstraintError(ValueError):
     """A constraint that is malformed or cannot compile; its row fails with `bad_constraint`."""
 
 
+def _doc(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class StructuredOutputs:
-    json: str | None = None  # a JSON Schema as JSON text (from_value turns a mapping into it)
-    regex: str | None = None
-    choice: tuple[str, ...] | None = None
-    grammar: str | None = None  # EBNF, in the GBNF dialect (`root ::= ...`)
-    json_object: bool = False  # any JSON object
+    """A constraint on the output: set exactly one field. A row that completes it ends with `stop`."""
+
+    json: str | None = _doc(None, "a JSON Schema: a mapping, or the path of a .json file (held as JSON text)")
+    regex: str | None = _doc(None, "a regular expression the whole output matches")
+    choice: tuple[str, ...] | None = _doc(None, "the output is exactly one of these strings")
+    grammar: str | None = _doc(None, "an EBNF grammar, GBNF dialect (`root ::= ...`)")
+    json_object: bool = _doc(False, "any JSON object")
 
     def __post_init__(self) -> None:
         set_kinds = [k for k in KINDS if getattr(self, k) not in (None, False)]

@@ -16,10 +16,11 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from xgrammar.contrib.hf import LogitsProcessor
 
 from kvbatch.runner import attention_hook
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.default_model import default_model_path
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.structured import unsupported_keyword
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
