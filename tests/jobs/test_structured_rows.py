@@ -13,6 +13,7 @@ from openai.types import BatchError
 from test_openai_logprobs import request, run_openai
 
 from kvbatch.errors import SpecError
+from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict, load_jobs_file, spec_hash
 from kvbatch.runner.structured_outputs import StructuredOutputs
@@ -95,3 +96,20 @@ def test_a_schema_file_is_read_relative_to_the_job_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="set exactly one of") as caught:
         load_jobs_file(tmp_path / "jobs.yaml")
     assert caught.value.field == "jobs[0].sampling.structured_outputs"
+
+
+def test_plan_lists_the_distinct_constraints_and_the_rows_whose_constraint_is_bad(tmp_path: Path) -> None:
+    """Without weights (the default model's tokenizer and config only), as `kvbatch plan` on the CPU."""
+    rows = [{"prompt": f"q{i}", "c": SCHEMA if i % 2 else {"choice": ["x", "y"]}} for i in range(6)]
+    rows.append({"prompt": "bad", "c": {"regex": "(ab"}})
+    job = job_from_dict(_job(tmp_path, rows, model="default", constraint_column="c"), base_dir=str(tmp_path))
+    plan = plan_job(job, EngineCache())
+    assert [(text.split()[0], n, seconds is not None) for text, n, seconds in plan.constraints] == [
+        ("choice", 3, True),
+        ("json", 3, True),
+        ("regex", 1, False),
+    ]
+    assert plan.failures == {"bad_constraint": 1}
+    assert "row 6 (line 7): bad constraint (regex" in plan.failure_examples[0] and "not closed" in plan.failure_examples[0]
+    text = plan.format()
+    assert "constraints     3 distinct, 1 that do not compile" in text and "    1 row, bad: regex" in text
