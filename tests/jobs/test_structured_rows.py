@@ -110,6 +110,8 @@ def test_plan_lists_the_distinct_constraints_and_the_rows_whose_constraint_is_ba
         ("regex", 1, False),
     ]
     assert plan.failures == {"bad_constraint": 1}
-    assert "row 6 (line 7): bad constraint (regex" in plan.failure_examples[0] and "not closed" in plan.failure_examples[0]
+    assert (
+        "row 6 (line 7): bad constraint (regex" in plan.failure_examples[0] and "not closed" in plan.failure_examples[0]
+    )
     text = plan.format()
     assert "constraints     3 distinct, 1 that do not compile" in text and "    1 row, bad: regex" in text
