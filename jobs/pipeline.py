@@ -20,7 +20,9 @@ from typing import Any
 from kvbatch.errors import ErrorKind
 from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.request import GenerationRequest, GenerationResult
+from kvbatch.runner.structured_outputs import ConstraintError
 
+from .constraints import column_constraint
 from .prompts import build_prompt, prompt_spec
 from .records import Layout, RowResult
 from .rows import Row, RowError, SeenIds
@@ -87,9 +89,20 @@ class RowPipeline:
         if row.sampling:
             try:
                 params = dataclasses.replace(self.base_params, **row.sampling)
+            except ConstraintError as exc:
+                message = f"{row.where}: bad structured-output constraint: {exc}"
+                return self._error_row(pending, RowError(ErrorKind.BAD_CONSTRAINT, message))
             except (ValueError, TypeError) as exc:
                 message = f"{row.where}: bad sampling parameters: {exc}"
                 return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, message))
+        if self.job.constraint_column is not None:
+            try:
+                constraint = column_constraint(data.get(self.job.constraint_column))
+            except ConstraintError as exc:
+                message = f"{row.where}: bad constraint in column {self.job.constraint_column!r}: {exc}"
+                return self._error_row(pending, RowError(ErrorKind.BAD_CONSTRAINT, message))
+            if constraint is not None:
+                params = dataclasses.replace(params, structured_outputs=constraint)
         self.pending[row.index] = pending
         return GenerationRequest(row.index, ids, params)
 

@@ -42,6 +42,7 @@ class ModelSizing:
     max_model_len: int
     max_num_seqs: int | None
     prefix_cache: bool
+    vocab_size: int | None = None  # the model's logits width, for compiling structured-output constraints
 
 
 def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
@@ -58,7 +59,12 @@ def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
         engine.max_model_len,
         getattr(config, "max_num_seqs", None),
         bool(getattr(config, "prefix_cache", False)),
+        _vocab_size(getattr(getattr(engine, "model", None), "config", None)),
     )
+
+
+def _vocab_size(model_config: Any) -> int | None:
+    return model_config.get_text_config().vocab_size if model_config is not None else None
 
 
 def _why_weights_needed(job: JobSpec, engines: EngineCache) -> str | None:
@@ -79,7 +85,12 @@ def sizing_without_weights(config: EngineConfig) -> ModelSizing:
     backend = select_backend(config.attention_backend, device, config.block_size)
     pool = fixed_pool_size(kv_cache_spec(model_config, config.block_size, backend.name, dtype), config)
     return ModelSizing(
-        tokenizer, pool, context_length(model_config, config.max_model_len), config.max_num_seqs, config.prefix_cache
+        tokenizer,
+        pool,
+        context_length(model_config, config.max_model_len),
+        config.max_num_seqs,
+        config.prefix_cache,
+        _vocab_size(model_config),
     )
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kvbatch.errors import ErrorKind, InputError
+from kvbatch.runner.structured_outputs import ConstraintError
 
+from .constraints import response_format_constraint
 from .rows import Reader, Row, RowError
 
 _CHUNK_BYTES = 1 << 20
@@ -175,6 +177,13 @@ def openai_row(row: Row) -> Row:
             overrides[ours] = body[key]
     if isinstance(overrides.get("stop"), str):
         overrides["stop"] = [overrides["stop"]]
+    if body.get("response_format") is not None:
+        try:
+            constraint = response_format_constraint(body["response_format"])
+        except ConstraintError as exc:
+            return bad.failed(ErrorKind.BAD_CONSTRAINT, str(exc))
+        if constraint is not None:
+            overrides["structured_outputs"] = constraint
     n = overrides.get("n")
     if isinstance(n, int) and n > OPENAI_MAX_N:  # one line must not stall the whole job
         return bad.failed(ErrorKind.BAD_REQUEST, f"n {n} is over {OPENAI_MAX_N}, the most the OpenAI API accepts")

@@ -4,7 +4,8 @@ Declarative on purpose: spec.py only lists fields, types, defaults and bounds (`
 this module turns a wrong field into one SpecError that names it, its line, and (for typos) the nearest name.
 
 Supported field types: str, int, float, bool, Literal[...], X | None, tuple[X, ...], nested dataclasses.
-Field metadata: `min`, `max` (inclusive), `gt` (exclusive lower bound), `nonempty` (for strings).
+Field metadata: `min`, `max` (inclusive), `gt` (exclusive lower bound), `nonempty` (for strings), `parse` (a
+function that reads the field's plain value, raising ValueError).
 """
 
 from __future__ import annotations
@@ -32,11 +33,22 @@ def build(cls: type, node: Node) -> Any:
             raise sub.error(_unknown_message(key, list(fields)))
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
-        if name in node.value:
+        if name in node.value and "parse" in f.metadata:  # a value with its own reader (a constraint: any JSON)
+            kwargs[name] = _parse(f.metadata["parse"], node.value[name])
+        elif name in node.value:
             kwargs[name] = _coerce(hints[name], node.value[name], f.metadata)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise node.error(f"missing required field '{name}'")
     return cls(**kwargs)
+
+
+def _parse(reader: Any, node: Node) -> Any:
+    if node.value is None:
+        return None
+    try:
+        return reader(node.plain())
+    except ValueError as exc:
+        raise node.error(str(exc)) from None
 
 
 def _unknown_message(key: str, known: list[str]) -> str:

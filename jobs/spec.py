@@ -21,6 +21,7 @@ from typing import Any, Literal
 from kvbatch.errors import SpecError
 from kvbatch.runner.config import EngineConfig, SamplingParams, setting
 
+from .constraints import read_schema_files
 from .schema import build
 from .shard import parse_shard
 from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
@@ -119,6 +120,9 @@ class JobSpec:
     prompt: PromptSpec = field(default_factory=PromptSpec, metadata={"doc": "how a row becomes a prompt"})
     id_column: str | None = setting(None, "copied to the output; must be unique (duplicates become error rows)")
     keep_columns: tuple[str, ...] = setting((), "input columns copied to the output")
+    constraint_column: str | None = setting(
+        None, "a column holding each row's structured-output constraint (docs/structured-output.md); null: the job's"
+    )
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"doc": "how each row is sampled"})
     output: OutputSpec = field(default_factory=OutputSpec, metadata={"doc": "where results go"})
     output_dir: str = setting("out", "outputs stay inside it; relative to the job file's folder")
@@ -198,6 +202,7 @@ def overrides_to_node(overrides: dict[str, Any]) -> Node:
 
 
 def job_from_node(node: Node, base_dir: str) -> JobSpec:
+    read_schema_files(node, base_dir)
     job = build(JobSpec, node)
     model = _model_location(job.model, base_dir)
     given = node.value.get("model") if isinstance(node.value, dict) else None
@@ -414,6 +419,8 @@ def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
     data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS if k != "sampling"}
     data["sampling"] = _sampling_fingerprint(job.sampling)
+    if job.constraint_column is not None:  # only when set, so earlier outputs keep their hash
+        data["constraint_column"] = job.constraint_column
     data["output_format"] = output_format(job)
     engine = {k: _result_value(k, getattr(job.engine, k)) for k in _RESULT_ENGINE_FIELDS}
     engine = {k: v for k, v in engine.items() if v is not None}

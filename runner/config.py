@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .structured_outputs import StructuredOutputs
+
 Policy = Literal["optimistic", "reserve"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
@@ -161,8 +163,16 @@ class SamplingParams:
     n: int = setting(1, "samples per prompt", min=1)
     logprobs: bool = setting(False, "the log-probability of each chosen token")
     ignore_eos: bool = setting(False, "run on past EOS until max_new_tokens or a stop")
+    structured_outputs: StructuredOutputs | None = setting(
+        None,
+        "constrain the output (docs/structured-output.md): one of json, regex, choice, grammar, json_object",
+        parse=StructuredOutputs.from_value,
+    )
 
     def __post_init__(self) -> None:
+        # A mapping ({"json": schema}) becomes the constraint; a malformed one raises ConstraintError (a ValueError).
+        if self.structured_outputs is not None:
+            object.__setattr__(self, "structured_outputs", StructuredOutputs.from_value(self.structured_outputs))
         # Per-row values arrive as parsed JSON: a wrong type or bound is refused here, as that row's error,
         # rather than failing inside the engine for the whole batch.
         if isinstance(self.stop, list) or isinstance(self.stop_token_ids, list):

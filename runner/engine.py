@@ -26,6 +26,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
 from .stopping import StopChecker
+from .structured import GrammarCache, accept_token, new_matcher, step_mask
+from .structured_outputs import ConstraintError
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +147,7 @@ class Engine:
         self.timer = StepTimer(self.device)  # `timer.enabled = True` for a per-phase breakdown
         self._next_seq_id = 0
         self._generating = False
+        self._grammars: GrammarCache | None = None  # made at the first constrained request
         self.async_scheduling = (
             config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         )
@@ -212,6 +216,8 @@ class Engine:
         """Give the KV pages and graphs back to the device; the engine cannot generate afterwards."""
         self.runner.graphs = None
         self.runner.kv_cache = self.kv_cache = None  # type: ignore[assignment]
+        if self._grammars is not None:
+            self._grammars.close()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -240,13 +246,16 @@ class Engine:
             return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {outside}"
         return None
 
-    def _add(self, scheduler: Scheduler, request: GenerationRequest, seed_base: int) -> _RequestState:
+    def _add(
+        self, scheduler: Scheduler, request: GenerationRequest, seed_base: int, grammar: object = None
+    ) -> _RequestState:
         state = _RequestState(request)
         params = request.sampling
         max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
         request_seed = params.seed if params.seed is not None else seed_base ^ _stable_hash(request.request_id)
         for i in range(params.n):
             seq = Sequence(self._next_seq_id, request, i, max_new, seed=request_seed * 1_000_003 + i, group=state)
+            seq.matcher = new_matcher(grammar) if grammar is not None else None
             self._next_seq_id += 1
             state.seqs.append(seq)
             scheduler.add(seq)
@@ -257,6 +266,33 @@ class Engine:
     def _error_result(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationResult:
         self.stats.num_errors += 1
         return GenerationResult(request.request_id, len(request.prompt_token_ids), [], error=message, error_kind=kind)
+
+    def grammars(self) -> GrammarCache:
+        """The compile cache of structured-output constraints, for this engine's tokenizer and vocabulary."""
+        if self._grammars is None:
+            vocab_size = self.model.config.get_text_config().vocab_size
+            self._grammars = GrammarCache(self.tokenizer, vocab_size, self.loaded.eos_token_ids)
+        return self._grammars
+
+    def _admit_compiled(
+        self, scheduler: Scheduler, compiling: list[tuple[GenerationRequest, Future]], seed_base: int, block: bool
+    ) -> list[GenerationResult]:
+        """Hand requests whose grammar is ready to the scheduler (in arrival order among the ready ones); a
+        constraint that failed to compile is its request's error. `block`: wait until one is ready."""
+        if block:
+            wait([future for _, future in compiling], return_when=FIRST_COMPLETED)
+        results = []
+        for entry in [entry for entry in compiling if entry[1].done()]:
+            compiling.remove(entry)
+            request, future = entry
+            try:
+                grammar = future.result()
+            except ConstraintError as exc:
+                message = f"bad constraint ({request.sampling.structured_outputs.describe()}): {exc}"
+                results.append(self._error_result(request, ErrorKind.BAD_CONSTRAINT, message))
+                continue
+            self._add(scheduler, request, seed_base, grammar)
+        return results
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -289,10 +325,12 @@ class Engine:
         exhausted = False
         lookahead = 2 * self.config.max_num_seqs
         in_flight: _InFlight | None = None
+        # Constrained requests whose grammar is still compiling: they join the scheduler once it is ready.
+        compiling: list[tuple[GenerationRequest, Future]] = []
         self._generating = True
         try:
             while True:
-                while not exhausted and len(scheduler.waiting) < lookahead:
+                while not exhausted and len(scheduler.waiting) + len(compiling) < lookahead:
                     request = next(source, None)
                     if request is None:
                         exhausted = True
@@ -300,10 +338,15 @@ class Engine:
                     refusal = self._never_fits(request)
                     if refusal:
                         yield self._error_result(request, *refusal)
+                    elif request.sampling.structured_outputs is not None:
+                        compiling.append((request, self.grammars().submit(request.sampling.structured_outputs)))
                     else:
                         self._add(scheduler, request, seed_base)
+                if compiling:
+                    idle = in_flight is None and not scheduler.has_work()
+                    yield from self._admit_compiled(scheduler, compiling, seed_base, block=idle)
                 if in_flight is None and not scheduler.has_work():
-                    if exhausted:
+                    if exhausted and not compiling:
                         break
                     continue
                 results, in_flight = self._step(scheduler, in_flight)
@@ -352,7 +395,8 @@ class Engine:
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
                 logits = self.runner.forward(inputs)
             with self.timer.phase("sample"):
-                sampled = sample_on_device(logits, _sampling_rows(sampling_items)).start_download()
+                mask = step_mask(sampling_items, logits.shape[-1], self.device) if self._grammars else None
+                sampled = sample_on_device(logits, _sampling_rows(sampling_items), mask).start_download()
         except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
             results = self._drain(scheduler, in_flight)[0] if in_flight else []
             return results + self._recover(scheduler, [item.seq for item in out.scheduled], exc), None
@@ -404,13 +448,17 @@ class Engine:
             if logprobs is not None and seq.request.sampling.logprobs:
                 seq.output_logprobs.append(logprobs[i])
             # Most rows of most steps go on: only a row that may stop pays for the full check.
-            if seq.custom_stops or token in eos or len(seq.output_token_ids) >= seq.max_new_tokens:
+            if seq.matcher is not None:  # a constrained row ends where its grammar ends, or at its limit
+                reason = accept_token(seq, token)
+            elif seq.custom_stops or token in eos or len(seq.output_token_ids) >= seq.max_new_tokens:
                 reason = self.stop_checker.check(seq)
-                if reason:
-                    seq.finish_reason = reason
-                    result = self._retire(scheduler, seq)
-                    if result:
-                        results.append(result)
+            else:
+                continue
+            if reason:
+                seq.finish_reason = reason
+                result = self._retire(scheduler, seq)
+                if result:
+                    results.append(result)
         self.stats.num_spare_tokens += num_spare
         self.stats.num_output_tokens += len(sampling_items) - num_spare
         return results

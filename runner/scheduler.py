@@ -204,8 +204,9 @@ class Scheduler:
         need = 0
         for seq in self.running:
             pending = seq.num_pending
-            if seq.isolate or pending > 1 or seq.penalised:
-                return None  # a sequence that must run alone, or one whose penalty reads its pending token
+            if seq.isolate or pending > 1 or seq.penalised or (pending and seq.matcher is not None):
+                # a sequence that must run alone, or one whose penalty or grammar mask reads its pending token
+                return None
             num_output = len(seq.output_token_ids) + pending
             if pending and num_output >= seq.max_new_tokens:
                 continue

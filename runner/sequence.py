@@ -64,6 +64,7 @@ class Sequence:
     num_failures_alone: int = 0  # the engine fails the row at FAILURES_ALONE_TO_ERROR (a fault may be transient)
     finish_reason: FinishReason | None = None
     group: Any = None  # the engine's state of the request this sample belongs to
+    matcher: Any = None  # structured output: the grammar's state after output_token_ids (runner/structured.py)
     # Plain attributes, not properties: the host reads them for every row of every step.
     num_prompt_tokens: int = field(init=False, repr=False)
     penalised: bool = field(init=False, repr=False)  # a repetition penalty reads the tokens so far

@@ -63,5 +63,7 @@ class StopChecker:
 
     def text(self, seq: Sequence) -> str:
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if seq.matcher is not None:  # a constrained row never stops on a stop string: its text is whole
+            return text
         cuts = [i for i in (text.find(s) for s in seq.request.sampling.stop) if i >= 0]
         return text[: min(cuts)] if cuts else text
