@@ -60,6 +60,8 @@ class SamplingSpec:
     stop_token_ids: tuple[int, ...] = field(default=(), metadata={"min": 0})
     n: int = field(default=1, metadata={"min": 1})
     logprobs: bool = False
+    top_logprobs: int = field(default=0, metadata={"min": 0, "max": 20})  # most likely tokens per generated token
+    prompt_logprobs: bool = False  # each prompt token's log-probability (the first: null)
     ignore_eos: bool = False
 
 
@@ -138,6 +140,9 @@ class JobSpec:
     engine: EngineSpec = field(default_factory=EngineSpec)
     sort_window: int = field(default=1024, metadata={"min": 1})  # rows sorted by length within this window; 1 = off
     runner: Literal["local", "ray"] = "local"  # ray: through Ray Data on a Ray cluster (parallel.ray_*)
+    # score: each row's continuations (a list of strings) are scored after its prompt, nothing is generated
+    task: Literal["generate", "score"] = "generate"
+    continuations_column: str | None = None  # task score: default "continuations", else "choices"
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     base_dir: str = field(default=".", metadata={"internal": True})  # the job file's folder (set by the loader)
 

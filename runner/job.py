@@ -21,6 +21,7 @@ from typing import Any
 
 from kvbatch import __version__
 from kvbatch.jobs import rows as kinds
+from kvbatch.jobs.continuations import continuation_texts, encode_for_scoring
 from kvbatch.jobs.errors import InputError, InterruptedJob, JobError
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.prompts import build_prompt
@@ -196,6 +197,7 @@ class _Feed:
         )
         self.layout = writer.layout
         self.token_bytes = TokenBytes(tokenizer.tokenizer) if self.layout.token_bytes else None
+        self.top_bytes = self.token_bytes or TokenBytes(tokenizer.tokenizer)  # the top_logprobs' tokens
         self.base_sampling = _sampling_dict(job)
         self.base_params = SamplingParams(**self.base_sampling)
         self.pending: dict[int, _Pending] = {}
@@ -245,6 +247,12 @@ class _Feed:
             if isinstance(prompt, RowError):
                 return self._fail(pending, prompt)
             ids = self.tokenizer.encode(prompt)
+            continuations = None
+            if self.job.task == "score" and not isinstance(ids, RowError):
+                texts = continuation_texts(row, self.job.continuations_column or "continuations")
+                if isinstance(texts, RowError):
+                    return self._fail(pending, texts)
+                ids, continuations = encode_for_scoring(self.tokenizer, prompt, ids, texts)
         except Exception as exc:  # noqa: BLE001 - a tokenizer or template that chokes on one row fails that row only
             log.warning("%s: the prompt could not be built or tokenized", row.where, exc_info=True)
             message = f"{row.where}: the prompt could not be built or tokenized ({type(exc).__name__}: {exc})"
@@ -258,7 +266,7 @@ class _Feed:
             except (ValueError, TypeError) as exc:
                 return self._fail(pending, RowError(kinds.BAD_REQUEST, f"{row.where}: bad sampling parameters: {exc}"))
         self.pending[row.index] = pending
-        return GenerationRequest(row.index, ids, params)
+        return GenerationRequest(row.index, ids, params, continuations=continuations)
 
     def _note_id(self, row: Row) -> None:
         """Remember a row's id exactly as _request would, without running the row."""
@@ -291,23 +299,57 @@ class _Feed:
             if logprobs and self.token_bytes
             else None
         )
+        scored = result.scores is not None and not error
         self.writer.add(
             RowResult(
                 row=pending.row.index,
                 id=pending.id,
                 kept=pending.kept,
                 texts=[c.text for c in completions],
-                finish_reasons=[c.finish_reason for c in completions],
+                finish_reasons=[c.finish_reason for c in completions] or (["stop"] if scored else []),
                 error=error,
                 prompt_tokens=result.num_prompt_tokens,
                 output_tokens=result.num_output_tokens,
                 logprobs=logprobs,
                 token_bytes=token_bytes,
+                top_logprobs=self._top_logprobs(completions) if self.layout.top_logprobs else None,
+                prompt_logprobs=result.prompt_logprobs if not error else None,
+                scores=[score_struct(s) for s in result.scores] if scored else None,
             )
         )
         self.num_finished += 1
         self.output_tokens += result.num_output_tokens
         self.progress.update(result.num_output_tokens, error=error is not None)
+
+    def _top_logprobs(self, completions: list) -> list[list[list[dict[str, Any]]]] | None:
+        """Per sample, per generated token, its alternatives as TOP_LOGPROB structs."""
+        if not any(c.top_logprobs for c in completions):
+            return None
+        token_bytes = self.top_bytes
+        out = []
+        for completion in completions:
+            per_token = []
+            for top in completion.top_logprobs or []:
+                raw = token_bytes(top.token_ids)
+                per_token.append(
+                    [
+                        {
+                            "token_id": token_id,
+                            "token": b.decode("utf-8", errors="replace")
+                            if b is not None
+                            else self.tokenizer.tokenizer.decode([token_id], skip_special_tokens=False),
+                            "bytes": b,
+                            "logprob": logprob,
+                        }
+                        for token_id, b, logprob in zip(top.token_ids, raw, top.logprobs)
+                    ]
+                )
+            out.append(per_token)
+        return out
+
+
+def score_struct(score) -> dict[str, Any]:
+    return {"logprob": score.logprob, "num_tokens": score.num_tokens, "is_greedy": score.is_greedy}
 
 
 def _sampling_dict(job: JobSpec) -> dict[str, Any]:
