@@ -15,17 +15,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvbatch.errors import ErrorKind
+
 from .prompts import Prompt
-from .rows import MISSING_COLUMN, WRONG_TYPE, Row, RowError
+from .rows import Row, RowError
 
 
 def continuation_texts(row: Row, column: str) -> list[str] | RowError:
     """The row's continuations: a non-empty list of non-empty strings."""
     value = (row.data or {}).get(column)
     if value is None:
-        return RowError(MISSING_COLUMN, f"{row.where}: column {column!r} is missing or null (task: score)")
+        return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: column {column!r} is missing or null (task: score)")
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
-        return RowError(WRONG_TYPE, f"{row.where}: column {column!r} must be a non-empty list of non-empty strings")
+        return RowError(
+            ErrorKind.WRONG_TYPE, f"{row.where}: column {column!r} must be a non-empty list of non-empty strings"
+        )
     return list(value)
 
 

@@ -38,9 +38,9 @@ from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, postproc
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from kvbatch.runner.config import EngineConfig, SamplingParams
 from kvbatch.runner.engine import Engine
-from kvbatch.runner.engine_config import EngineConfig
-from kvbatch.runner.request import GenerationRequest, GenerationResult, SamplingParams
+from kvbatch.runner.request import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 

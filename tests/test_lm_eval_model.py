@@ -4,14 +4,12 @@ random Llama saved with save_pretrained, tasks defined from local JSONL files (n
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("lm_eval")
 
-sys.path.insert(0, str(Path(__file__).parent / "runner"))
 import lm_eval  # noqa: E402
 import lm_eval.tasks  # noqa: E402
 from tiny_models import hf_reference, word_tokenizer  # noqa: E402

@@ -3,18 +3,15 @@ transformers' own logits, Arrow types readable by `datasets`."""
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "runner"))
 from tiny_models import hf_reference, word_tokenizer  # noqa: E402
 
+from kvbatch.jobs.run import EngineCache, run_job  # noqa: E402
 from kvbatch.jobs.spec import job_from_dict  # noqa: E402
-from kvbatch.runner.job import EngineCache, run_job  # noqa: E402
 
 TOLERANCE = 1e-4
 
