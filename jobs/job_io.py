@@ -39,6 +39,9 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         multi=multi,
         logprobs=job.sampling.logprobs or fmt == "openai",
         token_bytes=fmt == "openai",  # OpenAI's logprobs name each token; the lines are assembled without a tokenizer
+        top_logprobs=job.sampling.top_logprobs > 0 or fmt == "openai",
+        prompt_logprobs=job.sampling.prompt_logprobs,
+        scores=job.task == "score",
         input_types=input_types,
     )
 

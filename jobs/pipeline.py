@@ -4,7 +4,9 @@
      │ unreadable, duplicate id, bad value, bad template, bad per-row setting
      └──────────────────────────────────────────────────────────────────────> RowResult (an error row)
 
-    GenerationResult ──> RowResult (texts, finish reasons, logprobs; or the engine's error, by kind)
+    GenerationResult ──> RowResult (texts, finish reasons, logprobs, scores; or the engine's error, by kind)
+
+With `task: score` a row's continuations (jobs/continuations.py) go with its prompt in one scoring request.
 
 Every runner uses this one piece: a local run, each data-parallel process (a local run of its shard), each Ray
 actor, and `kvbatch plan`. It writes nothing: the caller sends requests to an engine and rows to its writer.
@@ -23,6 +25,7 @@ from kvbatch.runner.request import GenerationRequest, GenerationResult
 from kvbatch.runner.structured_outputs import ConstraintError
 
 from .constraints import column_constraint
+from .continuations import continuation_texts, encode_for_scoring
 from .prompts import build_prompt, prompt_spec
 from .records import Layout, RowResult
 from .rows import Row, RowError, SeenIds
@@ -55,6 +58,7 @@ class RowPipeline:
         self.tokenizer = PromptTokenizer(tokenizer, self.pspec.allow_special_tokens, self.pspec.chat_template)
         self.layout = layout
         self.token_bytes = TokenBytes(tokenizer) if layout.token_bytes else None
+        self.top_bytes = self.token_bytes or TokenBytes(tokenizer)  # the top_logprobs' tokens
         self.base_params: SamplingParams = job.sampling
         self.ids = SeenIds(layout.id_column)
         self.pending: dict[int, _Pending] = {}
@@ -79,6 +83,12 @@ class RowPipeline:
             if isinstance(prompt, RowError):
                 return self._error_row(pending, prompt)
             ids = self.tokenizer.encode(prompt)
+            continuations = None
+            if self.job.task == "score" and not isinstance(ids, RowError):
+                texts = continuation_texts(row, self.job.continuations_column)
+                if isinstance(texts, RowError):
+                    return self._error_row(pending, texts)
+                ids, continuations = encode_for_scoring(self.tokenizer, prompt, ids, texts)
         except Exception as exc:  # noqa: BLE001 - a tokenizer or template that chokes on one row fails that row only
             log.warning("%s: the prompt could not be built or tokenized", row.where, exc_info=True)
             message = f"{row.where}: the prompt could not be built or tokenized ({type(exc).__name__}: {exc})"
@@ -104,7 +114,7 @@ class RowPipeline:
             if constraint is not None:
                 params = dataclasses.replace(params, structured_outputs=constraint)
         self.pending[row.index] = pending
-        return GenerationRequest(row.index, ids, params)
+        return GenerationRequest(row.index, ids, params, continuations=continuations)
 
     def discard(self, request: GenerationRequest) -> None:
         """Forget a request that will not run (`kvbatch plan` builds them only to measure them)."""
@@ -134,14 +144,47 @@ class RowPipeline:
         token_bytes = None
         if logprobs and self.token_bytes:
             token_bytes = [self.token_bytes(c.token_ids) if c.logprobs else [] for c in completions]
+        scored = result.scores is not None
         return RowResult(
             row=pending.row.index,
             id=pending.id,
             kept=pending.kept,
             texts=[c.text for c in completions],
-            finish_reasons=[c.finish_reason for c in completions],
+            finish_reasons=[c.finish_reason for c in completions] or (["stop"] if scored else []),
             prompt_tokens=result.num_prompt_tokens,
             output_tokens=result.num_output_tokens,
             logprobs=logprobs,
             token_bytes=token_bytes,
+            top_logprobs=self._top_logprobs(completions) if self.layout.top_logprobs else None,
+            prompt_logprobs=result.prompt_logprobs,
+            scores=[score_struct(s) for s in result.scores] if scored else None,
         )
+
+    def _top_logprobs(self, completions: list) -> list[list[list[dict[str, Any]]]] | None:
+        """Per sample, per generated token, its alternatives as records.TOP_LOGPROB structs."""
+        if not any(c.top_logprobs for c in completions):
+            return None
+        out = []
+        for completion in completions:
+            per_token = []
+            for top in completion.top_logprobs or []:
+                raw = self.top_bytes(top.token_ids)
+                per_token.append(
+                    [
+                        {"token_id": token_id, "token": self._token_text(token_id, b), "bytes": b, "logprob": logprob}
+                        for token_id, b, logprob in zip(top.token_ids, raw, top.logprobs)
+                    ]
+                )
+            out.append(per_token)
+        return out
+
+    def _token_text(self, token_id: int, raw: bytes | None) -> str:
+        """A token's text: its bytes (U+FFFD for part of a character), or a special token's own text."""
+        if raw is not None:
+            return raw.decode("utf-8", errors="replace")
+        return self.tokenizer.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def score_struct(score: Any) -> dict[str, Any]:
+    """A runner.request.ContinuationScore as a records.SCORE struct."""
+    return {"logprob": score.logprob, "num_tokens": score.num_tokens, "is_greedy": score.is_greedy}

@@ -35,7 +35,9 @@ OPENAI_SAMPLING = {
     "stop": "stop",
     "n": "n",
     "logprobs": "logprobs",
+    "top_logprobs": "top_logprobs",
 }
+OPENAI_MAX_TOP_LOGPROBS = 20  # the API's own limit
 
 
 def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
@@ -197,16 +199,15 @@ def openai_row(row: Row) -> Row:
 
 
 def _logprobs_problem(body: dict[str, Any]) -> str | None:
-    """Why a body's logprobs settings cannot be honoured, or None. Only the chosen tokens' logprobs exist, so a
-    request for alternatives fails loudly rather than coming back with empty `top_logprobs`."""
+    """Why a body's logprobs settings are not the API's, or None: top_logprobs is 0 to 20, and as the API has it,
+    only with logprobs true."""
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         return f"logprobs must be true or false, got {logprobs!r}"
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-        return f"top_logprobs must be a non-negative integer, got {top!r}"
-    if top:
-        return (
-            f"top_logprobs {top} is not supported: kvbatch returns each chosen token's logprob only "
-            "(with empty top_logprobs); leave top_logprobs out or set it to 0"
-        )
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= OPENAI_MAX_TOP_LOGPROBS
+    ):
+        return f"top_logprobs must be an integer from 0 to {OPENAI_MAX_TOP_LOGPROBS}, got {top!r}"
+    if top and logprobs is not True:
+        return "top_logprobs needs logprobs: true"
     return None

@@ -1,7 +1,8 @@
 """One output row, and the Arrow schema of the output table.
 
 Columns, in order: row, the id column, kept input columns, text, finish_reason, [finish_reasons], error,
-error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes]. With n > 1 samples (or OpenAI output) `text`
+error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes], [top_logprobs], [prompt_logprobs], [scores].
+With n > 1 samples (or OpenAI output) `text`
 is a list of strings, one per sample, and `finish_reasons` lists each sample's reason. `token_bytes` (OpenAI output
 only) holds each generated token's bytes beside its logprob, null for a special token the text leaves out: the
 tokenizer is gone by the time the OpenAI lines are assembled from the parts.
@@ -18,6 +19,21 @@ import pyarrow as pa
 from . import json_text
 from .rows import RowError
 
+# One alternative at a generated position: the token's id, its text (U+FFFD for part of a character; a special
+# token's own text) and bytes (null for a special token), and its log-probability.
+TOP_LOGPROB = pa.struct(
+    [
+        pa.field("token_id", pa.int64()),
+        pa.field("token", pa.string()),
+        pa.field("bytes", pa.binary()),
+        pa.field("logprob", pa.float32()),
+    ]
+)
+# One scored continuation (task score): lm-eval's (logprob, is_greedy), with its token count.
+SCORE = pa.struct(
+    [pa.field("logprob", pa.float64()), pa.field("num_tokens", pa.int64()), pa.field("is_greedy", pa.bool_())]
+)
+
 
 @dataclass(frozen=True)
 class RowResult:
@@ -31,6 +47,9 @@ class RowResult:
     output_tokens: int = 0
     logprobs: list[list[float]] | None = None  # per sample, per token
     token_bytes: list[list[bytes | None]] | None = None  # per sample, per token, beside logprobs; None = special token
+    top_logprobs: list[list[list[dict[str, Any]]]] | None = None  # per sample, per token: TOP_LOGPROB structs
+    prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
+    scores: list[dict[str, Any]] | None = None  # task score: a SCORE struct per continuation
 
     @property
     def finish_reason(self) -> str:
@@ -48,6 +67,9 @@ class Layout:
     multi: bool = False  # text is list<string>
     logprobs: bool = False
     token_bytes: bool = False  # OpenAI output: the tokens that go with the logprobs
+    top_logprobs: bool = False
+    prompt_logprobs: bool = False
+    scores: bool = False  # task score
     input_types: dict[str, pa.DataType] = field(default_factory=dict)  # known types of id/kept columns
 
     def fixed_fields(self) -> list[pa.Field]:
@@ -67,6 +89,13 @@ class Layout:
         if self.token_bytes:
             tb = pa.list_(pa.list_(pa.binary())) if self.multi else pa.list_(pa.binary())
             fields.append(pa.field("token_bytes", tb))
+        if self.top_logprobs:
+            per_token = pa.list_(pa.list_(TOP_LOGPROB))
+            fields.append(pa.field("top_logprobs", pa.list_(per_token) if self.multi else per_token))
+        if self.prompt_logprobs:
+            fields.append(pa.field("prompt_logprobs", pa.list_(pa.float32())))
+        if self.scores:
+            fields.append(pa.field("scores", pa.list_(SCORE)))
         return fields
 
     def data_columns(self) -> list[str]:
@@ -92,6 +121,11 @@ class Layout:
             "token_bytes": [
                 (r.token_bytes if self.multi else r.token_bytes[0]) if r.token_bytes else None for r in results
             ],
+            "top_logprobs": [
+                (r.top_logprobs if self.multi else r.top_logprobs[0]) if r.top_logprobs else None for r in results
+            ],
+            "prompt_logprobs": [r.prompt_logprobs for r in results],
+            "scores": [r.scores for r in results],
         }
         for f in self.fixed_fields():
             columns[f.name] = pa.array(values[f.name], f.type)

@@ -129,6 +129,12 @@ class JobSpec:
     engine: EngineSpec = field(default_factory=EngineSpec, metadata={"doc": "engine settings; unset: its default"})
     sort_window: int = setting(1024, "rows sorted by length within this window; 1 = off", min=1)
     runner: Literal["local", "ray"] = setting("local", "ray: through Ray Data on a Ray cluster (parallel.ray_*)")
+    task: Literal["generate", "score"] = setting(
+        "generate", "score: each row's continuations are scored after its prompt; nothing is generated"
+    )
+    continuations_column: str = setting(
+        "continuations", "task score: the column holding each row's continuations (a list of strings)"
+    )
     parallel: ParallelSpec = field(default_factory=ParallelSpec, metadata={"doc": "shards, processes, Ray"})
     base_dir: str = setting(".", "the job file's folder (set by the loader)", internal=True)
 

@@ -162,6 +162,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = setting((), "token ids that stop a sample, besides the model's EOS", min=0)
     n: int = setting(1, "samples per prompt", min=1)
     logprobs: bool = setting(False, "the log-probability of each chosen token")
+    top_logprobs: int = setting(
+        0, "the most likely tokens and their log-probabilities at each generated position", min=0, max=20
+    )
+    prompt_logprobs: bool = setting(
+        False, "each prompt token's log-probability given those before it (the first: none)"
+    )
     ignore_eos: bool = setting(False, "run on past EOS until max_new_tokens or a stop")
     structured_outputs: StructuredOutputs | None = setting(
         None,
@@ -183,3 +189,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether the chosen tokens' distribution is needed (their log-probabilities or the top alternatives)."""
+        return self.logprobs or self.top_logprobs > 0

@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,9 +45,10 @@ from .fused_forward import fused_decoder_for
 from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import fixed_pool_size, kv_cache_spec, profile_gpu_pool
-from .request import Completion, EngineStats, GenerationRequest, GenerationResult
+from .request import Completion, ContinuationScore, EngineStats, GenerationRequest, GenerationResult, TopLogprobs
 from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
+from .scoring import ScoredRows, score_on_device
 from .sequence import Sequence
 from .stopping import StopChecker
 from .structured import GrammarCache, accept_token, new_matcher, step_mask
@@ -69,6 +70,9 @@ class _InFlight:
     sampling_items: list[ScheduledSeq]
     sampled: SampledTokens
     registered: list[int]  # blocks it registered in the prefix cache: withdrawn if reading its tokens fails
+    scored: ScoredRows | None = None  # its scored rows, whose they are in score_spans
+    score_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    score_done: list[Sequence] = field(default_factory=list)  # scored continuations it computes to their end
 
 
 @dataclass(eq=False)
@@ -148,6 +152,7 @@ class Engine:
         self._next_seq_id = 0
         self._generating = False
         self._grammars: GrammarCache | None = None  # made at the first constrained request
+        self._num_scoring = 0  # requests in flight with scored rows: while 0, steps gather no scored rows
         self.async_scheduling = (
             config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         )
@@ -232,6 +237,8 @@ class Engine:
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
             return ErrorKind.EMPTY_PROMPT, "the prompt is empty (0 tokens)"
+        if request.continuations is not None:
+            return self._never_scores(request)
         if num_prompt >= self.capacity_tokens:
             limit = "the context" if self.max_model_len <= self.pool_size.num_tokens else "the KV pool"
             return ErrorKind.PROMPT_TOO_LONG, (
@@ -246,21 +253,77 @@ class Engine:
             return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {outside}"
         return None
 
+    def _never_scores(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
+        """Why a scoring request cannot run, or None. Its sequences are prompt + continuation less the last
+        token (never input), so each may fill the whole context."""
+        if not request.continuations or not all(request.continuations):
+            return (
+                ErrorKind.BAD_REQUEST,
+                "a scoring request needs at least one continuation, and no continuation may be empty",
+            )
+        longest = len(request.prompt_token_ids) + max(len(c) for c in request.continuations) - 1
+        if longest > self.capacity_tokens:
+            return ErrorKind.PROMPT_TOO_LONG, (
+                f"the prompt has {len(request.prompt_token_ids)} tokens and its longest continuation "
+                f"{longest + 1 - len(request.prompt_token_ids)}; at most {self.capacity_tokens + 1} tokens fit "
+                f"together (context {self.max_model_len}, KV pool {self.pool_size.num_tokens})"
+            )
+        vocab = self.model.config.get_text_config().vocab_size
+        bad = [t for ids in (request.prompt_token_ids, *request.continuations) for t in ids if not 0 <= t < vocab]
+        if bad:
+            return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {bad[:5]}"
+        return None
+
+    def _add_scoring(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
+        """One score-only sequence per continuation: prompt + continuation, scored from the prompt's last token
+        (from its first with prompt_logprobs, for the first continuation only: the rest share its blocks)."""
+        state = _RequestState(request)
+        prompt = request.prompt_token_ids
+        for i, continuation in enumerate(request.continuations or []):
+            tokens = prompt + continuation
+            score_from = 0 if i == 0 and request.sampling.prompt_logprobs else len(prompt) - 1
+            seq = Sequence(
+                self._next_seq_id,
+                replace(request, prompt_token_ids=tokens[:-1], continuations=None),
+                i,
+                0,
+                seed=0,
+                group=state,
+                score_from=score_from,
+                score_targets=tokens[score_from + 1 :],
+                score_only=True,
+            )
+            self._next_seq_id += 1
+            state.seqs.append(seq)
+            scheduler.add(seq)
+        state.num_unfinished = len(state.seqs)
+        self.stats.num_requests += 1
+        self._num_scoring += 1
+        return state
+
     def _add(
         self, scheduler: Scheduler, request: GenerationRequest, seed_base: int, grammar: object = None
     ) -> _RequestState:
+        if request.continuations is not None:
+            return self._add_scoring(scheduler, request)
         state = _RequestState(request)
         params = request.sampling
         max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
         request_seed = params.seed if params.seed is not None else seed_base ^ _stable_hash(request.request_id)
+        prompt = request.prompt_token_ids
+        scores_prompt = params.prompt_logprobs and len(prompt) > 1
         for i in range(params.n):
-            seq = Sequence(self._next_seq_id, request, i, max_new, seed=request_seed * 1_000_003 + i, group=state)
+            # The prompt's logprobs are computed once, by the first sample.
+            scored = {"score_from": 0, "score_targets": prompt[1:]} if scores_prompt and i == 0 else {}
+            seed = request_seed * 1_000_003 + i
+            seq = Sequence(self._next_seq_id, request, i, max_new, seed=seed, group=state, **scored)
             seq.matcher = new_matcher(grammar) if grammar is not None else None
             self._next_seq_id += 1
             state.seqs.append(seq)
             scheduler.add(seq)
         state.num_unfinished = params.n
         self.stats.num_requests += 1
+        self._num_scoring += scores_prompt
         return state
 
     def _error_result(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationResult:
@@ -328,6 +391,7 @@ class Engine:
         # Constrained requests whose grammar is still compiling: they join the scheduler once it is ready.
         compiling: list[tuple[GenerationRequest, Future]] = []
         self._generating = True
+        self._num_scoring = 0
         try:
             while True:
                 while not exhausted and len(scheduler.waiting) + len(compiling) < lookahead:
@@ -357,6 +421,7 @@ class Engine:
             # A step still in flight may yet fail on the device: its prefix blocks are never confirmed.
             scheduler.abort_all(in_flight.registered if in_flight is not None else ())
             self._generating = False
+            self._num_scoring = 0
 
     def _step(
         self, scheduler: Scheduler, in_flight: _InFlight | None
@@ -390,21 +455,30 @@ class Engine:
                     self.runner.staging,
                     self.cascade_min_tokens,
                     self.runner.host_tables,
+                    scoring=self._num_scoring > 0,
                 )
                 inputs.fill_pending(in_flight.sampled.tokens if in_flight else None)
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
-                logits = self.runner.forward(inputs)
+                logits, score_logits = inputs.split_logits(self.runner.forward(inputs))
             with self.timer.phase("sample"):
                 mask = step_mask(sampling_items, logits.shape[-1], self.device) if self._grammars else None
                 sampled = sample_on_device(logits, _sampling_rows(sampling_items), mask).start_download()
+                scored = None
+                if score_logits is not None:
+                    scored = score_on_device(score_logits, inputs.score_targets).start_download()
         except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
             results = self._drain(scheduler, in_flight)[0] if in_flight else []
             return results + self._recover(scheduler, [item.seq for item in out.scheduled], exc), None
+        score_done = [
+            item.seq
+            for item in out.scheduled
+            if item.seq.score_only and item.seq.num_computed_tokens + item.num_new_tokens == item.seq.num_tokens
+        ]
         registered = scheduler.advance(out)
         for i, item in enumerate(sampling_items):
             item.seq.num_pending += 1
             item.seq.pending_index = i
-        launched = _InFlight(out, sampling_items, sampled, registered)
+        launched = _InFlight(out, sampling_items, sampled, registered, scored, inputs.score_spans, score_done)
         if in_flight is not None:  # the device runs `launched` while the host takes in the step before
             results, ok = self._drain(scheduler, in_flight, launched)
             return results, launched if ok else None
@@ -421,6 +495,8 @@ class Engine:
             waited = time.perf_counter()
             with self.timer.phase("wait_tokens"):
                 tokens, logprobs = step.sampled.to_host()
+                top = step.sampled.top_to_host()
+                scores = step.scored.to_host() if step.scored is not None else None
             self.stats.host_wait_s += time.perf_counter() - waited
         except Exception as exc:  # noqa: BLE001 - as a step that raised
             steps = [s for s in (step, next_step) if s is not None]
@@ -428,10 +504,35 @@ class Engine:
             registered = [block for s in steps for block in s.registered]
             return self._recover(scheduler, list(dict.fromkeys(lost)), exc, registered), False
         with self.timer.phase("postprocess"):
-            return self._postprocess(scheduler, step.sampling_items, tokens, logprobs), True
+            results = self._take_scores(scheduler, step, scores) if scores is not None else []
+            return results + self._postprocess(scheduler, step.sampling_items, tokens, logprobs, top), True
+
+    def _take_scores(
+        self, scheduler: Scheduler, step: _InFlight, scores: tuple[list[float], list[bool]]
+    ) -> list[GenerationResult]:
+        """Write a step's scored rows into their sequences; retire the continuations it computed to the end."""
+        logprobs, greedy = scores
+        row = 0
+        for seq, first, count in step.score_spans:
+            seq.score_logprobs[first : first + count] = logprobs[row : row + count]
+            seq.score_greedy[first : first + count] = greedy[row : row + count]
+            row += count
+        results = []
+        for seq in step.score_done:
+            if seq.finish_reason is None:
+                seq.finish_reason = "stop"
+                result = self._retire(scheduler, seq)
+                if result:
+                    results.append(result)
+        return results
 
     def _postprocess(
-        self, scheduler: Scheduler, sampling_items: list, tokens: list[int], logprobs: list[float] | None
+        self,
+        scheduler: Scheduler,
+        sampling_items: list,
+        tokens: list[int],
+        logprobs: list[float] | None,
+        top: tuple[list[list[int]], list[list[float]]] | None = None,
     ) -> list[GenerationResult]:
         """Append each sampled token, check its stop conditions, retire what finished."""
         results = []
@@ -447,6 +548,9 @@ class Engine:
             seq.output_token_ids.append(token)
             if logprobs is not None and seq.request.sampling.logprobs:
                 seq.output_logprobs.append(logprobs[i])
+            if top is not None and seq.request.sampling.top_logprobs:
+                num_top = seq.request.sampling.top_logprobs
+                seq.output_top_logprobs.append(TopLogprobs(top[0][i][:num_top], top[1][i][:num_top]))
             # Most rows of most steps go on: only a row that may stop pays for the full check.
             if seq.matcher is not None:  # a constrained row ends where its grammar ends, or at its limit
                 reason = accept_token(seq, token)
@@ -469,21 +573,50 @@ class Engine:
         state.num_unfinished -= 1
         if state.num_unfinished:
             return None
+        request = state.request
+        if request.continuations is not None or request.sampling.prompt_logprobs:
+            self._num_scoring -= any(s.score_targets for s in state.seqs)
+        if request.continuations is not None:
+            return self._scoring_result(state)
         completions = [
             Completion(
                 text=self.stop_checker.text(s),
                 token_ids=list(s.output_token_ids),
                 finish_reason=s.finish_reason or "length",
                 logprobs=list(s.output_logprobs) if s.request.sampling.logprobs else None,
+                top_logprobs=list(s.output_top_logprobs) if s.request.sampling.top_logprobs else None,
             )
             for s in state.seqs
         ]
-        self.stats.num_prompt_tokens += len(state.request.prompt_token_ids)
+        self.stats.num_prompt_tokens += len(request.prompt_token_ids)
+        first = state.seqs[0]
         return GenerationResult(
-            state.request.request_id,
-            len(state.request.prompt_token_ids),
+            request.request_id,
+            len(request.prompt_token_ids),
             completions,
             num_preemptions=sum(s.num_preemptions for s in state.seqs),
+            prompt_logprobs=[None, *first.score_logprobs] if request.sampling.prompt_logprobs else None,
+        )
+
+    def _scoring_result(self, state: _RequestState) -> GenerationResult:
+        request = state.request
+        num_prompt = len(request.prompt_token_ids)
+        scores = []
+        for seq in state.seqs:
+            skip = num_prompt - 1 - seq.score_from  # rows scoring the prompt itself (prompt_logprobs)
+            logprobs = seq.score_logprobs[skip:]
+            scores.append(ContinuationScore(sum(logprobs), len(logprobs), all(seq.score_greedy[skip:]), logprobs))
+        self.stats.num_prompt_tokens += num_prompt + sum(len(c) for c in request.continuations or [])
+        first = state.seqs[0]
+        return GenerationResult(
+            request.request_id,
+            num_prompt,
+            [],
+            num_preemptions=sum(s.num_preemptions for s in state.seqs),
+            prompt_logprobs=[None, *first.score_logprobs[: num_prompt - 1]]
+            if request.sampling.prompt_logprobs
+            else None,
+            scores=scores,
         )
 
     def _recover(

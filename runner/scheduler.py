@@ -82,7 +82,9 @@ class SchedulerConfig:
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
-    samples: bool  # the chunk reaches the end of the sequence, so its last row yields the next token
+    samples: (
+        bool  # the chunk reaches the end of the sequence, so its last row yields the next token (not if score_only)
+    )
 
 
 @dataclass
@@ -159,6 +161,8 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_tokens_to_compute, budget)
+            if num_new == 0:  # a scored continuation computed in the step in flight: it ends when that is read
+                continue
             if not self._grow(seq, num_new, out):
                 continue
             self._schedule(seq, num_new, out)
@@ -214,11 +218,13 @@ class Scheduler:
                 break
             num_tokens = seq.num_prompt_tokens + num_output
             computed = seq.num_computed_tokens
+            if computed == num_tokens:  # a scored continuation computed in the step in flight
+                continue
             num_new = num_tokens - computed if num_tokens - computed < budget else budget
             seq_need = -(-(computed + num_new) // block_size) - len(seq.block_ids)
             if seq_need > 0:
                 need += seq_need
-            plan.append((seq, num_new, seq_need, computed + num_new == num_tokens))
+            plan.append((seq, num_new, seq_need, computed + num_new == num_tokens and not seq.score_only))
             budget -= num_new
         if need > self.pool.num_free_blocks:
             return None  # schedule() preempts, once the tokens in flight are in
@@ -271,7 +277,7 @@ class Scheduler:
         """Blocks of the longest cached prefix of the sequence's tokens, leaving at least its last token."""
         if not self.config.prefix_cache:
             return []
-        num_blocks = max_cached_blocks(seq.num_tokens, self.config.block_size)
+        num_blocks = max_cached_blocks(seq.num_cacheable_tokens, self.config.block_size)
         return self.pool.match_prefix(
             seq.full_block_hashes(num_blocks * self.config.block_size, self.config.block_size)
         )
@@ -280,7 +286,9 @@ class Scheduler:
         """Put the chunk in the step and register the blocks it fills. A decode with its token still pending
         never comes here (schedule_ahead appends it directly): its newest block is not full of known tokens."""
         num_tokens = seq.num_computed_tokens + num_new
-        out.scheduled.append(ScheduledSeq(seq, num_new, num_tokens == seq.num_tokens if samples is None else samples))
+        if samples is None:
+            samples = num_tokens == seq.num_tokens and not seq.score_only
+        out.scheduled.append(ScheduledSeq(seq, num_new, samples))
         if not self.config.prefix_cache:
             return
         block_size = self.config.block_size
@@ -337,7 +345,8 @@ class Scheduler:
         caller withdraws them (`requeue_isolated(..., registered)`)."""
         registered, self._registered_this_step = self._registered_this_step, []
         for item in out.scheduled:
-            if item.seq.isolate and item.samples and item.seq.num_isolations < MAX_ISOLATIONS:
+            reaches_end = item.seq.num_computed_tokens + item.num_new_tokens == item.seq.num_tokens
+            if item.seq.isolate and reaches_end and item.seq.num_isolations < MAX_ISOLATIONS:
                 item.seq.isolate = False  # its whole context ran alone without failing: not the culprit
             item.seq.num_computed_tokens += item.num_new_tokens
         return registered
