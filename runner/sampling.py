@@ -1,6 +1,6 @@
 """Choosing the next token of each sampling row, batched.
 
-Order, as in transformers: repetition penalty, then (sampling rows only) temperature, top-k (ties with
+Order, as in transformers: repetition penalty, vLLM's other processors (logits_processors.py), then (sampling rows only) temperature, top-k (ties with
 the k-th kept), top-p (on what top-k left), min-p, then a draw. Greedy rows (temperature 0, or below 1e-5)
 take the argmax of the penalised logits.
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SamplingParams
+from .logits_processors import RowLogits, apply_row_processors
 
 _MASK_63 = (1 << 63) - 1
 
@@ -27,6 +28,7 @@ class SamplingRow:
     seed: int  # per sequence: request seed mixed with the sample index
     history: list[int]  # prompt + output so far, for the repetition penalty
     position: int  # index of the token being drawn within the output
+    logits_info: RowLogits | None = None  # bad words' token ids, the ids min_tokens masks
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +142,7 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow] | None) -> Sa
     if rows is None:
         return SampledTokens(logits.argmax(dim=-1), None)
     logprobs_wanted = any(r.params.logprobs for r in rows)
-    penalised = any(r.params.repetition_penalty != 1.0 for r in rows)
+    penalised = any(r.params.changes_logits for r in rows)
     sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
     if penalised:  # one float32 copy, written into below: the caller's logits (a graph's output) stay as they are
         logits = logits.to(torch.float32, copy=True)
@@ -149,6 +151,7 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow] | None) -> Sa
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprobs_wanted else None
     if penalised:
         _apply_repetition_penalty(logits, rows)
+        apply_row_processors(logits, rows)
     tokens = logits.argmax(dim=-1)
     if sampling:
         sub_rows = [rows[i] for i in sampling]

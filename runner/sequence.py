@@ -66,15 +66,15 @@ class Sequence:
     group: Any = None  # the engine's state of the request this sample belongs to
     # Plain attributes, not properties: the host reads them for every row of every step.
     num_prompt_tokens: int = field(init=False, repr=False)
-    penalised: bool = field(init=False, repr=False)  # a repetition penalty reads the tokens so far
-    plain_greedy: bool = field(init=False, repr=False)  # argmax alone: no sampling, penalty or log-probs
+    penalised: bool = field(init=False, repr=False)  # penalties or bad words read the tokens so far
+    plain_greedy: bool = field(init=False, repr=False)  # argmax alone: no sampling, logits processor or log-probs
     custom_stops: bool = field(init=False, repr=False)  # stop strings or stop token ids beyond EOS
 
     def __post_init__(self) -> None:
         params = self.request.sampling
         self.num_prompt_tokens = len(self.request.prompt_token_ids)
-        self.penalised = params.repetition_penalty != 1.0
-        self.plain_greedy = params.greedy and not self.penalised and not params.logprobs
+        self.penalised = params.reads_output
+        self.plain_greedy = params.greedy and not params.changes_logits and not params.logprobs
         self.custom_stops = bool(params.stop or params.stop_token_ids)
 
     @property
