@@ -14,6 +14,7 @@ from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout
+from kvbatch.jobs.row_sampling import sampling_columns
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
 from kvbatch.jobs.spec import (
@@ -64,7 +65,7 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
     reader = open_reader(
-        job, [*prompt_columns(pspec), *layout.data_columns()]
+        job, [*prompt_columns(pspec), *sampling_columns(job), *layout.data_columns()]
     )  # fails early on a missing input or column
     if reader.schema is not None:
         types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}

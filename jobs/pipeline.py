@@ -23,6 +23,7 @@ from kvbatch.runner.request import GenerationRequest, GenerationResult
 
 from .prompts import build_prompt, prompt_spec
 from .records import Layout, RowResult
+from .row_sampling import row_sampling
 from .rows import Row, RowError, SeenIds
 from .spec import JobSpec
 from .token_bytes import TokenBytes
@@ -84,9 +85,12 @@ class RowPipeline:
         if isinstance(ids, RowError):
             return self._error_row(pending, RowError(ids.kind, f"{row.where}: {ids.message}"))
         params = self.base_params
-        if row.sampling:
+        overrides = row_sampling(row, self.job)
+        if isinstance(overrides, RowError):
+            return self._error_row(pending, overrides)
+        if overrides:
             try:
-                params = dataclasses.replace(self.base_params, **row.sampling)
+                params = dataclasses.replace(self.base_params, **overrides)
             except (ValueError, TypeError) as exc:
                 message = f"{row.where}: bad sampling parameters: {exc}"
                 return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, message))

@@ -33,6 +33,7 @@ from kvbatch.jobs.pipeline import RowPipeline
 from kvbatch.jobs.progress import JobProgress
 from kvbatch.jobs.prompts import prompt_columns
 from kvbatch.jobs.records import RowResult
+from kvbatch.jobs.row_sampling import sampling_columns
 from kvbatch.jobs.rows import Row, RowError, SeenIds
 from kvbatch.jobs.run import EngineFactory, default_engine_factory, job_metadata
 from kvbatch.jobs.signals import StopFlag
@@ -220,7 +221,7 @@ class _Sender:
 
     def __init__(self, job: JobSpec, pspec, layout, writer, shard) -> None:
         self.job, self.layout, self.writer, self.shard = job, layout, writer, shard
-        self.columns = prompt_columns(pspec)
+        self.columns = [*prompt_columns(pspec), *sampling_columns(job)]
         self.ids = SeenIds(layout.id_column)
         self.pending: dict[int, tuple[Any, dict[str, Any]]] = {}  # row -> (id, kept columns)
         self.num_rows = 0

@@ -33,6 +33,9 @@ OPENAI_SAMPLING = {
     "stop": "stop",
     "n": "n",
     "logprobs": "logprobs",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "logit_bias": "logit_bias",  # {"50256": -100}: string keys, as JSON has them
 }
 
 

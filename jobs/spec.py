@@ -120,6 +120,8 @@ class JobSpec:
     id_column: str | None = setting(None, "copied to the output; must be unique (duplicates become error rows)")
     keep_columns: tuple[str, ...] = setting((), "input columns copied to the output")
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"doc": "how each row is sampled"})
+    sampling_columns: tuple[str, ...] = setting((), "columns named like sampling fields: a row's own values")
+    sampling_column: str | None = setting(None, "a column holding a mapping of sampling fields per row")
     output: OutputSpec = field(default_factory=OutputSpec, metadata={"doc": "where results go"})
     output_dir: str = setting("out", "outputs stay inside it; relative to the job file's folder")
     engine: EngineSpec = field(default_factory=EngineSpec, metadata={"doc": "engine settings; unset: its default"})
@@ -228,9 +230,11 @@ def _model_location(model: str, base_dir: str) -> str:
     return model
 
 
-def job_from_dict(data: dict[str, Any], base_dir: str = ".") -> JobSpec:
-    """Build a job from plain values (kvbatch generate, tests); errors name the field, without a line."""
-    return job_from_node(from_plain(data, "", "command line"), base_dir)
+def job_from_dict(data: dict[str, Any], base_dir: str = ".", under: dict[str, Any] | None = None) -> JobSpec:
+    """Build a job from plain values (kvbatch generate, tests); errors name the field, without a line.
+    `under`: dotted values (`--set`) that `data` overrides field by field."""
+    node = from_plain(data, "", "command line")
+    return job_from_node(merge(overrides_to_node(under), node) if under else node, base_dir)
 
 
 def validate(job: JobSpec, node: Node) -> None:
@@ -273,6 +277,11 @@ def validate(job: JobSpec, node: Node) -> None:
     for col in job.keep_columns:
         if col in RESERVED_COLUMNS:
             raise at("keep_columns").error(f"{col!r} is an output column name; rename it in the input")
+    unknown = [c for c in job.sampling_columns if c not in {f.name for f in dataclasses.fields(SamplingParams)}]
+    if unknown:
+        raise at("sampling_columns").error(
+            f"{', '.join(map(repr, unknown))} is no sampling field; sampling_columns are named like the fields"
+        )
     if job.parallel.shard is not None:
         try:
             parse_shard(job.parallel.shard)
@@ -387,6 +396,8 @@ def output_path(job: JobSpec) -> Path:
 # results by design (the others change speed, and in bf16 at most the rounding): the weights' dtype, the seed of
 # unseeded rows, the context (which rows fit, how far they may run), float32 logits.
 _RESULT_FIELDS = ("model", "input", "prompt", "id_column", "keep_columns", "sampling")
+# Fields added since the first manifests: part of the fingerprint only when set, so earlier outputs still resume.
+_RESULT_FIELDS_SINCE = ("sampling_columns", "sampling_column")
 _RESULT_ENGINE_FIELDS = ("dtype", "seed", "max_model_len", "float32_logits")
 
 
@@ -406,6 +417,18 @@ def _sampling_fingerprint(sampling: SamplingParams) -> dict[str, Any]:
     }
 
 
+# The prompt fields of the first manifests; a field added since counts only when set (as for sampling).
+_PROMPT_FIELDS_V1 = ("column", "messages_column", "template", "system", "chat_template", "allow_special_tokens")
+
+
+def _prompt_fingerprint(prompt: PromptSpec) -> dict[str, Any]:
+    return {
+        f.name: _jsonable(getattr(prompt, f.name))
+        for f in dataclasses.fields(prompt)
+        if f.name in _PROMPT_FIELDS_V1 or getattr(prompt, f.name) != _default(f)
+    }
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
@@ -414,6 +437,10 @@ def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
     data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS if k != "sampling"}
     data["sampling"] = _sampling_fingerprint(job.sampling)
+    data["prompt"] = _prompt_fingerprint(job.prompt)
+    for f in dataclasses.fields(job):
+        if f.name in _RESULT_FIELDS_SINCE and getattr(job, f.name) != _default(f):
+            data[f.name] = _jsonable(getattr(job, f.name))
     data["output_format"] = output_format(job)
     engine = {k: _result_value(k, getattr(job.engine, k)) for k in _RESULT_ENGINE_FIELDS}
     engine = {k: v for k, v in engine.items() if v is not None}

@@ -15,14 +15,11 @@ words) make async scheduling drain first (SamplingParams.reads_output), so their
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .config import SamplingParams
-
-if TYPE_CHECKING:
-    from .sampling import SamplingRow
 
 
 @dataclass(frozen=True)
@@ -31,6 +28,15 @@ class RowLogits:
 
     stop_ids: tuple[int, ...]  # EOS and stop token ids: masked before min_tokens
     bad_words_ids: tuple[tuple[int, ...], ...]  # each bad word as token ids (vLLM: with and without a space)
+
+
+class Row(Protocol):
+    """What of a sampling row (sampling.SamplingRow) the processors read."""
+
+    params: SamplingParams
+    history: list[int]  # prompt + output so far, for rows that read their output
+    position: int  # output tokens so far
+    logits_info: RowLogits | None
 
 
 def row_logits(params: SamplingParams, tokenizer: Any, eos_token_ids: tuple[int, ...]) -> RowLogits | None:
@@ -55,7 +61,7 @@ def bad_words_token_ids(bad_words: tuple[str, ...], tokenizer: Any) -> tuple[tup
     return tuple(words)
 
 
-def apply_row_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+def apply_row_processors(logits: torch.Tensor, rows: list[Row]) -> None:
     """logits: [num_rows, vocab_size] float32, changed in place for the rows whose params ask for it."""
     device = logits.device
     for i, row in enumerate(rows):
