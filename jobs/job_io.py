@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvbatch.errors import SpecError
 from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
@@ -25,6 +26,7 @@ from kvbatch.jobs.spec import (
     output_path,
     result_fingerprint,
     spec_hash,
+    splits_reasoning,
 )
 from kvbatch.jobs.summary import Summary
 from kvbatch.jobs.writer import OutputWriter
@@ -34,12 +36,16 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
     fmt = output_format(job)
     openai = input_format(job) == "openai"
     multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
+    reasoning = splits_reasoning(job)
+    if reasoning and "reasoning" in (job.id_column, *job.keep_columns):
+        raise SpecError("the output's `reasoning` column is taken by an input column; rename it", field="keep_columns")
     return Layout(
         id_column="custom_id" if openai else job.id_column,
         keep_columns=job.keep_columns,
         multi=multi,
         logprobs=job.sampling.logprobs or fmt == "openai",
         token_bytes=fmt == "openai",  # OpenAI's logprobs name each token; the lines are assembled without a tokenizer
+        reasoning=reasoning,
         input_types=input_types,
     )
 

@@ -22,10 +22,11 @@ from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.request import GenerationRequest, GenerationResult
 
 from .prompts import build_prompt, prompt_spec
+from .reasoning import split_reasoning
 from .records import Layout, RowResult
 from .row_sampling import row_sampling
 from .rows import Row, RowError, SeenIds
-from .spec import JobSpec
+from .spec import JobSpec, chat_template_path
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
 
@@ -51,7 +52,14 @@ class RowPipeline:
     def __init__(self, job: JobSpec, tokenizer: Any, layout: Layout) -> None:
         self.job = job
         self.pspec = prompt_spec(job)
-        self.tokenizer = PromptTokenizer(tokenizer, self.pspec.allow_special_tokens, self.pspec.chat_template)
+        template = chat_template_path(job).read_text(encoding="utf-8") if self.pspec.chat_template_file else None
+        self.tokenizer = PromptTokenizer(
+            tokenizer,
+            self.pspec.allow_special_tokens,
+            self.pspec.chat_template,
+            template,
+            self.pspec.continue_final_message,
+        )
         self.layout = layout
         self.token_bytes = TokenBytes(tokenizer) if layout.token_bytes else None
         self.base_params: SamplingParams = job.sampling
@@ -125,11 +133,15 @@ class RowPipeline:
         token_bytes = None
         if logprobs and self.token_bytes:
             token_bytes = [self.token_bytes(c.token_ids) if c.logprobs else [] for c in completions]
+        texts, reasonings = [c.text for c in completions], None
+        if self.layout.reasoning:
+            reasonings, texts = (list(part) for part in zip(*(split_reasoning(t) for t in texts)))
         return RowResult(
             row=pending.row.index,
             id=pending.id,
             kept=pending.kept,
-            texts=[c.text for c in completions],
+            texts=texts,
+            reasonings=reasonings,
             finish_reasons=[c.finish_reason for c in completions],
             prompt_tokens=result.num_prompt_tokens,
             output_tokens=result.num_output_tokens,

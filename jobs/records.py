@@ -1,7 +1,7 @@
 """One output row, and the Arrow schema of the output table.
 
 Columns, in order: row, the id column, kept input columns, text, finish_reason, [finish_reasons], error,
-error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes]. With n > 1 samples (or OpenAI output) `text`
+error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes], [reasoning]. With n > 1 samples (or OpenAI output) `text`
 is a list of strings, one per sample, and `finish_reasons` lists each sample's reason. `token_bytes` (OpenAI output
 only) holds each generated token's bytes beside its logprob, null for a special token the text leaves out: the
 tokenizer is gone by the time the OpenAI lines are assembled from the parts.
@@ -31,6 +31,7 @@ class RowResult:
     output_tokens: int = 0
     logprobs: list[list[float]] | None = None  # per sample, per token
     token_bytes: list[list[bytes | None]] | None = None  # per sample, per token, beside logprobs; None = special token
+    reasonings: list[str | None] | None = None  # per sample: the thinking text split off `texts` (jobs/reasoning.py)
 
     @property
     def finish_reason(self) -> str:
@@ -48,6 +49,7 @@ class Layout:
     multi: bool = False  # text is list<string>
     logprobs: bool = False
     token_bytes: bool = False  # OpenAI output: the tokens that go with the logprobs
+    reasoning: bool = False  # a reasoning model's thinking, apart from `text`
     input_types: dict[str, pa.DataType] = field(default_factory=dict)  # known types of id/kept columns
 
     def fixed_fields(self) -> list[pa.Field]:
@@ -67,6 +69,8 @@ class Layout:
         if self.token_bytes:
             tb = pa.list_(pa.list_(pa.binary())) if self.multi else pa.list_(pa.binary())
             fields.append(pa.field("token_bytes", tb))
+        if self.reasoning:
+            fields.append(pa.field("reasoning", pa.list_(pa.string()) if self.multi else pa.string()))
         return fields
 
     def data_columns(self) -> list[str]:
@@ -92,6 +96,7 @@ class Layout:
             "token_bytes": [
                 (r.token_bytes if self.multi else r.token_bytes[0]) if r.token_bytes else None for r in results
             ],
+            "reasoning": [(r.reasonings if self.multi else r.reasonings[0]) if r.reasonings else None for r in results],
         }
         for f in self.fixed_fields():
             columns[f.name] = pa.array(values[f.name], f.type)

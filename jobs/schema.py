@@ -3,7 +3,8 @@
 Declarative on purpose: spec.py only lists fields, types, defaults and bounds (`field(metadata=...)`);
 this module turns a wrong field into one SpecError that names it, its line, and (for typos) the nearest name.
 
-Supported field types: str, int, float, bool, Literal[...], X | None, tuple[X, ...], nested dataclasses.
+Supported field types: str, int, float, bool, Literal[...], X | None, tuple[X, ...], (X, Y) pairs, a mapping of
+pairs for tuple[(X, Y), ...], dict[str, Any] (free-form), nested dataclasses.
 Field metadata: `min`, `max` (inclusive), `gt` (exclusive lower bound), `nonempty` (for strings).
 """
 
@@ -69,6 +70,10 @@ def _coerce(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         return _coerce(inner, node, meta)
     if dataclasses.is_dataclass(hint):
         return build(hint, node)
+    if origin is dict:  # free-form values for a template (chat_template_kwargs): a mapping, passed on as written
+        if not isinstance(value, dict):
+            raise node.error(f"expected a mapping, got {_kind(value)}")
+        return node.plain()
     if origin is Literal:
         if value not in args:
             raise node.error(f"must be one of {', '.join(map(repr, args))}, got {_kind(value)}")

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from kvbatch.errors import SpecError
 from kvbatch.runner.config import EngineConfig, SamplingParams, setting
 
+from .reasoning import template_marks_reasoning
 from .schema import build
 from .shard import parse_shard
 from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
@@ -54,6 +55,16 @@ class PromptSpec:
     chat_template: bool = setting(True, "false: the raw text, no chat template")
     allow_special_tokens: bool = setting(
         False, "true: text in rows may become control tokens (unsafe with untrusted data)"
+    )
+    chat_template_kwargs: dict[str, Any] | None = setting(
+        None, "passed to the chat template: {enable_thinking: false} for Qwen3-style models"
+    )
+    chat_template_kwargs_column: str | None = setting(None, "a column of mappings over chat_template_kwargs, per row")
+    chat_template_file: str | None = setting(None, "a Jinja chat template used instead of the model's (job-relative)")
+    continue_final_message: bool = setting(False, "the last message is continued (no generation prompt after it)")
+    tools_column: str | None = setting(None, "a column of tool definitions (OpenAI's list) given to the template")
+    split_reasoning: bool | None = setting(
+        None, "thinking text (<think>...</think>) to the `reasoning` column; unset: where the template has <think>"
     )
 
 
@@ -260,6 +271,8 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")
     if job.prompt.template is not None:
         template_columns(job.prompt.template, at("prompt", "template"))
+    if job.prompt.chat_template_file is not None and not chat_template_path(job).is_file():
+        raise at("prompt", "chat_template_file").error(f"no such file: {chat_template_path(job)}")
     if job.output.path is not None:
         ext = Path(job.output.path).suffix
         if job.output.format == "auto" and ext not in OUTPUT_EXTENSIONS:
@@ -331,6 +344,13 @@ def template_columns(template: str, node: Node | None = None) -> list[str]:
         message = "a template needs at least one {column} placeholder"
         raise node.error(message) if node else SpecError(message, field="prompt.template")
     return columns
+
+
+def chat_template_path(job: JobSpec) -> Path:
+    """The job's own chat template file, relative to the job file's folder."""
+    assert job.prompt.chat_template_file is not None, "only for a job with prompt.chat_template_file"
+    path = Path(job.prompt.chat_template_file).expanduser()
+    return path if path.is_absolute() else Path(job.base_dir) / path
 
 
 def input_format(job: JobSpec) -> str:
@@ -421,12 +441,25 @@ def _sampling_fingerprint(sampling: SamplingParams) -> dict[str, Any]:
 _PROMPT_FIELDS_V1 = ("column", "messages_column", "template", "system", "chat_template", "allow_special_tokens")
 
 
-def _prompt_fingerprint(prompt: PromptSpec) -> dict[str, Any]:
-    return {
-        f.name: _jsonable(getattr(prompt, f.name))
-        for f in dataclasses.fields(prompt)
-        if f.name in _PROMPT_FIELDS_V1 or getattr(prompt, f.name) != _default(f)
+def _prompt_fingerprint(job: JobSpec) -> dict[str, Any]:
+    fingerprint = {
+        f.name: _jsonable(getattr(job.prompt, f.name))
+        for f in dataclasses.fields(job.prompt)
+        if f.name in _PROMPT_FIELDS_V1 or getattr(job.prompt, f.name) != _default(f)
     }
+    if splits_reasoning(job):  # an output of a reasoning model written before the split does not resume into one
+        fingerprint["split_reasoning"] = True
+    return fingerprint
+
+
+def splits_reasoning(job: JobSpec) -> bool:
+    """Whether the output has a `reasoning` column: prompt.split_reasoning, unset: the template knows <think>."""
+    if job.prompt.split_reasoning is not None:
+        return job.prompt.split_reasoning
+    if not job.prompt.chat_template:
+        return False
+    template_file = chat_template_path(job) if job.prompt.chat_template_file else None
+    return template_marks_reasoning(job.model, template_file)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -437,7 +470,7 @@ def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
     data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS if k != "sampling"}
     data["sampling"] = _sampling_fingerprint(job.sampling)
-    data["prompt"] = _prompt_fingerprint(job.prompt)
+    data["prompt"] = _prompt_fingerprint(job)
     for f in dataclasses.fields(job):
         if f.name in _RESULT_FIELDS_SINCE and getattr(job, f.name) != _default(f):
             data[f.name] = _jsonable(getattr(job, f.name))
