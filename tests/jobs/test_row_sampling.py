@@ -8,7 +8,13 @@ from openai.types import BatchError
 from test_openai_logprobs import request, run_openai
 
 from kvbatch.errors import SpecError
-from kvbatch.jobs.spec import _PROMPT_FIELDS_V1, _SAMPLING_FIELDS_V1, job_from_dict, result_fingerprint
+from kvbatch.jobs.spec import (
+    _PROMPT_FIELDS_V1,
+    _SAMPLING_FIELDS_V1,
+    job_from_dict,
+    load_jobs_file,
+    result_fingerprint,
+)
 
 
 def test_openai_bodies_penalties_bias_stop_and_seed_are_served(tmp_path) -> None:
@@ -59,3 +65,13 @@ def test_unset_new_fields_leave_the_fingerprint_as_it_was() -> None:
     assert "sampling_columns" not in fingerprint and "sampling_column" not in fingerprint
     changed = result_fingerprint(job(sampling={"presence_penalty": 0.5}, sampling_column="s"))
     assert changed["sampling"]["presence_penalty"] == 0.5 and changed["sampling_column"] == "s"
+
+
+def test_a_job_file_spells_logit_bias_with_integer_keys(tmp_path) -> None:
+    (tmp_path / "jobs.yaml").write_text(
+        "jobs:\n  - name: a\n    input: {path: in.jsonl}\n    sampling:\n      logit_bias: {50256: -100, '7': 2.5}\n"
+        "      bad_words: [foo, bar baz]\n    prompt:\n      chat_template_kwargs: {enable_thinking: false}\n"
+    )
+    spec = load_jobs_file(tmp_path / "jobs.yaml").jobs[0]
+    assert spec.sampling.logit_bias == ((7, 2.5), (50256, -100.0)) and spec.sampling.bad_words == ("foo", "bar baz")
+    assert spec.prompt.chat_template_kwargs == {"enable_thinking": False}
