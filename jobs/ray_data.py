@@ -55,6 +55,9 @@ RESULT_SCHEMA = pa.schema(
         pa.field("output_tokens", pa.int64()),
         pa.field("logprobs", pa.list_(pa.list_(pa.float32()))),
         pa.field("token_bytes", pa.list_(pa.list_(pa.binary()))),  # OpenAI output only: each token beside its logprob
+        pa.field(
+            "reasonings", pa.list_(pa.string())
+        ),  # a reasoning model's thinking, per sample (prompt.split_reasoning)
     ]
 )
 
@@ -131,6 +134,7 @@ def _result_table(results: list[RowResult]) -> pa.Table:
         "output_tokens": [r.output_tokens for r in results],
         "logprobs": [r.logprobs for r in results],
         "token_bytes": [r.token_bytes for r in results],
+        "reasonings": [r.reasonings for r in results],
     }
     return pa.table(columns, schema=RESULT_SCHEMA)
 
@@ -269,6 +273,7 @@ class _Sender:
                 output_tokens=record["output_tokens"],
                 logprobs=record["logprobs"],
                 token_bytes=record["token_bytes"],
+                reasonings=record["reasonings"],
             )
         )
         counts["rows"] += 1

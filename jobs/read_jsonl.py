@@ -183,13 +183,9 @@ def openai_row(row: Row) -> Row:
         return bad.failed(ErrorKind.BAD_REQUEST, f"n {n} is over {OPENAI_MAX_N}, the most the OpenAI API accepts")
     return Row(
         row.index,
-        {
-            "custom_id": custom_id,
-            "messages": body.get("messages"),
-            "model": body.get("model"),
-            "tools": body.get("tools"),  # given to the chat template
-            "chat_template_kwargs": body.get("chat_template_kwargs"),  # vLLM's extension: {"enable_thinking": false}
-        },
+        {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}
+        # given to the chat template: tools, and vLLM's chat_template_kwargs ({"enable_thinking": false})
+        | {key: body[key] for key in ("tools", "chat_template_kwargs") if body.get(key) is not None},
         None,
         row.line,
         overrides,

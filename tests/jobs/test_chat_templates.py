@@ -19,6 +19,7 @@ from kvbatch.errors import ErrorKind
 from kvbatch.jobs.job_io import layout_for
 from kvbatch.jobs.openai_format import output_line
 from kvbatch.jobs.pipeline import RowPipeline
+from kvbatch.jobs.read_jsonl import openai_row, parse_line
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row
 from kvbatch.jobs.spec import job_from_dict, result_fingerprint
@@ -159,3 +160,18 @@ def test_template_settings_enter_the_fingerprint_only_when_set(tmp_path) -> None
     with pytest.raises(Exception, match="prompt.chat_template_file: no such file"):
         job_from_dict({**base, "prompt": {"chat_template_file": "none.jinja"}}, base_dir=str(tmp_path))
     json.dumps(result_fingerprint(job))  # the manifest stores it as JSON
+
+
+def test_openai_bodies_pass_their_template_values_and_tools(tmp_path) -> None:
+    tok = byte_tokenizer()
+    job = job_from_dict(
+        {"name": "j", "input": {"path": "b.jsonl", "format": "openai"}, "output_dir": "out"}, base_dir=str(tmp_path)
+    )
+    pipe = RowPipeline(job, tok, layout_for(job, {}))
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    body = {"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": False}, "tools": tools}
+    line = json.dumps({"custom_id": "a", "url": "/v1/chat/completions", "body": body}).encode()
+    request = pipe.request(openai_row(parse_line(line, 0, 1)))
+    want = tok.apply_chat_template(MESSAGES, tools=tools, tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False)  # fmt: skip
+    assert tok.decode(request.prompt_token_ids) == want and want.endswith("</think>\n\n") and '"add"' in want
