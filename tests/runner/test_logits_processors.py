@@ -9,6 +9,9 @@ Presence and frequency penalties have no transformers processor: their reference
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +237,13 @@ def test_stop_strings_under_min_tokens_and_include_stop_str(models, prompts, pla
     later = [k for k in range(2, NUM_NEW) if plain[i][k] == plain[i][1]]
     assert late.token_ids == (plain[i][: later[0] + 1] if later else plain[i])
     assert late.finish_reason == ("stop" if later else "length")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device runs ahead of the host only on CUDA")
+def test_on_the_gpu_async_equals_sync(models, prompts, plain) -> None:
+    """On CUDA (graphs, fused layers, steps launched before the host has the tokens of the one before): every new
+    field in one batch gives the same tokens planned ahead as in the synchronous loop."""
+    gpu = dataclasses.replace(models[0], model=copy.deepcopy(models[0].model).to("cuda"), device=torch.device("cuda"))
+    batch = [prompts[i % len(prompts)] for i in range(len(CASES) * 2)]
+    sync = engine_tokens(gpu, batch, lambda i: mixed(plain, prompts, i), async_scheduling=False)
+    assert engine_tokens(gpu, batch, lambda i: mixed(plain, prompts, i), async_scheduling=True) == sync
