@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvbatch.errors import SpecError
 from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout
+from kvbatch.jobs.row_sampling import sampling_columns
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
 from kvbatch.jobs.spec import (
@@ -24,6 +26,7 @@ from kvbatch.jobs.spec import (
     output_path,
     result_fingerprint,
     spec_hash,
+    splits_reasoning,
 )
 from kvbatch.jobs.summary import Summary
 from kvbatch.jobs.writer import OutputWriter
@@ -33,6 +36,9 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
     fmt = output_format(job)
     openai = input_format(job) == "openai"
     multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
+    reasoning = splits_reasoning(job)
+    if reasoning and "reasoning" in (job.id_column, *job.keep_columns):
+        raise SpecError("the output's `reasoning` column is taken by an input column; rename it", field="keep_columns")
     return Layout(
         id_column="custom_id" if openai else job.id_column,
         keep_columns=job.keep_columns,
@@ -42,6 +48,7 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         top_logprobs=job.sampling.top_logprobs > 0 or fmt == "openai",
         prompt_logprobs=job.sampling.prompt_logprobs,
         scores=job.task == "score",
+        reasoning=reasoning,
         input_types=input_types,
     )
 
@@ -67,7 +74,7 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
     reader = open_reader(
-        job, [*prompt_columns(pspec), *layout.data_columns()]
+        job, [*prompt_columns(pspec), *sampling_columns(job), *layout.data_columns()]
     )  # fails early on a missing input or column
     if reader.schema is not None:
         types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}

@@ -36,10 +36,13 @@ def output_line(record: dict[str, Any], model: str, created: int, id_column: str
     logprobs = _per_sample(record.get("logprobs"), len(texts))
     token_bytes = _per_sample(record.get("token_bytes"), len(texts))
     tops = _per_sample(record.get("top_logprobs"), len(texts), depth=3)
+    reasoning = record.get("reasoning") or []  # per sample (OpenAI output is multi-sample): vLLM's reasoning_content
+    reasoning = (reasoning if isinstance(reasoning, list) else [reasoning]) + [None] * len(texts)
     choices = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": text, "refusal": None},
+            "message": {"role": "assistant", "content": text, "refusal": None}
+            | ({"reasoning_content": reasoning[i]} if reasoning[i] is not None else {}),
             "finish_reason": reason,
             "logprobs": _choice_logprobs(logprobs[i], token_bytes[i], tops[i]),
         }

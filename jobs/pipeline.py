@@ -27,9 +27,11 @@ from kvbatch.runner.structured_outputs import ConstraintError
 from .constraints import column_constraint
 from .continuations import continuation_texts, encode_for_scoring
 from .prompts import build_prompt, prompt_spec
+from .reasoning import split_reasoning
 from .records import Layout, RowResult
+from .row_sampling import row_sampling
 from .rows import Row, RowError, SeenIds
-from .spec import JobSpec
+from .spec import JobSpec, chat_template_path
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
 
@@ -55,7 +57,14 @@ class RowPipeline:
     def __init__(self, job: JobSpec, tokenizer: Any, layout: Layout) -> None:
         self.job = job
         self.pspec = prompt_spec(job)
-        self.tokenizer = PromptTokenizer(tokenizer, self.pspec.allow_special_tokens, self.pspec.chat_template)
+        template = chat_template_path(job).read_text(encoding="utf-8") if self.pspec.chat_template_file else None
+        self.tokenizer = PromptTokenizer(
+            tokenizer,
+            self.pspec.allow_special_tokens,
+            self.pspec.chat_template,
+            template,
+            self.pspec.continue_final_message,
+        )
         self.layout = layout
         self.token_bytes = TokenBytes(tokenizer) if layout.token_bytes else None
         self.top_bytes = self.token_bytes or TokenBytes(tokenizer)  # the top_logprobs' tokens
@@ -96,9 +105,12 @@ class RowPipeline:
         if isinstance(ids, RowError):
             return self._error_row(pending, RowError(ids.kind, f"{row.where}: {ids.message}"))
         params = self.base_params
-        if row.sampling:
+        overrides = row_sampling(row, self.job)
+        if isinstance(overrides, RowError):
+            return self._error_row(pending, overrides)
+        if overrides:
             try:
-                params = dataclasses.replace(self.base_params, **row.sampling)
+                params = dataclasses.replace(self.base_params, **overrides)
             except ConstraintError as exc:
                 message = f"{row.where}: bad structured-output constraint: {exc}"
                 return self._error_row(pending, RowError(ErrorKind.BAD_CONSTRAINT, message))
@@ -145,11 +157,15 @@ class RowPipeline:
         if logprobs and self.token_bytes:
             token_bytes = [self.token_bytes(c.token_ids) if c.logprobs else [] for c in completions]
         scored = result.scores is not None
+        texts, reasonings = [c.text for c in completions], None
+        if self.layout.reasoning:
+            reasonings, texts = (list(part) for part in zip(*(split_reasoning(t) for t in texts)))
         return RowResult(
             row=pending.row.index,
             id=pending.id,
             kept=pending.kept,
-            texts=[c.text for c in completions],
+            texts=texts,
+            reasonings=reasonings,
             finish_reasons=[c.finish_reason for c in completions] or (["stop"] if scored else []),
             prompt_tokens=result.num_prompt_tokens,
             output_tokens=result.num_output_tokens,

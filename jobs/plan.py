@@ -22,6 +22,7 @@ from kvbatch.jobs.plan_sizing import ModelSizing, model_sizing
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
+from kvbatch.jobs.row_sampling import sampling_columns
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.spec import JobSpec
@@ -106,7 +107,7 @@ class JobPlan:
 def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
-    reader = open_reader(job, [*prompt_columns(pspec), *layout.data_columns()])  # the columns a run reads
+    reader = open_reader(job, [*prompt_columns(pspec), *sampling_columns(job), *layout.data_columns()])  # as a run
     sizing = model_sizing(job, engines)
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool

@@ -33,6 +33,7 @@ from kvbatch.jobs.pipeline import RowPipeline
 from kvbatch.jobs.progress import JobProgress
 from kvbatch.jobs.prompts import prompt_columns
 from kvbatch.jobs.records import RowResult
+from kvbatch.jobs.row_sampling import sampling_columns
 from kvbatch.jobs.rows import Row, RowError, SeenIds
 from kvbatch.jobs.run import EngineFactory, default_engine_factory, job_metadata
 from kvbatch.jobs.signals import StopFlag
@@ -54,6 +55,9 @@ RESULT_SCHEMA = pa.schema(
         pa.field("output_tokens", pa.int64()),
         pa.field("logprobs", pa.list_(pa.list_(pa.float32()))),
         pa.field("token_bytes", pa.list_(pa.list_(pa.binary()))),  # OpenAI output only: each token beside its logprob
+        pa.field(
+            "reasonings", pa.list_(pa.string())
+        ),  # a reasoning model's thinking, per sample (prompt.split_reasoning)
     ]
 )
 
@@ -130,6 +134,7 @@ def _result_table(results: list[RowResult]) -> pa.Table:
         "output_tokens": [r.output_tokens for r in results],
         "logprobs": [r.logprobs for r in results],
         "token_bytes": [r.token_bytes for r in results],
+        "reasonings": [r.reasonings for r in results],
     }
     return pa.table(columns, schema=RESULT_SCHEMA)
 
@@ -220,7 +225,7 @@ class _Sender:
 
     def __init__(self, job: JobSpec, pspec, layout, writer, shard) -> None:
         self.job, self.layout, self.writer, self.shard = job, layout, writer, shard
-        self.columns = prompt_columns(pspec)
+        self.columns = [*prompt_columns(pspec), *sampling_columns(job)]
         self.ids = SeenIds(layout.id_column)
         self.pending: dict[int, tuple[Any, dict[str, Any]]] = {}  # row -> (id, kept columns)
         self.num_rows = 0
@@ -268,6 +273,7 @@ class _Sender:
                 output_tokens=record["output_tokens"],
                 logprobs=record["logprobs"],
                 token_bytes=record["token_bytes"],
+                reasonings=record["reasonings"],
             )
         )
         counts["rows"] += 1

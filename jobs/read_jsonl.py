@@ -36,6 +36,9 @@ OPENAI_SAMPLING = {
     "n": "n",
     "logprobs": "logprobs",
     "top_logprobs": "top_logprobs",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "logit_bias": "logit_bias",  # {"50256": -100}: string keys, as JSON has them
 }
 OPENAI_MAX_TOP_LOGPROBS = 20  # the API's own limit
 
@@ -191,7 +194,9 @@ def openai_row(row: Row) -> Row:
         return bad.failed(ErrorKind.BAD_REQUEST, f"n {n} is over {OPENAI_MAX_N}, the most the OpenAI API accepts")
     return Row(
         row.index,
-        {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")},
+        {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}
+        # given to the chat template: tools, and vLLM's chat_template_kwargs ({"enable_thinking": false})
+        | {key: body[key] for key in ("tools", "chat_template_kwargs") if body.get(key) is not None},
         None,
         row.line,
         overrides,

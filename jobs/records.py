@@ -1,8 +1,8 @@
 """One output row, and the Arrow schema of the output table.
 
 Columns, in order: row, the id column, kept input columns, text, finish_reason, [finish_reasons], error,
-error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes], [top_logprobs], [prompt_logprobs], [scores].
-With n > 1 samples (or OpenAI output) `text`
+error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes], [top_logprobs], [prompt_logprobs], [scores],
+[reasoning]. With n > 1 samples (or OpenAI output) `text`
 is a list of strings, one per sample, and `finish_reasons` lists each sample's reason. `token_bytes` (OpenAI output
 only) holds each generated token's bytes beside its logprob, null for a special token the text leaves out: the
 tokenizer is gone by the time the OpenAI lines are assembled from the parts.
@@ -50,6 +50,7 @@ class RowResult:
     top_logprobs: list[list[list[dict[str, Any]]]] | None = None  # per sample, per token: TOP_LOGPROB structs
     prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
     scores: list[dict[str, Any]] | None = None  # task score: a SCORE struct per continuation
+    reasonings: list[str | None] | None = None  # per sample: the thinking text split off `texts` (jobs/reasoning.py)
 
     @property
     def finish_reason(self) -> str:
@@ -70,6 +71,7 @@ class Layout:
     top_logprobs: bool = False
     prompt_logprobs: bool = False
     scores: bool = False  # task score
+    reasoning: bool = False  # a reasoning model's thinking, apart from `text`
     input_types: dict[str, pa.DataType] = field(default_factory=dict)  # known types of id/kept columns
 
     def fixed_fields(self) -> list[pa.Field]:
@@ -96,6 +98,8 @@ class Layout:
             fields.append(pa.field("prompt_logprobs", pa.list_(pa.float32())))
         if self.scores:
             fields.append(pa.field("scores", pa.list_(SCORE)))
+        if self.reasoning:
+            fields.append(pa.field("reasoning", pa.list_(pa.string()) if self.multi else pa.string()))
         return fields
 
     def data_columns(self) -> list[str]:
@@ -126,6 +130,7 @@ class Layout:
             ],
             "prompt_logprobs": [r.prompt_logprobs for r in results],
             "scores": [r.scores for r in results],
+            "reasoning": [(r.reasonings if self.multi else r.reasonings[0]) if r.reasonings else None for r in results],
         }
         for f in self.fixed_fields():
             columns[f.name] = pa.array(values[f.name], f.type)

@@ -44,9 +44,11 @@ def _type_name(hint: Any) -> str:
         return " \\| ".join(_type_name(a) for a in inner) + (" \\| null" if len(inner) < len(args) else "")
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
+    if origin is tuple and typing.get_origin(args[0]) is tuple:  # logit_bias: (token id, bias) pairs
+        return "mapping of integer: number"
     if origin is tuple:
         return f"list of {_type_name(args[0])}"
-    if dataclasses.is_dataclass(hint):
+    if dataclasses.is_dataclass(hint) or origin is dict:
         return "mapping"
     return {str: "string", int: "integer", float: "number", bool: "bool"}.get(
         hint, getattr(hint, "__name__", str(hint))

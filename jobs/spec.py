@@ -22,6 +22,7 @@ from kvbatch.errors import SpecError
 from kvbatch.runner.config import EngineConfig, SamplingParams, setting
 
 from .constraints import read_schema_files
+from .reasoning import template_marks_reasoning
 from .schema import build
 from .shard import parse_shard
 from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
@@ -55,6 +56,16 @@ class PromptSpec:
     chat_template: bool = setting(True, "false: the raw text, no chat template")
     allow_special_tokens: bool = setting(
         False, "true: text in rows may become control tokens (unsafe with untrusted data)"
+    )
+    chat_template_kwargs: dict[str, Any] | None = setting(
+        None, "passed to the chat template: {enable_thinking: false} for Qwen3-style models"
+    )
+    chat_template_kwargs_column: str | None = setting(None, "a column of mappings over chat_template_kwargs, per row")
+    chat_template_file: str | None = setting(None, "a Jinja chat template used instead of the model's (job-relative)")
+    continue_final_message: bool = setting(False, "the last message is continued (no generation prompt after it)")
+    tools_column: str | None = setting(None, "a column of tool definitions (OpenAI's list) given to the template")
+    split_reasoning: bool | None = setting(
+        None, "thinking text (<think>...</think>) to the `reasoning` column; unset: where the template has <think>"
     )
 
 
@@ -124,6 +135,8 @@ class JobSpec:
         None, "a column holding each row's structured-output constraint (docs/structured-output.md); null: the job's"
     )
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"doc": "how each row is sampled"})
+    sampling_columns: tuple[str, ...] = setting((), "columns named like sampling fields: a row's own values")
+    sampling_column: str | None = setting(None, "a column holding a mapping of sampling fields per row")
     output: OutputSpec = field(default_factory=OutputSpec, metadata={"doc": "where results go"})
     output_dir: str = setting("out", "outputs stay inside it; relative to the job file's folder")
     engine: EngineSpec = field(default_factory=EngineSpec, metadata={"doc": "engine settings; unset: its default"})
@@ -239,9 +252,11 @@ def _model_location(model: str, base_dir: str) -> str:
     return model
 
 
-def job_from_dict(data: dict[str, Any], base_dir: str = ".") -> JobSpec:
-    """Build a job from plain values (kvbatch generate, tests); errors name the field, without a line."""
-    return job_from_node(from_plain(data, "", "command line"), base_dir)
+def job_from_dict(data: dict[str, Any], base_dir: str = ".", under: dict[str, Any] | None = None) -> JobSpec:
+    """Build a job from plain values (kvbatch generate, tests); errors name the field, without a line.
+    `under`: dotted values (`--set`) that `data` overrides field by field."""
+    node = from_plain(data, "", "command line")
+    return job_from_node(merge(overrides_to_node(under), node) if under else node, base_dir)
 
 
 def validate(job: JobSpec, node: Node) -> None:
@@ -267,6 +282,8 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")
     if job.prompt.template is not None:
         template_columns(job.prompt.template, at("prompt", "template"))
+    if job.prompt.chat_template_file is not None and not chat_template_path(job).is_file():
+        raise at("prompt", "chat_template_file").error(f"no such file: {chat_template_path(job)}")
     if job.output.path is not None:
         ext = Path(job.output.path).suffix
         if job.output.format == "auto" and ext not in OUTPUT_EXTENSIONS:
@@ -284,6 +301,11 @@ def validate(job: JobSpec, node: Node) -> None:
     for col in job.keep_columns:
         if col in RESERVED_COLUMNS:
             raise at("keep_columns").error(f"{col!r} is an output column name; rename it in the input")
+    unknown = [c for c in job.sampling_columns if c not in {f.name for f in dataclasses.fields(SamplingParams)}]
+    if unknown:
+        raise at("sampling_columns").error(
+            f"{', '.join(map(repr, unknown))} is no sampling field; sampling_columns are named like the fields"
+        )
     if job.parallel.shard is not None:
         try:
             parse_shard(job.parallel.shard)
@@ -333,6 +355,13 @@ def template_columns(template: str, node: Node | None = None) -> list[str]:
         message = "a template needs at least one {column} placeholder"
         raise node.error(message) if node else SpecError(message, field="prompt.template")
     return columns
+
+
+def chat_template_path(job: JobSpec) -> Path:
+    """The job's own chat template file, relative to the job file's folder."""
+    assert job.prompt.chat_template_file is not None, "only for a job with prompt.chat_template_file"
+    path = Path(job.prompt.chat_template_file).expanduser()
+    return path if path.is_absolute() else Path(job.base_dir) / path
 
 
 def input_format(job: JobSpec) -> str:
@@ -398,6 +427,8 @@ def output_path(job: JobSpec) -> Path:
 # results by design (the others change speed, and in bf16 at most the rounding): the weights' dtype, the seed of
 # unseeded rows, the context (which rows fit, how far they may run), float32 logits.
 _RESULT_FIELDS = ("model", "input", "prompt", "id_column", "keep_columns", "sampling")
+# Fields added since the first manifests: part of the fingerprint only when set, so earlier outputs still resume.
+_RESULT_FIELDS_SINCE = ("sampling_columns", "sampling_column")
 _RESULT_ENGINE_FIELDS = ("dtype", "seed", "max_model_len", "float32_logits")
 
 
@@ -417,6 +448,31 @@ def _sampling_fingerprint(sampling: SamplingParams) -> dict[str, Any]:
     }
 
 
+# The prompt fields of the first manifests; a field added since counts only when set (as for sampling).
+_PROMPT_FIELDS_V1 = ("column", "messages_column", "template", "system", "chat_template", "allow_special_tokens")
+
+
+def _prompt_fingerprint(job: JobSpec) -> dict[str, Any]:
+    fingerprint = {
+        f.name: _jsonable(getattr(job.prompt, f.name))
+        for f in dataclasses.fields(job.prompt)
+        if f.name in _PROMPT_FIELDS_V1 or getattr(job.prompt, f.name) != _default(f)
+    }
+    if splits_reasoning(job):  # an output of a reasoning model written before the split does not resume into one
+        fingerprint["split_reasoning"] = True
+    return fingerprint
+
+
+def splits_reasoning(job: JobSpec) -> bool:
+    """Whether the output has a `reasoning` column: prompt.split_reasoning, unset: the template knows <think>."""
+    if job.prompt.split_reasoning is not None:
+        return job.prompt.split_reasoning
+    if not job.prompt.chat_template:
+        return False
+    template_file = chat_template_path(job) if job.prompt.chat_template_file else None
+    return template_marks_reasoning(job.model, template_file)
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
@@ -425,6 +481,10 @@ def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
     data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS if k != "sampling"}
     data["sampling"] = _sampling_fingerprint(job.sampling)
+    data["prompt"] = _prompt_fingerprint(job)
+    for f in dataclasses.fields(job):
+        if f.name in _RESULT_FIELDS_SINCE and getattr(job, f.name) != _default(f):
+            data[f.name] = _jsonable(getattr(job, f.name))
     if job.constraint_column is not None:  # only when set, so earlier outputs keep their hash
         data["constraint_column"] = job.constraint_column
     data["output_format"] = output_format(job)

@@ -170,6 +170,7 @@ def generate(
     temperature: Annotated[float | None, typer.Option(min=0.0, help="0 = greedy (default: 0).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (default: 1).")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    set_: SetOpt = None,
     limit: LimitOpt = None,
     format: Annotated[
         str | None,
@@ -217,7 +218,8 @@ def generate(
         scale = _scale_overrides(shard, data_parallel, tensor_parallel, ray_address)
         data["runner"] = scale.pop("runner")
         data["parallel"] = {key.partition(".")[2]: value for key, value in scale.items()}
-        spec = job_from_dict(_drop_none(data), base_dir=os.getcwd())
+        # --set fields (sampling.presence_penalty=0.5, prompt.chat_template_kwargs={...}) under the options given
+        spec = job_from_dict(_drop_none(data), base_dir=os.getcwd(), under=_parse_sets(set_ or []))
         _finish(run_jobs([spec], wait_for_lock=wait))
 
 

@@ -13,7 +13,7 @@ leaving it idle between steps:
 
 Step N+1's inputs that are step N's tokens are copied on the device (see Sequence.num_pending). The
 scheduler plans decodes, prompt chunks and admissions ahead; a step that would preempt, or a sequence that
-must run alone or reads its own output (a repetition penalty), drains first.
+must run alone or reads its own output (penalties, bad words), drains first.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from kvbatch.runner.config import EngineConfig
 
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
+from .logits_processors import RowLogits, row_logits
 from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import fixed_pool_size, kv_cache_spec, profile_gpu_pool
@@ -80,6 +81,7 @@ class _RequestState:
     request: GenerationRequest
     seqs: list[Sequence] = field(default_factory=list)
     num_unfinished: int = 0
+    logits_info: RowLogits | None = None  # bad words' token ids, the ids min_tokens masks
 
 
 def _sampling_rows(items: list[ScheduledSeq]) -> list[SamplingRow] | None:
@@ -93,6 +95,7 @@ def _sampling_rows(items: list[ScheduledSeq]) -> list[SamplingRow] | None:
             item.seq.seed,
             item.seq.all_token_ids if item.seq.penalised else [],
             len(item.seq.output_token_ids) + item.seq.num_pending,
+            item.seq.group.logits_info,
         )
         for item in items
     ]
@@ -251,6 +254,14 @@ class Engine:
         if min(ids) < 0 or max(ids) >= vocab:  # two C passes; the list below only for a prompt that has such ids
             outside = [t for t in ids if not 0 <= t < vocab][:5]
             return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {outside}"
+        params = request.sampling
+        for name, asked in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("allowed_token_ids", params.allowed_token_ids),
+        ):
+            outside = [t for t in asked if t >= vocab][:5]
+            if outside:
+                return ErrorKind.BAD_REQUEST, f"{name} holds token ids outside the vocabulary of {vocab}: {outside}"
         return None
 
     def _never_scores(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
@@ -277,7 +288,6 @@ class Engine:
     def _add_scoring(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
         """One score-only sequence per continuation: prompt + continuation, scored from the prompt's last token
         (from its first with prompt_logprobs, for the first continuation only: the rest share its blocks)."""
-        state = _RequestState(request)
         prompt = request.prompt_token_ids
         for i, continuation in enumerate(request.continuations or []):
             tokens = prompt + continuation
@@ -306,8 +316,8 @@ class Engine:
     ) -> _RequestState:
         if request.continuations is not None:
             return self._add_scoring(scheduler, request)
-        state = _RequestState(request)
         params = request.sampling
+        state = _RequestState(request, logits_info=row_logits(params, self.tokenizer, self.loaded.eos_token_ids))
         max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
         request_seed = params.seed if params.seed is not None else seed_base ^ _stable_hash(request.request_id)
         prompt = request.prompt_token_ids

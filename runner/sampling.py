@@ -1,6 +1,6 @@
 """Choosing the next token of each sampling row, batched.
 
-Order, as in transformers: repetition penalty, then (sampling rows only) temperature, top-k (ties with
+Order, as in transformers: repetition penalty, vLLM's other processors (logits_processors.py), then (sampling rows only) temperature, top-k (ties with
 the k-th kept), top-p (on what top-k left), min-p, then a draw. Greedy rows (temperature 0, or below 1e-5)
 take the argmax of the penalised logits.
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SamplingParams
+from .logits_processors import RowLogits, apply_row_processors
 
 _MASK_63 = (1 << 63) - 1
 
@@ -28,6 +29,7 @@ class SamplingRow:
     seed: int  # per sequence: request seed mixed with the sample index
     history: list[int]  # prompt + output so far, for the repetition penalty
     position: int  # index of the token being drawn within the output
+    logits_info: RowLogits | None = None  # bad words' token ids, the ids min_tokens masks
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,7 @@ def sample_on_device(
         return SampledTokens(logits.argmax(dim=-1), None)
     logprobs_wanted = rows is not None and any(r.params.wants_logprobs for r in rows)
     num_top = max(r.params.top_logprobs for r in rows) if rows is not None else 0
-    penalised = rows is not None and any(r.params.repetition_penalty != 1.0 for r in rows)
+    penalised = rows is not None and any(r.params.changes_logits for r in rows)
     sampling = [i for i, r in enumerate(rows) if not r.params.greedy] if rows is not None else []
     if penalised or mask is not None:  # one float32 copy, written into below: the caller's logits stay as they are
         logits = logits.to(torch.float32, copy=True)
@@ -166,6 +168,7 @@ def sample_on_device(
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprobs_wanted else None
     if penalised:
         _apply_repetition_penalty(logits, rows)
+        apply_row_processors(logits, rows)
     if mask is not None:
         mask(logits)
     tokens = logits.argmax(dim=-1)

@@ -77,15 +77,15 @@ class Sequence:
     score_greedy: list[bool] = field(default_factory=list)  # per scored row: the target is the argmax
     # Plain attributes, not properties: the host reads them for every row of every step.
     num_prompt_tokens: int = field(init=False, repr=False)
-    penalised: bool = field(init=False, repr=False)  # a repetition penalty reads the tokens so far
-    plain_greedy: bool = field(init=False, repr=False)  # argmax alone: no sampling, penalty or log-probs
+    penalised: bool = field(init=False, repr=False)  # penalties or bad words read the tokens so far
+    plain_greedy: bool = field(init=False, repr=False)  # argmax alone: no sampling, logits processor or log-probs
     custom_stops: bool = field(init=False, repr=False)  # stop strings or stop token ids beyond EOS
 
     def __post_init__(self) -> None:
         params = self.request.sampling
         self.num_prompt_tokens = len(self.request.prompt_token_ids)
-        self.penalised = params.repetition_penalty != 1.0
-        self.plain_greedy = params.greedy and not self.penalised and not params.wants_logprobs
+        self.penalised = params.reads_output
+        self.plain_greedy = params.greedy and not params.changes_logits and not params.wants_logprobs
         if self.score_targets:
             self.score_logprobs = [0.0] * len(self.score_targets)
             self.score_greedy = [False] * len(self.score_targets)
