@@ -288,6 +288,7 @@ class Engine:
     def _add_scoring(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
         """One score-only sequence per continuation: prompt + continuation, scored from the prompt's last token
         (from its first with prompt_logprobs, for the first continuation only: the rest share its blocks)."""
+        state = _RequestState(request)
         prompt = request.prompt_token_ids
         for i, continuation in enumerate(request.continuations or []):
             tokens = prompt + continuation
