@@ -22,9 +22,10 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvbatch.cache.backends import select_backend
@@ -33,6 +34,7 @@ from kvbatch.cache.block_table import num_blocks_for
 from kvbatch.cache.budget import KVBudgetError, PoolSize
 from kvbatch.cache.kv_cache import KVCache
 
+from .adapters import Adapters
 from .engine_config import EngineConfig, EngineStats
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
@@ -95,8 +97,18 @@ def _stable_hash(request_id: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(request_id).encode(), digest_size=7).digest(), "little")
 
 
+BAD_ADAPTER = "bad_adapter"  # GenerationResult.error_kind of a request whose adapter cannot run
+
+
 class Engine:
-    def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig = EngineConfig(),
+        loaded: LoadedModel | None = None,
+        adapters: Mapping[str, str] | None = None,
+    ) -> None:
+        """`adapters`: LoRA adapters (name -> PEFT folder or cached hub name) to serve; the device slots are sized
+        from them. None: the base model only (add_adapter then refuses)."""
         self.config = config
         self.loaded = loaded or load_model(
             config.model,
@@ -116,7 +128,12 @@ class Engine:
         self.backend = select_backend(config.attention_backend, self.device, config.block_size)
         num_heads = self.model.config.get_text_config().num_attention_heads
         self.kv_spec = kv_cache_spec(self.model.config, config.block_size, self.backend.name, self.loaded.dtype)
-        self.fused = fused_decoder_for(self.model, config.fused_layers, self.device)
+        self.adapters = self._make_adapters(adapters) if adapters is not None else None
+        # Fused layers run concatenated q/k/v and gate/up weights that the adapters' hooks never see.
+        fused_setting = config.fused_layers if self.adapters is None else False
+        if self.adapters is not None and config.fused_layers:
+            logger.warning("fused_layers is off: LoRA adapters run through transformers' own layers")
+        self.fused = fused_decoder_for(self.model, fused_setting, self.device)
         self.float32_logits = use_float32_logits(self.model, config.float32_logits, self.device)
         self.pool_size = self._size_pool()
         try:
@@ -128,6 +145,7 @@ class Engine:
             ) from exc
         self.pool = BlockPool(self.pool_size.num_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.fused)
+        self.runner.adapters = self.adapters
         # Decodes sharing this many cached prefix tokens read them once, together (the cascade decode).
         self.cascade_min_tokens = CASCADE_MIN_TOKENS if self.backend.cascade and config.prefix_cache else 0
         if self.backend.warm_up is not None:
@@ -160,7 +178,45 @@ class Engine:
     def _size_pool(self) -> PoolSize:
         if self.device.type == "cuda" and not self.config.num_blocks_override:
             return profile_gpu_pool(self, self.config.gpu_memory_utilization)
-        return fixed_pool_size(self.kv_spec, self.config)
+        reserved = self.adapters.host_bytes if self.adapters is not None else 0
+        return fixed_pool_size(self.kv_spec, self.config, reserved)
+
+    # ---- adapters ----------------------------------------------------------------------------
+
+    def _make_adapters(self, adapters: Mapping[str, str]) -> Adapters:
+        from .model_loader import DEFAULT_HUB_NAME
+
+        config = self.config
+        if config.max_loras < 1:
+            raise ValueError(f"engine.max_loras must be >= 1 to serve adapters, got {config.max_loras}")
+        name = self.loaded.source
+        return Adapters(
+            self.model,
+            adapters,
+            self.device,
+            self.loaded.dtype,
+            config.max_loras,
+            config.max_cpu_loras or config.max_loras,
+            config.allow_pickle,
+            DEFAULT_HUB_NAME if name.startswith("default") else name,
+            use_triton=True,
+        )
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Serve LoRA adapter `name` from `path` (a PEFT folder or a cached hub name). A bad adapter does not
+        raise: requests naming it get `bad_adapter` results."""
+        if self.adapters is None:
+            raise RuntimeError("this engine was built without adapters; pass adapters= to Engine() to serve them")
+        if self._generating:
+            raise RuntimeError("adapters cannot change during a generate() call")
+        self.adapters.add(name, path)
+
+    def _adapter_problem(self, request: GenerationRequest) -> str | None:
+        if request.adapter is None:
+            return None
+        if self.adapters is None:
+            return f"adapter {request.adapter!r} asked of an engine that serves no adapters"
+        return self.adapters.problem(request.adapter)
 
     def _capture_graphs(self) -> None:
         from .cuda_graphs import DecodeGraphs
@@ -191,6 +247,8 @@ class Engine:
         """Give the KV pages and graphs back to the device; the engine cannot generate afterwards."""
         self.runner.graphs = None
         self.runner.kv_cache = self.kv_cache = None  # type: ignore[assignment]
+        if self.adapters is not None:
+            self.adapters.close()  # the model may serve another engine: its layers lose this one's hooks
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -223,8 +281,17 @@ class Engine:
         params = request.sampling
         max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
         request_seed = params.seed if params.seed is not None else seed_base ^ _stable_hash(request.request_id)
+        adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
         for i in range(params.n):
-            seq = Sequence(self._next_seq_id, request, i, max_new, seed=request_seed * 1_000_003 + i, group=state)
+            seq = Sequence(
+                self._next_seq_id,
+                request,
+                i,
+                max_new,
+                seed=request_seed * 1_000_003 + i,
+                group=state,
+                adapter_key=adapter_key,
+            )
             self._next_seq_id += 1
             state.seqs.append(seq)
             scheduler.add(seq)
@@ -232,9 +299,9 @@ class Engine:
         self.stats.num_requests += 1
         return state
 
-    def _error_result(self, request: GenerationRequest, message: str) -> GenerationResult:
+    def _error_result(self, request: GenerationRequest, message: str, kind: str | None = None) -> GenerationResult:
         self.stats.num_errors += 1
-        return GenerationResult(request.request_id, len(request.prompt_token_ids), [], error=message)
+        return GenerationResult(request.request_id, len(request.prompt_token_ids), [], error=message, error_kind=kind)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -258,6 +325,7 @@ class Engine:
                 self.config.block_size,
                 self.config.policy,
                 prefix_cache=self.config.prefix_cache,
+                max_loras=self.config.max_loras if self.adapters is not None else None,
             ),
             self.pool,
         )
@@ -275,9 +343,10 @@ class Engine:
                     if request is None:
                         exhausted = True
                         break
-                    reason = self._never_fits(request)
+                    bad_adapter = self._adapter_problem(request)
+                    reason = bad_adapter or self._never_fits(request)
                     if reason:
-                        yield self._error_result(request, reason)
+                        yield self._error_result(request, reason, BAD_ADAPTER if bad_adapter else None)
                     else:
                         self._add(scheduler, request, seed_base)
                 if in_flight is None and not scheduler.has_work():
@@ -327,6 +396,12 @@ class Engine:
                     self.runner.host_tables,
                 )
                 inputs.fill_pending(in_flight.sampled.tokens if in_flight else None)
+                if self.adapters is not None:
+                    inputs.lora = self.adapters.prepare(
+                        [item.seq.request.adapter for item in out.scheduled],
+                        np.fromiter((item.num_new_tokens for item in out.scheduled), np.int64, len(out.scheduled)),
+                        inputs.input_ids.shape[1],
+                    )
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
                 logits = self.runner.forward(inputs)
             with self.timer.phase("sample"):

@@ -32,6 +32,8 @@ class EngineConfig:
         None  # Llama-family layers with fused kernels (runner/fused_forward.py); None: on for cuda
     )
     float32_logits: bool = False  # a bf16/fp16 model's lm_head writes float32 (runner/float32_logits.py), on CUDA
+    max_loras: int = 8  # LoRA adapters on the device at once; a step mixes at most this many (runner/adapters.py)
+    max_cpu_loras: int | None = None  # adapters' weights kept in host memory; None: max_loras
 
     def __post_init__(self) -> None:
         # A job's YAML is checked when it loads; this holds code that builds an EngineConfig itself to the same rules.
@@ -41,6 +43,8 @@ class EngineConfig:
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "num_blocks_override": self.num_blocks_override,
             "max_model_len": self.max_model_len,
+            "max_loras": self.max_loras,
+            "max_cpu_loras": self.max_cpu_loras,
         }
         for name, value in at_least_one.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -31,8 +31,9 @@ def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype:
     )
 
 
-def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig) -> PoolSize:
-    """An exact `num_blocks_override`, or the CPU pool of `kv_cache_gib`. (A GPU pool comes from profiling.)"""
+def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig, reserved_bytes: int = 0) -> PoolSize:
+    """An exact `num_blocks_override`, or the CPU pool of `kv_cache_gib` less `reserved_bytes` (the LoRA adapters'
+    host copies). (A GPU pool comes from profiling.)"""
     if config.num_blocks_override:
         n = config.num_blocks_override
         return PoolSize(n, spec.block_size, n * spec.bytes_per_block)
@@ -42,7 +43,12 @@ def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig) -> PoolSize:
             f"engine.kv_cache_gib {config.kv_cache_gib:g} is more than this machine's {memory / GIB:.1f} GiB "
             "of memory; lower it (the weights need room too)"
         )
-    return blocks_from_bytes(spec, int(config.kv_cache_gib * GIB))
+    if reserved_bytes >= config.kv_cache_gib * GIB:
+        raise KVBudgetError(
+            f"engine.kv_cache_gib {config.kv_cache_gib:g} leaves nothing for KV pages once the LoRA adapters take "
+            f"{reserved_bytes / GIB:.2f} GiB; raise it or lower max_cpu_loras"
+        )
+    return blocks_from_bytes(spec, int(config.kv_cache_gib * GIB) - reserved_bytes)
 
 
 def _physical_memory() -> int | None:

@@ -25,6 +25,8 @@ from .default_model import default_model_path
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `default` is (adapters trained on it name it)
+
 
 class ModelLoadError(RuntimeError):
     """The model or tokenizer cannot be loaded; the message says what to change."""

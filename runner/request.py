@@ -94,6 +94,7 @@ class GenerationRequest:
     request_id: Hashable  # the job uses the input row index
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # a LoRA adapter registered with the engine (Engine.add_adapter); None: the base model
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_token_ids, list):  # a tuple or numpy array: `prompt + output` must concatenate
@@ -116,6 +117,7 @@ class GenerationResult:
     num_prompt_tokens: int
     completions: list[Completion]
     error: str | None = None  # set when finish_reason is "error"
+    error_kind: str | None = None  # what kind of error, where the engine knows it ("bad_adapter")
     num_preemptions: int = 0
 
     @property

@@ -12,7 +12,8 @@ Preemption frees the pages and sets num_computed_tokens back to 0, so the sequen
 prompt and output so far as one prefill when it is admitted again. With the prefix cache, admission
 (first or again) starts num_computed_tokens after the longest cached prefix instead.
 
-    block_hashes            prefix-cache hashes of the full blocks of token_ids seen so far
+    block_hashes            prefix-cache hashes of the full blocks of token_ids seen so far (keyed by
+                            the LoRA adapter too: two adapters compute other K/V for the same tokens)
     num_registered_blocks   leading block_ids already offered to the prefix cache
 
 With async scheduling the engine launches the next step before the host has seen the tokens of the
@@ -64,6 +65,7 @@ class Sequence:
     num_failures_alone: int = 0  # the engine fails the row at FAILURES_ALONE_TO_ERROR (a fault may be transient)
     finish_reason: FinishReason | None = None
     group: Any = None  # the engine's state of the request this sample belongs to
+    adapter_key: bytes = b""  # its LoRA adapter's identity (b"": the base model): part of every block hash
     # Plain attributes, not properties: the host reads them for every row of every step.
     num_prompt_tokens: int = field(init=False, repr=False)
     penalised: bool = field(init=False, repr=False)  # a repetition penalty reads the tokens so far
@@ -123,5 +125,5 @@ class Sequence:
         if num_hashed < num_full:
             parent = self.block_hashes[-1] if num_hashed else None
             new_tokens = self.token_ids(num_hashed * block_size, num_full * block_size)
-            self.block_hashes += chain_hashes(parent, new_tokens, block_size)
+            self.block_hashes += chain_hashes(parent, new_tokens, block_size, self.adapter_key)
         return self.block_hashes[:num_full]
