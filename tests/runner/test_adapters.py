@@ -13,7 +13,8 @@ import torch
 from lora_fixtures import ADAPTER_CONFIGS, peft_greedy, save_adapters
 from tiny_models import EOS_ID, VOCAB_SIZE, hf_reference, tiny_loaded, tiny_model
 
-from kvbatch.runner.engine import BAD_ADAPTER, Engine, EngineConfig
+from kvbatch.errors import ErrorKind
+from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 MAX_NEW = 12
@@ -112,7 +113,7 @@ def test_bad_adapters_fail_their_rows_only(adapter_paths, rows, reference, tmp_p
     }
     for name, phrase in words.items():
         result = results[name]
-        assert (result.finish_reason, result.error_kind) == ("error", BAD_ADAPTER)
+        assert (result.finish_reason, result.error_kind) == ("error", ErrorKind.BAD_ADAPTER)
         assert repr(name) in result.error and phrase in result.error, result.error
 
 
@@ -139,7 +140,7 @@ def test_same_name_another_folder_is_another_cache_key(adapter_paths, rows, refe
     i, j = ADAPTERS.index("r16-all"), ADAPTERS.index("r8-rslora")
     params = SamplingParams(max_new_tokens=MAX_NEW)
     (first,) = engine.generate([GenerationRequest(0, rows[j][0], params, adapter="x")])
-    assert first.error_kind == BAD_ADAPTER  # not registered yet
+    assert first.error_kind == ErrorKind.BAD_ADAPTER  # not registered yet
     engine.add_adapter("x", adapter_paths["r16-all"])
     (first,) = engine.generate([GenerationRequest(0, rows[i][0], params, adapter="x")])
     engine.add_adapter("x", adapter_paths["r8-rslora"])

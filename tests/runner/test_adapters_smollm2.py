@@ -12,7 +12,8 @@ from lora_fixtures import ALL_PROJECTIONS, peft_greedy, save_adapters
 from transformers import AutoModelForCausalLM
 
 from kvbatch.runner.default_model import default_model_path
-from kvbatch.runner.engine import BAD_ADAPTER, Engine, EngineConfig
+from kvbatch.errors import ErrorKind
+from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 QUESTIONS = [
@@ -92,4 +93,4 @@ def test_adapter_of_another_base_model_is_a_bad_adapter(setup, tmp_path) -> None
     )
     engine.add_adapter("llama", str(folder))
     (result,) = engine.generate([GenerationRequest(0, rows[0][0], SamplingParams(max_new_tokens=4), adapter="llama")])
-    assert result.error_kind == BAD_ADAPTER and "Llama-3.2-1B" in result.error
+    assert result.error_kind == ErrorKind.BAD_ADAPTER and "Llama-3.2-1B" in result.error
