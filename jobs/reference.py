@@ -46,9 +46,13 @@ def _type_name(hint: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin is tuple:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of name to {_type_name(args[1])}"
     if dataclasses.is_dataclass(hint):
         return "mapping"
-    return {str: "string", int: "integer", float: "number", bool: "bool"}.get(hint, getattr(hint, "__name__", str(hint)))
+    return {str: "string", int: "integer", float: "number", bool: "bool"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def _default(f: dataclasses.Field) -> str:

@@ -3,7 +3,8 @@
 Declarative on purpose: spec.py only lists fields, types, defaults and bounds (`field(metadata=...)`);
 this module turns a wrong field into one SpecError that names it, its line, and (for typos) the nearest name.
 
-Supported field types: str, int, float, bool, Literal[...], X | None, tuple[X, ...], nested dataclasses.
+Supported field types: str, int, float, bool, Literal[...], X | None, tuple[X, ...], dict[str, X], nested
+dataclasses.
 Field metadata: `min`, `max` (inclusive), `gt` (exclusive lower bound), `nonempty` (for strings).
 """
 
@@ -70,6 +71,10 @@ def _coerce(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         if value not in args:
             raise node.error(f"must be one of {', '.join(map(repr, args))}, got {_kind(value)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise node.error(f"expected a mapping, got {_kind(value)}")
+        return {str(key): _coerce(args[1], sub, meta) for key, sub in value.items()}
     if origin is tuple:
         items = value if isinstance(value, list) else None
         if items is None:

@@ -116,3 +116,7 @@ class GenerationEngine(Protocol):
     def generate(
         self, requests: Iterable[GenerationRequest], on_step: Callable[[], None] | None = None
     ) -> Iterator[GenerationResult]: ...
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter (called only for jobs that use adapters)."""
+        ...

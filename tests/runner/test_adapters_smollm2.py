@@ -11,8 +11,8 @@ import torch
 from lora_fixtures import ALL_PROJECTIONS, peft_greedy, save_adapters
 from transformers import AutoModelForCausalLM
 
-from kvbatch.runner.default_model import default_model_path
 from kvbatch.errors import ErrorKind
+from kvbatch.runner.default_model import default_model_path
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
