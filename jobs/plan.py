@@ -18,7 +18,7 @@ from kvbatch.cache.prefix_cache import ReuseEstimate
 from kvbatch.errors import ErrorKind
 from kvbatch.jobs.job_io import layout_for
 from kvbatch.jobs.pipeline import RowPipeline
-from kvbatch.jobs.plan_sizing import model_sizing
+from kvbatch.jobs.plan_sizing import adapter_problems, model_sizing
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
@@ -49,6 +49,7 @@ class JobPlan:
     prefix_cache: bool = False
     reused_prompt_tokens: int = 0  # expected from the prefix cache (full-block prefix hits, pool-sized LRU)
     num_prompt_tokens: int = 0  # of the rows that will run
+    adapters: dict[str, str | None] = field(default_factory=dict)  # LoRA adapter -> why its rows fail, or None
 
     def format(self) -> str:
         t = self.prompt_tokens
@@ -73,6 +74,12 @@ class JobPlan:
             )
         else:
             lines.append("  prefix cache    off")
+        if self.adapters:
+            usable = [name for name, problem in self.adapters.items() if problem is None]
+            lines.append(
+                f"  adapters        {len(self.adapters)}: {', '.join(self.adapters)}"
+                + (f" ({len(self.adapters) - len(usable)} unusable)" if len(usable) < len(self.adapters) else "")
+            )
         if self.truncated:
             lines.append(
                 f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop at 'length'"
@@ -109,6 +116,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     lengths: list[int] = []
     plan.prefix_cache = sizing.prefix_cache
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
+    plan.adapters = adapter_problems(job, engines)
     for row in reader:
         plan.num_rows += 1
         request = pipeline.request(row)
@@ -116,7 +124,11 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         if isinstance(request, GenerationRequest):
             pipeline.discard(request)
             ids = request.prompt_token_ids
-            if not ids:
+            adapter = request.adapter
+            bad_adapter = plan.adapters.get(adapter, f"adapter {adapter!r} is not registered") if adapter else None
+            if bad_adapter:
+                error = RowError(ErrorKind.BAD_ADAPTER, f"{row.where}: {bad_adapter}")
+            elif not ids:
                 error = RowError(ErrorKind.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
             elif len(ids) >= capacity:
                 error = RowError(

@@ -13,6 +13,8 @@ import pytest
 from lora_fixtures import ADAPTER_CONFIGS, peft_greedy, save_adapters
 from tiny_models import EOS_ID, hf_reference, tiny_loaded, word_tokenizer
 
+from kvbatch.jobs.plan import plan_job
+from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.runner.engine import Engine, EngineConfig
@@ -103,3 +105,15 @@ def test_an_openai_batch_body_names_its_adapter_in_model(adapter_paths, tmp_path
     assert texts["c0"] == peft_text(adapter_paths, "w7 w8 w9 w10", "r2-qv")
     assert texts["c1"] == peft_text(adapter_paths, "w7 w8 w9 w10", None)  # not an adapter's name: the base model
     assert texts["c2"] == peft_text(adapter_paths, "w7 w8 w9 w10", "r16-all")
+
+
+def test_plan_lists_the_adapters_and_the_rows_they_fail(adapter_paths, tmp_path: Path) -> None:
+    rows = [{"prompt": "w5 w6 w7", "lora": name} for name in ("r2-qv", "broken", "nope", None)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    adapters = {"r2-qv": adapter_paths["r2-qv"], "broken": "no/such"}
+    job = make_job(tmp_path, "plan", "in.jsonl", adapters=adapters, adapter_column="lora")
+    plan = plan_job(job, EngineCache(factory))
+    assert plan.adapters["r2-qv"] is None and "neither a folder" in plan.adapters["broken"]
+    assert dict(plan.failures) == {"bad_adapter": 2}
+    assert "adapters        2: r2-qv, broken (1 unusable)" in plan.format()
+    assert any("'nope' is not registered" in m for m in plan.failure_examples)

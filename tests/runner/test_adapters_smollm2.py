@@ -12,6 +12,9 @@ from lora_fixtures import ALL_PROJECTIONS, peft_greedy, save_adapters
 from transformers import AutoModelForCausalLM
 
 from kvbatch.errors import ErrorKind
+from kvbatch.jobs.plan import plan_job
+from kvbatch.jobs.run import EngineCache
+from kvbatch.jobs.spec import job_from_dict
 from kvbatch.runner.default_model import default_model_path
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
@@ -94,3 +97,30 @@ def test_adapter_of_another_base_model_is_a_bad_adapter(setup, tmp_path) -> None
     engine.add_adapter("llama", str(folder))
     (result,) = engine.generate([GenerationRequest(0, rows[0][0], SamplingParams(max_new_tokens=4), adapter="llama")])
     assert result.error_kind == ErrorKind.BAD_ADAPTER and "Llama-3.2-1B" in result.error
+
+
+@pytest.mark.slow
+def test_plan_checks_adapters_against_the_model_without_its_weights(setup, tmp_path) -> None:
+    paths, _, _, _ = setup
+    folder = tmp_path / "llama-adapter"
+    shutil.copytree(paths["r4"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "meta-llama/Llama-3.2-1B"})
+    )
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"prompt": "Hi", "lora": name}) + "\n" for name in ("r4", "llama", "r32"))
+    )
+    job = job_from_dict(
+        {
+            "name": "plan",
+            "input": {"path": "in.jsonl"},
+            "adapters": {"r4": paths["r4"], "r32": paths["r32"], "llama": str(folder)},
+            "adapter_column": "lora",
+            "engine": {"device": "cpu"},
+        },
+        base_dir=str(tmp_path),
+    )
+    plan = plan_job(job, EngineCache())
+    assert plan.adapters["r4"] is None and plan.adapters["r32"] is None
+    assert "Llama-3.2-1B" in plan.adapters["llama"] and dict(plan.failures) == {"bad_adapter": 1}
