@@ -4,6 +4,7 @@ adapters; bad adapters fail their rows only."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -148,3 +149,18 @@ def test_same_name_another_folder_is_another_cache_key(adapter_paths, rows, refe
     assert first.completions[0].token_ids == reference[i]
     rslora_on_i = peft_greedy(hf_reference("llama"), adapter_paths, [(rows[i][0], "r8-rslora")], MAX_NEW, EOS_ID, 0)
     assert second.completions[0].token_ids == rslora_on_i[0]
+
+
+def test_the_bench_lora_workload_spreads_rows_over_its_random_adapters(tmp_path) -> None:
+    from kvbatch.bench.lora import random_adapters
+    from kvbatch.bench.workloads import LORA_COUNT, make_workload
+
+    work = make_workload("lora", VOCAB_SIZE, num_prompts=16)
+    assert [r.adapter for r in work.requests[: LORA_COUNT + 1]] == [f"lora{i}" for i in range(LORA_COUNT)] + ["lora0"]
+    loaded = tiny_loaded("llama")
+    paths = random_adapters(loaded.model, tmp_path, 2, rank=4)
+    engine = Engine(EngineConfig(block_size=4, num_blocks_override=256), loaded, adapters=paths)
+    requests = [r for r in work.requests if r.adapter in paths][:4]
+    results = list(engine.generate(dataclasses.replace(r, sampling=SamplingParams(max_new_tokens=2)) for r in requests))
+    assert len(results) == 4 and all(r.error is None for r in results)
+    assert len(engine.adapters.modules) == 14  # seven projections in each of two layers
