@@ -56,6 +56,7 @@ class Adapters:
         self.linears = adaptable_linears(model)
         self.specs: dict[str, AdapterSpec | AdapterError] = {}
         self.paths: dict[str, str] = {}
+        self._readable: set[str] = set()  # names whose weights were read once
         for name, path in adapters.items():
             self._inspect(name, path)
         valid = [s for s in self.specs.values() if isinstance(s, AdapterSpec)]
@@ -131,24 +132,29 @@ class Adapters:
         return spec
 
     def _forget(self, name: str) -> None:
+        self._readable.discard(name)
         self._host.pop(name, None)
         slot = self._slot_of.pop(name, None)
         if slot is not None:
             self._free_slots.append(slot)
 
     def problem(self, name: str) -> str | None:
-        """Why requests naming `name` cannot run (None: they can). Reads the weights on first use."""
+        """Why requests naming `name` cannot run (None: they can). Reads the weights on first use only: later
+        requests find them in a slot, the host copies, or read them again when a step needs them."""
         spec = self.specs.get(name)
         if spec is None:
             known = ", ".join(sorted(self.specs)) or "none"
             return f"adapter {name!r} is not registered (registered: {known})"
         if isinstance(spec, AdapterError):
             return str(spec)
+        if name in self._readable:
+            return None
         try:
             self._host_weights(name)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:  # a file changed or damaged since inspection
             self.specs[name] = AdapterError(f"adapter {name!r}: cannot read its weights: {exc}")
             return str(self.specs[name])
+        self._readable.add(name)
         return None
 
     def key(self, name: str | None) -> bytes:
