@@ -130,7 +130,7 @@ def _warm_up(engine: Engine, workload: str, vocab_size: int) -> None:
 @bench_app.command()
 def throughput(
     shape: ShapeOpt = "llama-1b",
-    workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (bench/workloads.py).")] = "a",
+    workload: Annotated[str, typer.Option(help="a, b, c, prefix, chat or lora (bench/workloads.py).")] = "a",
     num_prompts: Annotated[int | None, typer.Option(min=1, help="Override the workload's prompt count.")] = None,
     compare: Annotated[
         str | None, typer.Option(help="'hf': also run transformers generate (padded batches) and generate_batch.")
@@ -177,7 +177,15 @@ def throughput(
     if kv_pool_tokens:
         settings["num_blocks_override"] = -(-kv_pool_tokens // settings["block_size"])
     started = time.perf_counter()
-    engine = Engine.from_loaded(loaded, EngineConfig(**settings))
+    adapters = None
+    if workload == "lora":  # random adapters of rank 16 on every projection, one per LORA_COUNT rows
+        import tempfile
+
+        from kvbatch.bench.lora import random_adapters
+        from kvbatch.bench.workloads import LORA_COUNT
+
+        adapters = random_adapters(loaded.model, Path(tempfile.mkdtemp(prefix="kvbatch-lora-")), LORA_COUNT)
+    engine = Engine(EngineConfig(**settings), loaded, adapters=adapters)
     _warm_up(engine, workload, loaded.model.config.vocab_size)
     setup_s = time.perf_counter() - started
     base = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from .reasoning import split_reasoning
 from .records import Layout, RowResult
 from .row_sampling import row_sampling
 from .rows import Row, RowError, SeenIds
-from .spec import JobSpec, chat_template_path
+from .spec import JobSpec, chat_template_path, input_format
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
 
@@ -45,6 +46,7 @@ class _Pending:
     row: Row
     id: Any
     kept: dict[str, Any]
+    adapter: str | None = None
 
 
 class RowPipeline:
@@ -71,6 +73,8 @@ class RowPipeline:
         self.base_params: SamplingParams = job.sampling
         self.ids = SeenIds(layout.id_column)
         self.pending: dict[int, _Pending] = {}
+        self.openai = input_format(job) == "openai"
+        self.adapter_rows: Counter[str] = Counter()  # rows run on each LoRA adapter (the summary names them)
 
     def note_id(self, row: Row) -> None:
         """Remember a skipped row's id exactly as `request` would, without running the row."""
@@ -125,8 +129,30 @@ class RowPipeline:
                 return self._error_row(pending, RowError(ErrorKind.BAD_CONSTRAINT, message))
             if constraint is not None:
                 params = dataclasses.replace(params, structured_outputs=constraint)
+        adapter = self._adapter(row)
+        if isinstance(adapter, RowError):
+            return self._error_row(pending, adapter)
+        pending.adapter = adapter
         self.pending[row.index] = pending
-        return GenerationRequest(row.index, ids, params, continuations=continuations)
+        return GenerationRequest(row.index, ids, params, continuations=continuations, adapter=adapter)
+
+    def _adapter(self, row: Row) -> str | None | RowError:
+        """The row's LoRA adapter: an OpenAI body's `model` naming one of the job's adapters, else the row's
+        `adapter_column` value, else the job's `adapter` (None: the base model). The engine checks the name."""
+        data = row.data or {}
+        if self.openai and isinstance(data.get("model"), str) and data["model"] in self.job.adapters:
+            return data["model"]
+        column = self.job.adapter_column
+        if column is not None and not self.openai:
+            if column not in data:
+                return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: no column {column!r} (adapter_column)")
+            value = data[column]
+            if value is not None and (not isinstance(value, str) or not value):
+                message = f"{row.where}: column {column!r} must name an adapter (a string or null), got {value!r}"
+                return RowError(ErrorKind.WRONG_TYPE, message)
+            if value:
+                return value
+        return self.job.adapter
 
     def discard(self, request: GenerationRequest) -> None:
         """Forget a request that will not run (`kvbatch plan` builds them only to measure them)."""
@@ -143,6 +169,8 @@ class RowPipeline:
     def result(self, result: GenerationResult) -> RowResult:
         """The output row of a request this pipeline made."""
         pending = self.pending.pop(result.request_id)
+        if pending.adapter is not None:
+            self.adapter_rows[pending.adapter] += 1
         if result.error is not None:
             kind = result.error_kind or ErrorKind.ENGINE
             error = RowError(kind, f"{pending.row.where}: {result.error}")

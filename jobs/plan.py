@@ -18,7 +18,7 @@ from kvbatch.cache.prefix_cache import ReuseEstimate
 from kvbatch.errors import ErrorKind
 from kvbatch.jobs.job_io import layout_for
 from kvbatch.jobs.pipeline import RowPipeline
-from kvbatch.jobs.plan_sizing import ModelSizing, model_sizing
+from kvbatch.jobs.plan_sizing import ModelSizing, adapter_problems, model_sizing
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
@@ -55,6 +55,7 @@ class JobPlan:
     constraints: list[tuple[str, int, float | None]] = field(default_factory=list)
     reused_prompt_tokens: int = 0  # expected from the prefix cache (full-block prefix hits, pool-sized LRU)
     num_prompt_tokens: int = 0  # of the rows that will run
+    adapters: dict[str, str | None] = field(default_factory=dict)  # LoRA adapter -> why its rows fail, or None
 
     def format(self) -> str:
         t = self.prompt_tokens
@@ -89,6 +90,12 @@ class JobPlan:
             for text, rows, seconds in self.constraints[:MAX_LISTED_CONSTRAINTS]:
                 took = "bad" if seconds is None else f"{seconds * 1000:.1f} ms"
                 lines.append(f"    {rows} row{'' if rows == 1 else 's'}, {took}: {text}")
+        if self.adapters:
+            usable = [name for name, problem in self.adapters.items() if problem is None]
+            lines.append(
+                f"  adapters        {len(self.adapters)}: {', '.join(self.adapters)}"
+                + (f" ({len(self.adapters) - len(usable)} unusable)" if len(usable) < len(self.adapters) else "")
+            )
         if self.truncated:
             lines.append(
                 f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop at 'length'"
@@ -126,6 +133,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     plan.prefix_cache = sizing.prefix_cache
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
     constraints = _Constraints(sizing)
+    plan.adapters = adapter_problems(job, engines)
     for row in reader:
         plan.num_rows += 1
         request = pipeline.request(row)
@@ -133,7 +141,11 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         if isinstance(request, GenerationRequest):
             pipeline.discard(request)
             ids = request.prompt_token_ids
-            if not ids:
+            adapter = request.adapter
+            bad_adapter = plan.adapters.get(adapter, f"adapter {adapter!r} is not registered") if adapter else None
+            if bad_adapter:
+                error = RowError(ErrorKind.BAD_ADAPTER, f"{row.where}: {bad_adapter}")
+            elif not ids:
                 error = RowError(ErrorKind.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
             elif len(ids) >= capacity:
                 error = RowError(

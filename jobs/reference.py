@@ -48,7 +48,9 @@ def _type_name(hint: Any) -> str:
         return "mapping of integer: number"
     if origin is tuple:
         return f"list of {_type_name(args[0])}"
-    if dataclasses.is_dataclass(hint) or origin is dict:
+    if origin is dict:
+        return f"mapping of name to {_type_name(args[1])}"
+    if dataclasses.is_dataclass(hint):
         return "mapping"
     return {str: "string", int: "integer", float: "number", bool: "bool"}.get(
         hint, getattr(hint, "__name__", str(hint))

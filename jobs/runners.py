@@ -33,6 +33,7 @@ def run_jobs(
 ) -> list[JobOutcome]:
     """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all."""
     engines = EngineCache(engine_factory)
+    engines.plan(jobs)
     outcomes = []
     with graceful_stop() as stop:
         for job in jobs:

@@ -4,7 +4,7 @@ Declarative on purpose: spec.py only lists fields, types, defaults and bounds (`
 this module turns a wrong field into one SpecError that names it, its line, and (for typos) the nearest name.
 
 Supported field types: str, int, float, bool, Literal[...], X | None, tuple[X, ...], (X, Y) pairs, a mapping of
-pairs for tuple[(X, Y), ...], dict[str, Any] (free-form), nested dataclasses.
+pairs for tuple[(X, Y), ...], dict[str, X] (dict[str, Any]: free-form), nested dataclasses.
 Field metadata: `min`, `max` (inclusive), `gt` (exclusive lower bound), `nonempty` (for strings), `parse` (a
 function that reads the field's plain value, raising ValueError).
 """
@@ -82,10 +82,12 @@ def _coerce(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         return _coerce(inner, node, meta)
     if dataclasses.is_dataclass(hint):
         return build(hint, node)
-    if origin is dict:  # free-form values for a template (chat_template_kwargs): a mapping, passed on as written
+    if origin is dict:
         if not isinstance(value, dict):
             raise node.error(f"expected a mapping, got {_kind(value)}")
-        return node.plain()
+        if args[1] is Any:  # free-form values for a template (chat_template_kwargs): passed on as written
+            return node.plain()
+        return {str(key): _coerce(args[1], sub, meta) for key, sub in value.items()}
     if origin is Literal:
         if value not in args:
             raise node.error(f"must be one of {', '.join(map(repr, args))}, got {_kind(value)}")

@@ -134,6 +134,14 @@ class JobSpec:
     constraint_column: str | None = setting(
         None, "a column holding each row's structured-output constraint (docs/structured-output.md); null: the job's"
     )
+    adapters: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "LoRA adapters rows may name: name -> PEFT folder (relative to the job file) or cached hub name"
+        },
+    )
+    adapter: str | None = setting(None, "every row's LoRA adapter: a name in adapters, a folder or a cached hub name")
+    adapter_column: str | None = setting(None, "a column naming each row's adapter (in adapters; null: `adapter`)")
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"doc": "how each row is sampled"})
     sampling_columns: tuple[str, ...] = setting((), "columns named like sampling fields: a row's own values")
     sampling_column: str | None = setting(None, "a column holding a mapping of sampling fields per row")
@@ -235,7 +243,9 @@ def job_from_node(node: Node, base_dir: str) -> JobSpec:
             f"model {model!r} is no folder beside the job file ({Path(base_dir) / model}) but is one in the "
             "working folder; write its path relative to the job file, or an absolute one"
         )
-    job = dataclasses.replace(job, base_dir=base_dir, model=model)
+    adapters = {name: _model_location(path, base_dir) for name, path in job.adapters.items()}
+    adapter = job.adapter if job.adapter is None or job.adapter in adapters else _model_location(job.adapter, base_dir)
+    job = dataclasses.replace(job, base_dir=base_dir, model=model, adapters=adapters, adapter=adapter)
     validate(job, node)
     return job
 
@@ -311,6 +321,10 @@ def validate(job: JobSpec, node: Node) -> None:
             parse_shard(job.parallel.shard)
         except SpecError as exc:
             raise at("parallel", "shard").error(exc.message) from None
+    if job_adapters(job) and (job.runner == "ray" or job.parallel.tensor > 1):
+        raise at("adapters" if job.adapters else "adapter").error(
+            "LoRA adapters run on a local engine of one process (runner: local, parallel.tensor: 1)"
+        )
     if job.runner == "ray" and (job.parallel.data > 1 or job.parallel.tensor > 1):
         raise at("runner").error(
             "with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor"
@@ -320,6 +334,14 @@ def validate(job: JobSpec, node: Node) -> None:
             output_path(job)
         except SpecError as exc:
             raise at(*(exc.field or "output.path").split(".")).error(exc.message) from None
+
+
+def job_adapters(job: JobSpec) -> dict[str, str]:
+    """The adapters a job's engine serves: its `adapters`, and `adapter` under its own spelling when it is a path."""
+    adapters = dict(job.adapters)
+    if job.adapter is not None and job.adapter not in adapters:
+        adapters[job.adapter] = job.adapter
+    return adapters
 
 
 RESERVED_COLUMNS = (
@@ -492,6 +514,9 @@ def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     engine = {k: v for k, v in engine.items() if v is not None}
     if engine:  # left out when these are defaults, so such outputs keep the hash earlier versions gave them
         data["engine"] = engine
+    for name in ("adapters", "adapter", "adapter_column"):  # likewise: only a job that uses adapters hashes them
+        if getattr(job, name):
+            data[name] = _jsonable(getattr(job, name))
     return data
 
 
@@ -536,6 +561,8 @@ def spec_dict(job: JobSpec) -> dict[str, Any]:
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value

@@ -155,6 +155,8 @@ class EngineConfig:
     )
     fused_layers: bool | None = setting(None, "Llama-family layers with fused kernels; unset: on for cuda")
     float32_logits: bool = setting(False, "a bf16/fp16 model's logits in float32, on a GPU")
+    max_loras: int = setting(8, "LoRA adapters on the device at once; a step mixes at most this many", min=1)
+    max_cpu_loras: int | None = setting(None, "LoRA adapters kept in host memory; unset: max_loras", min=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "EngineConfig.")

@@ -25,11 +25,12 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from kvbatch.cache.backends import select_backend
@@ -40,6 +41,7 @@ from kvbatch.cache.kv_cache import KVCache
 from kvbatch.errors import BackendUnavailableError, ErrorKind, KVBudgetError
 from kvbatch.runner.config import EngineConfig
 
+from .adapters import Adapters
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
 from .logits_processors import RowLogits, row_logits
@@ -108,7 +110,14 @@ def _stable_hash(request_id: object) -> int:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig = EngineConfig(),
+        loaded: LoadedModel | None = None,
+        adapters: Mapping[str, str] | None = None,
+    ) -> None:
+        """`adapters`: LoRA adapters (name -> PEFT folder or cached hub name) to serve; the device slots are sized
+        from them. None: the base model only (add_adapter then refuses)."""
         self.config = config
         self.loaded = loaded or load_model(
             config.model,
@@ -131,7 +140,12 @@ class Engine:
             raise BackendUnavailableError(str(exc)) from None
         num_heads = self.model.config.get_text_config().num_attention_heads
         self.kv_spec = kv_cache_spec(self.model.config, config.block_size, self.backend.name, self.loaded.dtype)
-        self.fused = fused_decoder_for(self.model, config.fused_layers, self.device)
+        self.adapters = self._make_adapters(adapters) if adapters is not None else None
+        # Fused layers run concatenated q/k/v and gate/up weights that the adapters' hooks never see.
+        fused_setting = config.fused_layers if self.adapters is None else False
+        if self.adapters is not None and config.fused_layers:
+            logger.warning("fused_layers is off: LoRA adapters run through transformers' own layers")
+        self.fused = fused_decoder_for(self.model, fused_setting, self.device)
         self.float32_logits = use_float32_logits(self.model, config.float32_logits, self.device)
         self.pool_size = self._size_pool()
         try:
@@ -143,6 +157,7 @@ class Engine:
             ) from exc
         self.pool = BlockPool(self.pool_size.num_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.fused)
+        self.runner.adapters = self.adapters
         # Decodes sharing this many cached prefix tokens read them once, together (the cascade decode).
         self.cascade_min_tokens = CASCADE_MIN_TOKENS if self.backend.cascade and config.prefix_cache else 0
         if self.backend.warm_up is not None:
@@ -186,7 +201,46 @@ class Engine:
                 self.max_model_len,
                 self.device,
             )
-        return fixed_pool_size(self.kv_spec, self.config)
+        reserved = self.adapters.host_bytes if self.adapters is not None else 0
+        return fixed_pool_size(self.kv_spec, self.config, reserved)
+
+    # ---- adapters ----------------------------------------------------------------------------
+
+    def _make_adapters(self, adapters: Mapping[str, str]) -> Adapters:
+        from .model_loader import DEFAULT_HUB_NAME
+
+        config = self.config
+        if config.max_loras < 1:
+            raise ValueError(f"engine.max_loras must be >= 1 to serve adapters, got {config.max_loras}")
+        name = self.loaded.source
+        return Adapters(
+            self.model,
+            adapters,
+            self.device,
+            self.loaded.dtype,
+            config.max_loras,
+            config.max_cpu_loras or config.max_loras,
+            config.allow_pickle,
+            DEFAULT_HUB_NAME if name.startswith("default") else name,
+            use_triton=True,
+        )
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Serve LoRA adapter `name` from `path` (a PEFT folder or a cached hub name). A bad adapter does not
+        raise: requests naming it get `bad_adapter` results."""
+        if self.adapters is None:
+            raise RuntimeError("this engine was built without adapters; pass adapters= to Engine() to serve them")
+        if self._generating:
+            raise RuntimeError("adapters cannot change during a generate() call")
+        self.adapters.add(name, path)
+
+    def _adapter_problem(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
+        if request.adapter is None:
+            return None
+        if self.adapters is None:
+            return ErrorKind.BAD_ADAPTER, f"adapter {request.adapter!r} asked of an engine that serves no adapters"
+        problem = self.adapters.problem(request.adapter)
+        return (ErrorKind.BAD_ADAPTER, problem) if problem else None
 
     def _capture_graphs(self) -> None:
         from .cuda_graphs import DecodeGraphs
@@ -226,6 +280,8 @@ class Engine:
         self.runner.kv_cache = self.kv_cache = None  # type: ignore[assignment]
         if self._grammars is not None:
             self._grammars.close()
+        if self.adapters is not None:
+            self.adapters.close()  # the model may serve another engine: its layers lose this one's hooks
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -290,6 +346,7 @@ class Engine:
         (from its first with prompt_logprobs, for the first continuation only: the rest share its blocks)."""
         state = _RequestState(request)
         prompt = request.prompt_token_ids
+        adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
         for i, continuation in enumerate(request.continuations or []):
             tokens = prompt + continuation
             score_from = 0 if i == 0 and request.sampling.prompt_logprobs else len(prompt) - 1
@@ -303,6 +360,7 @@ class Engine:
                 score_from=score_from,
                 score_targets=tokens[score_from + 1 :],
                 score_only=True,
+                adapter_key=adapter_key,
             )
             self._next_seq_id += 1
             state.seqs.append(seq)
@@ -323,11 +381,14 @@ class Engine:
         request_seed = params.seed if params.seed is not None else seed_base ^ _stable_hash(request.request_id)
         prompt = request.prompt_token_ids
         scores_prompt = params.prompt_logprobs and len(prompt) > 1
+        adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
         for i in range(params.n):
             # The prompt's logprobs are computed once, by the first sample.
             scored = {"score_from": 0, "score_targets": prompt[1:]} if scores_prompt and i == 0 else {}
             seed = request_seed * 1_000_003 + i
-            seq = Sequence(self._next_seq_id, request, i, max_new, seed=seed, group=state, **scored)
+            seq = Sequence(
+                self._next_seq_id, request, i, max_new, seed=seed, group=state, adapter_key=adapter_key, **scored
+            )
             seq.matcher = new_matcher(grammar) if grammar is not None else None
             self._next_seq_id += 1
             state.seqs.append(seq)
@@ -390,6 +451,7 @@ class Engine:
                 self.config.block_size,
                 self.config.policy,
                 prefix_cache=self.config.prefix_cache,
+                max_loras=self.config.max_loras if self.adapters is not None else None,
             ),
             self.pool,
         )
@@ -410,7 +472,7 @@ class Engine:
                     if request is None:
                         exhausted = True
                         break
-                    refusal = self._never_fits(request)
+                    refusal = self._adapter_problem(request) or self._never_fits(request)
                     if refusal:
                         yield self._error_result(request, *refusal)
                     elif request.sampling.structured_outputs is not None:
@@ -469,6 +531,12 @@ class Engine:
                     scoring=self._num_scoring > 0,
                 )
                 inputs.fill_pending(in_flight.sampled.tokens if in_flight else None)
+                if self.adapters is not None:
+                    inputs.lora = self.adapters.prepare(
+                        [item.seq.request.adapter for item in out.scheduled],
+                        np.fromiter((item.num_new_tokens for item in out.scheduled), np.int64, len(out.scheduled)),
+                        inputs.input_ids.shape[1],
+                    )
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
                 logits, score_logits = inputs.split_logits(self.runner.forward(inputs))
             with self.timer.phase("sample"):

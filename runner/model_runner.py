@@ -25,6 +25,7 @@ from kvbatch.cache.metadata import AttentionMetadata
 from .attention_hook import StepContext
 from .fused_forward import FusedDecoder
 from .host_tables import HostBlockTables
+from .lora_step import LoraStep
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
@@ -59,6 +60,8 @@ class StepInputs:
         if not self.num_score_rows:
             return logits, None
         return logits[: self.num_sampling], logits[logits.shape[0] - self.num_score_rows :]
+
+    lora: LoraStep | None = None  # rows that run a LoRA adapter (runner/adapters.py); None: all the base model
 
     def fill_pending(self, sampled: torch.Tensor | None) -> None:
         if self.pending_rows is None:
@@ -357,10 +360,14 @@ class ModelRunner:
         self.staging = HostStaging(self.device)
         self.host_tables = HostBlockTables()  # the decodes' block tables, kept between steps
         self.graphs = None  # a DecodeGraphs once captured (runner/cuda_graphs.py): pure-decode steps replay it
+        self.adapters = None  # an Adapters (runner/adapters.py): its hooks read the step's LoraStep
 
     def replays(self, inputs: StepInputs) -> bool:
-        """Whether this step runs from a captured CUDA graph (graphs keep the sampling rows' logits only)."""
-        return self.graphs is not None and not inputs.num_score_rows and self.graphs.fits(inputs)
+        """Whether this step runs from a captured CUDA graph (graphs keep the sampling rows' logits only, and were
+        captured without adapters: a step that scores rows or runs one goes eagerly)."""
+        return (
+            self.graphs is not None and not inputs.num_score_rows and inputs.lora is None and self.graphs.fits(inputs)
+        )
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the sampling rows: [num_sampling, vocab_size], in the model's dtype (float32 under
@@ -369,8 +376,17 @@ class ModelRunner:
             return self.graphs.forward(inputs)
         return self.forward_eager(inputs)
 
-    @torch.inference_mode()
     def forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+        if self.adapters is None:
+            return self._forward_eager(inputs)
+        self.adapters.current = inputs.lora  # what the adapted layers' hooks add, during this pass only
+        try:
+            return self._forward_eager(inputs)
+        finally:
+            self.adapters.current = None
+
+    @torch.inference_mode()
+    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         step = StepContext(inputs.meta, self.kv_cache, self.backend)
         if self.fused is not None:
             hidden = self.fused.forward(inputs.input_ids, inputs.positions, step, inputs.logits_rows)

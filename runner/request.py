@@ -22,6 +22,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     continuations: list[list[int]] | None = None
+    adapter: str | None = None  # a LoRA adapter registered with the engine (Engine.add_adapter); None: the base model
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_token_ids, list):  # a tuple or numpy array: `prompt + output` must concatenate
@@ -144,3 +145,7 @@ class GenerationEngine(Protocol):
     def generate(
         self, requests: Iterable[GenerationRequest], on_step: Callable[[], None] | None = None
     ) -> Iterator[GenerationResult]: ...
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter (called only for jobs that use adapters)."""
+        ...

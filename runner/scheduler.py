@@ -67,6 +67,8 @@ class SchedulerConfig:
     # without an immediate preemption.
     watermark: float = 0.01
     prefix_cache: bool = True
+    # LoRA adapters: at most this many distinct ones run at once (the engine's device slots); None: no adapters.
+    max_loras: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -139,7 +141,7 @@ class Scheduler:
         isolated = next((s for s in self.running if s.isolate), None)
         if isolated is None and self.waiting and self.waiting[0].isolate:
             isolated = self.waiting.pop(0)
-            while not self._admit(isolated, budget, out, keep_watermark=False):
+            while not self._adapter_fits(isolated) or not self._admit(isolated, budget, out, keep_watermark=False):
                 # It fits the pool alone, so freeing the others always ends.
                 assert self.running, (
                     f"seq {isolated.seq_id} does not fit an empty pool of {self.pool.num_blocks} blocks"
@@ -171,23 +173,47 @@ class Scheduler:
         # No admission after a preemption: the pool just proved too small for what runs.
         if not out.preempted:
             self._admit_waiting(budget, out)
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        self._order(out)
         return out
 
+    def _order(self, out: SchedulerOutput) -> None:
+        """Decodes first (stable); with adapters, each part grouped by adapter, so an adapter's rows are contiguous."""
+        if self.config.max_loras is None:
+            out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        else:
+            out.scheduled.sort(key=lambda s: (s.num_new_tokens != 1, s.seq.adapter_key))
+
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
-        """Admit from the head of the queue while the budget lasts, a slot is free and the blocks fit."""
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
+        """Admit from the head of the queue while the budget lasts, a slot is free and the blocks fit. A sequence
+        whose adapter would be one more than max_loras waits, and those behind it go ahead."""
+        adapters = self._running_adapters()
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            seq = self.waiting[i]
             if seq.isolate or len(self.running) >= self.config.max_num_seqs:
                 break  # an isolated sequence gets a step of its own next time
+            if adapters is not None and seq.adapter_key and seq.adapter_key not in adapters:
+                if len(adapters) >= self.config.max_loras:
+                    i += 1
+                    continue
+                adapters.add(seq.adapter_key)
             num_new = self._admit(seq, budget, out, keep_watermark=bool(self.running))
             if not num_new:
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._schedule(seq, num_new, out)
             budget -= num_new
+
+    def _running_adapters(self) -> set[bytes] | None:
+        if self.config.max_loras is None:
+            return None
+        return {s.adapter_key for s in self.running if s.adapter_key}
+
+    def _adapter_fits(self, seq: Sequence) -> bool:
+        adapters = self._running_adapters()
+        return adapters is None or not seq.adapter_key or len(adapters | {seq.adapter_key}) <= self.config.max_loras
 
     def schedule_ahead(self) -> SchedulerOutput | None:
         """The next step while the last still runs: what `schedule()` would plan once the host has the
@@ -240,7 +266,7 @@ class Scheduler:
         self._admit_waiting(budget, out)
         if not out.scheduled:
             return None
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        self._order(out)
         return out
 
     def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput, keep_watermark: bool) -> int:

@@ -12,7 +12,8 @@ Preemption frees the pages and sets num_computed_tokens back to 0, so the sequen
 prompt and output so far as one prefill when it is admitted again. With the prefix cache, admission
 (first or again) starts num_computed_tokens after the longest cached prefix instead.
 
-    block_hashes            prefix-cache hashes of the full blocks of token_ids seen so far
+    block_hashes            prefix-cache hashes of the full blocks of token_ids seen so far (keyed by
+                            the LoRA adapter too: two adapters compute other K/V for the same tokens)
     num_registered_blocks   leading block_ids already offered to the prefix cache
 
 Scoring (runner/scoring.py): the logits of rows [score_from, score_from + len(score_targets)) are scored
@@ -75,6 +76,7 @@ class Sequence:
     score_only: bool = False  # a continuation being scored: ends when prefilled, samples nothing
     score_logprobs: list[float] = field(default_factory=list)  # per scored row, written as steps compute them
     score_greedy: list[bool] = field(default_factory=list)  # per scored row: the target is the argmax
+    adapter_key: bytes = b""  # its LoRA adapter's identity (b"": the base model): part of every block hash
     # Plain attributes, not properties: the host reads them for every row of every step.
     num_prompt_tokens: int = field(init=False, repr=False)
     penalised: bool = field(init=False, repr=False)  # penalties or bad words read the tokens so far
@@ -142,5 +144,5 @@ class Sequence:
         if num_hashed < num_full:
             parent = self.block_hashes[-1] if num_hashed else None
             new_tokens = self.token_ids(num_hashed * block_size, num_full * block_size)
-            self.block_hashes += chain_hashes(parent, new_tokens, block_size)
+            self.block_hashes += chain_hashes(parent, new_tokens, block_size, self.adapter_key)
         return self.block_hashes[:num_full]
