@@ -146,7 +146,13 @@ def generate(
         ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Output file (.arrow, .parquet or .jsonl).", show_default=False)
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output file (.arrow, .parquet, .jsonl) or datasets folder (.hf).",
+            show_default=False,
+        ),
     ],
     model: ModelOpt = None,
     prompt_column: Annotated[
@@ -173,7 +179,7 @@ def generate(
     limit: LimitOpt = None,
     format: Annotated[
         str | None,
-        typer.Option("--format", help="arrow, parquet, jsonl or openai (default: from the output's extension)."),
+        typer.Option("--format", help="arrow, parquet, jsonl, openai or hf (default: from the output's extension)."),
     ] = None,
     input_format: Annotated[
         str | None, typer.Option(help="auto, jsonl, parquet, hf or openai (default: auto).")

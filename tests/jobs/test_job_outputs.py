@@ -17,6 +17,7 @@ from openai.types.chat import ChatCompletion
 
 from kvbatch import __version__
 from kvbatch.jobs import job_io as job_io_module  # where a job opens its reader
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, model_name, run_job
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
@@ -40,10 +41,6 @@ def run(tmp_path: Path, **fields: Any):
     job = job_from_dict({"name": "j", "output_dir": "out", **fields}, base_dir=str(tmp_path))
     summary = run_job(job, EngineCache(factory))
     return summary, factory.engines[0] if factory.engines else None
-
-
-def read_arrow(path: Path) -> pa.Table:
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 LINES = [

@@ -8,11 +8,11 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_loaded
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.progress import JobProgress
@@ -104,7 +104,7 @@ def make_job(tmp_path: Path, name: str, **engine):
 
 
 def read_texts(path: Path) -> dict:
-    return {r["id"]: r["text"] for r in pa.ipc.open_file(pa.memory_map(str(path))).read_all().to_pylist()}
+    return {r["id"]: r["text"] for r in read_arrow(Path(path)).to_pylist()}
 
 
 def test_a_job_reuses_the_shared_prefix_and_reports_it(tmp_path: Path) -> None:
