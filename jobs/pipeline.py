@@ -127,6 +127,7 @@ class RowPipeline:
             kept=pending.kept,
             texts=[c.text for c in completions],
             finish_reasons=[c.finish_reason for c in completions],
+            stop_reasons=[c.stop_reason for c in completions],
             prompt_tokens=result.num_prompt_tokens,
             output_tokens=result.num_output_tokens,
             logprobs=logprobs,

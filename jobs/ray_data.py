@@ -5,7 +5,8 @@ On its own, on any Ray Dataset with a prompt column:
     ds.map_batches(GenerateBatch, fn_constructor_kwargs={"job": {"name": "x", "input": {"path": "-"}, ...}},
                    batch_format="pyarrow", concurrency=4, num_gpus=1)
 
-adds text, finish_reason, error, error_kind, prompt_tokens, output_tokens (and texts, finish_reasons) to each row.
+adds text, finish_reason, error, error_kind, prompt_tokens, output_tokens (and texts, finish_reasons, stop_reasons)
+to each row.
 
 As a job runner (`runner: ray` or `--ray-address`), the driver does what needs the whole input; actors do the rest:
 
@@ -48,6 +49,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("texts", pa.list_(pa.string())),
         pa.field("finish_reason", pa.string()),
         pa.field("finish_reasons", pa.list_(pa.string())),
+        pa.field("stop_reasons", pa.list_(pa.string())),
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),
         pa.field("prompt_tokens", pa.int64()),
@@ -124,6 +126,7 @@ def _result_table(results: list[RowResult]) -> pa.Table:
         "texts": [r.texts for r in results],
         "finish_reason": [r.finish_reason for r in results],
         "finish_reasons": [r.finish_reasons for r in results],
+        "stop_reasons": [[None if s is None else str(s) for s in r.stop_reasons] for r in results],
         "error": [r.error.message if r.error else None for r in results],
         "error_kind": [r.error.kind if r.error else None for r in results],
         "prompt_tokens": [r.prompt_tokens for r in results],
@@ -263,6 +266,7 @@ class _Sender:
                 kept,
                 texts=record["texts"] or [],
                 finish_reasons=record["finish_reasons"] or [],
+                stop_reasons=record["stop_reasons"] or [],
                 error=error,
                 prompt_tokens=record["prompt_tokens"],
                 output_tokens=record["output_tokens"],

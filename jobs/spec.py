@@ -296,6 +296,7 @@ RESERVED_COLUMNS = (
     "text",
     "finish_reason",
     "finish_reasons",
+    "stop_reason",
     "error",
     "error_kind",
     "prompt_tokens",

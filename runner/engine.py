@@ -427,6 +427,7 @@ class Engine:
                 token_ids=list(s.output_token_ids),
                 finish_reason=s.finish_reason or "length",
                 logprobs=list(s.output_logprobs) if s.request.sampling.logprobs else None,
+                stop_reason=self.stop_checker.stop_reason(s),
             )
             for s in state.seqs
         ]

@@ -30,6 +30,8 @@ class Completion:
     token_ids: list[int]
     finish_reason: FinishReason
     logprobs: list[float] | None = None
+    # What stopped it: the stop string, or the id from sampling.stop_token_ids; None for EOS, length and errors.
+    stop_reason: str | int | None = None
 
 
 @dataclass(frozen=True)

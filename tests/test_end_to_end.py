@@ -128,6 +128,7 @@ def test_the_worked_example_with_the_default_model(tmp_path: Path) -> None:
         "topic",
         "text",
         "finish_reason",
+        "stop_reason",
         "error",
         "error_kind",
         "prompt_tokens",

@@ -23,7 +23,18 @@ from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
 
 TOKENIZER = FakeTokenizer()
-COLUMNS = ["row", "id", "topic", "text", "finish_reason", "error", "error_kind", "prompt_tokens", "output_tokens"]
+COLUMNS = [
+    "row",
+    "id",
+    "topic",
+    "text",
+    "finish_reason",
+    "stop_reason",
+    "error",
+    "error_kind",
+    "prompt_tokens",
+    "output_tokens",
+]
 
 
 def chat_tokens(*messages: tuple[str, str]) -> int:
