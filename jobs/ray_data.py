@@ -171,7 +171,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, None).items()}
         sent = _Sender(job, pspec, layout, writer, shard)
         items = sent.items(iter(reader))
-        progress = JobProgress(job.name, len(items), None)
+        progress = JobProgress(job.name, len(items), None, mode=job.progress, every_s=job.progress_seconds)
         counts = {"rows": 0, "prompt": 0, "output": 0}
         if items:
             connect(job.parallel.ray_address)
@@ -187,7 +187,8 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     for record in batch.select(RESULT_SCHEMA.names).to_pylist():
                         sent.finish(record, counts)
-                        progress.update(record["output_tokens"], error=record["error_kind"] is not None)
+                        error = record["error_kind"] is not None
+                        progress.update(record["prompt_tokens"], record["output_tokens"], error=error)
                     if stop.stopped:
                         break
             except Exception as exc:

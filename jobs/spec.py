@@ -128,6 +128,10 @@ class JobSpec:
     sort_window: int = setting(1024, "rows sorted by length within this window; 1 = off", min=1)
     runner: Literal["local", "ray"] = setting("local", "ray: through Ray Data on a Ray cluster (parallel.ray_*)")
     parallel: ParallelSpec = field(default_factory=ParallelSpec, metadata={"doc": "shards, processes, Ray"})
+    progress: Literal["auto", "bar", "lines", "off"] = setting(
+        "auto", "auto: a live bar on a terminal, else lines (Slurm logs, cron, CI); off: none (--quiet)"
+    )
+    progress_seconds: float = setting(30.0, "lines: one progress line at most this often, seconds", gt=0)
     base_dir: str = setting(".", "the job file's folder (set by the loader)", internal=True)
 
 

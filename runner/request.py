@@ -68,7 +68,8 @@ class EngineStats:
     num_failed_steps: int = 0
     num_preemptions: int = 0
     peak_kv_usage: float = 0.0
-    num_prompt_tokens: int = 0
+    num_prompt_tokens: int = 0  # of finished requests (counted when a request retires)
+    num_prefill_tokens: int = 0  # prompt tokens computed (counted every step: a long prefill moves it)
     num_output_tokens: int = 0
     num_requests: int = 0
     num_errors: int = 0
