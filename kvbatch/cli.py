@@ -23,8 +23,9 @@ from kvbatch.console import ConsoleTyper
 from kvbatch.errors import ExitCode, KvbatchError, SpecError, exit_code_of
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import JobOutcome, run_jobs
-from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
-from kvbatch.jobs.yaml_nodes import load_yaml
+from kvbatch.jobs.spec import JobSpec, job_from_node, load_jobs_file, overrides_to_node
+from kvbatch.jobs.yaml_nodes import from_plain, load_yaml
+from kvbatch.jobs.yaml_nodes import merge as merge_nodes
 
 OK, INTERRUPTED = ExitCode.OK, ExitCode.INTERRUPTED
 
@@ -56,7 +57,10 @@ WaitOpt = Annotated[
     bool,
     typer.Option("--wait", help="Wait for another run on the same output to finish instead of exiting with code 4."),
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine and job details.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs of kvbatch (and info of the rest).")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress and no warnings: only errors and each job's summary.")
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option(
@@ -112,13 +116,14 @@ def run(
     mode: ModeOpt = None,
     wait: WaitOpt = False,
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
     shard: ShardOpt = None,
     data_parallel: DataParallelOpt = None,
     tensor_parallel: TensorParallelOpt = None,
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Run the jobs of a YAML job file (see examples/jobs.yaml)."""
-    _logging(verbose)
+    _logging(verbose, quiet)
     _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
@@ -129,6 +134,7 @@ def run(
                 "engine.device": device,
                 "input.limit": limit,
                 "output.mode": mode,
+                "progress": "off" if quiet else None,
                 **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address),
             },
         )
@@ -191,13 +197,15 @@ def generate(
     mode: ModeOpt = None,
     wait: WaitOpt = False,
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    set_: SetOpt = None,
     shard: ShardOpt = None,
     data_parallel: DataParallelOpt = None,
     tensor_parallel: TensorParallelOpt = None,
     ray_address: RayAddressOpt = None,
 ) -> None:
-    """Run one job without a YAML file."""
-    _logging(verbose)
+    """Run one job without a YAML file; --set reaches every job field (sampling.stop, sampling.n, engine.*...)."""
+    _logging(verbose, quiet)
     _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
@@ -219,11 +227,14 @@ def generate(
             "output": {"path": output.name, "format": format, "mode": mode},
             "output_dir": str(output.parent),
             "engine": {"device": device},
+            "progress": "off" if quiet else None,
         }
         scale = _scale_overrides(shard, data_parallel, tensor_parallel, ray_address)
         data["runner"] = scale.pop("runner")
         data["parallel"] = {key.partition(".")[2]: value for key, value in scale.items()}
-        spec = job_from_dict(_drop_none(data), base_dir=os.getcwd())
+        # The options given win over --set, as in `run`; --set reaches the fields no option names.
+        node = merge_nodes(overrides_to_node(_parse_sets(set_ or [])), from_plain(_drop_none(data), "", "command line"))
+        spec = job_from_node(node, base_dir=os.getcwd())
         _finish(run_jobs([spec], wait_for_lock=wait))
 
 
@@ -243,7 +254,7 @@ def plan(
     """
     from kvbatch.jobs.plan import plan_job
 
-    _logging(verbose)
+    _logging(verbose, quiet=False)
     _quiet_model_loading(verbose)
     with _errors():
         overrides = _with_options(set_, {"model": model, "engine.device": device, "input.limit": limit})
@@ -392,10 +403,14 @@ def _drop_none(data: Any) -> Any:
     return data
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+def _logging(verbose: bool, quiet: bool) -> None:
+    """Warnings by default; -v: kvbatch's debug logs and the other libraries' info; --quiet: errors only."""
+    if verbose and quiet:
+        raise typer.BadParameter("--verbose and --quiet contradict each other; give one")
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        logging.getLogger("kvbatch").setLevel(logging.DEBUG)
 
 
 def _quiet_model_loading(verbose: bool) -> None:
