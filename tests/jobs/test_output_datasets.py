@@ -13,6 +13,7 @@ from job_fakes import fake_factory
 
 from kvbatch.jobs.arrow_io import is_ipc_file, read_arrow
 from kvbatch.jobs.inspect import inspect_output
+from kvbatch.jobs.merge import merge_shards
 from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
 
@@ -76,3 +77,25 @@ def test_an_older_output_written_as_an_ipc_file_is_still_read_and_resumed(tmp_pa
     assert inspect_output(out, 0).num_rows == 6
     assert run(tmp_path) == out  # complete under the same spec: nothing to do, the file is kept as it is
     assert is_ipc_file(out)
+
+
+def test_shards_of_format_hf_merge_into_one_folder(tmp_path: Path) -> None:
+    shards = []
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in LINES))
+    for index in range(2):
+        job = job_from_dict(
+            {
+                "name": "j",
+                "input": {"path": "in.jsonl"},
+                "id_column": "id",
+                "output_dir": "out",
+                "output": {"format": "hf"},
+                "parallel": {"shard": f"{index}/2"},
+            },
+            base_dir=str(tmp_path),
+        )
+        shards.append(Path(run_job(job, EngineCache(fake_factory())).output))
+    assert [p.name for p in shards] == ["j.shard-0000-of-0002.hf", "j.shard-0001-of-0002.hf"]
+    report = merge_shards(tmp_path / "out" / "j.hf")
+    assert report.num_rows == 6
+    assert datasets.load_from_disk(str(tmp_path / "out" / "j.hf"))["id"] == [f"r{i}" for i in range(6)]
