@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch.errors import SpecError
+from kvbatch.jobs.first_rows import check_first_rows
 from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
@@ -76,6 +77,9 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     reader = open_reader(
         job, [*prompt_columns(pspec), *sampling_columns(job), *layout.data_columns()]
     )  # fails early on a missing input or column
+    if reader.columns is None and input_format(job) != "openai":  # JSONL: no schema to check the columns against
+        field = next(f"prompt.{k}" for k in ("template", "messages_column", "column") if getattr(pspec, k) is not None)
+        reader.rows = check_first_rows(reader.rows, prompt_columns(pspec), field)
     if reader.schema is not None:
         types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
         layout = dataclasses.replace(layout, input_types=types)

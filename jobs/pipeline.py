@@ -195,6 +195,7 @@ class RowPipeline:
             texts=texts,
             reasonings=reasonings,
             finish_reasons=[c.finish_reason for c in completions] or (["stop"] if scored else []),
+            stop_reasons=[c.stop_reason for c in completions],
             prompt_tokens=result.num_prompt_tokens,
             output_tokens=result.num_output_tokens,
             logprobs=logprobs,

@@ -5,7 +5,8 @@ On its own, on any Ray Dataset with a prompt column:
     ds.map_batches(GenerateBatch, fn_constructor_kwargs={"job": {"name": "x", "input": {"path": "-"}, ...}},
                    batch_format="pyarrow", concurrency=4, num_gpus=1)
 
-adds text, finish_reason, error, error_kind, prompt_tokens, output_tokens (and texts, finish_reasons) to each row.
+adds text, finish_reason, error, error_kind, prompt_tokens, output_tokens (and texts, finish_reasons, stop_reasons)
+to each row.
 
 As a job runner (`runner: ray` or `--ray-address`), the driver does what needs the whole input; actors do the rest:
 
@@ -49,6 +50,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("texts", pa.list_(pa.string())),
         pa.field("finish_reason", pa.string()),
         pa.field("finish_reasons", pa.list_(pa.string())),
+        pa.field("stop_reasons", pa.list_(pa.string())),
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),
         pa.field("prompt_tokens", pa.int64()),
@@ -128,6 +130,7 @@ def _result_table(results: list[RowResult]) -> pa.Table:
         "texts": [r.texts for r in results],
         "finish_reason": [r.finish_reason for r in results],
         "finish_reasons": [r.finish_reasons for r in results],
+        "stop_reasons": [[None if s is None else str(s) for s in r.stop_reasons] for r in results],
         "error": [r.error.message if r.error else None for r in results],
         "error_kind": [r.error.kind if r.error else None for r in results],
         "prompt_tokens": [r.prompt_tokens for r in results],
@@ -173,7 +176,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, None).items()}
         sent = _Sender(job, pspec, layout, writer, shard)
         items = sent.items(iter(reader))
-        progress = JobProgress(job.name, len(items), None)
+        progress = JobProgress(job.name, len(items), None, mode=job.progress, every_s=job.progress_seconds)
         counts = {"rows": 0, "prompt": 0, "output": 0}
         if items:
             connect(job.parallel.ray_address)
@@ -189,7 +192,8 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     for record in batch.select(RESULT_SCHEMA.names).to_pylist():
                         sent.finish(record, counts)
-                        progress.update(record["output_tokens"], error=record["error_kind"] is not None)
+                        error = record["error_kind"] is not None
+                        progress.update(record["prompt_tokens"], record["output_tokens"], error=error)
                     if stop.stopped:
                         break
             except Exception as exc:
@@ -268,6 +272,7 @@ class _Sender:
                 kept,
                 texts=record["texts"] or [],
                 finish_reasons=record["finish_reasons"] or [],
+                stop_reasons=record["stop_reasons"] or [],
                 error=error,
                 prompt_tokens=record["prompt_tokens"],
                 output_tokens=record["output_tokens"],

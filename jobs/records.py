@@ -1,9 +1,10 @@
 """One output row, and the Arrow schema of the output table.
 
-Columns, in order: row, the id column, kept input columns, text, finish_reason, [finish_reasons], error,
-error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes], [top_logprobs], [prompt_logprobs], [scores],
-[reasoning]. With n > 1 samples (or OpenAI output) `text`
-is a list of strings, one per sample, and `finish_reasons` lists each sample's reason. `token_bytes` (OpenAI output
+Columns, in order: row, the id column, kept input columns, text, finish_reason, [finish_reasons], stop_reason,
+error, error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes], [top_logprobs], [prompt_logprobs],
+[scores], [reasoning]. With n > 1 samples (or OpenAI output) `text` is a list of strings, one per sample,
+`finish_reasons` lists each sample's reason and `stop_reason` each sample's stop (the stop string, a stop token id
+as decimal text, or null). `token_bytes` (OpenAI output
 only) holds each generated token's bytes beside its logprob, null for a special token the text leaves out: the
 tokenizer is gone by the time the OpenAI lines are assembled from the parts.
 """
@@ -42,6 +43,7 @@ class RowResult:
     kept: dict[str, Any] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)  # one per sample; empty for an error row
     finish_reasons: list[str] = field(default_factory=list)
+    stop_reasons: list[str | int | None] = field(default_factory=list)  # per sample, as Completion.stop_reason
     error: RowError | None = None
     prompt_tokens: int | None = None  # None when the row never got as far as tokenizing
     output_tokens: int = 0
@@ -79,6 +81,7 @@ class Layout:
         fields = [pa.field("text", text_type), pa.field("finish_reason", pa.string())]
         if self.multi:
             fields.append(pa.field("finish_reasons", pa.list_(pa.string())))
+        fields.append(pa.field("stop_reason", pa.list_(pa.string()) if self.multi else pa.string()))
         fields += [
             pa.field("error", pa.string()),
             pa.field("error_kind", pa.string()),
@@ -117,6 +120,7 @@ class Layout:
             "text": text,
             "finish_reason": [r.finish_reason for r in results],
             "finish_reasons": [r.finish_reasons or None for r in results],
+            "stop_reason": [_stop_reasons(r.stop_reasons, self.multi) for r in results],
             "error": [r.error.message if r.error else None for r in results],
             "error_kind": [r.error.kind if r.error else None for r in results],
             "prompt_tokens": [r.prompt_tokens for r in results],
@@ -135,6 +139,14 @@ class Layout:
         for f in self.fixed_fields():
             columns[f.name] = pa.array(values[f.name], f.type)
         return pa.table(columns)
+
+
+def _stop_reasons(reasons: list[str | int | None], multi: bool) -> list[str | None] | str | None:
+    """One string column for both kinds of stop: a token id is written as its decimal text."""
+    text = [None if r is None else str(r) for r in reasons]
+    if multi:
+        return text or None
+    return text[0] if text else None
 
 
 # Deeper nesting than this is refused by Arrow IPC (64) or by pyarrow's Parquet reader (about 50), so it is

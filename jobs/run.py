@@ -105,14 +105,19 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         before = dataclasses.replace(engine.stats)
         done = len(writer.done_rows)
         total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
-        progress = JobProgress(job.name, total, engine, initial=done)
+        progress = JobProgress(job.name, total, engine, initial=done, mode=job.progress, every_s=job.progress_seconds)
         feed = _Feed(RowPipeline(job, engine.tokenizer, writer.layout), writer, progress, stop, shard)
+
+        def on_step() -> None:  # after every engine step, also while no row finishes (a long prefill)
+            writer.tick()
+            progress.tick()
+
         unreadable: list[InputError] = []  # the input failed part way: finish the rows read before it, then fail
         try:
             requests = sorted_requests(
                 feed.requests(_until_unreadable(reader, unreadable)), job.sort_window, engine, bool(job_adapters(job))
             )
-            for result in engine.generate(feed.admit(requests), on_step=writer.tick):
+            for result in engine.generate(feed.admit(requests), on_step=on_step):
                 feed.write(feed.pipeline.result(result))
         except JobError:
             raise  # the writer's own errors (disk full...) already say what happened
@@ -202,7 +207,7 @@ class _Feed:
         self.writer.add(row)
         self.num_finished += 1
         self.output_tokens += row.output_tokens
-        self.progress.update(row.output_tokens, error=row.error is not None)
+        self.progress.update(row.prompt_tokens, row.output_tokens, error=row.error is not None)
 
 
 def sorted_requests(

@@ -28,7 +28,7 @@ from .shard import parse_shard
 from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
 
 MIB = 2**20
-OUTPUT_EXTENSIONS = {".arrow": "arrow", ".parquet": "parquet", ".jsonl": "jsonl"}
+OUTPUT_EXTENSIONS = {".arrow": "arrow", ".parquet": "parquet", ".jsonl": "jsonl", ".hf": "hf"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -74,7 +74,9 @@ class OutputSpec:
     """Where and how results are written."""
 
     path: str | None = setting(None, "relative to output_dir; unset: '<job name>.arrow'")
-    format: Literal["auto", "arrow", "parquet", "jsonl", "openai"] = setting("auto", "auto: from path's extension")
+    format: Literal["auto", "arrow", "parquet", "jsonl", "openai", "hf"] = setting(
+        "auto", "auto: from path's extension; hf: a datasets save_to_disk folder (.hf)"
+    )
     mode: Literal["resume", "overwrite", "error"] = setting("resume", "what to do when the output already exists")
     part_rows: int = setting(1024, "rows per committed part", min=1)
     part_seconds: float = setting(60.0, "commit a part at least this often, seconds", gt=0)
@@ -157,6 +159,10 @@ class JobSpec:
         "continuations", "task score: the column holding each row's continuations (a list of strings)"
     )
     parallel: ParallelSpec = field(default_factory=ParallelSpec, metadata={"doc": "shards, processes, Ray"})
+    progress: Literal["auto", "bar", "lines", "off"] = setting(
+        "auto", "auto: a live bar on a terminal, else lines (Slurm logs, cron, CI); off: none (--quiet)"
+    )
+    progress_seconds: float = setting(30.0, "lines: one progress line at most this often, seconds", gt=0)
     base_dir: str = setting(".", "the job file's folder (set by the loader)", internal=True)
 
 
@@ -298,7 +304,7 @@ def validate(job: JobSpec, node: Node) -> None:
         ext = Path(job.output.path).suffix
         if job.output.format == "auto" and ext not in OUTPUT_EXTENSIONS:
             raise at("output", "path").error(
-                f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet or .jsonl, or set output.format"
+                f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet, .jsonl or .hf, or set output.format"
             )
     if job.output.format == "openai" and input_format(job) != "openai":
         raise at("output", "format").error(
@@ -349,6 +355,7 @@ RESERVED_COLUMNS = (
     "text",
     "finish_reason",
     "finish_reasons",
+    "stop_reason",
     "error",
     "error_kind",
     "prompt_tokens",
@@ -425,7 +432,9 @@ def output_dir(job: JobSpec) -> Path:
 
 def output_path(job: JobSpec) -> Path:
     """The output file, confined to output_dir: no absolute paths, no `..`, no symlink that leads out."""
-    ext = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}[output_format(job)]
+    ext = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl", "hf": ".hf"}[
+        output_format(job)
+    ]
     relative = Path(job.output.path) if job.output.path is not None else Path(job.name + ext)
     if relative.is_absolute() or ".." in relative.parts:
         raise SpecError(

@@ -23,7 +23,7 @@ from kvbatch.console import ConsoleTyper
 from kvbatch.errors import ExitCode, KvbatchError, SpecError, exit_code_of
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import JobOutcome, run_jobs
-from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
+from kvbatch.jobs.spec import JobSpec, load_jobs_file
 from kvbatch.jobs.yaml_nodes import load_yaml
 
 OK, INTERRUPTED = ExitCode.OK, ExitCode.INTERRUPTED
@@ -56,7 +56,10 @@ WaitOpt = Annotated[
     bool,
     typer.Option("--wait", help="Wait for another run on the same output to finish instead of exiting with code 4."),
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine and job details.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs of kvbatch (and info of the rest).")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress and no warnings: only errors and each job's summary.")
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option(
@@ -112,13 +115,14 @@ def run(
     mode: ModeOpt = None,
     wait: WaitOpt = False,
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
     shard: ShardOpt = None,
     data_parallel: DataParallelOpt = None,
     tensor_parallel: TensorParallelOpt = None,
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Run the jobs of a YAML job file (see examples/jobs.yaml)."""
-    _logging(verbose)
+    _logging(verbose, quiet)
     _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
@@ -129,6 +133,7 @@ def run(
                 "engine.device": device,
                 "input.limit": limit,
                 "output.mode": mode,
+                "progress": "off" if quiet else None,
                 **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address),
             },
         )
@@ -146,7 +151,13 @@ def generate(
         ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Output file (.arrow, .parquet or .jsonl).", show_default=False)
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output file (.arrow, .parquet, .jsonl) or datasets folder (.hf).",
+            show_default=False,
+        ),
     ],
     model: ModelOpt = None,
     prompt_column: Annotated[
@@ -170,11 +181,10 @@ def generate(
     temperature: Annotated[float | None, typer.Option(min=0.0, help="0 = greedy (default: 0).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (default: 1).")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    set_: SetOpt = None,
     limit: LimitOpt = None,
     format: Annotated[
         str | None,
-        typer.Option("--format", help="arrow, parquet, jsonl or openai (default: from the output's extension)."),
+        typer.Option("--format", help="arrow, parquet, jsonl, openai or hf (default: from the output's extension)."),
     ] = None,
     input_format: Annotated[
         str | None, typer.Option(help="auto, jsonl, parquet, hf or openai (default: auto).")
@@ -186,13 +196,15 @@ def generate(
     mode: ModeOpt = None,
     wait: WaitOpt = False,
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    set_: SetOpt = None,
     shard: ShardOpt = None,
     data_parallel: DataParallelOpt = None,
     tensor_parallel: TensorParallelOpt = None,
     ray_address: RayAddressOpt = None,
 ) -> None:
-    """Run one job without a YAML file."""
-    _logging(verbose)
+    """Run one job without a YAML file; --set reaches every job field (sampling.stop, sampling.n, engine.*...)."""
+    _logging(verbose, quiet)
     _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
@@ -214,6 +226,7 @@ def generate(
             "output": {"path": output.name, "format": format, "mode": mode},
             "output_dir": str(output.parent),
             "engine": {"device": device},
+            "progress": "off" if quiet else None,
         }
         scale = _scale_overrides(shard, data_parallel, tensor_parallel, ray_address)
         data["runner"] = scale.pop("runner")
@@ -239,7 +252,7 @@ def plan(
     """
     from kvbatch.jobs.plan import plan_job
 
-    _logging(verbose)
+    _logging(verbose, quiet=False)
     _quiet_model_loading(verbose)
     with _errors():
         overrides = _with_options(set_, {"model": model, "engine.device": device, "input.limit": limit})
@@ -388,10 +401,14 @@ def _drop_none(data: Any) -> Any:
     return data
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+def _logging(verbose: bool, quiet: bool) -> None:
+    """Warnings by default; -v: kvbatch's debug logs and the other libraries' info; --quiet: errors only."""
+    if verbose and quiet:
+        raise typer.BadParameter("--verbose and --quiet contradict each other; give one")
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        logging.getLogger("kvbatch").setLevel(logging.DEBUG)
 
 
 def _quiet_model_loading(verbose: bool) -> None:

@@ -517,6 +517,9 @@ class Engine:
         self.stats.num_preemptions += len(out.preempted)
         self.stats.num_queried_prompt_tokens += out.num_queried_tokens
         self.stats.num_cached_prompt_tokens += out.num_cached_tokens
+        self.stats.num_prefill_tokens += sum(
+            min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens)) for s in out.scheduled
+        )
         self.stats.peak_kv_usage = max(self.stats.peak_kv_usage, self.pool.usage())
         sampling_items = [item for item in out.scheduled if item.samples]
         try:
@@ -664,6 +667,7 @@ class Engine:
                 finish_reason=s.finish_reason or "length",
                 logprobs=list(s.output_logprobs) if s.request.sampling.logprobs else None,
                 top_logprobs=list(s.output_top_logprobs) if s.request.sampling.top_logprobs else None,
+                stop_reason=self.stop_checker.stop_reason(s),
             )
             for s in state.seqs
         ]

@@ -56,6 +56,8 @@ class Completion:
     finish_reason: FinishReason
     logprobs: list[float] | None = None
     top_logprobs: list[TopLogprobs] | None = None  # per generated token, with sampling.top_logprobs > 0
+    # What stopped it: the stop string, or the id from sampling.stop_token_ids; None for EOS, length and errors.
+    stop_reason: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ class EngineStats:
     num_failed_steps: int = 0
     num_preemptions: int = 0
     peak_kv_usage: float = 0.0
-    num_prompt_tokens: int = 0
+    num_prompt_tokens: int = 0  # of finished requests (counted when a request retires)
+    num_prefill_tokens: int = 0  # prompt tokens computed (counted every step: a long prefill moves it)
     num_output_tokens: int = 0
     num_requests: int = 0
     num_errors: int = 0

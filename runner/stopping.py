@@ -65,6 +65,24 @@ class StopChecker:
         text = self.tokenizer.decode(tail, skip_special_tokens=True)
         return any(s in text for s in seq.request.sampling.stop)
 
+    def stop_reason(self, seq: Sequence) -> str | int | None:
+        """What stopped a finished sequence: the stop string (the one the text is cut before), or a stop token id
+        of `sampling.stop_token_ids`; None for the model's EOS and for every reason but "stop"."""
+        params = seq.request.sampling
+        if seq.finish_reason != "stop" or not seq.output_token_ids:
+            return None
+        last = seq.output_token_ids[-1]
+        if last in params.stop_token_ids:
+            return last
+        if not params.ignore_eos and last in self.eos_token_ids:
+            return None
+        if params.stop and last in self._stop_strings_as_ids(params.stop):
+            added = self.tokenizer.get_added_vocab()  # a stop string that is a special token: matched by its id
+            return next(s for s in params.stop if added.get(s) == last)
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        cuts = [(i, s) for i, s in ((text.find(s), s) for s in params.stop) if i >= 0]
+        return min(cuts)[1] if cuts else None
+
     def text(self, seq: Sequence) -> str:
         params = seq.request.sampling
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.writer import OutputWriter
@@ -131,7 +131,7 @@ def main() -> int:
             reporter.count(result.num_output_tokens, last=reporter.done + 1 == args.rows)
         report = writer.finalize(args.rows)
 
-    rows = pa.ipc.open_file(pa.memory_map(str(output))).read_all().column("row").to_pylist()
+    rows = read_arrow(Path(output)).column("row").to_pylist()
     pool.check_invariants()
     whole = pool.num_free_blocks == pool.num_blocks
     in_order = rows == list(range(args.rows))
@@ -210,7 +210,7 @@ def soak_job(engine: Engine, args: argparse.Namespace) -> int:
     if outcome.error is not None:
         print(f"job failed: {outcome.error}")
         return 1
-    rows = pa.ipc.open_file(pa.memory_map(str(folder / "out" / "soak.arrow"))).read_all().column("row").to_pylist()
+    rows = read_arrow(Path(folder / "out" / "soak.arrow")).column("row").to_pylist()
     engine.pool.check_invariants()
     whole = engine.pool.num_free_blocks == engine.pool.num_blocks
     in_order = rows == list(range(args.rows))

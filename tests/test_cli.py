@@ -6,6 +6,7 @@ run_jobs is patched (no model), except in the last tests where the fake engine s
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -359,3 +360,62 @@ def test_per_row_sampling_columns_end_to_end(tmp_path: Path, monkeypatch: pytest
     errors = {r["row"]: (r["error_kind"], r["error"]) for r in out if r["error"]}
     assert errors[2][0] == "bad_request" and "min_tokens must be >= 0, got -1" in errors[2][1]
     assert errors[3][0] == "bad_request" and "'temprature', not a sampling field" in errors[3][1]
+
+
+def test_generate_set_reaches_every_field_and_the_options_win(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(
+        "generate",
+        "in.jsonl",
+        "-o",
+        "out.arrow",
+        "--temperature",
+        "0.5",
+        "--set",
+        'sampling.stop=["\\n\\n", END]',  # two newlines: YAML reads escapes in double quotes
+        "--set",
+        "sampling.n=2",
+        "--set",
+        "sampling.top_k=40",
+        "--set",
+        "sampling.logprobs=true",
+        "--set",
+        "sampling.temperature=0.9",  # --temperature is given: it wins, as in `run`
+        "--set",
+        "engine.max_num_seqs=8",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    expected = job_from_dict(
+        {
+            "name": "out",
+            "input": {"path": "in.jsonl"},
+            "sampling": {"stop": ["\n\n", "END"], "n": 2, "top_k": 40, "logprobs": True, "temperature": 0.5},
+            "engine": {"max_num_seqs": 8},
+            "output": {"path": "out.arrow"},
+            "output_dir": ".",
+            "progress": "off",
+        },
+        base_dir=str(tmp_path),
+    )
+    assert recorder.calls == [([expected], False)]
+    bad = invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", "sampling.temprature=1")
+    assert bad.exit_code == 2 and "sampling.temprature: unknown field" in bad.stderr
+
+
+def test_quiet_turns_progress_off_and_verbose_logs_debug(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for logger in (logging.root, logging.getLogger("kvbatch")):  # put back after the test
+        monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(logging.root, "handlers", [])  # let basicConfig configure this run's logging
+    assert invoke("run", jobs_file(tmp_path), "--quiet").exit_code == 0
+    assert [spec.progress for spec in recorder.calls[0][0]] == ["off", "off"]
+    assert logging.root.level == logging.ERROR
+    monkeypatch.setattr(logging.root, "handlers", [])
+    assert invoke("run", jobs_file(tmp_path), "-v").exit_code == 0
+    assert [spec.progress for spec in recorder.calls[1][0]] == ["auto", "auto"]
+    assert logging.getLogger("kvbatch").getEffectiveLevel() == logging.DEBUG
+    assert invoke("run", jobs_file(tmp_path), "-v", "--quiet").exit_code == 2

@@ -9,9 +9,9 @@ import json
 import random
 from pathlib import Path
 
-import pyarrow as pa
 from tiny_models import tiny_loaded
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.spec import JobSpec, job_from_dict
 from kvbatch.runner.engine import Engine, EngineConfig
 
@@ -53,7 +53,7 @@ def tiny_job(tmp_path: Path, name: str = "answers", runner: str = "local", **par
 
 
 def rows_of(path: Path) -> list[dict]:
-    return pa.ipc.open_file(path).read_all().to_pylist()
+    return read_arrow(Path(path)).to_pylist()
 
 
 def tiny_tp_loader(model: str, settings: dict, device) -> object:
