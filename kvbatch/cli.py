@@ -23,7 +23,7 @@ from kvbatch.console import ConsoleTyper
 from kvbatch.errors import ExitCode, KvbatchError, SpecError, exit_code_of
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import JobOutcome, run_jobs
-from kvbatch.jobs.spec import JobSpec, load_jobs_file
+from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
 from kvbatch.jobs.yaml_nodes import load_yaml
 
 OK, INTERRUPTED = ExitCode.OK, ExitCode.INTERRUPTED
