@@ -23,7 +23,7 @@ from kvbatch.runner.request import GenerationRequest, GenerationResult
 
 from .prompts import build_prompt, prompt_spec
 from .records import Layout, RowResult
-from .rows import Row, RowError, SeenIds
+from .rows import KnownDuplicates, Row, RowError, SeenIds
 from .spec import JobSpec
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
@@ -44,17 +44,19 @@ class RowPipeline:
     """Turns rows into requests (or error rows) and results into output rows, for one job and one tokenizer.
 
     `ids`: the job's id check (a duplicate id fails its row); a runner that checks ids elsewhere passes a layout
-    without an id column. Rows a runner skips (done by an earlier run, owned by another shard) still go through
+    without an id column, or `ids` found over the whole input beforehand (KnownDuplicates). Rows a runner skips (done by an earlier run, owned by another shard) still go through
     `note_id`, so a later duplicate of their id is an error here too."""
 
-    def __init__(self, job: JobSpec, tokenizer: Any, layout: Layout) -> None:
+    def __init__(
+        self, job: JobSpec, tokenizer: Any, layout: Layout, ids: SeenIds | KnownDuplicates | None = None
+    ) -> None:
         self.job = job
         self.pspec = prompt_spec(job)
         self.tokenizer = PromptTokenizer(tokenizer, self.pspec.allow_special_tokens, self.pspec.chat_template)
         self.layout = layout
         self.token_bytes = TokenBytes(tokenizer) if layout.token_bytes else None
         self.base_params: SamplingParams = job.sampling
-        self.ids = SeenIds(layout.id_column)
+        self.ids = ids if ids is not None else SeenIds(layout.id_column)
         self.pending: dict[int, _Pending] = {}
 
     def note_id(self, row: Row) -> None:
