@@ -23,8 +23,8 @@ HELPERS = Path(__file__).parents[1] / "helpers"
 @pytest.fixture(scope="module")
 def local_ray():
     env = {"PYTHONPATH": str(HELPERS)}  # so actors import scaling_helpers
-    # 4 logical CPUs on 2 cores: the 2 engine actors hold one each, read and write tasks need the others
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    # logical CPUs: the 2 engine actors and the checkpoint filter hold one each, read and write tasks need more
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield
     ray.shutdown()
 
@@ -131,6 +131,9 @@ def test_a_ray_run_killed_half_way_and_rerun_writes_every_row_once(tmp_path, loc
     assert outcome.error is None, outcome.error
     rows = folder_rows(parts)
     assert [r["row"] for r in rows] == list(range(16))  # every row, once
-    assert rows == expected
+    # as one process over the files one after the other, but messages number lines within each file
+    assert rows[5]["error"].startswith("row 5 (line 6): invalid JSON")
+    assert rows[9]["error"] == "row 9 (line 3): duplicate id 2 (first at row 2)"  # line 3 of part-b.jsonl
+    assert [{**r, "error": None} for r in rows] == [{**r, "error": None} for r in expected]
     assert (outcome.summary.rows, outcome.summary.rows_this_run) == (16, 16 - len(first))
     assert outcome.summary.errors_by_kind == single.summary.errors_by_kind == {"bad_json": 1, "duplicate_id": 1}
