@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -237,6 +238,8 @@ class RowsSource:
 
     def __init__(self, source: RayInput, columns: list[str], batch_rows: int, max_line_bytes: int) -> None:
         self.source, self.columns, self.batch_rows, self.max_line_bytes = source, columns, batch_rows, max_line_bytes
+        # rows an earlier run wrote, sorted, skipped at the read: only where Ray has no checkpointing (ray_run.py)
+        self.done_rows = np.zeros(0, np.int64)
 
     def units(self) -> list[_Unit]:
         units = []
@@ -258,9 +261,12 @@ class RowsSource:
         column) only (row, key) of each readable row with an id, for the search for duplicate ids."""
         rows = _rows(self.source.filesystem, unit, self.columns, self.batch_rows, self.max_line_bytes)
         chunk: list[Row] = []
+        done = self.done_rows[(self.done_rows >= unit.first_row) & (self.done_rows < unit.first_row + unit.num_rows)]
         for row in rows:
             if row.index >= self.source.num_rows:
                 break
+            if len(done) and done[min(np.searchsorted(done, row.index), len(done) - 1)] == row.index:
+                continue
             chunk.append(row)
             if len(chunk) == self.batch_rows:
                 yield block_of_rows(chunk, keys_of)

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -165,13 +166,17 @@ def _next_run(parts: Path) -> int:
 def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint, run, fmt, stop: StopFlag) -> None:
     import ray
     from ray.data import DataContext
-    from ray.data.checkpoint import CheckpointConfig
 
     context = DataContext.get_current()
-    saved = context.checkpoint_config
-    context.checkpoint_config = CheckpointConfig(
-        id_column="row", checkpoint_path=str(checkpoint), delete_checkpoint_on_success=False
-    )
+    saved = getattr(context, "checkpoint_config", None)
+    try:
+        from ray.data.checkpoint import CheckpointConfig
+    except ImportError:  # a Ray without Data checkpointing: skip the rows of the folder's readable files
+        rows.done_rows = done_rows(parts)
+    else:
+        context.checkpoint_config = CheckpointConfig(
+            id_column="row", checkpoint_path=str(checkpoint), delete_checkpoint_on_success=False
+        )
     try:
         dataset = ray.data.read_datasource(rows.datasource()).map_batches(
             GenerateBatch,
@@ -205,7 +210,8 @@ def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint
                     f"job {job.name}: stopped by {stop.signal_name}; committed blocks are kept, rerun to resume"
                 )
     finally:
-        context.checkpoint_config = saved
+        if saved is not None or hasattr(context, "checkpoint_config"):
+            context.checkpoint_config = saved
     if failure:
         exc = failure[0]
         raise JobError(
@@ -262,6 +268,20 @@ def _scan(files: list[str], columns: list[str]) -> Any:
         return iter(())
     fmt = "parquet" if files[0].endswith(".parquet") else "json"
     return pads.dataset(files, format=fmt).to_batches(columns=columns)
+
+
+def done_rows(parts: Path) -> np.ndarray:
+    """The rows of the folder's files, sorted (8 bytes a row: only the keys, never the rows); a file that cannot
+    be read (a write cut short) is removed, and its rows are done again."""
+    arrays = []
+    for file in part_files(parts):
+        fmt = "parquet" if file.endswith(".parquet") else "json"
+        try:
+            arrays.append(pads.dataset(file, format=fmt).to_table(columns=["row"]).column("row").to_numpy())
+        except (OSError, pa.ArrowException):
+            log.warning("%s cannot be read (a write cut short?); its rows will be done again", file)
+            Path(file).unlink()
+    return np.sort(np.concatenate(arrays)) if arrays else np.zeros(0, np.int64)
 
 
 def folder_report(parts: Path) -> WriteReport:

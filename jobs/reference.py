@@ -48,7 +48,9 @@ def _type_name(hint: Any) -> str:
         return f"list of {_type_name(args[0])}"
     if dataclasses.is_dataclass(hint):
         return "mapping"
-    return {str: "string", int: "integer", float: "number", bool: "bool"}.get(hint, getattr(hint, "__name__", str(hint)))
+    return {str: "string", int: "integer", float: "number", bool: "bool"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def _default(f: dataclasses.Field) -> str:
