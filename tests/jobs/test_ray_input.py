@@ -29,7 +29,9 @@ def parquet_folder(tmp_path: Path) -> Path:
 
 
 def job(folder: Path, **input_fields) -> object:
-    return job_from_dict({"name": "j", "input": {"path": str(folder), **input_fields}, "output_dir": str(folder.parent)})
+    return job_from_dict(
+        {"name": "j", "input": {"path": str(folder), **input_fields}, "output_dir": str(folder.parent)}
+    )
 
 
 def read_all(source: RowsSource) -> list[tuple[int, int]]:
@@ -75,3 +77,37 @@ def test_without_ray_checkpointing_the_folder_s_rows_are_skipped(tmp_path):
     source.done_rows = done
     assert [row for row, _ in read_all(source)] == [3, 4, 5, 6, 7, 8, 10, 11]
     assert isinstance(source.done_rows, np.ndarray)
+
+
+def test_kvbatch_merge_writes_a_ray_folder_as_one_file_in_input_order(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvbatch import cli
+    from kvbatch.jobs.manifest import Manifest
+    from kvbatch.jobs.writer import work_dir
+
+    out = tmp_path / "answers.parquet"
+    parts = tmp_path / "answers.parquet.parts"
+    parts.mkdir()
+    part = {"row": [2, 3], "text": ["c", "d"], "finish_reason": ["stop", "length"], "error_kind": [None, None]}
+    pq.write_table(pa.table(part), parts / "part-0000-000000-x.parquet")
+    part = {"row": [0, 1], "text": ["a", None], "finish_reason": ["stop", "error"], "error_kind": [None, "bad_json"]}
+    pq.write_table(pa.table(part), parts / "part-0001-000000-y.parquet")
+    manifest = Manifest("answers", "hash", {}, out.name, "parquet", num_rows=4)
+    work_dir(out).mkdir()
+    manifest.save(work_dir(out) / "manifest.json")
+
+    result = CliRunner().invoke(cli.app, ["merge", str(out)])
+    assert result.exit_code == 1 and "unfinished" in result.output  # not before the run is complete
+    manifest.complete = True
+    manifest.save(work_dir(out) / "manifest.json")
+    result = CliRunner().invoke(cli.app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "merged 2 parts" in result.output
+    merged = pq.read_table(out)
+    assert merged.column("row").to_pylist() == [0, 1, 2, 3]
+    assert merged.column("text").to_pylist() == ["a", None, "c", "d"]
+
+    (parts / "part-0001-000000-y.parquet").unlink()  # a row missing: refused, nothing written
+    result = CliRunner().invoke(cli.app, ["merge", str(out)])
+    assert result.exit_code == 1 and "2 rows missing: [0, 1]" in result.output
