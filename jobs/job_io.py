@@ -13,10 +13,10 @@ from typing import Any
 from kvbatch.errors import SpecError
 from kvbatch.jobs.first_rows import check_first_rows
 from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
+from kvbatch.jobs.pipeline import input_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout
-from kvbatch.jobs.row_sampling import sampling_columns
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
 from kvbatch.jobs.spec import (
@@ -74,9 +74,7 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     fmt = output_format(job)
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
-    reader = open_reader(
-        job, [*prompt_columns(pspec), *sampling_columns(job), *layout.data_columns()]
-    )  # fails early on a missing input or column
+    reader = open_reader(job, input_columns(job, layout))  # fails early on a missing input or column
     if reader.columns is None and input_format(job) != "openai":  # JSONL: no schema to check the columns against
         field = next(f"prompt.{k}" for k in ("template", "messages_column", "column") if getattr(pspec, k) is not None)
         reader.rows = check_first_rows(reader.rows, prompt_columns(pspec), field)

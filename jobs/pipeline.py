@@ -27,16 +27,24 @@ from kvbatch.runner.structured_outputs import ConstraintError
 
 from .constraints import column_constraint
 from .continuations import continuation_texts, encode_for_scoring
-from .prompts import build_prompt, prompt_spec
+from .prompts import build_prompt, prompt_columns, prompt_spec
 from .reasoning import split_reasoning
 from .records import Layout, RowResult
-from .row_sampling import row_sampling
-from .rows import Row, RowError, SeenIds
+from .row_sampling import row_sampling, sampling_columns
+from .rows import KnownDuplicates, Row, RowError, SeenIds
 from .spec import JobSpec, chat_template_path, input_format
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
 
 log = logging.getLogger(__name__)
+
+
+def input_columns(job: JobSpec, layout: Layout) -> list[str]:
+    """Every input column a run of `job` reads (readers of Parquet and datasets read only these): the prompt's,
+    the rows' own sampling values, constraint, adapter and continuations, then the id and kept columns."""
+    own = [job.constraint_column, job.adapter_column, job.continuations_column if job.task == "score" else None]
+    columns = [*prompt_columns(prompt_spec(job)), *sampling_columns(job), *(c for c in own if c is not None)]
+    return list(dict.fromkeys([*columns, *layout.data_columns()]))
 
 
 @dataclass
@@ -53,10 +61,12 @@ class RowPipeline:
     """Turns rows into requests (or error rows) and results into output rows, for one job and one tokenizer.
 
     `ids`: the job's id check (a duplicate id fails its row); a runner that checks ids elsewhere passes a layout
-    without an id column. Rows a runner skips (done by an earlier run, owned by another shard) still go through
+    without an id column, or `ids` found over the whole input beforehand (KnownDuplicates). Rows a runner skips (done by an earlier run, owned by another shard) still go through
     `note_id`, so a later duplicate of their id is an error here too."""
 
-    def __init__(self, job: JobSpec, tokenizer: Any, layout: Layout) -> None:
+    def __init__(
+        self, job: JobSpec, tokenizer: Any, layout: Layout, ids: SeenIds | KnownDuplicates | None = None
+    ) -> None:
         self.job = job
         self.pspec = prompt_spec(job)
         template = chat_template_path(job).read_text(encoding="utf-8") if self.pspec.chat_template_file else None
@@ -71,7 +81,7 @@ class RowPipeline:
         self.token_bytes = TokenBytes(tokenizer) if layout.token_bytes else None
         self.top_bytes = self.token_bytes or TokenBytes(tokenizer)  # the top_logprobs' tokens
         self.base_params: SamplingParams = job.sampling
-        self.ids = SeenIds(layout.id_column)
+        self.ids = ids if ids is not None else SeenIds(layout.id_column)
         self.pending: dict[int, _Pending] = {}
         self.openai = input_format(job) == "openai"
         self.adapter_rows: Counter[str] = Counter()  # rows run on each LoRA adapter (the summary names them)

@@ -17,12 +17,10 @@ import numpy as np
 from kvbatch.cache.prefix_cache import ReuseEstimate
 from kvbatch.errors import ErrorKind
 from kvbatch.jobs.job_io import layout_for
-from kvbatch.jobs.pipeline import RowPipeline
+from kvbatch.jobs.pipeline import RowPipeline, input_columns
 from kvbatch.jobs.plan_sizing import ModelSizing, adapter_problems, model_sizing
-from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
-from kvbatch.jobs.row_sampling import sampling_columns
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.spec import JobSpec
@@ -112,9 +110,8 @@ class JobPlan:
 
 
 def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
-    pspec = prompt_spec(job)
     layout = layout_for(job, {})
-    reader = open_reader(job, [*prompt_columns(pspec), *sampling_columns(job), *layout.data_columns()])  # as a run
+    reader = open_reader(job, input_columns(job, layout))  # the columns a run reads
     sizing = model_sizing(job, engines)
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool

@@ -52,7 +52,7 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
     except OSError as exc:
         raise InputError(f"cannot open {path}: {exc}") from None
     num_rows = count_rows(path)
-    rows = _rows(handle, max_line_bytes)
+    rows = jsonl_rows(handle, max_line_bytes)
     if openai:
         rows = (openai_row(row) for row in rows)
     return Reader(rows, num_rows, None)
@@ -60,21 +60,27 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
 
 def count_rows(path: Path) -> int:
     """Non-blank lines, counted in 1 MiB chunks (fast, bounded memory), for the progress bar's total."""
+    with open(path, "rb") as f:
+        return count_rows_in(f)
+
+
+def count_rows_in(f: BinaryIO) -> int:
+    """count_rows of an open file (a Ray task counts a file in object storage this way)."""
     count = 0
     pending = False  # the current line has a non-blank byte
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            lines = chunk.split(b"\n")
-            for i, piece in enumerate(lines):
-                pending = pending or bool(piece.strip())
-                if i < len(lines) - 1:  # a newline ends this line
-                    count += pending
-                    pending = False
+    while chunk := f.read(_CHUNK_BYTES):
+        lines = chunk.split(b"\n")
+        for i, piece in enumerate(lines):
+            pending = pending or bool(piece.strip())
+            if i < len(lines) - 1:  # a newline ends this line
+                count += pending
+                pending = False
     return count + pending
 
 
-def _rows(handle: BinaryIO, max_line_bytes: int) -> Iterator[Row]:
-    index = 0
+def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> Iterator[Row]:
+    """The file's rows, numbered from `first_index` (a file after others in a Ray run's input starts there)."""
+    index = first_index
     line_no = 0
     with handle:
         while True:

@@ -297,8 +297,11 @@ def merge(
         bool, typer.Option("--overwrite", help="Replace the output even if another job spec wrote it.")
     ] = False,
 ) -> None:
-    """Join finished shard outputs into one output in input order; refuses, with a list, if rows are missing or twice."""
+    """Join finished shard outputs (or a Ray run's folder of parts) into one output in input order; refuses, with a
+    list, if rows are missing or twice."""
     from kvbatch.jobs.merge import merge_shards
+    from kvbatch.jobs.merge_parts import merge_parts
+    from kvbatch.jobs.ray_run import parts_dir
     from kvbatch.jobs.spec import output_path
 
     with _errors():
@@ -311,6 +314,10 @@ def merge(
         else:
             outputs = [target]
         for output in outputs:
+            if not shards and parts_dir(output).is_dir():  # a Ray run's folder of parts
+                report = merge_parts(output)
+                typer.echo(f"merged {report.num_shards} parts -> {report.output}: {report.num_rows} rows")
+                continue
             report = merge_shards(output, shards or None, overwrite=overwrite)
             typer.echo(
                 f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} bytes"

@@ -135,19 +135,24 @@ def test_unsupported_logprobs_requests_fail_their_row(tmp_path: Path) -> None:
     assert lines[3]["response"]["body"]["choices"][0]["logprobs"]["content"]
 
 
-def test_ray_actors_send_the_token_bytes_to_the_driver(tmp_path: Path) -> None:
-    # GenerateBatch is what each Ray actor runs; its table is all the driver gets, so the tokens must be in it.
-    import pyarrow as pa
+def test_ray_actors_write_the_token_bytes(tmp_path: Path) -> None:
+    # GenerateBatch is what each Ray actor runs; the parts it writes are all the merge gets, so the tokens must be in it.
+    from kvbatch.jobs.job_io import layout_for
+    from kvbatch.jobs.ray_data import GenerateBatch
+    from kvbatch.jobs.ray_input import block_of_rows
+    from kvbatch.jobs.rows import Row
+    from kvbatch.jobs.spec import job_from_dict
 
-    from kvbatch.jobs.ray_data import RESULT_SCHEMA, GenerateBatch
-
-    job = {"name": "j", "input": {"path": str(tmp_path / "batch.jsonl"), "format": "openai"}}
-    generate = GenerateBatch(job, engine_factory=lambda model, settings: SpellingEngine())
-    messages = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
-    batch = pa.table(
-        {"row": [0, 1], "data": [messages] * 2, "line": [1, 2], "sampling": [json.dumps({"logprobs": True}), "{}"]}
-    )
-    out = generate(batch).select(RESULT_SCHEMA.names).to_pylist()
+    job = job_from_dict({"name": "j", "input": {"path": str(tmp_path / "batch.jsonl"), "format": "openai"}})
+    layout = layout_for(job, {})
+    generate = GenerateBatch(job, engine_factory=lambda model, settings: SpellingEngine(), layout=layout)
+    messages = [{"role": "user", "content": "hi"}]
+    rows = [
+        Row(0, {"custom_id": "a", "messages": messages}, line=1, sampling={"logprobs": True}),
+        Row(1, {"custom_id": "b", "messages": messages}, line=2),
+    ]
+    out = generate(block_of_rows(rows)).to_pylist()
+    assert [r["custom_id"] for r in out] == ["a", "b"]
     assert out[0]["token_bytes"] == [[c.encode() for c in ANSWER] + [None]]  # the EOS is kept, marked special
     assert len(out[0]["logprobs"][0]) == len(ANSWER) + 1
     assert out[1]["token_bytes"] is None and out[1]["logprobs"] is None
