@@ -3,7 +3,8 @@ transformers' `generate`, and each chosen token's log-probability within 1e-4 of
 eager float32 logits, under both admission policies and with preemption forced.
 
 Tiny random configs: sliding windows of 8-16 tokens and soft-capping low enough to bite, with prompts of up to
-~100 tokens fed in chunks of 32, so every chunk, decode and recomputation crosses windows."""
+~100 tokens fed in chunks of 32, so every chunk, decode and recomputation crosses windows. gpt-oss adds
+learned attention sinks."""
 
 from __future__ import annotations
 
@@ -77,6 +78,13 @@ FAMILIES = {
     ),
     "starcoder2": lambda: tf.Starcoder2Config(**_LLAMA_LIKE, sliding_window=12),
     "olmo2": lambda: tf.Olmo2Config(**_LLAMA_LIKE),
+    "gpt_oss": lambda: tf.GptOssConfig(
+        **{**_LLAMA_LIKE, "intermediate_size": 64},
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+    ),
     "smollm3": lambda: tf.SmolLM3Config(
         **_LLAMA_LIKE, use_sliding_window=True, sliding_window=8, layer_types=_LOCAL_GLOBAL
     ),
@@ -157,3 +165,30 @@ def test_family_matches_transformers(family: str, run: str, reference) -> None:
         assert completion.token_ids == want_tokens, f"{family}: prompt {i} ({len(prompts[i])} tokens) diverged"
         torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(want_logprobs), rtol=0, atol=1e-4)
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_every_family_passes_the_load_check() -> None:
+    for family in FAMILIES:
+        layers = attention_hook.check_model(_model(family, attention_hook.ATTN_IMPLEMENTATION), family)
+        assert sorted(layers) == [0, 1], family
+
+
+def test_an_attention_argument_the_kernels_lack_is_refused_at_load() -> None:
+    model = _model("llama", attention_hook.ATTN_IMPLEMENTATION)
+    attention = model.model.layers[1].self_attn
+    forward = attention.forward
+
+    def with_bias(*args, **kwargs):  # as T5-style layers hand their relative-position bias to the attention
+        return forward(*args, **kwargs, position_bias=torch.zeros(1))
+
+    attention.forward = with_bias
+    with pytest.raises(attention_hook.UnsupportedAttentionError, match=r"'tiny-llama'.*\(layer 1\).*position_bias"):
+        attention_hook.check_model(model, "tiny-llama")
+
+
+def test_a_mask_kind_the_kernels_lack_is_refused_at_load() -> None:
+    config = tf.LlamaConfig(**_LLAMA_LIKE)
+    config.layer_types = ["full_attention", "chunked_attention"]
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_hook.ATTN_IMPLEMENTATION)
+    with pytest.raises(attention_hook.UnsupportedAttentionError, match="'tiny'.*chunked_attention"):
+        attention_hook.check_model(model, "tiny")
