@@ -30,7 +30,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from .metadata import AttentionMetadata
+from .metadata import PLAIN, AttentionMetadata, LayerAttention
 
 PAGE_MULTIPLE = 256
 
@@ -73,8 +73,15 @@ def paged_attention(
     value_cache: torch.Tensor,  # same
     meta: AttentionMetadata,
     scale: float,
+    layer: LayerAttention = PLAIN,
 ) -> torch.Tensor:  # [num_rows, num_heads, head_dim], zeros on padding rows
     check_block_size(meta.block_size)
+    if not layer.is_plain:
+        # Never run against the library, so its window and softcap arguments are not relied on untested.
+        raise ValueError(
+            "the flash-attn backend runs plain causal attention only; this model's layers use soft-capping, a "
+            "sliding window or attention sinks: use the triton backend"
+        )
     flash_attn = _flash_attn()
     num_decodes = meta.num_decodes
     out = torch.zeros_like(query)

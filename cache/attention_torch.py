@@ -7,7 +7,8 @@ to another length changes the float64 rounding by ~1e-16, far below what float32
 prompt gets the same bits alone or packed with fifty others. The GEMMs of the model are kept
 batch-invariant by the runner (it pads every step to a row count the CPU BLAS treats uniformly).
 
-Causal rule: the query at position p sees keys 0..p of its own sequence.
+Causal rule: the query at position p sees keys 0..p of its own sequence (p - W + 1..p in a layer with a
+sliding window of W). Soft-capping and sinks (metadata.LayerAttention) run in explicit float64 arithmetic.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .metadata import AttentionMetadata
+from .metadata import PLAIN, AttentionMetadata, LayerAttention
 
 # Bound on elements of a float64 score tensor built at once (about 256 MiB; torch builds it where its fused
 # CPU kernel does not run, e.g. float64 on CUDA), and on the gathered keys of a decode slice.
@@ -36,20 +37,23 @@ def write_kv(
     value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
 
 
-def _gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """[num_seqs, num_blocks * block_size, num_kv_heads, head_dim] from the first num_blocks table entries."""
-    table = block_tables[:, :num_blocks]
-    # index_select copies whole pages (about a quarter faster here than advanced indexing)
-    pages = cache.index_select(0, table.reshape(-1))  # [num_seqs * num_blocks, block_size, kvh, d]
+def _gather_run(cache: torch.Tensor, block_tables: torch.Tensor, first_block: torch.Tensor, num_blocks: int):
+    """[num_seqs, num_blocks * block_size, num_kv_heads, head_dim]: num_blocks table entries of each sequence
+    from its first_block on (entries past the table's end read page 0 and must be masked by the caller)."""
+    columns = first_block[:, None] + torch.arange(num_blocks, device=block_tables.device)  # [s, num_blocks]
+    width = block_tables.shape[1]
+    table = block_tables.gather(1, columns.clamp(max=width - 1)).masked_fill(columns >= width, 0)
+    pages = cache.index_select(0, table.reshape(-1))
     return pages.view(table.shape[0], num_blocks * cache.shape[1], *cache.shape[2:])
 
 
 def _attend(
     query: torch.Tensor,  # [num_seqs, num_heads, num_queries, head_dim] float64
-    key: torch.Tensor,  # [num_seqs, num_keys, num_kv_heads, head_dim] gathered pages, any float dtype (float64 spares a copy)
+    key: torch.Tensor,  # [num_seqs, num_keys, num_kv_heads, head_dim] gathered pages, any float (float64: no copy)
     value: torch.Tensor,  # same
     allowed: torch.Tensor,  # [num_seqs, 1, num_queries or 1, num_keys] bool
     scale: float,
+    layer: LayerAttention,
 ) -> torch.Tensor:  # [num_seqs, num_heads, num_queries, head_dim] float64
     # torch's fused attention reads each kv head's keys in place (strided views of the gathered pages) and keeps
     # query head h on kv head h // group (transformers' order). On the CPU it is one C++ loop over sequences and
@@ -58,6 +62,8 @@ def _attend(
     num_kv_heads = key.shape[2]
     key = key.to(torch.float64).transpose(1, 2)  # [s, kvh, keys, d]
     value = value.to(torch.float64).transpose(1, 2)
+    if layer.softcap or layer.sinks is not None:
+        return _attend_explicit(query, key, value, allowed, scale, layer)
     if num_queries == 1:
         # A decode: a kv head's query heads become its query rows, so each kv head's keys are read once, not
         # once per query head (a quarter faster at SmolLM2's 3 query heads per kv head).
@@ -69,24 +75,55 @@ def _attend(
     )
 
 
+def _attend_explicit(
+    query: torch.Tensor,  # [num_seqs, num_heads, num_queries, head_dim] float64
+    key: torch.Tensor,  # [num_seqs, num_kv_heads, num_keys, head_dim] float64
+    value: torch.Tensor,  # same
+    allowed: torch.Tensor,  # [num_seqs, 1, num_queries or 1, num_keys] bool
+    scale: float,
+    layer: LayerAttention,
+) -> torch.Tensor:  # [num_seqs, num_heads, num_queries, head_dim] float64
+    """Soft-capping and sinks, which torch's fused attention has no place for, in transformers' eager order:
+    scale, cap, mask, softmax over the keys and the sink together."""
+    num_seqs, num_heads, num_queries, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    grouped = query.view(num_seqs, num_kv_heads, group, num_queries, head_dim)
+    scores = grouped @ key[:, :, None].transpose(-1, -2) * scale  # [s, kvh, group, queries, keys]
+    if layer.softcap:
+        scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
+    if layer.sinks is not None:
+        sink = layer.sinks.to(torch.float64).view(1, num_kv_heads, group, 1, 1)
+        scores = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if layer.sinks is not None:
+        probs = probs[..., :-1]
+    out = probs @ value[:, :, None]  # [s, kvh, group, queries, d]
+    return out.view(num_seqs, num_heads, num_queries, head_dim)
+
+
 def paged_attention(
     query: torch.Tensor,  # [num_rows, num_heads, head_dim]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], this step's K already written
     value_cache: torch.Tensor,  # same
     meta: AttentionMetadata,
     scale: float,
+    layer: LayerAttention = PLAIN,
 ) -> torch.Tensor:  # [num_rows, num_heads, head_dim], zeros on padding rows
     out = torch.zeros_like(query)
     block_size = meta.block_size
     seq_lens = meta.seq_lens.tolist()
     starts = meta.query_start_loc.tolist()
     num_heads, head_dim = query.shape[1], query.shape[2]
+    window = layer.sliding_window
 
-    # Decodes: one query each, batched, in slices that bound the gathered keys.
+    # Decodes: one query each, batched, in slices that bound the gathered keys. A local layer gathers only the
+    # pages its window reaches.
     nd = meta.num_decodes
     if nd:
         max_len = max(max(seq_lens[:nd]), 1)
-        per_seq = max_len * num_heads * head_dim
+        per_seq = min(max_len, window + block_size if window else max_len) * num_heads * head_dim
         step = max(1, _MAX_SCORE_ELEMENTS // per_seq)
         for lo in range(0, nd, step):
             hi = min(nd, lo + step)
@@ -94,29 +131,39 @@ def paged_attention(
             longest = int(lens.max())
             if longest == 0:
                 continue  # no context at all: zeros, as the Triton kernels give
-            num_blocks = -(-longest // block_size)
-            k = _gather_pages(key_cache, meta.block_tables[lo:hi], num_blocks)
-            v = _gather_pages(value_cache, meta.block_tables[lo:hi], num_blocks)
-            positions = torch.arange(k.shape[1], device=query.device)
-            allowed = (positions[None, :] < lens[:, None])[:, None, None, :]  # [s, 1, 1, keys]
+            first_key = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)
+            first_block = first_key // block_size
+            num_blocks = int((-(-lens // block_size) - first_block).max())
+            k = _gather_run(key_cache, meta.block_tables[lo:hi], first_block, num_blocks)
+            v = _gather_run(value_cache, meta.block_tables[lo:hi], first_block, num_blocks)
+            positions = first_block[:, None] * block_size + torch.arange(k.shape[1], device=query.device)
+            allowed = ((positions < lens[:, None]) & (positions >= first_key[:, None]))[:, None, None, :]
             q = query[starts[lo] : starts[hi]].double()[:, :, None]  # [s, h, 1, d]
-            attended = _attend(q, k, v, allowed, scale)[:, :, 0]
+            attended = _attend(q, k, v, allowed, scale, layer)[:, :, 0]
             # A decode with an empty context attends to nothing: zeros (a softmax over no keys is NaN).
             out[starts[lo] : starts[hi]] = attended.masked_fill((lens == 0)[:, None, None], 0.0).to(out.dtype)
 
-    # Prefill chunks: one sequence at a time, queries sliced to bound the score tensor.
+    # Prefill chunks: one sequence at a time, queries sliced to bound the score tensor; each slice gathers the
+    # keys from its first query's window start to its last query.
     for i in range(nd, meta.num_seqs):
         row0, row1, seq_len = starts[i], starts[i + 1], seq_lens[i]
         num_queries = row1 - row0
-        num_blocks = -(-seq_len // block_size)
-        k = _gather_pages(key_cache, meta.block_tables[i : i + 1], num_blocks)
-        v = _gather_pages(value_cache, meta.block_tables[i : i + 1], num_blocks)
-        key_pos = torch.arange(k.shape[1], device=query.device)
-        step = max(1, _MAX_SCORE_ELEMENTS // (num_heads * k.shape[1]))
+        first_pos = seq_len - num_queries
+        step = max(1, _MAX_SCORE_ELEMENTS // (num_heads * (min(seq_len, window + block_size) if window else seq_len)))
         for q0 in range(0, num_queries, step):
             q1 = min(num_queries, q0 + step)
-            query_pos = seq_len - num_queries + torch.arange(q0, q1, device=query.device)
-            allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]  # [1, 1, queries, keys]
+            first_block = layer.window_start(first_pos + q0) // block_size
+            num_blocks = -(-(first_pos + q1) // block_size) - first_block
+            table = meta.block_tables[i : i + 1]
+            first = torch.tensor([first_block], device=table.device)
+            k = _gather_run(key_cache, table, first, num_blocks)
+            v = _gather_run(value_cache, table, first, num_blocks)
+            key_pos = first_block * block_size + torch.arange(k.shape[1], device=query.device)
+            query_pos = first_pos + torch.arange(q0, q1, device=query.device)
+            allowed = key_pos[None, :] <= query_pos[:, None]
+            if window:
+                allowed &= key_pos[None, :] > query_pos[:, None] - window
             q = query[row0 + q0 : row0 + q1].double().transpose(0, 1)[None]  # [1, h, queries, d]
-            out[row0 + q0 : row0 + q1] = _attend(q, k, v, allowed, scale)[0].transpose(0, 1).to(out.dtype)
+            attended = _attend(q, k, v, allowed[None, None], scale, layer)
+            out[row0 + q0 : row0 + q1] = attended[0].transpose(0, 1).to(out.dtype)
     return out

@@ -44,7 +44,7 @@ from .attention_triton_cascade import _cascade_kernel
 from .attention_triton_decode import _decode_kernel, _reduce_kernel
 from .attention_triton_prefill import _prefill_kernel
 from .attention_triton_write import _write_kv_kernel, _zero_rows_kernel
-from .metadata import AttentionMetadata
+from .metadata import PLAIN, AttentionMetadata, LayerAttention
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
@@ -193,10 +193,34 @@ def write_kv(
     )
 
 
+def _layer_args(layer: LayerAttention, meta: AttentionMetadata) -> dict[str, object]:
+    """The kernels' arguments for a layer's soft-capping, window and sinks (constexpr flags compile each
+    combination once; a layer without them runs the same code as before they existed)."""
+    if layer.sinks is not None and layer.sinks.dtype != torch.float32:
+        raise ValueError(f"sinks must be float32, got {layer.sinks.dtype}")
+    return {
+        "sinks_ptr": layer.sinks if layer.sinks is not None else meta.seq_lens,  # never read without SINKS
+        "window": layer.sliding_window,
+        "softcap2": layer.softcap * _LOG2E if layer.softcap else 1.0,
+        "WINDOW": layer.sliding_window > 0,
+        "SOFTCAP": layer.softcap > 0,
+        "SINKS": layer.sinks is not None,
+    }
+
+
 def _decode(
-    query, key_cache, value_cache, meta, scale, out, num_splits: int | None = None, prefix_splits: int | None = None
+    query,
+    key_cache,
+    value_cache,
+    meta,
+    scale,
+    out,
+    num_splits: int | None = None,
+    prefix_splits: int | None = None,
+    layer: LayerAttention = PLAIN,
 ) -> None:
-    """Writes rows 0..num_decodes-1 of out. Reads only shapes and python ints: safe to capture in a CUDA graph."""
+    """Writes rows 0..num_decodes-1 of out. Reads only shapes and python ints: safe to capture in a CUDA graph.
+    A local layer (sliding window) reads only its window, so it skips the cascade's shared prefix."""
     num_decodes = meta.num_decodes
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key_cache.shape[2]
@@ -206,7 +230,8 @@ def _decode(
     pack = _kv_pack(decode_config, num_kv_heads, head_dim, key_cache)
     if num_splits is None:
         num_splits = _decode_num_splits(num_decodes, num_kv_heads // pack, max_context_tokens, query.device)
-    cascade = meta.shared_prefix_len is not None
+    cascade = meta.shared_prefix_len is not None and not layer.sliding_window
+    layer_args = _layer_args(layer, meta)
     if cascade:
         _check_prefix_len(meta.shared_prefix_len, query.device)
         group_p = triton.next_power_of_2(group)
@@ -235,7 +260,10 @@ def _decode(
         meta.block_tables,
         meta.seq_lens,
         prefix_len,
+        layer_args["sinks_ptr"],
         scale * _LOG2E,
+        layer_args["window"],
+        layer_args["softcap2"],
         num_splits,
         num_slots,
         query.stride(0),
@@ -255,6 +283,9 @@ def _decode(
         DIRECT=direct,
         CASCADE=cascade,
         KV_PACK=pack,
+        WINDOW=layer_args["WINDOW"],
+        SOFTCAP=layer_args["SOFTCAP"],
+        SINKS=layer_args["SINKS"],
         **dtype_args,
         **decode_config,
     )
@@ -269,6 +300,7 @@ def _decode(
             meta.seq_lens,
             prefix_len,
             scale * _LOG2E,
+            layer_args["softcap2"],
             num_decodes,
             prefix_splits,
             num_splits,
@@ -285,6 +317,7 @@ def _decode(
             BLOCK_D=block_d,
             PAGE=meta.block_size,
             BLOCK_M=block_m,
+            SOFTCAP=layer_args["SOFTCAP"],
             **dtype_args,
             **cascade_config,
         )
@@ -293,6 +326,7 @@ def _decode(
             part_out,
             part_lse,
             out,
+            layer_args["sinks_ptr"],
             num_slots,
             out.stride(0),
             out.stride(1),
@@ -300,10 +334,11 @@ def _decode(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(num_slots),
+            SINKS=layer_args["SINKS"],
         )
 
 
-def _prefill(query, key_cache, value_cache, meta, scale, out) -> None:
+def _prefill(query, key_cache, value_cache, meta, scale, out, layer: LayerAttention = PLAIN) -> None:
     """Writes the rows of sequences num_decodes.. of out. Grid from meta.max_query_len (a python int)."""
     num_prefills = meta.num_seqs - meta.num_decodes
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -314,6 +349,7 @@ def _prefill(query, key_cache, value_cache, meta, scale, out) -> None:
     block_m = max(config.pop("BLOCK_M"), group_p)
     block_q = block_m // group_p
     grid = (triton.cdiv(meta.max_query_len, block_q), num_prefills, num_kv_heads)
+    layer_args = _layer_args(layer, meta)
     _prefill_kernel[grid](
         query,
         key_cache,
@@ -322,7 +358,10 @@ def _prefill(query, key_cache, value_cache, meta, scale, out) -> None:
         meta.block_tables,
         meta.seq_lens,
         meta.query_start_loc,
+        layer_args["sinks_ptr"],
         scale * _LOG2E,
+        layer_args["window"],
+        layer_args["softcap2"],
         meta.num_decodes,
         query.stride(0),
         query.stride(1),
@@ -338,6 +377,9 @@ def _prefill(query, key_cache, value_cache, meta, scale, out) -> None:
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE=meta.block_size,
         BLOCK_M=block_m,
+        WINDOW=layer_args["WINDOW"],
+        SOFTCAP=layer_args["SOFTCAP"],
+        SINKS=layer_args["SINKS"],
         **_kernel_dtype_args(query, key_cache),
         **config,
     )
@@ -367,6 +409,7 @@ def paged_attention(
     value_cache: torch.Tensor,  # same
     meta: AttentionMetadata,
     scale: float,
+    layer: LayerAttention = PLAIN,  # soft-capping, sliding window, sinks ([num_heads] float32 on query's device)
 ) -> torch.Tensor:  # [num_rows, num_heads, head_dim] query's dtype, zeros on padding rows
     num_rows, num_heads, _ = query.shape
     _check_cache(key_cache, value_cache, meta.block_size)
@@ -378,9 +421,9 @@ def paged_attention(
     if not meta.num_decodes == meta.num_seqs == num_rows:  # a pure-decode step writes every row in the kernel
         _zero_padding_rows(out, meta)
     if meta.num_decodes:
-        _decode(query, key_cache, value_cache, meta, scale, out)
+        _decode(query, key_cache, value_cache, meta, scale, out, layer=layer)
     if meta.num_seqs > meta.num_decodes:
-        _prefill(query, key_cache, value_cache, meta, scale, out)
+        _prefill(query, key_cache, value_cache, meta, scale, out, layer)
     return out
 
 

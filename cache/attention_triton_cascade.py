@@ -11,7 +11,8 @@ tile with no causal mask: every decode's query comes after the prefix). The grid
 into num_prefix_splits runs; each writes a normalised partial output and its base-2 log-sum-exp into slots
 first_slot.. of the decode's partial buffers, which the decode reduce kernel merges with the decode kernel's
 own splits over keys [L, seq_len). L is read on the device, so a CUDA graph replays with any L; L == 0
-leaves every program an empty loop and lse = -inf.
+leaves every program an empty loop and lse = -inf. Soft-capping applies here as in the decode kernel; sinks
+join in the reduce; local layers (a sliding window) never take this path.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def _cascade_kernel(
     seq_lens_ptr,
     prefix_len_ptr,
     qk_scale,
+    softcap2,
     num_decodes,
     num_prefix_splits,
     first_slot,
@@ -53,6 +55,7 @@ def _cascade_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     m_block = tl.program_id(0)  # fastest: neighbouring programs read the same K/V tiles (L2 reuse)
     kv_head = tl.program_id(1)
@@ -101,7 +104,11 @@ def _cascade_kernel(
             stride_c_token,
             d,
             d_mask,
+            0,
+            softcap2,
             False,
+            False,
+            SOFTCAP,
             PAGE,
             BLOCK_N,
             UPCAST,

@@ -27,7 +27,7 @@ import triton.language as tl
 from .attention_triton_tile import _attend_tile
 
 
-@triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_q_head", "stride_o_head", "stride_bt_seq"])
+@triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_q_head", "stride_o_head", "stride_bt_seq", "window"])
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -38,7 +38,10 @@ def _decode_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     prefix_len_ptr,
+    sinks_ptr,
     qk_scale,
+    window,
+    softcap2,
     num_splits,
     num_slots,
     stride_q_row,
@@ -61,6 +64,9 @@ def _decode_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     KV_PACK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     # One grid axis for (sequence, kv-head pack), packs fastest: a sequence's programs launch side by side and read
     # its pages together (1-2% faster than sequence-major on the H200 at 512 decodes), and the first axis holds
@@ -72,6 +78,8 @@ def _decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     if CASCADE:  # keys below L are the shared prefix, attended by the cascade kernel
         key_lo = tl.load(prefix_len_ptr)
+    elif WINDOW:  # a local layer: the last `window` keys, every one visible to the query (no cascade)
+        key_lo = tl.maximum(seq_len - window, 0)
     else:
         key_lo = 0
     num_tiles = tl.cdiv(tl.maximum(seq_len - key_lo, 0), BLOCK_N)
@@ -113,13 +121,23 @@ def _decode_kernel(
             stride_c_token,
             d,
             d_mask,
+            window,
+            softcap2,
             False,
+            False,
+            SOFTCAP,
             PAGE,
             BLOCK_N,
             UPCAST,
             PRECISION,
         )
 
+    if DIRECT and SINKS:  # one split: the sink joins the denominator here (else in the reduce)
+        sink = tl.load(sinks_ptr + head, mask=head_mask, other=0.0) * 1.4426950408889634  # log2 units
+        m_all = tl.maximum(m_i, sink)
+        keep = tl.exp2(m_i - m_all)
+        acc = acc * keep[:, None]
+        l_i = l_i * keep + tl.exp2(sink - m_all)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split leaves zeros, not NaN
     if DIRECT:  # a single split: no partials, no reduce
         tl.store(
@@ -139,6 +157,7 @@ def _reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
     out_ptr,
+    sinks_ptr,
     num_splits,
     stride_o_row,
     stride_o_head,
@@ -146,6 +165,7 @@ def _reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -154,6 +174,9 @@ def _reduce_kernel(
     base = (row * NUM_HEADS + head) * num_splits
     lse = tl.load(part_lse_ptr + base + s, mask=s < num_splits, other=float("-inf"))
     m = tl.max(lse, 0)
+    if SINKS:  # the head's learned logit joins the denominator, in log2 units
+        sink = tl.load(sinks_ptr + head) * 1.4426950408889634
+        m = tl.maximum(m, sink)
     m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): weights 0, output 0
     w = tl.exp2(lse - m)
     # An empty split (lse -inf) may leave its output slot unwritten (the cascade kernel's do): never read it,
@@ -165,6 +188,8 @@ def _reduce_kernel(
         other=0.0,
     )
     denom = tl.sum(w, 0)
+    if SINKS:
+        denom += tl.exp2(sink - m)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(
         out_ptr + row * stride_o_row + head * stride_o_head + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM

@@ -13,7 +13,7 @@ from .attention_triton_tile import _attend_tile
 
 
 # Integers that change from step to step are not specialised on (=1, multiple of 16): one compile serves all.
-@triton.jit(do_not_specialize=["first_seq", "stride_q_head", "stride_o_head", "stride_bt_seq"])
+@triton.jit(do_not_specialize=["first_seq", "stride_q_head", "stride_o_head", "stride_bt_seq", "window"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -22,7 +22,10 @@ def _prefill_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_ptr,
+    sinks_ptr,
     qk_scale,
+    window,
+    softcap2,
     first_seq,
     stride_q_row,
     stride_q_head,
@@ -41,6 +44,9 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P  # query tokens per program
     q_block = tl.program_id(0)
@@ -76,56 +82,36 @@ def _prefill_kernel(
     lo_pos = first_pos + q_block * BLOCK_Q
     hi_pos = tl.minimum(lo_pos + BLOCK_Q, seq_len)  # one past the last key any row here may see
     hi_pos = tl.where(q_block * BLOCK_Q < q_len, hi_pos, 0)
-    # Keys below the first row's position are visible to every row: no causal mask needed there.
-    full_end = tl.minimum((lo_pos + 1) // BLOCK_N * BLOCK_N, hi_pos // BLOCK_N * BLOCK_N)
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            q,
-            acc,
-            m_i,
-            l_i,
-            k_cache_ptr,
-            v_cache_ptr,
-            table_ptr,
-            n0,
-            seq_len,
-            row_pos,
-            qk_scale,
-            kv_head_offset,
-            stride_c_block,
-            stride_c_token,
-            d,
-            d_mask,
-            False,
-            PAGE,
-            BLOCK_N,
-            UPCAST,
-            PRECISION,
-        )
-    for n0 in range(full_end, hi_pos, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            q,
-            acc,
-            m_i,
-            l_i,
-            k_cache_ptr,
-            v_cache_ptr,
-            table_ptr,
-            n0,
-            seq_len,
-            row_pos,
-            qk_scale,
-            kv_head_offset,
-            stride_c_block,
-            stride_c_token,
-            d,
-            d_mask,
-            True,
-            PAGE,
-            BLOCK_N,
-            UPCAST,
-            PRECISION,
-        )
+    if WINDOW:  # from the tile of the first row's window start, every tile masked
+        win_lo = tl.maximum(lo_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(win_lo, hi_pos, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos, qk_scale,
+                kv_head_offset, stride_c_block, stride_c_token, d, d_mask, window, softcap2,
+                True, True, SOFTCAP, PAGE, BLOCK_N, UPCAST, PRECISION,
+            )  # fmt: skip
+    else:
+        # Keys below the first row's position are visible to every row: no causal mask needed there.
+        full_end = tl.minimum((lo_pos + 1) // BLOCK_N * BLOCK_N, hi_pos // BLOCK_N * BLOCK_N)
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos, qk_scale,
+                kv_head_offset, stride_c_block, stride_c_token, d, d_mask, window, softcap2,
+                False, False, SOFTCAP, PAGE, BLOCK_N, UPCAST, PRECISION,
+            )  # fmt: skip
+        for n0 in range(full_end, hi_pos, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_ptr, n0, seq_len, row_pos, qk_scale,
+                kv_head_offset, stride_c_block, stride_c_token, d, d_mask, window, softcap2,
+                True, False, SOFTCAP, PAGE, BLOCK_N, UPCAST, PRECISION,
+            )  # fmt: skip
+
+    if SINKS:  # the sink joins the denominator: rescale both to max(m_i, sink)
+        sink = tl.load(sinks_ptr + head, mask=row_mask, other=0.0) * 1.4426950408889634  # log2 units
+        m_all = tl.maximum(m_i, sink)
+        keep = tl.exp2(m_i - m_all)
+        acc = acc * keep[:, None]
+        l_i = l_i * keep + tl.exp2(sink - m_all)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(

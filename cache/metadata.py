@@ -15,6 +15,15 @@ sequence i < num_decodes reads its first L keys from the same pages as decode 0
 outside them (L <= seq_lens[i] - 1). The Triton decode then reads those pages once per kv head for all
 decodes ("cascade"). A device tensor, not an int, so a captured CUDA graph replays with each step's L.
 Decodes with L >= seq_lens[i] (a graph bucket's seq_len-0 filler) come out zero. Other backends ignore it.
+
+LayerAttention is what one layer's attention adds to that causal softmax(scale * q k^T) v, as transformers
+hands it to the attention function (attention_hook reads it from the layer's own arguments):
+
+    softcap:         scores become softcap * tanh(scores / softcap), after scaling, before the mask (Gemma 2)
+    sliding_window:  W > 0: the query at position p sees keys max(0, p - W + 1) .. p only (transformers'
+                     `kv_idx > q_idx - sliding_window`); local layers have it, global ones do not
+    sinks:           [num_heads] float32, one learned logit per query head that joins every softmax's
+                     denominator and contributes no value (gpt-oss's `s_aux`)
 """
 
 from __future__ import annotations
@@ -22,6 +31,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    softcap: float = 0.0  # 0: no soft-capping
+    sliding_window: int = 0  # 0: the whole context
+    sinks: torch.Tensor | None = None  # [num_heads] float32 on the step's device; None: no sinks
+
+    @property
+    def is_plain(self) -> bool:
+        return not self.softcap and not self.sliding_window and self.sinks is None
+
+    def window_start(self, position: int) -> int:
+        """The first key position the query at `position` sees."""
+        return max(0, position - self.sliding_window + 1) if self.sliding_window else 0
+
+
+PLAIN = LayerAttention()
 
 
 @dataclass

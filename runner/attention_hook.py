@@ -4,6 +4,11 @@ Every supported model calls `attention_interface(module, query, key, value, mask
 after its rotary embedding; the kwargs given to the model's forward reach it unchanged. The runner
 passes a `StepContext` as `kvbatch_step`, so this function writes the step's K/V into the pages of
 layer `module.layer_idx` and attends over them. The model itself keeps no cache.
+
+The mask transformers builds is not used: the paged kernels build causal (and sliding-window) masks from
+positions. So every other argument a layer passes must be one the kernels implement (`softcap`,
+`sliding_window`, attention sinks as `s_aux` or `sinks`) or one that changes nothing at inference; any other
+is refused, by `check_model` when the model loads and again at every call, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -15,9 +20,21 @@ from transformers import AttentionInterface
 
 from kvbatch.cache.backends import AttentionBackend
 from kvbatch.cache.kv_cache import KVCache
-from kvbatch.cache.metadata import AttentionMetadata
+from kvbatch.cache.metadata import PLAIN, AttentionMetadata, LayerAttention
 
 ATTN_IMPLEMENTATION = "kvbatch_paged"
+
+# Arguments that change nothing at inference (the forward's own kwargs passed through, and the cache flags).
+_INERT = frozenset(
+    {"kvbatch_step", "position_ids", "cache_position", "use_cache", "output_attentions", "output_router_logits"}
+)
+_SINK_NAMES = ("s_aux", "sinks")
+# Layer kinds of config.layer_types whose mask is causal (within a window for the sliding ones).
+_LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+
+
+class UnsupportedAttentionError(ValueError):
+    """A model's attention asks for something kvbatch's paged attention does not compute."""
 
 
 @dataclass
@@ -25,6 +42,43 @@ class StepContext:
     meta: AttentionMetadata
     kv_cache: KVCache
     backend: AttentionBackend
+
+
+class _Probe:
+    """Passed as kvbatch_step by check_model: each layer records what it asks for, and attends to nothing."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, LayerAttention] = {}
+
+
+def layer_attention(module: torch.nn.Module, dropout: float, kwargs: dict) -> LayerAttention:
+    """What the layer's arguments add to plain causal attention; raises UnsupportedAttentionError for any
+    argument the paged kernels would ignore."""
+    where = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+    if dropout:
+        raise UnsupportedAttentionError(f"{where} passes attention dropout {dropout}; kvbatch runs models in eval mode")
+    if kwargs.get("is_causal", True) is False:
+        raise UnsupportedAttentionError(f"{where} asks for non-causal attention (is_causal=False)")
+    unknown = sorted(
+        name
+        for name, value in kwargs.items()
+        if name not in _INERT
+        and name not in ("softcap", "sliding_window", "is_causal", *_SINK_NAMES)
+        and value is not None
+    )
+    if unknown:
+        raise UnsupportedAttentionError(
+            f"{where} passes the attention argument(s) {', '.join(unknown)}, which kvbatch's paged attention "
+            "does not implement"
+        )
+    softcap = kwargs.get("softcap") or 0.0
+    window = kwargs.get("sliding_window") or 0
+    sinks = next((kwargs[name] for name in _SINK_NAMES if kwargs.get(name) is not None), None)
+    if softcap == 0.0 and window == 0 and sinks is None:
+        return PLAIN
+    if sinks is not None:
+        sinks = sinks.detach().reshape(-1).to(torch.float32)  # [num_heads]
+    return LayerAttention(softcap=float(softcap), sliding_window=int(window), sinks=sinks)
 
 
 def paged_attention_forward(
@@ -37,12 +91,16 @@ def paged_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:  # ([1, num_rows, num_heads, head_dim], no weights)
-    step: StepContext | None = kwargs.get("kvbatch_step")
+    step: StepContext | _Probe | None = kwargs.get("kvbatch_step")
     if step is None:
         raise RuntimeError(
             f"attention implementation {ATTN_IMPLEMENTATION!r} needs a kvbatch step context; "
             f"this model was loaded for kvbatch's engine and cannot run model.generate()"
         )
+    layer_options = layer_attention(module, dropout, kwargs)
+    if isinstance(step, _Probe):
+        step.layers[module.layer_idx] = layer_options
+        return torch.zeros_like(query).transpose(1, 2), None
     layer = module.layer_idx
     q = query[0].transpose(0, 1)  # [num_rows, num_heads, head_dim]
     k = key[0].transpose(0, 1)  # [num_rows, num_kv_heads, head_dim]
@@ -50,8 +108,48 @@ def paged_attention_forward(
     key_cache, value_cache = step.kv_cache.key[layer], step.kv_cache.value[layer]
     step.backend.write_kv(key_cache, value_cache, k, v, step.meta.slot_mapping)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = step.backend.paged_attention(q, key_cache, value_cache, step.meta, scale)
+    out = step.backend.paged_attention(q, key_cache, value_cache, step.meta, scale, layer_options)
     return out.unsqueeze(0), None
+
+
+def _check_config(config, name: str) -> None:
+    kinds = set(getattr(config, "layer_types", None) or ()) - _LAYER_KINDS
+    if kinds:
+        raise UnsupportedAttentionError(
+            f"model {name!r} has layers of kind {', '.join(sorted(kinds))} (config.layer_types), whose masks "
+            "kvbatch's paged attention does not build"
+        )
+    for field in ("attention_chunk_size", "use_bidirectional_attention"):
+        if getattr(config, field, None):
+            raise UnsupportedAttentionError(
+                f"model {name!r} sets config.{field}, a mask kvbatch's paged attention does not build"
+            )
+
+
+@torch.inference_mode()
+def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
+    """Refuse, at load, a model whose attention asks for anything the paged kernels do not compute: one
+    forward of one token records every layer's arguments (the layers attend to nothing, so it costs only the
+    GEMMs of one token). Returns each layer's LayerAttention. Raises UnsupportedAttentionError."""
+    config = model.config
+    _check_config(config, name)
+    probe = _Probe()
+    device = next(model.parameters()).device
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    try:
+        model(input_ids=token, position_ids=torch.zeros_like(token), use_cache=False, kvbatch_step=probe)
+    except UnsupportedAttentionError as exc:
+        raise UnsupportedAttentionError(f"model {name!r}: {exc}") from None
+    layer_types = getattr(config, "layer_types", None)
+    for index, layer in probe.layers.items():
+        # The mask transformers would build must be the one the kernels build from the layer's arguments.
+        if layer_types and index < len(layer_types) and layer_types[index] == "sliding_attention":
+            if not layer.sliding_window:
+                raise UnsupportedAttentionError(
+                    f"model {name!r}: layer {index} is a sliding-window layer (config.layer_types) but passes no "
+                    "sliding_window to its attention"
+                )
+    return probe.layers
 
 
 def register() -> None:

@@ -86,6 +86,10 @@ def unfusable_reason(model: nn.Module) -> str | None:
         return (
             f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(sorted(FUSABLE_MODEL_TYPES))}"
         )
+    # The fused layers attend to the whole context: a local layer's window runs through transformers' layers.
+    windowed = config.model_type == "mistral" or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    if windowed and getattr(config, "sliding_window", None):
+        return "the model has sliding-window layers"
     if getattr(config, "hidden_act", None) != "silu":
         return f"activation {getattr(config, 'hidden_act', None)!r} is not silu"
     base = getattr(model, "model", None)

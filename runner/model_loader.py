@@ -198,8 +198,8 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
 
 _UNSUPPORTED = (
     "model {name!r} cannot run on kvbatch's paged attention: {why}. kvbatch runs the models whose attention goes "
-    "through transformers' attention interface (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi, GPT-2, OPT, GPT-NeoX, "
-    "StarCoder2, OLMo 2, ...)"
+    "through transformers' attention interface (Llama, Mistral, Qwen2/3, Qwen3-MoE, Gemma 1-3, Phi, Phi-3, GPT-2, "
+    "OPT, GPT-NeoX, GPT-BigCode, StarCoder2, OLMo 2, gpt-oss, SmolLM3)"
 )
 _DEFAULT_HINT = "; remove the converted default model's folder (see KVBATCH_CACHE) and it is converted again"
 
@@ -218,21 +218,11 @@ def _check_weights(name: str, info: dict) -> None:
 
 
 def context_length(config, requested: int | None) -> int:
+    # Sliding-window layers attend to their window in the paged kernels, so the whole native context runs.
     native = getattr(config, "max_position_embeddings", None) or 2048
-    window = getattr(config, "sliding_window", None)
-    capped = bool(window and getattr(config, "use_sliding_window", True) and window < native)
-    if capped:
-        # kvbatch attends to the whole context; past the window the model would differ from its training.
-        logger.info("capping the context at the model's sliding window of %d tokens", window)
-        native = window
     if requested is None:
         return native
     if requested > native:
-        if capped:
-            raise ContextLengthError(
-                f"max_model_len {requested} exceeds {native} tokens, the model's sliding window: kvbatch "
-                "attends to the whole context in every layer, so past the window it would differ from the model"
-            )
         raise ContextLengthError(f"max_model_len {requested} exceeds the model's context of {native} tokens")
     return requested
 
@@ -325,6 +315,10 @@ def load_model(
             )
         )
     model.to(torch_device).eval()
+    try:
+        attention_hook.check_model(model, name)
+    except attention_hook.UnsupportedAttentionError as exc:
+        raise ModelLoadError(f"{exc}; kvbatch would compute another model's numbers, so it does not load it") from exc
     if torch_device.type == "cpu" and torch_dtype == torch.float32:
         use_onednn_linears(model)  # AVX-512 GEMMs on any x86 CPU (MKL uses them only on Intel's)
     return LoadedModel(

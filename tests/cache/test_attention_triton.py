@@ -24,7 +24,7 @@ from kvbatch.cache import (  # noqa: E402
     attention_triton,
 )
 from kvbatch.cache.block_table import num_blocks_for, slots_for  # noqa: E402
-from kvbatch.cache.metadata import AttentionMetadata  # noqa: E402
+from kvbatch.cache.metadata import PLAIN, AttentionMetadata, LayerAttention  # noqa: E402
 
 if not CUDA and not isinstance(attention_triton._write_kv_kernel, InterpretedFunction):
     # Another module imported the kernels before the variable was set: decorate them again, interpreted,
@@ -88,10 +88,10 @@ def make_step(seqs, *, block_size, num_heads, num_kv_heads, head_dim, dtype, num
     return query, key_cache, value_cache, meta
 
 
-def check(query, key_cache, value_cache, meta, scale=None):
+def check(query, key_cache, value_cache, meta, scale=None, layer=PLAIN):
     scale = scale if scale is not None else query.shape[-1] ** -0.5
-    got = attention_triton.paged_attention(query, key_cache, value_cache, meta, scale)
-    want = attention_torch.paged_attention(query, key_cache, value_cache, meta, scale)
+    got = attention_triton.paged_attention(query, key_cache, value_cache, meta, scale, layer)
+    want = attention_torch.paged_attention(query, key_cache, value_cache, meta, scale, layer)
     tol = TOLERANCE[query.dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     return got
@@ -162,6 +162,43 @@ def test_random_chunk_boundaries(block_size):
         seed=block_size,
     )
     check(*step)
+
+
+def _layers(num_heads: int) -> dict[str, LayerAttention]:
+    sinks = torch.linspace(-2.0, 3.0, num_heads, device=DEVICE)  # [num_heads] float32, some above the scores
+    return {
+        "softcap": LayerAttention(softcap=1.5),
+        "window": LayerAttention(sliding_window=7),
+        "window-of-one": LayerAttention(sliding_window=1),
+        "sinks": LayerAttention(sinks=sinks),
+        "all": LayerAttention(softcap=2.0, sliding_window=12, sinks=sinks),
+    }
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("name", list(_layers(1)))
+def test_layer_options_match_reference(monkeypatch, name, num_splits):
+    # Soft-capping, a window shorter than the prompts and chunks (so chunks start inside, at and past it), and
+    # sinks; decodes through one split (DIRECT: the sink in the decode kernel) and several (in the reduce).
+    monkeypatch.setattr(attention_triton, "_decode_num_splits", lambda *args: num_splits)
+    num_heads = 8 if CUDA else 6
+    limit = 2000 if CUDA else 40
+    rng = random.Random(num_splits)
+    seqs = [(rng.randrange(limit), 1) for _ in range(3)] + [(0, 1)]
+    seqs += [(0, 25), (5, 20), (rng.randrange(limit), rng.randrange(1, limit)), (30, 3)]
+    step = make_step(
+        seqs,
+        block_size=4,
+        num_heads=num_heads,
+        num_kv_heads=2,
+        head_dim=64 if CUDA else 16,
+        dtype=torch.float32,
+        num_decodes=4,
+        num_pad_rows=2,
+        seed=9,
+    )
+    out = check(*step, layer=_layers(num_heads)[name])
+    assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -22,6 +22,8 @@ from test_attention_triton import (
     without_host_sync,
 )
 
+from kvbatch.cache.metadata import PLAIN, LayerAttention
+
 # (block_size, num_heads, num_kv_heads, head_dim): GQA groups 2, 1, 4 and 3 (SmolLM2-135M has 9/3).
 CPU_SHAPES = [(8, 4, 2, 16), (4, 2, 2, 16), (16, 8, 2, 16), (8, 6, 2, 32)]
 CUDA_SHAPES = [(16, 32, 8, 64), (16, 32, 8, 128), (16, 16, 16, 64), (32, 9, 3, 64), (16, 16, 2, 128)]
@@ -59,21 +61,21 @@ def share_prefix(meta, num_blocks):
     return unshared, shared
 
 
-def check_cascade(query, kc, vc, meta, num_blocks, scale=None):
+def check_cascade(query, kc, vc, meta, num_blocks, scale=None, layer=PLAIN):
     """The cascade, on shared and on unshared tables, equals the reference on the shared ones."""
     scale = scale if scale is not None else query.shape[-1] ** -0.5
     unshared, shared = share_prefix(meta, num_blocks)
-    want = attention_torch.paged_attention(query, kc, vc, shared, scale).float()
+    want = attention_torch.paged_attention(query, kc, vc, shared, scale, layer).float()
     tol = TOLERANCE[query.dtype]
     worst = 0.0
     for tables in (shared, unshared):
-        got = attention_triton.paged_attention(query, kc, vc, tables, scale)
+        got = attention_triton.paged_attention(query, kc, vc, tables, scale, layer)
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
         worst = max(worst, float((got.float() - want).abs().max()))
     if num_blocks:
         # Measured against the kernel's own error, not the dtype's tolerance: over 2,000 shared keys a bf16
         # decode differs from its unshared twin by ~0.1, under the bf16 tolerance but 100x the kernel's error.
-        own = attention_torch.paged_attention(query, kc, vc, unshared, scale).float()
+        own = attention_torch.paged_attention(query, kc, vc, unshared, scale, layer).float()
         nd = meta.num_decodes
         gap = float((own[1:nd] - want[1:nd]).abs().max())
         assert gap > 20 * max(worst, 1e-5), (
@@ -124,6 +126,32 @@ def test_cascade_with_splits(monkeypatch, nan_buffers, num_splits, prefix_splits
         seed=13,
     )
     check_cascade(*step, num_blocks)
+
+
+@pytest.mark.parametrize("num_splits,prefix_splits", [(1, 2), (3, 1)])
+def test_cascade_with_softcap_and_sinks(monkeypatch, nan_buffers, num_splits, prefix_splits):
+    # The shared prefix's scores are capped like the rest, and the sink joins the merged softmax once.
+    monkeypatch.setattr(attention_triton, "_decode_num_splits", lambda *args: num_splits)
+    monkeypatch.setattr(attention_triton, "_cascade_num_splits", lambda *args: prefix_splits)
+    seqs = decode_seqs(5, 4 * 8, 40, seed=14)
+    step = make_step(
+        seqs, block_size=8, num_heads=8, num_kv_heads=2, head_dim=16, dtype=torch.float32, num_decodes=5, seed=15
+    )
+    layer = LayerAttention(softcap=2.0, sinks=torch.linspace(-1.0, 2.0, 8, device=DEVICE))
+    check_cascade(*step, 4, layer=layer)
+
+
+def test_a_local_layer_ignores_the_shared_prefix(nan_buffers):
+    # A sliding-window layer reads only its window: the shared prefix (mostly outside it) must not be attended.
+    seqs = decode_seqs(4, 4 * 8, 20, seed=16)
+    query, kc, vc, meta = make_step(
+        seqs, block_size=8, num_heads=4, num_kv_heads=2, head_dim=16, dtype=torch.float32, num_decodes=4, seed=17
+    )
+    unshared, _ = share_prefix(meta, 4)
+    layer = LayerAttention(sliding_window=10)
+    want = attention_torch.paged_attention(query, kc, vc, meta, 0.25, layer)
+    got = attention_triton.paged_attention(query, kc, vc, unshared, 0.25, layer)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
 
 
 def test_zero_prefix_len_reads_nothing_shared(nan_buffers):

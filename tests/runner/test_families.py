@@ -1,0 +1,194 @@
+"""Every model family the README names gives the model's own numbers on the engine: greedy tokens equal to
+transformers' `generate`, and each chosen token's log-probability within 1e-4 of log_softmax of transformers'
+eager float32 logits, under both admission policies and with preemption forced.
+
+Tiny random configs: sliding windows of 8-16 tokens and soft-capping low enough to bite, with prompts of up to
+~100 tokens fed in chunks of 32, so every chunk, decode and recomputation crosses windows. gpt-oss adds
+learned attention sinks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers as tf
+from tiny_models import EOS_ID, VOCAB_SIZE, word_tokenizer
+
+from kvbatch.runner import attention_hook
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.model_loader import LoadedModel
+from kvbatch.runner.request import GenerationRequest, SamplingParams
+
+_IDS = dict(vocab_size=VOCAB_SIZE, bos_token_id=0, eos_token_id=EOS_ID, pad_token_id=0)
+_LLAMA_LIKE = dict(
+    _IDS,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,
+)
+_LOCAL_GLOBAL = ["sliding_attention", "full_attention"]
+
+# The README's list of families ("How it works", "Models"), each as a tiny config that exercises what it adds.
+FAMILIES = {
+    "llama": lambda: tf.LlamaConfig(**_LLAMA_LIKE),
+    "mistral": lambda: tf.MistralConfig(**_LLAMA_LIKE, sliding_window=8),
+    "qwen2": lambda: tf.Qwen2Config(**_LLAMA_LIKE, use_sliding_window=True, sliding_window=12, max_window_layers=1),
+    "qwen3": lambda: tf.Qwen3Config(
+        **_LLAMA_LIKE, head_dim=32, use_sliding_window=True, sliding_window=10, max_window_layers=1
+    ),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(
+        **_LLAMA_LIKE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2
+    ),
+    "gemma": lambda: tf.GemmaConfig(**_LLAMA_LIKE, head_dim=16),
+    "gemma2": lambda: tf.Gemma2Config(
+        **_LLAMA_LIKE, head_dim=16, sliding_window=8, attn_logit_softcapping=2.0, final_logit_softcapping=30.0
+    ),
+    "gemma3": lambda: tf.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16, sliding_window=8, layer_types=_LOCAL_GLOBAL),
+    "phi": lambda: tf.PhiConfig(
+        **{k: v for k, v in _LLAMA_LIKE.items() if k != "num_key_value_heads"}, partial_rotary_factor=0.5
+    ),
+    "phi3": lambda: tf.Phi3Config(**_LLAMA_LIKE, sliding_window=16),
+    "gpt2": lambda: tf.GPT2Config(**_IDS, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.2),
+    "opt": lambda: tf.OPTConfig(
+        **_IDS,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=512,
+        init_std=0.2,
+    ),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(
+        **_IDS,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+    ),
+    "gpt_bigcode": lambda: tf.GPTBigCodeConfig(
+        **_IDS, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.2
+    ),
+    "starcoder2": lambda: tf.Starcoder2Config(**_LLAMA_LIKE, sliding_window=12),
+    "olmo2": lambda: tf.Olmo2Config(**_LLAMA_LIKE),
+    "gpt_oss": lambda: tf.GptOssConfig(
+        **{**_LLAMA_LIKE, "intermediate_size": 64},
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+    ),
+    "smollm3": lambda: tf.SmolLM3Config(
+        **_LLAMA_LIKE, use_sliding_window=True, sliding_window=8, layer_types=_LOCAL_GLOBAL
+    ),
+}
+
+NUM_PROMPTS = 4
+MAX_NEW_TOKENS = 6
+RUNS = {  # name: (policy, num_blocks_override, preemption expected)
+    "optimistic": ("optimistic", 256, False),
+    "reserve": ("reserve", 256, False),
+    "preempted": ("optimistic", 36, True),
+}
+
+
+def _model(family: str, attn: str) -> torch.nn.Module:
+    attention_hook.register()
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=attn, dtype=torch.float32).eval()
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(5)
+    return [[rng.randrange(2, VOCAB_SIZE) for _ in range(n)] for n in (100, 61, 23, 9)][:NUM_PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """Per family: transformers' greedy tokens (eager attention) and the log-probabilities of those tokens."""
+    cache: dict[str, list[tuple[list[int], list[float]]]] = {}
+
+    def get(family: str) -> list[tuple[list[int], list[float]]]:
+        if family not in cache:
+            model = _model(family, "eager")
+            rows = []
+            for prompt in _prompts():
+                out = model.generate(
+                    torch.tensor([prompt]),
+                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    do_sample=False,
+                    eos_token_id=EOS_ID,
+                    pad_token_id=0,
+                )
+                tokens = out[0, len(prompt) :].tolist()
+                with torch.no_grad():
+                    logits = model(out).logits[0, len(prompt) - 1 : -1].float()  # [new, vocab]
+                logprobs = torch.log_softmax(logits, -1).gather(1, out[0, len(prompt) :, None])[:, 0]
+                rows.append((tokens, logprobs.tolist()))
+            cache[family] = rows
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_transformers(family: str, run: str, reference) -> None:
+    policy, num_blocks, preempts = RUNS[run]
+    loaded = LoadedModel(
+        _model(family, attention_hook.ATTN_IMPLEMENTATION),
+        word_tokenizer(),
+        f"tiny-{family}",
+        (EOS_ID,),
+        512,
+        torch.device("cpu"),
+        torch.float32,
+    )
+    config = EngineConfig(
+        policy=policy, block_size=4, num_blocks_override=num_blocks, max_num_batched_tokens=32, prefix_cache=False
+    )
+    engine = Engine.from_loaded(loaded, config)
+    params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, logprobs=True)
+    prompts = _prompts()
+    got = {r.request_id: r for r in engine.generate(GenerationRequest(i, p, params) for i, p in enumerate(prompts))}
+    assert (engine.stats.num_preemptions > 0) == preempts, engine.stats
+    for i, (want_tokens, want_logprobs) in enumerate(reference(family)):
+        completion = got[i].completions[0]
+        assert completion.token_ids == want_tokens, f"{family}: prompt {i} ({len(prompts[i])} tokens) diverged"
+        torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(want_logprobs), rtol=0, atol=1e-4)
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_every_family_passes_the_load_check() -> None:
+    for family in FAMILIES:
+        layers = attention_hook.check_model(_model(family, attention_hook.ATTN_IMPLEMENTATION), family)
+        assert sorted(layers) == [0, 1], family
+
+
+def test_an_attention_argument_the_kernels_lack_is_refused_at_load() -> None:
+    model = _model("llama", attention_hook.ATTN_IMPLEMENTATION)
+    attention = model.model.layers[1].self_attn
+    forward = attention.forward
+
+    def with_bias(*args, **kwargs):  # as T5-style layers hand their relative-position bias to the attention
+        return forward(*args, **kwargs, position_bias=torch.zeros(1))
+
+    attention.forward = with_bias
+    with pytest.raises(attention_hook.UnsupportedAttentionError, match=r"'tiny-llama'.*\(layer 1\).*position_bias"):
+        attention_hook.check_model(model, "tiny-llama")
+
+
+def test_a_mask_kind_the_kernels_lack_is_refused_at_load() -> None:
+    config = tf.LlamaConfig(**_LLAMA_LIKE)
+    config.layer_types = ["full_attention", "chunked_attention"]
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_hook.ATTN_IMPLEMENTATION)
+    with pytest.raises(attention_hook.UnsupportedAttentionError, match="'tiny'.*chunked_attention"):
+        attention_hook.check_model(model, "tiny")
