@@ -162,7 +162,7 @@ def throughput(
     ] = False,
     json_path: JsonOpt = None,
 ) -> None:
-    """Output and total tokens/s of kvbatch on a workload, the share of the roofline, and the peers with --compare hf."""
+    """Output and total tokens/s of kvbatch on a workload, the share of the roofline, and the peers (--compare hf)."""
     import torch
 
     from kvbatch.bench.bound import workload_bound
@@ -295,7 +295,8 @@ def check(
     model: Annotated[
         str | None,
         typer.Option(
-            help="A real model (a folder, a .gguf file or 'default') instead of a random shape; its prompts come from --prompts."
+            help="A real model (a folder, a .gguf file or 'default') instead of a random shape; "
+            "its prompts come from --prompts."
         ),
     ] = None,
     prompts: Annotated[

@@ -213,7 +213,8 @@ def _collect(queue: Any, procs: list[Any], barrier: Any) -> list[dict]:
                     if proc.is_alive():
                         proc.kill()
                 raise SystemExit(
-                    f"parallel_bench: process {failed[0].name} exited with code {failed[0].exitcode} (its error is above)"
+                    f"parallel_bench: process {failed[0].name} exited with code {failed[0].exitcode} (its error is "
+                    "above)"
                 ) from None
     return results
 

@@ -36,7 +36,8 @@ class Workload:
         return max(len(r.prompt_token_ids) + r.sampling.max_new_tokens for r in self.requests)
 
     def describe(self) -> str:
-        return f"{self.name}: {len(self.requests)} prompts, {self.num_prompt_tokens} prompt tokens, {self.num_output_tokens} output tokens"
+        tokens = f"{self.num_prompt_tokens} prompt tokens, {self.num_output_tokens} output tokens"
+        return f"{self.name}: {len(self.requests)} prompts, {tokens}"
 
 
 LORA_COUNT = 8

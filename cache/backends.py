@@ -47,7 +47,8 @@ def why_unavailable(name: str, device: torch.device, block_size: int) -> str | N
         from .attention_flash import PAGE_MULTIPLE, supports_block_size
 
         if not supports_block_size(block_size):
-            return f"flash-attn's paged kernels need block_size a multiple of {PAGE_MULTIPLE}, the engine's is {block_size}"
+            multiple = f"a multiple of {PAGE_MULTIPLE}, the engine's is {block_size}"
+            return f"flash-attn's paged kernels need block_size {multiple}"
     return None
 
 

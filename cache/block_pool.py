@@ -180,7 +180,8 @@ class BlockPool:
         assert len(self._hash_of_block) == len(self._block_of_hash) and all(
             self._block_of_hash.get(h) == b for b, h in self._hash_of_block.items()
         ), (
-            f"hash maps disagree: {len(self._hash_of_block)} blocks -> hashes, {len(self._block_of_hash)} hashes -> blocks"
+            f"hash maps disagree: {len(self._hash_of_block)} blocks -> hashes, {len(self._block_of_hash)} hashes "
+            "-> blocks"
         )
         referenced = sum(1 for count in self._ref_counts if count > 0)
         assert len(free) + len(self._evictable) + referenced == self.num_blocks, (

@@ -30,7 +30,8 @@ class PoolSize:
         return self.num_blocks * self.block_size
 
     def describe(self) -> str:
-        return f"{self.num_blocks} blocks of {self.block_size} tokens = {self.num_tokens} tokens, {self.num_bytes / GIB:.2f} GiB"
+        size = f"{self.num_tokens} tokens, {self.num_bytes / GIB:.2f} GiB"
+        return f"{self.num_blocks} blocks of {self.block_size} tokens = {size}"
 
 
 def blocks_from_bytes(spec: KVCacheSpec, num_bytes: int) -> PoolSize:

@@ -1,7 +1,7 @@
 """The final output file from committed parts: input order, each row once, in the requested format.
 
-Parts are Arrow IPC files (kvbatch's own, never read by others), memory-mapped, so joining them and reordering costs one int64 per row plus one
-output chunk at a time, whatever the output's size.
+Parts are Arrow IPC files (kvbatch's own, never read by others), memory-mapped, so joining them and reordering
+costs one int64 per row plus one output chunk at a time, whatever the output's size.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def assign_devices(job: JobSpec, num_children: int, tensor_parallel: int) -> lis
     needed = num_children * tensor_parallel
     if needed > len(gpus):
         raise SpecError(
-            f"{num_children} processes x {tensor_parallel} GPUs need {needed} GPUs; {len(gpus)} are visible ({','.join(gpus)})",
+            f"{num_children} processes x {tensor_parallel} GPUs need {needed} GPUs; {len(gpus)} are visible "
+            f"({','.join(gpus)})",
             field="parallel.data",
         )
     return [",".join(gpus[i * tensor_parallel : (i + 1) * tensor_parallel]) for i in range(num_children)]
@@ -168,7 +169,8 @@ def _run_children(
                 except EOFError:
                     procs[i].join()
                     results[i] = JobError(
-                        f"data-parallel process {i} died (exit code {procs[i].exitcode}) before reporting; rerun to resume"
+                        f"data-parallel process {i} died (exit code {procs[i].exitcode}) before reporting; rerun "
+                        "to resume"
                     )
                 del pending[i]
         for proc in procs:

@@ -38,7 +38,8 @@ class OutputLock:
             except BlockingIOError:
                 if not wait:
                     raise OutputLockedError(
-                        f"another kvbatch run{self._holder()} is writing this output (lock {self.path}); wait for it, or pass --wait"
+                        f"another kvbatch run{self._holder()} is writing this output (lock {self.path}); wait for "
+                        "it, or pass --wait"
                     ) from None
                 log.warning(
                     "another kvbatch run%s is writing this output; waiting for it (lock %s)", self._holder(), self.path

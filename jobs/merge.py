@@ -151,7 +151,8 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
             continue
         if not manifest.complete:
             problems.append(
-                f"{path.name}: unfinished ({len(manifest.done_rows())} rows committed); rerun shard {named[1]} to finish it"
+                f"{path.name}: unfinished ({len(manifest.done_rows())} rows committed); rerun shard {named[1]} to "
+                "finish it"
             )
             continue
         if not path.exists():
@@ -168,7 +169,8 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
     for s in sources[1:]:
         if s.manifest.spec_hash != first.manifest.spec_hash:
             problems.append(
-                f"{s.path.name}: written by another job spec than {first.path.name} (spec hash {s.manifest.spec_hash} != {first.manifest.spec_hash})"
+                f"{s.path.name}: written by another job spec than {first.path.name} (spec hash "
+                f"{s.manifest.spec_hash} != {first.manifest.spec_hash})"
             )
         if s.manifest.fingerprint.get(INPUT_KEY) != first.manifest.fingerprint.get(INPUT_KEY):
             problems.append(
@@ -176,7 +178,8 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
             )
         if s.manifest.num_rows != first.manifest.num_rows:
             problems.append(
-                f"{s.path.name}: saw {s.manifest.num_rows} input rows, {first.path.name} saw {first.manifest.num_rows} (did the input change?)"
+                f"{s.path.name}: saw {s.manifest.num_rows} input rows, {first.path.name} saw "
+                f"{first.manifest.num_rows} (did the input change?)"
             )
         if s.manifest.format != first.manifest.format:
             problems.append(f"{s.path.name}: format {s.manifest.format}, {first.path.name}: {first.manifest.format}")
@@ -262,7 +265,8 @@ def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_
             num_lines = sum(1 for _ in f)
         if num_lines != s.shard.num_rows(num_input_rows):
             problems.append(
-                f"{s.path.name}: {num_lines} lines, expected {s.shard.num_rows(num_input_rows)} (rows of shard {s.shard})"
+                f"{s.path.name}: {num_lines} lines, expected {s.shard.num_rows(num_input_rows)} (rows of shard "
+                f"{s.shard})"
             )
     if problems:
         raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))

@@ -60,10 +60,12 @@ class JobPlan:
         lines = [f"job {self.job}: {self.num_rows} row{'' if self.num_rows == 1 else 's'}"]
         if t:
             lines.append(
-                f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 {t['p90']:.0f}, max {t['max']:.0f}; up to {self.max_new_tokens} new tokens each"
+                f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 "
+                f"{t['p90']:.0f}, max {t['max']:.0f}; up to {self.max_new_tokens} new tokens each"
             )
         lines.append(
-            f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; context {self.max_model_len} tokens"
+            f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; "
+            f"context {self.max_model_len} tokens"
         )
         lines.append(
             f"  at once         about {self.rows_at_once} typical rows (p50 prompt + max_new_tokens"
@@ -74,7 +76,8 @@ class JobPlan:
         if self.prefix_cache:
             share = self.reused_prompt_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
             lines.append(
-                f"  prefix cache    about {self.reused_prompt_tokens} of {self.num_prompt_tokens} prompt tokens ({share:.0%}) reused from shared prefixes"
+                f"  prefix cache    about {self.reused_prompt_tokens} of {self.num_prompt_tokens} prompt tokens "
+                f"({share:.0%}) reused from shared prefixes"
             )
         else:
             lines.append("  prefix cache    off")
@@ -96,7 +99,8 @@ class JobPlan:
             )
         if self.truncated:
             lines.append(
-                f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop at 'length'"
+                f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop "
+                "at 'length'"
             )
         if self.failures:
             lines.append(

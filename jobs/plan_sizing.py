@@ -123,7 +123,8 @@ def load_tokenizer_and_config(config: EngineConfig) -> tuple[Any, Any]:
     except (ValueError, KeyError) as exc:
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(
-                f"model {config.model!r} ships its own Python code; set engine.trust_remote_code: true only if you trust it"
+                f"model {config.model!r} ships its own Python code; set engine.trust_remote_code: true only if you "
+                "trust it"
             ) from exc
         raise ModelLoadError(f"cannot read model {config.model!r}'s config or tokenizer: {exc}") from exc
 

@@ -95,7 +95,8 @@ def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> I
                     None,
                     RowError(
                         ErrorKind.LINE_TOO_LONG,
-                        f"row {index} (line {line_no}): line is over max_line_bytes ({max_line_bytes} bytes); raise input.max_line_bytes to read it",
+                        f"row {index} (line {line_no}): line is over max_line_bytes ({max_line_bytes} bytes); "
+                        "raise input.max_line_bytes to read it",
                     ),
                     line_no,
                 )

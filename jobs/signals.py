@@ -3,7 +3,7 @@
     signal 1 ──> admission stops; rows in flight keep generating ──> all done: commit, exit 3
                                                 │
                  signal 2, or the grace period ends (KVBATCH_STOP_GRACE_S, default 60 s)
-                                                └──> StopNow: rows in flight are dropped, finished rows committed, exit 3
+                                                └──> StopNow: rows in flight dropped, finished rows committed, exit 3
 
 Exit code 3 (INTERRUPTED) tells a `--requeue` script to run the job again, which resumes. Rows are committed in
 atomic parts, so stopping at any moment (even kill -9) never damages rows already committed; dropped rows are

@@ -304,7 +304,8 @@ def validate(job: JobSpec, node: Node) -> None:
         ext = Path(job.output.path).suffix
         if job.output.format == "auto" and ext not in OUTPUT_EXTENSIONS:
             raise at("output", "path").error(
-                f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet, .jsonl or .hf, or set output.format"
+                f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet, .jsonl or .hf, or "
+                "set output.format"
             )
     if job.output.format == "openai" and input_format(job) != "openai":
         raise at("output", "format").error(
@@ -377,7 +378,8 @@ def template_columns(template: str, node: Node | None = None) -> list[str]:
         if name is None:
             continue
         if not name or any(c in name for c in ".[]") or spec or conversion:
-            message = f"template fields are plain {{column}} names, got {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            field_text = name + ("!" + conversion if conversion else "") + (":" + spec if spec else "")
+            message = f"template fields are plain {{column}} names, got {{{field_text}}}"
             raise node.error(message) if node else SpecError(message, field="prompt.template")
         columns.append(name)
     if not columns:
@@ -438,7 +440,8 @@ def output_path(job: JobSpec) -> Path:
     relative = Path(job.output.path) if job.output.path is not None else Path(job.name + ext)
     if relative.is_absolute() or ".." in relative.parts:
         raise SpecError(
-            f"output.path {str(relative)!r} must be a relative path inside output_dir ({job.output_dir}); set output_dir to write elsewhere",
+            f"output.path {str(relative)!r} must be a relative path inside output_dir ({job.output_dir}); set "
+            "output_dir to write elsewhere",
             field="output.path",
         )
     root = output_dir(job).resolve()

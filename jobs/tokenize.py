@@ -50,7 +50,8 @@ class PromptTokenizer:
         self.use_chat_template = chat_template and has_template
         if chat_template and not self.use_chat_template:
             log.warning(
-                "the model's tokenizer has no chat template: prompts are sent as raw text (messages joined by blank lines)"
+                "the model's tokenizer has no chat template: prompts are sent as raw text (messages joined by "
+                "blank lines)"
             )
         # A fresh random marker per tokenizer: data cannot guess it to forge a piece boundary.
         self._marker = f"KVBATCH{secrets.token_hex(8)}"
@@ -109,13 +110,15 @@ class PromptTokenizer:
         if indexes != list(range(len(messages))):
             return RowError(
                 ErrorKind.CHAT_TEMPLATE,
-                f"the chat template did not place each message once (got message order {indexes}); set prompt.allow_special_tokens to render it whole",
+                f"the chat template did not place each message once (got message order {indexes}); set "
+                "prompt.allow_special_tokens to render it whole",
             )
         contents = self._contents_as_rendered(messages, pieces, prompt)
         if contents is None:
             return RowError(
                 ErrorKind.CHAT_TEMPLATE,
-                "the chat template changes message text in a way kvbatch cannot follow; set prompt.allow_special_tokens to render it whole",
+                "the chat template changes message text in a way kvbatch cannot follow; set "
+                "prompt.allow_special_tokens to render it whole",
             )
         ids: list[int] = []
         for i, piece in enumerate(pieces):

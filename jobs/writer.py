@@ -109,7 +109,8 @@ class OutputWriter:
         nothing_committed = previous is not None and not previous.parts and not previous.complete
         if self.mode == "error" and self.output.exists():
             raise OutputError(
-                f"{shown_path(self.output)} already exists and output.mode is 'error'; remove it or choose mode resume/overwrite"
+                f"{shown_path(self.output)} already exists and output.mode is 'error'; remove it or choose mode "
+                "resume/overwrite"
             )
         if self.mode == "error" and previous and previous.parts:
             what = "finished once (the output file was removed since)" if previous.complete else "has unfinished parts"
@@ -120,7 +121,8 @@ class OutputWriter:
         if self.mode == "overwrite" or previous is None or nothing_committed:
             if previous is None and self.output.exists() and self.mode == "resume":
                 raise OutputError(
-                    f"{shown_path(self.output)} exists but has no kvbatch manifest, so it may belong to something else; set output.mode: overwrite to replace it"
+                    f"{shown_path(self.output)} exists but has no kvbatch manifest, so it may belong to something "
+                    "else; set output.mode: overwrite to replace it"
                 )
             self._clear_parts()
         else:

@@ -64,7 +64,8 @@ ShardOpt = Annotated[
     str | None,
     typer.Option(
         "--shard",
-        help="Run shard I/N only (rows with index % N == I) into NAME.shard-IIII-of-NNNN.EXT; inside a Slurm array taken from SLURM_ARRAY_TASK_ID/COUNT; 'off' to disable.",
+        help="Run shard I/N only (rows with index % N == I) into NAME.shard-IIII-of-NNNN.EXT; inside a Slurm "
+        "array taken from SLURM_ARRAY_TASK_ID/COUNT; 'off' to disable.",
     ),
 ]
 DataParallelOpt = Annotated[
@@ -72,7 +73,8 @@ DataParallelOpt = Annotated[
     typer.Option(
         "--data-parallel",
         min=1,
-        help="Engine processes on this node, one per GPU (or per --tensor-parallel GPUs; N processes on the CPU), on disjoint shards, merged at the end.",
+        help="Engine processes on this node, one per GPU (or per --tensor-parallel GPUs; N processes on the CPU), "
+        "on disjoint shards, merged at the end.",
     ),
 ]
 TensorParallelOpt = Annotated[
@@ -248,7 +250,8 @@ def plan(
 ) -> None:
     """Without generating: token lengths, KV capacity, rows that fit at once, rows that will fail and why.
 
-    On the CPU only the model's config and tokenizer are read, not its weights. On a GPU (and with tensor parallelism) the model is loaded, because the KV pool is sized by profiling a forward pass of it.
+    On the CPU only the model's config and tokenizer are read, not its weights. On a GPU (and with tensor
+    parallelism) the model is loaded, because the KV pool is sized by profiling a forward pass of it.
     """
     from kvbatch.jobs.plan import plan_job
 
@@ -320,7 +323,8 @@ def merge(
                 continue
             report = merge_shards(output, shards or None, overwrite=overwrite)
             typer.echo(
-                f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} bytes"
+                f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} "
+                "bytes"
             )
 
 

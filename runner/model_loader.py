@@ -112,7 +112,8 @@ def check_folder_safety(folder: Path, allow_pickle: bool, trust_remote_code: boo
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
             raise ModelLoadError(
-                f"{folder} has only pickled weights ({', '.join(pickled)}), and loading a pickle can run code hidden in it; "
+                f"{folder} has only pickled weights ({', '.join(pickled)}), and loading a pickle can run code "
+                "hidden in it; "
                 "convert them to safetensors, or set engine.allow_pickle: true if you trust where the model came from"
             )
     if not trust_remote_code:
@@ -123,7 +124,8 @@ def check_folder_safety(folder: Path, allow_pickle: bool, trust_remote_code: boo
                 continue
             if auto_map:
                 raise ModelLoadError(
-                    f"{folder} ships its own Python code (auto_map in {config_name}), which kvbatch does not run by default; "
+                    f"{folder} ships its own Python code (auto_map in {config_name}), which kvbatch does not run "
+                    "by default; "
                     "set engine.trust_remote_code: true only if you trust where the model came from"
                 )
 
@@ -290,7 +292,8 @@ def load_model(
             ) from exc
         if "safetensors" in str(exc) and not allow_pickle:
             raise ModelLoadError(
-                f"model {name!r} has no safetensors weights; set engine.allow_pickle: true to load pickled ones if you trust it"
+                f"model {name!r} has no safetensors weights; set engine.allow_pickle: true to load pickled ones if "
+                "you trust it"
             ) from exc
         if isinstance(exc, KeyError) and attention_hook.ATTN_IMPLEMENTATION in str(exc):
             raise ModelLoadError(_UNSUPPORTED.format(name=name, why="its attention cannot be replaced")) from exc

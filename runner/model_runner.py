@@ -311,7 +311,8 @@ def _fill_decodes(
     if len(short):
         seq = seqs[short[0]]
         raise ValueError(
-            f"sequence {seq.seq_id} computes tokens up to {seq.num_computed_tokens + 1} but holds {len(seq.block_ids)} blocks of {block_size}"
+            f"sequence {seq.seq_id} computes tokens up to {seq.num_computed_tokens + 1} but holds "
+            f"{len(seq.block_ids)} blocks of {block_size}"
         )
     rows = np.arange(n)
     positions[:n] = starts

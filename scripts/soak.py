@@ -7,7 +7,8 @@
 Every `--every` rows it prints resident memory (RSS), the KV pool's free blocks and the throughput of that slice;
 at the end it checks that the pool is whole again (every block free, invariants hold) and that the output holds
 each row once, in input order. What to look for: RSS flat after warm-up, the pool full at the end, rows/s not
-decaying from slice to slice. Not part of the test suite (about a minute on one CPU core); figures go to docs/benchmarks.md.
+decaying from slice to slice. Not part of the test suite (about a minute on one CPU core); figures go to
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -137,9 +138,11 @@ def main() -> int:
     in_order = rows == list(range(args.rows))
     rss = reporter.rss
     print(
-        f"done: {reporter.done} rows ({errors} errors) in {time.monotonic() - reporter.start:.1f} s; pool {pool.num_free_blocks}/{pool.num_blocks} "
+        f"done: {reporter.done} rows ({errors} errors) in {time.monotonic() - reporter.start:.1f} s; pool "
+        f"{pool.num_free_blocks}/{pool.num_blocks} "
         f"blocks free ({'whole' if whole else 'LEAK'}); output {report.num_rows} rows, {report.num_bytes} bytes, "
-        f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB, "
+        f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {rss[0]:.1f} MiB, last "
+        f"{rss[-1]:.1f} MiB, "
         f"growth after warm-up (from the 2nd report) {rss[-1] - rss[min(1, len(rss) - 1)]:+.1f} MiB",
         flush=True,
     )
@@ -164,7 +167,8 @@ class Reporter:
             self.rss.append(rss_mib())
             rows = self.done % self.every or self.every
             print(
-                f"{self.done:>7} {self.rss[-1]:>8.1f} {self.pool.num_free_blocks:>11} {rows / elapsed:>7.1f} {self.tokens / elapsed:>9.1f}",
+                f"{self.done:>7} {self.rss[-1]:>8.1f} {self.pool.num_free_blocks:>11} {rows / elapsed:>7.1f} "
+                f"{self.tokens / elapsed:>9.1f}",
                 flush=True,
             )
             self.slice_start, self.tokens = time.monotonic(), 0
@@ -215,7 +219,8 @@ def soak_job(engine: Engine, args: argparse.Namespace) -> int:
     whole = engine.pool.num_free_blocks == engine.pool.num_blocks
     in_order = rows == list(range(args.rows))
     print(
-        f"done: {outcome.summary.rows} rows ({outcome.summary.rows_error} errors) in {time.monotonic() - reporter.start:.1f} s; "
+        f"done: {outcome.summary.rows} rows ({outcome.summary.rows_error} errors) in "
+        f"{time.monotonic() - reporter.start:.1f} s; "
         f"pool {engine.pool.num_free_blocks}/{engine.pool.num_blocks} blocks free ({'whole' if whole else 'LEAK'}); "
         f"{'each row once, in order' if in_order else 'ROWS WRONG'}; RSS first report {reporter.rss[0]:.1f} MiB, "
         f"last {reporter.rss[-1]:.1f} MiB, growth after warm-up (from the 2nd report) "

@@ -71,7 +71,8 @@ def check_divisible(text_config, world: int) -> None:
     ]
     if bad:
         raise TensorParallelError(
-            f"cannot split the model {world} ways: {', '.join(bad)} not divisible by {world}; choose a tensor-parallel size that divides them"
+            f"cannot split the model {world} ways: {', '.join(bad)} not divisible by {world}; choose a "
+            "tensor-parallel size that divides them"
         )
 
 
@@ -90,7 +91,8 @@ def shard_model(model: nn.Module, rank: int, world: int, group: dist.ProcessGrou
         missing = [n for owner, n in names if not isinstance(getattr(owner, n, None), nn.Linear)]
         if missing:
             raise TensorParallelError(
-                f"layer {i} of {type(model).__name__} has no plain Linear {', '.join(missing)}; tensor parallel supports Llama-style decoders"
+                f"layer {i} of {type(model).__name__} has no plain Linear {', '.join(missing)}; tensor parallel "
+                "supports Llama-style decoders"
             )
         for name in ATTENTION_COLUMNS:
             setattr(attn, name, _column(getattr(attn, name), rank, world))

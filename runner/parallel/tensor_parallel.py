@@ -189,7 +189,8 @@ def start_tensor_parallel(model: str, settings: dict[str, Any], size: int, loade
     world = _WORLD
     if (world.size, world.use_cuda, world.loader) != (size, use_cuda, loader):
         raise ValueError(
-            f"one run uses one tensor-parallel layout; already {world.size} ranks on {'cuda' if world.use_cuda else 'cpu'}"
+            f"one run uses one tensor-parallel layout; already {world.size} ranks on "
+            f"{'cuda' if world.use_cuda else 'cpu'}"
         )
     world.check_alive()
     engine_id, world.next_engine_id = world.next_engine_id, world.next_engine_id + 1

@@ -136,7 +136,7 @@ def test_unsupported_logprobs_requests_fail_their_row(tmp_path: Path) -> None:
 
 
 def test_ray_actors_write_the_token_bytes(tmp_path: Path) -> None:
-    # GenerateBatch is what each Ray actor runs; the parts it writes are all the merge gets, so the tokens must be in it.
+    # GenerateBatch is what each Ray actor runs; the parts it writes are all the merge gets: the tokens must be in it.
     from kvbatch.jobs.job_io import layout_for
     from kvbatch.jobs.ray_data import GenerateBatch
     from kvbatch.jobs.ray_input import block_of_rows

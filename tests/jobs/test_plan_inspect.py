@@ -53,8 +53,8 @@ def test_plan_reports_lengths_pool_capacity_and_failures(tmp_path: Path) -> None
     assert plan.rows_at_once == 100 // -(-(p50 + 40) // 16)  # blocks per typical row, rounded up
     assert dict(plan.failures) == {"bad_json": 1, "prompt_too_long": 1, "missing_column": 1}
     assert (
-        plan.failure_examples[1]
-        == f"row 5 (line 6): the prompt has {chat_tokens('e' * 400)} tokens; at most 199 fit (200 tokens of context/pool)"
+        plan.failure_examples[1] == f"row 5 (line 6): the prompt has {chat_tokens('e' * 400)} tokens; "
+        "at most 199 fit (200 tokens of context/pool)"
     )
     assert plan.truncated == sum(n + 40 > 200 for n in lengths)
     text = plan.format()

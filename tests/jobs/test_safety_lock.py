@@ -139,7 +139,10 @@ def test_kill_9_leaves_no_stale_lock(tmp_path: Path) -> None:
     # A process that takes the output lock the way `kvbatch run` does (the chaos test kills real runs with -9 and
     # reruns them; this one looks at the lock alone, without a model to load).
     lock = tmp_path / "lock"
-    holder = "import sys, time\nfrom kvbatch.jobs.lock import OutputLock\nOutputLock(__import__('pathlib').Path(sys.argv[1])).acquire()\ntime.sleep(600)\n"
+    holder = (
+        "import sys, time\nfrom kvbatch.jobs.lock import OutputLock\n"
+        "OutputLock(__import__('pathlib').Path(sys.argv[1])).acquire()\ntime.sleep(600)\n"
+    )
     process = subprocess.Popen([sys.executable, "-c", holder, str(lock)], env=cli_env())
     try:
         wait_for_lock(lock, process)

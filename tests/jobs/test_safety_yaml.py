@@ -27,11 +27,13 @@ def load_error(tmp_path: Path, text: str) -> str:
     [
         (
             JOB + "    model: !!python/object/apply:os.system ['touch {marker}']\n",
-            "jobs.yaml:4: jobs[0].model: unsupported YAML tag 'tag:yaml.org,2002:python/object/apply:os.system'; job files hold plain values only",
+            "jobs.yaml:4: jobs[0].model: unsupported YAML tag 'tag:yaml.org,2002:python/object/apply:os.system'; "
+            "job files hold plain values only",
         ),
         (
             "jobs:\n  - name: !!python/name:os.system\n    input: {path: x.jsonl}\n",
-            "jobs.yaml:2: jobs[0].name: unsupported YAML value: could not determine a constructor for the tag 'tag:yaml.org,2002:python/name:os.system'",
+            "jobs.yaml:2: jobs[0].name: unsupported YAML value: could not determine a constructor for the tag "
+            "'tag:yaml.org,2002:python/name:os.system'",
         ),
         (
             JOB + "    prompt: !!python/object/new:builtins.dict {}\n",
