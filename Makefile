@@ -19,6 +19,8 @@ example: $(VENV)/.stamp-example
 	$(BIN)/python examples/read_output.py $(EXAMPLE_OUT)/questions.arrow
 
 test: $(VENV)/.stamp-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 $(BIN)/python:

@@ -20,10 +20,6 @@ BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
 _MODULES = {"torch": "attention_cpu", "triton": "attention_triton", "flash-attn": "attention_flash"}
 
 
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for by name and cannot run here."""
-
-
 @dataclass(frozen=True)
 class AttentionBackend:
     name: str
@@ -40,7 +36,7 @@ def _load(name: str) -> AttentionBackend:
     )
 
 
-def _why_unavailable(name: str, device: torch.device, block_size: int) -> str | None:
+def why_unavailable(name: str, device: torch.device, block_size: int) -> str | None:
     if name == "torch":
         return None
     if device.type != "cuda":
@@ -62,11 +58,11 @@ def select_backend(name: str, device: torch.device | str, block_size: int = 16) 
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name != "auto":
-        reason = _why_unavailable(name, device, block_size)
-        if reason:
-            raise BackendUnavailableError(reason)
+        reason = why_unavailable(name, device, block_size)
+        if reason:  # the engine reports it as a BackendUnavailableError
+            raise ValueError(reason)
         return _load(name)
     for candidate in ("flash-attn", "triton", "torch"):
-        if _why_unavailable(candidate, device, block_size) is None:
+        if why_unavailable(candidate, device, block_size) is None:
             return _load(candidate)
     raise AssertionError("the torch backend is always available")

@@ -33,28 +33,14 @@ class PoolSize:
         return f"{self.num_blocks} blocks of {self.block_size} tokens = {self.num_tokens} tokens, {self.num_bytes / GIB:.2f} GiB"
 
 
-class KVBudgetError(ValueError):
-    """The memory left for KV pages cannot hold a single block."""
-
-
 def blocks_from_bytes(spec: KVCacheSpec, num_bytes: int) -> PoolSize:
-    num_blocks = int(num_bytes // spec.bytes_per_block)
-    if num_blocks < 1:
-        raise KVBudgetError(
-            f"{num_bytes / GIB:.3f} GiB holds no KV block: one block of {spec.block_size} tokens needs "
-            f"{spec.bytes_per_block / 2**20:.2f} MiB; give the cache more memory"
-        )
+    """The whole blocks `num_bytes` holds; none (num_blocks 0) is a value, for the caller to report."""
+    num_blocks = max(0, int(num_bytes // spec.bytes_per_block))
     return PoolSize(num_blocks, spec.block_size, num_blocks * spec.bytes_per_block)
 
 
 def gpu_kv_bytes(total_bytes: int, peak_bytes: int, gpu_memory_utilization: float) -> int:
     if not 0.0 < gpu_memory_utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-    free = int(total_bytes * gpu_memory_utilization) - peak_bytes
-    if free <= 0:
-        raise KVBudgetError(
-            f"no GPU memory left for KV pages: {gpu_memory_utilization:.0%} of {total_bytes / GIB:.1f} GiB is "
-            f"{total_bytes * gpu_memory_utilization / GIB:.1f} GiB, the model and activations peak at "
-            f"{peak_bytes / GIB:.1f} GiB; raise gpu_memory_utilization or lower max_num_batched_tokens"
-        )
-    return free
+    # What is left for KV pages; zero or less is a value, for the caller to report with these numbers.
+    return int(total_bytes * gpu_memory_utilization) - peak_bytes

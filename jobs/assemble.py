@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kvbatch.errors import JobError
+
 from . import json_text
 from .atomic import atomic_file
-from .errors import JobError
 from .openai_format import output_line
 from .records import nested_types
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import InterruptedJob, OutputError, OutputLockedError
+from kvbatch.errors import InterruptedJob, OutputError, OutputLockedError
 
 _POLL_S = 0.2  # how often a waiting run retries the lock (and looks for a signal)
 log = logging.getLogger(__name__)

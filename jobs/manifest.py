@@ -19,10 +19,13 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from .atomic import fsync_dir, write_json
+
+KVBATCH_VERSION = version("kvbatch")  # written into every output's provenance
 
 # 2: the parts journal, and engine settings that change results in the spec hash. Version 1 is still read.
 VERSION = 2

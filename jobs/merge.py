@@ -24,13 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kvbatch.errors import MergeError
+
 from .assemble import count_by, unify, write_output
 from .atomic import atomic_file
-from .errors import JobError
 from .lock import OutputLock
 from .manifest import INPUT_KEY, Manifest
 from .shard import Shard, split_shard_name
-from .summary import Summary, add_prefix_counters, summary_path
+from .summary import RunCounts, Summary, build_summary, summary_path
 from .writer import work_dir
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ WHOLE = Shard(0, 1)
 
 
 _SUFFIX = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}
-
-
-class MergeError(JobError):
-    """The shards do not add up to the output (exit code 1); the message lists every problem found."""
 
 
 @dataclass(frozen=True)
@@ -117,29 +114,18 @@ def merge_shards(
 def _merged_summary(report: MergeReport, first: Manifest, sources: list[_Source]) -> Summary:
     """The output's summary, as a run of the whole job would leave it (a rerun reports it as already complete):
     the rows counted in the merged file, the tokens and preemptions added up from the shards' own summaries."""
-    num_errors = sum(report.error_kinds.values())
-    summary = Summary(
-        first.job,
-        str(report.output),
-        rows=report.num_rows,
-        rows_ok=report.num_rows - num_errors,
-        rows_error=num_errors,
-        finish_reasons=report.finish_reasons,
-        errors_by_kind=report.error_kinds,
-        output_bytes=report.num_bytes,
-        spec_hash=first.spec_hash,
-    )
     shards = []
     for source in sources:
         path = summary_path(source.path)
-        shard = json.loads(path.read_text()) if path.exists() else {}
-        for name in ("prompt_tokens", "output_tokens", "preemptions"):
-            setattr(summary, name, getattr(summary, name) + int(shard.get(name, 0)))
-        summary.model = summary.model or shard.get("model", "")
-        summary.kvbatch_version = summary.kvbatch_version or shard.get("kvbatch_version", "")
-        shards.append(shard)
-    add_prefix_counters(summary, shards)
-    return summary
+        shards.append(json.loads(path.read_text()) if path.exists() else {})
+    counts = sum((RunCounts.of(shard) for shard in shards), RunCounts())
+    counts.rows = 0  # a merge generates nothing
+    about = {
+        "model": next((s["model"] for s in shards if s.get("model")), ""),
+        "spec_hash": first.spec_hash,
+        "kvbatch_version": next((s["kvbatch_version"] for s in shards if s.get("kvbatch_version")), ""),
+    }
+    return build_summary(first.job, report.output, report, counts, 0.0, **about)
 
 
 def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list[str]]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .rows import EMPTY_PROMPT, MISSING_COLUMN, WRONG_TYPE, Row, RowError
+from kvbatch.errors import ErrorKind
+
+from .rows import Row, RowError
 from .spec import JobSpec, PromptSpec, input_format, template_columns
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -79,15 +81,17 @@ def _error(row: Row, kind: str, message: str) -> RowError:
 
 def _text_column(row: Row, data: dict[str, Any], column: str) -> str | RowError:
     if column not in data:
-        return _error(row, MISSING_COLUMN, f"column {column!r} is missing")
+        return _error(row, ErrorKind.MISSING_COLUMN, f"column {column!r} is missing")
     value = data[column]
     if value is None:
-        return _error(row, EMPTY_PROMPT, f"column {column!r} is null")
+        return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} is null")
     if not isinstance(value, str):
-        return _error(row, WRONG_TYPE, f"column {column!r} is {_type_name(value)}, expected a string")
+        return _error(row, ErrorKind.WRONG_TYPE, f"column {column!r} is {_type_name(value)}, expected a string")
     if not value.strip():
         return _error(
-            row, EMPTY_PROMPT, f"column {column!r} is empty" if not value else f"column {column!r} is only whitespace"
+            row,
+            ErrorKind.EMPTY_PROMPT,
+            f"column {column!r} is empty" if not value else f"column {column!r} is only whitespace",
         )
     return value
 
@@ -96,54 +100,61 @@ def _render_template(row: Row, data: dict[str, Any], template: str) -> str | Row
     values = {}
     for column in template_columns(template):
         if column not in data:
-            return _error(row, MISSING_COLUMN, f"column {column!r} (used by the template) is missing")
+            return _error(row, ErrorKind.MISSING_COLUMN, f"column {column!r} (used by the template) is missing")
         value = data[column]
         if value is None:
-            return _error(row, EMPTY_PROMPT, f"column {column!r} (used by the template) is null")
+            return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} (used by the template) is null")
         if isinstance(value, (dict, list)):
             return _error(
                 row,
-                WRONG_TYPE,
+                ErrorKind.WRONG_TYPE,
                 f"column {column!r} (used by the template) is {_type_name(value)}, expected text or a number",
             )
         values[column] = str(value)
     # Values are inserted once, by name: a value that itself contains "{x}" is not expanded again.
     text = template.format_map(values)
     if not text.strip():
-        return _error(row, EMPTY_PROMPT, "the template renders to empty text")
+        return _error(row, ErrorKind.EMPTY_PROMPT, "the template renders to empty text")
     return text
 
 
 def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[str, str]] | RowError:
     if column not in data:
-        return _error(row, MISSING_COLUMN, f"column {column!r} is missing")
+        return _error(row, ErrorKind.MISSING_COLUMN, f"column {column!r} is missing")
     value = data[column]
     if value is None:
-        return _error(row, EMPTY_PROMPT, f"column {column!r} is null")
+        return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} is null")
     if not isinstance(value, list):
         return _error(
-            row, WRONG_TYPE, f"column {column!r} is {_type_name(value)}, expected a list of {{role, content}} messages"
+            row,
+            ErrorKind.WRONG_TYPE,
+            f"column {column!r} is {_type_name(value)}, expected a list of {{role, content}} messages",
         )
     if not value:
-        return _error(row, EMPTY_PROMPT, f"column {column!r} is an empty list")
+        return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} is an empty list")
     messages = []
     for i, message in enumerate(value):
         at = f"{column}[{i}]"
         if not isinstance(message, dict):
-            return _error(row, WRONG_TYPE, f"{at} is {_type_name(message)}, expected a {{role, content}} object")
+            return _error(
+                row, ErrorKind.WRONG_TYPE, f"{at} is {_type_name(message)}, expected a {{role, content}} object"
+            )
         role = message.get("role")
         if role not in ROLES:
-            return _error(row, WRONG_TYPE, f"{at}.role is {role!r}, expected one of {', '.join(ROLES)}")
+            kind = ErrorKind.BAD_ROLE if isinstance(role, str) else ErrorKind.WRONG_TYPE
+            return _error(row, kind, f"{at}.role is {role!r}, expected one of {', '.join(ROLES)}")
         content = _content_text(message.get("content"))
         if content is None:
             return _error(
                 row,
-                WRONG_TYPE,
+                ErrorKind.WRONG_TYPE,
                 f"{at}.content is {_type_name(message.get('content'))}, expected a string or a list of text parts",
             )
         messages.append({"role": role, "content": content})
     if not any(m["content"].strip() for m in messages if m["role"] != "system"):
-        return _error(row, EMPTY_PROMPT, f"column {column!r} has no non-empty message besides the system prompt")
+        return _error(
+            row, ErrorKind.EMPTY_PROMPT, f"column {column!r} has no non-empty message besides the system prompt"
+        )
     return messages
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError, SpecError
+from kvbatch.errors import InputError, SpecError
+
+from .read_parquet import rows_of_batches
+from .rows import Reader
 
 
 def _import_datasets():
@@ -21,9 +24,7 @@ def _import_datasets():
     return datasets
 
 
-def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_rows: int):
-    from .readers import Reader, rows_of_batches
-
+def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_rows: int) -> Reader:
     datasets = _import_datasets()
     if path.is_dir():
         try:

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import InputError
-from .rows import BAD_JSON, BAD_REQUEST, INVALID_UTF8, LINE_TOO_LONG, NOT_AN_OBJECT, Row, RowError
+from kvbatch.errors import ErrorKind, InputError
+
+from .rows import Reader, Row, RowError
 
 _CHUNK_BYTES = 1 << 20
 # JSON may escape half of a UTF-16 surrogate pair on its own ("\udc80"): json.loads accepts it, but no output
@@ -36,7 +37,6 @@ OPENAI_SAMPLING = {
 
 
 def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
-    from .readers import Reader  # readers imports this module lazily; keep the cycle one-way at import time
 
     try:
         handle = open(path, "rb")
@@ -81,7 +81,7 @@ def _rows(handle: BinaryIO, max_line_bytes: int) -> Iterator[Row]:
                     index,
                     None,
                     RowError(
-                        LINE_TOO_LONG,
+                        ErrorKind.LINE_TOO_LONG,
                         f"row {index} (line {line_no}): line is over max_line_bytes ({max_line_bytes} bytes); raise input.max_line_bytes to read it",
                     ),
                     line_no,
@@ -110,20 +110,30 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
         return Row(
             index,
             None,
-            RowError(INVALID_UTF8, f"{where}: invalid UTF-8 at byte {exc.start}: {raw[exc.start : exc.start + 4]!r}"),
+            RowError(
+                ErrorKind.INVALID_UTF8,
+                f"{where}: invalid UTF-8 at byte {exc.start}: {raw[exc.start : exc.start + 4]!r}",
+            ),
             line_no,
         )
     try:
         value = json.loads(text.rstrip("\r\n"))  # without the newline, an unclosed object's column is on this line
     except json.JSONDecodeError as exc:
-        return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON at column {exc.colno}: {exc.msg}"), line_no)
+        return Row(
+            index,
+            None,
+            RowError(ErrorKind.BAD_JSON, f"{where}: invalid JSON at column {exc.colno}: {exc.msg}"),
+            line_no,
+        )
     except RecursionError:
-        return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON: nested too deeply"), line_no)
+        return Row(index, None, RowError(ErrorKind.BAD_JSON, f"{where}: invalid JSON: nested too deeply"), line_no)
     except ValueError as exc:  # an integer of over 4,300 digits (Python's int-from-text limit)
-        return Row(index, None, RowError(BAD_JSON, f"{where}: invalid JSON: {exc}"), line_no)
+        return Row(index, None, RowError(ErrorKind.BAD_JSON, f"{where}: invalid JSON: {exc}"), line_no)
     if not isinstance(value, dict):
         got = "null" if value is None else type(value).__name__
-        return Row(index, None, RowError(NOT_AN_OBJECT, f"{where}: expected a JSON object, got {got}"), line_no)
+        return Row(
+            index, None, RowError(ErrorKind.NOT_AN_OBJECT, f"{where}: expected a JSON object, got {got}"), line_no
+        )
     if _SURROGATE_ESCAPE.search(raw):  # rare, so only such lines pay for the check
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -132,7 +142,9 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
             return Row(
                 index,
                 None,
-                RowError(INVALID_UTF8, f"{where}: a string holds a lone surrogate (\\u{lone}), which is not text"),
+                RowError(
+                    ErrorKind.INVALID_UTF8, f"{where}: a string holds a lone surrogate (\\u{lone}), which is not text"
+                ),
                 line_no,
             )
     return Row(index, value, None, line_no)
@@ -147,16 +159,16 @@ def openai_row(row: Row) -> Row:
     keep = {"custom_id": custom_id if isinstance(custom_id, str) else None, "messages": None}
     bad = Row(row.index, keep, None, row.line)
     if not isinstance(custom_id, str) or not custom_id:
-        return bad.failed(BAD_REQUEST, "an OpenAI Batch request needs a non-empty string `custom_id`")
+        return bad.failed(ErrorKind.BAD_REQUEST, "an OpenAI Batch request needs a non-empty string `custom_id`")
     url = data.get("url", OPENAI_ENDPOINT)
     if url != OPENAI_ENDPOINT:
-        return bad.failed(BAD_REQUEST, f"url {url!r} is not supported (only {OPENAI_ENDPOINT})")
+        return bad.failed(ErrorKind.BAD_REQUEST, f"url {url!r} is not supported (only {OPENAI_ENDPOINT})")
     body = data.get("body")
     if not isinstance(body, dict):
-        return bad.failed(BAD_REQUEST, "an OpenAI Batch request needs a `body` object")
+        return bad.failed(ErrorKind.BAD_REQUEST, "an OpenAI Batch request needs a `body` object")
     problem = _logprobs_problem(body)
     if problem:
-        return bad.failed(BAD_REQUEST, problem)
+        return bad.failed(ErrorKind.BAD_REQUEST, problem)
     overrides: dict[str, Any] = {}
     for key, ours in OPENAI_SAMPLING.items():
         if body.get(key) is not None:
@@ -165,7 +177,7 @@ def openai_row(row: Row) -> Row:
         overrides["stop"] = [overrides["stop"]]
     n = overrides.get("n")
     if isinstance(n, int) and n > OPENAI_MAX_N:  # one line must not stall the whole job
-        return bad.failed(BAD_REQUEST, f"n {n} is over {OPENAI_MAX_N}, the most the OpenAI API accepts")
+        return bad.failed(ErrorKind.BAD_REQUEST, f"n {n} is over {OPENAI_MAX_N}, the most the OpenAI API accepts")
     return Row(
         row.index,
         {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")},

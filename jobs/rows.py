@@ -7,27 +7,18 @@ always has one row per input row, and the summary can count errors by kind.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-# Error kinds; README.md's bad-input catalogue lists each with its message.
-BAD_JSON = "bad_json"
-INVALID_UTF8 = "invalid_utf8"
-LINE_TOO_LONG = "line_too_long"
-NOT_AN_OBJECT = "not_an_object"
-MISSING_COLUMN = "missing_column"
-WRONG_TYPE = "wrong_type"
-EMPTY_PROMPT = "empty_prompt"
-DUPLICATE_ID = "duplicate_id"
-BAD_REQUEST = "bad_request"  # an OpenAI Batch line without what a request needs
-PROMPT_TOO_LONG = "prompt_too_long"
-TOKENIZE = "tokenize"  # the tokenizer or chat template raised on this row's prompt
-ENGINE = "engine"
+import pyarrow as pa
+
+from kvbatch.errors import ErrorKind
 
 
 @dataclass(frozen=True)
 class RowError:
-    kind: str
+    kind: ErrorKind
     message: str  # names the row (and line or column): "line 7: invalid JSON: Expecting ',' ..."
 
     def __str__(self) -> str:
@@ -47,7 +38,7 @@ class Row:
         """How messages name this row: "row 3 (line 5)" or "row 3"."""
         return f"row {self.index} (line {self.line})" if self.line is not None else f"row {self.index}"
 
-    def failed(self, kind: str, message: str) -> Row:
+    def failed(self, kind: ErrorKind, message: str) -> Row:
         return Row(self.index, self.data, RowError(kind, f"{self.where}: {message}"), self.line, self.sampling)
 
 
@@ -65,8 +56,21 @@ class SeenIds:
             return None
         value = (row.data or {}).get(self.column)
         if value is None:
-            return RowError(MISSING_COLUMN, f"{row.where}: id column {self.column!r} is missing or null")
+            return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: id column {self.column!r} is missing or null")
         first = self.first.setdefault(json.dumps(value, sort_keys=True, default=str), row.index)
         if first != row.index:
-            return RowError(DUPLICATE_ID, f"{row.where}: duplicate id {value!r} (first at row {first})")
+            return RowError(ErrorKind.DUPLICATE_ID, f"{row.where}: duplicate id {value!r} (first at row {first})")
         return None
+
+
+@dataclass
+class Reader:
+    """An opened input: `columns` when the format has a schema, `num_rows` when cheap to know."""
+
+    rows: Iterator[Row]
+    num_rows: int | None
+    columns: list[str] | None
+    schema: pa.Schema | None = None
+
+    def __iter__(self) -> Iterator[Row]:
+        return self.rows

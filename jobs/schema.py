@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
 from typing import Any, Literal, Union
+
+from kvbatch.runner.config import rule_violation
 
 from .yaml_nodes import Node
 
@@ -96,10 +97,6 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
     elif hint is str:
         if not isinstance(value, str):
             raise node.error(f"expected a string, got {_kind(value)}")
-        if meta.get("nonempty") and not value.strip():
-            raise node.error("must not be empty")
-        if meta.get("no_empty_string") and not value:  # whitespace is fine: "\n" is a common stop string
-            raise node.error("must not be an empty string")
         if not value.isascii():
             try:
                 value.encode("utf-8")
@@ -108,14 +105,9 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
                 raise node.error(
                     f"holds {bad!r} at character {exc.start}: not text (a lone surrogate, or bytes that were not UTF-8)"
                 ) from None
-        if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
-            raise node.error(f"must be {meta['pattern_help']}, got {value!r}")
     else:
         raise TypeError(f"schema.py does not support field type {hint!r} (field {node.path})")
-    if "min" in meta and value < meta["min"]:
-        raise node.error(f"must be >= {meta['min']}, got {value}")
-    if "max" in meta and value > meta["max"]:
-        raise node.error(f"must be <= {meta['max']}, got {value}")
-    if "gt" in meta and value <= meta["gt"]:
-        raise node.error(f"must be > {meta['gt']}, got {value}")
+    problem = rule_violation(value, meta)  # the bounds declared with the field (runner/config.py's one check)
+    if problem:
+        raise node.error(problem)
     return value

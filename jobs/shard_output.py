@@ -7,16 +7,13 @@ not rows 0..N-1.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pyarrow as pa
 
-from .assemble import count_by, read_parts, write_output
-from .atomic import fsync_dir
-from .errors import JobError
+from kvbatch.errors import JobError
+
 from .shard import Shard, parse_shard
-from .writer import OutputWriter, WriteReport
+from .writer import OutputWriter
 
 
 def shard_order(table: pa.Table, shard: Shard, num_input_rows: int) -> np.ndarray:
@@ -40,28 +37,9 @@ class ShardWriter(OutputWriter):
         super().__init__(*args, **kwargs)
         self.shard = shard
 
-    def finalize(self, num_rows: int) -> WriteReport:
-        """As OutputWriter.finalize, with the shard's rows as the rows to expect. `num_rows` counts the whole input."""
-        self.commit_part()
-        self.manifest.num_rows = num_rows
-        table = (
-            read_parts([self.dir / p.file for p in self.manifest.parts])
-            if self.manifest.parts
-            else self.layout.to_table([])
-        )
-        order = shard_order(table, self.shard, num_rows)
-        num_bytes = write_output(
-            table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column
-        )
-        self.manifest.complete = True
-        self.manifest.save(self.manifest_path)
-        for part in self.manifest.parts:
-            with contextlib.suppress(FileNotFoundError):
-                (self.dir / part.file).unlink()
-        fsync_dir(self.dir)
-        return WriteReport(
-            self.shard.num_rows(num_rows), num_bytes, count_by(table, "finish_reason"), count_by(table, "error_kind")
-        )
+    def output_order(self, table: pa.Table, num_rows: int) -> np.ndarray:
+        """The shard's own rows of the input, in input order; `num_rows` counts the whole input."""
+        return shard_order(table, self.shard, num_rows)
 
 
 def job_shard(shard_text: str | None) -> Shard | None:

@@ -1,7 +1,7 @@
 """What a job is: frozen dataclasses loaded from a YAML job file (or built by `kvbatch generate`).
 
 Precedence: command-line overrides > the job's own fields > the file's `defaults:` > the defaults below.
-Every field is documented in README.md ("Job file schema"); keep the two in step.
+Every field carries its doc; docs/job-file.md is generated from these declarations (jobs/reference.py).
 Computed values (resolved paths, output format) are returned by functions here, never written back.
 """
 
@@ -13,11 +13,14 @@ import json
 import os
 import re
 import string
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import SpecError
+from kvbatch.errors import SpecError
+from kvbatch.runner.config import EngineConfig, SamplingParams, setting
+
 from .schema import build
 from .shard import parse_shard
 from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
@@ -29,117 +32,101 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class InputSpec:
-    path: str = field(metadata={"nonempty": True})
-    format: Literal["auto", "jsonl", "parquet", "hf", "openai"] = "auto"
-    split: str | None = None  # datasets: which split of a DatasetDict
-    limit: int | None = field(default=None, metadata={"min": 0})  # read at most this many rows
-    max_line_bytes: int = field(default=8 * MIB, metadata={"min": 1})  # JSONL: longer lines become error rows
-    batch_rows: int = field(default=1024, metadata={"min": 1})  # Parquet/datasets rows per record batch
+    """Where the rows come from."""
+
+    path: str = setting(doc="a .parquet or .jsonl file, a datasets folder, or a dataset name in the local HF cache",
+                        nonempty=True)  # fmt: skip
+    format: Literal["auto", "jsonl", "parquet", "hf", "openai"] = setting("auto", "auto: from the path's extension")
+    split: str | None = setting(None, "datasets: which split of a DatasetDict")
+    limit: int | None = setting(None, "read at most this many rows", min=0)
+    max_line_bytes: int = setting(8 * MIB, "JSONL: longer lines become error rows", min=1)
+    batch_rows: int = setting(1024, "Parquet/datasets: rows per record batch read", min=1)
 
 
 @dataclass(frozen=True)
 class PromptSpec:
-    column: str | None = None  # one user message per row (the default is column "prompt")
-    messages_column: str | None = None  # a list of {role, content} per row
-    template: str | None = None  # "Summarise: {text}" with {column} placeholders
-    system: str | None = None  # an optional system message before the row's messages
-    chat_template: bool = True  # false: raw text, no chat template
-    allow_special_tokens: bool = False  # true: text in rows may become control tokens (unsafe with untrusted data)
+    """How a row becomes a prompt (set at most one of column, messages_column, template)."""
 
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    max_new_tokens: int = field(default=256, metadata={"min": 1})
-    temperature: float = field(default=0.0, metadata={"min": 0})
-    top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1})
-    top_k: int = field(default=0, metadata={"min": 0})
-    min_p: float = field(default=0.0, metadata={"min": 0, "max": 1})
-    repetition_penalty: float = field(default=1.0, metadata={"gt": 0})
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default=(), metadata={"no_empty_string": True})
-    stop_token_ids: tuple[int, ...] = field(default=(), metadata={"min": 0})
-    n: int = field(default=1, metadata={"min": 1})
-    logprobs: bool = False
-    ignore_eos: bool = False
+    column: str | None = setting(None, "one user message per row; unset: column 'prompt'")
+    messages_column: str | None = setting(None, "a list of {role, content} messages per row")
+    template: str | None = setting(None, "a user message with {column} placeholders: 'Summarise: {text}'")
+    system: str | None = setting(None, "a system message before the row's messages")
+    chat_template: bool = setting(True, "false: the raw text, no chat template")
+    allow_special_tokens: bool = setting(
+        False, "true: text in rows may become control tokens (unsafe with untrusted data)"
+    )
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    path: str | None = None  # relative to output_dir; default "<job name>.arrow"
-    format: Literal["auto", "arrow", "parquet", "jsonl", "openai"] = "auto"
-    mode: Literal["resume", "overwrite", "error"] = "resume"  # what to do when the output already exists
-    part_rows: int = field(default=1024, metadata={"min": 1})  # rows per committed part
-    part_seconds: float = field(default=60.0, metadata={"gt": 0})  # commit a part at least this often
+    """Where and how results are written."""
+
+    path: str | None = setting(None, "relative to output_dir; unset: '<job name>.arrow'")
+    format: Literal["auto", "arrow", "parquet", "jsonl", "openai"] = setting("auto", "auto: from path's extension")
+    mode: Literal["resume", "overwrite", "error"] = setting("resume", "what to do when the output already exists")
+    part_rows: int = setting(1024, "rows per committed part", min=1)
+    part_seconds: float = setting(60.0, "commit a part at least this often, seconds", gt=0)
 
 
-@dataclass(frozen=True)
-class EngineSpec:
-    """Engine settings; None leaves the engine's own default (see runner/engine.py EngineConfig)."""
-
-    device: str | None = field(
-        default=None, metadata={"pattern": r"auto|cpu|cuda(:\d+)?", "pattern_help": "auto, cpu, cuda or cuda:N"}
+def _engine_section() -> type:
+    """The job file's `engine:` section: every EngineConfig field but `model` (the job's own), each optional (left
+    out, the engine's default holds), declared once in runner/config.py; plus `offline`."""
+    hints = typing.get_type_hints(EngineConfig)
+    fields = [
+        (f.name, hints[f.name] | None, field(default=None, metadata=f.metadata))
+        for f in dataclasses.fields(EngineConfig)
+        if f.name != "model"
+    ]
+    offline_doc = "true: never download, whatever allow_download says (as HF_HUB_OFFLINE=1)"
+    fields.append(("offline", bool | None, field(default=None, metadata={"doc": offline_doc})))
+    return dataclasses.make_dataclass(
+        "EngineSpec", fields, frozen=True, namespace={"settings": _engine_settings, "__module__": __name__}
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] | None = None
-    block_size: int | None = field(default=None, metadata={"min": 1})
-    max_num_seqs: int | None = field(default=None, metadata={"min": 1})
-    max_num_batched_tokens: int | None = field(default=None, metadata={"min": 1})
-    kv_cache_gib: float | None = field(default=None, metadata={"gt": 0})
-    gpu_memory_utilization: float | None = field(default=None, metadata={"gt": 0, "max": 1})
-    num_blocks_override: int | None = field(default=None, metadata={"min": 1})
-    policy: Literal["optimistic", "reserve"] | None = None
-    attention_backend: Literal["auto", "torch", "triton", "flash-attn"] | None = None
-    max_model_len: int | None = field(default=None, metadata={"min": 1})
-    trust_remote_code: bool | None = None  # run Python code shipped with the model (unsafe with untrusted models)
-    allow_pickle: bool | None = None  # load pickled .bin/.pt weights (unsafe with untrusted models)
-    allow_download: bool | None = None  # fetch a model name missing from the local cache from the hub
-    cuda_graphs: bool | None = None
-    seed: int | None = None  # base seed for requests without sampling.seed
-    prefix_cache: bool | None = None  # reuse the K/V of prompt prefixes shared between rows (on by default)
-    async_scheduling: bool | None = None  # plan the next step while the GPU runs this one (on for cuda)
-    fused_layers: bool | None = None  # Llama-family layers with fused kernels (on for cuda where supported)
-    float32_logits: bool | None = None  # a bf16/fp16 model's logits in float32, on a GPU (off by default)
-    offline: bool | None = None  # true: never download, whatever allow_download says (as HF_HUB_OFFLINE=1)
 
-    def settings(self) -> dict[str, Any]:
-        """Only the fields that were set, for EngineConfig(**settings); `offline` becomes allow_download=False."""
-        settings = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        if settings.pop("offline", False):
-            settings["allow_download"] = False
-        return settings
+
+def _engine_settings(self: Any) -> dict[str, Any]:
+    """Only the fields that were set, for EngineConfig(**settings); `offline` becomes allow_download=False."""
+    settings = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    if settings.pop("offline", False):
+        settings["allow_download"] = False
+    return settings
+
+
+EngineSpec = _engine_section()
 
 
 @dataclass(frozen=True)
 class ParallelSpec:
-    """How a job is spread over processes and machines (README "Scaling out"). It never changes the results,
-    so it is not part of the spec hash: shards and parallel runs of one job resume and merge with each other."""
+    """How a job is spread over processes and machines (docs/scaling.md). It never changes the results, so it is
+    not part of the spec hash: shards and parallel runs of one job resume and merge with each other."""
 
-    shard: str | None = None  # "I/N": only rows with index % N == I (jobs/shard.py); Slurm array tasks set it
-    data: int = field(default=1, metadata={"min": 1})  # engine processes on this node, fed disjoint shards, merged
-    tensor: int = field(default=1, metadata={"min": 1})  # processes (GPUs) per engine, heads and MLP split across them
-    ray_address: str | None = (
-        None  # runner ray: the cluster for ray.init(address=...); None: the running or a local Ray
-    )
-    ray_actors: int = field(default=1, metadata={"min": 1})  # engines in the Ray actor pool
-    ray_gpus_per_actor: float = field(default=0.0, metadata={"min": 0})  # 0 on CPU-only clusters
-    ray_batch_rows: int = field(default=256, metadata={"min": 1})  # rows per map_batches call
+    shard: str | None = setting(None, "'I/N': only rows with index % N == I; Slurm array tasks set it")
+    data: int = setting(1, "engine processes on this node, fed disjoint shards, merged at the end", min=1)
+    tensor: int = setting(1, "processes (GPUs) per engine, heads and MLP split across them", min=1)
+    ray_address: str | None = setting(None, "runner ray: the cluster for ray.init; unset: the running or a local Ray")
+    ray_actors: int = setting(1, "engines in the Ray actor pool", min=1)
+    ray_gpus_per_actor: float = setting(0.0, "GPUs per Ray actor; 0 on CPU-only clusters", min=0)
+    ray_batch_rows: int = setting(256, "rows per map_batches call", min=1)
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    name: str = field(metadata={"nonempty": True})
-    model: str = "default"  # "default" = the embedded SmolLM2-135M-Instruct
-    input: InputSpec = field(default=None)  # type: ignore[assignment]  # required, checked in validate()
-    prompt: PromptSpec = field(default_factory=PromptSpec)
-    id_column: str | None = None  # copied to the output; must be unique (duplicates become error rows)
-    keep_columns: tuple[str, ...] = ()  # input columns copied to the output
-    sampling: SamplingSpec = field(default_factory=SamplingSpec)
-    output: OutputSpec = field(default_factory=OutputSpec)
-    output_dir: str = "out"  # outputs stay inside it; relative to the job file's folder
-    engine: EngineSpec = field(default_factory=EngineSpec)
-    sort_window: int = field(default=1024, metadata={"min": 1})  # rows sorted by length within this window; 1 = off
-    runner: Literal["local", "ray"] = "local"  # ray: through Ray Data on a Ray cluster (parallel.ray_*)
-    parallel: ParallelSpec = field(default_factory=ParallelSpec)
-    base_dir: str = field(default=".", metadata={"internal": True})  # the job file's folder (set by the loader)
+    """One job: its input, prompt, sampling, engine and output."""
+
+    name: str = setting(doc="names the job and its default output file", nonempty=True)
+    model: str = setting("default", "default (the embedded SmolLM2-135M-Instruct), a folder, a .gguf file, a hub name")
+    input: InputSpec = setting(None, "required")  # type: ignore[assignment]  # checked in validate()
+    prompt: PromptSpec = field(default_factory=PromptSpec, metadata={"doc": "how a row becomes a prompt"})
+    id_column: str | None = setting(None, "copied to the output; must be unique (duplicates become error rows)")
+    keep_columns: tuple[str, ...] = setting((), "input columns copied to the output")
+    sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"doc": "how each row is sampled"})
+    output: OutputSpec = field(default_factory=OutputSpec, metadata={"doc": "where results go"})
+    output_dir: str = setting("out", "outputs stay inside it; relative to the job file's folder")
+    engine: EngineSpec = field(default_factory=EngineSpec, metadata={"doc": "engine settings; unset: its default"})
+    sort_window: int = setting(1024, "rows sorted by length within this window; 1 = off", min=1)
+    runner: Literal["local", "ray"] = setting("local", "ray: through Ray Data on a Ray cluster (parallel.ray_*)")
+    parallel: ParallelSpec = field(default_factory=ParallelSpec, metadata={"doc": "shards, processes, Ray"})
+    base_dir: str = setting(".", "the job file's folder (set by the loader)", internal=True)
 
 
 @dataclass(frozen=True)
@@ -403,9 +390,30 @@ _RESULT_FIELDS = ("model", "input", "prompt", "id_column", "keep_columns", "samp
 _RESULT_ENGINE_FIELDS = ("dtype", "seed", "max_model_len", "float32_logits")
 
 
+# The sampling fields of the first manifests: always in the fingerprint. A field added since counts only when it is
+# set to other than its default, so an output written before the field existed keeps its hash and resumes.
+_SAMPLING_FIELDS_V1 = (
+    "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+    "stop_token_ids", "n", "logprobs", "ignore_eos",
+)  # fmt: skip
+
+
+def _sampling_fingerprint(sampling: SamplingParams) -> dict[str, Any]:
+    return {
+        f.name: _jsonable(getattr(sampling, f.name))
+        for f in dataclasses.fields(sampling)
+        if f.name in _SAMPLING_FIELDS_V1 or getattr(sampling, f.name) != _default(f)
+    }
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
-    data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS}
+    data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS if k != "sampling"}
+    data["sampling"] = _sampling_fingerprint(job.sampling)
     data["output_format"] = output_format(job)
     engine = {k: _result_value(k, getattr(job.engine, k)) for k in _RESULT_ENGINE_FIELDS}
     engine = {k: v for k, v in engine.items() if v is not None}

@@ -1,13 +1,20 @@
-"""The end-of-job summary: printed, and written as JSON beside the output (`NAME.summary.json`)."""
+"""The end-of-job summary: printed, and written as JSON beside the output (`NAME.summary.json`).
+
+One builder for every runner: the rows come from what the output file holds (`WriteReport`), the tokens and
+timings from what this run did (`RunCounts`). Data parallel and `kvbatch merge` add the counts of their shards'
+summaries (`RunCounts.of`) with the same `+`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kvbatch.errors import shown_path
+
 from .atomic import write_json
-from .errors import shown_path
 
 
 @dataclass
@@ -23,8 +30,9 @@ class Summary:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0  # this run
     output_tokens: int = 0  # this run
-    elapsed_s: float = 0.0
-    output_tokens_per_s: float = 0.0
+    elapsed_s: float = 0.0  # this run, from start to the written output
+    load_s: float = 0.0  # of which loading the model (0 when an earlier job of the run loaded it)
+    output_tokens_per_s: float = 0.0  # over the time after the load
     peak_kv_usage: float = 0.0  # 0..1 share of KV blocks held at the busiest moment
     preemptions: int = 0
     cached_prompt_tokens: int = 0  # this run: prompt tokens whose K/V came from the prefix cache
@@ -46,8 +54,10 @@ class Summary:
         return "\n".join(
             [
                 f"job {self.job}: {self.status} -> {shown_path(self.output)}",
-                f"  rows        {self.rows} ({self.rows_ok} ok, {self.rows_error} errors; {self.rows_this_run} this run)",
-                f"  tokens      {self.prompt_tokens} prompt, {self.output_tokens} output in {self.elapsed_s:.1f} s ({self.output_tokens_per_s:.1f} output tok/s)",
+                f"  rows        {self.rows} ({self.rows_ok} ok, {self.rows_error} errors; "
+                f"{self.rows_this_run} this run)",
+                f"  tokens      {self.prompt_tokens} prompt, {self.output_tokens} output in {self.elapsed_s:.1f} s "
+                f"({self.load_s:.1f} s loading; {self.output_tokens_per_s:.1f} output tok/s after it)",
                 f"  KV cache    peak {self.peak_kv_usage:.0%} of blocks, {self.preemptions} preemptions, "
                 f"prefix cache hit {self.prefix_cache_hit_rate:.0%} ({self.cached_prompt_tokens} prompt tokens reused)",
                 f"  errors      {errors}",
@@ -59,10 +69,72 @@ def summary_path(output: Path) -> Path:
     return output.with_name(output.name + ".summary.json")
 
 
-def add_prefix_counters(total: Summary, parts: list[dict]) -> None:
-    """Add prefix-cache counters (an engine's, or shards' summaries) into `total` and compute its hit rate from them."""
-    for part in parts:
-        total.cached_prompt_tokens += int(part.get("cached_prompt_tokens", 0))
-        total.queried_prompt_tokens += int(part.get("queried_prompt_tokens", 0))
-    queried = total.queried_prompt_tokens
-    total.prefix_cache_hit_rate = round(total.cached_prompt_tokens / queried, 4) if queried else 0.0
+@dataclass
+class RunCounts:
+    """What one run did (not what the output holds): its rows, tokens, KV use and prefix-cache reuse."""
+
+    rows: int = 0  # rows finished by this run
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    preemptions: int = 0
+    peak_kv_usage: float = 0.0
+    cached_prompt_tokens: int = 0
+    queried_prompt_tokens: int = 0
+
+    def __add__(self, other: RunCounts) -> RunCounts:
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        return RunCounts(**{**summed, "peak_kv_usage": max(self.peak_kv_usage, other.peak_kv_usage)})
+
+    @classmethod
+    def of(cls, summary: Summary | dict[str, Any]) -> RunCounts:
+        """The counts a summary (or its JSON) reports; an older summary's missing fields count 0."""
+        data = summary.to_dict() if isinstance(summary, Summary) else summary
+        rows = data.get("rows_this_run", 0)
+        return cls(rows, *(type(f.default)(data.get(f.name, 0)) for f in fields(cls)[1:]))
+
+
+def build_summary(
+    job: str, output: Path, report: Any, counts: RunCounts, elapsed_s: float, load_s: float = 0.0, **about: str
+) -> Summary:
+    """The summary of a run that wrote `output`: rows from the file (`report`, a WriteReport), the rest from
+    `counts`; `about`: model, spec_hash, kvbatch_version."""
+    num_errors = report.finish_reasons.get("error", 0)
+    queried = counts.queried_prompt_tokens
+    generating_s = elapsed_s - load_s
+    return Summary(
+        job,
+        str(output),
+        rows=report.num_rows,
+        rows_ok=report.num_rows - num_errors,
+        rows_error=num_errors,
+        rows_this_run=counts.rows,
+        finish_reasons=dict(report.finish_reasons),
+        errors_by_kind={str(k): v for k, v in report.error_kinds.items()},
+        prompt_tokens=counts.prompt_tokens,
+        output_tokens=counts.output_tokens,
+        elapsed_s=round(elapsed_s, 3),
+        load_s=round(load_s, 3),
+        output_tokens_per_s=round(counts.output_tokens / generating_s, 2) if generating_s > 0 else 0.0,
+        peak_kv_usage=round(counts.peak_kv_usage, 4),
+        preemptions=counts.preemptions,
+        cached_prompt_tokens=counts.cached_prompt_tokens,
+        queried_prompt_tokens=queried,
+        prefix_cache_hit_rate=round(counts.cached_prompt_tokens / queried, 4) if queried else 0.0,
+        output_bytes=report.num_bytes,
+        **about,
+    )
+
+
+def already_complete(output: Path, fallback: Summary) -> Summary:
+    """The summary of an output an earlier run finished: what the file holds (from that run's summary), and zero
+    for this run, which did nothing (its tokens and timing would otherwise read as this run's)."""
+    summary = fallback
+    path = summary_path(output)
+    if path.exists():
+        data = json.loads(path.read_text())
+        summary = Summary(**{k: v for k, v in data.items() if k in Summary.__dataclass_fields__})
+    run_fields = (*(f.name for f in fields(RunCounts)[1:]), "rows_this_run", "elapsed_s", "load_s")
+    for name in (*run_fields, "output_tokens_per_s", "prefix_cache_hit_rate"):
+        setattr(summary, name, type(getattr(summary, name))(0))
+    summary.status = "already complete"
+    return summary

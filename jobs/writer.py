@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+
+from kvbatch.errors import OutputError, shown_path
 
 from .assemble import count_by, input_order, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
-from .errors import OutputError, shown_path
 from .lock import OutputLock
 from .manifest import INPUT_KEY, Manifest, PartEntry, to_ranges
 from .records import Layout, RowResult
@@ -226,7 +228,8 @@ class OutputWriter:
 
     # -- closing ----------------------------------------------------------------------------------------
     def finalize(self, num_rows: int) -> WriteReport:
-        """Commit what is left, write the final file in input order, drop the parts."""
+        """Commit what is left, write the final file in input order, drop the parts. `num_rows` counts the whole
+        input (a shard's writer writes its own rows of it)."""
         self.commit_part()
         self.manifest.num_rows = num_rows
         table = (
@@ -234,7 +237,7 @@ class OutputWriter:
             if self.manifest.parts
             else self.layout.to_table([])
         )
-        order = input_order(table, num_rows)
+        order = self.output_order(table, num_rows)
         try:
             num_bytes = write_output(
                 table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column
@@ -244,14 +247,19 @@ class OutputWriter:
         except OSError as exc:
             self.manifest.complete = False
             raise OutputError(
-                f"cannot write {shown_path(self.output)}: {exc.strerror or exc}; every row is committed in parts, fix this (free space?) and rerun to write it"
+                f"cannot write {shown_path(self.output)}: {exc.strerror or exc}; every row is committed in parts, "
+                "fix this (free space?) and rerun to write it"
             ) from exc
         # The final file holds every row now; parts are only needed until here.
         for part in self.manifest.parts:
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / part.file).unlink()
         fsync_dir(self.dir)
-        return WriteReport(num_rows, num_bytes, count_by(table, "finish_reason"), count_by(table, "error_kind"))
+        return WriteReport(len(order), num_bytes, count_by(table, "finish_reason"), count_by(table, "error_kind"))
+
+    def output_order(self, table: pa.Table, num_rows: int) -> np.ndarray:
+        """The part rows' positions in output order: every input row once."""
+        return input_order(table, num_rows)
 
     def close(self, failing: BaseException | None = None) -> None:
         """Commit any finished rows still buffered (also after an error) and release the lock.

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import SpecError
+from kvbatch.errors import SpecError
 
 
 @dataclass(frozen=True)

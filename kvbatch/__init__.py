@@ -1,7 +1,36 @@
 """kvbatch: offline batch generation over a paged KV cache.
 
-The code lives in three top-level folders that install as subpackages:
-``kvbatch.cache`` (paged KV cache), ``kvbatch.runner`` (engine, scheduler, CLI), ``kvbatch.jobs`` (specs, IO).
+The code lives in top-level folders that install as subpackages: ``kvbatch.cache`` (the paged KV cache and its
+attention kernels), ``kvbatch.runner`` (the engine), ``kvbatch.jobs`` (everything about a job), ``kvbatch.bench``
+(benchmarks). This package holds the CLI and the public API below, imported on first use so that `import kvbatch`
+stays cheap (the CLI must answer signals before torch is loaded).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import version
+from typing import Any
+
+__version__ = version("kvbatch")
+
+_API = {
+    "Engine": "kvbatch.runner.engine",
+    "EngineConfig": "kvbatch.runner.config",
+    "SamplingParams": "kvbatch.runner.config",
+    "GenerationRequest": "kvbatch.runner.request",
+    "GenerationResult": "kvbatch.runner.request",
+    "Completion": "kvbatch.runner.request",
+    "JobSpec": "kvbatch.jobs.spec",
+    "load_jobs_file": "kvbatch.jobs.spec",
+    "job_from_dict": "kvbatch.jobs.spec",
+    "run_jobs": "kvbatch.jobs.runners",
+    "GenerateBatch": "kvbatch.jobs.ray_data",
+}
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'kvbatch' has no attribute {name!r}")

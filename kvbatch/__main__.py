@@ -1,3 +1,3 @@
-from kvbatch.runner.cli import app
+from kvbatch.cli import app
 
 app(prog_name="kvbatch")

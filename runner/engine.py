@@ -18,11 +18,15 @@ must run alone or reads its own output (a repetition penalty), drains first.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
 import logging
 import os
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,22 +34,20 @@ import torch
 from kvbatch.cache.backends import select_backend
 from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import num_blocks_for
-from kvbatch.cache.budget import KVBudgetError, PoolSize
+from kvbatch.cache.budget import PoolSize
 from kvbatch.cache.kv_cache import KVCache
+from kvbatch.errors import BackendUnavailableError, ErrorKind, KVBudgetError
+from kvbatch.runner.config import EngineConfig
 
-from .engine_config import EngineConfig, EngineStats
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
-from .gc_freeze import freeze_gc
-from .kv_sizing import fixed_pool_size, kv_cache_spec
 from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
-from .pool_sizing import profile_gpu_pool
-from .request import Completion, GenerationRequest, GenerationResult
+from .pool_sizing import fixed_pool_size, kv_cache_spec, profile_gpu_pool
+from .request import Completion, EngineStats, GenerationRequest, GenerationResult
 from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
-from .step_timing import StepTimer
 from .stopping import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -113,7 +115,10 @@ class Engine:
         # A preloaded model keeps its loader's context unless the config asks for less.
         self.max_model_len = min(self.loaded.max_model_len, config.max_model_len or self.loaded.max_model_len)
         self.max_num_batched_tokens = config.max_num_batched_tokens or (16384 if self.device.type == "cuda" else 4096)
-        self.backend = select_backend(config.attention_backend, self.device, config.block_size)
+        try:
+            self.backend = select_backend(config.attention_backend, self.device, config.block_size)
+        except ValueError as exc:  # a backend asked for by name that cannot run here: cache/ says why
+            raise BackendUnavailableError(str(exc)) from None
         num_heads = self.model.config.get_text_config().num_attention_heads
         self.kv_spec = kv_cache_spec(self.model.config, config.block_size, self.backend.name, self.loaded.dtype)
         self.fused = fused_decoder_for(self.model, config.fused_layers, self.device)
@@ -159,7 +164,16 @@ class Engine:
 
     def _size_pool(self) -> PoolSize:
         if self.device.type == "cuda" and not self.config.num_blocks_override:
-            return profile_gpu_pool(self, self.config.gpu_memory_utilization)
+            return profile_gpu_pool(
+                self.model,
+                self.kv_spec,
+                self.backend,
+                self.fused,
+                self.config,
+                self.max_num_batched_tokens,
+                self.max_model_len,
+                self.device,
+            )
         return fixed_pool_size(self.kv_spec, self.config)
 
     def _capture_graphs(self) -> None:
@@ -184,6 +198,13 @@ class Engine:
         self.runner.graphs = graphs
 
     @property
+    def source(self) -> str:
+        return self.loaded.source
+
+    def kv_usage(self) -> float:
+        return self.pool.usage()
+
+    @property
     def uses_cuda_graphs(self) -> bool:
         return self.runner.graphs is not None
 
@@ -201,13 +222,13 @@ class Engine:
 
     # ---- admission ---------------------------------------------------------------------------
 
-    def _never_fits(self, request: GenerationRequest) -> str | None:
+    def _never_fits(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
-            return "the prompt is empty (0 tokens)"
+            return ErrorKind.EMPTY_PROMPT, "the prompt is empty (0 tokens)"
         if num_prompt >= self.capacity_tokens:
             limit = "the context" if self.max_model_len <= self.pool_size.num_tokens else "the KV pool"
-            return (
+            return ErrorKind.PROMPT_TOO_LONG, (
                 f"the prompt has {num_prompt} tokens; at most {self.capacity_tokens - 1} fit, leaving room for one "
                 f"new token ({limit}: {self.capacity_tokens} tokens; context {self.max_model_len}, "
                 f"KV pool {self.pool_size.num_tokens})"
@@ -215,7 +236,8 @@ class Engine:
         vocab = self.model.config.get_text_config().vocab_size
         ids = request.prompt_token_ids
         if min(ids) < 0 or max(ids) >= vocab:  # two C passes; the list below only for a prompt that has such ids
-            return f"the prompt holds token ids outside the vocabulary of {vocab}: {[t for t in ids if not 0 <= t < vocab][:5]}"
+            outside = [t for t in ids if not 0 <= t < vocab][:5]
+            return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {outside}"
         return None
 
     def _add(self, scheduler: Scheduler, request: GenerationRequest, seed_base: int) -> _RequestState:
@@ -232,9 +254,9 @@ class Engine:
         self.stats.num_requests += 1
         return state
 
-    def _error_result(self, request: GenerationRequest, message: str) -> GenerationResult:
+    def _error_result(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationResult:
         self.stats.num_errors += 1
-        return GenerationResult(request.request_id, len(request.prompt_token_ids), [], error=message)
+        return GenerationResult(request.request_id, len(request.prompt_token_ids), [], error=message, error_kind=kind)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -275,9 +297,9 @@ class Engine:
                     if request is None:
                         exhausted = True
                         break
-                    reason = self._never_fits(request)
-                    if reason:
-                        yield self._error_result(request, reason)
+                    refusal = self._never_fits(request)
+                    if refusal:
+                        yield self._error_result(request, *refusal)
                     else:
                         self._add(scheduler, request, seed_base)
                 if in_flight is None and not scheduler.has_work():
@@ -446,6 +468,63 @@ class Engine:
                     scheduler.finish(sibling)
             state.num_unfinished = 0
             message = f"generation failed: {type(exc).__name__}: {exc}"
-            results.append(self._error_result(state.request, message))
+            results.append(self._error_result(state.request, ErrorKind.ENGINE, message))
         scheduler.requeue_isolated([s for s in seqs if s.finish_reason is None], registered or ())
         return results
+
+
+class StepTimer:
+    """Wall-clock time per engine phase, for `kvbatch bench throughput --timing`.
+
+    Off by default and then free. On, it synchronises the device around every phase, so each phase's time
+    includes the GPU work it launched: the breakdown of a step, at the price of any overlap between phases."""
+
+    def __init__(self, device: torch.device, enabled: bool = False) -> None:
+        self.device = device
+        self.enabled = enabled
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] += time.perf_counter() - started
+            self.calls[name] += 1
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {
+                "seconds": round(s, 3),
+                "calls": self.calls[name],
+                "ms_per_call": round(1e3 * s / max(self.calls[name], 1), 3),
+            }
+            for name, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        }
+
+
+_gc_unfreeze_at_exit = False
+
+
+def freeze_gc() -> None:
+    """Put every object alive now (torch, transformers, the model: about 450,000 of them) out of the cyclic
+    collector's reach. A full collection walks them all: on an H200 host, 210-260 ms with the GPU idle, in two
+    of four runs of workload a (2.73-3.03 s against 2.49-2.54 s without); frozen, the same collections took 5-15 ms.
+    Objects made later (requests, sequences) are collected as usual."""
+    global _gc_unfreeze_at_exit
+    gc.collect()
+    gc.freeze()
+    if not _gc_unfreeze_at_exit:  # the interpreter's last collection must still free them: native bindings
+        atexit.register(gc.unfreeze)  # (triton's nanobind) report frozen objects as leaks at exit
+        _gc_unfreeze_at_exit = True

@@ -33,16 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvbatch.cache.metadata import AttentionMetadata
+from kvbatch.errors import FusedLayersError
 
 from .attention_hook import StepContext
 
 logger = logging.getLogger(__name__)
 
 FUSABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
-class FusedLayersError(ValueError):
-    """fused_layers was asked for a model or device it cannot run on."""
 
 
 @dataclass

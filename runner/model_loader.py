@@ -19,19 +19,13 @@ from pathlib import Path
 
 import torch
 
+from kvbatch.errors import ContextLengthError, ModelLoadError
+
 from . import attention_hook
 from .cpu_linear import use_onednn_linears
 from .default_model import default_model_path
 
 logger = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """The model or tokenizer cannot be loaded; the message says what to change."""
-
-
-class ContextLengthError(ModelLoadError):
-    """engine.max_model_len asks for more context than the model has: a configuration problem (exit code 2)."""
 
 
 @dataclass

@@ -1,44 +1,96 @@
-"""Sizing the KV pool on a GPU from what a real step leaves free.
+"""How many KV pages a pool gets: a fixed size on the CPU (or `num_blocks_override`), or on a GPU what a profiled
+step leaves free.
 
-The largest step the scheduler can build (max_num_batched_tokens tokens, logits for up to
-max_num_seqs rows) runs once against a scratch cache just big enough for it; the allocator's peak
-then holds weights plus activations, and what `gpu_memory_utilization` allows beyond that becomes
-pages (the equation is in kvbatch.cache.budget).
+On a GPU the largest step the scheduler can build (max_num_batched_tokens tokens, logits for up to max_num_seqs
+rows) runs once against a scratch cache just big enough for it; the allocator's peak then holds weights plus
+activations, and what `gpu_memory_utilization` allows beyond that becomes pages (the equation is in
+kvbatch.cache.budget). `kvbatch plan` sizes a CPU pool from the config files alone with the same functions, so
+both arrive at the same numbers.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from typing import TYPE_CHECKING
+import os
 
 import torch
 
+from kvbatch.cache.backends import AttentionBackend
 from kvbatch.cache.block_table import num_blocks_for
-from kvbatch.cache.budget import PoolSize, blocks_from_bytes, gpu_kv_bytes
-from kvbatch.cache.kv_cache import KVCache
+from kvbatch.cache.budget import GIB, PoolSize, blocks_from_bytes, gpu_kv_bytes
+from kvbatch.cache.kv_cache import KVCache, KVCacheSpec
 from kvbatch.cache.metadata import AttentionMetadata
+from kvbatch.errors import KVBudgetError
+from kvbatch.runner.config import EngineConfig
 
 from .model_runner import ModelRunner, StepInputs
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 logger = logging.getLogger(__name__)
 
 
-def profile_gpu_pool(engine: Engine, gpu_memory_utilization: float) -> PoolSize:
-    device = engine.device
+def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype: torch.dtype) -> KVCacheSpec:
+    """Pages for `model_config` (a transformers config). The torch reference attention computes in float64, so
+    float32 models keep their pages in float64 there (twice the bytes): no cached key or value is converted at
+    every step."""
+    text_config = model_config.get_text_config()
+    num_heads = text_config.num_attention_heads
+    return KVCacheSpec(
+        num_layers=text_config.num_hidden_layers,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
+        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
+        block_size=block_size,
+        dtype=torch.float64 if backend_name == "torch" and model_dtype == torch.float32 else model_dtype,
+    )
+
+
+def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig) -> PoolSize:
+    """An exact `num_blocks_override`, or the CPU pool of `kv_cache_gib`. (A GPU pool comes from profiling.)"""
+    if config.num_blocks_override:
+        n = config.num_blocks_override
+        return PoolSize(n, spec.block_size, n * spec.bytes_per_block)
+    memory = _physical_memory()
+    if memory and config.kv_cache_gib * GIB > memory:  # it would fail to allocate, or be killed for memory later
+        raise KVBudgetError(
+            f"engine.kv_cache_gib {config.kv_cache_gib:g} is more than this machine's {memory / GIB:.1f} GiB "
+            "of memory; lower it (the weights need room too)"
+        )
+    pool = blocks_from_bytes(spec, int(config.kv_cache_gib * GIB))
+    if pool.num_blocks < 1:
+        raise KVBudgetError(
+            f"engine.kv_cache_gib {config.kv_cache_gib:g} holds no KV block: one block of {spec.block_size} tokens "
+            f"needs {spec.bytes_per_block / 2**20:.2f} MiB; give the cache more memory"
+        )
+    return pool
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on every system
+        return None
+
+
+def profile_gpu_pool(
+    model: torch.nn.Module,
+    spec: KVCacheSpec,
+    backend: AttentionBackend,
+    fused,  # FusedDecoder | None
+    config: EngineConfig,
+    max_num_batched_tokens: int,
+    max_model_len: int,
+    device: torch.device,
+) -> PoolSize:
     # The largest step: max_num_batched_tokens tokens, as sequences of at most the context each.
-    num_tokens = engine.max_num_batched_tokens
-    seq_len = min(num_tokens, engine.max_model_len)
+    num_tokens = max_num_batched_tokens
+    seq_len = min(num_tokens, max_model_len)
     lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
-    block_size = engine.kv_spec.block_size
+    block_size = spec.block_size
     blocks_per_seq = num_blocks_for(seq_len, block_size)
-    scratch = KVCache(engine.kv_spec, blocks_per_seq * len(lens), device)
+    scratch = KVCache(spec, blocks_per_seq * len(lens), device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    num_logits = min(engine.config.max_num_seqs, num_tokens)
+    num_logits = min(config.max_num_seqs, num_tokens)
     tables = torch.arange(blocks_per_seq * len(lens), dtype=torch.int32, device=device).view(len(lens), blocks_per_seq)
     starts = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lens])
@@ -66,7 +118,7 @@ def profile_gpu_pool(engine: Engine, gpu_memory_utilization: float) -> PoolSize:
         num_sampling=num_logits,
         meta=meta,
     )
-    logits = ModelRunner(engine.model, scratch, engine.backend, engine.fused).forward(inputs)
+    logits = ModelRunner(model, scratch, backend, fused).forward(inputs)
     # Sampling makes a few [rows, vocab] float32 tensors; count two more copies of the logits.
     extra = 2 * logits.numel() * 4
     torch.cuda.synchronize(device)
@@ -74,7 +126,16 @@ def profile_gpu_pool(engine: Engine, gpu_memory_utilization: float) -> PoolSize:
     del logits, scratch
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    pool = blocks_from_bytes(engine.kv_spec, gpu_kv_bytes(total, peak, gpu_memory_utilization))
+    utilization = config.gpu_memory_utilization
+    free = gpu_kv_bytes(total, peak, utilization)
+    pool = blocks_from_bytes(spec, free)
+    if pool.num_blocks < 1:
+        raise KVBudgetError(
+            f"no GPU memory left for KV pages: {utilization:.0%} of {total / GIB:.1f} GiB is "
+            f"{total * utilization / GIB:.1f} GiB, the model and activations peak at {peak / GIB:.1f} GiB, "
+            f"which leaves {max(free, 0) / 2**20:.0f} MiB (a block needs {spec.bytes_per_block / 2**20:.2f} MiB); "
+            "raise gpu_memory_utilization or lower max_num_batched_tokens"
+        )
     logger.info(
         "GPU pool: %.1f GiB total, %.1f GiB peak for weights and a %d-token step, %s",
         total / 2**30,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .request import SamplingParams
+from .config import SamplingParams
 
 _MASK_63 = (1 << 63) - 1
 

@@ -44,16 +44,14 @@ import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import num_blocks_for
 from kvbatch.cache.prefix_cache import max_cached_blocks
 
+from .config import POLICIES, Policy
 from .sequence import SeqStatus, Sequence
 
-Policy = Literal["reserve", "optimistic"]
-POLICIES = ("reserve", "optimistic")
 # A sequence that has been in this many failed steps runs alone from then on: it still gets an error only if it
 # fails alone, and a failure that only a batch triggers cannot send it round failing and recomputing forever.
 MAX_ISOLATIONS = 3

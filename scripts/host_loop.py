@@ -20,9 +20,10 @@ import time
 
 import torch
 
-from kvbatch.runner.bench_models import random_model
+from kvbatch.bench.models import random_model
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 
 def requests(rng: random.Random, n: int, max_new_tokens: int) -> list[GenerationRequest]:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from kvbatch.bench.models import random_model
 from kvbatch.cache.metadata import AttentionMetadata
-from kvbatch.runner.bench_models import random_model
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_runner import StepInputs
 

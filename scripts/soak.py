@@ -30,9 +30,10 @@ from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.writer import OutputWriter
 from kvbatch.runner import attention_hook
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 VOCAB_SIZE = 512
 EOS_ID = 1
@@ -171,8 +172,8 @@ class Reporter:
 
 def soak_job(engine: Engine, args: argparse.Namespace) -> int:
     """The same rows as a job: the reader, prompt building, tokenizer, engine and crash-safe writer all soak."""
+    from kvbatch.jobs.runners import run_jobs
     from kvbatch.jobs.spec import job_from_dict
-    from kvbatch.runner.job import run_jobs
 
     folder = Path(tempfile.mkdtemp(prefix="kvbatch-soak-job-"))
     with open(folder / "in.jsonl", "w") as f:

@@ -21,9 +21,9 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from kvbatch.runner.bench import _warm_up, run_engine
-from kvbatch.runner.bench_models import random_model
-from kvbatch.runner.bench_workloads import make_workload
+from kvbatch.bench.cli import _warm_up, run_engine
+from kvbatch.bench.models import random_model
+from kvbatch.bench.workloads import make_workload
 from kvbatch.runner.engine import Engine, EngineConfig
 
 

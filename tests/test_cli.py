@@ -7,24 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from job_fakes import fake_factory  # noqa: E402
 from typer.testing import CliRunner
 
-from kvbatch import __version__
-from kvbatch.jobs.errors import InterruptedJob, JobError, OutputLockedError
+from kvbatch import __version__, cli
+from kvbatch.errors import InterruptedJob, JobError, OutputLockedError
 from kvbatch.jobs.lock import OutputLock
+from kvbatch.jobs.run import EngineCache
+from kvbatch.jobs.runners import JobOutcome
+from kvbatch.jobs.runners import run_jobs as real_run_jobs
 from kvbatch.jobs.spec import job_from_dict, load_jobs_file
 from kvbatch.jobs.summary import Summary
 from kvbatch.jobs.writer import work_dir
-from kvbatch.runner import cli
-from kvbatch.runner.job import EngineCache, JobOutcome
-from kvbatch.runner.job import run_jobs as real_run_jobs
-
-sys.path.insert(0, str(Path(__file__).parent / "jobs"))
-from job_fakes import fake_factory  # noqa: E402
 
 RUNNER = CliRunner()
 JOBS = """\

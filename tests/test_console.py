@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
     """
     import atexit, sys, threading, time
     import typer
-    from kvbatch.runner.console import ConsoleTyper
+    from kvbatch.console import ConsoleTyper
 
     app = ConsoleTyper(add_completion=False)
     atexit.register(lambda: print("exit handler ran", flush=False))
@@ -61,7 +61,7 @@ def test_usage_errors_keep_their_status() -> None:
 
 def tuned(env_extra: dict[str, str]) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env_extra
-    code = "from kvbatch.runner.console import tune_malloc; print(tune_malloc())"
+    code = "from kvbatch.console import tune_malloc; print(tune_malloc())"
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True
     ).stdout.strip()
@@ -81,7 +81,7 @@ def test_a_signal_while_starting_exits_3(name: str) -> None:
     code = textwrap.dedent(
         f"""
         import os, signal, time
-        from kvbatch.runner.console import exit_on_early_signals
+        from kvbatch.console import exit_on_early_signals
         exit_on_early_signals()
         os.kill(os.getpid(), signal.{name})
         time.sleep(10)

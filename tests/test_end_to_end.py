@@ -5,7 +5,6 @@ on examples/jobs.yaml, the README's worked example.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import datasets
@@ -13,16 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from openai.types.chat import ChatCompletion
+from tiny_models import tiny_loaded
 from typer.testing import CliRunner
 
+from kvbatch import cli
+from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
-from kvbatch.runner import cli
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.job import EngineCache, run_job
-from kvbatch.runner.request import GenerationRequest, SamplingParams
-
-sys.path.insert(0, str(Path(__file__).parent / "runner"))
-from tiny_models import tiny_loaded  # noqa: E402
+from kvbatch.runner.request import GenerationRequest
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_TEMPLATE = (

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvbatch.cache import backends
-from kvbatch.cache.backends import BackendUnavailableError, select_backend
+from kvbatch.cache.backends import select_backend
 
 
 def test_cpu_gets_the_torch_reference():
@@ -14,7 +14,7 @@ def test_cpu_gets_the_torch_reference():
 
 
 def test_forcing_a_gpu_backend_on_the_cpu_says_why():
-    with pytest.raises(BackendUnavailableError, match="needs a CUDA device"):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
         select_backend("triton", "cpu")
 
 
@@ -37,5 +37,5 @@ def test_auto_passes_over_flash_attn_when_pages_are_too_small(gpu_packages_prese
 
 
 def test_forcing_flash_attn_with_small_pages_names_the_rule(gpu_packages_present):
-    with pytest.raises(BackendUnavailableError, match="multiple of 256, the engine's is 16"):
+    with pytest.raises(ValueError, match="multiple of 256, the engine's is 16"):
         select_backend("flash-attn", torch.device("cuda"), block_size=16)

@@ -11,8 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kvbatch.jobs import rows as kinds
-from kvbatch.jobs.errors import InputError, SpecError
+from kvbatch.errors import ErrorKind, InputError, SpecError
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.spec import job_from_dict
 
@@ -91,18 +90,18 @@ def test_jsonl_bad_lines_become_error_rows_naming_the_line(tmp_path: Path) -> No
     assert [(r.index, r.line) for r in rows] == [(0, 1), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7)]
     assert rows[0].data == {"prompt": "first"} and rows[0].error is None
     assert (rows[1].error.kind, rows[1].error.message) == (
-        kinds.BAD_JSON,
+        ErrorKind.BAD_JSON,
         "row 1 (line 3): invalid JSON at column 22: Expecting ',' delimiter",
     )
     assert (rows[2].error.kind, rows[2].error.message) == (
-        kinds.NOT_AN_OBJECT,
+        ErrorKind.NOT_AN_OBJECT,
         "row 2 (line 4): expected a JSON object, got list",
     )
-    assert rows[3].error.kind == kinds.INVALID_UTF8 and rows[3].error.message.startswith(
+    assert rows[3].error.kind == ErrorKind.INVALID_UTF8 and rows[3].error.message.startswith(
         "row 3 (line 5): invalid UTF-8 at byte 15"
     )
     assert (
-        rows[4].error.kind == kinds.LINE_TOO_LONG
+        rows[4].error.kind == ErrorKind.LINE_TOO_LONG
         and "row 4 (line 6)" in rows[4].error.message
         and "max_line_bytes (100 bytes)" in rows[4].error.message
     )
@@ -119,7 +118,7 @@ def test_jsonl_lone_surrogate_escapes_become_error_rows(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     rows = list(open_reader(job_for(tmp_path, "in.jsonl"), ["prompt"]))
     assert (rows[0].error.kind, rows[0].error.message) == (
-        kinds.INVALID_UTF8,
+        ErrorKind.INVALID_UTF8,
         "row 0 (line 1): a string holds a lone surrogate (\\udc80), which is not text",
     )
     assert rows[1].data == {"prompt": "pair \N{GRINNING FACE}"} and rows[2].data == {"prompt": "literal \\udc80"}
@@ -130,7 +129,7 @@ def test_jsonl_integer_over_python_limit_is_an_error_row(tmp_path: Path) -> None
     lines = [b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}", b'{"prompt": "b"}']
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     rows = list(open_reader(job_for(tmp_path, "in.jsonl"), ["prompt"]))
-    assert rows[0].error.kind == kinds.BAD_JSON and rows[0].error.message.startswith(
+    assert rows[0].error.kind == ErrorKind.BAD_JSON and rows[0].error.message.startswith(
         "row 0 (line 1): invalid JSON: Exceeds the limit"
     )
     assert rows[1].data == {"prompt": "b"} and rows[1].error is None
@@ -239,7 +238,9 @@ def test_openai_batch_input(tmp_path: Path) -> None:
     rows = list(open_reader(job_for(tmp_path, "batch.jsonl", format="openai"), ["messages", "custom_id"]))
     assert rows[0].data == {"custom_id": "a", "messages": [{"role": "user", "content": "hi"}], "model": "m"}
     assert rows[0].sampling == {"max_new_tokens": 5, "temperature": 0.2, "stop": ["END"], "seed": 1}
-    assert rows[1].error.kind == kinds.BAD_REQUEST and "url '/v1/embeddings' is not supported" in rows[1].error.message
+    assert (
+        rows[1].error.kind == ErrorKind.BAD_REQUEST and "url '/v1/embeddings' is not supported" in rows[1].error.message
+    )
     assert rows[1].data["custom_id"] == "b"  # kept, so the error line still names the request
     assert rows[2].error.message == "row 2 (line 3): an OpenAI Batch request needs a non-empty string `custom_id`"
     assert "needs a `body` object" in rows[3].error.message

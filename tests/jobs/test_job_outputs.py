@@ -16,9 +16,10 @@ from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 
 from kvbatch import __version__
+from kvbatch.jobs import job_io as job_io_module  # where a job opens its reader
+from kvbatch.jobs.run import EngineCache, model_name, run_job
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
-from kvbatch.runner import job_io as job_io_module  # where a job opens its reader
-from kvbatch.runner.job import EngineCache, model_name, run_job, run_jobs
 
 TOKENIZER = FakeTokenizer()
 COLUMNS = ["row", "id", "topic", "text", "finish_reason", "error", "error_kind", "prompt_tokens", "output_tokens"]
@@ -272,7 +273,7 @@ def test_jobs_share_one_engine_per_model(tmp_path: Path) -> None:
     factory = fake_factory()
     outcomes = run_jobs(jobs, engine_factory=factory)
     assert [(o.job, o.error, o.summary.rows) for o in outcomes] == [("a", None, 1), ("b", None, 1), ("c", None, 1)]
-    assert [e.config for e in factory.engines] == [("m1", {}), ("m2", {})]
+    assert [e.built_with for e in factory.engines] == [("m1", {}), ("m2", {})]
 
 
 def test_a_failed_job_is_reported_and_the_next_one_runs(tmp_path: Path) -> None:

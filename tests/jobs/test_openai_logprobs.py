@@ -11,10 +11,10 @@ from job_fakes import SPECIALS, FakeEngine
 from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 
+from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
-from kvbatch.runner.job import EngineCache, run_job
+from kvbatch.jobs.token_bytes import TokenBytes
 from kvbatch.runner.request import Completion, GenerationRequest, GenerationResult
-from kvbatch.runner.token_bytes import TokenBytes
 
 ANSWER = "Olá 😀"  # multi-byte characters: their bytes must come back exactly
 EOS = SPECIALS["<|im_end|>"]
@@ -105,7 +105,7 @@ def test_ray_actors_send_the_token_bytes_to_the_driver(tmp_path: Path) -> None:
     # GenerateBatch is what each Ray actor runs; its table is all the driver gets, so the tokens must be in it.
     import pyarrow as pa
 
-    from kvbatch.runner.ray_data import RESULT_SCHEMA, GenerateBatch
+    from kvbatch.jobs.ray_data import RESULT_SCHEMA, GenerateBatch
 
     job = {"name": "j", "input": {"path": str(tmp_path / "batch.jsonl"), "format": "openai"}}
     generate = GenerateBatch(job, engine_factory=lambda model, settings: SpellingEngine())

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from job_fakes import FakeTokenizer, fake_factory
 
-from kvbatch.jobs.errors import InputError, SpecError
+from kvbatch.errors import InputError, SpecError
 from kvbatch.jobs.inspect import inspect_output
+from kvbatch.jobs.plan import plan_job
+from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
-from kvbatch.runner.job import EngineCache, run_job
-from kvbatch.runner.plan import plan_job
 
 TOKENIZER = FakeTokenizer()
 

@@ -7,8 +7,8 @@ import io
 import pytest
 from job_fakes import FakeEngine
 
-from kvbatch.runner import progress as progress_module
-from kvbatch.runner.progress import JobProgress
+from kvbatch.jobs import progress as progress_module
+from kvbatch.jobs.progress import JobProgress
 
 
 def test_the_bar_shows_rows_tokens_kv_use_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,7 +19,7 @@ def test_the_bar_shows_rows_tokens_kv_use_and_errors(monkeypatch: pytest.MonkeyP
     progress = JobProgress("answers", total=10, engine=engine, initial=2)
     progress.bar.fp = io.StringIO()
     clock[0] += 4.0
-    engine.pool.num_free_blocks = 75
+    engine.kv_in_use = 0.25
     engine.stats.num_output_tokens += 40  # 40 made in 4 s, only 12 of them in rows that finished
     progress.update(12, error=False)
     progress.update(0, error=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from job_fakes import FakeTokenizer
 
-from kvbatch.jobs import rows as kinds
+from kvbatch.errors import ErrorKind
 from kvbatch.jobs.prompts import Prompt, build_prompt, prompt_columns, prompt_spec
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.spec import PromptSpec, job_from_dict
-from kvbatch.runner.tokenize import PromptTokenizer
+from kvbatch.jobs.tokenize import PromptTokenizer
 
 TOKENIZER = FakeTokenizer()
 
@@ -82,54 +82,55 @@ def test_template_over_columns() -> None:
 @pytest.mark.parametrize(
     ("spec", "data", "kind", "message"),
     [
-        (PromptSpec(column="prompt"), {}, kinds.MISSING_COLUMN, "column 'prompt' is missing"),
-        (PromptSpec(column="prompt"), {"prompt": None}, kinds.EMPTY_PROMPT, "column 'prompt' is null"),
-        (PromptSpec(column="prompt"), {"prompt": ""}, kinds.EMPTY_PROMPT, "column 'prompt' is empty"),
-        (PromptSpec(column="prompt"), {"prompt": " \n"}, kinds.EMPTY_PROMPT, "column 'prompt' is only whitespace"),
+        (PromptSpec(column="prompt"), {}, ErrorKind.MISSING_COLUMN, "column 'prompt' is missing"),
+        (PromptSpec(column="prompt"), {"prompt": None}, ErrorKind.EMPTY_PROMPT, "column 'prompt' is null"),
+        (PromptSpec(column="prompt"), {"prompt": ""}, ErrorKind.EMPTY_PROMPT, "column 'prompt' is empty"),
+        (PromptSpec(column="prompt"), {"prompt": " \n"}, ErrorKind.EMPTY_PROMPT, "column 'prompt' is only whitespace"),
         (
             PromptSpec(column="prompt"),
             {"prompt": 42},
-            kinds.WRONG_TYPE,
+            ErrorKind.WRONG_TYPE,
             "column 'prompt' is an integer, expected a string",
         ),
         (
             PromptSpec(column="prompt"),
             {"prompt": ["a"]},
-            kinds.WRONG_TYPE,
+            ErrorKind.WRONG_TYPE,
             "column 'prompt' is a list, expected a string",
         ),
         (
             PromptSpec(template="{a} {b}"),
             {"a": "x"},
-            kinds.MISSING_COLUMN,
+            ErrorKind.MISSING_COLUMN,
             "column 'b' (used by the template) is missing",
         ),
-        (PromptSpec(template="{a}"), {"a": None}, kinds.EMPTY_PROMPT, "column 'a' (used by the template) is null"),
+        (PromptSpec(template="{a}"), {"a": None}, ErrorKind.EMPTY_PROMPT, "column 'a' (used by the template) is null"),
         (
             PromptSpec(template="{a}"),
             {"a": {"k": 1}},
-            kinds.WRONG_TYPE,
+            ErrorKind.WRONG_TYPE,
             "column 'a' (used by the template) is an object",
         ),
-        (PromptSpec(template="{a}"), {"a": "  "}, kinds.EMPTY_PROMPT, "the template renders to empty text"),
-        (PromptSpec(messages_column="m"), {"m": "hi"}, kinds.WRONG_TYPE, "column 'm' is a string, expected a list"),
-        (PromptSpec(messages_column="m"), {"m": []}, kinds.EMPTY_PROMPT, "column 'm' is an empty list"),
+        (PromptSpec(template="{a}"), {"a": "  "}, ErrorKind.EMPTY_PROMPT, "the template renders to empty text"),
+        (PromptSpec(messages_column="m"), {"m": "hi"}, ErrorKind.WRONG_TYPE, "column 'm' is a string, expected a list"),
+        (PromptSpec(messages_column="m"), {"m": []}, ErrorKind.EMPTY_PROMPT, "column 'm' is an empty list"),
         (
             PromptSpec(messages_column="m"),
             {"m": [{"role": "wizard", "content": "x"}]},
-            kinds.WRONG_TYPE,
+            ErrorKind.BAD_ROLE,  # a role no template knows has its own kind; a non-string role is a wrong type
             "m[0].role is 'wizard'",
         ),
+        (PromptSpec(messages_column="m"), {"m": [{"role": 7, "content": "x"}]}, ErrorKind.WRONG_TYPE, "m[0].role is 7"),
         (
             PromptSpec(messages_column="m"),
             {"m": [{"role": "user", "content": 5}]},
-            kinds.WRONG_TYPE,
+            ErrorKind.WRONG_TYPE,
             "m[0].content is an integer",
         ),
         (
             PromptSpec(messages_column="m"),
             {"m": [{"role": "system", "content": "s"}, {"role": "user", "content": ""}]},
-            kinds.EMPTY_PROMPT,
+            ErrorKind.EMPTY_PROMPT,
             "no non-empty message",
         ),
     ],

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from kvbatch.errors import JobError
 from kvbatch.jobs.assemble import input_order, read_parts, unify, write_output
-from kvbatch.jobs.errors import JobError
 from kvbatch.jobs.manifest import to_ranges
 
 

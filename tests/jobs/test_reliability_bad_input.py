@@ -14,10 +14,10 @@ import pytest
 from job_fakes import fake_factory
 from reliability_helpers import read_output
 
+from kvbatch.errors import InputError, OutputError, SpecError
 from kvbatch.jobs import atomic
-from kvbatch.jobs.errors import InputError, OutputError, SpecError
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict, load_jobs_file
-from kvbatch.runner.job import run_jobs
 
 
 def run(tmp_path: Path, factory=None, **fields):
@@ -232,16 +232,17 @@ def test_disk_full_at_the_final_write_keeps_every_part(tmp_path: Path, monkeypat
 
 
 def test_model_path_missing(tmp_path: Path) -> None:
-    from kvbatch.runner.job import default_engine_factory
+    from kvbatch.errors import ModelLoadError
+    from kvbatch.jobs.run import default_engine_factory
 
     (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
     outcome = run(tmp_path, default_engine_factory, model=str(tmp_path / "no-such-model"))
-    assert type(outcome.error).__name__ == "ModelLoadError"
+    assert isinstance(outcome.error, ModelLoadError)
     assert str(outcome.error) == f"model folder {tmp_path / 'no-such-model'} does not exist"
 
 
 def test_a_prompt_the_tokenizer_raises_on_fails_that_row_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvbatch.runner.tokenize import PromptTokenizer
+    from kvbatch.jobs.tokenize import PromptTokenizer
 
     real = PromptTokenizer.encode
 
@@ -263,16 +264,15 @@ def test_a_prompt_the_tokenizer_raises_on_fails_that_row_only(tmp_path: Path, mo
 
 
 def test_a_device_this_machine_lacks_fails_the_job_not_the_run(tmp_path: Path) -> None:
-    from kvbatch.cache.backends import BackendUnavailableError
-    from kvbatch.runner.job import default_engine_factory, is_user_facing
+    from kvbatch.errors import BackendUnavailableError, KvbatchError, ModelLoadError
+    from kvbatch.jobs.run import default_engine_factory
 
     (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
     outcome = run(tmp_path, default_engine_factory, model="default", engine={"device": "cuda:99"})  # no weights loaded
-    assert type(outcome.error).__name__ == "ModelLoadError"
+    assert isinstance(outcome.error, ModelLoadError)
     assert str(outcome.error).startswith("engine.device is 'cuda:99', but ")
     # A kernel backend the machine cannot run is the user's to change too: a failed job, not a traceback.
-    assert is_user_facing(BackendUnavailableError("the triton backend needs a CUDA device, the model runs on cpu"))
-    assert not is_user_facing(ValueError("a bug"))
+    assert issubclass(BackendUnavailableError, KvbatchError) and not issubclass(ValueError, KvbatchError)
 
 
 @pytest.mark.parametrize(

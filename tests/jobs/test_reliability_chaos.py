@@ -26,9 +26,9 @@ from reliability_helpers import (
 )
 
 from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import load_jobs_file
 from kvbatch.jobs.writer import work_dir
-from kvbatch.runner.job import run_jobs
 
 NUM_ROWS = 96
 MIN_KILLS = 10

@@ -13,11 +13,11 @@ import pytest
 from job_fakes import fake_factory
 from reliability_helpers import read_output, write_jsonl
 
-from kvbatch.jobs.errors import JobError, OutputError
+from kvbatch.errors import JobError, ModelLoadError, OutputError
 from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import fingerprint_hash, job_from_dict
 from kvbatch.jobs.writer import work_dir
-from kvbatch.runner.job import run_jobs
 
 NUM_ROWS = 30
 
@@ -248,10 +248,10 @@ def test_edited_input_is_refused(folder: Path) -> None:
 
 
 def test_a_run_that_committed_nothing_does_not_pin_the_spec(folder: Path) -> None:
-    from kvbatch.runner.job import default_engine_factory
+    from kvbatch.jobs.run import default_engine_factory
 
     outcome, _ = run(folder, default_engine_factory, model=str(folder / "no-such-model"))
-    assert type(outcome.error).__name__ == "ModelLoadError"
+    assert isinstance(outcome.error, ModelLoadError)
     outcome, _ = run(folder, model="the-right-model")  # the fixed spec runs; nothing was committed to protect
     assert outcome.error is None
     assert_complete(folder / "out" / "out.jsonl")

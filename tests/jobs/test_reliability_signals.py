@@ -19,13 +19,13 @@ from job_fakes import FakeEngine
 from reliability_helpers import read_output, write_jsonl
 from typer.testing import CliRunner
 
-from kvbatch.jobs.errors import InterruptedJob
+from kvbatch import cli
+from kvbatch.errors import ExitCode, InterruptedJob
 from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.runners import run_jobs
+from kvbatch.jobs.signals import StopNow
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.jobs.writer import work_dir
-from kvbatch.runner import cli
-from kvbatch.runner.job import run_jobs
-from kvbatch.runner.signals import StopNow
 
 NUM_ROWS = 40
 
@@ -148,13 +148,13 @@ def test_cli_exits_with_code_3_for_a_requeue(job, tmp_path: Path, monkeypatch: p
         cli, "run_jobs", lambda specs, wait_for_lock=False, **_: run_jobs(specs, wait_for_lock, factory_for(engine))
     )
     result = CliRunner().invoke(cli.app, ["run", str(jobs_file)])
-    assert result.exit_code == cli.INTERRUPTED == 3, result.output
+    assert result.exit_code == ExitCode.INTERRUPTED == 3, result.output
     assert "rerun to resume" in result.output
 
 
 LOAD_SCRIPT = """
 import os, signal, time
-from kvbatch.runner.signals import graceful_stop
+from kvbatch.jobs.signals import graceful_stop
 
 class Finalizer:
     def __del__(self):

@@ -25,12 +25,12 @@ from reliability_helpers import (
 )
 from typer.testing import CliRunner
 
-from kvbatch.jobs.errors import OutputLockedError
+from kvbatch import cli
+from kvbatch.errors import ExitCode, OutputLockedError
 from kvbatch.jobs.lock import OutputLock
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import load_jobs_file
 from kvbatch.jobs.writer import work_dir
-from kvbatch.runner import cli
-from kvbatch.runner.job import run_jobs
 
 NUM_ROWS = 24
 
@@ -101,7 +101,7 @@ def test_second_run_is_refused_with_code_4_and_the_first_completes(job_folder: P
             text=True,
             timeout=60,
         )
-        assert second.returncode == cli.LOCKED == 4, second.stderr
+        assert second.returncode == ExitCode.LOCKED == 4, second.stderr
         message = (
             f"another kvbatch run (pid {first.pid}) is writing this output (lock {lock}); wait for it, or pass --wait"
         )
@@ -164,7 +164,7 @@ def test_a_signal_ends_a_wait_for_the_lock(tmp_path: Path) -> None:
     through; when the holder lets go without one, the waiter takes the lock."""
     import threading
 
-    from kvbatch.jobs.errors import InterruptedJob
+    from kvbatch.errors import InterruptedJob
 
     lock = tmp_path / "lock"
     holder = OutputLock(lock)

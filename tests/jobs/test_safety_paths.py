@@ -11,10 +11,10 @@ import pytest
 from job_fakes import fake_factory
 from reliability_helpers import read_output, write_jsonl
 
+from kvbatch.errors import OutputError, SpecError
 from kvbatch.jobs.atomic import atomic_file
-from kvbatch.jobs.errors import OutputError, SpecError
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
-from kvbatch.runner.job import run_jobs
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from kvbatch.jobs.prompts import Prompt, build_prompt
 from kvbatch.jobs.rows import Row
 from kvbatch.jobs.spec import PromptSpec
+from kvbatch.jobs.tokenize import PromptTokenizer
 from kvbatch.runner.default_model import default_model_path
-from kvbatch.runner.tokenize import PromptTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kvbatch.jobs.errors import SpecError
+from kvbatch.cli import _parse_sets
+from kvbatch.errors import SpecError
 from kvbatch.jobs.spec import load_jobs_file
-from kvbatch.runner.cli import _parse_sets
 
 JOB = "jobs:\n  - name: a\n    input: {path: x.jsonl}\n"
 

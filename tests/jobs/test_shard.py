@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from kvbatch.jobs.errors import JobError, SpecError
+from kvbatch.errors import JobError, SpecError
 from kvbatch.jobs.manifest import INPUT_KEY, Manifest
 from kvbatch.jobs.merge import MergeError, find_shards, merge_shards
 from kvbatch.jobs.records import Layout, RowResult

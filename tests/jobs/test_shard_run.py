@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
+from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input  # noqa: E402
 from typer.testing import CliRunner
 
+from kvbatch.cli import app
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import output_path
-from kvbatch.runner.cli import app
-from kvbatch.runner.job import run_jobs
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input  # noqa: E402
 
 
 def test_four_shards_merged_equal_one_process(tmp_path):

@@ -8,20 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from kvbatch.jobs.errors import SpecError
+from kvbatch.errors import SpecError
 from kvbatch.jobs.spec import (
     EngineSpec,
     InputSpec,
     JobSpec,
     OutputSpec,
     PromptSpec,
-    SamplingSpec,
     input_format,
     job_from_dict,
     load_jobs_file,
     output_format,
     output_path,
 )
+from kvbatch.runner.config import SamplingParams
 
 EVERY_FIELD = """\
 defaults:
@@ -112,7 +112,20 @@ def test_every_field_is_read(tmp_path: Path) -> None:
         prompt=PromptSpec(column="question", system="Be brief.", chat_template=False, allow_special_tokens=True),
         id_column="id",
         keep_columns=("topic", "level"),
-        sampling=SamplingSpec(12, 0.5, 0.9, 40, 0.05, 1.1, 7, ("###", "END"), (2, 3), 2, True, True),
+        sampling=SamplingParams(
+            max_new_tokens=12,
+            temperature=0.5,
+            top_p=0.9,
+            top_k=40,
+            min_p=0.05,
+            repetition_penalty=1.1,
+            seed=7,
+            stop=("###", "END"),
+            stop_token_ids=(2, 3),
+            n=2,
+            logprobs=True,
+            ignore_eos=True,
+        ),  # fmt: skip
         output=OutputSpec("results/full.parquet", "auto", "overwrite", 100, 5.0),
         output_dir="out",
         engine=EngineSpec(
@@ -131,7 +144,7 @@ def test_built_in_defaults(tmp_path: Path) -> None:
     assert (job.model, job.prompt, job.sampling, job.output, job.engine) == (
         "default",
         PromptSpec(),
-        SamplingSpec(),
+        SamplingParams(),
         OutputSpec(),
         EngineSpec(),
     )
@@ -318,7 +331,7 @@ def test_command_line_override_errors_name_the_field_without_a_line(tmp_path: Pa
 
 def test_job_from_dict_and_select(tmp_path: Path) -> None:
     job = job_from_dict({"name": "g", "input": {"path": "in.jsonl"}, "sampling": {"n": 2}}, base_dir=str(tmp_path))
-    assert job.sampling == dataclasses.replace(SamplingSpec(), n=2) and job.base_dir == str(tmp_path)
+    assert job.sampling == dataclasses.replace(SamplingParams(), n=2) and job.base_dir == str(tmp_path)
     jobs = load_jobs_file(
         write(tmp_path, "jobs:\n  - {name: a, input: {path: x.jsonl}}\n  - {name: b, input: {path: x.jsonl}}\n")
     )

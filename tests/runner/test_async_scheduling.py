@@ -18,8 +18,9 @@ from tiny_models import tiny_loaded
 from kvbatch.cache import backends
 from kvbatch.runner import engine as engine_module
 from kvbatch.runner import sampling
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.scheduler import Scheduler
 
 

@@ -5,8 +5,9 @@ import pytest
 from test_exact_vs_generate import random_prompts
 from tiny_models import tiny_loaded
 
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 PARAMS = SamplingParams(max_new_tokens=16, logprobs=True)
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from kvbatch.runner.bench_workloads import make_workload
-from kvbatch.runner.cli import app
+from kvbatch.bench.workloads import make_workload
+from kvbatch.cli import app
 
 
 def _records(output: str) -> list[dict]:
@@ -102,7 +102,7 @@ def test_check_reports_the_streams_that_differ(monkeypatch):
     the kernels' run and transformers' are made to differ at known tokens, and the report must name them."""
     from tiny_models import tiny_loaded
 
-    from kvbatch.runner import bench_check
+    from kvbatch.bench import check as bench_check
 
     real_run, real_hf = bench_check._run, bench_check.hf_greedy_tokens
 
@@ -198,7 +198,7 @@ def test_check_wants_prompts_with_a_real_model():
 
 
 def test_chat_prompts_name_the_bad_line(tmp_path):
-    from kvbatch.runner.bench_check import chat_prompts
+    from kvbatch.bench.check import chat_prompts
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
@@ -211,8 +211,8 @@ def test_kernel_sweeps_report_every_variant_and_restore_the_defaults(monkeypatch
     the default's, and the launch parameters put back (the timing is stubbed: speed is not what this checks)."""
     import torch
 
+    from kvbatch.bench import kernels as bench_kernels
     from kvbatch.cache import attention_triton
-    from kvbatch.runner import bench_kernels
 
     monkeypatch.setattr(bench_kernels, "DEVICE", "cpu")
     monkeypatch.setattr(bench_kernels, "time_decode", lambda step, scale: 1.0)

@@ -10,9 +10,10 @@ from tiny_models import tiny_loaded
 from kvbatch.cache import backends
 from kvbatch.runner import engine as engine_module
 from kvbatch.runner import model_runner
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_runner import shared_prefix_tokens
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 
 def test_shared_prefix_is_the_common_leading_pages_leaving_each_decode_its_newest_token() -> None:

@@ -13,9 +13,10 @@ GPU only: in the CPU interpreter nothing is compiled, so there is nothing to che
 import pytest
 import torch
 
-from kvbatch.runner.bench_models import random_model
+from kvbatch.bench.models import random_model
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles kernels only on a GPU")
 

@@ -11,10 +11,11 @@ from test_exact_vs_generate import hf_greedy, random_prompts
 from tiny_models import EOS_ID, hf_reference, tiny_loaded, tiny_model, word_tokenizer
 
 from kvbatch.runner import cpu_linear
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.cpu_linear import OneDNNLinear, use_onednn_linears
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import load_model
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 # The build decides (not onednn_usable(), the code under test): a torch with oneDNN must take this path.
 TORCH_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 from test_exact_vs_generate import random_prompts
 from tiny_models import EOS_ID, tiny_loaded
 
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.scheduler import MAX_ISOLATIONS
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from tiny_models import EOS_ID, VOCAB_SIZE, hf_reference, tiny_loaded
 
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 
 def random_prompts(count: int, lo: int, hi: int, seed: int) -> list[list[int]]:

@@ -5,8 +5,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.host_tables import HostBlockTables
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.sequence import Sequence
 
 

@@ -13,9 +13,10 @@ import random
 import torch
 from tiny_models import EOS_ID, tiny_model, word_tokenizer
 
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 
 def long_context_model() -> LoadedModel:

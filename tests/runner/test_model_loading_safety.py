@@ -16,15 +16,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from reliability_helpers import write_jsonl  # noqa: E402
 from tiny_models import tiny_model, word_tokenizer
 
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.runner import model_loader
-from kvbatch.runner.job import run_jobs
 from kvbatch.runner.model_loader import ModelLoadError, load_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-from reliability_helpers import write_jsonl  # noqa: E402
 
 
 @pytest.fixture
@@ -255,7 +253,7 @@ def test_an_architecture_that_computes_its_own_attention_is_refused(tmp_path: Pa
 
 
 def test_a_kv_pool_over_the_machines_memory_is_refused_before_allocating(tiny_folder: Path) -> None:
-    from kvbatch.cache.budget import KVBudgetError
+    from kvbatch.errors import KVBudgetError
     from kvbatch.runner.engine import Engine, EngineConfig
 
     with pytest.raises(KVBudgetError, match="engine.kv_cache_gib 100000 is more than this machine's .* GiB of memory"):
@@ -272,7 +270,7 @@ def test_a_preloaded_model_keeps_a_smaller_max_model_len(tiny_folder: Path) -> N
 def test_a_context_over_the_models_is_a_configuration_error_exit_2() -> None:
     from types import SimpleNamespace
 
-    from kvbatch.runner.cli import _exit_code
+    from kvbatch.cli import _exit_code
     from kvbatch.runner.model_loader import ContextLengthError, context_length
 
     with pytest.raises(

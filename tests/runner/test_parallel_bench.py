@@ -1,12 +1,12 @@
-"""`python -m kvbatch.runner.parallel_bench` on the CPU (gloo) with the tiny shape: the commands the multi-GPU
+"""`python -m kvbatch.bench.parallel` on the CPU (gloo) with the tiny shape: the commands the multi-GPU
 machine will run, checked here first."""
 
 import json
 
 from typer.testing import CliRunner
 
-from kvbatch.runner import tensor_parallel
-from kvbatch.runner.parallel_bench import app
+from kvbatch.bench.parallel import app
+from kvbatch.runner.parallel import tensor_parallel
 
 
 def _records(text: str) -> list[dict]:

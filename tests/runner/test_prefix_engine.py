@@ -7,8 +7,9 @@ import pytest
 from test_engine import Poisoned
 from tiny_models import VOCAB_SIZE, tiny_loaded
 
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 BLOCK_SIZE = 4
 

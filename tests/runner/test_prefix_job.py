@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from tiny_models import tiny_loaded
 
 from kvbatch.jobs.packing import sort_window
+from kvbatch.jobs.plan import plan_job
+from kvbatch.jobs.progress import JobProgress
+from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.job import EngineCache, run_job
-from kvbatch.runner.plan import plan_job
-from kvbatch.runner.progress import JobProgress
 
 S, T = [50, 51, 52, 53, 54, 55, 56, 57], [60, 61, 62, 63, 64, 65, 66, 67]  # two prefixes of 2 blocks of 4
 

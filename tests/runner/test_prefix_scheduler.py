@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import slots_for
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.config import SamplingParams
+from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.scheduler import Scheduler, SchedulerConfig
 from kvbatch.runner.sequence import SeqStatus, Sequence
 

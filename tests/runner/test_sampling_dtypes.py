@@ -5,7 +5,7 @@ one computed from float32 logits holding the same values."""
 import pytest
 import torch
 
-from kvbatch.runner.request import SamplingParams
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.sampling import SamplingRow, sample_on_device
 
 

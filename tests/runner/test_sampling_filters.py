@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from kvbatch.runner.request import SamplingParams
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.sampling import SamplingRow, _filter, sample
 
 

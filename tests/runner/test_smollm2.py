@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.default_model import default_model_path
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.request import GenerationRequest, SamplingParams
+from kvbatch.runner.request import GenerationRequest
 
 QUESTIONS = [
     "What is the capital of France?",

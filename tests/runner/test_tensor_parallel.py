@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-from kvbatch.jobs.spec import output_path
-from kvbatch.runner import tensor_parallel
-from kvbatch.runner.job import run_jobs
-from kvbatch.runner.tp_shard import TensorParallelError, check_divisible
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
 from scaling_helpers import rows_of, tiny_engine, tiny_job, tiny_tp_loader, tiny_tp_loader_or_missing, write_input  # noqa: E402
 from tiny_models import CONFIGS  # noqa: E402
+
+from kvbatch.jobs.runners import run_jobs
+from kvbatch.jobs.spec import output_path
+from kvbatch.runner.parallel import tensor_parallel
+from kvbatch.runner.parallel.shard import TensorParallelError, check_divisible
 
 
 def test_split_must_divide_heads_kv_heads_and_mlp():
@@ -129,8 +124,8 @@ def test_data_parallel_of_tensor_parallel_engines(tmp_path):
 
 def test_random_shards_are_slices_of_the_whole_random_model():
     """Benchmark models are made per rank on the meta device, yet hold exactly their share of the whole model."""
-    from kvbatch.runner.tp_random import RandomLoader
-    from kvbatch.runner.tp_shard import shard_model
+    from kvbatch.bench.random_weights import RandomLoader
+    from kvbatch.runner.parallel.shard import shard_model
 
     loader, cpu = RandomLoader(std=0.05, seed=3), torch.device("cpu")
     whole = loader("random:tiny", {"dtype": "float32"}, cpu).model

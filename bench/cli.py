@@ -1,0 +1,350 @@
+"""`kvbatch bench`: throughput on random models of real shapes, the peers beside it, kernels, and GPU-vs-reference.
+
+Results print as one JSON object per line (and go to --json), so BENCHMARKS.md can quote them with the
+command that made them. Nothing here asserts a speed: the figures are read, not tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kvbatch.bench.shapes import SHAPES
+from kvbatch.bench.workloads import Workload, make_workload
+
+if TYPE_CHECKING:  # torch, transformers and the engine load when a bench command runs, not with the CLI
+    import torch
+
+    from kvbatch.runner.engine import Engine
+
+bench_app = typer.Typer(help="Benchmarks on random models of real shapes (see BENCHMARKS.md).", no_args_is_help=True)
+
+ShapeOpt = Annotated[str, typer.Option(help=f"Model shape: {', '.join(SHAPES)}.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Append the result lines to this file.")]
+
+
+def emit_record(record: dict[str, Any], json_path: Path | None) -> None:
+    line = json.dumps(record)
+    typer.echo(line)
+    if json_path is not None:
+        with open(json_path, "a") as f:
+            f.write(line + "\n")
+
+
+def _device_name(device: torch.device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_engine(engine: Engine, workload: Workload) -> dict[str, Any]:
+    """Time one pass of the workload through the engine; counts come from the results, not the workload."""
+    before = dataclasses.replace(engine.stats)
+    _sync(engine.device)
+    started = time.perf_counter()
+    out_tokens = errors = 0
+    for result in engine.generate(workload.requests):
+        out_tokens += result.num_output_tokens
+        errors += result.error is not None
+    _sync(engine.device)
+    seconds = time.perf_counter() - started
+    queried = engine.stats.num_queried_prompt_tokens - before.num_queried_prompt_tokens
+    cached = engine.stats.num_cached_prompt_tokens - before.num_cached_prompt_tokens
+    return {
+        "seconds": round(seconds, 3),
+        "rows": len(workload.requests),
+        "errors": errors,
+        "in_tokens": workload.num_prompt_tokens,
+        "out_tokens": out_tokens,
+        "out_tok_s": round(out_tokens / seconds, 1),
+        "total_tok_s": round((workload.num_prompt_tokens + out_tokens) / seconds, 1),
+        "steps": engine.stats.num_steps - before.num_steps,
+        "steps_ahead": engine.stats.num_steps_ahead - before.num_steps_ahead,
+        "spare_tokens": engine.stats.num_spare_tokens - before.num_spare_tokens,
+        "preemptions": engine.stats.num_preemptions - before.num_preemptions,
+        "peak_kv_usage": round(engine.stats.peak_kv_usage, 3),
+        "prefix_hit_rate": round(cached / queried, 3) if queried else None,
+        # Low on a GPU: the host, not the device, set the pace (the device sat idle between steps).
+        "host_wait_share": round((engine.stats.host_wait_s - before.host_wait_s) / seconds, 3),
+    }
+
+
+def _warm_up(engine: Engine, workload: str, vocab_size: int) -> None:
+    """Compile the kernels outside the timed run with 8 rows of the same kind, drawn from another seed so that
+    none of their blocks (a shared system prompt included) is in the prefix cache when the timing starts."""
+    rows = make_workload(workload, vocab_size, num_prompts=8, seed=1).requests
+    run_engine(
+        engine, Workload("warm-up", [dataclasses.replace(r, request_id=("warm", i)) for i, r in enumerate(rows)])
+    )
+
+
+@bench_app.command()
+def throughput(
+    shape: ShapeOpt = "llama-1b",
+    workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (runner/bench_workloads.py).")] = "a",
+    num_prompts: Annotated[int | None, typer.Option(min=1, help="Override the workload's prompt count.")] = None,
+    compare: Annotated[
+        str | None, typer.Option(help="'hf': also run transformers generate (padded batches) and generate_batch.")
+    ] = None,
+    hf_batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the padded generate peer.")] = 64,
+    hf_num_prompts: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Run the peers on the first N prompts only (their tok/s barely depends on N; saves device time).",
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16, float32.")] = "auto",
+    max_num_seqs: Annotated[int, typer.Option(min=1)] = 512,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    kv_pool_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Cap the KV pool at this many tokens (workload c).")
+    ] = None,
+    policy: Annotated[str, typer.Option(help="optimistic or reserve.")] = "optimistic",
+    attention_backend: Annotated[str, typer.Option(help="auto, triton, torch, flash-attn.")] = "auto",
+    cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps from CUDA graphs.")] = True,
+    prefix_cache: Annotated[
+        bool | None, typer.Option(help="Shared-prefix caching on or off (engine default when unset).")
+    ] = None,
+    async_scheduling: Annotated[
+        bool | None,
+        typer.Option(
+            help="Plan the next step while the device runs this one (engine default when unset: on for cuda)."
+        ),
+    ] = None,
+    fused_layers: Annotated[
+        bool | None,
+        typer.Option(help="Fused Llama-family layers on or off (engine default when unset: on for cuda)."),
+    ] = None,
+    float32_logits: Annotated[
+        bool | None,
+        typer.Option(help="float32 lm_head output for a bf16/fp16 model (engine default when unset: off)."),
+    ] = None,
+    profile: Annotated[bool, typer.Option(help="Run under torch.profiler and print where the time goes.")] = False,
+    timing: Annotated[
+        bool, typer.Option(help="Time each engine phase (synchronising around each; slower overall).")
+    ] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Output and total tokens/s of kvbatch on a workload, the share of the roofline, and the peers with --compare hf."""
+    import torch
+
+    from kvbatch.bench.bound import workload_bound
+    from kvbatch.bench.models import num_params, random_model
+    from kvbatch.runner.engine import Engine, EngineConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    needed = make_workload(workload, SHAPES[shape]["vocab_size"], num_prompts).max_seq_len
+    loaded = random_model(shape, device, dtype, max_model_len=max(4096, needed))
+    work = make_workload(workload, loaded.model.config.vocab_size, num_prompts)
+    block_size = 16
+    settings: dict[str, Any] = dict(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        policy=policy,
+        attention_backend=attention_backend,
+        cuda_graphs=cuda_graphs,
+        block_size=block_size,
+        num_blocks_override=-(-kv_pool_tokens // block_size) if kv_pool_tokens else None,
+    )
+    if prefix_cache is not None:
+        settings["prefix_cache"] = prefix_cache
+    if async_scheduling is not None:
+        settings["async_scheduling"] = async_scheduling
+    if fused_layers is not None:
+        settings["fused_layers"] = fused_layers
+    if float32_logits is not None:
+        settings["float32_logits"] = float32_logits
+    started = time.perf_counter()
+    engine = Engine.from_loaded(loaded, EngineConfig(**settings))
+    _warm_up(engine, workload, loaded.model.config.vocab_size)
+    setup_s = time.perf_counter() - started
+    base = {
+        "shape": shape,
+        "params": num_params(loaded.model),
+        "workload": work.describe(),
+        "device": _device_name(engine.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+    }
+    if profile:
+        _profile(engine, work)
+        return
+    engine.timer.enabled = timing
+    result = run_engine(engine, work)
+    if timing:
+        result["phases"] = engine.timer.report()
+    record = {
+        **base,
+        "runner": "kvbatch",
+        "attention": engine.backend.name,
+        "cuda_graphs": engine.uses_cuda_graphs,
+        "fused_layers": engine.fused is not None,
+        "float32_logits": engine.float32_logits,
+        "kv_pool": engine.pool_size.describe(),
+        "setup_s": round(setup_s, 1),
+        **result,
+    }
+    bound = workload_bound(loaded.model, loaded.dtype, work, engine.device)
+    if bound is not None:
+        record.update(bound_s=round(bound.seconds, 3), share_of_bound=round(bound.seconds / result["seconds"], 3))
+    emit_record(record, json_path)
+    if compare == "hf":
+        engine.close()
+        peer_work = Workload(work.name, work.requests[:hf_num_prompts]) if hf_num_prompts else work
+        _compare_hf(
+            loaded.model, peer_work, hf_batch_size, {**base, "workload": peer_work.describe()}, result, json_path
+        )
+
+
+def _profile(engine: Engine, work: Workload) -> None:
+    """The engine's own ranges (schedule, prepare_inputs, forward, sample) and the top kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        result = run_engine(engine, work)
+    typer.echo(json.dumps({"profiled_run": result}))
+    events = prof.key_averages()
+    ranges = [e for e in events if e.key.startswith("kvbatch.")]
+    for e in sorted(ranges, key=lambda e: -e.cpu_time_total):
+        typer.echo(f"{e.key:28s} calls {e.count:6d}  host {e.cpu_time_total / 1e3:9.1f} ms")
+    typer.echo(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    if engine.device.type == "cuda":
+        typer.echo(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def _compare_hf(model, work: Workload, batch_size: int, base: dict, ours: dict, json_path: Path | None) -> None:
+    from kvbatch.bench.peers import hf_generate_batch, hf_generate_padded
+
+    for name, run in (
+        ("hf-generate-padded", lambda: hf_generate_padded(model, work, batch_size)),
+        ("hf-generate_batch", lambda: hf_generate_batch(model, work)),
+    ):
+        try:
+            seconds, out_tokens = run()
+        except Exception as exc:  # noqa: BLE001 - a peer that breaks is reported, the other figures stand
+            emit_record({**base, "runner": name, "error": f"{type(exc).__name__}: {exc}"[:500]}, json_path)
+            continue
+        out_tok_s = out_tokens / seconds
+        emit_record(
+            {
+                **base,
+                "runner": name,
+                "batch": batch_size if "padded" in name else None,
+                "seconds": round(seconds, 2),
+                "out_tokens": out_tokens,
+                "out_tok_s": round(out_tok_s, 1),
+                "total_tok_s": round((work.num_prompt_tokens + out_tokens) / seconds, 1),
+                "kvbatch_speedup": round(ours["out_tok_s"] / out_tok_s, 2),
+            },
+            json_path,
+        )
+
+
+@bench_app.command()
+def kernels(sweep: Annotated[bool, typer.Option(help="Also time tile and split variants.")] = False) -> None:
+    """Triton kernels on the GPU: correctness against the torch reference, decode GB/s at 1k-32k, prefill TFLOP/s."""
+    import torch
+
+    from kvbatch.bench.kernels import run_kernel_check
+
+    if not torch.cuda.is_available():
+        typer.echo(
+            "kvbatch: error: bench kernels times the Triton kernels on a CUDA GPU, and none is visible", err=True
+        )
+        raise typer.Exit(1)
+    ok = run_kernel_check(sweep)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@bench_app.command()
+def check(
+    shape: ShapeOpt = "llama-1b",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A real model (a folder, a .gguf file or 'default') instead of a random shape; its prompts come from --prompts."
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="JSONL with a 'prompt' field, sent through the real model's chat template.")
+    ] = None,
+    attention_backend: Annotated[str, typer.Option(help="The kernels to hold against the torch reference.")] = "triton",
+    num_prompts: Annotated[int, typer.Option(min=1)] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    init_std: Annotated[
+        float | None, typer.Option(help="Weight init std (random weights give flat logits; larger is sharper).")
+    ] = None,
+    dtype: Annotated[str, typer.Option()] = "auto",
+    float32_logits: Annotated[
+        bool | None, typer.Option(help="float32 lm_head output in both runs (off when unset).")
+    ] = None,
+    fused_layers: Annotated[
+        bool | None,
+        typer.Option(help="The kernels' run with fused layers on or off (engine default when unset: on for cuda)."),
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Greedy token streams of the GPU kernels against the torch reference path, on one model."""
+    from kvbatch.bench.check import chat_prompts, compare_streams, random_prompts
+    from kvbatch.bench.models import random_model
+    from kvbatch.runner.model_loader import load_model
+
+    if (model is None) != (prompts is None):
+        raise typer.BadParameter("--model and --prompts go together: a real model needs real prompts")
+    if model is not None:
+        loaded = load_model(model, "auto", dtype, max_model_len=4096)
+        token_ids = chat_prompts(loaded.tokenizer, prompts, num_prompts)
+    else:
+        loaded = random_model(shape, "auto", dtype, max_model_len=4096, init_std=init_std)
+        token_ids = random_prompts(loaded.model.config.vocab_size, num_prompts)
+    try:
+        result = compare_streams(
+            loaded,
+            attention_backend,
+            token_ids,
+            max_new_tokens,
+            float32_logits=float32_logits,
+            fused_layers=fused_layers,
+        )
+    except Exception as exc:
+        if type(exc).__name__ != "BackendUnavailableError":  # the backend cannot run here (triton without a GPU)
+            raise
+        typer.echo(f"kvbatch: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    emit_record(
+        {
+            "check": model or shape,
+            "backend": attention_backend,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "init_std": init_std,
+            "float32_logits": result.float32_logits,
+            "fused_layers": result.fused_layers,
+            "device": _device_name(loaded.device),
+            "prompts": result.num_prompts,
+            "identical_streams": result.num_identical,
+            "reference_vs_itself_identical": result.num_identical_floor,
+            "transformers_generate_vs_reference_identical": result.num_identical_transformers,
+            "max_new_tokens": max_new_tokens,
+            "divergences": result.divergences,
+        },
+        json_path,
+    )

@@ -1,0 +1,65 @@
+"""The benchmark workloads: random token prompts with fixed output lengths (EOS off).
+
+a       512 prompts of 100-1024 tokens, 256 output tokens each (the reference workload)
+b       256 prompts, input and output lengths each 100-1024 (nano-vllm's published workload)
+c       64 prompts of ~8,000 tokens, 1,024 output tokens each (the LoRAX case; run it with a pool
+        smaller than their sum, so admission and preemption are exercised)
+prefix  2,000 prompts: one shared 2,000-token system prompt + 100-token questions, 128 output tokens
+chat    128 prompts of 20-60 tokens, 64 output tokens (short chat rows, the CPU case)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from kvbatch.runner.config import SamplingParams
+from kvbatch.runner.request import GenerationRequest
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    requests: list[GenerationRequest]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(r.prompt_token_ids) for r in self.requests)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(r.sampling.max_new_tokens for r in self.requests)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(len(r.prompt_token_ids) + r.sampling.max_new_tokens for r in self.requests)
+
+    def describe(self) -> str:
+        return f"{self.name}: {len(self.requests)} prompts, {self.num_prompt_tokens} prompt tokens, {self.num_output_tokens} output tokens"
+
+
+def _request(i: int, prompt: list[int], max_new_tokens: int) -> GenerationRequest:
+    # ignore_eos: every row runs to its length, as the peers' figures do.
+    return GenerationRequest(i, prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+
+
+def make_workload(name: str, vocab_size: int, num_prompts: int | None = None, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(10, vocab_size - 10) for _ in range(n)]
+
+    if name == "a":
+        rows = [(tokens(rng.randint(100, 1024)), 256) for _ in range(num_prompts or 512)]
+    elif name == "b":
+        rows = [(tokens(rng.randint(100, 1024)), rng.randint(100, 1024)) for _ in range(num_prompts or 256)]
+    elif name == "c":
+        rows = [(tokens(rng.randint(7900, 8100)), 1024) for _ in range(num_prompts or 64)]
+    elif name == "prefix":
+        system = tokens(2000)
+        rows = [(system + tokens(100), 128) for _ in range(num_prompts or 2000)]
+    elif name == "chat":
+        rows = [(tokens(rng.randint(20, 60)), 64) for _ in range(num_prompts or 128)]
+    else:
+        raise ValueError(f"unknown workload {name!r}; choose a, b, c, prefix or chat")
+    return Workload(name, [_request(i, prompt, out) for i, (prompt, out) in enumerate(rows)])

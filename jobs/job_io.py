@@ -1,0 +1,95 @@
+"""Opening a job's input and output: reader, output layout, manifest, writer and summary.
+
+Done before any model loads, so a missing input or column fails fast; shared by local and Ray runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
+from kvbatch.jobs.prompts import prompt_columns, prompt_spec
+from kvbatch.jobs.readers import open_reader
+from kvbatch.jobs.records import Layout
+from kvbatch.jobs.shard import Shard
+from kvbatch.jobs.shard_output import job_shard, writer_for
+from kvbatch.jobs.spec import (
+    JobSpec,
+    input_format,
+    input_path,
+    output_format,
+    output_path,
+    result_fingerprint,
+    spec_hash,
+)
+from kvbatch.jobs.summary import Summary
+from kvbatch.jobs.writer import OutputWriter
+
+
+def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
+    fmt = output_format(job)
+    openai = input_format(job) == "openai"
+    multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
+    return Layout(
+        id_column="custom_id" if openai else job.id_column,
+        keep_columns=job.keep_columns,
+        multi=multi,
+        logprobs=job.sampling.logprobs or fmt == "openai",
+        token_bytes=fmt == "openai",  # OpenAI's logprobs name each token; the lines are assembled without a tokenizer
+        input_types=input_types,
+    )
+
+
+@dataclass
+class JobIO:
+    """What a run of a job reads and writes, opened before any model loads (so a missing input fails fast)."""
+
+    shard: Shard | None  # None: the whole input
+    out: Path
+    pspec: Any  # the job's PromptSpec
+    layout: Layout
+    reader: Any  # a jobs.readers reader
+    writer: OutputWriter
+    summary: Summary
+
+
+def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
+    """Reader, output layout, manifest, writer and summary of a job: shared by local and Ray runs."""
+    shard = job_shard(job.parallel.shard)
+    out = output_path(job) if shard is None else shard.output_path(output_path(job))
+    fmt = output_format(job)
+    pspec = prompt_spec(job)
+    layout = layout_for(job, {})
+    reader = open_reader(
+        job, [*prompt_columns(pspec), *layout.data_columns()]
+    )  # fails early on a missing input or column
+    if reader.schema is not None:
+        types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
+        layout = dataclasses.replace(layout, input_types=types)
+    manifest = job_manifest(job, out, fmt)
+    writer = writer_for(
+        shard,
+        out,
+        fmt,
+        layout,
+        manifest,
+        mode=job.output.mode,
+        part_rows=job.output.part_rows,
+        part_seconds=job.output.part_seconds,
+        model=job.model,
+        wait_for_lock=wait_for_lock,
+    )
+    summary = Summary(
+        job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=KVBATCH_VERSION
+    )
+    return JobIO(shard, out, pspec, layout, reader, writer, summary)
+
+
+def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:
+    """The manifest an output of `job` carries: what a resume must match, the input file's identity included
+    (so an edited input is refused too)."""
+    fingerprint = {**result_fingerprint(job), **input_identity(input_path(job), job.input.split)}
+    return Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)

@@ -1,0 +1,69 @@
+"""Parquet inputs, and the Arrow record batches that `datasets` folders are read as too: one batch at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kvbatch.errors import ErrorKind, InputError
+
+from .rows import Reader, Row, RowError
+
+
+def open_parquet(path: Path, columns: list[str], batch_rows: int) -> Reader:
+    try:
+        parquet = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise InputError(f"input not found: {path}") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot read Parquet file {path}: {exc}") from None
+    available = parquet.schema_arrow.names
+    wanted = [c for c in dict.fromkeys(columns) if c in available]
+
+    # Bounded memory: one record batch of `batch_rows` rows at a time, only the columns the job uses.
+    batches = parquet.iter_batches(batch_size=batch_rows, columns=wanted)
+    return Reader(rows_of_batches(batches, path.name), parquet.metadata.num_rows, available, parquet.schema_arrow)
+
+
+def rows_of_batches(batches: Iterator[pa.RecordBatch | pa.Table], name: str) -> Iterator[Row]:
+    """Rows from Arrow batches. A value Python cannot hold (a string column's invalid UTF-8) fails its row alone;
+    a batch that cannot be read at all (a damaged page) ends the input with an InputError naming the row."""
+    index = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(
+                f"cannot read {name} from row {index} on ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            ) from None
+        try:
+            rows = batch.to_pylist()
+        except _UNHOLDABLE:
+            rows = [_one_row(batch, i, index + i) for i in range(batch.num_rows)]
+        for data in rows:
+            yield data if isinstance(data, Row) else Row(index, data)
+            index += 1
+
+
+# Values Python cannot hold: invalid UTF-8 (UnicodeDecodeError is a ValueError), a date past year 9999 or an int64
+# sentinel in a timestamp (OverflowError).
+_UNHOLDABLE = (ValueError, OverflowError, pa.ArrowException)
+
+
+def _one_row(batch: pa.RecordBatch | pa.Table, i: int, index: int) -> Row | dict:
+    """The row's values; a row with one that cannot be read is an error row that keeps the others (its id)."""
+    data: dict = {}
+    error = None
+    for name in batch.column_names:
+        try:
+            data[name] = batch.column(name)[i].as_py()
+        except _UNHOLDABLE as exc:
+            if error is None:
+                kind = ErrorKind.INVALID_UTF8 if isinstance(exc, UnicodeDecodeError) else ErrorKind.WRONG_TYPE
+                error = RowError(kind, f"row {index}: column {name!r} cannot be read: {exc}")
+    return data if error is None else Row(index, data, error)

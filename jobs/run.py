@@ -1,0 +1,230 @@
+"""Run jobs: reader -> row pipeline -> sort window -> engine -> writer, with progress and a summary.
+
+    reader ──rows──> RowPipeline ──requests──> sort_window ──> engine.generate ──results──> RowPipeline ──> writer
+                          └── error rows (unreadable, duplicate id, bad value, bad template) ──────────────────┘
+
+Every input row becomes exactly one output row: a result, or an error row that says why. Finished rows are
+committed in parts as they arrive, so an interrupted or failed job keeps them and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from kvbatch.errors import ErrorKind, InputError, InterruptedJob, JobError
+from kvbatch.jobs.job_io import open_job
+from kvbatch.jobs.manifest import KVBATCH_VERSION
+from kvbatch.jobs.packing import sort_window
+from kvbatch.jobs.pipeline import RowPipeline
+from kvbatch.jobs.progress import JobProgress
+from kvbatch.jobs.records import RowResult
+from kvbatch.jobs.rows import Row, RowError
+from kvbatch.jobs.shard import Shard
+from kvbatch.jobs.signals import StopFlag
+from kvbatch.jobs.spec import JobSpec, spec_dict, spec_hash
+from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
+from kvbatch.jobs.writer import OutputWriter, metadata_strings
+from kvbatch.runner.request import GenerationEngine, GenerationRequest
+
+log = logging.getLogger(__name__)
+EngineFactory = Callable[[str, dict[str, Any]], Any]  # (model, EngineConfig fields) -> engine
+
+
+def default_engine_factory(model: str, settings: dict[str, Any]) -> Any:
+    from kvbatch.runner.engine import Engine, EngineConfig
+
+    tensor_parallel = settings.pop("tensor_parallel", 1)
+    if tensor_parallel > 1:
+        from kvbatch.runner.parallel.tensor_parallel import start_tensor_parallel
+
+        return start_tensor_parallel(model, settings, tensor_parallel)
+    return Engine(EngineConfig(model=model, **settings))
+
+
+class EngineCache:
+    """One engine per (model, engine settings), shared by the jobs of a run: the model loads once."""
+
+    def __init__(self, factory: EngineFactory = default_engine_factory) -> None:
+        self.factory = factory
+        self._engines: dict[tuple, Any] = {}
+
+    def get(self, job: JobSpec) -> tuple[Any, bool]:
+        """(engine, created_now)."""
+        settings = job.engine.settings()
+        if job.parallel.tensor > 1:
+            settings["tensor_parallel"] = job.parallel.tensor
+        key = (job.model, tuple(sorted(settings.items())))
+        if key in self._engines:
+            return self._engines[key], False
+        log.info("loading model %s", job.model)
+        self._engines[key] = self.factory(job.model, dict(settings))
+        return self._engines[key], True
+
+
+def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wait_for_lock: bool = False) -> Summary:
+    stop = stop or StopFlag()
+    started = time.monotonic()
+    io = open_job(job, wait_for_lock)
+    io.writer.stop_waiting = lambda: stop.stopped
+    shard, out, reader, writer = io.shard, io.out, io.reader, io.writer
+    with writer:
+        if writer.already_complete:
+            log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
+            return already_complete(out, io.summary)
+        with stop.while_loading():
+            engine, fresh = engines.get(job)
+        load_s = time.monotonic() - started if fresh else 0.0
+        writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, engine).items()}
+        writer.model = model_name(job.model)  # OpenAI Batch output names the model, as the API does
+        before = dataclasses.replace(engine.stats)
+        done = len(writer.done_rows)
+        total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
+        progress = JobProgress(job.name, total, engine, initial=done)
+        feed = _Feed(RowPipeline(job, engine.tokenizer, writer.layout), writer, progress, stop, shard)
+        unreadable: list[InputError] = []  # the input failed part way: finish the rows read before it, then fail
+        try:
+            requests = sorted_requests(feed.requests(_until_unreadable(reader, unreadable)), job.sort_window, engine)
+            for result in engine.generate(feed.admit(requests), on_step=writer.tick):
+                feed.write(feed.pipeline.result(result))
+        except JobError:
+            raise  # the writer's own errors (disk full...) already say what happened
+        except Exception as exc:
+            raise JobError(
+                f"job {job.name}: the engine failed ({type(exc).__name__}: {exc}); "
+                "finished rows are saved, rerun to resume"
+            ) from exc
+        finally:
+            progress.close()
+        for index in [i for i in feed.submitted if i in feed.pipeline.pending]:  # still exactly one row each
+            lost = RowError(ErrorKind.ENGINE, f"row {index}: the engine returned no result")
+            feed.write(feed.pipeline.error_row(feed.pipeline.pending[index].row, lost))
+        if unreadable:
+            writer.commit_part()
+            raise InputError(
+                f"job {job.name}: {unreadable[0]}; the {len(writer.done_rows)} rows before it are committed, "
+                "repair or replace the file to go further"
+            )
+        if stop.stopped and not (feed.exhausted and not feed.pipeline.pending):  # rows left: a rerun does them
+            writer.commit_part()
+            raise InterruptedJob(
+                f"job {job.name}: stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, "
+                "rerun to resume"
+            )
+        report = writer.finalize(feed.num_rows)
+    after = engine.stats
+    counts = RunCounts(
+        rows=feed.num_finished,
+        prompt_tokens=after.num_prompt_tokens - before.num_prompt_tokens,
+        output_tokens=feed.output_tokens,
+        preemptions=after.num_preemptions - before.num_preemptions,
+        # a fresh engine's peak is this job's; a shared one's may be an earlier job's, so the job samples its own
+        peak_kv_usage=max(progress.peak_kv_usage, after.peak_kv_usage if fresh else 0.0),
+        cached_prompt_tokens=after.num_cached_prompt_tokens - before.num_cached_prompt_tokens,
+        queried_prompt_tokens=after.num_queried_prompt_tokens - before.num_queried_prompt_tokens,
+    )
+    about = {
+        "model": io.summary.model,
+        "spec_hash": io.summary.spec_hash,
+        "kvbatch_version": io.summary.kvbatch_version,
+    }
+    summary = build_summary(job.name, out, report, counts, time.monotonic() - started, load_s, **about)
+    summary.write(summary_path(out))
+    return summary
+
+
+class _Feed:
+    """A local run's rows: skips what is done or another shard's, sends the rest through the pipeline, writes
+    error rows and results as they come, and counts them for the progress bar and the summary."""
+
+    def __init__(
+        self, pipeline: RowPipeline, writer: OutputWriter, progress: JobProgress, stop: StopFlag, shard: Shard | None
+    ) -> None:
+        self.pipeline, self.writer, self.progress, self.stop, self.shard = pipeline, writer, progress, stop, shard
+        self.submitted: set[int] = set()
+        self.num_rows = 0  # rows read, of the whole input
+        self.num_finished = 0
+        self.output_tokens = 0
+        self.exhausted = False  # the input was read to its end (a signal did not cut it short)
+
+    def requests(self, rows: Iterator[Row]) -> Iterator[GenerationRequest]:
+        for row in rows:
+            self.num_rows = row.index + 1
+            if self.stop.stopped:
+                return
+            other_shard = self.shard is not None and not self.shard.owns(row.index)
+            if other_shard or row.index in self.writer.done_rows:  # a later duplicate of its id is still an error
+                self.pipeline.note_id(row)
+                continue
+            request = self.pipeline.request(row)
+            if isinstance(request, RowResult):
+                self.write(request)
+            else:
+                yield request
+        self.exhausted = not self.stop.stopped
+
+    def admit(self, requests: Iterator[GenerationRequest]) -> Iterator[GenerationRequest]:
+        for request in requests:
+            if self.stop.stopped:
+                return  # tokenized but never admitted: not written, so a rerun does them
+            self.submitted.add(request.request_id)
+            yield request
+
+    def write(self, row: RowResult) -> None:
+        self.writer.add(row)
+        self.num_finished += 1
+        self.output_tokens += row.output_tokens
+        self.progress.update(row.output_tokens, error=row.error is not None)
+
+
+def sorted_requests(
+    requests: Iterator[GenerationRequest], window: int, engine: GenerationEngine
+) -> Iterator[GenerationRequest]:
+    """Length-sorted within the window; with the engine's prefix cache on, rows sharing a prefix kept together."""
+    return sort_window(
+        requests,
+        window,
+        key=lambda r: len(r.prompt_token_ids),
+        tokens=(lambda r: r.prompt_token_ids) if engine.config.prefix_cache else None,
+        block_size=engine.config.block_size,
+    )
+
+
+def model_name(model: str) -> str:
+    """A short model name for outputs: the default model's name, a folder's or .gguf file's name, or a hub name."""
+    if model == "default":
+        from kvbatch.runner.default_model import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name if path.exists() else model
+
+
+def job_metadata(job: JobSpec, engine: GenerationEngine | None) -> dict[str, str]:
+    """The output's provenance: kvbatch's version, the job, its spec hash, the model, sampling and engine."""
+    unsafe = [name for name in ("trust_remote_code", "allow_pickle") if getattr(job.engine, name)]
+    pool = engine.pool_size.describe() if engine is not None else None
+    return metadata_strings(
+        {
+            "kvbatch.version": KVBATCH_VERSION,
+            "kvbatch.job": spec_dict(job),
+            "kvbatch.spec_hash": spec_hash(job),
+            "kvbatch.model": engine.source if engine is not None else job.model,
+            "kvbatch.sampling": dataclasses.asdict(job.sampling),
+            "kvbatch.engine": {**job.engine.settings(), "pool": pool},
+            "kvbatch.unsafe": unsafe,
+        }
+    )
+
+
+def _until_unreadable(rows: Iterator[Row], errors: list[InputError]) -> Iterator[Row]:
+    try:
+        yield from rows
+    except InputError as exc:
+        errors.append(exc)

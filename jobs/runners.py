@@ -1,0 +1,77 @@
+"""Run the jobs of a file in order, each with the runner it asks for: a local run (jobs/run.py), processes on one
+node (data_parallel.py) or a Ray cluster (ray_data.py). One engine per model and settings serves every job.
+
+A job that fails is reported and the next one runs; a signal stops the run after the job in progress commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvbatch.errors import InterruptedJob, JobError, KvbatchError, TensorParallelLost
+from kvbatch.jobs.data_parallel import run_data_parallel
+from kvbatch.jobs.ray_data import run_job_ray
+from kvbatch.jobs.run import EngineCache, EngineFactory, default_engine_factory, run_job
+from kvbatch.jobs.signals import graceful_stop
+from kvbatch.jobs.spec import JobSpec
+from kvbatch.jobs.summary import Summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOutcome:
+    job: str
+    summary: Summary | None = None
+    error: BaseException | None = None
+
+
+def run_jobs(
+    jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: EngineFactory = default_engine_factory
+) -> list[JobOutcome]:
+    """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all."""
+    engines = EngineCache(engine_factory)
+    outcomes = []
+    with graceful_stop() as stop:
+        for job in jobs:
+            if stop.stopped:  # a signal during an earlier job: start nothing new (no model load for nothing)
+                outcomes.append(
+                    JobOutcome(
+                        job.name,
+                        error=InterruptedJob(
+                            f"job {job.name}: not started, stopped by {stop.signal_name}; rerun to run it"
+                        ),
+                    )
+                )
+                break
+            try:
+                outcomes.append(JobOutcome(job.name, _job_runner(job)(job, engines, stop, wait_for_lock)))
+            except InterruptedJob as exc:
+                outcomes.append(JobOutcome(job.name, error=exc))
+                break
+            except KvbatchError as exc:  # says what to change: the model, the machine, the budget, the spec
+                log.info("job %s failed: %s", job.name, exc)  # the outcome carries it; the CLI prints it once
+                outcomes.append(JobOutcome(job.name, error=exc))
+            except Exception as exc:
+                # A bug: its traceback goes to the log, and the jobs after this one still run.
+                log.exception("job %s failed on an unexpected error", job.name)
+                error = JobError(
+                    f"job {job.name}: unexpected {type(exc).__name__}: {exc} (a bug, traceback logged above); "
+                    "committed rows are kept, rerun to resume"
+                )
+                outcomes.append(JobOutcome(job.name, error=error))
+            except TensorParallelLost as exc:  # a rank is gone: no job of this run can go on
+                outcomes.append(JobOutcome(job.name, error=exc))
+                break
+    return outcomes
+
+
+def _job_runner(job: JobSpec) -> Callable[..., Summary]:
+    """run_job, or the runner that spreads the job over a Ray cluster or over processes (README "Scaling out")."""
+    if job.runner == "ray":
+        return run_job_ray
+    if job.parallel.data > 1:
+        return run_data_parallel
+    return run_job

@@ -1,0 +1,111 @@
+"""Prompts -> token ids, keeping text from rows out of control tokens.
+
+Messages with no text that reads as an added token (`<|im_end|>`, the EOS string...) are rendered by the chat
+template and tokenized whole, exactly as transformers' `apply_chat_template(tokenize=True)` does: BPE merges
+across the template's text and the data's (a message starting with blank lines or spaces). A row whose text holds
+such a token is rendered around placeholders instead, so we know which characters the template wrote and which
+came from the data:
+
+    messages ──render with placeholders──> "<|im_start|>user\\n" [P0] "<|im_end|>\\n<|im_start|>assistant\\n"
+                                             template piece     data   template piece
+    template pieces: tokenized with special-token parsing on  (the template's own <|im_start|> become control ids)
+    data pieces:     tokenized with special-token parsing off (a row containing "<|im_end|>" stays plain text)
+
+`allow_special_tokens=True` (job option prompt.allow_special_tokens) tokenizes the rendered prompt whole instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from functools import lru_cache
+from typing import Any
+
+from kvbatch.errors import ErrorKind
+from kvbatch.jobs.prompts import Prompt
+from kvbatch.jobs.rows import RowError
+
+log = logging.getLogger(__name__)
+
+
+class PromptTokenizer:
+    def __init__(self, tokenizer: Any, allow_special_tokens: bool = False, chat_template: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.allow_special_tokens = allow_special_tokens
+        self.use_chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        if chat_template and not self.use_chat_template:
+            log.warning(
+                "the model's tokenizer has no chat template: prompts are sent as raw text (messages joined by blank lines)"
+            )
+        # A fresh random marker per tokenizer: data cannot guess it to forge a piece boundary.
+        self._marker = f"KVBATCH{secrets.token_hex(8)}"
+        self._placeholder = re.compile(rf"{self._marker}_(\d+)_")
+        self._template_ids = lru_cache(maxsize=4096)(self._encode_template_piece)
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        control = sorted({str(t) for t in added.values() if str(t)} | set(getattr(tokenizer, "all_special_tokens", [])))
+        # One scan of a message finds any of them (Llama 3 has 256 added tokens).
+        self._control_text = re.compile("|".join(map(re.escape, control))) if control else None
+
+    def encode(self, prompt: Prompt) -> list[int] | RowError:
+        if prompt.text is not None:
+            return self._encode_text(prompt.text)
+        assert prompt.messages is not None, "a Prompt has messages or text"
+        if not self.use_chat_template:
+            return self._encode_text("\n\n".join(m["content"] for m in prompt.messages))
+        if self.allow_special_tokens or self._plain(prompt.messages):
+            rendered = self._render(prompt.messages)
+            return list(self.tokenizer.encode(rendered, add_special_tokens=False))
+        return self._encode_messages(prompt.messages)
+
+    def _plain(self, messages: list[dict[str, str]]) -> bool:
+        """No message holds an added token's text (a tokenizer that lists none is never trusted to be plain)."""
+        return self._control_text is not None and not any(self._control_text.search(m["content"]) for m in messages)
+
+    def _encode_text(self, text: str) -> list[int]:
+        # add_special_tokens adds what the tokenizer always adds (a BOS, for some models), never parses the data.
+        return list(
+            self.tokenizer.encode(text, add_special_tokens=True, split_special_tokens=not self.allow_special_tokens)
+        )
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode_messages(self, messages: list[dict[str, str]]) -> list[int] | RowError:
+        marked = [{"role": m["role"], "content": f"{self._marker}_{i}_"} for i, m in enumerate(messages)]
+        rendered = self._render(marked)
+        pieces = self._placeholder.split(rendered)  # [template, index, template, index, ..., template]
+        indexes = [int(i) for i in pieces[1::2]]
+        if indexes != list(range(len(messages))):
+            return RowError(
+                ErrorKind.CHAT_TEMPLATE,
+                f"the chat template did not place each message once (got message order {indexes}); set prompt.allow_special_tokens to render it whole",
+            )
+        contents = self._contents_as_rendered(messages, pieces)
+        if contents is None:
+            return RowError(
+                ErrorKind.CHAT_TEMPLATE,
+                "the chat template changes message text in a way kvbatch cannot follow; set prompt.allow_special_tokens to render it whole",
+            )
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0:
+                ids.extend(self._template_ids(piece))
+            else:
+                text = contents[int(piece)]
+                if text:
+                    ids.extend(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        return ids
+
+    def _contents_as_rendered(self, messages: list[dict[str, str]], pieces: list[str]) -> list[str] | None:
+        """The message texts as the template writes them: as given, or stripped for templates that `| trim`."""
+        real = self._render(messages)
+        for variant in (lambda s: s, str.strip):
+            contents = [variant(m["content"]) for m in messages]
+            rebuilt = "".join(p if i % 2 == 0 else contents[int(p)] for i, p in enumerate(pieces))
+            if rebuilt == real:
+                return contents
+        return None
+
+    def _encode_template_piece(self, piece: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(piece, add_special_tokens=False)) if piece else ()

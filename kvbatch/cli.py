@@ -1,0 +1,404 @@
+"""The `kvbatch` command line: thin commands that build job specs and hand them on.
+
+Exit codes (README "Exit codes"): 0 the jobs ran (row errors are counted in the summary), 1 a job failed,
+2 bad usage or configuration, 3 interrupted by a signal (rerun to resume), 4 another run holds the output.
+Every exception becomes a message and an exit code in `_exit_code`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kvbatch import __version__
+from kvbatch.bench.cli import bench_app
+from kvbatch.console import ConsoleTyper
+from kvbatch.errors import ExitCode, KvbatchError, SpecError, exit_code_of
+from kvbatch.jobs.run import EngineCache
+from kvbatch.jobs.runners import JobOutcome, run_jobs
+from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
+from kvbatch.jobs.yaml_nodes import load_yaml
+
+OK, INTERRUPTED = ExitCode.OK, ExitCode.INTERRUPTED
+
+app = ConsoleTyper(  # the console process: allocator tuned for a batch job, no interpreter teardown at exit
+    name="kvbatch",
+    help="Offline batch generation for LLMs: YAML jobs over Parquet, JSONL, datasets and OpenAI Batch files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Options shared by several commands.
+JobsArg = Annotated[Path, typer.Argument(help="The YAML job file.", show_default=False)]
+JobOpt = Annotated[list[str] | None, typer.Option("--job", "-j", help="Run only this job (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a job field for every job: --set sampling.temperature=0.7 (repeatable)."),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Model: a local folder, a .gguf file or a cached hub name; default: the embedded SmolLM2-135M-Instruct."
+    ),
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+LimitOpt = Annotated[int | None, typer.Option(min=0, help="Read at most this many input rows.")]
+ModeOpt = Annotated[str | None, typer.Option(help="When the output exists: resume (default), overwrite or error.")]
+WaitOpt = Annotated[
+    bool,
+    typer.Option("--wait", help="Wait for another run on the same output to finish instead of exiting with code 4."),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine and job details.")]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="Run shard I/N only (rows with index % N == I) into NAME.shard-IIII-of-NNNN.EXT; inside a Slurm array taken from SLURM_ARRAY_TASK_ID/COUNT; 'off' to disable.",
+    ),
+]
+DataParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--data-parallel",
+        min=1,
+        help="Engine processes on this node, one per GPU (or per --tensor-parallel GPUs; N processes on the CPU), on disjoint shards, merged at the end.",
+    ),
+]
+TensorParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--tensor-parallel", min=1, help="Processes (GPUs) per engine: attention heads and MLP split across them."
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="Run through Ray Data on this Ray cluster (auto: the running one; local: start one here)."
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvbatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """kvbatch: offline batch generation over a paged KV cache."""
+
+
+@app.command()
+def run(
+    jobs_file: JobsArg,
+    job: JobOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    limit: LimitOpt = None,
+    mode: ModeOpt = None,
+    wait: WaitOpt = False,
+    verbose: VerboseOpt = False,
+    shard: ShardOpt = None,
+    data_parallel: DataParallelOpt = None,
+    tensor_parallel: TensorParallelOpt = None,
+    ray_address: RayAddressOpt = None,
+) -> None:
+    """Run the jobs of a YAML job file (see examples/jobs.yaml)."""
+    _logging(verbose)
+    _serve_if_torchrun_worker()
+    _quiet_model_loading(verbose)
+    with _errors():
+        overrides = _with_options(
+            set_,
+            {
+                "model": model,
+                "engine.device": device,
+                "input.limit": limit,
+                "output.mode": mode,
+                **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address),
+            },
+        )
+        specs = load_jobs_file(jobs_file, overrides).select(job)
+        _finish(run_jobs(specs, wait_for_lock=wait))
+
+
+@app.command()
+def generate(
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="Input: .jsonl, .parquet, a datasets folder, or an OpenAI Batch .jsonl (with --input-format openai).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output file (.arrow, .parquet or .jsonl).", show_default=False)
+    ],
+    model: ModelOpt = None,
+    prompt_column: Annotated[
+        str | None, typer.Option(help="Column sent as one user message (default: prompt).")
+    ] = None,
+    messages_column: Annotated[
+        str | None, typer.Option(help="Column holding a list of {role, content} messages.")
+    ] = None,
+    template: Annotated[str | None, typer.Option(help="Prompt template with {column} placeholders.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    no_chat_template: Annotated[
+        bool, typer.Option("--no-chat-template", help="Send raw text, without the model's chat template.")
+    ] = False,
+    id_column: Annotated[str | None, typer.Option(help="Column copied to the output as the row's id.")] = None,
+    keep_column: Annotated[
+        list[str] | None, typer.Option(help="Input column copied to the output (repeatable).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Most tokens to generate per row (default: 256).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 = greedy (default: 0).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (default: 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    limit: LimitOpt = None,
+    format: Annotated[
+        str | None,
+        typer.Option("--format", help="arrow, parquet, jsonl or openai (default: from the output's extension)."),
+    ] = None,
+    input_format: Annotated[
+        str | None, typer.Option(help="auto, jsonl, parquet, hf or openai (default: auto).")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="The split of a datasets input that has several (input.split).")
+    ] = None,
+    device: DeviceOpt = None,
+    mode: ModeOpt = None,
+    wait: WaitOpt = False,
+    verbose: VerboseOpt = False,
+    shard: ShardOpt = None,
+    data_parallel: DataParallelOpt = None,
+    tensor_parallel: TensorParallelOpt = None,
+    ray_address: RayAddressOpt = None,
+) -> None:
+    """Run one job without a YAML file."""
+    _logging(verbose)
+    _serve_if_torchrun_worker()
+    _quiet_model_loading(verbose)
+    with _errors():
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".") or "generate"
+        data = {
+            "name": name,
+            "model": model,
+            "input": {"path": input, "format": input_format, "limit": limit, "split": split},
+            "prompt": {
+                "column": prompt_column,
+                "messages_column": messages_column,
+                "template": template,
+                "system": system,
+                "chat_template": False if no_chat_template else None,
+            },
+            "id_column": id_column,
+            "keep_columns": keep_column,
+            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+            "output": {"path": output.name, "format": format, "mode": mode},
+            "output_dir": str(output.parent),
+            "engine": {"device": device},
+        }
+        scale = _scale_overrides(shard, data_parallel, tensor_parallel, ray_address)
+        data["runner"] = scale.pop("runner")
+        data["parallel"] = {key.partition(".")[2]: value for key, value in scale.items()}
+        spec = job_from_dict(_drop_none(data), base_dir=os.getcwd())
+        _finish(run_jobs([spec], wait_for_lock=wait))
+
+
+@app.command()
+def plan(
+    jobs_file: JobsArg,
+    job: JobOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    limit: LimitOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Without generating: token lengths, KV capacity, rows that fit at once, rows that will fail and why.
+
+    On the CPU only the model's config and tokenizer are read, not its weights. On a GPU (and with tensor parallelism) the model is loaded, because the KV pool is sized by profiling a forward pass of it.
+    """
+    from kvbatch.jobs.plan import plan_job
+
+    _logging(verbose)
+    _quiet_model_loading(verbose)
+    with _errors():
+        overrides = _with_options(set_, {"model": model, "engine.device": device, "input.limit": limit})
+        specs = load_jobs_file(jobs_file, overrides).select(job)
+        engines = EngineCache()
+        for spec in specs:
+            typer.echo(plan_job(spec, engines).format())
+
+
+@app.command()
+def inspect(
+    output: Annotated[Path, typer.Argument(help="An output file written by kvbatch.", show_default=False)],
+    rows: Annotated[int, typer.Option(min=0, help="How many sample rows to show.")] = 3,
+) -> None:
+    """Show an output's schema, counts by finish reason and error kind, and a few rows."""
+    from kvbatch.jobs.inspect import inspect_output
+
+    with _errors():
+        typer.echo(inspect_output(output, rows).format_text())
+
+
+@app.command()
+def merge(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="The output to write (out/answers.arrow), or a YAML job file: merge each job's output.",
+            show_default=False,
+        ),
+    ],
+    shards: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Shard outputs; default: the NAME.shard-IIII-of-NNNN.EXT files beside the output.", show_default=False
+        ),
+    ] = None,
+    job: Annotated[
+        list[str] | None,
+        typer.Option("--job", "-j", help="With a job file: merge only this job's output (repeatable)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the output even if another job spec wrote it.")
+    ] = False,
+) -> None:
+    """Join finished shard outputs into one output in input order; refuses, with a list, if rows are missing or twice."""
+    from kvbatch.jobs.merge import merge_shards
+    from kvbatch.jobs.spec import output_path
+
+    with _errors():
+        if target.suffix in (".yaml", ".yml"):
+            if shards:
+                raise SpecError(
+                    "give shard files only when merging into one output file, not with a job file", field="SHARDS"
+                )
+            outputs = [output_path(spec) for spec in load_jobs_file(target).select(job)]
+        else:
+            outputs = [target]
+        for output in outputs:
+            report = merge_shards(output, shards or None, overwrite=overwrite)
+            typer.echo(
+                f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} bytes"
+            )
+
+
+app.add_typer(bench_app, name="bench")  # runner/bench.py: its commands import torch only when they run
+
+
+# ---- the one place where outcomes and exceptions become messages and exit codes -------------------------
+
+
+def _finish(outcomes: list[JobOutcome]) -> None:
+    codes = [OK]
+    for outcome in outcomes:
+        if outcome.summary is not None:
+            typer.echo(outcome.summary.format())
+        else:
+            assert outcome.error is not None, "an outcome has a summary or an error"
+            typer.echo(f"kvbatch: job {outcome.job} failed: {outcome.error}", err=True)
+            codes.append(exit_code_of(outcome.error))
+    if max(codes) != OK:
+        raise typer.Exit(INTERRUPTED if INTERRUPTED in codes else max(codes))
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (KvbatchError, KeyboardInterrupt) as exc:  # anything else is a bug: it keeps its traceback
+        message = str(exc) if isinstance(exc, KvbatchError) else "interrupted; committed rows are kept, rerun to resume"
+        typer.echo(f"kvbatch: error: {message}", err=True)
+        raise typer.Exit(exit_code_of(exc)) from None
+
+
+def _with_options(sets: list[str] | None, options: dict[str, Any]) -> dict[str, Any]:
+    """`--set` values, overridden by the options given; an option left out leaves its --set value standing."""
+    return {**_parse_sets(sets or []), **{k: v for k, v in options.items() if v is not None}}
+
+
+def _serve_if_torchrun_worker() -> None:
+    """Under `torchrun --nproc-per-node N kvbatch run ... --tensor-parallel N`, ranks > 0 serve rank 0's engine."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        from kvbatch.runner.parallel.tensor_parallel import serve_from_env
+
+        serve_from_env()
+        raise typer.Exit(OK)
+
+
+def _scale_overrides(
+    shard: str | None, data_parallel: int | None, tensor_parallel: int | None, ray_address: str | None
+) -> dict[str, Any]:
+    """The scaling options as job-field overrides; without --shard, a Slurm array task runs its own shard."""
+    from kvbatch.jobs.shard import shard_from_env
+
+    if shard is None:
+        from_env = shard_from_env(os.environ)
+        shard = str(from_env) if from_env is not None else None
+    return {
+        "parallel.shard": shard,
+        "parallel.data": data_parallel,
+        "parallel.tensor": tensor_parallel,
+        "parallel.ray_address": ray_address,
+        "runner": "ray" if ray_address else None,
+    }
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"expected KEY=VALUE, got {item!r}", field="--set")
+        # The job file's own loader: duplicate keys, tags and merge keys are refused here as they are there.
+        value = load_yaml(raw, f"--set {key.strip()}").plain() if raw.strip() else None
+        if value is None:  # a field left out takes its default; an empty override would silently do nothing
+            raise SpecError(f"--set {item!r} gives no value; leave the field out to keep its default", field="--set")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def _drop_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        cleaned = {k: _drop_none(v) for k, v in data.items() if v is not None}
+        return {k: v for k, v in cleaned.items() if v != {}}
+    return data
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _quiet_model_loading(verbose: bool) -> None:
+    """Keep transformers' per-tensor "Loading weights" bar out of the job's own progress bar (shown with -v)."""
+    if verbose:
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+__all__ = ["app", "JobSpec"]

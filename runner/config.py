@@ -1,0 +1,175 @@
+"""Every setting of the engine (`EngineConfig`) and of a request's sampling (`SamplingParams`), declared once.
+
+Each field carries its type, default, bounds and a one-line doc (`setting(...)`). Everything that sets them is
+checked against these declarations and nothing else: the job file's `engine:` and `sampling:` sections (with the
+file, line and field in the message), `--set`, an OpenAI Batch body's or a row's own values (a bad one fails that
+row), code that builds a config, and `kvbatch bench`. docs/job-file.md is generated from them.
+
+Torch-free, so that a job file is checked before torch is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Policy = Literal["optimistic", "reserve"]
+POLICIES: tuple[str, ...] = typing.get_args(Policy)
+DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+Backend = Literal["auto", "torch", "triton", "flash-attn"]
+
+# A temperature below this is greedy: the distribution is a point mass on the top token anyway, and dividing
+# the logits by it would overflow float32 (an all-inf row has no softmax).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", **rules: Any) -> Any:
+    """A dataclass field with its doc and bounds: `min`, `max` (inclusive), `gt` (exclusive), `nonempty` and
+    `no_empty_string` (strings), `pattern` with `pattern_help` (strings), `internal` (not settable from a file)."""
+    metadata = {"doc": doc, **rules}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a mutable default needs a tuple or a default_factory")
+    return field(default=default, metadata=metadata)
+
+
+def rule_violation(value: Any, rules: typing.Mapping[str, Any]) -> str | None:
+    """Why `value` breaks the bounds in `rules` ("must be >= 1, got 0"), or None. One check for every path."""
+    if isinstance(value, str):
+        if rules.get("nonempty") and not value.strip():
+            return "must not be empty"
+        if rules.get("no_empty_string") and not value:  # whitespace is fine: "\n" is a common stop string
+            return "must not be an empty string"
+        if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
+            return f"must be {rules['pattern_help']}, got {value!r}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if "min" in rules and value < rules["min"]:
+        return f"must be >= {rules['min']}, got {value}"
+    if "max" in rules and value > rules["max"]:
+        return f"must be <= {rules['max']}, got {value}"
+    if "gt" in rules and value <= rules["gt"]:
+        return f"must be > {rules['gt']}, got {value}"
+    return None
+
+
+def type_violation(hint: Any, value: Any) -> str | None:
+    """Why `value` is not of the declared type (JSON and YAML values: no bool for a number, finite floats), or None."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return type_violation(inner, value)
+    if origin is Literal:
+        return None if value in args else f"must be one of {', '.join(map(repr, args))}, got {value!r}"
+    if origin is tuple:
+        items_ok = isinstance(value, tuple) and all(type_violation(args[0], item) is None for item in value)
+        return None if items_ok else f"must be {_KIND_NAMES.get(args[0], args[0])} (a list of them), got {value!r}"
+    if dataclasses.is_dataclass(hint):
+        return None if isinstance(value, hint) else f"must be a {hint.__name__}, got {value!r}"
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool):  # True is an int to Python, not to a setting
+        ok = False
+    elif hint is float:  # JSON and YAML can spell Infinity and NaN, which no setting means
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+    elif hint is int:
+        ok = isinstance(value, int)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"config.py does not support the field type {hint!r}")
+    return None if ok else f"must be {_KIND_NAMES[hint]}, got {value!r}"
+
+
+_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Check every field of a settings dataclass against its declaration; raise ValueError naming the first bad one.
+
+    Code that builds a config, and a row's own values, go through here; a job file is checked field by field
+    against the same declarations with its lines (jobs/schema.py)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        problem = type_violation(hints[f.name], value)
+        if problem is None and isinstance(value, tuple):
+            problem = next((p for p in (rule_violation(v, f.metadata) for v in value) if p), None)
+        elif problem is None:
+            problem = rule_violation(value, f.metadata)
+        if problem:
+            raise ValueError(f"{prefix}{f.name} {problem}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine is built; a job file's `engine:` section sets these (its `model` is the job's)."""
+
+    model: str = setting("default", "the model: default, a local folder, a .gguf file, or a cached hub name")
+    device: str = setting(
+        "auto", "auto (cuda if available), cpu, cuda or cuda:N", pattern=r"auto|cpu|cuda(:\d+)?",
+        pattern_help="auto, cpu, cuda or cuda:N",
+    )  # fmt: skip
+    dtype: DType = setting("auto", "weights' dtype; auto: float32 on cpu, bfloat16 on cuda")
+    block_size: int = setting(16, "tokens per KV page", min=1)
+    max_num_seqs: int = setting(256, "sequences running at once", min=1)
+    max_num_batched_tokens: int | None = setting(None, "tokens per step; unset: 4096 on cpu, 16384 on cuda", min=1)
+    kv_cache_gib: float = setting(2.0, "KV pool size on the cpu, GiB", gt=0)
+    gpu_memory_utilization: float = setting(
+        0.9, "share of the GPU that weights, activations and KV pages may use", gt=0, max=1
+    )
+    num_blocks_override: int | None = setting(None, "exact KV pool size in blocks (tests, benchmarks)", min=1)
+    policy: Policy = setting("optimistic", "admission: optimistic (blocks of the next chunk) or reserve (whole row)")
+    attention_backend: Backend = setting("auto", "auto, torch, triton or flash-attn")
+    max_model_len: int | None = setting(None, "context length; unset: the model's own", min=1)
+    trust_remote_code: bool = setting(False, "run Python code shipped with the model (unsafe with untrusted models)")
+    allow_pickle: bool = setting(False, "load pickled .bin/.pt weights (unsafe with untrusted models)")
+    allow_download: bool = setting(False, "fetch a model name missing from the local cache from the hub")
+    cuda_graphs: bool = setting(True, "capture decode steps as CUDA graphs")
+    seed: int | None = setting(None, "base of the seeds of rows without sampling.seed; unset: random")
+    prefix_cache: bool = setting(True, "reuse the K/V of full blocks shared with earlier prompts")
+    async_scheduling: bool | None = setting(
+        None, "plan the next step while the device runs this one; unset: on for cuda"
+    )
+    fused_layers: bool | None = setting(None, "Llama-family layers with fused kernels; unset: on for cuda")
+    float32_logits: bool = setting(False, "a bf16/fp16 model's logits in float32, on a GPU")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "EngineConfig.")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each row is sampled; a job file's `sampling:` section, and a row's own values, set these."""
+
+    max_new_tokens: int = setting(256, "new tokens per sample at most", min=1)
+    temperature: float = setting(0.0, "0 = greedy", min=0)
+    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of this probability mass", gt=0, max=1)
+    top_k: int = setting(0, "keep the k most likely tokens; 0 = off", min=0)
+    min_p: float = setting(0.0, "drop tokens below min_p times the top token's probability", min=0, max=1)
+    repetition_penalty: float = setting(1.0, "divide the logits of tokens already seen (>1 discourages)", gt=0)
+    seed: int | None = setting(None, "same seed, same sample, whatever else shares the batch")
+    stop: tuple[str, ...] = setting((), "stop strings; the text is cut before them", no_empty_string=True)
+    stop_token_ids: tuple[int, ...] = setting((), "token ids that stop a sample, besides the model's EOS", min=0)
+    n: int = setting(1, "samples per prompt", min=1)
+    logprobs: bool = setting(False, "the log-probability of each chosen token")
+    ignore_eos: bool = setting(False, "run on past EOS until max_new_tokens or a stop")
+
+    def __post_init__(self) -> None:
+        # Per-row values arrive as parsed JSON: a wrong type or bound is refused here, as that row's error,
+        # rather than failing inside the engine for the whole batch.
+        if isinstance(self.stop, list) or isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        check_fields(self)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE

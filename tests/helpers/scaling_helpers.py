@@ -1,0 +1,70 @@
+"""Shared by the scaling tests (shards, data parallel, Ray, tensor parallel): a tiny engine factory, an input, a job.
+
+Module level and importable by name, so processes started with `spawn` (and Ray workers) can import them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+from tiny_models import tiny_loaded
+
+from kvbatch.jobs.spec import JobSpec, job_from_dict
+from kvbatch.runner.engine import Engine, EngineConfig
+
+
+def tiny_engine(model: str, settings: dict) -> Engine:
+    """EngineFactory for the tiny random Llama (4 heads, 2 KV heads), whatever the model name."""
+    return Engine.from_loaded(tiny_loaded("llama"), EngineConfig(model=model, **settings))
+
+
+def write_input(path: Path, num_rows: int = 13, seed: int = 7) -> Path:
+    """Word prompts of varied length, one unreadable line (row 5), and row 9 repeating row 2's id."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(num_rows):
+        words = " ".join(f"w{rng.randrange(2, 500)}" for _ in range(rng.randrange(3, 40)))
+        lines.append(json.dumps({"id": 2 if i == 9 else i, "prompt": words}))
+    lines[5] = '{"id": 5, "prompt": '
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_job(tmp_path: Path, name: str = "answers", runner: str = "local", **parallel) -> JobSpec:
+    return job_from_dict(
+        {
+            "name": name,
+            "model": "tiny-llama",
+            "input": {"path": str(tmp_path / "in.jsonl")},
+            "prompt": {"chat_template": False},
+            "id_column": "id",
+            "sampling": {"max_new_tokens": 6},
+            "output": {"path": f"{name}.arrow", "part_rows": 2},
+            "output_dir": str(tmp_path / "out"),
+            "engine": {"device": "cpu", "num_blocks_override": 64, "max_num_seqs": 3},
+            "sort_window": 4,
+            "runner": runner,
+            "parallel": parallel,
+        }
+    )
+
+
+def rows_of(path: Path) -> list[dict]:
+    return pa.ipc.open_file(path).read_all().to_pylist()
+
+
+def tiny_tp_loader(model: str, settings: dict, device) -> object:
+    """tensor_parallel.Loader for the same tiny Llama (seeded: every rank builds the same weights)."""
+    return tiny_loaded("llama")
+
+
+def tiny_tp_loader_or_missing(model: str, settings: dict, device) -> object:
+    """tiny_tp_loader, except that model "missing-model" fails on every rank, as a real loader's would."""
+    if model == "missing-model":
+        from kvbatch.runner.model_loader import ModelLoadError
+
+        raise ModelLoadError(f"cannot load model {model!r}: not found")
+    return tiny_tp_loader(model, settings, device)

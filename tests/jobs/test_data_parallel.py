@@ -1,0 +1,151 @@
+"""`--data-parallel 2` on the CPU: two engine processes on disjoint shards, merged, equal to one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
+from typer.testing import CliRunner
+
+from kvbatch import cli
+from kvbatch.errors import InterruptedJob, OutputError
+from kvbatch.jobs.data_parallel import run_data_parallel
+from kvbatch.jobs.run import EngineCache
+from kvbatch.jobs.runners import run_jobs
+from kvbatch.jobs.signals import StopFlag
+from kvbatch.jobs.spec import output_path
+from kvbatch.jobs.writer import work_dir
+
+
+def test_data_parallel_two_processes_equal_one(tmp_path):
+    """Stopped before it starts: interrupted, nothing written. A shard finished earlier (a lone --shard 0/2 run)
+    is resumed, not redone. The merged output equals one process's, and a rerun finds it complete."""
+    write_input(tmp_path / "in.jsonl")
+    whole = tiny_job(tmp_path, "whole")
+    [single] = run_jobs([whole], engine_factory=tiny_engine)
+    assert single.error is None, single.error
+    job = tiny_job(tmp_path, data=2)
+    out = output_path(job)
+
+    stopped = StopFlag()
+    stopped.stop("SIGTERM")
+    with pytest.raises(InterruptedJob, match="stopped by SIGTERM; rerun to run it"):
+        run_data_parallel(job, EngineCache(tiny_engine), stopped)
+    assert not out.exists()
+    [first] = run_jobs(
+        [dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, data=1, shard="0/2"))],
+        engine_factory=tiny_engine,
+    )
+    assert first.summary.rows == 7
+
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    assert rows_of(out) == rows_of(output_path(whole))
+    summary = outcome.summary
+    assert (summary.rows, summary.rows_error, summary.rows_this_run) == (13, 2, 6)  # shard 1/2's rows only
+    assert summary.queried_prompt_tokens > 0  # the children's prefix-cache counters are added up, not dropped
+    assert summary.prefix_cache_hit_rate == round(summary.cached_prompt_tokens / summary.queried_prompt_tokens, 4)
+    assert json.loads(out.with_name("answers.arrow.summary.json").read_text())["rows"] == 13
+    left = sorted(p.name for p in out.parent.iterdir() if "answers" in p.name)  # the shard outputs are gone
+    assert left == [".answers.arrow.kvbatch", "answers.arrow", "answers.arrow.summary.json"]
+
+    [again] = run_jobs([job], engine_factory=tiny_engine)  # finished: nothing is started again
+    assert again.summary.status == "already complete" and again.summary.rows_this_run == 0
+    assert work_dir(out).is_dir()
+
+    # Another spec, or an edited input, is refused before any process starts, as one process would refuse it.
+    changed = dataclasses.replace(job, sampling=dataclasses.replace(job.sampling, max_new_tokens=3))
+    [refused] = run_jobs([changed], engine_factory=tiny_engine)
+    assert isinstance(refused.error, OutputError) and "(sampling.max_new_tokens: 6 -> 3)" in str(refused.error)
+    with open(tmp_path / "in.jsonl", "a") as f:
+        f.write('{"id": "late", "prompt": "a row added after the run"}\n')
+    [edited] = run_jobs([job], engine_factory=tiny_engine)
+    assert isinstance(edited.error, OutputError) and "input_file.bytes" in str(edited.error)
+    assert not list(out.parent.glob("*.shard-*"))
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock=False: calls.append(specs) or [])
+    return calls
+
+
+def test_cli_scaling_options_reach_the_spec(tmp_path, captured, monkeypatch):
+    (tmp_path / "jobs.yaml").write_text("jobs:\n  - name: a\n    input: {path: in.jsonl}\n")
+    runner = CliRunner()
+    result = runner.invoke(
+        cli.app,
+        ["run", str(tmp_path / "jobs.yaml"), "--shard", "1/4", "--data-parallel", "2", "--tensor-parallel", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    parallel = captured[-1][0].parallel
+    assert (parallel.shard, parallel.data, parallel.tensor, captured[-1][0].runner) == ("1/4", 2, 2, "local")
+
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    result = runner.invoke(
+        cli.app, ["generate", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.arrow"), "--ray-address", "auto"]
+    )
+    assert result.exit_code == 0, result.output
+    spec = captured[-1][0]
+    assert (spec.parallel.shard, spec.runner, spec.parallel.ray_address) == ("3/4", "ray", "auto")
+
+    result = runner.invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--shard", "4/4"])
+    assert result.exit_code == 2 and "need 0 <= I < N" in result.output
+
+
+def test_set_reaches_fields_that_also_have_options(tmp_path, captured):
+    """An option left out must not undo a --set of the same field (it did: input.limit, output.mode, model...)."""
+    (tmp_path / "jobs.yaml").write_text("jobs:\n  - name: a\n    input: {path: in.jsonl}\n")
+    sets = ["input.limit=7", "output.mode=overwrite", "engine.device=cpu", "parallel.data=2", "model=some/model"]
+    result = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    spec = captured[-1][0]
+    assert (spec.input.limit, spec.output.mode, spec.engine.device, spec.parallel.data, spec.model) == (
+        7,
+        "overwrite",
+        "cpu",
+        2,
+        "some/model",
+    )
+    result = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--set", "input.limit=7", "--limit", "3"])
+    assert captured[-1][0].input.limit == 3  # the option wins over --set
+
+
+def test_cli_merge_refuses_with_the_list(tmp_path):
+    result = CliRunner().invoke(cli.app, ["merge", str(tmp_path / "answers.arrow")])
+    assert result.exit_code == 1
+    assert "no shard outputs found beside" in result.output
+
+
+def test_children_stop_when_the_parent_says_or_is_gone(monkeypatch):
+    import multiprocessing
+
+    from kvbatch.jobs import data_parallel
+
+    event = multiprocessing.get_context("spawn").Event()
+    flag = data_parallel._ParentStop(event)
+    assert not flag.stopped
+    event.set()
+    assert flag.stopped and flag.signal_name == "the data-parallel parent"
+    orphan = data_parallel._ParentStop(multiprocessing.get_context("spawn").Event())
+    monkeypatch.setattr(data_parallel.os, "getppid", lambda: orphan.parent + 1)  # re-parented: the parent died
+    assert orphan.stopped
+
+
+def test_combined_error_keeps_the_exit_code_kind():
+    from kvbatch.errors import JobError, OutputLockedError
+    from kvbatch.jobs.data_parallel import _combined_error
+    from kvbatch.jobs.shard import Shard
+
+    job = tiny_job(Path("."))
+    locked = _combined_error(job, [(Shard(0, 2), OutputLockedError("a")), (Shard(1, 2), OutputLockedError("b"))])
+    assert isinstance(locked, OutputLockedError) and "shard 0/2: a; shard 1/2: b" in str(locked)
+    mixed = _combined_error(job, [(Shard(0, 2), OutputLockedError("a")), (Shard(1, 2), InterruptedJob("b"))])
+    assert isinstance(mixed, InterruptedJob)
+    other = _combined_error(job, [(Shard(0, 2), OutputLockedError("a")), (Shard(1, 2), ValueError("b"))])
+    assert type(other) is JobError

@@ -1,0 +1,31 @@
+"""docs/job-file.md is what the settings' own declarations say: one definition per setting, no page kept by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from kvbatch.jobs.reference import job_file_reference
+from kvbatch.jobs.spec import EngineSpec
+from kvbatch.runner.config import EngineConfig, SamplingParams
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "job-file.md"
+
+
+def test_the_checked_in_page_is_the_generated_one() -> None:
+    assert PAGE.read_text() == job_file_reference(), (
+        "docs/job-file.md is stale: run `python -m kvbatch.jobs.reference > docs/job-file.md`"
+    )
+
+
+def test_every_engine_and_sampling_setting_has_a_doc_and_a_row() -> None:
+    page = job_file_reference()
+    for cls in (EngineConfig, SamplingParams):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no doc"
+            assert f"| `{f.name}` |" in page or f.name == "model"
+
+
+def test_the_engine_section_is_the_engine_config_less_the_model() -> None:
+    names = [f.name for f in dataclasses.fields(EngineSpec)]
+    assert names == [f.name for f in dataclasses.fields(EngineConfig) if f.name != "model"] + ["offline"]
