@@ -1,19 +1,22 @@
 """`kvbatch bench`: throughput on random models of real shapes, the peers beside it, kernels, and GPU-vs-reference.
 
-Results print as one JSON object per line (and go to --json), so BENCHMARKS.md can quote them with the
+Results print as one JSON object per line (and go to --json), so docs/benchmarks.md can quote them with the
 command that made them. Nothing here asserts a speed: the figures are read, not tested.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import time
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import yaml
 
 from kvbatch.bench.shapes import SHAPES
 from kvbatch.bench.workloads import Workload, make_workload
@@ -23,11 +26,43 @@ if TYPE_CHECKING:  # torch, transformers and the engine load when a bench comman
 
     from kvbatch.runner.engine import Engine
 
-bench_app = typer.Typer(help="Benchmarks on random models of real shapes (see BENCHMARKS.md).", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks on random models of real shapes (see docs/benchmarks.md).", no_args_is_help=True
+)
 
 ShapeOpt = Annotated[str, typer.Option(help=f"Model shape: {', '.join(SHAPES)}.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Append the result lines to this file.")]
+
+
+# Where a benchmark's engine differs from EngineConfig's defaults: every workload's prompts may run at once.
+BENCH_ENGINE_DEFAULTS: dict[str, Any] = {"max_num_seqs": 512, "block_size": 16}
+
+
+def engine_settings(sets: list[str]) -> dict[str, Any]:
+    """`--set FIELD=VALUE` engine settings, each checked against EngineConfig's own declaration."""
+    from kvbatch.runner.config import EngineConfig, rule_violation, type_violation
+
+    fields = {f.name: f for f in dataclasses.fields(EngineConfig) if f.name != "model"}
+    hints = typing.get_type_hints(EngineConfig)
+    settings = {}
+    for item in sets:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise typer.BadParameter(
+                f"expected FIELD=VALUE with an engine field, got {item!r}{hint}", param_hint="--set"
+            )
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, int) and not isinstance(value, bool) and hints[name] in (float, float | None):
+            value = float(value)
+        problem = type_violation(hints[name], value) or rule_violation(value, fields[name].metadata)
+        if problem:
+            raise typer.BadParameter(f"{name} {problem}", param_hint="--set")
+        settings[name] = value
+    return settings
 
 
 def emit_record(record: dict[str, Any], json_path: Path | None) -> None:
@@ -95,7 +130,7 @@ def _warm_up(engine: Engine, workload: str, vocab_size: int) -> None:
 @bench_app.command()
 def throughput(
     shape: ShapeOpt = "llama-1b",
-    workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (runner/bench_workloads.py).")] = "a",
+    workload: Annotated[str, typer.Option(help="a, b, c, prefix, chat or lora (bench/workloads.py).")] = "a",
     num_prompts: Annotated[int | None, typer.Option(min=1, help="Override the workload's prompt count.")] = None,
     compare: Annotated[
         str | None, typer.Option(help="'hf': also run transformers generate (padded batches) and generate_batch.")
@@ -110,30 +145,16 @@ def throughput(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16, float32.")] = "auto",
-    max_num_seqs: Annotated[int, typer.Option(min=1)] = 512,
-    max_num_batched_tokens: Annotated[int | None, typer.Option(min=1)] = None,
     kv_pool_tokens: Annotated[
         int | None, typer.Option(min=1, help="Cap the KV pool at this many tokens (workload c).")
     ] = None,
-    policy: Annotated[str, typer.Option(help="optimistic or reserve.")] = "optimistic",
-    attention_backend: Annotated[str, typer.Option(help="auto, triton, torch, flash-attn.")] = "auto",
-    cuda_graphs: Annotated[bool, typer.Option(help="Replay decode steps from CUDA graphs.")] = True,
-    prefix_cache: Annotated[
-        bool | None, typer.Option(help="Shared-prefix caching on or off (engine default when unset).")
-    ] = None,
-    async_scheduling: Annotated[
-        bool | None,
+    sets: Annotated[
+        list[str] | None,
         typer.Option(
-            help="Plan the next step while the device runs this one (engine default when unset: on for cuda)."
+            "--set",
+            help="An engine setting, FIELD=VALUE (docs/job-file.md, engine:), e.g. --set prefix_cache=false. "
+            f"The bench's own defaults: {', '.join(f'{k}={v}' for k, v in BENCH_ENGINE_DEFAULTS.items())}.",
         ),
-    ] = None,
-    fused_layers: Annotated[
-        bool | None,
-        typer.Option(help="Fused Llama-family layers on or off (engine default when unset: on for cuda)."),
-    ] = None,
-    float32_logits: Annotated[
-        bool | None,
-        typer.Option(help="float32 lm_head output for a bf16/fp16 model (engine default when unset: off)."),
     ] = None,
     profile: Annotated[bool, typer.Option(help="Run under torch.profiler and print where the time goes.")] = False,
     timing: Annotated[
@@ -152,26 +173,19 @@ def throughput(
     needed = make_workload(workload, SHAPES[shape]["vocab_size"], num_prompts).max_seq_len
     loaded = random_model(shape, device, dtype, max_model_len=max(4096, needed))
     work = make_workload(workload, loaded.model.config.vocab_size, num_prompts)
-    block_size = 16
-    settings: dict[str, Any] = dict(
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        policy=policy,
-        attention_backend=attention_backend,
-        cuda_graphs=cuda_graphs,
-        block_size=block_size,
-        num_blocks_override=-(-kv_pool_tokens // block_size) if kv_pool_tokens else None,
-    )
-    if prefix_cache is not None:
-        settings["prefix_cache"] = prefix_cache
-    if async_scheduling is not None:
-        settings["async_scheduling"] = async_scheduling
-    if fused_layers is not None:
-        settings["fused_layers"] = fused_layers
-    if float32_logits is not None:
-        settings["float32_logits"] = float32_logits
+    settings = {**BENCH_ENGINE_DEFAULTS, **engine_settings(sets or [])}
+    if kv_pool_tokens:
+        settings["num_blocks_override"] = -(-kv_pool_tokens // settings["block_size"])
     started = time.perf_counter()
-    engine = Engine.from_loaded(loaded, EngineConfig(**settings))
+    adapters = None
+    if workload == "lora":  # random adapters of rank 16 on every projection, one per LORA_COUNT rows
+        import tempfile
+
+        from kvbatch.bench.lora import random_adapters
+        from kvbatch.bench.workloads import LORA_COUNT
+
+        adapters = random_adapters(loaded.model, Path(tempfile.mkdtemp(prefix="kvbatch-lora-")), LORA_COUNT)
+    engine = Engine(EngineConfig(**settings), loaded, adapters=adapters)
     _warm_up(engine, workload, loaded.model.config.vocab_size)
     setup_s = time.perf_counter() - started
     base = {

@@ -139,7 +139,7 @@ def check(
 @app.command()
 def throughput(
     shape: ShapeOpt = "llama-8b",
-    workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (runner/bench_workloads.py).")] = "a",
+    workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (bench/workloads.py).")] = "a",
     num_prompts: Annotated[int | None, typer.Option(min=1)] = None,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel", min=1)] = 1,
     data_parallel_size: Annotated[int, typer.Option("--data-parallel", min=1)] = 1,

@@ -6,6 +6,7 @@ c       64 prompts of ~8,000 tokens, 1,024 output tokens each (the LoRAX case; r
         smaller than their sum, so admission and preemption are exercised)
 prefix  2,000 prompts: one shared 2,000-token system prompt + 100-token questions, 128 output tokens
 chat    128 prompts of 20-60 tokens, 64 output tokens (short chat rows, the CPU case)
+lora    chat's rows spread evenly over LORA_COUNT LoRA adapters (row i on adapter lora{i % 8}; bench/lora.py)
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ class Workload:
         return f"{self.name}: {len(self.requests)} prompts, {self.num_prompt_tokens} prompt tokens, {self.num_output_tokens} output tokens"
 
 
-def _request(i: int, prompt: list[int], max_new_tokens: int) -> GenerationRequest:
+LORA_COUNT = 8
+
+
+def _request(i: int, prompt: list[int], max_new_tokens: int, adapter: str | None = None) -> GenerationRequest:
     # ignore_eos: every row runs to its length, as the peers' figures do.
-    return GenerationRequest(i, prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+    return GenerationRequest(i, prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True), adapter)
 
 
 def make_workload(name: str, vocab_size: int, num_prompts: int | None = None, seed: int = 0) -> Workload:
@@ -58,8 +62,9 @@ def make_workload(name: str, vocab_size: int, num_prompts: int | None = None, se
     elif name == "prefix":
         system = tokens(2000)
         rows = [(system + tokens(100), 128) for _ in range(num_prompts or 2000)]
-    elif name == "chat":
+    elif name in ("chat", "lora"):
         rows = [(tokens(rng.randint(20, 60)), 64) for _ in range(num_prompts or 128)]
     else:
-        raise ValueError(f"unknown workload {name!r}; choose a, b, c, prefix or chat")
-    return Workload(name, [_request(i, prompt, out) for i, (prompt, out) in enumerate(rows)])
+        raise ValueError(f"unknown workload {name!r}; choose a, b, c, prefix, chat or lora")
+    adapters = [f"lora{i % LORA_COUNT}" if name == "lora" else None for i in range(len(rows))]
+    return Workload(name, [_request(i, prompt, out, a) for i, ((prompt, out), a) in enumerate(zip(rows, adapters))])

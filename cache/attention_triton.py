@@ -111,7 +111,8 @@ def _kv_pack(config: dict[str, int], num_kv_heads: int, head_dim: int, key_cache
 def _prefill_config(head_dim: int, device: torch.device) -> dict[str, int]:
     """64-row tiles, 4 warps: on the H200 the fastest of nine tile/warp/stage variants at both head sizes for
     prompts of 100-1,024 tokens (0.27 against 0.35 ms a 16k-token llama-1b layer with 128-row tiles), 4 x 4,096
-    and 32 x 512 (BENCHMARKS.md); only 8 x (6,144 cached + 2,048) at 128 dims ran 5% faster with 128 x 128 tiles."""
+    and 32 x 512 (the tile table is in docs/benchmarks.md's git history); only 8 x (6,144 cached + 2,048) at 128
+    dims ran 5% faster with 128 x 128 tiles."""
     if device.type != "cuda":
         return {"BLOCK_M": 16, "BLOCK_N": 16}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2 if head_dim <= 64 else 3}

@@ -1,6 +1,6 @@
 """The final output file from committed parts: input order, each row once, in the requested format.
 
-Parts are Arrow IPC files, memory-mapped, so joining them and reordering costs one int64 per row plus one
+Parts are Arrow IPC files (kvbatch's own, never read by others), memory-mapped, so joining them and reordering costs one int64 per row plus one
 output chunk at a time, whatever the output's size.
 """
 
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from kvbatch.errors import JobError
 
 from . import json_text
+from .arrow_io import write_hf_folder, write_stream
 from .atomic import atomic_file
 from .openai_format import output_line
 from .records import nested_types
@@ -99,15 +100,18 @@ def write_output(
     model: str = "",
     id_column: str | None = None,
 ) -> int:
-    """Write `table` reordered by `order` to `path` atomically; return the bytes written."""
+    """Write `table` reordered by `order` to `path` atomically; return the bytes written.
+
+    Arrow is written as an IPC stream, the format Hugging Face `datasets` reads (`Dataset.from_file`); hf is a
+    `save_to_disk` folder (`datasets.load_from_disk`)."""
     if fmt == "parquet":
         table = _parquet_safe(table)
     schema = table.schema.with_metadata(metadata)
+    if fmt == "hf":
+        return write_hf_folder(path, schema, _chunks(table, order))
     with atomic_file(path) as f:
         if fmt == "arrow":
-            with pa.ipc.new_file(f, schema) as writer:
-                for chunk in _chunks(table, order):
-                    writer.write_table(chunk.replace_schema_metadata(metadata))
+            write_stream(f, schema, _chunks(table, order))
         elif fmt == "parquet":
             with pq.ParquetWriter(f, schema) as writer:
                 for chunk in _chunks(table, order):

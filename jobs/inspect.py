@@ -11,7 +11,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kvbatch.errors import InputError
+from kvbatch.errors import InputError, OutputError
+
+from .arrow_io import read_arrow
 
 
 @dataclass
@@ -46,16 +48,19 @@ def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
         raise InputError(f"no such output: {path}")
     suffix = path.suffix
     try:
+        if path.is_dir():  # a datasets save_to_disk folder (output.format hf)
+            return _from_table(path, "hf", read_arrow(path), num_samples)
         if suffix == ".arrow":
-            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            return _from_table(path, "arrow", table, num_samples)
+            return _from_table(path, "arrow", read_arrow(path), num_samples)
         if suffix == ".parquet":
             return _from_parquet(path, num_samples)
         if suffix == ".jsonl":
             return _from_jsonl(path, num_samples)
-    except (OSError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, OutputError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
-    raise InputError(f"cannot tell the format of {path.name}; kvbatch writes .arrow, .parquet and .jsonl")
+    raise InputError(
+        f"cannot tell the format of {path.name}; kvbatch writes .arrow, .parquet, .jsonl and datasets folders"
+    )
 
 
 def _from_table(path: Path, fmt: str, table: pa.Table, num_samples: int) -> OutputReport:

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvbatch.errors import SpecError
+from kvbatch.jobs.first_rows import check_first_rows
 from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
+from kvbatch.jobs.pipeline import input_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout
@@ -24,6 +27,7 @@ from kvbatch.jobs.spec import (
     output_path,
     result_fingerprint,
     spec_hash,
+    splits_reasoning,
 )
 from kvbatch.jobs.summary import Summary
 from kvbatch.jobs.writer import OutputWriter
@@ -33,12 +37,19 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
     fmt = output_format(job)
     openai = input_format(job) == "openai"
     multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
+    reasoning = splits_reasoning(job)
+    if reasoning and "reasoning" in (job.id_column, *job.keep_columns):
+        raise SpecError("the output's `reasoning` column is taken by an input column; rename it", field="keep_columns")
     return Layout(
         id_column="custom_id" if openai else job.id_column,
         keep_columns=job.keep_columns,
         multi=multi,
         logprobs=job.sampling.logprobs or fmt == "openai",
         token_bytes=fmt == "openai",  # OpenAI's logprobs name each token; the lines are assembled without a tokenizer
+        top_logprobs=job.sampling.top_logprobs > 0 or fmt == "openai",
+        prompt_logprobs=job.sampling.prompt_logprobs,
+        scores=job.task == "score",
+        reasoning=reasoning,
         input_types=input_types,
     )
 
@@ -63,9 +74,10 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     fmt = output_format(job)
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
-    reader = open_reader(
-        job, [*prompt_columns(pspec), *layout.data_columns()]
-    )  # fails early on a missing input or column
+    reader = open_reader(job, input_columns(job, layout))  # fails early on a missing input or column
+    if reader.columns is None and input_format(job) != "openai":  # JSONL: no schema to check the columns against
+        field = next(f"prompt.{k}" for k in ("template", "messages_column", "column") if getattr(pspec, k) is not None)
+        reader.rows = check_first_rows(reader.rows, prompt_columns(pspec), field)
     if reader.schema is not None:
         types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
         layout = dataclasses.replace(layout, input_types=types)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from kvbatch.errors import MergeError
 
+from .arrow_io import read_arrow
 from .assemble import count_by, unify, write_output
 from .atomic import atomic_file
 from .lock import OutputLock
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 WHOLE = Shard(0, 1)
 
 
-_SUFFIX = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}
+_SUFFIX = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl", "hf": ".hf"}
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _prepare(output: Path, first: Manifest, overwrite: bool) -> Path:
 def _read_table(path: Path, fmt: str) -> pa.Table:
     if fmt == "parquet":
         return pq.read_table(path)
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    return read_arrow(path)  # a stream, an older IPC file, or a save_to_disk folder
 
 
 def _row_problems(name: str, rows: np.ndarray, expected: range) -> list[str]:

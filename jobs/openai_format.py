@@ -13,7 +13,8 @@ A request whose body asked for `"logprobs": true` gets, per choice, the chosen t
 
 `bytes` are the token's exact UTF-8 bytes (a token holding part of a character shows it as U+FFFD in `token`);
 special tokens such as the end-of-turn token the model stopped on are left out, as they are from the text.
-No alternatives are computed, so `top_logprobs` is always empty (the reader refuses `top_logprobs` > 0).
+`top_logprobs` holds the body's `top_logprobs` most likely tokens at each position, most likely first, in the same
+shape (a special token among them: its own text, `bytes` null); empty when it asked for none.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ def output_line(record: dict[str, Any], model: str, created: int, id_column: str
     reasons = record.get("finish_reasons") or [record["finish_reason"]] * len(texts)
     logprobs = _per_sample(record.get("logprobs"), len(texts))
     token_bytes = _per_sample(record.get("token_bytes"), len(texts))
+    tops = _per_sample(record.get("top_logprobs"), len(texts), depth=3)
+    reasoning = record.get("reasoning") or []  # per sample (OpenAI output is multi-sample): vLLM's reasoning_content
+    reasoning = (reasoning if isinstance(reasoning, list) else [reasoning]) + [None] * len(texts)
     choices = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": text, "refusal": None},
+            "message": {"role": "assistant", "content": text, "refusal": None}
+            | ({"reasoning_content": reasoning[i]} if reasoning[i] is not None else {}),
             "finish_reason": reason,
-            "logprobs": _choice_logprobs(logprobs[i], token_bytes[i]),
+            "logprobs": _choice_logprobs(logprobs[i], token_bytes[i], tops[i]),
         }
         for i, (text, reason) in enumerate(zip(texts, reasons))
     ]
@@ -62,16 +67,26 @@ def output_line(record: dict[str, Any], model: str, created: int, id_column: str
     return line
 
 
-def _per_sample(values: list | None, num_samples: int) -> list[list | None]:
-    """A record's per-sample lists (a single sample's list when the output is not multi-sample)."""
+def _per_sample(values: list | None, num_samples: int, depth: int = 2) -> list[list | None]:
+    """A record's per-sample lists (a single sample's list when the output is not multi-sample). `depth`: how
+    deep a multi-sample value nests lists (per sample, per token[, per alternative])."""
     if values is None:
         return [None] * num_samples
-    if num_samples == 1 and (not values or not isinstance(values[0], list)):
+    if num_samples == 1 and _list_depth(values) < depth:
         return [values]
     return list(values) + [None] * (num_samples - len(values))
 
 
-def _choice_logprobs(logprobs: list[float] | None, token_bytes: list[bytes | None] | None) -> dict[str, Any] | None:
+def _list_depth(value: Any) -> int:
+    depth = 0
+    while isinstance(value, list) and value:
+        depth, value = depth + 1, value[0]
+    return depth + isinstance(value, list)
+
+
+def _choice_logprobs(
+    logprobs: list[float] | None, token_bytes: list[bytes | None] | None, tops: list[list[dict]] | None = None
+) -> dict[str, Any] | None:
     """OpenAI's ChoiceLogprobs for one sample; None when the request did not ask for logprobs."""
     if logprobs is None:
         return None
@@ -81,7 +96,20 @@ def _choice_logprobs(logprobs: list[float] | None, token_bytes: list[bytes | Non
         raw = token_bytes[i] if token_bytes is not None and i < len(token_bytes) else b""
         if raw is None:
             continue  # a special token: not part of the text
+        top = tops[i] if tops is not None and i < len(tops) and tops[i] else []
         content.append(
-            {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw), "top_logprobs": []}
+            {
+                "token": raw.decode("utf-8", errors="replace"),
+                "logprob": logprob,
+                "bytes": list(raw),
+                "top_logprobs": [
+                    {
+                        "token": t["token"],
+                        "logprob": t["logprob"],
+                        "bytes": list(t["bytes"]) if t["bytes"] is not None else None,
+                    }
+                    for t in top
+                ],
+            }
         )
     return {"content": content, "refusal": None}

@@ -4,7 +4,9 @@
      │ unreadable, duplicate id, bad value, bad template, bad per-row setting
      └──────────────────────────────────────────────────────────────────────> RowResult (an error row)
 
-    GenerationResult ──> RowResult (texts, finish reasons, logprobs; or the engine's error, by kind)
+    GenerationResult ──> RowResult (texts, finish reasons, logprobs, scores; or the engine's error, by kind)
+
+With `task: score` a row's continuations (jobs/continuations.py) go with its prompt in one scoring request.
 
 Every runner uses this one piece: a local run, each data-parallel process (a local run of its shard), each Ray
 actor, and `kvbatch plan`. It writes nothing: the caller sends requests to an engine and rows to its writer.
@@ -14,21 +16,35 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from kvbatch.errors import ErrorKind
 from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.request import GenerationRequest, GenerationResult
+from kvbatch.runner.structured_outputs import ConstraintError
 
-from .prompts import build_prompt, prompt_spec
+from .constraints import column_constraint
+from .continuations import continuation_texts, encode_for_scoring
+from .prompts import build_prompt, prompt_columns, prompt_spec
+from .reasoning import split_reasoning
 from .records import Layout, RowResult
-from .rows import Row, RowError, SeenIds
-from .spec import JobSpec
+from .row_sampling import row_sampling, sampling_columns
+from .rows import KnownDuplicates, Row, RowError, SeenIds
+from .spec import JobSpec, chat_template_path, input_format
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
 
 log = logging.getLogger(__name__)
+
+
+def input_columns(job: JobSpec, layout: Layout) -> list[str]:
+    """Every input column a run of `job` reads (readers of Parquet and datasets read only these): the prompt's,
+    the rows' own sampling values, constraint, adapter and continuations, then the id and kept columns."""
+    own = [job.constraint_column, job.adapter_column, job.continuations_column if job.task == "score" else None]
+    columns = [*prompt_columns(prompt_spec(job)), *sampling_columns(job), *(c for c in own if c is not None)]
+    return list(dict.fromkeys([*columns, *layout.data_columns()]))
 
 
 @dataclass
@@ -38,24 +54,37 @@ class _Pending:
     row: Row
     id: Any
     kept: dict[str, Any]
+    adapter: str | None = None
 
 
 class RowPipeline:
     """Turns rows into requests (or error rows) and results into output rows, for one job and one tokenizer.
 
     `ids`: the job's id check (a duplicate id fails its row); a runner that checks ids elsewhere passes a layout
-    without an id column. Rows a runner skips (done by an earlier run, owned by another shard) still go through
+    without an id column, or `ids` found over the whole input beforehand (KnownDuplicates). Rows a runner skips (done by an earlier run, owned by another shard) still go through
     `note_id`, so a later duplicate of their id is an error here too."""
 
-    def __init__(self, job: JobSpec, tokenizer: Any, layout: Layout) -> None:
+    def __init__(
+        self, job: JobSpec, tokenizer: Any, layout: Layout, ids: SeenIds | KnownDuplicates | None = None
+    ) -> None:
         self.job = job
         self.pspec = prompt_spec(job)
-        self.tokenizer = PromptTokenizer(tokenizer, self.pspec.allow_special_tokens, self.pspec.chat_template)
+        template = chat_template_path(job).read_text(encoding="utf-8") if self.pspec.chat_template_file else None
+        self.tokenizer = PromptTokenizer(
+            tokenizer,
+            self.pspec.allow_special_tokens,
+            self.pspec.chat_template,
+            template,
+            self.pspec.continue_final_message,
+        )
         self.layout = layout
         self.token_bytes = TokenBytes(tokenizer) if layout.token_bytes else None
+        self.top_bytes = self.token_bytes or TokenBytes(tokenizer)  # the top_logprobs' tokens
         self.base_params: SamplingParams = job.sampling
-        self.ids = SeenIds(layout.id_column)
+        self.ids = ids if ids is not None else SeenIds(layout.id_column)
         self.pending: dict[int, _Pending] = {}
+        self.openai = input_format(job) == "openai"
+        self.adapter_rows: Counter[str] = Counter()  # rows run on each LoRA adapter (the summary names them)
 
     def note_id(self, row: Row) -> None:
         """Remember a skipped row's id exactly as `request` would, without running the row."""
@@ -77,6 +106,12 @@ class RowPipeline:
             if isinstance(prompt, RowError):
                 return self._error_row(pending, prompt)
             ids = self.tokenizer.encode(prompt)
+            continuations = None
+            if self.job.task == "score" and not isinstance(ids, RowError):
+                texts = continuation_texts(row, self.job.continuations_column)
+                if isinstance(texts, RowError):
+                    return self._error_row(pending, texts)
+                ids, continuations = encode_for_scoring(self.tokenizer, prompt, ids, texts)
         except Exception as exc:  # noqa: BLE001 - a tokenizer or template that chokes on one row fails that row only
             log.warning("%s: the prompt could not be built or tokenized", row.where, exc_info=True)
             message = f"{row.where}: the prompt could not be built or tokenized ({type(exc).__name__}: {exc})"
@@ -84,14 +119,50 @@ class RowPipeline:
         if isinstance(ids, RowError):
             return self._error_row(pending, RowError(ids.kind, f"{row.where}: {ids.message}"))
         params = self.base_params
-        if row.sampling:
+        overrides = row_sampling(row, self.job)
+        if isinstance(overrides, RowError):
+            return self._error_row(pending, overrides)
+        if overrides:
             try:
-                params = dataclasses.replace(self.base_params, **row.sampling)
+                params = dataclasses.replace(self.base_params, **overrides)
+            except ConstraintError as exc:
+                message = f"{row.where}: bad structured-output constraint: {exc}"
+                return self._error_row(pending, RowError(ErrorKind.BAD_CONSTRAINT, message))
             except (ValueError, TypeError) as exc:
                 message = f"{row.where}: bad sampling parameters: {exc}"
                 return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, message))
+        if self.job.constraint_column is not None:
+            try:
+                constraint = column_constraint(data.get(self.job.constraint_column))
+            except ConstraintError as exc:
+                message = f"{row.where}: bad constraint in column {self.job.constraint_column!r}: {exc}"
+                return self._error_row(pending, RowError(ErrorKind.BAD_CONSTRAINT, message))
+            if constraint is not None:
+                params = dataclasses.replace(params, structured_outputs=constraint)
+        adapter = self._adapter(row)
+        if isinstance(adapter, RowError):
+            return self._error_row(pending, adapter)
+        pending.adapter = adapter
         self.pending[row.index] = pending
-        return GenerationRequest(row.index, ids, params)
+        return GenerationRequest(row.index, ids, params, continuations=continuations, adapter=adapter)
+
+    def _adapter(self, row: Row) -> str | None | RowError:
+        """The row's LoRA adapter: an OpenAI body's `model` naming one of the job's adapters, else the row's
+        `adapter_column` value, else the job's `adapter` (None: the base model). The engine checks the name."""
+        data = row.data or {}
+        if self.openai and isinstance(data.get("model"), str) and data["model"] in self.job.adapters:
+            return data["model"]
+        column = self.job.adapter_column
+        if column is not None and not self.openai:
+            if column not in data:
+                return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: no column {column!r} (adapter_column)")
+            value = data[column]
+            if value is not None and (not isinstance(value, str) or not value):
+                message = f"{row.where}: column {column!r} must name an adapter (a string or null), got {value!r}"
+                return RowError(ErrorKind.WRONG_TYPE, message)
+            if value:
+                return value
+        return self.job.adapter
 
     def discard(self, request: GenerationRequest) -> None:
         """Forget a request that will not run (`kvbatch plan` builds them only to measure them)."""
@@ -108,6 +179,8 @@ class RowPipeline:
     def result(self, result: GenerationResult) -> RowResult:
         """The output row of a request this pipeline made."""
         pending = self.pending.pop(result.request_id)
+        if pending.adapter is not None:
+            self.adapter_rows[pending.adapter] += 1
         if result.error is not None:
             kind = result.error_kind or ErrorKind.ENGINE
             error = RowError(kind, f"{pending.row.where}: {result.error}")
@@ -121,14 +194,52 @@ class RowPipeline:
         token_bytes = None
         if logprobs and self.token_bytes:
             token_bytes = [self.token_bytes(c.token_ids) if c.logprobs else [] for c in completions]
+        scored = result.scores is not None
+        texts, reasonings = [c.text for c in completions], None
+        if self.layout.reasoning:
+            reasonings, texts = (list(part) for part in zip(*(split_reasoning(t) for t in texts)))
         return RowResult(
             row=pending.row.index,
             id=pending.id,
             kept=pending.kept,
-            texts=[c.text for c in completions],
-            finish_reasons=[c.finish_reason for c in completions],
+            texts=texts,
+            reasonings=reasonings,
+            finish_reasons=[c.finish_reason for c in completions] or (["stop"] if scored else []),
+            stop_reasons=[c.stop_reason for c in completions],
             prompt_tokens=result.num_prompt_tokens,
             output_tokens=result.num_output_tokens,
             logprobs=logprobs,
             token_bytes=token_bytes,
+            top_logprobs=self._top_logprobs(completions) if self.layout.top_logprobs else None,
+            prompt_logprobs=result.prompt_logprobs,
+            scores=[score_struct(s) for s in result.scores] if scored else None,
         )
+
+    def _top_logprobs(self, completions: list) -> list[list[list[dict[str, Any]]]] | None:
+        """Per sample, per generated token, its alternatives as records.TOP_LOGPROB structs."""
+        if not any(c.top_logprobs for c in completions):
+            return None
+        out = []
+        for completion in completions:
+            per_token = []
+            for top in completion.top_logprobs or []:
+                raw = self.top_bytes(top.token_ids)
+                per_token.append(
+                    [
+                        {"token_id": token_id, "token": self._token_text(token_id, b), "bytes": b, "logprob": logprob}
+                        for token_id, b, logprob in zip(top.token_ids, raw, top.logprobs)
+                    ]
+                )
+            out.append(per_token)
+        return out
+
+    def _token_text(self, token_id: int, raw: bytes | None) -> str:
+        """A token's text: its bytes (U+FFFD for part of a character), or a special token's own text."""
+        if raw is not None:
+            return raw.decode("utf-8", errors="replace")
+        return self.tokenizer.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def score_struct(score: Any) -> dict[str, Any]:
+    """A runner.request.ContinuationScore as a records.SCORE struct."""
+    return {"logprob": score.logprob, "num_tokens": score.num_tokens, "is_greedy": score.is_greedy}

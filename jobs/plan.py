@@ -17,17 +17,19 @@ import numpy as np
 from kvbatch.cache.prefix_cache import ReuseEstimate
 from kvbatch.errors import ErrorKind
 from kvbatch.jobs.job_io import layout_for
-from kvbatch.jobs.pipeline import RowPipeline
-from kvbatch.jobs.plan_sizing import model_sizing
-from kvbatch.jobs.prompts import prompt_columns, prompt_spec
+from kvbatch.jobs.pipeline import RowPipeline, input_columns
+from kvbatch.jobs.plan_sizing import ModelSizing, adapter_problems, model_sizing
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.spec import JobSpec
 from kvbatch.runner.request import GenerationRequest
+from kvbatch.runner.structured import GrammarCache
+from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
 MAX_LISTED_FAILURES = 20
+MAX_LISTED_CONSTRAINTS = 10
 
 
 @dataclass
@@ -47,8 +49,11 @@ class JobPlan:
     failure_examples: list[str] = field(default_factory=list)
     truncated: int = 0  # rows whose prompt + max_new_tokens passes the context: they will stop at "length"
     prefix_cache: bool = False
+    # Structured output: each distinct constraint, its rows and its compile time (None: it does not compile)
+    constraints: list[tuple[str, int, float | None]] = field(default_factory=list)
     reused_prompt_tokens: int = 0  # expected from the prefix cache (full-block prefix hits, pool-sized LRU)
     num_prompt_tokens: int = 0  # of the rows that will run
+    adapters: dict[str, str | None] = field(default_factory=dict)  # LoRA adapter -> why its rows fail, or None
 
     def format(self) -> str:
         t = self.prompt_tokens
@@ -73,6 +78,22 @@ class JobPlan:
             )
         else:
             lines.append("  prefix cache    off")
+        if self.constraints:
+            num_bad = sum(1 for _, _, seconds in self.constraints if seconds is None)
+            lines.append(
+                f"  constraints     {len(self.constraints)} distinct"
+                + (f", {num_bad} that do not compile" if num_bad else "")
+                + f", compiled in {sum(s or 0.0 for _, _, s in self.constraints) * 1000:.0f} ms"
+            )
+            for text, rows, seconds in self.constraints[:MAX_LISTED_CONSTRAINTS]:
+                took = "bad" if seconds is None else f"{seconds * 1000:.1f} ms"
+                lines.append(f"    {rows} row{'' if rows == 1 else 's'}, {took}: {text}")
+        if self.adapters:
+            usable = [name for name, problem in self.adapters.items() if problem is None]
+            lines.append(
+                f"  adapters        {len(self.adapters)}: {', '.join(self.adapters)}"
+                + (f" ({len(self.adapters) - len(usable)} unusable)" if len(usable) < len(self.adapters) else "")
+            )
         if self.truncated:
             lines.append(
                 f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop at 'length'"
@@ -89,9 +110,8 @@ class JobPlan:
 
 
 def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
-    pspec = prompt_spec(job)
     layout = layout_for(job, {})
-    reader = open_reader(job, [*prompt_columns(pspec), *layout.data_columns()])  # the columns a run reads
+    reader = open_reader(job, input_columns(job, layout))  # the columns a run reads
     sizing = model_sizing(job, engines)
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool
@@ -109,6 +129,8 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     lengths: list[int] = []
     plan.prefix_cache = sizing.prefix_cache
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
+    constraints = _Constraints(sizing)
+    plan.adapters = adapter_problems(job, engines)
     for row in reader:
         plan.num_rows += 1
         request = pipeline.request(row)
@@ -116,7 +138,11 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         if isinstance(request, GenerationRequest):
             pipeline.discard(request)
             ids = request.prompt_token_ids
-            if not ids:
+            adapter = request.adapter
+            bad_adapter = plan.adapters.get(adapter, f"adapter {adapter!r} is not registered") if adapter else None
+            if bad_adapter:
+                error = RowError(ErrorKind.BAD_ADAPTER, f"{row.where}: {bad_adapter}")
+            elif not ids:
                 error = RowError(ErrorKind.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
             elif len(ids) >= capacity:
                 error = RowError(
@@ -124,7 +150,9 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                     f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit "
                     f"({capacity} tokens of context/pool)",
                 )
-            else:
+            elif request.sampling.structured_outputs is not None:
+                error = constraints.error(request, row.where)
+            if error is None:
                 lengths.append(len(ids))
                 if reuse is not None:
                     reuse.add(ids)
@@ -133,6 +161,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
             plan.failures[error.kind] += 1
             if len(plan.failure_examples) < MAX_LISTED_FAILURES:
                 plan.failure_examples.append(error.message)
+    plan.constraints = constraints.summary()
     if reuse is not None:
         plan.reused_prompt_tokens = reuse.num_reused_tokens
     plan.num_prompt_tokens = sum(lengths)
@@ -156,3 +185,34 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         if plan.max_num_seqs:
             plan.rows_at_once = min(plan.rows_at_once, max(1, plan.max_num_seqs // job.sampling.n))
     return plan
+
+
+class _Constraints:
+    """The distinct constraints of a job's rows, each compiled once as a run would (the run compiles them again)."""
+
+    def __init__(self, sizing: ModelSizing) -> None:
+        self.sizing = sizing
+        self.grammars: GrammarCache | None = None
+        self.rows: Counter[StructuredOutputs] = Counter()
+
+    def error(self, request: GenerationRequest, where: str) -> RowError | None:
+        """The row's error if its constraint does not compile (the engine's own message, as a run writes it)."""
+        constraint = request.sampling.structured_outputs
+        if self.grammars is None:
+            tokenizer = self.sizing.tokenizer
+            eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+            self.grammars = GrammarCache(tokenizer, self.sizing.vocab_size or len(tokenizer), eos)
+        self.rows[constraint] += 1
+        try:
+            self.grammars.compile(constraint)
+        except ConstraintError as exc:
+            return RowError(ErrorKind.BAD_CONSTRAINT, f"{where}: bad constraint ({constraint.describe()}): {exc}")
+        return None
+
+    def summary(self) -> list[tuple[str, int, float | None]]:
+        if self.grammars is None:
+            return []
+        seconds = self.grammars.compile_seconds
+        out = [(c.describe(), rows, seconds.get(c)) for c, rows in self.rows.items()]
+        self.grammars.close()
+        return sorted(out, key=lambda item: -item[1])

@@ -16,7 +16,7 @@ from typing import Any
 from kvbatch.cache.backends import select_backend
 from kvbatch.cache.budget import PoolSize
 from kvbatch.jobs.run import EngineCache, default_engine_factory
-from kvbatch.jobs.spec import JobSpec
+from kvbatch.jobs.spec import JobSpec, job_adapters
 from kvbatch.runner.engine import EngineConfig
 
 # The loader's own steps, so a plan finds a model exactly where a run would, with the same safety checks.
@@ -42,6 +42,7 @@ class ModelSizing:
     max_model_len: int
     max_num_seqs: int | None
     prefix_cache: bool
+    vocab_size: int | None = None  # the model's logits width, for compiling structured-output constraints
 
 
 def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
@@ -58,7 +59,12 @@ def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
         engine.max_model_len,
         getattr(config, "max_num_seqs", None),
         bool(getattr(config, "prefix_cache", False)),
+        _vocab_size(getattr(getattr(engine, "model", None), "config", None)),
     )
+
+
+def _vocab_size(model_config: Any) -> int | None:
+    return model_config.get_text_config().vocab_size if model_config is not None else None
 
 
 def _why_weights_needed(job: JobSpec, engines: EngineCache) -> str | None:
@@ -79,7 +85,12 @@ def sizing_without_weights(config: EngineConfig) -> ModelSizing:
     backend = select_backend(config.attention_backend, device, config.block_size)
     pool = fixed_pool_size(kv_cache_spec(model_config, config.block_size, backend.name, dtype), config)
     return ModelSizing(
-        tokenizer, pool, context_length(model_config, config.max_model_len), config.max_num_seqs, config.prefix_cache
+        tokenizer,
+        pool,
+        context_length(model_config, config.max_model_len),
+        config.max_num_seqs,
+        config.prefix_cache,
+        _vocab_size(model_config),
     )
 
 
@@ -115,3 +126,33 @@ def load_tokenizer_and_config(config: EngineConfig) -> tuple[Any, Any]:
                 f"model {config.model!r} ships its own Python code; set engine.trust_remote_code: true only if you trust it"
             ) from exc
         raise ModelLoadError(f"cannot read model {config.model!r}'s config or tokenizer: {exc}") from exc
+
+
+def adapter_problems(job: JobSpec, engines: EngineCache) -> dict[str, str | None]:
+    """Each LoRA adapter of the job -> why its rows would fail (None: they run). Checked against the model's layer
+    shapes: an engine's own when the plan loads one, else a weightless (meta-device) model built from the config."""
+    adapters = job_adapters(job)
+    if not adapters:
+        return {}
+    if _why_weights_needed(job, engines) is not None:
+        engine, _ = engines.get(job)
+        return {name: engine.adapters.problem(name) if engine.adapters else "no adapters" for name in adapters}
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvbatch.runner.lora_weights import AdapterError, adaptable_linears, inspect_adapter
+    from kvbatch.runner.model_loader import DEFAULT_HUB_NAME
+
+    config = EngineConfig(model=job.model, **job.engine.settings())
+    _, model_config = load_tokenizer_and_config(config)
+    with torch.device("meta"):
+        linears = adaptable_linears(AutoModelForCausalLM.from_config(model_config))
+    model_name = DEFAULT_HUB_NAME if job.model == "default" else job.model
+    problems: dict[str, str | None] = {}
+    for name, path in adapters.items():
+        try:
+            inspect_adapter(name, path, linears, config.allow_pickle, model_name)
+            problems[name] = None
+        except AdapterError as exc:
+            problems[name] = str(exc)
+    return problems

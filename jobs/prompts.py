@@ -6,6 +6,7 @@ for bad data. Tokenization (and keeping data text out of control tokens) is runn
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,29 +24,32 @@ class Prompt:
 
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    template_kwargs: dict[str, Any] | None = None  # the row's own chat template values over the job's
+    tools: list[dict[str, Any]] | None = None  # tool definitions for the chat template
 
 
 def prompt_spec(job: JobSpec) -> PromptSpec:
     """The prompt settings with the defaults decided: OpenAI inputs use their messages, else column "prompt"."""
     p = job.prompt
-    if input_format(job) == "openai":
-        return PromptSpec(
+    if input_format(job) == "openai":  # a body's own `tools` and `chat_template_kwargs` (vLLM's extension) apply
+        return dataclasses.replace(
+            p,
+            column=None,
+            template=None,
             messages_column="messages",
-            system=p.system,
-            chat_template=p.chat_template,
-            allow_special_tokens=p.allow_special_tokens,
+            tools_column=p.tools_column or "tools",
+            chat_template_kwargs_column=p.chat_template_kwargs_column or "chat_template_kwargs",
         )
     if p.column is None and p.messages_column is None and p.template is None:
-        return PromptSpec(
-            column="prompt", system=p.system, chat_template=p.chat_template, allow_special_tokens=p.allow_special_tokens
-        )
+        return dataclasses.replace(p, column="prompt")
     return p
 
 
 def prompt_columns(spec: PromptSpec) -> list[str]:
+    extra = [c for c in (spec.tools_column, spec.chat_template_kwargs_column) if c is not None]
     if spec.template is not None:
-        return template_columns(spec.template)
-    return [spec.column or spec.messages_column]  # type: ignore[list-item]
+        return template_columns(spec.template) + extra
+    return [spec.column or spec.messages_column, *extra]  # type: ignore[list-item]
 
 
 def build_prompt(row: Row, spec: PromptSpec) -> Prompt | RowError:
@@ -58,21 +62,37 @@ def build_prompt(row: Row, spec: PromptSpec) -> Prompt | RowError:
         messages = _messages_column(row, data, spec.messages_column)  # type: ignore[arg-type]
         if isinstance(messages, RowError):
             return messages
-        return _with_system(messages, spec)
+        return _with_system(messages, spec, row)
     if isinstance(text, RowError):
         return text
     if not spec.chat_template:
         return Prompt(text=f"{spec.system}\n\n{text}" if spec.system else text)
-    return _with_system([{"role": "user", "content": text}], spec)
+    return _with_system([{"role": "user", "content": text}], spec, row)
 
 
-def _with_system(messages: list[dict[str, str]], spec: PromptSpec) -> Prompt:
+def _with_system(messages: list[dict[str, str]], spec: PromptSpec, row: Row) -> Prompt | RowError:
     # A row's own system message wins over the job's: the job's is a default.
     if spec.system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": spec.system}, *messages]
     if not spec.chat_template:
         return Prompt(text="\n\n".join(m["content"] for m in messages))
-    return Prompt(messages=messages)
+    data = row.data or {}
+    kwargs, tools = dict(spec.chat_template_kwargs or {}), None
+    column = spec.chat_template_kwargs_column
+    if column is not None and data.get(column) is not None:
+        if not isinstance(data[column], dict):
+            return _error(
+                row, ErrorKind.WRONG_TYPE, f"column {column!r} is {_type_name(data[column])}, expected an object"
+            )
+        kwargs.update(data[column])
+    column = spec.tools_column
+    if column is not None and data.get(column) is not None:
+        tools = data[column]
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            return _error(
+                row, ErrorKind.WRONG_TYPE, f"column {column!r} is {_type_name(tools)}, expected a list of tools"
+            )
+    return Prompt(messages=messages, template_kwargs=kwargs or None, tools=tools)
 
 
 def _error(row: Row, kind: str, message: str) -> RowError:

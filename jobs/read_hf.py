@@ -1,7 +1,7 @@
 """Hugging Face `datasets` input: a `save_to_disk` folder, or a dataset name found in the local HF cache.
 
 `datasets` is an optional dependency (`pip install kvbatch[datasets]`). Names resolve offline only: a job never
-starts a download (README "Security and safety"). Rows stream from the memory-mapped Arrow files in batches.
+starts a download (docs/security.md). Rows stream from the memory-mapped Arrow files in batches.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_
 
 
 def _load_cached(datasets, name: str, split: str | None):
-    # Offline for this call only: a name must already be in the local cache.
+    # Offline for this lookup only: a name must already be in the local cache.
     previous = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     try:

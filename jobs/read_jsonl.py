@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kvbatch.errors import ErrorKind, InputError
+from kvbatch.runner.structured_outputs import ConstraintError
 
+from .constraints import response_format_constraint
 from .rows import Reader, Row, RowError
 
 _CHUNK_BYTES = 1 << 20
@@ -33,7 +35,12 @@ OPENAI_SAMPLING = {
     "stop": "stop",
     "n": "n",
     "logprobs": "logprobs",
+    "top_logprobs": "top_logprobs",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "logit_bias": "logit_bias",  # {"50256": -100}: string keys, as JSON has them
 }
+OPENAI_MAX_TOP_LOGPROBS = 20  # the API's own limit
 
 
 def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
@@ -45,7 +52,7 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
     except OSError as exc:
         raise InputError(f"cannot open {path}: {exc}") from None
     num_rows = count_rows(path)
-    rows = _rows(handle, max_line_bytes)
+    rows = jsonl_rows(handle, max_line_bytes)
     if openai:
         rows = (openai_row(row) for row in rows)
     return Reader(rows, num_rows, None)
@@ -53,21 +60,27 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
 
 def count_rows(path: Path) -> int:
     """Non-blank lines, counted in 1 MiB chunks (fast, bounded memory), for the progress bar's total."""
+    with open(path, "rb") as f:
+        return count_rows_in(f)
+
+
+def count_rows_in(f: BinaryIO) -> int:
+    """count_rows of an open file (a Ray task counts a file in object storage this way)."""
     count = 0
     pending = False  # the current line has a non-blank byte
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            lines = chunk.split(b"\n")
-            for i, piece in enumerate(lines):
-                pending = pending or bool(piece.strip())
-                if i < len(lines) - 1:  # a newline ends this line
-                    count += pending
-                    pending = False
+    while chunk := f.read(_CHUNK_BYTES):
+        lines = chunk.split(b"\n")
+        for i, piece in enumerate(lines):
+            pending = pending or bool(piece.strip())
+            if i < len(lines) - 1:  # a newline ends this line
+                count += pending
+                pending = False
     return count + pending
 
 
-def _rows(handle: BinaryIO, max_line_bytes: int) -> Iterator[Row]:
-    index = 0
+def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> Iterator[Row]:
+    """The file's rows, numbered from `first_index` (a file after others in a Ray run's input starts there)."""
+    index = first_index
     line_no = 0
     with handle:
         while True:
@@ -175,12 +188,21 @@ def openai_row(row: Row) -> Row:
             overrides[ours] = body[key]
     if isinstance(overrides.get("stop"), str):
         overrides["stop"] = [overrides["stop"]]
+    if body.get("response_format") is not None:
+        try:
+            constraint = response_format_constraint(body["response_format"])
+        except ConstraintError as exc:
+            return bad.failed(ErrorKind.BAD_CONSTRAINT, str(exc))
+        if constraint is not None:
+            overrides["structured_outputs"] = constraint
     n = overrides.get("n")
     if isinstance(n, int) and n > OPENAI_MAX_N:  # one line must not stall the whole job
         return bad.failed(ErrorKind.BAD_REQUEST, f"n {n} is over {OPENAI_MAX_N}, the most the OpenAI API accepts")
     return Row(
         row.index,
-        {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")},
+        {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}
+        # given to the chat template: tools, and vLLM's chat_template_kwargs ({"enable_thinking": false})
+        | {key: body[key] for key in ("tools", "chat_template_kwargs") if body.get(key) is not None},
         None,
         row.line,
         overrides,
@@ -188,16 +210,15 @@ def openai_row(row: Row) -> Row:
 
 
 def _logprobs_problem(body: dict[str, Any]) -> str | None:
-    """Why a body's logprobs settings cannot be honoured, or None. Only the chosen tokens' logprobs exist, so a
-    request for alternatives fails loudly rather than coming back with empty `top_logprobs`."""
+    """Why a body's logprobs settings are not the API's, or None: top_logprobs is 0 to 20, and as the API has it,
+    only with logprobs true."""
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         return f"logprobs must be true or false, got {logprobs!r}"
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-        return f"top_logprobs must be a non-negative integer, got {top!r}"
-    if top:
-        return (
-            f"top_logprobs {top} is not supported: kvbatch returns each chosen token's logprob only "
-            "(with empty top_logprobs); leave top_logprobs out or set it to 0"
-        )
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= OPENAI_MAX_TOP_LOGPROBS
+    ):
+        return f"top_logprobs must be an integer from 0 to {OPENAI_MAX_TOP_LOGPROBS}, got {top!r}"
+    if top and logprobs is not True:
+        return "top_logprobs needs logprobs: true"
     return None

@@ -28,10 +28,11 @@ def open_parquet(path: Path, columns: list[str], batch_rows: int) -> Reader:
     return Reader(rows_of_batches(batches, path.name), parquet.metadata.num_rows, available, parquet.schema_arrow)
 
 
-def rows_of_batches(batches: Iterator[pa.RecordBatch | pa.Table], name: str) -> Iterator[Row]:
-    """Rows from Arrow batches. A value Python cannot hold (a string column's invalid UTF-8) fails its row alone;
-    a batch that cannot be read at all (a damaged page) ends the input with an InputError naming the row."""
-    index = 0
+def rows_of_batches(batches: Iterator[pa.RecordBatch | pa.Table], name: str, first_index: int = 0) -> Iterator[Row]:
+    """Rows from Arrow batches, numbered from `first_index`. A value Python cannot hold (a string column's invalid
+    UTF-8) fails its row alone; a batch that cannot be read at all (a damaged page) ends the input with an
+    InputError naming the row."""
+    index = first_index
     while True:
         try:
             batch = next(batches)

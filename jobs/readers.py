@@ -3,7 +3,7 @@
 Formats: Parquet (record batches), JSONL and OpenAI Batch JSONL (line by line, read_jsonl.py), Hugging Face
 datasets (read_hf.py). A row that cannot be read becomes a Row with an error; an input that cannot be opened at
 all raises InputError. There is one bad-row policy: a bad row is written as an error row and counted, and the
-job goes on (README "Bad inputs").
+job goes on (docs/bad-input.md).
 """
 
 from __future__ import annotations

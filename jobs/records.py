@@ -1,8 +1,10 @@
 """One output row, and the Arrow schema of the output table.
 
-Columns, in order: row, the id column, kept input columns, text, finish_reason, [finish_reasons], error,
-error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes]. With n > 1 samples (or OpenAI output) `text`
-is a list of strings, one per sample, and `finish_reasons` lists each sample's reason. `token_bytes` (OpenAI output
+Columns, in order: row, the id column, kept input columns, text, finish_reason, [finish_reasons], stop_reason,
+error, error_kind, prompt_tokens, output_tokens, [logprobs], [token_bytes], [top_logprobs], [prompt_logprobs],
+[scores], [reasoning]. With n > 1 samples (or OpenAI output) `text` is a list of strings, one per sample,
+`finish_reasons` lists each sample's reason and `stop_reason` each sample's stop (the stop string, a stop token id
+as decimal text, or null). `token_bytes` (OpenAI output
 only) holds each generated token's bytes beside its logprob, null for a special token the text leaves out: the
 tokenizer is gone by the time the OpenAI lines are assembled from the parts.
 """
@@ -18,6 +20,21 @@ import pyarrow as pa
 from . import json_text
 from .rows import RowError
 
+# One alternative at a generated position: the token's id, its text (U+FFFD for part of a character; a special
+# token's own text) and bytes (null for a special token), and its log-probability.
+TOP_LOGPROB = pa.struct(
+    [
+        pa.field("token_id", pa.int64()),
+        pa.field("token", pa.string()),
+        pa.field("bytes", pa.binary()),
+        pa.field("logprob", pa.float32()),
+    ]
+)
+# One scored continuation (task score): lm-eval's (logprob, is_greedy), with its token count.
+SCORE = pa.struct(
+    [pa.field("logprob", pa.float64()), pa.field("num_tokens", pa.int64()), pa.field("is_greedy", pa.bool_())]
+)
+
 
 @dataclass(frozen=True)
 class RowResult:
@@ -26,11 +43,16 @@ class RowResult:
     kept: dict[str, Any] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)  # one per sample; empty for an error row
     finish_reasons: list[str] = field(default_factory=list)
+    stop_reasons: list[str | int | None] = field(default_factory=list)  # per sample, as Completion.stop_reason
     error: RowError | None = None
     prompt_tokens: int | None = None  # None when the row never got as far as tokenizing
     output_tokens: int = 0
     logprobs: list[list[float]] | None = None  # per sample, per token
     token_bytes: list[list[bytes | None]] | None = None  # per sample, per token, beside logprobs; None = special token
+    top_logprobs: list[list[list[dict[str, Any]]]] | None = None  # per sample, per token: TOP_LOGPROB structs
+    prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
+    scores: list[dict[str, Any]] | None = None  # task score: a SCORE struct per continuation
+    reasonings: list[str | None] | None = None  # per sample: the thinking text split off `texts` (jobs/reasoning.py)
 
     @property
     def finish_reason(self) -> str:
@@ -48,6 +70,10 @@ class Layout:
     multi: bool = False  # text is list<string>
     logprobs: bool = False
     token_bytes: bool = False  # OpenAI output: the tokens that go with the logprobs
+    top_logprobs: bool = False
+    prompt_logprobs: bool = False
+    scores: bool = False  # task score
+    reasoning: bool = False  # a reasoning model's thinking, apart from `text`
     input_types: dict[str, pa.DataType] = field(default_factory=dict)  # known types of id/kept columns
 
     def fixed_fields(self) -> list[pa.Field]:
@@ -55,6 +81,7 @@ class Layout:
         fields = [pa.field("text", text_type), pa.field("finish_reason", pa.string())]
         if self.multi:
             fields.append(pa.field("finish_reasons", pa.list_(pa.string())))
+        fields.append(pa.field("stop_reason", pa.list_(pa.string()) if self.multi else pa.string()))
         fields += [
             pa.field("error", pa.string()),
             pa.field("error_kind", pa.string()),
@@ -67,6 +94,15 @@ class Layout:
         if self.token_bytes:
             tb = pa.list_(pa.list_(pa.binary())) if self.multi else pa.list_(pa.binary())
             fields.append(pa.field("token_bytes", tb))
+        if self.top_logprobs:
+            per_token = pa.list_(pa.list_(TOP_LOGPROB))
+            fields.append(pa.field("top_logprobs", pa.list_(per_token) if self.multi else per_token))
+        if self.prompt_logprobs:
+            fields.append(pa.field("prompt_logprobs", pa.list_(pa.float32())))
+        if self.scores:
+            fields.append(pa.field("scores", pa.list_(SCORE)))
+        if self.reasoning:
+            fields.append(pa.field("reasoning", pa.list_(pa.string()) if self.multi else pa.string()))
         return fields
 
     def data_columns(self) -> list[str]:
@@ -84,6 +120,7 @@ class Layout:
             "text": text,
             "finish_reason": [r.finish_reason for r in results],
             "finish_reasons": [r.finish_reasons or None for r in results],
+            "stop_reason": [_stop_reasons(r.stop_reasons, self.multi) for r in results],
             "error": [r.error.message if r.error else None for r in results],
             "error_kind": [r.error.kind if r.error else None for r in results],
             "prompt_tokens": [r.prompt_tokens for r in results],
@@ -92,10 +129,24 @@ class Layout:
             "token_bytes": [
                 (r.token_bytes if self.multi else r.token_bytes[0]) if r.token_bytes else None for r in results
             ],
+            "top_logprobs": [
+                (r.top_logprobs if self.multi else r.top_logprobs[0]) if r.top_logprobs else None for r in results
+            ],
+            "prompt_logprobs": [r.prompt_logprobs for r in results],
+            "scores": [r.scores for r in results],
+            "reasoning": [(r.reasonings if self.multi else r.reasonings[0]) if r.reasonings else None for r in results],
         }
         for f in self.fixed_fields():
             columns[f.name] = pa.array(values[f.name], f.type)
         return pa.table(columns)
+
+
+def _stop_reasons(reasons: list[str | int | None], multi: bool) -> list[str | None] | str | None:
+    """One string column for both kinds of stop: a token id is written as its decimal text."""
+    text = [None if r is None else str(r) for r in reasons]
+    if multi:
+        return text or None
+    return text[0] if text else None
 
 
 # Deeper nesting than this is refused by Arrow IPC (64) or by pyarrow's Parquet reader (about 50), so it is

@@ -44,11 +44,17 @@ def _type_name(hint: Any) -> str:
         return " \\| ".join(_type_name(a) for a in inner) + (" \\| null" if len(inner) < len(args) else "")
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
+    if origin is tuple and typing.get_origin(args[0]) is tuple:  # logit_bias: (token id, bias) pairs
+        return "mapping of integer: number"
     if origin is tuple:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of name to {_type_name(args[1])}"
     if dataclasses.is_dataclass(hint):
         return "mapping"
-    return {str: "string", int: "integer", float: "number", bool: "bool"}.get(hint, getattr(hint, "__name__", str(hint)))
+    return {str: "string", int: "integer", float: "number", bool: "bool"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def _default(f: dataclasses.Field) -> str:

@@ -57,10 +57,35 @@ class SeenIds:
         value = (row.data or {}).get(self.column)
         if value is None:
             return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: id column {self.column!r} is missing or null")
-        first = self.first.setdefault(json.dumps(value, sort_keys=True, default=str), row.index)
+        first = self.first.setdefault(id_key(value), row.index)
         if first != row.index:
             return RowError(ErrorKind.DUPLICATE_ID, f"{row.where}: duplicate id {value!r} (first at row {first})")
         return None
+
+
+class KnownDuplicates:
+    """SeenIds' check when the duplicates were found beforehand over the whole input (a Ray run, whose rows are
+    spread over actors): `first` maps each later row of a repeated id to the row that owns it. Same messages."""
+
+    def __init__(self, column: str | None, first: dict[int, int]) -> None:
+        self.column = column
+        self.first = first
+
+    def error(self, row: Row) -> RowError | None:
+        if self.column is None or row.error is not None:
+            return None
+        value = (row.data or {}).get(self.column)
+        if value is None:
+            return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: id column {self.column!r} is missing or null")
+        first = self.first.get(row.index)
+        if first is not None:
+            return RowError(ErrorKind.DUPLICATE_ID, f"{row.where}: duplicate id {value!r} (first at row {first})")
+        return None
+
+
+def id_key(value: Any) -> str:
+    """The key two ids are the same by (SeenIds and the Ray runner's duplicate search)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.signals import StopFlag
-from kvbatch.jobs.spec import JobSpec, spec_dict, spec_hash
+from kvbatch.jobs.spec import JobSpec, job_adapters, spec_dict, spec_hash
 from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
 from kvbatch.jobs.writer import OutputWriter, metadata_strings
 from kvbatch.runner.request import GenerationEngine, GenerationRequest
@@ -39,11 +39,12 @@ def default_engine_factory(model: str, settings: dict[str, Any]) -> Any:
     from kvbatch.runner.engine import Engine, EngineConfig
 
     tensor_parallel = settings.pop("tensor_parallel", 1)
+    adapters = settings.pop("adapters", None)  # LoRA adapters to size the engine's slots for
     if tensor_parallel > 1:
         from kvbatch.runner.parallel.tensor_parallel import start_tensor_parallel
 
         return start_tensor_parallel(model, settings, tensor_parallel)
-    return Engine(EngineConfig(model=model, **settings))
+    return Engine(EngineConfig(model=model, **settings), adapters=adapters)
 
 
 class EngineCache:
@@ -52,17 +53,37 @@ class EngineCache:
     def __init__(self, factory: EngineFactory = default_engine_factory) -> None:
         self.factory = factory
         self._engines: dict[tuple, Any] = {}
+        self._planned_adapters: dict[tuple, dict[str, str]] = {}
 
-    def get(self, job: JobSpec) -> tuple[Any, bool]:
-        """(engine, created_now)."""
+    def plan(self, jobs: list[JobSpec]) -> None:
+        """Note the LoRA adapters of the jobs to come, so that an engine's adapter slots are sized for all of
+        them when it is built (an adapter registered later must fit the slots)."""
+        for job in jobs:
+            adapters = job_adapters(job)
+            if adapters:
+                self._planned_adapters.setdefault(self._key(job), {}).update(adapters)
+
+    def _key(self, job: JobSpec) -> tuple:
         settings = job.engine.settings()
         if job.parallel.tensor > 1:
             settings["tensor_parallel"] = job.parallel.tensor
-        key = (job.model, tuple(sorted(settings.items())))
+        # An engine that serves adapters runs transformers' layers (no fused layers): one of each kind.
+        return (job.model, tuple(sorted(settings.items())), bool(job_adapters(job)))
+
+    def get(self, job: JobSpec) -> tuple[Any, bool]:
+        """(engine, created_now). An engine shared with earlier jobs registers this job's adapters."""
+        key = self._key(job)
+        adapters = job_adapters(job)
         if key in self._engines:
-            return self._engines[key], False
+            engine = self._engines[key]
+            for name, path in adapters.items():
+                engine.add_adapter(name, path)
+            return engine, False
         log.info("loading model %s", job.model)
-        self._engines[key] = self.factory(job.model, dict(settings))
+        settings = dict(key[1])
+        if adapters:
+            settings["adapters"] = {**self._planned_adapters.get(key, {}), **adapters}
+        self._engines[key] = self.factory(job.model, settings)
         return self._engines[key], True
 
 
@@ -84,12 +105,19 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         before = dataclasses.replace(engine.stats)
         done = len(writer.done_rows)
         total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
-        progress = JobProgress(job.name, total, engine, initial=done)
+        progress = JobProgress(job.name, total, engine, initial=done, mode=job.progress, every_s=job.progress_seconds)
         feed = _Feed(RowPipeline(job, engine.tokenizer, writer.layout), writer, progress, stop, shard)
+
+        def on_step() -> None:  # after every engine step, also while no row finishes (a long prefill)
+            writer.tick()
+            progress.tick()
+
         unreadable: list[InputError] = []  # the input failed part way: finish the rows read before it, then fail
         try:
-            requests = sorted_requests(feed.requests(_until_unreadable(reader, unreadable)), job.sort_window, engine)
-            for result in engine.generate(feed.admit(requests), on_step=writer.tick):
+            requests = sorted_requests(
+                feed.requests(_until_unreadable(reader, unreadable)), job.sort_window, engine, bool(job_adapters(job))
+            )
+            for result in engine.generate(feed.admit(requests), on_step=on_step):
                 feed.write(feed.pipeline.result(result))
         except JobError:
             raise  # the writer's own errors (disk full...) already say what happened
@@ -133,6 +161,7 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         "kvbatch_version": io.summary.kvbatch_version,
     }
     summary = build_summary(job.name, out, report, counts, time.monotonic() - started, load_s, **about)
+    summary.adapters = dict(sorted(feed.pipeline.adapter_rows.items()))
     summary.write(summary_path(out))
     return summary
 
@@ -178,17 +207,20 @@ class _Feed:
         self.writer.add(row)
         self.num_finished += 1
         self.output_tokens += row.output_tokens
-        self.progress.update(row.output_tokens, error=row.error is not None)
+        self.progress.update(row.prompt_tokens, row.output_tokens, error=row.error is not None)
 
 
 def sorted_requests(
-    requests: Iterator[GenerationRequest], window: int, engine: GenerationEngine
+    requests: Iterator[GenerationRequest], window: int, engine: GenerationEngine, by_adapter: bool = False
 ) -> Iterator[GenerationRequest]:
-    """Length-sorted within the window; with the engine's prefix cache on, rows sharing a prefix kept together."""
+    """Length-sorted within the window; with the engine's prefix cache on, rows sharing a prefix kept together;
+    `by_adapter`: a window's rows of one LoRA adapter together (fewer adapters waiting for slots at once)."""
     return sort_window(
         requests,
         window,
-        key=lambda r: len(r.prompt_token_ids),
+        key=(lambda r: (r.adapter or "", len(r.prompt_token_ids)))
+        if by_adapter
+        else (lambda r: len(r.prompt_token_ids)),
         tokens=(lambda r: r.prompt_token_ids) if engine.config.prefix_cache else None,
         block_size=engine.config.block_size,
     )
@@ -219,6 +251,7 @@ def job_metadata(job: JobSpec, engine: GenerationEngine | None) -> dict[str, str
             "kvbatch.sampling": dataclasses.asdict(job.sampling),
             "kvbatch.engine": {**job.engine.settings(), "pool": pool},
             "kvbatch.unsafe": unsafe,
+            **({"kvbatch.adapters": job_adapters(job)} if job_adapters(job) else {}),
         }
     )
 

@@ -1,5 +1,5 @@
 """Run the jobs of a file in order, each with the runner it asks for: a local run (jobs/run.py), processes on one
-node (data_parallel.py) or a Ray cluster (ray_data.py). One engine per model and settings serves every job.
+node (data_parallel.py) or a Ray cluster (ray_run.py). One engine per model and settings serves every job.
 
 A job that fails is reported and the next one runs; a signal stops the run after the job in progress commits.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kvbatch.errors import InterruptedJob, JobError, KvbatchError, TensorParallelLost
 from kvbatch.jobs.data_parallel import run_data_parallel
-from kvbatch.jobs.ray_data import run_job_ray
+from kvbatch.jobs.ray_run import run_job_ray
 from kvbatch.jobs.run import EngineCache, EngineFactory, default_engine_factory, run_job
 from kvbatch.jobs.signals import graceful_stop
 from kvbatch.jobs.spec import JobSpec
@@ -33,6 +33,7 @@ def run_jobs(
 ) -> list[JobOutcome]:
     """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all."""
     engines = EngineCache(engine_factory)
+    engines.plan(jobs)
     outcomes = []
     with graceful_stop() as stop:
         for job in jobs:
@@ -69,7 +70,7 @@ def run_jobs(
 
 
 def _job_runner(job: JobSpec) -> Callable[..., Summary]:
-    """run_job, or the runner that spreads the job over a Ray cluster or over processes (README "Scaling out")."""
+    """run_job, or the runner that spreads the job over a Ray cluster or over processes (docs/scaling.md)."""
     if job.runner == "ray":
         return run_job_ray
     if job.parallel.data > 1:

@@ -3,8 +3,10 @@
 Declarative on purpose: spec.py only lists fields, types, defaults and bounds (`field(metadata=...)`);
 this module turns a wrong field into one SpecError that names it, its line, and (for typos) the nearest name.
 
-Supported field types: str, int, float, bool, Literal[...], X | None, tuple[X, ...], nested dataclasses.
-Field metadata: `min`, `max` (inclusive), `gt` (exclusive lower bound), `nonempty` (for strings).
+Supported field types: str, int, float, bool, Literal[...], X | None, tuple[X, ...], (X, Y) pairs, a mapping of
+pairs for tuple[(X, Y), ...], dict[str, X] (dict[str, Any]: free-form), nested dataclasses.
+Field metadata: `min`, `max` (inclusive), `gt` (exclusive lower bound), `nonempty` (for strings), `parse` (a
+function that reads the field's plain value, raising ValueError).
 """
 
 from __future__ import annotations
@@ -32,11 +34,25 @@ def build(cls: type, node: Node) -> Any:
             raise sub.error(_unknown_message(key, list(fields)))
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
-        if name in node.value:
+        if name in node.value and "parse" in f.metadata:  # a value with its own reader (a constraint: any JSON)
+            kwargs[name] = _parse(f.metadata["parse"], node.value[name])
+        elif name in node.value:
             kwargs[name] = _coerce(hints[name], node.value[name], f.metadata)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise node.error(f"missing required field '{name}'")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a check across fields (min_tokens <= max_new_tokens) or of a pair's bounds
+        raise node.error(str(exc)) from None
+
+
+def _parse(reader: Any, node: Node) -> Any:
+    if node.value is None:
+        return None
+    try:
+        return reader(node.plain())
+    except ValueError as exc:
+        raise node.error(str(exc)) from None
 
 
 def _unknown_message(key: str, known: list[str]) -> str:
@@ -66,10 +82,32 @@ def _coerce(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         return _coerce(inner, node, meta)
     if dataclasses.is_dataclass(hint):
         return build(hint, node)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise node.error(f"expected a mapping, got {_kind(value)}")
+        if args[1] is Any:  # free-form values for a template (chat_template_kwargs): passed on as written
+            return node.plain()
+        return {str(key): _coerce(args[1], sub, meta) for key, sub in value.items()}
     if origin is Literal:
         if value not in args:
             raise node.error(f"must be one of {', '.join(map(repr, args))}, got {_kind(value)}")
         return value
+    if origin is tuple and Ellipsis not in args:  # one (token id, bias) pair, given as [id, bias]
+        if not isinstance(value, list) or len(value) != len(args):
+            raise node.error(f"expected a list of {len(args)} values, got {_kind(value)}")
+        return tuple(_coerce(a, item, {}) for a, item in zip(args, value))
+    if origin is tuple and isinstance(value, dict) and typing.get_origin(args[0]) is tuple:
+        # A mapping of pairs (logit_bias: {50256: -100}): keys are token ids, as YAML or JSON spells them.
+        pairs = []
+        for key, sub in value.items():
+            key_node = Node(int(key) if isinstance(key, str) and key.isdigit() else key, sub.path, sub.line, sub.source)
+            pairs.append(
+                (
+                    _check_scalar(typing.get_args(args[0])[0], key_node, {}),
+                    _coerce(typing.get_args(args[0])[1], sub, {}),
+                )
+            )
+        return tuple(pairs)
     if origin is tuple:
         items = value if isinstance(value, list) else None
         if items is None:

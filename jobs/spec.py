@@ -21,12 +21,14 @@ from typing import Any, Literal
 from kvbatch.errors import SpecError
 from kvbatch.runner.config import EngineConfig, SamplingParams, setting
 
+from .constraints import read_schema_files
+from .reasoning import template_marks_reasoning
 from .schema import build
 from .shard import parse_shard
 from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
 
 MIB = 2**20
-OUTPUT_EXTENSIONS = {".arrow": "arrow", ".parquet": "parquet", ".jsonl": "jsonl"}
+OUTPUT_EXTENSIONS = {".arrow": "arrow", ".parquet": "parquet", ".jsonl": "jsonl", ".hf": "hf"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -55,6 +57,16 @@ class PromptSpec:
     allow_special_tokens: bool = setting(
         False, "true: text in rows may become control tokens (unsafe with untrusted data)"
     )
+    chat_template_kwargs: dict[str, Any] | None = setting(
+        None, "passed to the chat template: {enable_thinking: false} for Qwen3-style models"
+    )
+    chat_template_kwargs_column: str | None = setting(None, "a column of mappings over chat_template_kwargs, per row")
+    chat_template_file: str | None = setting(None, "a Jinja chat template used instead of the model's (job-relative)")
+    continue_final_message: bool = setting(False, "the last message is continued (no generation prompt after it)")
+    tools_column: str | None = setting(None, "a column of tool definitions (OpenAI's list) given to the template")
+    split_reasoning: bool | None = setting(
+        None, "thinking text (<think>...</think>) to the `reasoning` column; unset: where the template has <think>"
+    )
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,9 @@ class OutputSpec:
     """Where and how results are written."""
 
     path: str | None = setting(None, "relative to output_dir; unset: '<job name>.arrow'")
-    format: Literal["auto", "arrow", "parquet", "jsonl", "openai"] = setting("auto", "auto: from path's extension")
+    format: Literal["auto", "arrow", "parquet", "jsonl", "openai", "hf"] = setting(
+        "auto", "auto: from path's extension; hf: a datasets save_to_disk folder (.hf)"
+    )
     mode: Literal["resume", "overwrite", "error"] = setting("resume", "what to do when the output already exists")
     part_rows: int = setting(1024, "rows per committed part", min=1)
     part_seconds: float = setting(60.0, "commit a part at least this often, seconds", gt=0)
@@ -119,13 +133,36 @@ class JobSpec:
     prompt: PromptSpec = field(default_factory=PromptSpec, metadata={"doc": "how a row becomes a prompt"})
     id_column: str | None = setting(None, "copied to the output; must be unique (duplicates become error rows)")
     keep_columns: tuple[str, ...] = setting((), "input columns copied to the output")
+    constraint_column: str | None = setting(
+        None, "a column holding each row's structured-output constraint (docs/structured-output.md); null: the job's"
+    )
+    adapters: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "LoRA adapters rows may name: name -> PEFT folder (relative to the job file) or cached hub name"
+        },
+    )
+    adapter: str | None = setting(None, "every row's LoRA adapter: a name in adapters, a folder or a cached hub name")
+    adapter_column: str | None = setting(None, "a column naming each row's adapter (in adapters; null: `adapter`)")
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"doc": "how each row is sampled"})
+    sampling_columns: tuple[str, ...] = setting((), "columns named like sampling fields: a row's own values")
+    sampling_column: str | None = setting(None, "a column holding a mapping of sampling fields per row")
     output: OutputSpec = field(default_factory=OutputSpec, metadata={"doc": "where results go"})
     output_dir: str = setting("out", "outputs stay inside it; relative to the job file's folder")
     engine: EngineSpec = field(default_factory=EngineSpec, metadata={"doc": "engine settings; unset: its default"})
     sort_window: int = setting(1024, "rows sorted by length within this window; 1 = off", min=1)
     runner: Literal["local", "ray"] = setting("local", "ray: through Ray Data on a Ray cluster (parallel.ray_*)")
+    task: Literal["generate", "score"] = setting(
+        "generate", "score: each row's continuations are scored after its prompt; nothing is generated"
+    )
+    continuations_column: str = setting(
+        "continuations", "task score: the column holding each row's continuations (a list of strings)"
+    )
     parallel: ParallelSpec = field(default_factory=ParallelSpec, metadata={"doc": "shards, processes, Ray"})
+    progress: Literal["auto", "bar", "lines", "off"] = setting(
+        "auto", "auto: a live bar on a terminal, else lines (Slurm logs, cron, CI); off: none (--quiet)"
+    )
+    progress_seconds: float = setting(30.0, "lines: one progress line at most this often, seconds", gt=0)
     base_dir: str = setting(".", "the job file's folder (set by the loader)", internal=True)
 
 
@@ -198,6 +235,7 @@ def overrides_to_node(overrides: dict[str, Any]) -> Node:
 
 
 def job_from_node(node: Node, base_dir: str) -> JobSpec:
+    read_schema_files(node, base_dir)
     job = build(JobSpec, node)
     model = _model_location(job.model, base_dir)
     given = node.value.get("model") if isinstance(node.value, dict) else None
@@ -211,7 +249,9 @@ def job_from_node(node: Node, base_dir: str) -> JobSpec:
             f"model {model!r} is no folder beside the job file ({Path(base_dir) / model}) but is one in the "
             "working folder; write its path relative to the job file, or an absolute one"
         )
-    job = dataclasses.replace(job, base_dir=base_dir, model=model)
+    adapters = {name: _model_location(path, base_dir) for name, path in job.adapters.items()}
+    adapter = job.adapter if job.adapter is None or job.adapter in adapters else _model_location(job.adapter, base_dir)
+    job = dataclasses.replace(job, base_dir=base_dir, model=model, adapters=adapters, adapter=adapter)
     validate(job, node)
     return job
 
@@ -228,9 +268,11 @@ def _model_location(model: str, base_dir: str) -> str:
     return model
 
 
-def job_from_dict(data: dict[str, Any], base_dir: str = ".") -> JobSpec:
-    """Build a job from plain values (kvbatch generate, tests); errors name the field, without a line."""
-    return job_from_node(from_plain(data, "", "command line"), base_dir)
+def job_from_dict(data: dict[str, Any], base_dir: str = ".", under: dict[str, Any] | None = None) -> JobSpec:
+    """Build a job from plain values (kvbatch generate, tests); errors name the field, without a line.
+    `under`: dotted values (`--set`) that `data` overrides field by field."""
+    node = from_plain(data, "", "command line")
+    return job_from_node(merge(overrides_to_node(under), node) if under else node, base_dir)
 
 
 def validate(job: JobSpec, node: Node) -> None:
@@ -256,11 +298,13 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")
     if job.prompt.template is not None:
         template_columns(job.prompt.template, at("prompt", "template"))
+    if job.prompt.chat_template_file is not None and not chat_template_path(job).is_file():
+        raise at("prompt", "chat_template_file").error(f"no such file: {chat_template_path(job)}")
     if job.output.path is not None:
         ext = Path(job.output.path).suffix
         if job.output.format == "auto" and ext not in OUTPUT_EXTENSIONS:
             raise at("output", "path").error(
-                f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet or .jsonl, or set output.format"
+                f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet, .jsonl or .hf, or set output.format"
             )
     if job.output.format == "openai" and input_format(job) != "openai":
         raise at("output", "format").error(
@@ -273,11 +317,20 @@ def validate(job: JobSpec, node: Node) -> None:
     for col in job.keep_columns:
         if col in RESERVED_COLUMNS:
             raise at("keep_columns").error(f"{col!r} is an output column name; rename it in the input")
+    unknown = [c for c in job.sampling_columns if c not in {f.name for f in dataclasses.fields(SamplingParams)}]
+    if unknown:
+        raise at("sampling_columns").error(
+            f"{', '.join(map(repr, unknown))} is no sampling field; sampling_columns are named like the fields"
+        )
     if job.parallel.shard is not None:
         try:
             parse_shard(job.parallel.shard)
         except SpecError as exc:
             raise at("parallel", "shard").error(exc.message) from None
+    if job_adapters(job) and (job.runner == "ray" or job.parallel.tensor > 1):
+        raise at("adapters" if job.adapters else "adapter").error(
+            "LoRA adapters run on a local engine of one process (runner: local, parallel.tensor: 1)"
+        )
     if job.runner == "ray" and (job.parallel.data > 1 or job.parallel.tensor > 1):
         raise at("runner").error(
             "with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor"
@@ -289,11 +342,20 @@ def validate(job: JobSpec, node: Node) -> None:
             raise at(*(exc.field or "output.path").split(".")).error(exc.message) from None
 
 
+def job_adapters(job: JobSpec) -> dict[str, str]:
+    """The adapters a job's engine serves: its `adapters`, and `adapter` under its own spelling when it is a path."""
+    adapters = dict(job.adapters)
+    if job.adapter is not None and job.adapter not in adapters:
+        adapters[job.adapter] = job.adapter
+    return adapters
+
+
 RESERVED_COLUMNS = (
     "row",
     "text",
     "finish_reason",
     "finish_reasons",
+    "stop_reason",
     "error",
     "error_kind",
     "prompt_tokens",
@@ -322,6 +384,13 @@ def template_columns(template: str, node: Node | None = None) -> list[str]:
         message = "a template needs at least one {column} placeholder"
         raise node.error(message) if node else SpecError(message, field="prompt.template")
     return columns
+
+
+def chat_template_path(job: JobSpec) -> Path:
+    """The job's own chat template file, relative to the job file's folder."""
+    assert job.prompt.chat_template_file is not None, "only for a job with prompt.chat_template_file"
+    path = Path(job.prompt.chat_template_file).expanduser()
+    return path if path.is_absolute() else Path(job.base_dir) / path
 
 
 def input_format(job: JobSpec) -> str:
@@ -363,7 +432,9 @@ def output_dir(job: JobSpec) -> Path:
 
 def output_path(job: JobSpec) -> Path:
     """The output file, confined to output_dir: no absolute paths, no `..`, no symlink that leads out."""
-    ext = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl"}[output_format(job)]
+    ext = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl", "hf": ".hf"}[
+        output_format(job)
+    ]
     relative = Path(job.output.path) if job.output.path is not None else Path(job.name + ext)
     if relative.is_absolute() or ".." in relative.parts:
         raise SpecError(
@@ -387,6 +458,8 @@ def output_path(job: JobSpec) -> Path:
 # results by design (the others change speed, and in bf16 at most the rounding): the weights' dtype, the seed of
 # unseeded rows, the context (which rows fit, how far they may run), float32 logits.
 _RESULT_FIELDS = ("model", "input", "prompt", "id_column", "keep_columns", "sampling")
+# Fields added since the first manifests: part of the fingerprint only when set, so earlier outputs still resume.
+_RESULT_FIELDS_SINCE = ("sampling_columns", "sampling_column")
 _RESULT_ENGINE_FIELDS = ("dtype", "seed", "max_model_len", "float32_logits")
 
 
@@ -406,6 +479,31 @@ def _sampling_fingerprint(sampling: SamplingParams) -> dict[str, Any]:
     }
 
 
+# The prompt fields of the first manifests; a field added since counts only when set (as for sampling).
+_PROMPT_FIELDS_V1 = ("column", "messages_column", "template", "system", "chat_template", "allow_special_tokens")
+
+
+def _prompt_fingerprint(job: JobSpec) -> dict[str, Any]:
+    fingerprint = {
+        f.name: _jsonable(getattr(job.prompt, f.name))
+        for f in dataclasses.fields(job.prompt)
+        if f.name in _PROMPT_FIELDS_V1 or getattr(job.prompt, f.name) != _default(f)
+    }
+    if splits_reasoning(job):  # an output of a reasoning model written before the split does not resume into one
+        fingerprint["split_reasoning"] = True
+    return fingerprint
+
+
+def splits_reasoning(job: JobSpec) -> bool:
+    """Whether the output has a `reasoning` column: prompt.split_reasoning, unset: the template knows <think>."""
+    if job.prompt.split_reasoning is not None:
+        return job.prompt.split_reasoning
+    if not job.prompt.chat_template:
+        return False
+    template_file = chat_template_path(job) if job.prompt.chat_template_file else None
+    return template_marks_reasoning(job.model, template_file)
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
@@ -414,11 +512,20 @@ def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
     data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS if k != "sampling"}
     data["sampling"] = _sampling_fingerprint(job.sampling)
+    data["prompt"] = _prompt_fingerprint(job)
+    for f in dataclasses.fields(job):
+        if f.name in _RESULT_FIELDS_SINCE and getattr(job, f.name) != _default(f):
+            data[f.name] = _jsonable(getattr(job, f.name))
+    if job.constraint_column is not None:  # only when set, so earlier outputs keep their hash
+        data["constraint_column"] = job.constraint_column
     data["output_format"] = output_format(job)
     engine = {k: _result_value(k, getattr(job.engine, k)) for k in _RESULT_ENGINE_FIELDS}
     engine = {k: v for k, v in engine.items() if v is not None}
     if engine:  # left out when these are defaults, so such outputs keep the hash earlier versions gave them
         data["engine"] = engine
+    for name in ("adapters", "adapter", "adapter_column"):  # likewise: only a job that uses adapters hashes them
+        if getattr(job, name):
+            data[name] = _jsonable(getattr(job, name))
     return data
 
 
@@ -463,6 +570,8 @@ def spec_dict(job: JobSpec) -> dict[str, Any]:
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value

@@ -39,6 +39,7 @@ class Summary:
     prefix_cache_hit_rate: float = 0.0  # 0..1 share of the prompt tokens looked up that the cache held
     queried_prompt_tokens: int = 0  # this run: prompt tokens looked up in the prefix cache (the rate's denominator)
     output_bytes: int = 0
+    adapters: dict[str, int] = field(default_factory=dict)  # this run's rows on each LoRA adapter, by name
     model: str = ""
     spec_hash: str = ""
     kvbatch_version: str = ""
@@ -62,6 +63,7 @@ class Summary:
                 f"prefix cache hit {self.prefix_cache_hit_rate:.0%} ({self.cached_prompt_tokens} prompt tokens reused)",
                 f"  errors      {errors}",
             ]
+            + ([f"  adapters    {', '.join(f'{k} {v}' for k, v in self.adapters.items())}"] if self.adapters else [])
         )
 
 

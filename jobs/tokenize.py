@@ -12,6 +12,10 @@ came from the data:
     data pieces:     tokenized with special-token parsing off (a row containing "<|im_end|>" stays plain text)
 
 `allow_special_tokens=True` (job option prompt.allow_special_tokens) tokenizes the rendered prompt whole instead.
+
+The template is the model's or the job's own (prompt.chat_template_file); a prompt's template values
+(chat_template_kwargs: `enable_thinking`...) and tools go to it as transformers' apply_chat_template takes them. A
+template that raises on a row (raise_exception, a missing value) is that row's `chat_template` error.
 """
 
 from __future__ import annotations
@@ -30,10 +34,20 @@ log = logging.getLogger(__name__)
 
 
 class PromptTokenizer:
-    def __init__(self, tokenizer: Any, allow_special_tokens: bool = False, chat_template: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        allow_special_tokens: bool = False,
+        chat_template: bool = True,
+        template: str | None = None,
+        continue_final_message: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.allow_special_tokens = allow_special_tokens
-        self.use_chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        self.template = template  # the job's own Jinja template, instead of the tokenizer's
+        self.continue_final_message = continue_final_message
+        has_template = template is not None or getattr(tokenizer, "chat_template", None) is not None
+        self.use_chat_template = chat_template and has_template
         if chat_template and not self.use_chat_template:
             log.warning(
                 "the model's tokenizer has no chat template: prompts are sent as raw text (messages joined by blank lines)"
@@ -53,10 +67,13 @@ class PromptTokenizer:
         assert prompt.messages is not None, "a Prompt has messages or text"
         if not self.use_chat_template:
             return self._encode_text("\n\n".join(m["content"] for m in prompt.messages))
-        if self.allow_special_tokens or self._plain(prompt.messages):
-            rendered = self._render(prompt.messages)
-            return list(self.tokenizer.encode(rendered, add_special_tokens=False))
-        return self._encode_messages(prompt.messages)
+        try:
+            if self.allow_special_tokens or self._plain(prompt.messages):
+                rendered = self._render(prompt.messages, prompt)
+                return list(self.tokenizer.encode(rendered, add_special_tokens=False))
+            return self._encode_messages(prompt.messages, prompt)
+        except _TemplateRefused as exc:
+            return RowError(ErrorKind.CHAT_TEMPLATE, f"the chat template refused the row: {exc}")
 
     def _plain(self, messages: list[dict[str, str]]) -> bool:
         """No message holds an added token's text (a tokenizer that lists none is never trusted to be plain)."""
@@ -68,12 +85,25 @@ class PromptTokenizer:
             self.tokenizer.encode(text, add_special_tokens=True, split_special_tokens=not self.allow_special_tokens)
         )
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def _render(self, messages: list[dict[str, str]], prompt: Prompt) -> str:
+        # Only what is set is passed: a tokenizer's template takes the values it knows by name.
+        options: dict[str, Any] = dict(prompt.template_kwargs or {})
+        if self.template is not None:
+            options["chat_template"] = self.template
+        if prompt.tools is not None:
+            options["tools"] = prompt.tools
+        if self.continue_final_message:
+            options["continue_final_message"] = True
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=not self.continue_final_message, **options
+            )
+        except Exception as exc:  # noqa: BLE001 - a template raising on a row's values fails that row only
+            raise _TemplateRefused(f"{type(exc).__name__}: {exc}") from exc
 
-    def _encode_messages(self, messages: list[dict[str, str]]) -> list[int] | RowError:
+    def _encode_messages(self, messages: list[dict[str, str]], prompt: Prompt) -> list[int] | RowError:
         marked = [{"role": m["role"], "content": f"{self._marker}_{i}_"} for i, m in enumerate(messages)]
-        rendered = self._render(marked)
+        rendered = self._render(marked, prompt)
         pieces = self._placeholder.split(rendered)  # [template, index, template, index, ..., template]
         indexes = [int(i) for i in pieces[1::2]]
         if indexes != list(range(len(messages))):
@@ -81,7 +111,7 @@ class PromptTokenizer:
                 ErrorKind.CHAT_TEMPLATE,
                 f"the chat template did not place each message once (got message order {indexes}); set prompt.allow_special_tokens to render it whole",
             )
-        contents = self._contents_as_rendered(messages, pieces)
+        contents = self._contents_as_rendered(messages, pieces, prompt)
         if contents is None:
             return RowError(
                 ErrorKind.CHAT_TEMPLATE,
@@ -97,9 +127,11 @@ class PromptTokenizer:
                     ids.extend(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
         return ids
 
-    def _contents_as_rendered(self, messages: list[dict[str, str]], pieces: list[str]) -> list[str] | None:
+    def _contents_as_rendered(
+        self, messages: list[dict[str, str]], pieces: list[str], prompt: Prompt
+    ) -> list[str] | None:
         """The message texts as the template writes them: as given, or stripped for templates that `| trim`."""
-        real = self._render(messages)
+        real = self._render(messages, prompt)
         for variant in (lambda s: s, str.strip):
             contents = [variant(m["content"]) for m in messages]
             rebuilt = "".join(p if i % 2 == 0 else contents[int(p)] for i, p in enumerate(pieces))
@@ -109,3 +141,7 @@ class PromptTokenizer:
 
     def _encode_template_piece(self, piece: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(piece, add_special_tokens=False)) if piece else ()
+
+
+class _TemplateRefused(Exception):
+    """The chat template raised on a row: that row's `chat_template` error, not the job's."""

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from kvbatch.errors import OutputError, shown_path
 
+from .arrow_io import remove_path
 from .assemble import count_by, input_order, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
 from .lock import OutputLock
@@ -175,9 +176,8 @@ class OutputWriter:
         for path in self.dir.iterdir():
             if path.name.endswith(INCOMPLETE) or (path.name.startswith("part-") and path.name not in named):
                 path.unlink()
-        stray = self.output.with_name(self.output.name + INCOMPLETE)
-        with contextlib.suppress(FileNotFoundError):
-            stray.unlink()
+        for stray in (self.output.with_name(self.output.name + s) for s in (INCOMPLETE, ".old" + INCOMPLETE)):
+            remove_path(stray)  # a file, or (output.format hf) a folder
 
     # -- streaming --------------------------------------------------------------------------------------
     @property
@@ -306,8 +306,7 @@ def _hash_before_engine_fields(previous: Manifest, current: Manifest) -> str | N
 
 def remove_output(output: Path) -> None:
     """Delete an output and its work folder (tests, `mode: overwrite` callers that want a clean slate)."""
-    with contextlib.suppress(FileNotFoundError):
-        output.unlink()
+    remove_path(output)
     shutil.rmtree(work_dir(output), ignore_errors=True)
 
 

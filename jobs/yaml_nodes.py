@@ -93,6 +93,8 @@ def _convert(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoad
                     "YAML merge keys (<<) are not supported; use `defaults:`", field=path, where=f"{source}:{line}"
                 )
             key = _scalar(key_node, path, source, constructor)
+            if isinstance(key, int) and not isinstance(key, bool):  # a token id (logit_bias: {50256: -100})
+                key = str(key)
             if not isinstance(key, str):
                 raise SpecError(
                     f"field names must be strings, got {key!r}",

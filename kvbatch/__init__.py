@@ -25,6 +25,7 @@ _API = {
     "load_jobs_file": "kvbatch.jobs.spec",
     "job_from_dict": "kvbatch.jobs.spec",
     "run_jobs": "kvbatch.jobs.runners",
+    "generate": "kvbatch.jobs.generate",
     "GenerateBatch": "kvbatch.jobs.ray_data",
 }
 __all__ = [*_API, "__version__"]

@@ -1,6 +1,6 @@
 """The `kvbatch` command line: thin commands that build job specs and hand them on.
 
-Exit codes (README "Exit codes"): 0 the jobs ran (row errors are counted in the summary), 1 a job failed,
+Exit codes (docs/reliability.md): 0 the jobs ran (row errors are counted in the summary), 1 a job failed,
 2 bad usage or configuration, 3 interrupted by a signal (rerun to resume), 4 another run holds the output.
 Every exception becomes a message and an exit code in `_exit_code`, nowhere else.
 """
@@ -56,7 +56,10 @@ WaitOpt = Annotated[
     bool,
     typer.Option("--wait", help="Wait for another run on the same output to finish instead of exiting with code 4."),
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine and job details.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs of kvbatch (and info of the rest).")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress and no warnings: only errors and each job's summary.")
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option(
@@ -112,13 +115,14 @@ def run(
     mode: ModeOpt = None,
     wait: WaitOpt = False,
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
     shard: ShardOpt = None,
     data_parallel: DataParallelOpt = None,
     tensor_parallel: TensorParallelOpt = None,
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Run the jobs of a YAML job file (see examples/jobs.yaml)."""
-    _logging(verbose)
+    _logging(verbose, quiet)
     _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
@@ -129,6 +133,7 @@ def run(
                 "engine.device": device,
                 "input.limit": limit,
                 "output.mode": mode,
+                "progress": "off" if quiet else None,
                 **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address),
             },
         )
@@ -146,7 +151,13 @@ def generate(
         ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Output file (.arrow, .parquet or .jsonl).", show_default=False)
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output file (.arrow, .parquet, .jsonl) or datasets folder (.hf).",
+            show_default=False,
+        ),
     ],
     model: ModelOpt = None,
     prompt_column: Annotated[
@@ -173,7 +184,7 @@ def generate(
     limit: LimitOpt = None,
     format: Annotated[
         str | None,
-        typer.Option("--format", help="arrow, parquet, jsonl or openai (default: from the output's extension)."),
+        typer.Option("--format", help="arrow, parquet, jsonl, openai or hf (default: from the output's extension)."),
     ] = None,
     input_format: Annotated[
         str | None, typer.Option(help="auto, jsonl, parquet, hf or openai (default: auto).")
@@ -185,13 +196,15 @@ def generate(
     mode: ModeOpt = None,
     wait: WaitOpt = False,
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    set_: SetOpt = None,
     shard: ShardOpt = None,
     data_parallel: DataParallelOpt = None,
     tensor_parallel: TensorParallelOpt = None,
     ray_address: RayAddressOpt = None,
 ) -> None:
-    """Run one job without a YAML file."""
-    _logging(verbose)
+    """Run one job without a YAML file; --set reaches every job field (sampling.stop, sampling.n, engine.*...)."""
+    _logging(verbose, quiet)
     _serve_if_torchrun_worker()
     _quiet_model_loading(verbose)
     with _errors():
@@ -213,11 +226,13 @@ def generate(
             "output": {"path": output.name, "format": format, "mode": mode},
             "output_dir": str(output.parent),
             "engine": {"device": device},
+            "progress": "off" if quiet else None,
         }
         scale = _scale_overrides(shard, data_parallel, tensor_parallel, ray_address)
         data["runner"] = scale.pop("runner")
         data["parallel"] = {key.partition(".")[2]: value for key, value in scale.items()}
-        spec = job_from_dict(_drop_none(data), base_dir=os.getcwd())
+        # --set fields (sampling.presence_penalty=0.5, prompt.chat_template_kwargs={...}) under the options given
+        spec = job_from_dict(_drop_none(data), base_dir=os.getcwd(), under=_parse_sets(set_ or []))
         _finish(run_jobs([spec], wait_for_lock=wait))
 
 
@@ -237,7 +252,7 @@ def plan(
     """
     from kvbatch.jobs.plan import plan_job
 
-    _logging(verbose)
+    _logging(verbose, quiet=False)
     _quiet_model_loading(verbose)
     with _errors():
         overrides = _with_options(set_, {"model": model, "engine.device": device, "input.limit": limit})
@@ -282,8 +297,11 @@ def merge(
         bool, typer.Option("--overwrite", help="Replace the output even if another job spec wrote it.")
     ] = False,
 ) -> None:
-    """Join finished shard outputs into one output in input order; refuses, with a list, if rows are missing or twice."""
+    """Join finished shard outputs (or a Ray run's folder of parts) into one output in input order; refuses, with a
+    list, if rows are missing or twice."""
     from kvbatch.jobs.merge import merge_shards
+    from kvbatch.jobs.merge_parts import merge_parts
+    from kvbatch.jobs.ray_run import parts_dir
     from kvbatch.jobs.spec import output_path
 
     with _errors():
@@ -296,13 +314,17 @@ def merge(
         else:
             outputs = [target]
         for output in outputs:
+            if not shards and parts_dir(output).is_dir():  # a Ray run's folder of parts
+                report = merge_parts(output)
+                typer.echo(f"merged {report.num_shards} parts -> {report.output}: {report.num_rows} rows")
+                continue
             report = merge_shards(output, shards or None, overwrite=overwrite)
             typer.echo(
                 f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} bytes"
             )
 
 
-app.add_typer(bench_app, name="bench")  # runner/bench.py: its commands import torch only when they run
+app.add_typer(bench_app, name="bench")  # bench/cli.py: its commands import torch only when they run
 
 
 # ---- the one place where outcomes and exceptions become messages and exit codes -------------------------
@@ -386,10 +408,14 @@ def _drop_none(data: Any) -> Any:
     return data
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+def _logging(verbose: bool, quiet: bool) -> None:
+    """Warnings by default; -v: kvbatch's debug logs and the other libraries' info; --quiet: errors only."""
+    if verbose and quiet:
+        raise typer.BadParameter("--verbose and --quiet contradict each other; give one")
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        logging.getLogger("kvbatch").setLevel(logging.DEBUG)
 
 
 def _quiet_model_loading(verbose: bool) -> None:

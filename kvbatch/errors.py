@@ -40,6 +40,8 @@ class ErrorKind(str, enum.Enum):
     TOKENIZE = "tokenize"  # the tokenizer raised on this row's prompt
     PROMPT_TOO_LONG = "prompt_too_long"  # the prompt leaves no room for one new token in the context or the pool
     ENGINE = "engine"  # a model step failed for this row alone, twice
+    BAD_CONSTRAINT = "bad_constraint"  # a structured-output constraint that is malformed or does not compile
+    BAD_ADAPTER = "bad_adapter"  # the row's LoRA adapter is missing, unreadable, of another model or unsupported
 
     def __str__(self) -> str:
         return self.value

@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .structured_outputs import StructuredOutputs
+
 Policy = Literal["optimistic", "reserve"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
@@ -68,9 +70,16 @@ def type_violation(hint: Any, value: Any) -> str | None:
         return type_violation(inner, value)
     if origin is Literal:
         return None if value in args else f"must be one of {', '.join(map(repr, args))}, got {value!r}"
+    if origin is tuple and Ellipsis not in args:  # a fixed shape: (token id, bias)
+        items_ok = isinstance(value, tuple) and len(value) == len(args)
+        items_ok = items_ok and all(type_violation(a, item) is None for a, item in zip(args, value))
+        return None if items_ok else f"must be a pair ({', '.join(_KIND_NAMES[a] for a in args)}), got {value!r}"
     if origin is tuple:
         items_ok = isinstance(value, tuple) and all(type_violation(args[0], item) is None for item in value)
-        return None if items_ok else f"must be {_KIND_NAMES.get(args[0], args[0])} (a list of them), got {value!r}"
+        kind = (
+            _KIND_NAMES[args[0]] if typing.get_origin(args[0]) is tuple else f"{_KIND_NAMES[args[0]]} (a list of them)"
+        )
+        return None if items_ok else f"must be {kind}, got {value!r}"
     if dataclasses.is_dataclass(hint):
         return None if isinstance(value, hint) else f"must be a {hint.__name__}, got {value!r}"
     if hint is bool:
@@ -88,7 +97,13 @@ def type_violation(hint: Any, value: Any) -> str | None:
     return None if ok else f"must be {_KIND_NAMES[hint]}, got {value!r}"
 
 
-_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+    bool: "true or false",
+    tuple[int, float]: "a token id -> bias mapping, or [id, bias] pairs",
+}
 
 
 def check_fields(obj: Any, prefix: str = "") -> None:
@@ -140,6 +155,8 @@ class EngineConfig:
     )
     fused_layers: bool | None = setting(None, "Llama-family layers with fused kernels; unset: on for cuda")
     float32_logits: bool = setting(False, "a bf16/fp16 model's logits in float32, on a GPU")
+    max_loras: int = setting(8, "LoRA adapters on the device at once; a step mixes at most this many", min=1)
+    max_cpu_loras: int | None = setting(None, "LoRA adapters kept in host memory; unset: max_loras", min=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "EngineConfig.")
@@ -160,16 +177,94 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = setting((), "token ids that stop a sample, besides the model's EOS", min=0)
     n: int = setting(1, "samples per prompt", min=1)
     logprobs: bool = setting(False, "the log-probability of each chosen token")
+    top_logprobs: int = setting(
+        0, "the most likely tokens and their log-probabilities at each generated position", min=0, max=20
+    )
+    prompt_logprobs: bool = setting(
+        False, "each prompt token's log-probability given those before it (the first: none)"
+    )
     ignore_eos: bool = setting(False, "run on past EOS until max_new_tokens or a stop")
+    structured_outputs: StructuredOutputs | None = setting(
+        None,
+        "constrain the output (docs/structured-output.md): one of json, regex, choice, grammar, json_object",
+        parse=StructuredOutputs.from_value,
+    )
+    # Fields since the first manifests (jobs/spec.py fingerprints them only when set): vLLM's names and meanings.
+    presence_penalty: float = setting(
+        0.0, "subtracted from the logit of each token already in the output (>0 discourages)", min=-2, max=2
+    )
+    frequency_penalty: float = setting(
+        0.0, "subtracted, times its count in the output so far, from each token's logit", min=-2, max=2
+    )
+    min_tokens: int = setting(0, "EOS, stop token ids and stop strings do not stop a sample before this many", min=0)
+    logit_bias: tuple[tuple[int, float], ...] = setting(
+        (), "token id -> bias added to its logit (-100 to 100); a mapping, or a list of [id, bias] pairs"
+    )
+    bad_words: tuple[str, ...] = setting(
+        (), "words never generated (their last token is masked after the others)", no_empty_string=True
+    )
+    allowed_token_ids: tuple[int, ...] = setting((), "only these token ids may be generated; empty: all", min=0)
+    include_stop_str_in_output: bool = setting(False, "keep the stop string that ended a sample in its text")
 
     def __post_init__(self) -> None:
+        # A mapping ({"json": schema}) becomes the constraint; a malformed one raises ConstraintError (a ValueError).
+        if self.structured_outputs is not None:
+            object.__setattr__(self, "structured_outputs", StructuredOutputs.from_value(self.structured_outputs))
         # Per-row values arrive as parsed JSON: a wrong type or bound is refused here, as that row's error,
         # rather than failing inside the engine for the whole batch.
-        if isinstance(self.stop, list) or isinstance(self.stop_token_ids, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         check_fields(self)
+        for token_id, bias in self.logit_bias:
+            if token_id < 0 or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias {token_id}: {bias} needs a token id >= 0 and a bias in [-100, 100]")
+        if len({token_id for token_id, _ in self.logit_bias}) != len(self.logit_bias):
+            raise ValueError(f"logit_bias gives a token id twice: {self.logit_bias}")
+        if self.min_tokens > self.max_new_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether the chosen tokens' distribution is needed (their log-probabilities or the top alternatives)."""
+        return self.logprobs or self.top_logprobs > 0
+
+    @property
+    def reads_output(self) -> bool:
+        """The next token's logits depend on the sample's own tokens so far: async scheduling drains first."""
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty or self.bad_words)
+
+    @property
+    def changes_logits(self) -> bool:
+        """Anything done to the logits before the draw (penalties, bias, masks)."""
+        return self.reads_output or bool(self.min_tokens or self.logit_bias or self.allowed_token_ids)
+
+
+def _bias_pairs(value: Any) -> Any:
+    """A logit bias as sorted (token id, bias) pairs: hashable, one spelling. OpenAI bodies give a mapping with
+    string keys ({"50256": -100}), a YAML file one with integer keys, code a list of pairs; all are accepted."""
+    if isinstance(value, typing.Mapping):
+        value = tuple(value.items())
+    if not isinstance(value, tuple):
+        return value  # check_fields names the type
+    pairs = []
+    for pair in value:
+        if isinstance(pair, list):
+            pair = tuple(pair)
+        if isinstance(pair, tuple) and len(pair) == 2:
+            token_id, bias = pair
+            if isinstance(token_id, str) and re.fullmatch(r"\d+", token_id):
+                token_id = int(token_id)
+            if isinstance(bias, int) and not isinstance(bias, bool):
+                bias = float(bias)
+            pair = (token_id, bias)
+        pairs.append(pair)
+    try:
+        return tuple(sorted(pairs))
+    except TypeError:  # mixed key types: the type check says which
+        return tuple(pairs)

@@ -1,7 +1,7 @@
 """float32 linear layers through oneDNN on the CPU.
 
 torch's CPU `linear` calls MKL's sgemm. MKL picks its AVX-512 kernels only on Intel processors; on
-AMD (this workplace's EPYC) it runs AVX2 code at about half of the machine's float32 peak. oneDNN,
+AMD (such as the EPYC measured here) it runs AVX2 code at about half of the machine's float32 peak. oneDNN,
 shipped inside torch, dispatches on the instruction set alone and runs the same GEMMs about twice as
 fast there (SmolLM2-135M's shapes: 200 -> 430 GFLOP/s at 128 rows on two cores).
 

@@ -13,7 +13,7 @@ leaving it idle between steps:
 
 Step N+1's inputs that are step N's tokens are copied on the device (see Sequence.num_pending). The
 scheduler plans decodes, prompt chunks and admissions ahead; a step that would preempt, or a sequence that
-must run alone or reads its own output (a repetition penalty), drains first.
+must run alone or reads its own output (penalties, bad words), drains first.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from kvbatch.cache.backends import select_backend
@@ -39,16 +41,21 @@ from kvbatch.cache.kv_cache import KVCache
 from kvbatch.errors import BackendUnavailableError, ErrorKind, KVBudgetError
 from kvbatch.runner.config import EngineConfig
 
+from .adapters import Adapters
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
+from .logits_processors import RowLogits, row_logits
 from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import fixed_pool_size, kv_cache_spec, profile_gpu_pool
-from .request import Completion, EngineStats, GenerationRequest, GenerationResult
+from .request import Completion, ContinuationScore, EngineStats, GenerationRequest, GenerationResult, TopLogprobs
 from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
+from .scoring import ScoredRows, score_on_device
 from .sequence import Sequence
 from .stopping import StopChecker
+from .structured import GrammarCache, accept_token, new_matcher, step_mask
+from .structured_outputs import ConstraintError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,9 @@ class _InFlight:
     sampling_items: list[ScheduledSeq]
     sampled: SampledTokens
     registered: list[int]  # blocks it registered in the prefix cache: withdrawn if reading its tokens fails
+    scored: ScoredRows | None = None  # its scored rows, whose they are in score_spans
+    score_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    score_done: list[Sequence] = field(default_factory=list)  # scored continuations it computes to their end
 
 
 @dataclass(eq=False)
@@ -73,6 +83,7 @@ class _RequestState:
     request: GenerationRequest
     seqs: list[Sequence] = field(default_factory=list)
     num_unfinished: int = 0
+    logits_info: RowLogits | None = None  # bad words' token ids, the ids min_tokens masks
 
 
 def _sampling_rows(items: list[ScheduledSeq]) -> list[SamplingRow] | None:
@@ -86,6 +97,7 @@ def _sampling_rows(items: list[ScheduledSeq]) -> list[SamplingRow] | None:
             item.seq.seed,
             item.seq.all_token_ids if item.seq.penalised else [],
             len(item.seq.output_token_ids) + item.seq.num_pending,
+            item.seq.group.logits_info,
         )
         for item in items
     ]
@@ -98,7 +110,14 @@ def _stable_hash(request_id: object) -> int:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig = EngineConfig(),
+        loaded: LoadedModel | None = None,
+        adapters: Mapping[str, str] | None = None,
+    ) -> None:
+        """`adapters`: LoRA adapters (name -> PEFT folder or cached hub name) to serve; the device slots are sized
+        from them. None: the base model only (add_adapter then refuses)."""
         self.config = config
         self.loaded = loaded or load_model(
             config.model,
@@ -121,7 +140,12 @@ class Engine:
             raise BackendUnavailableError(str(exc)) from None
         num_heads = self.model.config.get_text_config().num_attention_heads
         self.kv_spec = kv_cache_spec(self.model.config, config.block_size, self.backend.name, self.loaded.dtype)
-        self.fused = fused_decoder_for(self.model, config.fused_layers, self.device)
+        self.adapters = self._make_adapters(adapters) if adapters is not None else None
+        # Fused layers run concatenated q/k/v and gate/up weights that the adapters' hooks never see.
+        fused_setting = config.fused_layers if self.adapters is None else False
+        if self.adapters is not None and config.fused_layers:
+            logger.warning("fused_layers is off: LoRA adapters run through transformers' own layers")
+        self.fused = fused_decoder_for(self.model, fused_setting, self.device)
         self.float32_logits = use_float32_logits(self.model, config.float32_logits, self.device)
         self.pool_size = self._size_pool()
         try:
@@ -133,6 +157,7 @@ class Engine:
             ) from exc
         self.pool = BlockPool(self.pool_size.num_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.fused)
+        self.runner.adapters = self.adapters
         # Decodes sharing this many cached prefix tokens read them once, together (the cascade decode).
         self.cascade_min_tokens = CASCADE_MIN_TOKENS if self.backend.cascade and config.prefix_cache else 0
         if self.backend.warm_up is not None:
@@ -144,6 +169,8 @@ class Engine:
         self.timer = StepTimer(self.device)  # `timer.enabled = True` for a per-phase breakdown
         self._next_seq_id = 0
         self._generating = False
+        self._grammars: GrammarCache | None = None  # made at the first constrained request
+        self._num_scoring = 0  # requests in flight with scored rows: while 0, steps gather no scored rows
         self.async_scheduling = (
             config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         )
@@ -174,7 +201,46 @@ class Engine:
                 self.max_model_len,
                 self.device,
             )
-        return fixed_pool_size(self.kv_spec, self.config)
+        reserved = self.adapters.host_bytes if self.adapters is not None else 0
+        return fixed_pool_size(self.kv_spec, self.config, reserved)
+
+    # ---- adapters ----------------------------------------------------------------------------
+
+    def _make_adapters(self, adapters: Mapping[str, str]) -> Adapters:
+        from .model_loader import DEFAULT_HUB_NAME
+
+        config = self.config
+        if config.max_loras < 1:
+            raise ValueError(f"engine.max_loras must be >= 1 to serve adapters, got {config.max_loras}")
+        name = self.loaded.source
+        return Adapters(
+            self.model,
+            adapters,
+            self.device,
+            self.loaded.dtype,
+            config.max_loras,
+            config.max_cpu_loras or config.max_loras,
+            config.allow_pickle,
+            DEFAULT_HUB_NAME if name.startswith("default") else name,
+            use_triton=True,
+        )
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Serve LoRA adapter `name` from `path` (a PEFT folder or a cached hub name). A bad adapter does not
+        raise: requests naming it get `bad_adapter` results."""
+        if self.adapters is None:
+            raise RuntimeError("this engine was built without adapters; pass adapters= to Engine() to serve them")
+        if self._generating:
+            raise RuntimeError("adapters cannot change during a generate() call")
+        self.adapters.add(name, path)
+
+    def _adapter_problem(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
+        if request.adapter is None:
+            return None
+        if self.adapters is None:
+            return ErrorKind.BAD_ADAPTER, f"adapter {request.adapter!r} asked of an engine that serves no adapters"
+        problem = self.adapters.problem(request.adapter)
+        return (ErrorKind.BAD_ADAPTER, problem) if problem else None
 
     def _capture_graphs(self) -> None:
         from .cuda_graphs import DecodeGraphs
@@ -212,6 +278,10 @@ class Engine:
         """Give the KV pages and graphs back to the device; the engine cannot generate afterwards."""
         self.runner.graphs = None
         self.runner.kv_cache = self.kv_cache = None  # type: ignore[assignment]
+        if self._grammars is not None:
+            self._grammars.close()
+        if self.adapters is not None:
+            self.adapters.close()  # the model may serve another engine: its layers lose this one's hooks
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -226,6 +296,8 @@ class Engine:
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
             return ErrorKind.EMPTY_PROMPT, "the prompt is empty (0 tokens)"
+        if request.continuations is not None:
+            return self._never_scores(request)
         if num_prompt >= self.capacity_tokens:
             limit = "the context" if self.max_model_len <= self.pool_size.num_tokens else "the KV pool"
             return ErrorKind.PROMPT_TOO_LONG, (
@@ -238,25 +310,124 @@ class Engine:
         if min(ids) < 0 or max(ids) >= vocab:  # two C passes; the list below only for a prompt that has such ids
             outside = [t for t in ids if not 0 <= t < vocab][:5]
             return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {outside}"
+        params = request.sampling
+        for name, asked in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("allowed_token_ids", params.allowed_token_ids),
+        ):
+            outside = [t for t in asked if t >= vocab][:5]
+            if outside:
+                return ErrorKind.BAD_REQUEST, f"{name} holds token ids outside the vocabulary of {vocab}: {outside}"
         return None
 
-    def _add(self, scheduler: Scheduler, request: GenerationRequest, seed_base: int) -> _RequestState:
+    def _never_scores(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
+        """Why a scoring request cannot run, or None. Its sequences are prompt + continuation less the last
+        token (never input), so each may fill the whole context."""
+        if not request.continuations or not all(request.continuations):
+            return (
+                ErrorKind.BAD_REQUEST,
+                "a scoring request needs at least one continuation, and no continuation may be empty",
+            )
+        longest = len(request.prompt_token_ids) + max(len(c) for c in request.continuations) - 1
+        if longest > self.capacity_tokens:
+            return ErrorKind.PROMPT_TOO_LONG, (
+                f"the prompt has {len(request.prompt_token_ids)} tokens and its longest continuation "
+                f"{longest + 1 - len(request.prompt_token_ids)}; at most {self.capacity_tokens + 1} tokens fit "
+                f"together (context {self.max_model_len}, KV pool {self.pool_size.num_tokens})"
+            )
+        vocab = self.model.config.get_text_config().vocab_size
+        bad = [t for ids in (request.prompt_token_ids, *request.continuations) for t in ids if not 0 <= t < vocab]
+        if bad:
+            return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {bad[:5]}"
+        return None
+
+    def _add_scoring(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
+        """One score-only sequence per continuation: prompt + continuation, scored from the prompt's last token
+        (from its first with prompt_logprobs, for the first continuation only: the rest share its blocks)."""
         state = _RequestState(request)
+        prompt = request.prompt_token_ids
+        adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
+        for i, continuation in enumerate(request.continuations or []):
+            tokens = prompt + continuation
+            score_from = 0 if i == 0 and request.sampling.prompt_logprobs else len(prompt) - 1
+            seq = Sequence(
+                self._next_seq_id,
+                replace(request, prompt_token_ids=tokens[:-1], continuations=None),
+                i,
+                0,
+                seed=0,
+                group=state,
+                score_from=score_from,
+                score_targets=tokens[score_from + 1 :],
+                score_only=True,
+                adapter_key=adapter_key,
+            )
+            self._next_seq_id += 1
+            state.seqs.append(seq)
+            scheduler.add(seq)
+        state.num_unfinished = len(state.seqs)
+        self.stats.num_requests += 1
+        self._num_scoring += 1
+        return state
+
+    def _add(
+        self, scheduler: Scheduler, request: GenerationRequest, seed_base: int, grammar: object = None
+    ) -> _RequestState:
+        if request.continuations is not None:
+            return self._add_scoring(scheduler, request)
         params = request.sampling
+        state = _RequestState(request, logits_info=row_logits(params, self.tokenizer, self.loaded.eos_token_ids))
         max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
         request_seed = params.seed if params.seed is not None else seed_base ^ _stable_hash(request.request_id)
+        prompt = request.prompt_token_ids
+        scores_prompt = params.prompt_logprobs and len(prompt) > 1
+        adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
         for i in range(params.n):
-            seq = Sequence(self._next_seq_id, request, i, max_new, seed=request_seed * 1_000_003 + i, group=state)
+            # The prompt's logprobs are computed once, by the first sample.
+            scored = {"score_from": 0, "score_targets": prompt[1:]} if scores_prompt and i == 0 else {}
+            seed = request_seed * 1_000_003 + i
+            seq = Sequence(
+                self._next_seq_id, request, i, max_new, seed=seed, group=state, adapter_key=adapter_key, **scored
+            )
+            seq.matcher = new_matcher(grammar) if grammar is not None else None
             self._next_seq_id += 1
             state.seqs.append(seq)
             scheduler.add(seq)
         state.num_unfinished = params.n
         self.stats.num_requests += 1
+        self._num_scoring += scores_prompt
         return state
 
     def _error_result(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationResult:
         self.stats.num_errors += 1
         return GenerationResult(request.request_id, len(request.prompt_token_ids), [], error=message, error_kind=kind)
+
+    def grammars(self) -> GrammarCache:
+        """The compile cache of structured-output constraints, for this engine's tokenizer and vocabulary."""
+        if self._grammars is None:
+            vocab_size = self.model.config.get_text_config().vocab_size
+            self._grammars = GrammarCache(self.tokenizer, vocab_size, self.loaded.eos_token_ids)
+        return self._grammars
+
+    def _admit_compiled(
+        self, scheduler: Scheduler, compiling: list[tuple[GenerationRequest, Future]], seed_base: int, block: bool
+    ) -> list[GenerationResult]:
+        """Hand requests whose grammar is ready to the scheduler (in arrival order among the ready ones); a
+        constraint that failed to compile is its request's error. `block`: wait until one is ready."""
+        if block:
+            wait([future for _, future in compiling], return_when=FIRST_COMPLETED)
+        results = []
+        for entry in [entry for entry in compiling if entry[1].done()]:
+            compiling.remove(entry)
+            request, future = entry
+            try:
+                grammar = future.result()
+            except ConstraintError as exc:
+                message = f"bad constraint ({request.sampling.structured_outputs.describe()}): {exc}"
+                results.append(self._error_result(request, ErrorKind.BAD_CONSTRAINT, message))
+                continue
+            self._add(scheduler, request, seed_base, grammar)
+        return results
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -280,6 +451,7 @@ class Engine:
                 self.config.block_size,
                 self.config.policy,
                 prefix_cache=self.config.prefix_cache,
+                max_loras=self.config.max_loras if self.adapters is not None else None,
             ),
             self.pool,
         )
@@ -289,21 +461,29 @@ class Engine:
         exhausted = False
         lookahead = 2 * self.config.max_num_seqs
         in_flight: _InFlight | None = None
+        # Constrained requests whose grammar is still compiling: they join the scheduler once it is ready.
+        compiling: list[tuple[GenerationRequest, Future]] = []
         self._generating = True
+        self._num_scoring = 0
         try:
             while True:
-                while not exhausted and len(scheduler.waiting) < lookahead:
+                while not exhausted and len(scheduler.waiting) + len(compiling) < lookahead:
                     request = next(source, None)
                     if request is None:
                         exhausted = True
                         break
-                    refusal = self._never_fits(request)
+                    refusal = self._adapter_problem(request) or self._never_fits(request)
                     if refusal:
                         yield self._error_result(request, *refusal)
+                    elif request.sampling.structured_outputs is not None:
+                        compiling.append((request, self.grammars().submit(request.sampling.structured_outputs)))
                     else:
                         self._add(scheduler, request, seed_base)
+                if compiling:
+                    idle = in_flight is None and not scheduler.has_work()
+                    yield from self._admit_compiled(scheduler, compiling, seed_base, block=idle)
                 if in_flight is None and not scheduler.has_work():
-                    if exhausted:
+                    if exhausted and not compiling:
                         break
                     continue
                 results, in_flight = self._step(scheduler, in_flight)
@@ -314,6 +494,7 @@ class Engine:
             # A step still in flight may yet fail on the device: its prefix blocks are never confirmed.
             scheduler.abort_all(in_flight.registered if in_flight is not None else ())
             self._generating = False
+            self._num_scoring = 0
 
     def _step(
         self, scheduler: Scheduler, in_flight: _InFlight | None
@@ -336,6 +517,9 @@ class Engine:
         self.stats.num_preemptions += len(out.preempted)
         self.stats.num_queried_prompt_tokens += out.num_queried_tokens
         self.stats.num_cached_prompt_tokens += out.num_cached_tokens
+        self.stats.num_prefill_tokens += sum(
+            min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens)) for s in out.scheduled
+        )
         self.stats.peak_kv_usage = max(self.stats.peak_kv_usage, self.pool.usage())
         sampling_items = [item for item in out.scheduled if item.samples]
         try:
@@ -347,20 +531,36 @@ class Engine:
                     self.runner.staging,
                     self.cascade_min_tokens,
                     self.runner.host_tables,
+                    scoring=self._num_scoring > 0,
                 )
                 inputs.fill_pending(in_flight.sampled.tokens if in_flight else None)
+                if self.adapters is not None:
+                    inputs.lora = self.adapters.prepare(
+                        [item.seq.request.adapter for item in out.scheduled],
+                        np.fromiter((item.num_new_tokens for item in out.scheduled), np.int64, len(out.scheduled)),
+                        inputs.input_ids.shape[1],
+                    )
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
-                logits = self.runner.forward(inputs)
+                logits, score_logits = inputs.split_logits(self.runner.forward(inputs))
             with self.timer.phase("sample"):
-                sampled = sample_on_device(logits, _sampling_rows(sampling_items)).start_download()
+                mask = step_mask(sampling_items, logits.shape[-1], self.device) if self._grammars else None
+                sampled = sample_on_device(logits, _sampling_rows(sampling_items), mask).start_download()
+                scored = None
+                if score_logits is not None:
+                    scored = score_on_device(score_logits, inputs.score_targets).start_download()
         except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
             results = self._drain(scheduler, in_flight)[0] if in_flight else []
             return results + self._recover(scheduler, [item.seq for item in out.scheduled], exc), None
+        score_done = [
+            item.seq
+            for item in out.scheduled
+            if item.seq.score_only and item.seq.num_computed_tokens + item.num_new_tokens == item.seq.num_tokens
+        ]
         registered = scheduler.advance(out)
         for i, item in enumerate(sampling_items):
             item.seq.num_pending += 1
             item.seq.pending_index = i
-        launched = _InFlight(out, sampling_items, sampled, registered)
+        launched = _InFlight(out, sampling_items, sampled, registered, scored, inputs.score_spans, score_done)
         if in_flight is not None:  # the device runs `launched` while the host takes in the step before
             results, ok = self._drain(scheduler, in_flight, launched)
             return results, launched if ok else None
@@ -377,6 +577,8 @@ class Engine:
             waited = time.perf_counter()
             with self.timer.phase("wait_tokens"):
                 tokens, logprobs = step.sampled.to_host()
+                top = step.sampled.top_to_host()
+                scores = step.scored.to_host() if step.scored is not None else None
             self.stats.host_wait_s += time.perf_counter() - waited
         except Exception as exc:  # noqa: BLE001 - as a step that raised
             steps = [s for s in (step, next_step) if s is not None]
@@ -384,10 +586,35 @@ class Engine:
             registered = [block for s in steps for block in s.registered]
             return self._recover(scheduler, list(dict.fromkeys(lost)), exc, registered), False
         with self.timer.phase("postprocess"):
-            return self._postprocess(scheduler, step.sampling_items, tokens, logprobs), True
+            results = self._take_scores(scheduler, step, scores) if scores is not None else []
+            return results + self._postprocess(scheduler, step.sampling_items, tokens, logprobs, top), True
+
+    def _take_scores(
+        self, scheduler: Scheduler, step: _InFlight, scores: tuple[list[float], list[bool]]
+    ) -> list[GenerationResult]:
+        """Write a step's scored rows into their sequences; retire the continuations it computed to the end."""
+        logprobs, greedy = scores
+        row = 0
+        for seq, first, count in step.score_spans:
+            seq.score_logprobs[first : first + count] = logprobs[row : row + count]
+            seq.score_greedy[first : first + count] = greedy[row : row + count]
+            row += count
+        results = []
+        for seq in step.score_done:
+            if seq.finish_reason is None:
+                seq.finish_reason = "stop"
+                result = self._retire(scheduler, seq)
+                if result:
+                    results.append(result)
+        return results
 
     def _postprocess(
-        self, scheduler: Scheduler, sampling_items: list, tokens: list[int], logprobs: list[float] | None
+        self,
+        scheduler: Scheduler,
+        sampling_items: list,
+        tokens: list[int],
+        logprobs: list[float] | None,
+        top: tuple[list[list[int]], list[list[float]]] | None = None,
     ) -> list[GenerationResult]:
         """Append each sampled token, check its stop conditions, retire what finished."""
         results = []
@@ -403,14 +630,21 @@ class Engine:
             seq.output_token_ids.append(token)
             if logprobs is not None and seq.request.sampling.logprobs:
                 seq.output_logprobs.append(logprobs[i])
+            if top is not None and seq.request.sampling.top_logprobs:
+                num_top = seq.request.sampling.top_logprobs
+                seq.output_top_logprobs.append(TopLogprobs(top[0][i][:num_top], top[1][i][:num_top]))
             # Most rows of most steps go on: only a row that may stop pays for the full check.
-            if seq.custom_stops or token in eos or len(seq.output_token_ids) >= seq.max_new_tokens:
+            if seq.matcher is not None:  # a constrained row ends where its grammar ends, or at its limit
+                reason = accept_token(seq, token)
+            elif seq.custom_stops or token in eos or len(seq.output_token_ids) >= seq.max_new_tokens:
                 reason = self.stop_checker.check(seq)
-                if reason:
-                    seq.finish_reason = reason
-                    result = self._retire(scheduler, seq)
-                    if result:
-                        results.append(result)
+            else:
+                continue
+            if reason:
+                seq.finish_reason = reason
+                result = self._retire(scheduler, seq)
+                if result:
+                    results.append(result)
         self.stats.num_spare_tokens += num_spare
         self.stats.num_output_tokens += len(sampling_items) - num_spare
         return results
@@ -421,21 +655,51 @@ class Engine:
         state.num_unfinished -= 1
         if state.num_unfinished:
             return None
+        request = state.request
+        if request.continuations is not None or request.sampling.prompt_logprobs:
+            self._num_scoring -= any(s.score_targets for s in state.seqs)
+        if request.continuations is not None:
+            return self._scoring_result(state)
         completions = [
             Completion(
                 text=self.stop_checker.text(s),
                 token_ids=list(s.output_token_ids),
                 finish_reason=s.finish_reason or "length",
                 logprobs=list(s.output_logprobs) if s.request.sampling.logprobs else None,
+                top_logprobs=list(s.output_top_logprobs) if s.request.sampling.top_logprobs else None,
+                stop_reason=self.stop_checker.stop_reason(s),
             )
             for s in state.seqs
         ]
-        self.stats.num_prompt_tokens += len(state.request.prompt_token_ids)
+        self.stats.num_prompt_tokens += len(request.prompt_token_ids)
+        first = state.seqs[0]
         return GenerationResult(
-            state.request.request_id,
-            len(state.request.prompt_token_ids),
+            request.request_id,
+            len(request.prompt_token_ids),
             completions,
             num_preemptions=sum(s.num_preemptions for s in state.seqs),
+            prompt_logprobs=[None, *first.score_logprobs] if request.sampling.prompt_logprobs else None,
+        )
+
+    def _scoring_result(self, state: _RequestState) -> GenerationResult:
+        request = state.request
+        num_prompt = len(request.prompt_token_ids)
+        scores = []
+        for seq in state.seqs:
+            skip = num_prompt - 1 - seq.score_from  # rows scoring the prompt itself (prompt_logprobs)
+            logprobs = seq.score_logprobs[skip:]
+            scores.append(ContinuationScore(sum(logprobs), len(logprobs), all(seq.score_greedy[skip:]), logprobs))
+        self.stats.num_prompt_tokens += num_prompt + sum(len(c) for c in request.continuations or [])
+        first = state.seqs[0]
+        return GenerationResult(
+            request.request_id,
+            num_prompt,
+            [],
+            num_preemptions=sum(s.num_preemptions for s in state.seqs),
+            prompt_logprobs=[None, *first.score_logprobs[: num_prompt - 1]]
+            if request.sampling.prompt_logprobs
+            else None,
+            scores=scores,
         )
 
     def _recover(

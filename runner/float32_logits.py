@@ -6,7 +6,7 @@ meets two tokens rounded to the same value: which one wins then rests on the las
 The GEMM's accumulator is float32 anyway; keeping it costs one wider write of the logits (on the H200, llama-1b,
 512 decodes: 262 instead of 131 MB a step) and a wider read for the argmax: workload (a) took 2.56 s against 2.50.
 Off by default; for jobs that keep logprobs (evals, labelling) it removes their bf16 quantisation.
-It did not make bf16 greedy streams on random weights agree more often with the torch reference (BENCHMARKS.md):
+It did not make bf16 greedy streams on random weights agree more often with the torch reference (docs/benchmarks.md):
 there the hidden states' own rounding differences decide the near-ties.
 
 Only where torch's mm has a float32 output for half inputs (CUDA); a float32 model already has them.

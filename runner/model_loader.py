@@ -27,6 +27,8 @@ from .default_model import default_model_path
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `default` is (adapters trained on it name it)
+
 
 @dataclass
 class LoadedModel:

@@ -3,7 +3,8 @@
 All of a step's tokens go in as one row of a batch of one (input_ids [1, num_rows]), with their
 true positions, so the model sees no padding between sequences; the attention hook keeps
 sequences apart through the step's block tables. Logits are computed only for the rows that
-sample (the last row of each sequence that reaches its end this step).
+sample (the last row of each sequence that reaches its end this step) and, in steps that score, the rows
+being scored (runner/scoring.py): a step without scored rows gathers and pays for nothing more.
 
 Batch invariance: CPU BLAS takes a different reduction path for GEMMs of fewer than about a dozen
 rows, so a prompt would get other bits alone than in a crowd. The runner pads every step, and the
@@ -12,7 +13,7 @@ rows it computes logits for, to at least MIN_ROWS; padding rows write no K/V and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,7 +25,9 @@ from kvbatch.cache.metadata import AttentionMetadata
 from .attention_hook import StepContext
 from .fused_forward import FusedDecoder
 from .host_tables import HostBlockTables
+from .lora_step import LoraStep
 from .scheduler import ScheduledSeq
+from .sequence import Sequence
 
 MIN_ROWS = 16
 
@@ -40,6 +43,25 @@ class StepInputs:
     # device from row pending_from[i] of the step in flight's sampled tokens.
     pending_rows: torch.Tensor | None = None
     pending_from: torch.Tensor | None = None
+    # Scored rows: the last num_score_rows entries of logits_rows, scored against score_targets
+    # [num_score_rows] int64; score_spans says whose they are, in order: (sequence, first index into its
+    # score_targets, count).
+    num_score_rows: int = 0
+    score_targets: torch.Tensor | None = None
+    score_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
+
+    @property
+    def num_logits(self) -> int:
+        """How many rows' logits the forward returns: the sampling rows, or all kept rows when some score."""
+        return self.logits_rows.shape[0] if self.num_score_rows else self.num_sampling
+
+    def split_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits: [num_logits, vocab] -> (sampling rows [num_sampling, vocab], scored rows or None)."""
+        if not self.num_score_rows:
+            return logits, None
+        return logits[: self.num_sampling], logits[logits.shape[0] - self.num_score_rows :]
+
+    lora: LoraStep | None = None  # rows that run a LoRA adapter (runner/adapters.py); None: all the base model
 
     def fill_pending(self, sampled: torch.Tensor | None) -> None:
         if self.pending_rows is None:
@@ -107,6 +129,7 @@ def prepare_inputs(
     staging: HostStaging | None = None,
     cascade_min_tokens: int = 0,
     host_tables: HostBlockTables | None = None,
+    scoring: bool = False,
 ) -> StepInputs:
     """Lay the step's tokens end to end, decodes first (the scheduler already ordered them).
 
@@ -116,19 +139,24 @@ def prepare_inputs(
 
     With cascade_min_tokens > 0, decodes sharing at least that many leading tokens' pages (a cached system
     prompt) get meta.shared_prefix_len, so the attention reads those pages once for all of them.
+
+    With `scoring` (some sequence of the step may have scored rows), those rows follow the sampling rows in
+    logits_rows, and score-only sequences sample nothing.
     """
     num_seqs = len(scheduled)
     counts = np.fromiter((item.num_new_tokens for item in scheduled), np.int64, num_seqs)
     num_rows = int(counts.sum())
     num_rows_padded = _padded(num_rows)
-    # int64 rows: token ids | positions | slots | logits rows
+    score_rows, score_targets, score_spans = _score_rows(scheduled, counts) if scoring else (None, None, [])
+    num_score = len(score_rows) if score_rows is not None else 0
+    # int64 rows: token ids | positions | slots | logits rows (sampling, padding, scored)
     rows, (ids_at, pos_at, slots_at, logits_at) = _aligned(
-        np.int64, num_rows_padded, num_rows_padded, num_rows_padded, _padded(num_seqs)
+        np.int64, num_rows_padded, num_rows_padded, num_rows_padded, _padded(num_seqs) + num_score
     )
     token_ids = rows[ids_at : ids_at + num_rows_padded]
     positions = rows[pos_at : pos_at + num_rows_padded]
     slots = rows[slots_at : slots_at + num_rows_padded]
-    logits_rows = rows[logits_at : logits_at + _padded(num_seqs)]
+    logits_rows = rows[logits_at : logits_at + _padded(num_seqs) + num_score]
     slots[num_rows:] = -1  # padding rows write nothing
 
     width = max(len(item.seq.block_ids) for item in scheduled)
@@ -158,6 +186,7 @@ def prepare_inputs(
         pending_rows,
         pending_from,
         host_tables or HostBlockTables(),
+        scoring,
     )
     row = num_decodes
     for i in range(num_decodes, num_seqs):
@@ -188,9 +217,13 @@ def prepare_inputs(
         query_start_loc[i + 1] = row
         seq_lens[i] = end
         per_seq[prompts_at + i] = seq.num_prompt_tokens
-        if end == seq.num_tokens:  # the chunk reaches the end: its last row samples
+        if item.samples:  # the chunk reaches the end: its last row samples
             logits_rows[num_sampling] = row - 1
             num_sampling += 1
+    # The lm_head GEMM covers at least MIN_ROWS rows, sampling and scored together (batch invariance).
+    num_kept_sampling = max(num_sampling, MIN_ROWS - num_score)
+    if num_score:
+        logits_rows[num_kept_sampling : num_kept_sampling + num_score] = score_rows
     shared = 0
     if cascade_min_tokens and num_decodes >= 2:
         shared = shared_prefix_tokens(tables[:num_decodes], seq_lens[:num_decodes], block_size)
@@ -199,6 +232,8 @@ def prepare_inputs(
     arrays = [rows, per_seq]
     if pending_rows:
         arrays.append(np.array(pending_rows + pending_from, dtype=np.int64))
+    if num_score:
+        arrays.append(score_targets)
     uploaded = (staging or HostStaging(device)).upload(*arrays)
     rows_dev, per_seq_dev = uploaded[0], uploaded[1]
     meta = AttentionMetadata(
@@ -216,12 +251,39 @@ def prepare_inputs(
     return StepInputs(
         input_ids=rows_dev[ids_at : ids_at + num_rows_padded][None],
         positions=rows_dev[pos_at : pos_at + num_rows_padded][None],
-        logits_rows=rows_dev[logits_at : logits_at + _padded(num_sampling)],
+        logits_rows=rows_dev[logits_at : logits_at + num_kept_sampling + num_score],
         num_sampling=num_sampling,
         meta=meta,
         pending_rows=uploaded[2][: len(pending_rows)] if pending_rows else None,
         pending_from=uploaded[2][len(pending_rows) :] if pending_rows else None,
+        num_score_rows=num_score,
+        score_targets=uploaded[-1] if num_score else None,
+        score_spans=score_spans,
     )
+
+
+def _score_rows(
+    scheduled: list[ScheduledSeq], counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[tuple[Sequence, int, int]]]:
+    """The step's rows that are scored, their target tokens, and whose they are: for each sequence, the rows of
+    its chunk [num_computed_tokens, + num_new_tokens) that fall in [score_from, score_from + len(score_targets))."""
+    rows: list[int] = []
+    targets: list[int] = []
+    spans: list[tuple[Sequence, int, int]] = []
+    row = 0
+    for item, count in zip(scheduled, counts.tolist()):
+        seq = item.seq
+        if seq.score_targets:
+            start = seq.num_computed_tokens
+            lo = max(start, seq.score_from)
+            hi = min(start + count, seq.score_from + len(seq.score_targets))
+            if lo < hi:
+                first = lo - seq.score_from
+                rows.extend(range(row + lo - start, row + hi - start))
+                targets.extend(seq.score_targets[first : first + hi - lo])
+                spans.append((seq, first, hi - lo))
+        row += count
+    return np.array(rows, np.int64), np.array(targets, np.int64), spans
 
 
 def _fill_decodes(
@@ -237,6 +299,7 @@ def _fill_decodes(
     pending_rows: list[int],
     pending_from: list[int],
     host_tables: HostBlockTables,
+    scoring: bool = False,
 ) -> int:
     """Rows 0..len(items)-1 of `prepare_inputs`' arrays for the step's leading one-row sequences (decodes, row i
     sequence i), column by column in numpy rather than one Python body per row: this loop is most of the host's
@@ -267,7 +330,10 @@ def _fill_decodes(
     query_start_loc[1 : n + 1] = rows + 1
     seq_lens[:n] = starts + 1
     totals = known + np.fromiter((seq.num_pending for seq in seqs), np.int64, n)  # num_tokens
-    sampling = np.flatnonzero(starts + 1 == totals)  # the chunk reaches the end: its row samples
+    ends = starts + 1 == totals  # the chunk reaches the end: its row samples, unless it is a scored continuation
+    if scoring:
+        ends &= np.fromiter((not seq.score_only for seq in seqs), bool, n)
+    sampling = np.flatnonzero(ends)
     logits_rows[: len(sampling)] = sampling
     return len(sampling)
 
@@ -297,24 +363,37 @@ class ModelRunner:
         self.staging = HostStaging(self.device)
         self.host_tables = HostBlockTables()  # the decodes' block tables, kept between steps
         self.graphs = None  # a DecodeGraphs once captured (runner/cuda_graphs.py): pure-decode steps replay it
+        self.adapters = None  # an Adapters (runner/adapters.py): its hooks read the step's LoraStep
 
     def replays(self, inputs: StepInputs) -> bool:
-        """Whether this step runs from a captured CUDA graph."""
-        return self.graphs is not None and self.graphs.fits(inputs)
+        """Whether this step runs from a captured CUDA graph (graphs keep the sampling rows' logits only, and were
+        captured without adapters: a step that scores rows or runs one goes eagerly)."""
+        return (
+            self.graphs is not None and not inputs.num_score_rows and inputs.lora is None and self.graphs.fits(inputs)
+        )
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the sampling rows: [num_sampling, vocab_size], in the model's dtype (float32 under
-        runner/float32_logits.py's head)."""
+        runner/float32_logits.py's head); in a step with scored rows, of every kept row (`split_logits`)."""
         if self.replays(inputs):
             return self.graphs.forward(inputs)
         return self.forward_eager(inputs)
 
-    @torch.inference_mode()
     def forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+        if self.adapters is None:
+            return self._forward_eager(inputs)
+        self.adapters.current = inputs.lora  # what the adapted layers' hooks add, during this pass only
+        try:
+            return self._forward_eager(inputs)
+        finally:
+            self.adapters.current = None
+
+    @torch.inference_mode()
+    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         step = StepContext(inputs.meta, self.kv_cache, self.backend)
         if self.fused is not None:
             hidden = self.fused.forward(inputs.input_ids, inputs.positions, step, inputs.logits_rows)
-            return self.model.lm_head(hidden)[: inputs.num_sampling]
+            return self.model.lm_head(hidden)[: inputs.num_logits]
         out = self.model(
             input_ids=inputs.input_ids,
             position_ids=inputs.positions,
@@ -322,4 +401,4 @@ class ModelRunner:
             logits_to_keep=inputs.logits_rows,
             kvbatch_step=step,
         )
-        return out.logits[0, : inputs.num_sampling]
+        return out.logits[0, : inputs.num_logits]

@@ -44,8 +44,9 @@ def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype:
     )
 
 
-def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig) -> PoolSize:
-    """An exact `num_blocks_override`, or the CPU pool of `kv_cache_gib`. (A GPU pool comes from profiling.)"""
+def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig, reserved_bytes: int = 0) -> PoolSize:
+    """An exact `num_blocks_override`, or the CPU pool of `kv_cache_gib` less `reserved_bytes` (the LoRA adapters'
+    host copies). (A GPU pool comes from profiling.)"""
     if config.num_blocks_override:
         n = config.num_blocks_override
         return PoolSize(n, spec.block_size, n * spec.bytes_per_block)
@@ -55,11 +56,12 @@ def fixed_pool_size(spec: KVCacheSpec, config: EngineConfig) -> PoolSize:
             f"engine.kv_cache_gib {config.kv_cache_gib:g} is more than this machine's {memory / GIB:.1f} GiB "
             "of memory; lower it (the weights need room too)"
         )
-    pool = blocks_from_bytes(spec, int(config.kv_cache_gib * GIB))
+    pool = blocks_from_bytes(spec, max(0, int(config.kv_cache_gib * GIB) - reserved_bytes))
     if pool.num_blocks < 1:
+        adapters = f" once the LoRA adapters take {reserved_bytes / GIB:.2f} GiB" if reserved_bytes else ""
         raise KVBudgetError(
-            f"engine.kv_cache_gib {config.kv_cache_gib:g} holds no KV block: one block of {spec.block_size} tokens "
-            f"needs {spec.bytes_per_block / 2**20:.2f} MiB; give the cache more memory"
+            f"engine.kv_cache_gib {config.kv_cache_gib:g} holds no KV block{adapters}: one block of {spec.block_size} "
+            f"tokens needs {spec.bytes_per_block / 2**20:.2f} MiB; give the cache more memory"
         )
     return pool
 

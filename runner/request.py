@@ -15,13 +15,38 @@ FinishReason = Literal["stop", "length", "error"]
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """A prompt to generate from or, with `continuations`, to score: each continuation's tokens are scored
+    after the prompt in one prefill (no decode step), the prompt's full blocks shared through the prefix cache."""
+
     request_id: Hashable  # the job uses the input row index
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    continuations: list[list[int]] | None = None
+    adapter: str | None = None  # a LoRA adapter registered with the engine (Engine.add_adapter); None: the base model
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_token_ids, list):  # a tuple or numpy array: `prompt + output` must concatenate
             object.__setattr__(self, "prompt_token_ids", [int(t) for t in self.prompt_token_ids])
+        if self.continuations is not None:
+            object.__setattr__(self, "continuations", [[int(t) for t in c] for c in self.continuations])
+
+
+@dataclass(frozen=True)
+class TopLogprobs:
+    """The most likely tokens at one position, most likely first."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """lm-eval's (logprob, is_greedy) for one continuation, with its token count and per-token log-probabilities."""
+
+    logprob: float  # the sum of token_logprobs
+    num_tokens: int
+    is_greedy: bool  # every token is the argmax given the prompt and the tokens before it
+    token_logprobs: list[float]
 
 
 @dataclass(frozen=True)
@@ -30,6 +55,9 @@ class Completion:
     token_ids: list[int]
     finish_reason: FinishReason
     logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None  # per generated token, with sampling.top_logprobs > 0
+    # What stopped it: the stop string, or the id from sampling.stop_token_ids; None for EOS, length and errors.
+    stop_reason: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -42,10 +70,14 @@ class GenerationResult:
     error: str | None = None  # set when finish_reason is "error"
     error_kind: ErrorKind | None = None  # why, as a value (set with error)
     num_preemptions: int = 0
+    prompt_logprobs: list[float | None] | None = None  # with sampling.prompt_logprobs; the first token has none
+    scores: list[ContinuationScore] | None = None  # one per continuation of a scoring request (no completions)
 
     @property
     def finish_reason(self) -> FinishReason:
-        return "error" if self.error else self.completions[0].finish_reason
+        if self.error:
+            return "error"
+        return self.completions[0].finish_reason if self.completions else "stop"  # a scoring request: done
 
     @property
     def text(self) -> str:
@@ -66,7 +98,8 @@ class EngineStats:
     num_failed_steps: int = 0
     num_preemptions: int = 0
     peak_kv_usage: float = 0.0
-    num_prompt_tokens: int = 0
+    num_prompt_tokens: int = 0  # of finished requests (counted when a request retires)
+    num_prefill_tokens: int = 0  # prompt tokens computed (counted every step: a long prefill moves it)
     num_output_tokens: int = 0
     num_requests: int = 0
     num_errors: int = 0
@@ -115,3 +148,7 @@ class GenerationEngine(Protocol):
     def generate(
         self, requests: Iterable[GenerationRequest], on_step: Callable[[], None] | None = None
     ) -> Iterator[GenerationResult]: ...
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter (called only for jobs that use adapters)."""
+        ...

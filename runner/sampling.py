@@ -1,6 +1,6 @@
 """Choosing the next token of each sampling row, batched.
 
-Order, as in transformers: repetition penalty, then (sampling rows only) temperature, top-k (ties with
+Order, as in transformers: repetition penalty, vLLM's other processors (logits_processors.py), then (sampling rows only) temperature, top-k (ties with
 the k-th kept), top-p (on what top-k left), min-p, then a draw. Greedy rows (temperature 0, or below 1e-5)
 take the argmax of the penalised logits.
 
@@ -12,11 +12,13 @@ exact sample from p (the exponential race).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .config import SamplingParams
+from .logits_processors import RowLogits, apply_row_processors
 
 _MASK_63 = (1 << 63) - 1
 
@@ -27,6 +29,7 @@ class SamplingRow:
     seed: int  # per sequence: request seed mixed with the sample index
     history: list[int]  # prompt + output so far, for the repetition penalty
     position: int  # index of the token being drawn within the output
+    logits_info: RowLogits | None = None  # bad words' token ids, the ids min_tokens masks
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +112,9 @@ class SampledTokens:
 
     tokens: torch.Tensor  # [num_rows] int64
     logprobs: torch.Tensor | None  # [num_rows] float32, when a row asked for them
+    # The most likely tokens of each row, most likely first, when a row asked for top_logprobs:
+    # ([num_rows, k] int64 ids, [num_rows, k] float32 log-probabilities), k the most any row asked for.
+    top: tuple[torch.Tensor, torch.Tensor] | None = None
     _host: tuple[torch.Tensor, torch.Tensor | None] | None = None
     _ready: torch.cuda.Event | None = None
 
@@ -117,6 +123,8 @@ class SampledTokens:
             # Into pinned memory the copy is queued behind the step; into pageable memory it would be waited for.
             logprobs = _pinned_copy(self.logprobs) if self.logprobs is not None else None
             self._host = (_pinned_copy(self.tokens), logprobs)
+            if self.top is not None:
+                self.top = (_pinned_copy(self.top[0]), _pinned_copy(self.top[1]))
             self._ready = torch.cuda.Event()
             self._ready.record()
         return self
@@ -128,27 +136,41 @@ class SampledTokens:
             tokens, logprobs = self._host
         return tokens.tolist(), logprobs.tolist() if logprobs is not None else None
 
+    def top_to_host(self) -> tuple[list[list[int]], list[list[float]]] | None:
+        """The top tokens per row (after `to_host`, which waited for the step)."""
+        if self.top is None:
+            return None
+        return self.top[0].tolist(), self.top[1].tolist()
 
-def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow] | None) -> SampledTokens:
+
+def sample_on_device(
+    logits: torch.Tensor, rows: list[SamplingRow] | None, mask: Callable[[torch.Tensor], None] | None = None
+) -> SampledTokens:
     """logits: [num_rows, vocab_size] in the model's dtype. The chosen token ids and, if any row asked, their
-    log-probabilities under the unmodified model distribution; nothing waits for the device. rows=None: every
-    row is greedy and wants no log-probability (the caller knew without building the rows).
+    log-probabilities (and the top_logprobs most likely tokens) under the unmodified model distribution; nothing
+    waits for the device. rows=None: every row is greedy and wants no log-probability (the caller knew without
+    building the rows). `mask` (structured output) sets disallowed logits of a float32 copy to -inf, after the
+    log-probabilities are taken.
 
     An all-greedy step takes the argmax of the logits as they come (a float32 copy would hold the same values,
     so the same tokens): at 512 rows of a 128k vocabulary the copy alone cost 0.2 ms of a 5.6 ms decode step.
     Log-probabilities, penalties and sampling work in float32."""
-    if rows is None:
+    if rows is None and mask is None:
         return SampledTokens(logits.argmax(dim=-1), None)
-    logprobs_wanted = any(r.params.logprobs for r in rows)
-    penalised = any(r.params.repetition_penalty != 1.0 for r in rows)
-    sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if penalised:  # one float32 copy, written into below: the caller's logits (a graph's output) stay as they are
+    logprobs_wanted = rows is not None and any(r.params.wants_logprobs for r in rows)
+    num_top = max(r.params.top_logprobs for r in rows) if rows is not None else 0
+    penalised = rows is not None and any(r.params.changes_logits for r in rows)
+    sampling = [i for i, r in enumerate(rows) if not r.params.greedy] if rows is not None else []
+    if penalised or mask is not None:  # one float32 copy, written into below: the caller's logits stay as they are
         logits = logits.to(torch.float32, copy=True)
     elif logprobs_wanted or sampling:
         logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprobs_wanted else None
     if penalised:
         _apply_repetition_penalty(logits, rows)
+        apply_row_processors(logits, rows)
+    if mask is not None:
+        mask(logits)
     tokens = logits.argmax(dim=-1)
     if sampling:
         sub_rows = [rows[i] for i in sampling]
@@ -160,7 +182,11 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingRow] | None) -> Sa
         race = torch.where(probs > 0, race, -1.0)  # a removed token never wins, whatever the noise
         tokens[index] = race.argmax(dim=-1)
     chosen_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0] if raw_logprobs is not None else None
-    return SampledTokens(tokens, chosen_logprobs)
+    top = None
+    if num_top:
+        values, ids = raw_logprobs.topk(min(num_top, raw_logprobs.shape[-1]), dim=-1)
+        top = (ids, values)
+    return SampledTokens(tokens, chosen_logprobs, top)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[float] | None]:

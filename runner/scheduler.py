@@ -67,6 +67,8 @@ class SchedulerConfig:
     # without an immediate preemption.
     watermark: float = 0.01
     prefix_cache: bool = True
+    # LoRA adapters: at most this many distinct ones run at once (the engine's device slots); None: no adapters.
+    max_loras: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -82,7 +84,9 @@ class SchedulerConfig:
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
-    samples: bool  # the chunk reaches the end of the sequence, so its last row yields the next token
+    samples: (
+        bool  # the chunk reaches the end of the sequence, so its last row yields the next token (not if score_only)
+    )
 
 
 @dataclass
@@ -137,7 +141,7 @@ class Scheduler:
         isolated = next((s for s in self.running if s.isolate), None)
         if isolated is None and self.waiting and self.waiting[0].isolate:
             isolated = self.waiting.pop(0)
-            while not self._admit(isolated, budget, out, keep_watermark=False):
+            while not self._adapter_fits(isolated) or not self._admit(isolated, budget, out, keep_watermark=False):
                 # It fits the pool alone, so freeing the others always ends.
                 assert self.running, (
                     f"seq {isolated.seq_id} does not fit an empty pool of {self.pool.num_blocks} blocks"
@@ -159,6 +163,8 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_tokens_to_compute, budget)
+            if num_new == 0:  # a scored continuation computed in the step in flight: it ends when that is read
+                continue
             if not self._grow(seq, num_new, out):
                 continue
             self._schedule(seq, num_new, out)
@@ -167,23 +173,47 @@ class Scheduler:
         # No admission after a preemption: the pool just proved too small for what runs.
         if not out.preempted:
             self._admit_waiting(budget, out)
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        self._order(out)
         return out
 
+    def _order(self, out: SchedulerOutput) -> None:
+        """Decodes first (stable); with adapters, each part grouped by adapter, so an adapter's rows are contiguous."""
+        if self.config.max_loras is None:
+            out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        else:
+            out.scheduled.sort(key=lambda s: (s.num_new_tokens != 1, s.seq.adapter_key))
+
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
-        """Admit from the head of the queue while the budget lasts, a slot is free and the blocks fit."""
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
+        """Admit from the head of the queue while the budget lasts, a slot is free and the blocks fit. A sequence
+        whose adapter would be one more than max_loras waits, and those behind it go ahead."""
+        adapters = self._running_adapters()
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            seq = self.waiting[i]
             if seq.isolate or len(self.running) >= self.config.max_num_seqs:
                 break  # an isolated sequence gets a step of its own next time
+            if adapters is not None and seq.adapter_key and seq.adapter_key not in adapters:
+                if len(adapters) >= self.config.max_loras:
+                    i += 1
+                    continue
+                adapters.add(seq.adapter_key)
             num_new = self._admit(seq, budget, out, keep_watermark=bool(self.running))
             if not num_new:
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._schedule(seq, num_new, out)
             budget -= num_new
+
+    def _running_adapters(self) -> set[bytes] | None:
+        if self.config.max_loras is None:
+            return None
+        return {s.adapter_key for s in self.running if s.adapter_key}
+
+    def _adapter_fits(self, seq: Sequence) -> bool:
+        adapters = self._running_adapters()
+        return adapters is None or not seq.adapter_key or len(adapters | {seq.adapter_key}) <= self.config.max_loras
 
     def schedule_ahead(self) -> SchedulerOutput | None:
         """The next step while the last still runs: what `schedule()` would plan once the host has the
@@ -204,8 +234,9 @@ class Scheduler:
         need = 0
         for seq in self.running:
             pending = seq.num_pending
-            if seq.isolate or pending > 1 or seq.penalised:
-                return None  # a sequence that must run alone, or one whose penalty reads its pending token
+            if seq.isolate or pending > 1 or seq.penalised or (pending and seq.matcher is not None):
+                # a sequence that must run alone, or one whose penalty or grammar mask reads its pending token
+                return None
             num_output = len(seq.output_token_ids) + pending
             if pending and num_output >= seq.max_new_tokens:
                 continue
@@ -213,11 +244,13 @@ class Scheduler:
                 break
             num_tokens = seq.num_prompt_tokens + num_output
             computed = seq.num_computed_tokens
+            if computed == num_tokens:  # a scored continuation computed in the step in flight
+                continue
             num_new = num_tokens - computed if num_tokens - computed < budget else budget
             seq_need = -(-(computed + num_new) // block_size) - len(seq.block_ids)
             if seq_need > 0:
                 need += seq_need
-            plan.append((seq, num_new, seq_need, computed + num_new == num_tokens))
+            plan.append((seq, num_new, seq_need, computed + num_new == num_tokens and not seq.score_only))
             budget -= num_new
         if need > self.pool.num_free_blocks:
             return None  # schedule() preempts, once the tokens in flight are in
@@ -233,7 +266,7 @@ class Scheduler:
         self._admit_waiting(budget, out)
         if not out.scheduled:
             return None
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        self._order(out)
         return out
 
     def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput, keep_watermark: bool) -> int:
@@ -270,7 +303,7 @@ class Scheduler:
         """Blocks of the longest cached prefix of the sequence's tokens, leaving at least its last token."""
         if not self.config.prefix_cache:
             return []
-        num_blocks = max_cached_blocks(seq.num_tokens, self.config.block_size)
+        num_blocks = max_cached_blocks(seq.num_cacheable_tokens, self.config.block_size)
         return self.pool.match_prefix(
             seq.full_block_hashes(num_blocks * self.config.block_size, self.config.block_size)
         )
@@ -279,7 +312,9 @@ class Scheduler:
         """Put the chunk in the step and register the blocks it fills. A decode with its token still pending
         never comes here (schedule_ahead appends it directly): its newest block is not full of known tokens."""
         num_tokens = seq.num_computed_tokens + num_new
-        out.scheduled.append(ScheduledSeq(seq, num_new, num_tokens == seq.num_tokens if samples is None else samples))
+        if samples is None:
+            samples = num_tokens == seq.num_tokens and not seq.score_only
+        out.scheduled.append(ScheduledSeq(seq, num_new, samples))
         if not self.config.prefix_cache:
             return
         block_size = self.config.block_size
@@ -336,7 +371,8 @@ class Scheduler:
         caller withdraws them (`requeue_isolated(..., registered)`)."""
         registered, self._registered_this_step = self._registered_this_step, []
         for item in out.scheduled:
-            if item.seq.isolate and item.samples and item.seq.num_isolations < MAX_ISOLATIONS:
+            reaches_end = item.seq.num_computed_tokens + item.num_new_tokens == item.seq.num_tokens
+            if item.seq.isolate and reaches_end and item.seq.num_isolations < MAX_ISOLATIONS:
                 item.seq.isolate = False  # its whole context ran alone without failing: not the culprit
             item.seq.num_computed_tokens += item.num_new_tokens
         return registered

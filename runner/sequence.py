@@ -12,8 +12,13 @@ Preemption frees the pages and sets num_computed_tokens back to 0, so the sequen
 prompt and output so far as one prefill when it is admitted again. With the prefix cache, admission
 (first or again) starts num_computed_tokens after the longest cached prefix instead.
 
-    block_hashes            prefix-cache hashes of the full blocks of token_ids seen so far
+    block_hashes            prefix-cache hashes of the full blocks of token_ids seen so far (keyed by
+                            the LoRA adapter too: two adapters compute other K/V for the same tokens)
     num_registered_blocks   leading block_ids already offered to the prefix cache
+
+Scoring (runner/scoring.py): the logits of rows [score_from, score_from + len(score_targets)) are scored
+against score_targets, the token that follows each row; a score-only sequence (one continuation of a scoring
+request) samples nothing and ends once its tokens are computed. Its cached prefix stops before score_from.
 
 With async scheduling the engine launches the next step before the host has seen the tokens of the
 one in flight. Those tokens are pending: counted in num_tokens (their positions are taken), not yet in
@@ -29,7 +34,7 @@ from typing import Any
 
 from kvbatch.cache.prefix_cache import BlockHash, chain_hashes
 
-from .request import FinishReason, GenerationRequest
+from .request import FinishReason, GenerationRequest, TopLogprobs
 
 
 class SeqStatus(enum.Enum):
@@ -47,6 +52,7 @@ class Sequence:
     seed: int
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # with sampling.top_logprobs
     block_ids: list[int] = field(
         default_factory=list
     )  # grows by appending, else replaced whole (runner/host_tables.py)
@@ -64,17 +70,27 @@ class Sequence:
     num_failures_alone: int = 0  # the engine fails the row at FAILURES_ALONE_TO_ERROR (a fault may be transient)
     finish_reason: FinishReason | None = None
     group: Any = None  # the engine's state of the request this sample belongs to
+    matcher: Any = None  # structured output: the grammar's state after output_token_ids (runner/structured.py)
+    score_from: int = -1  # the first row whose logits are scored; -1: none
+    score_targets: list[int] = field(default_factory=list)  # the token after each scored row
+    score_only: bool = False  # a continuation being scored: ends when prefilled, samples nothing
+    score_logprobs: list[float] = field(default_factory=list)  # per scored row, written as steps compute them
+    score_greedy: list[bool] = field(default_factory=list)  # per scored row: the target is the argmax
+    adapter_key: bytes = b""  # its LoRA adapter's identity (b"": the base model): part of every block hash
     # Plain attributes, not properties: the host reads them for every row of every step.
     num_prompt_tokens: int = field(init=False, repr=False)
-    penalised: bool = field(init=False, repr=False)  # a repetition penalty reads the tokens so far
-    plain_greedy: bool = field(init=False, repr=False)  # argmax alone: no sampling, penalty or log-probs
+    penalised: bool = field(init=False, repr=False)  # penalties or bad words read the tokens so far
+    plain_greedy: bool = field(init=False, repr=False)  # argmax alone: no sampling, logits processor or log-probs
     custom_stops: bool = field(init=False, repr=False)  # stop strings or stop token ids beyond EOS
 
     def __post_init__(self) -> None:
         params = self.request.sampling
         self.num_prompt_tokens = len(self.request.prompt_token_ids)
-        self.penalised = params.repetition_penalty != 1.0
-        self.plain_greedy = params.greedy and not self.penalised and not params.logprobs
+        self.penalised = params.reads_output
+        self.plain_greedy = params.greedy and not params.changes_logits and not params.wants_logprobs
+        if self.score_targets:
+            self.score_logprobs = [0.0] * len(self.score_targets)
+            self.score_greedy = [False] * len(self.score_targets)
         self.custom_stops = bool(params.stop or params.stop_token_ids)
 
     @property
@@ -98,6 +114,11 @@ class Sequence:
     def max_num_tokens(self) -> int:
         """Prompt plus the most output this sequence may produce: what `reserve` admission holds."""
         return self.num_prompt_tokens + self.max_new_tokens
+
+    @property
+    def num_cacheable_tokens(self) -> int:
+        """Leading tokens the prefix cache may supply: not the last (its logits sample), nor scored rows."""
+        return min(self.num_tokens, self.score_from + 1) if self.score_targets else self.num_tokens
 
     def token_ids(self, start: int, end: int) -> list[int]:
         assert end <= self.num_known_tokens, (
@@ -123,5 +144,5 @@ class Sequence:
         if num_hashed < num_full:
             parent = self.block_hashes[-1] if num_hashed else None
             new_tokens = self.token_ids(num_hashed * block_size, num_full * block_size)
-            self.block_hashes += chain_hashes(parent, new_tokens, block_size)
+            self.block_hashes += chain_hashes(parent, new_tokens, block_size, self.adapter_key)
         return self.block_hashes[:num_full]

@@ -22,6 +22,8 @@ class StopChecker:
     def check(self, seq: Sequence) -> FinishReason | None:
         params = seq.request.sampling
         last = seq.output_token_ids[-1]
+        if len(seq.output_token_ids) < params.min_tokens:  # nothing but the limit stops a sample this short
+            return "length" if len(seq.output_token_ids) >= seq.max_new_tokens else None
         if (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids:
             return "stop"
         if params.stop and last in self._stop_strings_as_ids(params.stop):
@@ -49,10 +51,12 @@ class StopChecker:
         # A token carries at least one byte and a character at most four, so this many tokens cover any stop
         # string that ends in the newest token; special tokens carry none in the text, so they are not counted.
         need = 4 * longest + 4
-        tail = seq.output_token_ids[-need:]
+        # Under min_tokens, only text from the min_tokens-th token on may hold a stop string.
+        min_start = max(seq.request.sampling.min_tokens - 1, 0)
+        tail = seq.output_token_ids[max(len(seq.output_token_ids) - need, min_start) :]
         if not self._special_ids.isdisjoint(tail):  # rare (ignore_eos runs on past end-of-turn tokens)
             tail = []
-            for token in reversed(seq.output_token_ids):
+            for token in reversed(seq.output_token_ids[min_start:]):
                 if token not in self._special_ids:
                     tail.append(token)
                     if len(tail) == need:
@@ -61,7 +65,38 @@ class StopChecker:
         text = self.tokenizer.decode(tail, skip_special_tokens=True)
         return any(s in text for s in seq.request.sampling.stop)
 
-    def text(self, seq: Sequence) -> str:
+    def stop_reason(self, seq: Sequence) -> str | int | None:
+        """What stopped a finished sequence: the stop string (the one the text is cut before), or a stop token id
+        of `sampling.stop_token_ids`; None for the model's EOS and for every reason but "stop"."""
+        params = seq.request.sampling
+        if seq.finish_reason != "stop" or not seq.output_token_ids:
+            return None
+        last = seq.output_token_ids[-1]
+        if last in params.stop_token_ids:
+            return last
+        if not params.ignore_eos and last in self.eos_token_ids:
+            return None
+        if params.stop and last in self._stop_strings_as_ids(params.stop):
+            added = self.tokenizer.get_added_vocab()  # a stop string that is a special token: matched by its id
+            return next(s for s in params.stop if added.get(s) == last)
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        cuts = [i for i in (text.find(s) for s in seq.request.sampling.stop) if i >= 0]
-        return text[: min(cuts)] if cuts else text
+        cuts = [(i, s) for i, s in ((text.find(s), s) for s in params.stop) if i >= 0]
+        return min(cuts)[1] if cuts else None
+
+    def text(self, seq: Sequence) -> str:
+        params = seq.request.sampling
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if seq.matcher is not None:  # a constrained row never stops on a stop string: its text is whole
+            return text
+        if not params.stop:
+            return text
+        # Under min_tokens, a stop string counts from the min_tokens-th token on, as in `check`.
+        start = 0
+        if params.min_tokens > 1:
+            start = len(self.tokenizer.decode(seq.output_token_ids[: params.min_tokens - 1], skip_special_tokens=True))
+        cuts = []
+        for s in params.stop:
+            found = text.find(s, start)
+            if found >= 0:
+                cuts.append((found, found + len(s) if params.include_stop_str_in_output else found))
+        return text[: min(cuts)[1]] if cuts else text

@@ -1,4 +1,4 @@
-"""The CPU peer for BENCHMARKS.md: a plain transformers script, `generate` in left-padded batches of 16.
+"""The CPU peer for docs/benchmarks.md: a plain transformers script, `generate` in left-padded batches of 16.
 
 Reads the same JSONL as `kvbatch generate` (a "prompt" column), sends each prompt through the model's chat
 template, decodes greedily and writes one JSON line per row. Time it from process start:

@@ -5,7 +5,7 @@
 A random model of the shape, bf16, the engine's runner called directly on made-up steps: 512 decodes at contexts
 of 100-1,280 tokens, and about 30 fresh prompts filling 16,384 tokens. Prints each step's time (eager, and the
 decode replayed from a CUDA graph), a few GEMMs of the same shapes alone, and the top kernels of each step from
-torch.profiler. Figures go to BENCHMARKS.md.
+torch.profiler. Figures go to docs/benchmarks.md.
 """
 
 from __future__ import annotations

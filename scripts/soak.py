@@ -7,7 +7,7 @@
 Every `--every` rows it prints resident memory (RSS), the KV pool's free blocks and the throughput of that slice;
 at the end it checks that the pool is whole again (every block free, invariants hold) and that the output holds
 each row once, in input order. What to look for: RSS flat after warm-up, the pool full at the end, rows/s not
-decaying from slice to slice. Not part of the test suite (about a minute on one CPU core); figures go to BENCHMARKS.md.
+decaying from slice to slice. Not part of the test suite (about a minute on one CPU core); figures go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.writer import OutputWriter
@@ -131,7 +131,7 @@ def main() -> int:
             reporter.count(result.num_output_tokens, last=reporter.done + 1 == args.rows)
         report = writer.finalize(args.rows)
 
-    rows = pa.ipc.open_file(pa.memory_map(str(output))).read_all().column("row").to_pylist()
+    rows = read_arrow(Path(output)).column("row").to_pylist()
     pool.check_invariants()
     whole = pool.num_free_blocks == pool.num_blocks
     in_order = rows == list(range(args.rows))
@@ -210,7 +210,7 @@ def soak_job(engine: Engine, args: argparse.Namespace) -> int:
     if outcome.error is not None:
         print(f"job failed: {outcome.error}")
         return 1
-    rows = pa.ipc.open_file(pa.memory_map(str(folder / "out" / "soak.arrow"))).read_all().column("row").to_pylist()
+    rows = read_arrow(Path(folder / "out" / "soak.arrow")).column("row").to_pylist()
     engine.pool.check_invariants()
     whole = engine.pool.num_free_blocks == engine.pool.num_blocks
     in_order = rows == list(range(args.rows))

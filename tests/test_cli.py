@@ -6,6 +6,7 @@ run_jobs is patched (no model), except in the last tests where the fake engine s
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -292,3 +293,129 @@ def test_a_second_run_on_a_locked_output_exits_4(tmp_path: Path, monkeypatch: py
         f"another kvbatch run (pid {os.getpid()}) is writing this output" in result.stderr and "--wait" in result.stderr
     )
     assert invoke("run", jobs_file(tmp_path), "--job", "first").exit_code == 0  # free again
+
+
+def test_generate_takes_set_under_its_options(tmp_path: Path, recorder: Recorder, monkeypatch) -> None:
+    """--set reaches any job field from generate too; an option given explicitly wins over a --set of its field."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke(
+        "generate",
+        "in.jsonl",
+        "-o",
+        "out.arrow",
+        "--set",
+        "sampling.presence_penalty=0.5",
+        "--set",
+        'sampling.logit_bias={"7": -100}',
+        "--set",
+        "sampling_columns=[temperature, seed]",
+        "--set",
+        "sampling.temperature=0.3",
+        "--temperature",
+        "0.9",
+    )
+    assert result.exit_code == 0, result.output
+    expected = job_from_dict(
+        {
+            "name": "out",
+            "input": {"path": "in.jsonl"},
+            "sampling": {"presence_penalty": 0.5, "logit_bias": {"7": -100}, "temperature": 0.9},
+            "sampling_columns": ["temperature", "seed"],
+            "output": {"path": "out.arrow"},
+            "output_dir": ".",
+        },
+        base_dir=str(tmp_path),
+    )
+    assert recorder.calls == [([expected], False)]
+    assert expected.sampling.logit_bias == ((7, -100.0),)
+    bad = invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", "sampling.frequency_penalty=3")
+    assert bad.exit_code == 2 and "sampling.frequency_penalty: must be <= 2, got 3" in bad.stderr
+
+
+def test_per_row_sampling_columns_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate with sampling columns: each row's request carries its own values; a bad one is its error row."""
+    monkeypatch.chdir(tmp_path)
+    rows = [
+        {"prompt": "a", "temperature": 0.5, "settings": {"presence_penalty": 1.0, "logit_bias": {"3": 2}}},
+        {"prompt": "b", "temperature": None, "settings": None},
+        {"prompt": "c", "temperature": 0.1, "settings": {"min_tokens": -1}},
+        {"prompt": "d", "temperature": 0.1, "settings": {"temprature": 1}},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    factory = fake_factory()
+    monkeypatch.setattr(
+        cli, "run_jobs", lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=factory)
+    )
+    result = invoke(
+        "generate", "in.jsonl", "-o", "out.jsonl", "--set", "sampling_columns=[temperature]",
+        "--set", "sampling_column=settings", "--set", "sampling.frequency_penalty=0.25",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    asked = {r.request_id: r.sampling for r in factory.engines[0].requests}
+    assert sorted(asked) == [0, 1]
+    assert (asked[0].temperature, asked[0].presence_penalty, asked[0].logit_bias) == (0.5, 1.0, ((3, 2.0),))
+    assert asked[0].frequency_penalty == asked[1].frequency_penalty == 0.25
+    assert (asked[1].temperature, asked[1].presence_penalty) == (0.0, 0.0)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    errors = {r["row"]: (r["error_kind"], r["error"]) for r in out if r["error"]}
+    assert errors[2][0] == "bad_request" and "min_tokens must be >= 0, got -1" in errors[2][1]
+    assert errors[3][0] == "bad_request" and "'temprature', not a sampling field" in errors[3][1]
+
+
+def test_generate_set_reaches_every_field_and_the_options_win(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(
+        "generate",
+        "in.jsonl",
+        "-o",
+        "out.arrow",
+        "--temperature",
+        "0.5",
+        "--set",
+        'sampling.stop=["\\n\\n", END]',  # two newlines: YAML reads escapes in double quotes
+        "--set",
+        "sampling.n=2",
+        "--set",
+        "sampling.top_k=40",
+        "--set",
+        "sampling.logprobs=true",
+        "--set",
+        "sampling.temperature=0.9",  # --temperature is given: it wins, as in `run`
+        "--set",
+        "engine.max_num_seqs=8",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    expected = job_from_dict(
+        {
+            "name": "out",
+            "input": {"path": "in.jsonl"},
+            "sampling": {"stop": ["\n\n", "END"], "n": 2, "top_k": 40, "logprobs": True, "temperature": 0.5},
+            "engine": {"max_num_seqs": 8},
+            "output": {"path": "out.arrow"},
+            "output_dir": ".",
+            "progress": "off",
+        },
+        base_dir=str(tmp_path),
+    )
+    assert recorder.calls == [([expected], False)]
+    bad = invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", "sampling.temprature=1")
+    assert bad.exit_code == 2 and "sampling.temprature: unknown field" in bad.stderr
+
+
+def test_quiet_turns_progress_off_and_verbose_logs_debug(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for logger in (logging.root, logging.getLogger("kvbatch")):  # put back after the test
+        monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(logging.root, "handlers", [])  # let basicConfig configure this run's logging
+    assert invoke("run", jobs_file(tmp_path), "--quiet").exit_code == 0
+    assert [spec.progress for spec in recorder.calls[0][0]] == ["off", "off"]
+    assert logging.root.level == logging.ERROR
+    monkeypatch.setattr(logging.root, "handlers", [])
+    assert invoke("run", jobs_file(tmp_path), "-v").exit_code == 0
+    assert [spec.progress for spec in recorder.calls[1][0]] == ["auto", "auto"]
+    assert logging.getLogger("kvbatch").getEffectiveLevel() == logging.DEBUG
+    assert invoke("run", jobs_file(tmp_path), "-v", "--quiet").exit_code == 2

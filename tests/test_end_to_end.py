@@ -1,5 +1,5 @@
 """Whole jobs through the real engine: a tiny random Llama on a small pool, then (once) the real default model
-on examples/jobs.yaml, the README's worked example.
+on examples/jobs.yaml, the worked example `make example` runs.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import datasets
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from openai.types.chat import ChatCompletion
@@ -16,6 +15,7 @@ from tiny_models import tiny_loaded
 from typer.testing import CliRunner
 
 from kvbatch import cli
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.runner.config import SamplingParams
@@ -72,7 +72,7 @@ def test_job_texts_equal_the_engines_own_greedy_output(tmp_path: Path, chat_temp
     factory = tiny_engine_factory(chat_template)
     summary = run_job(job, EngineCache(factory))
     (engine,) = factory.engines
-    got = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / "e2e.arrow"))).read_all().to_pylist()
+    got = read_arrow(Path(tmp_path / "out" / "e2e.arrow")).to_pylist()
 
     assert [r["id"] for r in got] == [x["id"] for x in lines]
     long_row = got.pop(4)
@@ -104,7 +104,7 @@ def test_job_texts_equal_the_engines_own_greedy_output(tmp_path: Path, chat_temp
 
 @pytest.mark.slow
 def test_the_worked_example_with_the_default_model(tmp_path: Path) -> None:
-    """`kvbatch run examples/jobs.yaml` as the README shows it, writing to a temporary folder, with shorter answers
+    """`kvbatch run examples/jobs.yaml` as `make example` runs it, writing to a temporary folder, with shorter answers
     (16 tokens instead of 48 and 32; the OpenAI requests keep their own max_tokens) to keep CI quick."""
     out = tmp_path / "out"
     args = [
@@ -119,7 +119,7 @@ def test_the_worked_example_with_the_default_model(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "job questions: done" in result.stdout and "errors      bad_json 1, empty_prompt 1" in result.stdout
 
-    questions = pa.ipc.open_file(str(out / "questions.arrow")).read_all()
+    questions = read_arrow(Path(out / "questions.arrow"))
     source = (REPO / "examples" / "data" / "questions.jsonl").read_text().splitlines()
     assert questions.num_rows == len(source) == 24
     assert questions.column_names == [
@@ -128,6 +128,7 @@ def test_the_worked_example_with_the_default_model(tmp_path: Path) -> None:
         "topic",
         "text",
         "finish_reason",
+        "stop_reason",
         "error",
         "error_kind",
         "prompt_tokens",

@@ -106,6 +106,7 @@ class FakeEngine:
     def _answer(self, request: GenerationRequest) -> GenerationResult:
         n = len(request.prompt_token_ids)
         self.stats.num_prompt_tokens += n
+        self.stats.num_prefill_tokens += n
         if n >= self.max_model_len:
             message = f"the prompt has {n} tokens; at most {self.max_model_len - 1} fit, leaving room for one new token"
             return GenerationResult(request.request_id, n, [], error=message, error_kind=ErrorKind.PROMPT_TOO_LONG)

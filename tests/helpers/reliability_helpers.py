@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import yaml
+
+from kvbatch.jobs.arrow_io import read_arrow
 
 REPO = Path(__file__).resolve().parents[2]
 # One id per word ("w5 w17"); the template joins message contents, so the placeholder path is exercised.
@@ -52,7 +53,7 @@ def write_job_file(path: Path, **job: Any) -> Path:
 def read_output(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines()]
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all().to_pylist()
+    return read_arrow(Path(path)).to_pylist()
 
 
 def kvbatch_command(*args: str) -> list[str]:

@@ -9,9 +9,9 @@ import json
 import random
 from pathlib import Path
 
-import pyarrow as pa
 from tiny_models import tiny_loaded
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.spec import JobSpec, job_from_dict
 from kvbatch.runner.engine import Engine, EngineConfig
 
@@ -53,7 +53,7 @@ def tiny_job(tmp_path: Path, name: str = "answers", runner: str = "local", **par
 
 
 def rows_of(path: Path) -> list[dict]:
-    return pa.ipc.open_file(path).read_all().to_pylist()
+    return read_arrow(Path(path)).to_pylist()
 
 
 def tiny_tp_loader(model: str, settings: dict, device) -> object:
@@ -68,3 +68,31 @@ def tiny_tp_loader_or_missing(model: str, settings: dict, device) -> object:
 
         raise ModelLoadError(f"cannot load model {model!r}: not found")
     return tiny_tp_loader(model, settings, device)
+
+
+class FailingEngineFactory:
+    """EngineFactory for the tiny engine, whose `generate` fails (after a pause, so that earlier blocks get written)
+    on any batch holding a row at or past `row`, while the file `marker` exists: a run that dies half way."""
+
+    def __init__(self, marker: Path, row: int, pause_s: float = 3.0) -> None:
+        self.marker, self.row, self.pause_s = str(marker), row, pause_s
+
+    def __call__(self, model: str, settings: dict) -> object:
+        return _FailingEngine(tiny_engine(model, settings), self)
+
+
+class _FailingEngine:
+    def __init__(self, engine: Engine, factory: FailingEngineFactory) -> None:
+        self.engine, self.factory = engine, factory
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.engine, name)
+
+    def generate(self, requests, **kwargs):
+        requests = list(requests)
+        if Path(self.factory.marker).exists() and any(r.request_id >= self.factory.row for r in requests):
+            import time
+
+            time.sleep(self.factory.pause_s)
+            raise RuntimeError(f"engine stopped at row {self.factory.row} (test)")
+        return self.engine.generate(requests, **kwargs)

@@ -17,12 +17,24 @@ from openai.types.chat import ChatCompletion
 
 from kvbatch import __version__
 from kvbatch.jobs import job_io as job_io_module  # where a job opens its reader
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, model_name, run_job
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
 
 TOKENIZER = FakeTokenizer()
-COLUMNS = ["row", "id", "topic", "text", "finish_reason", "error", "error_kind", "prompt_tokens", "output_tokens"]
+COLUMNS = [
+    "row",
+    "id",
+    "topic",
+    "text",
+    "finish_reason",
+    "stop_reason",
+    "error",
+    "error_kind",
+    "prompt_tokens",
+    "output_tokens",
+]
 
 
 def chat_tokens(*messages: tuple[str, str]) -> int:
@@ -40,10 +52,6 @@ def run(tmp_path: Path, **fields: Any):
     job = job_from_dict({"name": "j", "output_dir": "out", **fields}, base_dir=str(tmp_path))
     summary = run_job(job, EngineCache(factory))
     return summary, factory.engines[0] if factory.engines else None
-
-
-def read_arrow(path: Path) -> pa.Table:
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 LINES = [

@@ -14,21 +14,32 @@ from openai.types.chat import ChatCompletion
 from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.jobs.token_bytes import TokenBytes
-from kvbatch.runner.request import Completion, GenerationRequest, GenerationResult
+from kvbatch.runner.request import Completion, GenerationRequest, GenerationResult, TopLogprobs
 
 ANSWER = "Olá 😀"  # multi-byte characters: their bytes must come back exactly
 EOS = SPECIALS["<|im_end|>"]
 
 
+ALTERNATIVES = [EOS, 1000 + ord("x"), 1000 + ord("é")]  # a special token, then plain ones
+
+
 class SpellingEngine(FakeEngine):
-    """Answers ANSWER one character per token (the fake tokenizer's ids), then the EOS token."""
+    """Answers ANSWER one character per token (the fake tokenizer's ids), then the EOS token; with top_logprobs,
+    each position's own token leads its alternatives, then ALTERNATIVES."""
 
     def _answer(self, request: GenerationRequest) -> GenerationResult:
         ids = self.tokenizer.encode(ANSWER) + [EOS]
         completions = []
         for sample in range(request.sampling.n):
             logprobs = [-0.25 * (k + 1) - sample for k in range(len(ids))] if request.sampling.logprobs else None
-            completions.append(Completion(ANSWER, ids, "stop", logprobs))
+            num_top = request.sampling.top_logprobs
+            tops = None
+            if num_top:
+                tops = [
+                    TopLogprobs(([t] + ALTERNATIVES)[:num_top], [lp - j for j in range(num_top)])
+                    for t, lp in zip(ids, logprobs)
+                ]
+            completions.append(Completion(ANSWER, ids, "stop", logprobs, tops))
         return GenerationResult(request.request_id, len(request.prompt_token_ids), completions)
 
 
@@ -86,34 +97,62 @@ def test_logprobs_true_gives_openai_token_logprobs_and_false_gives_null(tmp_path
     assert [c.logprobs.content[0].logprob for c in two] == [-0.25, -1.25]  # each sample its own
 
 
+def test_top_logprobs_come_back_in_the_api_shape(tmp_path: Path) -> None:
+    lines, engine = run_openai(
+        tmp_path, [request("top", logprobs=True, top_logprobs=3), request("two", logprobs=True, top_logprobs=2, n=2)]
+    )
+    assert [r.sampling.top_logprobs for r in engine.requests] == [3, 2]
+    content = ChatCompletion.model_validate(lines[0]["response"]["body"]).choices[0].logprobs.content
+    assert len(content) == len(ANSWER)  # the EOS the model stopped on is left out, its alternatives with it
+    for k, token in enumerate(content):
+        assert [t.token for t in token.top_logprobs] == [ANSWER[k], "<|im_end|>", "x"]
+        assert [t.logprob for t in token.top_logprobs] == [token.logprob, token.logprob - 1, token.logprob - 2]
+        assert token.top_logprobs[0].bytes == token.bytes
+        assert token.top_logprobs[1].bytes is None  # a special token has no bytes of text
+    two = ChatCompletion.model_validate(lines[1]["response"]["body"]).choices
+    assert [len(c.logprobs.content[0].top_logprobs) for c in two] == [2, 2]
+    assert [c.logprobs.content[0].top_logprobs[0].logprob for c in two] == [-0.25, -1.25]  # each sample its own
+
+
 def test_unsupported_logprobs_requests_fail_their_row(tmp_path: Path) -> None:
     lines, engine = run_openai(
         tmp_path,
-        [request("top", logprobs=True, top_logprobs=3), request("legacy", logprobs=5), request("ok", logprobs=True)],
+        [
+            request("no-logprobs", top_logprobs=3),
+            request("legacy", logprobs=5),
+            request("too-many", logprobs=True, top_logprobs=21),
+            request("ok", logprobs=True),
+        ],
     )
     for line, words in (
-        (lines[0], "top_logprobs 3 is not supported"),
+        (lines[0], "top_logprobs needs logprobs: true"),
         (lines[1], "logprobs must be true or false, got 5"),
+        (lines[2], "top_logprobs must be an integer from 0 to 20, got 21"),
     ):
         error = BatchError.model_validate(line["error"])
         assert error.code == "bad_request" and words in error.message and line["response"] is None
-    assert [r.request_id for r in engine.requests] == [2]
-    assert lines[2]["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert [r.request_id for r in engine.requests] == [3]
+    assert lines[3]["response"]["body"]["choices"][0]["logprobs"]["content"]
 
 
-def test_ray_actors_send_the_token_bytes_to_the_driver(tmp_path: Path) -> None:
-    # GenerateBatch is what each Ray actor runs; its table is all the driver gets, so the tokens must be in it.
-    import pyarrow as pa
+def test_ray_actors_write_the_token_bytes(tmp_path: Path) -> None:
+    # GenerateBatch is what each Ray actor runs; the parts it writes are all the merge gets, so the tokens must be in it.
+    from kvbatch.jobs.job_io import layout_for
+    from kvbatch.jobs.ray_data import GenerateBatch
+    from kvbatch.jobs.ray_input import block_of_rows
+    from kvbatch.jobs.rows import Row
+    from kvbatch.jobs.spec import job_from_dict
 
-    from kvbatch.jobs.ray_data import RESULT_SCHEMA, GenerateBatch
-
-    job = {"name": "j", "input": {"path": str(tmp_path / "batch.jsonl"), "format": "openai"}}
-    generate = GenerateBatch(job, engine_factory=lambda model, settings: SpellingEngine())
-    messages = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
-    batch = pa.table(
-        {"row": [0, 1], "data": [messages] * 2, "line": [1, 2], "sampling": [json.dumps({"logprobs": True}), "{}"]}
-    )
-    out = generate(batch).select(RESULT_SCHEMA.names).to_pylist()
+    job = job_from_dict({"name": "j", "input": {"path": str(tmp_path / "batch.jsonl"), "format": "openai"}})
+    layout = layout_for(job, {})
+    generate = GenerateBatch(job, engine_factory=lambda model, settings: SpellingEngine(), layout=layout)
+    messages = [{"role": "user", "content": "hi"}]
+    rows = [
+        Row(0, {"custom_id": "a", "messages": messages}, line=1, sampling={"logprobs": True}),
+        Row(1, {"custom_id": "b", "messages": messages}, line=2),
+    ]
+    out = generate(block_of_rows(rows)).to_pylist()
+    assert [r["custom_id"] for r in out] == ["a", "b"]
     assert out[0]["token_bytes"] == [[c.encode() for c in ANSWER] + [None]]  # the EOS is kept, marked special
     assert len(out[0]["logprobs"][0]) == len(ANSWER) + 1
     assert out[1]["token_bytes"] is None and out[1]["logprobs"] is None

@@ -182,3 +182,18 @@ def test_inspect_refuses_what_it_cannot_read(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(InputError, match=words):
             inspect_output(tmp_path / name)
+
+
+def test_plan_counts_each_row_n_times(tmp_path: Path) -> None:
+    """With n samples a row holds n sequences: prompt once (shared by the prefix cache) plus n outputs."""
+    prompts = write_input(tmp_path)
+    one = plan_job(job(tmp_path, sampling={"max_new_tokens": 40}), EngineCache(fake_factory(max_model_len=200)))
+    three = plan_job(
+        job(tmp_path, sampling={"max_new_tokens": 40, "n": 3}), EngineCache(fake_factory(max_model_len=200))
+    )
+    p50 = int(three.prompt_tokens["p50"])
+    lengths = sorted(chat_tokens(p) for p in prompts)
+    assert p50 == int(one.prompt_tokens["p50"]) == (lengths[1] + lengths[2]) // 2
+    assert three.samples_per_row == 3
+    assert three.rows_at_once == 100 // -(-(p50 + 3 * 40) // 16) < one.rows_at_once
+    assert "(p50 prompt + max_new_tokens, 3 samples each)" in three.format()

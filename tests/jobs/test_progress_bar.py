@@ -1,29 +1,170 @@
-"""The job's progress bar: rows done of the total, output tokens/s, KV-cache use, prefix-cache hits, errors."""
+"""A job's progress: rows and tokens, rates and an ETA of this run's work only, refreshed on engine steps; a live
+bar on a terminal, a plain line every progress_seconds in a log, nothing with --quiet."""
 
 from __future__ import annotations
 
+import fcntl
 import io
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
 
 import pytest
 from job_fakes import FakeEngine
 
-from kvbatch.jobs import progress as progress_module
 from kvbatch.jobs.progress import JobProgress
 
 
-def test_the_bar_shows_rows_tokens_kv_use_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [100.0]
-    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_resume_and_error_rows_do_not_count_as_work() -> None:
+    clock, engine = Clock(), FakeEngine()
+    engine.stats.num_output_tokens = 500  # an earlier job on the same engine: not this job's
+    engine.stats.num_prefill_tokens = 9000
+    # 60 of 100 rows were done by an earlier run; 40 are left.
+    progress = JobProgress("j", 100, engine, initial=60, mode="lines", every_s=30, stream=io.StringIO(), clock=clock)
+    for _ in range(4):  # four error rows: no work, four rows fewer to do
+        progress.update(None, 0, error=True)
+    clock.now += 10
+    engine.stats.num_prefill_tokens += 1000 + 200  # 1000 for the two rows below, 200 for rows still in flight
+    engine.stats.num_output_tokens += 100 + 30
+    progress.update(500, 50, error=False)
+    progress.update(500, 50, error=False)
+    snap = progress.snapshot()
+    assert (snap.rows_done, snap.errors) == (66, 4)
+    assert snap.rows_per_s == pytest.approx(0.2)  # 2 rows in 10 s, not 66 nor 6
+    assert (snap.prompt_tokens_per_s, snap.output_tokens_per_s) == (pytest.approx(120.0), pytest.approx(13.0))
+    # 34 rows left x 550 tokens each, less the 230 done for rows in flight, at 1330 tokens in 10 s.
+    assert snap.eta_s == pytest.approx((34 * 550 - 230) / 133.0)
+
+
+def test_a_long_prefill_shows_before_any_row_finishes() -> None:
+    clock, engine, log = Clock(), FakeEngine(), io.StringIO()
+    progress = JobProgress("j", 21, engine, mode="lines", every_s=30, stream=log, clock=clock)
+    for _ in range(4):  # engine steps of a long prompt: no row finishes
+        clock.now += 10
+        engine.stats.num_prefill_tokens += 4000
+        engine.kv_in_use = 0.5
+        progress.tick()
+    lines = log.getvalue().splitlines()
+    assert lines == ["j: 0/21 rows (0%), 0.00 rows/s, ETA ?, prompt 400 tok/s, output 0.0 tok/s, KV 50%, 0 errors"]
+    assert progress.peak_kv_usage == 0.5
+
+
+def test_a_log_gets_a_whole_line_every_interval_and_one_at_the_end() -> None:
+    clock, log = Clock(), io.StringIO()  # a StringIO is no terminal: lines
     engine = FakeEngine()
-    engine.stats.num_output_tokens = 100  # tokens of an earlier job on the same engine do not count
-    progress = JobProgress("answers", total=10, engine=engine, initial=2)
-    progress.bar.fp = io.StringIO()
-    clock[0] += 4.0
-    engine.kv_in_use = 0.25
-    engine.stats.num_output_tokens += 40  # 40 made in 4 s, only 12 of them in rows that finished
-    progress.update(12, error=False)
-    progress.update(0, error=True)
-    assert (progress.bar.n, progress.bar.total, progress.errors, progress.output_tokens) == (4, 10, 1, 12)
-    assert progress.peak_kv_usage == 0.25
-    assert progress.bar.postfix == "10.0 tok/s, KV 25%, 1 errors"
+    progress = JobProgress("j", 50, engine, every_s=30, stream=log, clock=clock)
+    for _ in range(50):
+        clock.now += 2.5  # 125 s in all
+        engine.stats.num_prefill_tokens += 10
+        engine.stats.num_output_tokens += 3
+        progress.update(10, 3, error=False)
     progress.close()
+    text = log.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert len(lines) == 5  # at 30, 60, 90 and 120 s, and the last state
+    assert (
+        lines[-1] == "j: 50/50 rows (100%), 0.40 rows/s, ETA 0:00:00, prompt 4 tok/s, output 1.2 tok/s, KV 0%, 0 errors"
+    )
+    assert lines[0].startswith("j: 12/50 rows (24%), 0.40 rows/s, ETA 0:01:35,")  # 38 rows at 2.5 s
+
+
+def test_a_terminal_gets_the_live_bar_and_off_shows_nothing() -> None:
+    clock, terminal = Clock(), Terminal()
+    progress = JobProgress("j", 3, FakeEngine(), stream=terminal, clock=clock)
+    assert progress.mode == "bar"
+    clock.now += 1
+    progress.update(10, 3, error=False)
+    progress.close()
+    assert "\r" in terminal.getvalue() and "1/3 rows" in terminal.getvalue()
+    quiet = Terminal()
+    progress = JobProgress("j", 3, FakeEngine(), mode="off", stream=quiet, clock=clock)
+    progress.update(10, 3, error=False)
+    progress.close()
+    assert quiet.getvalue() == ""
+
+
+# ---- the CLI in a process of its own, with stderr a file (a Slurm log) or a terminal -----------------------
+# The process runs `kvbatch run` as the console script does, with the fake engine in place of the model.
+
+HELPERS = Path(__file__).parents[1] / "helpers"
+CLI_WITH_FAKE_ENGINE = f"""
+import functools, sys
+sys.path.insert(0, {str(HELPERS)!r})
+from job_fakes import fake_factory
+from kvbatch import cli
+from kvbatch.jobs import runners
+cli.run_jobs = functools.partial(runners.run_jobs, engine_factory=fake_factory())
+cli.app(sys.argv[1:], prog_name="kvbatch")
+"""
+
+
+@pytest.fixture
+def job_folder(tmp_path: Path) -> Path:
+    rows = [{"prompt": f"question {i}"} for i in range(24)] + [{"prompt": ""}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "jobs.yaml").write_text("jobs:\n  - name: p\n    input: {path: in.jsonl}\n")
+    return tmp_path
+
+
+def kvbatch(folder: Path, *args: str) -> list[str]:
+    return [sys.executable, "-c", CLI_WITH_FAKE_ENGINE, "run", str(folder / "jobs.yaml"), *args]
+
+
+def test_a_log_file_holds_whole_lines_and_few_of_them(job_folder: Path) -> None:
+    log = job_folder / "slurm.err"
+    with open(log, "wb") as stderr:
+        done = subprocess.run(kvbatch(job_folder), stderr=stderr, stdout=subprocess.PIPE, timeout=300)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert 1 <= len(lines) <= 3 and all(line.startswith("p: ") for line in lines), text  # progress lines only
+    assert lines[-1].startswith("p: 25/25 rows (100%),") and lines[-1].endswith(", 1 errors")
+    assert "job p: done" in done.stdout.decode()
+
+
+def test_quiet_shows_only_the_summary(job_folder: Path) -> None:
+    done = subprocess.run(kvbatch(job_folder, "--quiet"), capture_output=True, timeout=300)
+    assert done.returncode == 0 and done.stderr.decode() == ""
+    assert done.stdout.decode().startswith("job p: done")
+
+
+def test_a_terminal_still_gets_the_bar(job_folder: Path) -> None:
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a real terminal has a width
+    try:
+        done = subprocess.Popen(kvbatch(job_folder), stderr=terminal, stdout=subprocess.DEVNULL)
+        os.close(terminal)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert done.wait(timeout=300) == 0, output
+    finally:
+        os.close(controller)
+    text = output.decode(errors="replace")
+    assert "\r" in text and "25/25 rows [" in text and "1 errors" in text

@@ -1,15 +1,20 @@
-"""Ray Data on a local Ray (2 CPUs): the same rows and greedy texts as one process, through `runner: ray`,
-and GenerateBatch used directly with map_batches. One Ray start for the module: it is the slow part."""
+"""Ray Data on a local Ray (CPU, 2 actors): `runner: ray` reads a folder of files on the cluster, writes a folder of
+parts from the workers, and gives the same rows as one process; a run that dies half way and a rerun give every row
+exactly once; GenerateBatch on its own with map_batches. One Ray start for the module: it is the slow part."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
-from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
+from scaling_helpers import FailingEngineFactory, rows_of, tiny_engine, tiny_job, write_input
 
 from kvbatch.jobs.runners import run_jobs
-from kvbatch.jobs.spec import output_path
+from kvbatch.jobs.spec import job_from_dict, output_path
 
 ray = pytest.importorskip("ray")  # the `ray` extra (in `test`); skipped only where Ray is not installed
 HELPERS = Path(__file__).parents[1] / "helpers"
@@ -18,49 +23,117 @@ HELPERS = Path(__file__).parents[1] / "helpers"
 @pytest.fixture(scope="module")
 def local_ray():
     env = {"PYTHONPATH": str(HELPERS)}  # so actors import scaling_helpers
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    # logical CPUs: the 2 engine actors and the checkpoint filter hold one each, read and write tasks need more
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield
     ray.shutdown()
 
 
-def test_ray_runner_equals_one_process(tmp_path, local_ray):
-    write_input(tmp_path / "in.jsonl")
-    whole = tiny_job(tmp_path, "whole")
-    [single] = run_jobs([whole], engine_factory=tiny_engine)
+def ray_job(tmp_path: Path, input_path: Path, name: str = "answers", **overrides) -> object:
+    base = _job_dict(tmp_path, name)
+    base["input"] = {"path": str(input_path), "batch_rows": 3}
+    base["output"] = {"path": f"{name}.parquet"}
+    base["runner"] = "ray"
+    base["parallel"] = {"ray_actors": 2, "ray_batch_rows": 3}
+    base.update(overrides)
+    return job_from_dict(base)
+
+
+def _job_dict(tmp_path: Path, name: str) -> dict:
+    return {
+        "name": name,
+        "model": "tiny-llama",
+        "input": {"path": str(tmp_path / "in.jsonl")},
+        "prompt": {"chat_template": False},
+        "id_column": "id",
+        "sampling": {"max_new_tokens": 6},
+        "output_dir": str(tmp_path / "out"),
+        "engine": {"device": "cpu", "num_blocks_override": 64, "max_num_seqs": 3},
+        "sort_window": 4,
+    }
+
+
+def folder_rows(parts: Path) -> list[dict]:
+    """The parts folder as pyarrow reads it, in input order."""
+    return pads.dataset(parts).to_table().sort_by("row").to_pylist()
+
+
+def test_ray_run_over_a_parquet_folder_equals_one_process(tmp_path, local_ray):
+    source = write_input(tmp_path / "in.jsonl", num_rows=14)
+    records = [json.loads(line) for line in source.read_text().splitlines() if not line.endswith(": ")]
+    whole = tmp_path / "whole.parquet"  # what one process reads: the folder's files one after the other
+    pq.write_table(pa.Table.from_pylist(records), whole)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, (start, end) in {"a.parquet": (0, 5), "b.parquet": (5, 6), "c.parquet": (6, len(records))}.items():
+        pq.write_table(pa.Table.from_pylist(records[start:end]), folder / name, row_group_size=4)
+
+    local = job_from_dict({**_job_dict(tmp_path, "whole"), "input": {"path": str(whole)}})
+    [single] = run_jobs([local], engine_factory=tiny_engine)
     assert single.error is None, single.error
-    job = tiny_job(tmp_path, runner="ray", ray_actors=2, ray_batch_rows=3)
+    expected = rows_of(output_path(local))
+    assert [r["error_kind"] for r in expected].count("duplicate_id") == 1  # row 8 (in c.parquet) repeats row 2's id
+
+    job = ray_job(tmp_path, folder)
     [outcome] = run_jobs([job], engine_factory=tiny_engine)
     assert outcome.error is None, outcome.error
-    assert rows_of(output_path(job)) == rows_of(output_path(whole))
-    assert (outcome.summary.rows, outcome.summary.rows_error, outcome.summary.output_tokens) == (
-        13,
-        2,
-        single.summary.output_tokens,
-    )
+    parts = output_path(job).with_name("answers.parquet.parts")
+    assert len(list(parts.glob("part-0000-*.parquet"))) > 1  # one file per write task, from the workers
+    assert folder_rows(parts) == expected
+    summary = outcome.summary
+    assert (summary.rows, summary.rows_error, summary.rows_this_run) == (13, 1, 13)
+    assert (summary.output_tokens, summary.errors_by_kind) == (single.summary.output_tokens, {"duplicate_id": 1})
+
+    from kvbatch.jobs.merge_parts import merge_parts
+
+    report = merge_parts(output_path(job))
+    assert report.num_rows == 13
+    assert pq.read_table(output_path(job)).to_pylist() == expected
+    [again] = run_jobs([job], engine_factory=tiny_engine)
+    assert again.summary.status == "already complete"
 
     # the callable class on its own, over any dataset with a prompt column
     from kvbatch.jobs.ray_data import GenerateBatch
 
-    expected = {r["row"]: r["text"] for r in rows_of(output_path(whole)) if r["text"] is not None}
-    prompts = [{"row": r, "prompt": p} for r, p in _prompts(tmp_path / "in.jsonl").items() if r in expected]
+    texts = {r["row"]: r["text"] for r in expected if r["text"] is not None}
+    prompts = [{"row": i, "prompt": r["prompt"]} for i, r in enumerate(records) if i in texts]
     ds = ray.data.from_items(prompts).map_batches(
         GenerateBatch,
-        fn_constructor_kwargs={"job": whole, "engine_factory": tiny_engine},
+        fn_constructor_kwargs={"job": local, "engine_factory": tiny_engine},
         batch_format="pyarrow",
         batch_size=4,
         concurrency=1,
     )
-    got = {r["row"]: r["text"] for r in ds.take_all()}
-    assert got == expected
+    assert {r["row"]: r["text"] for r in ds.take_all()} == texts
 
 
-def _prompts(path: Path) -> dict[int, str]:
-    import json
+def test_a_ray_run_killed_half_way_and_rerun_writes_every_row_once(tmp_path, local_ray):
+    source = write_input(tmp_path / "in.jsonl", num_rows=16)  # row 5 unreadable, row 9 repeats row 2's id
+    lines = source.read_text().splitlines()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "part-a.jsonl").write_text("\n".join(lines[:7]) + "\n\n")  # a blank line is not a row
+    (folder / "part-b.jsonl").write_text("\n".join(lines[7:]) + "\n")
+    [single] = run_jobs([tiny_job(tmp_path, "whole")], engine_factory=tiny_engine)
+    expected = rows_of(output_path(tiny_job(tmp_path, "whole")))
 
-    out = {}
-    for i, line in enumerate(path.read_text().splitlines()):
-        try:
-            out[i] = json.loads(line)["prompt"]
-        except ValueError:
-            pass
-    return out
+    marker = tmp_path / "fail"
+    marker.touch()
+    job = ray_job(tmp_path, folder, input={"path": str(folder)})
+    [failed] = run_jobs([job], engine_factory=FailingEngineFactory(marker, row=12))
+    assert failed.error is not None and "rerun to resume" in str(failed.error)
+    parts = output_path(job).with_name("answers.parquet.parts")
+    first = [r["row"] for r in folder_rows(parts)]
+    assert 0 < len(first) < 16 and len(set(first)) == len(first) and max(first) < 12
+
+    marker.unlink()
+    [outcome] = run_jobs([job], engine_factory=FailingEngineFactory(marker, row=12))
+    assert outcome.error is None, outcome.error
+    rows = folder_rows(parts)
+    assert [r["row"] for r in rows] == list(range(16))  # every row, once
+    # as one process over the files one after the other, but messages number lines within each file
+    assert rows[5]["error"].startswith("row 5 (line 6): invalid JSON")
+    assert rows[9]["error"] == "row 9 (line 3): duplicate id 2 (first at row 2)"  # line 3 of part-b.jsonl
+    assert [{**r, "error": None} for r in rows] == [{**r, "error": None} for r in expected]
+    assert (outcome.summary.rows, outcome.summary.rows_this_run) == (16, 16 - len(first))
+    assert outcome.summary.errors_by_kind == single.summary.errors_by_kind == {"bad_json": 1, "duplicate_id": 1}

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from kvbatch.errors import JobError
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.assemble import input_order, read_parts, unify, write_output
 from kvbatch.jobs.manifest import to_ranges
 
@@ -26,7 +27,7 @@ def test_parts_in_any_order_become_input_order(tmp_path: Path) -> None:
     joined = read_parts(paths)
     order = input_order(joined, 6)
     size = write_output(joined, order, tmp_path / "out.arrow", "arrow", {b"k": b"v"})
-    out = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out.arrow"))).read_all()
+    out = read_arrow(Path(tmp_path / "out.arrow"))
     assert out.column("row").to_pylist() == list(range(6)) and out.column("text").to_pylist() == [
         f"t{r}" for r in range(6)
     ]

@@ -1,4 +1,4 @@
-"""The bad-input catalogue (README "Bad input"): each entry produces its documented message, and where the problem
+"""The bad-input catalogue (docs/bad-input.md): each entry produces its documented message, and where the problem
 is one row, that row becomes an error row while every other row completes.
 """
 
@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from job_fakes import fake_factory
 from reliability_helpers import read_output
+from scaling_helpers import tiny_engine
 
 from kvbatch.errors import InputError, OutputError, SpecError
 from kvbatch.jobs import atomic
@@ -70,6 +71,25 @@ def test_bad_rows_become_error_rows_and_the_rest_completes(tmp_path: Path) -> No
             assert row["error"] is None and row["text"].startswith("echo"), row
     assert outcome.summary.rows_ok == 2 and outcome.summary.rows_error == len(EXPECTED)
     assert outcome.summary.errors_by_kind["empty_prompt"] == 3
+
+
+def test_the_catalogue_holds_on_the_real_tiny_engine(tmp_path: Path) -> None:
+    """The same rows through the real engine (a tiny random Llama, a word tokenizer, a context of 12 tokens):
+    the same rows fail, with the same kinds, and the others complete."""
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(LINES) + b"\n")
+    outcome = run(tmp_path, tiny_engine, id_column="id", engine={"max_model_len": 12}, sampling={"max_new_tokens": 3})
+    assert outcome.error is None
+    rows = read_output(tmp_path / "out" / "out.jsonl")
+    assert [r["row"] for r in rows] == list(range(len(LINES)))
+    for row in rows:
+        if row["row"] in EXPECTED:
+            kind, message = EXPECTED[row["row"]]
+            if kind == "prompt_too_long":  # the real engine counts words, not characters
+                message = "row 7 (line 8): the prompt has 20 tokens; at most 11 fit"
+            assert row["error_kind"] == kind and row["error"].startswith(message), row
+        else:
+            assert row["error"] is None and row["output_tokens"] > 0, row
+    assert outcome.summary.rows_ok == 2 and outcome.summary.errors_by_kind["empty_prompt"] == 3
 
 
 def test_line_over_max_line_bytes_is_an_error_row_without_reading_it_whole(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from kvbatch.bench.cli import engine_settings
 from kvbatch.bench.workloads import make_workload
 from kvbatch.cli import app
 
@@ -61,8 +62,8 @@ def test_capped_pool_finishes_every_row_with_preemptions(tmp_path):
             "cpu",
             "--kv-pool-tokens",
             "256",
-            "--max-num-seqs",
-            "6",
+            "--set",
+            "max_num_seqs=6",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -224,3 +225,12 @@ def test_kernel_sweeps_report_every_variant_and_restore_the_defaults(monkeypatch
     assert [line["kind"] for line in lines] == ["decode_sweep"] * 13
     assert [line["num_splits"] for line in lines[8:]] == [1, 2, 4, 8, 16]
     assert all(line["max_diff_vs_default"] < 1e-4 and line["kv_gb_per_s"] == 1.0 for line in lines)
+
+
+def test_throughput_engine_settings_are_checked_against_the_engine_config():
+    for value, words in (("max_num_seq=4", "did you mean max_num_seqs"), ("max_num_seqs=0", "must be >= 1, got 0")):
+        result = CliRunner().invoke(app, ["bench", "throughput", "--shape", "tiny", "--set", value])
+        assert result.exit_code == 2 and words in result.output, result.output
+    assert engine_settings(["policy=reserve", "kv_cache_gib=1", "cuda_graphs=false"]) == {
+        "policy": "reserve", "kv_cache_gib": 1.0, "cuda_graphs": False,
+    }  # fmt: skip

@@ -13,12 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 from reliability_helpers import write_jsonl  # noqa: E402
 from tiny_models import tiny_model, word_tokenizer
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.runner import model_loader
@@ -98,7 +98,7 @@ def run_unsafe_job(model: Path, option: str, tmp_path: Path, caplog) -> list[str
     with caplog.at_level(logging.WARNING):
         outcome = run_jobs([spec])[0]
     assert outcome.error is None, outcome.error
-    metadata = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / "p.arrow"))).schema.metadata
+    metadata = read_arrow(Path(tmp_path / "out" / "p.arrow")).schema.metadata
     return json.loads(metadata[b"kvbatch.unsafe"])
 
 
@@ -138,7 +138,7 @@ def test_safe_defaults_leave_no_unsafe_metadata(tmp_path: Path) -> None:
         engine_factory=fake_factory(),
     )[0]
     assert outcome.error is None
-    metadata = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / "s.arrow"))).schema.metadata
+    metadata = read_arrow(Path(tmp_path / "out" / "s.arrow")).schema.metadata
     assert json.loads(metadata[b"kvbatch.unsafe"]) == []
 
 

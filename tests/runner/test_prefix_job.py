@@ -3,16 +3,17 @@ reuse, the summary's and the progress bar's hit rate, and `engine: {prefix_cache
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
-import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from job_fakes import FakeEngine
 from tiny_models import tiny_loaded
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.progress import JobProgress
@@ -104,7 +105,7 @@ def make_job(tmp_path: Path, name: str, **engine):
 
 
 def read_texts(path: Path) -> dict:
-    return {r["id"]: r["text"] for r in pa.ipc.open_file(pa.memory_map(str(path))).read_all().to_pylist()}
+    return {r["id"]: r["text"] for r in read_arrow(Path(path)).to_pylist()}
 
 
 def test_a_job_reuses_the_shared_prefix_and_reports_it(tmp_path: Path) -> None:
@@ -133,12 +134,13 @@ def test_a_job_reuses_the_shared_prefix_and_reports_it(tmp_path: Path) -> None:
 
 
 def test_the_progress_bar_shows_this_jobs_hit_rate() -> None:
-    stats = SimpleNamespace(num_queried_prompt_tokens=1000, num_cached_prompt_tokens=10)  # an earlier job's
-    progress = JobProgress("p", 2, SimpleNamespace(stats=stats, pool=None))
-    progress.update(3, error=False)
-    assert "prefix hit" not in progress.bar.postfix
-    stats.num_queried_prompt_tokens += 200
-    stats.num_cached_prompt_tokens += 150
-    progress.update(3, error=False)
-    assert "KV 0%, prefix hit 75%, 0 errors" in progress.bar.postfix
+    engine = FakeEngine()
+    engine.stats.num_queried_prompt_tokens, engine.stats.num_cached_prompt_tokens = 1000, 10  # an earlier job's
+    progress = JobProgress("p", 2, engine, mode="lines", stream=io.StringIO())
+    progress.update(3, 1, error=False)
+    assert "prefix hit" not in progress.snapshot().postfix()
+    engine.stats.num_queried_prompt_tokens += 200
+    engine.stats.num_cached_prompt_tokens += 150
+    progress.update(3, 1, error=False)
+    assert "KV 0%, prefix hit 75%, 0 errors" in progress.snapshot().postfix()
     progress.close()

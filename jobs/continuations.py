@@ -1,0 +1,52 @@
+"""A scoring row's continuations as token ids, split from its prompt the way lm-eval splits them.
+
+Raw text (no chat template): the context's trailing whitespace moves into each continuation, then context +
+continuation is encoded whole and the continuation is what follows the context's own encoding:
+
+    context "Question: 2+2? Answer: "   continuation "4"
+      -> context "Question: 2+2? Answer:"  continuation " 4"   (" 4" is one token, not " " and "4")
+      -> ids(context + continuation)[len(ids(context)):]
+
+so a word's leading space stays with the word, as the model saw it in training. With a chat template the prompt
+ends where the template hands over to the assistant, and each continuation is encoded alone as the answer text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvbatch.errors import ErrorKind
+
+from .prompts import Prompt
+from .rows import Row, RowError
+
+
+def continuation_texts(row: Row, column: str) -> list[str] | RowError:
+    """The row's continuations: a non-empty list of non-empty strings."""
+    value = (row.data or {}).get(column)
+    if value is None:
+        return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: column {column!r} is missing or null (task: score)")
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        return RowError(
+            ErrorKind.WRONG_TYPE, f"{row.where}: column {column!r} must be a non-empty list of non-empty strings"
+        )
+    return list(value)
+
+
+def encode_for_scoring(
+    tokenizer: Any, prompt: Prompt, prompt_ids: list[int], continuations: list[str]
+) -> tuple[list[int], list[list[int]]]:
+    """(context ids, continuation ids). `tokenizer` is the job's PromptTokenizer, `prompt_ids` its encoding."""
+    raw = prompt.text if prompt.text is not None else None
+    if raw is None and not tokenizer.use_chat_template:
+        raw = "\n\n".join(m["content"] for m in prompt.messages or [])
+    if raw is None:  # chat: the continuation is the assistant's answer after the template's hand-over
+        split = not tokenizer.allow_special_tokens
+        return prompt_ids, [
+            list(tokenizer.tokenizer.encode(c, add_special_tokens=False, split_special_tokens=split))
+            for c in continuations
+        ]
+    num_spaces = len(raw) - len(raw.rstrip())
+    context, moved = (raw[:-num_spaces], raw[-num_spaces:]) if num_spaces else (raw, "")
+    context_ids = tokenizer.encode(Prompt(text=context))
+    return context_ids, [tokenizer.encode(Prompt(text=context + moved + c))[len(context_ids) :] for c in continuations]

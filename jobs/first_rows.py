@@ -1,0 +1,53 @@
+"""Fail fast on a prompt column that no row has: a typo in `--prompt-column` on a JSONL input (which has no
+schema to check up front) would otherwise load the model and turn every row into a `missing_column` error.
+
+The first rows are read ahead (up to FIRST_ROWS, or until one has the columns) before any model loads, and then
+yielded again in order: no row is lost or read twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from kvbatch.errors import InputError, SpecError
+
+from .rows import Row
+
+FIRST_ROWS = 100
+_SHOWN_COLUMNS = 20
+
+
+def check_first_rows(rows: Iterator[Row], columns: list[str], field: str, limit: int = FIRST_ROWS) -> Iterator[Row]:
+    """`rows` unchanged, after checking that at least one of the first `limit` readable rows has every column of
+    `columns`; else raise SpecError naming the columns the rows have. Unreadable rows prove nothing either way."""
+    peeked: list[Row] = []
+    failure: InputError | None = None
+    found = False
+    try:
+        for row in rows:
+            peeked.append(row)
+            if row.data is not None and all(c in row.data for c in columns):
+                found = True
+                break
+            if len(peeked) >= limit:
+                break
+    except InputError as exc:  # the input breaks off: the rows before it still run, then the run fails as before
+        failure = exc
+    readable = [r.data for r in peeked if r.data is not None]
+    if readable and not found:
+        seen = list(dict.fromkeys(k for data in readable for k in data))
+        shown = ", ".join(map(repr, seen[:_SHOWN_COLUMNS])) + (" ..." if len(seen) > _SHOWN_COLUMNS else "")
+        missing = sorted({c for c in columns for data in readable if c not in data})
+        raise SpecError(
+            f"none of the first {len(readable)} rows has the column {', '.join(map(repr, missing))}; "
+            f"the rows have {shown or 'no columns'}",
+            field=field,
+        )
+    return _replay(peeked, rows, failure)
+
+
+def _replay(peeked: list[Row], rest: Iterator[Row], failure: InputError | None) -> Iterator[Row]:
+    yield from peeked
+    if failure is not None:
+        raise failure
+    yield from rest

@@ -1,0 +1,357 @@
+"""A Ray run's input: the job's files, listed on the driver, read on the cluster with each row's input position.
+
+Ray Data's own readers do not number rows across files, and a run needs every row's input position (the output's
+`row` column, as in a local run: it names the row in messages, skips finished rows on a rerun and orders a
+single-file output). So the driver lists the input's files in path order (names and row counts only, never rows)
+and each file's rows follow the rows of the files before it:
+
+    files, sorted by path      a.parquet (1000 rows)    b.parquet (500 rows)    c.parquet ...
+    input positions (`row`)    0 .. 999                 1000 .. 1499            1500 ...
+
+Parquet row counts come from the files' footers; JSON lines files and the Arrow files of a `datasets` folder are
+counted by Ray tasks on the cluster, one per file (for JSON lines, non-blank lines, as the local reader counts
+rows). Positions stay the same from run to run as long as the files do, and the manifest's input identity
+(each file's name, size and row count) refuses a rerun over changed files.
+
+`RowsSource` is a Ray Data datasource: one read task per Parquet row group or per other file, each streaming
+`batch_rows` rows at a time as blocks of (row, line, data, error_kind, error, sampling). `data` holds the columns
+the job uses, pickled (a value keeps its Python type, as the local reader gives it); an unreadable row has none
+and carries its error, exactly as the local readers make it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import glob
+import hashlib
+import io
+import json
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from kvbatch.errors import InputError, SpecError
+
+from .manifest import INPUT_KEY
+from .read_jsonl import count_rows_in, jsonl_rows, openai_row
+from .read_parquet import rows_of_batches
+from .readers import check_columns
+from .rows import Row, id_key
+from .spec import JobSpec, input_path
+
+_KINDS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+_GLOB = set("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # in the filesystem's own terms (no scheme)
+    kind: str  # parquet | jsonl | openai | arrow (an Arrow stream file of a `datasets` folder)
+    first_row: int  # input position of its first row
+    num_rows: int
+    row_groups: tuple[int, ...] = ()  # Parquet: rows in each row group
+
+
+@dataclass(frozen=True)
+class RayInput:
+    filesystem: pafs.FileSystem
+    files: tuple[InputFile, ...]
+    num_rows: int  # rows the run reads (input.limit applied)
+    schema: pa.Schema | None  # Parquet and `datasets`: the first file's schema
+    identity: dict[str, Any]  # the manifest's input identity
+
+
+def open_ray_input(job: JobSpec, needed_columns: list[str]) -> RayInput:
+    """List the job's input files and their row counts; check the columns a schema'd input must have."""
+    filesystem, paths, kind = _list(job)
+    if not paths:
+        raise InputError(f"no input files found at {job.input.path}")
+    counts = _count_rows(filesystem, paths, kind)
+    files, first = [], 0
+    for path, (num_rows, groups) in zip(paths, counts):
+        files.append(InputFile(path, kind, first, num_rows, groups))
+        first += num_rows
+    schema = _schema(filesystem, paths[0], kind)
+    if schema is not None:
+        check_columns(schema.names, needed_columns, Path(paths[0]))
+    num_rows = first if job.input.limit is None else min(first, job.input.limit)
+    return RayInput(filesystem, tuple(files), num_rows, schema, _identity(filesystem, files))
+
+
+def _list(job: JobSpec) -> tuple[pafs.FileSystem, list[str], str]:
+    """(filesystem, file paths in input order, kind)."""
+    spec = job.input.path
+    if "://" in spec:
+        filesystem, root = pafs.FileSystem.from_uri(spec)
+    else:
+        filesystem, root = pafs.LocalFileSystem(), str(input_path(job))
+    if _GLOB & set(root):
+        paths = _glob(filesystem, root)
+    else:
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(
+                f"input not found: {spec} (runner: ray reads files, folders, globs and URIs; a dataset name from the "
+                "Hugging Face cache must be saved with save_to_disk first)"
+            )
+        if info.type == pafs.FileType.File:
+            paths = [root]
+        else:
+            datasets = _datasets_files(filesystem, root, job.input.split)
+            if datasets is not None:
+                return filesystem, datasets, "arrow"
+            paths = _folder_files(filesystem, root)
+    return filesystem, paths, _kind(job, paths)
+
+
+def _glob(filesystem: pafs.FileSystem, pattern: str) -> list[str]:
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    parts = pattern.split("/")
+    base = "/".join(p for p in parts[: next(i for i, p in enumerate(parts) if _GLOB & set(p))])
+    selector = pafs.FileSelector(base, recursive=True)
+    found = [i.path for i in filesystem.get_file_info(selector) if i.type == pafs.FileType.File]
+    return sorted(p for p in found if fnmatch.fnmatchcase(p, pattern))
+
+
+def _folder_files(filesystem: pafs.FileSystem, root: str) -> list[str]:
+    """A folder's data files (by extension, any depth), hidden and `_`-prefixed names left out (as pyarrow does)."""
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    found = []
+    for info in infos:
+        relative = info.path[len(root) :].lstrip("/")
+        hidden = any(part.startswith((".", "_")) for part in relative.split("/"))
+        if info.type == pafs.FileType.File and not hidden and Path(info.path).suffix in _KINDS:
+            found.append(info.path)
+    return sorted(found)
+
+
+def _datasets_files(filesystem: pafs.FileSystem, root: str, split: str | None) -> list[str] | None:
+    """A `datasets` save_to_disk folder's Arrow files, in order (None: not such a folder)."""
+    if _exists(filesystem, f"{root}/dataset_dict.json"):
+        splits = json.loads(_read_text(filesystem, f"{root}/dataset_dict.json")).get("splits", [])
+        if split is None and len(splits) != 1:
+            raise SpecError(f"{root} has splits {', '.join(splits)}; choose one with input.split", field="input.split")
+        chosen = split if split is not None else splits[0]
+        if chosen not in splits:
+            raise SpecError(f"{root} has no split {chosen!r} (splits: {', '.join(splits)})", field="input.split")
+        root = f"{root}/{chosen}"
+    if not _exists(filesystem, f"{root}/state.json"):
+        return None
+    state = json.loads(_read_text(filesystem, f"{root}/state.json"))
+    return [f"{root}/{entry['filename']}" for entry in state.get("_data_files", [])]
+
+
+def _kind(job: JobSpec, paths: list[str]) -> str:
+    if job.input.format == "openai":
+        return "openai"
+    if job.input.format in ("jsonl", "parquet"):
+        return job.input.format
+    if job.input.format == "hf":
+        raise SpecError("runner: ray reads a `datasets` folder (save_to_disk), not a dataset name", field="input.path")
+    kinds = {_KINDS.get(Path(p).suffix) for p in paths}
+    if len(kinds) != 1 or None in kinds:
+        raise SpecError(
+            f"cannot tell one input format for {job.input.path} (found {', '.join(sorted(map(str, kinds)))}); "
+            "give files of one kind, or set input.format",
+            field="input.format",
+        )
+    return kinds.pop()
+
+
+def _exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type == pafs.FileType.File
+
+
+def _read_text(filesystem: pafs.FileSystem, path: str) -> str:
+    with filesystem.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def _count_rows(filesystem: pafs.FileSystem, paths: list[str], kind: str) -> list[tuple[int, tuple[int, ...]]]:
+    """(rows, rows per row group) of each file: Parquet footers here, other files by Ray tasks on the cluster."""
+    if kind == "parquet":
+        counts = []
+        for path in paths:
+            try:
+                meta = pq.ParquetFile(filesystem.open_input_file(path)).metadata
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"cannot read Parquet file {path}: {exc}") from None
+            groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+            counts.append((meta.num_rows, groups))
+        return counts
+    import ray
+
+    count = ray.remote(_count_file)
+    return [(n, ()) for n in ray.get([count.remote(filesystem, path, kind) for path in paths])]
+
+
+def _count_file(filesystem: pafs.FileSystem, path: str, kind: str) -> int:
+    if kind == "arrow":
+        with filesystem.open_input_file(path) as f:
+            return sum(batch.num_rows for batch in pa.ipc.open_stream(f))
+    with filesystem.open_input_stream(path) as f:
+        return count_rows_in(f)
+
+
+def _schema(filesystem: pafs.FileSystem, path: str, kind: str) -> pa.Schema | None:
+    if kind == "parquet":
+        return pq.read_schema(filesystem.open_input_file(path))
+    if kind == "arrow":
+        with filesystem.open_input_file(path) as f:
+            return pa.ipc.open_stream(f).schema
+    return None
+
+
+def _identity(filesystem: pafs.FileSystem, files: list[InputFile]) -> dict[str, Any]:
+    """{"input_file": ...}: each file's name, size and row count, hashed (a changed file set is refused on resume)."""
+    digest = hashlib.sha256()
+    sizes = filesystem.get_file_info([f.path for f in files])
+    for file, info in zip(files, sizes):
+        digest.update(f"{Path(file.path).name}\0{info.size}\0{file.num_rows}\0".encode())
+    return {INPUT_KEY: {"files": len(files), "rows": sum(f.num_rows for f in files), "sha256": digest.hexdigest()[:16]}}
+
+
+# ---- reading, on the cluster ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What one read task reads: a file, or one row group of a Parquet file."""
+
+    file: InputFile
+    row_group: int | None
+    first_row: int
+    num_rows: int
+
+
+class RowsSource:
+    """A Ray Data datasource over a RayInput (built lazily: `datasource()` imports Ray)."""
+
+    def __init__(self, source: RayInput, columns: list[str], batch_rows: int, max_line_bytes: int) -> None:
+        self.source, self.columns, self.batch_rows, self.max_line_bytes = source, columns, batch_rows, max_line_bytes
+        # rows an earlier run wrote, sorted, skipped at the read: only where Ray has no checkpointing (ray_run.py)
+        self.done_rows = np.zeros(0, np.int64)
+
+    def units(self) -> list[_Unit]:
+        units = []
+        for file in self.source.files:
+            if file.first_row >= self.source.num_rows:
+                break
+            if file.row_groups:
+                first = file.first_row
+                for group, num_rows in enumerate(file.row_groups):
+                    if num_rows and first < self.source.num_rows:
+                        units.append(_Unit(file, group, first, num_rows))
+                    first += num_rows
+            elif file.num_rows:
+                units.append(_Unit(file, None, file.first_row, file.num_rows))
+        return units
+
+    def read(self, unit: _Unit, keys_of: str | None = None) -> Iterator[pa.Table]:
+        """The unit's rows as blocks: (row, line, data, error_kind, error, sampling); with `keys_of` (the id
+        column) only (row, key) of each readable row with an id, for the search for duplicate ids."""
+        rows = _rows(self.source.filesystem, unit, self.columns, self.batch_rows, self.max_line_bytes)
+        chunk: list[Row] = []
+        done = self.done_rows[(self.done_rows >= unit.first_row) & (self.done_rows < unit.first_row + unit.num_rows)]
+        for row in rows:
+            if row.index >= self.source.num_rows:
+                break
+            if len(done) and done[min(np.searchsorted(done, row.index), len(done) - 1)] == row.index:
+                continue
+            chunk.append(row)
+            if len(chunk) == self.batch_rows:
+                yield block_of_rows(chunk, keys_of)
+                chunk = []
+        if chunk:
+            yield block_of_rows(chunk, keys_of)
+
+    def datasource(self, keys_of: str | None = None) -> Any:
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
+
+        units, read = self.units(), self.read
+
+        class _Source(Datasource):
+            def estimate_inmemory_data_size(self) -> int | None:
+                return None
+
+            def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+                return [
+                    ReadTask(
+                        functools.partial(read, unit, keys_of),
+                        BlockMetadata(num_rows=None, size_bytes=None, input_files=[unit.file.path], exec_stats=None),
+                    )
+                    for unit in units
+                ]
+
+            def get_name(self) -> str:
+                return "KvbatchRows"
+
+        return _Source()
+
+
+def _rows(filesystem: pafs.FileSystem, unit: _Unit, columns: list[str], batch_rows: int, max_line_bytes: int):
+    file = unit.file
+    if file.kind == "parquet":
+        parquet = pq.ParquetFile(filesystem.open_input_file(file.path))
+        wanted = [c for c in dict.fromkeys(columns) if c in parquet.schema_arrow.names]
+        batches = parquet.iter_batches(batch_size=batch_rows, row_groups=[unit.row_group], columns=wanted)
+        return rows_of_batches(batches, Path(file.path).name, unit.first_row)
+    if file.kind == "arrow":
+        stream = pa.ipc.open_stream(filesystem.open_input_file(file.path))
+        wanted = [c for c in dict.fromkeys(columns) if c in stream.schema.names]
+        return rows_of_batches((b.select(wanted) for b in stream), Path(file.path).name, unit.first_row)
+    handle = io.BufferedReader(filesystem.open_input_stream(file.path), 1 << 20)
+    rows = jsonl_rows(handle, max_line_bytes, unit.first_row)
+    if file.kind == "openai":
+        return (openai_row(row) for row in rows)
+    needed = set(columns)  # only what the job uses travels (a local run's row holds all, and uses the same)
+    return (row if row.data is None else Row(row.index, {k: v for k, v in row.data.items() if k in needed},
+                                              row.error, row.line, row.sampling) for row in rows)  # fmt: skip
+
+
+def block_of_rows(rows: list[Row], keys_of: str | None = None) -> pa.Table:
+    """Rows as a RowsSource block (or, with `keys_of`, as (row, key) of the id column)."""
+    if keys_of is not None:
+        keyed = [(r.index, r.data.get(keys_of)) for r in rows if r.error is None and r.data]
+        keyed = [(index, id_key(value)) for index, value in keyed if value is not None]
+        return pa.table(
+            {"row": pa.array([k[0] for k in keyed], pa.int64()), "key": pa.array([k[1] for k in keyed], pa.string())}
+        )
+    return pa.table(
+        {
+            "row": pa.array([r.index for r in rows], pa.int64()),
+            "line": pa.array([r.line for r in rows], pa.int64()),
+            "data": pa.array([None if r.data is None else pickle.dumps(r.data) for r in rows], pa.binary()),
+            "error_kind": pa.array([_kind_name(r.error.kind) if r.error else None for r in rows], pa.string()),
+            "error": pa.array([r.error.message if r.error else None for r in rows], pa.string()),
+            "sampling": pa.array([json.dumps(r.sampling) if r.sampling else None for r in rows], pa.string()),
+        }
+    )
+
+
+def rows_of_block(table: pa.Table) -> list[Row]:
+    """The rows of a block `RowsSource` made (in an actor)."""
+    from kvbatch.errors import ErrorKind
+
+    from .rows import RowError
+
+    rows = []
+    for r in table.select(["row", "line", "data", "error_kind", "error", "sampling"]).to_pylist():
+        error = RowError(ErrorKind(r["error_kind"]), r["error"]) if r["error_kind"] else None
+        data = pickle.loads(r["data"]) if r["data"] is not None else None
+        rows.append(Row(r["row"], data, error, r["line"], json.loads(r["sampling"]) if r["sampling"] else {}))
+    return rows
+
+
+def _kind_name(kind: Any) -> str:
+    return getattr(kind, "value", kind)

@@ -1,0 +1,308 @@
+"""`runner: ray`: a job on a Ray cluster. The cluster reads, generates and writes; the driver holds no rows.
+
+    driver: list the input files and their row counts (ray_input.py); with an id column, find the duplicate ids
+            (a Ray groupby over (row, id) keys: only the later rows of repeated ids come back)
+    cluster: RowsSource (read tasks, in parallel) ──> GenerateBatch actors (prompt, tokenize, generate; one engine
+             each) ──> Ray Data's Parquet or JSON lines writer: out/answers.parquet.parts/part-RRRR-TTTTTT.parquet
+             (JSON lines parts for a .jsonl output, Parquet parts for any other: merge writes the job's format)
+    driver: count the folder's rows by finish reason and error kind (a column scan, batch by batch), the summary
+
+Every output row carries the row's input position (`row`) and its id. The parts folder is the output: pyarrow and
+`datasets` read it as it is; `kvbatch merge out/answers.parquet` writes the single file in input order that a local
+run writes.
+
+Resume and exactly-once are Ray Data's checkpointing (Ray 2.50 on), keyed by `row`: each write task first records
+its rows as a pending checkpoint, writes its file, then commits the checkpoint; a rerun skips committed rows right
+after the read, and deletes the file of a pending checkpoint (a run killed between the file and the commit), so its
+rows are done again, once. The checkpoint lives in the output's work folder (.answers.parquet.kvbatch/), beside the
+manifest that refuses a rerun under another spec or over another input, as in a local run. Part files are named
+part-RRRR-TTTTTT-<write id>: the folder's run number, the write task, and the write's id (Ray's Parquet writer
+appends only under names that hold it); a retried task writes the same name again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError, shown_path
+
+from .job_io import layout_for
+from .lock import OutputLock
+from .manifest import KVBATCH_VERSION, Manifest
+from .pipeline import input_columns
+from .ray_data import GenerateBatch
+from .ray_input import RayInput, RowsSource, open_ray_input
+from .signals import StopFlag
+from .spec import JobSpec, output_format, output_path, result_fingerprint, spec_hash
+from .summary import RunCounts, Summary, already_complete, build_summary, summary_path
+from .writer import WriteReport, resume_refusal, work_dir
+
+log = logging.getLogger(__name__)
+PART_EXTENSIONS = ("parquet", "jsonl")
+
+
+def part_format(fmt: str) -> str:
+    """The parts' format for an output format: JSON lines for JSON lines, else Parquet (merge writes the rest)."""
+    return "jsonl" if fmt == "jsonl" else "parquet"
+
+
+def parts_dir(output: Path) -> Path:
+    """The folder a Ray run writes: out/answers.parquet -> out/answers.parquet.parts/."""
+    return output.with_name(output.name + ".parts")
+
+
+def checkpoint_dir(output: Path) -> Path:
+    return work_dir(output) / "ray-checkpoint"
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` (auto: the running one), or keep the one this process already joined."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    log.info("connecting to Ray at %s", address or "a new local instance")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool = False) -> Summary:
+    """run_job's contract (one output row per input row, error rows, resume, a summary), through Ray Data."""
+    started = time.monotonic()
+    fmt = _check(job)
+    out = output_path(job)
+    parts = parts_dir(out)
+    work = work_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(work / "lock")
+    lock.acquire(wait=wait_for_lock, stop_waiting=lambda: stop.stopped)
+    try:
+        connect(job.parallel.ray_address)
+        layout = layout_for(job, {})
+        source = open_ray_input(job, input_columns(job, layout))
+        if source.schema is not None:
+            names = source.schema.names
+            types = {n: source.schema.field(n).type for n in layout.data_columns() if n in names}
+            layout = layout_for(job, types)
+        fingerprint = {**result_fingerprint(job), **source.identity}
+        manifest = Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt, num_rows=source.num_rows)
+        summary = Summary(job.name, str(parts), model=job.model, spec_hash=manifest.spec_hash,
+                          kvbatch_version=KVBATCH_VERSION)  # fmt: skip
+        if _adopt(job, out, manifest):
+            return already_complete(out, summary)
+        run = _next_run(parts)
+        duplicates = find_duplicates(source, layout.id_column, job) if layout.id_column else {}
+        rows = RowsSource(source, input_columns(job, layout), job.input.batch_rows,
+                          job.input.max_line_bytes)  # fmt: skip
+        _write(job, engines, rows, layout, duplicates, parts, checkpoint_dir(out), run, fmt, stop)
+        report = folder_report(parts)
+        if report.num_rows != source.num_rows:
+            raise JobError(
+                f"job {job.name}: {shown_path(parts)} holds {report.num_rows} of {source.num_rows} rows after the "
+                "Ray run; rerun to resume"
+            )
+        manifest.complete = True
+        manifest.save(work / "manifest.json")
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the manifest says complete now
+    finally:
+        lock.release()
+    counts = run_counts(parts, run)
+    about = {"model": job.model, "spec_hash": manifest.spec_hash, "kvbatch_version": KVBATCH_VERSION}
+    summary = build_summary(job.name, parts, report, counts, time.monotonic() - started, **about)
+    summary.write(summary_path(out))
+    return summary
+
+
+def _check(job: JobSpec) -> str:
+    fmt = output_format(job)
+    if job.parallel.shard is not None:
+        raise SpecError("runner: ray spreads rows over its actors; leave parallel.shard unset", field="parallel.shard")
+    return fmt
+
+
+def _adopt(job: JobSpec, out: Path, manifest: Manifest) -> bool:
+    """Decide what an earlier run's files mean (output.mode); True when that run finished this same job."""
+    parts, path = parts_dir(out), work_dir(out) / "manifest.json"
+    previous = Manifest.load(path) if path.exists() else None
+    started = parts.exists() or checkpoint_dir(out).exists()
+    if job.output.mode == "error" and (started or out.exists()):
+        raise OutputError(f"{shown_path(parts)} already exists and output.mode is 'error'; remove it or choose resume")
+    if job.output.mode == "overwrite" or previous is None:
+        if previous is None and started and job.output.mode == "resume":
+            raise OutputError(
+                f"{shown_path(parts)} exists but has no kvbatch manifest, so it may belong to something else; "
+                "set output.mode: overwrite to replace it"
+            )
+        shutil.rmtree(parts, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    else:
+        refusal = resume_refusal(parts, previous, manifest)
+        if refusal:
+            raise OutputError(refusal)
+        if previous.complete and (parts.exists() or out.exists()):
+            log.info("job %s: %s is complete already (same spec); nothing to do", job.name, parts)
+            return True
+    manifest.save(path)
+    return False
+
+
+def _next_run(parts: Path) -> int:
+    """Part files are named part-RRRR-...: run RRRR (this is the folder's next)."""
+    runs = [int(p.name[5:9]) for p in parts.glob("part-*") if p.name[5:9].isdigit()] if parts.exists() else []
+    return max(runs, default=-1) + 1
+
+
+def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint, run, fmt, stop: StopFlag) -> None:
+    import ray
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved = getattr(context, "checkpoint_config", None)
+    try:
+        from ray.data.checkpoint import CheckpointConfig
+    except ImportError:  # a Ray without Data checkpointing: skip the rows of the folder's readable files
+        rows.done_rows = done_rows(parts)
+    else:
+        context.checkpoint_config = CheckpointConfig(
+            id_column="row", checkpoint_path=str(checkpoint), delete_checkpoint_on_success=False
+        )
+    try:
+        dataset = ray.data.read_datasource(rows.datasource()).map_batches(
+            GenerateBatch,
+            fn_constructor_kwargs={
+                "job": job,
+                "engine_factory": engines.factory,
+                "layout": layout,
+                "duplicates": duplicates,
+            },
+            batch_size=job.parallel.ray_batch_rows,
+            batch_format="pyarrow",
+            concurrency=job.parallel.ray_actors,
+            num_gpus=job.parallel.ray_gpus_per_actor or None,
+        )
+        write = dataset.write_parquet if part_format(fmt) == "parquet" else dataset.write_json
+        failure: list[BaseException] = []
+
+        def execute() -> None:
+            try:
+                write(str(parts), filename_provider=_part_names(run, part_format(fmt)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread below
+                failure.append(exc)
+
+        # The write runs beside the main thread, which watches for a signal: committed blocks are kept either way.
+        worker = threading.Thread(target=execute, name="kvbatch-ray-write", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.5)
+            if stop.stopped:
+                raise InterruptedJob(
+                    f"job {job.name}: stopped by {stop.signal_name}; committed blocks are kept, rerun to resume"
+                )
+    finally:
+        if saved is not None or hasattr(context, "checkpoint_config"):
+            context.checkpoint_config = saved
+    if failure:
+        exc = failure[0]
+        raise JobError(
+            f"job {job.name}: the Ray run failed ({type(exc).__name__}: {str(exc)[:2000]}); "
+            "committed blocks are kept, rerun to resume"
+        ) from exc
+
+
+def _part_names(run: int, extension: str) -> Any:
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            # Ray's Parquet writer appends only to names that hold the write's id
+            return f"part-{run:04d}-{task_index:06d}-{write_uuid}.{extension}"
+
+    return PartNames()
+
+
+# ---- duplicate ids, over the whole input ------------------------------------------------------------------
+
+
+def find_duplicates(source: RayInput, id_column: str, job: JobSpec) -> dict[int, int]:
+    """{later row of a repeated id: the first row with it}, found on the cluster: a groupby over (row, id key)
+    of every readable row. Only the repeats come back to the driver (memory in the number of duplicates)."""
+    import ray
+
+    keys = RowsSource(source, [id_column], job.input.batch_rows, job.input.max_line_bytes)
+    dataset = ray.data.read_datasource(keys.datasource(keys_of=id_column))
+    repeats = dataset.groupby("key").map_groups(_repeats, batch_format="pyarrow")
+    found: dict[int, int] = {}
+    for batch in repeats.iter_batches(batch_format="pyarrow", batch_size=4096):
+        found.update(zip(batch.column("row").to_pylist(), batch.column("first").to_pylist()))
+    if found:
+        log.info("job %s: %d rows repeat an earlier row's id", job.name, len(found))
+    return found
+
+
+def _repeats(group: pa.Table) -> pa.Table:
+    rows = sorted(group.column("row").to_pylist())
+    return pa.table({"row": pa.array(rows[1:], pa.int64()), "first": pa.array([rows[0]] * (len(rows) - 1), pa.int64())})
+
+
+# ---- what the folder holds --------------------------------------------------------------------------------
+
+
+def part_files(parts: Path, prefix: str = "part-") -> list[str]:
+    return sorted(str(p) for p in parts.glob(f"{prefix}*") if p.suffix.lstrip(".") in PART_EXTENSIONS)
+
+
+def _scan(files: list[str], columns: list[str]) -> Any:
+    """The files' columns, batch by batch (bounded memory)."""
+    if not files:
+        return iter(())
+    fmt = "parquet" if files[0].endswith(".parquet") else "json"
+    return pads.dataset(files, format=fmt).to_batches(columns=columns)
+
+
+def done_rows(parts: Path) -> np.ndarray:
+    """The rows of the folder's files, sorted (8 bytes a row: only the keys, never the rows); a file that cannot
+    be read (a write cut short) is removed, and its rows are done again."""
+    arrays = []
+    for file in part_files(parts):
+        fmt = "parquet" if file.endswith(".parquet") else "json"
+        try:
+            arrays.append(pads.dataset(file, format=fmt).to_table(columns=["row"]).column("row").to_numpy())
+        except (OSError, pa.ArrowException):
+            log.warning("%s cannot be read (a write cut short?); its rows will be done again", file)
+            Path(file).unlink()
+    return np.sort(np.concatenate(arrays)) if arrays else np.zeros(0, np.int64)
+
+
+def folder_report(parts: Path) -> WriteReport:
+    """What the parts folder holds, as a local run's WriteReport: rows, bytes, counts by reason and kind."""
+    files = part_files(parts)
+    reasons: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    num_rows = 0
+    for batch in _scan(files, ["finish_reason", "error_kind"]):
+        num_rows += batch.num_rows
+        reasons.update(r for r in batch.column("finish_reason").to_pylist() if r is not None)
+        kinds.update(k for k in batch.column("error_kind").to_pylist() if k is not None)
+    num_bytes = sum(Path(f).stat().st_size for f in files)
+    return WriteReport(num_rows, num_bytes, dict(reasons), dict(kinds))
+
+
+def run_counts(parts: Path, run: int) -> RunCounts:
+    """This run's rows and tokens: the files it wrote (part-RRRR-*). Prompt tokens of rows that generated."""
+    counts = RunCounts()
+    for batch in _scan(part_files(parts, f"part-{run:04d}-"), ["prompt_tokens", "output_tokens", "error_kind"]):
+        ok = pc.is_null(batch.column("error_kind"))
+        counts.rows += batch.num_rows
+        counts.output_tokens += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
+        counts.prompt_tokens += int(pc.sum(pc.filter(batch.column("prompt_tokens"), ok)).as_py() or 0)
+    return counts

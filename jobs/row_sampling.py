@@ -1,0 +1,51 @@
+"""A row's own sampling values: from an OpenAI Batch body, from columns named like the fields
+(`sampling_columns: [temperature, seed]`), or from one column holding a mapping per row (`sampling_column:
+settings`). A null leaves the job's value; the values are checked as the job's are, when the pipeline builds the
+row's SamplingParams (a bad one is that row's `bad_request` error row).
+
+Precedence: sampling_columns > sampling_column > the OpenAI body > the job's `sampling:`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from kvbatch.errors import ErrorKind
+from kvbatch.runner.config import SamplingParams
+
+from .rows import Row, RowError
+from .spec import JobSpec
+
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def sampling_columns(job: JobSpec) -> list[str]:
+    """The input columns a job reads for its rows' sampling values."""
+    return [*job.sampling_columns, *([job.sampling_column] if job.sampling_column else [])]
+
+
+def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
+    """The row's sampling values over the job's, as keyword arguments for dataclasses.replace."""
+    data = row.data or {}
+    values = dict(row.sampling)
+    column = job.sampling_column
+    if column is not None and data.get(column) is not None:
+        mapping = data[column]
+        if not isinstance(mapping, dict):
+            got = type(mapping).__name__
+            return RowError(
+                ErrorKind.WRONG_TYPE, f"{row.where}: column {column!r} is {got}, expected a mapping of sampling fields"
+            )
+        unknown = [k for k in mapping if k not in SAMPLING_FIELDS]
+        if unknown:
+            return RowError(
+                ErrorKind.BAD_REQUEST,
+                f"{row.where}: column {column!r} sets {', '.join(map(repr, unknown))}, not a sampling field "
+                f"(fields: {', '.join(SAMPLING_FIELDS)})",
+            )
+        values.update({k: v for k, v in mapping.items() if v is not None})  # a struct column's unset fields
+    for name in job.sampling_columns:
+        if data.get(name) is not None:
+            values[name] = data[name]
+    return values

@@ -1,0 +1,254 @@
+"""kvbatch as an lm-evaluation-harness model: `loglikelihood`, `loglikelihood_rolling` and `generate_until` on
+kvbatch's engine (pip install 'kvbatch[eval]').
+
+Importing this module registers the model under the name `kvbatch` (lm-eval 0.4 finds models only in its own
+list or among classes registered by code already imported; it reads no entry points), so:
+
+    import kvbatch.lm_eval
+    lm_eval.simple_evaluate(model="kvbatch", model_args="model=PATH", tasks=[...])
+
+and on the command line `kvbatch-lm-eval` is lm-eval's own CLI with the model registered:
+
+    kvbatch-lm-eval --model kvbatch --model_args model=PATH,max_num_batched_tokens=8192 --tasks hellaswag
+
+`model_args`: `model` (a folder, a .gguf file, a cached hub name or `default`), any EngineConfig field (device,
+dtype, kv_cache_gib, max_num_batched_tokens, ...), `max_length` (the context lm-eval truncates to; default the
+engine's) and `add_bos_token`. `batch_size` is accepted and ignored: the engine packs requests by free KV blocks.
+On the command line the device is lm-eval's `--device` (its default, cuda:0, falls back to the CPU without a GPU).
+
+Tokenization follows lm-eval's `hf` model exactly (context and continuation encoded together and split, trailing
+whitespace of the context moved into the continuation, an empty context replaced by the prefix token, left
+truncation to max_length + 1 tokens), so scores are those of `hf` on the same folder. Choices of one context are
+one scoring request: its blocks are computed once and shared through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import Any
+
+import lm_eval.models  # noqa: F401 - fills lm-eval's registry first: an empty one would hide its own models
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from kvbatch.runner.config import EngineConfig, SamplingParams
+from kvbatch.runner.engine import Engine
+from kvbatch.runner.request import GenerationRequest, GenerationResult
+
+logger = logging.getLogger(__name__)
+
+_ENGINE_FIELDS = {f.name for f in fields(EngineConfig)}
+# lm-eval's generation kwargs that SamplingParams knows under the same name (besides until, max_gen_toks,
+# temperature and do_sample, handled below).
+_SAMPLING_KWARGS = {"top_p", "top_k", "min_p", "repetition_penalty", "seed"}
+
+
+class EngineRowError(RuntimeError):
+    """An lm-eval request the engine refused (too long for the context, token ids outside the vocabulary)."""
+
+
+@register_model("kvbatch")
+class KVBatchLM(TemplateLM):
+    def __init__(
+        self,
+        model: str = "default",
+        max_length: int | None = None,
+        add_bos_token: bool | None = None,
+        batch_size: Any = None,
+        max_batch_size: Any = None,
+        device: str | None = None,
+        engine: Engine | None = None,
+        **engine_settings: Any,
+    ) -> None:
+        super().__init__()
+        unknown = set(engine_settings) - _ENGINE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"kvbatch model_args: unknown {sorted(unknown)}; model_args are model, max_length, add_bos_token "
+                f"and EngineConfig's fields: {', '.join(sorted(_ENGINE_FIELDS - {'model'}))}"
+            )
+        if device is not None:  # lm-eval's --device, whose default is cuda:0 even where there is no GPU
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                logger.warning("kvbatch: device %s asked for, but CUDA is not available; running on the CPU", device)
+                device = "cpu"
+            engine_settings.setdefault("device", device)
+        self.engine = engine or Engine(EngineConfig(model=model, **engine_settings))
+        self.tokenizer = self.engine.tokenizer
+        self.add_bos_token = add_bos_token
+        self._max_length = min(max_length or self.engine.capacity_tokens, self.engine.capacity_tokens)
+        self._model_name = model
+
+    # ---- what lm-eval asks of a model ---------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # as lm-eval's hf model: BOS where the tokenizer has one, else EOS
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", self._model_name)).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        special: dict[str, bool] = {}
+        if add_special_tokens is not None:
+            special["add_special_tokens"] = add_special_tokens
+        elif self.add_bos_token is not None:
+            special["add_special_tokens"] = self.add_bos_token
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False  # the text already starts with BOS
+        return self.tokenizer.encode(string, **special)
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    # ---- scoring ---------------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str] | None, list[int], list[int]]], disable_tqdm: bool = False, **_: Any
+    ) -> list[tuple[float, bool]]:
+        """Each (context, continuation) pair scored as lm-eval's hf model scores it; pairs with the same context
+        tokens go to the engine as one request with several continuations."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        pairs: list[tuple[list[int], list[int]]] = []
+        for index, (_, context, continuation) in enumerate(requests):
+            if not continuation:
+                raise ValueError(f"lm-eval request {index}: the continuation has no tokens")
+            if len(continuation) > self.max_length:
+                raise ValueError(
+                    f"lm-eval request {index}: the continuation has {len(continuation)} tokens, "
+                    f"over max_length {self.max_length}"
+                )
+            # hf's window: the last max_length + 1 tokens, the last of which is never input
+            tokens = (context + continuation)[-(self.max_length + 1) :]
+            context = tokens[: len(tokens) - len(continuation)]
+            pairs.append((context, continuation))
+            groups.setdefault(tuple(context), []).append(index)
+        engine_requests = [
+            GenerationRequest(n, list(context), continuations=[pairs[i][1] for i in members])
+            for n, (context, members) in enumerate(groups.items())
+        ]
+        members_of = list(groups.values())
+        answers: list[tuple[float, bool] | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="kvbatch loglikelihood")
+        for result in self._run(engine_requests):
+            for index, score in zip(members_of[result.request_id], result.scores or []):
+                answers[index] = (score.logprob, score.is_greedy)
+                request_str = requests[index][0]
+                if request_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", request_str, answers[index])
+            progress.update(len(members_of[result.request_id]))
+        progress.close()
+        return answers  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """The log-likelihood of whole texts, scored in lm-eval's disjoint windows of max_length tokens."""
+        windows: list[tuple[None, list[int], list[int]]] = []
+        owners: list[int] = []
+        for index, (string,) in enumerate(req.args for req in requests):
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            totals[owner] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        engine_requests = []
+        stops: list[list[str]] = []
+        for index, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            params, until = self._sampling(dict(gen_kwargs), eos_text)
+            # hf's room for the answer: the context is left-truncated to max_length - max_gen_toks tokens
+            max_context = self.max_length - params.max_new_tokens
+            if max_context <= 0:
+                raise ValueError(
+                    f"max_gen_toks {params.max_new_tokens} leaves no context of max_length {self.max_length}"
+                )
+            engine_requests.append(GenerationRequest(index, self.tok_encode(context)[-max_context:], params))
+            stops.append(until)
+        answers = [""] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="kvbatch generate_until")
+        for result in self._run(engine_requests):
+            text = postprocess_generated_text(result.text, stops[result.request_id], None)
+            answers[result.request_id] = text
+            self.cache_hook.add_partial("generate_until", requests[result.request_id].args, text)
+            progress.update(1)
+        progress.close()
+        return answers
+
+    def _sampling(self, gen_kwargs: dict[str, Any], eos_text: str) -> tuple[SamplingParams, list[str]]:
+        until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
+        max_new = gen_kwargs.pop("max_gen_toks", None) or gen_kwargs.pop("max_new_tokens", None) or self.max_gen_toks
+        do_sample = gen_kwargs.pop("do_sample", None)
+        temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
+        if do_sample is False:
+            temperature = 0.0
+        settings = {k: gen_kwargs.pop(k) for k in list(gen_kwargs) if k in _SAMPLING_KWARGS}
+        if gen_kwargs:
+            logger.warning("kvbatch ignores these generation kwargs: %s", sorted(gen_kwargs))
+        params = SamplingParams(
+            max_new_tokens=int(max_new),
+            temperature=temperature,
+            stop=tuple(s for s in until if s),
+            **settings,
+        )
+        return params, until
+
+    def _run(self, requests: list[GenerationRequest]) -> Iterator[GenerationResult]:
+        for result in self.engine.generate(requests):
+            if result.error:
+                raise EngineRowError(f"kvbatch could not run an lm-eval request: {result.error}")
+            yield result
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"model": self._model_name, "source": self.engine.loaded.source}
+
+
+def main() -> None:
+    """`kvbatch-lm-eval`: lm-eval's own CLI, with the `kvbatch` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.exit(cli_evaluate())

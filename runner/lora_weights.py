@@ -1,0 +1,248 @@
+"""Reading a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for one base model.
+
+A LoRA adapter adds, to a linear layer y = x W^T, a low-rank update scaled by alpha over the rank:
+
+    y = x W^T + scaling * (x A^T) B^T        A: [rank, in_features]   B: [out_features, rank]
+    scaling = alpha / rank   (alpha / sqrt(rank) under rsLoRA)
+
+PEFT saves A and B under `base_model.model.<module>.lora_A.weight` / `lora_B.weight`; rank and alpha may
+differ per module (`rank_pattern`, `alpha_pattern`). kvbatch keeps B with the scaling folded in.
+
+Everything that makes an adapter unusable here is an `AdapterError` naming the adapter: a missing folder,
+pickled weights only (without allow_pickle), shapes of another base model, a base model named other than the
+engine's, and what kvbatch does not run (DoRA, LoRA biases, `modules_to_save`, embeddings, lm_head).
+`inspect_adapter` reads the safetensors header only (sizes, checks); `load_adapter` reads the tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# Config switches of LoRA variants whose forward is not the plain low-rank update above.
+_UNSUPPORTED_SWITCHES = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA biases (lora_bias)",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
+    "modules_to_save": "modules_to_save (whole modules trained alongside)",
+    "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable_token_indices",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "layer_replication": "layer_replication",
+    "use_qalora": "QA-LoRA (use_qalora)",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot run on this engine's model; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    rank: int
+    in_features: int
+    out_features: int
+    scaling: float
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What the header and config say: enough to check an adapter against the model and size its slots."""
+
+    name: str
+    folder: Path
+    weights_file: Path
+    modules: dict[str, ModuleShape]  # the base model's module name -> its update's shape
+    key: bytes  # names these weights in the prefix cache: never equal for two different adapters
+
+    def num_bytes(self, dtype: torch.dtype) -> int:
+        per_element = torch.empty(0, dtype=dtype).element_size()
+        return sum(m.rank * (m.in_features + m.out_features) for m in self.modules.values()) * per_element
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    a_t: torch.Tensor  # [in_features, rank], A transposed (x @ a_t is the shrink)
+    b_t: torch.Tensor  # [rank, out_features], scaling * B transposed (the expand)
+
+
+def adaptable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers an adapter may target: every nn.Linear of the decoder except the output head (it sees
+    only the rows that sample, not every token). Projections of routed experts are left out: they see a subset
+    of the tokens."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and "experts" not in name.split(".")
+    }
+
+
+def resolve_folder(name: str, path: str) -> Path:
+    """A local folder, else a hub name already in the local Hugging Face cache."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    if not folder.is_absolute() and not path.startswith((".", "~")) and path.count("/") == 1:
+        from .model_loader import cached_snapshot
+
+        snapshot = cached_snapshot(path)
+        if snapshot is not None:
+            return snapshot
+    raise AdapterError(f"adapter {name!r}: {path} is neither a folder nor a name in the local Hugging Face cache")
+
+
+def inspect_adapter(
+    name: str,
+    path: str,
+    linears: dict[str, nn.Linear],
+    allow_pickle: bool = False,
+    model_name: str | None = None,
+) -> AdapterSpec:
+    """Check adapter `name` at `path` against the model's adaptable `linears` from its config and weight header."""
+    folder = resolve_folder(name, path)
+    config = _read_config(name, folder)
+    weights_file = folder / SAFETENSORS_FILE
+    if not weights_file.is_file():
+        if not (folder / PICKLE_FILE).is_file():
+            raise AdapterError(f"adapter {name!r}: {folder} has no {SAFETENSORS_FILE}")
+        if not allow_pickle:
+            raise AdapterError(
+                f"adapter {name!r}: {folder} has only pickled weights ({PICKLE_FILE}), and loading a pickle can run "
+                "code hidden in it; convert it to safetensors, or set engine.allow_pickle: true if you trust it"
+            )
+        weights_file = folder / PICKLE_FILE
+    base = config.get("base_model_name_or_path")
+    if model_name and isinstance(base, str) and _hub_name(base) and _hub_name(model_name):
+        if base.rsplit("/", 1)[-1].lower() != model_name.rsplit("/", 1)[-1].lower():
+            raise AdapterError(f"adapter {name!r} was trained on {base}, not on this engine's model {model_name}")
+    shapes = _tensor_shapes(name, weights_file)
+    modules = _module_shapes(name, config, shapes, linears)
+    stat = weights_file.stat()
+    identity = f"{weights_file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    key = hashlib.blake2b(identity.encode(), digest_size=16).digest()
+    return AdapterSpec(name, folder, weights_file, modules, key)
+
+
+def load_adapter(spec: AdapterSpec, dtype: torch.dtype, device: torch.device) -> dict[str, LoraModule]:
+    """The update of every module `spec` targets, in `dtype` on `device`, scaling folded into B."""
+    tensors = _read_tensors(spec)
+    out = {}
+    for module, shape in spec.modules.items():
+        a, b = tensors[module]
+        out[module] = LoraModule(
+            a_t=a.to(torch.float32).t().contiguous().to(device=device, dtype=dtype),
+            b_t=(b.to(torch.float32) * shape.scaling).t().contiguous().to(device=device, dtype=dtype),
+        )
+    return out
+
+
+def _read_config(name: str, folder: Path) -> dict:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"adapter {name!r}: {folder} has no {CONFIG_FILE}, so it is not a PEFT adapter") from None
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"adapter {name!r}: cannot read {folder / CONFIG_FILE}: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} is not a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"adapter {name!r} is a {config.get('peft_type')!r} adapter; kvbatch runs LoRA adapters")
+    for switch, what in _UNSUPPORTED_SWITCHES.items():
+        if config.get(switch):
+            raise AdapterError(f"adapter {name!r} uses {what}, which kvbatch does not run")
+    return config
+
+
+def _hub_name(name: str) -> bool:
+    """An `org/model` name (not a path): the only spelling two sides can be compared by."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+
+
+def _tensor_shapes(name: str, weights_file: Path) -> dict[str, tuple[int, ...]]:
+    if weights_file.suffix == ".bin":
+        return {k: tuple(v.shape) for k, v in _load_pickle(weights_file).items()}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights_file), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"adapter {name!r}: cannot read {weights_file}: {exc}") from None
+
+
+def _load_pickle(weights_file: Path) -> dict[str, torch.Tensor]:
+    # weights_only: tensors and plain containers, no arbitrary objects (still only with allow_pickle)
+    return torch.load(weights_file, map_location="cpu", weights_only=True)
+
+
+def _read_tensors(spec: AdapterSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    if spec.weights_file.suffix == ".bin":
+        raw = _load_pickle(spec.weights_file)
+    else:
+        from safetensors.torch import load_file
+
+        raw = load_file(str(spec.weights_file))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        match = _KEY.match(key)
+        if match:
+            pairs.setdefault(match["module"], {})[match["part"]] = tensor
+    return {module: (pairs[module]["A"], pairs[module]["B"]) for module in spec.modules}
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    # PEFT's rule (peft.utils.other.get_pattern_key): the first pattern that matches the module name's end
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _module_shapes(
+    name: str, config: dict, shapes: dict[str, tuple[int, ...]], linears: dict[str, nn.Linear]
+) -> dict[str, ModuleShape]:
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        match = _KEY.match(key)
+        if match is None:
+            what = key.removeprefix("base_model.model.")
+            raise AdapterError(f"adapter {name!r} holds {what}, which is not a LoRA A/B weight kvbatch can apply")
+        parts.setdefault(match["module"], {})[match["part"]] = shape
+    if not parts:
+        raise AdapterError(f"adapter {name!r} holds no LoRA weights")
+    alpha, use_rslora = config.get("lora_alpha", 8), bool(config.get("use_rslora"))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules = {}
+    for module, pair in sorted(parts.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"adapter {name!r} has lora_A without lora_B (or the reverse) for {module}")
+        if len(pair["A"]) != 2 or len(pair["B"]) != 2:
+            raise AdapterError(f"adapter {name!r}: {module}'s LoRA weights are not matrices")
+        linear = linears.get(module)
+        if linear is None:
+            raise AdapterError(
+                f"adapter {name!r} targets {module}, which this model does not have as an adaptable linear layer "
+                "(kvbatch adapts the decoder's linear projections, not embeddings or lm_head)"
+            )
+        (rank, a_in), (b_out, b_rank) = pair["A"], pair["B"]
+        if (a_in, b_out, b_rank) != (linear.in_features, linear.out_features, rank):
+            raise AdapterError(
+                f"adapter {name!r} does not fit this model: {module} has A {list(pair['A'])} and B {list(pair['B'])}, "
+                f"the model's layer is {linear.out_features}x{linear.in_features} (an adapter of another base model?)"
+            )
+        module_alpha = _pattern_value(alpha_pattern, module, alpha)
+        scaling = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
+        modules[module] = ModuleShape(rank, a_in, b_out, float(scaling))
+    return modules

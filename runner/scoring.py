@@ -1,0 +1,62 @@
+"""Scoring rows: the log-probability of a known next token, and whether it is the argmax, from a step's logits.
+
+A scoring request's continuations, and a prompt whose `prompt_logprobs` are asked for, are scored in their
+prefill: row p of a sequence predicts token p + 1, so its score is log_softmax(logits[p])[token p + 1].
+
+    context  c0 c1 c2 | continuation  x0 x1 x2        sequence = c0 c1 c2 x0 x1 (the last token is never input)
+    rows     0  1  2    3  4                          scored rows 2, 3, 4 against x0, x1, x2
+
+The sum over a continuation's rows is lm-eval's loglikelihood; it is greedy when every target is its row's
+argmax. Rows are reduced a slice at a time, so the float32 log-softmax of a long prompt's rows never exists whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Rows per log-softmax slice: 256 rows of a 128k vocabulary is 128 MiB of float32.
+ROWS_PER_SLICE = 256
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+@dataclass
+class ScoredRows:
+    """A step's scored rows on the device, and their way to the host (as sampling.SampledTokens)."""
+
+    logprobs: torch.Tensor  # [num_rows] float32: each target's log-probability
+    greedy: torch.Tensor  # [num_rows] bool: the target is the row's argmax
+    _host: tuple[torch.Tensor, torch.Tensor] | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def start_download(self) -> ScoredRows:
+        if self.logprobs.device.type == "cuda":
+            self._host = (_pinned_copy(self.logprobs), _pinned_copy(self.greedy))
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        return self
+
+    def to_host(self) -> tuple[list[float], list[bool]]:
+        logprobs, greedy = self.logprobs, self.greedy
+        if self._ready is not None and self._host is not None:
+            self._ready.synchronize()
+            logprobs, greedy = self._host
+        return logprobs.tolist(), greedy.tolist()
+
+
+def score_on_device(logits: torch.Tensor, targets: torch.Tensor) -> ScoredRows:
+    """logits: [num_rows, vocab_size] in the model's dtype; targets: [num_rows] int64. Works in float32."""
+    logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    greedy = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for start in range(0, logits.shape[0], ROWS_PER_SLICE):
+        rows = slice(start, start + ROWS_PER_SLICE)
+        part = torch.log_softmax(logits[rows].float(), dim=-1)
+        target = targets[rows, None]
+        logprobs[rows] = part.gather(1, target)[:, 0]
+        greedy[rows] = part.argmax(dim=-1) == target[:, 0]
+    return ScoredRows(logprobs, greedy)

@@ -1,0 +1,238 @@
+"""Structured output with xgrammar: each distinct constraint compiled once, in the background; a matcher per
+sequence; a token bitmask per step, applied to the logits before the choice.
+
+    request with a constraint --submit--> compile pool (threads; xgrammar releases the GIL)
+        ... the request waits outside the scheduler until its grammar is ready (other rows run meanwhile);
+        a constraint that does not compile fails its request with `bad_constraint`
+    admitted: each of its n sequences gets a GrammarMatcher
+    step:     the host fills the bitmask of the constrained rows after the forward pass is launched (so on a
+              GPU while it runs), the mask sets disallowed logits to -inf before the choice
+    append:   the matcher accepts the token; once it accepts an end-of-sequence token the row ends with `stop`
+
+The matcher holds the state after exactly `output_token_ids`: it accepts a token when the host appends it, once.
+A preempted sequence keeps its output and recomputes only its K/V, so its matcher is neither rolled back nor
+fed again; tokens of a failed step never reach the host, so the matcher never saw them. With async scheduling
+the mask of a row needs its newest token on the host, so a step is not planned ahead of a constrained row's
+pending token (runner/scheduler.py schedule_ahead).
+
+Why xgrammar over llguidance: both compute masks in well under a millisecond per row; xgrammar is what vLLM and
+SGLang use by default, ships a manylinux wheel whose only missing dependency is apache-tvm-ffi, compiles a
+JSON schema for a 49k vocabulary in a few milliseconds, and has a transformers logits processor that serves
+as the independent oracle in the tests. llguidance compiles lazily (no compile step at all), which would suit
+one-off schemas per row, but brings a Rust toolchain's wheel and no such oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .request import FinishReason
+from .sequence import Sequence
+from .structured_outputs import ConstraintError, StructuredOutputs
+
+logger = logging.getLogger(__name__)
+
+# Distinct constraints kept compiled at once (a job with a schema per row compiles each, and keeps the newest).
+MAX_CACHED_GRAMMARS = 4096
+# JSON Schema keywords xgrammar parses but does not enforce: a schema using them could yield text that ends
+# with `stop` and still fails validation, so it is refused up front. (`oneOf` falls back to `anyOf` semantics
+# when its branches are not provably disjoint; `allOf` of several schemas is not merged.)
+_UNENFORCED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "oneOf")
+# Keywords of one JSON type that xgrammar enforces only beside an explicit "type" (or an enum, const, ...).
+_NEEDS_TYPE = (
+    "pattern",
+    "minLength",
+    "maxLength",
+    "format",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+)
+_TYPED_BY = ("type", "enum", "const", "$ref", "anyOf", "allOf")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties", "not")
+# xgrammar prefixes its messages with a timestamp and a C++ source location.
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
+
+
+def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
+    """Where the schema uses a keyword that would not be enforced, as a message; None when it has none."""
+    if not isinstance(schema, dict):
+        return None
+    for keyword in _UNENFORCED_KEYWORDS:
+        if keyword in schema:
+            return f"unsupported JSON Schema keyword {keyword!r} at {path}"
+    if schema.get("uniqueItems") is True:
+        return f"unsupported JSON Schema keyword 'uniqueItems' at {path}"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"unsupported JSON Schema keyword 'allOf' with {len(schema['allOf'])} schemas at {path}"
+    if not any(k in schema for k in _TYPED_BY):
+        typed = next((k for k in _NEEDS_TYPE if k in schema), None)
+        if typed:  # xgrammar lets any value through where the type is not given
+            return f'keyword {typed!r} at {path} needs a "type" beside it'
+    required = schema.get("required")
+    if isinstance(required, list):
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        missing = [name for name in required if name not in properties]
+        if missing:  # xgrammar enforces only the required fields it has a schema for
+            return f"required field {missing[0]!r} at {path} is not among its properties"
+    children: list[tuple[str, Any]] = []
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            children += [(f"{path}/{key}/{name}", sub) for name, sub in schema[key].items()]
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            children += [(f"{path}/{key}/{i}", sub) for i, sub in enumerate(schema[key])]
+    for key in _SUBSCHEMAS:
+        if isinstance(schema.get(key), (dict, list)):
+            subs = schema[key] if isinstance(schema[key], list) else [schema[key]]
+            children += [(f"{path}/{key}", sub) for sub in subs]
+    for child_path, child in children:
+        problem = unsupported_keyword(child, child_path)
+        if problem:
+            return problem
+    return None
+
+
+def _library_message(exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _CPP_PREFIX.sub("", first)
+
+
+class GrammarCache:
+    """Compiles constraints for one tokenizer and vocabulary: each distinct one once, on a small thread pool.
+
+    `submit` returns at once with a future of the compiled grammar (or of a ConstraintError). The tokenizer's
+    token table is built on the first compile, in the pool too (about 0.1 s for a 49k vocabulary).
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...], max_workers: int = 2) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvbatch-grammar")
+        self._futures: OrderedDict[StructuredOutputs, Future] = OrderedDict()
+        self._compiler = None
+        self._lock = threading.Lock()
+        self.compile_seconds: dict[StructuredOutputs, float] = {}
+
+    def submit(self, constraint: StructuredOutputs) -> Future:
+        with self._lock:
+            future = self._futures.get(constraint)
+            if future is not None:
+                self._futures.move_to_end(constraint)
+                return future
+            future = self._pool.submit(self._compile, constraint)
+            self._futures[constraint] = future
+            while len(self._futures) > MAX_CACHED_GRAMMARS:
+                evicted, _ = self._futures.popitem(last=False)
+                self.compile_seconds.pop(evicted, None)
+            return future
+
+    def compile(self, constraint: StructuredOutputs):
+        """The compiled grammar, waiting for it; raises ConstraintError."""
+        return self.submit(constraint).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _compiler_for(self):
+        import xgrammar as xgr
+
+        with self._lock:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
+                )
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            return self._compiler
+
+    def _compile(self, constraint: StructuredOutputs):
+        compiler = self._compiler_for()
+        started = time.perf_counter()
+        try:
+            if constraint.json is not None:
+                problem = unsupported_keyword(json.loads(constraint.json))
+                if problem:
+                    raise ConstraintError(problem)
+                compiled = compiler.compile_json_schema(constraint.json, any_whitespace=False)
+            elif constraint.regex is not None:
+                compiled = compiler.compile_regex(constraint.regex)
+            elif constraint.choice is not None:
+                # JSON string literals are EBNF string literals (same escapes).
+                alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in constraint.choice)
+                compiled = compiler.compile_grammar(f"root ::= {alternatives}")
+            elif constraint.grammar is not None:
+                compiled = compiler.compile_grammar(constraint.grammar)
+            else:
+                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        except ConstraintError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError (and ValueError) for bad input
+            raise ConstraintError(f"{constraint.kind} does not compile: {_library_message(exc)}") from None
+        self.compile_seconds[constraint] = time.perf_counter() - started
+        return compiled
+
+
+def new_matcher(compiled) -> Any:
+    import xgrammar as xgr
+
+    return xgr.GrammarMatcher(compiled)
+
+
+class StepMask:
+    """The bitmask of one step's sampling rows: filled on the host, applied in place to float32 logits.
+
+    bitmask: [num_rows, ceil(vocab / 32)] int32, bit set = allowed; only the constrained rows are applied."""
+
+    def __init__(self, items: list, vocab_size: int, device: torch.device) -> None:
+        import xgrammar as xgr
+
+        self.rows = [i for i, item in enumerate(items) if item.seq.matcher is not None]
+        self.vocab_size = vocab_size
+        # Only the constrained rows are filled and applied, so the others need no initialising.
+        shape = xgr.get_bitmask_shape(len(items), vocab_size)
+        bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        xgr.BatchGrammarMatcher(max_threads=1).batch_fill_next_token_bitmask(
+            [items[i].seq.matcher for i in self.rows], bitmask, self.rows
+        )
+        # Queued behind the step's kernels from pinned memory: the host does not wait for the device here.
+        self.bitmask = bitmask.to(device, non_blocking=True) if device.type == "cuda" else bitmask
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        # logits: [num_rows, vocab] float32, written in place
+        import xgrammar as xgr
+
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask, vocab_size=self.vocab_size, indices=self.rows)
+
+
+def step_mask(items: list, vocab_size: int, device: torch.device) -> StepMask | None:
+    """The mask of a step, or None when none of its sampling rows is constrained (nothing else to do then)."""
+    if not any(item.seq.matcher is not None for item in items):
+        return None
+    return StepMask(items, vocab_size, device)
+
+
+def accept_token(seq: Sequence, token: int) -> FinishReason | None:
+    """Advance the sequence's matcher by its newly appended token. `stop` once the grammar accepted an
+    end-of-sequence token; `length` at the token limit; else None. A constrained row ends only there: stop
+    strings, stop token ids and ignore_eos would end it, or run it on, mid-structure."""
+    accepted = seq.matcher.accept_token(token)
+    assert accepted, f"seq {seq.seq_id}: token {token} was sampled under the grammar's mask but the grammar rejects it"
+    if seq.matcher.is_terminated():
+        return "stop"
+    if len(seq.output_token_ids) >= seq.max_new_tokens:
+        return "length"
+    return None

@@ -1,0 +1,177 @@
+"""Chat templates of reasoning models: template values (enable_thinking), a job's own template file, tools,
+continue_final_message, a template that raises on a row, and the thinking text split into `reasoning`.
+
+The oracle is transformers' own `apply_chat_template` on the same tiny byte-level tokenizer and a small
+Qwen3-style template written here (no hub download).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from kvbatch.errors import ErrorKind
+from kvbatch.jobs.job_io import layout_for
+from kvbatch.jobs.openai_format import output_line
+from kvbatch.jobs.pipeline import RowPipeline
+from kvbatch.jobs.read_jsonl import openai_row, parse_line
+from kvbatch.jobs.records import RowResult
+from kvbatch.jobs.rows import Row
+from kvbatch.jobs.spec import job_from_dict, result_fingerprint
+from kvbatch.runner.request import Completion, GenerationRequest, GenerationResult
+
+# Qwen3's handling of enable_thinking and tools, in small: thinking off writes an empty think block after the
+# generation prompt; a developer message is refused with raise_exception, as some templates refuse roles.
+QWEN3_STYLE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n# Tools' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'developer' %}{{- raise_exception('developer messages are not supported') }}{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def byte_tokenizer(template: str | None = QWEN3_STYLE) -> PreTrainedTokenizerFast:
+    """One token per byte, ChatML control tokens, and <think>/</think> as added (non-special) tokens, as Qwen3 has."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"]
+    )
+    fast.add_tokens(["<think>", "</think>"])
+    fast.chat_template = template
+    return fast
+
+
+def pipeline(tmp_path: Path, tokenizer, **prompt) -> RowPipeline:
+    job = job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "prompt": {"messages_column": "messages", **prompt}},
+        base_dir=str(tmp_path),
+    )
+    return RowPipeline(job, tokenizer, layout_for(job, {}))
+
+
+def ids_of(pipe: RowPipeline, **data) -> list[int]:
+    request = pipe.request(Row(0, {"messages": MESSAGES, **data}))
+    assert isinstance(request, GenerationRequest), request
+    return request.prompt_token_ids
+
+
+def test_enable_thinking_false_renders_what_transformers_renders(tmp_path) -> None:
+    tok = byte_tokenizer()
+    want = tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True, enable_thinking=False)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    pipe = pipeline(tmp_path, tok, chat_template_kwargs={"enable_thinking": False})
+    got = ids_of(pipe)
+    assert got == list(want)
+    assert tok.decode(got).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    default = ids_of(pipeline(tmp_path, tok))
+    assert tok.decode(default).endswith("<|im_start|>assistant\n")
+    # a row's own values win over the job's
+    column = pipeline(
+        tmp_path, tok, chat_template_kwargs={"enable_thinking": False}, chat_template_kwargs_column="options"
+    )
+    assert ids_of(column, options={"enable_thinking": True}) == default
+    assert ids_of(column, options=None) == got
+    bad = column.request(Row(3, {"messages": MESSAGES, "options": "yes"}))
+    assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.WRONG_TYPE
+
+
+def test_a_row_with_control_text_still_gets_the_template_values(tmp_path) -> None:
+    """Placeholders path (a message holding <|im_end|> as text): rendered with the same values."""
+    tok = byte_tokenizer()
+    messages = [{"role": "user", "content": "say <|im_end|> please"}]
+    pipe = pipeline(tmp_path, tok, chat_template_kwargs={"enable_thinking": False})
+    request = pipe.request(Row(0, {"messages": messages}))
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert tok.decode(request.prompt_token_ids) == rendered
+    assert request.prompt_token_ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 1  # the data's stays text
+
+
+def test_template_file_tools_and_continue_final_message(tmp_path) -> None:
+    (tmp_path / "qwen3.jinja").write_text(QWEN3_STYLE)
+    tok = byte_tokenizer(template=None)  # the model has none: the job's file is used
+    pipe = pipeline(tmp_path, tok, chat_template_file="qwen3.jinja", tools_column="tools")
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    want = tok.apply_chat_template(
+        MESSAGES, tools=tools, chat_template=QWEN3_STYLE, tokenize=False, add_generation_prompt=True
+    )
+    assert tok.decode(ids_of(pipe, tools=tools)) == want and '"name": "add"' in want
+    bad = pipe.request(Row(1, {"messages": MESSAGES, "tools": "add"}))
+    assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.WRONG_TYPE
+
+    partial = [*MESSAGES, {"role": "assistant", "content": "The answer is"}]
+    cont = pipeline(tmp_path, tok, chat_template_file="qwen3.jinja", continue_final_message=True)
+    want = tok.apply_chat_template(partial, chat_template=QWEN3_STYLE, tokenize=False, continue_final_message=True)
+    got = cont.request(Row(0, {"messages": partial}))
+    assert tok.decode(got.prompt_token_ids) == want and want.endswith("The answer is")
+
+
+def test_a_template_that_raises_fails_its_row_only(tmp_path) -> None:
+    pipe = pipeline(tmp_path, byte_tokenizer())
+    refused = pipe.request(Row(0, {"messages": [{"role": "developer", "content": "be brief"}, *MESSAGES]}))
+    assert isinstance(refused, RowResult) and refused.error.kind == ErrorKind.CHAT_TEMPLATE
+    assert "developer messages are not supported" in refused.error.message
+    assert isinstance(pipe.request(Row(1, {"messages": MESSAGES})), GenerationRequest)
+
+
+def test_thinking_goes_to_the_reasoning_column(tmp_path) -> None:
+    (tmp_path / "qwen3.jinja").write_text(QWEN3_STYLE)
+    pipe = pipeline(tmp_path, byte_tokenizer(), chat_template_file="qwen3.jinja", split_reasoning=None)
+    assert pipe.layout.reasoning  # the template knows </think>
+    pipe.request(Row(0, {"messages": MESSAGES}))
+    pipe.request(Row(1, {"messages": MESSAGES}))
+    done = pipe.result(
+        GenerationResult(0, 9, [Completion("<think>\nadd them\n</think>\n\n4", [5], "stop")])
+    )  # fmt: skip
+    assert (done.texts, done.reasonings) == (["4"], ["add them"])
+    cut = pipe.result(GenerationResult(1, 9, [Completion("<think>\nstill thinking", [5], "length")]))
+    assert (cut.texts, cut.reasonings) == (["<think>\nstill thinking"], [None])  # no end tag: text as it came
+    table = pipe.layout.to_table([done, cut])
+    assert table.column("reasoning").to_pylist() == ["add them", None] and table.column("text").to_pylist()[0] == "4"
+    assert table.schema.field("reasoning").type == pa.string()
+    line = output_line({"row": 0, "custom_id": "a", "text": ["4"], "finish_reason": "stop", "reasoning": ["add them"]},
+                       "m", 0)  # fmt: skip
+    assert line["response"]["body"]["choices"][0]["message"]["reasoning_content"] == "add them"
+
+    plain = pipeline(tmp_path, byte_tokenizer(), chat_template_file="qwen3.jinja", split_reasoning=False)
+    assert not plain.layout.reasoning and "reasoning" not in [f.name for f in plain.layout.fixed_fields()]
+
+
+def test_template_settings_enter_the_fingerprint_only_when_set(tmp_path) -> None:
+    base = {"name": "j", "input": {"path": "in.jsonl"}}
+    assert "split_reasoning" not in result_fingerprint(job_from_dict(base, base_dir=str(tmp_path)))["prompt"]
+    (tmp_path / "t.jinja").write_text(QWEN3_STYLE)
+    job = job_from_dict({**base, "prompt": {"chat_template_file": "t.jinja"}}, base_dir=str(tmp_path))
+    prompt = result_fingerprint(job)["prompt"]
+    assert prompt["chat_template_file"] == "t.jinja" and prompt["split_reasoning"] is True
+    with pytest.raises(Exception, match="prompt.chat_template_file: no such file"):
+        job_from_dict({**base, "prompt": {"chat_template_file": "none.jinja"}}, base_dir=str(tmp_path))
+    json.dumps(result_fingerprint(job))  # the manifest stores it as JSON
+
+
+def test_openai_bodies_pass_their_template_values_and_tools(tmp_path) -> None:
+    tok = byte_tokenizer()
+    job = job_from_dict(
+        {"name": "j", "input": {"path": "b.jsonl", "format": "openai"}, "output_dir": "out"}, base_dir=str(tmp_path)
+    )
+    pipe = RowPipeline(job, tok, layout_for(job, {}))
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    body = {"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": False}, "tools": tools}
+    line = json.dumps({"custom_id": "a", "url": "/v1/chat/completions", "body": body}).encode()
+    request = pipe.request(openai_row(parse_line(line, 0, 1)))
+    want = tok.apply_chat_template(MESSAGES, tools=tools, tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False)  # fmt: skip
+    assert tok.decode(request.prompt_token_ids) == want and want.endswith("</think>\n\n") and '"add"' in want

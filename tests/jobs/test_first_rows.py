@@ -1,0 +1,78 @@
+"""A prompt column that none of the first rows has fails the job before the model loads (exit 2), naming the
+columns the rows do have; the rows read ahead to check are run as usual when the column is there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from job_fakes import fake_factory
+from typer.testing import CliRunner
+
+from kvbatch import cli
+from kvbatch.errors import ExitCode, SpecError
+from kvbatch.jobs.arrow_io import read_arrow
+from kvbatch.jobs.first_rows import FIRST_ROWS
+from kvbatch.jobs.runners import run_jobs
+from kvbatch.jobs.spec import job_from_dict
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def job(tmp_path: Path, **prompt):
+    return job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "prompt": prompt, "output_dir": "out"}, base_dir=str(tmp_path)
+    )
+
+
+@pytest.mark.parametrize(
+    ("prompt", "field", "missing"),
+    [
+        ({"column": "promt"}, "prompt.column", "'promt'"),
+        ({}, "prompt.column", "'prompt'"),  # the default column
+        ({"messages_column": "msgs"}, "prompt.messages_column", "'msgs'"),
+        ({"template": "{question} {contxt}"}, "prompt.template", "'contxt'"),
+    ],
+)
+def test_no_row_with_the_column_fails_before_the_model_loads(tmp_path: Path, prompt, field, missing) -> None:
+    write(tmp_path / "in.jsonl", [{"id": i, "question": "q", "context": "c"} for i in range(FIRST_ROWS + 20)])
+    factory = fake_factory()
+    [outcome] = run_jobs([job(tmp_path, **prompt)], engine_factory=factory)
+    assert isinstance(outcome.error, SpecError)
+    assert outcome.error.field == field
+    assert f"none of the first {FIRST_ROWS} rows has the column {missing}" in str(outcome.error)
+    assert "the rows have 'id', 'question', 'context'" in str(outcome.error)
+    assert factory.engines == []  # no model was loaded
+
+
+def test_the_rows_read_ahead_are_not_lost(tmp_path: Path) -> None:
+    # Three rows without the column, one unreadable, then rows with it: the column exists, every row is written.
+    rows = [{"q": "a"}, {"q": "b"}, {"q": "c"}]
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + "{broken\n" + '{"prompt": "x"}\n{"prompt": "yy"}\n'
+    )
+    [outcome] = run_jobs([job(tmp_path)], engine_factory=fake_factory())
+    assert outcome.error is None, outcome.error
+    out = read_arrow(tmp_path / "out" / "j.arrow").to_pylist()
+    assert [r["row"] for r in out] == [0, 1, 2, 3, 4, 5]
+    assert [r["error_kind"] for r in out] == ["missing_column"] * 3 + ["bad_json", None, None]
+
+
+def test_fewer_rows_than_the_window_all_lacking_fail_too(tmp_path: Path) -> None:
+    write(tmp_path / "in.jsonl", [{"text": "a"}, {"text": "b"}])
+    [outcome] = run_jobs([job(tmp_path)], engine_factory=fake_factory())
+    assert isinstance(outcome.error, SpecError)
+    assert "none of the first 2 rows has the column 'prompt'; the rows have 'text'" in str(outcome.error)
+
+
+def test_the_cli_exits_2_on_a_misspelled_prompt_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    result = CliRunner().invoke(cli.app, ["generate", "in.jsonl", "-o", "out.arrow", "--prompt-column", "promt"])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "prompt.column: none of the first 2 rows has the column 'promt'; the rows have 'prompt'" in result.output
+    assert not (tmp_path / "out.arrow").exists()

@@ -1,0 +1,113 @@
+"""A Ray run's input positions and its skip of finished rows, without starting Ray: the read tasks' own code."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kvbatch.jobs.ray_input import RowsSource, open_ray_input
+from kvbatch.jobs.ray_run import done_rows
+from kvbatch.jobs.spec import job_from_dict
+
+
+def parquet_folder(tmp_path: Path) -> Path:
+    """Files of 5, 0 and 7 rows (row groups of 3), whose `n` column is the row's position over the folder."""
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    sizes = {"a.parquet": 5, "b.parquet": 0, "sub/c.parquet": 7}
+    start = 0
+    for name, size in sizes.items():
+        table = pa.table({"n": list(range(start, start + size)), "prompt": [f"p{i}" for i in range(size)]})
+        pq.write_table(table, folder / name, row_group_size=3)
+        start += size
+    (folder / "_SUCCESS").touch()  # names starting with _ or . are not data
+    return folder
+
+
+def job(folder: Path, **input_fields) -> object:
+    return job_from_dict(
+        {"name": "j", "input": {"path": str(folder), **input_fields}, "output_dir": str(folder.parent)}
+    )
+
+
+def read_all(source: RowsSource) -> list[tuple[int, int]]:
+    out = []
+    for unit in source.units():
+        for block in source.read(unit):
+            for row, data in zip(block.column("row").to_pylist(), block.column("data").to_pylist()):
+                out.append((row, pickle.loads(data)["n"]))
+    return out
+
+
+def test_rows_are_numbered_over_the_files_in_path_order(tmp_path):
+    folder = parquet_folder(tmp_path)
+    ray_input = open_ray_input(job(folder), ["prompt", "n"])
+    assert [Path(f.path).name for f in ray_input.files] == ["a.parquet", "b.parquet", "c.parquet"]
+    assert [(f.first_row, f.num_rows, f.row_groups) for f in ray_input.files] == [
+        (0, 5, (3, 2)),
+        (5, 0, (0,)),  # an empty file has one empty row group
+        (5, 7, (3, 3, 1)),
+    ]
+    source = RowsSource(ray_input, ["prompt", "n"], batch_rows=2, max_line_bytes=1 << 20)
+    assert [(u.first_row, u.num_rows) for u in source.units()] == [(0, 3), (3, 2), (5, 3), (8, 3), (11, 1)]
+    assert read_all(source) == [(i, i) for i in range(12)]  # each row's position is its `n`
+
+    limited = open_ray_input(job(folder, limit=7), ["prompt"])
+    assert limited.num_rows == 7
+    assert read_all(RowsSource(limited, ["prompt", "n"], 2, 1 << 20)) == [(i, i) for i in range(7)]
+    changed = folder / "sub" / "c.parquet"
+    pq.write_table(pa.table({"n": [5], "prompt": ["p"]}), changed)
+    assert open_ray_input(job(folder), ["prompt"]).identity != ray_input.identity  # a resume over it is refused
+
+
+def test_without_ray_checkpointing_the_folder_s_rows_are_skipped(tmp_path):
+    folder = parquet_folder(tmp_path)
+    parts = tmp_path / "out.parquet.parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"row": [0, 1, 2, 9]}), parts / "part-0000-000000-x.parquet")
+    (parts / "part-0000-000001-x.parquet").write_bytes(b"PAR1 cut short")  # a write the kill cut short
+    done = done_rows(parts)
+    assert done.tolist() == [0, 1, 2, 9]
+    assert not (parts / "part-0000-000001-x.parquet").exists()  # its rows are done again
+    source = RowsSource(open_ray_input(job(folder), ["prompt"]), ["prompt", "n"], 2, 1 << 20)
+    source.done_rows = done
+    assert [row for row, _ in read_all(source)] == [3, 4, 5, 6, 7, 8, 10, 11]
+    assert isinstance(source.done_rows, np.ndarray)
+
+
+def test_kvbatch_merge_writes_a_ray_folder_as_one_file_in_input_order(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvbatch import cli
+    from kvbatch.jobs.manifest import Manifest
+    from kvbatch.jobs.writer import work_dir
+
+    out = tmp_path / "answers.parquet"
+    parts = tmp_path / "answers.parquet.parts"
+    parts.mkdir()
+    part = {"row": [2, 3], "text": ["c", "d"], "finish_reason": ["stop", "length"], "error_kind": [None, None]}
+    pq.write_table(pa.table(part), parts / "part-0000-000000-x.parquet")
+    part = {"row": [0, 1], "text": ["a", None], "finish_reason": ["stop", "error"], "error_kind": [None, "bad_json"]}
+    pq.write_table(pa.table(part), parts / "part-0001-000000-y.parquet")
+    manifest = Manifest("answers", "hash", {}, out.name, "parquet", num_rows=4)
+    work_dir(out).mkdir()
+    manifest.save(work_dir(out) / "manifest.json")
+
+    result = CliRunner().invoke(cli.app, ["merge", str(out)])
+    assert result.exit_code == 1 and "unfinished" in result.output  # not before the run is complete
+    manifest.complete = True
+    manifest.save(work_dir(out) / "manifest.json")
+    result = CliRunner().invoke(cli.app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "merged 2 parts" in result.output
+    merged = pq.read_table(out)
+    assert merged.column("row").to_pylist() == [0, 1, 2, 3]
+    assert merged.column("text").to_pylist() == ["a", None, "c", "d"]
+
+    (parts / "part-0001-000000-y.parquet").unlink()  # a row missing: refused, nothing written
+    result = CliRunner().invoke(cli.app, ["merge", str(out)])
+    assert result.exit_code == 1 and "2 rows missing: [0, 1]" in result.output

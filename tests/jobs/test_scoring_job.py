@@ -1,0 +1,101 @@
+"""Scoring and logprob columns of a real job on a tiny saved model: values against float32 log_softmax of
+transformers' own logits, Arrow types readable by `datasets`."""
+
+import functools
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from tiny_models import hf_reference, word_tokenizer  # noqa: E402
+
+from kvbatch.jobs.run import EngineCache, run_job  # noqa: E402
+from kvbatch.jobs.spec import job_from_dict  # noqa: E402
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    hf_reference("llama").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@functools.cache
+def reference() -> torch.nn.Module:
+    return hf_reference("llama")
+
+
+def reference_logprobs(tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(reference()(torch.tensor([tokens])).logits[0].float(), dim=-1)
+
+
+def ids(text: str) -> list[int]:
+    return word_tokenizer().encode(text)
+
+
+def run(tmp_path: Path, model: Path, rows: list[dict], **job) -> list[dict]:
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = job_from_dict(
+        {
+            "name": "j",
+            "model": str(model),
+            "input": {"path": "in.jsonl"},
+            "prompt": {"chat_template": False},
+            "engine": {"block_size": 4, "device": "cpu"},
+            **job,
+        },
+        base_dir=str(tmp_path),
+    )
+    run_job(spec, EngineCache())
+    path = tmp_path / "out" / "j.arrow"
+    from datasets import load_dataset
+
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    readable = load_dataset("arrow", data_files=str(path), split="train")
+    assert readable.num_rows == table.num_rows
+    return table.to_pylist()
+
+
+def test_task_score_scores_each_continuation(tmp_path: Path, model_folder: Path) -> None:
+    rows = [
+        {"prompt": "w5 w6 w7 w8 w9 w10 w11 w12 w13 ", "continuations": ["w40", "w41 w42 w43", "w44 w45"]},
+        {"prompt": "w30 w31", "choices": ["w46"]},  # no continuations column: an error row, the job goes on
+        {"prompt": "w50", "continuations": [" w51 w52"]},  # as in lm-eval, the space starts the continuation
+    ]
+    out = run(tmp_path, model_folder, rows, task="score")
+    assert out[1]["error_kind"] == "missing_column" and out[1]["scores"] is None
+    for row, got in zip((rows[0], rows[2]), (out[0], out[2])):
+        context = ids(row["prompt"])
+        assert got["error"] is None and got["finish_reason"] == "stop"
+        for continuation, score in zip(row["continuations"], got["scores"]):
+            # the context's trailing space moved into the continuation: the same words for this tokenizer
+            tokens = context + ids(continuation)
+            rows_lp = reference_logprobs(tokens)[len(context) - 1 : -1]
+            want = rows_lp.gather(1, torch.tensor(ids(continuation))[:, None])[:, 0]
+            assert score["num_tokens"] == len(ids(continuation))
+            assert score["logprob"] == pytest.approx(want.sum().item(), abs=TOLERANCE * len(want))
+            assert score["is_greedy"] == bool((rows_lp.argmax(-1) == torch.tensor(ids(continuation))).all())
+
+
+def test_prompt_and_top_logprobs_columns(tmp_path: Path, model_folder: Path) -> None:
+    rows = [{"prompt": "w5 w6 w7 w8 w9"}, {"prompt": "w100 w101"}]  # (no w2...: "w2" is the unknown token)
+    sampling = {"max_new_tokens": 4, "logprobs": True, "top_logprobs": 3, "prompt_logprobs": True, "ignore_eos": True}
+    out = run(tmp_path, model_folder, rows, sampling=sampling)
+    tokenizer = word_tokenizer()
+    for row, got in zip(rows, out):
+        prompt = ids(row["prompt"])
+        generated = [top[0]["token_id"] for top in got["top_logprobs"]]  # greedy: the chosen token leads
+        logprobs = reference_logprobs(prompt + generated)
+        want_prompt = logprobs[: len(prompt) - 1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+        assert got["prompt_logprobs"] == pytest.approx([None, *want_prompt], abs=TOLERANCE)
+        values, top_ids = logprobs[len(prompt) - 1 : -1].topk(3, dim=-1)
+        for step, top in enumerate(got["top_logprobs"]):
+            assert [t["token_id"] for t in top] == top_ids[step].tolist()
+            assert [t["logprob"] for t in top] == pytest.approx(values[step].tolist(), abs=TOLERANCE)
+            assert [t["token"] for t in top] == [tokenizer.decode([t]) for t in top_ids[step].tolist()]
+        assert got["logprobs"] == pytest.approx([t[0]["logprob"] for t in got["top_logprobs"]], abs=1e-6)

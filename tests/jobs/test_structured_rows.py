@@ -1,0 +1,117 @@
+"""Where a row's structured-output constraint comes from: the job file (a schema inline or in a file), a column
+of the row, an OpenAI Batch body's `response_format`. A malformed one fails its row with `bad_constraint`, and
+the other rows run; the job file's own is checked when the file loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from job_fakes import fake_factory
+from openai.types import BatchError
+from test_openai_logprobs import request, run_openai
+
+from kvbatch.errors import SpecError
+from kvbatch.jobs.plan import plan_job
+from kvbatch.jobs.run import EngineCache, run_job
+from kvbatch.jobs.spec import job_from_dict, load_jobs_file, spec_hash
+from kvbatch.runner.structured_outputs import StructuredOutputs
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+def test_response_format_becomes_the_rows_constraint(tmp_path: Path) -> None:
+    json_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}
+    lines, engine = run_openai(
+        tmp_path,
+        [
+            request("schema", response_format=json_schema),
+            request("object", response_format={"type": "json_object"}),
+            request("text", response_format={"type": "text"}),
+            request("bad", response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+            request("odd", response_format={"type": "grammar"}),
+        ],
+    )
+    constraints = {r.request_id: r.sampling.structured_outputs for r in engine.requests}
+    assert constraints == {0: StructuredOutputs.from_schema(SCHEMA), 1: StructuredOutputs(json_object=True), 2: None}
+    for i, words in ((3, "needs a `json_schema` object with a `schema`"), (4, "type 'grammar' is not supported")):
+        error = BatchError.model_validate(lines[i]["error"])
+        assert error.code == "bad_constraint" and words in error.message and lines[i]["response"] is None
+
+
+def _job(tmp_path: Path, rows: list[dict], **fields) -> dict:
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"name": "j", "input": {"path": "in.jsonl"}, "output": {"path": "j.jsonl"}, **fields}
+
+
+def test_a_constraint_column_sets_each_rows_constraint(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "a", "c": SCHEMA},  # a schema
+        {"prompt": "b", "c": json.dumps(SCHEMA)},  # a schema as JSON text
+        {"prompt": "c", "c": {"choice": ["x", "y"]}},  # a constraint mapping
+        {"prompt": "d", "c": None},  # the job's own
+        {"prompt": "e", "c": {"choice": []}},  # malformed: its row fails
+        {"prompt": "f", "c": "{not json"},
+    ]
+    job = job_from_dict(
+        _job(tmp_path, rows, constraint_column="c", sampling={"structured_outputs": {"regex": "[ab]+"}}),
+        base_dir=str(tmp_path),
+    )
+    factory = fake_factory()
+    summary = run_job(job, EngineCache(factory))
+    got = {r.request_id: r.sampling.structured_outputs for r in factory.engines[0].requests}
+    assert got == {
+        0: StructuredOutputs.from_schema(SCHEMA),
+        1: StructuredOutputs.from_schema(SCHEMA),
+        2: StructuredOutputs(choice=("x", "y")),
+        3: StructuredOutputs(regex="[ab]+"),
+    }
+    out = [json.loads(line) for line in (tmp_path / "out" / "j.jsonl").read_text().splitlines()]
+    assert [out[i]["error_kind"] for i in (4, 5)] == ["bad_constraint", "bad_constraint"]
+    assert "column 'c'" in out[4]["error"] and "non-empty list" in out[4]["error"]
+    assert summary.errors_by_kind == {"bad_constraint": 2}
+
+
+def test_a_schema_file_is_read_relative_to_the_job_file(tmp_path: Path) -> None:
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "a.json").write_text(json.dumps(SCHEMA))
+    (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
+    jobs = {"jobs": [{"name": "j", "input": {"path": "in.jsonl"}, "output": {"path": "j.jsonl"}}]}
+    jobs["jobs"][0]["sampling"] = {"structured_outputs": {"json": "schemas/a.json"}}
+    (tmp_path / "jobs.yaml").write_text(json.dumps(jobs))
+    [job] = load_jobs_file(tmp_path / "jobs.yaml").jobs
+    assert job.sampling.structured_outputs == StructuredOutputs.from_schema(SCHEMA)
+    inline = job_from_dict(_job(tmp_path, [], sampling={"structured_outputs": {"json": SCHEMA}}), str(tmp_path))
+    assert spec_hash(inline) == spec_hash(job)  # the file's content is what counts
+    plain = job_from_dict(_job(tmp_path, []), str(tmp_path))
+    assert spec_hash(plain) != spec_hash(job)
+
+    jobs["jobs"][0]["sampling"] = {"structured_outputs": {"json": "schemas/missing.json"}}
+    (tmp_path / "jobs.yaml").write_text(json.dumps(jobs))
+    with pytest.raises(SpecError, match="cannot read the JSON schema file"):
+        load_jobs_file(tmp_path / "jobs.yaml")
+    jobs["jobs"][0]["sampling"] = {"structured_outputs": {"regex": "a", "choice": ["b"]}}
+    (tmp_path / "jobs.yaml").write_text(json.dumps(jobs))
+    with pytest.raises(SpecError, match="set exactly one of") as caught:
+        load_jobs_file(tmp_path / "jobs.yaml")
+    assert caught.value.field == "jobs[0].sampling.structured_outputs"
+
+
+def test_plan_lists_the_distinct_constraints_and_the_rows_whose_constraint_is_bad(tmp_path: Path) -> None:
+    """Without weights (the default model's tokenizer and config only), as `kvbatch plan` on the CPU."""
+    rows = [{"prompt": f"q{i}", "c": SCHEMA if i % 2 else {"choice": ["x", "y"]}} for i in range(6)]
+    rows.append({"prompt": "bad", "c": {"regex": "(ab"}})
+    job = job_from_dict(_job(tmp_path, rows, model="default", constraint_column="c"), base_dir=str(tmp_path))
+    plan = plan_job(job, EngineCache())
+    assert [(text.split()[0], n, seconds is not None) for text, n, seconds in plan.constraints] == [
+        ("choice", 3, True),
+        ("json", 3, True),
+        ("regex", 1, False),
+    ]
+    assert plan.failures == {"bad_constraint": 1}
+    assert (
+        "row 6 (line 7): bad constraint (regex" in plan.failure_examples[0] and "not closed" in plan.failure_examples[0]
+    )
+    text = plan.format()
+    assert "constraints     3 distinct, 1 that do not compile" in text and "    1 row, bad: regex" in text

@@ -1,0 +1,119 @@
+"""LoRA adapters in a job: the job's `adapters` map, a row's `adapter_column`, the job's `adapter`, an OpenAI Batch
+body's `model`; texts equal PEFT's generate with each row's adapter; bad adapters are named error rows and the job
+(and the run) ends well; the summary and the output's metadata name the adapters."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from lora_fixtures import ADAPTER_CONFIGS, peft_greedy, save_adapters
+from tiny_models import EOS_ID, hf_reference, tiny_loaded, word_tokenizer
+
+from kvbatch.jobs.plan import plan_job
+from kvbatch.jobs.run import EngineCache
+from kvbatch.jobs.runners import run_jobs
+from kvbatch.jobs.spec import job_from_dict
+from kvbatch.runner.engine import Engine, EngineConfig
+
+MAX_NEW = 8
+CONFIGS = {name: ADAPTER_CONFIGS[name] for name in ("r2-qv", "r16-all")}
+
+
+def factory(model: str, settings: dict) -> Engine:
+    adapters = settings.pop("adapters", None)
+    return Engine(EngineConfig(model=model, **settings), tiny_loaded("llama"), adapters=adapters)
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tmp_path_factory) -> dict[str, str]:
+    return save_adapters(lambda: hf_reference("llama"), tmp_path_factory.mktemp("job-adapters"), CONFIGS)
+
+
+def make_job(tmp_path: Path, name: str, input_path: str, **fields):
+    return job_from_dict(
+        {
+            "name": name,
+            "model": "tiny",
+            "input": {"path": input_path},
+            "prompt": {"chat_template": False},
+            "sampling": {"max_new_tokens": MAX_NEW},
+            "engine": {"device": "cpu", "block_size": 4, "num_blocks_override": 128},
+            **fields,
+        },
+        base_dir=str(tmp_path),
+    )
+
+
+def peft_text(paths: dict[str, str], prompt_words: str, adapter: str | None) -> str:
+    tok = word_tokenizer()
+    ids = tok.encode(prompt_words, add_special_tokens=True, split_special_tokens=True)  # as the job tokenizes
+    (tokens,) = peft_greedy(hf_reference("llama"), paths, [(ids, adapter)], MAX_NEW, EOS_ID, 0)
+    return tok.decode(tokens, skip_special_tokens=True)
+
+
+def test_a_job_mixes_adapters_per_row_and_fails_bad_ones_alone(adapter_paths, tmp_path: Path) -> None:
+    rng = random.Random(3)
+    prompts = [" ".join(f"w{rng.randrange(2, 500)}" for _ in range(rng.randint(3, 12))) for _ in range(6)]
+    # adapter_column: a name from `adapters`; null: the job's `adapter` (here a folder); a missing or unknown name
+    names = ["r2-qv", None, "r16-all", "broken", "r2-qv", "nope"]
+    rows = [{"id": i, "prompt": p, "lora": n} for i, (p, n) in enumerate(zip(prompts, names))]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = make_job(
+        tmp_path,
+        "mixed",
+        "in.jsonl",
+        id_column="id",
+        adapters={"r2-qv": adapter_paths["r2-qv"], "r16-all": adapter_paths["r16-all"], "broken": "no/such"},
+        adapter=adapter_paths["r16-all"],
+        adapter_column="lora",
+    )
+    (outcome,) = run_jobs([job], engine_factory=factory)
+    assert outcome.error is None  # bad adapters fail rows, not the job: the CLI exits 0
+    table = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / "mixed.arrow"))).read_all()
+    out = {r["id"]: r for r in table.to_pylist()}
+    for i in (0, 1, 2, 4):
+        adapter = names[i] if names[i] else "r16-all"
+        assert out[i]["error"] is None, out[i]["error"]
+        assert out[i]["text"] == peft_text(adapter_paths, prompts[i], adapter), f"row {i} ({adapter})"
+    for i, name in ((3, "broken"), (5, "nope")):
+        assert out[i]["error_kind"] == "bad_adapter" and f"'{name}'" in out[i]["error"], out[i]
+    summary = outcome.summary
+    assert summary.errors_by_kind == {"bad_adapter": 2}
+    assert summary.adapters == {"r2-qv": 2, "r16-all": 1, adapter_paths["r16-all"]: 1, "broken": 1, "nope": 1}
+    assert "adapters    " in summary.format()
+    metadata = json.loads(table.schema.metadata[b"kvbatch.adapters"])
+    assert metadata["r2-qv"] == adapter_paths["r2-qv"] and metadata["broken"].endswith("no/such")
+
+
+def test_an_openai_batch_body_names_its_adapter_in_model(adapter_paths, tmp_path: Path) -> None:
+    lines = [
+        {"custom_id": f"c{i}", "body": {"model": model, "messages": [{"role": "user", "content": "w7 w8 w9 w10"}]}}
+        for i, model in enumerate(["r2-qv", "gpt-4o-mini", "r16-all"])
+    ]
+    (tmp_path / "batch.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    job = make_job(
+        tmp_path, "batch", "batch.jsonl", input={"path": "batch.jsonl", "format": "openai"}, adapters=adapter_paths
+    )
+    (outcome,) = run_jobs([job], engine_factory=factory)
+    assert outcome.error is None and outcome.summary.adapters == {"r16-all": 1, "r2-qv": 1}
+    out = [json.loads(line) for line in (tmp_path / "out" / "batch.jsonl").read_text().splitlines()]
+    texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"] for line in out}
+    assert texts["c0"] == peft_text(adapter_paths, "w7 w8 w9 w10", "r2-qv")
+    assert texts["c1"] == peft_text(adapter_paths, "w7 w8 w9 w10", None)  # not an adapter's name: the base model
+    assert texts["c2"] == peft_text(adapter_paths, "w7 w8 w9 w10", "r16-all")
+
+
+def test_plan_lists_the_adapters_and_the_rows_they_fail(adapter_paths, tmp_path: Path) -> None:
+    rows = [{"prompt": "w5 w6 w7", "lora": name} for name in ("r2-qv", "broken", "nope", None)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    adapters = {"r2-qv": adapter_paths["r2-qv"], "broken": "no/such"}
+    job = make_job(tmp_path, "plan", "in.jsonl", adapters=adapters, adapter_column="lora")
+    plan = plan_job(job, EngineCache(factory))
+    assert plan.adapters["r2-qv"] is None and "neither a folder" in plan.adapters["broken"]
+    assert dict(plan.failures) == {"bad_adapter": 2}
+    assert "adapters        2: r2-qv, broken (1 unusable)" in plan.format()
+    assert any("'nope' is not registered" in m for m in plan.failure_examples)

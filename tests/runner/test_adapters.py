@@ -1,0 +1,166 @@
+"""LoRA adapters per row: greedy tokens of a batch mixing four adapters and the base model equal PEFT's generate
+with each row's adapter (float32, CPU), with the prefix cache on, under preemption and with fewer slots than
+adapters; bad adapters fail their rows only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from lora_fixtures import ADAPTER_CONFIGS, peft_greedy, save_adapters
+from tiny_models import EOS_ID, VOCAB_SIZE, hf_reference, tiny_loaded, tiny_model
+
+from kvbatch.errors import ErrorKind
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.request import GenerationRequest, SamplingParams
+
+MAX_NEW = 12
+ADAPTERS = [None, *ADAPTER_CONFIGS]  # row i runs ADAPTERS[i % 5]
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tmp_path_factory) -> dict[str, str]:
+    return save_adapters(lambda: hf_reference("llama"), tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[tuple[list[int], str | None]]:
+    # A shared 12-token head (three blocks of 4) on every prompt: the prefix cache holds it once per adapter, and
+    # an adapter handed another's K/V would diverge from PEFT.
+    rng = random.Random(5)
+    head = [rng.randrange(2, VOCAB_SIZE) for _ in range(12)]
+    prompts = [head + [rng.randrange(2, VOCAB_SIZE) for _ in range(rng.randint(1, 20))] for _ in range(15)]
+    return [(p, ADAPTERS[i % len(ADAPTERS)]) for i, p in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def reference(adapter_paths, rows) -> list[list[int]]:
+    return peft_greedy(hf_reference("llama"), adapter_paths, rows, MAX_NEW, EOS_ID, 0)
+
+
+def run(paths, rows, **settings) -> tuple[Engine, dict]:
+    config = {"block_size": 4, "num_blocks_override": 256, "max_num_batched_tokens": 64, **settings}
+    engine = Engine(EngineConfig(**config), tiny_loaded("llama"), adapters=paths)
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    requests = [GenerationRequest(i, prompt, params, adapter=name) for i, (prompt, name) in enumerate(rows)]
+    return engine, {r.request_id: r for r in engine.generate(requests)}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # every adapter in a slot, the prefix cache on
+        {"num_blocks_override": 24, "max_num_seqs": 8},  # the pool holds a few rows: preemptions
+        {"max_loras": 2, "max_cpu_loras": 2},  # four adapters through two slots: slots and host copies evicted
+    ],
+    ids=["plenty", "preempted", "two-slots"],
+)
+def test_mixed_adapters_equal_peft_generate(adapter_paths, rows, reference, settings) -> None:
+    engine, results = run(adapter_paths, rows, **settings)
+    for i, (_, name) in enumerate(rows):
+        assert results[i].error is None, results[i].error
+        assert results[i].completions[0].token_ids == reference[i], f"row {i} ({name}) diverged from PEFT"
+    assert engine.stats.num_cached_prompt_tokens > 0  # the shared head was reused (within each adapter)
+    if "num_blocks_override" in settings:
+        assert engine.stats.num_preemptions > 0
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_adapters_change_the_output(rows, reference) -> None:
+    # The oracle comparison means something only if the adapters move the tokens away from the base model's.
+    base_rows = [(prompt, None) for prompt, _ in rows]
+    base = peft_greedy(hf_reference("llama"), {}, base_rows, MAX_NEW, EOS_ID, 0)
+    changed = {name for i, (_, name) in enumerate(rows) if name and reference[i] != base[i]}
+    assert changed == set(ADAPTER_CONFIGS)
+
+
+def test_bad_adapters_fail_their_rows_only(adapter_paths, rows, reference, tmp_path) -> None:
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapter_paths["r2-qv"], pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(pickled / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    other_base = save_adapters(lambda: tiny_model("qwen3"), tmp_path / "qwen3", {"r2-qv": ADAPTER_CONFIGS["r2-qv"]})
+    dora = tmp_path / "dora"
+    shutil.copytree(adapter_paths["r2-qv"], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    bad = {
+        "missing": str(tmp_path / "nowhere"),
+        "pickled": str(pickled),
+        "other-base": other_base["r2-qv"],
+        "dora": str(dora),
+    }
+    engine = Engine(
+        EngineConfig(block_size=4, num_blocks_override=256), tiny_loaded("llama"), adapters={**adapter_paths, **bad}
+    )
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    requests = [GenerationRequest(i, prompt, params, adapter=name) for i, (prompt, name) in enumerate(rows)]
+    requests += [GenerationRequest(name, rows[0][0], params, adapter=name) for name in [*bad, "unregistered"]]
+    results = {r.request_id: r for r in engine.generate(requests)}
+    for i in range(len(rows)):
+        assert results[i].completions[0].token_ids == reference[i]
+    words = {
+        "missing": "neither a folder",
+        "pickled": "only pickled weights",
+        "other-base": "does not fit this model",
+        "dora": "DoRA",
+        "unregistered": "not registered",
+    }
+    for name, phrase in words.items():
+        result = results[name]
+        assert (result.finish_reason, result.error_kind) == ("error", ErrorKind.BAD_ADAPTER)
+        assert repr(name) in result.error and phrase in result.error, result.error
+
+
+def test_pickled_adapter_runs_with_allow_pickle(adapter_paths, rows, reference, tmp_path) -> None:
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapter_paths["r8-rslora"], pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(pickled / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    engine = Engine(
+        EngineConfig(block_size=4, num_blocks_override=256, allow_pickle=True),
+        tiny_loaded("llama"),
+        adapters={"r8-rslora": str(pickled)},
+    )
+    i = ADAPTERS.index("r8-rslora")
+    (result,) = engine.generate([GenerationRequest(0, rows[i][0], SamplingParams(max_new_tokens=MAX_NEW), "r8-rslora")])
+    assert result.completions[0].token_ids == reference[i]
+
+
+def test_same_name_another_folder_is_another_cache_key(adapter_paths, rows, reference) -> None:
+    # An engine serving job after job: a name given a new folder must not find the old weights' K/V cached.
+    engine = Engine(EngineConfig(block_size=4, num_blocks_override=256), tiny_loaded("llama"), adapters=adapter_paths)
+    i, j = ADAPTERS.index("r16-all"), ADAPTERS.index("r8-rslora")
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    (first,) = engine.generate([GenerationRequest(0, rows[j][0], params, adapter="x")])
+    assert first.error_kind == ErrorKind.BAD_ADAPTER  # not registered yet
+    engine.add_adapter("x", adapter_paths["r16-all"])
+    (first,) = engine.generate([GenerationRequest(0, rows[i][0], params, adapter="x")])
+    engine.add_adapter("x", adapter_paths["r8-rslora"])
+    (second,) = engine.generate([GenerationRequest(0, rows[i][0], params, adapter="x")])
+    assert first.completions[0].token_ids == reference[i]
+    rslora_on_i = peft_greedy(hf_reference("llama"), adapter_paths, [(rows[i][0], "r8-rslora")], MAX_NEW, EOS_ID, 0)
+    assert second.completions[0].token_ids == rslora_on_i[0]
+
+
+def test_the_bench_lora_workload_spreads_rows_over_its_random_adapters(tmp_path) -> None:
+    from kvbatch.bench.lora import random_adapters
+    from kvbatch.bench.workloads import LORA_COUNT, make_workload
+
+    work = make_workload("lora", VOCAB_SIZE, num_prompts=16)
+    assert [r.adapter for r in work.requests[: LORA_COUNT + 1]] == [f"lora{i}" for i in range(LORA_COUNT)] + ["lora0"]
+    loaded = tiny_loaded("llama")
+    paths = random_adapters(loaded.model, tmp_path, 2, rank=4)
+    engine = Engine(EngineConfig(block_size=4, num_blocks_override=256), loaded, adapters=paths)
+    requests = [r for r in work.requests if r.adapter in paths][:4]
+    results = list(engine.generate(dataclasses.replace(r, sampling=SamplingParams(max_new_tokens=2)) for r in requests))
+    assert len(results) == 4 and all(r.error is None for r in results)
+    assert len(engine.adapters.modules) == 14  # seven projections in each of two layers

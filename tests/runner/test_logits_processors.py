@@ -1,0 +1,249 @@
+"""vLLM's sampling fields (presence/frequency penalties, min_tokens, logit_bias, bad_words, allowed_token_ids)
+give the tokens transformers gives with its corresponding logits processor, greedy and seeded.
+
+Greedy: the engine's tokens equal `model.generate(logits_processor=[...])`. Seeded: transformers' processors
+and warpers give the distribution of each step on the reference model's own logits; the draw from it uses the
+engine's noise (a pure function of seed, position and token), so equal distributions give equal tokens.
+Presence and frequency penalties have no transformers processor: their reference is vLLM's definition in numpy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from test_exact_vs_generate import random_prompts
+from test_sampling_filters import transformers_probs
+from tiny_models import EOS_ID, VOCAB_SIZE, hf_reference, tiny_loaded
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+)
+
+from kvbatch.errors import ErrorKind
+from kvbatch.runner.config import SamplingParams
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.request import GenerationRequest
+from kvbatch.runner.sampling import uniform_noise
+
+NUM_NEW = 10
+ARCH = "llama"
+
+
+class NumpyPenalties(LogitsProcessor):
+    """vLLM's presence and frequency penalties over the OUTPUT tokens, written out in numpy."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        counts = np.bincount(input_ids[0, self.prompt_length :].numpy(), minlength=scores.shape[-1])
+        penalty = self.presence * (counts > 0) + self.frequency * counts
+        return scores - torch.from_numpy(penalty.astype(np.float32))[None]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_loaded(ARCH), hf_reference(ARCH)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return random_prompts(3, 4, 20, seed=17)
+
+
+@pytest.fixture(scope="module")
+def plain(models, prompts) -> list[list[int]]:
+    """Each prompt's greedy tokens without any processor: the bad words and stops below are taken from them."""
+    return engine_tokens(models[0], prompts, lambda i: SamplingParams(max_new_tokens=NUM_NEW, ignore_eos=True))
+
+
+def make_engine(loaded, **overrides) -> Engine:
+    config = dict(block_size=4, num_blocks_override=128, max_num_batched_tokens=64, max_num_seqs=8)
+    return Engine.from_loaded(loaded, EngineConfig(**{**config, **overrides}))
+
+
+def engine_tokens(loaded, prompts, params_of, **engine_overrides) -> list[list[int]]:
+    engine = make_engine(loaded, **engine_overrides)
+    results = {
+        r.request_id: r for r in engine.generate(GenerationRequest(i, p, params_of(i)) for i, p in enumerate(prompts))
+    }
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+    return [results[i].completions[0].token_ids for i in range(len(prompts))]
+
+
+# Each case: (the engine's params for prompt i, transformers' processors for it, its stop token ids besides EOS).
+def cases(plain: list[list[int]], prompts: list[list[int]]) -> dict:
+
+    def bad_words(i: int):
+        """One word of two tokens taken from the greedy output, one of a single token. The word tokenizer reads
+        "w2..." as its unknown token "w2" and more, so the words avoid such tokens."""
+        tokens = plain[i]
+        fine = [k for k in range(2, NUM_NEW) if not str(tokens[k]).startswith("2")]
+        two = min(k for k in fine if k + 1 in fine)
+        one = max(k for k in fine if k > two + 1)
+        return (
+            dict(bad_words=(f"w{tokens[two]} w{tokens[two + 1]}", f"w{tokens[one]}")),
+            [NoBadWordsLogitsProcessor([[tokens[two], tokens[two + 1]], [tokens[one]]])],
+            (),
+        )
+
+    allowed = sorted(set(range(2, VOCAB_SIZE, 7)))
+    return {
+        "repetition_penalty": lambda i: (
+            dict(repetition_penalty=1.8),
+            [RepetitionPenaltyLogitsProcessor(1.8)],
+            (),
+        ),
+        "presence_frequency": lambda i: (
+            dict(presence_penalty=1.5, frequency_penalty=0.7),
+            [NumpyPenalties(len(prompts[i]), 1.5, 0.7)],
+            (),
+        ),
+        "min_tokens": lambda i: (  # the greedy row would stop on its second token; min_tokens masks it
+            dict(min_tokens=4, stop_token_ids=(plain[i][1],)),
+            [MinNewTokensLengthLogitsProcessor(len(prompts[i]), 4, [EOS_ID, plain[i][1]])],
+            (plain[i][1],),
+        ),
+        "logit_bias": lambda i: (
+            dict(logit_bias={str(plain[i][2]): 6.0, 300: -4.5}),
+            [SequenceBiasLogitsProcessor([[[plain[i][2]], 6.0], [[300], -4.5]])],
+            (),
+        ),
+        "bad_words": bad_words,
+        "allowed_token_ids": lambda i: (
+            dict(allowed_token_ids=allowed),
+            [PrefixConstrainedLogitsProcessor(lambda batch_id, ids: allowed, num_beams=1)],
+            (),
+        ),
+    }
+
+
+CASES = ["repetition_penalty", "presence_frequency", "min_tokens", "logit_bias", "bad_words", "allowed_token_ids"]
+
+
+def hf_greedy(model, prompt: list[int], processors: list, stops: tuple[int, ...]) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=NUM_NEW,
+        do_sample=False,
+        logits_processor=LogitsProcessorList(processors),
+        eos_token_id=[EOS_ID, *stops],
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_equals_transformers_processor(models, prompts, plain, case) -> None:
+    loaded, reference = models
+    make = cases(plain, prompts)[case]
+    got = engine_tokens(loaded, prompts, lambda i: SamplingParams(max_new_tokens=NUM_NEW, **make(i)[0]))
+    for i, prompt in enumerate(prompts):
+        _, processors, stops = make(i)
+        want = hf_greedy(reference, prompt, processors, stops)
+        assert got[i] == want, f"{case}, prompt {i}"
+    assert got != plain, f"{case} changed no token: the case tests nothing"
+
+
+def hf_seeded(model, prompt: list[int], processors: list, stops, params: SamplingParams, seq_seed: int) -> list[int]:
+    """Transformers' processors then warpers on the reference model's logits; the draw with the engine's noise."""
+    ids = list(prompt)
+    for position in range(NUM_NEW):
+        with torch.no_grad():
+            scores = model(torch.tensor([ids])).logits[:, -1].float()
+        for processor in processors:
+            scores = processor(torch.tensor([ids]), scores)
+        probs = transformers_probs(scores[0], params)
+        noise = uniform_noise(torch.tensor([seq_seed & ((1 << 63) - 1)]), torch.tensor([position]), probs.shape[-1])[0]
+        race = torch.where(probs > 0, probs / -torch.log(noise), -1.0)
+        ids.append(int(race.argmax()))
+        if ids[-1] in (EOS_ID, *stops):
+            break
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_seeded_equals_transformers_processor(models, prompts, plain, case) -> None:
+    loaded, reference = models
+    make = cases(plain, prompts)[case]
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=NUM_NEW, temperature=0.9, top_k=40, seed=100 + i, **make(i)[0])
+
+    got = engine_tokens(loaded, prompts, params)
+    for i, prompt in enumerate(prompts):
+        _, processors, stops = make(i)
+        seq_seed = (100 + i) * 1_000_003  # the engine's seed of a request's first sample
+        assert got[i] == hf_seeded(reference, prompt, processors, stops, params(i), seq_seed), f"{case}, prompt {i}"
+
+
+def mixed(plain, prompts, i: int) -> SamplingParams:
+    extra = cases(plain, prompts)[CASES[i % len(CASES)]](i % len(prompts))[0]
+    return SamplingParams(max_new_tokens=NUM_NEW, temperature=0.8 * (i % 2), seed=i, **extra)
+
+
+def test_each_row_alone_equals_the_batch_sync_and_async(models, prompts, plain) -> None:
+    """Batch invariance, and async scheduling (forced on the CPU) equal to the synchronous loop, with every
+    new field in one batch: rows that read their own output drain the loop, the others are planned ahead."""
+    loaded = models[0]
+    batch = [prompts[i % len(prompts)] for i in range(len(CASES) * 2)]
+    together = engine_tokens(loaded, batch, lambda i: mixed(plain, prompts, i), async_scheduling=False)
+    ahead = engine_tokens(loaded, batch, lambda i: mixed(plain, prompts, i), async_scheduling=True)
+    assert ahead == together
+    for i, prompt in enumerate(batch):
+        alone = engine_tokens(loaded, [prompt], lambda _, i=i: mixed(plain, prompts, i))[0]
+        assert alone == together[i], f"row {i} ({CASES[i % len(CASES)]})"
+
+
+def test_token_ids_outside_the_vocabulary_fail_their_row_only(models, prompts) -> None:
+    engine = make_engine(models[0])
+    requests = [
+        GenerationRequest(0, prompts[0], SamplingParams(max_new_tokens=3, logit_bias={VOCAB_SIZE: 1.0})),
+        GenerationRequest(1, prompts[1], SamplingParams(max_new_tokens=3, allowed_token_ids=(5, VOCAB_SIZE + 3))),
+        GenerationRequest(2, prompts[2], SamplingParams(max_new_tokens=3)),
+    ]
+    results = {r.request_id: r for r in engine.generate(requests)}
+    assert results[0].error_kind == results[1].error_kind == ErrorKind.BAD_REQUEST
+    assert "logit_bias" in results[0].error and "allowed_token_ids" in results[1].error
+    assert results[2].error is None and len(results[2].completions[0].token_ids) == 3
+
+
+def test_stop_strings_under_min_tokens_and_include_stop_str(models, prompts, plain) -> None:
+    """A stop string in the first min_tokens tokens does not stop the sample; include_stop_str_in_output keeps
+    the stop string in the text (the word tokenizer decodes token t as 'wt')."""
+    loaded, i = models[0], 0
+    stop = f"w{plain[i][1]}"
+    engine = make_engine(loaded)
+
+    def run(**extra):
+        params = SamplingParams(max_new_tokens=NUM_NEW, ignore_eos=True, stop=(stop,), **extra)
+        return next(iter(engine.generate([GenerationRequest(0, prompts[i], params)]))).completions[0]
+
+    cut = run()
+    assert cut.token_ids == plain[i][:2] and cut.text == f"w{plain[i][0]} " and cut.finish_reason == "stop"
+    kept = run(include_stop_str_in_output=True)
+    assert kept.token_ids == plain[i][:2] and kept.text == f"w{plain[i][0]} {stop}"
+    late = run(min_tokens=3)  # the stop string at token 2 is too early; greedy tokens are unchanged by it
+    later = [k for k in range(2, NUM_NEW) if plain[i][k] == plain[i][1]]
+    assert late.token_ids == (plain[i][: later[0] + 1] if later else plain[i])
+    assert late.finish_reason == ("stop" if later else "length")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device runs ahead of the host only on CUDA")
+def test_on_the_gpu_async_equals_sync(models, prompts, plain) -> None:
+    """On CUDA (graphs, fused layers, steps launched before the host has the tokens of the one before): every new
+    field in one batch gives the same tokens planned ahead as in the synchronous loop."""
+    gpu = dataclasses.replace(models[0], model=copy.deepcopy(models[0].model).to("cuda"), device=torch.device("cuda"))
+    batch = [prompts[i % len(prompts)] for i in range(len(CASES) * 2)]
+    sync = engine_tokens(gpu, batch, lambda i: mixed(plain, prompts, i), async_scheduling=False)
+    assert engine_tokens(gpu, batch, lambda i: mixed(plain, prompts, i), async_scheduling=True) == sync

@@ -1,0 +1,130 @@
+"""Scoring, prompt logprobs and top logprobs from the engine against float32 log_softmax of transformers' own
+logits (the model run with its sdpa attention, no kvbatch code in the forward)."""
+
+import random
+
+import pytest
+import torch
+from tiny_models import VOCAB_SIZE, hf_reference, tiny_loaded
+
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.request import GenerationRequest, SamplingParams
+
+TOLERANCE = 1e-4
+
+
+def reference_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), vocab] float32 log_softmax of transformers' logits over the whole sequence."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def random_ids(rng: random.Random, count: int) -> list[int]:
+    return [rng.randrange(2, VOCAB_SIZE) for _ in range(count)]
+
+
+def engine_for(arch: str = "llama", **overrides) -> Engine:
+    settings = dict(block_size=4, num_blocks_override=256, max_num_batched_tokens=64) | overrides
+    return Engine.from_loaded(tiny_loaded(arch), EngineConfig(**settings))
+
+
+@pytest.mark.parametrize(
+    ("arch", "policy", "async_scheduling"),
+    [("llama", "optimistic", False), ("qwen3", "reserve", False), ("llama", "optimistic", True)],
+)
+def test_continuation_scores_equal_a_plain_forward(arch: str, policy: str, async_scheduling: bool) -> None:
+    rng = random.Random(3)
+    # Prompts longer than the token budget (64) are prefilled in chunks; continuations of 1 to 9 tokens.
+    requests = [
+        GenerationRequest(
+            i, random_ids(rng, rng.randint(1, 90)), continuations=[random_ids(rng, rng.randint(1, 9)) for _ in range(4)]
+        )
+        for i in range(8)
+    ]
+    # A pool of 40 blocks of 4 tokens holds few sequences at once.
+    engine = engine_for(arch, policy=policy, async_scheduling=async_scheduling, num_blocks_override=40)
+    results = {r.request_id: r for r in engine.generate(requests)}
+    reference = hf_reference(arch)
+    for request in requests:
+        result = results[request.request_id]
+        assert result.error is None and len(result.scores) == 4
+        for continuation, score in zip(request.continuations, result.scores):
+            tokens = request.prompt_token_ids + continuation
+            logprobs = reference_logprobs(reference, tokens)
+            start = len(request.prompt_token_ids) - 1
+            rows = logprobs[start : len(tokens) - 1]
+            want = rows.gather(1, torch.tensor(continuation)[:, None])[:, 0]
+            assert score.num_tokens == len(continuation)
+            assert score.token_logprobs == pytest.approx(want.tolist(), abs=TOLERANCE)
+            assert score.logprob == pytest.approx(want.sum().item(), abs=TOLERANCE * len(continuation))
+            assert score.is_greedy == (rows.argmax(dim=-1) == torch.tensor(continuation)).all().item()
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_greedy_continuation_is_flagged_greedy() -> None:
+    """The model's own greedy tokens, scored back, are greedy; the same with one token changed is not."""
+    engine = engine_for()
+    rng = random.Random(5)
+    prompt = random_ids(rng, 20)
+    generated = next(iter(engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=6))])))
+    greedy = generated.completions[0].token_ids
+    other = greedy[:3] + [(greedy[3] + 1) % VOCAB_SIZE or 2] + greedy[4:]
+    result = next(iter(engine.generate([GenerationRequest(1, prompt, continuations=[greedy, other])])))
+    assert [s.is_greedy for s in result.scores] == [True, False]
+
+
+def test_continuations_share_the_prompt_blocks() -> None:
+    """Four continuations of a 64-token prompt compute its 16 full blocks once: the others take them cached."""
+    engine = engine_for(max_num_batched_tokens=512)
+    rng = random.Random(9)
+    prompt = random_ids(rng, 65)
+    request = GenerationRequest(0, prompt, continuations=[random_ids(rng, 3) for _ in range(4)])
+    result = next(iter(engine.generate([request])))
+    assert result.error is None
+    # 64 of the prompt's 65 tokens sit in full blocks before the first scored row (the prompt's last token).
+    assert engine.stats.num_cached_prompt_tokens == 3 * 64
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prompt_and_top_logprobs_equal_a_plain_forward(arch: str) -> None:
+    rng = random.Random(11)
+    prompts = [random_ids(rng, rng.randint(1, 80)) for _ in range(8)]
+    params = SamplingParams(max_new_tokens=12, logprobs=True, top_logprobs=5, prompt_logprobs=True, ignore_eos=True)
+    # 30 blocks of 4 tokens: decodes outgrow the pool, and a preempted prompt's logprobs are computed again.
+    engine = engine_for(arch, num_blocks_override=30)
+    results = {r.request_id: r for r in engine.generate(GenerationRequest(i, p, params) for i, p in enumerate(prompts))}
+    assert engine.stats.num_preemptions > 0
+    reference = hf_reference(arch)
+    for i, prompt in enumerate(prompts):
+        completion = results[i].completions[0]
+        tokens = prompt + completion.token_ids
+        logprobs = reference_logprobs(reference, tokens)
+        prompt_want = logprobs[: len(prompt) - 1].gather(1, torch.tensor(prompt[1:], dtype=torch.long)[:, None])[:, 0]
+        assert results[i].prompt_logprobs[0] is None
+        assert results[i].prompt_logprobs[1:] == pytest.approx(prompt_want.tolist(), abs=TOLERANCE)
+        rows = logprobs[len(prompt) - 1 : len(tokens) - 1]
+        chosen = rows.gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+        assert completion.logprobs == pytest.approx(chosen.tolist(), abs=TOLERANCE)
+        top_values, top_ids = rows.topk(5, dim=-1)
+        for step, top in enumerate(completion.top_logprobs):
+            assert top.logprobs == pytest.approx(top_values[step].tolist(), abs=TOLERANCE)
+            assert top.token_ids == top_ids[step].tolist()
+            assert top.token_ids[0] == completion.token_ids[step]  # greedy: the chosen token leads
+
+
+def test_scoring_rows_are_checked() -> None:
+    engine = engine_for(max_model_len=32)
+    requests = [
+        GenerationRequest(0, [5, 6], continuations=[]),
+        GenerationRequest(1, [5, 6], continuations=[[7], []]),
+        GenerationRequest(2, [5] * 30, continuations=[[7, 8, 9, 10]]),  # 33 tokens, 32 input
+        GenerationRequest(3, [5, 6], continuations=[[VOCAB_SIZE]]),
+        GenerationRequest(4, [5] * 30, continuations=[[7, 8, 9]]),  # exactly 32 input tokens: fits
+    ]
+    results = {r.request_id: r for r in engine.generate(requests)}
+    assert "at least one continuation" in results[0].error
+    assert "no continuation may be empty" in results[1].error
+    assert "at most 33 tokens fit" in results[2].error
+    assert "outside the vocabulary" in results[3].error
+    assert results[4].error is None and results[4].scores[0].num_tokens == 3

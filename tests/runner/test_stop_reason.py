@@ -1,0 +1,101 @@
+"""Each sample says what stopped it (`Completion.stop_reason`, the output's `stop_reason` column): the stop
+string, the stop token id, or null (the model's EOS, a length stop). With n > 1 every sample has its own finish
+reason and stop reason. The tiny random Llama generates; its greedy tokens without stops are the reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from scaling_helpers import tiny_engine
+from tiny_models import EOS_ID, tiny_loaded
+
+from kvbatch.jobs.arrow_io import read_arrow
+from kvbatch.jobs.run import EngineCache, run_job
+from kvbatch.jobs.spec import job_from_dict
+from kvbatch.runner.config import SamplingParams
+from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.request import GenerationRequest
+from kvbatch.runner.stopping import StopChecker
+
+PROMPT = [5, 17, 230, 41, 99, 7]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.from_loaded(tiny_loaded("llama"), EngineConfig(device="cpu", num_blocks_override=64))
+
+
+def one(engine: Engine, **sampling):
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, **sampling)
+    [result] = engine.generate([GenerationRequest(0, PROMPT, params)])
+    return result
+
+
+def test_a_length_stop_has_no_stop_reason(engine: Engine) -> None:
+    completion = one(engine).completions[0]
+    assert (completion.finish_reason, completion.stop_reason, len(completion.token_ids)) == ("length", None, 8)
+
+
+def test_a_stop_token_id_is_the_stop_reason(engine: Engine) -> None:
+    tokens = one(engine).completions[0].token_ids
+    stop_id = tokens[3]
+    completion = one(engine, stop_token_ids=(stop_id,)).completions[0]
+    assert completion.token_ids == tokens[: tokens.index(stop_id) + 1]
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", stop_id)
+
+
+def test_the_stop_string_found_is_the_stop_reason(engine: Engine) -> None:
+    tokens = one(engine).completions[0].token_ids
+    word = engine.tokenizer.decode([tokens[4]])
+    completion = one(engine, stop=("never-generated", word)).completions[0]
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", word)
+    assert word not in completion.text
+
+
+def test_the_models_eos_leaves_the_stop_reason_null() -> None:
+    checker = StopChecker(tiny_loaded("llama").tokenizer, (EOS_ID,))
+    params = SamplingParams(stop_token_ids=(9,))
+
+    def seq(tokens: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(request=SimpleNamespace(sampling=params), output_token_ids=tokens, finish_reason="stop")
+
+    assert checker.stop_reason(seq([4, EOS_ID])) is None
+    assert checker.stop_reason(seq([4, 9])) == 9
+
+
+def run(tmp_path: Path, sampling: dict) -> list[dict]:
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": " ".join(f"w{t}" for t in PROMPT)}) + "\n")
+    job = job_from_dict(
+        {
+            "name": "s",
+            "input": {"path": "in.jsonl"},
+            "prompt": {"chat_template": False},
+            "sampling": {"max_new_tokens": 8, "ignore_eos": True, **sampling},
+            "output_dir": "out",
+            "engine": {"device": "cpu", "num_blocks_override": 64},
+        },
+        base_dir=str(tmp_path),
+    )
+    run_job(job, EngineCache(tiny_engine))
+    return read_arrow(tmp_path / "out" / "s.arrow").to_pylist()
+
+
+def test_the_output_has_a_stop_reason_column(tmp_path: Path, engine: Engine) -> None:
+    tokens = one(engine).completions[0].token_ids
+    [row] = run(tmp_path, {"stop_token_ids": [tokens[2]]})
+    assert (row["finish_reason"], row["stop_reason"]) == ("stop", str(tokens[2]))  # one string column for both
+
+
+def test_n_samples_each_have_their_finish_and_stop_reason(tmp_path: Path, engine: Engine) -> None:
+    # Sampled at temperature 1 with a fixed seed (each sample its own seed): a token that some samples make and
+    # others do not stops exactly the samples that make it.
+    sampling = {"n": 4, "temperature": 1.0, "seed": 3}
+    free = [c.token_ids for c in one(engine, **sampling).completions]
+    stop_id = next(t for t in sorted({t for s in free for t in s}) if 0 < sum(t in s for s in free) < len(free))
+    [row] = run(tmp_path, {**sampling, "stop_token_ids": [stop_id]})
+    assert row["finish_reasons"] == ["stop" if stop_id in s else "length" for s in free]
+    assert row["stop_reason"] == [str(stop_id) if stop_id in s else None for s in free]
+    assert row["finish_reason"] == row["finish_reasons"][0]

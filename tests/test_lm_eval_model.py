@@ -1,0 +1,116 @@
+"""lm-eval's own simple_evaluate with model `kvbatch` gives what its `hf` model gives on the same folder: a tiny
+random Llama saved with save_pretrained, tasks defined from local JSONL files (no hub)."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+import lm_eval  # noqa: E402
+import lm_eval.tasks  # noqa: E402
+from tiny_models import hf_reference, word_tokenizer  # noqa: E402
+
+import kvbatch.lm_eval  # noqa: E402,F401 - registers the model
+
+MAX_LENGTH = 48  # small, so rolling texts span several windows and long contexts are truncated
+
+TASKS = {
+    "kv_choice": """
+task: kv_choice
+dataset_path: json
+dataset_kwargs: {data_files: {test: DATA/choice.jsonl}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list: [{metric: acc}, {metric: acc_norm}]
+""",
+    "kv_generate": """
+task: kv_generate
+dataset_path: json
+dataset_kwargs: {data_files: {test: DATA/generate.jsonl}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["w43", "w499"], max_gen_toks: 10, do_sample: false}
+metric_list: [{metric: exact_match}]
+""",
+    "kv_rolling": """
+task: kv_rolling
+dataset_path: json
+dataset_kwargs: {data_files: {test: DATA/rolling.jsonl}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]
+""",
+}
+
+
+def words(rng: random.Random, count: int) -> str:
+    return " ".join(f"w{rng.randrange(2, 512)}" for _ in range(count))
+
+
+def write_tasks(folder: Path) -> None:
+    rng = random.Random(0)
+    rows = {
+        # Contexts of 3 to 60 words: the longest are left-truncated to MAX_LENGTH; choices of 1 to 4 words.
+        "choice": [
+            {"question": words(rng, rng.randint(3, 60)), "choices": [words(rng, rng.randint(1, 4)) for _ in range(4)]}
+            | {"answer": rng.randrange(4)}
+            for _ in range(6)
+        ],
+        "generate": [{"question": words(rng, rng.randint(3, 20)), "answer": words(rng, 2)} for _ in range(4)],
+        "rolling": [{"text": words(rng, n)} for n in (5, 47, 48, 130)],
+    }
+    for name, data in rows.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
+    for name, text in TASKS.items():
+        (folder / f"{name}.yaml").write_text(text.replace("DATA", str(folder)))
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    hf_reference("llama").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def evaluate(model: str, model_args: str, task_folder: Path) -> dict:
+    manager = lm_eval.tasks.TaskManager(include_path=str(task_folder), include_defaults=False)
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=list(TASKS), task_manager=manager, log_samples=True, bootstrap_iters=0
+    )
+
+
+def test_kvbatch_gives_the_metrics_of_hf(model_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_tasks(tmp_path)
+    want = evaluate("hf", f"pretrained={model_folder},device=cpu,max_length={MAX_LENGTH}", tmp_path)
+    got = evaluate("kvbatch", f"model={model_folder},device=cpu,max_length={MAX_LENGTH},block_size=4", tmp_path)
+    for task in TASKS:
+        want_metrics = {k: v for k, v in want["results"][task].items() if isinstance(v, float)}
+        got_metrics = {k: v for k, v in got["results"][task].items() if isinstance(v, float)}
+        assert want_metrics and got_metrics.keys() == want_metrics.keys()
+        for key, value in want_metrics.items():
+            assert math.isclose(got_metrics[key], value, rel_tol=1e-5, abs_tol=1e-5), (task, key)
+        for want_sample, got_sample in zip(want["samples"][task], got["samples"][task], strict=True):
+            want_resps, got_resps = want_sample["resps"], got_sample["resps"]
+            if task == "kv_generate":
+                assert got_resps == want_resps
+                continue
+            for (want_answer,), (got_answer,) in zip(want_resps, got_resps, strict=True):
+                want_value = want_answer[0] if isinstance(want_answer, (list, tuple)) else want_answer
+                got_value = got_answer[0] if isinstance(got_answer, (list, tuple)) else got_answer
+                assert got_value == pytest.approx(want_value, abs=1e-4), task
+                if task == "kv_choice":
+                    assert got_answer[1] == want_answer[1]  # is_greedy
