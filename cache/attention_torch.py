@@ -112,58 +112,86 @@ def paged_attention(
     layer: LayerAttention = PLAIN,
 ) -> torch.Tensor:  # [num_rows, num_heads, head_dim], zeros on padding rows
     out = torch.zeros_like(query)
-    block_size = meta.block_size
-    seq_lens = meta.seq_lens.tolist()
+    attend_decodes(out, query, key_cache, value_cache, meta, scale, layer)
     starts = meta.query_start_loc.tolist()
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    window = layer.sliding_window
-
-    # Decodes: one query each, batched, in slices that bound the gathered keys. A local layer gathers only the
-    # pages its window reaches.
-    nd = meta.num_decodes
-    if nd:
-        max_len = max(max(seq_lens[:nd]), 1)
-        per_seq = min(max_len, window + block_size if window else max_len) * num_heads * head_dim
-        step = max(1, _MAX_SCORE_ELEMENTS // per_seq)
-        for lo in range(0, nd, step):
-            hi = min(nd, lo + step)
-            lens = meta.seq_lens[lo:hi].long()
-            longest = int(lens.max())
-            if longest == 0:
-                continue  # no context at all: zeros, as the Triton kernels give
-            first_key = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)
-            first_block = first_key // block_size
-            num_blocks = int((-(-lens // block_size) - first_block).max())
-            k = _gather_run(key_cache, meta.block_tables[lo:hi], first_block, num_blocks)
-            v = _gather_run(value_cache, meta.block_tables[lo:hi], first_block, num_blocks)
-            positions = first_block[:, None] * block_size + torch.arange(k.shape[1], device=query.device)
-            allowed = ((positions < lens[:, None]) & (positions >= first_key[:, None]))[:, None, None, :]
-            q = query[starts[lo] : starts[hi]].double()[:, :, None]  # [s, h, 1, d]
-            attended = _attend(q, k, v, allowed, scale, layer)[:, :, 0]
-            # A decode with an empty context attends to nothing: zeros (a softmax over no keys is NaN).
-            out[starts[lo] : starts[hi]] = attended.masked_fill((lens == 0)[:, None, None], 0.0).to(out.dtype)
-
-    # Prefill chunks: one sequence at a time, queries sliced to bound the score tensor; each slice gathers the
-    # keys from its first query's window start to its last query.
-    for i in range(nd, meta.num_seqs):
-        row0, row1, seq_len = starts[i], starts[i + 1], seq_lens[i]
-        num_queries = row1 - row0
-        first_pos = seq_len - num_queries
-        step = max(1, _MAX_SCORE_ELEMENTS // (num_heads * (min(seq_len, window + block_size) if window else seq_len)))
-        for q0 in range(0, num_queries, step):
-            q1 = min(num_queries, q0 + step)
-            first_block = layer.window_start(first_pos + q0) // block_size
-            num_blocks = -(-(first_pos + q1) // block_size) - first_block
-            table = meta.block_tables[i : i + 1]
-            first = torch.tensor([first_block], device=table.device)
-            k = _gather_run(key_cache, table, first, num_blocks)
-            v = _gather_run(value_cache, table, first, num_blocks)
-            key_pos = first_block * block_size + torch.arange(k.shape[1], device=query.device)
-            query_pos = first_pos + torch.arange(q0, q1, device=query.device)
-            allowed = key_pos[None, :] <= query_pos[:, None]
-            if window:
-                allowed &= key_pos[None, :] > query_pos[:, None] - window
-            q = query[row0 + q0 : row0 + q1].double().transpose(0, 1)[None]  # [1, h, queries, d]
-            attended = _attend(q, k, v, allowed[None, None], scale, layer)
-            out[row0 + q0 : row0 + q1] = attended[0].transpose(0, 1).to(out.dtype)
+    for i in range(meta.num_decodes, meta.num_seqs):
+        attend_chunk_rows(out, query, key_cache, value_cache, meta, i, 0, starts[i + 1] - starts[i], scale, layer)
     return out
+
+
+def attend_decodes(
+    out: torch.Tensor,  # [num_rows, num_heads, head_dim], rows 0..num_decodes-1 written
+    query: torch.Tensor,  # [num_rows, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # same
+    meta: AttentionMetadata,
+    scale: float,
+    layer: LayerAttention = PLAIN,
+) -> None:
+    """The decodes (one query each), batched, in slices that bound the gathered keys. A local layer gathers only
+    the pages its window reaches."""
+    nd = meta.num_decodes
+    if not nd:
+        return
+    block_size, window = meta.block_size, layer.sliding_window
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    seq_lens = meta.seq_lens[:nd].tolist()
+    starts = meta.query_start_loc[: nd + 1].tolist()
+    max_len = max(max(seq_lens), 1)
+    per_seq = min(max_len, window + block_size if window else max_len) * num_heads * head_dim
+    step = max(1, _MAX_SCORE_ELEMENTS // per_seq)
+    for lo in range(0, nd, step):
+        hi = min(nd, lo + step)
+        lens = meta.seq_lens[lo:hi].long()
+        longest = int(lens.max())
+        if longest == 0:
+            continue  # no context at all: zeros, as the Triton kernels give
+        first_key = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)
+        first_block = first_key // block_size
+        num_blocks = int((-(-lens // block_size) - first_block).max())
+        k = _gather_run(key_cache, meta.block_tables[lo:hi], first_block, num_blocks)
+        v = _gather_run(value_cache, meta.block_tables[lo:hi], first_block, num_blocks)
+        positions = first_block[:, None] * block_size + torch.arange(k.shape[1], device=query.device)
+        allowed = ((positions < lens[:, None]) & (positions >= first_key[:, None]))[:, None, None, :]
+        q = query[starts[lo] : starts[hi]].double()[:, :, None]  # [s, h, 1, d]
+        attended = _attend(q, k, v, allowed, scale, layer)[:, :, 0]
+        # A decode with an empty context attends to nothing: zeros (a softmax over no keys is NaN).
+        out[starts[lo] : starts[hi]] = attended.masked_fill((lens == 0)[:, None, None], 0.0).to(out.dtype)
+
+
+def attend_chunk_rows(
+    out: torch.Tensor,  # [num_rows, num_heads, head_dim], the chunk's rows q_lo..q_hi-1 written
+    query: torch.Tensor,  # [num_rows, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # same
+    meta: AttentionMetadata,
+    seq: int,  # a prefill sequence (seq >= meta.num_decodes)
+    q_lo: int,  # first row, counted from the chunk's first
+    q_hi: int,  # one past the last
+    scale: float,
+    layer: LayerAttention = PLAIN,
+) -> None:
+    """Rows q_lo..q_hi-1 of one prefill chunk, queries sliced to bound the score tensor; each slice gathers the
+    keys from its first query's window start to its last query."""
+    block_size, window = meta.block_size, layer.sliding_window
+    num_heads = query.shape[1]
+    row0 = int(meta.query_start_loc[seq])
+    seq_len = int(meta.seq_lens[seq])
+    first_pos = seq_len - (int(meta.query_start_loc[seq + 1]) - row0)
+    table = meta.block_tables[seq : seq + 1]
+    step = max(1, _MAX_SCORE_ELEMENTS // (num_heads * (min(seq_len, window + block_size) if window else seq_len)))
+    for q0 in range(q_lo, q_hi, step):
+        q1 = min(q_hi, q0 + step)
+        first_block = layer.window_start(first_pos + q0) // block_size
+        num_blocks = -(-(first_pos + q1) // block_size) - first_block
+        first = torch.tensor([first_block], device=table.device)
+        k = _gather_run(key_cache, table, first, num_blocks)
+        v = _gather_run(value_cache, table, first, num_blocks)
+        key_pos = first_block * block_size + torch.arange(k.shape[1], device=query.device)
+        query_pos = first_pos + torch.arange(q0, q1, device=query.device)
+        allowed = key_pos[None, :] <= query_pos[:, None]
+        if window:
+            allowed &= key_pos[None, :] > query_pos[:, None] - window
+        q = query[row0 + q0 : row0 + q1].double().transpose(0, 1)[None]  # [1, h, queries, d]
+        attended = _attend(q, k, v, allowed[None, None], scale, layer)
+        out[row0 + q0 : row0 + q1] = attended[0].transpose(0, 1).to(out.dtype)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
-_MODULES = {"torch": "attention_torch", "triton": "attention_triton", "flash-attn": "attention_flash"}
+# "torch": torch ops only, the float64 reference with float32 prompt rows on the CPU (attention_cpu)
+_MODULES = {"torch": "attention_cpu", "triton": "attention_triton", "flash-attn": "attention_flash"}
 
 
 @dataclass(frozen=True)

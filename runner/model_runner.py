@@ -160,9 +160,10 @@ def prepare_inputs(
     slots[num_rows:] = -1  # padding rows write nothing
 
     width = max(len(item.seq.block_ids) for item in scheduled)
-    # int32 per sequence: query_start_loc (num_seqs + 1) | seq_lens | block tables | shared prefix length
-    per_seq, (starts_at, lens_at, tables_at, shared_at) = _aligned(
-        np.int32, num_seqs + 1, num_seqs, num_seqs * width, 1
+    # int32 per sequence: query_start_loc (num_seqs + 1) | seq_lens | block tables | shared prefix length | prompt
+    # lengths (the CPU backend's, see AttentionMetadata.num_prompt_tokens)
+    per_seq, (starts_at, lens_at, tables_at, shared_at, prompts_at) = _aligned(
+        np.int32, num_seqs + 1, num_seqs, num_seqs * width, 1, num_seqs
     )
     query_start_loc = per_seq[starts_at : starts_at + num_seqs + 1]
     seq_lens = per_seq[lens_at : lens_at + num_seqs]
@@ -215,6 +216,7 @@ def prepare_inputs(
         row += count
         query_start_loc[i + 1] = row
         seq_lens[i] = end
+        per_seq[prompts_at + i] = seq.num_prompt_tokens
         if item.samples:  # the chunk reaches the end: its last row samples
             logits_rows[num_sampling] = row - 1
             num_sampling += 1
@@ -244,6 +246,7 @@ def prepare_inputs(
         max_seq_len=int(seq_lens.max()),
         block_size=block_size,
         shared_prefix_len=per_seq_dev[shared_at : shared_at + 1] if shared else None,
+        num_prompt_tokens=per_seq_dev[prompts_at : prompts_at + num_seqs] if device.type == "cpu" else None,
     )
     return StepInputs(
         input_ids=rows_dev[ids_at : ids_at + num_rows_padded][None],
