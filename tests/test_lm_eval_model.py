@@ -6,15 +6,12 @@ import math
 import random
 from pathlib import Path
 
+import lm_eval
+import lm_eval.tasks
 import pytest
+from tiny_models import hf_reference, word_tokenizer
 
-pytest.importorskip("lm_eval")
-
-import lm_eval  # noqa: E402
-import lm_eval.tasks  # noqa: E402
-from tiny_models import hf_reference, word_tokenizer  # noqa: E402
-
-import kvbatch.lm_eval  # noqa: E402,F401 - registers the model
+import kvbatch.lm_eval  # noqa: F401 - registers the model
 
 MAX_LENGTH = 48  # small, so rolling texts span several windows and long contexts are truncated
 

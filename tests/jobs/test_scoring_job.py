@@ -8,10 +8,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from tiny_models import hf_reference, word_tokenizer  # noqa: E402
+from tiny_models import hf_reference, word_tokenizer
 
-from kvbatch.jobs.run import EngineCache, run_job  # noqa: E402
-from kvbatch.jobs.spec import job_from_dict  # noqa: E402
+from kvbatch.jobs.run import EngineCache, run_job
+from kvbatch.jobs.spec import job_from_dict
 
 TOLERANCE = 1e-4
 
