@@ -61,9 +61,9 @@ class RowPipeline:
     """Turns rows into requests (or error rows) and results into output rows, for one job and one tokenizer.
 
     `ids`: the job's id check (a duplicate id fails its row); a runner that checks ids elsewhere passes a layout
-    without an id column, or `ids` found over the whole input beforehand (KnownDuplicates). Rows a runner skips
-    (done by an earlier run, owned by another shard) still go through `note_id`, so a later duplicate of their id is
-    an error here too."""
+    without an id column, or the duplicates found over the whole input beforehand (KnownDuplicates, a Ray run).
+    Rows a runner skips (done by an earlier run, owned by another shard) still go through `note_id`, so a later
+    duplicate of their id is an error here too."""
 
     def __init__(
         self, job: JobSpec, tokenizer: Any, layout: Layout, ids: SeenIds | KnownDuplicates | None = None
