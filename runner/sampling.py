@@ -1,8 +1,8 @@
 """Choosing the next token of each sampling row, batched.
 
-Order, as in transformers: repetition penalty, vLLM's other processors (logits_processors.py), then (sampling rows
-only) temperature, top-k (ties with the k-th kept), top-p (on what top-k left), min-p, then a draw. Greedy rows
-(temperature 0, or below 1e-5) take the argmax of the penalised logits.
+Order, as in transformers: repetition penalty, vLLM's other processors (logits_processors.py), then (sampling
+rows only) temperature, top-k (ties with the k-th kept), top-p (on what top-k left), min-p, then a draw. Greedy
+rows (temperature 0, or below 1e-5) take the argmax of the penalised logits.
 
 The draw is batch-invariant: instead of a stateful generator, each row's noise is a hash of
 (seed, output position, token id), so a seeded request samples the same tokens whatever else is
