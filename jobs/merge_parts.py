@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from kvbatch.errors import MergeError
@@ -57,6 +56,4 @@ def merge_parts(output: Path) -> MergeReport:
 
 
 def _read(path: Path) -> pa.Table:
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
-    return pajson.read_json(path)
+    return pq.read_table(path)

@@ -3,8 +3,8 @@
     driver: list the input files and their row counts (ray_input.py); with an id column, find the duplicate ids
             (a Ray groupby over (row, id) keys: only the later rows of repeated ids come back)
     cluster: RowsSource (read tasks, in parallel) ──> GenerateBatch actors (prompt, tokenize, generate; one engine
-             each) ──> Ray Data's Parquet or JSON lines writer: out/answers.parquet.parts/part-RRRR-TTTTTT.parquet
-             (JSON lines parts for a .jsonl output, Parquet parts for any other: merge writes the job's format)
+             each) ──> Ray Data's Parquet writer: out/answers.parquet.parts/part-RRRR-TTTTTT-<write id>.parquet
+             (Parquet parts for every output format: `kvbatch merge` writes the job's own format)
     driver: count the folder's rows by finish reason and error kind (a column scan, batch by batch), the summary
 
 Every output row carries the row's input position (`row`) and its id. The parts folder is the output: pyarrow and
@@ -49,12 +49,9 @@ from .summary import RunCounts, Summary, already_complete, build_summary, summar
 from .writer import WriteReport, resume_refusal, work_dir
 
 log = logging.getLogger(__name__)
-PART_EXTENSIONS = ("parquet", "jsonl")
-
-
-def part_format(fmt: str) -> str:
-    """The parts' format for an output format: JSON lines for JSON lines, else Parquet (merge writes the rest)."""
-    return "jsonl" if fmt == "jsonl" else "parquet"
+# Parts are Parquet whatever the output format: Ray's JSON lines writer goes through pandas, which turns an integer
+# column holding a null (prompt_tokens of an error row) into floats (12.0). `kvbatch merge` writes the job's format.
+PART_EXTENSIONS = ("parquet",)
 
 
 def parts_dir(output: Path) -> Path:
@@ -104,7 +101,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         duplicates = find_duplicates(source, layout.id_column, job) if layout.id_column else {}
         rows = RowsSource(source, input_columns(job, layout), job.input.batch_rows,
                           job.input.max_line_bytes)  # fmt: skip
-        _write(job, engines, rows, layout, duplicates, parts, checkpoint_dir(out), run, fmt, stop)
+        _write(job, engines, rows, layout, duplicates, parts, checkpoint_dir(out), run, stop)
         report = folder_report(parts)
         if report.num_rows != source.num_rows:
             raise JobError(
@@ -162,7 +159,7 @@ def _next_run(parts: Path) -> int:
     return max(runs, default=-1) + 1
 
 
-def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint, run, fmt, stop: StopFlag) -> None:
+def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint, run, stop: StopFlag) -> None:
     import ray
     from ray.data import DataContext
 
@@ -190,12 +187,11 @@ def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint
             concurrency=job.parallel.ray_actors,
             num_gpus=job.parallel.ray_gpus_per_actor or None,
         )
-        write = dataset.write_parquet if part_format(fmt) == "parquet" else dataset.write_json
         failure: list[BaseException] = []
 
         def execute() -> None:
             try:
-                write(str(parts), filename_provider=_part_names(run, part_format(fmt)))
+                dataset.write_parquet(str(parts), filename_provider=_part_names(run, "parquet"))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread below
                 failure.append(exc)
 
@@ -265,8 +261,7 @@ def _scan(files: list[str], columns: list[str]) -> Any:
     """The files' columns, batch by batch (bounded memory)."""
     if not files:
         return iter(())
-    fmt = "parquet" if files[0].endswith(".parquet") else "json"
-    return pads.dataset(files, format=fmt).to_batches(columns=columns)
+    return pads.dataset(files, format="parquet").to_batches(columns=columns)
 
 
 def done_rows(parts: Path) -> np.ndarray:
@@ -274,9 +269,8 @@ def done_rows(parts: Path) -> np.ndarray:
     be read (a write cut short) is removed, and its rows are done again."""
     arrays = []
     for file in part_files(parts):
-        fmt = "parquet" if file.endswith(".parquet") else "json"
         try:
-            arrays.append(pads.dataset(file, format=fmt).to_table(columns=["row"]).column("row").to_numpy())
+            arrays.append(pads.dataset(file, format="parquet").to_table(columns=["row"]).column("row").to_numpy())
         except (OSError, pa.ArrowException):
             log.warning("%s cannot be read (a write cut short?); its rows will be done again", file)
             Path(file).unlink()

@@ -119,10 +119,10 @@ def test_a_ray_run_killed_half_way_and_rerun_writes_every_row_once(tmp_path, loc
 
     marker = tmp_path / "fail"
     marker.touch()
-    job = ray_job(tmp_path, folder, input={"path": str(folder)})
+    job = ray_job(tmp_path, folder, input={"path": str(folder)}, output={"path": "answers.jsonl"})
     [failed] = run_jobs([job], engine_factory=FailingEngineFactory(marker, row=12))
     assert failed.error is not None and "rerun to resume" in str(failed.error)
-    parts = output_path(job).with_name("answers.parquet.parts")
+    parts = output_path(job).with_name("answers.jsonl.parts")  # Parquet parts, whatever the output format
     first = [r["row"] for r in folder_rows(parts)]
     assert 0 < len(first) < 16 and len(set(first)) == len(first) and max(first) < 12
 
@@ -136,4 +136,9 @@ def test_a_ray_run_killed_half_way_and_rerun_writes_every_row_once(tmp_path, loc
     assert rows[9]["error"] == "row 9 (line 3): duplicate id 2 (first at row 2)"  # line 3 of part-b.jsonl
     assert [{**r, "error": None} for r in rows] == [{**r, "error": None} for r in expected]
     assert (outcome.summary.rows, outcome.summary.rows_this_run) == (16, 16 - len(first))
+    from kvbatch.jobs.merge_parts import merge_parts
+
+    merge_parts(output_path(job))  # the job's own format: JSON lines, in input order
+    lines = [json.loads(line) for line in output_path(job).read_text().splitlines()]
+    assert [(r["row"], r["text"]) for r in lines] == [(r["row"], r["text"]) for r in expected]
     assert outcome.summary.errors_by_kind == single.summary.errors_by_kind == {"bad_json": 1, "duplicate_id": 1}
