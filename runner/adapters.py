@@ -83,7 +83,8 @@ class Adapters:
             [None] * len(self.modules) for _ in range(max_loras)
         ]
         self._host: OrderedDict[str, dict[str, LoraModule]] = OrderedDict()
-        self._slot_of: OrderedDict[str, int] = OrderedDict()
+        # A slot per weight file (AdapterSpec.key): two names of one file share it, as the scheduler counts files.
+        self._slot_of: OrderedDict[bytes, int] = OrderedDict()
         self._free_slots = list(range(max_loras - 1, -1, -1))
         self.current: LoraStep | None = None
         self._hooks = [
@@ -134,7 +135,8 @@ class Adapters:
     def _forget(self, name: str) -> None:
         self._readable.discard(name)
         self._host.pop(name, None)
-        slot = self._slot_of.pop(name, None)
+        spec = self.specs.get(name)
+        slot = self._slot_of.pop(spec.key, None) if isinstance(spec, AdapterSpec) else None
         if slot is not None:
             self._free_slots.append(slot)
 
@@ -177,7 +179,7 @@ class Adapters:
         weights = load_adapter(spec, self.dtype, torch.device("cpu"))
         self._host[name] = weights
         # On the CPU a slot uses the host copy itself: those in a slot stay (max_cpu_loras >= max_loras).
-        pinned = set(self._slot_of) if self.device.type == "cpu" else set()
+        pinned = {n for n in self._host if self.key(n) in self._slot_of} if self.device.type == "cpu" else set()
         for old in [n for n in self._host if n not in pinned and n != name][
             : max(0, len(self._host) - self.max_cpu_loras)
         ]:
@@ -185,20 +187,22 @@ class Adapters:
         return weights
 
     def _slots(self, names: list[str]) -> dict[str, int]:
-        assert len(names) <= self.max_loras, f"{len(names)} adapters in one step, {self.max_loras} slots"
-        for name in names:
-            if name in self._slot_of:
-                self._slot_of.move_to_end(name)
-        for name in names:
-            if name not in self._slot_of:
+        """Each name's slot, loading those not in one; names: the step's adapters."""
+        keys = {self.key(name): name for name in names}  # one slot per weight file
+        assert len(keys) <= self.max_loras, f"{len(keys)} adapters in one step, {self.max_loras} slots"
+        for key in keys:
+            if key in self._slot_of:
+                self._slot_of.move_to_end(key)
+        for key, name in keys.items():
+            if key not in self._slot_of:
                 if self._free_slots:
                     slot = self._free_slots.pop()
                 else:  # the least recently used adapter this step does not run
-                    victim = next(n for n in self._slot_of if n not in names)
+                    victim = next(k for k in self._slot_of if k not in keys)
                     slot = self._slot_of.pop(victim)
                 self._load_slot(slot, self._host_weights(name))
-                self._slot_of[name] = slot
-        return {name: self._slot_of[name] for name in names}
+                self._slot_of[key] = slot
+        return {name: self._slot_of[self.key(name)] for name in names}
 
     def _load_slot(self, slot: int, weights: dict[str, LoraModule]) -> None:
         table = self.slot_weights[slot]

@@ -164,3 +164,12 @@ def test_the_bench_lora_workload_spreads_rows_over_its_random_adapters(tmp_path)
     results = list(engine.generate(dataclasses.replace(r, sampling=SamplingParams(max_new_tokens=2)) for r in requests))
     assert len(results) == 4 and all(r.error is None for r in results)
     assert len(engine.adapters.modules) == 14  # seven projections in each of two layers
+
+
+def test_two_names_of_one_folder_share_a_slot(adapter_paths, rows, reference) -> None:
+    i = ADAPTERS.index("r8-rslora")
+    paths = {"one": adapter_paths["r8-rslora"], "same": adapter_paths["r8-rslora"]}
+    engine = Engine(EngineConfig(block_size=4, num_blocks_override=256, max_loras=1), tiny_loaded("llama"), paths)
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    results = list(engine.generate(GenerationRequest(name, rows[i][0], params, adapter=name) for name in paths))
+    assert [r.completions[0].token_ids for r in results] == [reference[i]] * 2
