@@ -141,7 +141,7 @@ def adapter_problems(job: JobSpec, engines: EngineCache) -> dict[str, str | None
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kvbatch.runner.lora_weights import AdapterError, adaptable_linears, inspect_adapter
+    from kvbatch.runner.lora.weights import AdapterError, adaptable_linears, inspect_adapter
     from kvbatch.runner.model_loader import DEFAULT_HUB_NAME
 
     config = EngineConfig(model=job.model, **job.engine.settings())

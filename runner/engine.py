@@ -41,10 +41,10 @@ from kvbatch.cache.kv_cache import KVCache
 from kvbatch.errors import BackendUnavailableError, ErrorKind, KVBudgetError
 from kvbatch.runner.config import EngineConfig
 
-from .adapters import Adapters
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
 from .logits_processors import RowLogits, row_logits
+from .lora.adapters import Adapters
 from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import fixed_pool_size, kv_cache_spec, profile_gpu_pool

@@ -25,7 +25,7 @@ from kvbatch.cache.metadata import AttentionMetadata
 from .attention_hook import StepContext
 from .fused_forward import FusedDecoder
 from .host_tables import HostBlockTables
-from .lora_step import LoraStep
+from .lora.step import LoraStep
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
@@ -61,7 +61,7 @@ class StepInputs:
             return logits, None
         return logits[: self.num_sampling], logits[logits.shape[0] - self.num_score_rows :]
 
-    lora: LoraStep | None = None  # rows that run a LoRA adapter (runner/adapters.py); None: all the base model
+    lora: LoraStep | None = None  # rows that run a LoRA adapter (runner/lora/adapters.py); None: all the base model
 
     def fill_pending(self, sampled: torch.Tensor | None) -> None:
         if self.pending_rows is None:
@@ -364,7 +364,7 @@ class ModelRunner:
         self.staging = HostStaging(self.device)
         self.host_tables = HostBlockTables()  # the decodes' block tables, kept between steps
         self.graphs = None  # a DecodeGraphs once captured (runner/cuda_graphs.py): pure-decode steps replay it
-        self.adapters = None  # an Adapters (runner/adapters.py): its hooks read the step's LoraStep
+        self.adapters = None  # an Adapters (runner/lora/adapters.py): its hooks read the step's LoraStep
 
     def replays(self, inputs: StepInputs) -> bool:
         """Whether this step runs from a captured CUDA graph (graphs keep the sampling rows' logits only, and were

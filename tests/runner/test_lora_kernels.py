@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from kvbatch.runner.lora_step import apply_torch, lora_step
+from kvbatch.runner.lora.step import apply_torch, lora_step
 
 pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_update_equals_torch_path(dtype: torch.dtype) -> None:
-    from kvbatch.runner.lora_triton import apply_triton
+    from kvbatch.runner.lora.triton_kernels import apply_triton
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)

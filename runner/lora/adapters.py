@@ -12,7 +12,7 @@ largest rank any of them gives it. On a GPU the slots are stacked tensors alloca
 copy, and max_cpu_loras * the largest adapter is taken out of kv_cache_gib. An adapter added later must fit the
 slots (the same layers, no larger ranks), else its requests fail as bad adapters.
 
-Each adapted nn.Linear gets a forward hook that adds the step's update to the layer's output (runner/lora_step.py):
+Each adapted nn.Linear gets a forward hook that adds the step's update to the layer's output (runner/lora/step.py):
 the model's own forward and its single base GEMM per layer are untouched.
 """
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .lora_step import LoraStep, apply_torch, lora_step
-from .lora_weights import AdapterError, AdapterSpec, LoraModule, adaptable_linears, inspect_adapter, load_adapter
+from .step import LoraStep, apply_torch, lora_step
+from .weights import AdapterError, AdapterSpec, LoraModule, adaptable_linears, inspect_adapter, load_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class Adapters:
                 raise RuntimeError(f"{self.modules[index]} saw {y.shape[0]} rows of a {step.num_rows}-row step")
             x = x.reshape(-1, x.shape[-1])
             if self.use_triton:
-                from .lora_triton import apply_triton
+                from .triton_kernels import apply_triton
 
                 a_stack, b_stack = self.stacks[index]
                 apply_triton(x.contiguous(), y, step.tiles, a_stack, b_stack)

@@ -9,7 +9,7 @@ The base layer stays one GEMM over all the step's rows; the update is added afte
 
 The scheduler orders a step's sequences by adapter (decodes first, then prefill chunks), so an adapter's rows
 form at most two runs. The torch path loops over the runs: two small GEMMs each, on row slices (no gather). The
-Triton path (runner/lora_triton.py) cuts the runs into tiles of at most TILE_ROWS rows and does the shrink and the
+Triton path (triton_kernels.py) cuts the runs into tiles of at most TILE_ROWS rows and does the shrink and the
 expand of every tile in one launch each, reading each tile's adapter from the stacked slot weights (SGMV).
 """
 

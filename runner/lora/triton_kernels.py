@@ -1,6 +1,6 @@
 """The gathered LoRA update as two Triton kernels (SGMV): shrink x @ A_t and expand (x A_t) @ B_t, per row tile.
 
-Each tile holds up to TILE_ROWS consecutive rows of one adapter slot (runner/lora_step.py); a program reads that
+Each tile holds up to TILE_ROWS consecutive rows of one adapter slot (runner/lora/step.py); a program reads that
 slot's weights from the stacked slots of the layer, so one launch serves every adapter of the step and rows of the
 base model cost nothing. Ranks are padded with zeros to the stack's width (a power of two >= 16, what tl.dot takes):
 zero columns add nothing.
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_step import TILE_ROWS
+from .step import TILE_ROWS
 
 
 @triton.jit
