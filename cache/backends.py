@@ -15,9 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
-# "torch": torch ops only, the float64 reference with float32 prompt rows on the CPU (attention_cpu)
-_MODULES = {"torch": "attention_cpu", "triton": "attention_triton", "flash-attn": "attention_flash"}
+BACKEND_NAMES = ("auto", "torch", "cpu-flash", "triton", "flash-attn")
+# "torch": the float64 reference, batch-invariant to the bit, the CPU's default. "cpu-flash": the reference with
+# prompt rows in float32 through torch's flash kernel (attention_cpu), a faster prefill on long prompts; asked for
+# by name only, since its rows are not bit-identical with the prefix cache on and off.
+_MODULES = {
+    "torch": "attention_torch",
+    "cpu-flash": "attention_cpu",
+    "triton": "attention_triton",
+    "flash-attn": "attention_flash",
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,10 @@ def _load(name: str) -> AttentionBackend:
 def why_unavailable(name: str, device: torch.device, block_size: int) -> str | None:
     if name == "torch":
         return None
+    if name == "cpu-flash":
+        return (
+            None if device.type == "cpu" else f"the cpu-flash backend runs on the CPU, the model runs on {device.type}"
+        )
     if device.type != "cuda":
         return f"the {name} backend needs a CUDA device, the model runs on {device.type}"
     package = "flash_attn" if name == "flash-attn" else "triton"

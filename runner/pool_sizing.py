@@ -40,7 +40,7 @@ def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype:
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
         head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
         block_size=block_size,
-        dtype=torch.float64 if backend_name == "torch" and model_dtype == torch.float32 else model_dtype,
+        dtype=torch.float64 if backend_name in ("torch", "cpu-flash") and model_dtype == torch.float32 else model_dtype,
     )
 
 

@@ -21,8 +21,8 @@ class GenerationRequest:
     request_id: Hashable  # the job uses the input row index
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    continuations: list[list[int]] | None = None
     adapter: str | None = None  # a LoRA adapter registered with the engine (Engine.add_adapter); None: the base model
+    continuations: list[list[int]] | None = field(default=None, kw_only=True)  # a scoring request's, by name
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_token_ids, list):  # a tuple or numpy array: `prompt + output` must concatenate

@@ -95,7 +95,7 @@ def resolve_folder(name: str, path: str) -> Path:
     if folder.is_dir():
         return folder
     if not folder.is_absolute() and not path.startswith((".", "~")) and path.count("/") == 1:
-        from .model_loader import cached_snapshot
+        from kvbatch.runner.model_loader import cached_snapshot
 
         snapshot = cached_snapshot(path)
         if snapshot is not None:

@@ -5,11 +5,11 @@ import functools
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 from tiny_models import hf_reference, word_tokenizer
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
 
@@ -53,10 +53,10 @@ def run(tmp_path: Path, model: Path, rows: list[dict], **job) -> list[dict]:
     )
     run_job(spec, EngineCache())
     path = tmp_path / "out" / "j.arrow"
-    from datasets import load_dataset
+    from datasets import Dataset
 
-    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    readable = load_dataset("arrow", data_files=str(path), split="train")
+    table = read_arrow(path)
+    readable = Dataset.from_file(str(path))
     assert readable.num_rows == table.num_rows
     return table.to_pylist()
 

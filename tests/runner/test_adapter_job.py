@@ -8,11 +8,11 @@ import json
 import random
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 from lora_fixtures import ADAPTER_CONFIGS, peft_greedy, save_adapters
 from tiny_models import EOS_ID, hf_reference, tiny_loaded, word_tokenizer
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import run_jobs
@@ -73,7 +73,7 @@ def test_a_job_mixes_adapters_per_row_and_fails_bad_ones_alone(adapter_paths, tm
     )
     (outcome,) = run_jobs([job], engine_factory=factory)
     assert outcome.error is None  # bad adapters fail rows, not the job: the CLI exits 0
-    table = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / "mixed.arrow"))).read_all()
+    table = read_arrow(tmp_path / "out" / "mixed.arrow")
     out = {r["id"]: r for r in table.to_pylist()}
     for i in (0, 1, 2, 4):
         adapter = names[i] if names[i] else "r16-all"

@@ -29,12 +29,17 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("policy", ["reserve", "optimistic"])
-def test_greedy_equals_generate(arch: str, policy: str) -> None:
+@pytest.mark.parametrize(
+    ("policy", "backend"), [("reserve", "torch"), ("optimistic", "torch"), ("optimistic", "cpu-flash")]
+)
+def test_greedy_equals_generate(arch: str, policy: str, backend: str) -> None:
+    """Both CPU backends: the float64 reference, and cpu-flash (float32 prompt rows through torch's flash kernel)."""
     prompts = random_prompts(10, 1, 60, seed=7)
-    engine = Engine.from_loaded(
-        tiny_loaded(arch), EngineConfig(policy=policy, block_size=4, num_blocks_override=256, max_num_batched_tokens=64)
+    config = EngineConfig(
+        policy=policy, block_size=4, num_blocks_override=256, max_num_batched_tokens=64, attention_backend=backend
     )
+    engine = Engine.from_loaded(tiny_loaded(arch), config)
+    assert engine.backend.name == backend
     params = SamplingParams(max_new_tokens=24)
     got = {r.request_id: r for r in engine.generate(GenerationRequest(i, p, params) for i, p in enumerate(prompts))}
     reference = hf_reference(arch)

@@ -270,11 +270,11 @@ def test_a_preloaded_model_keeps_a_smaller_max_model_len(tiny_folder: Path) -> N
 def test_a_context_over_the_models_is_a_configuration_error_exit_2() -> None:
     from types import SimpleNamespace
 
-    from kvbatch.cli import _exit_code
+    from kvbatch.errors import exit_code_of
     from kvbatch.runner.model_loader import ContextLengthError, context_length
 
     with pytest.raises(
         ContextLengthError, match="max_model_len 4096 exceeds the model's context of 2048 tokens"
     ) as raised:
         context_length(SimpleNamespace(max_position_embeddings=2048), 4096)
-    assert _exit_code(raised.value) == 2
+    assert exit_code_of(raised.value) == 2
