@@ -26,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=5043)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--backend", default="cpu-flash", help="the engine's attention backend: cpu-flash or torch")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -39,7 +40,9 @@ def main() -> None:
     prompt = [rng.randrange(100, 40000) for _ in range(args.tokens)]
     engine_s, reference_s = [], []
     for round_ in range(args.rounds):
-        engine = Engine.from_loaded(loaded, EngineConfig(device="cpu", prefix_cache=False))
+        engine = Engine.from_loaded(
+            loaded, EngineConfig(device="cpu", prefix_cache=False, attention_backend=args.backend)
+        )
         start = time.perf_counter()
         result = next(iter(engine.generate([GenerationRequest(round_, prompt, SamplingParams(max_new_tokens=1))])))
         engine_s.append(time.perf_counter() - start)
