@@ -124,9 +124,7 @@ def run(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Run the jobs of a YAML job file (see examples/jobs.yaml)."""
-    _logging(verbose, quiet)
-    _serve_if_torchrun_worker()
-    _quiet_model_loading(verbose)
+    _start_run(verbose, quiet)
     with _errors():
         overrides = _with_options(
             set_,
@@ -206,9 +204,7 @@ def generate(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Run one job without a YAML file; --set reaches every job field (sampling.stop, sampling.n, engine.*...)."""
-    _logging(verbose, quiet)
-    _serve_if_torchrun_worker()
-    _quiet_model_loading(verbose)
+    _start_run(verbose, quiet)
     with _errors():
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".") or "generate"
         data = {
@@ -362,6 +358,13 @@ def _errors() -> Iterator[None]:
 def _with_options(sets: list[str] | None, options: dict[str, Any]) -> dict[str, Any]:
     """`--set` values, overridden by the options given; an option left out leaves its --set value standing."""
     return {**_parse_sets(sets or []), **{k: v for k, v in options.items() if v is not None}}
+
+
+def _start_run(verbose: bool, quiet: bool) -> None:
+    """What `run` and `generate` do before any job: logging, a torchrun worker's own loop, loading quietly."""
+    _logging(verbose, quiet)
+    _serve_if_torchrun_worker()
+    _quiet_model_loading(verbose)
 
 
 def _serve_if_torchrun_worker() -> None:
