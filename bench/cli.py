@@ -158,7 +158,10 @@ def throughput(
             f"The bench's own defaults: {', '.join(f'{k}={v}' for k, v in BENCH_ENGINE_DEFAULTS.items())}.",
         ),
     ] = None,
-    profile: Annotated[bool, typer.Option(help="Run under torch.profiler and print where the time goes.")] = False,
+    profile: Annotated[
+        bool, typer.Option(help="Then run again under torch.profiler: device time by phase and kernel kind.")
+    ] = False,
+    trace: Annotated[Path | None, typer.Option(help="With --profile: write the gzipped chrome trace here.")] = None,
     timing: Annotated[
         bool, typer.Option(help="Time each engine phase (synchronising around each; slower overall).")
     ] = False,
@@ -198,9 +201,6 @@ def throughput(
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "torch": torch.__version__,
     }
-    if profile:
-        _profile(engine, work)
-        return
     engine.timer.enabled = timing
     result = run_engine(engine, work)
     if timing:
@@ -220,6 +220,8 @@ def throughput(
     if bound is not None:
         record.update(bound_s=round(bound.seconds, 3), share_of_bound=round(bound.seconds / result["seconds"], 3))
     emit_record(record, json_path)
+    if profile:
+        _profile(engine, work, record, json_path, trace)
     if compare == "hf":
         engine.close()
         peer_work = Workload(work.name, work.requests[:hf_num_prompts]) if hf_num_prompts else work
@@ -228,22 +230,33 @@ def throughput(
         )
 
 
-def _profile(engine: Engine, work: Workload) -> None:
-    """The engine's own ranges (schedule, prepare_inputs, forward, sample) and the top kernels."""
+def _profile(
+    engine: Engine, work: Workload, record: dict[str, Any], json_path: Path | None, trace_path: Path | None
+) -> None:
+    """Run the workload again (other prompts, so nothing hits the prefix cache) under torch.profiler and print
+    where the device time went, by engine phase and kernel kind (bench/breakdown.py)."""
+    import gzip
+    import tempfile
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from kvbatch.bench.breakdown import breakdown
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    again = make_workload(work.name, engine.model.config.vocab_size, len(work.requests), seed=2)
     with torch_profile(activities=activities) as prof:
-        result = run_engine(engine, work)
-    typer.echo(json.dumps({"profiled_run": result}))
-    events = prof.key_averages()
-    ranges = [e for e in events if e.key.startswith("kvbatch.")]
-    for e in sorted(ranges, key=lambda e: -e.cpu_time_total):
-        typer.echo(f"{e.key:28s} calls {e.count:6d}  host {e.cpu_time_total / 1e3:9.1f} ms")
-    typer.echo(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
-    if engine.device.type == "cuda":
-        typer.echo(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+        result = run_engine(engine, again)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+        if trace_path is not None:  # for a closer look (chrome://tracing, Perfetto)
+            with gzip.open(trace_path, "wt") as f:
+                json.dump({"traceEvents": events}, f)
+    table = breakdown(events)
+    emit_record({**record, "runner": "kvbatch-profiled", **result, "breakdown": table.as_dict()}, json_path)
+    typer.echo(table.table())
 
 
 def _compare_hf(model, work: Workload, batch_size: int, base: dict, ours: dict, json_path: Path | None) -> None:

@@ -234,3 +234,63 @@ def test_throughput_engine_settings_are_checked_against_the_engine_config():
     assert engine_settings(["policy=reserve", "kv_cache_gib=1", "cuda_graphs=false"]) == {
         "policy": "reserve", "kv_cache_gib": 1.0, "cuda_graphs": False,
     }  # fmt: skip
+
+
+def _kernel(name: str, ts: float, dur: float, correlation: int) -> dict:
+    return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+
+def _launch(name: str, ts: float, correlation: int) -> dict:
+    return {"cat": "cuda_runtime", "name": name, "ts": ts, "dur": 1, "args": {"correlation": correlation}}
+
+
+def _phase(name: str, ts: float, dur: float) -> dict:
+    return {"cat": "user_annotation", "name": f"kvbatch.{name}", "ts": ts, "dur": dur}
+
+
+def test_breakdown_attributes_each_kernel_to_the_phase_that_launched_it():
+    from kvbatch.bench.breakdown import breakdown
+
+    events = [
+        _phase("forward_eager", 0, 10),
+        _launch("cudaLaunchKernel", 1, 1),
+        _launch("cuLaunchKernelEx", 2, 2),
+        _phase("sample", 10, 5),
+        _launch("cudaLaunchKernel", 11, 3),
+        _phase("forward_decode_graph", 20, 5),
+        _launch("cudaGraphLaunch", 21, 4),
+        _launch("cudaLaunchKernel", 40, 5),  # outside every phase
+        _kernel("nvjet_hsh_128x256_2cta", 100, 300, 1),
+        _kernel("_prefill_kernel", 400, 200, 2),
+        _kernel("at::native::argmax_kernel", 650, 50, 3),  # a gap of 50 us before it
+        _kernel("_decode_kernel", 700, 100, 4),  # the graph's kernels share its launch's correlation
+        _kernel("_add_rms_norm_kernel", 800, 20, 4),
+        _kernel("_write_kv_kernel", 820, 10, 4),
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 850, "dur": 30, "args": {"correlation": 5}},
+    ]
+    table = breakdown(events)
+    assert table.span_ms == pytest.approx(0.78) and table.busy_ms == pytest.approx(0.71)
+    assert table.idle_ms == pytest.approx(0.07)  # 600-650 and 830-850
+    assert table.phase_calls == {"forward_eager": 1, "sample": 1, "forward_decode_graph": 1}
+    assert table.ms["forward_eager"]["gemm"] == pytest.approx(0.3)
+    assert table.ms["forward_eager"]["attention"] == pytest.approx(0.2)
+    assert table.ms["sample"]["other"] == pytest.approx(0.05)
+    graph = table.ms["forward_decode_graph"]
+    assert (graph["attention"], graph["norm_rope_act"], graph["kv_write"]) == pytest.approx((0.1, 0.02, 0.01))
+    assert table.ms["outside"]["copy"] == pytest.approx(0.03)
+    assert table.top_other == [("at::native::argmax_kernel", 0.05)]
+    assert "| forward_eager | 1 | 0.3 | 0.2 |" in table.table()
+
+
+def test_throughput_profile_prints_the_breakdown(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    args = ["bench", "throughput", "--shape", "tiny", "--workload", "chat", "--num-prompts", "3", "--device", "cpu"]
+    trace = tmp_path / "run.trace.json.gz"
+    result = CliRunner().invoke(app, [*args, "--profile", "--trace", str(trace), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    timed, profiled = _records(out.read_text())
+    assert timed["runner"] == "kvbatch" and profiled["runner"] == "kvbatch-profiled"
+    assert profiled["out_tokens"] == 3 * 64 and profiled["errors"] == 0
+    assert {"forward_eager", "sample", "prepare_inputs"} <= set(profiled["breakdown"]["phase_calls"])
+    assert "| phase | calls | gemm |" in result.output
+    assert trace.stat().st_size > 0
