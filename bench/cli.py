@@ -132,7 +132,7 @@ def _warm_up(engine: Engine, workload: str, vocab_size: int) -> None:
 @bench_app.command()
 def throughput(
     shape: ShapeOpt = "llama-1b",
-    workload: Annotated[str, typer.Option(help="a, b, c, prefix, chat or lora (bench/workloads.py).")] = "a",
+    workload: Annotated[str, typer.Option(help="a, b, c, prefix, chat, lora or json (bench/workloads.py).")] = "a",
     num_prompts: Annotated[int | None, typer.Option(min=1, help="Override the workload's prompt count.")] = None,
     compare: Annotated[
         str | None, typer.Option(help="'hf': also run transformers generate (padded batches) and generate_batch.")
@@ -147,6 +147,13 @@ def throughput(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16, float32.")] = "auto",
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="A model folder whose tokenizer the random model uses; 'default': the default model's. "
+            "Structured output needs one (--workload json defaults to 'default')."
+        ),
+    ] = None,
     kv_pool_tokens: Annotated[
         int | None, typer.Option(min=1, help="Cap the KV pool at this many tokens (workload c).")
     ] = None,
@@ -176,7 +183,13 @@ def throughput(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     needed = make_workload(workload, SHAPES[shape]["vocab_size"], num_prompts).max_seq_len
-    loaded = random_model(shape, device, dtype, max_model_len=max(4096, needed))
+    if tokenizer is None and workload == "json":
+        tokenizer = "default"
+    if tokenizer == "default":
+        from kvbatch.runner.default_model import default_model_path
+
+        tokenizer = str(default_model_path())
+    loaded = random_model(shape, device, dtype, max_model_len=max(4096, needed), tokenizer=tokenizer)
     work = make_workload(workload, loaded.model.config.vocab_size, num_prompts)
     settings = {**BENCH_ENGINE_DEFAULTS, **engine_settings(sets or [])}
     if kv_pool_tokens:

@@ -40,8 +40,11 @@ def random_model(
     max_model_len: int = 16384,
     seed: int = 0,
     init_std: float | None = None,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
-    """A model of `shape` with random weights, loaded for kvbatch's paged attention."""
+    """A model of `shape` with random weights, loaded for kvbatch's paged attention. `tokenizer`: a folder whose
+    tokenizer stands in for the shape's own (structured output needs token strings); its vocabulary must fit the
+    shape's."""
     from transformers import AutoModelForCausalLM
 
     attention_hook.register()
@@ -56,7 +59,17 @@ def random_model(
             config, dtype=torch_dtype, attn_implementation=attention_hook.ATTN_IMPLEMENTATION
         )
     model.eval()
-    return LoadedModel(model, IdsOnlyTokenizer(), f"random {shape}", (), max_model_len, torch_device, torch_dtype)
+    stand_in = IdsOnlyTokenizer()
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        stand_in = AutoTokenizer.from_pretrained(tokenizer)
+        if len(stand_in) > config.vocab_size:
+            raise ValueError(
+                f"the tokenizer in {tokenizer} has {len(stand_in)} tokens; {shape} has {config.vocab_size}"
+            )
+    eos = () if stand_in.eos_token_id is None else (stand_in.eos_token_id,)
+    return LoadedModel(model, stand_in, f"random {shape}", eos, max_model_len, torch_device, torch_dtype)
 
 
 def num_params(model: torch.nn.Module) -> int:

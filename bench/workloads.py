@@ -7,12 +7,13 @@ c       64 prompts of ~8,000 tokens, 1,024 output tokens each (the LoRAX case; r
 prefix  2,000 prompts: one shared 2,000-token system prompt + 100-token questions, 128 output tokens
 chat    128 prompts of 20-60 tokens, 64 output tokens (short chat rows, the CPU case)
 lora    chat's rows spread evenly over LORA_COUNT LoRA adapters (row i on adapter lora{i % 8}; bench/lora.py)
+json    a's rows, each constrained by JSON_SCHEMA (structured output; needs a real tokenizer, --tokenizer)
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.request import GenerationRequest
@@ -41,6 +42,11 @@ class Workload:
 
 
 LORA_COUNT = 8
+# One string longer than any row's output: no row completes the object, so every row runs its 256 tokens (as EOS-off
+# rows do) and the grammar masks every row at every step, the host's worst case.
+JSON_SCHEMA = (
+    '{"type": "object", "properties": {"answer": {"type": "string", "minLength": 4000}}, "required": ["answer"]}'
+)
 
 
 def _request(i: int, prompt: list[int], max_new_tokens: int, adapter: str | None = None) -> GenerationRequest:
@@ -54,7 +60,7 @@ def make_workload(name: str, vocab_size: int, num_prompts: int | None = None, se
     def tokens(n: int) -> list[int]:
         return [rng.randrange(10, vocab_size - 10) for _ in range(n)]
 
-    if name == "a":
+    if name in ("a", "json"):
         rows = [(tokens(rng.randint(100, 1024)), 256) for _ in range(num_prompts or 512)]
     elif name == "b":
         rows = [(tokens(rng.randint(100, 1024)), rng.randint(100, 1024)) for _ in range(num_prompts or 256)]
@@ -66,6 +72,10 @@ def make_workload(name: str, vocab_size: int, num_prompts: int | None = None, se
     elif name in ("chat", "lora"):
         rows = [(tokens(rng.randint(20, 60)), 64) for _ in range(num_prompts or 128)]
     else:
-        raise ValueError(f"unknown workload {name!r}; choose a, b, c, prefix, chat or lora")
+        raise ValueError(f"unknown workload {name!r}; choose a, b, c, prefix, chat, lora or json")
     adapters = [f"lora{i % LORA_COUNT}" if name == "lora" else None for i in range(len(rows))]
-    return Workload(name, [_request(i, prompt, out, a) for i, ((prompt, out), a) in enumerate(zip(rows, adapters))])
+    requests = [_request(i, prompt, out, a) for i, ((prompt, out), a) in enumerate(zip(rows, adapters))]
+    if name == "json":
+        constrained = SamplingParams(max_new_tokens=256, structured_outputs={"json": JSON_SCHEMA})
+        requests = [replace(r, sampling=constrained) for r in requests]
+    return Workload(name, requests)

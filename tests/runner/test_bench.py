@@ -294,3 +294,44 @@ def test_throughput_profile_prints_the_breakdown(tmp_path):
     assert {"forward_eager", "sample", "prepare_inputs"} <= set(profiled["breakdown"]["phase_calls"])
     assert "| phase | calls | gemm |" in result.output
     assert trace.stat().st_size > 0
+
+
+def test_json_workload_is_workload_a_under_one_schema():
+    from kvbatch.bench.workloads import JSON_SCHEMA
+
+    plain, constrained = make_workload("a", 1024, 5), make_workload("json", 1024, 5)
+    assert [r.prompt_token_ids for r in constrained.requests] == [r.prompt_token_ids for r in plain.requests]
+    for request in constrained.requests:
+        assert json.loads(request.sampling.structured_outputs.json) == json.loads(JSON_SCHEMA)
+        assert request.sampling.max_new_tokens == 256 and not request.sampling.ignore_eos
+
+
+def _char_tokenizer(folder, vocab_size: int) -> None:
+    """A tokenizer of single printable characters (JSON can be spelled with it), padded to vocab_size."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"</s>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    vocab |= {f"<pad{i}>": i for i in range(len(vocab), vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="</s>")))
+    tokenizer.eos_token = "</s>"
+    tokenizer.save_pretrained(folder)
+
+
+def test_json_workload_runs_every_row_to_its_length_under_the_grammar(tmp_path):
+    _char_tokenizer(tmp_path / "tok", 1024)
+    out = tmp_path / "bench.jsonl"
+    args = ["bench", "throughput", "--shape", "tiny", "--workload", "json", "--num-prompts", "2", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--tokenizer", str(tmp_path / "tok"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    (record,) = _records(out.read_text())
+    assert record["errors"] == 0 and record["out_tokens"] == 2 * 256  # the string outlasts every row
+
+
+def test_a_tokenizer_larger_than_the_shape_is_refused(tmp_path):
+    from kvbatch.bench.models import random_model
+
+    _char_tokenizer(tmp_path / "tok", 2048)
+    with pytest.raises(ValueError, match="has 2048 tokens; tiny has 1024"):
+        random_model("tiny", "cpu", "float32", max_model_len=64, tokenizer=str(tmp_path / "tok"))
