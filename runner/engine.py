@@ -71,7 +71,7 @@ class _InFlight:
 
     out: SchedulerOutput
     sampling_items: list[ScheduledSeq]
-    sampled: SampledTokens
+    sampled: SampledTokens | None  # None until launched: a step with constrained rows samples after the drain
     registered: list[int]  # blocks it registered in the prefix cache: withdrawn if reading its tokens fails
     scored: ScoredRows | None = None  # its scored rows, whose they are in score_spans
     score_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
@@ -542,9 +542,12 @@ class Engine:
                     )
             with self.timer.phase("forward_decode_graph" if self.runner.replays(inputs) else "forward_eager"):
                 logits, score_logits = inputs.split_logits(self.runner.forward(inputs))
+            # A constrained row's mask needs the grammar past the token in flight: with one in flight, the
+            # sampling waits (below) until the host has taken that step in, while the device runs this forward.
+            deferred = in_flight is not None and any(item.seq.matcher is not None for item in sampling_items)
+            rows = _sampling_rows(sampling_items)  # now: their positions count the tokens pending before this step
+            sampled = None if deferred else self._sample(sampling_items, rows, logits)
             with self.timer.phase("sample"):
-                mask = step_mask(sampling_items, logits.shape[-1], self.device) if self._grammars else None
-                sampled = sample_on_device(logits, _sampling_rows(sampling_items), mask).start_download()
                 scored = None
                 if score_logits is not None:
                     scored = score_on_device(score_logits, inputs.score_targets).start_download()
@@ -563,10 +566,24 @@ class Engine:
         launched = _InFlight(out, sampling_items, sampled, registered, scored, inputs.score_spans, score_done)
         if in_flight is not None:  # the device runs `launched` while the host takes in the step before
             results, ok = self._drain(scheduler, in_flight, launched)
+            if ok and launched.sampled is None:
+                try:
+                    launched.sampled = self._sample(sampling_items, rows, logits)
+                except Exception as exc:  # noqa: BLE001 - as a step that raised
+                    lost = [item.seq for item in out.scheduled]
+                    return results + self._recover(scheduler, lost, exc, registered), None
             return results, launched if ok else None
         if self.async_scheduling:
             return [], launched
         return self._drain(scheduler, launched)[0], None
+
+    def _sample(
+        self, sampling_items: list[ScheduledSeq], rows: list[SamplingRow] | None, logits: torch.Tensor
+    ) -> SampledTokens:
+        """Launch the choice of the step's tokens (masked by the rows' grammars) and their download."""
+        with self.timer.phase("sample"):
+            mask = step_mask(sampling_items, logits.shape[-1], self.device, self._grammars) if self._grammars else None
+            return sample_on_device(logits, rows, mask).start_download()
 
     def _drain(
         self, scheduler: Scheduler, step: _InFlight, next_step: _InFlight | None = None

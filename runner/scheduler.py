@@ -234,8 +234,9 @@ class Scheduler:
         need = 0
         for seq in self.running:
             pending = seq.num_pending
-            if seq.isolate or pending > 1 or seq.penalised or (pending and seq.matcher is not None):
-                # a sequence that must run alone, or one whose penalty or grammar mask reads its pending token
+            if seq.isolate or pending > 1 or seq.penalised:
+                # a sequence that must run alone, or one whose penalty reads its pending token on the device
+                # (a grammar's mask reads it too, on the host: the engine samples such a step after the drain)
                 return None
             num_output = len(seq.output_token_ids) + pending
             if pending and num_output >= seq.max_new_tokens:

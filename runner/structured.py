@@ -12,8 +12,9 @@ sequence; a token bitmask per step, applied to the logits before the choice.
 The matcher holds the state after exactly `output_token_ids`: it accepts a token when the host appends it, once.
 A preempted sequence keeps its output and recomputes only its K/V, so its matcher is neither rolled back nor
 fed again; tokens of a failed step never reach the host, so the matcher never saw them. With async scheduling
-the mask of a row needs its newest token on the host, so a step is not planned ahead of a constrained row's
-pending token (runner/scheduler.py schedule_ahead).
+a step with constrained rows is planned and its forward launched while the step before is in flight, as any
+other; only its choice waits: the host takes in the step before (the matchers accept its tokens), fills the
+mask while the device runs the forward, then launches the sampling (runner/engine.py `_step`).
 
 Why xgrammar over llguidance: both compute masks in well under a millisecond per row; xgrammar is what vLLM and
 SGLang use by default, ships a manylinux wheel whose only missing dependency is apache-tvm-ffi, compiles a
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -125,6 +127,7 @@ class GrammarCache:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvbatch-grammar")
         self._futures: OrderedDict[StructuredOutputs, Future] = OrderedDict()
         self._compiler = None
+        self._filler = None
         self._lock = threading.Lock()
         self.compile_seconds: dict[StructuredOutputs, float] = {}
 
@@ -144,6 +147,17 @@ class GrammarCache:
     def compile(self, constraint: StructuredOutputs):
         """The compiled grammar, waiting for it; raises ConstraintError."""
         return self.submit(constraint).result()
+
+    def filler(self):
+        """The matchers' batch mask filler (xgrammar's BatchGrammarMatcher), kept for the engine's life. Its
+        threads split a step's rows: at 512 constrained rows one thread alone paced a GPU run (the host filled
+        masks while the device sat idle). The filling runs while the device computes the step's forward, or, on
+        the CPU, between the forward and the choice, when torch's own threads are idle."""
+        if self._filler is None:
+            import xgrammar as xgr
+
+            self._filler = xgr.BatchGrammarMatcher(max_threads=min(8, max(1, (os.cpu_count() or 1))))
+        return self._filler
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -192,22 +206,26 @@ def new_matcher(compiled) -> Any:
     return xgr.GrammarMatcher(compiled)
 
 
+def _constrained(item) -> bool:
+    # A row that stopped on the step before runs a spare decode (planned ahead of its stop), whose token is
+    # dropped: its grammar has ended and masks nothing.
+    return item.seq.matcher is not None and item.seq.finish_reason is None
+
+
 class StepMask:
     """The bitmask of one step's sampling rows: filled on the host, applied in place to float32 logits.
 
     bitmask: [num_rows, ceil(vocab / 32)] int32, bit set = allowed; only the constrained rows are applied."""
 
-    def __init__(self, items: list, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, items: list, vocab_size: int, device: torch.device, filler) -> None:
         import xgrammar as xgr
 
-        self.rows = [i for i, item in enumerate(items) if item.seq.matcher is not None]
+        self.rows = [i for i, item in enumerate(items) if _constrained(item)]
         self.vocab_size = vocab_size
         # Only the constrained rows are filled and applied, so the others need no initialising.
         shape = xgr.get_bitmask_shape(len(items), vocab_size)
         bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
-        xgr.BatchGrammarMatcher(max_threads=1).batch_fill_next_token_bitmask(
-            [items[i].seq.matcher for i in self.rows], bitmask, self.rows
-        )
+        filler.batch_fill_next_token_bitmask([items[i].seq.matcher for i in self.rows], bitmask, self.rows)
         # Queued behind the step's kernels from pinned memory: the host does not wait for the device here.
         self.bitmask = bitmask.to(device, non_blocking=True) if device.type == "cuda" else bitmask
 
@@ -218,11 +236,11 @@ class StepMask:
         xgr.apply_token_bitmask_inplace(logits, self.bitmask, vocab_size=self.vocab_size, indices=self.rows)
 
 
-def step_mask(items: list, vocab_size: int, device: torch.device) -> StepMask | None:
+def step_mask(items: list, vocab_size: int, device: torch.device, grammars: GrammarCache) -> StepMask | None:
     """The mask of a step, or None when none of its sampling rows is constrained (nothing else to do then)."""
-    if not any(item.seq.matcher is not None for item in items):
+    if not any(_constrained(item) for item in items):
         return None
-    return StepMask(items, vocab_size, device)
+    return StepMask(items, vocab_size, device, grammars.filler())
 
 
 def accept_token(seq: Sequence, token: int) -> FinishReason | None:

@@ -217,6 +217,26 @@ def test_async_scheduling_gives_the_synchronous_result(loaded, tokenizer) -> Non
     assert engine.stats.num_steps_ahead > 0  # free rows still ran ahead
 
 
+def test_constrained_rows_are_planned_ahead_and_give_the_synchronous_result(loaded, tokenizer) -> None:
+    """Every row constrained, greedy and sampled with n > 1: a step is planned and its forward launched before the
+    host has the tokens in flight; its choice waits until the host has fed them to the grammars. Rows whose grammar
+    ends while a step was planned past it drop that spare token."""
+    requests = [
+        GenerationRequest(i, prompt, SamplingParams(30, structured_outputs=CONSTRAINTS[i % 4]))
+        if i % 2
+        else GenerationRequest(
+            i, prompt, SamplingParams(30, temperature=1.0, n=2, seed=i, structured_outputs=CONSTRAINTS[i % 4])
+        )
+        for i, prompt in enumerate(prompts(tokenizer, 10))
+    ]
+    want = outcome(make_engine(loaded, async_scheduling=False), requests)
+    engine = make_engine(loaded, async_scheduling=True)
+    assert outcome(engine, requests) == want
+    assert engine.stats.num_steps_ahead > 0
+    assert engine.stats.num_spare_tokens > 0
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
 def test_prefix_cache_and_stop_settings_do_not_cut_a_structure(loaded, tokenizer, reference, compiler) -> None:
     """Rows sharing a prompt hit the prefix cache; stop strings, stop token ids and ignore_eos, which could end or
     extend a row mid-structure, do not apply to a constrained row."""
