@@ -361,6 +361,7 @@ class Engine:
                 score_targets=tokens[score_from + 1 :],
                 score_only=True,
                 adapter_key=adapter_key,
+                queue_tokens=len(prompt),
             )
             self._next_seq_id += 1
             state.seqs.append(seq)

@@ -106,9 +106,9 @@ class SchedulerOutput:
 def _waiting_key(seq: Sequence) -> tuple[int, int, int]:
     # Isolated work first (it gets a step of its own), then preempted work (it was admitted before),
     # then the longest: long requests get room while the pool is emptiest, and neighbours in the
-    # queue have similar lengths.
+    # queue have similar lengths. A scoring request's continuations queue together (Sequence.queue_tokens).
     rank = 0 if seq.isolate else 1 if seq.num_preemptions else 2
-    return (rank, -seq.num_tokens, seq.seq_id)
+    return (rank, -(seq.queue_tokens or seq.num_tokens), seq.seq_id)
 
 
 class Scheduler:

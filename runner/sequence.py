@@ -77,6 +77,11 @@ class Sequence:
     score_logprobs: list[float] = field(default_factory=list)  # per scored row, written as steps compute them
     score_greedy: list[bool] = field(default_factory=list)  # per scored row: the target is the argmax
     adapter_key: bytes = b""  # its LoRA adapter's identity (b"": the base model): part of every block hash
+    # The length the waiting queue orders it by (0: num_tokens). A scoring request's continuations share their
+    # prompt's, so they queue side by side: the first computes the prompt, the others find it in the prefix cache
+    # (ordered by their own lengths, other requests' rows came between, and a pool too small to keep every
+    # prompt evicted theirs before they ran: 200 four-choice requests computed 2.4x the tokens needed).
+    queue_tokens: int = 0
     # Plain attributes, not properties: the host reads them for every row of every step.
     num_prompt_tokens: int = field(init=False, repr=False)
     penalised: bool = field(init=False, repr=False)  # penalties or bad words read the tokens so far

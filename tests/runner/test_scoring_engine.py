@@ -86,6 +86,23 @@ def test_continuations_share_the_prompt_blocks() -> None:
     assert engine.stats.num_cached_prompt_tokens == 3 * 64
 
 
+def test_continuations_of_many_requests_share_prompts_a_small_pool_cannot_keep() -> None:
+    """24 requests of 4 continuations of lengths 1-9, through a pool that holds about four prompts at once (and a
+    budget of two a step): every request's prompt is computed once, its continuations queued next to each other
+    and finding its blocks cached, as when it runs alone."""
+    rng = random.Random(12)
+    requests = [
+        GenerationRequest(i, random_ids(rng, 40), continuations=[random_ids(rng, rng.randint(1, 9)) for _ in range(4)])
+        for i in range(24)
+    ]
+    engine = engine_for(num_blocks_override=48, max_num_batched_tokens=96)
+    assert all(r.error is None for r in engine.generate(requests))
+    # 40-token prompts: the first continuation computes 10 full blocks, the other three take the 9 blocks before
+    # the prompt's last token (its logits score their first token) from the cache.
+    assert engine.stats.num_cached_prompt_tokens == 24 * 3 * 36
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_prompt_and_top_logprobs_equal_a_plain_forward(arch: str) -> None:
     rng = random.Random(11)
