@@ -1,6 +1,7 @@
 """The roofline a workload cannot beat on a device, from the model's shape alone.
 
-    prefill: compute-bound      t_prefill = prefill FLOPs / peak FLOP/s
+    prefill: compute-bound      t_prefill = prefill FLOPs / peak FLOP/s   (a scoring request: its prompt once, then
+                                                                          each continuation with its logits)
     decode:  bandwidth-bound    t_decode  = max(decode FLOPs / peak FLOP/s,
                                                 (steps x weight bytes + K/V bytes read) / bandwidth)
     bound = t_prefill + t_decode
@@ -61,12 +62,20 @@ def workload_bound(
 
     prefill_flops = decode_flops = kv_bytes = 0.0
     for request in workload.requests:
-        prompt, out = len(request.prompt_token_ids), request.sampling.max_new_tokens
+        prompt = len(request.prompt_token_ids)
+        if request.continuations is not None:  # scoring: the prompt once, then each continuation after it
+            prefill_flops += 2 * body * prompt + attn_flops_per_pair * prompt * (prompt + 1) / 2
+            for continuation in map(len, request.continuations):
+                # its tokens, the logits of each of them (the last prompt position's too), attention over the prompt
+                pairs = continuation * prompt + continuation * (continuation + 1) / 2
+                prefill_flops += (2 * body + 2 * embedding) * continuation + attn_flops_per_pair * pairs
+            continue
+        out = request.sampling.max_new_tokens
         prefill_flops += 2 * body * prompt + 2 * embedding + attn_flops_per_pair * prompt * (prompt + 1) / 2
         contexts = out * prompt + out * (out - 1) / 2  # sum of the context lengths the output tokens attend to
         decode_flops += (2 * body + 2 * embedding) * (out - 1) + attn_flops_per_pair * contexts
         kv_bytes += kv_bytes_per_token * contexts
-    steps = max(r.sampling.max_new_tokens for r in workload.requests)
+    steps = max((r.sampling.max_new_tokens for r in workload.requests if r.continuations is None), default=0)
     head_bytes = embedding * item
     weight_bytes = (body * item + head_bytes) * steps
     prefill_s = prefill_flops / peak_flops

@@ -132,7 +132,9 @@ def _warm_up(engine: Engine, workload: str, vocab_size: int) -> None:
 @bench_app.command()
 def throughput(
     shape: ShapeOpt = "llama-1b",
-    workload: Annotated[str, typer.Option(help="a, b, c, prefix, chat, lora or json (bench/workloads.py).")] = "a",
+    workload: Annotated[
+        str, typer.Option(help="a, b, c, prefix, chat, lora, json or score (bench/workloads.py).")
+    ] = "a",
     num_prompts: Annotated[int | None, typer.Option(min=1, help="Override the workload's prompt count.")] = None,
     compare: Annotated[
         str | None, typer.Option(help="'hf': also run transformers generate (padded batches) and generate_batch.")
@@ -183,6 +185,10 @@ def throughput(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     needed = make_workload(workload, SHAPES[shape]["vocab_size"], num_prompts).max_seq_len
+    if compare and workload == "score":
+        raise typer.BadParameter(
+            "the peers generate; --compare does not run a scoring workload", param_hint="--compare"
+        )
     if tokenizer is None and workload == "json":
         tokenizer = "default"
     if tokenizer == "default":

@@ -8,6 +8,8 @@ prefix  2,000 prompts: one shared 2,000-token system prompt + 100-token question
 chat    128 prompts of 20-60 tokens, 64 output tokens (short chat rows, the CPU case)
 lora    chat's rows spread evenly over LORA_COUNT LoRA adapters (row i on adapter lora{i % 8}; bench/lora.py)
 json    a's rows, each constrained by JSON_SCHEMA (structured output; needs a real tokenizer, --tokenizer)
+score   1,000 prompts of 256 tokens, each scored against 4 continuations of 3-12 tokens (lm-eval's
+        multiple-choice loglikelihood requests; nothing is generated)
 """
 
 from __future__ import annotations
@@ -26,19 +28,26 @@ class Workload:
 
     @property
     def num_prompt_tokens(self) -> int:
-        return sum(len(r.prompt_token_ids) for r in self.requests)
+        """Prompt tokens, and a scoring request's continuations (which it reads as prompt tokens)."""
+        return sum(len(r.prompt_token_ids) + sum(map(len, r.continuations or ())) for r in self.requests)
 
     @property
     def num_output_tokens(self) -> int:
-        return sum(r.sampling.max_new_tokens for r in self.requests)
+        return sum(0 if r.continuations is not None else r.sampling.max_new_tokens for r in self.requests)
 
     @property
     def max_seq_len(self) -> int:
-        return max(len(r.prompt_token_ids) + r.sampling.max_new_tokens for r in self.requests)
+        return max(len(r.prompt_token_ids) + _longest_extension(r) for r in self.requests)
 
     def describe(self) -> str:
         tokens = f"{self.num_prompt_tokens} prompt tokens, {self.num_output_tokens} output tokens"
         return f"{self.name}: {len(self.requests)} prompts, {tokens}"
+
+
+def _longest_extension(request: GenerationRequest) -> int:
+    if request.continuations is not None:
+        return max(map(len, request.continuations))
+    return request.sampling.max_new_tokens
 
 
 LORA_COUNT = 8
@@ -69,10 +78,16 @@ def make_workload(name: str, vocab_size: int, num_prompts: int | None = None, se
     elif name == "prefix":
         system = tokens(2000)
         rows = [(system + tokens(100), 128) for _ in range(num_prompts or 2000)]
+    elif name == "score":
+        scored = []
+        for i in range(num_prompts or 1000):
+            continuations = [tokens(rng.randint(3, 12)) for _ in range(4)]
+            scored.append(GenerationRequest(i, tokens(256), continuations=continuations))
+        return Workload(name, scored)
     elif name in ("chat", "lora"):
         rows = [(tokens(rng.randint(20, 60)), 64) for _ in range(num_prompts or 128)]
     else:
-        raise ValueError(f"unknown workload {name!r}; choose a, b, c, prefix, chat, lora or json")
+        raise ValueError(f"unknown workload {name!r}; choose a, b, c, prefix, chat, lora, json or score")
     adapters = [f"lora{i % LORA_COUNT}" if name == "lora" else None for i in range(len(rows))]
     requests = [_request(i, prompt, out, a) for i, ((prompt, out), a) in enumerate(zip(rows, adapters))]
     if name == "json":

@@ -335,3 +335,42 @@ def test_a_tokenizer_larger_than_the_shape_is_refused(tmp_path):
     _char_tokenizer(tmp_path / "tok", 2048)
     with pytest.raises(ValueError, match="has 2048 tokens; tiny has 1024"):
         random_model("tiny", "cpu", "float32", max_model_len=64, tokenizer=str(tmp_path / "tok"))
+
+
+def test_score_workload_reads_every_prompt_once_and_each_continuation(tmp_path):
+    work = make_workload("score", 1024, 3)
+    assert all(len(r.prompt_token_ids) == 256 and len(r.continuations) == 4 for r in work.requests)
+    assert work.num_output_tokens == 0
+    assert work.num_prompt_tokens == sum(256 + sum(map(len, r.continuations)) for r in work.requests)
+    out = tmp_path / "bench.jsonl"
+    args = ["bench", "throughput", "--shape", "tiny", "--workload", "score", "--num-prompts", "3", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    (record,) = _records(out.read_text())
+    assert record["errors"] == 0 and record["out_tokens"] == 0 and record["in_tokens"] == work.num_prompt_tokens
+    assert record["prefix_hit_rate"] > 0.5  # the choices read their prompt's full blocks from the cache
+
+
+def test_the_bound_of_a_scoring_request_counts_its_prompt_once():
+    from unittest import mock
+
+    import torch
+
+    from kvbatch.bench import bound
+    from kvbatch.bench.models import random_model
+    from kvbatch.bench.workloads import Workload
+    from kvbatch.runner.request import GenerationRequest
+
+    model = random_model("tiny", "cpu", "float32", max_model_len=64).model
+    config = model.config
+    work = Workload("score", [GenerationRequest(0, list(range(10, 30)), continuations=[[5, 6], [7, 8, 9]])])
+    with mock.patch.object(bound, "device_peaks", return_value=("H200", 1e12, 1e12)):
+        got = bound.workload_bound(model, torch.float32, work, torch.device("cuda"))
+    embedding = config.vocab_size * config.hidden_size
+    body = sum(p.numel() for p in model.parameters()) - embedding * (1 if config.tie_word_embeddings else 2)
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_pair = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
+    want = 2 * body * 20 + per_pair * 20 * 21 / 2
+    for c in (2, 3):
+        want += (2 * body + 2 * embedding) * c + per_pair * (c * 20 + c * (c + 1) / 2)
+    assert got.prefill_s == pytest.approx(want / 1e12) and got.decode_s == 0
