@@ -3,6 +3,7 @@ lm-eval's `hf` model on the same folder.
 
     python scripts/bench_scoring.py [--model FOLDER] [--docs 200] [--context-tokens 256] [--choices 4]
                                     [--hf-batch-size 16] [--only kvbatch|hf] [--direct --repeats 2]
+                                    [--set FIELD=VALUE ...]   (kvbatch's engine settings, as model_args)
 
 The task is written into a temporary folder from local data (no hub): each document a context of
 --context-tokens tokens of common English words and --choices choices of 3-12 words. Times the whole
@@ -77,7 +78,9 @@ def run(model: str, model_args: str, folder: Path) -> tuple[float, dict]:
     return time.perf_counter() - started, out["results"]["bench_choice"]
 
 
-def direct(folder_model: str, docs: int, context_tokens: int, choices: int, batch: int, repeats: int) -> None:
+def direct(
+    folder_model: str, docs: int, context_tokens: int, choices: int, batch: int, repeats: int, settings: dict
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +92,7 @@ def direct(folder_model: str, docs: int, context_tokens: int, choices: int, batc
     prompts = [[rng.randrange(100, 40000) for _ in range(context_tokens)] for _ in range(docs)]
     conts = [[[rng.randrange(100, 40000) for _ in range(8)] for _ in range(choices)] for _ in range(docs)]
     hf = AutoModelForCausalLM.from_pretrained(folder_model, dtype=torch.float32, attn_implementation="sdpa").eval()
-    engine = Engine(EngineConfig(model=folder_model, device="cpu"))
+    engine = Engine(EngineConfig(model=folder_model, device="cpu", **settings))
 
     def run_hf() -> None:
         rows = torch.tensor([p + c[:-1] for p, cs in zip(prompts, conts) for c in cs])
@@ -121,13 +124,17 @@ def main() -> None:
     parser.add_argument("--only", choices=["kvbatch", "hf"], default=None)
     parser.add_argument("--direct", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="kvbatch's engine: FIELD=VALUE")
     args = parser.parse_args()
+    from kvbatch.bench.cli import engine_settings
+
+    settings = engine_settings(args.sets)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
     folder_model = args.model or str(default_model_path())
     if args.direct:
-        direct(folder_model, args.docs, args.context_tokens, args.choices, args.hf_batch_size, args.repeats)
+        direct(folder_model, args.docs, args.context_tokens, args.choices, args.hf_batch_size, args.repeats, settings)
         return
 
     from transformers import AutoTokenizer
@@ -137,7 +144,7 @@ def main() -> None:
         folder = Path(tmp)
         write_task(folder, tokenizer, args.docs, args.context_tokens, args.choices)
         runs = {
-            "kvbatch": f"model={folder_model},device=cpu",
+            "kvbatch": ",".join([f"model={folder_model}", "device=cpu", *args.sets]),
             "hf": f"pretrained={folder_model},device=cpu,dtype=float32,batch_size={args.hf_batch_size}",
         }
         seconds = {}
