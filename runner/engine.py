@@ -48,13 +48,21 @@ from .lora.adapters import Adapters
 from .model_loader import LoadedModel, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import fixed_pool_size, kv_cache_spec, profile_gpu_pool
-from .request import Completion, ContinuationScore, EngineStats, GenerationRequest, GenerationResult, TopLogprobs
+from .request import (
+    Completion,
+    ContinuationScore,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    TopLogprobs,
+)
 from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .scoring import ScoredRows, score_on_device
 from .sequence import Sequence
 from .stopping import StopChecker
-from .structured import GrammarCache, accept_token, new_matcher, step_mask
+from .structured import GrammarCache, accept_tokens, new_matcher, step_mask
 from .structured_outputs import ConstraintError
 
 logger = logging.getLogger(__name__)
@@ -638,6 +646,8 @@ class Engine:
         results = []
         eos = self.stop_checker.eos_token_ids
         num_spare = 0
+        constrained: list[Sequence] = []  # their grammars take their tokens together, after the loop
+        constrained_tokens: list[int] = []
         for i, item in enumerate(sampling_items):
             seq = item.seq
             if seq.finish_reason is not None:  # stopped on the step before: a decode planned ahead, dropped
@@ -653,19 +663,27 @@ class Engine:
                 seq.output_top_logprobs.append(TopLogprobs(top[0][i][:num_top], top[1][i][:num_top]))
             # Most rows of most steps go on: only a row that may stop pays for the full check.
             if seq.matcher is not None:  # a constrained row ends where its grammar ends, or at its limit
-                reason = accept_token(seq, token)
-            elif seq.custom_stops or token in eos or len(seq.output_token_ids) >= seq.max_new_tokens:
+                constrained.append(seq)
+                constrained_tokens.append(token)
+                continue
+            if seq.custom_stops or token in eos or len(seq.output_token_ids) >= seq.max_new_tokens:
                 reason = self.stop_checker.check(seq)
             else:
                 continue
             if reason:
-                seq.finish_reason = reason
-                result = self._retire(scheduler, seq)
-                if result:
-                    results.append(result)
+                results += self._stop(scheduler, seq, reason)
+        if constrained:
+            for seq, reason in zip(constrained, accept_tokens(self._grammars, constrained, constrained_tokens)):
+                if reason:
+                    results += self._stop(scheduler, seq, reason)
         self.stats.num_spare_tokens += num_spare
         self.stats.num_output_tokens += len(sampling_items) - num_spare
         return results
+
+    def _stop(self, scheduler: Scheduler, seq: Sequence, reason: FinishReason) -> list[GenerationResult]:
+        seq.finish_reason = reason
+        result = self._retire(scheduler, seq)
+        return [result] if result else []
 
     def _retire(self, scheduler: Scheduler, seq: Sequence) -> GenerationResult | None:
         scheduler.finish(seq)

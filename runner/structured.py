@@ -43,6 +43,8 @@ from .structured_outputs import ConstraintError, StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
+# Rows at which a step's grammar work (accepting tokens, filling masks) is split over threads.
+_PARALLEL_ROWS = 64
 # Distinct constraints kept compiled at once (a job with a schema per row compiles each, and keeps the newest).
 MAX_CACHED_GRAMMARS = 4096
 # JSON Schema keywords xgrammar parses but does not enforce: a schema using them could yield text that ends
@@ -128,6 +130,9 @@ class GrammarCache:
         self._futures: OrderedDict[StructuredOutputs, Future] = OrderedDict()
         self._compiler = None
         self._filler = None
+        self._accept_pool: ThreadPoolExecutor | None = None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._threads = min(8, cores)  # for a step's accepts and masks
         self._lock = threading.Lock()
         self.compile_seconds: dict[StructuredOutputs, float] = {}
 
@@ -148,6 +153,24 @@ class GrammarCache:
         """The compiled grammar, waiting for it; raises ConstraintError."""
         return self.submit(constraint).result()
 
+    def accept(self, matchers: list, tokens: list[int]) -> list[bool]:
+        """matchers[i].accept_token(tokens[i]) for every i, split over the threads of `filler` when there are
+        many: xgrammar's accept releases the GIL, and at 512 rows (15-30 us each) one thread alone paced a GPU
+        run, as the mask filling did."""
+        import xgrammar as xgr
+
+        accept = xgr.BatchGrammarMatcher.batch_accept_token
+        if len(matchers) < _PARALLEL_ROWS or self._threads == 1:
+            return accept(matchers, tokens)
+        if self._accept_pool is None:
+            self._accept_pool = ThreadPoolExecutor(self._threads, thread_name_prefix="kvbatch-accept")
+        chunk = -(-len(matchers) // self._threads)
+        parts = [
+            self._accept_pool.submit(accept, matchers[i : i + chunk], tokens[i : i + chunk])
+            for i in range(0, len(matchers), chunk)
+        ]
+        return [ok for part in parts for ok in part.result()]
+
     def filler(self):
         """The matchers' batch mask filler (xgrammar's BatchGrammarMatcher), kept for the engine's life. Its
         threads split a step's rows: at 512 constrained rows one thread alone paced a GPU run (the host filled
@@ -156,11 +179,13 @@ class GrammarCache:
         if self._filler is None:
             import xgrammar as xgr
 
-            self._filler = xgr.BatchGrammarMatcher(max_threads=min(8, max(1, (os.cpu_count() or 1))))
+            self._filler = xgr.BatchGrammarMatcher(max_threads=self._threads)
         return self._filler
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._accept_pool is not None:
+            self._accept_pool.shutdown(wait=False)
 
     def _compiler_for(self):
         import xgrammar as xgr
@@ -243,14 +268,18 @@ def step_mask(items: list, vocab_size: int, device: torch.device, grammars: Gram
     return StepMask(items, vocab_size, device, grammars.filler())
 
 
-def accept_token(seq: Sequence, token: int) -> FinishReason | None:
-    """Advance the sequence's matcher by its newly appended token. `stop` once the grammar accepted an
-    end-of-sequence token; `length` at the token limit; else None. A constrained row ends only there: stop
+def accept_tokens(grammars: GrammarCache, seqs: list[Sequence], tokens: list[int]) -> list[FinishReason | None]:
+    """Advance each sequence's matcher by its newly appended token. Per sequence: `stop` once the grammar accepted
+    an end-of-sequence token; `length` at the token limit; else None. A constrained row ends only there: stop
     strings, stop token ids and ignore_eos would end it, or run it on, mid-structure."""
-    accepted = seq.matcher.accept_token(token)
-    assert accepted, f"seq {seq.seq_id}: token {token} was sampled under the grammar's mask but the grammar rejects it"
-    if seq.matcher.is_terminated():
-        return "stop"
-    if len(seq.output_token_ids) >= seq.max_new_tokens:
-        return "length"
-    return None
+    accepted = grammars.accept([seq.matcher for seq in seqs], tokens)
+    reasons: list[FinishReason | None] = []
+    for seq, token, ok in zip(seqs, tokens, accepted):
+        assert ok, f"seq {seq.seq_id}: token {token} was sampled under the grammar's mask but the grammar rejects it"
+        if seq.matcher.is_terminated():
+            reasons.append("stop")
+        elif len(seq.output_token_ids) >= seq.max_new_tokens:
+            reasons.append("length")
+        else:
+            reasons.append(None)
+    return reasons

@@ -21,7 +21,7 @@ from kvbatch.runner.default_model import default_model_path
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel
 from kvbatch.runner.request import GenerationRequest
-from kvbatch.runner.structured import unsupported_keyword
+from kvbatch.runner.structured import GrammarCache, new_matcher, unsupported_keyword
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
 VOCAB = 49152
@@ -270,3 +270,30 @@ def test_bad_constraints_fail_their_own_request(loaded, tokenizer) -> None:
     assert 'Unsupported type "strin"' in results["bad_type"].error
     assert "unsupported JSON Schema keyword 'uniqueItems'" in results["unsupported"].error
     assert 'Rule "missing" is not defined' in results["bad_rule"].error
+
+
+def test_many_rows_are_accepted_on_threads_as_one_by_one(tokenizer) -> None:
+    """A step's tokens go to the matchers in chunks on several threads when there are many rows: each matcher ends
+    where accepting its tokens one by one leaves it (same acceptance, same next mask)."""
+    cache = GrammarCache(tokenizer, VOCAB, (EOS,))
+    cache._threads = 4  # chunks on four threads even where the machine has fewer cores
+    compiled = cache.submit(CONSTRAINTS[0]).result()
+    rows = 100
+    texts = ['{"name": "Ann', '{"name": "Bo", "age": 4', '{"name": "C", "age": 31, "role": "us']
+    steps = [tokenizer.encode(texts[i % 3], add_special_tokens=False) for i in range(rows)]
+    threaded = [new_matcher(compiled) for _ in range(rows)]
+    serial = [new_matcher(compiled) for _ in range(rows)]
+    for position in range(max(map(len, steps))):
+        live = [i for i in range(rows) if position < len(steps[i])]
+        tokens = [steps[i][position] for i in live]
+        assert cache.accept([threaded[i] for i in live], tokens) == [True] * len(live)
+        assert all(serial[i].accept_token(t) for i, t in zip(live, tokens))
+    want = torch.zeros(xgr.get_bitmask_shape(rows, VOCAB), dtype=torch.int32)
+    got = torch.zeros_like(want)
+    for i in range(rows):
+        serial[i].fill_next_token_bitmask(want, i)
+        threaded[i].fill_next_token_bitmask(got, i)
+    assert torch.equal(got, want)
+    bad = tokenizer.encode("}", add_special_tokens=False)[0]
+    assert cache.accept([new_matcher(compiled) for _ in range(rows)], [bad] * rows) == [False] * rows
+    cache.close()
