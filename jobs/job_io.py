@@ -13,6 +13,7 @@ from typing import Any
 from kvbatch.errors import SpecError
 from kvbatch.jobs.first_rows import check_first_rows
 from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
+from kvbatch.jobs.parsed import ParsedColumn
 from kvbatch.jobs.pipeline import input_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
@@ -41,6 +42,7 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
     if reasoning and "reasoning" in (job.id_column, *job.keep_columns):
         raise SpecError("the output's `reasoning` column is taken by an input column; rename it", field="keep_columns")
     return Layout(
+        parsed=_parsed_column(job, fmt),
         id_column="custom_id" if openai else job.id_column,
         keep_columns=job.keep_columns,
         multi=multi,
@@ -52,6 +54,27 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         reasoning=reasoning,
         input_types=input_types,
     )
+
+
+def _parsed_column(job: JobSpec, fmt: str) -> ParsedColumn | None:
+    """output.parsed's column, typed from the job's JSON constraint; refused without one."""
+    if not job.output.parsed:
+        return None
+    constraint = job.sampling.structured_outputs
+    job_schema = constraint is not None and (constraint.json is not None or constraint.json_object)
+    per_row = job.constraint_column is not None or input_format(job) == "openai"  # rows bring their own schemas
+    if not job_schema and not per_row:
+        raise SpecError(
+            "output.parsed needs JSON output: sampling.structured_outputs with json or json_object, or "
+            "sampling.constraint_column",
+            field="output.parsed",
+        )
+    if fmt == "openai":
+        raise SpecError("output.parsed has no place in OpenAI Batch output lines", field="output.parsed")
+    if "parsed" in (job.id_column, *job.keep_columns):
+        raise SpecError("the output's `parsed` column is taken by an input column; rename it", field="keep_columns")
+    # One type for every row: rows that may each have a schema of their own get JSON text.
+    return ParsedColumn.for_schema(None if per_row or constraint.json is None else constraint.json)
 
 
 @dataclass

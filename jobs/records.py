@@ -74,6 +74,7 @@ class Layout:
     prompt_logprobs: bool = False
     scores: bool = False  # task score
     reasoning: bool = False  # a reasoning model's thinking, apart from `text`
+    parsed: Any = None  # output.parsed: the column's ParsedColumn (jobs/parsed.py); None: no such column
     input_types: dict[str, pa.DataType] = field(default_factory=dict)  # known types of id/kept columns
 
     def fixed_fields(self) -> list[pa.Field]:
@@ -103,6 +104,8 @@ class Layout:
             fields.append(pa.field("scores", pa.list_(SCORE)))
         if self.reasoning:
             fields.append(pa.field("reasoning", pa.list_(pa.string()) if self.multi else pa.string()))
+        if self.parsed is not None:
+            fields.append(pa.field("parsed", pa.list_(self.parsed.type) if self.multi else self.parsed.type))
         return fields
 
     def data_columns(self) -> list[str]:
@@ -135,10 +138,18 @@ class Layout:
             "prompt_logprobs": [r.prompt_logprobs for r in results],
             "scores": [r.scores for r in results],
             "reasoning": [(r.reasonings if self.multi else r.reasonings[0]) if r.reasonings else None for r in results],
+            "parsed": [_parsed_values(self, r) for r in results] if self.parsed is not None else [],
         }
         for f in self.fixed_fields():
             columns[f.name] = pa.array(values[f.name], f.type)
         return pa.table(columns)
+
+
+def _parsed_values(layout: Layout, result: RowResult) -> Any:
+    values = [layout.parsed.value(t, f) for t, f in zip(result.texts, result.finish_reasons)]
+    if layout.multi:
+        return values or None
+    return values[0] if values else None
 
 
 def _stop_reasons(reasons: list[str | int | None], multi: bool) -> list[str | None] | str | None:

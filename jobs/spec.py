@@ -80,6 +80,11 @@ class OutputSpec:
     mode: Literal["resume", "overwrite", "error"] = setting("resume", "what to do when the output already exists")
     part_rows: int = setting(1024, "rows per committed part", min=1)
     part_seconds: float = setting(60.0, "commit a part at least this often, seconds", gt=0)
+    parsed: bool = setting(
+        False,
+        "a `parsed` column: each row's JSON output as Arrow data typed from sampling.structured_outputs' json "
+        "schema (docs/structured-output.md)",
+    )
 
 
 def _engine_section() -> type:
@@ -522,6 +527,8 @@ def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     if job.constraint_column is not None:  # only when set, so earlier outputs keep their hash
         data["constraint_column"] = job.constraint_column
     data["output_format"] = output_format(job)
+    if job.output.parsed:  # the output has one more column: a rerun without it must not resume into it
+        data["output_parsed"] = True
     engine = {k: _result_value(k, getattr(job.engine, k)) for k in _RESULT_ENGINE_FIELDS}
     engine = {k: v for k, v in engine.items() if v is not None}
     if engine:  # left out when these are defaults, so such outputs keep the hash earlier versions gave them

@@ -166,6 +166,37 @@ def test_a_job_of_schemas_choices_and_regexes_gives_valid_rows(engine: Engine, t
 
 
 @pytest.mark.slow
+def test_parsed_column_holds_each_stopped_rows_json_as_arrow_data(engine: Engine, tmp_path: Path) -> None:
+    """output.parsed with a nested schema: the .arrow output opens in `datasets` with a struct column, and each row
+    that stopped holds its text's JSON there."""
+    import datasets
+
+    rows = [{"prompt": QUESTIONS["contact"].format(i=i)} for i in range(8)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = job_from_dict(
+        {
+            "name": "contacts",
+            "input": {"path": "in.jsonl"},
+            "sampling": {"max_new_tokens": 60, "structured_outputs": {"json": SCHEMAS["contact"]}},
+            "output": {"path": "out.arrow", "parsed": True},
+        },
+        base_dir=str(tmp_path),
+    )
+    [outcome] = run_jobs([job], engine_factory=lambda model, settings: engine)
+    assert outcome.error is None
+    table = datasets.Dataset.from_file(str(tmp_path / "out" / "out.arrow"))
+    assert table.features["parsed"] == {
+        "name": datasets.Value("string"),
+        "address": {"city": datasets.Value("string"), "zip": datasets.Value("string")},
+    }
+    stopped = [row for row in table if row["finish_reason"] == "stop"]
+    assert len(stopped) >= 6
+    for row in stopped:
+        assert row["parsed"] == json.loads(row["text"])  # every property is required: nothing is filled with null
+    assert all(row["parsed"] is None for row in table if row["finish_reason"] != "stop")
+
+
+@pytest.mark.slow
 def test_greedy_constrained_equals_generate_with_xgrammar_processor(engine: Engine) -> None:
     tokenizer = engine.tokenizer
     cases = [(QUESTIONS[name].format(i=7), StructuredOutputs.from_schema(SCHEMAS[name]), 40) for name in SCHEMAS] + [

@@ -1,0 +1,126 @@
+"""The `parsed` column (jobs/parsed.py): its Arrow type from a JSON schema, each row's value from its text, and the
+job settings that allow it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from kvbatch.errors import SpecError
+from kvbatch.jobs.job_io import layout_for
+from kvbatch.jobs.parsed import ParsedColumn
+from kvbatch.jobs.records import Layout, RowResult
+from kvbatch.jobs.spec import job_from_dict, spec_hash
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": ["integer", "null"]},
+        "score": {"type": "number"},
+        "member": {"type": "boolean"},
+        "role": {"enum": ["admin", "user"]},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"const": 12345}}},
+        "extra": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+    },
+    "required": ["name"],
+}
+PERSON_TYPE = pa.struct(
+    [
+        pa.field("name", pa.string()),
+        pa.field("age", pa.int64()),
+        pa.field("score", pa.float64()),
+        pa.field("member", pa.bool_()),
+        pa.field("role", pa.string()),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("address", pa.struct([pa.field("city", pa.string()), pa.field("zip", pa.int64())])),
+        pa.field("extra", pa.string()),  # anyOf has no one Arrow type: JSON text
+    ]
+)
+
+
+def test_an_object_schema_becomes_a_struct_of_its_properties() -> None:
+    column = ParsedColumn.for_schema(json.dumps(PERSON))
+    assert column.type == PERSON_TYPE
+    text = json.dumps({"name": "Ann", "age": 31, "score": 2, "tags": ["a"], "address": {"city": "X"}, "extra": [1]})
+    assert column.value(text, "stop") == {
+        "name": "Ann",
+        "age": 31,
+        "score": 2.0,
+        "member": None,
+        "role": None,
+        "tags": ["a"],
+        "address": {"city": "X", "zip": None},
+        "extra": "[1]",
+    }
+    assert pa.array([column.value(text, "stop")], column.type).type == PERSON_TYPE
+
+
+@pytest.mark.parametrize(
+    ("schema", "arrow_type"),
+    [
+        ({"type": "array", "items": {"type": "integer"}}, pa.list_(pa.int64())),
+        ({"type": "string"}, pa.string()),
+        ({"enum": [1.5, 2.5]}, pa.float64()),
+        ({"enum": ["a", 1]}, pa.string()),  # mixed: JSON text
+        ({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": True}, pa.string()),
+        ({"type": "object"}, pa.string()),  # no properties: JSON text (Parquet holds no empty struct)
+        ({"$ref": "#/$defs/x", "$defs": {"x": {"type": "string"}}}, pa.string()),
+    ],
+)
+def test_schemas_without_one_arrow_shape_fall_back_to_json_text(schema, arrow_type) -> None:
+    assert ParsedColumn.for_schema(json.dumps(schema)).type == arrow_type
+
+
+def test_rows_that_did_not_stop_or_do_not_fit_get_null() -> None:
+    column = ParsedColumn.for_schema(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}}))
+    assert column.value('{"n": 3}', "stop") == {"n": 3}
+    assert column.value('{"n": 3', "length") is None  # cut mid-structure
+    assert column.value(None, "error") is None
+    assert column.value('{"n": 123456789012345678901234567890}', "stop") is None  # past int64
+    assert column.value('{"n": "three"}', "stop") is None  # not what the schema says (a row's own schema)
+    assert ParsedColumn.for_schema(None).value('{"b": [1, {}]}', "stop") == '{"b":[1,{}]}'
+
+
+def test_each_sample_is_parsed_in_a_multi_sample_output() -> None:
+    column = ParsedColumn.for_schema(json.dumps({"type": "array", "items": {"type": "boolean"}}))
+    layout = Layout(multi=True, parsed=column)
+    rows = [
+        RowResult(0, texts=["[true]", "[false, tru"], finish_reasons=["stop", "length"]),
+        RowResult(1),  # an error row
+    ]
+    table = layout.to_table(rows)
+    assert table.schema.field("parsed").type == pa.list_(pa.list_(pa.bool_()))
+    assert table.column("parsed").to_pylist() == [[[True], None], None]
+
+
+def _job(tmp_path: Path, **fields) -> object:
+    (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
+    return job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "output": {"path": "j.arrow", "parsed": True}, **fields},
+        base_dir=str(tmp_path),
+    )
+
+
+def test_parsed_needs_json_output_and_changes_the_spec_hash(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="output.parsed needs JSON output"):
+        layout_for(_job(tmp_path), {})
+    with pytest.raises(SpecError, match="output.parsed needs JSON output"):
+        layout_for(_job(tmp_path, sampling={"structured_outputs": {"regex": "[ab]+"}}), {})
+    with pytest.raises(SpecError, match="`parsed` column is taken"):
+        layout_for(_job(tmp_path, sampling={"structured_outputs": {"json_object": True}}, keep_columns=["parsed"]), {})
+    typed = layout_for(_job(tmp_path, sampling={"structured_outputs": {"json": PERSON}}), {})
+    assert typed.parsed.type == PERSON_TYPE
+    per_row = layout_for(_job(tmp_path, sampling={"structured_outputs": {"json": PERSON}}, constraint_column="c"), {})
+    assert per_row.parsed.type == pa.string()  # rows may bring other schemas: JSON text
+    sampling = {"structured_outputs": {"json": PERSON}}
+    with_column = _job(tmp_path, sampling=sampling)
+    without = job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "output": {"path": "j.arrow"}, "sampling": sampling},
+        base_dir=str(tmp_path),
+    )
+    assert spec_hash(with_column) != spec_hash(without)  # an output of one does not resume into the other
