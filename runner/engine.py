@@ -556,9 +556,9 @@ class Engine:
             deferred = in_flight is not None and any(item.seq.matcher is not None for item in sampling_items)
             rows = _sampling_rows(sampling_items)  # now: their positions count the tokens pending before this step
             sampled = None if deferred else self._sample(sampling_items, rows, logits)
-            with self.timer.phase("sample"):
-                scored = None
-                if score_logits is not None:
+            scored = None
+            if score_logits is not None:
+                with self.timer.phase("score"):
                     scored = score_on_device(score_logits, inputs.score_targets).start_download()
         except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
             results = self._drain(scheduler, in_flight)[0] if in_flight else []
