@@ -553,7 +553,11 @@ class Engine:
                 logits, score_logits = inputs.split_logits(self.runner.forward(inputs))
             # A constrained row's mask needs the grammar past the token in flight: with one in flight, the
             # sampling waits (below) until the host has taken that step in, while the device runs this forward.
-            deferred = in_flight is not None and any(item.seq.matcher is not None for item in sampling_items)
+            deferred = (
+                in_flight is not None
+                and self._grammars is not None
+                and any(item.seq.matcher is not None for item in sampling_items)
+            )
             rows = _sampling_rows(sampling_items)  # now: their positions count the tokens pending before this step
             sampled = None if deferred else self._sample(sampling_items, rows, logits)
             scored = None

@@ -43,7 +43,7 @@ from .structured_outputs import ConstraintError, StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
-# Rows at which a step's grammar work (accepting tokens, filling masks) is split over threads.
+# Rows from which a step's accepts are split over threads (the mask filler splits its own rows).
 _PARALLEL_ROWS = 64
 # Distinct constraints kept compiled at once (a job with a schema per row compiles each, and keeps the newest).
 MAX_CACHED_GRAMMARS = 4096
@@ -115,6 +115,48 @@ def _library_message(exc: Exception) -> str:
     return _CPP_PREFIX.sub("", first)
 
 
+class GrammarThreads:
+    """A step's grammar work on up to 8 threads: accepting the tokens just sampled, and filling the next mask.
+
+    At 512 constrained rows one thread paced a GPU run: 15-30 us an accept, about 12 us a mask row, against a 5 ms
+    llama-1b decode step. xgrammar's batch calls release the GIL. The mask is filled while the device runs the
+    step's forward (on the CPU, between the forward and the choice, when torch's own threads are idle)."""
+
+    def __init__(self) -> None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.num_threads = min(8, cores)
+        self._pool: ThreadPoolExecutor | None = None  # the accepts' threads, made when a step first needs them
+        self._filler = None  # xgrammar's BatchGrammarMatcher: the mask's threads
+
+    def accept(self, matchers: list, tokens: list[int]) -> list[bool]:
+        """matchers[i].accept_token(tokens[i]) for every i, in chunks on the threads from _PARALLEL_ROWS rows."""
+        import xgrammar as xgr
+
+        accept = xgr.BatchGrammarMatcher.batch_accept_token
+        if len(matchers) < _PARALLEL_ROWS or self.num_threads == 1:
+            return accept(matchers, tokens)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="kvbatch-accept")
+        chunk = -(-len(matchers) // self.num_threads)
+        parts = [
+            self._pool.submit(accept, matchers[i : i + chunk], tokens[i : i + chunk])
+            for i in range(0, len(matchers), chunk)
+        ]
+        return [ok for part in parts for ok in part.result()]
+
+    def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Row rows[i] of bitmask: the tokens matchers[i] allows next."""
+        if self._filler is None:
+            import xgrammar as xgr
+
+            self._filler = xgr.BatchGrammarMatcher(max_threads=self.num_threads)
+        self._filler.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
 class GrammarCache:
     """Compiles constraints for one tokenizer and vocabulary: each distinct one once, on a small thread pool.
 
@@ -129,10 +171,7 @@ class GrammarCache:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvbatch-grammar")
         self._futures: OrderedDict[StructuredOutputs, Future] = OrderedDict()
         self._compiler = None
-        self._filler = None
-        self._accept_pool: ThreadPoolExecutor | None = None
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self._threads = min(8, cores)  # for a step's accepts and masks
+        self.threads = GrammarThreads()  # the step work of the matchers made from these grammars
         self._lock = threading.Lock()
         self.compile_seconds: dict[StructuredOutputs, float] = {}
 
@@ -153,39 +192,9 @@ class GrammarCache:
         """The compiled grammar, waiting for it; raises ConstraintError."""
         return self.submit(constraint).result()
 
-    def accept(self, matchers: list, tokens: list[int]) -> list[bool]:
-        """matchers[i].accept_token(tokens[i]) for every i, split over the threads of `filler` when there are
-        many: xgrammar's accept releases the GIL, and at 512 rows (15-30 us each) one thread alone paced a GPU
-        run, as the mask filling did."""
-        import xgrammar as xgr
-
-        accept = xgr.BatchGrammarMatcher.batch_accept_token
-        if len(matchers) < _PARALLEL_ROWS or self._threads == 1:
-            return accept(matchers, tokens)
-        if self._accept_pool is None:
-            self._accept_pool = ThreadPoolExecutor(self._threads, thread_name_prefix="kvbatch-accept")
-        chunk = -(-len(matchers) // self._threads)
-        parts = [
-            self._accept_pool.submit(accept, matchers[i : i + chunk], tokens[i : i + chunk])
-            for i in range(0, len(matchers), chunk)
-        ]
-        return [ok for part in parts for ok in part.result()]
-
-    def filler(self):
-        """The matchers' batch mask filler (xgrammar's BatchGrammarMatcher), kept for the engine's life. Its
-        threads split a step's rows: at 512 constrained rows one thread alone paced a GPU run (the host filled
-        masks while the device sat idle). The filling runs while the device computes the step's forward, or, on
-        the CPU, between the forward and the choice, when torch's own threads are idle."""
-        if self._filler is None:
-            import xgrammar as xgr
-
-            self._filler = xgr.BatchGrammarMatcher(max_threads=self._threads)
-        return self._filler
-
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._accept_pool is not None:
-            self._accept_pool.shutdown(wait=False)
+        self.threads.close()
 
     def _compiler_for(self):
         import xgrammar as xgr
@@ -242,7 +251,7 @@ class StepMask:
 
     bitmask: [num_rows, ceil(vocab / 32)] int32, bit set = allowed; only the constrained rows are applied."""
 
-    def __init__(self, items: list, vocab_size: int, device: torch.device, filler) -> None:
+    def __init__(self, items: list, vocab_size: int, device: torch.device, threads: GrammarThreads) -> None:
         import xgrammar as xgr
 
         self.rows = [i for i, item in enumerate(items) if _constrained(item)]
@@ -250,7 +259,7 @@ class StepMask:
         # Only the constrained rows are filled and applied, so the others need no initialising.
         shape = xgr.get_bitmask_shape(len(items), vocab_size)
         bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
-        filler.batch_fill_next_token_bitmask([items[i].seq.matcher for i in self.rows], bitmask, self.rows)
+        threads.fill([items[i].seq.matcher for i in self.rows], bitmask, self.rows)
         # Queued behind the step's kernels from pinned memory: the host does not wait for the device here.
         self.bitmask = bitmask.to(device, non_blocking=True) if device.type == "cuda" else bitmask
 
@@ -265,14 +274,14 @@ def step_mask(items: list, vocab_size: int, device: torch.device, grammars: Gram
     """The mask of a step, or None when none of its sampling rows is constrained (nothing else to do then)."""
     if not any(_constrained(item) for item in items):
         return None
-    return StepMask(items, vocab_size, device, grammars.filler())
+    return StepMask(items, vocab_size, device, grammars.threads)
 
 
 def accept_tokens(grammars: GrammarCache, seqs: list[Sequence], tokens: list[int]) -> list[FinishReason | None]:
     """Advance each sequence's matcher by its newly appended token. Per sequence: `stop` once the grammar accepted
     an end-of-sequence token; `length` at the token limit; else None. A constrained row ends only there: stop
     strings, stop token ids and ignore_eos would end it, or run it on, mid-structure."""
-    accepted = grammars.accept([seq.matcher for seq in seqs], tokens)
+    accepted = grammars.threads.accept([seq.matcher for seq in seqs], tokens)
     reasons: list[FinishReason | None] = []
     for seq, token, ok in zip(seqs, tokens, accepted):
         assert ok, f"seq {seq.seq_id}: token {token} was sampled under the grammar's mask but the grammar rejects it"

@@ -276,7 +276,7 @@ def test_many_rows_are_accepted_on_threads_as_one_by_one(tokenizer) -> None:
     """A step's tokens go to the matchers in chunks on several threads when there are many rows: each matcher ends
     where accepting its tokens one by one leaves it (same acceptance, same next mask)."""
     cache = GrammarCache(tokenizer, VOCAB, (EOS,))
-    cache._threads = 4  # chunks on four threads even where the machine has fewer cores
+    cache.threads.num_threads = 4  # chunks on four threads even where the machine has fewer cores
     compiled = cache.submit(CONSTRAINTS[0]).result()
     rows = 100
     texts = ['{"name": "Ann', '{"name": "Bo", "age": 4', '{"name": "C", "age": 31, "role": "us']
@@ -286,7 +286,7 @@ def test_many_rows_are_accepted_on_threads_as_one_by_one(tokenizer) -> None:
     for position in range(max(map(len, steps))):
         live = [i for i in range(rows) if position < len(steps[i])]
         tokens = [steps[i][position] for i in live]
-        assert cache.accept([threaded[i] for i in live], tokens) == [True] * len(live)
+        assert cache.threads.accept([threaded[i] for i in live], tokens) == [True] * len(live)
         assert all(serial[i].accept_token(t) for i, t in zip(live, tokens))
     want = torch.zeros(xgr.get_bitmask_shape(rows, VOCAB), dtype=torch.int32)
     got = torch.zeros_like(want)
@@ -295,5 +295,5 @@ def test_many_rows_are_accepted_on_threads_as_one_by_one(tokenizer) -> None:
         threaded[i].fill_next_token_bitmask(got, i)
     assert torch.equal(got, want)
     bad = tokenizer.encode("}", add_special_tokens=False)[0]
-    assert cache.accept([new_matcher(compiled) for _ in range(rows)], [bad] * rows) == [False] * rows
+    assert cache.threads.accept([new_matcher(compiled) for _ in range(rows)], [bad] * rows) == [False] * rows
     cache.close()
