@@ -66,7 +66,7 @@ def _parsed_column(job: JobSpec, fmt: str) -> ParsedColumn | None:
     if not job_schema and not per_row:
         raise SpecError(
             "output.parsed needs JSON output: sampling.structured_outputs with json or json_object, or "
-            "sampling.constraint_column",
+            "constraint_column",
             field="output.parsed",
         )
     if fmt == "openai":

@@ -67,11 +67,13 @@ _SCALARS: dict[str, tuple[pa.DataType, Convert]] = {
     "number": (pa.float64(), _number),
     "boolean": (pa.bool_(), _boolean),
 }
-_TEXT = (pa.string(), _as_text)
 
 
 def _nullable(convert: Convert) -> Convert:
     return lambda value: None if value is None else convert(value)
+
+
+_TEXT = (pa.string(), _nullable(_as_text))  # a missing property is null, not the text "null"
 
 
 def _json_type(schema: dict) -> str | None:

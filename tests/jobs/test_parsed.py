@@ -58,6 +58,7 @@ def test_an_object_schema_becomes_a_struct_of_its_properties() -> None:
         "extra": "[1]",
     }
     assert pa.array([column.value(text, "stop")], column.type).type == PERSON_TYPE
+    assert column.value('{"name": "Bo"}', "stop")["extra"] is None  # missing: null, not the JSON text "null"
 
 
 @pytest.mark.parametrize(
