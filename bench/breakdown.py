@@ -93,7 +93,7 @@ def breakdown(events: list[dict], prefix: str = "kvbatch.") -> Breakdown:
         ms[phase][cat] += e["dur"] / 1e3
         if cat == "other":
             others[e["name"][:80]] += e["dur"] / 1e3
-    span, busy = _span_and_busy([(e["ts"], e["ts"] + e["dur"]) for e in device])
+    span, busy, _ = device_time([(e["ts"], e["ts"] + e["dur"]) for e in device])
     return Breakdown(
         span_ms=span / 1e3,
         busy_ms=busy / 1e3,
@@ -107,14 +107,22 @@ def _is_phase(event: dict, prefix: str) -> bool:
     return event.get("cat") == "user_annotation" and event.get("name", "").startswith(prefix) and "dur" in event
 
 
-def _span_and_busy(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+def device_time(
+    intervals: list[tuple[float, float]], min_gap_us: float = 200.0
+) -> tuple[float, float, list[tuple[float, float]]]:
+    """(span, busy, gaps) of (start, stop) intervals in microseconds (the trace's unit): the first start to the
+    last stop, the length of their union, and the holes longer than min_gap_us as (length, offset from the first
+    start), longest first."""
     if not intervals:
-        return 0.0, 0.0
-    intervals.sort()
-    busy, end = 0.0, None
+        return 0.0, 0.0, []
+    intervals = sorted(intervals)
+    first = intervals[0][0]
+    busy, end, gaps = 0.0, None, []
     for start, stop in intervals:
         if end is None or start > end:
+            if end is not None and start - end > min_gap_us:
+                gaps.append((start - end, end - first))
             busy, end = busy + stop - start, stop
         elif stop > end:
             busy, end = busy + stop - end, stop
-    return end - intervals[0][0], busy
+    return end - first, busy, sorted(gaps, reverse=True)

@@ -21,26 +21,11 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
+from kvbatch.bench.breakdown import DEVICE_CATS, device_time
 from kvbatch.bench.cli import _warm_up, run_engine
 from kvbatch.bench.models import random_model
 from kvbatch.bench.workloads import make_workload
 from kvbatch.runner.engine import Engine, EngineConfig
-
-
-def gpu_gaps(events: list[dict], min_gap_us: float = 200.0) -> tuple[float, float, list[tuple[float, float]]]:
-    """(span, busy, gaps) of the trace's kernels, copies and memsets, in microseconds; gaps as (length, start)."""
-    spans = sorted(
-        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-    )
-    busy, end, gaps = 0.0, None, []
-    for start, stop in spans:
-        if end is None or start > end:
-            if end is not None and start - end > min_gap_us:
-                gaps.append((start - end, end - spans[0][0]))
-            busy, end = busy + stop - start, stop
-        elif stop > end:
-            busy, end = busy + stop - end, stop
-    return spans[-1][1] - spans[0][0], busy, sorted(gaps, reverse=True)
 
 
 def main() -> None:
@@ -72,7 +57,9 @@ def main() -> None:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
-            span, busy, gaps = gpu_gaps(json.load(f)["traceEvents"])
+            events = json.load(f)["traceEvents"]
+            device = [e for e in events if e.get("cat") in DEVICE_CATS and e.get("dur", 0) > 0]
+            span, busy, gaps = device_time([(e["ts"], e["ts"] + e["dur"]) for e in device])
         if args.out:
             with open(path, "rb") as f, gzip.open(args.out, "wb") as g:
                 shutil.copyfileobj(f, g)

@@ -249,7 +249,7 @@ def _phase(name: str, ts: float, dur: float) -> dict:
 
 
 def test_breakdown_attributes_each_kernel_to_the_phase_that_launched_it():
-    from kvbatch.bench.breakdown import breakdown
+    from kvbatch.bench.breakdown import breakdown, device_time
 
     events = [
         _phase("forward_eager", 0, 10),
@@ -271,6 +271,8 @@ def test_breakdown_attributes_each_kernel_to_the_phase_that_launched_it():
     table = breakdown(events)
     assert table.span_ms == pytest.approx(0.78) and table.busy_ms == pytest.approx(0.71)
     assert table.idle_ms == pytest.approx(0.07)  # 600-650 and 830-850
+    device = [(e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] in ("kernel", "gpu_memcpy")]
+    assert device_time(device, min_gap_us=10) == (780, 710, [(50, 500), (20, 730)])  # (length, offset), longest first
     assert table.phase_calls == {"forward_eager": 1, "sample": 1, "forward_decode_graph": 1}
     assert table.ms["forward_eager"]["gemm"] == pytest.approx(0.3)
     assert table.ms["forward_eager"]["attention"] == pytest.approx(0.2)
