@@ -350,23 +350,43 @@ class Engine:
         return None
 
     def _add_scoring(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
-        """One score-only sequence per continuation: prompt + continuation, scored from the prompt's last token
-        (from its first with prompt_logprobs, for the first continuation only: the rest share its blocks)."""
+        """One score-only sequence per continuation: prompt + continuation less its last token (never input).
+
+        The prompt's last row predicts every continuation's first token, so the first continuation scores it
+        against all of them (and, with prompt_logprobs, scores the prompt's own rows); the others score only
+        their later tokens, so their cached prefix may take the whole prompt, and a one-token continuation needs
+        no sequence at all:
+
+            prompt p0 .. p9 | continuations [a0 a1 a2], [b0 b1], [c0]
+            first   p0 .. p9 a0 a1      row 9 scored against a0, b0, c0; rows 10, 11 against a1, a2
+            second  p0 .. p9 b0         p0 .. p9 from the prefix cache (whole blocks); row 10 against b1
+        """
         state = _RequestState(request)
         prompt = request.prompt_token_ids
+        last = len(prompt) - 1
+        continuations = request.continuations or []
+        firsts = [c[0] for c in continuations]
         adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
-        for i, continuation in enumerate(request.continuations or []):
-            tokens = prompt + continuation
-            score_from = 0 if i == 0 and request.sampling.prompt_logprobs else len(prompt) - 1
+        for i, continuation in enumerate(continuations):
+            rows = list(range(last + 1, last + len(continuation)))
+            targets = continuation[1:]
+            if i == 0:
+                rows = [last] * len(firsts) + rows
+                targets = firsts + targets
+                if request.sampling.prompt_logprobs:
+                    rows = list(range(last)) + rows
+                    targets = prompt[1:] + targets
+            elif not rows:
+                continue
             seq = Sequence(
                 self._next_seq_id,
-                replace(request, prompt_token_ids=tokens[:-1], continuations=None),
+                replace(request, prompt_token_ids=prompt + continuation[:-1], continuations=None),
                 i,
                 0,
                 seed=0,
                 group=state,
-                score_from=score_from,
-                score_targets=tokens[score_from + 1 :],
+                score_rows=rows,
+                score_targets=targets,
                 score_only=True,
                 adapter_key=adapter_key,
                 queue_tokens=len(prompt),
@@ -393,7 +413,9 @@ class Engine:
         adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
         for i in range(params.n):
             # The prompt's logprobs are computed once, by the first sample.
-            scored = {"score_from": 0, "score_targets": prompt[1:]} if scores_prompt and i == 0 else {}
+            scored = {}
+            if scores_prompt and i == 0:
+                scored = {"score_rows": list(range(len(prompt) - 1)), "score_targets": prompt[1:]}
             seed = request_seed * 1_000_003 + i
             seq = Sequence(
                 self._next_seq_id, request, i, max_new, seed=seed, group=state, adapter_key=adapter_key, **scored
@@ -724,13 +746,23 @@ class Engine:
     def _scoring_result(self, state: _RequestState) -> GenerationResult:
         request = state.request
         num_prompt = len(request.prompt_token_ids)
-        scores = []
-        for seq in state.seqs:
-            skip = num_prompt - 1 - seq.score_from  # rows scoring the prompt itself (prompt_logprobs)
-            logprobs = seq.score_logprobs[skip:]
-            scores.append(ContinuationScore(sum(logprobs), len(logprobs), all(seq.score_greedy[skip:]), logprobs))
-        self.stats.num_prompt_tokens += num_prompt + sum(len(c) for c in request.continuations or [])
+        continuations = request.continuations or []
         first = state.seqs[0]
+        # The first sequence's entries: the prompt's own rows (prompt_logprobs), each continuation's first
+        # token, then its own later tokens; the others' hold their later tokens (_add_scoring).
+        heads = num_prompt - 1 if request.sampling.prompt_logprobs else 0
+        tails = {seq.sample_index: (seq.score_logprobs, seq.score_greedy) for seq in state.seqs[1:]}
+        tails[0] = (
+            first.score_logprobs[heads + len(continuations) :],
+            first.score_greedy[heads + len(continuations) :],
+        )
+        scores = []
+        for i in range(len(continuations)):
+            tail_logprobs, tail_greedy = tails.get(i, ([], []))
+            logprobs = [first.score_logprobs[heads + i], *tail_logprobs]
+            greedy = first.score_greedy[heads + i] and all(tail_greedy)
+            scores.append(ContinuationScore(sum(logprobs), len(logprobs), greedy, logprobs))
+        self.stats.num_prompt_tokens += num_prompt + sum(len(c) for c in continuations)
         return GenerationResult(
             request.request_id,
             num_prompt,

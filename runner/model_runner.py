@@ -13,6 +13,7 @@ rows it computes logits for, to at least MIN_ROWS; padding rows write no K/V and
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -265,23 +266,22 @@ def prepare_inputs(
 def _score_rows(
     scheduled: list[ScheduledSeq], counts: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[Sequence, int, int]]]:
-    """The step's rows that are scored, their target tokens, and whose they are: for each sequence, the rows of
-    its chunk [num_computed_tokens, + num_new_tokens) that fall in [score_from, score_from + len(score_targets))."""
+    """The step's rows that are scored, their target tokens, and whose they are: for each sequence, the entries
+    of its score_rows that fall in its chunk [num_computed_tokens, + num_new_tokens)."""
     rows: list[int] = []
     targets: list[int] = []
     spans: list[tuple[Sequence, int, int]] = []
     row = 0
     for item, count in zip(scheduled, counts.tolist()):
         seq = item.seq
-        if seq.score_targets:
+        if seq.score_rows:
             start = seq.num_computed_tokens
-            lo = max(start, seq.score_from)
-            hi = min(start + count, seq.score_from + len(seq.score_targets))
-            if lo < hi:
-                first = lo - seq.score_from
-                rows.extend(range(row + lo - start, row + hi - start))
-                targets.extend(seq.score_targets[first : first + hi - lo])
-                spans.append((seq, first, hi - lo))
+            first = bisect.bisect_left(seq.score_rows, start)
+            end = bisect.bisect_left(seq.score_rows, start + count, lo=first)
+            if first < end:
+                rows.extend(row + r - start for r in seq.score_rows[first:end])
+                targets.extend(seq.score_targets[first:end])
+                spans.append((seq, first, end - first))
         row += count
     return np.array(rows, np.int64), np.array(targets, np.int64), spans
 

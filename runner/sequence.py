@@ -16,9 +16,10 @@ prompt and output so far as one prefill when it is admitted again. With the pref
                             the LoRA adapter too: two adapters compute other K/V for the same tokens)
     num_registered_blocks   leading block_ids already offered to the prefix cache
 
-Scoring (runner/scoring.py): the logits of rows [score_from, score_from + len(score_targets)) are scored
-against score_targets, the token that follows each row; a score-only sequence (one continuation of a scoring
-request) samples nothing and ends once its tokens are computed. Its cached prefix stops before score_from.
+Scoring (runner/scoring.py): the logits of row score_rows[i] are scored against score_targets[i], the token
+that follows that row; a row may be scored more than once (the prompt's last row, against the first token of
+each continuation of a scoring request). A score-only sequence (one continuation of a scoring request) samples
+nothing and ends once its tokens are computed. Its cached prefix stops before its first scored row.
 
 With async scheduling the engine launches the next step before the host has seen the tokens of the
 one in flight. Those tokens are pending: counted in num_tokens (their positions are taken), not yet in
@@ -71,11 +72,11 @@ class Sequence:
     finish_reason: FinishReason | None = None
     group: Any = None  # the engine's state of the request this sample belongs to
     matcher: Any = None  # structured output: the grammar's state after output_token_ids (runner/structured.py)
-    score_from: int = -1  # the first row whose logits are scored; -1: none
-    score_targets: list[int] = field(default_factory=list)  # the token after each scored row
+    score_rows: list[int] = field(default_factory=list)  # rows whose logits are scored, ascending (repeats allowed)
+    score_targets: list[int] = field(default_factory=list)  # the token each scored row is scored against
     score_only: bool = False  # a continuation being scored: ends when prefilled, samples nothing
-    score_logprobs: list[float] = field(default_factory=list)  # per scored row, written as steps compute them
-    score_greedy: list[bool] = field(default_factory=list)  # per scored row: the target is the argmax
+    score_logprobs: list[float] = field(default_factory=list)  # per score_targets entry, as steps compute them
+    score_greedy: list[bool] = field(default_factory=list)  # per score_targets entry: the target is the argmax
     adapter_key: bytes = b""  # its LoRA adapter's identity (b"": the base model): part of every block hash
     # The length the waiting queue orders it by (0: num_tokens). A scoring request's continuations share their
     # prompt's, so they queue side by side: the first computes the prompt, the others find it in the prefix cache
@@ -94,6 +95,7 @@ class Sequence:
         self.penalised = params.reads_output
         self.plain_greedy = params.greedy and not params.changes_logits and not params.wants_logprobs
         if self.score_targets:
+            assert len(self.score_rows) == len(self.score_targets), (len(self.score_rows), len(self.score_targets))
             self.score_logprobs = [0.0] * len(self.score_targets)
             self.score_greedy = [False] * len(self.score_targets)
         self.custom_stops = bool(params.stop or params.stop_token_ids)
@@ -123,7 +125,7 @@ class Sequence:
     @property
     def num_cacheable_tokens(self) -> int:
         """Leading tokens the prefix cache may supply: not the last (its logits sample), nor scored rows."""
-        return min(self.num_tokens, self.score_from + 1) if self.score_targets else self.num_tokens
+        return min(self.num_tokens, self.score_rows[0] + 1) if self.score_rows else self.num_tokens
 
     def token_ids(self, start: int, end: int) -> list[int]:
         assert end <= self.num_known_tokens, (

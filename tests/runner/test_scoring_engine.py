@@ -35,10 +35,14 @@ def engine_for(arch: str = "llama", **overrides) -> Engine:
 )
 def test_continuation_scores_equal_a_plain_forward(arch: str, policy: str, async_scheduling: bool) -> None:
     rng = random.Random(3)
-    # Prompts longer than the token budget (64) are prefilled in chunks; continuations of 1 to 9 tokens.
+    # Prompts longer than the token budget (64) are prefilled in chunks; continuations of 1 to 9 tokens; every
+    # other request asks for its prompt's logprobs too.
     requests = [
         GenerationRequest(
-            i, random_ids(rng, rng.randint(1, 90)), continuations=[random_ids(rng, rng.randint(1, 9)) for _ in range(4)]
+            i,
+            random_ids(rng, rng.randint(1, 90)),
+            SamplingParams(prompt_logprobs=i % 2 == 1),
+            continuations=[random_ids(rng, rng.randint(1, 9)) for _ in range(4)],
         )
         for i in range(8)
     ]
@@ -49,6 +53,13 @@ def test_continuation_scores_equal_a_plain_forward(arch: str, policy: str, async
     for request in requests:
         result = results[request.request_id]
         assert result.error is None and len(result.scores) == 4
+        prompt = request.prompt_token_ids
+        if request.sampling.prompt_logprobs:
+            rows = reference_logprobs(reference, prompt)[:-1]
+            want = rows.gather(1, torch.tensor(prompt[1:], dtype=torch.long)[:, None])[:, 0]
+            assert result.prompt_logprobs == pytest.approx([None, *want.tolist()], abs=TOLERANCE)
+        else:
+            assert result.prompt_logprobs is None
         for continuation, score in zip(request.continuations, result.scores):
             tokens = request.prompt_token_ids + continuation
             logprobs = reference_logprobs(reference, tokens)
@@ -86,6 +97,20 @@ def test_continuations_share_the_prompt_blocks() -> None:
     assert engine.stats.num_cached_prompt_tokens == 3 * 64
 
 
+def test_one_token_continuations_run_as_one_sequence() -> None:
+    """Four one-token choices (a multiple-choice letter) are all scored from the prompt's last row: the engine
+    computes the prompt once, and nothing else."""
+    engine = engine_for()
+    rng = random.Random(4)
+    prompt = random_ids(rng, 30)
+    choices = [[5], [6], [7], [8]]
+    result = next(iter(engine.generate([GenerationRequest(0, prompt, continuations=choices)])))
+    assert engine.stats.num_queried_prompt_tokens == 30 and engine.stats.num_cached_prompt_tokens == 0
+    want = reference_logprobs(hf_reference("llama"), prompt)[-1]
+    assert [s.logprob for s in result.scores] == pytest.approx([want[c[0]].item() for c in choices], abs=TOLERANCE)
+    assert [s.is_greedy for s in result.scores] == [want.argmax().item() == c[0] for c in choices]
+
+
 def test_continuations_of_many_requests_share_prompts_a_small_pool_cannot_keep() -> None:
     """24 requests of 4 continuations of lengths 1-9, through a pool that holds about four prompts at once (and a
     budget of two a step): every request's prompt is computed once, its continuations queued next to each other
@@ -97,9 +122,11 @@ def test_continuations_of_many_requests_share_prompts_a_small_pool_cannot_keep()
     ]
     engine = engine_for(num_blocks_override=48, max_num_batched_tokens=96)
     assert all(r.error is None for r in engine.generate(requests))
-    # 40-token prompts: the first continuation computes 10 full blocks, the other three take the 9 blocks before
-    # the prompt's last token (its logits score their first token) from the cache.
-    assert engine.stats.num_cached_prompt_tokens == 24 * 3 * 36
+    # 40-token prompts: the first continuation computes the 10 full blocks and scores every continuation's first
+    # token; each other continuation of two tokens or more takes all 10 from the cache, one of one token never runs.
+    num_later = sum(len(c) > 1 for r in requests for c in r.continuations[1:])
+    assert 0 < num_later < 24 * 3
+    assert engine.stats.num_cached_prompt_tokens == num_later * 40
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
