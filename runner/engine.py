@@ -38,6 +38,7 @@ from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.block_table import num_blocks_for
 from kvbatch.cache.budget import PoolSize
 from kvbatch.cache.kv_cache import KVCache
+from kvbatch.cache.prefix_cache import BlockHash, chain_hashes
 from kvbatch.errors import BackendUnavailableError, ErrorKind, KVBudgetError
 from kvbatch.runner.config import EngineConfig
 
@@ -138,6 +139,7 @@ class Engine:
         )
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
+        self.vocab_size: int = self.model.config.get_text_config().vocab_size
         self.device = self.loaded.device
         # A preloaded model keeps its loader's context unless the config asks for less.
         self.max_model_len = min(self.loaded.max_model_len, config.max_model_len or self.loaded.max_model_len)
@@ -313,7 +315,7 @@ class Engine:
                 f"new token ({limit}: {self.capacity_tokens} tokens; context {self.max_model_len}, "
                 f"KV pool {self.pool_size.num_tokens})"
             )
-        vocab = self.model.config.get_text_config().vocab_size
+        vocab = self.vocab_size
         ids = request.prompt_token_ids
         if min(ids) < 0 or max(ids) >= vocab:  # two C passes; the list below only for a prompt that has such ids
             outside = [t for t in ids if not 0 <= t < vocab][:5]
@@ -343,10 +345,11 @@ class Engine:
                 f"{longest + 1 - len(request.prompt_token_ids)}; at most {self.capacity_tokens + 1} tokens fit "
                 f"together (context {self.max_model_len}, KV pool {self.pool_size.num_tokens})"
             )
-        vocab = self.model.config.get_text_config().vocab_size
-        bad = [t for ids in (request.prompt_token_ids, *request.continuations) for t in ids if not 0 <= t < vocab]
-        if bad:
-            return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {bad[:5]}"
+        vocab = self.vocab_size
+        parts = (request.prompt_token_ids, *request.continuations)
+        if min(min(ids) for ids in parts) < 0 or max(max(ids) for ids in parts) >= vocab:  # C passes; the list below
+            bad = [t for ids in parts for t in ids if not 0 <= t < vocab][:5]  # only for a request that has such ids
+            return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {bad}"
         return None
 
     def _add_scoring(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
@@ -367,6 +370,7 @@ class Engine:
         continuations = request.continuations or []
         firsts = [c[0] for c in continuations]
         adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
+        hashes = self._prompt_hashes(prompt, adapter_key, len(continuations))
         for i, continuation in enumerate(continuations):
             rows = list(range(last + 1, last + len(continuation)))
             targets = continuation[1:]
@@ -390,6 +394,7 @@ class Engine:
                 score_only=True,
                 adapter_key=adapter_key,
                 queue_tokens=len(prompt),
+                block_hashes=list(hashes),
             )
             self._next_seq_id += 1
             state.seqs.append(seq)
@@ -411,6 +416,7 @@ class Engine:
         prompt = request.prompt_token_ids
         scores_prompt = params.prompt_logprobs and len(prompt) > 1
         adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
+        hashes = self._prompt_hashes(prompt, adapter_key, params.n)
         for i in range(params.n):
             # The prompt's logprobs are computed once, by the first sample.
             scored = {}
@@ -418,7 +424,15 @@ class Engine:
                 scored = {"score_rows": list(range(len(prompt) - 1)), "score_targets": prompt[1:]}
             seed = request_seed * 1_000_003 + i
             seq = Sequence(
-                self._next_seq_id, request, i, max_new, seed=seed, group=state, adapter_key=adapter_key, **scored
+                self._next_seq_id,
+                request,
+                i,
+                max_new,
+                seed=seed,
+                group=state,
+                adapter_key=adapter_key,
+                block_hashes=list(hashes),
+                **scored,
             )
             seq.matcher = new_matcher(grammar) if grammar is not None else None
             self._next_seq_id += 1
@@ -429,6 +443,13 @@ class Engine:
         self._num_scoring += scores_prompt
         return state
 
+    def _prompt_hashes(self, prompt: list[int], adapter_key: bytes, num_seqs: int) -> list[BlockHash]:
+        """The prompt's full-block prefix-cache hashes, computed once for a request's several sequences (samples or
+        continuations, which all begin with the prompt); [] for one sequence, which hashes its blocks as it goes."""
+        if num_seqs < 2 or not self.config.prefix_cache:
+            return []
+        return chain_hashes(None, prompt, self.config.block_size, adapter_key)
+
     def _error_result(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationResult:
         self.stats.num_errors += 1
         return GenerationResult(request.request_id, len(request.prompt_token_ids), [], error=message, error_kind=kind)
@@ -436,8 +457,7 @@ class Engine:
     def grammars(self) -> GrammarCache:
         """The compile cache of structured-output constraints, for this engine's tokenizer and vocabulary."""
         if self._grammars is None:
-            vocab_size = self.model.config.get_text_config().vocab_size
-            self._grammars = GrammarCache(self.tokenizer, vocab_size, self.loaded.eos_token_ids)
+            self._grammars = GrammarCache(self.tokenizer, self.vocab_size, self.loaded.eos_token_ids)
         return self._grammars
 
     def _admit_compiled(
