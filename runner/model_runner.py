@@ -189,38 +189,22 @@ def prepare_inputs(
         host_tables or HostBlockTables(),
         scoring,
     )
-    row = num_decodes
-    for i in range(num_decodes, num_seqs):
-        item = scheduled[i]
-        seq, count = item.seq, item.num_new_tokens
-        start = seq.num_computed_tokens
-        end = start + count
-        blocks = seq.block_ids
-        if end > len(blocks) * block_size:
-            raise ValueError(
-                f"sequence {seq.seq_id} computes tokens up to {end} but holds {len(blocks)} blocks of {block_size}"
-            )
-        tables[i, : len(blocks)] = blocks
-        if count == 1:
-            if start < seq.num_known_tokens:
-                token_ids[row] = seq.token_ids(start, end)[0]
-            else:  # sampled by the step in flight: filled in on the device
-                pending_rows.append(row)
-                pending_from.append(seq.pending_index)
-            positions[row] = start
-            slots[row] = blocks[start // block_size] * block_size + start % block_size
-        else:
-            token_ids[row : row + count] = seq.token_ids(start, end)
-            pos = np.arange(start, end)
-            positions[row : row + count] = pos
-            slots[row : row + count] = tables[i, pos // block_size].astype(np.int64) * block_size + pos % block_size
-        row += count
-        query_start_loc[i + 1] = row
-        seq_lens[i] = end
-        per_seq[prompts_at + i] = seq.num_prompt_tokens
-        if item.samples:  # the chunk reaches the end: its last row samples
-            logits_rows[num_sampling] = row - 1
-            num_sampling += 1
+    num_sampling = _fill_prefills(
+        scheduled[num_decodes:],
+        num_decodes,
+        block_size,
+        token_ids,
+        positions,
+        slots,
+        tables[num_decodes:],
+        query_start_loc,
+        seq_lens[num_decodes:],
+        per_seq[prompts_at + num_decodes : prompts_at + num_seqs],
+        logits_rows,
+        num_sampling,
+        pending_rows,
+        pending_from,
+    )
     # The lm_head GEMM covers at least MIN_ROWS rows, sampling and scored together (batch invariance).
     num_kept_sampling = max(num_sampling, MIN_ROWS - num_score)
     if num_score:
@@ -337,6 +321,67 @@ def _fill_decodes(
     sampling = np.flatnonzero(ends)
     logits_rows[: len(sampling)] = sampling
     return len(sampling)
+
+
+def _fill_prefills(
+    items: list[ScheduledSeq],
+    first_row: int,
+    block_size: int,
+    token_ids: np.ndarray,
+    positions: np.ndarray,
+    slots: np.ndarray,
+    tables: np.ndarray,  # [len(items), width]: these sequences' rows
+    query_start_loc: np.ndarray,
+    seq_lens: np.ndarray,  # [len(items)]
+    prompt_lens: np.ndarray,  # [len(items)]
+    logits_rows: np.ndarray,
+    num_sampling: int,
+    pending_rows: list[int],
+    pending_from: list[int],
+) -> int:
+    """The chunks after the decodes (sequence i's rows follow sequence i - 1's, from row first_row on), column by
+    column in numpy: a step of the score workload holds some 200 chunks. Returns num_sampling with theirs added
+    (each chunk that reaches its sequence's end samples from its last row)."""
+    n = len(items)
+    if n == 0:
+        return num_sampling
+    seqs = [item.seq for item in items]
+    counts = np.fromiter((item.num_new_tokens for item in items), np.int64, n)
+    starts = np.fromiter((seq.num_computed_tokens for seq in seqs), np.int64, n)
+    ends = starts + counts
+    num_blocks = np.fromiter((len(seq.block_ids) for seq in seqs), np.int64, n)
+    short = np.flatnonzero(ends > num_blocks * block_size)
+    if len(short):
+        seq = seqs[short[0]]
+        raise ValueError(
+            f"sequence {seq.seq_id} computes tokens up to {ends[short[0]]} but holds {len(seq.block_ids)} blocks "
+            f"of {block_size}"
+        )
+    ids: list[int] = []
+    for i, seq in enumerate(seqs):
+        tables[i, : num_blocks[i]] = seq.block_ids
+        start, end = int(starts[i]), int(ends[i])
+        if end <= seq.num_known_tokens:
+            ids += seq.token_ids(start, end)
+        else:  # one token, sampled by the step in flight: filled in on the device
+            assert end == start + 1, f"seq {seq.seq_id}: tokens up to {end} asked, {seq.num_known_tokens} known"
+            pending_rows.append(first_row + len(ids))
+            pending_from.append(seq.pending_index)
+            ids.append(0)
+    last_rows = first_row + np.cumsum(counts)  # one past each chunk's last row
+    rows = slice(first_row, int(last_rows[-1]))
+    token_ids[rows] = ids
+    # Row r of chunk i sits at position starts[i] + (r - its first row).
+    pos = np.arange(rows.start, rows.stop) + np.repeat(starts - (last_rows - counts), counts)
+    positions[rows] = pos
+    owner = np.repeat(np.arange(n), counts)
+    slots[rows] = tables[owner, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    query_start_loc[len(query_start_loc) - n :] = last_rows  # its last n entries: these chunks' ends
+    seq_lens[:] = ends
+    prompt_lens[:] = np.fromiter((seq.num_prompt_tokens for seq in seqs), np.int64, n)
+    samples = np.flatnonzero(np.fromiter((item.samples for item in items), bool, n))
+    logits_rows[num_sampling : num_sampling + len(samples)] = last_rows[samples] - 1
+    return num_sampling + len(samples)
 
 
 def _aligned(dtype: type, *lengths: int) -> tuple[np.ndarray, list[int]]:
