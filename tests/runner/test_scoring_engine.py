@@ -30,10 +30,17 @@ def engine_for(arch: str = "llama", **overrides) -> Engine:
 
 
 @pytest.mark.parametrize(
-    ("arch", "policy", "async_scheduling"),
-    [("llama", "optimistic", False), ("qwen3", "reserve", False), ("llama", "optimistic", True)],
+    ("arch", "policy", "async_scheduling", "prefix_cache"),
+    [
+        ("llama", "optimistic", False, True),
+        ("qwen3", "reserve", False, True),
+        ("llama", "optimistic", True, True),
+        ("llama", "optimistic", False, False),  # each continuation computes the prompt again
+    ],
 )
-def test_continuation_scores_equal_a_plain_forward(arch: str, policy: str, async_scheduling: bool) -> None:
+def test_continuation_scores_equal_a_plain_forward(
+    arch: str, policy: str, async_scheduling: bool, prefix_cache: bool
+) -> None:
     rng = random.Random(3)
     # Prompts longer than the token budget (64) are prefilled in chunks; continuations of 1 to 9 tokens; every
     # other request asks for its prompt's logprobs too.
@@ -47,7 +54,9 @@ def test_continuation_scores_equal_a_plain_forward(arch: str, policy: str, async
         for i in range(8)
     ]
     # A pool of 40 blocks of 4 tokens holds few sequences at once.
-    engine = engine_for(arch, policy=policy, async_scheduling=async_scheduling, num_blocks_override=40)
+    engine = engine_for(
+        arch, policy=policy, async_scheduling=async_scheduling, num_blocks_override=40, prefix_cache=prefix_cache
+    )
     results = {r.request_id: r for r in engine.generate(requests)}
     reference = hf_reference(arch)
     for request in requests:
