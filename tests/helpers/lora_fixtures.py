@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters with random weights for tests, and PEFT's own greedy generate as the oracle."""
+"""PEFT LoRA adapters with random weights for tests, and PEFT's own model as the oracle (greedy generate, logprobs)."""
 
 from __future__ import annotations
 
@@ -36,14 +36,34 @@ def save_adapters(make_base, folder: Path, configs: dict = ADAPTER_CONFIGS, seed
     return paths
 
 
+class PeftOracle:
+    """PEFT's model over `base` with every adapter of `paths` loaded; `using(name)` makes one active (None: none)."""
+
+    def __init__(self, base, paths: dict[str, str]) -> None:
+        names = list(paths)
+        self.has_adapters = bool(names)
+        self.model = PeftModel.from_pretrained(base, paths[names[0]], adapter_name=names[0]) if names else base
+        for name in names[1:]:
+            self.model.load_adapter(paths[name], adapter_name=name)
+
+    def using(self, adapter: str | None):
+        if adapter is None:
+            return self.model.disable_adapter() if self.has_adapters else contextlib.nullcontext()
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    def logprobs(self, tokens: list[int], adapter: str | None) -> torch.Tensor:
+        """[len(tokens), vocab] float32 log_softmax of the model's logits over `tokens` with that adapter."""
+        with torch.no_grad(), self.using(adapter):
+            logits = self.model(input_ids=torch.tensor([tokens])).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
 def peft_greedy(
     base, paths: dict[str, str], rows: list[tuple[list[int], str | None]], max_new_tokens: int, eos_id: int, pad_id: int
 ) -> list[list[int]]:
     """Greedy tokens of each (prompt, adapter) row from PEFT's model with that adapter active (None: none)."""
-    names = list(paths)
-    model = PeftModel.from_pretrained(base, paths[names[0]], adapter_name=names[0]) if names else base
-    for name in names[1:]:
-        model.load_adapter(paths[name], adapter_name=name)
+    oracle = PeftOracle(base, paths)
     out = []
     for prompt, adapter in rows:
         kwargs = dict(
@@ -54,12 +74,7 @@ def peft_greedy(
             eos_token_id=eos_id,
             pad_token_id=pad_id,
         )
-        with torch.no_grad():
-            if adapter is None:
-                with model.disable_adapter() if names else contextlib.nullcontext():
-                    tokens = model.generate(**kwargs)
-            else:
-                model.set_adapter(adapter)
-                tokens = model.generate(**kwargs)
+        with torch.no_grad(), oracle.using(adapter):
+            tokens = oracle.model.generate(**kwargs)
         out.append(tokens[0, len(prompt) :].tolist())
     return out

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from lora_fixtures import ADAPTER_CONFIGS, peft_greedy, save_adapters
+from lora_fixtures import ADAPTER_CONFIGS, PeftOracle, peft_greedy, save_adapters
 from tiny_models import EOS_ID, VOCAB_SIZE, hf_reference, tiny_loaded, tiny_model
 
 from kvbatch.errors import ErrorKind
@@ -68,6 +68,38 @@ def test_mixed_adapters_equal_peft_generate(adapter_paths, rows, reference, sett
     if "num_blocks_override" in settings:
         assert engine.stats.num_preemptions > 0
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_scoring_rows_with_adapters_equal_peft_logprobs(adapter_paths, rows) -> None:
+    """Continuations scored under each row's adapter (prompt logprobs too): PEFT's float32 log_softmax over
+    prompt + continuation, within 1e-4. The rows share a head, which the prefix cache must keep per adapter."""
+    rng = random.Random(8)
+    config = EngineConfig(block_size=4, num_blocks_override=256, max_num_batched_tokens=64)
+    engine = Engine(config, tiny_loaded("llama"), adapters=adapter_paths)
+    requests = [
+        GenerationRequest(
+            i,
+            prompt,
+            SamplingParams(prompt_logprobs=i % 2 == 0),
+            adapter=name,
+            continuations=[[rng.randrange(2, VOCAB_SIZE) for _ in range(rng.randint(1, 5))] for _ in range(3)],
+        )
+        for i, (prompt, name) in enumerate(rows)
+    ]
+    results = {r.request_id: r for r in engine.generate(requests)}
+    oracle = PeftOracle(hf_reference("llama"), adapter_paths)
+    for request in requests:
+        result, prompt = results[request.request_id], request.prompt_token_ids
+        assert result.error is None, result.error
+        for continuation, score in zip(request.continuations, result.scores):
+            rows_lp = oracle.logprobs(prompt + continuation, request.adapter)[len(prompt) - 1 : -1]
+            want = rows_lp.gather(1, torch.tensor(continuation)[:, None])[:, 0]
+            assert score.token_logprobs == pytest.approx(want.tolist(), abs=1e-4), request.adapter
+        if request.sampling.prompt_logprobs:
+            rows_lp = oracle.logprobs(prompt, request.adapter)[:-1]
+            want = rows_lp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+            assert result.prompt_logprobs == pytest.approx([None, *want.tolist()], abs=1e-4)
+    assert engine.stats.num_cached_prompt_tokens > 0
 
 
 def test_adapters_change_the_output(rows, reference) -> None:
