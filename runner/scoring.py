@@ -58,8 +58,10 @@ def score_on_device(logits: torch.Tensor, targets: torch.Tensor) -> ScoredRows:
     rows_per_slice = max(1, SLICE_ELEMENTS.get(logits.device.type, 2**23) // logits.shape[1])
     for start in range(0, logits.shape[0], rows_per_slice):
         rows = slice(start, start + rows_per_slice)
-        part = torch.log_softmax(logits[rows].float(), dim=-1)
+        # bf16 logits are read as they are (no float32 copy first); the argmax of the raw logits is that of
+        # their log-softmax, less the ties rounding may make.
+        part = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
         target = targets[rows, None]
         logprobs[rows] = part.gather(1, target)[:, 0]
-        greedy[rows] = part.argmax(dim=-1) == target[:, 0]
+        greedy[rows] = logits[rows].argmax(dim=-1) == target[:, 0]
     return ScoredRows(logprobs, greedy)
