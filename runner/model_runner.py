@@ -191,13 +191,14 @@ def prepare_inputs(
     )
     num_sampling = _fill_prefills(
         scheduled[num_decodes:],
+        counts[num_decodes:],
         num_decodes,
         block_size,
         token_ids,
         positions,
         slots,
         tables[num_decodes:],
-        query_start_loc,
+        query_start_loc[num_decodes + 1 :],
         seq_lens[num_decodes:],
         per_seq[prompts_at + num_decodes : prompts_at + num_seqs],
         logits_rows,
@@ -325,13 +326,14 @@ def _fill_decodes(
 
 def _fill_prefills(
     items: list[ScheduledSeq],
+    counts: np.ndarray,  # [len(items)] int64: each chunk's tokens
     first_row: int,
     block_size: int,
     token_ids: np.ndarray,
     positions: np.ndarray,
     slots: np.ndarray,
     tables: np.ndarray,  # [len(items), width]: these sequences' rows
-    query_start_loc: np.ndarray,
+    chunk_ends: np.ndarray,  # [len(items)]: query_start_loc's entries after these sequences' first
     seq_lens: np.ndarray,  # [len(items)]
     prompt_lens: np.ndarray,  # [len(items)]
     logits_rows: np.ndarray,
@@ -346,7 +348,6 @@ def _fill_prefills(
     if n == 0:
         return num_sampling
     seqs = [item.seq for item in items]
-    counts = np.fromiter((item.num_new_tokens for item in items), np.int64, n)
     starts = np.fromiter((seq.num_computed_tokens for seq in seqs), np.int64, n)
     ends = starts + counts
     num_blocks = np.fromiter((len(seq.block_ids) for seq in seqs), np.int64, n)
@@ -376,7 +377,7 @@ def _fill_prefills(
     positions[rows] = pos
     owner = np.repeat(np.arange(n), counts)
     slots[rows] = tables[owner, pos // block_size].astype(np.int64) * block_size + pos % block_size
-    query_start_loc[len(query_start_loc) - n :] = last_rows  # its last n entries: these chunks' ends
+    chunk_ends[:] = last_rows
     seq_lens[:] = ends
     prompt_lens[:] = np.fromiter((seq.num_prompt_tokens for seq in seqs), np.int64, n)
     samples = np.flatnonzero(np.fromiter((item.samples for item in items), bool, n))
