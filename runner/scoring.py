@@ -55,7 +55,7 @@ def score_on_device(logits: torch.Tensor, targets: torch.Tensor) -> ScoredRows:
     """logits: [num_rows, vocab_size] in the model's dtype; targets: [num_rows] int64. Works in float32."""
     logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     greedy = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
-    rows_per_slice = max(1, SLICE_ELEMENTS.get(logits.device.type, 2**23) // logits.shape[1])
+    rows_per_slice = max(1, SLICE_ELEMENTS.get(logits.device.type, SLICE_ELEMENTS["cpu"]) // logits.shape[1])
     for start in range(0, logits.shape[0], rows_per_slice):
         rows = slice(start, start + rows_per_slice)
         # bf16 logits are read as they are (no float32 copy first); the argmax of the raw logits is that of
