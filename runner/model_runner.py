@@ -200,12 +200,15 @@ def prepare_inputs(
         tables[num_decodes:],
         query_start_loc[num_decodes + 1 :],
         seq_lens[num_decodes:],
-        per_seq[prompts_at + num_decodes : prompts_at + num_seqs],
         logits_rows,
         num_sampling,
         pending_rows,
         pending_from,
     )
+    if device.type == "cpu":  # a one-row chunk can be a prompt's last token (its earlier ones were cached)
+        per_seq[prompts_at : prompts_at + num_seqs] = np.fromiter(
+            (item.seq.num_prompt_tokens for item in scheduled), np.int64, num_seqs
+        )
     # The lm_head GEMM covers at least MIN_ROWS rows, sampling and scored together (batch invariance).
     num_kept_sampling = max(num_sampling, MIN_ROWS - num_score)
     if num_score:
@@ -335,7 +338,6 @@ def _fill_prefills(
     tables: np.ndarray,  # [len(items), width]: these sequences' rows
     chunk_ends: np.ndarray,  # [len(items)]: query_start_loc's entries after these sequences' first
     seq_lens: np.ndarray,  # [len(items)]
-    prompt_lens: np.ndarray,  # [len(items)]
     logits_rows: np.ndarray,
     num_sampling: int,
     pending_rows: list[int],
@@ -379,7 +381,6 @@ def _fill_prefills(
     slots[rows] = tables[owner, pos // block_size].astype(np.int64) * block_size + pos % block_size
     chunk_ends[:] = last_rows
     seq_lens[:] = ends
-    prompt_lens[:] = np.fromiter((seq.num_prompt_tokens for seq in seqs), np.int64, n)
     samples = np.flatnonzero(np.fromiter((item.samples for item in items), bool, n))
     logits_rows[num_sampling : num_sampling + len(samples)] = last_rows[samples] - 1
     return num_sampling + len(samples)
