@@ -1,30 +1,40 @@
-"""The CPU backend: prompt rows in float32 through torch's fused flash kernel, the rest through the reference.
+"""The CPU backend: float32 attention through torch's flash kernel, each row the same bits in any step.
 
-The float64 reference (attention_torch) makes every row batch-invariant but reads and multiplies the whole
-context rectangle in float64: a 5,043-token prompt spent most of its prefill there. Prompt rows (positions
-below meta.num_prompt_tokens) come here instead, in float32, arranged so that each row's arithmetic is a
-function of its own position only, whatever chunk, step or neighbours it is computed with:
+The float64 reference (attention_torch) is batch-invariant because float64 rounding hides the order of its sums,
+and it pays for that: float64 pages and arithmetic, every decode padded to the step's longest context, and a
+prompt's whole context rectangle (a 5,043-token prompt spent most of its prefill there). Here rows run in float32
+and are made invariant by construction: every call that computes a row has shapes that follow the row's position
+alone, whatever chunk, step or neighbours it comes with, and torch's kernel, whose blocking follows the shapes,
+gives it the same bits (tests/cache/test_attention_cpu.py checks it, on two threads).
 
-    query blocks of QUERY_BLOCK tokens aligned to absolute positions (block j: positions j*Q .. j*Q+Q-1), the
-    block always QUERY_BLOCK rows (missing rows zero), the kv head's query heads stacked as rows (GQA):
-        part 1  keys [0, j*Q)        no mask      torch's flash kernel, with its log-sum-exp
-        part 2  keys [j*Q, j*Q+Q)    causal mask  (a local layer: from its first row's window start, rounded
-                                              down to KEY_MULTIPLE, and masked by the window too)
-        merged  o = lerp(o2, o1, sigmoid(lse1 - lse2))
+Prompt rows (positions below meta.num_prompt_tokens), in query blocks of QUERY_BLOCK tokens aligned to absolute
+positions (block j: positions j*Q .. j*Q+Q-1), the block always QUERY_BLOCK rows (missing rows zero), the kv
+head's query heads stacked as rows (GQA):
+    part 1  keys [0, j*Q)        no mask      torch's flash kernel, with its log-sum-exp
+    part 2  keys [j*Q, j*Q+Q)    causal mask  (a local layer: from its first row's window start, rounded
+                                          down to KEY_MULTIPLE, and masked by the window too)
+    merged  o = lerp(o2, o1, sigmoid(lse1 - lse2))
+Causal work is skipped block by block: a long prompt's prefill runs at transformers' speed.
 
-So every call that computes a given row has the same shapes (rows, keys) whatever chunk, step or neighbours
-the row comes with, and torch's kernel, whose blocking follows the shapes alone, gives it the same bits
-(tests/cache/test_attention_cpu.py checks it; a key count chosen by the chunk's end did not: 144 and 256 keys
-took different paths). Causal work is skipped block by block.
+Generated rows (decodes, and the rows of generated tokens a preempted sequence recomputes): one query each, its
+query heads stacked as rows and padded with zero rows to a multiple of ROW_MULTIPLE; keys from the first page its
+window reaches, padded to a multiple of KEY_WIDTH_MULTIPLE and masked past the row's position. The step's rows are
+grouped by key width, one call a group. A recomputed row takes the path its decode took, so a preempted sequence
+gets its earlier bits back; a prompt's last token alone in its chunk (the rest cached) is still a prompt row.
 
-Rows of tokens the sequence generated (recomputed after a preemption) and decodes keep the reference's float64
-arithmetic, which a decode used when it first computed them: a recomputed sequence gets its earlier bits back.
+(ROW_MULTIPLE: the kernel slices one scratch buffer per thread by the row count; with 3 rows a head, the second
+thread's slice is misaligned and its GEMMs round differently from the first's.)
+
 Layers with soft-capping or sinks, and other dtypes or devices, run the reference throughout.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import attention_torch
 from .attention_torch import write_kv  # noqa: F401 - the backend's write is the reference's
@@ -32,7 +42,9 @@ from .metadata import PLAIN, AttentionMetadata, LayerAttention
 
 QUERY_BLOCK = 256  # tokens per query block
 SHORT_QUERY_BLOCK, SHORT_PROMPT = 64, 1024  # the block of sequences whose prompt has at most SHORT_PROMPT tokens
-KEY_MULTIPLE = 16
+KEY_MULTIPLE = 16  # a local layer's part 2 starts at a multiple of it
+KEY_WIDTH_MULTIPLE = 32  # a generated row's keys, padded: fewer widths (calls) against more masked keys
+ROW_MULTIPLE = 4  # query rows per kv head in a generated row's call
 _MASKS: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
 
@@ -62,135 +74,232 @@ def paged_attention(
     fast = (
         query.device.type == "cpu"
         and query.dtype == torch.float32
-        and meta.num_prompt_tokens is not None
+        and key_cache.dtype == torch.float32
         and layer.softcap == 0.0
         and layer.sinks is None
     )
     if not fast:
         return attention_torch.paged_attention(query, key_cache, value_cache, meta, scale, layer)
+    plan = _plan_for(meta, layer.sliding_window, query.shape[1] // key_cache.shape[2])
+    keys = key_cache.view(-1, *key_cache.shape[2:])  # [slots, kvh, d]
+    values = value_cache.view(-1, *value_cache.shape[2:])
     out = torch.zeros_like(query)
-    attention_torch.attend_decodes(out, query, key_cache, value_cache, meta, scale, layer)
-    starts = meta.query_start_loc.tolist()
-    seq_lens = meta.seq_lens.tolist()
-    prompts = meta.num_prompt_tokens.tolist()
-    for i in range(meta.num_decodes, meta.num_seqs):
-        num_queries = starts[i + 1] - starts[i]
-        first_pos = seq_lens[i] - num_queries
-        prompt_end = min(num_queries, max(0, prompts[i] - first_pos))  # chunk rows below it are prompt rows
-        if prompt_end:
-            _prompt_rows(out, query, key_cache, value_cache, meta, i, prompt_end, scale, layer.sliding_window)
-        if prompt_end < num_queries:
-            attention_torch.attend_chunk_rows(
-                out, query, key_cache, value_cache, meta, i, prompt_end, num_queries, scale, layer
-            )
+    if plan.rows.shape[0]:
+        _generated_rows(out, query, keys, values, plan, scale)
+    for blocks in plan.prompt_blocks:
+        _prompt_rows(out, query, keys, values, blocks, scale)
     return out
 
 
-def _prompt_rows(
-    out: torch.Tensor,  # [num_rows, num_heads, head_dim] float32
-    query: torch.Tensor,  # same
-    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    value_cache: torch.Tensor,  # same
-    meta: AttentionMetadata,
-    seq: int,
-    num_rows: int,  # the chunk's first num_rows rows are prompt rows
-    scale: float,
-    window: int,  # 0: none
-) -> None:
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    row0 = int(meta.query_start_loc[seq])
-    first_pos = int(meta.seq_lens[seq]) - (int(meta.query_start_loc[seq + 1]) - row0)
-    last_pos = first_pos + num_rows  # one past
-    # Short prompts take short blocks (less padding); the choice follows the prompt, fixed for the sequence.
-    q_block = SHORT_QUERY_BLOCK if int(meta.num_prompt_tokens[seq]) <= SHORT_PROMPT else QUERY_BLOCK
-    first_block, end_block = first_pos // q_block, -(-last_pos // q_block)
-    num_q_blocks = end_block - first_block
+@dataclass
+class _Call:
+    """One flash call: `count` rows (or blocks), each against `width` keys of its own."""
 
-    # Keys [0, key_end) of this sequence, float32, [1, kv_heads, keys, head_dim]; keys past last_pos are masked.
-    # Up to the end of the last query block: every block's part 2 reads exactly its own block's keys.
-    key_end = end_block * q_block
-    num_pages = -(-key_end // meta.block_size)  # may pass the table's end: those read page 0, masked
-    table, first = meta.block_tables[seq : seq + 1], torch.zeros(1, dtype=torch.long)
-    keys = attention_torch._gather_run(key_cache, table, first, num_pages)[0, :key_end]  # [key_end, kvh, d]
-    values = attention_torch._gather_run(value_cache, table, first, num_pages)[0, :key_end]
-    keys = keys.to(torch.float32).permute(1, 0, 2).contiguous()[None]  # [1, kvh, key_end, d]
-    values = values.to(torch.float32).permute(1, 0, 2).contiguous()[None]
-
-    # Queries in whole aligned blocks: [num_q_blocks, kvh, group * q_block, d], rows (query head, token).
-    blocks = query.new_zeros(num_q_blocks * q_block, num_heads, head_dim)
-    offset = first_pos - first_block * q_block
-    blocks[offset : offset + num_rows] = query[row0 : row0 + num_rows]
-    blocks = blocks.view(num_q_blocks, q_block, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    blocks = blocks.reshape(num_q_blocks, num_kv_heads, group * q_block, head_dim)
-
-    if window:
-        near, near_lse, far, far_lse = _local_parts(blocks, keys, values, first_block, q_block, group, window, scale)
-    else:
-        near, near_lse, far, far_lse = _global_parts(blocks, keys, values, first_block, q_block, group, scale)
-    # o = (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2), as a lerp from o2 towards o1
-    merged = torch.lerp(near, far, torch.sigmoid(far_lse - near_lse)[..., None])
-    merged = merged.view(num_q_blocks, num_kv_heads, group, q_block, head_dim).permute(0, 3, 1, 2, 4)
-    out[row0 : row0 + num_rows] = merged.reshape(num_q_blocks * q_block, num_heads, head_dim)[
-        offset : offset + num_rows
-    ]
+    index: torch.Tensor  # [count] int64, which of the plan's rows (or blocks) it computes
+    slots: torch.Tensor  # [count * width] int64: each one's keys (slot 0 where masked)
+    width: int
+    mask: torch.Tensor | None  # float32, 0 or -inf, broadcast over [count, kvh, rows, width]; None: no mask
 
 
-def _global_parts(
-    blocks: torch.Tensor,  # [num_q_blocks, kvh, group * q_block, d] float32
-    keys: torch.Tensor,  # [1, kvh, key_end, d] float32
-    values: torch.Tensor,  # same
-    first_block: int,
-    q_block: int,
-    group: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Part 2 of every block in one call (each block a batch entry with its own keys), part 1 one call a block.
-    Returns near, near_lse, far, far_lse: [num_q_blocks, kvh, rows, d] and [num_q_blocks, kvh, rows]."""
-    num_q_blocks, num_kv_heads, _, head_dim = blocks.shape
-    own = slice(first_block * q_block, (first_block + num_q_blocks) * q_block)
+@dataclass
+class _PromptBlocks:
+    """A step's prompt rows laid into query blocks of q_block tokens (all blocks of one q_block), and the calls
+    that attend them: near (part 2) and far (part 1), merged by their log-sum-exps."""
 
-    def per_block(cache: torch.Tensor) -> torch.Tensor:  # [num_q_blocks, kvh, q_block, d], each block's own keys
-        return cache[0, :, own].view(num_kv_heads, num_q_blocks, q_block, head_dim).transpose(0, 1)
-
-    near, near_lse = _flash(
-        blocks, per_block(keys), per_block(values), attn_mask=_mask(q_block, group, 0, 0), scale=scale
-    )
-    far, far_lse = [], []
-    for b in range(num_q_blocks):
-        start = (first_block + b) * q_block
-        if start:
-            o, lse = _flash(blocks[b : b + 1], keys[:, :, :start], values[:, :, :start], scale=scale)
-        else:  # no key before the first block: weight zero in the merge
-            o, lse = torch.zeros_like(near[:1]), torch.full_like(near_lse[:1], float("-inf"))
-        far.append(o)
-        far_lse.append(lse)
-    return near, near_lse, torch.cat(far), torch.cat(far_lse)
+    q_block: int
+    num_blocks: int
+    rows: torch.Tensor  # [r] int64, the step's prompt rows (of sequences with this q_block)
+    into: torch.Tensor  # [r] int64, each one's token in the blocks ([num_blocks * q_block], block-major)
+    near: list[_Call]  # each block in one of them
+    far: list[_Call]  # blocks after the first of their sequence (j >= 1), global layers only
 
 
-def _local_parts(
-    blocks: torch.Tensor,  # [num_q_blocks, kvh, group * q_block, d] float32
-    keys: torch.Tensor,  # [1, kvh, key_end, d] float32
-    values: torch.Tensor,  # same
-    first_block: int,
+@dataclass
+class _Plan:
+    """A step's rows for one window size: the same for every layer of that size."""
+
+    rows: torch.Tensor  # [r] int64, the generated rows, in call order
+    calls: list[_Call]  # over the generated rows, by key width (index: their range in `rows`)
+    prompt_blocks: list[_PromptBlocks]
+
+
+# The step's layers share a plan: built at the first layer of each window size, kept until the next step's meta.
+_cached: tuple[AttentionMetadata | None, dict[tuple[int, int], _Plan]] = (None, {})
+
+
+def _plan_for(meta: AttentionMetadata, window: int, group: int) -> _Plan:
+    global _cached
+    if _cached[0] is not meta:
+        _cached = (meta, {})
+    plans = _cached[1]
+    if (window, group) not in plans:
+        plans[window, group] = _plan(meta, window, group)
+    return plans[window, group]
+
+
+def _slots(tables: np.ndarray, seq: np.ndarray, first: np.ndarray, width: int, block_size: int) -> torch.Tensor:
+    """[len(seq) * width] int64: the slots of positions first .. first + width - 1 of each sequence (slot 0 past
+    its table, where the caller masks)."""
+    pos = first[:, None] + np.arange(width)
+    page = pos // block_size
+    inside = page < tables.shape[1]
+    pages = tables[seq[:, None], np.minimum(page, tables.shape[1] - 1)].astype(np.int64)
+    return torch.from_numpy(np.where(inside, pages * block_size + pos % block_size, 0).reshape(-1))
+
+
+def _plan(meta: AttentionMetadata, window: int, group: int) -> _Plan:
+    """Which rows are prompt rows and which generated ones (a decode's row is a prompt row when it is the
+    prompt's last token, the rest cached), and the calls that attend them."""
+    starts = meta.query_start_loc.numpy().astype(np.int64)
+    seq_lens = meta.seq_lens.numpy().astype(np.int64)
+    num_seqs = seq_lens.shape[0]
+    prompts = meta.num_prompt_tokens.numpy() if meta.num_prompt_tokens is not None else np.zeros(num_seqs, np.int64)
+    counts = np.diff(starts)
+    first_pos = seq_lens - counts  # each chunk's first row's position
+    prompt_rows = np.clip(prompts - first_pos, 0, counts)  # each chunk's leading prompt rows
+    tables = meta.block_tables.numpy()
+
+    # Every row of the step: its sequence and position; the first prompt_rows of each chunk are prompt rows.
+    seq = np.repeat(np.arange(num_seqs), counts)
+    row = np.arange(starts[-1])
+    position = first_pos[seq] + row - starts[seq]
+    is_prompt = row - starts[seq] < prompt_rows[seq]
+    generated = ~is_prompt & (position >= 0)  # a decode with an empty context (a filler) attends to nothing
+    rows, calls = _generated_plan(tables, row[generated], seq[generated], position[generated], window, meta)
+    prompt_blocks = []
+    for q_block in (SHORT_QUERY_BLOCK, QUERY_BLOCK):
+        take = is_prompt & ((prompts[seq] <= SHORT_PROMPT) == (q_block == SHORT_QUERY_BLOCK))
+        if take.any():
+            prompt_blocks.append(
+                _prompt_plan(tables, row[take], seq[take], position[take], q_block, group, window, meta)
+            )
+    return _Plan(rows, calls, prompt_blocks)
+
+
+def _generated_plan(
+    tables: np.ndarray, row: np.ndarray, seq: np.ndarray, position: np.ndarray, window: int, meta: AttentionMetadata
+) -> tuple[torch.Tensor, list[_Call]]:
+    """Each generated row's keys: from the page its window starts in to its position, padded to a multiple of
+    KEY_WIDTH_MULTIPLE; the rows sorted by that width, one call a width."""
+    first_key = np.maximum(position - window + 1, 0) if window else np.zeros_like(position)
+    first = first_key // meta.block_size * meta.block_size
+    width = -(-(position + 1 - first) // KEY_WIDTH_MULTIPLE) * KEY_WIDTH_MULTIPLE
+    order = np.argsort(width, kind="stable")
+    row, seq, position, first_key, first, width = (a[order] for a in (row, seq, position, first_key, first, width))
+    calls, lo = [], 0
+    for hi in [*(np.flatnonzero(np.diff(width)) + 1).tolist(), len(width)] if len(width) else []:
+        w = int(width[lo])
+        key_pos = first[lo:hi, None] + np.arange(w)
+        hidden = torch.from_numpy((key_pos > position[lo:hi, None]) | (key_pos < first_key[lo:hi, None]))
+        mask = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None]  # [m, 1, 1, w]
+        slots = _slots(tables, seq[lo:hi], first[lo:hi], w, meta.block_size)
+        calls.append(_Call(torch.arange(lo, hi), slots, w, mask))
+        lo = hi
+    return torch.from_numpy(row.astype(np.int64)), calls
+
+
+def _prompt_plan(
+    tables: np.ndarray,
+    row: np.ndarray,
+    seq: np.ndarray,
+    position: np.ndarray,
     q_block: int,
     group: int,
     window: int,
+    meta: AttentionMetadata,
+) -> _PromptBlocks:
+    """The query blocks the prompt rows fall in (sequence, j), and their calls: near, one call for all blocks
+    (global) or one per j (local: keys from the window start); far (global), one per j >= 1, keys [0, j*Q)."""
+    j = position // q_block
+    blocks, block_of_row = np.unique(np.stack([seq, j], axis=1), axis=0, return_inverse=True)
+    block_of_row = block_of_row.reshape(-1)
+    into = block_of_row * q_block + position % q_block
+    block_seq, block_j = blocks[:, 0], blocks[:, 1]
+    start = block_j * q_block
+    near, far = [], []
+    if not window:
+        slots = _slots(tables, block_seq, start, q_block, meta.block_size)
+        near.append(_Call(torch.arange(len(blocks)), slots, q_block, _mask(q_block, group, 0, 0)))
+    for jj in np.unique(block_j).tolist():
+        which = np.flatnonzero(block_j == jj)
+        if window:
+            start_key = max(0, jj * q_block - window + 1) // KEY_MULTIPLE * KEY_MULTIPLE
+            offset = jj * q_block - start_key
+            first = np.full(len(which), start_key)
+            slots = _slots(tables, block_seq[which], first, offset + q_block, meta.block_size)
+            mask = _mask(q_block, group, offset, window)
+            near.append(_Call(torch.from_numpy(which), slots, offset + q_block, mask))
+        elif jj:
+            slots = _slots(tables, block_seq[which], np.zeros(len(which), np.int64), jj * q_block, meta.block_size)
+            far.append(_Call(torch.from_numpy(which), slots, jj * q_block, None))
+    return _PromptBlocks(
+        q_block, len(blocks), torch.from_numpy(row.astype(np.int64)), torch.from_numpy(into.astype(np.int64)), near, far
+    )
+
+
+def _attend(
+    q: torch.Tensor,  # [n, kvh, rows, d] float32, the call's rows (or blocks) among others
+    keys: torch.Tensor,  # [slots, kvh, d] float32, the layer's pages as slots
+    values: torch.Tensor,  # same
+    call: _Call,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A local layer's blocks: part 2 from the first row's window start (rounded down to KEY_MULTIPLE), no part 1
-    (far is zero with weight zero). Same returns as _global_parts."""
-    near, near_lse = [], []
-    for b in range(blocks.shape[0]):
-        start = (first_block + b) * q_block
-        start_key = max(0, start - window + 1) // KEY_MULTIPLE * KEY_MULTIPLE
-        mask = _mask(q_block, group, start - start_key, window)
-        end = start + q_block
-        o, lse = _flash(
-            blocks[b : b + 1], keys[:, :, start_key:end], values[:, :, start_key:end], attn_mask=mask, scale=scale
-        )
-        near.append(o)
-        near_lse.append(lse)
-    near, near_lse = torch.cat(near), torch.cat(near_lse)
-    return near, near_lse, torch.zeros_like(near), torch.full_like(near_lse, float("-inf"))
+) -> tuple[torch.Tensor, torch.Tensor]:  # [count, kvh, rows, d], [count, kvh, rows]
+    count = call.index.shape[0]
+    q = q if count == q.shape[0] else q.index_select(0, call.index)
+    k = keys.index_select(0, call.slots).view(count, call.width, *keys.shape[1:]).transpose(1, 2)
+    v = values.index_select(0, call.slots).view(count, call.width, *values.shape[1:]).transpose(1, 2)
+    return _flash(q, k, v, attn_mask=call.mask, scale=scale)
+
+
+def _generated_rows(
+    out: torch.Tensor,  # [num_rows, num_heads, head_dim] float32, the plan's generated rows written
+    query: torch.Tensor,  # same
+    keys: torch.Tensor,  # [slots, kvh, d] float32
+    values: torch.Tensor,  # same
+    plan: _Plan,
+    scale: float,
+) -> None:
+    n, num_heads, head_dim = plan.rows.shape[0], query.shape[1], query.shape[2]
+    num_kv_heads = keys.shape[1]
+    group = num_heads // num_kv_heads
+    q = query.index_select(0, plan.rows).view(n, num_kv_heads, group, head_dim)
+    q = F.pad(q, (0, 0, 0, -group % ROW_MULTIPLE))  # [n, kvh, rows, d], zero rows past the group
+    parts = [_attend(q, keys, values, call, scale)[0] for call in plan.calls]
+    attended = torch.cat(parts) if len(parts) > 1 else parts[0]
+    out.index_copy_(0, plan.rows, attended[:, :, :group].reshape(n, num_heads, head_dim))
+
+
+def _prompt_rows(
+    out: torch.Tensor,  # [num_rows, num_heads, head_dim] float32, the blocks' prompt rows written
+    query: torch.Tensor,  # same
+    keys: torch.Tensor,  # [slots, kvh, d] float32
+    values: torch.Tensor,  # same
+    plan: _PromptBlocks,
+    scale: float,
+) -> None:
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = keys.shape[1]
+    group = num_heads // num_kv_heads
+    nb, q_block = plan.num_blocks, plan.q_block
+    # Queries in whole aligned blocks: [nb, kvh, group * q_block, d], rows (query head, token), missing rows zero.
+    tokens = query.new_zeros(nb * q_block, num_heads, head_dim)
+    tokens.index_copy_(0, plan.into, query.index_select(0, plan.rows))
+    blocks = tokens.view(nb, q_block, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    blocks = blocks.reshape(nb, num_kv_heads, group * q_block, head_dim)
+
+    if len(plan.near) == 1:  # a global layer: every block's part 2 in one call
+        merged, near_lse = _attend(blocks, keys, values, plan.near[0], scale)
+    else:
+        merged, near_lse = blocks.new_empty(blocks.shape), blocks.new_empty(blocks.shape[:3])
+        for call in plan.near:
+            o, lse = _attend(blocks, keys, values, call, scale)
+            merged.index_copy_(0, call.index, o)
+            near_lse.index_copy_(0, call.index, lse)
+    for call in plan.far:  # a block without keys before it keeps its near part as it is
+        far, far_lse = _attend(blocks, keys, values, call, scale)
+        near = merged.index_select(0, call.index)
+        # o = (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2), as a lerp from o2 (near) towards o1 (far)
+        weight = torch.sigmoid(far_lse - near_lse.index_select(0, call.index))[..., None]
+        merged.index_copy_(0, call.index, torch.lerp(near, far, weight))
+    merged = merged.view(nb, num_kv_heads, group, q_block, head_dim).permute(0, 3, 1, 2, 4)
+    out.index_copy_(0, plan.rows, merged.reshape(nb * q_block, num_heads, head_dim).index_select(0, plan.into))

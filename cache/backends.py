@@ -1,4 +1,4 @@
-"""Choosing the attention kernels: flash-attn when importable (GPU), then Triton (GPU), then torch.
+"""Choosing the attention kernels: flash-attn when importable (GPU), then Triton (GPU), then the CPU's own.
 
 Every backend exposes the same two calls as `attention_torch`:
     write_kv(key_cache, value_cache, key, value, slot_mapping) -> None
@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-BACKEND_NAMES = ("auto", "torch", "cpu-flash", "triton", "flash-attn")
-# "torch": the float64 reference, batch-invariant to the bit, the CPU's default. "cpu-flash": the reference with
-# prompt rows in float32 through torch's flash kernel (attention_cpu), a faster prefill on long prompts; asked for
-# by name only, since its rows are not bit-identical with the prefix cache on and off.
+BACKEND_NAMES = ("auto", "torch", "cpu", "triton", "flash-attn")
+# "torch": the float64 reference everything else is tested against, batch-invariant to the bit on any device.
+# "cpu": the CPU's default (attention_cpu): float32 through torch's flash kernel, batch-invariant to the bit by
+# the shapes it calls the kernel with, and bit-identical with the prefix cache on and off.
 _MODULES = {
     "torch": "attention_torch",
-    "cpu-flash": "attention_cpu",
+    "cpu": "attention_cpu",
     "triton": "attention_triton",
     "flash-attn": "attention_flash",
 }
@@ -46,10 +46,8 @@ def _load(name: str) -> AttentionBackend:
 def why_unavailable(name: str, device: torch.device, block_size: int) -> str | None:
     if name == "torch":
         return None
-    if name == "cpu-flash":
-        return (
-            None if device.type == "cpu" else f"the cpu-flash backend runs on the CPU, the model runs on {device.type}"
-        )
+    if name == "cpu":
+        return None if device.type == "cpu" else f"the cpu backend runs on the CPU, the model runs on {device.type}"
     if device.type != "cuda":
         return f"the {name} backend needs a CUDA device, the model runs on {device.type}"
     package = "flash_attn" if name == "flash-attn" else "triton"
@@ -65,7 +63,7 @@ def why_unavailable(name: str, device: torch.device, block_size: int) -> str | N
 
 
 def select_backend(name: str, device: torch.device | str, block_size: int = 16) -> AttentionBackend:
-    """`auto` takes the first of flash-attn, triton, torch that can run on `device` with pages of `block_size`."""
+    """`auto` takes the first of flash-attn, triton, cpu, torch that can run on `device` with pages of `block_size`."""
     device = torch.device(device)
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -74,7 +72,7 @@ def select_backend(name: str, device: torch.device | str, block_size: int = 16) 
         if reason:  # the engine reports it as a BackendUnavailableError
             raise ValueError(reason)
         return _load(name)
-    for candidate in ("flash-attn", "triton", "torch"):
+    for candidate in ("flash-attn", "triton", "cpu", "torch"):
         if why_unavailable(candidate, device, block_size) is None:
             return _load(candidate)
     raise AssertionError("the torch backend is always available")

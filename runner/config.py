@@ -23,7 +23,7 @@ from .structured_outputs import StructuredOutputs
 Policy = Literal["optimistic", "reserve"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
-Backend = Literal["auto", "torch", "cpu-flash", "triton", "flash-attn"]
+Backend = Literal["auto", "torch", "cpu", "triton", "flash-attn"]
 
 # A temperature below this is greedy: the distribution is a point mass on the top token anyway, and dividing
 # the logits by it would overflow float32 (an all-inf row has no softmax).
@@ -143,7 +143,8 @@ class EngineConfig:
     num_blocks_override: int | None = setting(None, "exact KV pool size in blocks (tests, benchmarks)", min=1)
     policy: Policy = setting("optimistic", "admission: optimistic (blocks of the next chunk) or reserve (whole row)")
     attention_backend: Backend = setting(
-        "auto", "auto, torch, cpu-flash (float32 prompt rows on the CPU), triton or flash-attn"
+        "auto",
+        "auto, torch (the float64 reference), cpu (float32, the CPU's default), triton or flash-attn",
     )
     max_model_len: int | None = setting(None, "context length; unset: the model's own", min=1)
     trust_remote_code: bool = setting(False, "run Python code shipped with the model (unsafe with untrusted models)")

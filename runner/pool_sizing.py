@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype: torch.dtype) -> KVCacheSpec:
     """Pages for `model_config` (a transformers config). The torch reference attention computes in float64, so
     float32 models keep their pages in float64 there (twice the bytes): no cached key or value is converted at
-    every step."""
+    every step. The CPU backends read float32 pages (their prompt rows on the reference convert what they read)."""
     text_config = model_config.get_text_config()
     num_heads = text_config.num_attention_heads
     return KVCacheSpec(
@@ -40,7 +40,7 @@ def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype:
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
         head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
         block_size=block_size,
-        dtype=torch.float64 if backend_name in ("torch", "cpu-flash") and model_dtype == torch.float32 else model_dtype,
+        dtype=torch.float64 if backend_name == "torch" and model_dtype == torch.float32 else model_dtype,
     )
 
 

@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=5043)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--backend", default="cpu-flash", help="the engine's attention backend: cpu-flash or torch")
+    parser.add_argument("--backend", default="cpu", help="the engine's attention backend: cpu or torch")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM

@@ -1,5 +1,5 @@
-"""The CPU backend's float32 prompt path: close to the float64 reference, and each row the same bits whatever chunk,
-neighbours or padding it is computed with (what batch invariance and exact recomputation rest on)."""
+"""The CPU backend's float32 attention: close to the float64 reference, and each row the same bits whatever chunk,
+neighbours, padding or thread it is computed with (what batch invariance and exact recomputation rest on)."""
 
 import random
 
@@ -15,24 +15,26 @@ NUM_TOKENS, NUM_PROMPT = 700, 650  # rows from 650 on are generated tokens
 
 @pytest.fixture(scope="module")
 def caches():
-    """One sequence's K/V for NUM_TOKENS positions in shuffled pages (float64, as the engine keeps them on the
-    CPU), its block table, and a query per position."""
+    """One sequence's K/V for NUM_TOKENS positions in shuffled pages (float32, as the CPU backend keeps them),
+    its block table, and a query per position."""
     gen = torch.Generator().manual_seed(0)
     num_blocks = NUM_TOKENS // BLOCK_SIZE + 8
     pages = list(range(num_blocks))
     random.Random(0).shuffle(pages)
     table = pages[: -(-NUM_TOKENS // BLOCK_SIZE)]
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    key_cache = (3 * torch.randn(shape, generator=gen)).float().double()
-    value_cache = torch.randn(shape, generator=gen).float().double()
+    key_cache = 3 * torch.randn(shape, generator=gen)
+    value_cache = torch.randn(shape, generator=gen)
     query = torch.randn(NUM_TOKENS, NUM_HEADS, HEAD_DIM, generator=gen)
     return key_cache, value_cache, table, query
 
 
 def step(caches, chunks: list[tuple[int, int]], prompt: int = NUM_PROMPT):
     """One step holding the sequence's rows [a, b) for each (a, b) in chunks, each as its own sequence (the same
-    pages), plus two padding rows. Returns (query, meta, rows): rows[i] the step's rows of chunk i."""
+    pages), plus two padding rows; chunks of one row come first, as decodes. Returns (query, meta, rows): rows[i]
+    the step's rows of chunk i."""
     _, _, table, query = caches
+    chunks = sorted(chunks, key=lambda c: c[1] - c[0] != 1)  # stable: the decodes first, in their given order
     starts, rows, parts = [0], [], []
     for a, b in chunks:
         rows.append(range(starts[-1], starts[-1] + b - a))
@@ -44,7 +46,7 @@ def step(caches, chunks: list[tuple[int, int]], prompt: int = NUM_PROMPT):
         seq_lens=torch.tensor([b for _, b in chunks], dtype=torch.int32),
         block_tables=torch.tensor([table] * len(chunks), dtype=torch.int32),
         slot_mapping=torch.full((starts[-1] + 2,), -1, dtype=torch.long),
-        num_decodes=0,
+        num_decodes=sum(b - a == 1 for a, b in chunks),
         max_query_len=max(b - a for a, b in chunks),
         max_seq_len=max(b for _, b in chunks),
         block_size=BLOCK_SIZE,
@@ -53,17 +55,31 @@ def step(caches, chunks: list[tuple[int, int]], prompt: int = NUM_PROMPT):
     return torch.cat(parts), meta, rows
 
 
+LAYERS = [LayerAttention(), LayerAttention(sliding_window=37)]
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Two threads at least (the CPU machines' count), where the flash kernel's second thread runs its own slices."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
 def attend(caches, chunks, layer=LayerAttention(), prompt=NUM_PROMPT):
+    """{position: output row} of one step, checked against the float64 reference."""
     key_cache, value_cache, _, _ = caches
     query, meta, rows = step(caches, chunks, prompt)
     out = attention_cpu.paged_attention(query, key_cache, value_cache, meta, 0.25, layer)
     want = attention_torch.paged_attention(query, key_cache, value_cache, meta, 0.25, layer)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
+    chunks = sorted(chunks, key=lambda c: c[1] - c[0] != 1)
     return {pos: out[row] for (a, _), chunk_rows in zip(chunks, rows) for pos, row in zip(range(a, 10**9), chunk_rows)}
 
 
-@pytest.mark.parametrize("layer", [LayerAttention(), LayerAttention(sliding_window=37)], ids=["global", "local"])
+@pytest.mark.parametrize("layer", LAYERS, ids=["global", "local"])
 def test_a_row_has_the_same_bits_in_any_chunk(caches, layer) -> None:
     whole = attend(caches, [(0, NUM_TOKENS)], layer)
     rng = random.Random(1)
@@ -77,20 +93,37 @@ def test_a_row_has_the_same_bits_in_any_chunk(caches, layer) -> None:
             assert torch.equal(pieces[pos], whole[pos]), f"position {pos} differs with chunks {chunks}"
 
 
-def test_generated_rows_keep_the_references_bits(caches) -> None:
-    # Rows past the prompt are tokens a decode computed first; recomputed, they must come back bit for bit.
-    key_cache, value_cache, _, _ = caches
-    query, meta, rows = step(caches, [(600, NUM_TOKENS)])
-    out = attention_cpu.paged_attention(query, key_cache, value_cache, meta, 0.25)
-    want = attention_torch.paged_attention(query, key_cache, value_cache, meta, 0.25)
-    generated = slice(NUM_PROMPT - 600, NUM_TOKENS - 600)
-    assert torch.equal(out[generated], want[generated])
-    assert not torch.equal(out[: NUM_PROMPT - 600], want[: NUM_PROMPT - 600])  # the prompt rows took float32
+@pytest.mark.parametrize("layer", LAYERS, ids=["global", "local"])
+def test_a_decode_has_the_same_bits_in_any_crowd(caches, layer) -> None:
+    """Generated positions as decodes, alone and in shuffled crowds of other decodes and chunks (so on either of
+    the flash kernel's threads, and in groups of other sizes), and recomputed inside a chunk: the same bits."""
+    positions = list(range(NUM_PROMPT, NUM_TOKENS))
+    alone = {pos: attend(caches, [(pos, pos + 1)], layer)[pos] for pos in positions}
+    rng = random.Random(2)
+    for _ in range(4):
+        crowd = rng.sample(positions, rng.randrange(2, len(positions)))
+        chunks = [(p, p + 1) for p in crowd] + [(rng.randrange(0, 300), rng.randrange(300, NUM_TOKENS))]
+        rng.shuffle(chunks)
+        rows = attend(caches, chunks, layer)
+        for pos in crowd:
+            assert torch.equal(rows[pos], alone[pos]), f"decode at {pos} differs in a crowd of {len(crowd)}"
+    # A preempted sequence recomputes its generated tokens in a prefill chunk: they must come back bit for bit.
+    recomputed = attend(caches, [(600, NUM_TOKENS)], layer)
+    for pos in positions:
+        assert torch.equal(recomputed[pos], alone[pos]), f"recomputed row {pos} differs"
 
 
 def test_softcap_and_sinks_run_the_reference(caches) -> None:
     key_cache, value_cache, _, _ = caches
-    query, meta, _ = step(caches, [(100, 300)])
+    query, meta, _ = step(caches, [(650, 651), (100, 300)])
     layer = LayerAttention(softcap=2.0, sinks=torch.zeros(NUM_HEADS))
     out = attention_cpu.paged_attention(query, key_cache, value_cache, meta, 0.25, layer)
     assert torch.equal(out, attention_torch.paged_attention(query, key_cache, value_cache, meta, 0.25, layer))
+
+
+def test_a_prompt_token_alone_in_its_chunk_is_a_prompt_row(caches) -> None:
+    # With the rest of the prompt cached, its last token is a one-row chunk among the decodes: still a prompt row.
+    whole = attend(caches, [(0, NUM_TOKENS)])
+    rows = attend(caches, [(NUM_PROMPT - 1, NUM_PROMPT), (10, 11), (NUM_PROMPT, NUM_PROMPT + 1), (300, 500)])
+    for pos in (NUM_PROMPT - 1, 10, NUM_PROMPT, *range(300, 500)):
+        assert torch.equal(rows[pos], whole[pos]), f"position {pos}"

@@ -9,8 +9,14 @@ from kvbatch.cache import backends
 from kvbatch.cache.backends import select_backend
 
 
-def test_cpu_gets_the_torch_reference():
-    assert select_backend("auto", "cpu").name == "torch"
+def test_cpu_gets_its_own_backend_and_the_reference_by_name():
+    assert select_backend("auto", "cpu").name == "cpu"
+    assert select_backend("torch", "cpu").name == "torch"
+
+
+def test_the_cpu_backend_on_a_gpu_says_why():
+    with pytest.raises(ValueError, match="the cpu backend runs on the CPU, the model runs on cuda"):
+        select_backend("cpu", torch.device("cuda"))
 
 
 def test_forcing_a_gpu_backend_on_the_cpu_says_why():

@@ -36,7 +36,7 @@ def test_throughput_counts_every_requested_token(tmp_path):
     )
     assert result.exit_code == 0, result.output
     (record,) = _records(out.read_text())
-    assert record["runner"] == "kvbatch" and record["device"] == "cpu" and record["attention"] == "torch"
+    assert record["runner"] == "kvbatch" and record["device"] == "cpu" and record["attention"] == "cpu"
     assert record["rows"] == 6 and record["errors"] == 0
     assert record["out_tokens"] == 6 * 64  # EOS is off: every row runs to its length
     assert record["in_tokens"] == make_workload("chat", 1024, 6).num_prompt_tokens
