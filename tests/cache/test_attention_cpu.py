@@ -79,8 +79,11 @@ def attend(caches, chunks, layer=LayerAttention(), prompt=NUM_PROMPT):
     return {pos: out[row] for (a, _), chunk_rows in zip(chunks, rows) for pos, row in zip(range(a, 10**9), chunk_rows)}
 
 
+@pytest.mark.parametrize("short_prompt", [attention_cpu.SHORT_PROMPT, 100], ids=["short-blocks", "long-blocks"])
 @pytest.mark.parametrize("layer", LAYERS, ids=["global", "local"])
-def test_a_row_has_the_same_bits_in_any_chunk(caches, layer) -> None:
+def test_a_row_has_the_same_bits_in_any_chunk(caches, layer, short_prompt, monkeypatch) -> None:
+    # A prompt longer than SHORT_PROMPT takes QUERY_BLOCK-token blocks: lowered, these 650 tokens take them too.
+    monkeypatch.setattr(attention_cpu, "SHORT_PROMPT", short_prompt)
     whole = attend(caches, [(0, NUM_TOKENS)], layer)
     rng = random.Random(1)
     for _ in range(3):
