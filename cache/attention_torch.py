@@ -165,7 +165,7 @@ def attend_chunk_rows(
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor,  # same
     meta: AttentionMetadata,
-    seq: int,  # a sequence whose chunk holds these rows
+    seq: int,  # a prefill sequence (seq >= meta.num_decodes)
     q_lo: int,  # first row, counted from the chunk's first
     q_hi: int,  # one past the last
     scale: float,

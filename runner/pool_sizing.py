@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype: torch.dtype) -> KVCacheSpec:
     """Pages for `model_config` (a transformers config). The torch reference attention computes in float64, so
     float32 models keep their pages in float64 there (twice the bytes): no cached key or value is converted at
-    every step. The CPU backends read float32 pages (their prompt rows on the reference convert what they read)."""
+    every step. The CPU backend computes in float32 and keeps float32 pages."""
     text_config = model_config.get_text_config()
     num_heads = text_config.num_attention_heads
     return KVCacheSpec(
