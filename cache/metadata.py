@@ -62,9 +62,10 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
     shared_prefix_len: torch.Tensor | None = None  # [1] int32 on the step's device; None: no cascade
-    # [num_seqs] int32 on the host: each sequence's prompt length, so the CPU backend can tell prompt rows (fast
-    # float32 path) from rows of tokens it generated (recomputed after a preemption: the decodes' float64 path).
-    # None: every row is treated as a generated one. Other backends ignore it.
+    # [num_seqs] int32 on the host, decodes included: each sequence's prompt length, so the CPU backend can tell
+    # prompt rows (aligned query blocks) from rows of tokens it generated (one query each, as a decode computes
+    # them, also when recomputed after a preemption). None: every row is treated as a generated one. Other backends
+    # ignore it.
     num_prompt_tokens: torch.Tensor | None = None
 
     @property
