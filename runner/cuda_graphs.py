@@ -20,6 +20,13 @@ page. Only pure-decode steps replay: prefill shapes vary too much to capture.
 
 With the prefix cache on, a second set of graphs runs the cascade decode (cache/attention_triton_cascade.py)
 for steps whose decodes share a cached prefix; the plain set skips its extra launches when they do not.
+
+With LoRA adapters on their Triton kernels, each set has a twin that also runs the adapted layers' updates, for
+steps where some decode runs an adapter; its tiles (runner/lora/step.py) come from one more buffer:
+
+    lora_tiles      [max_tiles(B), 3] int32    the step's tiles, then empty ones (0 rows)
+
+A step whose adapters run the torch path (no Triton) goes eagerly.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvbatch.cache.metadata import AttentionMetadata
 
+from .lora.step import LoraStep, max_tiles
 from .model_runner import ModelRunner, StepInputs
 
 logger = logging.getLogger(__name__)
@@ -74,10 +83,13 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.logits_rows = torch.arange(largest, dtype=torch.int64, device=device)
         self.shared_prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        adapters = runner.adapters
+        self.max_runs = adapters.max_loras if adapters is not None and adapters.use_triton else 0
+        self.lora_tiles = torch.zeros(max_tiles(largest, self.max_runs), 3, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[int, bool, bool], _Graph] = {}
         self._pool = None
 
-    def _inputs(self, size: int, cascade: bool) -> StepInputs:
+    def _inputs(self, size: int, cascade: bool, lora: bool) -> StepInputs:
         meta = AttentionMetadata(
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
@@ -89,32 +101,42 @@ class DecodeGraphs:
             block_size=self.block_size,
             shared_prefix_len=self.shared_prefix_len if cascade else None,
         )
-        return StepInputs(self.input_ids[:, :size], self.positions[:, :size], self.logits_rows[:size], size, meta)
+        inputs = StepInputs(self.input_ids[:, :size], self.positions[:, :size], self.logits_rows[:size], size, meta)
+        if lora:
+            tiles = self.lora_tiles[: max_tiles(size, self.max_runs)]
+            inputs.lora = LoraStep(size, [], _device_tiles=tiles)
+        return inputs
 
     def capture(self) -> None:
         """Capture every bucket, largest first, sharing one memory pool (smaller graphs reuse its blocks)."""
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
-            for cascade in (False, True) if self.cascade else (False,):
-                for size in reversed(self.buckets):
-                    inputs = self._inputs(size, cascade)
-                    self.runner.forward_eager(inputs)  # warm-up outside the graph: kernels compile, workspaces allocate
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                        logits = self.runner.forward_eager(inputs)
-                    self._pool = graph.pool()
-                    self.graphs[size, cascade] = _Graph(graph, logits)
+            for lora in (False, True) if self.max_runs else (False,):
+                for cascade in (False, True) if self.cascade else (False,):
+                    for size in reversed(self.buckets):
+                        inputs = self._inputs(size, cascade, lora)
+                        self.runner.forward_eager(
+                            inputs
+                        )  # warm-up outside the graph: kernels compile, memory allocates
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                            logits = self.runner.forward_eager(inputs)
+                        self._pool = graph.pool()
+                        self.graphs[size, cascade, lora] = _Graph(graph, logits)
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         torch.cuda.synchronize(self.runner.device)
         logger.info(
-            "captured decode CUDA graphs for batch sizes %s%s",
+            "captured decode CUDA graphs for batch sizes %s%s%s",
             self.buckets,
             " (plain and cascade)" if self.cascade else "",
+            ", with and without LoRA updates" if self.max_runs else "",
         )
 
     def fits(self, inputs: StepInputs) -> bool:
-        meta = inputs.meta
+        meta, lora = inputs.meta, inputs.lora
+        if lora is not None and (lora.tiles is None or len(lora.tiles) > max_tiles(meta.num_seqs, self.max_runs)):
+            return False  # the torch path (no Triton), or more runs than a decode step has (never, by the scheduler)
         return meta.num_decodes == meta.num_seqs and inputs.input_ids.shape[1] <= self.buckets[-1] and bool(self.graphs)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
@@ -137,7 +159,12 @@ class DecodeGraphs:
         cascade = meta.shared_prefix_len is not None and self.cascade
         if cascade:
             self.shared_prefix_len.copy_(meta.shared_prefix_len)
-        entry = self.graphs[size, cascade]
+        lora = inputs.lora
+        if lora is not None:
+            tiles = np.zeros((max_tiles(size, self.max_runs), 3), np.int32)  # past the step's tiles: 0 rows
+            tiles[: len(lora.tiles)] = lora.tiles
+            self.lora_tiles[: len(tiles)].copy_(torch.from_numpy(tiles), non_blocking=True)
+        entry = self.graphs[size, cascade, lora is not None]
         entry.graph.replay()
         # Decode i is row i, so the first num_sampling rows are the sampling rows in order.
         return entry.logits[: inputs.num_sampling]

@@ -414,11 +414,9 @@ class ModelRunner:
         self.adapters = None  # an Adapters (runner/lora/adapters.py): its hooks read the step's LoraStep
 
     def replays(self, inputs: StepInputs) -> bool:
-        """Whether this step runs from a captured CUDA graph (graphs keep the sampling rows' logits only, and were
-        captured without adapters: a step that scores rows or runs one goes eagerly)."""
-        return (
-            self.graphs is not None and not inputs.num_score_rows and inputs.lora is None and self.graphs.fits(inputs)
-        )
+        """Whether this step runs from a captured CUDA graph (graphs keep the sampling rows' logits only: a step
+        that scores rows goes eagerly)."""
+        return self.graphs is not None and not inputs.num_score_rows and self.graphs.fits(inputs)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the sampling rows: [num_sampling, vocab_size], in the model's dtype (float32 under

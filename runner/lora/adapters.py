@@ -248,7 +248,7 @@ class Adapters:
                 from .triton_kernels import apply_triton
 
                 a_stack, b_stack = self.stacks[index]
-                apply_triton(x.contiguous(), y, step.tiles, a_stack, b_stack)
+                apply_triton(x.contiguous(), y, step.device_tiles(), a_stack, b_stack)
             else:
                 apply_torch(x, y, step, [table[index] for table in self.slot_weights])
             return output

@@ -11,6 +11,9 @@ The scheduler orders a step's sequences by adapter (decodes first, then prefill 
 form at most two runs. The torch path loops over the runs: two small GEMMs each, on row slices (no gather). The
 Triton path (triton_kernels.py) cuts the runs into tiles of at most TILE_ROWS rows and does the shrink and the
 expand of every tile in one launch each, reading each tile's adapter from the stacked slot weights (SGMV).
+
+A decode step replayed from a CUDA graph (runner/cuda_graphs.py) launches a fixed number of tiles, `max_tiles`
+of its bucket: the step's tiles first, then empty ones (0 rows), which read no row and write none.
 """
 
 from __future__ import annotations
@@ -23,11 +26,25 @@ import torch
 TILE_ROWS = 16
 
 
+def max_tiles(num_rows: int, max_runs: int) -> int:
+    """The most tiles `max_runs` runs over `num_rows` rows cut into: each run ends at most one partial tile."""
+    return num_rows // TILE_ROWS + max_runs
+
+
 @dataclass
 class LoraStep:
     num_rows: int  # the step's rows, padding included: every adapted layer sees exactly these
     runs: list[tuple[int, int, int]]  # (slot, first row, end row) of the rows that run an adapter
-    tiles: torch.Tensor | None = None  # [num_tiles, 3] int32 on the device: slot, first row, rows (Triton path)
+    tiles: np.ndarray | None = None  # [num_tiles, 3] int32: slot, first row, rows (Triton path)
+    device: torch.device | None = None
+    _device_tiles: torch.Tensor | None = None
+
+    def device_tiles(self) -> torch.Tensor:
+        """`tiles` on the device, copied once for all the step's layers (a graph's step gets its static buffer)."""
+        if self._device_tiles is None:
+            assert self.tiles is not None and self.device is not None, "a step without tiles runs the torch path"
+            self._device_tiles = torch.from_numpy(self.tiles).to(self.device, non_blocking=True)
+        return self._device_tiles
 
 
 def lora_step(row_slots: np.ndarray, num_rows_padded: int, device: torch.device, with_tiles: bool) -> LoraStep | None:
@@ -41,8 +58,8 @@ def lora_step(row_slots: np.ndarray, num_rows_padded: int, device: torch.device,
     tiles = None
     if with_tiles:
         rows = [(slot, s, min(TILE_ROWS, e - s)) for slot, start, e in runs for s in range(start, e, TILE_ROWS)]
-        tiles = torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
-    return LoraStep(num_rows_padded, runs, tiles)
+        tiles = np.array(rows, dtype=np.int32).reshape(-1, 3)
+    return LoraStep(num_rows_padded, runs, tiles, device)
 
 
 def apply_torch(

@@ -42,9 +42,9 @@ def reference(adapter_paths, rows) -> list[list[int]]:
     return peft_greedy(hf_reference("llama"), adapter_paths, rows, MAX_NEW, EOS_ID, 0)
 
 
-def run(paths, rows, **settings) -> tuple[Engine, dict]:
+def run(paths, rows, loaded=None, **settings) -> tuple[Engine, dict]:
     config = {"block_size": 4, "num_blocks_override": 256, "max_num_batched_tokens": 64, **settings}
-    engine = Engine(EngineConfig(**config), tiny_loaded("llama"), adapters=paths)
+    engine = Engine(EngineConfig(**config), loaded or tiny_loaded("llama"), adapters=paths)
     params = SamplingParams(max_new_tokens=MAX_NEW)
     requests = [GenerationRequest(i, prompt, params, adapter=name) for i, (prompt, name) in enumerate(rows)]
     return engine, {r.request_id: r for r in engine.generate(requests)}
@@ -205,3 +205,27 @@ def test_two_names_of_one_folder_share_a_slot(adapter_paths, rows, reference) ->
     params = SamplingParams(max_new_tokens=MAX_NEW)
     results = list(engine.generate(GenerationRequest(name, rows[i][0], params, adapter=name) for name in paths))
     assert [r.completions[0].token_ids for r in results] == [reference[i]] * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the compiled LoRA kernels need a GPU")
+def test_adapter_decodes_replay_cuda_graphs_and_equal_peft(adapter_paths, rows, reference, monkeypatch) -> None:
+    """On a GPU, decode steps with adapter rows replay a CUDA graph that runs the Triton LoRA kernels, with the
+    step's tiles in the graph's buffer; their greedy tokens still equal PEFT's."""
+    from kvbatch.runner.cuda_graphs import DecodeGraphs
+
+    replayed: list[bool] = []  # per replayed step: whether it ran adapter rows
+    forward = DecodeGraphs.forward
+
+    def recording(self, inputs):
+        replayed.append(inputs.lora is not None)
+        return forward(self, inputs)
+
+    monkeypatch.setattr(DecodeGraphs, "forward", recording)
+    loaded = tiny_loaded("llama")
+    gpu = dataclasses.replace(loaded, model=loaded.model.to("cuda"), device=torch.device("cuda"))
+    engine, results = run(adapter_paths, rows, loaded=gpu)
+    assert engine.uses_cuda_graphs
+    for i, (_, name) in enumerate(rows):
+        assert results[i].error is None, results[i].error
+        assert results[i].completions[0].token_ids == reference[i], f"row {i} ({name}) diverged from PEFT"
+    assert any(replayed) and sum(replayed) >= MAX_NEW // 2, replayed

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvbatch.runner.lora.step import apply_torch, lora_step
+from kvbatch.runner.lora.step import apply_torch, lora_step, max_tiles
 
 pytest.importorskip("triton")
 
@@ -39,11 +39,19 @@ def test_triton_update_equals_torch_path(dtype: torch.dtype) -> None:
     want = y.clone()
     apply_torch(x, want, step, slot_weights)
     got = y.clone()
-    apply_triton(x, got, step.tiles, a_stack.to(device, dtype), b_stack.to(device, dtype))
+    apply_triton(x, got, step.device_tiles(), a_stack.to(device, dtype), b_stack.to(device, dtype))
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance * 10)
     base_rows = torch.from_numpy(np.concatenate([row_slots, [-1] * 3]) < 0).to(device)
     assert torch.equal(got[base_rows], y[base_rows])  # rows of the base model and padding are left alone
+
+    # A CUDA graph's step launches max_tiles tiles, the step's then empty ones: those change nothing.
+    padded = np.zeros((max_tiles(num_rows, len(ranks) + 2), 3), np.int32)
+    padded[: len(step.tiles)] = step.tiles
+    assert len(padded) > len(step.tiles)
+    graph_like = y.clone()
+    apply_triton(x, graph_like, torch.from_numpy(padded).to(device), *(s.to(device, dtype) for s in (a_stack, b_stack)))
+    assert torch.equal(graph_like, got)
 
 
 def test_no_adapter_rows_is_no_step() -> None:
