@@ -13,12 +13,13 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_update_equals_torch_path(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("in_features", [24, 200])  # below one K block; four blocks, the last partial: split K
+def test_triton_update_equals_torch_path(dtype: torch.dtype, in_features: int) -> None:
     from kvbatch.runner.lora.triton_kernels import apply_triton
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
-    in_features, out_features, rank_pad = 24, 80, 16  # in below one K block, out over one N block
+    out_features, rank_pad = 80, 16  # out over one N block
     ranks = [2, 5, 16]  # three slots; the stacks are zero past each slot's rank
     a_stack = torch.zeros(len(ranks), in_features, rank_pad)
     b_stack = torch.zeros(len(ranks), rank_pad, out_features)
