@@ -67,7 +67,7 @@ class EngineCache:
         settings = job.engine.settings()
         if job.parallel.tensor > 1:
             settings["tensor_parallel"] = job.parallel.tensor
-        # An engine that serves adapters runs transformers' layers (no fused layers): one of each kind.
+        # An engine built without adapters takes none later, and one with them hooks its layers: one of each kind.
         return (job.model, tuple(sorted(settings.items())), bool(job_adapters(job)))
 
     def get(self, job: JobSpec) -> tuple[Any, bool]:

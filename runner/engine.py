@@ -150,12 +150,10 @@ class Engine:
             raise BackendUnavailableError(str(exc)) from None
         num_heads = self.model.config.get_text_config().num_attention_heads
         self.kv_spec = kv_cache_spec(self.model.config, config.block_size, self.backend.name, self.loaded.dtype)
+        self.fused = fused_decoder_for(self.model, config.fused_layers, self.device)
         self.adapters = self._make_adapters(adapters) if adapters is not None else None
-        # Fused layers run concatenated q/k/v and gate/up weights that the adapters' hooks never see.
-        fused_setting = config.fused_layers if self.adapters is None else False
-        if self.adapters is not None and config.fused_layers:
-            logger.warning("fused_layers is off: LoRA adapters run through transformers' own layers")
-        self.fused = fused_decoder_for(self.model, fused_setting, self.device)
+        if self.fused is not None:
+            self.fused.adapters = self.adapters
         self.float32_logits = use_float32_logits(self.model, config.float32_logits, self.device)
         self.pool_size = self._size_pool()
         try:
@@ -232,7 +230,8 @@ class Engine:
             config.max_cpu_loras or config.max_loras,
             config.allow_pickle,
             DEFAULT_HUB_NAME if name.startswith("default") else name,
-            use_triton=True,
+            use_triton=self.device.type == "cuda" or self.fused is not None,  # the fused decoder's kernels are Triton
+            packed=self.fused.packed_linears() if self.fused is not None else (),
         )
 
     def add_adapter(self, name: str, path: str) -> None:

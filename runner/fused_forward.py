@@ -18,6 +18,10 @@ same parameters. Embeddings, rotary tables (any rope scaling), o_proj, down_proj
 themselves. The kernels round where transformers' code rounds (runner/fused_kernels.py), so logits equal the
 unfused model's up to float32 summation order and cuBLAS's choice of GEMM kernel.
 
+LoRA adapters (runner/lora/adapters.py) add their updates to the two packed GEMMs' outputs through
+`update_packed`, and to o_proj and down_proj through the modules' hooks. A step that runs an adapter computes
+the last layer for every row: the adapters' row tiles are laid out over all of the step's rows.
+
 On by default where Triton compiles (CUDA) and the architecture is one of the above; the CPU keeps
 transformers' layers, whose greedy tokens the tests hold equal to `model.generate`.
 """
@@ -65,6 +69,8 @@ class _Layer:
     gate_up_weight: torch.Tensor
     gate_up_bias: torch.Tensor | None
     down_proj: nn.Module
+    qkv_linears: tuple[nn.Linear, ...]  # the modules whose weights qkv_weight holds, in its row order
+    gate_up_linears: tuple[nn.Linear, ...]
 
 
 def _norm(module: nn.Module) -> _Norm:
@@ -166,6 +172,8 @@ def _layer(index: int, layer: nn.Module) -> _Layer:
         gate_up_weight=gate_up_weight,
         gate_up_bias=gate_up_bias,
         down_proj=mlp.down_proj,
+        qkv_linears=(attn.q_proj, attn.k_proj, attn.v_proj),
+        gate_up_linears=(mlp.gate_proj, mlp.up_proj),
     )
 
 
@@ -188,6 +196,11 @@ class FusedDecoder:
         with torch.no_grad():
             self.layers = [_layer(i, layer) for i, layer in enumerate(self.base.layers)]
         self.final_norm = _norm(self.base.norm)
+        self.adapters = None  # an Adapters built with `packed_linears()`: adds the packed GEMMs' LoRA updates
+
+    def packed_linears(self) -> list[tuple[nn.Linear, ...]]:
+        """The linears each fused GEMM runs, in its output columns' order: q/k/v and gate/up of every layer."""
+        return [group for layer in self.layers for group in (layer.qkv_linears, layer.gate_up_linears)]
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext, keep_rows: torch.Tensor
@@ -204,7 +217,9 @@ class FusedDecoder:
         k = self.kernels
         if keep_rows.is_cuda:
             keep_rows = _bucketed(keep_rows, hidden.shape[0])
-        prune = keep_rows.shape[0] < hidden.shape[0]  # shapes only: every tensor-parallel rank decides alike
+        adapters = self.adapters if self.adapters is not None and self.adapters.current is not None else None
+        # Shapes and the step's adapters only: every tensor-parallel rank decides alike.
+        prune = keep_rows.shape[0] < hidden.shape[0] and adapters is None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, residual = k.add_rms_norm(hidden, residual, layer.input_norm.weight, layer.input_norm.eps)
@@ -214,7 +229,10 @@ class FusedDecoder:
             else:
                 hidden = self._attention(layer, x, cos, sin, step)
             x, residual = k.add_rms_norm(hidden, residual, layer.post_norm.weight, layer.post_norm.eps)
-            hidden = layer.down_proj(k.silu_mul(F.linear(x, layer.gate_up_weight, layer.gate_up_bias)))
+            gate_up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias)
+            if adapters is not None:
+                adapters.update_packed(layer.gate_up_linears, x, gate_up)
+            hidden = layer.down_proj(k.silu_mul(gate_up))
         out = k.add_rms_norm(hidden, residual, self.final_norm.weight, self.final_norm.eps)[0]
         return out if prune else out.index_select(0, keep_rows)
 
@@ -229,6 +247,8 @@ class FusedDecoder:
     ) -> torch.Tensor:
         rows, hq, hkv, d = x.shape[0], layer.num_q_heads, layer.num_kv_heads, layer.head_dim
         qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+        if self.adapters is not None and self.adapters.current is not None:
+            self.adapters.update_packed(layer.qkv_linears, x, qkv)
         self.kernels.rope_(qkv, cos, sin, hq, hkv, d, layer.qk_norm, layer.qk_norm_eps)
         q = qkv[:, : hq * d].view(rows, hq, d)
         k = qkv[:, hq * d : (hq + hkv) * d].view(rows, hkv, d)

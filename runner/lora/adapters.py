@@ -13,15 +13,24 @@ copy, and max_cpu_loras * the largest adapter is taken out of kv_cache_gib. An a
 slots (the same layers, no larger ranks), else its requests fail as bad adapters.
 
 Each adapted nn.Linear gets a forward hook that adds the step's update to the layer's output (runner/lora/step.py):
-the model's own forward and its single base GEMM per layer are untouched.
+the model's own forward and its single base GEMM per layer are untouched. Under the fused decoder
+(runner/fused_forward.py) q/k/v and gate/up are one GEMM each and their modules never run: the decoder adds
+those updates itself (`update_packed`), one per GEMM, from slots packed the same way:
+
+    a_stack [slots, in, rank_pad]      the members' A_t side by side in rank     (x @ a: every member's xa at once)
+    b_stack [slots, rank_pad, out]     block diagonal: member j's B_t at its ranks and output columns, zeros elsewhere
+
+so one shrink and one expand serve a packed GEMM, as they serve a single layer.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,6 +46,31 @@ def _padded_rank(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())  # a power of two >= 16, what tl.dot takes
 
 
+@dataclass(frozen=True)
+class _Member:
+    """One adapted module of a group: its rank columns in the group's A stack and output columns in its B."""
+
+    index: int  # in Adapters.modules and the slot tables
+    rank_start: int
+    rank: int  # the largest any registered adapter gives this module
+    column: int
+    out_features: int
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.column, self.column + self.out_features)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Modules whose updates are one shrink and one expand: a packed GEMM's adapted members, or one module."""
+
+    members: list[_Member]
+    in_features: int
+    out_features: int  # the whole GEMM's: members' and unadapted linears' columns
+    rank_pad: int  # the members' ranks together, padded to what tl.dot takes
+
+
 class Adapters:
     def __init__(
         self,
@@ -49,7 +83,10 @@ class Adapters:
         allow_pickle: bool = False,
         model_name: str | None = None,
         use_triton: bool = False,
+        packed: Sequence[tuple[nn.Linear, ...]] = (),
     ) -> None:
+        """packed: groups of linears run as one GEMM over the same input (outputs side by side, in this order),
+        whose updates `update_packed` adds; every other adapted linear gets a hook."""
         self.device, self.dtype = device, dtype
         self.max_loras, self.max_cpu_loras = max_loras, max(max_cpu_loras, max_loras)
         self.allow_pickle, self.model_name = allow_pickle, model_name
@@ -67,15 +104,35 @@ class Adapters:
                 self.ranks[module] = max(self.ranks.get(module, 0), shape.rank)
         self.modules = sorted(self.ranks)  # a layer's index in the slot tables
         self.slot_bytes = max((s.num_bytes(dtype) for s in valid), default=0)
-        self.use_triton = use_triton and device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        self.stacks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (a_stack, b_stack), GPU only
-        if device.type == "cuda":
-            for module in self.modules:
-                linear, r = self.linears[module], _padded_rank(self.ranks[module])
+        # Triton's kernels where they compile, or in its CPU interpreter (the fused decoder's tests run there).
+        self.use_triton = (
+            use_triton
+            and importlib.util.find_spec("triton") is not None
+            and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+        )
+        # Groups of module indices sharing one update: the packed GEMMs' members, then every other module alone.
+        index = {module: i for i, module in enumerate(self.modules)}
+        name_of = {id(linear): name for name, linear in self.linears.items()}
+        packed_names = [tuple(name_of[id(linear)] for linear in group) for group in packed]
+        self.groups: list[_Group] = []
+        self._packed: dict[tuple[int, ...], int] = {}  # ids of a packed group's linears -> its group
+        for linears, names in zip(packed, packed_names):
+            if any(name in index for name in names):
+                self._packed[tuple(map(id, linears))] = len(self.groups)
+                self.groups.append(self._group(names, index))
+        in_packs = {name for names in packed_names for name in names}
+        hooked = [module for module in self.modules if module not in in_packs]
+        self._hooked_group: dict[str, int] = {}  # module -> its group of one, applied by the module's hook
+        for module in hooked:
+            self._hooked_group[module] = len(self.groups)
+            self.groups.append(self._group((module,), index))
+        self.stacks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per group (a_stack, b_stack): GPU or Triton
+        if device.type == "cuda" or self.use_triton:
+            for group in self.groups:
                 self.stacks.append(
                     (
-                        torch.zeros(max_loras, linear.in_features, r, dtype=dtype, device=device),
-                        torch.zeros(max_loras, r, linear.out_features, dtype=dtype, device=device),
+                        torch.zeros(max_loras, group.in_features, group.rank_pad, dtype=dtype, device=device),
+                        torch.zeros(max_loras, group.rank_pad, group.out_features, dtype=dtype, device=device),
                     )
                 )
         # slot -> per layer (a_t, b_t) or None; the step's LoraStep while a forward pass runs
@@ -88,7 +145,8 @@ class Adapters:
         self._free_slots = list(range(max_loras - 1, -1, -1))
         self.current: LoraStep | None = None
         self._hooks = [
-            self.linears[module].register_forward_hook(self._hook(i)) for i, module in enumerate(self.modules)
+            self.linears[module].register_forward_hook(self._hook(group))
+            for module, group in self._hooked_group.items()
         ]
         logger.info(
             "%d adapters registered (%d usable) on %d layers; %d device slots of %.1f MiB",
@@ -98,6 +156,17 @@ class Adapters:
             max_loras,
             self.slot_bytes / 2**20,
         )
+
+    def _group(self, names: tuple[str, ...], index: dict[str, int]) -> _Group:
+        linears = [self.linears[name] for name in names]
+        members, rank_start, column = [], 0, 0
+        for name, linear in zip(names, linears):
+            if name in index:
+                rank = self.ranks[name]
+                members.append(_Member(index[name], rank_start, rank, column, linear.out_features))
+                rank_start += rank
+            column += linear.out_features
+        return _Group(members, linears[0].in_features, column, _padded_rank(rank_start))
 
     # ---- registry ----------------------------------------------------------------------------
 
@@ -206,21 +275,20 @@ class Adapters:
 
     def _load_slot(self, slot: int, weights: dict[str, LoraModule]) -> None:
         table = self.slot_weights[slot]
-        for i, module in enumerate(self.modules):
-            w = weights.get(module)
-            if not self.stacks:
-                table[i] = (w.a_t, w.b_t) if w is not None else None
-                continue
-            a_stack, b_stack = self.stacks[i]
-            a_stack[slot].zero_()
-            b_stack[slot].zero_()
-            if w is None:
-                table[i] = None
-                continue
-            r = w.a_t.shape[1]
-            a_stack[slot, :, :r].copy_(w.a_t, non_blocking=False)
-            b_stack[slot, :r].copy_(w.b_t, non_blocking=False)
-            table[i] = (a_stack[slot, :, :r], b_stack[slot, :r])
+        for g, group in enumerate(self.groups):
+            if self.stacks:
+                a_stack, b_stack = self.stacks[g]
+                a_stack[slot].zero_()
+                b_stack[slot].zero_()
+            for m in group.members:
+                w = weights.get(self.modules[m.index])
+                if w is None or not self.stacks:
+                    table[m.index] = (w.a_t, w.b_t) if w is not None else None
+                    continue
+                ranks, columns = slice(m.rank_start, m.rank_start + w.a_t.shape[1]), m.columns
+                a_stack[slot, :, ranks].copy_(w.a_t, non_blocking=False)
+                b_stack[slot, ranks, columns].copy_(w.b_t, non_blocking=False)
+                table[m.index] = (a_stack[slot, :, ranks], b_stack[slot, ranks, columns])
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -234,26 +302,36 @@ class Adapters:
         seq_slots = np.fromiter((slot_of[n] if n is not None else -1 for n in adapter_names), np.int64, len(counts))
         return lora_step(np.repeat(seq_slots, counts), num_rows_padded, self.device, self.use_triton)
 
-    def _hook(self, index: int):
+    def _hook(self, group: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            step = self.current
-            if step is None:
-                return None
-            x = args[0]
-            y = output.view(-1, output.shape[-1])
-            if y.shape[0] != step.num_rows:
-                raise RuntimeError(f"{self.modules[index]} saw {y.shape[0]} rows of a {step.num_rows}-row step")
-            x = x.reshape(-1, x.shape[-1])
-            if self.use_triton:
-                from .triton_kernels import apply_triton
-
-                a_stack, b_stack = self.stacks[index]
-                apply_triton(x.contiguous(), y, step.device_tiles(), a_stack, b_stack)
-            else:
-                apply_torch(x, y, step, [table[index] for table in self.slot_weights])
+            if self.current is not None:
+                self._update(group, args[0], output)
             return output
 
         return hook
+
+    def update_packed(self, linears: tuple[nn.Linear, ...], x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += the step's update of a packed GEMM over `linears` (as passed to the constructor), in place.
+        x: [rows, in_features]; y: [rows, sum of out_features], the GEMM's output."""
+        group = self._packed.get(tuple(map(id, linears)))
+        if group is not None and self.current is not None:
+            self._update(group, x, y)
+
+    def _update(self, group: int, x: torch.Tensor, output: torch.Tensor) -> None:
+        step = self.current
+        y = output.view(-1, output.shape[-1])
+        if y.shape[0] != step.num_rows:
+            names = "/".join(self.modules[m.index] for m in self.groups[group].members)
+            raise RuntimeError(f"{names} saw {y.shape[0]} rows of a {step.num_rows}-row step")
+        x = x.reshape(-1, x.shape[-1])
+        if self.use_triton:
+            from .triton_kernels import apply_triton
+
+            a_stack, b_stack = self.stacks[group]
+            apply_triton(x.contiguous(), y, step.device_tiles(), a_stack, b_stack)
+            return
+        for m in self.groups[group].members:
+            apply_torch(x, y[:, m.columns], step, [table[m.index] for table in self.slot_weights])
 
     def close(self) -> None:
         for handle in self._hooks:

@@ -42,6 +42,10 @@ def reference(adapter_paths, rows) -> list[list[int]]:
     return peft_greedy(hf_reference("llama"), adapter_paths, rows, MAX_NEW, EOS_ID, 0)
 
 
+def on_the_gpu(loaded):
+    return dataclasses.replace(loaded, model=loaded.model.to("cuda"), device=torch.device("cuda"))
+
+
 def run(paths, rows, loaded=None, **settings) -> tuple[Engine, dict]:
     config = {"block_size": 4, "num_blocks_override": 256, "max_num_batched_tokens": 64, **settings}
     engine = Engine(EngineConfig(**config), loaded or tiny_loaded("llama"), adapters=paths)
@@ -56,11 +60,18 @@ def run(paths, rows, loaded=None, **settings) -> tuple[Engine, dict]:
         {},  # every adapter in a slot, the prefix cache on
         {"num_blocks_override": 24, "max_num_seqs": 8},  # the pool holds a few rows: preemptions
         {"max_loras": 2, "max_cpu_loras": 2},  # four adapters through two slots: slots and host copies evicted
+        # The fused decoder, in Triton's CPU interpreter: packed q/k/v and gate/up updates, Triton LoRA kernels.
+        {"fused_layers": True, "max_loras": 3},
     ],
-    ids=["plenty", "preempted", "two-slots"],
+    ids=["plenty", "preempted", "two-slots", "fused-triton"],
 )
 def test_mixed_adapters_equal_peft_generate(adapter_paths, rows, reference, settings) -> None:
-    engine, results = run(adapter_paths, rows, **settings)
+    # The fused decoder runs on a GPU where there is one (its kernels compiled), else in Triton's interpreter.
+    loaded = on_the_gpu(tiny_loaded("llama")) if settings.get("fused_layers") and torch.cuda.is_available() else None
+    engine, results = run(adapter_paths, rows, loaded, **settings)
+    if settings.get("fused_layers"):
+        assert engine.fused is not None and engine.adapters.use_triton
+        assert len(engine.adapters.groups) == 4 * len(engine.fused.layers)  # qkv, o, gate_up, down per layer
     for i, (_, name) in enumerate(rows):
         assert results[i].error is None, results[i].error
         assert results[i].completions[0].token_ids == reference[i], f"row {i} ({name}) diverged from PEFT"
@@ -221,9 +232,7 @@ def test_adapter_decodes_replay_cuda_graphs_and_equal_peft(adapter_paths, rows, 
         return forward(self, inputs)
 
     monkeypatch.setattr(DecodeGraphs, "forward", recording)
-    loaded = tiny_loaded("llama")
-    gpu = dataclasses.replace(loaded, model=loaded.model.to("cuda"), device=torch.device("cuda"))
-    engine, results = run(adapter_paths, rows, loaded=gpu)
+    engine, results = run(adapter_paths, rows, on_the_gpu(tiny_loaded("llama")))
     assert engine.uses_cuda_graphs
     for i, (_, name) in enumerate(rows):
         assert results[i].error is None, results[i].error
