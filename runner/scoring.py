@@ -7,18 +7,24 @@ prefill: row p of a sequence predicts token p + 1, so its score is log_softmax(l
     rows     0  1  2    3  4                          scored rows 2, 3, 4 against x0, x1, x2
 
 The sum over a continuation's rows is lm-eval's loglikelihood; it is greedy when every target is its row's
-argmax. Rows are reduced a slice at a time, so the float32 log-softmax of a long prompt's rows never exists whole.
+argmax. On a GPU with Triton one kernel (runner/scoring_kernels.py) reads each row once; elsewhere torch reduces
+rows a slice at a time, so the float32 log-softmax of a long prompt's rows never exists whole.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 
-# Log-probabilities per float32 slice. On a GPU 256 MiB (512 rows of a 128k vocabulary): each slice is kernels
-# the host launches on a step's critical path. On the CPU 32 MiB, read back from cache by the gather and argmax
-# (a step of 1,650 rows of SmolLM2's vocabulary: 90-105 ms, against 140 ms in 256 MiB slices).
+# Triton is an optional dependency: the kernel is imported only where it runs.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# torch's path: log-probabilities per float32 slice. On a GPU without Triton 256 MiB (512 rows of a 128k
+# vocabulary): each slice is kernels the host launches on a step's critical path. On the CPU 32 MiB, read back
+# from cache by the gather and argmax (a step of 1,650 rows of SmolLM2's vocabulary: 90-105 ms, against 140 ms
+# in 256 MiB slices).
 SLICE_ELEMENTS = {"cuda": 2**26, "cpu": 2**23}
 
 
@@ -51,8 +57,17 @@ class ScoredRows:
         return logprobs.tolist(), greedy.tolist()
 
 
-def score_on_device(logits: torch.Tensor, targets: torch.Tensor) -> ScoredRows:
-    """logits: [num_rows, vocab_size] in the model's dtype; targets: [num_rows] int64. Works in float32."""
+def score_on_device(logits: torch.Tensor, targets: torch.Tensor, use_kernel: bool | None = None) -> ScoredRows:
+    """logits: [num_rows, vocab_size] in the model's dtype; targets: [num_rows] int64. Works in float32.
+
+    `use_kernel`: run the Triton kernel; None (the default) runs it on a CUDA device when Triton is installed.
+    True elsewhere is for tests, under Triton's CPU interpreter."""
+    if use_kernel is None:
+        use_kernel = logits.is_cuda and HAS_TRITON
+    if use_kernel:
+        from .scoring_kernels import score_rows
+
+        return ScoredRows(*score_rows(logits, targets))
     logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     greedy = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
     rows_per_slice = max(1, SLICE_ELEMENTS.get(logits.device.type, SLICE_ELEMENTS["cpu"]) // logits.shape[1])
