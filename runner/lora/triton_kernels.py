@@ -41,7 +41,9 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return c
 
 
-@triton.jit
+# The row count and the split change from step to step: specialising on them (a value of 1, a multiple of 16) would
+# compile new variants in the middle of a run, 0.1-1 s each, after the engine's start-up compiled the rest.
+@triton.jit(do_not_specialize=["num_rows", "K_PER_SPLIT"])
 def _shrink_kernel(
     x_ptr, a_ptr, out_ptr, tiles_ptr, num_rows, K, K_PER_SPLIT, R: tl.constexpr, BLOCK_K: tl.constexpr,
     TILE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -69,7 +71,7 @@ def _shrink_kernel(
     tl.store(out, acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "SPLITS"])
 def _expand_kernel(
     xa_ptr, b_ptr, y_ptr, tiles_ptr, num_rows, N, SPLITS, R: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,

@@ -13,6 +13,7 @@ GPU only: in the CPU interpreter nothing is compiled, so there is nothing to che
 import pytest
 import torch
 
+from kvbatch.bench.lora import random_adapters
 from kvbatch.bench.models import random_model
 from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
@@ -21,15 +22,18 @@ from kvbatch.runner.request import GenerationRequest
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles kernels only on a GPU")
 
 
-@pytest.mark.parametrize("profile_pool", [True, False])
-def test_no_kernel_compiles_after_the_engine_starts(profile_pool):
+@pytest.mark.parametrize("profile_pool,adapters", [(True, False), (False, False), (True, True)])
+def test_no_kernel_compiles_after_the_engine_starts(profile_pool, adapters, tmp_path):
+    """With adapters too: their shrink and expand meet every row count and split of in_features."""
     import triton
 
     loaded = random_model("tiny", "cuda", "bfloat16", max_model_len=2048)
     config = dict(max_num_seqs=64, max_num_batched_tokens=512, block_size=16)
     if not profile_pool:  # a fixed pool skips the profiling pass: its largest step compiles nothing then
         config["num_blocks_override"] = 2048
-    engine = Engine.from_loaded(loaded, EngineConfig(**config))
+    paths = random_adapters(loaded.model, tmp_path, 3) if adapters else None
+    engine = Engine(EngineConfig(**config), loaded, adapters=paths)
+    names = [None, *paths] if paths else [None]
     compiled: list[str] = []
     previous = triton.knobs.runtime.jit_post_compile_hook
     triton.knobs.runtime.jit_post_compile_hook = lambda *args, **kwargs: compiled.append(
@@ -50,6 +54,7 @@ def test_no_kernel_compiles_after_the_engine_starts(profile_pool):
                     (num_requests, i),
                     prompt(lengths[(i + num_requests) % len(lengths)]),
                     sampled if i % 3 == 2 else greedy,
+                    adapter=names[i % len(names)],
                 )
                 for i in range(num_requests)
             ]
