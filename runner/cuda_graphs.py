@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from kvbatch.cache.metadata import AttentionMetadata
@@ -161,9 +160,9 @@ class DecodeGraphs:
             self.shared_prefix_len.copy_(meta.shared_prefix_len)
         lora = inputs.lora
         if lora is not None:
-            tiles = np.zeros((max_tiles(size, self.max_runs), 3), np.int32)  # past the step's tiles: 0 rows
-            tiles[: len(lora.tiles)] = lora.tiles
-            self.lora_tiles[: len(tiles)].copy_(torch.from_numpy(tiles), non_blocking=True)
+            num_tiles = len(lora.tiles)
+            self.lora_tiles[:num_tiles].copy_(lora.device_tiles())
+            self.lora_tiles[num_tiles : max_tiles(size, self.max_runs)].zero_()  # past the step's tiles: 0 rows
         entry = self.graphs[size, cascade, lora is not None]
         entry.graph.replay()
         # Decode i is row i, so the first num_sampling rows are the sampling rows in order.

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model_runner import HostStaging
 from .step import LoraStep, apply_torch, lora_step
 from .weights import AdapterError, AdapterSpec, LoraModule, adaptable_linears, inspect_adapter, load_adapter
 
@@ -144,6 +145,7 @@ class Adapters:
         self._slot_of: OrderedDict[bytes, int] = OrderedDict()
         self._free_slots = list(range(max_loras - 1, -1, -1))
         self.current: LoraStep | None = None
+        self._staging = HostStaging(device)  # the steps' tiles, for the Triton kernels
         self._hooks = [
             self.linears[module].register_forward_hook(self._hook(group))
             for module, group in self._hooked_group.items()
@@ -300,7 +302,11 @@ class Adapters:
             return None
         slot_of = self._slots(names)
         seq_slots = np.fromiter((slot_of[n] if n is not None else -1 for n in adapter_names), np.int64, len(counts))
-        return lora_step(np.repeat(seq_slots, counts), num_rows_padded, self.device, self.use_triton)
+        step = lora_step(np.repeat(seq_slots, counts), num_rows_padded, self.device, self.use_triton)
+        if step is not None and step.tiles is not None:
+            # Through pinned memory on a GPU: a copy from pageable memory would wait for the step in flight to end.
+            step.set_device_tiles(self._staging.upload(step.tiles.reshape(-1))[0])
+        return step
 
     def _hook(self, group: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:

@@ -39,6 +39,10 @@ class LoraStep:
     device: torch.device | None = None
     _device_tiles: torch.Tensor | None = None
 
+    def set_device_tiles(self, tiles: torch.Tensor) -> None:
+        """tiles: `tiles` already on the device, [num_tiles * 3] or [num_tiles, 3] int32."""
+        self._device_tiles = tiles.view(-1, 3)
+
     def device_tiles(self) -> torch.Tensor:
         """`tiles` on the device, copied once for all the step's layers (a graph's step gets its static buffer)."""
         if self._device_tiles is None:
