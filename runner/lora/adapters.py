@@ -52,8 +52,7 @@ class _Member:
     """One adapted module of a group: its rank columns in the group's A stack and output columns in its B."""
 
     index: int  # in Adapters.modules and the slot tables
-    rank_start: int
-    rank: int  # the largest any registered adapter gives this module
+    rank_start: int  # its ranks follow: as many as the largest any registered adapter gives this module
     column: int
     out_features: int
 
@@ -164,9 +163,8 @@ class Adapters:
         members, rank_start, column = [], 0, 0
         for name, linear in zip(names, linears):
             if name in index:
-                rank = self.ranks[name]
-                members.append(_Member(index[name], rank_start, rank, column, linear.out_features))
-                rank_start += rank
+                members.append(_Member(index[name], rank_start, column, linear.out_features))
+                rank_start += self.ranks[name]
             column += linear.out_features
         return _Group(members, linears[0].in_features, column, _padded_rank(rank_start))
 
