@@ -81,12 +81,16 @@ def test_mixed_adapters_equal_peft_generate(adapter_paths, rows, reference, sett
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
-def test_scoring_rows_with_adapters_equal_peft_logprobs(adapter_paths, rows) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused-triton"])
+def test_scoring_rows_with_adapters_equal_peft_logprobs(adapter_paths, rows, fused) -> None:
     """Continuations scored under each row's adapter (prompt logprobs too): PEFT's float32 log_softmax over
-    prompt + continuation, within 1e-4. The rows share a head, which the prefix cache must keep per adapter."""
+    prompt + continuation, within 1e-4. The rows share a head, which the prefix cache must keep per adapter.
+    Under the fused decoder too (Triton's interpreter on the CPU), whose scoring steps keep every row."""
     rng = random.Random(8)
-    config = EngineConfig(block_size=4, num_blocks_override=256, max_num_batched_tokens=64)
-    engine = Engine(config, tiny_loaded("llama"), adapters=adapter_paths)
+    config = EngineConfig(block_size=4, num_blocks_override=256, max_num_batched_tokens=64, fused_layers=fused)
+    loaded = on_the_gpu(tiny_loaded("llama")) if fused and torch.cuda.is_available() else tiny_loaded("llama")
+    engine = Engine(config, loaded, adapters=adapter_paths)
+    assert (engine.fused is not None) == fused
     requests = [
         GenerationRequest(
             i,
