@@ -227,7 +227,7 @@ class FusedDecoder:
                 hidden = self._attention(layer, x, cos, sin, step, keep_rows)
                 residual = residual.index_select(0, keep_rows)
             else:
-                hidden = self._attention(layer, x, cos, sin, step)
+                hidden = self._attention(layer, x, cos, sin, step, adapters=adapters)
             x, residual = k.add_rms_norm(hidden, residual, layer.post_norm.weight, layer.post_norm.eps)
             gate_up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias)
             if adapters is not None:
@@ -244,11 +244,12 @@ class FusedDecoder:
         sin: torch.Tensor,
         step: StepContext,
         keep_rows: torch.Tensor | None = None,
+        adapters=None,  # the step's Adapters when it runs one (never with keep_rows)
     ) -> torch.Tensor:
         rows, hq, hkv, d = x.shape[0], layer.num_q_heads, layer.num_kv_heads, layer.head_dim
         qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
-        if self.adapters is not None and self.adapters.current is not None:
-            self.adapters.update_packed(layer.qkv_linears, x, qkv)
+        if adapters is not None:
+            adapters.update_packed(layer.qkv_linears, x, qkv)
         self.kernels.rope_(qkv, cos, sin, hq, hkv, d, layer.qk_norm, layer.qk_norm_eps)
         q = qkv[:, : hq * d].view(rows, hq, d)
         k = qkv[:, hq * d : (hq + hkv) * d].view(rows, hkv, d)
