@@ -115,9 +115,8 @@ class DecodeGraphs:
                 for cascade in (False, True) if self.cascade else (False,):
                     for size in reversed(self.buckets):
                         inputs = self._inputs(size, cascade, lora)
-                        self.runner.forward_eager(
-                            inputs
-                        )  # warm-up outside the graph: kernels compile, memory allocates
+                        # Warm-up outside the graph: kernels compile, memory allocates.
+                        self.runner.forward_eager(inputs)
                         graph = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                             logits = self.runner.forward_eager(inputs)
