@@ -149,13 +149,16 @@ class Adapters:
             self.linears[module].register_forward_hook(self._hook(group))
             for module, group in self._hooked_group.items()
         ]
+        # A slot's room: its share of the stacks where there are stacks (packed B blocks hold zeros too), else the
+        # largest adapter's host copy.
+        stack_bytes = sum(t.numel() * t.element_size() for pair in self.stacks for t in pair) // max_loras
         logger.info(
             "%d adapters registered (%d usable) on %d layers; %d device slots of %.1f MiB",
             len(self.specs),
             len(valid),
             len(self.modules),
             max_loras,
-            self.slot_bytes / 2**20,
+            (stack_bytes if self.stacks else self.slot_bytes) / 2**20,
         )
 
     def _group(self, names: tuple[str, ...], index: dict[str, int]) -> _Group:
