@@ -9,20 +9,23 @@ import torch
 from kvbatch.cache import attention_cpu, attention_torch
 from kvbatch.cache.metadata import AttentionMetadata, LayerAttention
 
-BLOCK_SIZE, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 6, 2, 16
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 6, 2, 16
 NUM_TOKENS, NUM_PROMPT = 700, 650  # rows from 650 on are generated tokens
 
 
-@pytest.fixture(scope="module")
-def caches():
-    """One sequence's K/V for NUM_TOKENS positions in shuffled pages (float32, as the CPU backend keeps them),
-    its block table, and a query per position."""
+# 4 divides every key range the backend gathers, which it then gathers as whole pages; 48 divides none of them
+# (32-key widths, 64-token blocks), which it gathers slot by slot.
+@pytest.fixture(scope="module", params=[4, 48], ids=["pages", "slots"])
+def caches(request):
+    """One sequence's K/V for NUM_TOKENS positions in shuffled pages of `request.param` tokens (float32, as the
+    CPU backend keeps them), its block table, and a query per position."""
+    block_size = request.param
     gen = torch.Generator().manual_seed(0)
-    num_blocks = NUM_TOKENS // BLOCK_SIZE + 8
+    num_blocks = NUM_TOKENS // block_size + 8
     pages = list(range(num_blocks))
     random.Random(0).shuffle(pages)
-    table = pages[: -(-NUM_TOKENS // BLOCK_SIZE)]
-    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    table = pages[: -(-NUM_TOKENS // block_size)]
+    shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
     key_cache = 3 * torch.randn(shape, generator=gen)
     value_cache = torch.randn(shape, generator=gen)
     query = torch.randn(NUM_TOKENS, NUM_HEADS, HEAD_DIM, generator=gen)
@@ -33,7 +36,7 @@ def step(caches, chunks: list[tuple[int, int]], prompt: int = NUM_PROMPT):
     """One step holding the sequence's rows [a, b) for each (a, b) in chunks, each as its own sequence (the same
     pages), plus two padding rows; chunks of one row come first, as decodes. Returns (query, meta, rows): rows[i]
     the step's rows of chunk i."""
-    _, _, table, query = caches
+    key_cache, _, table, query = caches
     chunks = sorted(chunks, key=lambda c: c[1] - c[0] != 1)  # stable: the decodes first, in their given order
     starts, rows, parts = [0], [], []
     for a, b in chunks:
@@ -49,7 +52,7 @@ def step(caches, chunks: list[tuple[int, int]], prompt: int = NUM_PROMPT):
         num_decodes=sum(b - a == 1 for a, b in chunks),
         max_query_len=max(b - a for a, b in chunks),
         max_seq_len=max(b for _, b in chunks),
-        block_size=BLOCK_SIZE,
+        block_size=key_cache.shape[1],
         num_prompt_tokens=torch.tensor([prompt] * len(chunks), dtype=torch.int32),
     )
     return torch.cat(parts), meta, rows
@@ -114,6 +117,18 @@ def test_a_decode_has_the_same_bits_in_any_crowd(caches, layer) -> None:
     recomputed = attend(caches, [(600, NUM_TOKENS)], layer)
     for pos in positions:
         assert torch.equal(recomputed[pos], alone[pos]), f"recomputed row {pos} differs"
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=["global", "local"])
+def test_a_row_has_the_same_bits_in_any_part_of_its_call(caches, layer, monkeypatch) -> None:
+    """A call's rows are gathered and attended a few at a time (GATHER_BYTES): one row a part, the same bits as
+    the whole call in one part."""
+    chunks = [(p, p + 1) for p in range(NUM_PROMPT, NUM_TOKENS, 3)] + [(0, 300), (300, NUM_PROMPT)]
+    whole = attend(caches, chunks, layer)
+    monkeypatch.setattr(attention_cpu, "GATHER_BYTES", 1)
+    parts = attend(caches, chunks, layer)
+    for pos, row in whole.items():
+        assert torch.equal(parts[pos], row), f"position {pos} differs when its call is split"
 
 
 def test_softcap_and_sinks_run_the_reference(caches) -> None:
