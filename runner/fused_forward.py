@@ -203,13 +203,20 @@ class FusedDecoder:
         return [group for layer in self.layers for group in (layer.qkv_linears, layer.gate_up_linears)]
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext, keep_rows: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        step: StepContext,
+        keep_rows: torch.Tensor,
+        sampling_only: bool = True,
     ) -> torch.Tensor:
         """input_ids, positions: [1, rows]; returns the final-normed hidden states of `keep_rows`, first in
         their order (on CUDA a few padding rows may follow).
 
-        Only the kept rows (those that sample) need the last layer past its K/V: in a prefill step the last
-        layer's attention, o_proj and MLP run for them alone (see `_sampling_meta`)."""
+        When the kept rows are sampling rows only (`sampling_only`: each the last row of its sequence in the
+        step), only they need the last layer past its K/V: in a prefill step the last layer's attention, o_proj
+        and MLP run for them alone (see `_sampling_meta`). Scored rows sit inside their sequences: a step that
+        keeps them runs the last layer for every row."""
         embeds = self.base.embed_tokens(input_ids)
         cos, sin = self.base.rotary_emb(embeds, positions)
         cos, sin = cos[0], sin[0]
@@ -219,7 +226,7 @@ class FusedDecoder:
             keep_rows = _bucketed(keep_rows, hidden.shape[0])
         adapters = self.adapters if self.adapters is not None and self.adapters.current is not None else None
         # Shapes and the step's adapters only: every tensor-parallel rank decides alike.
-        prune = keep_rows.shape[0] < hidden.shape[0] and adapters is None
+        prune = sampling_only and keep_rows.shape[0] < hidden.shape[0] and adapters is None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, residual = k.add_rms_norm(hidden, residual, layer.input_norm.weight, layer.input_norm.eps)

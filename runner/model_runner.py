@@ -438,7 +438,8 @@ class ModelRunner:
     def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         step = StepContext(inputs.meta, self.kv_cache, self.backend)
         if self.fused is not None:
-            hidden = self.fused.forward(inputs.input_ids, inputs.positions, step, inputs.logits_rows)
+            sampling_only = not inputs.num_score_rows
+            hidden = self.fused.forward(inputs.input_ids, inputs.positions, step, inputs.logits_rows, sampling_only)
             return self.model.lm_head(hidden)[: inputs.num_logits]
         out = self.model(
             input_ids=inputs.input_ids,

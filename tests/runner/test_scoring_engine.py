@@ -30,16 +30,18 @@ def engine_for(arch: str = "llama", **overrides) -> Engine:
 
 
 @pytest.mark.parametrize(
-    ("arch", "policy", "async_scheduling", "prefix_cache"),
+    ("arch", "policy", "async_scheduling", "prefix_cache", "fused_layers"),
     [
-        ("llama", "optimistic", False, True),
-        ("qwen3", "reserve", False, True),
-        ("llama", "optimistic", True, True),
-        ("llama", "optimistic", False, False),  # each continuation computes the prompt again
+        ("llama", "optimistic", False, True, None),
+        ("qwen3", "reserve", False, True, None),
+        ("llama", "optimistic", True, True, None),
+        ("llama", "optimistic", False, False, None),  # each continuation computes the prompt again
+        # The fused decoder (Triton's kernels, in its interpreter here): scored rows sit inside their sequences.
+        ("llama", "optimistic", False, True, True),
     ],
 )
 def test_continuation_scores_equal_a_plain_forward(
-    arch: str, policy: str, async_scheduling: bool, prefix_cache: bool
+    arch: str, policy: str, async_scheduling: bool, prefix_cache: bool, fused_layers: bool | None
 ) -> None:
     rng = random.Random(3)
     # Prompts longer than the token budget (64) are prefilled in chunks; continuations of 1 to 9 tokens; every
@@ -55,8 +57,14 @@ def test_continuation_scores_equal_a_plain_forward(
     ]
     # A pool of 40 blocks of 4 tokens holds few sequences at once.
     engine = engine_for(
-        arch, policy=policy, async_scheduling=async_scheduling, num_blocks_override=40, prefix_cache=prefix_cache
+        arch,
+        policy=policy,
+        async_scheduling=async_scheduling,
+        num_blocks_override=40,
+        prefix_cache=prefix_cache,
+        fused_layers=fused_layers,
     )
+    assert (engine.fused is not None) == bool(fused_layers)
     results = {r.request_id: r for r in engine.generate(requests)}
     reference = hf_reference(arch)
     for request in requests:
