@@ -156,7 +156,7 @@ class EngineConfig:
     async_scheduling: bool | None = setting(
         None, "plan the next step while the device runs this one; unset: on for cuda"
     )
-    fused_layers: bool | None = setting(None, "Llama-family layers with fused kernels; unset: on for cuda")
+    fused_layers: bool | None = setting(None, "Llama-family layers with fused kernels; unset: on for cuda and cpu")
     float32_logits: bool = setting(False, "a bf16/fp16 model's logits in float32, on a GPU")
     max_loras: int = setting(8, "LoRA adapters on the device at once; a step mixes at most this many", min=1)
     max_cpu_loras: int | None = setting(None, "LoRA adapters kept in host memory; unset: max_loras", min=1)

@@ -230,7 +230,7 @@ class Engine:
             config.max_cpu_loras or config.max_loras,
             config.allow_pickle,
             DEFAULT_HUB_NAME if name.startswith("default") else name,
-            use_triton=self.device.type == "cuda" or self.fused is not None,  # the fused decoder's kernels are Triton
+            use_triton=self.device.type == "cuda" or (self.fused is not None and self.fused.triton),
             packed=self.fused.packed_linears() if self.fused is not None else (),
         )
 

@@ -22,28 +22,32 @@ LoRA adapters (runner/lora/adapters.py) add their updates to the two packed GEMM
 `update_packed`, and to o_proj and down_proj through the modules' hooks. A step that runs an adapter computes
 the last layer for every row: the adapters' row tiles are laid out over all of the step's rows.
 
-On by default where Triton compiles (CUDA) and the architecture is one of the above; the CPU keeps
-transformers' layers, whose greedy tokens the tests hold equal to `model.generate`.
+On by default for the architectures above: on CUDA with the Triton kernels, on the CPU with the same arithmetic
+in torch ops (runner/fused_kernels_torch.py, each result the bits of transformers' modules) and q/k/v and gate/up
+through the model's own linear class (cpu_linear's oneDNN GEMMs). Greedy tokens stay transformers' `generate`'s:
+tests/runner/test_exact_vs_generate.py runs this decoder on the CPU.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvbatch.cache.metadata import AttentionMetadata
 from kvbatch.errors import FusedLayersError
 
+from . import fused_kernels_torch
 from .attention_hook import StepContext
+from .cpu_linear import OneDNNLinear
 
 logger = logging.getLogger(__name__)
 
 FUSABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# The linear classes a fused GEMM can stand in for: it is built of the same class, so it takes the same path.
+FUSABLE_LINEARS = (nn.Linear, OneDNNLinear)
 
 
 @dataclass
@@ -56,8 +60,7 @@ class _Norm:
 class _Layer:
     index: int
     input_norm: _Norm
-    qkv_weight: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: nn.Linear  # q/k/v as one linear of the modules' class (its weight rows: q, then k, then v)
     qk_norm: torch.Tensor | None  # [2, head_dim]: Qwen3's q_norm and k_norm weights
     qk_norm_eps: float
     num_q_heads: int
@@ -66,10 +69,9 @@ class _Layer:
     scaling: float
     o_proj: nn.Module
     post_norm: _Norm
-    gate_up_weight: torch.Tensor
-    gate_up_bias: torch.Tensor | None
+    gate_up: nn.Linear  # gate/up as one linear (gate's rows, then up's)
     down_proj: nn.Module
-    qkv_linears: tuple[nn.Linear, ...]  # the modules whose weights qkv_weight holds, in its row order
+    qkv_linears: tuple[nn.Linear, ...]  # the modules whose weights qkv's weight holds, in its row order
     gate_up_linears: tuple[nn.Linear, ...]
 
 
@@ -112,7 +114,7 @@ def unfusable_reason(model: nn.Module) -> str | None:
         linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")] + [
             getattr(mlp, n, None) for n in ("gate_proj", "up_proj")
         ]
-        if any(type(linear) is not nn.Linear for linear in linears):
+        if len({type(linear) for linear in linears}) != 1 or type(linears[0]) not in FUSABLE_LINEARS:
             return "q/k/v or gate/up projections are not plain nn.Linear layers (quantized or replaced)"
         if not all(hasattr(m, n) for m, n in ((attn, "o_proj"), (attn, "scaling"), (mlp, "down_proj"))):
             return "a layer lacks o_proj, scaling or down_proj"
@@ -131,10 +133,16 @@ def unfusable_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _concatenate(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) holding the linears' rows in order; each linear's parameters become views into it."""
+def _concatenate(linears: list[nn.Linear]) -> nn.Linear:
+    """One linear of the linears' class holding their rows in order; each linear's parameters become views into
+    its weight (and bias)."""
     weight = torch.cat([linear.weight.detach() for linear in linears])
     bias = torch.cat([linear.bias.detach() for linear in linears]) if linears[0].bias is not None else None
+    fused = type(linears[0])(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    if hasattr(linears[0], "pack_weight"):  # a OneDNNLinear packs its weight only if the model's linears do
+        fused.pack_weight = linears[0].pack_weight
     start = 0
     for linear in linears:
         rows = linear.weight.shape[0]
@@ -142,7 +150,7 @@ def _concatenate(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor |
         if bias is not None:
             linear.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
         start += rows
-    return weight, bias
+    return fused
 
 
 def _layer(index: int, layer: nn.Module) -> _Layer:
@@ -150,8 +158,8 @@ def _layer(index: int, layer: nn.Module) -> _Layer:
     head_dim = attn.head_dim
     num_q_heads = attn.q_proj.weight.shape[0] // head_dim  # from the weights: a tensor-parallel shard holds fewer heads
     num_kv_heads = attn.k_proj.weight.shape[0] // head_dim
-    qkv_weight, qkv_bias = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj])
-    gate_up_weight, gate_up_bias = _concatenate([mlp.gate_proj, mlp.up_proj])
+    qkv = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up = _concatenate([mlp.gate_proj, mlp.up_proj])
     qk_norm, qk_eps = None, 1e-6
     if getattr(attn, "q_norm", None) is not None:
         qk_norm = torch.stack([attn.q_norm.weight.detach(), attn.k_norm.weight.detach()]).contiguous()
@@ -159,8 +167,7 @@ def _layer(index: int, layer: nn.Module) -> _Layer:
     return _Layer(
         index=getattr(attn, "layer_idx", index),
         input_norm=_norm(layer.input_layernorm),
-        qkv_weight=qkv_weight,
-        qkv_bias=qkv_bias,
+        qkv=qkv,
         qk_norm=qk_norm,
         qk_norm_eps=qk_eps,
         num_q_heads=num_q_heads,
@@ -169,8 +176,7 @@ def _layer(index: int, layer: nn.Module) -> _Layer:
         scaling=float(attn.scaling),
         o_proj=attn.o_proj,
         post_norm=_norm(layer.post_attention_layernorm),
-        gate_up_weight=gate_up_weight,
-        gate_up_bias=gate_up_bias,
+        gate_up=gate_up,
         down_proj=mlp.down_proj,
         qkv_linears=(attn.q_proj, attn.k_proj, attn.v_proj),
         gate_up_linears=(mlp.gate_proj, mlp.up_proj),
@@ -180,17 +186,12 @@ def _layer(index: int, layer: nn.Module) -> _Layer:
 class FusedDecoder:
     """The model's decoder stack, run from its own weights with fused kernels: hidden states in, last norm out."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
         reason = unfusable_reason(model)
         if reason is not None:
             raise FusedLayersError(f"fused_layers cannot run this model: {reason}; set fused_layers: false")
-        try:
-            from . import fused_kernels  # Triton is an optional dependency: imported only where it runs
-        except ImportError as exc:
-            raise FusedLayersError(
-                f"fused_layers needs Triton ({exc}); pip install 'kvbatch[triton]' or set fused_layers: false"
-            ) from exc
-        self.kernels = fused_kernels
+        self.kernels = kernels_for(device)
+        self.triton = self.kernels is not fused_kernels_torch  # then LoRA updates run Triton's kernels too
         self.model = model
         self.base = model.model
         with torch.no_grad():
@@ -236,7 +237,7 @@ class FusedDecoder:
             else:
                 hidden = self._attention(layer, x, cos, sin, step, adapters=adapters)
             x, residual = k.add_rms_norm(hidden, residual, layer.post_norm.weight, layer.post_norm.eps)
-            gate_up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias)
+            gate_up = layer.gate_up(x)
             if adapters is not None:
                 adapters.update_packed(layer.gate_up_linears, x, gate_up)
             hidden = layer.down_proj(k.silu_mul(gate_up))
@@ -254,7 +255,7 @@ class FusedDecoder:
         adapters=None,  # the step's Adapters when it runs one (never with keep_rows)
     ) -> torch.Tensor:
         rows, hq, hkv, d = x.shape[0], layer.num_q_heads, layer.num_kv_heads, layer.head_dim
-        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+        qkv = layer.qkv(x)
         if adapters is not None:
             adapters.update_packed(layer.qkv_linears, x, qkv)
         self.kernels.rope_(qkv, cos, sin, hq, hkv, d, layer.qk_norm, layer.qk_norm_eps)
@@ -300,25 +301,40 @@ def _sampling_meta(meta: AttentionMetadata, keep_rows: torch.Tensor) -> Attentio
         max_query_len=1,
         max_seq_len=meta.max_seq_len,
         block_size=meta.block_size,
+        # A prompt's last row stays a prompt row: the CPU attention gives it the bits it has in its chunk.
+        num_prompt_tokens=None
+        if meta.num_prompt_tokens is None
+        else meta.num_prompt_tokens.index_select(0, seq_of_row),
     )
 
 
+def kernels_for(device: torch.device):
+    """The module of add_rms_norm, rope_ and silu_mul for `device`: torch ops on the CPU, Triton's on CUDA."""
+    if device.type == "cpu":
+        return fused_kernels_torch
+    if device.type != "cuda":
+        raise FusedLayersError(f"fused_layers runs on CUDA or the CPU; this engine runs on {device}")
+    try:
+        from . import fused_kernels  # Triton is an optional dependency: imported only where it runs
+    except ImportError as exc:
+        raise FusedLayersError(
+            f"fused_layers needs Triton ({exc}); pip install 'kvbatch[triton]' or set fused_layers: false"
+        ) from exc
+    return fused_kernels
+
+
 def fused_decoder_for(model: nn.Module, setting: bool | None, device: torch.device) -> FusedDecoder | None:
-    """The fused decoder if `setting` asks for it (True) or allows it (None: where Triton compiles, for a
+    """The fused decoder if `setting` asks for it (True) or allows it (None: on CUDA or the CPU, for a
     supported architecture); None to run transformers' own layers."""
     if setting is False:
         return None
     reason = unfusable_reason(model)
     if setting is None:
-        if reason is None and device.type != "cuda":
-            reason = "not on a CUDA device"
+        if reason is None and device.type not in ("cuda", "cpu"):
+            reason = f"not on CUDA or the CPU ({device})"
         if reason is not None:
             logger.info("transformers' own layers run this model (fused layers: %s)", reason)
             return None
     elif reason is not None:
         raise FusedLayersError(f"fused_layers cannot run this model: {reason}; set fused_layers: false")
-    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise FusedLayersError(
-            f"fused_layers needs a CUDA device (its kernels are Triton); this engine runs on {device}"
-        )
-    return FusedDecoder(model)
+    return FusedDecoder(model, device)

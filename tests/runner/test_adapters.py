@@ -15,6 +15,7 @@ from lora_fixtures import ADAPTER_CONFIGS, PeftOracle, peft_greedy, save_adapter
 from tiny_models import EOS_ID, VOCAB_SIZE, hf_reference, tiny_loaded, tiny_model
 
 from kvbatch.errors import ErrorKind
+from kvbatch.runner import fused_forward, fused_kernels
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
@@ -57,20 +58,25 @@ def run(paths, rows, loaded=None, **settings) -> tuple[Engine, dict]:
 @pytest.mark.parametrize(
     "settings",
     [
+        # The fused decoder (the default; on the CPU in torch ops): packed q/k/v and gate/up updates.
         {},  # every adapter in a slot, the prefix cache on
         {"num_blocks_override": 24, "max_num_seqs": 8},  # the pool holds a few rows: preemptions
         {"max_loras": 2, "max_cpu_loras": 2},  # four adapters through two slots: slots and host copies evicted
-        # The fused decoder, in Triton's CPU interpreter: packed q/k/v and gate/up updates, Triton LoRA kernels.
+        {"fused_layers": False},  # transformers' layers: every adapted linear's own hook
+        # Triton's fused kernels and LoRA kernels (on the CPU in Triton's interpreter).
         {"fused_layers": True, "max_loras": 3},
     ],
-    ids=["plenty", "preempted", "two-slots", "fused-triton"],
+    ids=["plenty", "preempted", "two-slots", "layers", "fused-triton"],
 )
-def test_mixed_adapters_equal_peft_generate(adapter_paths, rows, reference, settings) -> None:
-    # The fused decoder runs on a GPU where there is one (its kernels compiled), else in Triton's interpreter.
-    loaded = on_the_gpu(tiny_loaded("llama")) if settings.get("fused_layers") and torch.cuda.is_available() else None
+def test_mixed_adapters_equal_peft_generate(adapter_paths, rows, reference, settings, monkeypatch) -> None:
+    loaded = None
+    if settings.get("fused_layers"):  # compiled on a GPU where there is one, else interpreted
+        loaded = on_the_gpu(tiny_loaded("llama")) if torch.cuda.is_available() else None
+        monkeypatch.setattr(fused_forward, "kernels_for", lambda device: fused_kernels)
     engine, results = run(adapter_paths, rows, loaded, **settings)
-    if settings.get("fused_layers"):
-        assert engine.fused is not None and engine.adapters.use_triton
+    assert (engine.fused is not None) == (settings.get("fused_layers") is not False)
+    assert engine.adapters.use_triton == bool(settings.get("fused_layers"))
+    if engine.fused is not None:
         assert len(engine.adapters.groups) == 4 * len(engine.fused.layers)  # qkv, o, gate_up, down per layer
     for i, (_, name) in enumerate(rows):
         assert results[i].error is None, results[i].error
@@ -81,12 +87,16 @@ def test_mixed_adapters_equal_peft_generate(adapter_paths, rows, reference, sett
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused-triton"])
-def test_scoring_rows_with_adapters_equal_peft_logprobs(adapter_paths, rows, fused) -> None:
+@pytest.mark.parametrize("fused", [False, True, "triton"], ids=["layers", "fused", "fused-triton"])
+def test_scoring_rows_with_adapters_equal_peft_logprobs(adapter_paths, rows, fused, monkeypatch) -> None:
     """Continuations scored under each row's adapter (prompt logprobs too): PEFT's float32 log_softmax over
     prompt + continuation, within 1e-4. The rows share a head, which the prefix cache must keep per adapter.
-    Under the fused decoder too (Triton's interpreter on the CPU), whose scoring steps keep every row."""
+    Under the fused decoder too (in torch ops on the CPU; Triton's kernels, in its interpreter on the CPU),
+    whose scoring steps keep every row."""
     rng = random.Random(8)
+    if fused == "triton":
+        monkeypatch.setattr(fused_forward, "kernels_for", lambda device: fused_kernels)
+    fused = bool(fused)
     config = EngineConfig(block_size=4, num_blocks_override=256, max_num_batched_tokens=64, fused_layers=fused)
     loaded = on_the_gpu(tiny_loaded("llama")) if fused and torch.cuda.is_available() else tiny_loaded("llama")
     engine = Engine(config, loaded, adapters=adapter_paths)

@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from broken_steps import FailsOnce
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_exact_vs_generate import random_prompts
@@ -133,33 +134,16 @@ def test_async_equals_sync_on_random_workloads(loaded, seed: int, max_num_seqs: 
     )
 
 
-class FailsOnce(torch.nn.Module):
-    """Raises on its `fail_at`-th forward call, as a step that breaks while another is in flight would."""
-
-    def __init__(self, model, fail_at: int):
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-        self.fail_at = fail_at
-        self.calls = 0
-
-    def forward(self, **kwargs):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("step broke")
-        return self.inner(**kwargs)
-
-
 def _greedy_requests() -> list[GenerationRequest]:
     prompts = random_prompts(6, 2, 16, seed=8)
     return [GenerationRequest(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for i, p in enumerate(prompts)]
 
 
-def test_a_step_that_raises_while_another_is_in_flight_loses_nothing(loaded) -> None:
+def test_a_step_that_raises_while_another_is_in_flight_loses_nothing(loaded, break_steps) -> None:
     requests = _greedy_requests()
     want = outcome(make_engine(loaded, False), requests)
     engine = make_engine(loaded, True)
-    engine.runner.model = FailsOnce(loaded.model, fail_at=8)  # well into the decodes planned ahead
+    break_steps(loaded.model, FailsOnce(fail_at=8))  # well into the decodes planned ahead
     assert outcome(engine, requests) == want
     assert engine.stats.num_failed_steps == 1 and engine.stats.num_errors == 0
     assert engine.stats.num_spare_tokens == 0  # length limits are known ahead: nothing is decoded past them

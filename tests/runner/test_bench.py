@@ -94,7 +94,7 @@ def test_check_compares_streams_against_the_reference():
     (record,) = _records(result.output)
     assert record["prompts"] == 3 and record["identical_streams"] == 3 and record["divergences"] == []
     assert record["reference_vs_itself_identical"] == 3 and record["float32_logits"] is True  # a float32 model
-    assert record["fused_layers"] is False  # the engine default on the CPU
+    assert record["fused_layers"] is True  # the engine default, on the CPU too (in torch ops)
     assert record["transformers_generate_vs_reference_identical"] == 3  # float32 on the CPU: exact
 
 

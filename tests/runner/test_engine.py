@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from broken_steps import Poison
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_exact_vs_generate import random_prompts
@@ -50,22 +51,7 @@ def test_output_is_capped_at_the_pool_and_the_context(loaded) -> None:
     assert result.finish_reason == "length" and len(result.completions[0].token_ids) == 4
 
 
-class Poisoned(torch.nn.Module):
-    """Wraps a model so any step containing token `poison` raises, as a broken kernel or a bad row might."""
-
-    def __init__(self, model, poison: int):
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-        self.poison = poison
-
-    def forward(self, input_ids, **kwargs):
-        if (input_ids == self.poison).any():
-            raise RuntimeError("poisoned row")
-        return self.inner(input_ids=input_ids, **kwargs)
-
-
-def test_a_failing_row_is_isolated_and_its_batch_mates_finish(loaded) -> None:
+def test_a_failing_row_is_isolated_and_its_batch_mates_finish(loaded, break_steps) -> None:
     clean = make_engine(loaded)
     prompts = dict(enumerate(random_prompts(12, 2, 20, seed=3)))
     params = SamplingParams(max_new_tokens=10)
@@ -75,7 +61,7 @@ def test_a_failing_row_is_isolated_and_its_batch_mates_finish(loaded) -> None:
     prompts["bad"] = [5, 6, poison, 7]
 
     engine = make_engine(loaded)
-    engine.runner.model = Poisoned(loaded.model, poison)
+    break_steps(loaded.model, Poison(poison))
     got = by_id(engine.generate(GenerationRequest(k, p, params) for k, p in prompts.items()))
     assert got["bad"].finish_reason == "error"
     assert got["bad"].error == "generation failed: RuntimeError: poisoned row"

@@ -6,7 +6,6 @@ Without CUDA the kernels run in Triton's CPU interpreter (tests/conftest.py sets
 """
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from kvbatch.runner import fused_kernels
+from kvbatch.runner import fused_forward, fused_kernels, fused_kernels_torch
 from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.fused_forward import FusedDecoder, FusedLayersError, fused_decoder_for, unfusable_reason
@@ -27,19 +26,26 @@ DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if CUDA else [])
 
 
-def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+# Triton's kernels, and the same arithmetic in torch ops (the CPU's): the latter give transformers' bits exactly.
+KERNELS = pytest.mark.parametrize("kernels", [fused_kernels, fused_kernels_torch], ids=["triton", "torch"])
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, kernels=fused_kernels) -> None:
     """Equal to float32 summation order; in bf16/fp16 a rounding step apart at most (the interpreter rounds to
     bf16 its own way), where `scale` is the operands' magnitude: a difference of rounded products is off by
-    their rounding, however small it is."""
-    if dtype == torch.float32:
+    their rounding, however small it is. The torch kernels: equal."""
+    if kernels is fused_kernels_torch:
+        assert torch.equal(got, want)
+    elif dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6 * scale)
     else:
         torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2 * scale)
 
 
+@KERNELS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_add_rms_norm_matches_transformers(dtype, with_residual):
+def test_add_rms_norm_matches_transformers(dtype, with_residual, kernels):
     gen = torch.Generator().manual_seed(0)
     rows, hidden = 7, 96  # not a power of two: the masked tail
     norm = LlamaRMSNorm(hidden, eps=1e-5).to(DEVICE, dtype)
@@ -47,17 +53,18 @@ def test_add_rms_norm_matches_transformers(dtype, with_residual):
         norm.weight.copy_(torch.randn(hidden, generator=gen))
     x = (3 * torch.randn(rows, hidden, generator=gen)).to(DEVICE, dtype)
     residual = (3 * torch.randn(rows, hidden, generator=gen)).to(DEVICE, dtype) if with_residual else None
-    out, new_residual = fused_kernels.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
-    want_residual = x + residual if with_residual else x
-    close(new_residual, want_residual, dtype)
-    close(out, norm(want_residual), dtype)
+    out, new_residual = kernels.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+    want_residual = residual + x if with_residual else x  # transformers' order: residual + hidden_states
+    close(new_residual, want_residual, dtype, kernels=kernels)
+    close(out, norm(want_residual), dtype, kernels=kernels)
     assert not torch.equal(out, want_residual)  # the norm did something
 
 
+@KERNELS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("hq,hkv,head_dim", [(4, 2, 16), (4, 2, 24), (16, 4, 256)])  # 24: halves masked to 16 lanes;
-def test_rope_matches_transformers(dtype, qk_norm, hq, hkv, head_dim):  # 256: the 24 heads take three programs
+def test_rope_matches_transformers(dtype, qk_norm, hq, hkv, head_dim, kernels):  # 256: 24 heads, three programs
     gen = torch.Generator().manual_seed(1)
     rows = 5
     qkv = (2 * torch.randn(rows, (hq + 2 * hkv) * head_dim, generator=gen)).to(DEVICE, dtype)
@@ -75,27 +82,28 @@ def test_rope_matches_transformers(dtype, qk_norm, hq, hkv, head_dim):  # 256: t
         with torch.no_grad():
             q_norm.weight.copy_(torch.randn(head_dim, generator=gen))
             k_norm.weight.copy_(torch.randn(head_dim, generator=gen))
-        q, k = q_norm(q), k_norm(k)
+        q, k = q_norm(q.contiguous()), k_norm(k.contiguous())  # as transformers: on the projection's output
         weights = torch.stack([q_norm.weight, k_norm.weight]).detach()
     # transformers' layout: [batch, heads, rows, head_dim], cos/sin [batch, rows, head_dim]
     want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
     v_before = qkv[:, (hq + hkv) * head_dim :].clone()
-    fused_kernels.rope_(qkv, cos, sin, hq, hkv, head_dim, weights, 1e-6)
+    kernels.rope_(qkv, cos, sin, hq, hkv, head_dim, weights, 1e-6)
     scale = max(q.abs().max().item(), k.abs().max().item())
-    close(qkv[:, : hq * head_dim].view(rows, hq, head_dim), want_q[0].transpose(0, 1), dtype, scale)
-    close(
-        qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(rows, hkv, head_dim), want_k[0].transpose(0, 1), dtype, scale
-    )
+    got_q = qkv[:, : hq * head_dim].view(rows, hq, head_dim)
+    got_k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(rows, hkv, head_dim)
+    close(got_q, want_q[0].transpose(0, 1), dtype, scale, kernels)
+    close(got_k, want_k[0].transpose(0, 1), dtype, scale, kernels)
     assert torch.equal(qkv[:, (hq + hkv) * head_dim :], v_before)  # v is not rotated
 
 
+@KERNELS
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_matches_transformers(dtype):
+def test_silu_mul_matches_transformers(dtype, kernels):
     gen = torch.Generator().manual_seed(2)
     rows, n = 3, 1100  # more than one 1024-wide program per row, and a masked tail
     gate_up = (4 * torch.randn(rows, 2 * n, generator=gen)).to(DEVICE, dtype)
     want = torch.nn.functional.silu(gate_up[:, :n]) * gate_up[:, n:]
-    close(fused_kernels.silu_mul(gate_up), want, dtype)
+    close(kernels.silu_mul(gate_up), want, dtype, kernels=kernels)
 
 
 def _greedy(loaded, fused: bool, prompts: list[list[int]], **config) -> dict:
@@ -109,10 +117,13 @@ def _greedy(loaded, fused: bool, prompts: list[list[int]], **config) -> dict:
     return {r.request_id: r.completions[0] for r in engine.generate(requests)}
 
 
+@KERNELS
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_engine_tokens_equal_transformers_layers(arch):
+def test_engine_tokens_equal_transformers_layers(arch, kernels, monkeypatch):
     """Packed prefill chunks, decodes, preemption-free batches of several rows: the fused decoder gives the
-    unfused engine's greedy tokens, and log-probabilities equal to float32 summation order."""
+    unfused engine's greedy tokens, and log-probabilities equal to float32 summation order; with either set of
+    kernels (the CPU runs the torch ones, CUDA Triton's; here each runs on this machine's device)."""
+    monkeypatch.setattr(fused_forward, "kernels_for", lambda device: kernels)
     prompts = random_prompts(6, 3, 30, seed=5)
     want = _greedy(tiny_loaded(arch, seed=4), False, prompts)
     got = _greedy(tiny_loaded(arch, seed=4), True, prompts)
@@ -128,31 +139,33 @@ def test_fused_weights_are_the_modules_weights():
     ids = torch.tensor([[5, 9, 13, 2, 7]])
     with torch.no_grad():
         before = tiny_model("qwen2", seed=6, attn="sdpa")(input_ids=ids).logits
-    decoder = FusedDecoder(model)
+    decoder = FusedDecoder(model, torch.device("cpu"))
     attn, mlp, layer = model.model.layers[0].self_attn, model.model.layers[0].mlp, decoder.layers[0]
-    assert attn.q_proj.weight.data_ptr() == layer.qkv_weight.data_ptr()
-    assert attn.v_proj.weight.data_ptr() == layer.qkv_weight[-attn.v_proj.weight.shape[0] :].data_ptr()
-    assert attn.k_proj.bias.data_ptr() == layer.qkv_bias[attn.q_proj.weight.shape[0] :].data_ptr()
-    assert mlp.up_proj.weight.data_ptr() == layer.gate_up_weight[mlp.gate_proj.weight.shape[0] :].data_ptr()
+    assert type(layer.qkv) is type(attn.q_proj) and type(layer.gate_up) is type(mlp.up_proj)
+    assert attn.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()
+    assert attn.v_proj.weight.data_ptr() == layer.qkv.weight[-attn.v_proj.weight.shape[0] :].data_ptr()
+    assert attn.k_proj.bias.data_ptr() == layer.qkv.bias[attn.q_proj.weight.shape[0] :].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == layer.gate_up.weight[mlp.gate_proj.weight.shape[0] :].data_ptr()
     model.config._attn_implementation = "sdpa"  # transformers' path, reading the re-pointed parameters
     with torch.no_grad():
         after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-def test_which_models_fuse(monkeypatch):
+def test_which_models_fuse():
     llama = tiny_model("llama")
     assert unfusable_reason(llama) is None
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     assert "gpt2" in unfusable_reason(gpt2)
     cpu = torch.device("cpu")
-    assert fused_decoder_for(llama, None, cpu) is None  # the CPU keeps transformers' layers by default
+    assert fused_decoder_for(llama, None, cpu).kernels is fused_kernels_torch  # on by default, in torch ops
+    assert fused_decoder_for(gpt2, None, cpu) is None  # unset: transformers' layers where it cannot fuse
     assert fused_decoder_for(llama, False, torch.device("cuda")) is None  # off means off, on any device
+    assert fused_decoder_for(tiny_model("llama"), None, torch.device("meta")) is None
     with pytest.raises(FusedLayersError, match="gpt2"):
         fused_decoder_for(gpt2, True, cpu)
-    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
-    with pytest.raises(FusedLayersError, match="needs a CUDA device"):
-        fused_decoder_for(llama, True, cpu)
+    with pytest.raises(FusedLayersError, match="runs on CUDA or the CPU"):
+        fused_decoder_for(tiny_model("llama"), True, torch.device("meta"))
 
 
 def test_unfusable_layers_are_named():

@@ -4,7 +4,7 @@ under eviction and preemption of sequences that share blocks, with n samples, an
 import random
 
 import pytest
-from test_engine import Poisoned
+from broken_steps import Poison
 from tiny_models import VOCAB_SIZE, tiny_loaded
 
 from kvbatch.runner.config import SamplingParams
@@ -93,9 +93,19 @@ def test_a_cached_prefix_gives_the_same_bits_as_computing_it(loaded) -> None:
     for result in (hit, again):
         assert result.completions[0].token_ids == alone.completions[0].token_ids
         assert result.completions[0].logprobs == alone.completions[0].logprobs
+    # One token past 100 cached blocks: the prompt's last token is a chunk of one row, alone in its step (the
+    # fused decoder then runs the last layer for every row), and must get the bits it has at the end of a longer
+    # chunk (where the last layer runs for the sampling rows alone). At 400 tokens the CPU attention's calls
+    # for a prompt row and for a generated row give other bits.
+    long = [rng.randrange(2, VOCAB_SIZE) for _ in range(401)]
+    [long_alone] = make_engine(loaded, False).generate([GenerationRequest(1, long, params)])
+    list(engine.generate([GenerationRequest("other", long[:400] + [5], params)]))
+    [long_hit] = engine.generate([GenerationRequest(1, long, params)])
+    assert engine.stats.num_cached_prompt_tokens == 16 + 20 + 400
+    assert long_hit.completions[0].logprobs == long_alone.completions[0].logprobs
 
 
-def test_a_failed_steps_blocks_are_not_reused(loaded) -> None:
+def test_a_failed_steps_blocks_are_not_reused(loaded, break_steps) -> None:
     rng = random.Random(3)
     system = [rng.randrange(2, 400) for _ in range(18)]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -103,7 +113,7 @@ def test_a_failed_steps_blocks_are_not_reused(loaded) -> None:
     [want] = make_engine(loaded, False).generate([good])
     poison = min(set(range(400, VOCAB_SIZE)) - set(want.completions[0].token_ids))  # in no prompt nor output
     engine = make_engine(loaded, True)
-    engine.runner.model = Poisoned(loaded.model, poison)
+    break_steps(loaded.model, Poison(poison))
     # Both rows fail together, then each runs alone: the good one must not read the system prompt's blocks
     # registered by the failed step (their pages were never written).
     results = {r.request_id: r for r in engine.generate([GenerationRequest("bad", system + [poison], params), good])}
