@@ -39,9 +39,8 @@ def rope_(
     qk_norm: torch.Tensor | None = None,
     eps: float = 1e-6,
 ) -> None:
-    """Rotate the q and k heads of qkv [rows, (num_q_heads + 2 num_kv_heads) * head_dim] in place, by the
-    cos/sin rows [rows, head_dim] of their positions; first RMS-norm each head if qk_norm [2, head_dim] (the
-    q_norm and k_norm weights) is given."""
+    """fused_kernels.rope_: q and k heads of qkv rotated in place (RMS-normed first with qk_norm), each head as
+    transformers' apply_rotary_pos_emb on the projection's contiguous output computes it."""
     rows, d = qkv.shape[0], head_dim
     q = qkv[:, : num_q_heads * d].view(rows, num_q_heads, d)
     k = qkv[:, num_q_heads * d : (num_q_heads + num_kv_heads) * d].view(rows, num_kv_heads, d)
