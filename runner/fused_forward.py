@@ -8,9 +8,9 @@ This forward runs the same modules' weights in fewer, larger launches:
                 add_rms_norm -> gate_up GEMM -> silu_mul -> down_proj
     (the residual add of each block is fused into the next norm, as vLLM does)
 
-In a prefill step only the rows that sample (each finished prompt's last token) need the last layer past its K/V:
-there its attention (a one-query decode over each such sequence), o_proj and MLP run for those rows alone, about
-6% of a 16-layer model's prefill GEMMs.
+In a prefill step only the rows whose logits are kept (each finished prompt's last token, and scored rows) need the
+last layer past its K/V: there its attention (each such row a one-query decode over its context up to itself),
+o_proj and MLP run for those rows alone, about 6% of a 16-layer model's prefill GEMMs.
 
 q/k/v and gate/up become one GEMM each: their weights are concatenated once, and the modules' own weights are
 re-pointed at slices of the concatenation, so memory does not grow and transformers' modules still read the
@@ -209,15 +209,12 @@ class FusedDecoder:
         positions: torch.Tensor,
         step: StepContext,
         keep_rows: torch.Tensor,
-        sampling_only: bool = True,
     ) -> torch.Tensor:
         """input_ids, positions: [1, rows]; returns the final-normed hidden states of `keep_rows`, first in
         their order (on CUDA a few padding rows may follow).
 
-        When the kept rows are sampling rows only (`sampling_only`: each the last row of its sequence in the
-        step), only they need the last layer past its K/V: in a prefill step the last layer's attention, o_proj
-        and MLP run for them alone (see `_sampling_meta`). Scored rows sit inside their sequences: a step that
-        keeps them runs the last layer for every row."""
+        Only the kept rows (those that sample or are scored) need the last layer past its K/V: in a prefill step
+        the last layer's attention, o_proj and MLP run for them alone (see `_kept_rows_meta`)."""
         embeds = self.base.embed_tokens(input_ids)
         cos, sin = self.base.rotary_emb(embeds, positions)
         cos, sin = cos[0], sin[0]
@@ -227,7 +224,7 @@ class FusedDecoder:
             keep_rows = _bucketed(keep_rows, hidden.shape[0])
         adapters = self.adapters if self.adapters is not None and self.adapters.current is not None else None
         # Shapes and the step's adapters only: every tensor-parallel rank decides alike.
-        prune = sampling_only and keep_rows.shape[0] < hidden.shape[0] and adapters is None
+        prune = keep_rows.shape[0] < hidden.shape[0] and adapters is None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, residual = k.add_rms_norm(hidden, residual, layer.input_norm.weight, layer.input_norm.eps)
@@ -268,7 +265,7 @@ class FusedDecoder:
         )  # every row's K/V: later steps read them
         meta = step.meta
         if keep_rows is not None:
-            q, meta = q.index_select(0, keep_rows), _sampling_meta(step.meta, keep_rows)
+            q, meta = q.index_select(0, keep_rows), _kept_rows_meta(step.meta, keep_rows)
             rows = q.shape[0]
         out = step.backend.paged_attention(q, key_cache, value_cache, meta, layer.scaling)
         return layer.o_proj(out.reshape(rows, hq * d))
@@ -285,16 +282,19 @@ def _bucketed(keep_rows: torch.Tensor, num_rows: int, bucket: int = 64) -> torch
     return torch.cat([keep_rows, keep_rows.new_zeros(padded - n)]) if padded > n else keep_rows
 
 
-def _sampling_meta(meta: AttentionMetadata, keep_rows: torch.Tensor) -> AttentionMetadata:
-    """The step's attention seen from `keep_rows` alone, each the last row of its sequence: one query per
-    sequence at the end of its context, i.e. a pure decode over those sequences. Built on the device from the
-    step's own tensors (no host sync). A padding entry of keep_rows (row 0) repeats its sequence; its output
-    is dropped."""
-    seq_of_row = torch.searchsorted(meta.query_start_loc[1:], keep_rows.to(meta.query_start_loc.dtype), right=True)
+def _kept_rows_meta(meta: AttentionMetadata, keep_rows: torch.Tensor) -> AttentionMetadata:
+    """The step's attention seen from `keep_rows` alone: each a one-query decode over its sequence's context up
+    to and including itself (a sampling row, its sequence's last, sees the whole context; a scored row, inside
+    its sequence, only the tokens before it and itself). Built on the device from the step's own tensors (no
+    host sync). A padding entry of keep_rows (row 0) repeats that row; its output is dropped."""
+    rows = keep_rows.to(meta.query_start_loc.dtype)
+    seq_of_row = torch.searchsorted(meta.query_start_loc[1:], rows, right=True)
     n = keep_rows.shape[0]
+    # A row's context: its sequence's length less the rows of its chunk after it.
+    ends = meta.query_start_loc[1:].index_select(0, seq_of_row)
     return AttentionMetadata(
         query_start_loc=torch.arange(n + 1, dtype=meta.query_start_loc.dtype, device=keep_rows.device),
-        seq_lens=meta.seq_lens.index_select(0, seq_of_row),
+        seq_lens=meta.seq_lens.index_select(0, seq_of_row) - (ends - 1 - rows).to(meta.seq_lens.dtype),
         block_tables=meta.block_tables.index_select(0, seq_of_row),
         slot_mapping=meta.slot_mapping[:0],
         num_decodes=n,

@@ -438,8 +438,7 @@ class ModelRunner:
     def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         step = StepContext(inputs.meta, self.kv_cache, self.backend)
         if self.fused is not None:
-            sampling_only = not inputs.num_score_rows
-            hidden = self.fused.forward(inputs.input_ids, inputs.positions, step, inputs.logits_rows, sampling_only)
+            hidden = self.fused.forward(inputs.input_ids, inputs.positions, step, inputs.logits_rows)
             return self.model.lm_head(hidden)[: inputs.num_logits]
         out = self.model(
             input_ids=inputs.input_ids,

@@ -177,11 +177,12 @@ def test_unfusable_layers_are_named():
     assert "gelu" in unfusable_reason(model)
 
 
-def test_sampling_meta_maps_kept_rows_to_their_sequences():
-    """The last layer's pruned attention: each kept row (the last row of a sequence; a padding entry is row 0)
-    becomes a one-query decode of its own sequence's whole context."""
+def test_kept_rows_meta_maps_kept_rows_to_their_contexts():
+    """The last layer's pruned attention: each kept row becomes a one-query decode of its sequence's context up to
+    itself: the whole context for a sequence's last row, less for a scored row inside a chunk; a padding entry is
+    row 0."""
     from kvbatch.cache.metadata import AttentionMetadata
-    from kvbatch.runner.fused_forward import _sampling_meta
+    from kvbatch.runner.fused_forward import _kept_rows_meta
 
     meta = AttentionMetadata(
         query_start_loc=torch.tensor([0, 1, 2, 7, 10], dtype=torch.int32),  # 2 decodes, chunks of 5 and 3 rows
@@ -193,12 +194,14 @@ def test_sampling_meta_maps_kept_rows_to_their_sequences():
         max_seq_len=12,
         block_size=4,
     )
-    keep = torch.tensor([0, 1, 9, 0])  # the third sequence's chunk does not reach its end; one padding entry
-    got = _sampling_meta(meta, keep)
-    assert got.num_decodes == got.num_seqs == 4 and got.max_query_len == 1
-    assert got.query_start_loc.tolist() == [0, 1, 2, 3, 4]
-    assert got.seq_lens.tolist() == [9, 4, 3, 9]
-    assert got.block_tables.tolist() == [[1, 2, 3], [4, 0, 0], [8, 0, 0], [1, 2, 3]]
+    # The decodes, two rows inside the third sequence's chunk (positions 7..11: rows 2 and 5 are at 7 and 10), the
+    # fourth's last row, one padding entry.
+    keep = torch.tensor([0, 1, 2, 5, 9, 0])
+    got = _kept_rows_meta(meta, keep)
+    assert got.num_decodes == got.num_seqs == 6 and got.max_query_len == 1
+    assert got.query_start_loc.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert got.seq_lens.tolist() == [9, 4, 8, 11, 3, 9]
+    assert got.block_tables.tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 7], [5, 6, 7], [8, 0, 0], [1, 2, 3]]
 
 
 def test_last_layer_runs_for_the_sampling_rows_only(monkeypatch):
@@ -207,13 +210,13 @@ def test_last_layer_runs_for_the_sampling_rows_only(monkeypatch):
     from kvbatch.runner import fused_forward
 
     pruned_rows = []
-    original = fused_forward._sampling_meta
+    original = fused_forward._kept_rows_meta
 
     def spy(meta, keep_rows):
         pruned_rows.append((int(meta.query_start_loc[-1]), keep_rows.shape[0]))
         return original(meta, keep_rows)
 
-    monkeypatch.setattr(fused_forward, "_sampling_meta", spy)
+    monkeypatch.setattr(fused_forward, "_kept_rows_meta", spy)
     prompts = random_prompts(6, 20, 30, seed=8)
     # Steps of up to 100 rows: on CUDA the kept rows are padded to 64, so smaller steps would not prune.
     config = dict(max_num_batched_tokens=100, num_blocks_override=256)
