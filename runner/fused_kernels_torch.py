@@ -46,8 +46,9 @@ def rope_(
     k = qkv[:, num_q_heads * d : (num_q_heads + num_kv_heads) * d].view(rows, num_kv_heads, d)
     cos, sin = cos[:, None], sin[:, None]
     for heads, norm in ((q, 0), (k, 1)):
-        # contiguous: the norm's mean then runs the kernel transformers' contiguous projection runs
-        x = heads.contiguous() if qk_norm is None else _rms_norm(heads.contiguous(), qk_norm[norm], eps)
+        # The norm's mean runs on a contiguous copy, as on transformers' contiguous projection; the rotation is
+        # elementwise and reads the heads where they are.
+        x = heads if qk_norm is None else _rms_norm(heads.contiguous(), qk_norm[norm], eps)
         rotated = torch.cat((-x[..., d // 2 :], x[..., : d // 2]), dim=-1)
         heads.copy_((x * cos) + (rotated * sin))
 
