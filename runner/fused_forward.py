@@ -191,7 +191,6 @@ class FusedDecoder:
         if reason is not None:
             raise FusedLayersError(f"fused_layers cannot run this model: {reason}; set fused_layers: false")
         self.kernels = kernels_for(device)
-        self.triton = self.kernels is not fused_kernels_torch  # then LoRA updates run Triton's kernels too
         self.model = model
         self.base = model.model
         with torch.no_grad():
@@ -199,16 +198,17 @@ class FusedDecoder:
         self.final_norm = _norm(self.base.norm)
         self.adapters = None  # an Adapters built with `packed_linears()`: adds the packed GEMMs' LoRA updates
 
+    @property
+    def triton(self) -> bool:
+        """Whether the kernels are Triton's: then LoRA updates run Triton's kernels too."""
+        return self.kernels is not fused_kernels_torch
+
     def packed_linears(self) -> list[tuple[nn.Linear, ...]]:
         """The linears each fused GEMM runs, in its output columns' order: q/k/v and gate/up of every layer."""
         return [group for layer in self.layers for group in (layer.qkv_linears, layer.gate_up_linears)]
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        step: StepContext,
-        keep_rows: torch.Tensor,
+        self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext, keep_rows: torch.Tensor
     ) -> torch.Tensor:
         """input_ids, positions: [1, rows]; returns the final-normed hidden states of `keep_rows`, first in
         their order (on CUDA a few padding rows may follow).
@@ -301,7 +301,7 @@ def _kept_rows_meta(meta: AttentionMetadata, keep_rows: torch.Tensor) -> Attenti
         max_query_len=1,
         max_seq_len=meta.max_seq_len,
         block_size=meta.block_size,
-        # A prompt's last row stays a prompt row: the CPU attention gives it the bits it has in its chunk.
+        # A prompt row stays a prompt row: the CPU attention gives it the bits it has in its chunk.
         num_prompt_tokens=None
         if meta.num_prompt_tokens is None
         else meta.num_prompt_tokens.index_select(0, seq_of_row),

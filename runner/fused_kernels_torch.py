@@ -6,7 +6,7 @@ modules cost around it: in SmolLM2-135M's 128-prompt chat job (2-core AMD EPYC) 
 statistics in float32, cast back before the weight; rope's two products and their sum in the model's dtype), so
 each result has the bits transformers' modules give it (tests/runner/test_fused_forward.py checks equality). The
 fused decoder around them saves the modules, three of a layer's seven GEMM calls (q/k/v and gate/up run as one
-each) and, in a prefill step, the last layer's MLP for the rows that do not sample."""
+each) and, in a prefill step, the last layer's MLP for the rows whose logits are not kept."""
 
 from __future__ import annotations
 
