@@ -517,18 +517,21 @@ class Engine:
         self._num_scoring = 0
         try:
             while True:
-                while not exhausted and len(scheduler.waiting) + len(compiling) < lookahead:
-                    request = next(source, None)
-                    if request is None:
-                        exhausted = True
-                        break
-                    refusal = self._adapter_problem(request) or self._never_fits(request)
-                    if refusal:
-                        yield self._error_result(request, *refusal)
-                    elif request.sampling.structured_outputs is not None:
-                        compiling.append((request, self.grammars().submit(request.sampling.structured_outputs)))
-                    else:
-                        self._add(scheduler, request, seed_base)
+                refused: list[GenerationResult] = []
+                with self.timer.phase("intake"):
+                    while not exhausted and len(scheduler.waiting) + len(compiling) + len(refused) < lookahead:
+                        request = next(source, None)
+                        if request is None:
+                            exhausted = True
+                            break
+                        refusal = self._adapter_problem(request) or self._never_fits(request)
+                        if refusal:
+                            refused.append(self._error_result(request, *refusal))
+                        elif request.sampling.structured_outputs is not None:
+                            compiling.append((request, self.grammars().submit(request.sampling.structured_outputs)))
+                        else:
+                            self._add(scheduler, request, seed_base)
+                yield from refused
                 if compiling:
                     idle = in_flight is None and not scheduler.has_work()
                     yield from self._admit_compiled(scheduler, compiling, seed_base, block=idle)

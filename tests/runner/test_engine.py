@@ -45,6 +45,27 @@ def test_requests_that_can_never_fit_fail_alone_with_numbers(loaded) -> None:
     assert engine.pool.num_free_blocks == 20
 
 
+def test_a_stream_of_refused_requests_is_pulled_lazily(loaded) -> None:
+    """Requests refused on arrival come out as they are pulled: the engine reads at most its lookahead
+    (2 x max_num_seqs) ahead of the results it has yielded, refused or not."""
+    engine = make_engine(loaded, max_num_seqs=4)
+    pulled = 0
+
+    def stream():
+        nonlocal pulled
+        for i in range(200):
+            pulled += 1
+            yield GenerationRequest(i, [] if i % 10 else [5, 6, 7], SamplingParams(max_new_tokens=2))
+
+    results = engine.generate(stream())
+    first = next(results)
+    assert first.error == "the prompt is empty (0 tokens)" and pulled <= 2 * 4 + 1
+    rest = [first, *results]
+    assert sorted(r.request_id for r in rest) == list(range(200))
+    assert sum(r.error is None for r in rest) == 20
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
 def test_output_is_capped_at_the_pool_and_the_context(loaded) -> None:
     engine = make_engine(loaded, num_blocks_override=8)  # 32 tokens
     [result] = engine.generate([GenerationRequest(0, [5] * 28, SamplingParams(max_new_tokens=100, ignore_eos=True))])
