@@ -339,7 +339,7 @@ def _decode(
 
 
 def _prefill(query, key_cache, value_cache, meta, scale, out, layer: LayerAttention = PLAIN) -> None:
-    """Writes the rows of sequences num_decodes.. of out. Grid from meta.max_query_len (a python int)."""
+    """Writes the rows of sequences num_decodes.. of out. Grid from shapes (see attention_triton_prefill)."""
     num_prefills = meta.num_seqs - meta.num_decodes
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key_cache.shape[2]
@@ -348,7 +348,7 @@ def _prefill(query, key_cache, value_cache, meta, scale, out, layer: LayerAttent
     config = _fp32_tiles(dict(_prefill_config(head_dim, query.device)), key_cache)
     block_m = max(config.pop("BLOCK_M"), group_p)
     block_q = block_m // group_p
-    grid = (triton.cdiv(meta.max_query_len, block_q), num_prefills, num_kv_heads)
+    grid = (triton.cdiv(query.shape[0] - meta.num_decodes, block_q) + num_prefills, num_kv_heads)
     layer_args = _layer_args(layer, meta)
     _prefill_kernel[grid](
         query,
@@ -363,6 +363,7 @@ def _prefill(query, key_cache, value_cache, meta, scale, out, layer: LayerAttent
         layer_args["window"],
         layer_args["softcap2"],
         meta.num_decodes,
+        meta.num_seqs,
         query.stride(0),
         query.stride(1),
         out.stride(0),

@@ -2,6 +2,13 @@
 
 A program owns (a block of query tokens, one sequence, one kv head); its rows stack the query heads of that
 kv head under each token, and keys below the first row's position skip the causal mask.
+
+The grid's first axis runs over the step's query blocks, all sequences' laid end to end: sequence s owns the
+blocks from T(s) = (query_start[s] - query_start[first]) // BLOCK_Q + (s - first) on, at least
+cdiv(q_len, BLOCK_Q) of them (floor((a + L) / B) - floor(a / B) + 1 >= cdiv(L, B)), and a program finds its
+sequence by a binary search over T. The grid, cdiv(rows, BLOCK_Q) + sequences, comes from shapes alone; a
+rectangle of (longest chunk's blocks) x sequences would launch mostly empty programs in a step that mixes
+long prompts with short chunks (a scoring step's continuations: three empty programs in four).
 """
 
 from __future__ import annotations
@@ -12,8 +19,23 @@ import triton.language as tl
 from .attention_triton_tile import _attend_tile
 
 
+@triton.jit
+def _find_seq(query_start_ptr, block, first_seq, num_seqs, first_row, BLOCK_Q: tl.constexpr):
+    """The last sequence s in [first_seq, num_seqs) whose first query block T(s) is at most `block`."""
+    lo = first_seq
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = (tl.load(query_start_ptr + mid) - first_row) // BLOCK_Q + (mid - first_seq)
+        if start <= block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
 # Integers that change from step to step are not specialised on (=1, multiple of 16): one compile serves all.
-@triton.jit(do_not_specialize=["first_seq", "stride_q_head", "stride_o_head", "stride_bt_seq", "window"])
+@triton.jit(do_not_specialize=["first_seq", "num_seqs", "stride_q_head", "stride_o_head", "stride_bt_seq", "window"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -27,6 +49,7 @@ def _prefill_kernel(
     window,
     softcap2,
     first_seq,
+    num_seqs,
     stride_q_row,
     stride_q_head,
     stride_o_row,
@@ -49,10 +72,12 @@ def _prefill_kernel(
     SINKS: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P  # query tokens per program
-    q_block = tl.program_id(0)
-    seq = first_seq + tl.program_id(1)
-    kv_head = tl.program_id(2)
+    block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    first_row = tl.load(query_start_ptr + first_seq)
+    seq = _find_seq(query_start_ptr, block, first_seq, num_seqs, first_row, BLOCK_Q)
     row_start = tl.load(query_start_ptr + seq)
+    q_block = block - ((row_start - first_row) // BLOCK_Q + (seq - first_seq))  # past its chunk: no work
     q_len = tl.load(query_start_ptr + seq + 1) - row_start
     seq_len = tl.load(seq_lens_ptr + seq)
     first_pos = seq_len - q_len  # position of the chunk's first query; keys before it are the cached prefix
