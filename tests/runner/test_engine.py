@@ -66,6 +66,32 @@ def test_a_stream_of_refused_requests_is_pulled_lazily(loaded) -> None:
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_request_stream_that_raises_ends_the_call_and_frees_the_pool(loaded, async_scheduling) -> None:
+    """With a step in flight the engine pulls requests after launching the next step; what the caller's
+    iterator raises then still comes out of generate(), after the steps in flight are taken in."""
+    engine = make_engine(loaded, max_num_seqs=4, async_scheduling=async_scheduling)
+    prompts = random_prompts(40, 3, 12, seed=6)
+
+    def stream():
+        for i, prompt in enumerate(prompts):
+            if i == 25:
+                raise ValueError("row 25 is unreadable")
+            yield GenerationRequest(i, prompt, SamplingParams(max_new_tokens=6))
+
+    seen = []
+    with pytest.raises(ValueError, match="row 25 is unreadable"):
+        for result in engine.generate(stream()):
+            seen.append(result)
+    assert seen and all(r.error is None for r in seen) and {r.request_id for r in seen} <= set(range(25))
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+    engine.pool.check_invariants()
+    again = by_id(
+        engine.generate(GenerationRequest(i, p, SamplingParams(max_new_tokens=6)) for i, p in enumerate(prompts))
+    )
+    assert len(again) == 40 and all(r.error is None for r in again.values())
+
+
 def test_output_is_capped_at_the_pool_and_the_context(loaded) -> None:
     engine = make_engine(loaded, num_blocks_override=8)  # 32 tokens
     [result] = engine.generate([GenerationRequest(0, [5] * 28, SamplingParams(max_new_tokens=100, ignore_eos=True))])
