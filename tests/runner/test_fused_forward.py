@@ -229,8 +229,8 @@ def test_last_layer_runs_for_the_sampling_rows_only(monkeypatch):
 
 
 def test_pruned_rows_are_padded_to_few_shapes():
-    """On CUDA the pruned layer's rows are padded (with row 0) to a multiple of 64, at most the step's rows, so
-    its GEMMs meet a handful of shapes."""
+    """On CUDA the pruned layer's rows are padded (with row 0) to a power of two from 64, at most the step's rows,
+    so its GEMMs meet a handful of shapes."""
     from kvbatch.runner.fused_forward import _bucketed
 
     keep = torch.tensor([3, 9, 17])
@@ -238,5 +238,9 @@ def test_pruned_rows_are_padded_to_few_shapes():
     assert _bucketed(keep, 40).tolist() == [3, 9, 17] + [0] * 37
     full = torch.arange(64)
     assert _bucketed(full, 1000) is full
+    many = torch.arange(1, 1801)
+    assert _bucketed(many, 16384).tolist() == list(range(1, 1801)) + [0] * 248
+    assert _bucketed(many, 2000).shape[0] == 2000
+    assert {_bucketed(torch.arange(n), 16384).shape[0] for n in range(65, 16384, 7)} == {2**k for k in range(7, 15)}
     every = torch.arange(30)
     assert _bucketed(every, 30) is every  # a pure decode step: not padded
