@@ -9,7 +9,8 @@ Prints one JSON object per line:
     cascade       decodes sharing a cached 2,000-token prefix, with and without shared_prefix_len: ms per call
                   (CUDA graph), effective GB/s (every decode's K/V bytes / time), error vs the torch reference
     cascade_sweep (--sweep) prefix-split counts and tile variants of the cascade kernel
-    prefill       prefill attention TFLOP/s (causal FLOPs actually needed), fresh prompts and cached prefixes
+    prefill       prefill attention TFLOP/s (causal FLOPs actually needed), fresh prompts, cached prefixes and a
+                  scoring step (prompts among short continuations)
     prefill_sweep (--sweep) tile variants
 
 Run on the GPU machine: `kvbatch bench kernels [--sweep]` (about 2-4 minutes).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import random
 import time
 
 import torch
@@ -332,11 +334,21 @@ def prefill_flops(seqs, num_heads: int, head_dim: int) -> float:
     return 4.0 * num_heads * head_dim * keys
 
 
+def scoring_step(seed: int = 0) -> list[tuple[int, int]]:
+    """A scoring step's chunks: 56 fresh 256-token prompts among 224 continuations of 2-11 tokens after a
+    cached 256-token prompt, in a shuffled order (the score workload's steps mix them so)."""
+    rng = random.Random(seed)
+    seqs = [(0, 256)] * 56 + [(256, rng.randint(2, 11)) for _ in range(224)]
+    rng.shuffle(seqs)
+    return seqs
+
+
 def prefill_speed(sweep: bool) -> None:
     cases = [
         ("fresh 4x4096", [(0, 4096)] * 4),
         ("prefix 8x(6144 cached + 2048)", [(6144, 2048)] * 8),
         ("fresh 32x512", [(0, 512)] * 32),
+        ("score 56x256 + 224x(256 cached + 2-11)", scoring_step()),
     ]
     for name in ("llama-8b", "llama-1b"):
         num_heads, _, head_dim = SHAPES[name]
