@@ -516,11 +516,11 @@ class Engine:
         # Constrained requests whose grammar is still compiling: they join the scheduler once it is ready.
         compiling: list[tuple[GenerationRequest, Future]] = []
         refused: list[GenerationResult] = []  # requests refused on arrival, yielded after the intake
-        failed: list[Exception] = []  # what the intake raised (the caller's iterator), raised between steps
+        failed: Exception | None = None  # what the intake raised (the caller's iterator), raised between steps
 
         def take_in() -> None:
             """Pull requests until `lookahead` of them wait (or compile, or were refused)."""
-            nonlocal exhausted, lookahead
+            nonlocal exhausted, lookahead, failed
             with self.timer.phase("intake"):
                 try:
                     while not exhausted and len(scheduler.waiting) + len(compiling) + len(refused) < lookahead:
@@ -537,7 +537,7 @@ class Engine:
                             self._add(scheduler, request, seed_base)
                 except Exception as exc:  # noqa: BLE001 - raised once the step being launched is in flight
                     exhausted = True
-                    failed.append(exc)
+                    failed = exc
             lookahead = 2 * self.config.max_num_seqs
 
         self._generating = True
@@ -546,8 +546,8 @@ class Engine:
             while True:
                 if in_flight is None:  # else _step takes requests in while the device runs the steps it has
                     take_in()
-                if failed:
-                    raise failed[0]
+                if failed is not None:
+                    raise failed
                 yield from refused
                 refused.clear()
                 if compiling:
@@ -559,8 +559,8 @@ class Engine:
                     continue
                 results, in_flight = self._step(scheduler, in_flight, take_in)
                 yield from results
-                if failed:
-                    raise failed[0]
+                if failed is not None:
+                    raise failed
                 if on_step is not None:
                     on_step()
         finally:
@@ -570,7 +570,7 @@ class Engine:
             self._num_scoring = 0
 
     def _step(
-        self, scheduler: Scheduler, in_flight: _InFlight | None, take_in: Callable[[], None] = lambda: None
+        self, scheduler: Scheduler, in_flight: _InFlight | None, take_in: Callable[[], None]
     ) -> tuple[list[GenerationResult], _InFlight | None]:
         """Launch the next step (planned ahead when one is in flight, else after draining it). With one in
         flight, `take_in` runs once this step is launched: the host pulls new requests while the device has two
