@@ -1,5 +1,7 @@
 """Engine behaviour around the edges: requests that can never fit, failing steps, stop rules, reuse."""
 
+import random
+
 import pytest
 import torch
 from broken_steps import Poison
@@ -412,6 +414,39 @@ def test_the_engine_freezes_what_exists_at_setup_and_collects_what_comes_later(l
     del cycle
     gc.collect()
     assert ref() is None
+
+
+def test_a_finished_request_is_freed_without_the_cyclic_collector(loaded, break_steps) -> None:
+    """A request's sequences point at its state and the state at them; the engine breaks that cycle when the
+    request finishes, so nothing of it waits for a full collection (on an H100 host one took 77 ms with the GPU
+    idle). Samples, continuations, and a row that fails alone, with the collector off."""
+    import gc
+
+    from kvbatch.runner.sequence import Sequence
+
+    def alive() -> int:
+        return sum(isinstance(o, Sequence) for o in gc.get_objects())
+
+    rng = random.Random(4)
+    prompts = random_prompts(6, 2, 20, seed=4)
+    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=5, n=2, seed=1)) for i, p in enumerate(prompts)]
+    requests.append(GenerationRequest("scored", prompts[0], continuations=[[rng.randrange(3, 500)] * 3] * 4))
+    seen = {t for p in prompts for t in p}
+    poison = min(set(range(2, 512)) - seen)
+    gc.collect()
+    gc.disable()
+    try:
+        results = list(make_engine(loaded).generate(requests))
+        assert len(results) == len(requests) and not any(r.error for r in results)
+        del results
+        assert alive() == 0
+        break_steps(loaded.model, Poison(poison))
+        results = list(make_engine(loaded).generate([*requests[:3], GenerationRequest("bad", [5, poison, 7])]))
+        assert [r.request_id for r in results if r.error] == ["bad"]
+        del results
+        assert alive() == 0
+    finally:
+        gc.enable()
 
 
 def test_the_host_counts_the_time_it_waits_for_tokens(loaded, monkeypatch) -> None:
