@@ -144,13 +144,19 @@ def test_mixed_step_matches_reference(shape):
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_random_chunk_boundaries(block_size):
-    # Many prefill chunks at random offsets, so chunk starts fall on every position relative to the key tiles
-    # (the causal mask is skipped for tiles wholly below a program's first query).
+@pytest.mark.parametrize("mix", ["random", "scoring"])
+def test_random_chunk_boundaries(block_size, mix):
+    # random: many prefill chunks at random offsets, so chunk starts fall on every position relative to the key
+    # tiles (the causal mask is skipped for tiles wholly below a program's first query). scoring: hundreds of
+    # chunks of 1-11 tokens after cached prefixes, as a scoring step's continuations, each program finding its
+    # chunk among them by its query block (attention_triton_prefill's grid).
     rng = random.Random(block_size)
-    limit = 3000 if CUDA else 40
-    seqs = [(rng.randrange(limit), 1) for _ in range(3)]
-    seqs += [(rng.randrange(limit), rng.randrange(1, limit)) for _ in range(16 if CUDA else 10)]
+    if mix == "random":
+        limit = 3000 if CUDA else 40
+        seqs = [(rng.randrange(limit), 1) for _ in range(3)]
+        seqs += [(rng.randrange(limit), rng.randrange(1, limit)) for _ in range(16 if CUDA else 10)]
+    else:
+        seqs = [(rng.randrange(70), rng.randrange(1, 12)) for _ in range(300 if CUDA else 11)]
     step = make_step(
         seqs,
         block_size=block_size,
@@ -158,7 +164,8 @@ def test_random_chunk_boundaries(block_size):
         num_kv_heads=2,
         head_dim=64 if CUDA else 16,
         dtype=torch.float32,
-        num_decodes=3,
+        num_decodes=3 if mix == "random" else 0,
+        num_pad_rows=2,
         seed=block_size,
     )
     check(*step)
