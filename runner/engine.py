@@ -593,9 +593,7 @@ class Engine:
         self.stats.num_preemptions += len(out.preempted)
         self.stats.num_queried_prompt_tokens += out.num_queried_tokens
         self.stats.num_cached_prompt_tokens += out.num_cached_tokens
-        self.stats.num_prefill_tokens += sum(
-            min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens)) for s in out.scheduled
-        )
+        self.stats.num_prefill_tokens += out.num_prefill_tokens
         self.stats.peak_kv_usage = max(self.stats.peak_kv_usage, self.pool.usage())
         sampling_items = [item for item in out.scheduled if item.samples]
         try:

@@ -97,6 +97,9 @@ class SchedulerOutput:
     # lookup, and how many of those the cache held.
     num_queried_tokens: int = 0
     num_cached_tokens: int = 0
+    # Prompt tokens the step computes (progress's prefill rate); counted per chunk, not per row: a decode planned
+    # ahead adds none and is not visited.
+    num_prefill_tokens: int = 0
 
     @property
     def num_batched_tokens(self) -> int:
@@ -316,6 +319,8 @@ class Scheduler:
         if samples is None:
             samples = num_tokens == seq.num_tokens and not seq.score_only
         out.scheduled.append(ScheduledSeq(seq, num_new, samples))
+        if seq.num_computed_tokens < seq.num_prompt_tokens:
+            out.num_prefill_tokens += min(num_new, seq.num_prompt_tokens - seq.num_computed_tokens)
         if not self.config.prefix_cache:
             return
         block_size = self.config.block_size

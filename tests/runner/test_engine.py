@@ -449,6 +449,19 @@ def test_a_finished_request_is_freed_without_the_cyclic_collector(loaded, break_
         gc.enable()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prefill_tokens_count_each_prompt_token_once(loaded, async_scheduling) -> None:
+    """stats.num_prefill_tokens (progress's prefill rate) counts the prompt tokens each step computes: prompts
+    split into chunks by a small token budget, decodes planned ahead or not, add up to the prompts' lengths."""
+    prompts = random_prompts(7, 5, 40, seed=8)
+    engine = make_engine(loaded, max_num_batched_tokens=16, prefix_cache=False, async_scheduling=async_scheduling)
+    results = list(
+        engine.generate(GenerationRequest(i, p, SamplingParams(max_new_tokens=6)) for i, p in enumerate(prompts))
+    )
+    assert len(results) == len(prompts) and engine.stats.num_preemptions == 0
+    assert engine.stats.num_prefill_tokens == sum(map(len, prompts))
+
+
 def test_the_host_counts_the_time_it_waits_for_tokens(loaded, monkeypatch) -> None:
     """stats.host_wait_s (bench's host_wait_share): the time spent in a step's to_host, each step counted."""
     import time
