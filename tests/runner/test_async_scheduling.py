@@ -91,15 +91,24 @@ def test_async_gives_what_the_synchronous_loop_gives(loaded) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the device runs ahead of the host only on CUDA")
 def test_async_gives_what_the_synchronous_loop_gives_on_the_gpu(loaded) -> None:
     """Where the overlap is real: CUDA graphs, fused layers, Triton kernels, steps launched before the host has
-    the tokens of the one before, prompt chunks and admissions planned ahead. Same kernels on the same schedule,
-    so the outcome is bit for bit the synchronous loop's."""
+    the tokens of the one before, prompt chunks and admissions planned ahead. The same tokens and stop reasons;
+    log-probabilities to float32 rounding, not bit for bit: the decodes planned past a row's stop make later steps
+    batch other rows than the synchronous loop's (from the sixth step here), and cuBLAS picks its GEMM kernel by
+    the row count (on an H100: 1.7e-6 apart, while each loop against itself gives the same bits)."""
     gpu = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to("cuda"), device=torch.device("cuda"))
     requests = mixed_requests(loaded, seed=21)
     want = outcome(make_engine(gpu, False), requests)
     engine = make_engine(gpu, True)
     assert engine.uses_cuda_graphs and engine.fused is not None
     got = outcome(engine, requests)
-    assert got == want
+    assert got.keys() == want.keys()
+    for request_id, (error, completions) in got.items():
+        assert error is None and want[request_id][0] is None
+        assert [c[:2] for c in completions] == [c[:2] for c in want[request_id][1]]
+        for (_, _, logprobs), (_, _, expected) in zip(completions, want[request_id][1], strict=True):
+            assert (logprobs is None) == (expected is None)
+            if logprobs is not None:
+                assert logprobs == pytest.approx(expected, abs=1e-5)
     assert engine.stats.num_steps_ahead > 0 and engine.stats.num_spare_tokens > 0
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
