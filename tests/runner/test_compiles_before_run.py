@@ -31,6 +31,8 @@ def test_no_kernel_compiles_after_the_engine_starts(profile_pool, adapters, tmp_
     config = dict(max_num_seqs=64, max_num_batched_tokens=512, block_size=16)
     if not profile_pool:  # a fixed pool skips the profiling pass: its largest step compiles nothing then
         config["num_blocks_override"] = 2048
+    else:  # a share of the card that leaves room for other test processes on it (pytest -n)
+        config["gpu_memory_utilization"] = 0.3
     paths = random_adapters(loaded.model, tmp_path, 3) if adapters else None
     engine = Engine(EngineConfig(**config), loaded, adapters=paths)
     names = [None, *paths] if paths else [None]
