@@ -9,6 +9,8 @@ The mask transformers builds is not used: the paged kernels build causal (and sl
 positions. So every other argument a layer passes must be one the kernels implement (`softcap`,
 `sliding_window`, attention sinks as `s_aux` or `sinks`) or one that changes nothing at inference; any other
 is refused, by `check_model` when the model loads and again at every call, rather than silently ignored.
+`check_model` also refuses layers whose keys and values do not fit the pages (`kv_layout`, from the config), and
+layers that drop the forward's keyword arguments (the step would never reach them).
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ class UnsupportedAttentionError(ValueError):
     """A model's attention asks for something kvbatch's paged attention does not compute."""
 
 
+class NoStepContextError(RuntimeError):
+    """The attention was called without the step's context: outside the engine, or by a layer that drops the
+    keyword arguments of the model's forward."""
+
+
+def kv_layout(config) -> tuple[int, int]:
+    """(key/value heads, head size) of every layer's pages, from a transformers config (its text config)."""
+    text_config = config.get_text_config()
+    num_heads = text_config.num_attention_heads
+    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+    return num_kv_heads, getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+
+
 @dataclass
 class StepContext:
     meta: AttentionMetadata
@@ -45,10 +60,13 @@ class StepContext:
 
 
 class _Probe:
-    """Passed as kvbatch_step by check_model: each layer records what it asks for, and attends to nothing."""
+    """Passed as kvbatch_step by check_model: each layer records what it asks for and the sizes of its query,
+    key and value heads, and attends to nothing."""
 
     def __init__(self) -> None:
         self.layers: dict[int, LayerAttention] = {}
+        # layer -> (key/value heads, query head size, key head size, value head size)
+        self.shapes: dict[int, tuple[int, int, int, int]] = {}
 
 
 def layer_attention(module: torch.nn.Module, dropout: float, kwargs: dict) -> LayerAttention:
@@ -93,14 +111,16 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:  # ([1, num_rows, num_heads, head_dim], no weights)
     step: StepContext | _Probe | None = kwargs.get("kvbatch_step")
     if step is None:
-        raise RuntimeError(
+        raise NoStepContextError(
             f"attention implementation {ATTN_IMPLEMENTATION!r} needs a kvbatch step context; "
             f"this model was loaded for kvbatch's engine and cannot run model.generate()"
         )
     layer_options = layer_attention(module, dropout, kwargs)
     if isinstance(step, _Probe):
         step.layers[module.layer_idx] = layer_options
-        return torch.zeros_like(query).transpose(1, 2), None
+        step.shapes[module.layer_idx] = (key.shape[1], query.shape[-1], key.shape[-1], value.shape[-1])
+        # The output has the values' head size, which the layer's o_proj expects (a query's may differ).
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     layer = module.layer_idx
     q = query[0].transpose(0, 1)  # [num_rows, num_heads, head_dim]
     k = key[0].transpose(0, 1)  # [num_rows, num_kv_heads, head_dim]
@@ -140,6 +160,14 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
         model(input_ids=token, position_ids=torch.zeros_like(token), use_cache=False, kvbatch_step=probe)
     except UnsupportedAttentionError as exc:
         raise UnsupportedAttentionError(f"model {name!r}: {exc}") from None
+    except NoStepContextError:
+        raise UnsupportedAttentionError(
+            f"model {name!r}: its {config.model_type} layers call the attention without the keyword arguments of "
+            "the model's forward, so kvbatch's paged attention cannot reach its pages"
+        ) from None
+    if not probe.layers:
+        raise UnsupportedAttentionError(f"model {name!r}: no layer sent its attention through kvbatch's interface")
+    _check_shapes(probe.shapes, kv_layout(config), name)
     layer_types = getattr(config, "layer_types", None)
     for index, layer in probe.layers.items():
         # The mask transformers would build must be the one the kernels build from the layer's arguments.
@@ -150,6 +178,23 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
                     "sliding_window to its attention"
                 )
     return probe.layers
+
+
+def _check_shapes(shapes: dict[int, tuple[int, int, int, int]], layout: tuple[int, int], name: str) -> None:
+    """Every layer's keys and values must fit the pages kv_layout sizes from the config, one head size for
+    queries, keys and values (the kernels take one)."""
+    num_kv_heads, head_dim = layout
+    for index, (heads, q_dim, k_dim, v_dim) in sorted(shapes.items()):
+        if not q_dim == k_dim == v_dim:
+            raise UnsupportedAttentionError(
+                f"model {name!r}: layer {index} attends with heads of {q_dim} (queries), {k_dim} (keys) and "
+                f"{v_dim} (values) dimensions; kvbatch's paged attention takes one head size"
+            )
+        if (heads, k_dim) != layout:
+            raise UnsupportedAttentionError(
+                f"model {name!r}: layer {index} attends with {heads} key/value heads of {k_dim} dimensions, where "
+                f"its config gives {num_kv_heads} of {head_dim}, the size of kvbatch's pages"
+            )
 
 
 def register() -> None:

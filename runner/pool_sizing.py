@@ -24,6 +24,7 @@ from kvbatch.cache.metadata import AttentionMetadata
 from kvbatch.errors import KVBudgetError
 from kvbatch.runner.config import EngineConfig
 
+from .attention_hook import kv_layout
 from .model_runner import ModelRunner, StepInputs
 
 logger = logging.getLogger(__name__)
@@ -33,12 +34,11 @@ def kv_cache_spec(model_config, block_size: int, backend_name: str, model_dtype:
     """Pages for `model_config` (a transformers config). The torch reference attention computes in float64, so
     float32 models keep their pages in float64 there (twice the bytes): no cached key or value is converted at
     every step. The CPU backend computes in float32 and keeps float32 pages."""
-    text_config = model_config.get_text_config()
-    num_heads = text_config.num_attention_heads
+    num_kv_heads, head_dim = kv_layout(model_config)
     return KVCacheSpec(
-        num_layers=text_config.num_hidden_layers,
-        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
-        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
+        num_layers=model_config.get_text_config().num_hidden_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
         block_size=block_size,
         dtype=torch.float64 if backend_name == "torch" and model_dtype == torch.float32 else model_dtype,
     )

@@ -192,3 +192,57 @@ def test_a_mask_kind_the_kernels_lack_is_refused_at_load() -> None:
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_hook.ATTN_IMPLEMENTATION)
     with pytest.raises(attention_hook.UnsupportedAttentionError, match="'tiny'.*chunked_attention"):
         attention_hook.check_model(model, "tiny")
+
+
+def _probe_model(config) -> torch.nn.Module:
+    attention_hook.register()
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_hook.ATTN_IMPLEMENTATION).eval()
+
+
+def test_layers_that_drop_the_forwards_arguments_are_refused_at_load() -> None:
+    """Nemotron's decoder layer calls its attention without the forward's keyword arguments: the step never
+    reaches the pages, so the model is refused by name, not failed at every row."""
+    model = _probe_model(tf.NemotronConfig(**_LLAMA_LIKE))
+    with pytest.raises(attention_hook.UnsupportedAttentionError, match=r"'tiny'.*nemotron layers.*keyword arguments"):
+        attention_hook.check_model(model, "tiny")
+
+
+def test_keys_of_another_size_than_the_pages_are_refused_at_load() -> None:
+    """JetMoE repeats its 2 configured key/value heads for each of its 2 experts a token: 4 heads reach the
+    attention, where pages sized from the config hold 2 (every row failed writing them)."""
+    config = tf.JetMoeConfig(
+        **_IDS,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        kv_channels=16,
+        intermediate_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+    )
+    with pytest.raises(attention_hook.UnsupportedAttentionError, match=r"layer 0 .* 4 key/value heads of 16.* 2 of 16"):
+        attention_hook.check_model(_probe_model(config), "tiny")
+
+
+def test_values_of_another_head_size_than_the_keys_are_refused_at_load() -> None:
+    """Multi-head latent attention (DeepSeek-V3): keys of qk_nope + qk_rope dimensions, values of v_head_dim."""
+    config = tf.DeepseekV3Config(
+        **_LLAMA_LIKE | {"num_key_value_heads": 4},
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+    )
+    with pytest.raises(
+        attention_hook.UnsupportedAttentionError, match=r"24 \(queries\), 24 \(keys\) and 16 \(values\)"
+    ):
+        attention_hook.check_model(_probe_model(config), "tiny")
