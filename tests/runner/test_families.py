@@ -88,6 +88,24 @@ FAMILIES = {
     "smollm3": lambda: tf.SmolLM3Config(
         **_LLAMA_LIKE, use_sliding_window=True, sliding_window=8, layer_types=_LOCAL_GLOBAL
     ),
+    "mixtral": lambda: tf.MixtralConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+        **_LLAMA_LIKE,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "granite": lambda: tf.GraniteConfig(
+        **_LLAMA_LIKE, attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=3.0
+    ),
+    "granitemoe": lambda: tf.GraniteMoeConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+    "cohere": lambda: tf.CohereConfig(**_LLAMA_LIKE, logit_scale=0.5),
+    "cohere2": lambda: tf.Cohere2Config(**_LLAMA_LIKE, sliding_window=8, layer_types=_LOCAL_GLOBAL),
+    "olmo3": lambda: tf.Olmo3Config(**_LLAMA_LIKE, sliding_window=8),
+    "exaone4": lambda: tf.Exaone4Config(**_LLAMA_LIKE, sliding_window=8, layer_types=_LOCAL_GLOBAL),
+    "glm": lambda: tf.GlmConfig(**_LLAMA_LIKE),
+    "ernie4_5": lambda: tf.Ernie4_5Config(**_LLAMA_LIKE),
 }
 
 # GPT-J and CodeGen send their attention through transformers' interface in newer transformers (5.25 does); where
