@@ -200,8 +200,7 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
 
 _UNSUPPORTED = (
     "model {name!r} cannot run on kvbatch's paged attention: {why}. kvbatch runs the models whose attention goes "
-    "through transformers' attention interface (Llama, Mistral, Qwen2/3, Qwen3-MoE, Gemma 1-3, Phi, Phi-3, GPT-2, "
-    "OPT, GPT-NeoX, GPT-BigCode, StarCoder2, OLMo 2, gpt-oss, SmolLM3)"
+    "through transformers' attention interface (the families tested are listed in the README)"
 )
 _DEFAULT_HINT = "; remove the converted default model's folder (see KVBATCH_CACHE) and it is converted again"
 
