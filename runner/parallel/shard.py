@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kvbatch.errors import TensorParallelError
+from kvbatch.runner.attention_hook import kv_layout
 
 ATTENTION_COLUMNS = ("q_proj", "k_proj", "v_proj")
 MLP_COLUMNS = ("gate_proj", "up_proj")
@@ -62,7 +63,7 @@ def _row(linear: nn.Linear, rank: int, world: int, group: dist.ProcessGroup | No
 
 def check_divisible(text_config, world: int) -> None:
     heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    kv_heads = kv_layout(text_config)[0]
     intermediate = text_config.intermediate_size
     bad = [
         f"{name} {value}"
@@ -100,10 +101,8 @@ def shard_model(model: nn.Module, rank: int, world: int, group: dist.ProcessGrou
         for name in MLP_COLUMNS:
             setattr(mlp, name, _column(getattr(mlp, name), rank, world))
         mlp.down_proj = _row(mlp.down_proj, rank, world, group)
-    heads = text_config.num_attention_heads
-    text_config.head_dim = (
-        getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    )  # before heads change
-    text_config.num_key_value_heads = (getattr(text_config, "num_key_value_heads", None) or heads) // world
-    text_config.num_attention_heads = heads // world
+    kv_heads, head_dim = kv_layout(text_config)  # before the heads change
+    text_config.head_dim = head_dim
+    text_config.num_key_value_heads = kv_heads // world
+    text_config.num_attention_heads //= world
     return model
