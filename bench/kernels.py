@@ -367,16 +367,21 @@ def prefill_speed(sweep: bool) -> None:
 def prefill_sweep(step, name, fn, flops, head_dim) -> None:
     default_config = attention_triton._prefill_config
     reference = fn()
-    for m, n, w, s in [
-        (128, 64, 4, 3),
-        (128, 128, 8, 3),
-        (64, 64, 4, 3),
-        (128, 32, 4, 3),
-        (128, 64, 8, 2),
-        (64, 32, 4, 4),
-        (128, 64, 8, 4),
+    for m, n, w, s, regs in [  # regs: a register cap a thread (maxnreg), None for the compiler's choice
+        (128, 64, 4, 3, None),
+        (128, 128, 8, 3, None),
+        (64, 64, 4, 3, None),
+        (64, 64, 4, 2, None),
+        (64, 64, 4, 2, 128),
+        (64, 64, 4, 3, 128),
+        (128, 32, 4, 3, None),
+        (128, 64, 8, 2, None),
+        (64, 32, 4, 4, None),
+        (128, 64, 8, 4, None),
     ]:
         config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+        if regs is not None:
+            config["maxnreg"] = regs
         try:
             attention_triton._prefill_config = lambda hd, dev, c=config: dict(c)
             diff = float((fn() - reference).abs().max())
