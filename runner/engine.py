@@ -58,6 +58,7 @@ from .request import (
     GenerationResult,
     TopLogprobs,
 )
+from .rolling import rolling_windows
 from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .scoring import ScoredRows, score_on_device
@@ -307,6 +308,8 @@ class Engine:
             return ErrorKind.EMPTY_PROMPT, "the prompt is empty (0 tokens)"
         if request.continuations is not None:
             return self._never_scores(request)
+        if request.rolling_prefix is not None:  # scored in windows of the context: any length fits
+            return self._outside_vocab(request.prompt_token_ids, [request.rolling_prefix])
         if num_prompt >= self.capacity_tokens:
             limit = "the context" if self.max_model_len <= self.pool_size.num_tokens else "the KV pool"
             return ErrorKind.PROMPT_TOO_LONG, (
@@ -315,10 +318,9 @@ class Engine:
                 f"KV pool {self.pool_size.num_tokens})"
             )
         vocab = self.vocab_size
-        ids = request.prompt_token_ids
-        if min(ids) < 0 or max(ids) >= vocab:  # two C passes; the list below only for a prompt that has such ids
-            outside = [t for t in ids if not 0 <= t < vocab][:5]
-            return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {outside}"
+        problem = self._outside_vocab(request.prompt_token_ids)
+        if problem is not None:
+            return problem
         params = request.sampling
         for name, asked in (
             ("logit_bias", [t for t, _ in params.logit_bias]),
@@ -327,6 +329,14 @@ class Engine:
             outside = [t for t in asked if t >= vocab][:5]
             if outside:
                 return ErrorKind.BAD_REQUEST, f"{name} holds token ids outside the vocabulary of {vocab}: {outside}"
+        return None
+
+    def _outside_vocab(self, *parts: list[int]) -> tuple[ErrorKind, str] | None:
+        """A request's token ids (non-empty lists) outside the vocabulary, as its error; None if there are none."""
+        vocab = self.vocab_size
+        if min(min(ids) for ids in parts) < 0 or max(max(ids) for ids in parts) >= vocab:  # C passes; the list
+            outside = [t for ids in parts for t in ids if not 0 <= t < vocab][:5]  # only for a request with such ids
+            return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {outside}"
         return None
 
     def _never_scores(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
@@ -344,12 +354,7 @@ class Engine:
                 f"{longest + 1 - len(request.prompt_token_ids)}; at most {self.capacity_tokens + 1} tokens fit "
                 f"together (context {self.max_model_len}, KV pool {self.pool_size.num_tokens})"
             )
-        vocab = self.vocab_size
-        parts = (request.prompt_token_ids, *request.continuations)
-        if min(min(ids) for ids in parts) < 0 or max(max(ids) for ids in parts) >= vocab:  # C passes; the list below
-            bad = [t for ids in parts for t in ids if not 0 <= t < vocab][:5]  # only for a request that has such ids
-            return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {bad}"
-        return None
+        return self._outside_vocab(request.prompt_token_ids, *request.continuations)
 
     def _add_scoring(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
         """One score-only sequence per continuation: prompt + continuation less its last token (never input).
@@ -381,23 +386,56 @@ class Engine:
                     targets = prompt[1:] + targets
             elif not rows:
                 continue
-            seq = Sequence(
-                self._next_seq_id,
-                replace(request, prompt_token_ids=prompt + continuation[:-1], continuations=None),
-                i,
-                0,
-                seed=0,
-                group=state,
-                score_rows=rows,
-                score_targets=targets,
-                score_only=True,
-                adapter_key=adapter_key,
-                queue_tokens=len(prompt),
-                block_hashes=list(hashes),
-            )
-            self._next_seq_id += 1
-            state.seqs.append(seq)
-            scheduler.add(seq)
+            tokens = prompt + continuation[:-1]
+            self._queue_scored(
+                scheduler, state, replace(request, prompt_token_ids=tokens, continuations=None), i, rows, targets,
+                adapter_key, queue_tokens=len(prompt), block_hashes=list(hashes),
+            )  # fmt: skip
+        return self._scoring_admitted(state)
+
+    def _add_rolling(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
+        """One score-only sequence per window of the context over the prompt (runner/rolling.py): each scores
+        the tokens its window predicts. Windows share no prefix, so each hashes its own blocks."""
+        state = _RequestState(request)
+        adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
+        assert request.rolling_prefix is not None
+        windows = rolling_windows(request.prompt_token_ids, request.rolling_prefix, self.capacity_tokens)
+        for i, (context, predicted) in enumerate(windows):
+            window = replace(request, prompt_token_ids=context + predicted[:-1], rolling_prefix=None)
+            rows = list(range(len(context) - 1, len(context) - 1 + len(predicted)))
+            self._queue_scored(scheduler, state, window, i, rows, predicted, adapter_key)
+        return self._scoring_admitted(state)
+
+    def _queue_scored(
+        self,
+        scheduler: Scheduler,
+        state: _RequestState,
+        request: GenerationRequest,  # its prompt_token_ids: the sequence's tokens
+        index: int,
+        rows: list[int],
+        targets: list[int],
+        adapter_key: bytes,
+        **placement,  # queue_tokens, block_hashes
+    ) -> None:
+        """Queue one score-only sequence of a scoring request: rows[j] of its tokens scored against targets[j]."""
+        seq = Sequence(
+            self._next_seq_id,
+            request,
+            index,
+            0,
+            seed=0,
+            group=state,
+            score_rows=rows,
+            score_targets=targets,
+            score_only=True,
+            adapter_key=adapter_key,
+            **placement,
+        )
+        self._next_seq_id += 1
+        state.seqs.append(seq)
+        scheduler.add(seq)
+
+    def _scoring_admitted(self, state: _RequestState) -> _RequestState:
         state.num_unfinished = len(state.seqs)
         self.stats.num_requests += 1
         self._num_scoring += 1
@@ -408,6 +446,8 @@ class Engine:
     ) -> _RequestState:
         if request.continuations is not None:
             return self._add_scoring(scheduler, request)
+        if request.rolling_prefix is not None:
+            return self._add_rolling(scheduler, request)
         params = request.sampling
         state = _RequestState(request, logits_info=row_logits(params, self.tokenizer, self.loaded.eos_token_ids))
         max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
@@ -762,9 +802,14 @@ class Engine:
         if state.num_unfinished:
             return None
         request = state.request
-        if request.continuations is not None or request.sampling.prompt_logprobs:
+        if request.is_scoring or request.sampling.prompt_logprobs:
             self._num_scoring -= any(s.score_targets for s in state.seqs)
-        result = self._scoring_result(state) if request.continuations is not None else self._result(state)
+        if request.continuations is not None:
+            result = self._scoring_result(state)
+        elif request.rolling_prefix is not None:
+            result = self._rolling_result(state)
+        else:
+            result = self._result(state)
         # Each sequence points at its request's state, and the state at its sequences: left so, a finished
         # request (its tokens, sequences, lists) is freed only by a full pass of the cyclic collector, which
         # walks all those still held. One such pass stalled an H100 host for 77 ms with the GPU idle, in the
@@ -824,6 +869,20 @@ class Engine:
             if request.sampling.prompt_logprobs
             else None,
             scores=scores,
+        )
+
+    def _rolling_result(self, state: _RequestState) -> GenerationResult:
+        """One score for the whole prompt: its windows' tokens in order (each sequence is one window)."""
+        request = state.request
+        logprobs = [lp for seq in state.seqs for lp in seq.score_logprobs]
+        greedy = all(g for seq in state.seqs for g in seq.score_greedy)
+        self.stats.num_prompt_tokens += len(request.prompt_token_ids)
+        return GenerationResult(
+            request.request_id,
+            len(request.prompt_token_ids),
+            [],
+            num_preemptions=sum(s.num_preemptions for s in state.seqs),
+            scores=[ContinuationScore(sum(logprobs), len(logprobs), greedy, logprobs)],
         )
 
     def _recover(

@@ -16,13 +16,21 @@ FinishReason = Literal["stop", "length", "error"]
 @dataclass(frozen=True)
 class GenerationRequest:
     """A prompt to generate from or, with `continuations`, to score: each continuation's tokens are scored
-    after the prompt in one prefill (no decode step), the prompt's full blocks shared through the prefix cache."""
+    after the prompt in one prefill (no decode step), the prompt's full blocks shared through the prefix cache.
+    With `rolling_prefix` the prompt itself is scored, as lm-eval's loglikelihood_rolling scores a text: in
+    disjoint windows of the engine's context (runner/rolling.py), the first after that token."""
 
     request_id: Hashable  # the job uses the input row index
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # a LoRA adapter registered with the engine (Engine.add_adapter); None: the base model
     continuations: list[list[int]] | None = field(default=None, kw_only=True)  # a scoring request's, by name
+    rolling_prefix: int | None = field(default=None, kw_only=True)  # a rolling request's first context token
+
+    @property
+    def is_scoring(self) -> bool:
+        """A scoring request (continuations or rolling): its result holds `scores`, not completions."""
+        return self.continuations is not None or self.rolling_prefix is not None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_token_ids, list):  # a tuple or numpy array: `prompt + output` must concatenate
@@ -71,7 +79,8 @@ class GenerationResult:
     error_kind: ErrorKind | None = None  # why, as a value (set with error)
     num_preemptions: int = 0
     prompt_logprobs: list[float | None] | None = None  # with sampling.prompt_logprobs; the first token has none
-    scores: list[ContinuationScore] | None = None  # one per continuation of a scoring request (no completions)
+    # One per continuation of a scoring request (no completions); a rolling request's one covers its whole prompt.
+    scores: list[ContinuationScore] | None = None
 
     @property
     def finish_reason(self) -> FinishReason:

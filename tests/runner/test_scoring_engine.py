@@ -190,3 +190,67 @@ def test_scoring_rows_are_checked() -> None:
     assert "at most 33 tokens fit" in results[2].error
     assert "outside the vocabulary" in results[3].error
     assert results[4].error is None and results[4].scores[0].num_tokens == 3
+
+
+def test_rolling_windows_are_lm_evals() -> None:
+    """runner/rolling.py's windows are lm-eval's own (get_rolling_token_windows with context_len 1, then
+    make_disjoint_window) for texts shorter than, as long as, and many times a window."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from kvbatch.runner.rolling import rolling_windows
+
+    for window in (1, 2, 5, 16):
+        for length in (0, 1, window - 1, window, window + 1, 2 * window, 3 * window + 2, 50):
+            tokens = list(range(100, 100 + max(length, 0)))
+            want = [
+                tuple(map(list, make_disjoint_window(pair)))
+                for pair in get_rolling_token_windows(tokens, prefix_token=7, max_seq_len=window, context_len=1)
+            ]
+            assert rolling_windows(tokens, 7, window) == want, (window, length)
+    with pytest.raises(ValueError, match="at least one token"):
+        rolling_windows([1, 2], 7, 0)
+
+
+@pytest.mark.parametrize("fused_layers", [None, False])
+def test_rolling_scores_equal_a_plain_forward_per_window(fused_layers: bool | None) -> None:
+    """A rolling request scores each prompt token once, in the windows of the engine's context: the sum equals
+    transformers' logprobs over each window alone (its context, then the tokens it predicts)."""
+    from kvbatch.runner.rolling import rolling_windows
+
+    rng = random.Random(11)
+    context = 24
+    lengths = [1, 5, 23, 24, 25, 70, 130]  # one token, within one window, exactly one, just over, many windows
+    requests = [GenerationRequest(i, random_ids(rng, n), rolling_prefix=1) for i, n in enumerate(lengths)]
+    engine = engine_for(max_model_len=context, num_blocks_override=40, fused_layers=fused_layers)
+    results = {r.request_id: r for r in engine.generate(requests)}
+    reference = hf_reference("llama")
+    for request in requests:
+        result = results[request.request_id]
+        assert result.error is None and result.completions == [] and len(result.scores) == 1
+        want, greedy = [], True
+        for window_context, predicted in rolling_windows(request.prompt_token_ids, 1, context):
+            tokens = window_context + predicted
+            assert len(tokens) - 1 <= context
+            rows = reference_logprobs(reference, tokens)[len(window_context) - 1 : -1]
+            want += rows.gather(1, torch.tensor(predicted)[:, None])[:, 0].tolist()
+            greedy &= bool((rows.argmax(dim=-1) == torch.tensor(predicted)).all())
+        score = result.scores[0]
+        assert score.num_tokens == len(request.prompt_token_ids) == result.num_prompt_tokens
+        assert score.token_logprobs == pytest.approx(want, abs=TOLERANCE)
+        assert score.logprob == pytest.approx(sum(want), abs=TOLERANCE * len(want))
+        assert score.is_greedy == greedy
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_rolling_rows_are_checked() -> None:
+    engine = engine_for(max_model_len=16)
+    requests = [
+        GenerationRequest(0, [], rolling_prefix=1),
+        GenerationRequest(1, [5, 6, VOCAB_SIZE], rolling_prefix=1),
+        GenerationRequest(2, [5, 6], rolling_prefix=VOCAB_SIZE),
+        GenerationRequest(3, [5] * 40, rolling_prefix=1),  # longer than the context: windows, no error
+    ]
+    results = {r.request_id: r for r in engine.generate(requests)}
+    assert "empty" in results[0].error
+    assert "outside the vocabulary" in results[1].error and "outside the vocabulary" in results[2].error
+    assert results[3].error is None and results[3].scores[0].num_tokens == 40
