@@ -1,4 +1,5 @@
-"""A scoring row's continuations as token ids, split from its prompt the way lm-eval splits them.
+"""A scoring row's token ids: its continuations, split from its prompt the way lm-eval splits them, or the text
+a rolling row scores whole.
 
 Raw text (no chat template): the context's trailing whitespace moves into each continuation, then context +
 continuation is encoded whole and the continuation is what follows the context's own encoding:
@@ -9,6 +10,10 @@ continuation is encoded whole and the continuation is what follows the context's
 
 so a word's leading space stays with the word, as the model saw it in training. With a chat template the prompt
 ends where the template hands over to the assistant, and each continuation is encoded alone as the answer text.
+
+A rolling row (`task: score_rolling`) is read as lm-eval's loglikelihood_rolling reads a text: raw (a chat
+template does not apply; messages are joined as without one), encoded without special tokens, its first window
+starting from the tokenizer's BOS, else its EOS.
 """
 
 from __future__ import annotations
@@ -50,3 +55,18 @@ def encode_for_scoring(
     context, moved = (raw[:-num_spaces], raw[-num_spaces:]) if num_spaces else (raw, "")
     context_ids = tokenizer.encode(Prompt(text=context))
     return context_ids, [tokenizer.encode(Prompt(text=context + moved + c))[len(context_ids) :] for c in continuations]
+
+
+def encode_for_rolling(tokenizer: Any, prompt: Prompt) -> tuple[list[int], int] | RowError:
+    """(text ids, the token the first window starts from). `tokenizer` is the job's PromptTokenizer."""
+    hf = tokenizer.tokenizer
+    prefix = getattr(hf, "bos_token_id", None)
+    prefix = prefix if prefix is not None else getattr(hf, "eos_token_id", None)
+    if prefix is None:
+        message = (
+            "the tokenizer has neither a BOS nor an EOS token to start the first window from (task: score_rolling)"
+        )
+        return RowError(ErrorKind.TOKENIZE, message)
+    text = prompt.text if prompt.text is not None else "\n\n".join(m["content"] for m in prompt.messages or [])
+    split = not tokenizer.allow_special_tokens
+    return list(hf.encode(text, add_special_tokens=False, split_special_tokens=split)), prefix

@@ -50,7 +50,7 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         token_bytes=fmt == "openai",  # OpenAI's logprobs name each token; the lines are assembled without a tokenizer
         top_logprobs=job.sampling.top_logprobs > 0 or fmt == "openai",
         prompt_logprobs=job.sampling.prompt_logprobs,
-        scores=job.task == "score",
+        scores=job.task != "generate",
         reasoning=reasoning,
         input_types=input_types,
     )

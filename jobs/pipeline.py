@@ -6,7 +6,8 @@
 
     GenerationResult ──> RowResult (texts, finish reasons, logprobs, scores; or the engine's error, by kind)
 
-With `task: score` a row's continuations (jobs/continuations.py) go with its prompt in one scoring request.
+With `task: score` a row's continuations (jobs/continuations.py) go with its prompt in one scoring request; with
+`task: score_rolling` its text is one rolling request, scored whole in windows of the engine's context.
 
 Every runner uses this one piece: a local run, each data-parallel process (a local run of its shard), each Ray
 actor, and `kvbatch plan`. It writes nothing: the caller sends requests to an engine and rows to its writer.
@@ -26,7 +27,7 @@ from kvbatch.runner.request import GenerationRequest, GenerationResult
 from kvbatch.runner.structured_outputs import ConstraintError
 
 from .constraints import column_constraint
-from .continuations import continuation_texts, encode_for_scoring
+from .continuations import continuation_texts, encode_for_rolling, encode_for_scoring
 from .prompts import build_prompt, prompt_columns, prompt_spec
 from .reasoning import split_reasoning
 from .records import Layout, RowResult
@@ -106,8 +107,14 @@ class RowPipeline:
             prompt = build_prompt(row, self.pspec)
             if isinstance(prompt, RowError):
                 return self._error_row(pending, prompt)
-            ids = self.tokenizer.encode(prompt)
-            continuations = None
+            continuations = rolling_prefix = None
+            if self.job.task == "score_rolling":
+                rolling = encode_for_rolling(self.tokenizer, prompt)
+                if isinstance(rolling, RowError):
+                    return self._error_row(pending, RowError(rolling.kind, f"{row.where}: {rolling.message}"))
+                ids, rolling_prefix = rolling
+            else:
+                ids = self.tokenizer.encode(prompt)
             if self.job.task == "score" and not isinstance(ids, RowError):
                 texts = continuation_texts(row, self.job.continuations_column)
                 if isinstance(texts, RowError):
@@ -145,7 +152,9 @@ class RowPipeline:
             return self._error_row(pending, adapter)
         pending.adapter = adapter
         self.pending[row.index] = pending
-        return GenerationRequest(row.index, ids, params, continuations=continuations, adapter=adapter)
+        return GenerationRequest(
+            row.index, ids, params, continuations=continuations, rolling_prefix=rolling_prefix, adapter=adapter
+        )
 
     def _adapter(self, row: Row) -> str | None | RowError:
         """The row's LoRA adapter: an OpenAI body's `model` naming one of the job's adapters, else the row's

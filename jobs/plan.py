@@ -148,7 +148,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                 error = RowError(ErrorKind.BAD_ADAPTER, f"{row.where}: {bad_adapter}")
             elif not ids:
                 error = RowError(ErrorKind.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
-            elif len(ids) >= capacity:
+            elif len(ids) >= capacity and request.rolling_prefix is None:  # a rolling text runs in windows
                 error = RowError(
                     ErrorKind.PROMPT_TOO_LONG,
                     f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit "
@@ -160,7 +160,8 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                 lengths.append(len(ids))
                 if reuse is not None:
                     reuse.add(ids)
-                plan.truncated += len(ids) + request.sampling.max_new_tokens > capacity
+                # a scoring row generates nothing, so nothing of it is cut
+                plan.truncated += not request.is_scoring and len(ids) + request.sampling.max_new_tokens > capacity
         if error is not None:
             plan.failures[error.kind] += 1
             if len(plan.failure_examples) < MAX_LISTED_FAILURES:

@@ -157,8 +157,10 @@ class JobSpec:
     engine: EngineSpec = field(default_factory=EngineSpec, metadata={"doc": "engine settings; unset: its default"})
     sort_window: int = setting(1024, "rows sorted by length within this window; 1 = off", min=1)
     runner: Literal["local", "ray"] = setting("local", "ray: through Ray Data on a Ray cluster (parallel.ray_*)")
-    task: Literal["generate", "score"] = setting(
-        "generate", "score: each row's continuations are scored after its prompt; nothing is generated"
+    task: Literal["generate", "score", "score_rolling"] = setting(
+        "generate",
+        "score: each row's continuations are scored after its prompt; score_rolling: each row's text is scored "
+        "whole, in windows of the context (lm-eval's loglikelihood_rolling); nothing is generated",
     )
     continuations_column: str = setting(
         "continuations", "task score: the column holding each row's continuations (a list of strings)"

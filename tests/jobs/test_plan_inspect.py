@@ -65,6 +65,14 @@ def test_plan_reports_lengths_pool_capacity_and_failures(tmp_path: Path) -> None
     assert "row 6 (line 7): column 'prompt' is missing" in text
 
 
+def test_plan_of_rolling_scores_takes_texts_longer_than_the_context(tmp_path: Path) -> None:
+    # score_rolling scores a text in windows of the context: the 400-character row fits, and nothing is cut.
+    write_input(tmp_path)
+    plan = plan_job(job(tmp_path, task="score_rolling"), EngineCache(fake_factory(max_model_len=200)))
+    assert dict(plan.failures) == {"bad_json": 1, "missing_column": 1}
+    assert plan.prompt_tokens["max"] == 400 and plan.truncated == 0
+
+
 def test_plan_predicts_duplicate_ids_and_missing_kept_columns_as_run_does(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i % 2, "prompt": "hello"}) + "\n" for i in range(3)))
     plan = plan_job(job(tmp_path, id_column="id"), EngineCache(fake_factory()))

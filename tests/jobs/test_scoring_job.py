@@ -3,6 +3,7 @@ transformers' own logits, Arrow types readable by `datasets`."""
 
 import functools
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,30 @@ def test_prompt_and_top_logprobs_columns(tmp_path: Path, model_folder: Path) -> 
             assert [t["logprob"] for t in top] == pytest.approx(values[step].tolist(), abs=TOLERANCE)
             assert [t["token"] for t in top] == [tokenizer.decode([t]) for t in top_ids[step].tolist()]
         assert got["logprobs"] == pytest.approx([t[0]["logprob"] for t in got["top_logprobs"]], abs=1e-6)
+
+
+def test_task_score_rolling_gives_lm_evals_loglikelihood_rolling(
+    tmp_path: Path, model_folder: Path, monkeypatch
+) -> None:
+    """Each row's text scored whole in windows of the 32-token context equals lm-eval's own `hf` model's
+    loglikelihood_rolling on the same folder with max_length 32 (texts of one token to four windows)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(4)
+    # Words from w300 on: lm-eval's encoding parses special-token text in the data ("w2", the unknown token, in
+    # "w205"), kvbatch's leaves it text unless prompt.allow_special_tokens is set.
+    texts = [" ".join(f"w{rng.randrange(300, 512)}" for _ in range(n)) for n in (1, 5, 31, 32, 33, 100)]
+    rows = [{"prompt": text} for text in texts] + [{"text": "no prompt column"}]  # an error row, the job goes on
+    engine = {"block_size": 4, "device": "cpu", "max_model_len": 32}
+    out = run(tmp_path, model_folder, rows, task="score_rolling", engine=engine)
+    assert out[-1]["error_kind"] == "missing_column" and out[-1]["scores"] is None
+    hf = HFLM(pretrained=str(model_folder), device="cpu", max_length=32, batch_size=1)
+    instances = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
+    want = hf.loglikelihood_rolling(instances, disable_tqdm=True)
+    for text, got, logprob in zip(texts, out, want, strict=False):
+        assert got["error"] is None and got["text"] is None and got["finish_reason"] == "stop"
+        (score,) = got["scores"]
+        assert score["num_tokens"] == len(word_tokenizer().encode(text, add_special_tokens=False))
+        assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
