@@ -1,7 +1,9 @@
 """The roofline a workload cannot beat on a device, from the model's shape alone.
 
     prefill: compute-bound      t_prefill = prefill FLOPs / peak FLOP/s   (a scoring request: its prompt once, then
-                                                                          each continuation with its logits)
+                                                                          each continuation less its last token,
+                                                                          never input, and a logits row for each
+                                                                          of its tokens)
     decode:  bandwidth-bound    t_decode  = max(decode FLOPs / peak FLOP/s,
                                                 (steps x weight bytes + K/V bytes read) / bandwidth)
     bound = t_prefill + t_decode
@@ -66,9 +68,11 @@ def workload_bound(
         if request.continuations is not None:  # scoring: the prompt once, then each continuation after it
             prefill_flops += 2 * body * prompt + attn_flops_per_pair * prompt * (prompt + 1) / 2
             for continuation in map(len, request.continuations):
-                # its tokens, the logits of each of them (the last prompt position's too), attention over the prompt
-                pairs = continuation * prompt + continuation * (continuation + 1) / 2
-                prefill_flops += (2 * body + 2 * embedding) * continuation + attn_flops_per_pair * pairs
+                # Its tokens but the last are input, each attending to the prompt and itself; each of its tokens is
+                # scored by a logits row (the first by the prompt's last position).
+                inputs = continuation - 1
+                pairs = inputs * prompt + inputs * (inputs + 1) / 2
+                prefill_flops += 2 * body * inputs + 2 * embedding * continuation + attn_flops_per_pair * pairs
             continue
         out = request.sampling.max_new_tokens
         prefill_flops += 2 * body * prompt + 2 * embedding + attn_flops_per_pair * prompt * (prompt + 1) / 2

@@ -373,6 +373,8 @@ def test_the_bound_of_a_scoring_request_counts_its_prompt_once():
     head_dim = config.hidden_size // config.num_attention_heads
     per_pair = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
     want = 2 * body * 20 + per_pair * 20 * 21 / 2
+    # Each continuation: its tokens but the last as input (never the last: nothing reads its K/V or logits), each
+    # attending to the prompt and itself, and a logits row per token (the first from the prompt's last row).
     for c in (2, 3):
-        want += (2 * body + 2 * embedding) * c + per_pair * (c * 20 + c * (c + 1) / 2)
+        want += 2 * body * (c - 1) + 2 * embedding * c + per_pair * ((c - 1) * 20 + (c - 1) * c / 2)
     assert got.prefill_s == pytest.approx(want / 1e12) and got.decode_s == 0
