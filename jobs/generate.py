@@ -1,8 +1,10 @@
-"""`kvbatch.generate(prompts, model=..., **sampling)`: the Python one-liner, in memory, no files.
+"""`kvbatch.generate(prompts, model=..., **sampling)` and `kvbatch.score(prompts, continuations)`: the Python
+one-liners, in memory, no files.
 
 Each prompt goes through the same row pipeline as a job's rows (chat template, safe tokenization, per-row errors),
-so `generate(["Hi"])` and a job over a file with the row {"prompt": "Hi"} ask the model the same thing. Engines
-are kept per (model, engine settings) for the life of the process: a second call does not load the model again.
+so `generate(["Hi"])` and a job over a file with the row {"prompt": "Hi"} ask the model the same thing, and
+`score` runs a job's `task: score` (with continuations) or `task: score_rolling` (without). Engines are kept per
+(model, engine settings) for the life of the process: a second call does not load the model again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .pipeline import RowPipeline
 from .records import Layout, RowResult
 from .rows import Row
 from .run import EngineCache
-from .spec import job_from_dict
+from .spec import JobSpec, job_from_dict
 
 _ENGINES = EngineCache()
 
@@ -40,24 +42,72 @@ def generate(
     Returns each prompt's text (a list of texts with n > 1; None for a prompt that failed), or with
     `results=True` its `RowResult`: texts, finish_reasons, stop_reasons, token counts, error (kind and message).
     """
-    messages = any(not isinstance(p, str) for p in prompts)
+    job, ordered = _run(
+        [{"prompt": p} for p in prompts], model, system, chat_template, engine, engines, sampling=sampling
+    )
+    if results:
+        return ordered
+    return [_texts(row, job.sampling.n) for row in ordered]
+
+
+def score(
+    prompts: Sequence[str | list[dict[str, str]]],
+    continuations: Sequence[Sequence[str]] | None = None,
+    model: str = "default",
+    *,
+    chat_template: bool = False,
+    engine: dict[str, Any] | None = None,
+    results: bool = False,
+    engines: EngineCache | None = None,
+) -> list[Any]:
+    """Score each prompt, in order: with `continuations` (a list of strings per prompt), each continuation's
+    log-likelihood after its prompt (a job's `task: score`); without, each prompt's own text whole, in windows of
+    the context (`task: score_rolling`, lm-eval's loglikelihood_rolling).
+
+    Returns per prompt a list of {logprob, num_tokens, is_greedy}, one per continuation (without continuations,
+    one for the whole text); None for a prompt that failed. With `results=True` its `RowResult` (`scores`, `error`).
+    chat_template: False (the default) reads prompts as raw text, as lm-eval does; see docs/scoring.md.
+    """
+    if continuations is not None and len(continuations) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} lists of continuations")
+    if continuations is None:
+        rows = [{"prompt": p} for p in prompts]
+        task = "score_rolling"
+    else:
+        rows = [{"prompt": p, "continuations": list(c)} for p, c in zip(prompts, continuations, strict=True)]
+        task = "score"
+    _, ordered = _run(rows, model, None, chat_template, engine, engines, task=task)
+    return ordered if results else [None if row.error is not None else row.scores for row in ordered]
+
+
+def _run(
+    rows: list[dict[str, Any]],
+    model: str,
+    system: str | None,
+    chat_template: bool,
+    engine: dict[str, Any] | None,
+    engines: EngineCache | None,
+    **fields: Any,
+) -> tuple[JobSpec, list[RowResult]]:
+    """The job of `fields` over `rows` (its input never opened), and the rows' results in order."""
+    messages = any(not isinstance(r["prompt"], str) for r in rows)
     job = job_from_dict(
         {
-            "name": "generate",
+            "name": fields.get("task", "generate"),
             "model": model,
-            "input": {"path": "-", "format": "jsonl"},  # never opened: the rows come from `prompts`
+            "input": {"path": "-", "format": "jsonl"},  # never opened: the rows come from `rows`
             "prompt": {"messages_column" if messages else "column": "prompt", "system": system,
                        "chat_template": chat_template},
-            "sampling": sampling,
             "engine": engine or {},
+            **fields,
         }
     )  # fmt: skip
     eng, _ = (engines or _ENGINES).get(job)
-    pipeline = RowPipeline(job, eng.tokenizer, Layout(multi=job.sampling.n > 1))
+    pipeline = RowPipeline(job, eng.tokenizer, Layout(multi=job.sampling.n > 1, scores=job.task != "generate"))
     done: dict[int, RowResult] = {}
     requests: list[GenerationRequest] = []
-    for index, prompt in enumerate(prompts):
-        request = pipeline.request(Row(index, {"prompt": prompt}))
+    for index, data in enumerate(rows):
+        request = pipeline.request(Row(index, data))
         if isinstance(request, RowResult):
             done[index] = request
         else:
@@ -65,10 +115,7 @@ def generate(
     for result in eng.generate(requests):
         row = pipeline.result(result)
         done[row.row] = row
-    ordered = [done[i] for i in range(len(prompts))]
-    if results:
-        return ordered
-    return [_texts(row, job.sampling.n) for row in ordered]
+    return job, [done[i] for i in range(len(rows))]
 
 
 def _texts(row: RowResult, n: int) -> str | list[str] | None:

@@ -26,6 +26,7 @@ _API = {
     "job_from_dict": "kvbatch.jobs.spec",
     "run_jobs": "kvbatch.jobs.runners",
     "generate": "kvbatch.jobs.generate",
+    "score": "kvbatch.jobs.generate",
     "GenerateBatch": "kvbatch.jobs.ray_data",
 }
 __all__ = [*_API, "__version__"]

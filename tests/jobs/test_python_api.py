@@ -37,7 +37,7 @@ def examples() -> list[str]:
 def test_the_examples_of_the_doc_run_in_order() -> None:
     namespace: dict = {}  # one namespace, as a reader running them one after the other
     blocks = examples()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for index, block in enumerate(blocks):
         exec(compile(block, f"{DOC.name} example {index + 1}", "exec"), namespace)
     assert namespace["empty"].error.kind == "empty_prompt"
@@ -52,3 +52,38 @@ def test_texts_are_in_prompt_order_and_match_a_job_row(tiny_engines: EngineCache
     ids = engine.tokenizer.encode(prompts[2])
     [reference] = engine.generate([kvbatch.GenerationRequest(0, ids, kvbatch.SamplingParams(max_new_tokens=5))])
     assert texts[2] == reference.text
+
+
+def test_score_gives_each_continuation_and_each_whole_text_its_logprob() -> None:
+    """kvbatch.score against log_softmax of transformers' float32 logits: continuations after their prompt (a
+    job's task score), and without continuations each text whole after the BOS (task score_rolling); a failed
+    prompt is None, in its place."""
+    import torch
+    from tiny_models import hf_reference, word_tokenizer
+
+    reference = hf_reference("llama")
+    tok = word_tokenizer()
+
+    def logprobs(context: list[int], tokens: list[int]) -> list[float]:
+        with torch.no_grad():
+            rows = torch.log_softmax(reference(torch.tensor([context + tokens])).logits[0].float(), dim=-1)
+        return rows[len(context) - 1 : -1].gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+
+    # As in lm-eval, a continuation starts with its space: prompt + continuation is the text scored.
+    prompts, choices = ["w5 w6 w7", "", "w9"], [[" w10", " w11 w12"], [" w3"], [" w13 w14 w15"]]
+    got = kvbatch.score(prompts, choices, model="tiny")
+    assert got[1] is None  # the empty prompt fails alone
+    for prompt, continuations, scores in zip(prompts, choices, got):
+        if scores is None:
+            continue
+        assert [s["num_tokens"] for s in scores] == [len(c.split()) for c in continuations]
+        for continuation, s in zip(continuations, scores):
+            want = logprobs(tok.encode(prompt), tok.encode(continuation))
+            assert s["logprob"] == pytest.approx(sum(want), abs=1e-4 * len(want))
+    texts = ["w30 w31 w32 w33", "w40"]  # no "w2..." words: "w2", the unknown token, is special text
+    rolling = kvbatch.score(texts, model="tiny")
+    for text, (whole,) in zip(texts, rolling):
+        want = logprobs([tok.bos_token_id], tok.encode(text))
+        assert whole["num_tokens"] == len(want) and whole["logprob"] == pytest.approx(sum(want), abs=1e-4 * len(want))
+    with pytest.raises(ValueError, match="3 prompts but 2 lists"):
+        kvbatch.score(prompts, choices[:2], model="tiny")
