@@ -28,9 +28,18 @@ from .rows import Row, RowError
 
 def continuation_texts(row: Row, column: str) -> list[str] | RowError:
     """The row's continuations: a non-empty list of non-empty strings."""
-    value = (row.data or {}).get(column)
+    data = row.data or {}
+    value = data.get(column)
     if value is None:
-        return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: column {column!r} is missing or null (task: score)")
+        message = f"{row.where}: column {column!r} is missing or null (task: score)"
+        lists = [
+            name
+            for name, v in data.items()
+            if isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v)
+        ]
+        if lists:  # a likely home for them: name it (continuations_column picks the column)
+            message += f"; lists of strings are in {', '.join(map(repr, lists))}: set continuations_column"
+        return RowError(ErrorKind.MISSING_COLUMN, message)
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
         return RowError(
             ErrorKind.WRONG_TYPE, f"{row.where}: column {column!r} must be a non-empty list of non-empty strings"

@@ -70,6 +70,7 @@ def test_task_score_scores_each_continuation(tmp_path: Path, model_folder: Path)
     ]
     out = run(tmp_path, model_folder, rows, task="score")
     assert out[1]["error_kind"] == "missing_column" and out[1]["scores"] is None
+    assert "lists of strings are in 'choices': set continuations_column" in out[1]["error"]
     for row, got in zip((rows[0], rows[2]), (out[0], out[2])):
         context = ids(row["prompt"])
         assert got["error"] is None and got["finish_reason"] == "stop"
