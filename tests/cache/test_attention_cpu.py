@@ -145,3 +145,17 @@ def test_a_prompt_token_alone_in_its_chunk_is_a_prompt_row(caches) -> None:
     rows = attend(caches, [(NUM_PROMPT - 1, NUM_PROMPT), (10, 11), (NUM_PROMPT, NUM_PROMPT + 1), (300, 500)])
     for pos in (NUM_PROMPT - 1, 10, NUM_PROMPT, *range(300, 500)):
         assert torch.equal(rows[pos], whole[pos]), f"position {pos}"
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=["global", "local"])
+def test_one_row_sequences_on_one_table_share_their_query_blocks(caches, layer) -> None:
+    """The last layer's kept rows come as one-row sequences of one block table (fused_forward._kept_rows_meta):
+    rows of one 64-token block share its call, as in their chunk, with the chunk's bits."""
+    whole = attend(caches, [(0, NUM_TOKENS)], layer)
+    positions = list(range(0, NUM_PROMPT, 5))
+    rows = attend(caches, [(p, p + 1) for p in positions], layer)
+    for pos in positions:
+        assert torch.equal(rows[pos], whole[pos]), f"position {pos}"
+    _, meta, _ = step(caches, [(p, p + 1) for p in positions])
+    (blocks,) = attention_cpu._plan(meta, layer.sliding_window, NUM_HEADS // NUM_KV_HEADS).prompt_blocks
+    assert blocks.num_blocks == len({p // blocks.q_block for p in positions}) < len(positions)
