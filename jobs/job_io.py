@@ -37,6 +37,12 @@ from kvbatch.jobs.writer import OutputWriter
 def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
     fmt = output_format(job)
     openai = input_format(job) == "openai"
+    if fmt == "openai" and job.task != "generate":
+        raise SpecError(
+            f"task {job.task} writes a `scores` column, which OpenAI Batch output has no place for; "
+            "set output.format to arrow, parquet or jsonl",
+            field="task",
+        )
     multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
     reasoning = splits_reasoning(job)
     if reasoning and "reasoning" in (job.id_column, *job.keep_columns):

@@ -128,3 +128,19 @@ def test_task_score_rolling_gives_lm_evals_loglikelihood_rolling(
         (score,) = got["scores"]
         assert score["num_tokens"] == len(word_tokenizer().encode(text, add_special_tokens=False))
         assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
+
+
+def test_scoring_refuses_openai_batch_output(tmp_path: Path) -> None:
+    """OpenAI Batch output has no place for scores: a scoring job over a Batch file must name another format
+    instead of writing responses without them."""
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.job_io import layout_for
+
+    def job(**fields):
+        base = {"name": "j", "input": {"path": "batch.jsonl", "format": "openai"}, "task": "score_rolling"}
+        return job_from_dict(base | fields, base_dir=str(tmp_path))
+
+    with pytest.raises(SpecError, match="no place for.*set output.format") as refused:
+        layout_for(job(), {})
+    assert refused.value.field == "task"
+    assert layout_for(job(output={"format": "jsonl"}), {}).scores
