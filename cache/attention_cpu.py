@@ -204,13 +204,17 @@ def _generated_plan(
 
 
 def _page_owners(tables: np.ndarray, seq: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """Each prompt row's block owner: the first sequence whose block table equals its own, or its own sequence
-    if two such rows share a position. Sequences with one table read the same pages, so their rows may share
-    query blocks (a row's bits do not depend on the block's other rows). The last layer's kept rows are such
-    sequences, one per row (runner/fused_forward's _kept_rows_meta): in their own blocks, the 3,000 scored rows
-    of a rolling step over SmolLM2-135M took 40 s in that layer on two cores, against 0.1 s in the others."""
-    _, first, same = np.unique(tables, axis=0, return_index=True, return_inverse=True)
-    owner = first[same.reshape(-1)][seq]
+    """Each prompt row's block owner: the first of the run of neighbouring sequences with its block table, or its
+    own sequence if two such rows share a position. Sequences with one table read the same pages, so their rows
+    may share query blocks (a row's bits do not depend on the block's other rows). The last layer's kept rows are
+    such runs, one sequence per row (runner/fused_forward's _kept_rows_meta): in their own blocks, the 3,000 scored
+    rows of a rolling step over SmolLM2-135M took 40 s in that layer on two cores, against 0.1 s in the others.
+    Neighbours only: one vectorised compare a step (0.07 ms at 512 x 512 on two cores; sorting took 5.6 ms)."""
+    starts = np.ones(len(tables), dtype=bool)
+    starts[1:] = (tables[1:] != tables[:-1]).any(axis=1)
+    if starts.all():
+        return seq
+    owner = np.maximum.accumulate(np.where(starts, np.arange(len(tables)), 0))[seq]
     if len(np.unique(np.stack([owner, position], axis=1), axis=0)) < len(seq):
         return seq
     return owner
