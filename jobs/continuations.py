@@ -69,8 +69,7 @@ def encode_for_scoring(
 def encode_for_rolling(tokenizer: Any, prompt: Prompt) -> tuple[list[int], int] | RowError:
     """(text ids, the token the first window starts from). `tokenizer` is the job's PromptTokenizer."""
     hf = tokenizer.tokenizer
-    prefix = getattr(hf, "bos_token_id", None)
-    prefix = prefix if prefix is not None else getattr(hf, "eos_token_id", None)
+    prefix = hf.bos_token_id if hf.bos_token_id is not None else hf.eos_token_id
     if prefix is None:
         message = (
             "the tokenizer has neither a BOS nor an EOS token to start the first window from (task: score_rolling)"

@@ -103,7 +103,7 @@ def _run(
         }
     )  # fmt: skip
     eng, _ = (engines or _ENGINES).get(job)
-    pipeline = RowPipeline(job, eng.tokenizer, Layout(multi=job.sampling.n > 1, scores=job.task != "generate"))
+    pipeline = RowPipeline(job, eng.tokenizer, Layout(multi=job.sampling.n > 1, scores=job.is_scoring))
     done: dict[int, RowResult] = {}
     requests: list[GenerationRequest] = []
     for index, data in enumerate(rows):

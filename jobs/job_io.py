@@ -37,7 +37,7 @@ from kvbatch.jobs.writer import OutputWriter
 def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
     fmt = output_format(job)
     openai = input_format(job) == "openai"
-    if fmt == "openai" and job.task != "generate":
+    if fmt == "openai" and job.is_scoring:
         raise SpecError(
             f"task {job.task} writes a `scores` column, which OpenAI Batch output has no place for; "
             "set output.format to arrow, parquet or jsonl",
@@ -56,7 +56,7 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         token_bytes=fmt == "openai",  # OpenAI's logprobs name each token; the lines are assembled without a tokenizer
         top_logprobs=job.sampling.top_logprobs > 0 or fmt == "openai",
         prompt_logprobs=job.sampling.prompt_logprobs,
-        scores=job.task != "generate",
+        scores=job.is_scoring,
         reasoning=reasoning,
         input_types=input_types,
     )

@@ -172,6 +172,11 @@ class JobSpec:
     progress_seconds: float = setting(30.0, "lines: one progress line at most this often, seconds", gt=0)
     base_dir: str = setting(".", "the job file's folder (set by the loader)", internal=True)
 
+    @property
+    def is_scoring(self) -> bool:
+        """task score or score_rolling: each row gets `scores`, and nothing is generated."""
+        return self.task != "generate"
+
 
 @dataclass(frozen=True)
 class JobsFile:
