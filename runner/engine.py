@@ -415,7 +415,8 @@ class Engine:
         rows: list[int],
         targets: list[int],
         adapter_key: bytes,
-        **placement,  # queue_tokens, block_hashes
+        queue_tokens: int = 0,
+        block_hashes: list[BlockHash] | None = None,  # None: hashed as it is computed
     ) -> None:
         """Queue one score-only sequence of a scoring request: rows[j] of its tokens scored against targets[j]."""
         seq = Sequence(
@@ -429,7 +430,8 @@ class Engine:
             score_targets=targets,
             score_only=True,
             adapter_key=adapter_key,
-            **placement,
+            queue_tokens=queue_tokens,
+            block_hashes=block_hashes if block_hashes is not None else [],
         )
         self._next_seq_id += 1
         state.seqs.append(seq)
