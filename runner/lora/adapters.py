@@ -225,6 +225,9 @@ class Adapters:
             return None
         try:
             self._host_weights(name)
+        except AdapterError as exc:
+            self.specs[name] = exc
+            return str(exc)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:  # a file changed or damaged since inspection
             self.specs[name] = AdapterError(f"adapter {name!r}: cannot read its weights: {exc}")
             return str(self.specs[name])

@@ -8,9 +8,11 @@ A LoRA adapter adds, to a linear layer y = x W^T, a low-rank update scaled by al
 PEFT saves A and B under `base_model.model.<module>.lora_A.weight` / `lora_B.weight`; rank and alpha may
 differ per module (`rank_pattern`, `alpha_pattern`). kvbatch keeps B with the scaling folded in.
 
-Everything that makes an adapter unusable here is an `AdapterError` naming the adapter: a missing folder,
-pickled weights only (without allow_pickle), shapes of another base model, a base model named other than the
-engine's, and what kvbatch does not run (DoRA, LoRA biases, `modules_to_save`, embeddings, lm_head).
+Everything that makes an adapter unusable here is an `AdapterError` naming the adapter: a missing folder, a
+config value of the wrong type, pickled weights only (without allow_pickle) or a damaged weights file, shapes of
+another base model, a base model named other than the engine's, and what kvbatch does not run: LoRA variants
+whose forward is not the update above (DoRA, biases, `modules_to_save`, embeddings, lm_head, ...) and adapters
+whose initialisation PEFT replays on the base weights when it loads them (PiSSA, OLoRA, CorDA, LoftQ).
 `inspect_adapter` reads the safetensors header only (sizes, checks); `load_adapter` reads the tensors.
 """
 
@@ -41,11 +43,30 @@ _UNSUPPORTED_SWITCHES = {
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "layer_replication": "layer_replication",
     "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
 }
+# init_lora_weights values (prefixes) that PEFT replays when it loads the adapter: they subtract the initial
+# update from the base weights (W - scaling * B0 A0), so the saved A and B mean something else over the plain
+# base. PEFT converts such an adapter to plain LoRA when it is saved with path_initial_model_for_weight_conversion.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 class AdapterError(ValueError):
     """An adapter that cannot run on this engine's model; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What kvbatch reads of adapter_config.json, each value checked."""
+
+    alpha: float  # lora_alpha
+    use_rslora: bool
+    alpha_pattern: dict[str, float]  # module name pattern -> its own alpha (PEFT's alpha_pattern)
+    base_model: str | None  # base_model_name_or_path
 
 
 @dataclass(frozen=True)
@@ -123,8 +144,8 @@ def inspect_adapter(
                 "code hidden in it; convert it to safetensors, or set engine.allow_pickle: true if you trust it"
             )
         weights_file = folder / PICKLE_FILE
-    base = config.get("base_model_name_or_path")
-    if model_name and isinstance(base, str) and _hub_name(base) and _hub_name(model_name):
+    base = config.base_model
+    if model_name and base and _hub_name(base) and _hub_name(model_name):
         if base.rsplit("/", 1)[-1].lower() != model_name.rsplit("/", 1)[-1].lower():
             raise AdapterError(f"adapter {name!r} was trained on {base}, not on this engine's model {model_name}")
     shapes = _tensor_shapes(name, weights_file)
@@ -148,7 +169,7 @@ def load_adapter(spec: AdapterSpec, dtype: torch.dtype, device: torch.device) ->
     return out
 
 
-def _read_config(name: str, folder: Path) -> dict:
+def _read_config(name: str, folder: Path) -> LoraConfig:
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except FileNotFoundError:
@@ -162,7 +183,39 @@ def _read_config(name: str, folder: Path) -> dict:
     for switch, what in _UNSUPPORTED_SWITCHES.items():
         if config.get(switch):
             raise AdapterError(f"adapter {name!r} uses {what}, which kvbatch does not run")
-    return config
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise AdapterError(
+            f"adapter {name!r} was saved with init_lora_weights={init!r}, which PEFT replays on the base weights "
+            "when it loads the adapter; convert it to a plain LoRA adapter (PEFT's save_pretrained with "
+            "path_initial_model_for_weight_conversion) to run it here"
+        )
+
+    def bad(field: str, value: object, wanted: str) -> AdapterError:
+        return AdapterError(f"adapter {name!r}: {CONFIG_FILE}'s {field} is {value!r}, not {wanted}")
+
+    alpha = config.get("lora_alpha", 8)  # PEFT's default
+    if not _is_number(alpha):
+        raise bad("lora_alpha", alpha, "a number")
+    use_rslora = config.get("use_rslora") or False
+    if not isinstance(use_rslora, bool):
+        raise bad("use_rslora", use_rslora, "true or false")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise bad("alpha_pattern", patterns, "an object of module patterns and numbers")
+    for pattern, value in patterns.items():
+        if not _is_number(value):
+            raise bad(f"alpha_pattern[{pattern!r}]", value, "a number")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise bad("alpha_pattern", pattern, f"a regular expression ({exc})") from None
+    base = config.get("base_model_name_or_path")
+    return LoraConfig(float(alpha), use_rslora, dict(patterns), base if isinstance(base, str) else None)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _hub_name(name: str) -> bool:
@@ -172,7 +225,7 @@ def _hub_name(name: str) -> bool:
 
 def _tensor_shapes(name: str, weights_file: Path) -> dict[str, tuple[int, ...]]:
     if weights_file.suffix == ".bin":
-        return {k: tuple(v.shape) for k, v in _load_pickle(weights_file).items()}
+        return {k: tuple(v.shape) for k, v in _load_pickle(name, weights_file).items()}
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -182,18 +235,28 @@ def _tensor_shapes(name: str, weights_file: Path) -> dict[str, tuple[int, ...]]:
         raise AdapterError(f"adapter {name!r}: cannot read {weights_file}: {exc}") from None
 
 
-def _load_pickle(weights_file: Path) -> dict[str, torch.Tensor]:
-    # weights_only: tensors and plain containers, no arbitrary objects (still only with allow_pickle)
-    return torch.load(weights_file, map_location="cpu", weights_only=True)
+def _load_pickle(name: str, weights_file: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only: tensors and plain containers, no arbitrary objects (still only with allow_pickle)
+        raw = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in the unpickler's own ways
+        raise AdapterError(f"adapter {name!r}: cannot read {weights_file}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in raw.items()):
+        raise AdapterError(f"adapter {name!r}: {weights_file} does not hold a mapping of names to tensors")
+    return raw
 
 
 def _read_tensors(spec: AdapterSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if spec.weights_file.suffix == ".bin":
-        raw = _load_pickle(spec.weights_file)
+        raw = _load_pickle(spec.name, spec.weights_file)
     else:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        raw = load_file(str(spec.weights_file))
+        try:
+            raw = load_file(str(spec.weights_file))
+        except (SafetensorError, OSError) as exc:
+            raise AdapterError(f"adapter {spec.name!r}: cannot read {spec.weights_file}: {exc}") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
         match = _KEY.match(key)
@@ -202,7 +265,7 @@ def _read_tensors(spec: AdapterSpec) -> dict[str, tuple[torch.Tensor, torch.Tens
     return {module: (pairs[module]["A"], pairs[module]["B"]) for module in spec.modules}
 
 
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
+def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
     # PEFT's rule (peft.utils.other.get_pattern_key): the first pattern that matches the module name's end
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module):
@@ -211,7 +274,7 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
 
 
 def _module_shapes(
-    name: str, config: dict, shapes: dict[str, tuple[int, ...]], linears: dict[str, nn.Linear]
+    name: str, config: LoraConfig, shapes: dict[str, tuple[int, ...]], linears: dict[str, nn.Linear]
 ) -> dict[str, ModuleShape]:
     parts: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
@@ -222,8 +285,6 @@ def _module_shapes(
         parts.setdefault(match["module"], {})[match["part"]] = shape
     if not parts:
         raise AdapterError(f"adapter {name!r} holds no LoRA weights")
-    alpha, use_rslora = config.get("lora_alpha", 8), bool(config.get("use_rslora"))
-    alpha_pattern = config.get("alpha_pattern") or {}
     modules = {}
     for module, pair in sorted(parts.items()):
         if set(pair) != {"A", "B"}:
@@ -242,7 +303,7 @@ def _module_shapes(
                 f"adapter {name!r} does not fit this model: {module} has A {list(pair['A'])} and B {list(pair['B'])}, "
                 f"the model's layer is {linear.out_features}x{linear.in_features} (an adapter of another base model?)"
             )
-        module_alpha = _pattern_value(alpha_pattern, module, alpha)
-        scaling = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
+        module_alpha = _pattern_value(config.alpha_pattern, module, config.alpha)
+        scaling = module_alpha / math.sqrt(rank) if config.use_rslora else module_alpha / rank
         modules[module] = ModuleShape(rank, a_in, b_out, float(scaling))
     return modules

@@ -175,6 +175,56 @@ def test_bad_adapters_fail_their_rows_only(adapter_paths, rows, reference, tmp_p
         assert repr(name) in result.error and phrase in result.error, result.error
 
 
+def _edited(source: str, folder, **config_fields) -> str:
+    """A copy of adapter `source` with fields of its adapter_config.json replaced."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **config_fields}))
+    return str(folder)
+
+
+def test_bad_config_values_damaged_weights_and_replayed_inits_fail_their_rows_only(
+    adapter_paths, rows, reference, tmp_path
+) -> None:
+    # Each is valid JSON or a file in the right place, so it gets past the first checks; each must end as its own
+    # rows' bad_adapter, never as an exception out of the engine (which a job would take for a failed model).
+    source = adapter_paths["r8-rslora"]
+    damaged = _edited(source, tmp_path / "damaged")
+    (tmp_path / "damaged" / "adapter_model.safetensors").unlink()
+    (tmp_path / "damaged" / "adapter_model.bin").write_bytes(b"not a pickle")
+    listed = _edited(source, tmp_path / "listed")
+    (tmp_path / "listed" / "adapter_model.safetensors").unlink()
+    torch.save([torch.zeros(2)], tmp_path / "listed" / "adapter_model.bin")
+    bad = {  # name: (folder, words of its error)
+        "alpha-text": (_edited(source, tmp_path / "a", lora_alpha="16"), "lora_alpha is '16', not a number"),
+        "alpha-null": (_edited(source, tmp_path / "b", lora_alpha=None), "lora_alpha is None"),
+        "pattern-list": (_edited(source, tmp_path / "c", alpha_pattern=["q_proj"]), "alpha_pattern is ['q_proj']"),
+        "pattern-regex": (_edited(source, tmp_path / "d", alpha_pattern={"q_proj(": 2}), "a regular expression"),
+        "rslora-text": (_edited(source, tmp_path / "e", use_rslora="false"), "use_rslora is 'false'"),
+        "damaged-bin": (damaged, "cannot read"),
+        "listed-bin": (listed, "mapping of names to tensors"),
+        # PEFT subtracts the initial update from the base weights when it loads these: not W + BA.
+        "pissa": (_edited(source, tmp_path / "f", init_lora_weights="pissa_niter_4"), "init_lora_weights='pissa"),
+        "olora": (_edited(source, tmp_path / "g", init_lora_weights="olora"), "replays on the base weights"),
+        "velora": (_edited(source, tmp_path / "h", velora_config={"rank": 2}), "VeLoRA"),
+    }
+    engine = Engine(
+        EngineConfig(block_size=4, num_blocks_override=256, allow_pickle=True),
+        tiny_loaded("llama"),
+        adapters={**adapter_paths, **{name: path for name, (path, _) in bad.items()}},
+    )
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    requests = [GenerationRequest(i, prompt, params, adapter=name) for i, (prompt, name) in enumerate(rows)]
+    requests += [GenerationRequest(name, rows[0][0], params, adapter=name) for name in bad]
+    results = {r.request_id: r for r in engine.generate(requests)}
+    for i in range(len(rows)):
+        assert results[i].completions[0].token_ids == reference[i]
+    for name, (_, words) in bad.items():
+        result = results[name]
+        assert (result.finish_reason, result.error_kind) == ("error", ErrorKind.BAD_ADAPTER)
+        assert repr(name) in result.error and words in result.error, result.error
+
+
 def test_pickled_adapter_runs_with_allow_pickle(adapter_paths, rows, reference, tmp_path) -> None:
     pickled = tmp_path / "pickled"
     shutil.copytree(adapter_paths["r8-rslora"], pickled)
