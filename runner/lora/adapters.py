@@ -95,7 +95,7 @@ class Adapters:
         self.paths: dict[str, str] = {}
         self._readable: set[str] = set()  # names whose weights were read once
         for name, path in adapters.items():
-            self._inspect(name, path)
+            self.specs[name], self.paths[name] = self._inspected(name, path), path
         valid = [s for s in self.specs.values() if isinstance(s, AdapterSpec)]
         # Slot room per layer: the largest rank any adapter registered now gives it.
         self.ranks: dict[str, int] = {}
@@ -179,30 +179,30 @@ class Adapters:
         return self.max_cpu_loras * self.slot_bytes
 
     def add(self, name: str, path: str) -> None:
-        """Register `name` (again): a bad adapter is recorded, and its requests fail, rather than raising."""
-        if self.paths.get(name) == path and name in self.specs:
-            return
+        """Register `name` (again): a bad adapter is recorded, and its requests fail, rather than raising. Its
+        config and header are read anew; an adapter whose files did not change keeps its copies and slot."""
+        spec = self._inspected(name, path)
+        known = self.specs.get(name)
+        if self.paths.get(name) == path and isinstance(known, AdapterSpec) and isinstance(spec, AdapterSpec):
+            if spec.key == known.key:
+                return
         self._forget(name)
-        spec = self._inspect(name, path)
         if isinstance(spec, AdapterSpec):
             too_big = [m for m, s in spec.modules.items() if s.rank > self.ranks.get(m, 0)]
             if too_big:
-                self.specs[name] = AdapterError(
+                spec = AdapterError(
                     f"adapter {name!r} needs more room than the adapter slots this engine was built with "
                     f"({too_big[0]}: rank {spec.modules[too_big[0]].rank}, slot rank {self.ranks.get(too_big[0], 0)}); "
                     "register it when the engine is built"
                 )
-
-    def _inspect(self, name: str, path: str) -> AdapterSpec | AdapterError:
-        try:
-            spec: AdapterSpec | AdapterError = inspect_adapter(
-                name, path, self.linears, self.allow_pickle, self.model_name
-            )
-        except AdapterError as exc:
-            spec = exc
-            logger.warning("%s", exc)
         self.specs[name], self.paths[name] = spec, path
-        return spec
+
+    def _inspected(self, name: str, path: str) -> AdapterSpec | AdapterError:
+        try:
+            return inspect_adapter(name, path, self.linears, self.allow_pickle, self.model_name)
+        except AdapterError as exc:
+            logger.warning("%s", exc)
+            return exc
 
     def _forget(self, name: str) -> None:
         self._readable.discard(name)

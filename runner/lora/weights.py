@@ -151,7 +151,10 @@ def inspect_adapter(
     shapes = _tensor_shapes(name, weights_file)
     modules = _module_shapes(name, config, shapes, linears)
     stat = weights_file.stat()
-    identity = f"{weights_file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    # The slot holds B with its scaling folded in: two configs over one weights file (a symlink, a hub
+    # snapshot's blob) are two adapters.
+    scalings = ",".join(f"{module}={shape.scaling!r}" for module, shape in sorted(modules.items()))
+    identity = f"{weights_file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{scalings}"
     key = hashlib.blake2b(identity.encode(), digest_size=16).digest()
     return AdapterSpec(name, folder, weights_file, modules, key)
 

@@ -225,6 +225,29 @@ def test_bad_config_values_damaged_weights_and_replayed_inits_fail_their_rows_on
         assert repr(name) in result.error and words in result.error, result.error
 
 
+def test_one_weights_file_under_two_configs_is_two_adapters(adapter_paths, rows, tmp_path) -> None:
+    # A hub snapshot links each file to a blob: two revisions may share the weights and differ in lora_alpha. The
+    # slot holds B scaled by its config, so one slot for both would run one row with the other's scaling.
+    source = _edited(adapter_paths["r4-mlp"], tmp_path / "plain")
+    louder = tmp_path / "louder"
+    louder.mkdir()
+    (louder / "adapter_model.safetensors").symlink_to(f"{source}/adapter_model.safetensors")
+    config = json.loads(open(f"{source}/adapter_config.json").read())
+    (louder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 64}))
+    paths = {"plain": source, "louder": str(louder)}
+    both = [(rows[0][0], "plain"), (rows[0][0], "louder")]
+    want = peft_greedy(hf_reference("llama"), paths, both, MAX_NEW, EOS_ID, 0)
+    assert want[0] != want[1]
+    for settings in ({}, {"max_loras": 1}):
+        engine, results = run(paths, both, **settings)
+        assert [results[i].completions[0].token_ids for i in range(2)] == want
+    # An adapter registered again after its config changed in place runs the new config.
+    (tmp_path / "plain" / "adapter_config.json").write_text((louder / "adapter_config.json").read_text())
+    engine.add_adapter("plain", source)
+    (again,) = engine.generate([GenerationRequest(0, rows[0][0], SamplingParams(max_new_tokens=MAX_NEW), "plain")])
+    assert again.completions[0].token_ids == want[1]
+
+
 def test_pickled_adapter_runs_with_allow_pickle(adapter_paths, rows, reference, tmp_path) -> None:
     pickled = tmp_path / "pickled"
     shutil.copytree(adapter_paths["r8-rslora"], pickled)
