@@ -785,8 +785,13 @@ class Engine:
             if reason:
                 results += self._stop(scheduler, seq, reason)
         if constrained:
-            for seq, reason in zip(constrained, accept_tokens(self._grammars, constrained, constrained_tokens)):
-                if reason:
+            for seq, token, reason in zip(
+                constrained, constrained_tokens, accept_tokens(self._grammars, constrained, constrained_tokens)
+            ):
+                if reason == "error":  # a bug, not the row's: it ends this row, not the job
+                    message = f"the constraint rejected token {token}, drawn under its own mask"
+                    results += self._fail(scheduler, seq, message)
+                elif reason:
                     results += self._stop(scheduler, seq, reason)
         self.stats.num_spare_tokens += num_spare
         self.stats.num_output_tokens += len(sampling_items) - num_spare
@@ -887,6 +892,19 @@ class Engine:
             scores=[ContinuationScore(sum(logprobs), len(logprobs), greedy, logprobs)],
         )
 
+    def _fail(self, scheduler: Scheduler, seq: Sequence, message: str) -> list[GenerationResult]:
+        """End `seq`'s request, all its sequences, as an engine error (nothing if it has ended already)."""
+        state: _RequestState = seq.group
+        if state.num_unfinished == 0:
+            return []
+        for sibling in state.seqs:
+            if sibling.finish_reason is None:
+                sibling.finish_reason = "error"
+                scheduler.finish(sibling)
+        state.num_unfinished = 0
+        state.seqs.clear()  # as in _retire: no cycle outlives the request
+        return [self._error_result(state.request, ErrorKind.ENGINE, message)]
+
     def _recover(
         self, scheduler: Scheduler, seqs: list[Sequence], exc: Exception, registered: list[int] | None = None
     ) -> list[GenerationResult]:
@@ -907,17 +925,7 @@ class Engine:
         )
         results = []
         for seq in culprits:
-            state: _RequestState = seq.group
-            if state.num_unfinished == 0:
-                continue
-            for sibling in state.seqs:
-                if sibling.finish_reason is None:
-                    sibling.finish_reason = "error"
-                    scheduler.finish(sibling)
-            state.num_unfinished = 0
-            state.seqs.clear()  # as in _retire: no cycle outlives the request
-            message = f"generation failed: {type(exc).__name__}: {exc}"
-            results.append(self._error_result(state.request, ErrorKind.ENGINE, message))
+            results += self._fail(scheduler, seq, f"generation failed: {type(exc).__name__}: {exc}")
         scheduler.requeue_isolated([s for s in seqs if s.finish_reason is None], registered or ())
         return results
 

@@ -143,6 +143,12 @@ class SampledTokens:
         return self.top[0].tolist(), self.top[1].tolist()
 
 
+def _bans_tokens(row: SamplingRow) -> bool:
+    """Whether a row's settings may set logits to -inf (and so leave no token its constraint allows)."""
+    params, info = row.params, row.logits_info
+    return bool(params.min_tokens or params.allowed_token_ids or (info is not None and info.bad_words_ids))
+
+
 def sample_on_device(
     logits: torch.Tensor, rows: list[SamplingRow] | None, mask: Callable[[torch.Tensor], None] | None = None
 ) -> SampledTokens:
@@ -166,11 +172,20 @@ def sample_on_device(
     elif logprobs_wanted or sampling:
         logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprobs_wanted else None
+    before_bans = None
     if penalised:
         _apply_repetition_penalty(logits, rows)
+        if mask is not None and any(_bans_tokens(r) for r in rows):
+            before_bans = logits.clone()
         apply_row_processors(logits, rows)
     if mask is not None:
         mask(logits)
+        if before_bans is not None:
+            # A row's bans (min_tokens, allowed_token_ids, bad words) may leave none of the tokens its constraint
+            # allows: a complete structure allows only EOS, which min_tokens bans. The row then drops its bans for
+            # this token and the constraint decides, as it does over stop strings and ignore_eos.
+            mask(before_bans)
+            logits = torch.where(torch.isneginf(logits).all(dim=-1, keepdim=True), before_bans, logits)
     tokens = logits.argmax(dim=-1)
     if sampling:
         sub_rows = [rows[i] for i in sampling]

@@ -279,13 +279,15 @@ def step_mask(items: list, vocab_size: int, device: torch.device, grammars: Gram
 
 def accept_tokens(grammars: GrammarCache, seqs: list[Sequence], tokens: list[int]) -> list[FinishReason | None]:
     """Advance each sequence's matcher by its newly appended token. Per sequence: `stop` once the grammar accepted
-    an end-of-sequence token; `length` at the token limit; else None. A constrained row ends only there: stop
-    strings, stop token ids and ignore_eos would end it, or run it on, mid-structure."""
+    an end-of-sequence token; `length` at the token limit; else None; `error` if the grammar rejects the token,
+    which the mask should have made impossible. A constrained row ends only there: stop strings, stop token ids and
+    ignore_eos would end it, or run it on, mid-structure."""
     accepted = grammars.threads.accept([seq.matcher for seq in seqs], tokens)
     reasons: list[FinishReason | None] = []
-    for seq, token, ok in zip(seqs, tokens, accepted):
-        assert ok, f"seq {seq.seq_id}: token {token} was sampled under the grammar's mask but the grammar rejects it"
-        if seq.matcher.is_terminated():
+    for seq, ok in zip(seqs, accepted):
+        if not ok:
+            reasons.append("error")
+        elif seq.matcher.is_terminated():
             reasons.append("stop")
         elif len(seq.output_token_ids) >= seq.max_new_tokens:
             reasons.append("length")

@@ -15,6 +15,7 @@ import xgrammar as xgr
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from xgrammar.contrib.hf import LogitsProcessor
 
+from kvbatch.errors import ErrorKind
 from kvbatch.runner import attention_hook
 from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.default_model import default_model_path
@@ -297,3 +298,42 @@ def test_many_rows_are_accepted_on_threads_as_one_by_one(tokenizer) -> None:
     bad = tokenizer.encode("}", add_special_tokens=False)[0]
     assert cache.threads.accept([new_matcher(compiled) for _ in range(rows)], [bad] * rows) == [False] * rows
     cache.close()
+
+
+def test_bans_that_leave_no_allowed_token_give_way_to_the_constraint(loaded, tokenizer, reference, compiler) -> None:
+    """min_tokens bans EOS where the finished choice allows only EOS, and allowed_token_ids may share no token with
+    the grammar: there the constraint alone decides. Where bans and grammar share tokens, both hold."""
+    prompt = prompts(tokenizer, 1)[0]
+    choice = CONSTRAINTS[2]
+    want = hf_constrained(reference, compiler, prompt, choice, 8)
+    other = next(c for c in choice.choice if tokenizer.decode(want[:-1]) != c)
+    other_ids = tokenizer.encode(other)
+    disjoint = tuple(tokenizer.encode(" zebra crossing"))
+    settings = {
+        "min_tokens": dict(min_tokens=6),
+        "disjoint": dict(allowed_token_ids=disjoint),
+        "both": dict(min_tokens=6, allowed_token_ids=disjoint),
+        "narrowed": dict(allowed_token_ids=(*other_ids, EOS)),
+    }
+    requests = [
+        GenerationRequest(name, prompt, SamplingParams(8, structured_outputs=choice, **extra))
+        for name, extra in settings.items()
+    ]
+    got = outcome(make_engine(loaded), requests)
+    assert want[-1] == EOS and got["min_tokens"] == got["disjoint"] == got["both"] == (None, [(want, "stop")])
+    assert got["narrowed"] == (None, [([*other_ids, EOS], "stop")])
+
+
+def test_a_token_the_grammar_rejects_fails_its_row_not_the_engine(loaded, tokenizer, monkeypatch) -> None:
+    # A mask that misses a token is a bug; should one happen, it costs the row, and the rest of the batch finishes.
+    from kvbatch.runner import structured
+
+    monkeypatch.setattr(structured.StepMask, "__call__", lambda self, logits: None)
+    prompt = prompts(tokenizer, 1)[0]
+    regex = StructuredOutputs(regex="q{5}")  # a random model's first pick is never "q"
+    requests = [GenerationRequest("constrained", prompt, SamplingParams(8, structured_outputs=regex))]
+    requests += [GenerationRequest(i, prompt, SamplingParams(8)) for i in range(3)]
+    results = {r.request_id: r for r in make_engine(loaded).generate(requests)}
+    assert results["constrained"].error_kind == ErrorKind.ENGINE
+    assert "the constraint rejected token" in results["constrained"].error
+    assert all(results[i].error is None and len(results[i].completions[0].token_ids) == 8 for i in range(3))
