@@ -13,7 +13,7 @@ from typing import Any
 from kvbatch.errors import ErrorKind
 
 from .rows import Row, RowError
-from .spec import JobSpec, PromptSpec, input_format, template_columns
+from .spec import TEMPLATE_CALL_ARGUMENTS, JobSpec, PromptSpec, input_format, template_columns
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -83,6 +83,13 @@ def _with_system(messages: list[dict[str, str]], spec: PromptSpec, row: Row) -> 
         if not isinstance(data[column], dict):
             return _error(
                 row, ErrorKind.WRONG_TYPE, f"column {column!r} is {_type_name(data[column])}, expected an object"
+            )
+        steering = sorted(TEMPLATE_CALL_ARGUMENTS & set(data[column]))
+        if steering:
+            return _error(
+                row,
+                ErrorKind.BAD_REQUEST,
+                f"column {column!r} sets {steering[0]!r}, an argument of the template call, not a template value",
             )
         kwargs.update(data[column])
     column = spec.tools_column

@@ -45,6 +45,18 @@ class InputSpec:
     batch_rows: int = setting(1024, "Parquet/datasets: rows per record batch read", min=1)
 
 
+# Arguments of transformers' apply_chat_template that steer the call rather than fill the template: from a job's
+# or a row's chat_template_kwargs they would replace the template (and turn a row's text into control tokens),
+# return ids instead of text, or cut the prompt.
+TEMPLATE_CALL_ARGUMENTS = frozenset(
+    {
+        "chat_template", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
+        "return_tensors", "return_assistant_tokens_mask", "padding", "truncation", "max_length", "tokenizer_kwargs",
+        "conversation", "messages",
+    }
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class PromptSpec:
     """How a row becomes a prompt (set at most one of column, messages_column, template)."""
@@ -312,6 +324,12 @@ def validate(job: JobSpec, node: Node) -> None:
         template_columns(job.prompt.template, at("prompt", "template"))
     if job.prompt.chat_template_file is not None and not chat_template_path(job).is_file():
         raise at("prompt", "chat_template_file").error(f"no such file: {chat_template_path(job)}")
+    steering = sorted(TEMPLATE_CALL_ARGUMENTS & set(job.prompt.chat_template_kwargs or {}))
+    if steering:
+        raise at("prompt", "chat_template_kwargs").error(
+            f"{steering[0]!r} is an argument of the template call, not a template value "
+            "(use prompt.chat_template_file, prompt.continue_final_message)"
+        )
     if job.output.path is not None:
         ext = Path(job.output.path).suffix
         if job.output.format == "auto" and ext not in OUTPUT_EXTENSIONS:

@@ -68,6 +68,16 @@ class PromptTokenizer:
         assert prompt.messages is not None, "a Prompt has messages or text"
         if not self.use_chat_template:
             return self._encode_text("\n\n".join(m["content"] for m in prompt.messages))
+        if not self.allow_special_tokens:
+            # Template values and tools are written by the template itself, so they are tokenized as its own
+            # text: one that reads as a control token would become one.
+            found = self._control_in(prompt.template_kwargs, prompt.tools)
+            if found is not None:
+                return RowError(
+                    ErrorKind.CHAT_TEMPLATE,
+                    f"a chat template value or tool holds {found!r}, the text of a control token; set "
+                    "prompt.allow_special_tokens if the data may write control tokens",
+                )
         try:
             if self.allow_special_tokens or self._plain(prompt.messages):
                 rendered = self._render(prompt.messages, prompt)
@@ -75,6 +85,24 @@ class PromptTokenizer:
             return self._encode_messages(prompt.messages, prompt)
         except _TemplateRefused as exc:
             return RowError(ErrorKind.CHAT_TEMPLATE, f"the chat template refused the row: {exc}")
+
+    def _control_in(self, *values: Any) -> str | None:
+        """The first control token's text found in any string inside `values` (mappings, lists, scalars)."""
+        if self._control_text is None:
+            return None
+        stack = list(values)
+        while stack:
+            value = stack.pop()
+            if isinstance(value, str):
+                match = self._control_text.search(value)
+                if match:
+                    return match.group()
+            elif isinstance(value, dict):
+                stack.extend(value.keys())
+                stack.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                stack.extend(value)
+        return None
 
     def _plain(self, messages: list[dict[str, str]]) -> bool:
         """No message holds an added token's text (a tokenizer that lists none is never trusted to be plain)."""
