@@ -322,8 +322,8 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")
     if job.prompt.template is not None:
         template_columns(job.prompt.template, at("prompt", "template"))
-    if job.prompt.chat_template_file is not None and not chat_template_path(job).is_file():
-        raise at("prompt", "chat_template_file").error(f"no such file: {chat_template_path(job)}")
+    if job.prompt.chat_template_file is not None:
+        _check_chat_template_file(chat_template_path(job), at("prompt", "chat_template_file"))
     steering = sorted(TEMPLATE_CALL_ARGUMENTS & set(job.prompt.chat_template_kwargs or {}))
     if steering:
         raise at("prompt", "chat_template_kwargs").error(
@@ -416,6 +416,24 @@ def template_columns(template: str, node: Node | None = None) -> list[str]:
         message = "a template needs at least one {column} placeholder"
         raise node.error(message) if node else SpecError(message, field="prompt.template")
     return columns
+
+
+def _check_chat_template_file(path: Path, node: Node) -> None:
+    """The file exists and compiles as transformers compiles chat templates: a syntax error fails the job before
+    the model loads, not every row after it."""
+    if not path.is_file():
+        raise node.error(f"no such file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise node.error(f"cannot read {path}: {exc}") from None
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils import chat_template_utils
+
+    try:
+        chat_template_utils._compile_jinja_template(text)
+    except TemplateSyntaxError as exc:
+        raise node.error(f"{path}, line {exc.lineno}: {exc.message}") from None
 
 
 def chat_template_path(job: JobSpec) -> Path:

@@ -200,3 +200,12 @@ def test_template_values_from_rows_cannot_steer_the_call_or_write_control_tokens
     # A job's own values are checked once, when the job file loads.
     with pytest.raises(Exception, match="'chat_template' is an argument of the template call"):
         pipeline(tmp_path, tok, chat_template_kwargs={"chat_template": forged})
+
+
+def test_a_template_file_that_does_not_compile_fails_the_job_before_the_model(tmp_path) -> None:
+    (tmp_path / "broken.jinja").write_text("{% for message in messages %}\n{{ message.content }}\n")
+    with pytest.raises(Exception, match=r"broken.jinja, line 2: Unexpected end of template"):
+        job_from_dict(
+            {"name": "j", "input": {"path": "in.jsonl"}, "prompt": {"chat_template_file": "broken.jinja"}},
+            base_dir=str(tmp_path),
+        )
