@@ -510,7 +510,7 @@ def output_path(job: JobSpec) -> Path:
 # unseeded rows, the context (which rows fit, how far they may run), float32 logits.
 _RESULT_FIELDS = ("model", "input", "prompt", "id_column", "keep_columns", "sampling")
 # Fields added since the first manifests: part of the fingerprint only when set, so earlier outputs still resume.
-_RESULT_FIELDS_SINCE = ("sampling_columns", "sampling_column")
+_RESULT_FIELDS_SINCE = ("sampling_columns", "sampling_column", "task", "continuations_column")
 _RESULT_ENGINE_FIELDS = ("dtype", "seed", "max_model_len", "float32_logits")
 
 
@@ -540,6 +540,8 @@ def _prompt_fingerprint(job: JobSpec) -> dict[str, Any]:
         for f in dataclasses.fields(job.prompt)
         if f.name in _PROMPT_FIELDS_V1 or getattr(job.prompt, f.name) != _default(f)
     }
+    if job.prompt.chat_template_file is not None:  # the template's text, not only its path, makes the prompts
+        fingerprint["chat_template_sha256"] = hashlib.sha256(chat_template_path(job).read_bytes()).hexdigest()
     if splits_reasoning(job):  # an output of a reasoning model written before the split does not resume into one
         fingerprint["split_reasoning"] = True
     return fingerprint

@@ -209,3 +209,17 @@ def test_a_template_file_that_does_not_compile_fails_the_job_before_the_model(tm
             {"name": "j", "input": {"path": "in.jsonl"}, "prompt": {"chat_template_file": "broken.jinja"}},
             base_dir=str(tmp_path),
         )
+
+
+def test_the_fingerprint_holds_the_template_text_and_the_task(tmp_path) -> None:
+    # A rerun after the template file or the task changed must not resume into the old output.
+    base = {"name": "j", "input": {"path": "in.jsonl"}, "prompt": {"chat_template_file": "t.jinja"}}
+    (tmp_path / "t.jinja").write_text(QWEN3_STYLE)
+    before = result_fingerprint(job_from_dict(base, base_dir=str(tmp_path)))
+    (tmp_path / "t.jinja").write_text(QWEN3_STYLE + "{{- 'Answer in French.' }}")
+    assert result_fingerprint(job_from_dict(base, base_dir=str(tmp_path))) != before
+    plain = {"name": "j", "input": {"path": "in.jsonl"}}
+    generated = result_fingerprint(job_from_dict(plain, base_dir=str(tmp_path)))
+    assert "task" not in generated  # a default leaves earlier outputs' hashes as they were
+    rolling = result_fingerprint(job_from_dict({**plain, "task": "score_rolling"}, base_dir=str(tmp_path)))
+    assert rolling["task"] == "score_rolling"
