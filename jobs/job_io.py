@@ -52,9 +52,10 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         id_column="custom_id" if openai else job.id_column,
         keep_columns=job.keep_columns,
         multi=multi,
-        logprobs=job.sampling.logprobs or fmt == "openai",
+        # OpenAI bodies may ask these per row too, whatever the output's format.
+        logprobs=job.sampling.logprobs or openai,
         token_bytes=fmt == "openai",  # OpenAI's logprobs name each token; the lines are assembled without a tokenizer
-        top_logprobs=job.sampling.top_logprobs > 0 or fmt == "openai",
+        top_logprobs=job.sampling.top_logprobs > 0 or openai,
         prompt_logprobs=job.sampling.prompt_logprobs,
         scores=job.is_scoring,
         reasoning=reasoning,

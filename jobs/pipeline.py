@@ -139,6 +139,9 @@ class RowPipeline:
             except (ValueError, TypeError) as exc:
                 message = f"{row.where}: bad sampling parameters: {exc}"
                 return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, message))
+            unplaced = self.layout.unplaced(params)
+            if unplaced is not None:
+                return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, f"{row.where}: {unplaced}"))
         if self.job.constraint_column is not None:
             try:
                 constraint = column_constraint(data.get(self.job.constraint_column))

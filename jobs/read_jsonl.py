@@ -24,7 +24,6 @@ _CHUNK_BYTES = 1 << 20
 # format can hold the string it makes, so such a line is an invalid_utf8 row rather than a crash at write time.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 OPENAI_ENDPOINT = "/v1/chat/completions"
-OPENAI_MAX_N = 128
 # body fields of an OpenAI chat completion request that map onto our sampling; others are ignored
 OPENAI_SAMPLING = {
     "max_tokens": "max_new_tokens",
@@ -196,9 +195,6 @@ def openai_row(row: Row) -> Row:
             return bad.failed(ErrorKind.BAD_CONSTRAINT, str(exc))
         if constraint is not None:
             overrides["structured_outputs"] = constraint
-    n = overrides.get("n")
-    if isinstance(n, int) and n > OPENAI_MAX_N:  # one line must not stall the whole job
-        return bad.failed(ErrorKind.BAD_REQUEST, f"n {n} is over {OPENAI_MAX_N}, the most the OpenAI API accepts")
     return Row(
         row.index,
         {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}

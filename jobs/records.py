@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from . import json_text
 from .rows import RowError
+
+if TYPE_CHECKING:
+    from kvbatch.runner.config import SamplingParams
 
 # One alternative at a generated position: the token's id, its text (U+FFFD for part of a character; a special
 # token's own text) and bytes (null for a special token), and its log-probability.
@@ -76,6 +79,20 @@ class Layout:
     reasoning: bool = False  # a reasoning model's thinking, apart from `text`
     parsed: Any = None  # output.parsed: the column's ParsedColumn (jobs/parsed.py); None: no such column
     input_types: dict[str, pa.DataType] = field(default_factory=dict)  # known types of id/kept columns
+
+    def unplaced(self, params: SamplingParams) -> str | None:
+        """What a row's own sampling settings ask that this output has no column for (None: nothing). The layout
+        is the job's, fixed before any row is read; a row cannot widen it, and must not lose what it asked."""
+        wanted = (
+            (params.n > 1 and not self.multi, f"n {params.n}", "sampling.n above 1 (a list of texts per row)"),
+            (params.logprobs and not self.logprobs, "logprobs", "sampling.logprobs: true"),
+            (params.top_logprobs > 0 and not self.top_logprobs, "top_logprobs", "sampling.top_logprobs above 0"),
+            (params.prompt_logprobs and not self.prompt_logprobs, "prompt_logprobs", "sampling.prompt_logprobs: true"),
+        )
+        for missing, what, setting in wanted:
+            if missing:
+                return f"{what} needs a column this job's output does not have: set the job's {setting}"
+        return None
 
     def fixed_fields(self) -> list[pa.Field]:
         text_type = pa.list_(pa.string()) if self.multi else pa.string()

@@ -18,6 +18,8 @@ from .rows import Row, RowError
 from .spec import JobSpec
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+# The most samples a row may ask, as the OpenAI API: one row must not stall the job.
+ROW_MAX_N = 128
 
 
 def sampling_columns(job: JobSpec) -> list[str]:
@@ -48,4 +50,7 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
     for name in job.sampling_columns:
         if data.get(name) is not None:
             values[name] = data[name]
+    n = values.get("n")
+    if isinstance(n, int) and n > ROW_MAX_N:
+        return RowError(ErrorKind.BAD_REQUEST, f"{row.where}: n {n} is over {ROW_MAX_N}, the most a row may ask")
     return values

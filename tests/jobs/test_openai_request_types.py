@@ -17,7 +17,7 @@ from test_openai_logprobs import request, run_openai
         ({"max_tokens": "2"}, "max_new_tokens must be an integer, got '2'"),
         ({"temperature": True}, "temperature must be a finite number, got True"),
         ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
-        ({"n": 20000}, "n 20000 is over 128, the most the OpenAI API accepts"),
+        ({"n": 20000}, "n 20000 is over 128, the most a row may ask"),
     ],
 )
 def test_a_wrongly_typed_body_field_fails_its_line_only(tmp_path, body, words) -> None:

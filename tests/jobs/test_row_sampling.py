@@ -75,3 +75,38 @@ def test_a_job_file_spells_logit_bias_with_integer_keys(tmp_path) -> None:
     spec = load_jobs_file(tmp_path / "jobs.yaml").jobs[0]
     assert spec.sampling.logit_bias == ((7, 2.5), (50256, -100.0)) and spec.sampling.bad_words == ("foo", "bar baz")
     assert spec.prompt.chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_what_a_row_asks_beyond_the_jobs_columns_is_its_error_not_lost(tmp_path) -> None:
+    # The output's columns are the job's, fixed before a row is read. A row asking n 3 used to get one text of its
+    # three, and one asking logprobs none, with no error; a row's n had no bound, so one row could stall the job.
+    import json
+
+    import pyarrow as pa
+    from job_fakes import fake_factory
+
+    from kvbatch.jobs.run import EngineCache, run_job
+
+    settings = {"ok": {"temperature": 0.5}, "n": {"n": 3}, "lp": {"logprobs": True}, "top": {"top_logprobs": 2},
+                "plp": {"prompt_logprobs": True}, "huge": {"n": 100000}}  # fmt: skip
+    rows = [{"id": k, "prompt": "hi", "s": v} for k, v in settings.items()]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(out: str, **sampling) -> dict:
+        spec = {"name": "j", "input": {"path": "in.jsonl"}, "output_dir": out, "id_column": "id"}
+        job = job_from_dict({**spec, "sampling_column": "s", "sampling": sampling}, base_dir=str(tmp_path))
+        run_job(job, EngineCache(fake_factory()))
+        table = pa.ipc.open_stream(pa.memory_map(str(tmp_path / out / "j.arrow"))).read_all()
+        return {row["id"]: row for row in table.to_pylist()}
+
+    out = run("plain")
+    assert out["ok"]["error"] is None and out["ok"]["text"].startswith("echo ")
+    wanted = {"n": "sampling.n above 1", "lp": "sampling.logprobs: true", "top": "sampling.top_logprobs above 0",
+              "plp": "sampling.prompt_logprobs: true"}  # fmt: skip
+    for key, setting in wanted.items():
+        assert out[key]["error_kind"] == "bad_request" and f"set the job's {setting}" in out[key]["error"]
+    assert "n 100000 is over 128, the most a row may ask" in out["huge"]["error"]
+    # With the job's columns in place, the rows get what they asked.
+    out = run("placed", n=2, logprobs=True)
+    assert out["n"]["error"] is None and [t[-2:] for t in out["n"]["text"]] == ["#0", "#1", "#2"]
+    assert out["lp"]["error"] is None and out["lp"]["logprobs"] == [[-0.5, -0.5, -0.5]] * 2
