@@ -47,9 +47,14 @@ class NoStepContextError(RuntimeError):
 def kv_layout(config) -> tuple[int, int]:
     """(key/value heads, head size) of every layer's pages, from a transformers config (its text config)."""
     text_config = config.get_text_config()
-    num_heads = text_config.num_attention_heads
-    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
-    return num_kv_heads, getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    try:
+        num_heads = text_config.num_attention_heads
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+        return num_kv_heads, getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    except RuntimeError as exc:  # transformers refuses one value for all layers where layers have their own
+        raise UnsupportedAttentionError(
+            f"its layers have attention shapes of their own ({exc}); kvbatch's pages take one shape"
+        ) from None
 
 
 @dataclass
@@ -67,6 +72,8 @@ class _Probe:
         self.layers: dict[int, LayerAttention] = {}
         # layer -> (key/value heads, query head size, key head size, value head size)
         self.shapes: dict[int, tuple[int, int, int, int]] = {}
+        self.repeated: set[int] = set()  # layer indexes that attended more than once in the forward
+        self.masked: set[int] = set()  # layers handed a mask that is more than causal
 
 
 def layer_attention(module: torch.nn.Module, dropout: float, kwargs: dict) -> LayerAttention:
@@ -75,7 +82,8 @@ def layer_attention(module: torch.nn.Module, dropout: float, kwargs: dict) -> La
     where = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
     if dropout:
         raise UnsupportedAttentionError(f"{where} passes attention dropout {dropout}; kvbatch runs models in eval mode")
-    if kwargs.get("is_causal", True) is False:
+    # sdpa reads the module's own flag when the call gives none (BERT-style layers mark bidirectional attention so).
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
         raise UnsupportedAttentionError(f"{where} asks for non-causal attention (is_causal=False)")
     unknown = sorted(
         name
@@ -117,6 +125,10 @@ def paged_attention_forward(
         )
     layer_options = layer_attention(module, dropout, kwargs)
     if isinstance(step, _Probe):
+        if module.layer_idx in step.layers:
+            step.repeated.add(module.layer_idx)
+        if not _plain_mask(attention_mask):
+            step.masked.add(module.layer_idx)
         step.layers[module.layer_idx] = layer_options
         step.shapes[module.layer_idx] = (key.shape[1], query.shape[-1], key.shape[-1], value.shape[-1])
         # The output has the values' head size, which the layer's o_proj expects (a query's may differ).
@@ -130,6 +142,17 @@ def paged_attention_forward(
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     out = step.backend.paged_attention(q, key_cache, value_cache, step.meta, scale, layer_options)
     return out.unsqueeze(0), None
+
+
+def _plain_mask(mask: torch.Tensor | None) -> bool:
+    """Whether a one-token forward's mask lets the token attend to itself with no bias. transformers builds no mask
+    for an attention it has no mask function for (this one); a mask that arrives was built by the layer itself, a
+    bias the paged kernels would drop (Doge's per-key dynamic mask)."""
+    if mask is None:
+        return True
+    if mask.dtype == torch.bool:
+        return bool(mask.all())
+    return bool((mask == 0).all())
 
 
 def _check_config(config, name: str) -> None:
@@ -167,7 +190,22 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
         ) from None
     if not probe.layers:
         raise UnsupportedAttentionError(f"model {name!r}: no layer sent its attention through kvbatch's interface")
-    _check_shapes(probe.shapes, kv_layout(config), name)
+    if probe.repeated:
+        raise UnsupportedAttentionError(
+            f"model {name!r}: layer {min(probe.repeated)} attends more than once in a forward (twice with one "
+            "layer index: a differential or looped layer), and each call would overwrite its pages"
+        )
+    if probe.masked:
+        raise UnsupportedAttentionError(
+            f"model {name!r}: layer {min(probe.masked)} builds its own attention mask or bias, which kvbatch's "
+            "paged attention does not apply"
+        )
+    try:
+        layout = kv_layout(config)
+    except UnsupportedAttentionError as exc:
+        raise UnsupportedAttentionError(f"model {name!r}: {exc}") from None
+    _check_shapes(probe.shapes, layout, name)
+    _check_window(config, probe.layers, name)
     layer_types = getattr(config, "layer_types", None)
     for index, layer in probe.layers.items():
         # The mask transformers would build must be the one the kernels build from the layer's arguments.
@@ -178,6 +216,28 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
                     "sliding_window to its attention"
                 )
     return probe.layers
+
+
+def _check_window(config, layers: dict[int, LayerAttention], name: str) -> None:
+    """A config without layer_types whose sliding window is shorter than the context has its mask built from that
+    window: some layer must pass it on, else the kernels would attend past it (PhiMoE builds the mask and passes no
+    window)."""
+    text_config = config.get_text_config()
+    window = getattr(text_config, "sliding_window", None)
+    if (
+        getattr(text_config, "layer_types", None)
+        or not window
+        or getattr(text_config, "use_sliding_window", None) is False
+    ):
+        return
+    context = getattr(text_config, "max_position_embeddings", None)
+    if context is not None and window >= context:
+        return
+    if not any(layer.sliding_window for layer in layers.values()):
+        raise UnsupportedAttentionError(
+            f"model {name!r}: its config has a sliding window of {window} tokens, which no layer passes to its "
+            "attention"
+        )
 
 
 def _check_shapes(shapes: dict[int, tuple[int, int, int, int]], layout: tuple[int, int], name: str) -> None:

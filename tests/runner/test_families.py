@@ -285,3 +285,40 @@ def test_values_of_another_head_size_than_the_keys_are_refused_at_load() -> None
         attention_hook.UnsupportedAttentionError, match=r"24 \(queries\), 24 \(keys\) and 16 \(values\)"
     ):
         attention_hook.check_model(_probe_model(config), "tiny")
+
+
+# Families whose attention the pages cannot hold, each refused at load by name rather than run wrong. Each was
+# silently wrong (or failed with transformers' own error) before its check: run, they gave other tokens than
+# transformers' generate. Types this transformers lacks are left out.
+_REFUSED = {
+    # DiffLlama attends twice per layer, once per value half: the second call wrote over the first's K/V.
+    "diffllama": ("DiffLlamaConfig", dict(_LLAMA_LIKE), "layer 0 attends more than once in a forward"),
+    # Doge hands the attention a per-key bias of its own making as the mask.
+    "doge": ("DogeConfig", dict(_LLAMA_LIKE, sliding_window=None), "layer 0 builds its own attention mask or bias"),
+    # PhiMoE builds a sliding-window mask from its config but passes no window to the attention.
+    "phimoe": (
+        "PhimoeConfig",
+        dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+        "a sliding window of 8 tokens, which no layer passes",
+    ),
+    # An encoder's self-attention says it is bidirectional on the module (is_causal=False), not in the call.
+    "bert": (
+        "BertConfig",
+        dict(_IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+        r"BertSelfAttention \(layer 0\) asks for non-causal attention",
+    ),
+    # Gemma 4 gives its full-attention layers a head size of their own (per_layer_config).
+    "gemma4_text": (
+        "Gemma4TextConfig",
+        dict(_LLAMA_LIKE, head_dim=16, vocab_size_per_layer_input=512, hidden_size_per_layer_input=16),
+        "its layers have attention shapes of their own",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", [f for f, (config, _, _) in _REFUSED.items() if hasattr(tf, config)])
+def test_attention_the_pages_cannot_hold_is_refused_at_load(family: str) -> None:
+    config_class, fields, words = _REFUSED[family]
+    model = _probe_model(getattr(tf, config_class)(**fields))
+    with pytest.raises(attention_hook.UnsupportedAttentionError, match=rf"'tiny': .*{words}"):
+        attention_hook.check_model(model, "tiny")
