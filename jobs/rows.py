@@ -84,7 +84,13 @@ class KnownDuplicates:
 
 
 def id_key(value: Any) -> str:
-    """The key two ids are the same by (SeenIds and the Ray runner's duplicate search)."""
+    """The key two ids are the same by (SeenIds and the Ray runner's duplicate search): equal for ids an output may
+    write alike. A column of mixed types is written as text (1 and "1" both as "1"), and Arrow writes ints among
+    floats as floats (1 and 1.0 both as 1.0)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return json.dumps(value, sort_keys=True, default=str)
 
 

@@ -5,6 +5,7 @@ is one row, that row becomes an error row while every other row completes.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -327,3 +328,16 @@ def test_yaml_errors_name_file_line_and_field(tmp_path: Path, text: str, message
     with pytest.raises(SpecError) as caught:
         load_jobs_file(tmp_path / "jobs.yaml")
     assert str(caught.value).replace(str(tmp_path) + "/", "").startswith(message), str(caught.value)
+
+
+def test_ids_an_output_would_write_alike_are_duplicates(tmp_path: Path) -> None:
+    # A column of mixed types is written as text, and ints among floats as floats: 1, "1" and 1.0 would be three
+    # rows of id "1" (or 1.0) in the output, where ids are unique. The later ones are duplicate_id rows.
+    ids = [1, 2, "1", 1.0, "a", 1.5, "1.5", True]
+    lines = [b'{"id": %s, "prompt": "p"}' % json.dumps(i).encode() for i in ids]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert run(tmp_path, id_column="id").error is None
+    rows = read_output(tmp_path / "out" / "out.jsonl")
+    kinds = [row["error_kind"] for row in rows]
+    assert kinds == [None, None, "duplicate_id", "duplicate_id", None, None, "duplicate_id", None]
+    assert rows[2]["error"] == "row 2 (line 3): duplicate id '1' (first at row 0)"
