@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .grammar_dialect import unsupported_keyword, unsupported_regex
 from .request import FinishReason
 from .sequence import Sequence
 from .structured_outputs import ConstraintError, StructuredOutputs
@@ -47,67 +48,8 @@ logger = logging.getLogger(__name__)
 _PARALLEL_ROWS = 64
 # Distinct constraints kept compiled at once (a job with a schema per row compiles each, and keeps the newest).
 MAX_CACHED_GRAMMARS = 4096
-# JSON Schema keywords xgrammar parses but does not enforce: a schema using them could yield text that ends
-# with `stop` and still fails validation, so it is refused up front. (`oneOf` falls back to `anyOf` semantics
-# when its branches are not provably disjoint; `allOf` of several schemas is not merged.)
-_UNENFORCED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "oneOf")
-# Keywords of one JSON type that xgrammar enforces only beside an explicit "type" (or an enum, const, ...).
-_NEEDS_TYPE = (
-    "pattern",
-    "minLength",
-    "maxLength",
-    "format",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
-    "multipleOf",
-)
-_TYPED_BY = ("type", "enum", "const", "$ref", "anyOf", "allOf")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
-_SUBSCHEMAS = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties", "not")
 # xgrammar prefixes its messages with a timestamp and a C++ source location.
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
-
-
-def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
-    """Where the schema uses a keyword that would not be enforced, as a message; None when it has none."""
-    if not isinstance(schema, dict):
-        return None
-    for keyword in _UNENFORCED_KEYWORDS:
-        if keyword in schema:
-            return f"unsupported JSON Schema keyword {keyword!r} at {path}"
-    if schema.get("uniqueItems") is True:
-        return f"unsupported JSON Schema keyword 'uniqueItems' at {path}"
-    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
-        return f"unsupported JSON Schema keyword 'allOf' with {len(schema['allOf'])} schemas at {path}"
-    if not any(k in schema for k in _TYPED_BY):
-        typed = next((k for k in _NEEDS_TYPE if k in schema), None)
-        if typed:  # xgrammar lets any value through where the type is not given
-            return f'keyword {typed!r} at {path} needs a "type" beside it'
-    required = schema.get("required")
-    if isinstance(required, list):
-        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        missing = [name for name in required if name not in properties]
-        if missing:  # xgrammar enforces only the required fields it has a schema for
-            return f"required field {missing[0]!r} at {path} is not among its properties"
-    children: list[tuple[str, Any]] = []
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(schema.get(key), dict):
-            children += [(f"{path}/{key}/{name}", sub) for name, sub in schema[key].items()]
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(schema.get(key), list):
-            children += [(f"{path}/{key}/{i}", sub) for i, sub in enumerate(schema[key])]
-    for key in _SUBSCHEMAS:
-        if isinstance(schema.get(key), (dict, list)):
-            subs = schema[key] if isinstance(schema[key], list) else [schema[key]]
-            children += [(f"{path}/{key}", sub) for sub in subs]
-    for child_path, child in children:
-        problem = unsupported_keyword(child, child_path)
-        if problem:
-            return problem
-    return None
 
 
 def _library_message(exc: Exception) -> str:
@@ -217,6 +159,9 @@ class GrammarCache:
                     raise ConstraintError(problem)
                 compiled = compiler.compile_json_schema(constraint.json, any_whitespace=False)
             elif constraint.regex is not None:
+                problem = unsupported_regex(constraint.regex)
+                if problem:
+                    raise ConstraintError(problem)
                 compiled = compiler.compile_regex(constraint.regex)
             elif constraint.choice is not None:
                 # JSON string literals are EBNF string literals (same escapes).

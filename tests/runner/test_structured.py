@@ -20,9 +20,10 @@ from kvbatch.runner import attention_hook
 from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.default_model import default_model_path
 from kvbatch.runner.engine import Engine, EngineConfig
+from kvbatch.runner.grammar_dialect import unsupported_keyword, unsupported_regex
 from kvbatch.runner.model_loader import LoadedModel
 from kvbatch.runner.request import GenerationRequest
-from kvbatch.runner.structured import GrammarCache, new_matcher, unsupported_keyword
+from kvbatch.runner.structured import GrammarCache, new_matcher
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
 VOCAB = 49152
@@ -158,6 +159,198 @@ def test_constraint_shape_is_checked() -> None:
     )
     assert "required field 'b'" in unsupported_keyword({"type": "object", "properties": {"a": {}}, "required": ["b"]})
     assert unsupported_keyword({"type": "string", "pattern": "^[0-9]{5}$"}) is None
+
+
+def _beside(names: str, path: str, alone: str, instead: str) -> str:
+    return (
+        f"{names} at {path} beside {alone!r} would not be enforced (the grammar engine generates from {alone!r} "
+        f"alone); {instead}"
+    )
+
+
+_ANCHOR_HINT = "; the whole output matches the regex already, no anchor needed"
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        # xgrammar let `[]` through for `contains`, and any number for a fractional or `number` multipleOf
+        ({"type": "array", "contains": {"type": "integer"}}, "unsupported JSON Schema keyword 'contains' at #"),
+        ({"type": "array", "minContains": 1}, "unsupported JSON Schema keyword 'minContains' at #"),
+        (
+            {"type": "number", "multipleOf": 0.5},
+            "'multipleOf' at # is not enforced on type 'number' (only on 'integer')",
+        ),
+        ({"type": "number", "multipleOf": 3}, "'multipleOf' at # is not enforced on type 'number' (only on 'integer')"),
+        (
+            {"type": "integer", "multipleOf": 1.5},
+            "'multipleOf' 1.5 at # is not enforced: only a whole number up to 1024 is",
+        ),
+        (
+            {"type": "integer", "multipleOf": 1025},
+            "'multipleOf' 1025 at # is not enforced: only a whole number up to 1024 is",
+        ),
+        ({"type": "integer", "multipleOf": 2, "minimum": 0}, "'multipleOf' at # is not enforced beside 'minimum'"),
+        # beside anyOf, allOf, $ref, enum and const xgrammar dropped these: each let a value through that breaks them
+        (
+            {"anyOf": [{"type": "integer"}], "minimum": 5},
+            _beside("'minimum'", "#", "anyOf", "move it into each of its schemas"),
+        ),
+        ({"allOf": [{"type": "integer"}], "minimum": 5}, _beside("'minimum'", "#", "allOf", "move it into its schema")),
+        (
+            {"$defs": {"i": {"type": "integer"}}, "$ref": "#/$defs/i", "minimum": 5},
+            _beside("'minimum'", "#", "$ref", "move it into the schema it references"),
+        ),
+        (
+            {"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s", "maxLength": 2},
+            _beside("'maxLength'", "#", "$ref", "move it into the schema it references"),
+        ),
+        ({"enum": [1, 2, 30], "maximum": 10}, _beside("'maximum'", "#", "enum", "list only values that satisfy it")),
+        (
+            {"type": "string", "enum": ["a", "b"], "maxLength": 0},
+            _beside("'maxLength'", "#", "enum", "list only values that satisfy it"),
+        ),
+        (
+            {"type": "string", "enum": ["a", 1]},
+            _beside("'type'", "#", "enum", "list only values that satisfy it"),
+        ),
+        (
+            {"type": "string", "const": "abcdef", "maxLength": 2},
+            _beside("'maxLength'", "#", "const", "give a value that satisfies it"),
+        ),
+        (
+            {"const": "c", "enum": ["a", "b"]},
+            _beside("'enum'", "#", "const", "give a value that satisfies it"),
+        ),
+        (
+            {"type": "string", "maxLength": 2, "anyOf": [{"type": "string"}]},
+            _beside("'maxLength'", "#", "anyOf", "move it into each of its schemas"),
+        ),
+        (
+            {"type": "integer", "anyOf": [{"type": "string"}, {"type": "integer"}]},
+            _beside("'type'", "#", "anyOf", "move it into each of its schemas"),
+        ),
+        (
+            {"anyOf": [{"type": "integer"}], "allOf": [{"type": "integer"}]},
+            _beside("'allOf'", "#", "anyOf", "move it into each of its schemas"),
+        ),
+        # a branch's `required` is not enforced either (`{}` got through): the parent's keywords are what is refused
+        (
+            {"type": "object", "properties": {"a": {"type": "string"}}, "anyOf": [{"required": ["a"]}]},
+            _beside("'type', 'properties'", "#", "anyOf", "move them into each of its schemas"),
+        ),
+        (
+            {"type": "object", "properties": {"v": {"type": "string", "pattern": "\\Aabc\\Z"}}},
+            "unsupported 'pattern' at #/properties/v: escape \\A at position 0 of the regex is not supported (the "
+            "grammar engine would read it as the letter 'A')" + _ANCHOR_HINT,
+        ),
+    ],
+)
+def test_keywords_the_engine_would_not_enforce_are_refused(schema, message) -> None:
+    assert unsupported_keyword(schema) == message
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "integer", "multipleOf": 3},
+        {"type": ["integer", "null"], "multipleOf": 1024},
+        {"type": "integer", "multipleOf": 1, "minimum": 0},
+        {"type": "string", "enum": ["a", "b"]},
+        {"type": "number", "enum": [1, 2.5]},
+        {"type": "string", "const": "a", "enum": ["a", "b"]},
+        {"type": "integer", "anyOf": [{"type": "integer", "minimum": 5}, {"enum": [0]}]},
+        {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None, "title": "X", "description": "d"},
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "x",
+            "$comment": "c",
+            "examples": [1],
+            "$defs": {"i": {"type": "integer"}},
+            "$ref": "#/$defs/i",
+        },
+    ],
+)
+def test_annotations_and_a_type_the_values_have_are_accepted_beside_a_combinator(schema) -> None:
+    assert unsupported_keyword(schema) is None
+
+
+@pytest.mark.parametrize(
+    ("regex", "message"),
+    [
+        (
+            r"\Aabc\Z",
+            "escape \\A at position 0 of the regex is not supported (the grammar engine would read it as the letter "
+            "'A')" + _ANCHOR_HINT,
+        ),
+        (
+            r"abc\z",
+            "escape \\z at position 3 of the regex is not supported (the grammar engine would read it as the letter "
+            "'z')" + _ANCHOR_HINT,
+        ),
+        (
+            r"[\h]",
+            "escape \\h at position 1 of the regex is not supported (the grammar engine would read it as the letter "
+            "'h')",
+        ),
+        (r"x(^a)", "'^' at position 2 of the regex is not at its start (the grammar engine would drop it)"),
+        (
+            r"(a$|b)c",
+            "'$' in the regex is followed by more of it, at position 6 (the grammar engine would drop the '$')",
+        ),
+        (r"[^]a]", "']' first in the character class at position 0 of the regex is not supported; write \\]"),
+    ],
+)
+def test_regex_constructs_the_engine_misreads_are_refused(regex, message) -> None:
+    assert unsupported_regex(regex) == message
+
+
+@pytest.mark.parametrize(
+    "regex",
+    [r"^[a-z]{2,5}-\d{1,3}$", r"(^a|b)c", r"(?:^a|^b)c$", r"a|^b", r"[\b\d\w\s\]-]+", r"\u00e9\x41\.", r"(?<n>a)"],
+)
+def test_regex_constructs_the_engine_reads_alike_pass(regex) -> None:
+    assert unsupported_regex(regex) is None
+
+
+def _accepts(compiled, text: str) -> bool:
+    matcher = new_matcher(compiled)
+    return matcher.accept_string(text) and matcher.accept_token(EOS) and matcher.is_terminated()
+
+
+def test_compile_refuses_what_the_engine_misreads_and_enforces_what_it_accepts(tokenizer) -> None:
+    cache = GrammarCache(tokenizer, VOCAB, (EOS,))
+    for regex in (r"\Aabc\Z", r"(?=a)a", r"(a)\1", r"(?P<n>a)", r"x\b"):
+        with pytest.raises(ConstraintError) as refused:
+            cache.compile(StructuredOutputs(regex=regex))
+        assert "not supported" in str(refused.value), regex
+    with pytest.raises(ConstraintError, match="^'minimum' at # beside 'anyOf' would not be enforced"):
+        cache.compile(StructuredOutputs.from_schema({"anyOf": [{"type": "integer"}], "minimum": 5}))
+    # what stays accepted is enforced: the value that breaks the schema is refused by the grammar
+    cases = [
+        ({"type": "integer", "multipleOf": 3}, "6", "4"),
+        ({"type": "integer", "multipleOf": 1, "minimum": 0}, "2", "-1"),
+        ({"type": "string", "enum": ["a", "b"]}, '"a"', '"c"'),
+        ({"type": "integer", "anyOf": [{"type": "integer", "minimum": 5}, {"enum": [0]}]}, "0", "3"),
+        (
+            {
+                "type": "object",
+                "anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}],
+            },
+            '{"a": 1}',
+            "{}",
+        ),
+        # const and enum values are written compactly, unlike the rest of the output
+        (
+            {"type": "object", "properties": {"c": {"const": {"x": [1, 2]}}}, "required": ["c"]},
+            '{"c": {"x":[1,2]}}',
+            '{"c": {"x": [1, 2]}}',
+        ),
+    ]
+    for schema, valid, invalid in cases:
+        compiled = cache.compile(StructuredOutputs.from_schema(schema))
+        assert _accepts(compiled, valid) and not _accepts(compiled, invalid), schema
+    cache.close()
 
 
 @pytest.mark.parametrize("policy", ["reserve", "optimistic"])

@@ -1,0 +1,303 @@
+"""JSON Schema and regular expressions as xgrammar reads them: what it would parse and not enforce, or read
+otherwise than JSON Schema or Python's `re` mean, is refused before it compiles (the row's `bad_constraint`).
+
+Refusing is the point: a row whose output ends with `stop` validates against its constraint. Each rule was found
+by running xgrammar's own matcher over values the schema or regex must refuse (tests/runner/test_structured.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# JSON Schema keywords xgrammar parses but does not enforce: a schema using them could yield text that ends
+# with `stop` and still fails validation, so it is refused up front. (`oneOf` falls back to `anyOf` semantics
+# when its branches are not provably disjoint; `allOf` of several schemas is not merged; `contains` lets `[]`
+# through and refuses arrays that hold a match.)
+_UNENFORCED_KEYWORDS = (
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "oneOf",
+    "contains",
+    "minContains",
+    "maxContains",
+)
+# Keywords of one JSON type that xgrammar enforces only beside an explicit "type".
+_NEEDS_TYPE = (
+    "pattern",
+    "minLength",
+    "maxLength",
+    "format",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+)
+# Where one of these is present xgrammar generates from it alone and drops the keywords beside it that constrain
+# the value (`{"anyOf": [{"type": "integer"}], "minimum": 5}` lets 3 through); annotations beside it are harmless.
+# Of several, the first here is the one it keeps.
+_GENERATES_ALONE = ("$ref", "const", "enum", "anyOf", "oneOf", "allOf")
+_VALUE_KEYWORDS = (
+    "type",
+    *_NEEDS_TYPE,
+    "minItems",
+    "maxItems",
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "uniqueItems",
+    "unevaluatedItems",
+    "properties",
+    "patternProperties",
+    "additionalProperties",
+    "required",
+    "minProperties",
+    "maxProperties",
+    "propertyNames",
+    "unevaluatedProperties",
+)
+_INSTEAD = {
+    "anyOf": "move {it} into each of its schemas",
+    "oneOf": "move {it} into each of its schemas",
+    "allOf": "move {it} into its schema",
+    "$ref": "move {it} into the schema it references",
+    "enum": "list only values that satisfy {it}",
+    "const": "give a value that satisfies {it}",
+}
+# xgrammar enforces `multipleOf` only on integers, by a whole number up to this, and (but for 1) with no bound beside.
+_MAX_MULTIPLE_OF = 1024
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties", "not")
+# Regex escapes xgrammar reads as Python's re does. It takes any other letter after a backslash as the letter
+# itself (`\A`, `\Z`, `\z`, `\G` ...), except these, which it refuses with its own message.
+_REGEX_ESCAPES = frozenset("dDsSwWnrtfvxu")
+_REGEX_ENGINE_REFUSES = frozenset("bBpPk")
+_REGEX_ANCHOR_ESCAPES = frozenset("AZzG")
+_REGEX_REPEAT = re.compile(r"\{\d+(,\d*)?\}")
+
+
+def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
+    """Where the schema uses a keyword that would not be enforced, as a message; None when it has none."""
+    if not isinstance(schema, dict):
+        return None
+    for keyword in _UNENFORCED_KEYWORDS:
+        if keyword in schema:
+            return f"unsupported JSON Schema keyword {keyword!r} at {path}"
+    if schema.get("uniqueItems") is True:
+        return f"unsupported JSON Schema keyword 'uniqueItems' at {path}"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"unsupported JSON Schema keyword 'allOf' with {len(schema['allOf'])} schemas at {path}"
+    problem = _dropped_beside(schema, path) or _multiple_of_problem(schema, path)
+    if problem:
+        return problem
+    if "type" not in schema and not any(k in schema for k in _GENERATES_ALONE):
+        typed = next((k for k in _NEEDS_TYPE if k in schema), None)
+        if typed:  # xgrammar lets any value through where the type is not given
+            return f'keyword {typed!r} at {path} needs a "type" beside it'
+    if isinstance(schema.get("pattern"), str):
+        problem = unsupported_regex(schema["pattern"])
+        if problem:
+            return f"unsupported 'pattern' at {path}: {problem}"
+    required = schema.get("required")
+    if isinstance(required, list):
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        missing = [name for name in required if name not in properties]
+        if missing:  # xgrammar enforces only the required fields it has a schema for
+            return f"required field {missing[0]!r} at {path} is not among its properties"
+    children: list[tuple[str, Any]] = []
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            children += [(f"{path}/{key}/{name}", sub) for name, sub in schema[key].items()]
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            children += [(f"{path}/{key}/{i}", sub) for i, sub in enumerate(schema[key])]
+    for key in _SUBSCHEMAS:
+        if isinstance(schema.get(key), (dict, list)):
+            subs = schema[key] if isinstance(schema[key], list) else [schema[key]]
+            children += [(f"{path}/{key}", sub) for sub in subs]
+    for child_path, child in children:
+        problem = unsupported_keyword(child, child_path)
+        if problem:
+            return problem
+    return None
+
+
+def _dropped_beside(schema: dict, path: str) -> str | None:
+    """Keywords beside anyOf, allOf, $ref, enum or const that xgrammar would drop, as a message."""
+    alone = [k for k in _GENERATES_ALONE if k in schema]
+    if not alone:
+        return None
+    if alone == ["const", "enum"] and isinstance(schema["enum"], list) and schema["const"] in schema["enum"]:
+        alone = ["const"]  # xgrammar generates the const, which the enum allows
+    dropped = [k for k in _VALUE_KEYWORDS if k in schema and not (k == "type" and _type_is_implied(schema))]
+    dropped += alone[1:]
+    if not dropped:
+        return None
+    names = ", ".join(repr(k) for k in dropped)
+    instead = _INSTEAD[alone[0]].format(it="it" if len(dropped) == 1 else "them")
+    return (
+        f"{names} at {path} beside {alone[0]!r} would not be enforced (the grammar engine generates from "
+        f"{alone[0]!r} alone); {instead}"
+    )
+
+
+def _type_is_implied(schema: dict) -> bool:
+    """Whether every value that the schema's anyOf, allOf, enum or const allows is of its `type` already."""
+    allowed = _json_types(schema["type"])
+    inner = _json_types(None, {k: v for k, v in schema.items() if k != "type"})
+    return allowed is not None and inner is not None and all(_type_within(t, allowed) for t in inner)
+
+
+def _json_types(declared: Any, schema: Any = None) -> set[str] | None:
+    """The JSON types a `type` value names or, with `schema`, the types the schema's values may have; None where
+    that is not known from the schema alone."""
+    if schema is None:
+        if isinstance(declared, str):
+            return {declared}
+        if isinstance(declared, list) and all(isinstance(t, str) for t in declared):
+            return set(declared)
+        return None
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return {_value_type(schema["const"])}
+    if isinstance(schema.get("enum"), list):
+        return {_value_type(v) for v in schema["enum"]}
+    if "type" in schema:
+        return _json_types(schema["type"])
+    for key in ("anyOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            branches = [_json_types(None, branch) for branch in schema[key]]
+            return None if any(b is None for b in branches) else set().union(*branches)
+    return None
+
+
+def _value_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _type_within(json_type: str, allowed: set[str]) -> bool:
+    return json_type in allowed or (json_type == "integer" and "number" in allowed)
+
+
+def _multiple_of_problem(schema: dict, path: str) -> str | None:
+    """`multipleOf` where xgrammar would not enforce it, as a message (it refuses a zero or negative one itself)."""
+    factor = schema.get("multipleOf")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+        return None
+    types = _json_types(schema.get("type")) or set()
+    if "number" in types:
+        return f"'multipleOf' at {path} is not enforced on type 'number' (only on 'integer')"
+    if factor != int(factor) or factor > _MAX_MULTIPLE_OF:
+        return f"'multipleOf' {factor} at {path} is not enforced: only a whole number up to {_MAX_MULTIPLE_OF} is"
+    bound = next((k for k in _BOUNDS if k in schema), None)
+    if bound and factor != 1:
+        return f"'multipleOf' at {path} is not enforced beside {bound!r}"
+    return None
+
+
+def unsupported_regex(regex: str) -> str | None:
+    """Where xgrammar would read the regex other than Python's re does (and not refuse it itself), as a message;
+    None when it reads it alike. Checks escapes, character classes, and anchors `^`/`$` inside the pattern, which
+    xgrammar drops (`x(^a)` would let "xa" through)."""
+    # Per open group: [opens where the match starts, the current alternative has matched something,
+    # the current alternative ended with `$`, some alternative ended with `$`].
+    groups = [[True, False, False, False]]
+    i = 0
+    while i < len(regex):
+        char, top = regex[i], groups[-1]
+        if char == "\\":
+            problem = _escape_problem(regex, i, in_class=False)
+            if problem:
+                return problem
+            size, atom = 2, True
+        elif char == "[":
+            end, problem = _class_end(regex, i)
+            if problem:
+                return problem
+            size, atom = end - i, True
+        elif char == "(":
+            size, atom = 1, False
+            if regex.startswith("(?:", i):
+                size = 3
+            elif regex.startswith("(?<", i) and regex[i + 3 : i + 4] not in ("=", "!") and ">" in regex[i:]:
+                size = regex.index(">", i) - i + 1  # a named group, as xgrammar reads it
+            if top[2]:
+                return _after_end(i)
+            groups.append([top[0] and not top[1], False, False, False])
+        elif char == ")" and len(groups) > 1:
+            closed = groups.pop()
+            size, atom = 1, False
+            groups[-1][1] = True
+            if closed[3]:  # `(a$|b)c`: what follows the group follows a `$`
+                groups[-1][2] = groups[-1][3] = True
+        elif char == "|":
+            size, atom = 1, False
+            top[1] = top[2] = False
+        elif char == "^":
+            if not top[0] or top[1]:
+                return f"'^' at position {i} of the regex is not at its start (the grammar engine would drop it)"
+            size, atom = 1, False
+        elif char == "$":
+            size, atom = 1, False
+            top[2] = top[3] = True
+        elif char in "*+?":
+            size, atom = 1, False
+        elif char == "{" and _REGEX_REPEAT.match(regex, i):
+            size, atom = _REGEX_REPEAT.match(regex, i).end() - i, False
+        else:
+            size, atom = 1, True
+        if atom:
+            if top[2]:
+                return _after_end(i)
+            top[1] = True
+        i += size
+    return None
+
+
+def _after_end(i: int) -> str:
+    return f"'$' in the regex is followed by more of it, at position {i} (the grammar engine would drop the '$')"
+
+
+def _escape_problem(regex: str, i: int, in_class: bool) -> str | None:
+    letter = regex[i + 1 : i + 2]
+    if not (letter.isascii() and letter.isalpha()):
+        return None
+    known = _REGEX_ESCAPES | (frozenset("bpP") if in_class else _REGEX_ENGINE_REFUSES)
+    if letter in known:
+        return None
+    hint = "; the whole output matches the regex already, no anchor needed" if letter in _REGEX_ANCHOR_ESCAPES else ""
+    return (
+        f"escape \\{letter} at position {i} of the regex is not supported (the grammar engine would read it as "
+        f"the letter {letter!r}){hint}"
+    )
+
+
+def _class_end(regex: str, start: int) -> tuple[int, str | None]:
+    """The index after the character class opening at `start`, or a problem with it."""
+    i = start + 1 + (regex[start + 1 : start + 2] == "^")
+    if regex[i : i + 1] == "]":
+        return i, f"']' first in the character class at position {start} of the regex is not supported; write \\]"
+    while i < len(regex) and regex[i] != "]":
+        if regex[i] == "\\":
+            problem = _escape_problem(regex, i, in_class=True)
+            if problem:
+                return i, problem
+            i += 2
+        else:
+            i += 1
+    return i + 1, None
