@@ -148,6 +148,12 @@ class RowPipeline:
             except ConstraintError as exc:
                 message = f"{row.where}: bad constraint in column {self.job.constraint_column!r}: {exc}"
                 return self._error_row(pending, RowError(ErrorKind.BAD_CONSTRAINT, message))
+            if constraint is not None and overrides.get("structured_outputs") is not None:
+                message = (
+                    f"{row.where}: the row sets a constraint twice, in its sampling values and in column "
+                    f"{self.job.constraint_column!r}; give one"
+                )
+                return self._error_row(pending, RowError(ErrorKind.BAD_CONSTRAINT, message))
             if constraint is not None:
                 params = dataclasses.replace(params, structured_outputs=constraint)
         adapter = self._adapter(row)

@@ -73,6 +73,22 @@ def test_a_constraint_column_sets_each_rows_constraint(tmp_path: Path) -> None:
     assert summary.errors_by_kind == {"bad_constraint": 2}
 
 
+def test_a_row_that_sets_its_constraint_twice_is_its_error(tmp_path: Path) -> None:
+    # In its sampling values and in the constraint column: which one the row meant is not for kvbatch to guess.
+    rows = [
+        {"prompt": "a", "s": {"structured_outputs": {"regex": "maybe"}}, "c": {"choice": ["x", "y"]}},
+        {"prompt": "b", "s": {"structured_outputs": {"regex": "maybe"}}, "c": None},
+        {"prompt": "c", "s": {"temperature": 0.5}, "c": {"choice": ["x", "y"]}},
+    ]
+    job = job_from_dict(_job(tmp_path, rows, constraint_column="c", sampling_column="s"), base_dir=str(tmp_path))
+    factory = fake_factory()
+    run_job(job, EngineCache(factory))
+    got = {r.request_id: r.sampling.structured_outputs for r in factory.engines[0].requests}
+    assert got == {1: StructuredOutputs(regex="maybe"), 2: StructuredOutputs(choice=("x", "y"))}
+    out = [json.loads(line) for line in (tmp_path / "out" / "j.jsonl").read_text().splitlines()]
+    assert out[0]["error_kind"] == "bad_constraint" and "sets a constraint twice" in out[0]["error"]
+
+
 def test_a_schema_file_is_read_relative_to_the_job_file(tmp_path: Path) -> None:
     (tmp_path / "schemas").mkdir()
     (tmp_path / "schemas" / "a.json").write_text(json.dumps(SCHEMA))
