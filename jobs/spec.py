@@ -64,7 +64,7 @@ class PromptSpec:
     column: str | None = setting(None, "one user message per row; unset: column 'prompt'")
     messages_column: str | None = setting(None, "a list of {role, content} messages per row")
     template: str | None = setting(None, "a user message with {column} placeholders: 'Summarise: {text}'")
-    system: str | None = setting(None, "a system message before the row's messages")
+    system: str | None = setting(None, "a system message before the row's messages, unless they start with one")
     chat_template: bool = setting(True, "false: the raw text, no chat template")
     allow_special_tokens: bool = setting(
         False, "true: text in rows may become control tokens (unsafe with untrusted data)"
