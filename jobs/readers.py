@@ -1,9 +1,9 @@
 """Streaming readers: each yields `Row`s in input order with their index, never loading an input whole.
 
-Formats: Parquet (record batches), JSONL and OpenAI Batch JSONL (line by line, read_jsonl.py), Hugging Face
-datasets (read_hf.py). A row that cannot be read becomes a Row with an error; an input that cannot be opened at
-all raises InputError. There is one bad-row policy: a bad row is written as an error row and counted, and the
-job goes on (docs/bad-input.md).
+Formats: Parquet (record batches), Arrow IPC streams and files (read_arrow.py), JSONL and OpenAI Batch JSONL
+(line by line, read_jsonl.py), Hugging Face datasets (read_hf.py). A row that cannot be read becomes a Row with an
+error; an input that cannot be opened at all raises InputError. There is one bad-row policy: a bad row is written
+as an error row and counted, and the job goes on (docs/bad-input.md).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kvbatch.errors import SpecError
 
+from .read_arrow import open_arrow
 from .read_hf import open_hf
 from .read_jsonl import open_jsonl
 from .read_parquet import open_parquet
@@ -28,6 +29,8 @@ def open_reader(job: JobSpec, needed_columns: list[str]) -> Reader:
         reader = open_jsonl(path, job.input.max_line_bytes, openai=fmt == "openai")
     elif fmt == "parquet":
         reader = open_parquet(path, needed_columns, job.input.batch_rows)
+    elif fmt == "arrow":
+        reader = open_arrow(path, needed_columns, job.input.batch_rows)
     elif fmt == "hf":
         reader = open_hf(job.input.path, path, job.input.split, needed_columns, job.input.batch_rows)
     else:  # the spec's Literal makes this unreachable

@@ -36,9 +36,13 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 class InputSpec:
     """Where the rows come from."""
 
-    path: str = setting(doc="a .parquet or .jsonl file, a datasets folder, or a dataset name in the local HF cache",
-                        nonempty=True)  # fmt: skip
-    format: Literal["auto", "jsonl", "parquet", "hf", "openai"] = setting("auto", "auto: from the path's extension")
+    path: str = setting(
+        doc="a .parquet, .jsonl or .arrow file, a datasets folder, or a dataset name in the local HF cache",
+        nonempty=True,
+    )
+    format: Literal["auto", "jsonl", "parquet", "arrow", "hf", "openai"] = setting(
+        "auto", "auto: from the path's extension"
+    )
     split: str | None = setting(None, "datasets: which split of a DatasetDict")
     limit: int | None = setting(None, "read at most this many rows", min=0)
     max_line_bytes: int = setting(8 * MIB, "JSONL: longer lines become error rows", min=1)
@@ -452,6 +456,8 @@ def input_format(job: JobSpec) -> str:
         return "parquet"
     if path.suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
+    if path.suffix in (".arrow", ".feather", ".ipc"):
+        return "arrow"
     if path.is_dir():
         return "hf"
     if path.suffix:

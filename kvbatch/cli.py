@@ -146,7 +146,10 @@ def generate(
     input: Annotated[
         str,
         typer.Argument(
-            help="Input: .jsonl, .parquet, a datasets folder, or an OpenAI Batch .jsonl (with --input-format openai).",
+            help=(
+                "Input: .jsonl, .parquet, .arrow, a datasets folder, or an OpenAI Batch .jsonl "
+                "(with --input-format openai)."
+            ),
             show_default=False,
         ),
     ],
@@ -187,7 +190,7 @@ def generate(
         typer.Option("--format", help="arrow, parquet, jsonl, openai or hf (default: from the output's extension)."),
     ] = None,
     input_format: Annotated[
-        str | None, typer.Option(help="auto, jsonl, parquet, hf or openai (default: auto).")
+        str | None, typer.Option(help="auto, jsonl, parquet, arrow, hf or openai (default: auto).")
     ] = None,
     split: Annotated[
         str | None, typer.Option(help="The split of a datasets input that has several (input.split).")

@@ -244,3 +244,35 @@ def test_openai_batch_input(tmp_path: Path) -> None:
     assert rows[1].data["custom_id"] == "b"  # kept, so the error line still names the request
     assert rows[2].error.message == "row 2 (line 3): an OpenAI Batch request needs a non-empty string `custom_id`"
     assert "needs a `body` object" in rows[3].error.message
+
+
+def test_arrow_streams_and_ipc_files_are_read_in_batches_of_the_needed_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kvbatch's own `.arrow` output is an IPC stream, as `datasets` keeps its data; Feather v2 is an IPC file.
+    Either feeds a later job (a judge over generated texts), a batch of at most input.batch_rows rows at a time."""
+    table = pa.table({"id": list(range(10)), "text": [f"answer {i}" for i in range(9)] + [None], "unused": [b"x"] * 10})
+    with pa.OSFile(str(tmp_path / "out.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=7)
+    with pa.OSFile(str(tmp_path / "out.feather"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=7)
+    from kvbatch.jobs import read_arrow
+
+    sizes: list[tuple[int, int]] = []  # (rows, columns) of each batch read
+    real = read_arrow.rows_of_batches
+    spy = lambda batches, *a: real(((sizes.append(b.shape), b)[1] for b in batches), *a)  # noqa: E731
+    monkeypatch.setattr(read_arrow, "rows_of_batches", spy)
+    for name, num_rows in (("out.arrow", None), ("out.feather", 10)):
+        sizes.clear()
+        reader = open_reader(job_for(tmp_path, name, batch_rows=3), ["id", "text"])
+        assert (reader.num_rows, reader.columns) == (num_rows, ["id", "text", "unused"])
+        rows = list(reader.rows)
+        assert [r.index for r in rows] == list(range(10))
+        assert [r.data for r in rows[:2]] == [{"id": 0, "text": "answer 0"}, {"id": 1, "text": "answer 1"}]
+        assert rows[9].data == {"id": 9, "text": None}
+        assert sizes == [(3, 2), (3, 2), (1, 2), (3, 2)]  # the writer's batches of 7 and 3, cut to batch_rows
+    with pytest.raises(SpecError, match=r"column 'prompt' not in out.arrow \(its columns: id, text, unused\)"):
+        open_reader(job_for(tmp_path, "out.arrow"), ["prompt"])
+    (tmp_path / "bad.arrow").write_bytes(b"not arrow at all")
+    with pytest.raises(InputError, match="cannot read Arrow file"):
+        open_reader(job_for(tmp_path, "bad.arrow"), ["prompt"])
