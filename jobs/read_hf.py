@@ -25,6 +25,12 @@ def _import_datasets():
 
 
 def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_rows: int) -> Reader:
+    if path.is_file():
+        raise SpecError(
+            f"input.format hf reads a datasets folder or a dataset name, and {path} is a file; leave input.format "
+            "to auto, or name the file's own format (arrow, parquet, jsonl)",
+            field="input.format",
+        )
     datasets = _import_datasets()
     if path.is_dir():
         try:

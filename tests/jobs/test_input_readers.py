@@ -273,6 +273,8 @@ def test_arrow_streams_and_ipc_files_are_read_in_batches_of_the_needed_columns(
         assert sizes == [(3, 2), (3, 2), (1, 2), (3, 2)]  # the writer's batches of 7 and 3, cut to batch_rows
     with pytest.raises(SpecError, match=r"column 'prompt' not in out.arrow \(its columns: id, text, unused\)"):
         open_reader(job_for(tmp_path, "out.arrow"), ["prompt"])
+    with pytest.raises(SpecError, match=r"input.format hf reads a datasets folder .* is a file; .* \(arrow, parquet"):
+        open_reader(job_for(tmp_path, "out.arrow", format="hf"), ["text"])
     (tmp_path / "bad.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(InputError, match="cannot read Arrow file"):
         open_reader(job_for(tmp_path, "bad.arrow"), ["prompt"])
