@@ -34,7 +34,12 @@ import lm_eval.models  # noqa: F401 - fills lm-eval's registry first: an empty o
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, postprocess_generated_text
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -200,7 +205,7 @@ class KVBatchLM(TemplateLM):
         stops: list[list[str]] = []
         for index, req in enumerate(requests):
             context, gen_kwargs = req.args
-            params, until = self._sampling(dict(gen_kwargs), eos_text)
+            params, until = self._sampling(gen_kwargs, eos_text)
             # hf's room for the answer: the context is left-truncated to max_length - max_gen_toks tokens
             max_context = self.max_length - params.max_new_tokens
             if max_context <= 0:
@@ -220,15 +225,16 @@ class KVBatchLM(TemplateLM):
         return answers
 
     def _sampling(self, gen_kwargs: dict[str, Any], eos_text: str) -> tuple[SamplingParams, list[str]]:
-        until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
-        max_new = gen_kwargs.pop("max_gen_toks", None) or gen_kwargs.pop("max_new_tokens", None) or self.max_gen_toks
-        do_sample = gen_kwargs.pop("do_sample", None)
-        temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
-        if do_sample is False:
-            temperature = 0.0
-        settings = {k: gen_kwargs.pop(k) for k in list(gen_kwargs) if k in _SAMPLING_KWARGS}
-        if gen_kwargs:
-            logger.warning("kvbatch ignores these generation kwargs: %s", sorted(gen_kwargs))
+        # lm-eval's own reading, as its hf model's: a copy (the request's until stays as it was, which lm-eval's
+        # cache keys on), the max_gen_toks aliases, and do_sample against temperature.
+        kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+        max_new = kwargs.pop("max_gen_toks")
+        kwargs.pop("do_sample")
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING_KWARGS}
+        if kwargs:
+            logger.warning("kvbatch ignores these generation kwargs: %s", sorted(kwargs))
         params = SamplingParams(
             max_new_tokens=int(max_new),
             temperature=temperature,

@@ -111,3 +111,30 @@ def test_kvbatch_gives_the_metrics_of_hf(model_folder: Path, tmp_path: Path, mon
                 assert got_value == pytest.approx(want_value, abs=1e-4), task
                 if task == "kv_choice":
                     assert got_answer[1] == want_answer[1]  # is_greedy
+
+
+def test_generate_until_reads_gen_kwargs_as_hf_does_and_leaves_them(model_folder: Path, monkeypatch) -> None:
+    # lm-eval's cache keys a request on its arguments: a model that adds the EOS to the request's own `until`
+    # makes every cached run miss. max_tokens and max_completion_tokens are aliases of max_gen_toks.
+    import copy
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(3)
+    kwargs = [
+        {"until": ["w43"], "max_tokens": 3},
+        {"until": "w499", "max_completion_tokens": 5, "do_sample": False},
+        {"until": ["w7", "w8"], "max_new_tokens": 4, "temperature": 0.0},
+    ]
+    requests = [
+        Instance("generate_until", {}, (words(rng, 8), kw), idx=i, metadata=("t", i, 1)) for i, kw in enumerate(kwargs)
+    ]
+    asked = copy.deepcopy([r.args for r in requests])
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},device=cpu,max_length={MAX_LENGTH}")
+    want = hf.generate_until(copy.deepcopy(requests))
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},device=cpu,max_length={MAX_LENGTH}")
+    assert model.generate_until(requests) == want
+    assert [r.args for r in requests] == asked
+    assert len(want[1].split()) == 5  # max_completion_tokens held (not the default of 256 tokens)
