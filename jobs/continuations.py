@@ -12,8 +12,8 @@ so a word's leading space stays with the word, as the model saw it in training. 
 ends where the template hands over to the assistant, and each continuation is encoded alone as the answer text.
 
 A rolling row (`task: score_rolling`) is read as lm-eval's loglikelihood_rolling reads a text: raw (a chat
-template does not apply; messages are joined as without one), encoded without special tokens, its first window
-starting from the tokenizer's BOS, else its EOS.
+template does not apply; messages are joined as without one), encoded with the tokenizer's own special tokens as
+lm-eval's hf model encodes it, its first window starting from the tokenizer's BOS, else its EOS.
 """
 
 from __future__ import annotations
@@ -77,4 +77,8 @@ def encode_for_rolling(tokenizer: Any, prompt: Prompt) -> tuple[list[int], int] 
         return RowError(ErrorKind.TOKENIZE, message)
     text = prompt.text if prompt.text is not None else "\n\n".join(m["content"] for m in prompt.messages or [])
     split = not tokenizer.allow_special_tokens
-    return list(hf.encode(text, add_special_tokens=False, split_special_tokens=split)), prefix
+    # As lm-eval's hf model encodes it: with the tokenizer's own special tokens (a Llama tokenizer's BOS, which the
+    # first window then scores after the prefix), but for a text that spells the BOS itself where that is parsed.
+    bos_text = hf.bos_token if isinstance(hf.bos_token, str) else None
+    add = split or not bos_text or not text.startswith(bos_text)
+    return list(hf.encode(text, add_special_tokens=add, split_special_tokens=split)), prefix

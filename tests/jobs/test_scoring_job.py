@@ -103,13 +103,29 @@ def test_prompt_and_top_logprobs_columns(tmp_path: Path, model_folder: Path) -> 
         assert got["logprobs"] == pytest.approx([t[0]["logprob"] for t in got["top_logprobs"]], abs=1e-6)
 
 
+def _bos_folder(folder: Path) -> Path:
+    """The tiny model with a tokenizer that adds <s> to every text, as Llama's does."""
+    from tokenizers import processors
+
+    tokenizer = word_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf_reference("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "adds-bos"])
 def test_task_score_rolling_gives_lm_evals_loglikelihood_rolling(
-    tmp_path: Path, model_folder: Path, monkeypatch
+    tmp_path: Path, model_folder: Path, monkeypatch, bos: bool
 ) -> None:
     """Each row's text scored whole in windows of the 32-token context equals lm-eval's own `hf` model's
-    loglikelihood_rolling on the same folder with max_length 32 (texts of one token to four windows)."""
+    loglikelihood_rolling on the same folder with max_length 32 (texts of one token to four windows). A tokenizer
+    that adds a BOS gives it to the text, as lm-eval encodes it: its first window scores the BOS after the prefix."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
+
+    if bos:
+        model_folder = _bos_folder(tmp_path / "bos-model")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rng = random.Random(4)
@@ -126,7 +142,7 @@ def test_task_score_rolling_gives_lm_evals_loglikelihood_rolling(
     for text, got, logprob in zip(texts, out, want, strict=False):
         assert got["error"] is None and got["text"] is None and got["finish_reason"] == "stop"
         (score,) = got["scores"]
-        assert score["num_tokens"] == len(word_tokenizer().encode(text, add_special_tokens=False))
+        assert score["num_tokens"] == len(word_tokenizer().encode(text, add_special_tokens=False)) + bos
         assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
 
 
