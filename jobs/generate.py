@@ -74,7 +74,12 @@ def score(
         rows = [{"prompt": p} for p in prompts]
         task = "score_rolling"
     else:
-        rows = [{"prompt": p, "continuations": list(c)} for p, c in zip(prompts, continuations, strict=True)]
+        # A list or tuple of strings per prompt; anything else goes to the row as it is, whose check makes it that
+        # prompt's wrong_type (a bare string must not become a list of its characters).
+        rows = [
+            {"prompt": p, "continuations": list(c) if isinstance(c, (list, tuple)) else c}
+            for p, c in zip(prompts, continuations, strict=True)
+        ]
         task = "score"
     _, ordered = _run(rows, model, None, chat_template, engine, engines, task=task)
     return ordered if results else [None if row.error is not None else row.scores for row in ordered]

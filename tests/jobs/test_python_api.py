@@ -87,3 +87,7 @@ def test_score_gives_each_continuation_and_each_whole_text_its_logprob() -> None
         assert whole["num_tokens"] == len(want) and whole["logprob"] == pytest.approx(sum(want), abs=1e-4 * len(want))
     with pytest.raises(ValueError, match="3 prompts but 2 lists"):
         kvbatch.score(prompts, choices[:2], model="tiny")
+    # A bare string where a list belongs is that prompt's wrong_type, not a list of its characters.
+    bad = kvbatch.score(["w5 w6", "w7", "w8"], [" w9 w10", None, (" w11",)], model="tiny", results=True)
+    assert [r.error.kind if r.error else None for r in bad] == ["wrong_type", "missing_column", None]
+    assert "must be a non-empty list of non-empty strings" in bad[0].error.message
