@@ -49,8 +49,22 @@ def continuation_texts(row: Row, column: str) -> list[str] | RowError:
 
 def encode_for_scoring(
     tokenizer: Any, prompt: Prompt, prompt_ids: list[int], continuations: list[str]
-) -> tuple[list[int], list[list[int]]]:
+) -> tuple[list[int], list[list[int]]] | RowError:
     """(context ids, continuation ids). `tokenizer` is the job's PromptTokenizer, `prompt_ids` its encoding."""
+    ids = _encode_continuations(tokenizer, prompt, prompt_ids, continuations)
+    for text, tokens in zip(continuations, ids[1]):
+        if not tokens:  # lm-eval's split leaves it nothing: the context's last token took it in
+            return RowError(
+                ErrorKind.TOKENIZE,
+                f"continuation {text!r} has no tokens of its own: the tokenizer merges it into the prompt's last "
+                "token; end the prompt where a token ends (a word's leading space belongs to the continuation)",
+            )
+    return ids
+
+
+def _encode_continuations(
+    tokenizer: Any, prompt: Prompt, prompt_ids: list[int], continuations: list[str]
+) -> tuple[list[int], list[list[int]]]:
     raw = prompt.text if prompt.text is not None else None
     if raw is None and not tokenizer.use_chat_template:
         raw = "\n\n".join(m["content"] for m in prompt.messages or [])

@@ -119,7 +119,10 @@ class RowPipeline:
                 texts = continuation_texts(row, self.job.continuations_column)
                 if isinstance(texts, RowError):
                     return self._error_row(pending, texts)
-                ids, continuations = encode_for_scoring(self.tokenizer, prompt, ids, texts)
+                encoded = encode_for_scoring(self.tokenizer, prompt, ids, texts)
+                if isinstance(encoded, RowError):
+                    return self._error_row(pending, RowError(encoded.kind, f"{row.where}: {encoded.message}"))
+                ids, continuations = encoded
         except Exception as exc:  # noqa: BLE001 - a tokenizer or template that chokes on one row fails that row only
             log.warning("%s: the prompt could not be built or tokenized", row.where, exc_info=True)
             message = f"{row.where}: the prompt could not be built or tokenized ({type(exc).__name__}: {exc})"

@@ -91,3 +91,6 @@ def test_score_gives_each_continuation_and_each_whole_text_its_logprob() -> None
     bad = kvbatch.score(["w5 w6", "w7", "w8"], [" w9 w10", None, (" w11",)], model="tiny", results=True)
     assert [r.error.kind if r.error else None for r in bad] == ["wrong_type", "missing_column", None]
     assert "must be a non-empty list of non-empty strings" in bad[0].error.message
+    # Without its space, "w7" joins the prompt's last word ("w6w7" is one token), leaving the choice no tokens.
+    (merged,) = kvbatch.score(["w5 w6"], [["w7", " w8"]], model="tiny", results=True)
+    assert merged.error.kind == "tokenize" and "continuation 'w7' has no tokens of its own" in merged.error.message
