@@ -42,9 +42,7 @@ def generate(
     Returns each prompt's text (a list of texts with n > 1; None for a prompt that failed), or with
     `results=True` its `RowResult`: texts, finish_reasons, stop_reasons, token counts, error (kind and message).
     """
-    job, ordered = _run(
-        [{"prompt": p} for p in prompts], model, system, chat_template, engine, engines, sampling=sampling
-    )
+    job, ordered = _run(_prompt_rows(prompts), model, system, chat_template, engine, engines, sampling=sampling)
     if results:
         return ordered
     return [_texts(row, job.sampling.n) for row in ordered]
@@ -68,21 +66,31 @@ def score(
     one for the whole text); None for a prompt that failed. With `results=True` its `RowResult` (`scores`, `error`).
     chat_template: False (the default) reads prompts as raw text, as lm-eval does; see docs/scoring.md.
     """
-    if continuations is not None and len(continuations) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} lists of continuations")
+    rows = _prompt_rows(prompts)
     if continuations is None:
-        rows = [{"prompt": p} for p in prompts]
         task = "score_rolling"
     else:
+        if isinstance(continuations, str) or len(continuations) != len(prompts):
+            given = "a string" if isinstance(continuations, str) else f"{len(continuations)} lists"
+            raise ValueError(f"{len(prompts)} prompts but {given} of continuations; pass a list of strings per prompt")
         # A list or tuple of strings per prompt; anything else goes to the row as it is, whose check makes it that
         # prompt's wrong_type (a bare string must not become a list of its characters).
-        rows = [
-            {"prompt": p, "continuations": list(c) if isinstance(c, (list, tuple)) else c}
-            for p, c in zip(prompts, continuations, strict=True)
-        ]
+        for row, c in zip(rows, continuations, strict=True):
+            row["continuations"] = list(c) if isinstance(c, (list, tuple)) else c
         task = "score"
     _, ordered = _run(rows, model, None, chat_template, engine, engines, task=task)
     return ordered if results else [None if row.error is not None else row.scores for row in ordered]
+
+
+def _prompt_rows(prompts: Sequence[Any]) -> list[dict[str, Any]]:
+    """One row per prompt. Where any prompt is a list of messages, a string prompt becomes the one user message it
+    stands for (what the chat template, or the raw text, makes of it either way), so each prompt is read alike."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts is a string; pass a list of prompts (each a string or a list of messages)")
+    prompts = list(prompts)
+    if any(isinstance(p, list) for p in prompts):
+        return [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in prompts]
+    return [{"prompt": p} for p in prompts]
 
 
 def _run(
@@ -95,7 +103,7 @@ def _run(
     **fields: Any,
 ) -> tuple[JobSpec, list[RowResult]]:
     """The job of `fields` over `rows` (its input never opened), and the rows' results in order."""
-    messages = any(not isinstance(r["prompt"], str) for r in rows)
+    messages = any(isinstance(r["prompt"], list) for r in rows)
     job = job_from_dict(
         {
             "name": fields.get("task", "generate"),
@@ -108,7 +116,15 @@ def _run(
         }
     )  # fmt: skip
     eng, _ = (engines or _ENGINES).get(job)
-    pipeline = RowPipeline(job, eng.tokenizer, Layout(multi=job.sampling.n > 1, scores=job.is_scoring))
+    sampling = job.sampling
+    layout = Layout(
+        multi=sampling.n > 1,
+        logprobs=sampling.logprobs,
+        top_logprobs=sampling.top_logprobs > 0,
+        prompt_logprobs=sampling.prompt_logprobs,
+        scores=job.is_scoring,
+    )
+    pipeline = RowPipeline(job, eng.tokenizer, layout)
     done: dict[int, RowResult] = {}
     requests: list[GenerationRequest] = []
     for index, data in enumerate(rows):

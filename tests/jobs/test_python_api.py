@@ -54,6 +54,23 @@ def test_texts_are_in_prompt_order_and_match_a_job_row(tiny_engines: EngineCache
     assert texts[2] == reference.text
 
 
+def test_each_prompt_is_read_alone_and_what_was_asked_comes_back() -> None:
+    # A list of messages beside strings, or a None, made every string prompt an error; logprobs and top_logprobs
+    # were accepted and dropped; a bare string was read as one prompt per character.
+    alone = kvbatch.generate(["w5 w6", "w9"], model="tiny", max_new_tokens=3)
+    mixed = kvbatch.generate(["w5 w6", [{"role": "user", "content": "w9"}], None], model="tiny", max_new_tokens=3)
+    assert mixed[:2] == alone and mixed[2] is None
+    raw = kvbatch.generate(["w5 w6", None], model="tiny", chat_template=False, max_new_tokens=3, results=True)
+    assert raw[0].error is None and raw[1].error.kind == "empty_prompt"
+    (row,) = kvbatch.generate(["w5 w6"], model="tiny", max_new_tokens=3, logprobs=True, top_logprobs=2, results=True)
+    assert len(row.logprobs[0]) == 3 and [len(top) for top in row.top_logprobs[0]] == [2, 2, 2]
+    assert row.logprobs[0] == [top[0]["logprob"] for top in row.top_logprobs[0]]  # greedy: the chosen one leads
+    with pytest.raises(TypeError, match="prompts is a string; pass a list of prompts"):
+        kvbatch.generate("w5 w6", model="tiny")
+    with pytest.raises(ValueError, match="1 prompts but a string of continuations"):
+        kvbatch.score(["w5"], " w6", model="tiny")
+
+
 def test_score_gives_each_continuation_and_each_whole_text_its_logprob() -> None:
     """kvbatch.score against log_softmax of transformers' float32 logits: continuations after their prompt (a
     job's task score), and without continuations each text whole after the BOS (task score_rolling); a failed
