@@ -245,6 +245,15 @@ def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) ->
     for i, name in enumerate(names):
         if name in names[:i]:
             raise jobs_node.value[i].value["name"].error(f"duplicate job name {name!r}")
+    writers: dict[Path, str] = {}
+    for i, job in enumerate(jobs):
+        try:
+            target = output_path(job)
+        except SpecError:  # the job fails on its own, naming its output, when it runs
+            continue
+        if target in writers:  # the second would refuse to resume the first's output, or overwrite it
+            raise jobs_node.value[i].error(f"jobs {writers[target]!r} and {job.name!r} both write {target}")
+        writers[target] = job.name
     return JobsFile(str(path), tuple(jobs))
 
 

@@ -276,6 +276,13 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
             "jobs[1].name",
             "duplicate job name",
         ),
+        (  # two jobs, one output file: the second would refuse to resume the first's output, or overwrite it
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {path: o.jsonl}\n"
+            "  - name: b\n    input: {path: y.jsonl}\n    output: {path: o.jsonl}\n",
+            ":5",
+            "jobs[1]",
+            "jobs 'a' and 'b' both write",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {column: q, template: '{q}'}\n",
             ":4",
