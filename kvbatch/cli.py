@@ -403,8 +403,12 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise SpecError(f"expected KEY=VALUE, got {item!r}", field="--set")
-        # The job file's own loader: duplicate keys, tags and merge keys are refused here as they are there.
-        value = load_yaml(raw, f"--set {key.strip()}").plain() if raw.strip() else None
+        # The job file's own loader: duplicate keys, tags and merge keys are refused here as they are there. A value
+        # YAML reads as a comment alone ("###", "# Rules") is meant as that text, not as an empty mapping.
+        if raw.lstrip().startswith("#"):
+            value: Any = raw
+        else:
+            value = load_yaml(raw, f"--set {key.strip()}").plain() if raw.strip() else None
         if value is None:  # a field left out takes its default; an empty override would silently do nothing
             raise SpecError(f"--set {item!r} gives no value; leave the field out to keep its default", field="--set")
         overrides[key.strip()] = value

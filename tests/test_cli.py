@@ -295,6 +295,13 @@ def test_a_second_run_on_a_locked_output_exits_4(tmp_path: Path, monkeypatch: py
     assert invoke("run", jobs_file(tmp_path), "--job", "first").exit_code == 0  # free again
 
 
+def test_a_set_value_yaml_reads_as_a_comment_is_its_text(tmp_path: Path, recorder: Recorder) -> None:
+    # "# Rules: be brief" alone is a YAML comment: read as YAML it became an empty mapping.
+    result = invoke("run", jobs_file(tmp_path), "--set", "prompt.system=# Rules: be brief")
+    assert result.exit_code == 0, result.output
+    assert {job.prompt.system for job in recorder.calls[0][0]} == {"# Rules: be brief"}
+
+
 def test_generate_takes_set_under_its_options(tmp_path: Path, recorder: Recorder, monkeypatch) -> None:
     """--set reaches any job field from generate too; an option given explicitly wins over a --set of its field."""
     monkeypatch.chdir(tmp_path)
