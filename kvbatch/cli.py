@@ -209,7 +209,7 @@ def generate(
     """Run one job without a YAML file; --set reaches every job field (sampling.stop, sampling.n, engine.*...)."""
     _start_run(verbose, quiet)
     with _errors():
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".") or "generate"
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".-") or "generate"  # names start with [A-Za-z0-9_]
         data = {
             "name": name,
             "model": model,

@@ -190,6 +190,9 @@ def test_generate_defaults(tmp_path: Path, recorder: Recorder, monkeypatch: pyte
         base_dir=str(tmp_path),
     )
     assert recorder.calls == [([expected], False)]
+    # The job is named after the output file, as far as a job name may spell it.
+    assert invoke("generate", "in.jsonl", "-o", "-a b.jsonl").exit_code == 0
+    assert recorder.calls[-1][0][0].name == "a_b"
 
 
 @pytest.mark.parametrize(
