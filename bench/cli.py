@@ -19,7 +19,7 @@ import typer
 import yaml
 
 from kvbatch.bench.shapes import SHAPES
-from kvbatch.bench.workloads import Workload, make_workload
+from kvbatch.bench.workloads import WORKLOADS, Workload, make_workload
 
 if TYPE_CHECKING:  # torch, transformers and the engine load when a bench command runs, not with the CLI
     import torch
@@ -30,7 +30,19 @@ bench_app = typer.Typer(
     help="Benchmarks on random models of real shapes (see docs/benchmarks.md).", no_args_is_help=True
 )
 
-ShapeOpt = Annotated[str, typer.Option(help=f"Model shape: {', '.join(SHAPES)}.")]
+
+def _one_of(choices: tuple[str, ...]):
+    """An option callback: a value outside `choices` is a usage error (exit 2), not a traceback."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r} is none of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+ShapeOpt = Annotated[str, typer.Option(help=f"Model shape: {', '.join(SHAPES)}.", callback=_one_of(tuple(SHAPES)))]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Append the result lines to this file.")]
 
@@ -133,7 +145,7 @@ def _warm_up(engine: Engine, workload: str, vocab_size: int) -> None:
 def throughput(
     shape: ShapeOpt = "llama-1b",
     workload: Annotated[
-        str, typer.Option(help="a, b, c, prefix, chat, lora, json or score (bench/workloads.py).")
+        str, typer.Option(help=f"{', '.join(WORKLOADS)} (bench/workloads.py).", callback=_one_of(WORKLOADS))
     ] = "a",
     num_prompts: Annotated[int | None, typer.Option(min=1, help="Override the workload's prompt count.")] = None,
     compare: Annotated[

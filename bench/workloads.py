@@ -63,6 +63,9 @@ def _request(i: int, prompt: list[int], max_new_tokens: int, adapter: str | None
     return GenerationRequest(i, prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True), adapter)
 
 
+WORKLOADS = ("a", "b", "c", "prefix", "chat", "lora", "json", "score")
+
+
 def make_workload(name: str, vocab_size: int, num_prompts: int | None = None, seed: int = 0) -> Workload:
     rng = random.Random(seed)
 
@@ -87,7 +90,7 @@ def make_workload(name: str, vocab_size: int, num_prompts: int | None = None, se
     elif name in ("chat", "lora"):
         rows = [(tokens(rng.randint(20, 60)), 64) for _ in range(num_prompts or 128)]
     else:
-        raise ValueError(f"unknown workload {name!r}; choose a, b, c, prefix, chat, lora, json or score")
+        raise ValueError(f"unknown workload {name!r}; choose {', '.join(WORKLOADS)}")
     adapters = [f"lora{i % LORA_COUNT}" if name == "lora" else None for i in range(len(rows))]
     requests = [_request(i, prompt, out, a) for i, ((prompt, out), a) in enumerate(zip(rows, adapters))]
     if name == "json":

@@ -231,6 +231,11 @@ def test_throughput_engine_settings_are_checked_against_the_engine_config():
     for value, words in (("max_num_seq=4", "did you mean max_num_seqs"), ("max_num_seqs=0", "must be >= 1, got 0")):
         result = CliRunner().invoke(app, ["bench", "throughput", "--shape", "tiny", "--set", value])
         assert result.exit_code == 2 and words in result.output, result.output
+    # An unknown shape or workload is a usage error naming the choices, not a traceback.
+    bad = (("--shape", "nope", "'nope' is none of llama-1b"), ("--workload", "zz", "json, score"))
+    for option, value, words in bad:
+        result = CliRunner().invoke(app, ["bench", "throughput", "--shape", "tiny", option, value])
+        assert result.exit_code == 2 and words in result.output, result.output
     assert engine_settings(["policy=reserve", "kv_cache_gib=1", "cuda_graphs=false"]) == {
         "policy": "reserve", "kv_cache_gib": 1.0, "cuda_graphs": False,
     }  # fmt: skip
