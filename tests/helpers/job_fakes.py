@@ -21,7 +21,7 @@ SPECIALS = {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 0}
 class FakeTokenizer:
     chat_template = "fake"
     all_special_tokens = list(SPECIALS)
-    bos_token_id = None
+    bos_token, bos_token_id = None, None
     eos_token_id = SPECIALS["<|endoftext|>"]
 
     def __init__(self, chat_template: bool = True) -> None:
