@@ -37,7 +37,8 @@ class JobPlan:
     job: str
     num_rows: int = 0
     prompt_tokens: dict[str, float] = field(default_factory=dict)  # min, mean, p50, p90, max
-    max_new_tokens: int = 0
+    max_new_tokens: int = 0  # the most any row that runs may generate (a row's own sampling included)
+    scoring: bool = False  # task score or score_rolling: nothing is generated
     block_size: int = 0
     num_blocks: int = 0
     pool_tokens: int = 0
@@ -61,7 +62,8 @@ class JobPlan:
         if t:
             lines.append(
                 f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 "
-                f"{t['p90']:.0f}, max {t['max']:.0f}; up to {self.max_new_tokens} new tokens each"
+                f"{t['p90']:.0f}, max {t['max']:.0f}; "
+                + ("scored, nothing generated" if self.scoring else f"up to {self.max_new_tokens} new tokens each")
             )
         lines.append(
             f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; "
@@ -129,8 +131,11 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         max_model_len=sizing.max_model_len,
         max_num_seqs=sizing.max_num_seqs,
         samples_per_row=job.sampling.n,
+        scoring=job.is_scoring,
     )
     lengths: list[int] = []
+    new_tokens: list[int] = []  # what each row that runs may generate, and its samples: its own sampling's
+    samples: list[int] = []
     plan.prefix_cache = sizing.prefix_cache
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
     constraints = _Constraints(sizing)
@@ -158,6 +163,8 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                 error = constraints.error(request, row.where)
             if error is None:
                 lengths.append(len(ids))
+                new_tokens.append(0 if request.is_scoring else request.sampling.max_new_tokens)
+                samples.append(request.sampling.n)
                 if reuse is not None:
                     reuse.add(ids)
                 # a scoring row generates nothing, so nothing of it is cut
@@ -182,13 +189,14 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         # A row of n samples holds its prompt's blocks once (shared by the prefix cache, or copied per sample
         # without it) and n outputs: count what the samples hold apart.
         prompt = int(plan.prompt_tokens["p50"])
-        new = job.sampling.max_new_tokens
-        shared = plan.prefix_cache and job.sampling.n > 1
-        row_tokens = (prompt + new * job.sampling.n) if shared else (prompt + new) * job.sampling.n
-        blocks_per_row = max(1, math.ceil(min(capacity * job.sampling.n, row_tokens) / pool.block_size))
+        new, n = int(np.percentile(new_tokens, 50)), int(np.percentile(samples, 50))
+        plan.max_new_tokens, plan.samples_per_row = max(new_tokens), n
+        shared = plan.prefix_cache and n > 1
+        row_tokens = (prompt + new * n) if shared else (prompt + new) * n
+        blocks_per_row = max(1, math.ceil(min(capacity * n, row_tokens) / pool.block_size))
         plan.rows_at_once = pool.num_blocks // blocks_per_row
         if plan.max_num_seqs:
-            plan.rows_at_once = min(plan.rows_at_once, max(1, plan.max_num_seqs // job.sampling.n))
+            plan.rows_at_once = min(plan.rows_at_once, max(1, plan.max_num_seqs // n))
     return plan
 
 

@@ -71,6 +71,20 @@ def test_plan_of_rolling_scores_takes_texts_longer_than_the_context(tmp_path: Pa
     plan = plan_job(job(tmp_path, task="score_rolling"), EngineCache(fake_factory(max_model_len=200)))
     assert dict(plan.failures) == {"bad_json": 1, "missing_column": 1}
     assert plan.prompt_tokens["max"] == 400 and plan.truncated == 0
+    assert "scored, nothing generated" in plan.format() and "new tokens each" not in plan.format()
+
+
+def test_plan_sizes_rows_by_what_each_asks(tmp_path: Path) -> None:
+    # A row's own max_new_tokens (a sampling column, an OpenAI body's max_tokens) is what it may generate: the
+    # plan read the job's alone, and sized the pool and the truncation check by it.
+    rows = [{"prompt": "a" * 10, "s": {"max_new_tokens": n}} for n in (20, 60, 60, 180)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = job(tmp_path, sampling={"max_new_tokens": 8}, sampling_column="s")
+    plan = plan_job(spec, EngineCache(fake_factory(max_model_len=200)))
+    p50 = int(plan.prompt_tokens["p50"])
+    assert plan.max_new_tokens == 180 and "up to 180 new tokens each" in plan.format()
+    assert plan.rows_at_once == 100 // -(-(p50 + 60) // 16)  # the median row's 60, not the job's 8
+    assert plan.truncated == 1  # the row of 180
 
 
 def test_plan_predicts_duplicate_ids_and_missing_kept_columns_as_run_does(tmp_path: Path) -> None:
