@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from kvbatch.errors import InputError, OutputError
 
 from .arrow_io import read_arrow
+from .writer import work_dir
 
 
 @dataclass
@@ -45,6 +46,12 @@ class OutputReport:
 
 def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
     if not path.exists():
+        staged = work_dir(path)
+        if staged.is_dir():  # a run that has not finished: its committed rows wait in parts until it does
+            raise InputError(
+                f"no such output yet: {path}; a run that has not finished keeps its committed rows in {staged}/ "
+                "and writes the output when it completes (rerun the job to finish it)"
+            )
         raise InputError(f"no such output: {path}")
     suffix = path.suffix
     try:

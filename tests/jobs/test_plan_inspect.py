@@ -185,6 +185,9 @@ def test_inspect_openai_output(tmp_path: Path) -> None:
 def test_inspect_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such output"):
         inspect_output(tmp_path / "nope.arrow")
+    (tmp_path / ".partial.arrow.kvbatch").mkdir()  # a run not finished: its parts, no output yet
+    with pytest.raises(InputError, match=r"no such output yet: .*partial.arrow; a run that has not finished keeps"):
+        inspect_output(tmp_path / "partial.arrow")
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(InputError, match="cannot tell the format of x.csv"):
         inspect_output(tmp_path / "x.csv")
