@@ -70,3 +70,13 @@ def test_link_and_anchor_rules_on_known_text(tmp_path: Path) -> None:
     )
     assert relative_links(page) == ["x.md", "#cpu-the-real-smollm2-10000-rows"]
     assert anchors(page) == {"cpu-the-real-smollm2-10000-rows"}
+
+
+def test_every_error_kind_is_documented() -> None:
+    # The output's error_kind column and the bad-input catalogue name every kind a row can fail with.
+    from kvbatch.errors import ErrorKind
+
+    outputs, catalogue = (ROOT / "docs" / "outputs.md").read_text(), (ROOT / "docs" / "bad-input.md").read_text()
+    column = next(line for line in outputs.splitlines() if line.startswith("| `error_kind` |"))
+    assert [k.value for k in ErrorKind if f"`{k.value}`" not in column] == []
+    assert [k.value for k in ErrorKind if f"| `{k.value}` |" not in catalogue] == []
