@@ -330,6 +330,8 @@ def validate(job: JobSpec, node: Node) -> None:
         )
     if job.input is None:
         raise node.error("missing required field 'input'")
+    if job.input.split is not None and input_format(job) != "hf":  # else it would be ignored without a word
+        raise at("input", "split").error(f"a split is for a datasets input, not a {input_format(job)} one")
     chosen = [k for k in ("column", "messages_column", "template") if getattr(job.prompt, k) is not None]
     if len(chosen) > 1:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")

@@ -32,8 +32,8 @@ jobs:
   - name: full
     model: /models/tiny
     input:
-      path: data/in.jsonl
-      format: jsonl
+      path: data/in
+      format: hf
       split: train
       limit: 10
       max_line_bytes: 4096
@@ -108,7 +108,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
     assert job == JobSpec(
         name="full",
         model="/models/tiny",
-        input=InputSpec("data/in.jsonl", "jsonl", "train", 10, 4096, 8),
+        input=InputSpec("data/in", "hf", "train", 10, 4096, 8),
         prompt=PromptSpec(column="question", system="Be brief.", chat_template=False, allow_special_tokens=True),
         id_column="id",
         keep_columns=("topic", "level"),
@@ -275,6 +275,12 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
             ":4",
             "jobs[1].name",
             "duplicate job name",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl, split: test}\n",
+            ":3",
+            "jobs[0].input.split",
+            "a split is for a datasets input, not a jsonl one",
         ),
         (  # two jobs, one output file: the second would refuse to resume the first's output, or overwrite it
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {path: o.jsonl}\n"
