@@ -445,8 +445,12 @@ def _check_chat_template_file(path: Path, node: Node) -> None:
     from jinja2 import TemplateSyntaxError
     from transformers.utils import chat_template_utils
 
+    # transformers' own compile (its sandbox, its {% generation %} tag); a version without it checks per row.
+    compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)
+    if compile_template is None:
+        return
     try:
-        chat_template_utils._compile_jinja_template(text)
+        compile_template(text)
     except TemplateSyntaxError as exc:
         raise node.error(f"{path}, line {exc.lineno}: {exc.message}") from None
 
