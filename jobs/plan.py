@@ -58,7 +58,7 @@ class JobPlan:
 
     def format(self) -> str:
         t = self.prompt_tokens
-        lines = [f"job {self.job}: {self.num_rows} row{'' if self.num_rows == 1 else 's'}"]
+        lines = [f"job {self.job}: {_rows(self.num_rows)}"]
         if t:
             lines.append(
                 f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 "
@@ -92,7 +92,7 @@ class JobPlan:
             )
             for text, rows, seconds in self.constraints[:MAX_LISTED_CONSTRAINTS]:
                 took = "bad" if seconds is None else f"{seconds * 1000:.1f} ms"
-                lines.append(f"    {rows} row{'' if rows == 1 else 's'}, {took}: {text}")
+                lines.append(f"    {_rows(rows)}, {took}: {text}")
         if self.adapters:
             usable = [name for name, problem in self.adapters.items() if problem is None]
             lines.append(
@@ -101,18 +101,22 @@ class JobPlan:
             )
         if self.truncated:
             lines.append(
-                f"  truncated       {self.truncated} rows leave fewer than max_new_tokens of context and may stop "
-                "at 'length'"
+                f"  truncated       {_rows(self.truncated)} leave{'s' if self.truncated == 1 else ''} fewer than "
+                "max_new_tokens of context and may stop at 'length'"
             )
         if self.failures:
             lines.append(
-                f"  will fail       {sum(self.failures.values())} rows: "
+                f"  will fail       {_rows(sum(self.failures.values()))}: "
                 + ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items()))
             )
             lines += [f"    {m}" for m in self.failure_examples]
         else:
             lines.append("  will fail       none")
         return "\n".join(lines)
+
+
+def _rows(count: int) -> str:
+    return f"{count} row{'' if count == 1 else 's'}"
 
 
 def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:

@@ -264,7 +264,7 @@ def test_plan_and_inspect_print_their_reports(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(cli, "EngineCache", lambda: EngineCache(fake_factory()))
     result = invoke("plan", jobs_file(tmp_path), "--job", "first")
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("job first: 2 rows\n") and "will fail       1 rows: empty_prompt 1" in result.stdout
+    assert result.stdout.startswith("job first: 2 rows\n") and "will fail       1 row: empty_prompt 1" in result.stdout
     monkeypatch.setattr(
         cli,
         "run_jobs",
