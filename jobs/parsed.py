@@ -8,12 +8,14 @@ Its type comes from the job's JSON schema, once, so every part of the output has
     "string" / "integer" / "number" / "boolean"     string / int64 / float64 / bool
     an enum or const of one of those types          that type
     ["T", "null"]                                   T (nulls are nulls)
-    anything else (anyOf, $ref, additional          string: the value as compact JSON text
-    properties, an empty object, deep nesting)
+    anything else (anyOf, $ref, keys beyond the     string: the value as compact JSON text, each number
+    properties, a tuple, an empty object, deep      with the digits it was written with
+    nesting)
 
-A row gets a value only when its sample ended with `stop` (a constrained row that stops is complete JSON); a row cut
-at `length`, an error row, or a value its type cannot hold (an integer past int64) gets null, and its `text` keeps
-the output as generated.
+A row gets a value only when its constraint is JSON (json or json_object) and its sample ended with `stop` (a
+constrained row that stops is complete JSON); a row cut at `length`, an error row, a row under a regex, choice or
+grammar, or a value its type cannot hold (an integer past int64) gets null, and its `text` keeps the output as
+generated.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
@@ -32,7 +35,15 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 
 def _as_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON text of a parsed value. Numbers were parsed as Decimal, so each keeps its digits: a float would
+    turn 1e400 into Infinity (not JSON) and round 0.1000000000000000000001."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=False)}:{_as_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_as_text(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _string(value: Any) -> str:
@@ -50,7 +61,7 @@ def _integer(value: Any) -> int:
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
     return float(value)
 
@@ -82,8 +93,8 @@ def _json_type(schema: dict) -> str | None:
     if isinstance(kind, list):
         names = [k for k in kind if k != "null"]
         kind = names[0] if len(names) == 1 else None
-    if kind is None and ("enum" in schema or "const" in schema):
-        values = schema["enum"] if "enum" in schema else [schema["const"]]
+    if kind is None and (isinstance(schema.get("enum"), list) or "const" in schema):
+        values = schema["enum"] if isinstance(schema.get("enum"), list) else [schema["const"]]
         kinds = {_value_type(v) for v in values if v is not None}
         kind = kinds.pop() if len(kinds) == 1 else None
     return kind if isinstance(kind, str) else None
@@ -109,7 +120,7 @@ def _arrow(schema: Any, depth: int = 0) -> tuple[pa.DataType, Convert]:
     if kind in _SCALARS:
         arrow_type, convert = _SCALARS[kind]
         return arrow_type, _nullable(convert)
-    if kind == "array" and isinstance(schema.get("items"), dict):
+    if kind == "array" and isinstance(schema.get("items"), dict) and "prefixItems" not in schema:  # no tuples
         item_type, convert_item = _arrow(schema["items"], depth + 1)
 
         def convert_list(value: Any) -> list:
@@ -119,7 +130,7 @@ def _arrow(schema: Any, depth: int = 0) -> tuple[pa.DataType, Convert]:
 
         return pa.list_(item_type), _nullable(convert_list)
     properties = schema.get("properties")
-    if kind == "object" and isinstance(properties, dict) and properties and not schema.get("additionalProperties"):
+    if kind == "object" and isinstance(properties, dict) and properties and _closed(schema):
         children = {name: _arrow(sub, depth + 1) for name, sub in properties.items()}
         struct = pa.struct([pa.field(name, arrow_type) for name, (arrow_type, _) in children.items()])
 
@@ -130,6 +141,17 @@ def _arrow(schema: Any, depth: int = 0) -> tuple[pa.DataType, Convert]:
 
         return struct, _nullable(convert_object)
     return _TEXT
+
+
+def _closed(schema: dict) -> bool:
+    """No keys beyond `properties` can appear: a struct of them holds the whole value. Extra keys are allowed by
+    any additionalProperties or unevaluatedProperties but false (`{}` is any value), and by patternProperties;
+    the grammar engine allows none where the schema says nothing."""
+    return (
+        schema.get("additionalProperties", False) is False
+        and schema.get("unevaluatedProperties", False) is False
+        and not schema.get("patternProperties")
+    )
 
 
 @dataclass(frozen=True)
@@ -149,6 +171,6 @@ class ParsedColumn:
         if text is None or finish_reason != "stop":
             return None
         try:
-            return self.convert(json.loads(text))
+            return self.convert(json.loads(text, parse_float=Decimal))
         except (ValueError, TypeError, OverflowError, RecursionError):  # text keeps what the model wrote
             return None

@@ -71,10 +71,28 @@ def test_an_object_schema_becomes_a_struct_of_its_properties() -> None:
         ({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": True}, pa.string()),
         ({"type": "object"}, pa.string()),  # no properties: JSON text (Parquet holds no empty struct)
         ({"$ref": "#/$defs/x", "$defs": {"x": {"type": "string"}}}, pa.string()),
+        # Keys beyond the properties may appear: a struct of the properties would drop them.
+        ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {}}, pa.string()),
+        ({"type": "object", "properties": {"a": {"type": "integer"}}, "unevaluatedProperties": {}}, pa.string()),
+        ({"type": "object", "properties": {"a": {}}, "patternProperties": {"^x": {}}}, pa.string()),
+        # A tuple: its first item is no string, so a list of the rest's type would null every row.
+        ({"type": "array", "prefixItems": [{"type": "integer"}], "items": {"type": "string"}}, pa.string()),
+        ({"type": "object", "properties": {"a": {"enum": 5}}}, pa.struct([("a", pa.string())])),  # a bad enum
     ],
 )
 def test_schemas_without_one_arrow_shape_fall_back_to_json_text(schema, arrow_type) -> None:
     assert ParsedColumn.for_schema(json.dumps(schema)).type == arrow_type
+
+
+def test_json_text_keeps_every_value_as_written() -> None:
+    # Extra keys kept; a number keeps its digits (as a float, 1e400 became "Infinity", which is not JSON).
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {}}
+    assert ParsedColumn.for_schema(json.dumps(schema)).value('{"a":1,"b":2}', "stop") == '{"a":1,"b":2}'
+    text = '{"x":1e400,"y":0.1000000000000000000001,"z":[-0.0,2,"é"]}'
+    value = ParsedColumn.for_schema(None).value(text, "stop")
+    assert json.loads(value, parse_float=str) == json.loads(text.replace("1e400", "1E+400"), parse_float=str)
+    number = ParsedColumn.for_schema(json.dumps({"type": "number"}))
+    assert number.value("0.25", "stop") == 0.25 and number.value("3", "stop") == 3.0
 
 
 def test_rows_that_did_not_stop_or_do_not_fit_get_null() -> None:
