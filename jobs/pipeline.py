@@ -56,6 +56,7 @@ class _Pending:
     id: Any
     kept: dict[str, Any]
     adapter: str | None = None
+    json_output: bool = False  # its constraint is json or json_object: its output may fill `parsed`
 
 
 class RowPipeline:
@@ -163,6 +164,8 @@ class RowPipeline:
         if isinstance(adapter, RowError):
             return self._error_row(pending, adapter)
         pending.adapter = adapter
+        constraint = params.structured_outputs
+        pending.json_output = constraint is not None and (constraint.json is not None or constraint.json_object)
         self.pending[row.index] = pending
         return GenerationRequest(
             row.index, ids, params, continuations=continuations, rolling_prefix=rolling_prefix, adapter=adapter
@@ -235,6 +238,7 @@ class RowPipeline:
             top_logprobs=self._top_logprobs(completions) if self.layout.top_logprobs else None,
             prompt_logprobs=result.prompt_logprobs,
             scores=[score_struct(s) for s in result.scores] if scored else None,
+            json_output=pending.json_output,
         )
 
     def _top_logprobs(self, completions: list) -> list[list[list[dict[str, Any]]]] | None:

@@ -56,6 +56,7 @@ class RowResult:
     prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
     scores: list[dict[str, Any]] | None = None  # task score: a SCORE struct per continuation
     reasonings: list[str | None] | None = None  # per sample: the thinking text split off `texts` (jobs/reasoning.py)
+    json_output: bool = False  # generated under a json or json_object constraint: only such a row fills `parsed`
 
     @property
     def finish_reason(self) -> str:
@@ -163,6 +164,8 @@ class Layout:
 
 
 def _parsed_values(layout: Layout, result: RowResult) -> Any:
+    if not result.json_output:  # a regex, choice or grammar row's text may read as JSON by chance
+        return None
     values = [layout.parsed.value(t, f) for t, f in zip(result.texts, result.finish_reasons)]
     if layout.multi:
         return values or None

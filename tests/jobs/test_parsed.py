@@ -109,12 +109,14 @@ def test_each_sample_is_parsed_in_a_multi_sample_output() -> None:
     column = ParsedColumn.for_schema(json.dumps({"type": "array", "items": {"type": "boolean"}}))
     layout = Layout(multi=True, parsed=column)
     rows = [
-        RowResult(0, texts=["[true]", "[false, tru"], finish_reasons=["stop", "length"]),
+        RowResult(0, texts=["[true]", "[false, tru"], finish_reasons=["stop", "length"], json_output=True),
         RowResult(1),  # an error row
+        # A row under a regex (a job of per-row constraints) whose text reads as JSON by chance: not parsed.
+        RowResult(2, texts=["[true]"], finish_reasons=["stop"], json_output=False),
     ]
     table = layout.to_table(rows)
     assert table.schema.field("parsed").type == pa.list_(pa.list_(pa.bool_()))
-    assert table.column("parsed").to_pylist() == [[[True], None], None]
+    assert table.column("parsed").to_pylist() == [[[True], None], None, None]
 
 
 def _job(tmp_path: Path, **fields) -> object:
