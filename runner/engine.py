@@ -325,6 +325,7 @@ class Engine:
         for name, asked in (
             ("logit_bias", [t for t, _ in params.logit_bias]),
             ("allowed_token_ids", params.allowed_token_ids),
+            ("stop_token_ids", params.stop_token_ids),  # min_tokens bans them by index
         ):
             outside = [t for t in asked if t >= vocab][:5]
             if outside:
@@ -451,7 +452,8 @@ class Engine:
         if request.rolling_prefix is not None:
             return self._add_rolling(scheduler, request)
         params = request.sampling
-        state = _RequestState(request, logits_info=row_logits(params, self.tokenizer, self.loaded.eos_token_ids))
+        logits_info = row_logits(params, self.tokenizer, self.loaded.eos_token_ids, self.vocab_size)
+        state = _RequestState(request, logits_info=logits_info)
         max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
         request_seed = params.seed if params.seed is not None else seed_base ^ _stable_hash(request.request_id)
         prompt = request.prompt_token_ids

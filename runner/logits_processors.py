@@ -39,11 +39,15 @@ class Row(Protocol):
     logits_info: RowLogits | None
 
 
-def row_logits(params: SamplingParams, tokenizer: Any, eos_token_ids: tuple[int, ...]) -> RowLogits | None:
+def row_logits(
+    params: SamplingParams, tokenizer: Any, eos_token_ids: tuple[int, ...], vocab_size: int
+) -> RowLogits | None:
     if not (params.min_tokens or params.bad_words):
         return None
     stop_ids = tuple(sorted(set(eos_token_ids) | set(params.stop_token_ids)))  # vLLM masks EOS even with ignore_eos
-    return RowLogits(stop_ids, bad_words_token_ids(params.bad_words, tokenizer))
+    # A tokenizer may know more tokens than the model writes: a word spelled with one of those needs no ban.
+    words = tuple(w for w in bad_words_token_ids(params.bad_words, tokenizer) if max(w) < vocab_size)
+    return RowLogits(stop_ids, words)
 
 
 def bad_words_token_ids(bad_words: tuple[str, ...], tokenizer: Any) -> tuple[tuple[int, ...], ...]:

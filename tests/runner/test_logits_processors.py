@@ -211,11 +211,25 @@ def test_token_ids_outside_the_vocabulary_fail_their_row_only(models, prompts) -
         GenerationRequest(0, prompts[0], SamplingParams(max_new_tokens=3, logit_bias={VOCAB_SIZE: 1.0})),
         GenerationRequest(1, prompts[1], SamplingParams(max_new_tokens=3, allowed_token_ids=(5, VOCAB_SIZE + 3))),
         GenerationRequest(2, prompts[2], SamplingParams(max_new_tokens=3)),
+        # min_tokens bans its stop ids by index: an id past the vocabulary failed the step, costing its rows a rerun
+        GenerationRequest(3, prompts[0], SamplingParams(max_new_tokens=3, min_tokens=2, stop_token_ids=(VOCAB_SIZE,))),
     ]
     results = {r.request_id: r for r in engine.generate(requests)}
-    assert results[0].error_kind == results[1].error_kind == ErrorKind.BAD_REQUEST
+    assert results[0].error_kind == results[1].error_kind == results[3].error_kind == ErrorKind.BAD_REQUEST
     assert "logit_bias" in results[0].error and "allowed_token_ids" in results[1].error
+    assert "stop_token_ids holds token ids outside the vocabulary" in results[3].error
     assert results[2].error is None and len(results[2].completions[0].token_ids) == 3
+    assert engine.stats.num_failed_steps == 0
+
+
+def test_a_bad_word_the_model_cannot_write_needs_no_ban() -> None:
+    # The tokenizer may know more tokens than the model's vocabulary; banning one of those indexed past the logits.
+    from tiny_models import word_tokenizer
+
+    from kvbatch.runner.logits_processors import row_logits
+
+    info = row_logits(SamplingParams(bad_words=("w400", "w5 w6")), word_tokenizer(), (EOS_ID,), vocab_size=300)
+    assert info.bad_words_ids == ((5, 6),)
 
 
 def test_stop_strings_under_min_tokens_and_include_stop_str(models, prompts, plain) -> None:
