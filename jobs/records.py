@@ -188,7 +188,11 @@ MAX_NESTING = 32
 
 def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
     """Input values as Arrow: the input's own type when known, else inferred; values the parts cannot hold as they
-    are (mixed types, very deep nesting) fall back to JSON text."""
+    are (mixed types, very deep nesting) fall back to JSON text. So do mappings and lists of a schema-less input
+    (JSONL): a struct inferred from them holds every key of any row (each row reads back with the others' keys as
+    nulls), and parts written apart (a Ray run's blocks) would infer structs that no one schema joins."""
+    if known is None and any(isinstance(v, (dict, list)) for v in values):
+        return _as_text(values)
     for kind in ([known] if known is not None else []) + [None]:
         try:
             array = pa.array(values, kind)
@@ -196,6 +200,11 @@ def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
             continue
         if max(depth for _, depth in nested_types(array.type)) <= MAX_NESTING:
             return array
+    return _as_text(values)
+
+
+def _as_text(values: list[Any]) -> pa.Array:
+    """Strings as they are, other values as JSON text."""
     return pa.array(
         [None if v is None else v if isinstance(v, str) else json_text.dumps(v, default=str) for v in values],
         pa.string(),

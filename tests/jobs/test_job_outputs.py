@@ -193,8 +193,18 @@ def test_kept_values_no_format_holds_become_json_text(tmp_path: Path) -> None:
         assert summary.rows_ok == 2
     rows = pq.read_table(tmp_path / "out" / "res.parquet").to_pylist()
     assert [r["meta"] for r in rows] == ["{}", "{}"] and rows[0]["k"] is None and json.loads(rows[1]["k"]) == deep
-    arrow_rows = read_arrow(tmp_path / "out" / "res.arrow").to_pylist()  # Arrow holds {} as it is
-    assert [r["meta"] for r in arrow_rows] == [{}, {}] and [r["k"] for r in arrow_rows] == [r["k"] for r in rows]
+    arrow_rows = read_arrow(tmp_path / "out" / "res.arrow").to_pylist()
+    assert [r["meta"] for r in arrow_rows] == ["{}", "{}"] and [r["k"] for r in arrow_rows] == [r["k"] for r in rows]
+
+
+def test_kept_mappings_and_lists_of_jsonl_rows_keep_their_keys_as_json_text(tmp_path: Path) -> None:
+    # A struct inferred from {"n": 2} and {"bogus": 1} gave each row the other's key as null; parts written apart
+    # (a Ray run's blocks) inferred structs that no one schema joins, so the parts folder did not read.
+    meta = [{"n": 2}, {"bogus": 1}, [1, "x"], None, "plain"]
+    write_lines(tmp_path / "in.jsonl", [{"prompt": f"p{i}", "meta": m} for i, m in enumerate(meta)])
+    run(tmp_path, input={"path": "in.jsonl"}, keep_columns=["meta"], output={"path": "res.parquet"})
+    kept = [r["meta"] for r in pq.read_table(tmp_path / "out" / "res.parquet").to_pylist()]
+    assert kept == ['{"n": 2}', '{"bogus": 1}', '[1, "x"]', None, "plain"]
 
 
 def test_parquet_input_keeps_column_types(tmp_path: Path) -> None:
