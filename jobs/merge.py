@@ -32,6 +32,7 @@ from .atomic import atomic_file
 from .lock import OutputLock
 from .manifest import INPUT_KEY, Manifest
 from .shard import Shard, split_shard_name
+from .spec import describe_changes
 from .summary import RunCounts, Summary, build_summary, summary_path
 from .writer import work_dir
 
@@ -168,9 +169,16 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
     first = sources[0]
     for s in sources[1:]:
         if s.manifest.spec_hash != first.manifest.spec_hash:
+            # What changed, as a refused resume says it (the input is compared on its own below).
+            changes = describe_changes(
+                {k: v for k, v in first.manifest.fingerprint.items() if k != INPUT_KEY},
+                {k: v for k, v in s.manifest.fingerprint.items() if k != INPUT_KEY},
+            )
             problems.append(
                 f"{s.path.name}: written by another job spec than {first.path.name} (spec hash "
-                f"{s.manifest.spec_hash} != {first.manifest.spec_hash})"
+                f"{s.manifest.spec_hash} != {first.manifest.spec_hash}"
+                + (f"; {', '.join(changes)}" if changes else "")
+                + ")"
             )
         if s.manifest.fingerprint.get(INPUT_KEY) != first.manifest.fingerprint.get(INPUT_KEY):
             problems.append(

@@ -108,10 +108,11 @@ def _write_shard(
     spec_hash: str = "h1",
     skip: int | None = None,
     input_sha: str = "aa",
+    model: str = "m",
 ) -> Path:
     path = shard.output_path(out)
     manifest = Manifest(
-        "job", spec_hash, {"model": "m", INPUT_KEY: {"bytes": 10, "head_sha256": input_sha}}, path.name, fmt
+        "job", spec_hash, {"model": model, INPUT_KEY: {"bytes": 10, "head_sha256": input_sha}}, path.name, fmt
     )
     with ShardWriter(path, fmt, LAYOUT, manifest, shard=shard, part_rows=2) as writer:
         for row in reversed(shard.rows(num_rows)):  # any order in; input order out
@@ -181,12 +182,13 @@ def test_shard_writer_refuses_a_shard_with_rows_missing(tmp_path):
 def test_merge_lists_missing_unfinished_and_foreign_shards(tmp_path):
     out = tmp_path / "answers.arrow"
     _write_shard(out, Shard(0, 4))
-    _write_shard(out, Shard(1, 4), spec_hash="other")
+    _write_shard(out, Shard(1, 4), spec_hash="other", model="m2")
     _write_shard(out, Shard(2, 4), skip=6)  # interrupted: never finalized
     with pytest.raises(MergeError) as info:
         merge_shards(out)
     message = str(info.value)
     assert "answers.shard-0001-of-0004.arrow: written by another job spec" in message
+    assert "(spec hash other != h1; model: 'm' -> 'm2')" in message  # what changed, as a refused resume says
     assert "answers.shard-0002-of-0004.arrow: unfinished (1 rows committed); rerun shard 2/4" in message
     assert "missing: answers.shard-0003-of-0004.arrow (shard 3/4)" in message
     assert not out.exists()
