@@ -151,8 +151,16 @@ def _write_jsonl(f: BinaryIO, table: pa.Table, order: np.ndarray, fmt: str, mode
             line: dict[str, Any] = (
                 output_line(record, model, created, id_column or "custom_id") if fmt == "openai" else record
             )
-            f.write(json_text.dumps(line, ensure_ascii=False, default=str).encode())
+            f.write(json_text.dumps(line, ensure_ascii=False, default=_jsonable).encode())
             f.write(b"\n")
+
+
+def _jsonable(value: Any) -> Any:
+    """What JSON has no type for: bytes (a top_logprobs token's) as their integers, as OpenAI's `bytes` are; the
+    rest (dates, decimals) as text."""
+    if isinstance(value, bytes):
+        return list(value)
+    return str(value)
 
 
 def count_by(table: pa.Table, column: str) -> dict[str, int]:

@@ -388,3 +388,17 @@ def test_rows_stream_through_a_bounded_window(tmp_path: Path, monkeypatch: pytes
     assert summary.rows == 100 and len(read_when_asked) == 100
     assert max(read - i for i, read in enumerate(read_when_asked)) <= 8  # never more than one window ahead
     assert read_when_asked[0] == 8  # the first window is read, sorted, and handed over before row 9 is read
+
+
+def test_jsonl_output_writes_token_bytes_as_integers(tmp_path: Path) -> None:
+    # A top_logprobs token's bytes were written as Python's repr ("b'The'"), lossy for part of a character.
+    import numpy as np
+
+    from kvbatch.jobs.assemble import write_output
+    from kvbatch.jobs.records import TOP_LOGPROB
+
+    top = [[{"token_id": 1, "token": "\ufffd", "bytes": b"\xe2\x80", "logprob": -0.5}]]
+    table = pa.table({"row": [0], "top_logprobs": pa.array([top], pa.list_(pa.list_(TOP_LOGPROB)))})
+    write_output(table, np.array([0]), tmp_path / "o.jsonl", "jsonl", {})
+    (line,) = (tmp_path / "o.jsonl").read_text().splitlines()
+    assert json.loads(line)["top_logprobs"][0][0]["bytes"] == [0xE2, 0x80]
