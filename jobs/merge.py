@@ -260,9 +260,19 @@ def _merge_tables(sources: list[_Source], output: Path, target: Shard, num_input
         raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
     table = unify(tables)
     order = np.argsort(table.column("row").to_numpy(), kind="stable")
-    metadata = dict(tables[0].schema.metadata or {})
+    metadata = _merged_metadata(tables[0].schema.metadata or {}, target)
     num_bytes = write_output(table, order, output, sources[0].manifest.format, metadata)
     return num_bytes, (count_by(table, "finish_reason"), count_by(table, "error_kind"))
+
+
+def _merged_metadata(first: dict[bytes, bytes], target: Shard) -> dict[bytes, bytes]:
+    """The first shard's provenance, as the merged output's: its job names the target, not the first shard."""
+    metadata = dict(first)
+    if b"kvbatch.job" in metadata:
+        job = json.loads(metadata[b"kvbatch.job"])
+        job.setdefault("parallel", {})["shard"] = None if target == WHOLE else str(target)
+        metadata[b"kvbatch.job"] = json.dumps(job, sort_keys=True, default=str).encode()
+    return metadata
 
 
 def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_rows: int) -> tuple[int, tuple]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input  # noqa: E402
 from typer.testing import CliRunner
 
 from kvbatch.cli import app
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import output_path
 
@@ -35,5 +37,8 @@ def test_four_shards_merged_equal_one_process(tmp_path):
     assert result.exit_code == 0, result.output
     assert "merged 4 shards" in result.output and ": 13 rows" in result.output
     assert rows_of(out) == expected
+    # The merged file's provenance is the whole job's, not shard 0's.
+    job = json.loads(read_arrow(out).schema.metadata[b"kvbatch.job"])
+    assert job["parallel"]["shard"] is None and job["name"] == sharded.name
     [again] = run_jobs([sharded], engine_factory=tiny_engine)  # the same job unsharded: the merge finished it
     assert again.summary.status == "already complete"
