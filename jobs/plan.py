@@ -157,6 +157,12 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                 error = RowError(ErrorKind.BAD_ADAPTER, f"{row.where}: {bad_adapter}")
             elif not ids:
                 error = RowError(ErrorKind.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
+            elif request.rolling_prefix is not None and pool.num_tokens < sizing.max_model_len:
+                error = RowError(
+                    ErrorKind.PROMPT_TOO_LONG,
+                    f"{row.where}: a rolling text is scored in windows of the context ({sizing.max_model_len} "
+                    f"tokens), and the KV pool holds {pool.num_tokens}",
+                )
             elif len(ids) >= capacity and request.rolling_prefix is None:  # a rolling text runs in windows
                 error = RowError(
                     ErrorKind.PROMPT_TOO_LONG,

@@ -309,6 +309,14 @@ class Engine:
         if request.continuations is not None:
             return self._never_scores(request)
         if request.rolling_prefix is not None:  # scored in windows of the context: any length fits
+            if self.pool_size.num_tokens < self.max_model_len:
+                # Windows of the pool would make the scores depend on the machine's memory (a resumed or sharded
+                # job could mix them), so the windows are the context's, and a pool that cannot hold one refuses.
+                return ErrorKind.PROMPT_TOO_LONG, (
+                    f"a rolling text is scored in windows of the context ({self.max_model_len} tokens), and the "
+                    f"KV pool holds {self.pool_size.num_tokens}: set engine.max_model_len to at most "
+                    f"{self.pool_size.num_tokens}, or give the pool more memory"
+                )
             return self._outside_vocab(request.prompt_token_ids, [request.rolling_prefix])
         if num_prompt >= self.capacity_tokens:
             limit = "the context" if self.max_model_len <= self.pool_size.num_tokens else "the KV pool"
@@ -400,7 +408,7 @@ class Engine:
         state = _RequestState(request)
         adapter_key = self.adapters.key(request.adapter) if self.adapters is not None else b""
         assert request.rolling_prefix is not None
-        windows = rolling_windows(request.prompt_token_ids, request.rolling_prefix, self.capacity_tokens)
+        windows = rolling_windows(request.prompt_token_ids, request.rolling_prefix, self.max_model_len)
         for i, (context, predicted) in enumerate(windows):
             window = replace(request, prompt_token_ids=context + predicted[:-1], rolling_prefix=None)
             rows = list(range(len(context) - 1, len(context) - 1 + len(predicted)))

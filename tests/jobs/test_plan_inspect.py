@@ -74,6 +74,14 @@ def test_plan_of_rolling_scores_takes_texts_longer_than_the_context(tmp_path: Pa
     assert "scored, nothing generated" in plan.format() and "new tokens each" not in plan.format()
 
 
+def test_plan_of_rolling_scores_fails_rows_when_the_pool_is_under_the_context(tmp_path: Path) -> None:
+    # The windows are the context's (2,000 tokens), never the pool's (1,600): each text row would fail, as in a run.
+    write_input(tmp_path)
+    plan = plan_job(job(tmp_path, task="score_rolling"), EngineCache(fake_factory(max_model_len=2000)))
+    assert dict(plan.failures) == {"bad_json": 1, "missing_column": 1, "prompt_too_long": 5}
+    assert any("windows of the context (2000 tokens)" in m for m in plan.failure_examples)
+
+
 def test_plan_sizes_rows_by_what_each_asks(tmp_path: Path) -> None:
     # A row's own max_new_tokens (a sampling column, an OpenAI body's max_tokens) is what it may generate: the
     # plan read the job's alone, and sized the pool and the truncation check by it.

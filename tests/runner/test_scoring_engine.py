@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import VOCAB_SIZE, hf_reference, tiny_loaded
 
+from kvbatch.errors import ErrorKind
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
@@ -254,3 +255,17 @@ def test_rolling_rows_are_checked() -> None:
     assert "empty" in results[0].error
     assert "outside the vocabulary" in results[1].error and "outside the vocabulary" in results[2].error
     assert results[3].error is None and results[3].scores[0].num_tokens == 40
+
+
+def test_rolling_windows_are_the_context_not_the_pool() -> None:
+    # A pool of 6 blocks of 4 tokens holds 24 tokens, under the 32-token context: windows of the pool would make
+    # the scores depend on the machine's memory, so the row is refused by name and the pool is left whole.
+    small = engine_for(max_model_len=32, num_blocks_override=6)
+    assert small.pool_size.num_tokens < small.max_model_len
+    result = next(small.generate([GenerationRequest(0, [5] * 40, rolling_prefix=1)]))
+    assert result.error_kind is ErrorKind.PROMPT_TOO_LONG and "windows of the context (32 tokens)" in result.error
+    assert small.pool.num_free_blocks == small.pool.num_blocks
+    # With the context at the pool's size, the same text scores in 24-token windows: two of them for 40 tokens.
+    fits = engine_for(max_model_len=24, num_blocks_override=6)
+    score = next(fits.generate([GenerationRequest(0, [5] * 40, rolling_prefix=1)])).scores[0]
+    assert score.num_tokens == 40
