@@ -8,10 +8,11 @@ and each file's rows follow the rows of the files before it:
     files, sorted by path      a.parquet (1000 rows)    b.parquet (500 rows)    c.parquet ...
     input positions (`row`)    0 .. 999                 1000 .. 1499            1500 ...
 
-Parquet row counts come from the files' footers; JSON lines files and the Arrow files of a `datasets` folder are
-counted by Ray tasks on the cluster, one per file (for JSON lines, non-blank lines, as the local reader counts
-rows). Positions stay the same from run to run as long as the files do, and the manifest's input identity
-(each file's name, size and row count) refuses a rerun over changed files.
+Parquet row counts come from the files' footers, as do Arrow IPC files' (Feather v2); JSON lines files and Arrow
+streams (a `datasets` folder's files, kvbatch's `.arrow` outputs) are counted by Ray tasks on the cluster, one per
+file (for JSON lines, non-blank lines, as the local reader counts rows). Positions stay the same from run to run as
+long as the files do, and the manifest's input identity (each file's name, size and row count) refuses a rerun
+over changed files.
 
 `RowsSource` is a Ray Data datasource: one read task per Parquet row group or per other file, each streaming
 `batch_rows` rows at a time as blocks of (row, line, data, error_kind, error, sampling). `data` holds the columns
@@ -40,6 +41,7 @@ import pyarrow.parquet as pq
 
 from kvbatch.errors import InputError, SpecError
 
+from .arrow_io import FILE_MAGIC
 from .manifest import INPUT_KEY
 from .read_jsonl import count_rows_in, jsonl_rows, openai_row
 from .read_parquet import rows_of_batches
@@ -47,14 +49,17 @@ from .readers import check_columns
 from .rows import Row, id_key
 from .spec import JobSpec, input_path
 
-_KINDS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+_KINDS = {
+    ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
+}  # fmt: skip
 _GLOB = set("*?[")
 
 
 @dataclass(frozen=True)
 class InputFile:
     path: str  # in the filesystem's own terms (no scheme)
-    kind: str  # parquet | jsonl | openai | arrow (an Arrow stream file of a `datasets` folder)
+    kind: str  # parquet | jsonl | openai | arrow (an Arrow IPC stream or file: a `datasets` folder's, an output's)
     first_row: int  # input position of its first row
     num_rows: int
     row_groups: tuple[int, ...] = ()  # Parquet: rows in each row group
@@ -153,7 +158,7 @@ def _datasets_files(filesystem: pafs.FileSystem, root: str, split: str | None) -
 def _kind(job: JobSpec, paths: list[str]) -> str:
     if job.input.format == "openai":
         return "openai"
-    if job.input.format in ("jsonl", "parquet"):
+    if job.input.format in ("jsonl", "parquet", "arrow"):
         return job.input.format
     if job.input.format == "hf":
         raise SpecError("runner: ray reads a `datasets` folder (save_to_disk), not a dataset name", field="input.path")
@@ -167,6 +172,24 @@ def _kind(job: JobSpec, paths: list[str]) -> str:
     return kinds.pop()
 
 
+def _is_ipc_file(filesystem: pafs.FileSystem, path: str) -> bool:
+    with filesystem.open_input_file(path) as f:
+        return f.read(len(FILE_MAGIC)) == FILE_MAGIC
+
+
+def _ipc_batches(filesystem: pafs.FileSystem, path: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """An Arrow input's schema and record batches, from either IPC format: a stream (a `datasets` folder's
+    files, kvbatch's .arrow outputs) or a file (Feather v2, `.arrow` files of other writers)."""
+    try:
+        if _is_ipc_file(filesystem, path):
+            reader = pa.ipc.open_file(filesystem.open_input_file(path))
+            return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+        stream = pa.ipc.open_stream(filesystem.open_input_file(path))
+        return stream.schema, iter(stream)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot read Arrow file {path}: {exc}") from None
+
+
 def _exists(filesystem: pafs.FileSystem, path: str) -> bool:
     return filesystem.get_file_info(path).type == pafs.FileType.File
 
@@ -178,6 +201,9 @@ def _read_text(filesystem: pafs.FileSystem, path: str) -> str:
 
 def _count_rows(filesystem: pafs.FileSystem, paths: list[str], kind: str) -> list[tuple[int, tuple[int, ...]]]:
     """(rows, rows per row group) of each file: Parquet footers here, other files by Ray tasks on the cluster."""
+    if kind == "arrow" and all(_is_ipc_file(filesystem, path) for path in paths):
+        # An IPC file's footer lists its batches: their headers give the count without a Ray task.
+        return [(sum(b.num_rows for b in _ipc_batches(filesystem, path)[1]), ()) for path in paths]
     if kind == "parquet":
         counts = []
         for path in paths:
@@ -196,8 +222,7 @@ def _count_rows(filesystem: pafs.FileSystem, paths: list[str], kind: str) -> lis
 
 def _count_file(filesystem: pafs.FileSystem, path: str, kind: str) -> int:
     if kind == "arrow":
-        with filesystem.open_input_file(path) as f:
-            return sum(batch.num_rows for batch in pa.ipc.open_stream(f))
+        return sum(batch.num_rows for batch in _ipc_batches(filesystem, path)[1])
     with filesystem.open_input_stream(path) as f:
         return count_rows_in(f)
 
@@ -206,8 +231,7 @@ def _schema(filesystem: pafs.FileSystem, path: str, kind: str) -> pa.Schema | No
     if kind == "parquet":
         return pq.read_schema(filesystem.open_input_file(path))
     if kind == "arrow":
-        with filesystem.open_input_file(path) as f:
-            return pa.ipc.open_stream(f).schema
+        return _ipc_batches(filesystem, path)[0]
     return None
 
 
@@ -307,9 +331,9 @@ def _rows(filesystem: pafs.FileSystem, unit: _Unit, columns: list[str], batch_ro
         batches = parquet.iter_batches(batch_size=batch_rows, row_groups=[unit.row_group], columns=wanted)
         return rows_of_batches(batches, Path(file.path).name, unit.first_row)
     if file.kind == "arrow":
-        stream = pa.ipc.open_stream(filesystem.open_input_file(file.path))
-        wanted = [c for c in dict.fromkeys(columns) if c in stream.schema.names]
-        return rows_of_batches((b.select(wanted) for b in stream), Path(file.path).name, unit.first_row)
+        schema, batches = _ipc_batches(filesystem, file.path)
+        wanted = [c for c in dict.fromkeys(columns) if c in schema.names]
+        return rows_of_batches((b.select(wanted) for b in batches), Path(file.path).name, unit.first_row)
     handle = io.BufferedReader(filesystem.open_input_stream(file.path), 1 << 20)
     rows = jsonl_rows(handle, max_line_bytes, unit.first_row)
     if file.kind == "openai":

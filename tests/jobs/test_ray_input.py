@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from kvbatch.errors import InputError
 from kvbatch.jobs.ray_input import RowsSource, open_ray_input
 from kvbatch.jobs.ray_run import done_rows
 from kvbatch.jobs.spec import job_from_dict
@@ -111,3 +113,28 @@ def test_kvbatch_merge_writes_a_ray_folder_as_one_file_in_input_order(tmp_path):
     (parts / "part-0001-000000-y.parquet").unlink()  # a row missing: refused, nothing written
     result = CliRunner().invoke(cli.app, ["merge", str(out)])
     assert result.exit_code == 1 and "2 rows missing: [0, 1]" in result.output
+
+
+def test_arrow_ipc_files_are_read_as_the_local_reader_reads_them(tmp_path):
+    # Feather v2 / IPC files (what `input.format: arrow` reads locally) counted from their footers, batches of
+    # any size numbered over the files; an IPC file too damaged to open is an input error naming it.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    start = 0
+    for name, sizes in {"a.feather": [2, 3], "b.arrow": [4]}.items():
+        batches = []
+        for size in sizes:
+            batches.append(pa.record_batch({"n": list(range(start, start + size)), "prompt": ["p"] * size}))
+            start += size
+        with pa.ipc.new_file(folder / name, batches[0].schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+    ray_input = open_ray_input(job(folder), ["prompt", "n"])
+    assert [(Path(f.path).name, f.kind, f.first_row, f.num_rows) for f in ray_input.files] == [
+        ("a.feather", "arrow", 0, 5),
+        ("b.arrow", "arrow", 5, 4),
+    ]
+    assert read_all(RowsSource(ray_input, ["prompt", "n"], 2, 1 << 20)) == [(i, i) for i in range(9)]
+    (folder / "b.arrow").write_bytes(b"ARROW1 cut short")
+    with pytest.raises(InputError, match="cannot read Arrow file .*b.arrow"):
+        open_ray_input(job(folder), ["prompt"])
