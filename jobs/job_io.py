@@ -6,6 +6,7 @@ Done before any model loads, so a missing input or column fails fast; shared by 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from kvbatch.jobs.pipeline import input_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout
+from kvbatch.jobs.rows import Row
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
 from kvbatch.jobs.spec import (
@@ -97,6 +99,16 @@ class JobIO:
     summary: Summary
 
 
+def checked_first_rows(job: JobSpec, rows: Iterator[Row]) -> Iterator[Row]:
+    """`rows` of an input without a schema (JSONL), after checking that one of the first has the prompt's columns
+    (jobs/first_rows.py); OpenAI Batch lines are checked line by line instead."""
+    if input_format(job) == "openai":
+        return rows
+    pspec = prompt_spec(job)
+    field = next(f"prompt.{k}" for k in ("template", "messages_column", "column") if getattr(pspec, k) is not None)
+    return check_first_rows(rows, prompt_columns(pspec), field)
+
+
 def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     """Reader, output layout, manifest, writer and summary of a job: shared by local and Ray runs."""
     shard = job_shard(job.parallel.shard)
@@ -105,9 +117,8 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
     reader = open_reader(job, input_columns(job, layout))  # fails early on a missing input or column
-    if reader.columns is None and input_format(job) != "openai":  # JSONL: no schema to check the columns against
-        field = next(f"prompt.{k}" for k in ("template", "messages_column", "column") if getattr(pspec, k) is not None)
-        reader.rows = check_first_rows(reader.rows, prompt_columns(pspec), field)
+    if reader.columns is None:
+        reader.rows = checked_first_rows(job, reader.rows)
     if reader.schema is not None:
         types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
         layout = dataclasses.replace(layout, input_types=types)

@@ -280,6 +280,12 @@ class RowsSource:
                 units.append(_Unit(file, None, file.first_row, file.num_rows))
         return units
 
+    def jsonl_rows(self) -> Iterator[Row]:
+        """A JSONL input's rows in order with all their keys, read here: the driver reads the first few, to
+        check that the job's columns are there (jobs/first_rows.py)."""
+        for unit in self.units():
+            yield from _rows(self.source.filesystem, unit, None, self.batch_rows, self.max_line_bytes)
+
     def read(self, unit: _Unit, keys_of: str | None = None) -> Iterator[pa.Table]:
         """The unit's rows as blocks: (row, line, data, error_kind, error, sampling); with `keys_of` (the id
         column) only (row, key) of each readable row with an id, for the search for duplicate ids."""
@@ -323,8 +329,13 @@ class RowsSource:
         return _Source()
 
 
-def _rows(filesystem: pafs.FileSystem, unit: _Unit, columns: list[str], batch_rows: int, max_line_bytes: int):
+def _rows(
+    filesystem: pafs.FileSystem, unit: _Unit, columns: list[str] | None, batch_rows: int, max_line_bytes: int
+) -> Iterator[Row]:
+    """The unit's rows with the job's `columns` (None: a JSONL line's every key)."""
     file = unit.file
+    if columns is None and file.kind not in ("jsonl", "openai"):
+        raise ValueError(f"only JSON lines are read with all their keys, not {file.kind}")
     if file.kind == "parquet":
         parquet = pq.ParquetFile(filesystem.open_input_file(file.path))
         wanted = [c for c in dict.fromkeys(columns) if c in parquet.schema_arrow.names]
@@ -338,6 +349,8 @@ def _rows(filesystem: pafs.FileSystem, unit: _Unit, columns: list[str], batch_ro
     rows = jsonl_rows(handle, max_line_bytes, unit.first_row)
     if file.kind == "openai":
         return (openai_row(row) for row in rows)
+    if columns is None:
+        return rows
     needed = set(columns)  # only what the job uses travels (a local run's row holds all, and uses the same)
     return (row if row.data is None else Row(row.index, {k: v for k, v in row.data.items() if k in needed},
                                               row.error, row.line, row.sampling) for row in rows)  # fmt: skip

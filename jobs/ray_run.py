@@ -37,7 +37,7 @@ import pyarrow.dataset as pads
 
 from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError, shown_path
 
-from .job_io import layout_for
+from .job_io import checked_first_rows, layout_for
 from .lock import OutputLock
 from .manifest import KVBATCH_VERSION, Manifest
 from .pipeline import input_columns
@@ -87,7 +87,10 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         connect(job.parallel.ray_address)
         layout = layout_for(job, {})
         source = open_ray_input(job, input_columns(job, layout))
-        if source.schema is not None:
+        if source.schema is None:  # JSONL: a prompt column no row has is refused here, before any model loads
+            first = RowsSource(source, input_columns(job, layout), job.input.batch_rows, job.input.max_line_bytes)
+            checked_first_rows(job, first.jsonl_rows())  # checks on the call; the cluster reads the rows again
+        else:
             names = source.schema.names
             types = {n: source.schema.field(n).type for n in layout.data_columns() if n in names}
             layout = layout_for(job, types)

@@ -142,3 +142,15 @@ def test_a_ray_run_killed_half_way_and_rerun_writes_every_row_once(tmp_path, loc
     lines = [json.loads(line) for line in output_path(job).read_text().splitlines()]
     assert [(r["row"], r["text"]) for r in lines] == [(r["row"], r["text"]) for r in expected]
     assert outcome.summary.errors_by_kind == single.summary.errors_by_kind == {"bad_json": 1, "duplicate_id": 1}
+
+
+def test_a_ray_run_over_jsonl_without_the_prompt_column_fails_before_any_model(tmp_path, local_ray):
+    # A typo in the prompt column of a JSONL input (no schema to check up front) fails the job with the columns
+    # the first rows have, as in a local run, not with a model load and one missing_column row per input row.
+    source = write_input(tmp_path / "in.jsonl", num_rows=6)
+    built = []
+    job = ray_job(tmp_path, source, prompt={"column": "promt", "chat_template": False})
+    [outcome] = run_jobs([job], engine_factory=lambda *args: built.append(args) or tiny_engine(*args))
+    assert outcome.error is not None and outcome.error.field == "prompt.column"
+    assert "none of the first 5 rows has the column 'promt'; the rows have 'id', 'prompt'" in str(outcome.error)
+    assert built == []
