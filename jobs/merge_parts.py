@@ -11,6 +11,7 @@ in memory, as a local run's last step does; the folder itself needs no merge to 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from kvbatch.errors import MergeError
 from .assemble import count_by, unify, write_output
 from .manifest import Manifest
 from .merge import MergeReport, _row_problems
-from .ray_run import part_files, parts_dir
+from .ray_run import part_files, parts_dir, provenance_path
 from .writer import work_dir
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,22 @@ def merge_parts(output: Path) -> MergeReport:
     if problems:
         raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
     id_column = "custom_id" if manifest.format == "openai" else None
-    num_bytes = write_output(table, order, output, manifest.format, {}, id_column=id_column)
+    provenance = _provenance(output)
+    metadata = {k.encode(): v.encode() for k, v in provenance.get("metadata", {}).items()}
+    model = provenance.get("model", "")
+    num_bytes = write_output(table, order, output, manifest.format, metadata, model=model, id_column=id_column)
     log.info("merged %d parts into %s (%d rows)", len(files), output, len(order))
     return MergeReport(
         output, len(order), num_bytes, len(files), count_by(table, "finish_reason"), count_by(table, "error_kind")
     )
+
+
+def _provenance(output: Path) -> dict:
+    """The run's provenance (jobs/ray_run.py), {} for a folder of a kvbatch that kept none."""
+    try:
+        return json.loads(provenance_path(output).read_text())
+    except FileNotFoundError:
+        return {}
 
 
 def _read(path: Path) -> pa.Table:

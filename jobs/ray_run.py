@@ -37,12 +37,14 @@ import pyarrow.dataset as pads
 
 from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError, shown_path
 
+from .atomic import write_json
 from .job_io import checked_first_rows, layout_for
 from .lock import OutputLock
 from .manifest import KVBATCH_VERSION, Manifest
 from .pipeline import input_columns
 from .ray_data import GenerateBatch
 from .ray_input import RayInput, RowsSource, open_ray_input
+from .run import job_metadata
 from .signals import StopFlag
 from .spec import JobSpec, output_format, output_path, result_fingerprint, spec_hash
 from .summary import RunCounts, Summary, already_complete, build_summary, summary_path
@@ -57,6 +59,11 @@ PART_EXTENSIONS = ("parquet",)
 def parts_dir(output: Path) -> Path:
     """The folder a Ray run writes: out/answers.parquet -> out/answers.parquet.parts/."""
     return output.with_name(output.name + ".parts")
+
+
+def provenance_path(output: Path) -> Path:
+    """The provenance a local run writes into its output (model, job, spec hash, ...), kept for the merge."""
+    return work_dir(output) / "provenance.json"
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -106,6 +113,8 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
                           job.input.max_line_bytes)  # fmt: skip
         _write(job, engines, rows, layout, duplicates, parts, checkpoint_dir(out), run, stop)
         report = folder_report(parts)
+        # What a local run writes into its output, for `kvbatch merge` to write into the single file.
+        write_json(provenance_path(out), {"model": job.model, "metadata": job_metadata(job, None)})
         if report.num_rows != source.num_rows:
             raise JobError(
                 f"job {job.name}: {shown_path(parts)} holds {report.num_rows} of {source.num_rows} rows after the "

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from scaling_helpers import FailingEngineFactory, rows_of, tiny_engine, tiny_job, write_input
 
+from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict, output_path
 
@@ -89,6 +90,12 @@ def test_ray_run_over_a_parquet_folder_equals_one_process(tmp_path, local_ray):
     report = merge_parts(output_path(job))
     assert report.num_rows == 13
     assert pq.read_table(output_path(job)).to_pylist() == expected
+    # and the provenance a local run writes: the same model, sampling and version; its own job's name and hash
+    local_meta, merged_meta = read_arrow(output_path(local)).schema.metadata, pq.read_schema(output_path(job)).metadata
+    for key in (b"kvbatch.model", b"kvbatch.sampling", b"kvbatch.version"):
+        assert merged_meta[key] == local_meta[key]
+    assert json.loads(merged_meta[b"kvbatch.job"])["name"] == "answers"
+    assert merged_meta[b"kvbatch.spec_hash"].decode() == outcome.summary.spec_hash
     [again] = run_jobs([job], engine_factory=tiny_engine)
     assert again.summary.status == "already complete"
 
