@@ -343,12 +343,24 @@ def scoring_step(seed: int = 0) -> list[tuple[int, int]]:
     return seqs
 
 
+def prompts_step(seed: int = 0, budget: int = 16384) -> list[tuple[int, int]]:
+    """A workload-(a) prefill step: fresh prompts of 100-1,024 tokens while they fit the step's budget."""
+    rng = random.Random(seed)
+    seqs: list[tuple[int, int]] = []
+    while True:
+        n = rng.randint(100, 1024)
+        if sum(q for _, q in seqs) + n > budget:
+            return seqs
+        seqs.append((0, n))
+
+
 def prefill_speed(sweep: bool) -> None:
     cases = [
         ("fresh 4x4096", [(0, 4096)] * 4),
         ("prefix 8x(6144 cached + 2048)", [(6144, 2048)] * 8),
         ("fresh 32x512", [(0, 512)] * 32),
         ("score 56x256 + 224x(256 cached + 2-11)", scoring_step()),
+        ("fresh 100-1024 (an (a) step)", prompts_step()),
     ]
     for name in ("llama-8b", "llama-1b"):
         num_heads, _, head_dim = SHAPES[name]
@@ -358,26 +370,31 @@ def prefill_speed(sweep: bool) -> None:
             ms = do_bench(fn, warmup=10, rep=100, return_mode="median")
             flops = prefill_flops(seqs, num_heads, head_dim)
             emit("prefill", shape=name, case=label, ms=round(ms, 4), tflop_per_s=round(flops / ms / 1e9, 1))
-            if sweep and label.startswith("fresh 4"):
-                prefill_sweep(step, name, fn, flops, head_dim)
+            if sweep:
+                prefill_sweep(step, name, label, fn, flops)
             del step
             torch.cuda.empty_cache()
 
 
-def prefill_sweep(step, name, fn, flops, head_dim) -> None:
+def prefill_sweep(step, name, label, fn, flops) -> None:
     default_config = attention_triton._prefill_config
     reference = fn()
     for m, n, w, s, regs in [  # regs: a register cap a thread (maxnreg), None for the compiler's choice
-        (128, 64, 4, 3, None),
-        (128, 128, 8, 3, None),
-        (64, 64, 4, 3, None),
-        (64, 64, 4, 2, None),
         (64, 64, 4, 2, 128),
         (64, 64, 4, 3, 128),
-        (128, 32, 4, 3, None),
+        (64, 64, 4, 2, None),
+        (64, 32, 4, 2, 128),
+        (64, 32, 4, 3, 128),
+        (64, 128, 4, 2, 128),
+        (128, 64, 4, 2, 128),
         (128, 64, 8, 2, None),
-        (64, 32, 4, 4, None),
-        (128, 64, 8, 4, None),
+        (128, 64, 8, 3, None),
+        (128, 32, 4, 2, 128),
+        (128, 32, 8, 2, None),
+        (128, 128, 8, 2, None),
+        (64, 64, 2, 2, None),
+        (32, 32, 2, 2, None),
+        (256, 64, 8, 2, None),
     ]:
         config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
         if regs is not None:
@@ -389,13 +406,20 @@ def prefill_sweep(step, name, fn, flops, head_dim) -> None:
             emit(
                 "prefill_sweep",
                 shape=name,
+                case=label,
                 config=config,
                 ms=round(ms, 4),
                 tflop_per_s=round(flops / ms / 1e9, 1),
                 max_diff_vs_default=diff,
             )
         except Exception as error:
-            emit("prefill_sweep", shape=name, config=config, error=f"{type(error).__name__}: {str(error)[:200]}")
+            emit(
+                "prefill_sweep",
+                shape=name,
+                case=label,
+                config=config,
+                error=f"{type(error).__name__}: {str(error)[:200]}",
+            )
         finally:
             attention_triton._prefill_config = default_config
 

@@ -1,5 +1,6 @@
 """`kvbatch bench` on the CPU with the tiny shape: the commands run and report what the engine did."""
 
+import functools
 import json
 
 import pytest
@@ -225,6 +226,26 @@ def test_kernel_sweeps_report_every_variant_and_restore_the_defaults(monkeypatch
     assert [line["kind"] for line in lines] == ["decode_sweep"] * 13
     assert [line["num_splits"] for line in lines[8:]] == [1, 2, 4, 8, 16]
     assert all(line["max_diff_vs_default"] < 1e-4 and line["kv_gb_per_s"] == 1.0 for line in lines)
+
+
+def test_prefill_sweep_times_every_tile_variant_and_restores_the_default(monkeypatch, capsys):
+    """The prefill kernel's tile variants on interpreted kernels (do_bench stubbed): each gives the default's output
+    to float32 rounding, and the default launch parameters are put back."""
+    import torch
+
+    from kvbatch.bench import kernels as bench_kernels
+    from kvbatch.cache import attention_triton
+
+    monkeypatch.setattr(bench_kernels, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_kernels, "do_bench", lambda fn, **kwargs: fn() is not None and 1.0)
+    step = bench_kernels.make_step([(0, 9), (12, 3)], (4, 2, 16), 8, torch.float32)
+    fn = functools.partial(attention_triton.paged_attention, *step, 0.25)
+    default = attention_triton._prefill_config
+    bench_kernels.prefill_sweep(step, "tiny", "mix", fn, 1e6)
+    assert attention_triton._prefill_config is default
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 15 and {line["case"] for line in lines} == {"mix"}
+    assert all(line["max_diff_vs_default"] < 1e-5 and line["ms"] == 1.0 for line in lines), lines
 
 
 def test_throughput_engine_settings_are_checked_against_the_engine_config():
