@@ -8,8 +8,10 @@ continuation is encoded whole and the continuation is what follows the context's
       -> context "Question: 2+2? Answer:"  continuation " 4"   (" 4" is one token, not " " and "4")
       -> ids(context + continuation)[len(ids(context)):]
 
-so a word's leading space stays with the word, as the model saw it in training. With a chat template the prompt
-ends where the template hands over to the assistant, and each continuation is encoded alone as the answer text.
+so a word's leading space stays with the word, as the model saw it in training. An empty context is lm-eval's
+unconditional case: the context is the tokenizer's BOS (else its EOS) and each continuation is encoded alone.
+With a chat template the prompt ends where the template hands over to the assistant, and each continuation is
+encoded alone as the answer text.
 
 A rolling row (`task: score_rolling`) is read as lm-eval's loglikelihood_rolling reads a text: raw (a chat
 template does not apply; messages are joined as without one), encoded with the tokenizer's own special tokens as
@@ -77,13 +79,16 @@ def _encode_continuations(
     num_spaces = len(raw) - len(raw.rstrip())
     context, moved = (raw[:-num_spaces], raw[-num_spaces:]) if num_spaces else (raw, "")
     context_ids = tokenizer.encode(Prompt(text=context))
+    prefix = _prefix_token(tokenizer.tokenizer)
+    if not context_ids and prefix is not None:  # no context (nor a BOS the tokenizer adds): lm-eval's prefix
+        return [prefix], [tokenizer.encode(Prompt(text=moved + c)) for c in continuations]
     return context_ids, [tokenizer.encode(Prompt(text=context + moved + c))[len(context_ids) :] for c in continuations]
 
 
 def encode_for_rolling(tokenizer: Any, prompt: Prompt) -> tuple[list[int], int] | RowError:
     """(text ids, the token the first window starts from). `tokenizer` is the job's PromptTokenizer."""
     hf = tokenizer.tokenizer
-    prefix = hf.bos_token_id if hf.bos_token_id is not None else hf.eos_token_id
+    prefix = _prefix_token(hf)
     if prefix is None:
         message = (
             "the tokenizer has neither a BOS nor an EOS token to start the first window from (task: score_rolling)"
@@ -96,3 +101,8 @@ def encode_for_rolling(tokenizer: Any, prompt: Prompt) -> tuple[list[int], int] 
     bos_text = hf.bos_token if isinstance(hf.bos_token, str) else None
     add = split or not bos_text or not text.startswith(bos_text)
     return list(hf.encode(text, add_special_tokens=add, split_special_tokens=split)), prefix
+
+
+def _prefix_token(hf: Any) -> int | None:
+    """What lm-eval's hf model puts before a text that has no context: the BOS, else the EOS."""
+    return hf.bos_token_id if hf.bos_token_id is not None else hf.eos_token_id

@@ -105,7 +105,7 @@ class RowPipeline:
         if error is not None:
             return self._error_row(pending, error)
         try:
-            prompt = build_prompt(row, self.pspec)
+            prompt = build_prompt(row, self.pspec, allow_empty=self.job.task == "score")
             if isinstance(prompt, RowError):
                 return self._error_row(pending, prompt)
             continuations = rolling_prefix = None

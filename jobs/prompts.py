@@ -52,12 +52,14 @@ def prompt_columns(spec: PromptSpec) -> list[str]:
     return [spec.column or spec.messages_column, *extra]  # type: ignore[list-item]
 
 
-def build_prompt(row: Row, spec: PromptSpec) -> Prompt | RowError:
+def build_prompt(row: Row, spec: PromptSpec, allow_empty: bool = False) -> Prompt | RowError:
+    """The row's prompt. `allow_empty`: an empty or blank text is a prompt (a scoring row's context may be empty,
+    as lm-eval's unconditional loglikelihood has it), not an empty_prompt error."""
     data = row.data or {}
     if spec.template is not None:
-        text = _render_template(row, data, spec.template)
+        text = _render_template(row, data, spec.template, allow_empty)
     elif spec.column is not None:
-        text = _text_column(row, data, spec.column)
+        text = _text_column(row, data, spec.column, allow_empty)
     else:
         messages = _messages_column(row, data, spec.messages_column)  # type: ignore[arg-type]
         if isinstance(messages, RowError):
@@ -106,7 +108,7 @@ def _error(row: Row, kind: str, message: str) -> RowError:
     return RowError(kind, f"{row.where}: {message}")
 
 
-def _text_column(row: Row, data: dict[str, Any], column: str) -> str | RowError:
+def _text_column(row: Row, data: dict[str, Any], column: str, allow_empty: bool) -> str | RowError:
     if column not in data:
         return _error(row, ErrorKind.MISSING_COLUMN, f"column {column!r} is missing")
     value = data[column]
@@ -114,7 +116,7 @@ def _text_column(row: Row, data: dict[str, Any], column: str) -> str | RowError:
         return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} is null")
     if not isinstance(value, str):
         return _error(row, ErrorKind.WRONG_TYPE, f"column {column!r} is {_type_name(value)}, expected a string")
-    if not value.strip():
+    if not value.strip() and not allow_empty:
         return _error(
             row,
             ErrorKind.EMPTY_PROMPT,
@@ -123,7 +125,7 @@ def _text_column(row: Row, data: dict[str, Any], column: str) -> str | RowError:
     return value
 
 
-def _render_template(row: Row, data: dict[str, Any], template: str) -> str | RowError:
+def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty: bool) -> str | RowError:
     values = {}
     for column in template_columns(template):
         if column not in data:
@@ -140,7 +142,7 @@ def _render_template(row: Row, data: dict[str, Any], template: str) -> str | Row
         values[column] = str(value)
     # Values are inserted once, by name: a value that itself contains "{x}" is not expanded again.
     text = template.format_map(values)
-    if not text.strip():
+    if not text.strip() and not allow_empty:
         return _error(row, ErrorKind.EMPTY_PROMPT, "the template renders to empty text")
     return text
 

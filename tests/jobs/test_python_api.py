@@ -74,7 +74,7 @@ def test_each_prompt_is_read_alone_and_what_was_asked_comes_back() -> None:
 def test_score_gives_each_continuation_and_each_whole_text_its_logprob() -> None:
     """kvbatch.score against log_softmax of transformers' float32 logits: continuations after their prompt (a
     job's task score), and without continuations each text whole after the BOS (task score_rolling); a failed
-    prompt is None, in its place."""
+    row is None, in its place."""
     import torch
     from tiny_models import hf_reference, word_tokenizer
 
@@ -86,23 +86,24 @@ def test_score_gives_each_continuation_and_each_whole_text_its_logprob() -> None
             rows = torch.log_softmax(reference(torch.tensor([context + tokens])).logits[0].float(), dim=-1)
         return rows[len(context) - 1 : -1].gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
 
-    # As in lm-eval, a continuation starts with its space: prompt + continuation is the text scored.
-    prompts, choices = ["w5 w6 w7", "", "w9"], [[" w10", " w11 w12"], [" w3"], [" w13 w14 w15"]]
+    # As in lm-eval, a continuation starts with its space: prompt + continuation is the text scored; after an empty
+    # prompt, the tokenizer's BOS (else its EOS) is the context.
+    prompts = ["w5 w6 w7", "", "w9", "w20"]
+    choices = [[" w10", " w11 w12"], [" w3"], [" w13 w14 w15"], [""]]
     got = kvbatch.score(prompts, choices, model="tiny")
-    assert got[1] is None  # the empty prompt fails alone
-    for prompt, continuations, scores in zip(prompts, choices, got):
-        if scores is None:
-            continue
+    assert got[3] is None  # an empty continuation fails its row alone
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    for prompt, continuations, scores in zip(prompts[:3], choices, got):
         assert [s["num_tokens"] for s in scores] == [len(c.split()) for c in continuations]
         for continuation, s in zip(continuations, scores):
-            want = logprobs(tok.encode(prompt), tok.encode(continuation))
+            want = logprobs(tok.encode(prompt) or [prefix], tok.encode(continuation))
             assert s["logprob"] == pytest.approx(sum(want), abs=1e-4 * len(want))
     texts = ["w30 w31 w32 w33", "w40"]  # no "w2..." words: "w2", the unknown token, is special text
     rolling = kvbatch.score(texts, model="tiny")
     for text, (whole,) in zip(texts, rolling):
         want = logprobs([tok.bos_token_id], tok.encode(text))
         assert whole["num_tokens"] == len(want) and whole["logprob"] == pytest.approx(sum(want), abs=1e-4 * len(want))
-    with pytest.raises(ValueError, match="3 prompts but 2 lists"):
+    with pytest.raises(ValueError, match="4 prompts but 2 lists"):
         kvbatch.score(prompts, choices[:2], model="tiny")
     # A bare string where a list belongs is that prompt's wrong_type, not a list of its characters.
     bad = kvbatch.score(["w5 w6", "w7", "w8"], [" w9 w10", None, (" w11",)], model="tiny", results=True)

@@ -160,3 +160,30 @@ def test_scoring_refuses_openai_batch_output(tmp_path: Path) -> None:
         layout_for(job(), {})
     assert refused.value.field == "task"
     assert layout_for(job(output={"format": "jsonl"}), {}).scores
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "adds-bos"])
+def test_task_score_gives_lm_evals_loglikelihood_with_and_without_a_context(
+    tmp_path: Path, model_folder: Path, monkeypatch, bos: bool
+) -> None:
+    """Continuations after a context and after an empty one (lm-eval's unconditional case: the BOS, else the EOS,
+    as the context) equal lm-eval's own `hf` model's loglikelihood on the same folder, is_greedy included."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    if bos:
+        model_folder = _bos_folder(tmp_path / "bos-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [
+        {"prompt": "", "continuations": ["w40", "w41 w42 w43"]},
+        {"prompt": "w30 w31 w32 ", "continuations": ["w44", "w45 w46"]},
+    ]
+    out = run(tmp_path, model_folder, rows, task="score")
+    hf = HFLM(pretrained=str(model_folder), device="cpu", max_length=64, batch_size=1)
+    pairs = [(row["prompt"], c) for row in rows for c in row["continuations"]]
+    want = hf.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)], True)
+    assert [row["error"] for row in out] == [None, None]
+    got = [score for row in out for score in row["scores"]]
+    for score, (logprob, is_greedy) in zip(got, want, strict=True):
+        assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
+        assert score["is_greedy"] == is_greedy
