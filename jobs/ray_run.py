@@ -125,7 +125,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the manifest says complete now
     finally:
         lock.release()
-    counts = run_counts(parts, run)
+    counts = run_counts(parts, run, job.task)
     about = {"model": job.model, "spec_hash": manifest.spec_hash, "kvbatch_version": KVBATCH_VERSION}
     summary = build_summary(job.name, parts, report, counts, time.monotonic() - started, **about)
     summary.write(summary_path(out))
@@ -303,12 +303,17 @@ def folder_report(parts: Path) -> WriteReport:
     return WriteReport(num_rows, num_bytes, dict(reasons), dict(kinds))
 
 
-def run_counts(parts: Path, run: int) -> RunCounts:
-    """This run's rows and tokens: the files it wrote (part-RRRR-*). Prompt tokens of rows that generated."""
+def run_counts(parts: Path, run: int, task: str = "generate") -> RunCounts:
+    """This run's rows and tokens: the files it wrote (part-RRRR-*). Input tokens of the rows that ran, counted
+    as the engine counts them in a local run: a `task: score` row's continuations are input too."""
     counts = RunCounts()
-    for batch in _scan(part_files(parts, f"part-{run:04d}-"), ["prompt_tokens", "output_tokens", "error_kind"]):
+    columns = ["prompt_tokens", "output_tokens", "error_kind", *(["scores"] if task == "score" else [])]
+    for batch in _scan(part_files(parts, f"part-{run:04d}-"), columns):
         ok = pc.is_null(batch.column("error_kind"))
         counts.rows += batch.num_rows
         counts.output_tokens += int(pc.sum(batch.column("output_tokens")).as_py() or 0)
         counts.prompt_tokens += int(pc.sum(pc.filter(batch.column("prompt_tokens"), ok)).as_py() or 0)
+        if task == "score":
+            scored = pc.list_flatten(pc.filter(batch.column("scores"), ok))
+            counts.prompt_tokens += int(pc.sum(pc.struct_field(scored, "num_tokens")).as_py() or 0)
     return counts

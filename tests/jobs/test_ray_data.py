@@ -161,3 +161,41 @@ def test_a_ray_run_over_jsonl_without_the_prompt_column_fails_before_any_model(t
     assert outcome.error is not None and outcome.error.field == "prompt.column"
     assert "none of the first 5 rows has the column 'promt'; the rows have 'id', 'prompt'" in str(outcome.error)
     assert built == []
+
+
+def test_a_ray_scoring_run_gives_a_local_runs_scores(tmp_path, local_ray):
+    # task: score on the cluster: the same scores as one process (to float32 summation order: the rows batch
+    # differently), error rows where the continuations are bad, and the Ray summary's token counts.
+    rows = [
+        {"id": i, "prompt": f"w{10 + i} w{20 + i} w{30 + i} ", "continuations": [f"w{40 + i}", f"w{50 + i} w{60 + i}"]}
+        for i in range(7)
+    ]
+    rows[3]["continuations"] = []  # wrong_type: the job goes on
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    local = job_from_dict({**_job_dict(tmp_path, "whole"), "task": "score"})
+    [single] = run_jobs([local], engine_factory=tiny_engine)
+    assert single.error is None, single.error
+    expected = rows_of(output_path(local))
+
+    job = ray_job(tmp_path, source, task="score")
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    got = folder_rows(output_path(job).with_name("answers.parquet.parts"))
+    assert (
+        [r["error_kind"] for r in got]
+        == [r["error_kind"] for r in expected]
+        == [None] * 3 + ["wrong_type"] + [None] * 3
+    )
+    for mine, theirs in zip(got, expected, strict=True):
+        if theirs["scores"] is None:
+            assert mine["scores"] is None
+            continue
+        assert [s["num_tokens"] for s in mine["scores"]] == [s["num_tokens"] for s in theirs["scores"]]
+        assert [s["is_greedy"] for s in mine["scores"]] == [s["is_greedy"] for s in theirs["scores"]]
+        assert [s["logprob"] for s in mine["scores"]] == pytest.approx(
+            [s["logprob"] for s in theirs["scores"]], abs=1e-5
+        )
+    summary = outcome.summary
+    assert (summary.rows, summary.rows_error, summary.output_tokens) == (7, 1, 0)
+    assert summary.prompt_tokens == single.summary.prompt_tokens  # prompts and continuations, as the engine counts
