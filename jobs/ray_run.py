@@ -44,7 +44,7 @@ from .manifest import KVBATCH_VERSION, Manifest
 from .pipeline import input_columns
 from .ray_data import GenerateBatch
 from .ray_input import RayInput, RowsSource, open_ray_input
-from .run import job_metadata
+from .run import job_metadata, model_name
 from .signals import StopFlag
 from .spec import JobSpec, output_format, output_path, result_fingerprint, spec_hash
 from .summary import RunCounts, Summary, already_complete, build_summary, summary_path
@@ -114,7 +114,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         _write(job, engines, rows, layout, duplicates, parts, checkpoint_dir(out), run, stop)
         report = folder_report(parts)
         # What a local run writes into its output, for `kvbatch merge` to write into the single file.
-        write_json(provenance_path(out), {"model": job.model, "metadata": job_metadata(job, None)})
+        write_json(provenance_path(out), {"model": model_name(job.model), "metadata": job_metadata(job, None)})
         if report.num_rows != source.num_rows:
             raise JobError(
                 f"job {job.name}: {shown_path(parts)} holds {report.num_rows} of {source.num_rows} rows after the "
