@@ -8,11 +8,11 @@ and each file's rows follow the rows of the files before it:
     files, sorted by path      a.parquet (1000 rows)    b.parquet (500 rows)    c.parquet ...
     input positions (`row`)    0 .. 999                 1000 .. 1499            1500 ...
 
-Parquet row counts come from the files' footers, as do Arrow IPC files' (Feather v2); JSON lines files and Arrow
-streams (a `datasets` folder's files, kvbatch's `.arrow` outputs) are counted by Ray tasks on the cluster, one per
-file (for JSON lines, non-blank lines, as the local reader counts rows). Positions stay the same from run to run as
-long as the files do, and the manifest's input identity (each file's name, size and row count) refuses a rerun
-over changed files.
+Parquet row counts come from the files' footers; Arrow IPC files (Feather v2) are counted on the driver too, batch
+by batch. JSON lines files and Arrow streams (a `datasets` folder's files, kvbatch's `.arrow` outputs) are counted
+by Ray tasks on the cluster, one per file (for JSON lines, non-blank lines, as the local reader counts rows).
+Positions stay the same from run to run as long as the files do, and the manifest's input identity (each file's
+name, size and row count) refuses a rerun over changed files.
 
 `RowsSource` is a Ray Data datasource: one read task per Parquet row group or per other file, each streaming
 `batch_rows` rows at a time as blocks of (row, line, data, error_kind, error, sampling). `data` holds the columns
@@ -202,7 +202,7 @@ def _read_text(filesystem: pafs.FileSystem, path: str) -> str:
 def _count_rows(filesystem: pafs.FileSystem, paths: list[str], kind: str) -> list[tuple[int, tuple[int, ...]]]:
     """(rows, rows per row group) of each file: Parquet footers here, other files by Ray tasks on the cluster."""
     if kind == "arrow" and all(_is_ipc_file(filesystem, path) for path in paths):
-        # An IPC file's footer lists its batches: their headers give the count without a Ray task.
+        # An IPC file's footer lists its batches: counted here, batch by batch, without a Ray task.
         return [(sum(b.num_rows for b in _ipc_batches(filesystem, path)[1]), ()) for path in paths]
     if kind == "parquet":
         counts = []
