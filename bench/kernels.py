@@ -11,9 +11,10 @@ Prints one JSON object per line:
     cascade_sweep (--sweep) prefix-split counts and tile variants of the cascade kernel
     prefill       prefill attention TFLOP/s (causal FLOPs actually needed), fresh prompts, cached prefixes and a
                   scoring step (prompts among short continuations)
-    prefill_sweep (--sweep) tile variants
+    prefill_sweep (--sweep) fifteen tile variants on each prefill case
 
-Run on the GPU machine: `kvbatch bench kernels [--sweep]` (about 2-4 minutes).
+Run on the GPU machine: `kvbatch bench kernels` (about 2-4 minutes; `--sweep` compiles each variant, some
+minutes more).
 """
 
 from __future__ import annotations
