@@ -163,6 +163,14 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                     f"{row.where}: a rolling text is scored in windows of the context ({sizing.max_model_len} "
                     f"tokens), and the KV pool holds {pool.num_tokens}",
                 )
+            elif request.continuations is not None:  # as the engine: prompt + continuation less its last token
+                longest = len(ids) + max(map(len, request.continuations), default=1) - 1
+                if longest > capacity:
+                    error = RowError(
+                        ErrorKind.PROMPT_TOO_LONG,
+                        f"{row.where}: the prompt and its longest continuation have {longest + 1} tokens; at most "
+                        f"{capacity + 1} fit together ({capacity} tokens of context/pool)",
+                    )
             elif len(ids) >= capacity and request.rolling_prefix is None:  # a rolling text runs in windows
                 error = RowError(
                     ErrorKind.PROMPT_TOO_LONG,

@@ -74,6 +74,18 @@ def test_plan_of_rolling_scores_takes_texts_longer_than_the_context(tmp_path: Pa
     assert "scored, nothing generated" in plan.format() and "new tokens each" not in plan.format()
 
 
+def test_plan_of_scores_fails_the_rows_the_engine_refuses(tmp_path: Path) -> None:
+    # A scoring row runs prompt + continuation less its last token: 16 + 1 and 10 + 7 fill a 16-token context and
+    # run; 5 + 14 and 10 + 8 are one and two tokens over, as the engine refuses them (one id a character here).
+    rows = [("a" * 16, ["b"]), ("a" * 5, ["b" * 14]), ("a" * 10, ["b" * 7, "c"]), ("a" * 10, ["b" * 8])]
+    lines = [json.dumps({"prompt": p, "continuations": c}) for p, c in rows]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    spec = job(tmp_path, task="score", prompt={"column": "prompt", "chat_template": False})
+    plan = plan_job(spec, EngineCache(fake_factory(max_model_len=16)))
+    assert dict(plan.failures) == {"prompt_too_long": 2}
+    assert [m.split(":")[0] for m in plan.failure_examples] == ["row 1 (line 2)", "row 3 (line 4)"]
+
+
 def test_plan_of_rolling_scores_fails_rows_when_the_pool_is_under_the_context(tmp_path: Path) -> None:
     # The windows are the context's (2,000 tokens), never the pool's (1,600): each text row would fail, as in a run.
     write_input(tmp_path)
