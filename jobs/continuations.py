@@ -78,10 +78,17 @@ def _encode_continuations(
         ]
     num_spaces = len(raw) - len(raw.rstrip())
     context, moved = (raw[:-num_spaces], raw[-num_spaces:]) if num_spaces else (raw, "")
-    context_ids = tokenizer.encode(Prompt(text=context))
     prefix = _prefix_token(tokenizer.tokenizer)
-    if not context_ids and prefix is not None:  # no context (nor a BOS the tokenizer adds): lm-eval's prefix
-        return [prefix], [tokenizer.encode(Prompt(text=moved + c)) for c in continuations]
+    if context == "" and prefix is not None:
+        # lm-eval's unconditional case: the prefix token is the context, each continuation is encoded without
+        # special tokens, and one that starts with the prefix token itself has it as that context.
+        split = not tokenizer.allow_special_tokens
+        encoded = [
+            list(tokenizer.tokenizer.encode(moved + c, add_special_tokens=False, split_special_tokens=split))
+            for c in continuations
+        ]
+        return [prefix], [ids[1:] if ids[:1] == [prefix] else ids for ids in encoded]
+    context_ids = tokenizer.encode(Prompt(text=context))
     return context_ids, [tokenizer.encode(Prompt(text=context + moved + c))[len(context_ids) :] for c in continuations]
 
 

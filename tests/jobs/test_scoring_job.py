@@ -167,7 +167,8 @@ def test_task_score_gives_lm_evals_loglikelihood_with_and_without_a_context(
     tmp_path: Path, model_folder: Path, monkeypatch, bos: bool
 ) -> None:
     """Continuations after a context and after an empty one (lm-eval's unconditional case: the BOS, else the EOS,
-    as the context) equal lm-eval's own `hf` model's loglikelihood on the same folder, is_greedy included."""
+    as the context, which a continuation that starts with it has as its own) equal lm-eval's own `hf` model's
+    loglikelihood on the same folder, is_greedy included."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
@@ -175,7 +176,7 @@ def test_task_score_gives_lm_evals_loglikelihood_with_and_without_a_context(
         model_folder = _bos_folder(tmp_path / "bos-model")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rows = [
-        {"prompt": "", "continuations": ["w40", "w41 w42 w43"]},
+        {"prompt": "", "continuations": ["w40", "w41 w42 w43", "<s> w305"]},  # <s>: the prefix token itself
         {"prompt": "w30 w31 w32 ", "continuations": ["w44", "w45 w46"]},
     ]
     out = run(tmp_path, model_folder, rows, task="score")
