@@ -6,7 +6,8 @@ On its own, on any Ray Dataset with a prompt column:
                    batch_format="pyarrow", concurrency=4, num_gpus=1)
 
 adds text, finish_reason, error, error_kind, prompt_tokens, output_tokens (and texts, finish_reasons, stop_reasons)
-to each row.
+to each row, and the columns the job asks for beyond them, as its own output has them: scores (task: score and
+score_rolling), top_logprobs, prompt_logprobs, parsed.
 
 In a `runner: ray` job (ray_run.py) it gets the blocks of ray_input.RowsSource and returns the job's own output
 rows (Layout.to_table: row, id, kept columns, text...), which Ray Data's writers write from the workers.
@@ -52,6 +53,9 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
+_ASKED_COLUMNS = ("top_logprobs", "prompt_logprobs", "scores", "parsed")
+
+
 class GenerateBatch:
     """A callable class for `ray.data.Dataset.map_batches`: each actor loads one engine and keeps it.
 
@@ -74,6 +78,7 @@ class GenerateBatch:
         self.layout = layout
         if layout is None:  # any dataset: no id check, the batch's own columns pass through
             layout = dataclasses.replace(layout_for(self.job, {}), id_column=None, keep_columns=())
+        self._job_layout = layout
         ids = KnownDuplicates(layout.id_column, duplicates or {})
         self.pipeline = RowPipeline(self.job, self.engine.tokenizer, layout, ids)
         self._next_row = 0  # rows named by position when the batch has no `row` column
@@ -83,8 +88,11 @@ class GenerateBatch:
         if self.layout is not None:
             return self.layout.to_table(self._generate(rows_of_block(table)))
         results = self._generate(self._rows(table))
-        passed = table.drop_columns([c for c in RESULT_SCHEMA.names if c in table.column_names])
         results_table = _result_table(results)
+        # What the job asks for beyond the fixed columns, typed as its output types them.
+        asked = self._job_layout.to_table(results)
+        results_table = _join(results_table, asked.select([n for n in _ASKED_COLUMNS if n in asked.column_names]))
+        passed = table.drop_columns([c for c in results_table.column_names if c in table.column_names])
         return results_table if passed.num_columns == 0 else _join(passed, results_table)
 
     def _generate(self, rows: list[Row]) -> list[RowResult]:

@@ -6,11 +6,13 @@ import json
 import random
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from tiny_models import hf_reference, word_tokenizer
 
 from kvbatch.jobs.arrow_io import read_arrow
+from kvbatch.jobs.records import TOP_LOGPROB
 from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
 
@@ -188,3 +190,25 @@ def test_task_score_gives_lm_evals_loglikelihood_with_and_without_a_context(
     for score, (logprob, is_greedy) in zip(got, want, strict=True):
         assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
         assert score["is_greedy"] == is_greedy
+
+
+def test_generate_batch_on_its_own_returns_the_columns_the_job_asks_for(model_folder: Path) -> None:
+    # GenerateBatch (Ray Data's callable) outside a runner: ray job: a scoring job's scores, against the float32
+    # reference, and a generation job's top_logprobs, typed as the job's own output types them.
+    from kvbatch.jobs.ray_data import GenerateBatch
+
+    base = {"name": "x", "model": str(model_folder), "input": {"path": "-"}, "prompt": {"chat_template": False}}
+    base["engine"] = {"device": "cpu", "block_size": 4}
+    scoring = GenerateBatch({**base, "task": "score"})
+    table = scoring({"prompt": ["w5 w6 w7 "], "continuations": [["w40", "w41 w42"]]})
+    (row,) = table.to_pylist()
+    assert row["error"] is None and [s["num_tokens"] for s in row["scores"]] == [1, 2]
+    for continuation, score in zip(["w40", "w41 w42"], row["scores"]):
+        tokens = ids("w5 w6 w7") + ids(continuation)
+        rows_lp = reference_logprobs(tokens)[len(ids("w5 w6 w7")) - 1 : -1]
+        want = rows_lp.gather(1, torch.tensor(ids(continuation))[:, None]).sum().item()
+        assert score["logprob"] == pytest.approx(want, abs=TOLERANCE * len(ids(continuation)))
+    sampling = {"max_new_tokens": 3, "top_logprobs": 2, "ignore_eos": True}
+    table = GenerateBatch({**base, "sampling": sampling})({"prompt": ["w5 w6"]})
+    assert table.schema.field("top_logprobs").type == pa.list_(pa.list_(TOP_LOGPROB))
+    assert [len(step) for step in table.column("top_logprobs")[0].as_py()] == [2, 2, 2]
