@@ -45,6 +45,13 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
             "set output.format to arrow, parquet or jsonl",
             field="task",
         )
+    if job.task == "score_rolling" and job.sampling.prompt_logprobs:
+        # The windows score every token, but a text longer than the context has no one prompt to align them to.
+        raise SpecError(
+            "task score_rolling writes each text's log-likelihood in `scores`; prompt_logprobs (each prompt token's "
+            "log-probability) applies to task generate and task score, for prompts that fit the context",
+            field="sampling.prompt_logprobs",
+        )
     multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
     reasoning = splits_reasoning(job)
     if reasoning and "reasoning" in (job.id_column, *job.keep_columns):

@@ -164,6 +164,20 @@ def test_scoring_refuses_openai_batch_output(tmp_path: Path) -> None:
     assert layout_for(job(output={"format": "jsonl"}), {}).scores
 
 
+def test_rolling_scores_refuse_prompt_logprobs(tmp_path: Path) -> None:
+    # A rolling text has no one prompt to align per-token log-probabilities to: refused when the job loads, not
+    # written as a null column.
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.job_io import layout_for
+
+    base = {"name": "j", "input": {"path": "in.jsonl"}, "task": "score_rolling"}
+    with pytest.raises(SpecError, match="prompt_logprobs .* applies to task generate and task score") as refused:
+        layout_for(job_from_dict(base | {"sampling": {"prompt_logprobs": True}}, base_dir=str(tmp_path)), {})
+    assert refused.value.field == "sampling.prompt_logprobs"
+    score = {**base, "task": "score", "sampling": {"prompt_logprobs": True}}
+    assert layout_for(job_from_dict(score, base_dir=str(tmp_path)), {}).prompt_logprobs
+
+
 @pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "adds-bos"])
 def test_task_score_gives_lm_evals_loglikelihood_with_and_without_a_context(
     tmp_path: Path, model_folder: Path, monkeypatch, bos: bool
