@@ -163,8 +163,8 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                     f"{row.where}: a rolling text is scored in windows of the context ({sizing.max_model_len} "
                     f"tokens), and the KV pool holds {pool.num_tokens}",
                 )
-            elif request.continuations is not None:  # as the engine: prompt + continuation less its last token
-                longest = len(ids) + max(map(len, request.continuations), default=1) - 1
+            elif request.continuations is not None:  # refused by the engine's rule
+                longest = request.longest_scored_sequence
                 if longest > capacity:
                     error = RowError(
                         ErrorKind.PROMPT_TOO_LONG,

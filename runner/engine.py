@@ -356,7 +356,7 @@ class Engine:
                 ErrorKind.BAD_REQUEST,
                 "a scoring request needs at least one continuation, and no continuation may be empty",
             )
-        longest = len(request.prompt_token_ids) + max(len(c) for c in request.continuations) - 1
+        longest = request.longest_scored_sequence
         if longest > self.capacity_tokens:
             return ErrorKind.PROMPT_TOO_LONG, (
                 f"the prompt has {len(request.prompt_token_ids)} tokens and its longest continuation "

@@ -32,6 +32,13 @@ class GenerationRequest:
         """A scoring request (continuations or rolling): its result holds `scores`, not completions."""
         return self.continuations is not None or self.rolling_prefix is not None
 
+    @property
+    def longest_scored_sequence(self) -> int:
+        """Tokens of a scoring request's longest sequence: its prompt and longest continuation less that
+        continuation's last token, which is scored and never input (so one token more than the context fits)."""
+        assert self.continuations is not None, "only a request with continuations has scored sequences"
+        return len(self.prompt_token_ids) + max(map(len, self.continuations), default=1) - 1
+
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_token_ids, list):  # a tuple or numpy array: `prompt + output` must concatenate
             object.__setattr__(self, "prompt_token_ids", [int(t) for t in self.prompt_token_ids])
