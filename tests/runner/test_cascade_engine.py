@@ -1,6 +1,8 @@
 """The cascade decode wired into the engine: which steps get a shared prefix, and the same greedy tokens as the
 torch reference when rows share a cached system prompt (Triton kernels, in the interpreter on the CPU)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -27,7 +29,10 @@ def test_shared_prefix_is_the_common_leading_pages_leaving_each_decode_its_newes
 
 @pytest.fixture(scope="module")
 def loaded():
-    return tiny_loaded("llama", seed=2)
+    loaded = tiny_loaded("llama", seed=2)
+    if torch.cuda.is_available():  # compiled kernels read the GPU's memory; the CPU runs them interpreted
+        loaded = dataclasses.replace(loaded, model=loaded.model.to("cuda"), device=torch.device("cuda"))
+    return loaded
 
 
 def _requests() -> list[GenerationRequest]:
