@@ -30,7 +30,7 @@ import triton
 from triton.testing import do_bench
 
 from kvbatch.cache import attention_torch, attention_triton
-from kvbatch.cache.metadata import AttentionMetadata
+from kvbatch.cache.metadata import AttentionMetadata, Rotary
 
 # (num_heads, num_kv_heads, head_dim) of the engine's three model shapes.
 SHAPES = {"llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}
@@ -369,8 +369,19 @@ def prefill_speed(sweep: bool) -> None:
             step = make_step(seqs, SHAPES[name], 16, torch.bfloat16)
             fn = functools.partial(attention_triton.paged_attention, *step, head_dim**-0.5)
             ms = do_bench(fn, warmup=10, rep=100, return_mode="median")
+            # The same step with its queries rotated as the kernel loads them (metadata.Rotary).
+            rotary = Rotary(*torch.randn(2, step[0].shape[0], head_dim, device=DEVICE, dtype=torch.bfloat16))
+            rotary_fn = functools.partial(fn, rotary=rotary)
+            rotary_ms = do_bench(rotary_fn, warmup=10, rep=100, return_mode="median")
             flops = prefill_flops(seqs, num_heads, head_dim)
-            emit("prefill", shape=name, case=label, ms=round(ms, 4), tflop_per_s=round(flops / ms / 1e9, 1))
+            emit(
+                "prefill",
+                shape=name,
+                case=label,
+                ms=round(ms, 4),
+                tflop_per_s=round(flops / ms / 1e9, 1),
+                rotary_ms=round(rotary_ms, 4),
+            )
             if sweep:
                 prefill_sweep(step, name, label, fn, flops)
             del step

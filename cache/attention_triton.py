@@ -26,8 +26,11 @@ Output rows that belong to no sequence come out zero: a pure-decode step (every 
 kernel write every row, any other step zeros only its padding rows first. A decode with seq_len 0 gives zeros.
 Softmax runs in base 2 (exp2) with fp32 statistics and fp32 accumulators for every input dtype.
 
+Given a Rotary (metadata), q and k arrive unrotated: write_kv rotates each key before storing it, the prefill
+kernel each query as it loads it, and the decode rows are rotated into a new tensor for the decode kernel.
+
 The kernels live in attention_triton_write (KV write, padding rows), attention_triton_tile (the shared online-softmax
-step), attention_triton_prefill, attention_triton_decode (decode + split reduce) and
+step), attention_triton_rotary, attention_triton_prefill, attention_triton_decode (decode + split reduce) and
 attention_triton_cascade (the shared prefix); this module picks their launch parameters and holds the
 public calls and warm_up.
 """
@@ -43,8 +46,9 @@ import triton
 from .attention_triton_cascade import _cascade_kernel
 from .attention_triton_decode import _decode_kernel, _reduce_kernel
 from .attention_triton_prefill import _prefill_kernel
+from .attention_triton_rotary import _rotate_rows_kernel
 from .attention_triton_write import _write_kv_kernel, _zero_rows_kernel
-from .metadata import PLAIN, AttentionMetadata, LayerAttention
+from .metadata import PLAIN, AttentionMetadata, LayerAttention, Rotary
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
@@ -174,6 +178,7 @@ def write_kv(
     key: torch.Tensor,  # [num_rows, num_kv_heads, head_dim], any float dtype, cast to the cache's
     value: torch.Tensor,  # same
     slot_mapping: torch.Tensor,  # [num_rows] int64, -1 = skip
+    rotary: Rotary | None = None,  # the keys arrive unrotated: rotate each before storing it
 ) -> None:
     num_rows, num_kv_heads, head_dim = key.shape
     _check_cache(key_cache, value_cache, key_cache.shape[1])
@@ -181,12 +186,16 @@ def write_kv(
         raise ValueError("key and value need a contiguous head_dim axis")
     if num_rows == 0:
         return
+    rope = _rotary_args(rotary, num_rows, head_dim, key)
     _write_kv_kernel[(num_rows,)](
         key,
         value,
         key_cache,
         value_cache,
         slot_mapping,
+        rope["cos"],
+        rope["sin"],
+        rope["stride_cos"],
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -199,7 +208,44 @@ def write_kv(
         PAGE=key_cache.shape[1],
         BLOCK_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
+        ROPE=rope["ROPE"],
     )
+
+
+def _rotary_args(rotary: Rotary | None, num_rows: int, head_dim: int, like: torch.Tensor) -> dict[str, object]:
+    """The kernels' rotary arguments (constexpr ROPE off, pointers never read, without a Rotary)."""
+    if rotary is None:
+        return {"cos": like, "sin": like, "stride_cos": 0, "ROPE": False}
+    cos, sin = rotary.cos, rotary.sin
+    if cos.shape != (num_rows, head_dim) or sin.shape != cos.shape:
+        shapes = f"{tuple(cos.shape)} and {tuple(sin.shape)}"
+        raise ValueError(f"rotary tables of {shapes} for {num_rows} rows of head_dim {head_dim}")
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride() or head_dim % 2:
+        raise ValueError("rotary tables need one row stride, a unit last stride and an even head_dim")
+    return {"cos": cos, "sin": sin, "stride_cos": cos.stride(0), "ROPE": True}
+
+
+def _rotated_rows(query: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """The rows of query [n, num_heads, head_dim] rotated by rotary's first n rows, in a new tensor."""
+    num_rows, num_heads, head_dim = query.shape
+    first = dataclasses.replace(rotary, cos=rotary.cos[:num_rows], sin=rotary.sin[:num_rows])
+    rope = _rotary_args(first, num_rows, head_dim, query)
+    out = torch.empty((num_rows, num_heads, head_dim), dtype=query.dtype, device=query.device)
+    if num_rows:
+        _rotate_rows_kernel[(num_rows,)](
+            query,
+            out,
+            rope["cos"],
+            rope["sin"],
+            query.stride(0),
+            query.stride(1),
+            rope["stride_cos"],
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_H=triton.next_power_of_2(num_heads),
+            BLOCK_D=triton.next_power_of_2(head_dim),
+        )
+    return out
 
 
 def _layer_args(layer: LayerAttention, meta: AttentionMetadata) -> dict[str, object]:
@@ -347,7 +393,9 @@ def _decode(
         )
 
 
-def _prefill(query, key_cache, value_cache, meta, scale, out, layer: LayerAttention = PLAIN) -> None:
+def _prefill(
+    query, key_cache, value_cache, meta, scale, out, layer: LayerAttention = PLAIN, rotary: Rotary | None = None
+) -> None:
     """Writes the rows of sequences num_decodes.. of out. Grid from shapes (see attention_triton_prefill)."""
     num_prefills = meta.num_seqs - meta.num_decodes
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -359,6 +407,7 @@ def _prefill(query, key_cache, value_cache, meta, scale, out, layer: LayerAttent
     block_q = block_m // group_p
     grid = (triton.cdiv(query.shape[0] - meta.num_decodes, block_q) + num_prefills, num_kv_heads)
     layer_args = _layer_args(layer, meta)
+    rope = _rotary_args(rotary, query.shape[0], head_dim, query)
     _prefill_kernel[grid](
         query,
         key_cache,
@@ -368,6 +417,9 @@ def _prefill(query, key_cache, value_cache, meta, scale, out, layer: LayerAttent
         meta.seq_lens,
         meta.query_start_loc,
         layer_args["sinks_ptr"],
+        rope["cos"],
+        rope["sin"],
+        rope["stride_cos"],
         scale * _LOG2E,
         layer_args["window"],
         layer_args["softcap2"],
@@ -390,6 +442,7 @@ def _prefill(query, key_cache, value_cache, meta, scale, out, layer: LayerAttent
         WINDOW=layer_args["WINDOW"],
         SOFTCAP=layer_args["SOFTCAP"],
         SINKS=layer_args["SINKS"],
+        ROPE=rope["ROPE"],
         **_kernel_dtype_args(query, key_cache),
         **config,
     )
@@ -420,6 +473,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     layer: LayerAttention = PLAIN,  # soft-capping, sliding window, sinks ([num_heads] float32 on query's device)
+    rotary: Rotary | None = None,  # the queries arrive unrotated (their keys were written with it)
 ) -> torch.Tensor:  # [num_rows, num_heads, head_dim] query's dtype, zeros on padding rows
     num_rows, num_heads, _ = query.shape
     _check_cache(key_cache, value_cache, meta.block_size)
@@ -431,9 +485,11 @@ def paged_attention(
     if not meta.num_decodes == meta.num_seqs == num_rows:  # a pure-decode step writes every row in the kernel
         _zero_padding_rows(out, meta)
     if meta.num_decodes:
-        _decode(query, key_cache, value_cache, meta, scale, out, layer=layer)
+        # The decode kernel reads its rows as they are: rotate them first (a prefill program rotates its own).
+        decodes = query if rotary is None else _rotated_rows(query[: meta.num_decodes], rotary)
+        _decode(decodes, key_cache, value_cache, meta, scale, out, layer=layer)
     if meta.num_seqs > meta.num_decodes:
-        _prefill(query, key_cache, value_cache, meta, scale, out, layer)
+        _prefill(query, key_cache, value_cache, meta, scale, out, layer, rotary)
     return out
 
 
@@ -443,9 +499,9 @@ def warm_up(
     num_heads: int,
     dtype: torch.dtype,  # the queries' dtype
 ) -> None:
-    """Compile every kernel variant a run can meet (one per decode split count, DIRECT or not, and the
-    cascade's kernels with every reduce width its extra slots reach), so none compiles mid-run: a compile
-    takes about a second, and mixed steps pick their split counts from shapes."""
+    """Compile every kernel variant a run can meet (one per decode split count, DIRECT or not, the
+    cascade's kernels with every reduce width its extra slots reach, and the rotary variants), so none compiles
+    mid-run: a compile takes about a second, and mixed steps pick their split counts from shapes."""
     block_size, head_dim = key_cache.shape[1], key_cache.shape[3]
     device = key_cache.device
     meta = AttentionMetadata(
@@ -469,3 +525,10 @@ def warm_up(
         splits *= 2
     prefill = dataclasses.replace(meta, num_decodes=0)
     _prefill(query, key_cache, value_cache, prefill, 1.0, out)
+    if head_dim % 2 == 0:  # the variants that rotate q and k as they read them (metadata.Rotary)
+        table = torch.zeros(1, head_dim, dtype=dtype, device=device)
+        rotary = Rotary(table, table)
+        _prefill(query, key_cache, value_cache, prefill, 1.0, out, rotary=rotary)
+        _rotated_rows(query, rotary)
+        kv = torch.zeros(1, key_cache.shape[2], head_dim, dtype=dtype, device=device)
+        write_kv(key_cache, value_cache, kv, kv, meta.slot_mapping, rotary)  # slot -1: writes nothing

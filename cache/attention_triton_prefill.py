@@ -1,7 +1,8 @@
 """The Triton prefill kernel: flash attention over each chunk's query tokens and its cached prefix.
 
 A program owns (a block of query tokens, one sequence, one kv head); its rows stack the query heads of that
-kv head under each token, and keys below the first row's position skip the causal mask.
+kv head under each token, and keys below the first row's position skip the causal mask. With ROPE the queries
+arrive unrotated and the program rotates them as it loads them (attention_triton_rotary).
 
 The grid's first axis runs over the step's query blocks, all sequences' laid end to end: sequence s owns the
 blocks from T(s) = (query_start[s] - query_start[first]) // BLOCK_Q + (s - first) on, at least
@@ -16,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .attention_triton_rotary import _partner, _rotate
 from .attention_triton_tile import _attend_tile
 
 
@@ -45,6 +47,9 @@ def _prefill_kernel(
     seq_lens_ptr,
     query_start_ptr,
     sinks_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_cos,
     qk_scale,
     window,
     softcap2,
@@ -70,6 +75,7 @@ def _prefill_kernel(
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SINKS: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P  # query tokens per program
     block = tl.program_id(0)
@@ -90,11 +96,16 @@ def _prefill_kernel(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     rows = (row_start + token).to(tl.int64)
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_q_row + head[:, None] * stride_q_head + d[None, :],
-        mask=row_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    q_at = q_ptr + rows[:, None] * stride_q_row + head[:, None] * stride_q_head
+    q_mask = row_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_at + d[None, :], mask=q_mask, other=0.0)
+    if ROPE:  # q arrives unrotated (metadata.Rotary)
+        cos_at = rows[:, None] * stride_cos + d[None, :]
+        q = _rotate(
+            q, tl.load(q_at + _partner(d, HEAD_DIM)[None, :], mask=q_mask, other=0.0),
+            tl.load(cos_ptr + cos_at, mask=q_mask, other=0.0), tl.load(sin_ptr + cos_at, mask=q_mask, other=0.0),
+            d, HEAD_DIM,
+        )  # fmt: skip
     row_pos = first_pos + token
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite, so an all-masked tile gives alpha = 1, not NaN

@@ -1,10 +1,13 @@
 """The Triton kernels that write outside the attention proper: this step's K/V rows into their pages (see
-`attention_triton.write_kv`), and zeros into the output's padding rows."""
+`attention_triton.write_kv`), each key rotated first when the step hands its rotary tables (ROPE), and zeros into
+the output's padding rows."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .attention_triton_rotary import _partner, _rotate
 
 
 @triton.jit
@@ -14,6 +17,9 @@ def _write_kv_kernel(
     key_cache_ptr,
     value_cache_ptr,
     slot_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_cos,
     stride_k_row,
     stride_k_head,
     stride_v_row,
@@ -26,6 +32,7 @@ def _write_kv_kernel(
     PAGE: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + row).to(tl.int64)
@@ -36,7 +43,16 @@ def _write_kv_kernel(
     heads_ok = (heads < NUM_KV_HEADS) & ((slot + 0 * heads) >= 0)
     mask = heads_ok[:, None] & (d < HEAD_DIM)[None, :]
     dst = (slot // PAGE) * stride_c_block + (slot % PAGE) * stride_c_token + heads[:, None] * stride_c_head + d[None, :]
-    k = tl.load(key_ptr + row * stride_k_row + heads[:, None] * stride_k_head + d[None, :], mask=mask)
+    k_at = key_ptr + row * stride_k_row + heads[:, None] * stride_k_head
+    k = tl.load(k_at + d[None, :], mask=mask)
+    if ROPE:
+        d_ok = d < HEAD_DIM
+        k = _rotate(
+            k, tl.load(k_at + _partner(d, HEAD_DIM)[None, :], mask=mask),
+            tl.load(cos_ptr + row * stride_cos + d, mask=d_ok)[None, :],
+            tl.load(sin_ptr + row * stride_cos + d, mask=d_ok)[None, :],
+            d, HEAD_DIM,
+        )  # fmt: skip
     v = tl.load(value_ptr + row * stride_v_row + heads[:, None] * stride_v_head + d[None, :], mask=mask)
     tl.store(key_cache_ptr + dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)

@@ -34,12 +34,18 @@ class AttentionBackend:
     paged_attention: Callable[..., torch.Tensor]
     warm_up: Callable[..., None] | None = None  # (key_cache, value_cache, num_heads, dtype): compile kernels now
     cascade: bool = False  # reads AttentionMetadata.shared_prefix_len (the others attend to the whole context anyway)
+    rotary: bool = False  # write_kv and paged_attention take `rotary=` (metadata.Rotary): q and k arrive unrotated
 
 
 def _load(name: str) -> AttentionBackend:
     module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
     return AttentionBackend(
-        name, module.write_kv, module.paged_attention, getattr(module, "warm_up", None), name == "triton"
+        name,
+        module.write_kv,
+        module.paged_attention,
+        getattr(module, "warm_up", None),
+        cascade=name == "triton",
+        rotary=name == "triton",
     )
 
 

@@ -24,6 +24,10 @@ hands it to the attention function (attention_hook reads it from the layer's own
                      `kv_idx > q_idx - sliding_window`); local layers have it, global ones do not
     sinks:           [num_heads] float32, one learned logit per query head that joins every softmax's
                      denominator and contributes no value (gpt-oss's `s_aux`)
+
+Rotary is the rotary embedding a Triton step applies as it reads the rows, so no kernel of its own reads and
+rewrites q and k first: write_kv rotates each key before it stores it, the prefill kernel each query as it loads
+it (transformers' Llama layout, rotate_half; see attention_triton_rotary).
 """
 
 from __future__ import annotations
@@ -49,6 +53,16 @@ class LayerAttention:
 
 
 PLAIN = LayerAttention()
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """The step's rotary tables, rows aligned with its query rows: row r of q and k is rotated by cos[r], sin[r]
+    as x * cos + rotate_half(x) * sin, each product rounded to the rows' dtype (transformers' rounding). A model
+    that norms each head first (Qwen3's q_norm, k_norm) rotates its rows itself and hands none."""
+
+    cos: torch.Tensor  # [num_rows, head_dim], the rows' dtype, unit last stride
+    sin: torch.Tensor  # same, cos's strides
 
 
 @dataclass

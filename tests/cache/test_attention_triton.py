@@ -24,13 +24,14 @@ from kvbatch.cache import (  # noqa: E402
     attention_triton,
 )
 from kvbatch.cache.block_table import num_blocks_for, slots_for  # noqa: E402
-from kvbatch.cache.metadata import PLAIN, AttentionMetadata, LayerAttention  # noqa: E402
+from kvbatch.cache.metadata import PLAIN, AttentionMetadata, LayerAttention, Rotary  # noqa: E402
 
 if not CUDA and not isinstance(attention_triton._write_kv_kernel, InterpretedFunction):
     # Another module imported the kernels before the variable was set: decorate them again, interpreted,
     # the shared tile first, then the kernels that call it, then the module that launches them.
     for _name in (
         "attention_triton_tile",
+        "attention_triton_rotary",
         "attention_triton_write",
         "attention_triton_prefill",
         "attention_triton_decode",
@@ -281,6 +282,91 @@ def test_query_with_strided_rows():
     )
     fused = torch.cat([query, torch.randn_like(query)], dim=1)
     check(fused[:, :4], kc, vc, meta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_on_load_matches_transformers(dtype):
+    # Given a Rotary, write_kv rotates each key as it stores it, and paged_attention the queries: decodes (rotated
+    # into a new tensor for the decode kernel) and prefill chunks (as each program loads them). The keys in the
+    # cache must be transformers' rotation's, the output the attention over transformers' rotated rows.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    if CUDA:
+        seqs, shape = [(700, 1), (0, 1), (31, 1), (0, 517), (1200, 300), (17, 9)], (16, 32, 8, 64)
+    else:
+        seqs, shape = [(9, 1), (0, 1), (0, 13), (5, 6), (2, 3)], (4, 6, 2, 16)
+    block_size, num_heads, num_kv_heads, head_dim = shape
+    query, kc, vc, meta = make_step(
+        seqs,
+        block_size=block_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        num_decodes=2,
+        num_pad_rows=2,
+        seed=11,
+    )
+    rows = query.shape[0]
+    gen = torch.Generator().manual_seed(12)
+    key = (2 * torch.randn(rows, num_kv_heads, head_dim, generator=gen)).to(dtype).to(DEVICE)
+    value = torch.randn(rows, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    angles = 3 * torch.randn(rows, head_dim // 2, generator=gen)
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype).to(DEVICE)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype).to(DEVICE)
+    # transformers' layout: [batch, heads, rows, head_dim], cos/sin [batch, rows, head_dim]
+    want_q, want_k = apply_rotary_pos_emb(query.transpose(0, 1)[None], key.transpose(0, 1)[None], cos[None], sin[None])
+    want_q, want_k = want_q[0].transpose(0, 1), want_k[0].transpose(0, 1)
+    want_kc, want_vc = kc.clone(), vc.clone()
+    attention_torch.write_kv(want_kc, want_vc, want_k, value, meta.slot_mapping)
+    scale = head_dim**-0.5
+    want = attention_triton.paged_attention(want_q, want_kc, want_vc, meta, scale)
+
+    rotary = Rotary(cos, sin)
+    before = query.clone()
+    attention_triton.write_kv(kc, vc, key, value, meta.slot_mapping, rotary)
+    got = attention_triton.paged_attention(query, kc, vc, meta, scale, rotary=rotary)
+    assert torch.equal(query, before)  # the caller's rows are read, never rotated in place
+    assert torch.equal(vc, want_vc)
+    # fp32: equal to a rounding step (one fused multiply-add); bf16: a rounding step apart at most, the
+    # interpreter rounding to bf16 its own way (on a GPU, as torch does); the output then moves by a few steps.
+    tol = 2e-6 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(kc.float(), want_kc.float(), rtol=tol, atol=tol * 4)
+    tol = 1e-5 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    assert torch.equal(got[-2:], torch.zeros_like(got[-2:]))
+    # Without the rotation the output differs: the test sees it.
+    unrotated = attention_torch.paged_attention(query, kc, vc, meta, scale)
+    assert not torch.allclose(unrotated.float(), want.float(), atol=0.1)
+
+
+def test_rotation_is_the_same_bits_in_every_kernel():
+    # A token is a prefill row in one step and a decode in another (a preempted sequence recomputes its
+    # generated tokens as a prompt chunk): its query must be rotated to the same bits by the prefill kernel as
+    # for the decode kernel, and its key by write_kv. fp32, where no rounding separates a product from its sum.
+    query, kc, vc, meta = make_step(
+        [(9, 1), (3, 1), (0, 13), (5, 6)],
+        block_size=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        dtype=torch.float32,
+        num_decodes=2,
+        seed=13,
+    )
+    gen = torch.Generator().manual_seed(14)
+    angles = 3 * torch.randn(query.shape[0], 8, generator=gen)
+    rotary = Rotary(torch.cat([angles.cos()] * 2, -1).to(DEVICE), torch.cat([angles.sin()] * 2, -1).to(DEVICE))
+    rotated = attention_triton._rotated_rows(query, rotary)  # as the decode rows are
+    got = attention_triton.paged_attention(query, kc, vc, meta, 0.25, rotary=rotary)
+    assert torch.equal(got, attention_triton.paged_attention(rotated, kc, vc, meta, 0.25))
+    # write_kv's keys: the same rows, as kv heads, into pages of one token each
+    keys = query.reshape(-1, 1, 16)
+    key_cache = torch.zeros(keys.shape[0], 1, 1, 16, device=DEVICE)
+    repeated = Rotary(rotary.cos.repeat_interleave(4, 0), rotary.sin.repeat_interleave(4, 0))
+    slots = torch.arange(keys.shape[0], device=DEVICE)
+    attention_triton.write_kv(key_cache, torch.zeros_like(key_cache), keys, keys, slots, repeated)
+    assert torch.equal(key_cache.reshape(rotated.shape), rotated)
 
 
 def without_host_sync(monkeypatch, run):
