@@ -8,6 +8,7 @@ the 1-based line.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,9 @@ OPENAI_SAMPLING = {
     "logit_bias": "logit_bias",  # {"50256": -100}: string keys, as JSON has them
 }
 OPENAI_MAX_TOP_LOGPROBS = 20  # the API's own limit
+# The API's temperature range, where kvbatch's setting takes any (temperature 5 is a setting, not a chat request): a
+# body outside it is refused there, so it fails its line here. The other numbers' ranges are the settings' own.
+OPENAI_MAX_TEMPERATURE = 2
 
 
 def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
@@ -179,7 +183,7 @@ def openai_row(row: Row) -> Row:
     body = data.get("body")
     if not isinstance(body, dict):
         return bad.failed(ErrorKind.BAD_REQUEST, "an OpenAI Batch request needs a `body` object")
-    problem = _logprobs_problem(body)
+    problem = _logprobs_problem(body) or _temperature_problem(body)
     if problem:
         return bad.failed(ErrorKind.BAD_REQUEST, problem)
     overrides: dict[str, Any] = {}
@@ -218,4 +222,14 @@ def _logprobs_problem(body: dict[str, Any]) -> str | None:
         return f"top_logprobs must be an integer from 0 to {OPENAI_MAX_TOP_LOGPROBS}, got {top!r}"
     if top and logprobs is not True:
         return "top_logprobs needs logprobs: true"
+    return None
+
+
+def _temperature_problem(body: dict[str, Any]) -> str | None:
+    """Why the body's temperature is over the API's, or None (a wrong type, inf or NaN fails later, by name)."""
+    value = body.get("temperature")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if (isinstance(value, int) or math.isfinite(value)) and value > OPENAI_MAX_TEMPERATURE:
+        return f"temperature must be from 0 to {OPENAI_MAX_TEMPERATURE}, got {value!r}"
     return None

@@ -26,3 +26,16 @@ def test_a_wrongly_typed_body_field_fails_its_line_only(tmp_path, body, words) -
     assert error.code == "bad_request" and words in error.message and lines[1]["response"] is None
     assert [r.request_id for r in engine.requests] == [0, 2]
     assert all(lines[i]["response"]["body"]["choices"] for i in (0, 2))
+
+
+@pytest.mark.parametrize("temperature", [2.5, 3, 10**400])
+def test_a_temperature_over_the_apis_fails_its_line_only(tmp_path, temperature) -> None:
+    # The API refuses a temperature over 2 (kvbatch's own setting takes any): the line fails, the others run.
+    lines, engine = run_openai(
+        tmp_path, [request("ok1"), request("bad", temperature=temperature), request("ok2", temperature=2)]
+    )
+    error = BatchError.model_validate(lines[1]["error"])
+    assert error.code == "bad_request" and lines[1]["response"] is None
+    assert f"temperature must be from 0 to 2, got {str(temperature)[:20]}" in error.message
+    assert [r.request_id for r in engine.requests] == [0, 2]
+    assert engine.requests[1].sampling.temperature == 2  # the range's end is the API's too
