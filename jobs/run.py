@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch.errors import ErrorKind, InputError, InterruptedJob, JobError
-from kvbatch.jobs.job_io import open_job
+from kvbatch.jobs.job_io import JobIO, open_job
 from kvbatch.jobs.manifest import KVBATCH_VERSION
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.pipeline import RowPipeline
@@ -30,7 +30,7 @@ from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import JobSpec, job_adapters, spec_dict, spec_hash
 from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
-from kvbatch.jobs.writer import OutputWriter, metadata_strings
+from kvbatch.jobs.writer import OutputWriter, WriteReport, metadata_strings
 from kvbatch.runner.request import GenerationEngine, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,12 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         if writer.already_complete:
             log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
             return already_complete(out, io.summary)
+        if reader.num_rows == 0:  # an empty input, or input.limit 0: an empty output, no model to load for it
+            log.info("job %s: the input has no rows; writing an empty output without loading the model", job.name)
+            writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, None).items()}
+            writer.model = model_name(job.model)
+            report = writer.finalize(0)
+            return _summarise(job, io, report, RunCounts(), started, load_s=0.0, adapter_rows={})
         with stop.while_loading():
             engine, fresh = engines.get(job)
         load_s = time.monotonic() - started if fresh else 0.0
@@ -173,14 +179,27 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         cached_prompt_tokens=after.num_cached_prompt_tokens - before.num_cached_prompt_tokens,
         queried_prompt_tokens=after.num_queried_prompt_tokens - before.num_queried_prompt_tokens,
     )
+    return _summarise(job, io, report, counts, started, load_s, feed.pipeline.adapter_rows)
+
+
+def _summarise(
+    job: JobSpec,
+    io: JobIO,
+    report: WriteReport,
+    counts: RunCounts,
+    started: float,
+    load_s: float,
+    adapter_rows: dict[str, int],
+) -> Summary:
+    """The run's summary, written beside the output."""
     about = {
         "model": io.summary.model,
         "spec_hash": io.summary.spec_hash,
         "kvbatch_version": io.summary.kvbatch_version,
     }
-    summary = build_summary(job.name, out, report, counts, time.monotonic() - started, load_s, **about)
-    summary.adapters = dict(sorted(feed.pipeline.adapter_rows.items()))
-    summary.write(summary_path(out))
+    summary = build_summary(job.name, io.out, report, counts, time.monotonic() - started, load_s, **about)
+    summary.adapters = dict(sorted(adapter_rows.items()))
+    summary.write(summary_path(io.out))
     return summary
 
 

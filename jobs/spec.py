@@ -44,7 +44,7 @@ class InputSpec:
         "auto", "auto: from the path's extension"
     )
     split: str | None = setting(None, "datasets: which split of a DatasetDict")
-    limit: int | None = setting(None, "read at most this many rows", min=0)
+    limit: int | None = setting(None, "read at most this many rows (0: an empty output, no model loaded)", min=0)
     max_line_bytes: int = setting(8 * MIB, "JSONL: longer lines become error rows", min=1)
     batch_rows: int = setting(1024, "Parquet/datasets: rows per record batch read", min=1)
 
