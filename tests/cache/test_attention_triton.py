@@ -369,6 +369,21 @@ def test_rotation_is_the_same_bits_in_every_kernel():
     assert torch.equal(key_cache.reshape(rotated.shape), rotated)
 
 
+def test_rotary_tables_of_the_wrong_shape_are_refused():
+    query, kc, vc, meta = make_step(
+        [(3, 2)], block_size=4, num_heads=2, num_kv_heads=1, head_dim=16, dtype=torch.float32, num_decodes=0
+    )
+    key = torch.zeros(2, 1, 16, device=DEVICE)
+    short = Rotary(torch.zeros(1, 16, device=DEVICE), torch.zeros(1, 16, device=DEVICE))  # one row for two
+    with pytest.raises(ValueError, match=r"rotary tables of \(1, 16\) and \(1, 16\) for 2 rows of head_dim 16"):
+        attention_triton.write_kv(kc, vc, key, key, meta.slot_mapping, short)
+    with pytest.raises(ValueError, match="for 2 rows of head_dim 16"):
+        attention_triton.paged_attention(query, kc, vc, meta, 0.25, rotary=short)
+    strided = torch.zeros(2, 32, device=DEVICE)[:, ::2]
+    with pytest.raises(ValueError, match="unit last stride"):
+        attention_triton.paged_attention(query, kc, vc, meta, 0.25, rotary=Rotary(strided, strided))
+
+
 def without_host_sync(monkeypatch, run):
     """run() with every read of a tensor's value back to the host made an error (on a GPU: sync debug mode)."""
 
