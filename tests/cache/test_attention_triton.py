@@ -285,17 +285,20 @@ def test_query_with_strided_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_on_load_matches_transformers(dtype):
+@pytest.mark.parametrize("head_dim", [64, 80] if CUDA else [16, 24])  # 80, 24: halves not a power of two, masked
+def test_rotary_on_load_matches_transformers(dtype, head_dim):
     # Given a Rotary, write_kv rotates each key as it stores it, and paged_attention the queries: decodes (rotated
     # into a new tensor for the decode kernel) and prefill chunks (as each program loads them). The keys in the
     # cache must be transformers' rotation's, the output the attention over transformers' rotated rows.
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     if CUDA:
-        seqs, shape = [(700, 1), (0, 1), (31, 1), (0, 517), (1200, 300), (17, 9)], (16, 32, 8, 64)
+        seqs, (block_size, num_heads, num_kv_heads) = (
+            [(700, 1), (0, 1), (31, 1), (0, 517), (1200, 300), (17, 9)],
+            (16, 32, 8),
+        )
     else:
-        seqs, shape = [(9, 1), (0, 1), (0, 13), (5, 6), (2, 3)], (4, 6, 2, 16)
-    block_size, num_heads, num_kv_heads, head_dim = shape
+        seqs, (block_size, num_heads, num_kv_heads) = [(9, 1), (0, 1), (0, 13), (5, 6), (2, 3)], (4, 6, 2)
     query, kc, vc, meta = make_step(
         seqs,
         block_size=block_size,
