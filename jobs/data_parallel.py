@@ -110,7 +110,7 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
     if job.output.mode == "error" and out.exists():
         raise OutputError(f"{out} already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
     if stop.stopped:  # a signal during an earlier job: start no processes for nothing
-        raise InterruptedJob(f"job {job.name}: not started, stopped by {stop.signal_name}; rerun to run it")
+        raise InterruptedJob(f"not started, stopped by {stop.signal_name}; rerun to run it", job=job.name)
     shards = target.split(ways)
     devices = assign_devices(job, ways, job.parallel.tensor)
     threads = max(1, (os.cpu_count() or 1) // ways)
@@ -235,15 +235,15 @@ def _combined_error(job: JobSpec, failures: list[tuple[Shard, BaseException]]) -
     lines = "; ".join(f"shard {s}: {exc}" for s, exc in failures)
     if any(isinstance(exc, (InterruptedJob, KeyboardInterrupt)) for _, exc in failures):
         return InterruptedJob(
-            f"job {job.name}: stopped; finished rows of every shard are saved, rerun to resume ({lines})"
+            f"stopped; finished rows of every shard are saved, rerun to resume ({lines})", job=job.name
         )
     if len(failures) == 1:
         return failures[0][1]
     kinds = {type(exc) for _, exc in failures}
     kind = kinds.pop() if len(kinds) == 1 else JobError
     if issubclass(kind, JobError):  # keeps the exit code (a locked output stays 4)
-        return kind(f"job {job.name}: {len(failures)} data-parallel shards failed: {lines}")
-    return JobError(f"job {job.name}: {len(failures)} data-parallel shards failed: {lines}")
+        return kind(f"{len(failures)} data-parallel shards failed: {lines}", job=job.name)
+    return JobError(f"{len(failures)} data-parallel shards failed: {lines}", job=job.name)
 
 
 def _complete_summary(job: JobSpec, out: Path) -> Summary | None:

@@ -117,8 +117,9 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         write_json(provenance_path(out), {"model": model_name(job.model), "metadata": job_metadata(job, None)})
         if report.num_rows != source.num_rows:
             raise JobError(
-                f"job {job.name}: {shown_path(parts)} holds {report.num_rows} of {source.num_rows} rows after the "
-                "Ray run; rerun to resume"
+                f"{shown_path(parts)} holds {report.num_rows} of {source.num_rows} rows after the Ray run; "
+                "rerun to resume",
+                job=job.name,
             )
         manifest.complete = True
         manifest.save(work / "manifest.json")
@@ -214,7 +215,7 @@ def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint
             worker.join(0.5)
             if stop.stopped:
                 raise InterruptedJob(
-                    f"job {job.name}: stopped by {stop.signal_name}; committed blocks are kept, rerun to resume"
+                    f"stopped by {stop.signal_name}; committed blocks are kept, rerun to resume", job=job.name
                 )
     finally:
         if saved is not None or hasattr(context, "checkpoint_config"):
@@ -222,8 +223,8 @@ def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint
     if failure:
         exc = failure[0]
         raise JobError(
-            f"job {job.name}: the Ray run failed ({type(exc).__name__}: {str(exc)[:2000]}); "
-            "committed blocks are kept, rerun to resume"
+            f"the Ray run failed ({type(exc).__name__}: {str(exc)[:2000]}); committed blocks are kept, rerun to resume",
+            job=job.name,
         ) from exc
 
 

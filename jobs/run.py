@@ -147,8 +147,8 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
             raise  # the writer's own errors (disk full...) already say what happened
         except Exception as exc:
             raise JobError(
-                f"job {job.name}: the engine failed ({type(exc).__name__}: {exc}); "
-                "finished rows are saved, rerun to resume"
+                f"the engine failed ({type(exc).__name__}: {exc}); finished rows are saved, rerun to resume",
+                job=job.name,
             ) from exc
         finally:
             progress.close()
@@ -158,14 +158,15 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         if unreadable:
             writer.commit_part()
             raise InputError(
-                f"job {job.name}: {unreadable[0]}; the {len(writer.done_rows)} rows before it are committed, "
-                "repair or replace the file to go further"
+                f"{unreadable[0]}; the {len(writer.done_rows)} rows before it are committed, "
+                "repair or replace the file to go further",
+                job=job.name,
             )
         if stop.stopped and not (feed.exhausted and not feed.pipeline.pending):  # rows left: a rerun does them
             writer.commit_part()
             raise InterruptedJob(
-                f"job {job.name}: stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, "
-                "rerun to resume"
+                f"stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, rerun to resume",
+                job=job.name,
             )
         report = writer.finalize(feed.num_rows)
     after = engine.stats

@@ -27,6 +27,14 @@ class JobOutcome:
     summary: Summary | None = None
     error: BaseException | None = None
 
+    @property
+    def error_message(self) -> str:
+        """The error's message, without the "job NAME: " it leads with when raised about this job: what says
+        "job NAME failed" names it already."""
+        if isinstance(self.error, JobError) and self.error.job == self.job:
+            return self.error.detail
+        return str(self.error)
+
 
 def run_jobs(
     jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: EngineFactory = default_engine_factory
@@ -42,7 +50,7 @@ def run_jobs(
                     JobOutcome(
                         job.name,
                         error=InterruptedJob(
-                            f"job {job.name}: not started, stopped by {stop.signal_name}; rerun to run it"
+                            f"not started, stopped by {stop.signal_name}; rerun to run it", job=job.name
                         ),
                     )
                 )
@@ -53,14 +61,15 @@ def run_jobs(
                 outcomes.append(JobOutcome(job.name, error=exc))
                 break
             except KvbatchError as exc:  # says what to change: the model, the machine, the budget, the spec
-                log.info("job %s failed: %s", job.name, exc)  # the outcome carries it; the CLI prints it once
                 outcomes.append(JobOutcome(job.name, error=exc))
+                log.info("job %s failed: %s", job.name, outcomes[-1].error_message)  # the CLI prints it once
             except Exception as exc:
                 # A bug: its traceback goes to the log, and the jobs after this one still run.
                 log.exception("job %s failed on an unexpected error", job.name)
                 error = JobError(
-                    f"job {job.name}: unexpected {type(exc).__name__}: {exc} (a bug, traceback logged above); "
-                    "committed rows are kept, rerun to resume"
+                    f"unexpected {type(exc).__name__}: {exc} (a bug, traceback logged above); "
+                    "committed rows are kept, rerun to resume",
+                    job=job.name,
                 )
                 outcomes.append(JobOutcome(job.name, error=error))
             except TensorParallelLost as exc:  # a rank is gone: no job of this run can go on

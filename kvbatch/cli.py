@@ -340,7 +340,7 @@ def _finish(outcomes: list[JobOutcome]) -> None:
             typer.echo(outcome.summary.format())
         else:
             assert outcome.error is not None, "an outcome has a summary or an error"
-            typer.echo(f"kvbatch: job {outcome.job} failed: {outcome.error}", err=True)
+            typer.echo(f"kvbatch: job {outcome.job} failed: {outcome.error_message}", err=True)
             codes.append(exit_code_of(outcome.error))
     if max(codes) != OK:
         raise typer.Exit(INTERRUPTED if INTERRUPTED in codes else max(codes))

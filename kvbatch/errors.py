@@ -121,7 +121,13 @@ class TensorParallelLost(BaseException):
 
 
 class JobError(KvbatchError):
-    """A job could not run or finish."""
+    """A job could not run or finish. Raised with `job`, its message leads with "job NAME: " and `detail` is the
+    message without it: the CLI, which names the failed job itself, prints the detail."""
+
+    def __init__(self, detail: str, *, job: str | None = None) -> None:
+        super().__init__(detail if job is None else f"job {job}: {detail}")
+        self.job = job
+        self.detail = detail
 
 
 class InputError(JobError):

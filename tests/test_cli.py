@@ -240,18 +240,22 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
 
 
 @pytest.mark.parametrize(
-    ("error", "code"),
+    ("error", "code", "message"),
     [
-        (JobError("job a: the engine failed"), 1),
-        (InterruptedJob("job a: stopped by SIGTERM"), 3),
-        (OutputLockedError("out/a.arrow is locked by pid 12"), 4),
+        (JobError("the engine failed", job="a"), 1, "the engine failed"),
+        (InterruptedJob("stopped by SIGTERM", job="a"), 3, "stopped by SIGTERM"),
+        (OutputLockedError("out/a.arrow is locked by pid 12"), 4, "out/a.arrow is locked by pid 12"),
     ],
 )
-def test_job_outcomes_become_exit_codes(tmp_path: Path, recorder: Recorder, error: Exception, code: int) -> None:
+def test_job_outcomes_become_exit_codes(
+    tmp_path: Path, recorder: Recorder, error: Exception, code: int, message: str
+) -> None:
     recorder.outcomes = [JobOutcome("ok", Summary("ok", "out/ok.arrow")), JobOutcome("a", error=error)]
     result = invoke("run", jobs_file(tmp_path))
     assert result.exit_code == code
-    assert f"kvbatch: job a failed: {error}" in result.stderr and "job ok: done" in result.stdout
+    # The job is named once: an error raised about it leads with "job a: " elsewhere (logs, the Python API).
+    assert f"kvbatch: job a failed: {message}\n" in result.stderr and "job ok: done" in result.stdout
+    assert str(error) == (message if isinstance(error, OutputLockedError) else f"job a: {message}")
 
 
 def test_interrupt_wins_over_a_failure(tmp_path: Path, recorder: Recorder) -> None:
