@@ -22,6 +22,7 @@ import atexit
 import gc
 import hashlib
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -561,9 +562,11 @@ class Engine:
         # engine.seed makes unseeded rows reproducible by id; without it each call (job) draws a fresh base
         seed_base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(7), "little")
         exhausted = False
-        # Requests waiting ahead of the scheduler: a step's worth before the first step (the device starts sooner),
-        # then two, taken in while steps run.
+        # Requests waiting ahead of the scheduler: before the first step, one step's tokens (or sequences), so the
+        # device starts sooner; then two steps' sequences, taken in while steps run.
         lookahead = self.config.max_num_seqs
+        token_cap: float = self.max_num_batched_tokens
+        num_intakes = 0
         in_flight: _InFlight | None = None
         # Constrained requests whose grammar is still compiling: they join the scheduler once it is ready.
         compiling: list[tuple[GenerationRequest, Future]] = []
@@ -571,15 +574,22 @@ class Engine:
         failed: Exception | None = None  # what the intake raised (the caller's iterator), raised between steps
 
         def take_in() -> None:
-            """Pull requests until `lookahead` of them wait (or compile, or were refused)."""
-            nonlocal exhausted, lookahead, failed
+            """Pull requests until `lookahead` of them wait (or compile, or were refused), or `token_cap` tokens."""
+            nonlocal exhausted, lookahead, token_cap, failed, num_intakes
+            num_intakes += 1
+            taken_tokens = 0
             with self.timer.phase("intake"):
                 try:
-                    while not exhausted and len(scheduler.waiting) + len(compiling) + len(refused) < lookahead:
+                    while (
+                        not exhausted
+                        and taken_tokens < token_cap
+                        and len(scheduler.waiting) + len(compiling) + len(refused) < lookahead
+                    ):
                         request = next(source, None)
                         if request is None:
                             exhausted = True
                             break
+                        taken_tokens += request.num_input_tokens
                         refusal = self._adapter_problem(request) or self._never_fits(request)
                         if refusal:
                             refused.append(self._error_result(request, *refusal))
@@ -590,13 +600,15 @@ class Engine:
                 except Exception as exc:  # noqa: BLE001 - raised once the step being launched is in flight
                     exhausted = True
                     failed = exc
-            lookahead = 2 * self.config.max_num_seqs
+            lookahead, token_cap = 2 * self.config.max_num_seqs, math.inf
 
         self._generating = True
         self._num_scoring = 0
         try:
             while True:
-                if in_flight is None:  # else _step takes requests in while the device runs the steps it has
+                # With a step in flight _step takes requests in once it launched the next, but the first intake held
+                # one step: the second, while the device runs that step, fills the queue the next is planned from.
+                if in_flight is None or num_intakes == 1:
                     take_in()
                 if failed is not None:
                     raise failed

@@ -39,6 +39,12 @@ class GenerationRequest:
         assert self.continuations is not None, "only a request with continuations has scored sequences"
         return len(self.prompt_token_ids) + max(map(len, self.continuations), default=1) - 1
 
+    @property
+    def num_input_tokens(self) -> int:
+        """Tokens its prefills put through the model, at most: the prompt, and each continuation less its last token
+        (scored, never input). The prefix cache may hold some of them; samples share the prompt."""
+        return len(self.prompt_token_ids) + sum(len(c) - 1 for c in self.continuations or ())
+
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_token_ids, list):  # a tuple or numpy array: `prompt + output` must concatenate
             object.__setattr__(self, "prompt_token_ids", [int(t) for t in self.prompt_token_ids])

@@ -69,6 +69,34 @@ def test_a_stream_of_refused_requests_is_pulled_lazily(loaded) -> None:
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
+def test_the_first_step_waits_for_one_steps_tokens_only(loaded, async_scheduling) -> None:
+    """The device starts once one step's tokens are taken in (here 64 tokens: 4 requests of 16 prompt tokens
+    and 4 continuations of 2), not max_num_seqs (16 such requests); the second step is still full: the rest are
+    taken in before it is planned."""
+    engine = make_engine(loaded, max_num_seqs=64, num_blocks_override=256, async_scheduling=async_scheduling)
+    pulled, pulled_at_step = 0, []
+
+    def stream():
+        nonlocal pulled
+        for i in range(40):
+            pulled += 1
+            yield GenerationRequest(i, [5 + i % 7] * 16, continuations=[[8, 9], [10, 11], [12, 13], [14, 15]])
+
+    forward, step_tokens = engine.runner.forward, []
+
+    def counting_forward(inputs):
+        pulled_at_step.append(pulled)
+        step_tokens.append(inputs.input_ids.shape[-1])
+        return forward(inputs)
+
+    engine.runner.forward = counting_forward
+    results = list(engine.generate(stream()))
+    assert pulled_at_step[0] == 4, pulled_at_step  # 20 input tokens each: 60 < 64 <= 80
+    assert sorted(r.request_id for r in results) == list(range(40)) and all(r.error is None for r in results)
+    assert step_tokens[:2] == [64, 64], step_tokens
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
 def test_a_request_stream_that_raises_ends_the_call_and_frees_the_pool(loaded, async_scheduling) -> None:
     """With a step in flight the engine pulls requests after launching the next step; what the caller's
     iterator raises then still comes out of generate(), after the steps in flight are taken in."""
