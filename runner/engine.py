@@ -562,10 +562,6 @@ class Engine:
         # engine.seed makes unseeded rows reproducible by id; without it each call (job) draws a fresh base
         seed_base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(7), "little")
         exhausted = False
-        # Requests waiting ahead of the scheduler: before the first step, one step's tokens (or sequences), so the
-        # device starts sooner; then two steps' sequences, taken in while steps run.
-        lookahead = self.config.max_num_seqs
-        token_cap: float = self.max_num_batched_tokens
         num_intakes = 0
         in_flight: _InFlight | None = None
         # Constrained requests whose grammar is still compiling: they join the scheduler once it is ready.
@@ -574,9 +570,14 @@ class Engine:
         failed: Exception | None = None  # what the intake raised (the caller's iterator), raised between steps
 
         def take_in() -> None:
-            """Pull requests until `lookahead` of them wait (or compile, or were refused), or `token_cap` tokens."""
-            nonlocal exhausted, lookahead, token_cap, failed, num_intakes
+            """Pull requests until `lookahead` of them wait (or compile, or were refused), or `token_cap` tokens:
+            the first intake one step's tokens (or sequences), so the device starts sooner; then two steps'
+            sequences, taken in while steps run."""
+            nonlocal exhausted, failed, num_intakes
+            first = num_intakes == 0
             num_intakes += 1
+            lookahead = self.config.max_num_seqs * (1 if first else 2)
+            token_cap = self.max_num_batched_tokens if first else math.inf
             taken_tokens = 0
             with self.timer.phase("intake"):
                 try:
@@ -600,7 +601,6 @@ class Engine:
                 except Exception as exc:  # noqa: BLE001 - raised once the step being launched is in flight
                     exhausted = True
                     failed = exc
-            lookahead, token_cap = 2 * self.config.max_num_seqs, math.inf
 
         self._generating = True
         self._num_scoring = 0
