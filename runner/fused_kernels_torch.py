@@ -54,6 +54,8 @@ def rope_(
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up [rows, 2 n] = [gate | up]: [rows, n]."""
+    """silu(gate) * up for gate_up [rows, 2 n] = [gate | up]: [rows, n]. torch's SiLU, as transformers' module runs
+    it: the last elements of each thread's slice take its scalar code, one rounding step from the vector code's at
+    times, so with many threads a row's bits can depend on the step (docs/design.md, "Batch invariance")."""
     n = gate_up.shape[-1] // 2
     return F.silu(gate_up[..., :n]) * gate_up[..., n:]
