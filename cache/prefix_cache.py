@@ -34,12 +34,17 @@ def chain_hashes(
     """Hashes of the full blocks of `token_ids`, which follow the block hashed `parent` (None: they start
     the sequence). A trailing partial block gets none."""
     header = len(extra_key).to_bytes(4, "little") + extra_key
-    data = array("q", token_ids).tobytes()  # one conversion for all blocks: this runs for every prompt token
+    # One conversion for all blocks (this runs for every prompt token), each block fed to its hash as a view:
+    # hashing digest + header + block in one call built that bytes object first, 40% of the time.
+    data = memoryview(array("q", token_ids)).cast("B")
     block_bytes = block_size * _TOKEN_BYTES
     hashes = []
     digest = parent if parent is not None else _ROOT
     for start in range(0, len(token_ids) // block_size * block_bytes, block_bytes):
-        digest = hashlib.blake2b(digest + header + data[start : start + block_bytes], digest_size=16).digest()
+        h = hashlib.blake2b(digest, digest_size=16)
+        h.update(header)
+        h.update(data[start : start + block_bytes])
+        digest = h.digest()
         hashes.append(digest)
     return hashes
 
