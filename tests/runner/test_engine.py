@@ -69,10 +69,10 @@ def test_a_stream_of_refused_requests_is_pulled_lazily(loaded) -> None:
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_the_first_step_waits_for_one_steps_tokens_only(loaded, async_scheduling) -> None:
+def test_the_first_two_steps_wait_for_one_steps_tokens_only(loaded, async_scheduling) -> None:
     """The device starts once one step's tokens are taken in (here 64 tokens: 4 requests of 16 prompt tokens
-    and 4 continuations of 2), not max_num_seqs (16 such requests); the second step is still full: the rest are
-    taken in before it is planned."""
+    and 4 continuations of 2), not max_num_seqs (16 such requests); the second step is planned from one step's
+    tokens more, and is still full."""
     engine = make_engine(loaded, max_num_seqs=64, num_blocks_override=256, async_scheduling=async_scheduling)
     pulled, pulled_at_step = 0, []
 
@@ -91,7 +91,7 @@ def test_the_first_step_waits_for_one_steps_tokens_only(loaded, async_scheduling
 
     engine.runner.forward = counting_forward
     results = list(engine.generate(stream()))
-    assert pulled_at_step[0] == 4, pulled_at_step  # 20 input tokens each: 60 < 64 <= 80
+    assert pulled_at_step[:2] == [4, 8], pulled_at_step  # 20 input tokens each: 60 < 64 <= 80
     assert sorted(r.request_id for r in results) == list(range(40)) and all(r.error is None for r in results)
     assert step_tokens[:2] == [64, 64], step_tokens
 
