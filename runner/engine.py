@@ -693,7 +693,9 @@ class Engine:
             scored = None
             if score_logits is not None:
                 with self.timer.phase("score"):
-                    scored = score_on_device(score_logits, inputs.score_targets).start_download()
+                    scored = score_on_device(
+                        score_logits, inputs.score_targets, inputs.score_target_rows
+                    ).start_download()
         except Exception as exc:  # noqa: BLE001 - any failure of a step is contained here
             results = self._drain(scheduler, in_flight)[0] if in_flight else []
             return results + self._recover(scheduler, [item.seq for item in out.scheduled], exc), None

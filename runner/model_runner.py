@@ -44,11 +44,12 @@ class StepInputs:
     # device from row pending_from[i] of the step in flight's sampled tokens.
     pending_rows: torch.Tensor | None = None
     pending_from: torch.Tensor | None = None
-    # Scored rows: the last num_score_rows entries of logits_rows, scored against score_targets
-    # [num_score_rows] int64; score_spans says whose they are, in order: (sequence, first index into its
-    # score_targets, count).
+    # Scored rows: the last num_score_rows entries of logits_rows, each once; target i (score_targets
+    # [num_targets] int64) is scored on row score_target_rows[i] of them ([num_targets] int64). score_spans says
+    # whose the targets are, in order: (sequence, first index into its score_targets, count).
     num_score_rows: int = 0
     score_targets: torch.Tensor | None = None
+    score_target_rows: torch.Tensor | None = None
     score_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
 
     @property
@@ -149,7 +150,16 @@ def prepare_inputs(
     num_rows = int(counts.sum())
     num_rows_padded = _padded(num_rows)
     score_rows, score_targets, score_spans = _score_rows(scheduled, counts) if scoring else (None, None, [])
-    num_score = len(score_rows) if score_rows is not None else 0
+    num_score = num_targets = 0
+    if score_rows is not None and len(score_rows):
+        # A row scored against several targets (a prompt's last, against each continuation's first token) is
+        # computed once: in a four-choice scoring step one kept row in ten repeated another. The rows are
+        # nondecreasing (sequences in step order, each one's ascending), so repeats are neighbours.
+        first = np.empty(len(score_rows), bool)
+        first[0], first[1:] = True, score_rows[1:] != score_rows[:-1]
+        target_rows = np.cumsum(first) - 1
+        score_rows = score_rows[first]
+        num_score, num_targets = len(score_rows), len(target_rows)
     # int64 rows: token ids | positions | slots | logits rows (sampling, padding, scored)
     rows, (ids_at, pos_at, slots_at, logits_at) = _aligned(
         np.int64, num_rows_padded, num_rows_padded, num_rows_padded, _padded(num_seqs) + num_score
@@ -222,7 +232,11 @@ def prepare_inputs(
     if pending_rows:
         arrays.append(np.array(pending_rows + pending_from, dtype=np.int64))
     if num_score:
-        arrays.append(score_targets)
+        # Both read by the scoring kernel: each on its own 16-byte boundary (see _aligned).
+        scored, (targets_at, target_rows_at) = _aligned(np.int64, num_targets, num_targets)
+        scored[targets_at : targets_at + num_targets] = score_targets
+        scored[target_rows_at : target_rows_at + num_targets] = target_rows
+        arrays.append(scored)
     uploaded = (staging or HostStaging(device)).upload(*arrays)
     rows_dev, per_seq_dev = uploaded[0], uploaded[1]
     meta = AttentionMetadata(
@@ -246,7 +260,8 @@ def prepare_inputs(
         pending_rows=uploaded[2][: len(pending_rows)] if pending_rows else None,
         pending_from=uploaded[2][len(pending_rows) :] if pending_rows else None,
         num_score_rows=num_score,
-        score_targets=uploaded[-1] if num_score else None,
+        score_targets=uploaded[-1][targets_at : targets_at + num_targets] if num_score else None,
+        score_target_rows=uploaded[-1][target_rows_at : target_rows_at + num_targets] if num_score else None,
         score_spans=score_spans,
     )
 

@@ -7,8 +7,10 @@ prefill: row p of a sequence predicts token p + 1, so its score is log_softmax(l
     rows     0  1  2    3  4                          scored rows 2, 3, 4 against x0, x1, x2
 
 The sum over a continuation's rows is lm-eval's loglikelihood; it is greedy when every target is its row's
-argmax. On a GPU with Triton one kernel (runner/scoring_kernels.py) reads each row once; elsewhere torch reduces
-rows a slice at a time, so the float32 log-softmax of a long prompt's rows never exists whole.
+argmax. A row may be scored against several targets (a prompt's last row, against each continuation's first
+token): the model computes its logits once, and each target names its row. On a GPU with Triton one kernel
+(runner/scoring_kernels.py) reads a target's row once; elsewhere torch reduces rows a slice at a time, so the
+float32 log-softmax of a long prompt's rows never exists whole.
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ class ScoredRows:
         return logprobs.tolist(), greedy.tolist()
 
 
-def score_on_device(logits: torch.Tensor, targets: torch.Tensor, use_kernel: bool | None = None) -> ScoredRows:
-    """logits: [num_rows, vocab_size] in the model's dtype; targets: [num_rows] int64. Works in float32.
+def score_on_device(
+    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None, use_kernel: bool | None = None
+) -> ScoredRows:
+    """logits: [num_rows, vocab_size] in the model's dtype; targets: [num_targets] int64; rows: [num_targets]
+    int64, the logits row each target is scored on (None: row i). Works in float32.
 
     `use_kernel`: run the Triton kernel; None (the default) runs it on a CUDA device when Triton is installed.
     True elsewhere is for tests, under Triton's CPU interpreter."""
@@ -67,16 +72,22 @@ def score_on_device(logits: torch.Tensor, targets: torch.Tensor, use_kernel: boo
     if use_kernel:
         from .scoring_kernels import score_rows
 
-        return ScoredRows(*score_rows(logits, targets))
-    logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    greedy = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
+        return ScoredRows(*score_rows(logits, targets, rows))
+    if rows is None:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+    logprobs = torch.zeros(targets.shape[0], dtype=torch.float32, device=logits.device)
+    greedy = torch.zeros(targets.shape[0], dtype=torch.bool, device=logits.device)
     rows_per_slice = max(1, SLICE_ELEMENTS.get(logits.device.type, SLICE_ELEMENTS["cpu"]) // logits.shape[1])
     for start in range(0, logits.shape[0], rows_per_slice):
-        rows = slice(start, start + rows_per_slice)
+        part_logits = logits[start : start + rows_per_slice]
         # bf16 logits are read as they are (no float32 copy first); the argmax of the raw logits is that of
         # their log-softmax, less the ties rounding may make.
-        part = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
-        target = targets[rows, None]
-        logprobs[rows] = part.gather(1, target)[:, 0]
-        greedy[rows] = logits[rows].argmax(dim=-1) == target[:, 0]
+        part = torch.log_softmax(part_logits, dim=-1, dtype=torch.float32)
+        best = part_logits.argmax(dim=-1)
+        # The targets on this slice's rows, picked on the device (no host sync): every target reads a clamped
+        # row, and only those of the slice keep what they read.
+        mine = (rows >= start) & (rows < start + part.shape[0])
+        at = (rows - start).clamp(0, part.shape[0] - 1)
+        logprobs = torch.where(mine, part[at, targets], logprobs)
+        greedy = torch.where(mine, best[at] == targets, greedy)
     return ScoredRows(logprobs, greedy)

@@ -12,7 +12,10 @@ keeping in float32 (the online softmax):
     logprob = (logits[target] - m) - log(s)             greedy = (i == target)
 
 The logits are bf16, fp16 or fp32, rows of unit stride (the row stride is an argument); the greedy flag is that
-of the raw logits' argmax, as torch's path computes it: converting to float32 is exact, so ties stay ties.
+of the raw logits' argmax, as torch's path computes it: converting to float32 is exact, so ties stay ties. A
+program scores one target, against the logits row `rows` gives it: a row scored against several targets (a
+prompt's last row, against each continuation's first token) is computed once by the model and read once per
+target.
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ NUM_WARPS = 8
 def _score_rows_kernel(
     logits_ptr,
     targets_ptr,
+    rows_ptr,
     logprobs_ptr,
     greedy_ptr,
     stride_row,
     vocab_size,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
+    entry = tl.program_id(0)
+    row_ptr = logits_ptr + tl.load(rows_ptr + entry).to(tl.int64) * stride_row
     cols = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -55,36 +59,41 @@ def _score_rows_kernel(
         shift = tl.where(new_m == float("-inf"), 0.0, new_m)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = new_m
-    target = tl.load(targets_ptr + row)
+    target = tl.load(targets_ptr + entry)
     # A target outside the vocabulary reads nothing and scores NaN (torch's gather would raise).
     in_vocab = (target >= 0) & (target < vocab_size)
     target_logit = tl.load(row_ptr + target, mask=in_vocab, other=float("nan")).to(tl.float32)
     # x - m first, as torch's log_softmax: m + log(s) would round at the logits' magnitude.
-    tl.store(logprobs_ptr + row, (target_logit - m) - tl.log(s))
-    tl.store(greedy_ptr + row, i == target)
+    tl.store(logprobs_ptr + entry, (target_logit - m) - tl.log(s))
+    tl.store(greedy_ptr + entry, i == target)
 
 
 def score_rows(
-    logits: torch.Tensor, targets: torch.Tensor, block_elements: int = BLOCK_ELEMENTS
+    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None, block_elements: int = BLOCK_ELEMENTS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: [num_rows, vocab_size] bf16/fp16/fp32; targets: [num_rows] int64.
+    """logits: [num_rows, vocab_size] bf16/fp16/fp32; targets: [num_targets] int64; rows: [num_targets] int64,
+    the logits row of each target (None: row i, num_targets == num_rows).
 
-    Returns (logprobs [num_rows] float32, greedy [num_rows] bool): log_softmax(logits.float())[row, target] and
-    logits.argmax(-1) == targets. `block_elements` (a power of two) is for tests: tiny vocabularies in blocks
-    that do not divide them."""
-    assert logits.dim() == 2 and targets.shape == logits.shape[:1], (
-        f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: want [num_rows, vocab] and [num_rows]"
+    Returns (logprobs [num_targets] float32, greedy [num_targets] bool): log_softmax(logits.float())[row, target]
+    and logits[row].argmax() == target. `block_elements` (a power of two) is for tests: tiny vocabularies in
+    blocks that do not divide them."""
+    if rows is None:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+    assert logits.dim() == 2 and targets.shape == rows.shape and targets.dim() == 1, (
+        f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and rows {tuple(rows.shape)}: want "
+        "[num_rows, vocab], [num_targets] and [num_targets]"
     )
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    num_rows, vocab_size = logits.shape
-    logprobs = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    greedy = torch.empty(num_rows, dtype=torch.bool, device=logits.device)
-    if num_rows == 0:
+    num_targets, vocab_size = targets.shape[0], logits.shape[1]
+    logprobs = torch.empty(num_targets, dtype=torch.float32, device=logits.device)
+    greedy = torch.empty(num_targets, dtype=torch.bool, device=logits.device)
+    if num_targets == 0:
         return logprobs, greedy
-    _score_rows_kernel[(num_rows,)](
+    _score_rows_kernel[(num_targets,)](
         logits,
         targets.contiguous(),
+        rows.contiguous(),
         logprobs,
         greedy,
         logits.stride(0),

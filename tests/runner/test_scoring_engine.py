@@ -130,6 +130,33 @@ def test_one_token_continuations_run_as_one_sequence() -> None:
     assert [s.is_greedy for s in result.scores] == [want.argmax().item() == c[0] for c in choices]
 
 
+def test_a_row_scored_for_several_continuations_gets_its_logits_once() -> None:
+    """The prompt's last row scores each of the four continuations' first token: the step computes its logits
+    once (one row, four targets), and each score still equals the reference."""
+    engine = engine_for()
+    rng = random.Random(5)
+    prompt = random_ids(rng, 30)
+    choices = [[5], [6, 7], [8], [9, 10, 11]]
+    forward, shapes = engine.runner.forward, []
+
+    def counting_forward(inputs):
+        shapes.append((inputs.num_score_rows, inputs.score_targets.shape[0], inputs.score_target_rows.tolist()))
+        return forward(inputs)
+
+    engine.runner.forward = counting_forward
+    result = next(iter(engine.generate([GenerationRequest(0, prompt, continuations=choices)])))
+    # The first sequence (the prompt: choice 0 has one token) scores all four first tokens on its last row; the
+    # second scores 7 on its row 30, the fourth 10 and 11 on rows 30 and 31; choice 2 needs no sequence.
+    assert sum(rows for rows, _, _ in shapes) == 1 + 1 + 2
+    assert sum(targets for _, targets, _ in shapes) == 4 + 1 + 2
+    assert shapes[0][2][:4] == [0, 0, 0, 0]
+    want_prompt = reference_logprobs(hf_reference("llama"), prompt)[-1]
+    for choice, score in zip(choices, result.scores):
+        want = reference_logprobs(hf_reference("llama"), prompt + choice)
+        logprobs = [want_prompt[choice[0]].item()] + [want[29 + j][t].item() for j, t in enumerate(choice) if j]
+        assert score.token_logprobs == pytest.approx(logprobs, abs=TOLERANCE)
+
+
 def test_continuations_of_many_requests_share_prompts_a_small_pool_cannot_keep() -> None:
     """24 requests of 4 continuations of lengths 1-9, through a pool that holds about four prompts at once (and a
     budget of two a step): every request's prompt is computed once, its continuations queued next to each other

@@ -112,6 +112,24 @@ def test_score_on_device_kernel_matches_torch_path():
     assert kernel.to_host()[1] == torch_path.to_host()[1]
 
 
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_targets_name_their_rows(monkeypatch, use_kernel):
+    """Targets scored on named rows, a row more than once (a prompt's last row against each continuation's
+    first token): each equals the reference on its row. torch's path in slices of 3 rows, so targets of one
+    row fall in one slice and the others keep what earlier slices wrote."""
+    monkeypatch.setitem(scoring.SLICE_ELEMENTS, "cpu", 3 * VOCAB_SIZE)
+    monkeypatch.setitem(scoring.SLICE_ELEMENTS, "cuda", 3 * VOCAB_SIZE)
+    logits, _ = random_rows(7, torch.bfloat16, seed=7)
+    rows = torch.tensor([0, 0, 0, 0, 1, 2, 2, 3, 4, 5, 5, 5, 6], device=DEVICE)
+    gen = torch.Generator().manual_seed(8)
+    targets = torch.randint(0, VOCAB_SIZE, rows.shape, generator=gen).to(DEVICE)
+    targets[[1, 5, 11]] = logits[rows[[1, 5, 11]]].argmax(dim=-1)
+    scored = scoring.score_on_device(logits, targets, rows, use_kernel=use_kernel)
+    want_logprobs, want_greedy = reference(logits[rows], targets)
+    torch.testing.assert_close(scored.logprobs, want_logprobs, rtol=0, atol=1e-5)
+    assert torch.equal(scored.greedy, want_greedy) and scored.greedy[[1, 5, 11]].all()
+
+
 @pytest.mark.skipif(CUDA, reason="the CPU's default path; on CUDA the default is the kernel (tested below)")
 def test_cpu_default_is_torch_path(monkeypatch):
     def refuse(*args, **kwargs):
