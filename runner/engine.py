@@ -63,6 +63,7 @@ from .rolling import rolling_windows
 from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .scoring import ScoredRows, score_on_device
+from .scoring import warm_up as warm_up_scoring
 from .sequence import Sequence
 from .stopping import StopChecker
 from .structured import GrammarCache, accept_tokens, new_matcher, step_mask
@@ -174,6 +175,7 @@ class Engine:
             self.backend.warm_up(self.kv_cache.key[0], self.kv_cache.value[0], num_heads, self.loaded.dtype)
         if self.config.cuda_graphs and self.device.type == "cuda" and self.backend.name != "torch":
             self._capture_graphs()
+        warm_up_scoring(self.vocab_size, torch.float32 if self.float32_logits else self.loaded.dtype, self.device)
         self.stop_checker = StopChecker(self.tokenizer, self.loaded.eos_token_ids)
         self.stats = EngineStats()
         self.timer = StepTimer(self.device)  # `timer.enabled = True` for a per-phase breakdown

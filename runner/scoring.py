@@ -91,3 +91,13 @@ def score_on_device(
         logprobs = torch.where(mine, part[at, targets], logprobs)
         greedy = torch.where(mine, best[at] == targets, greedy)
     return ScoredRows(logprobs, greedy)
+
+
+def warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile the scoring kernel for logits of `dtype` where it runs (CUDA with Triton) while the engine starts:
+    a job's first scored step would otherwise stall on the compile. Targets and rows sit on 16-byte boundaries,
+    as prepare_inputs lays them out, so this is the variant every step meets."""
+    if device.type != "cuda" or not HAS_TRITON:
+        return
+    index = torch.zeros(1, dtype=torch.int64, device=device)
+    score_on_device(torch.zeros(1, vocab_size, dtype=dtype, device=device), index, index.clone())

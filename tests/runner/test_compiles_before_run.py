@@ -5,7 +5,7 @@ multiple of 16, a pointer's 16-byte alignment). A compile in the middle of a run
 (one took 115 ms of the first step of a bench run on the H200), so the engine's start-up (its warm-up, graph
 capture and pool profiling) must meet them all. The steps here vary what changes between steps: the number of
 sequences (each residue mod 4, which moves pointers into the per-sequence arrays), decodes mixed with prefill
-chunks, chunked long prompts, sampling and log-probabilities.
+chunks, chunked long prompts, sampling, log-probabilities and scored continuations.
 
 GPU only: in the CPU interpreter nothing is compiled, so there is nothing to check there.
 """
@@ -60,8 +60,18 @@ def test_no_kernel_compiles_after_the_engine_starts(profile_pool, adapters, tmp_
                 )
                 for i in range(num_requests)
             ]
+            # Scoring requests of 1-4 continuations: the scored rows and their targets change count and parity
+            # from step to step (the scoring kernel reads both).
+            requests += [
+                GenerationRequest(
+                    ("score", num_requests, i),
+                    prompt(lengths[(i + 3 * num_requests) % len(lengths)]),
+                    continuations=[prompt(1 + (i + j) % 4) for j in range(1 + (i + num_requests) % 4)],
+                )
+                for i in range(num_requests % 4)
+            ]
             results = list(engine.generate(requests))
-            assert len(results) == num_requests and all(r.error is None for r in results)
+            assert len(results) == len(requests) and all(r.error is None for r in results)
     finally:
         triton.knobs.runtime.jit_post_compile_hook = previous
         engine.close()
