@@ -91,10 +91,12 @@ class BlockPool:
         """Drop one holder from each of a sequence's blocks (given in sequence order). A block whose last
         holder left is free again, or evictable if cached; a sequence's tail is evicted before its head,
         since a head is the more likely to be shared."""
+        refs, num_blocks = self._ref_counts, self.num_blocks
         for block_id in reversed(block_ids):
-            self._check_held(block_id, "free")
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] == 0:
+            if not 0 <= block_id < num_blocks or refs[block_id] == 0:  # inline: this runs for every block freed
+                self._check_held(block_id, "free")  # raises
+            refs[block_id] -= 1
+            if refs[block_id] == 0:
                 if block_id in self._hash_of_block:
                     self._evictable[block_id] = None
                 else:
@@ -108,7 +110,8 @@ class BlockPool:
     def register(self, block_id: int, block_hash: BlockHash) -> bool:
         """Make a held, full block findable under `block_hash`. False (nothing changes) when another
         block already holds that hash, or this block is registered already."""
-        self._check_held(block_id, "register")
+        if not 0 <= block_id < self.num_blocks or self._ref_counts[block_id] == 0:  # inline, as in free
+            self._check_held(block_id, "register")  # raises
         if block_hash in self._block_of_hash or block_id in self._hash_of_block:
             return False
         self._block_of_hash[block_hash] = block_id
