@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -114,11 +115,16 @@ def _waiting_key(seq: Sequence) -> tuple[int, int, int]:
     return (rank, -(seq.queue_tokens or seq.num_tokens), seq.seq_id)
 
 
+# Each waiting sequence's _waiting_key, computed once as it joins the queue (nothing it reads changes while the
+# sequence waits): the insertion's bisection then reads a stored tuple, not a Python call a probe.
+_queue_key = operator.attrgetter("queue_key")
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
         self.config = config
         self.pool = pool
-        self.waiting: list[Sequence] = []  # sorted by _waiting_key
+        self.waiting: list[Sequence] = []  # sorted by _waiting_key (stored in Sequence.queue_key)
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
         self._watermark_blocks = math.ceil(pool.num_blocks * config.watermark)
@@ -127,7 +133,8 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        bisect.insort(self.waiting, seq, key=_waiting_key)
+        seq.queue_key = _waiting_key(seq)
+        bisect.insort(self.waiting, seq, key=_queue_key)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -83,6 +83,7 @@ class Sequence:
     # (ordered by their own lengths, other requests' rows came between, and a pool too small to keep every
     # prompt evicted theirs before they ran: 200 four-choice requests computed 2.4x the tokens needed).
     queue_tokens: int = 0
+    queue_key: tuple[int, int, int] = field(default=(0, 0, 0), init=False, repr=False)  # the scheduler's, as it queued
     # Plain attributes, not properties: the host reads them for every row of every step.
     num_prompt_tokens: int = field(init=False, repr=False)
     penalised: bool = field(init=False, repr=False)  # penalties or bad words read the tokens so far
