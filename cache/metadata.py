@@ -81,6 +81,9 @@ class AttentionMetadata:
     # them, also when recomputed after a preemption). None: every row is treated as a generated one. Other backends
     # ignore it.
     num_prompt_tokens: torch.Tensor | None = None
+    # Rows the sequences own (query_start_loc[-1]), known on the host; the rows past them are padding. None: not
+    # known there, so a backend that zeros the padding rows finds them on the device.
+    num_query_rows: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -250,6 +250,7 @@ def prepare_inputs(
         block_size=block_size,
         shared_prefix_len=per_seq_dev[shared_at : shared_at + 1] if shared else None,
         num_prompt_tokens=per_seq_dev[prompts_at : prompts_at + num_seqs] if device.type == "cpu" else None,
+        num_query_rows=num_rows,
     )
     return StepInputs(
         input_ids=rows_dev[ids_at : ids_at + num_rows_padded][None],

@@ -4,6 +4,7 @@ On a machine without CUDA the kernels run in Triton's CPU interpreter on tiny sh
 tests run compiled, on realistic shapes, plus a CUDA-graph capture of the decode path.
 """
 
+import dataclasses
 import os
 import random
 
@@ -142,6 +143,24 @@ def test_mixed_step_matches_reference(shape):
     )
     out = check(*step)
     assert torch.equal(out[-3:], torch.zeros_like(out[-3:]))  # padding rows
+
+
+@pytest.mark.parametrize("num_pad_rows", [0, 3])
+def test_rows_the_host_counts_skip_the_zeroing_only_without_padding(monkeypatch, num_pad_rows):
+    """meta.num_query_rows (the rows the sequences own, from the host): with no padding rows the step launches no
+    zeroing pass; with padding it still does, and the padding rows come out zero either way."""
+    seqs = [(5, 1), (0, 7), (3, 4)]
+    query, key_cache, value_cache, meta = make_step(
+        seqs, block_size=4, num_heads=4, num_kv_heads=2, head_dim=16, dtype=torch.float32, num_decodes=1,
+        num_pad_rows=num_pad_rows, seed=3,
+    )  # fmt: skip
+    meta = dataclasses.replace(meta, num_query_rows=12)
+    zeroed = []
+    zero_rows = attention_triton._zero_padding_rows
+    monkeypatch.setattr(attention_triton, "_zero_padding_rows", lambda *a: zeroed.append(1) or zero_rows(*a))
+    out = check(query, key_cache, value_cache, meta)
+    assert zeroed == ([1] if num_pad_rows else [])
+    assert torch.equal(out[12:], torch.zeros_like(out[12:]))
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
