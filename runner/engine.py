@@ -399,9 +399,10 @@ class Engine:
             elif not rows:
                 continue
             tokens = prompt + continuation[:-1]
+            scored = GenerationRequest(request.request_id, tokens, request.sampling, request.adapter)
             self._queue_scored(
-                scheduler, state, replace(request, prompt_token_ids=tokens, continuations=None), i, rows, targets,
-                adapter_key, queue_tokens=len(prompt), block_hashes=list(hashes),
+                scheduler, state, scored, i, rows, targets, adapter_key, queue_tokens=len(prompt),
+                block_hashes=list(hashes),
             )  # fmt: skip
         return self._scoring_admitted(state)
 
