@@ -144,6 +144,12 @@ def _model(family: str, attn: str) -> torch.nn.Module:
     return tf.AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=attn, dtype=torch.float32).eval()
 
 
+def _loaded(family: str) -> LoadedModel:
+    """The family's tiny model as the engine loads it (kvbatch's attention function), with the word tokenizer."""
+    model = _model(family, attention_hook.ATTN_IMPLEMENTATION)
+    return LoadedModel(model, word_tokenizer(), f"tiny-{family}", (EOS_ID,), 512, torch.device("cpu"), torch.float32)
+
+
 def _prompts() -> list[list[int]]:
     rng = random.Random(5)
     return [[rng.randrange(2, VOCAB_SIZE) for _ in range(n)] for n in (100, 61, 23, 9)][:NUM_PROMPTS]
@@ -182,15 +188,7 @@ def reference() -> dict:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_matches_transformers(family: str, run: str, reference) -> None:
     policy, num_blocks, preempts = RUNS[run]
-    loaded = LoadedModel(
-        _model(family, attention_hook.ATTN_IMPLEMENTATION),
-        word_tokenizer(),
-        f"tiny-{family}",
-        (EOS_ID,),
-        512,
-        torch.device("cpu"),
-        torch.float32,
-    )
+    loaded = _loaded(family)
     config = EngineConfig(
         policy=policy, block_size=4, num_blocks_override=num_blocks, max_num_batched_tokens=32, prefix_cache=False
     )
@@ -322,3 +320,36 @@ def test_attention_the_pages_cannot_hold_is_refused_at_load(family: str) -> None
     model = _probe_model(getattr(tf, config_class)(**fields))
     with pytest.raises(attention_hook.UnsupportedAttentionError, match=rf"'tiny': .*{words}"):
         attention_hook.check_model(model, "tiny")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_scores_match_transformers(family: str) -> None:
+    """Scoring rows (continuations after a prompt, and the prompt's own logprobs) on every family: each scored
+    token's logprob within 1e-4 of log_softmax of transformers' eager float32 logits over prompt + continuation.
+    Prompts of up to 70 tokens in chunks of 32 cross the sliding windows; the prefix cache shares each prompt."""
+    rng = random.Random(3)
+    requests = [
+        GenerationRequest(
+            i,
+            [rng.randrange(2, VOCAB_SIZE) for _ in range(rng.randint(5, 70))],
+            SamplingParams(prompt_logprobs=True),
+            continuations=[[rng.randrange(2, VOCAB_SIZE) for _ in range(rng.randint(1, 9))] for _ in range(3)],
+        )
+        for i in range(3)
+    ]
+    loaded = _loaded(family)
+    engine = Engine.from_loaded(loaded, EngineConfig(block_size=4, num_blocks_override=256, max_num_batched_tokens=32))
+    results = {r.request_id: r for r in engine.generate(requests)}
+    reference = _model(family, "eager")
+    for request in requests:
+        result = results[request.request_id]
+        assert result.error is None, result.error
+        prompt = request.prompt_token_ids
+        for continuation, score in zip(request.continuations, result.scores, strict=True):
+            tokens = prompt + continuation
+            with torch.no_grad():
+                logprobs = torch.log_softmax(reference(torch.tensor([tokens])).logits[0].float(), -1)
+            want = logprobs[len(prompt) - 1 : -1].gather(1, torch.tensor(continuation)[:, None])[:, 0]
+            assert score.token_logprobs == pytest.approx(want.tolist(), abs=1e-4)
+        want = logprobs[: len(prompt) - 1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+        assert result.prompt_logprobs == pytest.approx([None, *want.tolist()], abs=1e-4)
