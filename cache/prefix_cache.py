@@ -28,25 +28,57 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_key: by
     return chain_hashes(parent, token_ids, len(token_ids), extra_key)[0]
 
 
+# The last run of blocks hashed from a sequence's start: (block size, extra key), its token bytes, its hashes. A
+# sequence that starts with the same blocks (a shared system prompt, an eval's few-shot examples) takes those
+# hashes over and hashes only the blocks after them: its chain from the root is the same up to there. The prefix
+# bench's prompts (a 2,000-token system prompt, then 100 tokens of their own) took 122 us each to hash, now 45.
+_last_run: tuple[tuple[int, bytes], bytes, tuple[BlockHash, ...]] | None = None
+
+
 def chain_hashes(
     parent: BlockHash | None, token_ids: Sequence[int], block_size: int, extra_key: bytes = b""
 ) -> list[BlockHash]:
     """Hashes of the full blocks of `token_ids`, which follow the block hashed `parent` (None: they start
     the sequence). A trailing partial block gets none."""
+    global _last_run
     header = len(extra_key).to_bytes(4, "little") + extra_key
     # One conversion for all blocks (this runs for every prompt token), each block fed to its hash as a view:
     # hashing digest + header + block in one call built that bytes object first, 40% of the time.
-    data = memoryview(array("q", token_ids)).cast("B")
+    data = array("q", token_ids).tobytes()
     block_bytes = block_size * _TOKEN_BYTES
-    hashes = []
+    num_blocks = len(token_ids) // block_size
+    hashes: list[BlockHash] = []
     digest = parent if parent is not None else _ROOT
-    for start in range(0, len(token_ids) // block_size * block_bytes, block_bytes):
+    if parent is None and _last_run is not None and _last_run[0] == (block_size, extra_key):
+        shared = _shared_blocks(data, _last_run[1], block_bytes, min(num_blocks, len(_last_run[2])))
+        if shared:
+            hashes = list(_last_run[2][:shared])
+            digest = hashes[-1]
+    view = memoryview(data)
+    for start in range(len(hashes) * block_bytes, num_blocks * block_bytes, block_bytes):
         h = hashlib.blake2b(digest, digest_size=16)
         h.update(header)
-        h.update(data[start : start + block_bytes])
+        h.update(view[start : start + block_bytes])
         digest = h.digest()
         hashes.append(digest)
+    if parent is None and num_blocks:
+        _last_run = ((block_size, extra_key), data[: num_blocks * block_bytes], tuple(hashes))
     return hashes
+
+
+def _shared_blocks(a: bytes, b: bytes, block_bytes: int, limit: int) -> int:
+    """How many leading blocks of `block_bytes` bytes a and b have in common, at most `limit`: a binary search
+    over prefixes, each compared in C (unrelated token runs differ in their first block, one comparison)."""
+    if not limit or a[:block_bytes] != b[:block_bytes]:
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[: mid * block_bytes] == b[: mid * block_bytes]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def max_cached_blocks(num_tokens: int, block_size: int) -> int:

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvbatch.cache import prefix_cache
 from kvbatch.cache.block_pool import BlockPool
 from kvbatch.cache.prefix_cache import ReuseEstimate, chain_hashes, hash_block, max_cached_blocks
 
@@ -17,6 +18,54 @@ def test_hashes_chain_over_everything_before_the_block() -> None:
     assert hash_block(None, [1, 2, 3, 4], extra_key=b"lora-7") != a[0]
     assert a + chain_hashes(a[1], [9, 10, 11, 12], block_size=4) == chain_hashes(None, list(range(1, 13)), 4)
     assert len(hash_block(None, [1])) == 16
+
+
+def _hashed_alone(token_ids: list[int], block_size: int, extra_key: bytes = b"") -> list[bytes]:
+    """chain_hashes with no run before it to take hashes from: every block hashed."""
+    prefix_cache._last_run = None
+    return chain_hashes(None, token_ids, block_size, extra_key)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    runs=st.lists(
+        st.tuples(
+            st.integers(0, 40),  # tokens shared with the run before (its leading ones)
+            st.lists(st.integers(0, 9), max_size=30),  # then tokens of its own (few values: blocks repeat)
+            st.sampled_from([1, 4, 16]),  # block size
+            st.sampled_from([b"", b"lora-1"]),  # extra key
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_a_run_sharing_blocks_with_the_last_takes_over_only_its_own_hashes(runs) -> None:
+    """Hashing from the root takes the leading blocks a run shares with the last such run from it (same block size
+    and extra key): every hash is still the one hashing each block gives, whatever came before."""
+    prefix_cache._last_run = None
+    last: list[int] = []
+    for num_shared, own, block_size, extra_key in runs:
+        tokens = last[:num_shared] + own
+        got = chain_hashes(None, tokens, block_size, extra_key)
+        got.append(b"x" * 16)  # the caller's list: changing it must not reach later runs
+        assert got[:-1] == _hashed_alone(tokens, block_size, extra_key)  # leaves tokens the last run
+        last = tokens
+
+
+def test_a_shared_system_prompt_is_hashed_once(monkeypatch) -> None:
+    """Two prompts after one 64-token system prompt (16 blocks of 4): the second hashes only its own blocks."""
+    system = list(range(100, 164))
+    first, second = system + [1, 2, 3, 4, 5, 6, 7, 8], system + [9, 10, 11, 12, 13]
+    prefix_cache._last_run = None
+    chain_hashes(None, first, 4)
+    calls = []
+    blake2b = prefix_cache.hashlib.blake2b
+    monkeypatch.setattr(prefix_cache.hashlib, "blake2b", lambda *a, **k: calls.append(1) or blake2b(*a, **k))
+    assert chain_hashes(None, second, 4) == _hashed_alone(second, 4)[:17]
+    assert len(calls) == 1 + 17, "the second prompt hashed only its own full block, then all 17 hashed alone"
+    calls.clear()
+    assert chain_hashes(None, second, 4, b"lora-1") == _hashed_alone(second, 4, b"lora-1")
+    assert len(calls) == 2 * 17, "another extra key shares nothing"
 
 
 def test_the_last_token_is_never_taken_from_the_cache() -> None:
