@@ -384,10 +384,12 @@ class Scheduler:
         caller withdraws them (`requeue_isolated(..., registered)`)."""
         registered, self._registered_this_step = self._registered_this_step, []
         for item in out.scheduled:
-            reaches_end = item.seq.num_computed_tokens + item.num_new_tokens == item.seq.num_tokens
-            if item.seq.isolate and reaches_end and item.seq.num_isolations < MAX_ISOLATIONS:
-                item.seq.isolate = False  # its whole context ran alone without failing: not the culprit
-            item.seq.num_computed_tokens += item.num_new_tokens
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            # An isolated sequence whose whole context ran alone without failing is not the culprit. (Asked only of
+            # isolated ones: this loop runs for every row of every step.)
+            if seq.isolate and seq.num_computed_tokens == seq.num_tokens and seq.num_isolations < MAX_ISOLATIONS:
+                seq.isolate = False
         return registered
 
     def finish(self, seq: Sequence) -> None:
