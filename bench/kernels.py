@@ -10,7 +10,8 @@ Prints one JSON object per line:
                   (CUDA graph), effective GB/s (every decode's K/V bytes / time), error vs the torch reference
     cascade_sweep (--sweep) prefix-split counts and tile variants of the cascade kernel
     prefill       prefill attention TFLOP/s (causal FLOPs actually needed), fresh prompts, cached prefixes and a
-                  scoring step (prompts among short continuations)
+                  scoring step (prompts among short continuations), then that step's prompts and its
+                  continuations alone
     prefill_sweep (--sweep) fifteen tile variants on each prefill case
 
 Run on the GPU machine: `kvbatch bench kernels` (about 2-4 minutes; `--sweep` compiles each variant, some
@@ -344,6 +345,23 @@ def scoring_step(seed: int = 0) -> list[tuple[int, int]]:
     return seqs
 
 
+def continuations_step(seed: int = 0) -> list[tuple[int, int]]:
+    """A scoring step's continuations alone: 224 chunks of 2-11 tokens after a cached 256-token prompt."""
+    rng = random.Random(seed)
+    return [(256, rng.randint(2, 11)) for _ in range(224)]
+
+
+def sharing_prompts(step, group: int, prompt_tokens: int):
+    """`step` with each run of `group` sequences reading their first `prompt_tokens` tokens from the first one's
+    pages, as a scoring request's continuations read their prompt's (make_step gives every sequence its own)."""
+    query, key_cache, value_cache, meta = step
+    tables = meta.block_tables.clone()
+    num_blocks = prompt_tokens // meta.block_size
+    for first in range(0, tables.shape[0], group):
+        tables[first + 1 : first + group, :num_blocks] = tables[first, :num_blocks]
+    return query, key_cache, value_cache, dataclasses.replace(meta, block_tables=tables)
+
+
 def prompts_step(seed: int = 0, budget: int = 16384) -> list[tuple[int, int]]:
     """A workload-(a) prefill step: fresh prompts of 100-1,024 tokens while they fit the step's budget."""
     rng = random.Random(seed)
@@ -362,11 +380,16 @@ def prefill_speed(sweep: bool) -> None:
         ("fresh 32x512", [(0, 512)] * 32),
         ("score 56x256 + 224x(256 cached + 2-11)", scoring_step()),
         ("fresh 100-1024 (an (a) step)", prompts_step()),
+        # The scoring step's two parts alone; its continuations read their prompt's pages in fours, as they do there.
+        ("score's prompts: 56x256", [(0, 256)] * 56),
+        ("score's continuations: 224x(256 cached + 2-11), prompt pages shared in fours", continuations_step()),
     ]
     for name in ("llama-8b", "llama-1b"):
         num_heads, _, head_dim = SHAPES[name]
         for label, seqs in cases:
             step = make_step(seqs, SHAPES[name], 16, torch.bfloat16)
+            if "shared in fours" in label:
+                step = sharing_prompts(step, 4, 256)
             fn = functools.partial(attention_triton.paged_attention, *step, head_dim**-0.5)
             ms = do_bench(fn, warmup=10, rep=100, return_mode="median")
             # The same step with its queries rotated as the kernel loads them (metadata.Rotary).

@@ -248,6 +248,28 @@ def test_prefill_sweep_times_every_tile_variant_and_restores_the_default(monkeyp
     assert all(line["max_diff_vs_default"] < 1e-5 and line["ms"] == 1.0 for line in lines), lines
 
 
+def test_kernels_continuations_share_their_prompt_pages_in_fours(monkeypatch):
+    """`kvbatch bench kernels`' continuations case: each run of four sequences reads its first blocks from the
+    first one's pages, and the kernel's output is the reference's on that sharing (interpreted kernels)."""
+    import torch
+
+    from kvbatch.bench import kernels as bench_kernels
+    from kvbatch.cache import attention_torch, attention_triton
+
+    monkeypatch.setattr(bench_kernels, "DEVICE", "cpu")
+    seqs = [(16, n) for n in (2, 5, 3, 7, 4, 2, 6, 3)]
+    plain = bench_kernels.make_step(seqs, (4, 2, 16), 8, torch.float32)
+    query, key_cache, value_cache, meta = bench_kernels.sharing_prompts(plain, 4, 16)
+    tables = meta.block_tables
+    for first in (0, 4):
+        assert (tables[first + 1 : first + 4, :2] == tables[first, :2]).all()  # the 16-token prompt's two blocks
+        assert len({int(t) for t in tables[first : first + 4, 2]}) == 4  # each its own block after them
+    assert torch.equal(tables[:, 2:], plain[3].block_tables[:, 2:]) and not torch.equal(tables, plain[3].block_tables)
+    got = attention_triton.paged_attention(query, key_cache, value_cache, meta, 0.25)
+    want = attention_torch.paged_attention(query, key_cache, value_cache, meta, 0.25)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+
+
 def test_throughput_engine_settings_are_checked_against_the_engine_config():
     for value, words in (("max_num_seq=4", "did you mean max_num_seqs"), ("max_num_seqs=0", "must be >= 1, got 0")):
         result = CliRunner().invoke(app, ["bench", "throughput", "--shape", "tiny", "--set", value])
