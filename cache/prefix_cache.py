@@ -49,10 +49,11 @@ def chain_hashes(
     num_blocks = len(token_ids) // block_size
     hashes: list[BlockHash] = []
     digest = parent if parent is not None else _ROOT
-    if parent is None and _last_run is not None and _last_run[0] == (block_size, extra_key):
-        shared = _shared_blocks(data, _last_run[1], block_bytes, min(num_blocks, len(_last_run[2])))
+    last = _last_run  # read once: an engine in another thread may hash at the same time
+    if parent is None and last is not None and last[0] == (block_size, extra_key):
+        shared = _shared_blocks(data, last[1], block_bytes, min(num_blocks, len(last[2])))
         if shared:
-            hashes = list(_last_run[2][:shared])
+            hashes = list(last[2][:shared])
             digest = hashes[-1]
     view = memoryview(data)
     for start in range(len(hashes) * block_bytes, num_blocks * block_bytes, block_bytes):
