@@ -435,7 +435,7 @@ def prefill_sweep(step, name, label, fn, flops) -> None:
         if regs is not None:
             config["maxnreg"] = regs
         try:
-            attention_triton._prefill_config = lambda hd, dev, c=config: dict(c)
+            attention_triton._prefill_config = lambda hd, dev, rotary=False, c=config: dict(c)
             diff = float((fn() - reference).abs().max())
             ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
             emit(

@@ -113,7 +113,7 @@ def _kv_pack(config: dict[str, int], num_kv_heads: int, head_dim: int, key_cache
     return pack if fits else 1
 
 
-def _prefill_config(head_dim: int, device: torch.device) -> dict[str, int]:
+def _prefill_config(head_dim: int, device: torch.device, rotary: bool = False) -> dict[str, int]:
     """64-row tiles, 4 warps: on the H200 the fastest of nine tile/warp/stage variants at both head sizes for
     prompts of 100-1,024 tokens (0.27 against 0.35 ms a 16k-token llama-1b layer with 128-row tiles), 4 x 4,096
     and 32 x 512 (the tile table is in docs/benchmarks.md's git history); only 8 x (6,144 cached + 2,048) at 128
@@ -123,12 +123,17 @@ def _prefill_config(head_dim: int, device: torch.device) -> dict[str, int]:
     then fit an SM's 64K registers, and a program's few tiles (two or three in a scoring step) leave latency that
     only more programs hide. On an H100, llama-1b layer-steps: a scoring mix 0.223 -> 0.200 ms, 28 prompts of
     100-1,024 tokens 0.290 -> 0.258 ms, the same bits. At 128 dims the cap spilled and ran slower (llama-8b
-    0.560 -> 0.670 ms)."""
+    0.560 -> 0.670 ms).
+
+    At 128 dims a program that rotates its queries as it loads them (`rotary`) takes 32-key tiles: on an H100,
+    llama-8b layer-steps ran 0.482 -> 0.393 ms on a scoring mix, 0.348 -> 0.285 ms on its 56 prompts of 256
+    tokens and 0.556 -> 0.517 ms on prompts of 100-1,024 tokens. Without the rotation (qwen3-0.6b, whose q/k
+    norms come first) 32-key tiles ran slower: 0.270 -> 0.296 ms on the scoring mix."""
     if device.type != "cuda":
         return {"BLOCK_M": 16, "BLOCK_N": 16}
     if head_dim <= 64:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 128}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 32 if rotary else 64, "num_warps": 4, "num_stages": 3}
 
 
 def _fp32_tiles(config: dict[str, int], key_cache: torch.Tensor) -> dict[str, int]:
@@ -403,7 +408,7 @@ def _prefill(
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
-    config = _fp32_tiles(dict(_prefill_config(head_dim, query.device)), key_cache)
+    config = _fp32_tiles(dict(_prefill_config(head_dim, query.device, rotary is not None)), key_cache)
     block_m = max(config.pop("BLOCK_M"), group_p)
     block_q = block_m // group_p
     grid = (triton.cdiv(query.shape[0] - meta.num_decodes, block_q) + num_prefills, num_kv_heads)

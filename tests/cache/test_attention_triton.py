@@ -304,7 +304,7 @@ def test_query_with_strided_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 80] if CUDA else [16, 24])  # 80, 24: halves not a power of two, masked
+@pytest.mark.parametrize("head_dim", [64, 80, 128] if CUDA else [16, 24])  # 80, 24: halves not a power of two, masked
 def test_rotary_on_load_matches_transformers(dtype, head_dim):
     # Given a Rotary, write_kv rotates each key as it stores it, and paged_attention the queries: decodes (rotated
     # into a new tensor for the decode kernel) and prefill chunks (as each program loads them). The keys in the
