@@ -26,6 +26,8 @@ _UNENFORCED_KEYWORDS = (
     "contains",
     "minContains",
     "maxContains",
+    "$dynamicRef",  # xgrammar leaves these unresolved: the value is unconstrained
+    "$recursiveRef",
 )
 # Keywords of one JSON type that xgrammar enforces only beside an explicit "type".
 _NEEDS_TYPE = (
@@ -70,6 +72,12 @@ _INSTEAD = {
     "enum": "list only values that satisfy {it}",
     "const": "give a value that satisfies {it}",
 }
+# Formats JSON Schema defines that xgrammar leaves unchecked (any string passes); jsonschema's format checker checks
+# them. Formats JSON Schema does not define are annotations, which no validator checks, and pass.
+_UNENFORCED_FORMATS = ("idn-email", "idn-hostname", "iri", "iri-reference", "regex")
+# Of these string keywords xgrammar generates from one alone and drops the others: `format` before `pattern`
+# before the lengths (`{"pattern": "[a-z]+", "maxLength": 3}` let "elephant" through).
+_STRING_SHAPES = ("format", "pattern", ("minLength", "maxLength"))
 # xgrammar enforces `multipleOf` only on integers, by a whole number up to this, and (but for 1) with no bound beside.
 _MAX_MULTIPLE_OF = 1024
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
@@ -95,7 +103,12 @@ def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
         return f"unsupported JSON Schema keyword 'uniqueItems' at {path}"
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         return f"unsupported JSON Schema keyword 'allOf' with {len(schema['allOf'])} schemas at {path}"
-    problem = _dropped_beside(schema, path) or _multiple_of_problem(schema, path)
+    problem = (
+        _dropped_beside(schema, path)
+        or _multiple_of_problem(schema, path)
+        or _string_problem(schema, path)
+        or _reference_problem(schema, path)
+    )
     if problem:
         return problem
     if "type" not in schema and not any(k in schema for k in _GENERATES_ALONE):
@@ -106,6 +119,11 @@ def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
         problem = unsupported_regex(schema["pattern"])
         if problem:
             return f"unsupported 'pattern' at {path}: {problem}"
+    if isinstance(schema.get("patternProperties"), dict):
+        for key in schema["patternProperties"]:
+            problem = unsupported_regex(key)
+            if problem:
+                return f"unsupported 'patternProperties' regex {key!r} at {path}: {problem}"
     required = schema.get("required")
     if isinstance(required, list):
         properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
@@ -147,6 +165,38 @@ def _dropped_beside(schema: dict, path: str) -> str | None:
         f"{names} at {path} beside {alone[0]!r} would not be enforced (the grammar engine generates from "
         f"{alone[0]!r} alone); {instead}"
     )
+
+
+def _string_problem(schema: dict, path: str) -> str | None:
+    """`format`, `pattern` and the length bounds where xgrammar would drop one, or a format it leaves unchecked."""
+    fmt = schema.get("format")
+    if fmt in _UNENFORCED_FORMATS:
+        return f"format {fmt!r} at {path} is not enforced by the grammar engine; give a 'pattern' instead"
+    present = [shape for shape in _STRING_SHAPES if any(k in schema for k in _keywords(shape))]
+    if len(present) < 2:
+        return None
+    kept, dropped = present[0], [k for shape in present[1:] for k in _keywords(shape) if k in schema]
+    names = ", ".join(repr(k) for k in dropped)
+    instead = "write the lengths into the pattern" if kept == "pattern" else "give a 'pattern' alone instead"
+    return (
+        f"{names} at {path} beside {kept!r} would not be enforced (the grammar engine generates from {kept!r} "
+        f"alone); {instead}"
+    )
+
+
+def _keywords(shape: str | tuple[str, ...]) -> tuple[str, ...]:
+    return shape if isinstance(shape, tuple) else (shape,)
+
+
+def _reference_problem(schema: dict, path: str) -> str | None:
+    """A `$ref` that xgrammar leaves unresolved (an anchor, another document): anything would pass there."""
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and not (ref == "#" or ref.startswith("#/")):
+        return (
+            f"'$ref' {ref!r} at {path} is not supported: only references into the schema itself ('#/...') are "
+            f"resolved; inline the schema or put it under '$defs'"
+        )
+    return None
 
 
 def _type_is_implied(schema: dict) -> bool:

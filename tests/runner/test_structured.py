@@ -171,6 +171,10 @@ def _beside(names: str, path: str, alone: str, instead: str) -> str:
 _ANCHOR_HINT = "; the whole output matches the regex already, no anchor needed"
 
 
+def _unsupported(keyword: str, path: str) -> str:
+    return f"unsupported JSON Schema keyword {keyword!r} at {path}"
+
+
 @pytest.mark.parametrize(
     ("schema", "message"),
     [
@@ -239,6 +243,35 @@ _ANCHOR_HINT = "; the whole output matches the regex already, no anchor needed"
             {"type": "object", "properties": {"a": {"type": "string"}}, "anyOf": [{"required": ["a"]}]},
             _beside("'type', 'properties'", "#", "anyOf", "move them into each of its schemas"),
         ),
+        # of format, pattern and the lengths xgrammar kept the first and let a value through that breaks the others
+        (
+            {"type": "string", "pattern": "[a-z]+", "maxLength": 3},
+            _beside("'maxLength'", "#", "pattern", "write the lengths into the pattern"),
+        ),
+        (
+            {"type": "string", "format": "date", "pattern": "2.*", "minLength": 1},
+            _beside("'pattern', 'minLength'", "#", "format", "give a 'pattern' alone instead"),
+        ),
+        (
+            {"type": "string", "format": "idn-email"},
+            "format 'idn-email' at # is not enforced by the grammar engine; give a 'pattern' instead",
+        ),
+        # references it does not resolve, and a regex key it misreads, left any value through
+        (
+            {
+                "$defs": {"i": {"$anchor": "i", "type": "integer"}},
+                "type": "object",
+                "properties": {"a": {"$ref": "#i"}},
+            },
+            "'$ref' '#i' at #/properties/a is not supported: only references into the schema itself ('#/...') are "
+            "resolved; inline the schema or put it under '$defs'",
+        ),
+        ({"type": "object", "properties": {"a": {"$dynamicRef": "#x"}}}, _unsupported("$dynamicRef", "#/properties/a")),
+        (
+            {"type": "object", "patternProperties": {"^k\\Z": {"type": "integer"}}, "additionalProperties": False},
+            "unsupported 'patternProperties' regex '^k\\\\Z' at #: escape \\Z at position 2 of the regex is not "
+            "supported (the grammar engine would read it as the letter 'Z')" + _ANCHOR_HINT,
+        ),
         (
             {"type": "object", "properties": {"v": {"type": "string", "pattern": "\\Aabc\\Z"}}},
             "unsupported 'pattern' at #/properties/v: escape \\A at position 0 of the regex is not supported (the "
@@ -254,6 +287,9 @@ def test_keywords_the_engine_would_not_enforce_are_refused(schema, message) -> N
     "schema",
     [
         {"type": "integer", "multipleOf": 3},
+        {"type": "string", "minLength": 1, "maxLength": 3},
+        {"type": "string", "format": "password"},  # not a format JSON Schema defines: an annotation
+        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"$ref": "#/properties/a"}}},
         {"type": ["integer", "null"], "multipleOf": 1024},
         {"type": "integer", "multipleOf": 1, "minimum": 0},
         {"type": "string", "enum": ["a", "b"]},
@@ -331,6 +367,13 @@ def test_compile_refuses_what_the_engine_misreads_and_enforces_what_it_accepts(t
         ({"type": "integer", "multipleOf": 3}, "6", "4"),
         ({"type": "integer", "multipleOf": 1, "minimum": 0}, "2", "-1"),
         ({"type": "string", "enum": ["a", "b"]}, '"a"', '"c"'),
+        ({"type": "string", "minLength": 2, "maxLength": 3}, '"abc"', '"abcd"'),
+        ({"type": "string", "pattern": "[a-z]{1,3}"}, '"ab"', '"abcd"'),
+        (
+            {"type": "object", "properties": {"a": {"type": "integer", "maximum": 3}, "b": {"$ref": "#/properties/a"}}},
+            '{"a": 1, "b": 2}',
+            '{"a": 1, "b": 9}',
+        ),
         ({"type": "integer", "anyOf": [{"type": "integer", "minimum": 5}, {"enum": [0]}]}, "0", "3"),
         (
             {
