@@ -190,8 +190,6 @@ def openai_row(row: Row) -> Row:
     for key, ours in OPENAI_SAMPLING.items():
         if body.get(key) is not None:
             overrides[ours] = body[key]
-    if isinstance(overrides.get("stop"), str):
-        overrides["stop"] = [overrides["stop"]]
     if body.get("response_format") is not None:
         try:
             constraint = response_format_constraint(body["response_format"])

@@ -175,7 +175,8 @@ class SamplingParams:
     top_k: int = setting(0, "keep the k most likely tokens; 0 = off", min=0)
     min_p: float = setting(0.0, "drop tokens below min_p times the top token's probability", min=0, max=1)
     repetition_penalty: float = setting(1.0, "divide the logits of tokens already seen (>1 discourages)", gt=0)
-    seed: int | None = setting(None, "same seed, same sample, whatever else shares the batch")
+    # Samples are drawn from 63 bits of the seed: a wider one would share its samples with another.
+    seed: int | None = setting(None, "same seed, same sample, whatever else shares the batch", min=0, max=2**63 - 1)
     stop: tuple[str, ...] = setting((), "stop strings; the text is cut before them", no_empty_string=True)
     stop_token_ids: tuple[int, ...] = setting((), "token ids that stop a sample, besides the model's EOS", min=0)
     n: int = setting(1, "samples per prompt", min=1)
@@ -216,8 +217,11 @@ class SamplingParams:
         # Per-row values arrive as parsed JSON: a wrong type or bound is refused here, as that row's error,
         # rather than failing inside the engine for the whole batch.
         for f in dataclasses.fields(self):
-            if isinstance(getattr(self, f.name), list):
-                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+            elif isinstance(value, str) and f.name in _STRING_LISTS:  # `stop: "###"`, as a job file may write it
+                object.__setattr__(self, f.name, (value,))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         check_fields(self)
         for token_id, bias in self.logit_bias:
@@ -246,6 +250,10 @@ class SamplingParams:
     def changes_logits(self) -> bool:
         """Anything done to the logits before the draw (penalties, bias, masks)."""
         return self.reads_output or bool(self.min_tokens or self.logit_bias or self.allowed_token_ids)
+
+
+# Fields that hold a list of strings, where one string is a list of one (a row's `{"stop": "###"}`).
+_STRING_LISTS = frozenset(n for n, h in typing.get_type_hints(SamplingParams).items() if h == tuple[str, ...])
 
 
 def _bias_pairs(value: Any) -> Any:

@@ -237,7 +237,7 @@ def test_openai_batch_input(tmp_path: Path) -> None:
     (tmp_path / "batch.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     rows = list(open_reader(job_for(tmp_path, "batch.jsonl", format="openai"), ["messages", "custom_id"]))
     assert rows[0].data == {"custom_id": "a", "messages": [{"role": "user", "content": "hi"}], "model": "m"}
-    assert rows[0].sampling == {"max_new_tokens": 5, "temperature": 0.2, "stop": ["END"], "seed": 1}
+    assert rows[0].sampling == {"max_new_tokens": 5, "temperature": 0.2, "stop": "END", "seed": 1}
     assert (
         rows[1].error.kind == ErrorKind.BAD_REQUEST and "url '/v1/embeddings' is not supported" in rows[1].error.message
     )

@@ -3,6 +3,8 @@ the job file; and the spec hash of jobs that leave the new fields unset (earlier
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from openai.types import BatchError
 from test_openai_logprobs import request, run_openai
@@ -15,6 +17,7 @@ from kvbatch.jobs.spec import (
     load_jobs_file,
     result_fingerprint,
 )
+from kvbatch.runner.config import SamplingParams
 
 
 def test_openai_bodies_penalties_bias_stop_and_seed_are_served(tmp_path) -> None:
@@ -34,6 +37,9 @@ def test_openai_bodies_penalties_bias_stop_and_seed_are_served(tmp_path) -> None
         ({"logit_bias": {"5": 101}}, "logit_bias 5: 101.0 needs a token id >= 0 and a bias in [-100, 100]"),
         ({"logit_bias": {"five": 1}}, "logit_bias must be a token id -> bias mapping, or [id, bias] pairs"),
         ({"logit_bias": [1, 2]}, "logit_bias must be a token id -> bias mapping"),
+        # samples are drawn from 63 bits of the seed: -1 and 2**63 would have shared 2**63 - 1's and 0's
+        ({"seed": -1}, "seed must be >= 0, got -1"),
+        ({"seed": 2**63}, f"seed must be <= {2**63 - 1}, got {2**63}"),
     ],
 )
 def test_a_bad_body_value_fails_its_line_only(tmp_path, body, words) -> None:
@@ -41,6 +47,12 @@ def test_a_bad_body_value_fails_its_line_only(tmp_path, body, words) -> None:
     error = BatchError.model_validate(lines[1]["error"])
     assert error.code == "bad_request" and words in error.message
     assert [r.request_id for r in engine.requests] == [0]
+
+
+def test_a_rows_single_stop_string_is_a_list_of_one_as_in_the_job_file() -> None:
+    base = job(sampling={"stop": "###", "bad_words": "spam"}).sampling
+    row = dataclasses.replace(SamplingParams(), stop="###", bad_words="spam")  # a row's {"stop": "###", ...}
+    assert (row.stop, row.bad_words) == (base.stop, base.bad_words) == (("###",), ("spam",))
 
 
 def job(**fields):
