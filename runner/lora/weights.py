@@ -22,7 +22,8 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,6 +68,8 @@ class LoraConfig:
     use_rslora: bool
     alpha_pattern: dict[str, float]  # module name pattern -> its own alpha (PEFT's alpha_pattern)
     base_model: str | None  # base_model_name_or_path
+    rank: int | None = None  # r, where given: the tensors' rank must agree, as PEFT's loading requires
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module name pattern -> its own r
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,10 @@ def adaptable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 def resolve_folder(name: str, path: str) -> Path:
     """A local folder, else a hub name already in the local Hugging Face cache."""
-    folder = Path(path).expanduser()
+    try:
+        folder = Path(path).expanduser()
+    except RuntimeError:  # `~name/...` for a user this machine does not have
+        raise AdapterError(f"adapter {name!r}: {path} names a home folder this machine does not have") from None
     if folder.is_dir():
         return folder
     if not folder.is_absolute() and not path.startswith((".", "~")) and path.count("/") == 1:
@@ -165,6 +171,12 @@ def load_adapter(spec: AdapterSpec, dtype: torch.dtype, device: torch.device) ->
     out = {}
     for module, shape in spec.modules.items():
         a, b = tensors[module]
+        if (tuple(a.shape), tuple(b.shape)) != ((shape.rank, shape.in_features), (shape.out_features, shape.rank)):
+            raise AdapterError(
+                f"adapter {spec.name!r}: {spec.weights_file} changed since it was checked ({module}'s A is now "
+                f"{list(a.shape)} and B {list(b.shape)}, not {[shape.rank, shape.in_features]} and "
+                f"{[shape.out_features, shape.rank]}); register it again"
+            )
         out[module] = LoraModule(
             a_t=a.to(torch.float32).t().contiguous().to(device=device, dtype=dtype),
             b_t=(b.to(torch.float32) * shape.scaling).t().contiguous().to(device=device, dtype=dtype),
@@ -213,12 +225,34 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
             re.compile(pattern)
         except re.error as exc:
             raise bad("alpha_pattern", pattern, f"a regular expression ({exc})") from None
+    rank = config.get("r")
+    if rank is not None and not (_is_whole(rank) and rank >= 1):
+        raise bad("r", rank, "a whole number of at least 1")
+    rank_pattern = config.get("rank_pattern") or {}
+    if not isinstance(rank_pattern, dict):
+        raise bad("rank_pattern", rank_pattern, "an object of module patterns and whole numbers")
+    for pattern, value in rank_pattern.items():
+        if not (_is_whole(value) and value >= 1):
+            raise bad(f"rank_pattern[{pattern!r}]", value, "a whole number of at least 1")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise bad("rank_pattern", pattern, f"a regular expression ({exc})") from None
     base = config.get("base_model_name_or_path")
-    return LoraConfig(float(alpha), use_rslora, dict(patterns), base if isinstance(base, str) else None)
+    return LoraConfig(
+        float(alpha), use_rslora, dict(patterns), base if isinstance(base, str) else None, rank, dict(rank_pattern)
+    )
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # A huge int is a finite number (math.isfinite would overflow converting it to a float).
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _hub_name(name: str) -> bool:
@@ -305,6 +339,14 @@ def _module_shapes(
             raise AdapterError(
                 f"adapter {name!r} does not fit this model: {module} has A {list(pair['A'])} and B {list(pair['B'])}, "
                 f"the model's layer is {linear.out_features}x{linear.in_features} (an adapter of another base model?)"
+            )
+        if rank < 1:
+            raise AdapterError(f"adapter {name!r}: {module}'s LoRA weights have rank 0")
+        declared = _pattern_value(config.rank_pattern, module, config.rank) if config.rank is not None else None
+        if declared is not None and declared != rank:
+            raise AdapterError(
+                f"adapter {name!r}: {CONFIG_FILE} gives {module} rank {declared}, its weights have rank {rank} "
+                "(a config and weights of two different adapters?)"
             )
         module_alpha = _pattern_value(config.alpha_pattern, module, config.alpha)
         scaling = module_alpha / math.sqrt(rank) if config.use_rslora else module_alpha / rank

@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 from lora_fixtures import ADAPTER_CONFIGS, PeftOracle, peft_greedy, save_adapters
+from safetensors.torch import load_file, save_file
 from tiny_models import EOS_ID, VOCAB_SIZE, hf_reference, tiny_loaded, tiny_model
 
 from kvbatch.errors import ErrorKind
@@ -195,8 +196,20 @@ def test_bad_config_values_damaged_weights_and_replayed_inits_fail_their_rows_on
     listed = _edited(source, tmp_path / "listed")
     (tmp_path / "listed" / "adapter_model.safetensors").unlink()
     torch.save([torch.zeros(2)], tmp_path / "listed" / "adapter_model.bin")
+    zero = _edited(source, tmp_path / "zero")
+    tensors = load_file(f"{zero}/adapter_model.safetensors")
+    save_file(
+        {k: v[:0] if ".lora_A." in k else v[:, :0] for k, v in tensors.items()}, f"{zero}/adapter_model.safetensors"
+    )
     bad = {  # name: (folder, words of its error)
         "alpha-text": (_edited(source, tmp_path / "a", lora_alpha="16"), "lora_alpha is '16', not a number"),
+        "alpha-huge": (_edited(source, tmp_path / "i", lora_alpha=10**400), "not a number"),
+        # PEFT refuses a config whose rank is not its weights' (a size mismatch as it loads them)
+        "rank-other": (_edited(source, tmp_path / "j", r=4), "gives model.layers.0.mlp.down_proj rank 4, its weights"),
+        "rank-pattern": (_edited(source, tmp_path / "k", rank_pattern={"v_proj": 3}), "v_proj rank 3, its weights"),
+        "rank-text": (_edited(source, tmp_path / "l", r="8"), "r is '8', not a whole number"),
+        "rank-zero": (zero, "LoRA weights have rank 0"),
+        "no-such-home": ("~no_such_user_of_kvbatch/adapter", "names a home folder this machine does not have"),
         "alpha-null": (_edited(source, tmp_path / "b", lora_alpha=None), "lora_alpha is None"),
         "pattern-list": (_edited(source, tmp_path / "c", alpha_pattern=["q_proj"]), "alpha_pattern is ['q_proj']"),
         "pattern-regex": (_edited(source, tmp_path / "d", alpha_pattern={"q_proj(": 2}), "a regular expression"),
@@ -223,6 +236,17 @@ def test_bad_config_values_damaged_weights_and_replayed_inits_fail_their_rows_on
         result = results[name]
         assert (result.finish_reason, result.error_kind) == ("error", ErrorKind.BAD_ADAPTER)
         assert repr(name) in result.error and words in result.error, result.error
+
+
+def test_weights_replaced_after_the_check_fail_their_rows(adapter_paths, rows, reference, tmp_path) -> None:
+    # The slots were sized from the file's header when the engine was built; weights of another rank read later
+    # would run under the old scaling, or past the slot: the rows are the adapter's error instead.
+    folder = shutil.copytree(adapter_paths["r2-qv"], tmp_path / "live")
+    engine = Engine(EngineConfig(block_size=4, num_blocks_override=256), tiny_loaded("llama"), adapters={"x": folder})
+    shutil.copy(f"{adapter_paths['r8-rslora']}/adapter_model.safetensors", folder / "adapter_model.safetensors")
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    results = list(engine.generate([GenerationRequest(0, rows[0][0], params, adapter="x")]))
+    assert results[0].error_kind == ErrorKind.BAD_ADAPTER and "changed since it was checked" in results[0].error
 
 
 def test_one_weights_file_under_two_configs_is_two_adapters(adapter_paths, rows, tmp_path) -> None:
