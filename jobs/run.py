@@ -71,15 +71,24 @@ class EngineCache:
     def __init__(self, factory: EngineFactory = default_engine_factory) -> None:
         self.factory = factory
         self._engines: dict[tuple, Any] = {}
-        self._planned_adapters: dict[tuple, dict[str, str]] = {}
+        self._planned_adapters: dict[tuple, list[tuple[str, str]]] = {}
 
     def plan(self, jobs: list[JobSpec]) -> None:
         """Note the LoRA adapters of the jobs to come, so that an engine's adapter slots are sized for all of
-        them when it is built (an adapter registered later must fit the slots)."""
+        them when it is built (an adapter registered later must fit the slots). Two jobs may give one name to
+        two folders: both are noted."""
         for job in jobs:
-            adapters = job_adapters(job)
-            if adapters:
-                self._planned_adapters.setdefault(self._key(job), {}).update(adapters)
+            planned = self._planned_adapters.setdefault(self._key(job), [])
+            planned += [pair for pair in job_adapters(job).items() if pair not in planned]
+
+    def _sizing(self, key: tuple, adapters: dict[str, str]) -> dict[str, str]:
+        """This job's adapters, and every other planned folder under a name of its own, for the slots' sizing.
+        Rows name only their job's adapters, so no row reaches the other names."""
+        sizing = dict(adapters)
+        for name, path in self._planned_adapters.get(key, []):
+            if path not in sizing.values():
+                sizing[name if name not in sizing else f"{name} (planned {len(sizing)})"] = path
+        return sizing
 
     def _key(self, job: JobSpec) -> tuple:
         settings = job.engine.settings()
@@ -100,7 +109,7 @@ class EngineCache:
         log.info("loading model %s", job.model)
         settings = dict(key[1])
         if adapters:
-            settings["adapters"] = {**self._planned_adapters.get(key, {}), **adapters}
+            settings["adapters"] = self._sizing(key, adapters)
         self._engines[key] = self.factory(job.model, settings)
         return self._engines[key], True
 

@@ -107,6 +107,21 @@ def test_an_openai_batch_body_names_its_adapter_in_model(adapter_paths, tmp_path
     assert texts["c2"] == peft_text(adapter_paths, "w7 w8 w9 w10", "r16-all")
 
 
+def test_two_jobs_may_give_one_name_to_two_folders(adapter_paths, tmp_path: Path) -> None:
+    # The engine the two jobs share is built for the first; its slots must hold the second's folder too (rank 16
+    # on every projection, where the first's is rank 2 on q and v), though both call theirs "tone".
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "w5 w6 w7 w8"}) + "\n")
+    jobs = [
+        make_job(tmp_path, name, "in.jsonl", adapters={"tone": adapter_paths[folder]}, adapter="tone")
+        for name, folder in (("first", "r2-qv"), ("second", "r16-all"))
+    ]
+    run_jobs(jobs, engine_factory=factory)
+    for job, folder in zip(jobs, ("r2-qv", "r16-all")):
+        (row,) = read_arrow(tmp_path / "out" / f"{job.name}.arrow").to_pylist()
+        assert row["error"] is None, row["error"]
+        assert row["text"] == peft_text({"tone": adapter_paths[folder]}, "w5 w6 w7 w8", "tone")
+
+
 def test_plan_lists_the_adapters_and_the_rows_they_fail(adapter_paths, tmp_path: Path) -> None:
     rows = [{"prompt": "w5 w6 w7", "lora": name} for name in ("r2-qv", "broken", "nope", None)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
