@@ -12,7 +12,7 @@ from typing import Any
 
 from kvbatch.errors import ErrorKind
 
-from .rows import Row, RowError
+from .rows import Row, RowError, mapping_value
 from .spec import TEMPLATE_CALL_ARGUMENTS, JobSpec, PromptSpec, input_format, template_columns
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -82,18 +82,19 @@ def _with_system(messages: list[dict[str, str]], spec: PromptSpec, row: Row) -> 
     kwargs, tools = dict(spec.chat_template_kwargs or {}), None
     column = spec.chat_template_kwargs_column
     if column is not None and data.get(column) is not None:
-        if not isinstance(data[column], dict):
+        values = mapping_value(data[column])
+        if values is None:
             return _error(
                 row, ErrorKind.WRONG_TYPE, f"column {column!r} is {_type_name(data[column])}, expected an object"
             )
-        steering = sorted(TEMPLATE_CALL_ARGUMENTS & set(data[column]))
+        steering = sorted(TEMPLATE_CALL_ARGUMENTS & set(values))
         if steering:
             return _error(
                 row,
                 ErrorKind.BAD_REQUEST,
                 f"column {column!r} sets {steering[0]!r}, an argument of the template call, not a template value",
             )
-        kwargs.update(data[column])
+        kwargs.update(values)
     column = spec.tools_column
     if column is not None and data.get(column) is not None:
         tools = data[column]

@@ -14,7 +14,7 @@ from typing import Any
 from kvbatch.errors import ErrorKind
 from kvbatch.runner.config import SamplingParams
 
-from .rows import Row, RowError
+from .rows import Row, RowError, mapping_value
 from .spec import JobSpec
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -33,9 +33,9 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
     values = dict(row.sampling)
     column = job.sampling_column
     if column is not None and data.get(column) is not None:
-        mapping = data[column]
-        if not isinstance(mapping, dict):
-            got = type(mapping).__name__
+        mapping = mapping_value(data[column])
+        if mapping is None:
+            got = type(data[column]).__name__
             return RowError(
                 ErrorKind.WRONG_TYPE, f"{row.where}: column {column!r} is {got}, expected a mapping of sampling fields"
             )

@@ -94,6 +94,16 @@ def id_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def mapping_value(value: Any) -> dict | None:
+    """The mapping a row's value holds: a JSON object or an Arrow struct (a dict), or an Arrow map, which reads as
+    its (key, value) pairs; None for any other value. JSON gives no tuples, so a JSON list of pairs is no mapping."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value):
+        return dict(value)
+    return None
+
+
 @dataclass
 class Reader:
     """An opened input: `columns` when the format has a schema, `num_rows` when cheap to know."""

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from openai.types import BatchError
 from test_openai_logprobs import request, run_openai
 
-from kvbatch.errors import SpecError
+from kvbatch.errors import ErrorKind, SpecError
+from kvbatch.jobs.readers import open_reader
+from kvbatch.jobs.row_sampling import row_sampling
 from kvbatch.jobs.spec import (
     _PROMPT_FIELDS_V1,
     _SAMPLING_FIELDS_V1,
@@ -53,6 +57,17 @@ def test_a_rows_single_stop_string_is_a_list_of_one_as_in_the_job_file() -> None
     base = job(sampling={"stop": "###", "bad_words": "spam"}).sampling
     row = dataclasses.replace(SamplingParams(), stop="###", bad_words="spam")  # a row's {"stop": "###", ...}
     assert (row.stop, row.bad_words) == (base.stop, base.bad_words) == (("###",), ("spam",))
+
+
+def test_a_parquet_map_column_holds_a_rows_sampling_values(tmp_path) -> None:
+    # An Arrow map reads as (key, value) pairs; a struct as a dict; both are mappings of sampling fields.
+    values = pa.array([[("max_new_tokens", 2)], [], None, [("temprature", 1)]], pa.map_(pa.string(), pa.int64()))
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "m": values}), tmp_path / "in.parquet")
+    spec = job_from_dict({"name": "j", "input": {"path": "in.parquet"}, "sampling_column": "m"}, base_dir=str(tmp_path))
+    rows = list(open_reader(spec, ["prompt", "m"]))
+    asked = [row_sampling(row, spec) for row in rows]
+    assert asked[:3] == [{"max_new_tokens": 2}, {}, {}]
+    assert asked[3].kind == ErrorKind.BAD_REQUEST and "sets 'temprature', not a sampling field" in asked[3].message
 
 
 def job(**fields):
