@@ -173,17 +173,23 @@ def openai_row(row: Row) -> Row:
         return row
     data = row.data
     custom_id = data.get("custom_id")
-    keep = {"custom_id": custom_id if isinstance(custom_id, str) else None, "messages": None}
-    bad = Row(row.index, keep, None, row.line)
+    # A number for an id is refused, but written back as text so the error line can be matched to its request.
+    shown_id = custom_id if isinstance(custom_id, str) else _id_text(custom_id)
+    bad = Row(row.index, {"custom_id": shown_id, "messages": None}, None, row.line)
     if not isinstance(custom_id, str) or not custom_id:
         return bad.failed(ErrorKind.BAD_REQUEST, "an OpenAI Batch request needs a non-empty string `custom_id`")
     url = data.get("url", OPENAI_ENDPOINT)
     if url != OPENAI_ENDPOINT:
         return bad.failed(ErrorKind.BAD_REQUEST, f"url {url!r} is not supported (only {OPENAI_ENDPOINT})")
+    method = data.get("method", "POST")
+    if method != "POST":
+        return bad.failed(ErrorKind.BAD_REQUEST, f"method {method!r} is not supported (a Batch request is a POST)")
     body = data.get("body")
     if not isinstance(body, dict):
         return bad.failed(ErrorKind.BAD_REQUEST, "an OpenAI Batch request needs a `body` object")
-    problem = _logprobs_problem(body) or _temperature_problem(body)
+    if body.get("messages") is None:
+        return bad.failed(ErrorKind.BAD_REQUEST, "an OpenAI Batch request's body needs `messages`")
+    problem = _logprobs_problem(body) or _temperature_problem(body) or _tool_choice_problem(body)
     if problem:
         return bad.failed(ErrorKind.BAD_REQUEST, problem)
     overrides: dict[str, Any] = {}
@@ -221,6 +227,22 @@ def _logprobs_problem(body: dict[str, Any]) -> str | None:
     if top and logprobs is not True:
         return "top_logprobs needs logprobs: true"
     return None
+
+
+def _id_text(value: Any) -> str | None:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _tool_choice_problem(body: dict[str, Any]) -> str | None:
+    """A tool_choice that asks for a call, which nothing would enforce: the tools go to the chat template, the
+    output is not constrained to a call."""
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("auto", "none"):
+        return None
+    return (
+        f"tool_choice {choice!r} is not supported: the tools are given to the chat template, and nothing makes the "
+        "model call one; use 'auto' or leave it out"
+    )
 
 
 def _temperature_problem(body: dict[str, Any]) -> str | None:

@@ -233,6 +233,9 @@ def test_openai_batch_input(tmp_path: Path) -> None:
         {"custom_id": "b", "url": "/v1/embeddings", "body": {"input": "x"}},
         {"url": "/v1/chat/completions", "body": {"messages": []}},
         {"custom_id": "d", "body": "not an object"},
+        {"custom_id": "e", "body": {"model": "m"}},
+        {"custom_id": "f", "method": "GET", "url": "/v1/chat/completions", "body": {"messages": []}},
+        {"custom_id": 7, "body": {"messages": []}},
     ]
     (tmp_path / "batch.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     rows = list(open_reader(job_for(tmp_path, "batch.jsonl", format="openai"), ["messages", "custom_id"]))
@@ -244,6 +247,10 @@ def test_openai_batch_input(tmp_path: Path) -> None:
     assert rows[1].data["custom_id"] == "b"  # kept, so the error line still names the request
     assert rows[2].error.message == "row 2 (line 3): an OpenAI Batch request needs a non-empty string `custom_id`"
     assert "needs a `body` object" in rows[3].error.message
+    assert rows[4].error.message == "row 4 (line 5): an OpenAI Batch request's body needs `messages`"
+    assert "method 'GET' is not supported (a Batch request is a POST)" in rows[5].error.message
+    assert rows[6].error.kind == ErrorKind.BAD_REQUEST and rows[6].data["custom_id"] == "7"  # the line can be matched
+    assert all(row.error.kind == ErrorKind.BAD_REQUEST for row in rows[1:])
 
 
 def test_arrow_streams_and_ipc_files_are_read_in_batches_of_the_needed_columns(

@@ -18,6 +18,9 @@ from test_openai_logprobs import request, run_openai
         ({"temperature": True}, "temperature must be a finite number, got True"),
         ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
         ({"n": 20000}, "n 20000 is over 128, the most a row may ask"),
+        # the tools go to the chat template; nothing would make the model call one
+        ({"tool_choice": "required"}, "tool_choice 'required' is not supported"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "use 'auto' or leave it out"),
     ],
 )
 def test_a_wrongly_typed_body_field_fails_its_line_only(tmp_path, body, words) -> None:
