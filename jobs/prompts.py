@@ -16,13 +16,16 @@ from .rows import Row, RowError, mapping_value
 from .spec import TEMPLATE_CALL_ARGUMENTS, JobSpec, PromptSpec, input_format, template_columns
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+# A message's fields besides role and content that chat templates read (OpenAI's tool calls and their results),
+# with the type each must have; they go to the template as given.
+MESSAGE_FIELDS = {"name": str, "tool_call_id": str, "tool_calls": list}
 
 
 @dataclass(frozen=True)
 class Prompt:
     """Exactly one of `messages` (for the chat template) and `text` (raw) is set."""
 
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | None = None
     template_kwargs: dict[str, Any] | None = None  # the row's own chat template values over the job's
     tools: list[dict[str, Any]] | None = None  # tool definitions for the chat template
@@ -72,7 +75,7 @@ def build_prompt(row: Row, spec: PromptSpec, allow_empty: bool = False) -> Promp
     return _with_system([{"role": "user", "content": text}], spec, row)
 
 
-def _with_system(messages: list[dict[str, str]], spec: PromptSpec, row: Row) -> Prompt | RowError:
+def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> Prompt | RowError:
     # A row's own system message wins over the job's: the job's is a default.
     if spec.system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": spec.system}, *messages]
@@ -148,7 +151,7 @@ def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty:
     return text
 
 
-def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[str, str]] | RowError:
+def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[str, Any]] | RowError:
     if column not in data:
         return _error(row, ErrorKind.MISSING_COLUMN, f"column {column!r} is missing")
     value = data[column]
@@ -170,17 +173,22 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
                 row, ErrorKind.WRONG_TYPE, f"{at} is {_type_name(message)}, expected a {{role, content}} object"
             )
         role = message.get("role")
+        if role is None:
+            return _error(row, ErrorKind.WRONG_TYPE, f"{at} has no role, expected one of {', '.join(ROLES)}")
         if role not in ROLES:
             kind = ErrorKind.BAD_ROLE if isinstance(role, str) else ErrorKind.WRONG_TYPE
             return _error(row, kind, f"{at}.role is {role!r}, expected one of {', '.join(ROLES)}")
-        content = _content_text(message.get("content"))
-        if content is None:
-            return _error(
-                row,
-                ErrorKind.WRONG_TYPE,
-                f"{at}.content is {_type_name(message.get('content'))}, expected a string or a list of text parts",
-            )
-        messages.append({"role": role, "content": content})
+        extra = {k: message[k] for k in MESSAGE_FIELDS if message.get(k) is not None}
+        wrong = next((k for k, v in extra.items() if not isinstance(v, MESSAGE_FIELDS[k])), None)
+        if wrong is not None:
+            wanted = "a list" if MESSAGE_FIELDS[wrong] is list else "a string"
+            return _error(row, ErrorKind.WRONG_TYPE, f"{at}.{wrong} is {_type_name(extra[wrong])}, expected {wanted}")
+        # An assistant message that only calls tools has no content (OpenAI's null).
+        content = "" if message.get("content") is None and "tool_calls" in extra else message.get("content")
+        text = _content_text(content)
+        if text is None:
+            return _error(row, ErrorKind.WRONG_TYPE, f"{at}.content {_content_problem(content)}")
+        messages.append({"role": role, "content": text, **extra})
     if not any(m["content"].strip() for m in messages if m["role"] != "system"):
         return _error(
             row, ErrorKind.EMPTY_PROMPT, f"column {column!r} has no non-empty message besides the system prompt"
@@ -199,6 +207,16 @@ def _content_text(content: Any) -> str | None:
     ):
         return "".join(p["text"] for p in content)
     return None
+
+
+def _content_problem(content: Any) -> str:
+    if content is None:
+        return "is missing (null), expected text, or tool_calls beside it"
+    if isinstance(content, list) and content:
+        kinds = sorted({str(p.get("type")) for p in content if isinstance(p, dict) and p.get("type") != "text"})
+        if kinds:
+            return f"holds parts of type {', '.join(kinds)}; only text parts are read"
+    return f"is {_type_name(content)}, expected a string or a list of text parts"
 
 
 def _type_name(value: Any) -> str:

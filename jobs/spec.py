@@ -66,7 +66,9 @@ class PromptSpec:
     """How a row becomes a prompt (set at most one of column, messages_column, template)."""
 
     column: str | None = setting(None, "one user message per row; unset: column 'prompt'")
-    messages_column: str | None = setting(None, "a list of {role, content} messages per row")
+    messages_column: str | None = setting(
+        None, "a list of {role, content} messages per row; name, tool_calls, tool_call_id go to the template too"
+    )
     template: str | None = setting(None, "a user message with {column} placeholders: 'Summarise: {text}'")
     system: str | None = setting(None, "a system message before the row's messages, unless they start with one")
     chat_template: bool = setting(True, "false: the raw text, no chat template")

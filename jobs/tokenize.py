@@ -69,13 +69,14 @@ class PromptTokenizer:
         if not self.use_chat_template:
             return self._encode_text("\n\n".join(m["content"] for m in prompt.messages))
         if not self.allow_special_tokens:
-            # Template values and tools are written by the template itself, so they are tokenized as its own
-            # text: one that reads as a control token would become one.
-            found = self._control_in(prompt.template_kwargs, prompt.tools)
+            # Template values, tools and a message's tool calls are written by the template itself, so they are
+            # tokenized as its own text: one that reads as a control token would become one.
+            extras = [{k: v for k, v in m.items() if k not in ("role", "content")} for m in prompt.messages]
+            found = self._control_in(prompt.template_kwargs, prompt.tools, extras)
             if found is not None:
                 return RowError(
                     ErrorKind.CHAT_TEMPLATE,
-                    f"a chat template value or tool holds {found!r}, the text of a control token; set "
+                    f"a chat template value, tool or tool call holds {found!r}, the text of a control token; set "
                     "prompt.allow_special_tokens if the data may write control tokens",
                 )
         try:
@@ -104,7 +105,7 @@ class PromptTokenizer:
                 stack.extend(value)
         return None
 
-    def _plain(self, messages: list[dict[str, str]]) -> bool:
+    def _plain(self, messages: list[dict[str, Any]]) -> bool:
         """No message holds an added token's text (a tokenizer that lists none is never trusted to be plain)."""
         return self._control_text is not None and not any(self._control_text.search(m["content"]) for m in messages)
 
@@ -114,7 +115,7 @@ class PromptTokenizer:
             self.tokenizer.encode(text, add_special_tokens=True, split_special_tokens=not self.allow_special_tokens)
         )
 
-    def _render(self, messages: list[dict[str, str]], prompt: Prompt) -> str:
+    def _render(self, messages: list[dict[str, Any]], prompt: Prompt) -> str:
         # Only what is set is passed: a tokenizer's template takes the values it knows by name.
         options: dict[str, Any] = dict(prompt.template_kwargs or {})
         if self.template is not None:
@@ -130,8 +131,8 @@ class PromptTokenizer:
         except Exception as exc:  # noqa: BLE001 - a template raising on a row's values fails that row only
             raise _TemplateRefused(f"{type(exc).__name__}: {exc}") from exc
 
-    def _encode_messages(self, messages: list[dict[str, str]], prompt: Prompt) -> list[int] | RowError:
-        marked = [{"role": m["role"], "content": f"{self._marker}_{i}_"} for i, m in enumerate(messages)]
+    def _encode_messages(self, messages: list[dict[str, Any]], prompt: Prompt) -> list[int] | RowError:
+        marked = [{**m, "content": f"{self._marker}_{i}_"} for i, m in enumerate(messages)]
         rendered = self._render(marked, prompt)
         pieces = self._placeholder.split(rendered)  # [template, index, template, index, ..., template]
         indexes = [int(i) for i in pieces[1::2]]
@@ -159,7 +160,7 @@ class PromptTokenizer:
         return ids
 
     def _contents_as_rendered(
-        self, messages: list[dict[str, str]], pieces: list[str], prompt: Prompt
+        self, messages: list[dict[str, Any]], pieces: list[str], prompt: Prompt
     ) -> list[str] | None:
         """The message texts as the template writes them: as given, or stripped for templates that `| trim`."""
         real = self._render(messages, prompt)
