@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from kvbatch.errors import SpecError
 from kvbatch.runner.config import EngineConfig, SamplingParams, setting
+from kvbatch.runner.structured_outputs import ConstraintError
 
 from .constraints import read_schema_files
 from .reasoning import template_marks_reasoning
@@ -365,6 +366,13 @@ def validate(job: JobSpec, node: Node) -> None:
     for col in job.keep_columns:
         if col in RESERVED_COLUMNS:
             raise at("keep_columns").error(f"{col!r} is an output column name; rename it in the input")
+    if job.sampling.structured_outputs is not None:
+        from kvbatch.runner.structured import check_constraint  # xgrammar and torch load only for such a job
+
+        try:
+            check_constraint(job.sampling.structured_outputs)
+        except ConstraintError as exc:
+            raise at("sampling", "structured_outputs").error(str(exc)) from None
     unknown = [c for c in job.sampling_columns if c not in {f.name for f in dataclasses.fields(SamplingParams)}]
     if unknown:
         raise at("sampling_columns").error(

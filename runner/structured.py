@@ -153,20 +153,13 @@ class GrammarCache:
         compiler = self._compiler_for()
         started = time.perf_counter()
         try:
+            _refuse_misread(constraint)
             if constraint.json is not None:
-                problem = unsupported_keyword(json.loads(constraint.json))
-                if problem:
-                    raise ConstraintError(problem)
                 compiled = compiler.compile_json_schema(constraint.json, any_whitespace=False)
             elif constraint.regex is not None:
-                problem = unsupported_regex(constraint.regex)
-                if problem:
-                    raise ConstraintError(problem)
                 compiled = compiler.compile_regex(constraint.regex)
             elif constraint.choice is not None:
-                # JSON string literals are EBNF string literals (same escapes).
-                alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in constraint.choice)
-                compiled = compiler.compile_grammar(f"root ::= {alternatives}")
+                compiled = compiler.compile_grammar(_choice_grammar(constraint.choice))
             elif constraint.grammar is not None:
                 compiled = compiler.compile_grammar(constraint.grammar)
             else:
@@ -177,6 +170,44 @@ class GrammarCache:
             raise ConstraintError(f"{constraint.kind} does not compile: {_library_message(exc)}") from None
         self.compile_seconds[constraint] = time.perf_counter() - started
         return compiled
+
+
+def check_constraint(constraint: StructuredOutputs) -> None:
+    """Raise ConstraintError where `constraint` could never compile, for any tokenizer: a keyword or regex the
+    grammar engine would misread, or a schema, regex or grammar it cannot parse. A job's own constraint is checked
+    so as it is loaded, before any model: else each of its rows would fail alike."""
+    _refuse_misread(constraint)
+    try:
+        import xgrammar as xgr
+    except ImportError:  # the engine names the missing package when it compiles
+        return
+    try:
+        if constraint.json is not None:
+            xgr.Grammar.from_json_schema(constraint.json, any_whitespace=False)
+        elif constraint.regex is not None:
+            xgr.Grammar.from_regex(constraint.regex)
+        elif constraint.choice is not None:
+            xgr.Grammar.from_ebnf(_choice_grammar(constraint.choice))
+        elif constraint.grammar is not None:
+            xgr.Grammar.from_ebnf(constraint.grammar)
+    except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError (and ValueError) for bad input
+        raise ConstraintError(f"{constraint.kind} does not compile: {_library_message(exc)}") from None
+
+
+def _refuse_misread(constraint: StructuredOutputs) -> None:
+    """Raise ConstraintError for a JSON Schema keyword or regex the grammar engine would not read as meant."""
+    problem = None
+    if constraint.json is not None:
+        problem = unsupported_keyword(json.loads(constraint.json))
+    elif constraint.regex is not None:
+        problem = unsupported_regex(constraint.regex)
+    if problem:
+        raise ConstraintError(problem)
+
+
+def _choice_grammar(choice: tuple[str, ...]) -> str:
+    # JSON string literals are EBNF string literals (same escapes).
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choice)
 
 
 def new_matcher(compiled) -> Any:

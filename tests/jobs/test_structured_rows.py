@@ -131,3 +131,21 @@ def test_plan_lists_the_distinct_constraints_and_the_rows_whose_constraint_is_ba
     )
     text = plan.format()
     assert "constraints     3 distinct, 1 that do not compile" in text and "    1 row, bad: regex" in text
+
+
+@pytest.mark.parametrize(
+    ("constraint", "words"),
+    [
+        ({"regex": "(ab"}, "regex does not compile: Regex parsing error at position 4: The parenthesis is not"),
+        ({"regex": "a\\Z"}, "escape \\Z at position 1 of the regex is not supported"),
+        ({"json": {"type": "object", "not": {}}}, "unsupported JSON Schema keyword 'not' at #"),
+        ({"json": {"type": "integer", "minimum": 1.5}}, "json does not compile: Integer constraint must be a whole"),
+        ({"grammar": "root ::= x"}, "grammar does not compile: EBNF parser error"),
+    ],
+)
+def test_a_job_constraint_that_can_never_compile_fails_the_job_file(tmp_path: Path, constraint, words) -> None:
+    # Every row would fail alike: the job stops as its file loads, before any model (exit 2), naming the field.
+    with pytest.raises(SpecError, match="sampling.structured_outputs") as refused:
+        job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "sampling": {"structured_outputs": constraint}})
+    assert words in str(refused.value)
+    job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "sampling": {"structured_outputs": {"regex": "a+"}}})
