@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -144,8 +145,9 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
         )
     except RecursionError:
         return Row(index, None, RowError(ErrorKind.BAD_JSON, f"{where}: invalid JSON: nested too deeply"), line_no)
-    except ValueError as exc:  # an integer of over 4,300 digits (Python's int-from-text limit)
-        return Row(index, None, RowError(ErrorKind.BAD_JSON, f"{where}: invalid JSON: {exc}"), line_no)
+    except ValueError:  # the only other ValueError of json.loads: an integer past Python's int-from-text limit
+        message = f"{where}: invalid JSON: an integer of over {sys.get_int_max_str_digits():,} digits"
+        return Row(index, None, RowError(ErrorKind.BAD_JSON, message), line_no)
     if not isinstance(value, dict):
         got = "null" if value is None else type(value).__name__
         return Row(

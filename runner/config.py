@@ -73,13 +73,13 @@ def type_violation(hint: Any, value: Any) -> str | None:
     if origin is tuple and Ellipsis not in args:  # a fixed shape: (token id, bias)
         items_ok = isinstance(value, tuple) and len(value) == len(args)
         items_ok = items_ok and all(type_violation(a, item) is None for a, item in zip(args, value))
-        return None if items_ok else f"must be a pair ({', '.join(_KIND_NAMES[a] for a in args)}), got {value!r}"
+        return None if items_ok else f"must be a pair ({', '.join(_KIND_NAMES[a] for a in args)}), got {_shown(value)}"
     if origin is tuple:
         items_ok = isinstance(value, tuple) and all(type_violation(args[0], item) is None for item in value)
         kind = (
             _KIND_NAMES[args[0]] if typing.get_origin(args[0]) is tuple else f"{_KIND_NAMES[args[0]]} (a list of them)"
         )
-        return None if items_ok else f"must be {kind}, got {value!r}"
+        return None if items_ok else f"must be {kind}, got {_shown(value)}"
     if dataclasses.is_dataclass(hint):
         return None if isinstance(value, hint) else f"must be a {hint.__name__}, got {value!r}"
     if hint is bool:
@@ -95,6 +95,11 @@ def type_violation(hint: Any, value: Any) -> str | None:
     else:
         raise TypeError(f"config.py does not support the field type {hint!r}")
     return None if ok else f"must be {_KIND_NAMES[hint]}, got {value!r}"
+
+
+def _shown(value: Any) -> str:
+    """A value as the row or file spelt it: lists arrive here as tuples."""
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
 _KIND_NAMES = {

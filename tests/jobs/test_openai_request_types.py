@@ -12,7 +12,7 @@ from test_openai_logprobs import request, run_openai
     ("body", "words"),
     [
         ({"seed": "x", "temperature": 0.5}, "seed must be an integer, got 'x'"),
-        ({"stop": [5]}, "stop must be a string (a list of them), got (5,)"),
+        ({"stop": [5]}, "stop must be a string (a list of them), got [5]"),
         ({"n": 1.5}, "n must be an integer, got 1.5"),
         ({"max_tokens": "2"}, "max_new_tokens must be an integer, got '2'"),
         ({"temperature": True}, "temperature must be a finite number, got True"),
