@@ -12,7 +12,7 @@ from typing import Any
 
 from kvbatch.errors import ErrorKind
 
-from .rows import Row, RowError, mapping_value
+from .rows import Row, RowError, mapping_value, type_name
 from .spec import TEMPLATE_CALL_ARGUMENTS, JobSpec, PromptSpec, input_format, template_columns
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -88,7 +88,7 @@ def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> 
         values = mapping_value(data[column])
         if values is None:
             return _error(
-                row, ErrorKind.WRONG_TYPE, f"column {column!r} is {_type_name(data[column])}, expected an object"
+                row, ErrorKind.WRONG_TYPE, f"column {column!r} is {type_name(data[column])}, expected an object"
             )
         steering = sorted(TEMPLATE_CALL_ARGUMENTS & set(values))
         if steering:
@@ -103,7 +103,7 @@ def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> 
         tools = data[column]
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             return _error(
-                row, ErrorKind.WRONG_TYPE, f"column {column!r} is {_type_name(tools)}, expected a list of tools"
+                row, ErrorKind.WRONG_TYPE, f"column {column!r} is {type_name(tools)}, expected a list of tools"
             )
     return Prompt(messages=messages, template_kwargs=kwargs or None, tools=tools)
 
@@ -119,7 +119,7 @@ def _text_column(row: Row, data: dict[str, Any], column: str, allow_empty: bool)
     if value is None:
         return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} is null")
     if not isinstance(value, str):
-        return _error(row, ErrorKind.WRONG_TYPE, f"column {column!r} is {_type_name(value)}, expected a string")
+        return _error(row, ErrorKind.WRONG_TYPE, f"column {column!r} is {type_name(value)}, expected a string")
     if not value.strip() and not allow_empty:
         return _error(
             row,
@@ -141,7 +141,7 @@ def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty:
             return _error(
                 row,
                 ErrorKind.WRONG_TYPE,
-                f"column {column!r} (used by the template) is {_type_name(value)}, expected text or a number",
+                f"column {column!r} (used by the template) is {type_name(value)}, expected text or a number",
             )
         values[column] = str(value)
     # Values are inserted once, by name: a value that itself contains "{x}" is not expanded again.
@@ -161,7 +161,7 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
         return _error(
             row,
             ErrorKind.WRONG_TYPE,
-            f"column {column!r} is {_type_name(value)}, expected a list of {{role, content}} messages",
+            f"column {column!r} is {type_name(value)}, expected a list of {{role, content}} messages",
         )
     if not value:
         return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} is an empty list")
@@ -170,7 +170,7 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
         at = f"{column}[{i}]"
         if not isinstance(message, dict):
             return _error(
-                row, ErrorKind.WRONG_TYPE, f"{at} is {_type_name(message)}, expected a {{role, content}} object"
+                row, ErrorKind.WRONG_TYPE, f"{at} is {type_name(message)}, expected a {{role, content}} object"
             )
         role = message.get("role")
         if role is None:
@@ -182,7 +182,7 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
         wrong = next((k for k, v in extra.items() if not isinstance(v, MESSAGE_FIELDS[k])), None)
         if wrong is not None:
             wanted = "a list" if MESSAGE_FIELDS[wrong] is list else "a string"
-            return _error(row, ErrorKind.WRONG_TYPE, f"{at}.{wrong} is {_type_name(extra[wrong])}, expected {wanted}")
+            return _error(row, ErrorKind.WRONG_TYPE, f"{at}.{wrong} is {type_name(extra[wrong])}, expected {wanted}")
         # An assistant message that only calls tools has no content (OpenAI's null).
         content = "" if message.get("content") is None and "tool_calls" in extra else message.get("content")
         text = _content_text(content)
@@ -216,16 +216,4 @@ def _content_problem(content: Any) -> str:
         kinds = sorted({str(p.get("type")) for p in content if isinstance(p, dict) and p.get("type") != "text"})
         if kinds:
             return f"holds parts of type {', '.join(kinds)}; only text parts are read"
-    return f"is {_type_name(content)}, expected a string or a list of text parts"
-
-
-def _type_name(value: Any) -> str:
-    names = {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "a boolean",
-        list: "a list",
-        dict: "an object",
-    }
-    return names.get(type(value), type(value).__name__) if value is not None else "null"
+    return f"is {type_name(content)}, expected a string or a list of text parts"

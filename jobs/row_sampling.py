@@ -14,7 +14,7 @@ from typing import Any
 from kvbatch.errors import ErrorKind
 from kvbatch.runner.config import SamplingParams
 
-from .rows import Row, RowError, mapping_value
+from .rows import Row, RowError, mapping_value, type_name
 from .spec import JobSpec
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -35,9 +35,10 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
     if column is not None and data.get(column) is not None:
         mapping = mapping_value(data[column])
         if mapping is None:
-            got = type(data[column]).__name__
+            got = type_name(data[column])
             return RowError(
-                ErrorKind.WRONG_TYPE, f"{row.where}: column {column!r} is {got}, expected a mapping of sampling fields"
+                ErrorKind.WRONG_TYPE,
+                f"{row.where}: column {column!r} is {got}, expected a mapping of sampling fields (or JSON text of one)",
             )
         unknown = [k for k in mapping if k not in SAMPLING_FIELDS]
         if unknown:

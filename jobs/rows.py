@@ -95,13 +95,32 @@ def id_key(value: Any) -> str:
 
 
 def mapping_value(value: Any) -> dict | None:
-    """The mapping a row's value holds: a JSON object or an Arrow struct (a dict), or an Arrow map, which reads as
-    its (key, value) pairs; None for any other value. JSON gives no tuples, so a JSON list of pairs is no mapping."""
+    """The mapping a row's value holds: a JSON object or an Arrow struct (a dict); an Arrow map, which reads as
+    its (key, value) pairs; or JSON text of an object (a string column of Parquet); None for any other value.
+    JSON gives no tuples, so a JSON list of pairs is no mapping."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
     if isinstance(value, dict):
         return value
     if isinstance(value, list) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value):
         return dict(value)
     return None
+
+
+def type_name(value: Any) -> str:
+    """A value's JSON type as messages name it ("a string", "an object", "null")."""
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "an object",
+    }
+    return names.get(type(value), type(value).__name__) if value is not None else "null"
 
 
 @dataclass

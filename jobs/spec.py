@@ -79,7 +79,9 @@ class PromptSpec:
     chat_template_kwargs: dict[str, Any] | None = setting(
         None, "passed to the chat template: {enable_thinking: false} for Qwen3-style models"
     )
-    chat_template_kwargs_column: str | None = setting(None, "a column of mappings over chat_template_kwargs, per row")
+    chat_template_kwargs_column: str | None = setting(
+        None, "a column of mappings over chat_template_kwargs, per row (objects, structs, maps or JSON text)"
+    )
     chat_template_file: str | None = setting(None, "a Jinja chat template used instead of the model's (job-relative)")
     continue_final_message: bool = setting(False, "the last message is continued (no generation prompt after it)")
     tools_column: str | None = setting(None, "a column of tool definitions (OpenAI's list) given to the template")
@@ -170,7 +172,9 @@ class JobSpec:
     adapter_column: str | None = setting(None, "a column naming each row's adapter (in adapters; null: `adapter`)")
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"doc": "how each row is sampled"})
     sampling_columns: tuple[str, ...] = setting((), "columns named like sampling fields: a row's own values")
-    sampling_column: str | None = setting(None, "a column holding a mapping of sampling fields per row")
+    sampling_column: str | None = setting(
+        None, "a column holding a mapping of sampling fields per row (an object, struct, map or JSON text)"
+    )
     output: OutputSpec = field(default_factory=OutputSpec, metadata={"doc": "where results go"})
     output_dir: str = setting("out", "outputs stay inside it; relative to the job file's folder")
     engine: EngineSpec = field(default_factory=EngineSpec, metadata={"doc": "engine settings; unset: its default"})

@@ -59,15 +59,22 @@ def test_a_rows_single_stop_string_is_a_list_of_one_as_in_the_job_file() -> None
     assert (row.stop, row.bad_words) == (base.stop, base.bad_words) == (("###",), ("spam",))
 
 
-def test_a_parquet_map_column_holds_a_rows_sampling_values(tmp_path) -> None:
+def test_a_parquet_map_or_json_text_column_holds_a_rows_sampling_values(tmp_path) -> None:
     # An Arrow map reads as (key, value) pairs; a struct as a dict; both are mappings of sampling fields.
     values = pa.array([[("max_new_tokens", 2)], [], None, [("temprature", 1)]], pa.map_(pa.string(), pa.int64()))
-    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "m": values}), tmp_path / "in.parquet")
+    text = ['{"max_new_tokens": 2}', "{}", None, "temperature=1"]  # JSON text of a mapping, as a string column
+    table = pa.table({"prompt": ["a", "b", "c", "d"], "m": values, "t": text})
+    pq.write_table(table, tmp_path / "in.parquet")
     spec = job_from_dict({"name": "j", "input": {"path": "in.parquet"}, "sampling_column": "m"}, base_dir=str(tmp_path))
     rows = list(open_reader(spec, ["prompt", "m"]))
     asked = [row_sampling(row, spec) for row in rows]
     assert asked[:3] == [{"max_new_tokens": 2}, {}, {}]
     assert asked[3].kind == ErrorKind.BAD_REQUEST and "sets 'temprature', not a sampling field" in asked[3].message
+    spec = dataclasses.replace(spec, sampling_column="t")
+    asked = [row_sampling(row, spec) for row in open_reader(spec, ["prompt", "t"])]
+    assert asked[:3] == [{"max_new_tokens": 2}, {}, {}]
+    assert asked[3].kind == ErrorKind.WRONG_TYPE
+    assert "column 't' is a string, expected a mapping of sampling fields (or JSON text of one)" in asked[3].message
 
 
 def job(**fields):
