@@ -13,8 +13,9 @@ and on the command line `kvbatch-lm-eval` is lm-eval's own CLI with the model re
 
 `model_args`: `model` (a folder, a .gguf file, a cached hub name or `default`), any EngineConfig field (device,
 dtype, kv_cache_gib, max_num_batched_tokens, ...), `max_length` (the context lm-eval truncates to; default the
-engine's) and `add_bos_token`. `batch_size` is accepted and ignored: the engine packs requests by free KV blocks.
-On the command line the device is lm-eval's `--device` (its default, cuda:0, falls back to the CPU without a GPU).
+model's; refused over what the KV pool holds) and `add_bos_token`. `batch_size` is accepted and ignored: the
+engine packs requests by free KV blocks. On the command line the device is lm-eval's `--device` (its default,
+cuda:0, falls back to the CPU without a GPU).
 
 Tokenization follows lm-eval's `hf` model exactly (context and continuation encoded together and split, trailing
 whitespace of the context moved into the continuation, an empty context replaced by the prefix token, left
@@ -87,7 +88,20 @@ class KVBatchLM(TemplateLM):
         self.engine = engine or Engine(EngineConfig(model=model, **engine_settings))
         self.tokenizer = self.engine.tokenizer
         self.add_bos_token = add_bos_token
-        self._max_length = min(max_length or self.engine.capacity_tokens, self.engine.capacity_tokens)
+        # hf loads the tokenizer with add_bos_token, which makes it prepend BOS; kvbatch shares the engine's, so it
+        # prepends BOS itself where that tokenizer would not.
+        bos = self.tokenizer.bos_token_id
+        self._prepends_bos = bool(add_bos_token) and bos is not None and self.tokenizer.encode("a")[:1] != [bos]
+        self._max_length = max_length or self.engine.max_model_len
+        if self._max_length > self.engine.capacity_tokens:
+            # lm-eval's truncation and rolling windows follow max_length: cut to the pool, the scores would depend
+            # on this machine's memory (as task: score_rolling refuses too).
+            raise ValueError(
+                f"kvbatch model_args: max_length {self._max_length} is over the {self.engine.capacity_tokens} "
+                f"tokens this engine holds (context {self.engine.max_model_len}, KV pool "
+                f"{self.engine.pool_size.num_tokens}); give the pool more memory (kv_cache_gib, "
+                f"gpu_memory_utilization) or set max_length to at most {self.engine.capacity_tokens}"
+            )
         self._model_name = model
 
     # ---- what lm-eval asks of a model ---------------------------------------------------------
@@ -122,7 +136,10 @@ class KVBatchLM(TemplateLM):
             special["add_special_tokens"] = self.add_bos_token
         if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
             special["add_special_tokens"] = False  # the text already starts with BOS
-        return self.tokenizer.encode(string, **special)
+        ids = self.tokenizer.encode(string, **special)
+        if self._prepends_bos and special.get("add_special_tokens", True):
+            ids = [self.tokenizer.bos_token_id, *ids]
+        return ids
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)

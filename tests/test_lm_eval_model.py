@@ -138,3 +138,32 @@ def test_generate_until_reads_gen_kwargs_as_hf_does_and_leaves_them(model_folder
     assert model.generate_until(requests) == want
     assert [r.args for r in requests] == asked
     assert len(want[1].split()) == 5  # max_completion_tokens held (not the default of 256 tokens)
+
+
+def test_add_bos_token_prepends_bos_as_hf_does(model_folder: Path, monkeypatch) -> None:
+    # The word tokenizer adds no BOS of its own; hf loads it with add_bos_token, which makes it prepend one.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(5)
+    pairs = [(words(rng, 6), " " + words(rng, 2)), ("", words(rng, 3))]
+    requests = [Instance("loglikelihood", {}, pair, idx=i, metadata=("t", i, 1)) for i, pair in enumerate(pairs)]
+    rolling = [Instance("loglikelihood_rolling", {}, (words(rng, 70),), idx=0, metadata=("t", 0, 1))]
+    args = f"device=cpu,max_length={MAX_LENGTH},add_bos_token=True"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    assert model.tok_encode("w5 w6") == hf.tok_encode("w5 w6") == [0, 5, 6]
+    for got, want in zip(model.loglikelihood(requests), hf.loglikelihood(requests), strict=True):
+        assert got[0] == pytest.approx(want[0], abs=1e-4) and got[1] == want[1]
+    assert model.loglikelihood_rolling(rolling)[0] == pytest.approx(hf.loglikelihood_rolling(rolling)[0], abs=1e-4)
+
+
+def test_a_max_length_over_the_pool_is_refused_not_cut(model_folder: Path) -> None:
+    # lm-eval truncates and windows by max_length: cut to the pool, the scores would depend on the machine's memory.
+    from lm_eval.api.registry import get_model
+
+    with pytest.raises(ValueError, match="max_length 48 is over the 32 tokens this engine holds"):
+        get_model("kvbatch").create_from_arg_string(
+            f"model={model_folder},device=cpu,max_length=48,block_size=4,num_blocks_override=8"
+        )
