@@ -1,3 +1,16 @@
-from kvbatch.cli import app
+"""The `kvbatch` command and `python -m kvbatch`. The early signal handlers go in before the CLI is imported: its
+imports (torch, transformers, pyarrow, pandas) take a second or more, and a signal landing in them must still end
+kvbatch with exit code 3, which a Slurm script requeues on, not with 130 or 143."""
 
-app(prog_name="kvbatch")
+from kvbatch.console import exit_on_early_signals
+
+
+def main() -> None:
+    exit_on_early_signals()
+    from kvbatch.cli import app  # after the handlers, on purpose
+
+    app(prog_name="kvbatch")
+
+
+if __name__ == "__main__":
+    main()

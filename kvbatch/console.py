@@ -45,9 +45,10 @@ class ConsoleTyper(typer.Typer):
 
 
 def exit_on_early_signals() -> None:
-    """SIGTERM or SIGUSR1 while kvbatch starts (torch and transformers import for a second or more), or during a
-    command that runs no job (bench), ends it with exit code 3, as a signal during a job does, not 143 or 138: a
-    Slurm script requeues on 3. A job's own handlers (signals.graceful_stop) take over once it starts."""
+    """SIGINT, SIGTERM or SIGUSR1 while kvbatch starts (torch and transformers import for a second or more), or
+    during a command that runs no job (bench), ends it with exit code 3, as a signal during a job does, not 130, 143
+    or 138 (nor a KeyboardInterrupt's traceback): a Slurm script requeues on 3. A job's own handlers
+    (signals.graceful_stop) take over once it starts."""
     from kvbatch.errors import ExitCode
 
     def stop(signum: int, frame: object) -> None:
@@ -55,7 +56,7 @@ def exit_on_early_signals() -> None:
         sys.stderr.flush()
         os._exit(ExitCode.INTERRUPTED)
 
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
         if sig is not None:
             signal.signal(sig, stop)
 

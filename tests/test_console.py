@@ -75,7 +75,7 @@ def test_the_allocator_is_tuned_unless_the_user_set_malloc_variables() -> None:
     assert tuned({"MALLOC_ARENA_MAX": "2"}) == "False"
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGUSR1"])
 def test_a_signal_while_starting_exits_3(name: str) -> None:
     """Before a job installs its handlers (while torch imports), Slurm's signal must still mean 'rerun': code 3."""
     code = textwrap.dedent(
@@ -89,3 +89,29 @@ def test_a_signal_while_starting_exits_3(name: str) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 3 and f"stopped by {name} before any job ran; rerun to run it" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_the_command_takes_signals_before_it_imports_the_cli(name: str) -> None:
+    """The CLI's imports (torch, pyarrow, pandas) take a second or more: a signal landing in them exits 3 too. An
+    import hook sends the signal as kvbatch.cli starts to import, then waits for it."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, os, signal, sys, time
+
+        class SignalOnImport(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "kvbatch.cli":
+                    os.kill(os.getpid(), signal.{name})
+                    time.sleep(10)
+                return None
+
+        sys.meta_path.insert(0, SignalOnImport())
+        sys.argv = ["kvbatch", "--help"]
+        from kvbatch.__main__ import main
+        main()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and f"stopped by {name} before any job ran; rerun to run it" in done.stderr
+    assert "Traceback" not in done.stderr
