@@ -215,44 +215,41 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
     use_rslora = config.get("use_rslora") or False
     if not isinstance(use_rslora, bool):
         raise bad("use_rslora", use_rslora, "true or false")
-    patterns = config.get("alpha_pattern") or {}
-    if not isinstance(patterns, dict):
-        raise bad("alpha_pattern", patterns, "an object of module patterns and numbers")
-    for pattern, value in patterns.items():
-        if not _is_number(value):
-            raise bad(f"alpha_pattern[{pattern!r}]", value, "a number")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise bad("alpha_pattern", pattern, f"a regular expression ({exc})") from None
     rank = config.get("r")
-    if rank is not None and not (_is_whole(rank) and rank >= 1):
+    if rank is not None and not _is_rank(rank):
         raise bad("r", rank, "a whole number of at least 1")
-    rank_pattern = config.get("rank_pattern") or {}
-    if not isinstance(rank_pattern, dict):
-        raise bad("rank_pattern", rank_pattern, "an object of module patterns and whole numbers")
-    for pattern, value in rank_pattern.items():
-        if not (_is_whole(value) and value >= 1):
-            raise bad(f"rank_pattern[{pattern!r}]", value, "a whole number of at least 1")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise bad("rank_pattern", pattern, f"a regular expression ({exc})") from None
+
+    def patterns(key: str, valid, wanted: str) -> dict:
+        """PEFT's per-module map (alpha_pattern, rank_pattern): regular expressions of module names -> values."""
+        value = config.get(key) or {}
+        if not isinstance(value, dict):
+            raise bad(key, value, "an object of module name patterns and their values")
+        for pattern, item in value.items():
+            if not valid(item):
+                raise bad(f"{key}[{pattern!r}]", item, f"a {wanted}")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise bad(key, pattern, f"a regular expression ({exc})") from None
+        return dict(value)
+
+    alpha_pattern = patterns("alpha_pattern", _is_number, "number")
+    rank_pattern = patterns("rank_pattern", _is_rank, "whole number of at least 1")
     base = config.get("base_model_name_or_path")
     return LoraConfig(
-        float(alpha), use_rslora, dict(patterns), base if isinstance(base, str) else None, rank, dict(rank_pattern)
+        float(alpha), use_rslora, alpha_pattern, base if isinstance(base, str) else None, rank, rank_pattern
     )
 
 
 def _is_number(value: object) -> bool:
-    # A huge int is a finite number (math.isfinite would overflow converting it to a float).
+    # An int past a float's range is no usable number (math.isfinite would raise OverflowError converting it).
     if isinstance(value, int) and not isinstance(value, bool):
         return abs(value) <= sys.float_info.max
     return isinstance(value, float) and math.isfinite(value)
 
 
-def _is_whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _hub_name(name: str) -> bool:
