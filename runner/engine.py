@@ -47,7 +47,7 @@ from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
 from .logits_processors import RowLogits, row_logits
 from .lora.adapters import Adapters
-from .model_loader import LoadedModel, load_model
+from .model_loader import LoadedModel, length_dependent_rope, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import fixed_pool_size, kv_cache_spec, profile_gpu_pool
 from .request import (
@@ -146,6 +146,10 @@ class Engine:
         self.device = self.loaded.device
         # A preloaded model keeps its loader's context unless the config asks for less.
         self.max_model_len = min(self.loaded.max_model_len, config.max_model_len or self.loaded.max_model_len)
+        # A preloaded LongRoPE model too: past this length its rope would follow the step, not the row.
+        rope_limit = length_dependent_rope(self.model.config)
+        if rope_limit is not None:
+            self.max_model_len = min(self.max_model_len, rope_limit)
         self.max_num_batched_tokens = config.max_num_batched_tokens or (16384 if self.device.type == "cuda" else 4096)
         try:
             self.backend = select_backend(config.attention_backend, self.device, config.block_size)

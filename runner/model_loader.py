@@ -218,9 +218,44 @@ def _check_weights(name: str, info: dict) -> None:
         )
 
 
+def length_dependent_rope(config) -> int | None:
+    """The length past which the model's rotary frequencies depend on the forward's longest position, or None.
+
+    LongRoPE (Phi-3/3.5 128k, Phi-4-mini) rotates every position of a forward with its long factors once any
+    position of that forward passes original_max_position_embeddings, and with its short ones otherwise. In
+    transformers' generate a forward is one sequence (its whole prompt, then one token); in the engine it is a
+    step of chunks and decodes of many rows: a row's keys were rotated with the short factors in early chunks and
+    the long ones later, or with the long factors because another row shared its step. Up to this length every
+    forward takes the short factors, as transformers' does."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    per_layer = params.values() if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    limits = [
+        int(p["original_max_position_embeddings"])
+        for p in per_layer
+        if (p.get("rope_type") or p.get("type")) == "longrope" and p.get("original_max_position_embeddings")
+    ]
+    return min(limits) if limits else None
+
+
 def context_length(config, requested: int | None) -> int:
     # Sliding-window layers attend to their window in the paged kernels, so the whole native context runs.
     native = getattr(config, "max_position_embeddings", None) or 2048
+    rope_limit = length_dependent_rope(config)
+    if rope_limit is not None and rope_limit < (requested or native):
+        if requested is not None:
+            raise ContextLengthError(
+                f"max_model_len {requested} is past this model's original_max_position_embeddings ({rope_limit}): "
+                "there LongRoPE's frequencies follow each forward's longest position, which batched steps do not "
+                f"reproduce; set engine.max_model_len to at most {rope_limit}"
+            )
+        logger.warning(
+            "context capped at %d tokens (of %d): past original_max_position_embeddings, longrope's frequencies "
+            "follow each forward's longest position, which the engine's batched steps do not reproduce",
+            rope_limit,
+            native,
+        )
+        return rope_limit
     if requested is None:
         return native
     if requested > native:

@@ -353,3 +353,48 @@ def test_family_scores_match_transformers(family: str) -> None:
             assert score.token_logprobs == pytest.approx(want.tolist(), abs=1e-4)
         want = logprobs[: len(prompt) - 1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
         assert result.prompt_logprobs == pytest.approx([None, *want.tolist()], abs=1e-4)
+
+
+def _longrope_phi3() -> tf.Phi3Config:
+    """Phi-3 with LongRoPE (as Phi-3-mini-128k, Phi-3.5 and Phi-4-mini ship), its original context 64 tokens."""
+    factors = dict(short_factor=[1.0 + 0.1 * i for i in range(8)], long_factor=[2.0 + 0.5 * i for i in range(8)])
+    rope = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=64, **factors)
+    return tf.Phi3Config(**_LLAMA_LIKE, rope_parameters=rope, original_max_position_embeddings=64)
+
+
+def test_a_longrope_context_ends_where_its_frequencies_would_follow_the_step() -> None:
+    """LongRoPE rotates a whole forward with its long factors once any position in it passes
+    original_max_position_embeddings. Run past it, a 100-token prompt's first chunks were rotated with the short
+    factors and its last with the long ones, and the short rows sharing its steps with the long factors: every row
+    gave other tokens than transformers' generate (a 23-token row alone matched). The context stops there."""
+    from kvbatch.runner.model_loader import ContextLengthError, context_length
+
+    with pytest.raises(ContextLengthError, match="at most 64"):
+        context_length(_longrope_phi3(), 128)
+    assert context_length(_longrope_phi3(), None) == 64
+    attention_hook.register()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_longrope_phi3(), attn_implementation="eager").eval()
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2, VOCAB_SIZE) for _ in range(n)] for n in (100, 50, 23, 9)]
+    want = []
+    for prompt in prompts[1:]:
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=EOS_ID, pad_token_id=0
+        )
+        with torch.no_grad():
+            logits = model(out).logits[0, len(prompt) - 1 : -1]
+        logprobs = torch.log_softmax(logits, -1).gather(1, out[0, len(prompt) :, None])[:, 0]
+        want.append((out[0, len(prompt) :].tolist(), logprobs.tolist()))
+    model.set_attn_implementation(attention_hook.ATTN_IMPLEMENTATION)
+    loaded = LoadedModel(model, word_tokenizer(), "tiny-phi3", (EOS_ID,), 512, torch.device("cpu"), torch.float32)
+    config = EngineConfig(block_size=4, num_blocks_override=256, max_num_batched_tokens=32, prefix_cache=False)
+    engine = Engine.from_loaded(loaded, config)
+    assert engine.max_model_len == 64
+    params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, logprobs=True)
+    got = {r.request_id: r for r in engine.generate(GenerationRequest(i, p, params) for i, p in enumerate(prompts))}
+    assert got[0].error is not None and "100 tokens" in str(got[0].error)
+    for i, (tokens, logprobs) in enumerate(want, start=1):
+        completion = got[i].completions[0]
+        assert completion.token_ids == tokens, f"prompt {i} ({len(prompts[i])} tokens) diverged"
+        torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(logprobs), rtol=0, atol=1e-4)
