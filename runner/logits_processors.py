@@ -7,8 +7,10 @@ allowed token ids, with the names and meanings of vLLM's SamplingParams.
     bad_words             a word's last token masked when the output ends with the word's other tokens
     allowed_token_ids     every other token masked
 
-They run after the repetition penalty and before temperature and the filters (transformers' order: processors,
-then warpers); the masks commute with everything before them. Rows that read their own output (penalties, bad
+The logit bias runs first, before the repetition penalty divides or multiplies the biased logit (as transformers'
+SequenceBiasLogitsProcessor comes before its RepetitionPenaltyLogitsProcessor, and vLLM adds the bias before its
+penalties); the others after it and before temperature and the filters (transformers' order: processors, then
+warpers); the masks commute with everything before them. Rows that read their own output (penalties, bad
 words) make async scheduling drain first (SamplingParams.reads_output), so their tokens so far are on the host.
 """
 
@@ -65,6 +67,15 @@ def bad_words_token_ids(bad_words: tuple[str, ...], tokenizer: Any) -> tuple[tup
     return tuple(words)
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: list[Row]) -> None:
+    """Each row's logit_bias added to its logits, in place; before the repetition penalty (see the module doc)."""
+    for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            ids = _upload([t for t, _ in row.params.logit_bias], torch.int64, logits.device)
+            bias = _upload([b for _, b in row.params.logit_bias], torch.float32, logits.device)
+            logits[i, ids] += bias
+
+
 def apply_row_processors(logits: torch.Tensor, rows: list[Row]) -> None:
     """logits: [num_rows, vocab_size] float32, changed in place for the rows whose params ask for it."""
     device = logits.device
@@ -77,10 +88,6 @@ def apply_row_processors(logits: torch.Tensor, rows: list[Row]) -> None:
             ids = _upload(output, torch.int64, device)
             counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]].float()
             logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-        if params.logit_bias:
-            ids = _upload([t for t, _ in params.logit_bias], torch.int64, device)
-            bias = _upload([b for _, b in params.logit_bias], torch.float32, device)
-            logits[i, ids] += bias
         banned: list[int] = []
         extra = row.logits_info
         if extra is not None and row.position < params.min_tokens:

@@ -1,8 +1,8 @@
 """Choosing the next token of each sampling row, batched.
 
-Order, as in transformers: repetition penalty, vLLM's other processors (logits_processors.py), then (sampling
-rows only) temperature, top-k (ties with the k-th kept), top-p (on what top-k left), min-p, then a draw. Greedy
-rows (temperature 0, or below 1e-5) take the argmax of the penalised logits.
+Order, as in transformers: logit bias, repetition penalty, vLLM's other processors (logits_processors.py), then
+(sampling rows only) temperature, top-k (ties with the k-th kept), top-p (on what top-k left), min-p, then a draw.
+Greedy rows (temperature 0, or below 1e-5) take the argmax of the penalised logits.
 
 The draw is batch-invariant: instead of a stateful generator, each row's noise is a hash of
 (seed, output position, token id), so a seeded request samples the same tokens whatever else is
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SamplingParams
-from .logits_processors import RowLogits, apply_row_processors
+from .logits_processors import RowLogits, apply_logit_bias, apply_row_processors
 
 _MASK_63 = (1 << 63) - 1
 
@@ -174,6 +174,7 @@ def sample_on_device(
     raw_logprobs = torch.log_softmax(logits, dim=-1) if logprobs_wanted else None
     before_bans = None
     if penalised:
+        apply_logit_bias(logits, rows)
         _apply_repetition_penalty(logits, rows)
         if mask is not None and any(_bans_tokens(r) for r in rows):
             before_bans = logits.clone()

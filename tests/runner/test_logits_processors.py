@@ -119,6 +119,16 @@ def cases(plain: list[list[int]], prompts: list[list[int]]) -> dict:
             (),
         ),
         "bad_words": bad_words,
+        # transformers (SequenceBiasLogitsProcessor before RepetitionPenaltyLogitsProcessor) and vLLM (logit bias,
+        # then penalties) add the bias before the repetition penalty divides or multiplies the logit.
+        "logit_bias_repetition_penalty": lambda i: (
+            dict(logit_bias={plain[i][0]: 8.0, plain[i][1]: -3.0, prompts[i][0]: 5.0}, repetition_penalty=1.8),
+            [
+                SequenceBiasLogitsProcessor([[[plain[i][0]], 8.0], [[plain[i][1]], -3.0], [[prompts[i][0]], 5.0]]),
+                RepetitionPenaltyLogitsProcessor(1.8),
+            ],
+            (),
+        ),
         "allowed_token_ids": lambda i: (
             dict(allowed_token_ids=allowed),
             [PrefixConstrainedLogitsProcessor(lambda batch_id, ids: allowed, num_beams=1)],
@@ -127,7 +137,10 @@ def cases(plain: list[list[int]], prompts: list[list[int]]) -> dict:
     }
 
 
-CASES = ["repetition_penalty", "presence_frequency", "min_tokens", "logit_bias", "bad_words", "allowed_token_ids"]
+CASES = [
+    "repetition_penalty", "presence_frequency", "min_tokens", "logit_bias", "bad_words", "allowed_token_ids",
+    "logit_bias_repetition_penalty",
+]  # fmt: skip
 
 
 def hf_greedy(model, prompt: list[int], processors: list, stops: tuple[int, ...]) -> list[int]:
