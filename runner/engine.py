@@ -41,7 +41,7 @@ from kvbatch.cache.budget import PoolSize
 from kvbatch.cache.kv_cache import KVCache
 from kvbatch.cache.prefix_cache import BlockHash, chain_hashes
 from kvbatch.errors import BackendUnavailableError, ErrorKind, KVBudgetError
-from kvbatch.runner.config import EngineConfig
+from kvbatch.runner.config import EngineConfig, SamplingParams
 
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
@@ -345,6 +345,25 @@ class Engine:
             outside = [t for t in asked if t >= vocab][:5]
             if outside:
                 return ErrorKind.BAD_REQUEST, f"{name} holds token ids outside the vocabulary of {vocab}: {outside}"
+        return self._no_token_allowed(params)
+
+    def _no_token_allowed(self, params: SamplingParams) -> tuple[ErrorKind, str] | None:
+        """A row whose allowed_token_ids are all banned (single-token bad words always; EOS and stop token ids
+        under min_tokens) would have every logit at -inf: the argmax and the race then pick token 0, which it
+        does not allow. Its own settings contradict each other: that row's error, not a silent token."""
+        if not params.allowed_token_ids or params.structured_outputs is not None:  # a constraint drops the bans
+            return None
+        info = row_logits(params, self.tokenizer, self.loaded.eos_token_ids, self.vocab_size)
+        if info is None:
+            return None
+        banned = {word[0] for word in info.bad_words_ids if len(word) == 1}
+        if set(params.allowed_token_ids) <= banned:
+            return ErrorKind.BAD_REQUEST, "bad_words ban every token of allowed_token_ids: no token may be generated"
+        if params.min_tokens and set(params.allowed_token_ids) <= banned | set(info.stop_ids):
+            return ErrorKind.BAD_REQUEST, (
+                f"allowed_token_ids holds only EOS, stop token ids or bad words, which min_tokens "
+                f"({params.min_tokens}) bans: no token may be generated before it"
+            )
         return None
 
     def _outside_vocab(self, *parts: list[int]) -> tuple[ErrorKind, str] | None:

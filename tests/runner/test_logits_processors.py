@@ -235,6 +235,25 @@ def test_token_ids_outside_the_vocabulary_fail_their_row_only(models, prompts) -
     assert engine.stats.num_failed_steps == 0
 
 
+def test_allowed_token_ids_that_the_row_bans_fail_their_row_not_a_silent_token_0(models, prompts) -> None:
+    """Every logit at -inf made the argmax (and the race) pick token 0, which allowed_token_ids does not allow."""
+    engine = make_engine(models[0])
+    contradictory = {
+        0: dict(allowed_token_ids=(EOS_ID,), min_tokens=2),  # EOS only, banned under min_tokens
+        1: dict(allowed_token_ids=(40, 41), stop_token_ids=(40,), bad_words=("w41",), min_tokens=1, temperature=1.0),
+        2: dict(allowed_token_ids=(40,), bad_words=("w40",)),  # banned always
+    }
+    requests = [
+        GenerationRequest(i, prompts[0], SamplingParams(max_new_tokens=4, **p)) for i, p in contradictory.items()
+    ]
+    fine = SamplingParams(max_new_tokens=4, allowed_token_ids=(40, EOS_ID), min_tokens=2)  # 40 is left under min_tokens
+    requests.append(GenerationRequest(3, prompts[0], fine))
+    results = {r.request_id: r for r in engine.generate(requests)}
+    for i in contradictory:
+        assert results[i].error_kind == ErrorKind.BAD_REQUEST, (i, results[i].completions)
+    assert set(results[3].completions[0].token_ids) <= {40, EOS_ID}
+
+
 def test_a_bad_word_the_model_cannot_write_needs_no_ban() -> None:
     # The tokenizer may know more tokens than the model's vocabulary; banning one of those indexed past the logits.
     from tiny_models import word_tokenizer
