@@ -57,7 +57,7 @@ TEMPLATE_CALL_ARGUMENTS = frozenset(
     {
         "chat_template", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
         "return_tensors", "return_assistant_tokens_mask", "padding", "truncation", "max_length", "tokenizer_kwargs",
-        "conversation", "messages",
+        "conversation", "messages", "sanitize_control_tokens",
     }
 )  # fmt: skip
 

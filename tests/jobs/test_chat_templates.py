@@ -7,6 +7,7 @@ Qwen3-style template written here (no hub download).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -237,6 +238,22 @@ def test_template_values_from_rows_cannot_steer_the_call_or_write_control_tokens
     # A job's own values are checked once, when the job file loads.
     with pytest.raises(Exception, match="'chat_template' is an argument of the template call"):
         pipeline(tmp_path, tok, chat_template_kwargs={"chat_template": forged})
+
+
+def test_every_argument_of_transformers_template_call_is_refused_as_a_row_value(tmp_path) -> None:
+    """apply_chat_template's own parameters (transformers 5 added sanitize_control_tokens) steer the call: a row
+    setting one is a bad_request naming it, not a chat_template error with transformers' message about tokenize."""
+    from transformers import PreTrainedTokenizerBase
+
+    from kvbatch.jobs.spec import TEMPLATE_CALL_ARGUMENTS
+
+    values = {"self", "kwargs", "tools", "documents"}  # what the template reads, besides the messages
+    call = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - values
+    assert call <= TEMPLATE_CALL_ARGUMENTS, sorted(call - TEMPLATE_CALL_ARGUMENTS)
+    pipe = pipeline(tmp_path, byte_tokenizer(), chat_template_kwargs_column="options")
+    bad = pipe.request(Row(0, {"messages": MESSAGES, "options": {"sanitize_control_tokens": True}}))
+    assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.BAD_REQUEST
+    assert "sets 'sanitize_control_tokens', an argument of the template call" in bad.error.message
 
 
 def test_a_template_file_that_does_not_compile_fails_the_job_before_the_model(tmp_path) -> None:
