@@ -100,7 +100,9 @@ def _coerce(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         # A mapping of pairs (logit_bias: {50256: -100}): keys are token ids, as YAML or JSON spells them.
         pairs = []
         for key, sub in value.items():
-            key_node = Node(int(key) if isinstance(key, str) and key.isdigit() else key, sub.path, sub.line, sub.source)
+            # isdigit alone takes "²", which int() refuses, and "٥", which it reads as 5
+            is_id = isinstance(key, str) and key.isascii() and key.isdigit()
+            key_node = Node(int(key) if is_id else key, sub.path, sub.line, sub.source)
             pairs.append(
                 (
                     _check_scalar(typing.get_args(args[0])[0], key_node, {}),

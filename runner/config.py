@@ -274,7 +274,7 @@ def _bias_pairs(value: Any) -> Any:
             pair = tuple(pair)
         if isinstance(pair, tuple) and len(pair) == 2:
             token_id, bias = pair
-            if isinstance(token_id, str) and re.fullmatch(r"\d+", token_id):
+            if isinstance(token_id, str) and re.fullmatch(r"[0-9]+", token_id):  # \d: "٥" too
                 token_id = int(token_id)
             if isinstance(bias, int) and not isinstance(bias, bool):
                 bias = float(bias)

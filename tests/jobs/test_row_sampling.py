@@ -40,6 +40,7 @@ def test_openai_bodies_penalties_bias_stop_and_seed_are_served(tmp_path) -> None
         ({"presence_penalty": 2.5}, "presence_penalty must be <= 2, got 2.5"),
         ({"logit_bias": {"5": 101}}, "logit_bias 5: 101.0 needs a token id >= 0 and a bias in [-100, 100]"),
         ({"logit_bias": {"five": 1}}, "logit_bias must be a token id -> bias mapping, or [id, bias] pairs"),
+        ({"logit_bias": {"\u0665": 1}}, "logit_bias must be a token id -> bias mapping"),  # an Arabic-Indic 5
         ({"logit_bias": [1, 2]}, "logit_bias must be a token id -> bias mapping"),
         # samples are drawn from 63 bits of the seed: -1 and 2**63 would have shared 2**63 - 1's and 0's
         ({"seed": -1}, "seed must be >= 0, got -1"),
@@ -90,6 +91,9 @@ def test_job_file_values_of_the_new_fields() -> None:
         job(sampling_columns=["temperature", "temp"])
     with pytest.raises(SpecError, match=r"sampling.logit_bias.x: expected an integer"):
         job(sampling={"logit_bias": {"x": 1}})
+    for key in ("\u00b2", "\u0665"):  # digits to str.isdigit, not token ids: "²" made int() raise
+        with pytest.raises(SpecError, match=rf"sampling.logit_bias.{key}: expected an integer"):
+            job(sampling={"logit_bias": {key: 1}})
 
 
 def test_unset_new_fields_leave_the_fingerprint_as_it_was() -> None:
