@@ -20,7 +20,7 @@ import typer
 from kvbatch import __version__
 from kvbatch.bench.cli import bench_app
 from kvbatch.console import ConsoleTyper
-from kvbatch.errors import ExitCode, KvbatchError, SpecError, exit_code_of
+from kvbatch.errors import ExitCode, InterruptedJob, KvbatchError, SpecError, exit_code_of
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import JobOutcome, run_jobs
 from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
@@ -340,7 +340,8 @@ def _finish(outcomes: list[JobOutcome]) -> None:
             typer.echo(outcome.summary.format())
         else:
             assert outcome.error is not None, "an outcome has a summary or an error"
-            typer.echo(f"kvbatch: job {outcome.job} failed: {outcome.error_message}", err=True)
+            ended = "interrupted" if isinstance(outcome.error, InterruptedJob) else "failed"  # exit 3: rerun
+            typer.echo(f"kvbatch: job {outcome.job} {ended}: {outcome.error_message}", err=True)
             codes.append(exit_code_of(outcome.error))
     if max(codes) != OK:
         raise typer.Exit(INTERRUPTED if INTERRUPTED in codes else max(codes))

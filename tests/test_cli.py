@@ -254,7 +254,8 @@ def test_job_outcomes_become_exit_codes(
     result = invoke("run", jobs_file(tmp_path))
     assert result.exit_code == code
     # The job is named once: an error raised about it leads with "job a: " elsewhere (logs, the Python API).
-    assert f"kvbatch: job a failed: {message}\n" in result.stderr and "job ok: done" in result.stdout
+    ended = "interrupted" if isinstance(error, InterruptedJob) else "failed"  # a stop is no failure: rerun
+    assert f"kvbatch: job a {ended}: {message}\n" in result.stderr and "job ok: done" in result.stdout
     assert str(error) == (message if isinstance(error, OutputLockedError) else f"job a: {message}")
 
 
