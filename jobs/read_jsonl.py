@@ -41,6 +41,12 @@ OPENAI_SAMPLING = {
     "frequency_penalty": "frequency_penalty",
     "logit_bias": "logit_bias",  # {"50256": -100}: string keys, as JSON has them
 }
+# vLLM's OpenAI server takes these sampling fields in the same body (its "extra parameters"), under kvbatch's own
+# names: a batch file written for vLLM keeps them. top_k -1 is vLLM's "off", kvbatch's 0.
+VLLM_SAMPLING = (
+    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "bad_words",
+    "allowed_token_ids", "include_stop_str_in_output",
+)  # fmt: skip
 OPENAI_MAX_TOP_LOGPROBS = 20  # the API's own limit
 # The API's temperature range, where kvbatch's setting takes any (temperature 5 is a setting, not a chat request): a
 # body outside it is refused there, so it fails its line here. The other numbers' ranges are the settings' own.
@@ -191,13 +197,20 @@ def openai_row(row: Row) -> Row:
         return bad.failed(ErrorKind.BAD_REQUEST, "an OpenAI Batch request needs a `body` object")
     if body.get("messages") is None:
         return bad.failed(ErrorKind.BAD_REQUEST, "an OpenAI Batch request's body needs `messages`")
-    problem = _logprobs_problem(body) or _temperature_problem(body) or _tool_choice_problem(body)
+    problem = (
+        _logprobs_problem(body) or _temperature_problem(body) or _max_tokens_problem(body) or _tool_choice_problem(body)
+    )
     if problem:
         return bad.failed(ErrorKind.BAD_REQUEST, problem)
     overrides: dict[str, Any] = {}
     for key, ours in OPENAI_SAMPLING.items():
         if body.get(key) is not None:
             overrides[ours] = body[key]
+    for key in VLLM_SAMPLING:
+        if body.get(key) is not None:
+            overrides[key] = body[key]
+    if overrides.get("top_k") == -1 and type(overrides["top_k"]) is int:
+        overrides["top_k"] = 0
     if body.get("response_format") is not None:
         try:
             constraint = response_format_constraint(body["response_format"])
@@ -228,6 +241,16 @@ def _logprobs_problem(body: dict[str, Any]) -> str | None:
         return f"top_logprobs must be an integer from 0 to {OPENAI_MAX_TOP_LOGPROBS}, got {top!r}"
     if top and logprobs is not True:
         return "top_logprobs needs logprobs: true"
+    return None
+
+
+def _max_tokens_problem(body: dict[str, Any]) -> str | None:
+    """Why a body's max_tokens or max_completion_tokens is not a positive integer, or None; named as the body has
+    it, not as the setting it becomes (max_new_tokens)."""
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return f"{key} must be an integer of at least 1, got {value!r}"
     return None
 
 

@@ -14,7 +14,13 @@ from test_openai_logprobs import request, run_openai
         ({"seed": "x", "temperature": 0.5}, "seed must be an integer, got 'x'"),
         ({"stop": [5]}, "stop must be a string (a list of them), got [5]"),
         ({"n": 1.5}, "n must be an integer, got 1.5"),
-        ({"max_tokens": "2"}, "max_new_tokens must be an integer, got '2'"),
+        # named as the body has them, not as the setting they become (max_new_tokens)
+        ({"max_tokens": "2"}, "max_tokens must be an integer of at least 1, got '2'"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens must be an integer of at least 1, got 0"),
+        ({"max_tokens": True}, "max_tokens must be an integer of at least 1, got True"),
+        # vLLM's extra sampling fields are read under their names, and checked as the job's settings are
+        ({"top_k": -2}, "top_k must be >= 0, got -2"),
+        ({"min_p": 1.5}, "min_p must be <= 1, got 1.5"),
         ({"temperature": True}, "temperature must be a finite number, got True"),
         ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
         ({"n": 20000}, "n 20000 is over 128, the most a row may ask"),
@@ -42,3 +48,17 @@ def test_a_temperature_over_the_apis_fails_its_line_only(tmp_path, temperature) 
     assert f"temperature must be from 0 to 2, got {str(temperature)[:20]}" in error.message
     assert [r.request_id for r in engine.requests] == [0, 2]
     assert engine.requests[1].sampling.temperature == 2  # the range's end is the API's too
+
+
+def test_vllm_extra_sampling_fields_are_read(tmp_path) -> None:
+    # A batch file written for vLLM's OpenAI server carries its extra sampling fields in the body; top_k -1 is off.
+    extra = dict(
+        top_k=5, min_p=0.1, repetition_penalty=1.3, min_tokens=2, ignore_eos=True, stop_token_ids=[7],
+        bad_words=["x"], allowed_token_ids=[3, 4, 5], include_stop_str_in_output=True,
+    )  # fmt: skip
+    lines, engine = run_openai(tmp_path, [request("a", temperature=0.5, **extra), request("b", top_k=-1)])
+    assert all(line["error"] is None for line in lines)
+    got, off = engine.requests[0].sampling, engine.requests[1].sampling
+    assert (got.top_k, got.min_p, got.repetition_penalty, got.min_tokens, got.ignore_eos) == (5, 0.1, 1.3, 2, True)
+    assert (got.stop_token_ids, got.bad_words, got.allowed_token_ids) == ((7,), ("x",), (3, 4, 5))
+    assert got.include_stop_str_in_output and off.top_k == 0
