@@ -18,7 +18,7 @@ from kvbatch.jobs.parsed import ParsedColumn
 from kvbatch.jobs.pipeline import input_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.readers import open_reader
-from kvbatch.jobs.records import Layout
+from kvbatch.jobs.records import Layout, output_type
 from kvbatch.jobs.rows import Row
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
@@ -56,7 +56,7 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
     reasoning = splits_reasoning(job)
     if reasoning and "reasoning" in (job.id_column, *job.keep_columns):
         raise SpecError("the output's `reasoning` column is taken by an input column; rename it", field="keep_columns")
-    return Layout(
+    layout = Layout(
         parsed=_parsed_column(job, fmt),
         id_column="custom_id" if openai else job.id_column,
         keep_columns=job.keep_columns,
@@ -70,6 +70,12 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         reasoning=reasoning,
         input_types=input_types,
     )
+    return layout
+
+
+def kept_types(schema: Any, layout: Layout) -> dict[str, Any]:
+    """The output types of the layout's id and kept columns, from the input's Arrow schema (records.output_type)."""
+    return {n: output_type(schema.field(n).type) for n in layout.data_columns() if n in schema.names}
 
 
 def _parsed_column(job: JobSpec, fmt: str) -> ParsedColumn | None:
@@ -127,8 +133,7 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     if reader.columns is None:
         reader.rows = checked_first_rows(job, reader.rows)
     if reader.schema is not None:
-        types = {n: reader.schema.field(n).type for n in layout.data_columns() if n in reader.schema.names}
-        layout = dataclasses.replace(layout, input_types=types)
+        layout = dataclasses.replace(layout, input_types=kept_types(reader.schema, layout))
     manifest = job_manifest(job, out, fmt)
     writer = writer_for(
         shard,

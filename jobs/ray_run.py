@@ -38,7 +38,7 @@ import pyarrow.dataset as pads
 from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError, shown_path
 
 from .atomic import write_json
-from .job_io import checked_first_rows, layout_for
+from .job_io import checked_first_rows, kept_types, layout_for
 from .lock import OutputLock
 from .manifest import KVBATCH_VERSION, Manifest
 from .pipeline import input_columns
@@ -98,9 +98,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
             first = RowsSource(source, input_columns(job, layout), job.input.batch_rows, job.input.max_line_bytes)
             checked_first_rows(job, first.jsonl_rows())  # checks on the call; the cluster reads the rows again
         else:
-            names = source.schema.names
-            types = {n: source.schema.field(n).type for n in layout.data_columns() if n in names}
-            layout = layout_for(job, types)
+            layout = layout_for(job, kept_types(source.schema, layout))
         fingerprint = {**result_fingerprint(job), **source.identity}
         manifest = Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt, num_rows=source.num_rows)
         summary = Summary(job.name, str(parts), model=job.model, spec_hash=manifest.spec_hash,

@@ -196,11 +196,44 @@ def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
     for kind in ([known] if known is not None else []) + [None]:
         try:
             array = pa.array(values, kind)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
+            continue
+        if array.type != output_type(array.type):  # inferred from Python objects an output cannot hold (a UUID)
             continue
         if max(depth for _, depth in nested_types(array.type)) <= MAX_NESTING:
             return array
     return _as_text(values)
+
+
+def output_type(kind: pa.DataType) -> pa.DataType:
+    """The type an output keeps an input column of `kind` as: the same, except for layouts that output parts cannot
+    be reordered in (string and binary views, run-end encoding) or `datasets` cannot read (list views, maps,
+    extension types): string_view -> string, binary_view -> binary, a list view -> a list, run-end encoded -> its
+    values, a map -> a list of {key, value} structs (how its rows read as Python), an extension -> its storage."""
+    if isinstance(kind, pa.BaseExtensionType):
+        return output_type(kind.storage_type)
+    if _is("is_string_view", kind):
+        return pa.string()
+    if _is("is_binary_view", kind):
+        return pa.binary()
+    if pa.types.is_run_end_encoded(kind):
+        return output_type(kind.value_type)
+    if pa.types.is_map(kind):
+        entry = pa.struct([pa.field("key", output_type(kind.key_type)), pa.field("value", output_type(kind.item_type))])
+        return pa.list_(entry)
+    if _is("is_list_view", kind) or pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
+        item = kind.value_field.with_type(output_type(kind.value_type))
+        return pa.list_(item, kind.list_size) if pa.types.is_fixed_size_list(kind) else pa.list_(item)
+    if _is("is_large_list_view", kind) or pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(output_type(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([kind.field(i).with_type(output_type(kind.field(i).type)) for i in range(kind.num_fields)])
+    return kind
+
+
+def _is(check: str, kind: pa.DataType) -> bool:
+    """pa.types' check of that name; False where this pyarrow predates the type (views came in pyarrow 16)."""
+    return getattr(pa.types, check, lambda _: False)(kind)
 
 
 def _as_text(values: list[Any]) -> pa.Array:
