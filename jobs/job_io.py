@@ -70,6 +70,13 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         reasoning=reasoning,
         input_types=input_types,
     )
+    # RESERVED_COLUMNS are refused by the spec; these are the columns this job's settings add (top_logprobs,
+    # prompt_logprobs, scores, token_bytes...): a kept column of the same name would be overwritten by ours.
+    ours = {f.name for f in layout.fixed_fields()}
+    taken = next((c for c in layout.data_columns() if c in ours), None)
+    if taken is not None:
+        field = "id_column" if taken == layout.id_column else "keep_columns"
+        raise SpecError(f"the output's `{taken}` column is taken by an input column; rename it", field=field)
     return layout
 
 

@@ -16,6 +16,7 @@ from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 
 from kvbatch import __version__
+from kvbatch.errors import SpecError
 from kvbatch.jobs import job_io as job_io_module  # where a job opens its reader
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, model_name, run_job
@@ -296,6 +297,21 @@ def test_kept_columns_of_view_map_and_extension_types_are_written_as_types_datas
     assert [r["lang"] for r in rows] == ["en", "en", "fr"]
     assert [r["doc"] for r in rows] == ['{"a": 1}', None, "[]"]
     assert loaded.features["rid"] == datasets.Value("string")
+
+
+def test_a_kept_column_named_like_a_column_the_job_adds_is_refused(tmp_path: Path) -> None:
+    # RESERVED_COLUMNS covers the columns every output has; a kept `top_logprobs` (or `scores`, `prompt_logprobs`)
+    # was silently overwritten by the job's own column of that name.
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "a", "top_logprobs": "mine", "scores": 1, "continuations": [" x"]}])
+    for fields, taken in (
+        ({"sampling": {"top_logprobs": 2}, "keep_columns": ["top_logprobs"]}, "top_logprobs"),
+        ({"task": "score", "keep_columns": ["scores"]}, "scores"),
+        ({"sampling": {"prompt_logprobs": True}, "id_column": "prompt_logprobs"}, "prompt_logprobs"),
+    ):
+        with pytest.raises(SpecError, match=f"the output's `{taken}` column is taken by an input column"):
+            run(tmp_path, input={"path": "in.jsonl"}, **fields)
+    summary, _ = run(tmp_path, input={"path": "in.jsonl"}, keep_columns=["top_logprobs"])  # no such output column
+    assert read_arrow(Path(summary.output)).column("top_logprobs").to_pylist() == ["mine"]
 
 
 def test_n_samples_and_logprobs(tmp_path: Path) -> None:
