@@ -149,7 +149,8 @@ _SAMPLE_BYTES = 1 << 20
 def input_identity(path: Path, split: str | None = None) -> dict[str, Any]:
     """{"input_file": size and hashes of its first and last MiB} for an input file; for a `datasets` folder, a
     hash of the state.json of the split read (all splits without one: each holds its split's fingerprint and data
-    file names) and of those data files' sizes; {} for a dataset named from the HF cache.
+    file names) and of those data files' sizes; for a folder of data files (a dataset repository's layout), a
+    hash of every file's name and size; {} for a dataset named from the HF cache.
 
     Stored in the manifest's fingerprint so that a rerun over an edited input (rows added, removed or changed:
     row indexes would then pair old results with new rows) is refused. Cheap by design: an edit in the middle of a
@@ -183,4 +184,10 @@ def _folder_identity(path: Path, split: str | None) -> dict[str, Any]:
             file = state.parent / name
             digest.update(f"{name}\0{file.stat().st_size if file.exists() else -1}\0".encode())
             num_files += 1
+    if num_files == 0:  # no save_to_disk state: a folder of data files, which datasets reads whole
+        for file in sorted(root.rglob("*")):
+            name = file.relative_to(path)
+            if file.is_file() and not any(part.startswith(".") for part in name.parts):  # not .git, .cache
+                digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+                num_files += 1
     return {"files": num_files, "sha256": digest.hexdigest()[:16]}

@@ -1,4 +1,6 @@
-"""Hugging Face `datasets` input: a `save_to_disk` folder, or a dataset name found in the local HF cache.
+"""Hugging Face `datasets` input: a `save_to_disk` folder, a folder of data files as a dataset repository lays
+them out (`data/train-00000-of-00002.parquet`, `test/part.jsonl`: what `datasets` reads from a cloned or downloaded
+repository, splits from the file names), or a dataset name found in the local HF cache.
 
 `datasets` is an optional dependency (`pip install kvbatch[datasets]`). Names resolve offline only: a job never
 starts a download (docs/security.md). Rows stream from the memory-mapped Arrow files in batches.
@@ -6,6 +8,8 @@ starts a download (docs/security.md). Rows stream from the memory-mapped Arrow f
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvbatch.errors import InputError, SpecError
@@ -32,11 +36,13 @@ def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_
             field="input.format",
         )
     datasets = _import_datasets()
-    if path.is_dir():
+    if path.is_dir() and saved_to_disk(path):
         try:
             loaded = datasets.load_from_disk(str(path))
         except (OSError, ValueError) as exc:  # OSError: a truncated or damaged Arrow file in the folder
-            raise InputError(f"{path} is not a dataset saved with save_to_disk, or is damaged: {exc}") from None
+            raise InputError(f"{path} is a dataset saved with save_to_disk, but cannot be read: {exc}") from None
+    elif path.is_dir():
+        loaded = _load_data_files(datasets, path, split)
     else:
         loaded = _load_cached(datasets, name, split)
     dataset = _pick_split(datasets, loaded, split, name)
@@ -47,19 +53,57 @@ def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_
     return Reader(rows_of_batches(batches, path.name), len(dataset), available, dataset.features.arrow_schema)
 
 
-def _load_cached(datasets, name: str, split: str | None):
-    # Offline for this lookup only: a name must already be in the local cache.
+def saved_to_disk(path: Path) -> bool:
+    """Whether the folder is a `save_to_disk` Dataset (state.json) or DatasetDict (dataset_dict.json)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _load_data_files(datasets, path: Path, split: str | None):
+    """The split of a folder of data files, as `datasets.load_dataset(folder)` reads it. Without input.split a
+    folder of one split reads it, and one of several is refused before any is converted (load_dataset copies a
+    split into its Arrow cache)."""
+    try:
+        with _offline(datasets):
+            if split is None:
+                names = datasets.get_dataset_split_names(str(path))
+                if len(names) > 1:
+                    raise SpecError(
+                        f"{path.name} has splits {', '.join(names)}; choose one with input.split (--split on the "
+                        "command line)",
+                        field="input.split",
+                    )
+                split = names[0]
+            return datasets.load_dataset(str(path), split=split)
+    except SpecError:
+        raise
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, ValueError for an unknown split...)
+        raise InputError(
+            f"{path} is neither a dataset saved with save_to_disk nor a folder of data files `datasets` reads: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _offline(datasets) -> Iterator[None]:
+    """`datasets` offline for the calls inside: a job never starts a download."""
     previous = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     try:
-        return datasets.load_dataset(name, split=split)
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = previous
+
+
+def _load_cached(datasets, name: str, split: str | None):
+    # Offline for this lookup only: a name must already be in the local cache.
+    try:
+        with _offline(datasets):
+            return datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError...)
         raise InputError(
             f"input {name!r} is neither a local file or folder nor a dataset in the local Hugging Face cache "
             f"(kvbatch never downloads inputs): {type(exc).__name__}: {exc}"
         ) from None
-    finally:
-        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = previous
 
 
 def _pick_split(datasets, loaded, split: str | None, name: str):

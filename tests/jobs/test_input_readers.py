@@ -186,6 +186,35 @@ def test_datasets_dict_folder_needs_a_split(tmp_path: Path) -> None:
     assert [r.data for r in open_reader(job_for(tmp_path, "one", split="train"), ["prompt"])] == [{"prompt": "train"}]
 
 
+def test_a_folder_of_data_files_is_read_as_datasets_reads_a_repository(tmp_path: Path, monkeypatch) -> None:
+    # A dataset repository cloned or downloaded as it is on the hub: data/<split>-0000i-of-0000n.parquet. It was
+    # refused as "not a dataset saved with save_to_disk, or damaged".
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    data = tmp_path / "repo" / "data"
+    data.mkdir(parents=True)
+    for name, prompts in (
+        ("train-00000-of-00002", ["a", "b"]),
+        ("train-00001-of-00002", ["c"]),
+        ("test-00000-of-00001", ["t"]),
+    ):
+        pq.write_table(pa.table({"prompt": prompts, "n": list(range(len(prompts)))}), data / f"{name}.parquet")
+    (tmp_path / "repo" / "README.md").write_text("# a dataset card\n")
+    with pytest.raises(SpecError, match="repo has splits train, test; choose one with input.split"):
+        open_reader(job_for(tmp_path, "repo"), ["prompt"])
+    reader = open_reader(job_for(tmp_path, "repo", split="train", batch_rows=2), ["prompt"])
+    assert reader.num_rows == 3 and [r.data for r in reader] == [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    assert [r.data for r in open_reader(job_for(tmp_path, "repo", split="test"), ["prompt"])] == [{"prompt": "t"}]
+    with pytest.raises(InputError, match="nor a folder of data files `datasets` reads"):
+        open_reader(job_for(tmp_path, "repo", split="validation"), ["prompt"])
+
+    from kvbatch.jobs.manifest import input_identity
+
+    before = input_identity(tmp_path / "repo", "train")
+    assert before["input_file"]["files"] == 4  # the card too: what datasets reads is the folder's
+    pq.write_table(pa.table({"prompt": ["a", "b", "x"], "n": [0, 1, 2]}), data / "train-00000-of-00002.parquet")
+    assert input_identity(tmp_path / "repo", "train") != before  # a resume over the edited folder is refused
+
+
 def test_a_name_outside_the_local_cache_is_never_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(InputError, match="kvbatch never downloads inputs"):
