@@ -20,11 +20,26 @@ from .read_parquet import open_parquet
 from .rows import Reader
 from .spec import JobSpec, input_format, input_path
 
+# Bytes the readers would take as text or Arrow as they are: at best one junk error row.
+COMPRESSED_SUFFIXES = frozenset({".gz", ".zst", ".bz2", ".xz", ".zip", ".lz4", ".7z"})
+
 
 def open_reader(job: JobSpec, needed_columns: list[str]) -> Reader:
     """Open the job's input. Columns missing from a schema'd input fail here, once, naming the field."""
-    fmt = input_format(job)
     path = input_path(job)
+    if path.suffix in COMPRESSED_SUFFIXES and path.is_file():
+        raise SpecError(
+            f"{path.name} is compressed ({path.suffix}); kvbatch reads .jsonl, .parquet and .arrow files as they "
+            "are: decompress it first (Parquet compresses inside the file)",
+            field="input.path",
+        )
+    if not path.exists() and any(c in job.input.path for c in "*?["):
+        raise SpecError(
+            f"input not found: {job.input.path} (a local run does not expand globs: give one file, or the folder "
+            "that holds the files, which is read as `datasets` reads a repository)",
+            field="input.path",
+        )
+    fmt = input_format(job)
     if fmt in ("jsonl", "openai"):
         reader = open_jsonl(path, job.input.max_line_bytes, openai=fmt == "openai")
     elif fmt == "parquet":

@@ -215,6 +215,20 @@ def test_a_folder_of_data_files_is_read_as_datasets_reads_a_repository(tmp_path:
     assert input_identity(tmp_path / "repo", "train") != before  # a resume over the edited folder is refused
 
 
+def test_compressed_files_and_globs_are_refused_saying_what_to_do(tmp_path: Path) -> None:
+    # A .jsonl.gz was "cannot tell the input format; set input.format", and input.format jsonl then read the gzip
+    # bytes as one invalid_utf8 row; a glob was "input not found".
+    import gzip
+
+    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n{"prompt": "b"}\n'))
+    for fields in ({}, {"format": "jsonl"}):
+        with pytest.raises(SpecError, match=r"in.jsonl.gz is compressed \(.gz\).*decompress it first"):
+            open_reader(job_for(tmp_path, "in.jsonl.gz", **fields), ["prompt"])
+    write_parquet(tmp_path / "a.parquet", 2)
+    with pytest.raises(SpecError, match=r"input not found: \*.parquet \(a local run does not expand globs"):
+        open_reader(job_for(tmp_path, "*.parquet"), ["prompt"])
+
+
 def test_a_name_outside_the_local_cache_is_never_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(InputError, match="kvbatch never downloads inputs"):
