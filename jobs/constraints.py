@@ -49,6 +49,8 @@ def column_constraint(value: Any) -> StructuredOutputs | None:
             value = json.loads(value)
         except ValueError as exc:
             raise ConstraintError(f"the constraint column is not JSON: {exc}") from None
+        except RecursionError:  # else it would end the job, not the row
+            raise ConstraintError("the constraint column is not JSON: nested too deeply") from None
     if isinstance(value, Mapping) and value and set(value) <= set(KINDS):
         return StructuredOutputs.from_value(value)
     return StructuredOutputs.from_schema(value)

@@ -110,9 +110,13 @@ def schema_text(schema: Any) -> str:
             schema = json_module.loads(schema)
         except ValueError as exc:
             raise ConstraintError(f"the JSON schema is not valid JSON: {exc}") from None
+        except RecursionError:  # a row's text may nest deeper than Python's parser goes: that row's error
+            raise ConstraintError("the JSON schema is not valid JSON: nested too deeply") from None
     if not isinstance(schema, (Mapping, bool)):
         raise ConstraintError(f"a JSON schema is an object, got {type(schema).__name__}")
     try:
         return json_module.dumps(schema, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise ConstraintError(f"the JSON schema cannot be written as JSON: {exc}") from None
+    except RecursionError:
+        raise ConstraintError("the JSON schema cannot be written as JSON: nested too deeply") from None

@@ -73,6 +73,27 @@ def test_a_constraint_column_sets_each_rows_constraint(tmp_path: Path) -> None:
     assert summary.errors_by_kind == {"bad_constraint": 2}
 
 
+def test_a_constraint_nested_past_pythons_parser_fails_its_row_not_the_job(tmp_path: Path) -> None:
+    # JSON text in a cell (or an OpenAI body's schema) is parsed by kvbatch, not by the input reader: json.loads
+    # raised RecursionError there, which ended the job ("the engine failed") rather than the row.
+    deep = '{"type": "array", "items": ' * 5000 + '{"type": "integer"}' + "}" * 5000
+    rows = [{"prompt": "a", "c": deep}, {"prompt": "b", "c": {"json": deep}}, {"prompt": "c", "c": {"choice": ["x"]}}]
+    job = job_from_dict(_job(tmp_path, rows, constraint_column="c"), base_dir=str(tmp_path))
+    factory = fake_factory()
+    summary = run_job(job, EngineCache(factory))
+    assert {r.request_id for r in factory.engines[0].requests} == {2}
+    out = [json.loads(line) for line in (tmp_path / "out" / "j.jsonl").read_text().splitlines()]
+    assert [out[i]["error_kind"] for i in (0, 1)] == ["bad_constraint", "bad_constraint"]
+    assert all("nested too deeply" in out[i]["error"] for i in (0, 1))
+    assert summary.errors_by_kind == {"bad_constraint": 2}
+    json_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": deep}}
+    (tmp_path / "openai").mkdir()
+    lines, engine = run_openai(tmp_path / "openai", [request("deep", response_format=json_schema), request("ok")])
+    assert [r.request_id for r in engine.requests] == [1]
+    error = BatchError.model_validate(lines[0]["error"])
+    assert error.code == "bad_constraint" and "nested too deeply" in error.message
+
+
 def test_a_row_that_sets_its_constraint_twice_is_its_error(tmp_path: Path) -> None:
     # In its sampling values and in the constraint column: which one the row meant is not for kvbatch to guess.
     rows = [
