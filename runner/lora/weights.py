@@ -70,6 +70,13 @@ class LoraConfig:
     base_model: str | None  # base_model_name_or_path
     rank: int | None = None  # r, where given: the tensors' rank must agree, as PEFT's loading requires
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module name pattern -> its own r
+    # Which modules PEFT gives a LoRA layer when it loads the adapter (it drops the weights of any other):
+    # target_modules (names, name suffixes, or one regular expression), layers_to_transform / layers_pattern,
+    # exclude_modules. None: not given (PEFT then targets its defaults for the model type: not checked here).
+    target_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    exclude_modules: tuple[str, ...] | str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,9 +242,42 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
 
     alpha_pattern = patterns("alpha_pattern", _is_number, "number")
     rank_pattern = patterns("rank_pattern", _is_rank, "whole number of at least 1")
+
+    def names(key: str, regex: bool) -> tuple[str, ...] | str | None:
+        """A list of module names (or, where `regex`, one regular expression), as PEFT's matching takes them."""
+        value = config.get(key)
+        if value is None or (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            return tuple(value) if value is not None else None
+        if not (regex and isinstance(value, str)):
+            raise bad(key, value, "a list of module names" + (" or a regular expression" if regex else ""))
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise bad(key, value, f"a regular expression ({exc})") from None
+        return value
+
+    target_modules, exclude_modules = names("target_modules", True), names("exclude_modules", True)
+    layers_pattern = config.get("layers_pattern")
+    layers_pattern = (layers_pattern,) if isinstance(layers_pattern, str) else names("layers_pattern", False)
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if layers is not None and not (
+        isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    ):
+        raise bad("layers_to_transform", layers, "a layer index or a list of them")
     base = config.get("base_model_name_or_path")
     return LoraConfig(
-        float(alpha), use_rslora, alpha_pattern, base if isinstance(base, str) else None, rank, rank_pattern
+        float(alpha),
+        use_rslora,
+        alpha_pattern,
+        base if isinstance(base, str) else None,
+        rank,
+        rank_pattern,
+        target_modules,
+        tuple(layers) if layers is not None else None,
+        layers_pattern,
+        exclude_modules,
     )
 
 
@@ -307,6 +347,41 @@ def _pattern_value(patterns: dict[str, float], module: str, default: float) -> f
     return default
 
 
+def _untargeted(config: LoraConfig, module: str) -> str | None:
+    """Why PEFT would give `module` no LoRA layer under this config (None: it would), as PEFT's
+    check_target_module_exists decides: its weights would be dropped as unexpected keys when PEFT loads them."""
+    excluded = config.exclude_modules
+    if excluded is not None:
+        if re.fullmatch(excluded, module) if isinstance(excluded, str) else _named(excluded, module):
+            return "its exclude_modules names it"
+    targets = config.target_modules
+    if targets is None:  # PEFT's defaults for the model type
+        return None
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear" or re.fullmatch(targets, module):  # adaptable linears are all linear
+            return None
+        return f"its target_modules {targets!r} does not match it"
+    if module in targets:
+        return None
+    if not any(module.endswith(f".{target}") for target in targets):
+        return f"its target_modules {list(targets)} do not name it"
+    if not config.layers_to_transform:
+        return None
+    patterns = config.layers_pattern or ()
+    if patterns:
+        found = (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) for p in patterns)
+        match = next((m for m in found if m is not None), None)
+    else:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    if match is None or int(match["idx"]) not in config.layers_to_transform:
+        return f"its layers_to_transform {list(config.layers_to_transform)} leaves its layer out"
+    return None
+
+
+def _named(names: tuple[str, ...], module: str) -> bool:
+    return module in names or any(module.endswith(f".{name}") for name in names)
+
+
 def _module_shapes(
     name: str, config: LoraConfig, shapes: dict[str, tuple[int, ...]], linears: dict[str, nn.Linear]
 ) -> dict[str, ModuleShape]:
@@ -339,6 +414,12 @@ def _module_shapes(
             )
         if rank < 1:
             raise AdapterError(f"adapter {name!r}: {module}'s LoRA weights have rank 0")
+        untargeted = _untargeted(config, module)
+        if untargeted is not None:
+            raise AdapterError(
+                f"adapter {name!r} holds LoRA weights for {module}, but {untargeted}: PEFT would load the adapter "
+                f"without them (a config and weights of two different adapters?)"
+            )
         declared = _pattern_value(config.rank_pattern, module, config.rank) if config.rank is not None else None
         if declared is not None and declared != rank:
             raise AdapterError(

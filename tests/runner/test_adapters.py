@@ -349,3 +349,46 @@ def test_adapter_decodes_replay_cuda_graphs_and_equal_peft(adapter_paths, rows, 
         assert results[i].error is None, results[i].error
         assert results[i].completions[0].token_ids == reference[i], f"row {i} ({name}) diverged from PEFT"
     assert any(replayed) and sum(replayed) >= MAX_NEW // 2, replayed
+
+
+def test_weights_the_config_does_not_target_fail_their_rows(adapter_paths, rows, reference, tmp_path) -> None:
+    """PEFT gives LoRA layers only to the modules its config targets (target_modules, layers_to_transform,
+    exclude_modules) and drops the file's other weights as it loads it. Applied anyway, every row of such an
+    adapter gave other tokens than PEFT's from its first one: the rows are the adapter's error instead. Configs
+    that target every module of the weights (a regular expression, 'all-linear', every layer) still run."""
+    source = adapter_paths["r8-rslora"]  # every projection of both layers
+    bad = {  # name: (folder, words of its error)
+        "fewer-targets": (
+            _edited(source, tmp_path / "a", target_modules=["q_proj", "v_proj"]),
+            "target_modules ['q_proj', 'v_proj'] do not name it",
+        ),
+        "fewer-layers": (
+            _edited(source, tmp_path / "b", layers_to_transform=[1], layers_pattern="layers"),
+            "model.layers.0.mlp.down_proj, but its layers_to_transform [1] leaves its layer out",
+        ),
+        "excluded": (_edited(source, tmp_path / "c", exclude_modules=["down_proj"]), "exclude_modules names it"),
+        "attention-regex": (_edited(source, tmp_path / "d", target_modules=r".*\.self_attn\..*"), "does not match"),
+        "targets-text": (_edited(source, tmp_path / "e", target_modules=3), "target_modules is 3"),
+    }
+    good = {
+        "regex": _edited(source, tmp_path / "f", target_modules=r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj"),
+        "all-linear": _edited(source, tmp_path / "g", target_modules="all-linear"),
+        "every-layer": _edited(source, tmp_path / "h", layers_to_transform=[0, 1], layers_pattern=["layers"]),
+    }
+    engine = Engine(
+        EngineConfig(block_size=4, num_blocks_override=256),
+        tiny_loaded("llama"),
+        adapters={**good, **{name: path for name, (path, _) in bad.items()}},
+    )
+    i = ADAPTERS.index("r8-rslora")
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    results = {
+        r.request_id: r for r in engine.generate(GenerationRequest(n, rows[i][0], params, n) for n in [*good, *bad])
+    }
+    for name in good:
+        assert results[name].error is None, results[name].error
+        assert results[name].completions[0].token_ids == reference[i], name
+    for name, (_, words) in bad.items():
+        result = results[name]
+        assert (result.finish_reason, result.error_kind) == ("error", ErrorKind.BAD_ADAPTER)
+        assert repr(name) in result.error and words in result.error, result.error
