@@ -382,15 +382,39 @@ def _named(names: tuple[str, ...], module: str) -> bool:
     return module in names or any(module.endswith(f".{name}") for name in names)
 
 
+def _not_lora_reason(name: str, others: list[str], keys: list[str]) -> str:
+    """Why weights beyond LoRA A/B matrices make the adapter unusable, named by what PEFT saved them for: LoRA on an
+    embedding (lora_embedding_A/B) or on lm_head (PEFT saves the layer's base weights beside its A and B), trained
+    biases (bias='all' or 'lora_only'), else the first such weight."""
+    for key in keys:
+        if ".lora_embedding_" in key:
+            module = key.split(".lora_embedding_")[0]
+            return f"adapter {name!r} targets the embedding {module}, which kvbatch does not adapt (LoRA on embeddings)"
+    biases = [key for key in others if key.endswith(".bias")]
+    if biases:
+        return (
+            f"adapter {name!r} holds trained biases ({biases[0]}: PEFT's bias='all' or 'lora_only'), which kvbatch "
+            "does not run"
+        )
+    for key in others:
+        module = key.split(".base_layer.")[0] if key.endswith(".base_layer.weight") else None
+        if module is not None and any(k.startswith(f"{module}.lora_") for k in keys):
+            return (
+                f"adapter {name!r} targets {module} and saved its base weights with it ({key}); kvbatch adapts the "
+                "decoder's linear projections, not embeddings or lm_head"
+            )
+    return f"adapter {name!r} holds {others[0]}, which is not a LoRA A/B weight kvbatch can apply"
+
+
 def _module_shapes(
     name: str, config: LoraConfig, shapes: dict[str, tuple[int, ...]], linears: dict[str, nn.Linear]
 ) -> dict[str, ModuleShape]:
     parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    others = [key.removeprefix("base_model.model.") for key in shapes if _KEY.match(key) is None]
+    if others:
+        raise AdapterError(_not_lora_reason(name, others, [k.removeprefix("base_model.model.") for k in shapes]))
     for key, shape in shapes.items():
         match = _KEY.match(key)
-        if match is None:
-            what = key.removeprefix("base_model.model.")
-            raise AdapterError(f"adapter {name!r} holds {what}, which is not a LoRA A/B weight kvbatch can apply")
         parts.setdefault(match["module"], {})[match["part"]] = shape
     if not parts:
         raise AdapterError(f"adapter {name!r} holds no LoRA weights")

@@ -392,3 +392,25 @@ def test_weights_the_config_does_not_target_fail_their_rows(adapter_paths, rows,
         result = results[name]
         assert (result.finish_reason, result.error_kind) == ("error", ErrorKind.BAD_ADAPTER)
         assert repr(name) in result.error and words in result.error, result.error
+
+
+@pytest.mark.parametrize(
+    "arch, config, words",
+    [
+        # PEFT saves lora_embedding_A/B for an embedding, and the embedding's own weights beside them.
+        ("llama", dict(target_modules=["embed_tokens", "q_proj"]), "targets the embedding model.embed_tokens"),
+        # LoRA on lm_head: PEFT saves lm_head.base_layer.weight beside its A and B.
+        ("llama", dict(target_modules=["lm_head", "q_proj"]), r"targets lm_head and saved its base weights"),
+        # Qwen2's q/k/v have biases: bias="all" (or "lora_only") saves them, trained.
+        ("qwen2", dict(target_modules=["q_proj", "v_proj"], bias="all"), r"trained biases \(model.layers.0"),
+    ],
+    ids=["embedding", "lm_head", "biases"],
+)
+def test_what_peft_saves_beyond_lora_is_named_in_the_error(tmp_path, arch, config, words) -> None:
+    """Each was refused as `holds model.embed_tokens.base_layer.weight, which is not a LoRA A/B weight`: the
+    weight PEFT saved alongside, not the reason (an embedding or lm_head as a target, trained biases)."""
+    from kvbatch.runner.lora.weights import AdapterError, adaptable_linears, inspect_adapter
+
+    paths = save_adapters(lambda: tiny_model(arch), tmp_path, {"x": dict(r=2, lora_alpha=4, **config)})
+    with pytest.raises(AdapterError, match=words):
+        inspect_adapter("x", paths["x"], adaptable_linears(tiny_model(arch)))
