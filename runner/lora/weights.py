@@ -159,7 +159,7 @@ def inspect_adapter(
         weights_file = folder / PICKLE_FILE
     base = config.base_model
     if model_name and base and _hub_name(base) and _hub_name(model_name):
-        if base.rsplit("/", 1)[-1].lower() != model_name.rsplit("/", 1)[-1].lower():
+        if _model_of(base) != _model_of(model_name):
             raise AdapterError(f"adapter {name!r} was trained on {base}, not on this engine's model {model_name}")
     shapes = _tensor_shapes(name, weights_file)
     modules = _module_shapes(name, config, shapes, linears)
@@ -295,6 +295,20 @@ def _is_rank(value: object) -> bool:
 def _hub_name(name: str) -> bool:
     """An `org/model` name (not a path): the only spelling two sides can be compared by."""
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+
+
+# What a copy of a model adds to its name: a quantisation or a format (unsloth/llama-3-8b-Instruct-bnb-4bit is
+# meta-llama/Meta-Llama-3-8B-Instruct's weights in 4 bits: an adapter trained on it fits the original).
+_COPY_SUFFIX = re.compile(r"(-(unsloth|bnb|4bit|8bit|awq|gptq|gguf|fp8|fp16|bf16|int4|int8|hf))+$")
+
+
+def _model_of(hub_name: str) -> str:
+    """The model a hub name stands for, as two names of one model can be compared: the part after the owner,
+    lowercased, without a copy's suffix, and without `meta-` (Meta has renamed Meta-Llama-3.1-8B-Instruct to
+    Llama-3.1-8B-Instruct). Another model keeps another name: Llama-3.2-1B is not SmolLM2-135M, nor
+    Llama-3-8B Llama-3-8B-Instruct."""
+    model = _COPY_SUFFIX.sub("", hub_name.rsplit("/", 1)[-1].lower())
+    return model.removeprefix("meta-")
 
 
 def _tensor_shapes(name: str, weights_file: Path) -> dict[str, tuple[int, ...]]:

@@ -414,3 +414,21 @@ def test_what_peft_saves_beyond_lora_is_named_in_the_error(tmp_path, arch, confi
     paths = save_adapters(lambda: tiny_model(arch), tmp_path, {"x": dict(r=2, lora_alpha=4, **config)})
     with pytest.raises(AdapterError, match=words):
         inspect_adapter("x", paths["x"], adaptable_linears(tiny_model(arch)))
+
+
+@pytest.mark.parametrize(
+    ("trained_on", "engine_model", "same"),
+    [
+        ("unsloth/llama-3-8b-Instruct-bnb-4bit", "meta-llama/Meta-Llama-3-8B-Instruct", True),  # a 4-bit copy
+        ("meta-llama/Meta-Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct", True),  # renamed by Meta
+        ("TheBloke/Llama-2-7B-GPTQ", "meta-llama/Llama-2-7b", True),
+        ("meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M", False),
+        ("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct", False),  # base and chat differ
+    ],
+)
+def test_an_adapter_trained_on_a_copy_of_the_model_fits_it(trained_on, engine_model, same) -> None:
+    # The base-model check compared the names' last parts as they were: an adapter trained on unsloth's 4-bit copy
+    # of Llama-3-8B-Instruct, whose shapes fit and which PEFT loads on the original, was refused.
+    from kvbatch.runner.lora.weights import _model_of
+
+    assert (_model_of(trained_on) == _model_of(engine_model)) is same
