@@ -13,9 +13,9 @@ and on the command line `kvbatch-lm-eval` is lm-eval's own CLI with the model re
 
 `model_args`: `model` (a folder, a .gguf file, a cached hub name or `default`), any EngineConfig field (device,
 dtype, kv_cache_gib, max_num_batched_tokens, ...), `max_length` (the context lm-eval truncates to; default the
-model's; refused over what the KV pool holds) and `add_bos_token`. `batch_size` is accepted and ignored: the
-engine packs requests by free KV blocks. On the command line the device is lm-eval's `--device` (its default,
-cuda:0, falls back to the CPU without a GPU).
+model's; refused over what the KV pool holds), `add_bos_token` and `prefix_token_id` (as `hf` reads them).
+`batch_size` is accepted and ignored: the engine packs requests by free KV blocks. On the command line the device
+is lm-eval's `--device` (its default, cuda:0, falls back to the CPU without a GPU).
 
 Tokenization follows lm-eval's `hf` model exactly (context and continuation encoded together and split, trailing
 whitespace of the context moved into the continuation, an empty context replaced by the prefix token, left
@@ -67,6 +67,7 @@ class KVBatchLM(TemplateLM):
         model: str = "default",
         max_length: int | None = None,
         add_bos_token: bool | None = None,
+        prefix_token_id: int | None = None,
         batch_size: Any = None,
         max_batch_size: Any = None,
         device: str | None = None,
@@ -88,6 +89,7 @@ class KVBatchLM(TemplateLM):
         self.engine = engine or Engine(EngineConfig(model=model, **engine_settings))
         self.tokenizer = self.engine.tokenizer
         self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         # hf loads the tokenizer with add_bos_token, which makes it prepend BOS; kvbatch shares the engine's, so it
         # prepends BOS itself where that tokenizer would not.
         bos = self.tokenizer.bos_token_id
@@ -112,7 +114,9 @@ class KVBatchLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        # as lm-eval's hf model: BOS where the tokenizer has one, else EOS
+        # as lm-eval's hf model: its prefix_token_id model_arg, else BOS where the tokenizer has one, else EOS
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
         bos = self.tokenizer.bos_token_id
         return bos if bos is not None else self.tokenizer.eos_token_id
 

@@ -167,3 +167,20 @@ def test_a_max_length_over_the_pool_is_refused_not_cut(model_folder: Path) -> No
         get_model("kvbatch").create_from_arg_string(
             f"model={model_folder},device=cpu,max_length=48,block_size=4,num_blocks_override=8"
         )
+
+
+def test_prefix_token_id_is_the_context_of_an_empty_one_as_in_hf(model_folder: Path, monkeypatch) -> None:
+    # hf's prefix_token_id model_arg: the token before an empty context and before a rolling text's first window.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = f"device=cpu,max_length={MAX_LENGTH},prefix_token_id=7"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    assert model.prefix_token_id == hf.prefix_token_id == 7
+    requests = [Instance("loglikelihood", {}, ("", "w40 w41"), idx=0, metadata=("t", 0, 1))]
+    rolling = [Instance("loglikelihood_rolling", {}, (words(random.Random(6), 60),), idx=0, metadata=("t", 0, 1))]
+    got, want = model.loglikelihood(requests)[0], hf.loglikelihood(requests)[0]
+    assert got[0] == pytest.approx(want[0], abs=1e-4) and got[1] == want[1]
+    assert model.loglikelihood_rolling(rolling)[0] == pytest.approx(hf.loglikelihood_rolling(rolling)[0], abs=1e-4)
