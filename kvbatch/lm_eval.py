@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any
 
+import jinja2
 import lm_eval.models  # noqa: F401 - fills lm-eval's registry first: an empty one would hide its own models
 import torch
 from lm_eval.api.model import TemplateLM
@@ -149,12 +150,21 @@ class KVBatchLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt,
-        )
+        def render(history: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(
+                history,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt,
+            )
+
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError:
+            # As lm-eval's hf model: a template that refuses a system role (--system_instruction on Gemma, older
+            # Mistral) is rendered again without the system messages.
+            logger.warning("kvbatch: the chat template failed; rendering it again without the system messages")
+            return render([m for m in chat_history if m["role"] != "system"])
 
     # ---- scoring ---------------------------------------------------------------------------------
 

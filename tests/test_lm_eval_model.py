@@ -184,3 +184,25 @@ def test_prefix_token_id_is_the_context_of_an_empty_one_as_in_hf(model_folder: P
     got, want = model.loglikelihood(requests)[0], hf.loglikelihood(requests)[0]
     assert got[0] == pytest.approx(want[0], abs=1e-4) and got[1] == want[1]
     assert model.loglikelihood_rolling(rolling)[0] == pytest.approx(hf.loglikelihood_rolling(rolling)[0], abs=1e-4)
+
+
+def test_a_template_that_refuses_a_system_role_drops_it_as_hf_does(model_folder: Path, tmp_path: Path) -> None:
+    # --system_instruction on a model whose template raises on a system role (Gemma, older Mistral): hf renders
+    # the chat again without the system messages instead of failing the evaluation.
+    import shutil
+
+    from lm_eval.api.registry import get_model
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "no-system"
+    shutil.copytree(model_folder, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}w9{% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    chat = [{"role": "system", "content": "w5"}, {"role": "user", "content": "w6 w7"}]
+    hf = get_model("hf").create_from_arg_string(f"pretrained={folder},device=cpu,max_length={MAX_LENGTH}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={folder},device=cpu,max_length={MAX_LENGTH}")
+    assert model.apply_chat_template(chat) == hf.apply_chat_template(chat) == "w6 w7</s>w9"
