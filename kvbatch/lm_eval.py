@@ -13,7 +13,9 @@ and on the command line `kvbatch-lm-eval` is lm-eval's own CLI with the model re
 
 `model_args`: `model` (a folder, a .gguf file, a cached hub name or `default`), any EngineConfig field (device,
 dtype, kv_cache_gib, max_num_batched_tokens, ...), `max_length` (the context lm-eval truncates to; default the
-model's; refused over what the KV pool holds), `add_bos_token` and `prefix_token_id` (as `hf` reads them).
+model's; refused over what the KV pool holds), and as `hf` reads them `add_bos_token`, `prefix_token_id`,
+`enable_thinking`, `chat_template_args` (given to the chat template) and `think_end_token` (a generation keeps
+what follows its last one).
 `batch_size` is accepted and ignored: the engine packs requests by free KV blocks. On the command line the device
 is lm-eval's `--device` (its default, cuda:0, falls back to the CPU without a GPU).
 
@@ -25,6 +27,7 @@ one scoring request: its blocks are computed once and shared through the prefix 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -69,6 +72,9 @@ class KVBatchLM(TemplateLM):
         max_length: int | None = None,
         add_bos_token: bool | None = None,
         prefix_token_id: int | None = None,
+        enable_thinking: bool | None = None,
+        chat_template_args: dict[str, Any] | str | None = None,
+        think_end_token: str | int | None = None,
         batch_size: Any = None,
         max_batch_size: Any = None,
         device: str | None = None,
@@ -79,8 +85,9 @@ class KVBatchLM(TemplateLM):
         unknown = set(engine_settings) - _ENGINE_FIELDS
         if unknown:
             raise ValueError(
-                f"kvbatch model_args: unknown {sorted(unknown)}; model_args are model, max_length, add_bos_token "
-                f"and EngineConfig's fields: {', '.join(sorted(_ENGINE_FIELDS - {'model'}))}"
+                f"kvbatch model_args: unknown {sorted(unknown)}; model_args are model, max_length, add_bos_token, "
+                "prefix_token_id, enable_thinking, chat_template_args, think_end_token and EngineConfig's fields: "
+                f"{', '.join(sorted(_ENGINE_FIELDS - {'model'}))}"
             )
         if device is not None:  # lm-eval's --device, whose default is cuda:0 even where there is no GPU
             if device.startswith("cuda") and not torch.cuda.is_available():
@@ -106,6 +113,22 @@ class KVBatchLM(TemplateLM):
                 f"gpu_memory_utilization) or set max_length to at most {self.engine.capacity_tokens}"
             )
         self._model_name = model
+        # hf's thinking args: enable_thinking goes to the chat template, which needs the generation's end of
+        # thinking to cut the trace off; a token id spelt as digits is that id.
+        if isinstance(chat_template_args, str):  # from a model_args string
+            chat_template_args = json.loads(chat_template_args)
+        self.chat_template_args = dict(chat_template_args or {})
+        if enable_thinking is not None:
+            self.chat_template_args["enable_thinking"] = enable_thinking
+        self.enable_thinking = enable_thinking
+        if isinstance(think_end_token, str) and think_end_token.isdigit():
+            think_end_token = int(think_end_token)
+        if enable_thinking and think_end_token is None:
+            raise ValueError(
+                "kvbatch model_args: enable_thinking=True needs think_end_token (the text or token id that ends the "
+                "thinking), as lm-eval's hf model does"
+            )
+        self.think_end_token = think_end_token
 
     # ---- what lm-eval asks of a model ---------------------------------------------------------
 
@@ -156,6 +179,7 @@ class KVBatchLM(TemplateLM):
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=not add_generation_prompt,
+                **self.chat_template_args,
             )
 
         try:
@@ -167,6 +191,14 @@ class KVBatchLM(TemplateLM):
             return render([m for m in chat_history if m["role"] != "system"])
 
     # ---- scoring ---------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if self.enable_thinking:  # as hf: a thinking model's scores would not be of its answers
+            tasks = sorted({req.task_name for req in requests if getattr(req, "task_name", None)})
+            raise ValueError(
+                f"enable_thinking=True does not go with loglikelihood tasks (as in lm-eval's hf model): {tasks}"
+            )
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str] | None, list[int], list[int]]], disable_tqdm: bool = False, **_: Any
@@ -248,12 +280,23 @@ class KVBatchLM(TemplateLM):
         answers = [""] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="kvbatch generate_until")
         for result in self._run(engine_requests):
-            text = postprocess_generated_text(result.text, stops[result.request_id], None)
+            text = self._answer(result, stops[result.request_id])
             answers[result.request_id] = text
             self.cache_hook.add_partial("generate_until", requests[result.request_id].args, text)
             progress.update(1)
         progress.close()
         return answers
+
+    def _answer(self, result: GenerationResult, until: list[str]) -> str:
+        """The generation as hf post-processes it: what follows the last think_end_token (a token id: its last
+        occurrence among the tokens), cut at the first stop."""
+        text, think = result.text, self.think_end_token
+        if isinstance(think, int):
+            tokens = result.completions[0].token_ids
+            if think in tokens:
+                last = len(tokens) - 1 - tokens[::-1].index(think)
+                text = self.tok_decode(tokens[last + 1 :]).lstrip()
+        return postprocess_generated_text(text, until, think if isinstance(think, str) else None)
 
     def _sampling(self, gen_kwargs: dict[str, Any], eos_text: str) -> tuple[SamplingParams, list[str]]:
         # lm-eval's own reading, as its hf model's: a copy (the request's until stays as it was, which lm-eval's

@@ -206,3 +206,49 @@ def test_a_template_that_refuses_a_system_role_drops_it_as_hf_does(model_folder:
     hf = get_model("hf").create_from_arg_string(f"pretrained={folder},device=cpu,max_length={MAX_LENGTH}")
     model = get_model("kvbatch").create_from_arg_string(f"model={folder},device=cpu,max_length={MAX_LENGTH}")
     assert model.apply_chat_template(chat) == hf.apply_chat_template(chat) == "w6 w7</s>w9"
+
+
+def test_thinking_args_are_read_as_hf_reads_them(model_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    # enable_thinking and chat_template_args reach the chat template; a generation keeps what follows the last
+    # think_end_token (a string, or a token id); loglikelihood tasks are refused with enable_thinking. These args
+    # were refused as unknown.
+    import shutil
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "thinking"
+    shutil.copytree(model_folder, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if enable_thinking %}w7 {% endif %}"
+        "{% if style %}{{ style }} {% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    rng = random.Random(9)
+    requests = [
+        Instance("generate_until", {}, (words(rng, 6), {"until": ["w499"], "max_gen_toks": 12}), idx=0)
+        for _ in range(4)
+    ]
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    plain = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}").generate_until(requests)
+    think = plain[0].split()[3]  # a word every model here generates: the end of "thinking" in the first answer
+    think_id = tokenizer.convert_tokens_to_ids(think)
+    for end in (think, str(think_id)):
+        thinking = f"{args},enable_thinking=True,think_end_token={end}"
+        hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{thinking}")
+        model = get_model("kvbatch").create_from_arg_string(f"model={folder},{thinking}")
+        chat = [{"role": "user", "content": "w5"}]
+        assert model.apply_chat_template(chat) == hf.apply_chat_template(chat) == "w5 w7 "
+        got, want = model.generate_until(requests), hf.generate_until(requests)
+        assert got == want and got[0] != plain[0], end
+        with pytest.raises(ValueError, match="enable_thinking=True"):
+            model.loglikelihood([Instance("loglikelihood", {}, ("w1", " w2"), idx=0)])
+    styled = get_model("kvbatch").create_from_arg_string(
+        f"model={folder},{args}", {"chat_template_args": {"style": "w8"}}
+    )
+    assert styled.apply_chat_template([{"role": "user", "content": "w5"}]) == "w5 w8 "
+    with pytest.raises(ValueError, match="needs think_end_token"):
+        get_model("kvbatch").create_from_arg_string(f"model={folder},{args},enable_thinking=True")
