@@ -40,17 +40,18 @@ CASES = {
 
 
 def reference_probs(params: SamplingParams) -> np.ndarray:
-    """transformers' processors and warpers; presence and frequency as vLLM defines them, in numpy."""
+    """transformers' processors and warpers (the logit bias before the repetition penalty, as its
+    SequenceBiasLogitsProcessor comes first); presence and frequency as vLLM defines them, in numpy."""
     scores = LOGITS[None].clone()
     input_ids = torch.tensor([PROMPT + OUTPUT])
+    if params.logit_bias:
+        scores = SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias])(input_ids, scores)
     if params.repetition_penalty != 1.0:
         scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(input_ids, scores)
     counts = np.bincount(OUTPUT, minlength=VOCAB)
     scores = scores - torch.from_numpy(
         (params.presence_penalty * (counts > 0) + params.frequency_penalty * counts).astype(np.float32)
     )
-    if params.logit_bias:
-        scores = SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias])(input_ids, scores)
     return transformers_probs(scores[0], params).double().numpy()
 
 
