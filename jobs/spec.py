@@ -38,13 +38,14 @@ class InputSpec:
     """Where the rows come from."""
 
     path: str = setting(
-        doc="a .parquet, .jsonl or .arrow file, a datasets folder, or a dataset name in the local HF cache",
+        doc="a .parquet, .jsonl or .arrow file, a datasets folder (save_to_disk, or data files as a dataset "
+        "repository lays them out: `data/train-00000-of-00002.parquet`), or a dataset name in the local HF cache",
         nonempty=True,
     )
     format: Literal["auto", "jsonl", "parquet", "arrow", "hf", "openai"] = setting(
         "auto", "auto: from the path's extension"
     )
-    split: str | None = setting(None, "datasets: which split of a DatasetDict")
+    split: str | None = setting(None, "datasets: which split of a DatasetDict or of a repository folder")
     limit: int | None = setting(None, "read at most this many rows (0: an empty output, no model loaded)", min=0)
     max_line_bytes: int = setting(8 * MIB, "JSONL: longer lines become error rows", min=1)
     batch_rows: int = setting(1024, "Parquet/datasets: rows per record batch read", min=1)
