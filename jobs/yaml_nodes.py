@@ -50,7 +50,12 @@ def child_path(parent: str, key: str | int) -> str:
 
 def load_yaml(text: str, source: str) -> Node:
     """Parse YAML text into Nodes. Syntax errors become SpecError with the line."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses non-printable characters (\x01, U+FFFE) right here
+    except yaml.reader.ReaderError as exc:
+        line = f"{source}:{text.count(chr(10), 0, exc.position) + 1}"
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        raise SpecError(f"YAML error: the character {char!r} is not allowed in YAML text", where=line) from None
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -59,11 +64,16 @@ def load_yaml(text: str, source: str) -> Node:
         raise SpecError(f"YAML syntax error: {exc.problem or exc}", where=line) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"YAML error: {exc}", where=source) from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise SpecError("YAML error: nested too deeply", where=source) from None
     finally:
         loader.dispose()
     if root is None:
         return Node({}, "", 1, source)
-    return _convert(root, "", source, yaml.SafeLoader(""), [MAX_VALUES])
+    try:
+        return _convert(root, "", source, yaml.SafeLoader(""), [MAX_VALUES])
+    except RecursionError:  # deep nesting, or an alias inside the node it names (`jobs: &a [*a]`)
+        raise SpecError("YAML error: nested too deeply (or an alias inside itself)", where=source) from None
 
 
 MAX_VALUES = 100_000  # values a job file may expand to: aliases (&a / *a) could otherwise nest to billions
@@ -129,6 +139,9 @@ def _scalar(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoade
         raise SpecError(
             f"unsupported YAML value: {exc.problem}", field=path, where=f"{source}:{node.start_mark.line + 1}"
         ) from None
+    except ValueError as exc:  # a value its tag cannot hold: 2001-02-30, !!int "abc", an int of over 4300 digits
+        where = f"{source}:{node.start_mark.line + 1}"
+        raise SpecError(f"unsupported YAML value {node.value[:40]!r}: {exc}", field=path, where=where) from None
 
 
 def from_plain(value: Any, path: str, source: str | None = None) -> Node:

@@ -86,3 +86,36 @@ def test_command_line_values_use_the_safe_loader_too() -> None:
     with pytest.raises(SpecError, match="--set sampling:1: top_k: duplicate field"):
         _parse_sets(["sampling={top_k: 1, top_k: 2}"])
     assert _parse_sets(["sampling.temperature=0.5"]) == {"sampling.temperature": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            "    prompt: {system: 2001-02-30}\n",
+            "jobs.yaml:4: jobs[0].prompt.system: unsupported YAML value '2001-02-30'",
+        ),
+        ('    sort_window: !!int "abc"\n', "jobs.yaml:4: jobs[0].sort_window: unsupported YAML value 'abc'"),
+        ('    sampling: {temperature: !!float "x"}\n', "jobs.yaml:4: jobs[0].sampling.temperature: unsupported YAML"),
+        ("    sort_window: " + "9" * 5000 + "\n", "jobs.yaml:4: jobs[0].sort_window: unsupported YAML value '999"),
+        ("    prompt: {system: a\x01b}\n", "jobs.yaml:4: YAML error: the character '\\x01' is not allowed"),
+        ("    prompt: {system: a\ufffeb}\n", "jobs.yaml:4: YAML error: the character '\\ufffe' is not allowed"),
+        ("    keep_columns: " + "[" * 3000 + "]" * 3000 + "\n", "jobs.yaml: YAML error: nested too deeply"),
+    ],
+    ids=["bad-date", "int-tag", "float-tag", "int-over-4300-digits", "control-char", "noncharacter", "deep"],
+)
+def test_values_yaml_cannot_build_are_spec_errors(tmp_path: Path, extra: str, message: str) -> None:
+    assert load_error(tmp_path, JOB + extra).startswith(message)
+
+
+def test_an_alias_inside_itself_is_refused(tmp_path: Path) -> None:
+    assert load_error(tmp_path, "jobs: &a\n  - *a\n").startswith("jobs.yaml: YAML error: nested too deeply")
+
+
+def test_command_line_values_that_yaml_cannot_build_are_spec_errors() -> None:
+    with pytest.raises(SpecError, match=r"--set prompt.system:1: unsupported YAML value '2001-02-30'"):
+        _parse_sets(["prompt.system=2001-02-30"])
+    with pytest.raises(SpecError, match=r"--set prompt.system:1: YAML error: the character '\\x01'"):
+        _parse_sets(["prompt.system=a\x01b"])
+    with pytest.raises(SpecError, match="nested too deeply"):
+        _parse_sets(["prompt.chat_template_kwargs=" + "[" * 3000 + "]" * 3000])
