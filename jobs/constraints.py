@@ -32,10 +32,14 @@ def read_schema_files(job: Node, base_dir: str) -> None:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise node.error(f"cannot read the JSON schema file {path}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL (ValueError) or a lone surrogate (UnicodeEncodeError) in the name
+        raise node.error(f"{node.value!r} is no file name (it holds a NUL or a lone surrogate)") from None
     try:
         schema = json.loads(text)
     except ValueError as exc:
         raise node.error(f"the JSON schema file {path} is not valid JSON: {exc}") from None
+    except RecursionError:  # as an inline schema is refused (runner/structured_outputs.py)
+        raise node.error(f"the JSON schema file {path} is not valid JSON: nested too deeply") from None
     parent.value["json"] = from_plain(schema, node.path, node.source)
 
 

@@ -396,6 +396,8 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("runner").error(
             "with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor"
         )
+    if "\0" in job.output_dir:  # caught here, it names the file and line (output_path says it too, without them)
+        raise at("output_dir").error("holds a NUL character; no folder name can")
     if job.output.path is not None:  # caught here, it names the file and line
         try:
             output_path(job)
@@ -522,6 +524,9 @@ def output_path(job: JobSpec) -> Path:
         output_format(job)
     ]
     relative = Path(job.output.path) if job.output.path is not None else Path(job.name + ext)
+    for field_name, value in (("output_dir", job.output_dir), ("output.path", str(relative))):
+        if "\0" in value:  # os.path.realpath would raise ValueError: no file name holds one
+            raise SpecError(f"{field_name} {value!r} holds a NUL character", field=field_name)
     if relative.is_absolute() or ".." in relative.parts:
         raise SpecError(
             f"output.path {str(relative)!r} must be a relative path inside output_dir ({job.output_dir}); set "

@@ -362,6 +362,39 @@ def test_output_must_stay_inside_output_dir(tmp_path: Path) -> None:
     assert (error.where, error.field) == (f"{tmp_path / 'jobs.yaml'}:5", "jobs[0].output.path")
 
 
+@pytest.mark.parametrize(
+    ("extra", "where", "field", "words"),
+    [
+        ('    output_dir: "a\\0b"\n', ":4", "jobs[0].output_dir", "holds a NUL character"),
+        ('    output: {path: "a\\0.arrow"}\n', ":4", "jobs[0].output.path", "holds a NUL character"),
+        (
+            '    sampling: {structured_outputs: {json: "a\\0b.json"}}\n',
+            ":4",
+            "jobs[0].sampling.structured_outputs.json",
+            "is no file name",
+        ),
+        (
+            '    sampling: {structured_outputs: {json: "\\ud800.json"}}\n',
+            ":4",
+            "jobs[0].sampling.structured_outputs.json",
+            "is no file name",
+        ),
+        (
+            "    sampling: {structured_outputs: {json: deep.json}}\n",
+            ":4",
+            "jobs[0].sampling.structured_outputs.json",
+            "is not valid JSON: nested too deeply",
+        ),
+    ],
+    ids=["nul-output-dir", "nul-output-path", "nul-schema-file", "surrogate-schema-file", "deep-schema-file"],
+)
+def test_paths_no_file_can_have_are_spec_errors(tmp_path: Path, extra: str, where: str, field: str, words: str) -> None:
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    error = spec_error(tmp_path, "jobs:\n  - name: a\n    input: {path: x.jsonl}\n" + extra)
+    assert (error.field, error.where) == (field, f"{tmp_path / 'jobs.yaml'}{where}")
+    assert words in error.message
+
+
 def test_output_cannot_be_the_input(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_text('{"prompt": "a"}\n')
     with pytest.raises(
