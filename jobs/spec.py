@@ -29,6 +29,7 @@ from .shard import parse_shard
 from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
 
 MIB = 2**20
+MAX_INT64 = 2**63 - 1
 OUTPUT_EXTENSIONS = {".arrow": "arrow", ".parquet": "parquet", ".jsonl": "jsonl", ".hf": "hf"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -46,9 +47,12 @@ class InputSpec:
         "auto", "auto: from the path's extension"
     )
     split: str | None = setting(None, "datasets: which split of a DatasetDict or of a repository folder")
-    limit: int | None = setting(None, "read at most this many rows (0: an empty output, no model loaded)", min=0)
-    max_line_bytes: int = setting(8 * MIB, "JSONL: longer lines become error rows", min=1)
-    batch_rows: int = setting(1024, "Parquet/datasets: rows per record batch read", min=1)
+    # The upper bounds are what the readers can pass on (islice, readline, Arrow's int64 batch sizes).
+    limit: int | None = setting(
+        None, "read at most this many rows (0: an empty output, no model loaded)", min=0, max=MAX_INT64
+    )
+    max_line_bytes: int = setting(8 * MIB, "JSONL: longer lines become error rows", min=1, max=MAX_INT64 - 1)
+    batch_rows: int = setting(1024, "Parquet/datasets: rows per record batch read", min=1, max=MAX_INT64)
 
 
 # Arguments of transformers' apply_chat_template that steer the call rather than fill the template: from a job's

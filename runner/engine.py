@@ -165,7 +165,8 @@ class Engine:
         self.pool_size = self._size_pool()
         try:
             self.kv_cache = KVCache(self.kv_spec, self.pool_size.num_blocks, self.device)
-        except (RuntimeError, OSError) as exc:  # torch.OutOfMemoryError; a CPU pool's map the host refuses
+        # torch.OutOfMemoryError; a CPU pool's map the host refuses; a size past ssize_t (num_blocks_override)
+        except (RuntimeError, OSError, OverflowError) as exc:
             raise KVBudgetError(
                 f"cannot allocate the KV pool ({self.pool_size.describe()}) on {self.device}: "
                 f"{str(exc).splitlines()[0]}; lower engine.kv_cache_gib or gpu_memory_utilization"

@@ -239,6 +239,18 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
     assert recorder.calls == []
 
 
+def test_integers_past_what_the_readers_take_exit_2(tmp_path: Path, recorder: Recorder) -> None:
+    path, big = jobs_file(tmp_path), str(10**30)
+    for args, message in (
+        (["--limit", big], "command line: input.limit: must be <= 9223372036854775807"),
+        (["--set", f"input.max_line_bytes={big}"], "command line: input.max_line_bytes: must be <= "),
+        (["--set", f"input.batch_rows={big}"], "command line: input.batch_rows: must be <= 9223372036854775807"),
+    ):
+        result = invoke("run", path, *args)
+        assert (result.exit_code, message in result.stderr) == (2, True), (args, result.stderr)
+    assert recorder.calls == []
+
+
 @pytest.mark.parametrize(
     ("error", "code", "message"),
     [
