@@ -277,8 +277,14 @@ def overrides_to_node(overrides: dict[str, Any]) -> Node:
             continue
         keys = dotted.split(".")
         target = nested
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             target = target.setdefault(key, {})
+            if not isinstance(target, dict):  # --set sampling=1 --set sampling.n=2
+                raise SpecError(
+                    f"is set to {target!r} and cannot also take {'.'.join(keys[depth + 1 :])}",
+                    field=".".join(keys[: depth + 1]),
+                    where="command line",
+                )
         target[keys[-1]] = value
     return from_plain(nested, "", "command line")
 

@@ -231,6 +231,10 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
         (["--set", "sampling=!!python/object:os.system {}"], "unsupported YAML tag"),
         (["--set", "sampling.no_such_field="], "--set: --set 'sampling.no_such_field=' gives no value"),
         (["--set", "sampling.seed=null"], "gives no value; leave the field out to keep its default"),
+        (
+            ["--set", "sampling=1", "--set", "sampling.n=2"],
+            "command line: sampling: is set to 1 and cannot also take n",
+        ),
     ):
         result = invoke("run", path, *args)
         assert (result.exit_code, message in result.stderr) == (2, True), (args, result.stderr)
