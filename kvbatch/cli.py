@@ -273,7 +273,8 @@ def inspect(
     from kvbatch.jobs.inspect import inspect_output
 
     with _errors():
-        typer.echo(inspect_output(output, rows).format_text())
+        # More rows than any output holds means all of them; past int64 Arrow's slice would overflow
+        typer.echo(inspect_output(output, min(rows, 2**63 - 1)).format_text())
 
 
 @app.command()

@@ -296,6 +296,8 @@ def test_plan_and_inspect_print_their_reports(tmp_path: Path, monkeypatch: pytes
     result = invoke("inspect", output, "--rows", "1")
     assert result.exit_code == 0
     assert result.stdout.startswith(f"{output}: arrow, 2 rows\n") and "finish reasons: stop 1, error 1" in result.stdout
+    every_row = invoke("inspect", output, "--rows", str(10**30))  # more than any output holds: all of them
+    assert every_row.exit_code == 0, every_row.output
     missing = invoke("inspect", tmp_path / "none.arrow")
     assert missing.exit_code == 1 and "no such output" in missing.stderr
 
