@@ -159,7 +159,9 @@ class JobSpec:
     """One job: its input, prompt, sampling, engine and output."""
 
     name: str = setting(doc="names the job and its default output file", nonempty=True)
-    model: str = setting("default", "default (the embedded SmolLM2-135M-Instruct), a folder, a .gguf file, a hub name")
+    model: str = setting(
+        "default", "default (the embedded SmolLM2-135M-Instruct), a folder, a .gguf file, a hub name", nonempty=True
+    )
     input: InputSpec = setting(None, "required")  # type: ignore[assignment]  # checked in validate()
     prompt: PromptSpec = field(default_factory=PromptSpec, metadata={"doc": "how a row becomes a prompt"})
     id_column: str | None = setting(None, "copied to the output; must be unique (duplicates become error rows)")

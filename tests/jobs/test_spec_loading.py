@@ -296,6 +296,7 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
             "set only one of",
         ),
         ("jobs:\n  - name: a b\n    input: {path: x.jsonl}\n", ":2", "jobs[0].name", "job names use letters"),
+        ('jobs:\n  - name: a\n    model: ""\n    input: {path: x.jsonl}\n', ":3", "jobs[0].model", "must not be empty"),
         ("job:\n  - name: a\n", ":1", "job", "unknown top-level field"),
         (
             'jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {stop: ["###", ""]}\n',
