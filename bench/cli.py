@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import time
@@ -31,11 +32,29 @@ bench_app = typer.Typer(
 )
 
 
+def _clean_errors(command):
+    """The command, with what kvbatch refuses (a device, dtype or model the bench cannot use: a KvbatchError) or the
+    system refuses (a file it cannot read or write) ending it with the message and its exit code, as kvbatch's
+    other commands end, not a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from kvbatch.errors import KvbatchError, exit_code_of
+
+        try:
+            return command(*args, **kwargs)
+        except (KvbatchError, OSError) as exc:
+            typer.echo(f"kvbatch: error: {exc}", err=True)
+            raise typer.Exit(exit_code_of(exc) if isinstance(exc, KvbatchError) else 1) from None
+
+    return run
+
+
 def _one_of(choices: tuple[str, ...]):
     """An option callback: a value outside `choices` is a usage error (exit 2), not a traceback."""
 
-    def check(value: str) -> str:
-        if value not in choices:
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in choices:  # None: an optional option left out
             raise typer.BadParameter(f"{value!r} is none of {', '.join(choices)}")
         return value
 
@@ -67,7 +86,10 @@ def engine_settings(sets: list[str]) -> dict[str, Any]:
             raise typer.BadParameter(
                 f"expected FIELD=VALUE with an engine field, got {item!r}{hint}", param_hint="--set"
             )
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: a date such as 2001-02-30
+            raise typer.BadParameter(f"{name}: {raw!r} is not a YAML value ({exc})", param_hint="--set") from None
         if isinstance(value, int) and not isinstance(value, bool) and hints[name] in (float, float | None):
             value = float(value)
         problem = type_violation(hints[name], value) or rule_violation(value, fields[name].metadata)
@@ -142,6 +164,7 @@ def _warm_up(engine: Engine, workload: str, vocab_size: int) -> None:
 
 
 @bench_app.command()
+@_clean_errors
 def throughput(
     shape: ShapeOpt = "llama-1b",
     workload: Annotated[
@@ -149,7 +172,11 @@ def throughput(
     ] = "a",
     num_prompts: Annotated[int | None, typer.Option(min=1, help="Override the workload's prompt count.")] = None,
     compare: Annotated[
-        str | None, typer.Option(help="'hf': also run transformers generate (padded batches) and generate_batch.")
+        str | None,
+        typer.Option(
+            help="'hf': also run transformers generate (padded batches) and generate_batch.",
+            callback=_one_of(("hf",)),
+        ),
     ] = None,
     hf_batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the padded generate peer.")] = 64,
     hf_num_prompts: Annotated[
@@ -336,6 +363,7 @@ def kernels(sweep: Annotated[bool, typer.Option(help="Also time tile and split v
 
 
 @bench_app.command()
+@_clean_errors
 def check(
     shape: ShapeOpt = "llama-1b",
     model: Annotated[

@@ -426,3 +426,22 @@ def test_the_bound_of_a_scoring_request_counts_its_prompt_once():
     for c in (2, 3):
         want += 2 * body * (c - 1) + 2 * embedding * c + per_pair * ((c - 1) * 20 + (c - 1) * c / 2)
     assert got.prefill_s == pytest.approx(want / 1e12) and got.decode_s == 0
+
+
+def test_what_the_bench_cannot_use_ends_it_with_a_message_not_a_traceback(tmp_path):
+    # A device or dtype the engine refuses, a tokenizer folder that does not exist, a --json path that is a folder,
+    # a --set value YAML cannot read and an unknown --compare each ended `kvbatch bench throughput` with a traceback
+    # (or, for --compare, ran without a word).
+    cases = [
+        (["--device", "tpu"], "kvbatch: error: "),
+        (["--tokenizer", str(tmp_path / "nope")], "kvbatch: error: "),
+        (["--json", str(tmp_path)], "kvbatch: error: "),
+        (["--set", "seed=2001-02-30"], "is not a YAML value"),
+        (["--compare", "xyz"], "'xyz' is none of hf"),
+    ]
+    for args, words in cases:
+        result = CliRunner().invoke(app, ["bench", "throughput", "--shape", "tiny", "--num-prompts", "2", *args])
+        exited = result.exception is None or isinstance(result.exception, SystemExit)
+        assert result.exit_code in (1, 2) and exited, (args, result.exception)
+        assert words in result.output, (args, result.output)
+        assert "Traceback" not in result.output, args
