@@ -81,6 +81,19 @@ def model_folder(tmp_path_factory) -> Path:
     return folder
 
 
+def with_chat_template(model_folder: Path, folder: Path, template: str) -> Path:
+    """A copy of the model folder whose tokenizer has `template` as its chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_folder, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def evaluate(model: str, model_args: str, task_folder: Path) -> dict:
     manager = lm_eval.tasks.TaskManager(include_path=str(task_folder), include_defaults=False)
     return lm_eval.simple_evaluate(
@@ -189,19 +202,14 @@ def test_prefix_token_id_is_the_context_of_an_empty_one_as_in_hf(model_folder: P
 def test_a_template_that_refuses_a_system_role_drops_it_as_hf_does(model_folder: Path, tmp_path: Path) -> None:
     # --system_instruction on a model whose template raises on a system role (Gemma, older Mistral): hf renders
     # the chat again without the system messages instead of failing the evaluation.
-    import shutil
-
     from lm_eval.api.registry import get_model
-    from transformers import AutoTokenizer
 
-    folder = tmp_path / "no-system"
-    shutil.copytree(model_folder, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = (
+    folder = with_chat_template(
+        model_folder,
+        tmp_path / "no-system",
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-        "{% endif %}{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}w9{% endif %}"
+        "{% endif %}{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}w9{% endif %}",
     )
-    tokenizer.save_pretrained(folder)
     chat = [{"role": "system", "content": "w5"}, {"role": "user", "content": "w6 w7"}]
     hf = get_model("hf").create_from_arg_string(f"pretrained={folder},device=cpu,max_length={MAX_LENGTH}")
     model = get_model("kvbatch").create_from_arg_string(f"model={folder},device=cpu,max_length={MAX_LENGTH}")
@@ -212,21 +220,18 @@ def test_thinking_args_are_read_as_hf_reads_them(model_folder: Path, tmp_path: P
     # enable_thinking and chat_template_args reach the chat template; a generation keeps what follows the last
     # think_end_token (a string, or a token id); loglikelihood tasks are refused with enable_thinking. These args
     # were refused as unknown.
-    import shutil
-
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = tmp_path / "thinking"
-    shutil.copytree(model_folder, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = (
+    folder = with_chat_template(
+        model_folder,
+        tmp_path / "thinking",
         "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if enable_thinking %}w7 {% endif %}"
-        "{% if style %}{{ style }} {% endif %}"
+        "{% if style %}{{ style }} {% endif %}",
     )
-    tokenizer.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     rng = random.Random(9)
     requests = [
         Instance("generate_until", {}, (words(rng, 6), {"until": ["w499"], "max_gen_toks": 12}), idx=0)

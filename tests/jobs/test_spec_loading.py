@@ -363,36 +363,24 @@ def test_output_must_stay_inside_output_dir(tmp_path: Path) -> None:
     assert (error.where, error.field) == (f"{tmp_path / 'jobs.yaml'}:5", "jobs[0].output.path")
 
 
+_SCHEMA = "jobs[0].sampling.structured_outputs.json"
+
+
 @pytest.mark.parametrize(
-    ("extra", "where", "field", "words"),
+    ("extra", "field", "words"),
     [
-        ('    output_dir: "a\\0b"\n', ":4", "jobs[0].output_dir", "holds a NUL character"),
-        ('    output: {path: "a\\0.arrow"}\n', ":4", "jobs[0].output.path", "holds a NUL character"),
-        (
-            '    sampling: {structured_outputs: {json: "a\\0b.json"}}\n',
-            ":4",
-            "jobs[0].sampling.structured_outputs.json",
-            "is no file name",
-        ),
-        (
-            '    sampling: {structured_outputs: {json: "\\ud800.json"}}\n',
-            ":4",
-            "jobs[0].sampling.structured_outputs.json",
-            "is no file name",
-        ),
-        (
-            "    sampling: {structured_outputs: {json: deep.json}}\n",
-            ":4",
-            "jobs[0].sampling.structured_outputs.json",
-            "is not valid JSON: nested too deeply",
-        ),
+        ('output_dir: "a\\0b"', "jobs[0].output_dir", "holds a NUL character"),
+        ('output: {path: "a\\0.arrow"}', "jobs[0].output.path", "holds a NUL character"),
+        ('sampling: {structured_outputs: {json: "a\\0b.json"}}', _SCHEMA, "is no file name"),
+        ('sampling: {structured_outputs: {json: "\\ud800.json"}}', _SCHEMA, "is no file name"),
+        ("sampling: {structured_outputs: {json: deep.json}}", _SCHEMA, "is not valid JSON: nested too deeply"),
     ],
     ids=["nul-output-dir", "nul-output-path", "nul-schema-file", "surrogate-schema-file", "deep-schema-file"],
 )
-def test_paths_no_file_can_have_are_spec_errors(tmp_path: Path, extra: str, where: str, field: str, words: str) -> None:
+def test_paths_no_file_can_have_are_spec_errors(tmp_path: Path, extra: str, field: str, words: str) -> None:
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    error = spec_error(tmp_path, "jobs:\n  - name: a\n    input: {path: x.jsonl}\n" + extra)
-    assert (error.field, error.where) == (field, f"{tmp_path / 'jobs.yaml'}{where}")
+    error = spec_error(tmp_path, f"jobs:\n  - name: a\n    input: {{path: x.jsonl}}\n    {extra}\n")
+    assert (error.field, error.where) == (field, f"{tmp_path / 'jobs.yaml'}:4")
     assert words in error.message
 
 
