@@ -164,8 +164,10 @@ class JobSpec:
     )
     input: InputSpec = setting(None, "required")  # type: ignore[assignment]  # checked in validate()
     prompt: PromptSpec = field(default_factory=PromptSpec, metadata={"doc": "how a row becomes a prompt"})
-    id_column: str | None = setting(None, "copied to the output; must be unique (duplicates become error rows)")
-    keep_columns: tuple[str, ...] = setting((), "input columns copied to the output")
+    id_column: str | None = setting(
+        None, "copied to the output; must be unique (duplicates become error rows)", no_empty_string=True
+    )
+    keep_columns: tuple[str, ...] = setting((), "input columns copied to the output", no_empty_string=True)
     constraint_column: str | None = setting(
         None, "a column holding each row's structured-output constraint (docs/structured-output.md); null: the job's"
     )
