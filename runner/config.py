@@ -156,7 +156,10 @@ class EngineConfig:
     allow_pickle: bool = setting(False, "load pickled .bin/.pt weights (unsafe with untrusted models)")
     allow_download: bool = setting(False, "fetch a model name missing from the local cache from the hub")
     cuda_graphs: bool = setting(True, "capture decode steps as CUDA graphs")
-    seed: int | None = setting(None, "base of the seeds of rows without sampling.seed; unset: random")
+    # The rows' seeds are drawn from 63 bits of it, as sampling.seed's: a wider one would repeat another's.
+    seed: int | None = setting(
+        None, "base of the seeds of rows without sampling.seed; unset: random", min=0, max=2**63 - 1
+    )
     prefix_cache: bool = setting(True, "reuse the K/V of full blocks shared with earlier prompts")
     async_scheduling: bool | None = setting(
         None, "plan the next step while the device runs this one; unset: on for cuda"

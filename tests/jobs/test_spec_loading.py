@@ -298,13 +298,19 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
         ("jobs:\n  - name: a b\n    input: {path: x.jsonl}\n", ":2", "jobs[0].name", "job names use letters"),
         ('jobs:\n  - name: a\n    model: ""\n    input: {path: x.jsonl}\n', ":3", "jobs[0].model", "must not be empty"),
         ("job:\n  - name: a\n", ":1", "job", "unknown top-level field"),
-        # no column has an empty name
+        # no column has an empty name; the engine's seed, as a row's, has 63 bits
         ('jobs:\n  - name: a\n    input: {path: x.jsonl}\n    id_column: ""\n', ":4", "jobs[0].id_column", "empty"),
         (
             'jobs:\n  - name: a\n    input: {path: x.jsonl}\n    keep_columns: [""]\n',
             ":4",
             "jobs[0].keep_columns[0]",
             "empty",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    engine: {seed: -1}\n",
+            ":4",
+            "jobs[0].engine.seed",
+            ">= 0",
         ),
         (
             'jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {stop: ["###", ""]}\n',
