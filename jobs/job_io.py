@@ -54,8 +54,6 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         )
     multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
     reasoning = splits_reasoning(job)
-    if reasoning and "reasoning" in (job.id_column, *job.keep_columns):
-        raise SpecError("the output's `reasoning` column is taken by an input column; rename it", field="keep_columns")
     layout = Layout(
         parsed=_parsed_column(job, fmt),
         id_column="custom_id" if openai else job.id_column,
@@ -71,7 +69,7 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
         input_types=input_types,
     )
     # RESERVED_COLUMNS are refused by the spec; these are the columns this job's settings add (top_logprobs,
-    # prompt_logprobs, scores, token_bytes...): a kept column of the same name would be overwritten by ours.
+    # prompt_logprobs, scores, reasoning, parsed...): a kept column of the same name would be overwritten by ours.
     ours = {f.name for f in layout.fixed_fields()}
     taken = next((c for c in layout.data_columns() if c in ours), None)
     if taken is not None:

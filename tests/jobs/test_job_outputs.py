@@ -307,6 +307,7 @@ def test_a_kept_column_named_like_a_column_the_job_adds_is_refused(tmp_path: Pat
         ({"sampling": {"top_logprobs": 2}, "keep_columns": ["top_logprobs"]}, "top_logprobs"),
         ({"task": "score", "keep_columns": ["scores"]}, "scores"),
         ({"sampling": {"prompt_logprobs": True}, "id_column": "prompt_logprobs"}, "prompt_logprobs"),
+        ({"prompt": {"split_reasoning": True}, "keep_columns": ["scores"], "id_column": "reasoning"}, "reasoning"),
     ):
         with pytest.raises(SpecError, match=f"the output's `{taken}` column is taken by an input column"):
             run(tmp_path, input={"path": "in.jsonl"}, **fields)
