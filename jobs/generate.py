@@ -18,7 +18,7 @@ from .pipeline import RowPipeline
 from .records import Layout, RowResult
 from .rows import Row
 from .run import EngineCache
-from .spec import JobSpec, job_from_dict
+from .spec import JobSpec, check_token_ids, job_from_dict
 
 _ENGINES = EngineCache()
 
@@ -116,6 +116,7 @@ def _run(
         }
     )  # fmt: skip
     eng, _ = (engines or _ENGINES).get(job)
+    check_token_ids(job, eng.vocab_size)
     sampling = job.sampling
     layout = Layout(
         multi=sampling.n > 1,

@@ -23,7 +23,7 @@ from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache
-from kvbatch.jobs.spec import JobSpec
+from kvbatch.jobs.spec import JobSpec, check_token_ids
 from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.structured import GrammarCache
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
@@ -123,6 +123,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     layout = layout_for(job, {})
     reader = open_reader(job, input_columns(job, layout))  # the columns a run reads
     sizing = model_sizing(job, engines)
+    check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool
     capacity = min(sizing.max_model_len, pool.num_tokens)
@@ -232,7 +233,7 @@ class _Constraints:
         if self.grammars is None:
             tokenizer = self.sizing.tokenizer
             eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
-            self.grammars = GrammarCache(tokenizer, self.sizing.vocab_size or len(tokenizer), eos)
+            self.grammars = GrammarCache(tokenizer, self.sizing.vocab_size, eos)
         self.rows[constraint] += 1
         try:
             self.grammars.compile(constraint)

@@ -42,7 +42,7 @@ class ModelSizing:
     max_model_len: int
     max_num_seqs: int | None
     prefix_cache: bool
-    vocab_size: int | None = None  # the model's logits width, for compiling structured-output constraints
+    vocab_size: int  # the model's logits width: structured-output constraints and the job's token ids
 
 
 def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
@@ -59,12 +59,8 @@ def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
         engine.max_model_len,
         getattr(config, "max_num_seqs", None),
         bool(getattr(config, "prefix_cache", False)),
-        _vocab_size(getattr(getattr(engine, "model", None), "config", None)),
+        engine.vocab_size,
     )
-
-
-def _vocab_size(model_config: Any) -> int | None:
-    return model_config.get_text_config().vocab_size if model_config is not None else None
 
 
 def _why_weights_needed(job: JobSpec, engines: EngineCache) -> str | None:
@@ -90,7 +86,7 @@ def sizing_without_weights(config: EngineConfig) -> ModelSizing:
         context_length(model_config, config.max_model_len),
         config.max_num_seqs,
         config.prefix_cache,
-        _vocab_size(model_config),
+        model_config.get_text_config().vocab_size,
     )
 
 

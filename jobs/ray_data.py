@@ -28,7 +28,7 @@ from kvbatch.jobs.ray_input import rows_of_block
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.rows import KnownDuplicates, Row, RowError
 from kvbatch.jobs.run import EngineFactory, default_engine_factory
-from kvbatch.jobs.spec import JobSpec, job_from_dict
+from kvbatch.jobs.spec import JobSpec, check_token_ids, job_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class GenerateBatch:
         whose blocks come from RowsSource; the output rows are then the job's (Layout.to_table)."""
         self.job = job if isinstance(job, JobSpec) else job_from_dict(job)
         self.engine = engine_factory(self.job.model, self.job.engine.settings())
+        check_token_ids(self.job, self.engine.vocab_size)
         self.layout = layout
         if layout is None:  # any dataset: no id check, the batch's own columns pass through
             layout = dataclasses.replace(layout_for(self.job, {}), id_column=None, keep_columns=())

@@ -427,6 +427,21 @@ def job_adapters(job: JobSpec) -> dict[str, str]:
     return adapters
 
 
+def check_token_ids(job: JobSpec, vocab_size: int) -> None:
+    """Refuse a job whose `sampling:` (its own or the file's `defaults:`) names token ids the model does not have.
+
+    Every row that keeps the job's value would fail on it, so the job stops before any row runs, as it does on a
+    max_model_len over the model's context. A row's own value (a sampling column, an OpenAI body) stays that row's
+    bad_request error row: the engine checks each request with the same SamplingParams.token_ids_outside."""
+    outside = job.sampling.token_ids_outside(vocab_size)
+    if outside is not None:
+        name, ids = outside
+        raise SpecError(
+            f"token ids {ids} are outside the model's vocabulary of {vocab_size} tokens (ids 0 to {vocab_size - 1})",
+            field=f"sampling.{name}",
+        )
+
+
 RESERVED_COLUMNS = (
     "row",
     "text",

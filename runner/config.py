@@ -259,6 +259,20 @@ class SamplingParams:
         """Anything done to the logits before the draw (penalties, bias, masks)."""
         return self.reads_output or bool(self.min_tokens or self.logit_bias or self.allowed_token_ids)
 
+    def token_ids_outside(self, vocab_size: int) -> tuple[str, list[int]] | None:
+        """The first field naming token ids past a vocabulary of `vocab_size`, and up to five of them; None if all
+        fit (negative ids are refused above). The logits have no such column: a logit_bias or allowed_token_ids
+        index would fail the step, and min_tokens bans stop_token_ids by index too."""
+        for name, asked in (
+            ("logit_bias", [token_id for token_id, _ in self.logit_bias]),
+            ("allowed_token_ids", self.allowed_token_ids),
+            ("stop_token_ids", self.stop_token_ids),
+        ):
+            outside = [token_id for token_id in asked if token_id >= vocab_size][:5]
+            if outside:
+                return name, outside
+        return None
+
 
 # Fields that hold a list of strings, where one string is a list of one (a row's `{"stop": "###"}`).
 _STRING_LISTS = frozenset(n for n, h in typing.get_type_hints(SamplingParams).items() if h == tuple[str, ...])

@@ -333,20 +333,14 @@ class Engine:
                 f"new token ({limit}: {self.capacity_tokens} tokens; context {self.max_model_len}, "
                 f"KV pool {self.pool_size.num_tokens})"
             )
-        vocab = self.vocab_size
         problem = self._outside_vocab(request.prompt_token_ids)
         if problem is not None:
             return problem
-        params = request.sampling
-        for name, asked in (
-            ("logit_bias", [t for t, _ in params.logit_bias]),
-            ("allowed_token_ids", params.allowed_token_ids),
-            ("stop_token_ids", params.stop_token_ids),  # min_tokens bans them by index
-        ):
-            outside = [t for t in asked if t >= vocab][:5]
-            if outside:
-                return ErrorKind.BAD_REQUEST, f"{name} holds token ids outside the vocabulary of {vocab}: {outside}"
-        return self._no_token_allowed(params)
+        outside = request.sampling.token_ids_outside(self.vocab_size)
+        if outside is not None:
+            name, ids = outside
+            return ErrorKind.BAD_REQUEST, f"{name} holds token ids outside the vocabulary of {self.vocab_size}: {ids}"
+        return self._no_token_allowed(request.sampling)
 
     def _no_token_allowed(self, params: SamplingParams) -> tuple[ErrorKind, str] | None:
         """A row whose allowed_token_ids are all banned (single-token bad words always; EOS and stop token ids

@@ -157,6 +157,7 @@ class GenerationEngine(Protocol):
     stats: EngineStats
     pool_size: PoolDescription
     max_model_len: int
+    vocab_size: int  # the logits' width: token ids run from 0 to vocab_size - 1
 
     @property
     def source(self) -> str:

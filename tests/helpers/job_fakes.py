@@ -72,6 +72,7 @@ class FakeEngine:
     def __init__(self, max_model_len: int = 200, chat_template: bool = True, fail_after: int | None = None) -> None:
         self.tokenizer = FakeTokenizer(chat_template)
         self.max_model_len = max_model_len
+        self.vocab_size = 1000 + 0x110000  # every id FakeTokenizer makes: 1000 + a code point
         self.pool_size = FakePoolSize()
         self.kv_in_use = 0.0  # what kv_usage() reports
         self.stats = EngineStats(peak_kv_usage=0.25)

@@ -10,6 +10,7 @@ import pytest
 from scaling_helpers import tiny_engine
 
 import kvbatch
+from kvbatch.errors import SpecError
 from kvbatch.jobs import generate as generate_module
 from kvbatch.jobs.run import EngineCache
 
@@ -112,3 +113,12 @@ def test_score_gives_each_continuation_and_each_whole_text_its_logprob() -> None
     # Without its space, "w7" joins the prompt's last word ("w6w7" is one token), leaving the choice no tokens.
     (merged,) = kvbatch.score(["w5 w6"], [["w7", " w8"]], model="tiny", results=True)
     assert merged.error.kind == "tokenize" and "continuation 'w7' has no tokens of its own" in merged.error.message
+
+
+def test_a_token_id_outside_the_vocabulary_refuses_the_call() -> None:
+    """The tiny model has token ids 0 to 511. A keyword naming 512 made every prompt a bad_request (each None)."""
+    with pytest.raises(SpecError) as refused:
+        kvbatch.generate(["w5 w6", "w9"], model="tiny", max_new_tokens=3, stop_token_ids=[511, 512])
+    assert str(refused.value) == (
+        "sampling.stop_token_ids: token ids [512] are outside the model's vocabulary of 512 tokens (ids 0 to 511)"
+    )

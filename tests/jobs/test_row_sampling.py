@@ -148,3 +148,53 @@ def test_what_a_row_asks_beyond_the_jobs_columns_is_its_error_not_lost(tmp_path)
     out = run("placed", n=2, logprobs=True)
     assert out["n"]["error"] is None and [t[-2:] for t in out["n"]["text"]] == ["#0", "#1", "#2"]
     assert out["lp"]["error"] is None and out["lp"]["logprobs"] == [[-0.5, -0.5, -0.5]] * 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "row_value"),
+    [
+        ("stop_token_ids", [5, 519], [5, 519]),
+        ("allowed_token_ids", [512], [512]),
+        ("logit_bias", {519: 2.0}, {"519": 2.0}),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_stop_a_job_of_its_own_and_fail_a_row_of_its_own(
+    tmp_path, field, value, row_value
+) -> None:
+    """The tiny model's vocabulary is 512 ids. A job's own value would fail every row (each was an error row and the
+    job exited 0): it stops the job before any row runs, as a bad setting does; a row's own value fails that row."""
+    import json
+
+    import yaml
+    from reliability_helpers import read_output, save_tiny_model, word_prompts
+    from typer.testing import CliRunner
+
+    from kvbatch import cli
+
+    model = str(save_tiny_model(tmp_path / "model"))
+    prompts = word_prompts(2)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    rows = [{"prompt": prompts[0], field: row_value}, {"prompt": prompts[1]}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"model": model, "prompt": {"chat_template": False}, "engine": {"device": "cpu", "kv_cache_gib": 0.001}}
+    jobs = [
+        {"name": "own", "input": {"path": "in.jsonl"}, "sampling": {"max_new_tokens": 2, field: value}, **common},
+        {"name": "rows", "input": {"path": "rows.jsonl"}, "sampling": {"max_new_tokens": 2},
+         "sampling_columns": [field], **common},
+    ]  # fmt: skip
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump({"jobs": jobs}))
+    bad = [519] if field != "allowed_token_ids" else [512]
+    refusal = f"sampling.{field}: token ids {bad} are outside the model's vocabulary of 512 tokens (ids 0 to 511)"
+
+    ran = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--quiet"])
+    assert ran.exit_code == 2, ran.output
+    assert f"kvbatch: job own failed: {refusal}\n" in ran.stderr
+    assert not (tmp_path / "out" / "own.arrow").exists()
+    got = read_output(tmp_path / "out" / "rows.arrow")
+    assert [(r["error_kind"], r["error"]) for r in got] == [
+        ("bad_request", f"row 0 (line 1): {field} holds token ids outside the vocabulary of 512: {bad}"),
+        (None, None),
+    ]
+
+    planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "jobs.yaml"), "--job", "own"])
+    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: {refusal}\n")
