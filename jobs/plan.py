@@ -178,6 +178,10 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                     f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit "
                     f"({capacity} tokens of context/pool)",
                 )
+            elif not request.is_scoring and (outside := request.sampling.token_ids_outside(sizing.vocab_size)):
+                name, bad = outside  # the engine's admission rule and message
+                message = f"{row.where}: {name} holds token ids outside the vocabulary of {sizing.vocab_size}: {bad}"
+                error = RowError(ErrorKind.BAD_REQUEST, message)
             elif request.sampling.structured_outputs is not None:
                 error = constraints.error(request, row.where)
             if error is None:

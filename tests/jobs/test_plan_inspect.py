@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from job_fakes import FakeTokenizer, fake_factory
+from job_fakes import FakeEngine, FakeTokenizer, fake_factory
 
 from kvbatch.errors import InputError, SpecError
 from kvbatch.jobs.inspect import inspect_output
@@ -116,6 +116,18 @@ def test_plan_predicts_duplicate_ids_and_missing_kept_columns_as_run_does(tmp_pa
     pq.write_table(pa.table({"prompt": ["a"], "id": [1]}), tmp_path / "in.parquet")
     with pytest.raises(SpecError, match="column 'nope' not in in.parquet"):  # as `run` refuses it
         plan_job(job(tmp_path, input={"path": "in.parquet"}, keep_columns=["nope"]), EngineCache(fake_factory()))
+
+
+def test_plan_fails_a_rows_own_token_ids_outside_the_vocabulary_as_the_engine_does(tmp_path: Path) -> None:
+    """The run makes such a row a bad_request error row; the plan said none would fail."""
+    vocab = FakeEngine().vocab_size
+    rows = [{"prompt": "hi", "stop_token_ids": [5, vocab]}, {"prompt": "hi", "logit_bias": {str(vocab - 1): 1.0}}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plan = plan_job(job(tmp_path, sampling_columns=["stop_token_ids", "logit_bias"]), EngineCache(fake_factory()))
+    assert dict(plan.failures) == {"bad_request": 1}
+    assert plan.failure_examples == [
+        f"row 0 (line 1): stop_token_ids holds token ids outside the vocabulary of {vocab}: [{vocab}]"
+    ]
 
 
 def test_plan_of_a_clean_input_says_none_will_fail(tmp_path: Path) -> None:
