@@ -87,6 +87,8 @@ def source_kwargs(name: str, allow_download: bool) -> tuple[str, dict]:
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         return str(path), {}
+    if path.exists():  # an input file passed as the model (--model in.jsonl): say what it is, not that it is missing
+        raise ModelLoadError(f"model {path} is a file, not a model folder or a .gguf file")
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model folder {path} does not exist")
     # A hub name: the local cache first; the hub only when allowed (see download_allowed).

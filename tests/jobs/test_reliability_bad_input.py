@@ -262,6 +262,17 @@ def test_model_path_missing(tmp_path: Path) -> None:
     assert str(outcome.error) == f"model folder {tmp_path / 'no-such-model'} does not exist"
 
 
+def test_model_path_that_is_a_file(tmp_path: Path) -> None:
+    """`--model in.jsonl` (a file that exists) was reported as a folder that does not exist."""
+    from kvbatch.errors import ModelLoadError
+    from kvbatch.jobs.run import default_engine_factory
+
+    (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
+    outcome = run(tmp_path, default_engine_factory, model="in.jsonl")  # relative to the job's folder, as a file's
+    assert isinstance(outcome.error, ModelLoadError)
+    assert str(outcome.error) == f"model {tmp_path / 'in.jsonl'} is a file, not a model folder or a .gguf file"
+
+
 def test_a_prompt_the_tokenizer_raises_on_fails_that_row_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kvbatch.jobs.tokenize import PromptTokenizer
 
