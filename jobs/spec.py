@@ -572,6 +572,12 @@ def output_path(job: JobSpec) -> Path:
         raise SpecError(
             f"output.path {str(relative)!r} is the input file {target}; write the output elsewhere", field="output.path"
         )
+    if output_format(job) != "hf" and target.is_dir():  # else found only when the finished rows are written out
+        raise SpecError(
+            f"output.path {str(relative)!r} is a directory ({target}), not a file: remove it or choose another "
+            "output.path",
+            field="output.path",
+        )
     return target
 
 

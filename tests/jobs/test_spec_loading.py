@@ -414,6 +414,34 @@ def test_output_cannot_be_the_input(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
+def test_an_output_file_where_a_directory_stands_is_refused_before_anything_runs(tmp_path: Path, fmt: str) -> None:
+    """A directory at the output's path failed the job only after every row had run, with "cannot write
+    out/d.arrow: Is a directory; ... fix this (free space?)" (and, resuming, advice to overwrite it)."""
+    from job_fakes import fake_factory
+
+    from kvbatch.errors import ExitCode, exit_code_of
+    from kvbatch.jobs.runners import run_jobs
+
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
+    folder = tmp_path / "out" / f"d.{fmt}"
+    folder.mkdir(parents=True)
+    refusal = f"output.path 'd.{fmt}' is a directory ({folder}), not a file: remove it or choose another output.path"
+    with pytest.raises(SpecError) as refused:  # named in the job: when the job is read
+        job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "output": {"path": f"d.{fmt}"}}, str(tmp_path))
+    assert (refused.value.field, refused.value.message) == ("output.path", refusal)
+    # the job's own name for its output: when the job starts, before the model loads
+    spec = job_from_dict({"name": "d", "input": {"path": "in.jsonl"}, "output": {"format": fmt}}, str(tmp_path))
+    factory = fake_factory()
+    [outcome] = run_jobs([spec], engine_factory=factory)
+    assert isinstance(outcome.error, SpecError) and exit_code_of(outcome.error) == ExitCode.USAGE
+    assert str(outcome.error) == f"output.path: {refusal}"
+    assert factory.engines == []
+    # a datasets output is a folder: one already there is its earlier run's
+    (tmp_path / "out" / "d.hf").mkdir()
+    job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "output": {"path": "d.hf"}}, str(tmp_path))
+
+
 def test_missing_job_file_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="job file not found"):
         load_jobs_file(tmp_path / "nope.yaml")
