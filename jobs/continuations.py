@@ -33,19 +33,17 @@ def continuation_texts(row: Row, column: str) -> list[str] | RowError:
     data = row.data or {}
     value = data.get(column)
     if value is None:
-        message = f"{row.where}: column {column!r} is missing or null (task: score)"
+        message = f"{row.value(column)} is missing or null (task: score)"
         lists = [
             name
             for name, v in data.items()
             if isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v)
         ]
-        if lists:  # a likely home for them: name it (continuations_column picks the column)
+        if lists and row.names is None:  # a likely home for them: name it (continuations_column picks the column)
             message += f"; lists of strings are in {', '.join(map(repr, lists))}: set continuations_column"
         return RowError(ErrorKind.MISSING_COLUMN, message)
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
-        return RowError(
-            ErrorKind.WRONG_TYPE, f"{row.where}: column {column!r} must be a non-empty list of non-empty strings"
-        )
+        return RowError(ErrorKind.WRONG_TYPE, f"{row.value(column)} must be a non-empty list of non-empty strings")
     return list(value)
 
 

@@ -16,11 +16,13 @@ from kvbatch.runner.request import GenerationRequest
 
 from .pipeline import RowPipeline
 from .records import Layout, RowResult
-from .rows import Row
+from .rows import ArgumentNames, Row
 from .run import EngineCache
 from .spec import JobSpec, check_token_ids, job_from_dict
 
 _ENGINES = EngineCache()
+# The rows' columns as this module's callers know them: the items of the lists they passed.
+_NAMES = ArgumentNames("prompts", {"prompt": "prompts", "continuations": "continuations"})
 
 
 def generate(
@@ -129,7 +131,7 @@ def _run(
     done: dict[int, RowResult] = {}
     requests: list[GenerationRequest] = []
     for index, data in enumerate(rows):
-        request = pipeline.request(Row(index, data))
+        request = pipeline.request(Row(index, data, names=_NAMES))
         if isinstance(request, RowResult):
             done[index] = request
         else:

@@ -1,7 +1,8 @@
 """A row -> what the model is asked: chat messages, or raw text when the chat template is off.
 
-Every problem with a row's values becomes a RowError that names the row and the column; nothing here raises
-for bad data. Tokenization (and keeping data text out of control tokens) is runner/tokenize.py's job.
+Every problem with a row's values becomes a RowError that names the row and the column (as the row names them:
+a Python API row by its caller's argument); nothing here raises for bad data. Tokenization (and keeping data text
+out of control tokens) is runner/tokenize.py's job.
 """
 
 from __future__ import annotations
@@ -87,24 +88,21 @@ def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> 
     if column is not None and data.get(column) is not None:
         values = mapping_value(data[column])
         if values is None:
-            return _error(
-                row, ErrorKind.WRONG_TYPE, f"column {column!r} is {type_name(data[column])}, expected an object"
-            )
+            return _value_error(row, ErrorKind.WRONG_TYPE, column, f"is {type_name(data[column])}, expected an object")
         steering = sorted(TEMPLATE_CALL_ARGUMENTS & set(values))
         if steering:
-            return _error(
+            return _value_error(
                 row,
                 ErrorKind.BAD_REQUEST,
-                f"column {column!r} sets {steering[0]!r}, an argument of the template call, not a template value",
+                column,
+                f"sets {steering[0]!r}, an argument of the template call, not a template value",
             )
         kwargs.update(values)
     column = spec.tools_column
     if column is not None and data.get(column) is not None:
         tools = data[column]
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            return _error(
-                row, ErrorKind.WRONG_TYPE, f"column {column!r} is {type_name(tools)}, expected a list of tools"
-            )
+            return _value_error(row, ErrorKind.WRONG_TYPE, column, f"is {type_name(tools)}, expected a list of tools")
     return Prompt(messages=messages, template_kwargs=kwargs or None, tools=tools)
 
 
@@ -112,20 +110,22 @@ def _error(row: Row, kind: str, message: str) -> RowError:
     return RowError(kind, f"{row.where}: {message}")
 
 
+def _value_error(row: Row, kind: str, column: str, problem: str) -> RowError:
+    """An error about the row's value of `column`: "row 3: column 'prompt' is null", or for a Python API row,
+    whose caller named no column, "prompts[3] is null"."""
+    return RowError(kind, f"{row.value(column)} {problem}")
+
+
 def _text_column(row: Row, data: dict[str, Any], column: str, allow_empty: bool) -> str | RowError:
     if column not in data:
-        return _error(row, ErrorKind.MISSING_COLUMN, f"column {column!r} is missing")
+        return _value_error(row, ErrorKind.MISSING_COLUMN, column, "is missing")
     value = data[column]
     if value is None:
-        return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} is null")
+        return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "is null")
     if not isinstance(value, str):
-        return _error(row, ErrorKind.WRONG_TYPE, f"column {column!r} is {type_name(value)}, expected a string")
+        return _value_error(row, ErrorKind.WRONG_TYPE, column, f"is {type_name(value)}, expected a string")
     if not value.strip() and not allow_empty:
-        return _error(
-            row,
-            ErrorKind.EMPTY_PROMPT,
-            f"column {column!r} is empty" if not value else f"column {column!r} is only whitespace",
-        )
+        return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "is empty" if not value else "is only whitespace")
     return value
 
 
@@ -133,15 +133,16 @@ def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty:
     values = {}
     for column in template_columns(template):
         if column not in data:
-            return _error(row, ErrorKind.MISSING_COLUMN, f"column {column!r} (used by the template) is missing")
+            return _value_error(row, ErrorKind.MISSING_COLUMN, column, "(used by the template) is missing")
         value = data[column]
         if value is None:
-            return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} (used by the template) is null")
+            return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "(used by the template) is null")
         if isinstance(value, (dict, list)):
-            return _error(
+            return _value_error(
                 row,
                 ErrorKind.WRONG_TYPE,
-                f"column {column!r} (used by the template) is {type_name(value)}, expected text or a number",
+                column,
+                f"(used by the template) is {type_name(value)}, expected text or a number",
             )
         values[column] = str(value)
     # Values are inserted once, by name: a value that itself contains "{x}" is not expanded again.
@@ -153,46 +154,40 @@ def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty:
 
 def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[str, Any]] | RowError:
     if column not in data:
-        return _error(row, ErrorKind.MISSING_COLUMN, f"column {column!r} is missing")
+        return _value_error(row, ErrorKind.MISSING_COLUMN, column, "is missing")
     value = data[column]
     if value is None:
-        return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} is null")
+        return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "is null")
     if not isinstance(value, list):
-        return _error(
-            row,
-            ErrorKind.WRONG_TYPE,
-            f"column {column!r} is {type_name(value)}, expected a list of {{role, content}} messages",
+        return _value_error(
+            row, ErrorKind.WRONG_TYPE, column, f"is {type_name(value)}, expected a list of {{role, content}} messages"
         )
     if not value:
-        return _error(row, ErrorKind.EMPTY_PROMPT, f"column {column!r} is an empty list")
+        return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "is an empty list")
     messages = []
     for i, message in enumerate(value):
-        at = f"{column}[{i}]"
+        at = row.value(column, i)  # "row 3: prompt[0]", or a Python API row's "prompts[3][0]"
         if not isinstance(message, dict):
-            return _error(
-                row, ErrorKind.WRONG_TYPE, f"{at} is {type_name(message)}, expected a {{role, content}} object"
-            )
+            return RowError(ErrorKind.WRONG_TYPE, f"{at} is {type_name(message)}, expected a {{role, content}} object")
         role = message.get("role")
         if role is None:
-            return _error(row, ErrorKind.WRONG_TYPE, f"{at} has no role, expected one of {', '.join(ROLES)}")
+            return RowError(ErrorKind.WRONG_TYPE, f"{at} has no role, expected one of {', '.join(ROLES)}")
         if role not in ROLES:
             kind = ErrorKind.BAD_ROLE if isinstance(role, str) else ErrorKind.WRONG_TYPE
-            return _error(row, kind, f"{at}.role is {role!r}, expected one of {', '.join(ROLES)}")
+            return RowError(kind, f"{at}.role is {role!r}, expected one of {', '.join(ROLES)}")
         extra = {k: message[k] for k in MESSAGE_FIELDS if message.get(k) is not None}
         wrong = next((k for k, v in extra.items() if not isinstance(v, MESSAGE_FIELDS[k])), None)
         if wrong is not None:
             wanted = "a list" if MESSAGE_FIELDS[wrong] is list else "a string"
-            return _error(row, ErrorKind.WRONG_TYPE, f"{at}.{wrong} is {type_name(extra[wrong])}, expected {wanted}")
+            return RowError(ErrorKind.WRONG_TYPE, f"{at}.{wrong} is {type_name(extra[wrong])}, expected {wanted}")
         # An assistant message that only calls tools has no content (OpenAI's null).
         content = "" if message.get("content") is None and "tool_calls" in extra else message.get("content")
         text = _content_text(content)
         if text is None:
-            return _error(row, ErrorKind.WRONG_TYPE, f"{at}.content {_content_problem(content)}")
+            return RowError(ErrorKind.WRONG_TYPE, f"{at}.content {_content_problem(content)}")
         messages.append({"role": role, "content": text, **extra})
     if not any(m["content"].strip() for m in messages if m["role"] != "system"):
-        return _error(
-            row, ErrorKind.EMPTY_PROMPT, f"column {column!r} has no non-empty message besides the system prompt"
-        )
+        return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "has no non-empty message besides the system prompt")
     return messages
 
 

@@ -6,6 +6,7 @@ always has one row per input row, and the summary can count errors by kind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,20 +27,41 @@ class RowError:
 
 
 @dataclass(frozen=True)
+class ArgumentNames:
+    """How messages name the rows of the Python API: items of the lists its caller passed, which name no column.
+    "prompts[3] is null" where a job's row says "row 3: column 'prompt' is null"."""
+
+    row: str  # the argument whose items the rows are ("prompts")
+    columns: dict[str, str]  # a column the pipeline reads -> the argument holding its values ("prompt": "prompts")
+
+
+@dataclass(frozen=True)
 class Row:
     index: int  # 0-based input row index: the output's `row` column and the engine's request id
     data: dict[str, Any] | None  # column -> value; None when the row could not be read
     error: RowError | None = None
     line: int | None = None  # 1-based line number for line-based inputs
     sampling: dict[str, Any] = field(default_factory=dict)  # per-row sampling overrides (OpenAI Batch bodies)
+    names: ArgumentNames | None = None  # a Python API row, named by its caller's arguments; None: an input row
 
     @property
     def where(self) -> str:
-        """How messages name this row: "row 3 (line 5)" or "row 3"."""
+        """How messages name this row: "row 3 (line 5)" or "row 3"; a Python API row "prompts[3]"."""
+        if self.names is not None:
+            return f"{self.names.row}[{self.index}]"
         return f"row {self.index} (line {self.line})" if self.line is not None else f"row {self.index}"
 
+    def value(self, column: str, item: int | None = None) -> str:
+        """How messages name the row's value of `column`, or its `item` (a chat message): "row 3: column 'prompt'"
+        and "row 3: prompt[0]"; a Python API row's "prompts[3]" and "prompts[3][0]"."""
+        at = "" if item is None else f"[{item}]"
+        argument = self.names.columns.get(column) if self.names is not None else None
+        if argument is not None:
+            return f"{argument}[{self.index}]{at}"
+        return f"{self.where}: column {column!r}" if item is None else f"{self.where}: {column}{at}"
+
     def failed(self, kind: ErrorKind, message: str) -> Row:
-        return Row(self.index, self.data, RowError(kind, f"{self.where}: {message}"), self.line, self.sampling)
+        return dataclasses.replace(self, error=RowError(kind, f"{self.where}: {message}"))
 
 
 class SeenIds:

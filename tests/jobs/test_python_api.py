@@ -122,3 +122,43 @@ def test_a_token_id_outside_the_vocabulary_refuses_the_call() -> None:
     assert str(refused.value) == (
         "sampling.stop_token_ids: token ids [512] are outside the model's vocabulary of 512 tokens (ids 0 to 511)"
     )
+
+
+def messages(rows) -> list[str | None]:
+    return [row.error.message if row.error is not None else None for row in rows]
+
+
+def test_errors_name_the_prompts_and_continuations_passed_not_columns() -> None:
+    """The caller passes lists and names no column: a failed prompt said "row 2: column 'prompt' is null"."""
+    texts = kvbatch.generate(["w5", "", None, 42], model="tiny", max_new_tokens=2, results=True)
+    assert messages(texts) == [
+        None,
+        "prompts[1] is empty",
+        "prompts[2] is null",
+        "prompts[3] is an integer, expected a string",
+    ]
+    chats = [
+        [{"role": "user", "content": "w5"}],
+        [],
+        [{"role": "user", "content": "w5"}, {"role": "narrator", "content": "w6"}],
+        [{"role": "system", "content": "w5"}],
+        "w6",
+    ]
+    assert messages(kvbatch.generate(chats, model="tiny", max_new_tokens=2, results=True)) == [
+        None,
+        "prompts[1] is an empty list",
+        "prompts[2][1].role is 'narrator', expected one of system, user, assistant, tool, developer",
+        "prompts[3] has no non-empty message besides the system prompt",
+        None,
+    ]
+    (long,) = kvbatch.generate([" ".join(["w5"] * 600)], model="tiny", chat_template=False, results=True)
+    assert long.error.message == (
+        "prompts[0]: the prompt has 600 tokens; at most 511 fit, leaving room for one new token (the context: 512 "
+        "tokens; context 512, KV pool 2048)"
+    )
+    scores = kvbatch.score(["w5", "w5", "w5"], [[" w6"], [], None], model="tiny", results=True)
+    assert messages(scores) == [
+        None,
+        "continuations[1] must be a non-empty list of non-empty strings",
+        "continuations[2] is missing or null (task: score)",
+    ]
