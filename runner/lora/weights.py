@@ -72,8 +72,8 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module name pattern -> its own r
     # Which modules PEFT gives a LoRA layer when it loads the adapter (it drops the weights of any other):
     # target_modules (names, name suffixes, or one regular expression), layers_to_transform / layers_pattern,
-    # exclude_modules. None: not given (PEFT then targets its defaults for the model type: not checked here).
-    target_modules: tuple[str, ...] | str | None = None
+    # exclude_modules.
+    target_modules: tuple[str, ...] | str = ()
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
@@ -257,6 +257,12 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
         return value
 
     target_modules, exclude_modules = names("target_modules", True), names("exclude_modules", True)
+    if target_modules is None:
+        # PEFT then adapts its defaults for the model type (q_proj and v_proj for most) and drops the other weights.
+        raise AdapterError(
+            f"adapter {name!r}: {CONFIG_FILE} names no target_modules, so PEFT would adapt only its default modules "
+            "for the model type and drop the adapter's other weights; list the modules its weights adapt there"
+        )
     layers_pattern = config.get("layers_pattern")
     layers_pattern = (layers_pattern,) if isinstance(layers_pattern, str) else names("layers_pattern", False)
     layers = config.get("layers_to_transform")
@@ -369,8 +375,6 @@ def _untargeted(config: LoraConfig, module: str) -> str | None:
         if re.fullmatch(excluded, module) if isinstance(excluded, str) else _named(excluded, module):
             return "its exclude_modules names it"
     targets = config.target_modules
-    if targets is None:  # PEFT's defaults for the model type
-        return None
     if isinstance(targets, str):
         if targets.lower() == "all-linear" or re.fullmatch(targets, module):  # adaptable linears are all linear
             return None

@@ -355,7 +355,8 @@ def test_weights_the_config_does_not_target_fail_their_rows(adapter_paths, rows,
     """PEFT gives LoRA layers only to the modules its config targets (target_modules, layers_to_transform,
     exclude_modules) and drops the file's other weights as it loads it. Applied anyway, every row of such an
     adapter gave other tokens than PEFT's from its first one: the rows are the adapter's error instead. Configs
-    that target every module of the weights (a regular expression, 'all-linear', every layer) still run."""
+    that target every module of the weights (a regular expression, 'all-linear', every layer) still run. A config
+    without target_modules ran every weight, where PEFT adapted only q_proj and v_proj."""
     source = adapter_paths["r8-rslora"]  # every projection of both layers
     bad = {  # name: (folder, words of its error)
         "fewer-targets": (
@@ -369,6 +370,8 @@ def test_weights_the_config_does_not_target_fail_their_rows(adapter_paths, rows,
         "excluded": (_edited(source, tmp_path / "c", exclude_modules=["down_proj"]), "exclude_modules names it"),
         "attention-regex": (_edited(source, tmp_path / "d", target_modules=r".*\.self_attn\..*"), "does not match"),
         "targets-text": (_edited(source, tmp_path / "e", target_modules=3), "target_modules is 3"),
+        # PEFT adapts its defaults for the model type (q_proj and v_proj for Llama) and drops the other weights.
+        "no-targets": (_edited(source, tmp_path / "i", target_modules=None), "names no target_modules"),
     }
     good = {
         "regex": _edited(source, tmp_path / "f", target_modules=r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj"),
