@@ -68,7 +68,7 @@ class LoraConfig:
     use_rslora: bool
     alpha_pattern: dict[str, float]  # module name pattern -> its own alpha (PEFT's alpha_pattern)
     base_model: str | None  # base_model_name_or_path
-    rank: int | None = None  # r, where given: the tensors' rank must agree, as PEFT's loading requires
+    rank: int = 8  # r (PEFT's default 8 where not given): the tensors' rank must agree, as PEFT's loading requires
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module name pattern -> its own r
     # Which modules PEFT gives a LoRA layer when it loads the adapter (it drops the weights of any other):
     # target_modules (names, name suffixes, or one regular expression), layers_to_transform / layers_pattern,
@@ -222,8 +222,8 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
     use_rslora = config.get("use_rslora") or False
     if not isinstance(use_rslora, bool):
         raise bad("use_rslora", use_rslora, "true or false")
-    rank = config.get("r")
-    if rank is not None and not _is_rank(rank):
+    rank = config.get("r", 8)  # PEFT's default
+    if not _is_rank(rank):
         raise bad("r", rank, "a whole number of at least 1")
 
     def patterns(key: str, valid, wanted: str) -> dict:
@@ -462,8 +462,8 @@ def _module_shapes(
                 f"adapter {name!r} holds LoRA weights for {module}, but {untargeted}: PEFT would load the adapter "
                 f"without them (a config and weights of two different adapters?)"
             )
-        declared = _pattern_value(config.rank_pattern, module, config.rank) if config.rank is not None else None
-        if declared is not None and declared != rank:
+        declared = _pattern_value(config.rank_pattern, module, config.rank)
+        if declared != rank:
             raise AdapterError(
                 f"adapter {name!r}: {CONFIG_FILE} gives {module} rank {declared}, its weights have rank {rank} "
                 "(a config and weights of two different adapters?)"

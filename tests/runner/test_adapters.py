@@ -201,6 +201,11 @@ def test_bad_config_values_damaged_weights_and_replayed_inits_fail_their_rows_on
     save_file(
         {k: v[:0] if ".lora_A." in k else v[:, :0] for k, v in tensors.items()}, f"{zero}/adapter_model.safetensors"
     )
+    # Without r PEFT takes its default, 8, and refuses rank-2 weights (a size mismatch as it loads them).
+    no_rank = _edited(adapter_paths["r2-qv"], tmp_path / "m")
+    config = json.loads(open(f"{no_rank}/adapter_config.json").read())
+    del config["r"]
+    open(f"{no_rank}/adapter_config.json", "w").write(json.dumps(config))
     bad = {  # name: (folder, words of its error)
         "alpha-text": (_edited(source, tmp_path / "a", lora_alpha="16"), "lora_alpha is '16', not a number"),
         "alpha-huge": (_edited(source, tmp_path / "i", lora_alpha=10**400), "not a number"),
@@ -208,6 +213,8 @@ def test_bad_config_values_damaged_weights_and_replayed_inits_fail_their_rows_on
         "rank-other": (_edited(source, tmp_path / "j", r=4), "gives model.layers.0.mlp.down_proj rank 4, its weights"),
         "rank-pattern": (_edited(source, tmp_path / "k", rank_pattern={"v_proj": 3}), "v_proj rank 3, its weights"),
         "rank-text": (_edited(source, tmp_path / "l", r="8"), "r is '8', not a whole number"),
+        "rank-null": (_edited(source, tmp_path / "n", r=None), "r is None, not a whole number"),
+        "rank-left-out": (no_rank, "gives model.layers.0.self_attn.q_proj rank 8, its weights have rank 2"),
         "rank-zero": (zero, "LoRA weights have rank 0"),
         "no-such-home": ("~no_such_user_of_kvbatch/adapter", "names a home folder this machine does not have"),
         "alpha-null": (_edited(source, tmp_path / "b", lora_alpha=None), "lora_alpha is None"),
