@@ -264,7 +264,10 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
             "for the model type and drop the adapter's other weights; list the modules its weights adapt there"
         )
     layers_pattern = config.get("layers_pattern")
-    layers_pattern = (layers_pattern,) if isinstance(layers_pattern, str) else names("layers_pattern", False)
+    if isinstance(layers_pattern, str):
+        layers_pattern = (layers_pattern,) if layers_pattern else None  # PEFT: an empty one lets any layer name pass
+    else:
+        layers_pattern = names("layers_pattern", False)
     layers = config.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]

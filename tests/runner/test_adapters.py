@@ -384,6 +384,8 @@ def test_weights_the_config_does_not_target_fail_their_rows(adapter_paths, rows,
         "regex": _edited(source, tmp_path / "f", target_modules=r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj"),
         "all-linear": _edited(source, tmp_path / "g", target_modules="all-linear"),
         "every-layer": _edited(source, tmp_path / "h", layers_to_transform=[0, 1], layers_pattern=["layers"]),
+        # PEFT reads an empty layers_pattern as any: refused as leaving every layer out before.
+        "empty-pattern": _edited(source, tmp_path / "j", layers_to_transform=[0, 1], layers_pattern=""),
     }
     engine = Engine(
         EngineConfig(block_size=4, num_blocks_override=256),
