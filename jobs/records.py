@@ -191,7 +191,7 @@ def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
     are (mixed types, very deep nesting) fall back to JSON text. So do mappings and lists of a schema-less input
     (JSONL): a struct inferred from them holds every key of any row (each row reads back with the others' keys as
     nulls), and parts written apart (a Ray run's blocks) would infer structs that no one schema joins."""
-    if known is None and any(isinstance(v, (dict, list)) for v in values):
+    if known is None and (any(isinstance(v, (dict, list)) for v in values) or _bools_among_others(values)):
         return _as_text(values)
     for kind in ([known] if known is not None else []) + [None]:
         try:
@@ -203,6 +203,13 @@ def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
         if max(depth for _, depth in nested_types(array.type)) <= MAX_NESTING:
             return array
     return _as_text(values)
+
+
+def _bools_among_others(values: list[Any]) -> bool:
+    """Booleans mixed with other values: Arrow infers [0.5, True] as doubles (True as 1.0), though parts that hold
+    them apart do not join (assemble.unify writes such a column as JSON text)."""
+    kinds = {isinstance(v, bool) for v in values if v is not None}
+    return len(kinds) > 1
 
 
 def output_type(kind: pa.DataType) -> pa.DataType:

@@ -228,6 +228,17 @@ def test_kept_mappings_and_lists_of_jsonl_rows_keep_their_keys_as_json_text(tmp_
     assert kept == ['{"n": 2}', '{"bogus": 1}', '[1, "x"]', None, "plain"]
 
 
+@pytest.mark.parametrize("part_rows", [1024, 1])
+def test_a_kept_boolean_after_a_number_is_json_text_however_rows_fall_into_parts(
+    tmp_path: Path, part_rows: int
+) -> None:
+    # Arrow infers [0.5, true] as doubles, so one part held true as 1.0, while rows in two parts (a resume, a
+    # smaller part_rows) were joined as JSON text: the same input gave other values, and lost the boolean.
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "a", "v": 0.5}, {"prompt": "b", "v": True}, {"prompt": "c"}])
+    summary, _ = run(tmp_path, input={"path": "in.jsonl"}, keep_columns=["v"], output={"part_rows": part_rows})
+    assert read_arrow(Path(summary.output)).column("v").to_pylist() == ["0.5", "true", None]
+
+
 def test_parquet_input_keeps_column_types(tmp_path: Path) -> None:
     table = pa.table(
         {
