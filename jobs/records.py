@@ -33,6 +33,10 @@ TOP_LOGPROB = pa.struct(
         pa.field("logprob", pa.float32()),
     ]
 )
+# An interval kept from the input, as its rows read in Python (pa.MonthDayNano): datasets has no interval type.
+INTERVAL = pa.struct(
+    [pa.field("months", pa.int32()), pa.field("days", pa.int32()), pa.field("nanoseconds", pa.int64())]
+)
 # One scored continuation (task score): lm-eval's (logprob, is_greedy), with its token count.
 SCORE = pa.struct(
     [pa.field("logprob", pa.float64()), pa.field("num_tokens", pa.int64()), pa.field("is_greedy", pa.bool_())]
@@ -215,8 +219,11 @@ def _bools_among_others(values: list[Any]) -> bool:
 def output_type(kind: pa.DataType) -> pa.DataType:
     """The type an output keeps an input column of `kind` as: the same, except for layouts that output parts cannot
     be reordered in (string and binary views, run-end encoding) or `datasets` cannot read (list views, maps,
-    extension types): string_view -> string, binary_view -> binary, a list view -> a list, run-end encoded -> its
-    values, a map -> a list of {key, value} structs (how its rows read as Python), an extension -> its storage."""
+    extension types, intervals, which Parquet cannot hold either): string_view -> string, binary_view -> binary, a
+    list view -> a list, run-end encoded -> its values, a map -> a list of {key, value} structs (how its rows read as
+    Python), an extension -> its storage, an interval -> a {months, days, nanoseconds} struct (its Python fields)."""
+    if _is("is_interval", kind):
+        return INTERVAL
     if isinstance(kind, pa.BaseExtensionType):
         return output_type(kind.storage_type)
     if _is("is_string_view", kind):
