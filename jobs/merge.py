@@ -19,6 +19,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from kvbatch.errors import MergeError
 
+from . import json_text
 from .arrow_io import read_arrow
 from .assemble import count_by, unify, write_output
 from .atomic import atomic_file
@@ -278,9 +280,10 @@ def _merged_metadata(first: dict[bytes, bytes], target: Shard) -> dict[bytes, by
 def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_rows: int) -> tuple[int, tuple]:
     """JSONL outputs: row r is the next line of the shard that owns r, so the files are interleaved, streaming."""
     problems = []
+    fmt = sources[0].manifest.format
+    value_kinds: dict[str, set[str]] = {}  # JSONL column -> the kinds of its values in any shard
     for s in sources:
-        with open(s.path, "rb") as f:
-            num_lines = sum(1 for _ in f)
+        num_lines = _scan_lines(s.path, value_kinds if fmt == "jsonl" else None)
         if num_lines != s.shard.num_rows(num_input_rows):
             problems.append(
                 f"{s.path.name}: {num_lines} lines, expected {s.shard.num_rows(num_input_rows)} (rows of shard "
@@ -288,6 +291,7 @@ def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_
             )
     if problems:
         raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
+    retyped = _retyped_columns(value_kinds)
     count = sources[0].shard.count
     files = {s.shard.index: open(s.path, "rb") for s in sources}
     reasons: dict[str, int] = {}
@@ -296,8 +300,8 @@ def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_
         with atomic_file(output) as out:
             for row in target.rows(num_input_rows):
                 line = files[row % count].readline()
-                _check_line(line, row, sources[0].manifest.format, reasons, kinds)
-                out.write(line)
+                record = _check_line(line, row, fmt, reasons, kinds)
+                out.write(_retyped_line(record, retyped) if retyped else line)
             num_bytes = out.tell()
     finally:
         for f in files.values():
@@ -305,8 +309,52 @@ def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_
     return num_bytes, (reasons, kinds)
 
 
-def _check_line(line: bytes, row: int, fmt: str, reasons: dict[str, int], kinds: dict[str, int]) -> None:
-    """Count the line's finish reason and error kind, as a run's summary counts them from its table."""
+def _scan_lines(path: Path, value_kinds: dict[str, set[str]] | None) -> int:
+    """The file's lines; with `value_kinds`, each JSONL column's kinds of values are added to it."""
+    num_lines = 0
+    with open(path, "rb") as f:
+        for line in f:
+            num_lines += 1
+            if value_kinds is not None:
+                for name, value in json.loads(line).items():
+                    if value is not None:
+                        value_kinds.setdefault(name, set()).add(_kind(value))
+    return num_lines
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return type(value).__name__
+    return "str" if isinstance(value, str) else "nested"
+
+
+def _retyped_columns(value_kinds: dict[str, set[str]]) -> dict[str, str]:
+    """JSONL columns whose values the shards hold as types one run joins (assemble.unify across its parts, Arrow
+    within one): -> "text" (of different types: JSON text) or "float" (ints among floats)."""
+    retyped = {}
+    for name, found in value_kinds.items():
+        joined = found - {"int"} if "float" in found else found  # Arrow promotes ints among floats to floats
+        if len(joined) > 1:
+            retyped[name] = "text"
+        elif found == {"int", "float"}:
+            retyped[name] = "float"
+    return retyped
+
+
+def _retyped_line(record: dict[str, Any], retyped: dict[str, str]) -> bytes:
+    for name, to in retyped.items():
+        value = record.get(name)
+        if value is None or isinstance(value, str):
+            continue
+        record[name] = float(value) if to == "float" else json_text.dumps(value)
+    return json_text.dumps(record, ensure_ascii=False).encode() + b"\n"
+
+
+def _check_line(line: bytes, row: int, fmt: str, reasons: dict[str, int], kinds: dict[str, int]) -> dict[str, Any]:
+    """Count the line's finish reason and error kind, as a run's summary counts them from its table; return the
+    line's record."""
     record = json.loads(line)
     if fmt == "jsonl":
         if record.get("row") != row:
@@ -321,3 +369,4 @@ def _check_line(line: bytes, row: int, fmt: str, reasons: dict[str, int], kinds:
     reasons[str(reason)] = reasons.get(str(reason), 0) + 1
     if kind is not None:
         kinds[str(kind)] = kinds.get(str(kind), 0) + 1
+    return record

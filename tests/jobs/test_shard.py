@@ -17,7 +17,7 @@ from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.shard import Shard, parse_shard, shard_from_env, split_shard_name
 from kvbatch.jobs.shard_output import ShardWriter
 from kvbatch.jobs.summary import summary_path
-from kvbatch.jobs.writer import work_dir
+from kvbatch.jobs.writer import OutputWriter, work_dir
 
 
 def test_every_row_has_exactly_one_shard_and_splits_compose():
@@ -192,6 +192,29 @@ def test_merge_lists_missing_unfinished_and_foreign_shards(tmp_path):
     assert "answers.shard-0002-of-0004.arrow: unfinished (1 rows committed); rerun shard 2/4" in message
     assert "missing: answers.shard-0003-of-0004.arrow (shard 3/4)" in message
     assert not out.exists()
+
+
+@pytest.mark.parametrize("ids", [[1, "b", 3, "d"], [1, 2.5, 3, 4.5], [0.5, True, 1.5, False]])
+def test_merged_jsonl_shards_hold_the_values_one_run_writes(tmp_path, ids):
+    # A schema-less input's column of one type in each shard but not across them: one run joins its parts as
+    # assemble.unify does (JSON text, ints among floats as floats), but the merge copied each shard's lines as they
+    # were, so the merged file held 1 where one run writes "1" or 1.0.
+    layout = Layout(keep_columns=("k",))
+
+    def write(path: Path, rows: range, shard: Shard | None) -> None:
+        manifest = Manifest("job", "h1", {"model": "m", INPUT_KEY: {"bytes": 10}}, path.name, "jsonl")
+        args = (path, "jsonl", layout, manifest)
+        with OutputWriter(*args) if shard is None else ShardWriter(*args, shard=shard) as writer:
+            for row in rows:
+                writer.add(RowResult(row, kept={"k": ids[row]}, texts=["x"], finish_reasons=["stop"]))
+            writer.finalize(len(ids))
+
+    write(tmp_path / "whole.jsonl", range(len(ids)), None)
+    out = tmp_path / "answers.jsonl"
+    for i in range(2):
+        write(Shard(i, 2).output_path(out), Shard(i, 2).rows(len(ids)), Shard(i, 2))
+    merge_shards(out)
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
 
 
 def test_merge_lists_duplicated_and_missing_rows(tmp_path):
