@@ -22,6 +22,7 @@ from .constraints import response_format_constraint
 from .rows import Reader, Row, RowError
 
 _CHUNK_BYTES = 1 << 20
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors put before the first line
 # JSON may escape half of a UTF-16 surrogate pair on its own ("\udc80"): json.loads accepts it, but no output
 # format can hold the string it makes, so such a line is an invalid_utf8 row rather than a crash at write time.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -75,10 +76,15 @@ def count_rows(path: Path) -> int:
 
 
 def count_rows_in(f: BinaryIO) -> int:
-    """count_rows of an open file (a Ray task counts a file in object storage this way)."""
+    """count_rows of an open file (a Ray task counts a file in object storage this way). It counts the rows
+    jsonl_rows yields: a Ray run numbers each file's rows from the counts of the files before it."""
     count = 0
     pending = False  # the current line has a non-blank byte
+    first = True
     while chunk := f.read(_CHUNK_BYTES):
+        if first and chunk.startswith(_BOM):
+            chunk = chunk[len(_BOM) :]
+        first = False
         lines = chunk.split(b"\n")
         for i, piece in enumerate(lines):
             pending = pending or bool(piece.strip())
@@ -98,8 +104,12 @@ def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> I
             if not raw:
                 return
             line_no += 1
-            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                _skip_to_newline(handle)
+            cut = len(raw) > max_line_bytes and not raw.endswith(b"\n")
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]  # a UTF-8 byte-order mark is not part of the first object
+            if cut:
+                if _skip_to_newline(handle) and not raw.strip():
+                    continue  # a blank line, however long, is no row
                 yield Row(
                     index,
                     None,
@@ -112,18 +122,20 @@ def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> I
                 )
                 index += 1
                 continue
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first object
             if not raw.strip():
                 continue
             yield parse_line(raw, index, line_no)
             index += 1
 
 
-def _skip_to_newline(handle: BinaryIO) -> None:
+def _skip_to_newline(handle: BinaryIO) -> bool:
+    """Skip the rest of the line; return whether it was blank."""
+    blank = True
     while chunk := handle.readline(_CHUNK_BYTES):
+        blank = blank and not chunk.strip()
         if chunk.endswith(b"\n"):
-            return
+            break
+    return blank
 
 
 def parse_line(raw: bytes, index: int, line_no: int) -> Row:

@@ -108,6 +108,25 @@ def test_jsonl_bad_lines_become_error_rows_naming_the_line(tmp_path: Path) -> No
     assert rows[5].data == {"prompt": "last"} and rows[5].error is None
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'\xef\xbb\xbf\n{"prompt": "a"}\n',  # a first line of only a byte-order mark
+        b'{"prompt": "a"}\n' + b" " * 300 + b'\n{"prompt": "b"}\n',  # a blank line over max_line_bytes
+        b"\xef\xbb\xbf" + b"\t" * 300 + b'\n{"prompt": "a"}',
+    ],
+)
+def test_jsonl_rows_are_the_rows_counted(tmp_path: Path, data: bytes) -> None:
+    # The count is the progress total, and a Ray run numbers a file's rows from the counts of the files before it:
+    # a blank first line with a byte-order mark was counted but no row, a long blank line a row but not counted, so
+    # the next file's rows left a gap (a row never done) or took the same numbers (a row lost).
+    (tmp_path / "in.jsonl").write_bytes(data)
+    reader = open_reader(job_for(tmp_path, "in.jsonl", max_line_bytes=100), ["prompt"])
+    rows = list(reader)
+    assert reader.num_rows == len(rows) and all(r.error is None for r in rows)
+    assert [r.index for r in rows] == list(range(len(rows)))
+
+
 def test_jsonl_lone_surrogate_escapes_become_error_rows(tmp_path: Path) -> None:
     """JSON may escape half a surrogate pair ("\\udc80"): json.loads accepts it, no output format can hold it."""
     lines = [
