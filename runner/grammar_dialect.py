@@ -90,6 +90,7 @@ _REGEX_ESCAPES = frozenset("dDsSwWnrtfvxu")
 _REGEX_ENGINE_REFUSES = frozenset("bBpPk")
 _REGEX_ANCHOR_ESCAPES = frozenset("AZzG")
 _REGEX_REPEAT = re.compile(r"\{\d+(,\d*)?\}")
+_CONTROL_ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "f": 0x0C, "v": 0x0B, "0": 0x00}
 
 
 def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
@@ -116,12 +117,12 @@ def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
         if typed:  # xgrammar lets any value through where the type is not given
             return f'keyword {typed!r} at {path} needs a "type" beside it'
     if isinstance(schema.get("pattern"), str):
-        problem = unsupported_regex(schema["pattern"])
+        problem = unsupported_regex(schema["pattern"]) or _unescaped_in_json(schema["pattern"])
         if problem:
             return f"unsupported 'pattern' at {path}: {problem}"
     if isinstance(schema.get("patternProperties"), dict):
         for key in schema["patternProperties"]:
-            problem = unsupported_regex(key)
+            problem = unsupported_regex(key) or _unescaped_in_json(key)
             if problem:
                 return f"unsupported 'patternProperties' regex {key!r} at {path}: {problem}"
     required = schema.get("required")
@@ -317,6 +318,39 @@ def unsupported_regex(regex: str) -> str | None:
             top[1] = True
         i += size
     return None
+
+
+def _unescaped_in_json(regex: str) -> str | None:
+    """Where a schema's regex names a character that a JSON string holds only escaped (`"`, a backslash, U+0000 to
+    U+001F), as a message. xgrammar matches the regex against the string's raw text: it keeps these out of `.`,
+    `\\W` and character classes, but writes one the regex names as it is (`a"b` gave `"a"b"`, not JSON)."""
+    i = 0
+    while i < len(regex):
+        if regex[i] == "[":
+            i = _class_end(regex, i)[0]
+            continue
+        code, size = _literal_code(regex, i)
+        if code is not None and (code < 0x20 or code in (0x22, 0x5C)):
+            return (
+                f"{chr(code)!r} at position {i} of the regex would be written unescaped in the JSON string, so the "
+                f"output would not be JSON (the grammar engine matches the string's raw text); leave it out"
+            )
+        i += size
+    return None
+
+
+def _literal_code(regex: str, i: int) -> tuple[int | None, int]:
+    """The code point of the character the regex names at i (None for a class escape such as \\d), and its size."""
+    if regex[i] != "\\":
+        return ord(regex[i]), 1
+    letter = regex[i + 1 : i + 2]
+    if letter in _CONTROL_ESCAPES:
+        return _CONTROL_ESCAPES[letter], 2
+    digits = {"x": 2, "u": 4}.get(letter, 0)
+    code = regex[i + 2 : i + 2 + digits]
+    if digits and len(code) == digits and all(c in "0123456789abcdefABCDEF" for c in code):
+        return int(code, 16), 2 + digits
+    return (None if not letter or letter.isalpha() else ord(letter)), 2
 
 
 def _after_end(i: int) -> str:

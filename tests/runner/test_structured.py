@@ -159,6 +159,8 @@ def test_constraint_shape_is_checked() -> None:
     )
     assert "required field 'b'" in unsupported_keyword({"type": "object", "properties": {"a": {}}, "required": ["b"]})
     assert unsupported_keyword({"type": "string", "pattern": "^[0-9]{5}$"}) is None
+    # classes, `.` and other escapes are kept inside the JSON string: only a character named alone is refused
+    assert unsupported_keyword({"type": "string", "pattern": '^[^"\\\\][\\n"]\\.\\d.\\W\\x41$'}) is None
 
 
 def _beside(names: str, path: str, alone: str, instead: str) -> str:
@@ -394,6 +396,39 @@ def test_compile_refuses_what_the_engine_misreads_and_enforces_what_it_accepts(t
         compiled = cache.compile(StructuredOutputs.from_schema(schema))
         assert _accepts(compiled, valid) and not _accepts(compiled, invalid), schema
     cache.close()
+
+
+@pytest.mark.parametrize(
+    ("schema", "unescaped", "position"),
+    [
+        ({"type": "string", "pattern": '^say "[a-z]+"$'}, '"say "hi""', 5),
+        ({"type": "string", "pattern": "^a\\\\$"}, '"a\\"', 2),
+        ({"type": "string", "pattern": "^a\\nb$"}, '"a\nb"', 2),
+        ({"type": "string", "pattern": "^a\\u0022$"}, '"a""', 2),
+        ({"type": "string", "pattern": "^a\\0$"}, '"a\x00"', 2),
+        ({"type": "object", "patternProperties": {'^k"$': {"type": "integer"}}}, '{"k"": 1}', 2),
+        (
+            {
+                "type": "object",
+                "propertyNames": {"type": "string", "pattern": "^k\\x5c$"},
+                "additionalProperties": {"type": "integer"},
+            },
+            '{"k\\": 1}',
+            2,
+        ),
+    ],
+)
+def test_patterns_the_engine_would_write_unescaped_are_refused(tokenizer, compiler, schema, unescaped, position):
+    """xgrammar matches a `pattern` against a string's raw JSON text: it keeps `"`, `\\` and control characters out
+    of `.` and character classes, but writes one the pattern names as it is, so its own matcher ends on text that
+    is not JSON (or decodes to another string)."""
+    oracle = xgr.GrammarMatcher(compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
+    assert oracle.accept_string(unescaped) and oracle.accept_token(EOS) and oracle.is_terminated()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(unescaped, strict=True)
+    written = f"at position {position} of the regex would be written unescaped in the JSON string"
+    with pytest.raises(ConstraintError, match=written):
+        GrammarCache(tokenizer, VOCAB, (EOS,)).compile(StructuredOutputs.from_schema(schema))
 
 
 @pytest.mark.parametrize("policy", ["reserve", "optimistic"])
