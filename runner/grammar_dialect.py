@@ -100,6 +100,10 @@ def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
     for keyword in _UNENFORCED_KEYWORDS:
         if keyword in schema:
             return f"unsupported JSON Schema keyword {keyword!r} at {path}"
+    for keyword in ("anyOf", "allOf", "type"):
+        if schema.get(keyword) == []:  # the metaschema refuses these; xgrammar let `{"a": }` through for anyOf
+            what = "type" if keyword == "type" else "schema"
+            return f"{keyword!r} at {path} is an empty list; JSON Schema needs at least one {what} there"
     if schema.get("uniqueItems") is True:
         return f"unsupported JSON Schema keyword 'uniqueItems' at {path}"
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:

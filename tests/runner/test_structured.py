@@ -431,6 +431,29 @@ def test_patterns_the_engine_would_write_unescaped_are_refused(tokenizer, compil
         GrammarCache(tokenizer, VOCAB, (EOS,)).compile(StructuredOutputs.from_schema(schema))
 
 
+@pytest.mark.parametrize(
+    ("schema", "oracle_text", "message"),
+    [
+        ({"anyOf": []}, "", "'anyOf' at # is an empty list; JSON Schema needs at least one schema there"),
+        (
+            {"type": "object", "properties": {"a": {"anyOf": []}}, "required": ["a"]},
+            '{"a": }',
+            "'anyOf' at #/properties/a is an empty list; JSON Schema needs at least one schema there",
+        ),
+        ({"allOf": []}, '"x"', "'allOf' at # is an empty list; JSON Schema needs at least one schema there"),
+        ({"type": []}, "1", "'type' at # is an empty list; JSON Schema needs at least one type there"),
+    ],
+)
+def test_empty_lists_json_schema_forbids_are_refused(tokenizer, compiler, schema, oracle_text, message) -> None:
+    """JSON Schema's metaschema refuses these; xgrammar compiles them, and its own matcher ends an empty `anyOf` on
+    no value at all (text that is not JSON), the others on any value."""
+    oracle = xgr.GrammarMatcher(compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
+    assert oracle.accept_string(oracle_text) and oracle.accept_token(EOS) and oracle.is_terminated()
+    assert unsupported_keyword(schema) == message
+    with pytest.raises(ConstraintError, match=re.escape(message)):
+        GrammarCache(tokenizer, VOCAB, (EOS,)).compile(StructuredOutputs.from_schema(schema))
+
+
 @pytest.mark.parametrize("policy", ["reserve", "optimistic"])
 def test_greedy_constrained_equals_generate_with_xgrammar_processor(loaded, reference, compiler, tokenizer, policy):
     requests = requests_for(tokenizer, 10)
