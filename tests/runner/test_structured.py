@@ -454,6 +454,24 @@ def test_empty_lists_json_schema_forbids_are_refused(tokenizer, compiler, schema
         GrammarCache(tokenizer, VOCAB, (EOS,)).compile(StructuredOutputs.from_schema(schema))
 
 
+def test_formats_let_days_past_the_months_end_through(tokenizer, compiler) -> None:
+    """As docs/structured-output.md says: xgrammar's date formats take any day up to 31, and ipv4 leading zeros
+    (JSON Schema's checkers refuse these), in its own matcher as in kvbatch's grammar."""
+    cache = GrammarCache(tokenizer, VOCAB, (EOS,))
+    for fmt, passes, refused in [
+        ("date", '"2023-02-30"', '"2023-13-01"'),
+        ("date-time", '"2023-04-31T00:00:00Z"', '"2023-04-32T00:00:00Z"'),
+        ("ipv4", '"01.2.3.4"', '"256.2.3.4"'),
+    ]:
+        schema = json.dumps({"type": "string", "format": fmt})
+        for compiled in (
+            compiler.compile_json_schema(schema, any_whitespace=False),
+            cache.compile(StructuredOutputs(json=schema)),
+        ):
+            assert _accepts(compiled, passes) and not _accepts(compiled, refused), fmt
+    cache.close()
+
+
 @pytest.mark.parametrize("policy", ["reserve", "optimistic"])
 def test_greedy_constrained_equals_generate_with_xgrammar_processor(loaded, reference, compiler, tokenizer, policy):
     requests = requests_for(tokenizer, 10)
