@@ -17,31 +17,32 @@ FIRST_ROWS = 100
 _SHOWN_COLUMNS = 20
 
 
-def check_first_rows(rows: Iterator[Row], columns: list[str], field: str, limit: int = FIRST_ROWS) -> Iterator[Row]:
-    """`rows` unchanged, after checking that at least one of the first `limit` readable rows has every column of
-    `columns`; else raise SpecError naming the columns the rows have. Unreadable rows prove nothing either way."""
+def check_first_rows(rows: Iterator[Row], columns: dict[str, str], limit: int = FIRST_ROWS) -> Iterator[Row]:
+    """`rows` unchanged, after checking that each column of `columns` (column -> the job field naming it) is in at
+    least one of the first `limit` readable rows; else raise SpecError naming the columns the rows have. Each
+    column on its own: a row's tools or template values are absent from rows without any. Unreadable rows prove
+    nothing either way."""
     peeked: list[Row] = []
     failure: InputError | None = None
-    found = False
+    missing = set(columns)
     try:
         for row in rows:
             peeked.append(row)
-            if row.data is not None and all(c in row.data for c in columns):
-                found = True
-                break
-            if len(peeked) >= limit:
+            if row.data is not None:
+                missing -= row.data.keys()
+            if not missing or len(peeked) >= limit:
                 break
     except InputError as exc:  # the input breaks off: the rows before it still run, then the run fails as before
         failure = exc
     readable = [r.data for r in peeked if r.data is not None]
-    if readable and not found:
+    if readable and missing:
         seen = list(dict.fromkeys(k for data in readable for k in data))
         shown = ", ".join(map(repr, seen[:_SHOWN_COLUMNS])) + (" ..." if len(seen) > _SHOWN_COLUMNS else "")
-        missing = sorted({c for c in columns for data in readable if c not in data})
+        named = [c for c in columns if c in missing]
         raise SpecError(
-            f"none of the first {len(readable)} rows has the column {', '.join(map(repr, missing))}; "
+            f"none of the first {len(readable)} rows has the column {', '.join(map(repr, named))}; "
             f"the rows have {shown or 'no columns'}",
-            field=field,
+            field=columns[named[0]],
         )
     return _replay(peeked, rows, failure)
 

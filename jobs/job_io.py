@@ -124,7 +124,8 @@ def checked_first_rows(job: JobSpec, rows: Iterator[Row]) -> Iterator[Row]:
         return rows
     pspec = prompt_spec(job)
     field = next(f"prompt.{k}" for k in ("template", "messages_column", "column") if getattr(pspec, k) is not None)
-    return check_first_rows(rows, prompt_columns(pspec), field)
+    own = {getattr(pspec, k): f"prompt.{k}" for k in ("tools_column", "chat_template_kwargs_column")}
+    return check_first_rows(rows, {c: own.get(c, field) for c in prompt_columns(pspec)})
 
 
 def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:

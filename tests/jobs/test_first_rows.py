@@ -76,3 +76,20 @@ def test_the_cli_exits_2_on_a_misspelled_prompt_column(tmp_path: Path, monkeypat
     assert result.exit_code == ExitCode.USAGE, result.output
     assert "prompt.column: none of the first 2 rows has the column 'promt'; the rows have 'prompt'" in result.output
     assert not (tmp_path / "out.arrow").exists()
+
+
+def test_each_column_needs_one_row_not_one_row_all_of_them(tmp_path: Path) -> None:
+    """A row's tools and template values are its own, null or absent in most rows: the job runs when each column
+    is in some first row. It stopped when no single row had them all, saying no row had columns the rows had."""
+    turn = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    write(tmp_path / "in.jsonl", [{"m": turn}, {"m": turn, "tools": tools}, {"m": turn, "kw": {"x": 1}}])
+    spec = job(tmp_path, messages_column="m", tools_column="tools", chat_template_kwargs_column="kw")
+    [outcome] = run_jobs([spec], engine_factory=fake_factory())
+    assert outcome.error is None, outcome.error
+    assert [r["row"] for r in read_arrow(tmp_path / "out" / "j.arrow").to_pylist()] == [0, 1, 2]
+    # A column that none of them has is still taken for a typo, named by its own field.
+    write(tmp_path / "in.jsonl", [{"m": turn, "tools": tools}, {"m": turn}])
+    [outcome] = run_jobs([spec], engine_factory=fake_factory())
+    assert isinstance(outcome.error, SpecError) and outcome.error.field == "prompt.chat_template_kwargs_column"
+    assert "none of the first 2 rows has the column 'kw'; the rows have 'm', 'tools'" in str(outcome.error)
