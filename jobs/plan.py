@@ -16,7 +16,7 @@ import numpy as np
 
 from kvbatch.cache.prefix_cache import ReuseEstimate
 from kvbatch.errors import ErrorKind
-from kvbatch.jobs.job_io import layout_for
+from kvbatch.jobs.job_io import checked_first_rows, layout_for
 from kvbatch.jobs.pipeline import RowPipeline, input_columns
 from kvbatch.jobs.plan_sizing import ModelSizing, adapter_problems, model_sizing
 from kvbatch.jobs.readers import open_reader
@@ -122,6 +122,8 @@ def _rows(count: int) -> str:
 def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     layout = layout_for(job, {})
     reader = open_reader(job, input_columns(job, layout))  # the columns a run reads
+    if reader.columns is None:  # a run stops on a prompt column none of the first rows has: so does its plan
+        reader.rows = checked_first_rows(job, reader.rows)
     sizing = model_sizing(job, engines)
     check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way

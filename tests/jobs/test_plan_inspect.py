@@ -14,6 +14,7 @@ from kvbatch.errors import InputError, SpecError
 from kvbatch.jobs.inspect import inspect_output
 from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.run import EngineCache, run_job
+from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
 
 TOKENIZER = FakeTokenizer()
@@ -116,6 +117,20 @@ def test_plan_predicts_duplicate_ids_and_missing_kept_columns_as_run_does(tmp_pa
     pq.write_table(pa.table({"prompt": ["a"], "id": [1]}), tmp_path / "in.parquet")
     with pytest.raises(SpecError, match="column 'nope' not in in.parquet"):  # as `run` refuses it
         plan_job(job(tmp_path, input={"path": "in.parquet"}, keep_columns=["nope"]), EngineCache(fake_factory()))
+
+
+def test_plan_stops_on_a_prompt_column_no_first_row_has_as_run_does(tmp_path: Path) -> None:
+    """A JSONL prompt column that none of the first rows has stops a run before the model loads (a typo); the
+    plan listed every row as a missing_column failure and exited 0 instead."""
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"promt": "hi"}) + "\n" for _ in range(3)))
+    spec = job(tmp_path, output_dir="out")
+    [outcome] = run_jobs([spec], engine_factory=fake_factory())
+    factory = fake_factory()
+    with pytest.raises(SpecError) as planned:
+        plan_job(spec, EngineCache(factory))
+    assert str(planned.value) == str(outcome.error)
+    assert "prompt.column: none of the first 3 rows has the column 'prompt'" in str(planned.value)
+    assert factory.engines == []  # no model was loaded
 
 
 def test_plan_fails_a_rows_own_token_ids_outside_the_vocabulary_as_the_engine_does(tmp_path: Path) -> None:
