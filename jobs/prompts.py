@@ -8,6 +8,7 @@ out of control tokens) is runner/tokenize.py's job.
 from __future__ import annotations
 
 import dataclasses
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,8 +146,10 @@ def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty:
                 f"(used by the template) is {type_name(value)}, expected text or a number",
             )
         values[column] = str(value)
-    # Values are inserted once, by name: a value that itself contains "{x}" is not expanded again.
-    text = template.format_map(values)
+    # Values are inserted once, by name: a value that itself contains "{x}" is not expanded again. Every field is a
+    # column name, "{0}" too (str.format_map would read that one as a positional argument).
+    pieces = string.Formatter().parse(template)  # (literal text, field name or None, ...), {{ }} unescaped
+    text = "".join(literal + (values[name] if name is not None else "") for literal, name, _, _ in pieces)
     if not text.strip() and not allow_empty:
         return _error(row, ErrorKind.EMPTY_PROMPT, "the template renders to empty text")
     return text

@@ -79,6 +79,15 @@ def test_template_over_columns() -> None:
     assert prompt.messages == [{"role": "user", "content": "Rate kettle (4 stars): uses {product} braces"}]
 
 
+def test_template_fields_are_column_names_even_when_they_are_digits() -> None:
+    """A Parquet file written from a DataFrame names its columns "0", "1": the job file takes {0} as column "0",
+    and str.format_map read it as a positional field, failing every row with a tokenize error."""
+    spec = PromptSpec(template="{{literal}} Q{0}: {1} {a b}")
+    assert prompt_columns(spec) == ["0", "1", "a b"]
+    prompt = build_prompt(row(**{"0": "first", "1": 2, "a b": "spaced"}), spec)
+    assert prompt.messages == [{"role": "user", "content": "{literal} Qfirst: 2 spaced"}]
+
+
 @pytest.mark.parametrize(
     ("spec", "data", "kind", "message"),
     [
