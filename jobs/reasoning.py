@@ -31,9 +31,10 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
 
 
 def template_marks_reasoning(model: str, template_file: Path | None) -> bool:
-    """Whether the chat template in use writes or reads </think>: the job's file, else the model's own."""
+    """Whether the chat template in use writes or reads <think> or </think>: the job's file, else the model's own.
+    A template may only open the thinking (DeepSeek-R1's generation prompt ends in <think>): the output closes it."""
     text = _read(template_file) if template_file is not None else _model_template(model)
-    return text is not None and THINK_END in text
+    return text is not None and (THINK_START in text or THINK_END in text)
 
 
 def _model_template(model: str) -> str | None:

@@ -188,6 +188,19 @@ def test_thinking_goes_to_the_reasoning_column(tmp_path) -> None:
     assert not plain.layout.reasoning and "reasoning" not in [f.name for f in plain.layout.fixed_fields()]
 
 
+def test_a_template_that_opens_the_thinking_splits_it_too(tmp_path) -> None:
+    """DeepSeek-R1 style: the generation prompt ends in <think>, so only the output has </think>. The job file
+    promises the split where the template has <think>; it was made only where the template wrote </think>."""
+    opens = QWEN3_STYLE.replace("<think>\\n\\n</think>\\n\\n", "<think>\\n")
+    assert "<think>" in opens and "</think>" not in opens
+    (tmp_path / "r1.jinja").write_text(opens)
+    pipe = pipeline(tmp_path, byte_tokenizer(), chat_template_file="r1.jinja")
+    assert pipe.layout.reasoning
+    pipe.request(Row(0, {"messages": MESSAGES}))
+    done = pipe.result(GenerationResult(0, 9, [Completion("add them\n</think>\n\n4", [5], "stop")]))
+    assert (done.texts, done.reasonings) == (["4"], ["add them"])
+
+
 def test_template_settings_enter_the_fingerprint_only_when_set(tmp_path) -> None:
     base = {"name": "j", "input": {"path": "in.jsonl"}}
     assert "split_reasoning" not in result_fingerprint(job_from_dict(base, base_dir=str(tmp_path)))["prompt"]
