@@ -90,6 +90,7 @@ def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> 
         values = mapping_value(data[column])
         if values is None:
             return _value_error(row, ErrorKind.WRONG_TYPE, column, f"is {type_name(data[column])}, expected an object")
+        values = {k: v for k, v in values.items() if v is not None}  # a null (a struct's unset field): the job's
         steering = sorted(TEMPLATE_CALL_ARGUMENTS & set(values))
         if steering:
             return _value_error(

@@ -85,7 +85,9 @@ class PromptSpec:
         None, "passed to the chat template: {enable_thinking: false} for Qwen3-style models"
     )
     chat_template_kwargs_column: str | None = setting(
-        None, "a column of mappings over chat_template_kwargs, per row (objects, structs, maps or JSON text)"
+        None,
+        "a column of mappings over chat_template_kwargs, per row (objects, structs, maps or JSON text); a null "
+        "value leaves the job's",
     )
     chat_template_file: str | None = setting(None, "a Jinja chat template used instead of the model's (job-relative)")
     continue_final_message: bool = setting(False, "the last message is continued (no generation prompt after it)")

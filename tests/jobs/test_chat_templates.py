@@ -90,6 +90,33 @@ def test_enable_thinking_false_renders_what_transformers_renders(tmp_path) -> No
     assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.WRONG_TYPE
 
 
+def test_a_struct_columns_unset_template_values_leave_the_jobs(tmp_path) -> None:
+    """A Parquet struct holds every field in every row: a row that sets only `style` reads enable_thinking null.
+    That null replaced the job's enable_thinking false and turned the thinking back on; a null leaves the job's
+    value, as it does in sampling_column."""
+    import pyarrow.parquet as pq
+
+    from kvbatch.jobs.readers import open_reader
+
+    fields = pa.struct([("enable_thinking", pa.bool_()), ("style", pa.string())])
+    values = pa.array([{"enable_thinking": None, "style": "terse"}, {"enable_thinking": True, "style": None}], fields)
+    pq.write_table(pa.table({"messages": [MESSAGES, MESSAGES], "kw": values}), tmp_path / "in.parquet")
+    job = job_from_dict(
+        {"name": "j", "input": {"path": "in.parquet"}, "prompt": {"messages_column": "messages",
+         "chat_template_kwargs": {"enable_thinking": False}, "chat_template_kwargs_column": "kw"}},
+        base_dir=str(tmp_path),
+    )  # fmt: skip
+    tok = byte_tokenizer()
+    pipe = RowPipeline(job, tok, layout_for(job, {}))
+    got = [pipe.request(row).prompt_token_ids for row in open_reader(job, ["messages", "kw"])]
+    want = [
+        tok.apply_chat_template(MESSAGES, add_generation_prompt=True, enable_thinking=False, style="terse"),
+        tok.apply_chat_template(MESSAGES, add_generation_prompt=True, enable_thinking=True),
+    ]
+    assert got == [list(w["input_ids"]) if hasattr(w, "keys") else list(w) for w in want]
+    assert tok.decode(got[0]).endswith("</think>\n\n") and not tok.decode(got[1]).endswith("</think>\n\n")
+
+
 def test_a_row_with_control_text_still_gets_the_template_values(tmp_path) -> None:
     """Placeholders path (a message holding <|im_end|> as text): rendered with the same values."""
     tok = byte_tokenizer()
