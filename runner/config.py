@@ -28,6 +28,7 @@ Backend = Literal["auto", "torch", "cpu", "triton", "flash-attn"]
 # A temperature below this is greedy: the distribution is a point mass on the top token anyway, and dividing
 # the logits by it would overflow float32 (an all-inf row has no softmax).
 GREEDY_BELOW_TEMPERATURE = 1e-5
+REPETITION_PENALTY_MIN = 1e-6
 
 
 def setting(default: Any = dataclasses.MISSING, doc: str = "", **rules: Any) -> Any:
@@ -182,7 +183,12 @@ class SamplingParams:
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of this probability mass", gt=0, max=1)
     top_k: int = setting(0, "keep the k most likely tokens; 0 = off", min=0)
     min_p: float = setting(0.0, "drop tokens below min_p times the top token's probability", min=0, max=1)
-    repetition_penalty: float = setting(1.0, "divide the logits of tokens already seen (>1 discourages)", gt=0)
+    # At least 1e-6: a seen token's logit divided by it, then by a temperature of at least 1e-5, stays in float32's
+    # range for any logit under 1e27. Smaller, a logit overflowed to inf, the probabilities became NaN, and a
+    # sampled row silently drew token 0 at every step.
+    repetition_penalty: float = setting(
+        1.0, "divide the logits of tokens already seen (>1 discourages)", min=REPETITION_PENALTY_MIN
+    )
     # Samples are drawn from 63 bits of the seed: a wider one would share its samples with another.
     seed: int | None = setting(None, "same seed, same sample, whatever else shares the batch", min=0, max=2**63 - 1)
     stop: tuple[str, ...] = setting((), "stop strings; the text is cut before them", no_empty_string=True)

@@ -45,6 +45,8 @@ def test_openai_bodies_penalties_bias_stop_and_seed_are_served(tmp_path) -> None
         # samples are drawn from 63 bits of the seed: -1 and 2**63 would have shared 2**63 - 1's and 0's
         ({"seed": -1}, "seed must be >= 0, got -1"),
         ({"seed": 2**63}, f"seed must be <= {2**63 - 1}, got {2**63}"),
+        # smaller, a seen token's logit overflowed to inf and a sampled row drew token 0 at every step
+        ({"repetition_penalty": 1e-40, "temperature": 1}, "repetition_penalty must be >= 1e-06, got 1e-40"),
     ],
 )
 def test_a_bad_body_value_fails_its_line_only(tmp_path, body, words) -> None:
