@@ -16,6 +16,7 @@ dtype, kv_cache_gib, max_num_batched_tokens, ...), `max_length` (the context lm-
 model's; refused over what the KV pool holds), and as `hf` reads them `add_bos_token`, `prefix_token_id`,
 `enable_thinking`, `chat_template_args` (given to the chat template) and `think_end_token` (a generation keeps
 what follows its last one).
+`seed` (the engine's) defaults to lm-eval's torch seed (`--seed`), so a sampled run repeats, as with `hf`.
 `batch_size` is accepted and ignored: the engine packs requests by free KV blocks. On the command line the device
 is lm-eval's `--device` (its default, cuda:0, falls back to the CPU without a GPU).
 
@@ -94,6 +95,9 @@ class KVBatchLM(TemplateLM):
                 logger.warning("kvbatch: device %s asked for, but CUDA is not available; running on the CPU", device)
                 device = "cpu"
             engine_settings.setdefault("device", device)
+        # hf samples from torch's generator, which lm-eval seeds (--seed) before it builds the model: the engine's
+        # seed base follows that seed, so a sampled run gives the same answers each time, as hf's does.
+        engine_settings.setdefault("seed", torch.initial_seed() & (2**63 - 1))
         self.engine = engine or Engine(EngineConfig(model=model, **engine_settings))
         self.tokenizer = self.engine.tokenizer
         self.add_bos_token = add_bos_token

@@ -257,3 +257,26 @@ def test_thinking_args_are_read_as_hf_reads_them(model_folder: Path, tmp_path: P
     assert styled.apply_chat_template([{"role": "user", "content": "w5"}]) == "w5 w8 "
     with pytest.raises(ValueError, match="needs think_end_token"):
         get_model("kvbatch").create_from_arg_string(f"model={folder},{args},enable_thinking=True")
+
+
+def test_sampled_generations_follow_lm_evals_torch_seed_as_hf_does(model_folder: Path, monkeypatch) -> None:
+    # hf samples from torch's generator, which simple_evaluate seeds (--seed, 1234 by default) before it builds
+    # the model: a sampled run gives the same answers every time. kvbatch drew a fresh seed base on each run.
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(4)
+    sampled = {"until": ["w43"], "max_gen_toks": 6, "temperature": 0.8}
+    requests = [Instance("generate_until", {}, (words(rng, 5), sampled), idx=i) for i in range(3)]
+
+    def answers(torch_seed: int, extra: str = "") -> list[str]:
+        torch.manual_seed(torch_seed)
+        model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},device=cpu,max_length=32{extra}")
+        return model.generate_until(requests)
+
+    first = answers(1234)
+    assert answers(1234) == first
+    assert answers(1235) != first
+    assert answers(1234, ",seed=7") == answers(1235, ",seed=7")  # the engine's own seed, where given, wins
