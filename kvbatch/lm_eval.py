@@ -17,6 +17,7 @@ model's; refused over what the KV pool holds), and as `hf` reads them `add_bos_t
 `enable_thinking`, `chat_template_args` (given to the chat template) and `think_end_token` (a generation keeps
 what follows its last one).
 `seed` (the engine's) defaults to lm-eval's torch seed (`--seed`), so a sampled run repeats, as with `hf`.
+Generation kwargs other than lm-eval's own, top_p, top_k, min_p, repetition_penalty, seed and num_beams=1 are refused.
 `batch_size` is accepted and ignored: the engine packs requests by free KV blocks. On the command line the device
 is lm-eval's `--device` (its default, cuda:0, falls back to the CPU without a GPU).
 
@@ -311,8 +312,16 @@ class KVBatchLM(TemplateLM):
         kwargs.pop("do_sample")
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING_KWARGS}
+        if kwargs.get("num_beams") == 1:  # one beam is what the engine does (tasks set it)
+            del kwargs["num_beams"]
         if kwargs:
-            logger.warning("kvbatch ignores these generation kwargs: %s", sorted(kwargs))
+            # hf hands these to generate(), which follows them (num_beams, min_new_tokens) or fails on a typo:
+            # generating without them would give other answers than the task asks for.
+            raise ValueError(
+                f"kvbatch cannot follow the generation kwargs {sorted(kwargs)}; it reads until, max_gen_toks "
+                f"(or an alias), do_sample, temperature, {', '.join(sorted(_SAMPLING_KWARGS))} and "
+                "num_beams=1"
+            )
         params = SamplingParams(
             max_new_tokens=int(max_new),
             temperature=temperature,

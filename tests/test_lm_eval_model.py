@@ -280,3 +280,23 @@ def test_sampled_generations_follow_lm_evals_torch_seed_as_hf_does(model_folder:
     assert answers(1234) == first
     assert answers(1235) != first
     assert answers(1234, ",seed=7") == answers(1235, ",seed=7")  # the engine's own seed, where given, wins
+
+
+def test_generation_kwargs_the_engine_cannot_follow_are_refused(model_folder: Path, monkeypatch) -> None:
+    # hf hands the other kwargs to generate(): num_beams=2 searches beams, a typo fails. kvbatch logged a warning
+    # per request and generated greedily, answers other than hf's. num_beams=1 (set by tasks) changes nothing.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    context = words(random.Random(4), 8)
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    beam1 = [Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 6, "num_beams": 1}), idx=0)]
+    assert model.generate_until(beam1) == hf.generate_until(beam1)
+    for extra in ({"num_beams": 2}, {"min_new_tokens": 4}, {"max_length": 40}, {"bogus": 1}):
+        request = Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 6} | extra), idx=0)
+        refused = f"kvbatch cannot follow the generation kwargs \\['{next(iter(extra))}'\\]"
+        with pytest.raises(ValueError, match=refused):
+            model.generate_until([request])
