@@ -79,9 +79,8 @@ class StopChecker:
         if params.stop and last in self._stop_strings_as_ids(params.stop):
             added = self.tokenizer.get_added_vocab()  # a stop string that is a special token: matched by its id
             return next(s for s in params.stop if added.get(s) == last)
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        cuts = [(i, s) for i, s in ((text.find(s), s) for s in params.stop) if i >= 0]
-        return min(cuts)[1] if cuts else None
+        cut = self._first_stop(seq, self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True))
+        return cut[1] if cut else None
 
     def text(self, seq: Sequence) -> str:
         params = seq.request.sampling
@@ -90,13 +89,19 @@ class StopChecker:
             return text
         if not params.stop:
             return text
-        # Under min_tokens, a stop string counts from the min_tokens-th token on, as in `check`.
+        cut = self._first_stop(seq, text)
+        if cut is None:
+            return text
+        found, stop = cut
+        return text[: found + len(stop) if params.include_stop_str_in_output else found]
+
+    def _first_stop(self, seq: Sequence, text: str) -> tuple[int, str] | None:
+        """The earliest stop string in the sequence's `text` and where it starts; None if there is none. Under
+        min_tokens, a stop string counts from the min_tokens-th token on, as in `check`: one seen before did not
+        stop the sample, so it neither cuts the text nor is its stop reason."""
+        params = seq.request.sampling
         start = 0
         if params.min_tokens > 1:
             start = len(self.tokenizer.decode(seq.output_token_ids[: params.min_tokens - 1], skip_special_tokens=True))
-        cuts = []
-        for s in params.stop:
-            found = text.find(s, start)
-            if found >= 0:
-                cuts.append((found, found + len(s) if params.include_stop_str_in_output else found))
-        return text[: min(cuts)[1]] if cuts else text
+        cuts = [(found, s) for found, s in ((text.find(s, start), s) for s in params.stop) if found >= 0]
+        return min(cuts) if cuts else None

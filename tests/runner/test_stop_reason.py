@@ -55,6 +55,16 @@ def test_the_stop_string_found_is_the_stop_reason(engine: Engine) -> None:
     assert word not in completion.text
 
 
+def test_a_stop_string_seen_before_min_tokens_is_not_the_stop_reason(engine: Engine) -> None:
+    """min_tokens=3: "w433" (token 0) does not stop the sample; "w117" (token 4) does, and is its stop reason."""
+    tokens = one(engine).completions[0].token_ids
+    assert tokens[:5] == [433, 508, 62, 62, 117]
+    completion = one(engine, stop=("w433", "w117"), min_tokens=3).completions[0]
+    assert completion.token_ids == tokens[:5]
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", "w117")
+    assert completion.text == "w433 w508 w62 w62 "
+
+
 def test_the_models_eos_leaves_the_stop_reason_null() -> None:
     checker = StopChecker(tiny_loaded("llama").tokenizer, (EOS_ID,))
     params = SamplingParams(stop_token_ids=(9,))
