@@ -26,10 +26,11 @@ class StopChecker:
             return "length" if len(seq.output_token_ids) >= seq.max_new_tokens else None
         if (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids:
             return "stop"
-        if params.stop and last in self._stop_strings_as_ids(params.stop):
-            return "stop"
-        if params.stop and self._stop_string_found(seq):
-            return "stop"
+        # A stop string must end after the first min_tokens tokens (vLLM's rule), as EOS comes after them at the
+        # earliest: one in the min_tokens-th token is too early, even where min_tokens lets EOS stop the sample.
+        if params.stop and len(seq.output_token_ids) > params.min_tokens:
+            if last in self._stop_strings_as_ids(params.stop) or self._stop_string_found(seq):
+                return "stop"
         if len(seq.output_token_ids) >= seq.max_new_tokens:
             return "length"
         return None
@@ -51,19 +52,19 @@ class StopChecker:
         # A token carries at least one byte and a character at most four, so this many tokens cover any stop
         # string that ends in the newest token; special tokens carry none in the text, so they are not counted.
         need = 4 * longest + 4
-        # Under min_tokens, only text from the min_tokens-th token on may hold a stop string.
-        min_start = max(seq.request.sampling.min_tokens - 1, 0)
-        tail = seq.output_token_ids[max(len(seq.output_token_ids) - need, min_start) :]
-        if not self._special_ids.isdisjoint(tail):  # rare (ignore_eos runs on past end-of-turn tokens)
-            tail = []
-            for token in reversed(seq.output_token_ids[min_start:]):
-                if token not in self._special_ids:
-                    tail.append(token)
-                    if len(tail) == need:
-                        break
-            tail.reverse()
-        text = self.tokenizer.decode(tail, skip_special_tokens=True)
-        return any(s in text for s in seq.request.sampling.stop)
+        tokens = seq.output_token_ids
+        start = max(len(tokens) - need, 0)
+        if not self._special_ids.isdisjoint(tokens[start:]):  # rare (ignore_eos runs on past end-of-turn tokens)
+            start, num_text_tokens = len(tokens), 0
+            while start > 0 and num_text_tokens < need:
+                start -= 1
+                num_text_tokens += tokens[start] not in self._special_ids
+        text = self.tokenizer.decode(tokens[start:], skip_special_tokens=True)
+        min_tokens = seq.request.sampling.min_tokens
+        offset = (
+            len(self.tokenizer.decode(tokens[start:min_tokens], skip_special_tokens=True)) if min_tokens > start else 0
+        )
+        return any(text.find(s, max(offset - len(s) + 1, 0)) >= 0 for s in seq.request.sampling.stop)
 
     def stop_reason(self, seq: Sequence) -> str | int | None:
         """What stopped a finished sequence: the stop string (the one the text is cut before), or a stop token id
@@ -97,11 +98,12 @@ class StopChecker:
 
     def _first_stop(self, seq: Sequence, text: str) -> tuple[int, str] | None:
         """The earliest stop string in the sequence's `text` and where it starts; None if there is none. Under
-        min_tokens, a stop string counts from the min_tokens-th token on, as in `check`: one seen before did not
-        stop the sample, so it neither cuts the text nor is its stop reason."""
+        min_tokens, only one that ends after the first min_tokens tokens' text counts, as in `check`: one before did
+        not stop the sample, so it neither cuts the text nor is its stop reason."""
         params = seq.request.sampling
-        start = 0
-        if params.min_tokens > 1:
-            start = len(self.tokenizer.decode(seq.output_token_ids[: params.min_tokens - 1], skip_special_tokens=True))
-        cuts = [(found, s) for found, s in ((text.find(s, start), s) for s in params.stop) if found >= 0]
+        offset = 0
+        if params.min_tokens:
+            offset = len(self.tokenizer.decode(seq.output_token_ids[: params.min_tokens], skip_special_tokens=True))
+        found = ((text.find(s, max(offset - len(s) + 1, 0)), s) for s in params.stop)
+        cuts = [(i, s) for i, s in found if i >= 0]
         return min(cuts) if cuts else None

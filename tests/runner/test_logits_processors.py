@@ -285,6 +285,25 @@ def test_stop_strings_under_min_tokens_and_include_stop_str(models, prompts, pla
     assert late.finish_reason == ("stop" if later else "length")
 
 
+def test_a_stop_string_counts_only_once_it_ends_after_min_tokens_tokens(models, prompts, plain) -> None:
+    """vLLM's rule, and EOS's (masked until min_tokens tokens are out): a stop string in the min_tokens-th token is
+    too early; one ending in a later token stops the sample, even if it began in the first min_tokens tokens."""
+    loaded, i = models[0], 0
+    tokens = plain[i]
+    assert tokens[:4] == [117, 415, 292, 411] and 292 not in tokens[3:]  # "w117 w415 w292 w411"
+    engine = make_engine(loaded)
+
+    def run(stop: str, min_tokens: int):
+        params = SamplingParams(max_new_tokens=NUM_NEW, ignore_eos=True, stop=(stop,), min_tokens=min_tokens)
+        completion = next(iter(engine.generate([GenerationRequest(0, prompts[i], params)]))).completions[0]
+        return completion.token_ids, completion.text, completion.finish_reason
+
+    assert run("w292", min_tokens=2) == (tokens[:3], "w117 w415 ", "stop")
+    assert run("w292", min_tokens=3) == (tokens, " ".join(f"w{t}" for t in tokens), "length")
+    assert run("w415 w292", min_tokens=2) == (tokens[:3], "w117 ", "stop")  # begins in token 2, ends in token 3
+    assert run("w117", min_tokens=1) == (tokens, " ".join(f"w{t}" for t in tokens), "length")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the device runs ahead of the host only on CUDA")
 def test_on_the_gpu_async_equals_sync(models, prompts, plain) -> None:
     """On CUDA (graphs, fused layers, steps launched before the host has the tokens of the one before): every new
