@@ -61,6 +61,8 @@ def _default(f: dataclasses.Field) -> str:
     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
         return "required"
     value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if value is None:  # an `engine:` field left out takes the engine's own default
+        value = f.metadata.get("engine_default")
     if dataclasses.is_dataclass(value):
         return "see below"
     if value is None:

@@ -117,10 +117,11 @@ class OutputSpec:
 
 def _engine_section() -> type:
     """The job file's `engine:` section: every EngineConfig field but `model` (the job's own), each optional (left
-    out, the engine's default holds), declared once in runner/config.py; plus `offline`."""
+    out, the engine's default holds, which docs/job-file.md shows), declared once in runner/config.py; plus
+    `offline`."""
     hints = typing.get_type_hints(EngineConfig)
     fields = [
-        (f.name, hints[f.name] | None, field(default=None, metadata=f.metadata))
+        (f.name, hints[f.name] | None, field(default=None, metadata={**f.metadata, "engine_default": f.default}))
         for f in dataclasses.fields(EngineConfig)
         if f.name != "model"
     ]

@@ -29,3 +29,12 @@ def test_every_engine_and_sampling_setting_has_a_doc_and_a_row() -> None:
 def test_the_engine_section_is_the_engine_config_less_the_model() -> None:
     names = [f.name for f in dataclasses.fields(EngineSpec)]
     assert names == [f.name for f in dataclasses.fields(EngineConfig) if f.name != "model"] + ["offline"]
+
+
+def test_the_engine_section_shows_the_engine_defaults() -> None:
+    # A field left out of `engine:` takes EngineConfig's default: the page shows that value, not "unset".
+    page = job_file_reference()
+    assert "| `block_size` | integer \\| null | `16` |" in page
+    assert "| `kv_cache_gib` | number \\| null | `2.0` |" in page
+    assert "| `cuda_graphs` | bool \\| null | `true` |" in page
+    assert "| `max_model_len` | integer \\| null | unset |" in page  # no engine default: its doc says what holds
