@@ -1,5 +1,6 @@
 """Fail fast on a prompt column that no row has: a typo in `--prompt-column` on a JSONL input (which has no
-schema to check up front) would otherwise load the model and turn every row into a `missing_column` error.
+schema to check up front) would otherwise load the model and turn every row into a `missing_column` error (a typo
+in `adapter_column`, into a run of every row on the job's `adapter`).
 
 The first rows are read ahead (up to FIRST_ROWS, or until one has the columns) before any model loads, and then
 yielded again in order: no row is lost or read twice.

@@ -118,14 +118,17 @@ class JobIO:
 
 
 def checked_first_rows(job: JobSpec, rows: Iterator[Row]) -> Iterator[Row]:
-    """`rows` of an input without a schema (JSONL), after checking that one of the first has the prompt's columns
-    (jobs/first_rows.py); OpenAI Batch lines are checked line by line instead."""
+    """`rows` of an input without a schema (JSONL), after checking that one of the first has each prompt column
+    and the adapter column (jobs/first_rows.py); OpenAI Batch lines are checked line by line instead."""
     if input_format(job) == "openai":
         return rows
     pspec = prompt_spec(job)
     field = next(f"prompt.{k}" for k in ("template", "messages_column", "column") if getattr(pspec, k) is not None)
     own = {getattr(pspec, k): f"prompt.{k}" for k in ("tools_column", "chat_template_kwargs_column")}
-    return check_first_rows(rows, {c: own.get(c, field) for c in prompt_columns(pspec)})
+    columns = {c: own.get(c, field) for c in prompt_columns(pspec)}
+    if job.adapter_column is not None:
+        columns.setdefault(job.adapter_column, "adapter_column")
+    return check_first_rows(rows, columns)
 
 
 def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:

@@ -179,9 +179,7 @@ class RowPipeline:
             return data["model"]
         column = self.job.adapter_column
         if column is not None and not self.openai:
-            if column not in data:
-                return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: no column {column!r} (adapter_column)")
-            value = data[column]
+            value = data.get(column)  # a row without the column reads as null, as for the other per-row columns
             if value is not None and (not isinstance(value, str) or not value):
                 message = f"{row.where}: column {column!r} must name an adapter (a string or null), got {value!r}"
                 return RowError(ErrorKind.WRONG_TYPE, message)

@@ -93,3 +93,24 @@ def test_each_column_needs_one_row_not_one_row_all_of_them(tmp_path: Path) -> No
     [outcome] = run_jobs([spec], engine_factory=fake_factory())
     assert isinstance(outcome.error, SpecError) and outcome.error.field == "prompt.chat_template_kwargs_column"
     assert "none of the first 2 rows has the column 'kw'; the rows have 'm', 'tools'" in str(outcome.error)
+
+
+def test_adapter_column_reads_a_missing_key_as_null_and_stops_on_a_typo(tmp_path: Path) -> None:
+    """A row without the adapter column runs on the job's `adapter`, as a null cell does (and as rows without their
+    tools or sampling column do); it was a `missing_column` error row. A column no first row has is a typo."""
+    fields = {"adapters": {"tone": "org/tone"}, "adapter": "tone", "adapter_column": "lora"}
+    spec = job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "output_dir": "out", **fields}, base_dir=str(tmp_path)
+    )
+    write(tmp_path / "in.jsonl", [{"prompt": "a", "lora": None}, {"prompt": "b"}, {"prompt": "c", "lora": "x"}])
+    factory = fake_factory()
+    [outcome] = run_jobs([spec], engine_factory=factory)
+    assert outcome.error is None, outcome.error
+    assert [r["error"] for r in read_arrow(tmp_path / "out" / "j.arrow").to_pylist()] == [None] * 3
+    assert sorted(r.adapter for r in factory.engines[0].requests) == ["tone", "tone", "x"]
+    write(tmp_path / "in.jsonl", [{"prompt": "a", "lora_name": "x"}, {"prompt": "b"}])
+    factory = fake_factory()
+    [outcome] = run_jobs([spec], engine_factory=factory)
+    assert isinstance(outcome.error, SpecError) and outcome.error.field == "adapter_column"
+    assert "none of the first 2 rows has the column 'lora'; the rows have 'prompt', 'lora_name'" in str(outcome.error)
+    assert factory.engines == []
