@@ -96,6 +96,7 @@ class _RequestState:
     seqs: list[Sequence] = field(default_factory=list)
     num_unfinished: int = 0
     logits_info: RowLogits | None = None  # bad words' token ids, the ids min_tokens masks
+    scoring: bool = False  # counted in Engine._num_scoring (it has scored rows) until it ends
 
 
 def _sampling_rows(items: list[ScheduledSeq]) -> list[SamplingRow] | None:
@@ -471,7 +472,7 @@ class Engine:
     def _scoring_admitted(self, state: _RequestState) -> _RequestState:
         state.num_unfinished = len(state.seqs)
         self.stats.num_requests += 1
-        self._num_scoring += 1
+        self._count_scoring(state)
         return state
 
     def _add(
@@ -513,8 +514,24 @@ class Engine:
             scheduler.add(seq)
         state.num_unfinished = params.n
         self.stats.num_requests += 1
-        self._num_scoring += scores_prompt
+        if scores_prompt:
+            self._count_scoring(state)
         return state
+
+    def _count_scoring(self, state: _RequestState) -> None:
+        state.scoring = True
+        self._num_scoring += 1
+
+    def _end(self, state: _RequestState) -> None:
+        """A request leaves the engine, finished or failed: the one place it stops counting as scoring. Each
+        sequence points at its request's state, and the state at its sequences: left so, a finished request (its
+        tokens, sequences, lists) is freed only by a full pass of the cyclic collector, which walks all those
+        still held. One such pass stalled an H100 host for 77 ms with the GPU idle, in the scoring bench. Without
+        the cycle, the last reference going frees it at once."""
+        if state.scoring:
+            state.scoring = False
+            self._num_scoring -= 1
+        state.seqs.clear()
 
     def _prompt_hashes(self, prompt: list[int], adapter_key: bytes, num_seqs: int) -> list[BlockHash]:
         """The prompt's full-block prefix-cache hashes, computed once for a request's several sequences (samples or
@@ -855,19 +872,13 @@ class Engine:
         if state.num_unfinished:
             return None
         request = state.request
-        if request.is_scoring or request.sampling.prompt_logprobs:
-            self._num_scoring -= any(s.score_targets for s in state.seqs)
         if request.continuations is not None:
             result = self._scoring_result(state)
         elif request.rolling_prefix is not None:
             result = self._rolling_result(state)
         else:
             result = self._result(state)
-        # Each sequence points at its request's state, and the state at its sequences: left so, a finished
-        # request (its tokens, sequences, lists) is freed only by a full pass of the cyclic collector, which
-        # walks all those still held. One such pass stalled an H100 host for 77 ms with the GPU idle, in the
-        # scoring bench. Without the cycle, the last reference going frees it at once.
-        state.seqs.clear()
+        self._end(state)
         return result
 
     def _result(self, state: _RequestState) -> GenerationResult:
@@ -948,7 +959,7 @@ class Engine:
                 sibling.finish_reason = "error"
                 scheduler.finish(sibling)
         state.num_unfinished = 0
-        state.seqs.clear()  # as in _retire: no cycle outlives the request
+        self._end(state)
         return [self._error_result(state.request, ErrorKind.ENGINE, message)]
 
     def _recover(

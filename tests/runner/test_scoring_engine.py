@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from broken_steps import Poison
 from tiny_models import VOCAB_SIZE, hf_reference, tiny_loaded
 
 from kvbatch.errors import ErrorKind
@@ -301,3 +302,36 @@ def test_rolling_windows_are_the_context_not_the_pool() -> None:
     fits = engine_for(max_model_len=24, num_blocks_override=6)
     score = next(fits.generate([GenerationRequest(0, [5] * 40, rolling_prefix=1)])).scores[0]
     assert score.num_tokens == 40
+
+
+@pytest.mark.parametrize("scored", ["continuations", "prompt_logprobs"])
+def test_a_scoring_request_that_fails_stops_counting_as_scoring(scored: str, break_steps) -> None:
+    """A request with scored rows that ends as an engine error leaves the engine's count of scoring requests, as
+    one that finishes does: the steps after it gather no scored rows. It stayed counted until generate() ended."""
+    loaded = tiny_loaded("llama")
+    long_row = GenerationRequest("long", [5, 6, 7, 8], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    (clean,) = engine_for().generate([long_row])
+    poison = min(set(range(2, VOCAB_SIZE)) - {5, 6, 7, 8, *clean.completions[0].token_ids})
+    if scored == "continuations":
+        bad = GenerationRequest("bad", [9, 10, poison], SamplingParams(), continuations=[[11, 12], [13]])
+    else:
+        bad = GenerationRequest("bad", [9, 10, poison], SamplingParams(max_new_tokens=2, prompt_logprobs=True))
+    settings = dict(block_size=4, num_blocks_override=256, max_num_batched_tokens=64)
+    engine = Engine.from_loaded(loaded, EngineConfig(**settings))
+    break_steps(loaded.model, Poison(poison))
+    after_error: list[int] = []  # the count after each step that follows the failure
+    failed = False
+
+    def on_step() -> None:
+        if failed:
+            after_error.append(engine._num_scoring)
+
+    results = {}
+    for result in engine.generate([bad, long_row], on_step=on_step):
+        results[result.request_id] = result
+        if result.request_id == "bad":
+            failed = True
+            assert engine._num_scoring == 0
+    assert results["bad"].error_kind == ErrorKind.ENGINE
+    assert results["long"].completions[0].token_ids == clean.completions[0].token_ids
+    assert after_error and set(after_error) == {0}
