@@ -149,3 +149,39 @@ def test_combined_error_keeps_the_exit_code_kind():
     assert isinstance(mixed, InterruptedJob)
     other = _combined_error(job, [(Shard(0, 2), OutputLockedError("a")), (Shard(1, 2), ValueError("b"))])
     assert type(other) is JobError
+
+
+@pytest.mark.parametrize(("verbose", "quiet"), [(False, True), (True, False)])
+def test_children_log_as_the_parent_does(verbose, quiet, monkeypatch):
+    """A spawned child starts with Python's and transformers' defaults: it showed the weight-loading bars and
+    warnings under -q, and no debug logs under -v. It now takes the parent's settings, carried pickled."""
+    import logging
+    import pickle
+
+    from transformers.utils import logging as hf_logging
+
+    from kvbatch.jobs import data_parallel
+
+    kvbatch_logger = logging.getLogger("kvbatch")
+    for logger in (logging.root, kvbatch_logger):  # put back after the test
+        monkeypatch.setattr(logger, "level", logger.level)
+        monkeypatch.setattr(logger, "handlers", [])
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as a fresh parent has them
+    try:
+        cli._logging(verbose, quiet)
+        cli._quiet_model_loading(verbose)
+        settings = pickle.loads(pickle.dumps(data_parallel.LogSettings.of_this_process()))
+        # A fresh interpreter, as the child is: no handler, root at WARNING, transformers' bars on.
+        logging.root.handlers = []
+        logging.root.setLevel(logging.WARNING)
+        kvbatch_logger.setLevel(logging.NOTSET)
+        hf_logging.enable_progress_bar()
+        settings.apply()
+        assert logging.root.level == (logging.INFO if verbose else logging.ERROR)
+        assert kvbatch_logger.getEffectiveLevel() == (logging.DEBUG if verbose else logging.ERROR)
+        assert len(logging.root.handlers) == 1
+        assert logging.root.handlers[0].formatter._fmt == "%(levelname)s %(name)s: %(message)s"
+        assert hf_logging.is_progress_bar_enabled() == verbose
+    finally:
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
