@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError, shown_path
 
@@ -110,6 +111,9 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         rows = RowsSource(source, input_columns(job, layout), job.input.batch_rows,
                           job.input.max_line_bytes)  # fmt: skip
         _write(job, engines, rows, layout, duplicates, parts, checkpoint_dir(out), run, stop)
+        if source.num_rows == 0:  # Ray writes no file for no rows: the folder is still the output, columns and all
+            parts.mkdir(parents=True, exist_ok=True)
+            pq.write_table(layout.to_table([]), parts / f"part-{run:04d}-000000-empty.parquet")
         report = folder_report(parts)
         # What a local run writes into its output, for `kvbatch merge` to write into the single file.
         write_json(provenance_path(out), {"model": model_name(job.model), "metadata": job_metadata(job, None)})

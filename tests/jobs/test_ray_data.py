@@ -199,3 +199,25 @@ def test_a_ray_scoring_run_gives_a_local_runs_scores(tmp_path, local_ray):
     summary = outcome.summary
     assert (summary.rows, summary.rows_error, summary.output_tokens) == (7, 1, 0)
     assert summary.prompt_tokens == single.summary.prompt_tokens  # prompts and continuations, as the engine counts
+
+
+def test_a_ray_run_over_no_rows_writes_a_folder_that_reads_and_is_complete(tmp_path, local_ray):
+    # As a local run writes an empty output with its columns and then says "already complete": Ray Data writes
+    # no file for no rows, so without one of its own the run left no folder and ran again every time.
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n")  # a blank line is not a row
+    job = ray_job(tmp_path, source)
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    assert (outcome.summary.rows, outcome.summary.rows_this_run) == (0, 0)
+    parts = output_path(job).with_name("answers.parquet.parts")
+    table = pads.dataset(parts).to_table()
+    assert table.num_rows == 0
+    assert {"row", "id", "text", "finish_reason", "error", "error_kind"} <= set(table.column_names)
+    [again] = run_jobs([job], engine_factory=tiny_engine)
+    assert again.error is None and again.summary.status == "already complete"
+
+    from kvbatch.jobs.merge_parts import merge_parts
+
+    assert merge_parts(output_path(job)).num_rows == 0
+    assert pq.read_table(output_path(job)).num_rows == 0
