@@ -6,6 +6,7 @@ Done before any model loads, so a missing input or column fails fast; shared by 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +79,29 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
     return layout
 
 
+def with_input_schema(layout: Layout, schema: Any) -> Layout:
+    """The layout with the types of its id and kept columns (records.output_type) and their `datasets` features,
+    from the input's Arrow schema."""
+    return dataclasses.replace(
+        layout, input_types=kept_types(schema, layout), input_features=kept_features(schema, layout)
+    )
+
+
 def kept_types(schema: Any, layout: Layout) -> dict[str, Any]:
     """The output types of the layout's id and kept columns, from the input's Arrow schema (records.output_type)."""
     return {n: output_type(schema.field(n).type) for n in layout.data_columns() if n in schema.names}
+
+
+def kept_features(schema: Any, layout: Layout) -> dict[str, Any]:
+    """The `datasets` features of the layout's id and kept columns, from the `huggingface` metadata that `datasets`
+    writes into a schema (a ClassLabel's names live only there); none for other inputs."""
+    try:
+        features = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    if not isinstance(features, dict):
+        return {}
+    return {n: features[n] for n in layout.data_columns() if n in features}
 
 
 def _parsed_column(job: JobSpec, fmt: str) -> ParsedColumn | None:
@@ -142,7 +163,7 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     if reader.columns is None:
         reader.rows = checked_first_rows(job, reader.rows)
     if reader.schema is not None:
-        layout = dataclasses.replace(layout, input_types=kept_types(reader.schema, layout))
+        layout = with_input_schema(layout, reader.schema)
     manifest = job_manifest(job, out, fmt)
     writer = writer_for(
         shard,

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError, shown_path
 
 from .atomic import write_json
-from .job_io import checked_first_rows, kept_types, layout_for
+from .job_io import checked_first_rows, layout_for, with_input_schema
 from .lock import OutputLock
 from .manifest import KVBATCH_VERSION, Manifest
 from .pipeline import input_columns
@@ -99,7 +99,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
             first = RowsSource(source, input_columns(job, layout), job.input.batch_rows, job.input.max_line_bytes)
             checked_first_rows(job, first.jsonl_rows())  # checks on the call; the cluster reads the rows again
         else:
-            layout = layout_for(job, kept_types(source.schema, layout))
+            layout = with_input_schema(layout, source.schema)
         fingerprint = {**result_fingerprint(job), **source.identity}
         manifest = Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt, num_rows=source.num_rows)
         summary = Summary(job.name, str(parts), model=job.model, spec_hash=manifest.spec_hash,
@@ -116,7 +116,8 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
             pq.write_table(layout.to_table([]), parts / f"part-{run:04d}-000000-empty.parquet")
         report = folder_report(parts)
         # What a local run writes into its output, for `kvbatch merge` to write into the single file.
-        write_json(provenance_path(out), {"model": model_name(job.model), "metadata": job_metadata(job, None)})
+        metadata = {**job_metadata(job, None), **layout.features_metadata()}
+        write_json(provenance_path(out), {"model": model_name(job.model), "metadata": metadata})
         if report.num_rows != source.num_rows:
             raise JobError(
                 f"{shown_path(parts)} holds {report.num_rows} of {source.num_rows} rows after the Ray run; "

@@ -11,6 +11,7 @@ tokenizer is gone by the time the OpenAI lines are assembled from the parts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,7 @@ class Layout:
     reasoning: bool = False  # a reasoning model's thinking, apart from `text`
     parsed: Any = None  # output.parsed: the column's ParsedColumn (jobs/parsed.py); None: no such column
     input_types: dict[str, pa.DataType] = field(default_factory=dict)  # known types of id/kept columns
+    input_features: dict[str, Any] = field(default_factory=dict)  # their `datasets` features (ClassLabel names)
 
     def unplaced(self, params: SamplingParams) -> str | None:
         """What a row's own sampling settings ask that this output has no column for (None: nothing). The layout
@@ -129,6 +131,13 @@ class Layout:
         if self.parsed is not None:
             fields.append(pa.field("parsed", pa.list_(self.parsed.type) if self.multi else self.parsed.type))
         return fields
+
+    def features_metadata(self) -> dict[str, str]:
+        """The id and kept columns' `datasets` features as an Arrow or Parquet schema carries them, so `datasets`
+        reads a ClassLabel back with its names (its other columns it types from their Arrow types)."""
+        if not self.input_features:
+            return {}
+        return {"huggingface": json.dumps({"info": {"features": self.input_features}}, sort_keys=True)}
 
     def data_columns(self) -> list[str]:
         return ([self.id_column] if self.id_column else []) + list(self.keep_columns)

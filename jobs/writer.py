@@ -240,9 +240,10 @@ class OutputWriter:
             else self.layout.to_table([])
         )
         order = self.output_order(table, num_rows)
+        metadata = {**self.metadata, **{k.encode(): v.encode() for k, v in self.layout.features_metadata().items()}}
         try:
             num_bytes = write_output(
-                table, order, self.output, self.fmt, self.metadata, model=self.model, id_column=self.layout.id_column
+                table, order, self.output, self.fmt, metadata, model=self.model, id_column=self.layout.id_column
             )
             self.manifest.complete = True
             self.manifest.save(self.manifest_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
+import pytest
 from job_fakes import fake_factory
 
 from kvbatch.jobs.arrow_io import is_ipc_file, read_arrow
@@ -99,3 +100,40 @@ def test_shards_of_format_hf_merge_into_one_folder(tmp_path: Path) -> None:
     report = merge_shards(tmp_path / "out" / "j.hf")
     assert report.num_rows == 6
     assert datasets.load_from_disk(str(tmp_path / "out" / "j.hf"))["id"] == [f"r{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "hf"])
+def test_a_kept_class_label_keeps_its_names(tmp_path: Path, fmt: str) -> None:
+    # A ClassLabel is an int64 column whose names live only in the schema's `huggingface` metadata: a kept one
+    # came back as a bare Value("int64"), though the output keeps the input's `datasets` types.
+    features = datasets.Features(
+        {
+            "prompt": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["neg", "pos"]),
+            "tokens": datasets.Sequence(datasets.Value("int32")),
+        }
+    )
+    rows = {"prompt": ["a b", "", "c d e"], "label": [1, 0, 1], "tokens": [[1], [], [2, 3]]}
+    source = datasets.Dataset.from_dict(rows, features=features)
+    source.save_to_disk(str(tmp_path / "in"))
+    job = job_from_dict(
+        {
+            "name": "j",
+            "input": {"path": "in", "limit": 2},
+            "keep_columns": ["label", "tokens"],
+            "output_dir": "out",
+            "output": {"format": fmt},
+        },
+        base_dir=str(tmp_path),
+    )
+    out = Path(run_job(job, EngineCache(fake_factory())).output)
+    if fmt == "arrow":
+        back = datasets.Dataset.from_file(str(out))
+    elif fmt == "parquet":
+        back = datasets.Dataset.from_parquet(str(out), cache_dir=str(tmp_path / "cache"))
+    else:
+        back = datasets.load_from_disk(str(out))
+    assert back.features["label"] == features["label"]
+    assert back.features["tokens"] == datasets.List(datasets.Value("int32"))
+    assert (back["label"], back["tokens"]) == ([1, 0], [[1], []])
+    assert back["error_kind"] == [None, "empty_prompt"]
