@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError, shown_path
 
+from .assemble import unify
 from .atomic import write_json
 from .job_io import checked_first_rows, layout_for, with_input_schema
 from .lock import OutputLock
@@ -114,6 +115,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         if source.num_rows == 0:  # Ray writes no file for no rows: the folder is still the output, columns and all
             parts.mkdir(parents=True, exist_ok=True)
             pq.write_table(layout.to_table([]), parts / f"part-{run:04d}-000000-empty.parquet")
+        align_parts(parts)
         report = folder_report(parts)
         # What a local run writes into its output, for `kvbatch merge` to write into the single file.
         metadata = {**job_metadata(job, None), **layout.features_metadata()}
@@ -291,6 +293,24 @@ def done_rows(parts: Path) -> np.ndarray:
             log.warning("%s cannot be read (a write cut short?); its rows will be done again", file)
             Path(file).unlink()
     return np.sort(np.concatenate(arrays)) if arrays else np.zeros(0, np.int64)
+
+
+def align_parts(parts: Path) -> None:
+    """Give the folder's files one schema, so that it reads as one dataset. Each write task types a schema-less
+    input's kept columns from its own rows (null where none has a value, int in one file and text in another);
+    the files that differ are rewritten, one at a time, to the types a local run's output has (assemble.unify)."""
+    files = part_files(parts)
+    schemas = [pq.read_schema(f) for f in files]
+    if all(s.equals(schemas[0]) for s in schemas):
+        return
+    target = unify([s.empty_table() for s in schemas]).schema
+    for file, schema in zip(files, schemas):
+        if schema.equals(target):
+            continue
+        table = unify([target.empty_table(), pq.read_table(file)]).cast(target)
+        aligned = Path(file).with_name(f".{Path(file).name}.aligned")  # hidden: never read as a part
+        pq.write_table(table, aligned)
+        aligned.replace(file)
 
 
 def folder_report(parts: Path) -> WriteReport:

@@ -221,3 +221,26 @@ def test_a_ray_run_over_no_rows_writes_a_folder_that_reads_and_is_complete(tmp_p
 
     assert merge_parts(output_path(job)).num_rows == 0
     assert pq.read_table(output_path(job)).num_rows == 0
+
+
+def test_a_ray_folder_reads_as_one_dataset_when_kept_json_values_change_type(tmp_path, local_ray):
+    # JSON lines have no schema: each write task typed the kept columns from its own rows, so a column absent from
+    # the first block's rows was null-typed in one file and text in the next, and pyarrow could not read the folder.
+    records = [
+        {"id": i, "prompt": f"w{i} w{i + 1}", **({"tag": f"t{i}"} if i >= 3 else {}), "mixed": i if i < 3 else f"s{i}"}
+        for i in range(6)
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    local = job_from_dict({**_job_dict(tmp_path, "whole"), "keep_columns": ["tag", "mixed"]})
+    [single] = run_jobs([local], engine_factory=tiny_engine)
+    assert single.error is None, single.error
+    expected = rows_of(output_path(local))
+    assert [r["mixed"] for r in expected] == ["0", "1", "2", "s3", "s4", "s5"]  # int and text: JSON text
+
+    job = ray_job(tmp_path, source, keep_columns=["tag", "mixed"], parallel={"ray_actors": 1, "ray_batch_rows": 3})
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    parts = output_path(job).with_name("answers.parquet.parts")
+    assert len(list(parts.glob("part-*.parquet"))) > 1
+    assert folder_rows(parts) == expected
