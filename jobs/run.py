@@ -124,8 +124,9 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         if writer.already_complete:
             log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
             return already_complete(out, io.summary)
-        if reader.num_rows == 0:  # an empty input, or input.limit 0: an empty output, no model to load for it
-            log.info("job %s: the input has no rows; writing an empty output without loading the model", job.name)
+        total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
+        if total == 0:  # an empty input, input.limit 0 or a shard past the last row: no model to load for it
+            log.info("job %s: no rows to run; writing an empty output without loading the model", job.name)
             writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, None).items()}
             writer.model = model_name(job.model)
             report = writer.finalize(0)
@@ -138,7 +139,6 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         writer.model = model_name(job.model)  # OpenAI Batch output names the model, as the API does
         before = dataclasses.replace(engine.stats)
         done = len(writer.done_rows)
-        total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
         progress = JobProgress(job.name, total, engine, initial=done, mode=job.progress, every_s=job.progress_seconds)
         feed = _Feed(RowPipeline(job, engine.tokenizer, writer.layout), writer, progress, stop, shard)
 

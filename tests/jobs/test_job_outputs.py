@@ -127,23 +127,33 @@ def test_schema_metadata_names_job_model_sampling_and_version(tmp_path: Path) ->
     assert json.loads(meta["kvbatch.engine"])["pool"] == "100 blocks of 16 tokens = 1600 tokens"
 
 
-@pytest.mark.parametrize(("lines", "limit"), [([{"prompt": "hi"}, {"prompt": "there"}], 0), ([], None)])
+@pytest.mark.parametrize(
+    ("lines", "limit", "shard"),
+    [([{"prompt": "hi"}, {"prompt": "there"}], 0, None), ([], None, None), ([{"prompt": "hi"}], None, "2/3")],
+)
 @pytest.mark.parametrize("fmt", ["arrow", "jsonl"])
-def test_no_rows_to_run_write_an_empty_output_without_loading_the_model(tmp_path: Path, lines, limit, fmt) -> None:
-    # input.limit 0 (--limit 0) or an empty file: the output and summary are written, no engine is built.
+def test_no_rows_to_run_write_an_empty_output_without_loading_the_model(
+    tmp_path: Path, lines, limit, shard, fmt
+) -> None:
+    # input.limit 0 (--limit 0), an empty file or a Slurm shard past the last row (an array of 3 tasks over one
+    # row): the output and summary are written, no engine is built.
     write_lines(tmp_path / "in.jsonl", lines)
     fields = {"input": {"path": "in.jsonl", "limit": limit}, "output": {"path": f"res.{fmt}"}, "model": "some-model"}
+    if shard is not None:
+        fields["parallel"] = {"shard": shard}
     summary, engine = run(tmp_path, **fields)
     assert engine is None
     assert (summary.rows, summary.rows_ok, summary.rows_error) == (0, 0, 0)
     path = tmp_path / "out" / f"res.{fmt}"
+    if shard is not None:
+        path = path.with_name(f"res.shard-0002-of-0003.{fmt}")
     if fmt == "arrow":
         table = read_arrow(path)
         assert table.num_rows == 0 and {"row", "text", "finish_reason", "error_kind"} <= set(table.column_names)
         assert table.schema.metadata[b"kvbatch.model"] == b"some-model"
     else:
         assert path.read_text() == ""
-    assert json.loads((tmp_path / "out" / f"res.{fmt}.summary.json").read_text())["rows"] == 0
+    assert json.loads(path.with_name(path.name + ".summary.json").read_text())["rows"] == 0
     assert run(tmp_path, **fields)[0].status == "already complete"  # a rerun finds it done
 
 
