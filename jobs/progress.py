@@ -10,6 +10,10 @@ from the engine's counters, which move every step:
 
     ETA = work left / work per second          work = prompt tokens computed + output tokens, this run
     work left = rows left x work per finished row of this run - work already done for the rows in flight
+
+Where that leaves no work while rows are left, the rows still running have already done more than the finished
+ones did in all (the short rows finish first), and the rows' own rate is the better guide: ETA = rows left / rows
+per second. An ETA of 0 means the job is done.
 """
 
 from __future__ import annotations
@@ -160,7 +164,10 @@ class JobProgress:
         finished = self.prompt_tokens * (1.0 - hit_rate) + self.output_tokens
         per_row = finished / self.rows_worked
         in_flight = max(0.0, work - finished)
-        left = max(0.0, (self.total - self.rows_done) * per_row - in_flight)
+        rows_left = self.total - self.rows_done
+        left = rows_left * per_row - in_flight
+        if left <= 0:  # the running rows outgrew the finished rows' average: they are the long ones
+            return rows_left * elapsed / self.rows_worked
         return left / (work / elapsed)
 
     # -- events ------------------------------------------------------------------------------------------

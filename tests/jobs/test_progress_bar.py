@@ -54,6 +54,23 @@ def test_a_resume_and_error_rows_do_not_count_as_work() -> None:
     assert snap.eta_s == pytest.approx((34 * 550 - 230) / 133.0)
 
 
+def test_rows_still_running_longer_than_the_finished_ones_leave_a_time_to_wait() -> None:
+    """20 rows prefilled together; the 6 short ones finish first. The 14 running rows have already done more
+    work than 14 of the finished rows' average, so the token estimate leaves nothing: the ETA is 0 only when the
+    job is done, and here comes from the rows' rate (6 rows in 60 s, 14 left)."""
+    clock, engine = Clock(), FakeEngine()
+    progress = JobProgress("j", 20, engine, mode="lines", every_s=30, stream=io.StringIO(), clock=clock)
+    clock.now += 60
+    engine.stats.num_prefill_tokens += 20 * 30  # every prompt computed
+    engine.stats.num_output_tokens += 6 * 5 + 14 * 25  # the short rows' 5 tokens, the running rows' 25 so far
+    for _ in range(6):
+        progress.update(30, 5, error=False)
+    assert progress.snapshot().eta_s == pytest.approx(14 * 60 / 6)
+    for _ in range(14):
+        progress.update(30, 40, error=False)
+    assert progress.snapshot().eta_s == 0.0
+
+
 def test_a_long_prefill_shows_before_any_row_finishes() -> None:
     clock, engine, log = Clock(), FakeEngine(), io.StringIO()
     progress = JobProgress("j", 21, engine, mode="lines", every_s=30, stream=log, clock=clock)
