@@ -68,9 +68,10 @@ class StopChecker:
 
     def stop_reason(self, seq: Sequence) -> str | int | None:
         """What stopped a finished sequence: the stop string (the one the text is cut before), or a stop token id
-        of `sampling.stop_token_ids`; None for the model's EOS and for every reason but "stop"."""
+        of `sampling.stop_token_ids`; None for the model's EOS and for every reason but "stop". A constrained row
+        stopped where its grammar ended: stop strings, stop token ids and ignore_eos do not apply to it."""
         params = seq.request.sampling
-        if seq.finish_reason != "stop" or not seq.output_token_ids:
+        if seq.finish_reason != "stop" or not seq.output_token_ids or seq.matcher is not None:
             return None
         last = seq.output_token_ids[-1]
         if last in params.stop_token_ids:

@@ -70,7 +70,9 @@ def test_the_models_eos_leaves_the_stop_reason_null() -> None:
     params = SamplingParams(stop_token_ids=(9,))
 
     def seq(tokens: list[int]) -> SimpleNamespace:
-        return SimpleNamespace(request=SimpleNamespace(sampling=params), output_token_ids=tokens, finish_reason="stop")
+        return SimpleNamespace(
+            request=SimpleNamespace(sampling=params), output_token_ids=tokens, finish_reason="stop", matcher=None
+        )
 
     assert checker.stop_reason(seq([4, EOS_ID])) is None
     assert checker.stop_reason(seq([4, 9])) == 9

@@ -564,6 +564,20 @@ def test_prefix_cache_and_stop_settings_do_not_cut_a_structure(loaded, tokenizer
     assert all(got[i][1][0][0] == want for i in range(4))
 
 
+def test_a_constrained_row_has_no_stop_reason(loaded, tokenizer) -> None:
+    """A constrained row ends where its grammar ends, never on a stop string or stop token id, so none is its stop
+    reason, even where its whole text holds a stop string or ignore_eos is set."""
+    choices = CONSTRAINTS[2].choice
+    stops = dict(stop=("e", "o", "y", "a"), ignore_eos=True, stop_token_ids=(EOS,))
+    params = [SamplingParams(8, structured_outputs=CONSTRAINTS[2], **stops), SamplingParams(8, **stops)]
+    requests = [GenerationRequest(i, p, params[i % 2]) for i, p in enumerate(prompts(tokenizer, 6))]
+    results = {r.request_id: r.completions[0] for r in make_engine(loaded).generate(requests)}
+    constrained = [results[r.request_id] for r in requests if r.sampling.structured_outputs is not None]
+    assert [(c.text in choices, c.finish_reason, c.stop_reason) for c in constrained] == [(True, "stop", None)] * 3
+    free = [results[r.request_id] for r in requests if r.sampling.structured_outputs is None]
+    assert all(c.stop_reason is not None for c in free if c.finish_reason == "stop")  # the free rows still stop
+
+
 def test_bad_constraints_fail_their_own_request(loaded, tokenizer) -> None:
     prompt = prompts(tokenizer, 1)[0]
     bad = {
