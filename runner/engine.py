@@ -45,7 +45,7 @@ from kvbatch.runner.config import EngineConfig, SamplingParams
 
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
-from .logits_processors import RowLogits, row_logits
+from .logits_processors import RowLogits, banned_token_ids, row_logits
 from .lora.adapters import Adapters
 from .model_loader import LoadedModel, length_dependent_rope, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
@@ -841,6 +841,11 @@ class Engine:
                 constrained.append(seq)
                 constrained_tokens.append(token)
                 continue
+            if seq.group.logits_info is not None and seq.request.sampling.allowed_token_ids:
+                problem = self._no_token_was_allowed(seq)
+                if problem:
+                    results += self._fail(scheduler, seq, problem, ErrorKind.BAD_REQUEST)
+                    continue
             if seq.custom_stops or token in eos or len(seq.output_token_ids) >= seq.max_new_tokens:
                 reason = self.stop_checker.check(seq)
             else:
@@ -859,6 +864,21 @@ class Engine:
         self.stats.num_spare_tokens += num_spare
         self.stats.num_output_tokens += len(sampling_items) - num_spare
         return results
+
+    @staticmethod
+    def _no_token_was_allowed(seq: Sequence) -> str | None:
+        """Why the newest token of a row with allowed_token_ids came from logits all at -inf, or None. Bad words of
+        several tokens ban their last token only after the others, so a row that passed _no_token_allowed can
+        still come to ban every token it allows; the draw then took token 0, which it may not allow."""
+        params = seq.request.sampling
+        before = seq.output_token_ids[:-1]
+        banned = set(banned_token_ids(params, seq.group.logits_info, before, len(before)))
+        if not all(token_id in banned for token_id in params.allowed_token_ids):  # stops at the first one left
+            return None
+        return (
+            f"after {len(before)} token{'s' if len(before) != 1 else ''}, bad_words (and min_tokens) ban every token "
+            "of allowed_token_ids: no token may be generated"
+        )
 
     def _stop(self, scheduler: Scheduler, seq: Sequence, reason: FinishReason) -> list[GenerationResult]:
         seq.finish_reason = reason
@@ -949,8 +969,10 @@ class Engine:
             scores=[ContinuationScore(sum(logprobs), len(logprobs), greedy, logprobs)],
         )
 
-    def _fail(self, scheduler: Scheduler, seq: Sequence, message: str) -> list[GenerationResult]:
-        """End `seq`'s request, all its sequences, as an engine error (nothing if it has ended already)."""
+    def _fail(
+        self, scheduler: Scheduler, seq: Sequence, message: str, kind: ErrorKind = ErrorKind.ENGINE
+    ) -> list[GenerationResult]:
+        """End `seq`'s request, all its sequences, as an error of `kind` (nothing if it has ended already)."""
         state: _RequestState = seq.group
         if state.num_unfinished == 0:
             return []
@@ -960,7 +982,7 @@ class Engine:
                 scheduler.finish(sibling)
         state.num_unfinished = 0
         self._end(state)
-        return [self._error_result(state.request, ErrorKind.ENGINE, message)]
+        return [self._error_result(state.request, kind, message)]
 
     def _recover(
         self, scheduler: Scheduler, seqs: list[Sequence], exc: Exception, registered: list[int] | None = None

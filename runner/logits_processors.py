@@ -88,15 +88,7 @@ def apply_row_processors(logits: torch.Tensor, rows: list[Row]) -> None:
             ids = _upload(output, torch.int64, device)
             counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]].float()
             logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-        banned: list[int] = []
-        extra = row.logits_info
-        if extra is not None and row.position < params.min_tokens:
-            banned += extra.stop_ids
-        if extra is not None:
-            for word in extra.bad_words_ids:
-                prefix = len(word) - 1
-                if prefix <= len(output) and (prefix == 0 or list(word[:prefix]) == output[-prefix:]):
-                    banned.append(word[-1])
+        banned = banned_token_ids(params, row.logits_info, output, row.position)
         if banned:
             logits[i, _upload(banned, torch.int64, device)] = float("-inf")
         if params.allowed_token_ids:
@@ -104,6 +96,19 @@ def apply_row_processors(logits: torch.Tensor, rows: list[Row]) -> None:
             allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
             allowed[ids] = True
             logits[i].masked_fill_(~allowed, float("-inf"))
+
+
+def banned_token_ids(params: SamplingParams, info: RowLogits | None, output: list[int], position: int) -> list[int]:
+    """The ids min_tokens and bad words mask for the token at output `position`, after `output` (the tokens so
+    far where the row has bad words: only those read their output)."""
+    if info is None:
+        return []
+    banned = list(info.stop_ids) if position < params.min_tokens else []
+    for word in info.bad_words_ids:
+        prefix = len(word) - 1
+        if prefix <= len(output) and (prefix == 0 or list(word[:prefix]) == output[-prefix:]):
+            banned.append(word[-1])
+    return banned
 
 
 def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -254,6 +254,31 @@ def test_allowed_token_ids_that_the_row_bans_fail_their_row_not_a_silent_token_0
     assert set(results[3].completions[0].token_ids) <= {40, EOS_ID}
 
 
+def test_bad_words_that_come_to_ban_every_allowed_token_fail_their_row(models, prompts) -> None:
+    """Bad words of several tokens ban their last token only after the others, so allowed_token_ids can pass the
+    check when the row is added and still be banned whole after some output: then no token may be generated, and
+    the row fails rather than take token 0, which it does not allow."""
+    engine = make_engine(models[0])
+    # logit_bias makes w40 come first; after it both allowed tokens are banned (greedy, sampled, under min_tokens)
+    after_40 = dict(allowed_token_ids=(40, 41), bad_words=("w40 w40", "w40 w41"), logit_bias={40: 100.0})
+    contradictory = {
+        0: after_40,
+        1: after_40 | dict(temperature=1.0, seed=3),
+        2: dict(allowed_token_ids=(40, EOS_ID), bad_words=("w40 w40",), min_tokens=3, logit_bias={40: 100.0}),
+    }
+    requests = [
+        GenerationRequest(i, prompts[0], SamplingParams(max_new_tokens=4, **p)) for i, p in contradictory.items()
+    ]
+    fine = dict(allowed_token_ids=(40, 41), bad_words=("w40 w40",), logit_bias={40: 100.0})  # w41 is left after w40
+    requests.append(GenerationRequest(3, prompts[0], SamplingParams(max_new_tokens=4, **fine)))
+    results = {r.request_id: r for r in engine.generate(requests)}
+    for i in contradictory:
+        assert results[i].error_kind == ErrorKind.BAD_REQUEST, (i, results[i].completions)
+        assert "after 1 token" in results[i].error
+    assert results[3].error is None and results[3].completions[0].token_ids == [40, 41, 40, 41]
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
 def test_a_bad_word_the_model_cannot_write_needs_no_ban() -> None:
     # The tokenizer may know more tokens than the model's vocabulary; banning one of those indexed past the logits.
     from tiny_models import word_tokenizer
