@@ -3,7 +3,8 @@ allowed token ids, with the names and meanings of vLLM's SamplingParams.
 
     presence, frequency   logit -= presence * (count > 0) + frequency * count, counting the sample's OUTPUT tokens
     logit_bias            logit[id] += bias
-    min_tokens            EOS and stop token ids masked while fewer than min_tokens tokens were generated
+    min_tokens            EOS and stop token ids (EOS alone for a constrained row) masked while fewer than
+                          min_tokens tokens were generated
     bad_words             a word's last token masked when the output ends with the word's other tokens
     allowed_token_ids     every other token masked
 
@@ -46,7 +47,9 @@ def row_logits(
 ) -> RowLogits | None:
     if not (params.min_tokens or params.bad_words):
         return None
-    stop_ids = tuple(sorted(set(eos_token_ids) | set(params.stop_token_ids)))  # vLLM masks EOS even with ignore_eos
+    # vLLM masks EOS even with ignore_eos. Stop token ids do not stop a constrained row: min_tokens leaves them be.
+    stop_token_ids = set(params.stop_token_ids) if params.structured_outputs is None else set()
+    stop_ids = tuple(sorted(set(eos_token_ids) | stop_token_ids))
     # A tokenizer may know more tokens than the model writes: a word spelled with one of those needs no ban.
     words = tuple(w for w in bad_words_token_ids(params.bad_words, tokenizer) if max(w) < vocab_size)
     return RowLogits(stop_ids, words)

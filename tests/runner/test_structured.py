@@ -578,6 +578,17 @@ def test_a_constrained_row_has_no_stop_reason(loaded, tokenizer) -> None:
     assert all(c.stop_reason is not None for c in free if c.finish_reason == "stop")  # the free rows still stop
 
 
+def test_min_tokens_leaves_a_constrained_rows_stop_token_ids_alone(loaded, tokenizer, reference, compiler) -> None:
+    """Stop token ids do not stop a constrained row, so min_tokens has no reason to ban them there: it bans EOS
+    only, and a stop id the structure wants (its first digit here) is still written, as xgrammar's processor does."""
+    prompt = prompts(tokenizer, 1)[0]
+    constraint = StructuredOutputs(regex="[0-9]{6}")
+    want = hf_constrained(reference, compiler, prompt, constraint, 10)
+    params = SamplingParams(10, structured_outputs=constraint, stop_token_ids=(want[0],), min_tokens=3)
+    got = outcome(make_engine(loaded), [GenerationRequest(0, prompt, params)])
+    assert got[0] == (None, [(want, "stop")])
+
+
 def test_bad_constraints_fail_their_own_request(loaded, tokenizer) -> None:
     prompt = prompts(tokenizer, 1)[0]
     bad = {
