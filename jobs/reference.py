@@ -32,7 +32,8 @@ jobs:
   - name: questions
     input: {path: data/questions.jsonl}
     id_column: id
-    sampling: {temperature: 0.7, seed: 1}
+    sampling: {temperature: 0.7}
+    engine: {seed: 1}             # each row its own seed, from 1 and its row index
 ```
 """
 

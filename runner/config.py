@@ -189,8 +189,15 @@ class SamplingParams:
     repetition_penalty: float = setting(
         1.0, "divide the logits of tokens already seen (>1 discourages)", min=REPETITION_PENALTY_MIN
     )
-    # Samples are drawn from 63 bits of the seed: a wider one would share its samples with another.
-    seed: int | None = setting(None, "same seed, same sample, whatever else shares the batch", min=0, max=2**63 - 1)
+    # Samples are drawn from 63 bits of the seed: a wider one would share its samples with another. A row's noise
+    # follows its seed and position alone (vLLM's per-request seed), so rows given one seed draw alike.
+    seed: int | None = setting(
+        None,
+        "same seed, same sample, whatever else shares the batch; one seed for every row makes their samples "
+        "alike: engine.seed gives each row its own",
+        min=0,
+        max=2**63 - 1,
+    )
     stop: tuple[str, ...] = setting((), "stop strings; the text is cut before them", no_empty_string=True)
     stop_token_ids: tuple[int, ...] = setting((), "token ids that stop a sample, besides the model's EOS", min=0)
     n: int = setting(1, "samples per prompt", min=1)
