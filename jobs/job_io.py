@@ -53,6 +53,14 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
             "log-probability) applies to task generate and task score, for prompts that fit the context",
             field="sampling.prompt_logprobs",
         )
+    if job.is_scoring:  # else their columns would be written, null on every row (n's a list of one)
+        asked = {"n": job.sampling.n != 1, "logprobs": job.sampling.logprobs, "top_logprobs": job.sampling.top_logprobs}
+        for name in [k for k, v in asked.items() if v][:1]:
+            raise SpecError(
+                f"task {job.task} generates no tokens, so sampling.{name} has nothing to apply to (each row gets "
+                "`scores`)",
+                field=f"sampling.{name}",
+            )
     multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
     reasoning = splits_reasoning(job)
     layout = Layout(

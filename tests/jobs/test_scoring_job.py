@@ -116,6 +116,19 @@ def _bos_folder(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("task", ["score", "score_rolling"])
+@pytest.mark.parametrize(("name", "value"), [("n", 2), ("logprobs", True), ("top_logprobs", 2)])
+def test_scoring_refuses_settings_of_generated_tokens(tmp_path: Path, task: str, name: str, value) -> None:
+    # Nothing is generated: their columns were written null on every row (n > 1: a list of one finish reason).
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.job_io import layout_for
+
+    base = {"name": "j", "input": {"path": "in.jsonl"}, "task": task}
+    with pytest.raises(SpecError, match=f"task {task} generates no tokens, so sampling.{name}") as refused:
+        layout_for(job_from_dict(base | {"sampling": {name: value}}, base_dir=str(tmp_path)), {})
+    assert refused.value.field == f"sampling.{name}"
+
+
 @pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "adds-bos"])
 def test_task_score_rolling_gives_lm_evals_loglikelihood_rolling(
     tmp_path: Path, model_folder: Path, monkeypatch, bos: bool
