@@ -33,7 +33,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import jinja2
@@ -280,6 +280,11 @@ class KVBatchLM(TemplateLM):
                 raise ValueError(
                     f"max_gen_toks {params.max_new_tokens} leaves no context of max_length {self.max_length}"
                 )
+            if "" in until:
+                # hf's stop criteria ask whether a stop is in the decoded text, and "" is in every text: hf stops
+                # after the first token and keeps it (its post-processing skips empty stops). The context above
+                # is still cut to leave room for max_gen_toks, as in hf.
+                params = replace(params, max_new_tokens=1)
             engine_requests.append(GenerationRequest(index, self.tok_encode(context)[-max_context:], params))
             stops.append(until)
         answers = [""] * len(requests)

@@ -300,3 +300,30 @@ def test_generation_kwargs_the_engine_cannot_follow_are_refused(model_folder: Pa
         refused = f"kvbatch cannot follow the generation kwargs \\['{next(iter(extra))}'\\]"
         with pytest.raises(ValueError, match=refused):
             model.generate_until([request])
+
+
+def test_an_empty_stop_string_ends_the_generation_after_one_token_as_in_hf(model_folder: Path, monkeypatch) -> None:
+    # hf's stop criteria ask whether each stop is in the decoded text, and "" is in every text: hf stops after the
+    # first token, whose text its post-processing keeps (it skips empty stops). kvbatch dropped the empty stop and
+    # generated up to max_gen_toks. The long context checks that truncation still leaves room for max_gen_toks.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(8)
+    kwargs = [
+        {"until": [""], "max_gen_toks": 6},
+        {"until": "", "max_gen_toks": 6},
+        {"until": ["w43", ""], "max_gen_toks": 6},
+        {"until": ["w43"], "max_gen_toks": 6},
+    ]
+    requests = [
+        Instance("generate_until", {}, (words(rng, n), kw), idx=i)
+        for i, (n, kw) in enumerate(zip((5, 60, 9, 5), kwargs, strict=True))
+    ]
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    got, want = model.generate_until(requests), hf.generate_until(requests)
+    assert got == want
+    assert [len(answer.split()) for answer in got[:3]] == [1, 1, 1] and len(got[3].split()) > 1
