@@ -314,8 +314,15 @@ class KVBatchLM(TemplateLM):
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
         max_new = kwargs.pop("max_gen_toks")
-        kwargs.pop("do_sample")
+        do_sample = kwargs.pop("do_sample")
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        if do_sample and temperature <= 0:
+            # hf hands generate() do_sample=True with a temperature of 0 (its default where none is given), which
+            # transformers refuses; generating greedily instead would answer a task that asked for samples.
+            raise ValueError(
+                f"do_sample=True needs a temperature over 0 (got {temperature}), as in lm-eval's hf model, whose "
+                "generate() refuses it; give a temperature, or do_sample=False for greedy decoding"
+            )
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING_KWARGS}
         if kwargs.get("num_beams") == 1:  # one beam is what the engine does (tasks set it)
             del kwargs["num_beams"]

@@ -327,3 +327,26 @@ def test_an_empty_stop_string_ends_the_generation_after_one_token_as_in_hf(model
     got, want = model.generate_until(requests), hf.generate_until(requests)
     assert got == want
     assert [len(answer.split()) for answer in got[:3]] == [1, 1, 1] and len(got[3].split()) > 1
+
+
+def test_do_sample_without_a_temperature_is_refused_as_in_hf(model_folder: Path, monkeypatch) -> None:
+    # hf hands do_sample=True and a temperature of 0 (its default where none is given) to generate(), which raises
+    # a ValueError: the temperature has to be strictly positive. kvbatch generated greedily, which is not what the
+    # task asked for. do_sample=False with a temperature is greedy in both.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    context = words(random.Random(2), 6)
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    for kwargs in ({"do_sample": True}, {"do_sample": True, "temperature": 0}, {"do_sample": True, "temperature": 0.0}):
+        request = Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 4} | kwargs), idx=0)
+        with pytest.raises(ValueError, match="strictly positive"):
+            hf.generate_until([request])
+        with pytest.raises(ValueError, match="do_sample=True needs a temperature over 0"):
+            model.generate_until([request])
+    greedy_kwargs = {"do_sample": False, "temperature": 0.7, "max_gen_toks": 4}
+    greedy = [Instance("generate_until", {}, (context, greedy_kwargs), idx=0)]
+    assert model.generate_until(greedy) == hf.generate_until(greedy)
