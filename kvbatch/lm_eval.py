@@ -162,15 +162,22 @@ class KVBatchLM(TemplateLM):
         return str(getattr(self.tokenizer, "name_or_path", self._model_name)).replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        special: dict[str, bool] = {}
-        if add_special_tokens is not None:
-            special["add_special_tokens"] = add_special_tokens
-        elif self.add_bos_token is not None:
-            special["add_special_tokens"] = self.add_bos_token
         if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-            special["add_special_tokens"] = False  # the text already starts with BOS
+            add_special_tokens = False  # the text already starts with BOS
+        return self._encode(string, add_special_tokens)
+
+    def _encode_generation_context(self, context: str) -> list[int]:
+        # hf encodes these with tok_batch_encode, which looks for the tokenizer's BOS text at the start, where
+        # tok_encode looks for the prefix token's: they differ under a prefix_token_id model_arg.
+        return self._encode(context, False if has_bos_prefix(context, self.tokenizer.bos_token) else None)
+
+    def _encode(self, string: str, add_special_tokens: bool | None) -> list[int]:
+        """`string`'s token ids; add_special_tokens None: as add_bos_token says, else as the tokenizer does."""
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token
+        special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         ids = self.tokenizer.encode(string, **special)
-        if self._prepends_bos and special.get("add_special_tokens", True):
+        if self._prepends_bos and add_special_tokens is not False:
             ids = [self.tokenizer.bos_token_id, *ids]
         return ids
 
@@ -285,7 +292,8 @@ class KVBatchLM(TemplateLM):
                 # after the first token and keeps it (its post-processing skips empty stops). The context above
                 # is still cut to leave room for max_gen_toks, as in hf.
                 params = replace(params, max_new_tokens=1)
-            engine_requests.append(GenerationRequest(index, self.tok_encode(context)[-max_context:], params))
+            context_ids = self._encode_generation_context(context)[-max_context:]
+            engine_requests.append(GenerationRequest(index, context_ids, params))
             stops.append(until)
         answers = [""] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="kvbatch generate_until")

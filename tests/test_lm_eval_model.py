@@ -350,3 +350,22 @@ def test_do_sample_without_a_temperature_is_refused_as_in_hf(model_folder: Path,
     greedy_kwargs = {"do_sample": False, "temperature": 0.7, "max_gen_toks": 4}
     greedy = [Instance("generate_until", {}, (context, greedy_kwargs), idx=0)]
     assert model.generate_until(greedy) == hf.generate_until(greedy)
+
+
+def test_generation_contexts_get_a_bos_as_in_hf(model_folder: Path, monkeypatch) -> None:
+    # hf encodes generation contexts with tok_batch_encode, which leaves out special tokens only where a context
+    # starts with the tokenizer's BOS text, not with the prefix token's as tok_encode does. kvbatch used
+    # tok_encode: with prefix_token_id=7 and add_bos_token, a context starting "w7" lost its BOS and its answer.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = words(random.Random(1), 6)
+    requests = [
+        Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 5}), idx=i)
+        for i, context in enumerate((f"w7 {text}", f"<s> {text}", text))
+    ]
+    args = f"device=cpu,max_length={MAX_LENGTH},prefix_token_id=7,add_bos_token=True"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    assert model.generate_until(requests) == hf.generate_until(requests)
