@@ -324,7 +324,11 @@ class KVBatchLM(TemplateLM):
         max_new = kwargs.pop("max_gen_toks")
         do_sample = kwargs.pop("do_sample")
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-        if do_sample and temperature <= 0:
+        if not do_sample:
+            # hf's generate() decodes greedily without do_sample, whatever the temperature (lm-eval leaves a
+            # negative one in place)
+            temperature = 0.0
+        elif temperature <= 0:
             # hf hands generate() do_sample=True with a temperature of 0 (its default where none is given), which
             # transformers refuses; generating greedily instead would answer a task that asked for samples.
             raise ValueError(

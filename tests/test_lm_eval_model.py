@@ -369,3 +369,21 @@ def test_generation_contexts_get_a_bos_as_in_hf(model_folder: Path, monkeypatch)
     hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
     model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
     assert model.generate_until(requests) == hf.generate_until(requests)
+
+
+def test_without_do_sample_the_temperature_is_ignored_as_in_hf(model_folder: Path, monkeypatch) -> None:
+    # lm-eval reads a temperature <= 0 without do_sample as do_sample=False, and hf's generate() then decodes
+    # greedily whatever the temperature. kvbatch handed a negative temperature to SamplingParams, which refused it.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    context = words(random.Random(2), 6)
+    requests = [
+        Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 4} | kwargs), idx=i)
+        for i, kwargs in enumerate(({"temperature": -1.0}, {"temperature": -1.0, "do_sample": False}))
+    ]
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    assert model.generate_until(requests) == hf.generate_until(requests)
