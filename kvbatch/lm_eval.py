@@ -321,6 +321,9 @@ class KVBatchLM(TemplateLM):
         # cache keys on), the max_gen_toks aliases, and do_sample against temperature.
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+        if not all(isinstance(stop, str) for stop in until):
+            # hf fails on these as it builds its stop criteria; left to post-processing, they fail after generating
+            raise ValueError(f"until must be a string or a list of strings, got {gen_kwargs.get('until')!r}")
         max_new = kwargs.pop("max_gen_toks")
         do_sample = kwargs.pop("do_sample")
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)

@@ -387,3 +387,23 @@ def test_without_do_sample_the_temperature_is_ignored_as_in_hf(model_folder: Pat
     hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
     model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
     assert model.generate_until(requests) == hf.generate_until(requests)
+
+
+def test_an_until_that_is_not_text_is_refused_before_generating(model_folder: Path, monkeypatch) -> None:
+    # hf fails on `until: null` (lm-eval reads it as [None]) as it builds its stop criteria, before generating.
+    # kvbatch dropped the None from the engine's stops, generated, and failed in post-processing with a TypeError.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    context = words(random.Random(2), 6)
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    monkeypatch.setattr(model.engine, "generate", lambda requests: pytest.fail("the engine was asked to generate"))
+    for until in (None, [None], ["w43", 5]):
+        request = Instance("generate_until", {}, (context, {"until": until, "max_gen_toks": 4}), idx=0)
+        with pytest.raises(ValueError):
+            hf.generate_until([request])
+        with pytest.raises(ValueError, match="until must be a string or a list of strings"):
+            model.generate_until([request])
