@@ -18,6 +18,8 @@ model's; refused over what the KV pool holds), and as `hf` reads them `add_bos_t
 what follows its last one).
 `seed` (the engine's) defaults to lm-eval's torch seed (`--seed`), so a sampled run repeats, as with `hf`.
 Generation kwargs other than lm-eval's own, top_p, top_k, min_p, repetition_penalty, seed and num_beams=1 are refused.
+Those four left unset come, as in hf's generate(), from the model's generation_config.json, else transformers'
+defaults (top_k 50 when sampling).
 `batch_size` is accepted and ignored: the engine packs requests by free KV blocks. On the command line the device
 is lm-eval's `--device` (its default, cuda:0, falls back to the CPU without a GPU).
 
@@ -60,6 +62,14 @@ _ENGINE_FIELDS = {f.name for f in fields(EngineConfig)}
 # lm-eval's generation kwargs that SamplingParams knows under the same name (besides until, max_gen_toks,
 # temperature and do_sample, handled below).
 _SAMPLING_KWARGS = {"top_p", "top_k", "min_p", "repetition_penalty", "seed"}
+# What hf's generate() uses where neither the request nor the model's generation_config.json sets these:
+# transformers' own defaults (GenerationConfig._get_default_generation_params; min_p has none).
+_HF_GENERATION_DEFAULTS: dict[str, float | int | None] = {
+    "top_k": 50,
+    "top_p": 1.0,
+    "min_p": None,
+    "repetition_penalty": 1.0,
+}
 
 
 class EngineRowError(RuntimeError):
@@ -134,6 +144,7 @@ class KVBatchLM(TemplateLM):
                 "thinking), as lm-eval's hf model does"
             )
         self.think_end_token = think_end_token
+        self._generation_defaults = self._hf_generation_defaults()
 
     # ---- what lm-eval asks of a model ---------------------------------------------------------
 
@@ -316,6 +327,19 @@ class KVBatchLM(TemplateLM):
                 text = self.tok_decode(tokens[last + 1 :]).lstrip()
         return postprocess_generated_text(text, until, think if isinstance(think, str) else None)
 
+    def _hf_generation_defaults(self) -> dict[str, Any]:
+        """top_k, top_p, min_p and repetition_penalty where a request does not set them, as hf's generate() takes
+        them: from the model's generation_config.json, else transformers' defaults. hf applies a repetition_penalty
+        there in greedy tasks too (Qwen's instruct models set one), and samples from the top 50 tokens by default."""
+        config = getattr(self.engine.model, "generation_config", None)
+        defaults: dict[str, Any] = {}
+        for name, default in _HF_GENERATION_DEFAULTS.items():
+            value = getattr(config, name, None)
+            value = default if value is None else value
+            if value is not None:
+                defaults[name] = value
+        return defaults
+
     def _sampling(self, gen_kwargs: dict[str, Any], eos_text: str) -> tuple[SamplingParams, list[str]]:
         # lm-eval's own reading, as its hf model's: a copy (the request's until stays as it was, which lm-eval's
         # cache keys on), the max_gen_toks aliases, and do_sample against temperature.
@@ -338,7 +362,7 @@ class KVBatchLM(TemplateLM):
                 f"do_sample=True needs a temperature over 0 (got {temperature}), as in lm-eval's hf model, whose "
                 "generate() refuses it; give a temperature, or do_sample=False for greedy decoding"
             )
-        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING_KWARGS}
+        settings = self._generation_defaults | {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING_KWARGS}
         if kwargs.get("num_beams") == 1:  # one beam is what the engine does (tasks set it)
             del kwargs["num_beams"]
         if kwargs:

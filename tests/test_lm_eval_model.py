@@ -407,3 +407,35 @@ def test_an_until_that_is_not_text_is_refused_before_generating(model_folder: Pa
             hf.generate_until([request])
         with pytest.raises(ValueError, match="until must be a string or a list of strings"):
             model.generate_until([request])
+
+
+def test_the_models_generation_config_sets_defaults_as_in_hf(model_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    # hf's generate() starts from the folder's generation_config.json, then transformers' defaults (top_k 50), and
+    # lm-eval's gen kwargs go over them: a repetition_penalty there holds in greedy tasks too (Qwen's instruct
+    # models set one), top_k and top_p where a task samples. kvbatch read none of them.
+    import shutil
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "generation-config"
+    shutil.copytree(model_folder, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config |= {"repetition_penalty": 50.0, "top_k": 1}  # top_k 1: a sampled answer is the greedy one, comparable
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    context = words(random.Random(7), 60)  # greedy without the penalty repeats w149 seven times here
+    requests = [
+        Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 10} | kwargs), idx=i)
+        for i, kwargs in enumerate(({}, {"do_sample": True, "temperature": 1.0}, {"repetition_penalty": 1.0}))
+    ]
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={folder},{args}")
+    got = model.generate_until(requests)
+    assert got == hf.generate_until(requests)
+    assert got[0] != got[2]  # the request's own repetition_penalty wins
+
+    plain = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    sampled = Instance("generate_until", {}, (context, {"do_sample": True, "temperature": 0.8}), idx=0)
+    assert plain._sampling(sampled.args[1], "</s>")[0].top_k == 50  # transformers' default where the folder has none
