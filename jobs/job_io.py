@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbatch.errors import SpecError
+from kvbatch.errors import InputError, SpecError
 from kvbatch.jobs.first_rows import check_first_rows
-from kvbatch.jobs.manifest import KVBATCH_VERSION, Manifest, input_identity
+from kvbatch.jobs.manifest import INPUT_KEY, KVBATCH_VERSION, Manifest, input_identity
 from kvbatch.jobs.parsed import ParsedColumn
 from kvbatch.jobs.pipeline import input_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
@@ -25,6 +25,7 @@ from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
 from kvbatch.jobs.spec import (
     JobSpec,
+    describe_changes,
     input_format,
     input_path,
     output_format,
@@ -196,3 +197,17 @@ def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:
     (so an edited input is refused too)."""
     fingerprint = {**result_fingerprint(job), **input_identity(input_path(job), job.input.split)}
     return Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)
+
+
+def check_input_unchanged(job: JobSpec, manifest: Manifest) -> None:
+    """Raise InputError if the input file changed since the job opened it: the rows read before and after the
+    change would make one output of two inputs, recorded under the first one's identity."""
+    before = manifest.fingerprint.get(INPUT_KEY)
+    now = input_identity(input_path(job), job.input.split).get(INPUT_KEY)
+    if before != now:
+        changes = "; ".join(describe_changes({INPUT_KEY: before}, {INPUT_KEY: now}))
+        raise InputError(
+            f"the input changed while the job ran ({changes}); the output is not written. Restore the input to "
+            "resume, or set output.mode: overwrite to start again over the new one",
+            job=job.name,
+        )

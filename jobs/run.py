@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch.errors import ErrorKind, InputError, InterruptedJob, JobError
-from kvbatch.jobs.job_io import JobIO, open_job
+from kvbatch.jobs.job_io import JobIO, check_input_unchanged, open_job
 from kvbatch.jobs.manifest import KVBATCH_VERSION
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.pipeline import RowPipeline
@@ -178,6 +178,8 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
                 f"stopped by {stop.signal_name}; {len(writer.done_rows)} rows committed, rerun to resume",
                 job=job.name,
             )
+        writer.commit_part()
+        check_input_unchanged(job, writer.manifest)
         report = writer.finalize(feed.num_rows)
     after = engine.stats
     counts = RunCounts(

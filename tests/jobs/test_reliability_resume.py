@@ -13,7 +13,7 @@ import pytest
 from job_fakes import fake_factory
 from reliability_helpers import read_output, write_jsonl
 
-from kvbatch.errors import JobError, ModelLoadError, OutputError
+from kvbatch.errors import InputError, JobError, ModelLoadError, OutputError
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import fingerprint_hash, job_from_dict
@@ -245,6 +245,31 @@ def test_edited_input_is_refused(folder: Path) -> None:
     assert "different job spec or input (input_file.bytes:" in str(outcome.error)
     outcome, _ = run(folder, output__mode="overwrite")
     assert outcome.error is None and outcome.summary.rows == NUM_ROWS + 1
+
+
+def test_an_input_edited_while_the_job_runs_is_not_made_an_output(folder: Path) -> None:
+    factory = fake_factory()
+
+    def editing_factory(model, settings):
+        engine = factory(model, settings)
+        generate = engine.generate
+
+        def generate_then_edit(requests, on_step=None):
+            for i, result in enumerate(generate(requests, on_step)):
+                if i == 0:  # rows read from here on may be the edited file's
+                    with open(folder / "in.jsonl", "a") as f:
+                        f.write('{"id": "new", "prompt": "a row added while the job ran"}\n')
+                yield result
+
+        engine.generate = generate_then_edit
+        return engine
+
+    outcome, _ = run(folder, editing_factory)
+    assert isinstance(outcome.error, InputError)
+    assert "the input changed while the job ran (input_file.bytes:" in str(outcome.error)
+    assert not (folder / "out" / "out.jsonl").exists()
+    outcome, _ = run(folder)  # the committed rows are of the first version: refused, as any edited input
+    assert isinstance(outcome.error, OutputError) and "input_file.bytes" in str(outcome.error)
 
 
 def test_a_run_that_committed_nothing_does_not_pin_the_spec(folder: Path) -> None:
