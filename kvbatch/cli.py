@@ -210,10 +210,13 @@ def generate(
     _start_run(verbose, quiet)
     with _errors():
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".-") or "generate"  # names start with [A-Za-z0-9_]
+        # A local input by its absolute path, as the model is: the spec, and so a resume, names one file from any
+        # working folder (a dataset name or a URI stays as written).
+        input_path = os.path.abspath(input) if os.path.exists(input) else input
         data = {
             "name": name,
             "model": model,
-            "input": {"path": input, "format": input_format, "limit": limit, "split": split},
+            "input": {"path": input_path, "format": input_format, "limit": limit, "split": split},
             "prompt": {
                 "column": prompt_column,
                 "messages_column": messages_column,

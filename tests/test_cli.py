@@ -20,7 +20,7 @@ from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import JobOutcome
 from kvbatch.jobs.runners import run_jobs as real_run_jobs
-from kvbatch.jobs.spec import job_from_dict, load_jobs_file
+from kvbatch.jobs.spec import job_from_dict, load_jobs_file, spec_hash
 from kvbatch.jobs.summary import Summary
 from kvbatch.jobs.writer import work_dir
 
@@ -193,6 +193,21 @@ def test_generate_defaults(tmp_path: Path, recorder: Recorder, monkeypatch: pyte
     # The job is named after the output file, as far as a job name may spell it.
     assert invoke("generate", "in.jsonl", "-o", "-a b.jsonl").exit_code == 0
     assert recorder.calls[-1][0][0].name == "a_b"
+
+
+def test_generate_names_a_local_input_alike_from_any_folder(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun from another working folder is the same job, so it resumes instead of being refused."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert invoke("generate", "data/in.jsonl", "-o", "out/a.arrow").exit_code == 0
+    monkeypatch.chdir(tmp_path / "data")
+    assert invoke("generate", "in.jsonl", "-o", "../out/a.arrow").exit_code == 0
+    first, second = (call[0][0] for call in recorder.calls)
+    assert first.input.path == second.input.path == str(tmp_path / "data" / "in.jsonl")
+    assert spec_hash(first) == spec_hash(second)
 
 
 @pytest.mark.parametrize(
