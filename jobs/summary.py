@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kvbatch.errors import shown_path
+from kvbatch.errors import OutputError, shown_path
 
 from .atomic import write_json
 
@@ -48,7 +48,14 @@ class Summary:
         return asdict(self)
 
     def write(self, path: Path) -> None:
-        write_json(path, self.to_dict())
+        try:
+            write_json(path, self.to_dict())
+        except OSError as exc:  # a full disk, after the output itself was written: not a bug, and nothing is lost
+            raise OutputError(
+                f"{shown_path(self.output)} is complete, but its summary {shown_path(path)} could not be written: "
+                f"{exc.strerror or exc}",
+                job=self.job,
+            ) from exc
 
     def format(self) -> str:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"

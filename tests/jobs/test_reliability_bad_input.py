@@ -252,6 +252,23 @@ def test_disk_full_at_the_final_write_keeps_every_part(tmp_path: Path, monkeypat
     assert [r["row"] for r in read_output(tmp_path / "out" / "out.jsonl")] == list(range(6))
 
 
+def test_disk_full_at_the_summary_is_an_output_error_not_a_bug(tmp_path: Path, monkeypatch) -> None:
+    from kvbatch.jobs import summary
+
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(6)))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(summary, "write_json", full)
+        outcome = run(tmp_path)
+    assert isinstance(outcome.error, OutputError)
+    assert "out.jsonl is complete, but its summary" in str(outcome.error)
+    assert str(outcome.error).endswith("could not be written: No space left on device")
+    assert [r["row"] for r in read_output(tmp_path / "out" / "out.jsonl")] == list(range(6))
+
+
 def test_model_path_missing(tmp_path: Path) -> None:
     from kvbatch.errors import ModelLoadError
     from kvbatch.jobs.run import default_engine_factory
