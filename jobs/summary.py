@@ -8,6 +8,7 @@ summaries (`RunCounts.of`) with the same `+`.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from kvbatch.errors import OutputError, shown_path
 
 from .atomic import write_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,8 +143,11 @@ def already_complete(output: Path, fallback: Summary) -> Summary:
     summary = fallback
     path = summary_path(output)
     if path.exists():
-        data = json.loads(path.read_text())
-        summary = Summary(**{k: v for k, v in data.items() if k in Summary.__dataclass_fields__})
+        try:
+            data = json.loads(path.read_text())
+            summary = Summary(**{k: v for k, v in data.items() if k in Summary.__dataclass_fields__})
+        except (OSError, ValueError, TypeError, AttributeError) as exc:  # edited by hand: the output is still whole
+            log.warning("cannot read %s (%s); the summary leaves out the earlier run's counts", path, exc)
     run_fields = (*(f.name for f in fields(RunCounts)[1:]), "rows_this_run", "elapsed_s", "load_s")
     for name in (*run_fields, "output_tokens_per_s", "prefix_cache_hit_rate"):
         setattr(summary, name, type(getattr(summary, name))(0))

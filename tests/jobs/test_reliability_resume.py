@@ -104,6 +104,14 @@ def test_complete_output_is_not_redone(folder: Path) -> None:
     assert (folder / "out" / "out.jsonl").read_bytes() == before
 
 
+@pytest.mark.parametrize("text", ['{"rows": 30', '{"rows": "x"}', "[]"])
+def test_an_unreadable_summary_does_not_fail_a_complete_output(folder: Path, text: str) -> None:
+    run(folder)
+    (folder / "out" / "out.jsonl.summary.json").write_text(text)
+    outcome, _ = run(folder)
+    assert outcome.error is None and outcome.summary.status == "already complete"
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
