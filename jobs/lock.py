@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class OutputLock:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, advice: str = "wait for it, or pass --wait") -> None:
         self.path = path
+        self.advice = advice  # what a refused caller can do; `kvbatch merge` has no --wait
         self._fd: int | None = None
 
     def acquire(self, wait: bool = False, stop_waiting: Callable[[], bool] | None = None) -> None:
@@ -38,8 +39,7 @@ class OutputLock:
             except BlockingIOError:
                 if not wait:
                     raise OutputLockedError(
-                        f"another kvbatch run{self._holder()} is writing this output (lock {self.path}); wait for "
-                        "it, or pass --wait"
+                        f"another kvbatch run{self._holder()} is writing this output (lock {self.path}); {self.advice}"
                     ) from None
                 log.warning(
                     "another kvbatch run%s is writing this output; waiting for it (lock %s)", self._holder(), self.path

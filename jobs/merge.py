@@ -92,7 +92,7 @@ def merge_shards(
             f"cannot merge into {output}: the shards are {first.format} files, so the target must end in {suffix}"
         )
     num_input_rows = first.num_rows or 0
-    with OutputLock(_prepare(output, first, overwrite) / "lock"):
+    with OutputLock(_prepare(output, first, overwrite) / "lock", advice="merge again once it has finished"):
         if first.format in ("jsonl", "openai"):
             num_bytes, counts = _merge_lines(sources, output, target, num_input_rows)
         else:

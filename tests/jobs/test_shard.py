@@ -8,8 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from kvbatch.errors import JobError, SpecError
+from kvbatch.errors import JobError, OutputLockedError, SpecError
 from kvbatch.jobs.arrow_io import read_arrow
+from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.manifest import INPUT_KEY, Manifest
 from kvbatch.jobs.merge import MergeError, find_shards, merge_shards
 from kvbatch.jobs.records import Layout, RowResult
@@ -277,3 +278,13 @@ def test_merge_refuses_a_target_named_for_another_format(tmp_path):
         merge_shards(tmp_path / "answers.parquet", shards)
     assert not (tmp_path / "answers.parquet").exists()
     assert merge_shards(out, shards).num_rows == NUM_ROWS
+
+
+def test_merge_into_a_locked_output_says_what_to_do(tmp_path):
+    out = tmp_path / "answers.arrow"
+    for i in range(2):
+        _write_shard(out, Shard(i, 2))
+    work_dir(out).mkdir()
+    with OutputLock(work_dir(out) / "lock"), pytest.raises(OutputLockedError) as refused:
+        merge_shards(out)
+    assert str(refused.value).endswith("merge again once it has finished")  # merge has no --wait to pass
