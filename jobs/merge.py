@@ -93,10 +93,6 @@ def merge_shards(
         )
     num_input_rows = first.num_rows or 0
     with OutputLock(_prepare(output, first, overwrite) / "lock", advice="merge again once it has finished"):
-        if first.format in ("jsonl", "openai"):
-            num_bytes, counts = _merge_lines(sources, output, target, num_input_rows)
-        else:
-            num_bytes, counts = _merge_tables(sources, output, target, num_input_rows)
         merged = Manifest(
             first.job,
             first.spec_hash,
@@ -104,10 +100,17 @@ def merge_shards(
             output.name,
             first.format,
             [],
-            True,
+            False,
             num_input_rows,
             first.version,
         )  # a spec hash of the version the shards ran
+        # Named before the output is written: a merge killed after that write finds its own output when rerun.
+        merged.save(work_dir(output) / "manifest.json")
+        if first.format in ("jsonl", "openai"):
+            num_bytes, counts = _merge_lines(sources, output, target, num_input_rows)
+        else:
+            num_bytes, counts = _merge_tables(sources, output, target, num_input_rows)
+        merged.complete = True
         merged.save(work_dir(output) / "manifest.json")
         report = MergeReport(output, target.num_rows(num_input_rows), num_bytes, len(sources), *counts)
         _merged_summary(report, first, sources).write(summary_path(output))

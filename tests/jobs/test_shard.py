@@ -288,3 +288,23 @@ def test_merge_into_a_locked_output_says_what_to_do(tmp_path):
     with OutputLock(work_dir(out) / "lock"), pytest.raises(OutputLockedError) as refused:
         merge_shards(out)
     assert str(refused.value).endswith("merge again once it has finished")  # merge has no --wait to pass
+
+
+def test_a_merge_killed_after_writing_the_output_merges_when_rerun(tmp_path, monkeypatch):
+    out = tmp_path / "answers.arrow"
+    for i in range(2):
+        _write_shard(out, Shard(i, 2))
+    real_save = Manifest.save
+
+    def killed_once_complete(self, path):
+        if self.complete:  # the output is in place; the kill lands before the manifest says so
+            raise KeyboardInterrupt
+        real_save(self, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Manifest, "save", killed_once_complete)
+        with pytest.raises(KeyboardInterrupt):
+            merge_shards(out)
+    assert out.exists()
+    assert merge_shards(out).num_rows == NUM_ROWS
+    assert Manifest.load(work_dir(out) / "manifest.json").complete
