@@ -45,6 +45,12 @@ class OutputLock:
                     "another kvbatch run%s is writing this output; waiting for it (lock %s)", self._holder(), self.path
                 )
                 self._wait(fd, stop_waiting or (lambda: False))
+            except OSError as exc:  # e.g. Lustre mounted without -o flock: ENOSYS
+                raise OutputError(
+                    f"cannot lock {self.path}: {exc.strerror or exc}; the output's file system does not take flock "
+                    "locks, so set output_dir to a folder on one that does (a local disk, or Lustre mounted with "
+                    "-o flock)"
+                ) from None
         except BaseException:
             os.close(fd)
             raise

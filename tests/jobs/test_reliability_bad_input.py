@@ -211,6 +211,23 @@ def test_output_folder_not_writable(tmp_path: Path) -> None:
     )
 
 
+def test_a_file_system_without_flock_fails_the_job_with_a_message(tmp_path: Path, monkeypatch) -> None:
+    from kvbatch.jobs import lock
+
+    (tmp_path / "in.jsonl").write_bytes(GOOD + b"\n")
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))  # as Lustre without -o flock answers
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_flock)
+    outcome = run(tmp_path)
+    assert isinstance(outcome.error, OutputError)
+    assert str(outcome.error).startswith(
+        f"cannot lock {tmp_path / 'out' / '.out.jsonl.kvbatch' / 'lock'}: Function not implemented; the output's file "
+        "system does not take flock locks"
+    )
+
+
 def test_disk_full_stops_the_job_keeps_committed_rows_and_a_rerun_finishes(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "in.jsonl").write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(12)))
     real_fsync, calls = os.fsync, []
