@@ -311,6 +311,10 @@ def job_from_node(node: Node, base_dir: str) -> JobSpec:
             f"model {model!r} is no folder beside the job file ({Path(base_dir) / model}) but is one in the "
             "working folder; write its path relative to the job file, or an absolute one"
         )
+    if not in_file and bare and Path(model).expanduser().exists():
+        # The caller's own (--model, --set model=...): a folder where kvbatch was started, named absolutely, so a
+        # rerun from another folder is the same job and loads the same model.
+        model = os.path.abspath(Path(model).expanduser())
     adapters = {name: _model_location(path, base_dir) for name, path in job.adapters.items()}
     adapter = job.adapter if job.adapter is None or job.adapter in adapters else _model_location(job.adapter, base_dir)
     job = dataclasses.replace(job, base_dir=base_dir, model=model, adapters=adapters, adapter=adapter)

@@ -471,6 +471,21 @@ def test_a_relative_model_path_is_relative_to_the_job_file(tmp_path):
     assert b.model == "someorg/some-model" and c.model == "default"
 
 
+def test_a_model_given_on_the_command_line_is_named_alike_from_any_folder(tmp_path, monkeypatch):
+    """--model is relative to where kvbatch starts: named absolutely, a rerun from elsewhere is the same job."""
+    from kvbatch.jobs.spec import load_jobs_file
+
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "jobs" / "j.yaml").write_text("jobs:\n  - {name: a, input: {path: in.jsonl}}\n")
+    monkeypatch.chdir(tmp_path)
+    first = load_jobs_file("jobs/j.yaml", {"model": "models/tiny"}).jobs[0]
+    monkeypatch.chdir(tmp_path / "models")
+    second = load_jobs_file("../jobs/j.yaml", {"model": "tiny"}).jobs[0]
+    assert first.model == second.model == str(tmp_path / "models" / "tiny")
+    assert load_jobs_file("../jobs/j.yaml", {"model": "someorg/some-model"}).jobs[0].model == "someorg/some-model"
+
+
 def test_a_model_folder_only_in_the_working_folder_is_refused(tmp_path, monkeypatch):
     """From another folder, the same job file would load another model (or none) under the same spec."""
     from kvbatch.jobs.spec import load_jobs_file
