@@ -12,9 +12,10 @@ splits of that shard and the merge writes the shard's own output.
 
 Signals: children ignore SIGINT and SIGUSR1 (a terminal's Ctrl-C, Slurm's --signal); the parent, which gets them,
 tells every child through an Event, once: no new rows, finish those in flight, commit. When the parent stops at
-once (a second signal, or the grace period over) it sends the children SIGTERM, which stops a child at once too:
-rows in flight are dropped, finished rows committed. SIGTERM from elsewhere (scancel, Slurm's time limit) does
-the same to each process it reaches.
+once (a second signal, the grace period over, an error) it sets that Event and sends the children SIGTERM, which
+stops a stopping child at once: rows in flight are dropped, finished rows committed. SIGTERM from elsewhere
+(scancel, Slurm's time limit or preemption, which signal every process of the step) is a child's first signal:
+it stops as the parent does, finishing its rows in flight within the parent's grace period.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.merge import merge_shards
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard
-from kvbatch.jobs.signals import SIGNALS, StopFlag, StopNow
+from kvbatch.jobs.signals import SIGNALS, StopFlag, StopNow, exit_now
 from kvbatch.jobs.spec import JobSpec, output_format, output_path
 from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
 from kvbatch.jobs.writer import remove_output, resume_refusal, work_dir
@@ -217,6 +218,7 @@ def _run_children(
             proc.join()
         return results
     finally:
+        event.set()  # first, so that a child takes the SIGTERM below as its second signal: stop at once
         for proc in procs:  # the parent stops at once (second signal, error): so do the children, committing
             if proc.is_alive():
                 proc.terminate()
@@ -237,16 +239,15 @@ def _child(
     log_settings: LogSettings,
 ) -> None:
     log_settings.apply()
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)  # the parent decides when to stop ...
-    signal.signal(signal.SIGTERM, _stop_now)  # ... except at once
+    stop = _ParentStop(event)
+    _child_signals(stop)
     import torch
 
     from kvbatch.jobs.run import EngineCache, run_job
 
     torch.set_num_threads(threads)
     try:
-        result: Any = run_job(job, EngineCache(factory), _ParentStop(event), wait_for_lock)
+        result: Any = run_job(job, EngineCache(factory), stop, wait_for_lock)
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent, which decides
         result = exc
     finally:
@@ -259,8 +260,23 @@ def _child(
     conn.close()
 
 
-def _stop_now(signum: int, frame: object) -> None:
-    raise StopNow(signal.Signals(signum).name)
+def _child_signals(stop: _ParentStop) -> None:
+    """SIGINT and SIGUSR1 are the parent's to relay. SIGTERM stops a running child as the parent would (Slurm
+    signals every process of a step: the rows in flight get the grace period, not dropped), and a stopping one at
+    once (the parent's own SIGTERM, after setting the Event, or a second signal)."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+    def on_term(signum: int, frame: object) -> None:
+        if not stop.stopped:
+            log.warning("SIGTERM: no new rows are admitted; finishing the rows in flight, then committing")
+            stop.stop("SIGTERM")
+            return
+        if stop.loading:  # as graceful_stop: a StopNow inside transformers' loading could be swallowed
+            exit_now()
+        raise StopNow("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ class StopFlag:
         self.signal_name = name
 
 
-def _exit_now() -> None:
+def exit_now() -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
@@ -94,7 +94,7 @@ def graceful_stop(grace_s: float | None = None) -> Iterator[StopFlag]:
         if flag.stopped:
             if flag.loading:
                 log.warning("second signal (%s) while loading the model: exiting now; committed rows are kept", name)
-                _exit_now()
+                exit_now()
             log.warning("second signal (%s): stopping now; rows in flight are dropped, committed rows are kept", name)
             raise StopNow(name)
         if grace > 0:
@@ -117,7 +117,7 @@ def graceful_stop(grace_s: float | None = None) -> Iterator[StopFlag]:
                 flag.signal_name,
             )
             if flag.loading:
-                _exit_now()
+                exit_now()
             raise StopNow(f"grace period after {flag.signal_name} ended")
 
     previous = {s: signal.signal(s, on_signal) for s in SIGNALS}

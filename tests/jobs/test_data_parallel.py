@@ -137,6 +137,39 @@ def test_children_stop_when_the_parent_says_or_is_gone(monkeypatch):
     assert orphan.stopped
 
 
+def test_a_childs_first_sigterm_finishes_its_rows_and_a_second_stops_it_at_once(monkeypatch):
+    """Slurm's time limit or preemption sends SIGTERM to every process of the step: a child stops admitting and
+    finishes its rows in flight (the parent's grace period), as the parent does, rather than dropping them. The
+    parent's own SIGTERM, sent when it stops at once after setting the Event, stops the child at once."""
+    import multiprocessing
+    import os
+    import signal
+
+    from kvbatch.jobs import data_parallel
+    from kvbatch.jobs.signals import StopNow
+
+    saved = {s: signal.getsignal(s) for s in data_parallel.SIGNALS}
+    try:
+        event = multiprocessing.get_context("spawn").Event()
+        flag = data_parallel._ParentStop(event)
+        data_parallel._child_signals(flag)
+        os.kill(os.getpid(), signal.SIGINT)  # the parent's to relay: ignored here
+        assert not flag.stopped
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.stopped and flag.signal_name == "SIGTERM"
+        with pytest.raises(StopNow, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        told = data_parallel._ParentStop(multiprocessing.get_context("spawn").Event())
+        data_parallel._child_signals(told)
+        told.event.set()  # the parent stopping at once sets the Event before its SIGTERM
+        with pytest.raises(StopNow, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_combined_error_keeps_the_exit_code_kind():
     from kvbatch.errors import JobError, OutputLockedError
     from kvbatch.jobs.data_parallel import _combined_error
