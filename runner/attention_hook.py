@@ -10,7 +10,8 @@ positions. So every other argument a layer passes must be one the kernels implem
 `sliding_window`, attention sinks as `s_aux` or `sinks`) or one that changes nothing at inference; any other
 is refused, by `check_model` when the model loads and again at every call, rather than silently ignored.
 `check_model` also refuses layers whose keys and values do not fit the pages (`kv_layout`, from the config), and
-layers that drop the forward's keyword arguments (the step would never reach them).
+layers that drop the forward's keyword arguments (the step would never reach them), and models that number
+positions otherwise than from 0 where the forward gives none (the engine gives each token its index).
 """
 
 from __future__ import annotations
@@ -173,14 +174,17 @@ def _check_config(config, name: str) -> None:
 def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
     """Refuse, at load, a model whose attention asks for anything the paged kernels do not compute: one
     forward of one token records every layer's arguments (the layers attend to nothing, so it costs only the
-    GEMMs of one token). Returns each layer's LayerAttention. Raises UnsupportedAttentionError."""
+    GEMMs of one token); a second, without position_ids, checks that the model numbers positions from 0 as the
+    engine does. Returns each layer's LayerAttention. Raises UnsupportedAttentionError."""
     config = model.config
     _check_config(config, name)
     probe = _Probe()
     device = next(model.parameters()).device
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    # Not the padding token, which RoBERTa-style embeddings give a position of its own (see _check_positions).
+    token_id = 1 if getattr(config.get_text_config(), "pad_token_id", None) == 0 else 0
+    token = torch.full((1, 1), token_id, dtype=torch.long, device=device)
     try:
-        model(input_ids=token, position_ids=torch.zeros_like(token), use_cache=False, kvbatch_step=probe)
+        output = model(input_ids=token, position_ids=torch.zeros_like(token), use_cache=False, kvbatch_step=probe)
     except UnsupportedAttentionError as exc:
         raise UnsupportedAttentionError(f"model {name!r}: {exc}") from None
     except NoStepContextError:
@@ -205,6 +209,7 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
     except UnsupportedAttentionError as exc:
         raise UnsupportedAttentionError(f"model {name!r}: {exc}") from None
     _check_shapes(probe.shapes, layout, name)
+    _check_positions(model, token, output.logits, name)
     _check_window(config, probe.layers, name)
     layer_types = getattr(config, "layer_types", None)
     for index, layer in probe.layers.items():
@@ -216,6 +221,23 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
                     "sliding_window to its attention"
                 )
     return probe.layers
+
+
+def _check_positions(model: torch.nn.Module, token: torch.Tensor, logits: torch.Tensor, name: str) -> None:
+    """kvbatch gives each token its index from 0 as position_ids. A model that numbers positions otherwise when the
+    forward gives none (RoBERTa-style embeddings count from padding_idx + 1 and skip padding tokens, from the token
+    ids) computes other numbers from them than transformers' own forward: the first token, once without
+    position_ids, must give the logits it gave at position 0."""
+    # token: [1, 1] int64; logits: [1, 1, vocab] of the probe forward with position_ids [[0]]
+    own = model(input_ids=token, use_cache=False, kvbatch_step=_Probe()).logits.float()
+    # Same inputs give the same logits up to rounding (a GPU's atomic adds reorder sums: bf16 ulps); another position
+    # embedding moves them by a good part of their size.
+    if (own - logits.float()).abs().max() > 0.05 * logits.float().abs().max():
+        raise UnsupportedAttentionError(
+            f"model {name!r}: its {model.config.model_type} model numbers its own positions otherwise than from 0 "
+            "when the forward gives none (as RoBERTa's embeddings count from padding_idx + 1), where kvbatch "
+            "gives each token its index from 0"
+        )
 
 
 def _check_window(config, layers: dict[int, LayerAttention], name: str) -> None:

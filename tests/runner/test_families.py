@@ -305,6 +305,13 @@ _REFUSED = {
         dict(_IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
         r"BertSelfAttention \(layer 0\) asks for non-causal attention",
     ),
+    # RoBERTa-style decoders number positions from padding_idx + 1, skipping padding tokens, when the forward gives
+    # none; kvbatch's position_ids from 0 looked up other position embeddings (every logprob off by up to 3).
+    "roberta": (
+        "RobertaConfig",
+        dict(_IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, is_decoder=True),
+        "numbers its own positions otherwise than from 0",
+    ),
     # Gemma 4 gives its full-attention layers a head size of their own (per_layer_config).
     "gemma4_text": (
         "Gemma4TextConfig",
