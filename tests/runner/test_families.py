@@ -108,6 +108,22 @@ FAMILIES = {
     "ernie4_5": lambda: tf.Ernie4_5Config(**_LLAMA_LIKE),
 }
 
+# Gemma 3n's last layers reuse the keys and values of an earlier layer of their kind (num_kv_shared_layers): layer 1
+# attends over layer 0's, which reach the attention again as its own.
+if hasattr(tf, "Gemma3nTextConfig"):
+    FAMILIES["gemma3n_text"] = lambda: tf.Gemma3nTextConfig(
+        **_LLAMA_LIKE,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention"],
+        num_kv_shared_layers=1,
+        vocab_size_per_layer_input=VOCAB_SIZE,
+        hidden_size_per_layer_input=16,
+        laurel_rank=8,
+        altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0, 0.0],
+    )
+
 # GPT-J and CodeGen send their attention through transformers' interface in newer transformers (5.25 does); where
 # they compute it in their own code, the loader refuses them, and so they are tested only where they can load.
 for _name, _config, _model_class in (
