@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError
+from kvbatch.errors import InterruptedJob, JobError, KvbatchError, OutputError, SpecError
 from kvbatch.jobs.job_io import job_manifest
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.merge import merge_shards
@@ -296,19 +296,25 @@ def _environ(**values: str | None):
 
 
 def _combined_error(job: JobSpec, failures: list[tuple[Shard, BaseException]]) -> BaseException:
-    """One exception for the CLI's exit code: interrupted beats the rest; one kind of failure keeps its type."""
+    """One exception for the CLI's exit code: interrupted beats the rest; shards that failed alike (a setting or a
+    model that every child refused) give that one error, as a single process raises it; one kind of failure
+    keeps its type, and with it its exit code (a locked output stays 4, a setting 2)."""
     lines = "; ".join(f"shard {s}: {exc}" for s, exc in failures)
     if any(isinstance(exc, (InterruptedJob, KeyboardInterrupt)) for _, exc in failures):
         return InterruptedJob(
             f"stopped; finished rows of every shard are saved, rerun to resume ({lines})", job=job.name
         )
-    if len(failures) == 1:
-        return failures[0][1]
+    first = failures[0][1]
+    if all(type(exc) is type(first) and str(exc) == str(first) for _, exc in failures):
+        return first
     kinds = {type(exc) for _, exc in failures}
     kind = kinds.pop() if len(kinds) == 1 else JobError
-    if issubclass(kind, JobError):  # keeps the exit code (a locked output stays 4)
-        return kind(f"{len(failures)} data-parallel shards failed: {lines}", job=job.name)
-    return JobError(f"{len(failures)} data-parallel shards failed: {lines}", job=job.name)
+    message = f"{len(failures)} data-parallel shards failed: {lines}"
+    if issubclass(kind, JobError):
+        return kind(message, job=job.name)
+    if issubclass(kind, KvbatchError):  # SpecError, KVBudgetError, ModelLoadError...: each takes its message
+        return kind(message)
+    return JobError(message, job=job.name)
 
 
 def _complete_summary(job: JobSpec, out: Path) -> Summary | None:

@@ -11,7 +11,7 @@ from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 from typer.testing import CliRunner
 
 from kvbatch import cli
-from kvbatch.errors import InterruptedJob, OutputError
+from kvbatch.errors import ExitCode, InterruptedJob, OutputError, SpecError, exit_code_of
 from kvbatch.jobs.data_parallel import run_data_parallel
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import run_jobs
@@ -182,6 +182,24 @@ def test_combined_error_keeps_the_exit_code_kind():
     assert isinstance(mixed, InterruptedJob)
     other = _combined_error(job, [(Shard(0, 2), OutputLockedError("a")), (Shard(1, 2), ValueError("b"))])
     assert type(other) is JobError
+    # A setting every shard refused in its own words (each read its own first rows): still a setting, exit 2.
+    spec = _combined_error(job, [(Shard(0, 2), SpecError("x", field="f")), (Shard(1, 2), SpecError("y", field="f"))])
+    assert type(spec) is SpecError and exit_code_of(spec) == ExitCode.USAGE
+    assert "shard 0/2: f: x; shard 1/2: f: y" in str(spec)
+
+
+def test_a_childs_configuration_error_exits_as_a_single_process_would(tmp_path):
+    """Every child refused the same setting (a stop token past the model's vocabulary): the run failed with
+    exit code 1 and both shards' messages, where one process exits 2 with the setting's own message."""
+    write_input(tmp_path / "in.jsonl")
+    base = tiny_job(tmp_path, "one")
+    sampling = dataclasses.replace(base.sampling, stop_token_ids=(10**6,))
+    single = dataclasses.replace(base, sampling=sampling)
+    parallel = dataclasses.replace(single, name="two", parallel=dataclasses.replace(single.parallel, data=2))
+    [one, two] = run_jobs([single, parallel], engine_factory=tiny_engine)
+    assert isinstance(one.error, SpecError) and exit_code_of(one.error) == ExitCode.USAGE
+    assert type(two.error) is SpecError and two.error.field == "sampling.stop_token_ids"
+    assert str(two.error) == str(one.error)
 
 
 @pytest.mark.parametrize(("verbose", "quiet"), [(False, True), (True, False)])
