@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from kvbatch.errors import ErrorKind
+from kvbatch.errors import ErrorKind, KvbatchError
 from kvbatch.jobs.job_io import layout_for
 from kvbatch.jobs.pipeline import RowPipeline
 from kvbatch.jobs.ray_input import rows_of_block
@@ -74,8 +74,15 @@ class GenerateBatch:
         """`layout` and `duplicates` (later row of a repeated id -> the row that owns it): a `runner: ray` job's,
         whose blocks come from RowsSource; the output rows are then the job's (Layout.to_table)."""
         self.job = job if isinstance(job, JobSpec) else job_from_dict(job)
-        self.engine = engine_factory(self.job.model, self.job.engine.settings())
-        check_token_ids(self.job, self.engine.vocab_size)
+        # Ray reports an actor whose constructor raised only as text (ActorDiedError); raised from each batch
+        # instead, the error reaches the driver as itself (RayTaskError.cause), and with it its exit code.
+        self.refusal: KvbatchError | None = None
+        try:
+            self.engine = engine_factory(self.job.model, self.job.engine.settings())
+            check_token_ids(self.job, self.engine.vocab_size)
+        except KvbatchError as exc:
+            self.refusal = exc
+            return
         self.layout = layout
         if layout is None:  # any dataset: no id check, the batch's own columns pass through
             layout = dataclasses.replace(layout_for(self.job, {}), id_column=None, keep_columns=())
@@ -85,6 +92,8 @@ class GenerateBatch:
         self._next_row = 0  # rows named by position when the batch has no `row` column
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table:
+        if self.refusal is not None:
+            raise self.refusal
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
         if self.layout is not None:
             return self.layout.to_table(self._generate(rows_of_block(table)))

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from kvbatch.errors import InterruptedJob, JobError, OutputError, SpecError, shown_path
+from kvbatch.errors import InterruptedJob, JobError, KvbatchError, OutputError, SpecError, shown_path
 
 from .assemble import unify
 from .atomic import write_json
@@ -183,6 +183,11 @@ def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint
 
     context = DataContext.get_current()
     saved = getattr(context, "checkpoint_config", None)
+    # What GenerateBatch raises, as it is (where this Ray has the setting): Ray Data's UserCodeException wrapper
+    # loses its __cause__ on the way to the driver, and with it a refusing actor's SpecError.
+    saved_raise = getattr(context, "raise_original_map_exception", None)
+    if saved_raise is not None:
+        context.raise_original_map_exception = True
     try:
         from ray.data.checkpoint import CheckpointConfig
     except ImportError:  # a Ray without Data checkpointing: skip the rows of the folder's readable files
@@ -225,12 +230,34 @@ def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint
     finally:
         if saved is not None or hasattr(context, "checkpoint_config"):
             context.checkpoint_config = saved
+        if saved_raise is not None:
+            context.raise_original_map_exception = saved_raise
     if failure:
         exc = failure[0]
+        refusal = kvbatch_cause(exc)
+        if refusal is not None:  # a setting or a model the actors refused: as a local run raises it
+            raise refusal from exc
         raise JobError(
             f"the Ray run failed ({type(exc).__name__}: {str(exc)[:2000]}); committed blocks are kept, rerun to resume",
             job=job.name,
         ) from exc
+
+
+def kvbatch_cause(exc: BaseException) -> KvbatchError | None:
+    """The kvbatch error behind a failed Ray run, if any: Ray wraps what a task raised in a RayTaskError (its
+    `cause`, pickled as it was raised), which Ray Data wraps again (`__cause__`)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        if isinstance(cause, KvbatchError):
+            return cause
+        pending += [current.__cause__, current.__context__, cause if isinstance(cause, BaseException) else None]
+    return None
 
 
 def _part_names(run: int, extension: str) -> Any:

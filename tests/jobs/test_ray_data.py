@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from scaling_helpers import FailingEngineFactory, rows_of, tiny_engine, tiny_job, write_input
 
+from kvbatch.errors import ExitCode, SpecError, exit_code_of
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict, output_path
@@ -161,6 +162,18 @@ def test_a_ray_run_over_jsonl_without_the_prompt_column_fails_before_any_model(t
     assert outcome.error is not None and outcome.error.field == "prompt.column"
     assert "none of the first 5 rows has the column 'promt'; the rows have 'id', 'prompt'" in str(outcome.error)
     assert built == []
+
+
+def test_a_ray_run_refused_by_its_actors_fails_as_a_local_run(tmp_path, local_ray):
+    # A setting only the model can check (a stop token past its vocabulary) fails in each actor's constructor:
+    # Ray reported that as an ActorDiedError's text, a JobError (exit 1); a local run raises the SpecError (exit 2).
+    source = write_input(tmp_path / "in.jsonl", num_rows=6)
+    sampling = {"max_new_tokens": 6, "stop_token_ids": [10**6]}
+    local = job_from_dict({**_job_dict(tmp_path, "local"), "sampling": sampling})
+    [single, outcome] = run_jobs([local, ray_job(tmp_path, source, sampling=sampling)], engine_factory=tiny_engine)
+    assert isinstance(single.error, SpecError)
+    assert type(outcome.error) is SpecError and exit_code_of(outcome.error) == ExitCode.USAGE
+    assert (outcome.error.field, str(outcome.error)) == (single.error.field, str(single.error))
 
 
 def test_a_ray_scoring_run_gives_a_local_runs_scores(tmp_path, local_ray):
