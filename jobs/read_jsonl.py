@@ -95,20 +95,24 @@ def count_rows_in(f: BinaryIO) -> int:
 
 
 def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> Iterator[Row]:
-    """The file's rows, numbered from `first_index` (a file after others in a Ray run's input starts there)."""
+    """The file's rows, numbered from `first_index` (a file after others in a Ray run's input starts there).
+
+    max_line_bytes bounds a line's content: its ending (LF or CRLF) and a first line's byte-order mark are not
+    counted, so a file reads the same whichever ending it was written with."""
     index = first_index
     line_no = 0
     with handle:
         while True:
-            raw = handle.readline(max_line_bytes + 1)
+            # room for the content, a CRLF, and on the first line a byte-order mark (readline takes an index size)
+            raw = handle.readline(min(max_line_bytes + 2 + (len(_BOM) if line_no == 0 else 0), sys.maxsize))
             if not raw:
                 return
             line_no += 1
-            cut = len(raw) > max_line_bytes and not raw.endswith(b"\n")
             if line_no == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]  # a UTF-8 byte-order mark is not part of the first object
-            if cut:
-                if _skip_to_newline(handle) and not raw.strip():
+            ended = raw.endswith(b"\n")
+            if _content_bytes(raw) > max_line_bytes:
+                if (ended or _skip_to_newline(handle)) and not raw.strip():
                     continue  # a blank line, however long, is no row
                 yield Row(
                     index,
@@ -126,6 +130,14 @@ def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> I
                 continue
             yield parse_line(raw, index, line_no)
             index += 1
+
+
+def _content_bytes(raw: bytes) -> int:
+    """The bytes of a line read by jsonl_rows, without its ending: CRLF, LF, or the CR of a CRLF cut after it."""
+    for ending in (b"\r\n", b"\n", b"\r"):
+        if raw.endswith(ending):
+            return len(raw) - len(ending)
+    return len(raw)
 
 
 def _skip_to_newline(handle: BinaryIO) -> bool:

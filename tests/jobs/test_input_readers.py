@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from kvbatch.errors import ErrorKind, InputError, SpecError
+from kvbatch.jobs.read_jsonl import jsonl_rows
 from kvbatch.jobs.readers import open_reader
-from kvbatch.jobs.spec import job_from_dict
+from kvbatch.jobs.spec import MAX_INT64, job_from_dict
 
 
 def job_for(tmp_path: Path, path: str, **input_fields):
@@ -125,6 +126,23 @@ def test_jsonl_rows_are_the_rows_counted(tmp_path: Path, data: bytes) -> None:
     rows = list(reader)
     assert reader.num_rows == len(rows) and all(r.error is None for r in rows)
     assert [r.index for r in rows] == list(range(len(rows)))
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_max_line_bytes_counts_a_lines_content_whatever_its_ending(tmp_path: Path, ending: bytes) -> None:
+    # A line of exactly max_line_bytes was read with LF but became line_too_long with CRLF: the limit counted the
+    # "\r" of the ending. A first line's byte-order mark is not content either.
+    fits = b'{"prompt": "' + b"a" * 86 + b'"}'  # 100 bytes
+    over = b'{"prompt": "' + b"a" * 87 + b'"}'
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + ending.join([fits, over, fits, fits]))  # no last ending
+    reader = open_reader(job_for(tmp_path, "in.jsonl", max_line_bytes=100), ["prompt"])
+    rows = list(reader)
+    assert reader.num_rows == len(rows) == 4
+    assert [r.error.kind if r.error else None for r in rows] == [None, ErrorKind.LINE_TOO_LONG, None, None]
+    assert [(r.index, r.line) for r in rows] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert rows[0].data == rows[2].data == rows[3].data == {"prompt": "a" * 86}
+    with open(tmp_path / "in.jsonl", "rb") as handle:  # the setting's largest value still reads
+        assert all(r.error is None for r in jsonl_rows(handle, max_line_bytes=MAX_INT64 - 1))
 
 
 def test_jsonl_lone_surrogate_escapes_become_error_rows(tmp_path: Path) -> None:
