@@ -25,6 +25,7 @@ from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.spec import JobSpec, check_token_ids
 from kvbatch.runner.request import GenerationRequest
+from kvbatch.runner.sequence import capacity_tokens, capped_new_tokens
 from kvbatch.runner.structured import GrammarCache
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
@@ -37,7 +38,8 @@ class JobPlan:
     job: str
     num_rows: int = 0
     prompt_tokens: dict[str, float] = field(default_factory=dict)  # min, mean, p50, p90, max
-    max_new_tokens: int = 0  # the most any row that runs may generate (a row's own sampling included)
+    max_new_tokens: int = 0  # the most any row that runs may generate (its own sampling's, capped by the context)
+    max_asked_new_tokens: int = 0  # the most any row that runs asks for, before the engine's cap
     scoring: bool = False  # task score or score_rolling: nothing is generated
     block_size: int = 0
     num_blocks: int = 0
@@ -64,6 +66,12 @@ class JobPlan:
                 f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 "
                 f"{t['p90']:.0f}, max {t['max']:.0f}; "
                 + ("scored, nothing generated" if self.scoring else f"up to {self.max_new_tokens} new tokens each")
+                + (
+                    f" (max_new_tokens {self.max_asked_new_tokens}, capped by the "
+                    f"{'context' if self.max_model_len <= self.pool_tokens else 'KV pool'})"
+                    if not self.scoring and self.max_asked_new_tokens > self.max_new_tokens
+                    else ""
+                )
             )
         lines.append(
             f"  KV pool         {self.num_blocks} blocks of {self.block_size} tokens = {self.pool_tokens} tokens; "
@@ -128,7 +136,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool
-    capacity = min(sizing.max_model_len, pool.num_tokens)
+    capacity = capacity_tokens(sizing.max_model_len, pool.num_tokens)  # the engine's
     plan = JobPlan(
         job.name,
         max_new_tokens=job.sampling.max_new_tokens,
@@ -188,7 +196,9 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
                 error = constraints.error(request, row.where)
             if error is None:
                 lengths.append(len(ids))
-                new_tokens.append(0 if request.is_scoring else request.sampling.max_new_tokens)
+                asked = request.sampling.max_new_tokens
+                new_tokens.append(0 if request.is_scoring else capped_new_tokens(asked, len(ids), capacity))
+                plan.max_asked_new_tokens = max(plan.max_asked_new_tokens, 0 if request.is_scoring else asked)
                 samples.append(request.sampling.n)
                 if reuse is not None:
                     reuse.add(ids)

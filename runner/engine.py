@@ -64,7 +64,7 @@ from .sampling import SampledTokens, SamplingRow, sample_on_device
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .scoring import ScoredRows, score_on_device
 from .scoring import warm_up as warm_up_scoring
-from .sequence import Sequence
+from .sequence import Sequence, capacity_tokens, capped_new_tokens
 from .stopping import StopChecker
 from .structured import GrammarCache, accept_tokens, new_matcher, step_mask
 from .structured_outputs import ConstraintError
@@ -307,7 +307,7 @@ class Engine:
     @property
     def capacity_tokens(self) -> int:
         """The longest sequence (prompt + output) that can ever run: the context, or the pool if smaller."""
-        return min(self.max_model_len, self.pool_size.num_tokens)
+        return capacity_tokens(self.max_model_len, self.pool_size.num_tokens)
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -485,7 +485,7 @@ class Engine:
         params = request.sampling
         logits_info = row_logits(params, self.tokenizer, self.loaded.eos_token_ids, self.vocab_size)
         state = _RequestState(request, logits_info=logits_info)
-        max_new = min(params.max_new_tokens, self.capacity_tokens - len(request.prompt_token_ids))
+        max_new = capped_new_tokens(params.max_new_tokens, len(request.prompt_token_ids), self.capacity_tokens)
         request_seed = params.seed if params.seed is not None else seed_base ^ _stable_hash(request.request_id)
         prompt = request.prompt_token_ids
         scores_prompt = params.prompt_logprobs and len(prompt) > 1

@@ -38,6 +38,17 @@ from kvbatch.cache.prefix_cache import BlockHash, chain_hashes
 from .request import FinishReason, GenerationRequest, TopLogprobs
 
 
+def capacity_tokens(max_model_len: int, num_pool_tokens: int) -> int:
+    """The longest sequence (prompt + output) that can ever run: the context, or the pool if smaller."""
+    return min(max_model_len, num_pool_tokens)
+
+
+def capped_new_tokens(max_new_tokens: int, num_prompt_tokens: int, capacity: int) -> int:
+    """What a sample of this prompt may generate: its max_new_tokens, capped so that prompt and output fit in
+    `capacity` tokens (capacity_tokens). `kvbatch plan` reports the same number."""
+    return min(max_new_tokens, capacity - num_prompt_tokens)
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

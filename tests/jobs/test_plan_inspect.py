@@ -103,9 +103,25 @@ def test_plan_sizes_rows_by_what_each_asks(tmp_path: Path) -> None:
     spec = job(tmp_path, sampling={"max_new_tokens": 8}, sampling_column="s")
     plan = plan_job(spec, EngineCache(fake_factory(max_model_len=200)))
     p50 = int(plan.prompt_tokens["p50"])
-    assert plan.max_new_tokens == 180 and "up to 180 new tokens each" in plan.format()
+    assert plan.max_new_tokens == 200 - p50  # the row of 180, capped where its prompt fills the context
+    assert f"up to {200 - p50} new tokens each (max_new_tokens 180, capped by the context)" in plan.format()
     assert plan.rows_at_once == 100 // -(-(p50 + 60) // 16)  # the median row's 60, not the job's 8
     assert plan.truncated == 1  # the row of 180
+
+
+def test_plan_shows_max_new_tokens_as_the_engine_caps_it(tmp_path: Path) -> None:
+    # The engine stops a sample where prompt + output fill the context: a max_new_tokens of 10**9 was printed as
+    # "up to 1000000000 new tokens each", which no row can generate.
+    prompts = write_input(tmp_path)
+    plan = plan_job(job(tmp_path, sampling={"max_new_tokens": 10**9}), EngineCache(fake_factory(max_model_len=200)))
+    shortest = min(chat_tokens(p) for p in prompts)
+    assert plan.max_new_tokens == 200 - shortest
+    assert f"up to {200 - shortest} new tokens each (max_new_tokens 1000000000, capped by the context)" in (
+        plan.format()
+    )
+    assert plan.truncated == 4  # each row that runs asks for more than fits
+    asked = plan_job(job(tmp_path, sampling={"max_new_tokens": 40}), EngineCache(fake_factory(max_model_len=200)))
+    assert asked.max_new_tokens == 40 and "capped" not in asked.format()  # what every row can generate
 
 
 def test_plan_predicts_duplicate_ids_and_missing_kept_columns_as_run_does(tmp_path: Path) -> None:
