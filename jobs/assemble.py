@@ -21,6 +21,7 @@ from kvbatch.errors import JobError
 from . import json_text
 from .arrow_io import write_hf_folder, write_stream
 from .atomic import atomic_file
+from .nano_time import python_rows
 from .openai_format import output_line
 from .records import nested_types
 
@@ -147,7 +148,7 @@ def _chunks(table: pa.Table, order: np.ndarray):
 def _write_jsonl(f: BinaryIO, table: pa.Table, order: np.ndarray, fmt: str, model: str, id_column: str | None) -> None:
     created = int(time.time())
     for chunk in _chunks(table, order):
-        for record in chunk.to_pylist():
+        for record in python_rows(chunk):  # a time64[ns] value to the nanosecond
             line: dict[str, Any] = (
                 output_line(record, model, created, id_column or "custom_id") if fmt == "openai" else record
             )

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from kvbatch.errors import ErrorKind, InputError
 
+from .nano_time import python_rows
 from .rows import Reader, Row, RowError
 
 
@@ -43,7 +44,7 @@ def rows_of_batches(batches: Iterator[pa.RecordBatch | pa.Table], name: str, fir
                 f"cannot read {name} from row {index} on ({type(exc).__name__}: {' '.join(str(exc).split())})"
             ) from None
         try:
-            rows = batch.to_pylist()
+            rows = python_rows(batch)
         except _UNHOLDABLE:
             rows = [_one_row(batch, i, index + i) for i in range(batch.num_rows)]
         for data in rows:
@@ -62,7 +63,7 @@ def _one_row(batch: pa.RecordBatch | pa.Table, i: int, index: int) -> Row | dict
     error = None
     for name in batch.column_names:
         try:
-            data[name] = batch.column(name)[i].as_py()
+            data[name] = python_rows(batch.select([name]).slice(i, 1))[0][name]
         except _UNHOLDABLE as exc:
             if error is None:
                 kind = ErrorKind.INVALID_UTF8 if isinstance(exc, UnicodeDecodeError) else ErrorKind.WRONG_TYPE

@@ -323,6 +323,39 @@ def test_kept_columns_of_view_map_and_extension_types_are_written_as_types_datas
     assert loaded.features["rid"] == datasets.Value("string")
 
 
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
+def test_a_kept_nanosecond_time_keeps_its_nanoseconds(tmp_path: Path, fmt: str) -> None:
+    # A time64[ns] value reads in Python as a datetime.time, which holds microseconds: 00:02:03.456789012 was
+    # written as 00:02:03.456789000 in every format.
+    nanoseconds = [123_456_789_012, 5, None, 86_399_999_999_999]
+    at = pa.array(nanoseconds, pa.time64("ns"))
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "at": at}), tmp_path / "in.parquet")
+    summary, _ = run(tmp_path, input={"path": "in.parquet"}, keep_columns=["at"], output={"path": f"o.{fmt}"})
+    assert summary.rows_ok == 4
+    path = tmp_path / "out" / f"o.{fmt}"
+    if fmt == "jsonl":
+        written = [json.loads(line)["at"] for line in path.read_text().splitlines()]
+        assert written == ["00:02:03.456789012", "00:00:00.000000005", None, "23:59:59.999999999"]
+    else:
+        table = read_arrow(path) if fmt == "arrow" else pq.read_table(path)
+        assert table.column("at").combine_chunks().equals(at)
+
+
+def test_a_nanosecond_time_pickles_and_compares_to_the_nanosecond() -> None:
+    # A Ray run pickles its rows, and an id column of times is checked for duplicates by value.
+    import datetime
+    import pickle
+
+    from kvbatch.jobs.nano_time import NanoTime
+
+    one, two = NanoTime(1_000_000_001), NanoTime(1_000_000_002)
+    assert pickle.loads(pickle.dumps(one)).nanoseconds == 1_000_000_001 and one != two
+    assert NanoTime(1_000_000_000) == datetime.time(0, 0, 1) and hash(NanoTime(1_000)) == hash(
+        datetime.time(0, 0, 0, 1)
+    )
+    assert f"{one}" == "00:00:01.000000001" and str(NanoTime(1_000)) == "00:00:00.000001"
+
+
 def test_a_kept_column_named_like_a_column_the_job_adds_is_refused(tmp_path: Path) -> None:
     # RESERVED_COLUMNS covers the columns every output has; a kept `top_logprobs` (or `scores`, `prompt_logprobs`)
     # was silently overwritten by the job's own column of that name.
