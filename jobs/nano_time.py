@@ -1,4 +1,4 @@
-"""time64[ns] values in Python, to the nanosecond.
+"""time64[ns] values in Python, to the nanosecond (in a column, or in its structs and lists).
 
 pyarrow reads a time64[ns] value as a `datetime.time`, which holds microseconds: the nanoseconds below them are
 dropped, silently. A kept column of that type goes input -> Python row -> output, so the reader reads it as a
@@ -72,17 +72,65 @@ def nanoseconds_of(value: datetime.time) -> int:
 
 
 def python_rows(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
-    """batch.to_pylist(), with each time64[ns] column's values as NanoTime (columns nested in structs or lists
-    still read as datetime.time)."""
+    """batch.to_pylist(), with each time64[ns] value, in a column or nested in its structs and lists, a NanoTime."""
     rows = batch.to_pylist()
     for name, kind in zip(batch.schema.names, batch.schema.types):
-        if kind == TIME_NS:
-            values = batch.column(name).cast(pa.int64()).to_pylist()
+        if holds_time_ns(kind):
+            values = batch.column(name).cast(_as_ints(kind)).to_pylist()
             for row, value in zip(rows, values):
-                row[name] = None if value is None else NanoTime(value)
+                row[name] = _times(value, kind)
     return rows
 
 
-def time_ns_array(values: list[Any]) -> pa.Array:
-    """A time64[ns] array of times of day (NanoTime, datetime.time) or None, to the nanosecond."""
-    return pa.array([None if v is None else nanoseconds_of(v) for v in values], pa.int64()).cast(TIME_NS)
+def time_ns_array(values: list[Any], kind: pa.DataType) -> pa.Array:
+    """An array of type `kind` (holds_time_ns) from values as python_rows gives them, to the nanosecond: pa.array
+    would take each time's microseconds alone."""
+    return pa.array([_nanoseconds(v, kind) for v in values], _as_ints(kind)).cast(kind)
+
+
+def holds_time_ns(kind: pa.DataType) -> bool:
+    """time64[ns], or a struct or list with it inside (the types python_rows and time_ns_array handle)."""
+    if kind == TIME_NS:
+        return True
+    if pa.types.is_struct(kind):
+        return any(holds_time_ns(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return holds_time_ns(kind.value_type)
+    return False
+
+
+def _as_ints(kind: pa.DataType) -> pa.DataType:
+    """`kind` with each time64[ns] an int64, its nanoseconds (the two cast into each other exactly)."""
+    if kind == TIME_NS:
+        return pa.int64()
+    if pa.types.is_struct(kind):
+        return pa.struct([kind.field(i).with_type(_as_ints(kind.field(i).type)) for i in range(kind.num_fields)])
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(kind.value_field.with_type(_as_ints(kind.value_type)), kind.list_size)
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_as_ints(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_as_ints(kind.value_type)))
+    return kind
+
+
+def _times(value: Any, kind: pa.DataType) -> Any:
+    """A value of _as_ints(kind) as Python, with its nanoseconds as NanoTime."""
+    if value is None or not holds_time_ns(kind):
+        return value
+    if kind == TIME_NS:
+        return NanoTime(value)
+    if pa.types.is_struct(kind):
+        return {f.name: _times(value[f.name], f.type) for f in kind}
+    return [_times(v, kind.value_type) for v in value]
+
+
+def _nanoseconds(value: Any, kind: pa.DataType) -> Any:
+    """_times, undone: a Python value of `kind` with its times of day as nanoseconds."""
+    if value is None or not holds_time_ns(kind):
+        return value
+    if kind == TIME_NS:
+        return nanoseconds_of(value)
+    if pa.types.is_struct(kind):
+        return {f.name: _nanoseconds(value.get(f.name), f.type) for f in kind}
+    return [_nanoseconds(v, kind.value_type) for v in value]

@@ -11,7 +11,7 @@ tokenizer is gone by the time the OpenAI lines are assembled from the parts.
 
 from __future__ import annotations
 
-import datetime
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from . import json_text
-from .nano_time import TIME_NS, time_ns_array
+from .nano_time import holds_time_ns, time_ns_array
 from .rows import RowError
 
 if TYPE_CHECKING:
@@ -208,8 +208,9 @@ def _array(values: list[Any], known: pa.DataType | None) -> pa.Array:
     nulls), and parts written apart (a Ray run's blocks) would infer structs that no one schema joins."""
     if known is None and (any(isinstance(v, (dict, list)) for v in values) or _bools_among_others(values)):
         return _as_text(values)
-    if known == TIME_NS and all(v is None or isinstance(v, datetime.time) for v in values):
-        return time_ns_array(values)  # pa.array would take a time's microseconds alone
+    if known is not None and holds_time_ns(known):
+        with contextlib.suppress(TypeError, AttributeError, KeyError, pa.ArrowException):
+            return time_ns_array(values, known)  # pa.array would take each time's microseconds alone
     for kind in ([known] if known is not None else []) + [None]:
         try:
             array = pa.array(values, kind)

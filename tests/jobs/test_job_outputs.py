@@ -341,6 +341,31 @@ def test_a_kept_nanosecond_time_keeps_its_nanoseconds(tmp_path: Path, fmt: str) 
         assert table.column("at").combine_chunks().equals(at)
 
 
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
+def test_nanosecond_times_inside_kept_structs_and_lists_keep_their_nanoseconds(tmp_path: Path, fmt: str) -> None:
+    slot = pa.struct([pa.field("at", pa.time64("ns")), pa.field("note", pa.string())])
+    slots = pa.array([{"at": 123_456_789_012, "note": "x"}, None, {"at": None, "note": "y"}], slot)
+    times = pa.array([[5, None], [], None], pa.list_(pa.time64("ns")))
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "slot": slots, "times": times}), tmp_path / "in.parquet")
+    summary, _ = run(
+        tmp_path, input={"path": "in.parquet"}, keep_columns=["slot", "times"], output={"path": f"o.{fmt}"}
+    )
+    assert summary.rows_ok == 3
+    path = tmp_path / "out" / f"o.{fmt}"
+    if fmt == "jsonl":
+        written = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["slot"] for r in written] == [
+            {"at": "00:02:03.456789012", "note": "x"},
+            None,
+            {"at": None, "note": "y"},
+        ]
+        assert [r["times"] for r in written] == [["00:00:00.000000005", None], [], None]
+    else:
+        table = read_arrow(path) if fmt == "arrow" else pq.read_table(path)
+        assert table.column("slot").combine_chunks().equals(slots)
+        assert table.column("times").combine_chunks().equals(times)
+
+
 def test_a_nanosecond_time_pickles_and_compares_to_the_nanosecond() -> None:
     # A Ray run pickles its rows, and an id column of times is checked for duplicates by value.
     import datetime
