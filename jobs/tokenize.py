@@ -1,6 +1,6 @@
 """Prompts -> token ids, keeping text from rows out of control tokens.
 
-Messages with no text that reads as an added token (`<|im_end|>`, the EOS string...) are rendered by the chat
+Messages with no text that reads as a special token (`<|im_end|>`, the EOS string...) are rendered by the chat
 template and tokenized whole, exactly as transformers' `apply_chat_template(tokenize=True)` does: BPE merges
 across the template's text and the data's (a message starting with blank lines or spaces). A row whose text holds
 such a token is rendered around placeholders instead, so we know which characters the template wrote and which
@@ -57,8 +57,11 @@ class PromptTokenizer:
         self._marker = f"KVBATCH{secrets.token_hex(8)}"
         self._placeholder = re.compile(rf"{self._marker}_(\d+)_")
         self._template_ids = lru_cache(maxsize=4096)(self._encode_template_piece)
+        # Only special tokens: data spells an added token that is not special (Qwen3's <think>) whichever way it is
+        # tokenized, and templates read such tokens in the text (they split the thinking off on </think>).
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        control = sorted({str(t) for t in added.values() if str(t)} | set(getattr(tokenizer, "all_special_tokens", [])))
+        special = {str(t) for t in added.values() if str(t) and getattr(t, "special", True)}
+        control = sorted(special | set(getattr(tokenizer, "all_special_tokens", [])))
         # One scan of a message finds any of them (Llama 3 has 256 added tokens).
         self._control_text = re.compile("|".join(map(re.escape, control))) if control else None
 
@@ -106,7 +109,7 @@ class PromptTokenizer:
         return None
 
     def _plain(self, messages: list[dict[str, Any]]) -> bool:
-        """No message holds an added token's text (a tokenizer that lists none is never trusted to be plain)."""
+        """No message holds a special token's text (a tokenizer that lists none is never trusted to be plain)."""
         return self._control_text is not None and not any(self._control_text.search(m["content"]) for m in messages)
 
     def _encode_text(self, text: str) -> list[int]:

@@ -128,6 +128,32 @@ def test_a_row_with_control_text_still_gets_the_template_values(tmp_path) -> Non
     assert request.prompt_token_ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 1  # the data's stays text
 
 
+# Reasoning models' templates drop the thinking of earlier assistant turns (DeepSeek-R1, Qwen3): they split the
+# message text on </think>, an added token that is not special.
+DROPS_THINKING = (
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if message.role == 'assistant' and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_thinking_in_earlier_turns_is_dropped_as_transformers_drops_it(tmp_path) -> None:
+    """<think> and </think> are added tokens, not special ones: a row holding them is tokenized as any other.
+    It went round placeholders, the template could not split them off, and the row failed."""
+    tok = byte_tokenizer(DROPS_THINKING)
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>\nplan\n</think>\n\nHello"},
+        {"role": "user", "content": "And <think> means?"},
+    ]
+    want = tok.apply_chat_template(turns, tokenize=True, add_generation_prompt=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert ids_of(pipeline(tmp_path, tok), messages=turns) == list(want)
+    assert "plan" not in tok.decode(want)
+
+
 def test_template_file_tools_and_continue_final_message(tmp_path) -> None:
     (tmp_path / "qwen3.jinja").write_text(QWEN3_STYLE)
     tok = byte_tokenizer(template=None)  # the model has none: the job's file is used
