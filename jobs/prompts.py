@@ -196,7 +196,8 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
 
 
 def _content_text(content: Any) -> str | None:
-    """A message's text: a string, or OpenAI-style parts [{"type": "text", "text": ...}] joined; None if neither."""
+    """A message's text: a string, or OpenAI-style parts [{"type": "text", "text": ...}] joined by newlines, as
+    vLLM's server joins them for a template that reads content as a string; None if neither."""
     if isinstance(content, str):
         return content
     if (
@@ -204,7 +205,7 @@ def _content_text(content: Any) -> str | None:
         and content
         and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
     ):
-        return "".join(p["text"] for p in content)
+        return "\n".join(p["text"] for p in content)
     return None
 
 

@@ -281,6 +281,21 @@ def test_openai_bodies_pass_their_template_values_and_tools(tmp_path) -> None:
     assert tok.decode(request.prompt_token_ids) == want and want.endswith("</think>\n\n") and '"add"' in want
 
 
+def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(tmp_path) -> None:
+    """OpenAI's content may be a list of text parts. vLLM's server gives a template that reads content as a string
+    the parts joined by newlines; they were joined with nothing, so "Translate:" and the text ran together."""
+    tok = byte_tokenizer()
+    job = job_from_dict({"name": "j", "input": {"path": "b.jsonl", "format": "openai"}}, base_dir=str(tmp_path))
+    pipe = RowPipeline(job, tok, layout_for(job, {}))
+    parts = [{"type": "text", "text": "Translate:"}, {"type": "text", "text": "bonjour"}]
+    body = {"messages": [{"role": "user", "content": parts}]}
+    line = json.dumps({"custom_id": "a", "url": "/v1/chat/completions", "body": body}).encode()
+    request = pipe.request(openai_row(parse_line(line, 0, 1)))
+    messages = [{"role": "user", "content": "Translate:\nbonjour"}]
+    want = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert request.prompt_token_ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+
+
 def test_template_values_from_rows_cannot_steer_the_call_or_write_control_tokens(tmp_path) -> None:
     """A row's chat_template_kwargs fill the template; they may not replace it (chat_template), nor return ids
     (tokenize), and a value or tool the template writes may not spell a control token: the template's own text

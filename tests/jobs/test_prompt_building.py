@@ -59,16 +59,16 @@ def test_system_prompt_is_a_system_message() -> None:
 def test_messages_column_with_text_parts_and_the_rows_own_system_message() -> None:
     messages = [
         {"role": "system", "content": "You are a pirate."},
-        {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]},
         {"role": "assistant", "content": "Arr."},
         {"role": "user", "content": "Again"},
     ]
     prompt = build_prompt(row(chat=messages), PromptSpec(messages_column="chat", system="Job default"))
-    expected = [("system", "You are a pirate."), ("user", "Say hi"), ("assistant", "Arr."), ("user", "Again")]
+    expected = [("system", "You are a pirate."), ("user", "Say\nhi"), ("assistant", "Arr."), ("user", "Again")]
     assert prompt.messages == [{"role": r, "content": c} for r, c in expected]  # the row's system wins
     assert PromptTokenizer(TOKENIZER).encode(prompt) == TOKENIZER.encode(chat(expected))
     raw = build_prompt(row(chat=messages[1:]), PromptSpec(messages_column="chat", chat_template=False))
-    assert raw == Prompt(text="Say hi\n\nArr.\n\nAgain")
+    assert raw == Prompt(text="Say\nhi\n\nArr.\n\nAgain")
 
 
 def test_template_over_columns() -> None:
