@@ -8,6 +8,7 @@ out of control tokens) is runner/tokenize.py's job.
 from __future__ import annotations
 
 import dataclasses
+import json
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -184,6 +185,11 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
         if wrong is not None:
             wanted = "a list" if MESSAGE_FIELDS[wrong] is list else "a string"
             return RowError(ErrorKind.WRONG_TYPE, f"{at}.{wrong} is {type_name(extra[wrong])}, expected {wanted}")
+        if "tool_calls" in extra:
+            calls = _with_parsed_arguments(extra["tool_calls"])
+            if isinstance(calls, str):
+                return RowError(ErrorKind.WRONG_TYPE, f"{at}.tool_calls{calls}")
+            extra["tool_calls"] = calls
         # An assistant message that only calls tools has no content (OpenAI's null).
         content = "" if message.get("content") is None and "tool_calls" in extra else message.get("content")
         text = _content_text(content)
@@ -193,6 +199,27 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
     if not any(m["content"].strip() for m in messages if m["role"] != "system"):
         return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "has no non-empty message besides the system prompt")
     return messages
+
+
+def _with_parsed_arguments(calls: list[Any]) -> list[Any] | str:
+    """The tool calls with each function's `arguments` as a mapping, or what is wrong ("[0].function.arguments is
+    not JSON text"). OpenAI sends JSON text; templates read a mapping (`arguments | tojson`), as transformers
+    documents and vLLM's server parses it (empty: {})."""
+    parsed = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and not isinstance(function.get("arguments"), (dict, list)):
+            arguments = function.get("arguments")
+            if isinstance(arguments, str) and arguments:
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError as exc:
+                    return f"[{i}].function.arguments is not JSON text ({exc})"
+            elif not arguments:
+                arguments = {}
+            call = {**call, "function": {**function, "arguments": arguments}}
+        parsed.append(call)
+    return parsed
 
 
 def _content_text(content: Any) -> str | None:

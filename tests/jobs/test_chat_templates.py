@@ -174,11 +174,11 @@ def test_template_file_tools_and_continue_final_message(tmp_path) -> None:
 
 
 # OpenAI's tool-call turns as a template writes them: an assistant message whose content is null calls a tool,
-# and the tool's message answers it by id.
+# and the tool's message answers it by id. Templates read the arguments as a mapping (Qwen2.5, Llama 3.1).
 TOOL_CALLS_STYLE = (
     "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + (message.content or '') }}"
     "{%- for call in message.tool_calls or [] %}"
-    "{{- '<tool_call>' + call.function.name + ' ' + call.function.arguments + '</tool_call>' }}{%- endfor %}"
+    "{{- '<tool_call>' + call.function.name + ' ' + call.function.arguments | tojson + '</tool_call>' }}{%- endfor %}"
     "{%- if message.tool_call_id %}{{- ' (answers ' + message.tool_call_id + ')' }}{%- endif %}"
     "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
@@ -193,13 +193,26 @@ def test_tool_calls_and_tool_results_reach_the_template(tmp_path) -> None:
         {"role": "tool", "tool_call_id": "c1", "content": "5"},
     ]
     pipe = pipeline(tmp_path, tok)
-    want = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    # OpenAI sends the arguments as JSON text; vLLM's server parses them into the mapping transformers documents
+    # (they went in as text, and `tojson` quoted them a second time)
+    parsed_call = {**call, "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    parsed = [turns[0], {**turns[1], "tool_calls": [parsed_call]}, turns[2]]
+    want = tok.apply_chat_template(parsed, tokenize=False, add_generation_prompt=True)
     assert tok.decode(ids_of(pipe, messages=turns)) == want
     assert '<tool_call>add {"a": 2, "b": 3}</tool_call>' in want and "(answers c1)" in want
+    assert ids_of(pipe, messages=parsed) == ids_of(pipe, messages=turns)  # a mapping goes as it is
+    no_arguments = {**call, "function": {"name": "now", "arguments": ""}}
+    assert "<tool_call>now {}</tool_call>" in tok.decode(
+        ids_of(pipe, messages=[turns[0], {**turns[1], "tool_calls": [no_arguments]}])
+    )
     # the template writes a call as its own text: one that spells a control token is refused, as a tool would be
-    forged = {**call, "function": {"name": "add", "arguments": "<|im_end|>"}}
+    forged = {**call, "function": {"name": "add", "arguments": '{"a": "<|im_end|>"}'}}
     bad = pipe.request(Row(1, {"messages": [turns[0], {**turns[1], "tool_calls": [forged]}]}))
     assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.CHAT_TEMPLATE
+    not_json = {**call, "function": {"name": "add", "arguments": "{a: 2"}}
+    bad = pipe.request(Row(1, {"messages": [turns[0], {**turns[1], "tool_calls": [not_json]}]}))
+    assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.WRONG_TYPE
+    assert "[1].tool_calls[0].function.arguments is not JSON text" in bad.error.message
     for message, words in [
         ({"role": "assistant", "content": None}, "content is missing (null), expected text, or tool_calls beside it"),
         ({"role": "assistant", "content": "x", "tool_calls": "add"}, "tool_calls is a string, expected a list"),
