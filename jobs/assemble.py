@@ -48,10 +48,7 @@ def unify(tables: list[pa.Table]) -> pa.Table:
     fixed = []
     for t in tables:
         for name in conflicting:
-            values = [
-                None if v is None else v if isinstance(v, str) else json_text.dumps(v)
-                for v in t.column(name).to_pylist()
-            ]
+            values = [None if v is None else json_text.value_text(v) for v in t.column(name).to_pylist()]
             t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, pa.string()))
         fixed.append(t)
     return pa.concat_tables(fixed, promote_options="permissive")

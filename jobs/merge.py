@@ -351,7 +351,7 @@ def _retyped_line(record: dict[str, Any], retyped: dict[str, str]) -> bytes:
         value = record.get(name)
         if value is None or isinstance(value, str):
             continue
-        record[name] = float(value) if to == "float" else json_text.dumps(value)
+        record[name] = float(value) if to == "float" else json_text.value_text(value)
     return json_text.dumps(record, ensure_ascii=False).encode() + b"\n"
 
 

@@ -267,7 +267,7 @@ def _is(check: str, kind: pa.DataType) -> bool:
 def _as_text(values: list[Any]) -> pa.Array:
     """Strings as they are, other values as JSON text."""
     return pa.array(
-        [None if v is None else v if isinstance(v, str) else json_text.dumps(v, default=str) for v in values],
+        [None if v is None else json_text.value_text(v, default=str) for v in values],
         pa.string(),
     )
 

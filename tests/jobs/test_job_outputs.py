@@ -249,6 +249,18 @@ def test_a_kept_boolean_after_a_number_is_json_text_however_rows_fall_into_parts
     assert read_arrow(Path(summary.output)).column("v").to_pylist() == ["0.5", "true", None]
 
 
+@pytest.mark.parametrize("part_rows", [1, 2, 1024])
+def test_a_kept_column_of_numbers_and_text_is_the_same_text_however_rows_fall_into_parts(
+    tmp_path: Path, part_rows: int
+) -> None:
+    # A part holding 2.5 and 1 typed both as doubles, so with text in another part 1 was written "1.0", but "1"
+    # when it fell into a part of its own or in with the text: the output hung on the part size (or a resume).
+    values = ["a", 2.5, 1, 1.0, 3]
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "p", "v": v} for v in values])
+    summary, _ = run(tmp_path, input={"path": "in.jsonl"}, keep_columns=["v"], output={"part_rows": part_rows})
+    assert read_arrow(Path(summary.output)).column("v").to_pylist() == ["a", "2.5", "1", "1", "3"]
+
+
 def test_parquet_input_keeps_column_types(tmp_path: Path) -> None:
     table = pa.table(
         {

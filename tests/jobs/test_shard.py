@@ -195,7 +195,7 @@ def test_merge_lists_missing_unfinished_and_foreign_shards(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("ids", [[1, "b", 3, "d"], [1, 2.5, 3, 4.5], [0.5, True, 1.5, False]])
+@pytest.mark.parametrize("ids", [[1, "b", 3, "d"], [1, 2.5, 3, 4.5], [0.5, True, 1.5, False], [1, "b", 2.5, "d"]])
 def test_merged_jsonl_shards_hold_the_values_one_run_writes(tmp_path, ids):
     # A schema-less input's column of one type in each shard but not across them: one run joins its parts as
     # assemble.unify does (JSON text, ints among floats as floats), but the merge copied each shard's lines as they
