@@ -35,7 +35,7 @@ from kvbatch.jobs.spec import (
     splits_reasoning,
 )
 from kvbatch.jobs.summary import Summary
-from kvbatch.jobs.writer import OutputWriter
+from kvbatch.jobs.writer import OutputWriter, work_dir
 
 
 def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
@@ -142,9 +142,12 @@ class JobIO:
     out: Path
     pspec: Any  # the job's PromptSpec
     layout: Layout
-    reader: Any  # a jobs.readers reader
+    reader: Any  # a jobs.readers reader; None when the input is gone (missing_input says why)
     writer: OutputWriter
     summary: Summary
+    # The input could not be found, but the output looked finished: the run raises this unless its writer (under
+    # the lock, checking the spec) finds the output complete.
+    missing_input: InputError | None = None
 
 
 def checked_first_rows(job: JobSpec, rows: Iterator[Row]) -> Iterator[Row]:
@@ -168,10 +171,16 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     fmt = output_format(job)
     pspec = prompt_spec(job)
     layout = layout_for(job, {})
-    reader = open_reader(job, input_columns(job, layout))  # fails early on a missing input or column
-    if reader.columns is None:
+    reader, missing_input = None, None
+    try:
+        reader = open_reader(job, input_columns(job, layout))  # fails early on a missing input or column
+    except InputError as exc:
+        if input_path(job).exists() or job.output.mode != "resume" or not looks_complete(out):
+            raise
+        missing_input = exc  # a finished output needs no input: cleaned up after the run, it is still done
+    if reader is not None and reader.columns is None:
         reader.rows = checked_first_rows(job, reader.rows)
-    if reader.schema is not None:
+    if reader is not None and reader.schema is not None:
         layout = with_input_schema(layout, reader.schema)
     manifest = job_manifest(job, out, fmt)
     writer = writer_for(
@@ -189,7 +198,16 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     summary = Summary(
         job.name, str(out), model=job.model, spec_hash=manifest.spec_hash, kvbatch_version=KVBATCH_VERSION
     )
-    return JobIO(shard, out, pspec, layout, reader, writer, summary)
+    return JobIO(shard, out, pspec, layout, reader, writer, summary, missing_input)
+
+
+def looks_complete(out: Path) -> bool:
+    """Whether `out` exists and its manifest says it was finished; a hint only, read without the lock (the writer
+    decides, holding it, and checks the spec)."""
+    try:
+        return out.exists() and Manifest.load(work_dir(out) / "manifest.json").complete
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:

@@ -124,6 +124,8 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         if writer.already_complete:
             log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
             return already_complete(out, io.summary)
+        if io.missing_input is not None:
+            raise io.missing_input
         total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)
         if total == 0:  # an empty input, input.limit 0 or a shard past the last row: no model to load for it
             log.info("job %s: no rows to run; writing an empty output without loading the model", job.name)

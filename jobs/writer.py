@@ -129,6 +129,9 @@ class OutputWriter:
             refusal = resume_refusal(self.output, previous, self.manifest)
             if refusal:
                 raise OutputError(refusal)
+            if self.manifest.fingerprint.get(INPUT_KEY) is None and previous.fingerprint.get(INPUT_KEY) is not None:
+                # The input is gone: the rows stay those of the input on record, which a new one must still match.
+                self.manifest.fingerprint[INPUT_KEY] = previous.fingerprint[INPUT_KEY]
             if previous.complete and self.output.exists():
                 self.already_complete = True
                 self.manifest.parts, self.manifest.complete = previous.parts, True

@@ -104,6 +104,26 @@ def test_complete_output_is_not_redone(folder: Path) -> None:
     assert (folder / "out" / "out.jsonl").read_bytes() == before
 
 
+def test_a_complete_output_whose_input_was_removed_is_already_complete(folder: Path) -> None:
+    # A cron rerun after the inputs were cleaned up failed (exit 1) opening the input before it found the output
+    # whole; an input put back changed is still refused, as any edited input.
+    run(folder)
+    (folder / "in.jsonl").unlink()
+    outcome, factory = run(folder)
+    assert outcome.error is None and outcome.summary.status == "already complete"
+    assert factory.engines == []
+    write_jsonl(folder / "in.jsonl", [{"id": "a", "prompt": "b"}])
+    outcome, _ = run(folder)
+    assert isinstance(outcome.error, OutputError) and "input_file.bytes" in str(outcome.error)
+
+
+def test_an_unfinished_output_whose_input_was_removed_fails_on_the_input(folder: Path) -> None:
+    crash_after(folder, 6)
+    (folder / "in.jsonl").unlink()
+    outcome, _ = run(folder)
+    assert isinstance(outcome.error, InputError) and "input not found" in str(outcome.error)
+
+
 @pytest.mark.parametrize("text", ['{"rows": 30', '{"rows": "x"}', "[]"])
 def test_an_unreadable_summary_does_not_fail_a_complete_output(folder: Path, text: str) -> None:
     run(folder)
