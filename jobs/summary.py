@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kvbatch.errors import OutputError, shown_path
+from kvbatch.errors import InputError, OutputError, shown_path
 
 from .atomic import write_json
+from .inspect import inspect_output
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def build_summary(
 def already_complete(output: Path, fallback: Summary) -> Summary:
     """The summary of an output an earlier run finished: what the file holds (from that run's summary), and zero
     for this run, which did nothing (its tokens and timing would otherwise read as this run's)."""
-    summary = fallback
+    summary = None
     path = summary_path(output)
     if path.exists():
         try:
@@ -148,8 +149,28 @@ def already_complete(output: Path, fallback: Summary) -> Summary:
             summary = Summary(**{k: v for k, v in data.items() if k in Summary.__dataclass_fields__})
         except (OSError, ValueError, TypeError, AttributeError) as exc:  # edited by hand: the output is still whole
             log.warning("cannot read %s (%s); the summary leaves out the earlier run's counts", path, exc)
+    if summary is None:
+        summary = _counted(output, fallback)
     run_fields = (*(f.name for f in fields(RunCounts)[1:]), "rows_this_run", "elapsed_s", "load_s")
     for name in (*run_fields, "output_tokens_per_s", "prefix_cache_hit_rate"):
         setattr(summary, name, type(getattr(summary, name))(0))
     summary.status = "already complete"
     return summary
+
+
+def _counted(output: Path, fallback: Summary) -> Summary:
+    """`fallback` with the rows `output` holds, counted from the file itself: its summary is gone."""
+    try:
+        report = inspect_output(output, num_samples=0)
+    except InputError as exc:
+        log.warning("cannot count the rows of %s (%s)", output, exc)
+        return fallback
+    num_errors = report.finish_reasons.get("error", 0)
+    return replace(
+        fallback,
+        rows=report.num_rows,
+        rows_ok=report.num_rows - num_errors,
+        rows_error=num_errors,
+        finish_reasons=dict(report.finish_reasons),
+        errors_by_kind=dict(report.error_kinds),
+    )

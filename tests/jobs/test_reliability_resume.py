@@ -104,6 +104,16 @@ def test_complete_output_is_not_redone(folder: Path) -> None:
     assert (folder / "out" / "out.jsonl").read_bytes() == before
 
 
+def test_a_complete_output_without_its_summary_reports_the_rows_it_holds(folder: Path) -> None:
+    # The report fell back to an empty summary: `rows 0` for an output of 30 rows.
+    run(folder)
+    (folder / "out" / "out.jsonl.summary.json").unlink()
+    outcome, _ = run(folder)
+    assert outcome.summary.status == "already complete"
+    assert (outcome.summary.rows, outcome.summary.rows_ok, outcome.summary.rows_error) == (NUM_ROWS, NUM_ROWS, 0)
+    assert sum(outcome.summary.finish_reasons.values()) == NUM_ROWS and outcome.summary.rows_this_run == 0
+
+
 def test_a_complete_output_whose_input_was_removed_is_already_complete(folder: Path) -> None:
     # A cron rerun after the inputs were cleaned up failed (exit 1) opening the input before it found the output
     # whole; an input put back changed is still refused, as any edited input.
