@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -95,6 +96,8 @@ class OutputWriter:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create the output folder {self.dir.parent}: {exc}") from None
+        if self.mode == "resume" and not os.access(self.dir, os.W_OK) and self._finished_read_only():
+            return self
         self._lock.acquire(wait=self.wait_for_lock, stop_waiting=self.stop_waiting)
         try:
             self._adopt_existing()
@@ -147,6 +150,20 @@ class OutputWriter:
             self.manifest.save(self.manifest_path)
         except OSError as exc:
             raise OutputError(f"cannot write {self.manifest_path}: {exc.strerror or exc}") from exc
+
+    def _finished_read_only(self) -> bool:
+        """Whether the output, in a folder this process cannot write (a read-only mount), is complete under this
+        spec: it is then reported as such without the lock, whose file cannot be opened there. Nothing is written,
+        and no run of ours can be writing it from here."""
+        previous = self._load_manifest()
+        if previous is None or not previous.complete or not self.output.exists():
+            return False
+        if resume_refusal(self.output, previous, self.manifest):
+            return False  # the lock's error says why nothing can run here
+        self.already_complete = True
+        self.manifest.parts, self.manifest.complete, self.manifest.num_rows = previous.parts, True, previous.num_rows
+        self._done = self.manifest.done_rows()
+        return True
 
     def _load_manifest(self) -> Manifest | None:
         if not self.manifest_path.exists():

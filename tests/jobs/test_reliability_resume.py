@@ -6,6 +6,7 @@ Runs in process with the fake engine: fast, and the engine's requests show exact
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from job_fakes import fake_factory
 from reliability_helpers import read_output, write_jsonl
 
 from kvbatch.errors import InputError, JobError, ModelLoadError, OutputError
+from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import fingerprint_hash, job_from_dict
@@ -112,6 +114,25 @@ def test_a_complete_output_without_its_summary_reports_the_rows_it_holds(folder:
     assert outcome.summary.status == "already complete"
     assert (outcome.summary.rows, outcome.summary.rows_ok, outcome.summary.rows_error) == (NUM_ROWS, NUM_ROWS, 0)
     assert sum(outcome.summary.finish_reasons.values()) == NUM_ROWS and outcome.summary.rows_this_run == 0
+
+
+def test_a_complete_output_on_a_read_only_mount_is_already_complete(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rerun failed (exit 1) opening the lock file it cannot create there. As a read-only mount has it: no
+    # write access to the work folder, and the lock file's open fails.
+    run(folder)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK and real_access(path, mode))
+
+    def read_only_lock(lock: OutputLock, **_) -> None:
+        raise OutputError(f"cannot open the lock file {lock.path}: Read-only file system")
+
+    monkeypatch.setattr(OutputLock, "acquire", read_only_lock)
+    outcome, factory = run(folder)
+    assert outcome.error is None and outcome.summary.status == "already complete" and factory.engines == []
+    outcome, _ = run(folder, sampling__max_new_tokens=9)  # another spec: nothing to report, the lock's error
+    assert isinstance(outcome.error, OutputError) and "Read-only file system" in str(outcome.error)
 
 
 def test_a_complete_output_whose_input_was_removed_is_already_complete(folder: Path) -> None:
