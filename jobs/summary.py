@@ -153,7 +153,7 @@ def already_complete(output: Path, fallback: Summary) -> Summary:
         summary = _counted(output, fallback)
     run_fields = (*(f.name for f in fields(RunCounts)[1:]), "rows_this_run", "elapsed_s", "load_s")
     for name in (*run_fields, "output_tokens_per_s", "prefix_cache_hit_rate"):
-        setattr(summary, name, type(getattr(summary, name))(0))
+        setattr(summary, name, Summary.__dataclass_fields__[name].default)  # the file's value may be of any type
     summary.status = "already complete"
     return summary
 

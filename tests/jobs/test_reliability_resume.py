@@ -155,7 +155,9 @@ def test_an_unfinished_output_whose_input_was_removed_fails_on_the_input(folder:
     assert isinstance(outcome.error, InputError) and "input not found" in str(outcome.error)
 
 
-@pytest.mark.parametrize("text", ['{"rows": 30', '{"rows": "x"}', "[]"])
+@pytest.mark.parametrize(
+    "text", ['{"rows": 30', '{"rows": "x"}', "[]", '{"job": "resume", "output": "out.jsonl", "elapsed_s": null}']
+)
 def test_an_unreadable_summary_does_not_fail_a_complete_output(folder: Path, text: str) -> None:
     run(folder)
     (folder / "out" / "out.jsonl.summary.json").write_text(text)
