@@ -104,6 +104,13 @@ class RowPipeline:
         error = row.error or self.ids.error(row)
         if error is not None:
             return self._error_row(pending, error)
+        continues = data.get("continue_final_message") if self.openai else None
+        if continues is not None and continues != self.pspec.continue_final_message:
+            message = (
+                f"{row.where}: the body asks continue_final_message: {str(continues).lower()}, but this job "
+                f"builds prompts with prompt.continue_final_message: {str(self.pspec.continue_final_message).lower()}"
+            )
+            return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, message))
         try:
             prompt = build_prompt(row, self.pspec, allow_empty=self.job.task == "score")
             if isinstance(prompt, RowError):

@@ -49,6 +49,7 @@ VLLM_SAMPLING = (
     "allowed_token_ids", "include_stop_str_in_output",
 )  # fmt: skip
 OPENAI_MAX_TOP_LOGPROBS = 20  # the API's own limit
+_PROMPT_CONTROLS = frozenset({"continue_final_message", "add_generation_prompt"})
 # The API's temperature range, where kvbatch's setting takes any (temperature 5 is a setting, not a chat request): a
 # body outside it is refused there, so it fails its line here. The other numbers' ranges are the settings' own.
 OPENAI_MAX_TEMPERATURE = 2
@@ -222,7 +223,11 @@ def openai_row(row: Row) -> Row:
     if body.get("messages") is None:
         return bad.failed(ErrorKind.BAD_REQUEST, "an OpenAI Batch request's body needs `messages`")
     problem = (
-        _logprobs_problem(body) or _temperature_problem(body) or _max_tokens_problem(body) or _tool_choice_problem(body)
+        _logprobs_problem(body)
+        or _temperature_problem(body)
+        or _max_tokens_problem(body)
+        or _tool_choice_problem(body)
+        or _prompt_control_problem(body)
     )
     if problem:
         return bad.failed(ErrorKind.BAD_REQUEST, problem)
@@ -246,11 +251,37 @@ def openai_row(row: Row) -> Row:
         row.index,
         {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}
         # given to the chat template: tools, and vLLM's chat_template_kwargs ({"enable_thinking": false})
-        | {key: body[key] for key in ("tools", "chat_template_kwargs") if body.get(key) is not None},
+        | {key: body[key] for key in ("tools", "chat_template_kwargs") if body.get(key) is not None}
+        # vLLM's prompt controls, where a body sets them: the pipeline holds them against the job's prompt settings
+        | ({"continue_final_message": _continues(body)} if _PROMPT_CONTROLS & body.keys() else {}),
         None,
         row.line,
         overrides,
     )
+
+
+def _continues(body: dict[str, Any]) -> bool:
+    return body.get("continue_final_message") is True
+
+
+def _prompt_control_problem(body: dict[str, Any]) -> str | None:
+    """Why a body's vLLM prompt controls ask for a prompt kvbatch would not build, or None. vLLM's server takes
+    continue_final_message and add_generation_prompt per request; kvbatch builds the prompt one way per job
+    (prompt.continue_final_message), so a body may only restate it (checked against the job by the pipeline)."""
+    for key in _PROMPT_CONTROLS:
+        if key in body and not isinstance(body[key], bool):
+            return f"{key} must be true or false, got {body[key]!r}"
+    if body.get("continue_final_message") is True and body.get("add_generation_prompt", True) is not False:
+        return "continue_final_message: true needs add_generation_prompt: false (as vLLM has it)"
+    if body.get("add_generation_prompt") is False and body.get("continue_final_message") is not True:
+        return "add_generation_prompt: false without continue_final_message: true is not supported"
+    if body.get("chat_template") is not None:
+        return "a body's own chat_template is not supported; set prompt.chat_template_file for the job"
+    if body.get("echo") is True:
+        return "echo: true is not supported (the output holds the generated text only)"
+    if body.get("add_special_tokens") is True:
+        return "add_special_tokens: true is not supported (the chat template places the special tokens)"
+    return None
 
 
 def _logprobs_problem(body: dict[str, Any]) -> str | None:

@@ -27,6 +27,18 @@ from test_openai_logprobs import request, run_openai
         # the tools go to the chat template; nothing would make the model call one
         ({"tool_choice": "required"}, "tool_choice 'required' is not supported"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "use 'auto' or leave it out"),
+        # vLLM's prompt controls: a prompt kvbatch would not build fails the line instead of being built otherwise
+        ({"continue_final_message": True}, "continue_final_message: true needs add_generation_prompt: false"),
+        ({"add_generation_prompt": False}, "add_generation_prompt: false without continue_final_message"),
+        ({"add_generation_prompt": "no"}, "add_generation_prompt must be true or false, got 'no'"),
+        ({"chat_template": "{{ messages }}"}, "a body's own chat_template is not supported"),
+        ({"echo": True}, "echo: true is not supported"),
+        ({"add_special_tokens": True}, "add_special_tokens: true is not supported"),
+        # a prefill body (vLLM's continue_final_message) on a job that adds a generation prompt
+        (
+            {"continue_final_message": True, "add_generation_prompt": False},
+            "asks continue_final_message: true, but this job builds prompts with prompt.continue_final_message: false",
+        ),
     ],
 )
 def test_a_wrongly_typed_body_field_fails_its_line_only(tmp_path, body, words) -> None:
@@ -48,6 +60,17 @@ def test_a_temperature_over_the_apis_fails_its_line_only(tmp_path, temperature) 
     assert f"temperature must be from 0 to 2, got {str(temperature)[:20]}" in error.message
     assert [r.request_id for r in engine.requests] == [0, 2]
     assert engine.requests[1].sampling.temperature == 2  # the range's end is the API's too
+
+
+def test_prompt_controls_that_restate_the_jobs_prompt_run(tmp_path) -> None:
+    lines, engine = run_openai(
+        tmp_path,
+        [
+            request("a", add_generation_prompt=True),
+            request("b", continue_final_message=False, add_generation_prompt=True, echo=False),
+        ],
+    )
+    assert all(line["error"] is None for line in lines) and len(engine.requests) == 2
 
 
 def test_vllm_extra_sampling_fields_are_read(tmp_path) -> None:
