@@ -77,6 +77,9 @@ class LoraConfig:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
+    # init_lora_weights false: PEFT draws A and B at random for a targeted module the weights leave out (every
+    # other init it loads gives such a module B A = 0, no update).
+    random_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,7 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
         tuple(layers) if layers is not None else None,
         layers_pattern,
         exclude_modules,
+        init is False,
     )
 
 
@@ -474,4 +478,14 @@ def _module_shapes(
         module_alpha = _pattern_value(config.alpha_pattern, module, config.alpha)
         scaling = module_alpha / math.sqrt(rank) if config.use_rslora else module_alpha / rank
         modules[module] = ModuleShape(rank, a_in, b_out, float(scaling))
+    if config.random_init:
+        # PEFT gives every targeted module a LoRA layer and loads what the file holds into it: a module the file
+        # leaves out keeps its random A and B, an update no two loads agree on.
+        for module in linears:
+            if module not in parts and _untargeted(config, module) is None:
+                raise AdapterError(
+                    f"adapter {name!r} holds no LoRA weights for {module}, which its config targets, and was saved "
+                    "with init_lora_weights=false: PEFT would give that layer a random update when it loads it "
+                    "(a damaged or trimmed weights file?)"
+                )
     return modules
