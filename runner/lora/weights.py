@@ -278,6 +278,17 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
         isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
     ):
         raise bad("layers_to_transform", layers, "a layer index or a list of them")
+    # PEFT's LoraConfig refuses these combinations, so PEFT loads no such adapter.
+    if isinstance(target_modules, str) and (layers is not None or config.get("layers_pattern") is not None):
+        raise AdapterError(
+            f"adapter {name!r}: {CONFIG_FILE} gives layers_to_transform or layers_pattern beside target_modules "
+            f"{target_modules!r}, a string, not a list, and PEFT refuses to load such a config"
+        )
+    if config.get("layers_pattern") and layers is None:
+        raise AdapterError(
+            f"adapter {name!r}: {CONFIG_FILE} gives layers_pattern without layers_to_transform, and PEFT refuses to "
+            "load such a config"
+        )
     base = config.get("base_model_name_or_path")
     return LoraConfig(
         float(alpha),

@@ -427,6 +427,29 @@ def test_a_targeted_module_the_weights_leave_out_runs_as_peft_loads_it(adapter_p
 
 
 @pytest.mark.parametrize(
+    "fields, words",
+    [
+        (dict(target_modules="all-linear", layers_to_transform=[0]), "beside target_modules 'all-linear', a string"),
+        (dict(target_modules=r".*_proj", layers_pattern="layers"), "layers_pattern beside target_modules"),
+        (dict(layers_pattern="layers"), "layers_pattern without layers_to_transform"),
+    ],
+    ids=["all-linear-layers", "regex-pattern", "pattern-alone"],
+)
+def test_layer_choices_peft_refuses_to_load_are_refused(adapter_paths, tmp_path, fields, words) -> None:
+    """PEFT's LoraConfig refuses layers_to_transform or layers_pattern beside a target_modules string, and
+    layers_pattern without layers_to_transform; kvbatch ran such an adapter on every layer its weights hold."""
+    from peft import PeftModel
+
+    from kvbatch.runner.lora.weights import AdapterError, adaptable_linears, inspect_adapter
+
+    path = _edited(adapter_paths["r8-rslora"], tmp_path / "edited", **fields)
+    with pytest.raises(ValueError, match="layers_"):
+        PeftModel.from_pretrained(hf_reference("llama"), path)
+    with pytest.raises(AdapterError, match=words):
+        inspect_adapter("x", path, adaptable_linears(tiny_model("llama")))
+
+
+@pytest.mark.parametrize(
     "arch, config, words",
     [
         # PEFT saves lora_embedding_A/B for an embedding, and the embedding's own weights beside them.
