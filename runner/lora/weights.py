@@ -32,7 +32,9 @@ from torch import nn
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# PEFT loads only weights named under its model's prefix; it drops any other name (as an unexpected key).
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 # Config switches of LoRA variants whose forward is not the plain low-rank update above.
 _UNSUPPORTED_SWITCHES = {
     "use_dora": "DoRA (use_dora)",
@@ -446,9 +448,15 @@ def _module_shapes(
     name: str, config: LoraConfig, shapes: dict[str, tuple[int, ...]], linears: dict[str, nn.Linear]
 ) -> dict[str, ModuleShape]:
     parts: dict[str, dict[str, tuple[int, ...]]] = {}
-    others = [key.removeprefix("base_model.model.") for key in shapes if _KEY.match(key) is None]
+    unprefixed = [key for key in shapes if not key.startswith(_PREFIX)]
+    if unprefixed:
+        raise AdapterError(
+            f"adapter {name!r} holds {unprefixed[0]}, named without PEFT's prefix {_PREFIX!r}: PEFT would load the "
+            "adapter without it"
+        )
+    others = [key.removeprefix(_PREFIX) for key in shapes if _KEY.match(key) is None]
     if others:
-        raise AdapterError(_not_lora_reason(name, others, [k.removeprefix("base_model.model.") for k in shapes]))
+        raise AdapterError(_not_lora_reason(name, others, [k.removeprefix(_PREFIX) for k in shapes]))
     for key, shape in shapes.items():
         match = _KEY.match(key)
         parts.setdefault(match["module"], {})[match["part"]] = shape

@@ -426,6 +426,27 @@ def test_a_targeted_module_the_weights_leave_out_runs_as_peft_loads_it(adapter_p
     assert results[1].completions[0].token_ids == want
 
 
+def test_weights_named_without_peft_prefix_are_refused(adapter_paths, rows, tmp_path) -> None:
+    """PEFT loads only weights named under base_model.model. and drops any other name as an unexpected key: an
+    adapter whose file names its A and B without the prefix runs in PEFT as the base model. kvbatch read such
+    names as the prefixed ones and applied them: refused instead."""
+    from peft import PeftModel
+
+    unprefixed = _edited(adapter_paths["r8-rslora"], tmp_path / "unprefixed", init_lora_weights=True)
+    tensors = load_file(f"{unprefixed}/adapter_model.safetensors")
+    save_file(
+        {k.removeprefix("base_model.model."): v for k, v in tensors.items()}, f"{unprefixed}/adapter_model.safetensors"
+    )
+    prompt = torch.tensor([rows[0][0]])
+    with torch.no_grad():
+        base = hf_reference("llama")(input_ids=prompt).logits
+        peft = PeftModel.from_pretrained(hf_reference("llama"), unprefixed)(input_ids=prompt).logits
+    assert torch.equal(peft, base)  # PEFT ran none of it
+    _, results = run({"unprefixed": unprefixed}, [(rows[0][0], "unprefixed")])
+    assert (results[0].finish_reason, results[0].error_kind) == ("error", ErrorKind.BAD_ADAPTER)
+    assert "named without PEFT's prefix 'base_model.model.'" in results[0].error, results[0].error
+
+
 @pytest.mark.parametrize(
     "fields, words",
     [
