@@ -137,18 +137,19 @@ def adapter_problems(job: JobSpec, engines: EngineCache) -> dict[str, str | None
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kvbatch.runner.lora.weights import AdapterError, adaptable_linears, inspect_adapter
+    from kvbatch.runner.lora.weights import AdapterError, adaptable_linears, inspect_adapter, unadapted_layers
     from kvbatch.runner.model_loader import DEFAULT_HUB_NAME
 
     config = EngineConfig(model=job.model, **job.engine.settings())
     _, model_config = load_tokenizer_and_config(config)
     with torch.device("meta"):
-        linears = adaptable_linears(AutoModelForCausalLM.from_config(model_config))
+        model = AutoModelForCausalLM.from_config(model_config)
+    linears, unadapted = adaptable_linears(model), unadapted_layers(model)
     model_name = DEFAULT_HUB_NAME if job.model == "default" else job.model
     problems: dict[str, str | None] = {}
     for name, path in adapters.items():
         try:
-            inspect_adapter(name, path, linears, config.allow_pickle, model_name)
+            inspect_adapter(name, path, linears, config.allow_pickle, model_name, unadapted)
             problems[name] = None
         except AdapterError as exc:
             problems[name] = str(exc)

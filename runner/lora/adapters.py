@@ -38,7 +38,15 @@ from torch import nn
 
 from ..model_runner import HostStaging
 from .step import LoraStep, apply_torch, lora_step
-from .weights import AdapterError, AdapterSpec, LoraModule, adaptable_linears, inspect_adapter, load_adapter
+from .weights import (
+    AdapterError,
+    AdapterSpec,
+    LoraModule,
+    adaptable_linears,
+    inspect_adapter,
+    load_adapter,
+    unadapted_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +98,7 @@ class Adapters:
         self.device, self.dtype = device, dtype
         self.max_loras, self.max_cpu_loras = max_loras, max(max_cpu_loras, max_loras)
         self.allow_pickle, self.model_name = allow_pickle, model_name
-        self.linears = adaptable_linears(model)
+        self.linears, self.unadapted = adaptable_linears(model), unadapted_layers(model)
         self.specs: dict[str, AdapterSpec | AdapterError] = {}
         self.paths: dict[str, str] = {}
         self._readable: set[str] = set()  # names whose weights were read once
@@ -199,7 +207,7 @@ class Adapters:
 
     def _inspected(self, name: str, path: str) -> AdapterSpec | AdapterError:
         try:
-            return inspect_adapter(name, path, self.linears, self.allow_pickle, self.model_name)
+            return inspect_adapter(name, path, self.linears, self.allow_pickle, self.model_name, self.unadapted)
         except AdapterError as exc:
             logger.warning("%s", exc)
             return exc

@@ -23,6 +23,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,21 @@ def adaptable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def unadapted_layers(model: nn.Module) -> dict[str, bool]:
+    """The layers PEFT can give a LoRA layer that kvbatch does not adapt (the output head, embeddings, GPT-2's
+    Conv1D, routed experts' linears): name -> whether target_modules 'all-linear' takes it in (any linear layer
+    but the output head)."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = adaptable_linears(model)
+    return {
+        name: isinstance(module, (nn.Linear, Conv1D)) and module is not head
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Embedding, Conv1D)) and name not in linears
+    }
+
+
 def resolve_folder(name: str, path: str) -> Path:
     """A local folder, else a hub name already in the local Hugging Face cache."""
     try:
@@ -148,8 +164,10 @@ def inspect_adapter(
     linears: dict[str, nn.Linear],
     allow_pickle: bool = False,
     model_name: str | None = None,
+    unadapted: Mapping[str, bool] | None = None,
 ) -> AdapterSpec:
-    """Check adapter `name` at `path` against the model's adaptable `linears` from its config and weight header."""
+    """Check adapter `name` at `path` against the model's adaptable `linears` (and its `unadapted_layers`, which
+    it must not change) from its config and weight header."""
     folder = resolve_folder(name, path)
     config = _read_config(name, folder)
     weights_file = folder / SAFETENSORS_FILE
@@ -167,7 +185,7 @@ def inspect_adapter(
         if _model_of(base) != _model_of(model_name):
             raise AdapterError(f"adapter {name!r} was trained on {base}, not on this engine's model {model_name}")
     shapes = _tensor_shapes(name, weights_file)
-    modules = _module_shapes(name, config, shapes, linears)
+    modules = _module_shapes(name, config, shapes, linears, unadapted or {})
     stat = weights_file.stat()
     # The slot holds B with its scaling folded in: two configs over one weights file (a symlink, a hub
     # snapshot's blob) are two adapters.
@@ -445,7 +463,11 @@ def _not_lora_reason(name: str, others: list[str], keys: list[str]) -> str:
 
 
 def _module_shapes(
-    name: str, config: LoraConfig, shapes: dict[str, tuple[int, ...]], linears: dict[str, nn.Linear]
+    name: str,
+    config: LoraConfig,
+    shapes: dict[str, tuple[int, ...]],
+    linears: dict[str, nn.Linear],
+    unadapted: Mapping[str, bool],
 ) -> dict[str, ModuleShape]:
     parts: dict[str, dict[str, tuple[int, ...]]] = {}
     unprefixed = [key for key in shapes if not key.startswith(_PREFIX)]
@@ -499,8 +521,10 @@ def _module_shapes(
         modules[module] = ModuleShape(rank, a_in, b_out, float(scaling))
     if config.random_init:
         # PEFT gives every targeted module a LoRA layer and loads what the file holds into it: a module the file
-        # leaves out keeps its random A and B, an update no two loads agree on.
-        for module in linears:
+        # leaves out keeps its random A and B, an update no two loads agree on. That holds of the layers kvbatch
+        # does not adapt (lm_head, embeddings) too, but for 'all-linear', which takes in linear layers only.
+        all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+        for module in [*linears, *(m for m, linear in unadapted.items() if linear or not all_linear)]:
             if module not in parts and _untargeted(config, module) is None:
                 raise AdapterError(
                     f"adapter {name!r} holds no LoRA weights for {module}, which its config targets, and was saved "

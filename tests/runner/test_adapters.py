@@ -406,22 +406,29 @@ def test_weights_the_config_does_not_target_fail_their_rows(adapter_paths, rows,
         assert repr(name) in result.error and words in result.error, result.error
 
 
-def test_a_targeted_module_the_weights_leave_out_runs_as_peft_loads_it(adapter_paths, rows, tmp_path) -> None:
-    """PEFT gives every module its config targets a LoRA layer, drawn by init_lora_weights, and loads the file into
-    them: a module the file leaves out keeps its initial A and B. Under PEFT's default init (B zero) that is no
+@pytest.mark.parametrize(
+    "left_out",
+    ["model.layers.0.self_attn.q_proj", "lm_head", "model.embed_tokens"],
+    ids=["projection", "lm_head", "embedding"],
+)
+def test_a_targeted_layer_the_weights_leave_out_runs_as_peft_loads_it(adapter_paths, rows, tmp_path, left_out) -> None:
+    """PEFT gives every layer its config targets a LoRA layer, drawn by init_lora_weights, and loads the file into
+    them: a layer the file leaves out keeps its initial A and B. Under PEFT's default init (B zero) that is no
     update, and the adapter runs as PEFT's; saved with init_lora_weights=false (as these tests' adapters are), it
-    is a random update, which kvbatch ran as none, off PEFT's tokens from the second one: refused instead."""
+    is a random update, which kvbatch ran as none, off PEFT's tokens: refused instead. So for the layers kvbatch
+    does not adapt (lm_head, embeddings), named in target_modules without weights."""
     source = adapter_paths["r8-rslora"]  # every projection of both layers
-    trimmed = _edited(source, tmp_path / "trimmed")
+    targets = [*json.loads(open(f"{source}/adapter_config.json").read())["target_modules"], left_out.split(".")[-1]]
+    trimmed = _edited(source, tmp_path / "trimmed", target_modules=targets)
     tensors = load_file(f"{trimmed}/adapter_model.safetensors")
-    kept = {k: v for k, v in tensors.items() if ".layers.0.self_attn.q_proj." not in k}
+    kept = {k: v for k, v in tensors.items() if f".{left_out}." not in k}
     save_file(kept, f"{trimmed}/adapter_model.safetensors")
     zero_b = _edited(trimmed, tmp_path / "zero-b", init_lora_weights=True)
     prompt = rows[ADAPTERS.index("r8-rslora")][0]
     want = peft_greedy(hf_reference("llama"), {"zero-b": zero_b}, [(prompt, "zero-b")], MAX_NEW, EOS_ID, 0)[0]
     _, results = run({"random": trimmed, "zero-b": zero_b}, [(prompt, "random"), (prompt, "zero-b")])
     assert (results[0].finish_reason, results[0].error_kind) == ("error", ErrorKind.BAD_ADAPTER)
-    assert "'random' holds no LoRA weights for model.layers.0.self_attn.q_proj" in results[0].error
+    assert f"'random' holds no LoRA weights for {left_out}, which its config targets" in results[0].error
     assert results[1].error is None, results[1].error
     assert results[1].completions[0].token_ids == want
 
