@@ -216,6 +216,16 @@ def new_matcher(compiled) -> Any:
     return xgr.GrammarMatcher(compiled)
 
 
+def allows_no_token(matcher, vocab_size: int) -> bool:
+    """Whether the matcher's grammar has no token to go on with: it matches no text (`root ::= []`), or none that
+    starts with what it accepted so far. Its mask is then empty, and any token drawn under it is rejected."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(vocab / 32)] int32
+    matcher.fill_next_token_bitmask(bitmask)
+    return not bool(bitmask.any())
+
+
 def _constrained(item) -> bool:
     # A row that stopped on the step before runs a spare decode (planned ahead of its stop), whose token is
     # dropped: its grammar has ended and masks nothing.

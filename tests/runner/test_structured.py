@@ -674,3 +674,29 @@ def test_a_token_the_grammar_rejects_fails_its_row_not_the_engine(loaded, tokeni
     assert results["constrained"].error_kind == ErrorKind.ENGINE
     assert "the constraint rejected token" in results["constrained"].error
     assert all(results[i].error is None and len(results[i].completions[0].token_ids) == 8 for i in range(3))
+
+
+def test_a_grammar_that_cannot_go_on_fails_its_row_as_a_bad_constraint(loaded, tokenizer) -> None:
+    """A grammar that matches no text, or none past what it accepted, leaves its row an empty mask: xgrammar's own
+    processor fails there too. It is the constraint's fault, not the engine's, greedy or sampled."""
+    prompt = prompts(tokenizer, 1)[0]
+    dead = {
+        "nothing": StructuredOutputs(grammar="root ::= []"),
+        "after_a": StructuredOutputs(grammar='root ::= "a" rest\nrest ::= [^\\x00-\\U0010ffff]'),
+    }
+    requests = [
+        GenerationRequest(f"{name}_{i}", prompt, SamplingParams(8, structured_outputs=c, temperature=i, seed=1))
+        for name, c in dead.items()
+        for i in (0, 1)
+    ]
+    requests.append(GenerationRequest("ok", prompt, SamplingParams(8, structured_outputs=CONSTRAINTS[2])))
+    results = {r.request_id: r for r in make_engine(loaded).generate(requests)}
+    assert results["ok"].error is None
+    for i in (0, 1):
+        assert results[f"nothing_{i}"].error_kind == ErrorKind.BAD_CONSTRAINT
+        assert results[f"nothing_{i}"].error == (
+            "bad constraint (grammar \"root ::= []\"): after 0 tokens ('') it allows no token: no text completes "
+            "it from there"
+        )
+        assert results[f"after_a_{i}"].error_kind == ErrorKind.BAD_CONSTRAINT
+        assert "after 1 token ('a') it allows no token" in results[f"after_a_{i}"].error
