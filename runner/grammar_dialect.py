@@ -90,6 +90,10 @@ _REGEX_ESCAPES = frozenset("dDsSwWnrtfvxu")
 _REGEX_ENGINE_REFUSES = frozenset("bBpPk")
 _REGEX_ANCHOR_ESCAPES = frozenset("AZzG")
 _REGEX_REPEAT = re.compile(r"\{\d+(,\d*)?\}")
+_DIGITS = frozenset("0123456789")
+_OCTAL = frozenset("01234567")
+_HEX = frozenset("0123456789abcdefABCDEF")
+_HEX_ESCAPES = {"x": 2, "u": 4}
 _CONTROL_ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "f": 0x0C, "v": 0x0B, "0": 0x00}
 
 
@@ -363,6 +367,10 @@ def _after_end(i: int) -> str:
 
 def _escape_problem(regex: str, i: int, in_class: bool) -> str | None:
     letter = regex[i + 1 : i + 2]
+    if letter in _DIGITS:
+        return _octal_problem(regex, i, in_class)
+    if letter in _HEX_ESCAPES:
+        return _hex_problem(regex, i)
     if not (letter.isascii() and letter.isalpha()):
         return None
     known = _REGEX_ESCAPES | (frozenset("bpP") if in_class else _REGEX_ENGINE_REFUSES)
@@ -372,6 +380,35 @@ def _escape_problem(regex: str, i: int, in_class: bool) -> str | None:
     return (
         f"escape \\{letter} at position {i} of the regex is not supported (the grammar engine would read it as "
         f"the letter {letter!r}){hint}"
+    )
+
+
+def _octal_problem(regex: str, i: int, in_class: bool) -> str | None:
+    """An octal escape as Python's re reads it (`\\012`; in a class also `\\1`), which xgrammar reads as the
+    digits (`\\0` then "12"). Outside a class xgrammar refuses `\\1` to `\\9` itself, as backreferences."""
+    digits = regex[i + 1 : i + 4]
+    digits = digits[: next((k for k, c in enumerate(digits) if c not in _OCTAL), len(digits))]
+    if digits == "0" or (not in_class and not digits.startswith("0")):
+        return None
+    return (
+        f"escape \\{digits or regex[i + 1]} at position {i} of the regex is not supported (the grammar engine "
+        f"would not read it as an octal escape); write \\x and two hex digits"
+    )
+
+
+def _hex_problem(regex: str, i: int) -> str | None:
+    """`\\x` not followed by two hex digits, `\\u` by four (or `{...}`): xgrammar reads the letter itself, so
+    `\\x{41}` (Perl's "A") would be 41 x's."""
+    letter = regex[i + 1]
+    size = _HEX_ESCAPES[letter]
+    code = regex[i + 2 : i + 2 + size]
+    if len(code) == size and all(c in _HEX for c in code):
+        return None
+    if letter == "u" and re.match(r"\{[0-9a-fA-F]+\}", regex[i + 2 :]):
+        return None
+    return (
+        f"escape \\{letter} at position {i} of the regex is not followed by {size} hex digits (the grammar engine "
+        f"would read it as the letter {letter!r})"
     )
 
 

@@ -337,6 +337,29 @@ def test_annotations_and_a_type_the_values_have_are_accepted_beside_a_combinator
             "'$' in the regex is followed by more of it, at position 6 (the grammar engine would drop the '$')",
         ),
         (r"[^]a]", "']' first in the character class at position 0 of the regex is not supported; write \\]"),
+        # Python's octal escapes: xgrammar matched "\x0012" for \012 and "1" for [\1]
+        *[
+            (
+                regex,
+                f"escape \\{digits} at position {position} of the regex is not supported (the grammar engine would "
+                "not read it as an octal escape); write \\x and two hex digits",
+            )
+            for regex, digits, position in (
+                (r"a\012", "012", 1),
+                (r"\00", "00", 0),
+                (r"[\1]", "1", 1),
+                (r"[a\12]", "12", 2),
+            )
+        ],
+        # xgrammar read \x{41} as 41 x's, \u004 as "u004"
+        *[
+            (
+                regex,
+                f"escape \\{letter} at position 0 of the regex is not followed by {size} hex digits (the grammar "
+                f"engine would read it as the letter '{letter}')",
+            )
+            for regex, letter, size in ((r"\x{41}", "x", 2), (r"\xZZ", "x", 2), (r"\u004", "u", 4))
+        ],
     ],
 )
 def test_regex_constructs_the_engine_misreads_are_refused(regex, message) -> None:
@@ -345,7 +368,17 @@ def test_regex_constructs_the_engine_misreads_are_refused(regex, message) -> Non
 
 @pytest.mark.parametrize(
     "regex",
-    [r"^[a-z]{2,5}-\d{1,3}$", r"(^a|b)c", r"(?:^a|^b)c$", r"a|^b", r"[\b\d\w\s\]-]+", r"\u00e9\x41\.", r"(?<n>a)"],
+    [
+        r"^[a-z]{2,5}-\d{1,3}$",
+        r"(^a|b)c",
+        r"(?:^a|^b)c$",
+        r"a|^b",
+        r"[\b\d\w\s\]-]+",
+        r"\u00e9\x41\.",
+        r"(?<n>a)",
+        r"[\0]\08",
+        r"\u{e9}",
+    ],
 )
 def test_regex_constructs_the_engine_reads_alike_pass(regex) -> None:
     assert unsupported_regex(regex) is None
