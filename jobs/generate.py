@@ -9,7 +9,7 @@ so `generate(["Hi"])` and a job over a file with the row {"prompt": "Hi"} ask th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kvbatch.runner.request import GenerationRequest
@@ -87,12 +87,24 @@ def score(
 def _prompt_rows(prompts: Sequence[Any]) -> list[dict[str, Any]]:
     """One row per prompt. Where any prompt is a list of messages, a string prompt becomes the one user message it
     stands for (what the chat template, or the raw text, makes of it either way), so each prompt is read alike."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts is a string; pass a list of prompts (each a string or a list of messages)")
+    _check_a_list("prompts", prompts, "each a string or a list of messages")
     prompts = list(prompts)
     if any(isinstance(p, list) for p in prompts):
         return [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in prompts]
     return [{"prompt": p} for p in prompts]
+
+
+# Iterable, but as characters, byte values or keys: each would become a prompt of its own.
+_NOT_A_LIST = ((str, "a string"), ((bytes, bytearray), "bytes"), (Mapping, "a mapping"))
+
+
+def _check_a_list(name: str, value: Any, each: str) -> None:
+    """`value` must be a list, a tuple or another iterable of items, one per prompt."""
+    kind = next((k for t, k in _NOT_A_LIST if isinstance(value, t)), None)
+    if kind is None and not isinstance(value, Iterable):
+        kind = "None" if value is None else f"of type {type(value).__name__}"
+    if kind is not None:
+        raise TypeError(f"{name} is {kind}; pass a list of {name} ({each})")
 
 
 def _run(

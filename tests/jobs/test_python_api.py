@@ -162,3 +162,17 @@ def test_errors_name_the_prompts_and_continuations_passed_not_columns() -> None:
         "continuations[1] must be a non-empty list of non-empty strings",
         "continuations[2] is missing or null (task: score)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("prompts", "said"),
+    [(b"w5 w6", "bytes"), ({"w5 w6": 1}, "a mapping"), (None, "None"), (5, "of type int")],
+)
+def test_prompts_that_are_not_a_list_refuse_the_call(prompts, said: str) -> None:
+    """Bytes were read as one prompt per byte value (each an error) and a dict as one prompt per key; None and a
+    number failed on `list()` with Python's own words."""
+    for call in (kvbatch.generate, kvbatch.score):
+        with pytest.raises(TypeError, match=f"^prompts is {said}; pass a list of prompts"):
+            call(prompts, model="tiny")
+    texts = kvbatch.generate(["w5", "w6"], model="tiny", max_new_tokens=2)
+    assert kvbatch.generate((p for p in ["w5", "w6"]), model="tiny", max_new_tokens=2) == texts  # any iterable
