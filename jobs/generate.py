@@ -72,9 +72,11 @@ def score(
     if continuations is None:
         task = "score_rolling"
     else:
-        if isinstance(continuations, str) or len(continuations) != len(prompts):
-            given = "a string" if isinstance(continuations, str) else f"{len(continuations)} lists"
-            raise ValueError(f"{len(prompts)} prompts but {given} of continuations; pass a list of strings per prompt")
+        _check_a_list("continuations", continuations, "a list of strings per prompt")
+        continuations = list(continuations)  # prompts and continuations may be generators: `rows` is a list
+        if len(continuations) != len(rows):
+            given = f"{len(continuations)} lists of continuations"
+            raise ValueError(f"{len(rows)} prompts but {given}; pass a list of strings per prompt")
         # A list or tuple of strings per prompt; anything else goes to the row as it is, whose check makes it that
         # prompt's wrong_type (a bare string must not become a list of its characters).
         for row, c in zip(rows, continuations, strict=True):
@@ -94,7 +96,7 @@ def _prompt_rows(prompts: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"prompt": p} for p in prompts]
 
 
-# Iterable, but as characters, byte values or keys: each would become a prompt of its own.
+# Iterable, but as characters, byte values or keys: each would become a prompt (or its continuations) of its own.
 _NOT_A_LIST = ((str, "a string"), ((bytes, bytearray), "bytes"), (Mapping, "a mapping"))
 
 

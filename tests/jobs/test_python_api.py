@@ -68,7 +68,7 @@ def test_each_prompt_is_read_alone_and_what_was_asked_comes_back() -> None:
     assert row.logprobs[0] == [top[0]["logprob"] for top in row.top_logprobs[0]]  # greedy: the chosen one leads
     with pytest.raises(TypeError, match="prompts is a string; pass a list of prompts"):
         kvbatch.generate("w5 w6", model="tiny")
-    with pytest.raises(ValueError, match="1 prompts but a string of continuations"):
+    with pytest.raises(TypeError, match="continuations is a string; pass a list of continuations"):
         kvbatch.score(["w5"], " w6", model="tiny")
 
 
@@ -176,3 +176,14 @@ def test_prompts_that_are_not_a_list_refuse_the_call(prompts, said: str) -> None
             call(prompts, model="tiny")
     texts = kvbatch.generate(["w5", "w6"], model="tiny", max_new_tokens=2)
     assert kvbatch.generate((p for p in ["w5", "w6"]), model="tiny", max_new_tokens=2) == texts  # any iterable
+
+
+def test_score_takes_prompts_and_continuations_from_any_iterable() -> None:
+    """Generators, as generate takes them: with continuations, score asked both for their len() and failed."""
+    want = kvbatch.score(["w5", "w7"], [[" w6"], [" w8", " w9"]], model="tiny")
+    got = kvbatch.score((p for p in ["w5", "w7"]), (c for c in [[" w6"], (" w8", " w9")]), model="tiny")
+    assert got == want and [len(s) for s in got] == [1, 2]
+    with pytest.raises(ValueError, match="^2 prompts but 1 lists of continuations"):
+        kvbatch.score(iter(["w5", "w7"]), iter([[" w6"]]), model="tiny")
+    with pytest.raises(TypeError, match="^continuations is a mapping; pass a list of continuations"):
+        kvbatch.score(["w5"], {"w5": [" w6"]}, model="tiny")  # its keys were read as each prompt's continuations
