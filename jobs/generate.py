@@ -129,7 +129,8 @@ def _run(
                        "chat_template": chat_template},
             "engine": engine or {},
             **fields,
-        }
+        },
+        source="kvbatch.score" if "task" in fields else "kvbatch.generate",  # no command line to blame
     )  # fmt: skip
     eng, _ = (engines or _ENGINES).get(job)
     check_token_ids(job, eng.vocab_size)

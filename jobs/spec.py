@@ -334,10 +334,12 @@ def _model_location(model: str, base_dir: str) -> str:
     return model
 
 
-def job_from_dict(data: dict[str, Any], base_dir: str = ".", under: dict[str, Any] | None = None) -> JobSpec:
-    """Build a job from plain values (kvbatch generate, tests); errors name the field, without a line.
+def job_from_dict(
+    data: dict[str, Any], base_dir: str = ".", under: dict[str, Any] | None = None, source: str = "command line"
+) -> JobSpec:
+    """Build a job from plain values (kvbatch generate, tests); errors name `source` and the field, without a line.
     `under`: dotted values (`--set`) that `data` overrides field by field."""
-    node = from_plain(data, "", "command line")
+    node = from_plain(data, "", source)
     return job_from_node(merge(overrides_to_node(under), node) if under else node, base_dir)
 
 

@@ -187,3 +187,14 @@ def test_score_takes_prompts_and_continuations_from_any_iterable() -> None:
         kvbatch.score(iter(["w5", "w7"]), iter([[" w6"]]), model="tiny")
     with pytest.raises(TypeError, match="^continuations is a mapping; pass a list of continuations"):
         kvbatch.score(["w5"], {"w5": [" w6"]}, model="tiny")  # its keys were read as each prompt's continuations
+
+
+def test_a_bad_keyword_is_named_with_the_call_not_a_command_line() -> None:
+    """A typo in a keyword or an engine setting said "command line: sampling.max_new_token: unknown field"."""
+    with pytest.raises(SpecError) as typo:
+        kvbatch.generate(["w5"], model="tiny", max_new_token=2)
+    assert str(typo.value) == "kvbatch.generate: sampling.max_new_token: unknown field (did you mean 'max_new_tokens'?)"
+    with pytest.raises(SpecError, match=r"^kvbatch.generate: sampling.temperature: must be >= 0, got -1.0$"):
+        kvbatch.generate(["w5"], model="tiny", temperature=-1)
+    with pytest.raises(SpecError, match=r"^kvbatch.score: engine.devcie: unknown field \(did you mean 'device'\?\)$"):
+        kvbatch.score(["w5"], model="tiny", engine={"devcie": "cpu"})
