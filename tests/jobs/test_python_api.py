@@ -61,6 +61,8 @@ def test_each_prompt_is_read_alone_and_what_was_asked_comes_back() -> None:
     alone = kvbatch.generate(["w5 w6", "w9"], model="tiny", max_new_tokens=3)
     mixed = kvbatch.generate(["w5 w6", [{"role": "user", "content": "w9"}], None], model="tiny", max_new_tokens=3)
     assert mixed[:2] == alone and mixed[2] is None
+    # A tuple of messages was "prompts[1] is tuple, expected a string".
+    assert kvbatch.generate(["w5 w6", ({"role": "user", "content": "w9"},)], model="tiny", max_new_tokens=3) == alone
     raw = kvbatch.generate(["w5 w6", None], model="tiny", chat_template=False, max_new_tokens=3, results=True)
     assert raw[0].error is None and raw[1].error.kind == "empty_prompt"
     (row,) = kvbatch.generate(["w5 w6"], model="tiny", max_new_tokens=3, logprobs=True, top_logprobs=2, results=True)
