@@ -31,6 +31,7 @@ from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import JobSpec, check_token_ids, job_adapters, spec_dict, spec_hash
 from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
 from kvbatch.jobs.writer import OutputWriter, WriteReport, metadata_strings
+from kvbatch.runner.config import EngineConfig
 from kvbatch.runner.request import GenerationEngine, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ def default_engine_factory(model: str, settings: dict[str, Any]) -> Any:
         return Engine(EngineConfig(model=model, **settings), adapters=adapters)
 
 
+_UNSET = object()
+_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+
+
 class EngineCache:
     """One engine per (model, engine settings), shared by the jobs of a run: the model loads once."""
 
@@ -91,7 +96,8 @@ class EngineCache:
         return sizing
 
     def _key(self, job: JobSpec) -> tuple:
-        settings = job.engine.settings()
+        # A setting spelled at its default builds the engine that leaving it out builds: not a second model load.
+        settings = {k: v for k, v in job.engine.settings().items() if _ENGINE_DEFAULTS.get(k, _UNSET) != v}
         if job.parallel.tensor > 1:
             settings["tensor_parallel"] = job.parallel.tensor
         # An engine built without adapters takes none later, and one with them hooks its layers: one of each kind.

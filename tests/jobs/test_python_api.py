@@ -50,6 +50,9 @@ def test_texts_are_in_prompt_order_and_match_a_job_row(tiny_engines: EngineCache
     [engine] = tiny_engines._engines.values()  # one model load for every call
     assert kvbatch.generate(prompts[1:2], model="tiny", chat_template=False, max_new_tokens=5) == texts[1:2]
     assert len(tiny_engines._engines) == 1
+    # Settings spelled at their defaults are the same engine: a second load would hold a second KV pool.
+    kvbatch.generate(prompts[:1], model="tiny", max_new_tokens=1, engine={"device": "auto", "block_size": 16})
+    assert len(tiny_engines._engines) == 1
     ids = engine.tokenizer.encode(prompts[2])
     [reference] = engine.generate([kvbatch.GenerationRequest(0, ids, kvbatch.SamplingParams(max_new_tokens=5))])
     assert texts[2] == reference.text
