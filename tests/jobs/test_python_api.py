@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from job_fakes import fake_factory
 from scaling_helpers import tiny_engine
 
 import kvbatch
@@ -42,6 +43,15 @@ def test_the_examples_of_the_doc_run_in_order() -> None:
     for index, block in enumerate(blocks):
         exec(compile(block, f"{DOC.name} example {index + 1}", "exec"), namespace)
     assert namespace["empty"].error.kind == "empty_prompt"
+
+
+def test_the_stop_reasons_example_holds_for_a_model_that_ends_its_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example asserted that a "stop" finish was the stop string's; a model's end-of-sequence token finishes
+    with "stop" too, its stop reason None (the fake engine's texts end so)."""
+    monkeypatch.setattr(generate_module, "_ENGINES", EngineCache(fake_factory()))
+    namespace: dict = {"kvbatch": kvbatch}
+    exec(compile(examples()[2], f"{DOC.name} example 3", "exec"), namespace)
+    assert namespace["first"].finish_reasons == ["stop"] and namespace["first"].stop_reasons == [None]
 
 
 def test_texts_are_in_prompt_order_and_match_a_job_row(tiny_engines: EngineCache) -> None:
