@@ -132,6 +132,8 @@ def _run(
         },
         source="kvbatch.score" if "task" in fields else "kvbatch.generate",  # no command line to blame
     )  # fmt: skip
+    if not rows:  # as a job of no rows: the settings are checked, and no model is loaded for nothing to run
+        return job, []
     eng, _ = (engines or _ENGINES).get(job)
     check_token_ids(job, eng.vocab_size)
     sampling = job.sampling

@@ -213,3 +213,11 @@ def test_a_bad_keyword_is_named_with_the_call_not_a_command_line() -> None:
         kvbatch.generate(["w5"], model="tiny", temperature=-1)
     with pytest.raises(SpecError, match=r"^kvbatch.score: engine.devcie: unknown field \(did you mean 'device'\?\)$"):
         kvbatch.score(["w5"], model="tiny", engine={"devcie": "cpu"})
+
+
+def test_no_prompts_load_no_model(tiny_engines: EngineCache) -> None:
+    """An empty list loaded the model (minutes for a large one) to return []; a job of no rows loads none."""
+    assert kvbatch.generate([], model="tiny", n=2) == [] and kvbatch.score([], [], model="tiny") == []
+    assert kvbatch.generate([], model="tiny", results=True) == [] and tiny_engines._engines == {}
+    with pytest.raises(SpecError, match="unknown field"):  # the keywords are still checked
+        kvbatch.generate([], model="tiny", max_new_token=2)
