@@ -73,7 +73,7 @@ class GenerateBatch:
     ) -> None:
         """`layout` and `duplicates` (later row of a repeated id -> the row that owns it): a `runner: ray` job's,
         whose blocks come from RowsSource; the output rows are then the job's (Layout.to_table)."""
-        self.job = job if isinstance(job, JobSpec) else job_from_dict(job)
+        self.job = job if isinstance(job, JobSpec) else job_from_dict(job, source="GenerateBatch")
         # Ray reports an actor whose constructor raised only as text (ActorDiedError); raised from each batch
         # instead, the error reaches the driver as itself (RayTaskError.cause), and with it its exit code.
         self.refusal: KvbatchError | None = None

@@ -221,3 +221,11 @@ def test_no_prompts_load_no_model(tiny_engines: EngineCache) -> None:
     assert kvbatch.generate([], model="tiny", results=True) == [] and tiny_engines._engines == {}
     with pytest.raises(SpecError, match="unknown field"):  # the keywords are still checked
         kvbatch.generate([], model="tiny", max_new_token=2)
+
+
+def test_generate_batch_names_itself_in_the_errors_of_its_job_dict() -> None:
+    """kvbatch.GenerateBatch, built from a dict in Python, blamed a command line too."""
+    job = {"name": "x", "model": "tiny", "input": {"path": "-"}, "sampling": {"max_new_token": 3}}
+    with pytest.raises(SpecError) as typo:
+        kvbatch.GenerateBatch(job, engine_factory=tiny_with_chat_template)
+    assert str(typo.value) == "GenerateBatch: sampling.max_new_token: unknown field (did you mean 'max_new_tokens'?)"
