@@ -24,8 +24,9 @@ from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.spec import JobSpec, check_token_ids
+from kvbatch.runner.admission import AdmissionLimits, never_fits
 from kvbatch.runner.request import GenerationRequest
-from kvbatch.runner.sequence import capacity_tokens, capped_new_tokens
+from kvbatch.runner.sequence import capped_new_tokens
 from kvbatch.runner.structured import GrammarCache
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
@@ -136,7 +137,10 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool
-    capacity = capacity_tokens(sizing.max_model_len, pool.num_tokens)  # the engine's
+    limits = AdmissionLimits(
+        sizing.max_model_len, pool.num_tokens, sizing.vocab_size, sizing.tokenizer, sizing.eos_token_ids
+    )
+    capacity = limits.capacity_tokens  # the engine's
     plan = JobPlan(
         job.name,
         max_new_tokens=job.sampling.max_new_tokens,
@@ -164,34 +168,9 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
             ids = request.prompt_token_ids
             adapter = request.adapter
             bad_adapter = plan.adapters.get(adapter, f"adapter {adapter!r} is not registered") if adapter else None
-            if bad_adapter:
-                error = RowError(ErrorKind.BAD_ADAPTER, f"{row.where}: {bad_adapter}")
-            elif not ids:
-                error = RowError(ErrorKind.EMPTY_PROMPT, f"{row.where}: the prompt is empty (0 tokens)")
-            elif request.rolling_prefix is not None and pool.num_tokens < sizing.max_model_len:
-                error = RowError(
-                    ErrorKind.PROMPT_TOO_LONG,
-                    f"{row.where}: a rolling text is scored in windows of the context ({sizing.max_model_len} "
-                    f"tokens), and the KV pool holds {pool.num_tokens}",
-                )
-            elif request.continuations is not None:  # refused by the engine's rule
-                longest = request.longest_scored_sequence
-                if longest > capacity:
-                    error = RowError(
-                        ErrorKind.PROMPT_TOO_LONG,
-                        f"{row.where}: the prompt and its longest continuation have {longest + 1} tokens; at most "
-                        f"{capacity + 1} fit together ({capacity} tokens of context/pool)",
-                    )
-            elif len(ids) >= capacity and request.rolling_prefix is None:  # a rolling text runs in windows
-                error = RowError(
-                    ErrorKind.PROMPT_TOO_LONG,
-                    f"{row.where}: the prompt has {len(ids)} tokens; at most {capacity - 1} fit "
-                    f"({capacity} tokens of context/pool)",
-                )
-            elif not request.is_scoring and (outside := request.sampling.token_ids_outside(sizing.vocab_size)):
-                name, bad = outside  # the engine's admission rule and message
-                message = f"{row.where}: {name} holds token ids outside the vocabulary of {sizing.vocab_size}: {bad}"
-                error = RowError(ErrorKind.BAD_REQUEST, message)
+            refusal = (ErrorKind.BAD_ADAPTER, bad_adapter) if bad_adapter else never_fits(request, limits)
+            if refusal is not None:  # the engine's own rule and message, as a run writes them
+                error = RowError(refusal[0], f"{row.where}: {refusal[1]}")
             elif request.sampling.structured_outputs is not None:
                 error = constraints.error(request, row.where)
             if error is None:

@@ -25,6 +25,7 @@ from kvbatch.runner.model_loader import (
     check_folder_safety,
     context_length,
     download_allowed,
+    eos_ids,
     hub_offline,
     resolve_device,
     resolve_dtype,
@@ -43,6 +44,7 @@ class ModelSizing:
     max_num_seqs: int | None
     prefix_cache: bool
     vocab_size: int  # the model's logits width: structured-output constraints and the job's token ids
+    eos_token_ids: tuple[int, ...]  # the engine's (min_tokens bans them): its admission rule needs them
 
 
 def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
@@ -60,7 +62,16 @@ def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
         getattr(config, "max_num_seqs", None),
         bool(getattr(config, "prefix_cache", False)),
         engine.vocab_size,
+        _engine_eos_ids(engine),
     )
+
+
+def _engine_eos_ids(engine: Any) -> tuple[int, ...]:
+    """A loaded engine's EOS ids; an engine without a loaded model (a caller's own) has its tokenizer's."""
+    loaded = getattr(engine, "loaded", None)
+    if loaded is not None:
+        return tuple(loaded.eos_token_ids)
+    return eos_ids(None, engine.tokenizer)
 
 
 def _why_weights_needed(job: JobSpec, engines: EngineCache) -> str | None:
@@ -87,7 +98,20 @@ def sizing_without_weights(config: EngineConfig) -> ModelSizing:
         config.max_num_seqs,
         config.prefix_cache,
         model_config.get_text_config().vocab_size,
+        eos_ids(_generation_config(config, model_config), tokenizer),
     )
+
+
+def _generation_config(config: EngineConfig, model_config: Any) -> Any:
+    """The generation config from_pretrained gives the model (its EOS ids): its file's, else the model config's."""
+    from transformers import GenerationConfig
+
+    source, kwargs = source_kwargs(config.model, config.allow_download)
+    try:
+        with hub_offline():
+            return GenerationConfig.from_pretrained(source, **kwargs)
+    except OSError:
+        return GenerationConfig.from_model_config(model_config)
 
 
 def load_tokenizer_and_config(config: EngineConfig) -> tuple[Any, Any]:

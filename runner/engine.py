@@ -41,8 +41,9 @@ from kvbatch.cache.budget import PoolSize
 from kvbatch.cache.kv_cache import KVCache
 from kvbatch.cache.prefix_cache import BlockHash, chain_hashes
 from kvbatch.errors import BackendUnavailableError, ErrorKind, KVBudgetError
-from kvbatch.runner.config import EngineConfig, SamplingParams
+from kvbatch.runner.config import EngineConfig
 
+from .admission import AdmissionLimits, never_fits
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
 from .logits_processors import RowLogits, banned_token_ids, row_logits
@@ -312,80 +313,10 @@ class Engine:
     # ---- admission ---------------------------------------------------------------------------
 
     def _never_fits(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
-        num_prompt = len(request.prompt_token_ids)
-        if num_prompt == 0:
-            return ErrorKind.EMPTY_PROMPT, "the prompt is empty (0 tokens)"
-        if request.continuations is not None:
-            return self._never_scores(request)
-        if request.rolling_prefix is not None:  # scored in windows of the context: any length fits
-            if self.pool_size.num_tokens < self.max_model_len:
-                # Windows of the pool would make the scores depend on the machine's memory (a resumed or sharded
-                # job could mix them), so the windows are the context's, and a pool that cannot hold one refuses.
-                return ErrorKind.PROMPT_TOO_LONG, (
-                    f"a rolling text is scored in windows of the context ({self.max_model_len} tokens), and the "
-                    f"KV pool holds {self.pool_size.num_tokens}: set engine.max_model_len to at most "
-                    f"{self.pool_size.num_tokens}, or give the pool more memory"
-                )
-            return self._outside_vocab(request.prompt_token_ids, [request.rolling_prefix])
-        if num_prompt >= self.capacity_tokens:
-            limit = "the context" if self.max_model_len <= self.pool_size.num_tokens else "the KV pool"
-            return ErrorKind.PROMPT_TOO_LONG, (
-                f"the prompt has {num_prompt} tokens; at most {self.capacity_tokens - 1} fit, leaving room for one "
-                f"new token ({limit}: {self.capacity_tokens} tokens; context {self.max_model_len}, "
-                f"KV pool {self.pool_size.num_tokens})"
-            )
-        problem = self._outside_vocab(request.prompt_token_ids)
-        if problem is not None:
-            return problem
-        outside = request.sampling.token_ids_outside(self.vocab_size)
-        if outside is not None:
-            name, ids = outside
-            return ErrorKind.BAD_REQUEST, f"{name} holds token ids outside the vocabulary of {self.vocab_size}: {ids}"
-        return self._no_token_allowed(request.sampling)
-
-    def _no_token_allowed(self, params: SamplingParams) -> tuple[ErrorKind, str] | None:
-        """A row whose allowed_token_ids are all banned (single-token bad words always; EOS and stop token ids
-        under min_tokens) would have every logit at -inf: the argmax and the race then pick token 0, which it
-        does not allow. Its own settings contradict each other: that row's error, not a silent token."""
-        if not params.allowed_token_ids or params.structured_outputs is not None:  # a constraint drops the bans
-            return None
-        info = row_logits(params, self.tokenizer, self.loaded.eos_token_ids, self.vocab_size)
-        if info is None:
-            return None
-        banned = {word[0] for word in info.bad_words_ids if len(word) == 1}
-        if set(params.allowed_token_ids) <= banned:
-            return ErrorKind.BAD_REQUEST, "bad_words ban every token of allowed_token_ids: no token may be generated"
-        if params.min_tokens and set(params.allowed_token_ids) <= banned | set(info.stop_ids):
-            return ErrorKind.BAD_REQUEST, (
-                f"allowed_token_ids holds only EOS, stop token ids or bad words, which min_tokens "
-                f"({params.min_tokens}) bans: no token may be generated before it"
-            )
-        return None
-
-    def _outside_vocab(self, *parts: list[int]) -> tuple[ErrorKind, str] | None:
-        """A request's token ids (non-empty lists) outside the vocabulary, as its error; None if there are none."""
-        vocab = self.vocab_size
-        if min(min(ids) for ids in parts) < 0 or max(max(ids) for ids in parts) >= vocab:  # C passes; the list
-            outside = [t for ids in parts for t in ids if not 0 <= t < vocab][:5]  # only for a request with such ids
-            return ErrorKind.BAD_REQUEST, f"the prompt holds token ids outside the vocabulary of {vocab}: {outside}"
-        return None
-
-    def _never_scores(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
-        """Why a scoring request cannot run, or None. Its sequences are prompt + continuation less the last
-        token (never input), so each may fill the whole context."""
-        if not request.continuations or not all(request.continuations):
-            return (
-                ErrorKind.BAD_REQUEST,
-                "a scoring request needs at least one continuation, and no continuation may be empty",
-            )
-        longest = request.longest_scored_sequence
-        if longest > self.capacity_tokens:
-            return ErrorKind.PROMPT_TOO_LONG, (
-                f"the prompt has {len(request.prompt_token_ids)} tokens and its longest continuation "
-                f"{longest + 1 - len(request.prompt_token_ids)}; at most {self.capacity_tokens + 1} tokens fit "
-                f"together (context {self.max_model_len}, KV pool {self.pool_size.num_tokens})"
-            )
-        return self._outside_vocab(request.prompt_token_ids, *request.continuations)
+        limits = AdmissionLimits(
+            self.max_model_len, self.pool_size.num_tokens, self.vocab_size, self.tokenizer, self.loaded.eos_token_ids
+        )
+        return never_fits(request, limits)
 
     def _add_scoring(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
         """One score-only sequence per continuation: prompt + continuation less its last token (never input).
@@ -879,7 +810,7 @@ class Engine:
     @staticmethod
     def _no_token_was_allowed(seq: Sequence) -> str | None:
         """Why the newest token of a row with allowed_token_ids came from logits all at -inf, or None. Bad words of
-        several tokens ban their last token only after the others, so a row that passed _no_token_allowed can
+        several tokens ban their last token only after the others, so a row that passed admission.py's check can
         still come to ban every token it allows; the draw then took token 0, which it may not allow."""
         params = seq.request.sampling
         before = seq.output_token_ids[:-1]

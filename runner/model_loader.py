@@ -188,10 +188,10 @@ def download_allowed(name: str, allow_download: bool) -> None:
         )
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
+def eos_ids(generation_config, tokenizer) -> tuple[int, ...]:
+    """The ids that end a sequence: the model's generation config's, then the tokenizer's."""
     ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+    for source in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if source is None:
             continue
         for token_id in source if isinstance(source, (list, tuple)) else [source]:
@@ -364,7 +364,7 @@ def load_model(
         model=model,
         tokenizer=tokenizer,
         source=name if name != "default" else f"default ({source})",
-        eos_token_ids=_eos_ids(model, tokenizer),
+        eos_token_ids=eos_ids(getattr(model, "generation_config", None), tokenizer),
         max_model_len=context_length(model.config, max_model_len),
         device=torch_device,
         dtype=torch_dtype,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -55,7 +56,7 @@ def test_plan_reports_lengths_pool_capacity_and_failures(tmp_path: Path) -> None
     assert dict(plan.failures) == {"bad_json": 1, "prompt_too_long": 1, "missing_column": 1}
     assert (
         plan.failure_examples[1] == f"row 5 (line 6): the prompt has {chat_tokens('e' * 400)} tokens; "
-        "at most 199 fit (200 tokens of context/pool)"
+        "at most 199 fit, leaving room for one new token (the context: 200 tokens; context 200, KV pool 1600)"
     )
     assert plan.truncated == sum(n + 40 > 200 for n in lengths)
     text = plan.format()
@@ -159,6 +160,42 @@ def test_plan_fails_a_rows_own_token_ids_outside_the_vocabulary_as_the_engine_do
     assert plan.failure_examples == [
         f"row 0 (line 1): stop_token_ids holds token ids outside the vocabulary of {vocab}: [{vocab}]"
     ]
+
+
+def test_plan_fails_each_row_the_engine_refuses_with_the_runs_own_error(tmp_path: Path) -> None:
+    """The plan kept its own copy of the engine's admission rule, short of three refusals: a prompt token the model
+    has no row for (a token added to the tokenizer), and allowed_token_ids that bad_words or min_tokens ban whole.
+    A run failed those rows as bad_request; the plan said none would fail."""
+    from reliability_helpers import save_tiny_model
+    from transformers import AutoTokenizer
+
+    folder = save_tiny_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["added"])  # id 512, past the model's 512 embeddings
+    tokenizer.save_pretrained(folder)
+    rows = [
+        {"prompt": "w3 w4"},
+        {"prompt": "w3 added"},
+        {"prompt": "w3", "allowed_token_ids": [5], "bad_words": ["w5"]},
+        {"prompt": "w3", "allowed_token_ids": [1], "min_tokens": 2},  # 1 is EOS, which min_tokens bans
+        {"prompt": ""},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = job(
+        tmp_path,
+        model=str(folder),
+        engine={"device": "cpu", "kv_cache_gib": 0.001, "block_size": 8},
+        prompt={"chat_template": False},
+        sampling={"max_new_tokens": 4},
+        sampling_columns=["allowed_token_ids", "bad_words", "min_tokens"],
+        output={"path": "out.jsonl"},
+    )
+    plan = plan_job(spec, EngineCache())
+    run_job(spec, EngineCache())
+    written = [json.loads(line) for line in (tmp_path / "out" / "out.jsonl").read_text().splitlines()]
+    assert plan.failure_examples == [r["error"] for r in written if r["error"]]
+    assert dict(plan.failures) == Counter(r["error_kind"] for r in written if r["error_kind"])
+    assert dict(plan.failures) == {"bad_request": 3, "empty_prompt": 1}
 
 
 def test_plan_of_a_clean_input_says_none_will_fail(tmp_path: Path) -> None:
