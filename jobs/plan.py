@@ -27,7 +27,7 @@ from kvbatch.jobs.spec import JobSpec, check_token_ids
 from kvbatch.runner.admission import AdmissionLimits, never_fits
 from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.sequence import capped_new_tokens
-from kvbatch.runner.structured import GrammarCache
+from kvbatch.runner.structured import GrammarCache, dead_end, new_matcher
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
 MAX_LISTED_FAILURES = 20
@@ -221,20 +221,24 @@ class _Constraints:
         self.sizing = sizing
         self.grammars: GrammarCache | None = None
         self.rows: Counter[StructuredOutputs] = Counter()
+        self.dead_ends: dict[StructuredOutputs, str | None] = {}
 
     def error(self, request: GenerationRequest, where: str) -> RowError | None:
-        """The row's error if its constraint does not compile (the engine's own message, as a run writes it)."""
+        """The row's error if its constraint does not compile or no token may begin it (the engine's own message, as
+        a run writes it)."""
         constraint = request.sampling.structured_outputs
         if self.grammars is None:
-            tokenizer = self.sizing.tokenizer
-            eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
-            self.grammars = GrammarCache(tokenizer, self.sizing.vocab_size, eos)
+            sizing = self.sizing
+            self.grammars = GrammarCache(sizing.tokenizer, sizing.vocab_size, sizing.eos_token_ids)
         self.rows[constraint] += 1
         try:
-            self.grammars.compile(constraint)
+            compiled = self.grammars.compile(constraint)
         except ConstraintError as exc:
             return RowError(ErrorKind.BAD_CONSTRAINT, f"{where}: bad constraint ({constraint.describe()}): {exc}")
-        return None
+        if constraint not in self.dead_ends:  # no token may begin it: the run fails the row at its first token
+            self.dead_ends[constraint] = dead_end(new_matcher(compiled), self.sizing.vocab_size, constraint, "", 0)
+        problem = self.dead_ends[constraint]
+        return RowError(ErrorKind.BAD_CONSTRAINT, f"{where}: {problem}") if problem else None
 
     def summary(self) -> list[tuple[str, int, float | None]]:
         if self.grammars is None:

@@ -67,7 +67,7 @@ from .scoring import ScoredRows, score_on_device
 from .scoring import warm_up as warm_up_scoring
 from .sequence import Sequence, capacity_tokens, capped_new_tokens
 from .stopping import StopChecker
-from .structured import GrammarCache, accept_tokens, allows_no_token, new_matcher, step_mask
+from .structured import GrammarCache, accept_tokens, dead_end, new_matcher, step_mask
 from .structured_outputs import ConstraintError
 
 logger = logging.getLogger(__name__)
@@ -787,8 +787,9 @@ class Engine:
             for seq, token, reason in zip(
                 constrained, constrained_tokens, accept_tokens(self._grammars, constrained, constrained_tokens)
             ):
-                if reason == "error" and allows_no_token(seq.matcher, self.vocab_size):
-                    results += self._fail(scheduler, seq, self._dead_end(seq), ErrorKind.BAD_CONSTRAINT)
+                problem = self._dead_end(seq) if reason == "error" else None
+                if problem is not None:
+                    results += self._fail(scheduler, seq, problem, ErrorKind.BAD_CONSTRAINT)
                 elif reason == "error":  # a bug, not the row's: it ends this row, not the job
                     message = f"the constraint rejected token {token}, drawn under its own mask"
                     results += self._fail(scheduler, seq, message)
@@ -798,14 +799,13 @@ class Engine:
         self.stats.num_output_tokens += len(sampling_items) - num_spare
         return results
 
-    def _dead_end(self, seq: Sequence) -> str:
-        """Why a constrained row's newest token was drawn from an empty mask: its grammar cannot go on."""
+    def _dead_end(self, seq: Sequence) -> str | None:
+        """Why a constrained row's newest token, rejected, was drawn from an empty mask (its grammar cannot go on),
+        or None: a token its mask allowed was rejected, a bug."""
         before = seq.output_token_ids[:-1]
         text = self.tokenizer.decode(before, skip_special_tokens=True)
-        return (
-            f"bad constraint ({seq.request.sampling.structured_outputs.describe()}): after {len(before)} "
-            f"token{'s' if len(before) != 1 else ''} ({text!r}) it allows no token: no text completes it from there"
-        )
+        constraint = seq.request.sampling.structured_outputs
+        return dead_end(seq.matcher, self.vocab_size, constraint, text, len(before))
 
     @staticmethod
     def _no_token_was_allowed(seq: Sequence) -> str | None:

@@ -216,6 +216,17 @@ def new_matcher(compiled) -> Any:
     return xgr.GrammarMatcher(compiled)
 
 
+def dead_end(matcher, vocab_size: int, constraint: StructuredOutputs, before: str, num_tokens: int) -> str | None:
+    """Why a row cannot go on where `matcher` stands after `num_tokens` tokens (text `before`), or None when some
+    token may come next: the engine's message for a row drawn under an empty mask, and plan's at the first token."""
+    if not allows_no_token(matcher, vocab_size):
+        return None
+    return (
+        f"bad constraint ({constraint.describe()}): after {num_tokens} token{'s' if num_tokens != 1 else ''} "
+        f"({before!r}) it allows no token: no text completes it from there"
+    )
+
+
 def allows_no_token(matcher, vocab_size: int) -> bool:
     """Whether the matcher's grammar has no token to go on with: it matches no text (`root ::= []`), or none that
     starts with what it accepted so far. Its mask is then empty, and any token drawn under it is rejected."""

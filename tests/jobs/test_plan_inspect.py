@@ -198,6 +198,34 @@ def test_plan_fails_each_row_the_engine_refuses_with_the_runs_own_error(tmp_path
     assert dict(plan.failures) == {"bad_request": 3, "empty_prompt": 1}
 
 
+def test_plan_fails_a_constraint_no_token_may_begin_as_the_run_does(tmp_path: Path) -> None:
+    """A word-level vocabulary holds no token for "{": a run fails a json_object row at its first token as
+    bad_constraint; the plan compiled the constraint and said the row would run."""
+    from reliability_helpers import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model")
+    rows = [{"prompt": "w3", "c": {"choice": ["w5"]}}, {"prompt": "w3", "c": {"json_object": True}}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = job(
+        tmp_path,
+        model=str(folder),
+        engine={"device": "cpu", "kv_cache_gib": 0.001, "block_size": 8},
+        sampling={"max_new_tokens": 4},
+        constraint_column="c",
+        output={"path": "out.jsonl"},
+    )
+    plan = plan_job(spec, EngineCache())
+    run_job(spec, EngineCache())
+    written = [json.loads(line) for line in (tmp_path / "out" / "out.jsonl").read_text().splitlines()]
+    expected = "row 1 (line 2): bad constraint (json_object): after 0 tokens ('') it allows no token"
+    assert (
+        plan.failure_examples
+        == [r["error"] for r in written if r["error"]]
+        == [f"{expected}: no text completes it from there"]
+    )
+    assert dict(plan.failures) == {"bad_constraint": 1} and written[1]["error_kind"] == "bad_constraint"
+
+
 def test_plan_of_a_clean_input_says_none_will_fail(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
     text = plan_job(job(tmp_path), EngineCache(fake_factory())).format()
