@@ -19,6 +19,7 @@ must run alone or reads its own output (penalties, bad words), drains first.
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import hashlib
 import logging
@@ -312,11 +313,15 @@ class Engine:
 
     # ---- admission ---------------------------------------------------------------------------
 
-    def _never_fits(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
-        limits = AdmissionLimits(
+    @functools.cached_property
+    def _admission(self) -> AdmissionLimits:
+        """The limits the admission rule reads, fixed once the engine is built (asked of every request)."""
+        return AdmissionLimits(
             self.max_model_len, self.pool_size.num_tokens, self.vocab_size, self.tokenizer, self.loaded.eos_token_ids
         )
-        return never_fits(request, limits)
+
+    def _never_fits(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
+        return never_fits(request, self._admission)
 
     def _add_scoring(self, scheduler: Scheduler, request: GenerationRequest) -> _RequestState:
         """One score-only sequence per continuation: prompt + continuation less its last token (never input).
