@@ -44,13 +44,18 @@ class StructuredOutputs:
             )
         for name in ("json", "regex", "grammar"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ConstraintError(f"{name} must be a non-empty string, got {value!r}")
+            if value is not None and not isinstance(value, str):
+                raise ConstraintError(f"{name} must be a string, got {value!r}")
+        # An empty regex, or a choice of "", is met by the empty output (the grammar engine allows only an
+        # end-of-sequence token first); an empty schema or grammar is not one at all, and no choice matches nothing.
+        for name in ("json", "grammar"):
+            if getattr(self, name) == "":
+                raise ConstraintError(f"{name} must be a non-empty string, got ''")
         if self.choice is not None:
             if not isinstance(self.choice, tuple) or not self.choice:
                 raise ConstraintError(f"choice must be a non-empty list of strings, got {self.choice!r}")
-            if not all(isinstance(c, str) and c for c in self.choice):
-                raise ConstraintError(f"choice must hold non-empty strings, got {list(self.choice)!r}")
+            if not all(isinstance(c, str) for c in self.choice):
+                raise ConstraintError(f"choice must hold strings, got {list(self.choice)!r}")
         if not isinstance(self.json_object, bool):
             raise ConstraintError(f"json_object must be true or false, got {self.json_object!r}")
 

@@ -148,8 +148,13 @@ def test_constraint_shape_is_checked() -> None:
         StructuredOutputs.from_value({"json_schema": {}})
     with pytest.raises(ConstraintError, match="not valid JSON"):
         StructuredOutputs.from_value({"json": "{oops"})
-    with pytest.raises(ConstraintError, match="non-empty strings"):
+    with pytest.raises(ConstraintError, match="choice must hold strings"):
         SamplingParams(structured_outputs={"choice": ["a", 3]})
+    with pytest.raises(ConstraintError, match="choice must be a non-empty list"):
+        StructuredOutputs.from_value({"choice": []})
+    for name in ("json", "grammar"):
+        with pytest.raises(ConstraintError, match=f"{name} must be a non-empty string"):
+            StructuredOutputs(**{name: ""})
     assert unsupported_keyword({"properties": {"not": {"type": "string"}}}) is None  # a property named "not"
     assert "'not' at #/properties/x" in unsupported_keyword({"properties": {"x": {"not": {"type": "string"}}}})
     assert "uniqueItems" in unsupported_keyword({"items": {"type": "array", "uniqueItems": True}})
@@ -521,6 +526,26 @@ def test_greedy_constrained_equals_generate_with_xgrammar_processor(loaded, refe
         assert tokens == want, f"request {request.request_id} ({constraint and constraint.kind}) diverged"
         assert reason == ("stop" if want[-1] == EOS else "length")
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_an_empty_regex_or_choice_is_met_by_the_empty_output(loaded, reference, compiler, tokenizer) -> None:
+    """The empty regex matches only "", and a choice may be "": xgrammar's processor allows only EOS first there
+    (an empty completion, `stop`), and beside other choices lets the model pick."""
+    constraints = [
+        StructuredOutputs(regex=""),
+        StructuredOutputs(choice=("",)),
+        StructuredOutputs(choice=("", "yes", "no")),
+        StructuredOutputs(regex="(ab|)"),
+    ]
+    requests = [
+        GenerationRequest(i, prompt, SamplingParams(8, structured_outputs=c))
+        for i, (prompt, c) in enumerate(zip(prompts(tokenizer, len(constraints)), constraints))
+    ]
+    got = outcome(make_engine(loaded), requests)
+    for request in requests:
+        want = hf_constrained(reference, compiler, request.prompt_token_ids, request.sampling.structured_outputs, 8)
+        assert got[request.request_id] == (None, [(want, "stop")])
+    assert got[0][1][0][0] == got[1][1][0][0] == [EOS]
 
 
 def _check_text(constraint: StructuredOutputs, text: str) -> None:
