@@ -1,4 +1,4 @@
-"""time64[ns] values in Python, to the nanosecond (in a column, or in its structs and lists).
+"""time64[ns] values in Python, to the nanosecond (in a column, or in its structs, lists and maps).
 
 pyarrow reads a time64[ns] value as a `datetime.time`, which holds microseconds: the nanoseconds below them are
 dropped, silently. A kept column of that type goes input -> Python row -> output, so the reader reads it as a
@@ -72,7 +72,8 @@ def nanoseconds_of(value: datetime.time) -> int:
 
 
 def python_rows(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
-    """batch.to_pylist(), with each time64[ns] value, in a column or nested in its structs and lists, a NanoTime."""
+    """batch.to_pylist(), with each time64[ns] value, in a column or nested in its structs, lists and maps (their
+    keys too), a NanoTime."""
     rows = batch.to_pylist()
     for name, kind in zip(batch.schema.names, batch.schema.types):
         if holds_time_ns(kind):
@@ -89,13 +90,15 @@ def time_ns_array(values: list[Any], kind: pa.DataType) -> pa.Array:
 
 
 def holds_time_ns(kind: pa.DataType) -> bool:
-    """time64[ns], or a struct or list with it inside (the types python_rows and time_ns_array handle)."""
+    """time64[ns], or a struct, list or map with it inside (the types python_rows and time_ns_array handle)."""
     if kind == TIME_NS:
         return True
     if pa.types.is_struct(kind):
         return any(holds_time_ns(kind.field(i).type) for i in range(kind.num_fields))
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         return holds_time_ns(kind.value_type)
+    if pa.types.is_map(kind):
+        return holds_time_ns(kind.key_type) or holds_time_ns(kind.item_type)
     return False
 
 
@@ -111,6 +114,9 @@ def _as_ints(kind: pa.DataType) -> pa.DataType:
         return pa.list_(kind.value_field.with_type(_as_ints(kind.value_type)))
     if pa.types.is_large_list(kind):
         return pa.large_list(kind.value_field.with_type(_as_ints(kind.value_type)))
+    if pa.types.is_map(kind):
+        key, item = kind.key_field, kind.item_field
+        return pa.map_(key.with_type(_as_ints(key.type)), item.with_type(_as_ints(item.type)), kind.keys_sorted)
     return kind
 
 
@@ -122,6 +128,8 @@ def _times(value: Any, kind: pa.DataType) -> Any:
         return NanoTime(value)
     if pa.types.is_struct(kind):
         return {f.name: _times(value[f.name], f.type) for f in kind}
+    if pa.types.is_map(kind):  # its entries, as (key, value) pairs
+        return [(_times(k, kind.key_type), _times(v, kind.item_type)) for k, v in value]
     return [_times(v, kind.value_type) for v in value]
 
 
@@ -132,5 +140,10 @@ def _nanoseconds(value: Any, kind: pa.DataType) -> Any:
     if kind == TIME_NS:
         return nanoseconds_of(value)
     if pa.types.is_struct(kind):
+        if isinstance(value, tuple):  # a map's (key, value) entry, kept as a {key, value} struct: read by position
+            return tuple(_nanoseconds(v, f.type) for v, f in zip(value, kind))
         return {f.name: _nanoseconds(value.get(f.name), f.type) for f in kind}
+    if pa.types.is_map(kind):
+        entries = value.items() if isinstance(value, dict) else value
+        return [(_nanoseconds(k, kind.key_type), _nanoseconds(v, kind.item_type)) for k, v in entries]
     return [_nanoseconds(v, kind.value_type) for v in value]

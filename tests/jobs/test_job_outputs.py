@@ -354,6 +354,47 @@ def test_a_kept_nanosecond_time_keeps_its_nanoseconds(tmp_path: Path, fmt: str) 
 
 
 @pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
+def test_nanosecond_times_inside_kept_maps_keep_their_nanoseconds(tmp_path: Path, fmt: str) -> None:
+    # A map reads in Python as (key, value) pairs: its times went through datetime.time as structs' did.
+    slot = pa.struct([pa.field("at", pa.time64("ns"))])
+    kinds = {
+        "at": (pa.string(), pa.time64("ns")),
+        "slots": (pa.string(), slot),
+        "keyed": (pa.time64("ns"), pa.string()),
+    }
+    values = {
+        "at": [[("a", 123_456_789_012), ("b", None)], None, []],
+        "slots": [[("x", {"at": 5})], [("y", None)], None],
+        "keyed": [[(7, "t")], None, []],
+    }
+    maps = {name: pa.array(values[name], pa.map_(*kinds[name])) for name in kinds}
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], **maps}), tmp_path / "in.parquet")
+    summary, _ = run(tmp_path, input={"path": "in.parquet"}, keep_columns=list(maps), output={"path": f"o.{fmt}"})
+    assert summary.rows_ok == 3
+    path = tmp_path / "out" / f"o.{fmt}"
+    if fmt == "jsonl":
+        written = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["at"] for r in written] == [
+            [{"key": "a", "value": "00:02:03.456789012"}, {"key": "b", "value": None}],
+            None,
+            [],
+        ]
+        assert [r["slots"] for r in written] == [
+            [{"key": "x", "value": {"at": "00:00:00.000000005"}}],
+            [{"key": "y", "value": None}],
+            None,
+        ]
+        assert [r["keyed"] for r in written] == [[{"key": "00:00:00.000000007", "value": "t"}], None, []]
+    else:
+        # an output keeps a map as a list of {key, value} structs (records.output_type)
+        table = read_arrow(path) if fmt == "arrow" else pq.read_table(path)
+        for name, (key, item) in kinds.items():
+            entries = pa.list_(pa.struct([pa.field("key", key), pa.field("value", item)]))
+            want = pa.array([v and [{"key": k, "value": x} for k, x in v] for v in values[name]], entries)
+            assert table.column(name).combine_chunks().cast(entries).equals(want), name
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
 def test_nanosecond_times_inside_kept_structs_and_lists_keep_their_nanoseconds(tmp_path: Path, fmt: str) -> None:
     slot = pa.struct([pa.field("at", pa.time64("ns")), pa.field("note", pa.string())])
     slots = pa.array([{"at": 123_456_789_012, "note": "x"}, None, {"at": None, "note": "y"}], slot)
