@@ -18,7 +18,7 @@ from .pipeline import RowPipeline
 from .records import Layout, RowResult
 from .rows import ArgumentNames, Row
 from .run import EngineCache
-from .spec import JobSpec, check_token_ids, job_from_dict
+from .spec import JobSpec, check_job_constraint, check_token_ids, job_from_dict
 
 _ENGINES = EngineCache()
 # The rows' columns as this module's callers know them: the items of the lists they passed.
@@ -136,6 +136,7 @@ def _run(
         return job, []
     eng, _ = (engines or _ENGINES).get(job)
     check_token_ids(job, eng.vocab_size)
+    check_job_constraint(job, eng.constraint_problem)
     sampling = job.sampling
     layout = Layout(
         multi=sampling.n > 1,

@@ -23,12 +23,12 @@ from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache
-from kvbatch.jobs.spec import JobSpec, check_token_ids
+from kvbatch.jobs.spec import JobSpec, check_job_constraint, check_token_ids
 from kvbatch.runner.admission import AdmissionLimits, never_fits
 from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.sequence import capped_new_tokens
-from kvbatch.runner.structured import GrammarCache, dead_end, new_matcher
-from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
+from kvbatch.runner.structured import GrammarCache, first_token_problem
+from kvbatch.runner.structured_outputs import StructuredOutputs
 
 MAX_LISTED_FAILURES = 20
 MAX_LISTED_CONSTRAINTS = 10
@@ -135,6 +135,8 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         reader.rows = checked_first_rows(job, reader.rows)
     sizing = model_sizing(job, engines)
     check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
+    constraints = _Constraints(sizing)
+    check_job_constraint(job, constraints.problem)  # and on the job's own constraint, when no row may begin it
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool
     limits = AdmissionLimits(
@@ -157,7 +159,6 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     samples: list[int] = []
     plan.prefix_cache = sizing.prefix_cache
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
-    constraints = _Constraints(sizing)
     plan.adapters = adapter_problems(job, engines)
     for row in reader:
         plan.num_rows += 1
@@ -221,23 +222,22 @@ class _Constraints:
         self.sizing = sizing
         self.grammars: GrammarCache | None = None
         self.rows: Counter[StructuredOutputs] = Counter()
-        self.dead_ends: dict[StructuredOutputs, str | None] = {}
+        self.problems: dict[StructuredOutputs, str | None] = {}
 
-    def error(self, request: GenerationRequest, where: str) -> RowError | None:
-        """The row's error if its constraint does not compile or no token may begin it (the engine's own message, as
-        a run writes it)."""
-        constraint = request.sampling.structured_outputs
+    def problem(self, constraint: StructuredOutputs) -> str | None:
+        """Why a row under `constraint` fails before its first token (the engine's own message), or None."""
         if self.grammars is None:
             sizing = self.sizing
             self.grammars = GrammarCache(sizing.tokenizer, sizing.vocab_size, sizing.eos_token_ids)
+        if constraint not in self.problems:
+            self.problems[constraint] = first_token_problem(self.grammars, constraint)
+        return self.problems[constraint]
+
+    def error(self, request: GenerationRequest, where: str) -> RowError | None:
+        """The row's error if its constraint does not compile or no token may begin it, as a run writes it."""
+        constraint = request.sampling.structured_outputs
         self.rows[constraint] += 1
-        try:
-            compiled = self.grammars.compile(constraint)
-        except ConstraintError as exc:
-            return RowError(ErrorKind.BAD_CONSTRAINT, f"{where}: bad constraint ({constraint.describe()}): {exc}")
-        if constraint not in self.dead_ends:  # no token may begin it: the run fails the row at its first token
-            self.dead_ends[constraint] = dead_end(new_matcher(compiled), self.sizing.vocab_size, constraint, "", 0)
-        problem = self.dead_ends[constraint]
+        problem = self.problem(constraint)
         return RowError(ErrorKind.BAD_CONSTRAINT, f"{where}: {problem}") if problem else None
 
     def summary(self) -> list[tuple[str, int, float | None]]:

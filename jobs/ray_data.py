@@ -28,7 +28,7 @@ from kvbatch.jobs.ray_input import rows_of_block
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.rows import KnownDuplicates, Row, RowError
 from kvbatch.jobs.run import EngineFactory, default_engine_factory
-from kvbatch.jobs.spec import JobSpec, check_token_ids, job_from_dict
+from kvbatch.jobs.spec import JobSpec, check_job_constraint, check_token_ids, job_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class GenerateBatch:
         try:
             self.engine = engine_factory(self.job.model, self.job.engine.settings())
             check_token_ids(self.job, self.engine.vocab_size)
+            check_job_constraint(self.job, self.engine.constraint_problem)
         except KvbatchError as exc:
             self.refusal = exc
             return

@@ -14,13 +14,14 @@ import os
 import re
 import string
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from kvbatch.errors import SpecError
 from kvbatch.runner.config import EngineConfig, SamplingParams, setting
-from kvbatch.runner.structured_outputs import ConstraintError
+from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
 from .constraints import read_schema_files
 from .reasoning import template_marks_reasoning
@@ -449,6 +450,18 @@ def check_token_ids(job: JobSpec, vocab_size: int) -> None:
             f"token ids {ids} are outside the model's vocabulary of {vocab_size} tokens (ids 0 to {vocab_size - 1})",
             field=f"sampling.{name}",
         )
+
+
+def check_job_constraint(job: JobSpec, problem: Callable[[StructuredOutputs], str | None]) -> None:
+    """Refuse a job whose own `sampling.structured_outputs` no row could begin with this model's tokenizer: it does
+    not compile for that vocabulary, or no token may begin its text (`root ::= []`, a JSON object in a vocabulary
+    without `{`). Its load checked only what any tokenizer would refuse; else each row that keeps it would fail
+    alike. `problem` is the engine's check (GenerationEngine.constraint_problem), or the plan's with the same
+    message. A row's own constraint stays that row's bad_constraint error row."""
+    constraint = job.sampling.structured_outputs
+    message = problem(constraint) if constraint is not None else None
+    if message is not None:
+        raise SpecError(f"{message}; no row under it could run", field="sampling.structured_outputs")
 
 
 RESERVED_COLUMNS = (

@@ -68,8 +68,8 @@ from .scoring import ScoredRows, score_on_device
 from .scoring import warm_up as warm_up_scoring
 from .sequence import Sequence, capacity_tokens, capped_new_tokens
 from .stopping import StopChecker
-from .structured import GrammarCache, accept_tokens, dead_end, new_matcher, step_mask
-from .structured_outputs import ConstraintError
+from .structured import GrammarCache, accept_tokens, dead_end, first_token_problem, new_matcher, step_mask
+from .structured_outputs import ConstraintError, StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -479,6 +479,11 @@ class Engine:
     def _error_result(self, request: GenerationRequest, kind: ErrorKind, message: str) -> GenerationResult:
         self.stats.num_errors += 1
         return GenerationResult(request.request_id, len(request.prompt_token_ids), [], error=message, error_kind=kind)
+
+    def constraint_problem(self, constraint: StructuredOutputs) -> str | None:
+        """Why every row under `constraint` would fail as bad_constraint before its first token, or None. It is
+        compiled into this engine's cache, so the rows under it find it compiled."""
+        return first_token_problem(self.grammars(), constraint)
 
     def grammars(self) -> GrammarCache:
         """The compile cache of structured-output constraints, for this engine's tokenizer and vocabulary."""

@@ -9,6 +9,7 @@ from typing import Any, Literal, Protocol
 
 from kvbatch.errors import ErrorKind
 from kvbatch.runner.config import EngineConfig, SamplingParams
+from kvbatch.runner.structured_outputs import StructuredOutputs
 
 FinishReason = Literal["stop", "length", "error"]
 
@@ -174,4 +175,9 @@ class GenerationEngine(Protocol):
 
     def add_adapter(self, name: str, path: str) -> None:
         """Serve a LoRA adapter (called only for jobs that use adapters)."""
+        ...
+
+    def constraint_problem(self, constraint: StructuredOutputs) -> str | None:
+        """Why every row under this structured-output constraint would fail before its first token (it does not
+        compile for this tokenizer, or no token may begin it), or None (called only for a job's own constraint)."""
         ...

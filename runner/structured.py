@@ -227,6 +227,16 @@ def dead_end(matcher, vocab_size: int, constraint: StructuredOutputs, before: st
     )
 
 
+def first_token_problem(grammars: GrammarCache, constraint: StructuredOutputs) -> str | None:
+    """Why a row under `constraint` fails before its first token (it does not compile for this tokenizer, or no
+    token may begin it), with the message the row would fail with; None when it may begin."""
+    try:
+        compiled = grammars.compile(constraint)
+    except ConstraintError as exc:
+        return f"bad constraint ({constraint.describe()}): {exc}"
+    return dead_end(new_matcher(compiled), grammars.vocab_size, constraint, "", 0)
+
+
 def allows_no_token(matcher, vocab_size: int) -> bool:
     """Whether the matcher's grammar has no token to go on with: it matches no text (`root ::= []`), or none that
     starts with what it accepted so far. Its mask is then empty, and any token drawn under it is rejected."""

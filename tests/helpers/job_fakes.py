@@ -88,6 +88,9 @@ class FakeEngine:
     def kv_usage(self) -> float:
         return self.kv_in_use
 
+    def constraint_problem(self, constraint: Any) -> str | None:
+        return None  # the fake answers every row alike, constrained or not
+
     def generate(self, requests: Any, on_step: Any = None):
         window: list[GenerationRequest] = []
         yielded = 0

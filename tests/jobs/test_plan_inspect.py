@@ -226,6 +226,31 @@ def test_plan_fails_a_constraint_no_token_may_begin_as_the_run_does(tmp_path: Pa
     assert dict(plan.failures) == {"bad_constraint": 1} and written[1]["error_kind"] == "bad_constraint"
 
 
+def test_a_jobs_own_constraint_no_token_may_begin_stops_the_job_once(tmp_path: Path) -> None:
+    """A job-level json_object over a word-level vocabulary (no token for "{") loads (any tokenizer might begin
+    it), then failed every row alike as bad_constraint; the run and its plan now stop once, before any row."""
+    from reliability_helpers import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"w{i}"}) + "\n" for i in range(3)))
+    spec = job(
+        tmp_path,
+        model=str(folder),
+        engine={"device": "cpu", "kv_cache_gib": 0.001, "block_size": 8},
+        sampling={"max_new_tokens": 4, "structured_outputs": {"json_object": True}},
+        output={"path": "out.jsonl"},
+    )
+    message = (
+        "sampling.structured_outputs: bad constraint (json_object): after 0 tokens ('') it allows no token: no text "
+        "completes it from there; no row under it could run"
+    )
+    for attempt in (plan_job, run_job):
+        with pytest.raises(SpecError) as raised:
+            attempt(spec, EngineCache())
+        assert str(raised.value) == message and raised.value.exit_code == 2
+    assert not (tmp_path / "out" / "out.jsonl").exists()
+
+
 def test_plan_of_a_clean_input_says_none_will_fail(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
     text = plan_job(job(tmp_path), EngineCache(fake_factory())).format()
