@@ -17,7 +17,8 @@ model's; refused over what the KV pool holds), and as `hf` reads them `add_bos_t
 `enable_thinking`, `chat_template_args` (given to the chat template) and `think_end_token` (a generation keeps
 what follows its last one).
 `seed` (the engine's) defaults to lm-eval's torch seed (`--seed`), so a sampled run repeats, as with `hf`.
-Generation kwargs other than lm-eval's own, top_p, top_k, min_p, repetition_penalty, seed and num_beams=1 are refused.
+Generation kwargs other than lm-eval's own, top_p, top_k, min_p, repetition_penalty and num_beams=1 are refused
+(`seed` too, as hf's generate() refuses it).
 Those four left unset come, as in hf's generate(), from the model's generation_config.json, else transformers'
 defaults (top_k 50 when sampling).
 `batch_size` is accepted and ignored: the engine packs requests by free KV blocks. On the command line the device
@@ -60,8 +61,8 @@ logger = logging.getLogger(__name__)
 
 _ENGINE_FIELDS = {f.name for f in fields(EngineConfig)}
 # lm-eval's generation kwargs that SamplingParams knows under the same name (besides until, max_gen_toks,
-# temperature and do_sample, handled below).
-_SAMPLING_KWARGS = {"top_p", "top_k", "min_p", "repetition_penalty", "seed"}
+# temperature and do_sample, handled below). Not `seed`: hf's generate() has no such setting and refuses it.
+_SAMPLING_KWARGS = {"top_p", "top_k", "min_p", "repetition_penalty"}
 # What hf's generate() uses where neither the request nor the model's generation_config.json sets these:
 # transformers' own defaults (GenerationConfig._get_default_generation_params; min_p has none).
 _HF_GENERATION_DEFAULTS: dict[str, float | int | None] = {
@@ -366,12 +367,13 @@ class KVBatchLM(TemplateLM):
         if kwargs.get("num_beams") == 1:  # one beam is what the engine does (tasks set it)
             del kwargs["num_beams"]
         if kwargs:
-            # hf hands these to generate(), which follows them (num_beams, min_new_tokens) or fails on a typo:
-            # generating without them would give other answers than the task asks for.
+            # hf hands these to generate(), which follows them (num_beams, min_new_tokens) or fails on a typo or
+            # on `seed`: generating without them would give other answers than the task asks for.
+            seeded = "; hf's generate() refuses seed too: a run's seed is lm-eval's --seed" if "seed" in kwargs else ""
             raise ValueError(
                 f"kvbatch cannot follow the generation kwargs {sorted(kwargs)}; it reads until, max_gen_toks "
                 f"(or an alias), do_sample, temperature, {', '.join(sorted(_SAMPLING_KWARGS))} and "
-                "num_beams=1"
+                f"num_beams=1{seeded}"
             )
         params = SamplingParams(
             max_new_tokens=int(max_new),

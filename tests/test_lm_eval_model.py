@@ -302,6 +302,26 @@ def test_generation_kwargs_the_engine_cannot_follow_are_refused(model_folder: Pa
             model.generate_until([request])
 
 
+def test_a_seed_gen_kwarg_is_refused_before_generating_as_in_hf(model_folder: Path, monkeypatch) -> None:
+    # hf hands `seed` to generate(), which is no generation setting of transformers: it raises a ValueError before
+    # generating, sampled or not. kvbatch read it as the engine's per-request seed, so a task that hf fails ran.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    context = words(random.Random(4), 8)
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
+    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    monkeypatch.setattr(model.engine, "generate", lambda requests: pytest.fail("the engine was asked to generate"))
+    for kwargs in ({"seed": 3}, {"seed": 3, "do_sample": True, "temperature": 1.0}):
+        request = Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 4} | kwargs), idx=0)
+        with pytest.raises(ValueError, match="not used by the model: \\['seed'\\]"):
+            hf.generate_until([request])
+        with pytest.raises(ValueError, match="kvbatch cannot follow the generation kwargs \\['seed'\\]"):
+            model.generate_until([request])
+
+
 def test_an_empty_stop_string_ends_the_generation_after_one_token_as_in_hf(model_folder: Path, monkeypatch) -> None:
     # hf's stop criteria ask whether each stop is in the decoded text, and "" is in every text: hf stops after the
     # first token, whose text its post-processing keeps (it skips empty stops). kvbatch dropped the empty stop and
