@@ -20,7 +20,8 @@ what follows its last one).
 Generation kwargs other than lm-eval's own, top_p, top_k, min_p, repetition_penalty and num_beams=1 are refused
 (`seed` too, as hf's generate() refuses it).
 Those four left unset come, as in hf's generate(), from the model's generation_config.json, else transformers'
-defaults (top_k 50 when sampling).
+defaults (top_k 50 when sampling); its min_new_tokens, min_length and suppress_tokens hold too, and the fields hf
+follows that kvbatch cannot (no_repeat_ngram_size, typical_p, num_beams, ...) are named in a warning at load.
 `batch_size` is accepted and ignored: the engine packs requests by free KV blocks. On the command line the device
 is lm-eval's `--device` (its default, cuda:0, falls back to the CPU without a GPU).
 
@@ -70,6 +71,29 @@ _HF_GENERATION_DEFAULTS: dict[str, float | int | None] = {
     "top_p": 1.0,
     "min_p": None,
     "repetition_penalty": 1.0,
+}
+# generation_config.json fields hf's generate() follows (the sampling ones when sampling) that kvbatch has no control
+# for, each with the value that does nothing: one set otherwise is named at load, as answers may differ from hf's.
+_HF_UNFOLLOWED: dict[str, Any] = {
+    "no_repeat_ngram_size": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "top_h": None,
+    "encoder_repetition_penalty": 1.0,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "guidance_scale": 1.0,
+    "sequence_bias": None,
+    "bad_words_ids": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "watermarking_config": None,
 }
 
 
@@ -146,6 +170,22 @@ class KVBatchLM(TemplateLM):
             )
         self.think_end_token = think_end_token
         self._generation_defaults = self._hf_generation_defaults()
+        config = getattr(self.engine.model, "generation_config", None)
+        # hf masks EOS while fewer than min_new_tokens are new, and while the context and the new tokens are
+        # fewer than min_length: per request, the larger of the two is the engine's min_tokens.
+        self._min_new_tokens = int(getattr(config, "min_new_tokens", None) or 0)
+        self._min_length = int(getattr(config, "min_length", None) or 0)
+        unfollowed = sorted(
+            name
+            for name, neutral in _HF_UNFOLLOWED.items()
+            if getattr(config, name, None) not in (None, neutral, [], {})
+        )
+        if unfollowed:
+            logger.warning(
+                "kvbatch: the model's generation_config.json sets %s, which lm-eval's hf model follows and kvbatch "
+                "does not: generations may differ from hf's",
+                ", ".join(unfollowed),
+            )
 
     # ---- what lm-eval asks of a model ---------------------------------------------------------
 
@@ -305,6 +345,9 @@ class KVBatchLM(TemplateLM):
                 # is still cut to leave room for max_gen_toks, as in hf.
                 params = replace(params, max_new_tokens=1)
             context_ids = self._encode_generation_context(context)[-max_context:]
+            min_tokens = max(self._min_new_tokens, self._min_length - len(context_ids))
+            if min_tokens > 0:  # hf's mask holds to the end where it asks for more than max_gen_toks
+                params = replace(params, min_tokens=min(min_tokens, params.max_new_tokens))
             engine_requests.append(GenerationRequest(index, context_ids, params))
             stops.append(until)
         answers = [""] * len(requests)
@@ -331,7 +374,8 @@ class KVBatchLM(TemplateLM):
     def _hf_generation_defaults(self) -> dict[str, Any]:
         """top_k, top_p, min_p and repetition_penalty where a request does not set them, as hf's generate() takes
         them: from the model's generation_config.json, else transformers' defaults. hf applies a repetition_penalty
-        there in greedy tasks too (Qwen's instruct models set one), and samples from the top 50 tokens by default."""
+        there in greedy tasks too (Qwen's instruct models set one), and samples from the top 50 tokens by default.
+        The config's suppress_tokens, which hf masks at every step, leave the others as allowed_token_ids."""
         config = getattr(self.engine.model, "generation_config", None)
         defaults: dict[str, Any] = {}
         for name, default in _HF_GENERATION_DEFAULTS.items():
@@ -339,6 +383,9 @@ class KVBatchLM(TemplateLM):
             value = default if value is None else value
             if value is not None:
                 defaults[name] = value
+        suppressed = set(getattr(config, "suppress_tokens", None) or ())
+        if suppressed:
+            defaults["allowed_token_ids"] = tuple(i for i in range(self.engine.vocab_size) if i not in suppressed)
         return defaults
 
     def _sampling(self, gen_kwargs: dict[str, Any], eos_text: str) -> tuple[SamplingParams, list[str]]:

@@ -5,6 +5,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import lm_eval
 import lm_eval.tasks
@@ -459,3 +460,77 @@ def test_the_models_generation_config_sets_defaults_as_in_hf(model_folder: Path,
     plain = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
     sampled = Instance("generate_until", {}, (context, {"do_sample": True, "temperature": 0.8}), idx=0)
     assert plain._sampling(sampled.args[1], "</s>")[0].top_k == 50  # transformers' default where the folder has none
+
+
+def with_generation_config(model_folder: Path, folder: Path, **settings: Any) -> Path:
+    """A copy of the model folder whose generation_config.json also sets `settings`."""
+    import shutil
+
+    shutil.copytree(model_folder, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps(config | settings))
+    return folder
+
+
+def test_generation_config_bans_of_eos_and_tokens_hold_as_in_hf(
+    model_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # hf's generate() follows min_new_tokens and min_length (EOS masked until then) and suppress_tokens (masked at
+    # every step) from generation_config.json. kvbatch followed none of them: its answers stopped at EOS, or held a
+    # suppressed token, where hf's did not.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    context = "w503 w124 w128 w181 w361 w113"  # greedy here: w293 w88 </s>
+    requests = [
+        Instance("generate_until", {}, (context, {"until": until, "max_gen_toks": 8}), idx=i)
+        for i, until in enumerate(([], ["w43"], [""]))
+    ]
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    plain = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}").generate_until(requests)
+    assert plain[0] == "w293 w88"
+    for name, settings in {
+        "min-new-tokens": {"min_new_tokens": 5},
+        "min-length": {"min_length": 6 + 4},  # the context's 6 tokens and 4 new ones
+        "suppress": {"suppress_tokens": [88, 7]},
+        "both": {"min_new_tokens": 3, "suppress_tokens": [88]},
+    }.items():
+        folder = with_generation_config(model_folder, tmp_path / name, **settings)
+        hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}")
+        model = get_model("kvbatch").create_from_arg_string(f"model={folder},{args}")
+        got = model.generate_until(requests)
+        assert got == hf.generate_until(requests), name
+        assert got[0] != plain[0], name
+
+
+def test_generation_config_fields_kvbatch_cannot_follow_are_named_once(
+    model_folder: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    # hf's generate() follows no_repeat_ngram_size, typical_p, forced_eos_token_id... from generation_config.json;
+    # kvbatch has no such control and gave other answers than hf without a word.
+    import logging
+
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    folder = with_generation_config(
+        model_folder,
+        tmp_path / "unfollowed",
+        no_repeat_ngram_size=3,
+        typical_p=0.9,
+        forced_eos_token_id=1,
+        num_beams=1,  # transformers' default: nothing to warn about
+        epsilon_cutoff=0.0,
+    )
+    with caplog.at_level(logging.WARNING, logger="kvbatch.lm_eval"):
+        get_model("kvbatch").create_from_arg_string(f"model={folder},{args}")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kvbatch.lm_eval"]
+    assert len(warnings) == 1
+    assert "forced_eos_token_id, no_repeat_ngram_size, typical_p" in warnings[0]
+    assert "num_beams" not in warnings[0] and "epsilon_cutoff" not in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvbatch.lm_eval"):
+        get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    assert not [r for r in caplog.records if r.name == "kvbatch.lm_eval"]
