@@ -18,7 +18,7 @@ from .pipeline import RowPipeline
 from .records import Layout, RowResult
 from .rows import ArgumentNames, Row
 from .run import EngineCache
-from .spec import JobSpec, check_job_constraint, check_token_ids, job_from_dict
+from .spec import JobSpec, check_job_constraint, check_token_ids, job_from_dict, splits_reasoning
 
 _ENGINES = EngineCache()
 # The rows' columns as this module's callers know them: the items of the lists they passed.
@@ -31,6 +31,8 @@ def generate(
     *,
     system: str | None = None,
     chat_template: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    split_reasoning: bool | None = None,
     engine: dict[str, Any] | None = None,
     results: bool = False,
     engines: EngineCache | None = None,
@@ -39,12 +41,20 @@ def generate(
     """Generate for each prompt, in order.
 
     prompts: strings (one user message each) or lists of {role, content} messages.
+    system, chat_template, chat_template_kwargs, split_reasoning: a job file's `prompt` fields of those names.
     sampling: any `SamplingParams` field (max_new_tokens, temperature, stop, n, seed, logprobs...).
     engine: `EngineConfig` fields (device, dtype, max_model_len...).
     Returns each prompt's text (a list of texts with n > 1; None for a prompt that failed), or with
-    `results=True` its `RowResult`: texts, finish_reasons, stop_reasons, token counts, error (kind and message).
+    `results=True` its `RowResult`: texts, reasonings, finish_reasons, stop_reasons, token counts, error (kind and
+    message).
     """
-    job, ordered = _run(_prompt_rows(prompts), model, system, chat_template, engine, engines, sampling=sampling)
+    prompt = {
+        "system": system,
+        "chat_template": chat_template,
+        "chat_template_kwargs": chat_template_kwargs,
+        "split_reasoning": split_reasoning,
+    }
+    job, ordered = _run(_prompt_rows(prompts), model, prompt, engine, engines, sampling=sampling)
     if results:
         return ordered
     return [_texts(row, job.sampling.n) for row in ordered]
@@ -56,6 +66,7 @@ def score(
     model: str = "default",
     *,
     chat_template: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
     engine: dict[str, Any] | None = None,
     results: bool = False,
     engines: EngineCache | None = None,
@@ -67,6 +78,7 @@ def score(
     Returns per prompt a list of {logprob, num_tokens, is_greedy}, one per continuation (without continuations,
     one for the whole text); None for a prompt that failed. With `results=True` its `RowResult` (`scores`, `error`).
     chat_template: False (the default) reads prompts as raw text, as lm-eval does; see docs/scoring.md.
+    chat_template_kwargs: a job file's `prompt.chat_template_kwargs`, given to the chat template.
     """
     rows = _prompt_rows(prompts)
     if continuations is None:
@@ -82,7 +94,8 @@ def score(
         for row, c in zip(rows, continuations, strict=True):
             row["continuations"] = list(c) if isinstance(c, (list, tuple)) else c
         task = "score"
-    _, ordered = _run(rows, model, None, chat_template, engine, engines, task=task)
+    prompt = {"chat_template": chat_template, "chat_template_kwargs": chat_template_kwargs}
+    _, ordered = _run(rows, model, prompt, engine, engines, task=task)
     return ordered if results else [None if row.error is not None else row.scores for row in ordered]
 
 
@@ -112,21 +125,20 @@ def _check_a_list(name: str, value: Any, each: str) -> None:
 def _run(
     rows: list[dict[str, Any]],
     model: str,
-    system: str | None,
-    chat_template: bool,
+    prompt: dict[str, Any],
     engine: dict[str, Any] | None,
     engines: EngineCache | None,
     **fields: Any,
 ) -> tuple[JobSpec, list[RowResult]]:
-    """The job of `fields` over `rows` (its input never opened), and the rows' results in order."""
+    """The job of `prompt` (its `prompt:` settings) and `fields` over `rows` (its input never opened), and the
+    rows' results in order."""
     messages = any(isinstance(r["prompt"], list) for r in rows)
     job = job_from_dict(
         {
             "name": fields.get("task", "generate"),
             "model": model,
             "input": {"path": "-", "format": "jsonl"},  # never opened: the rows come from `rows`
-            "prompt": {"messages_column" if messages else "column": "prompt", "system": system,
-                       "chat_template": chat_template},
+            "prompt": {"messages_column" if messages else "column": "prompt", **prompt},
             "engine": engine or {},
             **fields,
         },
@@ -144,6 +156,7 @@ def _run(
         top_logprobs=sampling.top_logprobs > 0,
         prompt_logprobs=sampling.prompt_logprobs,
         scores=job.is_scoring,
+        reasoning=splits_reasoning(job) and not job.is_scoring,  # scores have no text to split
     )
     pipeline = RowPipeline(job, eng.tokenizer, layout)
     done: dict[int, RowResult] = {}

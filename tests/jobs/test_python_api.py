@@ -3,6 +3,7 @@ model (its texts are random words: the examples assert only what holds for any m
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -221,6 +222,50 @@ def test_no_prompts_load_no_model(tiny_engines: EngineCache) -> None:
     assert kvbatch.generate([], model="tiny", results=True) == [] and tiny_engines._engines == {}
     with pytest.raises(SpecError, match="unknown field"):  # the keywords are still checked
         kvbatch.generate([], model="tiny", max_new_token=2)
+
+
+def test_generate_takes_the_prompt_settings_chat_template_kwargs_and_split_reasoning() -> None:
+    """A job file's prompt.chat_template_kwargs and prompt.split_reasoning had no keyword: `enable_thinking: false`
+    could not reach a Qwen3 template, nor a thinking model's answer come apart from its thinking."""
+
+    def styled(model: str, settings: dict):
+        engine = tiny_with_chat_template(model, settings)
+        engine.tokenizer.chat_template = CHAT_TEMPLATE + "{% if style %}{{ style }} {% endif %}"
+        return engine
+
+    engines = EngineCache(styled)
+    (row,) = kvbatch.generate(
+        ["w5"], model="tiny", chat_template_kwargs={"style": "w8"}, max_new_tokens=3, results=True, engines=engines
+    )
+    (raw,) = kvbatch.generate(["w5 w8 "], model="tiny", chat_template=False, max_new_tokens=3, engines=engines)
+    assert row.prompt_tokens == 2 and row.texts == [raw]
+    with pytest.raises(SpecError, match="prompt.chat_template_kwargs"):  # checked as a job file's
+        kvbatch.generate(["w5"], model="tiny", chat_template_kwargs={"tokenize": True}, engines=engines)
+    (scored,) = kvbatch.score(
+        ["w5"], [[" w6"]], model="tiny", chat_template=True, chat_template_kwargs={"style": "w8"}, engines=engines
+    )
+    assert scored == kvbatch.score(["w5 w8 "], [[" w6"]], model="tiny", engines=engines)[0]
+
+    def thinking(model: str, settings: dict):
+        engine = fake_factory()(model, settings)
+        answer = engine._answer
+
+        def think(request):
+            result = answer(request)
+            completions = [dataclasses.replace(c, text=f"<think>plan</think> {c.text}") for c in result.completions]
+            return dataclasses.replace(result, completions=completions)
+
+        engine._answer = think
+        return engine
+
+    thinker = EngineCache(thinking)
+    (whole,) = kvbatch.generate(["w5"], model="tiny", engines=thinker)  # the fake model's template has no <think>
+    thought, answer = whole.split("</think> ")
+    assert thought == "<think>plan" and answer.startswith("echo ")
+    (row,) = kvbatch.generate(["w5"], model="tiny", split_reasoning=True, results=True, engines=thinker)
+    assert row.texts == [answer] and row.reasonings == ["plan"]
+    samples = kvbatch.generate(["w5"], model="tiny", split_reasoning=True, n=2, engines=thinker)
+    assert samples == [[f"{answer} #0", f"{answer} #1"]]
 
 
 def test_generate_batch_names_itself_in_the_errors_of_its_job_dict() -> None:
