@@ -18,8 +18,6 @@ from .rows import Row, RowError, mapping_value, type_name
 from .spec import JobSpec
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-# The most samples a row may ask, as the OpenAI API: one row must not stall the job.
-ROW_MAX_N = 128
 
 
 def sampling_columns(job: JobSpec) -> list[str]:
@@ -51,7 +49,4 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
     for name in job.sampling_columns:
         if data.get(name) is not None:
             values[name] = data[name]
-    n = values.get("n")
-    if isinstance(n, int) and n > ROW_MAX_N:
-        return RowError(ErrorKind.BAD_REQUEST, f"{row.where}: n {n} is over {ROW_MAX_N}, the most a row may ask")
     return values

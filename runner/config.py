@@ -200,7 +200,8 @@ class SamplingParams:
     )
     stop: tuple[str, ...] = setting((), "stop strings; the text is cut before them", no_empty_string=True)
     stop_token_ids: tuple[int, ...] = setting((), "token ids that stop a sample, besides the model's EOS", min=0)
-    n: int = setting(1, "samples per prompt", min=1)
+    # At most OpenAI's (and vLLM's server's) 128: a job's n, or one row's, must not hold every other row up.
+    n: int = setting(1, "samples per prompt", min=1, max=128)
     logprobs: bool = setting(False, "the log-probability of each chosen token")
     top_logprobs: int = setting(
         0, "the most likely tokens and their log-probabilities at each generated position", min=0, max=20

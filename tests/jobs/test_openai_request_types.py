@@ -23,7 +23,7 @@ from test_openai_logprobs import request, run_openai
         ({"min_p": 1.5}, "min_p must be <= 1, got 1.5"),
         ({"temperature": True}, "temperature must be a finite number, got True"),
         ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
-        ({"n": 20000}, "n 20000 is over 128, the most a row may ask"),
+        ({"n": 20000}, "n must be <= 128, got 20000"),  # as a job's own n
         # the tools go to the chat template; nothing would make the model call one
         ({"tool_choice": "required"}, "tool_choice 'required' is not supported"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "use 'auto' or leave it out"),

@@ -145,7 +145,7 @@ def test_what_a_row_asks_beyond_the_jobs_columns_is_its_error_not_lost(tmp_path)
               "plp": "sampling.prompt_logprobs: true"}  # fmt: skip
     for key, setting in wanted.items():
         assert out[key]["error_kind"] == "bad_request" and f"set the job's {setting}" in out[key]["error"]
-    assert "n 100000 is over 128, the most a row may ask" in out["huge"]["error"]
+    assert "bad sampling parameters: n must be <= 128, got 100000" in out["huge"]["error"]
     # With the job's columns in place, the rows get what they asked.
     out = run("placed", n=2, logprobs=True)
     assert out["n"]["error"] is None and [t[-2:] for t in out["n"]["text"]] == ["#0", "#1", "#2"]

@@ -227,6 +227,12 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
             "jobs[0].sampling.temperature",
             "must be >= 0",
         ),
+        (  # a row may ask at most 128 samples; the job had no bound, and one job's n held every row up
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {n: 129}\n",
+            ":4",
+            "jobs[0].sampling.n",
+            "must be <= 128, got 129",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {chat_template: maybe}\n",
             ":4",
