@@ -156,7 +156,7 @@ def _run(
         top_logprobs=sampling.top_logprobs > 0,
         prompt_logprobs=sampling.prompt_logprobs,
         scores=job.is_scoring,
-        reasoning=splits_reasoning(job) and not job.is_scoring,  # scores have no text to split
+        reasoning=splits_reasoning(job),
     )
     pipeline = RowPipeline(job, eng.tokenizer, layout)
     done: dict[int, RowResult] = {}

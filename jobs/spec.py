@@ -646,7 +646,10 @@ def _prompt_fingerprint(job: JobSpec) -> dict[str, Any]:
 
 
 def splits_reasoning(job: JobSpec) -> bool:
-    """Whether the output has a `reasoning` column: prompt.split_reasoning, unset: the template knows <think>."""
+    """Whether the output has a `reasoning` column: prompt.split_reasoning, unset: the template knows <think>;
+    never for scores, which have no text to split."""
+    if job.is_scoring:
+        return False
     if job.prompt.split_reasoning is not None:
         return job.prompt.split_reasoning
     if not job.prompt.chat_template:

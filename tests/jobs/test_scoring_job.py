@@ -239,3 +239,26 @@ def test_generate_batch_on_its_own_returns_the_columns_the_job_asks_for(model_fo
     table = GenerateBatch({**base, "sampling": sampling})({"prompt": ["w5 w6"]})
     assert table.schema.field("top_logprobs").type == pa.list_(pa.list_(TOP_LOGPROB))
     assert [len(step) for step in table.column("top_logprobs")[0].as_py()] == [2, 2, 2]
+
+
+def test_scores_of_a_reasoning_models_template_are_written(tmp_path: Path, model_folder: Path) -> None:
+    # A template that marks thinking with <think> (Qwen3's), or prompt.split_reasoning: true, gave a scoring job a
+    # reasoning column to fill from texts it has none of: the first scored row failed the whole job.
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    thinking = tmp_path / "thinking-model"
+    shutil.copytree(model_folder, thinking)
+    tokenizer = AutoTokenizer.from_pretrained(thinking)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}<think>"
+    tokenizer.save_pretrained(thinking)
+    rows = [{"prompt": "w5 w6", "continuations": [" w7", " w8 w9"]}]
+    for name, model, prompt in (
+        ("template", thinking, {"chat_template": True}),
+        ("split", model_folder, {"chat_template": False, "split_reasoning": True}),
+    ):
+        (tmp_path / name).mkdir()
+        out = run(tmp_path / name, model, rows, task="score", prompt=prompt)
+        assert out[0]["error"] is None and len(out[0]["scores"]) == 2, name
+        assert "reasoning" not in out[0], name
