@@ -17,8 +17,8 @@ model's; refused over what the KV pool holds), and as `hf` reads them `add_bos_t
 `enable_thinking`, `chat_template_args` (given to the chat template) and `think_end_token` (a generation keeps
 what follows its last one).
 `seed` (the engine's) defaults to lm-eval's torch seed (`--seed`), so a sampled run repeats, as with `hf`.
-Generation kwargs other than lm-eval's own, top_p, top_k, min_p, repetition_penalty and num_beams=1 are refused
-(`seed` too, as hf's generate() refuses it).
+Generation kwargs other than lm-eval's own, top_p, top_k, min_p, repetition_penalty, min_new_tokens, min_length
+and num_beams=1 are refused (`seed` too, as hf's generate() refuses it).
 Those four left unset come, as in hf's generate(), from the model's generation_config.json, else transformers'
 defaults (top_k 50 when sampling); its min_new_tokens, min_length and suppress_tokens hold too, and the fields hf
 follows that kvbatch cannot (no_repeat_ngram_size, typical_p, num_beams, ...) are named in a warning at load.
@@ -172,7 +172,8 @@ class KVBatchLM(TemplateLM):
         self._generation_defaults = self._hf_generation_defaults()
         config = getattr(self.engine.model, "generation_config", None)
         # hf masks EOS while fewer than min_new_tokens are new, and while the context and the new tokens are
-        # fewer than min_length: per request, the larger of the two is the engine's min_tokens.
+        # fewer than min_length: per request, the larger of the two is the engine's min_tokens. A request's own
+        # gen kwargs go over these.
         self._min_new_tokens = int(getattr(config, "min_new_tokens", None) or 0)
         self._min_length = int(getattr(config, "min_length", None) or 0)
         unfollowed = sorted(
@@ -332,7 +333,7 @@ class KVBatchLM(TemplateLM):
         stops: list[list[str]] = []
         for index, req in enumerate(requests):
             context, gen_kwargs = req.args
-            params, until = self._sampling(gen_kwargs, eos_text)
+            params, until, (min_new_tokens, min_length) = self._sampling(gen_kwargs, eos_text)
             # hf's room for the answer: the context is left-truncated to max_length - max_gen_toks tokens
             max_context = self.max_length - params.max_new_tokens
             if max_context <= 0:
@@ -345,7 +346,7 @@ class KVBatchLM(TemplateLM):
                 # is still cut to leave room for max_gen_toks, as in hf.
                 params = replace(params, max_new_tokens=1)
             context_ids = self._encode_generation_context(context)[-max_context:]
-            min_tokens = max(self._min_new_tokens, self._min_length - len(context_ids))
+            min_tokens = max(min_new_tokens, min_length - len(context_ids))
             if min_tokens > 0:  # hf's mask holds to the end where it asks for more than max_gen_toks
                 params = replace(params, min_tokens=min(min_tokens, params.max_new_tokens))
             engine_requests.append(GenerationRequest(index, context_ids, params))
@@ -388,7 +389,9 @@ class KVBatchLM(TemplateLM):
             defaults["allowed_token_ids"] = tuple(i for i in range(self.engine.vocab_size) if i not in suppressed)
         return defaults
 
-    def _sampling(self, gen_kwargs: dict[str, Any], eos_text: str) -> tuple[SamplingParams, list[str]]:
+    def _sampling(self, gen_kwargs: dict[str, Any], eos_text: str) -> tuple[SamplingParams, list[str], tuple[int, int]]:
+        """The request's SamplingParams, its stops, and the min_new_tokens and min_length that EOS waits for (the
+        second needs the context's length: generate_until makes them the engine's min_tokens)."""
         # lm-eval's own reading, as its hf model's: a copy (the request's until stays as it was, which lm-eval's
         # cache keys on), the max_gen_toks aliases, and do_sample against temperature.
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
@@ -411,16 +414,21 @@ class KVBatchLM(TemplateLM):
                 "generate() refuses it; give a temperature, or do_sample=False for greedy decoding"
             )
         settings = self._generation_defaults | {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING_KWARGS}
+        # as hf's generate() takes them: the request's over generation_config.json's
+        eos_floor = (
+            int(kwargs.pop("min_new_tokens", self._min_new_tokens) or 0),
+            int(kwargs.pop("min_length", self._min_length) or 0),
+        )
         if kwargs.get("num_beams") == 1:  # one beam is what the engine does (tasks set it)
             del kwargs["num_beams"]
         if kwargs:
-            # hf hands these to generate(), which follows them (num_beams, min_new_tokens) or fails on a typo or
+            # hf hands these to generate(), which follows them (num_beams, no_repeat_ngram_size) or fails on a typo or
             # on `seed`: generating without them would give other answers than the task asks for.
             seeded = "; hf's generate() refuses seed too: a run's seed is lm-eval's --seed" if "seed" in kwargs else ""
             raise ValueError(
                 f"kvbatch cannot follow the generation kwargs {sorted(kwargs)}; it reads until, max_gen_toks "
-                f"(or an alias), do_sample, temperature, {', '.join(sorted(_SAMPLING_KWARGS))} and "
-                f"num_beams=1{seeded}"
+                f"(or an alias), do_sample, temperature, {', '.join(sorted(_SAMPLING_KWARGS))}, min_new_tokens, "
+                f"min_length and num_beams=1{seeded}"
             )
         params = SamplingParams(
             max_new_tokens=int(max_new),
@@ -428,7 +436,7 @@ class KVBatchLM(TemplateLM):
             stop=tuple(s for s in until if s),
             **settings,
         )
-        return params, until
+        return params, until, eos_floor
 
     def _run(self, requests: list[GenerationRequest]) -> Iterator[GenerationResult]:
         for result in self.engine.generate(requests):

@@ -296,7 +296,7 @@ def test_generation_kwargs_the_engine_cannot_follow_are_refused(model_folder: Pa
     model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
     beam1 = [Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 6, "num_beams": 1}), idx=0)]
     assert model.generate_until(beam1) == hf.generate_until(beam1)
-    for extra in ({"num_beams": 2}, {"min_new_tokens": 4}, {"max_length": 40}, {"bogus": 1}):
+    for extra in ({"num_beams": 2}, {"no_repeat_ngram_size": 2}, {"max_length": 40}, {"bogus": 1}):
         request = Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 6} | extra), idx=0)
         refused = f"kvbatch cannot follow the generation kwargs \\['{next(iter(extra))}'\\]"
         with pytest.raises(ValueError, match=refused):
@@ -502,6 +502,11 @@ def test_generation_config_bans_of_eos_and_tokens_hold_as_in_hf(
         got = model.generate_until(requests)
         assert got == hf.generate_until(requests), name
         assert got[0] != plain[0], name
+    # As gen kwargs, min_new_tokens and min_length go over the folder's, as hf's generate() takes them.
+    hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}")
+    for extra in ({"min_new_tokens": 0}, {"min_new_tokens": 6}, {"min_length": 6 + 5}):
+        asked = [Instance(r.request_type, {}, (r.args[0], r.args[1] | extra), idx=r.idx) for r in requests]
+        assert model.generate_until(asked) == hf.generate_until(asked), extra
 
 
 def test_generation_config_fields_kvbatch_cannot_follow_are_named_once(
