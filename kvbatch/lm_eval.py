@@ -171,10 +171,10 @@ class KVBatchLM(TemplateLM):
         self.think_end_token = think_end_token
         self._generation_defaults = self._hf_generation_defaults()
         config = getattr(self.engine.model, "generation_config", None)
-        # hf masks EOS while fewer than min_new_tokens are new, and while the context and the new tokens are
-        # fewer than min_length: per request, the larger of the two is the engine's min_tokens. A request's own
-        # gen kwargs go over these.
-        self._min_new_tokens = int(getattr(config, "min_new_tokens", None) or 0)
+        # hf masks EOS while fewer than min_new_tokens are new, else (min_new_tokens unset) while the context and
+        # the new tokens are fewer than min_length: per request, the engine's min_tokens. A request's own gen
+        # kwargs go over these.
+        self._min_new_tokens: int | None = getattr(config, "min_new_tokens", None)
         self._min_length = int(getattr(config, "min_length", None) or 0)
         unfollowed = sorted(
             name
@@ -346,7 +346,8 @@ class KVBatchLM(TemplateLM):
                 # is still cut to leave room for max_gen_toks, as in hf.
                 params = replace(params, max_new_tokens=1)
             context_ids = self._encode_generation_context(context)[-max_context:]
-            min_tokens = max(min_new_tokens, min_length - len(context_ids))
+            # transformers sets min_length to the context and min_new_tokens where that is given, even as 0
+            min_tokens = min_length - len(context_ids) if min_new_tokens is None else min_new_tokens
             if min_tokens > 0:  # hf's mask holds to the end where it asks for more than max_gen_toks
                 params = replace(params, min_tokens=min(min_tokens, params.max_new_tokens))
             engine_requests.append(GenerationRequest(index, context_ids, params))
@@ -389,7 +390,9 @@ class KVBatchLM(TemplateLM):
             defaults["allowed_token_ids"] = tuple(i for i in range(self.engine.vocab_size) if i not in suppressed)
         return defaults
 
-    def _sampling(self, gen_kwargs: dict[str, Any], eos_text: str) -> tuple[SamplingParams, list[str], tuple[int, int]]:
+    def _sampling(
+        self, gen_kwargs: dict[str, Any], eos_text: str
+    ) -> tuple[SamplingParams, list[str], tuple[int | None, int]]:
         """The request's SamplingParams, its stops, and the min_new_tokens and min_length that EOS waits for (the
         second needs the context's length: generate_until makes them the engine's min_tokens)."""
         # lm-eval's own reading, as its hf model's: a copy (the request's until stays as it was, which lm-eval's
@@ -415,8 +418,9 @@ class KVBatchLM(TemplateLM):
             )
         settings = self._generation_defaults | {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING_KWARGS}
         # as hf's generate() takes them: the request's over generation_config.json's
+        min_new_tokens = kwargs.pop("min_new_tokens", self._min_new_tokens)
         eos_floor = (
-            int(kwargs.pop("min_new_tokens", self._min_new_tokens) or 0),
+            None if min_new_tokens is None else int(min_new_tokens),
             int(kwargs.pop("min_length", self._min_length) or 0),
         )
         if kwargs.get("num_beams") == 1:  # one beam is what the engine does (tasks set it)

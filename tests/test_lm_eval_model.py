@@ -490,6 +490,7 @@ def test_generation_config_bans_of_eos_and_tokens_hold_as_in_hf(
     args = f"device=cpu,max_length={MAX_LENGTH}"
     plain = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}").generate_until(requests)
     assert plain[0] == "w293 w88"
+    models = {}
     for name, settings in {
         "min-new-tokens": {"min_new_tokens": 5},
         "min-length": {"min_length": 6 + 4},  # the context's 6 tokens and 4 new ones
@@ -502,11 +503,19 @@ def test_generation_config_bans_of_eos_and_tokens_hold_as_in_hf(
         got = model.generate_until(requests)
         assert got == hf.generate_until(requests), name
         assert got[0] != plain[0], name
-    # As gen kwargs, min_new_tokens and min_length go over the folder's, as hf's generate() takes them.
-    hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}")
-    for extra in ({"min_new_tokens": 0}, {"min_new_tokens": 6}, {"min_length": 6 + 5}):
+        models[name] = (model, hf)
+    # As gen kwargs, min_new_tokens and min_length go over the folder's, as hf's generate() takes them; a
+    # min_new_tokens, even 0, takes the place of min_length (transformers' _prepare_generated_length).
+    for name, extra in (
+        ("both", {"min_new_tokens": 0}),
+        ("both", {"min_new_tokens": 6}),
+        ("both", {"min_length": 6 + 5}),
+        ("min-length", {"min_new_tokens": 0}),
+        ("min-length", {"min_new_tokens": 1}),
+    ):
+        model, hf = models[name]
         asked = [Instance(r.request_type, {}, (r.args[0], r.args[1] | extra), idx=r.idx) for r in requests]
-        assert model.generate_until(asked) == hf.generate_until(asked), extra
+        assert model.generate_until(asked) == hf.generate_until(asked), (name, extra)
 
 
 def test_generation_config_fields_kvbatch_cannot_follow_are_named_once(
