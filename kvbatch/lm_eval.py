@@ -19,9 +19,11 @@ what follows its last one).
 `seed` (the engine's) defaults to lm-eval's torch seed (`--seed`), so a sampled run repeats, as with `hf`.
 Generation kwargs other than lm-eval's own, top_p, top_k, min_p, repetition_penalty, min_new_tokens, min_length
 and num_beams=1 are refused (`seed` too, as hf's generate() refuses it).
-Those four left unset come, as in hf's generate(), from the model's generation_config.json, else transformers'
-defaults (top_k 50 when sampling); its min_new_tokens, min_length and suppress_tokens hold too, and the fields hf
-follows that kvbatch cannot (no_repeat_ngram_size, typical_p, num_beams, ...) are named in a warning at load.
+top_p, top_k, min_p and repetition_penalty left unset come, as in hf's generate(), from the model's
+generation_config.json, else transformers' defaults (top_k 50 when sampling); its min_new_tokens, min_length,
+suppress_tokens and max_new_tokens (over max_gen_toks, as hf's generate() prefers it to lm-eval's max_length) hold
+too, and the fields hf follows that kvbatch cannot (no_repeat_ngram_size, typical_p, num_beams, ...) are named
+in a warning at load.
 `batch_size` is accepted and ignored: the engine packs requests by free KV blocks. On the command line the device
 is lm-eval's `--device` (its default, cuda:0, falls back to the CPU without a GPU).
 
@@ -176,6 +178,8 @@ class KVBatchLM(TemplateLM):
         # kwargs go over these.
         self._min_new_tokens: int | None = getattr(config, "min_new_tokens", None)
         self._min_length = int(getattr(config, "min_length", None) or 0)
+        # hf passes max_length (context + max_gen_toks) to generate(), where the config's max_new_tokens wins.
+        self._max_new_tokens: int | None = getattr(config, "max_new_tokens", None)
         unfollowed = sorted(
             name
             for name, neutral in _HF_UNFOLLOWED.items()
@@ -340,6 +344,8 @@ class KVBatchLM(TemplateLM):
                 raise ValueError(
                     f"max_gen_toks {params.max_new_tokens} leaves no context of max_length {self.max_length}"
                 )
+            if self._max_new_tokens is not None:
+                params = replace(params, max_new_tokens=int(self._max_new_tokens))
             if "" in until:
                 # hf's stop criteria ask whether a stop is in the decoded text, and "" is in every text: hf stops
                 # after the first token and keeps it (its post-processing skips empty stops). The context above

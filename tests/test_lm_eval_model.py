@@ -548,3 +548,28 @@ def test_generation_config_fields_kvbatch_cannot_follow_are_named_once(
     with caplog.at_level(logging.WARNING, logger="kvbatch.lm_eval"):
         get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
     assert not [r for r in caplog.records if r.name == "kvbatch.lm_eval"]
+
+
+def test_a_generation_config_max_new_tokens_sets_the_length_as_in_hf(
+    model_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # lm-eval's hf model passes max_length (context + max_gen_toks) to generate(), where a max_new_tokens from
+    # generation_config.json takes precedence: hf's answers have that many tokens, more or fewer than max_gen_toks.
+    # kvbatch generated max_gen_toks tokens. The context is still cut to leave max_gen_toks, as in hf.
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(11)
+    requests = [
+        Instance("generate_until", {}, (words(rng, n), {"until": until, "max_gen_toks": 8}), idx=i)
+        for i, (n, until) in enumerate(((5, []), (60, []), (5, [""])))
+    ]
+    args = f"device=cpu,max_length={MAX_LENGTH}"
+    for max_new_tokens in (3, 12):
+        folder = with_generation_config(model_folder, tmp_path / str(max_new_tokens), max_new_tokens=max_new_tokens)
+        hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}")
+        model = get_model("kvbatch").create_from_arg_string(f"model={folder},{args}")
+        got = model.generate_until(requests)
+        assert got == hf.generate_until(requests), max_new_tokens
+        assert len(got[0].split()) == max_new_tokens and len(got[2].split()) == 1
