@@ -91,6 +91,14 @@ def open_ray_input(job: JobSpec, needed_columns: list[str]) -> RayInput:
     return RayInput(filesystem, tuple(files), num_rows, schema, _identity(filesystem, files))
 
 
+def input_found(job: JobSpec) -> bool:
+    """Whether the job's input lists at least one file (one that cannot be read for another reason is found)."""
+    try:
+        return bool(_list(job)[1])
+    except InputError:
+        return False
+
+
 def _list(job: JobSpec) -> tuple[pafs.FileSystem, list[str], str]:
     """(filesystem, file paths in input order, kind)."""
     spec = job.input.path

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from kvbatch.errors import InterruptedJob, JobError, KvbatchError, OutputError, SpecError, shown_path
+from kvbatch.errors import InputError, InterruptedJob, JobError, KvbatchError, OutputError, SpecError, shown_path
 
 from .assemble import unify
 from .atomic import write_json
@@ -45,7 +45,7 @@ from .lock import OutputLock
 from .manifest import KVBATCH_VERSION, Manifest
 from .pipeline import input_columns
 from .ray_data import GenerateBatch
-from .ray_input import RayInput, RowsSource, open_ray_input
+from .ray_input import RayInput, RowsSource, input_found, open_ray_input
 from .run import job_metadata, model_name
 from .signals import StopFlag
 from .spec import JobSpec, output_format, output_path, result_fingerprint, spec_hash
@@ -95,7 +95,13 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
     try:
         connect(job.parallel.ray_address)
         layout = layout_for(job, {})
-        source = open_ray_input(job, input_columns(job, layout))
+        try:
+            source = open_ray_input(job, input_columns(job, layout))
+        except InputError:
+            # A finished output needs no input: cleaned up after the run, it is still done (as in a local run).
+            if _complete_without_input(job, out, fmt):
+                return already_complete(out, _summary(job, parts, spec_hash(job)))
+            raise
         if source.schema is None:  # JSONL: a prompt column no row has is refused here, before any model loads
             first = RowsSource(source, input_columns(job, layout), job.input.batch_rows, job.input.max_line_bytes)
             checked_first_rows(job, first.jsonl_rows())  # checks on the call; the cluster reads the rows again
@@ -103,10 +109,8 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
             layout = with_input_schema(layout, source.schema)
         fingerprint = {**result_fingerprint(job), **source.identity}
         manifest = Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt, num_rows=source.num_rows)
-        summary = Summary(job.name, str(parts), model=job.model, spec_hash=manifest.spec_hash,
-                          kvbatch_version=KVBATCH_VERSION)  # fmt: skip
         if _adopt(job, out, manifest):
-            return already_complete(out, summary)
+            return already_complete(out, _summary(job, parts, manifest.spec_hash))
         run = _next_run(parts)
         duplicates = find_duplicates(source, layout.id_column, job) if layout.id_column else {}
         rows = RowsSource(source, input_columns(job, layout), job.input.batch_rows,
@@ -143,6 +147,30 @@ def _check(job: JobSpec) -> str:
     if job.parallel.shard is not None:
         raise SpecError("runner: ray spreads rows over its actors; leave parallel.shard unset", field="parallel.shard")
     return fmt
+
+
+def _summary(job: JobSpec, parts: Path, job_hash: str) -> Summary:
+    return Summary(job.name, str(parts), model=job.model, spec_hash=job_hash, kvbatch_version=KVBATCH_VERSION)
+
+
+def _complete_without_input(job: JobSpec, out: Path, fmt: str) -> bool:
+    """Whether the input cannot be found and an earlier run finished this same job (resume): its rows are those of
+    the input on record, which an input put back must still match (the manifest keeps its identity)."""
+    if job.output.mode != "resume" or input_found(job):
+        return False
+    path = work_dir(out) / "manifest.json"
+    try:
+        previous = Manifest.load(path) if path.exists() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # the input's error says what to fix first
+    if previous is None or not previous.complete or not (parts_dir(out).exists() or out.exists()):
+        return False
+    current = Manifest(job.name, spec_hash(job), result_fingerprint(job), out.name, fmt)
+    refusal = resume_refusal(parts_dir(out), previous, current)
+    if refusal:  # as a local run refuses it: the spec changed since
+        raise OutputError(refusal)
+    log.info("job %s: %s is complete already (same spec; its input is gone); nothing to do", job.name, out)
+    return True
 
 
 def _adopt(job: JobSpec, out: Path, manifest: Manifest) -> bool:

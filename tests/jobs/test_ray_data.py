@@ -257,3 +257,20 @@ def test_a_ray_folder_reads_as_one_dataset_when_kept_json_values_change_type(tmp
     parts = output_path(job).with_name("answers.parquet.parts")
     assert len(list(parts.glob("part-*.parquet"))) > 1
     assert folder_rows(parts) == expected
+
+
+def test_a_finished_ray_run_whose_input_was_removed_is_already_complete(tmp_path, local_ray):
+    # As a local run says: a cron rerun after the inputs were cleaned up failed (exit 1, "input not found") listing
+    # the input before it looked at the finished output; an input put back changed is still refused.
+    source = write_input(tmp_path / "in.jsonl", num_rows=6)
+    job = ray_job(tmp_path, source, parallel={"ray_actors": 1, "ray_batch_rows": 6})
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    source.unlink()
+    built = []
+    [again] = run_jobs([job], engine_factory=lambda *args: built.append(args) or tiny_engine(*args))
+    assert again.error is None and again.summary.status == "already complete"
+    assert built == []
+    write_input(source, num_rows=7)
+    [changed] = run_jobs([job], engine_factory=tiny_engine)
+    assert changed.error is not None and "input_file" in str(changed.error)
