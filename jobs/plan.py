@@ -22,7 +22,8 @@ from kvbatch.jobs.plan_sizing import ModelSizing, adapter_problems, model_sizing
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import RowError
-from kvbatch.jobs.run import EngineCache
+from kvbatch.jobs.run import EngineCache, left_out
+from kvbatch.jobs.shard_output import job_shard
 from kvbatch.jobs.spec import JobSpec, check_job_constraint, check_token_ids
 from kvbatch.runner.admission import AdmissionLimits, never_fits
 from kvbatch.runner.request import GenerationRequest
@@ -37,7 +38,8 @@ MAX_LISTED_CONSTRAINTS = 10
 @dataclass
 class JobPlan:
     job: str
-    num_rows: int = 0
+    num_rows: int = 0  # of the shard, for a shard's plan
+    shard: str | None = None  # "I/N": the rows that shard of the job runs (parallel.shard, --shard, a Slurm array)
     prompt_tokens: dict[str, float] = field(default_factory=dict)  # min, mean, p50, p90, max
     max_new_tokens: int = 0  # the most any row that runs may generate (its own sampling's, capped by the context)
     max_asked_new_tokens: int = 0  # the most any row that runs asks for, before the engine's cap
@@ -61,7 +63,7 @@ class JobPlan:
 
     def format(self) -> str:
         t = self.prompt_tokens
-        lines = [f"job {self.job}: {_rows(self.num_rows)}"]
+        lines = [f"job {self.job}{f', shard {self.shard}' if self.shard else ''}: {_rows(self.num_rows)}"]
         if t:
             lines.append(
                 f"  prompt tokens   min {t['min']:.0f}, mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p90 "
@@ -143,8 +145,10 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         sizing.max_model_len, pool.num_tokens, sizing.vocab_size, sizing.tokenizer, sizing.eos_token_ids
     )
     capacity = limits.capacity_tokens  # the engine's
+    shard = job_shard(job.parallel.shard)  # as a run picks it
     plan = JobPlan(
         job.name,
+        shard=None if shard is None else str(shard),
         max_new_tokens=job.sampling.max_new_tokens,
         block_size=pool.block_size,
         num_blocks=pool.num_blocks,
@@ -161,6 +165,8 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
     plan.adapters = adapter_problems(job, engines)
     for row in reader:
+        if left_out(row, shard, pipeline):  # another shard's row: its id still counts, as in the shard's run
+            continue
         plan.num_rows += 1
         request = pipeline.request(row)
         error = request.error if isinstance(request, RowResult) else None

@@ -14,7 +14,7 @@ import dataclasses
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,15 @@ def _summarise(
     return summary
 
 
+def left_out(row: Row, shard: Shard | None, pipeline: RowPipeline, done_rows: Container[int] = ()) -> bool:
+    """Whether a run leaves `row` out: another shard's, or done by an earlier run. Its id is noted all the same, so
+    a later duplicate of it is still an error (the run's and the plan's one rule)."""
+    if (shard is not None and not shard.owns(row.index)) or row.index in done_rows:
+        pipeline.note_id(row)
+        return True
+    return False
+
+
 class _Feed:
     """A local run's rows: skips what is done or another shard's, sends the rest through the pipeline, writes
     error rows and results as they come, and counts them for the progress bar and the summary."""
@@ -244,9 +253,7 @@ class _Feed:
             self.num_rows = row.index + 1
             if self.stop.stopped:
                 return
-            other_shard = self.shard is not None and not self.shard.owns(row.index)
-            if other_shard or row.index in self.writer.done_rows:  # a later duplicate of its id is still an error
-                self.pipeline.note_id(row)
+            if left_out(row, self.shard, self.pipeline, self.writer.done_rows):
                 continue
             request = self.pipeline.request(row)
             if isinstance(request, RowResult):

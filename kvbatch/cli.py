@@ -249,8 +249,10 @@ def plan(
     device: DeviceOpt = None,
     limit: LimitOpt = None,
     verbose: VerboseOpt = False,
+    shard: ShardOpt = None,
 ) -> None:
-    """Without generating: token lengths, KV capacity, rows that fit at once, rows that will fail and why.
+    """Without generating: token lengths, KV capacity, rows that fit at once, rows that will fail and why (of one
+    shard's rows with --shard or in a Slurm array task, as `run` picks them).
 
     On the CPU only the model's config and tokenizer are read, not its weights. On a GPU (and with tensor
     parallelism) the model is loaded, because the KV pool is sized by profiling a forward pass of it.
@@ -260,7 +262,10 @@ def plan(
     _logging(verbose, quiet=False)
     _quiet_model_loading(verbose)
     with _errors():
-        overrides = _with_options(set_, {"model": model, "engine.device": device, "input.limit": limit})
+        overrides = _with_options(
+            set_,
+            {"model": model, "engine.device": device, "input.limit": limit, "parallel.shard": _shard_option(shard)},
+        )
         specs = load_jobs_file(jobs_file, overrides).select(job)
         engines = EngineCache()
         for spec in specs:
@@ -387,19 +392,24 @@ def _serve_if_torchrun_worker() -> None:
 def _scale_overrides(
     shard: str | None, data_parallel: int | None, tensor_parallel: int | None, ray_address: str | None
 ) -> dict[str, Any]:
-    """The scaling options as job-field overrides; without --shard, a Slurm array task runs its own shard."""
-    from kvbatch.jobs.shard import shard_from_env
-
-    if shard is None:
-        from_env = shard_from_env(os.environ)
-        shard = str(from_env) if from_env is not None else None
+    """The scaling options as job-field overrides."""
     return {
-        "parallel.shard": shard,
+        "parallel.shard": _shard_option(shard),
         "parallel.data": data_parallel,
         "parallel.tensor": tensor_parallel,
         "parallel.ray_address": ray_address,
         "runner": "ray" if ray_address else None,
     }
+
+
+def _shard_option(shard: str | None) -> str | None:
+    """The shard to run (or plan): --shard, else a Slurm array task's own shard."""
+    from kvbatch.jobs.shard import shard_from_env
+
+    if shard is None:
+        from_env = shard_from_env(os.environ)
+        shard = str(from_env) if from_env is not None else None
+    return shard
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:

@@ -317,6 +317,20 @@ def test_plan_and_inspect_print_their_reports(tmp_path: Path, monkeypatch: pytes
     assert missing.exit_code == 1 and "no such output" in missing.stderr
 
 
+def test_plan_of_a_slurm_array_task_plans_its_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `run` in an array task runs its own shard's rows; `plan` there planned the whole input, and took no --shard.
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
+    monkeypatch.setattr(cli, "EngineCache", lambda: EngineCache(fake_factory()))
+    result = invoke("plan", jobs_file(tmp_path), "--job", "first", "--shard", "1/2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("job first, shard 1/2: 2 rows\n")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    result = invoke("plan", jobs_file(tmp_path), "--job", "first")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("job first, shard 0/2: 3 rows\n")
+
+
 def test_a_second_run_on_a_locked_output_exits_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
     monkeypatch.setattr(

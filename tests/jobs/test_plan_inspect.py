@@ -375,3 +375,18 @@ def test_plan_counts_each_row_n_times(tmp_path: Path) -> None:
     assert three.samples_per_row == 3
     assert three.rows_at_once == 100 // -(-(p50 + 3 * 40) // 16) < one.rows_at_once
     assert "(p50 prompt + max_new_tokens, 3 samples each)" in three.format()
+
+
+def test_plan_of_a_shard_plans_the_rows_that_shard_runs(tmp_path: Path) -> None:
+    # A Slurm array task's plan tokenized the whole input: its counts and failures were every shard's, not its own.
+    lines = [json.dumps({"id": i % 3, "prompt": "x" * (10 + i)}) for i in range(6)] + ['{"prompt": ']
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    plan = plan_job(job(tmp_path, id_column="id", parallel={"shard": "1/2"}), EngineCache(fake_factory()))
+    assert plan.num_rows == 3  # rows 1, 3, 5
+    # rows 3 and 5 repeat ids of shard 0's rows 0 and 2, as the shard's run fails them; row 6 (bad JSON) is shard 0's
+    assert dict(plan.failures) == {"duplicate_id": 2}
+    assert plan.failure_examples == [
+        "row 3 (line 4): duplicate id 0 (first at row 0)",
+        "row 5 (line 6): duplicate id 2 (first at row 2)",
+    ]
+    assert plan.format().splitlines()[0] == "job p, shard 1/2: 3 rows"
