@@ -157,6 +157,38 @@ def test_no_rows_to_run_write_an_empty_output_without_loading_the_model(
     assert run(tmp_path, **fields)[0].status == "already complete"  # a rerun finds it done
 
 
+@pytest.mark.parametrize("source", ["in.parquet", "stream.arrow", "file.arrow", "in.jsonl"])
+def test_an_empty_input_of_any_format_writes_an_empty_output_without_loading_the_model(
+    tmp_path: Path, source: str
+) -> None:
+    # A Parquet file of no rows, an Arrow stream or file of no batches, a JSONL file of blank lines: as an empty
+    # shard, the output (with the kept columns' types) and summary are written and no engine is built. An Arrow
+    # stream has no row count, so its empty input loaded the model before writing nothing.
+    empty = pa.table({"id": pa.array([], pa.int64()), "prompt": pa.array([], pa.string())})
+    path = tmp_path / source
+    if source.endswith(".parquet"):
+        pq.write_table(empty, path)
+    elif source == "stream.arrow":
+        with pa.ipc.new_stream(path, empty.schema):
+            pass
+    elif source == "file.arrow":
+        with pa.ipc.new_file(path, empty.schema):
+            pass
+    else:
+        path.write_text("\n\n")
+    fields = {"input": {"path": source}, "id_column": "id", "output": {"path": "res.arrow"}, "model": "some-model"}
+    summary, engine = run(tmp_path, **fields)
+    assert engine is None
+    assert (summary.rows, summary.rows_ok, summary.rows_error) == (0, 0, 0)
+    limited = {**fields, "input": {"path": source, "limit": 5}, "output": {"path": "limited.arrow"}}
+    assert run(tmp_path, **limited)[1] is None  # input.limit is a bound, not a count of the rows there are
+    table = read_arrow(tmp_path / "out" / "res.arrow")
+    assert table.num_rows == 0 and {"row", "text", "finish_reason", "error_kind"} <= set(table.column_names)
+    if not source.endswith(".jsonl"):
+        assert table.schema.field("id").type == pa.int64()  # the input's own type, as rows would have it
+    assert run(tmp_path, **fields)[0].status == "already complete"
+
+
 @pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
 def test_formats_hold_the_same_rows(tmp_path: Path, fmt: str) -> None:
     write_lines(tmp_path / "in.jsonl", [{"k": i, "prompt": f"question {'x' * i}"} for i in range(5)] + ["not json"])
