@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from kvbatch.errors import OutputError
 
-from .atomic import INCOMPLETE, atomic_file, fsync_dir
+from .atomic import INCOMPLETE, atomic_file, fsync_dir, fsync_file, write_json
 
 FILE_MAGIC = b"ARROW1"
 HF_DATA_FILE = "data-00000-of-00001.arrow"
@@ -77,6 +77,7 @@ def write_hf_folder(folder: Path, schema: pa.Schema, chunks: Iterable[pa.Table])
         write_stream(f, schema, chunks)
         num_bytes = f.tell()
     datasets.DatasetInfo(features=features).write_to_directory(str(tmp))
+    fsync_file(tmp / "dataset_info.json")  # the folder is renamed into place whole: each of its files on disk first
     state = {
         "_data_files": [{"filename": HF_DATA_FILE}],
         "_fingerprint": os.urandom(8).hex(),
@@ -86,7 +87,7 @@ def write_hf_folder(folder: Path, schema: pa.Schema, chunks: Iterable[pa.Table])
         "_output_all_columns": False,
         "_split": None,
     }
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    write_json(tmp / "state.json", state)  # fsynced, with the folder's entries (the last file written)
     _replace_folder(tmp, folder)
     return num_bytes
 

@@ -43,6 +43,15 @@ def write_json(path: Path, data: Any) -> None:
         f.write(b"\n")
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file another library wrote with a plain write durable, as atomic_file makes its own."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(folder: Path) -> None:
     # The rename is durable only once the folder's entry is on disk (POSIX); not possible on some systems.
     with contextlib.suppress(OSError):

@@ -66,6 +66,35 @@ def test_format_hf_writes_a_folder_that_load_from_disk_opens_with_its_features(t
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith("j.hf")) == ["j.hf", "j.hf.summary.json"]
 
 
+def test_format_hf_makes_each_file_durable_before_the_folder_is_renamed_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The data file went through the atomic writer, but state.json and dataset_info.json were plain writes: after a
+    # power cut the folder could be in place with either empty, and load_from_disk would fail on a finished job.
+    import os
+
+    from kvbatch.jobs import arrow_io
+
+    synced: set[str] = set()
+    real_fsync, real_replace = os.fsync, arrow_io._replace_folder
+    in_place: list[set[str]] = []
+
+    def fsync(fd: int) -> None:
+        synced.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).removesuffix(".incomplete"))
+        real_fsync(fd)
+
+    def replace(new: Path, target: Path) -> None:
+        in_place.append({p.name for p in new.iterdir()} - synced)  # the files written but not yet synced
+        real_replace(new, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(arrow_io, "_replace_folder", replace)
+    out = run(tmp_path, format="hf")
+    assert in_place == [set()]
+    assert {"state.json", "dataset_info.json", arrow_io.HF_DATA_FILE, "j.hf"} <= synced  # j.hf: its folder
+    assert datasets.load_from_disk(str(out)).num_rows == 6
+
+
 def test_an_older_output_written_as_an_ipc_file_is_still_read_and_resumed(tmp_path: Path) -> None:
     out = run(tmp_path)
     table = read_arrow(out)
