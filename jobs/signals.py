@@ -67,6 +67,27 @@ def exit_now() -> None:
     os._exit(ExitCode.INTERRUPTED)  # the OS releases the output lock; committed parts are already whole on disk
 
 
+@contextlib.contextmanager
+def exit_on_signal(message: str) -> Iterator[None]:
+    """For a command with nothing to finish before it stops (`kvbatch merge` writes each output whole or not at all):
+    SIGTERM, SIGINT or SIGUSR1 prints `message` (`{signal}`: the signal's name) and exits 3 at once, in place of the
+    start-up handler, whose message says no job ran."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be installed from the main thread (tests, embedding)
+        return
+
+    def on_signal(signum: int, frame: object) -> None:
+        sys.stderr.write(f"kvbatch: {message.format(signal=signal.Signals(signum).name)}\n")
+        exit_now()
+
+    previous = {s: signal.signal(s, on_signal) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def grace_seconds() -> float:
     """The grace period from $KVBATCH_STOP_GRACE_S (0 = wait for rows in flight however long they take)."""
     raw = os.environ.get(GRACE_ENV)

@@ -313,9 +313,11 @@ def merge(
     from kvbatch.jobs.merge import merge_shards
     from kvbatch.jobs.merge_parts import merge_parts
     from kvbatch.jobs.ray_run import parts_dir
+    from kvbatch.jobs.signals import exit_on_signal
     from kvbatch.jobs.spec import output_path
 
-    with _errors():
+    stopped = "merge stopped by {signal}; its sources are untouched and no output is left half-written: rerun the merge"
+    with _errors(), exit_on_signal(stopped):
         if target.suffix in (".yaml", ".yml"):
             if shards:
                 raise SpecError(

@@ -175,3 +175,31 @@ def test_a_second_signal_during_a_model_load_exits_at_once() -> None:
     assert proc.returncode == 3, proc.stderr
     assert "while loading the model: exiting now" in proc.stderr and "the load went on" not in proc.stdout
     assert time.monotonic() - started < 20
+
+
+MERGE_SCRIPT = """
+import os, signal, sys, time
+import kvbatch.jobs.merge
+
+def merging(*args, **kwargs):
+    os.kill(os.getpid(), signal.{name})  # as a shard's rows are being read
+    time.sleep(30)
+
+kvbatch.jobs.merge.merge_shards = merging
+sys.argv = ["kvbatch", "merge", "out/answers.arrow"]
+from kvbatch.__main__ import main
+main()
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_merge_says_the_merge_stopped_and_exits_3(tmp_path: Path, name: str) -> None:
+    # merge ran under the start-up handler, whose message says no job ran; nothing of a merge is half-written.
+    proc = subprocess.run(
+        [sys.executable, "-c", MERGE_SCRIPT.format(name=name)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert proc.returncode == ExitCode.INTERRUPTED == 3, proc.stderr
+    assert proc.stderr == (
+        f"kvbatch: merge stopped by {name}; its sources are untouched and no output is left half-written: "
+        "rerun the merge\n"
+    )
