@@ -69,9 +69,9 @@ def exit_now() -> None:
 
 @contextlib.contextmanager
 def exit_on_signal(message: str) -> Iterator[None]:
-    """For a command with nothing to finish before it stops (`kvbatch merge` writes each output whole or not at all):
-    SIGTERM, SIGINT or SIGUSR1 prints `message` (`{signal}`: the signal's name) and exits 3 at once, in place of the
-    start-up handler, whose message says no job ran."""
+    """For a command with nothing to finish before it stops (`kvbatch plan`, `inspect`, `bench`; `merge` writes each
+    output whole or not at all): SIGTERM, SIGINT or SIGUSR1 prints `message` (`{signal}`: the signal's name) and exits
+    3 at once, in place of the start-up handler, whose message says no job ran."""
     if threading.current_thread() is not threading.main_thread():
         yield  # handlers can only be installed from the main thread (tests, embedding)
         return

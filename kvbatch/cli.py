@@ -97,13 +97,29 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# What a signal during a command that runs no job prints before exit 3 (jobs.signals.exit_on_signal). run and
+# generate are left out: the start-up handler, whose message says no job ran, holds until their jobs start.
+STOPPED_BY_SIGNAL = {
+    "plan": "plan stopped by {signal}; it writes nothing: rerun it",
+    "inspect": "inspect stopped by {signal}; it writes nothing: rerun it",
+    "merge": "merge stopped by {signal}; its sources are untouched and no output is left half-written: rerun the merge",
+    "bench": "bench stopped by {signal}; the records printed before it are whole: rerun it for the rest",
+}
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """kvbatch: offline batch generation over a paged KV cache."""
+    stopped = STOPPED_BY_SIGNAL.get(ctx.invoked_subcommand or "")
+    if stopped is not None:
+        from kvbatch.jobs.signals import exit_on_signal
+
+        ctx.with_resource(exit_on_signal(stopped))  # until the command returns
 
 
 @app.command()
@@ -313,11 +329,9 @@ def merge(
     from kvbatch.jobs.merge import merge_shards
     from kvbatch.jobs.merge_parts import merge_parts
     from kvbatch.jobs.ray_run import parts_dir
-    from kvbatch.jobs.signals import exit_on_signal
     from kvbatch.jobs.spec import output_path
 
-    stopped = "merge stopped by {signal}; its sources are untouched and no output is left half-written: rerun the merge"
-    with _errors(), exit_on_signal(stopped):
+    with _errors():
         if target.suffix in (".yaml", ".yml"):
             if shards:
                 raise SpecError(

@@ -45,10 +45,10 @@ class ConsoleTyper(typer.Typer):
 
 
 def exit_on_early_signals() -> None:
-    """SIGINT, SIGTERM or SIGUSR1 while kvbatch starts (torch and transformers import for a second or more), or
-    during a command that runs no job (bench), ends it with exit code 3, as a signal during a job does, not 130, 143
-    or 138 (nor a KeyboardInterrupt's traceback): a Slurm script requeues on 3. A job's own handlers
-    (signals.graceful_stop) take over once it starts."""
+    """SIGINT, SIGTERM or SIGUSR1 while kvbatch starts (torch and transformers import for a second or more) ends it
+    with exit code 3, as a signal during a job does, not 130, 143 or 138 (nor a KeyboardInterrupt's traceback): a
+    Slurm script requeues on 3. A job's own handlers (signals.graceful_stop) take over once it starts, and a command
+    that runs no job (plan, inspect, merge, bench) says that it stopped (cli.STOPPED_BY_SIGNAL)."""
     from kvbatch.errors import ExitCode
 
     def stop(signum: int, frame: object) -> None:

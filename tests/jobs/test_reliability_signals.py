@@ -177,29 +177,64 @@ def test_a_second_signal_during_a_model_load_exits_at_once() -> None:
     assert time.monotonic() - started < 20
 
 
-MERGE_SCRIPT = """
+COMMAND_SCRIPT = """
 import os, signal, sys, time
-import kvbatch.jobs.merge
+import {module}
 
-def merging(*args, **kwargs):
-    os.kill(os.getpid(), signal.{name})  # as a shard's rows are being read
+def working(*args, **kwargs):
+    os.kill(os.getpid(), signal.{name})  # as the command works
     time.sleep(30)
 
-kvbatch.jobs.merge.merge_shards = merging
-sys.argv = ["kvbatch", "merge", "out/answers.arrow"]
+{module}.{function} = working
+sys.argv = ["kvbatch", *{argv!r}]
 from kvbatch.__main__ import main
 main()
 """
 
 
+def run_command_signalled(tmp_path: Path, name: str, module: str, function: str, argv: list[str]) -> str:
+    """Runs `kvbatch ARGV` in a subprocess whose `module.function` sends it the signal; returns its stderr."""
+    script = COMMAND_SCRIPT.format(name=name, module=module, function=function, argv=argv)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == ExitCode.INTERRUPTED == 3, proc.stderr
+    return proc.stderr
+
+
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_signal_during_merge_says_the_merge_stopped_and_exits_3(tmp_path: Path, name: str) -> None:
     # merge ran under the start-up handler, whose message says no job ran; nothing of a merge is half-written.
-    proc = subprocess.run(
-        [sys.executable, "-c", MERGE_SCRIPT.format(name=name)], capture_output=True, text=True, timeout=60, cwd=tmp_path
-    )
-    assert proc.returncode == ExitCode.INTERRUPTED == 3, proc.stderr
-    assert proc.stderr == (
+    stderr = run_command_signalled(tmp_path, name, "kvbatch.jobs.merge", "merge_shards", ["merge", "out/answers.arrow"])
+    assert stderr == (
         f"kvbatch: merge stopped by {name}; its sources are untouched and no output is left half-written: "
         "rerun the merge\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("module", "function", "argv", "stopped"),
+    [
+        (
+            "kvbatch.cli",
+            "load_jobs_file",
+            ["plan", "jobs.yaml"],
+            "plan stopped by SIGTERM; it writes nothing: rerun it",
+        ),
+        (
+            "kvbatch.jobs.inspect",
+            "inspect_output",
+            ["inspect", "out/answers.arrow"],
+            "inspect stopped by SIGTERM; it writes nothing: rerun it",
+        ),
+        (
+            "kvbatch.bench.models",
+            "random_model",
+            ["bench", "throughput"],
+            "bench stopped by SIGTERM; the records printed before it are whole: rerun it for the rest",
+        ),
+    ],
+)
+def test_a_signal_during_a_command_that_runs_no_job_says_that_command_stopped(
+    tmp_path: Path, module: str, function: str, argv: list[str], stopped: str
+) -> None:
+    # These ran under the start-up handler too: "stopped by SIGTERM before any job ran; rerun to run it".
+    assert run_command_signalled(tmp_path, "SIGTERM", module, function, argv) == f"kvbatch: {stopped}\n"
