@@ -102,8 +102,21 @@ def evaluate(model: str, model_args: str, task_folder: Path) -> dict:
     )
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the models are local folders: nothing is fetched
+
+
+def hf_and_kvbatch(folder: Path, extra_args: str = "") -> tuple[Any, Any]:
+    """lm-eval's `hf` model and kvbatch's on the same folder, with the same model_args (`extra_args`: ",key=value")."""
+    from lm_eval.api.registry import get_model
+
+    args = f"device=cpu,max_length={MAX_LENGTH}{extra_args}"
+    hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}")
+    return hf, get_model("kvbatch").create_from_arg_string(f"model={folder},{args}")
+
+
 def test_kvbatch_gives_the_metrics_of_hf(model_folder: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     write_tasks(tmp_path)
     want = evaluate("hf", f"pretrained={model_folder},device=cpu,max_length={MAX_LENGTH}", tmp_path)
@@ -127,15 +140,13 @@ def test_kvbatch_gives_the_metrics_of_hf(model_folder: Path, tmp_path: Path, mon
                     assert got_answer[1] == want_answer[1]  # is_greedy
 
 
-def test_generate_until_reads_gen_kwargs_as_hf_does_and_leaves_them(model_folder: Path, monkeypatch) -> None:
+def test_generate_until_reads_gen_kwargs_as_hf_does_and_leaves_them(model_folder: Path) -> None:
     # lm-eval's cache keys a request on its arguments: a model that adds the EOS to the request's own `until`
     # makes every cached run miss. max_tokens and max_completion_tokens are aliases of max_gen_toks.
     import copy
 
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rng = random.Random(3)
     kwargs = [
         {"until": ["w43"], "max_tokens": 3},
@@ -146,27 +157,22 @@ def test_generate_until_reads_gen_kwargs_as_hf_does_and_leaves_them(model_folder
         Instance("generate_until", {}, (words(rng, 8), kw), idx=i, metadata=("t", i, 1)) for i, kw in enumerate(kwargs)
     ]
     asked = copy.deepcopy([r.args for r in requests])
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},device=cpu,max_length={MAX_LENGTH}")
+    hf, model = hf_and_kvbatch(model_folder)
     want = hf.generate_until(copy.deepcopy(requests))
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},device=cpu,max_length={MAX_LENGTH}")
     assert model.generate_until(requests) == want
     assert [r.args for r in requests] == asked
     assert len(want[1].split()) == 5  # max_completion_tokens held (not the default of 256 tokens)
 
 
-def test_add_bos_token_prepends_bos_as_hf_does(model_folder: Path, monkeypatch) -> None:
+def test_add_bos_token_prepends_bos_as_hf_does(model_folder: Path) -> None:
     # The word tokenizer adds no BOS of its own; hf loads it with add_bos_token, which makes it prepend one.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rng = random.Random(5)
     pairs = [(words(rng, 6), " " + words(rng, 2)), ("", words(rng, 3))]
     requests = [Instance("loglikelihood", {}, pair, idx=i, metadata=("t", i, 1)) for i, pair in enumerate(pairs)]
     rolling = [Instance("loglikelihood_rolling", {}, (words(rng, 70),), idx=0, metadata=("t", 0, 1))]
-    args = f"device=cpu,max_length={MAX_LENGTH},add_bos_token=True"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    hf, model = hf_and_kvbatch(model_folder, ",add_bos_token=True")
     assert model.tok_encode("w5 w6") == hf.tok_encode("w5 w6") == [0, 5, 6]
     for got, want in zip(model.loglikelihood(requests), hf.loglikelihood(requests), strict=True):
         assert got[0] == pytest.approx(want[0], abs=1e-4) and got[1] == want[1]
@@ -183,15 +189,11 @@ def test_a_max_length_over_the_pool_is_refused_not_cut(model_folder: Path) -> No
         )
 
 
-def test_prefix_token_id_is_the_context_of_an_empty_one_as_in_hf(model_folder: Path, monkeypatch) -> None:
+def test_prefix_token_id_is_the_context_of_an_empty_one_as_in_hf(model_folder: Path) -> None:
     # hf's prefix_token_id model_arg: the token before an empty context and before a rolling text's first window.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    args = f"device=cpu,max_length={MAX_LENGTH},prefix_token_id=7"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    hf, model = hf_and_kvbatch(model_folder, ",prefix_token_id=7")
     assert model.prefix_token_id == hf.prefix_token_id == 7
     requests = [Instance("loglikelihood", {}, ("", "w40 w41"), idx=0, metadata=("t", 0, 1))]
     rolling = [Instance("loglikelihood_rolling", {}, (words(random.Random(6), 60),), idx=0, metadata=("t", 0, 1))]
@@ -203,7 +205,6 @@ def test_prefix_token_id_is_the_context_of_an_empty_one_as_in_hf(model_folder: P
 def test_a_template_that_refuses_a_system_role_drops_it_as_hf_does(model_folder: Path, tmp_path: Path) -> None:
     # --system_instruction on a model whose template raises on a system role (Gemma, older Mistral): hf renders
     # the chat again without the system messages instead of failing the evaluation.
-    from lm_eval.api.registry import get_model
 
     folder = with_chat_template(
         model_folder,
@@ -212,12 +213,11 @@ def test_a_template_that_refuses_a_system_role_drops_it_as_hf_does(model_folder:
         "{% endif %}{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}w9{% endif %}",
     )
     chat = [{"role": "system", "content": "w5"}, {"role": "user", "content": "w6 w7"}]
-    hf = get_model("hf").create_from_arg_string(f"pretrained={folder},device=cpu,max_length={MAX_LENGTH}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={folder},device=cpu,max_length={MAX_LENGTH}")
+    hf, model = hf_and_kvbatch(folder)
     assert model.apply_chat_template(chat) == hf.apply_chat_template(chat) == "w6 w7</s>w9"
 
 
-def test_thinking_args_are_read_as_hf_reads_them(model_folder: Path, tmp_path: Path, monkeypatch) -> None:
+def test_thinking_args_are_read_as_hf_reads_them(model_folder: Path, tmp_path: Path) -> None:
     # enable_thinking and chat_template_args reach the chat template; a generation keeps what follows the last
     # think_end_token (a string, or a token id); loglikelihood tasks are refused with enable_thinking. These args
     # were refused as unknown.
@@ -225,7 +225,6 @@ def test_thinking_args_are_read_as_hf_reads_them(model_folder: Path, tmp_path: P
     from lm_eval.api.registry import get_model
     from transformers import AutoTokenizer
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = with_chat_template(
         model_folder,
         tmp_path / "thinking",
@@ -243,9 +242,7 @@ def test_thinking_args_are_read_as_hf_reads_them(model_folder: Path, tmp_path: P
     think = plain[0].split()[3]  # a word every model here generates: the end of "thinking" in the first answer
     think_id = tokenizer.convert_tokens_to_ids(think)
     for end in (think, str(think_id)):
-        thinking = f"{args},enable_thinking=True,think_end_token={end}"
-        hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{thinking}")
-        model = get_model("kvbatch").create_from_arg_string(f"model={folder},{thinking}")
+        hf, model = hf_and_kvbatch(folder, f",enable_thinking=True,think_end_token={end}")
         chat = [{"role": "user", "content": "w5"}]
         assert model.apply_chat_template(chat) == hf.apply_chat_template(chat) == "w5 w7 "
         got, want = model.generate_until(requests), hf.generate_until(requests)
@@ -260,14 +257,13 @@ def test_thinking_args_are_read_as_hf_reads_them(model_folder: Path, tmp_path: P
         get_model("kvbatch").create_from_arg_string(f"model={folder},{args},enable_thinking=True")
 
 
-def test_sampled_generations_follow_lm_evals_torch_seed_as_hf_does(model_folder: Path, monkeypatch) -> None:
+def test_sampled_generations_follow_lm_evals_torch_seed_as_hf_does(model_folder: Path) -> None:
     # hf samples from torch's generator, which simple_evaluate seeds (--seed, 1234 by default) before it builds
     # the model: a sampled run gives the same answers every time. kvbatch drew a fresh seed base on each run.
     import torch
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rng = random.Random(4)
     sampled = {"until": ["w43"], "max_gen_toks": 6, "temperature": 0.8}
     requests = [Instance("generate_until", {}, (words(rng, 5), sampled), idx=i) for i in range(3)]
@@ -283,17 +279,13 @@ def test_sampled_generations_follow_lm_evals_torch_seed_as_hf_does(model_folder:
     assert answers(1234, ",seed=7") == answers(1235, ",seed=7")  # the engine's own seed, where given, wins
 
 
-def test_generation_kwargs_the_engine_cannot_follow_are_refused(model_folder: Path, monkeypatch) -> None:
+def test_generation_kwargs_the_engine_cannot_follow_are_refused(model_folder: Path) -> None:
     # hf hands the other kwargs to generate(): num_beams=2 searches beams, a typo fails. kvbatch logged a warning
     # per request and generated greedily, answers other than hf's. num_beams=1 (set by tasks) changes nothing.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     context = words(random.Random(4), 8)
-    args = f"device=cpu,max_length={MAX_LENGTH}"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    hf, model = hf_and_kvbatch(model_folder)
     beam1 = [Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 6, "num_beams": 1}), idx=0)]
     assert model.generate_until(beam1) == hf.generate_until(beam1)
     for extra in ({"num_beams": 2}, {"no_repeat_ngram_size": 2}, {"max_length": 40}, {"bogus": 1}):
@@ -307,13 +299,9 @@ def test_a_seed_gen_kwarg_is_refused_before_generating_as_in_hf(model_folder: Pa
     # hf hands `seed` to generate(), which is no generation setting of transformers: it raises a ValueError before
     # generating, sampled or not. kvbatch read it as the engine's per-request seed, so a task that hf fails ran.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     context = words(random.Random(4), 8)
-    args = f"device=cpu,max_length={MAX_LENGTH}"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    hf, model = hf_and_kvbatch(model_folder)
     monkeypatch.setattr(model.engine, "generate", lambda requests: pytest.fail("the engine was asked to generate"))
     for kwargs in ({"seed": 3}, {"seed": 3, "do_sample": True, "temperature": 1.0}):
         request = Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 4} | kwargs), idx=0)
@@ -323,14 +311,12 @@ def test_a_seed_gen_kwarg_is_refused_before_generating_as_in_hf(model_folder: Pa
             model.generate_until([request])
 
 
-def test_an_empty_stop_string_ends_the_generation_after_one_token_as_in_hf(model_folder: Path, monkeypatch) -> None:
+def test_an_empty_stop_string_ends_the_generation_after_one_token_as_in_hf(model_folder: Path) -> None:
     # hf's stop criteria ask whether each stop is in the decoded text, and "" is in every text: hf stops after the
     # first token, whose text its post-processing keeps (it skips empty stops). kvbatch dropped the empty stop and
     # generated up to max_gen_toks. The long context checks that truncation still leaves room for max_gen_toks.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rng = random.Random(8)
     kwargs = [
         {"until": [""], "max_gen_toks": 6},
@@ -342,26 +328,20 @@ def test_an_empty_stop_string_ends_the_generation_after_one_token_as_in_hf(model
         Instance("generate_until", {}, (words(rng, n), kw), idx=i)
         for i, (n, kw) in enumerate(zip((5, 60, 9, 5), kwargs, strict=True))
     ]
-    args = f"device=cpu,max_length={MAX_LENGTH}"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    hf, model = hf_and_kvbatch(model_folder)
     got, want = model.generate_until(requests), hf.generate_until(requests)
     assert got == want
     assert [len(answer.split()) for answer in got[:3]] == [1, 1, 1] and len(got[3].split()) > 1
 
 
-def test_do_sample_without_a_temperature_is_refused_as_in_hf(model_folder: Path, monkeypatch) -> None:
+def test_do_sample_without_a_temperature_is_refused_as_in_hf(model_folder: Path) -> None:
     # hf hands do_sample=True and a temperature of 0 (its default where none is given) to generate(), which raises
     # a ValueError: the temperature has to be strictly positive. kvbatch generated greedily, which is not what the
     # task asked for. do_sample=False with a temperature is greedy in both.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     context = words(random.Random(2), 6)
-    args = f"device=cpu,max_length={MAX_LENGTH}"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    hf, model = hf_and_kvbatch(model_folder)
     for kwargs in ({"do_sample": True}, {"do_sample": True, "temperature": 0}, {"do_sample": True, "temperature": 0.0}):
         request = Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 4} | kwargs), idx=0)
         with pytest.raises(ValueError, match="strictly positive"):
@@ -373,40 +353,32 @@ def test_do_sample_without_a_temperature_is_refused_as_in_hf(model_folder: Path,
     assert model.generate_until(greedy) == hf.generate_until(greedy)
 
 
-def test_generation_contexts_get_a_bos_as_in_hf(model_folder: Path, monkeypatch) -> None:
+def test_generation_contexts_get_a_bos_as_in_hf(model_folder: Path) -> None:
     # hf encodes generation contexts with tok_batch_encode, which leaves out special tokens only where a context
     # starts with the tokenizer's BOS text, not with the prefix token's as tok_encode does. kvbatch used
     # tok_encode: with prefix_token_id=7 and add_bos_token, a context starting "w7" lost its BOS and its answer.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = words(random.Random(1), 6)
     requests = [
         Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 5}), idx=i)
         for i, context in enumerate((f"w7 {text}", f"<s> {text}", text))
     ]
-    args = f"device=cpu,max_length={MAX_LENGTH},prefix_token_id=7,add_bos_token=True"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    hf, model = hf_and_kvbatch(model_folder, ",prefix_token_id=7,add_bos_token=True")
     assert model.generate_until(requests) == hf.generate_until(requests)
 
 
-def test_without_do_sample_the_temperature_is_ignored_as_in_hf(model_folder: Path, monkeypatch) -> None:
+def test_without_do_sample_the_temperature_is_ignored_as_in_hf(model_folder: Path) -> None:
     # lm-eval reads a temperature <= 0 without do_sample as do_sample=False, and hf's generate() then decodes
     # greedily whatever the temperature. kvbatch handed a negative temperature to SamplingParams, which refused it.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     context = words(random.Random(2), 6)
     requests = [
         Instance("generate_until", {}, (context, {"until": ["w43"], "max_gen_toks": 4} | kwargs), idx=i)
         for i, kwargs in enumerate(({"temperature": -1.0}, {"temperature": -1.0, "do_sample": False}))
     ]
-    args = f"device=cpu,max_length={MAX_LENGTH}"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    hf, model = hf_and_kvbatch(model_folder)
     assert model.generate_until(requests) == hf.generate_until(requests)
 
 
@@ -414,13 +386,9 @@ def test_an_until_that_is_not_text_is_refused_before_generating(model_folder: Pa
     # hf fails on `until: null` (lm-eval reads it as [None]) as it builds its stop criteria, before generating.
     # kvbatch dropped the None from the engine's stops, generated, and failed in post-processing with a TypeError.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     context = words(random.Random(2), 6)
-    args = f"device=cpu,max_length={MAX_LENGTH}"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    hf, model = hf_and_kvbatch(model_folder)
     monkeypatch.setattr(model.engine, "generate", lambda requests: pytest.fail("the engine was asked to generate"))
     for until in (None, [None], ["w43", 5]):
         request = Instance("generate_until", {}, (context, {"until": until, "max_gen_toks": 4}), idx=0)
@@ -430,7 +398,7 @@ def test_an_until_that_is_not_text_is_refused_before_generating(model_folder: Pa
             model.generate_until([request])
 
 
-def test_the_models_generation_config_sets_defaults_as_in_hf(model_folder: Path, tmp_path: Path, monkeypatch) -> None:
+def test_the_models_generation_config_sets_defaults_as_in_hf(model_folder: Path, tmp_path: Path) -> None:
     # hf's generate() starts from the folder's generation_config.json, then transformers' defaults (top_k 50), and
     # lm-eval's gen kwargs go over them: a repetition_penalty there holds in greedy tasks too (Qwen's instruct
     # models set one), top_k and top_p where a task samples. kvbatch read none of them.
@@ -439,7 +407,6 @@ def test_the_models_generation_config_sets_defaults_as_in_hf(model_folder: Path,
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "generation-config"
     shutil.copytree(model_folder, folder)
     config = json.loads((folder / "generation_config.json").read_text())
@@ -450,14 +417,12 @@ def test_the_models_generation_config_sets_defaults_as_in_hf(model_folder: Path,
         Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 10} | kwargs), idx=i)
         for i, kwargs in enumerate(({}, {"do_sample": True, "temperature": 1.0}, {"repetition_penalty": 1.0}))
     ]
-    args = f"device=cpu,max_length={MAX_LENGTH}"
-    hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}")
-    model = get_model("kvbatch").create_from_arg_string(f"model={folder},{args}")
+    hf, model = hf_and_kvbatch(folder)
     got = model.generate_until(requests)
     assert got == hf.generate_until(requests)
     assert got[0] != got[2]  # the request's own repetition_penalty wins
 
-    plain = get_model("kvbatch").create_from_arg_string(f"model={model_folder},{args}")
+    plain = get_model("kvbatch").create_from_arg_string(f"model={model_folder},device=cpu,max_length={MAX_LENGTH}")
     sampled = Instance("generate_until", {}, (context, {"do_sample": True, "temperature": 0.8}), idx=0)
     assert plain._sampling(sampled.args[1], "</s>")[0].top_k == 50  # transformers' default where the folder has none
 
@@ -472,16 +437,13 @@ def with_generation_config(model_folder: Path, folder: Path, **settings: Any) ->
     return folder
 
 
-def test_generation_config_bans_of_eos_and_tokens_hold_as_in_hf(
-    model_folder: Path, tmp_path: Path, monkeypatch
-) -> None:
+def test_generation_config_bans_of_eos_and_tokens_hold_as_in_hf(model_folder: Path, tmp_path: Path) -> None:
     # hf's generate() follows min_new_tokens and min_length (EOS masked until then) and suppress_tokens (masked at
     # every step) from generation_config.json. kvbatch followed none of them: its answers stopped at EOS, or held a
     # suppressed token, where hf's did not.
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     context = "w503 w124 w128 w181 w361 w113"  # greedy here: w293 w88 </s>
     requests = [
         Instance("generate_until", {}, (context, {"until": until, "max_gen_toks": 8}), idx=i)
@@ -498,8 +460,7 @@ def test_generation_config_bans_of_eos_and_tokens_hold_as_in_hf(
         "both": {"min_new_tokens": 3, "suppress_tokens": [88]},
     }.items():
         folder = with_generation_config(model_folder, tmp_path / name, **settings)
-        hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}")
-        model = get_model("kvbatch").create_from_arg_string(f"model={folder},{args}")
+        hf, model = hf_and_kvbatch(folder)
         got = model.generate_until(requests)
         assert got == hf.generate_until(requests), name
         assert got[0] != plain[0], name
@@ -519,7 +480,7 @@ def test_generation_config_bans_of_eos_and_tokens_hold_as_in_hf(
 
 
 def test_generation_config_fields_kvbatch_cannot_follow_are_named_once(
-    model_folder: Path, tmp_path: Path, monkeypatch, caplog
+    model_folder: Path, tmp_path: Path, caplog
 ) -> None:
     # hf's generate() follows no_repeat_ngram_size, typical_p, forced_eos_token_id... from generation_config.json;
     # kvbatch has no such control and gave other answers than hf without a word.
@@ -527,7 +488,6 @@ def test_generation_config_fields_kvbatch_cannot_follow_are_named_once(
 
     from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = f"device=cpu,max_length={MAX_LENGTH}"
     folder = with_generation_config(
         model_folder,
@@ -550,26 +510,20 @@ def test_generation_config_fields_kvbatch_cannot_follow_are_named_once(
     assert not [r for r in caplog.records if r.name == "kvbatch.lm_eval"]
 
 
-def test_a_generation_config_max_new_tokens_sets_the_length_as_in_hf(
-    model_folder: Path, tmp_path: Path, monkeypatch
-) -> None:
+def test_a_generation_config_max_new_tokens_sets_the_length_as_in_hf(model_folder: Path, tmp_path: Path) -> None:
     # lm-eval's hf model passes max_length (context + max_gen_toks) to generate(), where a max_new_tokens from
     # generation_config.json takes precedence: hf's answers have that many tokens, more or fewer than max_gen_toks.
     # kvbatch generated max_gen_toks tokens. The context is still cut to leave max_gen_toks, as in hf.
     from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rng = random.Random(11)
     requests = [
         Instance("generate_until", {}, (words(rng, n), {"until": until, "max_gen_toks": 8}), idx=i)
         for i, (n, until) in enumerate(((5, []), (60, []), (5, [""])))
     ]
-    args = f"device=cpu,max_length={MAX_LENGTH}"
     for max_new_tokens in (3, 12):
         folder = with_generation_config(model_folder, tmp_path / str(max_new_tokens), max_new_tokens=max_new_tokens)
-        hf = get_model("hf").create_from_arg_string(f"pretrained={folder},{args}")
-        model = get_model("kvbatch").create_from_arg_string(f"model={folder},{args}")
+        hf, model = hf_and_kvbatch(folder)
         got = model.generate_until(requests)
         assert got == hf.generate_until(requests), max_new_tokens
         assert len(got[0].split()) == max_new_tokens and len(got[2].split()) == 1
