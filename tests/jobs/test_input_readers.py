@@ -177,6 +177,18 @@ def test_jsonl_limit(tmp_path: Path) -> None:
     assert reader.num_rows == 2 and [r.data["prompt"] for r in reader] == ["p0", "p1"]
 
 
+def test_a_limit_over_an_arrow_streams_rows_is_no_row_count(tmp_path: Path) -> None:
+    # A stream has no row count: the limit stood in for it, and the progress bar showed 3/5 rows at the end.
+    table = pa.table({"prompt": ["a", "b", "c"]})
+    with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    reader = open_reader(job_for(tmp_path, "in.arrow", limit=5), ["prompt"])
+    assert reader.num_rows is None and [r.data["prompt"] for r in reader] == ["a", "b", "c"]
+    reader = open_reader(job_for(tmp_path, "in.arrow", limit=2), ["prompt"])
+    assert reader.num_rows is None and [r.data["prompt"] for r in reader] == ["a", "b"]
+    assert open_reader(job_for(tmp_path, "in.arrow", limit=0), ["prompt"]).num_rows == 0  # no rows: no model loaded
+
+
 def test_datasets_save_to_disk_folder(tmp_path: Path) -> None:
     datasets.Dataset.from_dict({"q": ["a", "b", "c"], "n": [1, 2, 3]}).save_to_disk(str(tmp_path / "ds"))
     reader = open_reader(job_for(tmp_path, "ds", batch_rows=2), ["q"])
