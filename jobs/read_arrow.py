@@ -26,7 +26,11 @@ def open_arrow(path: Path, columns: list[str], batch_rows: int) -> Reader:
             schema = file.schema
         else:
             stream = pa.ipc.open_stream(source)
-            whole, num_rows, schema = iter(stream), None, stream.schema
+            whole, schema = iter(stream), stream.schema
+            # A stream lists no batches: a second reader over the same map walks their headers (the bodies stay
+            # mapped, unread), as `datasets` does to count its own files, so the progress has a total and an empty
+            # stream is known to be empty before a model loads.
+            num_rows = sum(batch.num_rows for batch in pa.ipc.open_stream(pa.memory_map(str(path))))
     except FileNotFoundError:
         raise InputError(f"input not found: {path}") from None
     except (OSError, pa.ArrowException) as exc:

@@ -52,13 +52,10 @@ def open_reader(job: JobSpec, needed_columns: list[str]) -> Reader:
         raise SpecError(f"unknown input format {fmt!r}", field="input.format")
     if reader.columns is not None:
         check_columns(reader.columns, needed_columns, path)
-    reader.count_if_empty()  # an Arrow stream has no count: an empty one must still read as empty (no model load)
     if job.input.limit is not None:
         reader.rows = itertools.islice(reader.rows, job.input.limit)
         if reader.num_rows is not None:
             reader.num_rows = min(reader.num_rows, job.input.limit)
-        elif job.input.limit == 0:
-            reader.num_rows = 0  # a stream's count stays unknown otherwise: it may hold fewer rows than the limit
     return reader
 
 

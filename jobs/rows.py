@@ -7,7 +7,6 @@ always has one row per input row, and the summary can count errors by kind.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -157,14 +156,3 @@ class Reader:
 
     def __iter__(self) -> Iterator[Row]:
         return self.rows
-
-    def count_if_empty(self) -> None:
-        """Without a row count (an Arrow stream), read the first row to tell an empty input (`num_rows` 0 then);
-        a row read is kept for the run."""
-        if self.num_rows is not None:
-            return
-        first = next(self.rows, None)
-        if first is None:
-            self.num_rows = 0
-        else:
-            self.rows = itertools.chain([first], self.rows)

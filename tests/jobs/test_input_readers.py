@@ -177,15 +177,19 @@ def test_jsonl_limit(tmp_path: Path) -> None:
     assert reader.num_rows == 2 and [r.data["prompt"] for r in reader] == ["p0", "p1"]
 
 
-def test_a_limit_over_an_arrow_streams_rows_is_no_row_count(tmp_path: Path) -> None:
-    # A stream has no row count: the limit stood in for it, and the progress bar showed 3/5 rows at the end.
+def test_an_arrow_stream_is_counted_and_the_limit_bounds_the_count(tmp_path: Path) -> None:
+    # A stream lists no batches: the limit had stood in for its count (a bar of 3/5 rows at the end), and a stream
+    # of no batches loaded the model to write nothing. Its batches are counted as it opens, across several.
     table = pa.table({"prompt": ["a", "b", "c"]})
     with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+        writer.write_table(table.slice(0, 2))
+        writer.write_table(table.slice(2))
+    reader = open_reader(job_for(tmp_path, "in.arrow"), ["prompt"])
+    assert reader.num_rows == 3 and [r.data["prompt"] for r in reader] == ["a", "b", "c"]
     reader = open_reader(job_for(tmp_path, "in.arrow", limit=5), ["prompt"])
-    assert reader.num_rows is None and [r.data["prompt"] for r in reader] == ["a", "b", "c"]
+    assert reader.num_rows == 3 and [r.data["prompt"] for r in reader] == ["a", "b", "c"]
     reader = open_reader(job_for(tmp_path, "in.arrow", limit=2), ["prompt"])
-    assert reader.num_rows is None and [r.data["prompt"] for r in reader] == ["a", "b"]
+    assert reader.num_rows == 2 and [r.data["prompt"] for r in reader] == ["a", "b"]
     assert open_reader(job_for(tmp_path, "in.arrow", limit=0), ["prompt"]).num_rows == 0  # no rows: no model loaded
 
 
@@ -360,7 +364,7 @@ def test_arrow_streams_and_ipc_files_are_read_in_batches_of_the_needed_columns(
     real = read_arrow.rows_of_batches
     spy = lambda batches, *a: real(((sizes.append(b.shape), b)[1] for b in batches), *a)  # noqa: E731
     monkeypatch.setattr(read_arrow, "rows_of_batches", spy)
-    for name, num_rows in (("out.arrow", None), ("out.feather", 10)):
+    for name, num_rows in (("out.arrow", 10), ("out.feather", 10)):
         sizes.clear()
         reader = open_reader(job_for(tmp_path, name, batch_rows=3), ["id", "text"])
         assert (reader.num_rows, reader.columns) == (num_rows, ["id", "text", "unused"])
