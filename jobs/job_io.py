@@ -15,6 +15,7 @@ from typing import Any
 from kvbatch.errors import InputError, SpecError
 from kvbatch.jobs.first_rows import check_first_rows
 from kvbatch.jobs.manifest import INPUT_KEY, KVBATCH_VERSION, Manifest, input_identity
+from kvbatch.jobs.model_identity import model_identity
 from kvbatch.jobs.parsed import ParsedColumn
 from kvbatch.jobs.pipeline import input_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
@@ -211,9 +212,13 @@ def looks_complete(out: Path) -> bool:
 
 
 def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:
-    """The manifest an output of `job` carries: what a resume must match, the input file's identity included
-    (so an edited input is refused too)."""
-    fingerprint = {**result_fingerprint(job), **input_identity(input_path(job), job.input.split)}
+    """The manifest an output of `job` carries: what a resume must match, the input file's and the model files'
+    identities included (so an edited input or a model replaced under its path is refused too)."""
+    fingerprint = {
+        **result_fingerprint(job),
+        **input_identity(input_path(job), job.input.split),
+        **model_identity(job.model),
+    }
     return Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)
 
 

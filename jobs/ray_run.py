@@ -43,6 +43,7 @@ from .atomic import write_json
 from .job_io import checked_first_rows, layout_for, with_input_schema
 from .lock import OutputLock
 from .manifest import KVBATCH_VERSION, Manifest
+from .model_identity import model_identity
 from .pipeline import input_columns
 from .ray_data import GenerateBatch
 from .ray_input import RayInput, RowsSource, input_found, open_ray_input
@@ -107,7 +108,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
             checked_first_rows(job, first.jsonl_rows())  # checks on the call; the cluster reads the rows again
         else:
             layout = with_input_schema(layout, source.schema)
-        fingerprint = {**result_fingerprint(job), **source.identity}
+        fingerprint = {**result_fingerprint(job), **source.identity, **model_identity(job.model)}
         manifest = Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt, num_rows=source.num_rows)
         if _adopt(job, out, manifest):
             return already_complete(out, _summary(job, parts, manifest.spec_hash))

