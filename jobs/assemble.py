@@ -21,7 +21,7 @@ from kvbatch.errors import JobError
 from . import json_text
 from .arrow_io import write_hf_folder, write_stream
 from .atomic import atomic_file
-from .nano_time import python_rows
+from .nano_time import python_rows, python_values
 from .openai_format import output_line
 from .records import nested_types
 
@@ -48,7 +48,7 @@ def unify(tables: list[pa.Table]) -> pa.Table:
     fixed = []
     for t in tables:
         for name in conflicting:
-            values = [None if v is None else json_text.value_text(v) for v in t.column(name).to_pylist()]
+            values = [None if v is None else _text(v) for v in python_values(t.column(name))]
             t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, pa.string()))
         fixed.append(t)
     return pa.concat_tables(fixed, promote_options="permissive")
@@ -126,7 +126,9 @@ def _parquet_safe(table: pa.Table) -> pa.Table:
     """Parquet has no struct without fields: a kept column holding {} is written there as JSON text ("{}")."""
     for i, field in enumerate(table.schema):
         if _has_empty_struct(field.type):
-            values = [None if v is None else json_text.dumps(v) for v in table.column(i).to_pylist()]
+            values = [
+                None if v is None else json_text.dumps(v, default=_jsonable) for v in python_values(table.column(i))
+            ]
             table = table.set_column(i, field.name, pa.array(values, pa.string()))
     return table
 
@@ -151,6 +153,14 @@ def _write_jsonl(f: BinaryIO, table: pa.Table, order: np.ndarray, fmt: str, mode
             )
             f.write(json_text.dumps(line, ensure_ascii=False, default=_jsonable).encode())
             f.write(b"\n")
+
+
+def _text(value: Any) -> str:
+    """A value of a column kept as JSON text: a time, date or decimal as the JSONL output writes it (a time64[ns]
+    one to the nanosecond), not refused by json for having no JSON type."""
+    if not isinstance(value, (str, int, float, bool, dict, list, tuple)):
+        value = _jsonable(value)
+    return json_text.value_text(value, default=_jsonable)
 
 
 def _jsonable(value: Any) -> Any:

@@ -77,10 +77,17 @@ def python_rows(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
     rows = batch.to_pylist()
     for name, kind in zip(batch.schema.names, batch.schema.types):
         if holds_time_ns(kind):
-            values = batch.column(name).cast(_as_ints(kind)).to_pylist()
-            for row, value in zip(rows, values):
-                row[name] = _times(value, kind)
+            for row, value in zip(rows, python_values(batch.column(name))):
+                row[name] = value
     return rows
+
+
+def python_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """column.to_pylist(), with each time64[ns] value, in it or nested in its structs, lists and maps, a NanoTime."""
+    kind = column.type
+    if not holds_time_ns(kind):
+        return column.to_pylist()
+    return [_times(value, kind) for value in column.cast(_as_ints(kind)).to_pylist()]
 
 
 def time_ns_array(values: list[Any], kind: pa.DataType) -> pa.Array:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from kvbatch.errors import JobError
@@ -65,3 +66,27 @@ def test_only_truly_conflicting_columns_become_json_text() -> None:
     joined = unify(parts)
     assert joined.schema.field("a").type == pa.float64() and joined.column("a").to_pylist() == [1.0, 2.5]
     assert joined.schema.field("b").type == pa.string() and joined.column("b").to_pylist() == ["1", "x"]
+
+
+def test_a_conflicting_column_keeps_nanosecond_times_as_json_text() -> None:
+    """A column of times in one part and text in another: JSON text, each time as the JSONL output writes it, to
+    the nanosecond (it was read as a datetime.time, which JSON has no type for and which holds microseconds)."""
+    at = pa.array([123_456_789_012], pa.int64()).cast(pa.time64("ns"))
+    slot = pa.StructArray.from_arrays([at], ["at"])
+    parts = [
+        pa.table({"row": [0], "t": at, "s": slot}),
+        pa.table({"row": [1], "t": ["x"], "s": ["y"]}),
+    ]
+    joined = unify(parts)
+    assert joined.column("t").to_pylist() == ["00:02:03.456789012", "x"]
+    assert joined.column("s").to_pylist() == ['{"at": "00:02:03.456789012"}', "y"]
+
+
+def test_a_struct_parquet_cannot_hold_keeps_nanosecond_times(tmp_path: Path) -> None:
+    at = pa.array([123_456_789_012], pa.int64()).cast(pa.time64("ns"))
+    kept = pa.StructArray.from_arrays([at, pa.array([{}], pa.struct([]))], ["at", "empty"])
+    parts = pa.table({"row": [0], "kept": kept})
+    write_output(parts, input_order(parts, 1), tmp_path / "out.parquet", "parquet", {})
+    assert pq.read_table(tmp_path / "out.parquet").column("kept").to_pylist() == [
+        '{"at": "00:02:03.456789012", "empty": {}}'
+    ]
