@@ -15,7 +15,7 @@ from typing import Any
 from kvbatch.errors import InputError, SpecError
 from kvbatch.jobs.first_rows import check_first_rows
 from kvbatch.jobs.manifest import INPUT_KEY, KVBATCH_VERSION, Manifest, input_identity
-from kvbatch.jobs.model_identity import model_identity
+from kvbatch.jobs.model_identity import adapters_identity, model_identity
 from kvbatch.jobs.parsed import ParsedColumn
 from kvbatch.jobs.pipeline import input_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
@@ -29,6 +29,7 @@ from kvbatch.jobs.spec import (
     describe_changes,
     input_format,
     input_path,
+    job_adapters,
     output_format,
     output_path,
     result_fingerprint,
@@ -218,6 +219,7 @@ def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:
         **result_fingerprint(job),
         **input_identity(input_path(job), job.input.split),
         **model_identity(job.model),
+        **adapters_identity(job_adapters(job)),
     }
     return Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)
 

@@ -33,11 +33,11 @@ from .assemble import count_by, unify, write_output
 from .atomic import atomic_file
 from .lock import OutputLock
 from .manifest import INPUT_KEY, Manifest
-from .model_identity import MODEL_KEY
+from .model_identity import ADAPTERS_KEY, MODEL_KEY
 from .shard import Shard, split_shard_name
 from .spec import describe_changes
 from .summary import RunCounts, Summary, build_summary, summary_path
-from .writer import work_dir
+from .writer import model_change, work_dir
 
 log = logging.getLogger(__name__)
 WHOLE = Shard(0, 1)
@@ -176,9 +176,10 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
     for s in sources[1:]:
         if s.manifest.spec_hash != first.manifest.spec_hash:
             # What changed, as a refused resume says it (the input is compared on its own below).
+            files = (INPUT_KEY, MODEL_KEY, ADAPTERS_KEY)
             changes = describe_changes(
-                {k: v for k, v in first.manifest.fingerprint.items() if k not in (INPUT_KEY, MODEL_KEY)},
-                {k: v for k, v in s.manifest.fingerprint.items() if k not in (INPUT_KEY, MODEL_KEY)},
+                {k: v for k, v in first.manifest.fingerprint.items() if k not in files},
+                {k: v for k, v in s.manifest.fingerprint.items() if k not in files},
             )
             problems.append(
                 f"{s.path.name}: written by another job spec than {first.path.name} (spec hash "
@@ -190,12 +191,11 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
             problems.append(
                 f"{s.path.name}: read another input than {first.path.name} (the input changed between their runs)"
             )
-        old_model, new_model = first.manifest.fingerprint.get(MODEL_KEY), s.manifest.fingerprint.get(MODEL_KEY)
-        if old_model is not None and new_model is not None and old_model != new_model:  # None: not recorded
-            changes = describe_changes({MODEL_KEY: old_model}, {MODEL_KEY: new_model})
+        model_changes = model_change(first.manifest, s.manifest)
+        if model_changes:
             problems.append(
                 f"{s.path.name}: written by another model than {first.path.name} (the model at "
-                f"{s.manifest.fingerprint.get('model')} changed between their runs; {', '.join(changes)})"
+                f"{s.manifest.fingerprint.get('model')} changed between their runs; {', '.join(model_changes)})"
             )
         if s.manifest.num_rows != first.manifest.num_rows:
             problems.append(

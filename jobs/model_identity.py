@@ -25,6 +25,7 @@ from typing import Any
 from kvbatch.errors import DefaultModelError
 
 MODEL_KEY = "model_files"  # the manifest fingerprint's entry: {file name: its fingerprint}
+ADAPTERS_KEY = "adapter_files"  # {adapter name: {file name: its fingerprint}}, for the LoRA adapters of a job
 WHOLE_BYTES = 64 << 20
 _SAMPLE_BYTES = 1 << 20
 
@@ -37,6 +38,14 @@ def model_identity(model: str) -> dict[str, Any]:
     return {MODEL_KEY: {name: file_fingerprint(path) for name, path in sorted(files.items())}}
 
 
+def adapters_identity(adapters: dict[str, str]) -> dict[str, Any]:
+    """{ADAPTERS_KEY: {name: {file name: fingerprint}}} of the LoRA adapters (name -> folder or hub name) that are
+    local; {} when none is. An adapter saved over in place changes the results as a model saved over does."""
+    files = {name: _local_files(path) for name, path in sorted(adapters.items())}
+    identity = {name: {n: file_fingerprint(p) for n, p in sorted(f.items())} for name, f in files.items() if f}
+    return {ADAPTERS_KEY: identity} if identity else {}
+
+
 def _model_files(model: str) -> dict[str, Path]:
     if model == "default":
         from kvbatch.runner.default_model import gguf_path
@@ -46,6 +55,10 @@ def _model_files(model: str) -> dict[str, Path]:
         except DefaultModelError:  # not installed: the load says so
             return {}
         return {path.name: path}
+    return _local_files(model)
+
+
+def _local_files(model: str) -> dict[str, Path]:
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return {path.name: path}

@@ -43,13 +43,13 @@ from .atomic import write_json
 from .job_io import checked_first_rows, layout_for, with_input_schema
 from .lock import OutputLock
 from .manifest import KVBATCH_VERSION, Manifest
-from .model_identity import model_identity
+from .model_identity import adapters_identity, model_identity
 from .pipeline import input_columns
 from .ray_data import GenerateBatch
 from .ray_input import RayInput, RowsSource, input_found, open_ray_input
 from .run import job_metadata, model_name
 from .signals import StopFlag
-from .spec import JobSpec, output_format, output_path, result_fingerprint, spec_hash
+from .spec import JobSpec, job_adapters, output_format, output_path, result_fingerprint, spec_hash
 from .summary import RunCounts, Summary, already_complete, build_summary, summary_path
 from .writer import WriteReport, resume_refusal, work_dir
 
@@ -108,7 +108,12 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
             checked_first_rows(job, first.jsonl_rows())  # checks on the call; the cluster reads the rows again
         else:
             layout = with_input_schema(layout, source.schema)
-        fingerprint = {**result_fingerprint(job), **source.identity, **model_identity(job.model)}
+        fingerprint = {
+            **result_fingerprint(job),
+            **source.identity,
+            **model_identity(job.model),
+            **adapters_identity(job_adapters(job)),
+        }
         manifest = Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt, num_rows=source.num_rows)
         if _adopt(job, out, manifest):
             return already_complete(out, _summary(job, parts, manifest.spec_hash))

@@ -32,7 +32,7 @@ from .assemble import count_by, input_order, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
 from .lock import OutputLock
 from .manifest import INPUT_KEY, Manifest, PartEntry, to_ranges
-from .model_identity import MODEL_KEY
+from .model_identity import ADAPTERS_KEY, MODEL_KEY
 from .records import Layout, RowResult
 from .spec import describe_changes, fingerprint_hash
 
@@ -133,7 +133,7 @@ class OutputWriter:
             refusal = resume_refusal(self.output, previous, self.manifest)
             if refusal:
                 raise OutputError(refusal)
-            for key in (INPUT_KEY, MODEL_KEY):
+            for key in (INPUT_KEY, MODEL_KEY, ADAPTERS_KEY):
                 if self.manifest.fingerprint.get(key) is None and previous.fingerprint.get(key) is not None:
                     # The input (or model) is gone: the rows stay those of the one on record, which a new one
                     # must still match.
@@ -313,18 +313,22 @@ def resume_refusal(output: Path, previous: Manifest, current: Manifest) -> str |
     """Why rows committed under `previous` cannot be resumed by the job of `current` (None: they can)."""
     model_changes = model_change(previous, current)
     if model_changes:
+        model = f"model {current.fingerprint.get('model')}"
+        if ADAPTERS_KEY in current.fingerprint:
+            model += " or of its adapters"
         return (
-            f"{shown_path(output)} was written by another model: the files of model {current.fingerprint.get('model')} "
-            f"changed since ({'; '.join(model_changes)}); restore them to resume, or set output.mode: overwrite to "
-            "start again with this model"
+            f"{shown_path(output)} was written by another model: the files of {model} changed since "
+            f"({'; '.join(model_changes)}); restore them to resume, or set output.mode: overwrite to start again "
+            "with this model"
         )
     old_input, new_input = previous.fingerprint.get(INPUT_KEY), current.fingerprint.get(INPUT_KEY)
     input_changed = old_input is not None and new_input is not None and old_input != new_input
     if not input_changed and previous.spec_hash in (current.spec_hash, _hash_before_engine_fields(previous, current)):
         return None
     # Another model's files differ too: its name says it.
-    old = {k: v for k, v in previous.fingerprint.items() if k != MODEL_KEY}
-    changes = describe_changes(old, {k: v for k, v in current.fingerprint.items() if k != MODEL_KEY})
+    files = (MODEL_KEY, ADAPTERS_KEY)
+    old = {k: v for k, v in previous.fingerprint.items() if k not in files}
+    changes = describe_changes(old, {k: v for k, v in current.fingerprint.items() if k not in files})
     return (
         f"{shown_path(output)} was written by a different job spec or input ({'; '.join(changes) or 'spec changed'}); "
         "set output.mode: overwrite to start again"
@@ -332,14 +336,16 @@ def resume_refusal(output: Path, previous: Manifest, current: Manifest) -> str |
 
 
 def model_change(previous: Manifest, current: Manifest) -> list[str]:
-    """What differs between the files of one model named by both manifests; none when either has no record of
-    them (an output written before they were kept, or a model from the hub cache). Another model's name is a
-    change of spec, said as such."""
-    old, new = previous.fingerprint.get(MODEL_KEY), current.fingerprint.get(MODEL_KEY)
-    same_name = previous.fingerprint.get("model") == current.fingerprint.get("model")
-    if old is None or new is None or old == new or not same_name:
-        return []
-    return describe_changes({MODEL_KEY: old}, {MODEL_KEY: new})
+    """What differs between the files of one model (and of its adapters) named alike by both manifests; none when
+    either has no record of them (an output written before they were kept, a model not in the local cache).
+    Another model's or adapter's name is a change of spec, said as such."""
+    changes = []
+    for key, names in ((MODEL_KEY, ("model",)), (ADAPTERS_KEY, ("adapters", "adapter"))):
+        old, new = previous.fingerprint.get(key), current.fingerprint.get(key)
+        same_names = all(previous.fingerprint.get(n) == current.fingerprint.get(n) for n in names)
+        if old is not None and new is not None and old != new and same_names:
+            changes += describe_changes({key: old}, {key: new})
+    return changes
 
 
 def _hash_before_engine_fields(previous: Manifest, current: Manifest) -> str | None:
@@ -347,7 +353,7 @@ def _hash_before_engine_fields(previous: Manifest, current: Manifest) -> str | N
     output such a version wrote (manifest version 1): its results were made under this same job file."""
     if previous.version >= 2 or "engine" not in current.fingerprint:
         return None
-    kept = {k: v for k, v in current.fingerprint.items() if k not in ("engine", INPUT_KEY, MODEL_KEY)}
+    kept = {k: v for k, v in current.fingerprint.items() if k not in ("engine", INPUT_KEY, MODEL_KEY, ADAPTERS_KEY)}
     return fingerprint_hash(kept)
 
 

@@ -450,6 +450,18 @@ def test_a_hub_model_updated_in_the_local_cache_is_refused(folder: Path, monkeyp
     assert "the files of model me/tiny changed since (model_files.config.json: '" in str(outcome.error)
 
 
+def test_an_adapter_saved_over_in_place_is_refused(folder: Path) -> None:
+    adapter = folder / "tone"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"one fine-tune")
+    crash_after(folder, 6, adapters={"tone": str(adapter)}, adapter="tone")
+    (adapter / "adapter_model.safetensors").write_bytes(b"another fine-tune")
+    outcome, _ = run(folder, adapters={"tone": str(adapter)}, adapter="tone")
+    assert isinstance(outcome.error, OutputError)
+    assert "or of its adapters changed since (adapter_files.tone.adapter_model.safetensors: '" in str(outcome.error)
+
+
 def test_an_output_written_before_model_fingerprints_resumes(folder: Path) -> None:
     import json
 
