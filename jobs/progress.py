@@ -112,7 +112,8 @@ class JobProgress:
                 file=self.stream,
                 dynamic_ncols=True,
                 mininterval=BAR_REFRESH_S,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}, {postfix}]",
+                # tqdm's {postfix} brings its own leading ", " (and is empty until the first refresh)
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}{postfix}]",
             )
 
     # -- what the engine counted since the job started ------------------------------------------------------

@@ -119,6 +119,20 @@ def test_a_terminal_gets_the_live_bar_and_off_shows_nothing() -> None:
     assert quiet.getvalue() == ""
 
 
+def test_the_bar_shows_its_figures_once_after_the_elapsed_time() -> None:
+    """tqdm puts ", " before a postfix itself: the bar adds no second comma, nor an empty ", ]" before one."""
+    clock, terminal = Clock(), Terminal()
+    progress = JobProgress("j", 3, FakeEngine(), stream=terminal, clock=clock)
+    first = terminal.getvalue()
+    clock.now += 1
+    progress.update(10, 3, error=False)
+    progress.close()
+    text = terminal.getvalue()
+    assert "0/3 rows [00:00]" in first, first
+    assert ", ," not in text and ", ]" not in text, text
+    assert "1/3 rows [00:00, ETA " in text, text
+
+
 # ---- the CLI in a process of its own, with stderr a file (a Slurm log) or a terminal -----------------------
 # The process runs `kvbatch run` as the console script does, with the fake engine in place of the model.
 
