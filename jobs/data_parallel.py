@@ -190,7 +190,7 @@ def _run_children(
             with _environ(CUDA_VISIBLE_DEVICES=gpus):
                 proc = ctx.Process(
                     target=_child,
-                    args=(sender, child_job, factory, event, threads, wait_for_lock, log_settings),
+                    args=(sender, child_job, factory, event, threads, wait_for_lock, log_settings, len(procs)),
                     name=f"kvbatch-dp-{child_job.parallel.shard}",
                 )
                 proc.start()
@@ -237,6 +237,7 @@ def _child(
     threads: int,
     wait_for_lock: bool,
     log_settings: LogSettings,
+    position: int,
 ) -> None:
     log_settings.apply()
     stop = _ParentStop(event)
@@ -247,7 +248,8 @@ def _child(
 
     torch.set_num_threads(threads)
     try:
-        result: Any = run_job(job, EngineCache(factory), stop, wait_for_lock)
+        # each process's bar on a line of its own: on one line the processes' bars overwrite each other
+        result: Any = run_job(job, EngineCache(factory), stop, wait_for_lock, progress_position=position)
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent, which decides
         result = exc
     finally:

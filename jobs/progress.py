@@ -83,6 +83,7 @@ class JobProgress:
         *,
         mode: str = "auto",
         every_s: float = 30.0,
+        position: int | None = None,
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -108,6 +109,10 @@ class JobProgress:
                 total=total,
                 initial=initial,
                 desc=name,
+                # One bar of several processes' (--data-parallel) takes a line of its own and is cleared at the
+                # end: a bar left behind writes a newline that shifts the lines of the bars still running.
+                position=position or 0,
+                leave=position is None,
                 unit="row",
                 file=self.stream,
                 dynamic_ncols=True,

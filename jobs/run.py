@@ -120,7 +120,14 @@ class EngineCache:
         return self._engines[key], True
 
 
-def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wait_for_lock: bool = False) -> Summary:
+def run_job(
+    job: JobSpec,
+    engines: EngineCache,
+    stop: StopFlag | None = None,
+    wait_for_lock: bool = False,
+    *,
+    progress_position: int | None = None,
+) -> Summary:
     stop = stop or StopFlag()
     started = time.monotonic()
     io = open_job(job, wait_for_lock)
@@ -148,7 +155,17 @@ def run_job(job: JobSpec, engines: EngineCache, stop: StopFlag | None = None, wa
         writer.model = model_name(job.model)  # OpenAI Batch output names the model, as the API does
         before = dataclasses.replace(engine.stats)
         done = len(writer.done_rows)
-        progress = JobProgress(job.name, total, engine, initial=done, mode=job.progress, every_s=job.progress_seconds)
+        # A shard's counts are its own rows: its name says so, and tells the processes of --data-parallel apart.
+        label = job.name if shard is None else f"{job.name} [shard {shard}]"
+        progress = JobProgress(
+            label,
+            total,
+            engine,
+            initial=done,
+            mode=job.progress,
+            every_s=job.progress_seconds,
+            position=progress_position,
+        )
         feed = _Feed(RowPipeline(job, engine.tokenizer, writer.layout), writer, progress, stop, shard)
 
         def on_step() -> None:  # after every engine step, also while no row finishes (a long prefill)

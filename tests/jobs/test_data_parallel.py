@@ -67,6 +67,19 @@ def test_data_parallel_two_processes_equal_one(tmp_path):
     assert not list(out.parent.glob("*.shard-*"))
 
 
+def test_each_process_shows_the_progress_of_its_own_shard(tmp_path, capfd):
+    """The children's progress goes to the same log: each line names its shard, whose rows it counts."""
+    write_input(tmp_path / "in.jsonl")
+    job = dataclasses.replace(tiny_job(tmp_path, data=2), progress="lines")
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    lines = capfd.readouterr().err.splitlines()
+    for shard, rows in (("0/2", 7), ("1/2", 6)):
+        mine = [line for line in lines if line.startswith(f"answers [shard {shard}]: ")]
+        assert mine and mine[-1].startswith(f"answers [shard {shard}]: {rows}/{rows} rows (100%)"), lines
+    assert not [line for line in lines if line.startswith("answers: ")], lines
+
+
 @pytest.fixture
 def captured(monkeypatch):
     calls = []

@@ -133,6 +133,17 @@ def test_the_bar_shows_its_figures_once_after_the_elapsed_time() -> None:
     assert "1/3 rows [00:00, ETA " in text, text
 
 
+def test_a_bar_of_several_processes_takes_its_own_line_and_is_cleared_at_the_end() -> None:
+    clock, terminal = Clock(), Terminal()
+    progress = JobProgress("j [shard 1/2]", 3, FakeEngine(), position=1, stream=terminal, clock=clock)
+    clock.now += 1
+    progress.update(10, 3, error=False)
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\n") and "\x1b[A" in drawn and "j [shard 1/2]:" in drawn  # one line down, and back
+    progress.close()
+    assert not terminal.getvalue()[len(drawn) :].endswith("\n")  # no newline left to shift the other bars
+
+
 # ---- the CLI in a process of its own, with stderr a file (a Slurm log) or a terminal -----------------------
 # The process runs `kvbatch run` as the console script does, with the fake engine in place of the model.
 
