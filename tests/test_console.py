@@ -59,6 +59,35 @@ def test_usage_errors_keep_their_status() -> None:
     assert run("not-a-number").returncode == 2
 
 
+def test_a_closed_stdout_keeps_the_status() -> None:
+    """Started with stdout closed (`kvbatch run ... >&-` from cron), Python has no sys.stdout: the command's
+    output goes nowhere, and its exit status stays the command's, not a traceback's 1."""
+    script = textwrap.dedent(
+        """
+        import typer
+        from kvbatch.console import ConsoleTyper
+
+        app = ConsoleTyper(add_completion=False)
+
+        @app.command()
+        def main(code: int) -> None:
+            typer.echo("summary")  # click writes nothing where there is no stdout
+            raise typer.Exit(code)
+
+        app()
+        """
+    )
+    for code in (0, 3):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(code)],
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            preexec_fn=lambda: os.close(1),
+        )
+        assert (done.returncode, done.stderr) == (code, "")
+
+
 def tuned(env_extra: dict[str, str]) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env_extra
     code = "from kvbatch.console import tune_malloc; print(tune_malloc())"
