@@ -18,6 +18,8 @@ per second. An ETA of 0 means the job is done.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kvbatch.runner.request import GenerationEngine
 
@@ -63,6 +66,11 @@ def format_seconds(seconds: float | None) -> str:
         return "?"
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    """A handler that writes to the terminal the bar is on (logging.basicConfig's), not to a file."""
+    return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
 
 
 def display_mode(progress: str, stream: TextIO) -> str:
@@ -104,6 +112,7 @@ class JobProgress:
         self._before = self._counters()
         self._last_refresh = self.start
         self.bar: Any = None
+        self._logs = contextlib.ExitStack()
         if self.mode == "bar":
             self.bar = tqdm(
                 total=total,
@@ -120,6 +129,9 @@ class JobProgress:
                 # tqdm's {postfix} brings its own leading ", " (and is empty until the first refresh)
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}{postfix}]",
             )
+            if any(_is_console(handler) for handler in logging.getLogger().handlers):
+                # A warning while the bar is live (a signal, a slow step) goes above the bar, not onto its line.
+                self._logs.enter_context(logging_redirect_tqdm())
 
     # -- what the engine counted since the job started ------------------------------------------------------
     def _counters(self) -> tuple[int, int, int, int]:
@@ -212,5 +224,6 @@ class JobProgress:
         if self.bar is not None:
             self.bar.set_postfix_str(snapshot.postfix(), refresh=False)
             self.bar.close()
+            self._logs.close()
         elif self.mode == "lines":
             self._show(snapshot)  # the last state, also for a job shorter than one interval

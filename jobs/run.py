@@ -155,6 +155,7 @@ def run_job(
         writer.model = model_name(job.model)  # OpenAI Batch output names the model, as the API does
         before = dataclasses.replace(engine.stats)
         done = len(writer.done_rows)
+        pipeline = RowPipeline(job, engine.tokenizer, writer.layout)  # before the bar, which only close() ends
         # A shard's counts are its own rows: its name says so, and tells the processes of --data-parallel apart.
         label = job.name if shard is None else f"{job.name} [shard {shard}]"
         progress = JobProgress(
@@ -166,7 +167,7 @@ def run_job(
             every_s=job.progress_seconds,
             position=progress_position,
         )
-        feed = _Feed(RowPipeline(job, engine.tokenizer, writer.layout), writer, progress, stop, shard)
+        feed = _Feed(pipeline, writer, progress, stop, shard)
 
         def on_step() -> None:  # after every engine step, also while no row finishes (a long prefill)
             writer.tick()

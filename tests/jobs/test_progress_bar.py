@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import logging
 import os
 import pty
 import struct
@@ -142,6 +143,25 @@ def test_a_bar_of_several_processes_takes_its_own_line_and_is_cleared_at_the_end
     assert drawn.startswith("\n") and "\x1b[A" in drawn and "j [shard 1/2]:" in drawn  # one line down, and back
     progress.close()
     assert not terminal.getvalue()[len(drawn) :].endswith("\n")  # no newline left to shift the other bars
+
+
+def test_a_warning_during_the_bar_gets_a_line_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal's warning while the bar runs: written above the bar, not glued to its end; the console handler
+    is the user's own again once the bar is closed."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)  # as logging.basicConfig sets it up
+    monkeypatch.setattr(root, "handlers", [console])
+    clock = Clock()
+    progress = JobProgress("j", 3, FakeEngine(), clock=clock)
+    clock.now += 1
+    progress.update(10, 3, error=False)
+    logging.getLogger("kvbatch.test").warning("SIGINT: stopping")
+    progress.close()
+    text = terminal.getvalue()
+    assert "SIGINT: stopping\n" in text and "]SIGINT" not in text, text
+    assert root.handlers == [console]
 
 
 # ---- the CLI in a process of its own, with stderr a file (a Slurm log) or a terminal -----------------------
