@@ -42,6 +42,7 @@ from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from kvbatch.runner.model_runner import ModelRunner, StepInputs
 from kvbatch.runner.parallel import comm as tp_comm
+from kvbatch.runner.parallel.log_settings import LogSettings
 from kvbatch.runner.parallel.shard import TensorParallelError, shard_model
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _start_world(size: int, use_cuda: bool, loader: Loader) -> _World:
         for rank in range(1, size):
             proc = ctx.Process(
                 target=_worker_main,
-                args=(rank, size, init_method, loader, use_cuda, threads),
+                args=(rank, size, init_method, loader, use_cuda, threads, LogSettings.of_this_process()),
                 name=f"kvbatch-tp{rank}",
                 daemon=True,
             )
@@ -278,7 +279,10 @@ class TensorParallelEngine(Engine):
 # ---- ranks > 0 -------------------------------------------------------------------------------------------
 
 
-def _worker_main(rank: int, size: int, init_method: str, loader: Loader, use_cuda: bool, threads: int) -> None:
+def _worker_main(
+    rank: int, size: int, init_method: str, loader: Loader, use_cuda: bool, threads: int, log_settings: LogSettings
+) -> None:
+    log_settings.apply()  # -q, -v and the hidden weight-loading bars of rank 0's command
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)  # rank 0 decides when to stop, and tells us
     torch.set_num_threads(threads)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from scaling_helpers import rows_of, tiny_engine, tiny_job, tiny_tp_loader, tiny_tp_loader_or_missing, write_input  # noqa: E402
@@ -101,6 +103,31 @@ def test_a_model_that_cannot_load_fails_its_job_and_the_next_job_runs(tmp_path):
         tensor_parallel.shutdown()
     assert "cannot load model 'missing-model'" in str(failed.error)
     assert ok.error is None and rows_of(output_path(good)) == rows_of(output_path(whole))
+
+
+def test_the_ranks_log_as_the_command_does(tmp_path, capfd, monkeypatch):
+    """-q: the spawned rank showed its warning (and transformers' loading bars) in the run's log all the same."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from kvbatch import cli
+
+    for logger in (logging.root, logging.getLogger("kvbatch")):  # put back after the test
+        monkeypatch.setattr(logger, "level", logger.level)
+        monkeypatch.setattr(logger, "handlers", [])
+    bars = hf_logging.is_progress_bar_enabled()
+    write_input(tmp_path / "in.jsonl")
+    bad = dataclasses.replace(tiny_job(tmp_path, "bad", tensor=2), model="missing-model")
+    try:
+        cli._logging(verbose=False, quiet=True)
+        cli._quiet_model_loading(verbose=False)
+        [failed] = run_jobs([bad], engine_factory=tensor_parallel.TensorParallelFactory(tiny_tp_loader_or_missing))
+    finally:
+        tensor_parallel.shutdown()
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    assert "cannot load model 'missing-model'" in str(failed.error)
+    assert "rank 1: cannot load" not in capfd.readouterr().err
 
 
 def test_more_ranks_than_visible_gpus_is_refused(monkeypatch):
