@@ -37,16 +37,26 @@ class JobOutcome:
 
 
 def run_jobs(
-    jobs: list[JobSpec], wait_for_lock: bool = False, engine_factory: EngineFactory = default_engine_factory
+    jobs: list[JobSpec],
+    wait_for_lock: bool = False,
+    engine_factory: EngineFactory = default_engine_factory,
+    on_outcome: Callable[[JobOutcome], None] | None = None,
 ) -> list[JobOutcome]:
-    """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all."""
+    """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all.
+    `on_outcome` hears of each job as it ends: the CLI prints its summary then, not after the last job."""
     engines = EngineCache(engine_factory)
     engines.plan(jobs)
-    outcomes = []
+    outcomes: list[JobOutcome] = []
+
+    def ended(outcome: JobOutcome) -> None:
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
     with graceful_stop() as stop:
         for job in jobs:
             if stop.stopped:  # a signal during an earlier job: start nothing new (no model load for nothing)
-                outcomes.append(
+                ended(
                     JobOutcome(
                         job.name,
                         error=InterruptedJob(
@@ -56,13 +66,14 @@ def run_jobs(
                 )
                 break
             try:
-                outcomes.append(JobOutcome(job.name, _job_runner(job)(job, engines, stop, wait_for_lock)))
+                done = JobOutcome(job.name, _job_runner(job)(job, engines, stop, wait_for_lock))
             except InterruptedJob as exc:
-                outcomes.append(JobOutcome(job.name, error=exc))
+                ended(JobOutcome(job.name, error=exc))
                 break
             except KvbatchError as exc:  # says what to change: the model, the machine, the budget, the spec
-                outcomes.append(JobOutcome(job.name, error=exc))
-                log.info("job %s failed: %s", job.name, outcomes[-1].error_message)  # the CLI prints it once
+                failed = JobOutcome(job.name, error=exc)
+                log.info("job %s failed: %s", job.name, failed.error_message)  # the CLI prints it once
+                ended(failed)
             except Exception as exc:
                 # A bug: its traceback goes to the log, and the jobs after this one still run.
                 log.exception("job %s failed on an unexpected error", job.name)
@@ -71,10 +82,12 @@ def run_jobs(
                     "committed rows are kept, rerun to resume",
                     job=job.name,
                 )
-                outcomes.append(JobOutcome(job.name, error=error))
+                ended(JobOutcome(job.name, error=error))
             except TensorParallelLost as exc:  # a rank is gone: no job of this run can go on
-                outcomes.append(JobOutcome(job.name, error=exc))
+                ended(JobOutcome(job.name, error=exc))
                 break
+            else:  # outside the try: the callback's own errors are not this job's
+                ended(done)
     return outcomes
 
 

@@ -154,7 +154,7 @@ def run(
             },
         )
         specs = load_jobs_file(jobs_file, overrides).select(job)
-        _finish(run_jobs(specs, wait_for_lock=wait))
+        _run(specs, wait)
 
 
 @app.command()
@@ -253,7 +253,7 @@ def generate(
         data["parallel"] = {key.partition(".")[2]: value for key, value in scale.items()}
         # --set fields (sampling.presence_penalty=0.5, prompt.chat_template_kwargs={...}) under the options given
         spec = job_from_dict(_drop_none(data), base_dir=os.getcwd(), under=_parse_sets(set_ or []))
-        _finish(run_jobs([spec], wait_for_lock=wait))
+        _run([spec], wait)
 
 
 @app.command()
@@ -358,16 +358,23 @@ app.add_typer(bench_app, name="bench")  # bench/cli.py: its commands import torc
 # ---- the one place where outcomes and exceptions become messages and exit codes -------------------------
 
 
+def _run(specs: list[JobSpec], wait: bool) -> None:
+    """Run the jobs, printing each job's summary or error as it ends: a log then holds the earlier jobs' summaries
+    while a later job runs, and still does if that job is killed."""
+    _finish(run_jobs(specs, wait_for_lock=wait, on_outcome=_show))
+
+
+def _show(outcome: JobOutcome) -> None:
+    if outcome.summary is not None:
+        typer.echo(outcome.summary.format())
+    else:
+        assert outcome.error is not None, "an outcome has a summary or an error"
+        ended = "interrupted" if isinstance(outcome.error, InterruptedJob) else "failed"  # exit 3: rerun
+        typer.echo(f"kvbatch: job {outcome.job} {ended}: {outcome.error_message}", err=True)
+
+
 def _finish(outcomes: list[JobOutcome]) -> None:
-    codes = [OK]
-    for outcome in outcomes:
-        if outcome.summary is not None:
-            typer.echo(outcome.summary.format())
-        else:
-            assert outcome.error is not None, "an outcome has a summary or an error"
-            ended = "interrupted" if isinstance(outcome.error, InterruptedJob) else "failed"  # exit 3: rerun
-            typer.echo(f"kvbatch: job {outcome.job} {ended}: {outcome.error_message}", err=True)
-            codes.append(exit_code_of(outcome.error))
+    codes = [OK, *(exit_code_of(o.error) for o in outcomes if o.error is not None)]
     if max(codes) != OK:
         raise typer.Exit(INTERRUPTED if INTERRUPTED in codes else max(codes))
 

@@ -5,6 +5,7 @@ run_jobs is patched (no model), except in the last tests where the fake engine s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -44,13 +45,16 @@ class Recorder:
         self.calls: list[tuple[list, bool]] = []
         self.outcomes = outcomes
 
-    def __call__(self, specs, wait_for_lock=False):
+    def __call__(self, specs, wait_for_lock=False, on_outcome=None):
         self.calls.append((list(specs), wait_for_lock))
-        return (
+        outcomes = (
             self.outcomes
             if self.outcomes is not None
             else [JobOutcome(s.name, Summary(s.name, f"out/{s.name}.arrow", rows=1, rows_ok=1)) for s in specs]
         )
+        for outcome in outcomes:
+            on_outcome(outcome)
+        return outcomes
 
 
 @pytest.fixture
@@ -304,7 +308,7 @@ def test_plan_and_inspect_print_their_reports(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(
         cli,
         "run_jobs",
-        lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=fake_factory()),
+        functools.partial(real_run_jobs, engine_factory=fake_factory()),
     )
     assert invoke("run", jobs_file(tmp_path), "--job", "first").exit_code == 0
     output = tmp_path / "out" / "first.arrow"
@@ -331,12 +335,31 @@ def test_plan_of_a_slurm_array_task_plans_its_shard(tmp_path: Path, monkeypatch:
     assert result.stdout.startswith("job first, shard 0/2: 3 rows\n")
 
 
+def test_each_jobs_summary_is_printed_as_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Slurm or cron log holds the first job's summary while the second runs, not only once every job ended."""
+    from kvbatch.jobs import runners
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    monkeypatch.setattr(cli, "run_jobs", functools.partial(real_run_jobs, engine_factory=fake_factory()))
+
+    def announced(job, *args):
+        print(f"starting {job.name}")
+        return real_run_job(job, *args)
+
+    real_run_job = runners.run_job
+    monkeypatch.setattr(runners, "run_job", announced)
+    result = invoke("run", jobs_file(tmp_path))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.index("starting first") < out.index("job first: done") < out.index("starting second"), out
+
+
 def test_a_second_run_on_a_locked_output_exits_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
     monkeypatch.setattr(
         cli,
         "run_jobs",
-        lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=fake_factory()),
+        functools.partial(real_run_jobs, engine_factory=fake_factory()),
     )
     output = tmp_path / "out" / "first.arrow"
     work_dir(output).mkdir(parents=True)
@@ -406,7 +429,9 @@ def test_per_row_sampling_columns_end_to_end(tmp_path: Path, monkeypatch: pytest
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     factory = fake_factory()
     monkeypatch.setattr(
-        cli, "run_jobs", lambda specs, wait_for_lock=False: real_run_jobs(specs, wait_for_lock, engine_factory=factory)
+        cli,
+        "run_jobs",
+        functools.partial(real_run_jobs, engine_factory=factory),
     )
     result = invoke(
         "generate", "in.jsonl", "-o", "out.jsonl", "--set", "sampling_columns=[temperature]",

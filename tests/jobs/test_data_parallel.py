@@ -83,7 +83,7 @@ def test_each_process_shows_the_progress_of_its_own_shard(tmp_path, capfd):
 @pytest.fixture
 def captured(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock=False: calls.append(specs) or [])
+    monkeypatch.setattr(cli, "run_jobs", lambda specs, wait_for_lock=False, **_: calls.append(specs) or [])
     return calls
 
 

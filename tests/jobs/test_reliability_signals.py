@@ -6,6 +6,7 @@ The fake engine sends the signals to this very process at chosen results, so eac
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -144,9 +145,7 @@ def test_cli_exits_with_code_3_for_a_requeue(job, tmp_path: Path, monkeypatch: p
         "jobs:\n  - name: sig\n    input: {path: in.jsonl}\n    output: {path: out.arrow, part_rows: 3}\n"
     )
     engine = SignallingEngine(signals)
-    monkeypatch.setattr(
-        cli, "run_jobs", lambda specs, wait_for_lock=False, **_: run_jobs(specs, wait_for_lock, factory_for(engine))
-    )
+    monkeypatch.setattr(cli, "run_jobs", functools.partial(run_jobs, engine_factory=factory_for(engine)))
     result = CliRunner().invoke(cli.app, ["run", str(jobs_file)])
     assert result.exit_code == ExitCode.INTERRUPTED == 3, result.output
     assert "rerun to resume" in result.output
