@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -78,7 +79,18 @@ def display_mode(progress: str, stream: TextIO) -> str:
     if progress != "auto":
         return progress
     isatty = getattr(stream, "isatty", None)
-    return "bar" if isatty is not None and isatty() else "lines"
+    if isatty is None or not isatty():
+        return "lines"
+    return "lines" if _terminal_columns(stream) == 0 else "bar"
+
+
+def _terminal_columns(stream: TextIO) -> int | None:
+    """The terminal's width; 0 for a pty whose size was never set (`script`, `docker exec -t` in a script), where
+    tqdm draws nothing at all; None where it cannot be told (a stand-in stream), which tqdm sizes itself."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both
+        return None
 
 
 class JobProgress:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from job_fakes import FakeEngine
 
-from kvbatch.jobs.progress import JobProgress
+from kvbatch.jobs.progress import JobProgress, display_mode
 
 
 class Clock:
@@ -162,6 +162,22 @@ def test_a_warning_during_the_bar_gets_a_line_of_its_own(monkeypatch: pytest.Mon
     text = terminal.getvalue()
     assert "SIGINT: stopping\n" in text and "]SIGINT" not in text, text
     assert root.handlers == [console]
+
+
+def test_a_terminal_without_a_width_gets_lines() -> None:
+    """A pty whose size was never set (`script`, `docker exec -t` in a script) reports 0 columns: tqdm draws
+    nothing there, so a job showed no progress at all; it gets the log's lines instead."""
+    controller, terminal = pty.openpty()
+    try:
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+        with open(terminal, "w", closefd=False) as stream:
+            assert display_mode("auto", stream) == "lines"
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        with open(terminal, "w", closefd=False) as stream:
+            assert display_mode("auto", stream) == "bar"
+    finally:
+        os.close(terminal)
+        os.close(controller)
 
 
 # ---- the CLI in a process of its own, with stderr a file (a Slurm log) or a terminal -----------------------
