@@ -144,7 +144,7 @@ def run_job(
             log.info("job %s: no rows to run; writing an empty output without loading the model", job.name)
             writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, None).items()}
             writer.model = model_name(job.model)
-            report = writer.finalize(0)
+            report = writer.finalize(reader.num_rows)  # the input's rows, as a shard's merge compares them
             return _summarise(job, io, report, RunCounts(), started, load_s=0.0, adapter_rows={})
         with stop.while_loading():
             engine, fresh = engines.get(job)

@@ -42,3 +42,28 @@ def test_four_shards_merged_equal_one_process(tmp_path):
     assert job["parallel"]["shard"] is None and job["name"] == sharded.name
     [again] = run_jobs([sharded], engine_factory=tiny_engine)  # the same job unsharded: the merge finished it
     assert again.summary.status == "already complete"
+
+
+def test_more_shards_than_rows_merge(tmp_path):
+    """A shard past the last row (3 shards of 2 rows: --data-parallel 3 on a small input or --limit 2) writes an
+    empty output that still counts the input's rows, so the merge takes it instead of refusing it as having seen
+    another input."""
+    write_input(tmp_path / "in.jsonl")
+
+    def first_two(job):
+        return dataclasses.replace(job, input=dataclasses.replace(job.input, limit=2))
+
+    whole = first_two(tiny_job(tmp_path, "whole"))
+    [outcome] = run_jobs([whole], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    sharded = first_two(tiny_job(tmp_path))
+    for i in range(3):
+        [outcome] = run_jobs(
+            [dataclasses.replace(sharded, parallel=dataclasses.replace(sharded.parallel, shard=f"{i}/3"))],
+            engine_factory=tiny_engine,
+        )
+        assert outcome.error is None, outcome.error
+    out = output_path(sharded)
+    result = CliRunner().invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert rows_of(out) == rows_of(output_path(whole))
