@@ -60,23 +60,23 @@ def saved_to_disk(path: Path) -> bool:
 
 def _load_data_files(datasets, path: Path, split: str | None):
     """The split of a folder of data files, as `datasets.load_dataset(folder)` reads it. Without input.split a
-    folder of one split reads it, and one of several is refused before any is converted (load_dataset copies a
-    split into its Arrow cache)."""
+    folder of one split reads it, and one of several, or a split it does not have, is refused before any is
+    converted (load_dataset copies a split into its Arrow cache)."""
     try:
         with _offline(datasets):
-            if split is None:
-                names = datasets.get_dataset_split_names(str(path))
-                if len(names) > 1:
-                    raise SpecError(
-                        f"{path.name} has splits {', '.join(names)}; choose one with input.split (--split on the "
-                        "command line)",
-                        field="input.split",
-                    )
-                split = names[0]
-            return datasets.load_dataset(str(path), split=split)
+            names = datasets.get_dataset_split_names(str(path))
+            if split is None and len(names) > 1:
+                raise SpecError(
+                    f"{path.name} has splits {', '.join(names)}; choose one with input.split (--split on the "
+                    "command line)",
+                    field="input.split",
+                )
+            if split is not None and split not in names:
+                raise SpecError(f"{path.name} has no split {split!r} (splits: {', '.join(names)})", field="input.split")
+            return datasets.load_dataset(str(path), split=split or names[0])
     except SpecError:
         raise
-    except Exception as exc:  # datasets raises many types (FileNotFoundError, ValueError for an unknown split...)
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, ValueError...)
         raise InputError(
             f"{path} is neither a dataset saved with save_to_disk nor a folder of data files `datasets` reads: "
             f"{type(exc).__name__}: {exc}"

@@ -257,7 +257,9 @@ def test_a_folder_of_data_files_is_read_as_datasets_reads_a_repository(tmp_path:
     reader = open_reader(job_for(tmp_path, "repo", split="train", batch_rows=2), ["prompt"])
     assert reader.num_rows == 3 and [r.data for r in reader] == [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
     assert [r.data for r in open_reader(job_for(tmp_path, "repo", split="test"), ["prompt"])] == [{"prompt": "t"}]
-    with pytest.raises(InputError, match="nor a folder of data files `datasets` reads"):
+    # A split the folder lacks was "neither a dataset saved with save_to_disk nor a folder of data files", as if
+    # the folder were not a dataset at all.
+    with pytest.raises(SpecError, match=r"repo has no split 'validation' \(splits: train, test\)"):
         open_reader(job_for(tmp_path, "repo", split="validation"), ["prompt"])
 
     from kvbatch.jobs.manifest import input_identity
