@@ -95,10 +95,11 @@ def _offline(datasets) -> Iterator[None]:
 
 
 def _load_cached(datasets, name: str, split: str | None):
-    # Offline for this lookup only: a name must already be in the local cache.
+    # Offline for this lookup only: a name must already be in the local cache. Every split is opened (memory-mapped,
+    # already prepared), so _pick_split names a split the dataset lacks as such.
     try:
         with _offline(datasets):
-            return datasets.load_dataset(name, split=split)
+            return datasets.load_dataset(name)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError...)
         raise InputError(
             f"input {name!r} is neither a local file or folder nor a dataset in the local Hugging Face cache "

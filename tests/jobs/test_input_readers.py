@@ -306,6 +306,10 @@ def test_a_dataset_name_in_the_local_cache_is_read_offline(tmp_path: Path, monke
     offline = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
     reader = open_reader(job_for(tmp_path, "me/toy"), ["prompt"])
     assert reader.num_rows == 3 and [r.data for r in reader] == [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    assert open_reader(job_for(tmp_path, "me/toy", split="train"), ["prompt"]).num_rows == 3
+    # A split it lacks was "neither a local file or folder nor a dataset in the local Hugging Face cache".
+    with pytest.raises(SpecError, match=r"me/toy has no split 'test' \(splits: train\)"):
+        open_reader(job_for(tmp_path, "me/toy", split="test"), ["prompt"])
     assert (
         datasets.config.HF_HUB_OFFLINE,
         datasets.config.HF_DATASETS_OFFLINE,
