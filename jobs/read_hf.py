@@ -120,7 +120,12 @@ def _pick_split(datasets, loaded, split: str | None, name: str):
             raise SpecError(f"{name} has no split {split!r} (splits: {', '.join(loaded)})", field="input.split")
         return loaded[split]
     own = getattr(loaded, "split", None)  # a saved Dataset may still know which split it was
-    if split is not None and own is not None and str(own) != split:
+    if split is not None and own is None:  # else input.split would be ignored without a word
+        raise SpecError(
+            f"{name} is one dataset, not a DatasetDict, and names no split; leave input.split out",
+            field="input.split",
+        )
+    if split is not None and str(own) != split:
         raise SpecError(
             f"{name} is one dataset (split {str(own)!r}), not split {split!r}; leave input.split out",
             field="input.split",

@@ -237,6 +237,10 @@ def test_datasets_dict_folder_needs_a_split(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="is one dataset \\(split 'train'\\), not split 'test'; leave input.split out"):
         open_reader(job_for(tmp_path, "one", split="test"), ["prompt"])
     assert [r.data for r in open_reader(job_for(tmp_path, "one", split="train"), ["prompt"])] == [{"prompt": "train"}]
+    # A Dataset that names no split read as the one asked for, whatever input.split said.
+    datasets.Dataset.from_dict({"prompt": ["a"]}).save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(SpecError, match="plain is one dataset, not a DatasetDict, and names no split"):
+        open_reader(job_for(tmp_path, "plain", split="test"), ["prompt"])
 
 
 def test_a_folder_of_data_files_is_read_as_datasets_reads_a_repository(tmp_path: Path, monkeypatch) -> None:
