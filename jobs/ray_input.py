@@ -121,6 +121,12 @@ def _list(job: JobSpec) -> tuple[pafs.FileSystem, list[str], str]:
             datasets = _datasets_files(filesystem, root, job.input.split)
             if datasets is not None:
                 return filesystem, datasets, "arrow"
+            if job.input.split is not None:  # else every split's files would be read as one input
+                raise SpecError(
+                    f"runner: ray takes input.split for a save_to_disk folder only, and {spec} is a folder of files; "
+                    "name the split's files in input.path instead (a glob: data/test-*.parquet)",
+                    field="input.split",
+                )
             paths = _folder_files(filesystem, root)
     return filesystem, paths, _kind(job, paths)
 
@@ -156,10 +162,16 @@ def _datasets_files(filesystem: pafs.FileSystem, root: str, split: str | None) -
         chosen = split if split is not None else splits[0]
         if chosen not in splits:
             raise SpecError(f"{root} has no split {chosen!r} (splits: {', '.join(splits)})", field="input.split")
-        root = f"{root}/{chosen}"
+        root, split = f"{root}/{chosen}", None
     if not _exists(filesystem, f"{root}/state.json"):
         return None
     state = json.loads(_read_text(filesystem, f"{root}/state.json"))
+    own = state.get("_split")  # the split a saved Dataset was, if it knows
+    if split is not None and own != split:
+        which = "names no split" if own is None else f"is split {own!r}"
+        raise SpecError(
+            f"{root} is one dataset that {which}, not split {split!r}; leave input.split out", field="input.split"
+        )
     return [f"{root}/{entry['filename']}" for entry in state.get("_data_files", [])]
 
 

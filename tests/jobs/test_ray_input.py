@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kvbatch.errors import InputError
+from kvbatch.errors import InputError, SpecError
 from kvbatch.jobs.ray_input import RowsSource, open_ray_input
 from kvbatch.jobs.ray_run import done_rows
 from kvbatch.jobs.spec import job_from_dict
@@ -138,3 +138,22 @@ def test_arrow_ipc_files_are_read_as_the_local_reader_reads_them(tmp_path):
     (folder / "b.arrow").write_bytes(b"ARROW1 cut short")
     with pytest.raises(InputError, match="cannot read Arrow file .*b.arrow"):
         open_ray_input(job(folder), ["prompt"])
+
+
+def test_input_split_is_refused_where_a_ray_run_would_ignore_it(tmp_path):
+    # A split was ignored unless the folder was a DatasetDict: a repository folder's splits were all read as one
+    # input, and a saved Dataset was read whatever split it was.
+    import datasets
+
+    data = tmp_path / "repo" / "data"
+    data.mkdir(parents=True)
+    for name in ("train", "test"):
+        pq.write_table(pa.table({"prompt": [name]}), data / f"{name}-00000-of-00001.parquet")
+    with pytest.raises(SpecError, match="takes input.split for a save_to_disk folder only"):
+        open_ray_input(job(tmp_path / "repo", split="test"), ["prompt"])
+    datasets.Dataset.from_dict({"prompt": ["a"]}).save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(SpecError, match="plain is one dataset that names no split, not split 'test'"):
+        open_ray_input(job(tmp_path / "plain", split="test"), ["prompt"])
+    datasets.Dataset.from_dict({"prompt": ["a"]}, split="train").save_to_disk(str(tmp_path / "own"))
+    with pytest.raises(SpecError, match="own is one dataset that is split 'train', not split 'test'"):
+        open_ray_input(job(tmp_path / "own", split="test"), ["prompt"])
