@@ -17,8 +17,9 @@ from kvbatch.jobs.first_rows import check_first_rows
 from kvbatch.jobs.manifest import INPUT_KEY, KVBATCH_VERSION, Manifest, input_identity
 from kvbatch.jobs.model_identity import adapters_identity, model_identity
 from kvbatch.jobs.parsed import ParsedColumn
-from kvbatch.jobs.pipeline import input_columns
+from kvbatch.jobs.pipeline import input_columns, request_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
+from kvbatch.jobs.read_parquet import with_json_decoded
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout, output_type
 from kvbatch.jobs.rows import Row
@@ -184,6 +185,8 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
         reader.rows = checked_first_rows(job, reader.rows)
     if reader is not None and reader.schema is not None:
         layout = with_input_schema(layout, reader.schema)
+        # Kept columns stay as stored (JSON text); the request's are read as `datasets` reads them.
+        reader.rows = with_json_decoded(reader.rows, reader.schema, request_columns(job))
     manifest = job_manifest(job, out, fmt)
     writer = writer_for(
         shard,

@@ -41,11 +41,17 @@ log = logging.getLogger(__name__)
 
 
 def input_columns(job: JobSpec, layout: Layout) -> list[str]:
-    """Every input column a run of `job` reads (readers of Parquet and datasets read only these): the prompt's,
-    the rows' own sampling values, constraint, adapter and continuations, then the id and kept columns."""
+    """Every input column a run of `job` reads (readers of Parquet and datasets read only these): the request's
+    (request_columns), then the id and kept columns."""
+    return list(dict.fromkeys([*request_columns(job), *layout.data_columns()]))
+
+
+def request_columns(job: JobSpec) -> list[str]:
+    """The input columns a row's request is made of: the prompt's, the rows' own sampling values, constraint,
+    adapter and continuations."""
     own = [job.constraint_column, job.adapter_column, job.continuations_column if job.task == "score" else None]
     columns = [*prompt_columns(prompt_spec(job)), *sampling_columns(job), *(c for c in own if c is not None)]
-    return list(dict.fromkeys([*columns, *layout.data_columns()]))
+    return list(dict.fromkeys(columns))
 
 
 @dataclass

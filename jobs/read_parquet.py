@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,3 +72,50 @@ def _one_row(batch: pa.RecordBatch | pa.Table, i: int, index: int) -> Row | dict
                 kind = ErrorKind.INVALID_UTF8 if isinstance(exc, UnicodeDecodeError) else ErrorKind.WRONG_TYPE
                 error = RowError(kind, f"row {index}: column {name!r} cannot be read: {exc}")
     return data if error is None else Row(index, data, error)
+
+
+def with_json_decoded(rows: Iterator[Row], schema: pa.Schema, columns: list[str]) -> Iterator[Row]:
+    """`rows` with the Arrow JSON values of `columns` (`datasets`' `Json` feature, also as a struct field or list
+    item: a chat dataset whose message content is text in some rows and a list of parts in others) as the Python
+    values they spell, as `datasets` gives them. Read as stored, content "hi" reached the prompt as `"hi"`."""
+    kinds = {c: schema.field(c).type for c in columns if c in schema.names and _holds_json(schema.field(c).type)}
+    if not kinds:
+        return rows
+    return (
+        row if row.data is None else dataclasses.replace(row, data={**row.data, **_decoded(row.data, kinds)})
+        for row in rows
+    )
+
+
+def _decoded(data: dict[str, Any], kinds: dict[str, pa.DataType]) -> dict[str, Any]:
+    return {name: _json_values(data[name], kind) for name, kind in kinds.items() if name in data}
+
+
+def _is_json(kind: pa.DataType) -> bool:
+    return getattr(kind, "extension_name", None) == "arrow.json"
+
+
+def _holds_json(kind: pa.DataType) -> bool:
+    if _is_json(kind):
+        return True
+    if pa.types.is_struct(kind):
+        return any(_holds_json(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _holds_json(kind.value_type)
+    return False
+
+
+def _json_values(value: Any, kind: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if _is_json(kind):
+        try:
+            return json.loads(value)
+        except (TypeError, ValueError):  # not JSON after all: the text as stored
+            return value
+    if pa.types.is_struct(kind) and isinstance(value, dict):
+        fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
+        return {k: _json_values(v, fields[k]) if k in fields else v for k, v in value.items()}
+    if _holds_json(kind) and isinstance(value, list):
+        return [_json_values(v, kind.value_type) for v in value]
+    return value

@@ -274,6 +274,43 @@ def test_a_folder_of_data_files_is_read_as_datasets_reads_a_repository(tmp_path:
     assert input_identity(tmp_path / "repo", "train") != before  # a resume over the edited folder is refused
 
 
+def test_json_values_of_a_datasets_input_reach_the_prompt_as_datasets_reads_them(tmp_path: Path, monkeypatch) -> None:
+    # datasets types a message content that is text in one row and a list of parts in another as `Json`, stored as
+    # JSON text: the prompt got the text `"hi"`, quotes included. Kept columns stay as stored.
+    from job_fakes import fake_factory
+
+    from kvbatch.jobs.run import EngineCache, run_job
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    lines = [
+        {"messages": [{"role": "user", "content": "hi"}], "meta": {"a": 1}},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "yo"}]}], "meta": [1]},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    source = datasets.load_dataset("json", data_files=str(tmp_path / "in.jsonl"), split="train")
+    assert source.features["meta"] == datasets.Json()  # the content is one too, inside the messages' structs
+    source.save_to_disk(str(tmp_path / "ds"))
+    job = job_from_dict(
+        {
+            "name": "j",
+            "input": {"path": "ds"},
+            "prompt": {"messages_column": "messages"},
+            "keep_columns": ["meta"],
+            "output_dir": "out",
+            "output": {"format": "jsonl"},
+        },
+        base_dir=str(tmp_path),
+    )
+    factory = fake_factory()
+    out = Path(run_job(job, EngineCache(factory)).output)
+    (engine,) = factory.engines
+    prompts = {r.request_id: engine.tokenizer.decode(r.prompt_token_ids) for r in engine.requests}
+    assert prompts == {
+        i: f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n" for i, t in enumerate(["hi", "yo"])
+    }
+    assert [json.loads(line)["meta"] for line in out.read_text().splitlines()] == ['{"a":1}', "[1]"]
+
+
 def test_compressed_files_and_globs_are_refused_saying_what_to_do(tmp_path: Path) -> None:
     # A .jsonl.gz was "cannot tell the input format; set input.format", and input.format jsonl then read the gzip
     # bytes as one invalid_utf8 row; a glob was "input not found".
