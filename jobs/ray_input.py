@@ -44,7 +44,7 @@ from kvbatch.errors import InputError, SpecError
 from .arrow_io import FILE_MAGIC
 from .manifest import INPUT_KEY
 from .read_jsonl import count_rows_in, jsonl_rows, openai_row
-from .read_parquet import rows_of_batches
+from .read_parquet import rows_of_batches, with_json_decoded
 from .readers import check_columns
 from .rows import Row, id_key
 from .spec import JobSpec, input_path
@@ -280,8 +280,16 @@ class _Unit:
 class RowsSource:
     """A Ray Data datasource over a RayInput (built lazily: `datasource()` imports Ray)."""
 
-    def __init__(self, source: RayInput, columns: list[str], batch_rows: int, max_line_bytes: int) -> None:
+    def __init__(
+        self,
+        source: RayInput,
+        columns: list[str],
+        batch_rows: int,
+        max_line_bytes: int,
+        json_columns: list[str] | None = None,
+    ) -> None:
         self.source, self.columns, self.batch_rows, self.max_line_bytes = source, columns, batch_rows, max_line_bytes
+        self.json_columns = json_columns or []  # the request's: their Arrow JSON values decoded (with_json_decoded)
         # rows an earlier run wrote, sorted, skipped at the read: only where Ray has no checkpointing (ray_run.py)
         self.done_rows = np.zeros(0, np.int64)
 
@@ -310,6 +318,8 @@ class RowsSource:
         """The unit's rows as blocks: (row, line, data, error_kind, error, sampling); with `keys_of` (the id
         column) only (row, key) of each readable row with an id, for the search for duplicate ids."""
         rows = _rows(self.source.filesystem, unit, self.columns, self.batch_rows, self.max_line_bytes)
+        if self.source.schema is not None:
+            rows = with_json_decoded(rows, self.source.schema, self.json_columns)
         chunk: list[Row] = []
         done = self.done_rows[(self.done_rows >= unit.first_row) & (self.done_rows < unit.first_row + unit.num_rows)]
         for row in rows:

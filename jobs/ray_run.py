@@ -44,7 +44,7 @@ from .job_io import checked_first_rows, layout_for, with_input_schema
 from .lock import OutputLock
 from .manifest import KVBATCH_VERSION, Manifest
 from .model_identity import adapters_identity, model_identity
-from .pipeline import input_columns
+from .pipeline import input_columns, request_columns
 from .ray_data import GenerateBatch
 from .ray_input import RayInput, RowsSource, input_found, open_ray_input
 from .run import job_metadata, model_name
@@ -120,7 +120,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         run = _next_run(parts)
         duplicates = find_duplicates(source, layout.id_column, job) if layout.id_column else {}
         rows = RowsSource(source, input_columns(job, layout), job.input.batch_rows,
-                          job.input.max_line_bytes)  # fmt: skip
+                          job.input.max_line_bytes, request_columns(job))  # fmt: skip
         _write(job, engines, rows, layout, duplicates, parts, checkpoint_dir(out), run, stop)
         if source.num_rows == 0:  # Ray writes no file for no rows: the folder is still the output, columns and all
             parts.mkdir(parents=True, exist_ok=True)

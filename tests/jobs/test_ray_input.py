@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -157,3 +158,26 @@ def test_input_split_is_refused_where_a_ray_run_would_ignore_it(tmp_path):
     datasets.Dataset.from_dict({"prompt": ["a"]}, split="train").save_to_disk(str(tmp_path / "own"))
     with pytest.raises(SpecError, match="own is one dataset that is split 'train', not split 'test'"):
         open_ray_input(job(tmp_path / "own", split="test"), ["prompt"])
+
+
+def test_json_values_of_the_request_s_columns_are_read_as_datasets_reads_them(tmp_path):
+    # As a local run reads them (test_input_readers): a `Json` message content stored as "\"hi\"" is the text hi.
+    import datasets
+
+    from kvbatch.jobs.ray_input import InputFile, RayInput
+
+    features = datasets.Features({"messages": datasets.List({"content": datasets.Json()}), "meta": datasets.Json()})
+    rows = {"messages": [[{"content": "hi"}], [{"content": [{"type": "text", "text": "yo"}]}]], "meta": ["a", [1]]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    path = str(tmp_path / "ds" / "data-00000-of-00001.arrow")
+    schema = pa.ipc.open_stream(pa.memory_map(path)).schema
+    source = RayInput(pafs.LocalFileSystem(), (InputFile(path, "arrow", 0, 2),), 2, schema, {})  # no Ray to count
+    blocks = RowsSource(source, ["messages", "meta"], 2, 1 << 20, json_columns=["messages"]).read(source_unit(source))
+    data = [pickle.loads(d) for block in blocks for d in block.column("data").to_pylist()]
+    assert [d["messages"][0]["content"] for d in data] == ["hi", [{"type": "text", "text": "yo"}]]
+    assert [d["meta"] for d in data] == ['"a"', "[1]"]  # kept as stored
+
+
+def source_unit(source):
+    (unit,) = RowsSource(source, [], 2, 1 << 20).units()
+    return unit
