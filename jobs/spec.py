@@ -229,7 +229,7 @@ class JobsFile:
             raise SpecError(
                 f"no job named {', '.join(map(repr, missing))} in {self.path} (jobs: {', '.join(known)})", field="--job"
             )
-        return [known[n] for n in names]
+        return [known[n] for n in dict.fromkeys(names)]  # `-j a -j a` runs a once, in the order first named
 
 
 def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) -> JobsFile:

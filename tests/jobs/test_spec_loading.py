@@ -370,6 +370,7 @@ def test_job_from_dict_and_select(tmp_path: Path) -> None:
         write(tmp_path, "jobs:\n  - {name: a, input: {path: x.jsonl}}\n  - {name: b, input: {path: x.jsonl}}\n")
     )
     assert [j.name for j in jobs.select(["b"])] == ["b"] and [j.name for j in jobs.select(None)] == ["a", "b"]
+    assert [j.name for j in jobs.select(["b", "a", "b"])] == ["b", "a"]  # `-j b -j a -j b` ran b twice
     with pytest.raises(SpecError, match="no job named 'c'.*jobs: a, b"):
         jobs.select(["c"])
 
