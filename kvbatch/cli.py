@@ -338,6 +338,8 @@ def merge(
                     "give shard files only when merging into one output file, not with a job file", field="SHARDS"
                 )
             outputs = [output_path(spec) for spec in load_jobs_file(target).select(job)]
+        elif job:  # an output file names no jobs: the option would be ignored
+            raise SpecError("--job selects jobs of a job file; this merges the one output file named", field="--job")
         else:
             outputs = [target]
         for output in outputs:

@@ -506,3 +506,9 @@ def test_quiet_turns_progress_off_and_verbose_logs_debug(
     assert [spec.progress for spec in recorder.calls[1][0]] == ["auto", "auto"]
     assert logging.getLogger("kvbatch").getEffectiveLevel() == logging.DEBUG
     assert invoke("run", jobs_file(tmp_path), "-v", "--quiet").exit_code == 2
+
+
+def test_merge_of_an_output_file_refuses_a_job_selection(tmp_path: Path) -> None:
+    # An output file names no jobs: `-j` was ignored without a word, as if it had selected one.
+    result = invoke("merge", str(tmp_path / "answers.arrow"), "--job", "first")
+    assert result.exit_code == 2 and "--job selects jobs of a job file" in result.stderr, result.output
