@@ -118,6 +118,16 @@ def check_folder_safety(folder: Path, allow_pickle: bool, trust_remote_code: boo
                 "hidden in it; "
                 "convert them to safetensors, or set engine.allow_pickle: true if you trust where the model came from"
             )
+    if not allow_pickle:
+        # transformers loads each shard a safetensors index names, and unpickles one whose name is not .safetensors.
+        shards = sorted({s for index in folder.glob("*.safetensors.index*.json") for s in _indexed_shards(index)})
+        pickled = [s for s in shards if not s.endswith(".safetensors")]
+        if pickled:
+            raise ModelLoadError(
+                f"{folder} has a safetensors index naming weight files that are not safetensors "
+                f"({', '.join(pickled)}), and loading those unpickles them, which can run code hidden in them; "
+                "set engine.allow_pickle: true only if you trust where the model came from"
+            )
     if not trust_remote_code:
         for config_name in ("config.json", "tokenizer_config.json"):
             try:
@@ -130,6 +140,15 @@ def check_folder_safety(folder: Path, allow_pickle: bool, trust_remote_code: boo
                     "by default; "
                     "set engine.trust_remote_code: true only if you trust where the model came from"
                 )
+
+
+def _indexed_shards(index: Path) -> list[str]:
+    """The weight files a safetensors index maps tensors to (none if it is not such an index)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(v) for v in weight_map.values()] if isinstance(weight_map, dict) else []
 
 
 def offline() -> bool:

@@ -278,3 +278,21 @@ def test_a_context_over_the_models_is_a_configuration_error_exit_2() -> None:
     ) as raised:
         context_length(SimpleNamespace(max_position_embeddings=2048), 4096)
     assert exit_code_of(raised.value) == 2
+
+
+@pytest.mark.parametrize("shard", ["pytorch_model-00001-of-00001.bin", "model-00001-of-00001.weights"])
+def test_a_safetensors_index_naming_pickled_shards_is_refused(tmp_path: Path, shard: str, monkeypatch) -> None:
+    """transformers unpickles each shard an index names that is not .safetensors: a decoy .safetensors file beside
+    it, or a shard named with no pickle suffix, must not let one through."""
+    from safetensors.torch import save_file
+
+    model = tiny_model("llama", 0, attn="sdpa")
+    model.config.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / shard)
+    index = {"metadata": {}, "weight_map": {name: shard for name in model.state_dict()}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"decoy": torch.zeros(1)}, tmp_path / "decoy.safetensors")
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("a pickle was loaded"))
+    with pytest.raises(ModelLoadError, match=rf"safetensors index naming .*\({shard}\).*engine.allow_pickle: true"):
+        load_model(str(tmp_path), device="cpu")
