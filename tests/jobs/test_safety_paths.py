@@ -13,6 +13,7 @@ from reliability_helpers import read_output, write_jsonl
 
 from kvbatch.errors import OutputError, SpecError
 from kvbatch.jobs.atomic import atomic_file
+from kvbatch.jobs.manifest import Manifest, PartEntry, journal_path
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict
 
@@ -101,6 +102,21 @@ def test_a_link_planted_at_a_temporary_name_is_not_written_through(folders) -> N
     with atomic_file(target) as f:
         f.write(b"new")
     assert target.read_bytes() == b"new" and not target.is_symlink()
+    assert tree(outside) == {"precious.txt": b"keep me"}
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_link_planted_at_the_parts_journal_is_not_written_through(folders, dangling: bool) -> None:
+    """The journal is appended to by name at every commit of a long run: a link put in its place meanwhile (or
+    one to a file that does not exist yet) must not be followed."""
+    job, outside = folders
+    path = job / "out" / ".safe.arrow.kvbatch" / "manifest.json"
+    path.parent.mkdir()
+    manifest = Manifest("safe", "h1", {}, "safe.arrow", "arrow")
+    manifest.save(path)
+    journal_path(path).symlink_to(outside / ("new.txt" if dangling else "precious.txt"))
+    with pytest.raises(OSError):
+        manifest.append_part(path, PartEntry("part-000000.arrow", 1, [[0, 1]]))
     assert tree(outside) == {"precious.txt": b"keep me"}
 
 
