@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -25,6 +26,7 @@ from typing import Any
 
 from .atomic import fsync_dir, write_json
 
+_PART_NAME = re.compile(r"part-[0-9]{6,}\.arrow")  # what OutputWriter.commit_part names them
 KVBATCH_VERSION = version("kvbatch")  # written into every output's provenance
 
 # 2: the parts journal, and engine settings that change results in the spec hash. Version 1 is still read.
@@ -94,11 +96,11 @@ class Manifest:
         data = json.loads(path.read_text())
         if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"manifest version {data.get('version')} is not one of {READABLE_VERSIONS}")
-        parts = [PartEntry(p["file"], p["num_rows"], p["rows"]) for p in data["parts"]]
+        parts = [PartEntry(_part_name(p["file"]), p["num_rows"], p["rows"]) for p in data["parts"]]
         known = {p.file for p in parts}
         for entry in _journal_entries(journal_path(path)):
             if entry["file"] not in known:
-                parts.append(PartEntry(entry["file"], entry["num_rows"], entry["rows"]))
+                parts.append(PartEntry(_part_name(entry["file"]), entry["num_rows"], entry["rows"]))
                 known.add(entry["file"])
         return cls(
             data["job"],
@@ -111,6 +113,14 @@ class Manifest:
             data.get("num_rows"),
             data["version"],
         )
+
+
+def _part_name(name: Any) -> str:
+    """`name` if it is a part's own name ("part-000012.arrow"): a run reads, and then deletes, the parts a manifest
+    names, so one naming a path ("../../other.arrow") would reach outside the work folder."""
+    if not isinstance(name, str) or not _PART_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a part file name")
+    return name
 
 
 def journal_path(manifest_path: Path) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from job_fakes import fake_factory
 from reliability_helpers import read_output, write_jsonl
@@ -146,3 +147,25 @@ def test_ids_never_become_paths(folders) -> None:
     new_files = set(tree(job.parent)) - set(before)
     assert all(name.startswith("job/out/") or name in ("job/batch.jsonl",) for name in new_files), new_files
     assert tree(outside) == {"precious.txt": b"keep me"}
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_part_names_in_a_manifest_never_reach_outside_the_work_folder(folders, journal: bool) -> None:
+    """A manifest (or its journal) planted in, or copied into, the work folder names its parts: a name with a
+    path in it would have the resumed run read that file into its output and then delete it."""
+    job, outside = folders
+    assert run(job).error is None
+    table = pa.ipc.open_stream(pa.memory_map(str(job / "out" / "safe.arrow"))).read_all()
+    with pa.ipc.new_file(str(outside / "victim.arrow"), table.schema) as f:  # a part-like file elsewhere
+        f.write_table(table)
+    (job / "out" / "safe.arrow").unlink()
+    path = job / "out" / ".safe.arrow.kvbatch" / "manifest.json"
+    data = json.loads(path.read_text())
+    entry = {"file": "../../../outside/victim.arrow", "num_rows": 1, "rows": [[0, 1]]}
+    data["complete"], data["parts"] = False, [] if journal else [entry]
+    path.write_text(json.dumps(data))
+    if journal:
+        journal_path(path).write_text(json.dumps(entry) + "\n")
+    outcome = run(job)
+    assert (outside / "victim.arrow").exists()
+    assert isinstance(outcome.error, OutputError) and "is not a part file name" in str(outcome.error)
