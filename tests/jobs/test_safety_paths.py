@@ -169,3 +169,21 @@ def test_part_names_in_a_manifest_never_reach_outside_the_work_folder(folders, j
     outcome = run(job)
     assert (outside / "victim.arrow").exists()
     assert isinstance(outcome.error, OutputError) and "is not a part file name" in str(outcome.error)
+
+
+def test_a_part_replaced_by_a_link_is_not_read(folders) -> None:
+    """A committed part swapped for a link between runs: the resumed run does its rows again instead of copying
+    what the link points to into its output."""
+    job, outside = folders
+    write_jsonl(job / "in.jsonl", [{"prompt": f"hello {i}"} for i in range(4)])
+    spec = job_from_dict({"name": "safe", "input": {"path": "in.jsonl"}, "output": {"part_rows": 1}}, base_dir=str(job))
+    assert run_jobs([spec], engine_factory=fake_factory(fail_after=1))[0].error is not None
+    part = job / "out" / ".safe.arrow.kvbatch" / "part-000000.arrow"
+    table = pa.ipc.open_file(pa.memory_map(str(part))).read_all()
+    secret = table.set_column(table.schema.get_field_index("text"), "text", pa.array(["secret"] * len(table)))
+    with pa.ipc.new_file(str(outside / "secret.arrow"), secret.schema) as f:
+        f.write_table(secret)
+    part.unlink()
+    part.symlink_to(outside / "secret.arrow")
+    assert run_jobs([spec], engine_factory=fake_factory())[0].error is None
+    assert "secret" not in [r["text"] for r in read_output(job / "out" / "safe.arrow")]
