@@ -591,9 +591,16 @@ def output_path(job: JobSpec) -> Path:
         raise SpecError(
             f"output.path {str(relative)!r} resolves to {target}, outside output_dir {root}", field="output.path"
         )
-    if input_format(job) != "hf" and target == input_path(job).resolve():  # `overwrite` would replace the input
+    source = input_path(job).resolve()
+    if target == source:  # `overwrite` would replace the input
         raise SpecError(
             f"output.path {str(relative)!r} is the input file {target}; write the output elsewhere", field="output.path"
+        )
+    if target in source.parents or source in target.parents:  # an hf output replaces its folder whole
+        raise SpecError(
+            f"output.path {str(relative)!r} ({target}) holds or lies inside the input folder {source}; write the "
+            "output elsewhere",
+            field="output.path",
         )
     if output_format(job) != "hf" and target.is_dir():  # else found only when the finished rows are written out
         raise SpecError(

@@ -405,6 +405,25 @@ def test_paths_no_file_can_have_are_spec_errors(tmp_path: Path, extra: str, fiel
     assert words in error.message
 
 
+@pytest.mark.parametrize(
+    ("input_path", "output", "words"),
+    [
+        ("in.hf", {"path": "in.hf"}, "is the input file"),  # a datasets folder: overwrite would replace it
+        ("in.hf", {"path": "in.hf/out.jsonl"}, "lies inside the input folder"),
+        ("data/in.jsonl", {"path": "data", "format": "hf"}, "holds or lies inside the input folder"),
+    ],
+)
+def test_output_cannot_be_or_hold_an_input_folder(tmp_path: Path, input_path: str, output: dict, words: str) -> None:
+    (tmp_path / "in.hf").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "in.jsonl").write_text('{"prompt": "a"}\n')
+    with pytest.raises(SpecError, match=words):
+        job_from_dict(
+            {"name": "j", "input": {"path": input_path}, "output_dir": ".", "output": {**output, "mode": "overwrite"}},
+            base_dir=str(tmp_path),
+        )
+
+
 def test_output_cannot_be_the_input(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_text('{"prompt": "a"}\n')
     with pytest.raises(
