@@ -108,6 +108,13 @@ def cached_snapshot(name: str) -> Path | None:
         return None
 
 
+def downloaded_json(name: str) -> Path:
+    """The local cache's folder for hub name `name` once its JSON files (configs, a safetensors index) are in it."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=["*.json"]))
+
+
 def check_folder_safety(folder: Path, allow_pickle: bool, trust_remote_code: bool) -> None:
     """Refuse, before transformers runs anything, a folder that needs pickled weights or its own code."""
     if not allow_pickle and not any(folder.glob("*.safetensors")):
@@ -337,6 +344,8 @@ def load_model(
                 raise
             download_allowed(name, allow_download)  # not in the cache: download only if allowed and possible
             logger.warning("downloading %s from the Hugging Face hub", name)
+            # Its JSON first (configs, the safetensors index): held to a folder's rules before any weights come.
+            check_folder_safety(downloaded_json(name), allow_pickle, trust_remote_code)
             tokenizer, model = load({**kwargs, "local_files_only": False})
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc

@@ -296,3 +296,35 @@ def test_a_safetensors_index_naming_pickled_shards_is_refused(tmp_path: Path, sh
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("a pickle was loaded"))
     with pytest.raises(ModelLoadError, match=rf"safetensors index naming .*\({shard}\).*engine.allow_pickle: true"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_a_download_is_checked_before_weights_come(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With allow_download, the hub's JSON (its safetensors index) is fetched and checked first: transformers would
+    otherwise download and unpickle the shards an index names."""
+    from huggingface_hub import constants
+
+    fetched: list = []
+
+    def snapshot_download(name: str, local_files_only: bool = False, allow_patterns=None, **kwargs):
+        if local_files_only or constants.HF_HUB_OFFLINE:
+            raise OSError("not in the cache")
+        fetched.append(allow_patterns)
+        (tmp_path / "config.json").write_text("{}")
+        index = {"metadata": {}, "weight_map": {"lm_head.weight": "pytorch_model-00001-of-00001.bin"}}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+        return str(tmp_path)
+
+    def from_pretrained(*args, **kwargs):
+        if not kwargs.get("local_files_only", True):
+            pytest.fail("weights were downloaded before the index was checked")
+        raise OSError("not in the cache")
+
+    import huggingface_hub
+    import transformers
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(model_loader, "download_allowed", lambda name, allow: None)
+    with pytest.raises(ModelLoadError, match=r"safetensors index naming .*pytorch_model-00001-of-00001.bin"):
+        load_model("someorg/pickled-shards", device="cpu", allow_download=True)
+    assert fetched == [["*.json"]]
