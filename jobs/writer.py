@@ -28,7 +28,7 @@ import pyarrow as pa
 from kvbatch.errors import OutputError, shown_path
 
 from .arrow_io import remove_path
-from .assemble import count_by, input_order, read_parts, write_output
+from .assemble import count_by, input_order, read_part, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
 from .lock import OutputLock
 from .manifest import INPUT_KEY, Manifest, PartEntry, to_ranges
@@ -186,7 +186,7 @@ class OutputWriter:
             log.warning("part %s is a symbolic link, not a part this job wrote; its rows will be done again", path)
             return False
         try:
-            num_rows = pa.ipc.open_file(pa.memory_map(str(path))).read_all().num_rows
+            num_rows = read_part(path).num_rows
         except (OSError, pa.ArrowException):
             num_rows = -1
         if num_rows != part.num_rows:
@@ -260,11 +260,17 @@ class OutputWriter:
         input (a shard's writer writes its own rows of it)."""
         self.commit_part()
         self.manifest.num_rows = num_rows
-        table = (
-            read_parts([self.dir / p.file for p in self.manifest.parts])
-            if self.manifest.parts
-            else self.layout.to_table([])
-        )
+        try:
+            table = (
+                read_parts([self.dir / p.file for p in self.manifest.parts])
+                if self.manifest.parts
+                else self.layout.to_table([])
+            )
+        except OSError as exc:  # a part removed, or swapped for a link, since it was committed
+            raise OutputError(
+                f"cannot read the committed parts in {shown_path(self.dir)}: {exc.strerror or exc}; rerun to do "
+                "their rows again"
+            ) from exc
         order = self.output_order(table, num_rows)
         metadata = {**self.metadata, **{k.encode(): v.encode() for k, v in self.layout.features_metadata().items()}}
         try:

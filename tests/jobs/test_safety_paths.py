@@ -187,3 +187,34 @@ def test_a_part_replaced_by_a_link_is_not_read(folders) -> None:
     part.symlink_to(outside / "secret.arrow")
     assert run_jobs([spec], engine_factory=fake_factory())[0].error is None
     assert "secret" not in [r["text"] for r in read_output(job / "out" / "safe.arrow")]
+
+
+def test_a_part_swapped_for_a_link_during_the_run_is_not_read(folders) -> None:
+    """The final file is assembled from the parts by name: one made a link meanwhile is refused, not followed."""
+    job, outside = folders
+    write_jsonl(job / "in.jsonl", [{"prompt": f"hello {i}"} for i in range(4)])
+    part = job / "out" / ".safe.arrow.kvbatch" / "part-000000.arrow"
+    (outside / "secret.arrow").write_bytes(b"")
+    factory = fake_factory()
+
+    def swapping(model: str, settings: dict):
+        engine = factory(model, settings)
+        generate = engine.generate
+
+        def generate_and_swap(requests, on_step=None):
+            for i, result in enumerate(generate(requests, on_step)):
+                if i == 2:  # part-000000 is committed by now
+                    (outside / "secret.arrow").write_bytes(part.read_bytes())
+                    part.unlink()
+                    part.symlink_to(outside / "secret.arrow")
+                yield result
+
+        engine.generate = generate_and_swap
+        return engine
+
+    spec = job_from_dict({"name": "safe", "input": {"path": "in.jsonl"}, "output": {"part_rows": 1}}, base_dir=str(job))
+    outcome = run_jobs([spec], engine_factory=swapping)[0]
+    assert isinstance(outcome.error, OutputError) and "cannot read the committed parts" in str(outcome.error)
+    assert not (job / "out" / "safe.arrow").exists()
+    assert run_jobs([spec], engine_factory=fake_factory())[0].error is None  # the rerun does that part's rows again
+    assert len(read_output(job / "out" / "safe.arrow")) == 4
