@@ -90,6 +90,11 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
     out = output_path(job)
     parts = parts_dir(out)
     work = work_dir(out)
+    for folder in (work, parts):  # as a local run's writer: what is written there would land where it points
+        if folder.is_symlink():
+            raise OutputError(
+                f"{folder} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link"
+            )
     work.mkdir(parents=True, exist_ok=True)
     lock = OutputLock(work / "lock")
     lock.acquire(wait=wait_for_lock, stop_waiting=lambda: stop.stopped)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from scaling_helpers import FailingEngineFactory, rows_of, tiny_engine, tiny_job, write_input
 
-from kvbatch.errors import ExitCode, SpecError, exit_code_of
+from kvbatch.errors import ExitCode, OutputError, SpecError, exit_code_of
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict, output_path
@@ -274,3 +274,16 @@ def test_a_finished_ray_run_whose_input_was_removed_is_already_complete(tmp_path
     write_input(source, num_rows=7)
     [changed] = run_jobs([job], engine_factory=tiny_engine)
     assert changed.error is not None and "input_file" in str(changed.error)
+
+
+@pytest.mark.parametrize("folder", [".answers.parquet.kvbatch", "answers.parquet.parts"])
+def test_a_ray_run_refuses_a_linked_work_or_parts_folder(tmp_path, folder: str) -> None:
+    """As a local run does: its lock, manifest and parts would land wherever the link points."""
+    source = write_input(tmp_path / "in.jsonl")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / folder).symlink_to(outside, target_is_directory=True)
+    [outcome] = run_jobs([ray_job(tmp_path, source)], engine_factory=tiny_engine)
+    assert isinstance(outcome.error, OutputError) and "is a symbolic link" in str(outcome.error)
+    assert list(outside.iterdir()) == []
