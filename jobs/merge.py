@@ -236,6 +236,8 @@ def _prepare(output: Path, first: Manifest, overwrite: bool) -> Path:
             raise MergeError(
                 f"{output} exists and was not written by this job's spec; remove it or merge with --overwrite"
             )
+    if folder.is_symlink():  # the lock and manifest would land wherever it points
+        raise MergeError(f"{folder} is a symbolic link; kvbatch keeps its work files beside the output, remove it")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -183,6 +183,18 @@ def test_shard_writer_refuses_a_shard_with_rows_missing(tmp_path):
             writer.finalize(9)
 
 
+def test_merge_refuses_a_linked_work_folder(tmp_path):
+    out = tmp_path / "answers.arrow"
+    for i in range(2):
+        _write_shard(out, Shard(i, 2))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    work_dir(out).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(MergeError, match="is a symbolic link"):
+        merge_shards(out)
+    assert list(outside.iterdir()) == [] and not out.exists()
+
+
 def test_merge_lists_missing_unfinished_and_foreign_shards(tmp_path):
     out = tmp_path / "answers.arrow"
     _write_shard(out, Shard(0, 4))
