@@ -26,7 +26,7 @@ from typing import Any
 
 from .atomic import fsync_dir, write_json
 
-_PART_NAME = re.compile(r"part-[0-9]{6,}\.arrow")  # what OutputWriter.commit_part names them
+_PART_NAME = re.compile(r"part-([0-9]{6,})\.arrow")  # what part_name writes
 KVBATCH_VERSION = version("kvbatch")  # written into every output's provenance
 
 # 2: the parts journal, and engine settings that change results in the spec hash. Version 1 is still read.
@@ -113,6 +113,19 @@ class Manifest:
             data.get("num_rows"),
             data["version"],
         )
+
+
+def part_name(number: int) -> str:
+    """The file name of part `number`: six digits at least, more past 999,999."""
+    return f"part-{number:06d}.arrow"
+
+
+def part_number(name: str) -> int:
+    """The number in a part's file name (`part_name`'s inverse)."""
+    match = _PART_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a part file name")
+    return int(match.group(1))
 
 
 def _part_name(name: Any) -> str:

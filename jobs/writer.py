@@ -31,7 +31,7 @@ from .arrow_io import remove_path
 from .assemble import count_by, input_order, read_part, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
 from .lock import OutputLock
-from .manifest import INPUT_KEY, Manifest, PartEntry, to_ranges
+from .manifest import INPUT_KEY, Manifest, PartEntry, part_name, part_number, to_ranges
 from .model_identity import ADAPTERS_KEY, MODEL_KEY
 from .records import Layout, RowResult
 from .spec import describe_changes, fingerprint_hash
@@ -223,7 +223,7 @@ class OutputWriter:
 
     def _next_part_number(self) -> int:
         # The manifest's parts are in commit order, so the last one has the highest number.
-        return int(self.manifest.parts[-1].file[5:11]) + 1 if self.manifest.parts else 0
+        return part_number(self.manifest.parts[-1].file) + 1 if self.manifest.parts else 0
 
     def tick(self) -> None:
         """Commit buffered rows once part_seconds have passed, also while no new row finishes."""
@@ -237,7 +237,7 @@ class OutputWriter:
             return
         results = sorted(self._buffer, key=lambda r: r.row)
         number = self._next_part_number()
-        name = f"part-{number:06d}.arrow"
+        name = part_name(number)
         table = self.layout.to_table(results)
         self._buffer = []
         entry = PartEntry(name, len(results), to_ranges(r.row for r in results))

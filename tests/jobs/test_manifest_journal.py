@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvbatch.jobs.manifest import Manifest, PartEntry, journal_path
+from kvbatch.jobs.manifest import Manifest, PartEntry, journal_path, part_name, part_number
 
 
 def test_commits_append_without_rewriting_and_a_cut_line_is_no_part(tmp_path: Path) -> None:
@@ -37,3 +37,21 @@ def test_a_part_in_both_files_counts_once(tmp_path: Path) -> None:
     manifest.save(path)
     journal_path(path).write_bytes(journal)
     assert [p.file for p in Manifest.load(path).parts] == ["part-000000.arrow"]
+
+
+def test_part_numbers_go_on_past_six_digits() -> None:
+    # The writer read a part's number as the name's characters 5-10: after part-1000000.arrow it took 100000 and
+    # named the next part part-100001.arrow, a part already committed, which the new one replaced.
+    assert [part_name(n) for n in (0, 12, 999_999, 1_000_000)] == [
+        "part-000000.arrow",
+        "part-000012.arrow",
+        "part-999999.arrow",
+        "part-1000000.arrow",
+    ]
+    assert [part_number(part_name(n)) for n in (0, 12, 999_999, 1_000_000, 12_345_678)] == [
+        0,
+        12,
+        999_999,
+        1_000_000,
+        12_345_678,
+    ]
