@@ -62,6 +62,16 @@ class Snapshot:
         return f"{name}: {self.rows_done}{total}{share}, {self.rows_per_s:.2f} rows/s, {self.postfix()}"
 
 
+def announce_load(name: str, model: str, mode: str, stream: TextIO | None = None) -> None:
+    """In a log (line mode), say that the job's model is loading: a load of minutes otherwise leaves a Slurm or
+    cron log empty until the first progress line. A terminal's bar starts once the model is loaded; a line printed
+    there could land on another process's live bar (--data-parallel), so it gets none."""
+    stream = stream if stream is not None else sys.stderr
+    if display_mode(mode, stream) == "lines":
+        stream.write(f"{name}: loading model {model}\n")
+        stream.flush()
+
+
 def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "?"

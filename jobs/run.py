@@ -23,7 +23,7 @@ from kvbatch.jobs.job_io import JobIO, check_input_unchanged, open_job
 from kvbatch.jobs.manifest import KVBATCH_VERSION
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.pipeline import RowPipeline
-from kvbatch.jobs.progress import JobProgress
+from kvbatch.jobs.progress import JobProgress, announce_load
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.shard import Shard
@@ -103,6 +103,10 @@ class EngineCache:
         # An engine built without adapters takes none later, and one with them hooks its layers: one of each kind.
         return (job.model, tuple(sorted(settings.items())), bool(job_adapters(job)))
 
+    def holds(self, job: JobSpec) -> bool:
+        """Whether `job`'s engine is loaded already (get() then loads nothing)."""
+        return self._key(job) in self._engines
+
     def get(self, job: JobSpec) -> tuple[Any, bool]:
         """(engine, created_now). An engine shared with earlier jobs registers this job's adapters."""
         key = self._key(job)
@@ -146,6 +150,10 @@ def run_job(
             writer.model = model_name(job.model)
             report = writer.finalize(reader.num_rows)  # the input's rows, as a shard's merge compares them
             return _summarise(job, io, report, RunCounts(), started, load_s=0.0, adapter_rows={})
+        # A shard's counts are its own rows: its name says so, and tells the processes of --data-parallel apart.
+        label = job.name if shard is None else f"{job.name} [shard {shard}]"
+        if not engines.holds(job):
+            announce_load(label, job.model, job.progress)
         with stop.while_loading():
             engine, fresh = engines.get(job)
         check_token_ids(job, engine.vocab_size)
@@ -156,8 +164,6 @@ def run_job(
         before = dataclasses.replace(engine.stats)
         done = len(writer.done_rows)
         pipeline = RowPipeline(job, engine.tokenizer, writer.layout)  # before the bar, which only close() ends
-        # A shard's counts are its own rows: its name says so, and tells the processes of --data-parallel apart.
-        label = job.name if shard is None else f"{job.name} [shard {shard}]"
         progress = JobProgress(
             label,
             total,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from job_fakes import FakeEngine
 
-from kvbatch.jobs.progress import JobProgress, display_mode
+from kvbatch.jobs.progress import JobProgress, announce_load, display_mode
 
 
 class Clock:
@@ -120,6 +120,18 @@ def test_a_terminal_gets_the_live_bar_and_off_shows_nothing() -> None:
     assert quiet.getvalue() == ""
 
 
+def test_a_log_says_the_model_is_loading_and_a_terminal_or_off_does_not() -> None:
+    log, terminal, quiet = io.StringIO(), Terminal(), io.StringIO()
+    announce_load("j [shard 1/2]", "/models/m", "auto", stream=log)
+    announce_load("j", "/models/m", "auto", stream=terminal)  # the bar starts after the load
+    announce_load("j", "/models/m", "off", stream=quiet)
+    assert (log.getvalue(), terminal.getvalue(), quiet.getvalue()) == (
+        "j [shard 1/2]: loading model /models/m\n",
+        "",
+        "",
+    )
+
+
 def test_the_bar_shows_its_figures_once_after_the_elapsed_time() -> None:
     """tqdm puts ", " before a postfix itself: the bar adds no second comma, nor an empty ", ]" before one."""
     clock, terminal = Clock(), Terminal()
@@ -215,7 +227,8 @@ def test_a_log_file_holds_whole_lines_and_few_of_them(job_folder: Path) -> None:
     assert done.returncode == 0, text
     assert "\r" not in text and text.endswith("\n")
     lines = text.splitlines()
-    assert 1 <= len(lines) <= 3 and all(line.startswith("p: ") for line in lines), text  # progress lines only
+    assert 2 <= len(lines) <= 4 and all(line.startswith("p: ") for line in lines), text  # progress lines only
+    assert lines[0] == "p: loading model default"  # a long load no longer leaves the log empty
     assert lines[-1].startswith("p: 25/25 rows (100%),") and lines[-1].endswith(", 1 errors")
     assert "job p: done" in done.stdout.decode()
 
