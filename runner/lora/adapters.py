@@ -283,7 +283,12 @@ class Adapters:
                 else:  # the least recently used adapter this step does not run
                     victim = next(k for k in self._slot_of if k not in keys)
                     slot = self._slot_of.pop(victim)
-                self._load_slot(slot, self._host_weights(name))
+                try:
+                    weights = self._host_weights(name)
+                except Exception:
+                    self._free_slots.append(slot)  # weights that fail to read take no slot: it stays usable
+                    raise
+                self._load_slot(slot, weights)
                 self._slot_of[key] = slot
         return {name: self._slot_of[self.key(name)] for name in names}
 

@@ -256,6 +256,27 @@ def test_weights_replaced_after_the_check_fail_their_rows(adapter_paths, rows, r
     assert results[0].error_kind == ErrorKind.BAD_ADAPTER and "changed since it was checked" in results[0].error
 
 
+def test_weights_replaced_before_a_reread_fail_their_rows_only(adapter_paths, rows, reference, tmp_path) -> None:
+    # With one slot and one host copy an adapter is read again each time it comes back. Replaced by weights of
+    # another rank, its rows fail there; the slot it was to take went with them, and every later step with an
+    # adapter failed (no slot left to evict): the other adapter's rows were errors too.
+    folder = shutil.copytree(adapter_paths["r2-qv"], tmp_path / "live")
+    paths = {"live": str(folder), "r16-all": adapter_paths["r16-all"], "r4-mlp": adapter_paths["r4-mlp"]}
+    config = EngineConfig(block_size=4, num_blocks_override=256, max_loras=1, max_cpu_loras=1)
+    engine = Engine(config, tiny_loaded("llama"), adapters=paths)
+    i, j, k = ADAPTERS.index("r2-qv"), ADAPTERS.index("r16-all"), ADAPTERS.index("r4-mlp")
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    for name, m in (("live", i), ("r16-all", j), ("r4-mlp", k)):  # live's slot and then its host copy go
+        (result,) = engine.generate([GenerationRequest(0, rows[m][0], params, adapter=name)])
+        assert result.completions[0].token_ids == reference[m]
+    shutil.copy(f"{adapter_paths['r8-rslora']}/adapter_model.safetensors", folder / "adapter_model.safetensors")
+    (failed,) = engine.generate([GenerationRequest(0, rows[i][0], params, adapter="live")])
+    assert failed.finish_reason == "error" and "changed since it was checked" in failed.error, failed.error
+    (other,) = engine.generate([GenerationRequest(0, rows[j][0], params, adapter="r16-all")])
+    assert other.error is None, other.error
+    assert other.completions[0].token_ids == reference[j]
+
+
 def test_one_weights_file_under_two_configs_is_two_adapters(adapter_paths, rows, tmp_path) -> None:
     # A hub snapshot links each file to a blob: two revisions may share the weights and differ in lora_alpha. The
     # slot holds B scaled by its config, so one slot for both would run one row with the other's scaling.
