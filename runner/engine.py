@@ -49,6 +49,7 @@ from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
 from .logits_processors import RowLogits, banned_token_ids, row_logits
 from .lora.adapters import Adapters
+from .lora.weights import AdapterError
 from .model_loader import LoadedModel, length_dependent_rope, load_model
 from .model_runner import MIN_ROWS, ModelRunner, prepare_inputs
 from .pool_sizing import fixed_pool_size, kv_cache_spec, profile_gpu_pool
@@ -954,9 +955,12 @@ class Engine:
             if culprits
             else "rerunning it alone once more",
         )
+        kind, message = ErrorKind.ENGINE, f"generation failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, AdapterError):  # its weights changed since the engine checked them, read again here
+            kind, message = ErrorKind.BAD_ADAPTER, str(exc)
         results = []
         for seq in culprits:
-            results += self._fail(scheduler, seq, f"generation failed: {type(exc).__name__}: {exc}")
+            results += self._fail(scheduler, seq, message, kind)
         scheduler.requeue_isolated([s for s in seqs if s.finish_reason is None], registered or ())
         return results
 

@@ -258,8 +258,9 @@ def test_weights_replaced_after_the_check_fail_their_rows(adapter_paths, rows, r
 
 def test_weights_replaced_before_a_reread_fail_their_rows_only(adapter_paths, rows, reference, tmp_path) -> None:
     # With one slot and one host copy an adapter is read again each time it comes back. Replaced by weights of
-    # another rank, its rows fail there; the slot it was to take went with them, and every later step with an
-    # adapter failed (no slot left to evict): the other adapter's rows were errors too.
+    # another rank, its rows fail there, as bad_adapter (they were engine errors); the slot it was to take went
+    # with them, and every later step with an adapter failed (no slot left to evict): the other adapter's rows
+    # were errors too.
     folder = shutil.copytree(adapter_paths["r2-qv"], tmp_path / "live")
     paths = {"live": str(folder), "r16-all": adapter_paths["r16-all"], "r4-mlp": adapter_paths["r4-mlp"]}
     config = EngineConfig(block_size=4, num_blocks_override=256, max_loras=1, max_cpu_loras=1)
@@ -271,7 +272,8 @@ def test_weights_replaced_before_a_reread_fail_their_rows_only(adapter_paths, ro
         assert result.completions[0].token_ids == reference[m]
     shutil.copy(f"{adapter_paths['r8-rslora']}/adapter_model.safetensors", folder / "adapter_model.safetensors")
     (failed,) = engine.generate([GenerationRequest(0, rows[i][0], params, adapter="live")])
-    assert failed.finish_reason == "error" and "changed since it was checked" in failed.error, failed.error
+    assert (failed.finish_reason, failed.error_kind) == ("error", ErrorKind.BAD_ADAPTER), failed.error
+    assert failed.error.startswith("adapter 'live': ") and "changed since it was checked" in failed.error
     (other,) = engine.generate([GenerationRequest(0, rows[j][0], params, adapter="r16-all")])
     assert other.error is None, other.error
     assert other.completions[0].token_ids == reference[j]
