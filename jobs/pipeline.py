@@ -33,7 +33,7 @@ from .reasoning import split_reasoning
 from .records import Layout, RowResult
 from .row_sampling import row_sampling, sampling_columns
 from .rows import KnownDuplicates, Row, RowError, SeenIds
-from .spec import JobSpec, chat_template_path, input_format
+from .spec import JobSpec, chat_template_path, input_format, job_adapters
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
 
@@ -186,7 +186,8 @@ class RowPipeline:
 
     def _adapter(self, row: Row) -> str | None | RowError:
         """The row's LoRA adapter: an OpenAI body's `model` naming one of the job's adapters, else the row's
-        `adapter_column` value, else the job's `adapter` (None: the base model). The engine checks the name."""
+        `adapter_column` value, else the job's `adapter` (None: the base model). A column may name only the job's
+        adapters; the engine checks those."""
         data = row.data or {}
         if self.openai and isinstance(data.get("model"), str) and data["model"] in self.job.adapters:
             return data["model"]
@@ -196,6 +197,12 @@ class RowPipeline:
             if value is not None and (not isinstance(value, str) or not value):
                 message = f"{row.where}: column {column!r} must name an adapter (a string or null), got {value!r}"
                 return RowError(ErrorKind.WRONG_TYPE, message)
+            if value and value not in job_adapters(self.job):
+                # The engine may serve other jobs' adapters too (one engine per model): refused here, by the job.
+                self.adapter_rows[value] += 1  # counted as the engine's refusals are
+                known = ", ".join(sorted(self.job.adapters)) or "none"
+                message = f"{row.where}: adapter {value!r} is not registered (the job's adapters: {known})"
+                return RowError(ErrorKind.BAD_ADAPTER, message)
             if value:
                 return value
         return self.job.adapter

@@ -98,7 +98,7 @@ def test_each_column_needs_one_row_not_one_row_all_of_them(tmp_path: Path) -> No
 def test_adapter_column_reads_a_missing_key_as_null_and_stops_on_a_typo(tmp_path: Path) -> None:
     """A row without the adapter column runs on the job's `adapter`, as a null cell does (and as rows without their
     tools or sampling column do); it was a `missing_column` error row. A column no first row has is a typo."""
-    fields = {"adapters": {"tone": "org/tone"}, "adapter": "tone", "adapter_column": "lora"}
+    fields = {"adapters": {"tone": "org/tone", "x": "org/x"}, "adapter": "tone", "adapter_column": "lora"}
     spec = job_from_dict(
         {"name": "j", "input": {"path": "in.jsonl"}, "output_dir": "out", **fields}, base_dir=str(tmp_path)
     )

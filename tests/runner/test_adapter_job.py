@@ -122,6 +122,29 @@ def test_two_jobs_may_give_one_name_to_two_folders(adapter_paths, tmp_path: Path
         assert row["text"] == peft_text({"tone": adapter_paths[folder]}, "w5 w6 w7 w8", "tone")
 
 
+def test_a_row_naming_another_jobs_adapter_is_a_bad_adapter(adapter_paths, tmp_path: Path) -> None:
+    # Two jobs on one model share an engine, which registers both jobs' adapters (its slots are sized for all of
+    # them when it is built). A row naming the other job's adapter ran on it, though it names none of its own job.
+    names = ["mine", "theirs"]
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": "w5 w6 w7 w8", "lora": n}) + "\n" for i, n in enumerate(names))
+    )
+    jobs = [
+        make_job(
+            tmp_path, name, "in.jsonl", id_column="id", adapters={own: adapter_paths[folder]}, adapter_column="lora"
+        )
+        for name, own, folder in (("first", "mine", "r2-qv"), ("second", "theirs", "r16-all"))
+    ]
+    outcomes = run_jobs(jobs, engine_factory=factory)
+    for job, outcome, own, folder in zip(jobs, outcomes, names, ("r2-qv", "r16-all")):
+        out = {r["id"]: r for r in read_arrow(tmp_path / "out" / f"{job.name}.arrow").to_pylist()}
+        mine, other = (0, 1) if own == "mine" else (1, 0)
+        assert out[mine]["error"] is None, out[mine]["error"]
+        assert out[mine]["text"] == peft_text({own: adapter_paths[folder]}, "w5 w6 w7 w8", own)
+        assert out[other]["error_kind"] == "bad_adapter" and f"'{names[other]}'" in out[other]["error"], out[other]
+        assert outcome.summary.errors_by_kind == {"bad_adapter": 1}
+
+
 def test_plan_lists_the_adapters_and_the_rows_they_fail(adapter_paths, tmp_path: Path) -> None:
     rows = [{"prompt": "w5 w6 w7", "lora": name} for name in ("r2-qv", "broken", "nope", None)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
