@@ -394,6 +394,12 @@ def _read_tensors(spec: AdapterSpec) -> dict[str, tuple[torch.Tensor, torch.Tens
         match = _KEY.match(key)
         if match:
             pairs.setdefault(match["module"], {})[match["part"]] = tensor
+    for module in spec.modules:
+        if not {"A", "B"} <= pairs.get(module, {}).keys():  # read again after the file was replaced
+            raise AdapterError(
+                f"adapter {spec.name!r}: {spec.weights_file} changed since it was checked (it holds no A and B for "
+                f"{module}); register it again"
+            )
     return {module: (pairs[module]["A"], pairs[module]["B"]) for module in spec.modules}
 
 

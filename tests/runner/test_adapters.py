@@ -256,11 +256,14 @@ def test_weights_replaced_after_the_check_fail_their_rows(adapter_paths, rows, r
     assert results[0].error_kind == ErrorKind.BAD_ADAPTER and "changed since it was checked" in results[0].error
 
 
-def test_weights_replaced_before_a_reread_fail_their_rows_only(adapter_paths, rows, reference, tmp_path) -> None:
+@pytest.mark.parametrize("replacement", ["r8-rslora", "r4-mlp"])  # another rank; other modules
+def test_weights_replaced_before_a_reread_fail_their_rows_only(
+    adapter_paths, rows, reference, tmp_path, replacement
+) -> None:
     # With one slot and one host copy an adapter is read again each time it comes back. Replaced by weights of
-    # another rank, its rows fail there, as bad_adapter (they were engine errors); the slot it was to take went
-    # with them, and every later step with an adapter failed (no slot left to evict): the other adapter's rows
-    # were errors too.
+    # another rank or of other modules, its rows fail there, as bad_adapter (they were engine errors, a KeyError
+    # for the modules); the slot it was to take went with them, and every later step with an adapter failed (no
+    # slot left to evict): the other adapter's rows were errors too.
     folder = shutil.copytree(adapter_paths["r2-qv"], tmp_path / "live")
     paths = {"live": str(folder), "r16-all": adapter_paths["r16-all"], "r4-mlp": adapter_paths["r4-mlp"]}
     config = EngineConfig(block_size=4, num_blocks_override=256, max_loras=1, max_cpu_loras=1)
@@ -270,7 +273,7 @@ def test_weights_replaced_before_a_reread_fail_their_rows_only(adapter_paths, ro
     for name, m in (("live", i), ("r16-all", j), ("r4-mlp", k)):  # live's slot and then its host copy go
         (result,) = engine.generate([GenerationRequest(0, rows[m][0], params, adapter=name)])
         assert result.completions[0].token_ids == reference[m]
-    shutil.copy(f"{adapter_paths['r8-rslora']}/adapter_model.safetensors", folder / "adapter_model.safetensors")
+    shutil.copy(f"{adapter_paths[replacement]}/adapter_model.safetensors", folder / "adapter_model.safetensors")
     (failed,) = engine.generate([GenerationRequest(0, rows[i][0], params, adapter="live")])
     assert (failed.finish_reason, failed.error_kind) == ("error", ErrorKind.BAD_ADAPTER), failed.error
     assert failed.error.startswith("adapter 'live': ") and "changed since it was checked" in failed.error
