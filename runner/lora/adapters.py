@@ -107,11 +107,16 @@ class Adapters:
         valid = [s for s in self.specs.values() if isinstance(s, AdapterSpec)]
         # Slot room per layer: the largest rank any adapter registered now gives it.
         self.ranks: dict[str, int] = {}
+        features: dict[str, int] = {}  # a layer's in + out features
         for spec in valid:
             for module, shape in spec.modules.items():
                 self.ranks[module] = max(self.ranks.get(module, 0), shape.rank)
+                features[module] = shape.in_features + shape.out_features
         self.modules = sorted(self.ranks)  # a layer's index in the slot tables
-        self.slot_bytes = max((s.num_bytes(dtype) for s in valid), default=0)
+        # The most a host copy takes: an adapter registered later fits every layer's room, so it may hold more
+        # than any registered now (q alone and v alone at rank 16, then q and v).
+        element = torch.empty(0, dtype=dtype).element_size()
+        self.slot_bytes = sum(rank * features[module] for module, rank in self.ranks.items()) * element
         # Triton's kernels where they compile, or in its CPU interpreter (the fused decoder's tests run there).
         self.use_triton = (
             use_triton

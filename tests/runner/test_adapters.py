@@ -282,6 +282,28 @@ def test_weights_replaced_before_a_reread_fail_their_rows_only(
     assert other.completions[0].token_ids == reference[j]
 
 
+def test_host_copies_reserve_room_for_any_adapter_the_slots_take(tmp_path) -> None:
+    # A CPU engine takes max_cpu_loras host copies out of its KV budget. Sized by the largest adapter registered
+    # as it was built (q alone, v alone), the budget left out one registered later that fits every slot's rank (q
+    # and v), whose copies then took twice the room set aside.
+    one = dict(r=16, lora_alpha=8)
+    paths = save_adapters(
+        lambda: tiny_model("llama"),
+        tmp_path,
+        {"q": {**one, "target_modules": ["q_proj"]}, "v": {**one, "target_modules": ["v_proj"]}},
+    )
+    paths |= save_adapters(
+        lambda: tiny_model("llama"), tmp_path, {"qv": {**one, "target_modules": ["q_proj", "v_proj"]}}
+    )
+    config = EngineConfig(block_size=4, num_blocks_override=256, max_loras=2, max_cpu_loras=2)
+    engine = Engine(config, tiny_loaded("llama"), adapters={"q": paths["q"], "v": paths["v"]})
+    engine.add_adapter("qv", paths["qv"])
+    (result,) = engine.generate([GenerationRequest(0, [1, 2, 3], SamplingParams(max_new_tokens=2), adapter="qv")])
+    assert result.error is None, result.error
+    adapters = engine.adapters
+    assert adapters.host_bytes == 2 * adapters.specs["qv"].num_bytes(adapters.dtype) > 0
+
+
 def test_one_weights_file_under_two_configs_is_two_adapters(adapter_paths, rows, tmp_path) -> None:
     # A hub snapshot links each file to a blob: two revisions may share the weights and differ in lora_alpha. The
     # slot holds B scaled by its config, so one slot for both would run one row with the other's scaling.
