@@ -186,17 +186,31 @@ def inspect_adapter(
             raise AdapterError(f"adapter {name!r} was trained on {base}, not on this engine's model {model_name}")
     shapes = _tensor_shapes(name, weights_file)
     modules = _module_shapes(name, config, shapes, linears, unadapted or {})
+    return AdapterSpec(name, folder, weights_file, modules, _weights_key(weights_file, modules))
+
+
+def _weights_key(weights_file: Path, modules: dict[str, ModuleShape]) -> bytes:
+    """The prefix-cache key of these weights: the file (its size and time too, so a file saved over is another)
+    and the scalings. The slot holds B with its scaling folded in: two configs over one weights file (a symlink,
+    a hub snapshot's blob) are two adapters."""
     stat = weights_file.stat()
-    # The slot holds B with its scaling folded in: two configs over one weights file (a symlink, a hub
-    # snapshot's blob) are two adapters.
     scalings = ",".join(f"{module}={shape.scaling!r}" for module, shape in sorted(modules.items()))
     identity = f"{weights_file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{scalings}"
-    key = hashlib.blake2b(identity.encode(), digest_size=16).digest()
-    return AdapterSpec(name, folder, weights_file, modules, key)
+    return hashlib.blake2b(identity.encode(), digest_size=16).digest()
 
 
 def load_adapter(spec: AdapterSpec, dtype: torch.dtype, device: torch.device) -> dict[str, LoraModule]:
-    """The update of every module `spec` targets, in `dtype` on `device`, scaling folded into B."""
+    """The update of every module `spec` targets, in `dtype` on `device`, scaling folded into B. Weights saved
+    over since they were checked are refused, even of the same shapes: K/V cached under the key of the old ones
+    would serve the new."""
+    try:
+        changed = _weights_key(spec.weights_file, spec.modules) != spec.key
+    except OSError as exc:
+        raise AdapterError(f"adapter {spec.name!r}: cannot read {spec.weights_file}: {exc}") from None
+    if changed:
+        raise AdapterError(
+            f"adapter {spec.name!r}: {spec.weights_file} changed since it was checked; register it again"
+        )
     tensors = _read_tensors(spec)
     out = {}
     for module, shape in spec.modules.items():

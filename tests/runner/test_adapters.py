@@ -256,14 +256,18 @@ def test_weights_replaced_after_the_check_fail_their_rows(adapter_paths, rows, r
     assert results[0].error_kind == ErrorKind.BAD_ADAPTER and "changed since it was checked" in results[0].error
 
 
-@pytest.mark.parametrize("replacement", ["r8-rslora", "r4-mlp"])  # another rank; other modules
+@pytest.mark.parametrize("replacement", ["r8-rslora", "r4-mlp", "same shapes"])  # another rank; other modules
 def test_weights_replaced_before_a_reread_fail_their_rows_only(
     adapter_paths, rows, reference, tmp_path, replacement
 ) -> None:
     # With one slot and one host copy an adapter is read again each time it comes back. Replaced by weights of
     # another rank or of other modules, its rows fail there, as bad_adapter (they were engine errors, a KeyError
     # for the modules); the slot it was to take went with them, and every later step with an adapter failed (no
-    # slot left to evict): the other adapter's rows were errors too.
+    # slot left to evict): the other adapter's rows were errors too. Weights of the same shapes ran, with K/V
+    # cached from the old ones still served under the adapter's prefix-cache key.
+    if replacement == "same shapes":
+        other = save_adapters(lambda: tiny_model("llama"), tmp_path / "other", {"r2-qv": ADAPTER_CONFIGS["r2-qv"]}, 7)
+        adapter_paths = {**adapter_paths, replacement: other["r2-qv"]}
     folder = shutil.copytree(adapter_paths["r2-qv"], tmp_path / "live")
     paths = {"live": str(folder), "r16-all": adapter_paths["r16-all"], "r4-mlp": adapter_paths["r4-mlp"]}
     config = EngineConfig(block_size=4, num_blocks_override=256, max_loras=1, max_cpu_loras=1)
