@@ -47,6 +47,9 @@ def test_openai_bodies_penalties_bias_stop_and_seed_are_served(tmp_path) -> None
         ({"seed": 2**63}, f"seed must be <= {2**63 - 1}, got {2**63}"),
         # smaller, a seen token's logit overflowed to inf and a sampled row drew token 0 at every step
         ({"repetition_penalty": 1e-40, "temperature": 1}, "repetition_penalty must be >= 1e-06, got 1e-40"),
+        # JSON reads a long integer as a Python int, which no float holds: it failed the whole job
+        ({"presence_penalty": 10**400}, "presence_penalty must be a finite number, got 1000"),
+        ({"logit_bias": {"5": 10**400}}, "logit_bias must be a token id -> bias mapping"),
     ],
 )
 def test_a_bad_body_value_fails_its_line_only(tmp_path, body, words) -> None:
