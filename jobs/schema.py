@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from typing import Any, Literal, Union
 
-from kvbatch.runner.config import rule_violation
+from kvbatch.runner.config import is_finite, rule_violation
 
 from .yaml_nodes import Node
 
@@ -131,7 +130,7 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise node.error(f"expected an integer, got {_kind(value)}")
     elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
             raise node.error(f"expected a finite number, got {_kind(value)}")
         value = float(value)
     elif hint is str:

@@ -88,7 +88,7 @@ def type_violation(hint: Any, value: Any) -> str | None:
     elif isinstance(value, bool):  # True is an int to Python, not to a setting
         ok = False
     elif hint is float:  # JSON and YAML can spell Infinity and NaN, which no setting means
-        ok = isinstance(value, (int, float)) and _finite(value)
+        ok = isinstance(value, (int, float)) and is_finite(value)
     elif hint is int:
         ok = isinstance(value, int)
     elif hint is str:
@@ -98,7 +98,7 @@ def type_violation(hint: Any, value: Any) -> str | None:
     return None if ok else f"must be {_KIND_NAMES[hint]}, got {value!r}"
 
 
-def _finite(number: int | float) -> bool:
+def is_finite(number: int | float) -> bool:
     try:
         return math.isfinite(number)
     except OverflowError:  # an integer no float holds: JSON reads 1e400 as inf, but a 400-digit integer as an int
@@ -314,7 +314,7 @@ def _bias_pairs(value: Any) -> Any:
             token_id, bias = pair
             if isinstance(token_id, str) and re.fullmatch(r"[0-9]+", token_id):  # \d: "٥" too
                 token_id = int(token_id)
-            if isinstance(bias, int) and not isinstance(bias, bool) and _finite(bias):
+            if isinstance(bias, int) and not isinstance(bias, bool) and is_finite(bias):
                 bias = float(bias)
             pair = (token_id, bias)
         pairs.append(pair)

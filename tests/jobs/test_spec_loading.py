@@ -527,3 +527,11 @@ def test_a_model_folder_only_in_the_working_folder_is_refused(tmp_path, monkeypa
     (tmp_path / "default").mkdir()  # `default` always names the embedded model
     (tmp_path / "jobs" / "d.yaml").write_text("jobs:\n  - {name: a, model: default, input: {path: in.jsonl}}\n")
     assert load_jobs_file(tmp_path / "jobs" / "d.yaml").jobs[0].model == "default"
+
+
+def test_an_integer_no_float_holds_is_not_a_finite_number(tmp_path: Path) -> None:
+    # YAML reads it as an int, which math.isfinite cannot convert: the file failed with a traceback, not its line
+    huge = "1" + "0" * 400
+    error = spec_error(tmp_path, f"jobs:\n  - name: a\n    input: {{path: x.jsonl}}\n    sampling: {{top_p: {huge}}}\n")
+    assert (error.field, error.where.rsplit(":", 1)[1]) == ("jobs[0].sampling.top_p", "4")
+    assert "expected a finite number, got int 1000" in error.message
