@@ -123,7 +123,7 @@ def mapping_value(value: Any) -> dict | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past Python's parser: no mapping either, and not the job's end
             return None
     if isinstance(value, dict):
         return value

@@ -83,6 +83,26 @@ def test_a_parquet_map_or_json_text_column_holds_a_rows_sampling_values(tmp_path
     assert "column 't' is a string, expected a mapping of sampling fields (or JSON text of one)" in asked[3].message
 
 
+def test_json_text_nested_past_pythons_parser_fails_its_row_only(tmp_path) -> None:
+    # json.loads raises RecursionError, not ValueError, on it: the job failed, not the row
+    import json
+
+    import pyarrow as pa
+    from job_fakes import fake_factory
+
+    from kvbatch.jobs.run import EngineCache, run_job
+
+    rows = [{"id": "deep", "prompt": "hi", "s": "[" * 100_000}, {"id": "ok", "prompt": "hi", "s": '{"n": 1}'}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"name": "j", "input": {"path": "in.jsonl"}, "output_dir": "out", "id_column": "id", "sampling_column": "s"}
+    run_job(job_from_dict(spec, base_dir=str(tmp_path)), EngineCache(fake_factory()))
+    table = pa.ipc.open_stream(pa.memory_map(str(tmp_path / "out" / "j.arrow"))).read_all()
+    out = {row["id"]: row for row in table.to_pylist()}
+    assert out["deep"]["error_kind"] == "wrong_type"
+    assert "column 's' is a string, expected a mapping of sampling fields (or JSON text of one)" in out["deep"]["error"]
+    assert out["ok"]["error"] is None
+
+
 def job(**fields):
     return job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, **fields})
 
