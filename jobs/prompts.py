@@ -19,8 +19,9 @@ from .rows import Row, RowError, mapping_value, type_name
 from .spec import TEMPLATE_CALL_ARGUMENTS, JobSpec, PromptSpec, input_format, template_columns
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
-# A message's fields besides role and content that chat templates read (OpenAI's tool calls and their results),
-# with the type each must have; they go to the template as given.
+# A message's other fields go to the template as given, as transformers' apply_chat_template takes them (Qwen3's
+# templates read an assistant turn's reasoning_content); these, OpenAI's tool calls and their results, must have
+# these types.
 MESSAGE_FIELDS = {"name": str, "tool_call_id": str, "tool_calls": list}
 
 
@@ -180,8 +181,8 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
         if role not in ROLES:
             kind = ErrorKind.BAD_ROLE if isinstance(role, str) else ErrorKind.WRONG_TYPE
             return RowError(kind, f"{at}.role is {role!r}, expected one of {', '.join(ROLES)}")
-        extra = {k: message[k] for k in MESSAGE_FIELDS if message.get(k) is not None}
-        wrong = next((k for k, v in extra.items() if not isinstance(v, MESSAGE_FIELDS[k])), None)
+        extra = {k: v for k, v in message.items() if k not in ("role", "content") and v is not None}
+        wrong = next((k for k, v in extra.items() if not isinstance(v, MESSAGE_FIELDS.get(k, object))), None)
         if wrong is not None:
             wanted = "a list" if MESSAGE_FIELDS[wrong] is list else "a string"
             return RowError(ErrorKind.WRONG_TYPE, f"{at}.{wrong} is {type_name(extra[wrong])}, expected {wanted}")

@@ -74,7 +74,9 @@ class PromptSpec:
 
     column: str | None = setting(None, "one user message per row; unset: column 'prompt'")
     messages_column: str | None = setting(
-        None, "a list of {role, content} messages per row; name, tool_calls, tool_call_id go to the template too"
+        None,
+        "a list of {role, content} messages per row; their other fields (name, tool_calls, reasoning_content, ...) "
+        "go to the template too",
     )
     template: str | None = setting(None, "a user message with {column} placeholders: 'Summarise: {text}'")
     system: str | None = setting(None, "a system message before the row's messages, unless they start with one")
