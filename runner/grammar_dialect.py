@@ -133,6 +133,9 @@ def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
             problem = unsupported_regex(key) or _unescaped_in_json(key)
             if problem:
                 return f"unsupported 'patternProperties' regex {key!r} at {path}: {problem}"
+    problem = _pattern_properties_overlap(schema, path)
+    if problem:
+        return problem
     required = schema.get("required")
     if isinstance(required, list):
         properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
@@ -174,6 +177,27 @@ def _dropped_beside(schema: dict, path: str) -> str | None:
         f"{names} at {path} beside {alone[0]!r} would not be enforced (the grammar engine generates from "
         f"{alone[0]!r} alone); {instead}"
     )
+
+
+def _pattern_properties_overlap(schema: dict, path: str) -> str | None:
+    """A `properties` name that a `patternProperties` regex also matches, as a message: JSON Schema holds its value
+    to both schemas, xgrammar to its `properties` schema alone (`{"name": "a"}` got through a pattern `a` of type
+    integer)."""
+    properties, patterns = schema.get("properties"), schema.get("patternProperties")
+    if not isinstance(properties, dict) or not isinstance(patterns, dict):
+        return None
+    for key in patterns:
+        try:
+            regex = re.compile(key)
+        except re.error:  # xgrammar's dialect only (`\u{e9}`): it refuses the key itself, or reads it so
+            continue
+        name = next((name for name in properties if regex.search(name)), None)
+        if name is not None:
+            return (
+                f"property {name!r} at {path} also matches 'patternProperties' regex {key!r}, whose schema the "
+                f"grammar engine would not apply to it; give the property one schema"
+            )
+    return None
 
 
 def _string_problem(schema: dict, path: str) -> str | None:

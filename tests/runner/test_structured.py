@@ -470,6 +470,52 @@ def test_patterns_the_engine_would_write_unescaped_are_refused(tokenizer, compil
 
 
 @pytest.mark.parametrize(
+    ("schema", "oracle_text", "name", "key"),
+    [
+        # patternProperties keys are searched, not anchored: "a" matches "name"
+        (
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string"}},
+                "patternProperties": {"a": {"type": "integer"}},
+                "required": ["name"],
+            },
+            '{"name": "a"}',
+            "name",
+            "a",
+        ),
+        (
+            {
+                "type": "object",
+                "properties": {"id": {"type": "integer"}, "x1": {"type": "string"}},
+                "patternProperties": {"^x[0-9]$": {"type": "integer"}},
+                "additionalProperties": False,
+            },
+            '{"id": 1, "x1": "b"}',
+            "x1",
+            "^x[0-9]$",
+        ),
+    ],
+)
+def test_a_property_a_pattern_property_also_matches_is_refused(tokenizer, compiler, schema, oracle_text, name, key):
+    """JSON Schema holds a property that a patternProperties regex matches to both schemas; xgrammar's own matcher
+    holds it to its `properties` schema alone, and ends on a value the pattern's schema refuses."""
+    jsonschema = pytest.importorskip("jsonschema")
+    oracle = xgr.GrammarMatcher(compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
+    assert oracle.accept_string(oracle_text) and oracle.accept_token(EOS) and oracle.is_terminated()
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(oracle_text), schema)
+    message = (
+        f"property {name!r} at # also matches 'patternProperties' regex {key!r}, whose schema the grammar engine "
+        "would not apply to it; give the property one schema"
+    )
+    with pytest.raises(ConstraintError, match=f"^{re.escape(message)}$"):
+        GrammarCache(tokenizer, VOCAB, (EOS,)).compile(StructuredOutputs.from_schema(schema))
+    disjoint = {**schema, "patternProperties": {"^z$": {"type": "integer"}}}
+    assert unsupported_keyword(disjoint) is None
+
+
+@pytest.mark.parametrize(
     ("schema", "oracle_text", "message"),
     [
         ({"anyOf": []}, "", "'anyOf' at # is an empty list; JSON Schema needs at least one schema there"),
