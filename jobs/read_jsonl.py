@@ -247,6 +247,12 @@ def openai_row(row: Row) -> Row:
             return bad.failed(ErrorKind.BAD_CONSTRAINT, str(exc))
         if constraint is not None:
             overrides["structured_outputs"] = constraint
+    # vLLM's own field in the same body (`{"choice": [...]}`, ...), checked as the row's sampling is built.
+    if body.get("structured_outputs") is not None:
+        if "structured_outputs" in overrides:
+            message = "the body sets a constraint twice, in response_format and in structured_outputs; give one"
+            return bad.failed(ErrorKind.BAD_CONSTRAINT, message)
+        overrides["structured_outputs"] = body["structured_outputs"]
     return Row(
         row.index,
         {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}

@@ -40,6 +40,33 @@ def test_response_format_becomes_the_rows_constraint(tmp_path: Path) -> None:
         assert error.code == "bad_constraint" and words in error.message and lines[i]["response"] is None
 
 
+def test_a_bodys_vllm_structured_outputs_becomes_the_rows_constraint(tmp_path: Path) -> None:
+    # vLLM's server takes `structured_outputs` in a chat body (its guided_* fields' successor): a batch file written
+    # for it ran unconstrained here, its field ignored.
+    json_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    lines, engine = run_openai(
+        tmp_path,
+        [
+            request("choice", structured_outputs={"choice": ["yes", "no"]}),
+            request("schema", structured_outputs={"json": SCHEMA}),
+            request("regex", structured_outputs={"regex": "[0-9]+"}, response_format={"type": "text"}),
+            request("twice", structured_outputs={"regex": "a"}, response_format=json_schema),
+            request("odd", structured_outputs={"choice": []}),
+            request("free"),
+        ],
+    )
+    constraints = {r.request_id: r.sampling.structured_outputs for r in engine.requests}
+    assert constraints == {
+        0: StructuredOutputs(choice=("yes", "no")),
+        1: StructuredOutputs.from_schema(SCHEMA),
+        2: StructuredOutputs(regex="[0-9]+"),
+        5: None,
+    }
+    for i, words in ((3, "sets a constraint twice"), (4, "choice must be a non-empty list")):
+        error = BatchError.model_validate(lines[i]["error"])
+        assert error.code == "bad_constraint" and words in error.message and lines[i]["response"] is None
+
+
 def _job(tmp_path: Path, rows: list[dict], **fields) -> dict:
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"name": "j", "input": {"path": "in.jsonl"}, "output": {"path": "j.jsonl"}, **fields}
