@@ -14,13 +14,14 @@ Its type comes from the job's JSON schema, once, so every part of the output has
 
 A row gets a value only when its constraint is JSON (json or json_object) and its sample ended with `stop` (a
 constrained row that stops is complete JSON); a row cut at `length`, an error row, a row under a regex, choice or
-grammar, or a value its type cannot hold (an integer past int64) gets null, and its `text` keeps the output as
-generated.
+grammar, or a value its type cannot hold (an integer past int64, a lone surrogate escape) gets null, and its
+`text` keeps the output as generated.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,6 +33,9 @@ from .records import MAX_NESTING
 
 Convert = Callable[[Any], Any]
 _INT64 = (-(2**63), 2**63 - 1)
+# A UTF-16 surrogate written as an escape: JSON text may hold a lone one (`"\ud800"`, which the grammar engine
+# allows), which no UTF-8 string, so no Arrow string, can.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def _as_text(value: Any) -> str:
@@ -171,6 +175,9 @@ class ParsedColumn:
         if text is None or finish_reason != "stop":
             return None
         try:
-            return self.convert(json.loads(text, parse_float=Decimal))
+            value = json.loads(text, parse_float=Decimal)
+            if _SURROGATE_ESCAPE.search(text):  # rare, so only such texts pay for the check
+                json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")  # UnicodeEncodeError: a lone one
+            return self.convert(value)
         except (ValueError, TypeError, OverflowError, RecursionError):  # text keeps what the model wrote
             return None

@@ -105,6 +105,28 @@ def test_rows_that_did_not_stop_or_do_not_fit_get_null() -> None:
     assert ParsedColumn.for_schema(None).value('{"b": [1, {}]}', "stop") == '{"b":[1,{}]}'
 
 
+def test_a_lone_surrogate_escape_gets_null_and_the_output_is_written() -> None:
+    # JSON text may escape a lone UTF-16 surrogate, and the grammar engine's own matcher allows one in any string; no
+    # Arrow string holds it, so building the output table raised UnicodeEncodeError.
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string
+
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    text = '{"a": "\\ud800"}'
+    assert _is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False), text)
+    rows = [
+        RowResult(i, texts=[t], finish_reasons=["stop"], json_output=True) for i, t in enumerate([text, '{"a": "ok"}'])
+    ]
+    for column, paired in (
+        (ParsedColumn.for_schema(json.dumps(schema)), {"a": "\U0001f600"}),
+        (ParsedColumn.for_schema(None), '{"a":"\U0001f600"}'),
+    ):
+        table = Layout(parsed=column).to_table(rows)
+        assert table.column("text").to_pylist() == [text, '{"a": "ok"}']
+        assert table.column("parsed").to_pylist()[0] is None
+        assert column.value('{"a": "\\ud83d\\ude00"}', "stop") == paired  # a pair is one character
+
+
 def test_each_sample_is_parsed_in_a_multi_sample_output() -> None:
     column = ParsedColumn.for_schema(json.dumps({"type": "array", "items": {"type": "boolean"}}))
     layout = Layout(multi=True, parsed=column)
