@@ -200,9 +200,24 @@ def sample_on_device(
     chosen_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0] if raw_logprobs is not None else None
     top = None
     if num_top:
-        values, ids = raw_logprobs.topk(min(num_top, raw_logprobs.shape[-1]), dim=-1)
-        top = (ids, values)
+        top = top_tokens(raw_logprobs, min(num_top, raw_logprobs.shape[-1]))
     return SampledTokens(tokens, chosen_logprobs, top)
+
+
+def top_tokens(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logprobs: [num_rows, vocab_size] float32 -> ([num_rows, k] int64 ids, [num_rows, k] float32 values): each
+    row's k most likely tokens, most likely first, and of equal ones the lower id first, as argmax picks (a greedy
+    token leads its row). torch.topk leaves ties in any order, at the k-th place too; no host sync here."""
+    kth = logprobs.topk(k, dim=-1).values[:, -1:]  # [num_rows, 1]
+    vocab_size = logprobs.shape[-1]
+    descending_ids = torch.arange(vocab_size, 0, -1, dtype=torch.int32, device=logprobs.device)
+    # every token above the k-th value (fewer than k of them), then the lowest ids of those at it
+    key = torch.where(logprobs == kth, descending_ids, 0)  # [num_rows, vocab_size] int32
+    key.masked_fill_(logprobs > kth, vocab_size + 1)
+    ids = key.topk(k, dim=-1).indices.sort(dim=-1).values
+    values = logprobs.gather(1, ids)
+    order = values.sort(dim=-1, descending=True, stable=True).indices
+    return ids.gather(1, order), values.gather(1, order)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[float] | None]:

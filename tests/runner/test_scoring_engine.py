@@ -204,6 +204,29 @@ def test_prompt_and_top_logprobs_equal_a_plain_forward(arch: str) -> None:
             assert top.token_ids[0] == completion.token_ids[step]  # greedy: the chosen token leads
 
 
+def test_top_logprobs_order_ties_by_token_id_as_argmax_does() -> None:
+    """Tokens of equal log-probability (lm_head rows copied from the greedy token's, on both sides of its id) come
+    lowest id first, as argmax picks among them: the greedy token leads its top_logprobs, and a tie at the k-th
+    place keeps the lowest ids. torch.topk left ties in any order (200 before 3, the greedy token)."""
+    loaded, reference = tiny_loaded("llama"), hf_reference("llama")
+    prompt = [5, 6, 7, 8]
+    greedy = reference_logprobs(reference, prompt)[-1].argmax().item()
+    with torch.no_grad():
+        for model in (loaded.model, reference):
+            for other in (3, 200, 511):
+                model.lm_head.weight[other] = model.lm_head.weight[greedy]
+    engine = Engine.from_loaded(loaded, EngineConfig(block_size=4, num_blocks_override=64))
+    rows = reference_logprobs(reference, prompt)[-1:]
+    want_values, want_ids = rows.sort(dim=-1, descending=True, stable=True)
+    for num_top in (1, 3, 4, 5):
+        params = SamplingParams(max_new_tokens=1, logprobs=True, top_logprobs=num_top)
+        completion = next(engine.generate([GenerationRequest(0, prompt, params)])).completions[0]
+        (top,) = completion.top_logprobs
+        assert completion.token_ids == [3] == want_ids[0, :1].tolist()
+        assert top.token_ids == want_ids[0, :num_top].tolist(), num_top
+        assert top.logprobs == pytest.approx(want_values[0, :num_top].tolist(), abs=TOLERANCE)
+
+
 def test_scoring_rows_are_checked() -> None:
     engine = engine_for(max_model_len=32)
     requests = [
