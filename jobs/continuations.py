@@ -86,8 +86,8 @@ def _encode_continuations(
             for c in continuations
         ]
         return [prefix], [ids[1:] if ids[:1] == [prefix] else ids for ids in encoded]
-    context_ids = tokenizer.encode(Prompt(text=context))
-    return context_ids, [tokenizer.encode(Prompt(text=context + moved + c))[len(context_ids) :] for c in continuations]
+    context_ids = _encode_raw(tokenizer, context)
+    return context_ids, [_encode_raw(tokenizer, context + moved + c)[len(context_ids) :] for c in continuations]
 
 
 def encode_for_rolling(tokenizer: Any, prompt: Prompt) -> tuple[list[int], int] | RowError:
@@ -100,12 +100,18 @@ def encode_for_rolling(tokenizer: Any, prompt: Prompt) -> tuple[list[int], int] 
         )
         return RowError(ErrorKind.TOKENIZE, message)
     text = prompt.text if prompt.text is not None else "\n\n".join(m["content"] for m in prompt.messages or [])
+    # a Llama tokenizer's BOS is the text's first token, which the first window then scores after the prefix
+    return _encode_raw(tokenizer, text), prefix
+
+
+def _encode_raw(tokenizer: Any, text: str) -> list[int]:
+    """`text` as lm-eval's hf model encodes it: with the tokenizer's own special tokens (a BOS, for some models),
+    but for a text that spells the BOS itself where that is parsed (prompt.allow_special_tokens)."""
+    hf = tokenizer.tokenizer
     split = not tokenizer.allow_special_tokens
-    # As lm-eval's hf model encodes it: with the tokenizer's own special tokens (a Llama tokenizer's BOS, which the
-    # first window then scores after the prefix), but for a text that spells the BOS itself where that is parsed.
     bos_text = hf.bos_token if isinstance(hf.bos_token, str) else None
     add = split or not bos_text or not text.startswith(bos_text)
-    return list(hf.encode(text, add_special_tokens=add, split_special_tokens=split)), prefix
+    return list(hf.encode(text, add_special_tokens=add, split_special_tokens=split))
 
 
 def _prefix_token(hf: Any) -> int | None:

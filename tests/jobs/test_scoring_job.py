@@ -219,6 +219,26 @@ def test_task_score_gives_lm_evals_loglikelihood_with_and_without_a_context(
         assert score["is_greedy"] == is_greedy
 
 
+def test_task_score_reads_a_spelt_bos_as_lm_eval_does(tmp_path: Path, monkeypatch) -> None:
+    """With prompt.allow_special_tokens, a prompt that starts with the BOS's text (a chat template rendered to text)
+    gets no second BOS from a tokenizer that adds one, as lm-eval's hf model encodes it: the scores equal its
+    loglikelihood on the same folder. The context was encoded as <s> <s> w30 ..."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model_folder = _bos_folder(tmp_path / "bos-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [{"prompt": "<s> w30 w31 w32 ", "continuations": ["w44", "w45 w46"]}]
+    out = run(tmp_path, model_folder, rows, task="score", prompt={"chat_template": False, "allow_special_tokens": True})
+    hf = HFLM(pretrained=str(model_folder), device="cpu", max_length=64, batch_size=1)
+    pairs = [(rows[0]["prompt"], c) for c in rows[0]["continuations"]]
+    want = hf.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)], True)
+    assert out[0]["error"] is None and out[0]["prompt_tokens"] == len(ids("<s> w30 w31 w32")) == 4
+    for score, (logprob, is_greedy) in zip(out[0]["scores"], want, strict=True):
+        assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
+        assert score["is_greedy"] == is_greedy
+
+
 def test_generate_batch_on_its_own_returns_the_columns_the_job_asks_for(model_folder: Path) -> None:
     # GenerateBatch (Ray Data's callable) outside a runner: ray job: a scoring job's scores, against the float32
     # reference, and a generation job's top_logprobs, typed as the job's own output types them.
