@@ -183,15 +183,7 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
     # Not the padding token, which RoBERTa-style embeddings give a position of its own (see _check_positions).
     token_id = 1 if getattr(config.get_text_config(), "pad_token_id", None) == 0 else 0
     token = torch.full((1, 1), token_id, dtype=torch.long, device=device)
-    try:
-        output = model(input_ids=token, position_ids=torch.zeros_like(token), use_cache=False, kvbatch_step=probe)
-    except UnsupportedAttentionError as exc:
-        raise UnsupportedAttentionError(f"model {name!r}: {exc}") from None
-    except NoStepContextError:
-        raise UnsupportedAttentionError(
-            f"model {name!r}: its {config.model_type} layers call the attention without the keyword arguments of "
-            "the model's forward, so kvbatch's paged attention cannot reach its pages"
-        ) from None
+    output = _probe_forward(model, name, input_ids=token, position_ids=torch.zeros_like(token), kvbatch_step=probe)
     if not probe.layers:
         raise UnsupportedAttentionError(f"model {name!r}: no layer sent its attention through kvbatch's interface")
     if probe.repeated:
@@ -223,13 +215,31 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
     return probe.layers
 
 
+def _probe_forward(model: torch.nn.Module, name: str, **inputs):
+    """One forward of the load check, whatever it raises turned into UnsupportedAttentionError: a model that fails
+    here (a drafter that needs its main model's states, an encoder that needs a language id) would fail every row."""
+    try:
+        return model(**inputs, use_cache=False)
+    except UnsupportedAttentionError as exc:
+        raise UnsupportedAttentionError(f"model {name!r}: {exc}") from None
+    except NoStepContextError:
+        raise UnsupportedAttentionError(
+            f"model {name!r}: its {model.config.model_type} layers call the attention without the keyword arguments "
+            "of the model's forward, so kvbatch's paged attention cannot reach its pages"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any failure of the model's own code, named rather than raised mid-job
+        raise UnsupportedAttentionError(
+            f"model {name!r}: a one-token forward fails ({type(exc).__name__}: {exc}), as every row would"
+        ) from exc
+
+
 def _check_positions(model: torch.nn.Module, token: torch.Tensor, logits: torch.Tensor, name: str) -> None:
     """kvbatch gives each token its index from 0 as position_ids. A model that numbers positions otherwise when the
     forward gives none (RoBERTa-style embeddings count from padding_idx + 1 and skip padding tokens, from the token
     ids) computes other numbers from them than transformers' own forward: the first token, once without
     position_ids, must give the logits it gave at position 0."""
     # token: [1, 1] int64; logits: [1, 1, vocab] of the probe forward with position_ids [[0]]
-    own = model(input_ids=token, use_cache=False, kvbatch_step=_Probe()).logits.float()
+    own = _probe_forward(model, name, input_ids=token, kvbatch_step=_Probe()).logits.float()
     # Same inputs give the same logits up to rounding (a GPU's atomic adds reorder sums: bf16 ulps); another position
     # embedding moves them by a good part of their size.
     if (own - logits.float()).abs().max() > 0.05 * logits.float().abs().max():
