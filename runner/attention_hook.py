@@ -40,6 +40,10 @@ class UnsupportedAttentionError(ValueError):
     """A model's attention asks for something kvbatch's paged attention does not compute."""
 
 
+class ForwardFailedError(UnsupportedAttentionError):
+    """The model's own code fails on the load check's plain forward: it would fail every row."""
+
+
 class NoStepContextError(RuntimeError):
     """The attention was called without the step's context: outside the engine, or by a layer that drops the
     keyword arguments of the model's forward."""
@@ -227,8 +231,10 @@ def _probe_forward(model: torch.nn.Module, name: str, **inputs):
             f"model {name!r}: its {model.config.model_type} layers call the attention without the keyword arguments "
             "of the model's forward, so kvbatch's paged attention cannot reach its pages"
         ) from None
+    except torch.cuda.OutOfMemoryError:
+        raise  # the device's state, not the model's code
     except Exception as exc:  # noqa: BLE001 - any failure of the model's own code, named rather than raised mid-job
-        raise UnsupportedAttentionError(
+        raise ForwardFailedError(
             f"model {name!r}: a one-token forward fails ({type(exc).__name__}: {exc}), as every row would"
         ) from exc
 

@@ -384,6 +384,8 @@ def load_model(
     model.to(torch_device).eval()
     try:
         attention_hook.check_model(model, name)
+    except attention_hook.ForwardFailedError as exc:
+        raise ModelLoadError(f"{exc}, so kvbatch does not load it") from exc
     except attention_hook.UnsupportedAttentionError as exc:
         raise ModelLoadError(f"{exc}; kvbatch would compute another model's numbers, so it does not load it") from exc
     if torch_device.type == "cpu" and torch_dtype == torch.float32:

@@ -17,7 +17,7 @@ from tiny_models import EOS_ID, VOCAB_SIZE, word_tokenizer
 
 from kvbatch.runner import attention_hook
 from kvbatch.runner.engine import Engine, EngineConfig
-from kvbatch.runner.model_loader import LoadedModel
+from kvbatch.runner.model_loader import LoadedModel, ModelLoadError, load_model
 from kvbatch.runner.request import GenerationRequest, SamplingParams
 
 _IDS = dict(vocab_size=VOCAB_SIZE, bos_token_id=0, eos_token_id=EOS_ID, pad_token_id=0)
@@ -350,6 +350,15 @@ def test_attention_the_pages_cannot_hold_is_refused_at_load(family: str) -> None
     model = _probe_model(getattr(tf, config_class)(**fields))
     with pytest.raises(attention_hook.UnsupportedAttentionError, match=rf"'tiny': .*{words}"):
         attention_hook.check_model(model, "tiny")
+
+
+def test_a_model_whose_own_forward_fails_is_refused_for_that(tmp_path) -> None:
+    """The loader names the failure, not a computation kvbatch lacks: the model's own code fails a plain forward."""
+    config_class, fields, words = _REFUSED["xmod"]
+    _probe_model(getattr(tf, config_class)(**fields)).save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=rf"{words}.*as every row would, so kvbatch does not load it$"):
+        load_model(str(tmp_path), device="cpu")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
