@@ -325,6 +325,18 @@ def test_compressed_files_and_globs_are_refused_saying_what_to_do(tmp_path: Path
         open_reader(job_for(tmp_path, "*.parquet"), ["prompt"])
 
 
+def test_a_compressed_file_under_a_plain_name_is_refused_by_its_first_bytes(tmp_path: Path) -> None:
+    # A gzip file named in.jsonl (or in.jsonl.GZ, read with input.format jsonl) was one invalid_utf8 row for the
+    # 50 rows it holds, and the job went on to exit 0.
+    import gzip
+
+    data = gzip.compress(b"".join(b'{"prompt": "p%d"}\n' % i for i in range(50)))
+    for name, fields in (("in.jsonl", {}), ("in.jsonl.GZ", {"format": "jsonl"}), ("in.batch", {"format": "openai"})):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(SpecError, match=rf"{name} is compressed \(gzip\).*decompress it first"):
+            open_reader(job_for(tmp_path, name, **fields), ["prompt"])
+
+
 def test_a_name_outside_the_local_cache_is_never_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(InputError, match="kvbatch never downloads inputs"):
