@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kvbatch.errors import ErrorKind, InputError
+from kvbatch.errors import ErrorKind, InputError, SpecError
 from kvbatch.runner.structured_outputs import ConstraintError
 
 from .constraints import response_format_constraint
@@ -64,10 +64,34 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
     except OSError as exc:
         raise InputError(f"cannot open {path}: {exc}") from None
     num_rows = count_rows(path)
+    if is_json_array(path, max_line_bytes, num_rows):
+        handle.close()
+        raise SpecError(
+            f"{path.name} holds one JSON array, not JSON lines (one object a line), which kvbatch reads: write it "
+            f"as JSON lines first (jq -c '.[]' {path.name} > {path.stem}.jsonl)",
+            field="input.path",
+        )
     rows = jsonl_rows(handle, max_line_bytes)
     if openai:
         rows = (openai_row(row) for row in rows)
     return Reader(rows, num_rows, None)
+
+
+def is_json_array(path: Path, max_line_bytes: int, num_rows: int) -> bool:
+    """Whether the file is one JSON array of rows (as a `.json` file often is, and `datasets` reads it) rather than
+    JSON lines: its first line opens an array that goes on past it, or its only line is an array of objects. A JSON
+    lines file whose lines are arrays stays rows (not_an_object errors)."""
+    with open(path, "rb") as f:
+        first = f.readline(max_line_bytes + len(_BOM) + 2).removeprefix(_BOM)
+        while first and not first.strip():
+            first = f.readline(max_line_bytes + 2)
+    if not first.lstrip().startswith(b"["):
+        return False
+    try:
+        value = json.loads(first)
+    except (ValueError, RecursionError):  # no JSON alone: an array that goes on over lines, or past max_line_bytes
+        return num_rows > 1 or not first.endswith(b"\n")
+    return num_rows == 1 and isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def count_rows(path: Path) -> int:

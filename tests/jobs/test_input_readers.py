@@ -171,6 +171,28 @@ def test_jsonl_integer_over_python_limit_is_an_error_row(tmp_path: Path) -> None
     assert rows[1].data == {"prompt": "b"} and rows[1].error is None
 
 
+def test_a_json_array_file_is_refused_not_read_as_junk_lines(tmp_path: Path, monkeypatch) -> None:
+    # A .json file holding one array of rows (what `datasets` and pandas read as rows) was read as JSON lines: one
+    # not_an_object row for the whole array, or written across lines, one bad_json row per line; exit 0 either way.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    rows = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    files = {
+        "one.json": json.dumps(rows),
+        "pretty.json": "\ufeff" + json.dumps(rows, indent=2) + "\n",
+        "braced.json": '[{"prompt": "a"},\n {"prompt": "b"},\n {"prompt": "c"}]',
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        assert datasets.load_dataset("json", data_files=str(tmp_path / name), split="train").to_list() == rows
+        with pytest.raises(SpecError, match=rf"{name} holds one JSON array, not JSON lines") as info:
+            open_reader(job_for(tmp_path, name), ["prompt"])
+        assert info.value.field == "input.path"
+    # JSON lines whose lines are arrays stay rows, each a not_an_object error
+    (tmp_path / "lines.jsonl").write_text('[1, 2]\n{"prompt": "a"}\n[{"prompt": "b"}]\n')
+    got = [(r.index, r.error and r.error.kind) for r in open_reader(job_for(tmp_path, "lines.jsonl"), ["prompt"])]
+    assert got == [(0, ErrorKind.NOT_AN_OBJECT), (1, None), (2, ErrorKind.NOT_AN_OBJECT)]
+
+
 def test_jsonl_limit(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
     reader = open_reader(job_for(tmp_path, "in.jsonl", limit=2), ["prompt"])
