@@ -73,14 +73,27 @@ def _load_data_files(datasets, path: Path, split: str | None):
                 )
             if split is not None and split not in names:
                 raise SpecError(f"{path.name} has no split {split!r} (splits: {', '.join(names)})", field="input.split")
-            return datasets.load_dataset(str(path), split=split or names[0])
-    except SpecError:
+            split = split or names[0]
+            try:
+                return datasets.load_dataset(str(path), split=split)
+            except Exception as exc:  # a data file that does not convert: a bad line, a type that changes
+                raise InputError(
+                    f"{path} is a folder of data files, but `datasets` cannot read its split {split!r}: {_reason(exc)}"
+                ) from None
+    except (SpecError, InputError):
         raise
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ValueError...)
         raise InputError(
             f"{path} is neither a dataset saved with save_to_disk nor a folder of data files `datasets` reads: "
             f"{type(exc).__name__}: {exc}"
         ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception and the one it was raised from: `datasets` wraps a data file's own error (pyarrow's, naming
+    the row) in a DatasetGenerationError that says only that one occurred."""
+    cause = exc.__cause__
+    return f"{type(exc).__name__}: {exc}" + (f" ({type(cause).__name__}: {cause})" if cause is not None else "")
 
 
 @contextlib.contextmanager

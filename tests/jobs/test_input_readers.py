@@ -296,6 +296,20 @@ def test_a_folder_of_data_files_is_read_as_datasets_reads_a_repository(tmp_path:
     assert input_identity(tmp_path / "repo", "train") != before  # a resume over the edited folder is refused
 
 
+def test_a_folder_of_data_files_datasets_cannot_convert_says_why(tmp_path: Path, monkeypatch) -> None:
+    # A bad line in a folder's data file was "neither a dataset saved with save_to_disk nor a folder of data files
+    # `datasets` reads: DatasetGenerationError: An error occurred while generating the dataset": a folder of data
+    # files after all, and the reason (which `datasets` keeps as the error's cause) was left out.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "train.jsonl").write_text('{"prompt": "a"}\n{"prompt": bad\n')
+    with pytest.raises(InputError) as info:
+        open_reader(job_for(tmp_path, "repo"), ["prompt"])
+    message = str(info.value)
+    assert "repo is a folder of data files, but `datasets` cannot read its split 'train'" in message
+    assert "JSON parse error: Invalid value. in row 1" in message and "neither" not in message
+
+
 def test_json_values_of_a_datasets_input_reach_the_prompt_as_datasets_reads_them(tmp_path: Path, monkeypatch) -> None:
     # datasets types a message content that is text in one row and a list of parts in another as `Json`, stored as
     # JSON text: the prompt got the text `"hi"`, quotes included. Kept columns stay as stored.
