@@ -175,7 +175,7 @@ def input_identity(path: Path, split: str | None = None) -> dict[str, Any]:
     """{"input_file": size and hashes of its first and last MiB} for an input file; for a `datasets` folder, a
     hash of the state.json of the split read (all splits without one: each holds its split's fingerprint and data
     file names) and of those data files' sizes; for a folder of data files (a dataset repository's layout), a
-    hash of every file's name and size; {} for a dataset named from the HF cache.
+    hash of every file's name and identity as a file; {} for a dataset named from the HF cache.
 
     Stored in the manifest's fingerprint so that a rerun over an edited input (rows added, removed or changed:
     row indexes would then pair old results with new rows) is refused. Cheap by design: an edit in the middle of a
@@ -185,12 +185,16 @@ def input_identity(path: Path, split: str | None = None) -> dict[str, Any]:
         return {INPUT_KEY: _folder_identity(path, split)}
     if not path.is_file():
         return {}
+    return {INPUT_KEY: _file_identity(path)}
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = hashlib.sha256(f.read(_SAMPLE_BYTES)).hexdigest()[:16]
         f.seek(max(size - _SAMPLE_BYTES, 0))
         tail = hashlib.sha256(f.read(_SAMPLE_BYTES)).hexdigest()[:16]
-    return {INPUT_KEY: {"bytes": size, "head_sha256": head, "tail_sha256": tail}}
+    return {"bytes": size, "head_sha256": head, "tail_sha256": tail}
 
 
 def _folder_identity(path: Path, split: str | None) -> dict[str, Any]:
@@ -213,6 +217,7 @@ def _folder_identity(path: Path, split: str | None) -> dict[str, Any]:
         for file in sorted(root.rglob("*")):
             name = file.relative_to(path)
             if file.is_file() and not any(part.startswith(".") for part in name.parts):  # not .git, .cache
-                digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+                # each as a file read alone is known: a row edited to the same length changes its hashes
+                digest.update(f"{name}\0{json.dumps(_file_identity(file), sort_keys=True)}\0".encode())
                 num_files += 1
     return {"files": num_files, "sha256": digest.hexdigest()[:16]}

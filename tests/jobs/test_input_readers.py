@@ -296,6 +296,20 @@ def test_a_folder_of_data_files_is_read_as_datasets_reads_a_repository(tmp_path:
     assert input_identity(tmp_path / "repo", "train") != before  # a resume over the edited folder is refused
 
 
+def test_a_folder_of_data_files_edited_in_place_has_another_identity(tmp_path: Path) -> None:
+    # Its identity was each file's name and size: a row's text edited to the same length ("yes" to "no!") went
+    # unseen, so a rerun called the old output complete (and a resume would pair old results with new rows),
+    # where the same edit to the file read alone is refused.
+    from kvbatch.jobs.manifest import input_identity
+
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "train.jsonl").write_text('{"prompt": "yes"}\n')
+    before = input_identity(tmp_path / "repo")
+    (tmp_path / "repo" / "train.jsonl").write_text('{"prompt": "no!"}\n')
+    assert input_identity(tmp_path / "repo") != before
+    assert input_identity(tmp_path / "repo")["input_file"]["files"] == 1
+
+
 def test_a_folder_of_data_files_datasets_cannot_convert_says_why(tmp_path: Path, monkeypatch) -> None:
     # A bad line in a folder's data file was "neither a dataset saved with save_to_disk nor a folder of data files
     # `datasets` reads: DatasetGenerationError: An error occurred while generating the dataset": a folder of data
