@@ -533,17 +533,25 @@ def chat_template_path(job: JobSpec) -> Path:
     return path if path.is_absolute() else Path(job.base_dir) / path
 
 
+# The input formats `input.format: auto` reads from a file's extension.
+INPUT_EXTENSIONS = {
+    ".parquet": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".arrow": "arrow",
+    ".feather": "arrow",
+    ".ipc": "arrow",
+}
+
+
 def input_format(job: JobSpec) -> str:
     """The input format, with `auto` decided from the path."""
     if job.input.format != "auto":
         return job.input.format
     path = input_path(job)
-    if path.suffix == ".parquet":
-        return "parquet"
-    if path.suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if path.suffix in (".arrow", ".feather", ".ipc"):
-        return "arrow"
+    if path.suffix in INPUT_EXTENSIONS:
+        return INPUT_EXTENSIONS[path.suffix]
     if path.is_dir():
         return "hf"
     if path.suffix:

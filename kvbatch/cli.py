@@ -23,7 +23,7 @@ from kvbatch.console import ConsoleTyper
 from kvbatch.errors import ExitCode, InterruptedJob, KvbatchError, SpecError, exit_code_of
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import JobOutcome, run_jobs
-from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file
+from kvbatch.jobs.spec import INPUT_EXTENSIONS, JobSpec, job_from_dict, load_jobs_file
 from kvbatch.jobs.yaml_nodes import load_yaml
 
 OK, INTERRUPTED = ExitCode.OK, ExitCode.INTERRUPTED
@@ -226,9 +226,7 @@ def generate(
     _start_run(verbose, quiet)
     with _errors():
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".-") or "generate"  # names start with [A-Za-z0-9_]
-        # A local input by its absolute path, as the model is: the spec, and so a resume, names one file from any
-        # working folder (a dataset name or a URI stays as written).
-        input_path = os.path.abspath(input) if os.path.exists(input) else input
+        input_path = os.path.abspath(input) if _local_input(input, input_format) else input
         data = {
             "name": name,
             "model": model,
@@ -460,6 +458,19 @@ def _drop_none(data: Any) -> Any:
         cleaned = {k: _drop_none(v) for k, v in data.items() if v is not None}
         return {k: v for k, v in cleaned.items() if v != {}}
     return data
+
+
+def _local_input(path: str, input_format: str | None) -> bool:
+    """Whether generate's INPUT is a local file or folder, which the spec names by its absolute path, as the model.
+
+    So the spec, and a resume, name one file from any working folder, and still after the input is removed (a rerun
+    after a cleanup finds its output complete): a missing path that a file format or extension marks as a file is
+    local too. A dataset name in the local HF cache or a URI stays as written."""
+    if "://" in path:
+        return False
+    if os.path.exists(path):
+        return True
+    return input_format in ("jsonl", "parquet", "arrow", "openai") or Path(path).suffix in INPUT_EXTENSIONS
 
 
 def _logging(verbose: bool, quiet: bool) -> None:

@@ -172,7 +172,7 @@ def test_generate_builds_one_job(tmp_path: Path, recorder: Recorder, monkeypatch
         {
             "name": "my_answers",
             "model": "/m",
-            "input": {"path": "data/in.parquet", "format": "parquet", "limit": 2},
+            "input": {"path": str(tmp_path / "data" / "in.parquet"), "format": "parquet", "limit": 2},
             "prompt": {"template": "Q: {q}", "system": "S", "chat_template": False},
             "id_column": "id",
             "keep_columns": ["a", "b"],
@@ -190,7 +190,12 @@ def test_generate_defaults(tmp_path: Path, recorder: Recorder, monkeypatch: pyte
     monkeypatch.chdir(tmp_path)
     assert invoke("generate", "in.jsonl", "-o", "out.arrow").exit_code == 0
     expected = job_from_dict(
-        {"name": "out", "input": {"path": "in.jsonl"}, "output": {"path": "out.arrow"}, "output_dir": "."},
+        {
+            "name": "out",
+            "input": {"path": str(tmp_path / "in.jsonl")},
+            "output": {"path": "out.arrow"},
+            "output_dir": ".",
+        },
         base_dir=str(tmp_path),
     )
     assert recorder.calls == [([expected], False)]
@@ -212,6 +217,24 @@ def test_generate_names_a_local_input_alike_from_any_folder(
     first, second = (call[0][0] for call in recorder.calls)
     assert first.input.path == second.input.path == str(tmp_path / "data" / "in.jsonl")
     assert spec_hash(first) == spec_hash(second)
+
+
+def test_generate_names_a_removed_input_as_it_did_before(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun after the input was cleaned up is the same job, so it finds its finished output complete."""
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert invoke("generate", "in.jsonl", "-o", "out/a.arrow").exit_code == 0
+    (tmp_path / "in.jsonl").unlink()
+    assert invoke("generate", "in.jsonl", "-o", "out/a.arrow").exit_code == 0
+    assert invoke("generate", "gone", "--input-format", "jsonl", "-o", "out/b.arrow").exit_code == 0
+    assert invoke("generate", "user/dataset-2.5", "--input-format", "hf", "-o", "out/c.arrow").exit_code == 0
+    first, second, by_format, dataset = (call[0][0] for call in recorder.calls)
+    assert first.input.path == second.input.path == str(tmp_path / "in.jsonl")
+    assert spec_hash(first) == spec_hash(second)
+    assert by_format.input.path == str(tmp_path / "gone")
+    assert dataset.input.path == "user/dataset-2.5"  # a dataset name in the local HF cache stays as written
 
 
 @pytest.mark.parametrize(
@@ -403,7 +426,7 @@ def test_generate_takes_set_under_its_options(tmp_path: Path, recorder: Recorder
     expected = job_from_dict(
         {
             "name": "out",
-            "input": {"path": "in.jsonl"},
+            "input": {"path": str(tmp_path / "in.jsonl")},
             "sampling": {"presence_penalty": 0.5, "logit_bias": {"7": -100}, "temperature": 0.9},
             "sampling_columns": ["temperature", "seed"],
             "output": {"path": "out.arrow"},
@@ -478,7 +501,7 @@ def test_generate_set_reaches_every_field_and_the_options_win(
     expected = job_from_dict(
         {
             "name": "out",
-            "input": {"path": "in.jsonl"},
+            "input": {"path": str(tmp_path / "in.jsonl")},
             "sampling": {"stop": ["\n\n", "END"], "n": 2, "top_k": 40, "logprobs": True, "temperature": 0.5},
             "engine": {"max_num_seqs": 8},
             "output": {"path": "out.arrow"},
