@@ -35,8 +35,9 @@ def is_ipc_file(path: Path) -> bool:
         return f.read(len(FILE_MAGIC)) == FILE_MAGIC
 
 
-def read_arrow(path: Path) -> pa.Table:
+def read_arrow(path: str | os.PathLike[str]) -> pa.Table:
     """An Arrow output, memory-mapped: a stream, an IPC file (older outputs), or a `save_to_disk` folder."""
+    path = Path(path)
     if path.is_dir():
         return pa.concat_tables([read_arrow(p) for p in hf_data_files(path)])
     source = pa.memory_map(str(path))

@@ -41,6 +41,7 @@ def test_an_arrow_output_opens_with_datasets_from_file_and_pyarrow_stream(tmp_pa
     table = pa.ipc.open_stream(pa.memory_map(str(out))).read_all()
     assert table.to_pylist() == dataset.to_list()
     assert json.loads(table.schema.metadata[b"kvbatch.job"])["name"] == "j"
+    assert read_arrow(str(out)).equals(table)  # outputs.md's reader, given a path as text
     report = inspect_output(out, 1)
     assert (report.format, report.num_rows, report.finish_reasons["error"]) == ("arrow", 6, 1)
 
