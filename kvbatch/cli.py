@@ -397,10 +397,10 @@ def _with_options(sets: list[str] | None, options: dict[str, Any]) -> dict[str, 
 
 
 def _start_run(verbose: bool, quiet: bool) -> None:
-    """What `run` and `generate` do before any job: logging, a torchrun worker's own loop, loading quietly."""
+    """What `run` and `generate` do before any job: logging, loading quietly, a torchrun worker's own loop."""
     _logging(verbose, quiet)
+    _quiet_model_loading(verbose)  # before a worker serves: it loads its share of the checkpoint too
     _serve_if_torchrun_worker()
-    _quiet_model_loading(verbose)
 
 
 def _serve_if_torchrun_worker() -> None:

@@ -531,6 +531,33 @@ def test_quiet_turns_progress_off_and_verbose_logs_debug(
     assert invoke("run", jobs_file(tmp_path), "-v", "--quiet").exit_code == 2
 
 
+def test_a_torchrun_worker_loads_its_share_without_loading_bars(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks > 0 under torchrun load the checkpoint too; their bars would cut through rank 0's progress."""
+    from transformers.utils import logging as hf_logging
+
+    from kvbatch.runner.parallel import tensor_parallel
+
+    bars_while_serving: list[bool] = []
+    monkeypatch.setattr(
+        tensor_parallel, "serve_from_env", lambda: bars_while_serving.append(hf_logging.is_progress_bar_enabled())
+    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for logger in (logging.root, logging.getLogger("kvbatch")):  # put back after the test
+        monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(logging.root, "handlers", [])
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        result = invoke("run", jobs_file(tmp_path), "--tensor-parallel", "2", "-q")
+    finally:
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    assert result.exit_code == 0, result.output
+    assert bars_while_serving == [False] and recorder.calls == []  # served rank 0's engine, ran no job itself
+
+
 def test_merge_of_an_output_file_refuses_a_job_selection(tmp_path: Path) -> None:
     # An output file names no jobs: `-j` was ignored without a word, as if it had selected one.
     result = invoke("merge", str(tmp_path / "answers.arrow"), "--job", "first")
