@@ -52,11 +52,12 @@ def never_fits(request: GenerationRequest, limits: AdmissionLimits) -> tuple[Err
         return _outside_vocab(limits.vocab_size, request.prompt_token_ids, [request.rolling_prefix])
     capacity = limits.capacity_tokens
     if num_prompt >= capacity:
-        limit = "the context" if limits.max_model_len <= limits.pool_tokens else "the KV pool"
+        if limits.max_model_len <= limits.pool_tokens:
+            limit = f"the context is {limits.max_model_len} tokens"
+        else:
+            limit = f"the KV pool holds {limits.pool_tokens} tokens, less than the context's {limits.max_model_len}"
         return ErrorKind.PROMPT_TOO_LONG, (
-            f"the prompt has {num_prompt} tokens; at most {capacity - 1} fit, leaving room for one "
-            f"new token ({limit}: {capacity} tokens; context {limits.max_model_len}, "
-            f"KV pool {limits.pool_tokens})"
+            f"the prompt has {num_prompt} tokens; at most {capacity - 1} fit, leaving room for one new token ({limit})"
         )
     problem = _outside_vocab(limits.vocab_size, request.prompt_token_ids)
     if problem is not None:

@@ -56,7 +56,7 @@ def test_plan_reports_lengths_pool_capacity_and_failures(tmp_path: Path) -> None
     assert dict(plan.failures) == {"bad_json": 1, "prompt_too_long": 1, "missing_column": 1}
     assert (
         plan.failure_examples[1] == f"row 5 (line 6): the prompt has {chat_tokens('e' * 400)} tokens; "
-        "at most 199 fit, leaving room for one new token (the context: 200 tokens; context 200, KV pool 1600)"
+        "at most 199 fit, leaving room for one new token (the context is 200 tokens)"
     )
     assert plan.truncated == sum(n + 40 > 200 for n in lengths)
     text = plan.format()

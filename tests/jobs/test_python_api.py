@@ -169,8 +169,8 @@ def test_errors_name_the_prompts_and_continuations_passed_not_columns() -> None:
     ]
     (long,) = kvbatch.generate([" ".join(["w5"] * 600)], model="tiny", chat_template=False, results=True)
     assert long.error.message == (
-        "prompts[0]: the prompt has 600 tokens; at most 511 fit, leaving room for one new token (the context: 512 "
-        "tokens; context 512, KV pool 2048)"
+        "prompts[0]: the prompt has 600 tokens; at most 511 fit, leaving room for one new token (the context is "
+        "512 tokens)"
     )
     scores = kvbatch.score(["w5", "w5", "w5"], [[" w6"], [], None], model="tiny", results=True)
     assert messages(scores) == [
