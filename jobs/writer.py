@@ -141,6 +141,7 @@ class OutputWriter:
             if previous.complete and self.output.exists():
                 self.already_complete = True
                 self.manifest.parts, self.manifest.complete = previous.parts, True
+                self._remove_parts()  # left by a run stopped between finishing the output and removing them
             elif previous.complete:
                 log.info("%s was removed after it was finished; running the job again", self.output)
                 self._clear_parts()
@@ -285,12 +286,16 @@ class OutputWriter:
                 f"cannot write {shown_path(self.output)}: {exc.strerror or exc}; every row is committed in parts, "
                 "fix this (free space?) and rerun to write it"
             ) from exc
-        # The final file holds every row now; parts are only needed until here.
+        self._remove_parts()
+        return WriteReport(len(order), num_bytes, count_by(table, "finish_reason"), count_by(table, "error_kind"))
+
+    def _remove_parts(self) -> None:
+        """Remove the parts of a finished output: the final file holds their rows, so they are only needed until
+        it is written."""
         for part in self.manifest.parts:
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / part.file).unlink()
         fsync_dir(self.dir)
-        return WriteReport(len(order), num_bytes, count_by(table, "finish_reason"), count_by(table, "error_kind"))
 
     def output_order(self, table: pa.Table, num_rows: int) -> np.ndarray:
         """The part rows' positions in output order: every input row once."""

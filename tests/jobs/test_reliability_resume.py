@@ -18,6 +18,7 @@ from kvbatch.errors import InputError, JobError, ModelLoadError, OutputError
 from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.runners import run_jobs
+from kvbatch.jobs.signals import StopNow
 from kvbatch.jobs.spec import fingerprint_hash, job_from_dict
 from kvbatch.jobs.writer import work_dir
 
@@ -104,6 +105,31 @@ def test_complete_output_is_not_redone(folder: Path) -> None:
     assert outcome.summary.status == "already complete" and outcome.summary.rows_this_run == 0
     assert factory.engines == [], "no model is loaded for a finished job"
     assert (folder / "out" / "out.jsonl").read_bytes() == before
+
+
+def test_parts_of_an_output_stopped_once_it_was_finished_are_removed_by_the_rerun(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second signal (or a kill) after the manifest said complete, before the parts were removed: the rerun found
+    # the output complete and kept the parts for good, a second copy of every row beside it.
+    save = Manifest.save
+
+    def save_then_stop(self: Manifest, path: Path) -> None:
+        save(self, path)
+        if self.complete:
+            raise StopNow("SIGTERM")
+
+    monkeypatch.setattr(Manifest, "save", save_then_stop)
+    with pytest.raises(StopNow):
+        run(folder)
+    monkeypatch.undo()
+    parts_dir = work_dir(folder / "out" / "out.jsonl")
+    assert list(parts_dir.glob("part-*")), "the stop came before the parts were removed"
+
+    outcome, factory = run(folder)
+    assert outcome.summary.status == "already complete" and factory.engines == []
+    assert not list(parts_dir.glob("part-*"))
+    assert_complete(folder / "out" / "out.jsonl")
 
 
 def test_a_complete_output_without_its_summary_reports_the_rows_it_holds(folder: Path) -> None:
