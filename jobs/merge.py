@@ -230,12 +230,18 @@ def _prepare(output: Path, first: Manifest, overwrite: bool) -> Path:
     """Refuse to replace an output that another job wrote; return the output's work folder."""
     folder = work_dir(output)
     manifest_path = folder / "manifest.json"
+    previous = Manifest.load(manifest_path) if manifest_path.exists() and not overwrite else None
     if output.exists() and not overwrite:
-        previous = Manifest.load(manifest_path) if manifest_path.exists() else None
         if previous is None or previous.spec_hash != first.spec_hash:
             raise MergeError(
                 f"{output} exists and was not written by this job's spec; remove it or merge with --overwrite"
             )
+    if previous is not None and previous.parts and not previous.complete and previous.spec_hash != first.spec_hash:
+        # An unfinished run of another spec: the merged manifest would drop the parts it names, and their rows.
+        raise MergeError(
+            f"{folder} holds rows another job spec committed (an unfinished run on {output.name}); finish or remove "
+            "that run, or merge with --overwrite"
+        )
     if folder.is_symlink():  # the lock and manifest would land wherever it points
         raise MergeError(f"{folder} is a symbolic link; kvbatch keeps its work files beside the output, remove it")
     folder.mkdir(parents=True, exist_ok=True)

@@ -265,6 +265,23 @@ def test_merge_refuses_mixed_counts_and_someone_elses_output(tmp_path):
     assert read_arrow(Path(out2)).num_rows == NUM_ROWS
 
 
+def test_merge_refuses_to_drop_rows_another_spec_committed_to_the_output(tmp_path):
+    # An unfinished run of another spec on the same output has no output file yet, only its committed parts: the
+    # merge wrote its own manifest over theirs (dropping the journal that named them), so those rows were lost
+    # without --overwrite.
+    out = tmp_path / "answers.arrow"
+    for i in range(2):
+        _write_shard(out, Shard(i, 2))
+    manifest = Manifest("job", "h2", {"model": "m"}, out.name, "arrow")
+    with OutputWriter(out, "arrow", LAYOUT, manifest, part_rows=2) as writer:
+        for row in range(4):
+            writer.add(RowResult(row, id=f"id{row}", texts=["t"], finish_reasons=["stop"]))
+    with pytest.raises(MergeError, match="rows another job spec committed"):
+        merge_shards(out)
+    assert Manifest.load(work_dir(out) / "manifest.json").done_rows() == {0, 1, 2, 3}
+    assert merge_shards(out, overwrite=True).num_rows == NUM_ROWS
+
+
 def test_merge_refuses_shards_run_over_different_inputs(tmp_path):
     out = tmp_path / "answers.arrow"
     _write_shard(out, Shard(0, 2))
