@@ -343,12 +343,12 @@ def merge(
         for output in outputs:
             if not shards and parts_dir(output).is_dir():  # a Ray run's folder of parts
                 report = merge_parts(output)
-                typer.echo(f"merged {report.num_shards} parts -> {report.output}: {report.num_rows} rows")
+                typer.echo(f"merged {_count(report.num_shards, 'part')} -> {report.output}: {report.num_rows} rows")
                 continue
             report = merge_shards(output, shards or None, overwrite=overwrite)
             typer.echo(
-                f"merged {report.num_shards} shards -> {report.output}: {report.num_rows} rows, {report.num_bytes} "
-                "bytes"
+                f"merged {_count(report.num_shards, 'shard')} -> {report.output}: {report.num_rows} rows, "
+                f"{report.num_bytes} bytes"
             )
 
 
@@ -377,6 +377,10 @@ def _finish(outcomes: list[JobOutcome]) -> None:
     codes = [OK, *(exit_code_of(o.error) for o in outcomes if o.error is not None)]
     if max(codes) != OK:
         raise typer.Exit(INTERRUPTED if INTERRUPTED in codes else max(codes))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @contextlib.contextmanager

@@ -562,3 +562,8 @@ def test_merge_of_an_output_file_refuses_a_job_selection(tmp_path: Path) -> None
     # An output file names no jobs: `-j` was ignored without a word, as if it had selected one.
     result = invoke("merge", str(tmp_path / "answers.arrow"), "--job", "first")
     assert result.exit_code == 2 and "--job selects jobs of a job file" in result.stderr, result.output
+
+
+def test_merge_counts_its_inputs_in_words():
+    assert cli._count(1, "shard") == "1 shard" and cli._count(1, "part") == "1 part"
+    assert cli._count(4, "shard") == "4 shards" and cli._count(0, "part") == "0 parts"
