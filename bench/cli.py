@@ -292,7 +292,8 @@ def _profile(
     engine: Engine, work: Workload, record: dict[str, Any], json_path: Path | None, trace_path: Path | None
 ) -> None:
     """Run the workload again (other prompts, so nothing hits the prefix cache) under torch.profiler and print
-    where the device time went, by engine phase and kernel kind (bench/breakdown.py)."""
+    where the device time went, by engine phase and kernel kind (bench/breakdown.py); on the CPU, which has no
+    kernels to share out, torch's table of its ops by their own time."""
     import gzip
     import tempfile
 
@@ -315,6 +316,8 @@ def _profile(
     table = breakdown(events)
     emit_record({**record, "runner": "kvbatch-profiled", **result, "breakdown": table.as_dict()}, json_path)
     typer.echo(table.table())
+    if engine.device.type != "cuda":  # no device kernels to share out: the host's own ops, by their own time
+        typer.echo(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 def _compare_hf(model, work: Workload, batch_size: int, base: dict, ours: dict, json_path: Path | None) -> None:
