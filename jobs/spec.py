@@ -347,6 +347,23 @@ def job_from_dict(
     return job_from_node(merge(overrides_to_node(under), node) if under else node, base_dir)
 
 
+# What an OpenAI Batch input's rows hold of each body besides custom_id (jobs/read_jsonl.py's openai_row), the
+# only columns keep_columns may name; the fields after it name input columns, which such an input does not have.
+OPENAI_ROW_COLUMNS = ("messages", "model", "tools", "chat_template_kwargs")
+OPENAI_UNREAD_FIELDS = (
+    ("prompt", "column"),
+    ("prompt", "messages_column"),
+    ("prompt", "template"),
+    ("prompt", "tools_column"),
+    ("prompt", "chat_template_kwargs_column"),
+    ("id_column",),
+    ("sampling_columns",),
+    ("sampling_column",),
+    ("constraint_column",),
+    ("adapter_column",),
+)
+
+
 def validate(job: JobSpec, node: Node) -> None:
     """Checks that involve more than one field."""
 
@@ -367,6 +384,19 @@ def validate(job: JobSpec, node: Node) -> None:
         raise node.error("missing required field 'input'")
     if job.input.split is not None and input_format(job) != "hf":  # else it would be ignored without a word
         raise at("input", "split").error(f"a split is for a datasets input, not a {input_format(job)} one")
+    if job.input.format == "openai":  # each line's body is its request: a column named here would be ignored
+        for keys in OPENAI_UNREAD_FIELDS:
+            if getattr(job.prompt if keys[0] == "prompt" else job, keys[-1]):
+                raise at(*keys).error(
+                    "an OpenAI Batch input has no columns: each line's custom_id is its id, and its body gives the "
+                    "messages, tools, chat_template_kwargs, sampling and response_format"
+                )
+        unread = [c for c in job.keep_columns if c not in OPENAI_ROW_COLUMNS]
+        if unread:
+            raise at("keep_columns").error(
+                f"an OpenAI Batch input has no column {unread[0]!r}: its rows hold each body's "
+                f"{', '.join(OPENAI_ROW_COLUMNS)}"
+            )
     chosen = [k for k in ("column", "messages_column", "template") if getattr(job.prompt, k) is not None]
     if len(chosen) > 1:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")

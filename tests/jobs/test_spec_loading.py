@@ -324,6 +324,30 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
             "jobs[0].sampling.stop[1]",
             "must not be an empty string",
         ),
+        # An OpenAI Batch line's body is its request and custom_id its id: a column named here would be ignored
+        *(
+            (
+                f"jobs:\n  - name: a\n    input: {{path: x.jsonl, format: openai}}\n    {text}\n",
+                ":4",
+                f"jobs[0].{field}",
+                "an OpenAI Batch input has no columns",
+            )
+            for text, field in [
+                ("prompt: {template: 'Q: {q}'}", "prompt.template"),
+                ("prompt: {column: q}", "prompt.column"),
+                ("prompt: {tools_column: functions}", "prompt.tools_column"),
+                ("id_column: id", "id_column"),
+                ("sampling_columns: [temperature]", "sampling_columns"),
+                ("constraint_column: schema", "constraint_column"),
+                ("adapter_column: lora", "adapter_column"),
+            ]
+        ),
+        (  # a row keeps only what it holds of the body: messages, model, tools, chat_template_kwargs
+            "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    keep_columns: [model, topic]\n",
+            ":4",
+            "jobs[0].keep_columns",
+            "an OpenAI Batch input has no column 'topic': its rows hold each body's messages, model",
+        ),
     ],
 )
 def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, field: str, words: str) -> None:
@@ -332,6 +356,12 @@ def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, f
     assert error.where == f"{tmp_path / 'jobs.yaml'}{where}"
     assert words in error.message
     assert str(error).startswith(f"{error.where}: {field}: ")
+
+
+def test_an_openai_input_keeps_the_body_fields_its_rows_hold(tmp_path: Path) -> None:
+    text = "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    keep_columns: [model, messages]\n"
+    (job,) = load_jobs_file(write(tmp_path, text)).jobs
+    assert job.keep_columns == ("model", "messages")
 
 
 def test_whitespace_stop_strings_are_accepted(tmp_path: Path) -> None:
