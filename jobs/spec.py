@@ -397,6 +397,11 @@ def validate(job: JobSpec, node: Node) -> None:
                 f"an OpenAI Batch input has no column {unread[0]!r}: its rows hold each body's "
                 f"{', '.join(OPENAI_ROW_COLUMNS)}"
             )
+        if job.task == "score":
+            raise at("task").error(
+                "task score reads each row's continuations from a column (continuations_column), and an OpenAI "
+                "Batch input has none"
+            )
     chosen = [k for k in ("column", "messages_column", "template") if getattr(job.prompt, k) is not None]
     if len(chosen) > 1:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")

@@ -348,6 +348,12 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
             "jobs[0].keep_columns",
             "an OpenAI Batch input has no column 'topic': its rows hold each body's messages, model",
         ),
+        (  # every row would fail with missing_column, after the model loaded
+            "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    task: score\n",
+            ":4",
+            "jobs[0].task",
+            "task score reads each row's continuations from a column",
+        ),
     ],
 )
 def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, field: str, words: str) -> None:
