@@ -385,14 +385,18 @@ def validate(job: JobSpec, node: Node) -> None:
     if job.input.split is not None and input_format(job) != "hf":  # else it would be ignored without a word
         raise at("input", "split").error(f"a split is for a datasets input, not a {input_format(job)} one")
     if job.input.format == "openai":  # each line's body is its request: a column named here would be ignored
+        # unless `defaults:` names it for the file's other jobs: it does not stop this one
+        def own(*keys: str) -> bool:
+            return not at(*keys).path.startswith("defaults.")
+
         for keys in OPENAI_UNREAD_FIELDS:
-            if getattr(job.prompt if keys[0] == "prompt" else job, keys[-1]):
+            if getattr(job.prompt if keys[0] == "prompt" else job, keys[-1]) and own(*keys):
                 raise at(*keys).error(
                     "an OpenAI Batch input has no columns: each line's custom_id is its id, and its body gives the "
                     "messages, tools, chat_template_kwargs, sampling and response_format"
                 )
         unread = [c for c in job.keep_columns if c not in OPENAI_ROW_COLUMNS]
-        if unread:
+        if unread and own("keep_columns"):
             raise at("keep_columns").error(
                 f"an OpenAI Batch input has no column {unread[0]!r}: its rows hold each body's "
                 f"{', '.join(OPENAI_ROW_COLUMNS)}"

@@ -370,6 +370,18 @@ def test_an_openai_input_keeps_the_body_fields_its_rows_hold(tmp_path: Path) -> 
     assert job.keep_columns == ("model", "messages")
 
 
+def test_an_openai_job_takes_no_stop_from_defaults_meant_for_other_jobs(tmp_path: Path) -> None:
+    """`defaults:` that name columns of the file's other inputs do not stop its OpenAI Batch job, which reads
+    none (the same fields written on the job itself are refused above)."""
+    text = (
+        "defaults:\n  id_column: id\n  keep_columns: [topic]\n  prompt: {column: q}\njobs:\n"
+        "  - name: a\n    input: {path: x.parquet}\n"
+        "  - name: b\n    input: {path: x.jsonl, format: openai}\n"
+    )
+    plain, openai = load_jobs_file(write(tmp_path, text)).jobs
+    assert (plain.id_column, openai.input.format) == ("id", "openai")
+
+
 def test_whitespace_stop_strings_are_accepted(tmp_path: Path) -> None:
     text = 'jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {stop: ["\\n\\n", " ", "\\n"]}\n'
     (job,) = load_jobs_file(write(tmp_path, text)).jobs
