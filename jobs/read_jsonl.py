@@ -48,6 +48,8 @@ VLLM_SAMPLING = (
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "bad_words",
     "allowed_token_ids", "include_stop_str_in_output",
 )  # fmt: skip
+# vLLM's guided_json, guided_regex, guided_choice and guided_grammar: the structured_outputs kinds they became.
+VLLM_GUIDED = ("json", "regex", "choice", "grammar")
 OPENAI_MAX_TOP_LOGPROBS = 20  # the API's own limit
 _PROMPT_CONTROLS = frozenset({"continue_final_message", "add_generation_prompt"})
 # The API's temperature range, where kvbatch's setting takes any (temperature 5 is a setting, not a chat request): a
@@ -271,12 +273,19 @@ def openai_row(row: Row) -> Row:
             return bad.failed(ErrorKind.BAD_CONSTRAINT, str(exc))
         if constraint is not None:
             overrides["structured_outputs"] = constraint
-    # vLLM's own field in the same body (`{"choice": [...]}`, ...), checked as the row's sampling is built.
+    # vLLM's own field in the same body (`{"choice": [...]}`, ...), checked as the row's sampling is built; or its
+    # older guided_* fields, which batch files written for it still carry: ignored, the row ran unconstrained.
+    guided = {ours: body[f"guided_{ours}"] for ours in VLLM_GUIDED if body.get(f"guided_{ours}") is not None}
+    sources = ["response_format"] if "structured_outputs" in overrides else []
+    sources += ["structured_outputs"] if body.get("structured_outputs") is not None else []
+    sources += ["guided_*"] if guided else []  # several guided_* fields are refused as the constraint is built
+    if len(sources) > 1:
+        message = f"the body sets a constraint twice, in {' and in '.join(sources)}; give one"
+        return bad.failed(ErrorKind.BAD_CONSTRAINT, message)
     if body.get("structured_outputs") is not None:
-        if "structured_outputs" in overrides:
-            message = "the body sets a constraint twice, in response_format and in structured_outputs; give one"
-            return bad.failed(ErrorKind.BAD_CONSTRAINT, message)
         overrides["structured_outputs"] = body["structured_outputs"]
+    elif guided:
+        overrides["structured_outputs"] = guided
     return Row(
         row.index,
         {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}

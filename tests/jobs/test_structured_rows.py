@@ -67,6 +67,32 @@ def test_a_bodys_vllm_structured_outputs_becomes_the_rows_constraint(tmp_path: P
         assert error.code == "bad_constraint" and words in error.message and lines[i]["response"] is None
 
 
+def test_a_bodys_vllm_guided_fields_become_the_rows_constraint(tmp_path: Path) -> None:
+    # vLLM's guided_* fields, which structured_outputs replaced and batch files written for it still carry: they
+    # were ignored, and the row ran unconstrained.
+    lines, engine = run_openai(
+        tmp_path,
+        [
+            request("choice", guided_choice=["yes", "no"]),
+            request("schema", guided_json=SCHEMA),
+            request("regex", guided_regex="[0-9]+"),
+            request("grammar", guided_grammar='root ::= "a" | "b"'),
+            request("twice", guided_regex="a", structured_outputs={"regex": "b"}),
+            request("two kinds", guided_regex="a", guided_choice=["b"]),
+        ],
+    )
+    constraints = {r.request_id: r.sampling.structured_outputs for r in engine.requests}
+    assert constraints == {
+        0: StructuredOutputs(choice=("yes", "no")),
+        1: StructuredOutputs.from_schema(SCHEMA),
+        2: StructuredOutputs(regex="[0-9]+"),
+        3: StructuredOutputs(grammar='root ::= "a" | "b"'),
+    }
+    for i, words in ((4, "in structured_outputs and in guided_*"), (5, "")):
+        error = BatchError.model_validate(lines[i]["error"])
+        assert error.code == "bad_constraint" and words in error.message and lines[i]["response"] is None
+
+
 def _job(tmp_path: Path, rows: list[dict], **fields) -> dict:
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"name": "j", "input": {"path": "in.jsonl"}, "output": {"path": "j.jsonl"}, **fields}
