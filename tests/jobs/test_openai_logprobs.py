@@ -52,7 +52,7 @@ def request(custom_id: str, **body: Any) -> dict[str, Any]:
     }
 
 
-def run_openai(tmp_path: Path, lines: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], FakeEngine]:
+def run_openai(tmp_path: Path, lines: list[dict[str, Any]], **fields: Any) -> tuple[list[dict[str, Any]], FakeEngine]:
     (tmp_path / "batch.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     engines: list[FakeEngine] = []
 
@@ -61,7 +61,8 @@ def run_openai(tmp_path: Path, lines: list[dict[str, Any]]) -> tuple[list[dict[s
         return engines[-1]
 
     job = job_from_dict(
-        {"name": "j", "output_dir": "out", "input": {"path": "batch.jsonl", "format": "openai"}}, base_dir=str(tmp_path)
+        {"name": "j", "output_dir": "out", "input": {"path": "batch.jsonl", "format": "openai"}, **fields},
+        base_dir=str(tmp_path),
     )
     run_job(job, EngineCache(factory))
     out = (tmp_path / "out" / "j.jsonl").read_text().splitlines()
@@ -204,3 +205,12 @@ class SentencePieceLike:
 
 def test_token_bytes_of_sentencepiece_pieces() -> None:
     assert TokenBytes(SentencePieceLike())([5, 6, 7, 2]) == [b" hello", b"\xe2", b"ok", None]
+
+
+def test_the_jobs_logprobs_setting_is_each_bodys_default(tmp_path: Path) -> None:
+    lines, _ = run_openai(
+        tmp_path, [request("asks not"), request("turns off", logprobs=False)], sampling={"logprobs": True}
+    )
+    with_logprobs = ChatCompletion.model_validate(lines[0]["response"]["body"]).choices[0].logprobs
+    assert with_logprobs is not None and with_logprobs.content
+    assert ChatCompletion.model_validate(lines[1]["response"]["body"]).choices[0].logprobs is None
