@@ -234,6 +234,12 @@ class JobsFile:
         return [known[n] for n in dict.fromkeys(names)]  # `-j a -j a` runs a once, in the order first named
 
 
+# Settings read whole by their own parser (a constraint: one of json, regex, ..., any JSON under it) are one value:
+# a job's replaces the defaults', --set's the job's. Merged key by key, a job's schema took the defaults'
+# properties too, and a job's choice beside the defaults' regex made two constraints.
+WHOLE_VALUES = frozenset(f.name for f in dataclasses.fields(SamplingParams) if "parse" in f.metadata)
+
+
 def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) -> JobsFile:
     """Read and check a job file. `overrides` (dotted keys -> values) apply to every job, over the file."""
     path = Path(path)
@@ -262,7 +268,7 @@ def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) ->
     for job_node in jobs_node.value:
         if not isinstance(job_node.value, dict):
             raise job_node.error("each job must be a mapping with at least `name` and `input`")
-        merged = merge(merge(defaults, job_node), override_node)
+        merged = merge(merge(defaults, job_node, WHOLE_VALUES), override_node, WHOLE_VALUES)
         jobs.append(job_from_node(merged, base_dir=str(path.resolve().parent)))
     names = [j.name for j in jobs]
     for i, name in enumerate(names):
@@ -344,7 +350,7 @@ def job_from_dict(
     """Build a job from plain values (kvbatch generate, tests); errors name `source` and the field, without a line.
     `under`: dotted values (`--set`) that `data` overrides field by field."""
     node = from_plain(data, "", source)
-    return job_from_node(merge(overrides_to_node(under), node) if under else node, base_dir)
+    return job_from_node(merge(overrides_to_node(under), node, WHOLE_VALUES) if under else node, base_dir)
 
 
 # What an OpenAI Batch input's rows hold of each body besides custom_id (jobs/read_jsonl.py's openai_row), the

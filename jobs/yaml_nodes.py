@@ -153,8 +153,9 @@ def from_plain(value: Any, path: str, source: str | None = None) -> Node:
     return Node(value, path, None, source)
 
 
-def merge(base: Node, override: Node) -> Node:
+def merge(base: Node, override: Node, whole: frozenset[str] = frozenset()) -> Node:
     """Deep-merge two mappings: `override` wins field by field; each value keeps the line where it was written.
+    A field named in `whole` is one value, mapping or not: `override`'s replaces `base`'s.
 
     The merged mapping itself is named after the side written in a file (the job over `defaults:`; the job, not
     the command line), so an error about the whole mapping ("missing required field") points at the job.
@@ -162,7 +163,7 @@ def merge(base: Node, override: Node) -> Node:
     if isinstance(base.value, dict) and isinstance(override.value, dict):
         merged = dict(base.value)
         for key, node in override.value.items():
-            merged[key] = merge(merged[key], node) if key in merged else node
+            merged[key] = merge(merged[key], node, whole) if key in merged and key not in whole else node
         named = override if override.line is not None or base.line is None else base
         return Node(merged, named.path, named.line, named.source)
     return override

@@ -188,6 +188,32 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
     assert c.model == "from-cli"
 
 
+def test_a_jobs_constraint_replaces_the_defaults_whole(tmp_path: Path) -> None:
+    # Merged key by key, the job's schema took the defaults' properties too, and a job's choice beside the
+    # defaults' regex was two constraints
+    text = """\
+    defaults:
+      sampling:
+        structured_outputs:
+          json: {type: object, properties: {name: {type: string}}, required: [name]}
+    jobs:
+      - name: a
+        input: {path: in.jsonl}
+        sampling:
+          structured_outputs:
+            json: {type: object, properties: {age: {type: integer}}, required: [age]}
+      - name: b
+        input: {path: in.jsonl}
+        sampling: {structured_outputs: {choice: [red, blue]}}
+    """
+    a, b = load_jobs_file(write(tmp_path, text)).jobs
+    schema = '{"type":"object","properties":{"age":{"type":"integer"}},"required":["age"]}'
+    assert a.sampling.structured_outputs.json == schema
+    assert b.sampling.structured_outputs.choice == ("red", "blue") and b.sampling.structured_outputs.json is None
+    (c, _) = load_jobs_file(write(tmp_path, text), {"sampling.structured_outputs": {"regex": "[0-9]+"}}).jobs
+    assert (c.sampling.structured_outputs.regex, c.sampling.structured_outputs.json) == ("[0-9]+", None)
+
+
 @pytest.mark.parametrize(
     ("text", "where", "field", "words"),
     [
