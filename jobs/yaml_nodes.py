@@ -7,6 +7,7 @@ the last one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,9 +130,22 @@ def _convert(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoad
     return Node(_scalar(node, path, source, constructor), path, line, source)
 
 
+# Numbers YAML 1.1 (PyYAML's) and YAML 1.2 read apart: a leading zero is octal (`012` is 10, not 12) and colons are
+# base 60 (`1:30` is 90, not text). Refused rather than read one way: a seed or length would silently differ.
+_YAML_1_1_NUMBER = re.compile(r"[-+]?(0[0-7_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+
+
 def _scalar(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoader) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         raise SpecError("a mapping key must be a plain value", field=path, where=f"{source}:{node.start_mark.line + 1}")
+    if node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and _YAML_1_1_NUMBER.fullmatch(node.value):
+        value = constructor.construct_object(node, deep=True)
+        raise SpecError(
+            f"{node.value!r} reads as {value} in YAML 1.1 but not in YAML 1.2 (a leading zero is octal, colons are "
+            "base 60): write the number without them, or quote it for text",
+            field=path,
+            where=f"{source}:{node.start_mark.line + 1}",
+        )
     try:
         return constructor.construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:

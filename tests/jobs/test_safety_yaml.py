@@ -108,6 +108,33 @@ def test_values_yaml_cannot_build_are_spec_errors(tmp_path: Path, extra: str, me
     assert load_error(tmp_path, JOB + extra).startswith(message)
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        # YAML 1.1 (PyYAML's) reads these as 10 and 90, YAML 1.2 (and most other readers) as 12 and text
+        ("    sampling: {max_new_tokens: 012}\n", "jobs.yaml:4: jobs[0].sampling.max_new_tokens: '012' reads as 10"),
+        ("    sampling: {seed: -0012}\n", "jobs.yaml:4: jobs[0].sampling.seed: '-0012' reads as -10"),
+        ("    sampling: {max_new_tokens: 1:30}\n", "jobs.yaml:4: jobs[0].sampling.max_new_tokens: '1:30' reads as 90"),
+        ("    progress_seconds: 1:30.5\n", "jobs.yaml:4: jobs[0].progress_seconds: '1:30.5' reads as 90.5"),
+        ("    sampling: {stop: [10:30]}\n", "jobs.yaml:4: jobs[0].sampling.stop[0]: '10:30' reads as 630"),
+    ],
+    ids=["octal", "negative-octal", "base-60", "base-60-float", "base-60-text"],
+)
+def test_numbers_yaml_versions_read_apart_are_refused(tmp_path: Path, extra: str, message: str) -> None:
+    assert load_error(tmp_path, JOB + extra).startswith(message)
+
+
+def test_numbers_every_yaml_reads_alike_load(tmp_path: Path) -> None:
+    text = JOB + "    sampling: {max_new_tokens: 0x10, seed: 0, top_k: 1_000, temperature: 0.5, top_p: 0.05}\n"
+    (tmp_path / "jobs.yaml").write_text(text)
+    (job,) = load_jobs_file(tmp_path / "jobs.yaml").jobs
+    sampling = job.sampling
+    assert (sampling.max_new_tokens, sampling.seed, sampling.top_k, sampling.top_p) == (16, 0, 1000, 0.05)
+    assert _parse_sets(["sampling.seed='0012'"]) == {"sampling.seed": "0012"}
+    with pytest.raises(SpecError, match="--set sampling.seed:1: '0012' reads as 10"):
+        _parse_sets(["sampling.seed=0012"])
+
+
 def test_an_alias_inside_itself_is_refused(tmp_path: Path) -> None:
     assert load_error(tmp_path, "jobs: &a\n  - *a\n").startswith("jobs.yaml: YAML error: nested too deeply")
 
