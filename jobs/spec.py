@@ -234,10 +234,13 @@ class JobsFile:
         return [known[n] for n in dict.fromkeys(names)]  # `-j a -j a` runs a once, in the order first named
 
 
-# Settings read whole by their own parser (a constraint: one of json, regex, ..., any JSON under it) are one value:
-# a job's replaces the defaults', --set's the job's. Merged key by key, a job's schema took the defaults'
-# properties too, and a job's choice beside the defaults' regex made two constraints.
-WHOLE_VALUES = frozenset(f.name for f in dataclasses.fields(SamplingParams) if "parse" in f.metadata)
+# Settings that are one value however they are spelt: a job's replaces the defaults', --set's the job's, as a row's
+# replaces the job's. A constraint (one of json, regex, ..., any JSON under it) merged key by key took the
+# defaults' schema properties too, or made two constraints; a logit_bias mapping (a list of pairs replaced) was
+# merged into the defaults', which `{}` could not clear.
+WHOLE_VALUES = frozenset(
+    f.name for f in dataclasses.fields(SamplingParams) if "parse" in f.metadata or f.name == "logit_bias"
+)
 
 
 def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) -> JobsFile:

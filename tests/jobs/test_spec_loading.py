@@ -214,6 +214,23 @@ def test_a_jobs_constraint_replaces_the_defaults_whole(tmp_path: Path) -> None:
     assert (c.sampling.structured_outputs.regex, c.sampling.structured_outputs.json) == ("[0-9]+", None)
 
 
+def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path: Path) -> None:
+    # As a list it replaced the defaults', as a mapping it was merged into them: {} could not clear them
+    text = """\
+    defaults:
+      sampling: {logit_bias: {5: -100}}
+    jobs:
+      - {name: mapping, input: {path: in.jsonl}, sampling: {logit_bias: {6: 2}}}
+      - {name: pairs, input: {path: in.jsonl}, sampling: {logit_bias: [[6, 2]]}}
+      - {name: cleared, input: {path: in.jsonl}, sampling: {logit_bias: {}}}
+      - {name: kept, input: {path: in.jsonl}}
+    """
+    jobs = load_jobs_file(write(tmp_path, text)).jobs
+    assert [job.sampling.logit_bias for job in jobs] == [((6, 2.0),), ((6, 2.0),), (), ((5, -100.0),)]
+    (job, *_) = load_jobs_file(write(tmp_path, text), {"sampling.logit_bias": {7: 1}}).jobs
+    assert job.sampling.logit_bias == ((7, 1.0),)
+
+
 @pytest.mark.parametrize(
     ("text", "where", "field", "words"),
     [
