@@ -305,8 +305,17 @@ def overrides_to_node(overrides: dict[str, Any]) -> Node:
                     field=".".join(keys[: depth + 1]),
                     where="command line",
                 )
-        target[keys[-1]] = value
+        target[keys[-1]] = _set_over(target.get(keys[-1]), value, keys[-1])
     return from_plain(nested, "", "command line")
+
+
+def _set_over(earlier: Any, value: Any, key: str) -> Any:
+    """A later --set over an earlier one, field by field as the command line goes over the job: `--set
+    engine.device=cpu --set 'engine={seed: 1}'` keeps the device. Copied, never the caller's own mappings."""
+    if isinstance(value, dict) and key not in WHOLE_VALUES:
+        base = earlier if isinstance(earlier, dict) else {}
+        return {**base, **{k: _set_over(base.get(k), v, k) for k, v in value.items()}}
+    return value
 
 
 def job_from_node(node: Node, base_dir: str) -> JobSpec:

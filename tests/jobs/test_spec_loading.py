@@ -188,6 +188,17 @@ def test_precedence_command_line_over_job_over_defaults(tmp_path: Path) -> None:
     assert c.model == "from-cli"
 
 
+def test_a_later_set_of_a_whole_section_keeps_an_earlier_field_of_it(tmp_path: Path) -> None:
+    # --set engine.device=cpu --set 'engine={seed: 1}': the mapping replaced the field set before it, silently
+    overrides = {"engine.device": "cpu", "engine": {"seed": 1}, "sampling.temperature": 0.5, "sampling": {"top_k": 3}}
+    job = load_one(tmp_path, "jobs:\n  - name: a\n    input: {path: in.jsonl}\n", overrides)
+    assert (job.engine.device, job.engine.seed, job.sampling.temperature, job.sampling.top_k) == ("cpu", 1, 0.5, 3)
+    overrides = {"engine": {"seed": 1}, "engine.device": "cpu"}
+    job = load_one(tmp_path, "jobs:\n  - name: a\n    input: {path: in.jsonl}\n", overrides)
+    assert (job.engine.device, job.engine.seed) == ("cpu", 1)
+    assert overrides == {"engine": {"seed": 1}, "engine.device": "cpu"}  # the caller's values are left as given
+
+
 def test_a_jobs_constraint_replaces_the_defaults_whole(tmp_path: Path) -> None:
     # Merged key by key, the job's schema took the defaults' properties too, and a job's choice beside the
     # defaults' regex was two constraints
