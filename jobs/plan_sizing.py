@@ -15,6 +15,7 @@ from typing import Any
 
 from kvbatch.cache.backends import select_backend
 from kvbatch.cache.budget import PoolSize
+from kvbatch.errors import BackendUnavailableError
 from kvbatch.jobs.run import EngineCache, default_engine_factory
 from kvbatch.jobs.spec import JobSpec, job_adapters
 from kvbatch.runner.engine import EngineConfig
@@ -89,7 +90,10 @@ def sizing_without_weights(config: EngineConfig) -> ModelSizing:
     tokenizer, model_config = load_tokenizer_and_config(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    backend = select_backend(config.attention_backend, device, config.block_size)
+    try:
+        backend = select_backend(config.attention_backend, device, config.block_size)
+    except ValueError as exc:  # a backend asked for by name that cannot run here, refused as the Engine refuses it
+        raise BackendUnavailableError(str(exc)) from None
     pool = fixed_pool_size(kv_cache_spec(model_config, config.block_size, backend.name, dtype), config)
     return ModelSizing(
         tokenizer,

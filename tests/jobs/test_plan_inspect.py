@@ -293,6 +293,22 @@ def test_plan_on_the_cpu_reads_no_weights_and_matches_the_engine(
     assert (weightless.failures, weightless.max_num_seqs, weightless.prefix_cache) == ({"prompt_too_long": 1}, 5, True)
 
 
+@pytest.mark.parametrize("backend", ["triton", "flash-attn"])
+def test_plan_on_the_cpu_refuses_a_gpu_backend_as_the_run_does(tmp_path: Path, backend: str) -> None:
+    # The engine raises BackendUnavailableError; the weightless plan let select_backend's ValueError out, a traceback
+    from reliability_helpers import save_tiny_model
+
+    from kvbatch.errors import BackendUnavailableError
+
+    folder = save_tiny_model(tmp_path / "model")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    spec = job(tmp_path, model=str(folder), engine={"device": "cpu", "attention_backend": backend})
+    with pytest.raises(
+        BackendUnavailableError, match=f"the {backend} backend needs a CUDA device, the model runs on cpu"
+    ):
+        plan_job(spec, EngineCache())
+
+
 def test_inspect_counts_reasons_and_kinds_and_shows_samples(tmp_path: Path) -> None:
     write_input(tmp_path)
     run_job(job(tmp_path), EngineCache(fake_factory(max_model_len=200)))
