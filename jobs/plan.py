@@ -24,7 +24,7 @@ from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache, left_out
 from kvbatch.jobs.shard_output import job_shard
-from kvbatch.jobs.spec import JobSpec, check_job_constraint, check_token_ids
+from kvbatch.jobs.spec import JobSpec, check_job_constraint, check_token_ids, output_path
 from kvbatch.runner.admission import AdmissionLimits, never_fits
 from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.sequence import capped_new_tokens
@@ -131,6 +131,7 @@ def _rows(count: int) -> str:
 
 
 def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
+    output_path(job)  # a run stops on an output it cannot write (a folder, the input itself): so does its plan
     layout = layout_for(job, {})
     reader = open_reader(job, input_columns(job, layout))  # the columns a run reads
     if reader.columns is None:  # a run stops on a prompt column none of the first rows has: so does its plan

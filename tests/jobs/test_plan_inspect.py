@@ -251,6 +251,15 @@ def test_a_jobs_own_constraint_no_token_may_begin_stops_the_job_once(tmp_path: P
     assert not (tmp_path / "out" / "out.jsonl").exists()
 
 
+def test_plan_refuses_an_output_path_the_run_refuses(tmp_path: Path) -> None:
+    # The run stopped on it with exit 2 before reading a row; its plan said nothing would fail
+    write_input(tmp_path)
+    (tmp_path / "out" / "p.arrow").mkdir(parents=True)
+    with pytest.raises(SpecError, match=r"output.path 'p.arrow' is a directory") as info:
+        plan_job(job(tmp_path, output_dir="out"), EngineCache(fake_factory()))
+    assert info.value.field == "output.path"
+
+
 def test_plan_of_a_clean_input_says_none_will_fail(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
     text = plan_job(job(tmp_path), EngineCache(fake_factory())).format()
