@@ -87,7 +87,7 @@ class StructuredOutputs:
         if unknown:
             raise ConstraintError(f"unknown constraint field(s) {', '.join(map(str, unknown))}; use one of {KINDS}")
         fields = dict(value)
-        if "json" in fields:
+        if fields.get("json") is not None:  # null is unset, as for the other kinds (an Arrow struct's other fields)
             fields["json"] = schema_text(fields["json"])
         if isinstance(fields.get("choice"), list):
             fields["choice"] = tuple(fields["choice"])

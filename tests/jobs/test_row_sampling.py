@@ -83,6 +83,24 @@ def test_a_parquet_map_or_json_text_column_holds_a_rows_sampling_values(tmp_path
     assert "column 't' is a string, expected a mapping of sampling fields (or JSON text of one)" in asked[3].message
 
 
+def test_a_struct_column_holds_a_rows_constraint_with_its_other_kinds_null(tmp_path) -> None:
+    # An Arrow struct has every field on every row, null where unset: a null json was read as a schema and every
+    # row failed with "a JSON schema is an object, got NoneType"
+    from kvbatch.jobs.constraints import column_constraint
+    from kvbatch.runner.structured_outputs import StructuredOutputs
+
+    kinds = pa.struct([("json", pa.string()), ("regex", pa.string()), ("choice", pa.list_(pa.string()))])
+    values = [{"json": None, "regex": "[0-9]+", "choice": None}, {"json": None, "regex": None, "choice": ["a", "b"]}]
+    table = pa.table({"prompt": ["a", "b"], "structured_outputs": pa.array(values, kinds)})
+    pq.write_table(table, tmp_path / "in.parquet")
+    spec = {"name": "j", "input": {"path": "in.parquet"}, "sampling_columns": ["structured_outputs"]}
+    spec = job_from_dict(spec, base_dir=str(tmp_path))
+    rows = list(open_reader(spec, ["prompt", "structured_outputs"]))
+    asked = [dataclasses.replace(spec.sampling, **row_sampling(row, spec)).structured_outputs for row in rows]
+    assert asked == [StructuredOutputs(regex="[0-9]+"), StructuredOutputs(choice=("a", "b"))]
+    assert [column_constraint(row.data["structured_outputs"]) for row in rows] == asked  # as a constraint_column
+
+
 def test_json_text_nested_past_pythons_parser_fails_its_row_only(tmp_path) -> None:
     # json.loads raises RecursionError, not ValueError, on it: the job failed, not the row
     import json
