@@ -80,7 +80,9 @@ class PromptSpec:
     )
     template: str | None = setting(None, "a user message with {column} placeholders: 'Summarise: {text}'")
     system: str | None = setting(None, "a system message before the row's messages, unless they start with one")
-    chat_template: bool = setting(True, "false: the raw text, no chat template")
+    chat_template: bool = setting(
+        True, "false: the raw text, no chat template (nor its file, kwargs or tools, which are then refused)"
+    )
     allow_special_tokens: bool = setting(
         False, "true: text in rows may become control tokens (unsafe with untrusted data)"
     )
@@ -429,6 +431,13 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")
     if job.prompt.template is not None:
         template_columns(job.prompt.template, at("prompt", "template"))
+    if not job.prompt.chat_template:  # the raw text goes to the model: these would be dropped without a word
+        for name in ("chat_template_file", "chat_template_kwargs", "chat_template_kwargs_column", "tools_column"):
+            if getattr(job.prompt, name) is not None:
+                raise at("prompt", name).error(
+                    "is given to the chat template, which prompt.chat_template: false turns off (the raw text goes "
+                    "to the model as it is)"
+                )
     if job.prompt.chat_template_file is not None:
         _check_chat_template_file(chat_template_path(job), at("prompt", "chat_template_file"))
     steering = sorted(TEMPLATE_CALL_ARGUMENTS & set(job.prompt.chat_template_kwargs or {}))

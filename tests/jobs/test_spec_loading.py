@@ -293,6 +293,20 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].prompt.chat_template",
             "expected true or false",
         ),
+        (  # with the template off, the raw text goes to the model: the tools were silently dropped
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt:\n"
+            "      chat_template: false\n      tools_column: t\n",
+            ":6",
+            "jobs[0].prompt.tools_column",
+            "is given to the chat template, which prompt.chat_template: false turns off",
+        ),
+        (
+            "defaults:\n  prompt: {chat_template_kwargs: {enable_thinking: false}}\n"
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {chat_template: false}\n",
+            ":2",
+            "defaults.prompt.chat_template_kwargs",
+            "is given to the chat template, which prompt.chat_template: false turns off",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {format: csv}\n",
             ":4",
