@@ -485,6 +485,12 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("adapters" if job.adapters else "adapter").error(
             "LoRA adapters run on a local engine of one process (runner: local, parallel.tensor: 1)"
         )
+    if job.runner == "local":  # else a job file's ray_address or ray_actors would run the job locally without a word
+        for name in ("ray_address", "ray_actors", "ray_gpus_per_actor", "ray_batch_rows"):
+            if getattr(job.parallel, name) != getattr(ParallelSpec(), name):
+                raise at("parallel", name).error(
+                    "is for runner: ray, and this job runs locally (runner: local); set runner: ray (or --ray-address)"
+                )
     if job.runner == "ray" and (job.parallel.data > 1 or job.parallel.tensor > 1):
         raise at("runner").error(
             "with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor"

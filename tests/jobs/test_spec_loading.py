@@ -307,6 +307,18 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "defaults.prompt.chat_template_kwargs",
             "is given to the chat template, which prompt.chat_template: false turns off",
         ),
+        (  # a job file's ray_address without runner: ray ran the job locally, with no word of it
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    parallel: {ray_address: auto}\n",
+            ":4",
+            "jobs[0].parallel.ray_address",
+            "is for runner: ray, and this job runs locally (runner: local)",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    parallel: {ray_actors: 4}\n",
+            ":4",
+            "jobs[0].parallel.ray_actors",
+            "is for runner: ray, and this job runs locally (runner: local)",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {format: csv}\n",
             ":4",
