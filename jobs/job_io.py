@@ -155,15 +155,20 @@ class JobIO:
 
 def checked_first_rows(job: JobSpec, rows: Iterator[Row]) -> Iterator[Row]:
     """`rows` of an input without a schema (JSONL), after checking that one of the first has each prompt column
-    and the adapter column (jobs/first_rows.py); OpenAI Batch lines are checked line by line instead."""
+    and each per-row settings column (jobs/first_rows.py); OpenAI Batch lines are checked line by line instead."""
     if input_format(job) == "openai":
         return rows
     pspec = prompt_spec(job)
     field = next(f"prompt.{k}" for k in ("template", "messages_column", "column") if getattr(pspec, k) is not None)
     own = {getattr(pspec, k): f"prompt.{k}" for k in ("tools_column", "chat_template_kwargs_column")}
     columns = {c: own.get(c, field) for c in prompt_columns(pspec)}
-    if job.adapter_column is not None:
-        columns.setdefault(job.adapter_column, "adapter_column")
+    # A row's own adapter, sampling values and constraint: most rows may leave them out, but if none of the first
+    # rows has the column, its name is taken for a typo, which would otherwise run every row on the job's own.
+    for name in ("adapter_column", "sampling_column", "constraint_column"):
+        if getattr(job, name) is not None:
+            columns.setdefault(getattr(job, name), name)
+    for column in job.sampling_columns:
+        columns.setdefault(column, "sampling_columns")
     return check_first_rows(rows, columns)
 
 

@@ -114,3 +114,24 @@ def test_adapter_column_reads_a_missing_key_as_null_and_stops_on_a_typo(tmp_path
     assert isinstance(outcome.error, SpecError) and outcome.error.field == "adapter_column"
     assert "none of the first 2 rows has the column 'lora'; the rows have 'prompt', 'lora_name'" in str(outcome.error)
     assert factory.engines == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "column"),
+    [
+        ({"sampling_column": "setings"}, "sampling_column", "'setings'"),
+        ({"sampling_columns": ["temperature", "top_k"]}, "sampling_columns", "'top_k'"),
+        ({"constraint_column": "shema"}, "constraint_column", "'shema'"),
+    ],
+)
+def test_a_rows_sampling_or_constraint_column_no_first_row_has_is_a_typo(tmp_path, fields, field, column) -> None:
+    """As for the adapter column: every row ran on the job's own sampling or constraint, without a word."""
+    spec = job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "output_dir": "out", **fields}, base_dir=str(tmp_path)
+    )
+    write(tmp_path / "in.jsonl", [{"prompt": "a", "temperature": 0.5, "settings": {}, "schema": {}}, {"prompt": "b"}])
+    factory = fake_factory()
+    [outcome] = run_jobs([spec], engine_factory=factory)
+    assert isinstance(outcome.error, SpecError) and outcome.error.field == field
+    assert f"none of the first 2 rows has the column {column}" in str(outcome.error)
+    assert factory.engines == []
