@@ -182,10 +182,13 @@ class JobSpec:
     adapters: dict[str, str] = field(
         default_factory=dict,
         metadata={
-            "doc": "LoRA adapters rows may name: name -> PEFT folder (relative to the job file) or cached hub name"
+            "doc": "LoRA adapters rows may name: name -> PEFT folder (relative to the job file) or cached hub name",
+            "nonempty": True,  # an empty path is the job file's own folder
         },
     )
-    adapter: str | None = setting(None, "every row's LoRA adapter: a name in adapters, a folder or a cached hub name")
+    adapter: str | None = setting(
+        None, "every row's LoRA adapter: a name in adapters, a folder or a cached hub name", nonempty=True
+    )
     adapter_column: str | None = setting(None, "a column naming each row's adapter (in adapters; null: `adapter`)")
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"doc": "how each row is sampled"})
     sampling_columns: tuple[str, ...] = setting((), "columns named like sampling fields: a row's own values")

@@ -319,6 +319,18 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].parallel.ray_actors",
             "is for runner: ray, and this job runs locally (runner: local)",
         ),
+        (  # an empty path named the job file's own folder as the adapter: every row failed as bad_adapter
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    adapter: ''\n",
+            ":4",
+            "jobs[0].adapter",
+            "must not be empty",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    adapters: {tone: ' '}\n",
+            ":4",
+            "jobs[0].adapters.tone",
+            "must not be empty",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {format: csv}\n",
             ":4",
