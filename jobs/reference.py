@@ -20,6 +20,8 @@ Generated from the settings' own declarations (`jobs/spec.py`, `runner/config.py
 
 A job file is a mapping with `jobs:` (a list of jobs) and optionally `defaults:` (fields every job takes unless it
 sets them). Precedence: `--set` and command-line options > the job's own fields > `defaults:` > the defaults below.
+Mappings are merged field by field (`sampling:`, `engine:`, `adapters`, `chat_template_kwargs`), but a list, a
+`logit_bias` or a `structured_outputs` constraint is one value: the side that sets it replaces it whole.
 Paths are relative to the job file's folder. A wrong field fails the file before any model loads, naming the file,
 line and field (and the nearest name for a typo). The same checks hold for a row's own values (an OpenAI Batch
 body), where a bad value fails that row only.
