@@ -434,12 +434,15 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")
     if job.prompt.template is not None:
         template_columns(job.prompt.template, at("prompt", "template"))
-    if not job.prompt.chat_template:  # the raw text goes to the model: these would be dropped without a word
+    # The raw text goes to the model: these would be dropped without a word.
+    no_template = "prompt.chat_template: false turns off" if not job.prompt.chat_template else None
+    if job.task == "score_rolling":
+        no_template = "task score_rolling does not apply"
+    if no_template is not None:
         for name in ("chat_template_file", "chat_template_kwargs", "chat_template_kwargs_column", "tools_column"):
             if getattr(job.prompt, name) is not None:
                 raise at("prompt", name).error(
-                    "is given to the chat template, which prompt.chat_template: false turns off (the raw text goes "
-                    "to the model as it is)"
+                    f"is given to the chat template, which {no_template} (the raw text goes to the model as it is)"
                 )
     if job.prompt.chat_template_file is not None:
         _check_chat_template_file(chat_template_path(job), at("prompt", "chat_template_file"))

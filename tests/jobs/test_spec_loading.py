@@ -331,6 +331,13 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].adapters.tone",
             "must not be empty",
         ),
+        (  # rolling scores read the text raw: the template file was never used
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    task: score_rolling\n"
+            "    prompt: {chat_template_file: t.jinja}\n",
+            ":5",
+            "jobs[0].prompt.chat_template_file",
+            "is given to the chat template, which task score_rolling does not apply",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {format: csv}\n",
             ":4",
