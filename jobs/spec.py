@@ -491,6 +491,8 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("adapters" if job.adapters else "adapter").error(
             "LoRA adapters run on a local engine of one process (runner: local, parallel.tensor: 1)"
         )
+    if job.task != "score" and job.continuations_column != JobSpec.continuations_column:
+        raise at("continuations_column").error(f"is for task: score, and this job's task is {job.task}")
     if job.runner == "local":  # else a job file's ray_address or ray_actors would run the job locally without a word
         for name in ("ray_address", "ray_actors", "ray_gpus_per_actor", "ray_batch_rows"):
             if getattr(job.parallel, name) != getattr(ParallelSpec(), name):

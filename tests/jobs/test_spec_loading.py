@@ -338,6 +338,12 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].prompt.chat_template_file",
             "is given to the chat template, which task score_rolling does not apply",
         ),
+        (  # without task: score the job generated text for each prompt, its continuations unread
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    continuations_column: choices\n",
+            ":4",
+            "jobs[0].continuations_column",
+            "is for task: score, and this job's task is generate",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {format: csv}\n",
             ":4",
