@@ -122,7 +122,13 @@ def _parsed_column(job: JobSpec, fmt: str) -> ParsedColumn | None:
         return None
     constraint = job.sampling.structured_outputs
     job_schema = constraint is not None and (constraint.json is not None or constraint.json_object)
-    per_row = job.constraint_column is not None or input_format(job) == "openai"  # rows bring their own schemas
+    # Rows may bring their own schemas: a constraint column, an OpenAI body, their own sampling values.
+    per_row = (
+        job.constraint_column is not None
+        or input_format(job) == "openai"
+        or job.sampling_column is not None
+        or "structured_outputs" in job.sampling_columns
+    )
     if not job_schema and not per_row:
         raise SpecError(
             "output.parsed needs JSON output: sampling.structured_outputs with json or json_object, or "

@@ -167,3 +167,12 @@ def test_parsed_needs_json_output_and_changes_the_spec_hash(tmp_path: Path) -> N
         base_dir=str(tmp_path),
     )
     assert spec_hash(with_column) != spec_hash(without)  # an output of one does not resume into the other
+
+
+@pytest.mark.parametrize("fields", [{"sampling_column": "s"}, {"sampling_columns": ["structured_outputs"]}])
+def test_rows_that_may_set_their_own_constraint_get_json_text(tmp_path: Path, fields: dict) -> None:
+    # A row's own schema through its sampling values was typed by the job's: {"b": "x"} came out as {"a": null}
+    sampling = {"structured_outputs": {"json": PERSON}}
+    assert layout_for(_job(tmp_path, sampling=sampling, **fields), {}).parsed.type == pa.string()
+    only_seeds = _job(tmp_path, sampling=sampling, sampling_columns=["seed"])
+    assert layout_for(only_seeds, {}).parsed.type == PERSON_TYPE  # no row can change the schema
