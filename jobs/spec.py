@@ -398,6 +398,11 @@ def validate(job: JobSpec, node: Node) -> None:
             current = current.value[key]
         return current
 
+    def own(*keys: str) -> bool:
+        """Whether the job or the command line sets the field, not `defaults:`, which may set it for the
+        file's other jobs: a setting this job would drop is refused only where it is its own."""
+        return not at(*keys).path.startswith("defaults.")
+
     if not _SAFE_NAME.match(job.name):
         raise at("name").error(
             "job names use letters, digits, '_', '.', '-' and start with a letter, digit or '_' "
@@ -408,10 +413,6 @@ def validate(job: JobSpec, node: Node) -> None:
     if job.input.split is not None and input_format(job) != "hf":  # else it would be ignored without a word
         raise at("input", "split").error(f"a split is for a datasets input, not a {input_format(job)} one")
     if job.input.format == "openai":  # each line's body is its request: a column named here would be ignored
-        # unless `defaults:` names it for the file's other jobs: it does not stop this one
-        def own(*keys: str) -> bool:
-            return not at(*keys).path.startswith("defaults.")
-
         for keys in OPENAI_UNREAD_FIELDS:
             if getattr(job.prompt if keys[0] == "prompt" else job, keys[-1]) and own(*keys):
                 raise at(*keys).error(
@@ -440,7 +441,7 @@ def validate(job: JobSpec, node: Node) -> None:
         no_template = "task score_rolling does not apply"
     if no_template is not None:
         for name in ("chat_template_file", "chat_template_kwargs", "chat_template_kwargs_column", "tools_column"):
-            if getattr(job.prompt, name) is not None:
+            if getattr(job.prompt, name) is not None and own("prompt", name):
                 raise at("prompt", name).error(
                     f"is given to the chat template, which {no_template} (the raw text goes to the model as it is)"
                 )
@@ -491,11 +492,11 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("adapters" if job.adapters else "adapter").error(
             "LoRA adapters run on a local engine of one process (runner: local, parallel.tensor: 1)"
         )
-    if job.task != "score" and job.continuations_column != JobSpec.continuations_column:
+    if job.task != "score" and job.continuations_column != JobSpec.continuations_column and own("continuations_column"):
         raise at("continuations_column").error(f"is for task: score, and this job's task is {job.task}")
     if job.runner == "local":  # else a job file's ray_address or ray_actors would run the job locally without a word
         for name in ("ray_address", "ray_actors", "ray_gpus_per_actor", "ray_batch_rows"):
-            if getattr(job.parallel, name) != getattr(ParallelSpec(), name):
+            if getattr(job.parallel, name) != getattr(ParallelSpec(), name) and own("parallel", name):
                 raise at("parallel", name).error(
                     "is for runner: ray, and this job runs locally (runner: local); set runner: ray (or --ray-address)"
                 )

@@ -300,13 +300,6 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].prompt.tools_column",
             "is given to the chat template, which prompt.chat_template: false turns off",
         ),
-        (
-            "defaults:\n  prompt: {chat_template_kwargs: {enable_thinking: false}}\n"
-            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    prompt: {chat_template: false}\n",
-            ":2",
-            "defaults.prompt.chat_template_kwargs",
-            "is given to the chat template, which prompt.chat_template: false turns off",
-        ),
         (  # a job file's ray_address without runner: ray ran the job locally, with no word of it
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    parallel: {ray_address: auto}\n",
             ":4",
@@ -475,16 +468,21 @@ def test_an_openai_input_keeps_the_body_fields_its_rows_hold(tmp_path: Path) -> 
     assert job.keep_columns == ("model", "messages")
 
 
-def test_an_openai_job_takes_no_stop_from_defaults_meant_for_other_jobs(tmp_path: Path) -> None:
-    """`defaults:` that name columns of the file's other inputs do not stop its OpenAI Batch job, which reads
-    none (the same fields written on the job itself are refused above)."""
+def test_defaults_meant_for_other_jobs_stop_no_job_that_drops_them(tmp_path: Path) -> None:
+    """`defaults:` may set what only some of the file's jobs use: an OpenAI Batch job reads no columns, a job
+    without a chat template takes no template settings, a local job no Ray settings, a generating job no
+    continuations. The same fields written on such a job itself are refused (above)."""
     text = (
-        "defaults:\n  id_column: id\n  keep_columns: [topic]\n  prompt: {column: q}\njobs:\n"
-        "  - name: a\n    input: {path: x.parquet}\n"
-        "  - name: b\n    input: {path: x.jsonl, format: openai}\n"
+        "defaults:\n  id_column: id\n  keep_columns: [topic]\n  continuations_column: choices\n"
+        "  prompt: {column: q, chat_template_kwargs: {enable_thinking: false}}\n"
+        "  parallel: {ray_actors: 4}\n  runner: ray\njobs:\n"
+        "  - name: a\n    input: {path: x.parquet}\n    task: score\n"
+        "  - name: b\n    input: {path: x.jsonl, format: openai}\n    runner: local\n"
+        "  - name: c\n    input: {path: x.jsonl}\n    prompt: {chat_template: false}\n    runner: local\n"
     )
-    plain, openai = load_jobs_file(write(tmp_path, text)).jobs
-    assert (plain.id_column, openai.input.format) == ("id", "openai")
+    plain, openai, raw = load_jobs_file(write(tmp_path, text)).jobs
+    assert (plain.id_column, plain.runner, plain.parallel.ray_actors) == ("id", "ray", 4)
+    assert (openai.input.format, openai.runner, raw.prompt.chat_template) == ("openai", "local", False)
 
 
 def test_whitespace_stop_strings_are_accepted(tmp_path: Path) -> None:
