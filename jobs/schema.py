@@ -70,6 +70,13 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def _text_kind(value: Any) -> str:
+    """_kind for a field that takes text: a boolean there was most likely a word YAML 1.1 reads as one."""
+    if isinstance(value, bool):
+        return f"{_kind(value)} (YAML reads yes, no, on and off as true or false: quote a word meant as text, 'off')"
+    return _kind(value)
+
+
 def _coerce(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -89,7 +96,7 @@ def _coerce(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         return {str(key): _coerce(args[1], sub, meta) for key, sub in value.items()}
     if origin is Literal:
         if value not in args:
-            raise node.error(f"must be one of {', '.join(map(repr, args))}, got {_kind(value)}")
+            raise node.error(f"must be one of {', '.join(map(repr, args))}, got {_text_kind(value)}")
         return value
     if origin is tuple and Ellipsis not in args:  # one (token id, bias) pair, given as [id, bias]
         if not isinstance(value, list) or len(value) != len(args):
@@ -135,7 +142,7 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         value = float(value)
     elif hint is str:
         if not isinstance(value, str):
-            raise node.error(f"expected a string, got {_kind(value)}")
+            raise node.error(f"expected a string, got {_text_kind(value)}")
         if not value.isascii():
             try:
                 value.encode("utf-8")

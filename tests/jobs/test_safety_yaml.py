@@ -135,6 +135,20 @@ def test_numbers_every_yaml_reads_alike_load(tmp_path: Path) -> None:
         _parse_sets(["sampling.seed=0012"])
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        # documented values that YAML 1.1 reads as booleans: the error said only "got bool False"
+        ("    progress: off\n", "jobs[0].progress: must be one of 'auto', 'bar', 'lines', 'off', got bool False (YAML"),
+        ("    parallel: {shard: off}\n", "jobs[0].parallel.shard: expected a string, got bool False (YAML"),
+        ("    prompt: {system: yes}\n", "jobs[0].prompt.system: expected a string, got bool True (YAML"),
+    ],
+)
+def test_words_yaml_reads_as_booleans_say_to_quote_them(tmp_path: Path, extra: str, message: str) -> None:
+    error = load_error(tmp_path, JOB + extra)
+    assert message in error and "quote a word meant as text" in error
+
+
 def test_an_alias_inside_itself_is_refused(tmp_path: Path) -> None:
     assert load_error(tmp_path, "jobs: &a\n  - *a\n").startswith("jobs.yaml: YAML error: nested too deeply")
 
