@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -68,6 +69,20 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return f"{type(value).__name__} {value!r}"
+
+
+# A number YAML 1.2 and JSON read, but YAML 1.1 (PyYAML's) reads as text: an exponent without a dot (1e-3).
+_EXPONENT_NUMBER = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
+def _number_kind(value: Any, integer: bool = False) -> str:
+    """_kind for a field that takes a number: text that is one in YAML 1.2 says how to write it for YAML 1.1."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+        mantissa, _, exponent = value.lower().partition("e")
+        number = float(value)
+        spelt = str(int(number)) if integer and number.is_integer() else f"{mantissa}.0e{exponent}"
+        return f"{_kind(value)} (YAML reads an exponent without a dot as text: write {spelt})"
+    return _kind(value)
 
 
 def _text_kind(value: Any) -> str:
@@ -135,10 +150,10 @@ def _check_scalar(hint: Any, node: Node, meta: typing.Mapping[str, Any]) -> Any:
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise node.error(f"expected an integer, got {_kind(value)}")
+            raise node.error(f"expected an integer, got {_number_kind(value, integer=True)}")
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
-            raise node.error(f"expected a finite number, got {_kind(value)}")
+            raise node.error(f"expected a finite number, got {_number_kind(value)}")
         value = float(value)
     elif hint is str:
         if not isinstance(value, str):

@@ -149,6 +149,17 @@ def test_words_yaml_reads_as_booleans_say_to_quote_them(tmp_path: Path, extra: s
     assert message in error and "quote a word meant as text" in error
 
 
+def test_an_exponent_without_a_dot_says_how_yaml_reads_it(tmp_path: Path) -> None:
+    # YAML 1.1 reads 1e-3 as text (1.0e-3 is a number): "expected a finite number, got str '1e-3'" said no more
+    error = load_error(tmp_path, JOB + "    sampling: {min_p: 1e-3}\n")
+    assert "jobs[0].sampling.min_p: expected a finite number, got str '1e-3' (YAML reads an exponent" in error
+    assert "write 1.0e-3" in error
+    (tmp_path / "jobs.yaml").write_text(JOB + "    sampling: {min_p: 1.0e-3}\n")
+    assert load_jobs_file(tmp_path / "jobs.yaml").jobs[0].sampling.min_p == 0.001
+    error = load_error(tmp_path, JOB + "    sampling: {max_new_tokens: 1e3}\n")
+    assert "expected an integer, got str '1e3' (YAML reads an exponent without a dot as text: write 1000)" in error
+
+
 def test_an_alias_inside_itself_is_refused(tmp_path: Path) -> None:
     assert load_error(tmp_path, "jobs: &a\n  - *a\n").startswith("jobs.yaml: YAML error: nested too deeply")
 
