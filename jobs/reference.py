@@ -62,7 +62,7 @@ def _type_name(hint: Any) -> str:
     )
 
 
-def _default(f: dataclasses.Field) -> str:
+def _default(f: dataclasses.Field, hint: Any) -> str:
     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
         return "required"
     value = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -74,6 +74,8 @@ def _default(f: dataclasses.Field) -> str:
         return "unset"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
+    if isinstance(value, tuple) and _type_name(hint).startswith("mapping"):  # logit_bias: held as pairs
+        return "`{}`" if not value else f"`{dict(value)}`"
     if isinstance(value, tuple):
         return "`[]`" if not value else f"`{list(value)}`"
     return f"`{value}`"
@@ -100,7 +102,7 @@ def _section(title: str, cls: type, prefix: str) -> list[str]:
         inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         if dataclasses.is_dataclass(inner[0]):
             nested.append((f"`{prefix}{f.name}:`", inner[0], f"{prefix}{f.name}."))
-        cells = [f"`{f.name}`", _type_name(hint), _default(f), _bounds(f.metadata), f.metadata.get("doc", "")]
+        cells = [f"`{f.name}`", _type_name(hint), _default(f, hint), _bounds(f.metadata), f.metadata.get("doc", "")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") if i == 4 else c for i, c in enumerate(cells)) + " |")
     lines.append("")
     for title, sub, sub_prefix in nested:

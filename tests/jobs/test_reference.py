@@ -38,3 +38,8 @@ def test_the_engine_section_shows_the_engine_defaults() -> None:
     assert "| `kv_cache_gib` | number \\| null | `2.0` |" in page
     assert "| `cuda_graphs` | bool \\| null | `true` |" in page
     assert "| `max_model_len` | integer \\| null | unset |" in page  # no engine default: its doc says what holds
+
+
+def test_a_mapping_setting_shows_an_empty_mapping_as_its_default() -> None:
+    # logit_bias is held as (id, bias) pairs: its empty default was shown as `[]` beside "mapping of integer: number"
+    assert "| `logit_bias` | mapping of integer: number | `{}` |" in job_file_reference()
