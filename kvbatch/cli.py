@@ -282,8 +282,15 @@ def plan(
         )
         specs = load_jobs_file(jobs_file, overrides).select(job)
         engines = EngineCache()
-        for spec in specs:
-            typer.echo(plan_job(spec, engines).format())
+        codes = [OK]
+        for spec in specs:  # a job that fails is reported and the next is planned, as `run` runs it
+            try:
+                typer.echo(plan_job(spec, engines).format())
+            except KvbatchError as exc:
+                typer.echo(f"kvbatch: error: {exc}", err=True)
+                codes.append(exit_code_of(exc))
+        if max(codes) != OK:
+            raise typer.Exit(max(codes))
 
 
 @app.command()

@@ -344,6 +344,19 @@ def test_plan_and_inspect_print_their_reports(tmp_path: Path, monkeypatch: pytes
     assert missing.exit_code == 1 and "no such output" in missing.stderr
 
 
+def test_plan_goes_on_to_the_next_job_after_one_fails_as_run_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run reports a job that fails and runs the next; the plan stopped at the first and planned none after it
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    monkeypatch.setattr(cli, "EngineCache", lambda: EngineCache(fake_factory()))
+    text = JOBS.replace("name: first\n    input: {path: in.jsonl}", "name: first\n    input: {path: gone.jsonl}")
+    result = invoke("plan", jobs_file(tmp_path, text))
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"kvbatch: error: input not found: {tmp_path / 'gone.jsonl'}\n"
+    assert result.stdout.startswith("job second: 1 row\n")
+
+
 def test_plan_of_a_slurm_array_task_plans_its_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `run` in an array task runs its own shard's rows; `plan` there planned the whole input, and took no --shard.
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
