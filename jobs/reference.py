@@ -25,8 +25,8 @@ Mappings are merged field by field (`sampling:`, `engine:`, `adapters`, `chat_te
 Paths are relative to the job file's folder. A wrong field fails the file before any model loads, naming the file,
 line and field (and the nearest name for a typo). A setting a job would drop (a column field on an OpenAI Batch
 input, chat template settings with `chat_template: false`, Ray settings on a local job) is refused where the job or
-the command line sets it; from `defaults:`, meant for the file's other jobs, it is passed over. The same checks hold for a row's own values (an OpenAI Batch
-body), where a bad value fails that row only.
+the command line sets it; from `defaults:`, meant for the file's other jobs, it is passed over. The same checks
+hold for a row's own values (an OpenAI Batch body), where a bad value fails that row only.
 
 ```yaml
 defaults:
