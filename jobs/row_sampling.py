@@ -1,7 +1,8 @@
 """A row's own sampling values: from an OpenAI Batch body, from columns named like the fields
 (`sampling_columns: [temperature, seed]`), or from one column holding a mapping per row (`sampling_column:
 settings`). A null leaves the job's value; the values are checked as the job's are, when the pipeline builds the
-row's SamplingParams (a bad one is that row's `bad_request` error row).
+row's SamplingParams (a bad one is that row's `bad_request` error row). A column's whole float where the field is an
+integer (`64.0`: pandas stores an integer column with missing values as floats) is that integer.
 
 Precedence: sampling_columns > sampling_column > the OpenAI body > the job's `sampling:`.
 """
@@ -9,6 +10,7 @@ Precedence: sampling_columns > sampling_column > the OpenAI body > the job's `sa
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 from kvbatch.errors import ErrorKind
@@ -18,6 +20,9 @@ from .rows import Row, RowError, mapping_value, type_name
 from .spec import JobSpec
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+INTEGER_FIELDS = frozenset(
+    name for name, hint in typing.get_type_hints(SamplingParams).items() if hint in (int, int | None)
+)
 
 
 def sampling_columns(job: JobSpec) -> list[str]:
@@ -45,8 +50,14 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
                 f"{row.where}: column {column!r} sets {', '.join(map(repr, unknown))}, not a sampling field "
                 f"(fields: {', '.join(SAMPLING_FIELDS)})",
             )
-        values.update({k: v for k, v in mapping.items() if v is not None})  # a struct column's unset fields
+        values.update({k: _whole(k, v) for k, v in mapping.items() if v is not None})  # a struct's unset fields
     for name in job.sampling_columns:
         if data.get(name) is not None:
-            values[name] = data[name]
+            values[name] = _whole(name, data[name])
     return values
+
+
+def _whole(name: str, value: Any) -> Any:
+    if name in INTEGER_FIELDS and type(value) is float and value.is_integer():
+        return int(value)
+    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -81,6 +82,25 @@ def test_a_parquet_map_or_json_text_column_holds_a_rows_sampling_values(tmp_path
     assert asked[:3] == [{"max_new_tokens": 2}, {}, {}]
     assert asked[3].kind == ErrorKind.WRONG_TYPE
     assert "column 't' is a string, expected a mapping of sampling fields (or JSON text of one)" in asked[3].message
+
+
+def test_whole_floats_of_an_integer_field_are_integers(tmp_path) -> None:
+    # pandas keeps an integer column with missing values as floats (64.0, NaN); written to Parquet, NaN is null.
+    frame = pd.DataFrame({"prompt": ["a", "b", "c", "d"], "max_new_tokens": [4.0, None, 2.5, 8.0]})
+    frame["seed"] = [7.0, 9.0, None, 1.0]
+    frame["temperature"] = [1.0, 0.5, None, 2.0]  # a float field keeps its float
+    frame.to_parquet(tmp_path / "in.parquet")
+    columns = ["max_new_tokens", "seed", "temperature"]
+    spec = job_from_dict(
+        {"name": "j", "input": {"path": "in.parquet"}, "sampling_columns": columns}, base_dir=str(tmp_path)
+    )
+    asked = [row_sampling(row, spec) for row in open_reader(spec, ["prompt", *columns])]
+    assert asked[0] == {"max_new_tokens": 4, "seed": 7, "temperature": 1.0}
+    assert type(asked[0]["max_new_tokens"]) is int and type(asked[0]["seed"]) is int
+    assert asked[1] == {"seed": 9, "temperature": 0.5}
+    assert asked[2] == {"max_new_tokens": 2.5}  # not whole: refused as the row's SamplingParams is built
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(**asked[2])
 
 
 def test_a_struct_column_holds_a_rows_constraint_with_its_other_kinds_null(tmp_path) -> None:
