@@ -19,6 +19,8 @@ from .rows import Row, RowError, mapping_value, type_name
 from .spec import TEMPLATE_CALL_ARGUMENTS, JobSpec, PromptSpec, input_format, template_columns
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+# The roles of a system prompt: OpenAI's newer API calls it `developer` (kept as such for the chat template).
+SYSTEM_ROLES = ("system", "developer")
 # A message's other fields go to the template as given, as transformers' apply_chat_template takes them (Qwen3's
 # templates read an assistant turn's reasoning_content); these, OpenAI's tool calls and their results, must have
 # these types.
@@ -81,7 +83,7 @@ def build_prompt(row: Row, spec: PromptSpec, allow_empty: bool = False) -> Promp
 
 def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> Prompt | RowError:
     # A row's own system message wins over the job's: the job's is a default.
-    if spec.system and messages[0]["role"] != "system":
+    if spec.system and messages[0]["role"] not in SYSTEM_ROLES:
         messages = [{"role": "system", "content": spec.system}, *messages]
     if not spec.chat_template:
         return Prompt(text="\n\n".join(m["content"] for m in messages))
@@ -197,7 +199,7 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
         if text is None:
             return RowError(ErrorKind.WRONG_TYPE, f"{at}.content {_content_problem(content)}")
         messages.append({"role": role, "content": text, **extra})
-    if not any(m["content"].strip() for m in messages if m["role"] != "system"):
+    if not any(m["content"].strip() for m in messages if m["role"] not in SYSTEM_ROLES):
         return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "has no non-empty message besides the system prompt")
     return messages
 

@@ -79,7 +79,9 @@ class PromptSpec:
         "go to the template too",
     )
     template: str | None = setting(None, "a user message with {column} placeholders: 'Summarise: {text}'")
-    system: str | None = setting(None, "a system message before the row's messages, unless they start with one")
+    system: str | None = setting(
+        None, "a system message before the row's messages, unless they start with one (or a developer one)"
+    )
     chat_template: bool = setting(
         True, "false: the raw text, no chat template (nor its file, kwargs or tools, which are then refused)"
     )

@@ -71,6 +71,13 @@ def test_messages_column_with_text_parts_and_the_rows_own_system_message() -> No
     assert raw == Prompt(text="Say\nhi\n\nArr.\n\nAgain")
 
 
+def test_a_rows_developer_message_is_its_system_prompt() -> None:
+    # OpenAI's newer API names the system prompt `developer`: the job's system prompt does not go before it.
+    messages = [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    prompt = build_prompt(row(chat=messages), PromptSpec(messages_column="chat", system="Job default"))
+    assert prompt.messages == messages
+
+
 def test_template_over_columns() -> None:
     spec = PromptSpec(template="Rate {product} ({stars} stars): {review}")
     assert prompt_columns(spec) == ["product", "stars", "review"]
@@ -139,6 +146,12 @@ def test_template_fields_are_column_names_even_when_they_are_digits() -> None:
         (
             PromptSpec(messages_column="m"),
             {"m": [{"role": "system", "content": "s"}, {"role": "user", "content": ""}]},
+            ErrorKind.EMPTY_PROMPT,
+            "no non-empty message",
+        ),
+        (  # OpenAI's newer name for the system prompt: nothing for the model to answer either
+            PromptSpec(messages_column="m"),
+            {"m": [{"role": "developer", "content": "s"}]},
             ErrorKind.EMPTY_PROMPT,
             "no non-empty message",
         ),
