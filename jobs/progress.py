@@ -1,8 +1,8 @@
 """A job's progress: rows done of the total, rows/s, prompt and output tokens/s, ETA, KV use, prefix hits, errors.
 
 Shown as a live bar on a terminal, as a plain line every `progress_seconds` elsewhere (a Slurm log, cron, CI: no
-carriage returns), or not at all (`progress: off`, `--quiet`). Both refresh from the engine's `on_step` callback
-as well as when a row finishes, so a long prefill shows its prompt tokens/s before any row is done.
+carriage returns), or not at all (`progress: "off"`, quoted in YAML; `--quiet`). Both refresh from the engine's
+`on_step` callback as well as when a row finishes, so a long prefill shows its prompt tokens/s before any row is done.
 
 Rates count this run's work only. Rows an earlier run finished (a resume) are in "done" but not in any rate; error
 rows cost the engine nothing, so they shorten what is left but do not count as work done. The token rates come
