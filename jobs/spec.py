@@ -296,12 +296,26 @@ def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) ->
     return JobsFile(str(path), tuple(jobs))
 
 
+class _Null:
+    """An override's value null (`--set sampling.seed=null`), as `seed: null` in the job file; None is an option not
+    given. It is how a seed, system prompt or constraint the job file sets is taken away from the command line."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL = _Null()
+
+
 def overrides_to_node(overrides: dict[str, Any]) -> Node:
-    """{"sampling.temperature": 0.5} -> a nested Node tree, each value attributed to the command line."""
+    """{"sampling.temperature": 0.5} -> a nested Node tree, each value attributed to the command line. A value None is
+    not given; NULL sets the field to null."""
     nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
         if value is None:
             continue
+        if value is NULL:
+            value = None
         keys = dotted.split(".")
         target = nested
         for depth, key in enumerate(keys[:-1]):

@@ -23,7 +23,7 @@ from kvbatch.console import ConsoleTyper
 from kvbatch.errors import ExitCode, InterruptedJob, KvbatchError, SpecError, exit_code_of
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import JobOutcome, run_jobs
-from kvbatch.jobs.spec import INPUT_EXTENSIONS, JobSpec, job_from_dict, load_jobs_file
+from kvbatch.jobs.spec import INPUT_EXTENSIONS, NULL, JobSpec, job_from_dict, load_jobs_file
 from kvbatch.jobs.yaml_nodes import load_yaml
 
 OK, INTERRUPTED = ExitCode.OK, ExitCode.INTERRUPTED
@@ -454,13 +454,13 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
             raise SpecError(f"expected KEY=VALUE, got {item!r}", field="--set")
         # The job file's own loader: duplicate keys, tags and merge keys are refused here as they are there. A value
         # YAML reads as a comment alone ("###", "# Rules") is meant as that text, not as an empty mapping.
+        if not raw.strip():  # a value forgotten; null is written as null
+            raise SpecError(f"--set {item!r} gives no value; leave the field out to keep its default", field="--set")
         if raw.lstrip().startswith("#"):
             value: Any = raw
         else:
-            value = load_yaml(raw, f"--set {key.strip()}").plain() if raw.strip() else None
-        if value is None:  # a field left out takes its default; an empty override would silently do nothing
-            raise SpecError(f"--set {item!r} gives no value; leave the field out to keep its default", field="--set")
-        overrides[key.strip()] = value
+            value = load_yaml(raw, f"--set {key.strip()}").plain()
+        overrides[key.strip()] = NULL if value is None else value
     return overrides
 
 

@@ -272,7 +272,7 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
         (["--set", "sampling={top_k: 1, top_k: 2}"], "--set sampling:1: top_k: duplicate field"),
         (["--set", "sampling=!!python/object:os.system {}"], "unsupported YAML tag"),
         (["--set", "sampling.no_such_field="], "--set: --set 'sampling.no_such_field=' gives no value"),
-        (["--set", "sampling.seed=null"], "gives no value; leave the field out to keep its default"),
+        (["--set", "sampling.stop=null"], "command line: sampling.stop: expected a list, got null"),
         (
             ["--set", "sampling=1", "--set", "sampling.n=2"],
             "command line: sampling: is set to 1 and cannot also take n",
@@ -283,6 +283,20 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
     assert invoke("run", tmp_path / "missing.yaml").exit_code == 2
     assert invoke("generate", "in.jsonl").exit_code == 2  # click's own usage error: no --output
     assert recorder.calls == []
+
+
+def test_set_null_sets_the_field_to_null_as_the_job_file_would(tmp_path: Path, recorder: Recorder) -> None:
+    """`--set FIELD=null` was refused ("gives no value"), so a seed, system prompt or constraint a job file sets
+    could not be taken away from the command line. It is now the value null, as `FIELD: null` in the job is."""
+    constrained = "max_new_tokens: 16, seed: 3, structured_outputs: {json: {type: object}}"
+    path = jobs_file(tmp_path, JOBS.replace("max_new_tokens: 16", constrained) + "    prompt: {system: Be brief.}\n")
+    sets = ["sampling.seed=null", "prompt.system=~", "sampling.structured_outputs=null"]
+    result = invoke("run", path, "--job", "second", *[a for s in sets for a in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    (spec,) = recorder.calls[0][0]
+    assert (spec.sampling.seed, spec.prompt.system, spec.sampling.structured_outputs) == (None, None, None)
+    (written,) = load_jobs_file(path).select(["second"])
+    assert (written.sampling.seed, written.prompt.system) == (3, "Be brief.") and written.sampling.structured_outputs
 
 
 def test_integers_past_what_the_readers_take_exit_2(tmp_path: Path, recorder: Recorder) -> None:
