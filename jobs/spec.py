@@ -89,7 +89,9 @@ class PromptSpec:
         False, "true: text in rows may become control tokens (unsafe with untrusted data)"
     )
     chat_template_kwargs: dict[str, Any] | None = setting(
-        None, "passed to the chat template: {enable_thinking: false} for Qwen3-style models"
+        None,
+        "passed to the chat template: {enable_thinking: false} for Qwen3-style models; a null value is left out (a "
+        "job's `enable_thinking: null` takes away the defaults')",
     )
     chat_template_kwargs_column: str | None = setting(
         None,
@@ -102,6 +104,13 @@ class PromptSpec:
     split_reasoning: bool | None = setting(
         None, "thinking text (<think>...</think>) to the `reasoning` column; unset: where the template has <think>"
     )
+
+    def __post_init__(self) -> None:
+        # A null is the value left out, as in a row's column: passed on, None is false to a template reading
+        # `enable_thinking is defined and not enable_thinking`, where leaving it out keeps the template's default.
+        if self.chat_template_kwargs is not None:
+            values = {k: v for k, v in self.chat_template_kwargs.items() if v is not None}
+            object.__setattr__(self, "chat_template_kwargs", values or None)
 
 
 @dataclass(frozen=True)

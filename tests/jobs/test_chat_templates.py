@@ -117,6 +117,27 @@ def test_a_struct_columns_unset_template_values_leave_the_jobs(tmp_path) -> None
     assert tok.decode(got[0]).endswith("</think>\n\n") and not tok.decode(got[1]).endswith("</think>\n\n")
 
 
+def test_a_jobs_null_template_value_takes_away_the_defaults(tmp_path) -> None:
+    """`chat_template_kwargs: {enable_thinking: null}` in a job over `defaults:`' false reached the template as None,
+    which a template reading `enable_thinking is defined and not enable_thinking` takes as false; a null is the value
+    left out, as in a row's column."""
+    from kvbatch.jobs.spec import load_jobs_file
+
+    template = QWEN3_STYLE.replace("enable_thinking is false", "not enable_thinking")
+    (tmp_path / "jobs.yaml").write_text(
+        "defaults:\n  prompt: {messages_column: messages, chat_template_kwargs: {enable_thinking: false}}\n"
+        "jobs:\n  - name: j\n    input: {path: in.jsonl}\n"
+        "    prompt: {chat_template_kwargs: {enable_thinking: null, style: terse}}\n"
+    )
+    (job,) = load_jobs_file(tmp_path / "jobs.yaml").jobs
+    tok = byte_tokenizer(template)
+    got = RowPipeline(job, tok, layout_for(job, {})).request(Row(0, {"messages": MESSAGES})).prompt_token_ids
+    want = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, style="terse")
+    assert got == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert tok.decode(got).endswith("<|im_start|>assistant\n")  # the template's own default: thinking on
+    assert job.prompt.chat_template_kwargs == {"style": "terse"}
+
+
 def test_a_row_with_control_text_still_gets_the_template_values(tmp_path) -> None:
     """Placeholders path (a message holding <|im_end|> as text): rendered with the same values."""
     tok = byte_tokenizer()
