@@ -15,7 +15,7 @@ from typing import Any
 
 from kvbatch.errors import ErrorKind
 
-from .rows import Row, RowError, mapping_value, type_name
+from .rows import Row, RowError, list_value, mapping_value, type_name
 from .spec import TEMPLATE_CALL_ARGUMENTS, JobSpec, PromptSpec, input_format, template_columns
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -106,9 +106,10 @@ def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> 
         kwargs.update(values)
     column = spec.tools_column
     if column is not None and data.get(column) is not None:
-        tools = data[column]
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            return _value_error(row, ErrorKind.WRONG_TYPE, column, f"is {type_name(tools)}, expected a list of tools")
+        tools = list_value(data[column])
+        if tools is None or not all(isinstance(t, dict) for t in tools):
+            problem = f"is {type_name(data[column])}, expected a list of tools"
+            return _value_error(row, ErrorKind.WRONG_TYPE, column, problem)
     return Prompt(messages=messages, template_kwargs=kwargs or None, tools=tools)
 
 
@@ -163,13 +164,12 @@ def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty:
 def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[str, Any]] | RowError:
     if column not in data:
         return _value_error(row, ErrorKind.MISSING_COLUMN, column, "is missing")
-    value = data[column]
-    if value is None:
+    if data[column] is None:
         return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "is null")
-    if not isinstance(value, list):
-        return _value_error(
-            row, ErrorKind.WRONG_TYPE, column, f"is {type_name(value)}, expected a list of {{role, content}} messages"
-        )
+    value = list_value(data[column])
+    if value is None:
+        problem = f"is {type_name(data[column])}, expected a list of {{role, content}} messages"
+        return _value_error(row, ErrorKind.WRONG_TYPE, column, problem)
     if not value:
         return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "is an empty list")
     messages = []

@@ -132,6 +132,17 @@ def mapping_value(value: Any) -> dict | None:
     return None
 
 
+def list_value(value: Any) -> list | None:
+    """The list a row's value holds: a JSON or Arrow list, or JSON text of a list (a string column, as Spark, BigQuery
+    and CSV exports write nested data); None for any other value."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            return None
+    return value if isinstance(value, list) else None
+
+
 def type_name(value: Any) -> str:
     """A value's JSON type as messages name it ("a string", "an object", "null")."""
     names = {

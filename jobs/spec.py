@@ -75,8 +75,8 @@ class PromptSpec:
     column: str | None = setting(None, "one user message per row; unset: column 'prompt'")
     messages_column: str | None = setting(
         None,
-        "a list of {role, content} messages per row; their other fields (name, tool_calls, reasoning_content, ...) "
-        "go to the template too",
+        "a list of {role, content} messages per row (or JSON text of one); their other fields (name, tool_calls, "
+        "reasoning_content, ...) go to the template too",
     )
     template: str | None = setting(None, "a user message with {column} placeholders: 'Summarise: {text}'")
     system: str | None = setting(
@@ -100,7 +100,9 @@ class PromptSpec:
     )
     chat_template_file: str | None = setting(None, "a Jinja chat template used instead of the model's (job-relative)")
     continue_final_message: bool = setting(False, "the last message is continued (no generation prompt after it)")
-    tools_column: str | None = setting(None, "a column of tool definitions (OpenAI's list) given to the template")
+    tools_column: str | None = setting(
+        None, "a column of tool definitions (OpenAI's list, or JSON text of one) given to the template"
+    )
     split_reasoning: bool | None = setting(
         None, "thinking text (<think>...</think>) to the `reasoning` column; unset: where the template has <think>"
     )

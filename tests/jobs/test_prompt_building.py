@@ -78,6 +78,25 @@ def test_a_rows_developer_message_is_its_system_prompt() -> None:
     assert prompt.messages == messages
 
 
+def test_messages_and_tools_held_as_json_text_are_read_as_their_lists() -> None:
+    """A string column of JSON text (what Spark, BigQuery and CSV exports write for nested data, and what
+    chat_template_kwargs_column and sampling_column already read) was `wrong_type` for messages and tools."""
+    import json
+
+    messages = [{"role": "user", "content": "Hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    spec = PromptSpec(messages_column="chat", tools_column="tools")
+    assert build_prompt(row(chat=json.dumps(messages), tools=json.dumps(tools)), spec) == build_prompt(
+        row(chat=messages, tools=tools), spec
+    )
+    assert build_prompt(row(chat=json.dumps(messages), tools=json.dumps(tools)), spec).tools == tools
+    for text, problem in (("hi", "is a string, expected a list"), ('{"role": "user"}', "is a string, expected a list")):
+        error = build_prompt(row(chat=text), spec)
+        assert isinstance(error, RowError) and (error.kind, problem in error.message) == (ErrorKind.WRONG_TYPE, True)
+    error = build_prompt(row(chat=messages, tools='{"type": "function"}'), spec)
+    assert isinstance(error, RowError) and "expected a list of tools" in error.message
+
+
 def test_template_over_columns() -> None:
     spec = PromptSpec(template="Rate {product} ({stars} stars): {review}")
     assert prompt_columns(spec) == ["product", "stars", "review"]
