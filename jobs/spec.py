@@ -32,6 +32,7 @@ from .yaml_nodes import Node, child_path, from_plain, load_yaml, merge
 MIB = 2**20
 MAX_INT64 = 2**63 - 1
 OUTPUT_EXTENSIONS = {".arrow": "arrow", ".parquet": "parquet", ".jsonl": "jsonl", ".hf": "hf"}
+_EXTENSION_OF = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl", "hf": ".hf"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -121,7 +122,9 @@ class OutputSpec:
 
     path: str | None = setting(None, "relative to output_dir; unset: '<job name>.arrow'")
     format: Literal["auto", "arrow", "parquet", "jsonl", "openai", "hf"] = setting(
-        "auto", "auto: from path's extension; hf: a datasets save_to_disk folder (.hf)"
+        "auto",
+        "auto: from path's extension (another format set must agree with a known extension); hf: a datasets "
+        "save_to_disk folder (.hf)",
     )
     mode: Literal["resume", "overwrite", "error"] = setting("resume", "what to do when the output already exists")
     part_rows: int = setting(1024, "rows per committed part", min=1)
@@ -487,6 +490,15 @@ def validate(job: JobSpec, node: Node) -> None:
                 f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet, .jsonl or .hf, or "
                 "set output.format"
             )
+        named = OUTPUT_EXTENSIONS.get(ext)
+        # Written anyway, a Parquet file named out.jsonl fails whatever reads it by its name; a name without a
+        # known extension is the format's to decide.
+        mismatch = named is not None and job.output.format not in ("auto", named)
+        if mismatch and (named, job.output.format) != ("jsonl", "openai"):
+            raise at("output", "format").error(
+                f"is {job.output.format}, but output.path {job.output.path!r} names a {named} file; name it "
+                f"{Path(job.output.path).stem}{_EXTENSION_OF[job.output.format]} or leave output.format out"
+            )
     if job.output.format == "openai" and input_format(job) != "openai":
         raise at("output", "format").error(
             "the OpenAI Batch output format needs an OpenAI Batch input (input.format: openai)"
@@ -690,9 +702,7 @@ def output_dir(job: JobSpec) -> Path:
 
 def output_path(job: JobSpec) -> Path:
     """The output file, confined to output_dir: no absolute paths, no `..`, no symlink that leads out."""
-    ext = {"arrow": ".arrow", "parquet": ".parquet", "jsonl": ".jsonl", "openai": ".jsonl", "hf": ".hf"}[
-        output_format(job)
-    ]
+    ext = _EXTENSION_OF[output_format(job)]
     relative = Path(job.output.path) if job.output.path is not None else Path(job.name + ext)
     for field_name, value in (("output_dir", job.output_dir), ("output.path", str(relative))):
         if "\0" in value:  # os.path.realpath would raise ValueError: no file name holds one

@@ -452,6 +452,12 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].task",
             "task score reads each row's continuations from a column",
         ),
+        (  # Parquet was written into out.jsonl, which a JSONL reader then failed on
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {path: out.jsonl, format: parquet}\n",
+            ":4",
+            "jobs[0].output.format",
+            "is parquet, but output.path 'out.jsonl' names a jsonl file",
+        ),
     ],
 )
 def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, field: str, words: str) -> None:
