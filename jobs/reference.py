@@ -21,7 +21,8 @@ Generated from the settings' own declarations (`jobs/spec.py`, `runner/config.py
 A job file is a mapping with `jobs:` (a list of jobs) and optionally `defaults:` (fields every job takes unless it
 sets them). Precedence: `--set` and command-line options > the job's own fields > `defaults:` > the defaults below.
 Mappings are merged field by field (`sampling:`, `engine:`, `adapters`, `chat_template_kwargs`), but a list, a
-`logit_bias` or a `structured_outputs` constraint is one value: the side that sets it replaces it whole.
+`logit_bias` or a `structured_outputs` constraint is one value: the side that sets it replaces it whole; so is the
+prompt's source (a job's `template` replaces the defaults' `column`).
 Paths are relative to the job file's folder. A wrong field fails the file before any model loads, naming the file,
 line and field (and the nearest name for a typo). A setting a job would drop (a column field on an OpenAI Batch
 input, chat template settings with `chat_template: false`, Ray settings on a local job) is refused where the job or

@@ -264,6 +264,23 @@ WHOLE_VALUES = frozenset(
 )
 
 
+# The ways a row becomes a prompt (PromptSpec): one choice, so one set later replaces another set before it (a job's
+# template the defaults' column), as a whole value does; two set in one place are refused by validate.
+PROMPT_SOURCES = ("column", "messages_column", "template")
+
+
+def over(base: Node, override: Node) -> Node:
+    """`override` merged over `base` field by field (merge), WHOLE_VALUES and a prompt source replacing base's."""
+    prompt = override.value.get("prompt") if isinstance(override.value, dict) else None
+    chosen = prompt is not None and isinstance(prompt.value, dict)
+    if chosen and any(k in prompt.value and prompt.value[k].value is not None for k in PROMPT_SOURCES):
+        earlier = base.value.get("prompt") if isinstance(base.value, dict) else None
+        if earlier is not None and isinstance(earlier.value, dict):
+            kept = {k: v for k, v in earlier.value.items() if k not in PROMPT_SOURCES}
+            base = dataclasses.replace(base, value={**base.value, "prompt": dataclasses.replace(earlier, value=kept)})
+    return merge(base, override, WHOLE_VALUES)
+
+
 def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) -> JobsFile:
     """Read and check a job file. `overrides` (dotted keys -> values) apply to every job, over the file."""
     path = Path(path)
@@ -292,7 +309,7 @@ def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) ->
     for job_node in jobs_node.value:
         if not isinstance(job_node.value, dict):
             raise job_node.error("each job must be a mapping with at least `name` and `input`")
-        merged = merge(merge(defaults, job_node, WHOLE_VALUES), override_node, WHOLE_VALUES)
+        merged = over(over(defaults, job_node), override_node)
         jobs.append(job_from_node(merged, base_dir=str(path.resolve().parent)))
     names = [j.name for j in jobs]
     for i, name in enumerate(names):
@@ -397,7 +414,7 @@ def job_from_dict(
     """Build a job from plain values (kvbatch generate, tests); errors name `source` and the field, without a line.
     `under`: dotted values (`--set`) that `data` overrides field by field."""
     node = from_plain(data, "", source)
-    return job_from_node(merge(overrides_to_node(under), node, WHOLE_VALUES) if under else node, base_dir)
+    return job_from_node(over(overrides_to_node(under), node) if under else node, base_dir)
 
 
 # What an OpenAI Batch input's rows hold of each body besides custom_id (jobs/read_jsonl.py's openai_row), the

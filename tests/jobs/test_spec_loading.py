@@ -199,6 +199,33 @@ def test_a_later_set_of_a_whole_section_keeps_an_earlier_field_of_it(tmp_path: P
     assert overrides == {"engine": {"seed": 1}, "engine.device": "cpu"}  # the caller's values are left as given
 
 
+def test_a_jobs_prompt_source_replaces_the_defaults(tmp_path: Path) -> None:
+    """A row becomes a prompt one way: a job's template over `defaults:`' column was refused as setting both, unless
+    the job wrote `column: null`; so was --set prompt.messages_column over a job's column. The later one wins, as a
+    constraint does; two in one place are still refused."""
+    text = """\
+        defaults:
+          prompt: {column: question, system: Be brief.}
+        jobs:
+          - name: a
+            input: {path: in.jsonl}
+            prompt: {template: "Q: {question}"}
+          - name: b
+            input: {path: in.jsonl}
+        """
+    a, b = load_jobs_file(write(tmp_path, text)).jobs
+    assert (a.prompt.column, a.prompt.template, a.prompt.system) == (None, "Q: {question}", "Be brief.")
+    assert (b.prompt.column, b.prompt.template) == ("question", None)
+    a, b = load_jobs_file(write(tmp_path, text), {"prompt.messages_column": "chat"}).jobs
+    assert {(j.prompt.column, j.prompt.messages_column, j.prompt.template) for j in (a, b)} == {(None, "chat", None)}
+    both = text.replace('{template: "Q: {question}"}', '{template: "Q: {question}", messages_column: chat}')
+    assert "set only one of column, messages_column, template" in spec_error(tmp_path, both).message
+    job = job_from_dict(
+        {"name": "g", "input": {"path": "in.jsonl"}, "prompt": {"template": "{x}"}}, under={"prompt.column": "q"}
+    )
+    assert (job.prompt.column, job.prompt.template) == (None, "{x}")
+
+
 def test_a_jobs_constraint_replaces_the_defaults_whole(tmp_path: Path) -> None:
     # Merged key by key, the job's schema took the defaults' properties too, and a job's choice beside the
     # defaults' regex was two constraints
