@@ -25,11 +25,11 @@ from typing import Any
 from kvbatch.errors import ErrorKind
 
 from .prompts import Prompt
-from .rows import Row, RowError
+from .rows import Row, RowError, list_value
 
 
 def continuation_texts(row: Row, column: str) -> list[str] | RowError:
-    """The row's continuations: a non-empty list of non-empty strings."""
+    """The row's continuations: a non-empty list of non-empty strings (or JSON text of one)."""
     data = row.data or {}
     value = data.get(column)
     if value is None:
@@ -42,9 +42,10 @@ def continuation_texts(row: Row, column: str) -> list[str] | RowError:
         if lists and row.names is None:  # a likely home for them: name it (continuations_column picks the column)
             message += f"; lists of strings are in {', '.join(map(repr, lists))}: set continuations_column"
         return RowError(ErrorKind.MISSING_COLUMN, message)
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+    texts = list_value(list(value) if isinstance(value, tuple) else value)  # a list, or JSON text of one
+    if not texts or not all(isinstance(v, str) and v for v in texts):
         return RowError(ErrorKind.WRONG_TYPE, f"{row.value(column)} must be a non-empty list of non-empty strings")
-    return list(value)
+    return texts
 
 
 def encode_for_scoring(

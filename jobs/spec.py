@@ -222,7 +222,8 @@ class JobSpec:
         "whole, in windows of the context (lm-eval's loglikelihood_rolling); nothing is generated",
     )
     continuations_column: str = setting(
-        "continuations", "task score: the column holding each row's continuations (a list of strings)"
+        "continuations",
+        "task score: the column holding each row's continuations (a list of strings, or JSON text of one)",
     )
     parallel: ParallelSpec = field(default_factory=ParallelSpec, metadata={"doc": "shards, processes, Ray"})
     progress: Literal["auto", "bar", "lines", "off"] = setting(

@@ -69,14 +69,21 @@ def test_task_score_scores_each_continuation(tmp_path: Path, model_folder: Path)
         {"prompt": "w5 w6 w7 w8 w9 w10 w11 w12 w13 ", "continuations": ["w40", "w41 w42 w43", "w44 w45"]},
         {"prompt": "w30 w31", "choices": ["w46"]},  # no continuations column: an error row, the job goes on
         {"prompt": "w50", "continuations": [" w51 w52"]},  # as in lm-eval, the space starts the continuation
+        {"prompt": "w60 w61", "continuations": '[" w62", " w63 w64"]'},  # JSON text, as a CSV export holds a list
+        {"prompt": "w60 w61", "continuations": "w62"},  # text that is no JSON list: wrong_type
     ]
     out = run(tmp_path, model_folder, rows, task="score")
     assert out[1]["error_kind"] == "missing_column" and out[1]["scores"] is None
     assert "lists of strings are in 'choices': set continuations_column" in out[1]["error"]
-    for row, got in zip((rows[0], rows[2]), (out[0], out[2])):
+    assert out[4]["error_kind"] == "wrong_type" and "must be a non-empty list of non-empty strings" in out[4]["error"]
+    for row, got in zip((rows[0], rows[2], rows[3]), (out[0], out[2], out[3])):
         context = ids(row["prompt"])
         assert got["error"] is None and got["finish_reason"] == "stop"
-        for continuation, score in zip(row["continuations"], got["scores"]):
+        continuations = (
+            json.loads(row["continuations"]) if isinstance(row["continuations"], str) else row["continuations"]
+        )
+        assert len(got["scores"]) == len(continuations)
+        for continuation, score in zip(continuations, got["scores"]):
             # the context's trailing space moved into the continuation: the same words for this tokenizer
             tokens = context + ids(continuation)
             rows_lp = reference_logprobs(tokens)[len(context) - 1 : -1]
