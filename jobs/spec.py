@@ -478,7 +478,11 @@ def validate(job: JobSpec, node: Node) -> None:
                 "task score reads each row's continuations from a column (continuations_column), and an OpenAI "
                 "Batch input has none"
             )
-    chosen = [k for k in ("column", "messages_column", "template") if getattr(job.prompt, k) is not None]
+    try:  # rules across engine fields, declared once in EngineConfig: named here, not as the engine starts
+        EngineConfig(**job.engine.settings())
+    except ValueError as exc:
+        raise at("engine").error(str(exc)) from None
+    chosen = [k for k in PROMPT_SOURCES if getattr(job.prompt, k) is not None]
     if len(chosen) > 1:
         raise at("prompt").error(f"set only one of column, messages_column, template (got {', '.join(chosen)})")
     if job.prompt.template is not None:

@@ -175,10 +175,18 @@ class EngineConfig:
     fused_layers: bool | None = setting(None, "Llama-family layers with fused kernels; unset: on for cuda and cpu")
     float32_logits: bool = setting(False, "a bf16/fp16 model's logits in float32, on a GPU")
     max_loras: int = setting(8, "LoRA adapters on the device at once; a step mixes at most this many", min=1)
-    max_cpu_loras: int | None = setting(None, "LoRA adapters kept in host memory; unset: max_loras", min=1)
+    max_cpu_loras: int | None = setting(
+        None, "LoRA adapters kept in host memory, at least max_loras; unset: max_loras", min=1
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "EngineConfig.")
+        # An adapter in a device slot keeps its host copy: fewer host copies than slots cannot be.
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): each adapter in a "
+                "device slot keeps its host copy"
+            )
 
 
 @dataclass(frozen=True)

@@ -479,6 +479,12 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].task",
             "task score reads each row's continuations from a column",
         ),
+        (  # a rule across engine fields, checked where the file is read, not as the engine starts
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    engine: {max_loras: 4, max_cpu_loras: 2}\n",
+            ":4",
+            "jobs[0].engine",
+            "max_cpu_loras (2) must be >= max_loras (4)",
+        ),
         (  # Parquet was written into out.jsonl, which a JSONL reader then failed on
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {path: out.jsonl, format: parquet}\n",
             ":4",

@@ -399,6 +399,13 @@ def test_engine_config_refuses_values_no_engine_can_run(field, value) -> None:
         EngineConfig(**{field: value})
 
 
+def test_fewer_host_copies_than_adapter_slots_are_refused() -> None:
+    # max_cpu_loras below max_loras was raised to it without a word; vLLM refuses it too
+    with pytest.raises(ValueError, match=r"max_cpu_loras \(2\) must be >= max_loras \(4\)"):
+        EngineConfig(max_loras=4, max_cpu_loras=2)
+    assert EngineConfig(max_loras=4, max_cpu_loras=4).max_cpu_loras == 4
+
+
 def test_a_prompt_given_as_a_tuple_or_array_runs_through_a_preemption(loaded) -> None:
     import numpy as np
 
