@@ -46,7 +46,7 @@ class InputSpec:
         nonempty=True,
     )
     format: Literal["auto", "jsonl", "parquet", "arrow", "hf", "openai"] = setting(
-        "auto", "auto: from the path's extension"
+        "auto", "auto: a folder is hf, a file is read by its extension"
     )
     split: str | None = setting(None, "datasets: which split of a DatasetDict or of a repository folder")
     # The upper bounds are what the readers can pass on (islice, readline, Arrow's int64 batch sizes).
@@ -692,10 +692,12 @@ def input_format(job: JobSpec) -> str:
     if job.input.format != "auto":
         return job.input.format
     path = input_path(job)
-    if path.suffix in INPUT_EXTENSIONS:
-        return INPUT_EXTENSIONS[path.suffix]
+    # A folder is read as datasets reads a repository, whatever its name: Spark, Dask and pyarrow's dataset
+    # writer name their folder of part files `out.parquet/`, which no single-file reader opens.
     if path.is_dir():
         return "hf"
+    if path.suffix in INPUT_EXTENSIONS:
+        return INPUT_EXTENSIONS[path.suffix]
     if path.suffix:
         raise SpecError(f"cannot tell the input format of {path.name!r}; set input.format", field="input.format")
     return "hf"  # a bare name: a dataset in the local Hugging Face cache

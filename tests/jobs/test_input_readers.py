@@ -296,6 +296,21 @@ def test_a_folder_of_data_files_is_read_as_datasets_reads_a_repository(tmp_path:
     assert input_identity(tmp_path / "repo", "train") != before  # a resume over the edited folder is refused
 
 
+def test_a_folder_named_like_a_file_is_read_as_a_folder_of_data_files(tmp_path: Path, monkeypatch) -> None:
+    # Spark, Dask and pyarrow's dataset writer name their folder of part files `out.parquet/`. Its extension
+    # picked the single-file Parquet reader, which failed the job on "path ... is a directory", though the same
+    # folder under another name was read.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "out.parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), folder / "part-00000-c0ffee.snappy.parquet")
+    pq.write_table(pa.table({"prompt": ["c"]}), folder / "part-00001-c0ffee.snappy.parquet")
+    (folder / "_SUCCESS").write_bytes(b"")
+    reader = open_reader(job_for(tmp_path, "out.parquet"), ["prompt"])
+    assert reader.num_rows == 3
+    assert [(r.index, r.data) for r in reader] == [(0, {"prompt": "a"}), (1, {"prompt": "b"}), (2, {"prompt": "c"})]
+
+
 def test_a_folder_of_data_files_edited_in_place_has_another_identity(tmp_path: Path) -> None:
     # Its identity was each file's name and size: a row's text edited to the same length ("yes" to "no!") went
     # unseen, so a rerun called the old output complete (and a resume would pair old results with new rows),

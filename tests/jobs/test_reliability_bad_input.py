@@ -149,10 +149,12 @@ def test_missing_input(tmp_path: Path) -> None:
 
 
 def test_unreadable_input(tmp_path: Path) -> None:
-    (tmp_path / "in.jsonl").mkdir()  # a folder where a file should be (permissions do not stop root)
-    outcome = run(tmp_path)
+    # A file where a folder should be (permissions do not stop root; a folder named in.jsonl is read as a folder of
+    # data files, and says it holds none)
+    (tmp_path / "data").write_text("")
+    outcome = run(tmp_path, input={"path": "data/in.jsonl"})
     assert isinstance(outcome.error, InputError)
-    assert str(outcome.error).startswith(f"cannot open {tmp_path / 'in.jsonl'}: [Errno 21] Is a directory")
+    assert str(outcome.error).startswith(f"cannot open {tmp_path / 'data' / 'in.jsonl'}: [Errno 20] Not a directory")
 
 
 def test_damaged_parquet(tmp_path: Path) -> None:
