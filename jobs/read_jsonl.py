@@ -23,6 +23,15 @@ from .rows import Reader, Row, RowError
 
 _CHUNK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors put before the first line
+# The byte-order marks of the other Unicode encodings, UTF-32 first (its little-endian mark begins with UTF-16's).
+# Windows PowerShell writes text files as UTF-16 with a mark: read as UTF-8, its lines split inside characters and
+# each becomes a junk error row, so such a file is refused whole, naming its encoding.
+_OTHER_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
 # JSON may escape half of a UTF-16 surrogate pair on its own ("\udc80"): json.loads accepts it, but no output
 # format can hold the string it makes, so such a line is an invalid_utf8 row rather than a crash at write time.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -65,6 +74,14 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
         raise InputError(f"input not found: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot open {path}: {exc}") from None
+    encoding = other_encoding(path)
+    if encoding is not None:
+        handle.close()
+        raise SpecError(
+            f"{path.name} is {encoding} text (its byte-order mark says so); kvbatch reads JSON lines in UTF-8: "
+            f"convert it first (iconv -f {encoding} -t UTF-8 {path.name} > {path.stem}.utf8.jsonl)",
+            field="input.path",
+        )
     num_rows = count_rows(path)
     if is_json_array(path, max_line_bytes, num_rows):
         handle.close()
@@ -77,6 +94,13 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
     if openai:
         rows = (openai_row(row) for row in rows)
     return Reader(rows, num_rows, None)
+
+
+def other_encoding(path: Path) -> str | None:
+    """The encoding a byte-order mark other than UTF-8's names at the start of the file, or None."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return next((name for mark, name in _OTHER_BOMS if head.startswith(mark)), None)
 
 
 def is_json_array(path: Path, max_line_bytes: int, num_rows: int) -> bool:

@@ -193,6 +193,32 @@ def test_a_json_array_file_is_refused_not_read_as_junk_lines(tmp_path: Path, mon
     assert got == [(0, ErrorKind.NOT_AN_OBJECT), (1, None), (2, ErrorKind.NOT_AN_OBJECT)]
 
 
+def test_a_utf16_or_utf32_file_is_refused_naming_its_encoding(tmp_path: Path) -> None:
+    # Windows PowerShell writes text as UTF-16 with a byte-order mark. Read as UTF-8 its 2 rows were 3 junk rows (an
+    # invalid_utf8 one, then a bad_json one per line, each line starting inside a character), exit 0 after loading
+    # the model, with nothing to say the file was readable after a conversion.
+    text = '{"prompt": "a"}\r\n{"prompt": "b"}\r\n'
+    files = {  # Python's utf-16 and utf-32 write a little-endian mark; a big-endian one by hand
+        "UTF-16": [text.encode("utf-16"), b"\xfe\xff" + text.encode("utf-16-be")],
+        "UTF-32": [text.encode("utf-32"), b"\x00\x00\xfe\xff" + text.encode("utf-32-be")],
+    }
+    for named, data in ((named, data) for named, datas in files.items() for data in datas):
+        (tmp_path / "in.jsonl").write_bytes(data)
+        for fmt in ("jsonl", "openai"):
+            with pytest.raises(SpecError) as info:
+                open_reader(job_for(tmp_path, "in.jsonl", format=fmt), ["prompt"])
+            assert str(info.value) == (
+                f"input.path: in.jsonl is {named} text (its byte-order mark says so); kvbatch reads JSON lines in "
+                f"UTF-8: convert it first (iconv -f {named} -t UTF-8 in.jsonl > in.utf8.jsonl)"
+            )
+    # UTF-8's own mark is read past, as before
+    (tmp_path / "in.jsonl").write_bytes(text.encode("utf-8-sig"))
+    assert [r.data for r in open_reader(job_for(tmp_path, "in.jsonl"), ["prompt"])] == [
+        {"prompt": "a"},
+        {"prompt": "b"},
+    ]
+
+
 def test_jsonl_limit(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
     reader = open_reader(job_for(tmp_path, "in.jsonl", limit=2), ["prompt"])
