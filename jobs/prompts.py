@@ -15,7 +15,7 @@ from typing import Any
 
 from kvbatch.errors import ErrorKind
 
-from .rows import Row, RowError, list_value, mapping_value, type_name
+from .rows import Row, RowError, list_value, mapping_value, record_value, type_name
 from .spec import TEMPLATE_CALL_ARGUMENTS, JobSpec, PromptSpec, input_format, template_columns
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -175,6 +175,8 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
     messages = []
     for i, message in enumerate(value):
         at = row.value(column, i)  # "row 3: prompt[0]", or a Python API row's "prompts[3][0]"
+        # A message may be an Arrow map of its fields (Spark writes a Python dict as one): its pairs are the fields.
+        message = record_value(message) or message
         if not isinstance(message, dict):
             return RowError(ErrorKind.WRONG_TYPE, f"{at} is {type_name(message)}, expected a {{role, content}} object")
         role = message.get("role")

@@ -120,11 +120,12 @@ def mapping_value(value: Any) -> dict | None:
     """The mapping a row's value holds: a JSON object or an Arrow struct (a dict); an Arrow map, which reads as
     its (key, value) pairs; or JSON text of an object (a string column of Parquet); None for any other value.
     JSON gives no tuples, so a JSON list of pairs is no mapping."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except (ValueError, RecursionError):  # nested past Python's parser: no mapping either, and not the job's end
-            return None
+    return record_value(_unless_json_text(value))
+
+
+def record_value(value: Any) -> dict | None:
+    """The mapping a row's value holds as a record: a JSON object or an Arrow struct (a dict), or an Arrow map (its
+    (key, value) pairs, as Spark writes a Python dict); None for any other value, text included."""
     if isinstance(value, dict):
         return value
     if isinstance(value, list) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value):
@@ -135,12 +136,19 @@ def mapping_value(value: Any) -> dict | None:
 def list_value(value: Any) -> list | None:
     """The list a row's value holds: a JSON or Arrow list, or JSON text of a list (a string column, as Spark, BigQuery
     and CSV exports write nested data); None for any other value."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except (ValueError, RecursionError):
-            return None
+    value = _unless_json_text(value)
     return value if isinstance(value, list) else None
+
+
+def _unless_json_text(value: Any) -> Any:
+    """The value JSON text holds (a string column of nested data); a string that is no JSON is None; any other
+    value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):  # nested past Python's parser: no value either, and not the job's end
+        return None
 
 
 def type_name(value: Any) -> str:

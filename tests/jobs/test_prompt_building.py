@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 from job_fakes import FakeTokenizer
 
@@ -95,6 +96,26 @@ def test_messages_and_tools_held_as_json_text_are_read_as_their_lists() -> None:
         assert isinstance(error, RowError) and (error.kind, problem in error.message) == (ErrorKind.WRONG_TYPE, True)
     error = build_prompt(row(chat=messages, tools='{"type": "function"}'), spec)
     assert isinstance(error, RowError) and "expected a list of tools" in error.message
+
+
+def test_messages_written_as_maps_are_read_as_their_fields() -> None:
+    # PySpark infers a Python dict as a map, so a messages column it writes is list<map<string, string>>, which
+    # reads as each message's (key, value) pairs. Every row was a wrong_type error, "m[0] is a list, expected a
+    # {role, content} object", though the other columns that take an object (chat_template_kwargs_column,
+    # sampling_column) read a map as one.
+    kind = pa.list_(pa.map_(pa.string(), pa.string()))
+    pairs = [[("role", "system"), ("content", "Be brief.")], [("role", "user"), ("content", "Hello")]]
+    data = pa.table({"m": pa.array([pairs], kind)}).to_pylist()[0]
+    prompt = build_prompt(row(**data), PromptSpec(messages_column="m"))
+    assert prompt == Prompt(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    # A map's null value is a field left out, as a struct's is: no name is sent to the template
+    data = pa.table({"m": pa.array([[[("role", "user"), ("content", "Hi"), ("name", None)]]], kind)}).to_pylist()[0]
+    assert build_prompt(row(**data), PromptSpec(messages_column="m")).messages == [{"role": "user", "content": "Hi"}]
+    # JSON gives no pairs: a list for a message is still one
+    error = build_prompt(row(m=[[["role", "user"], ["content", "Hi"]]]), PromptSpec(messages_column="m"))
+    assert error == RowError(ErrorKind.WRONG_TYPE, "row 4 (line 7): m[0] is a list, expected a {role, content} object")
+    error = build_prompt(row(m=[[]]), PromptSpec(messages_column="m"))
+    assert error == RowError(ErrorKind.WRONG_TYPE, "row 4 (line 7): m[0] is a list, expected a {role, content} object")
 
 
 def test_template_over_columns() -> None:
