@@ -87,13 +87,19 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
         handle.close()
         raise SpecError(
             f"{path.name} holds one JSON array, not JSON lines (one object a line), which kvbatch reads: write it "
-            f"as JSON lines first (jq -c '.[]' {path.name} > {path.stem}.jsonl)",
+            f"as JSON lines first (jq -c '.[]' {path.name} > {lines_name(path)})",
             field="input.path",
         )
     rows = jsonl_rows(handle, max_line_bytes)
     if openai:
         rows = (openai_row(row) for row in rows)
     return Reader(rows, num_rows, None)
+
+
+def lines_name(path: Path) -> str:
+    """A name for the JSON lines a refused file is to be rewritten as, never its own: a shell truncates the target
+    of `>` before the command reads its input, so `jq ... rows.jsonl > rows.jsonl` would empty the file."""
+    return f"{path.stem}.lines.jsonl" if path.suffix == ".jsonl" else f"{path.stem}.jsonl"
 
 
 def other_encoding(path: Path) -> str | None:

@@ -187,6 +187,14 @@ def test_a_json_array_file_is_refused_not_read_as_junk_lines(tmp_path: Path, mon
         with pytest.raises(SpecError, match=rf"{name} holds one JSON array, not JSON lines") as info:
             open_reader(job_for(tmp_path, name), ["prompt"])
         assert info.value.field == "input.path"
+    # The command it suggests never writes over the file it reads (a shell empties the target of `>` first)
+    (tmp_path / "rows.jsonl").write_text(json.dumps(rows))
+    with pytest.raises(SpecError) as info:
+        open_reader(job_for(tmp_path, "rows.jsonl"), ["prompt"])
+    assert str(info.value).endswith("(jq -c '.[]' rows.jsonl > rows.lines.jsonl)")
+    with pytest.raises(SpecError) as info:
+        open_reader(job_for(tmp_path, "one.json"), ["prompt"])
+    assert str(info.value).endswith("(jq -c '.[]' one.json > one.jsonl)")
     # JSON lines whose lines are arrays stay rows, each a not_an_object error
     (tmp_path / "lines.jsonl").write_text('[1, 2]\n{"prompt": "a"}\n[{"prompt": "b"}]\n')
     got = [(r.index, r.error and r.error.kind) for r in open_reader(job_for(tmp_path, "lines.jsonl"), ["prompt"])]
