@@ -90,6 +90,13 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
             f"as JSON lines first (jq -c '.[]' {path.name} > {lines_name(path)})",
             field="input.path",
         )
+    if is_pretty_printed(path, max_line_bytes):
+        handle.close()
+        raise SpecError(
+            f"{path.name} holds JSON objects written over several lines, not JSON lines (one object a line), which "
+            f"kvbatch reads: write it as JSON lines first (jq -c . {path.name} > {lines_name(path)})",
+            field="input.path",
+        )
     rows = jsonl_rows(handle, max_line_bytes)
     if openai:
         rows = (openai_row(row) for row in rows)
@@ -109,14 +116,27 @@ def other_encoding(path: Path) -> str | None:
     return next((name for mark, name in _OTHER_BOMS if head.startswith(mark)), None)
 
 
-def is_json_array(path: Path, max_line_bytes: int, num_rows: int) -> bool:
-    """Whether the file is one JSON array of rows (as a `.json` file often is, and `datasets` reads it) rather than
-    JSON lines: its first line opens an array that goes on past it, or its only line is an array of objects. A JSON
-    lines file whose lines are arrays stays rows (not_an_object errors)."""
+def _first_line(path: Path, max_line_bytes: int) -> bytes:
+    """The file's first non-blank line (without a byte-order mark), or b"" for a file of blank lines."""
     with open(path, "rb") as f:
         first = f.readline(max_line_bytes + len(_BOM) + 2).removeprefix(_BOM)
         while first and not first.strip():
             first = f.readline(max_line_bytes + 2)
+    return first
+
+
+def is_pretty_printed(path: Path, max_line_bytes: int) -> bool:
+    """Whether the file holds JSON objects written over several lines (what json.dumps(indent=...) and jq without
+    -c write): its first line is a lone `{`, which no JSON line is. Read as JSON lines, each of its lines was a
+    bad_json row."""
+    return _first_line(path, max_line_bytes).strip() == b"{"
+
+
+def is_json_array(path: Path, max_line_bytes: int, num_rows: int) -> bool:
+    """Whether the file is one JSON array of rows (as a `.json` file often is, and `datasets` reads it) rather than
+    JSON lines: its first line opens an array that goes on past it, or its only line is an array of objects. A JSON
+    lines file whose lines are arrays stays rows (not_an_object errors)."""
+    first = _first_line(path, max_line_bytes)
     if not first.lstrip().startswith(b"["):
         return False
     try:

@@ -201,6 +201,25 @@ def test_a_json_array_file_is_refused_not_read_as_junk_lines(tmp_path: Path, mon
     assert got == [(0, ErrorKind.NOT_AN_OBJECT), (1, None), (2, ErrorKind.NOT_AN_OBJECT)]
 
 
+def test_pretty_printed_json_objects_are_refused_not_read_as_junk_lines(tmp_path: Path) -> None:
+    # What `jq '.[]'` without -c and json.dumps(indent=2) write: each object over several lines. Read as JSON lines,
+    # 2 rows were 8 bad_json rows ("{", "\"prompt\": \"a\"," ...), exit 0 after loading the model.
+    rows = [{"prompt": "a", "id": 1}, {"prompt": "b", "id": 2}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r, indent=2) + "\n" for r in rows))
+    (tmp_path / "batch.json").write_text("\ufeff\n" + json.dumps(rows[0], indent=4))
+    for name, fmt, target in (("in.jsonl", "jsonl", "in.lines.jsonl"), ("batch.json", "openai", "batch.jsonl")):
+        with pytest.raises(SpecError) as info:
+            open_reader(job_for(tmp_path, name, format=fmt), ["prompt"])
+        assert str(info.value) == (
+            f"input.path: {name} holds JSON objects written over several lines, not JSON lines (one object a "
+            f"line), which kvbatch reads: write it as JSON lines first (jq -c . {name} > {target})"
+        )
+    # A first line that only starts an object, or is a broken row, stays a row: its own bad_json error
+    (tmp_path / "in.jsonl").write_text('{"prompt":\n{"prompt": "b"}\n')
+    got = [(r.index, r.error and r.error.kind) for r in open_reader(job_for(tmp_path, "in.jsonl"), ["prompt"])]
+    assert got == [(0, ErrorKind.BAD_JSON), (1, None)]
+
+
 def test_a_utf16_or_utf32_file_is_refused_naming_its_encoding(tmp_path: Path) -> None:
     # Windows PowerShell writes text as UTF-16 with a byte-order mark. Read as UTF-8 its 2 rows were 3 junk rows (an
     # invalid_utf8 one, then a bad_json one per line, each line starting inside a character), exit 0 after loading
