@@ -16,6 +16,7 @@ from kvbatch.errors import InputError, SpecError
 
 from .read_parquet import rows_of_batches
 from .rows import Reader
+from .spec import OTHER_DATA_FILES
 
 
 def _import_datasets():
@@ -32,7 +33,7 @@ def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_
     if path.is_file():
         raise SpecError(
             f"input.format hf reads a datasets folder or a dataset name, and {path} is a file; leave input.format "
-            "to auto, or name the file's own format (arrow, parquet, jsonl)",
+            f"to auto, or name the file's own format (arrow, parquet, jsonl); {OTHER_DATA_FILES}",
             field="input.format",
         )
     datasets = _import_datasets()

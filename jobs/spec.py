@@ -687,6 +687,13 @@ INPUT_EXTENSIONS = {
 }
 
 
+# How a data file of a format no reader opens is read: `datasets` reads a folder's data files (CSV, text...) as it
+# reads a repository, and no input.format names such a file alone, so "set input.format" would lead nowhere.
+OTHER_DATA_FILES = (
+    "a data file of another format that `datasets` reads (.csv, .tsv, .txt) is read from a folder of its own"
+)
+
+
 def input_format(job: JobSpec) -> str:
     """The input format, with `auto` decided from the path."""
     if job.input.format != "auto":
@@ -699,7 +706,11 @@ def input_format(job: JobSpec) -> str:
     if path.suffix in INPUT_EXTENSIONS:
         return INPUT_EXTENSIONS[path.suffix]
     if path.suffix:
-        raise SpecError(f"cannot tell the input format of {path.name!r}; set input.format", field="input.format")
+        raise SpecError(
+            f"cannot tell the input format of {path.name!r}: kvbatch reads {', '.join(INPUT_EXTENSIONS)} files and "
+            f"folders; {OTHER_DATA_FILES}. Set input.format for a file of those formats under another name",
+            field="input.format",
+        )
     return "hf"  # a bare name: a dataset in the local Hugging Face cache
 
 

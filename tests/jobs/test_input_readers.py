@@ -364,6 +364,29 @@ def test_a_folder_named_like_a_file_is_read_as_a_folder_of_data_files(tmp_path: 
     assert [(r.index, r.data) for r in reader] == [(0, {"prompt": "a"}), (1, {"prompt": "b"}), (2, {"prompt": "c"})]
 
 
+def test_a_data_file_of_another_format_is_refused_saying_how_to_read_it(tmp_path: Path, monkeypatch) -> None:
+    # A .csv file was "cannot tell the input format; set input.format", and input.format hf then refused it as a
+    # file, "name the file's own format (arrow, parquet, jsonl)": advice in a circle, though a folder holding the
+    # file is read, as `datasets` reads a repository.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    (tmp_path / "data.csv").write_text('id,prompt\n1,a\n2,"b, c"\n')
+    how = "a data file of another format that `datasets` reads (.csv, .tsv, .txt) is read from a folder of its own"
+    with pytest.raises(SpecError) as info:
+        open_reader(job_for(tmp_path, "data.csv"), ["prompt"])
+    assert info.value.field == "input.format" and str(info.value) == (
+        "input.format: cannot tell the input format of 'data.csv': kvbatch reads .parquet, .jsonl, .json, .ndjson, "
+        f".arrow, .feather, .ipc files and folders; {how}. Set input.format for a file of those formats under "
+        "another name"
+    )
+    with pytest.raises(SpecError) as info:
+        open_reader(job_for(tmp_path, "data.csv", format="hf"), ["prompt"])
+    assert str(info.value).endswith(f"name the file's own format (arrow, parquet, jsonl); {how}")
+    (tmp_path / "csv").mkdir()
+    shutil.move(tmp_path / "data.csv", tmp_path / "csv" / "data.csv")
+    reader = open_reader(job_for(tmp_path, "csv"), ["prompt", "id"])
+    assert [r.data for r in reader] == [{"prompt": "a", "id": 1}, {"prompt": "b, c", "id": 2}]
+
+
 def test_a_folder_of_data_files_edited_in_place_has_another_identity(tmp_path: Path) -> None:
     # Its identity was each file's name and size: a row's text edited to the same length ("yes" to "no!") went
     # unseen, so a rerun called the old output complete (and a resume would pair old results with new rows),
