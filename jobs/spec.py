@@ -705,13 +705,15 @@ def input_format(job: JobSpec) -> str:
         return "hf"
     if path.suffix in INPUT_EXTENSIONS:
         return INPUT_EXTENSIONS[path.suffix]
-    if path.suffix:
+    if path.suffix and path.exists():
         raise SpecError(
             f"cannot tell the input format of {path.name!r}: kvbatch reads {', '.join(INPUT_EXTENSIONS)} files and "
             f"folders; {OTHER_DATA_FILES}. Set input.format for a file of those formats under another name",
             field="input.format",
         )
-    return "hf"  # a bare name: a dataset in the local Hugging Face cache
+    # A name that is no file or folder: a dataset in the local Hugging Face cache, whose name may hold a dot
+    # (teknium/OpenHermes-2.5); the reader says when it is in no cache either.
+    return "hf"
 
 
 def input_path(job: JobSpec) -> Path:

@@ -484,26 +484,31 @@ def test_a_name_outside_the_local_cache_is_never_downloaded(tmp_path: Path, monk
         open_reader(job_for(tmp_path, "no-such-user/no-such-dataset"), ["prompt"])
 
 
-def test_a_dataset_name_in_the_local_cache_is_read_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["me/toy", "me/toy-2.5"])
+def test_a_dataset_name_in_the_local_cache_is_read_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     # What an earlier online load_dataset("me/toy") leaves in the cache: a prepared Arrow dataset under
     # <cache>/me___toy/<config>/<version>/<hash>. Made here from a local Parquet file, then renamed into place.
+    # A name with a dot (teknium/OpenHermes-2.5) was refused as a file of an unknown extension, "cannot tell the
+    # input format of 'toy-2.5'", though no such file exists.
     cache = tmp_path / "cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     pq.write_table(pa.table({"prompt": ["a", "b", "c"], "n": [1, 2, 3]}), tmp_path / "toy.parquet")
     datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "toy.parquet")}, cache_dir=str(cache))
     (prepared,) = [p.parent for p in (cache / "parquet").glob("*/*/*/dataset_info.json")]
-    target = cache / "me___toy" / "default" / "0.0.0" / prepared.name
+    target = cache / name.replace("/", "___") / "default" / "0.0.0" / prepared.name
     target.parent.mkdir(parents=True)
     prepared.rename(target)
     for f in target.glob("parquet-*.arrow"):
-        f.rename(target / f.name.replace("parquet-", "toy-"))
+        f.rename(target / f.name.replace("parquet-", name.split("/")[1] + "-"))
     offline = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
-    reader = open_reader(job_for(tmp_path, "me/toy"), ["prompt"])
+    reader = open_reader(job_for(tmp_path, name), ["prompt"])
     assert reader.num_rows == 3 and [r.data for r in reader] == [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
-    assert open_reader(job_for(tmp_path, "me/toy", split="train"), ["prompt"]).num_rows == 3
+    assert open_reader(job_for(tmp_path, name, split="train"), ["prompt"]).num_rows == 3
     # A split it lacks was "neither a local file or folder nor a dataset in the local Hugging Face cache".
-    with pytest.raises(SpecError, match=r"me/toy has no split 'test' \(splits: train\)"):
-        open_reader(job_for(tmp_path, "me/toy", split="test"), ["prompt"])
+    with pytest.raises(SpecError, match=rf"{name} has no split 'test' \(splits: train\)"):
+        open_reader(job_for(tmp_path, name, split="test"), ["prompt"])
     assert (
         datasets.config.HF_HUB_OFFLINE,
         datasets.config.HF_DATASETS_OFFLINE,
