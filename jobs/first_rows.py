@@ -40,9 +40,12 @@ def check_first_rows(rows: Iterator[Row], columns: dict[str, str], limit: int = 
         seen = list(dict.fromkeys(k for data in readable for k in data))
         shown = ", ".join(map(repr, seen[:_SHOWN_COLUMNS])) + (" ..." if len(seen) > _SHOWN_COLUMNS else "")
         named = [c for c in columns if c in missing]
+        # An OpenAI Batch file read as plain rows: each line's custom_id and body are its columns
+        batch = all({"custom_id", "body"} <= data.keys() for data in readable)
+        hint = "; they are OpenAI Batch requests: set input.format: openai (--input-format openai)" if batch else ""
         raise SpecError(
             f"none of the first {len(readable)} rows has the column {', '.join(map(repr, named))}; "
-            f"the rows have {shown or 'no columns'}",
+            f"the rows have {shown or 'no columns'}{hint}",
             field=columns[named[0]],
         )
     return _replay(peeked, rows, failure)

@@ -69,6 +69,22 @@ def test_fewer_rows_than_the_window_all_lacking_fail_too(tmp_path: Path) -> None
     assert "none of the first 2 rows has the column 'prompt'; the rows have 'text'" in str(outcome.error)
 
 
+def test_an_openai_batch_file_read_as_rows_names_the_input_format(tmp_path: Path) -> None:
+    # `kvbatch generate batch.jsonl` said only that the rows have 'custom_id', 'method', 'url', 'body'
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    write(tmp_path / "in.jsonl", [line, {**line, "custom_id": "r2"}])
+    [outcome] = run_jobs([job(tmp_path)], engine_factory=fake_factory())
+    assert isinstance(outcome.error, SpecError)
+    assert str(outcome.error).endswith(
+        "the rows have 'custom_id', 'method', 'url', 'body'; they are OpenAI Batch requests: set input.format: openai "
+        "(--input-format openai)"
+    )
+    write(tmp_path / "in.jsonl", [{"custom_id": "r1", "text": "hi"}])  # no body: no such hint
+    [outcome] = run_jobs([job(tmp_path)], engine_factory=fake_factory())
+    assert str(outcome.error).endswith("the rows have 'custom_id', 'text'")
+
+
 def test_the_cli_exits_2_on_a_misspelled_prompt_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
