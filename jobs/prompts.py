@@ -166,7 +166,7 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
         return _value_error(row, ErrorKind.MISSING_COLUMN, column, "is missing")
     if data[column] is None:
         return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "is null")
-    value = list_value(data[column])
+    value = list_value(_positions_of(data[column]))
     if value is None:
         problem = f"is {type_name(data[column])}, expected a list of {{role, content}} messages"
         return _value_error(row, ErrorKind.WRONG_TYPE, column, problem)
@@ -204,6 +204,18 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
     if not any(m["content"].strip() for m in messages if m["role"] not in SYSTEM_ROLES):
         return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "has no non-empty message besides the system prompt")
     return messages
+
+
+def _positions_of(value: Any) -> Any:
+    """datasets' older `Sequence({"role": ..., "content": ...})` holds a row's messages as a struct of lists of one
+    length, {"role": [...], "content": [...]}: one message a position (a null field is one no message has). Any
+    other value as it is."""
+    fields = {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else {}
+    if not fields or not all(isinstance(v, list) for v in fields.values()):
+        return value
+    if len({len(v) for v in fields.values()}) != 1:
+        return value
+    return [dict(zip(fields, at)) for at in zip(*fields.values())]
 
 
 def _with_parsed_arguments(calls: list[Any]) -> list[Any] | str:

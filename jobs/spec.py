@@ -76,8 +76,8 @@ class PromptSpec:
     column: str | None = setting(None, "one user message per row; unset: column 'prompt'")
     messages_column: str | None = setting(
         None,
-        "a list of {role, content} messages per row (objects, structs or maps; or JSON text of the list); their "
-        "other fields (name, tool_calls, reasoning_content, ...) go to the template too",
+        "a list of {role, content} messages per row (objects, structs or maps; JSON text of the list; datasets' "
+        "Sequence of fields); their other fields (name, tool_calls, reasoning_content, ...) go to the template too",
     )
     template: str | None = setting(None, "a user message with {column} placeholders: 'Summarise: {text}'")
     system: str | None = setting(

@@ -118,6 +118,30 @@ def test_messages_written_as_maps_are_read_as_their_fields() -> None:
     assert error == RowError(ErrorKind.WRONG_TYPE, "row 4 (line 7): m[0] is a list, expected a {role, content} object")
 
 
+def test_messages_of_a_datasets_sequence_of_fields_are_read_position_by_position() -> None:
+    """datasets' older `Sequence({"role": ..., "content": ...})` stores a row's messages as a struct of lists,
+    {"role": [...], "content": [...]}, and datasets returns them so; every row was wrong_type "is an object"."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features({"m": Sequence({"role": Value("string"), "content": Value("string"), "name": Value("string")})})
+    messages = [
+        {"role": "system", "content": "Be brief.", "name": None},
+        {"role": "user", "content": "Hi", "name": "a"},
+    ]
+    columns = {key: [m[key] for m in messages] for key in ("role", "content", "name")}
+    stored = Dataset.from_dict({"m": [columns]}, features=features).data.table.to_pylist()[0]
+    assert stored == {"m": columns}  # what a reader of its Arrow files yields
+    prompt = build_prompt(row(**stored), PromptSpec(messages_column="m"))
+    assert prompt == build_prompt(row(m=messages), PromptSpec(messages_column="m"))
+    assert prompt.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi", "name": "a"},
+    ]
+    for value in ({"role": ["user"], "content": ["a", "b"]}, {"role": "user", "content": "Hi"}):  # no such lists
+        error = build_prompt(row(m=value), PromptSpec(messages_column="m"))
+        assert isinstance(error, RowError) and error.kind == ErrorKind.WRONG_TYPE and "is an object" in error.message
+
+
 def test_template_over_columns() -> None:
     spec = PromptSpec(template="Rate {product} ({stars} stars): {review}")
     assert prompt_columns(spec) == ["product", "stars", "review"]
