@@ -43,7 +43,7 @@ from kvbatch.errors import InputError, SpecError
 
 from .arrow_io import FILE_MAGIC
 from .manifest import INPUT_KEY
-from .read_jsonl import count_rows_in, jsonl_rows, openai_row
+from .read_jsonl import count_rows_in, jsonl_rows, not_json_lines, openai_row
 from .read_parquet import rows_of_batches, with_json_decoded
 from .readers import check_columns
 from .rows import Row, id_key
@@ -80,6 +80,12 @@ def open_ray_input(job: JobSpec, needed_columns: list[str]) -> RayInput:
     if not paths:
         raise InputError(f"no input files found at {job.input.path}")
     counts = _count_rows(filesystem, paths, kind)
+    if kind in ("jsonl", "openai"):
+        for path, (num_rows, _) in zip(paths, counts):
+            with filesystem.open_input_stream(path) as f:
+                problem = not_json_lines(path, io.BufferedReader(f), num_rows, job.input.max_line_bytes)
+            if problem is not None:
+                raise SpecError(problem, field="input.path")
     files, first = [], 0
     for path, (num_rows, groups) in zip(paths, counts):
         files.append(InputFile(path, kind, first, num_rows, groups))

@@ -74,69 +74,64 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
         raise InputError(f"input not found: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot open {path}: {exc}") from None
-    encoding = other_encoding(path)
-    if encoding is not None:
-        handle.close()
-        raise SpecError(
-            f"{path.name} is {encoding} text (its byte-order mark says so); kvbatch reads JSON lines in UTF-8: "
-            f"convert it first (iconv -f {encoding} -t UTF-8 {path.name} > {path.stem}.utf8.jsonl)",
-            field="input.path",
-        )
     num_rows = count_rows(path)
-    if is_json_array(path, max_line_bytes, num_rows):
+    with open(path, "rb") as head:
+        problem = not_json_lines(path.name, head, num_rows, max_line_bytes)
+    if problem is not None:
         handle.close()
-        raise SpecError(
-            f"{path.name} holds one JSON array, not JSON lines (one object a line), which kvbatch reads: write it "
-            f"as JSON lines first (jq -c '.[]' {path.name} > {lines_name(path)})",
-            field="input.path",
-        )
-    if is_pretty_printed(path, max_line_bytes):
-        handle.close()
-        raise SpecError(
-            f"{path.name} holds JSON objects written over several lines, not JSON lines (one object a line), which "
-            f"kvbatch reads: write it as JSON lines first (jq -c . {path.name} > {lines_name(path)})",
-            field="input.path",
-        )
+        raise SpecError(problem, field="input.path")
     rows = jsonl_rows(handle, max_line_bytes)
     if openai:
         rows = (openai_row(row) for row in rows)
     return Reader(rows, num_rows, None)
 
 
-def lines_name(path: Path) -> str:
+def not_json_lines(name: str, f: BinaryIO, num_rows: int, max_line_bytes: int) -> str | None:
+    """What makes the file `name` (open at its start, `num_rows` non-blank lines) no JSON lines, with the command
+    that rewrites it as JSON lines; None for JSON lines. Read as JSON lines, each such file became junk error rows
+    after the model loaded: it is refused whole, before, in a local run and a Ray run alike."""
+    line = f.readline(max_line_bytes + len(_BOM) + 2)
+    encoding = next((encoding for mark, encoding in _OTHER_BOMS if line.startswith(mark)), None)
+    if encoding is not None:
+        return (
+            f"{name} is {encoding} text (its byte-order mark says so); kvbatch reads JSON lines in UTF-8: convert it "
+            f"first (iconv -f {encoding} -t UTF-8 {name} > {Path(name).with_suffix('.utf8.jsonl')})"
+        )
+    first = _first_line(line, f, max_line_bytes)
+    if _is_json_array(first, num_rows):
+        return (
+            f"{name} holds one JSON array, not JSON lines (one object a line), which kvbatch reads: write it as JSON "
+            f"lines first (jq -c '.[]' {name} > {lines_name(name)})"
+        )
+    # What json.dumps(indent=...) and jq without -c write: a first line that is a lone `{`, which no JSON line is
+    if first.strip() == b"{":
+        return (
+            f"{name} holds JSON objects written over several lines, not JSON lines (one object a line), which kvbatch "
+            f"reads: write it as JSON lines first (jq -c . {name} > {lines_name(name)})"
+        )
+    return None
+
+
+def lines_name(name: str) -> str:
     """A name for the JSON lines a refused file is to be rewritten as, never its own: a shell truncates the target
     of `>` before the command reads its input, so `jq ... rows.jsonl > rows.jsonl` would empty the file."""
-    return f"{path.stem}.lines.jsonl" if path.suffix == ".jsonl" else f"{path.stem}.jsonl"
+    path = Path(name)
+    return str(path.with_name(f"{path.stem}.lines.jsonl" if path.suffix == ".jsonl" else f"{path.stem}.jsonl"))
 
 
-def other_encoding(path: Path) -> str | None:
-    """The encoding a byte-order mark other than UTF-8's names at the start of the file, or None."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return next((name for mark, name in _OTHER_BOMS if head.startswith(mark)), None)
-
-
-def _first_line(path: Path, max_line_bytes: int) -> bytes:
-    """The file's first non-blank line (without a byte-order mark), or b"" for a file of blank lines."""
-    with open(path, "rb") as f:
-        first = f.readline(max_line_bytes + len(_BOM) + 2).removeprefix(_BOM)
-        while first and not first.strip():
-            first = f.readline(max_line_bytes + 2)
+def _first_line(line: bytes, f: BinaryIO, max_line_bytes: int) -> bytes:
+    """The file's first non-blank line (without a byte-order mark), or b"" for a file of blank lines; `line` is its
+    first line, `f` open after it."""
+    first = line.removeprefix(_BOM)
+    while first and not first.strip():
+        first = f.readline(max_line_bytes + 2)
     return first
 
 
-def is_pretty_printed(path: Path, max_line_bytes: int) -> bool:
-    """Whether the file holds JSON objects written over several lines (what json.dumps(indent=...) and jq without
-    -c write): its first line is a lone `{`, which no JSON line is. Read as JSON lines, each of its lines was a
-    bad_json row."""
-    return _first_line(path, max_line_bytes).strip() == b"{"
-
-
-def is_json_array(path: Path, max_line_bytes: int, num_rows: int) -> bool:
-    """Whether the file is one JSON array of rows (as a `.json` file often is, and `datasets` reads it) rather than
-    JSON lines: its first line opens an array that goes on past it, or its only line is an array of objects. A JSON
-    lines file whose lines are arrays stays rows (not_an_object errors)."""
-    first = _first_line(path, max_line_bytes)
+def _is_json_array(first: bytes, num_rows: int) -> bool:
+    """Whether a file whose first non-blank line is `first` is one JSON array of rows (as a `.json` file often is,
+    and `datasets` reads it) rather than JSON lines: its first line opens an array that goes on past it, or its
+    only line is an array of objects. A JSON lines file whose lines are arrays stays rows (not_an_object errors)."""
     if not first.lstrip().startswith(b"["):
         return False
     try:

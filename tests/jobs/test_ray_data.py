@@ -164,6 +164,28 @@ def test_a_ray_run_over_jsonl_without_the_prompt_column_fails_before_any_model(t
     assert built == []
 
 
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('[{"id": 0, "prompt": "a"},\n {"id": 1, "prompt": "b"}]\n', "holds one JSON array, not JSON lines"),
+        ('{\n  "id": 0,\n  "prompt": "a"\n}\n', "holds JSON objects written over several lines"),
+        ('{"id": 0, "prompt": "a"}\n'.encode("utf-16").decode("latin-1"), "is UTF-16 text"),
+    ],
+    ids=["array", "pretty-printed", "utf-16"],
+)
+def test_a_ray_run_refuses_a_file_that_is_no_json_lines_as_a_local_run(tmp_path, local_ray, text, words):
+    # A local run refuses these before the model loads; a Ray run read each line of them as a junk error row.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_input(folder / "a.jsonl", num_rows=6)
+    (folder / "b.jsonl").write_bytes(text.encode("latin-1"))
+    built = []
+    [outcome] = run_jobs([ray_job(tmp_path, folder)], engine_factory=lambda *a: built.append(a) or tiny_engine(*a))
+    assert isinstance(outcome.error, SpecError) and outcome.error.field == "input.path"
+    assert f"{folder / 'b.jsonl'} {words}" in str(outcome.error), outcome.error
+    assert built == []
+
+
 def test_a_ray_run_refused_by_its_actors_fails_as_a_local_run(tmp_path, local_ray):
     # A setting only the model can check (a stop token past its vocabulary) fails in each actor's constructor:
     # Ray reported that as an ActorDiedError's text, a JobError (exit 1); a local run raises the SpecError (exit 2).
