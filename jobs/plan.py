@@ -24,7 +24,7 @@ from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache, left_out
 from kvbatch.jobs.shard_output import job_shard
-from kvbatch.jobs.spec import JobSpec, check_job_constraint, check_token_ids, output_path
+from kvbatch.jobs.spec import JobSpec, check_chat_template, check_job_constraint, check_token_ids, output_path
 from kvbatch.runner.admission import AdmissionLimits, never_fits
 from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.sequence import capped_new_tokens
@@ -137,6 +137,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     if reader.columns is None:  # a run stops on a prompt column none of the first rows has: so does its plan
         reader.rows = checked_first_rows(job, reader.rows)
     sizing = model_sizing(job, engines)
+    check_chat_template(job, sizing.tokenizer)  # a run stops on template settings no template reads: so does its plan
     check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
     constraints = _Constraints(sizing)
     check_job_constraint(job, constraints.problem)  # and on the job's own constraint, when no row may begin it

@@ -418,6 +418,10 @@ def job_from_dict(
     return job_from_node(over(overrides_to_node(under), node) if under else node, base_dir)
 
 
+# Prompt settings only a chat template reads: without one the raw text goes to the model and these are dropped.
+TEMPLATE_VALUES = ("chat_template_kwargs", "chat_template_kwargs_column", "tools_column")
+
+
 # What an OpenAI Batch input's rows hold of each body besides custom_id (jobs/read_jsonl.py's openai_row), the
 # only columns keep_columns may name; the fields after it name input columns, which such an input does not have.
 OPENAI_ROW_COLUMNS = ("messages", "model", "tools", "chat_template_kwargs")
@@ -492,7 +496,7 @@ def validate(job: JobSpec, node: Node) -> None:
     if job.task == "score_rolling":
         no_template = "task score_rolling does not apply"
     if no_template is not None:
-        for name in ("chat_template_file", "chat_template_kwargs", "chat_template_kwargs_column", "tools_column"):
+        for name in ("chat_template_file", *TEMPLATE_VALUES):
             if getattr(job.prompt, name) is not None and own("prompt", name):
                 raise at("prompt", name).error(
                     f"is given to the chat template, which {no_template} (the raw text goes to the model as it is)"
@@ -580,6 +584,24 @@ def job_adapters(job: JobSpec) -> dict[str, str]:
     if job.adapter is not None and job.adapter not in adapters:
         adapters[job.adapter] = job.adapter
     return adapters
+
+
+def check_chat_template(job: JobSpec, tokenizer: Any) -> None:
+    """Refuse a job that gives its chat template tools or values when the model's tokenizer has no template and the
+    job no chat_template_file: its prompts go to the model as raw text (jobs/tokenize.py), and the tools and values
+    would be dropped without a word, as the job file's load refuses them beside `prompt.chat_template: false`."""
+    prompt = job.prompt
+    if not prompt.chat_template or prompt.chat_template_file is not None or job.task == "score_rolling":
+        return
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return
+    for name in TEMPLATE_VALUES:
+        if getattr(prompt, name) is not None:
+            raise SpecError(
+                "is given to the chat template, and this model's tokenizer has none (the raw text goes to the model "
+                "as it is); give the job one with prompt.chat_template_file",
+                field=f"prompt.{name}",
+            )
 
 
 def check_token_ids(job: JobSpec, vocab_size: int) -> None:

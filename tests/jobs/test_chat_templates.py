@@ -419,3 +419,55 @@ def test_the_fingerprint_holds_the_template_text_and_the_task(tmp_path) -> None:
     assert "task" not in generated  # a default leaves earlier outputs' hashes as they were
     rolling = result_fingerprint(job_from_dict({**plain, "task": "score_rolling"}, base_dir=str(tmp_path)))
     assert rolling["task"] == "score_rolling"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("tools_column", "tools"), ("chat_template_kwargs", {"enable_thinking": False}),
+     ("chat_template_kwargs_column", "options")],
+)  # fmt: skip
+def test_template_values_for_a_model_without_a_template_stop_the_job(tmp_path, field, value) -> None:
+    """A tokenizer without a chat template gets the raw text (messages joined by blank lines), and the job's tools
+    and template values were dropped without a word: every row ran, none with its tools. They stop the job and its
+    plan before any row runs, as beside prompt.chat_template: false; the job's own template file takes them."""
+    import yaml
+    from reliability_helpers import read_output
+    from tiny_models import tiny_model, word_tokenizer
+    from typer.testing import CliRunner
+
+    from kvbatch import cli
+
+    tiny_model("llama", 0, attn="sdpa").save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")  # no chat template
+    # w7 where the template sees tools, w8 where it sees enable_thinking: the file's template gets the setting
+    marks = "{% if tools %}w7{% endif %}{% if enable_thinking is defined %}w8{% endif %}"
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}" + marks)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    row = {"messages": [{"role": "user", "content": "w5 w6"}], "tools": tools, "options": {"enable_thinking": False}}
+    (tmp_path / "in.jsonl").write_text(json.dumps(row) + "\n")
+    common = {
+        "model": str(tmp_path / "model"),
+        "input": {"path": "in.jsonl"},
+        "sampling": {"max_new_tokens": 2},
+        "engine": {"device": "cpu", "kv_cache_gib": 0.001},
+    }
+    jobs = [
+        {"name": "none", "prompt": {"messages_column": "messages", field: value}, **common},
+        {"name": "file", "prompt": {"messages_column": "messages", "chat_template_file": "t.jinja", field: value},
+         **common},
+    ]  # fmt: skip
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump({"jobs": jobs}))
+    refusal = (
+        f"prompt.{field}: is given to the chat template, and this model's tokenizer has none (the raw text goes to "
+        "the model as it is); give the job one with prompt.chat_template_file"
+    )
+
+    ran = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--quiet"])
+    assert ran.exit_code == 2, ran.output
+    assert f"kvbatch: job none failed: {refusal}\n" in ran.stderr
+    assert not (tmp_path / "out" / "none.arrow").exists()
+    (done,) = read_output(tmp_path / "out" / "file.arrow")
+    assert (done["error"], done["prompt_tokens"]) == (None, 3)  # w5 w6, then w7 or w8
+
+    planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "jobs.yaml"), "--job", "none"])
+    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: {refusal}\n")
