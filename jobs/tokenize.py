@@ -70,6 +70,15 @@ class PromptTokenizer:
             return self._encode_text(prompt.text)
         assert prompt.messages is not None, "a Prompt has messages or text"
         if not self.use_chat_template:
+            # A row's own tools or template values (an OpenAI Batch body's) would be dropped; the job's own stop
+            # the job before any row (check_chat_template)
+            for name, value in (("tools", prompt.tools), ("chat_template_kwargs", prompt.template_kwargs)):
+                if value:
+                    return RowError(
+                        ErrorKind.BAD_REQUEST,
+                        f"{name!r} is given to the chat template, and this model's tokenizer has none (the raw text "
+                        "goes to the model)",
+                    )
             return self._encode_text("\n\n".join(m["content"] for m in prompt.messages))
         if not self.allow_special_tokens:
             # Template values, tools and a message's tool calls are written by the template itself, so they are

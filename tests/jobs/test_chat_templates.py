@@ -342,6 +342,27 @@ def test_openai_bodies_pass_their_template_values_and_tools(tmp_path) -> None:
     assert tok.decode(request.prompt_token_ids) == want and want.endswith("</think>\n\n") and '"add"' in want
 
 
+@pytest.mark.parametrize("raw", ["chat_template false", "no template"])
+def test_an_openai_bodys_template_values_without_a_template_fail_its_row(tmp_path, raw) -> None:
+    """A body's tools and chat_template_kwargs go to the chat template: with `prompt.chat_template: false`, or a
+    tokenizer that has none, they were dropped without a word and the row ran on its bare text."""
+    prompt = {"chat_template": False} if raw == "chat_template false" else {}
+    job = job_from_dict(
+        {"name": "j", "input": {"path": "b.jsonl", "format": "openai"}, "output_dir": "out", "prompt": prompt},
+        base_dir=str(tmp_path),
+    )
+    pipe = RowPipeline(job, byte_tokenizer(None if raw == "no template" else QWEN3_STYLE), layout_for(job, {}))
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    for extra, field in (({"tools": tools}, "tools"), ({"chat_template_kwargs": {"enable_thinking": False}}, None)):
+        line = {"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": MESSAGES, **extra}}
+        result = pipe.request(openai_row(parse_line(json.dumps(line).encode(), 0, 1)))
+        assert isinstance(result, RowResult) and result.error.kind == ErrorKind.BAD_REQUEST, result
+        assert f"'{field or 'chat_template_kwargs'}' is given to the chat template" in result.error.message
+    plain = {"custom_id": "b", "url": "/v1/chat/completions", "body": {"messages": MESSAGES, "tools": None}}
+    request = pipe.request(openai_row(parse_line(json.dumps(plain).encode(), 0, 1)))
+    assert isinstance(request, GenerationRequest)  # a null is no value: the bare text runs
+
+
 def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(tmp_path) -> None:
     """OpenAI's content may be a list of text parts. vLLM's server gives a template that reads content as a string
     the parts joined by newlines; they were joined with nothing, so "Translate:" and the text ran together."""
