@@ -115,6 +115,7 @@ def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
     problem = (
         _dropped_beside(schema, path)
         or _multiple_of_problem(schema, path)
+        or _min_properties_problem(schema, path)
         or _string_problem(schema, path)
         or _reference_problem(schema, path)
     )
@@ -275,6 +276,40 @@ def _value_type(value: Any) -> str:
 
 def _type_within(json_type: str, allowed: set[str]) -> bool:
     return json_type in allowed or (json_type == "integer" and "number" in allowed)
+
+
+def _min_properties_problem(schema: dict, path: str) -> str | None:
+    """`minProperties` that keys beyond `properties` must help reach, as a message. xgrammar counts the keys it
+    writes, a repeated one too, where JSON keeps one of each: its own matcher ended `{"a": 1, "a": 2}` with `stop`
+    under `additionalProperties` and `minProperties: 2`, a value with one property. The required properties are
+    distinct keys, and any key is one property, so up to that many is enforced."""
+    minimum = schema.get("minProperties")
+    if not isinstance(minimum, int) or isinstance(minimum, bool):
+        return None
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    num_required = len({name for name in required if isinstance(name, str) and name in properties})
+    opener = _extra_keys(schema)
+    if minimum <= max(1, num_required) or opener is None:
+        return None
+    return (
+        f"'minProperties' {minimum} at {path} is not enforced beside {opener!r} (the grammar engine counts a "
+        f"repeated key, which JSON keeps once); list that many under 'properties' and 'required' instead"
+    )
+
+
+def _extra_keys(schema: dict) -> str | None:
+    """The keyword that lets keys beyond `properties` into an object as xgrammar generates it, or None. Where the
+    schema says nothing it allows none; a `propertyNames` may open it (it does where there are no `properties`)."""
+    if schema.get("additionalProperties", False) is not False:
+        return "additionalProperties"
+    if schema.get("unevaluatedProperties", False) is not False:
+        return "unevaluatedProperties"
+    if schema.get("patternProperties"):
+        return "patternProperties"
+    if "propertyNames" in schema:
+        return "propertyNames"
+    return None
 
 
 def _multiple_of_problem(schema: dict, path: str) -> str | None:

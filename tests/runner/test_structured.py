@@ -516,6 +516,63 @@ def test_a_property_a_pattern_property_also_matches_is_refused(tokenizer, compil
 
 
 @pytest.mark.parametrize(
+    ("schema", "oracle_text", "opener"),
+    [
+        (
+            {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2},
+            '{"a": 1, "a": 2}',
+            "additionalProperties",
+        ),
+        (
+            {
+                "type": "object",
+                "properties": {"x": {"type": "integer"}},
+                "additionalProperties": True,
+                "minProperties": 3,
+            },
+            '{"x": 1, "a": 1, "a": 2}',
+            "additionalProperties",
+        ),
+        (
+            {"type": "object", "patternProperties": {"^[a-z]$": {"type": "integer"}}, "minProperties": 2},
+            '{"a": 1, "a": 2}',
+            "patternProperties",
+        ),
+        (
+            {"type": "object", "propertyNames": {"type": "string", "maxLength": 1}, "minProperties": 2},
+            '{"a": 1, "a": 2}',
+            "propertyNames",
+        ),
+    ],
+)
+def test_min_properties_that_extra_keys_must_reach_is_refused(tokenizer, compiler, schema, oracle_text, opener):
+    """xgrammar counts the keys it writes toward minProperties, a repeated key too, where JSON keeps one of each:
+    its own matcher ended a value with too few properties with `stop` (a model that repeats a key of a
+    `dict[str, int]` with min_length 2 writes one). Up to the number of required properties, or 1, stays enforced."""
+    jsonschema = pytest.importorskip("jsonschema")
+    oracle = xgr.GrammarMatcher(compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
+    assert oracle.accept_string(oracle_text) and oracle.accept_token(EOS) and oracle.is_terminated()
+    with pytest.raises(jsonschema.ValidationError, match="does not have enough properties"):
+        jsonschema.validate(json.loads(oracle_text), schema)
+    message = (
+        f"'minProperties' {schema['minProperties']} at # is not enforced beside {opener!r} "
+        "(the grammar engine counts a repeated key, which JSON keeps once); list that many under 'properties' and "
+        "'required' instead"
+    )
+    with pytest.raises(ConstraintError, match=f"^{re.escape(message)}$"):
+        GrammarCache(tokenizer, VOCAB, (EOS,)).compile(StructuredOutputs.from_schema(schema))
+    assert unsupported_keyword({**schema, "minProperties": 1}) is None
+    required = {
+        "type": "object",
+        "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+        "required": ["x", "y"],
+        "additionalProperties": {"type": "integer"},
+        "minProperties": 2,
+    }
+    assert unsupported_keyword(required) is None
+
+
+@pytest.mark.parametrize(
     ("schema", "oracle_text", "message"),
     [
         ({"anyOf": []}, "", "'anyOf' at # is an empty list; JSON Schema needs at least one schema there"),
