@@ -55,7 +55,9 @@ def column_constraint(value: Any) -> StructuredOutputs | None:
             raise ConstraintError(f"the constraint column is not JSON: {exc}") from None
         except RecursionError:  # else it would end the job, not the row
             raise ConstraintError("the constraint column is not JSON: nested too deeply") from None
-    if isinstance(value, Mapping) and value and set(value) <= set(KINDS):
+    # No JSON Schema keyword is one of KINDS: a mapping that names one is a constraint, and a key beside it is refused
+    # as unknown. Read as a schema, `{"regex": "[0-9]+", "flags": "i"}` was one of unknown keywords: any JSON value.
+    if isinstance(value, Mapping) and set(value) & set(KINDS):
         return StructuredOutputs.from_value(value)
     return StructuredOutputs.from_schema(value)
 

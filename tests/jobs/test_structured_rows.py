@@ -126,6 +126,30 @@ def test_a_constraint_column_sets_each_rows_constraint(tmp_path: Path) -> None:
     assert summary.errors_by_kind == {"bad_constraint": 2}
 
 
+def test_a_constraint_mapping_with_an_unknown_field_fails_its_row(tmp_path: Path) -> None:
+    """A column's mapping naming a constraint kind beside another key (vLLM's `disable_any_whitespace`, a regex
+    `flags`) was read as a JSON Schema of unknown keywords, which any JSON value meets: the row ran as if
+    unconstrained, its regex or schema silently dropped. It is refused as unknown, as in an OpenAI body."""
+    rows = [
+        {"prompt": "a", "c": {"json": SCHEMA, "disable_any_whitespace": True}},
+        {"prompt": "b", "c": json.dumps({"regex": "[0-9]+", "flags": "i"})},
+        {"prompt": "c", "c": {"choice": ["x", "y"]}},
+    ]
+    job = job_from_dict(_job(tmp_path, rows, constraint_column="c"), base_dir=str(tmp_path))
+    factory = fake_factory()
+    summary = run_job(job, EngineCache(factory))
+    got = {r.request_id: r.sampling.structured_outputs for r in factory.engines[0].requests}
+    assert got == {2: StructuredOutputs(choice=("x", "y"))}
+    out = [json.loads(line) for line in (tmp_path / "out" / "j.jsonl").read_text().splitlines()]
+    known = "use one of ('json', 'regex', 'choice', 'grammar', 'json_object')"
+    unknown = "bad constraint in column 'c': unknown constraint field(s)"
+    assert [(out[i]["error_kind"], out[i]["error"]) for i in (0, 1)] == [
+        ("bad_constraint", f"row 0 (line 1): {unknown} disable_any_whitespace; {known}"),
+        ("bad_constraint", f"row 1 (line 2): {unknown} flags; {known}"),
+    ]
+    assert summary.errors_by_kind == {"bad_constraint": 2}
+
+
 def test_a_constraint_nested_past_pythons_parser_fails_its_row_not_the_job(tmp_path: Path) -> None:
     # JSON text in a cell (or an OpenAI body's schema) is parsed by kvbatch, not by the input reader: json.loads
     # raised RecursionError there, which ended the job ("the engine failed") rather than the row.
