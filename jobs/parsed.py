@@ -14,13 +14,14 @@ Its type comes from the job's JSON schema, once, so every part of the output has
 
 A row gets a value only when its constraint is JSON (json or json_object) and its sample ended with `stop` (a
 constrained row that stops is complete JSON); a row cut at `length`, an error row, a row under a regex, choice or
-grammar, or a value its type cannot hold (an integer past int64, a lone surrogate escape) gets null, and its
-`text` keeps the output as generated.
+grammar, or a value its type cannot hold (an integer past int64, a number past float64, a lone surrogate escape)
+gets null, and its `text` keeps the output as generated.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +68,10 @@ def _integer(value: Any) -> int:
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
-    return float(value)
+    number = float(value)
+    if math.isinf(number):  # JSON has no infinity: `1e400` (the grammar allows any exponent) is past float64
+        raise OverflowError(f"{value} does not fit float64")
+    return number
 
 
 def _boolean(value: Any) -> bool:

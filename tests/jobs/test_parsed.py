@@ -105,6 +105,16 @@ def test_rows_that_did_not_stop_or_do_not_fit_get_null() -> None:
     assert ParsedColumn.for_schema(None).value('{"b": [1, {}]}', "stop") == '{"b":[1,{}]}'
 
 
+def test_a_number_past_float64_gets_null_not_infinity() -> None:
+    """The grammar engine allows any exponent, and `1e400` is past float64: the column held inf, a value JSON cannot
+    write and the row never did, where an integer past int64 gets null. A number that only rounds keeps a value."""
+    column = ParsedColumn.for_schema(json.dumps({"type": "object", "properties": {"x": {"type": "number"}}}))
+    assert column.value('{"x": 1e400}', "stop") is None
+    assert column.value('{"x": -1E+309}', "stop") is None
+    assert column.value('{"x": 1.7976931348623157e308}', "stop") == {"x": 1.7976931348623157e308}
+    assert column.value('{"x": 1e-400}', "stop") == {"x": 0.0}
+
+
 def test_a_lone_surrogate_escape_gets_null_and_the_output_is_written() -> None:
     # JSON text may escape a lone UTF-16 surrogate, and the grammar engine's own matcher allows one in any string; no
     # Arrow string holds it, so building the output table raised UnicodeEncodeError.
