@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -49,10 +50,38 @@ def build(cls: type, node: Node) -> Any:
 def _parse(reader: Any, node: Node) -> Any:
     if node.value is None:
         return None
+    misread = _yaml11_scalar(node)
+    if misread is not None:  # any JSON goes here: no type check catches `enum: [yes, no]` read as [true, false]
+        raise misread.error(_yaml11_message(misread.yaml11, misread.value))
     try:
         return reader(node.plain())
     except ValueError as exc:
         raise node.error(str(exc)) from None
+
+
+def _yaml11_scalar(node: Node) -> Node | None:
+    """The first scalar in `node` that YAML 1.1 reads otherwise than YAML 1.2 and JSON (Node.yaml11), or None."""
+    if node.yaml11 is not None:
+        return node
+    children = node.value.values() if isinstance(node.value, dict) else node.value
+    if not isinstance(node.value, (dict, list)):
+        return None
+    return next((found for child in children if (found := _yaml11_scalar(child)) is not None), None)
+
+
+def _yaml11_message(text: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return (
+            f"{text!r} reads as {json.dumps(value)} in YAML 1.1, which reads job files, but as text in YAML 1.2 and "
+            f"JSON: quote it for text ('{text}'), or write {json.dumps(value)}"
+        )
+    mantissa, _, exponent = text.lower().partition("e")  # PyYAML reads a number with a dot and a signed exponent
+    mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
+    exponent = exponent if exponent[:1] in ("+", "-") else f"+{exponent}"
+    return (
+        f"{text!r} reads as text in YAML 1.1, which reads job files, but as a number in YAML 1.2 and JSON: quote it "
+        f"for text ('{text}'), or write the number as {mantissa}e{exponent}"
+    )
 
 
 def _unknown_message(key: str, known: list[str]) -> str:

@@ -24,6 +24,11 @@ class Node:
     path: str  # dotted field path, e.g. "jobs[0].sampling.temperature"
     line: int | None = None  # 1-based; None for values from the command line
     source: str | None = None  # the file name, or "command line"
+    # A plain scalar as written, where YAML 1.1 (PyYAML's) reads it otherwise than YAML 1.2 and JSON do: `yes`,
+    # `no`, `on`, `off` (true or false here, text there) and an exponent without a dot or sign (`1e3`: text here,
+    # a number there). A typed field checks the value it got; a free-form JSON value (a schema) cannot, so it
+    # refuses these (jobs/schema.py).
+    yaml11: str | None = None
 
     @property
     def where(self) -> str | None:
@@ -122,12 +127,32 @@ def _convert(node: yaml.Node, path: str, source: str, constructor: yaml.SafeLoad
             # A field's line is its key's line: for a block value (`sampling:` then indented fields) the value
             # starts on the next line, but the user wrote the field where the key is.
             value = _convert(value_node, sub, source, constructor, budget)
-            out[key] = Node(value.value, value.path, key_node.start_mark.line + 1, value.source)
+            out[key] = Node(value.value, value.path, key_node.start_mark.line + 1, value.source, value.yaml11)
         return Node(out, path, line, source)
     if isinstance(node, yaml.SequenceNode):
         items = [_convert(item, child_path(path, i), source, constructor, budget) for i, item in enumerate(node.value)]
         return Node(items, path, line, source)
-    return Node(_scalar(node, path, source, constructor), path, line, source)
+    value = _scalar(node, path, source, constructor)
+    return Node(value, path, line, source, _yaml11_text(node, value))
+
+
+# Words YAML 1.1 reads as booleans where YAML 1.2 and JSON read text; PyYAML takes each in these three cases.
+_YAML_1_1_BOOLEANS = frozenset(
+    spelling for word in ("yes", "no", "on", "off") for spelling in (word, word.capitalize(), word.upper())
+)
+# A number in YAML 1.2 and JSON; PyYAML reads one as text where its exponent has no dot or no sign (1e3, 1.0e3).
+_YAML_1_2_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def _yaml11_text(node: yaml.ScalarNode, value: Any) -> str | None:
+    """The scalar's text where YAML 1.1 reads it otherwise than YAML 1.2 (Node.yaml11), else None."""
+    if node.style is not None:  # quoted (or a block scalar): text in every YAML
+        return None
+    if isinstance(value, bool) and node.value in _YAML_1_1_BOOLEANS:
+        return node.value
+    if isinstance(value, str) and _YAML_1_2_NUMBER.fullmatch(node.value):
+        return node.value
+    return None
 
 
 # Numbers YAML 1.1 (PyYAML's) and YAML 1.2 read apart: a leading zero is octal (`012` is 10, not 12) and colons are

@@ -149,6 +149,51 @@ def test_words_yaml_reads_as_booleans_say_to_quote_them(tmp_path: Path, extra: s
     assert message in error and "quote a word meant as text" in error
 
 
+_AS_TRUE = "reads as true in YAML 1.1, which reads job files, but as text in YAML 1.2 and JSON: quote it for text"
+_AS_TEXT = "reads as text in YAML 1.1, which reads job files, but as a number in YAML 1.2 and JSON: quote it for text"
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        (
+            "      structured_outputs:\n        json: {type: object, properties: {a: {enum: [yes, no]}}}\n",
+            "jobs.yaml:6: jobs[0].sampling.structured_outputs.json.properties.a.enum[0]: "
+            f"'yes' {_AS_TRUE} ('yes'), or write true",
+        ),
+        (
+            "      structured_outputs: {choice: [Yes, 'no']}\n",
+            f"jobs.yaml:5: jobs[0].sampling.structured_outputs.choice[0]: 'Yes' {_AS_TRUE} ('Yes'), or write true",
+        ),
+        (
+            "      structured_outputs: {json: {type: object, additionalProperties: OFF}}\n",
+            "jobs.yaml:5: jobs[0].sampling.structured_outputs.json.additionalProperties: 'OFF' reads as false in YAML "
+            "1.1, which reads job files, but as text in YAML 1.2 and JSON: quote it for text ('OFF'), or write false",
+        ),
+        (
+            "      structured_outputs: {json: {enum: [1e3, 2]}}\n",
+            "jobs.yaml:5: jobs[0].sampling.structured_outputs.json.enum[0]: "
+            f"'1e3' {_AS_TEXT} ('1e3'), or write the number as 1.0e+3",
+        ),
+        (
+            "      structured_outputs: {json: {type: number, maximum: 2.5E6}}\n",
+            "jobs.yaml:5: jobs[0].sampling.structured_outputs.json.maximum: "
+            f"'2.5E6' {_AS_TEXT} ('2.5E6'), or write the number as 2.5e+6",
+        ),
+    ],
+)
+def test_a_schema_word_or_number_yaml_1_1_misreads_is_refused(tmp_path: Path, extra: str, error: str) -> None:
+    """A schema takes any JSON, so no type check caught what YAML 1.1 (PyYAML) reads otherwise than YAML 1.2 and
+    JSON: `enum: [yes, no]` loaded as [true, false], and a labelling job wrote {"a": true} where "yes" was meant;
+    `1e3` loaded as the text "1e3". The job file is refused at the value's line; quoted or written as JSON, it
+    loads as meant."""
+    assert load_error(tmp_path, JOB + "    sampling:\n" + extra) == error
+    meant = "      structured_outputs:\n        json: {enum: ['yes', 'no', 1.0e+3, true, false]}\n"
+    (tmp_path / "jobs.yaml").write_text(JOB + "    sampling:\n" + meant)
+    (job,) = load_jobs_file(tmp_path / "jobs.yaml").jobs
+    assert job.sampling.structured_outputs.json == '{"enum":["yes","no",1000.0,true,false]}'
+
+
 def test_an_exponent_without_a_dot_says_how_yaml_reads_it(tmp_path: Path) -> None:
     # YAML 1.1 reads 1e-3 as text (1.0e-3 is a number): "expected a finite number, got str '1e-3'" said no more
     error = load_error(tmp_path, JOB + "    sampling: {min_p: 1e-3}\n")
