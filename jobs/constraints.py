@@ -13,6 +13,7 @@ from typing import Any
 
 from kvbatch.runner.structured_outputs import KINDS, ConstraintError, StructuredOutputs
 
+from .rows import mapping_value
 from .yaml_nodes import Node, from_plain
 
 
@@ -45,9 +46,11 @@ def read_schema_files(job: Node, base_dir: str) -> None:
 
 def column_constraint(value: Any) -> StructuredOutputs | None:
     """A row's constraint column: a JSON Schema (a mapping, or JSON text of one), or a mapping with one of
-    json, regex, choice, grammar, json_object (or JSON text of that); null means the job's own constraint."""
+    json, regex, choice, grammar, json_object (an object, struct, map or JSON text); null means the job's own."""
     if value is None:
         return None
+    if isinstance(value, list) and (pairs := mapping_value(value)) is not None:
+        value = pairs  # an Arrow map reads as its (key, value) pairs: `{"regex": ...}` in a map<string, string>
     if isinstance(value, str):
         try:
             value = json.loads(value)

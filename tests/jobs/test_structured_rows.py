@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from job_fakes import fake_factory
 from openai.types import BatchError
@@ -148,6 +150,27 @@ def test_a_constraint_mapping_with_an_unknown_field_fails_its_row(tmp_path: Path
         ("bad_constraint", f"row 1 (line 2): {unknown} flags; {known}"),
     ]
     assert summary.errors_by_kind == {"bad_constraint": 2}
+
+
+def test_a_map_column_holds_a_rows_constraint(tmp_path: Path) -> None:
+    """An Arrow map reads as its (key, value) pairs, as the other per-row mapping columns take it; a constraint
+    column of map<string, string> failed every row with "a JSON schema is an object, got list"."""
+    maps = pa.array(
+        [[("regex", "[0-9]+")], [("json", json.dumps(SCHEMA))], [("grammar", 'root ::= "x"')], None],
+        pa.map_(pa.string(), pa.string()),
+    )
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "c": maps}), tmp_path / "in.parquet")
+    spec = {"name": "j", "input": {"path": "in.parquet"}, "output": {"path": "j.jsonl"}, "constraint_column": "c"}
+    factory = fake_factory()
+    summary = run_job(job_from_dict(spec, base_dir=str(tmp_path)), EngineCache(factory))
+    got = {r.request_id: r.sampling.structured_outputs for r in factory.engines[0].requests}
+    assert got == {
+        0: StructuredOutputs(regex="[0-9]+"),
+        1: StructuredOutputs.from_schema(SCHEMA),
+        2: StructuredOutputs(grammar='root ::= "x"'),
+        3: None,
+    }
+    assert summary.errors_by_kind == {}
 
 
 def test_a_constraint_nested_past_pythons_parser_fails_its_row_not_the_job(tmp_path: Path) -> None:
