@@ -613,6 +613,32 @@ def test_formats_let_days_past_the_months_end_through(tokenizer, compiler) -> No
     cache.close()
 
 
+def test_an_extra_key_may_spell_a_property_with_an_escape(tokenizer, compiler) -> None:
+    """As docs/structured-output.md says: an object that allows keys beyond its properties takes an extra key that
+    spells a property's name with an escape, held to additionalProperties alone, in xgrammar's own matcher as in
+    kvbatch's grammar; JSON reads it as the property, with the later value. Without extra keys it is refused."""
+    jsonschema = pytest.importorskip("jsonschema")
+    cache = GrammarCache(tokenizer, VOCAB, (EOS,))
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": {"type": "string"},
+    }
+    text = '{"a": 1, "\\u0061": "x"}'
+    for compiled in (
+        compiler.compile_json_schema(json.dumps(schema), any_whitespace=False),
+        cache.compile(StructuredOutputs.from_schema(schema)),
+    ):
+        assert _accepts(compiled, text) and not _accepts(compiled, '{"a": 1, "a": "x"}')
+    assert json.loads(text) == {"a": "x"}
+    with pytest.raises(jsonschema.ValidationError, match="'x' is not of type 'integer'"):
+        jsonschema.validate(json.loads(text), schema)
+    closed = cache.compile(StructuredOutputs.from_schema({**schema, "additionalProperties": False}))
+    assert _accepts(closed, '{"a": 1}') and not _accepts(closed, text)
+    cache.close()
+
+
 @pytest.mark.parametrize("policy", ["reserve", "optimistic"])
 def test_greedy_constrained_equals_generate_with_xgrammar_processor(loaded, reference, compiler, tokenizer, policy):
     requests = requests_for(tokenizer, 10)
