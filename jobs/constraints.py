@@ -30,7 +30,7 @@ def read_schema_files(job: Node, base_dir: str) -> None:
     path = Path(node.value).expanduser()
     path = path if path.is_absolute() else Path(base_dir) / path
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # without the byte-order mark some Windows editors write
     except OSError as exc:
         raise node.error(f"cannot read the JSON schema file {path}: {exc.strerror or exc}") from None
     except ValueError:  # a NUL (ValueError) or a lone surrogate (UnicodeEncodeError) in the name

@@ -235,6 +235,17 @@ def test_a_schema_file_is_read_relative_to_the_job_file(tmp_path: Path) -> None:
     assert caught.value.field == "jobs[0].sampling.structured_outputs"
 
 
+def test_a_schema_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows editors (Notepad, PowerShell 5's Out-File) may begin a UTF-8 file with a byte-order mark, which the
+    JSON Lines input skips; a schema file with one failed the job file with "Unexpected UTF-8 BOM"."""
+    (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(SCHEMA).encode())
+    (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
+    job = {"name": "j", "input": {"path": "in.jsonl"}, "sampling": {"structured_outputs": {"json": "a.json"}}}
+    (tmp_path / "jobs.yaml").write_text(json.dumps({"jobs": [job]}))
+    [loaded] = load_jobs_file(tmp_path / "jobs.yaml").jobs
+    assert loaded.sampling.structured_outputs == StructuredOutputs.from_schema(SCHEMA)
+
+
 def test_plan_lists_the_distinct_constraints_and_the_rows_whose_constraint_is_bad(tmp_path: Path) -> None:
     """Without weights (the default model's tokenizer and config only), as `kvbatch plan` on the CPU."""
     rows = [{"prompt": f"q{i}", "c": SCHEMA if i % 2 else {"choice": ["x", "y"]}} for i in range(6)]
