@@ -7,13 +7,15 @@ by running xgrammar's own matcher over values the schema or regex must refuse (t
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
+from urllib.parse import unquote
 
 # JSON Schema keywords xgrammar parses but does not enforce: a schema using them could yield text that ends
-# with `stop` and still fails validation, so it is refused up front. (`oneOf` falls back to `anyOf` semantics
-# when its branches are not provably disjoint; `allOf` of several schemas is not merged; `contains` lets `[]`
-# through and refuses arrays that hold a match.)
+# with `stop` and still fails validation, so it is refused up front. (`allOf` of several schemas is not merged;
+# `contains` lets `[]` through and refuses arrays that hold a match; `oneOf` is generated as `anyOf`, refused only
+# where a value may match two of its schemas: _one_of_problem.)
 _UNENFORCED_KEYWORDS = (
     "not",
     "if",
@@ -22,7 +24,6 @@ _UNENFORCED_KEYWORDS = (
     "dependentRequired",
     "dependentSchemas",
     "dependencies",
-    "oneOf",
     "contains",
     "minContains",
     "maxContains",
@@ -97,10 +98,12 @@ _HEX_ESCAPES = {"x": 2, "u": 4}
 _CONTROL_ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "f": 0x0C, "v": 0x0B, "0": 0x00}
 
 
-def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
-    """Where the schema uses a keyword that would not be enforced, as a message; None when it has none."""
+def unsupported_keyword(schema: Any, path: str = "#", root: Any = None) -> str | None:
+    """Where the schema uses a keyword that would not be enforced, as a message; None when it has none. `root`: the
+    whole schema, which `$ref`s point into (the schema itself at the top)."""
     if not isinstance(schema, dict):
         return None
+    root = schema if root is None else root
     for keyword in _UNENFORCED_KEYWORDS:
         if keyword in schema:
             return f"unsupported JSON Schema keyword {keyword!r} at {path}"
@@ -118,6 +121,7 @@ def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
         or _min_properties_problem(schema, path)
         or _string_problem(schema, path)
         or _reference_problem(schema, path)
+        or _one_of_problem(schema, path, root)
     )
     if problem:
         return problem
@@ -155,7 +159,7 @@ def unsupported_keyword(schema: Any, path: str = "#") -> str | None:
             subs = schema[key] if isinstance(schema[key], list) else [schema[key]]
             children += [(f"{path}/{key}", sub) for sub in subs]
     for child_path, child in children:
-        problem = unsupported_keyword(child, child_path)
+        problem = unsupported_keyword(child, child_path, root)
         if problem:
             return problem
     return None
@@ -230,6 +234,89 @@ def _reference_problem(schema: dict, path: str) -> str | None:
             f"'$ref' {ref!r} at {path} is not supported: only references into the schema itself ('#/...') are "
             f"resolved; inline the schema or put it under '$defs'"
         )
+    return None
+
+
+def _one_of_problem(schema: dict, path: str, root: Any) -> str | None:
+    """A `oneOf` whose schemas a value may match two of, as a message. xgrammar generates it as `anyOf` (any one of
+    its schemas); the two agree where no value matches two: their JSON types are apart, each allows a few values
+    (const, enum) and no two share one, or each is an object that requires a property of one name with its own
+    const value (a discriminated union, as pydantic writes `Field(discriminator=...)`)."""
+    branches = schema.get("oneOf")
+    if not isinstance(branches, list) or not branches:
+        return None  # an empty list or a wrong type: xgrammar's compile names it
+    resolved = [_resolved(branch, root) for branch in branches]
+    if all(b is not None for b in resolved) and _apart(resolved, root):  # type: ignore[arg-type]
+        return None
+    return (
+        f"'oneOf' at {path} is generated as 'anyOf', and a value may match more than one of its schemas; use "
+        "'anyOf', or give each schema a required property of its own const value (a discriminator)"
+    )
+
+
+def _apart(branches: list[dict], root: Any) -> bool:
+    """Whether no value matches two of `branches` (schemas with their `$ref`s into `root` followed), as far as
+    shown here."""
+    if len(branches) == 1:
+        return True
+    types = [_json_types(None, branch) for branch in branches]
+    if all(t is not None for t in types) and _pairwise(types, lambda a, b: not any(  # type: ignore[arg-type]
+        _type_within(x, b) or _type_within(y, a) for x in a for y in b
+    )):  # fmt: skip
+        return True
+    values = [_allowed_values(branch) for branch in branches]
+    if all(v is not None for v in values) and _pairwise(values, lambda a, b: not a & b):  # type: ignore[arg-type]
+        return True
+    if not all(t == {"object"} for t in types):  # `required` holds only objects: any other value matches each
+        return False
+    required = [b.get("required") if isinstance(b.get("required"), list) else [] for b in branches]
+    shared = set.intersection(*({n for n in names if isinstance(n, str)} for names in required))
+    for name in sorted(shared):
+        properties = [b.get("properties") if isinstance(b.get("properties"), dict) else {} for b in branches]
+        tags = [_allowed_values(_resolved(p.get(name), root)) for p in properties]
+        if all(t is not None for t in tags) and _pairwise(tags, lambda a, b: not a & b):  # type: ignore[arg-type]
+            return True
+    return False
+
+
+def _pairwise(items: list[Any], apart: Any) -> bool:
+    return all(apart(a, b) for i, a in enumerate(items) for b in items[i + 1 :])
+
+
+def _allowed_values(schema: Any) -> set[tuple[str, Any]] | None:
+    """The values a const or enum schema allows, as JSON compares them (1 and 1.0 alike, true and 1 apart), or None
+    for a schema that allows others."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        listed = [schema["const"]]
+    elif isinstance(schema.get("enum"), list):
+        listed = schema["enum"]
+    else:
+        return None
+    keys = set()
+    for value in listed:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            keys.add((type(value).__name__, json.dumps(value, sort_keys=True)))
+        else:
+            keys.add(("number", float(value)))
+    return keys
+
+
+def _resolved(schema: Any, root: Any) -> dict | None:
+    """`schema` with its `$ref` chain into `root` followed ("#", "#/$defs/Cat"); None where one cannot be."""
+    for _ in range(32):  # a loop of references resolves to nothing
+        if not isinstance(schema, dict):
+            return None
+        ref = schema.get("$ref")
+        if not isinstance(ref, str):
+            return schema
+        if ref != "#" and not ref.startswith("#/"):
+            return None
+        schema = root
+        for part in ref[2:].split("/") if ref != "#" else ():
+            part = unquote(part).replace("~1", "/").replace("~0", "~")
+            schema = schema.get(part) if isinstance(schema, dict) else None
     return None
 
 

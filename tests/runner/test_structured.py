@@ -185,6 +185,27 @@ def _unsupported(keyword: str, path: str) -> str:
 @pytest.mark.parametrize(
     ("schema", "message"),
     [
+        # oneOf is generated as anyOf: where a value may match two schemas, one that oneOf refuses passed
+        (
+            {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+            "'oneOf' at # is generated as 'anyOf', and a value may match more than one of its schemas; use 'anyOf', "
+            "or give each schema a required property of its own const value (a discriminator)",
+        ),
+        (
+            {
+                "type": "object",
+                "properties": {
+                    "pet": {
+                        "oneOf": [
+                            {"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+                            {"type": "object", "properties": {"k": {"enum": ["a", "b"]}}, "required": ["k"]},
+                        ]
+                    }
+                },
+            },
+            "'oneOf' at #/properties/pet is generated as 'anyOf', and a value may match more than one of its schemas; "
+            "use 'anyOf', or give each schema a required property of its own const value (a discriminator)",
+        ),
         # xgrammar let `[]` through for `contains`, and any number for a fractional or `number` multipleOf
         ({"type": "array", "contains": {"type": "integer"}}, "unsupported JSON Schema keyword 'contains' at #"),
         ({"type": "array", "minContains": 1}, "unsupported JSON Schema keyword 'minContains' at #"),
@@ -637,6 +658,58 @@ def test_an_extra_key_may_spell_a_property_with_an_escape(tokenizer, compiler) -
     closed = cache.compile(StructuredOutputs.from_schema({**schema, "additionalProperties": False}))
     assert _accepts(closed, '{"a": 1}') and not _accepts(closed, text)
     cache.close()
+
+
+# A discriminated union as pydantic writes one (`Union[Cat, Dog] = Field(discriminator="kind")`), and oneOfs whose
+# schemas no value can match two of: by type, by const.
+DISJOINT_ONE_OF = [
+    {
+        "$defs": {
+            "Cat": {
+                "type": "object",
+                "properties": {"kind": {"const": "cat", "type": "string"}, "lives": {"type": "integer"}},
+                "required": ["kind", "lives"],
+            },
+            "Dog": {
+                "type": "object",
+                "properties": {"kind": {"const": "dog", "type": "string"}, "good": {"type": "boolean"}},
+                "required": ["kind", "good"],
+            },
+        },
+        "type": "object",
+        "properties": {
+            "pet": {
+                "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
+                "discriminator": {"propertyName": "kind", "mapping": {"cat": "#/$defs/Cat", "dog": "#/$defs/Dog"}},
+            }
+        },
+        "required": ["pet"],
+    },
+    {"oneOf": [{"type": "string", "maxLength": 4}, {"type": "integer"}, {"type": "null"}]},
+    {"oneOf": [{"const": 1}, {"enum": ["1", True]}]},
+]
+
+
+def test_a_one_of_no_value_matches_twice_runs_as_generate_with_xgrammar_processor(
+    loaded, reference, compiler, tokenizer
+) -> None:
+    """oneOf was refused whole; where no value can match two of its schemas, anyOf (what the engine generates)
+    means the same, so such a oneOf runs, token for token as xgrammar's own processor."""
+    jsonschema = pytest.importorskip("jsonschema")
+    constraints = [StructuredOutputs(json=json.dumps(schema)) for schema in DISJOINT_ONE_OF]
+    assert [unsupported_keyword(schema) for schema in DISJOINT_ONE_OF] == [None] * len(DISJOINT_ONE_OF)
+    requests = [
+        GenerationRequest(i, prompt, SamplingParams(24, structured_outputs=constraints[i % len(constraints)]))
+        for i, prompt in enumerate(prompts(tokenizer, 6))
+    ]
+    got = outcome(make_engine(loaded), requests)
+    for request in requests:
+        constraint = request.sampling.structured_outputs
+        want = hf_constrained(reference, compiler, request.prompt_token_ids, constraint, 24)
+        error, [(tokens, reason)] = got[request.request_id]
+        assert error is None and tokens == want, request.request_id
+        if reason == "stop":
+            jsonschema.validate(json.loads(tokenizer.decode(tokens[:-1])), json.loads(constraint.json))
 
 
 @pytest.mark.parametrize("policy", ["reserve", "optimistic"])
