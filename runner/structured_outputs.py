@@ -108,6 +108,10 @@ class StructuredOutputs:
         return {self.kind: getattr(self, self.kind)}
 
 
+# The fields of OpenAI's response_format.json_schema around the schema itself.
+_OPENAI_WRAPPER = frozenset({"name", "schema", "strict", "description"})
+
+
 def schema_text(schema: Any) -> str:
     """A JSON Schema (a mapping, a bool, or JSON text of one) as compact JSON text, keys in their order."""
     if isinstance(schema, str):
@@ -119,6 +123,12 @@ def schema_text(schema: Any) -> str:
             raise ConstraintError("the JSON schema is not valid JSON: nested too deeply") from None
     if not isinstance(schema, (Mapping, bool)):
         raise ConstraintError(f"a JSON schema is an object, got {type(schema).__name__}")
+    if isinstance(schema, Mapping) and "schema" in schema and set(schema) <= _OPENAI_WRAPPER:
+        # its keys are no JSON Schema keywords: as a schema it would allow any JSON
+        raise ConstraintError(
+            "this is OpenAI's json_schema wrapper ({name, schema, strict}), not a JSON Schema; give its 'schema' as "
+            "the JSON Schema"
+        )
     try:
         return json_module.dumps(schema, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:

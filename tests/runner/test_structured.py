@@ -148,6 +148,15 @@ def test_constraint_shape_is_checked() -> None:
         StructuredOutputs.from_value({"json_schema": {}})
     with pytest.raises(ConstraintError, match="not valid JSON"):
         StructuredOutputs.from_value({"json": "{oops"})
+    # OpenAI's response_format.json_schema ({name, schema, strict}) given as the schema: its keys are no JSON Schema
+    # keywords, so it allowed any JSON and the row's constraint was dropped
+    wrapper = {"name": "person", "schema": {"type": "object"}, "strict": True}
+    for value in (wrapper, json.dumps(wrapper), {"schema": {"type": "object"}}):
+        with pytest.raises(
+            ConstraintError, match="OpenAI's json_schema wrapper .* give its 'schema' as the JSON Schema"
+        ):
+            StructuredOutputs.from_value({"json": value})
+    assert StructuredOutputs.from_value({"json": {"type": "object", "properties": {"schema": {}}}}).json
     with pytest.raises(ConstraintError, match="choice must hold strings"):
         SamplingParams(structured_outputs={"choice": ["a", 3]})
     with pytest.raises(ConstraintError, match="choice must be a non-empty list"):
