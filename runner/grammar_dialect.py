@@ -122,6 +122,7 @@ def unsupported_keyword(schema: Any, path: str = "#", root: Any = None) -> str |
         or _string_problem(schema, path)
         or _reference_problem(schema, path)
         or _one_of_problem(schema, path, root)
+        or _big_integer_problem(schema, path)
     )
     if problem:
         return problem
@@ -234,6 +235,25 @@ def _reference_problem(schema: dict, path: str) -> str | None:
             f"'$ref' {ref!r} at {path} is not supported: only references into the schema itself ('#/...') are "
             f"resolved; inline the schema or put it under '$defs'"
         )
+    return None
+
+
+def _big_integer_problem(schema: dict, path: str) -> str | None:
+    """An integer past 64 bits in a const or enum, as a message: xgrammar writes it as a float
+    (12345678901234567890 as 1.2345678901234567e+19), which the const or enum does not allow."""
+    for keyword in ("const", "enum"):
+        stack = [schema[keyword]] if keyword in schema else []
+        while stack:
+            value = stack.pop()
+            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+                return (
+                    f"integer {value} in {keyword!r} at {path} is past 64 bits, which the grammar engine writes as a "
+                    "float; give it as a string"
+                )
+            if isinstance(value, list):
+                stack += value
+            elif isinstance(value, dict):
+                stack += value.values()
     return None
 
 

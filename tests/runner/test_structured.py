@@ -215,6 +215,17 @@ def _unsupported(keyword: str, path: str) -> str:
             "'oneOf' at #/properties/pet is generated as 'anyOf', and a value may match more than one of its schemas; "
             "use 'anyOf', or give each schema a required property of its own const value (a discriminator)",
         ),
+        # xgrammar writes an integer past 64 bits in a const or enum as a float (1.2345678901234567e+19)
+        (
+            {"type": "object", "properties": {"id": {"const": 12345678901234567890}}},
+            "integer 12345678901234567890 in 'const' at #/properties/id is past 64 bits, which the grammar engine "
+            "writes as a float; give it as a string",
+        ),
+        (
+            {"enum": ["x", {"n": [-(2**63) - 1]}]},
+            "integer -9223372036854775809 in 'enum' at # is past 64 bits, which the grammar engine writes as a "
+            "float; give it as a string",
+        ),
         # xgrammar let `[]` through for `contains`, and any number for a fractional or `number` multipleOf
         ({"type": "array", "contains": {"type": "integer"}}, "unsupported JSON Schema keyword 'contains' at #"),
         ({"type": "array", "minContains": 1}, "unsupported JSON Schema keyword 'minContains' at #"),
