@@ -123,6 +123,7 @@ def unsupported_keyword(schema: Any, path: str = "#", root: Any = None) -> str |
         or _reference_problem(schema, path)
         or _one_of_problem(schema, path, root)
         or _big_integer_problem(schema, path)
+        or _property_names_problem(schema, path)
     )
     if problem:
         return problem
@@ -236,6 +237,47 @@ def _reference_problem(schema: dict, path: str) -> str | None:
             f"resolved; inline the schema or put it under '$defs'"
         )
     return None
+
+
+def _property_names_problem(schema: dict, path: str) -> str | None:
+    """`propertyNames` where xgrammar would not enforce it, as a message: beside `additionalProperties: false`
+    (it let `{"a": 1}` through), or beside a declared property whose name breaks it (it applies only to the other
+    keys). A name is judged by the `pattern`, lengths, `const` and `enum` of propertyNames; of any other keyword
+    there, every declared name is taken to break it."""
+    names = schema.get("propertyNames")
+    if not isinstance(names, dict):
+        return None
+    if schema.get("additionalProperties") is False:
+        return (
+            f"'propertyNames' at {path} beside 'additionalProperties': false would let any key through (the grammar "
+            "engine drops the false); leave one of them out"
+        )
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    broken = next((name for name in properties if not _name_allowed(name, names)), None)
+    if broken is not None:
+        return (
+            f"property {broken!r} at {path} breaks its 'propertyNames', which the grammar engine does not apply to the "
+            "properties it names; rename it or widen 'propertyNames'"
+        )
+    return None
+
+
+def _name_allowed(name: str, names: dict) -> bool:
+    judged = {"type", "pattern", "minLength", "maxLength", "const", "enum", "title", "description"}
+    if not set(names) <= judged or names.get("type", "string") != "string":
+        return False
+    pattern = names.get("pattern")
+    try:
+        if isinstance(pattern, str) and not re.search(pattern, name):
+            return False
+    except re.error:
+        return False
+    low, high = names.get("minLength", 0), names.get("maxLength", len(name))
+    if not isinstance(low, int) or not isinstance(high, int) or not low <= len(name) <= high:
+        return False
+    if "const" in names and names["const"] != name:
+        return False
+    return not (isinstance(names.get("enum"), list) and name not in names["enum"])
 
 
 def _big_integer_problem(schema: dict, path: str) -> str | None:

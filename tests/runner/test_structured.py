@@ -173,6 +173,12 @@ def test_constraint_shape_is_checked() -> None:
     )
     assert "required field 'b'" in unsupported_keyword({"type": "object", "properties": {"a": {}}, "required": ["b"]})
     assert unsupported_keyword({"type": "string", "pattern": "^[0-9]{5}$"}) is None
+    named = {
+        "type": "object",
+        "properties": {"ab": {"type": "integer"}},
+        "propertyNames": {"type": "string", "pattern": "^[a-z]+$"},
+    }
+    assert unsupported_keyword(named) is None  # its declared names keep to propertyNames
     # classes, `.` and other escapes are kept inside the JSON string: only a character named alone is refused
     assert unsupported_keyword({"type": "string", "pattern": '^[^"\\\\][\\n"]\\.\\d.\\W\\x41$'}) is None
 
@@ -214,6 +220,17 @@ def _unsupported(keyword: str, path: str) -> str:
             },
             "'oneOf' at #/properties/pet is generated as 'anyOf', and a value may match more than one of its schemas; "
             "use 'anyOf', or give each schema a required property of its own const value (a discriminator)",
+        ),
+        # xgrammar let {"a": 1} through the first, and a declared name that breaks propertyNames through the second
+        (
+            {"type": "object", "propertyNames": {"pattern": "^[a-z]$"}, "additionalProperties": False},
+            "'propertyNames' at # beside 'additionalProperties': false would let any key through (the grammar engine "
+            "drops the false); leave one of them out",
+        ),
+        (
+            {"type": "object", "properties": {"xy": {"type": "integer"}}, "propertyNames": {"maxLength": 1}},
+            "property 'xy' at # breaks its 'propertyNames', which the grammar engine does not apply to the "
+            "properties it names; rename it or widen 'propertyNames'",
         ),
         # xgrammar writes an integer past 64 bits in a const or enum as a float (1.2345678901234567e+19)
         (
