@@ -2,7 +2,8 @@
 (`sampling_columns: [temperature, seed]`), or from one column holding a mapping per row (`sampling_column:
 settings`). A null leaves the job's value; the values are checked as the job's are, when the pipeline builds the
 row's SamplingParams (a bad one is that row's `bad_request` error row). A column's whole float where the field is an
-integer (`64.0`: pandas stores an integer column with missing values as floats) is that integer.
+integer (`64.0`: pandas stores an integer column with missing values as floats) is that integer; JSON text or an
+Arrow map where the field is a mapping (structured_outputs, logit_bias) is that mapping.
 
 Precedence: sampling_columns > sampling_column > the OpenAI body > the job's `sampling:`.
 """
@@ -17,7 +18,7 @@ from kvbatch.errors import ErrorKind
 from kvbatch.runner.config import SamplingParams
 
 from .rows import Row, RowError, mapping_value, type_name
-from .spec import JobSpec
+from .spec import WHOLE_VALUES, JobSpec
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 INTEGER_FIELDS = frozenset(
@@ -58,6 +59,11 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
 
 
 def _whole(name: str, value: Any) -> Any:
+    """A column's value as the field reads it: a whole float of an integer field is that integer; JSON text or an
+    Arrow map where the field is one mapping (a constraint, logit_bias) is that mapping."""
     if name in INTEGER_FIELDS and type(value) is float and value.is_integer():
         return int(value)
+    if name in WHOLE_VALUES and isinstance(value, (str, list)):
+        mapping = mapping_value(value)
+        return value if mapping is None else mapping
     return value

@@ -207,7 +207,9 @@ class JobSpec:
     )
     adapter_column: str | None = setting(None, "a column naming each row's adapter (in adapters; null: `adapter`)")
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"doc": "how each row is sampled"})
-    sampling_columns: tuple[str, ...] = setting((), "columns named like sampling fields: a row's own values")
+    sampling_columns: tuple[str, ...] = setting(
+        (), "columns named like sampling fields: a row's own values (a mapping field's as an object, map or JSON text)"
+    )
     sampling_column: str | None = setting(
         None, "a column holding a mapping of sampling fields per row (an object, struct, map or JSON text)"
     )

@@ -121,6 +121,42 @@ def test_a_struct_column_holds_a_rows_constraint_with_its_other_kinds_null(tmp_p
     assert [column_constraint(row.data["structured_outputs"]) for row in rows] == asked  # as a constraint_column
 
 
+def test_json_text_or_a_map_in_a_mapping_fields_column_is_its_mapping(tmp_path) -> None:
+    # sampling_columns: [structured_outputs, logit_bias] of JSON text (a CSV or pandas export) or Arrow maps failed
+    # every row ("a constraint is a mapping"), where a constraint_column and a sampling_column read both
+    from kvbatch.runner.structured_outputs import StructuredOutputs
+
+    table = pa.table(
+        {
+            "prompt": ["a", "b", "c"],
+            "structured_outputs": ['{"regex": "[0-9]+"}', '{"choice": ["x", "y"]}', None],
+            "logit_bias": ['{"7": -100}', None, '{"3": 2.5}'],
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    columns = ["structured_outputs", "logit_bias"]
+    spec = job_from_dict(
+        {"name": "j", "input": {"path": "in.parquet"}, "sampling_columns": columns}, base_dir=str(tmp_path)
+    )
+    asked = [
+        dataclasses.replace(spec.sampling, **row_sampling(r, spec)) for r in open_reader(spec, ["prompt", *columns])
+    ]
+    assert [a.structured_outputs for a in asked] == [
+        StructuredOutputs(regex="[0-9]+"),
+        StructuredOutputs(choice=("x", "y")),
+        None,
+    ]
+    assert [a.logit_bias for a in asked] == [((7, -100.0),), (), ((3, 2.5),)]
+    maps = pa.table(
+        {"prompt": ["a"], "structured_outputs": pa.array([[("regex", "[a-z]")]], pa.map_(pa.string(), pa.string()))}
+    )
+    pq.write_table(maps, tmp_path / "in.parquet")
+    (row,) = open_reader(spec, ["prompt", "structured_outputs"])
+    assert dataclasses.replace(spec.sampling, **row_sampling(row, spec)).structured_outputs == StructuredOutputs(
+        regex="[a-z]"
+    )
+
+
 def test_json_text_nested_past_pythons_parser_fails_its_row_only(tmp_path) -> None:
     # json.loads raises RecursionError, not ValueError, on it: the job failed, not the row
     import json
