@@ -167,7 +167,7 @@ class GrammarCache:
         except ConstraintError:
             raise
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError (and ValueError) for bad input
-            raise ConstraintError(f"{constraint.kind} does not compile: {_library_message(exc)}") from None
+            raise _not_compiled(constraint, exc) from None
         self.compile_seconds[constraint] = time.perf_counter() - started
         return compiled
 
@@ -191,7 +191,21 @@ def check_constraint(constraint: StructuredOutputs) -> None:
         elif constraint.grammar is not None:
             xgr.Grammar.from_ebnf(constraint.grammar)
     except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError (and ValueError) for bad input
-        raise ConstraintError(f"{constraint.kind} does not compile: {_library_message(exc)}") from None
+        raise _not_compiled(constraint, exc) from None
+
+
+# A Lark rule (`start: "a" | b`), which vLLM's other grammar backends take: no EBNF rule is written so.
+_LARK_RULE = re.compile(r"^\s*[?!]?[A-Za-z_]\w*(\.\d+)?\s*:(?!:=)", re.MULTILINE)
+
+
+def _not_compiled(constraint: StructuredOutputs, exc: Exception) -> ConstraintError:
+    message = f"{constraint.kind} does not compile: {_library_message(exc)}"
+    if constraint.grammar is not None and "::=" not in constraint.grammar and _LARK_RULE.search(constraint.grammar):
+        message += (
+            "; it reads as a Lark grammar (`start: ...`), and the grammar engine takes EBNF, rules written "
+            '`root ::= "a" | b` from rule `root`'
+        )
+    return ConstraintError(message)
 
 
 def _refuse_misread(constraint: StructuredOutputs) -> None:

@@ -23,7 +23,7 @@ from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.grammar_dialect import unsupported_keyword, unsupported_regex
 from kvbatch.runner.model_loader import LoadedModel
 from kvbatch.runner.request import GenerationRequest
-from kvbatch.runner.structured import GrammarCache, new_matcher
+from kvbatch.runner.structured import GrammarCache, check_constraint, new_matcher
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
 VOCAB = 49152
@@ -148,6 +148,12 @@ def test_constraint_shape_is_checked() -> None:
         StructuredOutputs.from_value({"json_schema": {}})
     with pytest.raises(ConstraintError, match="not valid JSON"):
         StructuredOutputs.from_value({"json": "{oops"})
+    # a Lark grammar (vLLM's other backends take one) failed as "EBNF lexer error" alone
+    with pytest.raises(ConstraintError, match=r"does not compile: .*; it reads as a Lark grammar"):
+        check_constraint(StructuredOutputs(grammar='start: "a" | b\nb: "c"'))
+    with pytest.raises(ConstraintError, match="does not compile") as info:
+        check_constraint(StructuredOutputs(grammar='root ::= "a" | b'))  # EBNF with an undefined rule
+    assert "Lark" not in str(info.value)
     # OpenAI's response_format.json_schema ({name, schema, strict}) given as the schema: its keys are no JSON Schema
     # keywords, so it allowed any JSON and the row's constraint was dropped
     wrapper = {"name": "person", "schema": {"type": "object"}, "strict": True}
