@@ -70,7 +70,7 @@ def build_prompt(row: Row, spec: PromptSpec, allow_empty: bool = False) -> Promp
     elif spec.column is not None:
         text = _text_column(row, data, spec.column, allow_empty)
     else:
-        messages = _messages_column(row, data, spec.messages_column)  # type: ignore[arg-type]
+        messages = _messages_column(row, data, spec.messages_column, allow_empty)  # type: ignore[arg-type]
         if isinstance(messages, RowError):
             return messages
         return _with_system(messages, spec, row)
@@ -172,7 +172,7 @@ def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty:
     return text
 
 
-def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[str, Any]] | RowError:
+def _messages_column(row: Row, data: dict[str, Any], column: str, allow_empty: bool) -> list[dict[str, Any]] | RowError:
     if column not in data:
         return _value_error(row, ErrorKind.MISSING_COLUMN, column, "is missing")
     if data[column] is None:
@@ -212,7 +212,9 @@ def _messages_column(row: Row, data: dict[str, Any], column: str) -> list[dict[s
         if text is None:
             return RowError(ErrorKind.WRONG_TYPE, f"{at}.content {_content_problem(content)}")
         messages.append({"role": role, "content": text, **extra})
-    if not any(m["content"].strip() for m in messages if m["role"] not in SYSTEM_ROLES):
+    # Blank messages are an empty prompt as a blank text is: a scoring row's (allow_empty) is lm-eval's
+    # unconditional case in raw text, and the template's hand-over with a chat template.
+    if not allow_empty and not any(m["content"].strip() for m in messages if m["role"] not in SYSTEM_ROLES):
         return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "has no non-empty message besides the system prompt")
     return messages
 

@@ -205,6 +205,24 @@ def test_score_takes_prompts_and_continuations_from_any_iterable() -> None:
         kvbatch.score(["w5"], {"w5": [" w6"]}, model="tiny")  # its keys were read as each prompt's continuations
 
 
+def test_an_empty_prompt_scores_alike_beside_a_list_of_messages() -> None:
+    """Beside a list of messages a string prompt becomes one user message, and an empty one then failed
+    (empty_prompt: "has no non-empty message besides the system prompt") where among strings it is lm-eval's
+    unconditional case: a prompt's score hung on the other prompts of the call. A whole text still needs one."""
+    chat = [{"role": "user", "content": "w5 w6"}]
+    alone = kvbatch.score([""], [[" w9", " w10 w11"]], model="tiny")
+    mixed = kvbatch.score(["", chat], [[" w9", " w10 w11"], [" w7"]], model="tiny")
+    assert mixed[1] is not None and [s["num_tokens"] for s in mixed[0]] == [s["num_tokens"] for s in alone[0]] == [1, 2]
+    for got, want in zip(mixed[0], alone[0], strict=True):
+        assert got["logprob"] == pytest.approx(want["logprob"], abs=1e-5)
+    # With the chat template an empty message is what the template makes of it: here nothing, alone or not.
+    (alone,) = kvbatch.score([""], [[" w9"]], model="tiny", chat_template=True, results=True)
+    mixed, _ = kvbatch.score(["", chat], [[" w9"], [" w7"]], model="tiny", chat_template=True, results=True)
+    assert mixed.error == alone.error and alone.error.message == "prompts[0]: the prompt is empty (0 tokens)"
+    rolling = kvbatch.score(["", chat], model="tiny", results=True)
+    assert rolling[0].error.kind == "empty_prompt" and rolling[1].error is None
+
+
 def test_a_bad_keyword_is_named_with_the_call_not_a_command_line() -> None:
     """A typo in a keyword or an engine setting said "command line: sampling.max_new_token: unknown field"."""
     with pytest.raises(SpecError) as typo:
