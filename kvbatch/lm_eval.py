@@ -455,7 +455,11 @@ class KVBatchLM(TemplateLM):
             yield result
 
     def get_model_info(self) -> dict[str, Any]:
-        return {"model": self._model_name, "source": self.engine.loaded.source}
+        # simple_evaluate merges this into the results' config, whose own `model` names the lm-eval model
+        # ("kvbatch"): keys of hf's kind (model_*) keep it. The dtype is the engine's choice ("auto": bfloat16
+        # on cuda), which scores depend on.
+        loaded = self.engine.loaded
+        return {"model_source": loaded.source, "model_dtype": str(loaded.dtype).removeprefix("torch.")}
 
 
 def main() -> None:

@@ -140,6 +140,23 @@ def test_kvbatch_gives_the_metrics_of_hf(model_folder: Path, tmp_path: Path, mon
                     assert got_answer[1] == want_answer[1]  # is_greedy
 
 
+def test_the_results_config_names_the_kvbatch_model_and_its_dtype(
+    model_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # simple_evaluate merges get_model_info() into results["config"], whose "model" is the lm-eval model's name:
+    # kvbatch's {"model": PATH} replaced "kvbatch" there, so the results no longer said which model ran them.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_tasks(tmp_path)
+    manager = lm_eval.tasks.TaskManager(include_path=str(tmp_path), include_defaults=False)
+    args = f"model={model_folder},device=cpu,max_length={MAX_LENGTH}"
+    results = lm_eval.simple_evaluate(
+        model="kvbatch", model_args=args, tasks=["kv_rolling"], task_manager=manager, limit=1, bootstrap_iters=0
+    )
+    config = results["config"]
+    assert config["model"] == "kvbatch" and config["model_args"] == args
+    assert config["model_source"] == str(model_folder) and config["model_dtype"] == "float32"
+
+
 def test_generate_until_reads_gen_kwargs_as_hf_does_and_leaves_them(model_folder: Path) -> None:
     # lm-eval's cache keys a request on its arguments: a model that adds the EOS to the request's own `until`
     # makes every cached run miss. max_tokens and max_completion_tokens are aliases of max_gen_toks.
