@@ -7,7 +7,7 @@ A job that fails is reported and the next one runs; a signal stops the run after
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kvbatch.errors import InterruptedJob, JobError, KvbatchError, TensorParallelLost
@@ -37,13 +37,14 @@ class JobOutcome:
 
 
 def run_jobs(
-    jobs: list[JobSpec],
+    jobs: Iterable[JobSpec],
     wait_for_lock: bool = False,
     engine_factory: EngineFactory = default_engine_factory,
     on_outcome: Callable[[JobOutcome], None] | None = None,
 ) -> list[JobOutcome]:
     """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all.
     `on_outcome` hears of each job as it ends: the CLI prints its summary then, not after the last job."""
+    jobs = list(jobs)  # read twice, for the plan and the run: a generator would be spent by the plan
     engines = EngineCache(engine_factory)
     engines.plan(jobs)
     outcomes: list[JobOutcome] = []

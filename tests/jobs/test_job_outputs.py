@@ -544,6 +544,15 @@ def test_jobs_share_one_engine_per_model(tmp_path: Path) -> None:
     assert [e.built_with for e in factory.engines] == [("m1", {}), ("m2", {})]
 
 
+def test_run_jobs_takes_the_jobs_from_any_iterable(tmp_path: Path) -> None:
+    """The engines' plan read the jobs before the run did: a generator of jobs was spent by the plan, and run_jobs
+    ran nothing and returned [] without a word."""
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    jobs = (job_from_dict({"name": n, "input": {"path": "in.jsonl"}}, base_dir=str(tmp_path)) for n in ("a", "b"))
+    outcomes = run_jobs(jobs, engine_factory=fake_factory())
+    assert [(o.job, o.error, o.summary.rows) for o in outcomes] == [("a", None, 1), ("b", None, 1)]
+
+
 def test_a_failed_job_is_reported_and_the_next_one_runs(tmp_path: Path) -> None:
     write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
     jobs = [
