@@ -89,10 +89,11 @@ def score(
         if len(continuations) != len(rows):
             given = f"{len(continuations)} lists of continuations"
             raise ValueError(f"{len(rows)} prompts but {given}; pass a list of strings per prompt")
-        # A list or tuple of strings per prompt; anything else goes to the row as it is, whose check makes it that
-        # prompt's wrong_type (a bare string must not become a list of its characters).
+        # Any iterable of strings per prompt (a pandas column of lists holds numpy arrays); anything else goes to
+        # the row as it is, whose check makes it that prompt's wrong_type (a bare string must not become a list of
+        # its characters).
         for row, c in zip(rows, continuations, strict=True):
-            row["continuations"] = list(c) if isinstance(c, (list, tuple)) else c
+            row["continuations"] = list(c) if _not_a_list(c) is None else c
         task = "score"
     prompt = {"chat_template": chat_template, "chat_template_kwargs": chat_template_kwargs}
     _, ordered = _run(rows, model, prompt, engine, engines, task=task)
@@ -113,11 +114,17 @@ def _prompt_rows(prompts: Sequence[Any]) -> list[dict[str, Any]]:
 _NOT_A_LIST = ((str, "a string"), ((bytes, bytearray), "bytes"), (Mapping, "a mapping"))
 
 
-def _check_a_list(name: str, value: Any, each: str) -> None:
-    """`value` must be a list, a tuple or another iterable of items, one per prompt."""
+def _not_a_list(value: Any) -> str | None:
+    """What `value` is where it is no list, tuple or other iterable of items ("a string", "None"); else None."""
     kind = next((k for t, k in _NOT_A_LIST if isinstance(value, t)), None)
     if kind is None and not isinstance(value, Iterable):
         kind = "None" if value is None else f"of type {type(value).__name__}"
+    return kind
+
+
+def _check_a_list(name: str, value: Any, each: str) -> None:
+    """`value` must be a list, a tuple or another iterable of items, one per prompt."""
+    kind = _not_a_list(value)
     if kind is not None:
         raise TypeError(f"{name} is {kind}; pass a list of {name} ({each})")
 

@@ -7,6 +7,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from job_fakes import fake_factory
 from scaling_helpers import tiny_engine
@@ -199,6 +200,8 @@ def test_score_takes_prompts_and_continuations_from_any_iterable() -> None:
     want = kvbatch.score(["w5", "w7"], [[" w6"], [" w8", " w9"]], model="tiny")
     got = kvbatch.score((p for p in ["w5", "w7"]), (c for c in [[" w6"], (" w8", " w9")]), model="tiny")
     assert got == want and [len(s) for s in got] == [1, 2]
+    # A pandas column of lists holds numpy arrays: each prompt's continuations were wrong_type.
+    assert kvbatch.score(["w5", "w7"], [np.array([" w6"]), iter([" w8", " w9"])], model="tiny") == want
     with pytest.raises(ValueError, match="^2 prompts but 1 lists of continuations"):
         kvbatch.score(iter(["w5", "w7"]), iter([[" w6"]]), model="tiny")
     with pytest.raises(TypeError, match="^continuations is a mapping; pass a list of continuations"):
