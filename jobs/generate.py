@@ -104,7 +104,8 @@ def _prompt_rows(prompts: Sequence[Any]) -> list[dict[str, Any]]:
     """One row per prompt. Where any prompt is a list of messages, a string prompt becomes the one user message it
     stands for (what the chat template, or the raw text, makes of it either way), so each prompt is read alike."""
     _check_a_list("prompts", prompts, "each a string or a list of messages")
-    prompts = [list(p) if isinstance(p, tuple) else p for p in prompts]  # a tuple of messages, as a list of them
+    # A tuple or another iterable of messages (a pandas column of them holds numpy arrays), as a list of them
+    prompts = [list(p) if _not_a_list(p) is None else p for p in prompts]
     if any(isinstance(p, list) for p in prompts):
         return [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in prompts]
     return [{"prompt": p} for p in prompts]

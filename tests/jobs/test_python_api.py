@@ -78,6 +78,9 @@ def test_each_prompt_is_read_alone_and_what_was_asked_comes_back() -> None:
     assert mixed[:2] == alone and mixed[2] is None
     # A tuple of messages was "prompts[1] is tuple, expected a string".
     assert kvbatch.generate(["w5 w6", ({"role": "user", "content": "w9"},)], model="tiny", max_new_tokens=3) == alone
+    # A pandas column of messages holds numpy arrays: each was "prompts[0] is ndarray, expected a string".
+    arrays = [np.array([{"role": "user", "content": p}]) for p in ("w5 w6", "w9")]
+    assert kvbatch.generate(arrays, model="tiny", max_new_tokens=3) == alone
     raw = kvbatch.generate(["w5 w6", None], model="tiny", chat_template=False, max_new_tokens=3, results=True)
     assert raw[0].error is None and raw[1].error.kind == "empty_prompt"
     (row,) = kvbatch.generate(["w5 w6"], model="tiny", max_new_tokens=3, logprobs=True, top_logprobs=2, results=True)
