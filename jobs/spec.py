@@ -497,6 +497,11 @@ def validate(job: JobSpec, node: Node) -> None:
     no_template = "prompt.chat_template: false turns off" if not job.prompt.chat_template else None
     if job.task == "score_rolling":
         no_template = "task score_rolling does not apply"
+    # chat_template is on by default: only a job's own `true` asks for what score_rolling would not do.
+    asked = at("prompt", "chat_template")
+    if job.task == "score_rolling" and job.prompt.chat_template and asked.path.endswith(".chat_template"):
+        if own("prompt", "chat_template"):
+            raise asked.error("task score_rolling scores each text raw, without the chat template; leave it out")
     if no_template is not None:
         for name in ("chat_template_file", *TEMPLATE_VALUES):
             if getattr(job.prompt, name) is not None and own("prompt", name):

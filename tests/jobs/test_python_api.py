@@ -238,6 +238,13 @@ def test_a_bad_keyword_is_named_with_the_call_not_a_command_line() -> None:
         kvbatch.generate(["w5"], model="tiny", temperature=-1)
     with pytest.raises(SpecError, match=r"^kvbatch.score: engine.devcie: unknown field \(did you mean 'device'\?\)$"):
         kvbatch.score(["w5"], model="tiny", engine={"devcie": "cpu"})
+    # Without continuations each text is scored raw: chat_template=True was dropped without a word.
+    with pytest.raises(SpecError) as dropped:
+        kvbatch.score(["w5"], model="tiny", chat_template=True)
+    assert str(dropped.value) == (
+        "kvbatch.score: prompt.chat_template: task score_rolling scores each text raw, without the chat template; "
+        "leave it out"
+    )
 
 
 def test_no_prompts_load_no_model(tiny_engines: EngineCache) -> None:

@@ -358,6 +358,13 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].prompt.chat_template_file",
             "is given to the chat template, which task score_rolling does not apply",
         ),
+        (  # the text was scored raw, the chat template asked for never applied
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    task: score_rolling\n"
+            "    prompt: {chat_template: true}\n",
+            ":5",
+            "jobs[0].prompt.chat_template",
+            "task score_rolling scores each text raw, without the chat template",
+        ),
         (  # without task: score the job generated text for each prompt, its continuations unread
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    continuations_column: choices\n",
             ":4",
