@@ -3,7 +3,8 @@
 settings`). A null leaves the job's value; the values are checked as the job's are, when the pipeline builds the
 row's SamplingParams (a bad one is that row's `bad_request` error row). A column's whole float where the field is an
 integer (`64.0`: pandas stores an integer column with missing values as floats) is that integer; JSON text or an
-Arrow map where the field is a mapping (structured_outputs, logit_bias) is that mapping.
+Arrow map where the field is a mapping (structured_outputs, logit_bias) is that mapping. A null token in a
+logit_bias mapping is no bias: an Arrow struct holds every key of the column on every row, null where the row set none.
 
 Precedence: sampling_columns > sampling_column > the OpenAI body > the job's `sampling:`.
 """
@@ -65,5 +66,9 @@ def _whole(name: str, value: Any) -> Any:
         return int(value)
     if name in WHOLE_VALUES and isinstance(value, (str, list)):
         mapping = mapping_value(value)
-        return value if mapping is None else mapping
+        value = value if mapping is None else mapping
+    if name == "logit_bias" and isinstance(value, dict):
+        # pandas writes a column of {"50256": -100} and {"7": 2} dicts as struct<50256, 7>: each row then reads
+        # every key, the ones it did not set null, and every row failed as a bad logit_bias.
+        return {token: bias for token, bias in value.items() if bias is not None}
     return value

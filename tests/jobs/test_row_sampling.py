@@ -103,6 +103,23 @@ def test_whole_floats_of_an_integer_field_are_integers(tmp_path) -> None:
         SamplingParams(**asked[2])
 
 
+def test_a_struct_column_of_logit_biases_leaves_the_tokens_a_row_did_not_set(tmp_path) -> None:
+    """pandas writes dicts of different token ids as one struct of every id, null where a row set none: each row
+    read {"5": 100.0, "7": None} and failed as a bad logit_bias, in a sampling_column and a sampling_columns alike."""
+    biases = [{"5": 100.0}, {"7": -3.0}, None]
+    frame = pd.DataFrame({"prompt": ["a", "b", "c"], "logit_bias": biases})
+    frame["s"] = [{"logit_bias": b, "temperature": t} for b, t in zip(biases, [None, 0.5, None])]
+    frame.to_parquet(tmp_path / "in.parquet")
+    assert pq.read_table(tmp_path / "in.parquet")["logit_bias"][0].as_py() == {"5": 100.0, "7": None}
+    spec = {"name": "j", "input": {"path": "in.parquet"}}
+    for columns in ({"sampling_column": "s"}, {"sampling_columns": ["logit_bias"]}):
+        job = job_from_dict({**spec, **columns}, base_dir=str(tmp_path))
+        asked = [row_sampling(row, job) for row in open_reader(job, ["prompt", "s", "logit_bias"])]
+        params = [dataclasses.replace(job.sampling, **a) for a in asked]
+        assert [p.logit_bias for p in params] == [((5, 100.0),), ((7, -3.0),), ()], columns
+        assert [p.temperature for p in params] == ([0.0, 0.5, 0.0] if "sampling_column" in columns else [0.0] * 3)
+
+
 def test_a_struct_column_holds_a_rows_constraint_with_its_other_kinds_null(tmp_path) -> None:
     # An Arrow struct has every field on every row, null where unset: a null json was read as a schema and every
     # row failed with "a JSON schema is an object, got NoneType"
