@@ -61,9 +61,7 @@ class StopChecker:
                 num_text_tokens += tokens[start] not in self._special_ids
         text = self.tokenizer.decode(tokens[start:], skip_special_tokens=True)
         min_tokens = seq.request.sampling.min_tokens
-        offset = (
-            len(self.tokenizer.decode(tokens[start:min_tokens], skip_special_tokens=True)) if min_tokens > start else 0
-        )
+        offset = self._settled(tokens[start:min_tokens], text) if min_tokens > start else 0
         return any(text.find(s, max(offset - len(s) + 1, 0)) >= 0 for s in seq.request.sampling.stop)
 
     def stop_reason(self, seq: Sequence) -> str | int | None:
@@ -97,14 +95,22 @@ class StopChecker:
         found, stop = cut
         return text[: found + len(stop) if params.include_stop_str_in_output else found]
 
+    def _settled(self, first: list[int], text: str) -> int:
+        """How many characters of `text` (decoded from `first` and the tokens after) the tokens `first` complete. A
+        character they leave unfinished (the first bytes of an emoji) decodes as U+FFFD at their end, and ends in a
+        later token: counted, a stop string that is that character was looked for past it and missed."""
+        settled = self.tokenizer.decode(first, skip_special_tokens=True)
+        end = len(settled)
+        while end and settled[end - 1] == "\ufffd" and text[end - 1 : end] != "\ufffd":
+            end -= 1
+        return end
+
     def _first_stop(self, seq: Sequence, text: str) -> tuple[int, str] | None:
         """The earliest stop string in the sequence's `text` and where it starts; None if there is none. Under
         min_tokens, only one that ends after the first min_tokens tokens' text counts, as in `check`: one before did
         not stop the sample, so it neither cuts the text nor is its stop reason."""
         params = seq.request.sampling
-        offset = 0
-        if params.min_tokens:
-            offset = len(self.tokenizer.decode(seq.output_token_ids[: params.min_tokens], skip_special_tokens=True))
+        offset = self._settled(seq.output_token_ids[: params.min_tokens], text) if params.min_tokens else 0
         found = ((text.find(s, max(offset - len(s) + 1, 0)), s) for s in params.stop)
         cuts = [(i, s) for i, s in found if i >= 0]
         return min(cuts) if cuts else None

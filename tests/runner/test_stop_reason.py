@@ -78,6 +78,43 @@ def test_the_models_eos_leaves_the_stop_reason_null() -> None:
     assert checker.stop_reason(seq([4, 9])) == 9
 
 
+def byte_tokenizer():
+    """A byte-level BPE without merges: each UTF-8 byte is a token, so an emoji takes four."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("min_tokens", "num_tokens", "text"),
+    [(0, 4, ""), (2, 4, ""), (4, 8, "\N{GRINNING FACE}"), (5, 8, "\N{GRINNING FACE}")],
+)
+def test_a_stop_character_that_ends_after_min_tokens_stops_where_it_ends(min_tokens, num_tokens, text) -> None:
+    """An emoji is four byte tokens. With min_tokens 2 the first ends in token 4, after the first two tokens, and
+    stops the sample there (vLLM's rule). Their text, an unfinished character, decoded as one U+FFFD that was counted
+    as done: the emoji was looked for past it, and the sample ran on to the second one."""
+    tokenizer = byte_tokenizer()
+    checker = StopChecker(tokenizer, (EOS_ID,))
+    tokens = tokenizer.encode("\N{GRINNING FACE}\N{GRINNING FACE} ok", add_special_tokens=False)
+    assert len(tokens) == 11
+    params = SamplingParams(stop=("\N{GRINNING FACE}",), min_tokens=min_tokens, max_new_tokens=20)
+    seq = SimpleNamespace(
+        request=SimpleNamespace(sampling=params), output_token_ids=[], max_new_tokens=20, matcher=None
+    )
+    for token in tokens:
+        seq.output_token_ids.append(token)
+        seq.finish_reason = checker.check(seq)
+        if seq.finish_reason:
+            break
+    assert (len(seq.output_token_ids), seq.finish_reason, checker.text(seq)) == (num_tokens, "stop", text)
+    assert checker.stop_reason(seq) == "\N{GRINNING FACE}"
+
+
 def run(tmp_path: Path, sampling: dict) -> list[dict]:
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": " ".join(f"w{t}" for t in PROMPT)}) + "\n")
     job = job_from_dict(
