@@ -50,6 +50,13 @@ def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
             "set output.format to arrow, parquet or jsonl",
             field="task",
         )
+    if fmt == "openai" and job.sampling.prompt_logprobs:
+        # The rows computed them (a logits row per prompt token) and the lines were written without them.
+        raise SpecError(
+            "prompt log-probabilities have no place in OpenAI Batch output lines; set output.format to arrow, "
+            "parquet or jsonl",
+            field="sampling.prompt_logprobs",
+        )
     if job.task == "score_rolling" and job.sampling.prompt_logprobs:
         # The windows score every token, but a text longer than the context has no one prompt to align them to.
         raise SpecError(

@@ -214,3 +214,22 @@ def test_the_jobs_logprobs_setting_is_each_bodys_default(tmp_path: Path) -> None
     with_logprobs = ChatCompletion.model_validate(lines[0]["response"]["body"]).choices[0].logprobs
     assert with_logprobs is not None and with_logprobs.content
     assert ChatCompletion.model_validate(lines[1]["response"]["body"]).choices[0].logprobs is None
+
+
+def test_the_jobs_prompt_logprobs_are_refused_for_openai_batch_output(tmp_path: Path) -> None:
+    """OpenAI Batch output lines have no place for prompt log-probabilities: the rows computed a logits row per prompt
+    token and the lines were written without them, with no word. Refused as the job loads; another output format
+    gets its prompt_logprobs column."""
+    import pytest
+
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.job_io import layout_for
+
+    def job(**fields: Any):
+        base = {"name": "j", "input": {"path": "batch.jsonl", "format": "openai"}}
+        return job_from_dict(base | {"sampling": {"prompt_logprobs": True}} | fields, base_dir=str(tmp_path))
+
+    with pytest.raises(SpecError, match="prompt log-probabilities have no place in OpenAI Batch output") as refused:
+        layout_for(job(), {})
+    assert refused.value.field == "sampling.prompt_logprobs"
+    assert layout_for(job(output={"format": "jsonl"}), {}).prompt_logprobs
