@@ -16,8 +16,16 @@ class StopChecker:
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...]) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
-        self._hidden_stop_ids: dict[tuple[str, ...], frozenset[int]] = {}
         self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
+        # The added tokens the text is decoded without (`<|im_start|>`): a stop string that is one is never found in
+        # the text, so it is matched by its id. Worked out once per tokenizer: a cache keyed by each row's stop
+        # strings grew with every distinct list a job's rows gave, for the engine's life.
+        added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+        self._hidden_ids = {
+            text: token_id
+            for text, token_id in added.items()
+            if not tokenizer.decode([token_id], skip_special_tokens=True)
+        }
 
     def check(self, seq: Sequence) -> FinishReason | None:
         params = seq.request.sampling
@@ -38,14 +46,7 @@ class StopChecker:
     def _stop_strings_as_ids(self, stop: tuple[str, ...]) -> frozenset[int]:
         """The ids of stop strings that are special tokens (`<|im_start|>`): the text is decoded without them,
         so the string would never be found in it; such a stop is matched by its token instead."""
-        ids = self._hidden_stop_ids.get(stop)
-        if ids is None:
-            added = self.tokenizer.get_added_vocab() if hasattr(self.tokenizer, "get_added_vocab") else {}
-            ids = frozenset(
-                added[s] for s in stop if s in added and not self.tokenizer.decode([added[s]], skip_special_tokens=True)
-            )
-            self._hidden_stop_ids[stop] = ids
-        return ids
+        return frozenset(self._hidden_ids[s] for s in stop if s in self._hidden_ids)
 
     def _stop_string_found(self, seq: Sequence) -> bool:
         longest = max(len(s) for s in seq.request.sampling.stop)
@@ -77,8 +78,8 @@ class StopChecker:
         if not params.ignore_eos and last in self.eos_token_ids:
             return None
         if params.stop and last in self._stop_strings_as_ids(params.stop):
-            added = self.tokenizer.get_added_vocab()  # a stop string that is a special token: matched by its id
-            return next(s for s in params.stop if added.get(s) == last)
+            # a stop string that is a special token: matched by its id
+            return next(s for s in params.stop if self._hidden_ids.get(s) == last)
         cut = self._first_stop(seq, self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True))
         return cut[1] if cut else None
 
