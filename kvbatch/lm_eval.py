@@ -107,7 +107,7 @@ class EngineRowError(RuntimeError):
 class KVBatchLM(TemplateLM):
     def __init__(
         self,
-        model: str = "default",
+        model: str | None = None,
         max_length: int | None = None,
         add_bos_token: bool | None = None,
         prefix_token_id: int | None = None,
@@ -118,13 +118,24 @@ class KVBatchLM(TemplateLM):
         max_batch_size: Any = None,
         device: str | None = None,
         engine: Engine | None = None,
+        pretrained: str | None = None,
         **engine_settings: Any,
     ) -> None:
         super().__init__()
+        # `pretrained=` names the model for lm-eval's hf, vllm and sglang models: a model_args line written for
+        # them runs here as it is
+        if pretrained is not None and model is not None and pretrained != model:
+            raise ValueError(
+                f"kvbatch model_args: pretrained {pretrained!r} and model {model!r} name two models; give one"
+            )
+        model = model or pretrained or "default"
+        if max_length is not None and int(max_length) < 1:
+            raise ValueError(f"kvbatch model_args: max_length must be at least 1, got {max_length}")
         unknown = set(engine_settings) - _ENGINE_FIELDS
         if unknown:
             raise ValueError(
-                f"kvbatch model_args: unknown {sorted(unknown)}; model_args are model, max_length, add_bos_token, "
+                f"kvbatch model_args: unknown {sorted(unknown)}; model_args are model (or pretrained), max_length, "
+                "add_bos_token, "
                 "prefix_token_id, enable_thinking, chat_template_args, think_end_token and EngineConfig's fields: "
                 f"{', '.join(sorted(_ENGINE_FIELDS - {'model'}))}"
             )

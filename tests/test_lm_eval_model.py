@@ -206,6 +206,23 @@ def test_a_max_length_over_the_pool_is_refused_not_cut(model_folder: Path) -> No
         )
 
 
+def test_pretrained_names_the_model_as_in_hf_and_a_bad_max_length_is_refused(model_folder: Path) -> None:
+    """`--model_args pretrained=...`, what hf, vllm and sglang take, was refused as unknown; a max_length of 0 or
+    below was taken, and the requests failed later in odd ways."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("kvbatch").create_from_arg_string(f"pretrained={model_folder},device=cpu,max_length={MAX_LENGTH}")
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_folder},device=cpu,max_length={MAX_LENGTH}")
+    requests = [Instance("loglikelihood", {}, ("w5 w6", " w7 w8"), idx=0, metadata=("t", 0, 1))]
+    assert [s for s, _ in lm.loglikelihood(requests)] == pytest.approx([s for s, _ in hf.loglikelihood(requests)])
+    with pytest.raises(ValueError, match="pretrained .* and model .* name two models; give one"):
+        get_model("kvbatch").create_from_arg_string(f"pretrained={model_folder},model=other,device=cpu")
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f"max_length must be at least 1, got {bad}"):
+            get_model("kvbatch").create_from_arg_string(f"model={model_folder},device=cpu,max_length={bad}")
+
+
 def test_prefix_token_id_is_the_context_of_an_empty_one_as_in_hf(model_folder: Path) -> None:
     # hf's prefix_token_id model_arg: the token before an empty context and before a rolling text's first window.
     from lm_eval.api.instance import Instance
