@@ -15,7 +15,7 @@ from kvbatch.jobs.data_parallel import run_data_parallel
 from kvbatch.jobs.ray_run import run_job_ray
 from kvbatch.jobs.run import EngineCache, EngineFactory, default_engine_factory, run_job
 from kvbatch.jobs.signals import graceful_stop
-from kvbatch.jobs.spec import JobSpec
+from kvbatch.jobs.spec import JobsFile, JobSpec
 from kvbatch.jobs.summary import Summary
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,16 @@ class JobOutcome:
 
 
 def run_jobs(
-    jobs: Iterable[JobSpec],
+    jobs: JobsFile | JobSpec | Iterable[JobSpec],
     wait_for_lock: bool = False,
     engine_factory: EngineFactory = default_engine_factory,
     on_outcome: Callable[[JobOutcome], None] | None = None,
 ) -> list[JobOutcome]:
-    """Run jobs in order, sharing engines. A failed job is reported and the next one runs; a signal stops all.
-    `on_outcome` hears of each job as it ends: the CLI prints its summary then, not after the last job."""
-    jobs = list(jobs)  # read twice, for the plan and the run: a generator would be spent by the plan
+    """Run jobs (a loaded job file's, one, or any iterable of them) in order, sharing engines. A failed job is
+    reported and the next one runs; a signal stops all. `on_outcome` hears of each job as it ends: the CLI prints
+    its summary then, not after the last job."""
+    # read twice, for the plan and the run: a generator would be spent by the plan
+    jobs = list(jobs.jobs if isinstance(jobs, JobsFile) else [jobs] if isinstance(jobs, JobSpec) else jobs)
     engines = EngineCache(engine_factory)
     engines.plan(jobs)
     outcomes: list[JobOutcome] = []

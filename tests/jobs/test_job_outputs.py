@@ -21,7 +21,7 @@ from kvbatch.jobs import job_io as job_io_module  # where a job opens its reader
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, model_name, run_job
 from kvbatch.jobs.runners import run_jobs
-from kvbatch.jobs.spec import job_from_dict
+from kvbatch.jobs.spec import job_from_dict, load_jobs_file
 
 TOKENIZER = FakeTokenizer()
 COLUMNS = [
@@ -551,6 +551,14 @@ def test_run_jobs_takes_the_jobs_from_any_iterable(tmp_path: Path) -> None:
     jobs = (job_from_dict({"name": n, "input": {"path": "in.jsonl"}}, base_dir=str(tmp_path)) for n in ("a", "b"))
     outcomes = run_jobs(jobs, engine_factory=fake_factory())
     assert [(o.job, o.error, o.summary.rows) for o in outcomes] == [("a", None, 1), ("b", None, 1)]
+    # what the Python API doc names: a loaded job file, and one job, as they come
+    (tmp_path / "jobs.yaml").write_text(
+        "jobs:\n  - {name: c, input: {path: in.jsonl}}\n  - {name: d, input: {path: in.jsonl}}\n"
+    )
+    outcomes = run_jobs(load_jobs_file(tmp_path / "jobs.yaml"), engine_factory=fake_factory())
+    assert [(o.job, o.error) for o in outcomes] == [("c", None), ("d", None)]
+    single = job_from_dict({"name": "e", "input": {"path": "in.jsonl"}}, base_dir=str(tmp_path))
+    assert [(o.job, o.error) for o in run_jobs(single, engine_factory=fake_factory())] == [("e", None)]
 
 
 def test_a_failed_job_is_reported_and_the_next_one_runs(tmp_path: Path) -> None:
