@@ -299,6 +299,7 @@ def openai_row(row: Row) -> Row:
         or _max_tokens_problem(body)
         or _tool_choice_problem(body)
         or _prompt_control_problem(body)
+        or _unfollowed_problem(body)
     )
     if problem:
         return bad.failed(ErrorKind.BAD_REQUEST, problem)
@@ -395,6 +396,21 @@ def _max_tokens_problem(body: dict[str, Any]) -> str | None:
 
 def _id_text(value: Any) -> str | None:
     return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _unfollowed_problem(body: dict[str, Any]) -> str | None:
+    """A field of vLLM's body that would change the answer and that kvbatch does not follow: left to be ignored, the
+    line ran as if it had not been asked."""
+    if body.get("use_beam_search") is True:
+        return "use_beam_search: true is not supported (samples are drawn, not searched); leave it out"
+    best_of, n = body.get("best_of"), body.get("n", 1)
+    if best_of is not None and best_of != (1 if n is None else n):
+        return f"best_of {best_of!r} is not supported (only best_of = n, the samples returned); leave it out"
+    if body.get("prompt_logprobs") is not None:
+        return "prompt_logprobs is not supported in an OpenAI Batch output, which has no place for them"
+    if body.get("skip_special_tokens") is False:
+        return "skip_special_tokens: false is not supported (the text leaves special tokens out); leave it out"
+    return None
 
 
 def _tool_choice_problem(body: dict[str, Any]) -> str | None:

@@ -34,6 +34,11 @@ from test_openai_logprobs import request, run_openai
         ({"chat_template": "{{ messages }}"}, "a body's own chat_template is not supported"),
         ({"echo": True}, "echo: true is not supported"),
         ({"add_special_tokens": True}, "add_special_tokens: true is not supported"),
+        # vLLM's fields kvbatch cannot follow: they were ignored and the line ran as if not asked
+        ({"use_beam_search": True}, "use_beam_search: true is not supported"),
+        ({"best_of": 3, "n": 1}, "best_of 3 is not supported (only best_of = n, the samples returned)"),
+        ({"prompt_logprobs": 1}, "prompt_logprobs is not supported in an OpenAI Batch output"),
+        ({"skip_special_tokens": False}, "skip_special_tokens: false is not supported"),
         # a prefill body (vLLM's continue_final_message) on a job that adds a generation prompt
         (
             {"continue_final_message": True, "add_generation_prompt": False},
