@@ -9,14 +9,16 @@ so `generate(["Hi"])` and a job over a file with the row {"prompt": "Hi"} ask th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from kvbatch.errors import ErrorKind
 from kvbatch.runner.request import GenerationRequest
 
 from .pipeline import RowPipeline
 from .records import Layout, RowResult
-from .rows import ArgumentNames, Row
+from .rows import ArgumentNames, Row, RowError
 from .run import EngineCache
 from .spec import JobSpec, check_chat_template, check_job_constraint, check_token_ids, job_from_dict, splits_reasoning
 
@@ -171,7 +173,12 @@ def _run(
     done: dict[int, RowResult] = {}
     requests: list[GenerationRequest] = []
     for index, data in enumerate(rows):
-        request = pipeline.request(Row(index, data, names=_NAMES))
+        row = Row(index, data, names=_NAMES)
+        lone = next(((column, c) for column, value in data.items() if (c := _lone_surrogate(value))), None)
+        if lone is not None:  # the tokenizer would fail it with its own words, naming no argument
+            message = f"{row.value(lone[0])} holds a lone surrogate (\\u{ord(lone[1]):04x}), which is not text"
+            row = dataclasses.replace(row, error=RowError(ErrorKind.INVALID_UTF8, message))
+        request = pipeline.request(row)
         if isinstance(request, RowResult):
             done[index] = request
         else:
@@ -180,6 +187,23 @@ def _run(
         row = pipeline.result(result)
         done[row.row] = row
     return job, [done[i] for i in range(len(rows))]
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in the strings of `value` (a Python string may hold half a surrogate pair, which
+    no UTF-8 text can), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = next((c for c in item if "\ud800" <= c <= "\udfff"), None)
+            if found is not None:
+                return found
+        elif isinstance(item, dict):
+            stack += reversed(list(item.values()))
+        elif isinstance(item, (list, tuple)):
+            stack += reversed(item)
+    return None
 
 
 def _texts(row: RowResult, n: int) -> str | list[str] | None:

@@ -184,6 +184,23 @@ def test_errors_name_the_prompts_and_continuations_passed_not_columns() -> None:
     ]
 
 
+def test_a_lone_surrogate_is_named_as_not_text() -> None:
+    """A Python string may hold half a surrogate pair; the tokenizer failed the row with "TypeError: TextEncodeInput
+    must be Union[...]", and in a continuation blamed the prompt."""
+    chat = [{"role": "user", "content": "w5 \udc80"}]
+    results = kvbatch.generate(["w5 \ud800", chat, "w5"], model="tiny", max_new_tokens=2, results=True)
+    assert [r.error and (r.error.kind, r.error.message) for r in results[:2]] == [
+        ("invalid_utf8", "prompts[0] holds a lone surrogate (\\ud800), which is not text"),
+        ("invalid_utf8", "prompts[1] holds a lone surrogate (\\udc80), which is not text"),
+    ]
+    assert results[2].error is None
+    (scored,) = kvbatch.score(["w5"], [[" w6", " \ud800"]], model="tiny", results=True)
+    assert (scored.error.kind, scored.error.message) == (
+        "invalid_utf8",
+        "continuations[0] holds a lone surrogate (\\ud800), which is not text",
+    )
+
+
 @pytest.mark.parametrize(
     ("prompts", "said"),
     [(b"w5 w6", "bytes"), ({"w5 w6": 1}, "a mapping"), (None, "None"), (5, "of type int")],
