@@ -34,6 +34,7 @@ def generate(
     system: str | None = None,
     chat_template: bool = True,
     chat_template_kwargs: dict[str, Any] | None = None,
+    chat_template_file: str | None = None,
     split_reasoning: bool | None = None,
     engine: dict[str, Any] | None = None,
     results: bool = False,
@@ -43,7 +44,8 @@ def generate(
     """Generate for each prompt, in order.
 
     prompts: strings (one user message each) or lists of {role, content} messages.
-    system, chat_template, chat_template_kwargs, split_reasoning: a job file's `prompt` fields of those names.
+    system, chat_template, chat_template_kwargs, chat_template_file, split_reasoning: a job file's `prompt` fields of
+    those names (a template file relative to the working folder).
     sampling: any `SamplingParams` field (max_new_tokens, temperature, stop, n, seed, logprobs...).
     engine: `EngineConfig` fields (device, dtype, max_model_len...).
     Returns each prompt's text (a list of texts with n > 1; None for a prompt that failed), or with
@@ -54,6 +56,7 @@ def generate(
         "system": system,
         "chat_template": chat_template,
         "chat_template_kwargs": chat_template_kwargs,
+        "chat_template_file": chat_template_file,
         "split_reasoning": split_reasoning,
     }
     job, ordered = _run(_prompt_rows(prompts), model, prompt, engine, engines, sampling=sampling)

@@ -184,6 +184,31 @@ def test_errors_name_the_prompts_and_continuations_passed_not_columns() -> None:
     ]
 
 
+def test_a_template_file_serves_a_model_that_has_no_template(tmp_path: Path) -> None:
+    """The refusal of template values for a model without a template said to give the job a
+    prompt.chat_template_file, which kvbatch.generate had no keyword for."""
+    from tiny_models import word_tokenizer
+
+    engines = EngineCache(lambda model, settings: tiny_engine(model, {"num_blocks_override": 128, **settings}))
+    with pytest.raises(SpecError, match="this model's tokenizer has none .* prompt.chat_template_file"):
+        kvbatch.generate(["w5"], model="tiny", chat_template_kwargs={"extra": "w7"}, engines=engines)
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }} {{ extra }} {% endfor %}")
+    (row,) = kvbatch.generate(
+        ["w5 w6"],
+        model="tiny",
+        chat_template_kwargs={"extra": "w7"},
+        chat_template_file=str(template),
+        engines=engines,
+        max_new_tokens=2,
+        results=True,
+    )
+    want = word_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "w5 w6"}], chat_template=template.read_text(), extra="w7", tokenize=True
+    )
+    assert row.error is None and row.prompt_tokens == len(want["input_ids"] if hasattr(want, "keys") else want) == 3
+
+
 def test_a_lone_surrogate_is_named_as_not_text() -> None:
     """A Python string may hold half a surrogate pair; the tokenizer failed the row with "TypeError: TextEncodeInput
     must be Union[...]", and in a continuation blamed the prompt."""
