@@ -156,6 +156,12 @@ class KVBatchLM(TemplateLM):
         bos = self.tokenizer.bos_token_id
         self._prepends_bos = bool(add_bos_token) and bos is not None and self.tokenizer.encode("a")[:1] != [bos]
         self._max_length = max_length or self.engine.max_model_len
+        if self._max_length > self.engine.max_model_len:  # more memory would not help
+            raise ValueError(
+                f"kvbatch model_args: max_length {self._max_length} is over the model's context of "
+                f"{self.engine.max_model_len} tokens (max_model_len); set max_length to at most "
+                f"{self.engine.max_model_len}"
+            )
         if self._max_length > self.engine.capacity_tokens:
             # lm-eval's truncation and rolling windows follow max_length: cut to the pool, the scores would depend
             # on this machine's memory (as task: score_rolling refuses too).

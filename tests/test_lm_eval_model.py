@@ -218,6 +218,8 @@ def test_pretrained_names_the_model_as_in_hf_and_a_bad_max_length_is_refused(mod
     assert [s for s, _ in lm.loglikelihood(requests)] == pytest.approx([s for s, _ in hf.loglikelihood(requests)])
     with pytest.raises(ValueError, match="pretrained .* and model .* name two models; give one"):
         get_model("kvbatch").create_from_arg_string(f"pretrained={model_folder},model=other,device=cpu")
+    with pytest.raises(ValueError, match="max_length 64 is over the model's context of 32 tokens"):
+        get_model("kvbatch").create_from_arg_string(f"model={model_folder},device=cpu,max_model_len=32,max_length=64")
     for bad in (0, -5):
         with pytest.raises(ValueError, match=f"max_length must be at least 1, got {bad}"):
             get_model("kvbatch").create_from_arg_string(f"model={model_folder},device=cpu,max_length={bad}")
