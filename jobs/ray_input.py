@@ -154,7 +154,7 @@ def _folder_files(filesystem: pafs.FileSystem, root: str) -> list[str]:
     for info in infos:
         relative = info.path[len(root) :].lstrip("/")
         hidden = any(part.startswith((".", "_")) for part in relative.split("/"))
-        if info.type == pafs.FileType.File and not hidden and Path(info.path).suffix in _KINDS:
+        if info.type == pafs.FileType.File and not hidden and Path(info.path).suffix.lower() in _KINDS:
             found.append(info.path)
     return sorted(found)
 
@@ -188,7 +188,7 @@ def _kind(job: JobSpec, paths: list[str]) -> str:
         return job.input.format
     if job.input.format == "hf":
         raise SpecError("runner: ray reads a `datasets` folder (save_to_disk), not a dataset name", field="input.path")
-    kinds = {_KINDS.get(Path(p).suffix) for p in paths}
+    kinds = {_KINDS.get(Path(p).suffix.lower()) for p in paths}
     if len(kinds) != 1 or None in kinds:
         raise SpecError(
             f"cannot tell one input format for {job.input.path} (found {', '.join(sorted(map(str, kinds)))}); "

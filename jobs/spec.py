@@ -517,7 +517,7 @@ def validate(job: JobSpec, node: Node) -> None:
             "(use prompt.chat_template_file, prompt.continue_final_message)"
         )
     if job.output.path is not None:
-        ext = Path(job.output.path).suffix
+        ext = Path(job.output.path).suffix.lower()
         if job.output.format == "auto" and ext not in OUTPUT_EXTENSIONS:
             raise at("output", "path").error(
                 f"cannot tell the format from {ext or 'no extension'!r}; use .arrow, .parquet, .jsonl or .hf, or "
@@ -732,8 +732,8 @@ def input_format(job: JobSpec) -> str:
     # writer name their folder of part files `out.parquet/`, which no single-file reader opens.
     if path.is_dir():
         return "hf"
-    if path.suffix in INPUT_EXTENSIONS:
-        return INPUT_EXTENSIONS[path.suffix]
+    if path.suffix.lower() in INPUT_EXTENSIONS:  # DATA.JSONL, as Windows tools name files, too
+        return INPUT_EXTENSIONS[path.suffix.lower()]
     if path.suffix and path.exists():
         raise SpecError(
             f"cannot tell the input format of {path.name!r}: kvbatch reads {', '.join(INPUT_EXTENSIONS)} files and "
@@ -757,7 +757,7 @@ def output_format(job: JobSpec) -> str:
         return job.output.format
     if job.output.path is None:
         return "openai" if input_format(job) == "openai" else "arrow"  # OpenAI Batch in, OpenAI Batch out
-    fmt = OUTPUT_EXTENSIONS[Path(job.output.path).suffix]
+    fmt = OUTPUT_EXTENSIONS[Path(job.output.path).suffix.lower()]
     return "openai" if fmt == "jsonl" and input_format(job) == "openai" else fmt
 
 

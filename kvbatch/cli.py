@@ -481,7 +481,7 @@ def _local_input(path: str, input_format: str | None) -> bool:
         return False
     if os.path.exists(path):
         return True
-    return input_format in {*INPUT_EXTENSIONS.values(), "openai"} or Path(path).suffix in INPUT_EXTENSIONS
+    return input_format in {*INPUT_EXTENSIONS.values(), "openai"} or Path(path).suffix.lower() in INPUT_EXTENSIONS
 
 
 def _logging(verbose: bool, quiet: bool) -> None:

@@ -139,6 +139,16 @@ def test_every_field_is_read(tmp_path: Path) -> None:
     assert job.engine.settings()["num_blocks_override"] == 64
 
 
+def test_extensions_are_read_whatever_their_case(tmp_path: Path) -> None:
+    # DATA.JSONL and OUT.Parquet, as Windows tools name files, were refused: "cannot tell the input format"
+    (tmp_path / "DATA.JSONL").write_text('{"prompt": "hi"}\n')
+    job = job_from_dict(
+        {"name": "a", "input": {"path": "DATA.JSONL"}, "output": {"path": "OUT.Parquet"}}, base_dir=str(tmp_path)
+    )
+    assert (input_format(job), output_format(job)) == ("jsonl", "parquet")
+    assert output_path(job).name == "OUT.Parquet"
+
+
 def test_built_in_defaults(tmp_path: Path) -> None:
     job = load_one(tmp_path, "jobs:\n  - name: a\n    input: {path: in.parquet}\n")
     assert (job.model, job.prompt, job.sampling, job.output, job.engine) == (
