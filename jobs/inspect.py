@@ -53,7 +53,7 @@ def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
                 "and writes the output when it completes (rerun the job to finish it)"
             )
         raise InputError(f"no such output: {path}")
-    suffix = path.suffix
+    suffix = path.suffix.lower()  # OUT.Parquet, as a job may name its output
     try:
         if path.is_dir():  # a datasets save_to_disk folder (output.format hf)
             return _from_table(path, "hf", read_arrow(path), num_samples)

@@ -335,11 +335,12 @@ def test_inspect_counts_reasons_and_kinds_and_shows_samples(tmp_path: Path) -> N
     assert lines[lines.index("sample rows:") + 1].startswith('  {"row": 0, "text": "echo')
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "JSONL"])  # an extension in any case, as a job takes it
 def test_inspect_parquet_and_jsonl(tmp_path: Path, fmt: str) -> None:
     write_input(tmp_path)
     run_job(job(tmp_path, output={"path": f"p.{fmt}"}), EngineCache(fake_factory(max_model_len=200)))
     report = inspect_output(tmp_path / "out" / f"p.{fmt}", num_samples=1)
+    fmt = fmt.lower()
     assert (report.format, report.num_rows, report.finish_reasons["error"], len(report.samples)) == (fmt, 7, 3, 1)
     assert report.samples[0]["row"] == 0 and report.samples[0]["text"].startswith("echo")
     assert dict(report.error_kinds) == {"bad_json": 1, "prompt_too_long": 1, "missing_column": 1}
