@@ -53,7 +53,8 @@ class StructuredOutputs:
                 raise ConstraintError(f"{name} must be a non-empty string, got ''")
         if self.choice is not None:
             if not isinstance(self.choice, tuple) or not self.choice:
-                raise ConstraintError(f"choice must be a non-empty list of strings, got {self.choice!r}")
+                shown = list(self.choice) if isinstance(self.choice, tuple) else self.choice  # as it was given
+                raise ConstraintError(f"choice must be a non-empty list of strings, got {shown!r}")
             if not all(isinstance(c, str) for c in self.choice):
                 raise ConstraintError(f"choice must hold strings, got {list(self.choice)!r}")
         if not isinstance(self.json_object, bool):

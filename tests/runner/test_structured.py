@@ -165,8 +165,8 @@ def test_constraint_shape_is_checked() -> None:
     assert StructuredOutputs.from_value({"json": {"type": "object", "properties": {"schema": {}}}}).json
     with pytest.raises(ConstraintError, match="choice must hold strings"):
         SamplingParams(structured_outputs={"choice": ["a", 3]})
-    with pytest.raises(ConstraintError, match="choice must be a non-empty list"):
-        StructuredOutputs.from_value({"choice": []})
+    with pytest.raises(ConstraintError, match=r"^choice must be a non-empty list of strings, got \[\]$"):
+        StructuredOutputs.from_value({"choice": []})  # named as given, not as the tuple it is held in
     for name in ("json", "grammar"):
         with pytest.raises(ConstraintError, match=f"{name} must be a non-empty string"):
             StructuredOutputs(**{name: ""})
