@@ -27,6 +27,7 @@ from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
 from kvbatch.jobs.spec import (
     JobSpec,
+    check_output_settings,
     describe_changes,
     input_format,
     input_path,
@@ -34,6 +35,7 @@ from kvbatch.jobs.spec import (
     output_format,
     output_path,
     result_fingerprint,
+    rows_may_constrain,
     spec_hash,
     splits_reasoning,
 )
@@ -42,40 +44,13 @@ from kvbatch.jobs.writer import OutputWriter, work_dir
 
 
 def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
+    check_output_settings(job)  # the job file's load checked them too; a job built in code may have changed since
     fmt = output_format(job)
     openai = input_format(job) == "openai"
-    if fmt == "openai" and job.is_scoring:
-        raise SpecError(
-            f"task {job.task} writes a `scores` column, which OpenAI Batch output has no place for; "
-            "set output.format to arrow, parquet or jsonl",
-            field="task",
-        )
-    if fmt == "openai" and job.sampling.prompt_logprobs:
-        # The rows computed them (a logits row per prompt token) and the lines were written without them.
-        raise SpecError(
-            "prompt log-probabilities have no place in OpenAI Batch output lines; set output.format to arrow, "
-            "parquet or jsonl",
-            field="sampling.prompt_logprobs",
-        )
-    if job.task == "score_rolling" and job.sampling.prompt_logprobs:
-        # The windows score every token, but a text longer than the context has no one prompt to align them to.
-        raise SpecError(
-            "task score_rolling writes each text's log-likelihood in `scores`; prompt_logprobs (each prompt token's "
-            "log-probability) applies to task generate and task score, for prompts that fit the context",
-            field="sampling.prompt_logprobs",
-        )
-    if job.is_scoring:  # else their columns would be written, null on every row (n's a list of one)
-        asked = {"n": job.sampling.n != 1, "logprobs": job.sampling.logprobs, "top_logprobs": job.sampling.top_logprobs}
-        for name in [k for k, v in asked.items() if v][:1]:
-            raise SpecError(
-                f"task {job.task} generates no tokens, so sampling.{name} has nothing to apply to (each row gets "
-                "`scores`)",
-                field=f"sampling.{name}",
-            )
     multi = job.sampling.n > 1 or openai  # OpenAI bodies may ask n per row
     reasoning = splits_reasoning(job)
     layout = Layout(
-        parsed=_parsed_column(job, fmt),
+        parsed=_parsed_column(job),
         id_column="custom_id" if openai else job.id_column,
         keep_columns=job.keep_columns,
         multi=multi,
@@ -123,31 +98,15 @@ def kept_features(schema: Any, layout: Layout) -> dict[str, Any]:
     return {n: features[n] for n in layout.data_columns() if n in features}
 
 
-def _parsed_column(job: JobSpec, fmt: str) -> ParsedColumn | None:
-    """output.parsed's column, typed from the job's JSON constraint; refused without one."""
+def _parsed_column(job: JobSpec) -> ParsedColumn | None:
+    """output.parsed's column, typed from the job's JSON constraint (check_output_settings refuses it without)."""
     if not job.output.parsed:
         return None
     constraint = job.sampling.structured_outputs
-    job_schema = constraint is not None and (constraint.json is not None or constraint.json_object)
-    # Rows may bring their own schemas: a constraint column, an OpenAI body, their own sampling values.
-    per_row = (
-        job.constraint_column is not None
-        or input_format(job) == "openai"
-        or job.sampling_column is not None
-        or "structured_outputs" in job.sampling_columns
-    )
-    if not job_schema and not per_row:
-        raise SpecError(
-            "output.parsed needs JSON output: sampling.structured_outputs with json or json_object, or "
-            "constraint_column",
-            field="output.parsed",
-        )
-    if fmt == "openai":
-        raise SpecError("output.parsed has no place in OpenAI Batch output lines", field="output.parsed")
-    if "parsed" in (job.id_column, *job.keep_columns):
-        raise SpecError("the output's `parsed` column is taken by an input column; rename it", field="keep_columns")
     # One type for every row: rows that may each have a schema of their own get JSON text.
-    return ParsedColumn.for_schema(None if per_row or constraint.json is None else constraint.json)
+    if rows_may_constrain(job) or constraint is None or constraint.json is None:
+        return ParsedColumn.for_schema(None)
+    return ParsedColumn.for_schema(constraint.json)
 
 
 @dataclass

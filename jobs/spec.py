@@ -583,6 +583,70 @@ def validate(job: JobSpec, node: Node) -> None:
             output_path(job)
         except SpecError as exc:
             raise at(*(exc.field or "output.path").split(".")).error(exc.message) from None
+    try:  # caught here, it names the file and line
+        check_output_settings(job)
+    except SpecError as exc:
+        raise at(*(exc.field or "output").split(".")).error(exc.message) from None
+
+
+def rows_may_constrain(job: JobSpec) -> bool:
+    """Whether rows may bring constraints of their own: a constraint column, an OpenAI body, their own sampling
+    values."""
+    return (
+        job.constraint_column is not None
+        or input_format(job) == "openai"
+        or job.sampling_column is not None
+        or "structured_outputs" in job.sampling_columns
+    )
+
+
+def check_output_settings(job: JobSpec) -> None:
+    """Refuse output settings this job has no column for, or that would fill their column with nothing. Checked as
+    the job file loads (validate names the file and line), not when the job's turn comes after the jobs before it
+    ran; the output's layout (jobs/job_io.py) checks them again for a job built or changed in code."""
+    openai_out = job.input.format == "openai" and output_format(job) == "openai"
+    if openai_out and job.is_scoring:
+        raise SpecError(
+            f"task {job.task} writes a `scores` column, which OpenAI Batch output has no place for; "
+            "set output.format to arrow, parquet or jsonl",
+            field="task",
+        )
+    if openai_out and job.sampling.prompt_logprobs:
+        # The rows would compute them (a logits row per prompt token) and the lines be written without them.
+        raise SpecError(
+            "prompt log-probabilities have no place in OpenAI Batch output lines; set output.format to arrow, "
+            "parquet or jsonl",
+            field="sampling.prompt_logprobs",
+        )
+    if job.task == "score_rolling" and job.sampling.prompt_logprobs:
+        # The windows score every token, but a text longer than the context has no one prompt to align them to.
+        raise SpecError(
+            "task score_rolling writes each text's log-likelihood in `scores`; prompt_logprobs (each prompt token's "
+            "log-probability) applies to task generate and task score, for prompts that fit the context",
+            field="sampling.prompt_logprobs",
+        )
+    if job.is_scoring:  # else their columns would be written, null on every row (n's a list of one)
+        asked = {"n": job.sampling.n != 1, "logprobs": job.sampling.logprobs, "top_logprobs": job.sampling.top_logprobs}
+        for name in [k for k, v in asked.items() if v][:1]:
+            raise SpecError(
+                f"task {job.task} generates no tokens, so sampling.{name} has nothing to apply to (each row gets "
+                "`scores`)",
+                field=f"sampling.{name}",
+            )
+    if not job.output.parsed:
+        return
+    constraint = job.sampling.structured_outputs
+    job_schema = constraint is not None and (constraint.json is not None or constraint.json_object)
+    if not job_schema and not rows_may_constrain(job):
+        raise SpecError(
+            "output.parsed needs JSON output: sampling.structured_outputs with json or json_object, or "
+            "constraint_column",
+            field="output.parsed",
+        )
+    if openai_out:
+        raise SpecError("output.parsed has no place in OpenAI Batch output lines", field="output.parsed")
+    if "parsed" in (job.id_column, *job.keep_columns):
+        raise SpecError("the output's `parsed` column is taken by an input column; rename it", field="keep_columns")
 
 
 def job_adapters(job: JobSpec) -> dict[str, str]:

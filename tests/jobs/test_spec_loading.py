@@ -508,6 +508,39 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].output.format",
             "is parquet, but output.path 'out.jsonl' names a jsonl file",
         ),
+        # Output settings the job cannot write failed only when the job's turn came, after the jobs before it ran,
+        # and without the file and line: refused as the file loads.
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {parsed: true}\n",
+            ":4",
+            "jobs[0].output.parsed",
+            "output.parsed needs JSON output",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    sampling: {prompt_logprobs: true}\n",
+            ":4",
+            "jobs[0].sampling.prompt_logprobs",
+            "prompt log-probabilities have no place in OpenAI Batch output lines",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    task: score_rolling\n"
+            "    sampling: {prompt_logprobs: true}\n",
+            ":5",
+            "jobs[0].sampling.prompt_logprobs",
+            "task score_rolling writes each text's log-likelihood in `scores`",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    task: score\n    sampling: {n: 2}\n",
+            ":5",
+            "jobs[0].sampling.n",
+            "task score generates no tokens, so sampling.n has nothing to apply to",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    task: score_rolling\n",
+            ":4",
+            "jobs[0].task",
+            "task score_rolling writes a `scores` column, which OpenAI Batch output has no place for",
+        ),
     ],
 )
 def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, field: str, words: str) -> None:
