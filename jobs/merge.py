@@ -230,7 +230,15 @@ def _prepare(output: Path, first: Manifest, overwrite: bool) -> Path:
     """Refuse to replace an output that another job wrote; return the output's work folder."""
     folder = work_dir(output)
     manifest_path = folder / "manifest.json"
-    previous = Manifest.load(manifest_path) if manifest_path.exists() and not overwrite else None
+    previous = None
+    if manifest_path.exists() and not overwrite:
+        try:
+            previous = Manifest.load(manifest_path)
+        except (ValueError, KeyError, TypeError) as exc:  # a newer kvbatch's manifest, or not one of ours
+            raise MergeError(
+                f"cannot read {manifest_path}: {exc}; the output's work folder may hold another run's rows, so "
+                "nothing was merged: merge with --overwrite to replace it"
+            ) from None
     if output.exists() and not overwrite:
         if previous is None or previous.spec_hash != first.spec_hash:
             raise MergeError(

@@ -282,6 +282,23 @@ def test_merge_refuses_to_drop_rows_another_spec_committed_to_the_output(tmp_pat
     assert merge_shards(out, overwrite=True).num_rows == NUM_ROWS
 
 
+@pytest.mark.parametrize("text", ['{"version": 3}', "{not json", '{"version": 2}'])
+def test_merge_names_an_unreadable_manifest_of_the_output(tmp_path, text):
+    """An output whose own manifest a merge cannot read (a newer kvbatch's, a damaged or foreign one) ended the
+    merge with a raw ValueError traceback, where `kvbatch run` names the file and says what to do."""
+    out = tmp_path / "answers.arrow"
+    for i in range(2):
+        _write_shard(out, Shard(i, 2))
+    work_dir(out).mkdir()
+    (work_dir(out) / "manifest.json").write_text(text)
+    with pytest.raises(MergeError, match=r"cannot read .*manifest\.json: .*; .*merge with --overwrite") as refused:
+        merge_shards(out)
+    assert not out.exists()
+    assert (work_dir(out) / "manifest.json").read_text() == text  # untouched
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__
+    assert merge_shards(out, overwrite=True).num_rows == NUM_ROWS
+
+
 def test_merge_refuses_shards_run_over_different_inputs(tmp_path):
     out = tmp_path / "answers.arrow"
     _write_shard(out, Shard(0, 2))
