@@ -122,10 +122,7 @@ def merge_shards(
 def _merged_summary(report: MergeReport, first: Manifest, sources: list[_Source]) -> Summary:
     """The output's summary, as a run of the whole job would leave it (a rerun reports it as already complete):
     the rows counted in the merged file, the tokens and preemptions added up from the shards' own summaries."""
-    shards = []
-    for source in sources:
-        path = summary_path(source.path)
-        shards.append(json.loads(path.read_text()) if path.exists() else {})
+    shards = [_shard_summary(summary_path(source.path)) for source in sources]
     counts = sum((RunCounts.of(shard) for shard in shards), RunCounts())
     counts.rows = 0  # a merge generates nothing
     about = {
@@ -134,6 +131,20 @@ def _merged_summary(report: MergeReport, first: Manifest, sources: list[_Source]
         "kvbatch_version": next((s["kvbatch_version"] for s in shards if s.get("kvbatch_version")), ""),
     }
     return build_summary(first.job, report.output, report, counts, 0.0, **about)
+
+
+def _shard_summary(path: Path) -> dict[str, Any]:
+    """A shard's summary as JSON; {} when it has none or it cannot be read (edited by hand): the merged output is
+    already written by then and its rows are counted from the file, so only that shard's tokens go uncounted."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        RunCounts.of(data)  # its counts must be numbers, as the sum over the shards takes them
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("cannot read %s (%s); the merged summary leaves out that shard's token counts", path, exc)
+        return {}
+    return data
 
 
 def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list[str]]:

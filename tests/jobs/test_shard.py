@@ -299,6 +299,26 @@ def test_merge_names_an_unreadable_manifest_of_the_output(tmp_path, text):
     assert merge_shards(out, overwrite=True).num_rows == NUM_ROWS
 
 
+@pytest.mark.parametrize("text", ['{"rows": ', '["x"]', '{"output_tokens": "many"}'])
+def test_merge_leaves_out_a_shard_summary_it_cannot_read(tmp_path, text):
+    """A shard's summary edited by hand (cut short, not an object, a count that is not a number) made the merge
+    fail with a traceback after the merged output was written, on every rerun too; a run finding such a summary
+    beside a finished output only warns. Only that shard's token counts are left out now."""
+    out = tmp_path / "answers.arrow"
+    paths = [_write_shard(out, Shard(i, 2)) for i in range(2)]
+    summary_path(paths[0]).write_text(json.dumps({"output_tokens": 5, "prompt_tokens": 7, "model": "m"}))
+    summary_path(paths[1]).write_text(text)
+    assert merge_shards(out).num_rows == NUM_ROWS
+    assert read_arrow(Path(out)).column("row").to_pylist() == list(range(NUM_ROWS))
+    summary = json.loads(summary_path(out).read_text())
+    assert (summary["rows"], summary["output_tokens"], summary["prompt_tokens"], summary["model"]) == (
+        NUM_ROWS,
+        5,
+        7,
+        "m",
+    )
+
+
 def test_merge_refuses_shards_run_over_different_inputs(tmp_path):
     out = tmp_path / "answers.arrow"
     _write_shard(out, Shard(0, 2))
