@@ -39,6 +39,10 @@ def merge_parts(output: Path) -> MergeReport:
         manifest = Manifest.load(path)
     except FileNotFoundError:
         raise MergeError(f"no kvbatch manifest at {path}: {parts} was not written by a kvbatch Ray run") from None
+    except (ValueError, KeyError, TypeError) as exc:  # a newer kvbatch's manifest, or one edited by hand
+        raise MergeError(
+            f"cannot read {path}: {exc}; without it the rows of {parts} cannot be checked, so nothing was merged"
+        ) from None
     if not manifest.complete or manifest.num_rows is None:
         raise MergeError(f"{parts} is unfinished; rerun the job to finish it, then merge")
     files = part_files(parts)

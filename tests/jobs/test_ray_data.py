@@ -309,3 +309,22 @@ def test_a_ray_run_refuses_a_linked_work_or_parts_folder(tmp_path, folder: str) 
     [outcome] = run_jobs([ray_job(tmp_path, source)], engine_factory=tiny_engine)
     assert isinstance(outcome.error, OutputError) and "is a symbolic link" in str(outcome.error)
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ['{"version": 3}', "{not json", '{"version": 2}'])
+def test_merging_a_ray_folder_names_a_manifest_it_cannot_read(tmp_path, text):
+    """A Ray run's manifest that `kvbatch merge` cannot read (a newer kvbatch's, one edited by hand) ended the
+    merge with a raw ValueError or KeyError traceback; it is refused by name, writing nothing."""
+    from kvbatch.errors import MergeError
+    from kvbatch.jobs.merge_parts import merge_parts
+
+    output = tmp_path / "answers.parquet"
+    parts = tmp_path / "answers.parquet.parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"row": pa.array([0], pa.int64()), "text": ["t"]}), parts / "part-0000-000000-a.parquet")
+    manifest = tmp_path / ".answers.parquet.kvbatch" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text(text)
+    with pytest.raises(MergeError, match=r"cannot read .*manifest\.json: .*; .*nothing was merged"):
+        merge_parts(output)
+    assert not output.exists()
