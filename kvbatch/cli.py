@@ -347,16 +347,24 @@ def merge(
             raise SpecError("--job selects jobs of a job file; this merges the one output file named", field="--job")
         else:
             outputs = [target]
-        for output in outputs:
-            if not shards and parts_dir(output).is_dir():  # a Ray run's folder of parts
-                report = merge_parts(output)
-                typer.echo(f"merged {_count(report.num_shards, 'part')} -> {report.output}: {report.num_rows} rows")
+        codes = []
+        for output in outputs:  # as `run` goes on after a failed job, one output that cannot merge stops no other
+            try:
+                if not shards and parts_dir(output).is_dir():  # a Ray run's folder of parts
+                    report = merge_parts(output)
+                    typer.echo(f"merged {_count(report.num_shards, 'part')} -> {report.output}: {report.num_rows} rows")
+                    continue
+                report = merge_shards(output, shards or None, overwrite=overwrite)
+            except KvbatchError as exc:
+                typer.echo(f"kvbatch: error: {exc}", err=True)
+                codes.append(exit_code_of(exc))
                 continue
-            report = merge_shards(output, shards or None, overwrite=overwrite)
             typer.echo(
                 f"merged {_count(report.num_shards, 'shard')} -> {report.output}: {report.num_rows} rows, "
                 f"{report.num_bytes} bytes"
             )
+        if codes:
+            raise typer.Exit(max(codes))
 
 
 app.add_typer(bench_app, name="bench")  # bench/cli.py: its commands import torch only when they run

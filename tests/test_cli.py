@@ -594,3 +594,29 @@ def test_merge_of_an_output_file_refuses_a_job_selection(tmp_path: Path) -> None
 def test_merge_counts_its_inputs_in_words():
     assert cli._count(1, "shard") == "1 shard" and cli._count(1, "part") == "1 part"
     assert cli._count(4, "shard") == "4 shards" and cli._count(0, "part") == "0 parts"
+
+
+def test_merge_of_a_job_file_merges_the_jobs_it_can(tmp_path: Path) -> None:
+    """`kvbatch merge jobs.yaml` stopped at the first job that could not merge (its shards missing or
+    unfinished): the jobs after it, their shards all finished, were left unmerged and unnamed. Each job is
+    merged or refused now, as `run` goes on after a failed job, and the exit code is the refusal's."""
+    from kvbatch.jobs.manifest import Manifest
+    from kvbatch.jobs.records import Layout, RowResult
+    from kvbatch.jobs.shard import Shard
+    from kvbatch.jobs.shard_output import ShardWriter
+    from kvbatch.jobs.spec import output_path
+
+    path = jobs_file(tmp_path)
+    second = load_jobs_file(path).jobs[1]
+    out = output_path(second)
+    for shard in (Shard(0, 2), Shard(1, 2)):
+        shard_out = shard.output_path(out)
+        manifest = Manifest("second", spec_hash(second), {"model": "m"}, shard_out.name, "arrow")
+        with ShardWriter(shard_out, "arrow", Layout(), manifest, shard=shard) as writer:
+            for row in shard.rows(4):
+                writer.add(RowResult(row, texts=[f"t{row}"], finish_reasons=["stop"]))
+            writer.finalize(4)
+    result = invoke("merge", path)
+    assert result.exit_code == 1, result.output
+    assert "no shard outputs found beside" in result.stderr and "first.arrow" in result.stderr
+    assert result.stdout == f"merged 2 shards -> {out}: 4 rows, {out.stat().st_size} bytes\n"
