@@ -586,7 +586,10 @@ def validate(job: JobSpec, node: Node) -> None:
     try:  # caught here, it names the file and line
         check_output_settings(job)
     except SpecError as exc:
-        raise at(*(exc.field or "output").split(".")).error(exc.message) from None
+        keys = (exc.field or "output").split(".")
+        # From `defaults:`, meant for the file's other jobs too, it fails this job alone at its turn (jobs/job_io.py)
+        if own(*keys):
+            raise at(*keys).error(exc.message) from None
 
 
 def rows_may_constrain(job: JobSpec) -> bool:

@@ -574,6 +574,30 @@ def test_defaults_meant_for_other_jobs_stop_no_job_that_drops_them(tmp_path: Pat
     assert (openai.input.format, openai.runner, raw.prompt.chat_template) == ("openai", "local", False)
 
 
+def test_output_settings_from_defaults_fail_only_the_job_that_cannot_write_them(tmp_path: Path) -> None:
+    """`defaults: {output: {parsed: true}}` meant for a file's constrained jobs refused the whole file at load for
+    one job without a JSON constraint: that job fails at its turn, naming the field, and the others run."""
+    from job_fakes import fake_factory
+
+    from kvbatch.jobs.runners import run_jobs
+
+    (tmp_path / "x.jsonl").write_text('{"prompt": "hi"}\n')
+    text = (
+        "defaults:\n  output: {parsed: true}\n  output_dir: out\njobs:\n"
+        "  - name: a\n    input: {path: x.jsonl}\n    sampling: {structured_outputs: {json_object: true}}\n"
+        "  - name: b\n    input: {path: x.jsonl}\n"
+    )
+    jobs = load_jobs_file(write(tmp_path, text)).jobs
+    a, b = run_jobs(jobs, engine_factory=fake_factory())
+    assert a.error is None and isinstance(b.error, SpecError) and b.error.field == "output.parsed"
+    own = text.replace("defaults:\n  output: {parsed: true}\n", "defaults:\n").replace(
+        "  - name: b\n    input: {path: x.jsonl}\n",
+        "  - name: b\n    input: {path: x.jsonl}\n    output: {parsed: true}\n",
+    )
+    error = spec_error(tmp_path, own)
+    assert (error.field, error.where) == ("jobs[1].output.parsed", f"{tmp_path / 'jobs.yaml'}:9")
+
+
 def test_whitespace_stop_strings_are_accepted(tmp_path: Path) -> None:
     text = 'jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {stop: ["\\n\\n", " ", "\\n"]}\n'
     (job,) = load_jobs_file(write(tmp_path, text)).jobs
