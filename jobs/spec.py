@@ -529,7 +529,7 @@ def validate(job: JobSpec, node: Node) -> None:
         mismatch = named is not None and job.output.format not in ("auto", named)
         if mismatch and (named, job.output.format) != ("jsonl", "openai"):
             raise at("output", "format").error(
-                f"is {job.output.format}, but output.path {job.output.path!r} names a {named} file; name it "
+                f"is {job.output.format}, but output.path {job.output.path!r} has the extension of {named}; name it "
                 f"{Path(job.output.path).stem}{_EXTENSION_OF[job.output.format]} or leave output.format out"
             )
     if job.output.format == "openai" and input_format(job) != "openai":

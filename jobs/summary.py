@@ -66,11 +66,11 @@ class Summary:
         return "\n".join(
             [
                 f"job {self.job}: {self.status} -> {shown_path(self.output)}",
-                f"  rows        {self.rows} ({self.rows_ok} ok, {self.rows_error} errors; "
+                f"  rows        {self.rows} ({self.rows_ok} ok, {_count(self.rows_error, 'error')}; "
                 f"{self.rows_this_run} this run)",
                 f"  tokens      {self.prompt_tokens} prompt, {self.output_tokens} output in {self.elapsed_s:.1f} s "
                 f"({self.load_s:.1f} s loading; {self.output_tokens_per_s:.1f} output tok/s after it)",
-                f"  KV cache    peak {self.peak_kv_usage:.0%} of blocks, {self.preemptions} preemptions, "
+                f"  KV cache    peak {self.peak_kv_usage:.0%} of blocks, {_count(self.preemptions, 'preemption')}, "
                 f"prefix cache hit {self.prefix_cache_hit_rate:.0%} ({self.cached_prompt_tokens} prompt tokens reused)",
                 f"  errors      {errors}",
             ]
@@ -174,3 +174,7 @@ def _counted(output: Path, fallback: Summary) -> Summary:
         finish_reasons=dict(report.finish_reasons),
         errors_by_kind=dict(report.error_kinds),
     )
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

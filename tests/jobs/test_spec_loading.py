@@ -506,7 +506,7 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    output: {path: out.jsonl, format: parquet}\n",
             ":4",
             "jobs[0].output.format",
-            "is parquet, but output.path 'out.jsonl' names a jsonl file",
+            "is parquet, but output.path 'out.jsonl' has the extension of jsonl",
         ),
         # Output settings the job cannot write failed only when the job's turn came, after the jobs before it ran,
         # and without the file and line: refused as the file loads.
