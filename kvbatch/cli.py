@@ -199,7 +199,9 @@ def generate(
     ] = None,
     temperature: Annotated[float | None, typer.Option(min=0.0, help="0 = greedy (default: 0).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (default: 1).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of sampled rows (engine.seed): reproducible, each row its own stream.")
+    ] = None,
     limit: LimitOpt = None,
     format: Annotated[
         str | None,
@@ -240,10 +242,11 @@ def generate(
             },
             "id_column": id_column,
             "keep_columns": keep_column,
-            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+            # --seed is the engine's (as vLLM's): sampling.seed would give every row one stream, the same samples
+            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p},
             "output": {"path": output.name, "format": format, "mode": mode},
             "output_dir": str(output.parent),
-            "engine": {"device": device},
+            "engine": {"device": device, "seed": seed},
             "progress": "off" if quiet else None,
         }
         scale = _scale_overrides(shard, data_parallel, tensor_parallel, ray_address)

@@ -176,10 +176,11 @@ def test_generate_builds_one_job(tmp_path: Path, recorder: Recorder, monkeypatch
             "prompt": {"template": "Q: {q}", "system": "S", "chat_template": False},
             "id_column": "id",
             "keep_columns": ["a", "b"],
-            "sampling": {"max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9, "seed": 4},
+            "sampling": {"max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9},
             "output": {"path": "my answers.parquet", "mode": "error"},
             "output_dir": "results",
-            "engine": {"device": "cpu"},
+            # engine.seed: sampling.seed gave every row one stream, so prompts alike drew the same samples
+            "engine": {"device": "cpu", "seed": 4},
         },
         base_dir=str(tmp_path),
     )
