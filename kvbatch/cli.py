@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -506,12 +507,17 @@ def _logging(verbose: bool, quiet: bool) -> None:
 
 
 def _quiet_model_loading(verbose: bool) -> None:
-    """Keep transformers' per-tensor "Loading weights" bar out of the job's own progress bar (shown with -v)."""
+    """Keep transformers' per-tensor "Loading weights" bar, and datasets' bars as it reads a folder of data files,
+    out of the job's own progress bar (shown with -v). datasets reads its setting from the environment, which
+    data-parallel children and Ray workers inherit; a value the user set stays."""
     if verbose:
         return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # imported already: it read the environment then
+        sys.modules["datasets"].disable_progress_bars()
 
 
 __all__ = ["app", "JobSpec"]

@@ -586,6 +586,21 @@ def test_a_torchrun_worker_loads_its_share_without_loading_bars(
     assert bars_while_serving == [False] and recorder.calls == []  # served rank 0's engine, ran no job itself
 
 
+def test_datasets_bars_stay_out_of_the_jobs_own_progress(tmp_path: Path, recorder: Recorder, monkeypatch) -> None:
+    """A folder of data files is read through `datasets`, whose "Generating train split" bars cut through the
+    job's progress, -q too; as transformers' loading bars, they show with -v only. The environment carries the
+    setting to data-parallel children and Ray workers."""
+    for verbose, want in ((True, None), (False, "1")):
+        monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "")
+        monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS")  # put back as it was after the test
+        for logger in (logging.root, logging.getLogger("kvbatch")):
+            monkeypatch.setattr(logger, "level", logger.level)
+        monkeypatch.setattr(logging.root, "handlers", [])
+        result = invoke("run", jobs_file(tmp_path), *(["-v"] if verbose else ["-q"]))
+        assert result.exit_code == 0, result.output
+        assert os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") == want
+
+
 def test_merge_of_an_output_file_refuses_a_job_selection(tmp_path: Path) -> None:
     # An output file names no jobs: `-j` was ignored without a word, as if it had selected one.
     result = invoke("merge", str(tmp_path / "answers.arrow"), "--job", "first")
