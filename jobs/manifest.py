@@ -24,6 +24,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from kvbatch.errors import OutputError
+
 from .atomic import fsync_dir, write_json
 
 _PART_NAME = re.compile(r"part-([0-9]{6,})\.arrow")  # what part_name writes
@@ -113,6 +115,19 @@ class Manifest:
             data.get("num_rows"),
             data["version"],
         )
+
+
+def previous_manifest(path: Path, mode: str) -> Manifest | None:
+    """The manifest an earlier run left at `path`, or None where there is none. One that cannot be read (another
+    kvbatch's, damaged) is refused, unless output.mode is overwrite, which starts again."""
+    if not path.exists():
+        return None
+    try:
+        return Manifest.load(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        if mode == "overwrite":
+            return None
+        raise OutputError(f"cannot read {path}: {exc}; set output.mode: overwrite to start again") from None
 
 
 def part_name(number: int) -> str:

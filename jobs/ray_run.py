@@ -42,7 +42,7 @@ from .assemble import unify
 from .atomic import write_json
 from .job_io import checked_first_rows, layout_for, with_input_schema
 from .lock import OutputLock
-from .manifest import KVBATCH_VERSION, Manifest
+from .manifest import KVBATCH_VERSION, Manifest, previous_manifest
 from .model_identity import adapters_identity, model_identity
 from .pipeline import input_columns, request_columns
 from .ray_data import GenerateBatch
@@ -187,7 +187,7 @@ def _complete_without_input(job: JobSpec, out: Path, fmt: str) -> bool:
 def _adopt(job: JobSpec, out: Path, manifest: Manifest) -> bool:
     """Decide what an earlier run's files mean (output.mode); True when that run finished this same job."""
     parts, path = parts_dir(out), work_dir(out) / "manifest.json"
-    previous = Manifest.load(path) if path.exists() else None
+    previous = previous_manifest(path, job.output.mode)  # one that cannot be read is refused, as in a local run
     started = parts.exists() or checkpoint_dir(out).exists()
     if job.output.mode == "error" and (started or out.exists()):
         raise OutputError(f"{shown_path(parts)} already exists and output.mode is 'error'; remove it or choose resume")

@@ -31,7 +31,7 @@ from .arrow_io import remove_path
 from .assemble import count_by, input_order, read_part, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
 from .lock import OutputLock
-from .manifest import INPUT_KEY, Manifest, PartEntry, part_name, part_number, to_ranges
+from .manifest import INPUT_KEY, Manifest, PartEntry, part_name, part_number, previous_manifest, to_ranges
 from .model_identity import ADAPTERS_KEY, MODEL_KEY
 from .records import Layout, RowResult
 from .spec import describe_changes, fingerprint_hash
@@ -170,16 +170,7 @@ class OutputWriter:
         return True
 
     def _load_manifest(self) -> Manifest | None:
-        if not self.manifest_path.exists():
-            return None
-        try:
-            return Manifest.load(self.manifest_path)
-        except (ValueError, KeyError, TypeError) as exc:
-            if self.mode == "overwrite":
-                return None
-            raise OutputError(
-                f"cannot read {self.manifest_path}: {exc}; set output.mode: overwrite to start again"
-            ) from None
+        return previous_manifest(self.manifest_path, self.mode)
 
     def _part_ok(self, part: PartEntry) -> bool:
         path = self.dir / part.file

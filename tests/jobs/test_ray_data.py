@@ -328,3 +328,24 @@ def test_merging_a_ray_folder_names_a_manifest_it_cannot_read(tmp_path, text):
     with pytest.raises(MergeError, match=r"cannot read .*manifest\.json: .*; .*nothing was merged"):
         merge_parts(output)
     assert not output.exists()
+
+
+@pytest.mark.parametrize("text", ['{"version": 3}', "{not json"])
+def test_a_ray_run_refuses_a_manifest_it_cannot_read_as_a_local_run(tmp_path, text):
+    """A Ray run loaded the earlier run's manifest unguarded: one of a newer kvbatch, or edited by hand, failed the
+    job as "unexpected ValueError (a bug)" with a traceback; a local run names the file and what to do."""
+    from kvbatch.jobs.manifest import Manifest
+    from kvbatch.jobs.ray_run import _adopt
+
+    job = ray_job(tmp_path, write_input(tmp_path / "in.jsonl"))
+    out = output_path(job)
+    manifest = out.parent / f".{out.name}.kvbatch" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(text)
+    current = Manifest(job.name, "hash", {}, out.name, "parquet")
+    with pytest.raises(OutputError, match=r"cannot read .*manifest\.json: .*; set output\.mode: overwrite"):
+        _adopt(job, out, current)
+    overwrite = job_from_dict(
+        {**_job_dict(tmp_path, "answers"), "runner": "ray", "output": {"path": out.name, "mode": "overwrite"}}
+    )
+    assert _adopt(overwrite, out, current) is False  # starts again
