@@ -64,11 +64,23 @@ def merge_parts(output: Path) -> MergeReport:
 
 
 def _provenance(output: Path) -> dict:
-    """The run's provenance (jobs/ray_run.py), {} for a folder of a kvbatch that kept none."""
+    """The run's provenance (jobs/ray_run.py), {} for a folder of a kvbatch that kept none. One that cannot be read
+    is refused: merged without it, the output would lose the job's record without a word."""
+    path = provenance_path(output)
     try:
-        return json.loads(provenance_path(output).read_text())
+        provenance = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        provenance = exc
+    metadata = provenance.get("metadata", {}) if isinstance(provenance, dict) else None
+    readable = isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    if not readable or not isinstance(provenance.get("model", ""), str):  # type: ignore[union-attr]
+        problem = provenance if isinstance(provenance, Exception) else "not the provenance a kvbatch Ray run writes"
+        raise MergeError(
+            f"cannot read {path}: {problem}; nothing was merged (remove the file to merge without the run's record)"
+        )
+    return provenance  # type: ignore[return-value]
 
 
 def _read(path: Path) -> pa.Table:

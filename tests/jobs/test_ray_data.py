@@ -349,3 +349,26 @@ def test_a_ray_run_refuses_a_manifest_it_cannot_read_as_a_local_run(tmp_path, te
         {**_job_dict(tmp_path, "answers"), "runner": "ray", "output": {"path": out.name, "mode": "overwrite"}}
     )
     assert _adopt(overwrite, out, current) is False  # starts again
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"metadata": ["a"]}', '{"model": 3}'])
+def test_merging_a_ray_folder_names_a_provenance_it_cannot_read(tmp_path, text):
+    """A damaged provenance file ended `kvbatch merge` with a JSONDecodeError traceback (or an AttributeError);
+    it is refused by name, writing nothing."""
+    from kvbatch.errors import MergeError
+    from kvbatch.jobs.manifest import Manifest
+    from kvbatch.jobs.merge_parts import merge_parts
+
+    output = tmp_path / "answers.parquet"
+    parts = tmp_path / "answers.parquet.parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"row": pa.array([0], pa.int64()), "text": ["t"]}), parts / "part-0000-000000-a.parquet")
+    work = tmp_path / ".answers.parquet.kvbatch"
+    work.mkdir()
+    Manifest("answers", "hash", {}, output.name, "parquet", complete=True, num_rows=1).save(work / "manifest.json")
+    (work / "provenance.json").write_text(text)
+    with pytest.raises(MergeError, match=r"cannot read .*provenance\.json: .*; nothing was merged"):
+        merge_parts(output)
+    assert not output.exists()
+    (work / "provenance.json").unlink()
+    assert merge_parts(output).num_rows == 1
