@@ -222,7 +222,11 @@ def _check_cover(shards: list[Shard], target: Shard, example: Path) -> list[str]
     """The shards must be exactly the splits of `target`: all of them, each once."""
     counts = {s.count for s in shards}
     if len(counts) > 1:
-        return [f"shards of different counts ({', '.join(map(str, sorted(counts)))}); merge one run's shards at a time"]
+        shown = ", ".join(map(str, sorted(counts)))
+        return [
+            f"shards of different counts ({shown}), of several runs; merge one run's shards at a time, listing them "
+            "(kvbatch merge OUTPUT SHARD...), or remove the other run's shard files"
+        ]
     count = counts.pop()
     if count % target.count:
         return [f"shards of {count} cannot make up shard {target}"]
