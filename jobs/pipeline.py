@@ -156,6 +156,9 @@ class RowPipeline:
             except (ValueError, TypeError) as exc:
                 message = f"{row.where}: bad sampling parameters: {exc}"
                 return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, message))
+            if self.openai and params.top_logprobs and not params.logprobs:  # the API's rule, over the job's default
+                message = f"{row.where}: top_logprobs needs logprobs: true"
+                return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, message))
             unplaced = self.layout.unplaced(params)
             if unplaced is not None:
                 return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, f"{row.where}: {unplaced}"))

@@ -371,7 +371,7 @@ def _prompt_control_problem(body: dict[str, Any]) -> str | None:
 
 def _logprobs_problem(body: dict[str, Any]) -> str | None:
     """Why a body's logprobs settings are not the API's, or None: top_logprobs is 0 to 20, and as the API has it,
-    only with logprobs true."""
+    only with logprobs true (the body's, or where it sets none the job's: the pipeline checks that one)."""
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         return f"logprobs must be true or false, got {logprobs!r}"
@@ -379,7 +379,7 @@ def _logprobs_problem(body: dict[str, Any]) -> str | None:
         isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= OPENAI_MAX_TOP_LOGPROBS
     ):
         return f"top_logprobs must be an integer from 0 to {OPENAI_MAX_TOP_LOGPROBS}, got {top!r}"
-    if top and logprobs is not True:
+    if top and logprobs is False:
         return "top_logprobs needs logprobs: true"
     return None
 

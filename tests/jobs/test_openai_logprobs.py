@@ -53,6 +53,7 @@ def request(custom_id: str, **body: Any) -> dict[str, Any]:
 
 
 def run_openai(tmp_path: Path, lines: list[dict[str, Any]], **fields: Any) -> tuple[list[dict[str, Any]], FakeEngine]:
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "batch.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     engines: list[FakeEngine] = []
 
@@ -214,6 +215,16 @@ def test_the_jobs_logprobs_setting_is_each_bodys_default(tmp_path: Path) -> None
     with_logprobs = ChatCompletion.model_validate(lines[0]["response"]["body"]).choices[0].logprobs
     assert with_logprobs is not None and with_logprobs.content
     assert ChatCompletion.model_validate(lines[1]["response"]["body"]).choices[0].logprobs is None
+    # top_logprobs without `logprobs` takes the job's default too: refused only where logprobs is off for the row
+    lines, _ = run_openai(
+        tmp_path / "again",
+        [request("top", top_logprobs=2), request("top, turned off", logprobs=False, top_logprobs=2)],
+        sampling={"logprobs": True},
+    )
+    (token, *_) = ChatCompletion.model_validate(lines[0]["response"]["body"]).choices[0].logprobs.content
+    assert len(token.top_logprobs) == 2
+    error = BatchError.model_validate(lines[1]["error"])
+    assert error.code == "bad_request" and "top_logprobs needs logprobs: true" in error.message
 
 
 def test_the_jobs_prompt_logprobs_are_refused_for_openai_batch_output(tmp_path: Path) -> None:
