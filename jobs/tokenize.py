@@ -20,6 +20,7 @@ template that raises on a row (raise_exception, a missing value) is that row's `
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -64,6 +65,15 @@ class PromptTokenizer:
         control = sorted(special | set(getattr(tokenizer, "all_special_tokens", [])))
         # One scan of a message finds any of them (Llama 3 has 256 added tokens).
         self._control_text = re.compile("|".join(map(re.escape, control))) if control else None
+        # A piece after the first continues the rendered text: a tokenizer that marks the start of each text it
+        # encodes (SentencePiece's "▁", a byte-level "Ġ") must not mark it, or each piece gains a space.
+        self._continuing = _continuing_backend(tokenizer)
+        # Where a piece's text stops continuing the text before it: at the added tokens its encoding parses (all of
+        # them in the template's pieces, those that are not special in the data's).
+        parsed = sorted({str(t) for t in added.values() if str(t)}, key=len, reverse=True)
+        parsed_in_data = [t for t in parsed if t not in special]
+        self._splits_template = re.compile("|".join(map(re.escape, parsed))) if parsed else None
+        self._splits_data = re.compile("|".join(map(re.escape, parsed_in_data))) if parsed_in_data else None
 
     def encode(self, prompt: Prompt) -> list[int] | RowError:
         if prompt.text is not None:
@@ -164,11 +174,11 @@ class PromptTokenizer:
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if i % 2 == 0:
-                ids.extend(self._template_ids(piece))
+                ids.extend(self._template_ids(piece, i > 0))
             else:
                 text = contents[int(piece)]
                 if text:
-                    ids.extend(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+                    ids.extend(self._encode_data_piece(text))
         return ids
 
     def _contents_as_rendered(
@@ -183,8 +193,71 @@ class PromptTokenizer:
                 return contents
         return None
 
-    def _encode_template_piece(self, piece: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer.encode(piece, add_special_tokens=False)) if piece else ()
+    def _encode_template_piece(self, piece: str, continuing: bool) -> tuple[int, ...]:
+        if not piece:
+            return ()
+        if not continuing or self._continuing is None:  # the start of the text is marked as a whole text's is
+            return tuple(self.tokenizer.encode(piece, add_special_tokens=False))
+        head, tail = _split_at(piece, self._splits_template)
+        return (*self._encode_continuing(head), *self.tokenizer.encode(tail, add_special_tokens=False))
+
+    def _encode_data_piece(self, text: str) -> list[int]:
+        if self._continuing is None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        head, tail = _split_at(text, self._splits_data)
+        return [
+            *self._encode_continuing(head),
+            *self.tokenizer.encode(tail, add_special_tokens=False, split_special_tokens=True),
+        ]
+
+    def _encode_continuing(self, text: str) -> list[int]:
+        """`text` (no added token in it) encoded as the middle of a longer text, as a whole-text encoding would."""
+        return list(self._continuing.encode(text, add_special_tokens=False).ids) if text else []
+
+
+def _split_at(text: str, added: re.Pattern[str] | None) -> tuple[str, str]:
+    """`text` cut before its first added token: the head continues the text before it; from an added token on, the
+    tokenizer's own rules for what follows an added token apply, so the tail is encoded as it is."""
+    match = added.search(text) if added is not None else None
+    return (text[: match.start()], text[match.start() :]) if match else (text, "")
+
+
+def _continuing_backend(tokenizer: Any) -> Any | None:
+    """A copy of the tokenizer's backend that does not mark the start of the text it encodes, or None if it marks
+    none. SentencePiece tokenizers prepend "▁" (a Metaspace prepend_scheme, or legacy Llama's Prepend normalizer)
+    and some byte-level ones a space (ByteLevel add_prefix_space): right at the start of a prompt, an extra space
+    in front of every piece encoded on its own."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    normalizer, dropped = _without_prefix(spec.get("normalizer"))
+    pre_tokenizer, unmarked = _without_prefix(spec.get("pre_tokenizer"))
+    if not (dropped or unmarked):
+        return None
+    spec["normalizer"], spec["pre_tokenizer"] = normalizer, pre_tokenizer
+    continuing = type(backend).from_str(json.dumps(spec))
+    continuing.encode_special_tokens = True  # the text holds no added token: nothing in it is parsed
+    return continuing
+
+
+def _without_prefix(component: dict[str, Any] | None) -> tuple[dict[str, Any] | None, bool]:
+    """A normalizer or pre-tokenizer spec with what adds a start-of-text marker taken out, and whether any was."""
+    if not isinstance(component, dict):
+        return component, False
+    kind = component.get("type")
+    if kind == "Prepend":
+        return None, True
+    if kind == "Metaspace" and component.get("prepend_scheme", "always") != "never":
+        return {**component, "prepend_scheme": "never"}, True
+    if kind == "ByteLevel" and component.get("add_prefix_space"):
+        return {**component, "add_prefix_space": False}, True
+    if kind == "Sequence":
+        key = "normalizers" if "normalizers" in component else "pretokenizers"
+        parts = [_without_prefix(c) for c in component.get(key) or []]
+        if any(changed for _, changed in parts):
+            return {**component, key: [c for c, _ in parts if c is not None]}, True
+    return component, False
 
 
 class _TemplateRefused(Exception):
