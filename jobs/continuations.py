@@ -11,7 +11,7 @@ continuation is encoded whole and the continuation is what follows the context's
 so a word's leading space stays with the word, as the model saw it in training. An empty context is lm-eval's
 unconditional case: the context is the tokenizer's BOS (else its EOS) and each continuation is encoded alone.
 With a chat template the prompt ends where the template hands over to the assistant, and each continuation is
-encoded alone as the answer text.
+encoded alone as the answer text that follows it (a SentencePiece tokenizer puts no space in front of it).
 
 A rolling row (`task: score_rolling`) is read as lm-eval's loglikelihood_rolling reads a text: raw (a chat
 template does not apply; messages are joined as without one), encoded with the tokenizer's own special tokens as
@@ -70,11 +70,7 @@ def _encode_continuations(
     if raw is None and not tokenizer.use_chat_template:
         raw = "\n\n".join(m["content"] for m in prompt.messages or [])
     if raw is None:  # chat: the continuation is the assistant's answer after the template's hand-over
-        split = not tokenizer.allow_special_tokens
-        return prompt_ids, [
-            list(tokenizer.tokenizer.encode(c, add_special_tokens=False, split_special_tokens=split))
-            for c in continuations
-        ]
+        return prompt_ids, [tokenizer.encode_continuation(c) for c in continuations]
     num_spaces = len(raw) - len(raw.rstrip())
     context, moved = (raw[:-num_spaces], raw[-num_spaces:]) if num_spaces else (raw, "")
     prefix = _prefix_token(tokenizer.tokenizer)

@@ -201,13 +201,23 @@ class PromptTokenizer:
         head, tail = _split_at(piece, self._splits_template)
         return (*self._encode_continuing(head), *self.tokenizer.encode(tail, add_special_tokens=False))
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """`text` as it reads right after a prompt the chat template rendered (a scoring row's answer): no space in
+        front of it that it does not have; control text in it parsed only under allow_special_tokens."""
+        return self._encode_after(text, split_special_tokens=not self.allow_special_tokens)
+
     def _encode_data_piece(self, text: str) -> list[int]:
+        return self._encode_after(text, split_special_tokens=True)
+
+    def _encode_after(self, text: str, split_special_tokens: bool) -> list[int]:
         if self._continuing is None:
-            return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
-        head, tail = _split_at(text, self._splits_data)
+            return list(
+                self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split_special_tokens)
+            )
+        head, tail = _split_at(text, self._splits_data if split_special_tokens else self._splits_template)
         return [
             *self._encode_continuing(head),
-            *self.tokenizer.encode(tail, add_special_tokens=False, split_special_tokens=True),
+            *self.tokenizer.encode(tail, add_special_tokens=False, split_special_tokens=split_special_tokens),
         ]
 
     def _encode_continuing(self, text: str) -> list[int]:

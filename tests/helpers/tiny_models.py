@@ -7,7 +7,7 @@ real differences, not on float noise between near-equal logits.
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -51,6 +51,22 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="w2")
+
+
+def sentencepiece_tokenizer(legacy: bool, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A character-level SentencePiece-style tokenizer (Llama 2, Mistral) that fits the tiny models: "▁" marks a
+    space, and the start of a text is marked too, by a Metaspace pre-tokenizer (prepend_scheme "first") or, as
+    legacy Llama tokenizer.json files do it, by a Prepend normalizer on each stretch of text between added tokens."""
+    chars = sorted(set("[INST]/abcdefghijklmnopqrstuvwxyz<>"))
+    vocab = {"<s>": 0, "</s>": EOS_ID, "<unk>": 2, "▁": 3, **{c: 4 + i for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=chat_template
+    )
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, attn: str = attention_hook.ATTN_IMPLEMENTATION):

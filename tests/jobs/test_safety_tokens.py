@@ -7,8 +7,8 @@ added between the pieces such a row is encoded in.
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from tiny_models import EOS_ID, sentencepiece_tokenizer
+from transformers import AutoTokenizer
 
 from kvbatch.jobs.prompts import Prompt, build_prompt
 from kvbatch.jobs.rows import Row
@@ -98,23 +98,6 @@ def test_plain_messages_tokenize_as_transformers_apply_chat_template(tokenizer, 
     assert encode(tokenizer, Prompt(messages=messages)) == list(want)
 
 
-def sentencepiece_tokenizer(legacy: bool):
-    """A character-level SentencePiece-style tokenizer (Llama 2, Mistral): "▁" marks a space, and the start of a
-    text is marked too, by a Metaspace pre-tokenizer (prepend_scheme "first") or, as legacy Llama tokenizer.json
-    files do it, by a Prepend normalizer on each stretch of text between added tokens."""
-    chars = sorted(set("[INST]/abcdefghijklmnopqrstuvwxyz<>"))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, **{c: 4 + i for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
-    if legacy:
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=template
-    )
-
-
 @pytest.mark.parametrize(
     ("legacy", "want"),
     [(False, "<s>[INST]▁say▁</s>▁now▁[/INST]"), (True, "<s>▁[INST]▁say▁</s>▁now▁[/INST]")],
@@ -124,9 +107,10 @@ def test_pieces_after_the_first_gain_no_start_of_text_space(legacy: bool, want: 
     text it encodes with "▁": each data piece and each template piece after it gained a space the rendered prompt
     does not have ("[INST]▁▁say▁</s>▁now▁▁[/INST]"). The pieces now read as the whole prompt's encoding does: as
     "say it now" gives, with the data's </s> spelled in plain characters."""
-    tokenizer = sentencepiece_tokenizer(legacy)
+    template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    tokenizer = sentencepiece_tokenizer(legacy, template)
     ids = encode(tokenizer, Prompt(messages=[{"role": "user", "content": "say </s> now"}]))
     assert "".join(tokenizer.convert_ids_to_tokens(ids)) == want
-    assert ids.count(2) == 0, "the data's </s> stays plain text"
+    assert EOS_ID not in ids, "the data's </s> stays plain text"
     plain = encode(tokenizer, Prompt(messages=[{"role": "user", "content": "say it now"}]))
     assert "".join(tokenizer.convert_ids_to_tokens(plain)) == want.replace("</s>", "it")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from tiny_models import hf_reference, word_tokenizer
+from tiny_models import hf_reference, sentencepiece_tokenizer, word_tokenizer
 
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.records import TOP_LOGPROB
@@ -241,6 +241,36 @@ def test_task_score_reads_a_spelt_bos_as_lm_eval_does(tmp_path: Path, monkeypatc
     pairs = [(rows[0]["prompt"], c) for c in rows[0]["continuations"]]
     want = hf.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)], True)
     assert out[0]["error"] is None and out[0]["prompt_tokens"] == len(ids("<s> w30 w31 w32")) == 4
+    for score, (logprob, is_greedy) in zip(out[0]["scores"], want, strict=True):
+        assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
+        assert score["is_greedy"] == is_greedy
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["metaspace", "legacy-prepend"])
+def test_chat_continuations_of_a_sentencepiece_model_give_lm_evals_loglikelihood(
+    tmp_path: Path, monkeypatch, legacy: bool
+) -> None:
+    """With a chat template each continuation follows the rendered prompt. A SentencePiece tokenizer encoding it
+    alone put "▁" in front of it: "four" was scored as " four", both got the same logprob. The scores now equal
+    lm-eval's `hf` model's loglikelihood of the rendered prompt and the continuation on the same folder."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    folder = tmp_path / "sp-model"
+    hf_reference("llama").save_pretrained(folder)
+    template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    tokenizer = sentencepiece_tokenizer(legacy, template)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [{"prompt": "what is two and two", "continuations": ["four", " four", "four and"]}]
+    out = run(tmp_path, folder, rows, task="score", prompt={"chat_template": True})
+    messages = [{"role": "user", "content": rows[0]["prompt"]}]
+    context = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    hf = HFLM(pretrained=str(folder), device="cpu", max_length=64, batch_size=1)
+    pairs = [(context, c) for c in rows[0]["continuations"]]
+    want = hf.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)], True)
+    assert out[0]["error"] is None
+    assert [s["num_tokens"] for s in out[0]["scores"]] == [4, 5, 8]
     for score, (logprob, is_greedy) in zip(out[0]["scores"], want, strict=True):
         assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
         assert score["is_greedy"] == is_greedy
