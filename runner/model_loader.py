@@ -9,6 +9,7 @@ when the job asks for them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -233,6 +234,24 @@ _UNSUPPORTED = (
 _DEFAULT_HINT = "; remove the converted default model's folder (see KVBATCH_CACHE) and it is converted again"
 
 
+def has_sentencepiece() -> bool:
+    return importlib.util.find_spec("sentencepiece") is not None
+
+
+def _tokenizer_hint(folder: Path | None) -> str:
+    """Why a folder whose tokenizer is only a SentencePiece tokenizer.model (Llama 2, Mistral, T5-era models) failed
+    to load: without the sentencepiece package transformers reads the file as a tiktoken vocabulary, and its
+    error asks for tiktoken, which cannot read it either."""
+    if folder is None or not (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+        return ""
+    if has_sentencepiece():
+        return ""
+    return (
+        "; its tokenizer is only tokenizer.model, which is read with the sentencepiece package, and that is not "
+        "installed (install it, or save the tokenizer with a tokenizer.json)"
+    )
+
+
 def _check_weights(name: str, info: dict) -> None:
     """Refuse a checkpoint with weights missing or of the wrong shape: transformers would fill them at random, and
     every run (and every resume) would generate from other random weights."""
@@ -348,7 +367,7 @@ def load_model(
             check_folder_safety(downloaded_json(name), allow_pickle, trust_remote_code)
             tokenizer, model = load({**kwargs, "local_files_only": False})
     except OSError as exc:
-        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}{_tokenizer_hint(folder)}") from exc
     except (ValueError, KeyError) as exc:
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(
@@ -361,7 +380,7 @@ def load_model(
             ) from exc
         if isinstance(exc, KeyError) and attention_hook.ATTN_IMPLEMENTATION in str(exc):
             raise ModelLoadError(_UNSUPPORTED.format(name=name, why="its attention cannot be replaced")) from exc
-        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}{_tokenizer_hint(folder)}") from exc
     except ModelLoadError:
         raise
     except MemoryError as exc:
