@@ -77,7 +77,7 @@ def build_prompt(row: Row, spec: PromptSpec, allow_empty: bool = False) -> Promp
     if isinstance(text, RowError):
         return text
     if not spec.chat_template:
-        return _raw_text_of(row, spec) or Prompt(text=f"{spec.system}\n\n{text}" if spec.system else text)
+        return _dropped_template_values(row, spec) or Prompt(text=f"{spec.system}\n\n{text}" if spec.system else text)
     return _with_system([{"role": "user", "content": text}], spec, row)
 
 
@@ -86,7 +86,7 @@ def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> 
     if spec.system and messages[0]["role"] not in SYSTEM_ROLES:
         messages = [{"role": "system", "content": spec.system}, *messages]
     if not spec.chat_template:
-        return _raw_text_of(row, spec) or Prompt(text="\n\n".join(m["content"] for m in messages))
+        return _dropped_template_values(row, spec) or Prompt(text="\n\n".join(m["content"] for m in messages))
     data = row.data or {}
     kwargs, tools = dict(spec.chat_template_kwargs or {}), None
     column = spec.chat_template_kwargs_column
@@ -113,7 +113,7 @@ def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> 
     return Prompt(messages=messages, template_kwargs=kwargs or None, tools=tools)
 
 
-def _raw_text_of(row: Row, spec: PromptSpec) -> RowError | None:
+def _dropped_template_values(row: Row, spec: PromptSpec) -> RowError | None:
     """A row whose own tools or template values (an OpenAI Batch body's) would be dropped with its raw text; the job
     file's load refuses the job's own, so only a row's reach here."""
     data = row.data or {}
