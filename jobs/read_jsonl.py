@@ -55,7 +55,7 @@ OPENAI_SAMPLING = {
 # names: a batch file written for vLLM keeps them. top_k -1 is vLLM's "off", kvbatch's 0.
 VLLM_SAMPLING = (
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "bad_words",
-    "allowed_token_ids", "include_stop_str_in_output",
+    "allowed_token_ids", "include_stop_str_in_output", "truncate_prompt_tokens",
 )  # fmt: skip
 # vLLM's guided_json, guided_regex, guided_choice and guided_grammar: the structured_outputs kinds they became.
 VLLM_GUIDED = ("json", "regex", "choice", "grammar")

@@ -636,6 +636,11 @@ def check_output_settings(job: JobSpec) -> None:
                 "`scores`)",
                 field=f"sampling.{name}",
             )
+        if job.sampling.truncate_prompt_tokens is not None:
+            raise SpecError(
+                f"task {job.task} scores each text as given; sampling.truncate_prompt_tokens cuts generation prompts",
+                field="sampling.truncate_prompt_tokens",
+            )
     if not job.output.parsed:
         return
     constraint = job.sampling.structured_outputs

@@ -38,6 +38,9 @@ def never_fits(request: GenerationRequest, limits: AdmissionLimits) -> tuple[Err
     num_prompt = len(request.prompt_token_ids)
     if num_prompt == 0:
         return ErrorKind.EMPTY_PROMPT, "the prompt is empty (0 tokens)"
+    if request.is_scoring and request.sampling.truncate_prompt_tokens is not None:
+        # A score is of the text as given: cut, it would be another text's score under the same row.
+        return ErrorKind.BAD_REQUEST, "truncate_prompt_tokens applies to generation; a scored text is not cut"
     if request.continuations is not None:
         return _never_scores(request, limits)
     if request.rolling_prefix is not None:  # scored in windows of the context: any length fits

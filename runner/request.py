@@ -51,6 +51,11 @@ class GenerationRequest:
             object.__setattr__(self, "prompt_token_ids", [int(t) for t in self.prompt_token_ids])
         if self.continuations is not None:
             object.__setattr__(self, "continuations", [[int(t) for t in c] for c in self.continuations])
+        keep = self.sampling.truncate_prompt_tokens
+        if keep is not None and not self.is_scoring and len(self.prompt_token_ids) > keep:
+            # vLLM's left truncation: the end of the prompt (the question, the generation prompt) is what the
+            # model answers. Done here, so admission, packing and the prompt's token count see the kept tokens.
+            object.__setattr__(self, "prompt_token_ids", self.prompt_token_ids[-keep:])
 
 
 @dataclass(frozen=True)

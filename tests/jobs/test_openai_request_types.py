@@ -39,6 +39,9 @@ from test_openai_logprobs import request, run_openai
         ({"best_of": 3, "n": 1}, "best_of 3 is not supported (only best_of = n, the samples returned)"),
         ({"prompt_logprobs": 1}, "prompt_logprobs is not supported in an OpenAI Batch output"),
         ({"skip_special_tokens": False}, "skip_special_tokens: false is not supported"),
+        # vLLM's -1 (cut to the context) would leave no room for a token: only a count of tokens to keep
+        ({"truncate_prompt_tokens": -1}, "truncate_prompt_tokens must be >= 1, got -1"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be >= 1, got 0"),
         # a prefill body (vLLM's continue_final_message) on a job that adds a generation prompt
         (
             {"continue_final_message": True, "add_generation_prompt": False},
@@ -90,3 +93,16 @@ def test_vllm_extra_sampling_fields_are_read(tmp_path) -> None:
     assert (got.top_k, got.min_p, got.repetition_penalty, got.min_tokens, got.ignore_eos) == (5, 0.1, 1.3, 2, True)
     assert (got.stop_token_ids, got.bad_words, got.allowed_token_ids) == ((7,), ("x",), (3, 4, 5))
     assert got.include_stop_str_in_output and off.top_k == 0
+
+
+def test_a_bodys_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tmp_path) -> None:
+    # vLLM's left truncation: the row runs on the end of its prompt, and its usage counts the tokens kept.
+    long = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
+    lines, engine = run_openai(
+        tmp_path,
+        [request("cut", messages=long, truncate_prompt_tokens=4), request("whole", messages=long)],
+    )
+    cut, whole = engine.requests
+    assert len(whole.prompt_token_ids) > 4 and cut.prompt_token_ids == whole.prompt_token_ids[-4:]
+    assert cut.sampling.truncate_prompt_tokens == 4 and whole.sampling.truncate_prompt_tokens is None
+    assert lines[0]["response"]["body"]["usage"]["prompt_tokens"] == 4

@@ -136,6 +136,18 @@ def test_scoring_refuses_settings_of_generated_tokens(tmp_path: Path, task: str,
     assert refused.value.field == f"sampling.{name}"
 
 
+@pytest.mark.parametrize("task", ["score", "score_rolling"])
+def test_scoring_refuses_a_truncated_prompt(tmp_path: Path, task: str) -> None:
+    # A score is of the text as given: a cut text's score, written under the row, would be another text's.
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.job_io import layout_for
+
+    base = {"name": "j", "input": {"path": "in.jsonl"}, "task": task, "sampling": {"truncate_prompt_tokens": 8}}
+    with pytest.raises(SpecError, match=f"task {task} scores each text as given") as refused:
+        layout_for(job_from_dict(base, base_dir=str(tmp_path)), {})
+    assert refused.value.field == "sampling.truncate_prompt_tokens"
+
+
 @pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "adds-bos"])
 def test_task_score_rolling_gives_lm_evals_loglikelihood_rolling(
     tmp_path: Path, model_folder: Path, monkeypatch, bos: bool

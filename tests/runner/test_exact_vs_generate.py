@@ -49,3 +49,20 @@ def test_greedy_equals_generate(arch: str, policy: str, backend: str) -> None:
         assert got[i].completions[0].token_ids == want, f"prompt {i} ({len(prompt)} tokens) diverged"
         assert got[i].finish_reason == ("stop" if want[-1] == EOS_ID else "length")
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_a_truncated_prompt_gives_generates_tokens_for_its_last_tokens() -> None:
+    """truncate_prompt_tokens keeps the prompt's last k tokens (vLLM's left truncation): the tokens equal
+    generate() on those alone, the result counts them, and a prompt longer than the context runs once cut."""
+    prompts = random_prompts(6, 1, 60, seed=11)
+    keep = 20
+    engine = Engine.from_loaded(
+        tiny_loaded("llama"), EngineConfig(block_size=4, num_blocks_override=128, max_model_len=48)
+    )
+    params = SamplingParams(max_new_tokens=12, truncate_prompt_tokens=keep)
+    got = {r.request_id: r for r in engine.generate(GenerationRequest(i, p, params) for i, p in enumerate(prompts))}
+    reference = hf_reference("llama")
+    assert any(len(p) > 48 for p in prompts) and any(len(p) < keep for p in prompts)
+    for i, prompt in enumerate(prompts):
+        assert got[i].error is None and got[i].num_prompt_tokens == min(len(prompt), keep)
+        assert got[i].completions[0].token_ids == hf_greedy(reference, prompt[-keep:], 12), f"prompt {i} diverged"

@@ -244,6 +244,21 @@ def test_scoring_rows_are_checked() -> None:
     assert results[4].error is None and results[4].scores[0].num_tokens == 3
 
 
+def test_a_scoring_request_that_asks_to_cut_its_prompt_is_refused() -> None:
+    # A score is of the text as given; cut, it would be another text's score under the same request.
+    engine = engine_for(max_model_len=32)
+    cut = SamplingParams(truncate_prompt_tokens=1)
+    requests = [
+        GenerationRequest(0, [5, 6, 7], cut, continuations=[[8]]),
+        GenerationRequest(1, [5, 6, 7], cut, rolling_prefix=1),
+        GenerationRequest(2, [5, 6, 7], continuations=[[8]]),
+    ]
+    results = {r.request_id: r for r in engine.generate(requests)}
+    for i in (0, 1):
+        assert results[i].error_kind is ErrorKind.BAD_REQUEST and "truncate_prompt_tokens" in results[i].error
+    assert results[2].error is None and results[2].num_prompt_tokens == 3
+
+
 def test_rolling_windows_are_lm_evals() -> None:
     """runner/rolling.py's windows are lm-eval's own (get_rolling_token_windows with context_len 1, then
     make_disjoint_window) for texts shorter than, as long as, and many times a window. lm-eval is a test extra;
