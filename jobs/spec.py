@@ -376,9 +376,9 @@ def _set_over(earlier: Any, value: Any, key: str) -> Any:
 def job_from_node(node: Node, base_dir: str) -> JobSpec:
     read_schema_files(node, base_dir)
     job = build(JobSpec, node)
-    model = _model_location(job.model, base_dir)
     given = node.value.get("model") if isinstance(node.value, dict) else None
     in_file = given is not None and given.line is not None  # a --model on the command line is the caller's own
+    model = _model_location(job.model, base_dir) if in_file else _callers_model(job.model, base_dir)
     # not found beside the job file ("default" always names the embedded model)
     bare = model == job.model and model != "default" and not Path(model).expanduser().is_absolute()
     if in_file and bare and Path(model).exists() and Path(base_dir).resolve() != Path.cwd():
@@ -388,10 +388,6 @@ def job_from_node(node: Node, base_dir: str) -> JobSpec:
             f"model {model!r} is no folder beside the job file ({Path(base_dir) / model}) but is one in the "
             "working folder; write its path relative to the job file, or an absolute one"
         )
-    if not in_file and bare and Path(model).expanduser().exists():
-        # The caller's own (--model, --set model=...): a folder where kvbatch was started, named absolutely, so a
-        # rerun from another folder is the same job and loads the same model.
-        model = os.path.abspath(Path(model).expanduser())
     adapters = {name: _model_location(path, base_dir) for name, path in job.adapters.items()}
     adapter = job.adapter if job.adapter is None or job.adapter in adapters else _model_location(job.adapter, base_dir)
     job = dataclasses.replace(job, base_dir=base_dir, model=model, adapters=adapters, adapter=adapter)
@@ -408,6 +404,22 @@ def _model_location(model: str, base_dir: str) -> str:
     candidate = path if path.is_absolute() else Path(base_dir) / path
     if path.is_absolute() or model.startswith(("./", "../", "~")) or candidate.exists():
         return os.path.normpath(candidate)
+    return model
+
+
+def _callers_model(model: str, base_dir: str) -> str:
+    """The caller's own model (--model, --set model=..., the Python API): one of that name beside the job file, else
+    a path relative to the working folder, named absolutely, so that a rerun from another folder is the same job
+    and loads the same model; else a hub name as written. `./m` is a path whether or not it exists, so its load
+    error names the folder it looked in."""
+    if model == "default":
+        return model
+    beside = _model_location(model, base_dir)
+    if beside != model and Path(beside).exists():
+        return os.path.abspath(beside)
+    path = Path(model).expanduser()
+    if path.is_absolute() or path.exists() or model.startswith(("./", "../")):
+        return os.path.abspath(path)
     return model
 
 

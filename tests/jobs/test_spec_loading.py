@@ -774,6 +774,12 @@ def test_a_model_given_on_the_command_line_is_named_alike_from_any_folder(tmp_pa
     second = load_jobs_file("../jobs/j.yaml", {"model": "tiny"}).jobs[0]
     assert first.model == second.model == str(tmp_path / "models" / "tiny")
     assert load_jobs_file("../jobs/j.yaml", {"model": "someorg/some-model"}).jobs[0].model == "someorg/some-model"
+    # Spelt as a path, it is one in the working folder, as the plain name is: it named a folder beside the job
+    # file that was not there (the load then failed on a model in plain sight).
+    monkeypatch.chdir(tmp_path)
+    assert load_jobs_file("jobs/j.yaml", {"model": "./models/tiny"}).jobs[0].model == first.model
+    assert load_jobs_file("jobs/j.yaml", {"model": "./models/gone"}).jobs[0].model == str(tmp_path / "models" / "gone")
+    assert job_from_dict({"name": "a", "input": {"path": "in.jsonl"}, "model": "./models/tiny"}).model == first.model
 
 
 def test_a_model_folder_only_in_the_working_folder_is_refused(tmp_path, monkeypatch):
