@@ -162,6 +162,9 @@ class RowPipeline:
             unplaced = self.layout.unplaced(params)
             if unplaced is not None:
                 return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, f"{row.where}: {unplaced}"))
+        keep = params.truncate_prompt_tokens
+        if keep is not None and not self.job.is_scoring:  # scoring refuses it, by its request's error
+            ids = self.tokenizer.truncated(prompt, ids, keep)
         if self.job.constraint_column is not None:
             try:
                 constraint = column_constraint(data.get(self.job.constraint_column))

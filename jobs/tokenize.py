@@ -89,7 +89,7 @@ class PromptTokenizer:
                         f"{name!r} is given to the chat template, and this model's tokenizer has none (the raw text "
                         "goes to the model)",
                     )
-            return self._encode_text("\n\n".join(m["content"] for m in prompt.messages))
+            return self._encode_text(_raw_text(prompt))
         if not self.allow_special_tokens:
             # Template values, tools and a message's tool calls are written by the template itself, so they are
             # tokenized as its own text: one that reads as a control token would become one.
@@ -108,6 +108,29 @@ class PromptTokenizer:
             return self._encode_messages(prompt.messages, prompt)
         except _TemplateRefused as exc:
             return RowError(ErrorKind.CHAT_TEMPLATE, f"the chat template refused the row: {exc}")
+
+    def truncated(self, prompt: Prompt, ids: list[int], keep: int) -> list[int]:
+        """`ids` (the prompt's encoding) cut to its last `keep` tokens, as vLLM cuts them: a raw text by the
+        tokenizer's own left truncation, which keeps the tokens it adds around the text (a BOS); a chat prompt where
+        it stands, its template having written its BOS as text."""
+        if len(ids) <= keep:
+            return ids
+        if prompt.text is None and self.use_chat_template:
+            return ids[-keep:]
+        side = self.tokenizer.truncation_side
+        self.tokenizer.truncation_side = "left"
+        try:
+            cut = self.tokenizer.encode(
+                _raw_text(prompt),
+                add_special_tokens=True,
+                split_special_tokens=not self.allow_special_tokens,
+                truncation=True,
+                max_length=keep,
+            )
+        finally:
+            self.tokenizer.truncation_side = side
+        # Fewer tokens kept than the tokenizer adds: it leaves the text whole; the setting is a bound, kept.
+        return list(cut) if len(cut) <= keep else ids[-keep:]
 
     def _control_in(self, *values: Any) -> str | None:
         """The first control token's text found in any string inside `values` (mappings, lists, scalars)."""
@@ -223,6 +246,14 @@ class PromptTokenizer:
     def _encode_continuing(self, text: str) -> list[int]:
         """`text` (no added token in it) encoded as the middle of a longer text, as a whole-text encoding would."""
         return list(self._continuing.encode(text, add_special_tokens=False).ids) if text else []
+
+
+def _raw_text(prompt: Prompt) -> str:
+    """What a prompt sends as raw text: its text, or its messages' contents joined by blank lines."""
+    if prompt.text is not None:
+        return prompt.text
+    assert prompt.messages is not None, "a Prompt has messages or text"
+    return "\n\n".join(m["content"] for m in prompt.messages)
 
 
 def _split_at(text: str, added: re.Pattern[str] | None) -> tuple[str, str]:

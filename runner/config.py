@@ -247,7 +247,10 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] = setting((), "only these token ids may be generated; empty: all", min=0)
     include_stop_str_in_output: bool = setting(False, "keep the stop string that ended a sample in its text")
     truncate_prompt_tokens: int | None = setting(
-        None, "keep only the prompt's last k tokens (vLLM's left truncation); unset: the whole prompt", min=1
+        None,
+        "keep only the prompt's last k tokens, as vLLM cuts them (a raw text keeps the BOS its tokenizer adds); "
+        "unset: the whole prompt",
+        min=1,
     )
 
     def __post_init__(self) -> None:

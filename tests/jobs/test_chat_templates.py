@@ -492,3 +492,39 @@ def test_template_values_for_a_model_without_a_template_stop_the_job(tmp_path, f
 
     planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "jobs.yaml"), "--job", "none"])
     assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: {refusal}\n")
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["raw-text", "chat"])
+def test_a_cut_prompt_keeps_what_the_tokenizers_own_truncation_keeps(tmp_path: Path, chat: bool) -> None:
+    """sampling.truncate_prompt_tokens cuts as vLLM does: a raw text by the tokenizer's own left truncation, which
+    keeps the BOS the tokenizer adds to every text (the raw text lost it, the model reading a text without its
+    start); a chat prompt at its last tokens, the template's head cut with the rest."""
+    from tokenizers import processors
+
+    tok = byte_tokenizer()
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    keep = 6
+    job = job_from_dict(
+        {
+            "name": "j",
+            "input": {"path": "in.jsonl"},
+            "prompt": {"messages_column": "messages", "chat_template": chat},
+            "sampling": {"truncate_prompt_tokens": keep},
+        },
+        base_dir=str(tmp_path),
+    )
+    side = tok.truncation_side
+    request = RowPipeline(job, tok, layout_for(job, {})).request(Row(0, {"messages": MESSAGES}))
+    assert isinstance(request, GenerationRequest), request
+    assert tok.truncation_side == side  # the tokenizer is the engine's too: left as it was
+    if chat:
+        want = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)
+        want = list(want["input_ids"] if hasattr(want, "keys") else want)[-keep:]
+    else:
+        tok.truncation_side = "left"
+        want = tok.encode(MESSAGES[0]["content"], truncation=True, max_length=keep)
+        assert want[0] == bos
+    assert request.prompt_token_ids == want and len(want) == keep
