@@ -10,6 +10,7 @@ so `generate(["Hi"])` and a job over a file with the row {"prompt": "Hi"} ask th
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,12 +30,12 @@ _NAMES = ArgumentNames("prompts", {"prompt": "prompts", "continuations": "contin
 
 def generate(
     prompts: Sequence[str | list[dict[str, str]]],
-    model: str = "default",
+    model: str | os.PathLike[str] = "default",
     *,
     system: str | None = None,
     chat_template: bool = True,
     chat_template_kwargs: dict[str, Any] | None = None,
-    chat_template_file: str | None = None,
+    chat_template_file: str | os.PathLike[str] | None = None,
     split_reasoning: bool | None = None,
     engine: dict[str, Any] | None = None,
     results: bool = False,
@@ -68,7 +69,7 @@ def generate(
 def score(
     prompts: Sequence[str | list[dict[str, str]]],
     continuations: Sequence[Sequence[str]] | None = None,
-    model: str = "default",
+    model: str | os.PathLike[str] = "default",
     *,
     chat_template: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
@@ -137,7 +138,7 @@ def _check_a_list(name: str, value: Any, each: str) -> None:
 
 def _run(
     rows: list[dict[str, Any]],
-    model: str,
+    model: str | os.PathLike[str],
     prompt: dict[str, Any],
     engine: dict[str, Any] | None,
     engines: EngineCache | None,
@@ -146,10 +147,12 @@ def _run(
     """The job of `prompt` (its `prompt:` settings) and `fields` over `rows` (its input never opened), and the
     rows' results in order."""
     messages = any(isinstance(r["prompt"], list) for r in rows)
+    # A pathlib path names a folder or file as its text does (a job's fields are the text a file would hold).
+    prompt = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in prompt.items()}
     job = job_from_dict(
         {
             "name": fields.get("task", "generate"),
-            "model": model,
+            "model": os.fspath(model) if isinstance(model, os.PathLike) else model,
             "input": {"path": "-", "format": "jsonl"},  # never opened: the rows come from `rows`
             "prompt": {"messages_column" if messages else "column": "prompt", **prompt},
             "engine": engine or {},

@@ -347,3 +347,16 @@ def test_generate_batch_names_itself_in_the_errors_of_its_job_dict() -> None:
     with pytest.raises(SpecError) as typo:
         kvbatch.GenerateBatch(job, engine_factory=tiny_with_chat_template)
     assert str(typo.value) == "GenerateBatch: sampling.max_new_token: unknown field (did you mean 'max_new_tokens'?)"
+
+
+def test_a_pathlib_path_names_the_model_and_the_template_file(tiny_engines: EngineCache, tmp_path: Path) -> None:
+    # Refused before with "expected a string": a Path is how Python code names folders and files.
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
+    by_text = kvbatch.generate(["w5"], model=str(tmp_path / "tiny"), max_new_tokens=3)
+    by_path = kvbatch.generate(
+        ["w5"], model=tmp_path / "tiny", chat_template_file=tmp_path / "t.jinja", max_new_tokens=3
+    )
+    assert by_path == by_text and len(tiny_engines._engines) == 1
+    with pytest.raises(SpecError, match="expected a string"):
+        kvbatch.generate(["w5"], model=3)
