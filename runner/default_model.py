@@ -28,7 +28,14 @@ def cache_dir() -> Path:
     """$KVBATCH_CACHE, else $XDG_CACHE_HOME/kvbatch, else ~/.cache/kvbatch."""
     if os.environ.get("KVBATCH_CACHE"):
         return Path(os.environ["KVBATCH_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # HOME unset and the user not in the password database (a container's bare uid)
+            raise DefaultModelError(
+                f"no home folder to keep the converted default model in (HOME is unset); {_CACHE_HINT}"
+            ) from None
     return Path(base) / "kvbatch"
 
 

@@ -49,3 +49,23 @@ def test_converted_files_follow_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(umask)
     assert private.stat().st_mode & 0o777 == 0o644
+
+
+def test_no_home_folder_names_kvbatch_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HOME unset and a uid the password database does not know (cron or a container's bare user), the cache
+    folder under ~/.cache could not be found: Path.home()'s RuntimeError failed the job as a bug, with a traceback."""
+    import pwd
+
+    for name in ("KVBATCH_CACHE", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def unknown_user(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", unknown_user)
+    with pytest.raises(
+        DefaultModelError,
+        match=r"^no home folder to keep the converted default model in \(HOME is unset\); set KVBATCH_CACHE to a "
+        "writable folder",
+    ):
+        default_model_path()
