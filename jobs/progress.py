@@ -68,8 +68,18 @@ def announce_load(name: str, model: str, mode: str, stream: TextIO | None = None
     there could land on another process's live bar (--data-parallel), so it gets none."""
     stream = stream if stream is not None else sys.stderr
     if display_mode(mode, stream) == "lines":
-        stream.write(f"{name}: loading model {model}\n")
+        write_line(stream, f"{name}: loading model {model}")
+
+
+def write_line(stream: TextIO, line: str) -> bool:
+    """Write a line to the log or console; False where it is gone: a pipe whose reader exited (`| tee` killed), a
+    full disk under the Slurm log, a hung-up terminal. Progress is for a reader; one gone must not fail the job."""
+    try:
+        stream.write(line + "\n")
         stream.flush()
+    except OSError:
+        return False
+    return True
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -237,9 +247,8 @@ class JobProgress:
     def _show(self, snapshot: Snapshot) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(snapshot.postfix(), refresh=True)
-        elif self.mode == "lines":
-            self.stream.write(snapshot.line(self.name) + "\n")
-            self.stream.flush()
+        elif self.mode == "lines" and not write_line(self.stream, snapshot.line(self.name)):
+            self.mode = "off"  # nobody reads it any more: stop trying at every refresh
 
     def close(self) -> None:
         snapshot = self.snapshot()

@@ -384,12 +384,15 @@ def _run(specs: list[JobSpec], wait: bool) -> None:
 
 
 def _show(outcome: JobOutcome) -> None:
-    if outcome.summary is not None:
-        typer.echo(outcome.summary.format())
-    else:
-        assert outcome.error is not None, "an outcome has a summary or an error"
-        ended = "interrupted" if isinstance(outcome.error, InterruptedJob) else "failed"  # exit 3: rerun
-        typer.echo(f"kvbatch: job {outcome.job} {ended}: {outcome.error_message}", err=True)
+    """Print a job's summary or error. A console gone (a pipe whose reader exited, a full disk under the log) loses
+    the text, not the jobs after this one: the summary is in NAME.summary.json too, and the exit code still tells."""
+    with contextlib.suppress(OSError):
+        if outcome.summary is not None:
+            typer.echo(outcome.summary.format())
+        else:
+            assert outcome.error is not None, "an outcome has a summary or an error"
+            ended = "interrupted" if isinstance(outcome.error, InterruptedJob) else "failed"  # exit 3: rerun
+            typer.echo(f"kvbatch: job {outcome.job} {ended}: {outcome.error_message}", err=True)
 
 
 def _finish(outcomes: list[JobOutcome]) -> None:

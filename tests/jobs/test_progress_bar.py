@@ -259,3 +259,22 @@ def test_a_terminal_still_gets_the_bar(job_folder: Path) -> None:
         os.close(controller)
     text = output.decode(errors="replace")
     assert "\r" in text and "25/25 rows [" in text and "1 errors" in text
+
+
+def test_a_log_reader_gone_loses_the_text_not_the_jobs(job_folder: Path) -> None:
+    """`kvbatch run jobs.yaml 2>&1 | tee log` whose tee was killed: stdout and stderr are a pipe with no reader.
+    The "loading model" line raised BrokenPipeError inside the job, which failed as a bug with nothing written, and
+    a summary that could not be printed ended the run before the next job; the exit code was 1."""
+    (job_folder / "jobs.yaml").write_text(
+        "jobs:\n  - name: p\n    input: {path: in.jsonl}\n  - name: q\n    input: {path: in.jsonl}\n"
+    )
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader exited before kvbatch wrote a thing
+    try:
+        done = subprocess.run(kvbatch(job_folder), stdout=writer, stderr=writer, timeout=300)
+    finally:
+        os.close(writer)
+    assert done.returncode == 0
+    for name in ("p", "q"):
+        summary = json.loads((job_folder / "out" / f"{name}.arrow.summary.json").read_text())
+        assert (summary["rows"], summary["rows_ok"], summary["rows_error"]) == (25, 24, 1)
