@@ -60,10 +60,12 @@ class StopFlag:
 
 
 def exit_now() -> None:
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # Each flush on its own, and none may raise: a stream closed at start (`>&-`: None) or a pipe whose reader the
+    # same signal ended (`| tee` in the job step) must not turn exit 3 into a traceback and exit 1.
+    for stream in (*logging.getLogger().handlers, sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):  # ValueError: a closed file
+                stream.flush()
     os._exit(ExitCode.INTERRUPTED)  # the OS releases the output lock; committed parts are already whole on disk
 
 
@@ -77,7 +79,9 @@ def exit_on_signal(message: str) -> Iterator[None]:
         return
 
     def on_signal(signum: int, frame: object) -> None:
-        sys.stderr.write(f"kvbatch: {message.format(signal=signal.Signals(signum).name)}\n")
+        if sys.stderr is not None:  # no stderr (`2>&-`), or a pipe with no reader: exit 3 all the same
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"kvbatch: {message.format(signal=signal.Signals(signum).name)}\n")
         exit_now()
 
     previous = {s: signal.signal(s, on_signal) for s in SIGNALS}

@@ -19,6 +19,7 @@ app object, so tests keep the default allocator and exit as usual.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import signal
@@ -52,8 +53,13 @@ def exit_on_early_signals() -> None:
     from kvbatch.errors import ExitCode
 
     def stop(signum: int, frame: object) -> None:
-        sys.stderr.write(f"kvbatch: stopped by {signal.Signals(signum).name} before any job ran; rerun to run it\n")
-        sys.stderr.flush()
+        # stderr closed at start (None) or a pipe whose reader the same signal ended: exit 3 all the same
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(
+                    f"kvbatch: stopped by {signal.Signals(signum).name} before any job ran; rerun to run it\n"
+                )
+                sys.stderr.flush()
         os._exit(ExitCode.INTERRUPTED)
 
     for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):

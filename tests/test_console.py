@@ -144,3 +144,16 @@ def test_the_command_takes_signals_before_it_imports_the_cli(name: str) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 3 and f"stopped by {name} before any job ran; rerun to run it" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_signal_while_starting_exits_3_with_no_reader_on_stderr() -> None:
+    """Slurm's SIGTERM reaches `| tee log` too: the start-up handler's message raised BrokenPipeError, exit 1."""
+    code = "import os, signal, time\nfrom kvbatch.console import exit_on_early_signals\nexit_on_early_signals()\n"
+    code += "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(10)\n"
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], stdout=writer, stderr=writer, timeout=60)
+    finally:
+        os.close(writer)
+    assert done.returncode == 3

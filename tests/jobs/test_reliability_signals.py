@@ -237,3 +237,25 @@ def test_a_signal_during_a_command_that_runs_no_job_says_that_command_stopped(
 ) -> None:
     # These ran under the start-up handler too: "stopped by SIGTERM before any job ran; rerun to run it".
     assert run_command_signalled(tmp_path, "SIGTERM", module, function, argv) == f"kvbatch: {stopped}\n"
+
+
+@pytest.mark.parametrize("console", ["closed", "no reader"])
+def test_a_signal_exits_3_with_no_console_to_say_it_on(tmp_path: Path, console: str) -> None:
+    """`kvbatch plan jobs.yaml >&- 2>&-` from cron, or `2>&1 | tee log` in a Slurm step whose SIGTERM ended tee too:
+    writing the message to a stderr that was None, or flushing a pipe with no reader, raised in the handler, and the
+    command ended with a traceback and exit 1 instead of 3."""
+    script = COMMAND_SCRIPT.format(name="SIGTERM", module="kvbatch.cli", function="load_jobs_file", argv=["plan", "x"])
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        if console == "closed":
+            proc = subprocess.run(
+                [sys.executable, "-c", script], timeout=60, cwd=tmp_path, preexec_fn=lambda: (os.close(1), os.close(2))
+            )
+        else:
+            proc = subprocess.run(
+                [sys.executable, "-c", script], stdout=writer, stderr=writer, timeout=60, cwd=tmp_path
+            )
+    finally:
+        os.close(writer)
+    assert proc.returncode == ExitCode.INTERRUPTED == 3
