@@ -34,6 +34,7 @@ from typing import Any
 
 from kvbatch.errors import InterruptedJob, JobError, KvbatchError, OutputError, SpecError
 from kvbatch.jobs.job_io import job_manifest
+from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.merge import merge_shards
 from kvbatch.jobs.shard import Shard
@@ -104,13 +105,22 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
     target = outer or Shard(0, 1)
     base = output_path(job)
     out = base if outer is None else outer.output_path(base)
-    if job.output.mode == "resume":
-        previous = _complete_summary(job, out)  # raises, before any process starts, if another spec wrote `out`
-        if previous is not None:
-            log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
+
+    def finished() -> Summary | None:
+        if job.output.mode == "resume":
+            previous = _complete_summary(job, out)  # raises, before any process starts, if another spec wrote `out`
+            if previous is not None:
+                log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
             return previous
-    if job.output.mode == "error" and out.exists():
-        raise OutputError(f"{out} already exists and output.mode is 'error'; remove it or choose mode resume/overwrite")
+        if job.output.mode == "error" and out.exists():
+            raise OutputError(
+                f"{out} already exists and output.mode is 'error'; remove it or choose mode resume/overwrite"
+            )
+        return None
+
+    previous = finished()  # before the lock too: a finished output in a read-only folder is reported, not locked
+    if previous is not None:
+        return previous
     if stop.stopped:  # a signal during an earlier job: start no processes for nothing
         raise InterruptedJob(f"not started, stopped by {stop.signal_name}; rerun to run it", job=job.name)
     shards = target.split(ways)
@@ -119,24 +129,51 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
     children = [
         dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, data=1, shard=str(s))) for s in shards
     ]
-    results = _run_children(children, devices, threads, engines.factory, stop, wait_for_lock)
-    failures = [(s, r) for s, r in zip(shards, results) if isinstance(r, BaseException)]
-    if failures:
-        raise _combined_error(job, failures)
-    report = merge_shards(
-        out, [s.output_path(base) for s in shards], target=target, overwrite=job.output.mode == "overwrite"
-    )
-    for s in shards:  # merged: the shard outputs were only a means
-        remove_output(s.output_path(base))
-        with contextlib.suppress(FileNotFoundError):
-            summary_path(s.output_path(base)).unlink()
-    counts = sum((RunCounts.of(part) for part in results), RunCounts())
-    first: Summary = results[0]
-    about = {"model": job.model, "spec_hash": first.spec_hash, "kvbatch_version": first.kvbatch_version}
-    load_s = max(part.load_s for part in results)  # the processes load side by side
-    summary = build_summary(job.name, out, report, counts, time.monotonic() - started, load_s, **about)
-    summary.write(summary_path(out))
+    lock = _lock_output(out, wait_for_lock, stop)
+    try:
+        previous = finished()  # the run this one waited for (--wait) may have finished it
+        if previous is not None:
+            return previous
+        results = _run_children(children, devices, threads, engines.factory, stop, wait_for_lock)
+        failures = [(s, r) for s, r in zip(shards, results) if isinstance(r, BaseException)]
+        if failures:
+            raise _combined_error(job, failures)
+        report = merge_shards(
+            out,
+            [s.output_path(base) for s in shards],
+            target=target,
+            overwrite=job.output.mode == "overwrite",
+            locked=True,
+        )
+        for s in shards:  # merged: the shard outputs were only a means
+            remove_output(s.output_path(base))
+            with contextlib.suppress(FileNotFoundError):
+                summary_path(s.output_path(base)).unlink()
+        counts = sum((RunCounts.of(part) for part in results), RunCounts())
+        first: Summary = results[0]
+        about = {"model": job.model, "spec_hash": first.spec_hash, "kvbatch_version": first.kvbatch_version}
+        load_s = max(part.load_s for part in results)  # the processes load side by side
+        summary = build_summary(job.name, out, report, counts, time.monotonic() - started, load_s, **about)
+        summary.write(summary_path(out))
+    finally:
+        lock.release()
     return summary
+
+
+def _lock_output(out: Path, wait: bool, stop: StopFlag) -> OutputLock:
+    """The output's own lock, held from before the children start until their shards are merged. Each child locks
+    only its shard: two runs started at once on one output took some shards' locks each, and both failed with
+    exit 4; a plain run on the output ran beside them."""
+    folder = work_dir(out)
+    if folder.is_symlink():  # the lock would land wherever it points
+        raise OutputError(f"{folder} is a symbolic link; kvbatch keeps its work files beside the output, remove it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {folder.parent}: {exc}") from None
+    lock = OutputLock(folder / "lock")
+    lock.acquire(wait=wait, stop_waiting=lambda: stop.stopped)
+    return lock
 
 
 def _run_children(

@@ -14,6 +14,7 @@ A merge can also target one shard (data parallel inside a Slurm shard): its sour
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -75,9 +76,15 @@ def find_shards(output: Path) -> list[Path]:
 
 
 def merge_shards(
-    output: Path, shards: list[Path] | None = None, *, target: Shard = WHOLE, overwrite: bool = False
+    output: Path,
+    shards: list[Path] | None = None,
+    *,
+    target: Shard = WHOLE,
+    overwrite: bool = False,
+    locked: bool = False,
 ) -> MergeReport:
-    """Merge shard outputs into `output` (the rows of `target`: the whole input by default)."""
+    """Merge shard outputs into `output` (the rows of `target`: the whole input by default). `locked`: the caller
+    holds the output's lock already (a data-parallel run, from before its shards ran)."""
     paths = sorted(shards) if shards else find_shards(output)
     if not paths:
         raise MergeError(
@@ -93,7 +100,11 @@ def merge_shards(
             f"cannot merge into {output}: the shards are {first.format} files, so the target must end in {suffix}"
         )
     num_input_rows = first.num_rows or 0
-    with OutputLock(_prepare(output, first, overwrite) / "lock", advice="merge again once it has finished"):
+    folder = _prepare(output, first, overwrite)
+    lock: contextlib.AbstractContextManager[Any] = (
+        contextlib.nullcontext() if locked else OutputLock(folder / "lock", advice="merge again once it has finished")
+    )
+    with lock:
         merged = Manifest(
             first.job,
             first.spec_hash,

@@ -11,8 +11,9 @@ from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
 from typer.testing import CliRunner
 
 from kvbatch import cli
-from kvbatch.errors import ExitCode, InterruptedJob, OutputError, SpecError, exit_code_of
+from kvbatch.errors import ExitCode, InterruptedJob, OutputError, OutputLockedError, SpecError, exit_code_of
 from kvbatch.jobs.data_parallel import run_data_parallel
+from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.signals import StopFlag
@@ -65,6 +66,22 @@ def test_data_parallel_two_processes_equal_one(tmp_path):
     [edited] = run_jobs([job], engine_factory=tiny_engine)
     assert isinstance(edited.error, OutputError) and "input_file.bytes" in str(edited.error)
     assert not list(out.parent.glob("*.shard-*"))
+
+
+def test_a_second_run_on_the_output_exits_4_before_any_process_starts(tmp_path):
+    """The children locked only their own shards: of two runs started at once on one output each took some shards'
+    locks and both failed with exit 4, and a run holding the output itself did not stop the shards from running
+    beside it. The output's own lock is taken first."""
+    write_input(tmp_path / "in.jsonl")
+    job = tiny_job(tmp_path, data=2)
+    out = output_path(job)
+    work_dir(out).mkdir(parents=True)
+    with OutputLock(work_dir(out) / "lock"):  # another run on the output
+        [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert isinstance(outcome.error, OutputLockedError) and exit_code_of(outcome.error) == ExitCode.LOCKED == 4
+    assert not list(out.parent.glob("*.shard-*")) and not out.exists()
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)  # free again: the run merges under the lock it holds
+    assert outcome.error is None and outcome.summary.rows == 13
 
 
 def test_each_process_shows_the_progress_of_its_own_shard(tmp_path, capfd):
