@@ -157,3 +157,17 @@ def test_a_signal_while_starting_exits_3_with_no_reader_on_stderr() -> None:
     finally:
         os.close(writer)
     assert done.returncode == 3
+
+
+def test_a_removed_working_folder_is_named_not_a_traceback(tmp_path) -> None:
+    """A shell left in a folder since removed (or a job started there): transformers resolves a path against the
+    working folder as it imports, and the command ended with its FileNotFoundError traceback and exit 1."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = f"import os, sys\nos.chdir({str(gone)!r})\nos.rmdir({str(gone)!r})\nsys.argv = ['kvbatch', '--version']\n"
+    code += "from kvbatch.__main__ import main\nmain()\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (
+        2,
+        "kvbatch: error: the working folder was removed; cd to a folder that exists and rerun\n",
+    )
