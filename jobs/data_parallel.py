@@ -125,7 +125,11 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
         raise InterruptedJob(f"not started, stopped by {stop.signal_name}; rerun to run it", job=job.name)
     shards = target.split(ways)
     devices = assign_devices(job, ways, job.parallel.tensor)
-    threads = max(1, (os.cpu_count() or 1) // ways)
+    import torch
+
+    # The children share the threads one process would use: torch's default follows OMP_NUM_THREADS and the CPUs
+    # this process may run on (a Slurm job's --cpus-per-task), where os.cpu_count() counts every core of the node.
+    threads = max(1, torch.get_num_threads() // ways)
     children = [
         dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, data=1, shard=str(s))) for s in shards
     ]

@@ -132,7 +132,8 @@ def _start_world(size: int, use_cuda: bool, loader: Loader) -> _World:
     else:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // size)
+        # torch's default follows OMP_NUM_THREADS and the CPUs given (Slurm), not every core of the node
+        threads = max(1, torch.get_num_threads() // size)
         for rank in range(1, size):
             proc = ctx.Process(
                 target=_worker_main,

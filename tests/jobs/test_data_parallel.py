@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,35 @@ def test_a_second_run_on_the_output_exits_4_before_any_process_starts(tmp_path):
     assert not list(out.parent.glob("*.shard-*")) and not out.exists()
     [outcome] = run_jobs([job], engine_factory=tiny_engine)  # free again: the run merges under the lock it holds
     assert outcome.error is None and outcome.summary.rows == 13
+
+
+def test_children_share_the_threads_one_process_would_use(tmp_path, monkeypatch):
+    """Each child got os.cpu_count() // N threads: under Slurm that counts every core of the node, not the CPUs the
+    job was given (--cpus-per-task) nor OMP_NUM_THREADS, so on 4 CPUs of a 128-core node two children ran 64
+    threads each. torch's own default, which follows both, is what they share."""
+    import torch
+
+    from kvbatch.jobs import data_parallel
+
+    class Started(Exception):
+        pass
+
+    def record(jobs, devices, threads, *args):
+        seen.append(threads)
+        raise Started
+
+    write_input(tmp_path / "in.jsonl")
+    seen: list[int] = []
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(data_parallel, "_run_children", record)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)  # what OMP_NUM_THREADS or the job's CPUs give one process
+    try:
+        with pytest.raises(Started):
+            run_data_parallel(tiny_job(tmp_path, data=2), EngineCache(tiny_engine), StopFlag())
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
 
 
 def test_each_process_shows_the_progress_of_its_own_shard(tmp_path, capfd):
