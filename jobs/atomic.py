@@ -23,7 +23,7 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()  # a stale temporary, or a link planted where it will be: never write through it
     # O_EXCL: created by us, right now; a link or file that appeared since the unlink makes this fail instead.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

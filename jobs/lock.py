@@ -30,7 +30,7 @@ class OutputLock:
         (a signal arrived) ends the wait with InterruptedJob: the signal handler only sets a flag, so a plain
         blocking flock would sleep through it."""
         try:  # O_NOFOLLOW: a link planted at the lock's name must not make us open (and truncate) its target
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
             raise OutputError(f"cannot open the lock file {self.path}: {exc.strerror or exc}") from None
         try:

@@ -84,7 +84,7 @@ class Manifest:
         created = not journal.exists()
         line = json.dumps({"file": part.file, "num_rows": part.num_rows, "rows": part.rows}, separators=(",", ":"))
         # O_NOFOLLOW: a link planted at the journal's name (the run appends for hours) must not be written through.
-        fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         with os.fdopen(fd, "ab") as f:
             f.write(line.encode() + b"\n")
             f.flush()

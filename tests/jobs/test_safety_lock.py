@@ -181,3 +181,25 @@ def test_a_signal_ends_a_wait_for_the_lock(tmp_path: Path) -> None:
     waiter.acquire(wait=True, stop_waiting=lambda: False)
     assert lock.read_text().strip() == str(os.getpid())
     waiter.release()
+
+
+def test_the_lock_and_the_files_of_an_output_follow_the_umask(tmp_path: Path) -> None:
+    """The lock, the parts journal and every file written through a temporary were made 0644 whatever the umask:
+    in a team's group folder (umask 002) a teammate resuming an interrupted run could not open the lock for
+    writing (Permission denied, exit 1). The umask decides, as it does for pyarrow's parts and the folders."""
+    from kvbatch.jobs.manifest import Manifest, PartEntry, journal_path
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in word_prompts(3, seed=2)])
+    (tmp_path / "jobs.yaml").write_text("jobs:\n  - name: shared\n    input: {path: in.jsonl}\n")
+    umask = os.umask(0o002)
+    try:
+        [outcome] = run_jobs(load_jobs_file(tmp_path / "jobs.yaml"), engine_factory=fake_factory())
+        manifest = Manifest("job", "h1", {"model": "m"}, "out.arrow", "arrow")
+        manifest.append_part(tmp_path / "manifest.json", PartEntry("part-000000.arrow", 1, [[0, 1]]))
+    finally:
+        os.umask(umask)
+    assert outcome.error is None, outcome.error
+    out = tmp_path / "out" / "shared.arrow"
+    files = [work_dir(out) / "lock", work_dir(out) / "manifest.json", out, out.with_name(out.name + ".summary.json")]
+    modes = {path.name: path.stat().st_mode & 0o777 for path in [*files, journal_path(tmp_path / "manifest.json")]}
+    assert set(modes.values()) == {0o664}, modes
