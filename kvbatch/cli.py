@@ -356,14 +356,14 @@ def merge(
             try:
                 if not shards and parts_dir(output).is_dir():  # a Ray run's folder of parts
                     report = merge_parts(output)
-                    typer.echo(f"merged {_count(report.num_shards, 'part')} -> {report.output}: {report.num_rows} rows")
+                    _say(f"merged {_count(report.num_shards, 'part')} -> {report.output}: {report.num_rows} rows")
                     continue
                 report = merge_shards(output, shards or None, overwrite=overwrite)
             except KvbatchError as exc:
-                typer.echo(f"kvbatch: error: {exc}", err=True)
+                _say(f"kvbatch: error: {exc}", err=True)
                 codes.append(exit_code_of(exc))
                 continue
-            typer.echo(
+            _say(
                 f"merged {_count(report.num_shards, 'shard')} -> {report.output}: {report.num_rows} rows, "
                 f"{report.num_bytes} bytes"
             )
@@ -384,15 +384,19 @@ def _run(specs: list[JobSpec], wait: bool) -> None:
 
 
 def _show(outcome: JobOutcome) -> None:
-    """Print a job's summary or error. A console gone (a pipe whose reader exited, a full disk under the log) loses
-    the text, not the jobs after this one: the summary is in NAME.summary.json too, and the exit code still tells."""
+    if outcome.summary is not None:
+        _say(outcome.summary.format())  # in NAME.summary.json too, should the console be gone
+    else:
+        assert outcome.error is not None, "an outcome has a summary or an error"
+        ended = "interrupted" if isinstance(outcome.error, InterruptedJob) else "failed"  # exit 3: rerun
+        _say(f"kvbatch: job {outcome.job} {ended}: {outcome.error_message}", err=True)
+
+
+def _say(text: str, err: bool = False) -> None:
+    """Print what a job or a merge came to. A console gone (a pipe whose reader exited, a full disk under the log)
+    loses the text, not the jobs or merges after this one; the exit code still tells how they went."""
     with contextlib.suppress(OSError):
-        if outcome.summary is not None:
-            typer.echo(outcome.summary.format())
-        else:
-            assert outcome.error is not None, "an outcome has a summary or an error"
-            ended = "interrupted" if isinstance(outcome.error, InterruptedJob) else "failed"  # exit 3: rerun
-            typer.echo(f"kvbatch: job {outcome.job} {ended}: {outcome.error_message}", err=True)
+        typer.echo(text, err=err)
 
 
 def _finish(outcomes: list[JobOutcome]) -> None:

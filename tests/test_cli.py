@@ -636,3 +636,34 @@ def test_merge_of_a_job_file_merges_the_jobs_it_can(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert "no shard outputs found beside" in result.stderr and "first.arrow" in result.stderr
     assert result.stdout == f"merged 2 shards -> {out}: 4 rows, {out.stat().st_size} bytes\n"
+
+
+def test_merge_of_a_job_file_goes_on_when_its_stdout_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvbatch merge jobs.yaml | tee log` whose tee exited: printing the first merge's line raised BrokenPipeError,
+    which click turned into exit 1, and the second job's finished shards were left unmerged."""
+    from kvbatch.jobs.manifest import Manifest
+    from kvbatch.jobs.records import Layout, RowResult
+    from kvbatch.jobs.shard import Shard
+    from kvbatch.jobs.shard_output import ShardWriter
+    from kvbatch.jobs.spec import output_path
+
+    path = jobs_file(tmp_path)
+    outputs = []
+    for job in load_jobs_file(path).jobs:
+        out = output_path(job)
+        outputs.append(out)
+        for shard in (Shard(0, 2), Shard(1, 2)):
+            shard_out = shard.output_path(out)
+            manifest = Manifest(job.name, spec_hash(job), {"model": "m"}, shard_out.name, "arrow")
+            with ShardWriter(shard_out, "arrow", Layout(), manifest, shard=shard) as writer:
+                for row in shard.rows(4):
+                    writer.add(RowResult(row, texts=[f"t{row}"], finish_reasons=["stop"]))
+                writer.finalize(4)
+
+    def no_reader(message: str, err: bool = False) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli.typer, "echo", no_reader)
+    result = invoke("merge", path)
+    assert result.exit_code == 0, result.output
+    assert [out.exists() for out in outputs] == [True, True]
