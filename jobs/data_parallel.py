@@ -42,7 +42,7 @@ from kvbatch.jobs.shard_output import job_shard
 from kvbatch.jobs.signals import SIGNALS, StopFlag, StopNow, exit_now
 from kvbatch.jobs.spec import JobSpec, output_format, output_path
 from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
-from kvbatch.jobs.writer import remove_output, resume_refusal, work_dir
+from kvbatch.jobs.writer import make_work_dir, remove_output, resume_refusal, work_dir
 from kvbatch.runner.parallel.log_settings import LogSettings
 
 log = logging.getLogger(__name__)
@@ -168,14 +168,7 @@ def _lock_output(out: Path, wait: bool, stop: StopFlag) -> OutputLock:
     """The output's own lock, held from before the children start until their shards are merged. Each child locks
     only its shard: two runs started at once on one output took some shards' locks each, and both failed with
     exit 4; a plain run on the output ran beside them."""
-    folder = work_dir(out)
-    if folder.is_symlink():  # the lock would land wherever it points
-        raise OutputError(f"{folder} is a symbolic link; kvbatch keeps its work files beside the output, remove it")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder {folder.parent}: {exc}") from None
-    lock = OutputLock(folder / "lock")
+    lock = OutputLock(make_work_dir(out) / "lock")
     lock.acquire(wait=wait, stop_waiting=lambda: stop.stopped)
     return lock
 

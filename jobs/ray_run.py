@@ -51,7 +51,7 @@ from .run import job_metadata, model_name
 from .signals import StopFlag
 from .spec import JobSpec, job_adapters, output_format, output_path, result_fingerprint, spec_hash
 from .summary import RunCounts, Summary, already_complete, build_summary, summary_path
-from .writer import WriteReport, resume_refusal, work_dir
+from .writer import WriteReport, make_work_dir, resume_refusal, work_dir
 
 log = logging.getLogger(__name__)
 # Parts are Parquet whatever the output format: Ray's JSON lines writer goes through pandas, which turns an integer
@@ -90,13 +90,9 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
     out = output_path(job)
     parts = parts_dir(out)
     work = work_dir(out)
-    for folder in (work, parts):  # as a local run's writer: what is written there would land where it points
-        if folder.is_symlink():
-            raise OutputError(
-                f"{folder} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link"
-            )
-    work.mkdir(parents=True, exist_ok=True)
-    lock = OutputLock(work / "lock")
+    if parts.is_symlink():  # as the work folder: what is written there would land where it points
+        raise OutputError(f"{parts} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link")
+    lock = OutputLock(make_work_dir(out) / "lock")
     lock.acquire(wait=wait_for_lock, stop_waiting=lambda: stop.stopped)
     try:
         connect(job.parallel.ray_address)

@@ -53,6 +53,19 @@ def work_dir(output: Path) -> Path:
     return output.with_name(f".{output.name}.kvbatch")
 
 
+def make_work_dir(output: Path) -> Path:
+    """The output's work folder (its lock, manifest and parts), created; refused where it is a symbolic link, as what
+    is written there would land wherever the link points, outside output_dir."""
+    folder = work_dir(output)
+    if folder.is_symlink():
+        raise OutputError(f"{folder} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {folder.parent}: {exc}") from None
+    return folder
+
+
 class OutputWriter:
     def __init__(
         self,
@@ -89,14 +102,7 @@ class OutputWriter:
 
     # -- opening: lock, then decide what existing files mean ---------------------------------------------
     def open(self) -> OutputWriter:
-        if self.dir.is_symlink():  # parts would land wherever it points, outside output_dir
-            raise OutputError(
-                f"{self.dir} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link"
-            )
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create the output folder {self.dir.parent}: {exc}") from None
+        make_work_dir(self.output)
         if self.mode == "resume" and not os.access(self.dir, os.W_OK) and self._finished_read_only():
             return self
         self._lock.acquire(wait=self.wait_for_lock, stop_waiting=self.stop_waiting)
