@@ -95,11 +95,12 @@ def _is_console(handler: logging.Handler) -> bool:
 
 
 def display_mode(progress: str, stream: TextIO) -> str:
-    """bar, lines or off: `auto` is a bar on a terminal and lines anywhere else."""
+    """bar, lines or off: `auto` is a bar on a terminal and lines anywhere else, a dumb terminal included (TERM=dumb:
+    Emacs' shell, some CI consoles), which cannot move its cursor back over a bar."""
     if progress != "auto":
         return progress
     isatty = getattr(stream, "isatty", None)
-    if isatty is None or not isatty():
+    if isatty is None or not isatty() or os.environ.get("TERM") == "dumb":
         return "lines"
     return "lines" if _terminal_columns(stream) == 0 else "bar"
 

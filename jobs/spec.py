@@ -230,7 +230,8 @@ class JobSpec:
     parallel: ParallelSpec = field(default_factory=ParallelSpec, metadata={"doc": "shards, processes, Ray"})
     progress: Literal["auto", "bar", "lines", "off"] = setting(
         "auto",
-        "auto: a live bar on a terminal that has a width, else lines (Slurm logs, cron, CI); off: none (--quiet)",
+        "auto: a live bar on a terminal that has a width and is not TERM=dumb, else lines (Slurm logs, cron, CI); "
+        "off: none (--quiet)",
     )
     progress_seconds: float = setting(30.0, "lines: one progress line at most this often, seconds", gt=0)
     base_dir: str = setting(".", "the job file's folder (set by the loader)", internal=True)

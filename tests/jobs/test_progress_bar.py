@@ -21,6 +21,12 @@ from job_fakes import FakeEngine
 from kvbatch.jobs.progress import JobProgress, announce_load, display_mode
 
 
+@pytest.fixture(autouse=True)
+def drawing_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The terminals here draw bars, wherever the tests run (a CI console may be TERM=dumb, which gets lines)."""
+    monkeypatch.setenv("TERM", "xterm-256color")
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -174,6 +180,22 @@ def test_a_warning_during_the_bar_gets_a_line_of_its_own(monkeypatch: pytest.Mon
     text = terminal.getvalue()
     assert "SIGINT: stopping\n" in text and "]SIGINT" not in text, text
     assert root.handlers == [console]
+
+
+def test_a_dumb_terminal_gets_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TERM=dumb (Emacs' shell, some CI consoles) cannot move its cursor: the bar's redraws, and the cursor-up codes
+    of several processes' bars, piled up as text there."""
+    controller, terminal = pty.openpty()
+    try:
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        with open(terminal, "w", closefd=False) as stream:
+            monkeypatch.setenv("TERM", "dumb")
+            assert display_mode("auto", stream) == "lines" and display_mode("bar", stream) == "bar"
+            monkeypatch.setenv("TERM", "xterm-256color")
+            assert display_mode("auto", stream) == "bar"
+    finally:
+        os.close(terminal)
+        os.close(controller)
 
 
 def test_a_terminal_without_a_width_gets_lines() -> None:
