@@ -171,6 +171,9 @@ def run_job(
         writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, engine).items()}
         writer.model = model_name(job.model)  # OpenAI Batch output names the model, as the API does
         before = dataclasses.replace(engine.stats)
+        # The counts are deltas, but a peak has none: the engine's, taken as each step is planned (a scored row's
+        # blocks are free again after its step), starts again for this job and gets the earlier jobs' back after.
+        engine.stats.peak_kv_usage = 0.0
         done = len(writer.done_rows)
         pipeline = RowPipeline(job, engine.tokenizer, writer.layout)  # before the bar, which only close() ends
         progress = JobProgress(
@@ -204,6 +207,8 @@ def run_job(
             ) from exc
         finally:
             progress.close()
+            job_peak_kv_usage = engine.stats.peak_kv_usage
+            engine.stats.peak_kv_usage = max(before.peak_kv_usage, job_peak_kv_usage)
         for index in [i for i in feed.submitted if i in feed.pipeline.pending]:  # still exactly one row each
             lost = RowError(ErrorKind.ENGINE, f"row {index}: the engine returned no result")
             feed.write(feed.pipeline.error_row(feed.pipeline.pending[index].row, lost))
@@ -229,8 +234,7 @@ def run_job(
         prompt_tokens=after.num_prompt_tokens - before.num_prompt_tokens,
         output_tokens=feed.output_tokens,
         preemptions=after.num_preemptions - before.num_preemptions,
-        # a fresh engine's peak is this job's; a shared one's may be an earlier job's, so the job samples its own
-        peak_kv_usage=max(progress.peak_kv_usage, after.peak_kv_usage if fresh else 0.0),
+        peak_kv_usage=max(progress.peak_kv_usage, job_peak_kv_usage),
         cached_prompt_tokens=after.num_cached_prompt_tokens - before.num_cached_prompt_tokens,
         queried_prompt_tokens=after.num_queried_prompt_tokens - before.num_queried_prompt_tokens,
     )

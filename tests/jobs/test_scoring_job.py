@@ -14,7 +14,7 @@ from tiny_models import hf_reference, sentencepiece_tokenizer, word_tokenizer
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.records import TOP_LOGPROB
 from kvbatch.jobs.run import EngineCache, run_job
-from kvbatch.jobs.spec import job_from_dict
+from kvbatch.jobs.spec import JobSpec, job_from_dict
 
 TOLERANCE = 1e-4
 
@@ -331,3 +331,34 @@ def test_scores_of_a_reasoning_models_template_are_written(tmp_path: Path, model
         out = run(tmp_path / name, model, rows, task="score", prompt=prompt)
         assert out[0]["error"] is None and len(out[0]["scores"]) == 2, name
         assert "reasoning" not in out[0], name
+
+
+def test_a_scoring_job_after_another_on_one_engine_reports_its_own_kv_peak(tmp_path: Path, model_folder: Path) -> None:
+    """A job on an engine an earlier job had loaded took its KV peak from usage sampled between steps, when a
+    scored row's blocks are free again: a scoring job after a generation job reported a peak of 0%, where the same
+    job run alone reported the blocks its steps held."""
+    prompts = [" ".join(f"w{i + j}" for j in range(30)) + " " for i in range(2, 8)]
+    rows = [{"prompt": p, "continuations": ["w3 w4", "w5"]} for p in prompts]
+    (tmp_path / "score.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"prompt": "w9 w8 w7"}) + "\n")
+
+    def job(name: str, **fields) -> JobSpec:
+        return job_from_dict(
+            {
+                "name": name,
+                "model": str(model_folder),
+                "input": {"path": "score.jsonl"},
+                "prompt": {"chat_template": False},
+                # no prefix cache: the second scoring job computes what the first did, step for step
+                "engine": {"block_size": 4, "device": "cpu", "num_blocks_override": 256, "prefix_cache": False},
+                **fields,
+            },
+            base_dir=str(tmp_path),
+        )
+
+    alone = run_job(job("alone", task="score"), EngineCache())
+    engines = EngineCache()
+    run_job(job("generated", input={"path": "gen.jsonl"}, sampling={"max_new_tokens": 4}), engines)
+    after_another = run_job(job("after", task="score"), engines)
+    assert alone.peak_kv_usage > 0
+    assert after_another.peak_kv_usage == alone.peak_kv_usage
