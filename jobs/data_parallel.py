@@ -138,6 +138,9 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
         previous = finished()  # the run this one waited for (--wait) may have finished it
         if previous is not None:
             return previous
+        # The children load their own engines: one an earlier job left in this process would hold memory of the
+        # devices they size their KV pools on.
+        engines.release()
         results = _run_children(children, devices, threads, engines.factory, stop, wait_for_lock)
         failures = [(s, r) for s, r in zip(shards, results) if isinstance(r, BaseException)]
         if failures:

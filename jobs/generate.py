@@ -3,8 +3,9 @@ one-liners, in memory, no files.
 
 Each prompt goes through the same row pipeline as a job's rows (chat template, safe tokenization, per-row errors),
 so `generate(["Hi"])` and a job over a file with the row {"prompt": "Hi"} ask the model the same thing, and
-`score` runs a job's `task: score` (with continuations) or `task: score_rolling` (without). Engines are kept per
-(model, engine settings) for the life of the process: a second call does not load the model again.
+`score` runs a job's `task: score` (with continuations) or `task: score_rolling` (without). The engine is kept for
+the calls after it (jobs/run.py's EngineCache): a second call with the same model and engine settings does not load
+the model again.
 """
 
 from __future__ import annotations

@@ -79,7 +79,11 @@ _ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 
 
 class EngineCache:
-    """One engine per (model, engine settings), shared by the jobs of a run: the model loads once."""
+    """The engine of the last job's (model, engine settings), shared by the jobs after it that ask for the same: the
+    model loads once for a run of such jobs. One engine at a time: a GPU's KV pool takes the memory its weights
+    leave (gpu_memory_utilization), so a second engine beside the first found none for its own pages (a base-model
+    job then an adapter job, two models, a Python call with other engine settings). A job that asks for another
+    engine releases this one first; a later job that asks for the first again loads it again."""
 
     def __init__(self, factory: EngineFactory = default_engine_factory) -> None:
         self.factory = factory
@@ -124,12 +128,24 @@ class EngineCache:
             for name, path in adapters.items():
                 engine.add_adapter(name, path)
             return engine, False
+        self.release()
         log.info("loading model %s", job.model)
         settings = dict(key[1])
         if adapters:
             settings["adapters"] = self._sizing(key, adapters)
         self._engines[key] = self.factory(job.model, settings)
         return self._engines[key], True
+
+    def release(self) -> None:
+        """Close the engines held and drop them: their KV pages, graphs and (with the last reference) weights go
+        back to the device before another engine, or another process, measures what is free."""
+        while self._engines:
+            _, engine = self._engines.popitem()
+            close = getattr(engine, "close", None)  # a test's stand-in may have none
+            if close is not None:
+                close()
+            del engine
+        gc.collect()
 
 
 def run_job(

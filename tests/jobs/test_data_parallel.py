@@ -114,6 +114,29 @@ def test_children_share_the_threads_one_process_would_use(tmp_path, monkeypatch)
     assert seen == [2]
 
 
+def test_the_children_start_after_this_processs_engine_is_released(tmp_path, monkeypatch):
+    """A local job's engine, left in the run's cache, held GPU memory the children then sized their KV pools on
+    (or found none left): it is closed before they start."""
+    from kvbatch.jobs import data_parallel
+
+    class Started(Exception):
+        pass
+
+    def record(*args):
+        seen.append(dict(engines._engines))
+        raise Started
+
+    write_input(tmp_path / "in.jsonl")
+    engines, seen = EngineCache(tiny_engine), []
+    engine, _ = engines.get(tiny_job(tmp_path, "local"))
+    closed = []
+    monkeypatch.setattr(engine, "close", lambda: closed.append(True))
+    monkeypatch.setattr(data_parallel, "_run_children", record)
+    with pytest.raises(Started):
+        run_data_parallel(tiny_job(tmp_path, data=2), engines, StopFlag())
+    assert seen == [{}] and closed == [True]
+
+
 def test_each_process_shows_the_progress_of_its_own_shard(tmp_path, capfd):
     """The children's progress goes to the same log: each line names its shard, whose rows it counts."""
     write_input(tmp_path / "in.jsonl")

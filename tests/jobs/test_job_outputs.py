@@ -544,6 +544,29 @@ def test_jobs_share_one_engine_per_model(tmp_path: Path) -> None:
     assert [e.built_with for e in factory.engines] == [("m1", {}), ("m2", {})]
 
 
+def test_a_job_that_asks_for_another_engine_releases_the_one_before(tmp_path: Path) -> None:
+    """A GPU's KV pool takes the memory its weights leave: a second engine built beside the first found none for its
+    pages, and a base-model job then an adapter job (two engines of one model), or two models, failed the second.
+    One engine at a time: the held one is closed before another loads, and loads again if a later job asks."""
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    jobs = [
+        job_from_dict({"name": n, "input": {"path": "in.jsonl"}, "model": m}, base_dir=str(tmp_path))
+        for n, m in (("a", "m1"), ("b", "m1"), ("c", "m2"), ("d", "m1"))
+    ]
+    events: list[tuple[str, str]] = []
+    inner = fake_factory()
+
+    def factory(model: str, settings: dict) -> FakeEngine:
+        engine = inner(model, settings)
+        events.append(("load", model))
+        engine.close = lambda: events.append(("close", model))
+        return engine
+
+    outcomes = run_jobs(jobs, engine_factory=factory)
+    assert [(o.job, o.error) for o in outcomes] == [("a", None), ("b", None), ("c", None), ("d", None)]
+    assert events == [("load", "m1"), ("close", "m1"), ("load", "m2"), ("close", "m2"), ("load", "m1")]
+
+
 def test_run_jobs_takes_the_jobs_from_any_iterable(tmp_path: Path) -> None:
     """The engines' plan read the jobs before the run did: a generator of jobs was spent by the plan, and run_jobs
     ran nothing and returned [] without a word."""
