@@ -155,7 +155,9 @@ def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty:
         value = data[column]
         if value is None:
             return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "(used by the template) is null")
-        if isinstance(value, (dict, list)):
+        # Text is inserted as str() spells it: a nested value, or bytes (a binary column), would reach the model
+        # as Python's repr ("b'Ann'"), not as the text it holds.
+        if isinstance(value, (dict, list, bytes, bytearray)):
             return _value_error(
                 row,
                 ErrorKind.WRONG_TYPE,

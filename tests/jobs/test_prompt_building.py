@@ -159,6 +159,19 @@ def test_template_fields_are_column_names_even_when_they_are_digits() -> None:
     assert prompt.messages == [{"role": "user", "content": "{literal} Qfirst: 2 spaced"}]
 
 
+def test_a_binary_template_value_is_a_wrong_type_not_its_python_spelling() -> None:
+    """A binary column (Spark's and DuckDB's BLOB, Parquet's unannotated byte arrays) reads as bytes; the template
+    inserted str(value), so "Hi {name}" asked the model "Hi b'Ann'" without a word. It fails its row as a binary
+    prompt column does."""
+    for value in (b"Ann", bytearray(b"Ann")):
+        error = build_prompt(row(name=value), PromptSpec(template="Hi {name}"))
+        assert error == RowError(
+            ErrorKind.WRONG_TYPE,
+            f"row 4 (line 7): column 'name' (used by the template) is {type(value).__name__}, expected text or a "
+            "number",
+        )
+
+
 @pytest.mark.parametrize(
     ("spec", "data", "kind", "message"),
     [
