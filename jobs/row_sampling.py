@@ -2,9 +2,10 @@
 (`sampling_columns: [temperature, seed]`), or from one column holding a mapping per row (`sampling_column:
 settings`). A null leaves the job's value; the values are checked as the job's are, when the pipeline builds the
 row's SamplingParams (a bad one is that row's `bad_request` error row). A column's whole float where the field is an
-integer (`64.0`: pandas stores an integer column with missing values as floats) is that integer; JSON text or an
-Arrow map where the field is a mapping (structured_outputs, logit_bias) is that mapping. A null token in a
-logit_bias mapping is no bias: an Arrow struct holds every key of the column on every row, null where the row set none.
+integer (`64.0`: pandas stores an integer column with missing values as floats) is that integer, and a decimal
+(DuckDB's and Spark's type of a literal such as 0.7) the number it spells; JSON text or an Arrow map where the field
+is a mapping (structured_outputs, logit_bias) is that mapping. A null token in a logit_bias mapping is no bias: an
+Arrow struct holds every key of the column on every row, null where the row set none.
 
 Precedence: sampling_columns > sampling_column > the OpenAI body > the job's `sampling:`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from decimal import Decimal
 from typing import Any
 
 from kvbatch.errors import ErrorKind
@@ -24,6 +26,9 @@ from .spec import WHOLE_VALUES, JobSpec
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 INTEGER_FIELDS = frozenset(
     name for name, hint in typing.get_type_hints(SamplingParams).items() if hint in (int, int | None)
+)
+FLOAT_FIELDS = frozenset(
+    name for name, hint in typing.get_type_hints(SamplingParams).items() if hint in (float, float | None)
 )
 
 
@@ -62,6 +67,13 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
 def _whole(name: str, value: Any) -> Any:
     """A column's value as the field reads it: a whole float of an integer field is that integer; JSON text or an
     Arrow map where the field is one mapping (a constraint, logit_bias) is that mapping."""
+    if isinstance(value, Decimal) and value.is_finite():
+        # DuckDB and Spark write a literal such as 0.7 as DECIMAL(2,1): it is the number it spells. One that is
+        # not whole stays a Decimal where the field is an integer, refused as any other non-integer.
+        if name in FLOAT_FIELDS:
+            return float(value)
+        if name in INTEGER_FIELDS and value == value.to_integral_value():
+            return int(value)
     if name in INTEGER_FIELDS and type(value) is float and value.is_integer():
         return int(value)
     if name in WHOLE_VALUES and isinstance(value, (str, list)):

@@ -4,6 +4,7 @@ the job file; and the spec hash of jobs that leave the new fields unset (earlier
 from __future__ import annotations
 
 import dataclasses
+from decimal import Decimal
 
 import pandas as pd
 import pyarrow as pa
@@ -101,6 +102,40 @@ def test_whole_floats_of_an_integer_field_are_integers(tmp_path) -> None:
     assert asked[2] == {"max_new_tokens": 2.5}  # not whole: refused as the row's SamplingParams is built
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(**asked[2])
+
+
+def test_decimal_values_are_the_numbers_they_spell(tmp_path) -> None:
+    """DuckDB and Spark write a literal such as 0.7 as DECIMAL(2,1), read as Python's Decimal; every row of such a
+    column failed as bad_request ("temperature must be a finite number, got Decimal('0.7')"). A decimal is its
+    number: a whole one of an integer field that integer, and one that is not whole still refused."""
+    table = pa.table(
+        {
+            "prompt": ["a", "b", "c"],
+            "temperature": pa.array([Decimal("0.7"), None, Decimal("1.0")], pa.decimal128(2, 1)),
+            "max_new_tokens": pa.array([Decimal("16"), Decimal("2.5"), None], pa.decimal128(4, 1)),
+            "s": pa.array(
+                [{"top_p": Decimal("0.95")}, None, {"top_p": None}], pa.struct([("top_p", pa.decimal128(3, 2))])
+            ),
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    spec = job_from_dict(
+        {
+            "name": "j",
+            "input": {"path": "in.parquet"},
+            "sampling_columns": ["temperature", "max_new_tokens"],
+            "sampling_column": "s",
+        },
+        base_dir=str(tmp_path),
+    )
+    asked = [row_sampling(row, spec) for row in open_reader(spec, ["prompt", "temperature", "max_new_tokens", "s"])]
+    assert asked[0] == {"temperature": 0.7, "max_new_tokens": 16, "top_p": 0.95}
+    assert [type(asked[0][k]) for k in ("temperature", "max_new_tokens", "top_p")] == [float, int, float]
+    assert asked[1] == {"max_new_tokens": Decimal("2.5")}  # not whole: refused as the row's SamplingParams is built
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        SamplingParams(**asked[1])
+    assert asked[2] == {"temperature": 1.0}
+    SamplingParams(**asked[0])
 
 
 def test_a_struct_column_of_logit_biases_leaves_the_tokens_a_row_did_not_set(tmp_path) -> None:
