@@ -5,6 +5,8 @@ and a summary JSON beside the output. The fake engine answers out of order and r
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +466,72 @@ def test_a_nanosecond_time_pickles_and_compares_to_the_nanosecond() -> None:
         datetime.time(0, 0, 0, 1)
     )
     assert f"{one}" == "00:00:01.000000001" and str(NanoTime(1_000)) == "00:00:00.000001"
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
+def test_kept_nanosecond_timestamps_and_durations_keep_their_nanoseconds(tmp_path: Path, fmt: str) -> None:
+    # pyarrow reads a timestamp[ns] or duration[ns] value as a pandas Timestamp or Timedelta, and without pandas
+    # (which kvbatch does not need) refuses it: every row of a Parquet file pandas wrote was a wrong_type error row.
+    # With pandas, a JSONL output wrote a duration[ns] in pandas' own form ("0 days 00:00:00.000000005"), unlike a
+    # duration[us] ("0:00:01").
+    at = pa.array([1_700_000_000_123_456_789, None, 5], pa.timestamp("ns"))
+    utc = pa.array([1_700_000_000_123_456_789, 0, None], pa.timestamp("ns", tz="Europe/Paris"))
+    took = pa.array([5, -5, None], pa.duration("ns"))
+    nested = pa.array([{"at": 1}, None, {"at": None}], pa.struct([pa.field("at", pa.timestamp("ns"))]))
+    table = pa.table({"prompt": ["a", "b", "c"], "at": at, "utc": utc, "took": took, "nested": nested})
+    pq.write_table(table, tmp_path / "in.parquet")
+    summary, _ = run(
+        tmp_path,
+        input={"path": "in.parquet"},
+        keep_columns=["at", "utc", "took", "nested"],
+        output={"path": f"o.{fmt}", "part_rows": 2},
+    )
+    assert summary.rows_ok == 3
+    path = tmp_path / "out" / f"o.{fmt}"
+    if fmt == "jsonl":
+        written = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["at"] for r in written] == ["2023-11-14 22:13:20.123456789", None, "1970-01-01 00:00:00.000000005"]
+        assert [r["utc"] for r in written] == [
+            "2023-11-14 23:13:20.123456789+01:00",
+            "1970-01-01 01:00:00+01:00",
+            None,
+        ]
+        assert [r["took"] for r in written] == ["0:00:00.000000005", "-1 day, 23:59:59.999999995", None]
+        assert [r["nested"] for r in written] == [{"at": "1970-01-01 00:00:00.000000001"}, None, {"at": None}]
+    else:
+        out = read_arrow(path) if fmt == "arrow" else pq.read_table(path)
+        for name in ("at", "utc", "took", "nested"):
+            assert out.column(name).combine_chunks().equals(table.column(name).combine_chunks()), name
+
+
+def test_nanosecond_values_read_without_pandas(tmp_path: Path) -> None:
+    # Without pandas, pyarrow refuses to read a timestamp[ns] or duration[ns] value that is not whole microseconds
+    # into Python: each such row was an error row, its values lost.
+    script = r"""
+import importlib.abc, sys
+class NoPandas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "pandas":
+            raise ImportError(name)
+sys.meta_path.insert(0, NoPandas())
+import pyarrow as pa
+from kvbatch.jobs.nano_time import python_rows, time_ns_array
+kinds = [pa.timestamp("ns"), pa.timestamp("ns", tz="UTC"), pa.duration("ns"), pa.list_(pa.duration("ns"))]
+columns = [pa.array([1, None], kinds[0]), pa.array([-1, 2], kinds[1]), pa.array([-5, 7], kinds[2]),
+           pa.array([[3], None], kinds[3])]
+batch = pa.record_batch(columns, names=["a", "b", "c", "d"])
+rows = python_rows(batch)
+for name, kind, column in zip(batch.schema.names, kinds, columns):
+    assert time_ns_array([r[name] for r in rows], kind).equals(column), name
+print(rows[0]["a"], rows[0]["b"], rows[0]["c"], sep="\n")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "1970-01-01 00:00:00.000000001",
+        "1969-12-31 23:59:59.999999999+00:00",
+        "-1 day, 23:59:59.999999995",
+    ]
 
 
 def test_a_kept_column_named_like_a_column_the_job_adds_is_refused(tmp_path: Path) -> None:
