@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from kvbatch.errors import InputError, OutputError
 
 from .arrow_io import read_arrow
+from .nano_time import python_rows
 from .writer import work_dir
 
 
@@ -76,7 +77,7 @@ def _from_table(path: Path, fmt: str, table: pa.Table, num_samples: int) -> Outp
     for name, counter in (("finish_reason", report.finish_reasons), ("error_kind", report.error_kinds)):
         if name in table.column_names:
             counter.update(v for v in table.column(name).to_pylist() if v is not None)
-    report.samples = table.slice(0, num_samples).to_pylist()
+    report.samples = python_rows(table.slice(0, num_samples))  # a nanosecond value to the nanosecond
     return report
 
 
@@ -94,7 +95,7 @@ def _from_parquet(path: Path, num_samples: int) -> OutputReport:
                 counters[name].update(v for v in batch.column(name).to_pylist() if v is not None)
     if num_samples:
         first = next(parquet.iter_batches(batch_size=num_samples), None)
-        report.samples = first.to_pylist() if first is not None else []
+        report.samples = python_rows(first) if first is not None else []
     return report
 
 

@@ -348,6 +348,32 @@ def test_inspect_parquet_and_jsonl(tmp_path: Path, fmt: str) -> None:
         assert "  finish_reason: string" in report.format_text() and report.metadata["kvbatch.model"] == "default"
 
 
+@pytest.mark.parametrize("fmt", ["arrow", "parquet"])
+def test_inspect_shows_nanosecond_values_to_the_nanosecond(tmp_path: Path, fmt: str) -> None:
+    # Samples were read with to_pylist: a time64[ns] value lost its nanoseconds (00:02:03.456789), a duration[ns]
+    # showed in pandas' form, and without pandas a timestamp[ns] stopped inspect with a traceback.
+    table = pa.table(
+        {
+            "row": pa.array([0], pa.int64()),
+            "at": pa.array([123_456_789_012], pa.time64("ns")),
+            "when": pa.array([1_700_000_000_123_456_789], pa.timestamp("ns", tz="UTC")),
+            "took": pa.array([5], pa.duration("ns")),
+            "finish_reason": ["stop"],
+        }
+    )
+    path = tmp_path / f"o.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(table, path)
+    else:
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table)
+    lines = inspect_output(path, num_samples=1).format_text().splitlines()
+    assert lines[lines.index("sample rows:") + 1] == (
+        '  {"row": 0, "at": "00:02:03.456789012", "when": "2023-11-14 22:13:20.123456789+00:00", '
+        '"took": "0:00:00.000000005", "finish_reason": "stop"}'
+    )
+
+
 def test_inspect_openai_output(tmp_path: Path) -> None:
     request = {"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}]}}
     (tmp_path / "in.jsonl").write_text(json.dumps(request) + "\n" + json.dumps({**request, "custom_id": ""}) + "\n")
