@@ -233,9 +233,10 @@ def _bools_among_others(values: list[Any]) -> bool:
 def output_type(kind: pa.DataType) -> pa.DataType:
     """The type an output keeps an input column of `kind` as: the same, except for layouts that output parts cannot
     be reordered in (string and binary views, run-end encoding) or `datasets` cannot read (list views, maps,
-    extension types, intervals, which Parquet cannot hold either): string_view -> string, binary_view -> binary, a
-    list view -> a list, run-end encoded -> its values, a map -> a list of {key, value} structs (how its rows read as
-    Python), an extension -> its storage, an interval -> a {months, days, nanoseconds} struct (its Python fields)."""
+    extension types, intervals, which Parquet cannot hold either; decimal32 and decimal64): string_view -> string,
+    binary_view -> binary, a list view -> a list, run-end encoded -> its values, a map -> a list of {key, value}
+    structs (how its rows read as Python), an extension -> its storage, an interval -> a {months, days, nanoseconds}
+    struct (its Python fields), decimal32 and decimal64 -> decimal128 of the same precision and scale."""
     if _is("is_interval", kind):
         return INTERVAL
     if isinstance(kind, pa.BaseExtensionType):
@@ -256,6 +257,8 @@ def output_type(kind: pa.DataType) -> pa.DataType:
         return pa.large_list(kind.value_field.with_type(output_type(kind.value_type)))
     if pa.types.is_struct(kind):
         return pa.struct([kind.field(i).with_type(output_type(kind.field(i).type)) for i in range(kind.num_fields)])
+    if _is("is_decimal32", kind) or _is("is_decimal64", kind):  # datasets has decimal128 and decimal256 only
+        return pa.decimal128(kind.precision, kind.scale)  # type: ignore[attr-defined]
     return kind
 
 

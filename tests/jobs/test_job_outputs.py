@@ -369,6 +369,40 @@ def test_kept_columns_of_view_map_and_extension_types_are_written_as_types_datas
     assert loaded.features["rid"] == datasets.Value("string")
 
 
+@pytest.mark.parametrize("fmt", ["arrow", "parquet", "hf"])
+def test_kept_decimal32_and_decimal64_columns_are_written_as_decimals_datasets_reads(tmp_path: Path, fmt: str) -> None:
+    # datasets has no type for decimal32 or decimal64: an Arrow or Parquet output kept them as they were and
+    # datasets could not open it, and output.format hf failed writing the output after every row had run.
+    datasets = pytest.importorskip("datasets")
+    import decimal
+
+    values = [decimal.Decimal("1.5"), None, decimal.Decimal("-9999.9")]
+    table = pa.table(
+        {
+            "prompt": ["p0", "p1", "p2"],
+            "small": pa.array(values, pa.decimal32(5, 1)),
+            "wide": pa.array(values, pa.decimal64(15, 1)),
+            "nested": pa.array([[v] for v in values], pa.list_(pa.decimal32(5, 1))),
+        }
+    )
+    with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
+    summary, _ = run(
+        tmp_path, input={"path": "in.arrow"}, keep_columns=["small", "wide", "nested"], output={"format": fmt}
+    )
+    assert (summary.rows, summary.rows_ok) == (3, 3)
+    out = Path(summary.output)
+    if fmt == "parquet":
+        loaded = datasets.load_dataset("parquet", data_files=str(out), split="train", cache_dir=str(tmp_path / "c"))
+    elif fmt == "hf":
+        loaded = datasets.load_from_disk(str(out))
+    else:
+        loaded = datasets.Dataset.from_file(str(out))
+    assert loaded.features["small"] == datasets.Value("decimal128(5, 1)")
+    assert loaded.features["wide"] == datasets.Value("decimal128(15, 1)")
+    assert loaded["small"] == values and loaded["wide"] == values and loaded["nested"] == [[v] for v in values]
+
+
 @pytest.mark.parametrize("fmt", ["arrow", "parquet", "jsonl"])
 def test_a_kept_nanosecond_time_keeps_its_nanoseconds(tmp_path: Path, fmt: str) -> None:
     # A time64[ns] value reads in Python as a datetime.time, which holds microseconds: 00:02:03.456789012 was
