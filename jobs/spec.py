@@ -492,6 +492,12 @@ def validate(job: JobSpec, node: Node) -> None:
                 f"an OpenAI Batch input has no column {unread[0]!r}: its rows hold each body's "
                 f"{', '.join(OPENAI_ROW_COLUMNS)}"
             )
+        if job.keep_columns and output_format(job) == "openai" and own("keep_columns"):
+            # The lines are OpenAI's own shape: the kept values were read, and written nowhere.
+            raise at("keep_columns").error(
+                "OpenAI Batch output lines have no place for kept columns; set output.format to arrow, parquet or "
+                "jsonl to keep them"
+            )
         if job.task == "score":
             raise at("task").error(
                 "task score reads each row's continuations from a column (continuations_column), and an OpenAI "

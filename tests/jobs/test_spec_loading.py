@@ -516,6 +516,12 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].output.parsed",
             "output.parsed needs JSON output",
         ),
+        (  # the job ran, and its OpenAI Batch output lines held none of the kept values
+            "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    keep_columns: [model]\n",
+            ":4",
+            "jobs[0].keep_columns",
+            "OpenAI Batch output lines have no place for kept columns; set output.format to arrow, parquet or jsonl",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    sampling: {prompt_logprobs: true}\n",
             ":4",
@@ -552,7 +558,10 @@ def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, f
 
 
 def test_an_openai_input_keeps_the_body_fields_its_rows_hold(tmp_path: Path) -> None:
-    text = "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    keep_columns: [model, messages]\n"
+    text = (
+        "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    keep_columns: [model, messages]\n"
+        "    output: {format: jsonl}\n"
+    )
     (job,) = load_jobs_file(write(tmp_path, text)).jobs
     assert job.keep_columns == ("model", "messages")
 
