@@ -352,12 +352,7 @@ def test_kept_columns_of_view_map_and_extension_types_are_written_as_types_datas
     )
     assert (summary.rows, summary.rows_ok) == (3, 3)
     out = Path(summary.output)
-    if fmt == "parquet":
-        loaded = datasets.load_dataset("parquet", data_files=str(out), split="train", cache_dir=str(tmp_path / "c"))
-    elif fmt == "hf":
-        loaded = datasets.load_from_disk(str(out))
-    else:
-        loaded = datasets.Dataset.from_file(str(out))
+    loaded = _read_with_datasets(datasets, out, fmt, tmp_path / "c")
     rows = loaded.to_list()
     assert [r["rid"] for r in rows] == ["a", "b", "c"]
     assert [r["blob"] for r in rows] == [b"\x00", None, b"\xff"]
@@ -367,6 +362,15 @@ def test_kept_columns_of_view_map_and_extension_types_are_written_as_types_datas
     assert [r["doc"] for r in rows] == ['{"a": 1}', None, "[]"]
     assert rows[0]["span"] == {"months": 1, "days": 2, "nanoseconds": 3} and rows[1]["span"] is None
     assert loaded.features["rid"] == datasets.Value("string")
+
+
+def _read_with_datasets(datasets, out: Path, fmt: str, cache_dir: Path):
+    """An output as `datasets` opens it: a Parquet file, a save_to_disk folder, or an Arrow stream."""
+    if fmt == "parquet":
+        return datasets.load_dataset("parquet", data_files=str(out), split="train", cache_dir=str(cache_dir))
+    if fmt == "hf":
+        return datasets.load_from_disk(str(out))
+    return datasets.Dataset.from_file(str(out))
 
 
 @pytest.mark.parametrize("fmt", ["arrow", "parquet", "hf"])
@@ -392,12 +396,7 @@ def test_kept_decimal32_and_decimal64_columns_are_written_as_decimals_datasets_r
     )
     assert (summary.rows, summary.rows_ok) == (3, 3)
     out = Path(summary.output)
-    if fmt == "parquet":
-        loaded = datasets.load_dataset("parquet", data_files=str(out), split="train", cache_dir=str(tmp_path / "c"))
-    elif fmt == "hf":
-        loaded = datasets.load_from_disk(str(out))
-    else:
-        loaded = datasets.Dataset.from_file(str(out))
+    loaded = _read_with_datasets(datasets, out, fmt, tmp_path / "c")
     assert loaded.features["small"] == datasets.Value("decimal128(5, 1)")
     assert loaded.features["wide"] == datasets.Value("decimal128(15, 1)")
     assert loaded["small"] == values and loaded["wide"] == values and loaded["nested"] == [[v] for v in values]
