@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,8 +78,8 @@ class SeenIds:
         if self.column is None or row.error is not None:
             return None
         value = (row.data or {}).get(self.column)
-        if value is None:
-            return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: id column {self.column!r} is missing or null")
+        if _no_id(value):
+            return _missing_id(row, self.column)
         first = self.first.setdefault(id_key(value), row.index)
         if first != row.index:
             return RowError(ErrorKind.DUPLICATE_ID, f"{row.where}: duplicate id {value!r} (first at row {first})")
@@ -97,12 +98,21 @@ class KnownDuplicates:
         if self.column is None or row.error is not None:
             return None
         value = (row.data or {}).get(self.column)
-        if value is None:
-            return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: id column {self.column!r} is missing or null")
+        if _no_id(value):
+            return _missing_id(row, self.column)
         first = self.first.get(row.index)
         if first is not None:
             return RowError(ErrorKind.DUPLICATE_ID, f"{row.where}: duplicate id {value!r} (first at row {first})")
         return None
+
+
+def _no_id(value: Any) -> bool:
+    """A null, or a NaN (polars' and numpy's missing float), which no output writes as an id and equals nothing."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _missing_id(row: Row, column: str) -> RowError:
+    return RowError(ErrorKind.MISSING_COLUMN, f"{row.where}: id column {column!r} is missing, null or NaN")
 
 
 def id_key(value: Any) -> str:

@@ -377,6 +377,19 @@ def test_yaml_errors_name_file_line_and_field(tmp_path: Path, text: str, message
     assert str(caught.value).replace(str(tmp_path) + "/", "").startswith(message), str(caught.value)
 
 
+def test_a_nan_id_is_no_id(tmp_path: Path) -> None:
+    """polars and numpy keep a float column's missing values as NaN, which no output can write as an id (JSONL has
+    null there) and which equals nothing, itself included: such a row ran with no id to match it back by, and a
+    second one was its 'duplicate'. A NaN id is a missing one, as a null is."""
+    pq.write_table(
+        pa.table({"id": [float("nan"), 1.5, float("nan")], "prompt": ["a", "b", "c"]}), tmp_path / "in.parquet"
+    )
+    assert run(tmp_path, id_column="id", input={"path": "in.parquet"}).error is None
+    rows = read_output(tmp_path / "out" / "out.jsonl")
+    assert [row["error_kind"] for row in rows] == ["missing_column", None, "missing_column"]
+    assert rows[0]["error"] == "row 0: id column 'id' is missing, null or NaN"
+
+
 def test_ids_an_output_would_write_alike_are_duplicates(tmp_path: Path) -> None:
     # A column of mixed types is written as text, and ints among floats as floats: 1, "1" and 1.0 would be three
     # rows of id "1" (or 1.0) in the output, where ids are unique. The later ones are duplicate_id rows.
