@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import sys
 import time
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
@@ -146,6 +147,11 @@ class EngineCache:
                 close()
             del engine
         gc.collect()
+        torch = sys.modules.get("torch")  # no engine was ever built if torch is not loaded
+        if torch is not None and torch.cuda.is_initialized():
+            # Engine.close empties the allocator's cache while the engine still holds its weights: once they are
+            # collected, they too go back to the device, for a data-parallel job's processes to find free.
+            torch.cuda.empty_cache()
 
 
 def run_job(
