@@ -23,7 +23,8 @@ sets them). Precedence: `--set` and command-line options > the job's own fields 
 Mappings are merged field by field (`sampling:`, `engine:`, `adapters`, `chat_template_kwargs`), but a list, a
 `logit_bias` or a `structured_outputs` constraint is one value: the side that sets it replaces it whole; so is the
 prompt's source (a job's `template` replaces the defaults' `column`).
-Paths are relative to the job file's folder. A wrong field fails the file before any model loads, naming the file,
+Paths are relative to the job file's folder (to the working folder for a job file read from a pipe, such as
+`/dev/stdin`). A wrong field fails the file before any model loads, naming the file,
 line and field (and the nearest name for a typo). A setting a job would drop (a column field on an OpenAI Batch
 input, chat template settings with `chat_template: false`, Ray settings on a local job) is refused where the job or
 the command line sets it; from `defaults:`, meant for the file's other jobs, it is passed over. The same checks

@@ -309,12 +309,15 @@ def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) ->
     if "name" in defaults.value:
         raise defaults.value["name"].error("a default cannot set the job name")
     override_node = overrides_to_node(overrides or {})
+    # A job file read from a pipe (`kvbatch run /dev/stdin`, `<(...)`) has no folder: its paths, as the command
+    # line's, are the working folder's, not /proc/PID/fd's.
+    base_dir = str(path.resolve().parent if path.is_file() else Path.cwd())
     jobs = []
     for job_node in jobs_node.value:
         if not isinstance(job_node.value, dict):
             raise job_node.error("each job must be a mapping with at least `name` and `input`")
         merged = over(over(defaults, job_node), override_node)
-        jobs.append(job_from_node(merged, base_dir=str(path.resolve().parent)))
+        jobs.append(job_from_node(merged, base_dir=base_dir))
     names = [j.name for j in jobs]
     for i, name in enumerate(names):
         if name in names[:i]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import textwrap
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from kvbatch.jobs.spec import (
     OutputSpec,
     PromptSpec,
     input_format,
+    input_path,
     job_from_dict,
     load_jobs_file,
+    output_dir,
     output_format,
     output_path,
 )
@@ -744,6 +747,21 @@ def test_an_output_file_where_a_directory_stands_is_refused_before_anything_runs
 def test_missing_job_file_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="job file not found"):
         load_jobs_file(tmp_path / "nope.yaml")
+
+
+def test_a_job_file_from_a_pipe_has_the_working_folders_paths(tmp_path: Path, monkeypatch) -> None:
+    """`kvbatch run /dev/stdin` (or `<(...)`) reads the file from a pipe, whose resolved folder is /proc/PID/fd: the
+    job's input and output_dir were looked for there. They are the working folder's, as the command line's are."""
+    monkeypatch.chdir(tmp_path)
+    read, write = os.pipe()
+    os.write(write, b"jobs:\n  - {name: a, input: {path: in.jsonl}, output_dir: results}\n")
+    os.close(write)
+    try:
+        (job,) = load_jobs_file(f"/dev/fd/{read}").jobs
+    finally:
+        os.close(read)
+    assert job.base_dir == str(tmp_path)
+    assert input_path(job) == tmp_path / "in.jsonl" and output_dir(job) == tmp_path / "results"
 
 
 def test_offline_forbids_downloads_whatever_allow_download_says():
