@@ -56,6 +56,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from kvbatch.jobs.generate import release_engine
 from kvbatch.runner.config import EngineConfig, SamplingParams
 from kvbatch.runner.engine import Engine
 from kvbatch.runner.request import GenerationRequest, GenerationResult
@@ -147,7 +148,12 @@ class KVBatchLM(TemplateLM):
         # hf samples from torch's generator, which lm-eval seeds (--seed) before it builds the model: the engine's
         # seed base follows that seed, so a sampled run gives the same answers each time, as hf's does.
         engine_settings.setdefault("seed", torch.initial_seed() & (2**63 - 1))
-        self.engine = engine or Engine(EngineConfig(model=model, **engine_settings))
+        if engine is None:
+            # One engine at a time on a device, as a GPU's KV pool takes the memory the weights leave: the one
+            # kvbatch.generate holds in this process goes first (its next call loads it again).
+            release_engine()
+            engine = Engine(EngineConfig(model=model, **engine_settings))
+        self.engine = engine
         self.tokenizer = self.engine.tokenizer
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)

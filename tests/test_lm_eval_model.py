@@ -563,3 +563,25 @@ def test_a_generation_config_max_new_tokens_sets_the_length_as_in_hf(model_folde
         got = model.generate_until(requests)
         assert got == hf.generate_until(requests), max_new_tokens
         assert len(got[0].split()) == max_new_tokens and len(got[2].split()) == 1
+
+
+def test_the_model_releases_the_engine_kvbatch_generate_holds(model_folder: Path, monkeypatch) -> None:
+    """A GPU's KV pool takes the memory its engine's weights leave: an lm-eval model built in a process where
+    kvbatch.generate had loaded a model found none for its pages. The Python API's engine is closed first."""
+    from job_fakes import fake_factory
+
+    from kvbatch.jobs import generate as generate_module
+    from kvbatch.jobs.run import EngineCache
+
+    closed: list[str] = []
+    inner = fake_factory()
+
+    def factory(model: str, settings: dict) -> Any:
+        engine = inner(model, settings)
+        engine.close = lambda: closed.append(model)
+        return engine
+
+    monkeypatch.setattr(generate_module, "_ENGINES", EngineCache(factory))
+    assert kvbatch.generate(["hi"], model="m1") is not None and closed == []
+    kvbatch.lm_eval.KVBatchLM(model=str(model_folder), device="cpu")
+    assert closed == ["m1"]
