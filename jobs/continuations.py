@@ -24,7 +24,7 @@ from typing import Any
 
 from kvbatch.errors import ErrorKind
 
-from .prompts import Prompt
+from .prompts import Prompt, message_text
 from .rows import Row, RowError, list_value
 
 
@@ -68,7 +68,7 @@ def _encode_continuations(
 ) -> tuple[list[int], list[list[int]]]:
     raw = prompt.text if prompt.text is not None else None
     if raw is None and not tokenizer.use_chat_template:
-        raw = "\n\n".join(m["content"] for m in prompt.messages or [])
+        raw = "\n\n".join(map(message_text, prompt.messages or []))
     if raw is None:  # chat: the continuation is the assistant's answer after the template's hand-over
         return prompt_ids, [tokenizer.encode_continuation(c) for c in continuations]
     num_spaces = len(raw) - len(raw.rstrip())
@@ -96,7 +96,7 @@ def encode_for_rolling(tokenizer: Any, prompt: Prompt) -> tuple[list[int], int] 
             "the tokenizer has neither a BOS nor an EOS token to start the first window from (task: score_rolling)"
         )
         return RowError(ErrorKind.TOKENIZE, message)
-    text = prompt.text if prompt.text is not None else "\n\n".join(m["content"] for m in prompt.messages or [])
+    text = prompt.text if prompt.text is not None else "\n\n".join(map(message_text, prompt.messages or []))
     # a Llama tokenizer's BOS is the text's first token, which the first window then scores after the prefix
     return _encode_raw(tokenizer, text), prefix
 

@@ -29,7 +29,8 @@ MESSAGE_FIELDS = {"name": str, "tool_call_id": str, "tool_calls": list}
 
 @dataclass(frozen=True)
 class Prompt:
-    """Exactly one of `messages` (for the chat template) and `text` (raw) is set."""
+    """Exactly one of `messages` (for the chat template) and `text` (raw) is set. A message's content is a string,
+    or the row's OpenAI text parts [{"type": "text", "text": ...}] (message_text reads either)."""
 
     messages: list[dict[str, Any]] | None = None
     text: str | None = None
@@ -86,7 +87,7 @@ def _with_system(messages: list[dict[str, Any]], spec: PromptSpec, row: Row) -> 
     if spec.system and messages[0]["role"] not in SYSTEM_ROLES:
         messages = [{"role": "system", "content": spec.system}, *messages]
     if not spec.chat_template:
-        return _dropped_template_values(row, spec) or Prompt(text="\n\n".join(m["content"] for m in messages))
+        return _dropped_template_values(row, spec) or Prompt(text="\n\n".join(map(message_text, messages)))
     data = row.data or {}
     kwargs, tools = dict(spec.chat_template_kwargs or {}), None
     column = spec.chat_template_kwargs_column
@@ -210,13 +211,13 @@ def _messages_column(row: Row, data: dict[str, Any], column: str, allow_empty: b
             extra["tool_calls"] = calls
         # An assistant message that only calls tools has no content (OpenAI's null).
         content = "" if message.get("content") is None and "tool_calls" in extra else message.get("content")
-        text = _content_text(content)
-        if text is None:
+        read = _content(content)
+        if read is None:
             return RowError(ErrorKind.WRONG_TYPE, f"{at}.content {_content_problem(content)}")
-        messages.append({"role": role, "content": text, **extra})
+        messages.append({"role": role, "content": read, **extra})
     # Blank messages are an empty prompt as a blank text is: a scoring row's (allow_empty) is lm-eval's
     # unconditional case in raw text, and the template's hand-over with a chat template.
-    if not allow_empty and not any(m["content"].strip() for m in messages if m["role"] not in SYSTEM_ROLES):
+    if not allow_empty and not any(message_text(m).strip() for m in messages if m["role"] not in SYSTEM_ROLES):
         return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "has no non-empty message besides the system prompt")
     return messages
 
@@ -254,9 +255,9 @@ def _with_parsed_arguments(calls: list[Any]) -> list[Any] | str:
     return parsed
 
 
-def _content_text(content: Any) -> str | None:
-    """A message's text: a string, or OpenAI-style parts [{"type": "text", "text": ...}] joined by newlines, as
-    vLLM's server joins them for a template that reads content as a string; None if neither."""
+def _content(content: Any) -> str | list[dict[str, str]] | None:
+    """A message's content: a string, or OpenAI-style parts [{"type": "text", "text": ...}] (kept as parts: a
+    template that loops over them reads them itself); None if neither."""
     if isinstance(content, str):
         return content
     if (
@@ -264,8 +265,15 @@ def _content_text(content: Any) -> str | None:
         and content
         and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
     ):
-        return "\n".join(p["text"] for p in content)
+        return [{"type": "text", "text": p["text"]} for p in content]
     return None
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's content as one text: its text parts joined by newlines, as vLLM's server joins them for a
+    template that reads content as a string."""
+    content = message["content"]
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
 
 
 def _content_problem(content: Any) -> str:

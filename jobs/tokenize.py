@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import Any
 
 from kvbatch.errors import ErrorKind
-from kvbatch.jobs.prompts import Prompt
+from kvbatch.jobs.prompts import Prompt, message_text
 from kvbatch.jobs.rows import RowError
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,12 @@ class PromptTokenizer:
                     f"a chat template value, tool or tool call holds {found!r}, the text of a control token; set "
                     "prompt.allow_special_tokens if the data may write control tokens",
                 )
+        messages = self._as_template_reads(prompt)
         try:
-            if self.allow_special_tokens or self._plain(prompt.messages):
-                rendered = self._render(prompt.messages, prompt)
+            if self.allow_special_tokens or self._plain(messages):
+                rendered = self._render(messages, prompt)
                 return list(self.tokenizer.encode(rendered, add_special_tokens=False))
-            return self._encode_messages(prompt.messages, prompt)
+            return self._encode_messages(messages, prompt)
         except _TemplateRefused as exc:
             return RowError(ErrorKind.CHAT_TEMPLATE, f"the chat template refused the row: {exc}")
 
@@ -150,9 +151,24 @@ class PromptTokenizer:
                 stack.extend(value)
         return None
 
+    def _as_template_reads(self, prompt: Prompt) -> list[dict[str, Any]]:
+        """The messages with their text parts as the template reads content: as parts for a template that loops
+        over a message's content (as vLLM detects it: Gemma 3 trims and joins them, SmolVLM's reads nothing else),
+        else joined into one text (a template that writes `message.content` would write the list's repr)."""
+        assert prompt.messages is not None, "a Prompt has messages or text"
+        try:
+            template = self.tokenizer.get_chat_template(self.template, prompt.tools)
+        except Exception:  # noqa: BLE001 - no template to read: the render reports it on the row
+            template = None
+        if isinstance(template, str) and _loops_over_content(template):
+            return prompt.messages
+        return [m if isinstance(m["content"], str) else {**m, "content": message_text(m)} for m in prompt.messages]
+
     def _plain(self, messages: list[dict[str, Any]]) -> bool:
         """No message holds a special token's text (a tokenizer that lists none is never trusted to be plain)."""
-        return self._control_text is not None and not any(self._control_text.search(m["content"]) for m in messages)
+        return self._control_text is not None and not any(
+            self._control_text.search(text) for m in messages for text in _texts(m)
+        )
 
     def _encode_text(self, text: str) -> list[int]:
         # add_special_tokens adds what the tokenizer always adds (a BOS, for some models), never parses the data.
@@ -177,17 +193,28 @@ class PromptTokenizer:
             raise _TemplateRefused(f"{type(exc).__name__}: {exc}") from exc
 
     def _encode_messages(self, messages: list[dict[str, Any]], prompt: Prompt) -> list[int] | RowError:
-        marked = [{**m, "content": f"{self._marker}_{i}_"} for i, m in enumerate(messages)]
+        # One placeholder per text: a message's content, or each of its text parts.
+        marked, texts = [], []
+        for m in messages:
+            if isinstance(m["content"], str):
+                marked.append({**m, "content": f"{self._marker}_{len(texts)}_"})
+                texts.append(m["content"])
+                continue
+            parts = []
+            for part in m["content"]:
+                parts.append({**part, "text": f"{self._marker}_{len(texts)}_"})
+                texts.append(part["text"])
+            marked.append({**m, "content": parts})
         rendered = self._render(marked, prompt)
         pieces = self._placeholder.split(rendered)  # [template, index, template, index, ..., template]
         indexes = [int(i) for i in pieces[1::2]]
-        if indexes != list(range(len(messages))):
+        if indexes != list(range(len(texts))):
             return RowError(
                 ErrorKind.CHAT_TEMPLATE,
                 f"the chat template did not place each message once (got message order {indexes}); set "
                 "prompt.allow_special_tokens to render it whole",
             )
-        contents = self._contents_as_rendered(messages, pieces, prompt)
+        contents = self._contents_as_rendered(messages, texts, pieces, prompt)
         if contents is None:
             return RowError(
                 ErrorKind.CHAT_TEMPLATE,
@@ -205,12 +232,12 @@ class PromptTokenizer:
         return ids
 
     def _contents_as_rendered(
-        self, messages: list[dict[str, Any]], pieces: list[str], prompt: Prompt
+        self, messages: list[dict[str, Any]], texts: list[str], pieces: list[str], prompt: Prompt
     ) -> list[str] | None:
         """The message texts as the template writes them: as given, or stripped for templates that `| trim`."""
         real = self._render(messages, prompt)
         for variant in (lambda s: s, str.strip):
-            contents = [variant(m["content"]) for m in messages]
+            contents = [variant(text) for text in texts]
             rebuilt = "".join(p if i % 2 == 0 else contents[int(p)] for i, p in enumerate(pieces))
             if rebuilt == real:
                 return contents
@@ -253,7 +280,45 @@ def _raw_text(prompt: Prompt) -> str:
     if prompt.text is not None:
         return prompt.text
     assert prompt.messages is not None, "a Prompt has messages or text"
-    return "\n\n".join(m["content"] for m in prompt.messages)
+    return "\n\n".join(map(message_text, prompt.messages))
+
+
+def _texts(message: dict[str, Any]) -> list[str]:
+    """A message's texts as the template is given them: its content, or each of its text parts."""
+    content = message["content"]
+    return [content] if isinstance(content, str) else [p["text"] for p in content]
+
+
+@lru_cache(maxsize=16)
+def _loops_over_content(template: str) -> bool:
+    """The template has a `for` loop over a message's content (`for item in message['content']`, or over a name
+    set from one), as vLLM's server detects a template that reads OpenAI's content parts."""
+    import jinja2.nodes
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        ast = _compile_jinja_template(template).environment.parse(template)
+    except jinja2.TemplateError:
+        return False
+
+    def is_content(node: jinja2.nodes.Node) -> bool:
+        if isinstance(node, jinja2.nodes.Getattr):
+            return node.attr == "content"
+        return (
+            isinstance(node, jinja2.nodes.Getitem)
+            and isinstance(node.arg, jinja2.nodes.Const)
+            and (node.arg.value == "content")
+        )
+
+    names = {
+        node.target.name
+        for node in ast.find_all(jinja2.nodes.Assign)
+        if isinstance(node.target, jinja2.nodes.Name) and is_content(node.node)
+    }
+    return any(
+        is_content(loop.iter) or (isinstance(loop.iter, jinja2.nodes.Name) and loop.iter.name in names)
+        for loop in ast.find_all(jinja2.nodes.For)
+    )
 
 
 def _split_at(text: str, added: re.Pattern[str] | None) -> tuple[str, str]:

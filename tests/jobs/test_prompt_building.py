@@ -65,8 +65,8 @@ def test_messages_column_with_text_parts_and_the_rows_own_system_message() -> No
         {"role": "user", "content": "Again"},
     ]
     prompt = build_prompt(row(chat=messages), PromptSpec(messages_column="chat", system="Job default"))
+    assert prompt.messages == messages  # the row's system wins; its parts are kept for a template that reads them
     expected = [("system", "You are a pirate."), ("user", "Say\nhi"), ("assistant", "Arr."), ("user", "Again")]
-    assert prompt.messages == [{"role": r, "content": c} for r, c in expected]  # the row's system wins
     assert PromptTokenizer(TOKENIZER).encode(prompt) == TOKENIZER.encode(chat(expected))
     raw = build_prompt(row(chat=messages[1:]), PromptSpec(messages_column="chat", chat_template=False))
     assert raw == Prompt(text="Say\nhi\n\nArr.\n\nAgain")
