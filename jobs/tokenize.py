@@ -206,14 +206,9 @@ class PromptTokenizer:
                 texts.append(part["text"])
             marked.append({**m, "content": parts})
         rendered = self._render(marked, prompt)
-        pieces = self._placeholder.split(rendered)  # [template, index, template, index, ..., template]
-        indexes = [int(i) for i in pieces[1::2]]
-        if indexes != list(range(len(texts))):
-            return RowError(
-                ErrorKind.CHAT_TEMPLATE,
-                f"the chat template did not place each message once (got message order {indexes}); set "
-                "prompt.allow_special_tokens to render it whole",
-            )
+        # [template, index, template, index, ..., template]: in the template's order, which may move a message
+        # (Mistral writes the system message into the last user turn), repeat or drop it, as the whole render does.
+        pieces = self._placeholder.split(rendered)
         contents = self._contents_as_rendered(messages, texts, pieces, prompt)
         if contents is None:
             return RowError(

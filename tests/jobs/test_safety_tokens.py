@@ -114,3 +114,32 @@ def test_pieces_after_the_first_gain_no_start_of_text_space(legacy: bool, want: 
     assert EOS_ID not in ids, "the data's </s> stays plain text"
     plain = encode(tokenizer, Prompt(messages=[{"role": "user", "content": "say it now"}]))
     assert "".join(tokenizer.convert_ids_to_tokens(plain)) == want.replace("</s>", "it")
+
+
+# Mistral v0.3's order: the system message goes into the last user turn, after the turns before it.
+SYSTEM_LAST = (
+    "{%- set system = messages[0]['content'] %}{%- for m in messages[1:] %}{{- '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- if loop.last %}{{- system + '\\n\\n' }}{%- endif %}{{- m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+)
+
+
+def test_a_template_that_moves_a_message_still_keeps_its_text_plain(tokenizer, hostile: str) -> None:
+    """A row whose text spells a control token is rendered around placeholders. A template that writes the system
+    message after the turns that follow it (Mistral v0.3) failed every such row with "did not place each message
+    once", though the same row without the control text ran: the pieces are the template's or a message's whatever
+    their order, and the rendered text is checked against the template's own."""
+    messages = [
+        {"role": "system", "content": hostile},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again"},
+    ]
+    benign = [{**m, "content": "Be brief."} if m["role"] == "system" else m for m in messages]
+    prompt_tokenizer = PromptTokenizer(tokenizer, template=SYSTEM_LAST)
+    ids = prompt_tokenizer.encode(Prompt(messages=messages))
+    assert isinstance(ids, list), ids
+    assert control_ids(tokenizer, ids) == control_ids(tokenizer, prompt_tokenizer.encode(Prompt(messages=benign)))
+    rendered = tokenizer.apply_chat_template(messages, chat_template=SYSTEM_LAST, tokenize=False)
+    assert rendered.index(hostile) > rendered.index("hello")
+    assert tokenizer.decode(ids) == rendered
