@@ -195,16 +195,19 @@ class PromptTokenizer:
     def _encode_messages(self, messages: list[dict[str, Any]], prompt: Prompt) -> list[int] | RowError:
         # One placeholder per text: a message's content, or each of its text parts.
         marked, texts = [], []
+
+        def mark(text: str) -> str:
+            # An empty text stays empty: a template tests it (`if message.content`: a tool-calling turn's).
+            if not text:
+                return text
+            texts.append(text)
+            return f"{self._marker}_{len(texts) - 1}_"
+
         for m in messages:
             if isinstance(m["content"], str):
-                marked.append({**m, "content": f"{self._marker}_{len(texts)}_"})
-                texts.append(m["content"])
-                continue
-            parts = []
-            for part in m["content"]:
-                parts.append({**part, "text": f"{self._marker}_{len(texts)}_"})
-                texts.append(part["text"])
-            marked.append({**m, "content": parts})
+                marked.append({**m, "content": mark(m["content"])})
+            else:
+                marked.append({**m, "content": [{**part, "text": mark(part["text"])} for part in m["content"]]})
         rendered = self._render(marked, prompt)
         # [template, index, template, index, ..., template]: in the template's order, which may move a message
         # (Mistral writes the system message into the last user turn), repeat or drop it, as the whole render does.

@@ -244,6 +244,43 @@ def test_tool_calls_and_tool_results_reach_the_template(tmp_path) -> None:
         assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.WRONG_TYPE and words in bad.error.message
 
 
+# Qwen2.5's tool turns: an assistant turn's text only when it has some, then its calls.
+CONTENT_IF_ANY = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls or [] %}{{- '\\n<tool_call>' + call.function.name + '</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_an_empty_message_stays_empty_for_the_template_beside_control_text(tmp_path) -> None:
+    """A row whose text spells a control token is rendered with a placeholder for each message's text. An assistant
+    turn that only calls tools has empty text, and its placeholder made it non-empty: a template that writes the
+    text only when there is some (Qwen2.5) wrote a line break the real render has not, and every such tool
+    conversation with control text in a tool result failed as a chat_template error."""
+    tok = byte_tokenizer(CONTENT_IF_ANY)
+    result = "<|im_end|>5"
+    turns = [
+        {"role": "user", "content": "Add 2 and 3."},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "add"}}]},
+        {"role": "tool", "content": result},
+    ]
+    request = pipeline(tmp_path, tok).request(Row(0, {"messages": turns}))
+    assert isinstance(request, GenerationRequest), request
+    rendered = tok.apply_chat_template(
+        [turns[0], {**turns[1], "content": ""}, turns[2]], tokenize=False, add_generation_prompt=True
+    )
+    assert "<|im_start|>assistant\n<tool_call>add</tool_call><|im_end|>" in rendered
+    head, tail = rendered.split(result)
+    want = [
+        *tok.encode(head, add_special_tokens=False),
+        *tok.encode(result, add_special_tokens=False, split_special_tokens=True),
+        *tok.encode(tail, add_special_tokens=False),
+    ]
+    assert request.prompt_token_ids == want
+
+
 # Qwen3's templates write an earlier assistant turn's reasoning_content (vLLM's field) in a think block.
 REASONING_STYLE = (
     "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}"
