@@ -118,7 +118,9 @@ class RowPipeline:
             )
             return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, message))
         try:
-            prompt = build_prompt(row, self.pspec, allow_empty=self.job.task == "score")
+            # A scored text may be blank: a context may be empty (lm-eval's unconditional case), and whitespace
+            # alone has tokens to score; a text with none is the engine's empty_prompt.
+            prompt = build_prompt(row, self.pspec, allow_empty=self.job.is_scoring)
             if isinstance(prompt, RowError):
                 return self._error_row(pending, prompt)
             continuations = rolling_prefix = None

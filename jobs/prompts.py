@@ -64,7 +64,8 @@ def prompt_columns(spec: PromptSpec) -> list[str]:
 
 def build_prompt(row: Row, spec: PromptSpec, allow_empty: bool = False) -> Prompt | RowError:
     """The row's prompt. `allow_empty`: an empty or blank text is a prompt (a scoring row's context may be empty,
-    as lm-eval's unconditional loglikelihood has it), not an empty_prompt error."""
+    as lm-eval's unconditional loglikelihood has it; a rolling text of whitespace has tokens), not an empty_prompt
+    error."""
     data = row.data or {}
     if spec.template is not None:
         text = _render_template(row, data, spec.template, allow_empty)

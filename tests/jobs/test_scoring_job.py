@@ -180,6 +180,30 @@ def test_task_score_rolling_gives_lm_evals_loglikelihood_rolling(
         assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
 
 
+def test_task_score_rolling_scores_a_whitespace_text_as_lm_eval_does(tmp_path: Path, monkeypatch) -> None:
+    """A text of whitespace alone has tokens (a SentencePiece tokenizer's "▁"), and lm-eval's loglikelihood_rolling
+    scores them; such a row was an empty_prompt error ("is only whitespace"), as a generation prompt is, so a
+    perplexity job over lines lost its blank ones. An empty text, with no tokens, is still that error."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    folder = tmp_path / "sp-model"
+    hf_reference("llama").save_pretrained(folder)
+    sentencepiece_tokenizer(legacy=False).save_pretrained(folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    texts = [" ", "  \n ", "ab c"]
+    out = run(tmp_path, folder, [{"prompt": text} for text in [*texts, ""]], task="score_rolling")
+    assert out[-1]["error_kind"] == "empty_prompt" and out[-1]["scores"] is None
+    hf = HFLM(pretrained=str(folder), device="cpu", max_length=64, batch_size=1)
+    instances = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
+    want = hf.loglikelihood_rolling(instances, disable_tqdm=True)
+    for text, got, logprob in zip(texts, out, want, strict=False):
+        assert got["error"] is None, got["error"]
+        (score,) = got["scores"]
+        assert score["num_tokens"] == len(sentencepiece_tokenizer(legacy=False).encode(text))
+        assert score["logprob"] == pytest.approx(logprob, abs=TOLERANCE * score["num_tokens"])
+
+
 def test_scoring_refuses_openai_batch_output(tmp_path: Path) -> None:
     """OpenAI Batch output has no place for scores: a scoring job over a Batch file must name another format
     instead of writing responses without them."""
