@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from kvbatch.errors import ErrorKind
+from kvbatch.errors import ErrorKind, SpecError
 from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.request import GenerationRequest, GenerationResult
 from kvbatch.runner.structured_outputs import ConstraintError
@@ -33,7 +33,7 @@ from .reasoning import split_reasoning
 from .records import Layout, RowResult
 from .row_sampling import row_sampling, sampling_columns
 from .rows import KnownDuplicates, Row, RowError, SeenIds
-from .spec import JobSpec, chat_template_path, input_format, job_adapters
+from .spec import JobSpec, chat_template_path, check_output_settings, input_format, job_adapters
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
 
@@ -161,6 +161,9 @@ class RowPipeline:
             if self.openai and params.top_logprobs and not params.logprobs:  # the API's rule, over the job's default
                 message = f"{row.where}: top_logprobs needs logprobs: true"
                 return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, message))
+            refused = _refused_for_the_job(self.job, params)
+            if refused is not None:
+                return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, f"{row.where}: {refused}"))
             unplaced = self.layout.unplaced(params)
             if unplaced is not None:
                 return self._error_row(pending, RowError(ErrorKind.BAD_REQUEST, f"{row.where}: {unplaced}"))
@@ -295,3 +298,14 @@ class RowPipeline:
 def score_struct(score: Any) -> dict[str, Any]:
     """A runner.request.ContinuationScore as a records.SCORE struct."""
     return {"logprob": score.logprob, "num_tokens": score.num_tokens, "is_greedy": score.is_greedy}
+
+
+def _refused_for_the_job(job: JobSpec, params: SamplingParams) -> str | None:
+    """Why the job's own rules refuse a row's sampling values (None: they do not), as the job file's load refuses
+    the job's: a scoring row asking logprobs was otherwise told to set the job's sampling.logprobs, which that load
+    refuses for the task."""
+    try:
+        check_output_settings(dataclasses.replace(job, sampling=params))
+    except SpecError as exc:
+        return exc.message
+    return None

@@ -136,6 +136,34 @@ def test_scoring_refuses_settings_of_generated_tokens(tmp_path: Path, task: str,
     assert refused.value.field == f"sampling.{name}"
 
 
+def test_a_scoring_rows_own_settings_of_generated_tokens_are_refused_as_the_jobs_are(
+    tmp_path: Path, model_folder: Path
+) -> None:
+    """A scoring row whose own sampling values ask logprobs, top_logprobs or n (or prompt_logprobs of a rolling
+    text) was told to set the job's sampling.logprobs (and so on), which the job file's load then refuses for the
+    task. The row's values are held to the job's rule: its error says the task generates no tokens."""
+    rows = [
+        {"prompt": "w5 w6", "continuations": [" w7"], "s": {"logprobs": True}},
+        {"prompt": "w5 w6", "continuations": [" w7"], "s": {"top_logprobs": 2}},
+        {"prompt": "w5 w6", "continuations": [" w7"], "s": {"n": 2}},
+        {"prompt": "w5 w6", "continuations": [" w7"], "s": {"prompt_logprobs": True}},  # task score has them
+        {"prompt": "w5 w6", "continuations": [" w7"], "s": {"temperature": 0.5}},
+    ]
+    (tmp_path / "score").mkdir()
+    out = run(tmp_path / "score", model_folder, rows, task="score", sampling_column="s")
+    for row, name in zip(out, ("logprobs", "top_logprobs", "n")):
+        assert row["error_kind"] == "bad_request" and row["scores"] is None
+        assert row["error"].endswith(f"task score generates no tokens, so sampling.{name} has nothing to apply to "
+                                     "(each row gets `scores`)")  # fmt: skip
+    assert out[3]["error"].endswith("set the job's sampling.prompt_logprobs: true")
+    assert out[4]["error"] is None and out[4]["scores"][0]["num_tokens"] == 1
+    (tmp_path / "rolling").mkdir()
+    out = run(tmp_path / "rolling", model_folder, [{"prompt": "w5 w6", "s": {"prompt_logprobs": True}}],
+              task="score_rolling", sampling_column="s")  # fmt: skip
+    assert out[0]["error_kind"] == "bad_request"
+    assert "task score_rolling writes each text's log-likelihood in `scores`; prompt_logprobs" in out[0]["error"]
+
+
 @pytest.mark.parametrize("task", ["score", "score_rolling"])
 def test_scoring_refuses_a_truncated_prompt(tmp_path: Path, task: str) -> None:
     # A score is of the text as given: a cut text's score, written under the row, would be another text's.
