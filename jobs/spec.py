@@ -690,11 +690,14 @@ def job_adapters(job: JobSpec) -> dict[str, str]:
 def check_chat_template(job: JobSpec, tokenizer: Any) -> None:
     """Refuse a job that gives its chat template tools or values when the model's tokenizer has no template and the
     job no chat_template_file: its prompts go to the model as raw text (jobs/tokenize.py), and the tools and values
-    would be dropped without a word, as the job file's load refuses them beside `prompt.chat_template: false`."""
+    would be dropped without a word, as the job file's load refuses them beside `prompt.chat_template: false`. And
+    refuse a prompt.system the model's template refuses, which would fail every row."""
     prompt = job.prompt
     if not prompt.chat_template or prompt.chat_template_file is not None or job.task == "score_rolling":
         return
     if getattr(tokenizer, "chat_template", None) is not None:
+        if prompt.system:
+            _check_system_role(job, tokenizer)
         return
     for name in TEMPLATE_VALUES:
         if getattr(prompt, name) is not None:
@@ -703,6 +706,29 @@ def check_chat_template(job: JobSpec, tokenizer: Any) -> None:
                 "as it is); give the job one with prompt.chat_template_file",
                 field=f"prompt.{name}",
             )
+
+
+def _check_system_role(job: JobSpec, tokenizer: Any) -> None:
+    """Refuse the job's prompt.system where the model's template refuses a system message it renders the same
+    conversation without (Gemma's, Mistral's first ones): every row would be a chat_template error. A template that
+    fails without it too is left to the rows, which name their own errors."""
+    options = dict(job.prompt.chat_template_kwargs or {})
+
+    def render(messages: list[dict[str, str]]) -> Exception | None:
+        try:
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
+        except Exception as exc:  # noqa: BLE001 - a template raises what it likes (raise_exception: TemplateError)
+            return exc
+        return None
+
+    user = {"role": "user", "content": "Hello."}
+    refused = render([{"role": "system", "content": job.prompt.system}, user])
+    if refused is not None and render([user]) is None:
+        raise SpecError(
+            f"the chat template refuses a system message ({type(refused).__name__}: {refused}); every row would "
+            "fail: leave prompt.system out, or give the job a template that takes it (prompt.chat_template_file)",
+            field="prompt.system",
+        )
 
 
 def check_token_ids(job: JobSpec, vocab_size: int) -> None:

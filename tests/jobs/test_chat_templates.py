@@ -610,3 +610,41 @@ def test_a_cut_prompt_keeps_what_the_tokenizers_own_truncation_keeps(tmp_path: P
         want = tok.encode(MESSAGES[0]["content"], truncation=True, max_length=keep)
         assert want[0] == bos
     assert request.prompt_token_ids == want and len(want) == keep
+
+
+# Gemma's refusal of a system role, in small.
+NO_SYSTEM = (
+    "{%- if messages[0].role == 'system' %}{{- raise_exception('System role not supported') }}{%- endif %}"
+    "{%- for message in messages %}{{- message.role + ': ' + message.content + '\\n' }}{%- endfor %}"
+)
+
+
+def test_a_jobs_system_prompt_the_template_refuses_stops_the_job(tmp_path) -> None:
+    """A job's prompt.system on a model whose template refuses a system role (Gemma's, Mistral's first ones)
+    failed every row as a chat_template error, the job running to its end on nothing. It stops the job, naming the
+    field, before any row; a row's own system message still fails its row only, and a template that renders the
+    system message, or fails without it too, is left to the rows."""
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.spec import check_chat_template
+
+    def job(**prompt):
+        return job_from_dict(
+            {"name": "j", "input": {"path": "in.jsonl"}, "prompt": {"messages_column": "messages", **prompt}},
+            base_dir=str(tmp_path),
+        )
+
+    with pytest.raises(SpecError) as refused:
+        check_chat_template(job(system="Be brief."), byte_tokenizer(NO_SYSTEM))
+    assert refused.value.field == "prompt.system"
+    assert "the chat template refuses a system message (TemplateError: System role not supported)" in str(refused.value)
+    (tmp_path / "own.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    for accepted, tokenizer in (
+        (job(), byte_tokenizer(NO_SYSTEM)),  # no system prompt
+        (job(system="Be brief."), byte_tokenizer()),  # a template with a system role
+        (job(system="Be brief.", chat_template_file="own.jinja"), byte_tokenizer(NO_SYSTEM)),  # the job's template
+        (job(system="Be brief."), byte_tokenizer("{{ raise_exception('never') }}")),  # refuses every row anyway
+    ):
+        check_chat_template(accepted, tokenizer)
+    pipe = pipeline(tmp_path, byte_tokenizer(NO_SYSTEM))
+    own_system = pipe.request(Row(0, {"messages": [{"role": "system", "content": "x"}, *MESSAGES]}))
+    assert own_system.error.kind == ErrorKind.CHAT_TEMPLATE
