@@ -63,6 +63,9 @@ class _Pending:
     kept: dict[str, Any]
     adapter: str | None = None
     json_output: bool = False  # its constraint is json or json_object: its output may fill `parsed`
+    # Its constraint holds from the first token, so its whole text is the structure: a `</think>` in it (a
+    # string's text) is no end of thinking.
+    constrained: bool = False
 
 
 class RowPipeline:
@@ -190,6 +193,7 @@ class RowPipeline:
         pending.adapter = adapter
         constraint = params.structured_outputs
         pending.json_output = constraint is not None and (constraint.json is not None or constraint.json_object)
+        pending.constrained = constraint is not None
         self.pending[row.index] = pending
         return GenerationRequest(
             row.index, ids, params, continuations=continuations, rolling_prefix=rolling_prefix, adapter=adapter
@@ -250,7 +254,9 @@ class RowPipeline:
             token_bytes = [self.token_bytes(c.token_ids) if c.logprobs else [] for c in completions]
         scored = result.scores is not None
         texts, reasonings = [c.text for c in completions], None
-        if self.layout.reasoning:
+        if self.layout.reasoning and pending.constrained:
+            reasonings = [None] * len(texts)
+        elif self.layout.reasoning:
             reasonings, texts = (list(part) for part in zip(*(split_reasoning(t) for t in texts)))
         return RowResult(
             row=pending.row.index,

@@ -352,6 +352,38 @@ def test_a_template_that_opens_the_thinking_splits_it_too(tmp_path) -> None:
     assert (done.texts, done.reasonings) == (["4"], ["add them"])
 
 
+def test_a_constrained_rows_text_is_not_split_at_a_think_tag_inside_it(tmp_path) -> None:
+    """A constraint holds from the first token, so a constrained row's whole text is its structure. The grammar
+    engine reads the added token </think> as its text inside a JSON string, and the split cut the JSON there: text
+    '", "age": 83}' (no JSON, so `parsed` null) and the rest as reasoning. A free row of the same job still splits."""
+    (tmp_path / "r1.jinja").write_text(QWEN3_STYLE.replace("<think>\\n\\n</think>\\n\\n", "<think>\\n"))
+    job = job_from_dict(
+        {
+            "name": "j",
+            "input": {"path": "in.jsonl"},
+            "prompt": {"messages_column": "messages", "chat_template_file": "r1.jinja"},
+            "constraint_column": "schema",
+            "output": {"parsed": True},
+        },
+        base_dir=str(tmp_path),
+    )
+    pipe = RowPipeline(job, byte_tokenizer(), layout_for(job, {}))
+    assert pipe.layout.reasoning
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    pipe.request(Row(0, {"messages": MESSAGES, "schema": schema}))
+    pipe.request(Row(1, {"messages": MESSAGES, "schema": {"regex": "[a-z<>/]+"}}))
+    pipe.request(Row(2, {"messages": MESSAGES, "schema": None}))
+    structure = '{"name": "</think>", "age": 83}'
+    json_row = pipe.result(GenerationResult(0, 9, [Completion(structure, [5], "stop")]))
+    regex_row = pipe.result(GenerationResult(1, 9, [Completion("a</think>b", [5], "stop")]))
+    free_row = pipe.result(GenerationResult(2, 9, [Completion("add them\n</think>\n\n4", [5], "stop")]))
+    assert (json_row.texts, json_row.reasonings) == ([structure], [None])
+    assert (regex_row.texts, regex_row.reasonings) == (["a</think>b"], [None])
+    assert (free_row.texts, free_row.reasonings) == (["4"], ["add them"])
+    table = pipe.layout.to_table([json_row, regex_row, free_row])
+    assert table.column("parsed").to_pylist() == ['{"name":"</think>","age":83}', None, None]
+
+
 def test_template_settings_enter_the_fingerprint_only_when_set(tmp_path) -> None:
     base = {"name": "j", "input": {"path": "in.jsonl"}}
     assert "split_reasoning" not in result_fingerprint(job_from_dict(base, base_dir=str(tmp_path)))["prompt"]
