@@ -651,12 +651,20 @@ def check_output_settings(job: JobSpec) -> None:
             field="sampling.prompt_logprobs",
         )
     if job.is_scoring:  # else their columns would be written, null on every row (n's a list of one)
-        asked = {"n": job.sampling.n != 1, "logprobs": job.sampling.logprobs, "top_logprobs": job.sampling.top_logprobs}
+        # A constraint, too, would be compiled for the model (and stop the job where it does not compile) to
+        # constrain nothing; a parsed column would be null on every row.
+        asked = {
+            "sampling.n": job.sampling.n != 1,
+            "sampling.logprobs": job.sampling.logprobs,
+            "sampling.top_logprobs": job.sampling.top_logprobs,
+            "sampling.structured_outputs": job.sampling.structured_outputs is not None,
+            "constraint_column": job.constraint_column is not None,
+            "output.parsed": job.output.parsed,
+        }
         for name in [k for k, v in asked.items() if v][:1]:
             raise SpecError(
-                f"task {job.task} generates no tokens, so sampling.{name} has nothing to apply to (each row gets "
-                "`scores`)",
-                field=f"sampling.{name}",
+                f"task {job.task} generates no tokens, so {name} has nothing to apply to (each row gets `scores`)",
+                field=name,
             )
         if job.sampling.truncate_prompt_tokens is not None:
             raise SpecError(

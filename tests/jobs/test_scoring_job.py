@@ -124,16 +124,30 @@ def _bos_folder(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("task", ["score", "score_rolling"])
-@pytest.mark.parametrize(("name", "value"), [("n", 2), ("logprobs", True), ("top_logprobs", 2)])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("sampling.n", 2),
+        ("sampling.logprobs", True),
+        ("sampling.top_logprobs", 2),
+        ("sampling.structured_outputs", {"json_object": True}),
+        ("constraint_column", "schema"),
+        ("output.parsed", True),
+    ],
+)
 def test_scoring_refuses_settings_of_generated_tokens(tmp_path: Path, task: str, name: str, value) -> None:
-    # Nothing is generated: their columns were written null on every row (n > 1: a list of one finish reason).
+    """Nothing is generated: their columns were written null on every row (n > 1: a list of one finish reason).
+    A constraint (the job's or a column's) constrained nothing, compiled for the model all the same, and with
+    output.parsed wrote a `parsed` column null on every row."""
     from kvbatch.errors import SpecError
     from kvbatch.jobs.job_io import layout_for
 
     base = {"name": "j", "input": {"path": "in.jsonl"}, "task": task}
-    with pytest.raises(SpecError, match=f"task {task} generates no tokens, so sampling.{name}") as refused:
-        layout_for(job_from_dict(base | {"sampling": {name: value}}, base_dir=str(tmp_path)), {})
-    assert refused.value.field == f"sampling.{name}"
+    section, _, key = name.rpartition(".")
+    setting = {section: {key: value}} if section else {key: value}
+    with pytest.raises(SpecError, match=f"task {task} generates no tokens, so {name} has nothing") as refused:
+        layout_for(job_from_dict(base | setting, base_dir=str(tmp_path)), {})
+    assert refused.value.field == name
 
 
 def test_a_scoring_rows_own_settings_of_generated_tokens_are_refused_as_the_jobs_are(
@@ -148,6 +162,7 @@ def test_a_scoring_rows_own_settings_of_generated_tokens_are_refused_as_the_jobs
         {"prompt": "w5 w6", "continuations": [" w7"], "s": {"n": 2}},
         {"prompt": "w5 w6", "continuations": [" w7"], "s": {"prompt_logprobs": True}},  # task score has them
         {"prompt": "w5 w6", "continuations": [" w7"], "s": {"temperature": 0.5}},
+        {"prompt": "w5 w6", "continuations": [" w7"], "s": {"structured_outputs": {"choice": ["a"]}}},
     ]
     (tmp_path / "score").mkdir()
     out = run(tmp_path / "score", model_folder, rows, task="score", sampling_column="s")
@@ -157,6 +172,9 @@ def test_a_scoring_rows_own_settings_of_generated_tokens_are_refused_as_the_jobs
                                      "(each row gets `scores`)")  # fmt: skip
     assert out[3]["error"].endswith("set the job's sampling.prompt_logprobs: true")
     assert out[4]["error"] is None and out[4]["scores"][0]["num_tokens"] == 1
+    assert out[5]["error_kind"] == "bad_request"
+    assert out[5]["error"].endswith("task score generates no tokens, so sampling.structured_outputs has nothing to "
+                                    "apply to (each row gets `scores`)")  # fmt: skip
     (tmp_path / "rolling").mkdir()
     out = run(tmp_path / "rolling", model_folder, [{"prompt": "w5 w6", "s": {"prompt_logprobs": True}}],
               task="score_rolling", sampling_column="s")  # fmt: skip
