@@ -8,6 +8,8 @@ decoded tail only, so the check costs the same at token 10 and token 10,000.
 
 from __future__ import annotations
 
+import functools
+
 from .request import FinishReason
 from .sequence import Sequence
 
@@ -85,9 +87,9 @@ class StopChecker:
 
     def text(self, seq: Sequence) -> str:
         params = seq.request.sampling
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
         if seq.matcher is not None:  # a constrained row never stops on a stop string: its text is whole
-            return text
+            return self._continued_text(seq.output_token_ids)
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
         if not params.stop:
             return text
         cut = self._first_stop(seq, text)
@@ -95,6 +97,21 @@ class StopChecker:
             return text
         found, stop = cut
         return text[: found + len(stop) if params.include_stop_str_in_output else found]
+
+    @functools.cached_property
+    def _lead(self) -> tuple[int, str] | None:
+        # Found when a constrained row's text is first wanted, not at start-up: a benchmark's ids-only tokenizer
+        # does not encode.
+        return _lead_token(self.tokenizer)
+
+    def _continued_text(self, token_ids: list[int]) -> str:
+        """The text of `token_ids` as they follow text before them. SentencePiece decoders (Llama 2's, Mistral's)
+        drop the space a decoded text begins with, taking it for the mark of the text's start: a constrained row's
+        grammar matched that space (the choice " yes", a regex that begins with one), and its text lost it."""
+        if self._lead is None:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        lead, lead_text = self._lead
+        return self.tokenizer.decode([lead, *token_ids], skip_special_tokens=True)[len(lead_text) :]
 
     def _settled(self, first: list[int], text: str) -> int:
         """How many characters of `text` (decoded from `first` and the tokens after) the tokens `first` complete. A
@@ -115,3 +132,17 @@ class StopChecker:
         found = ((text.find(s, max(offset - len(s) + 1, 0)), s) for s in params.stop)
         cuts = [(i, s) for i, s in found if i >= 0]
         return min(cuts) if cuts else None
+
+
+def _lead_token(tokenizer) -> tuple[int, str] | None:
+    """A token to decode a text after (StopChecker._continued_text), and its own text: one whose text does not
+    begin or end with a space, and that decodes twice in a row as its text twice, so the tokenizer puts nothing
+    between tokens (a word-level one joins them with spaces) and changes neither side. None where none is found."""
+    for probe in ("a", "x", "0"):
+        ids = tokenizer.encode(probe, add_special_tokens=False)
+        if not ids:
+            continue
+        text = tokenizer.decode(ids[-1:], skip_special_tokens=True)
+        if text and text == text.strip() and tokenizer.decode(ids[-1:] * 2, skip_special_tokens=True) == text * 2:
+            return ids[-1], text
+    return None

@@ -7,7 +7,7 @@ real differences, not on float noise between near-equal logits.
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -67,6 +67,22 @@ def sentencepiece_tokenizer(legacy: bool, chat_template: str | None = None) -> P
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=chat_template
     )
+
+
+def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 2's tokenizer.json in small: BPE with byte fallback (a character outside the vocabulary becomes its
+    UTF-8 bytes as <0xNN> tokens), "▁" for a space and in front of the text, and Llama 2's decoder, which drops
+    the one space a decoded text begins with."""
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", *"abcdefghijklmnopqrstuvwxyz"]
+    words = ["▁y", "▁ye", "▁yes", "▁n", "▁no"]
+    merges = [("▁", "y"), ("▁y", "e"), ("▁ye", "s"), ("▁", "n"), ("▁n", "o")]
+    vocab = {piece: i for i, piece in enumerate(pieces + words)}
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, attn: str = attention_hook.ATTN_IMPLEMENTATION):

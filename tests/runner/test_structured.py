@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 import xgrammar as xgr
+from tiny_models import byte_fallback_tokenizer
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from xgrammar.contrib.hf import LogitsProcessor
 
@@ -791,6 +792,44 @@ def test_an_empty_regex_or_choice_is_met_by_the_empty_output(loaded, reference, 
         want = hf_constrained(reference, compiler, request.prompt_token_ids, request.sampling.structured_outputs, 8)
         assert got[request.request_id] == (None, [(want, "stop")])
     assert got[0][1][0][0] == got[1][1][0][0] == [EOS]
+
+
+def test_a_sentencepiece_tokenizers_text_keeps_the_space_the_grammar_matched_first() -> None:
+    """Llama 2's decoder drops the space a decoded text begins with. A row constrained to the choice " yes" wrote
+    its tokens (those of xgrammar's own processor under generate), and its text read "yes", none of its choices;
+    a regex that begins with a space lost its full match. The text is that of the bytes the grammar matched."""
+    tokenizer = byte_fallback_tokenizer()
+    eos = tokenizer.eos_token_id
+    vocab = len(tokenizer)
+
+    def model(attn: str) -> LlamaForCausalLM:
+        attention_hook.register()
+        torch.manual_seed(3)
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=eos, pad_token_id=0,
+            initializer_range=0.2,
+        )  # fmt: skip
+        return LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=[eos])
+    oracle = xgr.GrammarCompiler(info)
+    loaded = LoadedModel(model(attention_hook.ATTN_IMPLEMENTATION), tokenizer, "sp", (eos,), 256, torch.device("cpu"),
+                         torch.float32)  # fmt: skip
+    constraints = [StructuredOutputs(choice=(" yes", " no", "maybe")), StructuredOutputs(regex=" [a-z]{1,3} [a-z]")]
+    requests = [
+        GenerationRequest(i, tokenizer.encode(f"record {'abcdefgh'[i]} is"), SamplingParams(12, structured_outputs=c))
+        for i, c in enumerate(constraints * 4)
+    ]
+    results = {r.request_id: r.completions[0] for r in make_engine(loaded).generate(requests)}
+    for request in requests:
+        constraint = request.sampling.structured_outputs
+        want = hf_constrained(model("sdpa"), oracle, request.prompt_token_ids, constraint, 12)
+        completion = results[request.request_id]
+        assert (completion.token_ids, completion.finish_reason) == (want, "stop")
+        matched = b"".join(info.decoded_vocab[t] for t in want[:-1]).decode()  # the grammar's own bytes
+        assert completion.text == matched and matched.startswith(" ")
+        _check_text(constraint, completion.text)
 
 
 def _check_text(constraint: StructuredOutputs, text: str) -> None:
