@@ -179,7 +179,7 @@ def run_job(
             writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, None).items()}
             writer.model = model_name(job.model)
             report = writer.finalize(reader.num_rows)  # the input's rows, as a shard's merge compares them
-            return _summarise(job, io, report, RunCounts(), started, load_s=0.0, adapter_rows={})
+            return _summarise(job, io, report, RunCounts(), started, load_s=0.0)
         # A shard's counts are its own rows: its name says so, and tells the processes of --data-parallel apart.
         label = job.name if shard is None else f"{job.name} [shard {shard}]"
         if not engines.holds(job):
@@ -259,8 +259,9 @@ def run_job(
         peak_kv_usage=max(progress.peak_kv_usage, job_peak_kv_usage),
         cached_prompt_tokens=after.num_cached_prompt_tokens - before.num_cached_prompt_tokens,
         queried_prompt_tokens=after.num_queried_prompt_tokens - before.num_queried_prompt_tokens,
+        adapters=dict(feed.pipeline.adapter_rows),
     )
-    return _summarise(job, io, report, counts, started, load_s, feed.pipeline.adapter_rows)
+    return _summarise(job, io, report, counts, started, load_s)
 
 
 def _summarise(
@@ -270,7 +271,6 @@ def _summarise(
     counts: RunCounts,
     started: float,
     load_s: float,
-    adapter_rows: dict[str, int],
 ) -> Summary:
     """The run's summary, written beside the output."""
     about = {
@@ -279,7 +279,6 @@ def _summarise(
         "kvbatch_version": io.summary.kvbatch_version,
     }
     summary = build_summary(job.name, io.out, report, counts, time.monotonic() - started, load_s, **about)
-    summary.adapters = dict(sorted(adapter_rows.items()))
     summary.write(summary_path(io.out))
     return summary
 

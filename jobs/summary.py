@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +93,29 @@ class RunCounts:
     peak_kv_usage: float = 0.0
     cached_prompt_tokens: int = 0
     queried_prompt_tokens: int = 0
+    # rows on each LoRA adapter, by name: a count of the run like the rest, so data parallel and `kvbatch merge`
+    # add their shards' up as they add the tokens (kept apart, the merged summary named no adapter)
+    adapters: dict[str, int] = field(default_factory=dict)
 
     def __add__(self, other: RunCounts) -> RunCounts:
-        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
-        return RunCounts(**{**summed, "peak_kv_usage": max(self.peak_kv_usage, other.peak_kv_usage)})
+        numbers = [f.name for f in fields(self) if f.name != "adapters"]
+        summed = {name: getattr(self, name) + getattr(other, name) for name in numbers}
+        adapters = dict(self.adapters)
+        for name, rows in other.adapters.items():
+            adapters[name] = adapters.get(name, 0) + rows
+        return RunCounts(
+            **{**summed, "peak_kv_usage": max(self.peak_kv_usage, other.peak_kv_usage)},
+            adapters=dict(sorted(adapters.items())),
+        )
 
     @classmethod
     def of(cls, summary: Summary | dict[str, Any]) -> RunCounts:
         """The counts a summary (or its JSON) reports; an older summary's missing fields count 0."""
         data = summary.to_dict() if isinstance(summary, Summary) else summary
         rows = data.get("rows_this_run", 0)
-        return cls(rows, *(type(f.default)(data.get(f.name, 0)) for f in fields(cls)[1:]))
+        numbers = [f for f in fields(cls)[1:] if f.name != "adapters"]
+        adapters = {str(name): int(n) for name, n in (data.get("adapters") or {}).items()}
+        return cls(rows, *(type(f.default)(data.get(f.name, 0)) for f in numbers), adapters=adapters)
 
 
 def build_summary(
@@ -134,6 +146,7 @@ def build_summary(
         queried_prompt_tokens=queried,
         prefix_cache_hit_rate=round(counts.cached_prompt_tokens / queried, 4) if queried else 0.0,
         output_bytes=report.num_bytes,
+        adapters=dict(sorted(counts.adapters.items())),
         **about,
     )
 
@@ -153,7 +166,7 @@ def already_complete(output: Path, fallback: Summary) -> Summary:
         summary = _counted(output, fallback)
     run_fields = (*(f.name for f in fields(RunCounts)[1:]), "rows_this_run", "elapsed_s", "load_s")
     for name in (*run_fields, "output_tokens_per_s", "prefix_cache_hit_rate"):
-        setattr(summary, name, Summary.__dataclass_fields__[name].default)  # the file's value may be of any type
+        setattr(summary, name, _default(name))  # the file's value may be of any type
     summary.status = "already complete"
     return summary
 
@@ -174,6 +187,12 @@ def _counted(output: Path, fallback: Summary) -> Summary:
         finish_reasons=dict(report.finish_reasons),
         errors_by_kind=dict(report.error_kinds),
     )
+
+
+def _default(name: str) -> Any:
+    """A Summary field's default, made afresh for a mapping (`adapters`)."""
+    f = Summary.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def _count(n: int, word: str) -> str:

@@ -13,6 +13,7 @@ from lora_fixtures import ADAPTER_CONFIGS, peft_greedy, save_adapters
 from tiny_models import EOS_ID, hf_reference, tiny_loaded, word_tokenizer
 
 from kvbatch.jobs.arrow_io import read_arrow
+from kvbatch.jobs.merge import merge_shards
 from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import run_jobs
@@ -155,3 +156,25 @@ def test_plan_lists_the_adapters_and_the_rows_they_fail(adapter_paths, tmp_path:
     assert dict(plan.failures) == {"bad_adapter": 2}
     assert "adapters        2: r2-qv, broken (1 unusable)" in plan.format()
     assert any("'nope' is not registered" in m for m in plan.failure_examples)
+
+
+def test_shards_merged_count_the_rows_on_each_adapter_as_one_process(adapter_paths, tmp_path: Path) -> None:
+    """The rows on each adapter were kept apart from the run's other counts: `kvbatch merge` and --data-parallel,
+    which add up their shards' counts, wrote a summary naming no adapter, and a rerun of a finished output kept the
+    earlier run's adapter counts as its own."""
+    names = ["r2-qv", None, "r16-all", "r2-qv", "nope"]
+    rows = [{"id": i, "prompt": f"w{5 + i} w{9 + i}", "lora": n} for i, n in enumerate(names)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fields = dict(id_column="id", adapters=adapter_paths, adapter_column="lora")
+    (whole,) = run_jobs([make_job(tmp_path, "whole", "in.jsonl", **fields)], engine_factory=factory)
+    assert whole.summary.adapters == {"nope": 1, "r16-all": 1, "r2-qv": 2}
+    for i in range(2):
+        (shard,) = run_jobs(
+            [make_job(tmp_path, "sharded", "in.jsonl", parallel={"shard": f"{i}/2"}, **fields)], engine_factory=factory
+        )
+        assert shard.error is None, shard.error
+    merge_shards(tmp_path / "out" / "sharded.arrow")
+    merged = json.loads((tmp_path / "out" / "sharded.arrow.summary.json").read_text())
+    assert merged["adapters"] == {"nope": 1, "r16-all": 1, "r2-qv": 2}
+    (again,) = run_jobs([make_job(tmp_path, "whole", "in.jsonl", **fields)], engine_factory=factory)
+    assert again.summary.status == "already complete" and again.summary.adapters == {}
