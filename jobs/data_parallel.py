@@ -256,6 +256,9 @@ def _child(
             sys.modules["kvbatch.runner.parallel.tensor_parallel"].shutdown()
     try:
         conn.send(result)
+    except OSError:  # a closed pipe: the parent was killed at once, and this child stopped on seeing it gone
+        shard = job.parallel.shard
+        log.warning("shard %s: the data-parallel parent is gone; its finished rows are kept, rerun to resume", shard)
     except Exception as exc:  # noqa: BLE001 - an exception that does not pickle
         conn.send(JobError(f"{type(result).__name__}: {result} ({exc})"))
     conn.close()

@@ -319,3 +319,34 @@ def test_children_log_as_the_parent_does(verbose, quiet, monkeypatch):
         assert hf_logging.is_progress_bar_enabled() == verbose
     finally:
         (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+
+
+def test_a_child_whose_parent_is_gone_commits_and_ends_without_a_traceback(tmp_path, monkeypatch, caplog):
+    """A parent killed at once (SIGKILL, the OOM killer) leaves its children to stop and commit their rows, as
+    they should; each then sent its result into the closed pipe and died on BrokenPipeError twice over (its own
+    send, then the one meant for a result that does not pickle): two chained tracebacks per child, exit code 1."""
+    import multiprocessing
+    import signal
+
+    import torch
+
+    from kvbatch.jobs import data_parallel, run
+    from kvbatch.jobs.summary import Summary
+    from kvbatch.runner.parallel.log_settings import LogSettings
+
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    receiver.close()  # the parent is gone
+    ran = []
+    monkeypatch.setattr(run, "run_job", lambda *args, **kwargs: ran.append(args) or Summary("answers", "a.arrow"))
+    saved = {s: signal.getsignal(s) for s in (*data_parallel.SIGNALS, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    try:
+        job = tiny_job(tmp_path, shard="0/2")
+        data_parallel._child(sender, job, tiny_engine, ctx.Event(), 1, False, LogSettings.of_this_process(), 0)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads)
+    assert len(ran) == 1
+    assert "shard 0/2: the data-parallel parent is gone; its finished rows are kept, rerun to resume" in caplog.text
