@@ -23,6 +23,7 @@ appends only under names that hold it); a retried task writes the same name agai
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -73,14 +74,19 @@ def checkpoint_dir(output: Path) -> Path:
     return work_dir(output) / "ray-checkpoint"
 
 
-def connect(address: str | None) -> None:
-    """Join the Ray cluster at `address` (auto: the running one), or keep the one this process already joined."""
+def connect(address: str | None, actors: int) -> None:
+    """Join the Ray cluster at `address` (auto: the running one), or keep the one this process already joined, or
+    start a local one with room for `actors` engine actors beside the tasks that feed them."""
     import ray
 
     if ray.is_initialized():
         return
     log.info("connecting to Ray at %s", address or "a new local instance")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    # Each engine actor holds a CPU for the whole run; the read, the write and, on a rerun, Ray Data's checkpoint
+    # filter want one each as well. A local instance counts the machine's cores, and on 2 of them a rerun of one
+    # actor waited for a CPU for ever, without a word. Its CPUs are a count to schedule by, not cores to pin.
+    cpus = max(os.cpu_count() or 1, actors + 3) if address in (None, "local") else None
+    ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
 
 def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool = False) -> Summary:
@@ -95,7 +101,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
     lock = OutputLock(make_work_dir(out) / "lock")
     lock.acquire(wait=wait_for_lock, stop_waiting=lambda: stop.stopped)
     try:
-        connect(job.parallel.ray_address)
+        connect(job.parallel.ray_address, job.parallel.ray_actors)
         layout = layout_for(job, {})
         try:
             source = open_ray_input(job, input_columns(job, layout))

@@ -372,3 +372,21 @@ def test_merging_a_ray_folder_names_a_provenance_it_cannot_read(tmp_path, text):
     assert not output.exists()
     (work / "provenance.json").unlink()
     assert merge_parts(output).num_rows == 1
+
+
+def test_a_local_ray_has_a_cpu_for_each_actor_and_the_tasks_around_them(monkeypatch) -> None:
+    """Each engine actor holds a CPU for the whole run, and the read, the write and (on a rerun) Ray Data's
+    checkpoint filter want one each: a local Ray counted the machine's cores, and on 2 of them the rerun of a
+    one-actor job waited for a CPU for ever, without a word. A cluster's CPUs are its own."""
+    from kvbatch.jobs import ray_run
+
+    started: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
+    monkeypatch.setattr(ray_run.os, "cpu_count", lambda: 2)
+    ray_run.connect(None, 1)
+    ray_run.connect("local", 6)  # --ray-address local
+    ray_run.connect("auto", 6)
+    monkeypatch.setattr(ray_run.os, "cpu_count", lambda: 64)
+    ray_run.connect(None, 1)
+    assert [(s["address"], s["num_cpus"]) for s in started] == [(None, 4), ("local", 9), ("auto", None), (None, 64)]
