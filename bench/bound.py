@@ -9,7 +9,8 @@
     bound = t_prefill + t_decode
 
 It assumes the ideal schedule: every request decodes in one batch, so the weights are read once per step
-(steps = the longest output), and each output token reads its whole context's K/V once.
+(steps = the longest output less its first token, which the prefill gives), and each decode step reads its
+row's whole context's K/V once.
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ def workload_bound(
             continue
         out = request.sampling.max_new_tokens
         prefill_flops += 2 * body * prompt + 2 * embedding + attn_flops_per_pair * prompt * (prompt + 1) / 2
-        contexts = out * prompt + out * (out - 1) / 2  # sum of the context lengths the output tokens attend to
+        # The first output token comes from the prefill's last row: out - 1 decode steps, step k (from 1) inputting
+        # the token before and attending to prompt + k tokens.
+        contexts = (out - 1) * prompt + (out - 1) * out / 2
         decode_flops += (2 * body + 2 * embedding) * (out - 1) + attn_flops_per_pair * contexts
         kv_bytes += kv_bytes_per_token * contexts
-    steps = max((r.sampling.max_new_tokens for r in workload.requests if r.continuations is None), default=0)
+    steps = max((r.sampling.max_new_tokens - 1 for r in workload.requests if r.continuations is None), default=0)
     head_bytes = embedding * item
     weight_bytes = (body * item + head_bytes) * steps
     prefill_s = prefill_flops / peak_flops

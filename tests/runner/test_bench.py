@@ -429,6 +429,40 @@ def test_the_bound_of_a_scoring_request_counts_its_prompt_once():
     assert got.prefill_s == pytest.approx(want / 1e12) and got.decode_s == 0
 
 
+def test_the_bound_of_a_generated_row_reads_each_decode_steps_context_once():
+    """A row of P prompt tokens and N output tokens runs N - 1 decode steps (its first token comes from the
+    prefill's last row, counted there), step k attending to P + k tokens. The bound counted N steps of weights and
+    N contexts from P to P + N - 1: the prefill's last row twice and one weight read too many, so it was higher
+    than the workload's least time and a share of it read high."""
+    from unittest import mock
+
+    import torch
+
+    from kvbatch.bench import bound
+    from kvbatch.bench.models import random_model
+    from kvbatch.bench.workloads import Workload
+    from kvbatch.runner.config import SamplingParams
+    from kvbatch.runner.request import GenerationRequest
+
+    model = random_model("tiny", "cpu", "float32", max_model_len=64).model
+    config = model.config
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (3, 1)]
+    work = Workload("gen", [GenerationRequest(i, list(range(10, 30)), p) for i, p in enumerate(params)])
+    with mock.patch.object(bound, "device_peaks", return_value=("H200", 1e12, 1e9)):
+        got = bound.workload_bound(model, torch.float32, work, torch.device("cuda"))
+    embedding = config.vocab_size * config.hidden_size
+    body = sum(p.numel() for p in model.parameters()) - embedding * (1 if config.tie_word_embeddings else 2)
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_pair = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+    # Each row's prompt once, with one logits row; the row of 1 output token is done there.
+    assert got.prefill_s == pytest.approx(2 * (2 * body * 20 + 2 * embedding + per_pair * 20 * 21 / 2) / 1e12)
+    # The row of 3: two decode steps, attending to 21 and 22 tokens, each reading the weights and the head.
+    flops = 2 * (2 * body + 2 * embedding) + per_pair * (21 + 22)
+    read = 2 * (body + embedding) * 4 + kv_per_token * (21 + 22)
+    assert got.decode_s == pytest.approx(max(flops / 1e12, read / 1e9)) and read / 1e9 > flops / 1e12
+
+
 def test_what_the_bench_cannot_use_ends_it_with_a_message_not_a_traceback(tmp_path):
     # A device or dtype the engine refuses, a tokenizer folder that does not exist, a --json path that is a folder,
     # a --set value YAML cannot read and an unknown --compare each ended `kvbatch bench throughput` with a traceback
