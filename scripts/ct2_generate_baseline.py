@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
-import ctranslate2
 from transformers import AutoTokenizer
 
 from kvbatch.runner.default_model import default_model_path  # the same converted folder kvbatch loads
@@ -32,6 +32,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=128)
     args = parser.parse_args()
+    try:
+        import ctranslate2
+    except ImportError:  # not a dependency of kvbatch: the peer is installed by hand, as the docstring says
+        print(f"{parser.prog}: error: ctranslate2 is not installed (pip install ctranslate2)", file=sys.stderr)
+        raise SystemExit(2) from None
     folder = default_model_path()
     if not Path(args.ct2_dir, "model.bin").exists():
         ctranslate2.converters.TransformersConverter(str(folder)).convert(args.ct2_dir, quantization="float32")

@@ -480,3 +480,21 @@ def test_what_the_bench_cannot_use_ends_it_with_a_message_not_a_traceback(tmp_pa
         assert result.exit_code in (1, 2) and exited, (args, result.exception)
         assert words in result.output, (args, result.output)
         assert "Traceback" not in result.output, args
+
+
+def test_the_ctranslate2_peer_without_ctranslate2_says_so(monkeypatch, capsys):
+    """scripts/ct2_generate_baseline.py, the CPU peer docs/benchmarks.md times, imported ctranslate2 (not a
+    dependency of kvbatch) before anything else: run where it is not installed, it ended in a traceback."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "ct2_generate_baseline.py"
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # an import of it raises ImportError, installed or not
+    monkeypatch.setattr(sys, "argv", [script.name, "in.jsonl", "out.jsonl"])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(script), run_name="__main__")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "ct2_generate_baseline.py: error: ctranslate2 is not installed (pip install ctranslate2)\n"
+    )
