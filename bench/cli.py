@@ -123,13 +123,20 @@ def _sync(device: torch.device) -> None:
 def run_engine(engine: Engine, workload: Workload) -> dict[str, Any]:
     """Time one pass of the workload through the engine; counts come from the results, not the workload."""
     before = dataclasses.replace(engine.stats)
+    # The counts are deltas, but a peak has none: the engine's starts again for this run (else a run smaller than
+    # the warm-up before it shows the warm-up's) and gets the earlier runs' back after, as a job's does.
+    engine.stats.peak_kv_usage = 0.0
     _sync(engine.device)
     started, cpu_started = time.perf_counter(), time.process_time()
     out_tokens = errors = 0
-    for result in engine.generate(workload.requests):
-        out_tokens += result.num_output_tokens
-        errors += result.error is not None
-    _sync(engine.device)
+    try:
+        for result in engine.generate(workload.requests):
+            out_tokens += result.num_output_tokens
+            errors += result.error is not None
+        _sync(engine.device)
+    finally:
+        peak_kv_usage = engine.stats.peak_kv_usage
+        engine.stats.peak_kv_usage = max(before.peak_kv_usage, peak_kv_usage)
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started  # this process's CPU time: the work, on a busy shared machine
     queried = engine.stats.num_queried_prompt_tokens - before.num_queried_prompt_tokens
@@ -147,7 +154,7 @@ def run_engine(engine: Engine, workload: Workload) -> dict[str, Any]:
         "steps_ahead": engine.stats.num_steps_ahead - before.num_steps_ahead,
         "spare_tokens": engine.stats.num_spare_tokens - before.num_spare_tokens,
         "preemptions": engine.stats.num_preemptions - before.num_preemptions,
-        "peak_kv_usage": round(engine.stats.peak_kv_usage, 3),
+        "peak_kv_usage": round(peak_kv_usage, 3),
         "prefix_hit_rate": round(cached / queried, 3) if queried else None,
         # Low on a GPU: the host, not the device, set the pace (the device sat idle between steps).
         "host_wait_share": round((engine.stats.host_wait_s - before.host_wait_s) / seconds, 3),

@@ -73,6 +73,30 @@ def test_capped_pool_finishes_every_row_with_preemptions(tmp_path):
     assert record["preemptions"] > 0 and record["peak_kv_usage"] == 1.0
 
 
+def test_a_runs_peak_kv_usage_is_its_own_not_the_warm_ups():
+    """`peak_kv_usage` was the engine's peak over its whole life, the only figure of a run that was not taken as a
+    difference: a timed run of fewer rows than the warm-up's 8 printed the warm-up's peak (`--workload prefix
+    --num-prompts 3 --set prefix_cache=false` printed 0.009, its own rows holding a third of that)."""
+    from kvbatch.bench.cli import run_engine
+    from kvbatch.bench.models import random_model
+    from kvbatch.runner.engine import Engine, EngineConfig
+
+    loaded = random_model("tiny", "cpu", "float32", max_model_len=256)
+    vocab = loaded.model.config.vocab_size
+    small, warm_up = make_workload("chat", vocab, 2), make_workload("chat", vocab, 8, seed=1)
+
+    def engine() -> Engine:
+        return Engine(EngineConfig(device="cpu", num_blocks_override=64, prefix_cache=False), loaded)
+
+    alone = run_engine(engine(), small)["peak_kv_usage"]
+    warmed = engine()
+    run_engine(warmed, warm_up)
+    warm_up_peak = warmed.stats.peak_kv_usage
+    assert 0 < alone < round(warm_up_peak, 3)
+    assert run_engine(warmed, small)["peak_kv_usage"] == alone
+    assert warmed.stats.peak_kv_usage == warm_up_peak  # the engine's own peak, over its life, stays
+
+
 def test_check_compares_streams_against_the_reference():
     result = CliRunner().invoke(
         app,
