@@ -20,7 +20,7 @@ import typer
 import yaml
 
 from kvbatch.bench.shapes import SHAPES
-from kvbatch.bench.workloads import WORKLOADS, Workload, make_workload
+from kvbatch.bench.workloads import WORKLOADS, Workload, make_workload, relabelled
 
 if TYPE_CHECKING:  # torch, transformers and the engine load when a bench command runs, not with the CLI
     import torch
@@ -298,9 +298,9 @@ def throughput(
 def _profile(
     engine: Engine, work: Workload, record: dict[str, Any], json_path: Path | None, trace_path: Path | None
 ) -> None:
-    """Run the workload again (other prompts, so nothing hits the prefix cache) under torch.profiler and print
-    where the device time went, by engine phase and kernel kind (bench/breakdown.py); on the CPU, which has no
-    kernels to share out, torch's table of its ops by their own time."""
+    """Run the workload again (the same lengths in other tokens, so nothing hits the prefix cache) under
+    torch.profiler and print where the device time went, by engine phase and kernel kind (bench/breakdown.py); on
+    the CPU, which has no kernels to share out, torch's table of its ops by their own time."""
     import gzip
     import tempfile
 
@@ -310,9 +310,11 @@ def _profile(
     from kvbatch.bench.breakdown import breakdown
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-    again = make_workload(work.name, engine.model.config.vocab_size, len(work.requests), seed=2)
+    again = relabelled(work, engine.model.config.vocab_size, seed=2)
     with torch_profile(activities=activities) as prof:
         result = run_engine(engine, again)
+    if "bound_s" in record:  # the same work, so the same bound, of this run's time
+        result["share_of_bound"] = round(record["bound_s"] / result["seconds"], 3)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))

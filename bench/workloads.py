@@ -97,3 +97,27 @@ def make_workload(name: str, vocab_size: int, num_prompts: int | None = None, se
         constrained = SamplingParams(max_new_tokens=256, structured_outputs={"json": JSON_SCHEMA})
         requests = [replace(r, sampling=constrained) for r in requests]
     return Workload(name, requests)
+
+
+def relabelled(workload: Workload, vocab_size: int, seed: int) -> Workload:
+    """The workload again in other token ids, each id swapped for another by one random permutation of the ids
+    make_workload draws from: every prompt and continuation keeps its length and the rows that shared a system
+    prompt share another, so a second run (the profiled one) is the same work, none of whose blocks the first run
+    left in the prefix cache."""
+    ids = range(10, vocab_size - 10)
+    shuffled = list(ids)
+    random.Random(seed).shuffle(shuffled)
+    swap = dict(zip(ids, shuffled))
+
+    def new(tokens: list[int]) -> list[int]:
+        return [swap[t] for t in tokens]
+
+    requests = [
+        replace(
+            r,
+            prompt_token_ids=new(r.prompt_token_ids),
+            continuations=None if r.continuations is None else [new(c) for c in r.continuations],
+        )
+        for r in workload.requests
+    ]
+    return Workload(workload.name, requests)

@@ -371,6 +371,40 @@ def test_throughput_profile_prints_the_breakdown(tmp_path):
     assert trace.stat().st_size > 0
 
 
+def test_the_profiled_run_is_the_workload_again_in_other_tokens(tmp_path, monkeypatch):
+    """`--profile` is documented to run the workload again in other prompts of the same lengths. It drew a new
+    workload from another seed, lengths included, so the profiled record counted other tokens under the timed
+    run's workload line and bound, and kept the timed run's share of the bound beside its own seconds."""
+    from kvbatch.bench import bound
+
+    monkeypatch.setattr(bound, "device_peaks", lambda device: ("H200", 1e12, 1e6))  # a bound on the CPU too
+    out = tmp_path / "bench.jsonl"
+    args = ["bench", "throughput", "--shape", "tiny", "--workload", "chat", "--num-prompts", "4", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--profile", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    timed, profiled = _records(out.read_text())
+    same = ("workload", "rows", "in_tokens", "out_tokens", "errors", "prefix_hit_rate", "bound_s")
+    assert {k: profiled[k] for k in same} == {k: timed[k] for k in same}
+    assert profiled["share_of_bound"] == pytest.approx(profiled["bound_s"] / profiled["seconds"], rel=1e-3)
+
+
+def test_a_relabelled_workload_keeps_its_shape_in_other_tokens():
+    """What the profiled run takes (the test above): each prompt and continuation of the same length, the rows
+    that shared a system prompt sharing another, and no prompt beginning as it did (a prefix cache hit)."""
+    from kvbatch.bench.workloads import relabelled
+
+    for name in ("prefix", "score"):
+        work = make_workload(name, 1024, 3)
+        again = relabelled(work, 1024, seed=2)
+        shape = [(len(r.prompt_token_ids), [len(c) for c in r.continuations or ()]) for r in work.requests]
+        assert [(len(r.prompt_token_ids), [len(c) for c in r.continuations or ()]) for r in again.requests] == shape
+        assert again.describe() == work.describe()
+        assert all(a.prompt_token_ids[:16] != r.prompt_token_ids[:16] for a, r in zip(again.requests, work.requests))
+        assert all(10 <= t < 1014 for r in again.requests for t in r.prompt_token_ids)
+    prefix = relabelled(make_workload("prefix", 1024, 3), 1024, seed=2).requests
+    assert prefix[0].prompt_token_ids[:2000] == prefix[2].prompt_token_ids[:2000]  # still one shared system prompt
+
+
 def test_json_workload_is_workload_a_under_one_schema():
     from kvbatch.bench.workloads import JSON_SCHEMA
 
