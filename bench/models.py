@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from kvbatch.bench.shapes import SHAPES
+from kvbatch.errors import SpecError
 from kvbatch.runner import attention_hook
 from kvbatch.runner.model_loader import LoadedModel, resolve_device, resolve_dtype
 
@@ -65,8 +66,12 @@ def random_model(
 
         stand_in = AutoTokenizer.from_pretrained(tokenizer)
         if len(stand_in) > config.vocab_size:
-            raise ValueError(
+            # --tokenizer on the command line: a usage error, which `kvbatch bench` prints without a traceback
+            fits = [name for name, fields in SHAPES.items() if fields["vocab_size"] >= len(stand_in)]
+            raise SpecError(
                 f"the tokenizer in {tokenizer} has {len(stand_in)} tokens; {shape} has {config.vocab_size}"
+                f" (shapes that hold them: {', '.join(fits) or 'none'})",
+                field="tokenizer",
             )
     eos = () if stand_in.eos_token_id is None else (stand_in.eos_token_id,)
     return LoadedModel(model, stand_in, f"random {shape}", eos, max_model_len, torch_device, torch_dtype)

@@ -439,11 +439,19 @@ def test_json_workload_runs_every_row_to_its_length_under_the_grammar(tmp_path):
 
 
 def test_a_tokenizer_larger_than_the_shape_is_refused(tmp_path):
+    """Refused with a ValueError, which `kvbatch bench throughput` let through as a traceback: `--workload json`
+    on the tiny shape (its tokenizer the default model's, 49,152 tokens) ended that way. It is a usage error."""
     from kvbatch.bench.models import random_model
 
     _char_tokenizer(tmp_path / "tok", 2048)
     with pytest.raises(ValueError, match="has 2048 tokens; tiny has 1024"):
         random_model("tiny", "cpu", "float32", max_model_len=64, tokenizer=str(tmp_path / "tok"))
+    args = ["--shape", "tiny", "--workload", "json", "--num-prompts", "2", "--tokenizer", str(tmp_path / "tok")]
+    result = CliRunner().invoke(app, ["bench", "throughput", *args])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    assert f"kvbatch: error: tokenizer: the tokenizer in {tmp_path / 'tok'} has 2048 tokens; tiny has 1024" in (
+        result.output
+    )
 
 
 def test_score_workload_reads_every_prompt_once_and_each_continuation(tmp_path):
