@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbatch.bench.peers import hf_greedy_tokens
+from kvbatch.errors import SpecError
 from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel
@@ -53,12 +54,12 @@ def chat_prompts(tokenizer, path: Path, num_prompts: int) -> list[list[int]]:
             if line.strip():
                 try:
                     texts.append(str(json.loads(line)["prompt"]))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(
+                except (ValueError, KeyError, TypeError) as exc:  # a usage error: `bench check` prints it as one
+                    raise SpecError(
                         f"{path} line {line_no}: expected a JSON object with a 'prompt' field ({exc})"
                     ) from exc
     if not texts:
-        raise ValueError(f"{path} holds no prompts")
+        raise SpecError(f"{path} holds no prompts")
     return [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False

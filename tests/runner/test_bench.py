@@ -232,6 +232,24 @@ def test_chat_prompts_name_the_bad_line(tmp_path):
         chat_prompts(None, path, 5)
 
 
+def test_check_stops_on_a_bad_prompts_file_with_a_message_not_a_traceback(tmp_path, monkeypatch):
+    """chat_prompts refused a line without a prompt, or a file without one, with a ValueError that `kvbatch bench
+    check --model M --prompts FILE` let through as a traceback (examples/data/questions.jsonl, whose line 13 is
+    malformed on purpose, ended that way)."""
+    from tiny_models import tiny_loaded
+
+    from kvbatch.runner import model_loader
+
+    monkeypatch.setattr(model_loader, "load_model", lambda *args, **kwargs: tiny_loaded("llama"))
+    bad, empty = tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    empty.write_text("\n")
+    for path, words in ((bad, f"{bad} line 2: expected a JSON object with a 'prompt' field"), (empty, "no prompts")):
+        result = CliRunner().invoke(app, ["bench", "check", "--model", "m", "--prompts", str(path)])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+        assert result.output.startswith("kvbatch: error: ") and words in result.output, result.output
+
+
 def test_kernel_sweeps_report_every_variant_and_restore_the_defaults(monkeypatch, capsys):
     """`kvbatch bench kernels --sweep` on interpreted kernels: one line per variant, each variant's output equal to
     the default's, and the launch parameters put back (the timing is stubbed: speed is not what this checks)."""
