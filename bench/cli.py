@@ -363,12 +363,13 @@ def kernels(sweep: Annotated[bool, typer.Option(help="Also time tile and split v
     import torch
 
     from kvbatch.bench.kernels import run_kernel_check
+    from kvbatch.errors import ExitCode
 
     if not torch.cuda.is_available():
         typer.echo(
             "kvbatch: error: bench kernels times the Triton kernels on a CUDA GPU, and none is visible", err=True
         )
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.USAGE)  # not 1, which says a kernel is out of tolerance
     ok = run_kernel_check(sweep)
     if not ok:
         raise typer.Exit(1)

@@ -290,6 +290,20 @@ def test_prefill_sweep_times_every_tile_variant_and_restores_the_default(monkeyp
     assert all(line["max_diff_vs_default"] < 1e-5 and line["ms"] == 1.0 for line in lines), lines
 
 
+def test_kernels_without_a_gpu_exit_2_not_as_a_failed_case(monkeypatch):
+    """`kvbatch bench kernels` exits 1 when a kernel is out of tolerance (docs/cli.md). On a machine without a CUDA
+    GPU it exited 1 too, so a script could not tell a wrong kernel from a run that checked none: it is a usage
+    error, exit 2, with the message."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(app, ["bench", "kernels"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    assert (
+        result.output == "kvbatch: error: bench kernels times the Triton kernels on a CUDA GPU, and none is visible\n"
+    )
+
+
 def test_kernels_continuations_share_their_prompt_pages_in_fours(monkeypatch):
     """`kvbatch bench kernels`' continuations case: each run of four sequences reads its first blocks from the
     first one's pages, and the kernel's output is the reference's on that sharing (interpreted kernels)."""
