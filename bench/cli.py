@@ -235,6 +235,13 @@ def throughput(
         raise typer.BadParameter(
             "the peers generate; --compare does not run a scoring workload", param_hint="--compare"
         )
+    # An option of another's run, alone: it would be dropped without a word after the whole run.
+    if trace is not None and not profile:
+        raise typer.BadParameter("--trace keeps the trace of --profile's run: add --profile", param_hint="--trace")
+    if hf_num_prompts is not None and compare is None:
+        raise typer.BadParameter(
+            "--hf-num-prompts picks the rows of --compare hf's peers: add --compare hf", param_hint="--hf-num-prompts"
+        )
     if tokenizer is None and workload == "json":
         tokenizer = "default"
     if tokenizer == "default":

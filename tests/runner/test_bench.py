@@ -596,3 +596,19 @@ def test_the_ctranslate2_peer_without_ctranslate2_says_so(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "ct2_generate_baseline.py: error: ctranslate2 is not installed (pip install ctranslate2)\n"
     )
+
+
+def test_options_that_apply_to_another_are_refused_without_it(tmp_path):
+    """`--trace F` keeps the trace of `--profile`'s run and `--hf-num-prompts N` picks the peers' rows of
+    `--compare hf`: without those, the run went on (the model built, the workload timed) and dropped them without
+    a word, no trace written. Each is a usage error, before the model loads."""
+    cases = [
+        (["--trace", str(tmp_path / "t.json.gz")], "--trace keeps the trace of --profile's run: add --profile"),
+        (["--hf-num-prompts", "2"], "--hf-num-prompts picks the rows of --compare hf's peers: add --compare hf"),
+    ]
+    for args, words in cases:
+        result = CliRunner().invoke(app, ["bench", "throughput", "--shape", "tiny", "--num-prompts", "2", *args])
+        flat = " ".join(result.output.replace("│", " ").split())  # the message as typer wraps it in a box
+        assert result.exit_code == 2 and words in flat, (args, result.output)
+        assert not _records(result.output), args  # refused before anything ran
+    assert not (tmp_path / "t.json.gz").exists()
