@@ -189,8 +189,8 @@ def soak_job(engine: Engine, args: argparse.Namespace) -> int:
     reporter = Reporter(engine.pool, args.every)
     generate = engine.generate
 
-    def counted(stream):
-        for result in generate(stream):
+    def counted(stream, **options):  # the job passes generate its own options (on_step): passed on unchanged
+        for result in generate(stream, **options):
             reporter.count(result.num_output_tokens, last=reporter.done + 1 == args.rows)
             yield result
 
