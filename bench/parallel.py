@@ -26,8 +26,9 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from kvbatch.bench.cli import emit_record
+from kvbatch.bench.cli import _one_of, emit_record
 from kvbatch.bench.random_weights import RandomLoader
+from kvbatch.bench.shapes import SHAPES
 from kvbatch.bench.workloads import Workload, make_workload
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import resolve_device
@@ -36,7 +37,10 @@ from kvbatch.runner.parallel import tensor_parallel
 app = typer.Typer(
     help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
 )
-ShapeOpt = Annotated[str, typer.Option(help="A bench_models shape: tiny, llama-1b, llama-8b, llama-70b, ...")]
+ShapeOpt = Annotated[str, typer.Option(help=f"Model shape: {', '.join(SHAPES)}.", callback=_one_of(tuple(SHAPES)))]
+# The workloads this bench's engines can run: lora's rows need adapters and json's a real tokenizer, which it does
+# not load, and score generates nothing for its output tokens/s to count.
+GENERATING = ("a", "b", "c", "prefix", "chat")
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Append the result lines to this file.")]
 
 
@@ -139,7 +143,9 @@ def check(
 @app.command()
 def throughput(
     shape: ShapeOpt = "llama-8b",
-    workload: Annotated[str, typer.Option(help="a, b, c, prefix or chat (bench/workloads.py).")] = "a",
+    workload: Annotated[
+        str, typer.Option(help=f"{', '.join(GENERATING)} (bench/workloads.py).", callback=_one_of(GENERATING))
+    ] = "a",
     num_prompts: Annotated[int | None, typer.Option(min=1)] = None,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel", min=1)] = 1,
     data_parallel_size: Annotated[int, typer.Option("--data-parallel", min=1)] = 1,
@@ -150,8 +156,6 @@ def throughput(
 ) -> None:
     """Output and total tokens/s of one layout (data-parallel processes x tensor-parallel ranks)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from kvbatch.bench.models import SHAPES
-
     work = make_workload(workload, SHAPES[shape]["vocab_size"], num_prompts)
     settings = _settings(dtype, max(4096, work.max_seq_len), max_num_seqs, device)
     ctx = multiprocessing.get_context("spawn")

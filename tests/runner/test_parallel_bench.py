@@ -88,3 +88,20 @@ def test_a_process_that_fails_stops_the_run_instead_of_hanging():
     )
     assert result.exit_code != 0
     assert "exited with code 1" in str(result.exception) or "exited with code 1" in result.output
+
+
+def test_a_shape_or_workload_it_cannot_run_is_a_usage_error():
+    """The parallel bench took any --shape and --workload: an unknown one ended in a KeyError or ValueError
+    traceback, and `--workload lora` (whose rows need adapters this bench does not load) printed 0 output tokens
+    and 4 million total tokens/s as a result. Each is refused, exit 2, naming the choices."""
+    cases = [
+        (["throughput", "--shape", "xyz"], "'xyz' is none of llama-1b, llama-8b"),
+        (["check", "--shape", "xyz"], "'xyz' is none of llama-1b, llama-8b"),
+        (["throughput", "--shape", "tiny", "--workload", "lora"], "'lora' is none of a, b, c, prefix, chat"),
+        (["throughput", "--shape", "tiny", "--workload", "score"], "'score' is none of a, b, c, prefix, chat"),
+    ]
+    for args, words in cases:
+        result = CliRunner().invoke(app, [*args, "--num-prompts", "2", "--device", "cpu"])
+        flat = " ".join(result.output.replace("│", " ").split())  # the message as typer wraps it in a box
+        assert result.exit_code == 2 and words in flat, (args, result.output, result.exception)
+        assert not _records(result.output), args
