@@ -382,6 +382,23 @@ def kernels(sweep: Annotated[bool, typer.Option(help="Also time tile and split v
         raise typer.Exit(1)
 
 
+def _check_backend_runs_here(name: str) -> None:
+    """Refuse kernels that cannot run on this machine before the model is built and the reference runs, which on a
+    real shape take far longer than the error they would end in."""
+    from kvbatch.cache.backends import BACKEND_NAMES, why_unavailable
+    from kvbatch.runner.config import EngineConfig
+    from kvbatch.runner.model_loader import resolve_device
+
+    here, block_size = resolve_device("auto"), EngineConfig().block_size  # the device and pages check runs on
+    if name not in BACKEND_NAMES:
+        problem = f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
+    else:
+        problem = why_unavailable(name, here, block_size) if name != "auto" else None
+    if problem:
+        runnable = [n for n in BACKEND_NAMES if n != "auto" and why_unavailable(n, here, block_size) is None]
+        raise typer.BadParameter(f"{problem} (here: {', '.join(runnable)})", param_hint="--attention-backend")
+
+
 @bench_app.command()
 @_clean_errors
 def check(
@@ -419,6 +436,7 @@ def check(
 
     if (model is None) != (prompts is None):
         raise typer.BadParameter("--model and --prompts go together: a real model needs real prompts")
+    _check_backend_runs_here(attention_backend)
     if model is not None:
         loaded = load_model(model, "auto", dtype, max_model_len=4096)
         token_ids = chat_prompts(loaded.tokenizer, prompts, num_prompts)

@@ -186,6 +186,30 @@ def test_check_runs_the_kernels_with_fused_layers_when_asked():
     assert record["fused_layers"] is True and record["prompts"] == 2
 
 
+def test_check_refuses_kernels_that_cannot_run_here_before_any_work(monkeypatch):
+    """`kvbatch bench check` (the Triton kernels by default) on a machine without a CUDA GPU built the model, ran
+    the reference twice and transformers' generate, and only then found that the kernels' engine cannot start: on
+    a real shape, most of an hour of CPU for an error. It is refused first, a usage error (exit 2) that names the
+    backends that can run here; so is an attention backend that does not exist."""
+    import torch
+
+    from kvbatch.bench import models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the backend was checked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "random_model", never)
+    cases = [
+        ([], "the triton backend needs a CUDA device, the model runs on cpu (here: torch, cpu)"),
+        (["--attention-backend", "xyz"], "unknown attention backend 'xyz'"),
+    ]
+    for args, words in cases:
+        result = CliRunner().invoke(app, ["bench", "check", "--shape", "tiny", *args])
+        flat = " ".join(result.output.replace("│", " ").split())  # the message as typer wraps it in a box
+        assert result.exit_code == 2 and words in flat, (args, result.output, result.exception)
+
+
 @pytest.mark.slow
 def test_check_on_the_real_model_reads_chat_prompts(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
@@ -245,7 +269,8 @@ def test_check_stops_on_a_bad_prompts_file_with_a_message_not_a_traceback(tmp_pa
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
     empty.write_text("\n")
     for path, words in ((bad, f"{bad} line 2: expected a JSON object with a 'prompt' field"), (empty, "no prompts")):
-        result = CliRunner().invoke(app, ["bench", "check", "--model", "m", "--prompts", str(path)])
+        args = ["--model", "m", "--prompts", str(path), "--attention-backend", "torch"]
+        result = CliRunner().invoke(app, ["bench", "check", *args])
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
         assert result.output.startswith("kvbatch: error: ") and words in result.output, result.output
 
