@@ -85,8 +85,26 @@ def connect(address: str | None, actors: int) -> None:
     # Each engine actor holds a CPU for the whole run; the read, the write and, on a rerun, Ray Data's checkpoint
     # filter want one each as well. A local instance counts the machine's cores, and on 2 of them a rerun of one
     # actor waited for a CPU for ever, without a word. Its CPUs are a count to schedule by, not cores to pin.
-    cpus = max(os.cpu_count() or 1, actors + 3) if address in (None, "local") else None
+    cpus = max(os.cpu_count() or 1, actors + 3) if _starts_local_ray(address) else None
     ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _starts_local_ray(address: str | None) -> bool:
+    """Whether ray.init(address) starts a new local instance rather than joining a running cluster, which refuses a
+    num_cpus. "local" always starts one; with no address Ray first joins the cluster RAY_ADDRESS names, or the
+    one `ray start` recorded on this machine (found as ray.init finds it)."""
+    if address == "local":
+        return True
+    if address is not None:
+        return False
+    named = os.environ.get("RAY_ADDRESS")
+    if named:
+        return named == "local"
+    try:  # Ray's own lookup; a Ray without it gets no count, as before there was one
+        from ray._private.services import find_bootstrap_address
+    except ImportError:
+        return False
+    return find_bootstrap_address(None) is None
 
 
 def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool = False) -> Summary:

@@ -384,9 +384,39 @@ def test_a_local_ray_has_a_cpu_for_each_actor_and_the_tasks_around_them(monkeypa
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
     monkeypatch.setattr(ray_run.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no running cluster to join
+    monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: None)
     ray_run.connect(None, 1)
     ray_run.connect("local", 6)  # --ray-address local
     ray_run.connect("auto", 6)
     monkeypatch.setattr(ray_run.os, "cpu_count", lambda: 64)
     ray_run.connect(None, 1)
     assert [(s["address"], s["num_cpus"]) for s in started] == [(None, 4), ("local", 9), ("auto", None), (None, 64)]
+
+
+def test_no_address_joins_a_running_ray_without_a_cpu_count(monkeypatch, tmp_path) -> None:
+    """With no address, ray.init joins the cluster RAY_ADDRESS names or the one `ray start` recorded, and refuses a
+    num_cpus there ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided"): the CPU
+    count meant for a new local instance failed every Ray job run beside a running cluster, which the job's unset
+    ray_address promises to join. Only a Ray that starts here gets the count."""
+    from ray._private import services
+
+    from kvbatch.jobs import ray_run
+
+    started: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
+    monkeypatch.setattr(ray_run.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    ray_run.connect(None, 1)
+    ray_run.connect("local", 1)  # a new instance whatever RAY_ADDRESS says
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a Ray Client address
+    ray_run.connect(None, 1)
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: "127.0.0.1:6380")  # `ray start`
+    ray_run.connect(None, 1)
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    ray_run.connect(None, 1)
+    want = [(None, None), ("local", 4), (None, None), (None, None), (None, 4)]
+    assert [(s["address"], s["num_cpus"]) for s in started] == want
