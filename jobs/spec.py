@@ -699,9 +699,14 @@ def check_chat_template(job: JobSpec, tokenizer: Any) -> None:
     """Refuse a job that gives its chat template tools or values when the model's tokenizer has no template and the
     job no chat_template_file: its prompts go to the model as raw text (jobs/tokenize.py), and the tools and values
     would be dropped without a word, as the job file's load refuses them beside `prompt.chat_template: false`. And
-    refuse a prompt.system the model's template refuses, which would fail every row."""
+    refuse a prompt.system the template the rows render with (the job's file, else the model's) refuses, which would
+    fail every row."""
     prompt = job.prompt
-    if not prompt.chat_template or prompt.chat_template_file is not None or job.task == "score_rolling":
+    if not prompt.chat_template or job.task == "score_rolling":
+        return
+    if prompt.chat_template_file is not None:  # the rows render with it, whatever the model's template is
+        if prompt.system:
+            _check_system_role(job, tokenizer, chat_template_path(job).read_text(encoding="utf-8"))
         return
     if getattr(tokenizer, "chat_template", None) is not None:
         if prompt.system:
@@ -716,11 +721,13 @@ def check_chat_template(job: JobSpec, tokenizer: Any) -> None:
             )
 
 
-def _check_system_role(job: JobSpec, tokenizer: Any) -> None:
-    """Refuse the job's prompt.system where the model's template refuses a system message it renders the same
-    conversation without (Gemma's, Mistral's first ones): every row would be a chat_template error. A template that
-    fails without it too is left to the rows, which name their own errors."""
+def _check_system_role(job: JobSpec, tokenizer: Any, template: str | None = None) -> None:
+    """Refuse the job's prompt.system where its template (`template`, the job's file; None: the model's) refuses a
+    system message it renders the same conversation without (Gemma's, Mistral's first ones): every row would be a
+    chat_template error. A template that fails without it too is left to the rows, which name their own errors."""
     options = dict(job.prompt.chat_template_kwargs or {})
+    if template is not None:
+        options["chat_template"] = template
 
     def render(messages: list[dict[str, str]]) -> Exception | None:
         try:

@@ -680,3 +680,38 @@ def test_a_jobs_system_prompt_the_template_refuses_stops_the_job(tmp_path) -> No
     pipe = pipeline(tmp_path, byte_tokenizer(NO_SYSTEM))
     own_system = pipe.request(Row(0, {"messages": [{"role": "system", "content": "x"}, *MESSAGES]}))
     assert own_system.error.kind == ErrorKind.CHAT_TEMPLATE
+
+
+def test_a_jobs_system_prompt_its_own_template_file_refuses_stops_the_job(tmp_path) -> None:
+    """The job's prompt.chat_template_file renders its rows in place of the model's template, and the system-role
+    check skipped it: a job giving a template that refuses a system message (Gemma's, saved as a file) and a
+    prompt.system failed every row as a chat_template error, the job running to its end on nothing. The file is
+    checked as the model's template is, whatever the model's template is, or whether it has one."""
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.spec import check_chat_template
+
+    (tmp_path / "gemma.jinja").write_text(NO_SYSTEM)
+    (tmp_path / "own.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+
+    def job(template: str, **prompt):
+        return job_from_dict(
+            {
+                "name": "j",
+                "input": {"path": "in.jsonl"},
+                "prompt": {"messages_column": "messages", "chat_template_file": template, **prompt},
+            },
+            base_dir=str(tmp_path),
+        )
+
+    for tokenizer in (byte_tokenizer(), byte_tokenizer(None), byte_tokenizer(NO_SYSTEM)):
+        with pytest.raises(SpecError) as refused:
+            check_chat_template(job("gemma.jinja", system="Be brief."), tokenizer)
+        assert refused.value.field == "prompt.system"
+        assert "the chat template refuses a system message (TemplateError: System role not supported)" in str(
+            refused.value
+        )
+        check_chat_template(job("gemma.jinja"), tokenizer)  # no system prompt
+        check_chat_template(job("own.jinja", system="Be brief."), tokenizer)  # a file that takes it
+    pipe = pipeline(tmp_path, byte_tokenizer(), chat_template_file="gemma.jinja", system="Be brief.")
+    refused_row = pipe.request(Row(0, {"messages": MESSAGES}))
+    assert refused_row.error.kind == ErrorKind.CHAT_TEMPLATE  # what every row of such a job was
