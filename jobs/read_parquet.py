@@ -81,14 +81,21 @@ def with_json_decoded(rows: Iterator[Row], schema: pa.Schema, columns: list[str]
     kinds = {c: schema.field(c).type for c in columns if c in schema.names and _holds_json(schema.field(c).type)}
     if not kinds:
         return rows
-    return (
-        row if row.data is None else dataclasses.replace(row, data={**row.data, **_decoded(row.data, kinds)})
-        for row in rows
-    )
+    return (row if row.data is None else _decoded(row, kinds) for row in rows)
 
 
-def _decoded(data: dict[str, Any], kinds: dict[str, pa.DataType]) -> dict[str, Any]:
-    return {name: _json_values(data[name], kind) for name, kind in kinds.items() if name in data}
+def _decoded(row: Row, kinds: dict[str, pa.DataType]) -> Row:
+    assert row.data is not None, "only rows that were read are decoded"
+    data = dict(row.data)
+    for name, kind in kinds.items():
+        if name not in data:
+            continue
+        try:
+            data[name] = _json_values(data[name], kind)
+        except RecursionError:  # json.loads recurses once per nesting level: the row fails, as a JSONL line does
+            error = RowError(ErrorKind.BAD_JSON, f"{row.value(name)} holds JSON nested too deeply")
+            return row if row.error is not None else dataclasses.replace(row, error=error)
+    return dataclasses.replace(row, data=data)
 
 
 def _is_json(kind: pa.DataType) -> bool:

@@ -452,6 +452,23 @@ def test_json_values_of_a_datasets_input_reach_the_prompt_as_datasets_reads_them
     assert [json.loads(line)["meta"] for line in out.read_text().splitlines()] == ['{"a":1}', "[1]"]
 
 
+def test_a_json_value_nested_too_deeply_is_its_row_s_error(tmp_path: Path) -> None:
+    """An Arrow JSON value (datasets' `Json`) in a request column nested past json.loads' recursion limit stopped
+    the whole job ("the engine failed (RecursionError ...)"); a JSONL line nested so is a bad_json row. It is now
+    that row's bad_json error, its id kept, and the other rows are read."""
+    from kvbatch.jobs.read_parquet import with_json_decoded
+
+    deep = "[" * 100_000 + "]" * 100_000
+    prompts = pa.array(['"hi"', deep, '"yo"'], pa.json_())
+    pq.write_table(pa.table({"id": [0, 1, 2], "prompt": prompts}), tmp_path / "in.parquet")
+    reader = open_reader(job_for(tmp_path, "in.parquet"), ["id", "prompt"])
+    rows = list(with_json_decoded(reader.rows, reader.schema, ["prompt"]))
+    assert [(r.data["prompt"], r.error) for r in (rows[0], rows[2])] == [("hi", None), ("yo", None)]
+    assert rows[1].data["id"] == 1
+    assert rows[1].error is not None and rows[1].error.kind == ErrorKind.BAD_JSON
+    assert rows[1].error.message == "row 1: column 'prompt' holds JSON nested too deeply"
+
+
 def test_compressed_files_and_globs_are_refused_saying_what_to_do(tmp_path: Path) -> None:
     # A .jsonl.gz was "cannot tell the input format; set input.format", and input.format jsonl then read the gzip
     # bytes as one invalid_utf8 row; a glob was "input not found".
