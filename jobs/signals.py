@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
 GRACE_ENV = "KVBATCH_STOP_GRACE_S"
 DEFAULT_GRACE_S = 60.0
+# The longest timer setitimer takes is about 292 years (nanoseconds in an int64); past it, it raises inside the signal
+# handler. A grace period that long (`inf`, `1e10`) asks to wait for the rows however long they take: what 0 does.
+MAX_GRACE_S = 1e9
 
 
 class StopNow(KeyboardInterrupt):
@@ -100,9 +104,11 @@ def grace_seconds() -> float:
     try:
         value = float(raw)
     except ValueError:
+        value = math.nan
+    if math.isnan(value):
         log.warning("%s=%r is not a number of seconds; using %.0f", GRACE_ENV, raw, DEFAULT_GRACE_S)
         return DEFAULT_GRACE_S
-    return max(value, 0.0)
+    return 0.0 if value > MAX_GRACE_S else max(value, 0.0)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from kvbatch import cli
 from kvbatch.errors import ExitCode, InterruptedJob
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.runners import run_jobs
-from kvbatch.jobs.signals import StopNow
+from kvbatch.jobs.signals import DEFAULT_GRACE_S, StopNow, grace_seconds
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.jobs.writer import work_dir
 
@@ -126,6 +126,25 @@ def test_grace_period_drops_rows_in_flight(job, tmp_path: Path, monkeypatch: pyt
         run_jobs([job], engine_factory=factory_for(engine))
     _, rows = committed(tmp_path)
     assert len(rows) == 6, "the results that arrived are committed; the stalled rows are left for the rerun"
+    finish_and_check(job, tmp_path)
+
+
+@pytest.mark.parametrize("grace", ["inf", "1e10", "nan"])
+def test_a_grace_period_no_timer_holds_still_stops_on_the_first_signal(
+    job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grace: str
+) -> None:
+    """KVBATCH_STOP_GRACE_S=inf (or 1e10) reached setitimer inside the signal handler, which raised OverflowError
+    wherever the main thread was: a failed job, or a step the engine retried, the signal lost and the run going on
+    to its end. nan waited however long without a word. A grace period past what a timer holds now waits however
+    long, as 0 does; nan is not a number, warned about, and the default applies."""
+    monkeypatch.setenv("KVBATCH_STOP_GRACE_S", grace)
+    assert grace_seconds() == (DEFAULT_GRACE_S if grace == "nan" else 0.0)
+    engine = SignallingEngine({5: signal.SIGTERM})
+    outcome = run_jobs([job], engine_factory=factory_for(engine))[0]
+    assert isinstance(outcome.error, InterruptedJob) and "stopped by SIGTERM" in str(outcome.error)
+    asked = {r.request_id for r in engine.requests}
+    assert len(asked) < NUM_ROWS, "admission stopped"
+    assert committed(tmp_path)[1] == asked
     finish_and_check(job, tmp_path)
 
 
