@@ -16,10 +16,14 @@ from kvbatch.errors import ErrorKind, InputError
 from .nano_time import python_rows
 from .rows import Reader, Row, RowError
 
+# Column chunks are read through a buffer of this size, a batch's pages at a time: pyarrow's default pre-buffers a
+# row group's chunks whole, and a row group may be a million rows (pyarrow's own default) of any length.
+_READ_BUFFER_BYTES = 1 << 20
+
 
 def open_parquet(path: Path, columns: list[str], batch_rows: int) -> Reader:
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=_READ_BUFFER_BYTES)
     except FileNotFoundError:
         raise InputError(f"input not found: {path}") from None
     except (OSError, pa.ArrowException) as exc:

@@ -56,3 +56,20 @@ def test_parquet_is_read_in_record_batches(tmp_path: Path, monkeypatch) -> None:
     rows = list(open_reader(job, ["prompt"]))
     assert len(rows) == 1000 and rows[999].data == {"prompt": "p999"}, "only the columns the job uses"
     assert asked == [{"batch_size": 64, "columns": ["prompt"]}]
+
+
+def test_a_row_group_far_larger_than_batch_rows_is_not_held_whole(tmp_path: Path) -> None:
+    """pyarrow pre-buffers a row group's column chunks whole by default: a file written as one row group (pyarrow
+    writes a million rows to one) was held in memory whole, however small input.batch_rows was. The chunks are now
+    read through a buffer, a batch's pages at a time."""
+    num_rows = 100_000
+    prompts = [f"{i:0200d}" for i in range(num_rows)]  # 20 MB of text in one row group
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet", row_group_size=num_rows, compression="none")
+    job = job_from_dict({"name": "j", "input": {"path": "in.parquet", "batch_rows": 64}}, base_dir=str(tmp_path))
+    rows = iter(open_reader(job, ["prompt"]))
+    before = pa.total_allocated_bytes()
+    first = next(rows)
+    held = pa.total_allocated_bytes() - before
+    assert first.data == {"prompt": prompts[0]}
+    assert held < 4 * MIB, f"{held} bytes held for a batch of 64 rows"
+    assert sum(1 for _ in rows) == num_rows - 1
