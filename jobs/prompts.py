@@ -249,6 +249,8 @@ def _with_parsed_arguments(calls: list[Any]) -> list[Any] | str:
                     arguments = json.loads(arguments)
                 except ValueError as exc:
                     return f"[{i}].function.arguments is not JSON text ({exc})"
+                except RecursionError:  # json.loads recurses once per nesting level
+                    return f"[{i}].function.arguments is not JSON text (nested too deeply)"
             elif not arguments:
                 arguments = {}
             call = {**call, "function": {**function, "arguments": arguments}}

@@ -234,6 +234,11 @@ def test_tool_calls_and_tool_results_reach_the_template(tmp_path) -> None:
     bad = pipe.request(Row(1, {"messages": [turns[0], {**turns[1], "tool_calls": [not_json]}]}))
     assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.WRONG_TYPE
     assert "[1].tool_calls[0].function.arguments is not JSON text" in bad.error.message
+    # JSON text nested past Python's parser was a `tokenize` error, blaming the tokenizer for the row's value
+    too_deep = {**call, "function": {"name": "add", "arguments": "[" * 100_000 + "]" * 100_000}}
+    bad = pipe.request(Row(1, {"messages": [turns[0], {**turns[1], "tool_calls": [too_deep]}]}))
+    assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.WRONG_TYPE
+    assert "[1].tool_calls[0].function.arguments is not JSON text (nested too deeply)" in bad.error.message
     for message, words in [
         ({"role": "assistant", "content": None}, "content is missing (null), expected text, or tool_calls beside it"),
         ({"role": "assistant", "content": "x", "tool_calls": "add"}, "tool_calls is a string, expected a list"),
