@@ -105,7 +105,13 @@ def _from_jsonl(path: Path, num_samples: int) -> OutputReport:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line.rstrip("\r\n"))  # without the newline, a cut line's column is on this line
+            except json.JSONDecodeError as exc:  # its line and column are the text's, where this line is line 1
+                message = f"line {line_no} is not JSON: {exc.msg} at column {exc.colno}"
+                raise InputError(f"cannot read {path}: {message}") from None
+            except (ValueError, RecursionError):  # an integer past Python's digits, or nesting past its parser's
+                raise InputError(f"cannot read {path}: line {line_no} is not a kvbatch output row") from None
             try:
                 _count_record(report, record)
             except (AttributeError, KeyError, IndexError, TypeError):

@@ -408,6 +408,9 @@ def test_inspect_refuses_what_it_cannot_read(tmp_path: Path) -> None:
             "line 1 is not a kvbatch output row",
         ),
         ("latin1.jsonl", b'{"row": "caf\xe9"}\n', "codec can't decode byte 0xe9"),
+        # nesting past Python's parser was a RecursionError traceback; a bad line named line 1 whatever its line
+        ("deep.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "line 1 is not a kvbatch output row"),
+        ("cut.jsonl", b'\n{"row": 0\n', "line 2 is not JSON: Expecting ',' delimiter at column 10"),
     ):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(InputError, match=words):
