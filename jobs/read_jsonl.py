@@ -90,7 +90,7 @@ def not_json_lines(name: str, f: BinaryIO, num_rows: int, max_line_bytes: int) -
     """What makes the file `name` (open at its start, `num_rows` non-blank lines) no JSON lines, with the command
     that rewrites it as JSON lines; None for JSON lines. Read as JSON lines, each such file became junk error rows
     after the model loaded: it is refused whole, before, in a local run and a Ray run alike."""
-    line = f.readline(max_line_bytes + len(_BOM) + 2)
+    line = f.readline(_line_limit(max_line_bytes + len(_BOM) + 2))
     encoding = next((encoding for mark, encoding in _OTHER_BOMS if line.startswith(mark)), None)
     if encoding is not None:
         return (
@@ -124,7 +124,7 @@ def _first_line(line: bytes, f: BinaryIO, max_line_bytes: int) -> bytes:
     first line, `f` open after it."""
     first = line.removeprefix(_BOM)
     while first and not first.strip():
-        first = f.readline(max_line_bytes + 2)
+        first = f.readline(_line_limit(max_line_bytes + 2))
     return first
 
 
@@ -175,8 +175,8 @@ def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> I
     line_no = 0
     with handle:
         while True:
-            # room for the content, a CRLF, and on the first line a byte-order mark (readline takes an index size)
-            raw = handle.readline(min(max_line_bytes + 2 + (len(_BOM) if line_no == 0 else 0), sys.maxsize))
+            # room for the content, a CRLF, and on the first line a byte-order mark
+            raw = handle.readline(_line_limit(max_line_bytes + 2 + (len(_BOM) if line_no == 0 else 0)))
             if not raw:
                 return
             line_no += 1
@@ -202,6 +202,12 @@ def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> I
                 continue
             yield parse_line(raw, index, line_no)
             index += 1
+
+
+def _line_limit(size: int) -> int:
+    """`size` as readline takes it: an index size at most (max_line_bytes goes up to 2**63 - 2, and a line's
+    ending and byte-order mark come on top)."""
+    return min(size, sys.maxsize)
 
 
 def _content_bytes(raw: bytes) -> int:

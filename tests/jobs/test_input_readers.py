@@ -143,6 +143,9 @@ def test_max_line_bytes_counts_a_lines_content_whatever_its_ending(tmp_path: Pat
     assert rows[0].data == rows[2].data == rows[3].data == {"prompt": "a" * 86}
     with open(tmp_path / "in.jsonl", "rb") as handle:  # the setting's largest value still reads
         assert all(r.error is None for r in jsonl_rows(handle, max_line_bytes=MAX_INT64 - 1))
+    # and opens: the check of the first line read past an index size (OverflowError, a traceback)
+    largest = open_reader(job_for(tmp_path, "in.jsonl", max_line_bytes=MAX_INT64 - 1), ["prompt"])
+    assert [r.error for r in largest] == [None] * 4
 
 
 def test_jsonl_lone_surrogate_escapes_become_error_rows(tmp_path: Path) -> None:
