@@ -100,8 +100,9 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-# A number YAML 1.2 and JSON read, but YAML 1.1 (PyYAML's) reads as text: an exponent without a dot (1e-3).
-_EXPONENT_NUMBER = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+# A number YAML 1.2 and JSON read, but YAML 1.1 (PyYAML's) reads as text: an exponent without a dot or without a
+# sign (1e-3, 1.0e3). PyYAML's floats need both (1.0e-3, 1.0e+3).
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
 
 
 def _number_kind(value: Any, integer: bool = False) -> str:
@@ -109,8 +110,10 @@ def _number_kind(value: Any, integer: bool = False) -> str:
     if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
         mantissa, _, exponent = value.lower().partition("e")
         number = float(value)
-        spelt = str(int(number)) if integer and number.is_integer() else f"{mantissa}.0e{exponent}"
-        return f"{_kind(value)} (YAML reads an exponent without a dot as text: write {spelt})"
+        mantissa += "" if "." in mantissa else ".0"
+        exponent = exponent if exponent[0] in "+-" else f"+{exponent}"
+        spelt = str(int(number)) if integer and number.is_integer() else f"{mantissa}e{exponent}"
+        return f"{_kind(value)} (YAML reads an exponent without a dot or a sign as text: write {spelt})"
     return _kind(value)
 
 

@@ -202,7 +202,14 @@ def test_an_exponent_without_a_dot_says_how_yaml_reads_it(tmp_path: Path) -> Non
     (tmp_path / "jobs.yaml").write_text(JOB + "    sampling: {min_p: 1.0e-3}\n")
     assert load_jobs_file(tmp_path / "jobs.yaml").jobs[0].sampling.min_p == 0.001
     error = load_error(tmp_path, JOB + "    sampling: {max_new_tokens: 1e3}\n")
-    assert "expected an integer, got str '1e3' (YAML reads an exponent without a dot as text: write 1000)" in error
+    assert "got str '1e3' (YAML reads an exponent without a dot or a sign as text: write 1000)" in error
+    # An exponent without a sign is text too: the advice was `write 1.0e3`, which YAML reads as text again, and
+    # 1.5e3 got no advice at all. Each now says what YAML reads as the number.
+    for written, spelt in (("1e3", "1.0e+3"), ("1.5e3", "1.5e+3"), (".5e3", ".5e+3")):
+        error = load_error(tmp_path, JOB + f"    sampling: {{temperature: {written}}}\n")
+        assert f"got str '{written}' (YAML reads an exponent without a dot or a sign as text: write {spelt})" in error
+        (tmp_path / "jobs.yaml").write_text(JOB + f"    sampling: {{temperature: {spelt}}}\n")
+        assert load_jobs_file(tmp_path / "jobs.yaml").jobs[0].sampling.temperature == float(written)
 
 
 def test_an_alias_inside_itself_is_refused(tmp_path: Path) -> None:
