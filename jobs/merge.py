@@ -347,13 +347,17 @@ def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_
     retyped = _retyped_columns(value_kinds)
     count = sources[0].shard.count
     files = {s.shard.index: open(s.path, "rb") for s in sources}
+    paths = {s.shard.index: s.path for s in sources}
+    lines_read = dict.fromkeys(files, 0)
     reasons: dict[str, int] = {}
     kinds: dict[str, int] = {}
     try:
         with atomic_file(output) as out:
             for row in target.rows(num_input_rows):
-                line = files[row % count].readline()
-                record = _check_line(line, row, fmt, reasons, kinds)
+                index = row % count
+                line = files[index].readline()
+                lines_read[index] += 1
+                record = _check_line(_record(line, paths[index], lines_read[index]), row, fmt, reasons, kinds)
                 out.write(_retyped_line(record, retyped) if retyped else line)
             num_bytes = out.tell()
     finally:
@@ -369,10 +373,23 @@ def _scan_lines(path: Path, value_kinds: dict[str, set[str]] | None) -> int:
         for line in f:
             num_lines += 1
             if value_kinds is not None:
-                for name, value in json.loads(line).items():
+                for name, value in _record(line, path, num_lines).items():
                     if value is not None:
                         value_kinds.setdefault(name, set()).add(_kind(value))
     return num_lines
+
+
+def _record(line: bytes, path: Path, line_no: int) -> dict[str, Any]:
+    """A shard's line as its record; a line that is no JSON object stops the merge, naming the file and line."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's parser
+        record = None
+    if not isinstance(record, dict):
+        raise MergeError(
+            f"{path.name}: line {line_no} is not a kvbatch output row: a shard file was edited after it was written"
+        )
+    return record
 
 
 def _kind(value: Any) -> str:
@@ -405,10 +422,11 @@ def _retyped_line(record: dict[str, Any], retyped: dict[str, str]) -> bytes:
     return json_text.dumps(record, ensure_ascii=False).encode() + b"\n"
 
 
-def _check_line(line: bytes, row: int, fmt: str, reasons: dict[str, int], kinds: dict[str, int]) -> dict[str, Any]:
-    """Count the line's finish reason and error kind, as a run's summary counts them from its table; return the
-    line's record."""
-    record = json.loads(line)
+def _check_line(
+    record: dict[str, Any], row: int, fmt: str, reasons: dict[str, int], kinds: dict[str, int]
+) -> dict[str, Any]:
+    """Count a line's finish reason and error kind, as a run's summary counts them from its table; return its
+    record."""
     if fmt == "jsonl":
         if record.get("row") != row:
             raise MergeError(

@@ -390,3 +390,24 @@ def test_a_merge_killed_after_writing_the_output_merges_when_rerun(tmp_path, mon
     assert out.exists()
     assert merge_shards(out).num_rows == NUM_ROWS
     assert Manifest.load(work_dir(out) / "manifest.json").complete
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b'{"row": 1, broken\n', b'{"row": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", b"[1]\n"],
+    ids=["not-json", "nested-too-deeply", "not-an-object"],
+)
+def test_merge_names_a_shard_line_that_is_no_output_row(tmp_path, line):
+    """A JSONL shard edited into a line that is not JSON (or nested past the parser's limit) stopped the merge
+    with a traceback from json; a line that is no object, with an AttributeError."""
+    out = tmp_path / "answers.jsonl"
+    paths = [_write_shard(out, Shard(i, 2), fmt="jsonl") for i in range(2)]
+    lines = paths[1].read_bytes().splitlines(keepends=True)
+    paths[1].write_bytes(b"".join([*lines[:2], line, *lines[3:]]))
+    with pytest.raises(MergeError) as refused:
+        merge_shards(out)
+    assert str(refused.value) == (
+        "answers.shard-0001-of-0002.jsonl: line 3 is not a kvbatch output row: a shard file was edited after it was "
+        "written"
+    )
+    assert not out.exists()
