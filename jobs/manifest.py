@@ -95,7 +95,10 @@ class Manifest:
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except RecursionError:  # nested past Python's parser: JSON that is no manifest, as any other is refused
+            raise ValueError(f"{path.name} is nested too deeply to be a manifest") from None
         if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"manifest version {data.get('version')} is not one of {READABLE_VERSIONS}")
         parts = [PartEntry(_part_name(p["file"]), p["num_rows"], p["rows"]) for p in data["parts"]]
@@ -164,7 +167,7 @@ def _journal_entries(path: Path) -> list[dict[str, Any]]:
     for line in lines:
         try:
             entry = json.loads(line)
-        except ValueError:  # the line a crash cut short (the last one): its part is not committed
+        except (ValueError, RecursionError):  # the line a crash cut short (the last one): its part is not committed
             continue
         if isinstance(entry, dict) and {"file", "num_rows", "rows"} <= entry.keys():
             entries.append(entry)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kvbatch.jobs.manifest import Manifest, PartEntry, journal_path, part_name, part_number
 
 
@@ -55,3 +57,19 @@ def test_part_numbers_go_on_past_six_digits() -> None:
         1_000_000,
         12_345_678,
     ]
+
+
+def test_json_nested_past_the_parser_is_no_part_and_no_manifest(tmp_path: Path) -> None:
+    """A journal line (or a manifest) nested past json.loads' recursion limit raised RecursionError, which no caller
+    expects: the run failed with a traceback. Such a line names no part, as a cut line does; such a manifest is
+    one that cannot be read (ValueError), which a run refuses, or starts again from under output.mode overwrite."""
+    path = tmp_path / "manifest.json"
+    manifest = Manifest("job", "h1", {}, "out.arrow", "arrow")
+    manifest.save(path)
+    manifest.append_part(path, PartEntry("part-000000.arrow", 2, [[0, 2]]))
+    with open(journal_path(path), "ab") as f:
+        f.write(b'{"file": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+    assert [p.file for p in Manifest.load(path).parts] == ["part-000000.arrow"]
+    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ValueError, match="manifest.json is nested too deeply to be a manifest"):
+        Manifest.load(path)
