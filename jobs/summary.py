@@ -21,6 +21,12 @@ from .inspect import inspect_output
 log = logging.getLogger(__name__)
 
 
+def _shown(name: str) -> str:
+    """An adapter name as the terminal shows it: a row's adapter column may name anything, escape sequences
+    included, which would reach the terminal as commands."""
+    return name if name.isprintable() else ascii(name)
+
+
 @dataclass
 class Summary:
     job: str
@@ -74,7 +80,11 @@ class Summary:
                 f"prefix cache hit {self.prefix_cache_hit_rate:.0%} ({self.cached_prompt_tokens} prompt tokens reused)",
                 f"  errors      {errors}",
             ]
-            + ([f"  adapters    {', '.join(f'{k} {v}' for k, v in self.adapters.items())}"] if self.adapters else [])
+            + (
+                [f"  adapters    {', '.join(f'{_shown(k)} {v}' for k, v in self.adapters.items())}"]
+                if self.adapters
+                else []
+            )
         )
 
 

@@ -178,3 +178,14 @@ def test_shards_merged_count_the_rows_on_each_adapter_as_one_process(adapter_pat
     assert merged["adapters"] == {"nope": 1, "r16-all": 1, "r2-qv": 2}
     (again,) = run_jobs([make_job(tmp_path, "whole", "in.jsonl", **fields)], engine_factory=factory)
     assert again.summary.status == "already complete" and again.summary.adapters == {}
+
+
+def test_the_summary_shows_a_rows_adapter_name_escaped() -> None:
+    """The summary's adapters line names what the rows' adapter column said, unknown names too: an escape sequence
+    there (`\x1b[2J` clears the screen) reached the terminal as a command. A name that is not printable is shown
+    escaped, as Python writes it."""
+    from kvbatch.jobs.summary import Summary
+
+    shown = Summary("j", "out/j.arrow", adapters={"tone": 2, "\x1b[2Jevil": 1}).format()
+    assert "\x1b" not in shown
+    assert shown.endswith("  adapters    tone 2, '\\x1b[2Jevil' 1")
