@@ -29,12 +29,6 @@ _ENGINES = EngineCache()
 _NAMES = ArgumentNames("prompts", {"prompt": "prompts", "continuations": "continuations"})
 
 
-def release_engine() -> None:
-    """Close the engine that `generate` and `score` hold, for another engine of this process (the next call loads
-    it again)."""
-    _ENGINES.release()
-
-
 def generate(
     prompts: Sequence[str | list[dict[str, str]]],
     model: str | os.PathLike[str] = "default",

@@ -15,6 +15,7 @@ import gc
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,10 @@ class EngineCache:
     job then an adapter job, two models, a Python call with other engine settings). A job that asks for another
     engine releases this one first; a later job that asks for the first again loads it again."""
 
+    # The caches holding an engine, in this process: one engine at a time holds across them too (the Python API's,
+    # a run_jobs call's, the CLI's).
+    _holding: weakref.WeakSet[EngineCache] = weakref.WeakSet()
+
     def __init__(self, factory: EngineFactory = default_engine_factory) -> None:
         self.factory = factory
         self._engines: dict[tuple, Any] = {}
@@ -129,17 +134,19 @@ class EngineCache:
             for name, path in adapters.items():
                 engine.add_adapter(name, path)
             return engine, False
-        self.release()
+        release_engines()
         log.info("loading model %s", job.model)
         settings = dict(key[1])
         if adapters:
             settings["adapters"] = self._sizing(key, adapters)
         self._engines[key] = self.factory(job.model, settings)
+        EngineCache._holding.add(self)
         return self._engines[key], True
 
     def release(self) -> None:
         """Close the engines held and drop them: their KV pages, graphs and (with the last reference) weights go
         back to the device before another engine, or another process, measures what is free."""
+        EngineCache._holding.discard(self)
         while self._engines:
             _, engine = self._engines.popitem()
             close = getattr(engine, "close", None)  # a test's stand-in may have none
@@ -152,6 +159,13 @@ class EngineCache:
             # Engine.close empties the allocator's cache while the engine still holds its weights: once they are
             # collected, they too go back to the device, for a data-parallel job's processes to find free.
             torch.cuda.empty_cache()
+
+
+def release_engines() -> None:
+    """Close every engine an EngineCache of this process holds, before another engine is built (by a cache, or
+    the lm-eval model): its pool is sized from the memory the others leave."""
+    for cache in list(EngineCache._holding):
+        cache.release()
 
 
 def run_job(

@@ -56,7 +56,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from kvbatch.jobs.generate import release_engine
+from kvbatch.jobs.run import release_engines
 from kvbatch.runner.config import EngineConfig, SamplingParams
 from kvbatch.runner.engine import Engine
 from kvbatch.runner.request import GenerationRequest, GenerationResult
@@ -149,9 +149,9 @@ class KVBatchLM(TemplateLM):
         # seed base follows that seed, so a sampled run gives the same answers each time, as hf's does.
         engine_settings.setdefault("seed", torch.initial_seed() & (2**63 - 1))
         if engine is None:
-            # One engine at a time on a device, as a GPU's KV pool takes the memory the weights leave: the one
-            # kvbatch.generate holds in this process goes first (its next call loads it again).
-            release_engine()
+            # One engine at a time on a device, as a GPU's KV pool takes the memory the weights leave: one that
+            # kvbatch.generate or a job holds in this process goes first (kvbatch.generate loads it again).
+            release_engines()
             engine = Engine(EngineConfig(model=model, **engine_settings))
         self.engine = engine
         self.tokenizer = self.engine.tokenizer
