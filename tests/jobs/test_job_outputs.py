@@ -645,6 +645,19 @@ def test_jobs_share_one_engine_per_model(tmp_path: Path) -> None:
     assert [e.built_with for e in factory.engines] == [("m1", {}), ("m2", {})]
 
 
+def logging_factory(events: list[tuple[str, str]]):
+    """A fake engine factory that notes each load and close in `events`, as ("load" or "close", model)."""
+    inner = fake_factory()
+
+    def factory(model: str, settings: dict) -> FakeEngine:
+        engine = inner(model, settings)
+        events.append(("load", model))
+        engine.close = lambda: events.append(("close", model))
+        return engine
+
+    return factory
+
+
 def test_a_job_that_asks_for_another_engine_releases_the_one_before(tmp_path: Path) -> None:
     """A GPU's KV pool takes the memory its weights leave: a second engine built beside the first found none for its
     pages, and a base-model job then an adapter job (two engines of one model), or two models, failed the second.
@@ -655,14 +668,7 @@ def test_a_job_that_asks_for_another_engine_releases_the_one_before(tmp_path: Pa
         for n, m in (("a", "m1"), ("b", "m1"), ("c", "m2"), ("d", "m1"))
     ]
     events: list[tuple[str, str]] = []
-    inner = fake_factory()
-
-    def factory(model: str, settings: dict) -> FakeEngine:
-        engine = inner(model, settings)
-        events.append(("load", model))
-        engine.close = lambda: events.append(("close", model))
-        return engine
-
+    factory = logging_factory(events)
     outcomes = run_jobs(jobs, engine_factory=factory)
     assert [(o.job, o.error) for o in outcomes] == [("a", None), ("b", None), ("c", None), ("d", None)]
     # and the last is closed as the run ends: nothing after it can use it
@@ -677,14 +683,7 @@ def test_an_engine_another_cache_holds_is_released_before_one_loads(tmp_path: Pa
 
     write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
     events: list[tuple[str, str]] = []
-    inner = fake_factory()
-
-    def factory(model: str, settings: dict) -> FakeEngine:
-        engine = inner(model, settings)
-        events.append(("load", model))
-        engine.close = lambda: events.append(("close", model))
-        return engine
-
+    factory = logging_factory(events)
     monkeypatch.setattr(generate_module, "_ENGINES", EngineCache(factory))
     generate_module.generate(["hi"], model="api")
     job = job_from_dict({"name": "a", "input": {"path": "in.jsonl"}, "model": "job"}, base_dir=str(tmp_path))

@@ -525,6 +525,16 @@ def test_score_workload_reads_every_prompt_once_and_each_continuation(tmp_path):
     assert record["prefix_hit_rate"] > 0.5  # the choices read their prompt's full blocks from the cache
 
 
+def _bound_terms(model) -> tuple[int, int, int]:
+    """By hand, as bench/bound.py's docstring defines them: the embedding's parameters, the layers' (without the
+    embedding and head), and the FLOPs of one query-key pair over all layers and heads."""
+    config = model.config
+    embedding = config.vocab_size * config.hidden_size
+    body = sum(p.numel() for p in model.parameters()) - embedding * (1 if config.tie_word_embeddings else 2)
+    head_dim = config.hidden_size // config.num_attention_heads
+    return embedding, body, 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
+
+
 def test_the_bound_of_a_scoring_request_counts_its_prompt_once():
     from unittest import mock
 
@@ -536,14 +546,10 @@ def test_the_bound_of_a_scoring_request_counts_its_prompt_once():
     from kvbatch.runner.request import GenerationRequest
 
     model = random_model("tiny", "cpu", "float32", max_model_len=64).model
-    config = model.config
     work = Workload("score", [GenerationRequest(0, list(range(10, 30)), continuations=[[5, 6], [7, 8, 9]])])
     with mock.patch.object(bound, "device_peaks", return_value=("H200", 1e12, 1e12)):
         got = bound.workload_bound(model, torch.float32, work, torch.device("cuda"))
-    embedding = config.vocab_size * config.hidden_size
-    body = sum(p.numel() for p in model.parameters()) - embedding * (1 if config.tie_word_embeddings else 2)
-    head_dim = config.hidden_size // config.num_attention_heads
-    per_pair = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
+    embedding, body, per_pair = _bound_terms(model)
     want = 2 * body * 20 + per_pair * 20 * 21 / 2
     # Each continuation: its tokens but the last as input (never the last: nothing reads its K/V or logits), each
     # attending to the prompt and itself, and a logits row per token (the first from the prompt's last row).
@@ -573,10 +579,8 @@ def test_the_bound_of_a_generated_row_reads_each_decode_steps_context_once():
     work = Workload("gen", [GenerationRequest(i, list(range(10, 30)), p) for i, p in enumerate(params)])
     with mock.patch.object(bound, "device_peaks", return_value=("H200", 1e12, 1e9)):
         got = bound.workload_bound(model, torch.float32, work, torch.device("cuda"))
-    embedding = config.vocab_size * config.hidden_size
-    body = sum(p.numel() for p in model.parameters()) - embedding * (1 if config.tie_word_embeddings else 2)
+    embedding, body, per_pair = _bound_terms(model)
     head_dim = config.hidden_size // config.num_attention_heads
-    per_pair = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
     # Each row's prompt once, with one logits row; the row of 1 output token is done there.
     assert got.prefill_s == pytest.approx(2 * (2 * body * 20 + 2 * embedding + per_pair * 20 * 21 / 2) / 1e12)
