@@ -56,44 +56,41 @@ def run_jobs(
         if on_outcome is not None:
             on_outcome(outcome)
 
-    try:
-        with graceful_stop() as stop:
-            for job in jobs:
-                if stop.stopped:  # a signal during an earlier job: start nothing new (no model load for nothing)
-                    ended(
-                        JobOutcome(
-                            job.name,
-                            error=InterruptedJob(
-                                f"not started, stopped by {stop.signal_name}; rerun to run it", job=job.name
-                            ),
-                        )
+    with graceful_stop() as stop:
+        for job in jobs:
+            if stop.stopped:  # a signal during an earlier job: start nothing new (no model load for nothing)
+                ended(
+                    JobOutcome(
+                        job.name,
+                        error=InterruptedJob(
+                            f"not started, stopped by {stop.signal_name}; rerun to run it", job=job.name
+                        ),
                     )
-                    break
-                try:
-                    done = JobOutcome(job.name, _job_runner(job)(job, engines, stop, wait_for_lock))
-                except InterruptedJob as exc:
-                    ended(JobOutcome(job.name, error=exc))
-                    break
-                except KvbatchError as exc:  # says what to change: the model, the machine, the budget, the spec
-                    failed = JobOutcome(job.name, error=exc)
-                    log.info("job %s failed: %s", job.name, failed.error_message)  # the CLI prints it once
-                    ended(failed)
-                except Exception as exc:
-                    # A bug: its traceback goes to the log, and the jobs after this one still run.
-                    log.exception("job %s failed on an unexpected error", job.name)
-                    error = JobError(
-                        f"unexpected {type(exc).__name__}: {exc} (a bug, traceback logged above); "
-                        "committed rows are kept, rerun to resume",
-                        job=job.name,
-                    )
-                    ended(JobOutcome(job.name, error=error))
-                except TensorParallelLost as exc:  # a rank is gone: no job of this run can go on
-                    ended(JobOutcome(job.name, error=exc))
-                    break
-                else:  # outside the try: the callback's own errors are not this job's
-                    ended(done)
-    finally:  # nothing after this call can use its engines: their memory goes back now, not when collected
-        engines.release()
+                )
+                break
+            try:
+                done = JobOutcome(job.name, _job_runner(job)(job, engines, stop, wait_for_lock))
+            except InterruptedJob as exc:
+                ended(JobOutcome(job.name, error=exc))
+                break
+            except KvbatchError as exc:  # says what to change: the model, the machine, the budget, the spec
+                failed = JobOutcome(job.name, error=exc)
+                log.info("job %s failed: %s", job.name, failed.error_message)  # the CLI prints it once
+                ended(failed)
+            except Exception as exc:
+                # A bug: its traceback goes to the log, and the jobs after this one still run.
+                log.exception("job %s failed on an unexpected error", job.name)
+                error = JobError(
+                    f"unexpected {type(exc).__name__}: {exc} (a bug, traceback logged above); "
+                    "committed rows are kept, rerun to resume",
+                    job=job.name,
+                )
+                ended(JobOutcome(job.name, error=error))
+            except TensorParallelLost as exc:  # a rank is gone: no job of this run can go on
+                ended(JobOutcome(job.name, error=exc))
+                break
+            else:  # outside the try: the callback's own errors are not this job's
+                ended(done)
     return outcomes
 
 
