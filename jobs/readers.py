@@ -88,7 +88,9 @@ def check_columns(available: list[str], needed: list[str], path: Path) -> None:
     missing = [c for c in needed if c not in available]
     if missing:
         raise SpecError(
-            f"column {', '.join(map(repr, missing))} not in {path.name} (its columns: {', '.join(available)})",
+            f"column {', '.join(map(repr, missing))} not in {path.name} (its columns: "
+            # a file's column names are data: one holding an escape sequence would reach the terminal as a command
+            f"{', '.join(c if c.isprintable() else ascii(c) for c in available)})",
             field="input",
         )
     repeated = [c for c in dict.fromkeys(needed) if available.count(c) > 1]

@@ -56,6 +56,16 @@ def test_parquet_streams_record_batches_of_the_needed_columns(tmp_path: Path, mo
     assert calls[1:] == [3, 3, 3, 1]
 
 
+def test_a_missing_columns_message_shows_the_files_other_names_escaped(tmp_path: Path) -> None:
+    """The message lists the file's columns, whose names are data: a Parquet column named with an escape sequence
+    (`\x1b[2J` clears the screen) or a bell reached the terminal as a command. A name that is not printable is shown
+    as Python writes it."""
+    pq.write_table(pa.table({"id": [1], "\x1b[2Jq\x07": ["x"]}), tmp_path / "in.parquet")
+    with pytest.raises(SpecError) as info:
+        open_reader(job_for(tmp_path, "in.parquet"), ["prompt"])
+    assert str(info.value) == "input: column 'prompt' not in in.parquet (its columns: id, '\\x1b[2Jq\\x07')"
+
+
 def test_missing_column_fails_before_reading_naming_the_column(tmp_path: Path) -> None:
     write_parquet(tmp_path / "in.parquet", 2)
     with pytest.raises(SpecError) as info:
