@@ -357,7 +357,8 @@ def _merge_lines(sources: list[_Source], output: Path, target: Shard, num_input_
                 index = row % count
                 line = files[index].readline()
                 lines_read[index] += 1
-                record = _check_line(_record(line, paths[index], lines_read[index]), row, fmt, reasons, kinds)
+                where = f"{paths[index].name}: line {lines_read[index]}"
+                record = _check_line(_record(line, where), row, fmt, reasons, kinds, where)
                 out.write(_retyped_line(record, retyped) if retyped else line)
             num_bytes = out.tell()
     finally:
@@ -373,23 +374,25 @@ def _scan_lines(path: Path, value_kinds: dict[str, set[str]] | None) -> int:
         for line in f:
             num_lines += 1
             if value_kinds is not None:
-                for name, value in _record(line, path, num_lines).items():
+                for name, value in _record(line, f"{path.name}: line {num_lines}").items():
                     if value is not None:
                         value_kinds.setdefault(name, set()).add(_kind(value))
     return num_lines
 
 
-def _record(line: bytes, path: Path, line_no: int) -> dict[str, Any]:
-    """A shard's line as its record; a line that is no JSON object stops the merge, naming the file and line."""
+def _record(line: bytes, where: str) -> dict[str, Any]:
+    """A shard's line as its record; a line that is no JSON object stops the merge, naming `where` (file: line)."""
     try:
         record = json.loads(line)
     except (ValueError, RecursionError):  # RecursionError: nested past Python's parser
         record = None
     if not isinstance(record, dict):
-        raise MergeError(
-            f"{path.name}: line {line_no} is not a kvbatch output row: a shard file was edited after it was written"
-        )
+        raise _edited(where)
     return record
+
+
+def _edited(where: str) -> MergeError:
+    return MergeError(f"{where} is not a kvbatch output row: a shard file was edited after it was written")
 
 
 def _kind(value: Any) -> str:
@@ -423,20 +426,24 @@ def _retyped_line(record: dict[str, Any], retyped: dict[str, str]) -> bytes:
 
 
 def _check_line(
-    record: dict[str, Any], row: int, fmt: str, reasons: dict[str, int], kinds: dict[str, int]
+    record: dict[str, Any], row: int, fmt: str, reasons: dict[str, int], kinds: dict[str, int], where: str
 ) -> dict[str, Any]:
     """Count a line's finish reason and error kind, as a run's summary counts them from its table; return its
-    record."""
+    record. A line without them stops the merge, naming `where`."""
     if fmt == "jsonl":
         if record.get("row") != row:
             raise MergeError(
                 f"expected row {row}, found row {record.get('row')}: a shard file was edited after it was written"
             )
         reason, kind = record.get("finish_reason"), record.get("error_kind")
-    elif record.get("error"):  # OpenAI Batch: {"error": {"code": <error kind>, ...}}
-        reason, kind = "error", record["error"].get("code")
-    else:
-        reason, kind = record["response"]["body"]["choices"][0]["finish_reason"], None
+    else:  # OpenAI Batch: {"error": {"code": <error kind>, ...}} or {"response": {"body": {"choices": [...]}}}
+        try:
+            if record.get("error"):
+                reason, kind = "error", record["error"]["code"]
+            else:
+                reason, kind = record["response"]["body"]["choices"][0]["finish_reason"], None
+        except (KeyError, IndexError, TypeError):
+            raise _edited(where) from None
     reasons[str(reason)] = reasons.get(str(reason), 0) + 1
     if kind is not None:
         kinds[str(kind)] = kinds.get(str(kind), 0) + 1

@@ -411,3 +411,27 @@ def test_merge_names_a_shard_line_that_is_no_output_row(tmp_path, line):
         "written"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [lambda r: r["response"]["body"].pop("choices"), lambda r: r.pop("response"), lambda r: r.update(error="x")],
+    ids=["no-choices", "no-response", "error-not-an-object"],
+)
+def test_merge_names_an_openai_shard_line_without_its_outcome(tmp_path, edit):
+    """An OpenAI Batch shard line edited to lose its choices (or its response, or an error that is no object)
+    stopped the merge with a KeyError traceback; it is named, as any line that is no output row."""
+    out = tmp_path / "answers.jsonl"
+    paths = [_write_shard(out, Shard(i, 2), fmt="openai") for i in range(2)]
+    lines = paths[1].read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    assert record["response"]["body"]["choices"][0]["finish_reason"] == "stop"  # an ordinary line, before the edit
+    edit(record)
+    paths[1].write_bytes(b"".join([json.dumps(record).encode() + b"\n", *lines[1:]]))
+    with pytest.raises(MergeError) as refused:
+        merge_shards(out)
+    assert str(refused.value) == (
+        "answers.shard-0001-of-0002.jsonl: line 1 is not a kvbatch output row: a shard file was edited after it was "
+        "written"
+    )
+    assert not out.exists()
