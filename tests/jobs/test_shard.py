@@ -404,13 +404,7 @@ def test_merge_names_a_shard_line_that_is_no_output_row(tmp_path, line):
     paths = [_write_shard(out, Shard(i, 2), fmt="jsonl") for i in range(2)]
     lines = paths[1].read_bytes().splitlines(keepends=True)
     paths[1].write_bytes(b"".join([*lines[:2], line, *lines[3:]]))
-    with pytest.raises(MergeError) as refused:
-        merge_shards(out)
-    assert str(refused.value) == (
-        "answers.shard-0001-of-0002.jsonl: line 3 is not a kvbatch output row: a shard file was edited after it was "
-        "written"
-    )
-    assert not out.exists()
+    assert _edited_shard_refused(out) == "answers.shard-0001-of-0002.jsonl: line 3"
 
 
 @pytest.mark.parametrize(
@@ -428,10 +422,14 @@ def test_merge_names_an_openai_shard_line_without_its_outcome(tmp_path, edit):
     assert record["response"]["body"]["choices"][0]["finish_reason"] == "stop"  # an ordinary line, before the edit
     edit(record)
     paths[1].write_bytes(b"".join([json.dumps(record).encode() + b"\n", *lines[1:]]))
+    assert _edited_shard_refused(out) == "answers.shard-0001-of-0002.jsonl: line 1"
+
+
+def _edited_shard_refused(out: Path) -> str:
+    """The file and line a merge of an edited shard names (it writes no output)."""
     with pytest.raises(MergeError) as refused:
         merge_shards(out)
-    assert str(refused.value) == (
-        "answers.shard-0001-of-0002.jsonl: line 1 is not a kvbatch output row: a shard file was edited after it was "
-        "written"
-    )
     assert not out.exists()
+    where, _, why = str(refused.value).partition(" is not a kvbatch output row")
+    assert why == ": a shard file was edited after it was written", str(refused.value)
+    return where
