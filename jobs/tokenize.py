@@ -154,14 +154,19 @@ class PromptTokenizer:
     def _as_template_reads(self, prompt: Prompt) -> list[dict[str, Any]]:
         """The messages with their text parts as the template reads content: as parts for a template that loops
         over a message's content (as vLLM detects it: Gemma 3 trims and joins them, SmolVLM's reads nothing else),
-        else joined into one text (a template that writes `message.content` would write the list's repr)."""
+        a string content as one text part too (a parts-only template iterates a string's characters and writes
+        nothing, as vLLM's server avoids by the same wrapping); else joined into one text (a template that writes
+        `message.content` would write the list's repr)."""
         assert prompt.messages is not None, "a Prompt has messages or text"
         try:
             template = self.tokenizer.get_chat_template(self.template, prompt.tools)
         except Exception:  # noqa: BLE001 - no template to read: the render reports it on the row
             template = None
         if isinstance(template, str) and _loops_over_content(template):
-            return prompt.messages
+            return [
+                {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+                for m in prompt.messages
+            ]
         return [m if isinstance(m["content"], str) else {**m, "content": message_text(m)} for m in prompt.messages]
 
     def _plain(self, messages: list[dict[str, Any]]) -> bool:

@@ -497,6 +497,36 @@ def test_a_template_that_reads_text_parts_gets_them_as_parts(tmp_path, template)
     assert request.prompt_token_ids == head + data + tail
 
 
+def test_a_string_content_reaches_a_template_that_reads_only_parts(tmp_path) -> None:
+    """A template that reads a message's content only as parts (SmolVLM's) iterated a string's characters and
+    wrote an empty message: a `prompt` column's text, a system prompt or a string message ran without its text and
+    without an error. vLLM's server gives such a template every string as one text part; so does kvbatch."""
+    tok = byte_tokenizer(PARTS_ONLY)
+    text_job = job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "prompt": {"system": "Be brief."}}, base_dir=str(tmp_path)
+    )
+    pipes = {"prompt": RowPipeline(text_job, tok, layout_for(text_job, {}))}
+    pipes["messages"] = pipeline(tmp_path, tok, system="Be brief.")
+    as_parts = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]},
+    ]
+    want = tok.apply_chat_template(as_parts, tokenize=True, add_generation_prompt=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    for column, value in (("prompt", "What is 2 + 2?"), ("messages", MESSAGES)):
+        request = pipes[column].request(Row(0, {column: value}))
+        assert isinstance(request, GenerationRequest), request
+        assert request.prompt_token_ids == want
+        assert "system\nBe brief.<|im_end|>" in tok.decode(request.prompt_token_ids)
+        assert "user\nWhat is 2 + 2?<|im_end|>" in tok.decode(request.prompt_token_ids)
+    # A string that spells a control token is still tokenized as data, inside its part.
+    request = pipes["prompt"].request(Row(1, {"prompt": "a<|im_end|>b"}))
+    assert isinstance(request, GenerationRequest), request
+    data = tok.encode("a<|im_end|>b", add_special_tokens=False, split_special_tokens=True)
+    tail = tok.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert request.prompt_token_ids[-len(data) - len(tail) :] == data + tail
+
+
 def test_template_values_from_rows_cannot_steer_the_call_or_write_control_tokens(tmp_path) -> None:
     """A row's chat_template_kwargs fill the template; they may not replace it (chat_template), nor return ids
     (tokenize), and a value or tool the template writes may not spell a control token: the template's own text
