@@ -285,8 +285,11 @@ def over(base: Node, override: Node) -> Node:
     return merge(base, override, WHOLE_VALUES)
 
 
-def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) -> JobsFile:
-    """Read and check a job file. `overrides` (dotted keys -> values) apply to every job, over the file."""
+def load_jobs_file(
+    path: str | Path, overrides: dict[str, Any] | None = None, select: list[str] | None = None
+) -> JobsFile:
+    """Read and check a job file. `overrides` (dotted keys -> values) apply to every job, over the file. `select`:
+    the names of the jobs that will run (--job; None: all), the only ones checked against writing one output."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -322,8 +325,14 @@ def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) ->
     for i, name in enumerate(names):
         if name in names[:i]:
             raise jobs_node.value[i].value["name"].error(f"duplicate job name {name!r}")
+    jobs_file = JobsFile(str(path), tuple(jobs))
+    # Only the jobs that run: with --job, a `--set output.path=...` meant for the one selected gave every job of the
+    # file that path, and the file was refused for jobs that were not to run.
+    chosen = {job.name for job in jobs_file.select(select)}
     writers: dict[Path, str] = {}
     for i, job in enumerate(jobs):
+        if job.name not in chosen:
+            continue
         try:
             target = output_path(job)
         except SpecError:  # the job fails on its own, naming its output, when it runs
@@ -331,7 +340,7 @@ def load_jobs_file(path: str | Path, overrides: dict[str, Any] | None = None) ->
         if target in writers:  # the second would refuse to resume the first's output, or overwrite it
             raise jobs_node.value[i].error(f"jobs {writers[target]!r} and {job.name!r} both write {target}")
         writers[target] = job.name
-    return JobsFile(str(path), tuple(jobs))
+    return jobs_file
 
 
 class _Null:

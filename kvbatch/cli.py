@@ -154,7 +154,7 @@ def run(
                 **_scale_overrides(shard, data_parallel, tensor_parallel, ray_address),
             },
         )
-        specs = load_jobs_file(jobs_file, overrides).select(job)
+        specs = load_jobs_file(jobs_file, overrides, job).select(job)
         _run(specs, wait)
 
 
@@ -284,7 +284,7 @@ def plan(
             set_,
             {"model": model, "engine.device": device, "input.limit": limit, "parallel.shard": _shard_option(shard)},
         )
-        specs = load_jobs_file(jobs_file, overrides).select(job)
+        specs = load_jobs_file(jobs_file, overrides, job).select(job)
         engines = EngineCache()
         codes = [OK]
         for spec in specs:  # a job that fails is reported and the next is planned, as `run` runs it
@@ -346,7 +346,7 @@ def merge(
                 raise SpecError(
                     "give shard files only when merging into one output file, not with a job file", field="SHARDS"
                 )
-            outputs = [output_path(spec) for spec in load_jobs_file(target).select(job)]
+            outputs = [output_path(spec) for spec in load_jobs_file(target, select=job).select(job)]
         elif job:  # an output file names no jobs: the option would be ignored
             raise SpecError("--job selects jobs of a job file; this merges the one output file named", field="--job")
         else:

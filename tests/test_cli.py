@@ -124,6 +124,30 @@ def test_run_passes_the_loaded_specs_with_command_line_overrides(tmp_path: Path,
     assert "job second: done -> out/second.arrow" in result.stdout
 
 
+def test_one_output_path_set_for_the_selected_job_is_no_clash_with_the_others(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--set output.path=x.arrow` reaches every job of the file, and the check that no two jobs write one output ran
+    over them all before --job chose: `run -j second` and `plan -j second` were refused (exit 2) for a clash with a
+    job that was not to run. Two selected jobs writing one output are still refused."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    path = jobs_file(tmp_path)
+    result = invoke("run", path, "-j", "second", "--set", "output.path=x.arrow")
+    assert result.exit_code == 0, result.output
+    assert [job.name for job in recorder.calls[0][0]] == ["second"]
+    monkeypatch.setattr(cli, "EngineCache", lambda: EngineCache(fake_factory()))
+    result = invoke("plan", path, "-j", "second", "--set", "output.path=x.arrow")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("job second: 1 row\n")
+    for command in ("run", "plan"):
+        both = invoke(command, path, "-j", "second", "-j", "first", "--set", "output.path=x.arrow")
+        assert both.exit_code == 2
+        assert both.stderr == (
+            f"kvbatch: error: {path}:6: jobs[1]: jobs 'first' and 'second' both write {tmp_path / 'out' / 'x.arrow'}\n"
+        )
+    assert len(recorder.calls) == 1
+
+
 def test_run_without_options_runs_every_job_as_written(tmp_path: Path, recorder: Recorder) -> None:
     path = jobs_file(tmp_path)
     assert invoke("run", path).exit_code == 0
