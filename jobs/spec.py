@@ -466,6 +466,14 @@ OPENAI_UNREAD_FIELDS = (
 )
 
 
+# The sampling fields a scoring job's requests read (jobs/pipeline.py, runner/engine.py's scoring sequences):
+# prompt_logprobs (task score; score_rolling refuses it), and those check_output_settings refuses with reasons of
+# their own, from `defaults:` too. Every other field is generation's, which scores are computed without.
+SCORING_SAMPLING = frozenset(
+    {"prompt_logprobs", "truncate_prompt_tokens", "n", "logprobs", "top_logprobs", "structured_outputs"}
+)
+
+
 def validate(job: JobSpec, node: Node) -> None:
     """Checks that involve more than one field."""
 
@@ -595,6 +603,14 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("adapters" if job.adapters else "adapter").error(
             "LoRA adapters run on a local engine of one process (runner: local, parallel.tensor: 1)"
         )
+    if job.is_scoring:  # a scoring row reads none of generation's settings: they would be dropped without a word
+        for f in dataclasses.fields(SamplingParams):
+            unread = f.name not in SCORING_SAMPLING and getattr(job.sampling, f.name) != _default(f)
+            if unread and own("sampling", f.name):
+                raise at("sampling", f.name).error(
+                    f"task {job.task} generates no tokens, so sampling.{f.name} has nothing to apply to (each row "
+                    "gets `scores`)"
+                )
     if job.task != "score" and job.continuations_column != JobSpec.continuations_column and own("continuations_column"):
         raise at("continuations_column").error(f"is for task: score, and this job's task is {job.task}")
     if job.runner == "local":  # else a job file's ray_address or ray_actors would run the job locally without a word

@@ -208,12 +208,13 @@ def test_a_ray_scoring_run_gives_a_local_runs_scores(tmp_path, local_ray):
     rows[3]["continuations"] = []  # wrong_type: the job goes on
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    local = job_from_dict({**_job_dict(tmp_path, "whole"), "task": "score"})
+    # a scoring job reads no generation settings: its own max_new_tokens is refused
+    local = job_from_dict({**_job_dict(tmp_path, "whole"), "task": "score", "sampling": {}})
     [single] = run_jobs([local], engine_factory=tiny_engine)
     assert single.error is None, single.error
     expected = rows_of(output_path(local))
 
-    job = ray_job(tmp_path, source, task="score")
+    job = ray_job(tmp_path, source, task="score", sampling={})
     [outcome] = run_jobs([job], engine_factory=tiny_engine)
     assert outcome.error is None, outcome.error
     got = folder_rows(output_path(job).with_name("answers.parquet.parts"))

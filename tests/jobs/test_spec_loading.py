@@ -544,6 +544,19 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].sampling.n",
             "task score generates no tokens, so sampling.n has nothing to apply to",
         ),
+        (  # scores are the model's own log-probabilities: a temperature, stop string or seed was dropped
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    task: score\n"
+            "    sampling:\n      prompt_logprobs: true\n      temperature: 0.7\n",
+            ":7",
+            "jobs[0].sampling.temperature",
+            "task score generates no tokens, so sampling.temperature has nothing to apply to",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    task: score_rolling\n    sampling: {stop: [END]}\n",
+            ":5",
+            "jobs[0].sampling.stop",
+            "task score_rolling generates no tokens, so sampling.stop has nothing to apply to",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    task: score_rolling\n",
             ":4",
@@ -584,6 +597,25 @@ def test_defaults_meant_for_other_jobs_stop_no_job_that_drops_them(tmp_path: Pat
     plain, openai, raw = load_jobs_file(write(tmp_path, text)).jobs
     assert (plain.id_column, plain.runner, plain.parallel.ray_actors) == ("id", "ray", 4)
     assert (openai.input.format, openai.runner, raw.prompt.chat_template) == ("openai", "local", False)
+
+
+def test_a_scoring_job_passes_over_the_defaults_generation_settings(tmp_path: Path) -> None:
+    """Generation's sampling values from `defaults:` are for the file's generating jobs: a scoring job beside them
+    loads (its own are refused, above), keeping prompt_logprobs, which task score reads; so does --set of one."""
+    text = (
+        "defaults:\n  sampling: {temperature: 0.7, stop: [END], max_new_tokens: 8, seed: 3}\njobs:\n"
+        "  - name: gen\n    input: {path: x.jsonl}\n"
+        "  - name: scores\n    input: {path: x.jsonl}\n    task: score\n    sampling: {prompt_logprobs: true}\n"
+    )
+    generate, score = load_jobs_file(write(tmp_path, text)).jobs
+    assert (generate.sampling.temperature, generate.sampling.stop) == (0.7, ("END",))
+    assert (score.sampling.temperature, score.sampling.prompt_logprobs) == (0.7, True)
+    error = spec_error(tmp_path, text, {"sampling.top_k": 5})
+    assert (error.field, error.where, error.message) == (
+        "sampling.top_k",
+        "command line",
+        "task score generates no tokens, so sampling.top_k has nothing to apply to (each row gets `scores`)",
+    )
 
 
 def test_output_settings_from_defaults_fail_only_the_job_that_cannot_write_them(tmp_path: Path) -> None:
