@@ -466,6 +466,10 @@ OPENAI_UNREAD_FIELDS = (
 )
 
 
+# The sampling fields of a row's end that a constrained row does not read (runner/stopping.py): its text is whole.
+UNCONSTRAINED_STOPS = ("stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output")
+
+
 # The sampling fields a scoring job's requests read (jobs/pipeline.py, runner/engine.py's scoring sequences):
 # prompt_logprobs (task score; score_rolling refuses it), and those check_output_settings refuses with reasons of
 # their own, from `defaults:` too. Every other field is generation's, which scores are computed without.
@@ -589,6 +593,15 @@ def validate(job: JobSpec, node: Node) -> None:
             check_constraint(job.sampling.structured_outputs)
         except ConstraintError as exc:
             raise at("sampling", "structured_outputs").error(str(exc)) from None
+    if job.sampling.structured_outputs is not None:
+        # A row's null (constraint column, sampling values, a body's text response_format) keeps the job's
+        # constraint, so every row is constrained and ends where its grammar ends: these would be dropped on all.
+        for name in UNCONSTRAINED_STOPS:
+            if getattr(job.sampling, name) != getattr(SamplingParams(), name) and own("sampling", name):
+                raise at("sampling", name).error(
+                    "does not apply to a constrained row, which ends where its grammar ends, and the job's "
+                    "sampling.structured_outputs constrains every row (docs/structured-output.md)"
+                )
     unknown = [c for c in job.sampling_columns if c not in {f.name for f in dataclasses.fields(SamplingParams)}]
     if unknown:
         raise at("sampling_columns").error(

@@ -18,6 +18,7 @@ from kvbatch.errors import SpecError
 from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict, load_jobs_file, spec_hash
+from kvbatch.runner.config import SamplingParams
 from kvbatch.runner.structured_outputs import StructuredOutputs
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
@@ -281,3 +282,36 @@ def test_a_job_constraint_that_can_never_compile_fails_the_job_file(tmp_path: Pa
         job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "sampling": {"structured_outputs": constraint}})
     assert words in str(refused.value)
     job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "sampling": {"structured_outputs": {"regex": "a+"}}})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("stop", ["END"]), ("stop_token_ids", [2]), ("ignore_eos", True), ("include_stop_str_in_output", True)],
+)
+def test_a_jobs_stop_settings_beside_its_own_constraint_are_refused(tmp_path: Path, name: str, value) -> None:
+    """A constrained row ends where its grammar ends: stop strings, stop token ids and ignore_eos do not apply to it.
+    A job's own constraint constrains every row (a null in a constraint column keeps it, above), so the job's stop
+    settings beside it loaded and were dropped on every row. A constraint column alone leaves its null rows free,
+    where they apply; from `defaults:` they are passed over."""
+    constraint = {"structured_outputs": {"choice": ["yes", "no"]}}
+    for columns in ({}, {"constraint_column": "c"}):
+        with pytest.raises(SpecError) as refused:
+            job_from_dict(
+                {"name": "j", "input": {"path": "in.jsonl"}, **columns, "sampling": {**constraint, name: value}}
+            )
+        assert (refused.value.field, refused.value.message) == (
+            f"sampling.{name}",
+            "does not apply to a constrained row, which ends where its grammar ends, and the job's "
+            "sampling.structured_outputs constrains every row (docs/structured-output.md)",
+        )
+    free = job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "constraint_column": "c", "sampling": {name: value}}
+    )
+    assert getattr(free.sampling, name) == getattr(SamplingParams(**{name: value}), name)
+    text = (
+        f"defaults:\n  sampling: {{{name}: {json.dumps(value)}}}\njobs:\n  - name: j\n    input: {{path: in.jsonl}}\n"
+    )
+    text += "    sampling: {structured_outputs: {choice: ['yes', 'no']}}\n"
+    (tmp_path / "jobs.yaml").write_text(text)
+    (job,) = load_jobs_file(tmp_path / "jobs.yaml").jobs
+    assert job.sampling.structured_outputs == StructuredOutputs(choice=("yes", "no"))
