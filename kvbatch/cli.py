@@ -291,7 +291,10 @@ def plan(
             try:
                 typer.echo(plan_job(spec, engines).format())
             except KvbatchError as exc:
-                typer.echo(f"kvbatch: error: {exc}", err=True)
+                # Named, as `run` names the job that failed: a refusal of the model's (a token id outside its
+                # vocabulary, a template setting) says only the field, which several jobs of a file may set.
+                message = JobOutcome(spec.name, error=exc).error_message
+                typer.echo(f"kvbatch: error: job {spec.name}: {message}", err=True)
                 codes.append(exit_code_of(exc))
         if max(codes) != OK:
             raise typer.Exit(max(codes))

@@ -392,7 +392,7 @@ def test_plan_goes_on_to_the_next_job_after_one_fails_as_run_does(
     text = JOBS.replace("name: first\n    input: {path: in.jsonl}", "name: first\n    input: {path: gone.jsonl}")
     result = invoke("plan", jobs_file(tmp_path, text))
     assert result.exit_code == 1, result.output
-    assert result.stderr == f"kvbatch: error: input not found: {tmp_path / 'gone.jsonl'}\n"
+    assert result.stderr == f"kvbatch: error: job first: input not found: {tmp_path / 'gone.jsonl'}\n"
     assert result.stdout.startswith("job second: 1 row\n")
 
 

@@ -640,7 +640,7 @@ def test_template_values_for_a_model_without_a_template_stop_the_job(tmp_path, f
     assert (done["error"], done["prompt_tokens"]) == (None, 3)  # w5 w6, then w7 or w8
 
     planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "jobs.yaml"), "--job", "none"])
-    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: {refusal}\n")
+    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job none: {refusal}\n")
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["raw-text", "chat"])

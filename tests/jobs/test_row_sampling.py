@@ -348,4 +348,5 @@ def test_token_ids_outside_the_vocabulary_stop_a_job_of_its_own_and_fail_a_row_o
     ]
 
     planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "jobs.yaml"), "--job", "own"])
-    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: {refusal}\n")
+    # The plan named the field alone, not the job whose sampling names them
+    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job own: {refusal}\n")
