@@ -24,7 +24,14 @@ from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import RowError
 from kvbatch.jobs.run import EngineCache, left_out
 from kvbatch.jobs.shard_output import job_shard
-from kvbatch.jobs.spec import JobSpec, check_chat_template, check_job_constraint, check_token_ids, output_path
+from kvbatch.jobs.spec import (
+    JobSpec,
+    check_chat_template,
+    check_job_adapter,
+    check_job_constraint,
+    check_token_ids,
+    output_path,
+)
 from kvbatch.runner.admission import AdmissionLimits, never_fits
 from kvbatch.runner.request import GenerationRequest
 from kvbatch.runner.sequence import capped_new_tokens
@@ -141,6 +148,8 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
     constraints = _Constraints(sizing)
     check_job_constraint(job, constraints.problem)  # and on the job's own constraint, when no row may begin it
+    adapters = adapter_problems(job, engines)
+    check_job_adapter(job, lambda name: adapters.get(name, f"adapter {name!r} is not registered"))  # and its adapter
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool
     limits = AdmissionLimits(
@@ -165,7 +174,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     samples: list[int] = []
     plan.prefix_cache = sizing.prefix_cache
     reuse = ReuseEstimate(pool.block_size, pool.num_blocks) if plan.prefix_cache else None
-    plan.adapters = adapter_problems(job, engines)
+    plan.adapters = adapters
     for row in reader:
         if left_out(row, shard, pipeline):  # another shard's row: its id still counts, as in the shard's run
             continue

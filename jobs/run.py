@@ -33,6 +33,7 @@ from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import (
     JobSpec,
     check_chat_template,
+    check_job_adapter,
     check_job_constraint,
     check_token_ids,
     job_adapters,
@@ -203,6 +204,7 @@ def run_job(
         check_chat_template(job, engine.tokenizer)
         check_token_ids(job, engine.vocab_size)
         check_job_constraint(job, engine.constraint_problem)
+        check_job_adapter(job, engine.adapter_problem)
         load_s = time.monotonic() - started if fresh else 0.0
         writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, engine).items()}
         writer.model = model_name(job.model)  # OpenAI Batch output names the model, as the API does

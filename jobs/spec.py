@@ -811,6 +811,16 @@ def check_job_constraint(job: JobSpec, problem: Callable[[StructuredOutputs], st
         raise SpecError(f"{message}; no row under it could run", field="sampling.structured_outputs")
 
 
+def check_job_adapter(job: JobSpec, problem: Callable[[str], str | None]) -> None:
+    """Refuse a job whose own `adapter` (every row's but those that name one of their own) cannot run: missing,
+    unreadable, of another base model, not plain LoRA. Each row on it would fail alike as bad_adapter. `problem` is
+    the engine's check (GenerationEngine.adapter_problem), or the plan's with the same message. A row's own
+    adapter (adapter_column, an OpenAI body's model) stays that row's bad_adapter error row."""
+    message = problem(job.adapter) if job.adapter is not None else None
+    if message is not None:
+        raise SpecError(f"{message}; no row without an adapter of its own could run", field="adapter")
+
+
 RESERVED_COLUMNS = (
     "row",
     "text",

@@ -256,12 +256,17 @@ class Engine:
             raise RuntimeError("adapters cannot change during a generate() call")
         self.adapters.add(name, path)
 
+    def adapter_problem(self, name: str) -> str | None:
+        """Why every request on adapter `name` would fail as bad_adapter (unregistered, missing, unreadable, of
+        another model), or None."""
+        if self.adapters is None:
+            return f"adapter {name!r} asked of an engine that serves no adapters"
+        return self.adapters.problem(name)
+
     def _adapter_problem(self, request: GenerationRequest) -> tuple[ErrorKind, str] | None:
         if request.adapter is None:
             return None
-        if self.adapters is None:
-            return ErrorKind.BAD_ADAPTER, f"adapter {request.adapter!r} asked of an engine that serves no adapters"
-        problem = self.adapters.problem(request.adapter)
+        problem = self.adapter_problem(request.adapter)
         return (ErrorKind.BAD_ADAPTER, problem) if problem else None
 
     def _capture_graphs(self) -> None:

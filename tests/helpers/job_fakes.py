@@ -91,6 +91,9 @@ class FakeEngine:
     def constraint_problem(self, constraint: Any) -> str | None:
         return None  # the fake answers every row alike, constrained or not
 
+    def adapter_problem(self, name: str) -> str | None:
+        return None  # the fake serves any adapter a row names
+
     def generate(self, requests: Any, on_step: Any = None):
         window: list[GenerationRequest] = []
         yielded = 0

@@ -189,3 +189,28 @@ def test_the_summary_shows_a_rows_adapter_name_escaped() -> None:
     shown = Summary("j", "out/j.arrow", adapters={"tone": 2, "\x1b[2Jevil": 1}).format()
     assert "\x1b" not in shown
     assert shown.endswith("  adapters    tone 2, '\\x1b[2Jevil' 1")
+
+
+def test_a_jobs_own_adapter_that_cannot_run_stops_the_job(adapter_paths, tmp_path: Path) -> None:
+    """The job's `adapter` is every row's that names none of its own: one that is no name in `adapters`, no folder
+    and no cached hub name (a typo), or a folder that is no adapter, made every row a bad_adapter error row and the
+    job exited 0. It stops the job once the model is loaded, before any row, naming `adapter`, and its plan too; a
+    row's own adapter that cannot run stays that row's error (above)."""
+    from kvbatch.errors import SpecError
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "w5 w6 w7 w8"}) + "\n")
+    (tmp_path / "empty").mkdir()
+    for adapter, words in (
+        ("zzz", "adapter 'zzz': zzz is neither a folder nor a name in the local Hugging Face cache"),
+        ("empty", f"adapter '{tmp_path / 'empty'}': {tmp_path / 'empty'} has no adapter_config.json"),
+        ("broken", "adapter 'broken': no/such is neither a folder nor a name in the local Hugging Face cache"),
+    ):
+        job = make_job(tmp_path, "own", "in.jsonl", adapters={"broken": "no/such"}, adapter=adapter)
+        (outcome,) = run_jobs([job], engine_factory=factory)
+        assert isinstance(outcome.error, SpecError) and outcome.error.field == "adapter", outcome.error
+        assert outcome.error.message.startswith(words), outcome.error.message
+        assert outcome.error.message.endswith("; no row without an adapter of its own could run")
+        assert not (tmp_path / "out" / "own.arrow").exists()
+        with pytest.raises(SpecError) as planned:
+            plan_job(job, EngineCache(factory))
+        assert planned.value.message == outcome.error.message
