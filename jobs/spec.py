@@ -288,8 +288,8 @@ def over(base: Node, override: Node) -> Node:
 def load_jobs_file(
     path: str | Path, overrides: dict[str, Any] | None = None, select: list[str] | None = None
 ) -> JobsFile:
-    """Read and check a job file. `overrides` (dotted keys -> values) apply to every job, over the file. `select`:
-    the names of the jobs that will run (--job; None: all), the only ones checked against writing one output."""
+    """Read and check a job file. `overrides` (dotted keys -> values) apply, over the file, to the jobs named in
+    `select` (--job; None: every job), the jobs that will run; the others are checked as the file writes them."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -312,6 +312,10 @@ def load_jobs_file(
     if "name" in defaults.value:
         raise defaults.value["name"].error("a default cannot set the job name")
     override_node = overrides_to_node(overrides or {})
+    if "name" in override_node.value:
+        raise SpecError(
+            "the command line cannot set a job's name (select jobs with --job)", field="name", where="command line"
+        )
     # A job file read from a pipe (`kvbatch run /dev/stdin`, `<(...)`) has no folder: its paths, as the command
     # line's, are the working folder's, not /proc/PID/fd's.
     base_dir = str(path.resolve().parent if path.is_file() else Path.cwd())
@@ -319,15 +323,19 @@ def load_jobs_file(
     for job_node in jobs_node.value:
         if not isinstance(job_node.value, dict):
             raise job_node.error("each job must be a mapping with at least `name` and `input`")
-        merged = over(over(defaults, job_node), override_node)
+        merged = over(defaults, job_node)
+        # --set is meant for the jobs that run: over a job --job left out it could make that job invalid (a
+        # temperature on a scoring job) and stop the file.
+        name = job_node.value.get("name")
+        if not select or (name is not None and name.value in select):
+            merged = over(merged, override_node)
         jobs.append(job_from_node(merged, base_dir=base_dir))
     names = [j.name for j in jobs]
     for i, name in enumerate(names):
         if name in names[:i]:
             raise jobs_node.value[i].value["name"].error(f"duplicate job name {name!r}")
     jobs_file = JobsFile(str(path), tuple(jobs))
-    # Only the jobs that run: with --job, a `--set output.path=...` meant for the one selected gave every job of the
-    # file that path, and the file was refused for jobs that were not to run.
+    # Only the jobs that run: one that --job left out writes nothing this time, whatever path it names.
     chosen = {job.name for job in jobs_file.select(select)}
     writers: dict[Path, str] = {}
     for i, job in enumerate(jobs):

@@ -42,7 +42,7 @@ JobsArg = Annotated[Path, typer.Argument(help="The YAML job file.", show_default
 JobOpt = Annotated[list[str] | None, typer.Option("--job", "-j", help="Run only this job (repeatable).")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a job field for every job: --set sampling.temperature=0.7 (repeatable)."),
+    typer.Option("--set", help="Override a field of every job that runs: --set sampling.temperature=0.7 (repeatable)."),
 ]
 ModelOpt = Annotated[
     str | None,

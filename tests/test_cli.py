@@ -148,6 +148,29 @@ def test_one_output_path_set_for_the_selected_job_is_no_clash_with_the_others(
     assert len(recorder.calls) == 1
 
 
+def test_set_reaches_only_the_jobs_that_run(tmp_path: Path, recorder: Recorder) -> None:
+    """`--set` went over every job of the file, --job or not: `run -j gen --set sampling.temperature=0.7` on a file
+    that also holds a scoring job (which refuses a temperature) exited 2 for the job that was not to run. It now
+    reaches the jobs --job names; run alone, the scoring job is still refused the value. A job's name is not the
+    command line's to set (--job selects by it)."""
+    text = "jobs:\n  - name: first\n    input: {path: in.jsonl}\n"
+    text += "  - name: second\n    task: score\n    input: {path: in.jsonl}\n"
+    path = jobs_file(tmp_path, text)
+    result = invoke("run", path, "-j", "first", "--set", "sampling.temperature=0.7")
+    assert result.exit_code == 0, result.output
+    [[first]] = [specs for specs, *_ in recorder.calls]
+    assert (first.name, first.sampling.temperature) == ("first", 0.7)
+    scored = invoke("run", path, "-j", "second", "--set", "sampling.temperature=0.7")
+    assert scored.exit_code == 2
+    assert scored.stderr.startswith("kvbatch: error: command line: sampling.temperature: task score generates no")
+    named = invoke("run", path, "-j", "first", "--set", "name=other")
+    assert named.exit_code == 2
+    assert named.stderr == (
+        "kvbatch: error: command line: name: the command line cannot set a job's name (select jobs with --job)\n"
+    )
+    assert len(recorder.calls) == 1
+
+
 def test_run_without_options_runs_every_job_as_written(tmp_path: Path, recorder: Recorder) -> None:
     path = jobs_file(tmp_path)
     assert invoke("run", path).exit_code == 0
