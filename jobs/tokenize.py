@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import secrets
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -154,19 +155,24 @@ class PromptTokenizer:
     def _as_template_reads(self, prompt: Prompt) -> list[dict[str, Any]]:
         """The messages with their text parts as the template reads content: as parts for a template that loops
         over a message's content (as vLLM detects it: Gemma 3 trims and joins them, SmolVLM's reads nothing else),
-        a string content as one text part too (a parts-only template iterates a string's characters and writes
-        nothing, as vLLM's server avoids by the same wrapping); else joined into one text (a template that writes
-        `message.content` would write the list's repr)."""
+        else joined into one text (a template that writes `message.content` would write the list's repr). A string
+        content goes as it is, except to a template that loops over content and never tests it for a string: that
+        one iterates the string's characters and writes nothing, so it gets the string as one text part (as vLLM's
+        server wraps every string for such templates; a template with a string branch renders as transformers
+        does)."""
         assert prompt.messages is not None, "a Prompt has messages or text"
         try:
             template = self.tokenizer.get_chat_template(self.template, prompt.tools)
         except Exception:  # noqa: BLE001 - no template to read: the render reports it on the row
             template = None
-        if isinstance(template, str) and _loops_over_content(template):
+        reads = _content_reading(template) if isinstance(template, str) else _ContentReading(False, False)
+        if reads.loops and not reads.tests_string:
             return [
                 {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
                 for m in prompt.messages
             ]
+        if reads.loops:
+            return prompt.messages
         return [m if isinstance(m["content"], str) else {**m, "content": message_text(m)} for m in prompt.messages]
 
     def _plain(self, messages: list[dict[str, Any]]) -> bool:
@@ -292,17 +298,24 @@ def _texts(message: dict[str, Any]) -> list[str]:
     return [content] if isinstance(content, str) else [p["text"] for p in content]
 
 
+@dataclass(frozen=True)
+class _ContentReading:
+    loops: bool  # a `for` over a message's content: the template reads OpenAI's content parts
+    tests_string: bool  # `content is string` somewhere: it has a branch for a string content too
+
+
 @lru_cache(maxsize=16)
-def _loops_over_content(template: str) -> bool:
-    """The template has a `for` loop over a message's content (`for item in message['content']`, or over a name
-    set from one), as vLLM's server detects a template that reads OpenAI's content parts."""
+def _content_reading(template: str) -> _ContentReading:
+    """How the template reads a message's content (`message['content']`, `message.content`, or a name set from
+    one): whether it loops over it, as vLLM's server detects a template that reads OpenAI's content parts, and
+    whether it tests it for a string."""
     import jinja2.nodes
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     try:
         ast = _compile_jinja_template(template).environment.parse(template)
     except jinja2.TemplateError:
-        return False
+        return _ContentReading(False, False)
 
     def is_content(node: jinja2.nodes.Node) -> bool:
         if isinstance(node, jinja2.nodes.Getattr):
@@ -318,9 +331,15 @@ def _loops_over_content(template: str) -> bool:
         for node in ast.find_all(jinja2.nodes.Assign)
         if isinstance(node.target, jinja2.nodes.Name) and is_content(node.node)
     }
-    return any(
-        is_content(loop.iter) or (isinstance(loop.iter, jinja2.nodes.Name) and loop.iter.name in names)
-        for loop in ast.find_all(jinja2.nodes.For)
+
+    def reads_content(node: jinja2.nodes.Node) -> bool:
+        return is_content(node) or (isinstance(node, jinja2.nodes.Name) and node.name in names)
+
+    return _ContentReading(
+        loops=any(reads_content(loop.iter) for loop in ast.find_all(jinja2.nodes.For)),
+        tests_string=any(
+            test.name == "string" and reads_content(test.node) for test in ast.find_all(jinja2.nodes.Test)
+        ),
     )
 
 

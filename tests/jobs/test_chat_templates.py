@@ -500,27 +500,30 @@ def test_a_template_that_reads_text_parts_gets_them_as_parts(tmp_path, template)
 def test_a_string_content_reaches_a_template_that_reads_only_parts(tmp_path) -> None:
     """A template that reads a message's content only as parts (SmolVLM's) iterated a string's characters and
     wrote an empty message: a `prompt` column's text, a system prompt or a string message ran without its text and
-    without an error. vLLM's server gives such a template every string as one text part; so does kvbatch."""
-    tok = byte_tokenizer(PARTS_ONLY)
+    without an error. Such a template now gets each string as one text part (as vLLM's server wraps them); one that
+    tests the content for a string keeps the string, and renders as transformers renders it."""
     text_job = job_from_dict(
         {"name": "j", "input": {"path": "in.jsonl"}, "prompt": {"system": "Be brief."}}, base_dir=str(tmp_path)
     )
-    pipes = {"prompt": RowPipeline(text_job, tok, layout_for(text_job, {}))}
-    pipes["messages"] = pipeline(tmp_path, tok, system="Be brief.")
-    as_parts = [
-        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]},
-    ]
-    want = tok.apply_chat_template(as_parts, tokenize=True, add_generation_prompt=True)
-    want = list(want["input_ids"] if hasattr(want, "keys") else want)
-    for column, value in (("prompt", "What is 2 + 2?"), ("messages", MESSAGES)):
-        request = pipes[column].request(Row(0, {column: value}))
-        assert isinstance(request, GenerationRequest), request
-        assert request.prompt_token_ids == want
-        assert "system\nBe brief.<|im_end|>" in tok.decode(request.prompt_token_ids)
-        assert "user\nWhat is 2 + 2?<|im_end|>" in tok.decode(request.prompt_token_ids)
+    strings = [{"role": "system", "content": "Be brief."}, *MESSAGES]
+    as_parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in strings]
+    # A string branch that writes otherwise than the parts' loop: the string must take it.
+    marked = PARTS_OR_STRING.replace("{{- message.content | trim }}", "{{- 'S:' + message.content }}")
+    for template, given in ((PARTS_ONLY, as_parts), (marked, strings)):
+        tok = byte_tokenizer(template)
+        want = tok.apply_chat_template(given, tokenize=True, add_generation_prompt=True)
+        want = list(want["input_ids"] if hasattr(want, "keys") else want)
+        pipes = {"prompt": RowPipeline(text_job, tok, layout_for(text_job, {}))}
+        pipes["messages"] = pipeline(tmp_path, tok, system="Be brief.")
+        for column, value in (("prompt", "What is 2 + 2?"), ("messages", MESSAGES)):
+            request = pipes[column].request(Row(0, {column: value}))
+            assert isinstance(request, GenerationRequest), request
+            assert request.prompt_token_ids == want
+            prefix = "S:" if template == marked else ""
+            assert f"user\n{prefix}What is 2 + 2?<|im_end|>" in tok.decode(request.prompt_token_ids)
     # A string that spells a control token is still tokenized as data, inside its part.
-    request = pipes["prompt"].request(Row(1, {"prompt": "a<|im_end|>b"}))
+    tok = byte_tokenizer(PARTS_ONLY)
+    request = RowPipeline(text_job, tok, layout_for(text_job, {})).request(Row(1, {"prompt": "a<|im_end|>b"}))
     assert isinstance(request, GenerationRequest), request
     data = tok.encode("a<|im_end|>b", add_special_tokens=False, split_special_tokens=True)
     tail = tok.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
