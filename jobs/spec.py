@@ -486,6 +486,29 @@ SCORING_SAMPLING = frozenset(
 )
 
 
+def unread_sampling(job: JobSpec) -> dict[str, str]:
+    """The sampling fields no row of `job` reads, each with why: dropped without a word, whether the job sets
+    them or a column (sampling_columns) gives each row its own."""
+    unread: dict[str, str] = {}
+    if job.sampling.structured_outputs is not None:
+        # A row's null (constraint column, sampling values, a body's text response_format) keeps the job's
+        # constraint, so every row is constrained and ends where its grammar ends: these would be dropped on all.
+        for name in UNCONSTRAINED_STOPS:
+            unread[name] = (
+                "does not apply to a constrained row, which ends where its grammar ends, and the job's "
+                "sampling.structured_outputs constrains every row (docs/structured-output.md)"
+            )
+    if job.is_scoring:  # a scoring row reads none of generation's settings
+        for f in dataclasses.fields(SamplingParams):
+            if f.name not in SCORING_SAMPLING:
+                unread.setdefault(
+                    f.name,
+                    f"task {job.task} generates no tokens, so sampling.{f.name} has nothing to apply to (each row "
+                    "gets `scores`)",
+                )
+    return unread
+
+
 def validate(job: JobSpec, node: Node) -> None:
     """Checks that involve more than one field."""
 
@@ -601,20 +624,19 @@ def validate(job: JobSpec, node: Node) -> None:
             check_constraint(job.sampling.structured_outputs)
         except ConstraintError as exc:
             raise at("sampling", "structured_outputs").error(str(exc)) from None
-    if job.sampling.structured_outputs is not None:
-        # A row's null (constraint column, sampling values, a body's text response_format) keeps the job's
-        # constraint, so every row is constrained and ends where its grammar ends: these would be dropped on all.
-        for name in UNCONSTRAINED_STOPS:
-            if getattr(job.sampling, name) != getattr(SamplingParams(), name) and own("sampling", name):
-                raise at("sampling", name).error(
-                    "does not apply to a constrained row, which ends where its grammar ends, and the job's "
-                    "sampling.structured_outputs constrains every row (docs/structured-output.md)"
-                )
+    unread = unread_sampling(job)
+    for name, why in unread.items():
+        if getattr(job.sampling, name) != getattr(SamplingParams(), name) and own("sampling", name):
+            raise at("sampling", name).error(why)
     unknown = [c for c in job.sampling_columns if c not in {f.name for f in dataclasses.fields(SamplingParams)}]
     if unknown:
         raise at("sampling_columns").error(
             f"{', '.join(map(repr, unknown))} is no sampling field; sampling_columns are named like the fields"
         )
+    # A column of them is read on every row to be dropped there, as the job's own value would be.
+    for name in [c for c in job.sampling_columns if c in unread]:
+        if own("sampling_columns"):
+            raise at("sampling_columns").error(f"each row's {name} would be dropped: {unread[name]}")
     if job.parallel.shard is not None:
         try:
             parse_shard(job.parallel.shard)
@@ -624,14 +646,6 @@ def validate(job: JobSpec, node: Node) -> None:
         raise at("adapters" if job.adapters else "adapter").error(
             "LoRA adapters run on a local engine of one process (runner: local, parallel.tensor: 1)"
         )
-    if job.is_scoring:  # a scoring row reads none of generation's settings: they would be dropped without a word
-        for f in dataclasses.fields(SamplingParams):
-            unread = f.name not in SCORING_SAMPLING and getattr(job.sampling, f.name) != _default(f)
-            if unread and own("sampling", f.name):
-                raise at("sampling", f.name).error(
-                    f"task {job.task} generates no tokens, so sampling.{f.name} has nothing to apply to (each row "
-                    "gets `scores`)"
-                )
     if job.task != "score" and job.continuations_column != JobSpec.continuations_column and own("continuations_column"):
         raise at("continuations_column").error(f"is for task: score, and this job's task is {job.task}")
     if job.runner == "local":  # else a job file's ray_address or ray_actors would run the job locally without a word

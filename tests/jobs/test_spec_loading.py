@@ -557,6 +557,21 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].sampling.stop",
             "task score_rolling generates no tokens, so sampling.stop has nothing to apply to",
         ),
+        (  # a column of such values was read on every row and dropped there, without a word
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    task: score\n"
+            "    sampling_columns: [prompt_logprobs, temperature]\n",
+            ":5",
+            "jobs[0].sampling_columns",
+            "each row's temperature would be dropped: task score generates no tokens, so sampling.temperature has "
+            "nothing to apply to",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {structured_outputs: {choice: [y, n]}}\n"
+            "    sampling_columns: [temperature, stop]\n",
+            ":5",
+            "jobs[0].sampling_columns",
+            "each row's stop would be dropped: does not apply to a constrained row, which ends where its grammar ends",
+        ),
         (
             "jobs:\n  - name: a\n    input: {path: x.jsonl, format: openai}\n    task: score_rolling\n",
             ":4",
@@ -601,15 +616,18 @@ def test_defaults_meant_for_other_jobs_stop_no_job_that_drops_them(tmp_path: Pat
 
 def test_a_scoring_job_passes_over_the_defaults_generation_settings(tmp_path: Path) -> None:
     """Generation's sampling values from `defaults:` are for the file's generating jobs: a scoring job beside them
-    loads (its own are refused, above), keeping prompt_logprobs, which task score reads; so does --set of one."""
+    loads (its own are refused, above, and so are its sampling_columns naming them), keeping prompt_logprobs, which
+    task score reads; so does --set of one."""
     text = (
-        "defaults:\n  sampling: {temperature: 0.7, stop: [END], max_new_tokens: 8, seed: 3}\njobs:\n"
+        "defaults:\n  sampling: {temperature: 0.7, stop: [END], max_new_tokens: 8, seed: 3}\n"
+        "  sampling_columns: [temperature]\njobs:\n"
         "  - name: gen\n    input: {path: x.jsonl}\n"
         "  - name: scores\n    input: {path: x.jsonl}\n    task: score\n    sampling: {prompt_logprobs: true}\n"
     )
     generate, score = load_jobs_file(write(tmp_path, text)).jobs
     assert (generate.sampling.temperature, generate.sampling.stop) == (0.7, ("END",))
     assert (score.sampling.temperature, score.sampling.prompt_logprobs) == (0.7, True)
+    assert score.sampling_columns == generate.sampling_columns == ("temperature",)
     error = spec_error(tmp_path, text, {"sampling.top_k": 5})
     assert (error.field, error.where, error.message) == (
         "sampling.top_k",
