@@ -28,7 +28,14 @@ from kvbatch.jobs.ray_input import rows_of_block
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.rows import KnownDuplicates, Row, RowError
 from kvbatch.jobs.run import EngineFactory, default_engine_factory
-from kvbatch.jobs.spec import JobSpec, check_chat_template, check_job_constraint, check_token_ids, job_from_dict
+from kvbatch.jobs.spec import (
+    JobSpec,
+    check_chat_template,
+    check_job_adapter,
+    check_job_constraint,
+    check_token_ids,
+    job_from_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,7 @@ class GenerateBatch:
             check_chat_template(self.job, self.engine.tokenizer)
             check_token_ids(self.job, self.engine.vocab_size)
             check_job_constraint(self.job, self.engine.constraint_problem)
+            check_job_adapter(self.job, self.engine.adapter_problem)  # its engine serves no adapters
         except KvbatchError as exc:
             self.refusal = exc
             return
