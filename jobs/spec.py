@@ -289,7 +289,8 @@ def load_jobs_file(
     path: str | Path, overrides: dict[str, Any] | None = None, select: list[str] | None = None
 ) -> JobsFile:
     """Read and check a job file. `overrides` (dotted keys -> values) apply, over the file, to the jobs named in
-    `select` (--job; None: every job), the jobs that will run; the others are checked as the file writes them."""
+    `select` (--job; None: every job), the jobs that will run; the others are checked as the file writes them (or,
+    where that fails, as the overrides complete them)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -324,12 +325,19 @@ def load_jobs_file(
         if not isinstance(job_node.value, dict):
             raise job_node.error("each job must be a mapping with at least `name` and `input`")
         merged = over(defaults, job_node)
-        # --set is meant for the jobs that run: over a job --job left out it could make that job invalid (a
-        # temperature on a scoring job) and stop the file.
         name = job_node.value.get("name")
         if not select or (name is not None and name.value in select):
-            merged = over(merged, override_node)
-        jobs.append(job_from_node(merged, base_dir=base_dir))
+            jobs.append(job_from_node(over(merged, override_node), base_dir=base_dir))
+            continue
+        # --set is meant for the jobs that run: over a job --job left out it could make that job invalid (a
+        # temperature on a scoring job) and stop the file. Yet a file may leave to it what every job needs (the
+        # input path): such a job is taken as --set completes it, and fails the file only where neither loads.
+        try:
+            jobs.append(job_from_node(merged, base_dir=base_dir))
+        except SpecError:
+            if not override_node.value:
+                raise
+            jobs.append(job_from_node(over(merged, override_node), base_dir=base_dir))
     names = [j.name for j in jobs]
     for i, name in enumerate(names):
         if name in names[:i]:

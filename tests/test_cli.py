@@ -171,6 +171,27 @@ def test_set_reaches_only_the_jobs_that_run(tmp_path: Path, recorder: Recorder) 
     assert len(recorder.calls) == 1
 
 
+def test_set_that_completes_every_job_still_loads_the_jobs_left_out(tmp_path: Path, recorder: Recorder) -> None:
+    """A file whose jobs take their input from the command line (`--set input.path=...`) ran one of them with -j;
+    once --set reached only the selected jobs, the others were checked without it and the file was refused for
+    their missing input (exit 2). A job left out is checked as the file writes it or, where that fails, as --set
+    completes it; it fails the file only where neither loads."""
+    text = "jobs:\n  - name: gen\n    sampling: {max_new_tokens: 2}\n"
+    text += "  - name: scores\n    task: score\n"
+    path = jobs_file(tmp_path, text)
+    result = invoke("run", path, "-j", "gen", "--set", "input.path=in.jsonl")
+    assert result.exit_code == 0, result.output
+    [[gen]] = [specs for specs, *_ in recorder.calls]
+    assert (gen.name, gen.input.path) == ("gen", "in.jsonl")
+    typo = jobs_file(tmp_path, text + "    sampling: {max_new_token: 2}\n")
+    refused = invoke("run", typo, "-j", "gen", "--set", "input.path=in.jsonl")
+    assert refused.exit_code == 2
+    assert refused.stderr == (
+        f"kvbatch: error: {typo}:6: jobs[1].sampling.max_new_token: unknown field (did you mean 'max_new_tokens'?)\n"
+    )
+    assert len(recorder.calls) == 1
+
+
 def test_run_without_options_runs_every_job_as_written(tmp_path: Path, recorder: Recorder) -> None:
     path = jobs_file(tmp_path)
     assert invoke("run", path).exit_code == 0
