@@ -313,10 +313,8 @@ def load_jobs_file(
     if "name" in defaults.value:
         raise defaults.value["name"].error("a default cannot set the job name")
     override_node = overrides_to_node(overrides or {})
-    if "name" in override_node.value:
-        raise SpecError(
-            "the command line cannot set a job's name (select jobs with --job)", field="name", where="command line"
-        )
+    if "name" in override_node.value and select:  # --job picks jobs by the names the file gives them
+        raise SpecError("cannot rename the jobs --job selects by name", field="name", where="command line")
     # A job file read from a pipe (`kvbatch run /dev/stdin`, `<(...)`) has no folder: its paths, as the command
     # line's, are the working folder's, not /proc/PID/fd's.
     base_dir = str(path.resolve().parent if path.is_file() else Path.cwd())

@@ -151,8 +151,8 @@ def test_one_output_path_set_for_the_selected_job_is_no_clash_with_the_others(
 def test_set_reaches_only_the_jobs_that_run(tmp_path: Path, recorder: Recorder) -> None:
     """`--set` went over every job of the file, --job or not: `run -j gen --set sampling.temperature=0.7` on a file
     that also holds a scoring job (which refuses a temperature) exited 2 for the job that was not to run. It now
-    reaches the jobs --job names; run alone, the scoring job is still refused the value. A job's name is not the
-    command line's to set (--job selects by it)."""
+    reaches the jobs --job names; run alone, the scoring job is still refused the value. --job selects by the
+    names the file gives, so --set may not rename the jobs it selects (without --job it may)."""
     text = "jobs:\n  - name: first\n    input: {path: in.jsonl}\n"
     text += "  - name: second\n    task: score\n    input: {path: in.jsonl}\n"
     path = jobs_file(tmp_path, text)
@@ -165,10 +165,11 @@ def test_set_reaches_only_the_jobs_that_run(tmp_path: Path, recorder: Recorder) 
     assert scored.stderr.startswith("kvbatch: error: command line: sampling.temperature: task score generates no")
     named = invoke("run", path, "-j", "first", "--set", "name=other")
     assert named.exit_code == 2
-    assert named.stderr == (
-        "kvbatch: error: command line: name: the command line cannot set a job's name (select jobs with --job)\n"
-    )
-    assert len(recorder.calls) == 1
+    assert named.stderr == "kvbatch: error: command line: name: cannot rename the jobs --job selects by name\n"
+    one = jobs_file(tmp_path, "jobs:\n  - name: first\n    input: {path: in.jsonl}\n")
+    assert invoke("run", one, "--set", "name=other").exit_code == 0  # without --job a job may be renamed
+    assert [job.name for job in recorder.calls[1][0]] == ["other"]
+    assert len(recorder.calls) == 2
 
 
 def test_set_that_completes_every_job_still_loads_the_jobs_left_out(tmp_path: Path, recorder: Recorder) -> None:
