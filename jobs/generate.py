@@ -22,15 +22,7 @@ from .pipeline import RowPipeline
 from .records import Layout, RowResult
 from .rows import ArgumentNames, Row, RowError
 from .run import EngineCache
-from .spec import (
-    JobSpec,
-    check_chat_template,
-    check_job_adapter,
-    check_job_constraint,
-    check_token_ids,
-    job_from_dict,
-    splits_reasoning,
-)
+from .spec import JobSpec, check_job_on_engine, job_from_dict, splits_reasoning
 
 _ENGINES = EngineCache()
 # The rows' columns as this module's callers know them: the items of the lists they passed.
@@ -172,10 +164,7 @@ def _run(
     if not rows:  # as a job of no rows: the settings are checked, and no model is loaded for nothing to run
         return job, []
     eng, _ = (engines or _ENGINES).get(job)
-    check_chat_template(job, eng.tokenizer)
-    check_token_ids(job, eng.vocab_size)
-    check_job_constraint(job, eng.constraint_problem)
-    check_job_adapter(job, eng.adapter_problem)
+    check_job_on_engine(job, eng)
     sampling = job.sampling
     layout = Layout(
         multi=sampling.n > 1,

@@ -28,14 +28,7 @@ from kvbatch.jobs.ray_input import rows_of_block
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.rows import KnownDuplicates, Row, RowError
 from kvbatch.jobs.run import EngineFactory, default_engine_factory
-from kvbatch.jobs.spec import (
-    JobSpec,
-    check_chat_template,
-    check_job_adapter,
-    check_job_constraint,
-    check_token_ids,
-    job_from_dict,
-)
+from kvbatch.jobs.spec import JobSpec, check_job_on_engine, job_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +79,7 @@ class GenerateBatch:
         self.refusal: KvbatchError | None = None
         try:
             self.engine = engine_factory(self.job.model, self.job.engine.settings())
-            check_chat_template(self.job, self.engine.tokenizer)
-            check_token_ids(self.job, self.engine.vocab_size)
-            check_job_constraint(self.job, self.engine.constraint_problem)
-            check_job_adapter(self.job, self.engine.adapter_problem)  # its engine serves no adapters
+            check_job_on_engine(self.job, self.engine)
         except KvbatchError as exc:
             self.refusal = exc
             return

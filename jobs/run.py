@@ -30,16 +30,7 @@ from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.signals import StopFlag
-from kvbatch.jobs.spec import (
-    JobSpec,
-    check_chat_template,
-    check_job_adapter,
-    check_job_constraint,
-    check_token_ids,
-    job_adapters,
-    spec_dict,
-    spec_hash,
-)
+from kvbatch.jobs.spec import JobSpec, check_job_on_engine, job_adapters, spec_dict, spec_hash
 from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
 from kvbatch.jobs.writer import OutputWriter, WriteReport, metadata_strings
 from kvbatch.runner.config import EngineConfig
@@ -201,10 +192,7 @@ def run_job(
             announce_load(label, job.model, job.progress)
         with stop.while_loading():
             engine, fresh = engines.get(job)
-        check_chat_template(job, engine.tokenizer)
-        check_token_ids(job, engine.vocab_size)
-        check_job_constraint(job, engine.constraint_problem)
-        check_job_adapter(job, engine.adapter_problem)
+        check_job_on_engine(job, engine)
         load_s = time.monotonic() - started if fresh else 0.0
         writer.metadata = {k.encode(): v.encode() for k, v in job_metadata(job, engine).items()}
         writer.model = model_name(job.model)  # OpenAI Batch output names the model, as the API does

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from kvbatch.errors import SpecError
 from kvbatch.runner.config import EngineConfig, SamplingParams, setting
+from kvbatch.runner.request import GenerationEngine
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
 from .constraints import read_schema_files
@@ -847,6 +848,15 @@ def check_job_adapter(job: JobSpec, problem: Callable[[str], str | None]) -> Non
     message = problem(job.adapter) if job.adapter is not None else None
     if message is not None:
         raise SpecError(f"{message}; no row without an adapter of its own could run", field="adapter")
+
+
+def check_job_on_engine(job: JobSpec, engine: GenerationEngine) -> None:
+    """The checks a job passes once its model is loaded, before any row (a run, the Python API, a Ray Data batch;
+    a plan makes the same ones from its sizing): what every row would fail on stops the job instead."""
+    check_chat_template(job, engine.tokenizer)
+    check_token_ids(job, engine.vocab_size)
+    check_job_constraint(job, engine.constraint_problem)
+    check_job_adapter(job, engine.adapter_problem)
 
 
 RESERVED_COLUMNS = (

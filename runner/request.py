@@ -186,3 +186,8 @@ class GenerationEngine(Protocol):
         """Why every row under this structured-output constraint would fail before its first token (it does not
         compile for this tokenizer, or no token may begin it), or None (called only for a job's own constraint)."""
         ...
+
+    def adapter_problem(self, name: str) -> str | None:
+        """Why every request on adapter `name` would fail as bad_adapter (unregistered, missing, unreadable, of
+        another model), or None (called for a job's own adapter; each request is checked alike)."""
+        ...
