@@ -21,7 +21,7 @@ from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import JobOutcome
 from kvbatch.jobs.runners import run_jobs as real_run_jobs
-from kvbatch.jobs.spec import job_from_dict, load_jobs_file, spec_hash
+from kvbatch.jobs.spec import JobSpec, job_from_dict, load_jobs_file, spec_hash
 from kvbatch.jobs.summary import Summary
 from kvbatch.jobs.writer import work_dir
 
@@ -148,6 +148,14 @@ def test_one_output_path_set_for_the_selected_job_is_no_clash_with_the_others(
     assert len(recorder.calls) == 1
 
 
+def run_one(recorder: Recorder, path: Path, job: str, setting: str) -> JobSpec:
+    """`run PATH -j JOB --set SETTING` as the first call: the one spec it ran."""
+    result = invoke("run", path, "-j", job, "--set", setting)
+    assert result.exit_code == 0, result.output
+    [[spec]] = [specs for specs, *_ in recorder.calls]
+    return spec
+
+
 def test_set_reaches_only_the_jobs_that_run(tmp_path: Path, recorder: Recorder) -> None:
     """`--set` went over every job of the file, --job or not: `run -j gen --set sampling.temperature=0.7` on a file
     that also holds a scoring job (which refuses a temperature) exited 2 for the job that was not to run. It now
@@ -156,9 +164,7 @@ def test_set_reaches_only_the_jobs_that_run(tmp_path: Path, recorder: Recorder) 
     text = "jobs:\n  - name: first\n    input: {path: in.jsonl}\n"
     text += "  - name: second\n    task: score\n    input: {path: in.jsonl}\n"
     path = jobs_file(tmp_path, text)
-    result = invoke("run", path, "-j", "first", "--set", "sampling.temperature=0.7")
-    assert result.exit_code == 0, result.output
-    [[first]] = [specs for specs, *_ in recorder.calls]
+    first = run_one(recorder, path, "first", "sampling.temperature=0.7")
     assert (first.name, first.sampling.temperature) == ("first", 0.7)
     scored = invoke("run", path, "-j", "second", "--set", "sampling.temperature=0.7")
     assert scored.exit_code == 2
@@ -179,10 +185,7 @@ def test_set_that_completes_every_job_still_loads_the_jobs_left_out(tmp_path: Pa
     completes it; it fails the file only where neither loads."""
     text = "jobs:\n  - name: gen\n    sampling: {max_new_tokens: 2}\n"
     text += "  - name: scores\n    task: score\n"
-    path = jobs_file(tmp_path, text)
-    result = invoke("run", path, "-j", "gen", "--set", "input.path=in.jsonl")
-    assert result.exit_code == 0, result.output
-    [[gen]] = [specs for specs, *_ in recorder.calls]
+    gen = run_one(recorder, jobs_file(tmp_path, text), "gen", "input.path=in.jsonl")
     assert (gen.name, gen.input.path) == ("gen", "in.jsonl")
     typo = jobs_file(tmp_path, text + "    sampling: {max_new_token: 2}\n")
     refused = invoke("run", typo, "-j", "gen", "--set", "input.path=in.jsonl")
