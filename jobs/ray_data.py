@@ -28,7 +28,7 @@ from kvbatch.jobs.ray_input import rows_of_block
 from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.rows import KnownDuplicates, Row, RowError
 from kvbatch.jobs.run import EngineFactory, default_engine_factory
-from kvbatch.jobs.spec import JobSpec, check_job_on_engine, job_from_dict
+from kvbatch.jobs.spec import JobSpec, check_job_on_engine, job_adapters, job_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,10 @@ class GenerateBatch:
         # instead, the error reaches the driver as itself (RayTaskError.cause), and with it its exit code.
         self.refusal: KvbatchError | None = None
         try:
-            self.engine = engine_factory(self.job.model, self.job.engine.settings())
+            settings = self.job.engine.settings()
+            if job_adapters(self.job):  # the adapters rows may name, served as a local run serves them
+                settings["adapters"] = job_adapters(self.job)
+            self.engine = engine_factory(self.job.model, settings)
             check_job_on_engine(self.job, self.engine)
         except KvbatchError as exc:
             self.refusal = exc

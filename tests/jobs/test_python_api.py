@@ -349,30 +349,6 @@ def test_generate_batch_names_itself_in_the_errors_of_its_job_dict() -> None:
     assert str(typo.value) == "GenerateBatch: sampling.max_new_token: unknown field (did you mean 'max_new_tokens'?)"
 
 
-def test_generate_batch_stops_on_its_jobs_adapter(tmp_path: Path) -> None:
-    """GenerateBatch builds its engine from the job's model and engine settings, which serves no adapters: a job
-    dict's `adapter` made every row a bad_adapter error row. As a local run stops on its own adapter that cannot
-    run, the batch raises the refusal, naming `adapter`."""
-    job = {
-        "name": "x",
-        "model": "tiny",
-        "input": {"path": "-"},
-        "adapter": str(tmp_path),
-        "prompt": {"chat_template": False},
-        "sampling": {"max_new_tokens": 3},
-    }
-    generate = kvbatch.GenerateBatch(job, engine_factory=tiny_with_chat_template)
-    with pytest.raises(SpecError) as refused:
-        generate({"prompt": ["w5 w6"]})
-    assert (refused.value.field, refused.value.message) == (
-        "adapter",
-        f"adapter {str(tmp_path)!r} asked of an engine that serves no adapters; no row without an adapter of its "
-        "own could run",
-    )
-    del job["adapter"]
-    assert kvbatch.GenerateBatch(job, engine_factory=tiny_with_chat_template)({"prompt": ["w5 w6"]}).num_rows == 1
-
-
 def test_a_pathlib_path_names_the_model_and_the_template_file(tiny_engines: EngineCache, tmp_path: Path) -> None:
     # Refused before with "expected a string": a Path is how Python code names folders and files.
     (tmp_path / "tiny").mkdir()

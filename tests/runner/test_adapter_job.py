@@ -4,6 +4,7 @@ body's `model`; texts equal PEFT's generate with each row's adapter; bad adapter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -214,3 +215,48 @@ def test_a_jobs_own_adapter_that_cannot_run_stops_the_job(adapter_paths, tmp_pat
         with pytest.raises(SpecError) as planned:
             plan_job(job, EngineCache(factory))
         assert planned.value.message == outcome.error.message
+
+
+def test_a_ray_data_batch_serves_the_adapters_its_rows_name(adapter_paths) -> None:
+    """GenerateBatch built its engine from the job's engine settings alone, which serve no adapters: with
+    `adapters` and an `adapter_column` every row was a bad_adapter error row. It sizes its engine for the job's
+    adapters as a local run does; each row equals PEFT's model, and a row naming no known adapter is its error."""
+    from kvbatch.jobs.ray_data import GenerateBatch
+
+    job = {
+        "name": "batch",
+        "model": "tiny",
+        "input": {"path": "-"},
+        "prompt": {"chat_template": False},
+        "sampling": {"max_new_tokens": MAX_NEW},
+        "engine": {"device": "cpu", "block_size": 4, "num_blocks_override": 128},
+        "adapters": {"r2-qv": adapter_paths["r2-qv"], "r16-all": adapter_paths["r16-all"]},
+        "adapter_column": "lora",
+    }
+    prompts = ["w5 w6 w7", "w9 w10 w11 w12", "w13 w14", "w20 w21 w22"]
+    names = ["r2-qv", "r16-all", None, "nope"]
+    out = GenerateBatch(job, engine_factory=factory)({"prompt": prompts, "lora": names}).to_pylist()
+    for i in range(3):
+        assert out[i]["error"] is None, out[i]["error"]
+        assert out[i]["text"] == peft_text(adapter_paths, prompts[i], names[i]), f"row {i} ({names[i]})"
+    assert out[3]["error_kind"] == "bad_adapter" and "'nope'" in out[3]["error"], out[3]
+
+
+def test_a_ray_data_batch_stops_on_its_jobs_adapter_as_a_local_run(tmp_path: Path) -> None:
+    """A job's own `adapter` that cannot run raises from each batch (Ray reports an actor's constructor only as
+    text), naming `adapter` with a local run's message; without it the batch runs."""
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.ray_data import GenerateBatch
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "w5 w6"}) + "\n")
+    job = make_job(tmp_path, "own", "in.jsonl", adapter=str(tmp_path / "empty"))
+    (outcome,) = run_jobs([job], engine_factory=factory)
+    generate = GenerateBatch(job, engine_factory=factory)
+    with pytest.raises(SpecError) as refused:
+        generate({"prompt": ["w5 w6"]})
+    assert isinstance(outcome.error, SpecError)
+    assert (refused.value.field, refused.value.message) == ("adapter", outcome.error.message)
+    assert refused.value.message.endswith("is not a PEFT adapter; no row without an adapter of its own could run")
+    plain = GenerateBatch(dataclasses.replace(job, adapter=None), engine_factory=factory)({"prompt": ["w5 w6"]})
+    assert plain.column("error").to_pylist() == [None]
