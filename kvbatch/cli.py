@@ -228,6 +228,13 @@ def generate(
     """Run one job without a YAML file; --set reaches every job field (sampling.stop, sampling.n, engine.*...)."""
     _start_run(verbose, quiet)
     with _errors():
+        sets = _parse_sets(set_ or [])
+        for key, value in sets.items():
+            # INPUT and -o always name these: a --set of them would be passed over without a word.
+            whole = key in ("input", "output") and isinstance(value, dict) and "path" in value
+            for field in [key, f"{key}.path"] if whole else [key]:
+                if field in _GENERATE_FIXED:
+                    raise SpecError(f"--set {field}: {_GENERATE_FIXED[field]}", field="--set")
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".-") or "generate"  # names start with [A-Za-z0-9_]
         input_path = os.path.abspath(input) if _local_input(input, input_format) else input
         data = {
@@ -254,7 +261,9 @@ def generate(
         data["runner"] = scale.pop("runner")
         data["parallel"] = {key.partition(".")[2]: value for key, value in scale.items()}
         # --set fields (sampling.presence_penalty=0.5, prompt.chat_template_kwargs={...}) under the options given
-        spec = job_from_dict(_drop_none(data), base_dir=os.getcwd(), under=_parse_sets(set_ or []))
+        if "name" in sets:  # the name taken from -o is a default, not an option given
+            del data["name"]
+        spec = job_from_dict(_drop_none(data), base_dir=os.getcwd(), under=sets)
         _run([spec], wait)
 
 
@@ -443,6 +452,13 @@ def _serve_if_torchrun_worker() -> None:
 
         serve_from_env()
         raise typer.Exit(OK)
+
+
+_GENERATE_FIXED = {
+    "input.path": "generate reads the INPUT it is given",
+    "output.path": "generate writes the file -o names",
+    "output_dir": "generate writes the file -o names",
+}
 
 
 def _scale_overrides(

@@ -739,3 +739,27 @@ def test_merge_of_a_job_file_goes_on_when_its_stdout_is_gone(tmp_path: Path, mon
     result = invoke("merge", path)
     assert result.exit_code == 0, result.output
     assert [out.exists() for out in outputs] == [True, True]
+
+
+def test_generate_set_names_the_job_and_refuses_its_input_and_output(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--set name=` named nothing (the name taken from -o won) and `--set output.path=` wrote nowhere: both were
+    passed over without a word. The name from -o is a default that --set replaces; INPUT and -o always name the
+    input and output, so a --set of them is refused, naming the option that does."""
+    monkeypatch.chdir(tmp_path)
+    assert invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", "name=labels", "-q").exit_code == 0
+    assert recorder.calls[0][0][0].name == "labels"
+    assert recorder.calls[0][0][0].output.path == "out.arrow"
+    for field, value, words in (
+        ("output.path", "x.arrow", "generate writes the file -o names"),
+        ("output_dir", "elsewhere", "generate writes the file -o names"),
+        ("input.path", "other.jsonl", "generate reads the INPUT it is given"),
+        ("output", "{path: x.arrow, format: arrow}", "generate writes the file -o names"),
+    ):
+        result = invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", f"{field}={value}")
+        shown = field if "." in field or field == "output_dir" else f"{field}.path"
+        assert result.exit_code == 2 and f"--set {shown}: {words}" in result.stderr, (field, result.stderr)
+    assert len(recorder.calls) == 1
+    assert invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", "output={part_rows: 7}", "-q").exit_code == 0
+    assert recorder.calls[1][0][0].output.part_rows == 7
