@@ -21,12 +21,13 @@ from kvbatch.errors import ErrorKind
 from kvbatch.runner.config import SamplingParams
 
 from .rows import Row, RowError, mapping_value, type_name
-from .spec import WHOLE_VALUES, JobSpec
+from .spec import WHOLE_VALUES, JobSpec, unread_sampling
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 INTEGER_FIELDS = frozenset(
     name for name, hint in typing.get_type_hints(SamplingParams).items() if hint in (int, int | None)
 )
+DEFAULT_SAMPLING = SamplingParams()
 FLOAT_FIELDS = frozenset(
     name for name, hint in typing.get_type_hints(SamplingParams).items() if hint in (float, float | None)
 )
@@ -57,7 +58,16 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
                 f"{row.where}: column {column!r} sets {', '.join(map(repr, unknown))}, not a sampling field "
                 f"(fields: {', '.join(SAMPLING_FIELDS)})",
             )
-        values.update({k: _whole(k, v) for k, v in mapping.items() if v is not None})  # a struct's unset fields
+        given = {k: _whole(k, v) for k, v in mapping.items() if v is not None}  # a struct's unset fields
+        # As the job's own values and its sampling_columns are refused at load: a value this job's rows never
+        # read (a scoring row's temperature, a stop beside the job's constraint) would be dropped without a word.
+        unread = unread_sampling(job) if given else {}
+        for name, value in given.items():
+            if name in unread and value != getattr(DEFAULT_SAMPLING, name):
+                return RowError(
+                    ErrorKind.BAD_REQUEST, f"{row.where}: column {column!r} sets {name}, which {unread[name]}"
+                )
+        values.update(given)
     for name in job.sampling_columns:
         if data.get(name) is not None:
             values[name] = _whole(name, data[name])

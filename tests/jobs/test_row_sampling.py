@@ -16,6 +16,7 @@ from test_openai_logprobs import request, run_openai
 from kvbatch.errors import ErrorKind, SpecError
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.row_sampling import row_sampling
+from kvbatch.jobs.rows import Row
 from kvbatch.jobs.spec import (
     _PROMPT_FIELDS_V1,
     _SAMPLING_FIELDS_V1,
@@ -350,3 +351,40 @@ def test_token_ids_outside_the_vocabulary_stop_a_job_of_its_own_and_fail_a_row_o
     planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "jobs.yaml"), "--job", "own"])
     # The plan named the field alone, not the job whose sampling names them
     assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job own: {refusal}\n")
+
+
+def test_a_rows_sampling_value_its_job_never_reads_is_that_rows_error(tmp_path) -> None:
+    """The job's own values and its sampling_columns that no row reads are refused at load; a row's mapping in a
+    sampling_column still set them, dropped without a word: a scoring row's temperature or max_new_tokens, a stop
+    beside the job's constraint. Each is that row's bad_request; values the row reads pass, and a value equal to
+    the default changes nothing."""
+    (tmp_path / "in.jsonl").write_text("")
+    rows = [
+        {"prompt": "a", "s": {"temperature": 0.5}},
+        {"prompt": "b", "s": {"max_new_tokens": 9, "top_logprobs": 2}},
+        {"prompt": "c", "s": {"top_logprobs": 2, "temperature": 0.0}},
+    ]
+    scoring = job_from_dict(
+        {"name": "j", "task": "score", "input": {"path": "in.jsonl"}, "sampling_column": "s"}, base_dir=str(tmp_path)
+    )
+    asked = [row_sampling(Row(i, r), scoring) for i, r in enumerate(rows)]
+    assert asked[0].kind == ErrorKind.BAD_REQUEST and asked[0].message == (
+        "row 0: column 's' sets temperature, which task score generates no tokens, so sampling.temperature has "
+        "nothing to apply to (each row gets `scores`)"
+    )
+    assert (
+        asked[1].kind == ErrorKind.BAD_REQUEST and "sets max_new_tokens, which task score generates" in asked[1].message
+    )
+    assert asked[2] == {"top_logprobs": 2, "temperature": 0.0}
+    constrained = job_from_dict(
+        {
+            "name": "j",
+            "input": {"path": "in.jsonl"},
+            "sampling_column": "s",
+            "sampling": {"structured_outputs": {"regex": "[ab]"}},
+        },
+        base_dir=str(tmp_path),
+    )
+    stop = row_sampling(Row(0, {"prompt": "a", "s": {"stop": ["x"]}}), constrained)
+    assert stop.kind == ErrorKind.BAD_REQUEST and "sets stop, which does not apply to a constrained row" in stop.message
+    assert row_sampling(Row(0, {"prompt": "a", "s": {"temperature": 0.5}}), constrained) == {"temperature": 0.5}

@@ -171,7 +171,10 @@ def test_a_scoring_rows_own_settings_of_generated_tokens_are_refused_as_the_jobs
         assert row["error"].endswith(f"task score generates no tokens, so sampling.{name} has nothing to apply to "
                                      "(each row gets `scores`)")  # fmt: skip
     assert out[3]["error"].endswith("set the job's sampling.prompt_logprobs: true")
-    assert out[4]["error"] is None and out[4]["scores"][0]["num_tokens"] == 1
+    # A value only generation reads, refused in the job's `sampling`, would be dropped here: that row's error too.
+    assert out[4]["error_kind"] == "bad_request" and out[4]["scores"] is None
+    assert out[4]["error"].endswith("sets temperature, which task score generates no tokens, so sampling."
+                                    "temperature has nothing to apply to (each row gets `scores`)")  # fmt: skip
     assert out[5]["error_kind"] == "bad_request"
     assert out[5]["error"].endswith("task score generates no tokens, so sampling.structured_outputs has nothing to "
                                     "apply to (each row gets `scores`)")  # fmt: skip
