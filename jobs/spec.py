@@ -455,7 +455,11 @@ def job_from_dict(
     data: dict[str, Any], base_dir: str = ".", under: dict[str, Any] | None = None, source: str = "command line"
 ) -> JobSpec:
     """Build a job from plain values (kvbatch generate, tests); errors name `source` and the field, without a line.
-    `under`: dotted values (`--set`) that `data` overrides field by field."""
+    `under`: dotted values (`--set`) that `data` overrides field by field. A `base_dir` in `data` (spec_dict's,
+    which an output's `kvbatch.job` metadata holds) is the folder its relative paths were read from, and wins."""
+    if isinstance(data, dict) and isinstance(data.get("base_dir"), str):
+        data = dict(data)
+        base_dir = data.pop("base_dir")
     node = from_plain(data, "", source)
     return job_from_node(over(overrides_to_node(under), node) if under else node, base_dir)
 

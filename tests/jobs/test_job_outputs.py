@@ -23,7 +23,7 @@ from kvbatch.jobs import job_io as job_io_module  # where a job opens its reader
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, model_name, run_job
 from kvbatch.jobs.runners import run_jobs
-from kvbatch.jobs.spec import job_from_dict, load_jobs_file
+from kvbatch.jobs.spec import job_from_dict, load_jobs_file, spec_hash
 
 TOKENIZER = FakeTokenizer()
 COLUMNS = [
@@ -127,6 +127,13 @@ def test_schema_metadata_names_job_model_sampling_and_version(tmp_path: Path) ->
     job = json.loads(meta["kvbatch.job"])
     assert (job["name"], job["input"]["path"], job["model"]) == ("j", "in.jsonl", "some-model")
     assert json.loads(meta["kvbatch.engine"])["pool"] == "100 blocks of 16 tokens = 1600 tokens"
+    # The whole spec loads back as the job that wrote it, from any working folder: job_from_dict refused its
+    # base_dir as an unknown field, and relative paths are read from that folder.
+    again = job_from_dict(job)
+    assert again == job_from_dict({"name": "j", "output_dir": "out", "input": {"path": "in.jsonl"},
+                                   "model": "some-model", "sampling": {"max_new_tokens": 7, "temperature": 0.5,
+                                   "seed": 3}}, base_dir=str(tmp_path))  # fmt: skip
+    assert spec_hash(again) == meta["kvbatch.spec_hash"]
 
 
 @pytest.mark.parametrize(
