@@ -63,7 +63,7 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
         # read (a scoring row's temperature, a stop beside the job's constraint) would be dropped without a word.
         unread = unread_sampling(job) if given else {}
         for name, value in given.items():
-            if name in unread and value != getattr(DEFAULT_SAMPLING, name):
+            if name in unread and not _is_default(name, value):
                 return RowError(
                     ErrorKind.BAD_REQUEST, f"{row.where}: column {column!r} sets {name}, which {unread[name]}"
                 )
@@ -72,6 +72,15 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
         if data.get(name) is not None:
             values[name] = _whole(name, data[name])
     return values
+
+
+def _is_default(name: str, value: Any) -> bool:
+    """Whether `value` is the field's default as SamplingParams reads it: `stop: []` is its `()`, `logit_bias: {}`
+    its no bias, as the job's own values are compared once parsed. A value it refuses is no default."""
+    try:
+        return getattr(dataclasses.replace(DEFAULT_SAMPLING, **{name: value}), name) == getattr(DEFAULT_SAMPLING, name)
+    except (TypeError, ValueError):
+        return False
 
 
 def _whole(name: str, value: Any) -> Any:

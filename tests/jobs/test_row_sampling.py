@@ -4,6 +4,7 @@ the job file; and the spec hash of jobs that leave the new fields unset (earlier
 from __future__ import annotations
 
 import dataclasses
+import json
 from decimal import Decimal
 
 import pandas as pd
@@ -388,3 +389,31 @@ def test_a_rows_sampling_value_its_job_never_reads_is_that_rows_error(tmp_path) 
     stop = row_sampling(Row(0, {"prompt": "a", "s": {"stop": ["x"]}}), constrained)
     assert stop.kind == ErrorKind.BAD_REQUEST and "sets stop, which does not apply to a constrained row" in stop.message
     assert row_sampling(Row(0, {"prompt": "a", "s": {"temperature": 0.5}}), constrained) == {"temperature": 0.5}
+
+
+def test_a_rows_default_value_its_job_never_reads_passes_in_any_spelling(tmp_path) -> None:
+    """A row's sampling_column value its job never reads passes when it equals the default, as the job's own
+    values are compared once parsed; `stop: []` and `logit_bias: {}` were compared as written against the default's
+    `()` and failed the row, though they set nothing."""
+    (tmp_path / "in.jsonl").write_text("")
+    scoring = job_from_dict(
+        {"name": "j", "task": "score", "input": {"path": "in.jsonl"}, "sampling_column": "s"}, base_dir=str(tmp_path)
+    )
+    unset = {"stop": [], "logit_bias": {}, "bad_words": [], "allowed_token_ids": [], "stop_token_ids": []}
+    assert row_sampling(Row(0, {"prompt": "a", "s": unset}), scoring) == unset
+    assert row_sampling(Row(0, {"prompt": "a", "s": json.dumps(unset)}), scoring) == unset
+    constrained = job_from_dict(
+        {
+            "name": "j",
+            "input": {"path": "in.jsonl"},
+            "sampling_column": "s",
+            "sampling": {"structured_outputs": {"regex": "[ab]"}},
+        },
+        base_dir=str(tmp_path),
+    )
+    assert row_sampling(Row(0, {"prompt": "a", "s": {"stop": [], "stop_token_ids": []}}), constrained) == {
+        "stop": [],
+        "stop_token_ids": [],
+    }
+    stop = row_sampling(Row(0, {"prompt": "a", "s": {"stop": "x"}}), constrained)
+    assert stop.kind == ErrorKind.BAD_REQUEST and "sets stop, which does not apply to a constrained row" in stop.message
