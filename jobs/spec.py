@@ -401,7 +401,8 @@ def _set_over(earlier: Any, value: Any, key: str) -> Any:
     return value
 
 
-def job_from_node(node: Node, base_dir: str) -> JobSpec:
+def job_from_node(node: Node, base_dir: str, loaded: bool = False) -> JobSpec:
+    """`loaded`: `node` is a job that loaded once (spec_dict's values), none of them written by hand."""
     read_schema_files(node, base_dir)
     job = build(JobSpec, node)
     given = node.value.get("model") if isinstance(node.value, dict) else None
@@ -419,7 +420,7 @@ def job_from_node(node: Node, base_dir: str) -> JobSpec:
     adapters = {name: _model_location(path, base_dir) for name, path in job.adapters.items()}
     adapter = job.adapter if job.adapter is None or job.adapter in adapters else _model_location(job.adapter, base_dir)
     job = dataclasses.replace(job, base_dir=base_dir, model=model, adapters=adapters, adapter=adapter)
-    validate(job, node)
+    validate(job, node, loaded)
     return job
 
 
@@ -457,11 +458,12 @@ def job_from_dict(
     """Build a job from plain values (kvbatch generate, tests); errors name `source` and the field, without a line.
     `under`: dotted values (`--set`) that `data` overrides field by field. A `base_dir` in `data` (spec_dict's,
     which an output's `kvbatch.job` metadata holds) is the folder its relative paths were read from, and wins."""
-    if isinstance(data, dict) and isinstance(data.get("base_dir"), str):
+    loaded = isinstance(data, dict) and isinstance(data.get("base_dir"), str)
+    if loaded:
         data = dict(data)
         base_dir = data.pop("base_dir")
     node = from_plain(data, "", source)
-    return job_from_node(over(overrides_to_node(under), node) if under else node, base_dir)
+    return job_from_node(over(overrides_to_node(under), node) if under else node, base_dir, loaded)
 
 
 # Prompt settings only a chat template reads: without one the raw text goes to the model and these are dropped.
@@ -520,8 +522,8 @@ def unread_sampling(job: JobSpec) -> dict[str, str]:
     return unread
 
 
-def validate(job: JobSpec, node: Node) -> None:
-    """Checks that involve more than one field."""
+def validate(job: JobSpec, node: Node, loaded: bool = False) -> None:
+    """Checks that involve more than one field. `loaded`: see job_from_node."""
 
     def at(*keys: str) -> Node:
         current = node
@@ -533,8 +535,10 @@ def validate(job: JobSpec, node: Node) -> None:
 
     def own(*keys: str) -> bool:
         """Whether the job or the command line sets the field, not `defaults:`, which may set it for the
-        file's other jobs: a setting this job would drop is refused only where it is its own."""
-        return not at(*keys).path.startswith("defaults.")
+        file's other jobs: a setting this job would drop is refused only where it is its own. A loaded job's
+        spec holds every field, its defaults' and those it left at their default (score_rolling's chat_template)
+        too: none is its own, or the spec an output carries would not load back."""
+        return not loaded and not at(*keys).path.startswith("defaults.")
 
     if not _SAFE_NAME.match(job.name):
         raise at("name").error(

@@ -23,7 +23,7 @@ from kvbatch.jobs import job_io as job_io_module  # where a job opens its reader
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, model_name, run_job
 from kvbatch.jobs.runners import run_jobs
-from kvbatch.jobs.spec import job_from_dict, load_jobs_file, spec_hash
+from kvbatch.jobs.spec import job_from_dict, load_jobs_file, spec_dict, spec_hash
 
 TOKENIZER = FakeTokenizer()
 COLUMNS = [
@@ -134,6 +134,37 @@ def test_schema_metadata_names_job_model_sampling_and_version(tmp_path: Path) ->
                                    "model": "some-model", "sampling": {"max_new_tokens": 7, "temperature": 0.5,
                                    "seed": 3}}, base_dir=str(tmp_path))  # fmt: skip
     assert spec_hash(again) == meta["kvbatch.spec_hash"]
+
+
+def test_the_spec_of_every_job_of_a_file_loads_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spec an output carries (spec_dict) holds every field, those the job left at their default and those its
+    file's `defaults:` gave it, which the job passes over: loaded back, they were refused as the job's own, so a
+    score_rolling job's spec (chat_template: true) and a scoring job's given a max_new_tokens by `defaults:` did
+    not load. Each loads equal to its job, with its spec hash, from another working folder."""
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    write_lines(tmp_path / "jobs" / "in.jsonl", [{"prompt": "hi", "c": ["a"]}])
+    (tmp_path / "jobs" / "jobs.yaml").write_text(
+        """
+defaults:
+  sampling: {max_new_tokens: 5, stop: ["x"]}
+  keep_columns: [c]
+jobs:
+  - {name: rolling, task: score_rolling, input: {path: in.jsonl}}
+  - {name: score, task: score, input: {path: in.jsonl}, continuations_column: c}
+  - name: constrained
+    input: {path: in.jsonl}
+    sampling: {structured_outputs: {regex: "[ab]+"}}
+  - {name: plain, input: {path: in.jsonl}}
+"""
+    )
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    jobs = load_jobs_file("../jobs/jobs.yaml").jobs
+    assert [j.sampling.max_new_tokens for j in jobs] == [5, 5, 5, 5]
+    for job in jobs:
+        again = job_from_dict(json.loads(json.dumps(spec_dict(job))))
+        assert again == job, job.name
+        assert spec_hash(again) == spec_hash(job), job.name
 
 
 @pytest.mark.parametrize(
