@@ -230,8 +230,9 @@ def generate(
     with _errors():
         sets = _parse_sets(set_ or [])
         for key, value in sets.items():
-            # INPUT and -o always name these: a --set of them would be passed over without a word.
-            whole = key in ("input", "output") and isinstance(value, dict) and "path" in value
+            # INPUT and -o always name these: a --set of them would be passed over without a word. So would a
+            # whole input or output that is no mapping (`input=other.jsonl`): the options' mapping replaces it.
+            whole = key in ("input", "output") and (not isinstance(value, dict) or "path" in value)
             for field in [key, f"{key}.path"] if whole else [key]:
                 if field in _GENERATE_FIXED:
                     raise SpecError(f"--set {field}: {_GENERATE_FIXED[field]}", field="--set")

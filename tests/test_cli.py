@@ -763,3 +763,19 @@ def test_generate_set_names_the_job_and_refuses_its_input_and_output(
     assert len(recorder.calls) == 1
     assert invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", "output={part_rows: 7}", "-q").exit_code == 0
     assert recorder.calls[1][0][0].output.part_rows == 7
+
+
+def test_generate_set_refuses_an_input_or_output_that_is_no_mapping(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--set input=other.jsonl` or `--set output=x.arrow` (a path where the job reads a mapping) was replaced by the
+    mapping INPUT and -o build, and passed over without a word: refused, naming the option that gives the path."""
+    monkeypatch.chdir(tmp_path)
+    for field, value, words in (
+        ("input", "other.jsonl", "--set input.path: generate reads the INPUT it is given"),
+        ("output", "x.arrow", "--set output.path: generate writes the file -o names"),
+        ("output", "null", "--set output.path: generate writes the file -o names"),
+    ):
+        result = invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", f"{field}={value}")
+        assert (result.exit_code, result.stderr) == (2, f"kvbatch: error: --set: {words}\n"), field
+    assert recorder.calls == []
