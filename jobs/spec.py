@@ -1151,7 +1151,11 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
 
 
 def spec_dict(job: JobSpec) -> dict[str, Any]:
-    return _jsonable(job)
+    data = _jsonable(job)
+    # The folder the job's relative paths are read from now: a Python job's "." (the working folder) loaded back
+    # from another would read that folder's files.
+    data["base_dir"] = os.path.abspath(job.base_dir)
+    return data
 
 
 def _jsonable(value: Any) -> Any:

@@ -23,7 +23,7 @@ from kvbatch.jobs import job_io as job_io_module  # where a job opens its reader
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, model_name, run_job
 from kvbatch.jobs.runners import run_jobs
-from kvbatch.jobs.spec import job_from_dict, load_jobs_file, spec_dict, spec_hash
+from kvbatch.jobs.spec import input_path, job_from_dict, load_jobs_file, output_path, spec_dict, spec_hash
 
 TOKENIZER = FakeTokenizer()
 COLUMNS = [
@@ -133,6 +133,24 @@ def test_schema_metadata_names_job_model_sampling_and_version(tmp_path: Path) ->
     assert again == job_from_dict({"name": "j", "output_dir": "out", "input": {"path": "in.jsonl"},
                                    "model": "some-model", "sampling": {"max_new_tokens": 7, "temperature": 0.5,
                                    "seed": 3}}, base_dir=str(tmp_path))  # fmt: skip
+    assert spec_hash(again) == meta["kvbatch.spec_hash"]
+
+
+def test_the_spec_of_a_job_built_in_the_working_folder_loads_back_from_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """job_from_dict's default base_dir is ".", the working folder, and the output's spec carried that "." as it
+    was: loaded back from another folder, its relative paths named that folder's files. The spec names the folder
+    the paths were read from; the job loads back reading the same input, with the same spec hash."""
+    (tmp_path / "elsewhere").mkdir()
+    write_lines(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    monkeypatch.chdir(tmp_path)
+    job = job_from_dict({"name": "j", "output_dir": "out", "input": {"path": "in.jsonl"}, "model": "some-model"})
+    run_job(job, EngineCache(fake_factory(max_model_len=200)))
+    meta = {k.decode(): v.decode() for k, v in read_arrow(tmp_path / "out" / "j.arrow").schema.metadata.items()}
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = job_from_dict(json.loads(meta["kvbatch.job"]))
+    assert (input_path(again), output_path(again)) == (tmp_path / "in.jsonl", tmp_path / "out" / "j.arrow")
     assert spec_hash(again) == meta["kvbatch.spec_hash"]
 
 
