@@ -33,7 +33,7 @@ from .reasoning import split_reasoning
 from .records import Layout, RowResult
 from .row_sampling import row_sampling, sampling_columns
 from .rows import KnownDuplicates, Row, RowError, SeenIds
-from .spec import JobSpec, chat_template_path, check_output_settings, input_format, job_adapters
+from .spec import TEMPLATE_VALUES, JobSpec, chat_template_path, check_output_settings, input_format, job_adapters
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
 
@@ -89,6 +89,11 @@ class RowPipeline:
             template,
             self.pspec.continue_final_message,
         )
+        if not self.tokenizer.use_chat_template and input_format(job) != "openai":
+            # Template values from `defaults:` serve the file's jobs on chat models; check_chat_template passed
+            # them over for this model, which has no template: its rows go as raw text without them.
+            given = [name for name in TEMPLATE_VALUES if job.takes_from_defaults(f"prompt.{name}")]
+            self.pspec = dataclasses.replace(self.pspec, **dict.fromkeys(given))
         self.layout = layout
         self.token_bytes = TokenBytes(tokenizer) if layout.token_bytes else None
         self.top_bytes = self.token_bytes or TokenBytes(tokenizer)  # the top_logprobs' tokens

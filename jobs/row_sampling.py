@@ -61,7 +61,8 @@ def row_sampling(row: Row, job: JobSpec) -> dict[str, Any] | RowError:
         given = {k: _whole(k, v) for k, v in mapping.items() if v is not None}  # a struct's unset fields
         # As the job's own values and its sampling_columns are refused at load: a value this job's rows never
         # read (a scoring row's temperature, a stop beside the job's constraint) would be dropped without a word.
-        unread = unread_sampling(job) if given else {}
+        # A sampling_column from `defaults:` serves the file's other jobs too: its values meant for them pass over.
+        unread = unread_sampling(job) if given and not job.takes_from_defaults("sampling_column") else {}
         for name, value in given.items():
             if name in unread and not _is_default(name, value):
                 return RowError(

@@ -236,6 +236,14 @@ class JobSpec:
     )
     progress_seconds: float = setting(30.0, "lines: one progress line at most this often, seconds", gt=0)
     base_dir: str = setting(".", "the job file's folder (set by the loader)", internal=True)
+    # The fields whose values the job takes from the file's `defaults:` (dotted, as the loader found them): a value
+    # meant for the file's other jobs is passed over where this job does not read it, beyond the load's own checks
+    # (a row's sampling_column value, template values for a model without a template).
+    from_defaults: tuple[str, ...] = setting((), "fields taken from `defaults:` (set by the loader)", internal=True)
+
+    def takes_from_defaults(self, name: str) -> bool:
+        """Whether field `name` (dotted) has its value from the file's `defaults:`, itself or a mapping above it."""
+        return any(name == f or name.startswith(f"{f}.") for f in self.from_defaults)
 
     @property
     def is_scoring(self) -> bool:
@@ -401,8 +409,9 @@ def _set_over(earlier: Any, value: Any, key: str) -> Any:
     return value
 
 
-def job_from_node(node: Node, base_dir: str, loaded: bool = False) -> JobSpec:
-    """`loaded`: `node` is a job that loaded once (spec_dict's values), none of them written by hand."""
+def job_from_node(node: Node, base_dir: str, loaded: bool = False, from_defaults: list[str] | None = None) -> JobSpec:
+    """`loaded`: `node` is a job that loaded once (spec_dict's values), none of them written by hand, and
+    `from_defaults` the fields it took from its file's `defaults:` (None: those `node` shows)."""
     read_schema_files(node, base_dir)
     job = build(JobSpec, node)
     given = node.value.get("model") if isinstance(node.value, dict) else None
@@ -419,9 +428,29 @@ def job_from_node(node: Node, base_dir: str, loaded: bool = False) -> JobSpec:
         )
     adapters = {name: _model_location(path, base_dir) for name, path in job.adapters.items()}
     adapter = job.adapter if job.adapter is None or job.adapter in adapters else _model_location(job.adapter, base_dir)
-    job = dataclasses.replace(job, base_dir=base_dir, model=model, adapters=adapters, adapter=adapter)
+    job = dataclasses.replace(
+        job,
+        base_dir=base_dir,
+        model=model,
+        adapters=adapters,
+        adapter=adapter,
+        from_defaults=tuple(sorted(from_defaults if from_defaults is not None else _from_defaults(node))),
+    )
     validate(job, node, loaded)
     return job
+
+
+def _from_defaults(node: Node, prefix: str = "") -> list[str]:
+    """The dotted fields of a job's merged node that came from `defaults:` (a mapping's key once, not its keys)."""
+    found: list[str] = []
+    if isinstance(node.value, dict):
+        for key, child in node.value.items():
+            name = child_path(prefix, key)
+            if child.path.startswith("defaults."):
+                found.append(name)
+            else:
+                found.extend(_from_defaults(child, name))
+    return found
 
 
 def _model_location(model: str, base_dir: str) -> str:
@@ -459,11 +488,15 @@ def job_from_dict(
     `under`: dotted values (`--set`) that `data` overrides field by field. A `base_dir` in `data` (spec_dict's,
     which an output's `kvbatch.job` metadata holds) is the folder its relative paths were read from, and wins."""
     loaded = isinstance(data, dict) and isinstance(data.get("base_dir"), str)
+    from_defaults = None
     if loaded:
         data = dict(data)
         base_dir = data.pop("base_dir")
+        from_defaults = data.pop("from_defaults", None)
+        if not (isinstance(from_defaults, list) and all(isinstance(f, str) for f in from_defaults)):
+            from_defaults = []
     node = from_plain(data, "", source)
-    return job_from_node(over(overrides_to_node(under), node) if under else node, base_dir, loaded)
+    return job_from_node(over(overrides_to_node(under), node) if under else node, base_dir, loaded, from_defaults)
 
 
 # Prompt settings only a chat template reads: without one the raw text goes to the model and these are dropped.
@@ -788,7 +821,8 @@ def check_chat_template(job: JobSpec, tokenizer: Any) -> None:
             _check_system_role(job, tokenizer)
         return
     for name in TEMPLATE_VALUES:
-        if getattr(prompt, name) is not None:
+        # From `defaults:`, meant for the file's jobs on chat models, it is passed over as the load passes it over.
+        if getattr(prompt, name) is not None and not job.takes_from_defaults(f"prompt.{name}"):
             raise SpecError(
                 "is given to the chat template, and this model's tokenizer has none (the raw text goes to the model "
                 "as it is); give the job one with prompt.chat_template_file",

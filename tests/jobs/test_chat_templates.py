@@ -753,3 +753,33 @@ def test_a_jobs_system_prompt_its_own_template_file_refuses_stops_the_job(tmp_pa
     pipe = pipeline(tmp_path, byte_tokenizer(), chat_template_file="gemma.jinja", system="Be brief.")
     refused_row = pipe.request(Row(0, {"messages": MESSAGES}))
     assert refused_row.error.kind == ErrorKind.CHAT_TEMPLATE  # what every row of such a job was
+
+
+def test_template_values_from_defaults_pass_over_a_model_without_a_template(tmp_path) -> None:
+    """A file's `defaults:` may give every job chat_template_kwargs meant for its chat models; a job on a model
+    without a template was stopped at load for them, though the file's other values from `defaults:` that a job
+    does not read are passed over. Such a job runs on the raw text; its own value still stops it (above)."""
+    import yaml
+    from reliability_helpers import read_output
+    from tiny_models import tiny_model, word_tokenizer
+
+    from kvbatch.jobs.runners import run_jobs
+    from kvbatch.jobs.spec import load_jobs_file
+
+    tiny_model("llama", 0, attn="sdpa").save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")  # no chat template
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "w5 w6"}) + "\n")
+    defaults = {
+        "model": str(tmp_path / "model"),
+        "input": {"path": "in.jsonl"},
+        "prompt": {"chat_template_kwargs": {"enable_thinking": False}},
+        "sampling": {"max_new_tokens": 2},
+        "engine": {"device": "cpu", "kv_cache_gib": 0.001},
+    }
+    own = {"name": "own", "prompt": {"chat_template_kwargs": {"enable_thinking": False}}}
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump({"defaults": defaults, "jobs": [{"name": "base"}, own]}))
+    base, mine = run_jobs(list(load_jobs_file(tmp_path / "jobs.yaml").jobs))
+    assert base.error is None, base.error
+    (row,) = read_output(tmp_path / "out" / "base.arrow")
+    assert (row["error"], row["prompt_tokens"]) == (None, 2)  # w5 w6 as raw text
+    assert mine.error is not None and mine.error.field == "prompt.chat_template_kwargs"

@@ -417,3 +417,23 @@ def test_a_rows_default_value_its_job_never_reads_passes_in_any_spelling(tmp_pat
     }
     stop = row_sampling(Row(0, {"prompt": "a", "s": {"stop": "x"}}), constrained)
     assert stop.kind == ErrorKind.BAD_REQUEST and "sets stop, which does not apply to a constrained row" in stop.message
+
+
+def test_a_sampling_column_from_defaults_passes_over_values_a_scoring_job_never_reads(tmp_path) -> None:
+    """A file whose `defaults:` give every job one sampling_column serves its generating jobs' values to its
+    scoring job too: each of its rows setting a temperature was a bad_request, where the file's other values from
+    `defaults:` a job does not read are passed over. The job's own sampling_column still fails such a row."""
+    (tmp_path / "in.jsonl").write_text("")
+    (tmp_path / "jobs.yaml").write_text(
+        "defaults: {input: {path: in.jsonl}, sampling_column: s}\n"
+        "jobs:\n"
+        "  - {name: gen}\n"
+        "  - {name: sc, task: score}\n"
+        "  - {name: own, task: score, sampling_column: s}\n"
+    )
+    gen, scoring, own = load_jobs_file(tmp_path / "jobs.yaml").jobs
+    row = Row(0, {"prompt": "a", "s": {"temperature": 0.7, "top_logprobs": 2}})
+    assert row_sampling(row, gen) == {"temperature": 0.7, "top_logprobs": 2}
+    assert row_sampling(row, scoring) == {"temperature": 0.7, "top_logprobs": 2}  # read: only top_logprobs
+    refused = row_sampling(row, own)
+    assert refused.kind == ErrorKind.BAD_REQUEST and "sets temperature, which task score generates" in refused.message
