@@ -365,9 +365,7 @@ def test_a_rows_sampling_value_its_job_never_reads_is_that_rows_error(tmp_path) 
         {"prompt": "b", "s": {"max_new_tokens": 9, "top_logprobs": 2}},
         {"prompt": "c", "s": {"top_logprobs": 2, "temperature": 0.0}},
     ]
-    scoring = job_from_dict(
-        {"name": "j", "task": "score", "input": {"path": "in.jsonl"}, "sampling_column": "s"}, base_dir=str(tmp_path)
-    )
+    scoring = job(task="score", sampling_column="s")
     asked = [row_sampling(Row(i, r), scoring) for i, r in enumerate(rows)]
     assert asked[0].kind == ErrorKind.BAD_REQUEST and asked[0].message == (
         "row 0: column 's' sets temperature, which task score generates no tokens, so sampling.temperature has "
@@ -377,15 +375,7 @@ def test_a_rows_sampling_value_its_job_never_reads_is_that_rows_error(tmp_path) 
         asked[1].kind == ErrorKind.BAD_REQUEST and "sets max_new_tokens, which task score generates" in asked[1].message
     )
     assert asked[2] == {"top_logprobs": 2, "temperature": 0.0}
-    constrained = job_from_dict(
-        {
-            "name": "j",
-            "input": {"path": "in.jsonl"},
-            "sampling_column": "s",
-            "sampling": {"structured_outputs": {"regex": "[ab]"}},
-        },
-        base_dir=str(tmp_path),
-    )
+    constrained = job(sampling_column="s", sampling={"structured_outputs": {"regex": "[ab]"}})
     stop = row_sampling(Row(0, {"prompt": "a", "s": {"stop": ["x"]}}), constrained)
     assert stop.kind == ErrorKind.BAD_REQUEST and "sets stop, which does not apply to a constrained row" in stop.message
     assert row_sampling(Row(0, {"prompt": "a", "s": {"temperature": 0.5}}), constrained) == {"temperature": 0.5}
@@ -396,21 +386,11 @@ def test_a_rows_default_value_its_job_never_reads_passes_in_any_spelling(tmp_pat
     values are compared once parsed; `stop: []` and `logit_bias: {}` were compared as written against the default's
     `()` and failed the row, though they set nothing."""
     (tmp_path / "in.jsonl").write_text("")
-    scoring = job_from_dict(
-        {"name": "j", "task": "score", "input": {"path": "in.jsonl"}, "sampling_column": "s"}, base_dir=str(tmp_path)
-    )
+    scoring = job(task="score", sampling_column="s")
     unset = {"stop": [], "logit_bias": {}, "bad_words": [], "allowed_token_ids": [], "stop_token_ids": []}
     assert row_sampling(Row(0, {"prompt": "a", "s": unset}), scoring) == unset
     assert row_sampling(Row(0, {"prompt": "a", "s": json.dumps(unset)}), scoring) == unset
-    constrained = job_from_dict(
-        {
-            "name": "j",
-            "input": {"path": "in.jsonl"},
-            "sampling_column": "s",
-            "sampling": {"structured_outputs": {"regex": "[ab]"}},
-        },
-        base_dir=str(tmp_path),
-    )
+    constrained = job(sampling_column="s", sampling={"structured_outputs": {"regex": "[ab]"}})
     assert row_sampling(Row(0, {"prompt": "a", "s": {"stop": [], "stop_token_ids": []}}), constrained) == {
         "stop": [],
         "stop_token_ids": [],
