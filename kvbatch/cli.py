@@ -235,7 +235,7 @@ def generate(
             whole = key in ("input", "output") and (not isinstance(value, dict) or "path" in value)
             for field in [key, f"{key}.path"] if whole else [key]:
                 if field in _GENERATE_FIXED:
-                    raise SpecError(f"--set {field}: {_GENERATE_FIXED[field]}", field="--set")
+                    raise SpecError(_GENERATE_FIXED[field], field=f"--set {field}")
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", output.stem).lstrip(".-") or "generate"  # names start with [A-Za-z0-9_]
         input_path = os.path.abspath(input) if _local_input(input, input_format) else input
         data = {

@@ -777,5 +777,5 @@ def test_generate_set_refuses_an_input_or_output_that_is_no_mapping(
         ("output", "null", "--set output.path: generate writes the file -o names"),
     ):
         result = invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", f"{field}={value}")
-        assert (result.exit_code, result.stderr) == (2, f"kvbatch: error: --set: {words}\n"), field
+        assert (result.exit_code, result.stderr) == (2, f"kvbatch: error: {words}\n"), field
     assert recorder.calls == []
