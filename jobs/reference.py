@@ -27,10 +27,10 @@ Paths are relative to the job file's folder (to the working folder for a job fil
 `/dev/stdin`). A wrong field fails the file before any model loads, naming the file,
 line and field (and the nearest name for a typo). A setting a job would drop (a column field on an OpenAI Batch
 input, chat template settings with `chat_template: false`, Ray settings on a local job) is refused where the job or
-the command line sets it; from `defaults:`, meant for the file's other jobs, it is passed over (so are chat
-template values from `defaults:` for a model without a template, and the values a row's `sampling_column` from
-`defaults:` gives a job that does not read them). The same checks hold for a row's own values (an OpenAI Batch
-body), where a bad value fails that row only.
+the command line sets it; from `defaults:`, meant for the file's other jobs, it is passed over (so is a `--set`
+value where another job that runs reads it, chat template values from `defaults:` for a model without a template,
+and the values a row's `sampling_column` from `defaults:` gives a job that does not read them). The same checks
+hold for a row's own values (an OpenAI Batch body), where a bad value fails that row only.
 
 ```yaml
 defaults:

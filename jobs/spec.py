@@ -328,13 +328,21 @@ def load_jobs_file(
     # line's, are the working folder's, not /proc/PID/fd's.
     base_dir = str(path.resolve().parent if path.is_file() else Path.cwd())
     jobs = []
+    # A --set value a selected job does not read (a temperature on a scoring job beside generating ones) is meant
+    # for the others, as a value from `defaults:` is: passed over there, and refused where every job passes it over.
+    passed_over: list[tuple[Node, set[str]]] = []
     for job_node in jobs_node.value:
         if not isinstance(job_node.value, dict):
             raise job_node.error("each job must be a mapping with at least `name` and `input`")
         merged = over(defaults, job_node)
         name = job_node.value.get("name")
         if not select or (name is not None and name.value in select):
-            jobs.append(job_from_node(over(merged, override_node), base_dir=base_dir))
+            passed: set[str] = set()
+            job = job_from_node(over(merged, override_node), base_dir=base_dir, passed=passed)
+            if passed:  # the job as the file gives it there: its spec (and resume) untouched by values it drops
+                job = job_from_node(over(merged, _without(override_node, passed)), base_dir=base_dir)
+            jobs.append(job)
+            passed_over.append((merged, passed))
             continue
         # --set is meant for the jobs that run: over a job --job left out it could make that job invalid (a
         # temperature on a scoring job) and stop the file. Yet a file may leave to it what every job needs (the
@@ -345,6 +353,9 @@ def load_jobs_file(
             if not override_node.value:
                 raise
             jobs.append(job_from_node(over(merged, override_node), base_dir=base_dir))
+    if passed_over and set.intersection(*(passed for _, passed in passed_over)):
+        # No job that runs reads it: refused as each job refuses its own, naming the field.
+        job_from_node(over(next(m for m, passed in passed_over if passed), override_node), base_dir=base_dir)
     names = [j.name for j in jobs]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -364,6 +375,22 @@ def load_jobs_file(
             raise jobs_node.value[i].error(f"jobs {writers[target]!r} and {job.name!r} both write {target}")
         writers[target] = job.name
     return jobs_file
+
+
+def _without(node: Node, fields: set[str], prefix: str = "") -> Node:
+    """`node` (--set values) without the dotted `fields`, and without the mappings that leaves empty."""
+    if not isinstance(node.value, dict):
+        return node
+    kept = {}
+    for key, child in node.value.items():
+        name = child_path(prefix, key)
+        if name in fields:
+            continue
+        child = _without(child, fields, name)
+        if not (isinstance(child.value, dict) and not child.value and isinstance(node.value[key].value, dict)
+                and node.value[key].value):  # fmt: skip
+            kept[key] = child
+    return dataclasses.replace(node, value=kept)
 
 
 class _Null:
@@ -409,9 +436,16 @@ def _set_over(earlier: Any, value: Any, key: str) -> Any:
     return value
 
 
-def job_from_node(node: Node, base_dir: str, loaded: bool = False, from_defaults: list[str] | None = None) -> JobSpec:
+def job_from_node(
+    node: Node,
+    base_dir: str,
+    loaded: bool = False,
+    from_defaults: list[str] | None = None,
+    passed: set[str] | None = None,
+) -> JobSpec:
     """`loaded`: `node` is a job that loaded once (spec_dict's values), none of them written by hand, and
-    `from_defaults` the fields it took from its file's `defaults:` (None: those `node` shows)."""
+    `from_defaults` the fields it took from its file's `defaults:` (None: those `node` shows). `passed`: collects
+    the --set fields this job does not read, passed over rather than refused (see load_jobs_file)."""
     read_schema_files(node, base_dir)
     job = build(JobSpec, node)
     given = node.value.get("model") if isinstance(node.value, dict) else None
@@ -436,7 +470,7 @@ def job_from_node(node: Node, base_dir: str, loaded: bool = False, from_defaults
         adapter=adapter,
         from_defaults=tuple(sorted(from_defaults if from_defaults is not None else _from_defaults(node))),
     )
-    validate(job, node, loaded)
+    validate(job, node, loaded, passed)
     return job
 
 
@@ -555,8 +589,8 @@ def unread_sampling(job: JobSpec) -> dict[str, str]:
     return unread
 
 
-def validate(job: JobSpec, node: Node, loaded: bool = False) -> None:
-    """Checks that involve more than one field. `loaded`: see job_from_node."""
+def validate(job: JobSpec, node: Node, loaded: bool = False, passed: set[str] | None = None) -> None:
+    """Checks that involve more than one field. `loaded`, `passed`: see job_from_node."""
 
     def at(*keys: str) -> Node:
         current = node
@@ -566,12 +600,20 @@ def validate(job: JobSpec, node: Node, loaded: bool = False) -> None:
             current = current.value[key]
         return current
 
-    def own(*keys: str) -> bool:
+    def own(*keys: str, unread: bool = True) -> bool:
         """Whether the job or the command line sets the field, not `defaults:`, which may set it for the
         file's other jobs: a setting this job would drop is refused only where it is its own. A loaded job's
         spec holds every field, its defaults' and those it left at their default (score_rolling's chat_template)
-        too: none is its own, or the spec an output carries would not load back."""
-        return not loaded and not at(*keys).path.startswith("defaults.")
+        too: none is its own, or the spec an output carries would not load back. With `passed`, a --set value this
+        job would not read (`unread`) is meant for the other jobs that run: noted there and passed over
+        (load_jobs_file refuses one that every job passes over)."""
+        found = at(*keys)
+        if loaded or found.path.startswith("defaults."):
+            return False
+        if unread and passed is not None and found.source == "command line":
+            passed.add(".".join(keys))
+            return False
+        return True
 
     if not _SAFE_NAME.match(job.name):
         raise at("name").error(
@@ -717,8 +759,9 @@ def validate(job: JobSpec, node: Node, loaded: bool = False) -> None:
         check_output_settings(job)
     except SpecError as exc:
         keys = (exc.field or "output").split(".")
-        # From `defaults:`, meant for the file's other jobs too, it fails this job alone at its turn (jobs/job_io.py)
-        if own(*keys):
+        # From `defaults:`, meant for the file's other jobs too, it fails this job alone at its turn (jobs/job_io.py).
+        # A value the job cannot honour, not one it would not read: from the command line it is refused here.
+        if own(*keys, unread=False):
             raise at(*keys).error(exc.message) from None
 
 

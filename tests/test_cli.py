@@ -178,6 +178,25 @@ def test_set_reaches_only_the_jobs_that_run(tmp_path: Path, recorder: Recorder) 
     assert len(recorder.calls) == 2
 
 
+def test_set_over_jobs_that_run_is_passed_over_by_those_that_do_not_read_it(tmp_path: Path, recorder: Recorder) -> None:
+    """`run --set sampling.temperature=0.7` over a file of a generating and a scoring job exited 2: the scoring job
+    refused the temperature, though it was meant for the other, as a value from `defaults:` would be. A job that
+    would not read a --set value passes it over, and its spec (its resume) is the one the file gives; a value no
+    job that runs reads is refused as before, and so is a value a job reads but cannot honour."""
+    text = "defaults:\n  input: {path: in.jsonl}\njobs:\n  - name: gen\n  - name: sc\n    task: score\n"
+    path = jobs_file(tmp_path, text)
+    assert invoke("run", path, "--set", "sampling.temperature=0.7", "--set", "sampling.seed=3").exit_code == 0
+    gen, scored = recorder.calls[0][0]
+    assert (gen.sampling.temperature, gen.sampling.seed) == (0.7, 3)
+    assert scored == load_jobs_file(path).jobs[1] and spec_hash(scored) == spec_hash(load_jobs_file(path).jobs[1])
+    alone = invoke("run", path, "-j", "sc", "--set", "sampling.temperature=0.7")
+    assert alone.exit_code == 2
+    assert alone.stderr.startswith("kvbatch: error: command line: sampling.temperature: task score generates no")
+    honour = invoke("run", path, "--set", "sampling.top_logprobs=2")  # the output settings: refused for the task
+    assert honour.exit_code == 2 and "sampling.top_logprobs: task score generates no tokens" in honour.stderr
+    assert len(recorder.calls) == 1
+
+
 def test_set_that_completes_every_job_still_loads_the_jobs_left_out(tmp_path: Path, recorder: Recorder) -> None:
     """A file whose jobs take their input from the command line (`--set input.path=...`) ran one of them with -j;
     once --set reached only the selected jobs, the others were checked without it and the file was refused for

@@ -617,7 +617,7 @@ def test_defaults_meant_for_other_jobs_stop_no_job_that_drops_them(tmp_path: Pat
 def test_a_scoring_job_passes_over_the_defaults_generation_settings(tmp_path: Path) -> None:
     """Generation's sampling values from `defaults:` are for the file's generating jobs: a scoring job beside them
     loads (its own are refused, above, and so are its sampling_columns naming them), keeping prompt_logprobs, which
-    task score reads; so does --set of one."""
+    task score reads; so does --set of one that the generating job reads, and only a job that runs alone refuses it."""
     text = (
         "defaults:\n  sampling: {temperature: 0.7, stop: [END], max_new_tokens: 8, seed: 3}\n"
         "  sampling_columns: [temperature]\njobs:\n"
@@ -628,7 +628,11 @@ def test_a_scoring_job_passes_over_the_defaults_generation_settings(tmp_path: Pa
     assert (generate.sampling.temperature, generate.sampling.stop) == (0.7, ("END",))
     assert (score.sampling.temperature, score.sampling.prompt_logprobs) == (0.7, True)
     assert score.sampling_columns == generate.sampling_columns == ("temperature",)
-    error = spec_error(tmp_path, text, {"sampling.top_k": 5})
+    generate, score = load_jobs_file(write(tmp_path, text), {"sampling.top_k": 5}).jobs
+    assert (generate.sampling.top_k, score.sampling.top_k) == (5, 0)
+    with pytest.raises(SpecError) as refused:
+        load_jobs_file(write(tmp_path, text), {"sampling.top_k": 5}, ["scores"])
+    error = refused.value
     assert (error.field, error.where, error.message) == (
         "sampling.top_k",
         "command line",
