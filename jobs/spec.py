@@ -386,10 +386,10 @@ def _without(node: Node, fields: set[str], prefix: str = "") -> Node:
         name = child_path(prefix, key)
         if name in fields:
             continue
-        child = _without(child, fields, name)
-        if not (isinstance(child.value, dict) and not child.value and isinstance(node.value[key].value, dict)
-                and node.value[key].value):  # fmt: skip
-            kept[key] = child
+        pruned = _without(child, fields, name)
+        emptied = isinstance(pruned.value, dict) and not pruned.value and bool(child.value)
+        if not emptied:
+            kept[key] = pruned
     return dataclasses.replace(node, value=kept)
 
 
