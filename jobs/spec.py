@@ -732,6 +732,16 @@ def validate(job: JobSpec, node: Node, loaded: bool = False, passed: set[str] | 
             parse_shard(job.parallel.shard)
         except SpecError as exc:
             raise at("parallel", "shard").error(exc.message) from None
+    # A row runs on an adapter its column or its OpenAI body's `model` names, else on `adapter`: without a
+    # column every other adapter is loaded for no row, and the rows meant for it run on another model.
+    if job.adapter_column is None and job.input.format != "openai":
+        unnamed = [name for name in job.adapters if name != job.adapter and own("adapters", name)]
+        if unnamed:
+            rows_run_on = f"adapter {job.adapter!r}" if job.adapter is not None else "the base model"
+            raise at("adapters", unnamed[0]).error(
+                f"no row can name adapter {unnamed[0]!r}: set adapter_column to the column that names each row's "
+                f"adapter (without one, every row runs on {rows_run_on})"
+            )
     if job_adapters(job) and (job.runner == "ray" or job.parallel.tensor > 1):
         raise at("adapters" if job.adapters else "adapter").error(
             "LoRA adapters run on a local engine of one process (runner: local, parallel.tensor: 1)"

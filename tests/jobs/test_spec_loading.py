@@ -364,6 +364,19 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].adapters.tone",
             "must not be empty",
         ),
+        (  # no adapter_column and no `adapter`: every row ran on the base model, the adapters unread
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    adapters: {tone: t}\n",
+            ":4",
+            "jobs[0].adapters.tone",
+            "no row can name adapter 'tone': set adapter_column",
+        ),
+        (  # `adapter` picks one of them for every row: the other was never run
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    adapter: tone\n    adapters:\n"
+            "      tone: t\n      billing: b\n",
+            ":7",
+            "jobs[0].adapters.billing",
+            "no row can name adapter 'billing': set adapter_column",
+        ),
         (  # rolling scores read the text raw: the template file was never used
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    task: score_rolling\n"
             "    prompt: {chat_template_file: t.jinja}\n",
@@ -612,6 +625,24 @@ def test_defaults_meant_for_other_jobs_stop_no_job_that_drops_them(tmp_path: Pat
     plain, openai, raw = load_jobs_file(write(tmp_path, text)).jobs
     assert (plain.id_column, plain.runner, plain.parallel.ray_actors) == ("id", "ray", 4)
     assert (openai.input.format, openai.runner, raw.prompt.chat_template) == ("openai", "local", False)
+
+
+def test_adapters_are_refused_only_where_no_row_can_name_them(tmp_path: Path) -> None:
+    """A job's `adapters` run only on rows that name them: through adapter_column, an OpenAI Batch body's
+    `model`, or `adapter` for every row. Without either, a job ran every row on the base model and exited 0 (above,
+    refused); `defaults:` may list adapters for the jobs that pick one."""
+    text = (
+        "defaults:\n  adapters: {tone: t, billing: b}\njobs:\n"
+        "  - name: a\n    input: {path: x.jsonl}\n    adapter_column: lora\n"
+        "  - name: b\n    input: {path: x.jsonl, format: openai}\n"
+        "  - name: c\n    input: {path: x.jsonl}\n    adapter: tone\n"
+        "  - name: d\n    input: {path: x.jsonl}\n    adapters: {tone: t2}\n    adapter: tone\n"
+    )
+    jobs = load_jobs_file(write(tmp_path, text)).jobs
+    assert [job.adapter_column for job in jobs] == ["lora", None, None, None]
+    assert [job.adapter for job in jobs] == [None, None, "tone", "tone"]
+    assert [sorted(job.adapters) for job in jobs] == [["billing", "tone"]] * 4
+    assert jobs[3].adapters["tone"] == "t2"
 
 
 def test_a_scoring_job_passes_over_the_defaults_generation_settings(tmp_path: Path) -> None:

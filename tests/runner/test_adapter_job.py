@@ -206,7 +206,8 @@ def test_a_jobs_own_adapter_that_cannot_run_stops_the_job(adapter_paths, tmp_pat
         ("empty", f"adapter '{tmp_path / 'empty'}': {tmp_path / 'empty'} has no adapter_config.json"),
         ("broken", "adapter 'broken': no/such is neither a folder nor a name in the local Hugging Face cache"),
     ):
-        job = make_job(tmp_path, "own", "in.jsonl", adapters={"broken": "no/such"}, adapter=adapter)
+        adapters = {"broken": "no/such"} if adapter == "broken" else {}  # no row could name another one
+        job = make_job(tmp_path, "own", "in.jsonl", adapters=adapters, adapter=adapter)
         (outcome,) = run_jobs([job], engine_factory=factory)
         assert isinstance(outcome.error, SpecError) and outcome.error.field == "adapter", outcome.error
         assert outcome.error.message.startswith(words), outcome.error.message
