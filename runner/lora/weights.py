@@ -57,6 +57,9 @@ _UNSUPPORTED_SWITCHES = {
 # update from the base weights (W - scaling * B0 A0), so the saved A and B mean something else over the plain
 # base. PEFT converts such an adapter to plain LoRA when it is saved with path_initial_model_for_weight_conversion.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+# init_lora_weights names PEFT loads without touching the base weights, as it spells them (it takes 'gaussian' and
+# 'mica' in any case): each gives a layer B A = 0 to start with.
+_ZERO_UPDATE_INITS = ("gaussian", "eva", "orthogonal", "lora_ga", "mica")
 
 
 class AdapterError(ValueError):
@@ -80,8 +83,8 @@ class LoraConfig:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
-    # init_lora_weights false: PEFT draws A and B at random for a targeted module the weights leave out (every
-    # other init it loads gives such a module B A = 0, no update).
+    # init_lora_weights false (or null): PEFT draws A and B at random for a targeted module the weights leave out
+    # (every other init it loads gives such a module B A = 0, no update).
     random_init: bool = False
 
 
@@ -249,6 +252,14 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
             "when it loads the adapter; convert it to a plain LoRA adapter (PEFT's save_pretrained with "
             "path_initial_model_for_weight_conversion) to run it here"
         )
+    # PEFT draws a layer's A and B at random for any false value (null too), and refuses to load an init it does
+    # not know: an init_lora_weights of 'false' or 1 is no adapter PEFT runs.
+    known = isinstance(init, str) and (init in _ZERO_UPDATE_INITS or init.lower() in ("gaussian", "mica"))
+    if init and init is not True and not known:
+        raise AdapterError(
+            f"adapter {name!r}: {CONFIG_FILE}'s init_lora_weights is {init!r}, not true, false or one of PEFT's "
+            f"initialisations ({', '.join(_ZERO_UPDATE_INITS)}), and PEFT refuses to load it"
+        )
 
     def bad(field: str, value: object, wanted: str) -> AdapterError:
         return AdapterError(f"adapter {name!r}: {CONFIG_FILE}'s {field} is {value!r}, not {wanted}")
@@ -335,7 +346,7 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
         tuple(layers) if layers is not None else None,
         layers_pattern,
         exclude_modules,
-        init is False,
+        not init,
     )
 
 

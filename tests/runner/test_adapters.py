@@ -476,11 +476,16 @@ def test_a_targeted_layer_the_weights_leave_out_runs_as_peft_loads_it(adapter_pa
     kept = {k: v for k, v in tensors.items() if f".{left_out}." not in k}
     save_file(kept, f"{trimmed}/adapter_model.safetensors")
     zero_b = _edited(trimmed, tmp_path / "zero-b", init_lora_weights=True)
+    # PEFT draws A and B at random for a null init_lora_weights too: it ran as init true.
+    null = _edited(trimmed, tmp_path / "null", init_lora_weights=None)
     prompt = rows[ADAPTERS.index("r8-rslora")][0]
     want = peft_greedy(hf_reference("llama"), {"zero-b": zero_b}, [(prompt, "zero-b")], MAX_NEW, EOS_ID, 0)[0]
-    _, results = run({"random": trimmed, "zero-b": zero_b}, [(prompt, "random"), (prompt, "zero-b")])
-    assert (results[0].finish_reason, results[0].error_kind) == ("error", ErrorKind.BAD_ADAPTER)
-    assert f"'random' holds no LoRA weights for {left_out}, which its config targets" in results[0].error
+    _, results = run(
+        {"random": trimmed, "zero-b": zero_b, "null": null}, [(prompt, "random"), (prompt, "zero-b"), (prompt, "null")]
+    )
+    for i, name in ((0, "random"), (2, "null")):
+        assert (results[i].finish_reason, results[i].error_kind) == ("error", ErrorKind.BAD_ADAPTER)
+        assert f"{name!r} holds no LoRA weights for {left_out}, which its config targets" in results[i].error
     assert results[1].error is None, results[1].error
     assert results[1].completions[0].token_ids == want
 
@@ -526,6 +531,21 @@ def test_layer_choices_peft_refuses_to_load_are_refused(adapter_paths, tmp_path,
     with pytest.raises(ValueError, match="layers_"):
         PeftModel.from_pretrained(hf_reference("llama"), path)
     with pytest.raises(AdapterError, match=words):
+        inspect_adapter("x", path, adaptable_linears(tiny_model("llama")))
+
+
+@pytest.mark.parametrize("init", ["false", "True", "EVA", 1], ids=["false-text", "true-text", "upper-eva", "one"])
+def test_an_init_peft_refuses_to_load_is_refused(adapter_paths, tmp_path, init) -> None:
+    """PEFT loads an adapter under init_lora_weights true, false or one of its named initialisations, spelt as it
+    spells them, and refuses any other value as it builds the layers; kvbatch ran such an adapter as plain LoRA."""
+    from peft import PeftModel
+
+    from kvbatch.runner.lora.weights import AdapterError, adaptable_linears, inspect_adapter
+
+    path = _edited(adapter_paths["r2-qv"], tmp_path / "edited", init_lora_weights=init)
+    with pytest.raises((ValueError, AttributeError)):
+        PeftModel.from_pretrained(hf_reference("llama"), path)
+    with pytest.raises(AdapterError, match=f"init_lora_weights is {init!r}, not true, false or one of PEFT's"):
         inspect_adapter("x", path, adaptable_linears(tiny_model("llama")))
 
 
