@@ -164,8 +164,8 @@ def _check_config(config, name: str) -> None:
     kinds = set(getattr(config, "layer_types", None) or ()) - _LAYER_KINDS
     if kinds:
         raise UnsupportedAttentionError(
-            f"model {name!r} has layers of kind {', '.join(sorted(kinds))} (config.layer_types), whose masks "
-            "kvbatch's paged attention does not build"
+            f"model {name!r} has layers of kind {', '.join(sorted(kinds))} (config.layer_types), which "
+            "kvbatch's paged attention does not serve (it serves full and sliding-window attention layers)"
         )
     for field in ("attention_chunk_size", "use_bidirectional_attention"):
         if getattr(config, field, None):

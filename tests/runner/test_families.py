@@ -9,6 +9,7 @@ learned attention sinks."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -239,11 +240,18 @@ def test_an_attention_argument_the_kernels_lack_is_refused_at_load() -> None:
         attention_hook.check_model(model, "tiny-llama")
 
 
-def test_a_mask_kind_the_kernels_lack_is_refused_at_load() -> None:
+@pytest.mark.parametrize("kind", ["chunked_attention", "linear_attention", "conv"])
+def test_a_layer_kind_the_kernels_lack_is_refused_at_load(kind: str) -> None:
+    """A mask the kernels do not build (Llama 4's chunks) or a layer that is no attention over the pages at all
+    (linear attention, LFM2's convolutions, which keep a state): the message names the kind, not a mask."""
     config = tf.LlamaConfig(**_LLAMA_LIKE)
-    config.layer_types = ["full_attention", "chunked_attention"]
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_hook.ATTN_IMPLEMENTATION)
-    with pytest.raises(attention_hook.UnsupportedAttentionError, match="'tiny'.*chunked_attention"):
+    config.layer_types = ["full_attention", kind]
+    model = _probe_model(config)
+    message = (
+        f"model 'tiny' has layers of kind {kind} (config.layer_types), which kvbatch's paged attention does not "
+        "serve (it serves full and sliding-window attention layers)"
+    )
+    with pytest.raises(attention_hook.UnsupportedAttentionError, match=re.escape(message)):
         attention_hook.check_model(model, "tiny")
 
 
