@@ -59,6 +59,14 @@ class StructuredOutputs:
                 raise ConstraintError(f"choice must hold strings, got {list(self.choice)!r}")
         if not isinstance(self.json_object, bool):
             raise ConstraintError(f"json_object must be true or false, got {self.json_object!r}")
+        # JSON text may spell half a surrogate pair (`"\ud800"`), which no UTF-8 text holds: the grammar engine
+        # cannot take it, and a message quoting the constraint could not be written to the output.
+        for name in ("json", "regex", "grammar", "choice"):
+            value = getattr(self, name)
+            for text in value if isinstance(value, tuple) else (value,) if value is not None else ():
+                lone = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+                if lone is not None:
+                    raise ConstraintError(f"{name} holds a lone surrogate (\\u{ord(lone):04x}), which is not text")
 
     @property
     def kind(self) -> str:

@@ -315,3 +315,28 @@ def test_a_jobs_stop_settings_beside_its_own_constraint_are_refused(tmp_path: Pa
     (tmp_path / "jobs.yaml").write_text(text)
     (job,) = load_jobs_file(tmp_path / "jobs.yaml").jobs
     assert job.sampling.structured_outputs == StructuredOutputs(choice=("yes", "no"))
+
+
+def test_a_constraint_with_a_lone_surrogate_fails_its_row_not_the_job(tmp_path: Path) -> None:
+    """JSON text in a cell may spell half a surrogate pair (`"\\ud800"`), which the input reader never sees, as
+    the cell's own text is valid. The constraint reached the engine, failed to compile, and its message quoted
+    the surrogate: the writer could not encode it, and the whole job ended. It is the row's bad_constraint."""
+    rows = [
+        {"prompt": "a", "c": json.dumps({"choice": ["x\ud800"]})},
+        {"prompt": "b", "c": json.dumps({"type": "string", "enum": ["\udc00"]})},
+        {"prompt": "c", "c": json.dumps({"regex": "[a-z]\ud800"})},
+        {"prompt": "d", "c": {"choice": ["x"]}},
+    ]
+    job = job_from_dict(_job(tmp_path, rows, constraint_column="c"), base_dir=str(tmp_path))
+    factory = fake_factory()
+    summary = run_job(job, EngineCache(factory))
+    got = {r.request_id: r.sampling.structured_outputs for r in factory.engines[0].requests}
+    assert got == {3: StructuredOutputs(choice=("x",))}
+    out = [json.loads(line) for line in (tmp_path / "out" / "j.jsonl").read_text().splitlines()]
+    lone = "bad constraint in column 'c': {} holds a lone surrogate (\\u{}), which is not text"
+    assert [(out[i]["error_kind"], out[i]["error"]) for i in range(3)] == [
+        ("bad_constraint", "row 0 (line 1): " + lone.format("choice", "d800")),
+        ("bad_constraint", "row 1 (line 2): " + lone.format("json", "dc00")),
+        ("bad_constraint", "row 2 (line 3): " + lone.format("regex", "d800")),
+    ]
+    assert summary.errors_by_kind == {"bad_constraint": 3}
