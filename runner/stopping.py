@@ -88,7 +88,10 @@ class StopChecker:
     def text(self, seq: Sequence) -> str:
         params = seq.request.sampling
         if seq.matcher is not None:  # a constrained row never stops on a stop string: its text is whole
-            return self._continued_text(seq.output_token_ids)
+            # Its `stop` is the end-of-sequence token the complete grammar accepted: no text of the structure, even
+            # where it is no special token (a generation config's EOS that decodes to text).
+            stopped = seq.finish_reason == "stop"
+            return self._continued_text(seq.output_token_ids[:-1] if stopped else seq.output_token_ids)
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
         if not params.stop:
             return text

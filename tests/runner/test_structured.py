@@ -1042,3 +1042,43 @@ def test_a_grammar_that_cannot_go_on_fails_its_row_as_a_bad_constraint(loaded, t
         )
         assert results[f"after_a_{i}"].error_kind == ErrorKind.BAD_CONSTRAINT
         assert "after 1 token ('a') it allows no token" in results[f"after_a_{i}"].error
+
+
+def test_an_end_of_sequence_token_with_text_is_left_out_of_a_constrained_rows_text(loaded, tokenizer) -> None:
+    """A model may end sequences on a token that is no special token (a generation config's EOS id that decodes
+    to text). The grammar stops on it and leaves it out of what it matched, as xgrammar's own processor does, but
+    the row's text kept it: a choice read "yes.", none of its choices, and a schema's JSON no longer parsed."""
+    jsonschema = pytest.importorskip("jsonschema")
+    dot = tokenizer.encode(".", add_special_tokens=False)[0]
+    assert tokenizer.decode([dot], skip_special_tokens=True) == "."
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB, stop_token_ids=[dot])
+    oracle = xgr.GrammarCompiler(info)
+    model = loaded.model
+    ends_on_dot = LoadedModel(model, tokenizer, "tiny-dot-eos", (dot,), 512, torch.device("cpu"), torch.float32)
+    constraints = [CONSTRAINTS[0], CONSTRAINTS[2], CONSTRAINTS[1]]
+    requests = [
+        GenerationRequest(i, prompt, SamplingParams(48, structured_outputs=constraints[i % 3]))
+        for i, prompt in enumerate(prompts(tokenizer, 6))
+    ]
+    results = {r.request_id: r.completions[0] for r in make_engine(ends_on_dot).generate(requests)}
+    for request in requests:
+        constraint = request.sampling.structured_outputs
+        prompt = request.prompt_token_ids
+        out = _model("sdpa").generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=48,
+            do_sample=False,
+            eos_token_id=dot,
+            pad_token_id=0,
+            logits_processor=[LogitsProcessor(_oracle_grammar(oracle, constraint))],
+        )
+        want = out[0, len(prompt) :].tolist()
+        completion = results[request.request_id]
+        assert (completion.token_ids, completion.finish_reason) == (want, "stop")
+        assert want[-1] == dot
+        assert completion.text == tokenizer.decode(want[:-1])
+        if constraint.json is not None:
+            jsonschema.validate(json.loads(completion.text), PERSON)
+        else:
+            _check_text(constraint, completion.text)
