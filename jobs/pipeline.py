@@ -257,6 +257,12 @@ class RowPipeline:
         token_bytes = None
         if logprobs and self.token_bytes:
             token_bytes = [self.token_bytes(c.token_ids) if c.logprobs else [] for c in completions]
+            if pending.constrained:
+                # A constrained row that stopped ends on the end-of-sequence token its grammar accepted, which its
+                # text leaves out even where it is no special token: so do the logprobs that spell the text.
+                for c, raw in zip(completions, token_bytes):
+                    if c.finish_reason == "stop" and raw:
+                        raw[-1] = None
         scored = result.scores is not None
         texts, reasonings = [c.text for c in completions], None
         if self.layout.reasoning and pending.constrained:

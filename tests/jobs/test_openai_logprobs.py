@@ -244,3 +244,36 @@ def test_the_jobs_prompt_logprobs_are_refused_for_openai_batch_output(tmp_path: 
         layout_for(job(), {})
     assert refused.value.field == "sampling.prompt_logprobs"
     assert layout_for(job(output={"format": "jsonl"}), {}).prompt_logprobs
+
+
+class TextEosEngine(SpellingEngine):
+    """Answers as SpellingEngine, but ends each sample on a token with text, "." (a model whose generation config
+    names a plain token as an end-of-sequence id); a constrained row's text leaves it out, as the engine does."""
+
+    def _answer(self, request: GenerationRequest) -> GenerationResult:
+        result = super()._answer(request)
+        dot = self.tokenizer.encode(".")[0]
+        completions = [
+            Completion(c.text, [*c.token_ids[:-1], dot], c.finish_reason, c.logprobs, c.top_logprobs)
+            for c in result.completions
+        ]
+        return GenerationResult(result.request_id, result.num_prompt_tokens, completions)
+
+
+def test_a_constrained_rows_logprobs_leave_out_the_text_eos_its_grammar_stopped_on(tmp_path: Path) -> None:
+    """A constrained row's text leaves out the end-of-sequence token its grammar stopped on, even one that is no
+    special token; its logprobs content still spelled it, so the tokens read `Olá 😀.` beside the text `Olá 😀`.
+    A free row's text keeps such a token, and so does its content."""
+    (tmp_path / "batch.jsonl").write_text(
+        json.dumps(request("json", logprobs=True, response_format={"type": "json_object"})) + "\n"
+        + json.dumps(request("free", logprobs=True)) + "\n"
+    )  # fmt: skip
+    job = job_from_dict(
+        {"name": "j", "output_dir": "out", "input": {"path": "batch.jsonl", "format": "openai"}}, base_dir=str(tmp_path)
+    )
+    run_job(job, EngineCache(lambda model, settings: TextEosEngine()))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "j.jsonl").read_text().splitlines()]
+    constrained, free = (ChatCompletion.model_validate(line["response"]["body"]).choices[0] for line in lines)
+    assert "".join(t.token for t in constrained.logprobs.content) == constrained.message.content == ANSWER
+    assert [t.logprob for t in constrained.logprobs.content] == [-0.25 * (k + 1) for k in range(len(ANSWER))]
+    assert "".join(t.token for t in free.logprobs.content) == ANSWER + "."
