@@ -477,10 +477,11 @@ def _multiple_of_problem(schema: dict, path: str) -> str | None:
     return None
 
 
-def unsupported_regex(regex: str) -> str | None:
+def unsupported_regex(regex: str, constraint: bool = False) -> str | None:
     """Where xgrammar would read the regex other than Python's re does (and not refuse it itself), as a message;
     None when it reads it alike. Checks escapes, character classes, and anchors `^`/`$` inside the pattern, which
-    xgrammar drops (`x(^a)` would let "xa" through)."""
+    xgrammar drops (`x(^a)` would let "xa" through). `constraint`: a `regex` constraint, not a schema's `pattern`;
+    xgrammar parses the two apart, and misreads two more things in the first (_hex_problem, _class_end)."""
     # Per open group: [opens where the match starts, the current alternative has matched something,
     # the current alternative ended with `$`, some alternative ended with `$`].
     groups = [[True, False, False, False]]
@@ -488,12 +489,12 @@ def unsupported_regex(regex: str) -> str | None:
     while i < len(regex):
         char, top = regex[i], groups[-1]
         if char == "\\":
-            problem = _escape_problem(regex, i, in_class=False)
+            problem = _escape_problem(regex, i, in_class=False, constraint=constraint)
             if problem:
                 return problem
             size, atom = 2, True
         elif char == "[":
-            end, problem = _class_end(regex, i)
+            end, problem = _class_end(regex, i, constraint)
             if problem:
                 return problem
             size, atom = end - i, True
@@ -573,12 +574,12 @@ def _after_end(i: int) -> str:
     return f"'$' in the regex is followed by more of it, at position {i} (the grammar engine would drop the '$')"
 
 
-def _escape_problem(regex: str, i: int, in_class: bool) -> str | None:
+def _escape_problem(regex: str, i: int, in_class: bool, constraint: bool = False) -> str | None:
     letter = regex[i + 1 : i + 2]
     if letter in _DIGITS:
         return _octal_problem(regex, i, in_class)
     if letter in _HEX_ESCAPES:
-        return _hex_problem(regex, i)
+        return _hex_problem(regex, i, constraint)
     if not (letter.isascii() and letter.isalpha()):
         return None
     known = _REGEX_ESCAPES | (frozenset("bpP") if in_class else _REGEX_ENGINE_REFUSES)
@@ -604,13 +605,20 @@ def _octal_problem(regex: str, i: int, in_class: bool) -> str | None:
     )
 
 
-def _hex_problem(regex: str, i: int) -> str | None:
+def _hex_problem(regex: str, i: int, constraint: bool = False) -> str | None:
     """`\\x` not followed by two hex digits, `\\u` by four (or `{...}`): xgrammar reads the letter itself, so
-    `\\x{41}` (Perl's "A") would be 41 x's."""
+    `\\x{41}` (Perl's "A") would be 41 x's. In a `regex` constraint it also reads every hex digit after `\\x`,
+    so `\\x28a` was U+028A, not "(a"."""
     letter = regex[i + 1]
     size = _HEX_ESCAPES[letter]
     code = regex[i + 2 : i + 2 + size]
     if len(code) == size and all(c in _HEX for c in code):
+        after = regex[i + 2 + size : i + 3 + size]
+        if constraint and letter == "x" and after and after in _HEX:
+            return (
+                f"escape \\x{code} at position {i} of the regex is followed by the hex digit {after!r}, which the "
+                f"grammar engine would read as part of it; write \\u00{code}"
+            )
         return None
     if letter == "u" and re.match(r"\{[0-9a-fA-F]+\}", regex[i + 2 :]):
         return None
@@ -620,14 +628,21 @@ def _hex_problem(regex: str, i: int) -> str | None:
     )
 
 
-def _class_end(regex: str, start: int) -> tuple[int, str | None]:
+def _class_end(regex: str, start: int, constraint: bool = False) -> tuple[int, str | None]:
     """The index after the character class opening at `start`, or a problem with it."""
-    i = start + 1 + (regex[start + 1 : start + 2] == "^")
+    negated = regex[start + 1 : start + 2] == "^"
+    i = start + 1 + negated
     if regex[i : i + 1] == "]":
         return i, f"']' first in the character class at position {start} of the regex is not supported; write \\]"
+    if constraint and not negated and regex[i : i + 1] == "\\" and _literal_code(regex, i)[0] == ord("^"):
+        # A `regex` constraint's `[\^a]` (and `[\x5ea]`) was read as `[^a]`: every character but "a".
+        return i, (
+            f"an escaped '^' first in the character class at position {start} of the regex is not supported (the "
+            f"grammar engine would read it as negating the class); put it after another character, or outside a class"
+        )
     while i < len(regex) and regex[i] != "]":
         if regex[i] == "\\":
-            problem = _escape_problem(regex, i, in_class=True)
+            problem = _escape_problem(regex, i, in_class=True, constraint=constraint)
             if problem:
                 return i, problem
             i += 2

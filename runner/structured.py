@@ -214,7 +214,7 @@ def _refuse_misread(constraint: StructuredOutputs) -> None:
     if constraint.json is not None:
         problem = unsupported_keyword(json.loads(constraint.json))
     elif constraint.regex is not None:
-        problem = unsupported_regex(constraint.regex)
+        problem = unsupported_regex(constraint.regex, constraint=True)
     if problem:
         raise ConstraintError(problem)
 

@@ -459,6 +459,52 @@ def _accepts(compiled, text: str) -> bool:
     return matcher.accept_string(text) and matcher.accept_token(EOS) and matcher.is_terminated()
 
 
+_CARET_FIRST = (
+    "an escaped '^' first in the character class at position 0 of the regex is not supported (the grammar engine "
+    "would read it as negating the class); put it after another character, or outside a class"
+)
+
+
+@pytest.mark.parametrize(
+    ("regex", "misread", "meant", "message"),
+    [
+        (
+            r"\x28a\x29",
+            "\u028a)",
+            "(a)",
+            "escape \\x28 at position 0 of the regex is followed by the hex digit 'a', which the grammar engine would "
+            "read as part of it; write \\u0028",
+        ),
+        (
+            r"[\x41B]",
+            "\u041b",
+            "B",
+            "escape \\x41 at position 1 of the regex is followed by the hex digit 'B', which the grammar engine would "
+            "read as part of it; write \\u0041",
+        ),
+        (r"[\^a]", "b", "a", _CARET_FIRST),
+        (r"[\u005ea]", "b", "a", _CARET_FIRST),
+    ],
+)
+def test_a_regex_constraints_hex_and_caret_misreads_are_refused(compiler, regex, misread, meant, message) -> None:
+    """xgrammar parses a `regex` constraint apart from a schema's `pattern`, and there read `\\x` with every hex
+    digit after it (`\\x28a` as U+028A) and an escaped `^` first in a class as negating it (`[\\^a]` as `[^a]`):
+    the row ended `stop` on text the regex does not match. A schema's `pattern` reads both as Python does."""
+    compiled = compiler.compile_regex(regex)  # xgrammar's own processor lets the misread text through
+    assert _accepts(compiled, misread) and not re.fullmatch(regex, misread)
+    assert not _accepts(compiled, meant) and re.fullmatch(regex, meant)
+    with pytest.raises(ConstraintError) as refused:
+        check_constraint(StructuredOutputs(regex=regex))
+    assert str(refused.value) == message
+    pattern = {"type": "string", "pattern": f"^{regex}$"}
+    assert unsupported_keyword(pattern) is None
+    in_schema = compiler.compile_json_schema(json.dumps(pattern), any_whitespace=False)
+    assert _accepts(in_schema, json.dumps(meant)) and not _accepts(in_schema, json.dumps(misread, ensure_ascii=False))
+    for alike, text in ((r"[a\^]", "^"), (r"[^\^a]", "b"), (r"\x41\x42", "AB"), (r"\x41g", "Ag"), (r"\u00e9a", "éa")):
+        check_constraint(StructuredOutputs(regex=alike))  # read alike: they run
+        assert _accepts(compiler.compile_regex(alike), text), alike
+
+
 def test_compile_refuses_what_the_engine_misreads_and_enforces_what_it_accepts(tokenizer) -> None:
     cache = GrammarCache(tokenizer, VOCAB, (EOS,))
     for regex in (r"\Aabc\Z", r"(?=a)a", r"(a)\1", r"(?P<n>a)", r"x\b"):
