@@ -486,8 +486,10 @@ def unsupported_regex(regex: str, constraint: bool = False) -> str | None:
     # the current alternative ended with `$`, some alternative ended with `$`].
     groups = [[True, False, False, False]]
     i = 0
+    repeated = False  # the item before is a repetition (`*`, `+`, `?`, `{m,n}`), not a lazy mark on one
     while i < len(regex):
         char, top = regex[i], groups[-1]
+        repetition = False
         if char == "\\":
             problem = _escape_problem(regex, i, in_class=False, constraint=constraint)
             if problem:
@@ -524,15 +526,25 @@ def unsupported_regex(regex: str, constraint: bool = False) -> str | None:
             size, atom = 1, False
             top[2] = top[3] = True
         elif char in "*+?":
+            if char == "+" and repeated:
+                # Python's possessive `a?+`; xgrammar repeated the repetition in a schema's pattern (`a?+b` let
+                # "aab" through) and refuses it in a regex constraint.
+                return (
+                    f"'+' after a repetition at position {i} of the regex is not supported (a possessive quantifier "
+                    f"in Python's re; the grammar engine would repeat the repetition)"
+                )
             size, atom = 1, False
+            repetition = not (char == "?" and repeated)  # `a*?` is lazy: the same text as `a*`
         elif char == "{" and _REGEX_REPEAT.match(regex, i):
             size, atom = _REGEX_REPEAT.match(regex, i).end() - i, False
+            repetition = True
         else:
             size, atom = 1, True
         if atom:
             if top[2]:
                 return _after_end(i)
             top[1] = True
+        repeated = repetition
         i += size
     return None
 

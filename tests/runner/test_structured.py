@@ -407,6 +407,15 @@ def test_annotations_and_a_type_the_values_have_are_accepted_beside_a_combinator
             "'$' in the regex is followed by more of it, at position 6 (the grammar engine would drop the '$')",
         ),
         (r"[^]a]", "']' first in the character class at position 0 of the regex is not supported; write \\]"),
+        # Python's possessive quantifiers: xgrammar read `a?+b` in a schema's pattern as `(a?)+b`, letting "aab" through
+        *[
+            (
+                regex,
+                f"'+' after a repetition at position {position} of the regex is not supported (a possessive "
+                "quantifier in Python's re; the grammar engine would repeat the repetition)",
+            )
+            for regex, position in ((r"a?+b", 2), (r"a*+", 2), (r"(ab)++", 5), (r"a{1,2}+", 6), (r"\d+?x++", 6))
+        ],
         # Python's octal escapes: xgrammar matched "\x0012" for \012 and "1" for [\1]
         *[
             (
@@ -448,6 +457,7 @@ def test_regex_constructs_the_engine_misreads_are_refused(regex, message) -> Non
         r"(?<n>a)",
         r"[\0]\08",
         r"\u{e9}",
+        r"a*?b+?c??d{1,2}?\++[+]",  # lazy repetitions, and a `+` that repeats an escaped or classed plus
     ],
 )
 def test_regex_constructs_the_engine_reads_alike_pass(regex) -> None:
