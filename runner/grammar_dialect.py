@@ -624,6 +624,16 @@ def _hex_problem(regex: str, i: int, constraint: bool = False) -> str | None:
     letter = regex[i + 1]
     size = _HEX_ESCAPES[letter]
     code = regex[i + 2 : i + 2 + size]
+    braced = re.match(r"\{([0-9a-fA-F]+)\}", regex[i + 2 :]) if letter == "u" else None
+    named = code if len(code) == size and all(c in _HEX for c in code) else braced.group(1) if braced else None
+    if named is not None and 0xD800 <= int(named, 16) <= 0xDFFF:
+        # JavaScript spells an emoji as a pair of these (`\ud83d\ude00`); xgrammar wrote each as three bytes that
+        # are no UTF-8, and the row ended `stop` on them
+        return (
+            f"escape \\u{code if braced is None else braced.group(0)} at position {i} of the regex names a surrogate "
+            f"code point, which no UTF-8 text holds (the grammar engine would write bytes that are not UTF-8); write "
+            f"the character itself, or \\u{{...}} with its code point"
+        )
     if len(code) == size and all(c in _HEX for c in code):
         after = regex[i + 2 + size : i + 3 + size]
         if constraint and letter == "x" and after and after in _HEX:

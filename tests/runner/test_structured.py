@@ -469,6 +469,43 @@ def _accepts(compiled, text: str) -> bool:
     return matcher.accept_string(text) and matcher.accept_token(EOS) and matcher.is_terminated()
 
 
+@pytest.mark.parametrize(
+    ("regex", "escape", "position"),
+    [(r"\ud83d\ude00", "ud83d", 0), (r"[\ud800-\udbff][\udc00-\udfff]", "ud800", 1), (r"a\u{dfff}", "u{dfff}", 1)],
+)
+def test_a_regex_naming_a_surrogate_is_refused(tokenizer, regex, escape, position) -> None:
+    """JavaScript spells an emoji as a pair of surrogate escapes (`\\ud83d\\ude00`), and a schema written for it
+    may too. xgrammar wrote each surrogate as three bytes that are no UTF-8 (0xED first), in a `regex` constraint
+    and a `pattern` alike, and a row ended `stop` on text of U+FFFD. Such an escape is refused; the character
+    itself, or `\\u{...}` with its code point, works."""
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB, stop_token_ids=[EOS])
+    oracle = xgr.GrammarCompiler(info)
+    pattern = json.dumps({"type": "string", "pattern": regex})
+    before = regex[: regex.index("\\")] if regex.startswith("a") else ""  # the text before the surrogate
+    for compiled, opening in (
+        (oracle.compile_regex(regex), before),
+        (oracle.compile_json_schema(pattern), '"' + before),
+    ):
+        matcher = new_matcher(compiled)
+        assert not opening or matcher.accept_string(opening)
+        bitmask = xgr.allocate_token_bitmask(1, VOCAB)
+        matcher.fill_next_token_bitmask(bitmask)
+        allowed = [t for t in range(VOCAB) if (int(bitmask[0, t // 32]) >> (t % 32)) & 1]
+        assert {info.decoded_vocab[t] for t in allowed} == {b"\xed"}  # never the first byte of UTF-8 text
+    message = (
+        f"escape \\{escape} at position {position} of the regex names a surrogate code point, which no UTF-8 text "
+        "holds (the grammar engine would write bytes that are not UTF-8); write the character itself, or \\u{...} "
+        "with its code point"
+    )
+    for constraint in (StructuredOutputs(regex=regex), StructuredOutputs(json=pattern)):
+        with pytest.raises(ConstraintError) as refused:
+            check_constraint(constraint)
+        assert str(refused.value).endswith(message)
+    for alike in ("\U0001f600", "\\u{1f600}"):
+        check_constraint(StructuredOutputs(regex=alike))
+        assert _accepts(oracle.compile_regex(alike), "\U0001f600")
+
+
 _CARET_FIRST = (
     "an escaped '^' first in the character class at position 0 of the regex is not supported (the grammar engine "
     "would read it as negating the class); put it after another character, or outside a class"
