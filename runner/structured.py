@@ -141,6 +141,11 @@ class GrammarCache:
     def _compiler_for(self):
         import xgrammar as xgr
 
+        if not self.eos_token_ids:  # xgrammar refuses an empty list, and a grammar ends on one of these tokens
+            raise ConstraintError(
+                "the model has no end-of-sequence token (its generation config and tokenizer name none), so no "
+                "constrained row could end; give generation_config.json an eos_token_id"
+            )
         with self._lock:
             if self._compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(

@@ -1175,3 +1175,25 @@ def test_an_end_of_sequence_token_with_text_is_left_out_of_a_constrained_rows_te
             jsonschema.validate(json.loads(completion.text), PERSON)
         else:
             _check_text(constraint, completion.text)
+
+
+def test_a_model_without_an_end_of_sequence_token_fails_its_constrained_rows(loaded, tokenizer) -> None:
+    """A grammar ends on an end-of-sequence token. A model whose generation config and tokenizer name none made
+    xgrammar refuse to build its token table, and that error ended the whole job as an engine bug; the constrained
+    rows now fail as bad constraints saying why, and the free rows run."""
+    no_eos = LoadedModel(loaded.model, tokenizer, "tiny-no-eos", (), 512, torch.device("cpu"), torch.float32)
+    engine = make_engine(no_eos)
+    prompt = prompts(tokenizer, 1)[0]
+    requests = [
+        GenerationRequest("choice", prompt, SamplingParams(8, structured_outputs=CONSTRAINTS[2])),
+        GenerationRequest("free", prompt, SamplingParams(8)),
+    ]
+    results = {r.request_id: r for r in engine.generate(requests)}
+    why = (
+        "the model has no end-of-sequence token (its generation config and tokenizer name none), so no constrained "
+        "row could end; give generation_config.json an eos_token_id"
+    )
+    assert results["choice"].error_kind == ErrorKind.BAD_CONSTRAINT
+    assert results["choice"].error == f'bad constraint (choice ["yes", "no", "maybe not"]): {why}'
+    assert results["free"].error is None and len(results["free"].completions[0].token_ids) == 8
+    assert engine.constraint_problem(CONSTRAINTS[0]) == f"bad constraint ({CONSTRAINTS[0].describe()}): {why}"
