@@ -416,6 +416,11 @@ def _unfollowed_problem(body: dict[str, Any]) -> str | None:
         return "prompt_logprobs is not supported in an OpenAI Batch output, which has no place for them"
     if body.get("skip_special_tokens") is False:
         return "skip_special_tokens: false is not supported (the text leaves special tokens out); leave it out"
+    if body.get("guided_whitespace_pattern") is not None:  # vLLM's, beside guided_json: JSON whitespace it allows
+        return (
+            "guided_whitespace_pattern is not supported (JSON is written compactly: one space after ':' and ','); "
+            "leave it out"
+        )
     return None
 
 

@@ -39,6 +39,7 @@ from test_openai_logprobs import request, run_openai
         ({"best_of": 3, "n": 1}, "best_of 3 is not supported (only best_of = n, the samples returned)"),
         ({"prompt_logprobs": 1}, "prompt_logprobs is not supported in an OpenAI Batch output"),
         ({"skip_special_tokens": False}, "skip_special_tokens: false is not supported"),
+        ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": "[ ]*"}, "guided_whitespace_pattern is not"),
         # vLLM's -1 (cut to the context) would leave no room for a token: only a count of tokens to keep
         ({"truncate_prompt_tokens": -1}, "truncate_prompt_tokens must be >= 1, got -1"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be >= 1, got 0"),
