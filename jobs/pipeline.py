@@ -32,7 +32,7 @@ from .prompts import build_prompt, prompt_columns, prompt_spec
 from .reasoning import split_reasoning
 from .records import Layout, RowResult
 from .row_sampling import row_sampling, sampling_columns
-from .rows import KnownDuplicates, Row, RowError, SeenIds
+from .rows import KnownDuplicates, Row, RowError, SeenIds, set_fields
 from .spec import TEMPLATE_VALUES, JobSpec, chat_template_path, check_output_settings, input_format, job_adapters
 from .token_bytes import TokenBytes
 from .tokenize import PromptTokenizer
@@ -101,6 +101,8 @@ class RowPipeline:
         self.ids = ids if ids is not None else SeenIds(layout.id_column)
         self.pending: dict[int, _Pending] = {}
         self.openai = input_format(job) == "openai"
+        # Its mappings are Arrow structs, which hold every field any row of the column has.
+        self.structs = input_format(job) in ("parquet", "arrow", "hf")
         self.adapter_rows: Counter[str] = Counter()  # rows run on each LoRA adapter (the summary names them)
 
     def note_id(self, row: Row) -> None:
@@ -116,6 +118,9 @@ class RowPipeline:
             {c: data.get(c) for c in self.layout.keep_columns},
         )
         error = row.error or self.ids.error(row)
+        if self.structs and row.data:  # read as the row set them; its kept values (above) are written as they are
+            row = dataclasses.replace(row, data={c: set_fields(v) for c, v in row.data.items()})
+            data = row.data
         if error is not None:
             return self._error_row(pending, error)
         continues = data.get("continue_final_message") if self.openai else None

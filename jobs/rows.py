@@ -143,6 +143,18 @@ def record_value(value: Any) -> dict | None:
     return None
 
 
+def set_fields(value: Any) -> Any:
+    """A value read from Arrow structs, which hold every field any row of the column has (null where a row has
+    none), as the row set it: its mappings without their null fields, at any depth (a tool's parameters, a tool
+    call's arguments, a JSON Schema's properties are the row's own, not `"b": null` beside its `"a"`). A list keeps
+    its null items, which are positions; JSON text (a string) is read as written, its nulls kept."""
+    if isinstance(value, dict):
+        return {k: set_fields(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [set_fields(v) for v in value]
+    return value
+
+
 def list_value(value: Any) -> list | None:
     """The list a row's value holds: a JSON or Arrow list, or JSON text of a list (a string column, as Spark, BigQuery
     and CSV exports write nested data); None for any other value."""

@@ -249,6 +249,54 @@ def test_tool_calls_and_tool_results_reach_the_template(tmp_path) -> None:
         assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.WRONG_TYPE and words in bad.error.message
 
 
+def test_a_struct_columns_unset_tool_fields_stay_out_of_the_template(tmp_path) -> None:
+    """Parquet, Arrow and `datasets` hold tools and tool calls as structs with every field any row has: a row's tool
+    reached the template with the other rows' parameters as nulls (`"a": null, "b": null`, `"description": null`),
+    a schema the row never wrote. A null in a struct is a field the row does not have; JSON text and JSONL keep their
+    nulls, which they wrote."""
+    import datasets
+
+    from kvbatch.jobs.readers import open_reader
+
+    weather = {"type": "function", "function": {"name": "weather", "description": "Weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+    add = {"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+           "properties": {"a": {"type": "integer"}, "b": {"type": "integer", "default": None}}}}}  # fmt: skip
+
+    def called(name: str, arguments: dict) -> list[dict]:
+        call = {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}
+        return [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]
+
+    rows = [
+        {"messages": called("weather", {"city": "Paris"}), "tools": [weather]},
+        {"messages": called("add", {"a": 2, "b": 3}), "tools": [add]},
+    ]
+    dataset = datasets.Dataset.from_list(rows)
+    dataset.to_parquet(tmp_path / "in.parquet")
+    dataset.save_to_disk(tmp_path / "saved")
+    tools_then_calls = QWEN3_STYLE.split("{%- for message")[0] + TOOL_CALLS_STYLE  # the tools, then the turns
+    tok = byte_tokenizer(tools_then_calls)
+    for path in ("in.parquet", "saved"):
+        job = job_from_dict(
+            {"name": "j", "input": {"path": path}, "prompt": {"messages_column": "messages", "tools_column": "tools"}},
+            base_dir=str(tmp_path),
+        )
+        pipe = RowPipeline(job, tok, layout_for(job, {}))
+        got = [pipe.request(row).prompt_token_ids for row in open_reader(job, ["messages", "tools"])]
+        # the b's default null is the other row's unset field here: a struct cannot tell it from one written
+        written = [{**rows[0]}, {**rows[1], "tools": [{**add, "function": {**add["function"], "parameters": {
+            "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]}]  # fmt: skip
+        want = [tok.apply_chat_template(r["messages"], tools=r["tools"], add_generation_prompt=True) for r in written]
+        assert got == [list(w["input_ids"]) if hasattr(w, "keys") else list(w) for w in want], path
+        assert "null" not in tok.decode(got[0]) and '{"city": "Paris"}' in tok.decode(got[0])
+    # a JSONL row's null is one it wrote: kept
+    jsonl = pipeline(tmp_path, tok, tools_column="tools")
+    kept = jsonl.request(Row(0, rows[1])).prompt_token_ids
+    want = tok.apply_chat_template(rows[1]["messages"], tools=[add], add_generation_prompt=True)
+    assert kept == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert '"default": null' in tok.decode(kept)
+
+
 # Qwen2.5's tool turns: an assistant turn's text only when it has some, then its calls.
 CONTENT_IF_ANY = (
     "{%- for message in messages %}{{- '<|im_start|>' + message.role }}"

@@ -174,6 +174,25 @@ def test_a_map_column_holds_a_rows_constraint(tmp_path: Path) -> None:
     assert summary.errors_by_kind == {}
 
 
+def test_a_struct_columns_schema_is_the_rows_own(tmp_path: Path) -> None:
+    """A Parquet struct holds every field any row has: a row's JSON Schema read the other rows' properties as
+    nulls (`"properties": {"a": {...}, "b": null}`), a schema the row never wrote and xgrammar refuses ("Schema
+    should be an object or bool, but got null"): every row of such a column was a bad_constraint. A struct's null
+    is a field the row does not have; the kept column is written as it was read."""
+    other = {"type": "object", "properties": {"b": {"type": "string"}}, "required": ["b"]}
+    table = pa.Table.from_pylist([{"prompt": "a", "c": SCHEMA}, {"prompt": "b", "c": other}])
+    pq.write_table(table, tmp_path / "in.parquet")
+    spec = {"name": "j", "input": {"path": "in.parquet"}, "output": {"path": "j.jsonl"}, "constraint_column": "c",
+            "keep_columns": ["c"]}  # fmt: skip
+    factory = fake_factory()
+    summary = run_job(job_from_dict(spec, base_dir=str(tmp_path)), EngineCache(factory))
+    got = {r.request_id: r.sampling.structured_outputs for r in factory.engines[0].requests}
+    assert got == {0: StructuredOutputs.from_schema(SCHEMA), 1: StructuredOutputs.from_schema(other)}
+    assert summary.errors_by_kind == {}
+    out = [json.loads(line) for line in (tmp_path / "out" / "j.jsonl").read_text().splitlines()]
+    assert out[0]["c"]["properties"] == {"a": {"type": "integer"}, "b": None}
+
+
 def test_a_constraint_nested_past_pythons_parser_fails_its_row_not_the_job(tmp_path: Path) -> None:
     # JSON text in a cell (or an OpenAI body's schema) is parsed by kvbatch, not by the input reader: json.loads
     # raised RecursionError there, which ended the job ("the engine failed") rather than the row.
