@@ -67,11 +67,7 @@ def _load_data_files(datasets, path: Path, split: str | None):
         with _offline(datasets):
             names = datasets.get_dataset_split_names(str(path))
             if split is None and len(names) > 1:
-                raise SpecError(
-                    f"{path.name} has splits {', '.join(names)}; choose one with input.split (--split on the "
-                    "command line)",
-                    field="input.split",
-                )
+                raise _no_split_chosen(path.name, names)
             if split is not None and split not in names:
                 raise SpecError(f"{path.name} has no split {split!r} (splits: {', '.join(names)})", field="input.split")
             split = split or names[0]
@@ -121,15 +117,21 @@ def _load_cached(datasets, name: str, split: str | None):
         ) from None
 
 
+def _no_split_chosen(name: str, splits: list[str]) -> SpecError:
+    # `kvbatch run` has no --split option: its jobs take one through --set, as every field.
+    return SpecError(
+        f"{name} has splits {', '.join(splits)}; choose one with input.split (on the command line: --set "
+        f"input.split={splits[0]}, or kvbatch generate's --split {splits[0]})",
+        field="input.split",
+    )
+
+
 def _pick_split(datasets, loaded, split: str | None, name: str):
     if isinstance(loaded, datasets.DatasetDict):
         if split is None:
             if len(loaded) == 1:
                 return next(iter(loaded.values()))
-            raise SpecError(
-                f"{name} has splits {', '.join(loaded)}; choose one with input.split (--split on the command line)",
-                field="input.split",
-            )
+            raise _no_split_chosen(name, list(loaded))
         if split not in loaded:
             raise SpecError(f"{name} has no split {split!r} (splits: {', '.join(loaded)})", field="input.split")
         return loaded[split]
