@@ -52,6 +52,12 @@ def open_reader(job: JobSpec, needed_columns: list[str]) -> Reader:
             field="input.path",
         )
     fmt = input_format(job)
+    if fmt != "hf" and path.is_dir():
+        raise SpecError(
+            f"input.format {fmt} reads one file, and {path} is a folder; a folder (of part files too) is read as "
+            "`datasets` reads a repository: leave input.format out (auto) or set it to hf",
+            field="input.format",
+        )
     if fmt in ("jsonl", "openai"):
         reader = open_jsonl(path, job.input.max_line_bytes, openai=fmt == "openai")
     elif fmt == "parquet":

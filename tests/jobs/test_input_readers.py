@@ -383,6 +383,21 @@ def test_a_folder_named_like_a_file_is_read_as_a_folder_of_data_files(tmp_path: 
     assert [(r.index, r.data) for r in reader] == [(0, {"prompt": "a"}), (1, {"prompt": "b"}), (2, {"prompt": "c"})]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "jsonl", "openai"])
+def test_a_single_file_format_on_a_folder_says_how_a_folder_is_read(tmp_path: Path, fmt: str) -> None:
+    # input.format parquet on a folder of part files failed in the reader on "path ... is a directory", without a
+    # word on how a folder is read (format auto, as the test above reads it).
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": ["a"]}), folder / "part-00000.parquet")
+    with pytest.raises(SpecError) as info:
+        open_reader(job_for(tmp_path, "parts", format=fmt), ["prompt"])
+    assert info.value.field == "input.format" and info.value.message == (
+        f"input.format {fmt} reads one file, and {folder} is a folder; a folder (of part files too) is read as "
+        "`datasets` reads a repository: leave input.format out (auto) or set it to hf"
+    )
+
+
 def test_a_data_file_of_another_format_is_refused_saying_how_to_read_it(tmp_path: Path, monkeypatch) -> None:
     # A .csv file was "cannot tell the input format; set input.format", and input.format hf then refused it as a
     # file, "name the file's own format (arrow, parquet, jsonl)": advice in a circle, though a folder holding the
