@@ -396,10 +396,11 @@ class KVBatchLM(TemplateLM):
         occurrence among the tokens), cut at the first stop."""
         text, think = result.text, self.think_end_token
         if isinstance(think, int):
+            # hf decodes the tokens after the id's last occurrence, or all of them, and strips the leading
+            # whitespace of every answer before it cuts at the stops: the engine's text, cut first, would keep it.
             tokens = result.completions[0].token_ids
-            if think in tokens:
-                last = len(tokens) - 1 - tokens[::-1].index(think)
-                text = self.tok_decode(tokens[last + 1 :]).lstrip()
+            last = len(tokens) - 1 - tokens[::-1].index(think) if think in tokens else -1
+            text = self.tok_decode(tokens[last + 1 :]).lstrip()
         return postprocess_generated_text(text, until, think if isinstance(think, str) else None)
 
     def _hf_generation_defaults(self) -> dict[str, Any]:

@@ -293,6 +293,41 @@ def test_thinking_args_are_read_as_hf_reads_them(model_folder: Path, tmp_path: P
         get_model("kvbatch").create_from_arg_string(f"model={folder},{args},enable_thinking=True")
 
 
+def test_a_think_end_token_id_strips_every_answer_as_hf_does(model_folder: Path, tmp_path: Path) -> None:
+    """Under a token-id think_end_token, hf decodes each answer's tokens (those after the id's last occurrence, or
+    all), strips the leading whitespace, and only then cuts at the stops. kvbatch stripped only answers that held
+    the id, and cut the others at the stops first: " w5 w43 w7" with until " w43" was " w5" where hf's was "w5"."""
+    import shutil
+
+    from lm_eval.api.instance import Instance
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "leading-space"
+    shutil.copytree(model_folder, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer._tokenizer.decoder = decoders.Replace("w", " w")  # answers decode as " w5 w6": a leading space
+    tokenizer.save_pretrained(folder)
+    rng = random.Random(12)
+    requests = [
+        Instance("generate_until", {}, (words(rng, 6), {"until": [], "max_gen_toks": 6}), idx=i) for i in range(4)
+    ]
+    hf, model = hf_and_kvbatch(folder)
+    plain = model.generate_until(requests)
+    assert plain == hf.generate_until(requests) and all(answer.startswith(" w") for answer in plain)
+    assert all(" w511" not in answer for answer in plain)  # the think_end_token below: never generated here
+    second_words = [answer.split()[1] for answer in plain]
+    cut = [
+        Instance("generate_until", {}, (r.args[0], {"until": [" " + word], "max_gen_toks": 6}), idx=r.idx)
+        for r, word in zip(requests, second_words, strict=True)
+    ]
+    hf, model = hf_and_kvbatch(folder, ",think_end_token=511")
+    got = model.generate_until(requests + cut)
+    assert got == hf.generate_until(requests + cut)
+    assert got[:4] == [answer.lstrip() for answer in plain]
+    assert got[4:] == [answer.split()[0] for answer in plain]
+
+
 def test_sampled_generations_follow_lm_evals_torch_seed_as_hf_does(model_folder: Path) -> None:
     # hf samples from torch's generator, which simple_evaluate seeds (--seed, 1234 by default) before it builds
     # the model: a sampled run gives the same answers every time. kvbatch drew a fresh seed base on each run.
