@@ -202,7 +202,10 @@ class SamplingParams:
     # range for any logit under 1e27. Smaller, a logit overflowed to inf, the probabilities became NaN, and a
     # sampled row silently drew token 0 at every step.
     repetition_penalty: float = setting(
-        1.0, "divide the logits of tokens already seen (>1 discourages)", min=REPETITION_PENALTY_MIN
+        1.0,
+        "divide the positive logits, and multiply the negative ones, of tokens in the prompt or the output so far "
+        "(>1 discourages)",
+        min=REPETITION_PENALTY_MIN,
     )
     # Samples are drawn from 63 bits of the seed: a wider one would share its samples with another. A row's noise
     # follows its seed and position alone (vLLM's per-request seed), so rows given one seed draw alike.
@@ -217,9 +220,17 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = setting((), "token ids that stop a sample, besides the model's EOS", min=0)
     # At most OpenAI's (and vLLM's server's) 128: a job's n, or one row's, must not hold every other row up.
     n: int = setting(1, "samples per prompt", min=1, max=128)
-    logprobs: bool = setting(False, "the log-probability of each chosen token")
+    logprobs: bool = setting(
+        False,
+        "the log-probability of each chosen token, of the model's own distribution: before the logit bias, "
+        "penalties, temperature and filters",
+    )
     top_logprobs: int = setting(
-        0, "the most likely tokens and their log-probabilities at each generated position", min=0, max=20
+        0,
+        "the most likely tokens and their log-probabilities at each generated position, of the distribution "
+        "logprobs reads",
+        min=0,
+        max=20,
     )
     prompt_logprobs: bool = setting(
         False, "each prompt token's log-probability given those before it (the first: none)"
@@ -242,7 +253,9 @@ class SamplingParams:
         (), "token id -> bias added to its logit (-100 to 100); a mapping, or a list of [id, bias] pairs"
     )
     bad_words: tuple[str, ...] = setting(
-        (), "words never generated (their last token is masked after the others)", no_empty_string=True
+        (),
+        "words never generated (a word's last token is masked where the output so far ends with its others)",
+        no_empty_string=True,
     )
     allowed_token_ids: tuple[int, ...] = setting((), "only these token ids may be generated; empty: all", min=0)
     include_stop_str_in_output: bool = setting(False, "keep the stop string that ended a sample in its text")
