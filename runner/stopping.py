@@ -65,7 +65,12 @@ class StopChecker:
         text = self.tokenizer.decode(tokens[start:], skip_special_tokens=True)
         min_tokens = seq.request.sampling.min_tokens
         offset = self._settled(tokens[start:min_tokens], text) if min_tokens > start else 0
-        return any(text.find(s, max(offset - len(s) + 1, 0)) >= 0 for s in seq.request.sampling.stop)
+        # A tail that begins inside a character decodes its last bytes as U+FFFD. A stop string that ends in the
+        # newest token begins after the tail's first four tokens (the four spare above): the characters they
+        # finish are passed over.
+        first = self._settled(tokens[start : start + 4], text) if start and text.startswith("\ufffd") else 0
+        done = _finished(text)
+        return any(done.find(s, max(offset - len(s) + 1, first)) >= 0 for s in seq.request.sampling.stop)
 
     def stop_reason(self, seq: Sequence) -> str | int | None:
         """What stopped a finished sequence: the stop string (the one the text is cut before), or a stop token id
@@ -132,9 +137,17 @@ class StopChecker:
         not stop the sample, so it neither cuts the text nor is its stop reason."""
         params = seq.request.sampling
         offset = self._settled(seq.output_token_ids[: params.min_tokens], text) if params.min_tokens else 0
-        found = ((text.find(s, max(offset - len(s) + 1, 0)), s) for s in params.stop)
+        done = _finished(text)  # as `check` read it: a stop string in an unfinished character did not stop it
+        found = ((done.find(s, max(offset - len(s) + 1, 0)), s) for s in params.stop)
         cuts = [(i, s) for i, s in found if i >= 0]
         return min(cuts) if cuts else None
+
+
+def _finished(text: str) -> str:
+    """`text` less the U+FFFD it ends with: the bytes of a character whose last bytes may be yet to come decode as
+    U+FFFD, so a stop string is not looked for in them (vLLM's detokenizer holds such a text back). Bytes that stay
+    broken are read once a later token decodes after them."""
+    return text.rstrip("\ufffd")
 
 
 def _lead_token(tokenizer) -> tuple[int, str] | None:

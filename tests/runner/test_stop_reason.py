@@ -145,6 +145,43 @@ def test_a_stop_character_that_ends_after_min_tokens_stops_where_it_ends(min_tok
     assert checker.stop_reason(seq) == "\N{GRINNING FACE}"
 
 
+@pytest.mark.parametrize(
+    ("text", "max_new_tokens", "want"),
+    [
+        ("\N{GRINNING FACE}\N{GRINNING FACE} ok", 11, (11, "length", "\N{GRINNING FACE}\N{GRINNING FACE} ok", None)),
+        (b"\xf0\x9f ok", 5, (3, "stop", "", "\ufffd")),  # an emoji's first two bytes, then a space: broken bytes
+        (b"\xf0\x9f", 2, (2, "length", "\ufffd", None)),  # still unfinished where the sample ends
+    ],
+)
+def test_an_unfinished_character_does_not_match_a_stop_string_of_replacement_characters(
+    text, max_new_tokens, want
+) -> None:
+    """A character split over byte tokens decodes as U+FFFD until its last byte comes, and so do the last bytes of
+    one the stop check's tail of tokens begins inside. A stop string "\ufffd" (for bytes that are no UTF-8) matched
+    those: every emoji stopped its sample after its first byte, and the text was cut where the model had written no
+    U+FFFD. The stop string now counts once the bytes before it stay broken (a later token decodes after them), as
+    vLLM's detokenizer holds back a text that ends in U+FFFD."""
+    tokenizer = byte_tokenizer()
+    checker = StopChecker(tokenizer, (EOS_ID,))
+    if isinstance(text, bytes):  # bytes that are no text: the byte tokens of a text that begins with them
+        tokens = tokenizer.encode("\N{GRINNING FACE}", add_special_tokens=False)[:2]
+        tokens += tokenizer.encode(text[2:].decode(), add_special_tokens=False)
+    else:
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+    # ignore_eos: the space's byte token is the tiny models' EOS id
+    params = SamplingParams(stop=("\ufffd",), max_new_tokens=max_new_tokens, ignore_eos=True)
+    seq = SimpleNamespace(
+        request=SimpleNamespace(sampling=params), output_token_ids=[], max_new_tokens=max_new_tokens, matcher=None
+    )
+    for token in tokens:
+        seq.output_token_ids.append(token)
+        seq.finish_reason = checker.check(seq)
+        if seq.finish_reason:
+            break
+    got = (len(seq.output_token_ids), seq.finish_reason, checker.text(seq), checker.stop_reason(seq))
+    assert got == want
+
+
 def run(tmp_path: Path, sampling: dict) -> list[dict]:
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": " ".join(f"w{t}" for t in PROMPT)}) + "\n")
     job = job_from_dict(
