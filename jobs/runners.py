@@ -7,7 +7,8 @@ A job that fails is reported and the next one runs; a signal stops the run after
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from kvbatch.errors import InterruptedJob, JobError, KvbatchError, TensorParallelLost
@@ -45,8 +46,7 @@ def run_jobs(
     """Run jobs (a loaded job file's, one, or any iterable of them) in order, sharing engines. A failed job is
     reported and the next one runs; a signal stops all. `on_outcome` hears of each job as it ends: the CLI prints
     its summary then, not after the last job."""
-    # read twice, for the plan and the run: a generator would be spent by the plan
-    jobs = list(jobs.jobs if isinstance(jobs, JobsFile) else [jobs] if isinstance(jobs, JobSpec) else jobs)
+    jobs = _job_list(jobs)
     engines = EngineCache(engine_factory)
     engines.plan(jobs)
     outcomes: list[JobOutcome] = []
@@ -92,6 +92,33 @@ def run_jobs(
             else:  # outside the try: the callback's own errors are not this job's
                 ended(done)
     return outcomes
+
+
+_TAKES = "pass a loaded job file (kvbatch.load_jobs_file), a JobSpec (kvbatch.job_from_dict) or a list of them"
+
+
+def _job_list(jobs: object) -> list[JobSpec]:
+    """The jobs, listed: read twice, for the plan and the run, a generator would be spent by the plan. Anything
+    else is refused by name here: a job file's path was read as one job per character, and failed deep in the
+    engine plan with Python's own words."""
+    if isinstance(jobs, JobsFile):
+        return list(jobs.jobs)
+    if isinstance(jobs, JobSpec):
+        return [jobs]
+    kind = next((k for t, k in _NOT_JOBS if isinstance(jobs, t)), None)
+    if kind is None and not isinstance(jobs, Iterable):
+        kind = "None" if jobs is None else f"of type {type(jobs).__name__}"
+    if kind is not None:
+        raise TypeError(f"jobs is {kind}; {_TAKES}")
+    listed = list(jobs)
+    for index, job in enumerate(listed):
+        if not isinstance(job, JobSpec):
+            raise TypeError(f"jobs[{index}] is {'None' if job is None else 'a ' + type(job).__name__}; {_TAKES}")
+    return listed
+
+
+# Iterable, or a path, but no jobs: a job file must be loaded first, a job's dict built into a JobSpec.
+_NOT_JOBS = ((str, "a string"), ((bytes, bytearray), "bytes"), (os.PathLike, "a path"), (Mapping, "a mapping"))
 
 
 def _job_runner(job: JobSpec) -> Callable[..., Summary]:

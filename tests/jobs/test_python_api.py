@@ -360,3 +360,24 @@ def test_a_pathlib_path_names_the_model_and_the_template_file(tiny_engines: Engi
     assert by_path == by_text and len(tiny_engines._engines) == 1
     with pytest.raises(SpecError, match="expected a string"):
         kvbatch.generate(["w5"], model=3)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "said"),
+    [
+        ("jobs.yaml", "jobs is a string"),
+        (Path("jobs.yaml"), "jobs is a path"),
+        ({"name": "x", "input": {"path": "in.jsonl"}}, "jobs is a mapping"),
+        ([{"name": "x", "input": {"path": "in.jsonl"}}], "jobs[0] is a dict"),
+        (None, "jobs is None"),
+    ],
+)
+def test_run_jobs_names_what_it_takes_when_given_something_else(jobs, said: str) -> None:
+    """A job file's path (a string or a Path), a job's dict or a list of dicts failed deep in the engine plan with
+    "AttributeError: 'str' object has no attribute 'engine'" (a string was read as one job per character), and
+    None with "'NoneType' object is not iterable"; the call now says what it takes, before anything runs."""
+    with pytest.raises(TypeError) as refused:
+        kvbatch.run_jobs(jobs)
+    assert str(refused.value) == (
+        f"{said}; pass a loaded job file (kvbatch.load_jobs_file), a JobSpec (kvbatch.job_from_dict) or a list of them"
+    )
