@@ -50,7 +50,7 @@ from .ray_data import GenerateBatch
 from .ray_input import RayInput, RowsSource, input_found, open_ray_input
 from .run import job_metadata, model_name
 from .signals import StopFlag
-from .spec import JobSpec, job_adapters, output_format, output_path, result_fingerprint, spec_hash
+from .spec import RAY_SHARD_REFUSAL, JobSpec, job_adapters, output_format, output_path, result_fingerprint, spec_hash
 from .summary import RunCounts, Summary, already_complete, build_summary, summary_path
 from .writer import WriteReport, make_work_dir, resume_refusal, work_dir
 
@@ -176,7 +176,7 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
 def _check(job: JobSpec) -> str:
     fmt = output_format(job)
     if job.parallel.shard is not None:
-        raise SpecError("runner: ray spreads rows over its actors; leave parallel.shard unset", field="parallel.shard")
+        raise SpecError(RAY_SHARD_REFUSAL, field="parallel.shard")
     return fmt
 
 

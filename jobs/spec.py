@@ -589,6 +589,10 @@ def unread_sampling(job: JobSpec) -> dict[str, str]:
     return unread
 
 
+# A Ray run spreads the rows over its actors itself; a shard from a Slurm array's environment reaches a job at run.
+RAY_SHARD_REFUSAL = "runner: ray spreads rows over its actors; leave parallel.shard unset"
+
+
 def validate(job: JobSpec, node: Node, loaded: bool = False, passed: set[str] | None = None) -> None:
     """Checks that involve more than one field. `loaded`, `passed`: see job_from_node."""
 
@@ -732,6 +736,11 @@ def validate(job: JobSpec, node: Node, loaded: bool = False, passed: set[str] | 
             parse_shard(job.parallel.shard)
         except SpecError as exc:
             raise at("parallel", "shard").error(exc.message) from None
+        # The job's own value. One from the command line or a Slurm array's environment is meant for the file's
+        # local jobs too: it stays on this job, which refuses it at its turn (ray_run.py), and the others run.
+        from_command_line = at("parallel", "shard").source == "command line"
+        if job.runner == "ray" and not from_command_line and own("parallel", "shard"):
+            raise at("parallel", "shard").error(RAY_SHARD_REFUSAL)
     # A row runs on an adapter its column or its OpenAI body's `model` names, else on `adapter`: without a
     # column every other adapter is loaded for no row, and the rows meant for it run on another model.
     if job.adapter_column is None and job.input.format != "openai":

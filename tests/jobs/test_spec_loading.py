@@ -352,6 +352,12 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].parallel.ray_actors",
             "is for runner: ray, and this job runs locally (runner: local)",
         ),
+        (  # refused only as the job's turn came, after the jobs before it had run (data and tensor: at load)
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    runner: ray\n    parallel: {shard: 0/2}\n",
+            ":5",
+            "jobs[0].parallel.shard",
+            "runner: ray spreads rows over its actors; leave parallel.shard unset",
+        ),
         (  # an empty path named the job file's own folder as the adapter: every row failed as bad_adapter
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    adapter: ''\n",
             ":4",
@@ -599,6 +605,14 @@ def test_bad_field_names_field_and_line(tmp_path: Path, text: str, where: str, f
     assert error.where == f"{tmp_path / 'jobs.yaml'}{where}"
     assert words in error.message
     assert str(error).startswith(f"{error.where}: {field}: ")
+
+
+def test_a_shard_from_the_command_line_stays_on_a_ray_job_for_its_run_to_refuse(tmp_path: Path) -> None:
+    """--shard (or a Slurm array task's own shard) is meant for a file's local jobs: the Ray job keeps it and refuses
+    it as its turn comes, as before its own parallel.shard was refused at load; the local jobs run their shard."""
+    text = "jobs:\n  - {name: a, input: {path: x.jsonl}, runner: ray}\n  - {name: b, input: {path: x.jsonl}}\n"
+    ray_job, local_job = load_jobs_file(write(tmp_path, text), {"parallel.shard": "0/2"}).jobs
+    assert (ray_job.parallel.shard, local_job.parallel.shard) == ("0/2", "0/2")
 
 
 def test_an_openai_input_keeps_the_body_fields_its_rows_hold(tmp_path: Path) -> None:
