@@ -43,6 +43,7 @@ from kvbatch.errors import InputError, SpecError
 
 from .arrow_io import FILE_MAGIC
 from .manifest import INPUT_KEY
+from .read_hf import folder_splits
 from .read_jsonl import count_rows_in, jsonl_rows, not_json_lines, openai_row
 from .read_parquet import rows_of_batches, with_json_decoded
 from .readers import check_columns
@@ -133,8 +134,24 @@ def _list(job: JobSpec) -> tuple[pafs.FileSystem, list[str], str]:
                     "name the split's files in input.path instead (a glob: data/test-*.parquet)",
                     field="input.split",
                 )
+            _refuse_several_splits(filesystem, root)
             paths = _folder_files(filesystem, root)
     return filesystem, paths, _kind(job, paths)
+
+
+def _refuse_several_splits(filesystem: pafs.FileSystem, root: str) -> None:
+    """A local run reads one split of a folder laid out as a dataset repository (data/train-*, data/test-*) and
+    refuses one of several without input.split; this run reads a folder's files as one input, so it would mix them.
+    Only a local folder is looked at: `datasets` reaches other filesystems through fsspec, not pyarrow."""
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return
+    splits = folder_splits(Path(root))
+    if len(splits) > 1:
+        raise SpecError(
+            f"{root} has splits {', '.join(splits)} (as `datasets` reads its files), and runner: ray reads a "
+            f"folder's files as one input; name one split's files in input.path (a glob: data/{splits[0]}-*.parquet)",
+            field="input.path",
+        )
 
 
 def _glob(filesystem: pafs.FileSystem, pattern: str) -> list[str]:

@@ -86,6 +86,20 @@ def _load_data_files(datasets, path: Path, split: str | None):
         ) from None
 
 
+def folder_splits(path: Path) -> list[str]:
+    """The splits `datasets.load_dataset(folder)` finds in a folder of data files, from their names (nothing is
+    read or converted); [] where `datasets` is not installed or finds no data files there."""
+    try:
+        import datasets
+    except ImportError:
+        return []
+    try:
+        with _offline(datasets):
+            return list(datasets.get_dataset_split_names(str(path)))
+    except Exception:  # datasets raises many types; the reader that follows says what is wrong with the files
+        return []
+
+
 def _reason(exc: BaseException) -> str:
     """The exception and the one it was raised from: `datasets` wraps a data file's own error (pyarrow's, naming
     the row) in a DatasetGenerationError that says only that one occurred."""

@@ -160,6 +160,26 @@ def test_input_split_is_refused_where_a_ray_run_would_ignore_it(tmp_path):
         open_ray_input(job(tmp_path / "own", split="test"), ["prompt"])
 
 
+def test_a_folder_of_several_splits_is_refused_as_a_local_run_refuses_it(tmp_path):
+    """A repository folder of train and test files, with no input.split, was read whole: a Ray run generated for
+    every split's rows as one input, where a local run over the same folder refuses it ("has splits train, test").
+    A folder of one split's files, or of files that name no split, is still read as it is."""
+    data = tmp_path / "repo" / "data"
+    data.mkdir(parents=True)
+    for name in ("train", "test"):
+        pq.write_table(pa.table({"prompt": [name]}), data / f"{name}-00000-of-00001.parquet")
+    with pytest.raises(SpecError) as refused:
+        open_ray_input(job(tmp_path / "repo"), ["prompt"])
+    assert refused.value.field == "input.path"
+    assert refused.value.message == (
+        f"{tmp_path / 'repo'} has splits train, test (as `datasets` reads its files), and runner: ray reads a "
+        "folder's files as one input; name one split's files in input.path (a glob: data/train-*.parquet)"
+    )
+    (data / "test-00000-of-00001.parquet").unlink()
+    assert open_ray_input(job(tmp_path / "repo"), ["prompt"]).num_rows == 1
+    assert open_ray_input(job(parquet_folder(tmp_path)), ["prompt"]).num_rows == 12
+
+
 def test_json_values_of_the_request_s_columns_are_read_as_datasets_reads_them(tmp_path):
     # As a local run reads them (test_input_readers): a `Json` message content stored as "\"hi\"" is the text hi.
     import datasets
