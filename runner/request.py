@@ -14,6 +14,12 @@ from kvbatch.runner.structured_outputs import StructuredOutputs
 FinishReason = Literal["stop", "length", "error"]
 
 
+def _refuse_text(name: str, ids: Any) -> None:
+    if isinstance(ids, str | bytes | bytearray):
+        kind = "a string" if isinstance(ids, str) else "bytes"
+        raise TypeError(f"{name} is {kind}; pass token ids (a list of int), such as the tokenizer's encode(text)")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A prompt to generate from or, with `continuations`, to score: each continuation's tokens are scored
@@ -47,6 +53,14 @@ class GenerationRequest:
         return len(self.prompt_token_ids) + sum(len(c) - 1 for c in self.continuations or ())
 
     def __post_init__(self) -> None:
+        # Iterable, but of characters or byte values: "123" would be read as the ids [1, 2, 3] without a word.
+        _refuse_text("prompt_token_ids", self.prompt_token_ids)
+        for index, continuation in enumerate(self.continuations or ()):
+            _refuse_text(f"continuations[{index}]", continuation)
+        if not isinstance(self.sampling, SamplingParams):  # a dict failed below, on an attribute it does not have
+            raise TypeError(
+                f"sampling is a {type(self.sampling).__name__}; pass a SamplingParams: SamplingParams(**fields)"
+            )
         if not isinstance(self.prompt_token_ids, list):  # a tuple or numpy array: `prompt + output` must concatenate
             object.__setattr__(self, "prompt_token_ids", [int(t) for t in self.prompt_token_ids])
         if self.continuations is not None:

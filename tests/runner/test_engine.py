@@ -514,3 +514,18 @@ def test_the_host_counts_the_time_it_waits_for_tokens(loaded, monkeypatch) -> No
     requests = [GenerationRequest(i, [5, 6, 7, 8], SamplingParams(max_new_tokens=3, ignore_eos=True)) for i in range(2)]
     assert all(r.error is None for r in engine.generate(requests))
     assert engine.stats.num_steps >= 3 and engine.stats.host_wait_s >= 0.01 * engine.stats.num_steps
+
+
+def test_a_request_of_text_or_of_a_sampling_dict_is_refused_by_name() -> None:
+    """A prompt passed as text became token ids without a word ("123" -> [1, 2, 3], b"ab" -> [97, 98]), and so did
+    a continuation; a dict of sampling fields failed inside the request with "AttributeError: 'dict' object has no
+    attribute 'truncate_prompt_tokens'". The request says what it takes."""
+    with pytest.raises(TypeError, match=r"^prompt_token_ids is a string; pass token ids \(a list of int\), "):
+        GenerationRequest(0, "123")
+    with pytest.raises(TypeError, match=r"^prompt_token_ids is bytes; pass token ids"):
+        GenerationRequest(0, b"ab")
+    with pytest.raises(TypeError, match=r"^continuations\[1\] is a string; pass token ids"):
+        GenerationRequest(0, [5], continuations=[[6], "12"])
+    with pytest.raises(TypeError, match=r"^sampling is a dict; pass a SamplingParams: SamplingParams\(\*\*fields\)$"):
+        GenerationRequest(0, [5], {"max_new_tokens": 2})
+    assert GenerationRequest(0, (5, 6), continuations=[(7,)]).prompt_token_ids == [5, 6]  # any sequence of ids
