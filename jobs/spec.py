@@ -769,6 +769,9 @@ def validate(job: JobSpec, node: Node, loaded: bool = False, passed: set[str] | 
         )
     if "\0" in job.output_dir:  # caught here, it names the file and line (output_path says it too, without them)
         raise at("output_dir").error("holds a NUL character; no folder name can")
+    for keys, value in ((("output_dir",), job.output_dir), (("output", "path"), job.output.path)):
+        if value is not None and _URI.match(value):  # caught here too, for the file and line
+            raise at(*keys).error(_uri_refusal(value))
     if job.output.path is not None:  # caught here, it names the file and line
         try:
             output_path(job)
@@ -1091,6 +1094,17 @@ def output_dir(job: JobSpec) -> Path:
     return path if path.is_absolute() else Path(job.base_dir) / path
 
 
+# A scheme, as pyarrow and fsspec read a URI: the output would land in a local folder named after it.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _uri_refusal(value: str) -> str:
+    return (
+        f"{value!r} is a URI; kvbatch writes its outputs to a folder of this machine (for runner: ray, one every "
+        "node mounts): set a local path, and copy the output to object storage after the run"
+    )
+
+
 def output_path(job: JobSpec) -> Path:
     """The output file, confined to output_dir: no absolute paths, no `..`, no symlink that leads out."""
     ext = _EXTENSION_OF[output_format(job)]
@@ -1098,6 +1112,8 @@ def output_path(job: JobSpec) -> Path:
     for field_name, value in (("output_dir", job.output_dir), ("output.path", str(relative))):
         if "\0" in value:  # os.path.realpath would raise ValueError: no file name holds one
             raise SpecError(f"{field_name} {value!r} holds a NUL character", field=field_name)
+        if _URI.match(value):  # a Path reads s3://bucket/out as the local folder s3:/bucket/out
+            raise SpecError(f"{field_name} {_uri_refusal(value)}", field=field_name)
     if relative.is_absolute() or ".." in relative.parts:
         raise SpecError(
             f"output.path {str(relative)!r} must be a relative path inside output_dir ({job.output_dir}); set "

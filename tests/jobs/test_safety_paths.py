@@ -65,6 +65,33 @@ def test_output_path_cannot_leave_output_dir(folders, path: str, message: str) -
     assert not (job / "escape.arrow").exists() and not Path("/tmp/escape.arrow").exists()
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"output_dir": "s3://bucket/out"},
+            "output_dir: 's3://bucket/out' is a URI; kvbatch writes its outputs to a folder of this machine (for "
+            "runner: ray, one every node mounts): set a local path, and copy the output to object storage after the "
+            "run",
+        ),
+        (
+            {"output": {"path": "gs://bucket/answers.arrow"}},
+            "output.path: 'gs://bucket/answers.arrow' is a URI; kvbatch writes its outputs to a folder of this "
+            "machine (for runner: ray, one every node mounts): set a local path, and copy the output to object "
+            "storage after the run",
+        ),
+    ],
+)
+def test_an_output_in_object_storage_is_refused(folders, fields: dict, message: str) -> None:
+    """An output_dir of s3://bucket/out was written to the local folder s3:/bucket/out, the job reported done and
+    nothing reached the bucket (docs/scaling.md: an output in object storage is not supported yet)."""
+    job, _ = folders
+    with pytest.raises(SpecError) as refused:  # when the job is read, before anything runs
+        run(job, **fields)
+    assert str(refused.value) == f"command line: {message}"
+    assert not (job / "s3:").exists() and not (job / "out" / "gs:").exists()
+
+
 def test_a_link_out_of_output_dir_is_refused(folders) -> None:
     job, outside = folders
     (job / "out" / "link").symlink_to(outside, target_is_directory=True)
