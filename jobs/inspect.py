@@ -46,6 +46,7 @@ class OutputReport:
 
 
 def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
+    _refuse_ray_parts(path)
     if not path.exists():
         staged = work_dir(path)
         if staged.is_dir():  # a run that has not finished: its committed rows wait in parts until it does
@@ -68,6 +69,21 @@ def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
         raise InputError(f"cannot read {path}: {exc}") from None
     raise InputError(
         f"cannot tell the format of {path.name}; kvbatch writes .arrow, .parquet, .jsonl and datasets folders"
+    )
+
+
+def _refuse_ray_parts(path: Path) -> None:
+    """A Ray run writes no output file, but a folder of Parquet parts beside it (out/answers.parquet.parts/): named
+    by the output or by the folder, say so, rather than call the run unfinished or the folder no datasets folder."""
+    from .ray_run import parts_dir  # the Ray runner's modules, only for a path that may be its output
+
+    output = path.with_name(path.name.removesuffix(".parts")) if path.name.endswith(".parts") else path
+    parts = parts_dir(output)
+    if output.exists() or not parts.is_dir():
+        return
+    raise InputError(
+        f"{output} is a Ray run's output: its rows are the Parquet files of {parts}/ (pyarrow and datasets read the "
+        f"folder as it is); `kvbatch merge {output}` writes them into {output} once the run is complete"
     )
 
 

@@ -417,6 +417,25 @@ def test_inspect_refuses_what_it_cannot_read(tmp_path: Path) -> None:
             inspect_output(tmp_path / name)
 
 
+def test_inspect_names_a_ray_runs_folder_of_parts(tmp_path: Path) -> None:
+    """A finished Ray run's output is its folder of parts: inspect said "no such output yet ... a run that has not
+    finished ... (rerun the job to finish it)", and a rerun only says "already complete"; given the folder, it said
+    the folder is no datasets save_to_disk folder. Both now name the folder and the merge that writes the file."""
+    out = tmp_path / "answers.parquet"
+    parts = tmp_path / "answers.parquet.parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"row": [0], "text": ["a"]}), parts / "part-0000-000000-x.parquet")
+    (tmp_path / ".answers.parquet.kvbatch").mkdir()
+    said = (
+        f"{out} is a Ray run's output: its rows are the Parquet files of {parts}/ (pyarrow and datasets read the "
+        f"folder as it is); `kvbatch merge {out}` writes them into {out} once the run is complete"
+    )
+    for path in (out, parts):
+        with pytest.raises(InputError) as refused:
+            inspect_output(path)
+        assert str(refused.value) == said
+
+
 def test_plan_counts_each_row_n_times(tmp_path: Path) -> None:
     """With n samples a row holds n sequences: prompt once (shared by the prefix cache) plus n outputs."""
     prompts = write_input(tmp_path)
