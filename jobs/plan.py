@@ -30,6 +30,7 @@ from kvbatch.jobs.spec import (
     check_job_adapter,
     check_job_constraint,
     check_token_ids,
+    named_where_written,
     output_path,
 )
 from kvbatch.runner.admission import AdmissionLimits, never_fits
@@ -144,12 +145,13 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     if reader.columns is None:  # a run stops on a prompt column none of the first rows has: so does its plan
         reader.rows = checked_first_rows(job, reader.rows)
     sizing = model_sizing(job, engines)
-    check_chat_template(job, sizing.tokenizer)  # a run stops on template settings no template reads: so does its plan
-    check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
     constraints = _Constraints(sizing)
-    check_job_constraint(job, constraints.problem)  # and on the job's own constraint, when no row may begin it
-    adapters = adapter_problems(job, engines)
-    check_job_adapter(job, lambda name: adapters.get(name, f"adapter {name!r} is not registered"))  # and its adapter
+    with named_where_written(job):  # each refusal names the line of the job file, as a run's does
+        check_chat_template(job, sizing.tokenizer)  # a run stops on settings no template reads: so does its plan
+        check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
+        check_job_constraint(job, constraints.problem)  # and on the job's own constraint, when no row may begin it
+        adapters = adapter_problems(job, engines)
+        check_job_adapter(job, lambda name: adapters.get(name, f"adapter {name!r} is not registered"))  # its adapter
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool
     limits = AdmissionLimits(

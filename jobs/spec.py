@@ -7,6 +7,7 @@ Computed values (resolved paths, output format) are returned by functions here, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,7 +15,7 @@ import os
 import re
 import string
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -240,10 +241,27 @@ class JobSpec:
     # meant for the file's other jobs is passed over where this job does not read it, beyond the load's own checks
     # (a row's sampling_column value, template values for a model without a template).
     from_defaults: tuple[str, ...] = setting((), "fields taken from `defaults:` (set by the loader)", internal=True)
+    # Where the job file gave each field (dotted -> "jobs.yaml:7", "command line" for --set), set by the loader: a
+    # refusal made once the model is loaded (check_job_on_engine) names the line as the load's do. Not part of the
+    # spec: spec_dict leaves it out (an output's spec does not change with the file's layout) and jobs compare
+    # without it.
+    written_at: tuple[tuple[str, str], ...] = field(
+        default=(), compare=False, repr=False, metadata={"doc": "where each field was written", "internal": True}
+    )
 
     def takes_from_defaults(self, name: str) -> bool:
         """Whether field `name` (dotted) has its value from the file's `defaults:`, itself or a mapping above it."""
         return any(name == f or name.startswith(f"{f}.") for f in self.from_defaults)
+
+    def where_written(self, name: str) -> str | None:
+        """Where field `name` (dotted) was written, else the nearest mapping above it (a field left at its default,
+        a value inside a constraint); None for a job built in Python."""
+        written = dict(self.written_at)
+        while name:
+            if name in written:
+                return written[name]
+            name = name.rpartition(".")[0]
+        return None
 
     @property
     def is_scoring(self) -> bool:
@@ -331,6 +349,11 @@ def load_jobs_file(
     # A --set value a selected job does not read (a temperature on a scoring job beside generating ones) is meant
     # for the others, as a value from `defaults:` is: passed over there, and refused where every job passes it over.
     passed_over: list[tuple[Node, set[str]]] = []
+
+    def build_job(node: Node, passed: set[str] | None = None) -> JobSpec:
+        job = job_from_node(node, base_dir=base_dir, passed=passed)
+        return dataclasses.replace(job, written_at=tuple(_written_at(node)))
+
     for job_node in jobs_node.value:
         if not isinstance(job_node.value, dict):
             raise job_node.error("each job must be a mapping with at least `name` and `input`")
@@ -338,9 +361,9 @@ def load_jobs_file(
         name = job_node.value.get("name")
         if not select or (name is not None and name.value in select):
             passed: set[str] = set()
-            job = job_from_node(over(merged, override_node), base_dir=base_dir, passed=passed)
+            job = build_job(over(merged, override_node), passed)
             if passed:  # the job as the file gives it there: its spec (and resume) untouched by values it drops
-                job = job_from_node(over(merged, _without(override_node, passed)), base_dir=base_dir)
+                job = build_job(over(merged, _without(override_node, passed)))
             jobs.append(job)
             passed_over.append((merged, passed))
             continue
@@ -348,11 +371,11 @@ def load_jobs_file(
         # temperature on a scoring job) and stop the file. Yet a file may leave to it what every job needs (the
         # input path): such a job is taken as --set completes it, and fails the file only where neither loads.
         try:
-            jobs.append(job_from_node(merged, base_dir=base_dir))
+            jobs.append(build_job(merged))
         except SpecError:
             if not override_node.value:
                 raise
-            jobs.append(job_from_node(over(merged, override_node), base_dir=base_dir))
+            jobs.append(build_job(over(merged, override_node)))
     if passed_over and set.intersection(*(passed for _, passed in passed_over)):
         # No job that runs reads it: refused as each job refuses its own, naming the field.
         job_from_node(over(next(m for m, passed in passed_over if passed), override_node), base_dir=base_dir)
@@ -484,6 +507,18 @@ def _from_defaults(node: Node, prefix: str = "") -> list[str]:
                 found.append(name)
             else:
                 found.extend(_from_defaults(child, name))
+    return found
+
+
+def _written_at(node: Node, prefix: str = "") -> list[tuple[str, str]]:
+    """Each dotted field of a job's merged node (its mappings' keys, at any depth) with where it was written."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node.value, dict):
+        for key, child in node.value.items():
+            name = child_path(prefix, key)
+            if child.where is not None:
+                found.append((name, child.where))
+            found.extend(_written_at(child, name))
     return found
 
 
@@ -960,10 +995,24 @@ def check_job_adapter(job: JobSpec, problem: Callable[[str], str | None]) -> Non
 def check_job_on_engine(job: JobSpec, engine: GenerationEngine) -> None:
     """The checks a job passes once its model is loaded, before any row (a run, the Python API, a Ray Data batch;
     a plan makes the same ones from its sizing): what every row would fail on stops the job instead."""
-    check_chat_template(job, engine.tokenizer)
-    check_token_ids(job, engine.vocab_size)
-    check_job_constraint(job, engine.constraint_problem)
-    check_job_adapter(job, engine.adapter_problem)
+    with named_where_written(job):
+        check_chat_template(job, engine.tokenizer)
+        check_token_ids(job, engine.vocab_size)
+        check_job_constraint(job, engine.constraint_problem)
+        check_job_adapter(job, engine.adapter_problem)
+
+
+@contextlib.contextmanager
+def named_where_written(job: JobSpec) -> Iterator[None]:
+    """A SpecError about a field of `job` raised within names where the job file (or --set) gave the field, as the
+    load's refusals do; raised where the job was built in Python, it stays as it is."""
+    try:
+        yield
+    except SpecError as exc:
+        where = job.where_written(exc.field) if exc.field and exc.where is None else None
+        if where is None:
+            raise
+        raise SpecError(exc.message, field=exc.field, where=where) from None
 
 
 RESERVED_COLUMNS = (
@@ -1264,6 +1313,7 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
 
 def spec_dict(job: JobSpec) -> dict[str, Any]:
     data = _jsonable(job)
+    del data["written_at"]  # where the file gave each field: its layout, not the job
     # The folder the job's relative paths are read from now: a Python job's "." (the working folder) loaded back
     # from another would read that folder's files.
     data["base_dir"] = os.path.abspath(job.base_dir)

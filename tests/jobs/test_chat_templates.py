@@ -643,14 +643,15 @@ def test_the_fingerprint_holds_the_template_text_and_the_task(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "field, value",
-    [("tools_column", "tools"), ("chat_template_kwargs", {"enable_thinking": False}),
-     ("chat_template_kwargs_column", "options")],
+    "field, value, line",
+    [("tools_column", "tools", 11), ("chat_template_kwargs", {"enable_thinking": False}, 10),
+     ("chat_template_kwargs_column", "options", 10)],
 )  # fmt: skip
-def test_template_values_for_a_model_without_a_template_stop_the_job(tmp_path, field, value) -> None:
+def test_template_values_for_a_model_without_a_template_stop_the_job(tmp_path, field, value, line) -> None:
     """A tokenizer without a chat template gets the raw text (messages joined by blank lines), and the job's tools
     and template values were dropped without a word: every row ran, none with its tools. They stop the job and its
-    plan before any row runs, as beside prompt.chat_template: false; the job's own template file takes them."""
+    plan before any row runs, as beside prompt.chat_template: false; the job's own template file takes them. The
+    refusal names the job file's line of the value (it named the field alone), or the command line for --set."""
     import yaml
     from reliability_helpers import read_output
     from tiny_models import tiny_model, word_tokenizer
@@ -685,13 +686,22 @@ def test_template_values_for_a_model_without_a_template_stop_the_job(tmp_path, f
 
     ran = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--quiet"])
     assert ran.exit_code == 2, ran.output
-    assert f"kvbatch: job none failed: {refusal}\n" in ran.stderr
+    own = f"{tmp_path / 'jobs.yaml'}:{line}: {refusal}"
+    assert f"kvbatch: job none failed: {own}\n" in ran.stderr
     assert not (tmp_path / "out" / "none.arrow").exists()
     (done,) = read_output(tmp_path / "out" / "file.arrow")
     assert (done["error"], done["prompt_tokens"]) == (None, 3)  # w5 w6, then w7 or w8
 
     planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "jobs.yaml"), "--job", "none"])
-    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job none: {refusal}\n")
+    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job none: {own}\n")
+
+    bare = {"name": "bare", "prompt": {"messages_column": "messages"}, **common}
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump({"jobs": [bare]}))
+    given = ["--set", f"prompt.{field}={json.dumps(value)}"]
+    ran = CliRunner().invoke(cli.app, ["run", str(tmp_path / "bare.yaml"), "--quiet", *given])
+    assert (ran.exit_code, ran.stderr) == (2, f"kvbatch: job bare failed: command line: {refusal}\n")
+    planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "bare.yaml"), *given])
+    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job bare: command line: {refusal}\n")
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["raw-text", "chat"])

@@ -16,7 +16,7 @@ from kvbatch.jobs.inspect import inspect_output
 from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.runners import run_jobs
-from kvbatch.jobs.spec import job_from_dict
+from kvbatch.jobs.spec import job_from_dict, load_jobs_file
 
 TOKENIZER = FakeTokenizer()
 
@@ -249,6 +249,28 @@ def test_a_jobs_own_constraint_no_token_may_begin_stops_the_job_once(tmp_path: P
             attempt(spec, EngineCache())
         assert str(raised.value) == message and raised.value.exit_code == 2
     assert not (tmp_path / "out" / "out.jsonl").exists()
+    # From a job file the refusal names where the constraint was written, as the load's do (it named the field
+    # alone): the job's line, the line in `defaults:`, the command line for --set.
+    lines = [
+        "defaults:",
+        f"  model: {json.dumps(str(folder))}",
+        "  engine: {device: cpu, kv_cache_gib: 0.001, block_size: 8}",
+        "  sampling: {max_new_tokens: 4, structured_outputs: {json_object: true}}",
+        "jobs:",
+        "  - name: own",
+        "    input: {path: in.jsonl}",
+        "    sampling: {structured_outputs: {json_object: true}}",
+        "  - {name: dflt, input: {path: in.jsonl}}",
+        "  - {name: given, input: {path: in.jsonl}, sampling: {structured_outputs: null}}",
+    ]
+    (tmp_path / "jobs.yaml").write_text("\n".join(lines) + "\n")
+    loaded = load_jobs_file(tmp_path / "jobs.yaml", {"sampling.structured_outputs": {"json_object": True}}, ["given"])
+    path = tmp_path / "jobs.yaml"
+    for spec, where in zip(loaded.jobs, (f"{path}:8", f"{path}:4", "command line")):
+        for attempt in (plan_job, run_job):
+            with pytest.raises(SpecError) as raised:
+                attempt(spec, EngineCache())
+            assert str(raised.value) == f"{where}: {message}", spec.name
 
 
 def test_plan_refuses_an_output_path_the_run_refuses(tmp_path: Path) -> None:

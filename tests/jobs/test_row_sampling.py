@@ -315,7 +315,10 @@ def test_token_ids_outside_the_vocabulary_stop_a_job_of_its_own_and_fail_a_row_o
     tmp_path, field, value, row_value
 ) -> None:
     """The tiny model's vocabulary is 512 ids. A job's own value would fail every row (each was an error row and the
-    job exited 0): it stops the job before any row runs, as a bad setting does; a row's own value fails that row."""
+    job exited 0): it stops the job before any row runs, as a bad setting does; a row's own value fails that row.
+    The refusal, made once the model is loaded, named the field alone (`sampling.stop_token_ids: ...`): it names
+    where the value was written, as the load's refusals do: the job's line, the line in `defaults:`, or the command
+    line for --set, in the run and in its plan."""
     import json
 
     import yaml
@@ -329,19 +332,43 @@ def test_token_ids_outside_the_vocabulary_stop_a_job_of_its_own_and_fail_a_row_o
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     rows = [{"prompt": prompts[0], field: row_value}, {"prompt": prompts[1]}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = {"model": model, "prompt": {"chat_template": False}, "engine": {"device": "cpu", "kv_cache_gib": 0.001}}
-    jobs = [
-        {"name": "own", "input": {"path": "in.jsonl"}, "sampling": {"max_new_tokens": 2, field: value}, **common},
-        {"name": "rows", "input": {"path": "rows.jsonl"}, "sampling": {"max_new_tokens": 2},
-         "sampling_columns": [field], **common},
-    ]  # fmt: skip
-    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump({"jobs": jobs}))
+    common = f"""defaults:
+  model: {json.dumps(model)}
+  prompt: {{chat_template: false}}
+  engine: {{device: cpu, kv_cache_gib: 0.001}}
+"""
+    flow = yaml.safe_dump(value, default_flow_style=True).strip()  # [5, 519], {519: 2.0}
+    (tmp_path / "jobs.yaml").write_text(
+        common
+        + f"""jobs:
+  - name: own
+    input: {{path: in.jsonl}}
+    sampling:
+      max_new_tokens: 2
+      {field}: {flow}
+  - name: rows
+    input: {{path: rows.jsonl}}
+    sampling: {{max_new_tokens: 2}}
+    sampling_columns: [{field}]
+"""
+    )
+    (tmp_path / "defaults.yaml").write_text(
+        common
+        + f"""  sampling:
+    {field}: {flow}
+jobs:
+  - name: dflt
+    input: {{path: in.jsonl}}
+    sampling: {{max_new_tokens: 2}}
+"""
+    )
     bad = [519] if field != "allowed_token_ids" else [512]
     refusal = f"sampling.{field}: token ids {bad} are outside the model's vocabulary of 512 tokens (ids 0 to 511)"
+    own = f"{tmp_path / 'jobs.yaml'}:10: {refusal}"
 
     ran = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--quiet"])
     assert ran.exit_code == 2, ran.output
-    assert f"kvbatch: job own failed: {refusal}\n" in ran.stderr
+    assert f"kvbatch: job own failed: {own}\n" in ran.stderr
     assert not (tmp_path / "out" / "own.arrow").exists()
     got = read_output(tmp_path / "out" / "rows.arrow")
     assert [(r["error_kind"], r["error"]) for r in got] == [
@@ -351,7 +378,19 @@ def test_token_ids_outside_the_vocabulary_stop_a_job_of_its_own_and_fail_a_row_o
 
     planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "jobs.yaml"), "--job", "own"])
     # The plan named the field alone, not the job whose sampling names them
-    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job own: {refusal}\n")
+    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job own: {own}\n")
+
+    from_defaults = f"{tmp_path / 'defaults.yaml'}:6: {refusal}"
+    ran = CliRunner().invoke(cli.app, ["run", str(tmp_path / "defaults.yaml"), "--quiet"])
+    assert (ran.exit_code, ran.stderr) == (2, f"kvbatch: job dflt failed: {from_defaults}\n")
+    planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "defaults.yaml")])
+    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job dflt: {from_defaults}\n")
+
+    given = ["--job", "own", "--set", f"sampling.{field}={flow}"]
+    ran = CliRunner().invoke(cli.app, ["run", str(tmp_path / "jobs.yaml"), "--quiet", *given])
+    assert (ran.exit_code, ran.stderr) == (2, f"kvbatch: job own failed: command line: {refusal}\n")
+    planned = CliRunner().invoke(cli.app, ["plan", str(tmp_path / "jobs.yaml"), *given])
+    assert (planned.exit_code, planned.stderr) == (2, f"kvbatch: error: job own: command line: {refusal}\n")
 
 
 def test_a_rows_sampling_value_its_job_never_reads_is_that_rows_error(tmp_path) -> None:

@@ -18,7 +18,7 @@ from kvbatch.jobs.merge import merge_shards
 from kvbatch.jobs.plan import plan_job
 from kvbatch.jobs.run import EngineCache
 from kvbatch.jobs.runners import run_jobs
-from kvbatch.jobs.spec import job_from_dict
+from kvbatch.jobs.spec import job_from_dict, load_jobs_file
 from kvbatch.runner.engine import Engine, EngineConfig
 
 MAX_NEW = 8
@@ -216,6 +216,32 @@ def test_a_jobs_own_adapter_that_cannot_run_stops_the_job(adapter_paths, tmp_pat
         with pytest.raises(SpecError) as planned:
             plan_job(job, EngineCache(factory))
         assert planned.value.message == outcome.error.message
+        assert outcome.error.where is None and planned.value.where is None  # no file to name
+
+    # From a job file, the refusal names where the adapter was written (it named the field alone): the job's line,
+    # the line in `defaults:`, the command line for --set; in the run and in its plan.
+    lines = [
+        "defaults:",
+        "  adapter: zzz",
+        "  model: tiny",
+        "  prompt: {chat_template: false}",
+        "  engine: {device: cpu, block_size: 4, num_blocks_override: 128}",
+        "jobs:",
+        "  - {name: own, input: {path: in.jsonl}, adapter: empty}",
+        "  - {name: dflt, input: {path: in.jsonl}}",
+    ]
+    (tmp_path / "jobs.yaml").write_text("\n".join(lines) + "\n")
+    own, dflt = load_jobs_file(tmp_path / "jobs.yaml").jobs
+    (given,) = load_jobs_file(tmp_path / "jobs.yaml", {"adapter": "zzz"}, ["own"]).select(["own"])
+    for job, where in ((own, f"{tmp_path / 'jobs.yaml'}:7"), (dflt, f"{tmp_path / 'jobs.yaml'}:2"),
+                       (given, "command line")):  # fmt: skip
+        (outcome,) = run_jobs([job], engine_factory=factory)
+        assert isinstance(outcome.error, SpecError), outcome.error
+        assert (outcome.error.where, outcome.error.field) == (where, "adapter")
+        assert outcome.error.message.endswith("; no row without an adapter of its own could run")
+        with pytest.raises(SpecError) as planned:
+            plan_job(job, EngineCache(factory))
+        assert (planned.value.where, planned.value.message) == (where, outcome.error.message)
 
 
 def test_a_ray_data_batch_serves_the_adapters_its_rows_name(adapter_paths) -> None:
