@@ -97,11 +97,28 @@ def _readable_by_all(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+def gguf_bars_follow_transformers() -> None:
+    """Send the bar of transformers' GGUF reader through transformers' own progress-bar switch.
+
+    The reader draws "Converting and de-quantizing GGUF tensors" with tqdm directly, past the switch
+    (`transformers.utils.logging.disable_progress_bar`) that its other loading bars obey and that kvbatch turns off
+    outside -v: every load of a .gguf model, and the default model's first conversion, wrote that bar into the
+    job's progress, a log's lines and --quiet's output. transformers' switchable tqdm takes the same arguments."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils
+    except ImportError:  # a transformers that moved its GGUF reader: nothing of ours to route
+        return
+    modeling_gguf_pytorch_utils.tqdm = hf_logging.tqdm
+
+
 def _convert(source: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting the default model %s once into %s (about 20 s)", source.name, target)
+    gguf_bars_follow_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)

@@ -24,7 +24,7 @@ from kvbatch.errors import ContextLengthError, ModelLoadError
 
 from . import attention_hook
 from .cpu_linear import use_onednn_linears
-from .default_model import default_model_path
+from .default_model import default_model_path, gguf_bars_follow_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +326,8 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, kwargs = source_kwargs(name, allow_download)
+    if "gguf_file" in kwargs:
+        gguf_bars_follow_transformers()
     # A hub name already in the cache is held to the same rules as a folder, before transformers reads it.
     folder = (
         Path(source) if Path(source).is_dir() else cached_snapshot(source) if kwargs.get("local_files_only") else None

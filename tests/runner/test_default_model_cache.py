@@ -69,3 +69,45 @@ def test_no_home_folder_names_kvbatch_cache(monkeypatch: pytest.MonkeyPatch) -> 
         "writable folder",
     ):
         default_model_path()
+
+
+class _Routed(Exception):
+    """Raised where a GGUF load routes transformers' GGUF bar, to stop it before it reads the file."""
+
+
+def test_reading_a_gguf_file_draws_no_bar_while_transformers_bars_are_off(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """transformers' GGUF reader drew its "Converting and de-quantizing GGUF tensors" bar with tqdm itself, past the
+    switch that kvbatch turns transformers' loading bars off with outside -v: the default model's first conversion
+    and every run of a .gguf model wrote it into logs and under --quiet. The reader's bar follows that switch now,
+    both ways, and both loads route it before reading the file."""
+    from transformers import modeling_gguf_pytorch_utils
+    from transformers.utils import logging as hf_logging
+
+    from kvbatch.runner import model_loader
+
+    bar = "Converting and de-quantizing GGUF tensors"
+    monkeypatch.setattr(modeling_gguf_pytorch_utils, "tqdm", modeling_gguf_pytorch_utils.tqdm)  # restored after
+    default_model.gguf_bars_follow_transformers()
+    was_on = hf_logging.is_progress_bar_enabled()
+    try:
+        for enabled in (False, True):  # outside -v, then -v
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+            capfd.readouterr()
+            assert list(modeling_gguf_pytorch_utils.tqdm(range(3), desc=bar)) == [0, 1, 2]
+            assert (bar in capfd.readouterr().err) is enabled
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+
+    def routed() -> None:
+        raise _Routed
+
+    monkeypatch.setattr(model_loader, "gguf_bars_follow_transformers", routed)
+    monkeypatch.setattr(default_model, "gguf_bars_follow_transformers", routed)
+    for load in (
+        lambda: model_loader.load_model(str(default_model.gguf_path()), device="cpu"),
+        lambda: default_model._convert(default_model.gguf_path(), Path("unused")),
+    ):
+        with pytest.raises(_Routed):
+            load()
