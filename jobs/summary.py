@@ -138,7 +138,7 @@ def build_summary(
     generating_s = elapsed_s - load_s
     return Summary(
         job,
-        str(output),
+        str(Path(output).absolute()),  # read from any folder (a merge is given the path as typed); shown relative
         rows=report.num_rows,
         rows_ok=report.num_rows - num_errors,
         rows_error=num_errors,

@@ -172,6 +172,18 @@ def test_merge_joins_shards_in_input_order(tmp_path, fmt):
     )
 
 
+def test_merged_summary_names_its_output_by_an_absolute_path_as_a_runs_does(tmp_path, monkeypatch):
+    """`kvbatch merge out/answers.arrow` wrote the path as typed into the summary's `output`, relative to the
+    merge's working folder, where a run's summary names its output absolutely: a cron step reading the summary
+    from another folder found no file there."""
+    out = tmp_path / "out" / "answers.arrow"
+    for i in range(2):
+        _write_shard(out, Shard(i, 2))
+    monkeypatch.chdir(tmp_path)
+    assert merge_shards(Path("out/answers.arrow")).num_rows == NUM_ROWS
+    assert json.loads(summary_path(out).read_text())["output"] == str(out)
+
+
 def test_shard_writer_refuses_a_shard_with_rows_missing(tmp_path):
     path = Shard(1, 3).output_path(tmp_path / "a.arrow")
     with pytest.raises(JobError, match=r"shard 1/3: 1 of its rows have no result \(first: \[4\]\)"):
