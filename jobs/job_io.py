@@ -126,8 +126,9 @@ class JobIO:
 
 
 def checked_first_rows(job: JobSpec, rows: Iterator[Row]) -> Iterator[Row]:
-    """`rows` of an input without a schema (JSONL), after checking that one of the first has each prompt column
-    and each per-row settings column (jobs/first_rows.py); OpenAI Batch lines are checked line by line instead."""
+    """`rows` of an input without a schema (JSONL), after checking that one of the first has each prompt column,
+    each per-row settings column, the id column and each kept column (jobs/first_rows.py); OpenAI Batch lines are
+    checked line by line instead."""
     if input_format(job) == "openai":
         return rows
     pspec = prompt_spec(job)
@@ -141,6 +142,12 @@ def checked_first_rows(job: JobSpec, rows: Iterator[Row]) -> Iterator[Row]:
             columns.setdefault(getattr(job, name), name)
     for column in job.sampling_columns:
         columns.setdefault(column, "sampling_columns")
+    # The id and kept columns too, as a Parquet input's schema checks them: a typo made every row a
+    # `missing_column` error, or wrote a kept column of nulls.
+    if job.id_column is not None:
+        columns.setdefault(job.id_column, "id_column")
+    for column in job.keep_columns:
+        columns.setdefault(column, "keep_columns")
     return check_first_rows(rows, columns)
 
 

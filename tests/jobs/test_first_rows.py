@@ -151,3 +151,31 @@ def test_a_rows_sampling_or_constraint_column_no_first_row_has_is_a_typo(tmp_pat
     assert isinstance(outcome.error, SpecError) and outcome.error.field == field
     assert f"none of the first 2 rows has the column {column}" in str(outcome.error)
     assert factory.engines == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "column"),
+    [
+        ({"id_column": "idd"}, "id_column", "'idd'"),
+        ({"keep_columns": ["id", "topik"]}, "keep_columns", "'topik'"),
+    ],
+)
+def test_an_id_or_kept_column_no_first_row_has_is_a_typo(tmp_path, fields, field, column) -> None:
+    """A JSONL input has no schema to check them against, as a Parquet one has: a misspelt --id-column loaded the
+    model and made every row a `missing_column` error, a misspelt --keep-column wrote a column of nulls without a
+    word. Both stop the job before the model loads now, naming the columns the rows have, as on Parquet."""
+    spec = job_from_dict(
+        {"name": "j", "input": {"path": "in.jsonl"}, "output_dir": "out", **fields}, base_dir=str(tmp_path)
+    )
+    write(tmp_path / "in.jsonl", [{"prompt": "a", "id": 1}, {"prompt": "b", "id": 2, "topic": "t"}])
+    factory = fake_factory()
+    [outcome] = run_jobs([spec], engine_factory=factory)
+    assert isinstance(outcome.error, SpecError) and outcome.error.field == field
+    assert f"none of the first 2 rows has the column {column}; the rows have 'prompt', 'id', 'topic'" in str(
+        outcome.error
+    )
+    assert factory.engines == []
+    # A kept column that only some rows have is no typo: the others keep a null, as before.
+    write(tmp_path / "in.jsonl", [{"prompt": "a", "id": 1}, {"prompt": "b", "id": 2, "topik": "t", "idd": 3}])
+    [outcome] = run_jobs([spec], engine_factory=fake_factory())
+    assert outcome.error is None, outcome.error
