@@ -61,9 +61,19 @@ def _one_of(choices: tuple[str, ...]):
     return check
 
 
+def _output_file(path: Path | None) -> Path | None:
+    """An option callback for a file the bench writes after its run (--json, --trace): one in a folder that does not
+    exist, or a folder itself, is a usage error (exit 2) before the run, not an OSError (exit 1) after all of it."""
+    if path is not None and (path.is_dir() or not path.parent.is_dir()):
+        raise typer.BadParameter(f"{path} is a folder" if path.is_dir() else f"its folder {path.parent} does not exist")
+    return path
+
+
 ShapeOpt = Annotated[str, typer.Option(help=f"Model shape: {', '.join(SHAPES)}.", callback=_one_of(tuple(SHAPES)))]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Append the result lines to this file.")]
+JsonOpt = Annotated[
+    Path | None, typer.Option("--json", help="Append the result lines to this file.", callback=_output_file)
+]
 
 
 # Where a benchmark's engine differs from EngineConfig's defaults: every workload's prompts may run at once.
@@ -216,7 +226,9 @@ def throughput(
     profile: Annotated[
         bool, typer.Option(help="Then run again under torch.profiler: device time by phase and kernel kind.")
     ] = False,
-    trace: Annotated[Path | None, typer.Option(help="With --profile: write the gzipped chrome trace here.")] = None,
+    trace: Annotated[
+        Path | None, typer.Option(help="With --profile: write the gzipped chrome trace here.", callback=_output_file)
+    ] = None,
     timing: Annotated[
         bool, typer.Option(help="Time each engine phase (synchronising around each; slower overall).")
     ] = False,

@@ -365,6 +365,22 @@ def test_throughput_engine_settings_are_checked_against_the_engine_config():
     }  # fmt: skip
 
 
+def test_a_result_file_that_cannot_be_written_is_refused_before_the_run(tmp_path):
+    """`--json results/x.jsonl` in a folder that did not exist ran the whole benchmark (hours of GPU time), then
+    failed writing the record: exit 1 and a bare errno message. --trace, written after the profiled run, too."""
+    args = ["bench", "throughput", "--shape", "tiny", "--num-prompts", "2", "--device", "cpu"]
+    for option, value, words in (
+        ("--json", tmp_path / "results" / "x.jsonl", "does not exist"),
+        ("--json", tmp_path, "is a folder"),
+        ("--trace", tmp_path / "traces" / "t.json.gz", "does not exist"),
+    ):
+        result = CliRunner().invoke(app, [*args, "--profile", option, str(value)])
+        assert result.exit_code == 2, result.output
+        flat = "".join(c for c in result.output if not c.isspace() and c != "│")  # the error box wraps long paths
+        assert f"Invalidvaluefor'{option}'" in flat and "".join(words.split()) in flat, result.output
+        assert '"runner": "kvbatch"' not in result.output  # nothing ran
+
+
 def _kernel(name: str, ts: float, dur: float, correlation: int) -> dict:
     return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
 
@@ -597,7 +613,7 @@ def test_what_the_bench_cannot_use_ends_it_with_a_message_not_a_traceback(tmp_pa
     cases = [
         (["--device", "tpu"], "kvbatch: error: "),
         (["--tokenizer", str(tmp_path / "nope")], "kvbatch: error: "),
-        (["--json", str(tmp_path)], "kvbatch: error: "),
+        (["--json", str(tmp_path)], "Invalid value for '--json'"),  # before the run, as a usage error
         (["--set", "seed=2001-02-30"], "is not a YAML value"),
         (["--compare", "xyz"], "'xyz' is none of hf"),
     ]
