@@ -15,7 +15,7 @@ from kvbatch.errors import InputError, OutputError
 
 from .arrow_io import read_arrow
 from .nano_time import python_rows
-from .writer import work_dir
+from .writer import parts_dir, work_dir
 
 
 @dataclass
@@ -75,8 +75,6 @@ def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
 def _refuse_ray_parts(path: Path) -> None:
     """A Ray run writes no output file, but a folder of Parquet parts beside it (out/answers.parquet.parts/): named
     by the output or by the folder, say so, rather than call the run unfinished or the folder no datasets folder."""
-    from .ray_run import parts_dir  # the Ray runner's modules, only for a path that may be its output
-
     output = path.with_name(path.name.removesuffix(".parts")) if path.name.endswith(".parts") else path
     parts = parts_dir(output)
     if output.exists() or not parts.is_dir():

@@ -24,8 +24,8 @@ from kvbatch.errors import MergeError
 from .assemble import count_by, unify, write_output
 from .manifest import Manifest
 from .merge import MergeReport, _row_problems
-from .ray_run import part_files, parts_dir, provenance_path
-from .writer import work_dir
+from .ray_run import part_files, provenance_path
+from .writer import parts_dir, work_dir
 
 log = logging.getLogger(__name__)
 

@@ -52,17 +52,12 @@ from .run import job_metadata, model_name
 from .signals import StopFlag
 from .spec import RAY_SHARD_REFUSAL, JobSpec, job_adapters, output_format, output_path, result_fingerprint, spec_hash
 from .summary import RunCounts, Summary, already_complete, build_summary, summary_path
-from .writer import WriteReport, make_work_dir, resume_refusal, work_dir
+from .writer import WriteReport, make_work_dir, parts_dir, resume_refusal, work_dir
 
 log = logging.getLogger(__name__)
 # Parts are Parquet whatever the output format: Ray's JSON lines writer goes through pandas, which turns an integer
 # column holding a null (prompt_tokens of an error row) into floats (12.0). `kvbatch merge` writes the job's format.
 PART_EXTENSIONS = ("parquet",)
-
-
-def parts_dir(output: Path) -> Path:
-    """The folder a Ray run writes: out/answers.parquet -> out/answers.parquet.parts/."""
-    return output.with_name(output.name + ".parts")
 
 
 def provenance_path(output: Path) -> Path:

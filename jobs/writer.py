@@ -53,6 +53,11 @@ def work_dir(output: Path) -> Path:
     return output.with_name(f".{output.name}.kvbatch")
 
 
+def parts_dir(output: Path) -> Path:
+    """The folder a Ray run writes: out/answers.parquet -> out/answers.parquet.parts/."""
+    return output.with_name(output.name + ".parts")
+
+
 def make_work_dir(output: Path) -> Path:
     """The output's work folder (its lock, manifest and parts), created; refused where it is a symbolic link, as what
     is written there would land wherever the link points, outside output_dir."""

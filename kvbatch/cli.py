@@ -350,8 +350,8 @@ def merge(
     list, if rows are missing or twice."""
     from kvbatch.jobs.merge import merge_shards
     from kvbatch.jobs.merge_parts import merge_parts
-    from kvbatch.jobs.ray_run import parts_dir
     from kvbatch.jobs.spec import output_path
+    from kvbatch.jobs.writer import parts_dir
 
     with _errors():
         if target.suffix in (".yaml", ".yml"):
