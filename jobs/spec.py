@@ -799,7 +799,8 @@ def validate(job: JobSpec, node: Node, loaded: bool = False, passed: set[str] | 
                     "is for runner: ray, and this job runs locally (runner: local); set runner: ray (or --ray-address)"
                 )
     if job.runner == "ray" and (job.parallel.data > 1 or job.parallel.tensor > 1):
-        raise at("runner").error(
+        # named by the value to change: the runner is the point of the job, the engine count is what is wrong
+        raise at("parallel", "data" if job.parallel.data > 1 else "tensor").error(
             "with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor"
         )
     if "\0" in job.output_dir:  # caught here, it names the file and line (output_path says it too, without them)

@@ -358,6 +358,19 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "jobs[0].parallel.shard",
             "runner: ray spreads rows over its actors; leave parallel.shard unset",
         ),
+        (  # refused naming `runner` at its line: the value to change is parallel.data's, lines below
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    runner: ray\n    parallel:\n"
+            "      ray_actors: 2\n      data: 2\n",
+            ":7",
+            "jobs[0].parallel.data",
+            "with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor",
+        ),
+        (
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    runner: ray\n    parallel:\n      tensor: 2\n",
+            ":6",
+            "jobs[0].parallel.tensor",
+            "with runner: ray, scale with parallel.ray_actors (one engine per actor), not data/tensor",
+        ),
         (  # an empty path named the job file's own folder as the adapter: every row failed as bad_adapter
             "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    adapter: ''\n",
             ":4",
