@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 # Parts are Parquet whatever the output format: Ray's JSON lines writer goes through pandas, which turns an integer
 # column holding a null (prompt_tokens of an error row) into floats (12.0). `kvbatch merge` writes the job's format.
 PART_EXTENSIONS = ("parquet",)
+# How long an interrupted run waits for its write thread once the execution is shut down (it stops within a
+# scheduling step: the executor's own shutdown waits 2 s for its loop).
+WRITE_STOP_S = 30.0
 
 
 def provenance_path(output: Path) -> Path:
@@ -265,6 +268,9 @@ def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint
             num_gpus=job.parallel.ray_gpus_per_actor or None,
         )
         failure: list[BaseException] = []
+        # Made here, not by Ray's writer: a write that ends with no rows reported back (one stopped by a signal
+        # before any result came back) deletes a folder it made itself, with any part a task committed meanwhile.
+        parts.mkdir(parents=True, exist_ok=True)
 
         def execute() -> None:
             try:
@@ -274,13 +280,16 @@ def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint
 
         # The write runs beside the main thread, which watches for a signal: committed blocks are kept either way.
         worker = threading.Thread(target=execute, name="kvbatch-ray-write", daemon=True)
+        running = set(threading.enumerate())
         worker.start()
         while worker.is_alive():
             worker.join(0.5)
             if stop.stopped:
-                raise InterruptedJob(
+                interrupted = InterruptedJob(
                     f"stopped by {stop.signal_name}; committed blocks are kept, rerun to resume", job=job.name
                 )
+                _stop_write(worker, running, interrupted)
+                raise interrupted
     finally:
         if saved is not None or hasattr(context, "checkpoint_config"):
             context.checkpoint_config = saved
@@ -295,6 +304,26 @@ def _write(job, engines, rows: RowsSource, layout, duplicates, parts, checkpoint
             f"the Ray run failed ({type(exc).__name__}: {str(exc)[:2000]}); committed blocks are kept, rerun to resume",
             job=job.name,
         ) from exc
+
+
+def _stop_write(worker: threading.Thread, running: set[threading.Thread], why: Exception) -> None:
+    """Shut down the Ray Data execution that the write thread `worker` drives, and wait for the thread. Left
+    running, it went on calling Ray after the exit's ray.shutdown: "Ray is not initialized" tracebacks after
+    kvbatch's own message, or the core worker ending the process (status 1, not 3). Blocks committed so far stay
+    committed; a write task cut short leaves a pending checkpoint, which the rerun undoes."""
+    try:  # the executor is a thread of its own; Ray has no public way to cancel a write
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, StreamingExecutor) and thread not in running:
+            try:
+                thread.shutdown(force=True, exception=why)
+            except Exception as exc:  # noqa: BLE001 - a Ray internal: another version may take other arguments
+                log.warning("could not stop the Ray write's execution (%s); leaving it to ray.shutdown", exc)
+    worker.join(WRITE_STOP_S)
+    if worker.is_alive():
+        log.warning("the Ray write did not stop within %.0f s; leaving it to ray.shutdown", WRITE_STOP_S)
 
 
 def kvbatch_cause(exc: BaseException) -> KvbatchError | None:

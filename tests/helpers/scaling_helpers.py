@@ -6,7 +6,10 @@ Module level and importable by name, so processes started with `spawn` (and Ray 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import time
 from pathlib import Path
 
 from tiny_models import tiny_loaded
@@ -95,4 +98,36 @@ class _FailingEngine:
 
             time.sleep(self.factory.pause_s)
             raise RuntimeError(f"engine stopped at row {self.factory.row} (test)")
+        return self.engine.generate(requests, **kwargs)
+
+
+class SignallingEngineFactory:
+    """EngineFactory for the tiny engine that sends SIGINT to the process `pid` (a Ray run's driver) once, from the
+    first batch holding a row at or past `row`, and then pauses before generating: the signal comes while the Ray
+    Data write is in flight. `marker` is the once: whichever actor removes it sends the signal."""
+
+    def __init__(self, pid: int, marker: Path, row: int, pause_s: float = 5.0) -> None:
+        self.pid, self.marker, self.row, self.pause_s = pid, str(marker), row, pause_s
+
+    def __call__(self, model: str, settings: dict) -> object:
+        return _SignallingEngine(tiny_engine(model, settings), self)
+
+
+class _SignallingEngine:
+    def __init__(self, engine: Engine, factory: SignallingEngineFactory) -> None:
+        self.engine, self.factory = engine, factory
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.engine, name)
+
+    def generate(self, requests, **kwargs):
+        requests = list(requests)
+        if any(r.request_id >= self.factory.row for r in requests):
+            try:
+                os.unlink(self.factory.marker)
+            except FileNotFoundError:
+                pass
+            else:
+                os.kill(self.factory.pid, signal.SIGINT)
+                time.sleep(self.factory.pause_s)
         return self.engine.generate(requests, **kwargs)

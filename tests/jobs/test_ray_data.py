@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from scaling_helpers import FailingEngineFactory, rows_of, tiny_engine, tiny_job, write_input
+from scaling_helpers import FailingEngineFactory, SignallingEngineFactory, rows_of, tiny_engine, tiny_job, write_input
 
 from kvbatch.errors import ExitCode, OutputError, SpecError, exit_code_of
 from kvbatch.jobs.arrow_io import read_arrow
@@ -150,6 +150,32 @@ def test_a_ray_run_killed_half_way_and_rerun_writes_every_row_once(tmp_path, loc
     lines = [json.loads(line) for line in output_path(job).read_text().splitlines()]
     assert [(r["row"], r["text"]) for r in lines] == [(r["row"], r["text"]) for r in expected]
     assert outcome.summary.errors_by_kind == single.summary.errors_by_kind == {"bad_json": 1, "duplicate_id": 1}
+
+
+def test_a_signal_to_a_ray_driver_stops_its_write_before_the_job_returns(tmp_path, local_ray):
+    """SIGINT to the driver raised InterruptedJob (exit 3) while Ray Data's write went on in its threads: the exit's
+    ray.shutdown then pulled Ray from under them, and "Ray is not initialized" tracebacks (or the core worker's
+    own exit, status 1) came after kvbatch's message. The write is stopped first; the rerun still writes every row
+    once."""
+    import os
+    import threading
+
+    from kvbatch.errors import InterruptedJob
+
+    source = write_input(tmp_path / "in.jsonl", num_rows=16)
+    marker = tmp_path / "signal"
+    marker.touch()
+    job = ray_job(tmp_path, source, parallel={"ray_actors": 2, "ray_batch_rows": 2})
+    running = set(threading.enumerate())
+    [stopped] = run_jobs([job], engine_factory=SignallingEngineFactory(os.getpid(), marker, row=8))
+    assert isinstance(stopped.error, InterruptedJob) and "stopped by SIGINT" in str(stopped.error)
+    assert not marker.exists()
+    left = [t.name for t in threading.enumerate() if t not in running and t.is_alive()]
+    assert [n for n in left if n == "kvbatch-ray-write" or n.startswith("StreamingExecutor")] == []
+
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    assert [r["row"] for r in folder_rows(output_path(job).with_name("answers.parquet.parts"))] == list(range(16))
 
 
 def test_a_ray_run_over_jsonl_without_the_prompt_column_fails_before_any_model(tmp_path, local_ray):
