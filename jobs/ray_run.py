@@ -166,7 +166,10 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
         lock.release()
     counts = run_counts(parts, run, job.task)
     about = {"model": job.model, "spec_hash": manifest.spec_hash, "kvbatch_version": KVBATCH_VERSION}
-    summary = build_summary(job.name, parts, report, counts, time.monotonic() - started, **about)
+    # the engines run in the actors: their load, KV use and prefix cache are not measured here
+    summary = build_summary(
+        job.name, parts, report, counts, time.monotonic() - started, engines_measured=False, **about
+    )
     summary.write(summary_path(out))
     return summary
 

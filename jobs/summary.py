@@ -40,14 +40,16 @@ class Summary:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0  # this run
     output_tokens: int = 0  # this run
+    # None below: not measured (ENGINE_FIELDS of a Ray run, whose engines run in its actors), not a zero
     elapsed_s: float = 0.0  # this run, from start to the written output
-    load_s: float = 0.0  # of which loading the model (0 when an earlier job of the run loaded it)
-    output_tokens_per_s: float = 0.0  # over the time after the load
-    peak_kv_usage: float = 0.0  # 0..1 share of KV blocks held at the busiest moment
-    preemptions: int = 0
-    cached_prompt_tokens: int = 0  # this run: prompt tokens whose K/V came from the prefix cache
-    prefix_cache_hit_rate: float = 0.0  # 0..1 share of the prompt tokens looked up that the cache held
-    queried_prompt_tokens: int = 0  # this run: prompt tokens looked up in the prefix cache (the rate's denominator)
+    load_s: float | None = 0.0  # of which loading the model (0 when an earlier job of the run loaded it)
+    output_tokens_per_s: float = 0.0  # over the time after the load (over all of it where load_s is None)
+    peak_kv_usage: float | None = 0.0  # 0..1 share of KV blocks held at the busiest moment
+    preemptions: int | None = 0
+    cached_prompt_tokens: int | None = 0  # this run: prompt tokens whose K/V came from the prefix cache
+    prefix_cache_hit_rate: float | None = 0.0  # 0..1 share of the prompt tokens looked up that the cache held
+    # this run: prompt tokens looked up in the prefix cache (the rate's denominator)
+    queried_prompt_tokens: int | None = 0
     output_bytes: int = 0
     adapters: dict[str, int] = field(default_factory=dict)  # this run's rows on each LoRA adapter, by name
     model: str = ""
@@ -69,15 +71,25 @@ class Summary:
 
     def format(self) -> str:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
+        if self.load_s is None:
+            rate = f"{self.output_tokens_per_s:.1f} output tok/s; loading not measured"
+        else:
+            rate = f"{self.load_s:.1f} s loading; {self.output_tokens_per_s:.1f} output tok/s after it"
+        if self.peak_kv_usage is None or self.preemptions is None or self.prefix_cache_hit_rate is None:
+            kv_cache = "not measured"
+        else:
+            kv_cache = (
+                f"peak {self.peak_kv_usage:.0%} of blocks, {_count(self.preemptions, 'preemption')}, "
+                f"prefix cache hit {self.prefix_cache_hit_rate:.0%} ({self.cached_prompt_tokens} prompt tokens reused)"
+            )
         return "\n".join(
             [
                 f"job {self.job}: {self.status} -> {shown_path(self.output)}",
                 f"  rows        {self.rows} ({self.rows_ok} ok, {_count(self.rows_error, 'error')}; "
                 f"{self.rows_this_run} this run)",
                 f"  tokens      {self.prompt_tokens} prompt, {self.output_tokens} output in {self.elapsed_s:.1f} s "
-                f"({self.load_s:.1f} s loading; {self.output_tokens_per_s:.1f} output tok/s after it)",
-                f"  KV cache    peak {self.peak_kv_usage:.0%} of blocks, {_count(self.preemptions, 'preemption')}, "
-                f"prefix cache hit {self.prefix_cache_hit_rate:.0%} ({self.cached_prompt_tokens} prompt tokens reused)",
+                f"({rate})",
+                f"  KV cache    {kv_cache}",
                 f"  errors      {errors}",
             ]
             + (
@@ -86,6 +98,18 @@ class Summary:
                 else []
             )
         )
+
+
+# What only the engines measure (their load, KV use, preemptions, prefix cache): None in the summary of a run
+# whose engines run elsewhere (Ray actors), which would otherwise report zeros it never measured.
+ENGINE_FIELDS = (
+    "load_s",
+    "peak_kv_usage",
+    "preemptions",
+    "cached_prompt_tokens",
+    "queried_prompt_tokens",
+    "prefix_cache_hit_rate",
+)
 
 
 def summary_path(output: Path) -> Path:
@@ -129,14 +153,22 @@ class RunCounts:
 
 
 def build_summary(
-    job: str, output: Path, report: Any, counts: RunCounts, elapsed_s: float, load_s: float = 0.0, **about: str
+    job: str,
+    output: Path,
+    report: Any,
+    counts: RunCounts,
+    elapsed_s: float,
+    load_s: float = 0.0,
+    engines_measured: bool = True,
+    **about: str,
 ) -> Summary:
     """The summary of a run that wrote `output`: rows from the file (`report`, a WriteReport), the rest from
-    `counts`; `about`: model, spec_hash, kvbatch_version."""
+    `counts`; `engines_measured` False: ENGINE_FIELDS are not measured (None); `about`: model, spec_hash,
+    kvbatch_version."""
     num_errors = report.finish_reasons.get("error", 0)
     queried = counts.queried_prompt_tokens
     generating_s = elapsed_s - load_s
-    return Summary(
+    summary = Summary(
         job,
         str(Path(output).absolute()),  # read from any folder (a merge is given the path as typed); shown relative
         rows=report.num_rows,
@@ -159,6 +191,10 @@ def build_summary(
         adapters=dict(sorted(counts.adapters.items())),
         **about,
     )
+    if not engines_measured:
+        for name in ENGINE_FIELDS:
+            setattr(summary, name, None)
+    return summary
 
 
 def already_complete(output: Path, fallback: Summary) -> Summary:

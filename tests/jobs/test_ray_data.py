@@ -85,6 +85,16 @@ def test_ray_run_over_a_parquet_folder_equals_one_process(tmp_path, local_ray):
     summary = outcome.summary
     assert (summary.rows, summary.rows_error, summary.rows_this_run) == (13, 1, 13)
     assert (summary.output_tokens, summary.errors_by_kind) == (single.summary.output_tokens, {"duplicate_id": 1})
+    # The engines run in the actors: the summary printed "0.0 s loading" and "peak 0% of blocks, 0 preemptions,
+    # prefix cache hit 0%", values the driver never measured. They are null ("not measured"), not zeros.
+    unmeasured = "load_s peak_kv_usage preemptions cached_prompt_tokens queried_prompt_tokens prefix_cache_hit_rate"
+    written = json.loads(output_path(job).with_name("answers.parquet.summary.json").read_text())
+    assert [getattr(summary, n) for n in unmeasured.split()] == [written[n] for n in unmeasured.split()] == [None] * 6
+    # over the whole run, the actors' loads included (elapsed_s is rounded to the millisecond)
+    assert summary.output_tokens_per_s == pytest.approx(summary.output_tokens / summary.elapsed_s, abs=0.01)
+    lines = summary.format().splitlines()
+    assert lines[2].endswith(f"({summary.output_tokens_per_s:.1f} output tok/s; loading not measured)")
+    assert lines[3] == "  KV cache    not measured"
 
     from kvbatch.jobs.merge_parts import merge_parts
 
