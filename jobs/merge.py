@@ -55,6 +55,7 @@ class MergeReport:
     num_shards: int
     finish_reasons: dict[str, int]
     error_kinds: dict[str, int]
+    already_merged: bool = False  # the output was complete and its shards gone: nothing was written
 
 
 @dataclass
@@ -82,14 +83,14 @@ def merge_shards(
     target: Shard = WHOLE,
     overwrite: bool = False,
     locked: bool = False,
+    spec_hash: str | None = None,
 ) -> MergeReport:
     """Merge shard outputs into `output` (the rows of `target`: the whole input by default). `locked`: the caller
-    holds the output's lock already (a data-parallel run, from before its shards ran)."""
+    holds the output's lock already (a data-parallel run, from before its shards ran). With no shard found, an
+    output already complete (of `spec_hash`, when given) is reported as merged before, as a run reports it."""
     paths = sorted(shards) if shards else find_shards(output)
     if not paths:
-        raise MergeError(
-            f"no shard outputs found beside {output} (expected {output.stem}.shard-IIII-of-NNNN{output.suffix})"
-        )
+        return _already_merged(output, spec_hash)
     sources, problems = _open_sources(paths, target)
     if problems:
         raise MergeError(f"cannot merge into {output}:\n  " + "\n  ".join(problems))
@@ -128,6 +129,21 @@ def merge_shards(
         _merged_summary(report, first, sources).write(summary_path(output))
     log.info("merged %d shards into %s (%d rows)", len(sources), output, report.num_rows)
     return report
+
+
+def _already_merged(output: Path, spec_hash: str | None) -> MergeReport:
+    """The report on `output` when no shard of it is left: a merge run again after the shards were cleaned up (a
+    cron or Slurm step) finds it complete. Without a complete output of this spec, the missing shards are refused."""
+    missing = f"no shard outputs found beside {output} (expected {output.stem}.shard-IIII-of-NNNN{output.suffix})"
+    try:
+        manifest = Manifest.load(work_dir(output) / "manifest.json")
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        raise MergeError(missing) from None
+    if not (manifest.complete and manifest.num_rows is not None and output.exists()):
+        raise MergeError(missing)
+    if spec_hash is not None and manifest.spec_hash != spec_hash:
+        raise MergeError(f"{missing}; {output} is complete but was written by another job spec")
+    return MergeReport(output, manifest.num_rows, 0, 0, {}, {}, already_merged=True)
 
 
 def _merged_summary(report: MergeReport, first: Manifest, sources: list[_Source]) -> Summary:

@@ -350,7 +350,7 @@ def merge(
     list, if rows are missing or twice."""
     from kvbatch.jobs.merge import merge_shards
     from kvbatch.jobs.merge_parts import merge_parts
-    from kvbatch.jobs.spec import output_path
+    from kvbatch.jobs.spec import output_path, spec_hash
     from kvbatch.jobs.writer import parts_dir
 
     with _errors():
@@ -359,22 +359,28 @@ def merge(
                 raise SpecError(
                     "give shard files only when merging into one output file, not with a job file", field="SHARDS"
                 )
-            outputs = [output_path(spec) for spec in load_jobs_file(target, select=job).select(job)]
+            # each job's output, with its spec's hash: a complete output of that spec is merged already
+            outputs = [
+                (output_path(spec), spec_hash(spec)) for spec in load_jobs_file(target, select=job).select(job)
+            ]
         elif job:  # an output file names no jobs: the option would be ignored
             raise SpecError("--job selects jobs of a job file; this merges the one output file named", field="--job")
         else:
-            outputs = [target]
+            outputs = [(target, None)]
         codes = []
-        for output in outputs:  # as `run` goes on after a failed job, one output that cannot merge stops no other
+        for output, expected_spec in outputs:  # as `run` goes on after a failed job, a failed merge stops no other
             try:
                 if not shards and parts_dir(output).is_dir():  # a Ray run's folder of parts
                     report = merge_parts(output)
                     _say(f"merged {_count(report.num_shards, 'part')} -> {report.output}: {report.num_rows} rows")
                     continue
-                report = merge_shards(output, shards or None, overwrite=overwrite)
+                report = merge_shards(output, shards or None, overwrite=overwrite, spec_hash=expected_spec)
             except KvbatchError as exc:
                 _say(f"kvbatch: error: {exc}", err=True)
                 codes.append(exit_code_of(exc))
+                continue
+            if report.already_merged:
+                _say(f"already merged -> {report.output}: {report.num_rows} rows")
                 continue
             _say(
                 f"merged {_count(report.num_shards, 'shard')} -> {report.output}: {report.num_rows} rows, "

@@ -798,3 +798,51 @@ def test_generate_set_refuses_an_input_or_output_that_is_no_mapping(
         result = invoke("generate", "in.jsonl", "-o", "out.arrow", "--set", f"{field}={value}")
         assert (result.exit_code, result.stderr) == (2, f"kvbatch: error: {words}\n"), field
     assert recorder.calls == []
+
+
+def _write_finished_shards(job: JobSpec, count: int = 2, num_rows: int = 4) -> Path:
+    """`job`'s finished shard outputs, as `kvbatch run --shard I/N` leaves them; returns the job's output path."""
+    from kvbatch.jobs.manifest import Manifest
+    from kvbatch.jobs.records import Layout, RowResult
+    from kvbatch.jobs.shard import Shard
+    from kvbatch.jobs.shard_output import ShardWriter
+    from kvbatch.jobs.spec import output_path
+
+    out = output_path(job)
+    for index in range(count):
+        shard = Shard(index, count)
+        shard_out = shard.output_path(out)
+        manifest = Manifest(job.name, spec_hash(job), {"model": "m"}, shard_out.name, "arrow")
+        with ShardWriter(shard_out, "arrow", Layout(), manifest, shard=shard) as writer:
+            for row in shard.rows(num_rows):
+                writer.add(RowResult(row, texts=[f"t{row}"], finish_reasons=["stop"]))
+            writer.finalize(num_rows)
+    return out
+
+
+def test_merge_run_again_after_the_shards_are_removed_reports_the_output_already_merged(tmp_path: Path) -> None:
+    """A cron or Slurm merge step run again once the merged output was complete and the shard files cleaned up
+    exited 1 ("no shard outputs found"), as if the merge had failed. A complete output of the same spec is reported
+    as already merged (exit 0), as `kvbatch run` reports a complete output; shards missing without one stay an
+    error, and so does a complete output another spec wrote."""
+    from kvbatch.jobs.shard import Shard
+
+    path = jobs_file(tmp_path, "jobs:\n  - name: first\n    input: {path: in.jsonl}\n")
+    out = _write_finished_shards(load_jobs_file(path).jobs[0])
+    assert invoke("merge", path).exit_code == 0
+    for index in range(2):
+        work_dir(Shard(index, 2).output_path(out)).rename(tmp_path / f"gone-{index}")
+        Shard(index, 2).output_path(out).unlink()
+    for target in (path, out):
+        result = invoke("merge", target)
+        assert (result.exit_code, result.stdout, result.stderr) == (0, f"already merged -> {out}: 4 rows\n", "")
+    path.write_text("jobs:\n  - name: first\n    input: {path: in.jsonl}\n    sampling: {temperature: 0.5}\n")
+    result = invoke("merge", path)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"kvbatch: error: no shard outputs found beside {out} (expected first.shard-IIII-of-NNNN.arrow); "
+        f"{out} is complete but was written by another job spec\n"
+    )
+    out.unlink()  # the merged file removed too: nothing is merged
+    result = invoke("merge", out)
+    assert result.exit_code == 1 and "no shard outputs found beside" in result.stderr
