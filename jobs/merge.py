@@ -89,6 +89,12 @@ def merge_shards(
     holds the output's lock already (a data-parallel run, from before its shards ran). With no shard found, an
     output already complete (of `spec_hash`, when given) is reported as merged before, as a run reports it."""
     paths = sorted(shards) if shards else find_shards(output)
+    named = split_shard_name(output)
+    if not paths and named is not None:  # no run writes shards of a shard: the merged output was meant
+        raise MergeError(
+            f"{output} is a shard output (shard {named[1]}), not a merged output; merge its shards into the output "
+            f"they make up: kvbatch merge {named[0]}"
+        )
     if not paths:
         return _already_merged(output, spec_hash)
     sources, problems = _open_sources(paths, target)

@@ -445,3 +445,20 @@ def _edited_shard_refused(out: Path) -> str:
     where, _, why = str(refused.value).partition(" is not a kvbatch output row")
     assert why == ": a shard file was edited after it was written", str(refused.value)
     return where
+
+
+def test_merge_given_a_shard_as_its_target_names_the_merged_target(tmp_path):
+    """`kvbatch merge out/a.shard-0000-of-0002.arrow` (a shard where the merged output belongs) looked for the
+    shards of that shard and said it expected `a.shard-0000-of-0002.shard-IIII-of-NNNN.arrow`, a name no run
+    writes. It says it was given a shard and names the output its shards merge into."""
+    out = tmp_path / "a.arrow"
+    for i in range(2):
+        _write_shard(out, Shard(i, 2))
+    given = Shard(0, 2).output_path(out)
+    with pytest.raises(MergeError) as info:
+        merge_shards(given)
+    assert str(info.value) == (
+        f"{given} is a shard output (shard 0/2), not a merged output; merge its shards into the output they make "
+        f"up: kvbatch merge {out}"
+    )
+    assert merge_shards(out).num_rows == NUM_ROWS  # the target named merges them
