@@ -342,6 +342,10 @@ def merge(
         list[str] | None,
         typer.Option("--job", "-j", help="With a job file: merge only this job's output (repeatable)."),
     ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="With a job file: the run's --set overrides, output_dir included (repeatable)."),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the output even if another job spec wrote it.")
     ] = False,
@@ -360,11 +364,15 @@ def merge(
                     "give shard files only when merging into one output file, not with a job file", field="SHARDS"
                 )
             # each job's output, with its spec's hash: a complete output of that spec is merged already
-            outputs = [
-                (output_path(spec), spec_hash(spec)) for spec in load_jobs_file(target, select=job).select(job)
-            ]
+            # the run's --set too: its output_dir or output.path is where the shards are, its spec what they hold
+            specs = load_jobs_file(target, _parse_sets(set_ or []), job).select(job)
+            outputs = [(output_path(spec), spec_hash(spec)) for spec in specs]
         elif job:  # an output file names no jobs: the option would be ignored
             raise SpecError("--job selects jobs of a job file; this merges the one output file named", field="--job")
+        elif set_:
+            raise SpecError(
+                "--set overrides the jobs of a job file; this merges the one output file named", field="--set"
+            )
         else:
             outputs = [(target, None)]
         codes = []

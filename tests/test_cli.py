@@ -846,3 +846,18 @@ def test_merge_run_again_after_the_shards_are_removed_reports_the_output_already
     out.unlink()  # the merged file removed too: nothing is merged
     result = invoke("merge", out)
     assert result.exit_code == 1 and "no shard outputs found beside" in result.stderr
+
+
+def test_merge_of_a_job_file_takes_the_runs_set_options(tmp_path: Path) -> None:
+    """Shards run with `--set output_dir=...` were looked for in the job file's own output_dir by `kvbatch merge
+    jobs.yaml`, which took no --set: "no shard outputs found". merge takes the run's --set (as a job file is read
+    by run), and refuses it with an output file, which it would not change."""
+    path = jobs_file(tmp_path, "jobs:\n  - name: first\n    input: {path: in.jsonl}\n")
+    elsewhere = tmp_path / "scratch out"
+    out = _write_finished_shards(load_jobs_file(path, {"output_dir": str(elsewhere)}).jobs[0])
+    assert out.parent == elsewhere
+    result = invoke("merge", path, "--set", f"output_dir={elsewhere}")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"merged 2 shards -> {out}: 4 rows, {out.stat().st_size} bytes\n"
+    refused = invoke("merge", out, "--set", "output_dir=x")
+    assert refused.exit_code == 2 and "--set: --set overrides the jobs of a job file" in refused.stderr, refused.output
