@@ -861,3 +861,54 @@ def test_merge_of_a_job_file_takes_the_runs_set_options(tmp_path: Path) -> None:
     assert result.stdout == f"merged 2 shards -> {out}: 4 rows, {out.stat().st_size} bytes\n"
     refused = invoke("merge", out, "--set", "output_dir=x")
     assert refused.exit_code == 2 and "--set: --set overrides the jobs of a job file" in refused.stderr, refused.output
+
+
+def test_slurm_submit_gives_the_merge_the_runs_jobs_and_settings(tmp_path: Path) -> None:
+    """examples/slurm/submit.sh chained `kvbatch merge ${jobs_file}`: without the run's --job, jobs that never ran
+    as shards failed the merge (exit 1); without its --set output_dir=..., the merge looked in the wrong folder;
+    and the job file's path went unquoted into --wrap, so a path with a space named two files. The merge gets the
+    job file as one word and the run's --job and --set (--model and --limit as the --set they stand for)."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    for tool in ("sbatch", "kvbatch"):  # each call's arguments, NUL-separated, one file per call
+        (bin_dir / tool).write_text(
+            f'#!/bin/sh\nn=$(ls "{calls}" | wc -l)\nprintf "%s\\0" {tool} "$@" > "{calls}/$n"\necho 10$n\n'
+        )
+        (bin_dir / tool).chmod(0o755)
+    script = Path(__file__).parents[1] / "examples" / "slurm" / "submit.sh"
+    run_options = ["--job", "a b", "-j", "x", "--set", "output_dir=/scratch/it's here", "--set=engine.seed=1"]
+    run_options += ["--model", "/models/m 1", "--limit=5", "--shard", "1/2", "-q"]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    submitted = subprocess.run(
+        ["bash", str(script), "my jobs.yaml", *run_options], env=env, capture_output=True, text=True, check=False
+    )
+    assert submitted.returncode == 0, submitted.stderr
+
+    def call(n: int) -> list[str]:
+        return (calls / str(n)).read_text().split("\0")[:-1]
+
+    array, merge = call(0), call(1)
+    assert array[-len(run_options) - 1 :] == ["my jobs.yaml", *run_options]  # the run gets every option as given
+    assert merge[merge.index("--dependency=afterok:100") - 1] == "--parsable"
+    wrap = merge[merge.index("--wrap") + 1]
+    subprocess.run(["sh", "-c", wrap], env=env, check=True)  # as Slurm runs it: /bin/sh
+    assert call(2) == [
+        "kvbatch",
+        "merge",
+        "my jobs.yaml",
+        "--job",
+        "a b",
+        "-j",
+        "x",
+        "--set",
+        "output_dir=/scratch/it's here",
+        "--set=engine.seed=1",
+        "--set",
+        "model=/models/m 1",
+        "--set",
+        "input.limit=5",
+    ]
