@@ -29,7 +29,7 @@ from kvbatch.jobs.progress import JobProgress, announce_load
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.shard import Shard
-from kvbatch.jobs.signals import StopFlag
+from kvbatch.jobs.signals import StopFlag, hard_stop_named
 from kvbatch.jobs.spec import JobSpec, check_job_on_engine, job_adapters, spec_dict, spec_hash
 from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
 from kvbatch.jobs.writer import OutputWriter, WriteReport, metadata_strings
@@ -173,7 +173,8 @@ def run_job(
     io = open_job(job, wait_for_lock)
     io.writer.stop_waiting = lambda: stop.stopped
     shard, out, reader, writer = io.shard, io.out, io.reader, io.writer
-    with writer:
+    # A hard stop names the rows committed, counted once the writer has committed what finished on its way out
+    with hard_stop_named(job.name, lambda: len(writer.done_rows)), writer:
         if writer.already_complete:
             log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
             return already_complete(out, io.summary)

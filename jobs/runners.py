@@ -15,7 +15,7 @@ from kvbatch.errors import InterruptedJob, JobError, KvbatchError, TensorParalle
 from kvbatch.jobs.data_parallel import run_data_parallel
 from kvbatch.jobs.ray_run import run_job_ray
 from kvbatch.jobs.run import EngineCache, EngineFactory, default_engine_factory, run_job
-from kvbatch.jobs.signals import graceful_stop
+from kvbatch.jobs.signals import graceful_stop, hard_stop_named
 from kvbatch.jobs.spec import JobsFile, JobSpec
 from kvbatch.jobs.summary import Summary
 
@@ -69,7 +69,8 @@ def run_jobs(
                 )
                 break
             try:
-                done = JobOutcome(job.name, _job_runner(job)(job, engines, stop, wait_for_lock))
+                with hard_stop_named(job.name):  # any runner's; a local run's names its committed rows itself
+                    done = JobOutcome(job.name, _job_runner(job)(job, engines, stop, wait_for_lock))
             except InterruptedJob as exc:
                 ended(JobOutcome(job.name, error=exc))
                 break

@@ -19,9 +19,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from kvbatch.errors import ExitCode
+from kvbatch.errors import ExitCode, InterruptedJob
 
 log = logging.getLogger(__name__)
 SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
@@ -33,7 +33,8 @@ MAX_GRACE_S = 1e9
 
 
 class StopNow(KeyboardInterrupt):
-    """Raised in the main thread by a second signal or the end of the grace period; unwinds like Ctrl-C.
+    """Raised in the main thread by a second signal or the end of the grace period; unwinds like Ctrl-C. Its
+    message says which ("second SIGTERM"); the job it stops ends as an InterruptedJob (jobs/runners.py).
 
     A KeyboardInterrupt (not an Exception) so that no `except Exception` on the way can swallow it.
     """
@@ -61,6 +62,19 @@ class StopFlag:
 
     def stop(self, name: str) -> None:
         self.signal_name = name
+
+
+@contextlib.contextmanager
+def hard_stop_named(job: str, committed: Callable[[], int] | None = None) -> Iterator[None]:
+    """A StopNow inside becomes the job's InterruptedJob, naming the rows `committed` says are (counted once the
+    writer inside has committed what finished), as a graceful stop names them: the same exit code 3."""
+    try:
+        yield
+    except StopNow as exc:
+        rows = "committed rows are kept" if committed is None else f"{committed()} rows committed"
+        raise InterruptedJob(
+            f"stopped at once ({exc}); rows in flight dropped, {rows}, rerun to resume", job=job
+        ) from None
 
 
 def exit_now() -> None:
@@ -127,7 +141,7 @@ def graceful_stop(grace_s: float | None = None) -> Iterator[StopFlag]:
                 log.warning("second signal (%s) while loading the model: exiting now; committed rows are kept", name)
                 exit_now()
             log.warning("second signal (%s): stopping now; rows in flight are dropped, committed rows are kept", name)
-            raise StopNow(name)
+            raise StopNow(f"second {name}")
         if grace > 0:
             log.warning(
                 "%s: no new rows are admitted; finishing the rows in flight for up to %.0f s, then committing "

@@ -24,7 +24,7 @@ from kvbatch import cli
 from kvbatch.errors import ExitCode, InterruptedJob
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.runners import run_jobs
-from kvbatch.jobs.signals import DEFAULT_GRACE_S, StopNow, grace_seconds
+from kvbatch.jobs.signals import DEFAULT_GRACE_S, grace_seconds
 from kvbatch.jobs.spec import job_from_dict
 from kvbatch.jobs.writer import work_dir
 
@@ -111,9 +111,12 @@ def test_first_signal_stops_admission_finishes_in_flight_and_commits(job, tmp_pa
 
 def test_second_signal_stops_at_once_and_keeps_committed_parts_whole(job, tmp_path: Path) -> None:
     engine = SignallingEngine({4: signal.SIGTERM, 5: signal.SIGTERM})
-    with pytest.raises(StopNow):
-        run_jobs([job], engine_factory=factory_for(engine))
+    outcome = run_jobs([job], engine_factory=factory_for(engine))[0]
     manifest, rows = committed(tmp_path)
+    assert isinstance(outcome.error, InterruptedJob) and outcome.error.job == "sig"
+    assert outcome.error.detail == (
+        f"stopped at once (second SIGTERM); rows in flight dropped, {len(rows)} rows committed, rerun to resume"
+    )
     assert 5 <= len(rows) < NUM_ROWS and not manifest.complete
     assert not list(work_dir(tmp_path / "out" / "out.arrow").glob("*.incomplete"))
     finish_and_check(job, tmp_path)
@@ -122,8 +125,10 @@ def test_second_signal_stops_at_once_and_keeps_committed_parts_whole(job, tmp_pa
 def test_grace_period_drops_rows_in_flight(job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVBATCH_STOP_GRACE_S", "0.2")
     engine = SignallingEngine({6: signal.SIGTERM}, stall=True)
-    with pytest.raises(StopNow, match="grace period after SIGTERM ended"):
-        run_jobs([job], engine_factory=factory_for(engine))
+    outcome = run_jobs([job], engine_factory=factory_for(engine))[0]
+    assert isinstance(outcome.error, InterruptedJob) and "stopped at once (grace period after SIGTERM ended)" in str(
+        outcome.error
+    )
     _, rows = committed(tmp_path)
     assert len(rows) == 6, "the results that arrived are committed; the stalled rows are left for the rerun"
     finish_and_check(job, tmp_path)
@@ -168,6 +173,27 @@ def test_cli_exits_with_code_3_for_a_requeue(job, tmp_path: Path, monkeypatch: p
     result = CliRunner().invoke(cli.app, ["run", str(jobs_file)])
     assert result.exit_code == ExitCode.INTERRUPTED == 3, result.output
     assert "rerun to resume" in result.output
+
+
+def test_a_hard_stop_names_the_job_and_its_committed_rows(job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the grace period ended (or a second signal came) the run printed only `kvbatch: error: interrupted;
+    committed rows are kept, rerun to resume`, where the graceful stop names the job and the rows committed. The
+    hard stop names them too, and still exits 3."""
+    monkeypatch.setenv("KVBATCH_STOP_GRACE_S", "0.2")
+    jobs_file = tmp_path / "jobs.yaml"
+    jobs_file.write_text(
+        "jobs:\n  - name: sig\n    input: {path: in.jsonl}\n    output: {path: out.arrow, part_rows: 3}\n"
+        "    sort_window: 1\n"
+    )
+    engine = SignallingEngine({6: signal.SIGTERM}, stall=True)
+    monkeypatch.setattr(cli, "run_jobs", functools.partial(run_jobs, engine_factory=factory_for(engine)))
+    result = CliRunner().invoke(cli.app, ["run", str(jobs_file)])
+    assert result.exit_code == ExitCode.INTERRUPTED, result.output
+    assert result.stderr.endswith(
+        "kvbatch: job sig interrupted: stopped at once (grace period after SIGTERM ended); rows in flight dropped, "
+        "6 rows committed, rerun to resume\n"
+    ), result.stderr
+    assert len(committed(tmp_path)[1]) == 6
 
 
 LOAD_SCRIPT = """
