@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kvbatch.errors import InputError, OutputError
+from kvbatch.errors import InputError, MissingOutputError, OutputError
 
 from .arrow_io import read_arrow
 from .nano_time import python_rows
@@ -54,7 +54,7 @@ def inspect_output(path: Path, num_samples: int = 3) -> OutputReport:
                 f"no such output yet: {path}; a run that has not finished keeps its committed rows in {staged}/ "
                 "and writes the output when it completes (rerun the job to finish it)"
             )
-        raise InputError(f"no such output: {path}")
+        raise MissingOutputError(f"no such output: {path}")
     suffix = path.suffix.lower()  # OUT.Parquet, as a job may name its output
     try:
         if path.is_dir():  # a datasets save_to_disk folder (output.format hf)

@@ -134,6 +134,13 @@ class InputError(JobError):
     """The input as a whole cannot be read (missing file, unknown format, unreadable Parquet footer)."""
 
 
+class MissingOutputError(InputError):
+    """An output named on the command line (`kvbatch inspect OUTPUT`) does not exist: a usage error, as a job file
+    not found is. An output whose run has not finished is not this one: its message says to rerun the job."""
+
+    exit_code = ExitCode.USAGE
+
+
 class OutputError(JobError):
     """The output cannot be written, or belongs to another job."""
 

@@ -446,8 +446,6 @@ def test_plan_and_inspect_print_their_reports(tmp_path: Path, monkeypatch: pytes
     assert result.stdout.startswith(f"{output}: arrow, 2 rows\n") and "finish reasons: stop 1, error 1" in result.stdout
     every_row = invoke("inspect", output, "--rows", str(10**30))  # more than any output holds: all of them
     assert every_row.exit_code == 0, every_row.output
-    missing = invoke("inspect", tmp_path / "none.arrow")
-    assert missing.exit_code == 1 and "no such output" in missing.stderr
 
 
 def test_plan_goes_on_to_the_next_job_after_one_fails_as_run_does(
@@ -912,3 +910,15 @@ def test_slurm_submit_gives_the_merge_the_runs_jobs_and_settings(tmp_path: Path)
         "--set",
         "input.limit=5",
     ]
+
+
+def test_inspect_of_an_output_that_does_not_exist_exits_2_as_run_of_a_missing_job_file_does(tmp_path: Path) -> None:
+    """`kvbatch inspect nope.arrow` exited 1 (a job failed) where `kvbatch run nope.yaml` exits 2: a path typed on
+    the command line that does not exist is a usage error. An output a run has not finished yet is no typo: it
+    stays 1, with its advice to rerun the job."""
+    result = invoke("inspect", tmp_path / "nope.arrow")
+    assert (result.exit_code, result.stderr) == (2, f"kvbatch: error: no such output: {tmp_path / 'nope.arrow'}\n")
+    assert invoke("run", tmp_path / "nope.yaml").exit_code == 2
+    work_dir(tmp_path / "partial.arrow").mkdir()
+    unfinished = invoke("inspect", tmp_path / "partial.arrow")
+    assert unfinished.exit_code == 1 and "no such output yet" in unfinished.stderr
