@@ -34,6 +34,7 @@ from typing import Any
 
 from kvbatch.errors import InterruptedJob, JobError, KvbatchError, OutputError, SpecError
 from kvbatch.jobs.job_io import job_manifest
+from kvbatch.jobs.layouts import refuse_other_layouts
 from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.manifest import Manifest
 from kvbatch.jobs.merge import merge_shards
@@ -138,6 +139,9 @@ def run_data_parallel(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock:
         previous = finished()  # the run this one waited for (--wait) may have finished it
         if previous is not None:
             return previous
+        # Rows another layout committed (a killed run of one process, or of another --data-parallel count) would be
+        # done again by the children, and left beside the merged output.
+        refuse_other_layouts(base, target, [s.output_path(base) for s in shards], job.output.mode, held=out)
         # The children load their own engines: one an earlier job left in this process would hold memory of the
         # devices they size their KV pools on.
         engines.release()

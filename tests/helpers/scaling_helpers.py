@@ -15,7 +15,10 @@ from pathlib import Path
 from tiny_models import tiny_loaded
 
 from kvbatch.jobs.arrow_io import read_arrow
+from kvbatch.jobs.manifest import Manifest
+from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import JobSpec, job_from_dict
+from kvbatch.jobs.writer import work_dir
 from kvbatch.runner.engine import Engine, EngineConfig
 
 
@@ -131,3 +134,23 @@ class _SignallingEngine:
                 os.kill(self.factory.pid, signal.SIGINT)
                 time.sleep(self.factory.pause_s)
         return self.engine.generate(requests, **kwargs)
+
+
+class StopAfter(StopFlag):
+    """A signal once the run has asked `calls` times: it stops part way, as a SIGTERM would, with rows committed."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = calls
+
+    @property
+    def stopped(self) -> bool:
+        self.calls -= 1
+        if self.calls < 0 and self.signal_name is None:
+            self.signal_name = "SIGTERM"
+        return self.signal_name is not None
+
+
+def committed_rows(out: Path) -> int:
+    """The rows committed in the parts of output `out`, as its manifest names them."""
+    return len(Manifest.load(work_dir(out) / "manifest.json").done_rows())

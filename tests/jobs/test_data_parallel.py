@@ -8,14 +8,14 @@ import os
 from pathlib import Path
 
 import pytest
-from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input
+from scaling_helpers import StopAfter, committed_rows, rows_of, tiny_engine, tiny_job, write_input
 from typer.testing import CliRunner
 
 from kvbatch import cli
 from kvbatch.errors import ExitCode, InterruptedJob, OutputError, OutputLockedError, SpecError, exit_code_of
 from kvbatch.jobs.data_parallel import run_data_parallel
 from kvbatch.jobs.lock import OutputLock
-from kvbatch.jobs.run import EngineCache
+from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.signals import StopFlag
 from kvbatch.jobs.spec import output_path
@@ -350,3 +350,58 @@ def test_a_child_whose_parent_is_gone_commits_and_ends_without_a_traceback(tmp_p
         torch.set_num_threads(threads)
     assert len(ran) == 1
     assert "shard 0/2: the data-parallel parent is gone; its finished rows are kept, rerun to resume" in caplog.text
+
+
+def test_rows_committed_under_another_layout_are_refused_not_done_again(tmp_path):
+    """A run stopped under one layout and rerun under another did the committed rows again and left the earlier
+    run's parts beside the output: a --data-parallel 2 run rerun as one process (or as --data-parallel 3) redid
+    its shards' rows and kept their folders; a run of one process rerun with --data-parallel 2 redid them and left
+    the parts in the output's work folder. The rerun is refused, naming the earlier files and the layout that
+    resumes them; output.mode overwrite removes them and starts again."""
+    write_input(tmp_path / "in.jsonl")
+    whole = tiny_job(tmp_path, "whole")
+    [single] = run_jobs([whole], engine_factory=tiny_engine)
+    job = tiny_job(tmp_path)
+    out = output_path(job)
+
+    # One process of a --data-parallel 2 run, stopped part way (its sibling never started).
+    child = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, shard="1/2"))
+    with pytest.raises(InterruptedJob):
+        run_job(child, EngineCache(tiny_engine), StopAfter(10))
+    shard_out = out.with_name("answers.shard-0001-of-0002.arrow")
+    committed = committed_rows(shard_out)
+    assert 0 < committed < 6
+    for data in (1, 3):
+        [refused] = run_jobs([tiny_job(tmp_path, data=data)], engine_factory=tiny_engine)
+        assert isinstance(refused.error, OutputError), refused.error
+        assert str(refused.error) == (
+            f"{out}: rows of this job are committed by an earlier run of another layout "
+            f"(answers.shard-0001-of-0002.arrow ({committed} rows)); rerun it with parallel.data: 2 "
+            "(--data-parallel 2) to resume them, or set output.mode: overwrite to start again"
+        )
+    assert not out.exists() and committed_rows(shard_out) == committed
+
+    overwrite = dataclasses.replace(job, output=dataclasses.replace(job.output, mode="overwrite"))
+    [again] = run_jobs([overwrite], engine_factory=tiny_engine)
+    assert again.error is None, again.error
+    assert single.error is None and rows_of(out) == rows_of(output_path(whole))
+    assert again.summary.rows_this_run == 13
+    # the earlier run's file, parts and manifest are gone; its lock stays, as every lock file does
+    assert [p.name for p in out.parent.glob("*shard*/*")] == ["lock"] and not list(out.parent.glob("*shard*.arrow"))
+
+    # A run of one process stopped part way, rerun with --data-parallel 2: refused before any process starts.
+    other = tiny_job(tmp_path, "other")
+    with pytest.raises(InterruptedJob):
+        run_job(other, EngineCache(tiny_engine), StopAfter(10))
+    committed = committed_rows(output_path(other))
+    [refused] = run_jobs([tiny_job(tmp_path, "other", data=2)], engine_factory=tiny_engine)
+    assert isinstance(refused.error, OutputError), refused.error
+    assert f"(other.arrow ({committed} rows)); rerun it as one process (parallel.data: 1) to resume" in str(
+        refused.error
+    )
+    [lone] = run_jobs([tiny_job(tmp_path, "other", shard="0/2")], engine_factory=tiny_engine)
+    assert "rerun it as one process, without --shard or parallel.data to resume" in str(lone.error)
+    assert not list(out.parent.glob("other.shard-*")) and committed_rows(output_path(other)) == committed
+    [resumed] = run_jobs([other], engine_factory=tiny_engine)
+    assert resumed.summary.rows_this_run == 13 - committed
+    assert rows_of(output_path(other)) == rows_of(output_path(whole))
