@@ -20,6 +20,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from kvbatch.errors import OutputError, shown_path
 
 from .arrow_io import remove_path
@@ -28,7 +31,7 @@ from .manifest import Manifest
 from .merge import find_shards
 from .shard import Shard, split_shard_name
 from .summary import summary_path
-from .writer import work_dir
+from .writer import parts_dir, work_dir
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Committed:
     path: Path
     shard: Shard
     num_rows: int
+    ray: bool = False  # a Ray run's folder of parts (runner: ray), not a local run's file
 
 
 def overlaps(a: Shard, b: Shard) -> bool:
@@ -46,20 +50,27 @@ def overlaps(a: Shard, b: Shard) -> bool:
 
 
 def committed_elsewhere(base: Path, target: Shard, layout: Collection[Path]) -> list[Committed]:
-    """The files of output `base` (the whole output and every shard of it) that hold rows of `target` committed by
-    an earlier run, other than the files of this run's `layout`: rows that this run would do again and that a
-    later merge or run would find twice. An unfinished run's parts count, and a shard's finished file (a
-    finished whole output is the job's, done already)."""
+    """The files of output `base` (the whole output, every shard of it, and a Ray run's folder of parts) that hold
+    rows of `target` committed by an earlier run, other than the files of this run's `layout`: rows that this run
+    would do again and that a later merge or run would find twice. An unfinished run's parts count, and a shard's
+    finished file (a finished whole output is the job's, done already)."""
     found = []
     for path in [base, *find_shards(base)]:
         named = split_shard_name(path)
         shard = Shard(0, 1) if named is None else named[1]
-        if path in layout or not overlaps(shard, target):
+        if not overlaps(shard, target):
             continue
-        try:
-            manifest = Manifest.load(work_dir(path) / "manifest.json")
-        except (OSError, ValueError, KeyError, TypeError):
+        manifest = _manifest(path)
+        if manifest is None:
             continue  # none, or unreadable: its own run says why, and nothing here is taken for committed rows
+        if path == base and not (manifest.complete and base.exists()) and parts_dir(base) not in layout:
+            # A Ray run names no parts in the manifest (its checkpoint keeps its rows): its folder's rows count,
+            # finished or not, until `kvbatch merge` writes the output file from them.
+            num_rows = _folder_rows(parts_dir(base))
+            if num_rows:
+                found.append(Committed(parts_dir(base), shard, num_rows, ray=True))
+        if path in layout:
+            continue
         if manifest.complete:
             num_rows = shard.num_rows(manifest.num_rows or 0) if named is not None and path.exists() else 0
         else:
@@ -69,48 +80,85 @@ def committed_elsewhere(base: Path, target: Shard, layout: Collection[Path]) -> 
     return found
 
 
+def _manifest(path: Path) -> Manifest | None:
+    try:
+        return Manifest.load(work_dir(path) / "manifest.json")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _folder_rows(folder: Path) -> int:
+    """The rows of a Ray run's Parquet parts, from their footers; a file that cannot be read counts none."""
+    if not folder.is_dir():
+        return 0
+    rows = 0
+    for file in folder.glob("*.parquet"):
+        with contextlib.suppress(OSError, pa.ArrowException):
+            rows += pq.read_metadata(file).num_rows
+    return rows
+
+
+def finished(output: Path, ray: bool = False) -> bool:
+    """Whether a run finished `output`: its manifest says so, and its file is there (`ray`: or a Ray run's folder,
+    which a local run does not take for its output)."""
+    manifest = _manifest(output)
+    done = output.exists() or (ray and parts_dir(output).is_dir())
+    return manifest is not None and manifest.complete and done
+
+
 def refuse_other_layouts(
     base: Path, target: Shard, layout: Collection[Path], mode: str, held: Path | None = None
 ) -> None:
-    """Refuse a run whose rows an earlier run of another layout (--data-parallel N, --shard I/N, one process)
-    committed beside it: the run would do them again, and leave them to be found twice. output.mode overwrite
-    removes them instead, as it starts again from nothing. `held`: the output whose lock this process holds."""
+    """Refuse a run whose rows an earlier run of another layout (--data-parallel N, --shard I/N, one process, a
+    Ray run) committed beside it: the run would do them again, and leave them to be found twice. output.mode
+    overwrite removes them instead, as it starts again from nothing. `layout`: this run's own files (a Ray run's:
+    its folder of parts); `held`: the output whose lock this process holds. Called before the run's own output
+    is opened: a local run opening a Ray run's finished output marks it unfinished, to run it again."""
     found = committed_elsewhere(base, target, layout)
     if not found:
         return
     if mode == "overwrite":
         for other in found:
-            _remove_committed(other.path, held=other.path == held)
+            _remove_committed(other, base, held)
         return
     listed = ", ".join(f"{c.path.name} ({c.num_rows} rows)" for c in found)
     raise OutputError(
         f"{shown_path(base)}: rows of this job are committed by an earlier run of another layout ({listed}); "
-        f"rerun it {_layout_advice(found[0].shard, target)} to resume them, or set output.mode: overwrite to "
-        "start again"
+        f"rerun it {_layout_advice(found[0], target, parts_dir(base) in layout)} to resume them, or set "
+        "output.mode: overwrite to start again"
     )
 
 
-def _layout_advice(earlier: Shard, target: Shard) -> str:
-    """How to run `target` again in the layout that committed shard `earlier`'s rows."""
-    if earlier.count % target.count == 0 and earlier.index % target.count == target.index:
-        ways = earlier.count // target.count  # the earlier run split `target` this many ways
-        return (
-            "as one process (parallel.data: 1)" if ways == 1 else f"with parallel.data: {ways} (--data-parallel {ways})"
-        )
-    if earlier.count == 1:
-        return "as one process, without --shard or parallel.data"
-    return f"as that run's shards (--shard I/{earlier.count})"
+def _layout_advice(earlier: Committed, target: Shard, ray: bool) -> str:
+    """How to run `target` again in the layout that committed `earlier`'s rows; `ray`: this run is a Ray run."""
+    if earlier.ray:
+        return "with runner: ray"
+    if earlier.shard.count % target.count == 0 and earlier.shard.index % target.count == target.index:
+        ways = earlier.shard.count // target.count  # the earlier run split `target` this many ways
+        advice = "as one process (parallel.data: 1)"
+        if ways > 1:
+            advice = f"with parallel.data: {ways} (--data-parallel {ways})"
+    elif earlier.shard.count == 1:
+        advice = "as one process, without --shard or parallel.data"
+    else:
+        advice = f"as that run's shards (--shard I/{earlier.shard.count})"
+    return f"{advice} and runner: local" if ray else advice
 
 
-def _remove_committed(path: Path, held: bool) -> None:
-    """Remove an earlier run's rows of `path`: its file, summary, parts and manifest. `held`: this process holds its
-    lock (a data-parallel run's own output); otherwise the lock is taken first, so a run writing it is not
+def _remove_committed(committed: Committed, base: Path, held: Path | None) -> None:
+    """Remove an earlier run's rows: a local run's file, summary, parts and manifest, or a Ray run's folder and
+    checkpoint. The output's lock is taken first unless this process holds it, so that a run writing it is not
     pulled from under (exit 4)."""
-    lock = contextlib.nullcontext() if held else OutputLock(work_dir(path) / "lock")
+    owner = base if committed.ray else committed.path  # whose lock guards these files
+    lock = contextlib.nullcontext() if owner == held else OutputLock(work_dir(owner) / "lock")
     with lock:
-        remove_path(path)
+        if committed.ray:
+            remove_path(committed.path)
+            remove_path(work_dir(base) / "ray-checkpoint")
+            return
+        remove_path(committed.path)
         with contextlib.suppress(FileNotFoundError):
-            summary_path(path).unlink()
-        for item in work_dir(path).iterdir():
+            summary_path(committed.path).unlink()
+        for item in work_dir(committed.path).iterdir():
             if item.name != "lock":  # another run may be waiting on it (--wait)
                 remove_path(item)

@@ -42,6 +42,7 @@ from kvbatch.errors import InputError, InterruptedJob, JobError, KvbatchError, O
 from .assemble import unify
 from .atomic import write_json
 from .job_io import checked_first_rows, layout_for, with_input_schema
+from .layouts import finished, refuse_other_layouts
 from .lock import OutputLock
 from .manifest import KVBATCH_VERSION, Manifest, previous_manifest
 from .model_identity import adapters_identity, model_identity
@@ -49,6 +50,7 @@ from .pipeline import input_columns, request_columns
 from .ray_data import GenerateBatch
 from .ray_input import RayInput, RowsSource, input_found, open_ray_input
 from .run import job_metadata, model_name
+from .shard import Shard
 from .signals import StopFlag
 from .spec import RAY_SHARD_REFUSAL, JobSpec, job_adapters, output_format, output_path, result_fingerprint, spec_hash
 from .summary import RunCounts, Summary, already_complete, build_summary, summary_path
@@ -117,6 +119,9 @@ def run_job_ray(job: JobSpec, engines: Any, stop: StopFlag, wait_for_lock: bool 
     lock = OutputLock(make_work_dir(out) / "lock")
     lock.acquire(wait=wait_for_lock, stop_waiting=lambda: stop.stopped)
     try:
+        # Rows a local run of this job committed (its parts, or its shards') would be done again, and left beside.
+        if not finished(out, ray=True):
+            refuse_other_layouts(out, Shard(0, 1), [parts_dir(out)], job.output.mode, held=out)
         connect(job.parallel.ray_address, job.parallel.ray_actors)
         layout = layout_for(job, {})
         try:

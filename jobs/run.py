@@ -22,7 +22,7 @@ from typing import Any
 
 from kvbatch.errors import ErrorKind, InputError, InterruptedJob, JobError
 from kvbatch.jobs.job_io import JobIO, check_input_unchanged, open_job
-from kvbatch.jobs.layouts import refuse_other_layouts
+from kvbatch.jobs.layouts import finished, refuse_other_layouts
 from kvbatch.jobs.manifest import KVBATCH_VERSION
 from kvbatch.jobs.packing import sort_window
 from kvbatch.jobs.pipeline import RowPipeline
@@ -30,6 +30,7 @@ from kvbatch.jobs.progress import JobProgress, announce_load
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row, RowError
 from kvbatch.jobs.shard import Shard
+from kvbatch.jobs.shard_output import job_shard
 from kvbatch.jobs.signals import StopFlag, hard_stop_named
 from kvbatch.jobs.spec import JobSpec, check_job_on_engine, job_adapters, output_path, spec_dict, spec_hash
 from kvbatch.jobs.summary import RunCounts, Summary, already_complete, build_summary, summary_path
@@ -171,6 +172,12 @@ def run_job(
 ) -> Summary:
     stop = stop or StopFlag()
     started = time.monotonic()
+    base, shard = output_path(job), job_shard(job.parallel.shard)
+    own = base if shard is None else shard.output_path(base)
+    if not finished(own):
+        # Rows another layout of this job committed (a killed --data-parallel run, rerun as one process) would be
+        # done again here, and their parts left behind.
+        refuse_other_layouts(base, shard or Shard(0, 1), [own], job.output.mode)
     io = open_job(job, wait_for_lock)
     io.writer.stop_waiting = lambda: stop.stopped
     shard, out, reader, writer = io.shard, io.out, io.reader, io.writer
@@ -179,9 +186,6 @@ def run_job(
         if writer.already_complete:
             log.info("job %s: %s is complete already (same spec); nothing to do", job.name, out)
             return already_complete(out, io.summary)
-        # Rows another layout of this job committed (a killed --data-parallel run, rerun as one process) would be
-        # done again here, and their parts left behind.
-        refuse_other_layouts(output_path(job), shard or Shard(0, 1), [out], job.output.mode)
         if io.missing_input is not None:
             raise io.missing_input
         total = reader.num_rows if shard is None or reader.num_rows is None else shard.num_rows(reader.num_rows)

@@ -11,9 +11,18 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from scaling_helpers import FailingEngineFactory, SignallingEngineFactory, rows_of, tiny_engine, tiny_job, write_input
+from scaling_helpers import (
+    FailingEngineFactory,
+    SignallingEngineFactory,
+    StopAfter,
+    committed_rows,
+    rows_of,
+    tiny_engine,
+    tiny_job,
+    write_input,
+)
 
-from kvbatch.errors import ExitCode, OutputError, SpecError, exit_code_of
+from kvbatch.errors import ExitCode, InterruptedJob, OutputError, SpecError, exit_code_of
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import job_from_dict, output_path
@@ -457,3 +466,66 @@ def test_no_address_joins_a_running_ray_without_a_cpu_count(monkeypatch, tmp_pat
     ray_run.connect(None, 1)
     want = [(None, None), ("local", 4), (None, None), (None, None), (None, 4)]
     assert [(s["address"], s["num_cpus"]) for s in started] == want
+
+
+def test_a_rerun_under_the_other_runner_is_refused_not_done_again(tmp_path, monkeypatch) -> None:
+    """A local run stopped part way and rerun with runner: ray did its committed rows again and left its parts in
+    the work folder (the Ray run's manifest named none of them); a Ray run's folder of parts rerun locally was
+    done again and left beside the output. Either rerun is refused, naming the earlier rows and the runner that
+    resumes them (no Ray is started for it); output.mode overwrite removes them and starts again."""
+    from kvbatch.jobs import ray_run as ray_run_module
+    from kvbatch.jobs.job_io import job_manifest
+    from kvbatch.jobs.manifest import Manifest
+    from kvbatch.jobs.run import EngineCache, run_job
+    from kvbatch.jobs.writer import parts_dir, work_dir
+
+    write_input(tmp_path / "in.jsonl")
+    local = job_from_dict({**_job_dict(tmp_path, "answers"), "output": {"path": "answers.parquet", "part_rows": 2}})
+    out = output_path(local)
+    with pytest.raises(InterruptedJob):
+        run_job(local, EngineCache(tiny_engine), StopAfter(10))
+    committed = committed_rows(out)
+    assert 0 < committed < 13
+    ray_run = job_from_dict({**_job_dict(tmp_path, "answers"), "output": {"path": "answers.parquet"}, "runner": "ray"})
+    connected: list[str | None] = []  # Ray itself may be up already, from another test of this process
+    monkeypatch.setattr(ray_run_module, "connect", lambda address, actors: connected.append(address))
+    [refused] = run_jobs([ray_run], engine_factory=tiny_engine)
+    assert isinstance(refused.error, OutputError), refused.error
+    assert str(refused.error) == (
+        f"{out}: rows of this job are committed by an earlier run of another layout (answers.parquet "
+        f"({committed} rows)); rerun it as one process (parallel.data: 1) and runner: local to resume them, or set "
+        "output.mode: overwrite to start again"
+    )
+    assert connected == [] and committed_rows(out) == committed
+    monkeypatch.undo()
+
+    # A Ray run's state, stopped part way: its manifest names no parts, its folder holds three rows.
+    other = job_from_dict({**_job_dict(tmp_path, "other"), "output": {"path": "other.parquet"}})
+    other_out = output_path(other)
+    work_dir(other_out).mkdir(parents=True)
+    job_manifest(other, other_out, "parquet").save(work_dir(other_out) / "manifest.json")
+    (work_dir(other_out) / "ray-checkpoint").mkdir()
+    parts_dir(other_out).mkdir()
+    whole = job_from_dict({**_job_dict(tmp_path, "whole"), "output": {"path": "whole.parquet"}})
+    [done] = run_jobs([whole], engine_factory=tiny_engine)
+    whole_rows = pq.read_table(output_path(whole))
+    pq.write_table(whole_rows.slice(0, 3), parts_dir(other_out) / "part-0000-000000-a.parquet")
+    [refused] = run_jobs([other], engine_factory=tiny_engine)
+    assert isinstance(refused.error, OutputError), refused.error
+    assert "(other.parquet.parts (3 rows)); rerun it with runner: ray to resume them" in str(refused.error)
+    assert not other_out.exists() and parts_dir(other_out).is_dir()
+    # Finished, as a Ray run leaves it (no output file until `kvbatch merge`): refused alike, and still finished.
+    manifest = Manifest.load(work_dir(other_out) / "manifest.json")
+    manifest.complete, manifest.num_rows = True, 3
+    manifest.save(work_dir(other_out) / "manifest.json")
+    [refused] = run_jobs([other], engine_factory=tiny_engine)
+    assert "(other.parquet.parts (3 rows)); rerun it with runner: ray" in str(refused.error)
+    assert Manifest.load(work_dir(other_out) / "manifest.json").complete and not other_out.exists()
+
+    overwrite = job_from_dict(
+        {**_job_dict(tmp_path, "other"), "output": {"path": "other.parquet", "mode": "overwrite"}}
+    )
+    [again] = run_jobs([overwrite], engine_factory=tiny_engine)
+    assert again.error is None and again.summary.rows_this_run == 13
+    assert pq.read_table(other_out).to_pylist() == whole_rows.to_pylist()
+    assert not parts_dir(other_out).exists() and not (work_dir(other_out) / "ray-checkpoint").exists()
