@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tiny_models import tiny_loaded
@@ -84,24 +85,12 @@ class FailingEngineFactory:
         self.marker, self.row, self.pause_s = str(marker), row, pause_s
 
     def __call__(self, model: str, settings: dict) -> object:
-        return _FailingEngine(tiny_engine(model, settings), self)
+        return _HookedEngine(tiny_engine(model, settings), self.before_generate)
 
-
-class _FailingEngine:
-    def __init__(self, engine: Engine, factory: FailingEngineFactory) -> None:
-        self.engine, self.factory = engine, factory
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.engine, name)
-
-    def generate(self, requests, **kwargs):
-        requests = list(requests)
-        if Path(self.factory.marker).exists() and any(r.request_id >= self.factory.row for r in requests):
-            import time
-
-            time.sleep(self.factory.pause_s)
-            raise RuntimeError(f"engine stopped at row {self.factory.row} (test)")
-        return self.engine.generate(requests, **kwargs)
+    def before_generate(self, requests: list) -> None:
+        if Path(self.marker).exists() and any(r.request_id >= self.row for r in requests):
+            time.sleep(self.pause_s)
+            raise RuntimeError(f"engine stopped at row {self.row} (test)")
 
 
 class SignallingEngineFactory:
@@ -113,26 +102,30 @@ class SignallingEngineFactory:
         self.pid, self.marker, self.row, self.pause_s = pid, str(marker), row, pause_s
 
     def __call__(self, model: str, settings: dict) -> object:
-        return _SignallingEngine(tiny_engine(model, settings), self)
+        return _HookedEngine(tiny_engine(model, settings), self.before_generate)
+
+    def before_generate(self, requests: list) -> None:
+        if any(r.request_id >= self.row for r in requests):
+            try:
+                os.unlink(self.marker)
+            except FileNotFoundError:
+                return
+            os.kill(self.pid, signal.SIGINT)
+            time.sleep(self.pause_s)
 
 
-class _SignallingEngine:
-    def __init__(self, engine: Engine, factory: SignallingEngineFactory) -> None:
-        self.engine, self.factory = engine, factory
+class _HookedEngine:
+    """The tiny engine, with `before(requests)` called on each batch before it generates."""
+
+    def __init__(self, engine: Engine, before: Callable[[list], None]) -> None:
+        self.engine, self.before = engine, before
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.engine, name)
 
     def generate(self, requests, **kwargs):
         requests = list(requests)
-        if any(r.request_id >= self.factory.row for r in requests):
-            try:
-                os.unlink(self.factory.marker)
-            except FileNotFoundError:
-                pass
-            else:
-                os.kill(self.factory.pid, signal.SIGINT)
-                time.sleep(self.factory.pause_s)
+        self.before(requests)
         return self.engine.generate(requests, **kwargs)
 
 
