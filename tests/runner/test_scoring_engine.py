@@ -204,6 +204,44 @@ def test_prompt_and_top_logprobs_equal_a_plain_forward(arch: str) -> None:
             assert top.token_ids[0] == completion.token_ids[step]  # greedy: the chosen token leads
 
 
+def test_sampled_rows_logprobs_are_the_models_own_distribution() -> None:
+    """logprobs and top_logprobs of sampled rows are those of the model's own distribution, before the logit bias,
+    penalties, temperature and filters (the job-file reference's promise, vLLM's default), for each of n samples
+    and under preemption. Only greedy rows' numbers were checked against transformers: logprobs taken after the
+    penalties passed the tests of the engine, its logits processors and the OpenAI output alike."""
+    rng = random.Random(5)
+    prompts = [random_ids(rng, rng.randint(1, 40)) for _ in range(6)]
+    settings = [
+        dict(temperature=0.7, top_k=20, repetition_penalty=1.3),
+        dict(temperature=1.5, top_p=0.8, presence_penalty=1.0, frequency_penalty=0.5, n=2),
+        dict(temperature=1.0, min_p=0.1, logit_bias={7: 5.0, 9: -3.0}, min_tokens=4),
+    ]
+    requests = [
+        GenerationRequest(
+            (i, j), prompt, SamplingParams(10, logprobs=True, top_logprobs=4, seed=i, ignore_eos=True, **extra)
+        )
+        for i, prompt in enumerate(prompts)
+        for j, extra in enumerate(settings)
+    ]
+    engine = engine_for(num_blocks_override=40, max_num_batched_tokens=32)
+    results = {r.request_id: r for r in engine.generate(requests)}
+    assert engine.stats.num_preemptions > 0
+    reference = hf_reference("llama")
+    num_sampled = 0  # tokens other than the model's most likely: where processed numbers would differ most
+    for (i, _), result in results.items():
+        assert result.error is None
+        for completion in result.completions:
+            rows = reference_logprobs(reference, prompts[i] + completion.token_ids)[len(prompts[i]) - 1 : -1]
+            chosen = rows.gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+            assert completion.logprobs == pytest.approx(chosen.tolist(), abs=TOLERANCE)
+            top_values, top_ids = rows.topk(4, dim=-1)
+            for step, top in enumerate(completion.top_logprobs):
+                assert top.token_ids == top_ids[step].tolist()
+                assert top.logprobs == pytest.approx(top_values[step].tolist(), abs=TOLERANCE)
+                num_sampled += completion.token_ids[step] != top.token_ids[0]
+    assert num_sampled > 20
+
+
 def test_top_logprobs_order_ties_by_token_id_as_argmax_does() -> None:
     """Tokens of equal log-probability (lm_head rows copied from the greedy token's, on both sides of its id) come
     lowest id first, as argmax picks among them: the greedy token leads its top_logprobs, and a tie at the k-th
