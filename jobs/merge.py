@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kvbatch.errors import MergeError
+from kvbatch.errors import MergeError, MergeTargetError
 
 from . import json_text
 from .arrow_io import read_arrow
@@ -91,7 +91,7 @@ def merge_shards(
     paths = sorted(shards) if shards else find_shards(output)
     named = split_shard_name(output)
     if not paths and named is not None:  # no run writes shards of a shard: the merged output was meant
-        raise MergeError(
+        raise MergeTargetError(
             f"{output} is a shard output (shard {named[1]}), not a merged output; merge its shards into the output "
             f"they make up: kvbatch merge {named[0]}"
         )

@@ -155,6 +155,13 @@ class MergeError(JobError):
     """Shards cannot be merged: missing, unfinished, of another spec or input, or with rows missing or twice."""
 
 
+class MergeTargetError(MergeError):
+    """`kvbatch merge` was given a target that no merge writes (a shard's own output): a usage error, as a job file
+    not found is; the message names the target meant."""
+
+    exit_code = ExitCode.USAGE
+
+
 class InterruptedJob(JobError):
     """A signal stopped the job after committing what was finished."""
 

@@ -846,6 +846,25 @@ def test_merge_run_again_after_the_shards_are_removed_reports_the_output_already
     assert result.exit_code == 1 and "no shard outputs found beside" in result.stderr
 
 
+def test_merge_into_a_shards_own_output_exits_2_naming_the_output_meant(tmp_path: Path) -> None:
+    """`kvbatch merge out/first.shard-0000-of-0002.arrow` (a shard's own file typed for the target) exited 1, as a
+    merge that failed over its shards' rows, where the command line was wrong: exit 2, as any usage mistake, with
+    the target meant; nothing is written and the shards are left as they were."""
+    from kvbatch.jobs.shard import Shard
+
+    path = jobs_file(tmp_path, "jobs:\n  - name: first\n    input: {path: in.jsonl}\n")
+    out = _write_finished_shards(load_jobs_file(path).jobs[0])
+    shard = Shard(0, 2).output_path(out)
+    before = shard.read_bytes()
+    result = invoke("merge", shard)
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"kvbatch: error: {shard} is a shard output (shard 0/2), not a merged output; merge its shards into the "
+        f"output they make up: kvbatch merge {out}\n"
+    )
+    assert shard.read_bytes() == before and not out.exists()
+
+
 def test_merge_of_a_job_file_takes_the_runs_set_options(tmp_path: Path) -> None:
     """Shards run with `--set output_dir=...` were looked for in the job file's own output_dir by `kvbatch merge
     jobs.yaml`, which took no --set: "no shard outputs found". merge takes the run's --set (as a job file is read
