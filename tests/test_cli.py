@@ -880,11 +880,10 @@ def test_merge_of_a_job_file_takes_the_runs_set_options(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "--set: --set overrides the jobs of a job file" in refused.stderr, refused.output
 
 
-def test_slurm_submit_gives_the_merge_the_runs_jobs_and_settings(tmp_path: Path) -> None:
-    """examples/slurm/submit.sh chained `kvbatch merge ${jobs_file}`: without the run's --job, jobs that never ran
-    as shards failed the merge (exit 1); without its --set output_dir=..., the merge looked in the wrong folder;
-    and the job file's path went unquoted into --wrap, so a path with a space named two files. The merge gets the
-    job file as one word and the run's --job and --set (--model and --limit as the --set they stand for)."""
+def _submitted_merge(tmp_path: Path, run_options: list[str]) -> list[str]:
+    """The `kvbatch merge` command line examples/slurm/submit.sh chains after an array run with `run_options`, as
+    Slurm's /bin/sh runs its --wrap (sbatch and kvbatch stand-ins record their arguments); the run must get every
+    option as given."""
     import subprocess
 
     bin_dir = tmp_path / "bin"
@@ -897,8 +896,6 @@ def test_slurm_submit_gives_the_merge_the_runs_jobs_and_settings(tmp_path: Path)
         )
         (bin_dir / tool).chmod(0o755)
     script = Path(__file__).parents[1] / "examples" / "slurm" / "submit.sh"
-    run_options = ["--job", "a b", "-j", "x", "--set", "output_dir=/scratch/it's here", "--set=engine.seed=1"]
-    run_options += ["--model", "/models/m 1", "--limit=5", "--shard", "1/2", "-q"]
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     submitted = subprocess.run(
         ["bash", str(script), "my jobs.yaml", *run_options], env=env, capture_output=True, text=True, check=False
@@ -913,7 +910,17 @@ def test_slurm_submit_gives_the_merge_the_runs_jobs_and_settings(tmp_path: Path)
     assert merge[merge.index("--dependency=afterok:100") - 1] == "--parsable"
     wrap = merge[merge.index("--wrap") + 1]
     subprocess.run(["sh", "-c", wrap], env=env, check=True)  # as Slurm runs it: /bin/sh
-    assert call(2) == [
+    return call(2)
+
+
+def test_slurm_submit_gives_the_merge_the_runs_jobs_and_settings(tmp_path: Path) -> None:
+    """examples/slurm/submit.sh chained `kvbatch merge ${jobs_file}`: without the run's --job, jobs that never ran
+    as shards failed the merge (exit 1); without its --set output_dir=..., the merge looked in the wrong folder;
+    and the job file's path went unquoted into --wrap, so a path with a space named two files. The merge gets the
+    job file as one word and the run's --job and --set (--model and --limit as the --set they stand for)."""
+    run_options = ["--job", "a b", "-j", "x", "--set", "output_dir=/scratch/it's here", "--set=engine.seed=1"]
+    run_options += ["--model", "/models/m 1", "--limit=5", "--shard", "1/2", "-q"]
+    assert _submitted_merge(tmp_path, run_options) == [
         "kvbatch",
         "merge",
         "my jobs.yaml",
@@ -928,6 +935,27 @@ def test_slurm_submit_gives_the_merge_the_runs_jobs_and_settings(tmp_path: Path)
         "model=/models/m 1",
         "--set",
         "input.limit=5",
+    ]
+
+
+def test_slurm_submit_gives_the_merge_every_form_of_the_runs_job_option(tmp_path: Path) -> None:
+    """submit.sh passed on `-j NAME`, `--job NAME` and `--job=NAME`, but not `-jNAME`, nor `-j` written after the
+    run's flags in one word (`-qj NAME`, `-qjNAME`), which the run's parser takes all the same: the merge then
+    merged every job of the file, and failed (exit 1) on the jobs the array never ran. Each form reaches the merge
+    as `-j NAME`, with the name the run read."""
+    run_options = ["-jfirst", "-qj", "second one", "-vjthird", "-qjjj", "-v", "--shard", "0/2"]
+    assert _submitted_merge(tmp_path, run_options) == [
+        "kvbatch",
+        "merge",
+        "my jobs.yaml",
+        "-j",
+        "first",
+        "-j",
+        "second one",
+        "-j",
+        "third",
+        "-j",
+        "jj",
     ]
 
 

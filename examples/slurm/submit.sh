@@ -12,6 +12,11 @@ shift
 while [ $# -gt 0 ]; do
   case $1 in
     --job | -j | --set) merge_cmd+=("$1" "${2-}"); shift ;;
+    -[!-]*)  # short options in one word, as the run's parser reads them: flags, then j and its value (-jNAME,
+             # -qj NAME, -qjNAME)
+      if [[ $1 =~ ^-[vq]*j(.*)$ ]]; then
+        if [ -n "${BASH_REMATCH[1]}" ]; then merge_cmd+=(-j "${BASH_REMATCH[1]}"); else merge_cmd+=(-j "${2-}"); shift; fi
+      fi ;;
     --job=* | --set=*) merge_cmd+=("$1") ;;
     --model) merge_cmd+=(--set "model=${2-}"); shift ;;
     --model=*) merge_cmd+=(--set "model=${1#--model=}") ;;
