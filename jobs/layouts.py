@@ -42,6 +42,7 @@ class Committed:
     shard: Shard
     num_rows: int
     ray: bool = False  # a Ray run's folder of parts (runner: ray), not a local run's file
+    finished: bool = False  # a shard's run finished it: a merge, not a rerun, makes the output of it
 
 
 def overlaps(a: Shard, b: Shard) -> bool:
@@ -76,7 +77,7 @@ def committed_elsewhere(base: Path, target: Shard, layout: Collection[Path]) -> 
         else:
             num_rows = len(manifest.done_rows())
         if num_rows:
-            found.append(Committed(path, shard, num_rows))
+            found.append(Committed(path, shard, num_rows, finished=manifest.complete))
     return found
 
 
@@ -124,9 +125,32 @@ def refuse_other_layouts(
     listed = ", ".join(f"{c.path.name} ({c.num_rows} rows)" for c in found)
     raise OutputError(
         f"{shown_path(base)}: rows of this job are committed by an earlier run of another layout ({listed}); "
-        f"rerun it {_layout_advice(found[0], target, parts_dir(base) in layout)} to resume them, or set "
-        "output.mode: overwrite to start again"
+        f"{_resume_advice(found, base, target, parts_dir(base) in layout)}, or set output.mode: overwrite to start "
+        "again"
     )
+
+
+def _resume_advice(found: list[Committed], base: Path, target: Shard, ray: bool) -> str:
+    """What makes the output of the rows `found`: where they are all the shards of the output, finished,
+    `kvbatch merge`; where some of them finished (a Slurm array's tasks), the others, then the merge; else (a
+    killed run, a Ray run's folder) a rerun in the layout that committed them, which resumes them and merges.
+    `ray`: this run is a Ray run."""
+    merge = f"merge them (kvbatch merge {shown_path(base)})"
+    if target == Shard(0, 1):  # `kvbatch merge` writes whole outputs only
+        counts = {c.shard.count for c in found}
+        if not any(c.ray for c in found) and len(counts) == 1 and (count := counts.pop()) > 1:
+            left = sorted(set(range(count)) - {c.shard.index for c in found if c.finished})
+            if not left:
+                return merge
+            if len(left) < count:
+                shards = ", ".join(f"--shard {i}/{count}" for i in left)
+                runner = " and runner: local" if ray else ""
+                return f"rerun the {_plural(len(left), 'shard')} left ({shards}{runner}), then {merge}"
+    return f"rerun it {_layout_advice(found[0], target, ray)} to resume them"
+
+
+def _plural(n: int, noun: str) -> str:
+    return noun if n == 1 else f"{n} {noun}s"
 
 
 def _layout_advice(earlier: Committed, target: Shard, ray: bool) -> str:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from scaling_helpers import rows_of, tiny_engine, tiny_job, write_input  # noqa: E402
+import pytest
+from scaling_helpers import StopAfter, committed_rows, rows_of, tiny_engine, tiny_job, write_input  # noqa: E402
 from typer.testing import CliRunner
 
 from kvbatch.cli import app
+from kvbatch.errors import InterruptedJob, OutputError
 from kvbatch.jobs.arrow_io import read_arrow
+from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import output_path
 
@@ -67,3 +70,42 @@ def test_more_shards_than_rows_merge(tmp_path):
     result = CliRunner().invoke(app, ["merge", str(out)])
     assert result.exit_code == 0, result.output
     assert rows_of(out) == rows_of(output_path(whole))
+
+
+def test_a_rerun_as_one_process_over_finished_shards_advises_the_merge(tmp_path):
+    """Shards of a Slurm array, rerun as one process before their merge: the refusal advised rerunning them with
+    --data-parallel 3, which redoes the unfinished shards on one node and merges, where the finished ones only
+    wanted `kvbatch merge`. The advice fits the state: some shards finished, the others (unfinished or never run)
+    and then the merge; all finished, the merge, after which the one-process run finds the output complete."""
+    write_input(tmp_path / "in.jsonl")
+    job = tiny_job(tmp_path)
+    out = output_path(job)
+
+    def shard(i: int):
+        return dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, shard=f"{i}/3"))
+
+    [outcome] = run_jobs([shard(0)], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    with pytest.raises(InterruptedJob):
+        run_job(shard(1), EngineCache(tiny_engine), StopAfter(13))
+    unfinished = committed_rows(out.with_name("answers.shard-0001-of-0003.arrow"))
+    assert 0 < unfinished < 4
+    [refused] = run_jobs([job], engine_factory=tiny_engine)
+    assert isinstance(refused.error, OutputError), refused.error
+    assert str(refused.error) == (
+        f"{out}: rows of this job are committed by an earlier run of another layout (answers.shard-0000-of-0003.arrow "
+        f"(5 rows), answers.shard-0001-of-0003.arrow ({unfinished} rows)); rerun the 2 shards left (--shard 1/3, "
+        f"--shard 2/3), then merge them (kvbatch merge {out}), or set output.mode: overwrite to start again"
+    )
+    for i in (1, 2):
+        [outcome] = run_jobs([shard(i)], engine_factory=tiny_engine)
+        assert outcome.error is None, outcome.error
+    [refused] = run_jobs([job], engine_factory=tiny_engine)
+    assert str(refused.error).endswith(
+        "answers.shard-0002-of-0003.arrow (4 rows)); "
+        f"merge them (kvbatch merge {out}), or set output.mode: overwrite to start again"
+    )
+    assert not out.exists()
+    assert CliRunner().invoke(app, ["merge", str(out)]).exit_code == 0
+    [done] = run_jobs([job], engine_factory=tiny_engine)
+    assert done.error is None and done.summary.status == "already complete"
