@@ -1,7 +1,9 @@
 """One process per output: an OS file lock (flock) held for the whole run.
 
 The kernel drops the lock when the process dies, even by kill -9, so there is never a stale lock to clean by
-hand; the lock file itself stays and is harmless.
+hand; the lock file itself stays and is harmless. It goes with its output's work folder where a run of another
+layout removes that output (output.mode overwrite): a run that waited on it then takes the lock again on the file
+now at its path, which a run started after the removal locks too, so that each output has one holder.
 """
 
 from __future__ import annotations
@@ -29,6 +31,23 @@ class OutputLock:
         """Take the lock, or raise OutputLockedError; with `wait`, wait for the holder to finish. `stop_waiting`
         (a signal arrived) ends the wait with InterruptedJob: the signal handler only sets a flag, so a plain
         blocking flock would sleep through it."""
+        while True:
+            fd = self._lock_once(wait, stop_waiting)
+            if self._still_at_path(fd):
+                break
+            # The holder removed the file (its output's work folder) before letting go: the lock taken is on a file
+            # no other run can open, so take the one now at the path, made again if need be.
+            os.close(fd)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create {self.path.parent}: {exc.strerror or exc}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _lock_once(self, wait: bool, stop_waiting: Callable[[], bool] | None) -> int:
+        """The open lock file, locked (see acquire)."""
         try:  # O_NOFOLLOW: a link planted at the lock's name must not make us open (and truncate) its target
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
@@ -54,9 +73,16 @@ class OutputLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+        return fd
+
+    def _still_at_path(self, fd: int) -> bool:
+        """Whether the locked file `fd` is still the one at the lock's path."""
+        try:
+            at_path = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
     def _wait(self, fd: int, stop_waiting: Callable[[], bool]) -> None:
         while True:

@@ -183,6 +183,38 @@ def test_a_signal_ends_a_wait_for_the_lock(tmp_path: Path) -> None:
     waiter.release()
 
 
+def test_a_run_waiting_on_a_lock_its_holder_removed_takes_the_one_at_the_path(tmp_path: Path) -> None:
+    """A run of another layout with output.mode overwrite removes an earlier shard's work folder, its lock
+    included (a folder left holding its lock alone was found as a shard of the output). A run that waited on that
+    lock (--wait) must not come out holding the removed file, which a run started after the removal cannot see:
+    it takes the lock on the file now at the path, so that the two runs are never both holders."""
+    import shutil
+    import threading
+
+    folder = tmp_path / ".answers.shard-0000-of-0002.arrow.kvbatch"
+    folder.mkdir()
+    lock = folder / "lock"
+    holder = OutputLock(lock)
+    holder.acquire()
+
+    def remove_and_release() -> None:
+        shutil.rmtree(folder)
+        holder.release()
+
+    threading.Timer(0.3, remove_and_release).start()
+    waiter = OutputLock(lock)
+    waiter.acquire(wait=True, stop_waiting=lambda: False)
+    try:
+        assert lock.read_text().strip() == str(os.getpid())  # the folder and lock made again, and locked
+        with pytest.raises(OutputLockedError, match="another kvbatch run"):
+            OutputLock(lock).acquire()
+    finally:
+        waiter.release()
+    again = OutputLock(lock)
+    again.acquire()
+    again.release()
+
+
 def test_the_lock_and_the_files_of_an_output_follow_the_umask(tmp_path: Path) -> None:
     """The lock, the parts journal and every file written through a temporary were made 0644 whatever the umask:
     in a team's group folder (umask 002) a teammate resuming an interrupted run could not open the lock for
