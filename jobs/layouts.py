@@ -29,6 +29,7 @@ from .arrow_io import remove_path
 from .lock import OutputLock
 from .manifest import Manifest
 from .merge import find_shards
+from .ray_parts import part_files
 from .shard import Shard, split_shard_name
 from .summary import summary_path
 from .writer import parts_dir, work_dir
@@ -89,11 +90,11 @@ def _manifest(path: Path) -> Manifest | None:
 
 
 def _folder_rows(folder: Path) -> int:
-    """The rows of a Ray run's Parquet parts, from their footers; a file that cannot be read counts none."""
+    """The rows of a Ray run's committed Parquet parts, from their footers; a file that cannot be read counts none."""
     if not folder.is_dir():
         return 0
     rows = 0
-    for file in folder.glob("*.parquet"):
+    for file in part_files(folder):
         with contextlib.suppress(OSError, pa.ArrowException):
             rows += pq.read_metadata(file).num_rows
     return rows

@@ -49,6 +49,7 @@ from .model_identity import adapters_identity, model_identity
 from .pipeline import input_columns, request_columns
 from .ray_data import GenerateBatch
 from .ray_input import RayInput, RowsSource, input_found, open_ray_input
+from .ray_parts import checkpoint_dir, part_files
 from .run import job_metadata, model_name
 from .shard import Shard
 from .signals import StopFlag
@@ -57,9 +58,6 @@ from .summary import RunCounts, Summary, already_complete, build_summary, summar
 from .writer import WriteReport, make_work_dir, parts_dir, resume_refusal, work_dir
 
 log = logging.getLogger(__name__)
-# Parts are Parquet whatever the output format: Ray's JSON lines writer goes through pandas, which turns an integer
-# column holding a null (prompt_tokens of an error row) into floats (12.0). `kvbatch merge` writes the job's format.
-PART_EXTENSIONS = ("parquet",)
 # How long an interrupted run waits for its write thread once the execution is shut down (it stops within a
 # scheduling step: the executor's own shutdown waits 2 s for its loop).
 WRITE_STOP_S = 30.0
@@ -68,10 +66,6 @@ WRITE_STOP_S = 30.0
 def provenance_path(output: Path) -> Path:
     """The provenance a local run writes into its output (model, job, spec hash, ...), kept for the merge."""
     return work_dir(output) / "provenance.json"
-
-
-def checkpoint_dir(output: Path) -> Path:
-    return work_dir(output) / "ray-checkpoint"
 
 
 def connect(address: str | None, actors: int) -> None:
@@ -387,10 +381,6 @@ def _repeats(group: pa.Table) -> pa.Table:
 
 
 # ---- what the folder holds --------------------------------------------------------------------------------
-
-
-def part_files(parts: Path, prefix: str = "part-") -> list[str]:
-    return sorted(str(p) for p in parts.glob(f"{prefix}*") if p.suffix.lstrip(".") in PART_EXTENSIONS)
 
 
 def _scan(files: list[str], columns: list[str]) -> Any:

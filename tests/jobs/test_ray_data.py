@@ -529,3 +529,37 @@ def test_a_rerun_under_the_other_runner_is_refused_not_done_again(tmp_path, monk
     assert again.error is None and again.summary.rows_this_run == 13
     assert pq.read_table(other_out).to_pylist() == whole_rows.to_pylist()
     assert not parts_dir(other_out).exists() and not (work_dir(other_out) / "ray-checkpoint").exists()
+
+
+def test_a_ray_folders_row_count_leaves_out_files_not_yet_committed(tmp_path) -> None:
+    """Ray Data writes a task's file before it commits the task's checkpoint: a file whose pending checkpoint is
+    still there (a write in flight, or one a kill cut short) holds rows a rerun deletes and does again. Its rows
+    were counted all the same: by the summary's count of the folder, and by a local rerun's refusal, which named
+    rows that were never committed. Only committed files are counted now, as the resume counts them."""
+    from kvbatch.jobs.job_io import job_manifest
+    from kvbatch.jobs.ray_run import checkpoint_dir, folder_report
+    from kvbatch.jobs.writer import parts_dir, work_dir
+
+    write_input(tmp_path / "in.jsonl")
+    whole = job_from_dict({**_job_dict(tmp_path, "whole"), "output": {"path": "whole.parquet"}})
+    [done] = run_jobs([whole], engine_factory=tiny_engine)
+    assert done.error is None, done.error
+    rows = pq.read_table(output_path(whole))
+    other = job_from_dict({**_job_dict(tmp_path, "other"), "output": {"path": "other.parquet"}})
+    out = output_path(other)
+    work_dir(out).mkdir(parents=True)
+    job_manifest(other, out, "parquet").save(work_dir(out) / "manifest.json")
+    parts = parts_dir(out)
+    parts.mkdir()
+    checkpoint_dir(out).mkdir()
+    committed, pending = "part-0000-000000-7f3a", "part-0000-000001-7f3a"  # as Ray names a write task's files
+    pq.write_table(rows.slice(0, 3), parts / f"{committed}.parquet")
+    pq.write_table(pa.table({"row": rows.column("row").slice(0, 3)}), checkpoint_dir(out) / f"{committed}.parquet")
+    pq.write_table(rows.slice(3, 4), parts / f"{pending}.parquet")
+    pq.write_table(
+        pa.table({"row": rows.column("row").slice(3, 4)}), checkpoint_dir(out) / f"{pending}.pending.parquet"
+    )
+    assert folder_report(parts).num_rows == 3
+    [refused] = run_jobs([other], engine_factory=tiny_engine)
+    assert "(other.parquet.parts (3 rows)); rerun it with runner: ray to resume them" in str(refused.error)
+    assert (parts / f"{pending}.parquet").exists()  # the rerun with runner: ray deletes it, as Ray's resume does
