@@ -28,6 +28,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,19 +69,46 @@ def provenance_path(output: Path) -> Path:
     return work_dir(output) / "provenance.json"
 
 
+@dataclass(frozen=True)
+class _Joined:
+    """The Ray connection connect() made: the address a job asked for, and the cluster (GCS) that joined."""
+
+    address: str | None
+    gcs: str | None
+
+
+_joined: list[_Joined] = []  # the connection connect() made last, if any
+
+
 def connect(address: str | None, actors: int) -> None:
     """Join the Ray cluster at `address` (auto: the running one), or keep the one this process already joined, or
-    start a local one with room for `actors` engine actors beside the tasks that feed them."""
+    start a local one with room for `actors` engine actors beside the tasks that feed them.
+
+    A job that names another address than the job before it asked for (one job file, or two run_jobs calls) is
+    run there: the connection this function made for the earlier job, done with it, is closed first. A Ray the
+    process joined itself (ray.init before run_jobs) is never closed here: every job runs on it."""
     import ray
 
     if ray.is_initialized():
-        return
+        ours = _joined and _joined[-1].gcs == _gcs()
+        if address is None or not ours or address == _joined[-1].address:
+            return
+        log.info("leaving Ray at %s for %s", _joined[-1].address or "a new local instance", address)
+        ray.shutdown()
     log.info("connecting to Ray at %s", address or "a new local instance")
     # Each engine actor holds a CPU for the whole run; the read, the write and, on a rerun, Ray Data's checkpoint
     # filter want one each as well. A local instance counts the machine's cores, and on 2 of them a rerun of one
     # actor waited for a CPU for ever, without a word. Its CPUs are a count to schedule by, not cores to pin.
     cpus = max(os.cpu_count() or 1, actors + 3) if _starts_local_ray(address) else None
     ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    _joined[:] = [_Joined(address, _gcs())]
+
+
+def _gcs() -> str | None:
+    """The cluster this process is joined to; None when it is joined to none (asking Ray would start one)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
 
 
 def _starts_local_ray(address: str | None) -> bool:

@@ -468,6 +468,40 @@ def test_no_address_joins_a_running_ray_without_a_cpu_count(monkeypatch, tmp_pat
     assert [(s["address"], s["num_cpus"]) for s in started] == want
 
 
+def test_a_job_of_another_ray_address_runs_on_that_cluster(monkeypatch) -> None:
+    """Two Ray jobs of different ray_address in one process (one job file, or two run_jobs calls): connect kept
+    whatever Ray the first had joined, so the second ran on the first's cluster without a word. The connection
+    kvbatch made for the first job is closed and the second's cluster joined; a job that names no address, or the
+    same, keeps it; a Ray the process joined itself (ray.init before run_jobs) is never closed."""
+    from types import SimpleNamespace
+
+    from kvbatch.jobs import ray_run
+
+    state: dict = {"gcs": None}
+    started: list[str | None] = []
+    closed: list[str] = []
+
+    def init(address, **kwargs) -> None:
+        started.append(address)
+        state["gcs"] = f"gcs of {address}"
+
+    def shutdown() -> None:
+        closed.append(state["gcs"])
+        state["gcs"] = None
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: state["gcs"] is not None)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address=state["gcs"]))
+    monkeypatch.setattr(ray_run, "_joined", [], raising=False)  # no connection of its own yet
+    for address in ("ray://a:10001", "ray://a:10001", None, "ray://b:10001", None):
+        ray_run.connect(address, 1)
+    assert (started, closed) == (["ray://a:10001", "ray://b:10001"], ["gcs of ray://a:10001"])
+    state["gcs"] = "the process's own"  # the caller closed kvbatch's Ray and joined one itself
+    ray_run.connect("ray://c:10001", 1)
+    assert (started, closed, state["gcs"]) == (["ray://a:10001", "ray://b:10001"], closed, "the process's own")
+
+
 def test_a_rerun_under_the_other_runner_is_refused_not_done_again(tmp_path, monkeypatch) -> None:
     """A local run stopped part way and rerun with runner: ray did its committed rows again and left its parts in
     the work folder (the Ray run's manifest named none of them); a Ray run's folder of parts rerun locally was
