@@ -508,7 +508,7 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
         # The job file's own loader: duplicate keys, tags and merge keys are refused here as they are there. A value
         # YAML reads as a comment alone ("###", "# Rules") is meant as that text, not as an empty mapping.
         if not raw.strip():  # a value forgotten; null is written as null
-            raise SpecError(f"--set {item!r} gives no value; leave the field out to keep its default", field="--set")
+            raise SpecError(f"{item!r} gives no value; leave the field out to keep its default", field="--set")
         if raw.lstrip().startswith("#"):
             value: Any = raw
         else:

@@ -363,7 +363,7 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
         (["--set", "engine.dtype=float8"], "engine.dtype: must be one of 'auto', 'float32'"),
         (["--set", "sampling={top_k: 1, top_k: 2}"], "--set sampling:1: top_k: duplicate field"),
         (["--set", "sampling=!!python/object:os.system {}"], "unsupported YAML tag"),
-        (["--set", "sampling.no_such_field="], "--set: --set 'sampling.no_such_field=' gives no value"),
+        (["--set", "sampling.no_such_field="], "--set: 'sampling.no_such_field=' gives no value"),
         (["--set", "sampling.stop=null"], "command line: sampling.stop: expected a list, got null"),
         (
             ["--set", "sampling=1", "--set", "sampling.n=2"],
@@ -374,6 +374,19 @@ def test_bad_command_line_values_exit_2(tmp_path: Path, recorder: Recorder) -> N
         assert (result.exit_code, message in result.stderr) == (2, True), (args, result.stderr)
     assert invoke("run", tmp_path / "missing.yaml").exit_code == 2
     assert invoke("generate", "in.jsonl").exit_code == 2  # click's own usage error: no --output
+    assert recorder.calls == []
+
+
+def test_a_set_without_a_value_names_the_option_once(tmp_path: Path, recorder: Recorder) -> None:
+    """`--set a=` printed "--set: --set 'a=' gives no value": the option named by the error's field and again by
+    its message. It is named once, as every other --set refusal names it."""
+    path = jobs_file(tmp_path)
+    for item in ("sampling.seed=", "sampling.seed=  "):
+        result = invoke("run", path, "--set", item)
+        assert (result.exit_code, result.stderr) == (
+            2,
+            f"kvbatch: error: --set: {item!r} gives no value; leave the field out to keep its default\n",
+        )
     assert recorder.calls == []
 
 
