@@ -469,6 +469,7 @@ def job_from_node(
     """`loaded`: `node` is a job that loaded once (spec_dict's values), none of them written by hand, and
     `from_defaults` the fields it took from its file's `defaults:` (None: those `node` shows). `passed`: collects
     the --set fields this job does not read, passed over rather than refused (see load_jobs_file)."""
+    _check_home_folders(node)
     read_schema_files(node, base_dir)
     job = build(JobSpec, node)
     given = node.value.get("model") if isinstance(node.value, dict) else None
@@ -495,6 +496,46 @@ def job_from_node(
     )
     validate(job, node, loaded, passed)
     return job
+
+
+# The fields that name files or folders, where `~` and `~user` are read as home folders (`*`: every value of a
+# mapping: `adapters` maps names to folders).
+HOME_PATHS = (
+    ("input", "path"),
+    ("output_dir",),
+    ("model",),
+    ("prompt", "chat_template_file"),
+    ("adapter",),
+    ("adapters", "*"),
+    ("sampling", "structured_outputs", "json"),
+)
+
+
+def _check_home_folders(node: Node) -> None:
+    """Refuse, naming file, line and field, a path that starts with a home folder this machine cannot name: `~`
+    with HOME unset and no home in the user database, `~user` for no such user. pathlib raises RuntimeError for it
+    wherever the path is read, a traceback, not a refusal."""
+    for keys in HOME_PATHS:
+        for found in _nodes_at(node, keys):
+            value = found.value
+            if not isinstance(value, str) or not value.startswith("~") or not os.path.expanduser(value)[:1] == "~":
+                continue
+            user = re.split(r"[/\\]", value[1:], maxsplit=1)[0]
+            if user:
+                problem = f"starts with the home folder of user {user!r}, whom this machine does not know"
+            else:
+                problem = "starts with ~, but HOME is unset and the user database gives this user no home folder"
+            raise found.error(f"{value!r} {problem}; write the path without ~")
+
+
+def _nodes_at(node: Node, keys: tuple[str, ...]) -> list[Node]:
+    """The nodes under `node` at dotted `keys` (`*`: every key of a mapping)."""
+    if not keys:
+        return [node]
+    if not isinstance(node.value, dict):
+        return []
+    children = node.value.values() if keys[0] == "*" else [node.value[keys[0]]] if keys[0] in node.value else []
+    return [found for child in children for found in _nodes_at(child, keys[1:])]
 
 
 def _from_defaults(node: Node, prefix: str = "") -> list[str]:

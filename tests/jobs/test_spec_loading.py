@@ -793,6 +793,47 @@ def test_paths_no_file_can_have_are_spec_errors(tmp_path: Path, extra: str, fiel
     assert words in error.message
 
 
+_NO_USER = "~nosuchuser_kvbatch"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "value"),
+    [
+        ("output_dir: ~/out", "jobs[0].output_dir", "~/out"),
+        (f"model: {_NO_USER}/m", "jobs[0].model", f"{_NO_USER}/m"),
+        (
+            f"prompt: {{chat_template_file: {_NO_USER}/t.jinja}}",
+            "jobs[0].prompt.chat_template_file",
+            f"{_NO_USER}/t.jinja",
+        ),
+        (f"adapters: {{a: {_NO_USER}/a}}", "jobs[0].adapters.a", f"{_NO_USER}/a"),
+        (f"sampling: {{structured_outputs: {{json: {_NO_USER}/s.json}}}}", _SCHEMA, f"{_NO_USER}/s.json"),
+    ],
+)
+def test_a_path_in_a_home_folder_the_machine_lacks_is_a_spec_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: str, field: str, value: str
+) -> None:
+    """`output_dir: ~/out` with HOME unset and no home in the user database (a container's user), or a path under
+    `~user` for a user the machine lacks, raised pathlib's RuntimeError ("Could not determine home directory"): a
+    traceback, wherever the path was first read. It is refused at load, naming file, line and field."""
+    import pwd
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    error = spec_error(tmp_path, f"jobs:\n  - name: a\n    input: {{path: x.jsonl}}\n    {extra}\n")
+    assert (error.field, error.where) == (field, f"{tmp_path / 'jobs.yaml'}:4")
+    if value == "~/out":
+        words = "starts with ~, but HOME is unset and the user database gives this user no home folder"
+    else:
+        words = "starts with the home folder of user 'nosuchuser_kvbatch', whom this machine does not know"
+    assert error.message == f"{value!r} {words}; write the path without ~"
+    error = spec_error(tmp_path, f"jobs:\n  - name: a\n    input: {{path: {_NO_USER}/in.jsonl}}\n")
+    assert (error.field, error.where) == ("jobs[0].input.path", f"{tmp_path / 'jobs.yaml'}:3")
+
+
 @pytest.mark.parametrize(
     ("input_path", "output", "words"),
     [
