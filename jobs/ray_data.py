@@ -2,8 +2,8 @@
 
 On its own, on any Ray Dataset with a prompt column:
 
-    ds.map_batches(GenerateBatch, fn_constructor_kwargs={"job": {"name": "x", "input": {"path": "-"}, ...}},
-                   batch_format="pyarrow", concurrency=4, num_gpus=1)
+    job = job_from_dict({"name": "x", "input": {"path": "-"}, ...})  # refused here, in the driver, if wrong
+    ds.map_batches(GenerateBatch, fn_constructor_kwargs={"job": job}, batch_format="pyarrow", concurrency=4, num_gpus=1)
 
 adds text, finish_reason, error, error_kind, prompt_tokens, output_tokens (and texts, finish_reasons, stop_reasons)
 to each row, and the columns the job asks for beyond them, as its own output has them: scores (task: score and
@@ -60,8 +60,9 @@ class GenerateBatch:
     """A callable class for `ray.data.Dataset.map_batches`: each actor loads one engine and keeps it.
 
     `job` is a JobSpec or its dict (as in a job file; `input.path` is not read); only its model, prompt,
-    sampling and engine settings are used. Rows are built from the batch's columns (`row` names each row when
-    present), or, in a `runner: ray` job, from RowsSource's blocks.
+    sampling and engine settings are used. A dict is checked in each actor (its refusal raised from each batch):
+    job_from_dict in the driver refuses it before any actor starts. Rows are built from the batch's columns
+    (`row` names each row when present), or, in a `runner: ray` job, from RowsSource's blocks.
     """
 
     def __init__(
@@ -73,11 +74,12 @@ class GenerateBatch:
     ) -> None:
         """`layout` and `duplicates` (later row of a repeated id -> the row that owns it): a `runner: ray` job's,
         whose blocks come from RowsSource; the output rows are then the job's (Layout.to_table)."""
-        self.job = job if isinstance(job, JobSpec) else job_from_dict(job, source="GenerateBatch")
         # Ray reports an actor whose constructor raised only as text (ActorDiedError); raised from each batch
-        # instead, the error reaches the driver as itself (RayTaskError.cause), and with it its exit code.
+        # instead, the error reaches the driver as itself (RayTaskError.cause), and with it its exit code: a job
+        # dict's refusal too (build the JobSpec in the driver, job_from_dict, to have it before any actor starts).
         self.refusal: KvbatchError | None = None
         try:
+            self.job = job if isinstance(job, JobSpec) else job_from_dict(job, source="GenerateBatch")
             settings = self.job.engine.settings()
             if job_adapters(self.job):  # the adapters rows may name, served as a local run serves them
                 settings["adapters"] = job_adapters(self.job)

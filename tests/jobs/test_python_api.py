@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from job_fakes import fake_factory
 from scaling_helpers import tiny_engine
@@ -342,11 +343,18 @@ def test_generate_takes_the_prompt_settings_chat_template_kwargs_and_split_reaso
 
 
 def test_generate_batch_names_itself_in_the_errors_of_its_job_dict() -> None:
-    """kvbatch.GenerateBatch, built from a dict in Python, blamed a command line too."""
+    """kvbatch.GenerateBatch, built from a dict in Python, blamed a command line too. The refusal is raised from
+    each batch, as an engine's refusal is: raised by the constructor, in a Ray actor, it reached the driver only as
+    the text of an ActorDiedError (tests/jobs/test_ray_data.py). kvbatch.job_from_dict in the driver refuses it
+    before any actor starts."""
     job = {"name": "x", "model": "tiny", "input": {"path": "-"}, "sampling": {"max_new_token": 3}}
+    generate = kvbatch.GenerateBatch(job, engine_factory=tiny_with_chat_template)
     with pytest.raises(SpecError) as typo:
-        kvbatch.GenerateBatch(job, engine_factory=tiny_with_chat_template)
+        generate(pa.table({"prompt": ["w5"]}))
     assert str(typo.value) == "GenerateBatch: sampling.max_new_token: unknown field (did you mean 'max_new_tokens'?)"
+    with pytest.raises(SpecError) as driver:
+        kvbatch.job_from_dict(job, source="GenerateBatch")
+    assert str(driver.value) == str(typo.value)
 
 
 def test_a_pathlib_path_names_the_model_and_the_template_file(tiny_engines: EngineCache, tmp_path: Path) -> None:

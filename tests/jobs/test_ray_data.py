@@ -197,6 +197,32 @@ def test_a_signal_to_a_ray_driver_stops_its_write_before_the_job_returns(tmp_pat
     assert [r["row"] for r in folder_rows(output_path(job).with_name("answers.parquet.parts"))] == list(range(16))
 
 
+def test_a_generate_batch_of_a_bad_job_dict_fails_the_map_with_its_refusal(local_ray) -> None:
+    """GenerateBatch given a job dict it refuses, on its own with map_batches: its constructor raised, so Ray
+    reported an ActorDiedError holding the refusal as text, after trying the actor again. The refusal is raised
+    from each batch, as the engine's are, and reaches the driver as itself where Ray Data keeps the original
+    exception (as `runner: ray` runs have it)."""
+    from ray.data import DataContext
+
+    from kvbatch.jobs.ray_data import GenerateBatch
+
+    job = {"name": "x", "model": "tiny", "input": {"path": "-"}, "sampling": {"max_new_token": 3}}
+    context = DataContext.get_current()
+    saved = context.raise_original_map_exception
+    context.raise_original_map_exception = True
+    try:
+        with pytest.raises(SpecError) as refused:
+            ray.data.from_items([{"prompt": "w5 w6"}]).map_batches(
+                GenerateBatch,
+                fn_constructor_kwargs={"job": job, "engine_factory": tiny_engine},
+                batch_format="pyarrow",
+                concurrency=1,
+            ).take_all()
+    finally:
+        context.raise_original_map_exception = saved
+    assert "GenerateBatch: sampling.max_new_token: unknown field (did you mean 'max_new_tokens'?)" in str(refused.value)
+
+
 def test_a_ray_run_over_jsonl_without_the_prompt_column_fails_before_any_model(tmp_path, local_ray):
     # A typo in the prompt column of a JSONL input (no schema to check up front) fails the job with the columns
     # the first rows have, as in a local run, not with a model load and one missing_column row per input row.
