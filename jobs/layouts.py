@@ -171,10 +171,11 @@ def _layout_advice(earlier: Committed, target: Shard, ray: bool) -> str:
 
 
 def _remove_committed(committed: Committed, base: Path, held: Path | None) -> None:
-    """Remove an earlier run's rows: a local run's file, summary and work folder (its lock too: a folder left with
-    its lock alone would still be found as a shard of the output), or a Ray run's folder and checkpoint. The
-    output's lock is taken first unless this process holds it, so that a run writing it is not pulled from under
-    (exit 4); a run waiting on it locks the file made again at its path (jobs/lock.py)."""
+    """Remove an earlier run's rows: a local run's file, summary and work folder (its lock too, unless this run
+    holds it: a folder left with its lock alone would still be found as a shard of the output), or a Ray run's
+    folder and checkpoint. The output's lock is taken first unless this process holds it, so that a run writing
+    it is not pulled from under (exit 4); a run waiting on it locks the file made again at its path
+    (jobs/lock.py)."""
     owner = base if committed.ray else committed.path  # whose lock guards these files
     lock = contextlib.nullcontext() if owner == held else OutputLock(work_dir(owner) / "lock")
     with lock:
@@ -185,4 +186,11 @@ def _remove_committed(committed: Committed, base: Path, held: Path | None) -> No
         remove_path(committed.path)
         with contextlib.suppress(FileNotFoundError):
             summary_path(committed.path).unlink()
-        remove_path(work_dir(committed.path))
+        if owner != held:
+            remove_path(work_dir(committed.path))
+            return
+        # This run's own output (a run of one process rerun with --data-parallel or on Ray): its lock is the one
+        # held, and removing its file would let a run started now lock a new file at the path beside this one.
+        for item in work_dir(committed.path).iterdir():
+            if item.name != "lock":
+                remove_path(item)

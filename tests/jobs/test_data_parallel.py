@@ -408,3 +408,30 @@ def test_rows_committed_under_another_layout_are_refused_not_done_again(tmp_path
     [resumed] = run_jobs([other], engine_factory=tiny_engine)
     assert resumed.summary.rows_this_run == 13 - committed
     assert rows_of(output_path(other)) == rows_of(output_path(whole))
+
+
+def test_an_overwrite_of_its_own_outputs_earlier_rows_keeps_the_lock_it_holds(tmp_path):
+    """A run of one process stopped part way, rerun with --data-parallel 2 and output.mode overwrite: the rerun
+    holds the output's lock while it removes the earlier run's rows. Removing that run's work folder whole took the
+    held lock file with it, so a run started then locked a new file at the path and ran beside it. The lock
+    stays, held; the earlier run's file, parts and manifest go."""
+    from kvbatch.jobs.layouts import committed_elsewhere, refuse_other_layouts
+    from kvbatch.jobs.shard import Shard
+
+    write_input(tmp_path / "in.jsonl")
+    job = tiny_job(tmp_path, "own")
+    with pytest.raises(InterruptedJob):
+        run_job(job, EngineCache(tiny_engine), StopAfter(5))
+    out = output_path(job)
+    shards = [Shard(i, 2).output_path(out) for i in range(2)]
+    assert [c.path for c in committed_elsewhere(out, Shard(0, 1), shards)] == [out]
+    held = OutputLock(work_dir(out) / "lock")
+    held.acquire()
+    try:
+        refuse_other_layouts(out, Shard(0, 1), shards, "overwrite", held=out)
+        assert committed_elsewhere(out, Shard(0, 1), shards) == []
+        assert [p.name for p in work_dir(out).iterdir()] == ["lock"]
+        with pytest.raises(OutputLockedError):
+            OutputLock(work_dir(out) / "lock").acquire()
+    finally:
+        held.release()
