@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 from .structured_outputs import StructuredOutputs
 
+# The seeds torch's manual_seed takes (-1 is 2**64 - 1 there, and here): OpenAI's and vLLM's int64 among them.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 Policy = Literal["optimistic", "reserve"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
@@ -164,9 +167,11 @@ class EngineConfig:
     allow_pickle: bool = setting(False, "load pickled .bin/.pt weights (unsafe with untrusted models)")
     allow_download: bool = setting(False, "fetch a model name missing from the local cache from the hub")
     cuda_graphs: bool = setting(True, "capture decode steps as CUDA graphs")
-    # The rows' seeds are drawn from 63 bits of it, as sampling.seed's: a wider one would repeat another's.
     seed: int | None = setting(
-        None, "base of the seeds of rows without sampling.seed; unset: random", min=0, max=2**63 - 1
+        None,
+        "base of the seeds of rows without sampling.seed (any int64 or uint64, as torch's manual_seed); unset: random",
+        min=SEED_MIN,
+        max=SEED_MAX,
     )
     prefix_cache: bool = setting(True, "reuse the K/V of full blocks shared with earlier prompts")
     async_scheduling: bool | None = setting(
@@ -207,14 +212,15 @@ class SamplingParams:
         "(>1 discourages)",
         min=REPETITION_PENALTY_MIN,
     )
-    # Samples are drawn from 63 bits of the seed: a wider one would share its samples with another. A row's noise
-    # follows its seed and position alone (vLLM's per-request seed), so rows given one seed draw alike.
+    # A row's noise follows its seed and position alone (vLLM's per-request seed), so rows given one seed draw
+    # alike. Any seed torch's manual_seed takes: a pipeline's random.getrandbits(64), or OpenAI's int64.
     seed: int | None = setting(
         None,
         "same seed, same sample, whatever else shares the batch; one seed for every row makes their samples "
-        "alike: engine.seed gives each row its own",
-        min=0,
-        max=2**63 - 1,
+        "alike: engine.seed gives each row its own. Any int64 or uint64; a negative seed is itself plus 2**64, "
+        "as in torch",
+        min=SEED_MIN,
+        max=SEED_MAX,
     )
     stop: tuple[str, ...] = setting((), "stop strings; the text is cut before them", no_empty_string=True)
     stop_token_ids: tuple[int, ...] = setting((), "token ids that stop a sample, besides the model's EOS", min=0)

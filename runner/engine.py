@@ -63,7 +63,7 @@ from .request import (
     TopLogprobs,
 )
 from .rolling import rolling_windows
-from .sampling import SampledTokens, SamplingRow, sample_on_device
+from .sampling import SampledTokens, SamplingRow, sample_on_device, sequence_seed
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from .scoring import ScoredRows, score_on_device
 from .scoring import warm_up as warm_up_scoring
@@ -438,7 +438,7 @@ class Engine:
             scored = {}
             if scores_prompt and i == 0:
                 scored = {"score_rows": list(range(len(prompt) - 1)), "score_targets": prompt[1:]}
-            seed = request_seed * 1_000_003 + i
+            seed = sequence_seed(request_seed, i)
             seq = Sequence(
                 self._next_seq_id,
                 request,
@@ -544,8 +544,11 @@ class Engine:
             self.pool,
         )
         source = iter(requests)
-        # engine.seed makes unseeded rows reproducible by id; without it each call (job) draws a fresh base
-        seed_base = self.config.seed if self.config.seed is not None else int.from_bytes(os.urandom(7), "little")
+        # engine.seed makes unseeded rows reproducible by id; without it each call (job) draws a fresh base. A
+        # negative engine.seed is itself plus 2**64, as in torch.
+        seed_base = (
+            self.config.seed % (1 << 64) if self.config.seed is not None else int.from_bytes(os.urandom(7), "little")
+        )
         exhausted = False
         num_intakes = 0
         in_flight: _InFlight | None = None

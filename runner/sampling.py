@@ -26,10 +26,20 @@ _MASK_63 = (1 << 63) - 1
 @dataclass
 class SamplingRow:
     params: SamplingParams
-    seed: int  # per sequence: request seed mixed with the sample index
+    seed: int  # per sequence: sequence_seed(request seed, sample index), a signed int64
     history: list[int]  # prompt + output so far, for the repetition penalty
     position: int  # index of the token being drawn within the output
     logits_info: RowLogits | None = None  # bad words' token ids, the ids min_tokens masks
+
+
+def sequence_seed(request_seed: int, sample_index: int) -> int:
+    """The noise seed of a request's sample, a signed int64, from any seed of -2**63..2**64 - 1 (taken modulo
+    2**64, as torch takes it: -1 is 2**64 - 1). Its low 63 bits are (seed * 1_000_003 + index) mod 2**63 and its
+    sign bit the seed's bit 63: a seed under 2**63 draws what it drew when only those were accepted, and a wider
+    one draws apart from it (the multiplier is odd, so no two seeds share a sample's noise)."""
+    seed = request_seed % (1 << 64)
+    low = (seed * 1_000_003 + sample_index) & _MASK_63
+    return low - ((seed >> 63) << 63)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +205,7 @@ def sample_on_device(
         sub_rows = [rows[i] for i in sampling]
         index = _on_device(sampling, torch.int64, logits.device)
         probs = _filter(logits[index], sub_rows)
-        seeds = _on_device([r.seed & _MASK_63 for r in sub_rows], torch.int64, logits.device)
+        seeds = _on_device([r.seed for r in sub_rows], torch.int64, logits.device)
         positions = _on_device([r.position for r in sub_rows], torch.int64, logits.device)
         race = probs / -torch.log(uniform_noise(seeds, positions, probs.shape[-1]))
         race = torch.where(probs > 0, race, -1.0)  # a removed token never wins, whatever the noise

@@ -46,9 +46,9 @@ def test_openai_bodies_penalties_bias_stop_and_seed_are_served(tmp_path) -> None
         ({"logit_bias": {"five": 1}}, "logit_bias must be a token id -> bias mapping, or [id, bias] pairs"),
         ({"logit_bias": {"\u0665": 1}}, "logit_bias must be a token id -> bias mapping"),  # an Arabic-Indic 5
         ({"logit_bias": [1, 2]}, "logit_bias must be a token id -> bias mapping"),
-        # samples are drawn from 63 bits of the seed: -1 and 2**63 would have shared 2**63 - 1's and 0's
-        ({"seed": -1}, "seed must be >= 0, got -1"),
-        ({"seed": 2**63}, f"seed must be <= {2**63 - 1}, got {2**63}"),
+        # any seed torch's manual_seed takes, OpenAI's int64 and a uint64 among them, and no other
+        ({"seed": -(2**63) - 1}, f"seed must be >= {-(2**63)}, got {-(2**63) - 1}"),
+        ({"seed": 2**64}, f"seed must be <= {2**64 - 1}, got {2**64}"),
         # smaller, a seen token's logit overflowed to inf and a sampled row drew token 0 at every step
         ({"repetition_penalty": 1e-40, "temperature": 1}, "repetition_penalty must be >= 1e-06, got 1e-40"),
         # JSON reads a long integer as a Python int, which no float holds: it failed the whole job

@@ -490,10 +490,10 @@ def test_a_jobs_logit_bias_replaces_the_defaults_whatever_its_spelling(tmp_path:
             "empty",
         ),
         (
-            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    engine: {seed: -1}\n",
+            "jobs:\n  - name: a\n    input: {path: x.jsonl}\n    engine: {seed: 18446744073709551616}\n",
             ":4",
             "jobs[0].engine.seed",
-            ">= 0",
+            "<= 18446744073709551615",
         ),
         (
             'jobs:\n  - name: a\n    input: {path: x.jsonl}\n    sampling: {stop: ["###", ""]}\n',

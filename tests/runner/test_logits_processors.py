@@ -200,6 +200,43 @@ def test_seeded_equals_transformers_processor(models, prompts, plain, case) -> N
         assert got[i] == hf_seeded(reference, prompt, processors, stops, params(i), seq_seed), f"{case}, prompt {i}"
 
 
+@pytest.mark.parametrize("seed", [0, 41, 2**62 + 9, 2**63 - 1])
+def test_the_seeds_taken_before_wider_ones_draw_as_they_did(models, prompts, seed) -> None:
+    """Seeds of -2**63..2**64 - 1 are taken since 0..2**63 - 1 were: each of those must still draw its rows as
+    then, every sample (n=2) on transformers' distribution with the noise keyed as it was, (seed * 1_000_003 +
+    sample) mod 2**63."""
+    loaded, reference = models
+    params = SamplingParams(max_new_tokens=NUM_NEW, temperature=0.9, seed=seed, n=2)
+    [result] = make_engine(loaded).generate([GenerationRequest(0, prompts[0], params)])
+    for i, completion in enumerate(result.completions):
+        want = hf_seeded(reference, prompts[0], [], (), params, (seed * 1_000_003 + i) & ((1 << 63) - 1))
+        assert completion.token_ids == want, f"sample {i}"
+
+
+def test_any_seed_torch_takes_is_served_as_torch_wraps_it(models, prompts) -> None:
+    """Seeds outside 0..2**63 - 1 were a bad_request row, where OpenAI and vLLM take any int64 and torch any of
+    -2**63..2**64 - 1: a pipeline seeding each row with random.getrandbits(64) lost half its rows. As in torch, a
+    negative seed is itself plus 2**64, and a seed over 2**63 - 1 draws apart from the one 2**63 below it (the
+    mask to 63 bits had made them share their samples); engine.seed takes the same range."""
+    loaded = models[0]
+    seeds = [-1, 2**64 - 1, -(2**63), 2**63, 0, 2**63 + 5, 5]
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=NUM_NEW, temperature=1.0, ignore_eos=True, seed=seeds[i])
+
+    got = [tuple(tokens) for tokens in engine_tokens(loaded, [prompts[0]] * len(seeds), params)]
+    assert got[0] == got[1] and got[2] == got[3]
+    assert len(set(got[1:])) == 5
+    unseeded = [SamplingParams(max_new_tokens=NUM_NEW, temperature=1.0, ignore_eos=True)] * 2
+    by_base = [engine_tokens(loaded, prompts[:2], unseeded.__getitem__, seed=base) for base in (-1, 2**64 - 1, 1)]
+    assert by_base[0] == by_base[1] != by_base[2]
+    for outside, words in ((2**64, f"seed must be <= {2**64 - 1}"), (-(2**63) - 1, f"seed must be >= {-(2**63)}")):
+        with pytest.raises(ValueError, match=words):
+            SamplingParams(seed=outside)
+        with pytest.raises(ValueError, match=words):
+            EngineConfig(seed=outside)
+
+
 def mixed(plain, prompts, i: int) -> SamplingParams:
     extra = cases(plain, prompts)[CASES[i % len(CASES)]](i % len(prompts))[0]
     return SamplingParams(max_new_tokens=NUM_NEW, temperature=0.8 * (i % 2), seed=i, **extra)
