@@ -52,7 +52,7 @@ OPENAI_SAMPLING = {
     "logit_bias": "logit_bias",  # {"50256": -100}: string keys, as JSON has them
 }
 # vLLM's OpenAI server takes these sampling fields in the same body (its "extra parameters"), under kvbatch's own
-# names: a batch file written for vLLM keeps them. top_k -1 is vLLM's "off", kvbatch's 0.
+# names: a batch file written for vLLM keeps them (top_k -1, vLLM's off, is 0 as SamplingParams reads it).
 VLLM_SAMPLING = (
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "bad_words",
     "allowed_token_ids", "include_stop_str_in_output", "truncate_prompt_tokens",
@@ -316,8 +316,6 @@ def openai_row(row: Row) -> Row:
     for key in VLLM_SAMPLING:
         if body.get(key) is not None:
             overrides[key] = body[key]
-    if overrides.get("top_k") == -1 and type(overrides["top_k"]) is int:
-        overrides["top_k"] = 0
     if body.get("response_format") is not None:
         try:
             constraint = response_format_constraint(body["response_format"])

@@ -201,7 +201,7 @@ class SamplingParams:
     max_new_tokens: int = setting(256, "new tokens per sample at most", min=1)
     temperature: float = setting(0.0, "0 = greedy", min=0)
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of this probability mass", gt=0, max=1)
-    top_k: int = setting(0, "keep the k most likely tokens; 0 = off", min=0)
+    top_k: int = setting(0, "keep the k most likely tokens; 0 = off, and -1 (vLLM's off) is 0", min=-1)
     min_p: float = setting(0.0, "drop tokens below min_p times the top token's probability", min=0, max=1)
     # At least 1e-6: a seen token's logit divided by it, then by a temperature of at least 1e-5, stays in float32's
     # range for any logit under 1e27. Smaller, a logit overflowed to inf, the probabilities became NaN, and a
@@ -286,6 +286,8 @@ class SamplingParams:
                 object.__setattr__(self, f.name, (value,))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         check_fields(self)
+        if self.top_k == -1:  # vLLM's spelling of off: one value for the sampler, the fingerprint and the output
+            object.__setattr__(self, "top_k", 0)
         for token_id, bias in self.logit_bias:
             if token_id < 0 or not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias {token_id}: {bias} needs a token id >= 0 and a bias in [-100, 100]")

@@ -19,7 +19,7 @@ from test_openai_logprobs import request, run_openai
         ({"max_completion_tokens": 0}, "max_completion_tokens must be an integer of at least 1, got 0"),
         ({"max_tokens": True}, "max_tokens must be an integer of at least 1, got True"),
         # vLLM's extra sampling fields are read under their names, and checked as the job's settings are
-        ({"top_k": -2}, "top_k must be >= 0, got -2"),
+        ({"top_k": -2}, "top_k must be >= -1, got -2"),
         ({"min_p": 1.5}, "min_p must be <= 1, got 1.5"),
         ({"temperature": True}, "temperature must be a finite number, got True"),
         ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),

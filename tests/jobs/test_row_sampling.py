@@ -249,6 +249,21 @@ def test_job_file_values_of_the_new_fields() -> None:
             job(sampling={"logit_bias": {key: 1}})
 
 
+def test_top_k_minus_one_is_off_in_the_job_file_and_in_a_rows_column(tmp_path) -> None:
+    """vLLM reads top_k -1 as off (and 0 too); only an OpenAI body took it, and a job file's `top_k: -1` was
+    refused at load, a row's top_k column of -1 a bad_request row. Either is off now, the same job as top_k 0."""
+    assert job(sampling={"top_k": -1}).sampling.top_k == 0
+    assert result_fingerprint(job(sampling={"top_k": -1})) == result_fingerprint(job(sampling={"top_k": 0}))
+    pq.write_table(pa.table({"prompt": ["a", "b"], "top_k": [-1, 5]}), tmp_path / "in.parquet")
+    spec = job_from_dict(
+        {"name": "j", "input": {"path": "in.parquet"}, "sampling_columns": ["top_k"]}, base_dir=str(tmp_path)
+    )
+    asked = [row_sampling(row, spec) for row in open_reader(spec, ["prompt", "top_k"])]
+    assert [SamplingParams(**values).top_k for values in asked] == [0, 5]
+    with pytest.raises(SpecError, match="sampling.top_k: must be >= -1, got -2"):
+        job(sampling={"top_k": -2})
+
+
 def test_unset_new_fields_leave_the_fingerprint_as_it_was() -> None:
     fingerprint = result_fingerprint(job())
     assert set(fingerprint["sampling"]) == set(_SAMPLING_FIELDS_V1)
