@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from kvbatch.errors import ErrorKind, KvbatchError
+from kvbatch.errors import ErrorKind, KvbatchError, SpecError
 from kvbatch.jobs.job_io import layout_for
 from kvbatch.jobs.pipeline import RowPipeline
 from kvbatch.jobs.ray_input import rows_of_block
@@ -62,7 +62,8 @@ class GenerateBatch:
     `job` is a JobSpec or its dict (as in a job file; `input.path` is not read); only its model, prompt,
     sampling and engine settings are used. A dict is checked in each actor (its refusal raised from each batch):
     job_from_dict in the driver refuses it before any actor starts. Rows are built from the batch's columns
-    (`row` names each row when present), or, in a `runner: ray` job, from RowsSource's blocks.
+    (`row` names each row when present, and with engine.seed a sampled batch needs it), or, in a `runner: ray`
+    job, from RowsSource's blocks.
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class GenerateBatch:
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
         if self.layout is not None:
             return self.layout.to_table(self._generate(rows_of_block(table)))
-        results = self._generate(self._rows(table))
+        results = self._generate(self._rows(table), numbered_by_position="row" not in table.column_names)
         results_table = _result_table(results)
         # What the job asks for beyond the fixed columns, typed as its output types them.
         asked = self._job_layout.to_table(results)
@@ -110,8 +111,9 @@ class GenerateBatch:
         passed = table.drop_columns([c for c in results_table.column_names if c in table.column_names])
         return results_table if passed.num_columns == 0 else _join(passed, results_table)
 
-    def _generate(self, rows: list[Row]) -> list[RowResult]:
-        """One output row per row, in the rows' order."""
+    def _generate(self, rows: list[Row], numbered_by_position: bool = False) -> list[RowResult]:
+        """One output row per row, in the rows' order. `numbered_by_position`: the rows' numbers are their
+        positions among this actor's batches, not the dataset's own."""
         by_row: dict[int, RowResult] = {}
         requests = []
         for row in rows:
@@ -120,6 +122,12 @@ class GenerateBatch:
                 by_row[row.index] = request
             else:
                 requests.append(request)
+        if numbered_by_position and self.job.engine.seed is not None:
+            drawn = [r for r in requests if not r.sampling.greedy and r.sampling.seed is None]
+            if drawn:
+                for request in requests:
+                    self.pipeline.discard(request)
+                raise _positional_seed_refusal()
         for result in self.engine.generate(requests):
             by_row[result.request_id] = self.pipeline.result(result)
         for row in rows:  # still exactly one row each
@@ -136,6 +144,20 @@ class GenerateBatch:
             indexes = list(range(self._next_row, self._next_row + len(records)))
             self._next_row += len(records)
         return [Row(i, r) for i, r in zip(indexes, records)]
+
+
+def _positional_seed_refusal() -> SpecError:
+    """engine.seed draws an unseeded sampled row from the seed and the row's number. Numbered by its position
+    among one actor's batches, rows at the same position of two actors drew the same samples, and which actor
+    got a batch (so a row's samples) changed from one run to the next: the seed kept neither of its promises."""
+    return SpecError(
+        "it draws each sampled row from the seed and the row's `row`, and this dataset has no `row` column "
+        "(rows numbered by their position in each actor would draw alike across actors, and differently from run "
+        "to run): add a `row` column of distinct integers (an id, or the row's index in the input), give each row "
+        "its own seed (sampling_columns: [seed]), or leave engine.seed unset",
+        field="engine.seed",
+        where="GenerateBatch",
+    )
 
 
 def _join(passed: pa.Table, results: pa.Table) -> pa.Table:

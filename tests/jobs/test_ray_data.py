@@ -69,6 +69,37 @@ def folder_rows(parts: Path) -> list[dict]:
     return pads.dataset(parts).to_table().sort_by("row").to_pylist()
 
 
+def test_generate_batch_draws_seeded_rows_by_their_row_column_never_by_actor_position(tmp_path) -> None:
+    """Without a `row` column each actor numbered its rows from 0, and an unseeded sampled row draws from
+    engine.seed and that number: with 2 actors, rows at the same position drew the same samples (16 identical
+    prompts gave 10 distinct texts), and which actor got a batch changed a row's samples from run to run. Such a
+    batch is refused now, naming engine.seed; with a `row` column two actors draw apart and a rerun draws alike."""
+    from kvbatch.jobs.ray_data import GenerateBatch
+
+    job = _job_dict(tmp_path, "seeded")
+    job["sampling"] = {"max_new_tokens": 6, "temperature": 1.0}
+    job["engine"] = {**job["engine"], "seed": 1}
+    prompts = ["w5 w6 w7"] * 4
+    with pytest.raises(SpecError, match=r"^GenerateBatch: engine\.seed: it draws each sampled row .* no `row` column"):
+        GenerateBatch(job, engine_factory=tiny_engine)({"prompt": prompts})
+    first, second = (GenerateBatch(job, engine_factory=tiny_engine) for _ in range(2))
+    a = first({"row": [0, 1, 2, 3], "prompt": prompts}).column("text").to_pylist()
+    b = second({"row": [4, 5, 6, 7], "prompt": prompts}).column("text").to_pylist()
+    assert len(set(a + b)) == 8
+    assert (
+        GenerateBatch(job, engine_factory=tiny_engine)({"row": [4, 5, 6, 7], "prompt": prompts})["text"].to_pylist()
+        == b
+    )
+    # No draw follows the numbering without engine.seed (each batch draws a fresh base), with a row's own seed, or
+    # greedy: these run without a `row` column as before.
+    unseeded = {**job, "engine": {**job["engine"], "seed": None}}
+    own_seed = {**job, "sampling": {**job["sampling"], "seed": 3}}
+    greedy = {**job, "sampling": {"max_new_tokens": 6}}
+    for other in (unseeded, own_seed, greedy):
+        table = GenerateBatch(other, engine_factory=tiny_engine)({"prompt": prompts})
+        assert table["error"].to_pylist() == [None] * 4 and table["row"].to_pylist() == [0, 1, 2, 3]
+
+
 def test_ray_run_over_a_parquet_folder_equals_one_process(tmp_path, local_ray):
     source = write_input(tmp_path / "in.jsonl", num_rows=14)
     records = [json.loads(line) for line in source.read_text().splitlines() if not line.endswith(": ")]
