@@ -169,7 +169,8 @@ class EngineConfig:
     cuda_graphs: bool = setting(True, "capture decode steps as CUDA graphs")
     seed: int | None = setting(
         None,
-        "base of the seeds of rows without sampling.seed (any int64 or uint64, as torch's manual_seed); unset: random",
+        "base of the seeds of rows without sampling.seed (any int64 or uint64, as torch's manual_seed): jobs of "
+        "one seed draw alike for the same row; unset: random",
         min=SEED_MIN,
         max=SEED_MAX,
     )
