@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbatch.errors import InputError, SpecError
+from kvbatch.errors import InputError, ModelLoadError, SpecError
 from kvbatch.jobs.first_rows import check_first_rows
-from kvbatch.jobs.manifest import INPUT_KEY, KVBATCH_VERSION, Manifest, input_identity
+from kvbatch.jobs.manifest import DTYPE_KEY, INPUT_KEY, KVBATCH_VERSION, Manifest, input_identity
 from kvbatch.jobs.model_identity import adapters_identity, model_identity
 from kvbatch.jobs.parsed import ParsedColumn
 from kvbatch.jobs.pipeline import input_columns, request_columns
@@ -41,6 +41,7 @@ from kvbatch.jobs.spec import (
 )
 from kvbatch.jobs.summary import Summary
 from kvbatch.jobs.writer import OutputWriter, work_dir
+from kvbatch.runner.config import EngineConfig
 
 
 def layout_for(job: JobSpec, input_types: dict[str, Any]) -> Layout:
@@ -208,7 +209,22 @@ def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:
         **model_identity(job.model),
         **adapters_identity(job_adapters(job)),
     }
+    if not looks_complete(out) and (dtype := weights_dtype(job)) is not None:
+        fingerprint[DTYPE_KEY] = dtype  # a finished output is not run again: it needs no device (nor torch)
     return Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)
+
+
+def weights_dtype(job: JobSpec) -> str | None:
+    """The dtype the job's engine loads the weights in (engine.dtype auto: float32 on the cpu, bfloat16 on CUDA),
+    resolved as the loader resolves it, or None where engine.device or engine.dtype does not resolve: the load
+    reports why."""
+    from kvbatch.runner.model_loader import resolve_device, resolve_dtype
+
+    dtype, device = job.engine.dtype or EngineConfig.dtype, job.engine.device or EngineConfig.device
+    try:
+        return str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+    except ModelLoadError:
+        return None
 
 
 def check_input_unchanged(job: JobSpec, manifest: Manifest) -> None:

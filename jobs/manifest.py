@@ -186,6 +186,9 @@ def to_ranges(indexes: Iterable[int]) -> list[list[int]]:
 
 
 INPUT_KEY = "input_file"  # the fingerprint's entry for the input file's identity
+# The dtype the weights load in, engine.dtype auto resolved on the run's device (a local run's manifest; absent in
+# those written before it was kept): rows made in float32 on the cpu and bfloat16 on a GPU must not make one output.
+DTYPE_KEY = "weights_dtype"
 _SAMPLE_BYTES = 1 << 20
 
 

@@ -31,7 +31,7 @@ from .arrow_io import remove_path
 from .assemble import count_by, input_order, read_part, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
 from .lock import OutputLock
-from .manifest import INPUT_KEY, Manifest, PartEntry, part_name, part_number, previous_manifest, to_ranges
+from .manifest import DTYPE_KEY, INPUT_KEY, Manifest, PartEntry, part_name, part_number, previous_manifest, to_ranges
 from .model_identity import ADAPTERS_KEY, MODEL_KEY
 from .records import Layout, RowResult
 from .spec import describe_changes, fingerprint_hash
@@ -144,10 +144,10 @@ class OutputWriter:
             refusal = resume_refusal(self.output, previous, self.manifest)
             if refusal:
                 raise OutputError(refusal)
-            for key in (INPUT_KEY, MODEL_KEY, ADAPTERS_KEY):
+            for key in (INPUT_KEY, MODEL_KEY, ADAPTERS_KEY, DTYPE_KEY):
                 if self.manifest.fingerprint.get(key) is None and previous.fingerprint.get(key) is not None:
-                    # The input (or model) is gone: the rows stay those of the one on record, which a new one
-                    # must still match.
+                    # The input (or model) is gone, or the dtype was not resolved for a finished output: the rows
+                    # stay those of the one on record, which a new one must still match.
                     self.manifest.fingerprint[key] = previous.fingerprint[key]
             if previous.complete and self.output.exists():
                 self.already_complete = True
@@ -340,9 +340,10 @@ def resume_refusal(output: Path, previous: Manifest, current: Manifest) -> str |
     old_input, new_input = previous.fingerprint.get(INPUT_KEY), current.fingerprint.get(INPUT_KEY)
     input_changed = old_input is not None and new_input is not None and old_input != new_input
     if not input_changed and previous.spec_hash in (current.spec_hash, _hash_before_engine_fields(previous, current)):
-        return None
-    # Another model's files differ too: its name says it.
-    files = (MODEL_KEY, ADAPTERS_KEY)
+        return _dtype_refusal(output, previous, current)
+    # Another model's files differ too: its name says it. The dtype is said on its own (and a finished output's
+    # manifest may leave it unresolved).
+    files = (MODEL_KEY, ADAPTERS_KEY, DTYPE_KEY)
     old = {k: v for k, v in previous.fingerprint.items() if k not in files}
     changes = describe_changes(old, {k: v for k, v in current.fingerprint.items() if k not in files})
     return (
@@ -364,12 +365,27 @@ def model_change(previous: Manifest, current: Manifest) -> list[str]:
     return changes
 
 
+def _dtype_refusal(output: Path, previous: Manifest, current: Manifest) -> str | None:
+    """Why unfinished rows made with the weights in one dtype cannot be resumed in another. The spec hash holds
+    engine.dtype as written, so this is engine.dtype auto on another device (float32 on the cpu, bfloat16 on a
+    GPU); a finished output is not run again, and an output of a version that kept no dtype is not compared."""
+    old, new = previous.fingerprint.get(DTYPE_KEY), current.fingerprint.get(DTYPE_KEY)
+    if previous.complete or old is None or new is None or old == new:
+        return None
+    return (
+        f"{shown_path(output)} has rows made with the weights in {old}, and this run would load them in {new} "
+        "(engine.dtype auto is float32 on the cpu, bfloat16 on a CUDA GPU): resume it on the device it ran on "
+        "(engine.device), or set output.mode: overwrite to start again"
+    )
+
+
 def _hash_before_engine_fields(previous: Manifest, current: Manifest) -> str | None:
     """The current spec's hash as versions before the engine's result fields (dtype, seed...) gave it, for an
     output such a version wrote (manifest version 1): its results were made under this same job file."""
     if previous.version >= 2 or "engine" not in current.fingerprint:
         return None
-    kept = {k: v for k, v in current.fingerprint.items() if k not in ("engine", INPUT_KEY, MODEL_KEY, ADAPTERS_KEY)}
+    left_out = ("engine", INPUT_KEY, MODEL_KEY, ADAPTERS_KEY, DTYPE_KEY)
+    kept = {k: v for k, v in current.fingerprint.items() if k not in left_out}
     return fingerprint_hash(kept)
 
 

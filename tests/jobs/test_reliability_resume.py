@@ -275,12 +275,33 @@ def test_spellings_of_one_setting_and_outputs_of_earlier_versions_resume(folder:
     data = json.loads(manifest_path.read_text())
     del data["fingerprint"]["engine"]
     del data["fingerprint"]["model_files"]  # nor did those versions keep this
+    del data["fingerprint"]["weights_dtype"]  # or this
     data["version"] = 1
     data["spec_hash"] = fingerprint_hash({k: v for k, v in data["fingerprint"].items() if k != "input_file"})
     manifest_path.write_text(json.dumps(data))
     outcome, _ = run(other, engine__dtype="float32")
     assert outcome.error is None and outcome.summary.rows_this_run == NUM_ROWS - 6
     assert_complete(other / "out" / "out.jsonl")
+
+
+def test_dtype_auto_resumed_on_another_device_is_refused(folder: Path, monkeypatch) -> None:
+    """engine.dtype auto was recorded as itself, not as the dtype it made: a run stopped on the cpu (float32)
+    resumed on a CUDA GPU (bfloat16) unrefused, and one output held rows of both. The manifest keeps the dtype
+    auto resolved to; another one is refused before a model loads, and the device it ran on resumes it."""
+    import torch
+
+    crash_after(folder, 6)  # engine.device and engine.dtype auto, on the cpu: float32
+    manifest = Manifest.load(work_dir(folder / "out" / "out.jsonl") / "manifest.json")
+    assert manifest.fingerprint["weights_dtype"] == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the same job, rerun on a GPU host
+    outcome, factory = run(folder)
+    assert isinstance(outcome.error, OutputError) and factory.engines == []
+    assert "rows made with the weights in float32, and this run would load them in bfloat16" in str(outcome.error)
+    outcome, _ = run(folder, engine__device="cpu")  # where it ran: the spec is the same (device decides speed)
+    assert outcome.error is None and outcome.summary.rows_this_run == NUM_ROWS - 6
+    assert_complete(folder / "out" / "out.jsonl")
+    outcome, factory = run(folder)  # finished: not run again, on any device
+    assert outcome.error is None and outcome.summary.status == "already complete" and factory.engines == []
 
 
 def test_mode_error_refuses_an_existing_output(folder: Path) -> None:
