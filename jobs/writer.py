@@ -31,7 +31,17 @@ from .arrow_io import remove_path
 from .assemble import count_by, input_order, read_part, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
 from .lock import OutputLock
-from .manifest import DTYPE_KEY, INPUT_KEY, Manifest, PartEntry, part_name, part_number, previous_manifest, to_ranges
+from .manifest import (
+    DTYPE_KEY,
+    INPUT_KEY,
+    Manifest,
+    PartEntry,
+    RowSet,
+    part_name,
+    part_number,
+    previous_manifest,
+    to_ranges,
+)
 from .model_identity import ADAPTERS_KEY, MODEL_KEY
 from .records import Layout, RowResult
 from .spec import describe_changes, fingerprint_hash
@@ -103,7 +113,7 @@ class OutputWriter:
         self._buffer: list[RowResult] = []
         self._last_commit = time.monotonic()
         self._lock = OutputLock(self.dir / "lock")
-        self._done: set[int] = set()
+        self._done = RowSet()
 
     # -- opening: lock, then decide what existing files mean ---------------------------------------------
     def open(self) -> OutputWriter:
@@ -212,7 +222,7 @@ class OutputWriter:
 
     # -- streaming --------------------------------------------------------------------------------------
     @property
-    def done_rows(self) -> set[int]:
+    def done_rows(self) -> RowSet:
         """Input rows already committed by an earlier run (skip them)."""
         return self._done
 
