@@ -313,7 +313,7 @@ class _Feed:
         self, pipeline: RowPipeline, writer: OutputWriter, progress: JobProgress, stop: StopFlag, shard: Shard | None
     ) -> None:
         self.pipeline, self.writer, self.progress, self.stop, self.shard = pipeline, writer, progress, stop, shard
-        self.submitted: set[int] = set()
+        self.submitted: set[int] = set()  # admitted to the engine and not written yet: the rows in flight
         self.num_rows = 0  # rows read, of the whole input
         self.num_finished = 0
         self.output_tokens = 0
@@ -342,6 +342,7 @@ class _Feed:
 
     def write(self, row: RowResult) -> None:
         self.writer.add(row)
+        self.submitted.discard(row.row)  # kept, every row of a long job would stay here to the end
         self.num_finished += 1
         self.output_tokens += row.output_tokens
         self.progress.update(row.prompt_tokens, row.output_tokens, error=row.error is not None)

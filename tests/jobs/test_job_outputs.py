@@ -20,6 +20,7 @@ from openai.types.chat import ChatCompletion
 from kvbatch import __version__
 from kvbatch.errors import SpecError
 from kvbatch.jobs import job_io as job_io_module  # where a job opens its reader
+from kvbatch.jobs import run as run_module
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.run import EngineCache, model_name, run_job
 from kvbatch.jobs.runners import run_jobs
@@ -109,6 +110,24 @@ def test_one_row_per_input_row_in_input_order(tmp_path: Path) -> None:
         "prompt_too_long": 1,
         "duplicate_id": 1,
     }
+
+
+def test_a_long_job_keeps_only_its_rows_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run noted every row it admitted to the engine, to find at the end any the engine never answered, and
+    kept them all: a set that grew by about 70 bytes a row for the whole job. It keeps the rows in flight."""
+    largest = []
+
+    class Watched(run_module._Feed):
+        def write(self, row) -> None:
+            super().write(row)
+            largest.append(len(self.submitted))
+
+    monkeypatch.setattr(run_module, "_Feed", Watched)
+    write_lines(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(300)])
+    summary, engine = run(tmp_path, input={"path": "in.jsonl"}, sort_window=4)
+    assert (summary.rows, summary.rows_ok, len(engine.requests)) == (300, 300, 300)
+    assert len(largest) == 300 and max(largest) <= 4, f"{max(largest)} rows kept, 3 answered at a time"
+    assert largest[-1] == 0
 
 
 def test_schema_metadata_names_job_model_sampling_and_version(tmp_path: Path) -> None:
