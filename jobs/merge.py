@@ -5,9 +5,10 @@
     out/answers.shard-0002-of-0004.arrow │
     out/answers.shard-0003-of-0004.arrow ┘
 
-Each shard must be complete (its manifest says so) and written by the same job spec (same spec hash), and
-must hold exactly its own rows (row % N == I). Anything else (a shard file missing, unfinished, from another
-spec, a row missing or present twice) stops the merge with the list, before anything is written.
+Each shard must be complete (its manifest says so) and written by the same job spec (same spec hash), with the
+weights in the same dtype (engine.dtype auto resolves by device), and must hold exactly its own rows (row % N ==
+I). Anything else (a shard file missing, unfinished, from another spec, a row missing or present twice) stops the
+merge with the list, before anything is written.
 The merged output gets a manifest marked complete, so rerunning the unsharded job finds it done.
 A merge can also target one shard (data parallel inside a Slurm shard): its sources are that shard's splits.
 """
@@ -33,7 +34,7 @@ from .arrow_io import read_arrow
 from .assemble import count_by, unify, write_output
 from .atomic import atomic_file
 from .lock import OutputLock
-from .manifest import INPUT_KEY, Manifest
+from .manifest import DTYPE_KEY, INPUT_KEY, Manifest
 from .model_identity import ADAPTERS_KEY, MODEL_KEY
 from .shard import Shard, split_shard_name
 from .spec import describe_changes
@@ -240,6 +241,15 @@ def _open_sources(paths: list[Path], target: Shard) -> tuple[list[_Source], list
             problems.append(
                 f"{s.path.name}: written by another model than {first.path.name} (the model at "
                 f"{s.manifest.fingerprint.get('model')} changed between their runs; {', '.join(model_changes)})"
+            )
+        # The spec hash holds engine.dtype as written: auto made float32 on a cpu node and bfloat16 on a GPU one. A
+        # shard of a version that kept no dtype is not compared.
+        dtypes = (first.manifest.fingerprint.get(DTYPE_KEY), s.manifest.fingerprint.get(DTYPE_KEY))
+        if None not in dtypes and dtypes[0] != dtypes[1]:
+            problems.append(
+                f"{s.path.name}: made with the weights in {dtypes[1]}, {first.path.name} in {dtypes[0]} "
+                "(engine.dtype auto is float32 on the cpu, bfloat16 on a CUDA GPU); rerun one of them on the other's "
+                "kind of device with output.mode: overwrite"
             )
         if s.manifest.num_rows != first.manifest.num_rows:
             problems.append(

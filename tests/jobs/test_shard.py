@@ -11,7 +11,7 @@ import pytest
 from kvbatch.errors import JobError, OutputLockedError, SpecError
 from kvbatch.jobs.arrow_io import read_arrow
 from kvbatch.jobs.lock import OutputLock
-from kvbatch.jobs.manifest import INPUT_KEY, Manifest
+from kvbatch.jobs.manifest import DTYPE_KEY, INPUT_KEY, Manifest
 from kvbatch.jobs.merge import MergeError, find_shards, merge_shards
 from kvbatch.jobs.model_identity import MODEL_KEY
 from kvbatch.jobs.records import Layout, RowResult
@@ -112,11 +112,14 @@ def _write_shard(
     input_sha: str = "aa",
     model: str = "m",
     model_files: dict[str, str] | None = None,
+    weights_dtype: str | None = None,
 ) -> Path:
     path = shard.output_path(out)
     fingerprint = {"model": model, INPUT_KEY: {"bytes": 10, "head_sha256": input_sha}}
     if model_files is not None:
         fingerprint[MODEL_KEY] = model_files
+    if weights_dtype is not None:
+        fingerprint[DTYPE_KEY] = weights_dtype
     manifest = Manifest("job", spec_hash, fingerprint, path.name, fmt)
     with ShardWriter(path, fmt, LAYOUT, manifest, shard=shard, part_rows=2) as writer:
         for row in reversed(shard.rows(num_rows)):  # any order in; input order out
@@ -350,6 +353,28 @@ def test_merge_refuses_shards_run_with_different_model_files(tmp_path):
     # A shard of a kvbatch that kept no model fingerprint is not taken as another model.
     other = tmp_path / "other.arrow"
     _write_shard(other, Shard(0, 2), model_files={"config.json": "aa"})
+    _write_shard(other, Shard(1, 2))
+    assert merge_shards(other).num_rows == NUM_ROWS
+
+
+def test_merge_refuses_shards_whose_dtype_auto_made_other_dtypes(tmp_path):
+    """engine.dtype auto is float32 on the cpu and bfloat16 on a GPU, and the spec hash holds it as written: the
+    shards of a Slurm array whose tasks ran on both kinds of node merged into one output holding rows of both
+    dtypes, which a resume of one output refuses. The merge refuses them too, naming each dtype."""
+    out = tmp_path / "answers.arrow"
+    _write_shard(out, Shard(0, 2), weights_dtype="float32")
+    _write_shard(out, Shard(1, 2), weights_dtype="bfloat16")
+    with pytest.raises(MergeError) as refused:
+        merge_shards(out)
+    assert str(refused.value) == (
+        f"cannot merge into {out}:\n  answers.shard-0001-of-0002.arrow: made with the weights in bfloat16, "
+        "answers.shard-0000-of-0002.arrow in float32 (engine.dtype auto is float32 on the cpu, bfloat16 on a CUDA "
+        "GPU); rerun one of them on the other's kind of device with output.mode: overwrite"
+    )
+    assert not out.exists()
+    # A shard of a kvbatch that kept no dtype is not taken as another one.
+    other = tmp_path / "other.arrow"
+    _write_shard(other, Shard(0, 2), weights_dtype="bfloat16")
     _write_shard(other, Shard(1, 2))
     assert merge_shards(other).num_rows == NUM_ROWS
 
