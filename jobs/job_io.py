@@ -209,8 +209,11 @@ def job_manifest(job: JobSpec, out: Path, fmt: str) -> Manifest:
         **model_identity(job.model),
         **adapters_identity(job_adapters(job)),
     }
-    if not looks_complete(out) and (dtype := weights_dtype(job)) is not None:
-        fingerprint[DTYPE_KEY] = dtype  # a finished output is not run again: it needs no device (nor torch)
+    # A finished output resumed is not run again: it needs no device (nor torch). Overwritten, it is run again,
+    # and its rows need their dtype as any run's do (a resume of that run compares it).
+    finished = job.output.mode == "resume" and looks_complete(out)
+    if not finished and (dtype := weights_dtype(job)) is not None:
+        fingerprint[DTYPE_KEY] = dtype
     return Manifest(job.name, spec_hash(job), fingerprint, out.name, fmt)
 
 

@@ -304,6 +304,23 @@ def test_dtype_auto_resumed_on_another_device_is_refused(folder: Path, monkeypat
     assert outcome.error is None and outcome.summary.status == "already complete" and factory.engines == []
 
 
+def test_an_overwrite_of_a_finished_output_records_its_dtype_for_its_own_resume(folder: Path, monkeypatch) -> None:
+    """A finished output leaves its dtype unresolved (it is not run again), and the same skip was made where it is
+    run again all the same, with output.mode overwrite: that run's manifest kept no dtype, so, stopped on the cpu
+    (float32), it resumed on a CUDA GPU (bfloat16) unrefused, one output of both dtypes."""
+    import torch
+
+    outcome, _ = run(folder)
+    assert outcome.error is None and outcome.summary.status != "already complete"
+    crash_after(folder, 6, output__mode="overwrite", sampling__max_new_tokens=4)
+    manifest = Manifest.load(work_dir(folder / "out" / "out.jsonl") / "manifest.json")
+    assert manifest.fingerprint["weights_dtype"] == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the same job, rerun on a GPU host
+    outcome, factory = run(folder, sampling__max_new_tokens=4)
+    assert isinstance(outcome.error, OutputError) and factory.engines == []
+    assert "rows made with the weights in float32, and this run would load them in bfloat16" in str(outcome.error)
+
+
 def test_mode_error_refuses_an_existing_output(folder: Path) -> None:
     run(folder)
     outcome, factory = run(folder, output__mode="error")
