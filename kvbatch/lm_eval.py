@@ -147,7 +147,7 @@ class KVBatchLM(TemplateLM):
             engine_settings.setdefault("device", device)
         # hf samples from torch's generator, which lm-eval seeds (--seed) before it builds the model: the engine's
         # seed base follows that seed, so a sampled run gives the same answers each time, as hf's does.
-        engine_settings.setdefault("seed", torch.initial_seed() & (2**63 - 1))
+        engine_settings.setdefault("seed", torch.initial_seed())
         if engine is None:
             # One engine at a time on a device, as a GPU's KV pool takes the memory the weights leave: one that
             # kvbatch.generate or a job holds in this process goes first (kvbatch.generate loads it again).

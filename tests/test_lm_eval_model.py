@@ -350,6 +350,18 @@ def test_sampled_generations_follow_lm_evals_torch_seed_as_hf_does(model_folder:
     assert answers(1234, ",seed=7") == answers(1235, ",seed=7")  # the engine's own seed, where given, wins
 
 
+def test_a_torch_seed_over_2_63_is_the_engines_seed_as_it_is(model_folder: Path) -> None:
+    """engine.seed takes every seed torch's manual_seed takes (up to 2**64 - 1), but lm-eval's torch seed was still
+    cut to 63 bits on its way there, a leftover of the narrower range: 2**63 + 1234 sampled what 1234 did."""
+    import torch
+    from lm_eval.api.registry import get_model
+
+    for torch_seed in (1234, 2**63 + 1234, 2**64 - 1):
+        torch.manual_seed(torch_seed)
+        model = get_model("kvbatch").create_from_arg_string(f"model={model_folder},device=cpu,max_length=32")
+        assert model.engine.config.seed == torch_seed
+
+
 def test_generation_kwargs_the_engine_cannot_follow_are_refused(model_folder: Path) -> None:
     # hf hands the other kwargs to generate(): num_beams=2 searches beams, a typo fails. kvbatch logged a warning
     # per request and generated greedily, answers other than hf's. num_beams=1 (set by tasks) changes nothing.
