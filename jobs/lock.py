@@ -33,23 +33,24 @@ class OutputLock:
         blocking flock would sleep through it."""
         while True:
             fd = self._lock_once(wait, stop_waiting)
-            if self._still_at_path(fd):
+            if fd is not None and self._still_at_path(fd):
                 break
-            # The holder removed the file (its output's work folder) before letting go: the lock taken is on a file
-            # no other run can open, so take the one now at the path, made again if need be.
-            os.close(fd)
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise OutputError(f"cannot create {self.path.parent}: {exc.strerror or exc}") from None
+            # A run of another layout removed the output's work folder (output.mode overwrite): before this run
+            # opened the lock, or while it waited on it, so that the lock taken is on a file no other run can open.
+            # Take the one at the path, in the folder made again.
+            if fd is not None:
+                os.close(fd)
+            self._make_folder()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
-    def _lock_once(self, wait: bool, stop_waiting: Callable[[], bool] | None) -> int:
-        """The open lock file, locked (see acquire)."""
+    def _lock_once(self, wait: bool, stop_waiting: Callable[[], bool] | None) -> int | None:
+        """The open lock file, locked (see acquire), or None where its folder is gone."""
         try:  # O_NOFOLLOW: a link planted at the lock's name must not make us open (and truncate) its target
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except FileNotFoundError:
+            return None
         except OSError as exc:
             raise OutputError(f"cannot open the lock file {self.path}: {exc.strerror or exc}") from None
         try:
@@ -74,6 +75,19 @@ class OutputLock:
             os.close(fd)
             raise
         return fd
+
+    def _make_folder(self) -> None:
+        """The lock's folder made again, refused where a link now stands at its name (as jobs/writer.py's
+        make_work_dir refuses it: what is written there would land wherever the link points)."""
+        folder = self.path.parent
+        if folder.is_symlink():
+            raise OutputError(
+                f"{folder} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link"
+            )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {folder}: {exc.strerror or exc}") from None
 
     def _still_at_path(self, fd: int) -> bool:
         """Whether the locked file `fd` is still the one at the lock's path."""

@@ -26,7 +26,7 @@ from reliability_helpers import (
 from typer.testing import CliRunner
 
 from kvbatch import cli
-from kvbatch.errors import ExitCode, OutputLockedError
+from kvbatch.errors import ExitCode, OutputError, OutputLockedError
 from kvbatch.jobs.lock import OutputLock
 from kvbatch.jobs.runners import run_jobs
 from kvbatch.jobs.spec import load_jobs_file
@@ -213,6 +213,27 @@ def test_a_run_waiting_on_a_lock_its_holder_removed_takes_the_one_at_the_path(tm
     again = OutputLock(lock)
     again.acquire()
     again.release()
+
+
+def test_a_run_whose_lock_folder_went_before_it_opened_the_lock_makes_it_again(tmp_path: Path) -> None:
+    """A run of another layout with output.mode overwrite removes an earlier run's work folder whole. A run that
+    made that folder and had not yet opened its lock failed "cannot open the lock file" (exit 1), neither locked
+    (exit 4) nor waiting: it makes the folder again and takes the lock there. A link put at the folder's name in
+    the meantime is refused, as make_work_dir refuses it."""
+    folder = tmp_path / ".answers.shard-0000-of-0002.arrow.kvbatch"
+    lock = OutputLock(folder / "lock")
+    lock.acquire()
+    try:
+        assert (folder / "lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(OutputLockedError, match="another kvbatch run"):
+            OutputLock(folder / "lock").acquire()
+    finally:
+        lock.release()
+    linked = tmp_path / ".linked.arrow.kvbatch"  # a link to a folder not there (yet)
+    linked.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        OutputLock(linked / "lock").acquire()
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_the_lock_and_the_files_of_an_output_follow_the_umask(tmp_path: Path) -> None:
