@@ -58,6 +58,7 @@ class RowSet(Set[int]):
         bounds = np.array(list(ranges), dtype=np.int64).reshape(-1, 2)
         if len(bounds) and bounds.min() < 0:
             raise ValueError(f"row indexes are 0 or more, got {bounds.min()}")
+        bounds = bounds[bounds[:, 1] > bounds[:, 0]]  # an empty range (or a reversed one, hand-edited) holds none
         # All ranges at once (a resume's parts hold hundreds of thousands): +1 where each starts, -1 where it ends.
         edges = np.zeros(int(bounds.max(initial=0)) + 1, dtype=np.int32)
         np.add.at(edges, bounds[:, 0], 1)

@@ -122,4 +122,6 @@ def test_rows_added_one_at_a_time_take_a_byte_each() -> None:
     done.add(5)
     assert len(done) == 200_000, "a row added twice counts once"
     assert set(RowSet([[3, 5], [4, 8], [10, 10]])) == {3, 4, 5, 6, 7}
+    # A reversed range (a manifest edited by hand) holds no row, as range(5, 3) does, and takes none from others.
+    assert set(RowSet([[0, 10], [5, 3]])) == set(range(10))
     assert set(range(10)) - RowSet([[3, 8]]) == {0, 1, 2, 8, 9}, "a plain set of rows, as from a set of ints"
