@@ -150,7 +150,7 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
         check_chat_template(job, sizing.tokenizer)  # a run stops on settings no template reads: so does its plan
         check_token_ids(job, sizing.vocab_size)  # a run stops on them before any row: so does its plan
         check_job_constraint(job, constraints.problem)  # and on the job's own constraint, when no row may begin it
-        adapters = adapter_problems(job, engines)
+        adapters = adapter_problems(job, sizing)
         check_job_adapter(job, lambda name: adapters.get(name, f"adapter {name!r} is not registered"))  # its adapter
     pipeline = RowPipeline(job, sizing.tokenizer, layout)  # the rows a run would fail, failed the same way
     pool = sizing.pool

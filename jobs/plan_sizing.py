@@ -46,13 +46,18 @@ class ModelSizing:
     prefix_cache: bool
     vocab_size: int  # the model's logits width: structured-output constraints and the job's token ids
     eos_token_ids: tuple[int, ...]  # the engine's (min_tokens bans them): its admission rule needs them
+    # The LoRA adapters as the engine registers them (runner/lora Adapters; over a meta-device model without
+    # weights): why each one's rows fail. None where the job has none.
+    adapters: Any = None
 
 
 def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
     """The tokenizer, context and pool a run of `job` would use; the weights load only when the pool needs them."""
     reason = _why_weights_needed(job, engines)
     if reason is None:
-        return sizing_without_weights(EngineConfig(model=job.model, **job.engine.settings()))
+        return sizing_without_weights(
+            EngineConfig(model=job.model, **job.engine.settings()), engines.sized_adapters(job)
+        )
     log.info("plan loads the model: %s", reason)
     engine, _ = engines.get(job)
     config = getattr(engine, "config", None)
@@ -64,6 +69,7 @@ def model_sizing(job: JobSpec, engines: EngineCache) -> ModelSizing:
         bool(getattr(config, "prefix_cache", False)),
         engine.vocab_size,
         _engine_eos_ids(engine),
+        getattr(engine, "adapters", None),
     )
 
 
@@ -85,8 +91,9 @@ def _why_weights_needed(job: JobSpec, engines: EngineCache) -> str | None:
     return None
 
 
-def sizing_without_weights(config: EngineConfig) -> ModelSizing:
-    """The Engine's CPU sizing (engine.py: kv_spec, _size_pool) from the config and tokenizer files alone."""
+def sizing_without_weights(config: EngineConfig, adapters: dict[str, str] | None = None) -> ModelSizing:
+    """The Engine's CPU sizing (engine.py: kv_spec, _size_pool) from the config and tokenizer files alone.
+    `adapters`: the LoRA adapters its slots are sized for, whose host copies a CPU engine takes out of kv_cache_gib."""
     tokenizer, model_config = load_tokenizer_and_config(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -94,7 +101,9 @@ def sizing_without_weights(config: EngineConfig) -> ModelSizing:
         backend = select_backend(config.attention_backend, device, config.block_size)
     except ValueError as exc:  # a backend asked for by name that cannot run here, refused as the Engine refuses it
         raise BackendUnavailableError(str(exc)) from None
-    pool = fixed_pool_size(kv_cache_spec(model_config, config.block_size, backend.name, dtype), config)
+    served = _weightless_adapters(config, model_config, adapters, device, dtype) if adapters else None
+    reserved = served.host_bytes if served is not None else 0
+    pool = fixed_pool_size(kv_cache_spec(model_config, config.block_size, backend.name, dtype), config, reserved)
     return ModelSizing(
         tokenizer,
         pool,
@@ -103,6 +112,34 @@ def sizing_without_weights(config: EngineConfig) -> ModelSizing:
         config.prefix_cache,
         model_config.get_text_config().vocab_size,
         eos_ids(_generation_config(config, model_config), tokenizer),
+        served,
+    )
+
+
+def _weightless_adapters(
+    config: EngineConfig, model_config: Any, adapters: dict[str, str], device: Any, dtype: Any
+) -> Any:
+    """The engine's own Adapters (engine.py: _make_adapters) over a meta-device model built from the config: its
+    slot sizes and its checks of each adapter against the model's layers, without the model's weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvbatch.runner.lora.adapters import Adapters
+    from kvbatch.runner.model_loader import DEFAULT_HUB_NAME
+
+    if config.max_loras < 1:  # as the engine refuses it
+        raise ValueError(f"engine.max_loras must be >= 1 to serve adapters, got {config.max_loras}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return Adapters(
+        model,
+        adapters,
+        device,
+        dtype,
+        config.max_loras,
+        config.max_cpu_loras or config.max_loras,
+        config.allow_pickle,
+        DEFAULT_HUB_NAME if config.model.startswith("default") else config.model,
     )
 
 
@@ -153,32 +190,11 @@ def load_tokenizer_and_config(config: EngineConfig) -> tuple[Any, Any]:
         raise ModelLoadError(f"cannot read model {config.model!r}'s config or tokenizer: {exc}") from exc
 
 
-def adapter_problems(job: JobSpec, engines: EngineCache) -> dict[str, str | None]:
-    """Each LoRA adapter of the job -> why its rows would fail (None: they run). Checked against the model's layer
-    shapes: an engine's own when the plan loads one, else a weightless (meta-device) model built from the config."""
+def adapter_problems(job: JobSpec, sizing: ModelSizing) -> dict[str, str | None]:
+    """Each LoRA adapter of the job -> why its rows would fail (None: they run), as the engine's adapters say."""
     adapters = job_adapters(job)
     if not adapters:
         return {}
-    if _why_weights_needed(job, engines) is not None:
-        engine, _ = engines.get(job)
-        return {name: engine.adapters.problem(name) if engine.adapters else "no adapters" for name in adapters}
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from kvbatch.runner.lora.weights import AdapterError, adaptable_linears, inspect_adapter, unadapted_layers
-    from kvbatch.runner.model_loader import DEFAULT_HUB_NAME
-
-    config = EngineConfig(model=job.model, **job.engine.settings())
-    _, model_config = load_tokenizer_and_config(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    linears, unadapted = adaptable_linears(model), unadapted_layers(model)
-    model_name = DEFAULT_HUB_NAME if job.model == "default" else job.model
-    problems: dict[str, str | None] = {}
-    for name, path in adapters.items():
-        try:
-            inspect_adapter(name, path, linears, config.allow_pickle, model_name, unadapted)
-            problems[name] = None
-        except AdapterError as exc:
-            problems[name] = str(exc)
-    return problems
+    if sizing.adapters is None:
+        return dict.fromkeys(adapters, "no adapters")
+    return {name: sizing.adapters.problem(name) for name in adapters}

@@ -107,6 +107,11 @@ class EngineCache:
                 sizing[name if name not in sizing else f"{name} (planned {len(sizing)})"] = path
         return sizing
 
+    def sized_adapters(self, job: JobSpec) -> dict[str, str]:
+        """The LoRA adapters the engine of `job` sizes its slots for, when this cache builds it (none: {})."""
+        adapters = job_adapters(job)
+        return self._sizing(self._key(job), adapters) if adapters else {}
+
     def _key(self, job: JobSpec) -> tuple:
         # A setting spelled at its default builds the engine that leaving it out builds: not a second model load.
         settings = {k: v for k, v in job.engine.settings().items() if _ENGINE_DEFAULTS.get(k, _UNSET) != v}

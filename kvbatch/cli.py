@@ -296,6 +296,7 @@ def plan(
         )
         specs = load_jobs_file(jobs_file, overrides, job).select(job)
         engines = EngineCache()
+        engines.plan(specs)  # an engine's adapter slots, and a CPU pool's room, as the run sizes them for its jobs
         codes = [OK]
         for spec in specs:  # a job that fails is reported and the next is planned, as `run` runs it
             try:

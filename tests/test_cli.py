@@ -982,3 +982,35 @@ def test_inspect_of_an_output_that_does_not_exist_exits_2_as_run_of_a_missing_jo
     work_dir(tmp_path / "partial.arrow").mkdir()
     unfinished = invoke("inspect", tmp_path / "partial.arrow")
     assert unfinished.exit_code == 1 and "no such output yet" in unfinished.stderr
+
+
+def test_plan_sizes_the_adapter_room_of_an_engine_for_every_job_that_shares_it(tmp_path: Path) -> None:
+    """`run` sizes a shared engine's adapter slots, and so a CPU pool's room, for the adapters of every job of the
+    file on that engine; `kvbatch plan` sized each job's for its own adapters alone: the first job's pool was
+    planned larger than the one its run gets."""
+    from lora_fixtures import ADAPTER_CONFIGS, save_adapters
+    from reliability_helpers import save_tiny_model
+    from tiny_models import tiny_model
+
+    from kvbatch.runner.engine import Engine, EngineConfig
+
+    folder = save_tiny_model(tmp_path / "model")
+    configs = {name: ADAPTER_CONFIGS[name] for name in ("r2-qv", "r16-all")}
+    paths = save_adapters(lambda: tiny_model("llama", 0), tmp_path / "adapters", configs)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "w3", "a": "r2-qv"}) + "\n")
+    settings = {"device": "cpu", "kv_cache_gib": 0.003, "block_size": 8}
+    text = f"""\
+defaults:
+  model: {json.dumps(str(folder))}
+  engine: {json.dumps(settings)}
+  adapter_column: a
+jobs:
+  - {{name: small, input: {{path: in.jsonl}}, adapters: {{r2-qv: {json.dumps(paths["r2-qv"])}}}}}
+  - {{name: both, input: {{path: in.jsonl}}, adapters: {json.dumps(paths)}}}
+"""
+    result = invoke("plan", jobs_file(tmp_path, text))
+    assert result.exit_code == 0, result.output
+    engine = Engine(EngineConfig(model=str(folder), **settings), adapters=paths)  # the one the run shares
+    pool = engine.pool_size
+    line = f"  KV pool         {pool.num_blocks} blocks of 8 tokens = {pool.num_tokens} tokens; context 512 tokens"
+    assert [s for s in result.stdout.splitlines() if s.startswith("  KV pool")] == [line, line]

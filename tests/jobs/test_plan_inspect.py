@@ -486,3 +486,43 @@ def test_plan_of_a_shard_plans_the_rows_that_shard_runs(tmp_path: Path) -> None:
         "row 5 (line 6): duplicate id 2 (first at row 2)",
     ]
     assert plan.format().splitlines()[0] == "job p, shard 1/2: 3 rows"
+
+
+def test_plan_on_the_cpu_takes_the_adapters_host_copies_out_of_the_pool_as_the_engine_does(tmp_path: Path) -> None:
+    """A CPU engine serving LoRA adapters takes max_cpu_loras host copies of the largest one out of kv_cache_gib;
+    the weightless plan sized the whole budget as KV, so it passed a row the run failed as prompt_too_long (208
+    tokens planned, 152 in the run) and overstated the rows that fit at once."""
+    from lora_fixtures import ADAPTER_CONFIGS, save_adapters
+    from reliability_helpers import save_tiny_model
+    from tiny_models import tiny_model
+
+    folder = save_tiny_model(tmp_path / "model")
+    configs = {"r2-qv": ADAPTER_CONFIGS["r2-qv"]}
+    paths = save_adapters(lambda: tiny_model("llama", 0), tmp_path / "adapters", configs)
+    rows = [{"prompt": " ".join(["w7"] * n), "a": "r2-qv"} for n in (20, 180)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = job(
+        tmp_path,
+        model=str(folder),
+        engine={"device": "cpu", "kv_cache_gib": 0.0001, "block_size": 8},
+        prompt={"chat_template": False},
+        sampling={"max_new_tokens": 4},
+        adapters=paths,
+        adapter_column="a",
+        output={"path": "out.jsonl"},
+    )
+    plan = plan_job(spec, EngineCache())
+    engines = EngineCache()
+    run_job(spec, engines)
+    [engine] = engines._engines.values()
+    tokens = engine.pool_size.num_tokens
+    written = [json.loads(line) for line in (tmp_path / "out" / "out.jsonl").read_text().splitlines()]
+    assert (plan.num_blocks, plan.pool_tokens) == (engine.pool_size.num_blocks, tokens) == (19, 152)
+    assert (
+        plan.failure_examples
+        == [r["error"] for r in written if r["error"]]
+        == [
+            f"row 1 (line 2): the prompt has 180 tokens; at most {tokens - 1} fit, leaving room for one new token (the "
+            f"KV pool holds {tokens} tokens, less than the context's 512)"
+        ]
+    )
