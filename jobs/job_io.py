@@ -22,7 +22,7 @@ from kvbatch.jobs.prompts import prompt_columns, prompt_spec
 from kvbatch.jobs.read_parquet import with_json_decoded
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout, output_type
-from kvbatch.jobs.rows import Row
+from kvbatch.jobs.rows import Reader, Row
 from kvbatch.jobs.shard import Shard
 from kvbatch.jobs.shard_output import job_shard, writer_for
 from kvbatch.jobs.spec import (
@@ -152,6 +152,19 @@ def checked_first_rows(job: JobSpec, rows: Iterator[Row]) -> Iterator[Row]:
     return check_first_rows(rows, columns)
 
 
+def read_as_run(job: JobSpec, reader: Reader, layout: Layout) -> Layout:
+    """Set `reader`'s rows as a run of `job` reads them (a run and its plan alike), and return `layout` with the
+    input's schema: a JSONL input's first rows checked for each column the job uses, an Arrow input's JSON values
+    decoded."""
+    if reader.columns is None:
+        reader.rows = checked_first_rows(job, reader.rows)
+    if reader.schema is not None:
+        layout = with_input_schema(layout, reader.schema)
+        # Kept columns stay as stored (JSON text); the request's are read as `datasets` reads them.
+        reader.rows = with_json_decoded(reader.rows, reader.schema, request_columns(job))
+    return layout
+
+
 def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
     """Reader, output layout, manifest, writer and summary of a job: shared by local and Ray runs."""
     shard = job_shard(job.parallel.shard)
@@ -166,12 +179,8 @@ def open_job(job: JobSpec, wait_for_lock: bool = False) -> JobIO:
         if input_path(job).exists() or job.output.mode != "resume" or not looks_complete(out):
             raise
         missing_input = exc  # a finished output needs no input: cleaned up after the run, it is still done
-    if reader is not None and reader.columns is None:
-        reader.rows = checked_first_rows(job, reader.rows)
-    if reader is not None and reader.schema is not None:
-        layout = with_input_schema(layout, reader.schema)
-        # Kept columns stay as stored (JSON text); the request's are read as `datasets` reads them.
-        reader.rows = with_json_decoded(reader.rows, reader.schema, request_columns(job))
+    if reader is not None:
+        layout = read_as_run(job, reader, layout)
     manifest = job_manifest(job, out, fmt)
     writer = writer_for(
         shard,

@@ -16,7 +16,7 @@ import numpy as np
 
 from kvbatch.cache.prefix_cache import ReuseEstimate
 from kvbatch.errors import ErrorKind
-from kvbatch.jobs.job_io import checked_first_rows, layout_for
+from kvbatch.jobs.job_io import layout_for, read_as_run
 from kvbatch.jobs.pipeline import RowPipeline, input_columns
 from kvbatch.jobs.plan_sizing import ModelSizing, adapter_problems, model_sizing
 from kvbatch.jobs.readers import open_reader
@@ -142,8 +142,8 @@ def plan_job(job: JobSpec, engines: EngineCache) -> JobPlan:
     output_path(job)  # a run stops on an output it cannot write (a folder, the input itself): so does its plan
     layout = layout_for(job, {})
     reader = open_reader(job, input_columns(job, layout))  # the columns a run reads
-    if reader.columns is None:  # a run stops on a prompt column none of the first rows has: so does its plan
-        reader.rows = checked_first_rows(job, reader.rows)
+    # Read as a run reads them: it stops on a prompt column none of the first rows has, and decodes JSON values
+    layout = read_as_run(job, reader, layout)
     sizing = model_sizing(job, engines)
     constraints = _Constraints(sizing)
     with named_where_written(job):  # each refusal names the line of the job file, as a run's does

@@ -526,3 +526,34 @@ def test_plan_on_the_cpu_takes_the_adapters_host_copies_out_of_the_pool_as_the_e
             f"KV pool holds {tokens} tokens, less than the context's 512)"
         ]
     )
+
+
+def test_plan_reads_json_values_of_an_arrow_input_as_the_run_does(tmp_path: Path) -> None:
+    """A run reads a Parquet or `datasets` column of JSON values (`datasets`' Json feature, here as a message's
+    content) as the values they spell; the plan read them as stored, as JSON text: it passed a message whose content
+    is the empty string (`""`, two characters as text) and one nested past reading, which the run fails."""
+    stored = [
+        json.dumps("hello"),
+        json.dumps(""),
+        json.dumps([{"type": "text", "text": "hi"}]),
+        "[" * 3000 + "]" * 3000,
+    ]
+    text = pa.array([[{"role": "user", "content": c}] for c in stored])
+    messages = text.cast(pa.list_(pa.struct([("role", pa.string()), ("content", pa.json_())])))
+    pq.write_table(pa.table({"m": messages}), tmp_path / "in.parquet")
+    spec = job(tmp_path, input={"path": "in.parquet"}, prompt={"messages_column": "m"}, output={"path": "out.jsonl"})
+    plan = plan_job(spec, EngineCache(fake_factory()))
+    [outcome] = run_jobs([spec], engine_factory=fake_factory())
+    assert outcome.error is None
+    written = [json.loads(line) for line in (tmp_path / "out" / "out.jsonl").read_text().splitlines()]
+    assert (
+        plan.failure_examples
+        == [r["error"] for r in written if r["error"]]
+        == [
+            "row 1: column 'm' has no non-empty message besides the system prompt",
+            "row 3: column 'm' holds JSON nested too deeply",
+        ]
+    )
+    assert dict(plan.failures) == {"empty_prompt": 1, "bad_json": 1}
+    # The parts' text is "hi", not the JSON text of the parts
+    assert (plan.prompt_tokens["min"], plan.prompt_tokens["max"]) == (chat_tokens("hi"), chat_tokens("hello"))
