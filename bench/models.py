@@ -11,6 +11,7 @@ import torch
 from kvbatch.bench.shapes import SHAPES
 from kvbatch.errors import SpecError
 from kvbatch.runner import attention_hook
+from kvbatch.runner.cpu_linear import use_onednn_linears
 from kvbatch.runner.model_loader import LoadedModel, resolve_device, resolve_dtype
 
 
@@ -60,6 +61,8 @@ def random_model(
             config, dtype=torch_dtype, attn_implementation=attention_hook.ATTN_IMPLEMENTATION
         )
     model.eval()
+    if torch_device.type == "cpu" and torch_dtype == torch.float32:
+        use_onednn_linears(model)  # as load_model does: the bench times the GEMMs a job runs
     stand_in = IdsOnlyTokenizer()
     if tokenizer is not None:
         from transformers import AutoTokenizer

@@ -674,3 +674,23 @@ def test_the_soak_runs_its_rows_as_a_job(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert stopped.value.code == 0, out
     assert "done: 12 rows (0 errors)" in out and "blocks free (whole); each row once, in order" in out
+
+
+def test_a_random_float32_cpu_model_runs_the_linears_load_model_gives_it(monkeypatch):
+    """`kvbatch bench throughput --device cpu` built its random model without load_model's oneDNN linears, so it
+    timed torch's MKL GEMMs (AVX2 code on AMD, about half the speed) and none of the oneDNN kernel caches, not the
+    path every CPU job runs."""
+    import torch
+
+    from kvbatch.bench.models import random_model
+    from kvbatch.runner import cpu_linear
+
+    monkeypatch.delenv(cpu_linear.ENV_VAR, raising=False)
+    has_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    expected = cpu_linear.OneDNNLinear if has_onednn else torch.nn.Linear
+    linears = [m for m in random_model("tiny", "cpu", "float32", max_model_len=64).model.modules()]
+    linears = [m for m in linears if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 7 + 1 and all(type(m) is expected for m in linears)
+    monkeypatch.setenv(cpu_linear.ENV_VAR, "aten")
+    plain = random_model("tiny", "cpu", "float32", max_model_len=64).model.modules()
+    assert not any(isinstance(m, cpu_linear.OneDNNLinear) for m in plain)
