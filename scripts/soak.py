@@ -32,6 +32,7 @@ from kvbatch.jobs.records import Layout, RowResult
 from kvbatch.jobs.writer import OutputWriter
 from kvbatch.runner import attention_hook
 from kvbatch.runner.config import SamplingParams
+from kvbatch.runner.cpu_linear import use_onednn_linears
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel
 from kvbatch.runner.request import GenerationRequest
@@ -60,6 +61,7 @@ def tiny_llama(seed: int) -> LoadedModel:
     model = AutoModelForCausalLM.from_config(
         config, attn_implementation=attention_hook.ATTN_IMPLEMENTATION, dtype=torch.float32
     ).eval()
+    use_onednn_linears(model)  # as load_model does for a float32 CPU model: its kernels and their caches
     vocab = {f"w{i}": i for i in range(2, VOCAB_SIZE)} | {"<s>": 0, "</s>": EOS_ID}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -694,3 +694,23 @@ def test_a_random_float32_cpu_model_runs_the_linears_load_model_gives_it(monkeyp
     monkeypatch.setenv(cpu_linear.ENV_VAR, "aten")
     plain = random_model("tiny", "cpu", "float32", max_model_len=64).model.modules()
     assert not any(isinstance(m, cpu_linear.OneDNNLinear) for m in plain)
+
+
+def test_the_soaks_model_runs_the_linears_load_model_gives_it(monkeypatch):
+    """scripts/soak.py watches a long run's memory, but built its model without load_model's oneDNN linears: it ran
+    torch's MKL GEMMs and never met oneDNN's kernel per row count, whose caches grew a real job's RSS from 308 to
+    1,020 MB while the soak's stayed flat."""
+    import runpy
+    from pathlib import Path
+
+    import torch
+
+    from kvbatch.runner import cpu_linear
+
+    monkeypatch.delenv(cpu_linear.ENV_VAR, raising=False)
+    has_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
+    model = runpy.run_path(str(script), run_name="soak")["tiny_llama"](0).model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    expected = cpu_linear.OneDNNLinear if has_onednn else torch.nn.Linear
+    assert len(linears) == 2 * 7 + 1 and all(type(m) is expected for m in linears)
