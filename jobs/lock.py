@@ -40,7 +40,7 @@ class OutputLock:
             # Take the one at the path, in the folder made again.
             if fd is not None:
                 os.close(fd)
-            self._make_folder()
+            make_work_folder(self.path.parent)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -75,19 +75,6 @@ class OutputLock:
             os.close(fd)
             raise
         return fd
-
-    def _make_folder(self) -> None:
-        """The lock's folder made again, refused where a link now stands at its name (as jobs/writer.py's
-        make_work_dir refuses it: what is written there would land wherever the link points)."""
-        folder = self.path.parent
-        if folder.is_symlink():
-            raise OutputError(
-                f"{folder} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link"
-            )
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create {folder}: {exc.strerror or exc}") from None
 
     def _still_at_path(self, fd: int) -> bool:
         """Whether the locked file `fd` is still the one at the lock's path."""
@@ -130,3 +117,16 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def make_work_folder(folder: Path) -> Path:
+    """An output's work folder (its lock, manifest and parts), created; refused where it is a symbolic link, as what
+    is written there would land wherever the link points, outside output_dir. Beside the lock: a run whose folder an
+    overwrite removed makes it again here (OutputLock.acquire)."""
+    if folder.is_symlink():
+        raise OutputError(f"{folder} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {folder.parent}: {exc}") from None
+    return folder

@@ -30,7 +30,7 @@ from kvbatch.errors import OutputError, shown_path
 from .arrow_io import remove_path
 from .assemble import count_by, input_order, read_part, read_parts, write_output
 from .atomic import INCOMPLETE, atomic_file, fsync_dir
-from .lock import OutputLock
+from .lock import OutputLock, make_work_folder
 from .manifest import (
     DTYPE_KEY,
     INPUT_KEY,
@@ -69,16 +69,8 @@ def parts_dir(output: Path) -> Path:
 
 
 def make_work_dir(output: Path) -> Path:
-    """The output's work folder (its lock, manifest and parts), created; refused where it is a symbolic link, as what
-    is written there would land wherever the link points, outside output_dir."""
-    folder = work_dir(output)
-    if folder.is_symlink():
-        raise OutputError(f"{folder} is a symbolic link; kvbatch keeps its parts inside output_dir, remove the link")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder {folder.parent}: {exc}") from None
-    return folder
+    """The output's work folder, created (lock.make_work_folder: a link at its name is refused)."""
+    return make_work_folder(work_dir(output))
 
 
 class OutputWriter:
