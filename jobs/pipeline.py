@@ -133,7 +133,7 @@ class RowPipeline:
         try:
             # A scored text may be blank: a context may be empty (lm-eval's unconditional case), and whitespace
             # alone has tokens to score; a text with none is the engine's empty_prompt.
-            prompt = build_prompt(row, self.pspec, allow_empty=self.job.is_scoring)
+            prompt = build_prompt(row, self.pspec, allow_empty=self.job.is_scoring, roles=self.tokenizer.roles)
             if isinstance(prompt, RowError):
                 return self._error_row(pending, prompt)
             continuations = rolling_prefix = None

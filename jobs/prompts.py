@@ -18,6 +18,8 @@ from kvbatch.errors import ErrorKind
 from .rows import Row, RowError, list_value, mapping_value, record_value, type_name
 from .spec import TEMPLATE_CALL_ARGUMENTS, JobSpec, PromptSpec, input_format, template_columns
 
+# The roles every chat template is written for (OpenAI's); a job's template may name more (Llama 3.1's `ipython`),
+# which its rows may then use (PromptTokenizer.roles).
 ROLES = ("system", "user", "assistant", "tool", "developer")
 # The roles of a system prompt: OpenAI's newer API calls it `developer` (kept as such for the chat template).
 SYSTEM_ROLES = ("system", "developer")
@@ -62,17 +64,19 @@ def prompt_columns(spec: PromptSpec) -> list[str]:
     return [spec.column or spec.messages_column, *extra]  # type: ignore[list-item]
 
 
-def build_prompt(row: Row, spec: PromptSpec, allow_empty: bool = False) -> Prompt | RowError:
+def build_prompt(
+    row: Row, spec: PromptSpec, allow_empty: bool = False, roles: tuple[str, ...] = ROLES
+) -> Prompt | RowError:
     """The row's prompt. `allow_empty`: an empty or blank text is a prompt (a scoring row's context may be empty,
     as lm-eval's unconditional loglikelihood has it; a rolling text of whitespace has tokens), not an empty_prompt
-    error."""
+    error. `roles`: the roles a message may have (a role outside them is `bad_role`)."""
     data = row.data or {}
     if spec.template is not None:
         text = _render_template(row, data, spec.template, allow_empty)
     elif spec.column is not None:
         text = _text_column(row, data, spec.column, allow_empty)
     else:
-        messages = _messages_column(row, data, spec.messages_column, allow_empty)  # type: ignore[arg-type]
+        messages = _messages_column(row, data, spec.messages_column, allow_empty, roles)  # type: ignore[arg-type]
         if isinstance(messages, RowError):
             return messages
         return _with_system(messages, spec, row)
@@ -176,7 +180,9 @@ def _render_template(row: Row, data: dict[str, Any], template: str, allow_empty:
     return text
 
 
-def _messages_column(row: Row, data: dict[str, Any], column: str, allow_empty: bool) -> list[dict[str, Any]] | RowError:
+def _messages_column(
+    row: Row, data: dict[str, Any], column: str, allow_empty: bool, roles: tuple[str, ...]
+) -> list[dict[str, Any]] | RowError:
     if column not in data:
         return _value_error(row, ErrorKind.MISSING_COLUMN, column, "is missing")
     if data[column] is None:
@@ -196,10 +202,10 @@ def _messages_column(row: Row, data: dict[str, Any], column: str, allow_empty: b
             return RowError(ErrorKind.WRONG_TYPE, f"{at} is {type_name(message)}, expected a {{role, content}} object")
         role = message.get("role")
         if role is None:
-            return RowError(ErrorKind.WRONG_TYPE, f"{at} has no role, expected one of {', '.join(ROLES)}")
-        if role not in ROLES:
+            return RowError(ErrorKind.WRONG_TYPE, f"{at} has no role, expected one of {', '.join(roles)}")
+        if role not in roles:
             kind = ErrorKind.BAD_ROLE if isinstance(role, str) else ErrorKind.WRONG_TYPE
-            return RowError(kind, f"{at}.role is {role!r}, expected one of {', '.join(ROLES)}")
+            return RowError(kind, f"{at}.role is {role!r}, expected one of {', '.join(roles)}")
         extra = {k: v for k, v in message.items() if k not in ("role", "content") and v is not None}
         wrong = next((k for k, v in extra.items() if not isinstance(v, MESSAGE_FIELDS.get(k, object))), None)
         if wrong is not None:

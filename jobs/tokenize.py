@@ -29,7 +29,7 @@ from functools import lru_cache
 from typing import Any
 
 from kvbatch.errors import ErrorKind
-from kvbatch.jobs.prompts import Prompt, message_text
+from kvbatch.jobs.prompts import ROLES, Prompt, message_text
 from kvbatch.jobs.rows import RowError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ class PromptTokenizer:
                 "the model's tokenizer has no chat template: prompts are sent as raw text (messages joined by "
                 "blank lines)"
             )
+        # A message may have OpenAI's roles, and those the template has a turn for (Llama 3.1's `ipython`): a role
+        # no template names is a typo's `bad_role`, not a turn the template writes out as it stands or drops.
+        templates = _templates(template, tokenizer) if self.use_chat_template else []
+        named = set().union(*map(_named_roles, templates)) - set(ROLES)
+        self.roles: tuple[str, ...] = (*ROLES, *sorted(named))
         # A fresh random marker per tokenizer: data cannot guess it to forge a piece boundary.
         self._marker = f"KVBATCH{secrets.token_hex(8)}"
         self._placeholder = re.compile(rf"{self._marker}_(\d+)_")
@@ -296,6 +301,64 @@ def _texts(message: dict[str, Any]) -> list[str]:
     """A message's texts as the template is given them: its content, or each of its text parts."""
     content = message["content"]
     return [content] if isinstance(content, str) else [p["text"] for p in content]
+
+
+def _templates(template: str | None, tokenizer: Any) -> list[str]:
+    """The job's own template, else every template of the tokenizer (transformers keeps named ones, such as
+    `tool_use`, in a dict)."""
+    if template is not None:
+        return [template]
+    found = getattr(tokenizer, "chat_template", None)
+    if isinstance(found, dict):
+        return [t for t in found.values() if isinstance(t, str)]
+    return [found] if isinstance(found, str) else []
+
+
+@lru_cache(maxsize=16)
+def _named_roles(template: str) -> frozenset[str]:
+    """The roles a template compares a message's role with (`message.role == "ipython"`, `message['role'] in
+    ["tool", "ipython"]`, a name set from a role, `selectattr("role", "equalto", "system")`): those it has a
+    turn for."""
+    import jinja2.nodes
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        ast = _compile_jinja_template(template).environment.parse(template)
+    except jinja2.TemplateError:
+        return frozenset()
+
+    def is_access(node: jinja2.nodes.Node) -> bool:
+        if isinstance(node, jinja2.nodes.Getattr):
+            return node.attr == "role"
+        return (
+            isinstance(node, jinja2.nodes.Getitem)
+            and isinstance(node.arg, jinja2.nodes.Const)
+            and node.arg.value == "role"
+        )
+
+    names = {
+        node.target.name
+        for node in ast.find_all(jinja2.nodes.Assign)
+        if isinstance(node.target, jinja2.nodes.Name) and is_access(node.node)
+    }
+
+    def is_role(node: jinja2.nodes.Node) -> bool:
+        return is_access(node) or (isinstance(node, jinja2.nodes.Name) and node.name in names)
+
+    def strings(node: jinja2.nodes.Node) -> list[str]:
+        items = node.items if isinstance(node, (jinja2.nodes.List, jinja2.nodes.Tuple)) else [node]
+        return [i.value for i in items if isinstance(i, jinja2.nodes.Const) and isinstance(i.value, str)]
+
+    roles: set[str] = set()
+    for compare in ast.find_all(jinja2.nodes.Compare):
+        sides = [compare.expr, *(op.expr for op in compare.ops)]
+        if any(map(is_role, sides)):
+            roles.update(s for side in sides for s in strings(side))
+    for call in ast.find_all(jinja2.nodes.Filter):
+        args = call.args
+        if call.name in ("selectattr", "rejectattr") and len(args) == 3 and strings(args[0]) == ["role"]:
+            roles.update(strings(args[2]))
+    return frozenset(roles)
 
 
 @dataclass(frozen=True)

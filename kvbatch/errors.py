@@ -32,7 +32,7 @@ class ErrorKind(str, enum.Enum):
     NOT_AN_OBJECT = "not_an_object"  # a JSONL line that is JSON but not an object
     MISSING_COLUMN = "missing_column"
     WRONG_TYPE = "wrong_type"  # a value of the wrong type for what the job reads from it
-    BAD_ROLE = "bad_role"  # a chat message whose role is not one a chat template knows
+    BAD_ROLE = "bad_role"  # a chat message whose role is neither OpenAI's nor one the chat template names
     EMPTY_PROMPT = "empty_prompt"
     DUPLICATE_ID = "duplicate_id"
     BAD_REQUEST = "bad_request"  # an OpenAI Batch line or a row's own settings without what a request needs

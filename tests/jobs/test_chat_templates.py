@@ -249,6 +249,38 @@ def test_tool_calls_and_tool_results_reach_the_template(tmp_path) -> None:
         assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.WRONG_TYPE and words in bad.error.message
 
 
+# A template with turns beyond OpenAI's roles, as Llama 3.1's has for `ipython` (a tool's output): it tests for
+# them by `==`, by `in` a list, through a name set from the role, and with selectattr.
+IPYTHON_STYLE = (
+    "{%- set first = messages | selectattr('role', 'equalto', 'critic') | list %}"
+    "{%- for message in messages %}{%- set speaker = message['role'] %}"
+    "{%- if message.role == 'ipython' %}{{- '<|im_start|>ipython\\n' + message.content | tojson + '<|im_end|>\\n' }}"
+    "{%- elif message['role'] in ['observation', 'tool'] %}"
+    "{{- '<|im_start|>obs\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif speaker == 'function' %}{{- '<|im_start|>fn\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("role", ["ipython", "observation", "function", "critic"])
+def test_a_role_the_template_has_a_turn_for_reaches_it(tmp_path, role) -> None:
+    tok = byte_tokenizer(IPYTHON_STYLE)
+    turns = [*MESSAGES, {"role": role, "content": "4"}, {"role": "user", "content": "Sure?"}]
+    want = tok.apply_chat_template(turns, tokenize=True, add_generation_prompt=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert ids_of(pipeline(tmp_path, tok), messages=turns) == list(want)
+    # a role no template names stays a typo's bad_role, naming the roles this template takes
+    bad = pipeline(tmp_path, tok).request(Row(1, {"messages": [*MESSAGES, {"role": "wizard", "content": "4"}]}))
+    assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.BAD_ROLE
+    assert "[1].role is 'wizard', expected one of system, user, assistant, tool, developer, critic, function" in (
+        bad.error.message
+    )
+    # another model's template does not name it: the same row is bad_role there
+    other = pipeline(tmp_path, byte_tokenizer()).request(Row(2, {"messages": turns}))
+    assert isinstance(other, RowResult) and other.error.kind == ErrorKind.BAD_ROLE
+
+
 def test_a_struct_columns_unset_tool_fields_stay_out_of_the_template(tmp_path) -> None:
     """Parquet, Arrow and `datasets` hold tools and tool calls as structs with every field any row has: a row's tool
     reached the template with the other rows' parameters as nulls (`"a": null, "b": null`, `"description": null`),
