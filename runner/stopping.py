@@ -132,7 +132,8 @@ class StopChecker:
         return end
 
     def _first_stop(self, seq: Sequence, text: str) -> tuple[int, str] | None:
-        """The earliest stop string in the sequence's `text` and where it starts; None if there is none. Under
+        """The earliest stop string in the sequence's `text` and where it starts (of two starting there, the first
+        the request lists, as vLLM checks them in order); None if there is none. Under
         min_tokens, only one that ends after the first min_tokens tokens' text counts, as in `check`: one before did
         not stop the sample, so it neither cuts the text nor is its stop reason."""
         params = seq.request.sampling
@@ -140,7 +141,7 @@ class StopChecker:
         done = _finished(text)  # as `check` read it: a stop string in an unfinished character did not stop it
         found = ((done.find(s, max(offset - len(s) + 1, 0)), s) for s in params.stop)
         cuts = [(i, s) for i, s in found if i >= 0]
-        return min(cuts) if cuts else None
+        return min(cuts, key=lambda cut: cut[0]) if cuts else None
 
 
 def _finished(text: str) -> str:

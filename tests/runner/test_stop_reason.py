@@ -55,6 +55,22 @@ def test_the_stop_string_found_is_the_stop_reason(engine: Engine) -> None:
     assert word not in completion.text
 
 
+def test_of_two_stop_strings_at_one_place_the_first_listed_is_the_stop_reason(engine: Engine) -> None:
+    """ "w117" and "w11" both start where token 4's text does: the text is cut there either way, and the stop
+    reason (and the stop string kept by include_stop_str_in_output) is the one the request lists first, not the
+    alphabetically first."""
+    tokens = one(engine).completions[0].token_ids
+    word = engine.tokenizer.decode([tokens[4]]).strip()
+    text = one(engine).completions[0].text
+    start = text.index(word)
+    assert text.find(word[:-1]) == start  # precondition: the shorter one is not found earlier
+    for stops in [(word, word[:-1]), (word[:-1], word)]:
+        completion = one(engine, stop=stops).completions[0]
+        assert (completion.finish_reason, completion.stop_reason, completion.text) == ("stop", stops[0], text[:start])
+        kept = one(engine, stop=stops, include_stop_str_in_output=True).completions[0]
+        assert kept.text == text[:start] + stops[0]
+
+
 def test_a_stop_string_seen_before_min_tokens_is_not_the_stop_reason(engine: Engine) -> None:
     """min_tokens=3: "w433" (token 0) does not stop the sample; "w117" (token 4) does, and is its stop reason."""
     tokens = one(engine).completions[0].token_ids
