@@ -317,8 +317,8 @@ def _templates(template: str | None, tokenizer: Any) -> list[str]:
 @lru_cache(maxsize=16)
 def _named_roles(template: str) -> frozenset[str]:
     """The roles a template compares a message's role with (`message.role == "ipython"`, `message['role'] in
-    ["tool", "ipython"]`, a name set from a role, `selectattr("role", "equalto", "system")`): those it has a
-    turn for."""
+    ["tool", "ipython"]`, `message.role | lower`, a name set from a role, `selectattr("role", "equalto",
+    "system")`) or looks up in a mapping (`{"user": "Human", ...}[message.role]`): those it has a turn for."""
     import jinja2.nodes
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
@@ -328,6 +328,8 @@ def _named_roles(template: str) -> frozenset[str]:
         return frozenset()
 
     def is_access(node: jinja2.nodes.Node) -> bool:
+        if isinstance(node, jinja2.nodes.Filter) and node.name in ("lower", "upper", "trim", "string", "title"):
+            return node.node is not None and is_access(node.node)
         if isinstance(node, jinja2.nodes.Getattr):
             return node.attr == "role"
         return (
@@ -349,7 +351,17 @@ def _named_roles(template: str) -> frozenset[str]:
         items = node.items if isinstance(node, (jinja2.nodes.List, jinja2.nodes.Tuple)) else [node]
         return [i.value for i in items if isinstance(i, jinja2.nodes.Const) and isinstance(i.value, str)]
 
+    mappings = {
+        node.target.name: node.node
+        for node in ast.find_all(jinja2.nodes.Assign)
+        if isinstance(node.target, jinja2.nodes.Name) and isinstance(node.node, jinja2.nodes.Dict)
+    }
     roles: set[str] = set()
+    for lookup in ast.find_all(jinja2.nodes.Getitem):
+        if is_role(lookup.arg):
+            mapping = mappings.get(lookup.node.name) if isinstance(lookup.node, jinja2.nodes.Name) else lookup.node
+            if isinstance(mapping, jinja2.nodes.Dict):
+                roles.update(s for pair in mapping.items for s in strings(pair.key))
     for compare in ast.find_all(jinja2.nodes.Compare):
         sides = [compare.expr, *(op.expr for op in compare.ops)]
         if any(map(is_role, sides)):

@@ -281,6 +281,27 @@ def test_a_role_the_template_has_a_turn_for_reaches_it(tmp_path, role) -> None:
     assert isinstance(other, RowResult) and other.error.kind == ErrorKind.BAD_ROLE
 
 
+# Roles read through a mapping and a filter, as older templates name their speakers.
+MAPPED_STYLE = (
+    "{%- set speakers = {'user': 'Human', 'assistant': 'Bot', 'human': 'Human', 'gpt': 'Bot'} %}"
+    "{%- for message in messages %}"
+    "{%- if message.role | lower == 'observer' %}{{- '(seen: ' + message.content + ')\\n' }}"
+    "{%- else %}{{- speakers[message['role']] + ': ' + message.content + '\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- 'Bot:' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("role", ["human", "gpt", "observer"])
+def test_a_role_the_template_maps_or_filters_reaches_it(tmp_path, role) -> None:
+    tok = byte_tokenizer(MAPPED_STYLE)
+    turns = [*MESSAGES, {"role": role, "content": "4"}]
+    want = tok.apply_chat_template(turns, tokenize=True, add_generation_prompt=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert ids_of(pipeline(tmp_path, tok), messages=turns) == list(want)
+    bad = pipeline(tmp_path, tok).request(Row(1, {"messages": [*MESSAGES, {"role": "wizard", "content": "4"}]}))
+    assert isinstance(bad, RowResult) and bad.error.kind == ErrorKind.BAD_ROLE
+
+
 def test_a_struct_columns_unset_tool_fields_stay_out_of_the_template(tmp_path) -> None:
     """Parquet, Arrow and `datasets` hold tools and tool calls as structs with every field any row has: a row's tool
     reached the template with the other rows' parameters as nulls (`"a": null, "b": null`, `"description": null`),
