@@ -228,8 +228,8 @@ class PromptTokenizer:
         # [template, index, template, index, ..., template]: in the template's order, which may move a message
         # (Mistral writes the system message into the last user turn), repeat or drop it, as the whole render does.
         pieces = self._placeholder.split(rendered)
-        contents = self._contents_as_rendered(messages, texts, pieces, prompt)
-        if contents is None:
+        written = _as_written(pieces, texts, self._render(messages, prompt))
+        if written is None:
             return RowError(
                 ErrorKind.CHAT_TEMPLATE,
                 "the chat template changes message text in a way kvbatch cannot follow; set "
@@ -240,22 +240,10 @@ class PromptTokenizer:
             if i % 2 == 0:
                 ids.extend(self._template_ids(piece, i > 0))
             else:
-                text = contents[int(piece)]
+                text = written[i // 2]
                 if text:
                     ids.extend(self._encode_data_piece(text))
         return ids
-
-    def _contents_as_rendered(
-        self, messages: list[dict[str, Any]], texts: list[str], pieces: list[str], prompt: Prompt
-    ) -> list[str] | None:
-        """The message texts as the template writes them: as given, or stripped for templates that `| trim`."""
-        real = self._render(messages, prompt)
-        for variant in (lambda s: s, str.strip):
-            contents = [variant(text) for text in texts]
-            rebuilt = "".join(p if i % 2 == 0 else contents[int(p)] for i, p in enumerate(pieces))
-            if rebuilt == real:
-                return contents
-        return None
 
     def _encode_template_piece(self, piece: str, continuing: bool) -> tuple[int, ...]:
         if not piece:
@@ -295,6 +283,38 @@ def _raw_text(prompt: Prompt) -> str:
         return prompt.text
     assert prompt.messages is not None, "a Prompt has messages or text"
     return "\n\n".join(map(message_text, prompt.messages))
+
+
+# How a template may write a message's text: as given, trimmed (`| trim`: Mistral's assistant turns), or inside
+# a JSON string (`| tojson`: Llama 3.1's tool results), as transformers' tojson writes it.
+_WRITINGS = (lambda s: s, str.strip, lambda s: json.dumps(s, ensure_ascii=False)[1:-1])
+
+
+def _as_written(pieces: list[str], texts: list[str], real: str) -> list[str] | None:
+    """The text each placeholder of `pieces` ([template, index, template, ..., template]) stands for in `real`, the
+    render with the row's own texts: each text as given, trimmed or JSON-escaped, chosen placeholder by placeholder
+    (a template may trim one role's turns and not another's), so that the pieces rebuild `real`; None where no
+    choice does."""
+    # For each placeholder: the positions after the template piece that follows it, each with where its text
+    # started and as which text (a breadth-first walk; a text may be written several ways that all fit).
+    steps: list[dict[int, tuple[int, str]]] = []
+    ends = {len(pieces[0])} if real.startswith(pieces[0]) else set()
+    for k in range(1, len(pieces), 2):
+        text, after = texts[int(pieces[k])], pieces[k + 1]
+        step: dict[int, tuple[int, str]] = {}
+        for start in sorted(ends):
+            for shown in dict.fromkeys(writing(text) for writing in _WRITINGS):
+                if real.startswith(shown, start) and real.startswith(after, start + len(shown)):
+                    step.setdefault(start + len(shown) + len(after), (start, shown))
+        steps.append(step)
+        ends = set(step)
+    if len(real) not in ends:
+        return None
+    written, end = [], len(real)
+    for step in reversed(steps):
+        end, shown = step[end]
+        written.append(shown)
+    return written[::-1]
 
 
 def _texts(message: dict[str, Any]) -> list[str]:

@@ -387,6 +387,56 @@ def test_an_empty_message_stays_empty_for_the_template_beside_control_text(tmp_p
     assert request.prompt_token_ids == want
 
 
+# Mistral trims only the assistant's turns; Llama 3.1 writes a tool's result as a JSON string (`| tojson`).
+TRIMS_AND_QUOTES = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.role == 'assistant' %}{{- message.content | trim }}"
+    "{%- elif message.role == 'tool' %}{{- message.content | tojson }}"
+    "{%- else %}{{- message.content }}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_each_message_text_is_followed_as_the_template_writes_it(tmp_path) -> None:
+    """A row whose text spells a control token is rendered around placeholders, and each text is matched to what
+    the real render wrote. The texts could only be all as given or all trimmed: a template that trims the
+    assistant's turns but not the user's, or quotes a tool's result as JSON, failed every such row as a
+    chat_template error although transformers renders it. Each text is now matched as given, trimmed or
+    JSON-escaped on its own."""
+    tok = byte_tokenizer(TRIMS_AND_QUOTES)
+    asked = "Say <|im_end|> twice \n"
+    turns = [
+        {"role": "user", "content": asked},
+        {"role": "assistant", "content": " Sure. \n"},
+        {"role": "tool", "content": 'He said "hi"\n'},
+    ]
+    request = pipeline(tmp_path, tok).request(Row(0, {"messages": turns}))
+    assert isinstance(request, GenerationRequest), request
+    rendered = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>assistant\nSure.<|im_end|>" in rendered and '"He said \\"hi\\"\\n"' in rendered
+    head, tail = rendered.split(asked)
+    want = [
+        *tok.encode(head, add_special_tokens=False),
+        *tok.encode(asked, add_special_tokens=False, split_special_tokens=True),
+        *tok.encode(tail, add_special_tokens=False),
+    ]
+    assert request.prompt_token_ids == want
+    # the tool's text is escaped as data: control text in it stays text, inside the template's quotes
+    result = 'a "<|im_end|>"'
+    quoted = pipeline(tmp_path, tok).request(Row(1, {"messages": [*MESSAGES, {"role": "tool", "content": result}]}))
+    assert isinstance(quoted, GenerationRequest), quoted
+    rendered = tok.apply_chat_template(
+        [*MESSAGES, {"role": "tool", "content": result}], tokenize=False, add_generation_prompt=True
+    )
+    head, tail = rendered.split('a \\"<|im_end|>\\"')
+    want = [
+        *tok.encode(head, add_special_tokens=False),
+        *tok.encode('a \\"<|im_end|>\\"', add_special_tokens=False, split_special_tokens=True),
+        *tok.encode(tail, add_special_tokens=False),
+    ]
+    assert quoted.prompt_token_ids == want
+
+
 # Qwen3's templates write an earlier assistant turn's reasoning_content (vLLM's field) in a think block.
 REASONING_STYLE = (
     "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}"
