@@ -975,24 +975,33 @@ def check_chat_template(job: JobSpec, tokenizer: Any) -> None:
 def _check_system_role(job: JobSpec, tokenizer: Any, template: str | None = None) -> None:
     """Refuse the job's prompt.system where its template (`template`, the job's file; None: the model's) refuses a
     system message it renders the same conversation without (Gemma's, Mistral's first ones): every row would be a
-    chat_template error. A template that fails without it too is left to the rows, which name their own errors."""
+    chat_template error. A template that fails without it too is left to the rows, which name their own errors. And
+    refuse it where the template writes it nowhere (Phi-3 medium's, which has no system turn): every row would run
+    without it."""
     options = dict(job.prompt.chat_template_kwargs or {})
     if template is not None:
         options["chat_template"] = template
 
-    def render(messages: list[dict[str, str]]) -> Exception | None:
+    def render(messages: list[dict[str, str]]) -> str | Exception:
         try:
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
         except Exception as exc:  # noqa: BLE001 - a template raises what it likes (raise_exception: TemplateError)
             return exc
-        return None
 
     user = {"role": "user", "content": "Hello."}
-    refused = render([{"role": "system", "content": job.prompt.system}, user])
-    if refused is not None and render([user]) is None:
+    with_system, without = render([{"role": "system", "content": job.prompt.system}, user]), render([user])
+    if isinstance(with_system, Exception) and isinstance(without, str):
         raise SpecError(
-            f"the chat template refuses a system message ({type(refused).__name__}: {refused}); every row would "
-            "fail: leave prompt.system out, or give the job a template that takes it (prompt.chat_template_file)",
+            f"the chat template refuses a system message ({type(with_system).__name__}: {with_system}); every row "
+            "would fail: leave prompt.system out, or give the job a template that takes it "
+            "(prompt.chat_template_file)",
+            field="prompt.system",
+        )
+    if with_system == without:  # a template with no system turn (Phi-3 medium's) writes it nowhere
+        raise SpecError(
+            "the chat template writes no system message (it renders the conversation the same without it); every "
+            "row would run without it: leave prompt.system out, or give the job a template that takes it "
+            "(prompt.chat_template_file)",
             field="prompt.system",
         )
 

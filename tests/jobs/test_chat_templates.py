@@ -7,6 +7,7 @@ Qwen3-style template written here (no hub download).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -914,6 +915,39 @@ def test_a_jobs_system_prompt_its_own_template_file_refuses_stops_the_job(tmp_pa
     pipe = pipeline(tmp_path, byte_tokenizer(), chat_template_file="gemma.jinja", system="Be brief.")
     refused_row = pipe.request(Row(0, {"messages": MESSAGES}))
     assert refused_row.error.kind == ErrorKind.CHAT_TEMPLATE  # what every row of such a job was
+
+
+# Phi-3 medium's template writes the user's and the assistant's turns and nothing else: a system message is dropped.
+DROPS_SYSTEM = (
+    "{%- for message in messages %}{%- if message.role == 'user' %}{{- '<|im_start|>user\\n' + message.content }}"
+    "{{- '<|im_end|>\\n<|im_start|>assistant\\n' }}{%- elif message.role == 'assistant' %}"
+    "{{- message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_jobs_system_prompt_the_template_drops_stops_the_job(tmp_path) -> None:
+    """A template that writes no system turn renders a conversation with a system message exactly as without it:
+    a job's prompt.system reached no row, and every row ran without it, without a word. It stops the job, naming
+    the field, as a template that refuses the system message does; a template that writes it is left alone."""
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.spec import check_chat_template, load_jobs_file, named_where_written
+
+    (tmp_path / "jobs.yaml").write_text(
+        "jobs:\n  - name: j\n    input: {path: in.jsonl}\n"
+        "    prompt:\n      messages_column: messages\n      system: Be brief.\n"
+    )
+    (job,) = load_jobs_file(tmp_path / "jobs.yaml").jobs
+    with pytest.raises(SpecError) as refused, named_where_written(job):
+        check_chat_template(job, byte_tokenizer(DROPS_SYSTEM))
+    assert refused.value.field == "prompt.system"
+    assert str(refused.value) == (
+        f"{tmp_path / 'jobs.yaml'}:6: prompt.system: the chat template writes no system message (it renders the "
+        "conversation the same without it); every row would run without it: leave prompt.system out, or give the "
+        "job a template that takes it (prompt.chat_template_file)"
+    )
+    check_chat_template(job, byte_tokenizer())  # a template that writes it
+    no_system = dataclasses.replace(job, prompt=dataclasses.replace(job.prompt, system=None))
+    check_chat_template(no_system, byte_tokenizer(DROPS_SYSTEM))  # no system prompt: nothing to drop
 
 
 def test_template_values_from_defaults_pass_over_a_model_without_a_template(tmp_path) -> None:
