@@ -181,10 +181,13 @@ class PromptTokenizer:
         return [m if isinstance(m["content"], str) else {**m, "content": message_text(m)} for m in prompt.messages]
 
     def _plain(self, messages: list[dict[str, Any]]) -> bool:
-        """No message holds a special token's text (a tokenizer that lists none is never trusted to be plain)."""
-        return self._control_text is not None and not any(
-            self._control_text.search(text) for m in messages for text in _texts(m)
-        )
+        """No message holds a special token's text, nor do its texts one after the other: a template that writes a
+        message's text parts back to back (Gemma 3's) would join "<|im_" and "end|>" into one. A tokenizer that
+        lists no special token is never trusted to be plain."""
+        if self._control_text is None:
+            return False
+        texts = [text for m in messages for text in _texts(m)]
+        return not any(map(self._control_text.search, texts)) and not self._control_text.search("".join(texts))
 
     def _encode_text(self, text: str) -> list[int]:
         # add_special_tokens adds what the tokenizer always adds (a BOS, for some models), never parses the data.
