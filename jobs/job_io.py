@@ -19,7 +19,7 @@ from kvbatch.jobs.model_identity import adapters_identity, model_identity
 from kvbatch.jobs.parsed import ParsedColumn
 from kvbatch.jobs.pipeline import input_columns, request_columns
 from kvbatch.jobs.prompts import prompt_columns, prompt_spec
-from kvbatch.jobs.read_parquet import with_json_decoded
+from kvbatch.jobs.read_parquet import with_request_values
 from kvbatch.jobs.readers import open_reader
 from kvbatch.jobs.records import Layout, output_type
 from kvbatch.jobs.rows import Reader, Row
@@ -161,7 +161,7 @@ def read_as_run(job: JobSpec, reader: Reader, layout: Layout) -> Layout:
     if reader.schema is not None:
         layout = with_input_schema(layout, reader.schema)
         # Kept columns stay as stored (JSON text); the request's are read as `datasets` reads them.
-        reader.rows = with_json_decoded(reader.rows, reader.schema, request_columns(job))
+        reader.rows = with_request_values(reader.rows, reader.schema, request_columns(job))
     return layout
 
 

@@ -45,7 +45,7 @@ from .arrow_io import FILE_MAGIC
 from .manifest import INPUT_KEY
 from .read_hf import folder_splits
 from .read_jsonl import count_rows_in, jsonl_rows, not_json_lines, openai_row
-from .read_parquet import rows_of_batches, with_json_decoded
+from .read_parquet import rows_of_batches, with_request_values
 from .readers import check_columns
 from .rows import Row, id_key
 from .spec import JobSpec, input_path
@@ -309,10 +309,10 @@ class RowsSource:
         columns: list[str],
         batch_rows: int,
         max_line_bytes: int,
-        json_columns: list[str] | None = None,
+        request_columns: list[str] | None = None,
     ) -> None:
         self.source, self.columns, self.batch_rows, self.max_line_bytes = source, columns, batch_rows, max_line_bytes
-        self.json_columns = json_columns or []  # the request's: their Arrow JSON values decoded (with_json_decoded)
+        self.request_columns = request_columns or []  # read as a request reads them (with_request_values)
         # rows an earlier run wrote, sorted, skipped at the read: only where Ray has no checkpointing (ray_run.py)
         self.done_rows = np.zeros(0, np.int64)
 
@@ -342,7 +342,7 @@ class RowsSource:
         column) only (row, key) of each readable row with an id, for the search for duplicate ids."""
         rows = _rows(self.source.filesystem, unit, self.columns, self.batch_rows, self.max_line_bytes)
         if self.source.schema is not None:
-            rows = with_json_decoded(rows, self.source.schema, self.json_columns)
+            rows = with_request_values(rows, self.source.schema, self.request_columns)
         chunk: list[Row] = []
         done = self.done_rows[(self.done_rows >= unit.first_row) & (self.done_rows < unit.first_row + unit.num_rows)]
         for row in rows:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -78,11 +79,20 @@ def _one_row(batch: pa.RecordBatch | pa.Table, i: int, index: int) -> Row | dict
     return data if error is None else Row(index, data, error)
 
 
-def with_json_decoded(rows: Iterator[Row], schema: pa.Schema, columns: list[str]) -> Iterator[Row]:
-    """`rows` with the Arrow JSON values of `columns` (`datasets`' `Json` feature, also as a struct field or list
-    item: a chat dataset whose message content is text in some rows and a list of parts in others) as the Python
-    values they spell, as `datasets` gives them. Read as stored, content "hi" reached the prompt as `"hi"`."""
-    kinds = {c: schema.field(c).type for c in columns if c in schema.names and _holds_json(schema.field(c).type)}
+def with_request_values(rows: Iterator[Row], schema: pa.Schema, columns: list[str]) -> Iterator[Row]:
+    """`rows` with the values of `columns` (the request's: prompt, sampling values, ...) as the row's text means
+    them. Arrow JSON values (`datasets`' `Json` feature, also as a struct field or list item: a chat dataset whose
+    message content is text in some rows and a list of parts in others) as the Python values they spell, as
+    `datasets` gives them: read as stored, content "hi" reached the prompt as `"hi"`. float32 and float16 values
+    (pandas' float32 columns, `datasets`' Value('float32')) as the shortest decimal of their width: Python's float
+    holds their bits exactly, so 19.99 reached a template's prompt as 19.989999771118164 and a row's temperature
+    0.7 was 0.699999988079071, where the same row as JSON lines says 19.99 and 0.7. Other columns (ids, kept
+    columns) are written back as read."""
+    kinds = {
+        c: schema.field(c).type
+        for c in columns
+        if c in schema.names and (_holds_json(schema.field(c).type) or _holds_narrow_float(schema.field(c).type))
+    }
     if not kinds:
         return rows
     return (row if row.data is None else _decoded(row, kinds) for row in rows)
@@ -95,11 +105,43 @@ def _decoded(row: Row, kinds: dict[str, pa.DataType]) -> Row:
         if name not in data:
             continue
         try:
-            data[name] = _json_values(data[name], kind)
+            data[name] = _json_values(_as_written(data[name], kind), kind)
         except RecursionError:  # json.loads recurses once per nesting level: the row fails, as a JSONL line does
             error = RowError(ErrorKind.BAD_JSON, f"{row.value(name)} holds JSON nested too deeply")
             return row if row.error is not None else dataclasses.replace(row, error=error)
     return dataclasses.replace(row, data=data)
+
+
+_NARROW_FLOATS = {pa.float32(): np.float32, pa.float16(): np.float16}
+
+
+def _holds_narrow_float(kind: pa.DataType) -> bool:
+    if kind in _NARROW_FLOATS:
+        return True
+    if pa.types.is_struct(kind):
+        return any(_holds_narrow_float(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_map(kind):
+        return _holds_narrow_float(kind.key_type) or _holds_narrow_float(kind.item_type)
+    if pa.types.is_dictionary(kind) or pa.types.is_run_end_encoded(kind):
+        return _holds_narrow_float(kind.value_type)
+    value_field = getattr(kind, "value_field", None)  # the list types, views and fixed-size lists alike
+    return value_field is not None and _holds_narrow_float(value_field.type)
+
+
+def _as_written(value: Any, kind: pa.DataType) -> Any:
+    """A Python value of `kind` with each float32 and float16 value in it as the shortest decimal of its width."""
+    if value is None or not _holds_narrow_float(kind):
+        return value
+    if kind in _NARROW_FLOATS:
+        return float(str(_NARROW_FLOATS[kind](value)))  # numpy's str of a float32 is its shortest round trip
+    if pa.types.is_struct(kind) and isinstance(value, dict):
+        fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
+        return {k: _as_written(v, fields[k]) if k in fields else v for k, v in value.items()}
+    if pa.types.is_map(kind):  # its entries, as (key, value) pairs
+        return [(_as_written(k, kind.key_type), _as_written(v, kind.item_type)) for k, v in value]
+    if pa.types.is_dictionary(kind) or pa.types.is_run_end_encoded(kind):
+        return _as_written(value, kind.value_type)
+    return [_as_written(v, kind.value_type) for v in value]
 
 
 def _is_json(kind: pa.DataType) -> bool:

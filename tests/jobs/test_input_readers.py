@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -490,13 +491,13 @@ def test_a_json_value_nested_too_deeply_is_its_row_s_error(tmp_path: Path) -> No
     """An Arrow JSON value (datasets' `Json`) in a request column nested past json.loads' recursion limit stopped
     the whole job ("the engine failed (RecursionError ...)"); a JSONL line nested so is a bad_json row. It is now
     that row's bad_json error, its id kept, and the other rows are read."""
-    from kvbatch.jobs.read_parquet import with_json_decoded
+    from kvbatch.jobs.read_parquet import with_request_values
 
     deep = "[" * 100_000 + "]" * 100_000
     prompts = pa.array(['"hi"', deep, '"yo"'], pa.json_())
     pq.write_table(pa.table({"id": [0, 1, 2], "prompt": prompts}), tmp_path / "in.parquet")
     reader = open_reader(job_for(tmp_path, "in.parquet"), ["id", "prompt"])
-    rows = list(with_json_decoded(reader.rows, reader.schema, ["prompt"]))
+    rows = list(with_request_values(reader.rows, reader.schema, ["prompt"]))
     assert [(r.data["prompt"], r.error) for r in (rows[0], rows[2])] == [("hi", None), ("yo", None)]
     assert rows[1].data["id"] == 1
     assert rows[1].error is not None and rows[1].error.kind == ErrorKind.BAD_JSON
@@ -636,3 +637,44 @@ def test_arrow_streams_and_ipc_files_are_read_in_batches_of_the_needed_columns(
     (tmp_path / "bad.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(InputError, match="cannot read Arrow file"):
         open_reader(job_for(tmp_path, "bad.arrow"), ["prompt"])
+
+
+def test_float32_request_values_are_read_as_the_rows_text_writes_them(tmp_path: Path) -> None:
+    """Python's float holds a float32 value's bits exactly: a float32 column (pandas' float32, datasets'
+    Value('float32')) put 19.989999771118164 into a template's prompt where the same row as JSON lines says 19.99,
+    and a row's temperature 0.7 was 0.699999988079071. A request's float32 and float16 values are read as the
+    shortest decimal of their width, nested ones too; a kept column is written back with its own bits."""
+    from job_fakes import fake_factory
+
+    from kvbatch.jobs.run import EngineCache, run_job
+
+    price = pa.array([19.99, 0.1], pa.float32())
+    table = pa.table(
+        {
+            "price": price,
+            "half": pa.array(np.array([0.1, 2.5], np.float16)),
+            "logit_bias": pa.array([[(5, 0.7)], []], pa.map_(pa.int64(), pa.float32())),
+            "temperature": pa.array([0.7, 1.3], pa.float32()),
+            "kept": price,
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    job = job_from_dict(
+        {
+            "name": "j",
+            "input": {"path": "in.parquet"},
+            "prompt": {"template": "{price} {half}", "chat_template": False},
+            "sampling_columns": ["temperature", "logit_bias"],
+            "keep_columns": ["kept"],
+            "output_dir": "out",
+            "output": {"format": "parquet"},
+        },
+        base_dir=str(tmp_path),
+    )
+    factory = fake_factory()
+    out = Path(run_job(job, EngineCache(factory)).output)
+    (engine,) = factory.engines
+    requests = sorted(engine.requests, key=lambda r: r.request_id)
+    assert [engine.tokenizer.decode(r.prompt_token_ids) for r in requests] == ["19.99 0.1", "0.1 2.5"]
+    assert [(r.sampling.temperature, r.sampling.logit_bias) for r in requests] == [(0.7, ((5, 0.7),)), (1.3, ())]
+    assert pq.read_table(out).column("kept").combine_chunks().equals(price)  # the stored bits, not the decimal

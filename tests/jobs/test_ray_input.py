@@ -192,7 +192,9 @@ def test_json_values_of_the_request_s_columns_are_read_as_datasets_reads_them(tm
     path = str(tmp_path / "ds" / "data-00000-of-00001.arrow")
     schema = pa.ipc.open_stream(pa.memory_map(path)).schema
     source = RayInput(pafs.LocalFileSystem(), (InputFile(path, "arrow", 0, 2),), 2, schema, {})  # no Ray to count
-    blocks = RowsSource(source, ["messages", "meta"], 2, 1 << 20, json_columns=["messages"]).read(source_unit(source))
+    blocks = RowsSource(source, ["messages", "meta"], 2, 1 << 20, request_columns=["messages"]).read(
+        source_unit(source)
+    )
     data = [pickle.loads(d) for block in blocks for d in block.column("data").to_pylist()]
     assert [d["messages"][0]["content"] for d in data] == ["hi", [{"type": "text", "text": "yo"}]]
     assert [d["meta"] for d in data] == ['"a"', "[1]"]  # kept as stored
