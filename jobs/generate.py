@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from kvbatch.errors import ErrorKind
 from kvbatch.runner.request import GenerationRequest
 
@@ -112,10 +114,22 @@ def _prompt_rows(prompts: Sequence[Any]) -> list[dict[str, Any]]:
     stands for (what the chat template, or the raw text, makes of it either way), so each prompt is read alike."""
     _check_a_list("prompts", prompts, "each a string or a list of messages")
     # A tuple or another iterable of messages (a pandas column of them holds numpy arrays), as a list of them
-    prompts = [list(p) if _not_a_list(p) is None else p for p in prompts]
+    prompts = [[_as_lists(m) for m in p] if _not_a_list(p) is None else p for p in prompts]
     if any(isinstance(p, list) for p in prompts):
         return [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in prompts]
     return [{"prompt": p} for p in prompts]
+
+
+def _as_lists(value: Any) -> Any:
+    """`value` with each numpy array in it, at any depth, as a list: pandas reads a Parquet column of messages as
+    arrays inside too (a message's content parts, its tool calls), which the messages' checks take for no list."""
+    if isinstance(value, np.ndarray):
+        return [_as_lists(v) for v in value.tolist()]
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_lists(v) for v in value]
+    return value
 
 
 # Iterable, but as characters, byte values or keys: each would become a prompt (or its continuations) of its own.

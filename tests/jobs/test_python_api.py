@@ -93,6 +93,26 @@ def test_each_prompt_is_read_alone_and_what_was_asked_comes_back() -> None:
         kvbatch.score(["w5"], " w6", model="tiny")
 
 
+def test_messages_of_a_pandas_column_are_read_as_lists_at_every_depth(tmp_path: Path) -> None:
+    """pandas reads a Parquet column of messages as numpy arrays inside as well as out: a message's list of content
+    parts (or of tool calls) was an ndarray, and each such prompt failed "prompts[0][0].content is ndarray,
+    expected a string or a list of text parts". They are read as the lists they hold, as the same rows of a job."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    messages = [
+        [{"role": "user", "content": [{"type": "text", "text": "w5"}, {"type": "text", "text": " w6"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "w9"}]}],
+    ]
+    pq.write_table(pa.table({"messages": messages}), tmp_path / "in.parquet")
+    column = pd.read_parquet(tmp_path / "in.parquet")["messages"]
+    assert isinstance(column[0][0]["content"], np.ndarray)
+    expected = kvbatch.generate(messages, model="tiny", max_new_tokens=3, results=True)
+    got = kvbatch.generate(column, model="tiny", max_new_tokens=3, results=True)
+    assert [r.error for r in expected] == [None, None]
+    assert [(r.texts, r.error, r.prompt_tokens) for r in got] == [(r.texts, r.error, r.prompt_tokens) for r in expected]
+
+
 def test_score_gives_each_continuation_and_each_whole_text_its_logprob() -> None:
     """kvbatch.score against log_softmax of transformers' float32 logits: continuations after their prompt (a
     job's task score), and without continuations each text whole after the BOS (task score_rolling); a failed
