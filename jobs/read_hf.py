@@ -9,6 +9,7 @@ starts a download (docs/security.md). Rows stream from the memory-mapped Arrow f
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_
     datasets = _import_datasets()
     if path.is_dir() and saved_to_disk(path):
         try:
-            loaded = datasets.load_from_disk(str(path))
+            loaded = _load_from_disk(datasets, path)
         except (OSError, ValueError) as exc:  # OSError: a truncated or damaged Arrow file in the folder
             raise InputError(f"{path} is a dataset saved with save_to_disk, but cannot be read: {exc}") from None
     elif path.is_dir():
@@ -57,6 +58,35 @@ def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_
 def saved_to_disk(path: Path) -> bool:
     """Whether the folder is a `save_to_disk` Dataset (state.json) or DatasetDict (dataset_dict.json)."""
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _load_from_disk(datasets, path: Path):
+    """datasets.load_from_disk, where a dataset of no rows, alone or as a DatasetDict's split, is one too:
+    save_to_disk writes no data file for it, and load_from_disk fails on that with an IndexError."""
+    splits = _saved_state(path / "dataset_dict.json").get("splits")
+    if isinstance(splits, list) and any(_no_data_files(path / str(split)) for split in splits):
+        return datasets.DatasetDict({split: _load_from_disk(datasets, path / split) for split in splits})
+    if _no_data_files(path):
+        info = datasets.DatasetInfo.from_directory(str(path))
+        if info.features is None:
+            raise ValueError(f"{path / 'dataset_info.json'} has no features")
+        table = info.features.arrow_schema.empty_table()
+        return datasets.Dataset(table, info=info, split=_saved_state(path / "state.json").get("_split"))
+    return datasets.load_from_disk(str(path))
+
+
+def _no_data_files(path: Path) -> bool:
+    """Whether a save_to_disk Dataset folder lists no data files (a dataset of no rows)."""
+    return _saved_state(path / "state.json").get("_data_files") == []
+
+
+def _saved_state(file: Path) -> dict:
+    """A save_to_disk folder's JSON file, or {} where it is missing or damaged (load_from_disk says why)."""
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _load_data_files(datasets, path: Path, split: str | None):

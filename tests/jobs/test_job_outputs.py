@@ -234,16 +234,25 @@ def test_no_rows_to_run_write_an_empty_output_without_loading_the_model(
     assert run(tmp_path, **fields)[0].status == "already complete"  # a rerun finds it done
 
 
-@pytest.mark.parametrize("source", ["in.parquet", "stream.arrow", "file.arrow", "in.jsonl"])
+@pytest.mark.parametrize("source", ["in.parquet", "stream.arrow", "file.arrow", "in.jsonl", "ds", "dd"])
 def test_an_empty_input_of_any_format_writes_an_empty_output_without_loading_the_model(
     tmp_path: Path, source: str
 ) -> None:
     # A Parquet file of no rows, an Arrow stream or file of no batches, a JSONL file of blank lines: as an empty
     # shard, the output (with the kept columns' types) and summary are written and no engine is built. An Arrow
-    # stream has no row count, so its empty input loaded the model before writing nothing.
+    # stream has no row count, so its empty input loaded the model before writing nothing. A `datasets` folder
+    # of no rows (save_to_disk writes no data file for it, which datasets.load_from_disk then fails on with an
+    # IndexError), alone or as a DatasetDict's split, failed the job as a bug.
+    import datasets
+
     empty = pa.table({"id": pa.array([], pa.int64()), "prompt": pa.array([], pa.string())})
     path = tmp_path / source
-    if source.endswith(".parquet"):
+    if source == "ds":
+        datasets.Dataset(empty).save_to_disk(str(path))
+    elif source == "dd":
+        full = pa.table({"id": [7], "prompt": ["a"]})
+        datasets.DatasetDict({"train": datasets.Dataset(full), "test": datasets.Dataset(empty)}).save_to_disk(str(path))
+    elif source.endswith(".parquet"):
         pq.write_table(empty, path)
     elif source == "stream.arrow":
         with pa.ipc.new_stream(path, empty.schema):
@@ -253,11 +262,17 @@ def test_an_empty_input_of_any_format_writes_an_empty_output_without_loading_the
             pass
     else:
         path.write_text("\n\n")
-    fields = {"input": {"path": source}, "id_column": "id", "output": {"path": "res.arrow"}, "model": "some-model"}
+    split = {"split": "test"} if source == "dd" else {}
+    fields = {
+        "input": {"path": source, **split},
+        "id_column": "id",
+        "output": {"path": "res.arrow"},
+        "model": "some-model",
+    }
     summary, engine = run(tmp_path, **fields)
     assert engine is None
     assert (summary.rows, summary.rows_ok, summary.rows_error) == (0, 0, 0)
-    limited = {**fields, "input": {"path": source, "limit": 5}, "output": {"path": "limited.arrow"}}
+    limited = {**fields, "input": {"path": source, "limit": 5, **split}, "output": {"path": "limited.arrow"}}
     assert run(tmp_path, **limited)[1] is None  # input.limit is a bound, not a count of the rows there are
     table = read_arrow(tmp_path / "out" / "res.arrow")
     assert table.num_rows == 0 and {"row", "text", "finish_reason", "error_kind"} <= set(table.column_names)
