@@ -11,6 +11,7 @@ the model again.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -113,11 +114,19 @@ def _prompt_rows(prompts: Sequence[Any]) -> list[dict[str, Any]]:
     """One row per prompt. Where any prompt is a list of messages, a string prompt becomes the one user message it
     stands for (what the chat template, or the raw text, makes of it either way), so each prompt is read alike."""
     _check_a_list("prompts", prompts, "each a string or a list of messages")
-    # A tuple or another iterable of messages (a pandas column of them holds numpy arrays), as a list of them
-    prompts = [[_as_lists(m) for m in p] if _not_a_list(p) is None else p for p in prompts]
+    # A missing value (pandas: NaN, pd.NA) as None; a tuple or another iterable of messages (a pandas column of them
+    # holds numpy arrays), as a list of them
+    prompts = [None if _missing(p) else ([_as_lists(m) for m in p] if _not_a_list(p) is None else p) for p in prompts]
     if any(isinstance(p, list) for p in prompts):
         return [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in prompts]
     return [{"prompt": p} for p in prompts]
+
+
+def _missing(value: Any) -> bool:
+    """None, or a missing value as pandas holds one: NaN (its default string type's), pd.NA, NaT."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    return value is None or type(value).__name__ in ("NAType", "NaTType")  # pandas is not needed to tell
 
 
 def _as_lists(value: Any) -> Any:

@@ -113,6 +113,19 @@ def test_messages_of_a_pandas_column_are_read_as_lists_at_every_depth(tmp_path: 
     assert [(r.texts, r.error, r.prompt_tokens) for r in got] == [(r.texts, r.error, r.prompt_tokens) for r in expected]
 
 
+def test_a_missing_value_of_a_pandas_column_is_a_null_prompt() -> None:
+    """pandas holds a missing text as NaN (its default string type) or pd.NA (the "string" type): such a prompt
+    failed as "prompts[1] is a number, expected a string" (wrong_type) or "is NAType", where None is "prompts[1]
+    is null" (empty_prompt). Each is read as the null it stands for."""
+    import pandas as pd
+
+    for column in (pd.Series(["w5 w6", None]), pd.Series(["w5 w6", None], dtype="string")):
+        assert column.tolist()[1] is not None  # NaN, or pd.NA
+        first, missing = kvbatch.generate(column, model="tiny", max_new_tokens=3, results=True)
+        assert first.error is None
+        assert (missing.error.kind, missing.error.message) == ("empty_prompt", "prompts[1] is null")
+
+
 def test_score_gives_each_continuation_and_each_whole_text_its_logprob() -> None:
     """kvbatch.score against log_softmax of transformers' float32 logits: continuations after their prompt (a
     job's task score), and without continuations each text whole after the BOS (task score_rolling); a failed
