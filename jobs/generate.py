@@ -22,6 +22,7 @@ from kvbatch.errors import ErrorKind
 from kvbatch.runner.request import GenerationRequest
 
 from .pipeline import RowPipeline
+from .prompts import positions_of
 from .records import Layout, RowResult
 from .rows import ArgumentNames, Row, RowError
 from .run import EngineCache
@@ -114,12 +115,21 @@ def _prompt_rows(prompts: Sequence[Any]) -> list[dict[str, Any]]:
     """One row per prompt. Where any prompt is a list of messages, a string prompt becomes the one user message it
     stands for (what the chat template, or the raw text, makes of it either way), so each prompt is read alike."""
     _check_a_list("prompts", prompts, "each a string or a list of messages")
-    # A missing value (pandas: NaN, pd.NA) as None; a tuple or another iterable of messages (a pandas column of them
-    # holds numpy arrays), as a list of them
-    prompts = [None if _missing(p) else ([_as_lists(m) for m in p] if _not_a_list(p) is None else p) for p in prompts]
+    prompts = [_prompt_value(p) for p in prompts]
     if any(isinstance(p, list) for p in prompts):
         return [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in prompts]
     return [{"prompt": p} for p in prompts]
+
+
+def _prompt_value(prompt: Any) -> Any:
+    """A prompt as a job's row would hold it: a missing value (pandas: NaN, pd.NA) as None; a tuple or another
+    iterable of messages (a pandas column of them holds numpy arrays) as a list of them; datasets' older Sequence of
+    {role, content}, its fields' lists by position, as its messages (prompts.positions_of, as a messages_column)."""
+    if _missing(prompt):
+        return None
+    if isinstance(prompt, Mapping):
+        return positions_of(_as_lists(dict(prompt)))  # a mapping that holds no messages so stays one: wrong_type
+    return [_as_lists(m) for m in prompt] if _not_a_list(prompt) is None else prompt
 
 
 def _missing(value: Any) -> bool:

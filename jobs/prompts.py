@@ -187,7 +187,7 @@ def _messages_column(
         return _value_error(row, ErrorKind.MISSING_COLUMN, column, "is missing")
     if data[column] is None:
         return _value_error(row, ErrorKind.EMPTY_PROMPT, column, "is null")
-    value = list_value(_positions_of(data[column]))
+    value = list_value(positions_of(data[column]))
     if value is None:
         problem = f"is {type_name(data[column])}, expected a list of {{role, content}} messages"
         return _value_error(row, ErrorKind.WRONG_TYPE, column, problem)
@@ -229,7 +229,7 @@ def _messages_column(
     return messages
 
 
-def _positions_of(value: Any) -> Any:
+def positions_of(value: Any) -> Any:
     """datasets' older `Sequence({"role": ..., "content": ...})` holds a row's messages as a struct of lists of one
     length, {"role": [...], "content": [...]}: one message a position (a null field is one no message has). Any
     other value as it is."""

@@ -113,6 +113,28 @@ def test_messages_of_a_pandas_column_are_read_as_lists_at_every_depth(tmp_path: 
     assert [(r.texts, r.error, r.prompt_tokens) for r in got] == [(r.texts, r.error, r.prompt_tokens) for r in expected]
 
 
+def test_messages_of_a_datasets_sequence_column_are_read_by_position(tmp_path: Path) -> None:
+    """datasets' older `Sequence({"role": ..., "content": ...})` holds each row's messages as lists of fields by
+    position, {"role": [...], "content": [...]}, as a job's messages_column reads them; passed as prompts (a
+    dataset's column, or the pandas column of its Parquet file) each failed "prompts[0] is an object, expected a
+    string". They are the messages they hold, as in a job."""
+    import datasets
+    import pandas as pd
+
+    messages = [[{"role": "user", "content": "w5 w6"}], [{"role": "user", "content": "w9"}]]
+    fields = datasets.Sequence({"role": datasets.Value("string"), "content": datasets.Value("string")})
+    by_position = [{"role": [m["role"] for m in ms], "content": [m["content"] for m in ms]} for ms in messages]
+    source = datasets.Dataset.from_dict({"messages": by_position}, features=datasets.Features({"messages": fields}))
+    assert source["messages"][0] == {"role": ["user"], "content": ["w5 w6"]}
+    source.to_parquet(str(tmp_path / "in.parquet"))
+    expected = kvbatch.generate(messages, model="tiny", max_new_tokens=3)
+    assert kvbatch.generate(source["messages"], model="tiny", max_new_tokens=3) == expected
+    column = pd.read_parquet(tmp_path / "in.parquet")["messages"]  # its lists as numpy arrays
+    assert kvbatch.generate(column, model="tiny", max_new_tokens=3) == expected
+    (wrong,) = kvbatch.generate([{"role": "user"}], model="tiny", results=True)  # no messages by position
+    assert (wrong.error.kind, wrong.error.message) == ("wrong_type", "prompts[0] is an object, expected a string")
+
+
 def test_a_missing_value_of_a_pandas_column_is_a_null_prompt() -> None:
     """pandas holds a missing text as NaN (its default string type) or pd.NA (the "string" type): such a prompt
     failed as "prompts[1] is a number, expected a string" (wrong_type) or "is NAType", where None is "prompts[1]
