@@ -16,6 +16,12 @@ from .rows import Reader
 
 
 def open_arrow(path: Path, columns: list[str], batch_rows: int) -> Reader:
+    if _is_feather_v1(path):
+        raise InputError(
+            f"{path} is a Feather version 1 file, the format before Arrow IPC (pyarrow deprecates it), which kvbatch "
+            "does not read: write it as Feather version 2 first (pyarrow.feather.write_feather(pyarrow.feather."
+            f"read_table({str(path)!r}), 'in.arrow'))"
+        )
     try:
         source = pa.memory_map(str(path))
         if is_ipc_file(path):
@@ -37,6 +43,15 @@ def open_arrow(path: Path, columns: list[str], batch_rows: int) -> Reader:
         raise InputError(f"cannot read Arrow file {path}: {exc}") from None
     wanted = [c for c in dict.fromkeys(columns) if c in schema.names]
     return Reader(rows_of_batches(_batches(whole, wanted, batch_rows), path.name), num_rows, schema.names, schema)
+
+
+def _is_feather_v1(path: Path) -> bool:
+    """Whether the file starts with Feather version 1's magic ("FEA1"; version 2 is an Arrow IPC file)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"FEA1"
+    except OSError:  # missing or unreadable: the reader says which
+        return False
 
 
 def _batches(whole: Iterator[pa.RecordBatch], columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:

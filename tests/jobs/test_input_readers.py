@@ -678,3 +678,17 @@ def test_float32_request_values_are_read_as_the_rows_text_writes_them(tmp_path: 
     assert [engine.tokenizer.decode(r.prompt_token_ids) for r in requests] == ["19.99 0.1", "0.1 2.5"]
     assert [(r.sampling.temperature, r.sampling.logit_bias) for r in requests] == [(0.7, ((5, 0.7),)), (1.3, ())]
     assert pq.read_table(out).column("kept").combine_chunks().equals(price)  # the stored bits, not the decimal
+
+
+def test_a_feather_version_1_file_is_refused_saying_how_to_convert_it(tmp_path: Path) -> None:
+    """Feather version 1 (pandas' to_feather before Arrow IPC) failed as "cannot read Arrow file ...: Expected to read
+    826361158 metadata bytes, but only read 244", which says nothing of the format."""
+    import warnings
+
+    import pyarrow.feather as feather
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pyarrow deprecates writing version 1
+        feather.write_feather(pa.table({"prompt": ["a", "b"]}), tmp_path / "in.feather", version=1)
+    with pytest.raises(InputError, match=r"in.feather is a Feather version 1 file, .* write it as Feather version 2"):
+        open_reader(job_for(tmp_path, "in.feather"), ["prompt"])
