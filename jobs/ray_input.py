@@ -109,6 +109,12 @@ def input_found(job: JobSpec) -> bool:
 def _list(job: JobSpec) -> tuple[pafs.FileSystem, list[str], str]:
     """(filesystem, file paths in input order, kind)."""
     spec = job.input.path
+    if job.input.config is not None:  # else it would be ignored without a word
+        raise SpecError(
+            "runner: ray reads files, folders and save_to_disk datasets, which hold one configuration each; leave "
+            "input.config out (save the configuration with save_to_disk, or run it locally)",
+            field="input.config",
+        )
     if "://" in spec:
         filesystem, root = pafs.FileSystem.from_uri(spec)
     else:

@@ -30,7 +30,9 @@ def _import_datasets():
     return datasets
 
 
-def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_rows: int) -> Reader:
+def open_hf(
+    name: str, path: Path, split: str | None, columns: list[str], batch_rows: int, config: str | None = None
+) -> Reader:
     if path.is_file():
         raise SpecError(
             f"input.format hf reads a datasets folder or a dataset name, and {path} is a file; leave input.format "
@@ -39,14 +41,19 @@ def open_hf(name: str, path: Path, split: str | None, columns: list[str], batch_
         )
     datasets = _import_datasets()
     if path.is_dir() and saved_to_disk(path):
+        if config is not None:  # else it would be ignored without a word
+            raise SpecError(
+                f"{path} is a dataset saved with save_to_disk, which holds one configuration; leave input.config out",
+                field="input.config",
+            )
         try:
             loaded = _load_from_disk(datasets, path)
         except (OSError, ValueError) as exc:  # OSError: a truncated or damaged Arrow file in the folder
             raise InputError(f"{path} is a dataset saved with save_to_disk, but cannot be read: {exc}") from None
     elif path.is_dir():
-        loaded = _load_data_files(datasets, path, split)
+        loaded = _load_data_files(datasets, path, split, config)
     else:
-        loaded = _load_cached(datasets, name, split)
+        loaded = _load_cached(datasets, name, config)
     dataset = _pick_split(datasets, loaded, split, name)
     available = list(dataset.column_names)
     wanted = [c for c in dict.fromkeys(columns) if c in available]
@@ -89,20 +96,20 @@ def _saved_state(file: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def _load_data_files(datasets, path: Path, split: str | None):
+def _load_data_files(datasets, path: Path, split: str | None, config: str | None):
     """The split of a folder of data files, as `datasets.load_dataset(folder)` reads it. Without input.split a
     folder of one split reads it, and one of several, or a split it does not have, is refused before any is
     converted (load_dataset copies a split into its Arrow cache)."""
     try:
         with _offline(datasets):
-            names = datasets.get_dataset_split_names(str(path))
+            names = datasets.get_dataset_split_names(str(path), config)
             if split is None and len(names) > 1:
                 raise _no_split_chosen(path.name, names)
             if split is not None and split not in names:
                 raise SpecError(f"{path.name} has no split {split!r} (splits: {', '.join(names)})", field="input.split")
             split = split or names[0]
             try:
-                return datasets.load_dataset(str(path), split=split)
+                return datasets.load_dataset(str(path), config, split=split)
             except Exception as exc:  # a data file that does not convert: a bad line, a type that changes
                 raise InputError(
                     f"{path} is a folder of data files, but `datasets` cannot read its split {split!r}: {_reason(exc)}"
@@ -148,16 +155,18 @@ def _offline(datasets) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = previous
 
 
-def _load_cached(datasets, name: str, split: str | None):
+def _load_cached(datasets, name: str, config: str | None):
     # Offline for this lookup only: a name must already be in the local cache. Every split is opened (memory-mapped,
     # already prepared), so _pick_split names a split the dataset lacks as such.
     try:
         with _offline(datasets):
-            return datasets.load_dataset(name)
+            return datasets.load_dataset(name, config)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError...)
+        which = f"configuration {config!r} of " if config is not None else ""
         raise InputError(
-            f"input {name!r} is neither a local file or folder nor a dataset in the local Hugging Face cache "
-            f"(kvbatch never downloads inputs): {type(exc).__name__}: {exc}"
+            f"input {name!r} is neither a local file or folder nor {which}a dataset in the local Hugging Face cache "
+            f"(kvbatch never downloads inputs; input.config chooses one of a dataset's configurations): "
+            f"{type(exc).__name__}: {exc}"
         ) from None
 
 

@@ -57,6 +57,12 @@ class InputSpec:
     )
     max_line_bytes: int = setting(8 * MIB, "JSONL: longer lines become error rows", min=1, max=MAX_INT64 - 1)
     batch_rows: int = setting(1024, "Parquet/datasets: rows per record batch read", min=1, max=MAX_INT64)
+    config: str | None = setting(
+        None,
+        "datasets: which configuration of a dataset in the local HF cache or a repository folder with several "
+        "(load_dataset's second argument: cais/mmlu's 'abstract_algebra')",
+        nonempty=True,
+    )
 
 
 # Arguments of transformers' apply_chat_template that steer the call rather than fill the template: from a job's
@@ -704,6 +710,8 @@ def validate(job: JobSpec, node: Node, loaded: bool = False, passed: set[str] | 
         raise node.error("missing required field 'input'")
     if job.input.split is not None and input_format(job) != "hf":  # else it would be ignored without a word
         raise at("input", "split").error(f"a split is for a datasets input, not a {input_format(job)} one")
+    if job.input.config is not None and input_format(job) != "hf":
+        raise at("input", "config").error(f"a configuration is for a datasets input, not a {input_format(job)} one")
     if job.input.format == "openai":  # each line's body is its request: a column named here would be ignored
         for keys in OPENAI_UNREAD_FIELDS:
             if getattr(job.prompt if keys[0] == "prompt" else job, keys[-1]) and own(*keys):
@@ -1308,6 +1316,8 @@ def _default(f: dataclasses.Field) -> Any:
 def result_fingerprint(job: JobSpec) -> dict[str, Any]:
     """The part of the spec that decides the results; stored with the output to detect a changed rerun."""
     data = {k: _jsonable(getattr(job, k)) for k in _RESULT_FIELDS if k != "sampling"}
+    if job.input.config is None:  # a field added since the first manifests: earlier outputs keep their hash
+        del data["input"]["config"]
     data["sampling"] = _sampling_fingerprint(job.sampling)
     data["prompt"] = _prompt_fingerprint(job)
     for f in dataclasses.fields(job):

@@ -214,6 +214,9 @@ def generate(
     split: Annotated[
         str | None, typer.Option(help="The split of a datasets input that has several (input.split).")
     ] = None,
+    config: Annotated[
+        str | None, typer.Option(help="The configuration of a datasets input that has several (input.config).")
+    ] = None,
     device: DeviceOpt = None,
     mode: ModeOpt = None,
     wait: WaitOpt = False,
@@ -241,7 +244,7 @@ def generate(
         data = {
             "name": name,
             "model": model,
-            "input": {"path": input_path, "format": input_format, "limit": limit, "split": split},
+            "input": {"path": input_path, "format": input_format, "limit": limit, "split": split, "config": config},
             "prompt": {
                 "column": prompt_column,
                 "messages_column": messages_column,

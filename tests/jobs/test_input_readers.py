@@ -15,7 +15,7 @@ import pytest
 from kvbatch.errors import ErrorKind, InputError, SpecError
 from kvbatch.jobs.read_jsonl import jsonl_rows
 from kvbatch.jobs.readers import open_reader
-from kvbatch.jobs.spec import MAX_INT64, job_from_dict
+from kvbatch.jobs.spec import MAX_INT64, job_from_dict, result_fingerprint
 
 
 def job_for(tmp_path: Path, path: str, **input_fields):
@@ -565,6 +565,48 @@ def test_a_dataset_name_in_the_local_cache_is_read_offline(
         datasets.config.HF_HUB_OFFLINE,
         datasets.config.HF_DATASETS_OFFLINE,
     ) == offline  # offline for that call only
+
+
+def test_a_configuration_of_a_cached_dataset_is_chosen_with_input_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dataset cached with several configurations (MMLU's subjects) could not be read at all: load_dataset(name)
+    refuses to choose one, and no field named it. input.config is load_dataset's second argument; it is refused
+    where it would be ignored (a file, a save_to_disk folder)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    # What earlier online loads of load_dataset("me/toy", "alpha") and ("me/toy", "beta") leave in the cache.
+    for config, prompts in (("alpha", ["a1", "a2"]), ("beta", ["b1", "b2", "b3"])):
+        pq.write_table(pa.table({"prompt": prompts}), tmp_path / f"{config}.parquet")
+        datasets.load_dataset(
+            "parquet", data_files={"train": str(tmp_path / f"{config}.parquet")}, cache_dir=str(cache)
+        )
+        (prepared,) = [p.parent for p in (cache / "parquet").glob("*/*/*/dataset_info.json")]
+        target = cache / "me___toy" / config / "0.0.0" / prepared.name
+        target.parent.mkdir(parents=True)
+        prepared.rename(target)
+        for f in target.glob("parquet-*.arrow"):
+            f.rename(target / f.name.replace("parquet-", "toy-"))
+        info = json.loads((target / "dataset_info.json").read_text())
+        (target / "dataset_info.json").write_text(json.dumps({**info, "config_name": config, "dataset_name": "toy"}))
+        shutil.rmtree(cache / "parquet")
+    reader = open_reader(job_for(tmp_path, "me/toy", config="beta"), ["prompt"])
+    assert [r.data for r in reader] == [{"prompt": "b1"}, {"prompt": "b2"}, {"prompt": "b3"}]
+    with pytest.raises(InputError, match="input.config chooses one of a dataset's configurations.*alpha"):
+        open_reader(job_for(tmp_path, "me/toy"), ["prompt"])
+    write_parquet(tmp_path / "in.parquet", 2)
+    with pytest.raises(SpecError, match="input.config: a configuration is for a datasets input, not a parquet one"):
+        job_for(tmp_path, "in.parquet", config="beta")
+    datasets.Dataset.from_dict({"prompt": ["x"]}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(SpecError, match="save_to_disk, which holds one configuration; leave input.config out"):
+        open_reader(job_for(tmp_path, "saved", config="beta"), ["prompt"])
+    from kvbatch.jobs.ray_input import input_found
+
+    with pytest.raises(SpecError, match="runner: ray reads files, .* leave input.config out"):
+        input_found(job_for(tmp_path, "me/toy", config="beta"))
+    # left out, it leaves every earlier output's spec hash as it was
+    assert "config" not in result_fingerprint(job_for(tmp_path, "me/toy"))["input"]
+    assert result_fingerprint(job_for(tmp_path, "me/toy", config="beta"))["input"]["config"] == "beta"
 
 
 def test_openai_batch_input(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ jobs:
       limit: 10
       max_line_bytes: 4096
       batch_rows: 8
+      config: main
     prompt:
       column: question
       system: Be brief.
@@ -111,7 +112,7 @@ def test_every_field_is_read(tmp_path: Path) -> None:
     assert job == JobSpec(
         name="full",
         model="/models/tiny",
-        input=InputSpec("data/in", "hf", "train", 10, 4096, 8),
+        input=InputSpec("data/in", "hf", "train", 10, 4096, 8, "main"),
         prompt=PromptSpec(column="question", system="Be brief.", chat_template=False, allow_special_tokens=True),
         id_column="id",
         keep_columns=("topic", "level"),
