@@ -35,6 +35,29 @@ _OTHER_BOMS = (
 # JSON may escape half of a UTF-16 surrogate pair on its own ("\udc80"): json.loads accepts it, but no output
 # format can hold the string it makes, so such a line is an invalid_utf8 row rather than a crash at write time.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members as a dict, refusing a key given twice: json.loads keeps the last value without a word
+    (`{"prompt": "a", "prompt": "z"}` asked "z"), where pyarrow's and `datasets`' JSON readers refuse the line."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return value
+
+
+# About 2 us a line more than json.loads (312 bytes: 4.9 -> 7.1 us).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 OPENAI_ENDPOINT = "/v1/chat/completions"
 # body fields of an OpenAI chat completion request that map onto our sampling; others are ignored
 OPENAI_SAMPLING = {
@@ -243,7 +266,7 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
             line_no,
         )
     try:
-        value = json.loads(text.rstrip("\r\n"))  # without the newline, an unclosed object's column is on this line
+        value = _DECODER.decode(text.rstrip("\r\n"))  # without the newline, an unclosed object's column is on this line
     except json.JSONDecodeError as exc:
         return Row(
             index,
@@ -253,6 +276,9 @@ def parse_line(raw: bytes, index: int, line_no: int) -> Row:
         )
     except RecursionError:
         return Row(index, None, RowError(ErrorKind.BAD_JSON, f"{where}: invalid JSON: nested too deeply"), line_no)
+    except _RepeatedKey as exc:
+        message = f"{where}: invalid JSON: key {exc.key!r} appears twice in one object"
+        return Row(index, None, RowError(ErrorKind.BAD_JSON, message), line_no)
     except ValueError:  # the only other ValueError of json.loads: an integer past Python's int-from-text limit
         message = f"{where}: invalid JSON: an integer of over {sys.get_int_max_str_digits():,} digits"
         return Row(index, None, RowError(ErrorKind.BAD_JSON, message), line_no)

@@ -120,6 +120,24 @@ def test_jsonl_bad_lines_become_error_rows_naming_the_line(tmp_path: Path) -> No
     assert rows[5].data == {"prompt": "last"} and rows[5].error is None
 
 
+def test_a_jsonl_key_given_twice_in_one_object_is_its_row_s_error(tmp_path: Path) -> None:
+    """json.loads keeps a repeated key's last value without a word: {"prompt": "a", "prompt": "z"} asked "z",
+    where pyarrow's and `datasets`' JSON readers refuse the line. A key repeated in any object of a line (a message
+    too) makes that line a bad_json row, naming the key; the same key in two objects is fine."""
+    lines = [
+        '{"prompt": "a", "prompt": "z"}',
+        '{"messages": [{"role": "user", "content": "hi", "role": "system"}]}',
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "id": 1}',
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    rows = list(open_reader(job_for(tmp_path, "in.jsonl"), ["prompt"]))
+    assert [(r.error.kind, r.error.message) for r in rows[:2]] == [
+        (ErrorKind.BAD_JSON, "row 0 (line 1): invalid JSON: key 'prompt' appears twice in one object"),
+        (ErrorKind.BAD_JSON, "row 1 (line 2): invalid JSON: key 'role' appears twice in one object"),
+    ]
+    assert rows[2].error is None and rows[2].data["id"] == 1
+
+
 @pytest.mark.parametrize(
     "data",
     [
