@@ -68,17 +68,32 @@ def why_unavailable(name: str, device: torch.device, block_size: int) -> str | N
     return None
 
 
-def select_backend(name: str, device: torch.device | str, block_size: int = 16) -> AttentionBackend:
-    """`auto` takes the first of flash-attn, triton, cpu, torch that can run on `device` with pages of `block_size`."""
+def why_not_for_layers(name: str, plain_layers: Callable[[], bool]) -> str | None:
+    """Why backend `name` cannot compute the model's layers, or None. flash-attn runs plain causal attention only
+    (attention_flash), so a model with soft-capping, a sliding window or sinks would fail every step on it."""
+    if name == "flash-attn" and not plain_layers():
+        return (
+            "the flash-attn backend runs plain causal attention only, and this model's layers use soft-capping, a "
+            "sliding window or attention sinks: use the triton backend"
+        )
+    return None
+
+
+def select_backend(
+    name: str, device: torch.device | str, block_size: int = 16, plain_layers: Callable[[], bool] = lambda: True
+) -> AttentionBackend:
+    """`auto` takes the first of flash-attn, triton, cpu, torch that can run on `device` with pages of `block_size`
+    and computes the model's layers. `plain_layers` says whether every layer is plain causal attention; it is called
+    only where flash-attn could otherwise run (the engine answers it with a probe forward)."""
     device = torch.device(device)
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name != "auto":
-        reason = why_unavailable(name, device, block_size)
+        reason = why_unavailable(name, device, block_size) or why_not_for_layers(name, plain_layers)
         if reason:  # the engine reports it as a BackendUnavailableError
             raise ValueError(reason)
         return _load(name)
     for candidate in ("flash-attn", "triton", "cpu", "torch"):
-        if why_unavailable(candidate, device, block_size) is None:
+        if why_unavailable(candidate, device, block_size) is None and not why_not_for_layers(candidate, plain_layers):
             return _load(candidate)
     raise AssertionError("the torch backend is always available")

@@ -183,10 +183,7 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
     config = model.config
     _check_config(config, name)
     probe = _Probe()
-    device = next(model.parameters()).device
-    # Not the padding token, which RoBERTa-style embeddings give a position of its own (see _check_positions).
-    token_id = 1 if getattr(config.get_text_config(), "pad_token_id", None) == 0 else 0
-    token = torch.full((1, 1), token_id, dtype=torch.long, device=device)
+    token = _probe_token(model)
     output = _probe_forward(model, name, input_ids=token, position_ids=torch.zeros_like(token), kvbatch_step=probe)
     if not probe.layers:
         raise UnsupportedAttentionError(f"model {name!r}: no layer sent its attention through kvbatch's interface")
@@ -216,6 +213,22 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
                     f"model {name!r}: layer {index} is a sliding-window layer (config.layer_types) but passes no "
                     "sliding_window to its attention"
                 )
+    return probe.layers
+
+
+def _probe_token(model: torch.nn.Module) -> torch.Tensor:  # [1, 1] int64 on the model's device
+    # Not the padding token, which RoBERTa-style embeddings give a position of its own (see _check_positions).
+    token_id = 1 if getattr(model.config.get_text_config(), "pad_token_id", None) == 0 else 0
+    return torch.full((1, 1), token_id, dtype=torch.long, device=next(model.parameters()).device)
+
+
+@torch.inference_mode()
+def layer_options(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
+    """Each layer's LayerAttention, from one forward of one token (the layers attend to nothing), for a model
+    check_model has passed: what a backend must compute for it."""
+    probe = _Probe()
+    token = _probe_token(model)
+    _probe_forward(model, name, input_ids=token, position_ids=torch.zeros_like(token), kvbatch_step=probe)
     return probe.layers
 
 

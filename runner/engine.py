@@ -45,6 +45,7 @@ from kvbatch.errors import BackendUnavailableError, ErrorKind, KVBudgetError
 from kvbatch.runner.config import EngineConfig
 
 from .admission import AdmissionLimits, never_fits
+from .attention_hook import layer_options
 from .float32_logits import use_float32_logits
 from .fused_forward import fused_decoder_for
 from .logits_processors import RowLogits, banned_token_ids, row_logits
@@ -156,7 +157,7 @@ class Engine:
             self.max_model_len = min(self.max_model_len, rope_limit)
         self.max_num_batched_tokens = config.max_num_batched_tokens or (16384 if self.device.type == "cuda" else 4096)
         try:
-            self.backend = select_backend(config.attention_backend, self.device, config.block_size)
+            self.backend = select_backend(config.attention_backend, self.device, config.block_size, self._plain_layers)
         except ValueError as exc:  # a backend asked for by name that cannot run here: cache/ says why
             raise BackendUnavailableError(str(exc)) from None
         num_heads = self.model.config.get_text_config().num_attention_heads
@@ -205,6 +206,15 @@ class Engine:
             self.pool_size.describe(),
             self.max_model_len,
         )
+
+    def _plain_layers(self) -> bool:
+        """Whether every layer is plain causal attention (flash-attn computes no other), asked only where flash-attn
+        could otherwise serve the model: the load check's record, or a probe forward of one token for a model built
+        in code."""
+        layers = self.loaded.layers
+        if layers is None:
+            layers = layer_options(self.model, self.loaded.source)
+        return all(layer.is_plain for layer in layers.values())
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> Engine:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kvbatch.cache.metadata import LayerAttention
 from kvbatch.errors import ContextLengthError, ModelLoadError
 
 from . import attention_hook
@@ -40,6 +41,9 @@ class LoadedModel:
     max_model_len: int
     device: torch.device
     dtype: torch.dtype
+    # Each layer's attention as the load check recorded it (attention_hook.check_model); None: not checked here
+    # (a model built in code), so the engine probes it where it needs to know.
+    layers: dict[int, LayerAttention] | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -404,7 +408,7 @@ def load_model(
         )
     model.to(torch_device).eval()
     try:
-        attention_hook.check_model(model, name)
+        layers = attention_hook.check_model(model, name)
     except attention_hook.ForwardFailedError as exc:
         raise ModelLoadError(f"{exc}, so kvbatch does not load it") from exc
     except attention_hook.UnsupportedAttentionError as exc:
@@ -419,4 +423,5 @@ def load_model(
         max_model_len=context_length(model.config, max_model_len),
         device=torch_device,
         dtype=torch_dtype,
+        layers=layers,
     )

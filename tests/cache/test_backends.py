@@ -45,3 +45,21 @@ def test_auto_passes_over_flash_attn_when_pages_are_too_small(gpu_packages_prese
 def test_forcing_flash_attn_with_small_pages_names_the_rule(gpu_packages_present):
     with pytest.raises(ValueError, match="multiple of 256, the engine's is 16"):
         select_backend("flash-attn", torch.device("cuda"), block_size=16)
+
+
+def test_auto_passes_over_flash_attn_for_layers_it_does_not_compute(gpu_packages_present):
+    """flash-attn runs plain causal attention only: a model with soft-capping, a sliding window or sinks (Gemma 2,
+    Mistral, gpt-oss) got it from `auto` with 256-token pages, and every step of every row failed on it."""
+    cuda = torch.device("cuda")
+    assert select_backend("auto", cuda, block_size=256, plain_layers=lambda: False).name == "triton"
+    assert select_backend("auto", cuda, block_size=256, plain_layers=lambda: True).name == "flash-attn"
+    with pytest.raises(ValueError, match="flash-attn backend runs plain causal attention only.*use the triton backend"):
+        select_backend("flash-attn", cuda, block_size=256, plain_layers=lambda: False)
+
+
+def test_the_layers_are_probed_only_where_flash_attn_could_run(gpu_packages_present):
+    def probe() -> bool:
+        raise AssertionError("probed the layers for a backend that cannot run here anyway")
+
+    assert select_backend("auto", "cpu", block_size=256, plain_layers=probe).name == "cpu"
+    assert select_backend("auto", torch.device("cuda"), block_size=16, plain_layers=probe).name == "triton"

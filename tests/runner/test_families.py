@@ -8,6 +8,7 @@ learned attention sinks."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 
@@ -16,7 +17,10 @@ import torch
 import transformers as tf
 from tiny_models import EOS_ID, VOCAB_SIZE, word_tokenizer
 
+from kvbatch.cache import backends
+from kvbatch.errors import BackendUnavailableError
 from kvbatch.runner import attention_hook
+from kvbatch.runner import engine as engine_module
 from kvbatch.runner.engine import Engine, EngineConfig
 from kvbatch.runner.model_loader import LoadedModel, ModelLoadError, load_model
 from kvbatch.runner.request import GenerationRequest, SamplingParams
@@ -445,3 +449,34 @@ def test_a_longrope_context_ends_where_its_frequencies_would_follow_the_step() -
         completion = got[i].completions[0]
         assert completion.token_ids == tokens, f"prompt {i} ({len(prompts[i])} tokens) diverged"
         torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(logprobs), rtol=0, atol=1e-4)
+
+
+def test_the_engine_keeps_flash_attn_for_plain_layers(monkeypatch) -> None:
+    """Where flash-attn could run (a GPU with the package and 256-token pages, faked here), a soft-capped, windowed
+    model (Gemma 2) got it from `auto` and every row failed; asked for by name, it is refused when the engine is
+    built. A plain model still gets it."""
+    real = backends.why_unavailable
+    monkeypatch.setattr(
+        backends, "why_unavailable", lambda name, *args: None if name == "flash-attn" else real(name, *args)
+    )
+    config = EngineConfig(block_size=256, num_blocks_override=4)
+    assert Engine.from_loaded(_loaded("gemma2"), config).backend.name == "cpu"
+    assert Engine.from_loaded(_loaded("llama"), config).backend.name == "flash-attn"
+    forced = dataclasses.replace(config, attention_backend="flash-attn")
+    with pytest.raises(BackendUnavailableError, match="plain causal attention only.*soft-capping, a sliding window"):
+        Engine.from_loaded(_loaded("gemma2"), forced)
+
+
+def test_a_loaded_model_is_not_probed_again_for_its_backend(monkeypatch, tmp_path) -> None:
+    """load_model keeps the load check's record of the layers, so choosing the backend runs no second forward: on a
+    tensor-parallel rank that rebuilds its engine alone, a forward through sharded layers would wait on the others."""
+    _model("gemma2", "eager").save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert loaded.layers is not None and not all(layer.is_plain for layer in loaded.layers.values())
+    real = backends.why_unavailable
+    monkeypatch.setattr(
+        backends, "why_unavailable", lambda name, *args: None if name == "flash-attn" else real(name, *args)
+    )
+    monkeypatch.setattr(engine_module, "layer_options", lambda *args: pytest.fail("probed a checked model again"))
+    assert Engine.from_loaded(loaded, EngineConfig(block_size=256, num_blocks_override=4)).backend.name == "cpu"
