@@ -1005,7 +1005,11 @@ def _check_system_role(job: JobSpec, tokenizer: Any, template: str | None = None
             "(prompt.chat_template_file)",
             field="prompt.system",
         )
-    if with_system == without:  # a template with no system turn (Phi-3 medium's) writes it nowhere
+    # A template with no system turn (Phi-3 medium's) writes it nowhere: another system text renders the same too.
+    # One that writes a default system prompt when given none (Qwen2.5's) renders the job's the same where the job
+    # gives that default's very text, and another text differently.
+    other = render([{"role": "system", "content": f"Not {job.prompt.system}"}, user])
+    if with_system == without and other == without:
         raise SpecError(
             "the chat template writes no system message (it renders the conversation the same without it); every "
             "row would run without it: leave prompt.system out, or give the job a template that takes it "

@@ -24,7 +24,7 @@ from kvbatch.jobs.pipeline import RowPipeline
 from kvbatch.jobs.read_jsonl import openai_row, parse_line
 from kvbatch.jobs.records import RowResult
 from kvbatch.jobs.rows import Row
-from kvbatch.jobs.spec import job_from_dict, result_fingerprint
+from kvbatch.jobs.spec import JobSpec, job_from_dict, result_fingerprint
 from kvbatch.runner.request import Completion, GenerationRequest, GenerationResult
 
 # Qwen3's handling of enable_thinking and tools, in small: thinking off writes an empty think block after the
@@ -948,6 +948,35 @@ def test_a_jobs_system_prompt_the_template_drops_stops_the_job(tmp_path) -> None
     check_chat_template(job, byte_tokenizer())  # a template that writes it
     no_system = dataclasses.replace(job, prompt=dataclasses.replace(job.prompt, system=None))
     check_chat_template(no_system, byte_tokenizer(DROPS_SYSTEM))  # no system prompt: nothing to drop
+
+
+# Qwen2.5's template writes a default system prompt when a conversation has none.
+DEFAULT_SYSTEM = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_jobs_system_prompt_that_is_the_templates_default_runs() -> None:
+    """A job whose prompt.system is the very text its template writes when a conversation has none (Qwen2.5's "You
+    are a helpful assistant.", set explicitly) renders the same as without it, and was stopped as a template that
+    writes no system message, though it writes this one. Another system prompt renders differently, so it is kept;
+    a template that drops every system prompt is still refused."""
+    from kvbatch.errors import SpecError
+    from kvbatch.jobs.spec import check_chat_template
+
+    def job(system: str) -> JobSpec:
+        prompt = {"messages_column": "messages", "system": system}
+        return job_from_dict({"name": "j", "input": {"path": "in.jsonl"}, "prompt": prompt})
+
+    check_chat_template(job("You are a helpful assistant."), byte_tokenizer(DEFAULT_SYSTEM))
+    check_chat_template(job("Be brief."), byte_tokenizer(DEFAULT_SYSTEM))
+    with pytest.raises(SpecError) as refused:
+        check_chat_template(job("You are a helpful assistant."), byte_tokenizer(DROPS_SYSTEM))
+    assert refused.value.field == "prompt.system"
 
 
 def test_template_values_from_defaults_pass_over_a_model_without_a_template(tmp_path) -> None:
