@@ -102,6 +102,16 @@ def _load_data_files(datasets, path: Path, split: str | None, config: str | None
     converted (load_dataset copies a split into its Arrow cache)."""
     try:
         with _offline(datasets):
+            # A folder whose README lists several configurations: get_dataset_split_names refuses to choose one,
+            # in words that name load_dataset's argument, not the job's field.
+            configs = datasets.get_dataset_config_names(str(path))
+            if config is None and len(configs) > 1:
+                raise _no_config_chosen(path.name, configs)
+            if config is not None and config not in configs:
+                raise SpecError(
+                    f"{path.name} has no configuration {config!r} (configurations: {', '.join(configs)})",
+                    field="input.config",
+                )
             names = datasets.get_dataset_split_names(str(path), config)
             if split is None and len(names) > 1:
                 raise _no_split_chosen(path.name, names)
@@ -176,6 +186,14 @@ def _no_split_chosen(name: str, splits: list[str]) -> SpecError:
         f"{name} has splits {', '.join(splits)}; choose one with input.split (on the command line: --set "
         f"input.split={splits[0]}, or kvbatch generate's --split {splits[0]})",
         field="input.split",
+    )
+
+
+def _no_config_chosen(name: str, configs: list[str]) -> SpecError:
+    return SpecError(
+        f"{name} has configurations {', '.join(configs)}; choose one with input.config (on the command line: --set "
+        f"input.config={configs[0]}, or kvbatch generate's --config {configs[0]})",
+        field="input.config",
     )
 
 

@@ -627,6 +627,32 @@ def test_a_configuration_of_a_cached_dataset_is_chosen_with_input_config(
     assert result_fingerprint(job_for(tmp_path, "me/toy", config="beta"))["input"]["config"] == "beta"
 
 
+def test_a_repository_folders_configuration_is_chosen_with_input_config(tmp_path: Path) -> None:
+    """A folder laid out as a dataset repository whose README lists several configurations was refused, without
+    input.config, as "neither a dataset saved with save_to_disk nor a folder of data files", in datasets' words
+    (`load_dataset('in', 'alpha')`), and a configuration it lacks the same way: each now names input.config and
+    the folder's configurations, as a split does."""
+    folder = tmp_path / "in"
+    for config, prompt in (("alpha", "a1"), ("beta", "b1")):
+        (folder / config).mkdir(parents=True)
+        (folder / config / "train.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: alpha\n  data_files: alpha/*.jsonl\n"
+        "- config_name: beta\n  data_files: beta/*.jsonl\n---\n"
+    )
+    with pytest.raises(SpecError) as unchosen:
+        open_reader(job_for(tmp_path, "in", format="hf"), ["prompt"])
+    assert str(unchosen.value) == (
+        "input.config: in has configurations alpha, beta; choose one with input.config (on the command line: "
+        "--set input.config=alpha, or kvbatch generate's --config alpha)"
+    )
+    with pytest.raises(SpecError) as unknown:
+        open_reader(job_for(tmp_path, "in", format="hf", config="gamma"), ["prompt"])
+    assert str(unknown.value) == "input.config: in has no configuration 'gamma' (configurations: alpha, beta)"
+    reader = open_reader(job_for(tmp_path, "in", format="hf", config="beta"), ["prompt"])
+    assert [r.data for r in reader] == [{"prompt": "b1"}]
+
+
 def test_openai_batch_input(tmp_path: Path) -> None:
     requests = [
         {
