@@ -43,6 +43,7 @@ from kvbatch.errors import InputError, SpecError
 
 from .arrow_io import FILE_MAGIC
 from .manifest import INPUT_KEY
+from .read_arrow import FEATHER_V1_MAGIC, feather_v1_refused
 from .read_hf import folder_splits
 from .read_jsonl import count_rows_in, jsonl_rows, not_json_lines, openai_row
 from .read_parquet import rows_of_batches, with_request_values
@@ -221,9 +222,13 @@ def _kind(job: JobSpec, paths: list[str]) -> str:
     return kinds.pop()
 
 
-def _is_ipc_file(filesystem: pafs.FileSystem, path: str) -> bool:
+def _head(filesystem: pafs.FileSystem, path: str) -> bytes:
     with filesystem.open_input_file(path) as f:
-        return f.read(len(FILE_MAGIC)) == FILE_MAGIC
+        return f.read(len(FILE_MAGIC))
+
+
+def _is_ipc_file(filesystem: pafs.FileSystem, path: str) -> bool:
+    return _head(filesystem, path) == FILE_MAGIC
 
 
 def _ipc_batches(filesystem: pafs.FileSystem, path: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
@@ -250,7 +255,12 @@ def _read_text(filesystem: pafs.FileSystem, path: str) -> str:
 
 def _count_rows(filesystem: pafs.FileSystem, paths: list[str], kind: str) -> list[tuple[int, tuple[int, ...]]]:
     """(rows, rows per row group) of each file: Parquet footers here, other files by Ray tasks on the cluster."""
-    if kind == "arrow" and all(_is_ipc_file(filesystem, path) for path in paths):
+    heads = [_head(filesystem, path) for path in paths] if kind == "arrow" else []
+    # Refused here, as the local reader refuses it: counted by a Ray task, it failed there as no Arrow stream.
+    v1 = next((path for path, head in zip(paths, heads) if head.startswith(FEATHER_V1_MAGIC)), None)
+    if v1 is not None:
+        raise feather_v1_refused(v1)
+    if kind == "arrow" and all(head == FILE_MAGIC for head in heads):
         # An IPC file's footer lists its batches: counted here, batch by batch, without a Ray task.
         return [(sum(b.num_rows for b in _ipc_batches(filesystem, path)[1]), ()) for path in paths]
     if kind == "parquet":

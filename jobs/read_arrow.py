@@ -17,11 +17,7 @@ from .rows import Reader
 
 def open_arrow(path: Path, columns: list[str], batch_rows: int) -> Reader:
     if _is_feather_v1(path):
-        raise InputError(
-            f"{path} is a Feather version 1 file, the format before Arrow IPC (pyarrow deprecates it), which kvbatch "
-            "does not read: write it as Feather version 2 first (pyarrow.feather.write_feather(pyarrow.feather."
-            f"read_table({str(path)!r}), 'in.arrow'))"
-        )
+        raise feather_v1_refused(str(path))
     try:
         source = pa.memory_map(str(path))
         if is_ipc_file(path):
@@ -45,11 +41,23 @@ def open_arrow(path: Path, columns: list[str], batch_rows: int) -> Reader:
     return Reader(rows_of_batches(_batches(whole, wanted, batch_rows), path.name), num_rows, schema.names, schema)
 
 
+# Feather version 1's magic; version 2 is an Arrow IPC file.
+FEATHER_V1_MAGIC = b"FEA1"
+
+
+def feather_v1_refused(path: str) -> InputError:
+    return InputError(
+        f"{path} is a Feather version 1 file, the format before Arrow IPC (pyarrow deprecates it), which kvbatch "
+        "does not read: write it as Feather version 2 first (pyarrow.feather.write_feather(pyarrow.feather."
+        f"read_table({path!r}), 'in.arrow'))"
+    )
+
+
 def _is_feather_v1(path: Path) -> bool:
-    """Whether the file starts with Feather version 1's magic ("FEA1"; version 2 is an Arrow IPC file)."""
+    """Whether the file starts with Feather version 1's magic."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"FEA1"
+            return f.read(len(FEATHER_V1_MAGIC)) == FEATHER_V1_MAGIC
     except OSError:  # missing or unreadable: the reader says which
         return False
 

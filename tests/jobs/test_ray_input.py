@@ -141,6 +141,29 @@ def test_arrow_ipc_files_are_read_as_the_local_reader_reads_them(tmp_path):
         open_ray_input(job(folder), ["prompt"])
 
 
+def test_a_feather_version_1_file_is_refused_before_any_ray_task(tmp_path):
+    # Feather version 1 is no Arrow IPC file: its rows were counted by a Ray task, which failed on the cluster as
+    # "cannot read Arrow file ...: Expected to read ... metadata bytes", where the local reader names the format.
+    import warnings
+
+    import pyarrow.feather as feather
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with pa.ipc.new_file(folder / "a.feather", pa.schema({"prompt": pa.string()})) as writer:
+        writer.write_batch(pa.record_batch({"prompt": ["a"]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pyarrow deprecates writing version 1
+        feather.write_feather(pa.table({"prompt": ["b"]}), folder / "b.feather", version=1)
+    with pytest.raises(InputError) as refused:
+        open_ray_input(job(folder), ["prompt"])
+    assert str(refused.value) == (
+        f"{folder / 'b.feather'} is a Feather version 1 file, the format before Arrow IPC (pyarrow deprecates it), "
+        "which kvbatch does not read: write it as Feather version 2 first (pyarrow.feather.write_feather("
+        f"pyarrow.feather.read_table({str(folder / 'b.feather')!r}), 'in.arrow'))"
+    )
+
+
 def test_input_split_is_refused_where_a_ray_run_would_ignore_it(tmp_path):
     # A split was ignored unless the folder was a DatasetDict: a repository folder's splits were all read as one
     # input, and a saved Dataset was read whatever split it was.
