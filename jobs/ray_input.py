@@ -44,7 +44,7 @@ from kvbatch.errors import InputError, SpecError
 from .arrow_io import FILE_MAGIC
 from .manifest import INPUT_KEY
 from .read_arrow import FEATHER_V1_MAGIC, feather_v1_refused
-from .read_hf import folder_splits
+from .read_hf import folder_configs, folder_splits
 from .read_jsonl import count_rows_in, jsonl_rows, not_json_lines, openai_row
 from .read_parquet import rows_of_batches, with_request_values
 from .readers import check_columns
@@ -148,10 +148,19 @@ def _list(job: JobSpec) -> tuple[pafs.FileSystem, list[str], str]:
 
 def _refuse_several_splits(filesystem: pafs.FileSystem, root: str) -> None:
     """A local run reads one split of a folder laid out as a dataset repository (data/train-*, data/test-*) and
-    refuses one of several without input.split; this run reads a folder's files as one input, so it would mix them.
+    refuses one of several without input.split, and one of several configurations without input.config; this run
+    reads a folder's files as one input, so it would mix them.
     Only a local folder is looked at: `datasets` reaches other filesystems through fsspec, not pyarrow."""
     if not isinstance(filesystem, pafs.LocalFileSystem):
         return
+    configs = folder_configs(Path(root))  # several: each config's files would be read as one input too
+    if len(configs) > 1:
+        raise SpecError(
+            f"{root} has configurations {', '.join(configs)} (as its README lists them), and runner: ray reads a "
+            "folder's files as one input; name one configuration's files in input.path (a glob: the data_files "
+            "its README gives)",
+            field="input.path",
+        )
     splits = folder_splits(Path(root))
     if len(splits) > 1:
         raise SpecError(

@@ -164,6 +164,27 @@ def test_a_feather_version_1_file_is_refused_before_any_ray_task(tmp_path):
     )
 
 
+def test_a_folder_of_several_configurations_is_refused_as_one_input(tmp_path):
+    # A local run reads one configuration of a repository folder whose README lists several (input.config); this
+    # run read every configuration's files as one input without a word.
+    folder = tmp_path / "repo"
+    for config in ("alpha", "beta"):
+        (folder / config).mkdir(parents=True)
+        (folder / config / "train.jsonl").write_text('{"prompt": "p"}\n')
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: alpha\n  data_files: alpha/*.jsonl\n"
+        "- config_name: beta\n  data_files: beta/*.jsonl\n---\n"
+    )
+    with pytest.raises(SpecError) as refused:
+        open_ray_input(job(folder), ["prompt"])
+    assert refused.value.field == "input.path"
+    assert str(refused.value) == (
+        f"input.path: {folder} has configurations alpha, beta (as its README lists them), and runner: ray reads a "
+        "folder's files as one input; name one configuration's files in input.path (a glob: the data_files its "
+        "README gives)"
+    )
+
+
 def test_input_split_is_refused_where_a_ray_run_would_ignore_it(tmp_path):
     # A split was ignored unless the folder was a DatasetDict: a repository folder's splits were all read as one
     # input, and a saved Dataset was read whatever split it was.
