@@ -133,8 +133,9 @@ def _prompt_value(prompt: Any) -> Any:
 
 
 def _missing(value: Any) -> bool:
-    """None, or a missing value as pandas holds one: NaN (its default string type's), pd.NA, NaT."""
-    if isinstance(value, float):
+    """None, or a missing value as pandas holds one: NaN (its default string type's; numpy's float32 one of an
+    object column too), pd.NA, NaT."""
+    if isinstance(value, (float, np.floating)):
         return math.isnan(value)
     return value is None or type(value).__name__ in ("NAType", "NaTType")  # pandas is not needed to tell
 

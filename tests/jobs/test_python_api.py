@@ -139,9 +139,14 @@ def test_a_missing_value_of_a_pandas_column_is_a_null_prompt() -> None:
     """pandas holds a missing text as NaN (its default string type) or pd.NA (the "string" type): such a prompt
     failed as "prompts[1] is a number, expected a string" (wrong_type) or "is NAType", where None is "prompts[1]
     is null" (empty_prompt). Each is read as the null it stands for."""
+    import numpy as np
     import pandas as pd
 
-    for column in (pd.Series(["w5 w6", None]), pd.Series(["w5 w6", None], dtype="string")):
+    for column in (
+        pd.Series(["w5 w6", None]),
+        pd.Series(["w5 w6", None], dtype="string"),
+        pd.Series(["w5 w6", np.float32("nan")], dtype=object),
+    ):
         assert column.tolist()[1] is not None  # NaN, or pd.NA
         first, missing = kvbatch.generate(column, model="tiny", max_new_tokens=3, results=True)
         assert first.error is None
