@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -337,38 +338,49 @@ def _templates(template: str | None, tokenizer: Any) -> list[str]:
     return [found] if isinstance(found, str) else []
 
 
+def _parsed(template: str) -> Any | None:
+    """The template's Jinja syntax tree, as transformers compiles it; None where it does not parse (the render says
+    why)."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        return _compile_jinja_template(template).environment.parse(template)
+    except jinja2.TemplateError:
+        return None
+
+
+def _field_reader(ast: Any, field: str, filters: tuple[str, ...] = ()) -> Callable[[Any], bool]:
+    """Whether a node reads a message's `field` (`message.role`, `message['role']`, through one of `filters`), or is a
+    name the template set from such a read (`{% set role = message['role'] %}`)."""
+    import jinja2.nodes as nodes
+
+    def reads(node: nodes.Node) -> bool:
+        if isinstance(node, nodes.Filter) and node.name in filters:
+            return node.node is not None and reads(node.node)
+        if isinstance(node, nodes.Getattr):
+            return node.attr == field
+        return isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == field
+
+    names = {
+        assign.target.name
+        for assign in ast.find_all(nodes.Assign)
+        if isinstance(assign.target, nodes.Name) and reads(assign.node)
+    }
+    return lambda node: reads(node) or (isinstance(node, nodes.Name) and node.name in names)
+
+
 @lru_cache(maxsize=16)
 def _named_roles(template: str) -> frozenset[str]:
     """The roles a template compares a message's role with (`message.role == "ipython"`, `message['role'] in
     ["tool", "ipython"]`, `message.role | lower`, a name set from a role, `selectattr("role", "equalto",
     "system")`) or looks up in a mapping (`{"user": "Human", ...}[message.role]`): those it has a turn for."""
     import jinja2.nodes
-    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    try:
-        ast = _compile_jinja_template(template).environment.parse(template)
-    except jinja2.TemplateError:
+    ast = _parsed(template)
+    if ast is None:
         return frozenset()
-
-    def is_access(node: jinja2.nodes.Node) -> bool:
-        if isinstance(node, jinja2.nodes.Filter) and node.name in ("lower", "upper", "trim", "string", "title"):
-            return node.node is not None and is_access(node.node)
-        if isinstance(node, jinja2.nodes.Getattr):
-            return node.attr == "role"
-        return (
-            isinstance(node, jinja2.nodes.Getitem)
-            and isinstance(node.arg, jinja2.nodes.Const)
-            and node.arg.value == "role"
-        )
-
-    names = {
-        node.target.name
-        for node in ast.find_all(jinja2.nodes.Assign)
-        if isinstance(node.target, jinja2.nodes.Name) and is_access(node.node)
-    }
-
-    def is_role(node: jinja2.nodes.Node) -> bool:
-        return is_access(node) or (isinstance(node, jinja2.nodes.Name) and node.name in names)
+    is_role = _field_reader(ast, "role", ("lower", "upper", "trim", "string", "title"))
 
     def strings(node: jinja2.nodes.Node) -> list[str]:
         items = node.items if isinstance(node, (jinja2.nodes.List, jinja2.nodes.Tuple)) else [node]
@@ -408,30 +420,11 @@ def _content_reading(template: str) -> _ContentReading:
     one): whether it loops over it, as vLLM's server detects a template that reads OpenAI's content parts, and
     whether it tests it for a string."""
     import jinja2.nodes
-    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    try:
-        ast = _compile_jinja_template(template).environment.parse(template)
-    except jinja2.TemplateError:
+    ast = _parsed(template)
+    if ast is None:
         return _ContentReading(False, False)
-
-    def is_content(node: jinja2.nodes.Node) -> bool:
-        if isinstance(node, jinja2.nodes.Getattr):
-            return node.attr == "content"
-        return (
-            isinstance(node, jinja2.nodes.Getitem)
-            and isinstance(node.arg, jinja2.nodes.Const)
-            and (node.arg.value == "content")
-        )
-
-    names = {
-        node.target.name
-        for node in ast.find_all(jinja2.nodes.Assign)
-        if isinstance(node.target, jinja2.nodes.Name) and is_content(node.node)
-    }
-
-    def reads_content(node: jinja2.nodes.Node) -> bool:
-        return is_content(node) or (isinstance(node, jinja2.nodes.Name) and node.name in names)
+    reads_content = _field_reader(ast, "content")
 
     return _ContentReading(
         loops=any(reads_content(loop.iter) for loop in ast.find_all(jinja2.nodes.For)),
