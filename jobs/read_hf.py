@@ -136,27 +136,24 @@ def _load_data_files(datasets, path: Path, split: str | None, config: str | None
 def folder_configs(path: Path) -> list[str]:
     """The configurations a folder of data files lists in its README (`configs:`), as `datasets.load_dataset(folder,
     config)` takes them (nothing is read or converted); [] where `datasets` is not installed or finds none."""
-    try:
-        import datasets
-    except ImportError:
-        return []
-    try:
-        with _offline(datasets):
-            return list(datasets.get_dataset_config_names(str(path)))
-    except Exception:  # datasets raises many types; the reader that follows says what is wrong with the files
-        return []
+    return _folder_names(path, "get_dataset_config_names")
 
 
 def folder_splits(path: Path) -> list[str]:
     """The splits `datasets.load_dataset(folder)` finds in a folder of data files, from their names (nothing is
     read or converted); [] where `datasets` is not installed or finds no data files there."""
+    return _folder_names(path, "get_dataset_split_names")
+
+
+def _folder_names(path: Path, lister: str) -> list[str]:
+    """What `datasets.<lister>(folder)` lists, offline; [] where `datasets` is not installed or lists nothing."""
     try:
         import datasets
     except ImportError:
         return []
     try:
         with _offline(datasets):
-            return list(datasets.get_dataset_split_names(str(path)))
+            return list(getattr(datasets, lister)(str(path)))
     except Exception:  # datasets raises many types; the reader that follows says what is wrong with the files
         return []
 
