@@ -12,7 +12,8 @@ Everything that makes an adapter unusable here is an `AdapterError` naming the a
 config value of the wrong type, pickled weights only (without allow_pickle) or a damaged weights file, shapes of
 another base model, a base model named other than the engine's, and what kvbatch does not run: LoRA variants
 whose forward is not the update above (DoRA, biases, `modules_to_save`, embeddings, lm_head, ...) and adapters
-whose initialisation PEFT replays on the base weights when it loads them (PiSSA, OLoRA, CorDA, LoftQ).
+whose initialisation PEFT replays on the base weights when it loads them (PiSSA, OLoRA, CorDA, LoftQ, Astra), and
+a config field kvbatch does not know, set (a newer PEFT's variant).
 `inspect_adapter` reads the safetensors header only (sizes, checks); `load_adapter` reads the tensors.
 """
 
@@ -53,13 +54,25 @@ _UNSUPPORTED_SWITCHES = {
     "arrow_config": "Arrow routing (arrow_config)",
     "kasa_config": "KaSA (kasa_config)",
 }
+# The other fields of PEFT's LoraConfig (0.22): those read below, and those that leave a loaded adapter's forward
+# the plain update (bookkeeping, training-only settings, an initialisation's own settings, which init_lora_weights
+# decides on). A field outside both lists, set, is refused: a newer PEFT's variant would otherwise run as plain LoRA.
+_KNOWN_FIELDS = frozenset(
+    {
+        *("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision"),
+        *("inference_mode", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "init_lora_weights"),
+        *("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "bias", "lora_dropout"),
+        *("megatron_config", "megatron_core", "runtime_config", "ensure_weight_tying", "qalora_group_size"),
+        *("loftq_config", "eva_config", "corda_config", "astra_config", "lora_ga_config"),
+    }
+)
 # init_lora_weights values (prefixes) that PEFT replays when it loads the adapter: they subtract the initial
 # update from the base weights (W - scaling * B0 A0), so the saved A and B mean something else over the plain
 # base. PEFT converts such an adapter to plain LoRA when it is saved with path_initial_model_for_weight_conversion.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "astra")
 # init_lora_weights names PEFT loads without touching the base weights, as it spells them (it takes 'gaussian' and
 # 'mica' in any case): each gives a layer B A = 0 to start with.
-_ZERO_UPDATE_INITS = ("gaussian", "eva", "orthogonal", "lora_ga", "mica")
+_ZERO_UPDATE_INITS = ("gaussian", "eva", "orthogonal", "lora_ga", "mica", "nora")
 
 
 class AdapterError(ValueError):
@@ -245,6 +258,12 @@ def _read_config(name: str, folder: Path) -> LoraConfig:
     for switch, what in _UNSUPPORTED_SWITCHES.items():
         if config.get(switch):
             raise AdapterError(f"adapter {name!r} uses {what}, which kvbatch does not run")
+    unknown = sorted(key for key, value in config.items() if value and key not in _KNOWN_FIELDS)
+    if unknown:
+        raise AdapterError(
+            f"adapter {name!r}: {CONFIG_FILE} sets {', '.join(unknown)}, which kvbatch does not know (a LoRA variant "
+            "of a newer PEFT?), so it cannot tell the adapter's forward is plain LoRA's"
+        )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise AdapterError(

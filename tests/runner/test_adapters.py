@@ -511,6 +511,33 @@ def test_weights_named_without_peft_prefix_are_refused(adapter_paths, rows, tmp_
     assert "named without PEFT's prefix 'base_model.model.'" in results[0].error, results[0].error
 
 
+def test_configs_of_peft_0_22_run_as_peft_loads_them_and_unknown_fields_are_refused(
+    adapter_paths, rows, tmp_path
+) -> None:
+    """Each field of PEFT 0.22's LoraConfig is read, refused or leaves the forward plain LoRA: 'nora' draws B = 0
+    (the file's weights then replace it), 'astra' rewrites the base weights as it loads. A field kvbatch does not
+    know, set, is refused: a newer PEFT's variant ran as plain LoRA."""
+    from peft import LoraConfig
+
+    source = adapter_paths["r2-qv"]
+    nora = _edited(source, tmp_path / "nora", init_lora_weights="nora")
+    # Every field PEFT saves, at PEFT's defaults, beside the adapter's own values: none may be refused.
+    defaults = LoraConfig().to_dict()
+    saved = json.loads(open(f"{source}/adapter_config.json").read())
+    every_field = _edited(source, tmp_path / "every", **{**defaults, **saved})
+    astra = _edited(source, tmp_path / "astra", init_lora_weights="astra")
+    future = _edited(source, tmp_path / "future", spectral_config={"rank": 2}, dora_v2=False)
+    prompt = rows[ADAPTERS.index("r2-qv")][0]
+    want = peft_greedy(hf_reference("llama"), {"nora": nora}, [(prompt, "nora")], MAX_NEW, EOS_ID, 0)[0]
+    paths = {"nora": nora, "every": every_field, "astra": astra, "future": future}
+    _, results = run(paths, [(prompt, name) for name in paths])
+    assert results[0].error is None and results[0].completions[0].token_ids == want
+    assert results[1].error is None and results[1].completions[0].token_ids == want
+    for i, words in ((2, "init_lora_weights='astra'"), (3, "sets spectral_config, which kvbatch does not know")):
+        assert (results[i].finish_reason, results[i].error_kind) == ("error", ErrorKind.BAD_ADAPTER)
+        assert words in results[i].error, results[i].error
+
+
 @pytest.mark.parametrize(
     "fields, words",
     [
