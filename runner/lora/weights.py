@@ -43,7 +43,9 @@ _UNSUPPORTED_SWITCHES = {
     "lora_bias": "LoRA biases (lora_bias)",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
     "modules_to_save": "modules_to_save (whole modules trained alongside)",
-    "target_parameters": "target_parameters",
+    # PEFT sets it itself for a MoE model's routed experts (3-D parameters) when target_modules names their
+    # projections (all-linear, gate/up/down): the user did not ask for it by that name.
+    "target_parameters": "LoRA on parameters (target_parameters, which PEFT adds for a MoE model's routed experts)",
     "trainable_token_indices": "trainable_token_indices",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "layer_replication": "layer_replication",

@@ -511,6 +511,26 @@ def test_weights_named_without_peft_prefix_are_refused(adapter_paths, rows, tmp_
     assert "named without PEFT's prefix 'base_model.model.'" in results[0].error, results[0].error
 
 
+def test_an_all_linear_adapter_of_a_moe_model_names_the_routed_experts(tmp_path) -> None:
+    """PEFT adds target_parameters for a MoE model's routed experts (3-D parameters, not linears) under
+    all-linear: the refusal says so, where it named a field the user never wrote."""
+    import transformers as tf
+
+    from kvbatch.runner.lora.weights import AdapterError, adaptable_linears, inspect_adapter
+
+    def make_base():
+        config = tf.Qwen3MoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+        )  # fmt: skip
+        return tf.AutoModelForCausalLM.from_config(config)
+
+    path = save_adapters(make_base, tmp_path, {"moe": dict(r=2, target_modules="all-linear")})["moe"]
+    assert json.loads(open(f"{path}/adapter_config.json").read())["target_parameters"]  # PEFT's own doing
+    with pytest.raises(AdapterError, match=r"target_parameters, which PEFT adds for a MoE model's routed experts"):
+        inspect_adapter("moe", path, adaptable_linears(make_base()))
+
+
 def test_configs_of_peft_0_22_run_as_peft_loads_them_and_unknown_fields_are_refused(
     adapter_paths, rows, tmp_path
 ) -> None:
