@@ -3,21 +3,26 @@ them out (`data/train-00000-of-00002.parquet`, `test/part.jsonl`: what `datasets
 repository, splits from the file names), or a dataset name found in the local HF cache.
 
 `datasets` is an optional dependency (`pip install kvbatch[datasets]`). Names resolve offline only: a job never
-starts a download (docs/security.md). Rows stream from the memory-mapped Arrow files in batches.
+starts a download (docs/security.md). Rows stream from the memory-mapped Arrow files in batches. A folder's split of
+JSON lines files alone that `datasets` cannot convert (one bad line fails it whole) is read by the JSONL reader
+instead, its files as `datasets` resolves them, so a bad line is its row's error (docs/bad-input.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 from kvbatch.errors import InputError, SpecError
 
+from .read_jsonl import open_jsonl_files
 from .read_parquet import rows_of_batches
 from .rows import Reader
-from .spec import OTHER_DATA_FILES
+from .spec import INPUT_EXTENSIONS, OTHER_DATA_FILES
 
 
 def _import_datasets():
@@ -31,7 +36,13 @@ def _import_datasets():
 
 
 def open_hf(
-    name: str, path: Path, split: str | None, columns: list[str], batch_rows: int, config: str | None = None
+    name: str,
+    path: Path,
+    split: str | None,
+    columns: list[str],
+    batch_rows: int,
+    max_line_bytes: int,
+    config: str | None = None,
 ) -> Reader:
     if path.is_file():
         raise SpecError(
@@ -51,7 +62,16 @@ def open_hf(
         except (OSError, ValueError) as exc:  # OSError: a truncated or damaged Arrow file in the folder
             raise InputError(f"{path} is a dataset saved with save_to_disk, but cannot be read: {exc}") from None
     elif path.is_dir():
-        loaded = _load_data_files(datasets, path, split, config)
+        split = _folder_split(datasets, path, split, config)
+        try:
+            loaded = _load_data_files(datasets, path, split, config)
+        except InputError:
+            # `datasets` fails a whole split on one bad line: a split of JSON lines alone is then read line by line,
+            # as a JSONL file is, each bad line its row's error.
+            reader = _json_lines_reader(datasets, path, split, config, max_line_bytes)
+            if reader is None:
+                raise
+            return reader
     else:
         loaded = _load_cached(datasets, name, config)
     dataset = _pick_split(datasets, loaded, split, name)
@@ -96,10 +116,10 @@ def _saved_state(file: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def _load_data_files(datasets, path: Path, split: str | None, config: str | None):
-    """The split of a folder of data files, as `datasets.load_dataset(folder)` reads it. Without input.split a
-    folder of one split reads it, and one of several, or a split it does not have, is refused before any is
-    converted (load_dataset copies a split into its Arrow cache)."""
+def _folder_split(datasets, path: Path, split: str | None, config: str | None) -> str:
+    """The split of a folder of data files to read, as `datasets.load_dataset(folder)` reads it. Without
+    input.split a folder of one split reads it, and one of several, or a split it does not have, is refused before
+    any is converted (load_dataset copies a split into its Arrow cache)."""
     try:
         with _offline(datasets):
             # A folder whose README lists several configurations: get_dataset_split_names refuses to choose one,
@@ -117,19 +137,54 @@ def _load_data_files(datasets, path: Path, split: str | None, config: str | None
                 raise _no_split_chosen(path.name, names)
             if split is not None and split not in names:
                 raise SpecError(f"{path.name} has no split {split!r} (splits: {', '.join(names)})", field="input.split")
-            split = split or names[0]
-            try:
-                return datasets.load_dataset(str(path), config, split=split)
-            except Exception as exc:  # a data file that does not convert: a bad line, a type that changes
-                raise InputError(
-                    f"{path} is a folder of data files, but `datasets` cannot read its split {split!r}: {_reason(exc)}"
-                ) from None
+            return split or names[0]
     except (SpecError, InputError):
         raise
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ValueError...)
         raise InputError(
             f"{path} is neither a dataset saved with save_to_disk nor a folder of data files `datasets` reads: "
             f"{type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _json_lines_reader(datasets, path: Path, split: str, config: str | None, max_line_bytes: int) -> Reader | None:
+    """The split's files read by the JSONL reader, where `datasets` reads them all as JSON lines (see _json_files),
+    in its order; else None."""
+    try:
+        with _offline(datasets), tempfile.TemporaryDirectory() as cache:
+            # The builder load_dataset used, with the data files it resolved: nothing is read or converted. In a
+            # cache of its own: an earlier conversion's cached info would give it the features found then.
+            files = _json_files(datasets.load_dataset_builder(str(path), config, cache_dir=cache), split)
+    except Exception:  # datasets raises many types; the conversion's error says what is wrong
+        return None
+    return open_jsonl_files(files, path, max_line_bytes) if files is not None else None
+
+
+# What a builder config holds besides its reading options: its name and files.
+_NOT_OPTIONS = frozenset({"name", "version", "data_dir", "data_files", "description"})
+
+
+def _json_files(builder, split: str) -> list[Path] | None:
+    """The split's files where `datasets` reads them with its JSON builder as they are: not compressed, and no
+    reading option (a README's `field`, `encoding` or `features`) that the JSONL reader would not follow; else None."""
+    config = builder.config
+    if builder.name != "json" or builder.info.features is not None:
+        return None
+    default = type(config)()
+    if any(getattr(config, f.name) != getattr(default, f.name) for f in fields(config) if f.name not in _NOT_OPTIONS):
+        return None
+    files = [Path(file) for file in config.data_files[split]]
+    return files if all(INPUT_EXTENSIONS.get(file.suffix.lower()) == "jsonl" for file in files) else None
+
+
+def _load_data_files(datasets, path: Path, split: str, config: str | None):
+    """The split of a folder of data files, converted by `datasets.load_dataset(folder)`."""
+    try:
+        with _offline(datasets):
+            return datasets.load_dataset(str(path), config, split=split)
+    except Exception as exc:  # a data file that does not convert: a type that changes between files
+        raise InputError(
+            f"{path} is a folder of data files, but `datasets` cannot read its split {split!r}: {_reason(exc)}"
         ) from None
 
 

@@ -19,7 +19,7 @@ from kvbatch.errors import ErrorKind, InputError, SpecError
 from kvbatch.runner.structured_outputs import ConstraintError
 
 from .constraints import response_format_constraint
-from .rows import Reader, Row, RowError
+from .rows import Reader, Row, RowError, line_place
 
 _CHUNK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors put before the first line
@@ -109,6 +109,34 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
     return Reader(rows, num_rows, None)
 
 
+def open_jsonl_files(files: list[Path], root: Path, max_line_bytes: int) -> Reader | None:
+    """JSON lines files read as one input, one after the other (the data files of a folder's split): row indexes
+    go on from file to file, and messages name a row's file (from `root`) beside its line. None where a file is no
+    JSON lines (one JSON array, objects over several lines), which only `datasets` reads."""
+    counts = [count_rows(file) for file in files]
+    for file, num_rows in zip(files, counts):
+        with open(file, "rb") as head:
+            if not_json_lines(file.name, head, num_rows, max_line_bytes) is not None:
+                return None
+    return Reader(_rows_of_files(files, counts, root, max_line_bytes), sum(counts), None)
+
+
+def _rows_of_files(files: list[Path], counts: list[int], root: Path, max_line_bytes: int) -> Iterator[Row]:
+    first = 0
+    for file, num_rows in zip(files, counts):
+        yield from jsonl_rows(open(file, "rb"), max_line_bytes, first, _shown(file, root))
+        first += num_rows
+
+
+def _shown(file: Path, root: Path) -> str:
+    """The file's path from the folder `root` (`data/train-00000-of-00002.jsonl`: two configurations' folders may
+    hold files of one name), or the whole path for a file outside it (a README's data_files may name one)."""
+    try:
+        return file.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(file)
+
+
 def not_json_lines(name: str, f: BinaryIO, num_rows: int, max_line_bytes: int) -> str | None:
     """What makes the file `name` (open at its start, `num_rows` non-blank lines) no JSON lines, with the command
     that rewrites it as JSON lines; None for JSON lines. Read as JSON lines, each such file became junk error rows
@@ -189,8 +217,9 @@ def count_rows_in(f: BinaryIO) -> int:
     return count + pending
 
 
-def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> Iterator[Row]:
-    """The file's rows, numbered from `first_index` (a file after others in a Ray run's input starts there).
+def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0, file: str | None = None) -> Iterator[Row]:
+    """The file's rows, numbered from `first_index` (a file after others in a Ray run's input starts there), their
+    messages naming `file` beside the line where the input is several files.
 
     max_line_bytes bounds a line's content: its ending (LF or CRLF) and a first line's byte-order mark are not
     counted, so a file reads the same whichever ending it was written with."""
@@ -214,16 +243,17 @@ def jsonl_rows(handle: BinaryIO, max_line_bytes: int, first_index: int = 0) -> I
                     None,
                     RowError(
                         ErrorKind.LINE_TOO_LONG,
-                        f"row {index} (line {line_no}): line is over max_line_bytes ({max_line_bytes} bytes); "
+                        f"{line_place(index, line_no, file)}: line is over max_line_bytes ({max_line_bytes} bytes); "
                         "raise input.max_line_bytes to read it",
                     ),
                     line_no,
+                    file=file,
                 )
                 index += 1
                 continue
             if not raw.strip():
                 continue
-            yield parse_line(raw, index, line_no)
+            yield parse_line(raw, index, line_no, file)
             index += 1
 
 
@@ -251,56 +281,34 @@ def _skip_to_newline(handle: BinaryIO) -> bool:
     return blank
 
 
-def parse_line(raw: bytes, index: int, line_no: int) -> Row:
-    where = f"row {index} (line {line_no})"
+def parse_line(raw: bytes, index: int, line_no: int, file: str | None = None) -> Row:
+    def failed(kind: ErrorKind, message: str) -> Row:
+        return Row(index, None, RowError(kind, f"{line_place(index, line_no, file)}: {message}"), line_no, file=file)
+
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return Row(
-            index,
-            None,
-            RowError(
-                ErrorKind.INVALID_UTF8,
-                f"{where}: invalid UTF-8 at byte {exc.start}: {raw[exc.start : exc.start + 4]!r}",
-            ),
-            line_no,
-        )
+        return failed(ErrorKind.INVALID_UTF8, f"invalid UTF-8 at byte {exc.start}: {raw[exc.start : exc.start + 4]!r}")
     try:
         value = _DECODER.decode(text.rstrip("\r\n"))  # without the newline, an unclosed object's column is on this line
     except json.JSONDecodeError as exc:
-        return Row(
-            index,
-            None,
-            RowError(ErrorKind.BAD_JSON, f"{where}: invalid JSON at column {exc.colno}: {exc.msg}"),
-            line_no,
-        )
+        return failed(ErrorKind.BAD_JSON, f"invalid JSON at column {exc.colno}: {exc.msg}")
     except RecursionError:
-        return Row(index, None, RowError(ErrorKind.BAD_JSON, f"{where}: invalid JSON: nested too deeply"), line_no)
+        return failed(ErrorKind.BAD_JSON, "invalid JSON: nested too deeply")
     except _RepeatedKey as exc:
-        message = f"{where}: invalid JSON: key {exc.key!r} appears twice in one object"
-        return Row(index, None, RowError(ErrorKind.BAD_JSON, message), line_no)
+        return failed(ErrorKind.BAD_JSON, f"invalid JSON: key {exc.key!r} appears twice in one object")
     except ValueError:  # the only other ValueError of json.loads: an integer past Python's int-from-text limit
-        message = f"{where}: invalid JSON: an integer of over {sys.get_int_max_str_digits():,} digits"
-        return Row(index, None, RowError(ErrorKind.BAD_JSON, message), line_no)
+        return failed(ErrorKind.BAD_JSON, f"invalid JSON: an integer of over {sys.get_int_max_str_digits():,} digits")
     if not isinstance(value, dict):
         got = "null" if value is None else type(value).__name__
-        return Row(
-            index, None, RowError(ErrorKind.NOT_AN_OBJECT, f"{where}: expected a JSON object, got {got}"), line_no
-        )
+        return failed(ErrorKind.NOT_AN_OBJECT, f"expected a JSON object, got {got}")
     if _SURROGATE_ESCAPE.search(raw):  # rare, so only such lines pay for the check
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
             lone = exc.object[exc.start : exc.end].encode("utf-16-be", "surrogatepass").hex()
-            return Row(
-                index,
-                None,
-                RowError(
-                    ErrorKind.INVALID_UTF8, f"{where}: a string holds a lone surrogate (\\u{lone}), which is not text"
-                ),
-                line_no,
-            )
-    return Row(index, value, None, line_no)
+            return failed(ErrorKind.INVALID_UTF8, f"a string holds a lone surrogate (\\u{lone}), which is not text")
+    return Row(index, value, None, line_no, file=file)
 
 
 def openai_row(row: Row) -> Row:

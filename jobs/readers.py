@@ -65,7 +65,15 @@ def open_reader(job: JobSpec, needed_columns: list[str]) -> Reader:
     elif fmt == "arrow":
         reader = open_arrow(path, needed_columns, job.input.batch_rows)
     elif fmt == "hf":
-        reader = open_hf(job.input.path, path, job.input.split, needed_columns, job.input.batch_rows, job.input.config)
+        reader = open_hf(
+            job.input.path,
+            path,
+            job.input.split,
+            needed_columns,
+            job.input.batch_rows,
+            job.input.max_line_bytes,
+            job.input.config,
+        )
     else:  # the spec's Literal makes this unreachable
         raise SpecError(f"unknown input format {fmt!r}", field="input.format")
     if reader.columns is not None:

@@ -44,13 +44,15 @@ class Row:
     line: int | None = None  # 1-based line number for line-based inputs
     sampling: dict[str, Any] = field(default_factory=dict)  # per-row sampling overrides (OpenAI Batch bodies)
     names: ArgumentNames | None = None  # a Python API row, named by its caller's arguments; None: an input row
+    file: str | None = None  # the file of `line`, where the input is several (a folder's JSON lines files)
 
     @property
     def where(self) -> str:
-        """How messages name this row: "row 3 (line 5)" or "row 3"; a Python API row "prompts[3]"."""
+        """How messages name this row: "row 3 (line 5)", "row 3 (line 5 of data/part-1.jsonl)" or "row 3"; a Python
+        API row "prompts[3]"."""
         if self.names is not None:
             return f"{self.names.row}[{self.index}]"
-        return f"row {self.index} (line {self.line})" if self.line is not None else f"row {self.index}"
+        return line_place(self.index, self.line, self.file) if self.line is not None else f"row {self.index}"
 
     def value(self, column: str, item: int | None = None) -> str:
         """How messages name the row's value of `column`, or its `item` (a chat message): "row 3: column 'prompt'"
@@ -63,6 +65,12 @@ class Row:
 
     def failed(self, kind: ErrorKind, message: str) -> Row:
         return dataclasses.replace(self, error=RowError(kind, f"{self.where}: {message}"))
+
+
+def line_place(index: int, line: int, file: str | None) -> str:
+    """How messages name a row read from a line: "row 3 (line 5)"; with the line's file, where the input is several
+    files, "row 3 (line 5 of data/part-1.jsonl)"."""
+    return f"row {index} (line {line})" if file is None else f"row {index} (line {line} of {file})"
 
 
 class SeenIds:

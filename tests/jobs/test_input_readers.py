@@ -455,17 +455,147 @@ def test_a_folder_of_data_files_edited_in_place_has_another_identity(tmp_path: P
 
 
 def test_a_folder_of_data_files_datasets_cannot_convert_says_why(tmp_path: Path, monkeypatch) -> None:
-    # A bad line in a folder's data file was "neither a dataset saved with save_to_disk nor a folder of data files
+    # A data file that does not convert was "neither a dataset saved with save_to_disk nor a folder of data files
     # `datasets` reads: DatasetGenerationError: An error occurred while generating the dataset": a folder of data
     # files after all, and the reason (which `datasets` keeps as the error's cause) was left out.
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     (tmp_path / "repo").mkdir()
-    (tmp_path / "repo" / "train.jsonl").write_text('{"prompt": "a"}\n{"prompt": bad\n')
+    pq.write_table(pa.table({"prompt": ["a"], "n": [1]}), tmp_path / "repo" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"prompt": ["b"], "n": ["x"]}), tmp_path / "repo" / "train-00001-of-00002.parquet")
     with pytest.raises(InputError) as info:
         open_reader(job_for(tmp_path, "repo"), ["prompt"])
     message = str(info.value)
     assert "repo is a folder of data files, but `datasets` cannot read its split 'train'" in message
-    assert "JSON parse error: Invalid value. in row 1" in message and "neither" not in message
+    assert "DatasetGenerationError" in message and "neither" not in message
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def test_a_folder_of_json_lines_files_makes_each_bad_line_its_row_s_error(tmp_path: Path, monkeypatch) -> None:
+    """One bad line in a folder of JSON lines shards (not JSON, not an object, a key twice, a type that changes,
+    over max_line_bytes) failed the whole job: `datasets` converts the split whole, and refuses it for one line.
+    Each bad line is now its row's error, naming its file and line, as a JSONL file's; the other rows are the rows
+    `datasets` gives for the same folder without the bad lines, numbered on from file to file."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    good = {
+        "data/train-00000-of-00002.jsonl": ['{"prompt": "a", "n": 1}', '{"prompt": "b", "n": 2}'],
+        "data/train-00001-of-00002.jsonl": ['{"prompt": "c", "n": 3}', "", '{"prompt": "d", "n": 4}'],
+        "data/test-00000-of-00001.jsonl": ['{"prompt": "t", "n": 0}'],
+    }
+    bad = {  # (file, position among its lines) -> the bad line
+        ("data/train-00000-of-00002.jsonl", 1): '{"prompt": bad',
+        ("data/train-00001-of-00002.jsonl", 0): "[1, 2]",
+        ("data/train-00001-of-00002.jsonl", 2): '{"prompt": "x", "prompt": "y"}',
+        ("data/train-00001-of-00002.jsonl", 4): '{"prompt": "e", "n": "' + "z" * 100 + '"}',
+    }
+    for name, lines in good.items():
+        write_lines(tmp_path / "clean" / name, lines)
+        with_bad = list(lines)
+        for (file, at), line in sorted(bad.items(), key=lambda item: item[0][1]):
+            if file == name:
+                with_bad.insert(at, line)
+        write_lines(tmp_path / "repo" / name, with_bad)
+    with pytest.raises(datasets.exceptions.DatasetGenerationError):  # it refuses the whole split
+        datasets.load_dataset(str(tmp_path / "repo"), split="train")
+    expected = datasets.load_dataset(str(tmp_path / "clean"), split="train").to_list()
+
+    reader = open_reader(job_for(tmp_path, "repo", split="train", max_line_bytes=80), ["prompt", "n"])
+    rows = list(reader)
+    assert reader.num_rows == len(rows) == 8
+    assert [r.index for r in rows] == list(range(8))
+    assert [r.data for r in rows if r.error is None] == expected
+    errors = [(r.index, r.error.kind, r.error.message) for r in rows if r.error is not None]
+    first, second = "data/train-00000-of-00002.jsonl", "data/train-00001-of-00002.jsonl"
+    raise_it = "raise input.max_line_bytes to read it"
+    assert errors == [
+        (1, ErrorKind.BAD_JSON, f"row 1 (line 2 of {first}): invalid JSON at column 12: Expecting value"),
+        (3, ErrorKind.NOT_AN_OBJECT, f"row 3 (line 1 of {second}): expected a JSON object, got list"),
+        (5, ErrorKind.BAD_JSON, f"row 5 (line 3 of {second}): invalid JSON: key 'prompt' appears twice in one object"),
+        (6, ErrorKind.LINE_TOO_LONG, f"row 6 (line 5 of {second}): line is over max_line_bytes (80 bytes); {raise_it}"),
+    ]
+    assert [r.data for r in open_reader(job_for(tmp_path, "repo", split="test"), ["prompt"])] == [
+        {"prompt": "t", "n": 0}
+    ]
+    limited = open_reader(job_for(tmp_path, "repo", split="train", limit=3), ["prompt"])
+    assert limited.num_rows == 3 and [r.index for r in limited] == [0, 1, 2]
+
+
+def test_a_folder_of_json_lines_files_is_read_in_the_files_and_order_datasets_reads(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Read line by line, a split's files are the ones `datasets` resolves, in its order: a README configuration's
+    data_files, part files at any depth. A folder `datasets` reads otherwise (features its README declares, a JSON
+    array) is not: its bad line still fails the job."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    files = (
+        ("beta/b/part-1.jsonl", ["b3"]),
+        ("beta/a/part-10.jsonl", ["b2"]),
+        ("beta/a/part-2.jsonl", ["b1"]),
+        ("alpha/x.jsonl", ["a1"]),
+    )
+    for folder, bad in ((tmp_path / "clean", []), (tmp_path / "in", ["not json"])):
+        for name, prompts in files:
+            write_lines(folder / name, [json.dumps({"prompt": p, "k": name}) for p in prompts] + bad)
+        (folder / "README.md").write_text(
+            "---\nconfigs:\n- config_name: alpha\n  data_files: alpha/*.jsonl\n"
+            "- config_name: beta\n  data_files: beta/**/*.jsonl\n---\n"
+        )
+    for config, num_files in (("alpha", 1), ("beta", 3)):
+        reader = open_reader(job_for(tmp_path, "in", config=config), ["prompt", "k"])
+        rows = list(reader)
+        assert reader.columns is None  # read as JSON lines, not converted
+        good = [r.data for r in rows if r.error is None]
+        assert good == datasets.load_dataset(str(tmp_path / "clean"), config, split="train").to_list()
+        assert [r.error.kind for r in rows if r.error is not None] == [ErrorKind.BAD_JSON] * num_files
+        # a good folder is converted by `datasets`, as before
+        assert open_reader(job_for(tmp_path, "clean", config=config), ["prompt"]).columns == ["prompt", "k"]
+
+    # Features its README declares (a ClassLabel's names) are the ones `datasets` converts the files to.
+    write_lines(tmp_path / "labelled" / "train.jsonl", ['{"prompt": "a", "label": 1}', "not json"])
+    (tmp_path / "labelled" / "README.md").write_text(
+        "---\ndataset_info:\n  features:\n  - name: prompt\n    dtype: string\n  - name: label\n    dtype:\n"
+        "      class_label:\n        names:\n          '0': neg\n          '1': pos\n---\n"
+    )
+    (tmp_path / "mixed").mkdir()
+    write_lines(tmp_path / "mixed" / "train-0.jsonl", ['{"prompt": "a"}', "not json"])
+    (tmp_path / "mixed" / "train-1.json").write_text('[{"prompt": "b"}, {"prompt": "c"}]')
+    for folder in ("labelled", "mixed"):
+        with pytest.raises(InputError, match="cannot read its split 'train'"):
+            open_reader(job_for(tmp_path, folder), ["prompt"])
+
+
+def test_a_job_over_a_folder_of_json_lines_files_writes_each_bad_line_as_an_error_row(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from job_fakes import fake_factory
+
+    from kvbatch.jobs.run import EngineCache, run_job
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    write_lines(tmp_path / "repo" / "part-0.jsonl", ['{"id": "a", "prompt": "hi", "n": 1}', "not json"])
+    write_lines(tmp_path / "repo" / "part-1.jsonl", ['{"id": "c", "prompt": "yo", "n": 3}'])
+    job = job_from_dict(
+        {
+            "name": "j",
+            "input": {"path": "repo"},
+            "id_column": "id",
+            "keep_columns": ["n"],
+            "output_dir": "out",
+            "output": {"format": "jsonl"},
+        },
+        base_dir=str(tmp_path),
+    )
+    out = Path(run_job(job, EngineCache(fake_factory())).output)
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["row"], r["id"], r["n"], r["error_kind"]) for r in written] == [
+        (0, "a", 1, None),
+        (1, None, None, "bad_json"),
+        (2, "c", 3, None),
+    ]
+    assert written[1]["error"] == "row 1 (line 2 of part-0.jsonl): invalid JSON at column 1: Expecting value"
 
 
 def test_json_values_of_a_datasets_input_reach_the_prompt_as_datasets_reads_them(tmp_path: Path, monkeypatch) -> None:
