@@ -9,6 +9,8 @@ The mask transformers builds is not used: the paged kernels build causal (and sl
 positions. So every other argument a layer passes must be one the kernels implement (`softcap`,
 `sliding_window`, attention sinks as `s_aux` or `sinks`) or one that changes nothing at inference; any other
 is refused, by `check_model` when the model loads and again at every call, rather than silently ignored.
+A layer's window is the one of the mask transformers would build for it, which `check_model` reads from the mask
+function the model asks for (a layer may pass a window its mask does not have, or have one it does not pass).
 `check_model` also refuses layers whose keys and values do not fit the pages (`kv_layout`, from the config), and
 layers that drop the forward's keyword arguments (the step would never reach them), and models that number
 positions otherwise than from 0 where the forward gives none (the engine gives each token its index).
@@ -16,10 +18,14 @@ positions otherwise than from 0 where the forward gives none (the engine gives e
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 from kvbatch.cache.backends import AttentionBackend
 from kvbatch.cache.kv_cache import KVCache
@@ -67,6 +73,8 @@ class StepContext:
     meta: AttentionMetadata
     kv_cache: KVCache
     backend: AttentionBackend
+    # layer -> the sliding window of its mask (0: none), as check_model read it; None: the layers' own arguments
+    sliding_windows: dict[int, int] | None = None
 
 
 class _Probe:
@@ -79,6 +87,8 @@ class _Probe:
         self.shapes: dict[int, tuple[int, int, int, int]] = {}
         self.repeated: set[int] = set()  # layer indexes that attended more than once in the forward
         self.masked: set[int] = set()  # layers handed a mask that is more than causal
+        # layer -> the window of the mask transformers builds for it (0: none; None: neither causal nor a window)
+        self.mask_windows: dict[int, int | None] = {}
 
 
 def layer_attention(module: torch.nn.Module, dropout: float, kwargs: dict) -> LayerAttention:
@@ -132,13 +142,17 @@ def paged_attention_forward(
     if isinstance(step, _Probe):
         if module.layer_idx in step.layers:
             step.repeated.add(module.layer_idx)
-        if not _plain_mask(attention_mask):
+        if hasattr(attention_mask, _MASK_WINDOW):
+            step.mask_windows[module.layer_idx] = getattr(attention_mask, _MASK_WINDOW)
+        elif not _plain_mask(attention_mask):
             step.masked.add(module.layer_idx)
         step.layers[module.layer_idx] = layer_options
         step.shapes[module.layer_idx] = (key.shape[1], query.shape[-1], key.shape[-1], value.shape[-1])
         # The output has the values' head size, which the layer's o_proj expects (a query's may differ).
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     layer = module.layer_idx
+    if step.sliding_windows is not None and step.sliding_windows[layer] != layer_options.sliding_window:
+        layer_options = dataclasses.replace(layer_options, sliding_window=step.sliding_windows[layer])
     q = query[0].transpose(0, 1)  # [num_rows, num_heads, head_dim]
     k = key[0].transpose(0, 1)  # [num_rows, num_kv_heads, head_dim]
     v = value[0].transpose(0, 1)
@@ -158,6 +172,68 @@ def _plain_mask(mask: torch.Tensor | None) -> bool:
     if mask.dtype == torch.bool:
         return bool(mask.all())
     return bool((mask == 0).all())
+
+
+_MASK_WINDOW = "kvbatch_sliding_window"  # set by _read_mask on the mask it hands the layers
+
+
+def _read_mask(mask_function: Callable, config=None, device=None, **kwargs) -> torch.Tensor:
+    """The mask function transformers calls for kvbatch's attention during the load check's forward: instead of a
+    mask, which the paged kernels would not read, it returns a one-token mask that lets the token attend to itself,
+    marked with the window the mask would have (_mask_window)."""
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # [batch, heads, queries, keys]
+    context = getattr(config, "max_position_embeddings", None) or 1 << 17
+    try:
+        setattr(mask, _MASK_WINDOW, _mask_window(mask_function, context))
+    except (IndexError, RuntimeError):  # a mask over the input's own tokens (blocks): unmarked, the config decides
+        pass
+    return mask
+
+
+def _mask_window(mask_function: Callable, context: int) -> int | None:
+    """The sliding window of a mask function of transformers (0: plain causal), read from the keys the last query
+    of a `context`-token sequence attends to, and checked on it and on the first 64 queries; None if the mask is
+    neither causal nor a sliding window (chunked, bidirectional)."""
+    zero = torch.zeros((), dtype=torch.long)
+
+    def allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:  # [queries, keys] bool
+        mask = mask_function(zero, zero, q_idx[:, None], kv_idx[None, :])
+        return torch.broadcast_to(mask, (len(q_idx), len(kv_idx)))
+
+    first, last = torch.arange(min(64, context)), torch.tensor([context - 1])
+    num_keys = int(allowed(last, torch.arange(context)).sum())
+    window = num_keys if num_keys < context else 0
+    for q_idx, kv_idx in ((first, torch.arange(min(65, context))), (last, torch.arange(context))):
+        want = kv_idx[None, :] <= q_idx[:, None]
+        if window:
+            want &= kv_idx[None, :] > q_idx[:, None] - window
+        if not torch.equal(allowed(q_idx, kv_idx), want):
+            return None
+    return window
+
+
+@contextlib.contextmanager
+def _masks_read() -> Iterator[None]:
+    """transformers builds no mask for an attention without a mask function (this one at run time, so no step pays
+    for it); during the load check's forward, _read_mask is its mask function."""
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _read_mask)
+    try:
+        yield
+    finally:
+        del AttentionMaskInterface._global_mapping[ATTN_IMPLEMENTATION]
+
+
+def _follow_masks(probe: _Probe, name: str) -> None:
+    """Each layer's window becomes that of the mask transformers builds for it, where the layer received one:
+    OLMoE passes its config's sliding_window to the attention but builds a full causal mask, PhiMoE the reverse."""
+    for index, window in sorted(probe.mask_windows.items()):
+        if window is None:
+            raise UnsupportedAttentionError(
+                f"model {name!r}: layer {index} is given a mask that is neither causal nor a sliding window, which "
+                "kvbatch's paged attention does not build"
+            )
+        if probe.layers[index].sliding_window != window:
+            probe.layers[index] = dataclasses.replace(probe.layers[index], sliding_window=window)
 
 
 def _check_config(config, name: str) -> None:
@@ -184,7 +260,8 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
     _check_config(config, name)
     probe = _Probe()
     token = _probe_token(model)
-    output = _probe_forward(model, name, input_ids=token, position_ids=torch.zeros_like(token), kvbatch_step=probe)
+    with _masks_read():
+        output = _probe_forward(model, name, input_ids=token, position_ids=torch.zeros_like(token), kvbatch_step=probe)
     if not probe.layers:
         raise UnsupportedAttentionError(f"model {name!r}: no layer sent its attention through kvbatch's interface")
     if probe.repeated:
@@ -197,16 +274,21 @@ def check_model(model: torch.nn.Module, name: str) -> dict[int, LayerAttention]:
             f"model {name!r}: layer {min(probe.masked)} builds its own attention mask or bias, which kvbatch's "
             "paged attention does not apply"
         )
+    _follow_masks(probe, name)
     try:
         layout = kv_layout(config)
     except UnsupportedAttentionError as exc:
         raise UnsupportedAttentionError(f"model {name!r}: {exc}") from None
     _check_shapes(probe.shapes, layout, name)
     _check_positions(model, token, output.logits, name)
-    _check_window(config, probe.layers, name)
+    # Where no mask reached a layer (its model builds none through transformers' mask functions), the config says
+    # what mask transformers would build, and it must be the one the kernels build from the layer's arguments.
+    if len(probe.mask_windows) < len(probe.layers):
+        _check_window(config, probe.layers, name)
     layer_types = getattr(config, "layer_types", None)
     for index, layer in probe.layers.items():
-        # The mask transformers would build must be the one the kernels build from the layer's arguments.
+        if index in probe.mask_windows:
+            continue
         if layer_types and index < len(layer_types) and layer_types[index] == "sliding_attention":
             if not layer.sliding_window:
                 raise UnsupportedAttentionError(
@@ -228,7 +310,9 @@ def layer_options(model: torch.nn.Module, name: str) -> dict[int, LayerAttention
     check_model has passed: what a backend must compute for it."""
     probe = _Probe()
     token = _probe_token(model)
-    _probe_forward(model, name, input_ids=token, position_ids=torch.zeros_like(token), kvbatch_step=probe)
+    with _masks_read():
+        _probe_forward(model, name, input_ids=token, position_ids=torch.zeros_like(token), kvbatch_step=probe)
+    _follow_masks(probe, name)
     return probe.layers
 
 

@@ -177,7 +177,7 @@ class Engine:
                 f"{str(exc).splitlines()[0]}; lower engine.kv_cache_gib or gpu_memory_utilization"
             ) from exc
         self.pool = BlockPool(self.pool_size.num_blocks)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.fused)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.fused, self.loaded.layers)
         self.runner.adapters = self.adapters
         # Decodes sharing this many cached prefix tokens read them once, together (the cascade decode).
         self.cascade_min_tokens = CASCADE_MIN_TOKENS if self.backend.cascade and config.prefix_cache else 0

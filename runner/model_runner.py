@@ -21,7 +21,7 @@ import torch
 
 from kvbatch.cache.backends import AttentionBackend
 from kvbatch.cache.kv_cache import KVCache
-from kvbatch.cache.metadata import AttentionMetadata
+from kvbatch.cache.metadata import AttentionMetadata, LayerAttention
 
 from .attention_hook import StepContext
 from .fused_forward import FusedDecoder
@@ -415,7 +415,12 @@ def _aligned(dtype: type, *lengths: int) -> tuple[np.ndarray, list[int]]:
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend, fused: FusedDecoder | None = None
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        backend: AttentionBackend,
+        fused: FusedDecoder | None = None,
+        layers: dict[int, LayerAttention] | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -428,6 +433,9 @@ class ModelRunner:
         self.host_tables = HostBlockTables()  # the decodes' block tables, kept between steps
         self.graphs = None  # a DecodeGraphs once captured (runner/cuda_graphs.py): pure-decode steps replay it
         self.adapters = None  # an Adapters (runner/lora/adapters.py): its hooks read the step's LoraStep
+        # Each layer's window as the load check read it from the mask transformers builds (None: unchecked, the
+        # layers' own arguments)
+        self.sliding_windows = {i: layer.sliding_window for i, layer in layers.items()} if layers is not None else None
 
     def replays(self, inputs: StepInputs) -> bool:
         """Whether this step runs from a captured CUDA graph (graphs keep the sampling rows' logits only: a step
@@ -452,7 +460,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
-        step = StepContext(inputs.meta, self.kv_cache, self.backend)
+        step = StepContext(inputs.meta, self.kv_cache, self.backend, self.sliding_windows)
         if self.fused is not None:
             hidden = self.fused.forward(inputs.input_ids, inputs.positions, step, inputs.logits_rows)
             return self.model.lm_head(hidden)[: inputs.num_logits]

@@ -18,6 +18,7 @@ import transformers as tf
 from tiny_models import EOS_ID, VOCAB_SIZE, word_tokenizer
 
 from kvbatch.cache import backends
+from kvbatch.cache.metadata import PLAIN
 from kvbatch.errors import BackendUnavailableError
 from kvbatch.runner import attention_hook
 from kvbatch.runner import engine as engine_module
@@ -111,6 +112,9 @@ FAMILIES = {
     "exaone4": lambda: tf.Exaone4Config(**_LLAMA_LIKE, sliding_window=8, layer_types=_LOCAL_GLOBAL),
     "glm": lambda: tf.GlmConfig(**_LLAMA_LIKE),
     "ernie4_5": lambda: tf.Ernie4_5Config(**_LLAMA_LIKE),
+    # PhiMoE builds a sliding-window mask from its config but passes no window to the attention: the window is the
+    # mask's, read at load.
+    "phimoe": lambda: tf.PhimoeConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
 }
 
 # Gemma 3n's last layers reuse the keys and values of an earlier layer of their kind (num_kv_shared_layers): layer 1
@@ -166,9 +170,12 @@ def _model(family: str, attn: str) -> torch.nn.Module:
 
 
 def _loaded(family: str) -> LoadedModel:
-    """The family's tiny model as the engine loads it (kvbatch's attention function), with the word tokenizer."""
+    """The family's tiny model as the engine loads it (kvbatch's attention function, the load check's record of its
+    layers), with the word tokenizer."""
     model = _model(family, attention_hook.ATTN_IMPLEMENTATION)
-    return LoadedModel(model, word_tokenizer(), f"tiny-{family}", (EOS_ID,), 512, torch.device("cpu"), torch.float32)
+    layers = attention_hook.check_model(model, f"tiny-{family}")
+    cpu = torch.device("cpu")
+    return LoadedModel(model, word_tokenizer(), f"tiny-{family}", (EOS_ID,), 512, cpu, torch.float32, layers)
 
 
 def _prompts() -> list[list[int]]:
@@ -321,12 +328,6 @@ _REFUSED = {
     "diffllama": ("DiffLlamaConfig", dict(_LLAMA_LIKE), "layer 0 attends more than once in a forward"),
     # Doge hands the attention a per-key bias of its own making as the mask.
     "doge": ("DogeConfig", dict(_LLAMA_LIKE, sliding_window=None), "layer 0 builds its own attention mask or bias"),
-    # PhiMoE builds a sliding-window mask from its config but passes no window to the attention.
-    "phimoe": (
-        "PhimoeConfig",
-        dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
-        "a sliding window of 8 tokens, which no layer passes",
-    ),
     # An encoder's self-attention says it is bidirectional on the module (is_causal=False), not in the call.
     "bert": (
         "BertConfig",
@@ -354,6 +355,27 @@ _REFUSED = {
         "its layers have attention shapes of their own",
     ),
 }
+
+
+def test_a_window_the_mask_lacks_is_not_applied() -> None:
+    """OLMoE passes its config's sliding_window to the attention but builds a full causal mask (OLMo 2's and Llama's
+    configs carry the field, so converted checkpoints may too): the engine windowed every row, and a 100-token
+    prompt's logprobs were off transformers' float32 forward past the window. transformers' generate is no oracle
+    here: its cache keeps only the window (DynamicSlidingWindowLayer, from the same field) for the decodes alone."""
+    config = tf.OlmoeConfig(**_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, sliding_window=8)
+    model = _probe_model(config)
+    layers = attention_hook.check_model(model, "tiny")
+    assert list(layers.values()) == [PLAIN, PLAIN]
+    rng = random.Random(5)
+    prompt = [rng.randrange(2, VOCAB_SIZE) for _ in range(100)]
+    loaded = LoadedModel(model, word_tokenizer(), "tiny", (EOS_ID,), 512, torch.device("cpu"), torch.float32, layers)
+    engine = Engine.from_loaded(loaded, EngineConfig(block_size=4, num_blocks_override=256, max_num_batched_tokens=32))
+    [result] = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=1, prompt_logprobs=True))])
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    want = logprobs[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    assert result.prompt_logprobs == pytest.approx([None, *want.tolist()], abs=1e-4)
 
 
 @pytest.mark.parametrize("family", [f for f, (config, _, _) in _REFUSED.items() if hasattr(tf, config)])
