@@ -133,6 +133,18 @@ if hasattr(tf, "Gemma3nTextConfig"):
         activation_sparsity_pattern=[0.0, 0.0],
     )
 
+# Families of newer transformers, tested where it has them: AFMoE (routed experts, local/global layers) and Flint
+# (learned attention sinks on local and global layers).
+_NEWER = {
+    "afmoe": ("AfmoeConfig", dict(moe_intermediate_size=32, num_experts=4, num_shared_experts=1)),
+    "flint": ("FlintConfig", dict(moe_intermediate_size=32, num_experts=4, shared_expert_intermediate_size=64)),
+}
+for _name, (_class, _fields) in _NEWER.items():
+    if hasattr(tf, _class):
+        FAMILIES[_name] = lambda c=getattr(tf, _class), f=_fields: c(
+            **_LLAMA_LIKE, **f, head_dim=16, num_experts_per_tok=2, sliding_window=8, layer_types=_LOCAL_GLOBAL
+        )
+
 # GPT-J and CodeGen send their attention through transformers' interface in newer transformers (5.25 does); where
 # they compute it in their own code, the loader refuses them, and so they are tested only where they can load.
 for _name, _config, _model_class in (
@@ -348,6 +360,13 @@ _REFUSED = {
         dict(_IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, is_decoder=True),
         r"a one-token forward fails \(ValueError: Input language unknown",
     ),
+    # Dory and HRM run their layers more than once a forward (a loop over the same layer indexes).
+    "dory": (
+        "DoryConfig",
+        dict(_LLAMA_LIKE, head_dim=16, sliding_window=8, layer_types=_LOCAL_GLOBAL),
+        "layer 0 attends more than once in a forward",
+    ),
+    "hrm_text": ("HrmTextConfig", dict(_LLAMA_LIKE, head_dim=16), "layer 0 attends more than once in a forward"),
     # Gemma 4 gives its full-attention layers a head size of their own (per_layer_config).
     "gemma4_text": (
         "Gemma4TextConfig",
