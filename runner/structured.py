@@ -53,7 +53,13 @@ _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false:
 
 
 def _library_message(exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip()
+    if isinstance(exc, UnicodeDecodeError) and isinstance(exc.object, bytes):
+        # xgrammar quotes the byte it stopped at, the first of a character of several, so its message is no UTF-8:
+        # a grammar in typographic quotes failed as "'utf-8' codec can't decode byte 0xe2", naming nothing of it.
+        engine_text = exc.object.decode("utf-8", errors="replace").strip()
+        text = engine_text if _CPP_PREFIX.match(engine_text) else text
+    first = text.splitlines()[0] if text else type(exc).__name__
     return _CPP_PREFIX.sub("", first)
 
 

@@ -1031,6 +1031,7 @@ def test_bad_constraints_fail_their_own_request(loaded, tokenizer) -> None:
         "bad_type": StructuredOutputs.from_schema({"type": "strin"}),
         "unsupported": StructuredOutputs.from_schema({"type": "array", "uniqueItems": True}),
         "bad_rule": StructuredOutputs(grammar="root ::= missing"),
+        "typographic": StructuredOutputs(grammar="root ::= “yes” | “no”"),
     }
     requests = [GenerationRequest(k, prompt, SamplingParams(8, structured_outputs=c)) for k, c in bad.items()]
     requests.append(GenerationRequest("ok", prompt, SamplingParams(8, structured_outputs=CONSTRAINTS[2])))
@@ -1043,6 +1044,14 @@ def test_bad_constraints_fail_their_own_request(loaded, tokenizer) -> None:
     assert 'Unsupported type "strin"' in results["bad_type"].error
     assert "unsupported JSON Schema keyword 'uniqueItems'" in results["unsupported"].error
     assert 'Rule "missing" is not defined' in results["bad_rule"].error
+    # xgrammar's own message quotes the first byte of the quote, so Python could not decode it: the row failed as
+    # "'utf-8' codec can't decode byte 0xe2", naming nothing of the grammar
+    with pytest.raises(UnicodeDecodeError):
+        xgr.Grammar.from_ebnf(bad["typographic"].grammar)
+    assert results["typographic"].error == (
+        'bad constraint (grammar "root ::= “yes” | “no”"): grammar does not compile: EBNF lexer error '
+        "at line 1, column 10: Unexpected character: \ufffd"
+    )
 
 
 def test_many_rows_are_accepted_on_threads_as_one_by_one(tokenizer) -> None:
