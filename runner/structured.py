@@ -207,6 +207,10 @@ def check_constraint(constraint: StructuredOutputs) -> None:
 
 # A Lark rule (`start: "a" | b`), which vLLM's other grammar backends take: no EBNF rule is written so.
 _LARK_RULE = re.compile(r"^\s*[?!]?[A-Za-z_]\w*(\.\d+)?\s*:(?!:=)", re.MULTILINE)
+# What an EBNF grammar holds as text, not syntax: string literals, character classes, comments.
+_EBNF_TEXT = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*')
+# An empty alternative, first, last or between two bars, as llama.cpp's GBNF grammars write one (`ws ::= | " "`).
+_EMPTY_ALTERNATIVE = re.compile(r"(::=|\||\()\s*(\||\)|\Z)")
 
 
 def _not_compiled(constraint: StructuredOutputs, exc: Exception) -> ConstraintError:
@@ -216,6 +220,9 @@ def _not_compiled(constraint: StructuredOutputs, exc: Exception) -> ConstraintEr
             "; it reads as a Lark grammar (`start: ...`), and the grammar engine takes EBNF, rules written "
             '`root ::= "a" | b` from rule `root`'
         )
+    if constraint.grammar is not None and _EMPTY_ALTERNATIVE.search(_EBNF_TEXT.sub('""', constraint.grammar)):
+        # xgrammar takes no empty alternative, which llama.cpp's json.gbnf has; its message names only a bar
+        message += '; an empty alternative is written `""` for the grammar engine (`ws ::= "" | " "`)'
     return ConstraintError(message)
 
 

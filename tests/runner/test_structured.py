@@ -155,6 +155,20 @@ def test_constraint_shape_is_checked() -> None:
     with pytest.raises(ConstraintError, match="does not compile") as info:
         check_constraint(StructuredOutputs(grammar='root ::= "a" | b'))  # EBNF with an undefined rule
     assert "Lark" not in str(info.value)
+    # llama.cpp's GBNF writes an empty alternative bare (its json.gbnf: `ws ::= | " " | ...`), which the grammar
+    # engine refuses, naming only the bar it stopped at; written `""` it compiles
+    gbnf = 'root ::= "[" ws "]"\nws ::= | " " | "\\n" [ \\t]{0,20}'
+    with pytest.raises(RuntimeError, match=r"Expect element, but got \|"):
+        xgr.Grammar.from_ebnf(gbnf)
+    with pytest.raises(ConstraintError, match=r'got \|; an empty alternative is written `""` for the grammar engine'):
+        check_constraint(StructuredOutputs(grammar=gbnf))
+    check_constraint(StructuredOutputs(grammar=gbnf.replace("::= |", '::= "" |')))
+    for grammar in ('root ::= "a" | ', 'root ::= ("a" | )'):
+        with pytest.raises(ConstraintError, match="an empty alternative"):
+            check_constraint(StructuredOutputs(grammar=grammar))
+    with pytest.raises(ConstraintError, match="does not compile") as info:  # bars in a literal, a class, a comment
+        check_constraint(StructuredOutputs(grammar='root ::= "|" [|] x  # ( |\nx ::= "a" |\ny ::= "b"'))
+    assert "empty alternative" not in str(info.value)
     # OpenAI's response_format.json_schema ({name, schema, strict}) given as the schema: its keys are no JSON Schema
     # keywords, so it allowed any JSON and the row's constraint was dropped
     wrapper = {"name": "person", "schema": {"type": "object"}, "strict": True}
