@@ -124,7 +124,8 @@ def open_jsonl_files(files: list[Path], root: Path, max_line_bytes: int) -> Read
 def _rows_of_files(files: list[Path], counts: list[int], root: Path, max_line_bytes: int) -> Iterator[Row]:
     first = 0
     for file, num_rows in zip(files, counts):
-        yield from jsonl_rows(open(file, "rb"), max_line_bytes, first, _shown(file, root))
+        with open(file, "rb") as handle:  # closed as the next file opens, not when the collector comes by
+            yield from jsonl_rows(handle, max_line_bytes, first, _shown(file, root))
         first += num_rows
 
 
