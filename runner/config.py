@@ -210,7 +210,10 @@ class SamplingParams:
 
     max_new_tokens: int = setting(256, "new tokens per sample at most", min=1)
     temperature: float = setting(0.0, "0 = greedy", min=0)
-    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of this probability mass", gt=0, max=1)
+    # 0 as the OpenAI API and transformers' TopPLogitsWarper take it: the most likely token alone stays
+    top_p: float = setting(
+        1.0, "nucleus sampling: keep the smallest set of this probability mass (0: the top token)", min=0, max=1
+    )
     top_k: int = setting(0, "keep the k most likely tokens; 0 = off, and -1 (vLLM's off) is 0", min=-1)
     min_p: float = setting(0.0, "drop tokens below min_p times the top token's probability", min=0, max=1)
     # At least 1e-6: a seen token's logit divided by it, then by a temperature of at least 1e-5, stays in float32's

@@ -96,6 +96,13 @@ def test_vllm_extra_sampling_fields_are_read(tmp_path) -> None:
     assert got.include_stop_str_in_output and off.top_k == 0
 
 
+def test_a_top_p_of_0_runs_as_the_api_takes_it(tmp_path) -> None:
+    # The API's top_p is 0 to 1, and 0 (the top token alone) is a common way to ask for deterministic output.
+    lines, engine = run_openai(tmp_path, [request("a", top_p=0), request("b", top_p=0, temperature=1, seed=3)])
+    assert all(line["error"] is None for line in lines)
+    assert [r.sampling.top_p for r in engine.requests] == [0, 0]
+
+
 def test_a_bodys_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tmp_path) -> None:
     # vLLM's left truncation: the row runs on the end of its prompt, and its usage counts the tokens kept.
     long = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]

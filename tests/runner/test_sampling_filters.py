@@ -44,7 +44,7 @@ def kvbatch_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     seed=st.integers(0, 10_000),
     temperature=st.sampled_from([0.3, 0.7, 1.0, 1.8]),
     top_k=st.sampled_from([0, 1, 2, 3, 5, 12, 40]),  # 40: more than the vocabulary, which keeps it all
-    top_p=st.sampled_from([1.0, 0.95, 0.7, 0.5, 0.2, 0.01]),
+    top_p=st.sampled_from([1.0, 0.95, 0.7, 0.5, 0.2, 0.01, 0.0]),  # 0: the API's, the top token alone
     min_p=st.sampled_from([0.0, 0.05, 0.3]),
     ties=st.booleans(),
 )
@@ -85,6 +85,18 @@ def test_top_p_cuts_a_full_vocabulary_where_transformers_does() -> None:
     for seed in range(10):
         logits = 2 * torch.randn(49_152, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(kvbatch_probs(logits, params) > 0, transformers_probs(logits, params) > 0), seed
+
+
+def test_top_p_0_keeps_the_most_likely_token_alone() -> None:
+    """OpenAI's API and transformers' TopPLogitsWarper take top_p 0 (a common way to ask for deterministic output),
+    which keeps only the most likely token: at a 49k vocabulary the float32 mass summed from the tail must not pass
+    1 before it, which would keep a second token."""
+    params = SamplingParams(temperature=1.0, top_p=0.0)
+    for seed in range(10):
+        logits = 2 * torch.randn(49_152, generator=torch.Generator().manual_seed(seed))
+        kept = kvbatch_probs(logits, params) > 0
+        assert torch.equal(kept, transformers_probs(logits, params) > 0), seed
+        assert kept.nonzero().flatten().tolist() == [int(logits.argmax())], seed
 
 
 @pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-45])
