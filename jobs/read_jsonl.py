@@ -376,6 +376,7 @@ def openai_row(row: Row) -> Row:
         {"custom_id": custom_id, "messages": body.get("messages"), "model": body.get("model")}
         # given to the chat template: tools, and vLLM's chat_template_kwargs ({"enable_thinking": false})
         | {key: body[key] for key in ("tools", "chat_template_kwargs") if body.get(key) is not None}
+        | ({"tools": _function_tools(body["functions"])} if body.get("functions") is not None else {})
         # vLLM's prompt controls, where a body sets them: the pipeline holds them against the job's prompt settings
         | ({"continue_final_message": _continues(body)} if _PROMPT_CONTROLS & body.keys() else {}),
         None,
@@ -459,14 +460,27 @@ def _unfollowed_problem(body: dict[str, Any]) -> str | None:
 
 def _tool_choice_problem(body: dict[str, Any]) -> str | None:
     """A tool_choice that asks for a call, which nothing would enforce: the tools go to the chat template, the
-    output is not constrained to a call."""
-    choice = body.get("tool_choice")
-    if choice is None or choice in ("auto", "none"):
-        return None
-    return (
-        f"tool_choice {choice!r} is not supported: the tools are given to the chat template, and nothing makes the "
-        "model call one; use 'auto' or leave it out"
-    )
+    output is not constrained to a call. The same for the API's older `functions` and `function_call`, which are
+    tools and tool_choice by another name."""
+    functions = body.get("functions")
+    if functions is not None:
+        if body.get("tools") is not None:
+            return "the body gives both tools and functions (their older form); give one"
+        if not isinstance(functions, list) or not all(isinstance(f, dict) for f in functions):
+            return "functions must be a list of function objects"
+    for key in ("tool_choice", "function_call"):
+        choice = body.get(key)
+        if choice is not None and choice not in ("auto", "none"):
+            return (
+                f"{key} {choice!r} is not supported: the tools are given to the chat template, and nothing makes "
+                "the model call one; use 'auto' or leave it out"
+            )
+    return None
+
+
+def _function_tools(functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The older `functions` as the tools they are: ignored, the row ran as if the model had been told of none."""
+    return [{"type": "function", "function": function} for function in functions]
 
 
 def _temperature_problem(body: dict[str, Any]) -> str | None:

@@ -568,6 +568,20 @@ def test_openai_bodies_pass_their_template_values_and_tools(tmp_path) -> None:
     assert tok.decode(request.prompt_token_ids) == want and want.endswith("</think>\n\n") and '"add"' in want
 
 
+def test_an_openai_bodys_older_functions_reach_the_template_as_tools(tmp_path) -> None:
+    """The API's `functions` (before `tools`) were ignored: the row ran as if the model had been told of none."""
+    tok = byte_tokenizer()
+    job = job_from_dict({"name": "j", "input": {"path": "b.jsonl", "format": "openai"}}, base_dir=str(tmp_path))
+    pipe = RowPipeline(job, tok, layout_for(job, {}))
+    function = {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+    body = {"messages": MESSAGES, "functions": [function], "function_call": "auto"}
+    line = json.dumps({"custom_id": "a", "url": "/v1/chat/completions", "body": body}).encode()
+    request = pipe.request(openai_row(parse_line(line, 0, 1)))
+    tools = [{"type": "function", "function": function}]
+    want = tok.apply_chat_template(MESSAGES, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(request.prompt_token_ids) == want and '"add"' in want
+
+
 @pytest.mark.parametrize("raw", ["chat_template false", "no template"])
 def test_an_openai_bodys_template_values_without_a_template_fail_its_row(tmp_path, raw) -> None:
     """A body's tools and chat_template_kwargs go to the chat template: with `prompt.chat_template: false`, or a

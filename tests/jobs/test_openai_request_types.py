@@ -27,6 +27,10 @@ from test_openai_logprobs import request, run_openai
         # the tools go to the chat template; nothing would make the model call one
         ({"tool_choice": "required"}, "tool_choice 'required' is not supported"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "use 'auto' or leave it out"),
+        # the API's older functions and function_call are tools and tool_choice by another name
+        ({"functions": [{"name": "f"}], "function_call": {"name": "f"}}, "function_call {'name': 'f'} is not"),
+        ({"functions": [{"name": "f"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, "give one"),
+        ({"functions": "f"}, "functions must be a list of function objects"),
         # vLLM's prompt controls: a prompt kvbatch would not build fails the line instead of being built otherwise
         ({"continue_final_message": True}, "continue_final_message: true needs add_generation_prompt: false"),
         ({"add_generation_prompt": False}, "add_generation_prompt: false without continue_final_message"),
