@@ -441,6 +441,8 @@ def _id_text(value: Any) -> str | None:
 def _unfollowed_problem(body: dict[str, Any]) -> str | None:
     """A field of vLLM's body that would change the answer and that kvbatch does not follow: left to be ignored, the
     line ran as if it had not been asked."""
+    if body.get("stream") is True:  # batch gateways refuse it as well: a line's response is one object
+        return "stream: true is not supported (a Batch request's response is one object, not events); leave it out"
     if body.get("use_beam_search") is True:
         return "use_beam_search: true is not supported (samples are drawn, not searched); leave it out"
     best_of, n = body.get("best_of"), body.get("n", 1)

@@ -39,6 +39,8 @@ from test_openai_logprobs import request, run_openai
         ({"echo": True}, "echo: true is not supported"),
         ({"add_special_tokens": True}, "add_special_tokens: true is not supported"),
         # vLLM's fields kvbatch cannot follow: they were ignored and the line ran as if not asked
+        # a Batch line's response is one object: a streamed request ran as if it had not asked
+        ({"stream": True}, "stream: true is not supported"),
         ({"use_beam_search": True}, "use_beam_search: true is not supported"),
         ({"best_of": 3, "n": 1}, "best_of 3 is not supported (only best_of = n, the samples returned)"),
         ({"prompt_logprobs": 1}, "prompt_logprobs is not supported in an OpenAI Batch output"),
@@ -80,7 +82,7 @@ def test_prompt_controls_that_restate_the_jobs_prompt_run(tmp_path) -> None:
         tmp_path,
         [
             request("a", add_generation_prompt=True),
-            request("b", continue_final_message=False, add_generation_prompt=True, echo=False),
+            request("b", continue_final_message=False, add_generation_prompt=True, echo=False, stream=False),
         ],
     )
     assert all(line["error"] is None for line in lines) and len(engine.requests) == 2
