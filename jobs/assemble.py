@@ -170,12 +170,46 @@ def _chunks(table: pa.Table, order: np.ndarray):
 def _write_jsonl(f: BinaryIO, table: pa.Table, order: np.ndarray, fmt: str, model: str, id_column: str | None) -> None:
     created = int(time.time())
     for chunk in _chunks(table, order):
-        for record in python_rows(chunk):  # a time64[ns] value to the nanosecond
+        for record in python_rows(_float32_as_written(chunk)):  # a time64[ns] value to the nanosecond
             line: dict[str, Any] = (
                 output_line(record, model, created, id_column or "custom_id") if fmt == "openai" else record
             )
             f.write(json_text.dumps(line, ensure_ascii=False, default=_jsonable).encode())
             f.write(b"\n")
+
+
+def _float32_as_written(table: pa.Table) -> pa.Table:
+    """`table` with each float32 value, in a column or nested in one, as the float64 of its shortest decimal.
+
+    JSON writes a float with a float64's digits, where a float32's exact value has noise past its ninth digit: a
+    logprob or a kept 0.1 was written 0.10000000149011612. Arrow's float32-to-text cast writes the shortest decimal
+    that reads back as the same float32 (0.1), which the float64 cast then holds exactly."""
+    for i, field in enumerate(table.schema):
+        as_text = _float32_as(field.type, pa.string())
+        if as_text != field.type:
+            column = table.column(i).cast(as_text).cast(_float32_as(field.type, pa.float64()))
+            table = table.set_column(i, field.name, column)
+    return table
+
+
+def _float32_as(kind: pa.DataType, to: pa.DataType) -> pa.DataType:
+    """`kind` with each float32 in it (struct fields, list values, map keys and items) replaced by `to`."""
+    if kind == pa.float32():
+        return to
+    if pa.types.is_struct(kind):
+        return pa.struct([f.with_type(_float32_as(f.type, to)) for f in kind])
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(kind.value_field.with_type(_float32_as(kind.value_type, to)), kind.list_size)
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_float32_as(kind.value_type, to)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_float32_as(kind.value_type, to)))
+    if pa.types.is_map(kind):
+        key, item = kind.key_field, kind.item_field
+        return pa.map_(
+            key.with_type(_float32_as(key.type, to)), item.with_type(_float32_as(item.type, to)), kind.keys_sorted
+        )
+    return kind
 
 
 def _text(value: Any) -> str:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -335,6 +336,27 @@ def test_jsonl_output_writes_non_finite_floats_as_null(tmp_path: Path) -> None:
     assert all(r["error"] is None for r in rows)
     kept = read_arrow(tmp_path / "out" / "res.arrow").column("score").to_pylist()  # Arrow keeps the floats
     assert kept[0] == 1.5 and kept[1] != kept[1] and kept[2] == float("inf")
+
+
+def test_jsonl_output_writes_float32_values_as_their_shortest_decimal(tmp_path: Path) -> None:
+    """A float32 (a kept column's, or a logprob's: the output's logprob columns are float32) was written with a
+    float64's digits, 0.1 as 0.10000000149011612: noise past the ninth digit. Each is now the shortest decimal that
+    reads back as the same float32, in a column or nested in a list or struct."""
+    values = np.random.default_rng(0).standard_normal(200).astype(np.float32)
+    table = pa.table(
+        {
+            "score": pa.array([0.1, *values.tolist(), None], pa.float32()),
+            "nested": pa.array([[{"p": 0.1}]] * 202, pa.list_(pa.struct([("p", pa.float32())]))),
+            "prompt": ["a"] * 202,
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    run(tmp_path, input={"path": "in.parquet"}, keep_columns=["score", "nested"], output={"path": "res.jsonl"})
+    lines = (tmp_path / "out" / "res.jsonl").read_text().splitlines()
+    assert '"score": 0.1,' in lines[0] and '"nested": [{"p": 0.1}]' in lines[0]
+    scores = [json.loads(line)["score"] for line in lines]
+    assert scores[-1] is None and np.array_equal(np.array(scores[1:-1], np.float32), values)
+    assert all(len(repr(s)) <= len(repr(float(v))) for s, v in zip(scores[1:-1], values))
 
 
 def test_kept_values_no_format_holds_become_json_text(tmp_path: Path) -> None:
