@@ -3,8 +3,17 @@
     {"id": "batch_req_…", "custom_id": "…", "response": {"status_code": 200, "request_id": "…",
      "body": <a chat.completion object>}, "error": null}
 
-A row that failed has `"response": null` and `"error": {"code": …, "message": …}`. tests/jobs check these
-lines against the `openai` package's own pydantic types (ChatCompletion, BatchError).
+A row that failed is written as OpenAI writes a request it refused, its error in the response's body, and with the
+same error at the top level as well, where vLLM's batch runner and kvbatch's earlier outputs put it, so that a
+reader written for either finds it:
+
+    {"id": "batch_req_…", "custom_id": "…", "response": {"status_code": 400, "request_id": "…",
+     "body": {"error": {"message": "…", "type": "invalid_request_error", "param": null, "code": "bad_request"}}},
+     "error": {"code": "bad_request", "message": "…"}}
+
+The code is the row's error kind; a model step that failed for the row (kind `engine`) is a 500 `server_error`.
+tests/jobs check these lines against the `openai` package's own pydantic types (ChatCompletion, ErrorObject,
+BatchError).
 
 A request whose body asked for `"logprobs": true` gets, per choice, the chosen tokens' log-probabilities:
 
@@ -22,14 +31,20 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from kvbatch.errors import ErrorKind
+
 
 def output_line(record: dict[str, Any], model: str, created: int, id_column: str = "custom_id") -> dict[str, Any]:
     custom_id = record.get(id_column)
     digest = hashlib.sha256(f"{custom_id}\0{record['row']}".encode()).hexdigest()[:24]
     line: dict[str, Any] = {"id": f"batch_req_{digest}", "custom_id": custom_id}
     if record.get("error") is not None:
-        line["response"] = None
-        line["error"] = {"code": record.get("error_kind") or "error", "message": record["error"]}
+        code, message = record.get("error_kind") or "error", record["error"]
+        server = code == ErrorKind.ENGINE
+        error = {"message": message, "type": "server_error" if server else "invalid_request_error"}
+        body = {"error": error | {"param": None, "code": code}}
+        line["response"] = {"status_code": 500 if server else 400, "request_id": digest, "body": body}
+        line["error"] = {"code": code, "message": message}
         return line
     texts = record["text"] if isinstance(record["text"], list) else [record["text"]]
     reasons = record.get("finish_reasons") or [record["finish_reason"]] * len(texts)

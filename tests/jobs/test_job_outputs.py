@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from job_fakes import FakeEngine, FakeTokenizer, fake_factory
-from openai.types import BatchError
 from openai.types.chat import ChatCompletion
+from openai_lines import refused
 
 from kvbatch import __version__
 from kvbatch.errors import SpecError
@@ -736,8 +736,7 @@ def test_openai_batch_in_openai_batch_out(tmp_path: Path) -> None:
     second = ChatCompletion.model_validate(lines[1]["response"]["body"])
     assert [c.index for c in second.choices] == [0, 1] and second.choices[1].message.content.endswith("#1")
     for line, code in ((lines[2], "empty_prompt"), (lines[3], "bad_request")):
-        assert line["response"] is None
-        error = BatchError.model_validate(line["error"])
+        error = refused(line)
         assert error.code == code and error.message.startswith(
             f"row {lines.index(line)} (line {lines.index(line) + 1})"
         )

@@ -10,6 +10,7 @@ from typing import Any
 from job_fakes import SPECIALS, FakeEngine
 from openai.types import BatchError
 from openai.types.chat import ChatCompletion
+from openai_lines import refused
 
 from kvbatch.jobs.run import EngineCache, run_job
 from kvbatch.jobs.spec import job_from_dict
@@ -131,8 +132,8 @@ def test_unsupported_logprobs_requests_fail_their_row(tmp_path: Path) -> None:
         (lines[1], "logprobs must be true or false, got 5"),
         (lines[2], "top_logprobs must be an integer from 0 to 20, got 21"),
     ):
-        error = BatchError.model_validate(line["error"])
-        assert error.code == "bad_request" and words in error.message and line["response"] is None
+        error = refused(line)
+        assert error.code == "bad_request" and words in error.message
     assert [r.request_id for r in engine.requests] == [3]
     assert lines[3]["response"]["body"]["choices"][0]["logprobs"]["content"]
 

@@ -4,7 +4,7 @@ field); the other lines of the batch run. Such a value used to reach the engine 
 from __future__ import annotations
 
 import pytest
-from openai.types import BatchError
+from openai_lines import refused
 from test_openai_logprobs import request, run_openai
 
 
@@ -58,8 +58,8 @@ from test_openai_logprobs import request, run_openai
 )
 def test_a_wrongly_typed_body_field_fails_its_line_only(tmp_path, body, words) -> None:
     lines, engine = run_openai(tmp_path, [request("ok1"), request("bad", **body), request("ok2")])
-    error = BatchError.model_validate(lines[1]["error"])
-    assert error.code == "bad_request" and words in error.message and lines[1]["response"] is None
+    error = refused(lines[1])
+    assert error.code == "bad_request" and words in error.message
     assert [r.request_id for r in engine.requests] == [0, 2]
     assert all(lines[i]["response"]["body"]["choices"] for i in (0, 2))
 
@@ -70,8 +70,8 @@ def test_a_temperature_over_the_apis_fails_its_line_only(tmp_path, temperature) 
     lines, engine = run_openai(
         tmp_path, [request("ok1"), request("bad", temperature=temperature), request("ok2", temperature=2)]
     )
-    error = BatchError.model_validate(lines[1]["error"])
-    assert error.code == "bad_request" and lines[1]["response"] is None
+    error = refused(lines[1])
+    assert error.code == "bad_request"
     assert f"temperature must be from 0 to 2, got {str(temperature)[:20]}" in error.message
     assert [r.request_id for r in engine.requests] == [0, 2]
     assert engine.requests[1].sampling.temperature == 2  # the range's end is the API's too

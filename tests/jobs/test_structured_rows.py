@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from job_fakes import fake_factory
 from openai.types import BatchError
+from openai_lines import refused
 from test_openai_logprobs import request, run_openai
 
 from kvbatch.errors import SpecError
@@ -39,8 +40,8 @@ def test_response_format_becomes_the_rows_constraint(tmp_path: Path) -> None:
     constraints = {r.request_id: r.sampling.structured_outputs for r in engine.requests}
     assert constraints == {0: StructuredOutputs.from_schema(SCHEMA), 1: StructuredOutputs(json_object=True), 2: None}
     for i, words in ((3, "needs a `json_schema` object with a `schema`"), (4, "type 'grammar' is not supported")):
-        error = BatchError.model_validate(lines[i]["error"])
-        assert error.code == "bad_constraint" and words in error.message and lines[i]["response"] is None
+        error = refused(lines[i])
+        assert error.code == "bad_constraint" and words in error.message
 
 
 def test_a_bodys_vllm_structured_outputs_becomes_the_rows_constraint(tmp_path: Path) -> None:
@@ -66,8 +67,8 @@ def test_a_bodys_vllm_structured_outputs_becomes_the_rows_constraint(tmp_path: P
         5: None,
     }
     for i, words in ((3, "sets a constraint twice"), (4, "choice must be a non-empty list")):
-        error = BatchError.model_validate(lines[i]["error"])
-        assert error.code == "bad_constraint" and words in error.message and lines[i]["response"] is None
+        error = refused(lines[i])
+        assert error.code == "bad_constraint" and words in error.message
 
 
 def test_a_bodys_vllm_guided_fields_become_the_rows_constraint(tmp_path: Path) -> None:
@@ -92,8 +93,8 @@ def test_a_bodys_vllm_guided_fields_become_the_rows_constraint(tmp_path: Path) -
         3: StructuredOutputs(grammar='root ::= "a" | "b"'),
     }
     for i, words in ((4, "in structured_outputs and in guided_*"), (5, "")):
-        error = BatchError.model_validate(lines[i]["error"])
-        assert error.code == "bad_constraint" and words in error.message and lines[i]["response"] is None
+        error = refused(lines[i])
+        assert error.code == "bad_constraint" and words in error.message
 
 
 def _job(tmp_path: Path, rows: list[dict], **fields) -> dict:
