@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from kvbatch.errors import InputError, SpecError
 
 from .arrow_io import FILE_MAGIC
+from .compressed import STREAM_CODECS, data_suffix
 from .manifest import INPUT_KEY
 from .read_arrow import FEATHER_V1_MAGIC, feather_v1_refused
 from .read_hf import folder_configs, folder_splits
@@ -187,7 +188,7 @@ def _folder_files(filesystem: pafs.FileSystem, root: str) -> list[str]:
     for info in infos:
         relative = info.path[len(root) :].lstrip("/")
         hidden = any(part.startswith((".", "_")) for part in relative.split("/"))
-        if info.type == pafs.FileType.File and not hidden and Path(info.path).suffix.lower() in _KINDS:
+        if info.type == pafs.FileType.File and not hidden and _file_kind(info.path) is not None:
             found.append(info.path)
     return sorted(found)
 
@@ -221,7 +222,7 @@ def _kind(job: JobSpec, paths: list[str]) -> str:
         return job.input.format
     if job.input.format == "hf":
         raise SpecError("runner: ray reads a `datasets` folder (save_to_disk), not a dataset name", field="input.path")
-    kinds = {_KINDS.get(Path(p).suffix.lower()) for p in paths}
+    kinds = {_file_kind(p) for p in paths}
     if len(kinds) != 1 or None in kinds:
         raise SpecError(
             f"cannot tell one input format for {job.input.path} (found {', '.join(sorted(map(str, kinds)))}); "
@@ -229,6 +230,14 @@ def _kind(job: JobSpec, paths: list[str]) -> str:
             field="input.format",
         )
     return kinds.pop()
+
+
+def _file_kind(path: str) -> str | None:
+    """A file's input kind by its name. pyarrow's input streams decompress a file by its suffix, so a compressed
+    JSON lines file (data.jsonl.gz) is one too; a compressed Parquet or Arrow file is none."""
+    if Path(path).suffix.lower() in STREAM_CODECS:
+        return "jsonl" if _KINDS.get(data_suffix(path)) == "jsonl" else None
+    return _KINDS.get(Path(path).suffix.lower())
 
 
 def _head(filesystem: pafs.FileSystem, path: str) -> bytes:

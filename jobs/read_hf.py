@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kvbatch.errors import InputError, SpecError
 
+from .compressed import data_suffix
 from .read_jsonl import open_jsonl_files
 from .read_parquet import rows_of_batches
 from .rows import Reader
@@ -165,8 +166,9 @@ _NOT_OPTIONS = frozenset({"name", "version", "data_dir", "data_files", "descript
 
 
 def _json_files(builder, split: str) -> list[Path] | None:
-    """The split's files where `datasets` reads them with its JSON builder as they are: not compressed, and no
-    reading option (a README's `field`, `encoding` or `features`) that the JSONL reader would not follow; else None."""
+    """The split's files where `datasets` reads them with its JSON builder as they are: JSON lines files (compressed
+    ones too: train.jsonl.gz), and no reading option (a README's `field`, `encoding` or `features`) that the JSONL
+    reader would not follow; else None."""
     config = builder.config
     if builder.name != "json" or builder.info.features is not None:
         return None
@@ -174,7 +176,7 @@ def _json_files(builder, split: str) -> list[Path] | None:
     if any(getattr(config, f.name) != getattr(default, f.name) for f in fields(config) if f.name not in _NOT_OPTIONS):
         return None
     files = [Path(file) for file in config.data_files[split]]
-    return files if all(INPUT_EXTENSIONS.get(file.suffix.lower()) == "jsonl" for file in files) else None
+    return files if all(INPUT_EXTENSIONS.get(data_suffix(file)) == "jsonl" for file in files) else None
 
 
 def _load_data_files(datasets, path: Path, split: str, config: str | None):

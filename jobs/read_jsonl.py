@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from kvbatch.errors import ErrorKind, InputError, SpecError
 from kvbatch.runner.structured_outputs import ConstraintError
 
+from .compressed import open_bytes
 from .constraints import response_format_constraint
 from .rows import Reader, Row, RowError, line_place
 
@@ -92,13 +93,17 @@ OPENAI_MAX_TEMPERATURE = 2
 def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
 
     try:
-        handle = open(path, "rb")
+        handle = open_bytes(path)
     except FileNotFoundError:
         raise InputError(f"input not found: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot open {path}: {exc}") from None
-    num_rows = count_rows(path)
-    with open(path, "rb") as head:
+    try:
+        num_rows = count_rows(path)  # a compressed file is read whole here: a corrupt one stops the job now
+    except OSError as exc:
+        handle.close()
+        raise InputError(f"cannot read {path}: {exc}") from None
+    with open_bytes(path) as head:
         problem = not_json_lines(path.name, head, num_rows, max_line_bytes)
     if problem is not None:
         handle.close()
@@ -112,19 +117,23 @@ def open_jsonl(path: Path, max_line_bytes: int, openai: bool = False):
 def open_jsonl_files(files: list[Path], root: Path, max_line_bytes: int) -> Reader | None:
     """JSON lines files read as one input, one after the other (the data files of a folder's split): row indexes
     go on from file to file, and messages name a row's file (from `root`) beside its line. None where a file is no
-    JSON lines (one JSON array, objects over several lines), which only `datasets` reads."""
-    counts = [count_rows(file) for file in files]
-    for file, num_rows in zip(files, counts):
-        with open(file, "rb") as head:
-            if not_json_lines(file.name, head, num_rows, max_line_bytes) is not None:
-                return None
+    JSON lines (one JSON array, objects over several lines), which only `datasets` reads, or one that cannot be
+    read."""
+    try:
+        counts = [count_rows(file) for file in files]
+        for file, num_rows in zip(files, counts):
+            with open_bytes(file) as head:
+                if not_json_lines(file.name, head, num_rows, max_line_bytes) is not None:
+                    return None
+    except OSError:  # a compressed file that does not decompress: what `datasets` said of the split stands
+        return None
     return Reader(_rows_of_files(files, counts, root, max_line_bytes), sum(counts), None)
 
 
 def _rows_of_files(files: list[Path], counts: list[int], root: Path, max_line_bytes: int) -> Iterator[Row]:
     first = 0
     for file, num_rows in zip(files, counts):
-        with open(file, "rb") as handle:  # closed as the next file opens, not when the collector comes by
+        with open_bytes(file) as handle:  # closed as the next file opens, not when the collector comes by
             yield from jsonl_rows(handle, max_line_bytes, first, _shown(file, root))
         first += num_rows
 
@@ -195,7 +204,7 @@ def _is_json_array(first: bytes, num_rows: int) -> bool:
 
 def count_rows(path: Path) -> int:
     """Non-blank lines, counted in 1 MiB chunks (fast, bounded memory), for the progress bar's total."""
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         return count_rows_in(f)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kvbatch.errors import SpecError
 
+from .compressed import STREAM_CODECS, compression
 from .read_arrow import open_arrow
 from .read_hf import open_hf
 from .read_jsonl import open_jsonl
@@ -20,29 +21,16 @@ from .read_parquet import open_parquet
 from .rows import Reader
 from .spec import JobSpec, input_format, input_path
 
-# Bytes the readers would take as text or Arrow as they are: at best one junk error row.
-COMPRESSED_SUFFIXES = frozenset({".gz", ".zst", ".bz2", ".xz", ".zip", ".lz4", ".7z"})
-# Their first bytes, for a compressed file under a plain name (a download saved as in.jsonl): JSONL is text, and
-# Parquet and Arrow files start with their own magic, so none of these begins a file kvbatch reads.
-COMPRESSED_MAGIC = {
-    b"\x1f\x8b": "gzip",
-    b"\x28\xb5\x2f\xfd": "zstd",
-    b"BZh": "bzip2",
-    b"\xfd7zXZ\x00": "xz",
-    b"PK\x03\x04": "zip",
-    b"\x04\x22\x4d\x18": "lz4",
-    b"7z\xbc\xaf\x27\x1c": "7z",
-}
-
 
 def open_reader(job: JobSpec, needed_columns: list[str]) -> Reader:
     """Open the job's input. Columns missing from a schema'd input fail here, once, naming the field."""
     path = input_path(job)
-    compression = path.suffix if path.suffix in COMPRESSED_SUFFIXES else compressed_by_content(path)
-    if compression is not None and path.is_file():
+    codec = compression(path) if path.is_file() else None
+    if codec is not None and (codec not in STREAM_CODECS.values() or input_format(job) not in ("jsonl", "openai")):
         raise SpecError(
-            f"{path.name} is compressed ({compression}); kvbatch reads .jsonl, .parquet and .arrow files as they "
-            "are: decompress it first (Parquet compresses inside the file)",
+            f"{path.name} is compressed ({codec}); kvbatch reads JSON lines files compressed with "
+            f"{', '.join(STREAM_CODECS)}, and .parquet and .arrow files as they are: decompress it first (Parquet "
+            "compresses inside the file)",
             field="input.path",
         )
     if not path.exists() and any(c in job.input.path for c in "*?["):
@@ -83,19 +71,6 @@ def open_reader(job: JobSpec, needed_columns: list[str]) -> Reader:
         if reader.num_rows is not None:
             reader.num_rows = min(reader.num_rows, job.input.limit)
     return reader
-
-
-def compressed_by_content(path: Path) -> str | None:
-    """The compression a file's first bytes name, or None (also for a folder, or a file that cannot be opened:
-    the reader says why)."""
-    if not path.is_file():
-        return None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError:
-        return None
-    return next((name for magic, name in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
 
 
 def check_columns(available: list[str], needed: list[str], path: Path) -> None:

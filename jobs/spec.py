@@ -25,6 +25,7 @@ from kvbatch.runner.config import EngineConfig, SamplingParams, setting
 from kvbatch.runner.request import GenerationEngine
 from kvbatch.runner.structured_outputs import ConstraintError, StructuredOutputs
 
+from .compressed import data_suffix
 from .constraints import read_schema_files
 from .reasoning import template_marks_reasoning
 from .schema import build
@@ -43,8 +44,9 @@ class InputSpec:
     """Where the rows come from."""
 
     path: str = setting(
-        doc="a .parquet, .jsonl or .arrow file, a datasets folder (save_to_disk, or data files as a dataset "
-        "repository lays them out: `data/train-00000-of-00002.parquet`), or a dataset name in the local HF cache",
+        doc="a .parquet, .jsonl or .arrow file (a JSON lines file may be compressed: .jsonl.gz, .zst, .bz2, .lz4), "
+        "a datasets folder (save_to_disk, or data files as a dataset repository lays them out: "
+        "`data/train-00000-of-00002.parquet`), or a dataset name in the local HF cache",
         nonempty=True,
     )
     format: Literal["auto", "jsonl", "parquet", "arrow", "hf", "openai"] = setting(
@@ -1172,8 +1174,8 @@ def input_format(job: JobSpec) -> str:
     # writer name their folder of part files `out.parquet/`, which no single-file reader opens.
     if path.is_dir():
         return "hf"
-    if path.suffix.lower() in INPUT_EXTENSIONS:  # DATA.JSONL, as Windows tools name files, too
-        return INPUT_EXTENSIONS[path.suffix.lower()]
+    if data_suffix(path) in INPUT_EXTENSIONS:  # DATA.JSONL, as Windows tools name files, and data.jsonl.gz too
+        return INPUT_EXTENSIONS[data_suffix(path)]
     if path.suffix and path.exists():
         raise SpecError(
             f"cannot tell the input format of {path.name!r}: kvbatch reads {', '.join(INPUT_EXTENSIONS)} files and "

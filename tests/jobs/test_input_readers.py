@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -523,6 +524,34 @@ def test_a_folder_of_json_lines_files_makes_each_bad_line_its_row_s_error(tmp_pa
     assert limited.num_rows == 3 and [r.index for r in limited] == [0, 1, 2]
 
 
+def test_a_folder_of_compressed_json_lines_files_makes_each_bad_line_its_row_s_error(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A folder of .jsonl.gz shards (as dataset repositories ship them): `datasets` reads it, and refuses the whole
+    split for one bad line; it was then "cannot read its split". Read line by line as the plain shards are, each
+    bad line is its row's error, and the other rows are the ones `datasets` gives without it."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    shards = {
+        "train-00000-of-00002.jsonl": ['{"prompt": "a", "n": 1}', '{"prompt": "b", "n": 2}'],
+        "train-00001-of-00002.jsonl": ['{"prompt": "c", "n": 3}', '{"prompt": bad', '{"prompt": "d", "n": 4}'],
+    }
+    for name, lines in shards.items():
+        text = "".join(line + "\n" for line in lines).encode()
+        (tmp_path / "repo" / "data").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / "data" / f"{name}.gz").write_bytes(_compress(text, "gzip"))
+        clean = "".join(line + "\n" for line in lines if "bad" not in line).encode()
+        (tmp_path / "clean" / "data").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "clean" / "data" / f"{name}.gz").write_bytes(_compress(clean, "gzip"))
+    with pytest.raises(datasets.exceptions.DatasetGenerationError):
+        datasets.load_dataset(str(tmp_path / "repo"), split="train")
+    expected = datasets.load_dataset(str(tmp_path / "clean"), split="train").to_list()
+    rows = list(open_reader(job_for(tmp_path, "repo", split="train"), ["prompt", "n"]))
+    assert [r.data for r in rows if r.error is None] == expected and len(expected) == 4
+    (bad,) = [r for r in rows if r.error is not None]
+    assert (bad.index, bad.error.kind) == (3, ErrorKind.BAD_JSON)
+    assert bad.error.message.startswith("row 3 (line 2 of data/train-00001-of-00002.jsonl.gz): invalid JSON")
+
+
 def test_a_folder_of_json_lines_files_is_read_in_the_files_and_order_datasets_reads(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -652,30 +681,77 @@ def test_a_json_value_nested_too_deeply_is_its_row_s_error(tmp_path: Path) -> No
     assert rows[1].error.message == "row 1: column 'prompt' holds JSON nested too deeply"
 
 
-def test_compressed_files_and_globs_are_refused_saying_what_to_do(tmp_path: Path) -> None:
-    # A .jsonl.gz was "cannot tell the input format; set input.format", and input.format jsonl then read the gzip
-    # bytes as one invalid_utf8 row; a glob was "input not found".
+def _compress(data: bytes, codec: str) -> bytes:
+    """`data` as a file of `codec` writes it: Python's own gzip, bz2 and lzma, pyarrow's zstd and lz4 frames."""
+    import bz2
+    import gzip
+    import lzma
+
+    if codec in ("zstd", "lz4"):
+        sink = pa.BufferOutputStream()
+        with pa.output_stream(sink, compression=codec) as out:
+            out.write(data)
+        return sink.getvalue().to_pybytes()
+    return {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[codec](data)
+
+
+def _read(tmp_path: Path, name: str, **fields) -> list[tuple[int, Any, Any, int | None]]:
+    reader = open_reader(job_for(tmp_path, name, **fields), ["prompt"])
+    rows = list(reader.rows)
+    assert reader.num_rows == len(rows)
+    return [(r.index, r.data, r.error and (r.error.kind, r.error.message), r.line) for r in rows]
+
+
+@pytest.mark.parametrize("suffix, codec", [(".gz", "gzip"), (".bz2", "bz2"), (".zst", "zstd"), (".lz4", "lz4")])
+def test_a_compressed_json_lines_file_is_read_as_the_plain_file(tmp_path: Path, suffix: str, codec: str) -> None:
+    """A .jsonl.gz was refused ("decompress it first"), where `datasets`, pandas and Spark read it as it is. It is
+    read line by line as the plain file is: the same rows, a bad line its row's error naming its line; a gzip file
+    under a plain name (a download saved as in.jsonl) is found by its first bytes."""
+    lines = b"".join(b'{"prompt": "p%d"}\n' % i for i in range(2000)) + b'{"prompt": \n\n{"prompt": "last"}\n'
+    (tmp_path / "plain.jsonl").write_bytes(lines)
+    for name in (f"in.jsonl{suffix}", f"in.jsonl{suffix.upper()}", "in.jsonl"):
+        (tmp_path / name).write_bytes(_compress(lines, codec))
+    want = _read(tmp_path, "plain.jsonl")
+    assert len(want) == 2002 and want[2000][2][0] == ErrorKind.BAD_JSON and want[2000][3] == 2001
+    assert _read(tmp_path, f"in.jsonl{suffix}") == want
+    assert _read(tmp_path, f"in.jsonl{suffix.upper()}", format="jsonl") == want
+    assert _read(tmp_path, "in.jsonl") == want
+
+
+def test_a_compressed_openai_batch_file_is_read_as_the_plain_file(tmp_path: Path) -> None:
     import gzip
 
-    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n{"prompt": "b"}\n'))
-    for fields in ({}, {"format": "jsonl"}):
-        with pytest.raises(SpecError, match=r"in.jsonl.gz is compressed \(.gz\).*decompress it first"):
-            open_reader(job_for(tmp_path, "in.jsonl.gz", **fields), ["prompt"])
+    line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}
+    data = (json.dumps(line) + "\n").encode()
+    (tmp_path / "plain.batch").write_bytes(data)
+    (tmp_path / "in.batch").write_bytes(gzip.compress(data))
+    assert _read(tmp_path, "in.batch", format="openai") == _read(tmp_path, "plain.batch", format="openai")
+
+
+def test_a_corrupt_compressed_file_stops_the_job_naming_it(tmp_path: Path) -> None:
+    data = _compress(b"".join(b'{"prompt": "p%d"}\n' % i for i in range(5000)), "gzip")
+    (tmp_path / "in.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cannot read .*in.jsonl.gz: .*runcated"):
+        open_reader(job_for(tmp_path, "in.jsonl.gz"), ["prompt"])
+
+
+def test_archives_and_compressed_parquet_files_and_globs_are_refused_saying_what_to_do(tmp_path: Path) -> None:
+    # Compressed Parquet and Arrow files, .xz and archives (.zip, .7z: files, not a stream) are not read: their
+    # bytes were one junk invalid_utf8 row. A glob was "input not found".
+    import zipfile
+
     write_parquet(tmp_path / "a.parquet", 2)
+    (tmp_path / "a.parquet.gz").write_bytes(_compress((tmp_path / "a.parquet").read_bytes(), "gzip"))
+    (tmp_path / "in.jsonl.xz").write_bytes(_compress(b'{"prompt": "a"}\n', "xz"))
+    with zipfile.ZipFile(tmp_path / "in.jsonl.zip", "w") as archive:
+        archive.writestr("in.jsonl", '{"prompt": "a"}\n')
+    (tmp_path / "in.zip.jsonl").write_bytes((tmp_path / "in.jsonl.zip").read_bytes())
+    refused = {"a.parquet.gz": "gzip", "in.jsonl.xz": "xz", "in.jsonl.zip": "zip", "in.zip.jsonl": "zip"}
+    for name, codec in refused.items():
+        with pytest.raises(SpecError, match=rf"{name} is compressed \({codec}\).*decompress it first"):
+            open_reader(job_for(tmp_path, name), ["prompt"])
     with pytest.raises(SpecError, match=r"input not found: \*.parquet \(a local run does not expand globs"):
         open_reader(job_for(tmp_path, "*.parquet"), ["prompt"])
-
-
-def test_a_compressed_file_under_a_plain_name_is_refused_by_its_first_bytes(tmp_path: Path) -> None:
-    # A gzip file named in.jsonl (or in.jsonl.GZ, read with input.format jsonl) was one invalid_utf8 row for the
-    # 50 rows it holds, and the job went on to exit 0.
-    import gzip
-
-    data = gzip.compress(b"".join(b'{"prompt": "p%d"}\n' % i for i in range(50)))
-    for name, fields in (("in.jsonl", {}), ("in.jsonl.GZ", {"format": "jsonl"}), ("in.batch", {"format": "openai"})):
-        (tmp_path / name).write_bytes(data)
-        with pytest.raises(SpecError, match=rf"{name} is compressed \(gzip\).*decompress it first"):
-            open_reader(job_for(tmp_path, name, **fields), ["prompt"])
 
 
 def test_a_name_outside_the_local_cache_is_never_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -254,6 +254,26 @@ def test_a_generate_batch_of_a_bad_job_dict_fails_the_map_with_its_refusal(local
     assert "GenerateBatch: sampling.max_new_token: unknown field (did you mean 'max_new_tokens'?)" in str(refused.value)
 
 
+def test_a_ray_run_over_compressed_json_lines_files_equals_a_local_run(tmp_path, local_ray):
+    # A folder's .jsonl.gz files were left out of its listing (no input files found), and a .jsonl.gz file named
+    # alone was "cannot tell one input format". pyarrow's streams decompress them by their suffix.
+    import gzip
+
+    source = write_input(tmp_path / "in.jsonl", num_rows=12)
+    lines = source.read_bytes().splitlines(keepends=True)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl.gz").write_bytes(gzip.compress(b"".join(lines[:10])))  # its bad line and duplicate id
+    (folder / "b.jsonl").write_bytes(b"".join(lines[10:]))
+    [single] = run_jobs([job_from_dict(_job_dict(tmp_path, "whole"))], engine_factory=tiny_engine)
+    expected = rows_of(output_path(job_from_dict(_job_dict(tmp_path, "whole"))))
+    assert single.error is None and [r["error_kind"] for r in expected].count("bad_json") == 1
+    job = ray_job(tmp_path, folder)
+    [outcome] = run_jobs([job], engine_factory=tiny_engine)
+    assert outcome.error is None, outcome.error
+    assert folder_rows(output_path(job).with_name("answers.parquet.parts")) == expected
+
+
 def test_a_ray_run_over_jsonl_without_the_prompt_column_fails_before_any_model(tmp_path, local_ray):
     # A typo in the prompt column of a JSONL input (no schema to check up front) fails the job with the columns
     # the first rows have, as in a local run, not with a model load and one missing_column row per input row.
