@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from kvbatch.errors import InputError, SpecError
 
@@ -133,7 +134,7 @@ def _folder_split(datasets, path: Path, split: str | None, config: str | None) -
                     f"{path.name} has no configuration {config!r} (configurations: {', '.join(configs)})",
                     field="input.config",
                 )
-            names = datasets.get_dataset_split_names(str(path), config)
+            names = _split_names(datasets, path, config)
             if split is None and len(names) > 1:
                 raise _no_split_chosen(path.name, names)
             if split is not None and split not in names:
@@ -146,6 +147,15 @@ def _folder_split(datasets, path: Path, split: str | None, config: str | None) -
             f"{path} is neither a dataset saved with save_to_disk nor a folder of data files `datasets` reads: "
             f"{type(exc).__name__}: {exc}"
         ) from None
+
+
+def _split_names(datasets, path: Path, config: str | None) -> list[str]:
+    """The splits `datasets.load_dataset(folder, config)` makes, from the names of its data files alone: for a folder
+    whose file names say no split, `get_dataset_split_names` reads the first JSON file to infer its features, and a
+    bad line there failed the job as "split names could not be parsed", where it is that row's error."""
+    with tempfile.TemporaryDirectory() as cache:  # as in _json_lines_reader: no cached info of an earlier conversion
+        builder = datasets.load_dataset_builder(str(path), config, cache_dir=cache)
+    return [str(split) for split in builder.config.data_files or {}]
 
 
 def _json_lines_reader(datasets, path: Path, split: str, config: str | None, max_line_bytes: int) -> Reader | None:
@@ -193,24 +203,24 @@ def _load_data_files(datasets, path: Path, split: str, config: str | None):
 def folder_configs(path: Path) -> list[str]:
     """The configurations a folder of data files lists in its README (`configs:`), as `datasets.load_dataset(folder,
     config)` takes them (nothing is read or converted); [] where `datasets` is not installed or finds none."""
-    return _folder_names(path, "get_dataset_config_names")
+    return _folder_names(path, lambda datasets: datasets.get_dataset_config_names(str(path)))
 
 
 def folder_splits(path: Path) -> list[str]:
     """The splits `datasets.load_dataset(folder)` finds in a folder of data files, from their names (nothing is
     read or converted); [] where `datasets` is not installed or finds no data files there."""
-    return _folder_names(path, "get_dataset_split_names")
+    return _folder_names(path, lambda datasets: _split_names(datasets, path, None))
 
 
-def _folder_names(path: Path, lister: str) -> list[str]:
-    """What `datasets.<lister>(folder)` lists, offline; [] where `datasets` is not installed or lists nothing."""
+def _folder_names(path: Path, lister: Callable[[Any], list[str]]) -> list[str]:
+    """What `lister(datasets)` lists, offline; [] where `datasets` is not installed or lists nothing."""
     try:
         import datasets
     except ImportError:
         return []
     try:
         with _offline(datasets):
-            return list(getattr(datasets, lister)(str(path)))
+            return list(lister(datasets))
     except Exception:  # datasets raises many types; the reader that follows says what is wrong with the files
         return []
 

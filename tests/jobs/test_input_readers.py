@@ -552,6 +552,30 @@ def test_a_folder_of_compressed_json_lines_files_makes_each_bad_line_its_row_s_e
     assert bad.error.message.startswith("row 3 (line 2 of data/train-00001-of-00002.jsonl.gz): invalid JSON")
 
 
+def test_a_folder_of_json_lines_files_whose_names_say_no_split_makes_a_bad_line_its_row_s_error(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A folder of a.jsonl and b.jsonl (no split in their names): `datasets.get_dataset_split_names` infers the
+    features from the first file, and one bad line there failed the job ("is neither a dataset saved with
+    save_to_disk nor a folder of data files `datasets` reads: SplitsNotFoundError"). The split is now named from
+    the files' names alone, and the line is its row's error."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    lines = [{"prompt": f"p{i}"} for i in range(6)]
+    write_lines(
+        tmp_path / "repo" / "a.jsonl",
+        [json.dumps(x) for x in lines[:2]] + ['{"prompt": '] + [json.dumps(x) for x in lines[2:4]],
+    )
+    write_lines(tmp_path / "repo" / "b.jsonl", [json.dumps(x) for x in lines[4:]])
+    write_lines(tmp_path / "clean" / "a.jsonl", [json.dumps(x) for x in lines[:4]])
+    write_lines(tmp_path / "clean" / "b.jsonl", [json.dumps(x) for x in lines[4:]])
+    assert datasets.load_dataset(str(tmp_path / "clean"), split="train").to_list() == lines
+    rows = list(open_reader(job_for(tmp_path, "repo"), ["prompt"]))
+    assert [r.data for r in rows if r.error is None] == lines
+    assert [(r.index, r.error.message) for r in rows if r.error is not None] == [
+        (2, "row 2 (line 3 of a.jsonl): invalid JSON at column 12: Expecting value")
+    ]
+
+
 def test_a_folder_of_json_lines_files_is_read_in_the_files_and_order_datasets_reads(
     tmp_path: Path, monkeypatch
 ) -> None:
