@@ -22,6 +22,7 @@ and carries its error, exactly as the local readers make it.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import glob
@@ -29,6 +30,7 @@ import hashlib
 import io
 import json
 import pickle
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,7 @@ class InputFile:
     first_row: int  # input position of its first row
     num_rows: int
     row_groups: tuple[int, ...] = ()  # Parquet: rows in each row group
+    shown: str | None = None  # where the input is several files, how its lines' messages name it ("line 3 of a.jsonl")
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,10 @@ def open_ray_input(job: JobSpec, needed_columns: list[str]) -> RayInput:
             if problem is not None:
                 raise SpecError(problem, field="input.path")
     files, first = [], 0
+    common = posixpath.commonpath(paths) if len(paths) > 1 else None
     for path, (num_rows, groups) in zip(paths, counts):
-        files.append(InputFile(path, kind, first, num_rows, groups))
+        shown = path[len(common) :].lstrip("/") if common is not None else None  # as a local folder's reader does
+        files.append(InputFile(path, kind, first, num_rows, groups, shown))
         first += num_rows
     schema = _schema(filesystem, paths[0], kind)
     if schema is not None:
@@ -433,14 +438,14 @@ def _rows(
         wanted = [c for c in dict.fromkeys(columns) if c in schema.names]
         return rows_of_batches((b.select(wanted) for b in batches), Path(file.path).name, unit.first_row)
     handle = io.BufferedReader(filesystem.open_input_stream(file.path), 1 << 20)
-    rows = jsonl_rows(handle, max_line_bytes, unit.first_row)
+    rows = jsonl_rows(handle, max_line_bytes, unit.first_row, file.shown)
     if file.kind == "openai":
         return (openai_row(row) for row in rows)
     if columns is None:
         return rows
     needed = set(columns)  # only what the job uses travels (a local run's row holds all, and uses the same)
-    return (row if row.data is None else Row(row.index, {k: v for k, v in row.data.items() if k in needed},
-                                              row.error, row.line, row.sampling) for row in rows)  # fmt: skip
+    return (row if row.data is None else dataclasses.replace(row, data={k: v for k, v in row.data.items()
+                                                                        if k in needed}) for row in rows)  # fmt: skip
 
 
 def block_of_rows(rows: list[Row], keys_of: str | None = None) -> pa.Table:
@@ -459,6 +464,7 @@ def block_of_rows(rows: list[Row], keys_of: str | None = None) -> pa.Table:
             "error_kind": pa.array([_kind_name(r.error.kind) if r.error else None for r in rows], pa.string()),
             "error": pa.array([r.error.message if r.error else None for r in rows], pa.string()),
             "sampling": pa.array([json.dumps(r.sampling) if r.sampling else None for r in rows], pa.string()),
+            "file": pa.array([r.file for r in rows], pa.string()),
         }
     )
 
@@ -470,10 +476,11 @@ def rows_of_block(table: pa.Table) -> list[Row]:
     from .rows import RowError
 
     rows = []
-    for r in table.select(["row", "line", "data", "error_kind", "error", "sampling"]).to_pylist():
+    for r in table.select(["row", "line", "data", "error_kind", "error", "sampling", "file"]).to_pylist():
         error = RowError(ErrorKind(r["error_kind"]), r["error"]) if r["error_kind"] else None
         data = pickle.loads(r["data"]) if r["data"] is not None else None
-        rows.append(Row(r["row"], data, error, r["line"], json.loads(r["sampling"]) if r["sampling"] else {}))
+        sampling = json.loads(r["sampling"]) if r["sampling"] else {}
+        rows.append(Row(r["row"], data, error, r["line"], sampling, file=r["file"]))
     return rows
 
 

@@ -189,9 +189,9 @@ def test_a_ray_run_killed_half_way_and_rerun_writes_every_row_once(tmp_path, loc
     assert outcome.error is None, outcome.error
     rows = folder_rows(parts)
     assert [r["row"] for r in rows] == list(range(16))  # every row, once
-    # as one process over the files one after the other, but messages number lines within each file
-    assert rows[5]["error"].startswith("row 5 (line 6): invalid JSON")
-    assert rows[9]["error"] == "row 9 (line 3): duplicate id 2 (first at row 2)"  # line 3 of part-b.jsonl
+    # as one process over the files one after the other, but messages number lines within each file, naming it
+    assert rows[5]["error"].startswith("row 5 (line 6 of part-a.jsonl): invalid JSON")
+    assert rows[9]["error"] == "row 9 (line 3 of part-b.jsonl): duplicate id 2 (first at row 2)"
     assert [{**r, "error": None} for r in rows] == [{**r, "error": None} for r in expected]
     assert (outcome.summary.rows, outcome.summary.rows_this_run) == (16, 16 - len(first))
     from kvbatch.jobs.merge_parts import merge_parts
@@ -256,7 +256,9 @@ def test_a_generate_batch_of_a_bad_job_dict_fails_the_map_with_its_refusal(local
 
 def test_a_ray_run_over_compressed_json_lines_files_equals_a_local_run(tmp_path, local_ray):
     # A folder's .jsonl.gz files were left out of its listing (no input files found), and a .jsonl.gz file named
-    # alone was "cannot tell one input format". pyarrow's streams decompress them by their suffix.
+    # alone was "cannot tell one input format". pyarrow's streams decompress them by their suffix. A bad line's
+    # message names its file ("row 5 (line 6 of a.jsonl.gz)"), as a local run over the folder does: it gave the
+    # line alone, which does not say where in a folder of files.
     import gzip
 
     source = write_input(tmp_path / "in.jsonl", num_rows=12)
@@ -265,9 +267,13 @@ def test_a_ray_run_over_compressed_json_lines_files_equals_a_local_run(tmp_path,
     folder.mkdir()
     (folder / "a.jsonl.gz").write_bytes(gzip.compress(b"".join(lines[:10])))  # its bad line and duplicate id
     (folder / "b.jsonl").write_bytes(b"".join(lines[10:]))
-    [single] = run_jobs([job_from_dict(_job_dict(tmp_path, "whole"))], engine_factory=tiny_engine)
-    expected = rows_of(output_path(job_from_dict(_job_dict(tmp_path, "whole"))))
-    assert single.error is None and [r["error_kind"] for r in expected].count("bad_json") == 1
+    local = job_from_dict({**_job_dict(tmp_path, "local"), "input": {"path": str(folder)}})
+    [single] = run_jobs([local], engine_factory=tiny_engine)
+    expected = rows_of(output_path(local))
+    assert single.error is None and [r["error"] for r in expected if r["error"]] == [
+        "row 5 (line 6 of a.jsonl.gz): invalid JSON at column 21: Expecting value",
+        "row 9 (line 10 of a.jsonl.gz): duplicate id 2 (first at row 2)",
+    ]
     job = ray_job(tmp_path, folder)
     [outcome] = run_jobs([job], engine_factory=tiny_engine)
     assert outcome.error is None, outcome.error
