@@ -9,10 +9,7 @@ stays cheap (the CLI must answer signals before torch is loaded).
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import version
 from typing import Any
-
-__version__ = version("kvbatch")
 
 _API = {
     "Engine": "kvbatch.runner.engine",
@@ -33,6 +30,10 @@ __all__ = [*_API, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # looked up on use: importlib.metadata takes 50 ms, before `kvbatch` takes signals
+        from importlib.metadata import version
+
+        return version("kvbatch")
     if name in _API:
         return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'kvbatch' has no attribute {name!r}")

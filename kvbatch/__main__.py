@@ -5,7 +5,7 @@ kvbatch with exit code 3, which a Slurm script requeues on, not with 130 or 143.
 import os
 import sys
 
-from kvbatch.console import exit_on_early_signals
+from kvbatch.early_signals import exit_on_early_signals
 
 
 def main() -> None:

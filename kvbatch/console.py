@@ -19,15 +19,15 @@ app object, so tests keep the default allocator and exit as usual.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import ctypes
 import os
-import signal
 import sys
 import threading
 from typing import Any
 
 import typer
+
+from kvbatch.early_signals import exit_on_early_signals
 
 # mallopt parameters (malloc.h) and the values set: big buffers come from the heap and stay there for reuse.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -43,28 +43,6 @@ class ConsoleTyper(typer.Typer):
         except SystemExit as exc:
             quick_exit(exc)
             raise
-
-
-def exit_on_early_signals() -> None:
-    """SIGINT, SIGTERM or SIGUSR1 while kvbatch starts (torch and transformers import for a second or more) ends it
-    with exit code 3, as a signal during a job does, not 130, 143 or 138 (nor a KeyboardInterrupt's traceback): a
-    Slurm script requeues on 3. A job's own handlers (signals.graceful_stop) take over once it starts, and a command
-    that runs no job (plan, inspect, merge, bench) says that it stopped (cli.STOPPED_BY_SIGNAL)."""
-    from kvbatch.errors import ExitCode
-
-    def stop(signum: int, frame: object) -> None:
-        # stderr closed at start (None) or a pipe whose reader the same signal ended: exit 3 all the same
-        if sys.stderr is not None:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.write(
-                    f"kvbatch: stopped by {signal.Signals(signum).name} before any job ran; rerun to run it\n"
-                )
-                sys.stderr.flush()
-        os._exit(ExitCode.INTERRUPTED)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            signal.signal(sig, stop)
 
 
 def tune_malloc() -> bool:

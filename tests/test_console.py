@@ -110,7 +110,7 @@ def test_a_signal_while_starting_exits_3(name: str) -> None:
     code = textwrap.dedent(
         f"""
         import os, signal, time
-        from kvbatch.console import exit_on_early_signals
+        from kvbatch.early_signals import exit_on_early_signals
         exit_on_early_signals()
         os.kill(os.getpid(), signal.{name})
         time.sleep(10)
@@ -124,31 +124,45 @@ def test_a_signal_while_starting_exits_3(name: str) -> None:
 def test_the_command_takes_signals_before_it_imports_the_cli(name: str) -> None:
     """The CLI's imports (torch, pyarrow, pandas) take a second or more: a signal landing in them exits 3 too. An
     import hook sends the signal as kvbatch.cli starts to import, then waits for it."""
+    done = _kvbatch_signalled_on_import("kvbatch.cli", name, "--help")
+    assert done.returncode == 3 and f"stopped by {name} before any job ran; rerun to run it" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("module", ["importlib.metadata", "typer"])
+def test_a_signal_in_kvbatchs_first_imports_exits_3(module: str) -> None:
+    """The package's version lookup (importlib.metadata) and the console's Typer import came before the handlers:
+    Ctrl-C in the first half second of a run printed a KeyboardInterrupt traceback and exited 1 or 130."""
+    done = _kvbatch_signalled_on_import(module, "SIGINT", "--version")
+    assert (done.returncode, done.stderr) == (3, "kvbatch: stopped by SIGINT before any job ran; rerun to run it\n")
+
+
+def _kvbatch_signalled_on_import(module: str, name: str, argument: str) -> subprocess.CompletedProcess:
+    """`kvbatch ARGUMENT` with an import hook that sends the signal `name` as `module` starts to import, then waits
+    for it."""
     code = textwrap.dedent(
         f"""
         import importlib.abc, os, signal, sys, time
 
         class SignalOnImport(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "kvbatch.cli":
+            def find_spec(self, fullname, path, target=None):
+                if fullname == {module!r}:
                     os.kill(os.getpid(), signal.{name})
                     time.sleep(10)
                 return None
 
         sys.meta_path.insert(0, SignalOnImport())
-        sys.argv = ["kvbatch", "--help"]
+        sys.argv = ["kvbatch", {argument!r}]
         from kvbatch.__main__ import main
         main()
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 3 and f"stopped by {name} before any job ran; rerun to run it" in done.stderr
-    assert "Traceback" not in done.stderr
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
 def test_a_signal_while_starting_exits_3_with_no_reader_on_stderr() -> None:
     """Slurm's SIGTERM reaches `| tee log` too: the start-up handler's message raised BrokenPipeError, exit 1."""
-    code = "import os, signal, time\nfrom kvbatch.console import exit_on_early_signals\nexit_on_early_signals()\n"
+    code = "import os, signal, time\nfrom kvbatch.early_signals import exit_on_early_signals\nexit_on_early_signals()\n"
     code += "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(10)\n"
     reader, writer = os.pipe()
     os.close(reader)
